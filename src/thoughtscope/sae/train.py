@@ -1,0 +1,442 @@
+"""Training loop: one pass over the data feeds one or many SAEs (a sweep); resumable; optional torchrun DDP.
+
+Data position is "batches consumed": a resumed run rebuilds the (deterministic) stream and skips that many
+batches, so a killed-and-resumed run on CPU gives bit-identical weights to an uninterrupted one.
+
+DDP: every rank reads the same global batch and keeps a disjoint slice of rows. Gradients are averaged with
+one manual all_reduce of a flat buffer per SAE instead of DistributedDataParallel: our topk backward is a
+custom sparse Function, unit-norm projection must see the averaged gradient, and a sweep holds several
+models; a flat all_reduce is one collective per SAE and needs no wrapper. Batch-wide quantities (AuxK scale,
+dead-latent counters) are reduced too, so 2 ranks match 1 process. (batchtopk selects top k*B per rank.)
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .architectures import SAE, SAEConfig, SAEError, build_sae, geometric_median
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4096
+    total_tokens: int | None = None     # or steps; for a store default = all its tokens
+    steps: int | None = None
+    lr: float | None = None             # None: 2e-4 / sqrt(n_features / 2**14) (topk family), 5e-5 relu-l1 (per SAE)
+    warmup_frac: float = 0.01
+    decay_frac: float = 0.2             # linear decay to 0 over the last 20% of steps
+    grad_clip: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    seed: int = 0
+    dtype: str = "float32"              # "float32" | "bfloat16" (autocast)
+    device: str = "cpu"
+    b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zero"
+    init_batches: int = 1               # batches used for normalisation stats and b_dec init
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 500
+    log_every: int = 50
+    dead_check_every: int = 10          # how often (steps) the dead-latent mask is refreshed
+    progress: bool = True
+    shuffle_seed: int = 0
+    epochs: int = 1
+
+
+def default_dead_tokens(total_tokens: int, batch_size: int) -> int:
+    """Published rule: dead after 10M tokens without firing; short runs use 10% of the run (at least one batch)."""
+    return int(min(10_000_000, max(batch_size, total_tokens // 10)))
+
+
+def default_lr(cfg: SAEConfig) -> float:
+    if cfg.arch == "relu-l1":
+        return 5e-5
+    return 2e-4 / math.sqrt(cfg.n_features / 2**14)
+
+
+# ----------------------------------------------------------------------------- data
+def _make_stream(source: Any, tc: TrainConfig, cfg0: SAEConfig, skip: int) -> Iterator[tuple[torch.Tensor, Any]]:
+    """Yield (batch, meta-or-None) from an ActivationStore, a callable(start_batch) or a re-iterable."""
+    if hasattr(source, "batches") and hasattr(source, "d_model"):
+        if source.d_model != cfg0.d_model:
+            raise SAEError(f"store {getattr(source, 'path', '')} has d_model={source.d_model} "
+                           f"but the SAE expects d_model={cfg0.d_model}")
+        it = source.batches(tc.batch_size, shuffle=True, seed=tc.shuffle_seed, epochs=tc.epochs, drop_last=True,
+                            exclude_bos=cfg0.exclude_bos, max_norm_ratio=cfg0.max_norm_ratio, with_meta=True)
+        it = ((b[0], b[1]) if isinstance(b, tuple) else (b, None) for b in it)
+        return islice(it, skip, None)
+    if callable(source):
+        return ((b, None) for b in source(skip))
+    return ((b, None) for b in islice(iter(source), skip, None))
+
+
+def _describe_bad_row(batch_no: int, x: torch.Tensor, meta: Any) -> str:
+    bad = (~torch.isfinite(x)).any(-1).nonzero().flatten()
+    msg = f"batch {batch_no} contains NaN/Inf in {len(bad)} row(s) (first row {int(bad[0])} of the batch)"
+    if isinstance(meta, dict) and len(bad):
+        r = int(bad[0])
+        info = {k: int(v[r]) for k, v in meta.items() if isinstance(v, torch.Tensor) and v.dim() == 1 and len(v) > r}
+        if info:
+            msg += "; source row " + ", ".join(f"{k}={v}" for k, v in info.items())
+    return msg
+
+
+# ----------------------------------------------------------------------------- trainer
+@dataclass
+class _Slot:
+    sae: SAE
+    opt: torch.optim.Optimizer
+    lr: float
+    since_fired: torch.Tensor
+    dead_mask: torch.Tensor | None = None
+    any_dead: bool = False
+    last: dict[str, float] = field(default_factory=dict)
+    diverged: bool = False
+
+
+class Trainer:
+    """Trains a list of SAEs on one stream. Use train_sae / train_saes for the common case."""
+
+    def __init__(self, cfgs: Sequence[SAEConfig], train_cfg: TrainConfig):
+        if not cfgs:
+            raise SAEError("no SAE configs given")
+        d = {c.d_model for c in cfgs}
+        if len(d) != 1:
+            raise SAEError(f"all SAEs of a sweep must share d_model, got {sorted(d)}")
+        self.cfgs = [copy.deepcopy(c) for c in cfgs]
+        self.tc = train_cfg
+        self.device = torch.device(train_cfg.device)
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        if train_cfg.batch_size % self.world:
+            raise SAEError(f"batch_size={train_cfg.batch_size} must be divisible by the world size {self.world}")
+        self.step = 0
+        self.batches_consumed = 0
+        self.norm_scale = 1.0
+        self.norm_mean: torch.Tensor | None = None
+        self.slots: list[_Slot] = []
+        self.metrics_log: list[dict[str, Any]] = []
+
+    # -- setup
+    def _total_steps(self, source: Any) -> int:
+        tc = self.tc
+        if tc.steps is not None:
+            return int(tc.steps)
+        if tc.total_tokens is not None:
+            return max(1, int(tc.total_tokens) // tc.batch_size)
+        if hasattr(source, "n_tokens"):
+            return max(1, int(source.n_tokens) * tc.epochs // tc.batch_size)
+        raise SAEError("give TrainConfig.steps or total_tokens when the source is not an ActivationStore")
+
+    def _init_from_sample(self, sample: torch.Tensor) -> None:
+        torch.manual_seed(self.tc.seed)
+        sample = sample.to(self.device, torch.float32)
+        c0 = self.cfgs[0]
+        if c0.mean_center:
+            self.norm_mean = sample.mean(0)
+        centred = sample - self.norm_mean if self.norm_mean is not None else sample
+        if c0.normalize:
+            self.norm_scale = float(math.sqrt(c0.d_model) / centred.norm(dim=1).mean().clamp_min(1e-12))
+        xs = centred * self.norm_scale
+        if self.tc.b_dec_init == "geometric_median":
+            b = geometric_median(xs)
+        elif self.tc.b_dec_init == "mean":
+            b = xs.mean(0)
+        elif self.tc.b_dec_init == "zero":
+            b = torch.zeros(c0.d_model, device=self.device)
+        else:
+            raise SAEError(f"b_dec_init must be geometric_median, mean or zero, got {self.tc.b_dec_init!r}")
+        total_tokens = self.total_steps * self.tc.batch_size
+        for i, cfg in enumerate(self.cfgs):
+            cfg.norm_scale = self.norm_scale
+            cfg.norm_mean = None if self.norm_mean is None else self.norm_mean.cpu().tolist()
+            cfg.norm_folded = False
+            if cfg.dead_tokens is None:
+                cfg.dead_tokens = default_dead_tokens(total_tokens, self.tc.batch_size)
+            sae = build_sae(cfg, seed=self.tc.seed + i).to(self.device)
+            with torch.no_grad():
+                sae.b_dec.copy_(b)
+            lr = self.tc.lr if self.tc.lr is not None else default_lr(cfg)
+            opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=self.tc.adam_betas)
+            since = torch.zeros(cfg.n_features, dtype=torch.int64, device=self.device)
+            self.slots.append(_Slot(sae, opt, lr, since))
+
+    def _lr_factor(self, step: int) -> float:
+        n = self.total_steps
+        warm = max(1, int(self.tc.warmup_frac * n))
+        if step < warm:
+            return (step + 1) / warm
+        decay_start = int(n * (1 - self.tc.decay_frac))
+        if step >= decay_start and self.tc.decay_frac > 0:
+            return max(0.0, (n - step) / max(1, n - decay_start))
+        return 1.0
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_mean is not None:
+            x = x - self.norm_mean
+        return x * self.norm_scale if self.norm_scale != 1.0 else x
+
+    # -- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "batches_consumed": self.batches_consumed, "total_steps": self.total_steps,
+            "norm_scale": self.norm_scale, "norm_mean": self.norm_mean,
+            "cfgs": [asdict(s.sae.cfg) for s in self.slots], "train_cfg": asdict(self.tc),
+            "saes": [s.sae.state_dict() for s in self.slots], "opts": [s.opt.state_dict() for s in self.slots],
+            "since_fired": [s.since_fired for s in self.slots],
+            "dead_masks": [s.dead_mask for s in self.slots],
+            "torch_rng": torch.get_rng_state(), "metrics_log": self.metrics_log,
+        }
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.step, self.batches_consumed, self.total_steps = st["step"], st["batches_consumed"], st["total_steps"]
+        self.norm_scale, self.norm_mean = st["norm_scale"], st["norm_mean"]
+        self.cfgs = [SAEConfig.from_dict(c) for c in st["cfgs"]]
+        self.slots = []
+        for i, cfg in enumerate(self.cfgs):
+            sae = build_sae(cfg, seed=None).to(self.device)
+            sae.load_state_dict(st["saes"][i])
+            lr = self.tc.lr if self.tc.lr is not None else default_lr(cfg)
+            opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=self.tc.adam_betas)
+            opt.load_state_dict(st["opts"][i])
+            dm = None if st["dead_masks"][i] is None else st["dead_masks"][i].to(self.device)
+            self.slots.append(_Slot(sae, opt, lr, st["since_fired"][i].to(self.device), dm,
+                                    bool(dm.any()) if dm is not None else False))
+        torch.set_rng_state(st["torch_rng"])
+        self.metrics_log = st.get("metrics_log", [])
+
+    def save_checkpoint(self) -> None:
+        if not self.tc.checkpoint_dir or self.rank != 0:
+            return
+        path = Path(self.tc.checkpoint_dir) / "checkpoint.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def try_resume(self) -> bool:
+        if not self.tc.checkpoint_dir:
+            return False
+        path = Path(self.tc.checkpoint_dir) / "checkpoint.pt"
+        if not path.exists():
+            return False
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise SAEError(f"corrupt training checkpoint {path}: {e}") from e
+        self.load_state_dict(st)
+        return True
+
+    # -- main loop
+    def fit(self, source: Any) -> list[SAE]:
+        tc = self.tc
+        resumed = self.try_resume()
+        if not resumed:
+            self.total_steps = self._total_steps(source)
+        stream = _make_stream(source, tc, self.cfgs[0], self.batches_consumed)
+        if not resumed:
+            first = []
+            for _ in range(max(1, tc.init_batches)):
+                try:
+                    first.append(next(stream))
+                except StopIteration:
+                    break
+            if not first:
+                raise SAEError("the activation source produced no batches")
+            for j, (xb, meta) in enumerate(first):
+                self._check_batch(xb, meta, j)
+            self._init_from_sample(torch.cat([b for b, _ in first]))
+            stream = _chain(first, stream)
+        autocast = tc.dtype in ("bfloat16", "bf16")
+        progress = _Progress(self.total_steps, enabled=tc.progress and self.rank == 0, start=self.step)
+        with progress:
+            for xb, meta in stream:
+                if self.step >= self.total_steps:
+                    break
+                self._train_step(xb, meta, autocast)
+                if self.step % tc.log_every == 0 or self.step == self.total_steps:
+                    self._log(progress)
+                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                    self.save_checkpoint()
+        if self.step < self.total_steps and self.rank == 0:
+            self.metrics_log.append({"note": f"data ran out after {self.step} of {self.total_steps} steps"})
+        if tc.checkpoint_every:
+            self.save_checkpoint()
+        return self.finished_saes()
+
+    def finished_saes(self) -> list[SAE]:
+        """Copies of the SAEs with normalisation folded in (they act on raw activations)."""
+        out = []
+        for s in self.slots:
+            sae = copy.deepcopy(s.sae).cpu()
+            sae.fold_normalization(self.norm_scale, None if self.norm_mean is None else self.norm_mean.cpu())
+            sae.train_metrics = s.last  # type: ignore[attr-defined]
+            out.append(sae)
+        return out
+
+    def _check_batch(self, x: torch.Tensor, meta: Any, batch_no: int) -> None:
+        if x.dim() != 2 or x.shape[1] != self.cfgs[0].d_model:
+            raise SAEError(f"batch {batch_no} has shape {tuple(x.shape)}; expected [B, {self.cfgs[0].d_model}]")
+        if not bool(torch.isfinite(x).all()):
+            raise SAEError(_describe_bad_row(batch_no, x, meta))
+
+    def _train_step(self, xb: torch.Tensor, meta: Any, autocast: bool) -> None:
+        batch_no = self.batches_consumed
+        self._check_batch(xb, meta, batch_no)
+        B = xb.shape[0]
+        if self.world > 1:
+            n = B // self.world
+            xb = xb[self.rank * n:(self.rank + 1) * n]
+        x = self._normalise(xb.to(self.device, torch.float32, non_blocking=True))
+        progress = self.step / self.total_steps
+        lr_f = self._lr_factor(self.step)
+        for slot in self.slots:
+            if slot.diverged:
+                continue
+            sae = slot.sae
+            if slot.dead_mask is None or self.step % self.tc.dead_check_every == 0:
+                slot.dead_mask = slot.since_fired >= sae.cfg.dead_tokens
+                slot.any_dead = bool(slot.dead_mask.any())  # one sync per refresh, not per step
+            use_aux = slot.any_dead and sae.cfg.arch in ("topk", "batchtopk") and sae.cfg.aux_coeff > 0
+            dead = slot.dead_mask if use_aux else None
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                aux_scale = None
+                if dead is not None:
+                    aux_scale = self._aux_scale(sae, x)
+                out = sae.training_step(x, progress=progress, dead_mask=dead, aux_scale=aux_scale)
+            loss = out.loss
+            loss_g = loss.detach().clone()
+            if self.world > 1:
+                dist.all_reduce(loss_g)
+            if not bool(torch.isfinite(loss_g)):
+                slot.diverged = True
+                raise TrainingDiverged(f"loss became {float(loss_g)} at step {self.step} (batch {batch_no}) for SAE "
+                                       f"{sae.cfg.arch} k={sae.cfg.k} m={sae.cfg.n_features}; stopped, the last good "
+                                       f"checkpoint is kept in {self.tc.checkpoint_dir}")
+            slot.opt.zero_grad(set_to_none=False)
+            loss.backward()
+            params = [p for p in sae.parameters() if p.grad is not None]
+            if self.world > 1:
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                dist.all_reduce(flat)
+                flat /= self.world
+                off = 0
+                for p in params:
+                    n_el = p.grad.numel()
+                    p.grad.copy_(flat[off:off + n_el].view_as(p.grad))
+                    off += n_el
+                fired = out.fired.to(torch.uint8)
+                dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+                fired = fired.bool()
+            else:
+                fired = out.fired
+            sae.before_optimizer_step()
+            if self.tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
+            for g in slot.opt.param_groups:
+                g["lr"] = slot.lr * lr_f
+            slot.opt.step()
+            sae.after_optimizer_step()
+            slot.since_fired += B
+            slot.since_fired.masked_fill_(fired, 0)
+            slot.pending = (out, x)  # type: ignore[attr-defined]
+        self.step += 1
+        self.batches_consumed += 1
+
+    def _aux_scale(self, sae: SAE, x: torch.Tensor) -> torch.Tensor:
+        """Per-token variance of the (normalised) batch, global over ranks: AuxK loss is measured relative to it
+        so its size does not depend on the activation scale."""
+        with torch.no_grad():
+            s = torch.stack([x.pow(2).sum(), x.new_tensor(float(x.shape[0]))])
+            mu = x.sum(0)
+            if self.world > 1:
+                dist.all_reduce(s)
+                dist.all_reduce(mu)
+            n = s[1]
+            var = (s[0] - mu.pow(2).sum() / n) / n
+            return var.clamp_min(1e-12)
+
+    @torch.no_grad()
+    def _log(self, progress: "_Progress") -> None:
+        row: dict[str, Any] = {"step": self.step, "tokens": self.step * self.tc.batch_size}
+        for i, slot in enumerate(self.slots):
+            out, x = slot.pending  # type: ignore[attr-defined]
+            err = (x - out.recon.float()).pow(2).sum()
+            var = (x - x.mean(0)).pow(2).sum()
+            stats = torch.stack([err, var, out.l0 * x.shape[0], x.new_tensor(float(x.shape[0]))])
+            if self.world > 1:
+                dist.all_reduce(stats)
+            n = float(stats[3])
+            slot.last = {"mse": float(stats[0]) / n / self.norm_scale**2, "fvu": float(stats[0] / stats[1].clamp_min(1e-12)),
+                         "l0": float(stats[2]) / n, "dead_frac": float((slot.since_fired >= slot.sae.cfg.dead_tokens).float().mean()),
+                         "loss": float(out.loss.detach()), "aux": float(out.aux)}
+            row[f"sae{i}"] = dict(slot.last)
+        self.metrics_log.append(row)
+        s0 = self.slots[0].last
+        progress.update(self.step, f"mse {s0['mse']:.4g} fvu {s0['fvu']:.3f} L0 {s0['l0']:.1f} dead {s0['dead_frac']:.2%}")
+
+
+def _chain(first: list, rest: Iterator) -> Iterator:
+    yield from first
+    yield from rest
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, start: int = 0):
+        self.enabled = enabled
+        self.total, self.start = total, start
+        self._p = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            self._p = Progress(TextColumn("sae"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                               TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self._p.__enter__()
+            self._task = self._p.add_task("train", total=self.total, completed=self.start, info="")
+        return self
+
+    def update(self, step: int, info: str) -> None:
+        if self._p is not None:
+            self._p.update(self._task, completed=step, info=info)
+
+    def __exit__(self, *exc):
+        if self._p is not None:
+            self._p.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------- entry points
+def train_saes(cfgs: Sequence[SAEConfig], source: Any, train_cfg: TrainConfig | None = None,
+               *, out_dirs: Sequence[str | Path] | None = None) -> list[SAE]:
+    """Sweep: train every config on one pass over source (each batch read once, fed to all SAEs).
+
+    source: an ActivationStore, a callable ``f(start_batch) -> iterator of [B, d] tensors`` (for on-the-fly
+    harvesting; must be deterministic so resume can skip), or a re-iterable of [B, d] tensors.
+    Returns SAEs acting on raw activations; saves each to out_dirs[i] if given.
+    """
+    tc = train_cfg or TrainConfig()
+    trainer = Trainer(cfgs, tc)
+    saes = trainer.fit(source)
+    if out_dirs is not None and trainer.rank == 0:
+        from .formats import save_sae
+        for sae, d in zip(saes, out_dirs):
+            save_sae(sae, d, metrics={"final": getattr(sae, "train_metrics", {}), "log": trainer.metrics_log,
+                                      "train_cfg": asdict(tc)})
+    return saes
+
+
+def train_sae(cfg: SAEConfig, source: Any, train_cfg: TrainConfig | None = None,
+              *, out_dir: str | Path | None = None) -> SAE:
+    """Train one SAE (see train_saes)."""
+    return train_saes([cfg], source, train_cfg, out_dirs=None if out_dir is None else [out_dir])[0]
