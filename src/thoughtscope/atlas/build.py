@@ -1,0 +1,541 @@
+"""Build a feature atlas in one streaming pass: model (early exit) -> SAE encode -> running statistics.
+
+Memory is bounded by the number of features, never by the number of tokens (apart from the context
+token ids, 4 bytes a token). Per feature we keep:
+
+* count, sum, max and a histogram over fixed log-spaced bins (so no pass is needed to find the range);
+* the top-k activations with their location and the activation window around them;
+* a uniform reservoir sample of its non-zero activations, also with windows.
+
+Both the top-k and the reservoir are [n_features, k] buffers merged with each batch by one
+`torch.topk` over the concatenation of the buffer and the batch's per-feature candidates (found with
+a segmented sort, no Python loop over features). The reservoir uses random keys: keeping the k largest
+of i.i.d. uniform keys is a uniform sample without replacement, and merging "largest keys" is the
+same operation as merging "largest activations". At the end the reservoir is sorted by activation
+and cut into rank-quantile bins (10 × 5 by default): that is how weak activations get shown too.
+We chose this over equal-width bins of a running maximum because those bins move as the maximum
+grows, which would bias every sample taken before the maximum settled; and over a second pass,
+which would double the cost. Keys come from a generator seeded by (seed, batch index), so a resumed
+build draws exactly the keys an uninterrupted one would.
+
+Position 0 (the attention sink) is excluded when the SAE says so (`cfg.exclude_bos`, the default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models import LoadedModel, Site, capture
+from . import db as adb
+from .db import AtlasError
+
+CKPT_NAME = "build.ckpt"
+
+
+@dataclass
+class AtlasConfig:
+    """How much to read and how much to keep per feature."""
+
+    n_tokens: int = 1_000_000
+    ctx_len: int = 128
+    batch_size: int = 16
+    top_k: int = 20                 # top activating contexts per feature
+    n_bins: int = 10                # rank-quantile bins of the reservoir sample
+    per_bin: int = 5                # contexts per bin
+    window_left: int = 16           # activations stored before the peak token
+    window_right: int = 8           # ... and after it
+    hist_lo: float = 1e-4           # histogram: log10-spaced bins from hist_lo to hist_hi (clamped at both ends)
+    hist_hi: float = 1e4
+    hist_per_decade: int = 8
+    n_random_contexts: int = 256    # fixed sample of contexts whose sparse activations are all kept
+    n_logits: int = 10
+    n_neighbours: int = 10
+    exclude_bos: bool | None = None  # None: follow the SAE config
+    add_bos: bool = True
+    seed: int = 0
+    checkpoint_every: int = 20      # batches between checkpoints
+
+    def validate(self) -> None:
+        for name in ("n_tokens", "ctx_len", "batch_size", "top_k", "n_bins", "per_bin", "hist_per_decade",
+                     "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise AtlasError(f"atlas option {name} must be positive, got {getattr(self, name)}")
+        if self.ctx_len < 2:
+            raise AtlasError(f"--ctx-len must be at least 2, got {self.ctx_len}")
+        if not 0 < self.hist_lo < self.hist_hi:
+            raise AtlasError(f"histogram range must satisfy 0 < lo < hi, got {self.hist_lo}, {self.hist_hi}")
+
+    @property
+    def reservoir(self) -> int:
+        return self.n_bins * self.per_bin
+
+    @property
+    def window(self) -> int:
+        return self.window_left + 1 + self.window_right
+
+    def hist_edges(self) -> np.ndarray:
+        lo, hi = math.log10(self.hist_lo), math.log10(self.hist_hi)
+        n = int(round((hi - lo) * self.hist_per_decade))
+        return np.logspace(lo, hi, n + 1)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _norm_name(s: str) -> str:
+    return str(s).rstrip("/").split("/")[-1].lower().removesuffix(".gguf")
+
+
+def check_sae_matches(lm: LoadedModel, sae, site: "Site | str | None" = None) -> Site:
+    """The SAE must have been trained on this model at this site; returns the site to read."""
+    cfg = sae.cfg
+    if cfg.d_model != lm.d_model:
+        raise AtlasError(f"the SAE expects d_model={cfg.d_model} but {lm.name} has d_model={lm.d_model}: "
+                         f"it was trained on another model")
+    sae_site = Site.parse(cfg.site) if cfg.site else None
+    site = Site.parse(site) if site is not None else sae_site
+    if site is None:
+        raise AtlasError("the SAE config names no site (cfg.site is empty); pass --site explicitly")
+    if sae_site is not None and site != sae_site:
+        raise AtlasError(f"the SAE was trained at site {sae_site} but the atlas was asked to read {site}; "
+                         f"use --site {sae_site} or the SAE trained for {site}")
+    lm.check_site(site)
+    if cfg.model:
+        names = {_norm_name(lm.name), _norm_name(lm.source.get("spec", ""))}
+        if _norm_name(cfg.model) not in names and not (cfg.model == "default" and "default" in names):
+            raise AtlasError(f"the SAE was trained on model {cfg.model!r} but the atlas was asked to use {lm.name!r}; "
+                             f"load {cfg.model!r} (--model) or use an SAE trained on {lm.name}")
+    return site
+
+
+def sae_fingerprint(sae) -> str:
+    h = hashlib.sha256()
+    for t in (sae.W_dec, sae.enc, sae.b_enc, sae.b_dec):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps(sae.cfg.to_dict(), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------- running statistics
+
+
+class FeatureStats:
+    """The per-feature running state; every update is a fixed number of tensor ops per batch."""
+
+    def __init__(self, n_features: int, cfg: AtlasConfig):
+        m, K, R, W = n_features, cfg.top_k, cfg.reservoir, cfg.window
+        self.cfg = cfg
+        self.m = m
+        self.edges_log = torch.tensor(np.log10(cfg.hist_edges()), dtype=torch.float32)
+        self.n_hist = len(self.edges_log) - 1
+        self.t: dict[str, torch.Tensor] = {
+            "count": torch.zeros(m, dtype=torch.int64),
+            "sum": torch.zeros(m, dtype=torch.float64),
+            "max": torch.zeros(m, dtype=torch.float32),
+            "hist": torch.zeros(m, self.n_hist, dtype=torch.int64),
+            "top_val": torch.full((m, K), -math.inf),
+            "top_loc": torch.full((m, K), -1, dtype=torch.int64),
+            "top_win": torch.zeros(m, K, W, dtype=torch.float16),
+            "res_key": torch.full((m, R), -math.inf),
+            "res_val": torch.zeros(m, R),
+            "res_loc": torch.full((m, R), -1, dtype=torch.int64),
+            "res_win": torch.zeros(m, R, W, dtype=torch.float16),
+        }
+        self.tokens = 0          # tokens counted (position 0 excluded when configured)
+        self.batches = 0         # batches consumed
+        self.contexts: list[torch.Tensor] = []   # int32 [B, T] per batch
+        self.rand_sparse: list[torch.Tensor] = []  # int64 [n, 3] (ctx, pos, feature) + float32 values
+        self.rand_vals: list[torch.Tensor] = []
+
+    # --- one batch
+    def update(self, f: torch.Tensor, ids: torch.Tensor, ctx0: int, batch_index: int, *,
+               rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, random_stride: int) -> None:
+        """f: dense [B*T, m] activations (position 0 already zeroed if excluded); (rows, feats, vals): its non-zeros."""
+        cfg, t, m = self.cfg, self.t, self.m
+        B, T = ids.shape
+        # counts, sums, max, histogram
+        t["count"] += torch.bincount(feats, minlength=m)
+        t["sum"].index_add_(0, feats, vals.double())
+        t["max"] = torch.maximum(t["max"], torch.zeros(m).scatter_reduce(0, feats, vals, "amax", include_self=True))
+        b = torch.bucketize(torch.log10(vals.clamp_min(1e-30)), self.edges_log[1:-1])
+        t["hist"].view(-1).index_add_(0, feats * self.n_hist + b, torch.ones_like(feats))
+        loc = (ctx0 + torch.div(rows, T, rounding_mode="floor")) * T + rows % T
+        # top-k by activation, reservoir by random key
+        self._merge("top", f, rows, feats, vals, vals, loc, T, cfg.top_k)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + batch_index)
+        keys = torch.rand(vals.shape[0], generator=g)
+        self._merge("res", f, rows, feats, keys, vals, loc, T, cfg.reservoir)
+        # fixed random context sample: keep all of its non-zeros
+        ctx = ctx0 + torch.div(rows, T, rounding_mode="floor")
+        sel = (ctx % random_stride) == 0
+        if bool(sel.any()):
+            self.rand_sparse.append(torch.stack([ctx[sel], rows[sel] % T, feats[sel]], 1))
+            self.rand_vals.append(vals[sel].clone())
+        self.contexts.append(ids.to(torch.int32).cpu())
+        self.batches += 1
+
+    def _merge(self, name: str, f, rows, feats, score, vals, loc, T: int, K: int) -> None:
+        t = self.t
+        key_name = "top_val" if name == "top" else "res_key"
+        buf_score = t[key_name]
+        if score.numel() == 0:
+            return
+        # per-feature top-K of this batch: sort by score, then stably by feature; rank inside each run
+        order = torch.argsort(score, descending=True, stable=True)
+        order = order[torch.argsort(feats[order], stable=True)]
+        fs = feats[order]
+        counts = torch.bincount(feats, minlength=self.m)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(fs.numel()) - starts[fs]
+        keep = rank < K
+        order, fs, rank = order[keep], fs[keep], rank[keep]
+        # drop candidates that cannot enter a full buffer (saves the window gathers)
+        keep = score[order] > buf_score[fs, K - 1]
+        order, fs, rank = order[keep], fs[keep], rank[keep]
+        if order.numel() == 0:
+            return
+        feat_u, inv = torch.unique(fs, return_inverse=True)
+        n = feat_u.numel()
+        W = self.cfg.window
+        c_score = torch.full((n, K), -math.inf)
+        c_score[inv, rank] = score[order]
+        c_loc = torch.full((n, K), -1, dtype=torch.int64)
+        c_loc[inv, rank] = loc[order]
+        c_win = torch.zeros(n, K, W, dtype=torch.float16)
+        c_win[inv, rank] = self._windows(f, rows[order], fs, T).to(torch.float16)
+        parts = {"top": ("top_val", "top_loc", "top_win"), "res": ("res_key", "res_loc", "res_win")}[name]
+        s_all = torch.cat([buf_score[feat_u], c_score], 1)
+        new_s, j = s_all.topk(K, dim=1)
+        t[parts[0]][feat_u] = new_s
+        t[parts[1]][feat_u] = torch.cat([t[parts[1]][feat_u], c_loc], 1).gather(1, j)
+        t[parts[2]][feat_u] = torch.cat([t[parts[2]][feat_u], c_win], 1).gather(1, j[..., None].expand(-1, -1, W))
+        if name == "res":
+            c_val = torch.zeros(n, K)
+            c_val[inv, rank] = vals[order]
+            t["res_val"][feat_u] = torch.cat([t["res_val"][feat_u], c_val], 1).gather(1, j)
+
+    def _windows(self, f: torch.Tensor, rows: torch.Tensor, feats: torch.Tensor, T: int) -> torch.Tensor:
+        cfg = self.cfg
+        offs = torch.arange(-cfg.window_left, cfg.window_right + 1)
+        pos = (rows % T)[:, None] + offs[None, :]
+        valid = (pos >= 0) & (pos < T)
+        base = (rows - rows % T)[:, None]
+        idx = base + pos.clamp(0, T - 1)
+        w = f[idx, feats[:, None].expand_as(idx)]
+        return torch.where(valid, w, torch.zeros_like(w))
+
+    # --- persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tensors": self.t, "tokens": self.tokens, "batches": self.batches,
+            "contexts": torch.cat(self.contexts) if self.contexts else torch.zeros(0, self.cfg.ctx_len, dtype=torch.int32),
+            "rand_sparse": torch.cat(self.rand_sparse) if self.rand_sparse else torch.zeros(0, 3, dtype=torch.int64),
+            "rand_vals": torch.cat(self.rand_vals) if self.rand_vals else torch.zeros(0),
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.t = s["tensors"]
+        self.tokens, self.batches = int(s["tokens"]), int(s["batches"])
+        self.contexts = [s["contexts"]] if len(s["contexts"]) else []
+        self.rand_sparse = [s["rand_sparse"]] if len(s["rand_sparse"]) else []
+        self.rand_vals = [s["rand_vals"]] if len(s["rand_vals"]) else []
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_sparse(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense activations [N, m] plus their non-zeros (rows, feature ids, values)."""
+    N = x.shape[0]
+    if hasattr(sae, "encode_sparse") and getattr(sae.cfg, "arch", "") == "topk":
+        v, idx = sae.encode_sparse(x)
+        f = torch.zeros(N, sae.cfg.n_features, dtype=v.dtype, device=v.device).scatter_(1, idx, v)
+        mask = v > 0
+        rows = torch.arange(N, device=x.device)[:, None].expand_as(idx)[mask]
+        return f, rows, idx[mask], v[mask]
+    f = sae.encode(x)
+    rows, feats = (f > 0).nonzero(as_tuple=True)
+    return f, rows, feats, f[rows, feats]
+
+
+# --------------------------------------------------------------------------- logit effects and neighbours
+
+
+def norm_scale(final_norm) -> torch.Tensor | None:
+    """The per-dimension scale the final norm applies (Gemma-style norms scale by 1 + weight)."""
+    if final_norm is None:
+        return None
+    w = getattr(final_norm, "weight", None)
+    if w is None:
+        return None
+    w = w.detach().float()
+    if "gemma" in type(final_norm).__name__.lower():
+        w = 1.0 + w
+    return w
+
+
+@torch.no_grad()
+def logit_effects(lm: LoadedModel, W_dec: torch.Tensor, k: int = 10, chunk: int = 512):
+    """Top-k positive and negative direct logit effects of each decoder row (through the norm's scale)."""
+    U = lm.unembed.weight.detach().float().cpu()  # [V, d]
+    g = norm_scale(lm.final_norm)
+    W = W_dec.detach().float().cpu()
+    if g is not None:
+        W = W * g.cpu()
+    pos_v, pos_i, neg_v, neg_i = [], [], [], []
+    k = min(k, U.shape[0])
+    for s in range(0, W.shape[0], chunk):
+        L = W[s:s + chunk] @ U.T
+        v, i = L.topk(k, dim=1)
+        pos_v.append(v), pos_i.append(i)
+        v, i = (-L).topk(k, dim=1)
+        neg_v.append(-v), neg_i.append(i)
+    return torch.cat(pos_i), torch.cat(pos_v), torch.cat(neg_i), torch.cat(neg_v)
+
+
+@torch.no_grad()
+def nearest_features(W_dec: torch.Tensor, k: int = 10, chunk: int = 1024):
+    """k nearest other features by decoder cosine similarity (chunked so memory stays chunk × n_features)."""
+    W = W_dec.detach().float().cpu()
+    Wn = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    m = Wn.shape[0]
+    k = min(k, m - 1)
+    idx, val = [], []
+    for s in range(0, m, chunk):
+        S = Wn[s:s + chunk] @ Wn.T
+        r = torch.arange(S.shape[0])
+        S[r, r + s] = -math.inf
+        v, i = S.topk(k, dim=1)
+        idx.append(i), val.append(v)
+    return torch.cat(idx), torch.cat(val)
+
+
+# --------------------------------------------------------------------------- the build
+
+
+class _Progress:
+    def __init__(self, total: int, done: int, enabled: bool, label: str):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.done0 = done
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            self.console = Console(stderr=True)
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                console=self.console)
+            self.task = self.bar.add_task(label, total=total, completed=done, rate="-")
+            self.bar.start()
+
+    def update(self, done: int) -> None:
+        if self.enabled:
+            dt = time.perf_counter() - self.t0
+            self.bar.update(self.task, completed=done, rate=f"{(done - self.done0) / max(dt, 1e-9):,.0f}")
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            self.console.print(msg)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: AtlasConfig | None = None, *,
+                site: "Site | str | None" = None, sae_path: str | None = None, progress: bool = True,
+                stop_after_batches: int | None = None) -> Path:
+    """Stream `config.n_tokens` tokens of `corpus` through the model and the SAE and write `out/atlas.sqlite`.
+
+    Resumable: a checkpoint (`out/build.ckpt`) of the running statistics is written atomically every
+    `checkpoint_every` batches; rerunning with the same arguments continues from it and produces the same
+    atlas as an uninterrupted run. `stop_after_batches` interrupts on purpose (tests, time-boxed runs) and
+    returns the checkpoint path instead of the database.
+    """
+    cfg = config or AtlasConfig()
+    cfg.validate()
+    site = check_sae_matches(lm, sae, site)
+    if cfg.ctx_len > lm.max_context:
+        raise AtlasError(f"--ctx-len {cfg.ctx_len} exceeds {lm.name}'s context window of {lm.max_context} tokens")
+    exclude_bos = sae.cfg.exclude_bos if cfg.exclude_bos is None else cfg.exclude_bos
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sae = sae.to(lm.device).eval()
+    m = sae.cfg.n_features
+    T = cfg.ctx_len
+    n_contexts = math.ceil(cfg.n_tokens / T)
+    random_stride = max(1, n_contexts // max(1, cfg.n_random_contexts))
+    ident = {"model": lm.name, "site": str(site), "sae_fingerprint": sae_fingerprint(sae),
+             "corpus": getattr(corpus, "spec", str(corpus)), "config": asdict(cfg), "exclude_bos": exclude_bos}
+
+    stats = FeatureStats(m, cfg)
+    ckpt = out / CKPT_NAME
+    if ckpt.is_file():
+        try:
+            saved = torch.load(ckpt, weights_only=False)
+        except Exception as e:  # a torn or foreign file: say so rather than silently restarting
+            raise AtlasError(f"{ckpt} cannot be read ({type(e).__name__}: {e}); delete it to start the build over") from e
+        if saved.get("ident") != ident:
+            diff = [k for k in ident if saved.get("ident", {}).get(k) != ident[k]]
+            raise AtlasError(f"{ckpt} belongs to a different build (differs in: {', '.join(diff)}); use another "
+                             f"--out or delete the checkpoint")
+        stats.load_state_dict(saved["stats"])
+
+    def checkpoint() -> None:
+        _atomic_save({"ident": ident, "stats": stats.state_dict()}, ckpt)
+        stats.contexts = [torch.cat(stats.contexts)] if stats.contexts else []
+
+    bar = _Progress(n_contexts * T, stats.batches * cfg.batch_size * T, progress,
+                    f"atlas {site} × {m} features")
+    ctx_done = sum(c.shape[0] for c in stats.contexts)
+    stopped = False
+    try:
+        it = corpus.batches(lm.tokenizer, T, cfg.batch_size, add_bos=cfg.add_bos)
+        for b, batch in enumerate(it):
+            if ctx_done >= n_contexts:
+                break
+            if b < stats.batches:
+                continue
+            if stop_after_batches is not None and b >= stop_after_batches:
+                stopped = True
+                break
+            ids = batch.input_ids[: n_contexts - ctx_done]
+            Bn = ids.shape[0]
+            acts = capture(lm, [site], ids.to(lm.device), early_exit=True)[site]
+            x = acts.reshape(Bn * T, -1).to(sae.W_dec.dtype)
+            with torch.no_grad():
+                f, rows, feats, vals = encode_sparse(sae, x)
+            f, rows, feats, vals = f.cpu(), rows.cpu(), feats.cpu(), vals.float().cpu()
+            if exclude_bos:
+                f.view(Bn, T, m)[:, 0] = 0
+                keep = rows % T != 0
+                rows, feats, vals = rows[keep], feats[keep], vals[keep]
+            stats.update(f.float(), ids, ctx_done, b, rows=rows, feats=feats, vals=vals, random_stride=random_stride)
+            stats.tokens += Bn * (T - 1 if exclude_bos else T)
+            ctx_done += Bn
+            bar.update(ctx_done * T)
+            if stats.batches % cfg.checkpoint_every == 0:
+                checkpoint()
+    finally:
+        bar.close()
+    checkpoint()
+    if stopped:
+        return ckpt
+    if ctx_done < n_contexts:
+        bar.print(f"[yellow]the corpus ran out after {ctx_done * T} tokens (asked for {cfg.n_tokens})[/yellow]")
+    path = _write_db(lm, sae, stats, cfg, out, ident, site, sae_path, corpus, random_stride, progress)
+    ckpt.unlink(missing_ok=True)
+    return path
+
+
+def _write_db(lm, sae, stats: FeatureStats, cfg: AtlasConfig, out: Path, ident: dict, site: Site,
+              sae_path: str | None, corpus, random_stride: int, progress: bool) -> Path:
+    t = stats.t
+    m = stats.m
+    T = cfg.ctx_len
+    contexts = torch.cat(stats.contexts) if stats.contexts else torch.zeros(0, T, dtype=torch.int32)
+    count = t["count"]
+    density = count.double() / max(1, stats.tokens)
+    mean = t["sum"] / count.clamp_min(1)
+    pos_i, pos_v, neg_i, neg_v = logit_effects(lm, sae.W_dec, cfg.n_logits)
+    nb_i, nb_v = nearest_features(sae.W_dec, cfg.n_neighbours)
+
+    final = adb.db_path(out)
+    tmp = final.with_name("atlas.partial.sqlite")
+    for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+        p.unlink(missing_ok=True)
+    con = adb.connect(tmp, create=True)
+    try:
+        with con:
+            rows = []
+            for i in range(m):
+                rows.append((i, int(count[i]), float(density[i]), float(t["max"][i]), float(mean[i]),
+                             adb.i32_blob(t["hist"][i].numpy()),
+                             json.dumps([[int(a), round(float(v), 5)] for a, v in zip(pos_i[i], pos_v[i])]),
+                             json.dumps([[int(a), round(float(v), 5)] for a, v in zip(neg_i[i], neg_v[i])]),
+                             json.dumps([[int(a), round(float(v), 5)] for a, v in zip(nb_i[i], nb_v[i])])))
+            adb.insert_many(con, "features", ["id", "n_active", "density", "max_act", "mean_act", "hist", "logits_pos",
+                                              "logits_neg", "neighbours"], rows)
+            referenced: set[int] = set()
+            ex_rows = []
+            # top examples, already sorted by activation
+            tv, tl, tw = t["top_val"], t["top_loc"], t["top_win"].numpy()
+            valid = torch.isfinite(tv) & (tl >= 0)
+            for i, r in valid.nonzero().tolist():
+                loc = int(tl[i, r])
+                ctx, pos = divmod(loc, T)
+                referenced.add(ctx)
+                ex_rows.append((i, "top", r, -1, ctx, pos, float(tv[i, r]), tw[i, r].tobytes()))
+            # reservoir sorted by activation, cut into rank-quantile bins (weakest first)
+            rk, rv, rl, rw = t["res_key"], t["res_val"], t["res_loc"], t["res_win"].numpy()
+            n_valid = (torch.isfinite(rk) & (rl >= 0)).sum(1)
+            vv = torch.where(torch.isfinite(rk) & (rl >= 0), rv, torch.full_like(rv, math.inf))
+            order = vv.argsort(dim=1)
+            for i in (n_valid > 0).nonzero().flatten().tolist():
+                n = int(n_valid[i])
+                for r in range(n):
+                    j = int(order[i, r])
+                    ctx, pos = divmod(int(rl[i, j]), T)
+                    referenced.add(ctx)
+                    b = min(cfg.n_bins - 1, r * cfg.n_bins // n)
+                    ex_rows.append((i, "quantile", r, b, ctx, pos, float(rv[i, j]), rw[i, j].tobytes()))
+            adb.insert_many(con, "examples", ["feature", "kind", "rank", "bin", "ctx", "pos", "act", "window"], ex_rows)
+            # the fixed random sample of contexts
+            random_ctx = list(range(0, contexts.shape[0], random_stride))
+            referenced.update(random_ctx)
+            if stats.rand_sparse:
+                rs = torch.cat(stats.rand_sparse).tolist()
+                rvals = torch.cat(stats.rand_vals).tolist()
+                adb.insert_many(con, "random_acts", ["ctx", "pos", "feature", "act"],
+                                ((c, p, f, v) for (c, p, f), v in zip(rs, rvals)))
+            ctx_np = contexts.numpy()
+            adb.insert_many(con, "contexts", ["id", "tokens"],
+                            ((c, ctx_np[c].tobytes()) for c in sorted(referenced)))
+            alive = int((count > 0).sum())
+            adb.write_meta(con, {
+                "schema_version": adb.SCHEMA_VERSION, "complete": True, "created": time.time(),
+                "model": lm.name, "model_source": lm.source, "site": str(site), "sae_path": sae_path,
+                "sae_config": sae.cfg.to_dict(), "sae_fingerprint": ident["sae_fingerprint"],
+                "corpus": corpus.describe() if hasattr(corpus, "describe") else str(corpus),
+                "config": asdict(cfg), "exclude_bos": ident["exclude_bos"], "n_features": m,
+                "n_tokens": stats.tokens, "n_contexts": int(contexts.shape[0]), "ctx_len": T,
+                "window_left": cfg.window_left, "window_right": cfg.window_right,
+                "hist_edges": cfg.hist_edges().tolist(), "random_contexts": random_ctx,
+                "n_alive": alive, "n_dead": m - alive,
+            })
+    finally:
+        con.close()
+    # fold the WAL into the main file before the atomic rename
+    c2 = sqlite3.connect(str(tmp))
+    c2.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c2.execute("PRAGMA journal_mode=DELETE")
+    c2.close()
+    for p in (Path(str(final) + "-wal"), Path(str(final) + "-shm")):
+        p.unlink(missing_ok=True)
+    os.replace(tmp, final)
+    return final
+
+
+def atlas_config_from(**kw) -> AtlasConfig:
+    """AtlasConfig from CLI keyword arguments, ignoring the ones left as None."""
+    names = {f.name for f in fields(AtlasConfig)}
+    return AtlasConfig(**{k: v for k, v in kw.items() if k in names and v is not None})

@@ -1,0 +1,118 @@
+"""Feature cards for the terminal: what activates a feature (token heatmaps), what it does, who its neighbours are."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .db import Atlas, Example
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def _tok(tokenizer, tid: int) -> str:
+    if tokenizer is None:
+        return f"[{tid}]"
+    return tokenizer.decode([int(tid)]).replace("\n", "⏎")
+
+
+def heat_line(ex: Example, tokenizer, max_act: float, *, left: int = 10, right: int = 4) -> Text:
+    """One context as text with each token's background shaded by the feature's activation on it."""
+    line = Text()
+    scale = max_act if max_act > 0 else 1.0
+    for p, tid, a in ex.token_acts():
+        if p < 1 or p < ex.pos - left or p > ex.pos + right:
+            continue
+        s = _tok(tokenizer, tid)
+        if a > 0:
+            level = min(1.0, a / scale)
+            g = int(255 - 200 * level)
+            style = f"black on rgb(255,{g},{int(g * 0.6)})" + (" bold underline" if p == ex.pos else "")
+            line.append(s, style=style)
+        else:
+            line.append(s, style="dim" if p != ex.pos else "")
+    return line
+
+
+def sparkline(hist) -> str:
+    m = max(1, int(max(hist))) if len(hist) else 1
+    nz = [i for i, h in enumerate(hist) if h > 0]
+    if not nz:
+        return "(never active)"
+    lo, hi = nz[0], nz[-1]
+    return "".join(BARS[min(8, int(round(8 * h / m)))] for h in hist[lo:hi + 1])
+
+
+def feature_card(atlas: Atlas, n: int, tokenizer=None, *, n_top: int = 8, n_quantile: int = 5):
+    """A rich renderable for feature n."""
+    f = atlas.feature(n)
+    head = Text()
+    head.append(f"feature {n}", style="bold")
+    head.append(f"   density {f.density:.2e}   max {f.max_act:.3g}   mean {f.mean_act:.3g}   active on {f.n_active:,} tokens")
+    parts: list = [head]
+    ex = f.explanation
+    if ex:
+        t = Text()
+        if ex["status"] == "ok":
+            t.append("explanation: ", style="bold cyan")
+            t.append(ex["explanation"] or "")
+            sc = [f"{k} {ex[k]:.2f}" for k in ("detection_bacc", "detection_auroc", "fuzz_bacc", "fuzz_auroc")
+                  if ex.get(k) is not None]
+            if sc:
+                t.append("   (" + ", ".join(sc) + f"; by {ex.get('explainer')}, scored by {ex.get('scorer')})",
+                         style="dim")
+        else:
+            t.append(f"explanation failed: {ex.get('error')}", style="red")
+        parts.append(t)
+    if f.dead:
+        parts.append(Text("dead: never active on the atlas corpus", style="yellow"))
+    else:
+        parts.append(Text(f"activation histogram (log bins): {sparkline(f.hist)}", style="dim"))
+        parts.append(Text("top activations", style="bold"))
+        for e in atlas.examples(n, "top", limit=n_top):
+            line = Text(f"{e.act:8.3g}  ", style="dim")
+            line.append_text(heat_line(e, tokenizer, f.max_act))
+            parts.append(line)
+        q = atlas.examples(n, "quantile")
+        if q:
+            parts.append(Text("weaker activations (rank-quantile sample)", style="bold"))
+            step = max(1, len(q) // n_quantile)
+            for e in q[::step][:n_quantile]:
+                line = Text(f"{e.act:8.3g}  ", style="dim")
+                line.append_text(heat_line(e, tokenizer, f.max_act))
+                parts.append(line)
+    tbl = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    tbl.add_column("promotes")
+    tbl.add_column("")
+    tbl.add_column("suppresses")
+    tbl.add_column("")
+    tbl.add_column("neighbours (cos)")
+    for i in range(max(len(f.logits_pos), len(f.neighbours))):
+        p = f.logits_pos[i] if i < len(f.logits_pos) else None
+        q_ = f.logits_neg[i] if i < len(f.logits_neg) else None
+        nb = f.neighbours[i] if i < len(f.neighbours) else None
+        tbl.add_row(repr(_tok(tokenizer, p[0])) if p else "", f"{p[1]:+.3f}" if p else "",
+                    repr(_tok(tokenizer, q_[0])) if q_ else "", f"{q_[1]:+.3f}" if q_ else "",
+                    f"{nb[0]} ({nb[1]:.2f})" if nb else "")
+    parts.append(tbl)
+    return Panel(Group(*parts), title=f"[bold]{atlas.meta.get('model')} {atlas.meta.get('site')} #{n}",
+                 expand=True)
+
+
+def show_feature(atlas: Atlas, n: int, tokenizer=None, console=None, **kw) -> None:
+    from rich.console import Console
+
+    (console or Console()).print(feature_card(atlas, n, tokenizer, **kw))
+
+
+def text_card(result: dict, *, max_tokens: int = 64):
+    """Render top_features_for_text: per token, its most active features."""
+    tbl = Table(title="features per token", box=None)
+    tbl.add_column("pos", justify="right")
+    tbl.add_column("token")
+    tbl.add_column("top features (activation)")
+    for tf in result["tokens"][:max_tokens]:
+        tbl.add_row(str(tf.pos), repr(tf.token), ", ".join(f"{n} ({a:.2f})" for n, a in tf.features))
+    return tbl

@@ -1,0 +1,589 @@
+"""Automated explanations of atlas features, and the scores that say how far to trust them.
+
+Explainer: shown a feature's top and quantile-sampled contexts with its active tokens marked
+<<like this>>, it answers with one short phrase. Scorers (delphi-style, our own prompts):
+
+* detection: held-out activating contexts and contexts where the feature is silent, unmarked; the scorer
+  predicts which ones activate. Balanced accuracy at 0.5 and AUROC over its probabilities.
+* fuzzing: activating contexts whose marks are either the true active tokens or the same number of
+  tokens chosen at random; the scorer predicts which marks are right.
+
+An explanation is only as good as these scores on contexts it has not seen, which is why the examples
+shown to the explainer and those shown to the scorer are disjoint.
+
+Clients: any OpenAI-compatible `/v1/chat/completions` endpoint (stdlib urllib, no extra dependency), with
+retries and exponential back-off on timeouts, 429, 5xx and malformed answers; or the local target model
+(its chat template + greedy decoding; for scoring it reads P("Yes") against P("No") directly).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .db import Atlas, AtlasError, Example
+
+ENV_URL = "THOUGHTSCOPE_EXPLAINER_URL"
+ENV_MODEL = "THOUGHTSCOPE_EXPLAINER_MODEL"
+ENV_KEY = "OPENAI_API_KEY"
+ENV_SCORER_URL = "THOUGHTSCOPE_SCORER_URL"
+ENV_SCORER_MODEL = "THOUGHTSCOPE_SCORER_MODEL"
+
+
+class ExplainerError(RuntimeError):
+    """The explainer or scorer could not produce a usable answer (after retries, where retrying made sense)."""
+
+
+class MalformedAnswer(ValueError):
+    """An answer that parsed as HTTP but not as what the prompt asked for; retried like a server error."""
+
+
+# --------------------------------------------------------------------------- clients
+
+
+class HTTPChatClient:
+    """Minimal OpenAI-compatible chat client over urllib, safe to call from several threads."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout: float = 60.0,
+                 max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
+                 sleep: Callable[[float], None] = time.sleep):
+        if not base_url:
+            raise ExplainerError(f"no explainer URL: pass --explainer-url or set ${ENV_URL} "
+                                 f"(e.g. http://127.0.0.1:8080/v1 for a llama.cpp server)")
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + ("/chat/completions" if self.base_url.endswith("/v1") else "/v1/chat/completions")
+        self.model = model or "default"
+        self.api_key = api_key
+        self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
+        self.sleep = sleep
+        self.name = f"{self.model}@{self.base_url}"
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
+        self.concurrent = True
+
+    def _post(self, payload: dict) -> dict:
+        data = json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            body = r.read()
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError as e:
+            raise MalformedAnswer(f"response is not JSON ({e.msg}): {body[:200]!r}") from None
+
+    def call(self, messages: list[dict], *, max_tokens: int = 200, temperature: float = 0.0,
+             parse: Callable[[str], Any] | None = None) -> Any:
+        """POST a chat request; retry transient failures (and answers `parse` rejects) with back-off."""
+        payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            wait = min(self.max_backoff, self.backoff * (2 ** attempt))
+            try:
+                self.usage["requests"] += 1
+                out = self._post(payload)
+                try:
+                    text = out["choices"][0]["message"]["content"]
+                except (KeyError, IndexError, TypeError):
+                    raise MalformedAnswer(f"no choices[0].message.content in {str(out)[:200]}") from None
+                if not isinstance(text, str):
+                    raise MalformedAnswer(f"message content is {type(text).__name__}, not text")
+                u = out.get("usage") or {}
+                self.usage["prompt_tokens"] += int(u.get("prompt_tokens") or 0)
+                self.usage["completion_tokens"] += int(u.get("completion_tokens") or 0)
+                return parse(text) if parse is not None else text
+            except urllib.error.HTTPError as e:
+                body = e.read()[:300].decode("utf-8", "replace") if hasattr(e, "read") else ""
+                last = f"HTTP {e.code} from {self.url}: {body}"
+                if e.code != 429 and e.code < 500:
+                    raise ExplainerError(last + " (not retried: fix the request, model name or key)") from None
+                ra = e.headers.get("Retry-After") if e.headers else None
+                if ra:
+                    try:
+                        wait = min(self.max_backoff, max(wait, float(ra)))
+                    except ValueError:
+                        pass
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+                reason = getattr(e, "reason", e)
+                last = f"cannot reach {self.url}: {type(reason).__name__}: {reason}"
+            except MalformedAnswer as e:
+                last = f"malformed answer: {e}"
+            if attempt < self.max_retries:
+                self.usage["retries"] += 1
+                self.sleep(wait)
+        raise ExplainerError(f"{last} (gave up after {self.max_retries + 1} attempts)")
+
+
+class LocalChatClient:
+    """The target model itself as explainer/scorer: chat template + greedy decoding, offline.
+
+    Small models (135M parameters) write poor explanations; the scores make that visible.
+    """
+
+    def __init__(self, lm, *, max_context: int | None = None):
+        self.lm = lm
+        self.name = f"local:{lm.name}"
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
+        self.concurrent = False
+        self.max_context = max_context or min(getattr(lm, "max_context", 2048), 2048)
+        tok = lm.tokenizer
+        self._yes = self._first_id(["Yes", " Yes"])
+        self._no = self._first_id(["No", " No"])
+
+    def _first_id(self, options: Sequence[str]) -> int:
+        tok = self.lm.tokenizer
+        for o in options:
+            ids = tok(o, add_special_tokens=False)["input_ids"]
+            if ids:
+                return int(ids[0])
+        raise ExplainerError(f"the tokenizer of {self.lm.name} cannot encode {options[0]!r}")
+
+    def _prompt_ids(self, messages: list[dict]):
+        import torch
+
+        tok = self.lm.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+            if not isinstance(ids, torch.Tensor):  # newer transformers return a BatchEncoding
+                ids = ids["input_ids"]
+        else:  # tiny test models have no template: a plain transcript
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        ids = ids[:, -self.max_context + 64:]
+        return ids.to(self.lm.device)
+
+    def call(self, messages: list[dict], *, max_tokens: int = 200, temperature: float = 0.0,
+             parse: Callable[[str], Any] | None = None) -> Any:
+        import torch
+
+        ids = self._prompt_ids(messages)
+        tok = self.lm.tokenizer
+        with torch.no_grad():
+            out = self.lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                         do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        new = out[0, ids.shape[1]:]
+        self.usage["requests"] += 1
+        self.usage["prompt_tokens"] += int(ids.shape[1])
+        self.usage["completion_tokens"] += int(new.numel())
+        text = tok.decode(new, skip_special_tokens=True)
+        return parse(text) if parse is not None else text
+
+    def yes_probability(self, messages: list[dict]) -> float:
+        """P(Yes) / (P(Yes) + P(No)) for the first answer token: a graded prediction, so AUROC is direct."""
+        import torch
+
+        ids = self._prompt_ids(messages)
+        with torch.no_grad():
+            logits = self.lm.model(input_ids=ids, use_cache=False).logits[0, -1].float()
+        self.usage["requests"] += 1
+        self.usage["prompt_tokens"] += int(ids.shape[1])
+        two = torch.stack([logits[self._yes], logits[self._no]]).softmax(0)
+        return float(two[0])
+
+
+def client_from_env(url: str | None = None, model: str | None = None, api_key: str | None = None, *,
+                    scorer: bool = False, lm=None, **kw):
+    """An HTTP client from flags or environment; the local model when neither names a URL and `lm` is given."""
+    url = url or (os.environ.get(ENV_SCORER_URL) if scorer else None) or os.environ.get(ENV_URL)
+    model = model or (os.environ.get(ENV_SCORER_MODEL) if scorer else None) or os.environ.get(ENV_MODEL)
+    if url in (None, "", "local"):
+        if lm is None:
+            raise ExplainerError(f"no explainer endpoint: pass --explainer-url / set ${ENV_URL}, or use the local model")
+        return LocalChatClient(lm)
+    return HTTPChatClient(url, model or "default", api_key or os.environ.get(ENV_KEY), **kw)
+
+
+# --------------------------------------------------------------------------- examples -> text
+
+
+@dataclass
+class ExplainConfig:
+    n_top: int = 10              # top examples shown to the explainer
+    n_quantile: int = 10         # quantile examples shown to the explainer (spread over the bins)
+    n_score_pos: int = 10        # held-out activating examples for detection (and fuzzing)
+    n_score_neg: int = 10        # non-activating examples for detection
+    per_prompt: int = 10         # examples per scorer request
+    show_left: int = 12          # tokens shown before the peak ...
+    show_right: int = 4          # ... and after it
+    mark_frac: float = 0.3       # mark tokens above this fraction of the example's peak activation
+    explain_max_tokens: int = 60
+    score_max_tokens: int = 120
+    fuzz: bool = True
+    concurrency: int = 4
+    seed: int = 0
+
+
+def _piece(tokenizer, tid: int) -> str:
+    s = tokenizer.decode([int(tid)])
+    return s.replace("\n", "⏎")
+
+
+def render(ex: Example, tokenizer, cfg: ExplainConfig, *, marks: set[int] | None = None) -> str:
+    """The shown span of an example as text; positions in `marks` are wrapped in << >>."""
+    lo = max(1, ex.pos - cfg.show_left, ex.start)
+    hi = min(len(ex.tokens) - 1, ex.pos + cfg.show_right, ex.start + len(ex.window) - 1)
+    out = []
+    for p in range(lo, hi + 1):
+        s = _piece(tokenizer, ex.tokens[p])
+        out.append(f"<<{s}>>" if marks and p in marks else s)
+    return "".join(out)
+
+
+def true_marks(ex: Example, cfg: ExplainConfig) -> set[int]:
+    peak = float(ex.window.max()) if len(ex.window) else 0.0
+    if peak <= 0:
+        return set()
+    lo, hi = max(1, ex.pos - cfg.show_left), ex.pos + cfg.show_right
+    return {p for p, _t, a in ex.token_acts() if a > cfg.mark_frac * peak and lo <= p <= hi}
+
+
+def shuffled_marks(ex: Example, cfg: ExplainConfig, rng: random.Random) -> set[int]:
+    right = true_marks(ex, cfg)
+    lo = max(1, ex.pos - cfg.show_left, ex.start)
+    hi = min(len(ex.tokens) - 1, ex.pos + cfg.show_right, ex.start + len(ex.window) - 1)
+    pool = [p for p in range(lo, hi + 1) if p not in right]
+    return set(rng.sample(pool, min(len(pool), max(1, len(right)))))
+
+
+def negative_example(atlas: Atlas, feature: int, ctx: int, rng: random.Random, cfg: ExplainConfig) -> Example:
+    tokens = atlas.context(ctx)
+    L, R = atlas.window_left, atlas.window_right
+    pos = rng.randrange(min(len(tokens) - 1, 1 + cfg.show_left), len(tokens))
+    return Example(feature=feature, kind="negative", rank=0, bin=-1, ctx=ctx, pos=pos, act=0.0, tokens=tokens,
+                   window=np.zeros(L + 1 + R, dtype=np.float32), start=pos - L)
+
+
+@dataclass
+class FeatureTask:
+    feature: int
+    max_act: float
+    shown: list[Example]
+    pos: list[Example]
+    neg: list[Example]
+
+
+def prepare(atlas: Atlas, feature: int, cfg: ExplainConfig) -> FeatureTask:
+    """Split a feature's stored examples into the ones the explainer sees and held-out ones for scoring."""
+    f = atlas.feature(feature)
+    rng = random.Random(cfg.seed * 7919 + feature)
+    top = atlas.examples(feature, "top")
+    quant = atlas.examples(feature, "quantile")
+    bins: dict[int, list[Example]] = {}
+    for e in quant:
+        bins.setdefault(e.bin, []).append(e)
+    shown_q: list[Example] = []
+    order = sorted(bins)
+    i = 0
+    while len(shown_q) < cfg.n_quantile and any(bins.values()):
+        b = order[i % len(order)]
+        if bins[b]:
+            shown_q.append(bins[b].pop(0))
+        i += 1
+    held_q = [e for b in order for e in bins[b]]
+    shown = top[: cfg.n_top] + shown_q
+    held_top = top[cfg.n_top:]
+    rng.shuffle(held_q)
+    rng.shuffle(held_top)
+    n_q = min(len(held_q), (cfg.n_score_pos + 1) // 2)
+    pos = held_q[:n_q] + held_top[: cfg.n_score_pos - n_q]
+    pos += held_q[n_q: n_q + cfg.n_score_pos - len(pos)]
+    used = {e.ctx for e in shown + pos}
+    active = atlas.random_activations(feature)
+    cands = [c for c in atlas.meta.get("random_contexts", []) if c not in active and c not in used]
+    rng.shuffle(cands)
+    neg = [negative_example(atlas, feature, c, rng, cfg) for c in cands[: cfg.n_score_neg]]
+    return FeatureTask(feature=feature, max_act=f.max_act, shown=shown, pos=pos, neg=neg)
+
+
+# --------------------------------------------------------------------------- prompts and parsing
+
+EXPLAIN_SYSTEM = ("You study the internal features of a language model. You are shown text excerpts in which one "
+                  "feature is active on the tokens marked <<like this>>. You say in a few words what it responds to.")
+
+
+def explain_messages(task: FeatureTask, tokenizer, cfg: ExplainConfig) -> list[dict]:
+    lines = []
+    for i, e in enumerate(task.shown, 1):
+        level = int(round(10 * e.act / task.max_act)) if task.max_act > 0 else 0
+        lines.append(f"Example {i} (strength {level}/10): {render(e, tokenizer, cfg, marks=true_marks(e, cfg))}")
+    user = ("Excerpts where the feature is active (active tokens marked <<like this>>):\n\n" + "\n".join(lines) +
+            "\n\nWhat does this feature respond to? Look at the marked tokens and the words just before them. "
+            "Answer with one short phrase (at most 15 words) on a final line of the form\nEXPLANATION: <phrase>")
+    return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_explanation(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = re.match(r"(?i)\**explanation\**\s*:\s*(.+)", ln)
+        if m:
+            lines = [m.group(1)]
+            break
+    if not lines:
+        raise MalformedAnswer("empty explanation")
+    out = lines[0].strip().strip('"').strip("'").strip()
+    if not out:
+        raise MalformedAnswer("empty explanation")
+    return out[:300]
+
+
+def detection_messages(explanation: str, texts: Sequence[str]) -> list[dict]:
+    body = "\n".join(f"Text {i}: {t}" for i, t in enumerate(texts, 1))
+    user = (f'A feature of a language model is described as: "{explanation}".\n'
+            f"For each text below, estimate the probability that this feature is active somewhere in it.\n\n{body}\n\n"
+            f"Answer with a JSON list of {len(texts)} numbers between 0 and 1, one per text in order, and nothing else.")
+    return [{"role": "user", "content": user}]
+
+
+def fuzz_messages(explanation: str, texts: Sequence[str]) -> list[dict]:
+    body = "\n".join(f"Text {i}: {t}" for i, t in enumerate(texts, 1))
+    user = (f'A feature of a language model is described as: "{explanation}".\n'
+            f"In each text below some tokens are marked <<like this>>. Either the marks are exactly where the feature is "
+            f"active, or they were placed at random. For each text, estimate the probability that the marks are "
+            f"correct.\n\n{body}\n\n"
+            f"Answer with a JSON list of {len(texts)} numbers between 0 and 1, one per text in order, and nothing else.")
+    return [{"role": "user", "content": user}]
+
+
+def single_messages(explanation: str, text: str, kind: str) -> list[dict]:
+    """One-example question for the local scorer, answered by P(Yes)."""
+    if kind == "detection":
+        q = (f'A feature of a language model is described as: "{explanation}".\nText: {text}\n'
+             f"Is this feature active somewhere in the text? Answer Yes or No.")
+    else:
+        q = (f'A feature of a language model is described as: "{explanation}".\nText: {text}\n'
+             f"Are the tokens marked <<like this>> the ones this feature responds to? Answer Yes or No.")
+    return [{"role": "user", "content": q}]
+
+
+def parse_probabilities(n: int) -> Callable[[str], list[float]]:
+    def parse(text: str) -> list[float]:
+        for m in re.finditer(r"\[[^\[\]]*\]", text):
+            try:
+                vals = json.loads(m.group(0))
+            except json.JSONDecodeError:
+                continue
+            if isinstance(vals, list) and len(vals) == n and all(isinstance(v, (int, float)) for v in vals):
+                return [min(1.0, max(0.0, float(v))) for v in vals]
+        raise MalformedAnswer(f"expected a JSON list of {n} numbers, got {text[:200]!r}")
+    return parse
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def balanced_accuracy(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5) -> float | None:
+    y = np.asarray(labels, dtype=bool)
+    p = np.asarray(probs, dtype=np.float64) >= threshold
+    if y.all() or (~y).all():
+        return None
+    return float(0.5 * ((p[y]).mean() + (~p[~y]).mean()))
+
+
+def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Probability that a random positive outscores a random negative (ties count one half)."""
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    gt = (pos[:, None] > neg[None, :]).sum()
+    eq = (pos[:, None] == neg[None, :]).sum()
+    return float((gt + 0.5 * eq) / (len(pos) * len(neg)))
+
+
+# --------------------------------------------------------------------------- one feature
+
+
+def _predict(client, explanation: str, texts: list[str], kind: str, cfg: ExplainConfig) -> list[float]:
+    if isinstance(client, LocalChatClient):
+        return [client.yes_probability(single_messages(explanation, t, kind)) for t in texts]
+    make = detection_messages if kind == "detection" else fuzz_messages
+    out: list[float] = []
+    for s in range(0, len(texts), cfg.per_prompt):
+        chunk = texts[s:s + cfg.per_prompt]
+        out += client.call(make(explanation, chunk), max_tokens=cfg.score_max_tokens,
+                           parse=parse_probabilities(len(chunk)))
+    return out
+
+
+def score_explanation(task: FeatureTask, explanation: str, scorer, tokenizer, cfg: ExplainConfig) -> dict:
+    """Detection and fuzzing scores of `explanation` on the task's held-out examples."""
+    rng = random.Random(cfg.seed * 104729 + task.feature)
+    res: dict[str, Any] = {}
+    items = [(render(e, tokenizer, cfg), 1) for e in task.pos] + [(render(e, tokenizer, cfg), 0) for e in task.neg]
+    rng.shuffle(items)
+    if items:
+        probs = _predict(scorer, explanation, [t for t, _ in items], "detection", cfg)
+        labels = [y for _, y in items]
+        res["detection"] = {"labels": labels, "probs": probs, "bacc": balanced_accuracy(labels, probs),
+                            "auroc": auroc(labels, probs)}
+    if cfg.fuzz and task.pos:
+        fz = []
+        for i, e in enumerate(task.pos):
+            right = i % 2 == 0
+            marks = true_marks(e, cfg) if right else shuffled_marks(e, cfg, rng)
+            fz.append((render(e, tokenizer, cfg, marks=marks), int(right)))
+        rng.shuffle(fz)
+        probs = _predict(scorer, explanation, [t for t, _ in fz], "fuzz", cfg)
+        labels = [y for _, y in fz]
+        res["fuzz"] = {"labels": labels, "probs": probs, "bacc": balanced_accuracy(labels, probs),
+                       "auroc": auroc(labels, probs)}
+    return res
+
+
+def explain_one(task: FeatureTask, explainer, scorer, tokenizer, cfg: ExplainConfig,
+                explanation: str | None = None) -> dict:
+    """Explain (unless `explanation` is given) and score one feature; never raises for endpoint failures."""
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"explainer": explainer.name if explainer is not None else "given",
+                           "scorer": scorer.name if scorer is not None else None, "created": time.time()}
+    try:
+        if explanation is None:
+            if not task.shown:
+                raise ExplainerError("the feature never fired in the atlas corpus: nothing to explain")
+            explanation = explainer.call(explain_messages(task, tokenizer, cfg), max_tokens=cfg.explain_max_tokens,
+                                         parse=parse_explanation)
+        rec["explanation"] = explanation
+        details: dict[str, Any] = {"n_shown": len(task.shown), "n_pos": len(task.pos), "n_neg": len(task.neg)}
+        if scorer is not None:
+            s = score_explanation(task, explanation, scorer, tokenizer, cfg)
+            details.update(s)
+            rec["detection_bacc"] = s.get("detection", {}).get("bacc")
+            rec["detection_auroc"] = s.get("detection", {}).get("auroc")
+            rec["fuzz_bacc"] = s.get("fuzz", {}).get("bacc")
+            rec["fuzz_auroc"] = s.get("fuzz", {}).get("auroc")
+        rec["details"] = details
+        rec["status"] = "ok"
+    except (ExplainerError, MalformedAnswer) as e:
+        rec["status"] = "failed"
+        rec["error"] = str(e)
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def estimate(atlas: Atlas, features: Sequence[int], tokenizer, cfg: ExplainConfig, *, scoring: bool = True,
+             seconds_per_request: float = 2.0, concurrency: int = 1, usd_per_mtok: float | None = None) -> dict:
+    """Tokens, requests, time (and cost, given a price) of explaining `features`, from a sample of real prompts."""
+    sample = list(features)[:: max(1, len(features) // 8)][:8]
+    chars, reqs = [], 0
+    for n in sample:
+        task = prepare(atlas, n, cfg)
+        c = sum(len(m["content"]) for m in explain_messages(task, tokenizer, cfg))
+        r = 1
+        if scoring:
+            texts = [render(e, tokenizer, cfg) for e in task.pos + task.neg]
+            n_det = math.ceil(len(texts) / cfg.per_prompt) if texts else 0
+            c += sum(len(t) + 12 for t in texts) + 300 * n_det
+            r += n_det
+            if cfg.fuzz and task.pos:
+                c += sum(len(render(e, tokenizer, cfg)) + 20 for e in task.pos) + 400
+                r += math.ceil(len(task.pos) / cfg.per_prompt)
+        chars.append(c)
+        reqs += r
+    per_feature_tokens = (np.mean(chars) / 3.5) if chars else 0.0   # ~3.5 characters per token
+    per_feature_reqs = reqs / max(1, len(sample))
+    n = len(features)
+    out = {"features": n, "requests": int(round(per_feature_reqs * n)),
+           "prompt_tokens_per_feature": int(per_feature_tokens), "prompt_tokens": int(per_feature_tokens * n),
+           "completion_tokens": int(n * (cfg.explain_max_tokens + (cfg.score_max_tokens if scoring else 0))),
+           "seconds": per_feature_reqs * n * seconds_per_request / max(1, concurrency)}
+    if usd_per_mtok is not None:
+        out["usd"] = (out["prompt_tokens"] + out["completion_tokens"]) * usd_per_mtok / 1e6
+    return out
+
+
+def select_features(atlas: Atlas, features: Sequence[int] | None = None, sample: int | None = None,
+                    seed: int = 0) -> list[int]:
+    if features is not None:
+        return [atlas.check_feature(int(f)) for f in features]
+    if sample is not None:
+        return atlas.random_features(sample, seed=seed, alive_only=True)
+    return [int(r[0]) for r in atlas.con.execute("SELECT id FROM features WHERE n_active > 0 ORDER BY id")]
+
+
+def explain_atlas(atlas: "Atlas | str | os.PathLike", explainer, scorer=None, *, tokenizer, features=None,
+                  sample: int | None = None, config: ExplainConfig | None = None, resume: bool = True,
+                  retry_failed: bool = True, progress: bool = True, console=None,
+                  given: dict[int, str] | None = None) -> dict:
+    """Explain and score features of an atlas; results go straight into its database as they arrive.
+
+    resume skips features already explained ("ok"); failed ones are tried again unless retry_failed=False.
+    `given` maps feature -> explanation to score without calling the explainer (hand-written hypotheses).
+    Returns a summary: counts, failures, mean scores, usage, and the pre-run estimate.
+    """
+    cfg = config or ExplainConfig()
+    own = not isinstance(atlas, Atlas)
+    at = Atlas.open(atlas) if own else atlas
+    try:
+        todo = select_features(at, features, sample, cfg.seed) if given is None else [at.check_feature(f) for f in given]
+        if resume:
+            done = at.explained("ok") | (set() if retry_failed else at.explained("failed"))
+            todo = [f for f in todo if f not in done]
+        conc = cfg.concurrency if getattr(explainer or scorer, "concurrent", False) else 1
+        est = estimate(at, todo, tokenizer, cfg, scoring=scorer is not None, concurrency=conc) if todo else {}
+        if progress and console is not None and todo:
+            console.print(f"[bold]explaining {len(todo)} features[/bold] with {getattr(explainer, 'name', 'given')}"
+                          f"; scoring with {getattr(scorer, 'name', 'none')}: about {est['requests']} requests, "
+                          f"{est['prompt_tokens']:,} prompt tokens ({est['prompt_tokens_per_feature']:,}/feature), "
+                          f"~{est['seconds'] / 60:.1f} min at {conc} concurrent" +
+                          (f", ~${est['usd']:.2f}" if "usd" in est else ""))
+        summary = {"requested": len(todo), "ok": 0, "failed": 0, "errors": {}, "estimate": est}
+        bar = None
+        if progress and todo:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            bar = Progress(TextColumn("[bold]explain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           TextColumn("{task.fields[status]}"), console=console)
+            tid = bar.add_task("explain", total=len(todo), status="")
+            bar.start()
+
+        def record(n: int, rec: dict) -> None:
+            at.save_explanation(n, rec)
+            summary[rec["status"]] += 1
+            if rec["status"] == "failed":
+                summary["errors"][n] = rec.get("error")
+            if bar is not None:
+                bar.update(tid, advance=1, status=f"{summary['ok']} ok, {summary['failed']} failed")
+
+        try:
+            if conc <= 1:
+                for n in todo:
+                    task = prepare(at, n, cfg)
+                    record(n, explain_one(task, explainer, scorer, tokenizer, cfg, (given or {}).get(n)))
+            else:
+                with ThreadPoolExecutor(max_workers=conc) as pool:
+                    futs = {}
+                    for n in todo:
+                        task = prepare(at, n, cfg)
+                        futs[pool.submit(explain_one, task, explainer, scorer, tokenizer, cfg,
+                                         (given or {}).get(n))] = n
+                    for fut in as_completed(futs):
+                        record(futs[fut], fut.result())
+        finally:
+            if bar is not None:
+                bar.stop()
+        sc = at.scores(todo)
+        for key in ("detection_bacc", "detection_auroc", "fuzz_bacc", "fuzz_auroc"):
+            vals = [r[key] for r in sc if r[key] is not None]
+            summary[key] = float(np.mean(vals)) if vals else None
+        summary["usage"] = {"explainer": getattr(explainer, "usage", None), "scorer": getattr(scorer, "usage", None)}
+        return summary
+    finally:
+        if own:
+            at.close()

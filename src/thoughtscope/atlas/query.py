@@ -1,0 +1,80 @@
+"""Questions answered by running the model on new text: which features fire here, and which tell two sets apart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..models import LoadedModel, Site, capture
+from .db import Atlas, AtlasError
+
+
+@torch.no_grad()
+def feature_acts(lm: LoadedModel, sae, texts: Sequence[str], *, site: "Site | str | None" = None,
+                 exclude_bos: bool | None = None) -> list[tuple[list[int], torch.Tensor]]:
+    """(token ids, activations [T, n_features]) per text; position 0 zeroed when the SAE excludes it."""
+    site = Site.parse(site or sae.cfg.site)
+    excl = sae.cfg.exclude_bos if exclude_bos is None else exclude_bos
+    out = []
+    sae = sae.to(lm.device)
+    for t in texts:
+        ids, mask = lm.tokenize(t)
+        acts = capture(lm, [site], ids, mask)[site][0]
+        f = sae.encode(acts.to(sae.W_dec.dtype)).float().cpu().clone()
+        if excl:
+            f[0] = 0
+        out.append((ids[0].tolist(), f))
+    return out
+
+
+@dataclass
+class TokenFeatures:
+    pos: int
+    token_id: int
+    token: str
+    features: list[tuple[int, float]]
+
+
+def top_features_for_text(lm: LoadedModel, sae, text: str, *, k: int = 5, site=None) -> dict:
+    """Per token, the k most active features; overall, the features with the highest peak on the text."""
+    ids, f = feature_acts(lm, sae, [text], site=site)[0]
+    per_token = []
+    for p, tid in enumerate(ids):
+        v, i = f[p].topk(min(k, f.shape[1]))
+        feats = [(int(a), float(b)) for a, b in zip(i, v) if b > 0]
+        per_token.append(TokenFeatures(p, tid, lm.tokenizer.decode([tid]), feats))
+    peak, where = f.max(0)
+    v, i = peak.topk(min(k * 4, f.shape[1]))
+    overall = [(int(a), float(b), int(where[a])) for a, b in zip(i, v) if b > 0]
+    return {"tokens": per_token, "overall": overall}
+
+
+def contrast(lm: LoadedModel, sae, prompts: Sequence[str], controls: Sequence[str], *, k: int = 20,
+             atlas: Atlas | None = None, site=None) -> list[dict]:
+    """Features most active on `prompts` and least on `controls`.
+
+    Score = (mean over prompts of the feature's peak activation − mean over controls of it), divided by the
+    feature's maximum activation in the atlas when one is given (so rare, strong features and common, weak
+    ones compare on one scale); raw activation units otherwise. Ties broken by the share of prompts where
+    the feature fires at all.
+    """
+    if not prompts or not controls:
+        raise AtlasError("contrastive search needs at least one prompt and one control prompt")
+    P = torch.stack([f.max(0).values for _, f in feature_acts(lm, sae, prompts, site=site)])
+    C = torch.stack([f.max(0).values for _, f in feature_acts(lm, sae, controls, site=site)])
+    diff = P.mean(0) - C.mean(0)
+    scale = torch.ones_like(diff)
+    if atlas is not None:
+        if atlas.n_features != diff.numel():
+            raise AtlasError(f"the atlas has {atlas.n_features} features but the SAE has {diff.numel()}")
+        mx = torch.tensor([r[0] for r in atlas.con.execute("SELECT max_act FROM features ORDER BY id")])
+        scale = torch.where(mx > 0, mx, torch.ones_like(mx)).float()
+    score = diff / scale
+    fires = (P > 0).float().mean(0)
+    key = score + 1e-6 * fires
+    v, i = key.topk(min(k, key.numel()))
+    return [{"feature": int(n), "score": float(score[n]), "prompt_mean": float(P[:, n].mean()),
+             "control_mean": float(C[:, n].mean()), "prompt_fire_rate": float(fires[n]),
+             "normalised": atlas is not None} for n in i]
