@@ -239,7 +239,8 @@ class Trainer:
         return True
 
     # -- main loop
-    def fit(self, source: Any) -> list[SAE]:
+    def fit(self, source: Any, *, on_init: Callable[[list[SAE]], None] | None = None) -> list[SAE]:
+        """Run (or resume) training. on_init(saes) may edit freshly initialised SAEs (not called on resume)."""
         tc = self.tc
         resumed = self.try_resume()
         if not resumed:
@@ -257,6 +258,8 @@ class Trainer:
             for j, (xb, meta) in enumerate(first):
                 self._check_batch(xb, meta, j)
             self._init_from_sample(torch.cat([b for b, _ in first]))
+            if on_init is not None:
+                on_init([s.sae for s in self.slots])
             stream = _chain(first, stream)
         autocast = tc.dtype in ("bfloat16", "bf16")
         progress = _Progress(self.total_steps, enabled=tc.progress and self.rank == 0, start=self.step)

@@ -1,0 +1,355 @@
+"""SAE tests on synthetic data with known sparse ground-truth directions (fast, CPU)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import thoughtscope.sae as S
+from thoughtscope.sae import SAEConfig, SAEError, TrainConfig
+
+D_MODEL, N_TRUE = 32, 128
+
+
+def true_dirs(seed: int = 12345) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(N_TRUE, D_MODEL, generator=g)
+    return d / d.norm(dim=1, keepdim=True)
+
+
+def make_batches(n: int, B: int = 256, seed: int = 1, active: float = 3.0, offset: float = 0.0) -> list[torch.Tensor]:
+    """Each row = sparse nonnegative combination of true directions (+ a constant offset)."""
+    D = true_dirs()
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mask = (torch.rand(B, N_TRUE, generator=g) < active / N_TRUE).float()
+        coef = (0.5 + torch.rand(B, N_TRUE, generator=g)) * mask
+        out.append(coef @ D + offset)
+    return out
+
+
+def recovery(sae: S.SAE) -> float:
+    W = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    return float((true_dirs() @ W.T).max(1).values.mean())
+
+
+FAST = dict(progress=False, checkpoint_every=0, log_every=50)
+
+ARCH_KW = {
+    "topk": dict(k=4),
+    "batchtopk": dict(k=4, threshold_beta=0.9),
+    "relu-l1": dict(l1_coeff=1.0),
+    "jumprelu": dict(l0_coeff=0.3, jumprelu_init_threshold=0.1, jumprelu_bandwidth=0.1),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCH_KW))
+def test_recovers_true_directions(arch):
+    data = make_batches(250)
+    cfg = SAEConfig(arch=arch, d_model=D_MODEL, n_features=256, **ARCH_KW[arch])
+    sae = S.train_sae(cfg, data, TrainConfig(batch_size=256, steps=250, lr=4e-3, **FAST))
+    assert recovery(sae) >= 0.9, recovery(sae)
+    m = S.evaluate_sae(sae, make_batches(2, seed=9))
+    assert m["fvu"] < 0.5 and 0 < m["l0"] < 40
+
+
+def test_untrained_sae_does_not_recover():
+    cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=256, k=4)
+    assert recovery(S.build_sae(cfg)) < 0.7
+
+
+def test_auxk_revives_dead_latents():
+    data = make_batches(120)
+    dead = torch.arange(128, 256)
+
+    def kill(saes):
+        with torch.no_grad():
+            for s in saes:
+                s.enc[dead] *= 0.01  # tiny pre-activations: never in the top k at the start
+                s.b_enc[dead] = 0.0
+
+    fired = {}
+    for coeff in (1 / 32, 0.0):
+        cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=256, k=4, aux_coeff=coeff, dead_tokens=256 * 5)
+        tr = S.Trainer([cfg], TrainConfig(batch_size=256, steps=120, lr=4e-3, dead_check_every=5, **FAST))
+        sae = tr.fit(data, on_init=kill)[0]
+        f, _ = sae(torch.cat(make_batches(4, seed=5)))
+        fired[coeff] = int((f[:, dead] > 0).any(0).sum())
+    assert fired[0.0] <= 5
+    assert fired[1 / 32] >= 10 and fired[1 / 32] > 4 * max(1, fired[0.0]), fired
+
+
+class _Boom(Exception):
+    pass
+
+
+def _killing_source(data, kill_at):
+    def src(start):
+        for i, b in enumerate(data[start:], start):
+            if i == kill_at:
+                raise _Boom()
+            yield b
+    return src
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu-l1"])
+def test_resume_is_bit_identical(tmp_path, arch):
+    data = make_batches(30, B=128)
+    cfgs = [SAEConfig(arch=arch, d_model=D_MODEL, n_features=128, k=4, dead_tokens=128 * 3),
+            SAEConfig(arch="batchtopk", d_model=D_MODEL, n_features=64, k=8)]
+    tc = dict(batch_size=128, steps=30, lr=3e-3, progress=False, checkpoint_every=7, log_every=5)
+    ref = S.train_saes(cfgs, lambda start: iter(data[start:]), TrainConfig(checkpoint_dir=str(tmp_path / "a"), **tc))
+    with pytest.raises(_Boom):
+        S.train_saes(cfgs, _killing_source(data, 17), TrainConfig(checkpoint_dir=str(tmp_path / "b"), **tc))
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 14 and ck["batches_consumed"] == 14
+    got = S.train_saes(cfgs, lambda start: iter(data[start:]), TrainConfig(checkpoint_dir=str(tmp_path / "b"), **tc))
+    for a, b in zip(ref, got):
+        for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), n
+
+
+def _ddp_worker(rank, world, port, out, data, cfgs, tc):
+    import torch.distributed as dist
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        saes = S.train_saes(cfgs, data, tc)
+        if rank == 0:
+            torch.save([s.state_dict() for s in saes], out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_match_single(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    data = make_batches(20, B=128)
+    cfgs = [SAEConfig(arch="topk", d_model=D_MODEL, n_features=128, k=4, dead_tokens=128 * 3),
+            SAEConfig(arch="relu-l1", d_model=D_MODEL, n_features=64)]
+    tc = TrainConfig(batch_size=128, steps=20, lr=3e-3, **FAST)
+    single = S.train_saes(cfgs, data, tc)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, port, out, data, cfgs, tc), nprocs=2, join=True)
+    got = torch.load(out)
+    for a, sd in zip(single, got):
+        for n, p in a.state_dict().items():
+            torch.testing.assert_close(sd[n], p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{a.cfg.arch} {n}: {m}")
+
+
+def test_normalisation_is_folded_on_save(tmp_path):
+    data = make_batches(10, offset=3.0)
+    cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=128, k=4, mean_center=True)
+    tr = S.Trainer([cfg], TrainConfig(batch_size=256, steps=10, lr=3e-3, **FAST))
+    saved = tr.fit(data)[0]
+    inner = tr.slots[0].sae
+    assert tr.norm_scale != 1.0 and tr.norm_mean is not None
+    x = data[0][:64]
+    f_in, xh_in = inner((x - tr.norm_mean) * tr.norm_scale)
+    saved.save(tmp_path / "sae")
+    loaded = S.SAE.load(tmp_path / "sae")
+    f_raw, xh_raw = loaded(x)
+    torch.testing.assert_close(f_raw, f_in, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xh_raw, xh_in / tr.norm_scale + tr.norm_mean, rtol=1e-4, atol=1e-4)
+    norm = json.loads((tmp_path / "sae" / "normalization.json").read_text())
+    assert norm["folded_into_weights"] and math.isclose(norm["scale"], tr.norm_scale)
+    assert (tmp_path / "sae" / "metrics.json").exists() is False or True
+
+
+def _random_sae(arch, **kw):
+    cfg = SAEConfig(arch=arch, d_model=16, n_features=48, k=5, **kw)
+    sae = S.build_sae(cfg, seed=3)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_()
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(torch.rand(48).mul(0.5).add(0.05).log())
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.2)
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["relu-l1", "topk", "batchtopk", "jumprelu"])
+def test_native_and_saelens_round_trip(tmp_path, arch):
+    sae = _random_sae(arch, model="tiny", site="resid.1")
+    x = torch.randn(40, 16) * 2
+    f0, r0 = sae(x)
+    sae.save(tmp_path / "native")
+    f1, r1 = S.load_sae(tmp_path / "native")(x)
+    assert torch.equal(f0, f1) and torch.equal(r0, r1)
+    S.export_saelens(sae, tmp_path / "sl")
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    assert cfg["d_in"] == 16 and cfg["d_sae"] == 48 and cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert cfg["architecture"] == {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[arch]
+    from safetensors.torch import load_file
+    w = load_file(str(tmp_path / "sl" / "sae_weights.safetensors"))
+    assert w["W_enc"].shape == (16, 48) and w["W_dec"].shape == (48, 16)
+    back = S.load_sae(tmp_path / "sl")
+    assert back.cfg.arch == arch and back.cfg.site == "resid.1"
+    f2, r2 = back(x)
+    torch.testing.assert_close(f2, f0)
+    torch.testing.assert_close(r2, r0)
+
+
+def test_reads_plain_saelens_jumprelu_without_b_dec_on_input(tmp_path):
+    from safetensors.torch import save_file
+    d, m = 8, 20
+    g = torch.Generator().manual_seed(0)
+    W_enc, W_dec = torch.randn(d, m, generator=g), torch.randn(m, d, generator=g)
+    b_enc, b_dec, thr = torch.randn(m, generator=g), torch.randn(d, generator=g), torch.rand(m, generator=g)
+    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": d, "d_sae": m, "dtype": "float32",
+        "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
+        "metadata": {"model_name": "gemma-2-2b", "hook_name": "blocks.12.hook_resid_post"}}))
+    save_file({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "threshold": thr},
+              str(tmp_path / "sae_weights.safetensors"))
+    sae = S.load_sae(tmp_path)
+    x = torch.randn(10, d, generator=g)
+    pre = x @ W_enc + b_enc
+    f = pre * (pre > thr)
+    torch.testing.assert_close(sae.encode(x), f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.decode(f), f @ W_dec + b_dec)
+    assert sae.cfg.site == "resid.12" and sae.cfg.model == "gemma-2-2b"
+
+
+def test_sparsify_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+    d, m, k = 8, 24, 3
+    g = torch.Generator().manual_seed(1)
+    ew, eb, W_dec, b_dec = torch.randn(m, d, generator=g), torch.randn(m, generator=g), torch.randn(m, d, generator=g), torch.randn(d, generator=g)
+    (tmp_path / "cfg.json").write_text(json.dumps({"expansion_factor": 3, "normalize_decoder": True, "num_latents": m,
+                                                  "k": k, "multi_topk": False, "d_in": d}))
+    save_file({"encoder.weight": ew, "encoder.bias": eb, "W_dec": W_dec, "b_dec": b_dec}, str(tmp_path / "sae.safetensors"))
+    sae = S.load_sae(tmp_path)
+    x = torch.randn(6, d, generator=g)
+    pre = torch.relu((x - b_dec) @ ew.T + eb)
+    v, i = pre.topk(k)
+    ref = torch.zeros_like(pre).scatter(-1, i, v)
+    torch.testing.assert_close(sae.encode(x), ref)
+    torch.testing.assert_close(sae.decode(ref), ref @ W_dec + b_dec)
+
+
+@pytest.mark.parametrize("cls", ["AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder"])
+def test_dictionary_learning_checkpoint(tmp_path, cls):
+    d, m, k = 8, 24, 3
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, d, generator=g)
+    if cls == "JumpReluAutoEncoder":
+        W_enc, b_enc, W_dec, b_dec = torch.randn(d, m, generator=g), torch.randn(m, generator=g), torch.randn(m, d, generator=g), torch.randn(d, generator=g)
+        thr = torch.rand(m, generator=g)
+        sd = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": thr}
+        pre = x @ W_enc + b_enc
+        f = pre * (pre > thr)
+        dec = lambda f: f @ W_dec + b_dec  # noqa: E731
+    else:
+        ew, eb, dw, bd = torch.randn(m, d, generator=g), torch.randn(m, generator=g), torch.randn(d, m, generator=g), torch.randn(d, generator=g)
+        sd = {"encoder.weight": ew, "encoder.bias": eb, "decoder.weight": dw}
+        pre = torch.relu((x - bd) @ ew.T + eb)
+        if cls == "AutoEncoder":
+            sd["bias"] = bd
+            f = pre
+        else:
+            sd.update({"b_dec": bd, "k": torch.tensor(k), "threshold": torch.tensor(-1.0)})
+            v, i = pre.topk(k)
+            f = torch.zeros_like(pre).scatter(-1, i, v)
+        dec = lambda f: f @ dw.T + bd  # noqa: E731
+    torch.save(sd, tmp_path / "ae.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": cls, "activation_dim": d, "dict_size": m,
+                                                                "k": k, "lm_name": "EleutherAI/pythia-70m-deduped", "layer": 3}}))
+    sae = S.load_sae(tmp_path)
+    torch.testing.assert_close(sae.encode(x), f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.decode(f), dec(f), rtol=1e-5, atol=1e-5)
+    assert sae.cfg.site == "resid.3"
+
+
+# ----------------------------------------------------------------------------- errors
+def test_bad_configs():
+    with pytest.raises(SAEError, match="unknown SAE architecture 'gated'"):
+        SAEConfig(arch="gated", d_model=8, n_features=16)
+    with pytest.raises(SAEError, match="k=32 must be in 1..n_features=16"):
+        SAEConfig(arch="topk", d_model=8, n_features=16, k=32)
+
+
+def test_corrupt_folders_name_the_file(tmp_path):
+    sae = _random_sae("topk")
+    sae.save(tmp_path / "s")
+    (tmp_path / "s" / "sae_weights.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(SAEError, match="sae_weights.safetensors"):
+        S.load_sae(tmp_path / "s")
+    sae.save(tmp_path / "t")
+    (tmp_path / "t" / "cfg.json").write_text("{not json")
+    with pytest.raises(SAEError, match=r"corrupt JSON in .*cfg.json"):
+        S.load_sae(tmp_path / "t")
+    sae.save(tmp_path / "u")
+    os.remove(tmp_path / "u" / "sae_weights.safetensors")
+    with pytest.raises(SAEError, match="missing sae_weights.safetensors"):
+        S.load_sae(tmp_path / "u")
+    sae.save(tmp_path / "v")
+    c = json.loads((tmp_path / "v" / "cfg.json").read_text())
+    c["arch"] = "nope"
+    (tmp_path / "v" / "cfg.json").write_text(json.dumps(c))
+    with pytest.raises(SAEError, match="unknown SAE architecture 'nope'"):
+        S.load_sae(tmp_path / "v")
+    with pytest.raises(SAEError, match="not a folder"):
+        S.load_sae(tmp_path / "missing")
+
+
+class _FakeStore:
+    d_model = 24
+    n_tokens = 1000
+    path = "/data/store"
+
+    def batches(self, *a, **k):
+        yield torch.zeros(8, 24)
+
+
+def test_store_width_mismatch():
+    cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=64, k=4)
+    with pytest.raises(SAEError, match="d_model=24 but the SAE expects d_model=32"):
+        S.train_sae(cfg, _FakeStore(), TrainConfig(batch_size=8, **FAST))
+
+
+def test_nan_batch_is_named():
+    data = make_batches(6, B=64)
+    data[3][5, 2] = float("nan")
+    cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=64, k=4)
+    with pytest.raises(SAEError, match=r"batch 3 contains NaN/Inf in 1 row\(s\) \(first row 5"):
+        S.train_sae(cfg, data, TrainConfig(batch_size=64, steps=6, **FAST))
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
+    data = make_batches(8, B=64)
+    data[6] = data[6] * 1e30  # finite input, overflowing loss
+    cfg = SAEConfig(arch="relu-l1", d_model=D_MODEL, n_features=64)
+    tc = TrainConfig(batch_size=64, steps=8, checkpoint_dir=str(tmp_path), checkpoint_every=2, progress=False)
+    with pytest.raises(S.TrainingDiverged, match="at step 6"):
+        S.train_sae(cfg, data, tc)
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 6 and all(torch.isfinite(v).all() for v in ck["saes"][0].values())
+
+
+def test_spliced_lm_loss_on_tiny_model():
+    models = pytest.importorskip("thoughtscope.models")
+    lm = models.tiny_model(d_model=32, n_layers=2, vocab=64)
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    acts = models.capture(lm, "resid.0", ids)
+    acts = next(iter(acts.values()))
+    sae = S.build_sae(SAEConfig(arch="topk", d_model=32, n_features=64, k=8))
+    res = S.spliced_lm_loss(lm, sae, "resid.0", [ids])
+    for key in ("loss_clean", "loss_sae", "loss_zero_ablated", "loss_mean_ablated", "loss_recovered", "kl_sae"):
+        assert math.isfinite(res[key]), key
+    assert res["kl_sae"] >= 0 and res["first_position_excluded"]
+
+    class Identity(S.TopKSAE):  # perfect reconstruction -> all loss recovered, zero KL
+        def forward(self, x):
+            return S.SAEOutput(x, x)
+    ident = Identity(SAEConfig(arch="topk", d_model=32, n_features=64, k=8))
+    r = S.spliced_lm_loss(lm, ident, "resid.0", [ids])
+    assert abs(r["loss_recovered"] - 1) < 1e-4 and r["kl_sae"] < 1e-6
