@@ -1,0 +1,389 @@
+"""Interventions: small objects that edit one site's activation, applied through `models.edit` hooks.
+
+Two families:
+- on SAE features (clamp / add / scale / ablate): the edit is x' = x + Σ (f'ᵢ − fᵢ)·W_dec,ᵢ, so only the
+  chosen features move and the SAE's reconstruction error stays in the activation (the model is not also
+  hit by the SAE's own error, the pitfall of "replace x by decode(encode(x))");
+- on directions (add a vector, project a direction out, clamp the projection to a value).
+
+Every intervention says *where* it acts: all positions, prompt only, or generated tokens only. During
+cached generation a forward pass only sees the new tokens, so the hook needs the absolute position of
+its first column (`offset`) and the padded prompt width; the `Steerer` keeps both.
+
+Composition rule: interventions at a site run in the order given, each seeing the previous one's output;
+consecutive feature edits on the same SAE form one group computed from the same input, so a group is
+exactly x + Σ (f'ᵢ − fᵢ)·W_dec,ᵢ as in the Golden Gate experiments.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models import LoadedModel, Site, edit
+
+POSITIONS = ("all", "prompt", "generated")
+FEATURE_OPS = ("clamp", "add", "scale", "ablate")
+VECTOR_OPS = ("add", "project_out", "clamp_projection")
+
+
+class SteerError(ValueError):
+    """Bad steering input (feature index, vector size, value, preset, prompt); raised before any generation."""
+
+
+def _check_finite(name: str, value: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SteerError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise SteerError(f"{name} must be a finite number, got {value!r}")
+    return v
+
+
+def _check_positions(p: str) -> str:
+    if p not in POSITIONS:
+        raise SteerError(f"positions must be one of {', '.join(POSITIONS)}, got {p!r}")
+    return p
+
+
+# --------------------------------------------------------------------------- step context
+
+
+@dataclass
+class StepContext:
+    """What a hook knows about the current forward pass.
+
+    offset: absolute index of the first column of this pass (the KV-cache length before it);
+    prompt_len: padded prompt width (prompts are left-padded, so every prompt ends at the same column);
+    None means the whole input is prompt (a plain forward pass outside generation).
+    """
+
+    offset: int = 0
+    prompt_len: int | None = None
+
+    def mask(self, positions: str, T: int, device) -> "Tensor | bool":
+        """True (every column), False (none) or a bool tensor [1, T, 1] of the columns to edit."""
+        if positions == "all":
+            return True
+        end = self.prompt_len if self.prompt_len is not None else self.offset + T
+        n_prompt = max(0, min(T, end - self.offset))  # columns of this pass that are prompt
+        if positions == "prompt":
+            if n_prompt == T:
+                return True
+            if n_prompt == 0:
+                return False
+        else:  # generated
+            if n_prompt == 0:
+                return True
+            if n_prompt == T:
+                return False
+        cols = torch.arange(T, device=device) < n_prompt
+        if positions == "generated":
+            cols = ~cols
+        return cols.view(1, T, 1)
+
+
+def _where(mask, new: Tensor, old: Tensor) -> Tensor:
+    if mask is True:
+        return new
+    if mask is False:
+        return old
+    return torch.where(mask, new, old)
+
+
+# --------------------------------------------------------------------------- SAE features
+
+
+def feature_pre_acts(sae, x: Tensor, idx: Tensor) -> Tensor:
+    """Pre-activations of only the selected features: (x − b_dec)·W_enc[:, i] + b_enc[i] (float32)."""
+    enc = sae.enc[idx].float()  # [n, d] encoder rows
+    return F.linear(x.float() - sae.b_dec.float(), enc, sae.b_enc[idx].float())
+
+
+def feature_acts(sae, x: Tensor, idx: Tensor) -> Tensor:
+    """Activations of the selected features without encoding the whole dictionary.
+
+    relu-l1: ReLU(pre); jumprelu: pre·[pre > θᵢ]; batchtopk (trained): pre·[pre > global θ].
+    topk (and an untrained batchtopk): ReLU(pre). A top-k activation depends on every other feature,
+    which would force a full encode per token; ReLU(pre) equals the SAE's own encode output whenever the
+    feature is among the k largest (every feature one is likely to steer where it is active), and
+    elsewhere it counts the sub-threshold part too, so an ablation removes it and a clamp sets the
+    feature's whole contribution. This choice is documented in docs/steering.md.
+    """
+    pre = feature_pre_acts(sae, x, idx)
+    arch = getattr(sae, "arch", "relu-l1")
+    if arch == "jumprelu":
+        t = sae.threshold[idx].float()
+        return pre * (pre > t)
+    if arch == "batchtopk" and float(sae.threshold) >= 0:
+        return pre * (pre > float(sae.threshold))
+    return F.relu(pre)
+
+
+@dataclass
+class FeatureEdit:
+    """Edit one SAE feature: clamp to a value, add to it, scale it, or ablate it (set to 0).
+
+    value is the clamp target, the amount added, or the scale factor. unit="max" reads value as a multiple
+    of the feature's observed maximum activation `max_act` (the slider unit of the Golden Gate work:
+    10× max there), unit="raw" as an activation value.
+    """
+
+    sae: object
+    feature: int
+    op: str = "clamp"
+    value: float = 0.0
+    unit: str = "raw"
+    max_act: float | None = None
+    positions: str = "all"
+    site: str | None = None  # defaults to the SAE's own cfg.site
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.op not in FEATURE_OPS:
+            raise SteerError(f"feature op must be one of {', '.join(FEATURE_OPS)}, got {self.op!r}")
+        n = int(self.sae.W_dec.shape[0])
+        if isinstance(self.feature, bool) or not isinstance(self.feature, int) or not 0 <= self.feature < n:
+            raise SteerError(f"feature index {self.feature!r} is out of range: this SAE has {n} features (0..{n - 1})")
+        self.value = _check_finite(f"value of feature {self.feature}", self.value)
+        if self.unit not in ("raw", "max"):
+            raise SteerError(f"unit must be 'raw' or 'max', got {self.unit!r}")
+        if self.unit == "max" and self.op in ("clamp", "add"):
+            if self.max_act is None:
+                raise SteerError(f"feature {self.feature}: unit 'max' needs the feature's max_act "
+                                 f"(measure it with feature_max_acts or give it in the preset)")
+            m = _check_finite(f"max_act of feature {self.feature}", self.max_act)
+            if m <= 0:
+                raise SteerError(f"feature {self.feature}: max_act must be > 0 for unit 'max', got {m}")
+        _check_positions(self.positions)
+        site = self.site or getattr(getattr(self.sae, "cfg", None), "site", "") or None
+        if site is None:
+            raise SteerError(f"feature {self.feature}: no site given and the SAE's config names none")
+        self.site = str(Site.parse(site))
+
+    @property
+    def target(self) -> float:
+        """The value in activation units (clamp target / amount added / scale factor)."""
+        if self.unit == "max" and self.op in ("clamp", "add"):
+            return self.value * float(self.max_act)
+        return self.value
+
+    def new_value(self, f: Tensor) -> Tensor:
+        if self.op == "clamp":
+            return torch.full_like(f, self.target)
+        if self.op == "add":
+            return f + self.target
+        if self.op == "scale":
+            return f * self.target
+        return torch.zeros_like(f)
+
+    def apply(self, h: Tensor, ctx: StepContext) -> Tensor:
+        return _FeatureGroup([self]).apply(h, ctx)
+
+
+class _FeatureGroup:
+    """Consecutive FeatureEdits on one SAE, computed from the same input: one small matmul per pass."""
+
+    def __init__(self, edits: list[FeatureEdit]):
+        self.edits = edits
+        self.sae = edits[0].sae
+        self.idx = torch.tensor([e.feature for e in edits], dtype=torch.long, device=self.sae.W_dec.device)
+        self.W = self.sae.W_dec[self.idx].detach()  # [n, d]
+        self.positions = [e.positions for e in edits]
+
+    def apply(self, h: Tensor, ctx: StepContext) -> Tensor:
+        T = h.shape[1]
+        masks = [ctx.mask(p, T, h.device) for p in self.positions]
+        if all(m is False for m in masks):
+            return h
+        with torch.no_grad():
+            f = feature_acts(self.sae, h, self.idx)  # [B, T, n]
+            cols = []
+            for e, m in zip(self.edits, masks):
+                fj = f[..., len(cols)]
+                m = m if isinstance(m, bool) else m[..., 0]  # [1, T] against fj [B, T]
+                cols.append(_where(m, e.new_value(fj), fj) - fj)
+            delta = torch.stack(cols, -1) @ self.W.float()  # Σ (f'ᵢ − fᵢ)·W_dec,ᵢ
+        return h + delta.to(h.dtype)
+
+
+# --------------------------------------------------------------------------- directions
+
+
+@dataclass
+class VectorEdit:
+    """Edit along a direction at a site.
+
+    op="add": h + scale·vector (the vector as given; use `relative_scale` to express scale in units of the
+    site's typical residual norm). op="project_out": remove the component along the direction.
+    op="clamp_projection": set the component along the unit direction to `value`.
+    """
+
+    vector: Tensor
+    site: str
+    op: str = "add"
+    scale: float = 1.0
+    value: float = 0.0
+    positions: str = "all"
+    label: str = ""
+    _unit: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.op not in VECTOR_OPS:
+            raise SteerError(f"vector op must be one of {', '.join(VECTOR_OPS)}, got {self.op!r}")
+        v = torch.as_tensor(self.vector).detach()
+        if v.dim() != 1:
+            raise SteerError(f"steering vector must be 1-D [d_model], got shape {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            raise SteerError("steering vector contains non-finite values")
+        self.vector = v.float()
+        self.scale = _check_finite("vector scale", self.scale)
+        self.value = _check_finite("projection value", self.value)
+        _check_positions(self.positions)
+        self.site = str(Site.parse(self.site))
+        if self.op != "add":
+            n = float(self.vector.norm())
+            if n == 0:
+                raise SteerError(f"{self.op} needs a non-zero direction")
+            self._unit = self.vector / n
+
+    def to(self, device) -> "VectorEdit":
+        self.vector = self.vector.to(device)
+        if self._unit is not None:
+            self._unit = self._unit.to(device)
+        return self
+
+    def apply(self, h: Tensor, ctx: StepContext) -> Tensor:
+        mask = ctx.mask(self.positions, h.shape[1], h.device)
+        if mask is False:
+            return h
+        if self.op == "add":
+            new = h + (self.scale * self.vector).to(h.dtype)
+        else:
+            u = self._unit
+            proj = h.float() @ u  # [B, T]
+            target = 0.0 if self.op == "project_out" else self.value
+            new = h + ((target - proj)[..., None] * u).to(h.dtype)
+        return _where(mask, new, h)
+
+
+Intervention = "FeatureEdit | VectorEdit"
+
+
+# --------------------------------------------------------------------------- applying them
+
+
+def validate(lm: LoadedModel, interventions: Sequence) -> None:
+    """Check every intervention against the model (site exists, sizes match) before anything runs."""
+    for iv in interventions:
+        if not isinstance(iv, (FeatureEdit, VectorEdit)):
+            raise SteerError(f"not an intervention: {iv!r} (expected FeatureEdit or VectorEdit)")
+        try:
+            lm.check_site(iv.site)
+        except ValueError as e:
+            raise SteerError(str(e)) from None
+        if isinstance(iv, FeatureEdit):
+            d = int(iv.sae.W_dec.shape[1])
+            if d != lm.d_model:
+                raise SteerError(f"SAE for feature {iv.feature} has d_model={d} but {lm.name} has d_model={lm.d_model}")
+        else:
+            if iv.vector.shape[0] != lm.d_model:
+                raise SteerError(f"steering vector {iv.label or ''} has dimension {iv.vector.shape[0]} but "
+                                 f"{lm.name} has d_model={lm.d_model} at {iv.site}".replace("  ", " "))
+
+
+def _plan(interventions: Sequence) -> dict[str, list]:
+    """Group by site; merge consecutive feature edits on one SAE into one group."""
+    plan: dict[str, list] = {}
+    for iv in interventions:
+        steps = plan.setdefault(iv.site, [])
+        if isinstance(iv, FeatureEdit):
+            if steps and isinstance(steps[-1], list) and steps[-1][0].sae is iv.sae:
+                steps[-1].append(iv)
+            else:
+                steps.append([iv])
+        else:
+            steps.append(iv)
+    return {site: [(_FeatureGroup(s) if isinstance(s, list) else s) for s in steps] for site, steps in plan.items()}
+
+
+class Steerer:
+    """Holds interventions and installs one edit hook per site while active.
+
+    The generation loop updates `ctx.offset` / `ctx.prompt_len` before each forward pass.
+    """
+
+    def __init__(self, lm: LoadedModel, interventions: Sequence = ()):
+        interventions = list(interventions)
+        validate(lm, interventions)
+        for iv in interventions:
+            if isinstance(iv, VectorEdit):
+                iv.to(lm.device)
+        self.lm = lm
+        self.interventions = interventions
+        self.ctx = StepContext()
+        self._plan = _plan(interventions)
+
+    def _hook(self, steps):
+        ctx = self.ctx
+
+        def fn(h: Tensor) -> Tensor:
+            for step in steps:
+                h = step.apply(h, ctx)
+            return h
+
+        return fn
+
+    @contextmanager
+    def active(self, *, prompt_len: int | None = None, offset: int = 0) -> Iterator["Steerer"]:
+        self.ctx.prompt_len, self.ctx.offset = prompt_len, offset
+        with ExitStack() as stack:
+            for site, steps in self._plan.items():
+                stack.enter_context(edit(self.lm, site, self._hook(steps)))
+            yield self
+
+
+@contextmanager
+def steering(lm: LoadedModel, interventions: Sequence, *, prompt_len: int | None = None) -> Iterator[Steerer]:
+    """`with steering(lm, [clamp(...), add(...)]): lm.model(ids)` — every forward pass inside is steered."""
+    st = Steerer(lm, interventions)
+    with st.active(prompt_len=prompt_len):
+        yield st
+
+
+# --------------------------------------------------------------------------- short constructors
+
+
+def clamp(sae, feature: int, value: float, **kw) -> FeatureEdit:
+    return FeatureEdit(sae, feature, "clamp", value, **kw)
+
+
+def add_feature(sae, feature: int, value: float, **kw) -> FeatureEdit:
+    return FeatureEdit(sae, feature, "add", value, **kw)
+
+
+def scale_feature(sae, feature: int, factor: float, **kw) -> FeatureEdit:
+    return FeatureEdit(sae, feature, "scale", factor, **kw)
+
+
+def ablate(sae, feature: int, **kw) -> FeatureEdit:
+    return FeatureEdit(sae, feature, "ablate", 0.0, **kw)
+
+
+def add_vector(vector: Tensor, site: str, scale: float = 1.0, **kw) -> VectorEdit:
+    return VectorEdit(vector, site, "add", scale=scale, **kw)
+
+
+def project_out(direction: Tensor, site: str, **kw) -> VectorEdit:
+    return VectorEdit(direction, site, "project_out", **kw)
+
+
+def clamp_projection(direction: Tensor, site: str, value: float, **kw) -> VectorEdit:
+    return VectorEdit(direction, site, "clamp_projection", value=value, **kw)

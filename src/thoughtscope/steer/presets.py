@@ -1,0 +1,272 @@
+"""Presets: a named list of interventions saved as JSON — the "semantic equalizer" settings.
+
+    {"format": "thoughtscope-preset-1", "name": "golden_gate", "description": "...",
+     "interventions": [
+       {"type": "feature", "op": "clamp", "site": "resid.15", "sae": "default", "feature": 1234,
+        "value": 10.0, "unit": "max", "max_act": 3.1, "positions": "all", "label": "Golden Gate Bridge",
+        "range": [0, 20], "suggested": 8.0},
+       {"type": "vector", "op": "add", "site": "resid.12", "vector": "happy.safetensors",
+        "value": 0.5, "unit": "norm", "positions": "generated", "label": "happy"}]}
+
+`value` is the slider of every item: clamp target / amount added / scale factor for features; for
+vectors the scale of "add" (unit "norm": multiples of the site's typical residual norm along the unit
+direction; "raw": the vector as saved times value) or the target of "clamp_projection". `range` and
+`suggested` hold a calibrated slider range (from `steer sweep`). Paths are relative to the preset file;
+"sae": "default" names the SAE shipped with the package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import LoadedModel, Site
+from .interventions import FEATURE_OPS, POSITIONS, VECTOR_OPS, FeatureEdit, SteerError, VectorEdit, validate
+
+FORMAT = "thoughtscope-preset-1"
+
+
+def default_sae_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "default_sae"
+
+
+def preset_dirs() -> list[Path]:
+    """Where `/preset <name>` looks: $THOUGHTSCOPE_PRESETS (os.pathsep-separated), ./presets, the examples."""
+    dirs = [Path(p) for p in os.environ.get("THOUGHTSCOPE_PRESETS", "").split(os.pathsep) if p]
+    dirs.append(Path.cwd() / "presets")
+    dirs.append(Path(__file__).resolve().parents[3] / "examples" / "presets")
+    return dirs
+
+
+def find_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for d in preset_dirs():
+        for cand in (d / name_or_path, d / f"{name_or_path}.json"):
+            if cand.is_file():
+                return cand
+    raise SteerError(f"preset {name_or_path!r} not found: not a file, and no {name_or_path}.json in "
+                     + ", ".join(str(d) for d in preset_dirs()))
+
+
+@dataclass
+class PresetItem:
+    type: str                        # "feature" | "vector"
+    op: str
+    site: str
+    value: float = 0.0
+    feature: int | None = None       # type feature
+    sae: str | None = None           # type feature: folder or "default"
+    unit: str = "raw"                # feature: raw | max ; vector add: raw | norm
+    max_act: float | None = None
+    vector: str | list[float] | None = None  # type vector: .safetensors path or the numbers inline
+    positions: str = "all"
+    label: str = ""
+    range: list[float] | None = None
+    suggested: float | None = None
+
+    def check(self, where: str) -> None:
+        """Structural checks that need no model: types, ops, finite numbers."""
+        if self.type not in ("feature", "vector"):
+            raise SteerError(f"{where}: type must be 'feature' or 'vector', got {self.type!r}")
+        ops = FEATURE_OPS if self.type == "feature" else VECTOR_OPS
+        if self.op not in ops:
+            raise SteerError(f"{where}: op for a {self.type} must be one of {', '.join(ops)}, got {self.op!r}")
+        try:
+            Site.parse(self.site)
+        except ValueError as e:
+            raise SteerError(f"{where}: {e}") from None
+        for name in ("value", "max_act", "suggested"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise SteerError(f"{where}: {name} must be a finite number, got {v!r}")
+        if self.range is not None and (len(self.range) != 2 or not all(
+                isinstance(x, (int, float)) and math.isfinite(x) for x in self.range)):
+            raise SteerError(f"{where}: range must be [low, high] finite numbers, got {self.range!r}")
+        if self.positions not in POSITIONS:
+            raise SteerError(f"{where}: positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if self.type == "feature":
+            if self.sae is None:
+                raise SteerError(f"{where}: a feature item needs 'sae' (a folder or 'default')")
+            if isinstance(self.feature, bool) or not isinstance(self.feature, int) or self.feature < 0:
+                raise SteerError(f"{where}: feature must be a non-negative integer, got {self.feature!r}")
+            if self.unit not in ("raw", "max"):
+                raise SteerError(f"{where}: unit for a feature must be 'raw' or 'max', got {self.unit!r}")
+        else:
+            if self.vector is None:
+                raise SteerError(f"{where}: a vector item needs 'vector' (a .safetensors path or a list of numbers)")
+            if self.unit not in ("raw", "norm"):
+                raise SteerError(f"{where}: unit for a vector must be 'raw' or 'norm', got {self.unit!r}")
+            if isinstance(self.vector, list) and not all(
+                    isinstance(x, (int, float)) and math.isfinite(x) for x in self.vector):
+                raise SteerError(f"{where}: inline vector must hold finite numbers")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and v != "" or k in ("type", "op", "site")}
+
+
+@dataclass
+class Preset:
+    name: str
+    items: list[PresetItem] = field(default_factory=list)
+    description: str = ""
+    model: str = ""
+    path: Path | None = field(default=None, compare=False, repr=False)
+
+    # -- JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "name": self.name, "description": self.description, "model": self.model,
+                "interventions": [it.to_dict() for it in self.items]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "preset") -> "Preset":
+        if not isinstance(d, dict) or not isinstance(d.get("interventions"), list):
+            raise SteerError(f"{source}: expected a JSON object with an 'interventions' list")
+        names = {f.name for f in fields(PresetItem)}
+        items = []
+        for i, raw in enumerate(d["interventions"]):
+            where = f"{source}, intervention {i}"
+            if not isinstance(raw, dict):
+                raise SteerError(f"{where}: expected an object, got {type(raw).__name__}")
+            unknown = set(raw) - names
+            if unknown:
+                raise SteerError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(names)})")
+            missing = {"type", "op", "site"} - set(raw)
+            if missing:
+                raise SteerError(f"{where}: missing {sorted(missing)}")
+            it = PresetItem(**raw)
+            it.check(where)
+            items.append(it)
+        return cls(str(d.get("name", "")), items, str(d.get("description", "")), str(d.get("model", "")))
+
+    def save(self, path: "str | Path") -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, name_or_path: "str | Path") -> "Preset":
+        path = find_preset(str(name_or_path))
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise SteerError(f"{path}: not valid JSON ({e})") from None
+        p = cls.from_dict(d, source=str(path))
+        p.path = path
+        return p
+
+    def with_value(self, index: int, value: float) -> "Preset":
+        """A copy with item `index` set to `value` (what a slider or a sweep does)."""
+        items = [PresetItem(**asdict(it)) for it in self.items]
+        items[index].value = float(value)
+        items[index].check(f"preset {self.name}, intervention {index}")
+        return Preset(self.name, items, self.description, self.model, self.path)
+
+    # -- to interventions
+    def build(self, lm: LoadedModel, *, sae_cache: dict | None = None) -> list:
+        """Load SAEs / vectors and return checked interventions; every error names the preset and item."""
+        base = self.path.parent if self.path else Path.cwd()
+        cache = sae_cache if sae_cache is not None else {}
+        out = []
+        for i, it in enumerate(self.items):
+            where = f"preset {self.path or self.name!s}, intervention {i}"
+            it.check(where)
+            try:
+                lm.check_site(it.site)
+            except ValueError as e:
+                raise SteerError(f"{where}: {e}") from None
+            try:
+                if it.type == "feature":
+                    sae = load_sae_cached(it.sae, base, cache, lm)
+                    out.append(FeatureEdit(sae, it.feature, it.op, it.value, unit=it.unit, max_act=it.max_act,
+                                           positions=it.positions, site=it.site, label=it.label))
+                else:
+                    out.append(_vector_item(it, base, lm))
+                validate(lm, out[-1:])
+            except SteerError as e:
+                raise SteerError(f"{where}: {e}") from None
+        return out
+
+
+def resolve_sae_path(spec: str, base: Path) -> Path:
+    if spec == "default":
+        p = default_sae_path()
+        if not p.is_dir():
+            raise SteerError(f"the default SAE is not installed at {p}; pass an SAE folder instead")
+        return p
+    p = Path(spec)
+    if not p.is_absolute():
+        p = base / p
+    if not p.is_dir():
+        raise SteerError(f"SAE folder not found: {p} (expected a folder with cfg.json and sae_weights.safetensors)")
+    return p
+
+
+def load_sae_cached(spec: str, base: Path, cache: dict, lm: LoadedModel | None = None):
+    from ..sae import load_sae
+
+    p = resolve_sae_path(spec, base)
+    key = str(p.resolve())
+    if key not in cache:
+        try:
+            sae = load_sae(p, device=lm.device if lm is not None else None)
+        except (OSError, ValueError) as e:
+            raise SteerError(f"could not load the SAE at {p}: {e}") from None
+        cache[key] = sae.eval().requires_grad_(False)
+    return cache[key]
+
+
+def _vector_item(it: PresetItem, base: Path, lm: LoadedModel) -> VectorEdit:
+    from .vectors import SteeringVector, site_norm
+
+    typical = None
+    if isinstance(it.vector, list):
+        v = torch.tensor(it.vector, dtype=torch.float32)
+    else:
+        p = Path(it.vector)
+        sv = SteeringVector.load(p if p.is_absolute() else base / p)
+        if sv.site and sv.site != str(Site.parse(it.site)):
+            raise SteerError(f"vector {it.vector} was fitted at {sv.site} but the preset applies it at {it.site}")
+        v, typical = sv.vector, sv.typical_norm
+    if v.dim() != 1 or v.shape[0] != lm.d_model:
+        raise SteerError(f"vector has shape {tuple(v.shape)} but {lm.name} has d_model={lm.d_model}")
+    scale = it.value
+    if it.op == "add" and it.unit == "norm":
+        n = float(v.norm())
+        if n == 0:
+            raise SteerError("cannot use unit 'norm' with a zero vector")
+        typical = typical if typical is not None else site_norm(lm, it.site)
+        v, scale = v / n, it.value * typical
+    return VectorEdit(v, it.site, it.op, scale=scale if it.op == "add" else 1.0,
+                      value=it.value if it.op == "clamp_projection" else 0.0, positions=it.positions, label=it.label)
+
+
+def preset_from_interventions(name: str, interventions, *, sae_paths: dict | None = None) -> Preset:
+    """The JSON form of live interventions (feature items need the SAE's folder in sae_paths[id(sae)])."""
+    items = []
+    for iv in interventions:
+        if isinstance(iv, FeatureEdit):
+            path = (sae_paths or {}).get(id(iv.sae))
+            if path is None:
+                raise SteerError(f"feature {iv.feature}: no folder known for its SAE; pass sae_paths={{id(sae): path}}")
+            items.append(PresetItem("feature", iv.op, iv.site, iv.value, feature=iv.feature, sae=str(path),
+                                    unit=iv.unit, max_act=iv.max_act, positions=iv.positions, label=iv.label))
+        else:
+            val = iv.scale if iv.op == "add" else iv.value
+            items.append(PresetItem("vector", iv.op, iv.site, val, vector=[float(x) for x in iv.vector.cpu()],
+                                    positions=iv.positions, label=iv.label))
+    return Preset(name, items)

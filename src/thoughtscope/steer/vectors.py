@@ -1,0 +1,144 @@
+"""Steering vectors from contrastive prompt pairs, and the typical residual norm used as their unit.
+
+Two methods on the site's activation at the last token of each prompt:
+- "mean": mean of (positive − negative) over the pairs (CAA, Rimsky et al.); keeps its natural size,
+  so `scale=1` adds exactly the average difference;
+- "pca": first principal component of the paired differences, centred over pairs as repeng's
+  `pca_diff` does (sklearn's PCA centres), unit length, sign chosen so that positives project above their
+  negatives in most pairs (repeng's rule).
+A vector is saved as one safetensors file: tensor "vector" [d_model] plus string metadata (site, model,
+method, n_pairs, typical_norm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..models import LoadedModel, Site, capture
+from .interventions import SteerError
+
+METHODS = ("mean", "pca")
+
+
+@dataclass
+class SteeringVector:
+    vector: torch.Tensor
+    site: str
+    method: str = "mean"
+    model: str = ""
+    n_pairs: int = 0
+    typical_norm: float | None = None  # median residual norm at the site (unit of relative scales)
+    extra: dict = field(default_factory=dict)
+
+    def save(self, path: "str | Path") -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise SteerError(f"steering vectors are saved as .safetensors files, got {path}")
+        meta = {"site": self.site, "method": self.method, "model": self.model, "n_pairs": str(self.n_pairs),
+                "typical_norm": "" if self.typical_norm is None else repr(float(self.typical_norm)),
+                "extra": json.dumps(self.extra), "format": "thoughtscope-steering-vector-1"}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"vector": self.vector.detach().float().cpu().contiguous()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: "str | Path") -> "SteeringVector":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise SteerError(f"steering vector file not found: {path} (expected a .safetensors file from `vector fit`)")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if "vector" not in f.keys():
+                    raise SteerError(f"{path}: no tensor named 'vector' (keys: {', '.join(f.keys())})")
+                v = f.get_tensor("vector")
+        except SteerError:
+            raise
+        except Exception as e:  # safetensors raises its own error types on a corrupt header
+            raise SteerError(f"{path}: not a readable safetensors file ({e})") from e
+        tn = meta.get("typical_norm") or None
+        return cls(v.float(), meta.get("site", ""), meta.get("method", "mean"), meta.get("model", ""),
+                   int(meta.get("n_pairs", "0") or 0), float(tn) if tn else None, json.loads(meta.get("extra", "{}")))
+
+
+def last_token_acts(lm: LoadedModel, site: "str | Site", texts: Sequence[str], *, batch_size: int = 16,
+                    add_bos: bool = True) -> torch.Tensor:
+    """Activation at the site for the last real token of each text, [N, d] float32."""
+    site = lm.check_site(site)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        chunk = list(texts[i:i + batch_size])
+        ids, mask = lm.tokenize(chunk, add_bos=add_bos)
+        acts = capture(lm, site, ids, mask)[site].float()
+        last = mask.sum(1) - 1
+        out.append(acts[torch.arange(len(chunk), device=acts.device), last].cpu())
+    return torch.cat(out)
+
+
+def pca_of_differences(diffs: torch.Tensor, *, center: bool = True) -> torch.Tensor:
+    """Unit first principal direction of the rows (centred first, as sklearn's PCA does)."""
+    x = diffs.double()
+    if center:
+        x = x - x.mean(0, keepdim=True)
+    # The top right-singular vector; for n << d an SVD of the n×d matrix is the cheap way.
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return vh[0].float()
+
+
+def fit_vector(lm: LoadedModel, site: "str | Site", pairs: Sequence[tuple[str, str]], *, method: str = "mean",
+               batch_size: int = 16, typical_norm: bool = True) -> SteeringVector:
+    """Fit a steering vector at a site from (positive, negative) prompt pairs."""
+    if method not in METHODS:
+        raise SteerError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    pairs = [tuple(p) for p in pairs]
+    if len(pairs) < (2 if method == "pca" else 1) or any(len(p) != 2 for p in pairs):
+        raise SteerError(f"need {'at least 2' if method == 'pca' else 'at least 1'} (positive, negative) pairs, "
+                         f"got {len(pairs)}")
+    site = lm.check_site(site)
+    texts = [t for p in pairs for t in p]
+    h = last_token_acts(lm, site, texts, batch_size=batch_size)
+    pos, neg = h[0::2], h[1::2]
+    diffs = pos - neg
+    if method == "mean":
+        v = diffs.mean(0)
+    else:
+        v = pca_of_differences(diffs)
+        proj_pos, proj_neg = pos @ v, neg @ v
+        if (proj_pos < proj_neg).float().mean() > (proj_pos > proj_neg).float().mean():
+            v = -v
+    tn = site_norm(lm, site) if typical_norm else None
+    return SteeringVector(v, str(site), method, lm.name, len(pairs), tn)
+
+
+def site_norm(lm: LoadedModel, site: "str | Site", texts: Sequence[str] | None = None) -> float:
+    """Median L2 norm of the residual at the site over ordinary text, position 0 excluded (attention sink).
+
+    This is the unit of "relative" vector scales: scale 0.5 adds half a typical activation's length.
+    """
+    from .calibrate import NEUTRAL_PROMPTS
+
+    site = lm.check_site(site)
+    texts = list(texts or NEUTRAL_PROMPTS)
+    ids, mask = lm.tokenize(texts)
+    acts = capture(lm, site, ids, mask)[site].float()
+    keep = mask.bool().clone()
+    keep[:, 0] = False
+    return float(acts[keep].norm(dim=-1).median())
