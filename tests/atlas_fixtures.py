@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import random
 from pathlib import Path
 
@@ -15,8 +17,12 @@ PLANT_CHAR = "q"   # ... fires on exactly this token
 OUT_CHAR = "z"     # its decoder direction promotes this token
 
 
+@functools.lru_cache(maxsize=None)
 def identity_model(seed: int = 0):
-    """A tiny llama whose blocks add nothing (attention and MLP outputs zeroed): resid.L == token embedding."""
+    """A tiny llama whose blocks add nothing (attention and MLP outputs zeroed): resid.L == token embedding.
+
+    Cached: the atlas test files share one instance (building a model is the slowest step on a busy machine).
+    """
     lm = tiny_model("llama", d_model=32, n_layers=2, vocab=256, seed=seed)
     with torch.no_grad():
         for layer in lm.layers:
@@ -48,8 +54,8 @@ def planted_sae(lm, n_features: int = 24, k: int = 4, site: str = "resid.1") -> 
     return sae
 
 
-WORDS = ("the cat sat on a mat and the dog ran far away from home while birds sang quietly "
-         "quick quiet queen quest request equal liquid unique aqua squad").split()
+WORDS = "the cat sat on a mat and the dog ran far away from home while birds sang in warm light".split()
+Q_WORDS = "quick quiet queen quest request equal liquid unique aqua squad".split()
 
 
 def write_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
@@ -57,5 +63,17 @@ def write_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for _ in range(n_docs):
-            f.write(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) + "\n\n\n")
+            f.write(" ".join(rng.choice(Q_WORDS if rng.random() < 0.04 else WORDS)
+                             for _ in range(rng.randint(8, 30))) + "\n\n\n")
     return path
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny matmuls are far faster single-threaded on a loaded 2-core machine than with a contended pool."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

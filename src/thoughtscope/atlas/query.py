@@ -55,23 +55,23 @@ def contrast(lm: LoadedModel, sae, prompts: Sequence[str], controls: Sequence[st
              atlas: Atlas | None = None, site=None) -> list[dict]:
     """Features most active on `prompts` and least on `controls`.
 
-    Score = (mean over prompts of the feature's peak activation − mean over controls of it), divided by the
-    feature's maximum activation in the atlas when one is given (so rare, strong features and common, weak
-    ones compare on one scale); raw activation units otherwise. Ties broken by the share of prompts where
-    the feature fires at all.
+    Score = (mean over prompts of the feature's peak activation − mean over controls of it) / M, where M is the
+    feature's largest activation seen (in the atlas when one is given, and on these texts): a number in
+    [-1, 1] on which rare, strong features and common, weak ones compare. Without an atlas M is the largest
+    activation on these texts only. Ties broken by the share of prompts where the feature fires at all.
     """
     if not prompts or not controls:
         raise AtlasError("contrastive search needs at least one prompt and one control prompt")
     P = torch.stack([f.max(0).values for _, f in feature_acts(lm, sae, prompts, site=site)])
     C = torch.stack([f.max(0).values for _, f in feature_acts(lm, sae, controls, site=site)])
     diff = P.mean(0) - C.mean(0)
-    scale = torch.ones_like(diff)
+    scale = torch.maximum(P.max(0).values, C.max(0).values)
     if atlas is not None:
         if atlas.n_features != diff.numel():
             raise AtlasError(f"the atlas has {atlas.n_features} features but the SAE has {diff.numel()}")
         mx = torch.tensor([r[0] for r in atlas.con.execute("SELECT max_act FROM features ORDER BY id")])
-        scale = torch.where(mx > 0, mx, torch.ones_like(mx)).float()
-    score = diff / scale
+        scale = torch.maximum(scale, mx.float())
+    score = diff / scale.clamp_min(1e-12)
     fires = (P > 0).float().mean(0)
     key = score + 1e-6 * fires
     v, i = key.topk(min(k, key.numel()))
