@@ -104,8 +104,8 @@ def pca_of_differences(diffs: torch.Tensor, *, center: bool = True) -> torch.Ten
 
 
 def fit_vector(lm: LoadedModel, site: "str | Site", pairs: Sequence[tuple[str, str]], *, method: str = "mean",
-               batch_size: int = 16, typical_norm: bool = True) -> SteeringVector:
-    """Fit a steering vector at a site from (positive, negative) prompt pairs."""
+               batch_size: int = 16, typical_norm: bool = True, add_bos: bool = True) -> SteeringVector:
+    """Fit a steering vector at a site from (positive, negative) prompt pairs (last-token activations)."""
     if method not in METHODS:
         raise SteerError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     pairs = [tuple(p) for p in pairs]
@@ -114,7 +114,7 @@ def fit_vector(lm: LoadedModel, site: "str | Site", pairs: Sequence[tuple[str, s
                          f"got {len(pairs)}")
     site = lm.check_site(site)
     texts = [t for p in pairs for t in p]
-    h = last_token_acts(lm, site, texts, batch_size=batch_size)
+    h = last_token_acts(lm, site, texts, batch_size=batch_size, add_bos=add_bos)
     pos, neg = h[0::2], h[1::2]
     diffs = pos - neg
     if method == "mean":

@@ -1,0 +1,148 @@
+"""Demonstrations (issue points 6a / 6b), as functions so scripts, the CLI and tests share them.
+
+(a) `concept_demo`: find a concept feature by contrastive search, sweep its clamp in multiples of its
+    observed maximum on the 20 neutral questions, pick the strength with the highest mention rate whose
+    perplexity stays within `ppl_bound` × unsteered, and report rate and perplexity ratio there.
+(b) `suppression_demo`: on prompts that normally evoke the concept, compare the mention rate without
+    steering and with the feature clamped negative (and with its decoder direction projected out).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from ..models import LoadedModel
+from .calibrate import DEFAULT_SWEEP_CONFIG, NEUTRAL_PROMPTS, evaluate, sweep
+from .generate import GenerationConfig, compare
+from .interventions import FeatureEdit, VectorEdit
+from .search import contrast_features, feature_max_acts
+
+
+@dataclass
+class Concept:
+    name: str
+    prompts: list[str]        # texts about the concept (contrastive search, positive side)
+    controls: list[str]       # texts about other things
+    keywords: list[str]       # a mention of any counts (whole words, case-insensitive)
+    evoke: list[str] = field(default_factory=list)  # questions that normally make the model mention it
+
+
+_CONTROLS = [
+    "The committee met on Tuesday to discuss the budget for next year.",
+    "She opened the window and let the cool air into the kitchen.",
+    "This library provides functions for parsing command line options.",
+    "The train was late, so we waited on the platform for an hour.",
+    "He planted tomatoes and beans in the garden behind the house.",
+    "The report summarises the results of the survey in three tables.",
+    "Please restart the service after changing the configuration file.",
+    "The children played football in the park until it got dark.",
+    "Mathematics is the study of numbers, shapes and patterns.",
+    "The shop closes at six in the evening on weekdays.",
+    "A good night's sleep helps the body recover.",
+    "The museum has a large collection of old coins.",
+]
+
+CONCEPTS: dict[str, Concept] = {
+    "golden_gate": Concept(
+        "golden_gate",
+        ["The Golden Gate Bridge spans the strait at the entrance to San Francisco Bay.",
+         "We drove across the Golden Gate Bridge in the fog.",
+         "San Francisco is famous for the Golden Gate Bridge and its cable cars.",
+         "The suspension bridge was painted international orange.",
+         "Tourists walk across the bridge to take photos of the bay.",
+         "The bridge towers rose above the fog over San Francisco.",
+         "A long suspension bridge connects the city to Marin County.",
+         "The bridge over the bay opened in 1937."],
+        _CONTROLS, ["bridge", "bridges", "golden gate", "san francisco"],
+        ["Tell me about a famous landmark in San Francisco.", "What is the Golden Gate?",
+         "Describe a famous bridge.", "What should I see in San Francisco?"]),
+    "music": Concept(
+        "music",
+        ["She played a song on the guitar and everyone sang along.",
+         "The orchestra performed a symphony by Beethoven.",
+         "This program plays music files such as MP3 and Ogg Vorbis.",
+         "He listens to jazz and classical music every evening.",
+         "The band released a new album with ten songs.",
+         "An audio player with playlists and a music library.",
+         "The piano melody was soft and beautiful.",
+         "They danced to the music at the concert."],
+        _CONTROLS, ["music", "musical", "song", "songs", "melody", "guitar", "piano", "concert", "band", "sing",
+                    "singing", "album", "audio"],
+        ["What do you do to relax?", "What is your favourite hobby?", "Describe a fun evening.",
+         "What can make a party better?"]),
+    "ocean": Concept(
+        "ocean",
+        ["The waves crashed on the beach as the tide came in.",
+         "Whales and dolphins swim in the deep blue ocean.",
+         "The ship sailed across the sea for many weeks.",
+         "We collected shells on the sandy shore.",
+         "The coral reef is full of colourful fish.",
+         "Sailors watched the horizon over the open sea.",
+         "The ocean covers most of the surface of the Earth.",
+         "A storm at sea made the waves very high."],
+        _CONTROLS, ["ocean", "sea", "seas", "beach", "waves", "wave", "ship", "sailing", "fish", "shore", "coast",
+                    "water"],
+        ["Where would you like to go on holiday?", "Describe a beautiful view.", "What animals do you like?",
+         "Describe a relaxing place."]),
+}
+
+
+def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples: Sequence[float] = (0, 2, 4, 6, 8, 10),
+                 candidates: int = 3, ppl_bound: float = 2.0, config: GenerationConfig | None = None,
+                 prompts: Sequence[str] = NEUTRAL_PROMPTS, progress: bool = True) -> dict:
+    """Issue point 6a. Tries the top `candidates` contrastive features and keeps the best calibrated one."""
+    config = config or GenerationConfig(**DEFAULT_SWEEP_CONFIG)
+    found = contrast_features(lm, sae, site, concept.prompts, concept.controls, top=candidates)
+    maxes = feature_max_acts(lm, sae, site, list(concept.prompts) + list(concept.controls),
+                             [f.feature for f in found])
+    tried = []
+    best = None
+    for fs, m in zip(found, maxes.tolist()):
+        m = m if m > 0 else 1.0
+
+        def make(s, f=fs.feature, m=m):
+            return [FeatureEdit(sae, f, "clamp", s, unit="max", max_act=m, site=site)]
+
+        res = sweep(lm, make, list(multiples), keywords=concept.keywords, prompts=prompts, config=config,
+                    ppl_bound=ppl_bound, progress=progress)
+        row = {"feature": fs.feature, "score": fs.score, "max_act": m, "suggested_multiple": res.suggested,
+               "sweep": res.table(), "baseline": {"concept_rate": res.baseline.concept_rate,
+                                                   "perplexity": res.baseline.perplexity}}
+        if res.suggested is not None:
+            pt = next(p for p in res.points if p.strength == res.suggested)
+            row.update(concept_rate=pt.concept_rate, ppl_ratio=pt.perplexity / res.baseline.perplexity)
+            if best is None or pt.concept_rate > best["concept_rate"]:
+                best = row
+        tried.append(row)
+    out = {"concept": concept.name, "site": site, "score": "z (see thoughtscope.steer.search)",
+           "concept_method": "keywords", "keywords": concept.keywords, "ppl_bound": ppl_bound,
+           "n_prompts": len(prompts), "candidates": tried, "best": best, "generation": asdict(config)}
+    if best is not None:
+        ivs = [FeatureEdit(sae, best["feature"], "clamp", best["suggested_multiple"], unit="max",
+                           max_act=best["max_act"], site=site)]
+        side = compare(lm, list(prompts[:3]), ivs, config)
+        out["side_by_side"] = [asdict(c) for c in side]
+        out["passed"] = best["concept_rate"] >= 0.6 and best["ppl_ratio"] <= ppl_bound
+    else:
+        out["passed"] = False
+    return out
+
+
+def suppression_demo(lm: LoadedModel, sae, site: str, concept: Concept, feature: int, max_act: float, *,
+                     multiple: float = -2.0, config: GenerationConfig | None = None) -> dict:
+    """Issue point 6b: mention rate on concept-evoking prompts, before and after suppressing the feature."""
+    config = config or GenerationConfig(**DEFAULT_SWEEP_CONFIG)
+    prompts = concept.evoke or concept.prompts
+    kw = dict(prompts=prompts, keywords=concept.keywords, config=config)
+    before = evaluate(lm, [], **kw)
+    clamp_neg = evaluate(lm, [FeatureEdit(sae, feature, "clamp", multiple, unit="max", max_act=max_act, site=site)],
+                         strength=multiple, **kw)
+    proj = evaluate(lm, [VectorEdit(sae.W_dec[feature].detach(), site, "project_out")], **kw)
+    return {"concept": concept.name, "feature": feature, "site": site, "n_prompts": len(prompts),
+            "concept_method": "keywords",
+            "before": {"mention_rate": before.concept_rate, "perplexity": before.perplexity},
+            "clamp": {"multiple_of_max": multiple, "mention_rate": clamp_neg.concept_rate,
+                      "perplexity": clamp_neg.perplexity},
+            "project_out": {"mention_rate": proj.concept_rate, "perplexity": proj.perplexity},
+            "samples_before": before.samples, "samples_after": clamp_neg.samples}
