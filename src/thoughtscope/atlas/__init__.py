@@ -5,12 +5,12 @@ from .cards import feature_card, show_feature, text_card
 from .db import Atlas, AtlasError, Example, Feature
 from .explain import (ExplainConfig, ExplainerError, HTTPChatClient, LocalChatClient, auroc, balanced_accuracy,
                       client_from_env, estimate, explain_atlas)
-from .query import contrast, feature_acts, top_features_for_text
+from .query import contrast, feature_acts, open_with_model, top_features_for_text
 
 __all__ = ["Atlas", "AtlasConfig", "AtlasError", "Example", "Feature", "ExplainConfig", "ExplainerError",
            "HTTPChatClient", "LocalChatClient", "auroc", "balanced_accuracy", "build_atlas", "check_sae_matches",
            "client_from_env", "contrast", "estimate", "explain_atlas", "feature_acts", "feature_card",
-           "logit_effects", "nearest_features", "show_feature", "text_card", "top_features_for_text"]
+           "logit_effects", "nearest_features", "open_with_model", "show_feature", "text_card", "top_features_for_text"]
 
 
 def write_report(*args, **kwargs):

@@ -363,14 +363,16 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: AtlasConfig | None = None, *,
                 site: "Site | str | None" = None, sae_path: str | None = None, progress: bool = True,
-                stop_after_batches: int | None = None) -> Path:
+                stop_after_batches: int | None = None, timings: dict | None = None) -> Path:
     """Stream `config.n_tokens` tokens of `corpus` through the model and the SAE and write `out/atlas.sqlite`.
 
     Resumable: a checkpoint (`out/build.ckpt`) of the running statistics is written atomically every
     `checkpoint_every` batches; rerunning with the same arguments continues from it and produces the same
     atlas as an uninterrupted run. `stop_after_batches` interrupts on purpose (tests, time-boxed runs) and
-    returns the checkpoint path instead of the database.
+    returns the checkpoint path instead of the database. `timings`, if given, receives the seconds spent
+    streaming (`stream_s`) and writing the database (`finalize_s`: logit effects, neighbours, SQLite).
     """
+    t_start = time.perf_counter()
     cfg = config or AtlasConfig()
     cfg.validate()
     site = check_sae_matches(lm, sae, site)
@@ -438,12 +440,17 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
     finally:
         bar.close()
     checkpoint()
+    if timings is not None:
+        timings["stream_s"] = time.perf_counter() - t_start
     if stopped:
         return ckpt
     if ctx_done < n_contexts:
         bar.print(f"[yellow]the corpus ran out after {ctx_done * T} tokens (asked for {cfg.n_tokens})[/yellow]")
+    t_fin = time.perf_counter()
     path = _write_db(lm, sae, stats, cfg, out, ident, site, sae_path, corpus, random_stride, progress)
     ckpt.unlink(missing_ok=True)
+    if timings is not None:
+        timings["finalize_s"] = time.perf_counter() - t_fin
     return path
 
 

@@ -78,3 +78,27 @@ def contrast(lm: LoadedModel, sae, prompts: Sequence[str], controls: Sequence[st
     return [{"feature": int(n), "score": float(score[n]), "prompt_mean": float(P[:, n].mean()),
              "control_mean": float(C[:, n].mean()), "prompt_fire_rate": float(fires[n]),
              "normalised": atlas is not None} for n in i]
+
+
+def open_with_model(atlas_path, *, device: str | None = None, sae_path: str | None = None, model: str | None = None):
+    """(atlas, lm, sae) for commands that need the model again: both are found from the atlas's own metadata.
+
+    The SAE is loaded from `sae_path` or the path recorded at build time, and checked against the atlas by
+    fingerprint, so a card never shows statistics of one SAE next to activations of another.
+    """
+    from ..models import load_model
+    from ..sae import load_sae
+    from .build import check_sae_matches, sae_fingerprint
+
+    at = Atlas.open(atlas_path)
+    spath = sae_path or at.meta.get("sae_path")
+    if not spath:
+        raise AtlasError(f"{at.path} does not record where its SAE is (built from an in-memory SAE); pass --sae")
+    sae = load_sae(spath, device=device)
+    if sae_fingerprint(sae.cpu()) != at.meta.get("sae_fingerprint"):
+        raise AtlasError(f"the SAE at {spath} is not the one {at.path} was built from (weights differ); "
+                         f"pass the original --sae or rebuild the atlas")
+    spec = model or (at.meta.get("model_source") or {}).get("spec") or at.meta.get("model")
+    lm = load_model(spec, device=device)
+    check_sae_matches(lm, sae, at.meta.get("site"))
+    return at, lm, sae.to(lm.device)
