@@ -185,8 +185,12 @@ class _Run:
                     if not stop:
                         self.out_ids[b].append(t)
                     new_text = lm.tokenizer.decode(self.out_ids[b], skip_special_tokens=True)
-                    delta, texts[b] = new_text[len(texts[b]):], new_text
-                    yield TokenEvent(b, t, delta, stop or last)
+                    finished = stop or last
+                    if new_text.endswith("\ufffd") and not finished:
+                        delta = ""  # an incomplete UTF-8 character: hold it back until its last byte arrives
+                    else:
+                        delta, texts[b] = new_text[len(texts[b]):], new_text
+                    yield TokenEvent(b, t, delta, finished)
                 done = done | is_stop
                 if bool(done.all()):
                     break
