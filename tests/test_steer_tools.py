@@ -203,3 +203,25 @@ def test_demo_functions_run_on_tiny_model(lm, planted):
     json.dumps(out)
     sup = suppression_demo(lm, planted, SITE, c, PLANT, 1.0, config=cfg)
     assert set(sup) >= {"before", "clamp", "project_out"}
+
+
+# ----------------------------------------------------------------------------- CLI entry points
+
+
+def test_cli_entry_points(lm, planted, tmp_path):
+    from thoughtscope.steer import features_contrast, print_comparisons, read_pairs, steer_with_preset, vector_fit
+
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
+    (tmp_path / "c.json").write_text(json.dumps(CONTROLS))
+    assert features_contrast(lm, planted, SITE, tmp_path / "p.txt", tmp_path / "c.json", top=3)[0].feature == PLANT
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps({"positive": f"yes {i}", "negative": f"no {i}"})
+                                                    for i in range(3)))
+    v = vector_fit(lm, SITE, tmp_path / "pairs.jsonl", tmp_path / "v.safetensors", method="pca")
+    assert (tmp_path / "v.safetensors").is_file() and v.n_pairs == 3
+    (tmp_path / "bad.tsv").write_text("only one column\n")
+    with pytest.raises(SteerError, match="bad.tsv, line 1"):
+        read_pairs(tmp_path / "bad.tsv")
+    Preset("v", [PresetItem("vector", "add", SITE, 1.0, vector="v.safetensors", unit="norm")]).save(tmp_path / "v.json")
+    comps = steer_with_preset(lm, tmp_path / "v.json", ["hi"], GenerationConfig(max_new_tokens=3))
+    assert len(comps) == 1
+    print_comparisons(comps)

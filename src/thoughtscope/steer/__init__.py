@@ -18,3 +18,7 @@ from .search import SCORES, FeatureScore, contrast_features, feature_max_acts, t
 from .vectors import METHODS, SteeringVector, fit_vector, last_token_acts, pca_of_differences, site_norm
 
 __all__ = [n for n in dir() if not n.startswith("_")]
+from .run import (features_contrast, print_comparisons, print_contrast, read_lines, read_pairs, steer_with_preset,
+                  vector_fit)
+
+__all__ = [n for n in dir() if not n.startswith("_")]

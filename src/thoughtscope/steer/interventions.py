@@ -101,30 +101,41 @@ def _where(mask, new: Tensor, old: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- SAE features
 
 
-def feature_pre_acts(sae, x: Tensor, idx: Tensor) -> Tensor:
-    """Pre-activations of only the selected features: (x − b_dec)·W_enc[:, i] + b_enc[i] (float32)."""
-    enc = sae.enc[idx].float()  # [n, d] encoder rows
-    return F.linear(x.float() - sae.b_dec.float(), enc, sae.b_enc[idx].float())
+class FeatureReader:
+    """Activations of a few selected features without encoding the whole dictionary.
+
+    The encoder rows, biases and thresholds of the selected features are gathered once, so a generation
+    step costs one [T, d] × [d, n] product. Activation per architecture: relu-l1: ReLU(pre);
+    jumprelu: pre·[pre > θᵢ]; batchtopk (trained): pre·[pre > global θ]; topk (and an untrained
+    batchtopk): ReLU(pre). A top-k activation depends on every other feature, which would force a full
+    encode per token; ReLU(pre) equals the SAE's own encode output whenever the feature is among the k
+    largest (where one steers it), and elsewhere it also counts the sub-threshold part, so an ablation
+    removes it and a clamp sets the feature's whole contribution (docs/steering.md).
+    """
+
+    def __init__(self, sae, idx: Tensor):
+        with torch.no_grad():
+            idx = idx.to(sae.W_dec.device)
+            self.enc = sae.enc[idx].detach().float()       # [n, d]
+            self.b_enc = sae.b_enc[idx].detach().float()
+            self.b_dec = sae.b_dec.detach().float()
+            self.threshold = None
+            arch = getattr(sae, "arch", "relu-l1")
+            if arch == "jumprelu":
+                self.threshold = sae.threshold[idx].detach().float()
+            elif arch == "batchtopk" and float(sae.threshold) >= 0:
+                self.threshold = sae.threshold.detach().float().expand(len(idx))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        pre = F.linear(x.float() - self.b_dec, self.enc, self.b_enc)
+        if self.threshold is not None:
+            return pre * (pre > self.threshold)
+        return F.relu(pre)
 
 
 def feature_acts(sae, x: Tensor, idx: Tensor) -> Tensor:
-    """Activations of the selected features without encoding the whole dictionary.
-
-    relu-l1: ReLU(pre); jumprelu: pre·[pre > θᵢ]; batchtopk (trained): pre·[pre > global θ].
-    topk (and an untrained batchtopk): ReLU(pre). A top-k activation depends on every other feature,
-    which would force a full encode per token; ReLU(pre) equals the SAE's own encode output whenever the
-    feature is among the k largest (every feature one is likely to steer where it is active), and
-    elsewhere it counts the sub-threshold part too, so an ablation removes it and a clamp sets the
-    feature's whole contribution. This choice is documented in docs/steering.md.
-    """
-    pre = feature_pre_acts(sae, x, idx)
-    arch = getattr(sae, "arch", "relu-l1")
-    if arch == "jumprelu":
-        t = sae.threshold[idx].float()
-        return pre * (pre > t)
-    if arch == "batchtopk" and float(sae.threshold) >= 0:
-        return pre * (pre > float(sae.threshold))
-    return F.relu(pre)
+    """Activations of the features `idx` at x ([..., d] -> [..., n]); see FeatureReader for the topk rule."""
+    return FeatureReader(sae, torch.as_tensor(idx, dtype=torch.long))(x)
 
 
 @dataclass
@@ -195,7 +206,8 @@ class _FeatureGroup:
         self.edits = edits
         self.sae = edits[0].sae
         self.idx = torch.tensor([e.feature for e in edits], dtype=torch.long, device=self.sae.W_dec.device)
-        self.W = self.sae.W_dec[self.idx].detach()  # [n, d]
+        self.W = self.sae.W_dec[self.idx].detach().float()  # [n, d]
+        self.read = FeatureReader(self.sae, self.idx)
         self.positions = [e.positions for e in edits]
 
     def apply(self, h: Tensor, ctx: StepContext) -> Tensor:
@@ -204,13 +216,13 @@ class _FeatureGroup:
         if all(m is False for m in masks):
             return h
         with torch.no_grad():
-            f = feature_acts(self.sae, h, self.idx)  # [B, T, n]
+            f = self.read(h)  # [B, T, n]
             cols = []
             for e, m in zip(self.edits, masks):
                 fj = f[..., len(cols)]
                 m = m if isinstance(m, bool) else m[..., 0]  # [1, T] against fj [B, T]
                 cols.append(_where(m, e.new_value(fj), fj) - fj)
-            delta = torch.stack(cols, -1) @ self.W.float()  # Σ (f'ᵢ − fᵢ)·W_dec,ᵢ
+            delta = torch.stack(cols, -1) @ self.W  # Σ (f'ᵢ − fᵢ)·W_dec,ᵢ
         return h + delta.to(h.dtype)
 
 
