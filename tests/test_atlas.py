@@ -166,3 +166,51 @@ def test_report_is_self_contained(setup, tmp_path):
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from elsewhere
     for n in ("density.png", "scores.png", "max_act.png"):
         assert (tmp_path / "rep" / n).stat().st_size > 1000
+
+
+def test_open_with_model_checks_the_sae(setup, tmp_path):
+    from thoughtscope.atlas import open_with_model
+    from thoughtscope.sae import save_sae
+
+    lm, sae, corpus, d, path = setup
+    save_sae(sae, tmp_path / "sae")
+    out = build_atlas(lm, sae, corpus, tmp_path / "a", AtlasConfig(**dict(CFG, n_tokens=600)), progress=False,
+                      sae_path=str(tmp_path / "sae"))
+    at, lm2, sae2 = open_with_model(out, lm=lm)
+    assert lm2 is lm and at.meta["sae_path"] == str(tmp_path / "sae")
+    at.close()
+    other = planted_sae(lm)
+    with torch.no_grad():
+        other.W_dec[0] += 1
+    save_sae(other, tmp_path / "other")
+    with pytest.raises(AtlasError, match="not the one"):
+        open_with_model(out, lm=lm, sae_path=str(tmp_path / "other"))
+
+
+@pytest.mark.slow
+def test_default_model_smoke(tmp_path):
+    """The embedded SmolLM2 with a fresh small SAE: build, offline explain (chat template), card, report."""
+    from rich.console import Console
+
+    from thoughtscope.atlas import ExplainConfig, LocalChatClient, explain_atlas
+    from thoughtscope.models import load_model
+    from thoughtscope.sae import SAE, SAEConfig
+
+    lm = load_model("default")
+    sae = SAE.from_config(SAEConfig(arch="topk", d_model=lm.d_model, n_features=256, k=8, model=lm.name,
+                                    site="resid.15"))
+    corpus = Corpus("default")
+    path = build_atlas(lm, sae, corpus, tmp_path / "a", AtlasConfig(n_tokens=1024, ctx_len=64, batch_size=8),
+                       progress=False)
+    local = LocalChatClient(lm)
+    with Atlas.open(path) as at:
+        feats = at.random_features(2, seed=0)
+        s = explain_atlas(at, local, local, tokenizer=lm.tokenizer, features=feats,
+                          config=ExplainConfig(n_score_pos=4, n_score_neg=4, explain_max_tokens=30), progress=False)
+        assert s["ok"] + s["failed"] == 2
+        con = Console(record=True, width=140)
+        con.print(feature_card(at, feats[0], lm.tokenizer))
+        text = con.export_text()
+        assert f"feature {feats[0]}" in text
+        print(text)
+        print([at.explanation(f) for f in feats])

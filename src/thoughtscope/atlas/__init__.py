@@ -1,7 +1,7 @@
 """Feature atlas: for every SAE feature, what activates it, what it does, its neighbours, and a scored explanation."""
 
 from .build import AtlasConfig, build_atlas, check_sae_matches, logit_effects, nearest_features
-from .cards import feature_card, show_feature, text_card
+from .cards import feature_card, load_tokenizer, show_feature, text_card
 from .db import Atlas, AtlasError, Example, Feature
 from .explain import (ExplainConfig, ExplainerError, HTTPChatClient, LocalChatClient, auroc, balanced_accuracy,
                       client_from_env, estimate, explain_atlas)
@@ -9,7 +9,7 @@ from .query import contrast, feature_acts, open_with_model, top_features_for_tex
 
 __all__ = ["Atlas", "AtlasConfig", "AtlasError", "Example", "Feature", "ExplainConfig", "ExplainerError",
            "HTTPChatClient", "LocalChatClient", "auroc", "balanced_accuracy", "build_atlas", "check_sae_matches",
-           "client_from_env", "contrast", "estimate", "explain_atlas", "feature_acts", "feature_card",
+           "client_from_env", "contrast", "estimate", "explain_atlas", "feature_acts", "feature_card", "load_tokenizer",
            "logit_effects", "nearest_features", "open_with_model", "show_feature", "text_card", "top_features_for_text"]
 
 

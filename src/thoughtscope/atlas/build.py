@@ -300,8 +300,8 @@ def logit_effects(lm: LoadedModel, W_dec: torch.Tensor, k: int = 10, chunk: int 
         L = W[s:s + chunk] @ U.T
         v, i = L.topk(k, dim=1)
         pos_v.append(v), pos_i.append(i)
-        v, i = (-L).topk(k, dim=1)
-        neg_v.append(-v), neg_i.append(i)
+        v, i = L.topk(k, dim=1, largest=False)
+        neg_v.append(v), neg_i.append(i)
     return torch.cat(pos_i), torch.cat(pos_v), torch.cat(neg_i), torch.cat(neg_v)
 
 

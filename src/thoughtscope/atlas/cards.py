@@ -76,7 +76,7 @@ def feature_card(atlas: Atlas, n: int, tokenizer=None, *, n_top: int = 8, n_quan
             line.append_text(heat_line(e, tokenizer, f.max_act))
             parts.append(line)
         q = atlas.examples(n, "quantile")
-        if q:
+        if q and f.n_active > len(q):  # with fewer activations than that, the sample just repeats the top list
             parts.append(Text("weaker activations (rank-quantile sample)", style="bold"))
             step = max(1, len(q) // n_quantile)
             for e in q[::step][:n_quantile]:
@@ -116,3 +116,22 @@ def text_card(result: dict, *, max_tokens: int = 64):
     for tf in result["tokens"][:max_tokens]:
         tbl.add_row(str(tf.pos), repr(tf.token), ", ".join(f"{n} ({a:.2f})" for n, a in tf.features))
     return tbl
+
+
+def load_tokenizer(atlas: Atlas):
+    """The tokenizer of the atlas's model, without loading the model (None if it cannot be found: cards show ids)."""
+    src = atlas.meta.get("model_source") or {}
+    for cand in (src.get("converted"), src.get("spec"), atlas.meta.get("model")):
+        if not cand or str(cand).startswith("tiny:") or str(cand) == "default":
+            continue
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(cand))
+        except Exception:  # noqa: BLE001 - any failure just means "show token ids"
+            continue
+    if src.get("spec") == "default":
+        from ..models import load_model
+
+        return load_model("default").tokenizer
+    return None

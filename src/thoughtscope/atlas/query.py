@@ -80,7 +80,8 @@ def contrast(lm: LoadedModel, sae, prompts: Sequence[str], controls: Sequence[st
              "normalised": atlas is not None} for n in i]
 
 
-def open_with_model(atlas_path, *, device: str | None = None, sae_path: str | None = None, model: str | None = None):
+def open_with_model(atlas_path, *, device: str | None = None, sae_path: str | None = None, model: str | None = None,
+                    lm: LoadedModel | None = None):
     """(atlas, lm, sae) for commands that need the model again: both are found from the atlas's own metadata.
 
     The SAE is loaded from `sae_path` or the path recorded at build time, and checked against the atlas by
@@ -99,6 +100,7 @@ def open_with_model(atlas_path, *, device: str | None = None, sae_path: str | No
         raise AtlasError(f"the SAE at {spath} is not the one {at.path} was built from (weights differ); "
                          f"pass the original --sae or rebuild the atlas")
     spec = model or (at.meta.get("model_source") or {}).get("spec") or at.meta.get("model")
-    lm = load_model(spec, device=device)
+    if lm is None:
+        lm = load_model(spec, device=device)
     check_sae_matches(lm, sae, at.meta.get("site"))
     return at, lm, sae.to(lm.device)
