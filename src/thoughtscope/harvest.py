@@ -161,6 +161,7 @@ class _Progress:
         self.enabled = enabled
         self.start_time = time.perf_counter()
         self.start = start
+        self.last_line = self.start_time
         if enabled:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -175,9 +176,15 @@ class _Progress:
 
     def update(self, completed: int) -> None:
         if self.enabled:
-            dt = time.perf_counter() - self.start_time
+            now = time.perf_counter()
+            dt = now - self.start_time
             rate = (completed - self.start) / dt if dt > 0 else 0.0
             self.bar.update(self.task, completed=completed, rate=f"{rate:,.0f}")
+            # A log file gets no live bar, so print a plain line every half minute instead.
+            if not self.console.is_terminal and now - self.last_line >= 30:
+                self.last_line = now
+                left = (self.bar.tasks[0].total - completed) / rate if rate > 0 else float("nan")
+                self.console.print(f"{completed:,} tokens, {rate:,.0f} tok/s, ETA {left / 60:.1f} min")
 
     def note(self, message: str) -> None:
         if self.enabled:
@@ -186,3 +193,54 @@ class _Progress:
     def close(self) -> None:
         if self.enabled:
             self.bar.stop()
+
+
+def stream_activations(lm: LoadedModel, corpus: Corpus, site, *, n_tokens: int, batch_size: int = 4096,
+                       ctx_len: int = 128, forward_batch: int = 16, exclude_bos: bool = True,
+                       buffer_tokens: int = 65_536, seed: int = 0):
+    """A deterministic source of shuffled [batch_size, d] activation batches computed on the fly.
+
+    Returns `f(start_batch)`, the callable form SAE training accepts: it regenerates the same stream
+    and skips the first `start_batch` batches, which is how a resumed run stays identical.
+    """
+    site = lm.check_site(Site.parse(site))
+
+    def batches(start_batch: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        buf: list[torch.Tensor] = []
+        held = 0
+        produced = 0
+        emitted = 0
+
+        def drain(final: bool):
+            nonlocal buf, held, emitted
+            x = torch.cat(buf) if buf else torch.empty(0, lm.d_model)
+            x = x[torch.randperm(x.shape[0], generator=gen)]
+            keep = x.shape[0] if final else x.shape[0] // 2
+            n_full = keep // batch_size
+            out = [x[i * batch_size:(i + 1) * batch_size] for i in range(n_full)]
+            rest = x[n_full * batch_size:]
+            buf, held = [rest], rest.shape[0]
+            return out
+
+        for ctx in corpus.batches(lm.tokenizer, ctx_len, forward_batch):
+            if produced >= n_tokens:
+                break
+            h = capture(lm, [site], ctx.input_ids.to(lm.device), early_exit=True)[site]
+            if exclude_bos:
+                h = h[:, 1:]
+            h = h.reshape(-1, lm.d_model)[: n_tokens - produced].float().cpu()
+            produced += h.shape[0]
+            buf.append(h)
+            held += h.shape[0]
+            if held >= buffer_tokens:
+                for b in drain(final=False):
+                    emitted += 1
+                    if emitted > start_batch:
+                        yield b
+        for b in drain(final=True):
+            emitted += 1
+            if emitted > start_batch:
+                yield b
+
+    return batches

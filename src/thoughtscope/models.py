@@ -284,11 +284,18 @@ def load_model(spec: str = "default", *, device: str | None = None, dtype=None, 
         kwargs["dtype"] = torch_dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a weight-loading bar per call is noise in every command's output
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ModelError(f"could not load model {spec!r}: {e}") from e
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if device is not None and device_map is None:
         model = model.to(device)
     return LoadedModel(model, tok, name, source)
