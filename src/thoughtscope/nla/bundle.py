@@ -1,0 +1,147 @@
+"""An NLA on disk and in memory: config + AV adapter + AR adapter/head, for one target model and site.
+
+Folder layout (loadable by path, like a transformers folder)::
+
+    nla_config.json        NLAConfig: site, marker, injection_scale, templates, ‖μ‖², warm-start source
+    av.safetensors         LoRA weights of the verbalizer
+    ar.safetensors         LoRA weights of the reconstructor + its d×d head ("head.weight")
+    warm_av.safetensors    (optional) the AV after supervised warm start, the RL reference
+    warm_ar.safetensors    (optional) the AR after supervised warm start
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .core import NLAConfig, NLAError, atomic_save_tensors, check_vectors, nla_loss, normalise
+
+AV_FILE, AR_FILE = "av.safetensors", "ar.safetensors"
+WARM_AV_FILE, WARM_AR_FILE = "warm_av.safetensors", "warm_ar.safetensors"
+
+
+def config_for(lm, *, site: str | None = None, injection_scale: float = 0.0, marker: str | None = None,
+               **overrides) -> NLAConfig:
+    """A config that matches this target model (marker picked from its tokenizer, default site at 2/3 depth)."""
+    from .core import default_site
+    from .verbalizer import pick_marker
+
+    if marker is None:
+        marker, marker_id = pick_marker(lm.tokenizer)
+    else:
+        ids = lm.tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise NLAError(f"marker {marker!r} is {len(ids)} tokens in this tokenizer; it must be exactly one")
+        marker_id = ids[0]
+    site = str(lm.check_site(site or default_site(lm.n_layers)))
+    return NLAConfig(model=lm.source.get("spec", lm.name), site=site, d_model=lm.d_model, n_layers=lm.n_layers,
+                     marker=marker, marker_id=marker_id, injection_scale=injection_scale, **overrides).check()
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, dtype=torch.float16) -> None:
+    """Adapters are stored in half precision: it halves the shipped size and LoRA deltas lose nothing visible."""
+    atomic_save_tensors({k: v.to(dtype) for k, v in state.items()}, path)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise NLAError(f"{path} not found")
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+class NLA:
+    """Target model + AV + AR. `explain`, `reconstruct` and `fve` are the everyday calls."""
+
+    def __init__(self, lm, cfg: NLAConfig, *, lora: bool = True):
+        from .reconstructor import Reconstructor
+        from .verbalizer import Verbalizer
+
+        if cfg.d_model != lm.d_model or cfg.n_layers != lm.n_layers:
+            raise NLAError(f"NLA config is for a model with d_model={cfg.d_model}, {cfg.n_layers} blocks, but the "
+                           f"target {lm.name} has d_model={lm.d_model}, {lm.n_layers} blocks")
+        lm.check_site(cfg.site)
+        self.lm, self.cfg = lm, cfg.check()
+        # LoRA's A matrices start random: seed them so two runs (or a run and its resume) start identical
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg.extra.get("init_seed", 0)))
+            self.av = Verbalizer(lm, cfg, lora=lora)
+            self.ar = Reconstructor(lm, cfg, lora=lora)
+        self.path: Path | None = None
+
+    # ------------------------------------------------------------------ disk
+    @classmethod
+    def load(cls, path: str | os.PathLike, lm=None, *, which: str = "final") -> "NLA":
+        """Load a folder; which='warm' loads the warm-start weights instead of the final ones."""
+        from thoughtscope.models import load_model
+
+        path = Path(path)
+        cfg = NLAConfig.load(path)
+        lm = lm or load_model(cfg.model)
+        nla = cls(lm, cfg)
+        av_f, ar_f = (WARM_AV_FILE, WARM_AR_FILE) if which == "warm" else (AV_FILE, AR_FILE)
+        if (path / av_f).is_file():
+            nla.av.load_adapter_state(load_weights(path / av_f))
+        if (path / ar_f).is_file():
+            nla.ar.load_adapter_state(load_weights(path / ar_f))
+        nla.path = path
+        return nla
+
+    def save(self, path: str | os.PathLike, *, av: bool = True, ar: bool = True, warm: bool = False) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(path)
+        if av:
+            save_weights(self.av.adapter_state(), path / (WARM_AV_FILE if warm else AV_FILE))
+        if ar:
+            save_weights(self.ar.adapter_state(), path / (WARM_AR_FILE if warm else AR_FILE))
+        self.path = path
+        return path
+
+    # ------------------------------------------------------------------ use
+    def activations(self, text: str, positions=(-1,)) -> tuple[torch.Tensor, list[int], list[str]]:
+        """Site vectors of `text` at the given token positions (negative counts from the end)."""
+        from thoughtscope.models import capture
+
+        ids, att = self.lm.tokenize(text)
+        n = int(att[0].sum())
+        if n < 1:
+            raise NLAError("empty text: nothing to explain")
+        pos = []
+        for p in positions:
+            q = p + n if p < 0 else p
+            if not 0 <= q < n:
+                raise NLAError(f"position {p} is outside the text's {n} tokens")
+            pos.append(q)
+        acts = capture(self.lm, self.cfg.site, ids, att)
+        h = next(iter(acts.values()))[0]
+        toks = [self.lm.tokenizer.decode(ids[0, q: q + 1]) for q in pos]
+        return h[pos].float().cpu(), pos, toks
+
+    def explain(self, vectors: torch.Tensor, *, samples: int = 1, do_sample: bool | None = None,
+                temperature: float = 1.0) -> list[str]:
+        v = check_vectors(vectors, self.cfg.d_model)
+        do_sample = samples > 1 if do_sample is None else do_sample
+        self.av.model.eval()
+        return self.av.explain(v, samples=samples, do_sample=do_sample, temperature=temperature)
+
+    def reconstruct(self, explanations: list[str], *, truncate: bool = False) -> torch.Tensor:
+        self.ar.eval()
+        return self.ar.predict(list(explanations), truncate=truncate)
+
+    def round_trip(self, vectors: torch.Tensor) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Explanations, reconstructions and per-row loss 2(1 − cos) for vectors."""
+        v = check_vectors(vectors, self.cfg.d_model)
+        expl = self.explain(v)
+        self.ar.eval()
+        rec = self.ar.predict(expl, allow_empty=True, truncate=True)
+        return expl, rec, nla_loss(rec, v, reduction="none")
+
+    def fve_of(self, pred: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        """Per-vector FVE against the training data's variance: 1 − MSE / (1 − ‖μ‖²)."""
+        var = 1.0 - self.cfg.mu_sq
+        mse = (normalise(pred) - normalise(gold)).pow(2).mean(-1)
+        return 1 - mse / var

@@ -1,0 +1,362 @@
+"""NLA training rows: (activation vector, context, document id, warm-start explanation).
+
+Positions are drawn uniformly among a document's tokens at index ≥ ``min_position`` (50 in the
+published recipe, so the model has context to think about) with an RNG keyed by the document, and
+the train / val / test split is by document, so held-out numbers never share a document with
+training. The warm-start explanations are written from the *text* (and the target's own next-token
+prediction), never from the vector: they teach the AV the format and the AR a first mapping.
+
+A dataset is a folder: ``vectors.safetensors`` (raw vectors and integer columns), ``rows.jsonl``
+(explanations and context text) and ``meta.json`` (model, site, ‖μ‖², mean norm, injection_scale,
+warm-start source, corpus description).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .core import NLAError, atomic_save_tensors, atomic_write_text, normalise, round_scale
+
+SPLITS = {"train": 0, "val": 1, "test": 2}
+CONTEXT_KEEP = 16          # last tokens of context kept per row (ridge / oracle baselines)
+
+_STOP = set("""a an the and or but if of to in on at by for with from as is are was were be been being this that these
+those it its it's into than then there here which who whom what when where why how not no yes can could should would
+will shall may might must do does did done have has had having you your yours we our ours they them their i me my he him
+his she her hers also such only just more most some any each other all both very so too use used using one two may
+""".split())
+
+
+@dataclass
+class DataConfig:
+    """How rows are harvested; saved in meta.json so the dataset can be rebuilt exactly."""
+
+    corpus: str = "default"
+    site: str | None = None             # None: two-thirds of the depth
+    n_rows: int = 4000
+    positions_per_doc: int = 3
+    min_position: int = 50              # document token index ≥ this (published recipe)
+    max_position: int = 96              # contexts are cut here to bound CPU cost
+    split: tuple = (0.8, 0.1, 0.1)      # train / val / test, by document
+    seed: int = 42
+    batch_docs: int = 8
+    warm_start: str = "offline"         # "offline" or "llm"
+    llm_endpoint: str | None = None     # OpenAI-compatible base URL, e.g. http://localhost:8000/v1
+    llm_model: str | None = None
+    llm_api_key_env: str = "OPENAI_API_KEY"
+    max_explanation_tokens: int = 40
+    ascii_only: bool = True             # keep documents that are mostly ASCII (the default corpus is multilingual)
+    only_split: int | None = None       # harvest only documents of this split (0 train, 1 val, 2 test)
+
+
+@dataclass
+class NLARows:
+    """In-memory NLA rows; `vectors` are raw activations at the site."""
+
+    vectors: torch.Tensor                   # [N, d] float32
+    doc_id: torch.Tensor                    # [N] long
+    position: torch.Tensor                  # [N] index inside the document
+    token_id: torch.Tensor                  # [N]
+    split: torch.Tensor                     # [N] 0 train, 1 val, 2 test
+    context_ids: torch.Tensor               # [N, CONTEXT_KEEP] last tokens up to and including the token, -1 padded left
+    explanations: list[str]
+    contexts: list[str]                     # text of the document up to and including the token (tail only)
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def subset(self, which: "str | torch.Tensor") -> "NLARows":
+        idx = (self.split == SPLITS[which]).nonzero().flatten() if isinstance(which, str) else which
+        il = idx.tolist()
+        return NLARows(self.vectors[idx], self.doc_id[idx], self.position[idx], self.token_id[idx], self.split[idx],
+                       self.context_ids[idx], [self.explanations[i] for i in il], [self.contexts[i] for i in il],
+                       dict(self.meta))
+
+    # ---------------------------------------------------------------- disk
+    def save(self, folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors({"vectors": self.vectors.float(), "doc_id": self.doc_id, "position": self.position,
+                             "token_id": self.token_id, "split": self.split, "context_ids": self.context_ids},
+                            folder / "vectors.safetensors")
+        lines = [json.dumps({"explanation": e, "context": c}, ensure_ascii=False)
+                 for e, c in zip(self.explanations, self.contexts)]
+        atomic_write_text(folder / "rows.jsonl", "\n".join(lines) + "\n")
+        atomic_write_text(folder / "meta.json", json.dumps(self.meta, indent=2, sort_keys=True, default=str))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "NLARows":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        for name in ("vectors.safetensors", "rows.jsonl", "meta.json"):
+            if not (folder / name).is_file():
+                raise NLAError(f"{folder / name} is missing: an NLA dataset folder holds vectors.safetensors, "
+                               f"rows.jsonl and meta.json (made by `thoughtscope nla data`)")
+        t = load_file(str(folder / "vectors.safetensors"))
+        rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+        if len(rows) != t["vectors"].shape[0]:
+            raise NLAError(f"{folder}: rows.jsonl has {len(rows)} rows but vectors.safetensors has "
+                           f"{t['vectors'].shape[0]}")
+        return cls(t["vectors"], t["doc_id"], t["position"], t["token_id"], t["split"], t["context_ids"],
+                   [r["explanation"] for r in rows], [r["context"] for r in rows],
+                   json.loads((folder / "meta.json").read_text()))
+
+
+# -------------------------------------------------------------------- statistics
+
+
+def vector_stats(vectors: torch.Tensor) -> dict:
+    """‖μ‖² of the unit-normalised vectors (Var = 1 − ‖μ‖²), mean norm and the injection scale it implies."""
+    v = vectors.float()
+    unit = normalise(v) / v.shape[-1] ** 0.5
+    mu = unit.mean(0)
+    norms = v.norm(dim=-1)
+    mean_norm = float(norms.mean())
+    return {"mu_sq": float(mu.pow(2).sum()), "var": float(1 - mu.pow(2).sum()), "mean_norm": mean_norm,
+            "median_norm": float(norms.median()), "max_norm": float(norms.max()),
+            "injection_scale": round_scale(mean_norm), "n": int(v.shape[0])}
+
+
+# -------------------------------------------------------------------- warm-start explanations
+
+
+def _doc_key(seed: int, doc_index: int) -> str:
+    return hashlib.sha256(f"{seed}:{doc_index}".encode()).hexdigest()
+
+
+def split_of(seed: int, doc_index: int, fractions=(0.8, 0.1, 0.1)) -> int:
+    """Document-keyed split: the same document always lands in the same split."""
+    u = int(_doc_key(seed, doc_index)[:8], 16) / 0xFFFFFFFF
+    if u < fractions[0]:
+        return 0
+    return 1 if u < fractions[0] + fractions[1] else 2
+
+
+def salient_words(text: str, k: int = 2) -> list[str]:
+    """Content words a reader of the prefix would be tracking: frequent, long, not stop-words."""
+    words = [w.lower() for w in re.findall(r"[A-Za-z][A-Za-z\-]{3,}", text)]
+    counts = Counter(w for w in words if w not in _STOP)
+    ranked = sorted(counts, key=lambda w: (-counts[w], -len(w), w))
+    return ranked[:k]
+
+
+def _clean(s: str) -> str:
+    return s.replace("\n", "\\n").replace("\t", " ").replace('"', "'")
+
+
+def offline_explanation(tokenizer, ids: list[int], next_ids: list[int], *, n_words: int = 2, quote_tokens: int = 8,
+                        max_tokens: int = 40) -> str:
+    """An extractive explanation from the text and the model's own prediction.
+
+    Layout: ``Topic: a, b. Next: "x" / "y". Context: "<last words>". Token:<token>``. The last clause
+    names the current token so the reconstructor's last position sees that token after a copy of the
+    recent context; `nla eval` reports the share of quoted text and FVE with quotes stripped, so this
+    channel is never mistaken for reading thoughts.
+    """
+    tok_text = tokenizer.decode(ids[-1:])
+    prefix_text = tokenizer.decode(ids[:-1])
+    quote = tokenizer.decode(ids[-1 - quote_tokens:-1]) if len(ids) > 1 else ""
+    # start the quote at a word boundary so it reads as words, not token fragments
+    if " " in quote.strip() and not quote.startswith(" "):
+        quote = quote[quote.find(" "):]
+    words = salient_words(prefix_text[: max(0, len(prefix_text) - len(quote))], n_words)
+    nxt = [_clean(tokenizer.decode([t]).strip()) for t in next_ids]
+    nxt = [n for n in nxt if n][:2]
+    tok_disp = _clean(tok_text)
+    tail = "Token:" + (tok_disp if tok_disp.startswith(" ") else " " + tok_disp)
+
+    def build(words, nxt, quote):
+        parts = []
+        if words:
+            parts.append("Topic: " + ", ".join(words) + ".")
+        if nxt:
+            parts.append("Next: " + " / ".join(f'"{n}"' for n in nxt) + ".")
+        q = _clean(quote).strip()
+        if q:
+            parts.append(f'Context: "{q}".')
+        parts.append(tail)
+        return " ".join(parts)
+
+    text = build(words, nxt, quote)
+    # shorten until it fits the token budget: fewer quoted tokens first, then drop topic / next
+    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_tokens:
+        if quote_tokens > 3:
+            quote_tokens -= 2
+            quote = tokenizer.decode(ids[-1 - quote_tokens:-1])
+        elif words:
+            words = words[:-1]
+        elif nxt:
+            nxt = nxt[:-1]
+        elif quote:
+            quote = ""
+        else:
+            break
+        text = build(words, nxt, quote)
+    return text
+
+
+LLM_PROMPT = ("Below is the beginning of a text, cut at its last token. In at most {words} words, say what a "
+              "reader predicting the next token is tracking: the topic, what comes next, and the last token. "
+              "Reply with the explanation only.\n\nTEXT:\n{text}")
+
+
+def llm_explanation(text: str, *, endpoint: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+                    max_words: int = 30, timeout: float = 60.0) -> str:
+    """Ask any OpenAI-compatible chat endpoint for a warm-start explanation of a prefix (stdlib only)."""
+    url = endpoint.rstrip("/") + "/chat/completions"
+    body = json.dumps({"model": model, "temperature": 1.0, "max_tokens": 120,
+                       "messages": [{"role": "user", "content": LLM_PROMPT.format(words=max_words, text=text)}]})
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(api_key_env)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            reply = json.loads(r.read().decode())
+        return " ".join(reply["choices"][0]["message"]["content"].split())
+    except Exception as e:  # noqa: BLE001 - the endpoint is the user's; report what failed
+        raise NLAError(f"warm-start endpoint {url} failed: {e}") from e
+
+
+# -------------------------------------------------------------------- harvesting
+
+
+def _doc_token_stream(corpus, tokenizer, cfg: DataConfig) -> Iterator[tuple[int, list[int]]]:
+    for i, doc in enumerate(corpus.documents()):
+        if cfg.ascii_only and sum(c.isascii() for c in doc[:2000]) < 0.97 * min(len(doc), 2000):
+            continue
+        if len(doc) < cfg.min_position:            # quick reject: a token is at least one character
+            continue
+        ids = tokenizer(doc[: cfg.max_position * 12], add_special_tokens=False)["input_ids"]
+        if len(ids) > cfg.min_position:
+            yield i, ids[: cfg.max_position]
+
+
+def harvest_rows(lm, cfg: DataConfig, *, corpus=None, progress: bool = True,
+                 explain_fn: Callable[[str], str] | None = None) -> NLARows:
+    """Run the target over documents and collect rows with warm-start explanations.
+
+    One forward pass per document batch gives both the site vector (``hidden_states[K+1]``) and the
+    model's own next-token prediction at the chosen positions (the logits are computed only there).
+    """
+    from thoughtscope.corpus import Corpus
+
+    from .core import default_site
+
+    site = lm.check_site(cfg.site or default_site(lm.n_layers))
+    corpus = corpus if corpus is not None else Corpus(cfg.corpus)
+    tok = lm.tokenizer
+    bos = tok.bos_token_id
+    if cfg.warm_start == "llm" and explain_fn is None:
+        if not (cfg.llm_endpoint and cfg.llm_model):
+            raise NLAError("warm_start='llm' needs llm_endpoint and llm_model (an OpenAI-compatible server)")
+        explain_fn = lambda text: llm_explanation(text, endpoint=cfg.llm_endpoint, model=cfg.llm_model,  # noqa: E731
+                                                   api_key_env=cfg.llm_api_key_env)
+    out: dict[str, list] = {k: [] for k in ("vec", "doc", "pos", "tok", "split", "ctx", "expl", "text")}
+
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("nla data"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        bar.start()
+        task = bar.add_task("rows", total=cfg.n_rows)
+
+    def flush(batch):
+        rows = [[bos] + ids if bos is not None else ids for _, ids, _ in batch]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        x = torch.full((len(rows), width), pad, dtype=torch.long)
+        m = torch.zeros_like(x)
+        for j, r in enumerate(rows):
+            x[j, : len(r)] = torch.tensor(r)
+            m[j, : len(r)] = 1
+        off = 1 if bos is not None else 0
+        with torch.inference_mode():
+            base = getattr(lm.model, lm.model.base_model_prefix)
+            o = base(input_ids=x.to(lm.device), attention_mask=m.to(lm.device), output_hidden_states=True,
+                     use_cache=False)
+            hs = o.hidden_states[site.layer + 1]
+            last = o.last_hidden_state
+        for j, (doc_i, ids, positions) in enumerate(batch):
+            for p in positions:
+                q = p + off
+                with torch.inference_mode():
+                    logits = lm.unembed(last[j, q][None].to(lm.unembed.weight.dtype))[0]
+                next_ids = logits.topk(3).indices.tolist()
+                ctx_ids = ids[: p + 1]
+                expl = (explain_fn(tok.decode(ctx_ids)) if explain_fn is not None else
+                        offline_explanation(tok, ctx_ids, next_ids, max_tokens=cfg.max_explanation_tokens))
+                keep = ctx_ids[-CONTEXT_KEEP:]
+                out["vec"].append(hs[j, q].float().cpu())
+                out["doc"].append(doc_i)
+                out["pos"].append(p)
+                out["tok"].append(ids[p])
+                out["split"].append(split_of(cfg.seed, doc_i, cfg.split))
+                out["ctx"].append([-1] * (CONTEXT_KEEP - len(keep)) + keep)
+                out["expl"].append(expl)
+                out["text"].append(tok.decode(ctx_ids[-48:]))
+
+    batch: list = []
+    t0 = time.time()
+    for doc_i, ids in _doc_token_stream(corpus, tok, cfg):
+        if cfg.only_split is not None and split_of(cfg.seed, doc_i, cfg.split) != cfg.only_split:
+            continue
+        rng = random.Random(_doc_key(cfg.seed, doc_i))
+        cands = list(range(cfg.min_position, len(ids)))
+        positions = sorted(rng.sample(cands, min(cfg.positions_per_doc, len(cands))))
+        need = cfg.n_rows - len(out["vec"]) - sum(len(b[2]) for b in batch)
+        if need <= 0:
+            break
+        positions = positions[:need]
+        batch.append((doc_i, ids[: positions[-1] + 1], positions))
+        if len(batch) >= cfg.batch_docs:
+            flush(batch)
+            batch = []
+            if bar:
+                bar.update(task, completed=len(out["vec"]))
+    if batch:
+        flush(batch)
+    if bar:
+        bar.update(task, completed=len(out["vec"]))
+        bar.stop()
+    if not out["vec"]:
+        raise NLAError(f"no document in corpus {cfg.corpus!r} has more than {cfg.min_position} tokens")
+    vectors = torch.stack(out["vec"])
+    stats = vector_stats(vectors[torch.tensor(out["split"]) == 0] if 0 in out["split"] else vectors)
+    warm = ({"kind": "offline-extractive", "recipe": "salient prefix words, model's top next tokens, quoted last "
+             "words, current token"} if cfg.warm_start == "offline" and explain_fn is None else
+            {"kind": "llm", "endpoint": cfg.llm_endpoint, "model": cfg.llm_model} if cfg.warm_start == "llm" else
+            {"kind": "custom-function"})
+    meta = {"model": lm.name, "model_source": lm.source.get("spec"), "site": str(site), "d_model": lm.d_model,
+            "n_layers": lm.n_layers, "data_config": asdict(cfg), "stats": stats, "warm_start": warm,
+            "corpus": corpus.describe() if hasattr(corpus, "describe") else str(corpus),
+            "harvest_seconds": round(time.time() - t0, 1)}
+    return NLARows(vectors, torch.tensor(out["doc"]), torch.tensor(out["pos"]), torch.tensor(out["tok"]),
+                   torch.tensor(out["split"]), torch.tensor(out["ctx"]), out["expl"], out["text"], meta)
+
+
+def build_dataset(model: str = "default", out: str | os.PathLike = "nla_data", *, lm=None,
+                  **data_kwargs) -> Path:
+    """`thoughtscope nla data`: harvest rows from a corpus and save them (with ‖μ‖², mean norm, injection_scale)."""
+    from thoughtscope.models import load_model
+
+    lm = lm or load_model(model)
+    rows = harvest_rows(lm, DataConfig(**data_kwargs))
+    return rows.save(out)

@@ -1,0 +1,368 @@
+"""NLA training: `ar-sft` (regression), `av-sft` (supervised warm start), `rl` (GRPO with a live AR).
+
+Every stage is resumable: the trainable weights, the optimiser state, the step and the history are
+written atomically to ``<nla>/train_state/<stage>.pt`` every ``checkpoint_every`` steps. Batches are a
+pure function of (seed, step), and sampling in RL is seeded per step, so an interrupted run resumed
+from its checkpoint follows the same trajectory as an uninterrupted one.
+
+Why our own GRPO loop instead of TRL's GRPOTrainer: the AV sees its vector through an embedding
+hook, which TRL can only be made to arm by overriding its private `_generate_and_score_completions`
+and log-prob passes (pinned to one TRL version), and the reward model (the AR) must keep training on
+the rollouts, which TRL has no place for. The loop below is the whole algorithm in ~80 lines: G
+samples per vector, reward −2(1 − cos) from the live AR (−2 for malformed or truncated answers),
+group-normalised advantages, a clipped ratio loss, a k3 KL estimate to the warm-started AV, and one
+AR step on the well-formed (explanation, vector) pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .bundle import AR_FILE, AV_FILE, NLA, WARM_AR_FILE, WARM_AV_FILE, config_for, load_weights, save_weights
+from .core import NLAConfig, NLAError, atomic_torch_save, atomic_write_text, nla_loss, normalise
+from .data import NLARows
+
+STAGES = ("ar-sft", "av-sft", "rl")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage; the defaults are sized for the 135M default model on 2 CPU cores."""
+
+    stage: str = "ar-sft"
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup: int = 10
+    seed: int = 0
+    eval_every: int = 50
+    checkpoint_every: int = 25
+    val_rows: int = 64
+    time_budget_s: float | None = None    # stop (with a checkpoint) after this much wall time; resumable
+    # --- rl
+    group_size: int = 4                   # G samples per vector (4 on CPU, 8 on GPU)
+    temperature: float = 1.0
+    kl_coef: float = 0.01
+    clip: float = 0.2
+    ar_lr: float = 5e-5                   # the AR keeps training on rollout pairs
+    malformed_reward: float = -2.0
+    max_new_tokens: int | None = None
+
+    def check(self) -> "TrainConfig":
+        if self.stage not in STAGES:
+            raise NLAError(f"unknown stage {self.stage!r}: expected one of {', '.join(STAGES)}")
+        if self.steps < 1 or self.batch_size < 1 or self.group_size < 2 and self.stage == "rl":
+            raise NLAError("steps and batch_size must be ≥ 1, and group_size ≥ 2 for rl")
+        return self
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Rows of a step: epoch-wise permutations seeded by (seed, epoch), so a step's batch never depends on history."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[k * batch_size: (k + 1) * batch_size]
+
+
+def lr_at(step: int, cfg: TrainConfig, base: float) -> float:
+    """Linear warm-up then cosine decay to 10%."""
+    if step < cfg.warmup:
+        return base * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def fve(pred: torch.Tensor, gold: torch.Tensor, mu: torch.Tensor | None = None) -> float:
+    """1 − MSE/Var on √d-normalised vectors, Var = 1 − ‖μ‖² (μ = mean unit gold direction of this set unless given)."""
+    g = normalise(gold.float())
+    d = g.shape[-1]
+    mu_n = g.mean(0) if mu is None else mu
+    var = float((g - mu_n).pow(2).mean())
+    mse = float((normalise(pred.float()) - g).pow(2).mean())
+    return 1 - mse / var if var > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------- GRPO
+
+
+def grpo_step(av, vectors: torch.Tensor, reward_fn: Callable, opt: torch.optim.Optimizer, *, group_size: int = 4,
+              temperature: float = 1.0, kl_coef: float = 0.01, clip: float = 0.2,
+              max_new_tokens: int | None = None) -> dict:
+    """One GRPO update of the AV on a batch of vectors.
+
+    reward_fn(parsed, vectors_rep, completion_ids) -> rewards [N·G], where parsed is a list of
+    (explanation, well_formed). Returns the step's statistics and the rollouts for the AR step.
+    """
+    G = group_size
+    av.model.eval()       # no dropout: sampling and the loss see the same function
+    comp = av.generate_ids(vectors, samples=G, do_sample=True, temperature=temperature,
+                           max_new_tokens=max_new_tokens)
+    parsed = av.decode(comp)
+    v_rep = vectors.repeat_interleave(G, 0)
+    rewards = torch.as_tensor(reward_fn(parsed, v_rep, comp), dtype=torch.float32).flatten()
+    r = rewards.view(-1, G)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten().to(av.device)
+    # sequences = prompt + completion; the completion counts up to and including its first end token
+    P = len(av.prompt)
+    prompt = torch.tensor([av.prompt] * comp.shape[0], device=av.device)
+    ids = torch.cat([prompt, comp.to(av.device)], 1)
+    valid = torch.ones_like(comp, dtype=torch.bool)
+    for i, row in enumerate(comp.tolist()):
+        for j, t in enumerate(row):
+            if t in av.end_ids:
+                valid[i, j + 1:] = False
+                break
+    att = torch.cat([torch.ones_like(prompt), valid.long()], 1)
+    mask = torch.zeros_like(ids, dtype=torch.float32)
+    mask[:, P:] = valid.float()
+    mask = mask[:, 1:]
+    with torch.no_grad(), av.reference():
+        ref = av.token_logprobs(v_rep, ids, att)
+    av.model.train()
+    new = av.token_logprobs(v_rep, ids, att)
+    old = new.detach()      # one update per batch: the ratio starts at 1 and the clip bounds the step
+    ratio = torch.exp(new - old)
+    A = adv[:, None]
+    pg = -torch.minimum(ratio * A, ratio.clamp(1 - clip, 1 + clip) * A)
+    log_r = ref - new
+    kl = torch.exp(log_r) - log_r - 1          # k3 estimator of KL(policy ‖ reference), ≥ 0
+    per_tok = pg + kl_coef * kl
+    per_seq = (per_tok * mask).sum(1) / mask.sum(1).clamp_min(1)
+    loss = per_seq.mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    av.model.eval()
+    lengths = valid.sum(1).float()
+    return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "reward_std": float(r.std(1).mean()),
+            "kl": float((kl * mask).sum() / mask.sum().clamp_min(1)), "length": float(lengths.mean()),
+            "well_formed": float(sum(ok for _, ok in parsed) / len(parsed)), "parsed": parsed, "vectors": v_rep}
+
+
+# ------------------------------------------------------------------------- stages
+
+
+def _state_path(nla_dir: Path, stage: str) -> Path:
+    return nla_dir / "train_state" / f"{stage}.pt"
+
+
+def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **cfg_overrides) -> NLA:
+    """Open (or create) the NLA folder and load the weights this stage starts from."""
+    nla_dir = Path(nla_dir)
+    if (nla_dir / "nla_config.json").is_file():
+        cfg = NLAConfig.load(nla_dir)
+    else:
+        st = rows.meta.get("stats", {})
+        cfg = config_for(lm, site=rows.meta.get("site"), injection_scale=st.get("injection_scale", 0.0),
+                         mean_norm=st.get("mean_norm", 0.0), mu_sq=st.get("mu_sq", 0.0),
+                         warm_start=rows.meta.get("warm_start", {}), **cfg_overrides)
+        cfg.save(nla_dir)
+    if rows.meta.get("site") and rows.meta["site"] != cfg.site:
+        raise NLAError(f"dataset site {rows.meta['site']} differs from the NLA's site {cfg.site} ({nla_dir})")
+    nla = NLA(lm, cfg)
+    nla.path = nla_dir
+    if stage == "rl":
+        for f in (WARM_AV_FILE, WARM_AR_FILE):
+            if not (nla_dir / f).is_file():
+                raise NLAError(f"{nla_dir / f} missing: run the ar-sft and av-sft stages before rl")
+        nla.av.load_adapter_state(load_weights(nla_dir / WARM_AV_FILE))
+        nla.ar.load_adapter_state(load_weights(nla_dir / WARM_AR_FILE))
+    else:
+        # each supervised stage starts from its own warm weights if a previous run finished them
+        pass
+    return nla
+
+
+def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows", cfg: TrainConfig, *, lm=None,
+                progress: bool = True, log: Callable[[dict], None] | None = None) -> dict:
+    """Run (or resume) one stage; returns {'history': [...], 'done': bool, 'step': int}.
+
+    ar-sft: AR regression on (warm-start explanation → vector), validation FVE logged.
+    av-sft: AV cross-entropy on the warm-start explanation with the vector injected.
+    rl:     GRPO on the AV with the live AR as the reward, the AR co-trained on rollouts.
+    """
+    from thoughtscope.models import load_model
+
+    cfg.check()
+    nla_dir = Path(nla_dir)
+    rows = data if isinstance(data, NLARows) else NLARows.load(data)
+    train, val = rows.subset("train"), rows.subset("val")
+    if len(train) == 0:
+        raise NLAError("the dataset has no training rows")
+    if lm is None:
+        cfg_model = NLAConfig.load(nla_dir).model if (nla_dir / "nla_config.json").is_file() else "default"
+        lm = load_model(cfg_model)
+    nla = prepare_nla(nla_dir, rows, lm, stage=cfg.stage)
+    val = val.subset(torch.arange(min(cfg.val_rows, len(val))))
+
+    if cfg.stage == "ar-sft":
+        params, base_lr = nla.ar.trainable_parameters(), cfg.lr
+    elif cfg.stage == "av-sft":
+        params, base_lr = nla.av.trainable_parameters(), cfg.lr
+    else:
+        params, base_lr = nla.av.trainable_parameters(), cfg.lr
+        nla.av.set_reference()
+    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
+    ar_opt = torch.optim.AdamW(nla.ar.trainable_parameters(), lr=cfg.ar_lr) if cfg.stage == "rl" else None
+
+    step, history = 0, []
+    sp = _state_path(nla_dir, cfg.stage)
+    if sp.is_file():
+        st = torch.load(sp, weights_only=False)
+        if st["config"]["seed"] != cfg.seed or st["config"]["batch_size"] != cfg.batch_size:
+            raise NLAError(f"{sp} was written with a different seed/batch size; delete it to start over")
+        step, history = st["step"], st["history"]
+        if "av" in st:
+            nla.av.load_adapter_state(st["av"])
+        if "ar" in st:
+            nla.ar.load_adapter_state(st["ar"])
+        opt.load_state_dict(st["opt"])
+        if ar_opt is not None and "ar_opt" in st:
+            ar_opt.load_state_dict(st["ar_opt"])
+
+    def save_checkpoint(done: bool, stopped: bool = False) -> None:
+        st = {"step": step, "history": history, "config": asdict(cfg), "opt": opt.state_dict(), "done": done}
+        if cfg.stage in ("av-sft", "rl"):
+            st["av"] = {k: v.detach().clone() for k, v in nla.av.adapter_state().items()}
+        if cfg.stage in ("ar-sft", "rl"):
+            st["ar"] = {k: v.detach().clone() for k, v in nla.ar.adapter_state().items()}
+        if ar_opt is not None:
+            st["ar_opt"] = ar_opt.state_dict()
+        atomic_torch_save(st, sp)
+        # publish the weights so later stages and `nla eval` can use them
+        if cfg.stage == "ar-sft":
+            save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
+            if done or stopped:     # a budget-stopped stage still hands its weights to the next stage
+                save_weights(nla.ar.adapter_state(), nla_dir / WARM_AR_FILE)
+        elif cfg.stage == "av-sft":
+            save_weights(nla.av.adapter_state(), nla_dir / AV_FILE)
+            if done or stopped:
+                save_weights(nla.av.adapter_state(), nla_dir / WARM_AV_FILE)
+        else:
+            save_weights(nla.av.adapter_state(), nla_dir / AV_FILE)
+            save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
+        atomic_write_text(nla_dir / "train_state" / f"{cfg.stage}.history.json", json.dumps(history, indent=1))
+
+    def evaluate() -> dict:
+        if len(val) == 0:
+            return {}
+        if cfg.stage == "av-sft":
+            with torch.no_grad():
+                nla.av.model.eval()
+                loss = sum(float(nla.av.sft_loss(val.vectors[i:i + 16], val.explanations[i:i + 16])) *
+                           len(val.explanations[i:i + 16]) for i in range(0, len(val), 16)) / len(val)
+                shuf = val.vectors[torch.randperm(len(val), generator=torch.Generator().manual_seed(1))]
+                loss_s = sum(float(nla.av.sft_loss(shuf[i:i + 16], val.explanations[i:i + 16])) *
+                             len(val.explanations[i:i + 16]) for i in range(0, len(val), 16)) / len(val)
+            return {"val_ce": loss, "val_ce_shuffled_vectors": loss_s}
+        nla.ar.eval()
+        out = {"val_fve_warm_text": fve(nla.ar.predict(val.explanations), val.vectors)}
+        if cfg.stage == "rl":
+            sub = val.vectors[:16]
+            nla.av.model.eval()
+            with torch.no_grad():
+                expl = nla.av.explain(sub)
+            out["val_fve_round_trip"] = fve(nla.ar.predict(expl, allow_empty=True, truncate=True), sub,
+                                            normalise(val.vectors).mean(0))
+        return out
+
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn(f"nla {cfg.stage}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       TextColumn("{task.fields[info]}"))
+        bar.start()
+        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
+    t0 = time.time()
+    try:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg, base_lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = batch_indices(len(train), cfg.batch_size, step, cfg.seed)
+            rec: dict = {"step": step + 1, "lr": lr}
+            if cfg.stage == "ar-sft":
+                nla.ar.train()
+                loss = nla.ar.loss([train.explanations[i] for i in idx.tolist()], train.vectors[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                rec["loss"] = float(loss.detach())
+            elif cfg.stage == "av-sft":
+                nla.av.model.train()
+                loss = nla.av.sft_loss(train.vectors[idx], [train.explanations[i] for i in idx.tolist()])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                rec["loss"] = float(loss.detach())
+            else:
+                torch.manual_seed(cfg.seed * 1_000_003 + step)
+                rec.update(rl_step(nla, train.vectors[idx], opt, ar_opt, cfg))
+            step += 1
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                rec.update(evaluate())
+            history.append(rec)
+            if log:
+                log(rec)
+            if bar:
+                info = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if k not in ("step", "lr") and
+                                isinstance(v, float))
+                bar.update(task, completed=step, info=info)
+            out_of_time = cfg.time_budget_s is not None and time.time() - t0 > cfg.time_budget_s
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
+                save_checkpoint(done=step == cfg.steps, stopped=out_of_time)
+            if out_of_time:
+                break
+    finally:
+        if bar:
+            bar.stop()
+    return {"history": history, "done": step >= cfg.steps, "step": step, "nla": nla}
+
+
+def rl_step(nla: NLA, vectors: torch.Tensor, opt, ar_opt, cfg: TrainConfig) -> dict:
+    """One GRPO step on the AV, rewarded by the live AR, then one AR step on the well-formed rollouts."""
+    ar = nla.ar
+
+    def fits(e: str) -> bool:
+        return len(ar.tokenizer(e, add_special_tokens=False)["input_ids"]) <= ar.cfg.max_explanation_tokens
+
+    def usable(parsed) -> list[int]:
+        # malformed, truncated, empty or over-long answers get the orthogonal reward and stay out of AR training
+        return [i for i, (e, good) in enumerate(parsed) if good and e.strip() and fits(e)]
+
+    def reward_fn(parsed, v_rep, comp):
+        ok = usable(parsed)
+        r = torch.full((len(parsed),), cfg.malformed_reward)
+        if ok:
+            ar.eval()
+            with torch.no_grad():
+                pred = ar([parsed[i][0] for i in ok])
+            r[ok] = -nla_loss(pred, v_rep[ok].to(pred.device), reduction="none").cpu()
+        return r
+
+    st = grpo_step(nla.av, vectors, reward_fn, opt, group_size=cfg.group_size, temperature=cfg.temperature,
+                   kl_coef=cfg.kl_coef, clip=cfg.clip, max_new_tokens=cfg.max_new_tokens)
+    parsed, v_rep = st.pop("parsed"), st.pop("vectors")
+    ok = usable(parsed)
+    if ok and ar_opt is not None:
+        ar.train()
+        loss = ar.loss([parsed[i][0] for i in ok], v_rep[ok])
+        ar_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ar_opt.step()
+        st["ar_loss"] = float(loss.detach())
+    return st

@@ -1,0 +1,318 @@
+"""NLA tests on tiny random models: injection, AR head, loss, training stages, GRPO, FVE, baselines, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from thoughtscope.models import tiny_model
+from thoughtscope.nla import (NLA, DataConfig, NLAError, TrainConfig, bootstrap_ci, config_for, fve, fve_parts,
+                              grpo_step, harvest_rows, nla_loss, normalise, train_stage)
+from thoughtscope.nla.evaluate import quote_analysis, ridge_predict, strip_quotes, token_mean_predict
+from thoughtscope.nla.reconstructor import Reconstructor
+from thoughtscope.nla.verbalizer import Verbalizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On a shared 2-core machine a single thread is several times faster for these tiny models.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", d_model=32, n_layers=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cfg(lm):
+    return config_for(lm, site="resid.1", injection_scale=6.0, lora_rank=4, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    rng = random.Random(0)
+    words = "alpha beta gamma delta apple river stone cloud music paper".split()
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(16))})
+                              for _ in range(40)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rows(lm, corpus_file):
+    return harvest_rows(lm, DataConfig(corpus=str(corpus_file), site="resid.1", n_rows=80, positions_per_doc=2,
+                                       max_position=70, max_explanation_tokens=60, split=(0.6, 0.2, 0.2)),
+                        progress=False)
+
+
+# ----------------------------------------------------------------------------- injection
+
+
+def _embeddings(av, ids, vectors=None):
+    seen = {}
+    emb = av.model.get_input_embeddings()
+    h = emb.register_forward_hook(lambda m, a, o: seen.__setitem__("e", o.detach().clone()))
+    try:
+        with torch.no_grad():
+            if vectors is None:
+                av.model(input_ids=ids)
+            else:
+                with av.injecting(vectors):
+                    av.model(input_ids=ids)
+    finally:
+        h.remove()
+    return seen["e"]
+
+
+def test_injection_replaces_exactly_the_marker(lm, cfg):
+    av = Verbalizer(lm, cfg)
+    ids = torch.tensor([av.prompt, av.prompt])
+    v = torch.randn(2, cfg.d_model)
+    # our hook is registered first, so the probe (registered later) sees the injected output
+    before = _embeddings(av, ids)
+    after = _embeddings(av, ids, v)
+    p = av.prompt.index(cfg.marker_id)
+    changed = (before != after).any(-1)
+    assert changed[:, p].all() and changed.sum() == 2
+    expected = v * (cfg.injection_scale / v.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(after[:, p], expected)
+
+
+def test_injection_raises_on_missing_or_repeated_marker(lm, cfg):
+    av = Verbalizer(lm, cfg)
+    no_marker = torch.tensor([[t for t in av.prompt if t != cfg.marker_id]])
+    twice = torch.tensor([av.prompt + [cfg.marker_id]])
+    for ids in (no_marker, twice):
+        with pytest.raises(NLAError, match="exactly once"):
+            with av.injecting(torch.randn(1, cfg.d_model)):
+                av.model(input_ids=ids)
+    bad = config_for(lm, site="resid.1", injection_scale=6.0)
+    bad.av_template = "no marker here"
+    with pytest.raises(NLAError, match="marker"):
+        bad.check()
+
+
+def test_bad_inputs_give_clear_errors(lm, cfg):
+    av = Verbalizer(lm, cfg)
+    with pytest.raises(NLAError, match=r"expected \[32\]"):
+        with av.injecting(torch.randn(3, 31)):
+            pass
+    with pytest.raises(Exception, match="beyond"):
+        config_for(lm, site="resid.7")
+    ar = Reconstructor(lm, cfg)
+    with pytest.raises(NLAError, match="empty explanation"):
+        ar(["   "])
+    with pytest.raises(NLAError, match="at most"):
+        ar(["x" * (cfg.max_explanation_tokens + 5)])
+    other = tiny_model("llama", d_model=48, n_layers=3)
+    with pytest.raises(NLAError, match="d_model"):
+        NLA(other, cfg)
+
+
+# ----------------------------------------------------------------------------- AR
+
+
+def test_identity_head_reproduces_truncated_model(lm, cfg):
+    ar = Reconstructor(lm, cfg)
+    ids, att = ar.encode(["hello world", "hi"])
+    with torch.no_grad():
+        out = ar.forward_ids(ids, att)
+        hs = lm.model(input_ids=ids, attention_mask=att, output_hidden_states=True).hidden_states[cfg.layer + 1]
+    last = att.sum(1) - 1
+    torch.testing.assert_close(out, hs[torch.arange(2), last])
+
+
+def test_normalised_loss_is_two_one_minus_cos():
+    p, g = torch.randn(5, 64) * 7, torch.randn(5, 64) * 0.1
+    cos = torch.nn.functional.cosine_similarity(p, g, dim=-1)
+    torch.testing.assert_close(nla_loss(p, g, reduction="none"), 2 * (1 - cos))
+    assert math.isclose(float(normalise(p).norm(dim=-1)[0]), 8.0, rel_tol=1e-5)
+
+
+def test_ar_regression_lowers_validation_loss(lm, cfg):
+    torch.manual_seed(0)
+    words = ["apple", "river", "stone", "cloud", "music", "paper"]
+    targets = {w: torch.randn(cfg.d_model) for w in words}
+    ar = Reconstructor(lm, cfg)
+    train = [f"the {w}" for w in words]
+    val = [f"one {w}" for w in words]
+    y = torch.stack([targets[w] for w in words])
+    with torch.no_grad():
+        before = float(ar.loss(val, y))
+    opt = torch.optim.AdamW(ar.trainable_parameters(), lr=2e-2)
+    for _ in range(40):
+        loss = ar.loss(train, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(ar.loss(val, y))
+    assert after < 0.7 * before
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_step_raises_expected_reward(lm, cfg):
+    """Toy task with a known best answer: reward = −|first token − target| / 100; expected reward is exact."""
+    torch.manual_seed(0)
+    av = Verbalizer(lm, cfg)
+    av.set_reference()
+    v = torch.randn(2, cfg.d_model)
+    target = 120
+    ids = torch.tensor([av.prompt] * 2)
+    vocab = torch.arange(lm.vocab_size, dtype=torch.float32)
+    reward_of = -(vocab - target).abs() / 100
+
+    def expected():
+        with torch.no_grad(), av.injecting(v):
+            p = torch.softmax(av.model(input_ids=ids).logits[:, -1].float(), -1)
+        return float((p * reward_of).sum(-1).mean())
+
+    def reward_fn(parsed, v_rep, comp):
+        return reward_of[comp[:, 0]]
+
+    opt = torch.optim.SGD(av.trainable_parameters(), lr=0.5)
+    before = expected()
+    for _ in range(3):
+        grpo_step(av, v, reward_fn, opt, group_size=8, max_new_tokens=2, kl_coef=0.01)
+    assert expected() > before
+
+
+# ----------------------------------------------------------------------------- metrics and baselines
+
+
+def test_fve_and_bootstrap_on_known_answers():
+    torch.manual_seed(0)
+    g = torch.randn(400, 16) + 2.0
+    gn = normalise(g)
+    mu = gn.mean(0)
+    assert abs(fve(mu.expand_as(g), g, renormalise=False)) < 1e-6
+    assert abs(fve(g * 3.0, g) - 1.0) < 1e-9                       # scale does not matter
+    parts = fve_parts(g, g)
+    assert math.isclose(parts["var"], 1 - float((mu / 4).pow(2).sum()), rel_tol=1e-6)
+    # a prediction halfway to the mean: MSE = Var/4 before renormalisation; check against the formula
+    p = mu + 0.5 * (gn - mu)                                      # halfway to the mean: FVE = 1 - 1/4
+    assert math.isclose(fve(p, g, renormalise=False), 0.75, rel_tol=1e-5)
+    mse = float((normalise(p) - gn).pow(2).mean())
+    assert math.isclose(fve(p, g), 1 - mse / parts["var"], rel_tol=1e-5)
+    noisy = p + 0.5 * torch.randn_like(p)
+    f = fve(noisy, g, renormalise=False)
+    lo, hi = bootstrap_ci(noisy, g, torch.arange(400) // 4, n_boot=200, renormalise=False)
+    assert lo < f < hi and hi - lo < 0.3
+
+
+def test_token_mean_and_ridge_recover_a_known_mapping():
+    torch.manual_seed(0)
+    d, V = 16, 20
+    table = torch.randn(V, d)
+    ctx = torch.randint(0, V, (300, 16))
+    tok = ctx[:, -1]
+    y = table[tok]
+    pred = token_mean_predict(tok[:200], y[:200], tok[200:])
+    assert fve(pred, y[200:], renormalise=False) > 0.99
+    # the vector is a sum over the last 4 tokens: ridge k=4 explains it, k=1 only partly
+    y4 = sum(table[ctx[:, -j]] for j in range(1, 5))
+    p4, _ = ridge_predict(ctx[:200], y4[:200], ctx[200:], 4, lambdas=(0.01,))
+    p1, _ = ridge_predict(ctx[:200], y4[:200], ctx[200:], 1, lambdas=(0.01,))
+    assert fve(p4, normalise(y4[200:]), renormalise=False) > 0.8 > fve(p1, y4[200:], renormalise=False)
+
+
+def test_quote_analysis():
+    qa = quote_analysis(['Context: "the cat sat". Next: "zzz".'], ["yesterday the cat sat on"])
+    assert qa["n_quotes"] == 2 and qa["quote_verbatim_share"] == 0.5
+    assert strip_quotes('say "hello there" now') == 'say "" now'
+
+
+# ----------------------------------------------------------------------------- data, stages, resume
+
+
+def test_harvest_rows_split_by_document(rows, lm):
+    assert len(rows) == 80
+    assert (rows.position >= 50).all()
+    for s in range(3):
+        docs = set(rows.doc_id[rows.split == s].tolist())
+        others = set(rows.doc_id[rows.split != s].tolist())
+        assert not docs & others
+    st = rows.meta["stats"]
+    assert st["injection_scale"] > st["mean_norm"] and 0 < st["mu_sq"] < 1
+    assert rows.meta["warm_start"]["kind"] == "offline-extractive"
+    assert all(e.split("Token:")[-1] for e in rows.explanations)
+
+
+def test_dataset_roundtrip(rows, tmp_path):
+    rows.save(tmp_path / "d")
+    from thoughtscope.nla import NLARows
+
+    back = NLARows.load(tmp_path / "d")
+    torch.testing.assert_close(back.vectors, rows.vectors)
+    assert back.explanations == rows.explanations
+
+
+def _final_weights(path):
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def test_resume_equals_uninterrupted(lm, rows, tmp_path):
+    tc = dict(stage="ar-sft", steps=6, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=2)
+    train_stage(tmp_path / "a", rows, TrainConfig(**tc), lm=lm, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(rec):
+        if rec["step"] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_stage(tmp_path / "b", rows, TrainConfig(**tc), lm=lm, progress=False, log=stop_at_3)
+    # the checkpoint of step 3 is written after the log call, so the resume restarts from step 2
+    r = train_stage(tmp_path / "b", rows, TrainConfig(**tc), lm=lm, progress=False)
+    assert r["done"]
+    a, b = _final_weights(tmp_path / "a" / "ar.safetensors"), _final_weights(tmp_path / "b" / "ar.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_all_stages_run_and_save(lm, rows, tmp_path):
+    d = tmp_path / "nla"
+    for stage in ("ar-sft", "av-sft", "rl"):
+        r = train_stage(d, rows, TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=2, checkpoint_every=1,
+                                             val_rows=4, max_new_tokens=8), lm=lm, progress=False)
+        assert r["done"]
+    hist = r["history"][-1]
+    assert {"reward", "kl", "length", "well_formed"} <= hist.keys()
+    names = {p.name for p in d.iterdir()}
+    assert {"nla_config.json", "av.safetensors", "ar.safetensors", "warm_av.safetensors"} <= names
+    nla = NLA.load(d, lm=lm)
+    expl, rec, loss = nla.round_trip(rows.vectors[:2])
+    assert len(expl) == 2 and rec.shape == (2, lm.d_model) and (loss >= 0).all()
+    with pytest.raises(NLAError, match="rl"):
+        train_stage(tmp_path / "fresh", rows, TrainConfig(stage="rl", steps=1), lm=lm, progress=False)
+
+
+def test_evaluate_quick_on_tiny(lm, rows, tmp_path):
+    from thoughtscope.nla import evaluate_nla, format_table
+
+    d = tmp_path / "nla"
+    train_stage(d, rows, TrainConfig(stage="ar-sft", steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
+    nla = NLA.load(d, lm=lm)
+    res = evaluate_nla(nla, rows, quick=True, n_boot=50, json_path=tmp_path / "e.json", progress=False)
+    for k in ("mean", "empty", "shuffled", "token_mean", "ridge_k1", "ridge_k4", "ridge_k16", "oracle"):
+        assert k in res["baselines"]
+    assert abs(res["baselines"]["mean"]) < 1e-9
+    assert res["fve_ci"][0] <= res["fve_ci"][1]
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert {"fve", "fve_ci", "baselines"} <= saved.keys()
+    assert "NLA round trip" in format_table(res)
