@@ -40,9 +40,14 @@ class SAEConfig:
     aux_coeff: float = 1.0 / 32.0    # AuxK loss coefficient (0 disables AuxK)
     dead_tokens: int | None = None   # a latent is dead after this many tokens without firing; None = rule in train.py
     threshold_beta: float = 0.999    # batchtopk: EMA factor of the inference threshold
-    jumprelu_bandwidth: float = 0.001
-    jumprelu_init_threshold: float = 0.001
+    # jumprelu: thresholds and bandwidth are in units of the *normalised* training data (mean ||x|| = sqrt(d)),
+    # where a unit-norm feature's activation is O(1); the Gemma Scope values (0.001) assume mean ||x||^2 = 1 and
+    # thresholds that far below the data scale barely move in a short run (log-threshold steps are ~lr per step).
+    jumprelu_bandwidth: float = 0.5
+    jumprelu_init_threshold: float = 0.5
     l0_coeff: float = 1.0            # jumprelu L0 penalty coefficient
+    l0_warmup_frac: float = 0.1      # jumprelu: L0 coefficient ramps linearly from 0 over this share of steps
+    pre_act_coeff: float = 0.0       # jumprelu: weight of the pre-activation loss sum_i relu(t_i - pre_i)*||W_dec,i||
     l0_penalty: str = "plain"        # jumprelu: "plain" (step function, STE) or "tanh" (tanh(c * f * ||W_dec||))
     tanh_c: float = 4.0
     # provenance / data rules
@@ -436,8 +441,14 @@ class BatchTopKSAE(_UnitDecoderMixin, SAE):
         return {"threshold": self.threshold.detach().clone()}
 
 
-class JumpReLUSAE(SAE):
-    """Gemma Scope JumpReLU: per-feature learned thresholds via straight-through estimators + L0 penalty."""
+class JumpReLUSAE(_UnitDecoderMixin, SAE):
+    """Gemma Scope JumpReLU: per-feature learned thresholds via straight-through estimators + L0 penalty.
+
+    Training follows Gemma Scope (unit-norm decoder rows, so thresholds are activation sizes along a unit
+    direction; L0 coefficient warmed up linearly from 0) plus Anthropic's January 2025 pre-activation loss
+    (optional, ``pre_act_coeff``): it pulls the pre-activations of features below their threshold upwards,
+    because a JumpReLU feature that never fires gets no reconstruction gradient and would stay dead.
+    """
 
     arch = "jumprelu"
 
@@ -454,17 +465,22 @@ class JumpReLUSAE(SAE):
         return pre * (pre > t)
 
     def training_step(self, x, *, progress, dead_mask=None, aux_scale=None):
+        cfg = self.cfg
         pre = self.pre_acts(x)
         t = self.threshold
-        eps = self.cfg.jumprelu_bandwidth
+        eps = cfg.jumprelu_bandwidth
         f = _JumpReLU.apply(pre, t, eps)
         recon = f @ self.W_dec + self.b_dec
         mse = (recon - x).pow(2).sum(-1).mean()
-        if self.cfg.l0_penalty == "plain":
+        dec_norm = self.W_dec.norm(dim=1)
+        if cfg.l0_penalty == "plain":
             l0_term = _Step.apply(pre, t, eps).sum(-1).mean()
         else:
-            l0_term = torch.tanh(self.cfg.tanh_c * f.abs() * self.W_dec.norm(dim=1)).sum(-1).mean()
-        loss = mse + self.cfg.l0_coeff * l0_term
+            l0_term = torch.tanh(cfg.tanh_c * f.abs() * dec_norm).sum(-1).mean()
+        warm = min(1.0, progress / cfg.l0_warmup_frac) if cfg.l0_warmup_frac > 0 else 1.0
+        loss = mse + (cfg.l0_coeff * warm) * l0_term
+        if cfg.pre_act_coeff > 0:
+            loss = loss + cfg.pre_act_coeff * (F.relu(t.detach() - pre) * dec_norm).sum(-1).mean()
         active = f > 0
         return StepOutput(loss, recon, active.any(0), active.sum(-1).float().mean().detach(), torch.zeros(()))
 
