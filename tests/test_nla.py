@@ -316,3 +316,18 @@ def test_evaluate_quick_on_tiny(lm, rows, tmp_path):
     saved = json.loads((tmp_path / "e.json").read_text())
     assert {"fve", "fve_ci", "baselines"} <= saved.keys()
     assert "NLA round trip" in format_table(res)
+
+
+def test_explain_text_and_steering_from_words(lm, cfg):
+    from thoughtscope.nla import explain_text, steer_from_words, steering_delta
+
+    nla = NLA(lm, cfg)
+    out = explain_text(nla, "alpha beta gamma", positions=[-1, 2], samples=2)
+    assert [o["position"] for o in out] == [16, 2]          # positions count the BOS token (index 0) and len(out[0]["samples"]) == 2
+    assert all(isinstance(o["fve"], float) for o in out)
+    delta = steering_delta(nla, "the river", "the stone", norm=10.0)
+    assert delta.shape == (lm.d_model,) and float(delta.norm()) > 0
+    res = steer_from_words(nla, "alpha beta", "the river", "the stone", scale=50.0, max_new_tokens=6)
+    assert res["steered"] != res["unsteered"]
+    with pytest.raises(NLAError, match="outside"):
+        explain_text(nla, "abc", positions=[10])

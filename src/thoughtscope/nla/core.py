@@ -142,6 +142,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)          # mkstemp creates 0600; these are ordinary shareable files
     os.replace(tmp, path)
 
 
@@ -153,6 +154,7 @@ def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent, suffix=".safetensors")
     os.close(fd)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -208,10 +208,14 @@ def evaluate_nla(nla="default", data: "str | os.PathLike | NLARows | None" = Non
     if data is None:
         say("harvesting held-out and training rows")
         n = n_test or (48 if quick else 200)
-        dc = {}
+        recipe = nla.cfg.extra.get("data_config", {})
+        dc = {k: recipe[k] for k in ("min_position", "max_position", "positions_per_doc", "ascii_only",
+                                     "max_explanation_tokens") if k in recipe}
+        if "split" in recipe:
+            dc["split"] = tuple(recipe["split"])
         test, train, val = quick_rows(lm, n_test=n, n_train=400 if quick else 2000, n_val=48,
-                                      max_position=int(nla.cfg.extra.get("max_position", 72)), **dc)
-        data_desc = {"source": "harvested on the fly", "seed": 42}
+                                      seed=recipe.get("seed", 42), corpus=recipe.get("corpus", "default"), **dc)
+        data_desc = {"source": "harvested on the fly with the NLA's data recipe", "recipe": dc}
     else:
         rows = data if isinstance(data, NLARows) else NLARows.load(data)
         if rows.meta.get("site") not in (None, nla.cfg.site):

@@ -70,7 +70,8 @@ class Reconstructor(nn.Module):
         self.head = nn.Linear(d, d, bias=False)
         with torch.no_grad():
             self.head.weight.copy_(torch.eye(d))
-        self.head.to(next(body.parameters()).dtype)
+        ref = next(body.parameters())
+        self.head.to(device=ref.device, dtype=ref.dtype)
         self.prefix = self.tokenizer(cfg.ar_prefix, add_special_tokens=False)["input_ids"]
         self.suffix = self.tokenizer(cfg.ar_suffix, add_special_tokens=False)["input_ids"] if cfg.ar_suffix else []
 

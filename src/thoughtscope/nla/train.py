@@ -169,6 +169,8 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
         cfg = config_for(lm, site=rows.meta.get("site"), injection_scale=st.get("injection_scale", 0.0),
                          mean_norm=st.get("mean_norm", 0.0), mu_sq=st.get("mu_sq", 0.0),
                          warm_start=rows.meta.get("warm_start", {}), **cfg_overrides)
+        # remembered so `nla eval` can harvest fresh held-out rows with the same recipe and split
+        cfg.extra["data_config"] = rows.meta.get("data_config", {})
         cfg.save(nla_dir)
     if rows.meta.get("site") and rows.meta["site"] != cfg.site:
         raise NLAError(f"dataset site {rows.meta['site']} differs from the NLA's site {cfg.site} ({nla_dir})")

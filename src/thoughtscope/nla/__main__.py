@@ -1,0 +1,121 @@
+"""`python -m thoughtscope.nla data|train|explain|eval|recipe` — the NLA workflow without the main CLI.
+
+`recipe` reproduces the shipped default NLA end to end (data → ar-sft → av-sft → rl → eval → export),
+with the exact sizes and time budgets used for the shipped artefact (see docs/nla.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# The recipe that produced src/thoughtscope/assets/default_nla (2 shared CPU cores, one thread).
+DEFAULT_RECIPE = {
+    "data": {"n_rows": 1600, "positions_per_doc": 4, "max_position": 72},
+    "stages": [
+        {"stage": "ar-sft", "steps": 150, "batch_size": 8, "lr": 1e-3, "eval_every": 25, "checkpoint_every": 10,
+         "time_budget_s": 720},
+        {"stage": "av-sft", "steps": 150, "batch_size": 8, "lr": 1e-3, "eval_every": 50, "checkpoint_every": 10,
+         "val_rows": 32, "time_budget_s": 1320},
+        {"stage": "rl", "steps": 30, "batch_size": 2, "group_size": 4, "lr": 1e-4, "ar_lr": 1e-4, "eval_every": 10,
+         "checkpoint_every": 2, "val_rows": 32, "time_budget_s": 600},
+    ],
+}
+
+
+def _print(rec: dict) -> None:
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from . import (DataConfig, TrainConfig, build_dataset, evaluate_nla, explain_text, format_table, load_nla,
+                   train_stage)
+
+    ap = argparse.ArgumentParser(prog="python -m thoughtscope.nla", description=__doc__)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data", help="harvest rows + warm-start explanations")
+    d.add_argument("--model", default="default")
+    d.add_argument("--out", required=True)
+    d.add_argument("--corpus", default="default")
+    d.add_argument("--site", default=None)
+    d.add_argument("--n-rows", type=int, default=1600)
+    d.add_argument("--positions-per-doc", type=int, default=4)
+    d.add_argument("--max-position", type=int, default=72)
+    d.add_argument("--warm-start", choices=["offline", "llm"], default="offline")
+    d.add_argument("--llm-endpoint", default=None)
+    d.add_argument("--llm-model", default=None)
+    t = sub.add_parser("train", help="one stage: ar-sft | av-sft | rl (resumable)")
+    t.add_argument("--nla", required=True)
+    t.add_argument("--data", required=True)
+    t.add_argument("--stage", required=True, choices=["ar-sft", "av-sft", "rl"])
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--time-budget-s", type=float, default=None)
+    e = sub.add_parser("explain", help="explain tokens of a text")
+    e.add_argument("--nla", default="default")
+    e.add_argument("--text", required=True)
+    e.add_argument("--position", type=int, action="append", default=None)
+    e.add_argument("--samples", type=int, default=1)
+    v = sub.add_parser("eval", help="held-out FVE + baseline ladder")
+    v.add_argument("--nla", default="default")
+    v.add_argument("--data", default=None)
+    v.add_argument("--full", action="store_true", help="the whole test split instead of the quick 48 rows")
+    v.add_argument("--json", default=None)
+    r = sub.add_parser("recipe", help="reproduce the shipped default NLA end to end")
+    r.add_argument("--work", required=True, help="folder for data, checkpoints and the eval json")
+    r.add_argument("--export", default=None, help="copy the final adapters here (e.g. the assets folder)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.cmd == "data":
+        print(build_dataset(args.model, args.out, corpus=args.corpus, site=args.site, n_rows=args.n_rows,
+                            positions_per_doc=args.positions_per_doc, max_position=args.max_position,
+                            warm_start=args.warm_start, llm_endpoint=args.llm_endpoint, llm_model=args.llm_model))
+    elif args.cmd == "train":
+        base = next((s for s in DEFAULT_RECIPE["stages"] if s["stage"] == args.stage), {"stage": args.stage})
+        over = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "time_budget_s")
+                if getattr(args, k) is not None}
+        r_ = train_stage(args.nla, args.data, TrainConfig(**{**base, **over}), log=_print)
+        print(f"stage {args.stage}: step {r_['step']}, done={r_['done']}")
+    elif args.cmd == "explain":
+        nla = load_nla(args.nla)
+        for row in explain_text(nla, args.text, args.position or [-1], samples=args.samples):
+            print(f"[{row['position']}] {row['token']!r}  FVE {row['fve']:+.2f}  {row['explanation']}")
+    elif args.cmd == "eval":
+        res = evaluate_nla(args.nla, args.data, quick=not args.full, json_path=args.json)
+        print(format_table(res))
+    elif args.cmd == "recipe":
+        work = Path(args.work)
+        data = work / "data"
+        if not (data / "meta.json").is_file():
+            build_dataset("default", data, **DEFAULT_RECIPE["data"])
+        for st in DEFAULT_RECIPE["stages"]:
+            t0 = time.time()
+            r_ = train_stage(work / "nla", data, TrainConfig(**st), log=_print, progress=False)
+            print(f"== {st['stage']} step {r_['step']} done={r_['done']} {time.time() - t0:.0f}s", flush=True)
+        res = evaluate_nla(str(work / "nla"), data, quick=False, json_path=work / "eval.json")
+        print(format_table(res))
+        if args.export:
+            export(work / "nla", Path(args.export))
+    return 0
+
+
+def export(src: Path, dest: Path) -> None:
+    """Copy the shippable files of an NLA folder (config + adapters, no optimiser state)."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("nla_config.json", "av.safetensors", "ar.safetensors", "warm_av.safetensors", "warm_ar.safetensors"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
