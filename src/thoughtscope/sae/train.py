@@ -41,7 +41,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
-    dtype: str = "float32"              # "float32" | "bfloat16" (autocast)
+    dtype: str = "float32"              # "float32" | "bfloat16" (autocast) | "float64" (exact comparisons, e.g. DDP tests)
     device: str = "cpu"
     b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zero"
     init_batches: int = 1               # batches used for normalisation stats and b_dec init
@@ -81,7 +81,7 @@ def _make_stream(source: Any, tc: TrainConfig, cfg0: SAEConfig, skip: int) -> It
     return ((b, None) for b in islice(iter(source), skip, None))
 
 
-def _describe_bad_row(batch_no: int, x: torch.Tensor, meta: Any) -> str:
+def _describe_bad_row(batch_no: int, x: torch.Tensor, meta: Any, source: Any = None) -> str:
     bad = (~torch.isfinite(x)).any(-1).nonzero().flatten()
     msg = f"batch {batch_no} contains NaN/Inf in {len(bad)} row(s) (first row {int(bad[0])} of the batch)"
     if isinstance(meta, dict) and len(bad):
@@ -89,7 +89,25 @@ def _describe_bad_row(batch_no: int, x: torch.Tensor, meta: Any) -> str:
         info = {k: int(v[r]) for k, v in meta.items() if isinstance(v, torch.Tensor) and v.dim() == 1 and len(v) > r}
         if info:
             msg += "; source row " + ", ".join(f"{k}={v}" for k, v in info.items())
+            msg += _locate_in_store(source, info)
     return msg
+
+
+def _locate_in_store(store: Any, info: dict[str, int]) -> str:
+    """' in shard i (row j, file ...)' for a shuffled row of an ActivationStore, found by its meta (error path only:
+    shuffled batches do not carry shard positions, so the shards' meta columns are scanned)."""
+    if not (hasattr(store, "shard") and hasattr(store, "n_shards")) or not {"doc_id", "position"} <= info.keys():
+        return ""
+    for i in range(store.n_shards):
+        acts, meta = store.shard(i)
+        hit = (meta["doc_id"] == info["doc_id"]) & (meta["position"] == info["position"])
+        if "token_id" in info and "token_id" in meta:
+            hit &= meta["token_id"] == info["token_id"]
+        for j in hit.nonzero().flatten().tolist():
+            if not bool(torch.isfinite(acts[j].float()).all()):
+                fname = store.manifest["shards"][i]["files"]["acts"] if hasattr(store, "manifest") else "?"
+                return f" in shard {i} (row {j} of {Path(getattr(store, 'path', '.')) / fname})"
+    return ""
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -128,6 +146,11 @@ class Trainer:
         self.slots: list[_Slot] = []
         self.metrics_log: list[dict[str, Any]] = []
 
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """float32 master weights (bf16 is autocast only); float64 on request for exact comparisons."""
+        return torch.float64 if self.tc.dtype in ("float64", "fp64") else torch.float32
+
     # -- setup
     def _total_steps(self, source: Any) -> int:
         tc = self.tc
@@ -136,12 +159,16 @@ class Trainer:
         if tc.total_tokens is not None:
             return max(1, int(tc.total_tokens) // tc.batch_size)
         if hasattr(source, "n_tokens"):
-            return max(1, int(source.n_tokens) * tc.epochs // tc.batch_size)
+            n = int(source.n_tokens)
+            st = getattr(source, "stats", None) if self.cfgs[0].exclude_bos else None
+            if isinstance(st, dict) and st.get("exclude_bos") and st.get("tokens"):
+                n = int(st["tokens"])  # BOS rows are skipped by the stream: size the LR schedule to what is read
+            return max(1, n * tc.epochs // tc.batch_size)
         raise SAEError("give TrainConfig.steps or total_tokens when the source is not an ActivationStore")
 
     def _init_from_sample(self, sample: torch.Tensor) -> None:
         torch.manual_seed(self.tc.seed)
-        sample = sample.to(self.device, torch.float32)
+        sample = sample.to(self.device, self.param_dtype)
         c0 = self.cfgs[0]
         if c0.mean_center:
             self.norm_mean = sample.mean(0)
@@ -164,7 +191,7 @@ class Trainer:
             cfg.norm_folded = False
             if cfg.dead_tokens is None:
                 cfg.dead_tokens = default_dead_tokens(total_tokens, self.tc.batch_size)
-            sae = build_sae(cfg, seed=self.tc.seed + i).to(self.device)
+            sae = build_sae(cfg, seed=self.tc.seed + i).to(self.device, self.param_dtype)
             with torch.no_grad():
                 sae.b_dec.copy_(b)
             lr = self.tc.lr if self.tc.lr is not None else default_lr(cfg)
@@ -205,7 +232,7 @@ class Trainer:
         self.cfgs = [SAEConfig.from_dict(c) for c in st["cfgs"]]
         self.slots = []
         for i, cfg in enumerate(self.cfgs):
-            sae = build_sae(cfg, seed=None).to(self.device)
+            sae = build_sae(cfg, seed=None).to(self.device, self.param_dtype)
             sae.load_state_dict(st["saes"][i])
             lr = self.tc.lr if self.tc.lr is not None else default_lr(cfg)
             opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=self.tc.adam_betas)
@@ -242,6 +269,7 @@ class Trainer:
     def fit(self, source: Any, *, on_init: Callable[[list[SAE]], None] | None = None) -> list[SAE]:
         """Run (or resume) training. on_init(saes) may edit freshly initialised SAEs (not called on resume)."""
         tc = self.tc
+        self._source = source  # only to name the shard of a bad row in errors
         resumed = self.try_resume()
         if not resumed:
             self.total_steps = self._total_steps(source)
@@ -292,7 +320,7 @@ class Trainer:
         if x.dim() != 2 or x.shape[1] != self.cfgs[0].d_model:
             raise SAEError(f"batch {batch_no} has shape {tuple(x.shape)}; expected [B, {self.cfgs[0].d_model}]")
         if not bool(torch.isfinite(x).all()):
-            raise SAEError(_describe_bad_row(batch_no, x, meta))
+            raise SAEError(_describe_bad_row(batch_no, x, meta, getattr(self, "_source", None)))
 
     def _train_step(self, xb: torch.Tensor, meta: Any, autocast: bool) -> None:
         batch_no = self.batches_consumed
@@ -301,7 +329,7 @@ class Trainer:
         if self.world > 1:
             n = B // self.world
             xb = xb[self.rank * n:(self.rank + 1) * n]
-        x = self._normalise(xb.to(self.device, torch.float32, non_blocking=True))
+        x = self._normalise(xb.to(self.device, self.param_dtype, non_blocking=True))
         progress = self.step / self.total_steps
         lr_f = self._lr_factor(self.step)
         for slot in self.slots:
