@@ -1,4 +1,9 @@
-"""SAE tests on synthetic data with known sparse ground-truth directions (fast, CPU)."""
+"""SAE tests: formats, folding, loaders, bad input; shared synthetic-data helpers.
+
+Training-quality tests live in test_sae_recovery.py, trainer mechanics (resume, DDP, stores) in test_sae_train.py.
+The synthetic data: rows are sparse nonnegative combinations of known unit directions, so a trained SAE's decoder
+can be scored against ground truth.
+"""
 from __future__ import annotations
 
 import json
@@ -34,118 +39,21 @@ def make_batches(n: int, B: int = 256, seed: int = 1, active: float = 3.0, offse
 
 def recovery(sae: S.SAE) -> float:
     W = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
-    return float((true_dirs() @ W.T).max(1).values.mean())
+    return float((true_dirs() @ W.detach().T).max(1).values.mean())
 
 
 FAST = dict(progress=False, checkpoint_every=0, log_every=50)
 
-ARCH_KW = {
-    "topk": dict(k=4),
-    "batchtopk": dict(k=4, threshold_beta=0.9),
-    "relu-l1": dict(l1_coeff=1.0),
-    "jumprelu": dict(l0_coeff=0.3, jumprelu_init_threshold=0.1, jumprelu_bandwidth=0.1),
-}
 
-
-@pytest.mark.parametrize("arch", [a if a != "jumprelu" else pytest.param(a, marks=pytest.mark.xfail(
-    reason="jumprelu hyper-parameters for this synthetic task not tuned yet (recovery ~0.6-0.87)", strict=False))
-    for a in ARCH_KW])
-def test_recovers_true_directions(arch):
-    data = make_batches(250)
-    cfg = SAEConfig(arch=arch, d_model=D_MODEL, n_features=256, **ARCH_KW[arch])
-    sae = S.train_sae(cfg, data, TrainConfig(batch_size=256, steps=250, lr=4e-3, **FAST))
-    assert recovery(sae) >= 0.9, recovery(sae)
-    m = S.evaluate_sae(sae, make_batches(2, seed=9))
-    assert m["fvu"] < 0.5 and 0 < m["l0"] < 40
-
-
-def test_untrained_sae_does_not_recover():
-    cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=256, k=4)
-    assert recovery(S.build_sae(cfg)) < 0.7
-
-
-def test_auxk_revives_dead_latents():
-    data = make_batches(120)
-    dead = torch.arange(128, 256)
-
-    def kill(saes):
-        with torch.no_grad():
-            for s in saes:
-                s.enc[dead] *= 0.01  # tiny pre-activations: never in the top k at the start
-                s.b_enc[dead] = 0.0
-
-    fired = {}
-    for coeff in (1 / 32, 0.0):
-        cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=256, k=4, aux_coeff=coeff, dead_tokens=256 * 5)
-        tr = S.Trainer([cfg], TrainConfig(batch_size=256, steps=120, lr=4e-3, dead_check_every=5, **FAST))
-        sae = tr.fit(data, on_init=kill)[0]
-        f, _ = sae(torch.cat(make_batches(4, seed=5)))
-        fired[coeff] = int((f[:, dead] > 0).any(0).sum())
-    assert fired[0.0] <= 5
-    assert fired[0.0] == 0 and fired[1 / 32] >= 3, fired
-
-
-class _Boom(Exception):
-    pass
-
-
-def _killing_source(data, kill_at):
-    def src(start):
-        for i, b in enumerate(data[start:], start):
-            if i == kill_at:
-                raise _Boom()
-            yield b
-    return src
-
-
-@pytest.mark.parametrize("arch", ["topk", "relu-l1"])
-def test_resume_is_bit_identical(tmp_path, arch):
-    data = make_batches(30, B=128)
-    cfgs = [SAEConfig(arch=arch, d_model=D_MODEL, n_features=128, k=4, dead_tokens=128 * 3),
-            SAEConfig(arch="batchtopk", d_model=D_MODEL, n_features=64, k=8)]
-    tc = dict(batch_size=128, steps=30, lr=3e-3, progress=False, checkpoint_every=7, log_every=5)
-    ref = S.train_saes(cfgs, lambda start: iter(data[start:]), TrainConfig(checkpoint_dir=str(tmp_path / "a"), **tc))
-    with pytest.raises(_Boom):
-        S.train_saes(cfgs, _killing_source(data, 17), TrainConfig(checkpoint_dir=str(tmp_path / "b"), **tc))
-    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
-    assert ck["step"] == 14 and ck["batches_consumed"] == 14
-    got = S.train_saes(cfgs, lambda start: iter(data[start:]), TrainConfig(checkpoint_dir=str(tmp_path / "b"), **tc))
-    for a, b in zip(ref, got):
-        for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.equal(p, q), n
-
-
-def _ddp_worker(rank, world, port, out, data, cfgs, tc):
-    import torch.distributed as dist
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are tiny: a single thread is much faster than a contended pool on a shared 2-core machine."""
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        saes = S.train_saes(cfgs, data, tc)
-        if rank == 0:
-            torch.save([s.state_dict() for s in saes], out)
+        yield
     finally:
-        dist.destroy_process_group()
-
-
-def test_ddp_two_gloo_processes_match_single(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    data = make_batches(20, B=128)
-    cfgs = [SAEConfig(arch="topk", d_model=D_MODEL, n_features=128, k=4, dead_tokens=128 * 3),
-            SAEConfig(arch="relu-l1", d_model=D_MODEL, n_features=64)]
-    tc = TrainConfig(batch_size=128, steps=20, lr=3e-3, **FAST)
-    single = S.train_saes(cfgs, data, tc)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, port, out, data, cfgs, tc), nprocs=2, join=True)
-    got = torch.load(out)
-    for a, sd in zip(single, got):
-        for n, p in a.state_dict().items():
-            torch.testing.assert_close(sd[n], p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{a.cfg.arch} {n}: {m}")
-
+        torch.set_num_threads(n)
 
 def test_normalisation_is_folded_on_save(tmp_path):
     data = make_batches(10, offset=3.0)
@@ -163,7 +71,6 @@ def test_normalisation_is_folded_on_save(tmp_path):
     torch.testing.assert_close(xh_raw, xh_in / tr.norm_scale + tr.norm_mean, rtol=1e-4, atol=1e-4)
     norm = json.loads((tmp_path / "sae" / "normalization.json").read_text())
     assert norm["folded_into_weights"] and math.isclose(norm["scale"], tr.norm_scale)
-    assert (tmp_path / "sae" / "metrics.json").exists() is False or True
 
 
 def _random_sae(arch, **kw):
@@ -301,29 +208,6 @@ def test_corrupt_folders_name_the_file(tmp_path):
         S.load_sae(tmp_path / "v")
     with pytest.raises(SAEError, match="not a folder"):
         S.load_sae(tmp_path / "missing")
-
-
-class _FakeStore:
-    d_model = 24
-    n_tokens = 1000
-    path = "/data/store"
-
-    def batches(self, *a, **k):
-        yield torch.zeros(8, 24)
-
-
-def test_store_width_mismatch():
-    cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=64, k=4)
-    with pytest.raises(SAEError, match="d_model=24 but the SAE expects d_model=32"):
-        S.train_sae(cfg, _FakeStore(), TrainConfig(batch_size=8, **FAST))
-
-
-def test_nan_batch_is_named():
-    data = make_batches(6, B=64)
-    data[3][5, 2] = float("nan")
-    cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=64, k=4)
-    with pytest.raises(SAEError, match=r"batch 3 contains NaN/Inf in 1 row\(s\) \(first row 5"):
-        S.train_sae(cfg, data, TrainConfig(batch_size=64, steps=6, **FAST))
 
 
 def test_nan_loss_stops_and_keeps_checkpoint(tmp_path):
