@@ -55,10 +55,13 @@ def get_sae(lm, site, tiny):
 
 
 def time_gen(lm, prompts, ivs, cfg):
-    t = time.perf_counter()
+    """(tokens/s by wall clock, tokens/s by process CPU time): CPU time is robust to a machine shared
+    with other jobs, where wall-clock time mostly measures the neighbours."""
+    t, c = time.perf_counter(), time.process_time()
     out = generate(lm, prompts, ivs, cfg)
-    dt = time.perf_counter() - t
-    return sum(len(g.token_ids) for g in out) / dt
+    dt, dc = time.perf_counter() - t, time.process_time() - c
+    n = sum(len(g.token_ids) for g in out)
+    return n / dt, n / dc
 
 
 def time_hf(lm, prompts, n):
@@ -121,25 +124,35 @@ def main(argv=None) -> int:
            VectorEdit(torch.randn(lm.d_model, generator=g), vec_site, "add", scale=0.1, positions="generated"),
            VectorEdit(sae.W_dec[11].detach(), site, "project_out")]
     n_new = 16 if args.quick else 64
-    reps = 3 if args.quick else 5
+    reps = 4 if args.quick else 8
     prompts = ["Tell me about your day.", "What is the capital of France?", "Write a haiku about rain.",
                "How do I bake bread?"]
     cfg = GenerationConfig(max_new_tokens=n_new, temperature=0.7, seed=0, stop_at_eos=False)
     time_gen(lm, prompts[:1], [], GenerationConfig(max_new_tokens=4, stop_at_eos=False))  # warm-up
-    plain, steered = [], []
-    for _ in range(reps):
-        plain.append(time_gen(lm, prompts, [], cfg))
-        steered.append(time_gen(lm, prompts, ivs, cfg))
+    plain, steered, ratios, ratios_cpu = [], [], [], []
+    for r in range(reps):
+        # alternate the order so drift in machine load does not favour one side
+        first_plain = r % 2 == 0
+        a = time_gen(lm, prompts, [] if first_plain else ivs, cfg)
+        b = time_gen(lm, prompts, ivs if first_plain else [], cfg)
+        p_, s_ = (a, b) if first_plain else (b, a)
+        plain.append(p_[0])
+        steered.append(s_[0])
+        ratios.append(s_[0] / p_[0])
+        ratios_cpu.append(s_[1] / p_[1])
     hf = time_hf(lm, prompts, n_new)
     res = {"model": lm.name, "sae": sae_desc, "batch": len(prompts), "new_tokens": n_new, "repeats": reps,
            "threads": torch.get_num_threads(),
            "plain_tokens_per_s": statistics.median(plain), "steered_tokens_per_s": statistics.median(steered),
            "hf_generate_tokens_per_s": hf}
-    res["overhead_ratio"] = res["steered_tokens_per_s"] / res["plain_tokens_per_s"]
+    res["overhead_ratio"] = statistics.median(ratios)          # median over adjacent (plain, steered) pairs
+    res["overhead_ratio_cpu_time"] = statistics.median(ratios_cpu)
+    res["overhead_ratios"] = ratios
     res["loop_vs_hf_generate"] = res["plain_tokens_per_s"] / hf
     print(f"generation ({len(prompts)} prompts x {n_new} new tokens, median of {reps}): plain "
           f"{res['plain_tokens_per_s']:.1f} tok/s, 3 interventions {res['steered_tokens_per_s']:.1f} tok/s "
-          f"-> overhead_ratio {res['overhead_ratio']:.3f} (target >= 0.95); HF generate {hf:.1f} tok/s "
+          f"-> overhead_ratio {res['overhead_ratio']:.3f} (by CPU time {res['overhead_ratio_cpu_time']:.3f}; "
+          f"target >= 0.95); HF generate {hf:.1f} tok/s "
           f"(our loop {res['loop_vs_hf_generate']:.2f}x)")
 
     prs = pairs(12 if args.quick else 48)

@@ -388,3 +388,18 @@ def test_bad_inputs_fail_before_generation(lm, sae, tmp_path):
         assert cnt.n == 0, "a forward pass ran before the error"
     finally:
         cnt.close()
+
+
+@pytest.mark.slow
+def test_default_model_chat_generation_and_steering():
+    from thoughtscope.models import load_model
+
+    lm = load_model("default")
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.0)
+    ids = format_prompt(lm, "What is the capital of France?")
+    assert "<|im_start|>assistant" in lm.tokenizer.decode(ids)
+    base = generate(lm, ["What is the capital of France?", "Hi"], (), cfg)
+    assert "Paris" in base[0].text
+    v = torch.zeros(lm.d_model)
+    same = generate(lm, ["What is the capital of France?", "Hi"], [add_vector(v, "resid.15")], cfg)
+    assert [g.token_ids for g in same] == [g.token_ids for g in base]
