@@ -128,3 +128,14 @@ def test_harvest_default_model(tmp_path):
     st = harvest(lm, Corpus("default"), ["resid.15"], tmp_path / "acts",
                  HarvestConfig(n_tokens=512, ctx_len=64, batch_size=4), progress=False)[Site(15)]
     assert len(st) == 512 and st.d_model == 576
+
+
+def test_skip_tokens_starts_later_in_the_corpus(model_dir, corpus_file, tmp_path):
+    lm = load_model(str(model_dir))
+    full = harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "full",
+                   HarvestConfig(n_tokens=256, ctx_len=16, batch_size=4), progress=False)[Site(0)]
+    later = harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "later",
+                    HarvestConfig(n_tokens=128, ctx_len=16, batch_size=4, skip_tokens=128), progress=False)[Site(0)]
+    assert torch.equal(full.tokens(128, 256), later.tokens(0, 128))
+    with pytest.raises(ValueError, match="--skip-tokens must be"):
+        HarvestConfig(ctx_len=16, batch_size=4, skip_tokens=100).validate()

@@ -44,6 +44,7 @@ def harvest(
     batch_size: int = typer.Option(16, help="contexts per forward pass"),
     dtype: str = typer.Option("float32", help="stored dtype: float32, float16 or bfloat16"),
     shard_tokens: Optional[int] = typer.Option(None, help="tokens per shard (a multiple of batch-size × ctx-len)"),
+    skip_tokens: int = typer.Option(0, help="start this many tokens into the corpus (for a held-out store)"),
     device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda:0 (default: CPU)"),
     model_dtype: Optional[str] = typer.Option(None, help="dtype to run the model in"),
     overwrite: bool = typer.Option(False, help="replace a finished store at --out"),
@@ -60,7 +61,7 @@ def harvest(
         lm = _load(model, device, model_dtype)
         src = Corpus(corpus, text_field=text_field)
         cfg = HarvestConfig(n_tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
-                            shard_tokens=shard_tokens)
+                            shard_tokens=shard_tokens, skip_tokens=skip_tokens)
         t0 = time.perf_counter()
         stores = run(lm, src, sites, out, cfg, progress=not quiet, overwrite=overwrite)
     except (SiteError, CorpusError, StoreError, ValueError) as e:

@@ -30,6 +30,7 @@ class HarvestConfig:
     dtype: str = "float32"
     shard_tokens: int | None = None  # default: ~32k tokens, rounded to whole batches
     add_bos: bool = True
+    skip_tokens: int = 0  # start this far into the corpus (e.g. a held-out store after a training store)
 
     def validate(self) -> None:
         if self.n_tokens <= 0:
@@ -38,6 +39,9 @@ class HarvestConfig:
             raise ValueError(f"--ctx-len must be at least 2, got {self.ctx_len}")
         if self.batch_size <= 0:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.skip_tokens < 0 or self.skip_tokens % self.batch_tokens:
+            raise ValueError(f"--skip-tokens must be a non-negative multiple of batch_size × ctx_len = "
+                             f"{self.batch_tokens}, got {self.skip_tokens}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not supported: expected one of {', '.join(DTYPES)}")
 
@@ -82,7 +86,8 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
     paths = store_paths(Path(out), site_list)
     description = corpus.describe()
     # ctx_len and batch_size decide the forward batches, so a resume must use the same ones.
-    extra = {"ctx_len": cfg.ctx_len, "batch_size": cfg.batch_size, "add_bos": cfg.add_bos, "model_source": lm.source}
+    extra = {"ctx_len": cfg.ctx_len, "batch_size": cfg.batch_size, "add_bos": cfg.add_bos,
+             "skip_tokens": cfg.skip_tokens, "model_source": lm.source}
     if not overwrite:
         finished = _finished_stores(paths)
         if finished is not None:
@@ -105,7 +110,7 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
             + ", ".join(f"{s}: {w.tokens_done}" for s, w in writers.items())
             + " tokens); remove them or harvest each site separately"
         )
-    skip_batches = done // cfg.batch_tokens
+    skip_batches = (cfg.skip_tokens + done) // cfg.batch_tokens
     store_dtype = DTYPES[cfg.dtype]
 
     bar = _Progress(cfg.n_tokens, done, enabled=progress, label=f"harvest {', '.join(map(str, site_list))}")
