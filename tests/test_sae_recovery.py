@@ -10,11 +10,11 @@ from thoughtscope.sae import SAEConfig, TrainConfig
 
 # (config, upper bound on the held-out L0): the true L0 of the data is ~3 active directions per row
 ARCH_KW = {
-    "topk": (dict(k=4), 4.5),
-    "batchtopk": (dict(k=4, threshold_beta=0.9), 8),
-    "relu-l1": (dict(l1_coeff=1.0), 40),
+    "topk": ({"k": 4}, 4.5),
+    "batchtopk": ({"k": 4, "threshold_beta": 0.9}, 8),
+    "relu-l1": ({"l1_coeff": 1.0}, 40),
     # thresholds/bandwidth at their defaults (normalised-data units); pre-activation loss on
-    "jumprelu": (dict(l0_coeff=2.0, pre_act_coeff=1e-2), 8),
+    "jumprelu": ({"l0_coeff": 2.0, "pre_act_coeff": 1e-2}, 8),
 }
 
 

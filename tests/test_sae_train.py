@@ -31,7 +31,7 @@ def test_resume_is_bit_identical(tmp_path, arch):
     data = make_batches(20, B=128)
     cfgs = [SAEConfig(arch=arch, d_model=D_MODEL, n_features=128, k=4, dead_tokens=128 * 3),
             SAEConfig(arch="batchtopk", d_model=D_MODEL, n_features=64, k=8)]
-    tc = dict(batch_size=128, steps=20, lr=3e-3, progress=False, checkpoint_every=5, log_every=5)
+    tc = {"batch_size": 128, "steps": 20, "lr": 3e-3, "progress": False, "checkpoint_every": 5, "log_every": 5}
     ref = S.train_saes(cfgs, lambda start: iter(data[start:]), TrainConfig(checkpoint_dir=str(tmp_path / "a"), **tc))
     with pytest.raises(_Boom):
         S.train_saes(cfgs, _killing_source(data, 12), TrainConfig(checkpoint_dir=str(tmp_path / "b"), **tc))
@@ -87,7 +87,7 @@ def test_ddp_two_gloo_processes_match_single(tmp_path):
     for a, sd in zip(single, got):
         assert a.W_dec.dtype == torch.float64
         for n, p in a.state_dict().items():
-            torch.testing.assert_close(sd[n], p, rtol=1e-9, atol=1e-10, msg=lambda m: f"{a.cfg.arch} {n}: {m}")
+            torch.testing.assert_close(sd[n], p, rtol=1e-9, atol=1e-10, msg=lambda m, a=a, n=n: f"{a.cfg.arch} {n}: {m}")
         moved = (a.state_dict()["W_dec"] - S.build_sae(a.cfg, seed=None).state_dict()["W_dec"]).abs().max()
         assert moved > 0  # sanity: the SAEs did train
 
