@@ -319,6 +319,8 @@ def test_example_presets_parse():
     assert files
     for f in files:
         Preset.load(f)
+    v = SteeringVector.load(files[0].parent / "happy.safetensors")
+    assert v.site == "resid.12" and v.vector.shape == (576,) and v.typical_norm > 0
 
 
 # ----------------------------------------------------------------------------- bad input
