@@ -165,6 +165,70 @@ class SparseEncode(torch.autograd.Function):
         return g_x, g_E, g_b, None, None
 
 
+def _csr_by_feature_ragged(rows: Tensor, cols: Tensor, vals: Tensor, n_features: int, n_rows: int,
+                           order: Tensor | None = None) -> Tensor:
+    """Active pairs (rows[e], cols[e], vals[e]) -> CSR [n_features, n_rows] (per-feature sums by one sparse matmul)."""
+    if order is None:
+        order = torch.argsort(cols, stable=True)
+    crow = torch.zeros(n_features + 1, dtype=torch.int64, device=cols.device)
+    crow[1:] = torch.bincount(cols, minlength=n_features).cumsum(0)
+    return torch.sparse_csr_tensor(crow, rows[order], vals[order], (n_features, n_rows), check_invariants=False)
+
+
+class RaggedDecode(torch.autograd.Function):
+    """recon[b] = sum over the active pairs of row b of vals * W[col]: a variable number of latents per row.
+
+    Pairs come row-major (as from ``nonzero``) with row offsets ``offsets`` [B]; forward is one embedding_bag,
+    backward a sampled matmul for the values and a CSR matmul for W, so cost follows the number of active
+    pairs instead of B * n_features.
+    """
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, rows: Tensor, cols: Tensor, crow: Tensor, W: Tensor, order: Tensor) -> Tensor:
+        ctx.save_for_backward(vals, rows, cols, crow, W, order)
+        return F.embedding_bag(cols, W, offsets=crow[:-1], per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        vals, rows, cols, crow, W, order = ctx.saved_tensors
+        g = g.contiguous()
+        g_vals = g_W = None
+        if ctx.needs_input_grad[0]:
+            if g.device.type == "cpu":
+                pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros_like(vals), (g.shape[0], W.shape[0]),
+                                                  check_invariants=False)
+                g_vals = torch.sparse.sampled_addmm(pattern, g, W.t(), beta=0.0).values()
+            else:
+                g_vals = (g[rows] * W[cols]).sum(-1)
+        if ctx.needs_input_grad[4]:
+            g_W = _csr_by_feature_ragged(rows, cols, vals, W.shape[0], g.shape[0], order) @ g
+        return g_vals, None, None, None, g_W, None
+
+
+class RaggedEncode(torch.autograd.Function):
+    """Gradient of pre = x @ E.T + b taken only at the active pairs (rows, cols) (see SparseEncode)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, E: Tensor, b: Tensor, rows: Tensor, cols: Tensor, crow: Tensor, order: Tensor,
+                vals: Tensor) -> Tensor:
+        ctx.save_for_backward(x, E, rows, cols, crow, order)
+        return vals
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, E, rows, cols, crow, order = ctx.saved_tensors
+        g = g.contiguous()
+        m = E.shape[0]
+        g_x = g_E = g_b = None
+        if ctx.needs_input_grad[0]:
+            g_x = F.embedding_bag(cols, E, offsets=crow[:-1], per_sample_weights=g, mode="sum")
+        if ctx.needs_input_grad[1]:
+            g_E = _csr_by_feature_ragged(rows, cols, g, m, x.shape[0], order) @ x
+        if ctx.needs_input_grad[2]:
+            g_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        return g_x, g_E, g_b, None, None, None, None, None
+
+
 class _JumpReLU(torch.autograd.Function):
     """z * H(z - t) with a rectangle-kernel straight-through gradient for the threshold t."""
 
@@ -332,15 +396,45 @@ class ReluL1SAE(SAE):
         self.W_dec.mul_(0.1)
         self.enc.copy_(self.W_dec)
 
+    # Below this share of active (token, latent) pairs the step runs on the active pairs only (RaggedEncode /
+    # RaggedDecode): on 2 CPU cores (B=4096, d=576, m=9216) the sparse kernels cost about what the dense GEMMs do
+    # at ~10% density, and L0 of a trained relu-l1 SAE is well under 1%.
+    sparse_density = 0.04
+
     def training_step(self, x, *, progress, dead_mask=None, aux_scale=None):
-        f = F.relu(self.pre_acts(x))
-        recon = f @ self.W_dec + self.b_dec
-        mse = (recon - x).pow(2).sum(-1).mean()
         warm = min(1.0, progress / self.cfg.l1_warmup_frac) if self.cfg.l1_warmup_frac > 0 else 1.0
-        sparsity = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
-        loss = mse + (self.cfg.l1_coeff * warm) * sparsity
-        active = f > 0
-        return StepOutput(loss, recon, active.any(0), active.sum(-1).float().mean().detach(), torch.zeros(()))
+        lam = self.cfg.l1_coeff * warm
+        m = self.cfg.n_features
+        # b_dec enters through the bias (x - b) E^T + c = x E^T + (c - E b): x needs no gradient, which saves the
+        # [B, m] x [m, d] GEMM autograd would spend on d(loss)/d(x - b_dec) only to sum it over the batch.
+        pre = F.linear(x, self.enc, self.b_enc - self.enc @ self.b_dec)
+        with torch.no_grad():
+            active = pre.detach() > 0
+            n_active = int(active.sum())  # one host read per step; it picks the path and gives L0
+        n_tok = max(1, active.numel() // m)
+        if x.dim() == 2 and n_active <= self.sparse_density * active.numel():
+            B = x.shape[0]
+            with torch.no_grad():
+                rows, cols = active.nonzero(as_tuple=True)
+                crow = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
+                crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
+                order = torch.argsort(cols, stable=True)
+                vals_raw = pre.detach()[rows, cols]
+            xc = x - self.b_dec
+            vals = RaggedEncode.apply(xc, self.enc, self.b_enc, rows, cols, crow, order, vals_raw)
+            recon = RaggedDecode.apply(vals, rows, cols, crow, self.W_dec, order) + self.b_dec
+            sparsity = (vals * self.W_dec.norm(dim=1)[cols]).sum() / B
+            fired = torch.zeros(m, dtype=torch.bool, device=x.device)
+            fired[cols] = True
+        else:
+            f = F.relu(pre)
+            recon = f @ self.W_dec + self.b_dec
+            sparsity = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+            fired = active.reshape(-1, m).any(0)
+        mse = (recon - x).pow(2).sum(-1).mean()
+        loss = mse + lam * sparsity
+        return StepOutput(loss, recon, fired, torch.tensor(n_active / n_tok, device=x.device),
+                          torch.zeros((), device=x.device))
 
 
 class _UnitDecoderMixin:

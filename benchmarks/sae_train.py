@@ -1,0 +1,288 @@
+"""SAE training speed and quality: thoughtscope vs SAELens on the same cached activations, one process.
+
+For each architecture (topk k=32, relu-l1) both trainers see the same in-memory, shuffled batches of the
+default model's residual stream (store ``--store``, position 0 = attention sink excluded for both) and
+train a dictionary of ``--n-features`` latents with batch ``--batch-size``. Each trainer runs its own
+unmodified ``fit()``; the two runs are interleaved step by step (a baton handed over inside the data
+iterators, one trainer computing at a time), so load from other processes on a shared machine falls on
+both alike. tokens/s = trained tokens / seconds that trainer held the baton (its set-up inside fit,
+every step, its logging and weight folding at the end).
+
+Quality is measured on held-out tokens (the last shard of the store, never trained on): FVU with the
+held-out mean, mean L0, and the dead fraction (latents that never fire on the held-out set).
+
+Same-setup choices (everything else is each tool's default for the architecture):
+  * both get inputs scaled so the mean norm is sqrt(d_model) (SAELens: ``expected_average_only_in`` with
+    the scale set to ours, so it does not spend 1000 batches estimating it), folded back after training;
+  * SAELens' dead-latent window (in steps) is set to our dead-token rule for the run length, otherwise
+    its 1000-step default means AuxK never runs in a short benchmark;
+  * relu-l1: lambda is chosen per tool (``--l1-ours``, ``--l1-saelens``) so held-out L0 is similar; L0 is
+    printed beside FVU so the match can be judged.
+
+    python benchmarks/sae_train.py --quick --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens' progress bar would interleave with ours
+
+from thoughtscope.sae import SAEConfig, TrainConfig, Trainer  # noqa: E402
+from thoughtscope.sae.architectures import DEFAULT_DEAD_TOKENS  # noqa: E402
+from thoughtscope.store import ActivationStore  # noqa: E402
+
+DEFAULT_STORE = "/work/data/acts-resid15"
+
+
+# ----------------------------------------------------------------------------- data
+def load_tokens(store_path: str, n_train: int, n_eval: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Train rows (shuffled) from the first shards, held-out rows from the last shard; position 0 dropped."""
+    st = ActivationStore.open(store_path)
+    n_sh = st.n_shards
+    if n_sh == 0:
+        raise SystemExit(f"store {store_path} has no committed shards yet")
+
+    def rows(i: int) -> torch.Tensor:
+        acts, meta = st.shard(i)
+        return acts[meta["position"] != 0].float()
+
+    if n_sh >= 2:
+        ev = rows(n_sh - 1)[:n_eval]
+        train = torch.cat([rows(i) for i in range(n_sh - 1)])
+    else:  # a store still being written: hold out the tail of its only shard (later contexts, other documents)
+        only = rows(0)
+        if len(only) < 2 * n_eval:
+            raise SystemExit(f"store {store_path} has {len(only)} usable rows; need at least {2 * n_eval}")
+        ev, train = only[-n_eval:], only[:-n_eval]
+    g = torch.Generator().manual_seed(seed)
+    train = train[torch.randperm(len(train), generator=g)]
+    info = {"store": str(store_path), "store_tokens": st.n_tokens, "store_complete": bool(st.manifest.get("complete")),
+            "train_rows_available": len(train), "eval_tokens": len(ev), "model": st.model, "site": st.site,
+            "d_model": st.d_model}
+    return train, ev, info
+
+
+def batch_list(train: torch.Tensor, n_steps: int, batch: int) -> list[torch.Tensor]:
+    """n_steps batches; cycles over the rows (reported as epochs) when the store is smaller than the run."""
+    out, pos = [], 0
+    for _ in range(n_steps):
+        if pos + batch > len(train):
+            pos = 0
+        out.append(train[pos:pos + batch].contiguous())
+        pos += batch
+    return out
+
+
+# ----------------------------------------------------------------------------- interleaving
+class Baton:
+    """Lets exactly one trainer compute at a time, in turn, and adds up each one's time holding it."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.cv = threading.Condition()
+        self.turn = 0
+        self.done: set[str] = set()
+        self.busy = {n: 0.0 for n in names}
+        self._t = 0.0
+
+    def _advance(self) -> None:
+        for _ in self.names:
+            self.turn = (self.turn + 1) % len(self.names)
+            if self.names[self.turn] not in self.done:
+                return
+
+    def acquire(self, name: str) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.names[self.turn] == name)
+            self._t = time.perf_counter()
+
+    def release(self, name: str, finished: bool = False) -> None:
+        with self.cv:
+            self.busy[name] += time.perf_counter() - self._t
+            if finished:
+                self.done.add(name)
+            if len(self.done) < len(self.names):
+                self._advance()
+            self.cv.notify_all()
+
+    def feed(self, name: str, batches: list[torch.Tensor]):
+        """Data iterator for one trainer: hands the baton over before every batch after the first."""
+        for i, b in enumerate(batches):
+            if i:
+                self.release(name)
+                self.acquire(name)
+            yield b
+
+
+def run_interleaved(jobs: dict) -> tuple[dict, dict]:
+    """jobs: name -> callable(feed_iter) returning a result. Runs them in threads, turn by turn."""
+    baton = Baton(list(jobs))
+    results, errors = {}, {}
+
+    def worker(name, fn):
+        baton.acquire(name)
+        try:
+            results[name] = fn(baton)
+        except BaseException as e:  # noqa: BLE001 - reported, the other trainer must still finish
+            errors[name] = e
+        finally:
+            baton.release(name, finished=True)
+
+    threads = [threading.Thread(target=worker, args=(n, f), daemon=True) for n, f in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n, e in errors.items():
+        raise RuntimeError(f"{n} failed: {type(e).__name__}: {e}") from e
+    return results, baton.busy
+
+
+# ----------------------------------------------------------------------------- trainers
+def ours_job(arch: str, d: int, m: int, k: int, l1: float, batches: list[torch.Tensor], lr: float | None):
+    cfg = SAEConfig(arch=arch, d_model=d, n_features=m, k=k, l1_coeff=l1)
+    tc = TrainConfig(batch_size=batches[0].shape[0], steps=len(batches), lr=lr, progress=False, checkpoint_every=0)
+
+    def fn(baton: Baton):
+        return Trainer([cfg], tc).fit(baton.feed("ours", batches))[0]
+    return fn
+
+
+def saelens_job(arch: str, d: int, m: int, k: int, l1: float, batches: list[torch.Tensor], scale: float,
+                dead_steps: int, lr: float | None):
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    B = batches[0].shape[0]
+    if arch == "topk":
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=m, k=k, normalize_activations="expected_average_only_in"))
+    else:
+        from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=m, l1_coefficient=l1,
+                                                            normalize_activations="expected_average_only_in"))
+    lr = SAETrainerConfig.lr if lr is None else lr
+    # lr_end: the runner config's default (lr / 10; used only by cosine schedules) which its post-init fills in
+    tcfg = SAETrainerConfig(total_training_samples=B * len(batches), train_batch_size_samples=B,
+                            dead_feature_window=dead_steps, lr=lr, lr_end=lr / 10)
+
+    def fn(baton: Baton):
+        tr = SAETrainer(cfg=tcfg, sae=sae, data_provider=baton.feed("saelens", batches))
+        tr.activation_scaler.scaling_factor = scale
+        return tr.fit()
+    return fn
+
+
+# ----------------------------------------------------------------------------- metrics
+@torch.no_grad()
+def held_out(encode, decode, ev: torch.Tensor, chunk: int = 4096) -> dict:
+    """FVU (held-out mean), mean L0 and the share of latents that never fire, for any encode/decode pair."""
+    sse, l0, fired = 0.0, 0.0, None
+    for i in range(0, len(ev), chunk):
+        x = ev[i:i + chunk]
+        f = encode(x)
+        f = f.to_dense() if f.is_sparse else f
+        xh = decode(f)
+        sse += float((x - xh).double().pow(2).sum())
+        act = f > 0
+        l0 += float(act.sum())
+        fired = act.any(0) if fired is None else fired | act.any(0)
+    var = float((ev.double() - ev.double().mean(0)).pow(2).sum())
+    return {"fvu": sse / var, "l0": l0 / len(ev), "dead_frac": float((~fired).float().mean())}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a small run (under ~3 minutes on 2 cores)")
+    p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--store", default=DEFAULT_STORE, help="activation store of the default model (resid.15)")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default 300k; quick 40k)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 16k; quick 8k)")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--n-features", type=int, default=9216)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--l1-ours", type=float, default=5.0, help="relu-l1 lambda for thoughtscope")
+    p.add_argument("--l1-saelens", type=float, default=5.0, help="relu-l1 lambda for SAELens")
+    p.add_argument("--lr-ours", type=float, default=None, help="default: thoughtscope's per-architecture default")
+    p.add_argument("--lr-saelens", type=float, default=None, help="default: SAELens' default (3e-4)")
+    p.add_argument("--archs", default="topk,relu-l1")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    n_tokens = args.tokens or (40_000 if args.quick else 300_000)
+    n_eval = args.eval_tokens or (8192 if args.quick else 16384)
+    B = args.batch_size
+    n_steps = max(1, n_tokens // B)
+
+    train, ev, info = load_tokens(args.store, n_tokens, n_eval, args.seed)
+    d = train.shape[1]
+    batches = batch_list(train, n_steps, B)
+    epochs = n_steps * B / len(train)
+    scale = float(math.sqrt(d) / batches[0].norm(dim=1).mean())  # what our trainer computes from its first batch
+    dead_tokens = int(min(DEFAULT_DEAD_TOKENS, max(B, n_steps * B // 10)))
+    dead_steps = max(1, dead_tokens // B)
+    print(f"data: {info['store']} ({info['store_tokens']:,} tokens, complete={info['store_complete']}), "
+          f"train {n_steps} x {B} = {n_steps * B:,} tokens ({epochs:.2f} epochs of {len(train):,} rows), "
+          f"held-out {len(ev):,}; d={d} m={args.n_features} threads={torch.get_num_threads()}", flush=True)
+
+    figures: dict = {"data": info, "train_tokens": n_steps * B, "steps": n_steps, "epochs": epochs, "batch_size": B,
+                     "n_features": args.n_features, "d_model": d, "threads": torch.get_num_threads(),
+                     "quick": args.quick, "dead_tokens": dead_tokens}
+    import sae_lens
+    figures["saelens_version"] = sae_lens.__version__
+    figures["torch_version"] = torch.__version__
+    for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
+        key = arch.replace("-", "_")
+        t0 = time.perf_counter()
+        jobs = {
+            "ours": ours_job(arch, d, args.n_features, args.k, args.l1_ours, batches, args.lr_ours),
+            "saelens": saelens_job(arch, d, args.n_features, args.k, args.l1_saelens, batches, scale, dead_steps,
+                                   args.lr_saelens),
+        }
+        res, busy = run_interleaved(jobs)
+        wall = time.perf_counter() - t0
+        ours, theirs = res["ours"], res["saelens"]
+        theirs.eval()
+        q_ours = held_out(ours.encode, ours.decode, ev)
+        q_theirs = held_out(theirs.encode, theirs.decode, ev)
+        tps = {"ours": n_steps * B / busy["ours"], "saelens": n_steps * B / busy["saelens"]}
+        row = {
+            "ours": {"tokens_per_s": tps["ours"], "train_seconds": busy["ours"], **q_ours},
+            "saelens": {"tokens_per_s": tps["saelens"], "train_seconds": busy["saelens"], **q_theirs},
+            "speed_ratio_vs_saelens": tps["ours"] / tps["saelens"],
+            "fvu_ratio_vs_saelens": q_ours["fvu"] / q_theirs["fvu"],
+            "l0_ratio_vs_saelens": q_ours["l0"] / max(q_theirs["l0"], 1e-12),
+            "wall_seconds": wall,
+        }
+        if arch == "topk":
+            row["k"] = args.k
+        else:
+            row["l1_ours"], row["l1_saelens"] = args.l1_ours, args.l1_saelens
+        figures[key] = row
+        print(f"\n{arch} (d={d}, m={args.n_features}, batch {B}, {n_steps * B:,} tokens)")
+        print(f"{'trainer':10s} {'tokens/s':>10s} {'FVU':>8s} {'L0':>8s} {'dead':>7s}")
+        for name in ("ours", "saelens"):
+            r = row[name]
+            print(f"{name:10s} {r['tokens_per_s']:10,.0f} {r['fvu']:8.4f} {r['l0']:8.1f} {r['dead_frac']:7.2%}")
+        print(f"ratio      {row['speed_ratio_vs_saelens']:9.2f}x {row['fvu_ratio_vs_saelens']:8.3f} "
+              f"{row['l0_ratio_vs_saelens']:8.3f}   (ours / SAELens)", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(figures, indent=2))
+        os.replace(tmp, args.json)
+    return figures
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
