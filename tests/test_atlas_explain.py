@@ -28,6 +28,9 @@ class Script:
     def __init__(self):
         self.failures: list[str] = []
         self.requests = 0
+        self.inflight = 0
+        self.max_inflight = 0
+        self.delay = 0.0
         self.lock = threading.Lock()
 
 
@@ -57,7 +60,17 @@ def make_server(script: Script):
             req = json.loads(self.rfile.read(n))
             with script.lock:
                 script.requests += 1
+                script.inflight += 1
+                script.max_inflight = max(script.max_inflight, script.inflight)
                 fail = script.failures.pop(0) if script.failures else None
+            try:
+                self._serve(req, fail)
+            finally:
+                with script.lock:
+                    script.inflight -= 1
+
+        def _serve(self, req, fail):
+            time.sleep(script.delay)
             assert self.path == "/v1/chat/completions"
             if fail == "500":
                 self.send_response(500), self.end_headers(), self.wfile.write(b"boom")
@@ -66,7 +79,7 @@ def make_server(script: Script):
                 self.send_response(429), self.send_header("Retry-After", "0"), self.end_headers()
                 return
             if fail == "timeout":
-                time.sleep(0.6)
+                time.sleep(1.5)
             if fail == "malformed":
                 body = b"{not json"
             elif fail == "badlist":
@@ -106,7 +119,7 @@ def env(tmp_path_factory):
 
 
 def client(url, **kw):
-    return HTTPChatClient(url, "scripted", "sk-test", timeout=0.3, backoff=0.01, max_retries=kw.pop("max_retries", 4),
+    return HTTPChatClient(url, "scripted", "sk-test", timeout=0.8, backoff=0.01, max_retries=kw.pop("max_retries", 4),
                           **kw)
 
 
@@ -213,3 +226,17 @@ def test_offline_local_explainer_runs(env):
         assert ex["explainer"] == f"local:{lm.name}"
         if ex["status"] == "ok":
             assert ex["detection_auroc"] is None or 0.0 <= ex["detection_auroc"] <= 1.0
+
+
+def test_concurrency_limit(env):
+    lm, path, script, url = env
+    with Atlas.open(path) as at:
+        feats = at.random_features(6, seed=5)
+    script.max_inflight, script.delay = 0, 0.05
+    try:
+        s = explain_atlas(path, client(url, max_retries=0), client(url), tokenizer=lm.tokenizer, features=feats,
+                          config=ExplainConfig(concurrency=2, fuzz=False), resume=False, progress=False)
+    finally:
+        script.delay = 0.0
+    assert s["ok"] == len(feats)
+    assert 1 <= script.max_inflight <= 2

@@ -63,7 +63,12 @@ class HTTPChatClient:
             raise ExplainerError(f"no explainer URL: pass --explainer-url or set ${ENV_URL} "
                                  f"(e.g. http://127.0.0.1:8080/v1 for a llama.cpp server)")
         self.base_url = base_url.rstrip("/")
-        self.url = self.base_url + ("/chat/completions" if self.base_url.endswith("/v1") else "/v1/chat/completions")
+        if self.base_url.endswith("/chat/completions"):
+            self.url = self.base_url
+        elif self.base_url.endswith("/v1"):
+            self.url = self.base_url + "/chat/completions"
+        else:
+            self.url = self.base_url + "/v1/chat/completions"
         self.model = model or "default"
         self.api_key = api_key
         self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
@@ -529,6 +534,8 @@ def explain_atlas(atlas: "Atlas | str | os.PathLike", explainer, scorer=None, *,
     Returns a summary: counts, failures, mean scores, usage, and the pre-run estimate.
     """
     cfg = config or ExplainConfig()
+    if explainer is None and given is None:
+        raise ExplainerError("no explainer: pass an HTTP or local client, or `given` explanations to score")
     own = not isinstance(atlas, Atlas)
     at = Atlas.open(atlas) if own else atlas
     try:
