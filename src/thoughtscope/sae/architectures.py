@@ -474,12 +474,18 @@ class TopKSAE(_UnitDecoderMixin, SAE):
         err = x - recon
         loss = err.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
-        if dead_mask is not None and self.cfg.aux_coeff > 0:
+        if dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any()):
             with torch.no_grad():
-                avals_raw, aidx = pre.masked_fill(~dead_mask, float("-inf")).topk(self.cfg.k_aux_eff, dim=-1, sorted=False)
-                keep = torch.isfinite(avals_raw)
-                avals_raw = torch.where(keep, avals_raw, torch.zeros_like(avals_raw))
-            avals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, aidx, avals_raw)) * keep
+                # only the dead columns are looked at (usually a few % of them): no [B, m] masked copy, and no
+                # top-k at all when there are at most k_aux dead latents (then every one of them is used)
+                dead_idx = dead_mask.nonzero().squeeze(1)
+                sub = pre.index_select(1, dead_idx)
+                if dead_idx.numel() > self.cfg.k_aux_eff:
+                    avals_raw, j = sub.topk(self.cfg.k_aux_eff, dim=-1, sorted=False)
+                    aidx = dead_idx[j]
+                else:
+                    avals_raw, aidx = sub, dead_idx.expand_as(sub).contiguous()
+            avals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, aidx, avals_raw))
             aux_recon = SparseDecode.apply(avals, aidx, self.W_dec)
             # residual of the main reconstruction (detached), normalised by its total energy
             aux = (err.detach() - aux_recon).pow(2).sum(-1).mean() / aux_scale
