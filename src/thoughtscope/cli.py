@@ -118,6 +118,8 @@ def sae_train(
     l1_coeff: str = typer.Option("5.0", help="relu-l1 sparsity coefficient λ (comma-separate to sweep)"),
     l0_coeff: str = typer.Option("1.0", help="jumprelu L0 coefficient (comma-separate to sweep)"),
     batch_size: int = typer.Option(4096, help="tokens per step"),
+    max_norm_ratio: Optional[float] = typer.Option(
+        10.0, help="drop tokens whose norm exceeds this × the median (attention sinks); 0 keeps them"),
     lr: Optional[float] = typer.Option(None, help="learning rate (default: scaled with the dictionary size)"),
     epochs: int = typer.Option(1, help="passes over a store"),
     seed: int = typer.Option(0),
@@ -153,7 +155,7 @@ def sae_train(
         for a, kk, e, l1, l0 in itertools.product(_csv(arch, str), _csv(k, int), _csv(expansion, int),
                                                   _csv(l1_coeff, float), _csv(l0_coeff, float)):
             cfg = SAEConfig(arch=a, d_model=d_model, n_features=d_model * e, k=kk, l1_coeff=l1, l0_coeff=l0,
-                            model=model_name, site=site_name)
+                            model=model_name, site=site_name, max_norm_ratio=max_norm_ratio or None)
             name = f"{a}-x{e}" + (f"-k{kk}" if a in ("topk", "batchtopk") else "") + \
                 (f"-l1_{l1:g}" if a == "relu-l1" else "") + (f"-l0_{l0:g}" if a == "jumprelu" else "")
             if name not in names:
