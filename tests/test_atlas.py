@@ -11,11 +11,26 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from atlas_fixtures import (OUT_CHAR, PLANT, PLANT_CHAR, identity_model, one_thread, planted_sae,  # noqa: E402
-                            token_id, write_corpus)
+from atlas_fixtures import (  # noqa: E402
+    OUT_CHAR,
+    PLANT,
+    PLANT_CHAR,
+    identity_model,
+    one_thread,
+    planted_sae,
+    token_id,
+    write_corpus,
+)
 
-from thoughtscope.atlas import (Atlas, AtlasConfig, AtlasError, build_atlas, contrast, feature_card,  # noqa: E402
-                                top_features_for_text)
+from thoughtscope.atlas import (  # noqa: E402
+    Atlas,
+    AtlasConfig,
+    AtlasError,
+    build_atlas,
+    contrast,
+    feature_card,
+    top_features_for_text,
+)
 from thoughtscope.corpus import Corpus  # noqa: E402
 
 CFG = dict(n_tokens=6000, ctx_len=32, batch_size=8, top_k=8, n_bins=5, per_bin=4, window_left=6, window_right=3,

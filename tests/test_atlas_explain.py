@@ -14,10 +14,27 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from atlas_fixtures import PLANT, PLANT_CHAR, identity_model, one_thread, planted_sae, write_corpus  # noqa: E402
+from atlas_fixtures import (  # noqa: E402
+    PLANT,
+    PLANT_CHAR,
+    identity_model,
+    one_thread,
+    planted_sae,
+    write_corpus,
+)
 
-from thoughtscope.atlas import (Atlas, AtlasConfig, ExplainConfig, ExplainerError, HTTPChatClient,  # noqa: E402
-                                LocalChatClient, auroc, balanced_accuracy, build_atlas, explain_atlas)
+from thoughtscope.atlas import (  # noqa: E402
+    Atlas,
+    AtlasConfig,
+    ExplainConfig,
+    ExplainerError,
+    HTTPChatClient,
+    LocalChatClient,
+    auroc,
+    balanced_accuracy,
+    build_atlas,
+    explain_atlas,
+)
 from thoughtscope.atlas.explain import client_from_env  # noqa: E402
 from thoughtscope.corpus import Corpus  # noqa: E402
 

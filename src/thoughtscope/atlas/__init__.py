@@ -1,10 +1,25 @@
 """Feature atlas: for every SAE feature, what activates it, what it does, its neighbours, and a scored explanation."""
 
-from .build import AtlasConfig, build_atlas, check_sae_matches, logit_effects, nearest_features
+from .build import (
+    AtlasConfig,
+    build_atlas,
+    check_sae_matches,
+    logit_effects,
+    nearest_features,
+)
 from .cards import feature_card, load_tokenizer, show_feature, text_card
 from .db import Atlas, AtlasError, Example, Feature
-from .explain import (ExplainConfig, ExplainerError, HTTPChatClient, LocalChatClient, auroc, balanced_accuracy,
-                      client_from_env, estimate, explain_atlas)
+from .explain import (
+    ExplainConfig,
+    ExplainerError,
+    HTTPChatClient,
+    LocalChatClient,
+    auroc,
+    balanced_accuracy,
+    client_from_env,
+    estimate,
+    explain_atlas,
+)
 from .query import contrast, feature_acts, open_with_model, top_features_for_text
 
 __all__ = ["Atlas", "AtlasConfig", "AtlasError", "Example", "Feature", "ExplainConfig", "ExplainerError",

@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, fields
@@ -343,8 +342,14 @@ class _Progress:
         self.done0 = done
         if enabled:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
             self.console = Console(stderr=True)
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -28,12 +28,12 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .db import Atlas, AtlasError, Example
+from .db import Atlas, Example
 
 ENV_URL = "THOUGHTSCOPE_EXPLAINER_URL"
 ENV_MODEL = "THOUGHTSCOPE_EXPLAINER_MODEL"
@@ -144,7 +144,6 @@ class LocalChatClient:
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
         self.concurrent = False
         self.max_context = max_context or min(getattr(lm, "max_context", 2048), 2048)
-        tok = lm.tokenizer
         self._yes = self._first_id(["Yes", " Yes"])
         self._no = self._first_id(["No", " No"])
 
@@ -554,7 +553,13 @@ def explain_atlas(atlas: "Atlas | str | os.PathLike", explainer, scorer=None, *,
         summary = {"requested": len(todo), "ok": 0, "failed": 0, "errors": {}, "estimate": est}
         bar = None
         if progress and todo:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
             bar = Progress(TextColumn("[bold]explain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                            TextColumn("{task.fields[status]}"), console=console)
             tid = bar.add_task("explain", total=len(todo), status="")
