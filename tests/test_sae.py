@@ -239,3 +239,13 @@ def test_spliced_lm_loss_on_tiny_model():
     ident = Identity(SAEConfig(arch="topk", d_model=32, n_features=64, k=8))
     r = S.spliced_lm_loss(lm, ident, "resid.0", [ids])
     assert abs(r["loss_recovered"] - 1) < 1e-4 and r["kl_sae"] < 1e-6
+
+
+def test_half_precision_save_loads_as_float32(tmp_path):
+    from thoughtscope.sae import SAEConfig, build_sae, load_sae, save_sae
+
+    sae = build_sae(SAEConfig(arch="topk", d_model=8, n_features=16, k=2))
+    save_sae(sae, tmp_path / "half", weights_dtype=torch.float16)
+    back = load_sae(tmp_path / "half")
+    assert back.W_dec.dtype == torch.float32
+    torch.testing.assert_close(back.W_dec, sae.W_dec.detach().half().float())

@@ -102,12 +102,23 @@ def _sae_from_tensors(cfg: SAEConfig, W_enc: torch.Tensor, W_dec: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------- native
-def save_sae(sae: SAE, path: str | Path, *, metrics: dict | None = None) -> Path:
-    """Save sae as a native folder (atomic). The SAE must already act on raw activations."""
+def default_sae_path() -> Path:
+    """The SAE shipped inside the package for the default model."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default_sae"
+
+
+def save_sae(sae: SAE, path: str | Path, *, metrics: dict | None = None,
+             weights_dtype: torch.dtype | None = None) -> Path:
+    """Save sae as a native folder (atomic). The SAE must already act on raw activations.
+
+    weights_dtype=torch.float16 halves the folder (how the default SAE ships); loading casts back to float32.
+    """
     if not sae.cfg.norm_folded:
         raise SAEError("SAE still expects normalised inputs; call sae.fold_normalization(scale, mean) before saving")
     tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec,
                **sae.extra_state_tensors()}
+    if weights_dtype is not None:
+        tensors = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     files: dict[str, Any] = {CFG_FILE: sae.cfg.to_dict(), WEIGHTS_FILE: tensors,
                              NORM_FILE: {"scale": sae.cfg.norm_scale, "mean": sae.cfg.norm_mean,
                                          "mean_center": sae.cfg.mean_center, "folded_into_weights": True}}
@@ -118,8 +129,11 @@ def save_sae(sae: SAE, path: str | Path, *, metrics: dict | None = None) -> Path
 
 
 def load_sae(path: str | Path, *, device: str | torch.device | None = None) -> SAE:
-    """Open any SAE folder we understand: native, SAELens, sparsify or dictionary_learning."""
-    p = Path(path)
+    """Open any SAE folder we understand: native, SAELens, sparsify or dictionary_learning.
+
+    "default" is the SAE shipped for the default model (SmolLM2-135M-Instruct, resid.15).
+    """
+    p = default_sae_path() if str(path) == "default" else Path(path)
     if not p.is_dir():
         raise SAEError(f"SAE path {p} is not a folder")
     if (p / "ae.pt").exists():
