@@ -229,3 +229,36 @@ def test_default_model_smoke(tmp_path):
         assert f"feature {feats[0]}" in text
         print(text)
         print([at.explanation(f) for f in feats])
+
+
+def test_streaming_topk_and_reservoir_match_exact_answers():
+    """FeatureStats alone on synthetic activations: exact top-k, uniform quantile sample, exact counts."""
+    from thoughtscope.atlas.build import FeatureStats
+
+    cfg = AtlasConfig(ctx_len=16, batch_size=4, top_k=5, n_bins=4, per_bin=5, window_left=2, window_right=1)
+    m, T, B = 3, 16, 4
+    st = FeatureStats(m, cfg)
+    g = torch.Generator().manual_seed(0)
+    all_vals = {i: [] for i in range(m)}
+    for b in range(40):
+        f = torch.zeros(B * T, m)
+        f[:, 0] = torch.rand(B * T, generator=g) * 10                      # dense, uniform on [0, 10)
+        f[torch.randint(0, B * T, (3,), generator=g), 1] = torch.rand(3, generator=g) + 1   # sparse
+        rows, feats = (f > 0).nonzero(as_tuple=True)
+        vals = f[rows, feats]
+        for i in range(m):
+            all_vals[i] += f[:, i][f[:, i] > 0].tolist()
+        st.update(f, torch.zeros(B, T, dtype=torch.long), b * B, b, rows=rows, feats=feats, vals=vals, random_stride=7)
+    t = st.t
+    for i in range(2):
+        exact = sorted(all_vals[i], reverse=True)[:5]
+        assert sorted(t["top_val"][i].tolist(), reverse=True) == pytest.approx(exact)
+        assert int(t["count"][i]) == len(all_vals[i])
+        assert float(t["max"][i]) == pytest.approx(max(all_vals[i]))
+    assert int(t["count"][2]) == 0 and not torch.isfinite(t["top_val"][2]).any()
+    # the reservoir of the dense feature is a uniform sample: its values spread over the whole range
+    res = sorted(t["res_val"][0].tolist())
+    assert len(res) == 20 and res[0] < 2.0 and res[-1] > 8.0 and 3.0 < res[10] < 7.0
+    # each kept top window holds the activation at its peak
+    for k in range(5):
+        assert t["top_win"][0, k, 2] == pytest.approx(float(t["top_val"][0, k]))
