@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="a small run (under ~3 minutes on 2 cores)")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--store", default=DEFAULT_STORE, help="activation store of the default model (resid.15)")
-    p.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default 300k; quick 40k)")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default 300k; quick 32k)")
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 16k; quick 8k)")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--n-features", type=int, default=9216)
@@ -219,7 +219,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    n_tokens = args.tokens or (40_000 if args.quick else 300_000)
+    n_tokens = args.tokens or (32_768 if args.quick else 300_000)
     n_eval = args.eval_tokens or (8192 if args.quick else 16384)
     B = args.batch_size
     n_steps = max(1, n_tokens // B)
