@@ -331,3 +331,19 @@ def test_explain_text_and_steering_from_words(lm, cfg):
     assert res["steered"] != res["unsteered"]
     with pytest.raises(NLAError, match="outside"):
         explain_text(nla, "abc", positions=[10])
+
+
+def test_quick_eval_of_an_exported_nla(lm, rows, tmp_path):
+    """`nla eval --quick` path: the exported folder carries its baseline rows; only test rows are harvested."""
+    from thoughtscope.nla import evaluate_nla
+    from thoughtscope.nla.__main__ import export
+    from thoughtscope.nla.evaluate import BASELINE_FILE
+
+    rows.save(tmp_path / "data")
+    train_stage(tmp_path / "nla", rows, TrainConfig(stage="ar-sft", steps=1, batch_size=2, eval_every=0), lm=lm,
+                progress=False)
+    export(tmp_path / "nla", tmp_path / "shipped", tmp_path / "data")
+    assert (tmp_path / "shipped" / BASELINE_FILE).is_file()
+    res = evaluate_nla(str(tmp_path / "shipped"), lm=lm, quick=True, n_test=8, n_boot=20, progress=False)
+    assert res["data"]["baseline_rows"] == "shipped with the NLA"
+    assert res["n_test"] == 8 and "oracle" in res["baselines"] and "ridge_k16" in res["baselines"]

@@ -18,10 +18,10 @@ DEFAULT_RECIPE = {
     "stages": [
         {"stage": "ar-sft", "steps": 150, "batch_size": 8, "lr": 1e-3, "eval_every": 25, "checkpoint_every": 10,
          "time_budget_s": 720},
-        {"stage": "av-sft", "steps": 150, "batch_size": 8, "lr": 1e-3, "eval_every": 50, "checkpoint_every": 10,
-         "val_rows": 32, "time_budget_s": 1320},
-        {"stage": "rl", "steps": 30, "batch_size": 2, "group_size": 4, "lr": 1e-4, "ar_lr": 1e-4, "eval_every": 10,
-         "checkpoint_every": 2, "val_rows": 32, "time_budget_s": 600},
+        {"stage": "av-sft", "steps": 60, "batch_size": 4, "lr": 2e-3, "warmup": 3, "eval_every": 20,
+         "checkpoint_every": 5, "val_rows": 16, "time_budget_s": 1320},
+        {"stage": "rl", "steps": 30, "batch_size": 2, "group_size": 4, "lr": 1e-4, "ar_lr": 1e-4, "warmup": 2,
+         "eval_every": 0, "checkpoint_every": 2, "val_rows": 16, "time_budget_s": 600},
     ],
 }
 
@@ -103,18 +103,23 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate_nla(str(work / "nla"), data, quick=False, json_path=work / "eval.json")
         print(format_table(res))
         if args.export:
-            export(work / "nla", Path(args.export))
+            export(work / "nla", Path(args.export), data)
     return 0
 
 
-def export(src: Path, dest: Path) -> None:
-    """Copy the shippable files of an NLA folder (config + adapters, no optimiser state)."""
+def export(src: Path, dest: Path, data: Path | None = None) -> None:
+    """Copy the shippable files of an NLA folder (config + adapters, no optimiser state) and the baseline rows."""
     import shutil
+
+    from .data import NLARows
+    from .evaluate import BASELINE_FILE, save_baseline_rows
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("nla_config.json", "av.safetensors", "ar.safetensors", "warm_av.safetensors", "warm_ar.safetensors"):
         if (src / name).is_file():
             shutil.copy2(src / name, dest / name)
+    if data is not None:
+        save_baseline_rows(NLARows.load(data), dest / BASELINE_FILE)
 
 
 if __name__ == "__main__":
