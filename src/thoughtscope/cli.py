@@ -258,6 +258,173 @@ def sae_import(path: Path = typer.Argument(..., help="an SAELens, sparsify or di
     console.print(f"wrote {out}")
 
 
+steer_app = typer.Typer(no_args_is_help=False, invoke_without_command=True,
+                        help="Steer generation with presets of feature clamps and vectors; calibrate sliders.")
+app.add_typer(steer_app, name="steer")
+
+
+def _gen_config(max_new_tokens: int, temperature: float, top_p: float, seed: int):
+    from .steer import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+@steer_app.callback()
+def steer(
+    ctx: typer.Context,
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="prompt(s) to answer (repeat for several)"),
+    preset: Optional[str] = typer.Option(None, help="preset name or JSON file (see examples/presets)"),
+    model: str = typer.Option("default"),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.7, help="0 = greedy"),
+    top_p: float = typer.Option(0.9),
+    seed: int = typer.Option(0, help="steered and unsteered answers share this seed"),
+) -> None:
+    """Answer prompts unsteered and steered by a preset, side by side from the same seed."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .steer import SteerError, print_comparisons, steer_with_preset
+
+    if preset is None or not prompt:
+        _fail("give --preset and at least one --prompt (or a subcommand: sweep)")
+    lm = _load(model, None, None)
+    try:
+        comps = steer_with_preset(lm, preset, prompt, _gen_config(max_new_tokens, temperature, top_p, seed))
+    except SteerError as e:
+        _fail(str(e))
+    print_comparisons(comps, console, title=f"preset {preset}")
+
+
+@steer_app.command("sweep")
+def steer_sweep(
+    preset: str = typer.Option(..., help="preset whose intervention gets swept"),
+    strengths: str = typer.Option(..., help="comma-separated slider values, e.g. 0,2,4,8"),
+    keywords: str = typer.Option(..., help="comma-separated words that show the concept in an answer"),
+    index: int = typer.Option(0, help="which intervention of the preset"),
+    ppl_bound: float = typer.Option(2.0, help="allowed perplexity, as a multiple of unsteered"),
+    out: Path = typer.Option(Path("sweep"), help="writes OUT.json, OUT.png and OUT.preset.json"),
+    model: str = typer.Option("default"),
+    max_new_tokens: int = typer.Option(48),
+    seed: int = typer.Option(0),
+) -> None:
+    """Calibrate a slider: concept rate and coherence over strengths, on 20 neutral prompts."""
+    from .steer import Preset, SteerError, plot_sweep, save_sweep, sweep_preset
+
+    lm = _load(model, None, None)
+    try:
+        result, calibrated = sweep_preset(lm, Preset.load(preset), _csv(strengths, float), index=index,
+                                          keywords=_csv(keywords, str), ppl_bound=ppl_bound,
+                                          config=_gen_config(max_new_tokens, 0.7, 0.9, seed))
+    except SteerError as e:
+        _fail(str(e))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_sweep(result, out.with_suffix(".json"))
+    png = plot_sweep(result, out.with_suffix(".png"))
+    calibrated.save(out.with_suffix(".preset.json"))
+    table = Table(title=f"sweep of {preset} item {index} (concept measured by {result.concept_method}; "
+                        f"unsteered perplexity {result.baseline.perplexity:.1f})")
+    for col in ("strength", "concept rate", "perplexity", "× unsteered", "repetition"):
+        table.add_column(col)
+    for row in result.table():
+        table.add_row(f"{row['strength']:g}", f"{row['concept_rate']:.2f}", f"{row['perplexity']:.1f}",
+                      f"{row['ppl_ratio']:.2f}", f"{row['repetition']:.2f}")
+    console.print(table)
+    console.print(f"suggested strength: {result.suggested}  (files: {out.with_suffix('.json')}, {png})")
+
+
+@app.command()
+def chat(
+    preset: Optional[str] = typer.Option(None, help="start with this preset"),
+    sae: str = typer.Option("default", help="SAE whose features /set changes"),
+    model: str = typer.Option("default"),
+    max_new_tokens: int = typer.Option(96),
+    temperature: float = typer.Option(0.7),
+    seed: int = typer.Option(0),
+) -> None:
+    """Interactive chat; change sliders between turns: /set 1234 8.0, /preset name, /off, /show, /quit."""
+    from .sae import load_sae
+    from .steer import SteerError, chat_loop
+
+    lm = _load(model, None, None)
+    try:
+        chat_loop(lm, sae=load_sae(sae), preset=preset, config=_gen_config(max_new_tokens, temperature, 0.9, seed),
+                  stream_fn=lambda piece: console.print(piece, end=""))
+    except SteerError as e:
+        _fail(str(e))
+
+
+vector_app = typer.Typer(no_args_is_help=True, help="Steering vectors from contrastive pairs.")
+app.add_typer(vector_app, name="vector")
+
+
+@vector_app.command("fit")
+def vector_fit_cmd(
+    pairs: Path = typer.Argument(..., help=".jsonl/.json with {positive, negative} or a two-column TSV"),
+    out: Path = typer.Option(..., help="output .safetensors"),
+    site: str = typer.Option("resid.15"),
+    method: str = typer.Option("mean", help="mean (CAA mean difference) or pca (first PC of paired differences)"),
+    model: str = typer.Option("default"),
+) -> None:
+    """Fit a steering vector from contrastive prompt pairs."""
+    from .steer import SteerError, vector_fit
+
+    lm = _load(model, None, None)
+    try:
+        v = vector_fit(lm, site, pairs, out, method=method)
+    except SteerError as e:
+        _fail(str(e))
+    console.print(f"wrote {out}: {v}")
+
+
+features_app = typer.Typer(no_args_is_help=True, help="Find SAE features to read or steer.")
+app.add_typer(features_app, name="features")
+
+
+@features_app.command("contrast")
+def features_contrast_cmd(
+    prompts: Path = typer.Option(..., help="text file, one prompt per line, where the concept is present"),
+    controls: Path = typer.Option(..., help="text file, one prompt per line, without it"),
+    sae: str = typer.Option("default"),
+    model: str = typer.Option("default"),
+    score: str = typer.Option("z", help="z (standardised mean difference of per-text max) or freq"),
+    top: int = typer.Option(20),
+) -> None:
+    """Features most active on the prompts and least on the controls, ranked by a stated score."""
+    from .sae import load_sae
+    from .steer import SteerError, features_contrast, print_contrast
+
+    lm = _load(model, None, None)
+    sae_obj = load_sae(sae)
+    try:
+        scores = features_contrast(lm, sae_obj, sae_obj.cfg.site, prompts, controls, score=score, top=top)
+    except SteerError as e:
+        _fail(str(e))
+    print_contrast(scores, score, console)
+
+
+@features_app.command("at")
+def features_at_cmd(
+    text: str = typer.Argument(...),
+    token: str = typer.Option("-1", help="token index, or a substring of the text"),
+    sae: str = typer.Option("default"),
+    model: str = typer.Option("default"),
+    top: int = typer.Option(10),
+) -> None:
+    """The strongest features at one token of a text."""
+    from .sae import load_sae
+    from .steer import SteerError, top_features_at
+
+    lm = _load(model, None, None)
+    sae_obj = load_sae(sae)
+    tok = int(token) if token.lstrip("-").isdigit() else token
+    try:
+        rows = top_features_at(lm, sae_obj, sae_obj.cfg.site, text, tok, top=top)
+    except SteerError as e:
+        _fail(str(e))
+    for r in rows:
+        console.print(r)
+
+
 @app.command()
 def demo(
     tokens: int = typer.Option(16_384, help="tokens to harvest for the demo store"),
