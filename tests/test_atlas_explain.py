@@ -136,8 +136,9 @@ def env(tmp_path_factory):
 
 
 def client(url, **kw):
-    return HTTPChatClient(url, "scripted", "sk-test", timeout=0.8, backoff=0.01, max_retries=kw.pop("max_retries", 4),
-                          **kw)
+    kw.setdefault("timeout", 0.8)
+    kw.setdefault("max_retries", 4)
+    return HTTPChatClient(url, "scripted", "sk-test", backoff=0.01, **kw)
 
 
 XCFG = ExplainConfig(show_left=6, show_right=2, n_top=6, n_quantile=5, n_score_pos=10, n_score_neg=10, concurrency=3)
@@ -249,9 +250,12 @@ def test_concurrency_limit(env):
     lm, path, script, url = env
     with Atlas.open(path) as at:
         feats = at.random_features(6, seed=5)
+    deadline = time.time() + 5
+    while script.inflight and time.time() < deadline:  # let requests left over by earlier tests finish
+        time.sleep(0.05)
     script.max_inflight, script.delay = 0, 0.05
     try:
-        s = explain_atlas(path, client(url, max_retries=0), client(url), tokenizer=lm.tokenizer, features=feats,
+        s = explain_atlas(path, client(url, timeout=10), client(url, timeout=10), tokenizer=lm.tokenizer, features=feats,
                           config=ExplainConfig(concurrency=2, fuzz=False), resume=False, progress=False)
     finally:
         script.delay = 0.0
