@@ -10,6 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 
+SAE_TOKENS_SEEN = 262_144 + 16_384
+
+
 def run_demo(out: Path, site: str = "resid.15", tokens: int = 16_384, console: Console | None = None) -> dict:
     from .corpus import Corpus
     from .harvest import HarvestConfig, harvest
@@ -26,13 +29,65 @@ def run_demo(out: Path, site: str = "resid.15", tokens: int = 16_384, console: C
 
     console.rule(f"1. harvest {tokens:,} tokens at {site_obj}")
     t1 = time.perf_counter()
-    store = harvest(lm, corpus, [site_obj], out / "acts", HarvestConfig(n_tokens=tokens))[site_obj]
+    # Start past the text the shipped SAE was trained (262,144 tokens) and validated (16,384) on.
+    cfg = HarvestConfig(n_tokens=tokens, skip_tokens=SAE_TOKENS_SEEN)
+    store = harvest(lm, corpus, [site_obj], out / "acts", cfg, overwrite=True)[site_obj]
     dt = time.perf_counter() - t1
     summary = summarise_store(store)
     summary["harvest_seconds"] = dt
     _print_store_summary(console, lm, store, summary)
+
+    if site_obj == Site(15):
+        console.rule("2. the shipped SAE on these activations")
+        summary["sae"] = _sae_stage(console, lm, store)
+        for name, stage in _LATER_STAGES:
+            try:
+                stage(console, lm, out, summary)
+            except ImportError:
+                continue
+    else:
+        console.print(f"(the shipped SAE reads resid.15; skipping the SAE stages for {site_obj})")
     console.print(f"\nartefacts in [bold]{out}[/bold]")
     return summary
+
+
+def _sae_stage(console: Console, lm, store) -> dict:
+    """Measure the packaged SAE on the freshly harvested tokens (text it was not trained on)."""
+    from .sae import evaluate_sae, load_sae
+
+    sae = load_sae("default")
+    metrics = evaluate_sae(sae, store.batches(4096, shuffle=False, exclude_bos=sae.cfg.exclude_bos,
+                                              max_norm_ratio=sae.cfg.max_norm_ratio))
+    t = Table(title=f"default SAE: {sae.cfg.arch}, {sae.cfg.n_features} features, k={sae.cfg.k}", show_header=False)
+    t.add_row("tokens (position 0 and sinks > 10× median norm excluded)", f"{metrics['n_tokens']:,}")
+    t.add_row("fraction of variance unexplained (FVU)", f"{metrics['fvu']:.3f}")
+    t.add_row("mean active features per token (L0)", f"{metrics['l0']:.1f}")
+    t.add_row("features that never fired here", f"{metrics['n_dead']:,} of {sae.cfg.n_features:,}")
+    console.print(t)
+    return metrics
+
+
+def _feature_stage(console: Console, lm, out: Path, summary: dict) -> None:
+    from .atlas.demo import demo_feature_cards  # the atlas stage: random and searched feature cards
+
+    demo_feature_cards(lm, out, console)
+
+
+def _steer_stage(console: Console, lm, out: Path, summary: dict) -> None:
+    from .steer.demos import default_demo  # golden-gate-style clamp, side by side with the unsteered answer
+
+    console.rule("4. steering: unsteered vs steered, same seed")
+    default_demo(lm, console)
+
+
+def _nla_stage(console: Console, lm, out: Path, summary: dict) -> None:
+    from .nla.explain import demo_explain  # the shipped NLA explains a few tokens in words
+
+    console.rule("5. natural-language explanations of activations")
+    demo_explain(lm, console)
+
+
+_LATER_STAGES = [("features", _feature_stage), ("steer", _steer_stage), ("nla", _nla_stage)]
 
 
 def summarise_store(store) -> dict:
