@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from atlas_fixtures import (  # noqa: E402
+from test_atlas_fixtures import (  # noqa: E402
     OUT_CHAR,
     PLANT,
     PLANT_CHAR,

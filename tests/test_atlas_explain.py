@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from atlas_fixtures import (  # noqa: E402
+from test_atlas_fixtures import (  # noqa: E402
     PLANT,
     PLANT_CHAR,
     identity_model,
