@@ -425,6 +425,176 @@ def features_at_cmd(
         console.print(r)
 
 
+atlas_app = typer.Typer(no_args_is_help=True, help="Build, explain and report a feature atlas for an SAE.")
+app.add_typer(atlas_app, name="atlas")
+feature_app = typer.Typer(no_args_is_help=True, help="Look up features in an atlas.")
+app.add_typer(feature_app, name="feature")
+
+
+def _sae_folder(spec: str) -> Path:
+    from .sae.formats import default_sae_path
+
+    return default_sae_path() if spec == "default" else Path(spec)
+
+
+@atlas_app.command("build")
+def atlas_build(
+    sae: str = typer.Option("default", help="SAE folder, or 'default' (the shipped SmolLM2 SAE)"),
+    out: Path = typer.Option(..., help="atlas folder (atlas.sqlite); re-run to resume"),
+    model: Optional[str] = typer.Option(None, help="model (default: the one the SAE was trained on, or 'default')"),
+    corpus: str = typer.Option("default"),
+    tokens: int = typer.Option(1_000_000),
+    ctx_len: int = typer.Option(128),
+    batch_size: int = typer.Option(16),
+    top_k: int = typer.Option(20, help="top activating contexts per feature"),
+    quiet: bool = typer.Option(False),
+) -> None:
+    """One streaming pass: top and quantile contexts, density, histogram, logit effects, neighbours."""
+    from .atlas import AtlasError, build_atlas
+    from .atlas.build import atlas_config_from
+    from .corpus import Corpus
+    from .sae import SAEError, load_sae
+
+    folder = _sae_folder(sae)
+    try:
+        sae_obj = load_sae(folder)
+        lm = _load(model or ("default" if sae_obj.cfg.model in ("", "SmolLM2-135M-Instruct") else sae_obj.cfg.model),
+                   None, None)
+        t0 = time.perf_counter()
+        path = build_atlas(lm, sae_obj, Corpus(corpus), out,
+                           atlas_config_from(n_tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, top_k=top_k),
+                           sae_path=str(folder.resolve()), progress=not quiet)
+    except (AtlasError, SAEError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+
+
+@atlas_app.command("explain")
+def atlas_explain(
+    atlas: Path = typer.Argument(..., help="atlas folder"),
+    url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (or THOUGHTSCOPE_EXPLAINER_URL); "
+                                                 "none = the local target model"),
+    explainer_model: Optional[str] = typer.Option(None, help="model name at that endpoint"),
+    api_key: Optional[str] = typer.Option(None, help="key (or OPENAI_API_KEY)"),
+    scorer_url: Optional[str] = typer.Option(None, help="scorer endpoint (default: same as the explainer)"),
+    scorer_model: Optional[str] = typer.Option(None),
+    sample: Optional[int] = typer.Option(None, help="explain a uniform random sample of this many features"),
+    features: Optional[str] = typer.Option(None, help="or these feature ids (comma-separated)"),
+    concurrency: int = typer.Option(4),
+    yes: bool = typer.Option(False, "--yes", help="skip the confirmation after the cost/time estimate"),
+) -> None:
+    """Write an explanation for each feature and score it (detection, fuzzing); resumable."""
+    from .atlas import AtlasError, ExplainConfig, ExplainerError, client_from_env, explain_atlas, open_with_model
+    from .atlas.cards import load_tokenizer
+
+    try:
+        lm = None
+        if not (url or __import__("os").environ.get("THOUGHTSCOPE_EXPLAINER_URL")):
+            _, lm, _ = open_with_model(atlas)
+        explainer = client_from_env(url, explainer_model, api_key, lm=lm)
+        scorer = client_from_env(scorer_url or url, scorer_model or explainer_model, api_key, scorer=True, lm=lm)
+        ids = _csv(features, int) if features else None
+        if not yes and (sample or 0) + len(ids or []) > 200 and not typer.confirm("go ahead?", default=True):
+            raise typer.Exit(1)
+        summary = explain_atlas(atlas, explainer, scorer, tokenizer=load_tokenizer(atlas) if lm is None else lm.tokenizer,
+                                features=ids, sample=sample, config=ExplainConfig(concurrency=concurrency),
+                                console=console)
+    except (AtlasError, ExplainerError, ValueError) as e:
+        _fail(str(e))
+    console.print_json(json.dumps(summary, default=str))
+
+
+@atlas_app.command("report")
+def atlas_report(atlas: Path = typer.Argument(...), out: Optional[Path] = typer.Option(None),
+                 cards: int = typer.Option(12, help="random feature cards")) -> None:
+    """A self-contained HTML report: density, dead/alive, score distribution, random feature cards."""
+    from .atlas import AtlasError, write_report
+
+    try:
+        path = write_report(atlas, out, n_cards=cards)
+    except AtlasError as e:
+        _fail(str(e))
+    console.print(f"wrote {path}")
+
+
+def _open_atlas(path: Path):
+    from .atlas import Atlas, AtlasError
+
+    try:
+        return Atlas.open(path)
+    except AtlasError as e:
+        _fail(str(e))
+
+
+@feature_app.command("show")
+def feature_show(n: int = typer.Argument(...), atlas: Path = typer.Option(..., help="atlas folder")) -> None:
+    """A feature's card: statistics, explanation and score, logit effects, neighbours, contexts as a heatmap."""
+    from .atlas import AtlasError, show_feature
+    from .atlas.cards import load_tokenizer
+
+    at = _open_atlas(atlas)
+    try:
+        show_feature(at, n, load_tokenizer(at), console)
+    except AtlasError as e:
+        _fail(str(e))
+
+
+@feature_app.command("random")
+def feature_random(atlas: Path = typer.Option(...), n: int = typer.Option(3), seed: Optional[int] = None) -> None:
+    """Cards for uniformly random alive features: the unbiased way to browse."""
+    from .atlas import show_feature
+    from .atlas.cards import load_tokenizer
+
+    at = _open_atlas(atlas)
+    tok = load_tokenizer(at)
+    for i in at.random_features(n, seed=seed):
+        show_feature(at, i, tok, console)
+
+
+@feature_app.command("search")
+def feature_search(text: str = typer.Argument(...), atlas: Path = typer.Option(...),
+                   limit: int = typer.Option(20)) -> None:
+    """Features whose explanation matches the text."""
+    from .atlas import AtlasError
+
+    at = _open_atlas(atlas)
+    try:
+        hits = at.search(text, limit=limit)
+    except AtlasError as e:
+        _fail(str(e))
+    for i, expl in hits:
+        console.print(f"[bold]{i}[/bold]  {expl}")
+
+
+@feature_app.command("top")
+def feature_top(text: str = typer.Option(..., "--text"), atlas: Path = typer.Option(...),
+                k: int = typer.Option(5)) -> None:
+    """The features most active on a text, per token."""
+    from .atlas import open_with_model, text_card, top_features_for_text
+
+    at, lm, sae = open_with_model(atlas)
+    console.print(text_card(top_features_for_text(lm, sae, text, k=k)))
+
+
+@feature_app.command("contrast")
+def feature_contrast(prompts: Path = typer.Option(..., help="one prompt per line with the concept"),
+                     controls: Path = typer.Option(..., help="one prompt per line without it"),
+                     atlas: Path = typer.Option(...), k: int = typer.Option(20)) -> None:
+    """Features most active on the prompts and least on the controls (score in [-1, 1], see docs/atlas.md)."""
+    from .atlas import contrast, open_with_model
+
+    at, lm, sae = open_with_model(atlas)
+    read = lambda p: [line.strip() for line in Path(p).read_text().splitlines() if line.strip()]  # noqa: E731
+    rows = contrast(lm, sae, read(prompts), read(controls), k=k, atlas=at)
+    table = Table(title="contrastive search: (mean peak on prompts − mean peak on controls) / max activation")
+    cols = list(rows[0].keys()) if rows else []
+    for c in cols:
+        table.add_column(str(c))
+    for r in rows:
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
+    console.print(table)
+
+
 @app.command()
 def demo(
     tokens: int = typer.Option(16_384, help="tokens to harvest for the demo store"),
