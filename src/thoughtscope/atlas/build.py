@@ -66,6 +66,8 @@ class AtlasConfig:
     add_bos: bool = True
     seed: int = 0
     checkpoint_every: int = 20      # batches between checkpoints
+    skip_tokens: int = 0            # start this far into the corpus (e.g. past the text the SAE was trained on),
+                                    # as HarvestConfig.skip_tokens: a whole number of batches
 
     def validate(self) -> None:
         for name in ("n_tokens", "ctx_len", "batch_size", "top_k", "n_bins", "per_bin", "hist_per_decade",
@@ -74,8 +76,15 @@ class AtlasConfig:
                 raise AtlasError(f"atlas option {name} must be positive, got {getattr(self, name)}")
         if self.ctx_len < 2:
             raise AtlasError(f"--ctx-len must be at least 2, got {self.ctx_len}")
+        if self.skip_tokens < 0 or self.skip_tokens % self.batch_tokens:
+            raise AtlasError(f"--skip-tokens must be a non-negative multiple of batch_size × ctx_len = "
+                             f"{self.batch_tokens}, got {self.skip_tokens}")
         if not 0 < self.hist_lo < self.hist_hi:
             raise AtlasError(f"histogram range must satisfy 0 < lo < hi, got {self.hist_lo}, {self.hist_hi}")
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.ctx_len * self.batch_size
 
     @property
     def reservoir(self) -> int:
@@ -442,7 +451,10 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
     stopped = False
     try:
         it = corpus.batches(lm.tokenizer, T, cfg.batch_size, add_bos=cfg.add_bos)
-        for b, batch in enumerate(it):
+        skip_batches = cfg.skip_tokens // cfg.batch_tokens
+        for b, batch in enumerate(it, start=-skip_batches):  # b counts from the first batch read (0)
+            if b < 0:
+                continue
             if ctx_done >= n_contexts:
                 break
             if b < stats.batches:
