@@ -10,8 +10,8 @@ keeps its per-feature statistics. Reported:
                              decoder neighbours, SQLite writes), which does not grow with the token count
   finalize_s                 that one-off cost in seconds
 
-The default SAE (src/thoughtscope/assets/default_sae) is used when it exists; otherwise a freshly
-initialised topk SAE of the same shape (9216 features, k=32), which costs the same per token.
+The default SAE (`load_sae("default")`, shipped in src/thoughtscope/assets/default_sae) is used when it
+exists; otherwise a freshly initialised topk SAE of the same shape (9216 features, k=32), which costs the same per token.
 
     python benchmarks/atlas.py --quick --json out.json
 """
@@ -34,12 +34,15 @@ from thoughtscope.harvest import HarvestConfig, harvest
 from thoughtscope.models import load_model
 from thoughtscope.sae import SAE, SAEConfig, load_sae
 
-DEFAULT_SAE = Path(__file__).resolve().parents[1] / "src" / "thoughtscope" / "assets" / "default_sae"
-
-
 def get_sae(lm, site: str):
-    if (DEFAULT_SAE / "cfg.json").is_file():
-        return load_sae(DEFAULT_SAE), "default_sae"
+    """The shipped default SAE (load_sae("default")) when it exists; otherwise a fresh one of the same shape."""
+    try:
+        from thoughtscope.sae.formats import default_sae_path
+
+        if (default_sae_path() / "cfg.json").is_file():
+            return load_sae("default"), "default"
+    except ImportError:
+        pass
     cfg = SAEConfig(arch="topk", d_model=lm.d_model, n_features=9216, k=32, model=lm.name, site=site)
     return SAE.from_config(cfg, seed=0), "fresh topk 9216 (default SAE not shipped yet)"
 
