@@ -34,6 +34,7 @@ from thoughtscope.harvest import HarvestConfig, harvest
 from thoughtscope.models import load_model
 from thoughtscope.sae import SAE, SAEConfig, load_sae
 
+
 def get_sae(lm, site: str):
     """The shipped default SAE (load_sae("default")) when it exists; otherwise a fresh one of the same shape."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -10,7 +11,13 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_atlas_fixtures import PLANT, identity_model, one_thread, planted_sae, write_corpus  # noqa: E402
+from test_atlas_fixtures import (  # noqa: E402
+    PLANT,
+    identity_model,
+    one_thread,
+    planted_sae,
+    write_corpus,
+)
 
 from thoughtscope.atlas import Atlas, AtlasConfig, AtlasError, build_atlas  # noqa: E402
 from thoughtscope.atlas.demo import demo_feature_cards  # noqa: E402
@@ -42,7 +49,7 @@ def test_demo_feature_cards_on_a_tiny_model(tmp_path):
     lm = identity_model()
     sae = planted_sae(lm)
     corpus = Corpus(str(write_corpus(tmp_path / "c.txt", n_docs=200)))
-    console = Console(record=True, width=120, file=open("/dev/null", "w"))
+    console = Console(record=True, width=120, file=io.StringIO())
     res = demo_feature_cards(lm, tmp_path, console, sae=sae, corpus=corpus, tokens=2048, skip_tokens=2048,
                              prompts=["a quiet queen", "the quest is equal", "quick squad"],
                              controls=["the sun is up", "run under a blue sun", "a unit of rum"], concept="q")
