@@ -77,3 +77,8 @@ def test_cli_errors(setup):
     r = runner.invoke(app, ["sae", "train", "--store", str(root / "acts"), "--k", "999", "--expansion", "1",
                             "--out", str(root / "z")])
     assert r.exit_code == 2 and "k=999" in r.output
+
+
+def test_nla_subcommand_forwards_to_the_nla_entry_point():
+    r = runner.invoke(app, ["nla", "--help"])
+    assert r.exit_code == 0 and "ar-sft" in r.output
