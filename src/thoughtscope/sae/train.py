@@ -194,6 +194,7 @@ class Trainer:
             sae = build_sae(cfg, seed=self.tc.seed + i).to(self.device, self.param_dtype)
             with torch.no_grad():
                 sae.b_dec.copy_(b)
+            sae.init_from_data(xs)
             lr = self.tc.lr if self.tc.lr is not None else default_lr(cfg)
             opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=self.tc.adam_betas)
             since = torch.zeros(cfg.n_features, dtype=torch.int64, device=self.device)
