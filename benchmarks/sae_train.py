@@ -5,8 +5,13 @@ default model's residual stream (store ``--store``, position 0 = attention sink 
 train a dictionary of ``--n-features`` latents with batch ``--batch-size``. Each trainer runs its own
 unmodified ``fit()``; the two runs are interleaved step by step (a baton handed over inside the data
 iterators, one trainer computing at a time), so load from other processes on a shared machine falls on
-both alike. tokens/s = trained tokens / seconds that trainer held the baton (its set-up inside fit,
-every step, its logging and weight folding at the end).
+both alike. The baton is handed over once per batch, so each trainer's time is recorded per step.
+
+What is timed: the headline tokens/s (and ``speed_ratio_vs_saelens``) is steady-state throughput over a
+window of the last ``--timed-steps`` steps before the final one (both trainers past set-up and past
+thoughtscope's lambda / LR warm-up); earlier steps are a warm-up that is trained but not timed. The
+whole-run figure (set-up inside fit, every step, logging and weight folding at the end) is reported too
+(``*_whole_run``).
 
 Quality is measured on held-out tokens (the last shard of the store, never trained on): FVU with the
 held-out mean, mean L0, and the dead fraction (latents that never fire on the held-out set).
@@ -17,7 +22,8 @@ Same-setup choices (everything else is each tool's default for the architecture)
   * SAELens' dead-latent window (in steps) is set to our dead-token rule for the run length, otherwise
     its 1000-step default means AuxK never runs in a short benchmark;
   * relu-l1: lambda is chosen per tool (``--l1-ours``, ``--l1-saelens``) so held-out L0 is similar; L0 is
-    printed beside FVU so the match can be judged.
+    printed beside FVU so the match can be judged. thoughtscope starts sparse (``--init-density-ours``:
+    encoder bias set so each latent fires on that share of the first batch); SAELens keeps its own init.
 
     python benchmarks/sae_train.py --quick --json out.json
 """
@@ -41,6 +47,7 @@ from thoughtscope.sae.architectures import DEFAULT_DEAD_TOKENS  # noqa: E402
 from thoughtscope.store import ActivationStore  # noqa: E402
 
 DEFAULT_STORE = "/work/data/acts-resid15"
+L1_SAELENS_DEFAULT = 20.0  # brings SAELens' held-out L0 near ours in the quick run (5.0 leaves it at ~1000)
 
 
 # ----------------------------------------------------------------------------- data
@@ -92,6 +99,7 @@ class Baton:
         self.turn = 0
         self.done: set[str] = set()
         self.busy = {n: 0.0 for n in names}
+        self.segments: dict[str, list[float]] = {n: [] for n in names}  # seconds per baton hold (~ per step)
         self._t = 0.0
 
     def _advance(self) -> None:
@@ -107,7 +115,9 @@ class Baton:
 
     def release(self, name: str, finished: bool = False) -> None:
         with self.cv:
-            self.busy[name] += time.perf_counter() - self._t
+            dt = time.perf_counter() - self._t
+            self.busy[name] += dt
+            self.segments[name].append(dt)
             if finished:
                 self.done.add(name)
             if len(self.done) < len(self.names):
@@ -144,12 +154,14 @@ def run_interleaved(jobs: dict) -> tuple[dict, dict]:
         t.join()
     for n, e in errors.items():
         raise RuntimeError(f"{n} failed: {type(e).__name__}: {e}") from e
-    return results, baton.busy
+    return results, baton
 
 
 # ----------------------------------------------------------------------------- trainers
-def ours_job(arch: str, d: int, m: int, k: int, l1: float, batches: list[torch.Tensor], lr: float | None):
-    cfg = SAEConfig(arch=arch, d_model=d, n_features=m, k=k, l1_coeff=l1)
+def ours_job(arch: str, d: int, m: int, k: int, l1: float, batches: list[torch.Tensor], lr: float | None,
+             init_density: float | None = None):
+    extra = {"init_density": init_density} if arch == "relu-l1" else {}
+    cfg = SAEConfig(arch=arch, d_model=d, n_features=m, k=k, l1_coeff=l1, **extra)
     tc = TrainConfig(batch_size=batches[0].shape[0], steps=len(batches), lr=lr, progress=False, checkpoint_every=0)
 
     def fn(baton: Baton):
@@ -206,76 +218,106 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="a small run (under ~3 minutes on 2 cores)")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--store", default=DEFAULT_STORE, help="activation store of the default model (resid.15)")
-    p.add_argument("--tokens", type=int, default=None, help="training tokens per SAE (default 300k; quick 32k)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="training tokens per SAE (default 300k; quick 32k topk, 48k relu-l1)")
+    p.add_argument("--timed-steps", type=int, default=None,
+                   help="steady-state window: the last N steps before the final one (default 20; quick 4)")
+    p.add_argument("--init-density-ours", type=float, default=0.01,
+                   help="relu-l1: thoughtscope's encoder-bias init density (0 = b_enc starts at 0)")
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 16k; quick 8k)")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--n-features", type=int, default=9216)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--l1-ours", type=float, default=5.0, help="relu-l1 lambda for thoughtscope")
-    p.add_argument("--l1-saelens", type=float, default=5.0, help="relu-l1 lambda for SAELens")
-    p.add_argument("--lr-ours", type=float, default=None, help="default: thoughtscope's per-architecture default")
+    p.add_argument("--l1-saelens", type=float, default=L1_SAELENS_DEFAULT, help="relu-l1 lambda for SAELens")
+    p.add_argument("--lr-ours", type=float, default=None,
+                   help="lr for thoughtscope except relu-l1 (default: its per-architecture default)")
+    p.add_argument("--lr-ours-relu-l1", type=float, default=3e-4,
+                   help="relu-l1 lr for thoughtscope (default SAELens' 3e-4: same step size for both in short runs; "
+                        "0 = thoughtscope's own 5e-5)")
     p.add_argument("--lr-saelens", type=float, default=None, help="default: SAELens' default (3e-4)")
     p.add_argument("--archs", default="topk,relu-l1")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    n_tokens = args.tokens or (32_768 if args.quick else 300_000)
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+
+    def tokens_for(arch: str) -> int:
+        # relu-l1 needs a few more steps in the quick run so the timed window starts after the warm-up
+        return args.tokens or ((49_152 if arch == "relu-l1" else 32_768) if args.quick else 300_000)
     n_eval = args.eval_tokens or (8192 if args.quick else 16384)
     B = args.batch_size
-    n_steps = max(1, n_tokens // B)
+    max_steps = max(max(1, tokens_for(a) // B) for a in archs)
 
-    train, ev, info = load_tokens(args.store, n_tokens, n_eval, args.seed)
+    train, ev, info = load_tokens(args.store, max_steps * B, n_eval, args.seed)
     d = train.shape[1]
-    batches = batch_list(train, n_steps, B)
-    epochs = n_steps * B / len(train)
-    scale = float(math.sqrt(d) / batches[0].norm(dim=1).mean())  # what our trainer computes from its first batch
-    dead_tokens = int(min(DEFAULT_DEAD_TOKENS, max(B, n_steps * B // 10)))
-    dead_steps = max(1, dead_tokens // B)
+    all_batches = batch_list(train, max_steps, B)
+    scale = float(math.sqrt(d) / all_batches[0].norm(dim=1).mean())  # what our trainer computes from its first batch
     print(f"data: {info['store']} ({info['store_tokens']:,} tokens, complete={info['store_complete']}), "
-          f"train {n_steps} x {B} = {n_steps * B:,} tokens ({epochs:.2f} epochs of {len(train):,} rows), "
-          f"held-out {len(ev):,}; d={d} m={args.n_features} threads={torch.get_num_threads()}", flush=True)
+          f"{len(train):,} training rows, held-out {len(ev):,}; batch {B}, d={d} m={args.n_features} "
+          f"threads={torch.get_num_threads()}", flush=True)
 
-    figures: dict = {"data": info, "train_tokens": n_steps * B, "steps": n_steps, "epochs": epochs, "batch_size": B,
-                     "n_features": args.n_features, "d_model": d, "threads": torch.get_num_threads(),
-                     "quick": args.quick, "dead_tokens": dead_tokens}
+    figures: dict = {"data": info, "batch_size": B, "n_features": args.n_features, "d_model": d,
+                     "threads": torch.get_num_threads(), "quick": args.quick,
+                     "timing": "tokens_per_s / speed_ratio_vs_saelens: steady state over the timed window (steps "
+                               "listed per architecture; warm-up steps before it trained but not timed); "
+                               "*_whole_run: all steps incl. set-up and final weight folding"}
     import sae_lens
     figures["saelens_version"] = sae_lens.__version__
     figures["torch_version"] = torch.__version__
-    for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
+    for arch in archs:
         key = arch.replace("-", "_")
+        n_steps = max(1, tokens_for(arch) // B)
+        batches = all_batches[:n_steps]
+        epochs = n_steps * B / len(train)
+        dead_tokens = int(min(DEFAULT_DEAD_TOKENS, max(B, n_steps * B // 10)))
+        dead_steps = max(1, dead_tokens // B)
+        n_timed = min(args.timed_steps or (4 if args.quick else 20), max(1, n_steps - 2))
+        w0 = n_steps - 1 - n_timed  # window = segments w0 .. n_steps-2 (0-based); the last holds the folding
+        init_density = args.init_density_ours if args.init_density_ours > 0 else None
         t0 = time.perf_counter()
         jobs = {
-            "ours": ours_job(arch, d, args.n_features, args.k, args.l1_ours, batches, args.lr_ours),
+            "ours": ours_job(arch, d, args.n_features, args.k, args.l1_ours, batches,
+                             (args.lr_ours_relu_l1 or None) if arch == "relu-l1" else args.lr_ours, init_density),
             "saelens": saelens_job(arch, d, args.n_features, args.k, args.l1_saelens, batches, scale, dead_steps,
                                    args.lr_saelens),
         }
-        res, busy = run_interleaved(jobs)
+        res, baton = run_interleaved(jobs)
         wall = time.perf_counter() - t0
         ours, theirs = res["ours"], res["saelens"]
         theirs.eval()
         q_ours = held_out(ours.encode, ours.decode, ev)
         q_theirs = held_out(theirs.encode, theirs.decode, ev)
-        tps = {"ours": n_steps * B / busy["ours"], "saelens": n_steps * B / busy["saelens"]}
-        row = {
-            "ours": {"tokens_per_s": tps["ours"], "train_seconds": busy["ours"], **q_ours},
-            "saelens": {"tokens_per_s": tps["saelens"], "train_seconds": busy["saelens"], **q_theirs},
-            "speed_ratio_vs_saelens": tps["ours"] / tps["saelens"],
-            "fvu_ratio_vs_saelens": q_ours["fvu"] / q_theirs["fvu"],
-            "l0_ratio_vs_saelens": q_ours["l0"] / max(q_theirs["l0"], 1e-12),
-            "wall_seconds": wall,
-        }
+        row: dict = {"steps": n_steps, "train_tokens": n_steps * B, "epochs": epochs, "dead_tokens": dead_tokens,
+                     "timed_steps": [w0 + 1, n_steps - 1], "warmup_steps": w0}
+        for name, q in (("ours", q_ours), ("saelens", q_theirs)):
+            seg = baton.segments[name]
+            win = seg[w0:n_steps - 1] if len(seg) >= n_steps else seg
+            row[name] = {"tokens_per_s": len(win) * B / sum(win), "step_seconds_timed": win,
+                         "tokens_per_s_whole_run": n_steps * B / baton.busy[name],
+                         "train_seconds": baton.busy[name], **q}
+        row["speed_ratio_vs_saelens"] = row["ours"]["tokens_per_s"] / row["saelens"]["tokens_per_s"]
+        row["speed_ratio_vs_saelens_whole_run"] = (row["ours"]["tokens_per_s_whole_run"]
+                                                   / row["saelens"]["tokens_per_s_whole_run"])
+        row["fvu_ratio_vs_saelens"] = q_ours["fvu"] / q_theirs["fvu"]
+        row["l0_ratio_vs_saelens"] = q_ours["l0"] / max(q_theirs["l0"], 1e-12)
+        row["l0_ours"], row["l0_saelens"] = q_ours["l0"], q_theirs["l0"]
+        row["wall_seconds"] = wall
         if arch == "topk":
             row["k"] = args.k
         else:
             row["l1_ours"], row["l1_saelens"] = args.l1_ours, args.l1_saelens
+            row["init_density_ours"] = init_density
         figures[key] = row
-        print(f"\n{arch} (d={d}, m={args.n_features}, batch {B}, {n_steps * B:,} tokens)")
-        print(f"{'trainer':10s} {'tokens/s':>10s} {'FVU':>8s} {'L0':>8s} {'dead':>7s}")
+        print(f"\n{arch} (d={d}, m={args.n_features}, batch {B}, {n_steps} steps = {n_steps * B:,} tokens, "
+              f"{epochs:.2f} epochs; timed window: steps {w0 + 1}-{n_steps - 1} after {w0} warm-up steps)")
+        print(f"{'trainer':10s} {'tok/s timed':>12s} {'tok/s all':>10s} {'FVU':>8s} {'L0':>8s} {'dead':>7s}")
         for name in ("ours", "saelens"):
             r = row[name]
-            print(f"{name:10s} {r['tokens_per_s']:10,.0f} {r['fvu']:8.4f} {r['l0']:8.1f} {r['dead_frac']:7.2%}")
-        print(f"ratio      {row['speed_ratio_vs_saelens']:9.2f}x {row['fvu_ratio_vs_saelens']:8.3f} "
-              f"{row['l0_ratio_vs_saelens']:8.3f}   (ours / SAELens)", flush=True)
+            print(f"{name:10s} {r['tokens_per_s']:12,.0f} {r['tokens_per_s_whole_run']:10,.0f} {r['fvu']:8.4f} "
+                  f"{r['l0']:8.1f} {r['dead_frac']:7.2%}")
+        print(f"ratio      {row['speed_ratio_vs_saelens']:11.2f}x {row['speed_ratio_vs_saelens_whole_run']:9.2f}x "
+              f"{row['fvu_ratio_vs_saelens']:8.3f} {row['l0_ratio_vs_saelens']:8.3f}   (ours / SAELens)", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
