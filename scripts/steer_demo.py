@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", default=None, help="suppress: the concept demo's JSON, to reuse its feature")
     ap.add_argument("--multiples", default="0,2,4,6,8,10")
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_SWEEP_CONFIG["max_new_tokens"])
+    ap.add_argument("--features", default="", help="concept: comma-separated feature ids to sweep (from the search's top 10)")
+    ap.add_argument("--candidates", type=int, default=3, help="concept: how many top contrastive features to sweep")
+    ap.add_argument("--plot", default=None, help="concept: PNG of the best sweep")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
@@ -62,7 +65,8 @@ def main(argv=None) -> int:
         results = []
         for name in names:
             r = concept_demo(lm, sae, site, CONCEPTS[name], multiples=[float(x) for x in args.multiples.split(",")],
-                             config=cfg, prompts=prompts, candidates=1 if args.tiny else 3)
+                             config=cfg, prompts=prompts, candidates=1 if args.tiny else args.candidates,
+                             features=[int(x) for x in args.features.split(",") if x], plot=args.plot)
             results.append(r)
             b = r["best"]
             print(f"[{name}] " + (f"feature {b['feature']} at {b['suggested_multiple']}x max: "

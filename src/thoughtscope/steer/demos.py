@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from ..models import LoadedModel
-from .calibrate import DEFAULT_SWEEP_CONFIG, NEUTRAL_PROMPTS, evaluate, sweep
+from pathlib import Path
+
+from .calibrate import DEFAULT_SWEEP_CONFIG, NEUTRAL_PROMPTS, evaluate, plot_sweep, sweep
 from .generate import GenerationConfig, compare
 from .interventions import FeatureEdit, VectorEdit
 from .search import contrast_features, feature_max_acts
@@ -84,20 +86,57 @@ CONCEPTS: dict[str, Concept] = {
         _CONTROLS, ["ocean", "sea", "seas", "beach", "waves", "wave", "ship", "sailing", "fish", "shore", "coast",
                     "water"],
         ["Where would you like to go on holiday?", "Describe a beautiful view.", "What animals do you like?",
-         "Describe a relaxing place."]),
+         "Describe a relaxing place.", "Describe a day at the beach.", "What lives in the ocean?",
+         "Write a short poem about the sea.", "What do sailors do?", "Why is the sea salty?",
+         "Tell me about whales.", "What can you do at the seaside?", "Describe a coral reef."]),
+    "dogs": Concept(
+        "dogs",
+        ["The dog wagged its tail and barked.", "We took the puppy for a walk in the park.",
+         "My dog loves to fetch the ball.", "The dog slept in its bed by the fire.", "She trained her puppy to sit.",
+         "The dog chased the cat up a tree.", "Dogs are loyal companions.", "He fed the dog after the walk."],
+        _CONTROLS, ["dog", "dogs", "puppy", "puppies", "bark", "barking", "barked", "canine", "leash"],
+        ["What pet should I get?", "Tell me about a loyal animal.", "What animals do you like?",
+         "Describe a walk in the park with a pet.", "What makes a good pet?", "Write a short story about a pet.",
+         "What animal is man's best friend?", "How do I train a puppy?", "What do pets need every day?",
+         "Describe a family pet.", "What animals live with people?", "Tell me about guide animals."]),
+    "space": Concept(
+        "space",
+        ["The astronauts travelled to the Moon in a rocket.", "Stars and galaxies fill the night sky.",
+         "The planet Mars is red and dusty.", "A telescope lets us see distant galaxies.",
+         "The rocket launched into orbit around the Earth.", "The Sun is a star at the centre of our solar system.",
+         "Astronomers discovered a new planet.", "The space station orbits the Earth."],
+        _CONTROLS, ["space", "planet", "planets", "star", "stars", "rocket", "galaxy", "galaxies", "moon", "orbit",
+                    "astronaut", "astronauts", "universe", "solar"],
+        ["What is in the night sky?", "Tell me about the Moon.", "What do astronauts do?",
+         "Describe the solar system.", "What is a galaxy?", "Why do stars shine?"]),
 }
 
 
 def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples: Sequence[float] = (0, 2, 4, 6, 8, 10),
                  candidates: int = 3, ppl_bound: float = 2.0, config: GenerationConfig | None = None,
-                 prompts: Sequence[str] = NEUTRAL_PROMPTS, progress: bool = True) -> dict:
-    """Issue point 6a. Tries the top `candidates` contrastive features and keeps the best calibrated one."""
+                 prompts: Sequence[str] = NEUTRAL_PROMPTS, progress: bool = True, features: Sequence[int] = (),
+                 plot: "str | Path | None" = None) -> dict:
+    """Issue point 6a. Tries the top `candidates` contrastive features and keeps the best calibrated one.
+
+    `features` restricts the sweep to those ids (each must be among the top 10 of the search, so the
+    demo still rests on the search); `plot` writes the best candidate's sweep as a PNG.
+    """
     config = config or GenerationConfig(**DEFAULT_SWEEP_CONFIG)
-    found = contrast_features(lm, sae, site, concept.prompts, concept.controls, top=candidates)
+    ranked = contrast_features(lm, sae, site, concept.prompts, concept.controls, top=max(10, candidates))
+    if features:
+        by_id = {f.feature: f for f in ranked}
+        missing = [f for f in features if f not in by_id]
+        if missing:
+            raise ValueError(f"features {missing} are not among the top {len(ranked)} contrastive features for "
+                             f"{concept.name!r}: {[f.feature for f in ranked]}")
+        found = [by_id[f] for f in features]
+    else:
+        found = ranked[:candidates]
     maxes = feature_max_acts(lm, sae, site, list(concept.prompts) + list(concept.controls),
                              [f.feature for f in found])
     tried = []
     best = None
+    sweeps = {}
     for fs, m in zip(found, maxes.tolist()):
         m = m if m > 0 else 1.0
 
@@ -106,6 +145,7 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
 
         res = sweep(lm, make, list(multiples), keywords=concept.keywords, prompts=prompts, config=config,
                     ppl_bound=ppl_bound, progress=progress)
+        sweeps[fs.feature] = res
         row = {"feature": fs.feature, "score": fs.score, "max_act": m, "suggested_multiple": res.suggested,
                "sweep": res.table(), "baseline": {"concept_rate": res.baseline.concept_rate,
                                                    "perplexity": res.baseline.perplexity}}
@@ -117,7 +157,18 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
         tried.append(row)
     out = {"concept": concept.name, "site": site, "score": "z (see thoughtscope.steer.search)",
            "concept_method": "keywords", "keywords": concept.keywords, "ppl_bound": ppl_bound,
-           "n_prompts": len(prompts), "candidates": tried, "best": best, "generation": asdict(config)}
+           "n_prompts": len(prompts), "search_top10": [(f.feature, round(f.score, 3)) for f in ranked[:10]],
+           "candidates": tried, "best": best, "generation": asdict(config)}
+    # Plot / keep samples of the best candidate, or, when none stays within the bound, of the one with the
+    # highest concept rate at any strength (so a failed calibration is still shown).
+    shown = best or max(tried, key=lambda r: max(p["concept_rate"] for p in r["sweep"]), default=None)
+    if shown is not None:
+        if plot is not None:
+            plot_sweep(sweeps[shown["feature"]], plot, title=f"{concept.name}: feature {shown['feature']} clamped "
+                       f"(x max act {shown['max_act']:.2f}), {len(prompts)} neutral questions")
+            out["plot"] = str(plot)
+        for pt in sweeps[shown["feature"]].points:
+            out.setdefault("samples_by_strength", {})[str(pt.strength)] = pt.samples
     if best is not None:
         ivs = [FeatureEdit(sae, best["feature"], "clamp", best["suggested_multiple"], unit="max",
                            max_act=best["max_act"], site=site)]
@@ -146,3 +197,55 @@ def suppression_demo(lm: LoadedModel, sae, site: str, concept: Concept, feature:
                       "perplexity": clamp_neg.perplexity},
             "project_out": {"mention_rate": proj.concept_rate, "perplexity": proj.perplexity},
             "samples_before": before.samples, "samples_after": clamp_neg.samples}
+
+
+def default_steering_path() -> Path:
+    """The calibrated concept clamp for the shipped SAE (written by `scripts/steer_demo.py concept`)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default_steering.json"
+
+
+def load_default_steering() -> dict:
+    import json
+
+    p = default_steering_path()
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing: run `python scripts/steer_demo.py concept ... --json ...` and "
+                                "write its best feature there (keys feature, max_act, multiple, site, concept)")
+    d = json.loads(p.read_text())
+    for k in ("feature", "max_act", "multiple", "site"):
+        if k not in d:
+            raise ValueError(f"{p}: missing key {k!r} (expected feature, max_act, multiple, site)")
+    return d
+
+
+DEMO_PROMPTS = ["What is a good way to start the morning?", "Tell me something interesting."]
+
+
+def default_demo(lm: LoadedModel, console=None, max_new_tokens: int = 32, prompts: Sequence[str] = DEMO_PROMPTS) -> list:
+    """`thoughtscope demo`'s steering stage: the calibrated concept clamp on the default SAE, unsteered vs
+    steered from the same seed, printed side by side. Returns the comparisons."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..sae import load_sae
+
+    console = console or Console()
+    d = load_default_steering()
+    sae = load_sae("default").eval().requires_grad_(False)
+    ivs = [FeatureEdit(sae, int(d["feature"]), "clamp", float(d["multiple"]), unit="max",
+                       max_act=float(d["max_act"]), site=d["site"])]
+    cfg = GenerationConfig(**{**DEFAULT_SWEEP_CONFIG, "max_new_tokens": int(max_new_tokens)})
+    side = compare(lm, list(prompts), ivs, cfg)
+    t = Table(title=f"steering: feature {d['feature']} ({d.get('concept', 'concept')}) clamped to "
+                    f"{d['multiple']}x its max activation at {d['site']}", show_lines=True)
+    t.add_column("prompt", max_width=24)
+    t.add_column("unsteered")
+    t.add_column("steered")
+    for c in side:
+        t.add_row(str(c.prompt), c.unsteered.strip(), c.steered.strip())
+    console.print(t)
+    if "concept_rate" in d:
+        console.print(f"calibrated on 20 neutral questions: {100 * d['concept_rate']:.0f}% of steered answers mention "
+                      f"{d.get('concept', 'it')} (unsteered {100 * d.get('baseline_rate', 0):.0f}%), perplexity "
+                      f"{d.get('ppl_ratio', float('nan')):.2f}x unsteered")
+    return side
