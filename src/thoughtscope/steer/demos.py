@@ -115,11 +115,12 @@ CONCEPTS: dict[str, Concept] = {
 def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples: Sequence[float] = (0, 2, 4, 6, 8, 10),
                  candidates: int = 3, ppl_bound: float = 2.0, config: GenerationConfig | None = None,
                  prompts: Sequence[str] = NEUTRAL_PROMPTS, progress: bool = True, features: Sequence[int] = (),
-                 plot: "str | Path | None" = None) -> dict:
+                 plot: "str | Path | None" = None, combine: bool = False) -> dict:
     """Issue point 6a. Tries the top `candidates` contrastive features and keeps the best calibrated one.
 
     `features` restricts the sweep to those ids (each must be among the top 10 of the search, so the
-    demo still rests on the search); `plot` writes the best candidate's sweep as a PNG.
+    demo still rests on the search); `plot` writes the best candidate's sweep as a PNG. `combine` clamps
+    all the chosen features together (each at the same multiple of its own maximum) as one candidate.
     """
     config = config or GenerationConfig(**DEFAULT_SWEEP_CONFIG)
     ranked = contrast_features(lm, sae, site, concept.prompts, concept.controls, top=max(10, candidates))
@@ -137,16 +138,20 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
     tried = []
     best = None
     sweeps = {}
-    for fs, m in zip(found, maxes.tolist()):
-        m = m if m > 0 else 1.0
+    mx = [m if m > 0 else 1.0 for m in maxes.tolist()]
+    groups = [list(zip(found, mx))] if combine else [[(fs, m)] for fs, m in zip(found, mx)]
+    for group in groups:
+        fs, m = group[0]
+        ids, ms = [g[0].feature for g in group], [g[1] for g in group]
 
-        def make(s, f=fs.feature, m=m):
-            return [FeatureEdit(sae, f, "clamp", s, unit="max", max_act=m, site=site)]
+        def make(s, ids=ids, ms=ms):
+            return [FeatureEdit(sae, f, "clamp", s, unit="max", max_act=mm, site=site) for f, mm in zip(ids, ms)]
 
         res = sweep(lm, make, list(multiples), keywords=concept.keywords, prompts=prompts, config=config,
                     ppl_bound=ppl_bound, progress=progress)
         sweeps[fs.feature] = res
-        row = {"feature": fs.feature, "score": fs.score, "max_act": m, "suggested_multiple": res.suggested,
+        row = {"feature": fs.feature, "score": fs.score, "max_act": m, "features": ids, "max_acts": ms,
+               "suggested_multiple": res.suggested,
                "sweep": res.table(), "baseline": {"concept_rate": res.baseline.concept_rate,
                                                    "perplexity": res.baseline.perplexity}}
         if res.suggested is not None:
@@ -164,14 +169,14 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
     shown = best or max(tried, key=lambda r: max(p["concept_rate"] for p in r["sweep"]), default=None)
     if shown is not None:
         if plot is not None:
-            plot_sweep(sweeps[shown["feature"]], plot, title=f"{concept.name}: feature {shown['feature']} clamped "
-                       f"(x max act {shown['max_act']:.2f}), {len(prompts)} neutral questions")
+            plot_sweep(sweeps[shown["feature"]], plot, title=f"{concept.name}: feature(s) {', '.join(map(str, shown['features']))} clamped "
+                       f"(x own max act), {len(prompts)} neutral questions")
             out["plot"] = str(plot)
         for pt in sweeps[shown["feature"]].points:
             out.setdefault("samples_by_strength", {})[str(pt.strength)] = pt.samples
     if best is not None:
-        ivs = [FeatureEdit(sae, best["feature"], "clamp", best["suggested_multiple"], unit="max",
-                           max_act=best["max_act"], site=site)]
+        ivs = [FeatureEdit(sae, f, "clamp", best["suggested_multiple"], unit="max", max_act=mm, site=site)
+               for f, mm in zip(best["features"], best["max_acts"])]
         side = compare(lm, list(prompts[:3]), ivs, config)
         out["side_by_side"] = [asdict(c) for c in side]
         out["passed"] = best["concept_rate"] >= 0.6 and best["ppl_ratio"] <= ppl_bound
