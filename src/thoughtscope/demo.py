@@ -9,7 +9,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-
 SAE_TOKENS_SEEN = 262_144 + 16_384
 
 
@@ -40,11 +39,8 @@ def run_demo(out: Path, site: str = "resid.15", tokens: int = 16_384, console: C
     if site_obj == Site(15):
         console.rule("2. the shipped SAE on these activations")
         summary["sae"] = _sae_stage(console, lm, store)
-        for name, stage in _LATER_STAGES:
-            try:
-                stage(console, lm, out, summary)
-            except ImportError:
-                continue
+        for _name, stage in _LATER_STAGES:
+            stage(console, lm, out, summary)
     else:
         console.print(f"(the shipped SAE reads resid.15; skipping the SAE stages for {site_obj})")
     console.print(f"\nartefacts in [bold]{out}[/bold]")
@@ -68,23 +64,44 @@ def _sae_stage(console: Console, lm, store) -> dict:
 
 
 def _feature_stage(console: Console, lm, out: Path, summary: dict) -> None:
-    from .atlas.demo import demo_feature_cards  # the atlas stage: random and searched feature cards
+    from .atlas.demo import demo_feature_cards
 
     demo_feature_cards(lm, out, console)
 
 
 def _steer_stage(console: Console, lm, out: Path, summary: dict) -> None:
-    from .steer.demos import default_demo  # golden-gate-style clamp, side by side with the unsteered answer
+    from .steer.demos import default_demo
 
     console.rule("4. steering: unsteered vs steered, same seed")
     default_demo(lm, console)
 
 
+# Long enough that the explained tokens sit past position 50, where the NLA's training rows were sampled.
+NLA_DEMO_TEXT = ("The ship left the harbour at dawn. For three days the crew saw nothing but grey water and "
+                 "gulls, and the cook rationed the last of the bread. On the fourth morning the wind turned, "
+                 "the fog lifted, and by noon the captain could see the green hills of the island")
+
+
 def _nla_stage(console: Console, lm, out: Path, summary: dict) -> None:
-    from .nla.explain import demo_explain  # the shipped NLA explains a few tokens in words
+    """The shipped NLA writes a few tokens' activations as words and reads them back (round-trip FVE)."""
+    from .nla import explain_text, load_nla
 
     console.rule("5. natural-language explanations of activations")
-    demo_explain(lm, console)
+    t0 = time.perf_counter()
+    nla = load_nla("default", lm=lm)
+    rows = explain_text(nla, NLA_DEMO_TEXT, positions=[-9, -5, -1])
+    t = Table(title=f"default NLA at {nla.cfg.site}: explanation of each token's activation, and how much of "
+                    "the activation the words give back", show_lines=True)
+    t.add_column("token")
+    t.add_column("explanation")
+    t.add_column("round-trip FVE", justify="right")
+    for r in rows:
+        t.add_row(repr(r["token"]), r["explanation"].strip(), f"{r['fve']:.2f}")
+    console.print(f"text: {NLA_DEMO_TEXT!r}")
+    console.print(t)
+    console.print("FVE = 1 − ‖reconstruction − activation‖² / variance (0 = no better than the mean vector); "
+                  "held-out figures and baselines: `thoughtscope nla eval --model default --quick`, docs/nla.md")
+    summary["nla"] = {"rows": rows, "seconds": time.perf_counter() - t0}
 
 
 _LATER_STAGES = [("features", _feature_stage), ("steer", _steer_stage), ("nla", _nla_stage)]
