@@ -21,9 +21,18 @@ Same-setup choices (everything else is each tool's default for the architecture)
     the scale set to ours, so it does not spend 1000 batches estimating it), folded back after training;
   * SAELens' dead-latent window (in steps) is set to our dead-token rule for the run length, otherwise
     its 1000-step default means AuxK never runs in a short benchmark;
-  * relu-l1: lambda is chosen per tool (``--l1-ours``, ``--l1-saelens``) so held-out L0 is similar; L0 is
-    printed beside FVU so the match can be judged. thoughtscope starts sparse (``--init-density-ours``:
-    encoder bias set so each latent fires on that share of the first batch); SAELens keeps its own init.
+  * relu-l1: SAELens trains at its lambda (``--l1-saelens``), thoughtscope at ``--l1-ours`` in the timed run;
+    both use the same lr. thoughtscope starts sparse (``--init-density-ours``: encoder bias set so each latent
+    fires on that share of the first batch); SAELens keeps its own init.
+
+relu-l1 quality at matched L0: one lambda gives a different L0 for each tool, and FVU falls as L0 rises, so
+FVUs at unequal L0 do not compare. After the timed run, thoughtscope is retrained (untimed, same batches, same
+settings) at further lambdas chosen by a secant search in (log lambda, log L0) until SAELens' held-out L0 is
+bracketed and the nearest point is within ``--l0-tol`` of it (at most ``--match-runs`` extra runs). Our FVU at
+SAELens' L0 is then interpolated linearly in log L0 between the two bracketing points; ``fvu_ratio_vs_saelens``
+is that FVU over SAELens' FVU. Every point (lambda, L0, FVU, dead) is printed and stored, and the raw ratio of
+the timed run is kept as ``fvu_ratio_vs_saelens_timed_run``. If no bracket is found the nearest point is used
+and ``matched_l0.bracketed`` is false.
 
     python benchmarks/sae_train.py --quick --json out.json
 """
@@ -47,7 +56,10 @@ from thoughtscope.sae.architectures import DEFAULT_DEAD_TOKENS  # noqa: E402
 from thoughtscope.store import ActivationStore  # noqa: E402
 
 DEFAULT_STORE = "/work/data/acts-resid15"
-L1_SAELENS_DEFAULT = 20.0  # brings SAELens' held-out L0 near ours in the quick run (5.0 leaves it at ~1000)
+L1_SAELENS_DEFAULT = 20.0  # SAELens' held-out L0 ~150 in the quick run (5.0 leaves it at ~1000)
+# thoughtscope's timed-run lambda: its L0 lands near SAELens' at lambda 20 (the matched-L0 search corrects the rest)
+L1_OURS_QUICK = 5.5
+L1_OURS_FULL = 5.5
 
 
 # ----------------------------------------------------------------------------- data
@@ -133,6 +145,14 @@ class Baton:
             yield b
 
 
+class _Solo:
+    """A stand-in for Baton when one trainer runs alone (untimed extra runs)."""
+
+    @staticmethod
+    def feed(name: str, batches: list[torch.Tensor]):
+        return iter(batches)
+
+
 def run_interleaved(jobs: dict) -> tuple[dict, dict]:
     """jobs: name -> callable(feed_iter) returning a result. Runs them in threads, turn by turn."""
     baton = Baton(list(jobs))
@@ -212,6 +232,88 @@ def held_out(encode, decode, ev: torch.Tensor, chunk: int = 4096) -> dict:
     return {"fvu": sse / var, "l0": l0 / len(ev), "dead_frac": float((~fired).float().mean())}
 
 
+# ----------------------------------------------------------------------------- matched L0 (relu-l1)
+def _log_ratio(l0: float, target: float) -> float:
+    return math.log(max(l0, 1e-9) / max(target, 1e-9))
+
+
+def _bracket(points: list[dict], target: float) -> tuple[dict | None, dict | None]:
+    """The point with the largest L0 <= target and the one with the smallest L0 >= target (None if absent)."""
+    below = [p for p in points if p["l0"] <= target]
+    above = [p for p in points if p["l0"] >= target]
+    return (max(below, key=lambda p: p["l0"]) if below else None,
+            min(above, key=lambda p: p["l0"]) if above else None)
+
+
+def next_l1(points: list[dict], target: float) -> float:
+    """Next lambda to try: secant in (log lambda, log L0), inside the bracket when there is one.
+
+    L0 falls as lambda rises. With one point the local slope d log L0 / d log lambda is taken as -2 (short runs
+    measure -1 to -4); steps are kept between 10% and 4x so a flat stretch cannot send lambda to 0 or infinity.
+    """
+    lo, hi = _bracket(points, target)
+    if lo is not None and hi is not None and lo is not hi:
+        a, b = hi, lo  # hi has the larger L0, hence the smaller lambda
+    else:
+        near = sorted(points, key=lambda p: abs(_log_ratio(p["l0"], target)))
+        if len(near) == 1:
+            p = near[0]
+            f = math.exp(_log_ratio(p["l0"], target) / 2.0)
+            f = min(4.0, max(0.25, f))
+            if abs(math.log(f)) < math.log(1.1):
+                f = 1.1 if f >= 1 else 1 / 1.1
+            return p["l1"] * f
+        a, b = near[0], near[1]
+    la, lb = math.log(a["l1"]), math.log(b["l1"])
+    ya, yb = _log_ratio(a["l0"], target), _log_ratio(b["l0"], target)
+    if ya == yb or la == lb:
+        x = (la + lb) / 2 if (lo is not None and hi is not None) else la + math.copysign(math.log(2.0), ya)
+    else:
+        x = la - ya * (lb - la) / (yb - ya)
+    if lo is not None and hi is not None and lo is not hi:  # stay strictly inside the bracket
+        l_lo, l_hi = sorted((la, lb))
+        x = min(max(x, l_lo + 0.1 * (l_hi - l_lo)), l_hi - 0.1 * (l_hi - l_lo))
+    else:
+        base = la
+        x = min(max(x, base - math.log(4.0)), base + math.log(4.0))
+    return math.exp(x)
+
+
+def fvu_at_l0(points: list[dict], target: float) -> dict:
+    """Our FVU at the target L0: linear in log L0 between the bracketing points, else the nearest point."""
+    lo, hi = _bracket(points, target)
+    nearest = min(points, key=lambda p: abs(_log_ratio(p["l0"], target)))
+    if lo is not None and hi is not None:
+        if lo is hi or hi["l0"] == lo["l0"]:
+            fvu = lo["fvu"]
+        else:
+            t = _log_ratio(target, lo["l0"]) / _log_ratio(hi["l0"], lo["l0"])
+            fvu = lo["fvu"] + t * (hi["fvu"] - lo["fvu"])
+        return {"fvu": fvu, "bracketed": True, "between_l1": [lo["l1"], hi["l1"]], "nearest_l1": nearest["l1"],
+                "nearest_l0_rel_gap": nearest["l0"] / target - 1}
+    return {"fvu": nearest["fvu"], "bracketed": False, "between_l1": None, "nearest_l1": nearest["l1"],
+            "nearest_l0_rel_gap": nearest["l0"] / target - 1}
+
+
+def match_l0(train_at, first: dict, target: float, max_runs: int, tol: float) -> tuple[list[dict], dict]:
+    """Retrain ours at new lambdas (train_at(l1) -> point dict) until the target L0 is bracketed and the nearest
+    point is within tol of it, or max_runs extra runs are spent."""
+    points = [first]
+    for _ in range(max_runs):
+        lo, hi = _bracket(points, target)
+        nearest = min(points, key=lambda p: abs(_log_ratio(p["l0"], target)))
+        if lo is not None and hi is not None and abs(nearest["l0"] / target - 1) <= tol:
+            break
+        l1 = next_l1(points, target)
+        if any(abs(math.log(l1 / p["l1"])) < 1e-3 for p in points):
+            break
+        points.append(train_at(l1))
+        p = points[-1]
+        print(f"  matched-L0 search: lambda {p['l1']:.4g} -> L0 {p['l0']:.1f}, FVU {p['fvu']:.4f}, "
+              f"dead {p['dead_frac']:.2%}", flush=True)
+    return points, fvu_at_l0(points, target)
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,7 +330,13 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--n-features", type=int, default=9216)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--l1-ours", type=float, default=5.0, help="relu-l1 lambda for thoughtscope")
+    p.add_argument("--l1-ours", type=float, default=None,
+                   help=f"relu-l1 lambda for thoughtscope's timed run (default {L1_OURS_QUICK} quick, {L1_OURS_FULL} "
+                        "full: near SAELens' L0 there)")
+    p.add_argument("--match-runs", type=int, default=4,
+                   help="relu-l1: at most this many untimed extra runs of thoughtscope to bracket SAELens' L0")
+    p.add_argument("--l0-tol", type=float, default=0.1,
+                   help="relu-l1: stop the matched-L0 search once a point is within this relative L0 gap")
     p.add_argument("--l1-saelens", type=float, default=L1_SAELENS_DEFAULT, help="relu-l1 lambda for SAELens")
     p.add_argument("--lr-ours", type=float, default=None,
                    help="lr for thoughtscope except relu-l1 (default: its per-architecture default)")
@@ -276,9 +384,10 @@ def main(argv=None) -> dict:
         w0 = n_steps - 1 - n_timed  # window = segments w0 .. n_steps-2 (0-based); the last holds the folding
         init_density = args.init_density_ours if args.init_density_ours > 0 else None
         t0 = time.perf_counter()
+        l1_ours = args.l1_ours if args.l1_ours is not None else (L1_OURS_QUICK if args.quick else L1_OURS_FULL)
+        lr_ours = (args.lr_ours_relu_l1 or None) if arch == "relu-l1" else args.lr_ours
         jobs = {
-            "ours": ours_job(arch, d, args.n_features, args.k, args.l1_ours, batches,
-                             (args.lr_ours_relu_l1 or None) if arch == "relu-l1" else args.lr_ours, init_density),
+            "ours": ours_job(arch, d, args.n_features, args.k, l1_ours, batches, lr_ours, init_density),
             "saelens": saelens_job(arch, d, args.n_features, args.k, args.l1_saelens, batches, scale, dead_steps,
                                    args.lr_saelens),
         }
@@ -300,13 +409,29 @@ def main(argv=None) -> dict:
         row["speed_ratio_vs_saelens_whole_run"] = (row["ours"]["tokens_per_s_whole_run"]
                                                    / row["saelens"]["tokens_per_s_whole_run"])
         row["fvu_ratio_vs_saelens"] = q_ours["fvu"] / q_theirs["fvu"]
+        if arch == "relu-l1":
+            def train_at(l1: float, _b=batches, _lr=lr_ours, _dens=init_density) -> dict:
+                fn = ours_job(arch, d, args.n_features, args.k, l1, _b, _lr, _dens)
+                sae = fn(_Solo())
+                return {"l1": l1, **held_out(sae.encode, sae.decode, ev)}
+
+            first = {"l1": l1_ours, **q_ours}
+            points, at = match_l0(train_at, first, q_theirs["l0"], args.match_runs, args.l0_tol)
+            row["matched_l0"] = {
+                "method": "thoughtscope retrained (untimed, same batches and settings) at lambdas from a secant search "
+                          "in (log lambda, log L0) until SAELens' held-out L0 is bracketed and a point is within "
+                          f"{args.l0_tol:.0%}; FVU interpolated linearly in log L0 between the bracketing points",
+                "target_l0": q_theirs["l0"], "points": sorted(points, key=lambda p: p["l1"]), **at}
+            row["fvu_ours_at_saelens_l0"] = at["fvu"]
+            row["fvu_ratio_vs_saelens_timed_run"] = row["fvu_ratio_vs_saelens"]
+            row["fvu_ratio_vs_saelens"] = at["fvu"] / q_theirs["fvu"]
         row["l0_ratio_vs_saelens"] = q_ours["l0"] / max(q_theirs["l0"], 1e-12)
         row["l0_ours"], row["l0_saelens"] = q_ours["l0"], q_theirs["l0"]
         row["wall_seconds"] = wall
         if arch == "topk":
             row["k"] = args.k
         else:
-            row["l1_ours"], row["l1_saelens"] = args.l1_ours, args.l1_saelens
+            row["l1_ours"], row["l1_saelens"] = l1_ours, args.l1_saelens
             row["init_density_ours"] = init_density
         figures[key] = row
         print(f"\n{arch} (d={d}, m={args.n_features}, batch {B}, {n_steps} steps = {n_steps * B:,} tokens, "
@@ -317,7 +442,17 @@ def main(argv=None) -> dict:
             print(f"{name:10s} {r['tokens_per_s']:12,.0f} {r['tokens_per_s_whole_run']:10,.0f} {r['fvu']:8.4f} "
                   f"{r['l0']:8.1f} {r['dead_frac']:7.2%}")
         print(f"ratio      {row['speed_ratio_vs_saelens']:11.2f}x {row['speed_ratio_vs_saelens_whole_run']:9.2f}x "
-              f"{row['fvu_ratio_vs_saelens']:8.3f} {row['l0_ratio_vs_saelens']:8.3f}   (ours / SAELens)", flush=True)
+              f"{row['fvu_ratio_vs_saelens' if arch != 'relu-l1' else 'fvu_ratio_vs_saelens_timed_run']:8.3f} "
+              f"{row['l0_ratio_vs_saelens']:8.3f}   (ours / SAELens)", flush=True)
+        if arch == "relu-l1":
+            mt = row["matched_l0"]
+            how = (f"interpolated in log L0 between lambda {mt['between_l1'][0]:.4g} and {mt['between_l1'][1]:.4g}"
+                   if mt["bracketed"] else
+                   f"NOT bracketed: nearest point lambda {mt['nearest_l1']:.4g} ({mt['nearest_l0_rel_gap']:+.0%} L0)")
+            print(f"matched L0 {mt['target_l0']:.1f} (SAELens'): ours FVU {mt['fvu']:.4f} vs SAELens "
+                  f"{q_theirs['fvu']:.4f} -> fvu_ratio_vs_saelens {row['fvu_ratio_vs_saelens']:.3f} ({how})")
+            for pt in mt["points"]:
+                print(f"  ours lambda {pt['l1']:7.4g}: L0 {pt['l0']:7.1f}  FVU {pt['fvu']:.4f}  dead {pt['dead_frac']:.2%}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")

@@ -166,3 +166,41 @@ def test_nan_batch_is_named():
     cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=64, k=4)
     with pytest.raises(SAEError, match=r"batch 3 contains NaN/Inf in 1 row\(s\) \(first row 5"):
         S.train_sae(cfg, data, TrainConfig(batch_size=64, steps=6, **FAST))
+
+
+def _bench_module(monkeypatch):
+    """benchmarks/sae_train.py imported without leaving its TQDM_DISABLE default behind."""
+    import importlib
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    monkeypatch.syspath_prepend(root)
+    had = "TQDM_DISABLE" in os.environ
+    mod = importlib.import_module("sae_train")
+    if not had:
+        monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    return mod
+
+
+def test_benchmark_matched_l0_search_brackets_and_interpolates(monkeypatch):
+    """The relu-l1 benchmark compares FVU at SAELens' L0: the search must bracket it and interpolate in log L0."""
+    import math
+    B = _bench_module(monkeypatch)
+
+    def l0_of(l1):  # a steep, then flat L0(lambda) like short relu-l1 runs
+        return 3000.0 * l1 ** -4 + 20.0
+
+    def train_at(l1):
+        l0 = l0_of(l1)
+        return {"l1": l1, "l0": l0, "fvu": 0.9 - 0.08 * math.log(l0), "dead_frac": 0.0}
+
+    target = 152.0
+    for start in (1.0, 2.2, 8.0):
+        pts, at = B.match_l0(train_at, train_at(start), target, max_runs=6, tol=0.1)
+        assert at["bracketed"], (start, pts)
+        assert abs(at["nearest_l0_rel_gap"]) <= 0.1
+        lo, hi = sorted(at["between_l1"], reverse=True)  # larger lambda = smaller L0
+        assert l0_of(lo) <= target <= l0_of(hi)
+        # the interpolated FVU is the value of the (log-linear) curve at the target
+        assert at["fvu"] == pytest.approx(0.9 - 0.08 * math.log(target), abs=1e-9)
+    # out of reach: the nearest point is reported, unbracketed
+    pts, at = B.match_l0(train_at, train_at(8.0), 5.0, max_runs=3, tol=0.1)
+    assert not at["bracketed"] and len(pts) == 4
