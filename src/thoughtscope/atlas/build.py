@@ -42,6 +42,7 @@ from . import db as adb
 from .db import AtlasError
 
 CKPT_NAME = "build.ckpt"
+WIN_DTYPE = torch.float16  # activation windows: the precision the database stores them in
 
 
 @dataclass
@@ -141,7 +142,12 @@ def sae_fingerprint(sae) -> str:
 
 
 class FeatureStats:
-    """The per-feature running state; every update is a fixed number of tensor ops per batch."""
+    """The per-feature running state; every update is a fixed number of tensor ops per batch.
+
+    The update works on the batch's non-zero (row, feature, value) triples only: a topk SAE has k of them
+    per token, so nothing of size tokens × n_features is ever built. Windows are read from the same
+    triples, sorted by (feature, row), with two binary searches per entering candidate.
+    """
 
     def __init__(self, n_features: int, cfg: AtlasConfig):
         m, K, R, W = n_features, cfg.top_k, cfg.reservoir, cfg.window
@@ -156,11 +162,13 @@ class FeatureStats:
             "hist": torch.zeros(m, self.n_hist, dtype=torch.int64),
             "top_val": torch.full((m, K), -math.inf),
             "top_loc": torch.full((m, K), -1, dtype=torch.int64),
-            "top_win": torch.zeros(m, K, W),
+            # windows are stored in the database as float16, so they are kept as float16 from the start:
+            # same bytes in the end, half the memory and checkpoint size
+            "top_win": torch.zeros(m, K, W, dtype=WIN_DTYPE),
             "res_key": torch.full((m, R), -math.inf),
             "res_val": torch.zeros(m, R),
             "res_loc": torch.full((m, R), -1, dtype=torch.int64),
-            "res_win": torch.zeros(m, R, W),
+            "res_win": torch.zeros(m, R, W, dtype=WIN_DTYPE),
         }
         self.tokens = 0          # tokens counted (position 0 excluded when configured)
         self.batches = 0         # batches consumed
@@ -169,23 +177,37 @@ class FeatureStats:
         self.rand_vals: list[torch.Tensor] = []
 
     # --- one batch
-    def update(self, f: torch.Tensor, ids: torch.Tensor, ctx0: int, batch_index: int, *,
+    def update(self, f: torch.Tensor | None, ids: torch.Tensor, ctx0: int, batch_index: int, *,
                rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, random_stride: int) -> None:
-        """f: dense [B*T, m] activations (position 0 already zeroed if excluded); (rows, feats, vals): its non-zeros."""
+        """(rows, feats, vals): the batch's non-zero activations (row = index in the flattened [B*T] batch,
+        position 0 already dropped if excluded). `f`, the same activations as a dense [B*T, m] matrix, is
+        optional: windows are then gathered from it instead of from the triples (a slower reference path)."""
         cfg, t, m = self.cfg, self.t, self.m
         B, T = ids.shape
         # counts, sums, max, histogram
         t["count"] += torch.bincount(feats, minlength=m)
         t["sum"].index_add_(0, feats, vals.double())
-        t["max"] = torch.maximum(t["max"], torch.zeros(m).scatter_reduce(0, feats, vals, "amax", include_self=True))
+        t["max"].scatter_reduce_(0, feats, vals, "amax")
         b = torch.bucketize(torch.log10(vals.clamp_min(1e-30)), self.edges_log[1:-1])
         t["hist"].view(-1).index_add_(0, feats * self.n_hist + b, torch.ones_like(feats))
-        loc = (ctx0 + torch.div(rows, T, rounding_mode="floor")) * T + rows % T
+        loc = ctx0 * T + rows
+        if f is not None:
+            def windows(src: torch.Tensor) -> torch.Tensor:
+                return self._windows_dense(f, rows[src], feats[src], T)
+        else:
+            lookup: list = []
+
+            def windows(src: torch.Tensor) -> torch.Tensor:
+                if not lookup:  # built once per batch, only when some candidate enters a buffer
+                    span = B * T
+                    skey, o = torch.sort(feats * span + rows)
+                    lookup.extend([span, skey, vals[o]])
+                return self._windows_sparse(*lookup, rows[src], feats[src], T)
         # top-k by activation, reservoir by random key
-        self._merge("top", f, rows, feats, vals, vals, loc, T, cfg.top_k)
+        self._merge("top", windows, feats, vals, vals, loc, cfg.top_k)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + batch_index)
         keys = torch.rand(vals.shape[0], generator=g)
-        self._merge("res", f, rows, feats, keys, vals, loc, T, cfg.reservoir)
+        self._merge("res", windows, feats, keys, vals, loc, cfg.reservoir)
         # fixed random context sample: keep all of its non-zeros
         ctx = ctx0 + torch.div(rows, T, rounding_mode="floor")
         sel = (ctx % random_stride) == 0
@@ -195,29 +217,24 @@ class FeatureStats:
         self.contexts.append(ids.to(torch.int32).cpu())
         self.batches += 1
 
-    def _merge(self, name: str, f, rows, feats, score, vals, loc, T: int, K: int) -> None:
+    def _merge(self, name: str, windows, feats, score, vals, loc, K: int) -> None:
         t = self.t
         key_name = "top_val" if name == "top" else "res_key"
         buf_score = t[key_name]
-        if score.numel() == 0:
+        # only candidates above their feature's current minimum can enter; once the buffers fill up that
+        # is a small share of the batch, so the sort below runs on few elements
+        cand = (score > buf_score.min(1).values[feats]).nonzero().squeeze(1)
+        if cand.numel() == 0:
             return
-        # per-feature top-K of this batch: sort by score, then stably by feature; rank inside each run
-        # one sort on a composite key: feature ascending, then score descending (score < 2**20 in practice;
-        # larger scores only lose ordering precision, never correctness of the feature grouping)
-        key = feats.double() * 2.0 ** 21 - score.double().clamp(-2.0 ** 20, 2.0 ** 20)
-        order = torch.argsort(key)
-        fs = feats[order]
-        counts = torch.bincount(feats, minlength=self.m)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(fs.numel()) - starts[fs]
+        # group by feature, best score first inside a group: one stable sort on an exact integer key (the bits of
+        # a non-negative float32 order like the float), ties keep batch order
+        bits = (score[cand].float().clamp_min(0) + 0.0).view(torch.int32).long()
+        cand = cand[torch.argsort((feats[cand] << 31) | (2 ** 31 - 1 - bits), stable=True)]
+        fs = feats[cand]
+        feat_u, inv, cnt = torch.unique_consecutive(fs, return_inverse=True, return_counts=True)
+        rank = torch.arange(fs.numel()) - (torch.cumsum(cnt, 0) - cnt)[inv]
         keep = rank < K
-        order, fs, rank = order[keep], fs[keep], rank[keep]
-        # drop candidates that cannot enter the buffer (below the feature's current minimum)
-        keep = score[order] > buf_score.min(1).values[fs]
-        order, fs, rank = order[keep], fs[keep], rank[keep]
-        if order.numel() == 0:
-            return
-        feat_u, inv = torch.unique_consecutive(fs, return_inverse=True)  # fs is sorted
+        order, inv, rank = cand[keep], inv[keep], rank[keep]
         n = feat_u.numel()
         c_score = torch.full((n, K), -math.inf)
         c_score[inv, rank] = score[order]
@@ -227,12 +244,10 @@ class FeatureStats:
         # entering candidate takes the slot of an evicted entry, so only entering windows are ever written.
         _, j = torch.cat([buf_score[feat_u], c_score], 1).topk(K, dim=1)
         chosen = torch.zeros(n, 2 * K, dtype=torch.bool).scatter_(1, j, True)
-        ar = torch.arange(K)
-        freed = torch.where(~chosen[:, :K], ar, ar + K).sort(1).values   # evicted slot ids first
-        entering = torch.where(chosen[:, K:], ar, ar + K).sort(1).values  # entering candidate ids first
-        pair = ar[None, :] < chosen[:, K:].sum(1, keepdim=True)
-        r = torch.arange(n)[:, None].expand(n, K)[pair]
-        slot, cj = freed[pair], entering[pair]
+        # a row frees exactly as many buffer slots as it admits candidates, so the p-th freed slot and the p-th
+        # entering candidate of the row-major listings below belong together
+        slot = (~chosen[:, :K]).nonzero()[:, 1]
+        r, cj = chosen[:, K:].nonzero(as_tuple=True)
         cand = c_idx[r, cj]
         ok = cand >= 0  # padding candidates (-inf) can only displace empty slots; skip them
         r, slot, cj, cand = r[ok], slot[ok], cj[ok], cand[ok]
@@ -241,11 +256,36 @@ class FeatureStats:
         names = {"top": ("top_val", "top_loc", "top_win"), "res": ("res_key", "res_loc", "res_win")}[name]
         t[names[0]][fu, slot] = c_score[r, cj]
         t[names[1]][fu, slot] = loc[src]
-        t[names[2]][fu, slot] = self._windows(f, rows[src], feats[src], T)
+        t[names[2]][fu, slot] = windows(src).to(WIN_DTYPE)
         if name == "res":
             t["res_val"][fu, slot] = vals[src]
 
-    def _windows(self, f: torch.Tensor, rows: torch.Tensor, feats: torch.Tensor, T: int) -> torch.Tensor:
+    def _window_offsets(self, rows: torch.Tensor, T: int):
+        cfg = self.cfg
+        pos = rows % T
+        return rows - pos, (pos - cfg.window_left).clamp_min(0), (pos + cfg.window_right).clamp_max(T - 1)
+
+    def _windows_sparse(self, span: int, skey: torch.Tensor, svals: torch.Tensor, rows: torch.Tensor,
+                        feats: torch.Tensor, T: int) -> torch.Tensor:
+        """Activation windows of (row, feature) pairs from the batch's triples sorted by key feature*span + row:
+        a window is one key range, found by two binary searches; the few triples inside are scattered."""
+        cfg = self.cfg
+        n = rows.numel()
+        start, lo_p, hi_p = self._window_offsets(rows, T)
+        base = feats * span + start
+        lo = torch.searchsorted(skey, base + lo_p)
+        hi = torch.searchsorted(skey, base + hi_p, right=True)
+        cnt = hi - lo
+        w = torch.zeros(n, cfg.window)
+        total = int(cnt.sum())
+        if total:
+            owner = torch.repeat_interleave(torch.arange(n), cnt)
+            idx = torch.arange(total) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt) + lo[owner]
+            col = skey[idx] - feats[owner] * span - rows[owner] + cfg.window_left
+            w[owner, col] = svals[idx]
+        return w
+
+    def _windows_dense(self, f: torch.Tensor, rows: torch.Tensor, feats: torch.Tensor, T: int) -> torch.Tensor:
         cfg = self.cfg
         offs = torch.arange(-cfg.window_left, cfg.window_right + 1)
         pos = (rows % T)[:, None] + offs[None, :]
@@ -266,6 +306,8 @@ class FeatureStats:
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.t = s["tensors"]
+        for k in ("top_win", "res_win"):  # checkpoints from before windows were kept as float16
+            self.t[k] = self.t[k].to(WIN_DTYPE)
         self.tokens, self.batches = int(s["tokens"]), int(s["batches"])
         self.contexts = [s["contexts"]] if len(s["contexts"]) else []
         self.rand_sparse = [s["rand_sparse"]] if len(s["rand_sparse"]) else []
@@ -275,18 +317,21 @@ class FeatureStats:
 # --------------------------------------------------------------------------- encoding
 
 
-def encode_sparse(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense activations [N, m] plus their non-zeros (rows, feature ids, values)."""
+def encode_sparse(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The non-zero activations of x [N, d] as (rows, feature ids, values), row-major.
+
+    A topk SAE never materialises its [N, n_features] code: k (value, index) pairs per row come straight
+    from the encoder; other architectures encode densely and keep the non-zeros.
+    """
     N = x.shape[0]
     if hasattr(sae, "encode_sparse") and getattr(sae.cfg, "arch", "") == "topk":
         v, idx = sae.encode_sparse(x)
-        f = torch.zeros(N, sae.cfg.n_features, dtype=v.dtype, device=v.device).scatter_(1, idx, v)
         mask = v > 0
         rows = torch.arange(N, device=x.device)[:, None].expand_as(idx)[mask]
-        return f, rows, idx[mask], v[mask]
+        return rows, idx[mask], v[mask]
     f = sae.encode(x)
     rows, feats = (f > 0).nonzero(as_tuple=True)
-    return f, rows, feats, f[rows, feats]
+    return rows, feats, f[rows, feats]
 
 
 # --------------------------------------------------------------------------- logit effects and neighbours
@@ -409,7 +454,8 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
     `checkpoint_every` batches; rerunning with the same arguments continues from it and produces the same
     atlas as an uninterrupted run. `stop_after_batches` interrupts on purpose (tests, time-boxed runs) and
     returns the checkpoint path instead of the database. `timings`, if given, receives the seconds spent
-    streaming (`stream_s`) and writing the database (`finalize_s`: logit effects, neighbours, SQLite).
+    streaming (`stream_s`, split into `setup_s`, `forward_s`, `encode_s`, `update_s`, `checkpoint_s`) and
+    writing the database (`finalize_s`: logit effects, neighbours, SQLite).
     """
     t_start = time.perf_counter()
     cfg = config or AtlasConfig()
@@ -441,9 +487,14 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
                              f"--out or delete the checkpoint")
         stats.load_state_dict(saved["stats"])
 
+    phase = dict.fromkeys(("setup_s", "forward_s", "encode_s", "update_s", "checkpoint_s"), 0.0)
+    phase["setup_s"] = time.perf_counter() - t_start
+
     def checkpoint() -> None:
+        t0 = time.perf_counter()
         _atomic_save({"ident": ident, "stats": stats.state_dict()}, ckpt)
         stats.contexts = [torch.cat(stats.contexts)] if stats.contexts else []
+        phase["checkpoint_s"] += time.perf_counter() - t0
 
     bar = _Progress(n_contexts * T, stats.batches * cfg.batch_size * T, progress,
                     f"atlas {site} × {m} features")
@@ -464,18 +515,22 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
                 break
             ids = batch.input_ids[: n_contexts - ctx_done]
             Bn = ids.shape[0]
+            t0 = time.perf_counter()
             acts = capture(lm, [site], ids.to(lm.device), early_exit=True)[site]
+            t1 = time.perf_counter()
             x = acts.reshape(Bn * T, -1).to(sae.W_dec.dtype)
             with torch.no_grad():
-                f, rows, feats, vals = encode_sparse(sae, x)
-            f, rows, feats, vals = f.cpu(), rows.cpu(), feats.cpu(), vals.float().cpu()
+                rows, feats, vals = encode_sparse(sae, x)
+            rows, feats, vals = rows.cpu(), feats.cpu(), vals.float().cpu()
             if exclude_bos:
-                f.view(Bn, T, m)[:, 0] = 0
                 keep = rows % T != 0
                 rows, feats, vals = rows[keep], feats[keep], vals[keep]
+            t2 = time.perf_counter()
             with _single_thread():
-                stats.update(f.float(), ids, ctx_done, b, rows=rows, feats=feats, vals=vals,
-                             random_stride=random_stride)
+                stats.update(None, ids, ctx_done, b, rows=rows, feats=feats, vals=vals, random_stride=random_stride)
+            phase["forward_s"] += t1 - t0
+            phase["encode_s"] += t2 - t1
+            phase["update_s"] += time.perf_counter() - t2
             stats.tokens += Bn * (T - 1 if exclude_bos else T)
             ctx_done += Bn
             bar.update(ctx_done * T)
@@ -486,6 +541,7 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
     checkpoint()
     if timings is not None:
         timings["stream_s"] = time.perf_counter() - t_start
+        timings.update(phase)
     if stopped:
         return ckpt
     if ctx_done < n_contexts:
