@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--features", default="", help="concept: comma-separated feature ids to sweep (from the search's top 10)")
     ap.add_argument("--candidates", type=int, default=3, help="concept: how many top contrastive features to sweep")
     ap.add_argument("--combine", action="store_true", help="concept: clamp all --features together as one candidate")
+    ap.add_argument("--positions", default="all", choices=["all", "prompt", "generated"],
+                    help="concept: where the clamp applies (generated: the answer's tokens only)")
     ap.add_argument("--plot", default=None, help="concept: PNG of the best sweep")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiny", action="store_true")
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
             r = concept_demo(lm, sae, site, CONCEPTS[name], multiples=[float(x) for x in args.multiples.split(",")],
                              config=cfg, prompts=prompts, candidates=1 if args.tiny else args.candidates,
                              features=[int(x) for x in args.features.split(",") if x], plot=args.plot,
-                             combine=args.combine)
+                             combine=args.combine, positions=args.positions)
             results.append(r)
             b = r["best"]
             print(f"[{name}] " + (f"feature {b['feature']} at {b['suggested_multiple']}x max: "

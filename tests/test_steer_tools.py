@@ -201,6 +201,9 @@ def test_demo_functions_run_on_tiny_model(lm, planted):
                        progress=False)
     assert out["candidates"][0]["feature"] == PLANT and "passed" in out
     json.dumps(out)
+    gen = concept_demo(lm, planted, SITE, c, multiples=(20,), candidates=1, config=cfg, prompts=["hi"],
+                       progress=False, positions="generated")
+    assert gen["positions"] == "generated" and out["positions"] == "all"
     sup = suppression_demo(lm, planted, SITE, c, PLANT, 1.0, config=cfg)
     assert set(sup) >= {"before", "clamp", "project_out"}
 
@@ -225,3 +228,14 @@ def test_cli_entry_points(lm, planted, tmp_path):
     comps = steer_with_preset(lm, tmp_path / "v.json", ["hi"], GenerationConfig(max_new_tokens=3))
     assert len(comps) == 1
     print_comparisons(comps)
+
+
+def test_shipped_golden_gate_preset_and_default_steering_agree():
+    from thoughtscope.steer.demos import load_default_steering
+
+    d = load_default_steering()
+    from pathlib import Path
+
+    item = Preset.load(Path(__file__).resolve().parent.parent / "examples" / "presets" / "golden_gate.json").items[0]
+    assert (item.feature, item.value, item.max_act, item.positions) == (d["feature"], d["multiple"], d["max_act"],
+                                                                         d.get("positions", "all"))

@@ -89,6 +89,26 @@ CONCEPTS: dict[str, Concept] = {
          "Describe a relaxing place.", "Describe a day at the beach.", "What lives in the ocean?",
          "Write a short poem about the sea.", "What do sailors do?", "Why is the sea salty?",
          "Tell me about whales.", "What can you do at the seaside?", "Describe a coral reef."]),
+    # Added after reading what ocean feature 3448 does when clamped (it writes about the sun, the moon, the
+    # sky and light): a concept of its own with its own texts; keywords fixed before any sweep was run.
+    "sky": Concept(
+        "sky",
+        ["The sun rose over the hills and the sky turned gold.",
+         "At night the moon and the stars shone in the dark sky.",
+         "White clouds drifted slowly across the blue sky.",
+         "The sunset painted the sky orange and pink.",
+         "Moonlight fell softly on the quiet field.",
+         "We lay on the grass and watched the stars come out.",
+         "Sunlight streamed through the clouds after the rain.",
+         "The full moon rose above the horizon."],
+        _CONTROLS, ["sky", "skies", "sun", "sunny", "sunlight", "sunshine", "sunset", "sunsets", "sunrise", "moon",
+                    "moonlight", "star", "stars", "starry", "starlight", "cloud", "clouds", "celestial", "horizon",
+                    "dawn", "twilight"],
+        ["Describe the night sky.", "Why is the sky blue?", "Describe a sunset.", "Tell me about the Moon.",
+         "What do you see when you look up on a clear night?", "Write a short poem about the stars.",
+         "What is the weather like on a summer day?", "Describe the view from a mountain top at dawn.",
+         "Why do we have day and night?", "What are clouds made of?", "Describe a morning at the lake.",
+         "What makes a beautiful evening?"]),
     "dogs": Concept(
         "dogs",
         ["The dog wagged its tail and barked.", "We took the puppy for a walk in the park.",
@@ -115,12 +135,13 @@ CONCEPTS: dict[str, Concept] = {
 def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples: Sequence[float] = (0, 2, 4, 6, 8, 10),
                  candidates: int = 3, ppl_bound: float = 2.0, config: GenerationConfig | None = None,
                  prompts: Sequence[str] = NEUTRAL_PROMPTS, progress: bool = True, features: Sequence[int] = (),
-                 plot: "str | Path | None" = None, combine: bool = False) -> dict:
+                 plot: "str | Path | None" = None, combine: bool = False, positions: str = "all") -> dict:
     """Issue point 6a. Tries the top `candidates` contrastive features and keeps the best calibrated one.
 
     `features` restricts the sweep to those ids (each must be among the top 10 of the search, so the
     demo still rests on the search); `plot` writes the best candidate's sweep as a PNG. `combine` clamps
     all the chosen features together (each at the same multiple of its own maximum) as one candidate.
+    `positions="generated"` clamps only the answer's tokens: the question is read unsteered.
     """
     config = config or GenerationConfig(**DEFAULT_SWEEP_CONFIG)
     ranked = contrast_features(lm, sae, site, concept.prompts, concept.controls, top=max(10, candidates))
@@ -145,7 +166,8 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
         ids, ms = [g[0].feature for g in group], [g[1] for g in group]
 
         def make(s, ids=ids, ms=ms):
-            return [FeatureEdit(sae, f, "clamp", s, unit="max", max_act=mm, site=site) for f, mm in zip(ids, ms)]
+            return [FeatureEdit(sae, f, "clamp", s, unit="max", max_act=mm, site=site, positions=positions)
+                    for f, mm in zip(ids, ms)]
 
         res = sweep(lm, make, list(multiples), keywords=concept.keywords, prompts=prompts, config=config,
                     ppl_bound=ppl_bound, progress=progress)
@@ -160,7 +182,7 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
             if best is None or pt.concept_rate > best["concept_rate"]:
                 best = row
         tried.append(row)
-    out = {"concept": concept.name, "site": site, "score": "z (see thoughtscope.steer.search)",
+    out = {"concept": concept.name, "site": site, "positions": positions, "score": "z (see thoughtscope.steer.search)",
            "concept_method": "keywords", "keywords": concept.keywords, "ppl_bound": ppl_bound,
            "n_prompts": len(prompts), "search_top10": [(f.feature, round(f.score, 3)) for f in ranked[:10]],
            "candidates": tried, "best": best, "generation": asdict(config)}
@@ -175,7 +197,8 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
         for pt in sweeps[shown["feature"]].points:
             out.setdefault("samples_by_strength", {})[str(pt.strength)] = pt.samples
     if best is not None:
-        ivs = [FeatureEdit(sae, f, "clamp", best["suggested_multiple"], unit="max", max_act=mm, site=site)
+        ivs = [FeatureEdit(sae, f, "clamp", best["suggested_multiple"], unit="max", max_act=mm, site=site,
+                           positions=positions)
                for f, mm in zip(best["features"], best["max_acts"])]
         side = compare(lm, list(prompts[:3]), ivs, config)
         out["side_by_side"] = [asdict(c) for c in side]
@@ -238,11 +261,12 @@ def default_demo(lm: LoadedModel, console=None, max_new_tokens: int = 32, prompt
     d = load_default_steering()
     sae = load_sae("default").eval().requires_grad_(False)
     ivs = [FeatureEdit(sae, int(d["feature"]), "clamp", float(d["multiple"]), unit="max",
-                       max_act=float(d["max_act"]), site=d["site"])]
+                       max_act=float(d["max_act"]), site=d["site"], positions=d.get("positions", "all"))]
     cfg = GenerationConfig(**{**DEFAULT_SWEEP_CONFIG, "max_new_tokens": int(max_new_tokens)})
     side = compare(lm, list(prompts), ivs, cfg)
     t = Table(title=f"steering: feature {d['feature']} ({d.get('concept', 'concept')}) clamped to "
-                    f"{d['multiple']}x its max activation at {d['site']}", show_lines=True)
+                    f"{d['multiple']}x its max activation at {d['site']} "
+                    f"({d.get('positions', 'all')} positions)", show_lines=True)
     t.add_column("prompt", max_width=24)
     t.add_column("unsteered")
     t.add_column("steered")
