@@ -262,3 +262,49 @@ def test_streaming_topk_and_reservoir_match_exact_answers():
     # each kept top window holds the activation at its peak
     for k in range(5):
         assert t["top_win"][0, k, 2] == pytest.approx(float(t["top_val"][0, k]))
+
+
+def test_sparse_bookkeeping_equals_dense_path():
+    """The build's path (windows read from the sparse triples) keeps exactly the state of the dense reference
+    (windows gathered from the full [B*T, m] matrix), including exact ties and windows cut at context edges."""
+    from thoughtscope.atlas.build import FeatureStats
+
+    cfg = AtlasConfig(ctx_len=12, batch_size=3, top_k=4, n_bins=3, per_bin=2, window_left=4, window_right=2)
+    m, T, B, k = 10, 12, 3, 3
+    sparse, dense = FeatureStats(m, cfg), FeatureStats(m, cfg)
+    g = torch.Generator().manual_seed(1)
+    for b in range(25):
+        idx = torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(B * T)])
+        v = torch.rand(B * T, k, generator=g) * 4
+        v[v < 0.6] = 0                                          # some of the k slots inactive, as after a ReLU
+        v[:, 0] = torch.where(torch.rand(B * T, generator=g) < 0.3, 2.5, v[:, 0])  # exact ties
+        f = torch.zeros(B * T, m).scatter_(1, idx, v)
+        f.view(B, T, m)[:, 0] = 0                               # position 0 excluded
+        mask = v > 0
+        rows = torch.arange(B * T)[:, None].expand_as(idx)[mask]
+        feats, vals = idx[mask], v[mask]
+        keep = rows % T != 0
+        rows, feats, vals = rows[keep], feats[keep], vals[keep]
+        ids = torch.randint(0, 50, (B, T), generator=g)
+        for st, dense_f in ((sparse, None), (dense, f)):
+            st.update(dense_f, ids, b * B, b, rows=rows, feats=feats, vals=vals, random_stride=4)
+    for name, a in sparse.t.items():
+        assert torch.equal(a, dense.t[name]), name
+    assert torch.isfinite(sparse.t["top_val"]).all() and (sparse.t["top_win"] != 0).any()
+
+
+def test_sparse_encoder_matches_encode_sparse():
+    """The buffer-reusing encoder of the build gives exactly sae.encode_sparse's non-zeros, batch after batch."""
+    from thoughtscope.atlas.build import SparseEncoder, encode_sparse
+    from thoughtscope.sae import SAE, SAEConfig
+
+    sae = SAE.from_config(SAEConfig(arch="topk", d_model=16, n_features=40, k=5), seed=0)
+    enc = SparseEncoder(sae)
+    assert enc.fast
+    g = torch.Generator().manual_seed(0)
+    for n in (64, 64, 30):                       # the last batch of a build may be shorter
+        x = torch.randn(n, 16, generator=g)
+        for a, b in zip(enc(x), encode_sparse(sae, x)):
+            assert torch.equal(a, b)
+    relu = SAE.from_config(SAEConfig(arch="relu-l1", d_model=16, n_features=40), seed=0)
+    assert not SparseEncoder(relu).fast
