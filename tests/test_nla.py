@@ -210,6 +210,26 @@ def test_fve_and_bootstrap_on_known_answers():
     assert lo < f < hi and hi - lo < 0.3
 
 
+def test_paired_bootstrap_separates_close_predictions_that_separate_cis_cannot():
+    torch.manual_seed(0)
+    g = torch.randn(200, 16) + 1.0
+    gn = normalise(g)
+    mu = gn.mean(0)
+    groups = torch.arange(200) // 4
+    # two predictions whose per-document difficulty is shared, one slightly better everywhere
+    shared = torch.randn_like(gn) * (torch.rand(200, 1) * 2)
+    a = mu + 0.55 * (gn - mu) + 0.3 * shared
+    b = mu + 0.50 * (gn - mu) + 0.3 * shared
+    fa, fb = fve(a, g, renormalise=False), fve(b, g, renormalise=False)
+    ca = bootstrap_ci(a, g, groups, n_boot=300, renormalise=False)
+    cb = bootstrap_ci(b, g, groups, n_boot=300, renormalise=False)
+    lo, hi = bootstrap_ci(a, g, groups, n_boot=300, renormalise=False, minus=b)
+    assert fa > fb and ca[0] < cb[1]                  # the separate CIs overlap ...
+    assert 0 < lo <= fa - fb <= hi                    # ... the paired CI of the difference excludes 0
+    lo0, hi0 = bootstrap_ci(a, g, groups, n_boot=100, renormalise=False, minus=a)
+    assert lo0 == hi0 == 0.0
+
+
 def test_token_mean_and_ridge_recover_a_known_mapping():
     torch.manual_seed(0)
     d, V = 16, 20
@@ -316,6 +336,11 @@ def test_evaluate_quick_on_tiny(lm, rows, tmp_path):
     saved = json.loads((tmp_path / "e.json").read_text())
     assert {"fve", "fve_ci", "baselines"} <= saved.keys()
     assert "NLA round trip" in format_table(res)
+    assert set(res["nla_minus_baseline"]) == set(res["baselines"])
+    d = res["nla_minus_baseline"]["token_mean"]
+    assert math.isclose(d["diff"], res["fve"] - res["baselines"]["token_mean"]) and d["ci"][0] <= d["ci"][1]
+    assert set(res["bar"]["beats_outside_paired_ci"]) == {"mean", "empty", "shuffled", "token_mean", "ridge_k1",
+                                                          "ridge_k4", "ridge_k16"}
 
 
 def test_explain_text_and_steering_from_words(lm, cfg):
