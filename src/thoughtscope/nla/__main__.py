@@ -18,10 +18,10 @@ DEFAULT_RECIPE = {
     "stages": [
         {"stage": "ar-sft", "steps": 150, "batch_size": 8, "lr": 1e-3, "eval_every": 25, "checkpoint_every": 10,
          "time_budget_s": 720},
-        {"stage": "av-sft", "steps": 60, "batch_size": 4, "lr": 2e-3, "warmup": 3, "eval_every": 20,
-         "checkpoint_every": 5, "val_rows": 16, "time_budget_s": 1320},
-        {"stage": "rl", "steps": 30, "batch_size": 2, "group_size": 4, "lr": 1e-4, "ar_lr": 1e-4, "warmup": 2,
-         "eval_every": 0, "checkpoint_every": 2, "val_rows": 16, "time_budget_s": 600},
+        {"stage": "av-sft", "steps": 400, "batch_size": 4, "lr": 1e-3, "warmup": 10, "eval_every": 50,
+         "checkpoint_every": 10, "val_rows": 32, "time_budget_s": 3000},
+        {"stage": "rl", "steps": 80, "batch_size": 4, "group_size": 4, "lr": 1e-4, "ar_lr": 1e-4, "warmup": 2,
+         "eval_every": 0, "checkpoint_every": 2, "val_rows": 16, "time_budget_s": 2700},
     ],
 }
 
