@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import random
 from pathlib import Path
 
 import torch
+from conftest import single_thread
 
 from thoughtscope.models import tiny_model
 from thoughtscope.sae import SAE, SAEConfig
@@ -68,12 +68,4 @@ def write_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Tiny matmuls are far faster single-threaded on a loaded 2-core machine than with a contended pool."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+one_thread = single_thread  # a context manager here, for the atlas tests that want it around a block

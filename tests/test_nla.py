@@ -17,13 +17,7 @@ from thoughtscope.nla.reconstructor import Reconstructor
 from thoughtscope.nla.verbalizer import Verbalizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core machine a single thread is several times faster for these tiny models.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats a contended pool
 
 
 @pytest.fixture(scope="module")

@@ -45,15 +45,7 @@ def recovery(sae: S.SAE) -> float:
 FAST = {"progress": False, "checkpoint_every": 0, "log_every": 50}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: a single thread is much faster than a contended pool on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread beats a contended pool
 
 def test_normalisation_is_folded_on_save(tmp_path):
     data = make_batches(10, offset=3.0)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sae import D_MODEL, FAST, make_batches, one_thread, recovery  # noqa: F401  (one_thread: autouse fixture)
+from test_sae import D_MODEL, FAST, make_batches, recovery
 
 import thoughtscope.sae as S
 from thoughtscope.sae import SAEConfig, TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (config, upper bound on the held-out L0): the true L0 of the data is ~3 active directions per row
 ARCH_KW = {

@@ -6,11 +6,13 @@ import sys
 
 import pytest
 import torch
-from test_sae import D_MODEL, FAST, make_batches, one_thread, recovery  # noqa: F401  (one_thread: autouse fixture)
+from test_sae import D_MODEL, FAST, make_batches, recovery
 
 import thoughtscope.sae as S
 from thoughtscope.sae import SAEConfig, SAEError, TrainConfig
 from thoughtscope.store import ActivationStore, StoreWriter
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Boom(Exception):
