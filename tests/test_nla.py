@@ -309,11 +309,79 @@ def test_all_stages_run_and_save(lm, rows, tmp_path):
     assert {"reward", "kl", "length", "well_formed"} <= hist.keys()
     names = {p.name for p in d.iterdir()}
     assert {"nla_config.json", "av.safetensors", "ar.safetensors", "warm_av.safetensors"} <= names
+    assert "rl_ar.safetensors" not in names
     nla = NLA.load(d, lm=lm)
     expl, rec, loss = nla.round_trip(rows.vectors[:2])
     assert len(expl) == 2 and rec.shape == (2, lm.d_model) and (loss >= 0).all()
     with pytest.raises(NLAError, match="rl"):
         train_stage(tmp_path / "fresh", rows, TrainConfig(stage="rl", steps=1), lm=lm, progress=False)
+
+
+def _through_rl(lm, rows, d):
+    for stage in ("ar-sft", "av-sft", "rl"):
+        train_stage(d, rows, TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0, checkpoint_every=1,
+                                         max_new_tokens=8), lm=lm, progress=False)
+
+
+def test_ar_refit_trains_the_ar_on_the_avs_own_explanations(lm, rows, tmp_path):
+    d = tmp_path / "nla"
+    with pytest.raises(NLAError, match="before ar-refit"):
+        train_stage(d, rows, TrainConfig(stage="ar-refit", steps=1), lm=lm, progress=False)
+    _through_rl(lm, rows, d)
+    rl_ar = _final_weights(d / "ar.safetensors")
+    av_before = _final_weights(d / "av.safetensors")
+    tc = dict(stage="ar-refit", steps=3, batch_size=4, lr=1e-2, eval_every=3, checkpoint_every=1, warmup=1,
+              val_rows=4)
+    r = train_stage(d, rows, TrainConfig(**tc), lm=lm, progress=False)
+    assert r["done"] and "val_fve_round_trip" in r["history"][-1]
+    # the AR it started from is kept, the AV is untouched, the final AR moved
+    for k, v in _final_weights(d / "rl_ar.safetensors").items():
+        torch.testing.assert_close(v, rl_ar[k])
+    for k, v in _final_weights(d / "av.safetensors").items():
+        torch.testing.assert_close(v, av_before[k])
+    after = _final_weights(d / "ar.safetensors")
+    assert any(not torch.equal(after[k], rl_ar[k]) for k in after)
+    # the explanations it trained on are the AV's greedy ones, one per training / validation vector
+    cache = json.loads((d / "train_state" / "ar-refit.explanations.json").read_text())
+    nla = NLA.load(d, lm=lm, which="rl")
+    train = rows.subset("train")
+    assert len(cache["sets"]["train"]) == len(train) and len(cache["sets"]["val"]) == 4
+    assert cache["sets"]["train"][:3] == nla.explain(train.vectors[:3])
+    from thoughtscope.nla import evaluate_nla
+
+    res = evaluate_nla(str(d), rows, quick=True, n_boot=20, lm=lm, warm=False, progress=False)
+    assert "rl_before_refit" in res["baselines"] and "rl_before_refit" in res["nla_minus_baseline"]
+    # a cache written by other AV weights is refused
+    cache["av_sha256"] = "0" * 64
+    (d / "train_state" / "ar-refit.explanations.json").write_text(json.dumps(cache))
+    (d / "train_state" / "ar-refit.pt").unlink()
+    with pytest.raises(NLAError, match="other AV weights"):
+        train_stage(d, rows, TrainConfig(**tc), lm=lm, progress=False)
+    with pytest.raises(NLAError, match="unknown weights"):
+        NLA.load(d, lm=lm, which="best")
+
+
+def test_ar_refit_resume_equals_uninterrupted(lm, rows, tmp_path):
+    import shutil
+
+    _through_rl(lm, rows, tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    tc = dict(stage="ar-refit", steps=5, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=1)
+    train_stage(tmp_path / "a", rows, TrainConfig(**tc), lm=lm, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(rec):
+        if rec["step"] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_stage(tmp_path / "b", rows, TrainConfig(**tc), lm=lm, progress=False, log=stop_at_3)
+    train_stage(tmp_path / "b", rows, TrainConfig(**tc), lm=lm, progress=False)
+    a, b = _final_weights(tmp_path / "a" / "ar.safetensors"), _final_weights(tmp_path / "b" / "ar.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
 
 
 def test_evaluate_quick_on_tiny(lm, rows, tmp_path):
@@ -335,6 +403,23 @@ def test_evaluate_quick_on_tiny(lm, rows, tmp_path):
     assert math.isclose(d["diff"], res["fve"] - res["baselines"]["token_mean"]) and d["ci"][0] <= d["ci"][1]
     assert set(res["bar"]["beats_outside_paired_ci"]) == {"mean", "empty", "shuffled", "token_mean", "ridge_k1",
                                                           "ridge_k4", "ridge_k16"}
+
+
+def test_evaluate_compares_other_nlas_on_the_same_vectors(lm, rows, tmp_path):
+    from thoughtscope.nla import evaluate_nla
+    from thoughtscope.nla.__main__ import main
+
+    d = tmp_path / "nla"
+    train_stage(d, rows, TrainConfig(stage="ar-sft", steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
+    res = evaluate_nla(str(d), rows, quick=True, n_boot=30, lm=lm, progress=False, compare={"itself": str(d)})
+    # the same NLA as a rung: identical predictions, so the paired difference is exactly zero
+    assert math.isclose(res["baselines"]["itself"], res["fve"], abs_tol=1e-9)
+    assert res["nla_minus_baseline"]["itself"]["ci"] == [0.0, 0.0]
+    with pytest.raises(NLAError, match="already a rung"):
+        evaluate_nla(str(d), rows, quick=True, n_boot=5, lm=lm, progress=False, compare={"oracle": str(d)})
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--compare", "no-equals-sign"])
+    assert exit_.value.code == 2
 
 
 def test_explain_text_and_steering_from_words(lm, cfg):

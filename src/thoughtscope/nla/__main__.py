@@ -1,6 +1,7 @@
 """`python -m thoughtscope.nla data|train|explain|eval|recipe` — the NLA workflow without the main CLI.
 
-`recipe` reproduces the shipped default NLA end to end (data → ar-sft → av-sft → rl → eval → export),
+`recipe` reproduces the shipped default NLA end to end (data → ar-sft → av-sft → rl → ar-refit → eval →
+export),
 with the exact sizes and time budgets used for the shipped artefact (see docs/nla.md).
 """
 
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-# The recipe that produced src/thoughtscope/assets/default_nla (2 shared CPU cores, one thread).
+# The recipe that produced src/thoughtscope/assets/default_nla (2 shared CPU cores; one thread, two for ar-refit).
 DEFAULT_RECIPE = {
     "data": {"n_rows": 1600, "positions_per_doc": 4, "max_position": 72},
     "stages": [
@@ -22,6 +23,8 @@ DEFAULT_RECIPE = {
          "checkpoint_every": 10, "val_rows": 32, "time_budget_s": 3000},
         {"stage": "rl", "steps": 80, "batch_size": 4, "group_size": 4, "lr": 1e-4, "ar_lr": 1e-4, "warmup": 2,
          "eval_every": 0, "checkpoint_every": 2, "val_rows": 16, "time_budget_s": 2700},
+        {"stage": "ar-refit", "steps": 240, "batch_size": 16, "lr": 1e-4, "warmup": 5, "eval_every": 80,
+         "checkpoint_every": 20, "val_rows": 168},
     ],
 }
 
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import (DataConfig, TrainConfig, build_dataset, evaluate_nla, explain_text, format_table, load_nla,
                    train_stage)
+    from .train import STAGES
 
     ap = argparse.ArgumentParser(prog="python -m thoughtscope.nla", description=__doc__)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
@@ -50,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--warm-start", choices=["offline", "llm"], default="offline")
     d.add_argument("--llm-endpoint", default=None)
     d.add_argument("--llm-model", default=None)
-    t = sub.add_parser("train", help="one stage: ar-sft | av-sft | rl (resumable)")
+    t = sub.add_parser("train", help="one stage: ar-sft | av-sft | rl | ar-refit (resumable)")
     t.add_argument("--nla", required=True)
     t.add_argument("--data", required=True)
-    t.add_argument("--stage", required=True, choices=["ar-sft", "av-sft", "rl"])
+    t.add_argument("--stage", required=True, choices=list(STAGES))
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
@@ -70,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     size = v.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="48 held-out rows, a few minutes on 2 cores (default)")
     size.add_argument("--full", action="store_true", help="the whole test split instead of the quick 48 rows")
+    size.add_argument("--n-test", type=int, default=None,
+                      help="this many held-out rows (narrower confidence intervals, longer run)")
+    v.add_argument("--compare", action="append", default=[], metavar="NAME=FOLDER",
+                   help="another NLA folder evaluated on the same held-out vectors as an extra rung")
     v.add_argument("--json", default=None)
     r = sub.add_parser("recipe", help="reproduce the shipped default NLA end to end")
     r.add_argument("--work", required=True, help="folder for data, checkpoints and the eval json")
@@ -92,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         for row in explain_text(nla, args.text, args.position or [-1], samples=args.samples):
             print(f"[{row['position']}] {row['token']!r}  FVE {row['fve']:+.2f}  {row['explanation']}")
     elif args.cmd == "eval":
-        res = evaluate_nla(args.nla, args.data, quick=not args.full, json_path=args.json)
+        compare = {}
+        for item in args.compare:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not folder:
+                ap.error(f"--compare takes NAME=FOLDER, got {item!r}")
+            compare[name] = folder
+        res = evaluate_nla(args.nla, args.data, quick=not (args.full or args.n_test), n_test=args.n_test,
+                           json_path=args.json, compare=compare)
         print(format_table(res))
     elif args.cmd == "recipe":
         work = Path(args.work)
@@ -118,7 +133,8 @@ def export(src: Path, dest: Path, data: Path | None = None) -> None:
     from .evaluate import BASELINE_FILE, save_baseline_rows
 
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("nla_config.json", "av.safetensors", "ar.safetensors", "warm_av.safetensors", "warm_ar.safetensors"):
+    for name in ("nla_config.json", "av.safetensors", "ar.safetensors", "warm_av.safetensors", "warm_ar.safetensors",
+                 "rl_ar.safetensors"):
         if (src / name).is_file():
             shutil.copy2(src / name, dest / name)
     if data is not None:

@@ -20,6 +20,7 @@ from .core import NLAConfig, NLAError, atomic_save_tensors, check_vectors, nla_l
 
 AV_FILE, AR_FILE = "av.safetensors", "ar.safetensors"
 WARM_AV_FILE, WARM_AR_FILE = "warm_av.safetensors", "warm_ar.safetensors"
+RL_AR_FILE = "rl_ar.safetensors"          # the AR as the RL stage left it, before `ar-refit`
 
 
 def config_for(lm, *, site: str | None = None, injection_scale: float = 0.0, marker: str | None = None,
@@ -75,14 +76,18 @@ class NLA:
     # ------------------------------------------------------------------ disk
     @classmethod
     def load(cls, path: str | os.PathLike, lm=None, *, which: str = "final") -> "NLA":
-        """Load a folder; which='warm' loads the warm-start weights instead of the final ones."""
+        """Load a folder; which='warm' loads the warm-start weights instead of the final ones, which='rl' the
+        final AV with the AR as the RL stage left it (before `ar-refit`)."""
         from thoughtscope.models import load_model
 
         path = Path(path)
         cfg = NLAConfig.load(path)
         lm = lm or load_model(cfg.model)
         nla = cls(lm, cfg)
-        av_f, ar_f = (WARM_AV_FILE, WARM_AR_FILE) if which == "warm" else (AV_FILE, AR_FILE)
+        files = {"final": (AV_FILE, AR_FILE), "warm": (WARM_AV_FILE, WARM_AR_FILE), "rl": (AV_FILE, RL_AR_FILE)}
+        if which not in files:
+            raise NLAError(f"unknown weights {which!r}: expected one of {', '.join(files)}")
+        av_f, ar_f = files[which]
         if (path / av_f).is_file():
             nla.av.load_adapter_state(load_weights(path / av_f))
         if (path / ar_f).is_file():

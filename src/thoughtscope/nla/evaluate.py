@@ -22,6 +22,7 @@ The ladder (each a `baselines` entry, name → FVE):
                        what the AV could say in this format)
   raw_last16           the untrained truncated target reading the true last 16 tokens (no NLA at all)
   warm_start           round trip through the supervised (warm-start) AV and AR, when they are saved
+  rl_before_refit      the final AV's explanations read by the AR as RL left it (before `ar-refit`)
 plus the quote analysis: share of quoted spans found verbatim in the context, FVE with quotes stripped.
 """
 
@@ -205,15 +206,18 @@ def quick_rows(lm, *, n_test: int = 48, n_train: int = 400, n_val: int = 48, see
 
 def evaluate_nla(nla="default", data: "str | os.PathLike | NLARows | None" = None, *, quick: bool = True,
                  n_test: int | None = None, json_path: "str | os.PathLike | None" = None, lm=None, seed: int = 0,
-                 n_boot: int = 1000, warm: bool = True, progress: bool = True) -> dict:
+                 n_boot: int = 1000, warm: bool = True, progress: bool = True,
+                 compare: "dict[str, object] | None" = None) -> dict:
     """`thoughtscope nla eval`: held-out FVE with a bootstrap CI and the baseline ladder.
 
     nla: an NLA object, a folder, or "default" (the shipped NLA). data: an `nla data` folder (its test
     split is evaluated, its train/val splits fit the baselines); without it, rows are harvested on the
     fly from the default corpus with the same document split. quick: a small test set (48 rows) so the
     whole evaluation runs in a few minutes on 2 CPU cores. Writes JSON to json_path when given.
+    compare: other NLAs (name → folder or NLA, same target model) whose round trips on the same held-out
+    vectors become extra rungs, with paired CIs — e.g. a checkpoint, or a warm start given the same refit.
     """
-    from .bundle import NLA, WARM_AV_FILE
+    from .bundle import NLA, RL_AR_FILE, WARM_AV_FILE
     from .explain import load_nla
 
     t0 = time.time()
@@ -286,6 +290,21 @@ def evaluate_nla(nla="default", data: "str | os.PathLike | NLARows | None" = Non
         warm_nla = NLA.load(nla.path, lm=lm, which="warm")
         preds["warm_start"] = _ar(warm_nla, _round_trip(warm_nla, gold))
         del warm_nla
+    if nla.path is not None and (Path(nla.path) / RL_AR_FILE).is_file():
+        say("the AR before its refit, on the same explanations")
+        rl_nla = NLA.load(nla.path, lm=lm, which="rl")
+        preds["rl_before_refit"] = _ar(rl_nla, expl)
+        del rl_nla
+    for name, other in (compare or {}).items():
+        if name in preds:
+            raise NLAError(f"comparison name {name!r} is already a rung of the ladder; pick another")
+        say(f"round trip through {name}")
+        other = other if isinstance(other, NLA) else NLA.load(other, lm=lm)
+        if other.cfg.site != nla.cfg.site or other.cfg.model != nla.cfg.model:
+            raise NLAError(f"{name} reads {other.cfg.model} at {other.cfg.site}; this NLA reads {nla.cfg.model} "
+                           f"at {nla.cfg.site}")
+        preds[name] = _ar(other, _round_trip(other, gold))
+        del other
     res["baselines"] = {k: fve(p, gold, renormalise=False) for k, p in preds.items() if k != "nla"}
     res["baselines_ci"] = {k: list(bootstrap_ci(p, gold, groups, n_boot=n_boot, seed=seed, renormalise=False))
                            for k, p in preds.items() if k != "nla"}
@@ -359,7 +378,7 @@ def format_table(res: dict) -> str:
     ci = res.get("baselines_ci", {})
     diff = res.get("nla_minus_baseline", {})
     order = ["mean", "empty", "shuffled", "token_mean", "ridge_k1", "ridge_k4", "ridge_k16", "warm_start",
-             "oracle", "raw_last16"]
+             "rl_before_refit", "oracle", "raw_last16"]
     for k in order + [k for k in res.get("baselines", {}) if k not in order]:
         if k in res.get("baselines", {}):
             lo, hi = ci.get(k, (math.nan, math.nan))

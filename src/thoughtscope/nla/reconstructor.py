@@ -129,8 +129,8 @@ class Reconstructor(nn.Module):
                                  truncate=truncate).cpu())
         return torch.cat(outs) if outs else torch.zeros(0, self.cfg.d_model)
 
-    def loss(self, explanations: Sequence[str], gold: torch.Tensor) -> torch.Tensor:
-        return nla_loss(self(explanations), gold.to(self.device))
+    def loss(self, explanations: Sequence[str], gold: torch.Tensor, *, truncate: bool = False) -> torch.Tensor:
+        return nla_loss(self(explanations, truncate=truncate), gold.to(self.device))
 
     # ------------------------------------------------------------------ weights
     def adapter_state(self) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""NLA training: `ar-sft` (regression), `av-sft` (supervised warm start), `rl` (GRPO with a live AR).
+"""NLA training: `ar-sft` (regression), `av-sft` (supervised warm start), `rl` (GRPO with a live AR),
+`ar-refit` (the AR fitted to the final AV's own explanations).
 
 Every stage is resumable: the trainable weights, the optimiser state, the step and the history are
 written atomically to ``<nla>/train_state/<stage>.pt`` every ``checkpoint_every`` steps. Batches are a
@@ -12,6 +13,12 @@ the rollouts, which TRL has no place for. The loop below is the whole algorithm 
 samples per vector, reward −2(1 − cos) from the live AR (−2 for malformed or truncated answers),
 group-normalised advantages, a clipped ratio loss, a k3 KL estimate to the warm-started AV, and one
 AR step on the well-formed (explanation, vector) pairs.
+
+Why `ar-refit`: at evaluation and in `nla explain` the AR reads the AV's *greedy* explanations, but
+during RL it sees one step per batch of sampled ones, so it lags behind the policy it scores. The
+refit freezes the AV, writes its greedy explanation of every training vector once (cached, resumable)
+and runs AR regression on those pairs. The AR as RL left it is kept (`rl_ar.safetensors`) so `nla
+eval` reports the round trip before and after the refit.
 """
 
 from __future__ import annotations
@@ -26,11 +33,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .bundle import AR_FILE, AV_FILE, NLA, WARM_AR_FILE, WARM_AV_FILE, config_for, load_weights, save_weights
+from .bundle import AR_FILE, AV_FILE, NLA, RL_AR_FILE, WARM_AR_FILE, WARM_AV_FILE, config_for, load_weights, save_weights
 from .core import NLAConfig, NLAError, atomic_torch_save, atomic_write_text, nla_loss, normalise
 from .data import NLARows
 
-STAGES = ("ar-sft", "av-sft", "rl")
+STAGES = ("ar-sft", "av-sft", "rl", "ar-refit")
 
 
 @dataclass
@@ -148,7 +155,7 @@ def grpo_step(av, vectors: torch.Tensor, reward_fn: Callable, opt: torch.optim.O
     av.model.eval()
     lengths = valid.sum(1).float()
     return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "reward_std": float(r.std(1).mean()),
-            "kl": float((kl * mask).sum() / mask.sum().clamp_min(1)), "length": float(lengths.mean()),
+            "kl": float((kl.detach() * mask).sum() / mask.sum().clamp_min(1)), "length": float(lengths.mean()),
             "well_formed": float(sum(ok for _, ok in parsed) / len(parsed)), "parsed": parsed, "vectors": v_rep}
 
 
@@ -182,6 +189,14 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
                 raise NLAError(f"{nla_dir / f} missing: run the ar-sft and av-sft stages before rl")
         nla.av.load_adapter_state(load_weights(nla_dir / WARM_AV_FILE))
         nla.ar.load_adapter_state(load_weights(nla_dir / WARM_AR_FILE))
+    elif stage == "ar-refit":
+        for f in (AV_FILE, AR_FILE):
+            if not (nla_dir / f).is_file():
+                raise NLAError(f"{nla_dir / f} missing: run the earlier stages (ar-sft, av-sft, rl) before ar-refit")
+        if not (nla_dir / RL_AR_FILE).is_file():       # first run: keep the AR the refit starts from
+            save_weights(load_weights(nla_dir / AR_FILE), nla_dir / RL_AR_FILE)
+        nla.av.load_adapter_state(load_weights(nla_dir / AV_FILE))
+        nla.ar.load_adapter_state(load_weights(nla_dir / RL_AR_FILE))
     else:
         # each supervised stage starts from its own warm weights if a previous run finished them
         pass
@@ -210,7 +225,13 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
     nla = prepare_nla(nla_dir, rows, lm, stage=cfg.stage)
     val = val.subset(torch.arange(min(cfg.val_rows, len(val))))
 
-    if cfg.stage == "ar-sft":
+    refit: dict[str, list[str]] = {}
+    if cfg.stage == "ar-refit":
+        refit = greedy_explanations(nla, nla_dir, {"train": train.vectors, "val": val.vectors}, progress=progress)
+        usable_rows = [i for i, e in enumerate(refit["train"]) if e.strip()]
+        if not usable_rows:
+            raise NLAError("the AV wrote no non-empty explanation for any training vector; nothing to refit on")
+    if cfg.stage in ("ar-sft", "ar-refit"):
         params, base_lr = nla.ar.trainable_parameters(), cfg.lr
     elif cfg.stage == "av-sft":
         params, base_lr = nla.av.trainable_parameters(), cfg.lr
@@ -239,7 +260,7 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
         st = {"step": step, "history": history, "config": asdict(cfg), "opt": opt.state_dict(), "done": done}
         if cfg.stage in ("av-sft", "rl"):
             st["av"] = {k: v.detach().clone() for k, v in nla.av.adapter_state().items()}
-        if cfg.stage in ("ar-sft", "rl"):
+        if cfg.stage in ("ar-sft", "rl", "ar-refit"):
             st["ar"] = {k: v.detach().clone() for k, v in nla.ar.adapter_state().items()}
         if ar_opt is not None:
             st["ar_opt"] = ar_opt.state_dict()
@@ -253,6 +274,8 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
             save_weights(nla.av.adapter_state(), nla_dir / AV_FILE)
             if done or stopped:
                 save_weights(nla.av.adapter_state(), nla_dir / WARM_AV_FILE)
+        elif cfg.stage == "ar-refit":
+            save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
         else:
             save_weights(nla.av.adapter_state(), nla_dir / AV_FILE)
             save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
@@ -271,6 +294,9 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
                              len(val.explanations[i:i + 16]) for i in range(0, len(val), 16)) / len(val)
             return {"val_ce": loss, "val_ce_shuffled_vectors": loss_s}
         nla.ar.eval()
+        if cfg.stage == "ar-refit":
+            return {"val_fve_round_trip": fve(nla.ar.predict(refit["val"], allow_empty=True, truncate=True),
+                                              val.vectors)}
         out = {"val_fve_warm_text": fve(nla.ar.predict(val.explanations), val.vectors)}
         if cfg.stage == "rl":
             sub = val.vectors[:16]
@@ -304,6 +330,14 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
                 loss.backward()
                 opt.step()
                 rec["loss"] = float(loss.detach())
+            elif cfg.stage == "ar-refit":
+                nla.ar.train()
+                idx = torch.tensor(usable_rows)[batch_indices(len(usable_rows), cfg.batch_size, step, cfg.seed)]
+                loss = nla.ar.loss([refit["train"][i] for i in idx.tolist()], train.vectors[idx], truncate=True)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                rec["loss"] = float(loss.detach())
             elif cfg.stage == "av-sft":
                 nla.av.model.train()
                 loss = nla.av.sft_loss(train.vectors[idx], [train.explanations[i] for i in idx.tolist()])
@@ -333,6 +367,45 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
         if bar:
             bar.stop()
     return {"history": history, "done": step >= cfg.steps, "step": step, "nla": nla}
+
+
+def greedy_explanations(nla: NLA, nla_dir: Path, sets: dict[str, torch.Tensor], *, chunk: int = 32,
+                        progress: bool = True) -> dict[str, list[str]]:
+    """The frozen AV's greedy explanation of every vector, cached per chunk so an interrupted run resumes.
+
+    The cache names the AV weights it was written with; a cache from other weights is an error rather
+    than silently training the AR on someone else's explanations.
+    """
+    import hashlib
+
+    path = nla_dir / "train_state" / "ar-refit.explanations.json"
+    av_sha = hashlib.sha256((nla_dir / AV_FILE).read_bytes()).hexdigest()
+    cache = json.loads(path.read_text()) if path.is_file() else {"av_sha256": av_sha, "sets": {}}
+    if cache["av_sha256"] != av_sha:
+        raise NLAError(f"{path} was written by other AV weights than {nla_dir / AV_FILE}; delete it to refit anew")
+    total = sum(len(v) for v in sets.values())
+    done = sum(len(cache["sets"].get(k, [])) for k in sets)
+    bar = None
+    if progress and done < total:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("nla ar-refit: AV explanations"), BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn())
+        bar.start()
+        task = bar.add_task("explain", total=total, completed=done)
+    try:
+        nla.av.model.eval()
+        for name, vectors in sets.items():
+            got = cache["sets"].setdefault(name, [])
+            while len(got) < len(vectors):
+                got += nla.av.explain(vectors[len(got): len(got) + chunk])
+                atomic_write_text(path, json.dumps(cache))
+                if bar:
+                    bar.update(task, advance=min(chunk, len(vectors)))
+    finally:
+        if bar:
+            bar.stop()
+    return {k: cache["sets"][k][: len(v)] for k, v in sets.items()}
 
 
 def rl_step(nla: NLA, vectors: torch.Tensor, opt, ar_opt, cfg: TrainConfig) -> dict:
