@@ -1,8 +1,8 @@
 """Steering from words with the shipped NLA: edit an explanation, add AR(edited) − AR(original) while generating.
 
-Runs the same edit through the final AR and through the warm-start AR (trained only on explanations
-written from text), at several scales, greedy, and counts ocean words in each continuation. Writes
-examples/nla/steer_words.json. About a minute on 2 CPU cores:
+Runs the same edit through the final AR, the AR as RL left it (before its refit) and the warm-start AR
+(trained only on explanations written from text), at several scales, greedy, and counts ocean words in
+each continuation. Writes examples/nla/steer_words.json. About a minute on 2 CPU cores:
 
     python examples/nla/steer_words.py
 """
@@ -25,7 +25,7 @@ OCEAN = re.compile(r"\b(ocean|sea|seas|fish|shark|sharks|whale|whales|dolphin|do
 def main(out: str = "examples/nla/steer_words.json") -> None:
     lm = load_model("default")
     rows = []
-    for which in ("final", "warm"):
+    for which in ("final", "rl", "warm"):
         nla = load_nla("default", lm=lm, which=which)
         for scale in (0.0, 1.0, 4.0, 8.0):
             r = steer_from_words(nla, PROMPT, ORIGINAL, EDITED, scale=scale, max_new_tokens=16)
