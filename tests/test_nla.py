@@ -277,9 +277,9 @@ def _final_weights(path):
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def test_resume_equals_uninterrupted(lm, rows, tmp_path):
-    tc = dict(stage="ar-sft", steps=6, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=2)
-    train_stage(tmp_path / "a", rows, TrainConfig(**tc), lm=lm, progress=False)
+def _assert_resume_equals_uninterrupted(lm, rows, a, b, tc):
+    """Run `tc` in folder a uninterrupted, and in folder b stopped at step 3 then resumed: same final AR."""
+    train_stage(a, rows, TrainConfig(**tc), lm=lm, progress=False)
 
     class Stop(Exception):
         pass
@@ -289,14 +289,19 @@ def test_resume_equals_uninterrupted(lm, rows, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train_stage(tmp_path / "b", rows, TrainConfig(**tc), lm=lm, progress=False, log=stop_at_3)
+        train_stage(b, rows, TrainConfig(**tc), lm=lm, progress=False, log=stop_at_3)
     # the checkpoint of step 3 is written after the log call, so the resume restarts from step 2
-    r = train_stage(tmp_path / "b", rows, TrainConfig(**tc), lm=lm, progress=False)
+    r = train_stage(b, rows, TrainConfig(**tc), lm=lm, progress=False)
     assert r["done"]
-    a, b = _final_weights(tmp_path / "a" / "ar.safetensors"), _final_weights(tmp_path / "b" / "ar.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k])
+    wa, wb = _final_weights(a / "ar.safetensors"), _final_weights(b / "ar.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k])
+
+
+def test_resume_equals_uninterrupted(lm, rows, tmp_path):
+    tc = dict(stage="ar-sft", steps=6, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=2)
+    _assert_resume_equals_uninterrupted(lm, rows, tmp_path / "a", tmp_path / "b", tc)
 
 
 def test_all_stages_run_and_save(lm, rows, tmp_path):
@@ -367,21 +372,7 @@ def test_ar_refit_resume_equals_uninterrupted(lm, rows, tmp_path):
     _through_rl(lm, rows, tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     tc = dict(stage="ar-refit", steps=5, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=1)
-    train_stage(tmp_path / "a", rows, TrainConfig(**tc), lm=lm, progress=False)
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(rec):
-        if rec["step"] == 3:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_stage(tmp_path / "b", rows, TrainConfig(**tc), lm=lm, progress=False, log=stop_at_3)
-    train_stage(tmp_path / "b", rows, TrainConfig(**tc), lm=lm, progress=False)
-    a, b = _final_weights(tmp_path / "a" / "ar.safetensors"), _final_weights(tmp_path / "b" / "ar.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k])
+    _assert_resume_equals_uninterrupted(lm, rows, tmp_path / "a", tmp_path / "b", tc)
 
 
 def test_evaluate_quick_on_tiny(lm, rows, tmp_path):
