@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -373,6 +374,72 @@ def test_ar_refit_resume_equals_uninterrupted(lm, rows, tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     tc = dict(stage="ar-refit", steps=5, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=1)
     _assert_resume_equals_uninterrupted(lm, rows, tmp_path / "a", tmp_path / "b", tc)
+
+
+def _nla_ddp_worker(rank, world_size, port, lm, rows, folder, stages, out):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for tc in stages:
+            r = train_stage(folder, rows, TrainConfig(**tc), lm=lm, progress=False)
+        nla = r["nla"]
+        torch.save({"av": nla.av.adapter_state(), "ar": nla.ar.adapter_state(), "history": r["history"]},
+                   f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_two_ranks(lm, rows, folder, stages, out):
+    import socket
+    import sys
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    mp.start_processes(_nla_ddp_worker, args=(2, port, lm, rows, folder, stages, out), nprocs=2, join=True,
+                       start_method=method)
+    return [torch.load(f"{out}.{r}") for r in range(2)]
+
+
+def test_two_processes_follow_the_single_process_trajectory(lm, rows, tmp_path):
+    """2 gloo ranks × 2 rows must train the AR as 1 process × 4 rows does (gradients averaged over ranks)."""
+    tc = dict(stage="ar-sft", steps=4, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=1)
+    single = train_stage(tmp_path / "one", rows, TrainConfig(**tc), lm=lm, progress=False)["nla"].ar.adapter_state()
+    from thoughtscope.nla.core import NLAConfig
+
+    start = NLA(lm, NLAConfig.load(tmp_path / "one")).ar.adapter_state()
+    got = _run_two_ranks(lm, rows, tmp_path / "two", [tc], str(tmp_path / "w"))
+    moved = sum(float((single[k] - start[k]).norm()) for k in single)
+    assert moved > 0
+    for rank_state in (got[0]["ar"], got[1]["ar"]):
+        off = sum(float((rank_state[k] - single[k]).norm()) for k in single)
+        assert off < 0.02 * moved, (off, moved)      # each rank alone on its half would be off by ~moved
+    # the losses logged are the mean over ranks, i.e. the single process's loss of the same batch
+    for a, b in zip(got[0]["history"], train_stage(tmp_path / "one", rows, TrainConfig(**tc), lm=lm,
+                                                    progress=False)["history"]):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-3)
+
+
+def test_rl_and_refit_on_two_processes_keep_the_ranks_in_step(lm, rows, tmp_path):
+    d = tmp_path / "nla"
+    for stage in ("ar-sft", "av-sft"):
+        train_stage(d, rows, TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
+    stages = [dict(stage="rl", steps=2, batch_size=2, group_size=2, eval_every=2, val_rows=2, checkpoint_every=1,
+                   max_new_tokens=8),
+              dict(stage="ar-refit", steps=2, batch_size=4, eval_every=2, val_rows=4, checkpoint_every=1)]
+    got = _run_two_ranks(lm, rows, d, stages, str(tmp_path / "w"))
+    for part in ("av", "ar"):
+        for k, v in got[0][part].items():
+            torch.testing.assert_close(got[1][part][k], v)
+    assert (d / "rl_ar.safetensors").is_file() and (d / "train_state" / "ar-refit.pt").is_file()
+    with pytest.raises(Exception, match="split evenly"):      # raised inside the ranks
+        _run_two_ranks(lm, rows, tmp_path / "odd", [dict(stage="ar-sft", steps=1, batch_size=3)], str(tmp_path / "x"))
 
 
 def test_evaluate_quick_on_tiny(lm, rows, tmp_path):

@@ -33,6 +33,27 @@ def _print(rec: dict) -> None:
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
 
 
+def _init_distributed() -> bool:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _rank() -> int:
+    from .train import world
+
+    return world()[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -62,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--time-budget-s", type=float, default=None)
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: this rank's GPU if any, else cpu)")
     e = sub.add_parser("explain", help="explain tokens of a text")
     e.add_argument("--nla", default="default")
     e.add_argument("--text", required=True)
@@ -93,8 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         base = next((s for s in DEFAULT_RECIPE["stages"] if s["stage"] == args.stage), {"stage": args.stage})
         over = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "time_budget_s")
                 if getattr(args, k) is not None}
-        r_ = train_stage(args.nla, args.data, TrainConfig(**{**base, **over}), log=_print)
-        print(f"stage {args.stage}: step {r_['step']}, done={r_['done']}")
+        distributed = _init_distributed()
+        try:
+            r_ = train_stage(args.nla, args.data, TrainConfig(**{**base, **over}), log=_print, device=args.device)
+            if _rank() == 0:
+                print(f"stage {args.stage}: step {r_['step']}, done={r_['done']}")
+        finally:
+            if distributed:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
     elif args.cmd == "explain":
         nla = load_nla(args.nla)
         for row in explain_text(nla, args.text, args.position or [-1], samples=args.samples):

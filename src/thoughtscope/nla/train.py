@@ -14,6 +14,12 @@ samples per vector, reward −2(1 − cos) from the live AR (−2 for malformed 
 group-normalised advantages, a clipped ratio loss, a k3 KL estimate to the warm-started AV, and one
 AR step on the well-formed (explanation, vector) pairs.
 
+Several processes (`torchrun --nproc_per_node N -m thoughtscope.nla train …`, the launcher the SAE
+trainer uses): every rank builds the same global batch and keeps a disjoint, equal slice of it;
+gradients of the trainable (LoRA + head) parameters are averaged across ranks before every optimiser
+step, so N ranks follow one process's trajectory; logged figures are averaged too. Rank 0 alone writes
+checkpoints and runs validation; an interrupted run resumes on any number of ranks that divides the batch.
+
 Why `ar-refit`: at evaluation and in `nla explain` the AR reads the AV's *greedy* explanations, but
 during RL it sees one step per batch of sampled ones, so it lags behind the policy it scores. The
 refit freezes the AV, writes its greedy explanation of every training vector once (cached, resumable)
@@ -102,16 +108,68 @@ def fve(pred: torch.Tensor, gold: torch.Tensor, mu: torch.Tensor | None = None) 
     return 1 - mse / var if var > 0 else float("nan")
 
 
+# ------------------------------------------------------------------------- several processes
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) when there is none."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_gradients(params) -> None:
+    """All-reduce the gradients of `params` to their mean over ranks (no-op in one process)."""
+    import torch.distributed as dist
+
+    _, n = world()
+    if n == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= n
+
+
+MEAN_KEYS = ("loss", "reward", "reward_std", "kl", "length", "well_formed", "ar_loss")
+
+
+def _mean_over_ranks(rec: dict) -> dict:
+    """Average the step's figures over ranks; a figure a rank lacks (no usable rollout) is left out of its mean."""
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return rec
+    t = torch.tensor([[rec[k], 1.0] if isinstance(rec.get(k), float) and not math.isnan(rec[k]) else [0.0, 0.0]
+                      for k in MEAN_KEYS], dtype=torch.float64)
+    dist.all_reduce(t)
+    out = dict(rec)
+    for k, (total, count) in zip(MEAN_KEYS, t.tolist()):
+        if count:
+            out[k] = total / count
+    return out
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if world()[1] > 1:
+        dist.barrier()
+
+
 # ------------------------------------------------------------------------- GRPO
 
 
 def grpo_step(av, vectors: torch.Tensor, reward_fn: Callable, opt: torch.optim.Optimizer, *, group_size: int = 4,
               temperature: float = 1.0, kl_coef: float = 0.01, clip: float = 0.2,
-              max_new_tokens: int | None = None) -> dict:
+              max_new_tokens: int | None = None, before_step: Callable[[], None] | None = None) -> dict:
     """One GRPO update of the AV on a batch of vectors.
 
     reward_fn(parsed, vectors_rep, completion_ids) -> rewards [N·G], where parsed is a list of
     (explanation, well_formed). Returns the step's statistics and the rollouts for the AR step.
+    before_step runs between backward and the optimiser step (the gradient all-reduce of several ranks).
     """
     G = group_size
     av.model.eval()       # no dropout: sampling and the loss see the same function
@@ -151,6 +209,8 @@ def grpo_step(av, vectors: torch.Tensor, reward_fn: Callable, opt: torch.optim.O
     loss = per_seq.mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if before_step is not None:
+        before_step()
     opt.step()
     av.model.eval()
     lengths = valid.sum(1).float()
@@ -204,12 +264,14 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
 
 
 def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows", cfg: TrainConfig, *, lm=None,
-                progress: bool = True, log: Callable[[dict], None] | None = None) -> dict:
+                progress: bool = True, log: Callable[[dict], None] | None = None, device: str | None = None) -> dict:
     """Run (or resume) one stage; returns {'history': [...], 'done': bool, 'step': int}.
 
     ar-sft: AR regression on (warm-start explanation → vector), validation FVE logged.
     av-sft: AV cross-entropy on the warm-start explanation with the vector injected.
     rl:     GRPO on the AV with the live AR as the reward, the AR co-trained on rollouts.
+    ar-refit: AR regression on the final AV's greedy explanations.
+    device: where to load the target when lm is not given (default: this rank's GPU if there is one, else CPU).
     """
     from thoughtscope.models import load_model
 
@@ -219,15 +281,28 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
     train, val = rows.subset("train"), rows.subset("val")
     if len(train) == 0:
         raise NLAError("the dataset has no training rows")
+    rank, n_ranks = world()
+    if cfg.batch_size % n_ranks:
+        raise NLAError(f"batch_size {cfg.batch_size} does not split evenly over {n_ranks} processes")
     if lm is None:
         cfg_model = NLAConfig.load(nla_dir).model if (nla_dir / "nla_config.json").is_file() else "default"
-        lm = load_model(cfg_model)
-    nla = prepare_nla(nla_dir, rows, lm, stage=cfg.stage)
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        lm = load_model(cfg_model, device=device)
+    if rank == 0:
+        nla = prepare_nla(nla_dir, rows, lm, stage=cfg.stage)
+    _barrier()          # rank 0 writes the config (and rl_ar) first; the others then read the same files
+    if rank != 0:
+        nla = prepare_nla(nla_dir, rows, lm, stage=cfg.stage)
     val = val.subset(torch.arange(min(cfg.val_rows, len(val))))
 
     refit: dict[str, list[str]] = {}
     if cfg.stage == "ar-refit":
-        refit = greedy_explanations(nla, nla_dir, {"train": train.vectors, "val": val.vectors}, progress=progress)
+        sets = {"train": train.vectors, "val": val.vectors}
+        if rank == 0:       # one rank writes the explanations, the others read the finished cache
+            greedy_explanations(nla, nla_dir, sets, progress=progress)
+        _barrier()
+        refit = greedy_explanations(nla, nla_dir, sets, progress=False)
         usable_rows = [i for i, e in enumerate(refit["train"]) if e.strip()]
         if not usable_rows:
             raise NLAError("the AV wrote no non-empty explanation for any training vector; nothing to refit on")
@@ -244,7 +319,7 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
     step, history = 0, []
     sp = _state_path(nla_dir, cfg.stage)
     if sp.is_file():
-        st = torch.load(sp, weights_only=False)
+        st = torch.load(sp, weights_only=False, map_location=nla.ar.device)
         if st["config"]["seed"] != cfg.seed or st["config"]["batch_size"] != cfg.batch_size:
             raise NLAError(f"{sp} was written with a different seed/batch size; delete it to start over")
         step, history = st["step"], st["history"]
@@ -257,6 +332,8 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
             ar_opt.load_state_dict(st["ar_opt"])
 
     def save_checkpoint(done: bool, stopped: bool = False) -> None:
+        if rank != 0:
+            return
         st = {"step": step, "history": history, "config": asdict(cfg), "opt": opt.state_dict(), "done": done}
         if cfg.stage in ("av-sft", "rl"):
             st["av"] = {k: v.detach().clone() for k, v in nla.av.adapter_state().items()}
@@ -308,7 +385,7 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
         return out
 
     bar = None
-    if progress:
+    if progress and rank == 0:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         bar = Progress(TextColumn(f"nla {cfg.stage}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -322,20 +399,25 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
             for g in opt.param_groups:
                 g["lr"] = lr
             idx = batch_indices(len(train), cfg.batch_size, step, cfg.seed)
+            share = cfg.batch_size // n_ranks
+            idx = idx[rank * share:(rank + 1) * share]          # this rank's slice of the global batch
             rec: dict = {"step": step + 1, "lr": lr}
             if cfg.stage == "ar-sft":
                 nla.ar.train()
                 loss = nla.ar.loss([train.explanations[i] for i in idx.tolist()], train.vectors[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients(params)
                 opt.step()
                 rec["loss"] = float(loss.detach())
             elif cfg.stage == "ar-refit":
                 nla.ar.train()
                 idx = torch.tensor(usable_rows)[batch_indices(len(usable_rows), cfg.batch_size, step, cfg.seed)]
+                idx = idx[rank * share:(rank + 1) * share]
                 loss = nla.ar.loss([refit["train"][i] for i in idx.tolist()], train.vectors[idx], truncate=True)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients(params)
                 opt.step()
                 rec["loss"] = float(loss.detach())
             elif cfg.stage == "av-sft":
@@ -343,22 +425,30 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
                 loss = nla.av.sft_loss(train.vectors[idx], [train.explanations[i] for i in idx.tolist()])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients(params)
                 opt.step()
                 rec["loss"] = float(loss.detach())
             else:
-                torch.manual_seed(cfg.seed * 1_000_003 + step)
+                torch.manual_seed(cfg.seed * 1_000_003 + step * n_ranks + rank)   # each rank samples its own
                 rec.update(rl_step(nla, train.vectors[idx], opt, ar_opt, cfg))
+            rec = _mean_over_ranks(rec)
             step += 1
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 rec.update(evaluate())
             history.append(rec)
-            if log:
+            if log and rank == 0:
                 log(rec)
             if bar:
                 info = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if k not in ("step", "lr") and
                                 isinstance(v, float))
                 bar.update(task, completed=step, info=info)
             out_of_time = cfg.time_budget_s is not None and time.time() - t0 > cfg.time_budget_s
+            if n_ranks > 1:     # rank 0's clock decides, so every rank stops after the same step
+                import torch.distributed as dist
+
+                flag = [out_of_time]
+                dist.broadcast_object_list(flag, src=0)
+                out_of_time = flag[0]
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
                 save_checkpoint(done=step == cfg.steps, stopped=out_of_time)
             if out_of_time:
@@ -366,6 +456,7 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
     finally:
         if bar:
             bar.stop()
+    _barrier()          # the last checkpoint is on disk before any rank returns
     return {"history": history, "done": step >= cfg.steps, "step": step, "nla": nla}
 
 
@@ -430,14 +521,22 @@ def rl_step(nla: NLA, vectors: torch.Tensor, opt, ar_opt, cfg: TrainConfig) -> d
         return r
 
     st = grpo_step(nla.av, vectors, reward_fn, opt, group_size=cfg.group_size, temperature=cfg.temperature,
-                   kl_coef=cfg.kl_coef, clip=cfg.clip, max_new_tokens=cfg.max_new_tokens)
+                   kl_coef=cfg.kl_coef, clip=cfg.clip, max_new_tokens=cfg.max_new_tokens,
+                   before_step=lambda: average_gradients(nla.av.trainable_parameters()))
     parsed, v_rep = st.pop("parsed"), st.pop("vectors")
     ok = usable(parsed)
-    if ok and ar_opt is not None:
+    if ar_opt is not None and (ok or world()[1] > 1):
+        # with several ranks every rank takes part in the all-reduce, contributing zero if it has no usable pair
         ar.train()
-        loss = ar.loss([parsed[i][0] for i in ok], v_rep[ok])
         ar_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if ok:
+            loss = ar.loss([parsed[i][0] for i in ok], v_rep[ok])
+            loss.backward()
+            st["ar_loss"] = float(loss.detach())
+        params = ar.trainable_parameters()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        average_gradients(params)
         ar_opt.step()
-        st["ar_loss"] = float(loss.detach())
     return st
