@@ -355,8 +355,11 @@ def test_ar_refit_trains_the_ar_on_the_avs_own_explanations(lm, rows, tmp_path):
     assert cache["sets"]["train"][:3] == nla.explain(train.vectors[:3])
     from thoughtscope.nla import evaluate_nla
 
-    res = evaluate_nla(str(d), rows, quick=True, n_boot=20, lm=lm, warm=False, progress=False)
+    res = evaluate_nla(str(d), rows, quick=True, n_boot=20, lm=lm, progress=False)
     assert "rl_before_refit" in res["baselines"] and "rl_before_refit" in res["nla_minus_baseline"]
+    gap = res["rl_before_refit_minus_warm_start"]
+    assert math.isclose(gap["diff"], res["baselines"]["rl_before_refit"] - res["baselines"]["warm_start"])
+    assert gap["ci"][0] <= gap["ci"][1] and "rl_stage_beats_warm_start_outside_paired_ci" in res["bar"]
     # a cache written by other AV weights is refused
     cache["av_sha256"] = "0" * 64
     (d / "train_state" / "ar-refit.explanations.json").write_text(json.dumps(cache))

@@ -322,6 +322,14 @@ def evaluate_nla(nla="default", data: "str | os.PathLike | NLARows | None" = Non
                                           if "warm_start" in res["nla_minus_baseline"] else None),
                   "rl_beats_warm_start_outside_paired_ci": (res["nla_minus_baseline"]["warm_start"]["ci"][0] > 0
                                                             if "warm_start" in res["nla_minus_baseline"] else None)}
+    if "rl_before_refit" in preds and "warm_start" in preds:
+        # the RL stage on its own, both sides without a refit: its gain over the warm start on the same documents
+        res["rl_before_refit_minus_warm_start"] = {
+            "diff": res["baselines"]["rl_before_refit"] - res["baselines"]["warm_start"],
+            "ci": list(bootstrap_ci(preds["rl_before_refit"], gold, groups, n_boot=n_boot, seed=seed,
+                                    renormalise=False, minus=preds["warm_start"]))}
+        res["bar"]["rl_stage_beats_warm_start_outside_paired_ci"] = \
+            res["rl_before_refit_minus_warm_start"]["ci"][0] > 0
     say("quote analysis")
     qa = quote_analysis(expl, test.contexts)
     res.update(qa)
