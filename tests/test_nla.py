@@ -512,3 +512,35 @@ def test_quick_eval_of_an_exported_nla(lm, rows, tmp_path):
     res = evaluate_nla(str(tmp_path / "shipped"), lm=lm, quick=True, n_test=8, n_boot=20, progress=False)
     assert res["data"]["baseline_rows"] == "shipped with the NLA"
     assert res["n_test"] == 8 and "oracle" in res["baselines"] and "ridge_k16" in res["baselines"]
+
+
+# ----------------------------------------------------------------------------- the shipped NLA on the real model
+
+
+@pytest.mark.slow
+def test_demo_ends_with_the_shipped_nla_explaining_tokens(tmp_path):
+    """`thoughtscope demo`'s last stage: the shipped NLA explains tokens of the sample text and reads them back."""
+    from rich.console import Console
+
+    from thoughtscope.demo import _nla_stage
+    from thoughtscope.models import load_model
+
+    summary: dict = {}
+    _nla_stage(Console(file=open(os.devnull, "w")), load_model("default"), tmp_path, summary)
+    rows = summary["nla"]["rows"]
+    assert len(rows) == 3
+    for r in rows:
+        assert "Token:" in r["explanation"] and r["explanation"].strip()
+        assert r["fve"] > 0        # the words give back more of the activation than the mean vector does
+
+
+@pytest.mark.slow
+def test_cli_eval_of_the_shipped_nla_writes_the_named_keys(tmp_path):
+    from thoughtscope.nla.__main__ import main
+
+    out = tmp_path / "eval.json"
+    assert main(["--threads", "2", "eval", "--model", "default", "--n-test", "8", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_test"] == 8 and res["fve_ci"][0] <= res["fve"] <= res["fve_ci"][1]
+    assert {"mean", "ridge_k1", "token_mean", "oracle", "warm_start", "rl_before_refit"} <= res["baselines"].keys()
+    assert res["warm_start"]["kind"] == "offline-extractive"
