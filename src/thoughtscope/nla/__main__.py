@@ -48,18 +48,12 @@ def _init_distributed() -> bool:
     return True
 
 
-def _rank() -> int:
-    from .train import world
-
-    return world()[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from . import (DataConfig, TrainConfig, build_dataset, evaluate_nla, explain_text, format_table, load_nla,
+    from . import (TrainConfig, build_dataset, evaluate_nla, explain_text, format_table, load_nla,
                    train_stage)
-    from .train import STAGES
+    from .train import STAGES, world
 
     ap = argparse.ArgumentParser(prog="python -m thoughtscope.nla", description=__doc__)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
@@ -118,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed = _init_distributed()
         try:
             r_ = train_stage(args.nla, args.data, TrainConfig(**{**base, **over}), log=_print, device=args.device)
-            if _rank() == 0:
+            if world()[0] == 0:
                 print(f"stage {args.stage}: step {r_['step']}, done={r_['done']}")
         finally:
             if distributed:

@@ -47,24 +47,26 @@ QUOTE_RE = re.compile(r'"([^"]{2,})"')
 # ------------------------------------------------------------------------- metric
 
 
-def fve_parts(pred: torch.Tensor, gold: torch.Tensor, *, renormalise: bool = True) -> dict:
+def fve_parts(pred: torch.Tensor, gold: torch.Tensor, *, renormalise: bool = True,
+              mu: torch.Tensor | None = None) -> dict:
     """FVE, MSE and Var (definitions in the module docstring) for one set.
 
     renormalise=True rescales the prediction to √d too (right for the AR, whose output norm is not
     trained); baselines that already predict on the normalised scale pass False, which lets them shrink
-    towards μ (the MSE-optimal thing to do) — so "predict μ" scores exactly 0.
+    towards μ (the MSE-optimal thing to do) — so "predict μ" scores exactly 0. mu: use this mean (on the
+    normalised scale, e.g. a larger set's) instead of the mean of `gold`.
     """
     g = normalise(gold.double())
     p = normalise(pred.double()) if renormalise else pred.double()
-    mu = g.mean(0)
+    mu = g.mean(0) if mu is None else mu.double()
     var = float((g - mu).pow(2).mean())
     mse = float((p - g).pow(2).mean())
     return {"fve": 1 - mse / var if var > 0 else float("nan"), "mse": mse, "var": var,
             "mu_sq_unit": float(mu.pow(2).sum() / g.shape[-1])}
 
 
-def fve(pred: torch.Tensor, gold: torch.Tensor, *, renormalise: bool = True) -> float:
-    return fve_parts(pred, gold, renormalise=renormalise)["fve"]
+def fve(pred: torch.Tensor, gold: torch.Tensor, *, renormalise: bool = True, mu: torch.Tensor | None = None) -> float:
+    return fve_parts(pred, gold, renormalise=renormalise, mu=mu)["fve"]
 
 
 def bootstrap_ci(pred: torch.Tensor, gold: torch.Tensor, groups: torch.Tensor | None = None, *, n_boot: int = 1000,
@@ -309,25 +311,23 @@ def evaluate_nla(nla="default", data: "str | os.PathLike | NLARows | None" = Non
     res["baselines_ci"] = {k: list(bootstrap_ci(p, gold, groups, n_boot=n_boot, seed=seed, renormalise=False))
                            for k, p in preds.items() if k != "nla"}
     res["ridge_lambda"] = ridge_lambda
-    # paired: FVE(NLA) − FVE(rung) on the same resampled documents
-    res["nla_minus_baseline"] = {
-        k: {"diff": res["fve"] - res["baselines"][k],
-            "ci": list(bootstrap_ci(preds["nla"], gold, groups, n_boot=n_boot, seed=seed, renormalise=False,
-                                    minus=p))}
-        for k, p in preds.items() if k != "nla"}
+    def paired(a: str, b: str) -> dict:
+        """FVE(a) − FVE(b) with its CI, both scored on the same resampled documents."""
+        fa = res["fve"] if a == "nla" else res["baselines"][a]
+        return {"diff": fa - res["baselines"][b],
+                "ci": list(bootstrap_ci(preds[a], gold, groups, n_boot=n_boot, seed=seed, renormalise=False,
+                                        minus=preds[b]))}
+
+    res["nla_minus_baseline"] = {k: paired("nla", k) for k in preds if k != "nla"}
     beats = {k: res["nla_minus_baseline"][k]["ci"][0] > 0 for k in BAR_RUNGS if k in res["nla_minus_baseline"]}
+    warm_gap = res["nla_minus_baseline"].get("warm_start")
     res["bar"] = {"beats_outside_paired_ci": beats,
                   "beats_outside_baseline_ci": {k: res["fve"] > res["baselines_ci"][k][1] for k in beats},
-                  "rl_beats_warm_start": (res["nla_minus_baseline"]["warm_start"]["diff"] > 0
-                                          if "warm_start" in res["nla_minus_baseline"] else None),
-                  "rl_beats_warm_start_outside_paired_ci": (res["nla_minus_baseline"]["warm_start"]["ci"][0] > 0
-                                                            if "warm_start" in res["nla_minus_baseline"] else None)}
+                  "rl_beats_warm_start": warm_gap["diff"] > 0 if warm_gap else None,
+                  "rl_beats_warm_start_outside_paired_ci": warm_gap["ci"][0] > 0 if warm_gap else None}
     if "rl_before_refit" in preds and "warm_start" in preds:
         # the RL stage on its own, both sides without a refit: its gain over the warm start on the same documents
-        res["rl_before_refit_minus_warm_start"] = {
-            "diff": res["baselines"]["rl_before_refit"] - res["baselines"]["warm_start"],
-            "ci": list(bootstrap_ci(preds["rl_before_refit"], gold, groups, n_boot=n_boot, seed=seed,
-                                    renormalise=False, minus=preds["warm_start"]))}
+        res["rl_before_refit_minus_warm_start"] = paired("rl_before_refit", "warm_start")
         res["bar"]["rl_stage_beats_warm_start_outside_paired_ci"] = \
             res["rl_before_refit_minus_warm_start"]["ci"][0] > 0
     say("quote analysis")

@@ -33,15 +33,16 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from .bundle import AR_FILE, AV_FILE, NLA, RL_AR_FILE, WARM_AR_FILE, WARM_AV_FILE, config_for, load_weights, save_weights
 from .core import NLAConfig, NLAError, atomic_torch_save, atomic_write_text, nla_loss, normalise
 from .data import NLARows
+from .evaluate import fve
 
 STAGES = ("ar-sft", "av-sft", "rl", "ar-refit")
 
@@ -96,16 +97,6 @@ def lr_at(step: int, cfg: TrainConfig, base: float) -> float:
         return base * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
-def fve(pred: torch.Tensor, gold: torch.Tensor, mu: torch.Tensor | None = None) -> float:
-    """1 − MSE/Var on √d-normalised vectors, Var = 1 − ‖μ‖² (μ = mean unit gold direction of this set unless given)."""
-    g = normalise(gold.float())
-    d = g.shape[-1]
-    mu_n = g.mean(0) if mu is None else mu
-    var = float((g - mu_n).pow(2).mean())
-    mse = float((normalise(pred.float()) - g).pow(2).mean())
-    return 1 - mse / var if var > 0 else float("nan")
 
 
 # ------------------------------------------------------------------------- several processes
@@ -381,8 +372,21 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
             with torch.no_grad():
                 expl = nla.av.explain(sub)
             out["val_fve_round_trip"] = fve(nla.ar.predict(expl, allow_empty=True, truncate=True), sub,
-                                            normalise(val.vectors).mean(0))
+                                            mu=normalise(val.vectors).mean(0))
         return out
+
+    # training rows a step draws from: every row, or for ar-refit those the AV wrote a non-empty explanation for
+    pool = torch.tensor(usable_rows) if cfg.stage == "ar-refit" else torch.arange(len(train))
+
+    def supervised_loss(idx: torch.Tensor) -> torch.Tensor:
+        rows_ = idx.tolist()
+        if cfg.stage == "av-sft":
+            nla.av.model.train()
+            return nla.av.sft_loss(train.vectors[idx], [train.explanations[i] for i in rows_])
+        nla.ar.train()
+        if cfg.stage == "ar-refit":
+            return nla.ar.loss([refit["train"][i] for i in rows_], train.vectors[idx], truncate=True)
+        return nla.ar.loss([train.explanations[i] for i in rows_], train.vectors[idx])
 
     bar = None
     if progress and rank == 0:
@@ -398,39 +402,20 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
             lr = lr_at(step, cfg, base_lr)
             for g in opt.param_groups:
                 g["lr"] = lr
-            idx = batch_indices(len(train), cfg.batch_size, step, cfg.seed)
+            idx = pool[batch_indices(len(pool), cfg.batch_size, step, cfg.seed)]
             share = cfg.batch_size // n_ranks
             idx = idx[rank * share:(rank + 1) * share]          # this rank's slice of the global batch
             rec: dict = {"step": step + 1, "lr": lr}
-            if cfg.stage == "ar-sft":
-                nla.ar.train()
-                loss = nla.ar.loss([train.explanations[i] for i in idx.tolist()], train.vectors[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(params)
-                opt.step()
-                rec["loss"] = float(loss.detach())
-            elif cfg.stage == "ar-refit":
-                nla.ar.train()
-                idx = torch.tensor(usable_rows)[batch_indices(len(usable_rows), cfg.batch_size, step, cfg.seed)]
-                idx = idx[rank * share:(rank + 1) * share]
-                loss = nla.ar.loss([refit["train"][i] for i in idx.tolist()], train.vectors[idx], truncate=True)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(params)
-                opt.step()
-                rec["loss"] = float(loss.detach())
-            elif cfg.stage == "av-sft":
-                nla.av.model.train()
-                loss = nla.av.sft_loss(train.vectors[idx], [train.explanations[i] for i in idx.tolist()])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(params)
-                opt.step()
-                rec["loss"] = float(loss.detach())
-            else:
+            if cfg.stage == "rl":
                 torch.manual_seed(cfg.seed * 1_000_003 + step * n_ranks + rank)   # each rank samples its own
                 rec.update(rl_step(nla, train.vectors[idx], opt, ar_opt, cfg))
+            else:
+                loss = supervised_loss(idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                average_gradients(params)
+                opt.step()
+                rec["loss"] = float(loss.detach())
             rec = _mean_over_ranks(rec)
             step += 1
             if rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
