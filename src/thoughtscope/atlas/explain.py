@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .db import Atlas, Example
+from ..errors import ThoughtscopeError
 
 ENV_URL = "THOUGHTSCOPE_EXPLAINER_URL"
 ENV_MODEL = "THOUGHTSCOPE_EXPLAINER_MODEL"
@@ -42,7 +43,7 @@ ENV_SCORER_URL = "THOUGHTSCOPE_SCORER_URL"
 ENV_SCORER_MODEL = "THOUGHTSCOPE_SCORER_MODEL"
 
 
-class ExplainerError(RuntimeError):
+class ExplainerError(ThoughtscopeError, RuntimeError):
     """The explainer or scorer could not produce a usable answer (after retries, where retrying made sense)."""
 
 

@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from ..errors import ThoughtscopeError
 
 CONFIG_NAME = "nla_config.json"
 
 
-class NLAError(ValueError):
+class NLAError(ThoughtscopeError, ValueError):
     """Bad input to an NLA: wrong vector size, missing marker, mismatched checkpoint, bad explanation."""
 
 

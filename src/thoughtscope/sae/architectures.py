@@ -17,12 +17,13 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from ..errors import ThoughtscopeError
 
 ARCHITECTURES = ("relu-l1", "topk", "batchtopk", "jumprelu")
 DEFAULT_DEAD_TOKENS = 10_000_000
 
 
-class SAEError(ValueError):
+class SAEError(ThoughtscopeError, ValueError):
     """Bad SAE configuration, file or input; the message names what was wrong."""
 
 

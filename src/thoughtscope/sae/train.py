@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 
 from .architectures import SAE, SAEConfig, SAEError, build_sae, geometric_median
+from ..errors import ThoughtscopeError
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(ThoughtscopeError, RuntimeError):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
 
 

@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models import LoadedModel, Site, edit
+from ..errors import ThoughtscopeError
 
 POSITIONS = ("all", "prompt", "generated")
 FEATURE_OPS = ("clamp", "add", "scale", "ablate")
 VECTOR_OPS = ("add", "project_out", "clamp_projection")
 
 
-class SteerError(ValueError):
+class SteerError(ThoughtscopeError, ValueError):
     """Bad steering input (feature index, vector size, value, preset, prompt); raised before any generation."""
 
 

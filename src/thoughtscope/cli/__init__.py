@@ -24,7 +24,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _load(model: str, device: Optional[str], dtype: Optional[str]):
-    from .models import ModelError, load_model
+    from ..models import ModelError, load_model
 
     try:
         return load_model(model, device=device, dtype=dtype)
@@ -51,10 +51,10 @@ def harvest(
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
     """Harvest activations at one or more sites into resumable on-disk stores."""
-    from .corpus import Corpus, CorpusError
-    from .harvest import HarvestConfig, harvest as run
-    from .models import SiteError, parse_sites
-    from .store import StoreError
+    from ..corpus import Corpus, CorpusError
+    from ..harvest import HarvestConfig, harvest as run
+    from ..models import SiteError, parse_sites
+    from ..store import StoreError
 
     try:
         sites = parse_sites(",".join(site))
@@ -76,7 +76,7 @@ def harvest(
 def store_info(path: Path = typer.Argument(..., help="an activation store folder"),
                verify: bool = typer.Option(False, help="also check every shard's checksum")) -> None:
     """Describe (and optionally verify) an activation store."""
-    from .store import ActivationStore, StoreError
+    from ..store import ActivationStore, StoreError
 
     try:
         st = ActivationStore.open(path)
@@ -131,8 +131,8 @@ def sae_train(
     """Train one SAE, or a sweep over one pass of the data (re-run the same command to resume)."""
     import itertools
 
-    from .sae import SAEConfig, SAEError, TrainConfig, TrainingDiverged, train_saes
-    from .store import ActivationStore, StoreError
+    from ..sae import SAEConfig, SAEError, TrainConfig, TrainingDiverged, train_saes
+    from ..store import ActivationStore, StoreError
 
     if (store is None) == (model is None):
         _fail("give exactly one of --store (train from a store) or --model (train on the fly)")
@@ -142,8 +142,8 @@ def sae_train(
             d_model, model_name, site_name = source.d_model, source.model, source.site
             total = tokens
         else:
-            from .corpus import Corpus
-            from .harvest import stream_activations
+            from ..corpus import Corpus
+            from ..harvest import stream_activations
 
             if tokens is None:
                 _fail("--tokens is required when training on the fly")
@@ -192,8 +192,8 @@ def sae_eval(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics here"),
 ) -> None:
     """Measure an SAE: reconstruction on a store and/or spliced LM loss on a corpus."""
-    from .sae import SAEError, evaluate_sae, load_sae, spliced_lm_loss
-    from .store import ActivationStore, StoreError
+    from ..sae import SAEError, evaluate_sae, load_sae, spliced_lm_loss
+    from ..store import ActivationStore, StoreError
 
     if store is None and model is None:
         _fail("give --store (reconstruction metrics) and/or --model (spliced language-model loss)")
@@ -209,7 +209,7 @@ def sae_eval(
                                  max_norm_ratio=sae.cfg.max_norm_ratio)
             result["reconstruction"] = evaluate_sae(sae, batches, max_batches=max(1, max_tokens // 4096))
         if model is not None:
-            from .corpus import Corpus
+            from ..corpus import Corpus
 
             lm = _load(model, None, None)
             if sae.cfg.model and sae.cfg.model != lm.name:
@@ -230,7 +230,7 @@ def sae_export(path: Path = typer.Argument(..., help="an SAE folder"),
                out: Path = typer.Option(..., help="destination folder"),
                format: str = typer.Option("saelens", help="saelens or native")) -> None:
     """Write an SAE in SAELens' folder format (cfg.json + sae_weights.safetensors) or ours."""
-    from .sae import SAEError, export_saelens, load_sae, save_sae
+    from ..sae import SAEError, export_saelens, load_sae, save_sae
 
     try:
         sae = load_sae(path)
@@ -249,7 +249,7 @@ def sae_export(path: Path = typer.Argument(..., help="an SAE folder"),
 def sae_import(path: Path = typer.Argument(..., help="an SAELens, sparsify or dictionary_learning SAE folder"),
                out: Path = typer.Option(..., help="destination folder (native format)")) -> None:
     """Convert a peer's SAE checkpoint into thoughtscope's format."""
-    from .sae import SAEError, load_sae, save_sae
+    from ..sae import SAEError, load_sae, save_sae
 
     try:
         save_sae(load_sae(path), out)
@@ -264,7 +264,7 @@ app.add_typer(steer_app, name="steer")
 
 
 def _gen_config(max_new_tokens: int, temperature: float, top_p: float, seed: int):
-    from .steer import GenerationConfig
+    from ..steer import GenerationConfig
 
     return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
@@ -283,7 +283,7 @@ def steer(
     """Answer prompts unsteered and steered by a preset, side by side from the same seed."""
     if ctx.invoked_subcommand is not None:
         return
-    from .steer import SteerError, print_comparisons, steer_with_preset
+    from ..steer import SteerError, print_comparisons, steer_with_preset
 
     if preset is None or not prompt:
         _fail("give --preset and at least one --prompt (or a subcommand: sweep)")
@@ -308,7 +308,7 @@ def steer_sweep(
     seed: int = typer.Option(0),
 ) -> None:
     """Calibrate a slider: concept rate and coherence over strengths, on 20 neutral prompts."""
-    from .steer import Preset, SteerError, plot_sweep, save_sweep, sweep_preset
+    from ..steer import Preset, SteerError, plot_sweep, save_sweep, sweep_preset
 
     lm = _load(model, None, None)
     try:
@@ -342,8 +342,8 @@ def chat(
     seed: int = typer.Option(0),
 ) -> None:
     """Interactive chat; change sliders between turns: /set 1234 8.0, /preset name, /off, /show, /quit."""
-    from .sae import load_sae
-    from .steer import SteerError, chat_loop
+    from ..sae import load_sae
+    from ..steer import SteerError, chat_loop
 
     lm = _load(model, None, None)
     try:
@@ -366,7 +366,7 @@ def vector_fit_cmd(
     model: str = typer.Option("default"),
 ) -> None:
     """Fit a steering vector from contrastive prompt pairs."""
-    from .steer import SteerError, vector_fit
+    from ..steer import SteerError, vector_fit
 
     lm = _load(model, None, None)
     try:
@@ -390,8 +390,8 @@ def features_contrast_cmd(
     top: int = typer.Option(20),
 ) -> None:
     """Features most active on the prompts and least on the controls, ranked by a stated score."""
-    from .sae import load_sae
-    from .steer import SteerError, features_contrast, print_contrast
+    from ..sae import load_sae
+    from ..steer import SteerError, features_contrast, print_contrast
 
     lm = _load(model, None, None)
     sae_obj = load_sae(sae)
@@ -411,8 +411,8 @@ def features_at_cmd(
     top: int = typer.Option(10),
 ) -> None:
     """The strongest features at one token of a text."""
-    from .sae import load_sae
-    from .steer import SteerError, top_features_at
+    from ..sae import load_sae
+    from ..steer import SteerError, top_features_at
 
     lm = _load(model, None, None)
     sae_obj = load_sae(sae)
@@ -432,7 +432,7 @@ app.add_typer(feature_app, name="feature")
 
 
 def _sae_folder(spec: str) -> Path:
-    from .sae.formats import default_sae_path
+    from ..sae.formats import default_sae_path
 
     return default_sae_path() if spec == "default" else Path(spec)
 
@@ -450,10 +450,10 @@ def atlas_build(
     quiet: bool = typer.Option(False),
 ) -> None:
     """One streaming pass: top and quantile contexts, density, histogram, logit effects, neighbours."""
-    from .atlas import AtlasError, build_atlas
-    from .atlas.build import atlas_config_from
-    from .corpus import Corpus
-    from .sae import SAEError, load_sae
+    from ..atlas import AtlasError, build_atlas
+    from ..atlas.build import atlas_config_from
+    from ..corpus import Corpus
+    from ..sae import SAEError, load_sae
 
     folder = _sae_folder(sae)
     try:
@@ -484,8 +484,8 @@ def atlas_explain(
     yes: bool = typer.Option(False, "--yes", help="skip the confirmation after the cost/time estimate"),
 ) -> None:
     """Write an explanation for each feature and score it (detection, fuzzing); resumable."""
-    from .atlas import AtlasError, ExplainConfig, ExplainerError, client_from_env, explain_atlas, open_with_model
-    from .atlas.cards import load_tokenizer
+    from ..atlas import AtlasError, ExplainConfig, ExplainerError, client_from_env, explain_atlas, open_with_model
+    from ..atlas.cards import load_tokenizer
 
     try:
         lm = None
@@ -508,7 +508,7 @@ def atlas_explain(
 def atlas_report(atlas: Path = typer.Argument(...), out: Optional[Path] = typer.Option(None),
                  cards: int = typer.Option(12, help="random feature cards")) -> None:
     """A self-contained HTML report: density, dead/alive, score distribution, random feature cards."""
-    from .atlas import AtlasError, write_report
+    from ..atlas import AtlasError, write_report
 
     try:
         path = write_report(atlas, out, n_cards=cards)
@@ -518,7 +518,7 @@ def atlas_report(atlas: Path = typer.Argument(...), out: Optional[Path] = typer.
 
 
 def _open_atlas(path: Path):
-    from .atlas import Atlas, AtlasError
+    from ..atlas import Atlas, AtlasError
 
     try:
         return Atlas.open(path)
@@ -529,8 +529,8 @@ def _open_atlas(path: Path):
 @feature_app.command("show")
 def feature_show(n: int = typer.Argument(...), atlas: Path = typer.Option(..., help="atlas folder")) -> None:
     """A feature's card: statistics, explanation and score, logit effects, neighbours, contexts as a heatmap."""
-    from .atlas import AtlasError, show_feature
-    from .atlas.cards import load_tokenizer
+    from ..atlas import AtlasError, show_feature
+    from ..atlas.cards import load_tokenizer
 
     at = _open_atlas(atlas)
     try:
@@ -542,8 +542,8 @@ def feature_show(n: int = typer.Argument(...), atlas: Path = typer.Option(..., h
 @feature_app.command("random")
 def feature_random(atlas: Path = typer.Option(...), n: int = typer.Option(3), seed: Optional[int] = None) -> None:
     """Cards for uniformly random alive features: the unbiased way to browse."""
-    from .atlas import show_feature
-    from .atlas.cards import load_tokenizer
+    from ..atlas import show_feature
+    from ..atlas.cards import load_tokenizer
 
     at = _open_atlas(atlas)
     tok = load_tokenizer(at)
@@ -555,7 +555,7 @@ def feature_random(atlas: Path = typer.Option(...), n: int = typer.Option(3), se
 def feature_search(text: str = typer.Argument(...), atlas: Path = typer.Option(...),
                    limit: int = typer.Option(20)) -> None:
     """Features whose explanation matches the text."""
-    from .atlas import AtlasError
+    from ..atlas import AtlasError
 
     at = _open_atlas(atlas)
     try:
@@ -570,7 +570,7 @@ def feature_search(text: str = typer.Argument(...), atlas: Path = typer.Option(.
 def feature_top(text: str = typer.Option(..., "--text"), atlas: Path = typer.Option(...),
                 k: int = typer.Option(5)) -> None:
     """The features most active on a text, per token."""
-    from .atlas import open_with_model, text_card, top_features_for_text
+    from ..atlas import open_with_model, text_card, top_features_for_text
 
     at, lm, sae = open_with_model(atlas)
     console.print(text_card(top_features_for_text(lm, sae, text, k=k)))
@@ -581,7 +581,7 @@ def feature_contrast(prompts: Path = typer.Option(..., help="one prompt per line
                      controls: Path = typer.Option(..., help="one prompt per line without it"),
                      atlas: Path = typer.Option(...), k: int = typer.Option(20)) -> None:
     """Features most active on the prompts and least on the controls (score in [-1, 1], see docs/atlas.md)."""
-    from .atlas import contrast, open_with_model
+    from ..atlas import contrast, open_with_model
 
     at, lm, sae = open_with_model(atlas)
     read = lambda p: [line.strip() for line in Path(p).read_text().splitlines() if line.strip()]  # noqa: E731
@@ -599,7 +599,7 @@ def feature_contrast(prompts: Path = typer.Option(..., help="one prompt per line
                                      "help_option_names": []})
 def nla(ctx: typer.Context) -> None:
     """Natural Language Autoencoders: data | train --stage ar-sft|av-sft|rl | explain | eval | recipe (--help for more)."""
-    from .nla.__main__ import main as nla_main
+    from ..nla.__main__ import main as nla_main
 
     raise typer.Exit(nla_main(list(ctx.args)) or 0)
 
@@ -611,14 +611,24 @@ def demo(
     site: str = typer.Option("resid.15", help="site to study"),
 ) -> None:
     """Run the main workflow on the embedded SmolLM2-135M-Instruct, offline."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(out=out, site=site, tokens=tokens, console=console)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+# Areas with a module of their own in this package register their typer sub-app here, one line each.
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: any ThoughtscopeError ends the command with one error line, never a traceback."""
+    from ..errors import ThoughtscopeError
+
+    try:
+        app(args=argv, standalone_mode=True)
+    except ThoughtscopeError as e:
+        err.print(f"[bold red]error:[/bold red] {e}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    main()
