@@ -501,7 +501,7 @@ def test_explain_text_and_steering_from_words(lm, cfg):
 def test_quick_eval_of_an_exported_nla(lm, rows, tmp_path):
     """`nla eval --quick` path: the exported folder carries its baseline rows; only test rows are harvested."""
     from thoughtscope.nla import evaluate_nla
-    from thoughtscope.nla.__main__ import export
+    from thoughtscope.nla.recipe import export
     from thoughtscope.nla.evaluate import BASELINE_FILE
 
     rows.save(tmp_path / "data")

@@ -595,15 +595,6 @@ def feature_contrast(prompts: Path = typer.Option(..., help="one prompt per line
     console.print(table)
 
 
-@app.command("nla", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                                     "help_option_names": []})
-def nla(ctx: typer.Context) -> None:
-    """Natural Language Autoencoders: data | train --stage ar-sft|av-sft|rl | explain | eval | recipe (--help for more)."""
-    from ..nla.__main__ import main as nla_main
-
-    raise typer.Exit(nla_main(list(ctx.args)) or 0)
-
-
 @app.command()
 def demo(
     tokens: int = typer.Option(16_384, help="tokens to harvest for the demo store"),
@@ -617,6 +608,9 @@ def demo(
 
 
 # Areas with a module of their own in this package register their typer sub-app here, one line each.
+from .nla import nla_app  # noqa: E402
+
+app.add_typer(nla_app, name="nla")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -1,0 +1,129 @@
+"""`thoughtscope nla ...`: data, train (one stage, resumable, torchrun-aware), explain, eval and the full recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import console
+
+nla_app = typer.Typer(no_args_is_help=True,
+                      help="Natural Language Autoencoders: data | train --stage ar-sft|av-sft|rl|ar-refit | explain "
+                           "| eval | recipe.")
+
+
+@nla_app.callback()
+def _threads(threads: int = typer.Option(1, help="torch threads (1 is fastest on a busy 2-core machine)")) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@nla_app.command()
+def data(
+    out: Path = typer.Option(..., help="folder for the rows (vectors, warm-start explanations, meta.json)"),
+    model: str = typer.Option("default", help="target model: 'default', a hub id, a folder or a .gguf file"),
+    corpus: str = typer.Option("default", help="corpus the rows are read from"),
+    site: Optional[str] = typer.Option(None, help="site, e.g. resid.15 (default: the default NLA's site)"),
+    n_rows: Optional[int] = typer.Option(None, help="vectors to harvest (default: the shipped recipe's)"),
+    positions_per_doc: Optional[int] = typer.Option(None, help="positions read per document (default: recipe's)"),
+    max_position: Optional[int] = typer.Option(None, help="last token position read (default: recipe's)"),
+    warm_start: str = typer.Option("offline", help="warm-start explanations: offline | llm"),
+    llm_endpoint: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL for --warm-start llm"),
+    llm_model: Optional[str] = typer.Option(None, help="model name at that endpoint"),
+) -> None:
+    """Harvest rows and warm-start explanations (sizes default to the shipped recipe's)."""
+    from ..nla import build_dataset
+    from ..nla.recipe import DEFAULT_RECIPE
+
+    sizes = {**DEFAULT_RECIPE["data"], **{k: v for k, v in dict(n_rows=n_rows, positions_per_doc=positions_per_doc,
+                                                               max_position=max_position).items() if v is not None}}
+    console.print(build_dataset(model, out, corpus=corpus, site=site, warm_start=warm_start,
+                                llm_endpoint=llm_endpoint, llm_model=llm_model, **sizes))
+
+
+@nla_app.command()
+def train(
+    nla: Path = typer.Option(..., help="the NLA folder (created, or resumed where it stopped)"),
+    data: Path = typer.Option(..., help="an `nla data` folder"),
+    stage: str = typer.Option(..., help="ar-sft | av-sft | rl | ar-refit"),
+    steps: Optional[int] = typer.Option(None, help="optimiser steps (default: the recipe's for this stage)"),
+    batch_size: Optional[int] = typer.Option(None, help="rows per optimiser step (default: the recipe's)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: the recipe's)"),
+    time_budget_s: Optional[float] = typer.Option(None, help="stop (resumably) after this many seconds"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: this rank's GPU if any, else cpu)"),
+) -> None:
+    """One training stage, resumable; several processes when started by torchrun."""
+    from ..nla import TrainConfig, train_stage
+    from ..nla.recipe import init_distributed, print_record, stage_settings
+    from ..nla.train import STAGES, world
+
+    if stage not in STAGES:
+        raise typer.BadParameter(f"{stage!r} is not a stage; expected one of {', '.join(STAGES)}", param_hint="--stage")
+    cfg = TrainConfig(**stage_settings(stage, steps=steps, batch_size=batch_size, lr=lr, time_budget_s=time_budget_s))
+    distributed = init_distributed()
+    try:
+        r = train_stage(nla, data, cfg, log=print_record, device=device)
+        if world()[0] == 0:
+            console.print(f"stage {stage}: step {r['step']}, done={r['done']}")
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+@nla_app.command()
+def explain(
+    text: str = typer.Option(..., help="the text whose tokens are explained"),
+    nla: str = typer.Option("default", help="'default' (shipped), an NLA folder, or a released checkpoint pair"),
+    position: Optional[List[int]] = typer.Option(None, help="token position(s); negative counts from the end"),
+    samples: int = typer.Option(1, help="explanations sampled per token"),
+) -> None:
+    """Explain tokens of a text in words, each with its round-trip FVE."""
+    from ..nla import explain_text, load_nla
+
+    for row in explain_text(load_nla(nla), text, position or [-1], samples=samples):
+        console.print(f"[{row['position']}] {row['token']!r}  FVE {row['fve']:+.2f}  {row['explanation']}",
+                      markup=False, highlight=False)
+
+
+@nla_app.command("eval")
+def evaluate(
+    nla: str = typer.Option("default", "--nla", "--model",
+                            help="'default' (the shipped NLA for the default model) or an NLA folder"),
+    data: Optional[Path] = typer.Option(None, help="an `nla data` folder (default: rows shipped with the NLA)"),
+    quick: bool = typer.Option(False, "--quick", help="48 held-out rows, a few minutes on 2 cores (the default)"),
+    full: bool = typer.Option(False, "--full", help="the whole test split instead of the quick 48 rows"),
+    n_test: Optional[int] = typer.Option(None, help="this many held-out rows (narrower CIs, longer run)"),
+    compare: Optional[List[str]] = typer.Option(None, metavar="NAME=FOLDER",
+                                                help="another NLA evaluated on the same held-out vectors as a rung"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write every figure here"),
+) -> None:
+    """Held-out round-trip FVE with bootstrap CIs and the whole baseline ladder."""
+    from ..nla import evaluate_nla, format_table
+
+    if sum([quick, full, n_test is not None]) > 1:
+        raise typer.BadParameter("give at most one of --quick, --full and --n-test")
+    rungs = {}
+    for item in compare or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise typer.BadParameter(f"takes NAME=FOLDER, got {item!r}", param_hint="--compare")
+        rungs[name] = folder
+    res = evaluate_nla(nla, data, quick=not (full or n_test), n_test=n_test, json_path=json_path, compare=rungs)
+    console.print(format_table(res), markup=False, highlight=False)
+
+
+@nla_app.command()
+def recipe(
+    work: Path = typer.Option(..., help="folder for data, checkpoints and the eval json (resumable)"),
+    export: Optional[Path] = typer.Option(None, help="copy the final adapters here (e.g. the assets folder)"),
+) -> None:
+    """Reproduce the shipped default NLA end to end."""
+    from ..nla import format_table
+    from ..nla.recipe import run_recipe
+
+    console.print(format_table(run_recipe(work, export)), markup=False, highlight=False)
