@@ -61,4 +61,4 @@ if [[ $do_apt == 1 ]] && command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 
-exec "$PYTHON" -m thoughtscope.corpus build "${args[@]}"
+cd "$(dirname "$0")/.." && exec "$PYTHON" -m scripts.default_corpus.build "${args[@]}"

@@ -7,33 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SENTENCES, tiny_bpe_tokenizer
 
 from thoughtscope import corpus as C
-from thoughtscope.corpus import Context, Corpus, CorpusError, build_default_corpus, default_corpus_dir
-
-SENTENCES = [
-    "the quick brown fox jumps over the lazy dog",
-    "hello world, this is a tiny corpus",
-    "der schnelle braune Fuchs springt",
-    "packing documents into fixed length contexts",
-    "alpha beta gamma delta epsilon zeta eta theta",
-]
+from thoughtscope.corpus import (
+    Context,
+    Corpus,
+    CorpusError,
+    CorpusNotFoundError,
+    default_corpus_dir,
+)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    """A byte-level BPE trained in memory: no download, has <bos> and <eos>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<bos>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    t.train_from_iterator(SENTENCES * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>")
+    return tiny_bpe_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -245,87 +233,19 @@ def test_batches(tmp_path, tok):
     assert torch.equal(torch.cat([b.doc_positions for b in batches]), torch.stack([r.doc_positions for r in rows]))
 
 
-# ---------------------------------------------------------------- html / chunking helpers
+# ---------------------------------------------------------------- default corpus location
 
 
-def test_html_to_text_drops_navigation_keeps_code():
-    html = (
-        "<html><head><title>T</title><style>x{}</style></head><body>"
-        '<div class="related" role="navigation"><a href="#">prev</a></div>'
-        "<h1>Title<a class='headerlink'>\u00b6</a></h1><p>Some   <b>bold</b>\n text.</p>"
-        "<ul><li><p>item one</p></li><li>item two</li></ul>"
-        "<pre>def f():\n    return 1</pre><script>alert(1)</script></body></html>"
-    )
-    text = C._html_to_text(html)
-    assert "prev" not in text and "alert" not in text and "\u00b6" not in text and "x{}" not in text
-    assert "Some bold text." in text
-    assert "- item one" in text and "- item two" in text
-    assert "def f():\n    return 1" in text
-
-
-def test_chunk_text_limits_and_drops_index_runs():
-    para = "A sentence of prose that goes on for a while. " * 10
-    entries = "\n\n".join(f"entry {i}" for i in range(20))
-    chunks = C._chunk_text("\n\n".join([para] * 20 + [entries, para]), max_chars=1500)
-    assert all(len(c) <= 1500 for c in chunks)
-    assert not any("entry 3" in c for c in chunks)
-    assert sum(c.count("A sentence") for c in chunks) == 21 * 10
-
-
-def test_fortune_split():
-    assert C._fortunes("one cookie here\n%\nsecond cookie, two\nlines\n%\n") == [
-        "one cookie here",
-        "second cookie, two\nlines",
-    ]
-
-
-# ---------------------------------------------------------------- default corpus
-
-
-@pytest.fixture
-def fallback_env(tmp_path, monkeypatch):
-    """No Debian packages (empty sysroot), a small stdlib-docstring budget, a private home."""
-    monkeypatch.setattr(C, "_SYSROOT", tmp_path / "sysroot")
-    monkeypatch.setattr(C, "_STDLIB_CAP_BYTES", 150_000)
+def test_default_corpus_dir_env(tmp_path, monkeypatch):
     monkeypatch.setenv("THOUGHTSCOPE_HOME", str(tmp_path / "home"))
-    return tmp_path
+    assert default_corpus_dir() == tmp_path / "home" / "corpus" / "default"
 
 
-def test_default_corpus_dir_env(fallback_env):
-    assert default_corpus_dir() == fallback_env / "home" / "corpus" / "default"
-
-
-def test_build_default_corpus_fallback(fallback_env, tok):
-    dest = build_default_corpus(fallback_env / "out", quiet=True)
-    m = json.loads((dest / "manifest.json").read_text("utf-8"))
-    assert m["fallback"] is True
-    assert [s["name"] for s in m["sources"]] == ["python-docstrings"]
-    assert m["n_docs"] == sum(s["n_docs"] for s in m["shards"]) > 10
-    assert m["bytes"] >= 100_000 and "en" in m["languages"]
-    for s in m["shards"]:
-        assert C._sha256_file(dest / s["file"]) == s["sha256"]
-    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]  # temp dir renamed away
-    docs = [json.loads(line) for line in (dest / m["shards"][0]["file"]).read_text("utf-8").splitlines()]
-    assert all(d["text"].strip() and d["source"] == "python-docstrings" for d in docs)
-
-    # rebuilding replaces atomically and is deterministic
-    first = (dest / m["shards"][0]["file"]).read_bytes()
-    build_default_corpus(fallback_env / "out", quiet=True)
-    assert (dest / m["shards"][0]["file"]).read_bytes() == first
-
-
-def test_default_spec_builds_on_first_use(fallback_env, tok, capsys):
-    c = Corpus("default")
-    first = next(c.documents())
-    assert isinstance(first, str) and first
-    assert "building" in capsys.readouterr().err
-    assert (default_corpus_dir() / "manifest.json").is_file()
-    d = c.describe()
-    assert d["kind"] == "default" and d["n_docs"] > 10 and len(d["manifest_sha256"]) == 64
-    row = next(c.contexts(tok, 32))
-    assert row.input_ids.shape == (32,) and row.input_ids[0] == tok.bos_token_id
-
-
-def test_cli_build(fallback_env):
-    assert C._main(["build", "--dest", str(fallback_env / "cli")]) == 0
-    assert (fallback_env / "cli" / "manifest.json").is_file()
+def test_reading_an_unbuilt_default_corpus_names_the_path_and_the_build_script(tmp_path, monkeypatch):
+    """Reading never starts the Debian build: a missing default corpus is an error that says how to build it."""
+    monkeypatch.setenv("THOUGHTSCOPE_HOME", str(tmp_path / "home"))
+    with pytest.raises(CorpusNotFoundError) as e:
+        next(Corpus("default").documents())
+    assert str(tmp_path / "home" / "corpus" / "default" / "manifest.json") in str(e.value)
+    assert "scripts/build_corpus.sh" in str(e.value)
+    assert not (tmp_path / "home").exists()

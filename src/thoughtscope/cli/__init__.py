@@ -608,9 +608,11 @@ def demo(
 
 
 # Areas with a module of their own in this package register their typer sub-app here, one line each.
+from .corpus import corpus_app  # noqa: E402
 from .nla import nla_app  # noqa: E402
 
 app.add_typer(nla_app, name="nla")
+app.add_typer(corpus_app, name="corpus")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -620,7 +622,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except ThoughtscopeError as e:
-        err.print(f"[bold red]error:[/bold red] {e}")
+        err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -1,0 +1,1 @@
+"""Build-time tooling that assembles the offline default corpus (see build.py)."""
