@@ -10,6 +10,7 @@ from .calibrate import (NEUTRAL_PROMPTS, SweepPoint, SweepResult, evaluate, ment
 from .chat import ChatSession, chat_loop
 from .generate import (Comparison, Generation, GenerationConfig, TokenEvent, compare, encode_prompts, format_prompt,
                        generate, sample, stream)
+from .lanes import Lane, stream_lanes
 from .interventions import (FEATURE_OPS, POSITIONS, VECTOR_OPS, FeatureEdit, Steerer, SteerError, StepContext,
                             VectorEdit, ablate, add_feature, add_vector, clamp, clamp_projection, feature_acts,
                             project_out, scale_feature, steering, validate)

@@ -1,0 +1,146 @@
+"""The FastAPI application: `create_app(config, workbench)` or `create_app(config, loader=...)` for a background load.
+
+    from thoughtscope.server import ServerConfig, create_app, load_workbench
+    app = create_app(ServerConfig(), load_workbench(atlas="my-atlas/"))   # any ASGI server, or app.mount(...)
+
+No CORS middleware on purpose; the Guard in front refuses foreign hosts, cross-site requests and big bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import traceback
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ThoughtscopeError
+from .config import ServerConfig
+from .context import NotReady, page
+from .guard import BodyTooLarge, Busy, Gate, Guard
+from .render import HERE, make_env
+from .workbench import LoadStatus, Workbench
+
+log = logging.getLogger("thoughtscope.server")
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", "")
+
+
+def _error(request: Request, status: int, message: str, headers: dict | None = None):
+    if _wants_json(request):
+        return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+    resp = page(request, "error.html", status_code=status, code=status, message=message)
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def create_app(config: ServerConfig | None = None, workbench: Workbench | None = None, *, loader=None) -> FastAPI:
+    """The workbench app. Give a loaded `workbench`, or a `loader(status) -> Workbench` run in a thread at start
+    (pages answer with the building page until it returns)."""
+    cfg = config or ServerConfig()
+    if (workbench is None) == (loader is None):
+        raise ThoughtscopeError("create_app needs exactly one of workbench= or loader=")
+    app = FastAPI(title="thoughtscope workbench", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app.state.cfg = cfg
+    app.state.wb = workbench
+    app.state.status = LoadStatus(stage="ready" if workbench else "starting", ready=workbench is not None)
+    app.state.gate = Gate(cfg.queue_size)
+    app.state.env = make_env()
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+
+    if loader is not None:
+        def load() -> None:
+            st = app.state.status
+            try:
+                app.state.wb = loader(st)
+                st.set("ready")
+                st.ready = True
+            except Exception as e:  # noqa: BLE001 - shown on the building page and in the terminal
+                st.error = f"{type(e).__name__}: {e}"
+                log.error("loading the workbench failed: %s", st.error)
+
+        threading.Thread(target=load, name="thoughtscope-loader", daemon=True).start()
+
+    @app.exception_handler(NotReady)
+    async def _not_ready(request: Request, exc: NotReady):
+        st = app.state.status
+        if _wants_json(request):
+            return JSONResponse({"error": "the workbench is still loading", **st.to_dict()}, status_code=503,
+                                headers={"retry-after": "5"})
+        return page(request, "building.html", status_code=503)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return _error(request, 422, msgs or "invalid request")
+
+    @app.exception_handler(ThoughtscopeError)
+    async def _library(request: Request, exc: ThoughtscopeError):
+        return _error(request, 422, str(exc))
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge):
+        return _error(request, 413, str(exc))
+
+    @app.exception_handler(Busy)
+    async def _busy(request: Request, exc: Busy):
+        return _error(request, 429, str(exc), {"retry-after": "2"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.error("unexpected error on %s: %s", request.url.path, "".join(traceback.format_exception(exc)))
+        return _error(request, 500, f"internal error ({type(exc).__name__}); the terminal running the server has "
+                                    f"the details")
+
+    @app.get("/")
+    def home(request: Request):
+        from .context import wb_of
+
+        wb = wb_of(request)
+        meta = wb.atlas.meta if wb.atlas is not None else {}
+        n_alive = int(wb.alive.sum())
+        return page(request, "home.html", nav="home", meta=meta, n_alive=n_alive,
+                    n_explained=len(wb.atlas.explained()) if wb.atlas is not None else 0)
+
+    @app.get("/api/status")
+    def status():
+        return app.state.status.to_dict()
+
+    @app.get("/status/stream")
+    async def status_stream(request: Request):
+        """Server-sent status for the building page (htmx SSE extension): one event a second until ready."""
+        async def events():
+            for _ in range(3600):
+                st = app.state.status
+                html = app.state.env.get_template("_status.html").render(status=st)
+                data = "\n".join(f"data: {line}" for line in html.splitlines() or [""])
+                yield f"event: status\n{data}\n\n"
+                if st.ready or st.error or await request.is_disconnected():
+                    yield "event: ready\ndata: ready\n\n" if st.ready else ""
+                    return
+                await asyncio.sleep(1.0)
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-store"})
+
+    from . import pages_analyze, pages_features, pages_nla, pages_steer
+
+    for mod in (pages_features, pages_analyze, pages_steer, pages_nla):
+        app.include_router(mod.router)
+    return _guarded(app, cfg)
+
+
+def _guarded(app: FastAPI, cfg: ServerConfig) -> FastAPI:
+    """Put the Guard outermost (before routing and body reads) while still returning the FastAPI object."""
+    app.add_middleware(Guard, config=cfg)
+    return app

@@ -1,0 +1,160 @@
+"""Request guards in front of every route: host header, token, cross-site requests, body and query size.
+
+Written as one plain ASGI middleware so the checks run before routing and before a body is read. Also the
+gate that lets one model job run at a time with a bounded queue behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from contextlib import asynccontextmanager
+from http.cookies import SimpleCookie
+from urllib.parse import parse_qsl, urlencode
+
+from .config import ServerConfig
+
+TOKEN_COOKIE = "thoughtscope_token"
+
+
+def _plain(status: int, message: str, html: bool):
+    body = (f"<!doctype html><meta charset=utf-8><title>{status}</title><body style='font-family:sans-serif;"
+            f"margin:3em'><h1>{status}</h1><p>{message}</p>" if html else json.dumps({"error": message, "status": status}))
+    ctype = b"text/html; charset=utf-8" if html else b"application/json"
+    return status, [(b"content-type", ctype), (b"cache-control", b"no-store")], body.encode()
+
+
+class Guard:
+    """ASGI middleware: reject before the app sees the request; never adds CORS headers."""
+
+    def __init__(self, app, config: ServerConfig):
+        self.app = app
+        self.cfg = config
+        self.hosts = config.allowed_hosts()
+        self.check_host = not (config.public and config.host in ("0.0.0.0", "::"))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        html = "text/html" in headers.get("accept", "")
+        query = scope.get("query_string", b"").decode("latin-1")
+        refused = self._refuse(scope, headers, query, html)
+        if refused is not None:
+            return await _send(send, *refused)
+        if self.cfg.token and "token=" in query and scope["method"] == "GET":
+            # a ?token= link: keep the token in a cookie and drop it from the address bar
+            rest = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "token"])
+            loc = scope["path"] + (f"?{rest}" if rest else "")
+            cookie = f"{TOKEN_COOKIE}={self.cfg.token}; Path=/; HttpOnly; SameSite=Strict"
+            return await send_redirect(send, loc, cookie)
+        return await self.app(scope, _capped(receive, self.cfg.max_body_bytes), send)
+
+    def _refuse(self, scope, headers: dict, query: str, html: bool):
+        host = headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if self.check_host and name not in self.hosts:
+            return _plain(400, f"host header {host!r} is not allowed: open the workbench at http://127.0.0.1:"
+                               f"{self.cfg.port}/ (a foreign host name is how DNS-rebinding attacks reach local "
+                               f"servers)", html)
+        if self.cfg.token and not self._has_token(headers, query):
+            return _plain(401, "this workbench needs its token: open the link with ?token=... that "
+                               "`thoughtscope serve` printed, or send 'Authorization: Bearer TOKEN'", html)
+        site, mode = headers.get("sec-fetch-site"), headers.get("sec-fetch-mode")
+        origin = headers.get("origin")
+        if site == "cross-site" and mode != "navigate":
+            return _plain(403, "cross-site requests are refused (no CORS): use the workbench's own pages", html)
+        if origin and origin != "null" and origin.split("://", 1)[-1] != host:
+            return _plain(403, f"requests from origin {origin!r} are refused (no CORS)", html)
+        if len(query) > self.cfg.max_query_chars:
+            return _plain(414, f"query string of {len(query)} characters is over the limit of "
+                               f"{self.cfg.max_query_chars}: send long texts with POST", html)
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return _plain(400, f"bad content-length header {length!r}", html)
+            if int(length) > self.cfg.max_body_bytes:
+                return _plain(413, f"request body of {int(length):,} bytes is over the limit of "
+                                   f"{self.cfg.max_body_bytes:,} bytes", html)
+        return None
+
+    def _has_token(self, headers: dict, query: str) -> bool:
+        want = self.cfg.token.encode()
+        cands = []
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            cands.append(auth[7:].strip())
+        if "cookie" in headers:
+            c = SimpleCookie()
+            try:
+                c.load(headers["cookie"])
+            except Exception:  # noqa: BLE001 - a malformed cookie header just carries no token
+                c = {}
+            if TOKEN_COOKIE in c:
+                cands.append(c[TOKEN_COOKIE].value)
+        cands += [v for k, v in parse_qsl(query) if k == "token"]
+        return any(hmac.compare_digest(c.encode(), want) for c in cands)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _capped(receive, limit: int):
+    """A receive() that counts body bytes (chunked uploads carry no content-length) and stops past the limit."""
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        msg = await receive()
+        if msg["type"] == "http.request":
+            seen += len(msg.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(f"request body is over the limit of {limit:,} bytes")
+        return msg
+
+    return wrapped
+
+
+async def _send(send, status: int, headers: list, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_redirect(send, location: str, cookie: str) -> None:
+    await _send(send, 303, [(b"location", location.encode()), (b"set-cookie", cookie.encode())], b"")
+
+
+class Busy(Exception):
+    """The model is busy and the queue behind it is full."""
+
+
+class Gate:
+    """One model job at a time; at most `queue_size` waiting; more than that answers 429 at once."""
+
+    def __init__(self, queue_size: int):
+        self.queue_size = queue_size
+        self.waiting = 0
+        self.running = False
+        self._lock = asyncio.Lock()
+
+    def full(self) -> bool:
+        return self.waiting >= self.queue_size and self._lock.locked()
+
+    @asynccontextmanager
+    async def slot(self):
+        if self.full():
+            raise Busy(f"the model is busy and {self.waiting} requests are already waiting; try again shortly")
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
+        self.running = True
+        try:
+            yield
+        finally:
+            self.running = False
+            self._lock.release()

@@ -1,0 +1,100 @@
+"""Analyzer: a text's tokens coloured by feature activation or reconstruction error; compare two texts."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, Field
+
+from ..analyzer import analyze_text, compare_texts
+from .context import cfg_of, form_fields, int_param, page, run_model, text_param, wb_of
+
+router = APIRouter()
+
+
+def analysis_view(wb, a, feature: int | None) -> dict:
+    """Tokens with their colouring value, plus per-token detail (features with labels, error, probes) as JSON."""
+    ids = sorted({n for t in a.top for n, _ in t} | ({feature} if feature is not None else set()))
+    labels = wb.labels(ids)
+    maxes = {n: float(wb.max_acts[n]) for n in ids}
+    errs = [e for i, e in enumerate(a.recon_error) if i not in a.excluded]
+    err_scale = sorted(errs)[int(0.95 * (len(errs) - 1))] if errs else 1.0
+    tokens = []
+    for i, (s, top) in enumerate(zip(a.tokens, a.top)):
+        if feature is not None:
+            act = a.chosen[feature][i]
+            rel, lead = act / maxes[feature], feature
+        else:
+            lead, act = top[0] if top else (None, 0.0)
+            rel = act / maxes[lead] if lead is not None else 0.0
+        tokens.append({"i": i, "s": s, "act": act, "rel": min(rel, 1.0), "lead": lead, "err": a.recon_error[i],
+                       "excluded": i in a.excluded})
+    detail = [{"top": [[n, v, v / maxes[n], labels.get(n, "")] for n, v in t], "err": a.recon_error[i],
+               "excluded": i in a.excluded} for i, t in enumerate(a.top)]
+    peaks = [{"feature": n, "peak": v, "rel": v / float(wb.max_acts[n]), "at": a.tokens[p], "label": wb.label(n)}
+             for n, v, p in a.peaks[:12]]
+    return {"tokens": tokens, "detail_json": json.dumps(detail), "peaks": peaks, "err_scale": err_scale or 1.0,
+            "mean_err": sum(errs) / len(errs) if errs else 0.0}
+
+
+def _analyze(wb, text: str, feature: int | None, cfg):
+    a = analyze_text(wb.lm, wb.sae, text, k=8, features=[feature] if feature is not None else [],
+                     max_tokens=cfg.max_prompt_tokens)
+    return a, analysis_view(wb, a, feature)
+
+
+async def _analyze_page(request: Request, text: str | None, feature: str | None, view: str):
+    wb, cfg = wb_of(request), cfg_of(request)
+    if view not in ("features", "error"):
+        raise HTTPException(422, f"view must be 'features' or 'error', got {view!r}")
+    feat = int_param(feature, "feature", 0, wb.n_features - 1) if feature not in (None, "") else None
+    ctx = {"text": text or "", "feature": feat, "view": view, "res": None,
+           "feature_label": wb.label(feat) if feat is not None else ""}
+    if text is not None:
+        _, ctx["res"] = await run_model(request, _analyze, wb, text_param(text, "text", cfg), feat, cfg)
+    return page(request, "analyze.html", nav="analyze", **ctx)
+
+
+@router.get("/analyze")
+async def analyze_get(request: Request, text: str | None = None, feature: str | None = None, view: str = "features"):
+    return await _analyze_page(request, text, feature, view)
+
+
+@router.post("/analyze")
+async def analyze_post(request: Request):
+    form = await form_fields(request)
+    return await _analyze_page(request, form.get("text"), form.get("feature"), str(form.get("view") or "features"))
+
+
+class AnalyzeRequest(BaseModel):
+    text: str = Field(..., description="the text (or a transcript) to analyze")
+    k: int = Field(8, ge=1, le=64)
+    features: list[int] = Field(default_factory=list, max_length=16)
+
+
+@router.post("/api/analyze")
+async def analyze_json(request: Request, body: AnalyzeRequest):
+    wb, cfg = wb_of(request), cfg_of(request)
+    text = text_param(body.text, "text", cfg)
+    a = await run_model(request, analyze_text, wb.lm, wb.sae, text, k=body.k, features=body.features,
+                        max_tokens=cfg.max_prompt_tokens)
+    return {"tokens": a.tokens, "top": a.top, "recon_error": a.recon_error, "peaks": a.peaks, "excluded": a.excluded,
+            "chosen": {str(k): v for k, v in a.chosen.items()}}
+
+
+def _compare(wb, a: str, b: str, cfg):
+    rows = compare_texts(wb.lm, wb.sae, a, b, k=25, max_act=wb.max_acts if wb.atlas is not None else None,
+                         max_tokens=cfg.max_prompt_tokens)
+    for r in rows:
+        r["label"] = wb.label(r["feature"])
+    return rows
+
+
+@router.get("/compare")
+async def compare_page(request: Request, a: str | None = None, b: str | None = None):
+    wb, cfg = wb_of(request), cfg_of(request)
+    rows = None
+    if a is not None or b is not None:
+        rows = await run_model(request, _compare, wb, text_param(a, "text A", cfg), text_param(b, "text B", cfg), cfg)
+    return page(request, "compare.html", nav="analyze", a=a or "", b=b or "", rows=rows)

@@ -1,0 +1,141 @@
+"""Feature explorer: one page per feature, search by explanation words / by a text / by contrast, random browsing."""
+
+from __future__ import annotations
+
+import random
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import RedirectResponse
+
+from ..analyzer import analyze_text
+from ..atlas import contrast
+from .context import cfg_of, feature_id, page, run_model, text_param, wb_of
+
+router = APIRouter()
+
+SCORE_KEYS = ("score", "method", "detection_bacc", "detection_auroc", "fuzz_bacc", "fuzz_auroc", "explainer", "scorer")
+
+
+def _need_atlas(wb):
+    if wb.atlas is None:
+        raise HTTPException(404, "no atlas is loaded: start the server with --atlas DIR (or without it to build one)")
+    return wb.atlas
+
+
+def explanation_view(ex: dict | None) -> dict | None:
+    """The explanation and whatever score / method fields the atlas stores for it, in a stable order."""
+    if not ex:
+        return None
+    scores = [(k, ex[k]) for k in SCORE_KEYS if ex.get(k) is not None and k not in ("explainer", "scorer", "method")]
+    extra = [(k, v) for k, v in ex.items() if k not in SCORE_KEYS and k not in (
+        "feature", "explanation", "status", "error", "details", "seconds", "created") and isinstance(v, (int, float))
+        and not isinstance(v, bool)]
+    return {"text": ex.get("explanation") or "", "ok": ex.get("status", "ok") == "ok", "error": ex.get("error"),
+            "scores": scores + extra, "method": ex.get("method"), "explainer": ex.get("explainer"),
+            "scorer": ex.get("scorer")}
+
+
+def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
+    at = _need_atlas(wb)
+    tok = wb.tokenizer
+    with wb.db_lock:
+        f = at.feature(n)
+        top = at.examples(n, "top", limit=n_top)
+        quant = at.examples(n, "quantile")
+    step = max(1, len(quant) // n_quantile)
+    quant = quant[::-1][::step][:n_quantile] if f.n_active > len(quant) else []
+
+    def ctx(e):
+        toks = [(p, tok.decode([t]), a) for p, t, a in e.token_acts() if p >= 1]
+        return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": toks}
+
+    decode = (lambda t: tok.decode([int(t)]))
+    return {"id": n, "f": f, "explanation": explanation_view(f.explanation),
+            "top": [ctx(e) for e in top], "quantile": [ctx(e) for e in quant],
+            "logits_pos": [(decode(t), v) for t, v in f.logits_pos], "logits_neg": [(decode(t), v) for t, v in f.logits_neg],
+            "neighbours": [(int(i), c, wb.label(int(i))) for i, c in f.neighbours],
+            "edges": at.hist_edges, "sweep": wb.sweeps.get(n)}
+
+
+@router.get("/features/random")
+def random_feature(request: Request, seed: int | None = None):
+    """A uniformly random alive feature: unbiased browsing, not only the features a search turns up."""
+    wb = wb_of(request)
+    alive = wb.alive.nonzero()[0]
+    if not len(alive):
+        raise HTTPException(404, "no feature of this SAE fired on the atlas corpus")
+    n = int(random.Random(seed).choice(alive.tolist()))
+    return RedirectResponse(f"/features/{n}", status_code=303)
+
+
+@router.get("/features/{n}")
+def feature_page(request: Request, n: str):
+    wb = wb_of(request)
+    return page(request, "feature.html", nav="features", d=feature_data(wb, feature_id(request, n)))
+
+
+@router.get("/api/features/{n}")
+def feature_json(request: Request, n: str):
+    wb = wb_of(request)
+    d = feature_data(wb, feature_id(request, n))
+    f = d["f"]
+    return {"id": f.id, "density": f.density, "max_act": f.max_act, "mean_act": f.mean_act, "n_active": f.n_active,
+            "explanation": d["explanation"], "histogram": {"counts": f.hist.tolist(), "edges": d["edges"].tolist()},
+            "top": d["top"], "quantile": d["quantile"], "logits_pos": d["logits_pos"], "logits_neg": d["logits_neg"],
+            "neighbours": d["neighbours"]}
+
+
+def _search_words(wb, q: str, limit: int = 50):
+    at = _need_atlas(wb)
+    with wb.db_lock:
+        hits = at.search(q, limit=limit)
+        return [{"feature": i, "label": e, "max_act": float(wb.max_acts[i]),
+                 "explanation": explanation_view(at.explanation(i))} for i, e in hits]
+
+
+@router.get("/search")
+async def search(request: Request, q: str | None = None, text: str | None = None, prompts: str | None = None,
+                 controls: str | None = None, mode: str = "words"):
+    """Three searches on one page: explanation words, features firing on a text, contrast of two prompt sets."""
+    wb, cfg = wb_of(request), cfg_of(request)
+    ctx: dict = {"q": q or "", "text": text or "", "prompts": prompts or "", "controls": controls or "", "mode": mode,
+                 "hits": None, "kind": None}
+    if mode not in ("words", "text", "contrast"):
+        raise HTTPException(422, f"mode must be words, text or contrast, got {mode!r}")
+    if mode == "words" and q is not None:
+        ctx.update(hits=_search_words(wb, text_param(q, "search words", cfg)), kind="words")
+    elif mode == "text" and text is not None:
+        ctx.update(hits=await run_model(request, _by_text, wb, text_param(text, "text", cfg), cfg), kind="text")
+    elif mode == "contrast" and (prompts is not None or controls is not None):
+        P, C = _lines(prompts, "prompts", cfg), _lines(controls, "controls", cfg)
+        ctx.update(hits=await run_model(request, _by_contrast, wb, P, C), kind="contrast")
+    return page(request, "search.html", nav="search", **ctx)
+
+
+@router.get("/api/search")
+async def search_json(request: Request, q: str | None = None, text: str | None = None):
+    wb, cfg = wb_of(request), cfg_of(request)
+    if text is not None:
+        return {"hits": await run_model(request, _by_text, wb, text_param(text, "text", cfg), cfg)}
+    return {"hits": _search_words(wb, text_param(q, "q", cfg))}
+
+
+def _lines(raw: str | None, name: str, cfg) -> list[str]:
+    lines = [ln.strip() for ln in text_param(raw, name, cfg).splitlines() if ln.strip()]
+    if len(lines) > 64:
+        raise HTTPException(422, f"{name}: {len(lines)} lines; the limit is 64")
+    return lines
+
+
+def _by_text(wb, text: str, cfg) -> list[dict]:
+    a = analyze_text(wb.lm, wb.sae, text, k=5, max_tokens=cfg.max_prompt_tokens)
+    return [{"feature": n, "peak": v, "at": a.tokens[p], "pos": p, "rel": v / float(wb.max_acts[n]),
+             "label": wb.label(n)} for n, v, p in a.peaks[:30]]
+
+
+def _by_contrast(wb, prompts: list[str], controls: list[str]) -> list[dict]:
+    with wb.db_lock:
+        rows = contrast(wb.lm, wb.sae, prompts, controls, k=20, atlas=wb.atlas)
+    for r in rows:
+        r["label"] = wb.label(r["feature"])
+    return rows

@@ -1,0 +1,35 @@
+// Analyzer token panel: a click on a token shows its strongest features (with explanations), its reconstruction
+// error and, when an NLA is loaded, asks the server for the NLA's reading of that token (htmx fragment).
+
+const detailNode = document.getElementById("detail");
+if (detailNode) {
+  const detail = JSON.parse(detailNode.textContent);
+  const meta = JSON.parse(document.getElementById("analyzer-meta").textContent);
+  const panel = document.getElementById("token-panel");
+  const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+  const fmt = (x) => (Math.abs(x) >= 100 ? x.toFixed(0) : x.toPrecision(3));
+
+  function show(span) {
+    document.querySelectorAll("#heatmap .t.sel").forEach((s) => s.classList.remove("sel"));
+    span.classList.add("sel");
+    const i = Number(span.dataset.i), d = detail[i];
+    const rows = d.top.map(([f, a, rel, label]) =>
+      `<li><a href="/features/${f}">#${f}</a> <span class="bar small"><i style="width:${Math.min(100, 100 * rel).toFixed(1)}%"></i></span>` +
+      ` <b>${fmt(a)}</b> <span class="muted">${esc(label)}</span></li>`).join("");
+    let html = `<h3>Token <code>${esc(span.textContent)}</code> <span class="muted small">position ${i}</span></h3>`;
+    html += d.excluded ? `<p class="muted small">The SAE does not read this position (attention sink).</p>` : "";
+    html += `<p class="small">reconstruction error <b>${fmt(d.err)}</b> <span class="muted">(‖x − x̂‖² / ‖x‖²)</span></p>`;
+    html += rows ? `<ul class="neighbours token-features">${rows}</ul>` : `<p class="muted">no feature fires here</p>`;
+    if (meta.nla) html += `<div id="nla-panel"><button type="button" class="ghost" id="nla-explain">Explain with the NLA</button></div>`;
+    panel.innerHTML = html;
+    const btn = document.getElementById("nla-explain");
+    if (btn) btn.addEventListener("click", () => {
+      btn.disabled = true; btn.textContent = "explaining…";
+      htmx.ajax("GET", `/nla/token?pos=${i}&text=${encodeURIComponent(meta.text)}`, { target: "#nla-panel" });
+    });
+  }
+  document.getElementById("heatmap").addEventListener("click", (e) => {
+    const span = e.target.closest(".t");
+    if (span) show(span);
+  });
+}

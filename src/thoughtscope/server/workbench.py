@@ -1,0 +1,219 @@
+"""What the server works on, fixed at start: one model, one SAE, its atlas, an NLA, presets and probes.
+
+Nothing here is ever chosen by a request path: requests name features by index and presets by the names
+listed at start. `load_workbench` loads everything (building a small atlas on first start when none is
+given) and reports its stage to a `LoadStatus`, which the "building" page shows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ServerError
+
+# The small atlas built on first start: enough text for every page to have contexts, a few minutes on 2 cores.
+FIRST_START_TOKENS = 32_768
+
+
+@dataclass
+class LoadStatus:
+    """The loader's progress, read by the building page (stage names are shown to the user)."""
+
+    stage: str = "starting"
+    detail: str = ""
+    error: str | None = None
+    started: float = field(default_factory=time.time)
+    ready: bool = False
+
+    def set(self, stage: str, detail: str = "") -> None:
+        self.stage, self.detail = stage, detail
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "detail": self.detail, "error": self.error, "ready": self.ready,
+                "elapsed_s": round(time.time() - self.started, 1)}
+
+
+@dataclass
+class VectorSlider:
+    """A steering-vector item of a preset named at start, exposed as a slider (value as in the preset)."""
+
+    key: str
+    label: str
+    preset: str
+    edit: object          # the VectorEdit built at value 1 (scale or target multiplied by the slider)
+    op: str
+    value: float
+    range: tuple[float, float]
+
+
+@dataclass
+class Workbench:
+    lm: object
+    sae: object
+    sae_spec: str = ""                  # how a saved preset names the SAE ("default" or a folder)
+    atlas: object | None = None
+    nla: object | None = None
+    presets: dict = field(default_factory=dict)          # name -> Preset
+    vectors: dict = field(default_factory=dict)          # key -> VectorSlider
+    sweeps: dict = field(default_factory=dict)           # feature id -> sweep dict (points, baseline)
+    probes: list = field(default_factory=list)
+    notes: list = field(default_factory=list)            # things the user should know (skipped presets ...)
+    db_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.n_features = int(self.sae.W_dec.shape[0])
+        self.max_acts = np.ones(self.n_features)
+        self.alive = np.ones(self.n_features, dtype=bool)
+        if self.atlas is not None:
+            if self.atlas.n_features != self.n_features:
+                raise ServerError(f"the atlas {self.atlas.path} has {self.atlas.n_features} features but the SAE has "
+                                  f"{self.n_features}: pass the atlas built from this SAE")
+            st = self.atlas.stats()
+            self.max_acts = np.where(st["max_act"] > 0, st["max_act"], 1.0)
+            self.alive = st["n_active"] > 0
+
+    @property
+    def tokenizer(self):
+        return self.lm.tokenizer
+
+    def label(self, n: int) -> str:
+        """The atlas's explanation of feature n, or '' when there is none."""
+        if self.atlas is None:
+            return ""
+        with self.db_lock:
+            ex = self.atlas.explanation(int(n))
+        return (ex or {}).get("explanation") or "" if (ex or {}).get("status", "ok") == "ok" else ""
+
+    def labels(self, ids) -> dict[int, str]:
+        return {int(i): self.label(int(i)) for i in ids}
+
+
+def default_atlas_dir(sae) -> Path:
+    """Where the first start builds the atlas of an SAE: the thoughtscope cache, keyed by the SAE's weights."""
+    from ..atlas.build import sae_fingerprint
+    from ..models import cache_dir
+
+    return cache_dir() / "atlases" / sae_fingerprint(sae.cpu())[:16]
+
+
+def load_presets(wb: Workbench, dirs=None) -> None:
+    """Every preset JSON in the preset folders (see steer.presets.preset_dirs), its vector sliders and sweeps."""
+    from ..steer import Preset, SteerError
+    from ..steer.presets import preset_dirs
+
+    seen = set()
+    for d in (dirs if dirs is not None else preset_dirs()):
+        d = Path(d)
+        if not d.is_dir():
+            continue
+        for path in sorted(d.glob("*.json")):
+            try:
+                p = Preset.load(path)
+            except (SteerError, OSError, TypeError) as e:
+                if "interventions" in path.read_text(errors="replace")[:4000]:
+                    wb.notes.append(f"preset {path.name} skipped: {e}")
+                continue
+            name = p.name or path.stem
+            if name in seen:
+                continue
+            seen.add(name)
+            wb.presets[name] = p
+            _vector_sliders(wb, name, p)
+            _sweep_beside(wb, path, p)
+
+
+def _vector_sliders(wb: Workbench, name: str, p) -> None:
+    from ..steer import Preset, SteerError
+
+    for i, it in enumerate(p.items):
+        if it.type != "vector":
+            continue
+        try:
+            one = Preset(p.name, [type(it)(**{**it.__dict__, "value": 1.0})], path=p.path).build(wb.lm)[0]
+        except (SteerError, OSError, ValueError) as e:
+            wb.notes.append(f"preset {name}, vector {it.label or i} skipped: {e}")
+            continue
+        lo, hi = (it.range or ([-2.0, 2.0] if it.op == "add" else [-abs(it.value) * 4 - 1, abs(it.value) * 4 + 1]))
+        key = f"{name}.{i}"
+        wb.vectors[key] = VectorSlider(key, it.label or f"{name} #{i}", name, one, it.op, float(it.value),
+                                       (float(lo), float(hi)))
+
+
+def _sweep_beside(wb: Workbench, path: Path, p) -> None:
+    """`steer sweep --out X` writes X.json beside X.preset.json: its curve goes next to that feature's slider."""
+    import json
+
+    if not path.name.endswith(".preset.json"):
+        return
+    sweep = path.with_name(path.name[: -len(".preset.json")] + ".json")
+    if not sweep.is_file():
+        return
+    try:
+        d = json.loads(sweep.read_text())
+        pts = [(float(q["strength"]), float(q["concept_rate"]), float(q["perplexity"])) for q in d["points"]]
+        base = float(d["baseline"]["perplexity"])
+    except (ValueError, KeyError, TypeError):
+        return
+    for it in p.items:
+        if it.type == "feature" and it.feature is not None:
+            wb.sweeps[int(it.feature)] = {"points": pts, "baseline_ppl": base, "suggested": d.get("suggested"),
+                                          "unit": it.unit, "source": sweep.name}
+
+
+def load_workbench(model: str = "default", sae: str = "default", atlas: str | None = None, nla: str | None = None,
+                   probes=(), *, status: LoadStatus | None = None, build_tokens: int = FIRST_START_TOKENS,
+                   preset_dirs=None, progress: bool = True) -> Workbench:
+    """Load everything `thoughtscope serve` names; build and cache a small atlas when none is given."""
+    from ..atlas import Atlas, build_atlas
+    from ..atlas.build import AtlasConfig, check_sae_matches
+    from ..models import load_model
+    from ..sae import load_sae
+
+    status = status or LoadStatus()
+    status.set("loading the SAE", sae)
+    sae_obj = load_sae(sae)
+    status.set("loading the model", model)
+    lm = load_model(model)
+    check_sae_matches(lm, sae_obj)
+    sae_obj = sae_obj.to(lm.device).eval().requires_grad_(False)
+    if atlas is None:
+        out = default_atlas_dir(sae_obj)
+        if not (out / "atlas.sqlite").is_file():
+            status.set("building the atlas", f"{build_tokens:,} tokens of the default corpus into {out} (first start "
+                                             f"only; the terminal shows the progress bar)")
+            from ..corpus import Corpus
+
+            cfg = AtlasConfig(n_tokens=build_tokens, top_k=10, n_bins=5, per_bin=4, n_random_contexts=32)
+            build_atlas(lm, sae_obj, Corpus("default"), out, cfg, sae_path=sae, progress=progress)
+        atlas = str(out)
+    status.set("opening the atlas", str(atlas))
+    at = Atlas.open(atlas)
+    wb = Workbench(lm=lm, sae=sae_obj, sae_spec=sae, atlas=at)
+    if nla:
+        from ..nla import load_nla
+
+        status.set("loading the NLA", nla)
+        wb.nla = load_nla(nla, lm=lm)
+    if probes:
+        status.set("loading probes")
+        wb.probes = load_probes(lm, probes)
+    status.set("loading presets")
+    load_presets(wb, preset_dirs)
+    return wb
+
+
+def load_probes(lm, folders) -> list:
+    """Probes named at start; needs thoughtscope.probes with a load + per-token score API."""
+    try:
+        from .. import probes as probes_mod
+    except ImportError:
+        raise ServerError("--probe needs thoughtscope.probes, which this installation does not have") from None
+    load = getattr(probes_mod, "load_probe", None)
+    if load is None:
+        raise ServerError("thoughtscope.probes offers no load_probe(folder): --probe cannot be used yet")
+    return [load(f) for f in folders]

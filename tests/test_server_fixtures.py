@@ -1,0 +1,59 @@
+"""A tiny workbench for the server and browser tests: identity model, planted SAE, a small atlas, an NLA, presets.
+
+The planted feature 3 fires on exactly the token "q" and its decoder promotes "z", so clamping it high makes
+the steered answer differ from the unsteered one in a way a test can see.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_atlas_fixtures import (
+    PLANT,
+    identity_model,
+    planted_sae,
+    single_thread,
+    write_corpus,
+)
+
+from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas
+from thoughtscope.corpus import Corpus
+from thoughtscope.sae import save_sae
+
+ATLAS_CFG = dict(n_tokens=3000, ctx_len=32, batch_size=8, top_k=8, n_bins=5, per_bin=4, window_left=6,
+                 window_right=3, n_random_contexts=8)
+PLANT_LABEL = "the letter q in words like queen and quiet"
+
+
+def build_tiny(root: Path, *, nla: bool = True):
+    """(Workbench, lm) on the tiny model; the atlas carries one stored explanation (feature PLANT)."""
+    from thoughtscope.nla import NLA, config_for
+    from thoughtscope.server import Workbench
+    from thoughtscope.server.workbench import load_presets
+
+    with single_thread():
+        lm = identity_model()
+        sae = planted_sae(lm)
+        save_sae(sae, root / "sae")
+        corpus = Corpus(str(write_corpus(root / "corpus.txt", n_docs=80)))
+        path = build_atlas(lm, sae, corpus, root / "atlas", AtlasConfig(**ATLAS_CFG), progress=False,
+                           sae_path=str(root / "sae"))
+    at = Atlas.open(path)
+    at.save_explanation(PLANT, {"explanation": PLANT_LABEL, "status": "ok", "explainer": "test", "scorer": "test",
+                                "detection_bacc": 0.9, "fuzz_bacc": 0.8})
+    presets = root / "presets"
+    presets.mkdir(exist_ok=True)
+    vec = [0.0] * lm.d_model
+    vec[0] = 1.0
+    (presets / "tilt.json").write_text(json.dumps({"format": "thoughtscope-preset-1", "name": "tilt", "interventions": [
+        {"type": "vector", "op": "add", "site": "resid.1", "vector": vec, "value": 0.5, "unit": "raw", "label": "tilt"},
+        {"type": "feature", "op": "clamp", "site": "resid.1", "sae": str(root / "sae"), "feature": PLANT, "value": 3.0,
+         "unit": "max", "max_act": 40.0, "label": "q"}]}))
+    wb = Workbench(lm=lm, sae=sae, sae_spec=str(root / "sae"), atlas=at)
+    if nla:
+        wb.nla = NLA(lm, config_for(lm, site="resid.1", injection_scale=6.0, lora_rank=4, max_new_tokens=6))
+    load_presets(wb, [presets])
+    return wb
