@@ -1,0 +1,117 @@
+"""Benchmark harness on a tiny model: the data builder (cached store, exclusion rule, document split) and the race's
+rules (one FVU definition, the sanity rule that rejects a contender no better than the mean, turn-taking)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # benchmarks/ is a folder of scripts, not a package
+
+import _data  # noqa: E402
+from _contenders import Ours  # noqa: E402
+from _race import Curve, InsaneContender, check_sane, evaluate, run_turns  # noqa: E402
+
+from thoughtscope.corpus import Corpus  # noqa: E402
+from thoughtscope.models import tiny_model  # noqa: E402
+from thoughtscope.store import ActivationStore, StoreWriter  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DOCS = [{"text": f"Document {i}: the fox {i} jumps over {i * 7} lazy dogs. " * (2 + i % 4)} for i in range(300)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps(d) for d in DOCS))
+    return tiny_model("llama", n_layers=2, d_model=32), Corpus(str(corpus))
+
+
+def test_store_is_built_once_under_the_given_home_and_reused(tiny, tmp_path, monkeypatch):
+    lm, corpus = tiny
+    monkeypatch.setenv("THOUGHTSCOPE_HOME", str(tmp_path / "home"))
+    assert _data.bench_home() == tmp_path / "home" / "bench"
+    st = _data.ensure_store(4096, site="resid.1", lm=lm, corpus=corpus, ctx_len=16, batch_size=4, progress=False)
+    assert st.complete and len(st) == 4096 and st.path.is_relative_to(tmp_path / "home" / "bench")
+    # a second call reuses the finished store without a model (no harvest, same files)
+    again = _data.ensure_store(4096, site="resid.1", model=lm.name, ctx_len=16, progress=False)
+    assert again.path == st.path and again.manifest["shards"] == st.manifest["shards"]
+
+
+def test_rows_follow_the_product_rule_and_split_at_documents(tiny, tmp_path):
+    lm, corpus = tiny
+    st = _data.ensure_store(8192, site="resid.1", lm=lm, corpus=corpus, ctx_len=16, batch_size=4, root=tmp_path,
+                            progress=False)
+    rows = _data.split_rows(st)
+    acts, meta = st.tokens(with_meta=True)
+    norms = acts.float().norm(dim=1)
+    keep = (meta["position"] != 0) & (norms <= 10 * st.median_norm)
+    want = acts[keep].float()
+    got = torch.cat([rows.train, rows.val, rows.test])
+    assert torch.equal(got, want) and rows.info["excluded_rows"] == int((~keep).sum())
+    docs = meta["doc_id"][keep]
+    a, b = rows.train.shape[0], rows.train.shape[0] + rows.val.shape[0]
+    split_docs = [set(docs[:a].tolist()), set(docs[a:b].tolist()), set(docs[b:].tolist())]
+    assert all(s for s in split_docs)
+    assert not (split_docs[0] & split_docs[1] or split_docs[1] & split_docs[2] or split_docs[0] & split_docs[2])
+
+
+def test_outlier_rows_are_excluded(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    n, d = 512, 8
+    acts = torch.randn(n, d, generator=g)
+    acts[::16] *= 1000  # position 0 of every 16-token context: a sink
+    acts[7] *= 50       # a sink elsewhere (norm far above 10x the median)
+    meta = {"doc_id": torch.arange(n) // 40, "position": torch.arange(n) % 16, "token_id": torch.zeros(n, dtype=torch.long)}
+    w = StoreWriter(tmp_path / "s", model="m", site="resid.0", d_model=d, shard_tokens=128)
+    w.add(acts, meta)
+    rows = _data.split_rows(w.finish())
+    kept = torch.cat([rows.train, rows.val, rows.test])
+    assert kept.shape[0] == n - n // 16 - 1
+    assert float(kept.norm(dim=1).max()) < 10 * float(acts.norm(dim=1).median())
+
+
+def test_batches_are_the_same_sequence_for_everyone(tmp_path):
+    train = torch.randn(100, 4)
+    a, b = _data.ShuffledBatches(train, 32, 7, seed=3), _data.ShuffledBatches(train, 32, 7, seed=3)
+    assert len(a) == 7 and a.epochs == pytest.approx(7 * 32 / 100)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    first_epoch = torch.cat([a[i] for i in range(3)])
+    assert torch.unique(first_epoch, dim=0).shape[0] == 96  # an epoch never repeats a row
+
+
+def test_sanity_rule_rejects_a_contender_that_outputs_the_mean(tiny, tmp_path):
+    lm, corpus = tiny
+    st = _data.ensure_store(8192, site="resid.1", lm=lm, corpus=corpus, ctx_len=16, batch_size=4, root=tmp_path,
+                            progress=False)
+    rows = _data.split_rows(st)
+    batches = _data.ShuffledBatches(rows.train, 256, 12)
+    c = Ours("topk", 32, 64, k=4, batch_size=256, n_steps=12)
+    _, baton = run_turns({"thoughtscope": lambda bt: c.fit(bt.feed("thoughtscope", batches), 3e-3)})
+    assert len(baton.segments["thoughtscope"]) == 12 and baton.busy["thoughtscope"] > 0
+    trained = evaluate(c.current(), rows.test)
+    assert trained["fvu"] < 1 and trained["l0"] == pytest.approx(4, abs=0.5)
+    check_sane("thoughtscope", trained)
+
+    with torch.no_grad():  # the same contender forced to predict the training mean for every row
+        c.final.W_dec.zero_()
+        c.final.b_dec.copy_(rows.train.mean(0))
+    forced = evaluate(c.current(), rows.test)
+    assert forced["fvu"] >= 1
+    with pytest.raises(InsaneContender, match="no better than predicting the mean"):
+        check_sane("thoughtscope", forced)
+    with pytest.raises(InsaneContender, match="dead share"):
+        check_sane("x", {"fvu": 0.5, "dead_frac": 0.6})
+
+
+def test_curve_time_to_reach():
+    c = Curve()
+    for step, sec, fvu in ((1, 1.0, 0.9), (2, 2.0, 0.5), (3, 3.0, 0.3)):
+        c.add(step, sec, fvu)
+    assert c.seconds_to_reach(0.7) == pytest.approx(1.5)
+    assert c.seconds_to_reach(0.1) is None
+    assert c.fvu_at_seconds(2.5) == pytest.approx(0.4) and c.fvu_at_seconds(0.5) is None
