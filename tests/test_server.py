@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_server_fixtures import PLANT, PLANT_LABEL, build_tiny  # noqa: E402
+from fastapi.testclient import TestClient
+from test_server_fixtures import PLANT, PLANT_LABEL, build_tiny
 
-from fastapi.testclient import TestClient  # noqa: E402
-
-from thoughtscope.errors import ServerError  # noqa: E402
-from thoughtscope.server import ServerConfig, create_app  # noqa: E402
-from thoughtscope.server.guard import Busy, Gate  # noqa: E402
+from thoughtscope.errors import ServerError
+from thoughtscope.server import ServerConfig, create_app
+from thoughtscope.server.guard import Busy, Gate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HTML = {"accept": "text/html"}

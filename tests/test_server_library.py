@@ -9,11 +9,18 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_atlas_fixtures import PLANT, PLANT_CHAR, identity_model, planted_sae  # noqa: E402
+from test_atlas_fixtures import PLANT, PLANT_CHAR, identity_model, planted_sae
 
-from thoughtscope.analyzer import AnalyzerError, analyze_text, compare_texts  # noqa: E402
-from thoughtscope.models import tiny_model  # noqa: E402
-from thoughtscope.steer import GenerationConfig, Lane, SteerError, add_vector, clamp, generate, stream_lanes  # noqa: E402
+from thoughtscope.analyzer import AnalyzerError, analyze_text, compare_texts
+from thoughtscope.models import tiny_model
+from thoughtscope.steer import (
+    GenerationConfig,
+    Lane,
+    SteerError,
+    add_vector,
+    generate,
+    stream_lanes,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,7 +65,7 @@ def test_lanes_validate_first_and_stop_early(lm):
     with pytest.raises(SteerError, match="context window"):
         stream_lanes(lm, "x" * 250, [Lane("a")], GenerationConfig(max_new_tokens=20))
     calls = []
-    stop = lambda: len(calls) >= 5  # noqa: E731
+    stop = lambda: len(calls) >= 5
     for name, _ in stream_lanes(lm, "hi", [Lane("a"), Lane("b")], GenerationConfig(max_new_tokens=30,
                                                                                    stop_at_eos=False),
                                 should_stop=stop):

@@ -1,0 +1,59 @@
+"""`thoughtscope serve`: the local web workbench on the embedded defaults, or on the model / SAE / atlas named here."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import typer
+
+from . import console, err
+
+serve_app = typer.Typer(help="The local web workbench: feature explorer, analyzer, equalizer and NLA view.")
+
+
+@serve_app.callback(invoke_without_command=True)
+def serve(
+    model: str = typer.Option("default", help="model: 'default' (embedded SmolLM2), a hub id, a folder or a .gguf"),
+    sae: str = typer.Option("default", help="SAE folder, or 'default' (the shipped SmolLM2 SAE)"),
+    atlas: Path | None = typer.Option(None, help="atlas folder of that SAE; none: build a small one on first start "
+                                                    "and reuse it"),
+    nla: str = typer.Option("default", help="NLA: 'default' (shipped, for the default model), a folder, or 'none'"),
+    probe: list[Path] | None = typer.Option(None, help="probe folder (repeatable)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs --token"),
+    port: int = typer.Option(8765),
+    token: str | None = typer.Option(None, help="require this token (use --token auto for a random one)"),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)"),
+    build_tokens: int = typer.Option(32_768, help="tokens read by the first-start atlas build"),
+    queue: int = typer.Option(8, help="model jobs that may wait behind the running one before the server answers 429"),
+    deadline: float = typer.Option(60.0, help="seconds a generation may run"),
+) -> None:
+    """Serve the workbench at http://127.0.0.1:8765/ (pages say "building" until the model and atlas are ready)."""
+    import uvicorn
+
+    from ..server import ServerConfig, create_app, load_workbench
+    from ..server.workbench import FIRST_START_TOKENS
+
+    if token == "auto":
+        token = secrets.token_urlsafe(18)
+    cfg = ServerConfig(host=host, port=port, token=token, queue_size=queue, deadline_s=deadline)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    nla_spec = None if nla == "none" or (nla == "default" and model != "default") else nla
+    if nla == "default" and model != "default":
+        err.print("[dim]the shipped NLA is for the default model: no NLA view (pass --nla FOLDER for yours)[/dim]")
+
+    def loader(status):
+        wb = load_workbench(model, sae, str(atlas) if atlas else None, nla_spec, probe or (), status=status,
+                            build_tokens=build_tokens or FIRST_START_TOKENS)
+        console.print(f"[green]ready[/green]: {wb.lm.name}, {wb.n_features} features, atlas {wb.atlas.path}")
+        for note in wb.notes:
+            err.print(f"[yellow]note:[/yellow] {note}")
+        return wb
+
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    console.print(f"thoughtscope workbench at [bold]{url}[/bold]  (Ctrl+C stops it)")
+    uvicorn.run(create_app(cfg, loader=loader), host=host, port=port, log_level="warning")

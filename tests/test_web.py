@@ -1,0 +1,194 @@
+"""Browser tests: headless Chromium (Debian's, driven by Playwright) against the real server on a loopback port.
+
+Outside CI they skip when Chromium or Playwright is missing; with the CI environment variable set they fail,
+so a CI machine without a browser cannot pass silently. Screenshots go to $THOUGHTSCOPE_SCREENSHOTS when set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_server_fixtures import PLANT, PLANT_LABEL, build_tiny
+
+from thoughtscope.server import ServerConfig, create_app
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CHROMIUM = os.environ.get("THOUGHTSCOPE_CHROMIUM", "/usr/bin/chromium")
+
+
+def _missing(why: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"browser tests need {why} (CI is set, so this is a failure, not a skip): run setup.sh")
+    pytest.skip(f"browser tests need {why}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving an app in a thread on a free loopback port (the way `thoughtscope serve` runs it)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        for _ in range(500):
+            if self.server.started:
+                return f"http://127.0.0.1:{self.port}"
+            time.sleep(0.01)
+        raise RuntimeError("the test server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def shot(page, name: str) -> None:
+    out = os.environ.get("THOUGHTSCOPE_SCREENSHOTS")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(out) / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+        _missing(f"Chromium at {CHROMIUM}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright package (pip install playwright==1.65.2)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    wb = build_tiny(tmp_path_factory.mktemp("web"))
+    with LiveServer(create_app(ServerConfig(), wb)) as url:
+        yield url, wb
+
+
+@pytest.fixture()
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    ctx.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def test_search_then_feature_page_with_contexts_and_heatmap(site, page):
+    url, _ = site
+    page.goto(f"{url}/search?mode=words")
+    page.fill("input[name=q]", "queen")
+    page.click("#search-words button")
+    page.click(f"#hits a[href='/features/{PLANT}']")
+    page.wait_for_url(f"**/features/{PLANT}")
+    assert page.text_content("#explanation").strip() == PLANT_LABEL
+    rows = page.locator("#top-contexts .ctx")
+    assert rows.count() > 0
+    lit = page.locator("#top-contexts .t.peak")
+    assert lit.count() == rows.count() and "rgba(234, 88, 12" in lit.first.get_attribute("style").replace(",", ", ")
+    assert page.locator("svg.hist rect").count() > 0
+
+
+def _generate(page) -> dict[str, str]:
+    page.click("#generate")
+    page.wait_for_function("document.body.dataset.run === 'done'", timeout=60_000)
+    status = page.text_content("#run-status")
+    assert status.startswith("done"), status
+    out = {k: page.text_content(f"#lane-{k}") for k in ("steered", "unsteered", "baseline")}
+    page.evaluate("document.body.dataset.run = ''")
+    return out
+
+
+def test_slider_changes_only_the_steered_column(site, page):
+    url, _ = site
+    page.goto(f"{url}/steer?prompt=hello&f={PLANT}:clamp:0&seed=5&temp=0.8&max=12&baseline=talk+about+q")
+    before = _generate(page)
+    assert before["steered"] == before["unsteered"] and before["baseline"]
+    page.locator(".slider.feature input[type=range]").fill("95")      # log scale: position 95 = 7.9x max
+    assert float(page.input_value(".slider.feature .val")) > 7
+    after = _generate(page)
+    assert after["unsteered"] == before["unsteered"] and after["baseline"] == before["baseline"]
+    assert after["steered"] != after["unsteered"]
+    shot(page, "equalizer")
+
+
+def test_copied_url_restores_the_mixer(site, page, browser):
+    url, _ = site
+    page.goto(f"{url}/steer")
+    page.fill("#add-feature", str(PLANT))
+    page.click("#add-button")
+    page.locator(".slider.feature .val").fill("3.5")
+    page.locator(".slider.feature .val").dispatch_event("change")
+    page.select_option(".slider.feature .op", "add")
+    page.fill("input[name=gain]", "1.5")
+    page.fill("input[name=seed]", "42")
+    page.locator("input[name=seed]").dispatch_event("change")
+    page.locator(".slider.vector .val").fill("0.75")
+    page.locator(".slider.vector .val").dispatch_event("change")
+    link = page.url
+    assert "f=3%3Aadd%3A3.5" in link and "seed=42" in link and "gain=1.5" in link
+    other = browser.new_context().new_page()
+    other.goto(link)
+    assert other.input_value(".slider.feature .val") == "3.5"
+    assert other.input_value(".slider.feature .op") == "add"
+    assert other.input_value("input[name=gain]") == "1.5" and other.input_value("input[name=seed]") == "42"
+    assert other.input_value(".slider.vector .val") == "0.75"
+    assert int(other.input_value(".slider.feature input[type=range]")) == int(page.input_value(
+        ".slider.feature input[type=range]"))
+    other.context.close()
+
+
+def test_analyzer_heatmap_and_token_click(site, page):
+    url, _ = site
+    page.goto(f"{url}/analyze")
+    page.fill("textarea[name=text]", "a quiet queen sat in the sun")
+    page.click("#analyze-form button")
+    page.wait_for_selector("#heatmap .t")
+    tokens = page.locator("#heatmap .t")
+    assert tokens.count() > 10
+    q = page.locator("#heatmap .t", has_text="q").first
+    assert "background" in (q.get_attribute("style") or "")
+    q.click()
+    panel = page.locator("#token-panel")
+    assert f"#{PLANT}" in panel.text_content() and PLANT_LABEL in panel.text_content()
+    assert "reconstruction error" in panel.text_content()
+    page.click("#nla-explain")                                      # htmx fetches the NLA's reading of the token
+    page.wait_for_selector("#nla-panel .samples li")
+    assert "FVE" in page.text_content("#nla-panel")
+    shot(page, "analyzer")
+
+
+def test_random_button_lands_on_an_alive_feature(site, page):
+    url, wb = site
+    page.goto(f"{url}/")
+    for _ in range(3):
+        page.click("#random-feature")
+        page.wait_for_url("**/features/*")
+        n = int(page.url.rsplit("/", 1)[1])
+        assert wb.alive[n] and page.locator("#top-contexts .ctx").count() > 0
+    shot(page, "feature")
