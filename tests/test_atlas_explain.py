@@ -205,11 +205,14 @@ def test_failures_are_recorded_and_resume_skips_done(env):
         assert at.explanation(feats[0])["status"] == "failed" and "HTTP 500" in at.explanation(feats[0])["error"]
         assert at.explained("ok") >= set(feats[1:])
     before = script.requests
-    s = explain_atlas(path, c, c, tokenizer=lm.tokenizer, features=feats, config=XCFG, progress=False)
+    s = explain_atlas(path, c, c, tokenizer=lm.tokenizer, features=feats, config=XCFG, progress=False, control=False)
     assert s["requested"] == 1 and s["ok"] == 1  # only the failed one was redone
     assert script.requests - before <= 4
     s = explain_atlas(path, c, c, tokenizer=lm.tokenizer, features=feats, config=XCFG, progress=False)
-    assert s["requested"] == 0
+    assert s["requested"] == 0 and s["control_scored"] == 1   # the control for the one explained since
+    before = script.requests
+    s = explain_atlas(path, c, c, tokenizer=lm.tokenizer, features=feats, config=XCFG, progress=False)
+    assert s["control_scored"] == 0 and script.requests == before     # ... which resumes like the rest
 
 
 def test_estimate_and_env(env, monkeypatch):

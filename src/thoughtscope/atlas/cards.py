@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -45,6 +47,23 @@ def sparkline(hist) -> str:
     return "".join(BARS[min(8, int(round(8 * h / m)))] for h in hist[lo:hi + 1])
 
 
+def score_line(ex: dict) -> str:
+    """How far to trust an explanation, in one line: its held-out scores, the shuffled control, who wrote and
+    who scored it (the same words in cards, the report and search results)."""
+    def f(k: str) -> str:
+        return f"{ex[k]:.2f}" if ex.get(k) is not None else "–"
+
+    parts = [f"detection AUROC {f('detection_auroc')} (shuffled control {f('shuffled_detection_auroc')})",
+             f"bal. acc. {f('detection_bacc')}"]
+    if ex.get("fuzz_auroc") is not None:
+        parts.append(f"fuzzing AUROC {f('fuzz_auroc')}")
+    method = ex.get("method") or "method not recorded"
+    by = f"{method} ({ex.get('explainer')})" if ex.get("explainer") and ex.get("explainer") != f"offline:{method}" \
+        else method
+    scored = ex.get("scorer_method") or ex.get("scorer") or "not scored"
+    return ", ".join(parts) + f"; written by {by}, scored by {scored}"
+
+
 def feature_card(atlas: Atlas, n: int, tokenizer=None, *, n_top: int = 8, n_quantile: int = 5):
     """A rich renderable for feature n."""
     f = atlas.feature(n)
@@ -58,11 +77,7 @@ def feature_card(atlas: Atlas, n: int, tokenizer=None, *, n_top: int = 8, n_quan
         if ex["status"] == "ok":
             t.append("explanation: ", style="bold cyan")
             t.append(ex["explanation"] or "")
-            sc = [f"{k} {ex[k]:.2f}" for k in ("detection_bacc", "detection_auroc", "fuzz_bacc", "fuzz_auroc")
-                  if ex.get(k) is not None]
-            if sc:
-                t.append("   (" + ", ".join(sc) + f"; by {ex.get('explainer')}, scored by {ex.get('scorer')})",
-                         style="dim")
+            t.append(f"\n  {score_line(ex)}", style="dim")
         else:
             t.append(f"explanation failed: {ex.get('error')}", style="red")
         parts.append(t)
@@ -119,19 +134,36 @@ def text_card(result: dict, *, max_tokens: int = 64):
 
 
 def load_tokenizer(atlas: Atlas):
-    """The tokenizer of the atlas's model, without loading the model (None if it cannot be found: cards show ids)."""
+    """The tokenizer of the atlas's model, loaded alone (never the weights); None if it cannot be found.
+
+    Tried in order: the converted folder and the spec the atlas recorded (a folder or hub id in the local
+    cache), the GGUF file of the default / a .gguf model (its tokenizer is read from the GGUF metadata),
+    and for a test model ('tiny:<arch>') the byte-level tokenizer it was built with. Without one, cards and
+    reports show token ids.
+    """
     src = atlas.meta.get("model_source") or {}
-    for cand in (src.get("converted"), src.get("spec"), atlas.meta.get("model")):
-        if not cand or str(cand).startswith("tiny:") or str(cand) == "default":
+    spec = str(src.get("spec") or atlas.meta.get("model") or "")
+    if spec.startswith("tiny:"):
+        from ..models import byte_tokenizer
+
+        return byte_tokenizer(int((src.get("config") or {}).get("vocab_size", 256)))
+    from transformers import AutoTokenizer
+
+    for cand in (src.get("converted"), spec):
+        if not cand or cand == "default" or cand.endswith(".gguf"):
             continue
         try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(cand))
-        except Exception:  # noqa: BLE001 - any failure just means "show token ids"
+            return AutoTokenizer.from_pretrained(str(cand), local_files_only=True)
+        except Exception:  # noqa: BLE001, S112 - any failure means "try the next source"
             continue
-    if src.get("spec") == "default":
-        from ..models import load_model
+    gguf = src.get("gguf")
+    if not gguf and (spec == "default" or spec.endswith(".gguf")):
+        from ..models import default_gguf_path
 
-        return load_model("default").tokenizer
+        gguf = str(default_gguf_path()) if spec == "default" else spec
+    if gguf and Path(gguf).is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name)
+        except Exception:  # noqa: BLE001 - fall through to token ids
+            return None
     return None

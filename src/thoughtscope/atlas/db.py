@@ -78,6 +78,20 @@ CREATE TABLE IF NOT EXISTS explanations (
 );
 """
 
+# Columns added after schema version 1 shipped. Atlases built before them get them on open (ALTER TABLE ADD
+# COLUMN, NULL for rows written earlier), so old atlases keep opening and the schema version stays 1.
+EXPLANATION_EXTRA_COLUMNS = {
+    "method": "TEXT",                     # how the explanation was written: 'offline-tokens-v1', 'llm', 'given'
+    "scorer_method": "TEXT",              # how it was scored: 'lexical-v1', 'llm-detection'
+    "shuffled_detection_auroc": "REAL",   # the same scorer, this feature's held-out contexts, another feature's
+    "shuffled_detection_bacc": "REAL",    # explanation: the chance level, measured
+}
+EXPLANATION_COLUMNS = ["feature", "explanation", "status", "error", "explainer", "scorer", "detection_bacc",
+                       "detection_auroc", "fuzz_bacc", "fuzz_auroc", "details", "seconds", "created",
+                       *EXPLANATION_EXTRA_COLUMNS]
+SCORE_KEYS = ("detection_auroc", "detection_bacc", "fuzz_auroc", "fuzz_bacc", "shuffled_detection_auroc",
+              "shuffled_detection_bacc")
+
 
 @dataclass
 class Example:
@@ -149,6 +163,19 @@ def connect(path: str | os.PathLike, *, create: bool = False) -> sqlite3.Connect
     return con
 
 
+def _ensure_explanation_columns(con: sqlite3.Connection) -> None:
+    have = {r[1] for r in con.execute("PRAGMA table_info(explanations)")}
+    missing = [(c, t) for c, t in EXPLANATION_EXTRA_COLUMNS.items() if c not in have]
+    if not missing:
+        return
+    try:
+        with con:
+            for c, t in missing:
+                con.execute(f"ALTER TABLE explanations ADD COLUMN {c} {t}")
+    except sqlite3.OperationalError:  # a read-only file: reads fill the missing keys with None instead
+        pass
+
+
 def _ensure_fts(con: sqlite3.Connection) -> bool:
     try:
         con.execute("CREATE VIRTUAL TABLE IF NOT EXISTS explanations_fts USING fts5(explanation, feature UNINDEXED)")
@@ -191,6 +218,7 @@ class Atlas:
         self.window_left = int(self.meta["window_left"])
         self.window_right = int(self.meta["window_right"])
         self.hist_edges = np.asarray(self.meta["hist_edges"], dtype=np.float64)
+        _ensure_explanation_columns(con)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Atlas":
@@ -288,33 +316,49 @@ class Atlas:
 
     # ------------------------------------------------------------------ explanations
     def explanation(self, n: int) -> dict | None:
+        """Feature n's stored explanation, or None when it has none. Stable keys (None where not measured):
+
+        explanation, status ('ok' | 'failed'), error, explainer and scorer (who: 'offline:offline-tokens-v1',
+        'local:<model>', '<model>@<url>'), method and scorer_method (how: 'offline-tokens-v1' | 'llm' |
+        'given', and 'lexical-v1' | 'llm-detection'; None in atlases explained before these were recorded),
+        detection_auroc, detection_bacc, fuzz_auroc, fuzz_bacc (on held-out contexts only),
+        shuffled_detection_auroc / _bacc (the same scorer given another feature's explanation: chance,
+        measured), details (JSON: counts, labels, predictions, held-out context ids), seconds, created.
+        """
         cur = self.con.execute("SELECT * FROM explanations WHERE feature=?", (int(n),))
         row = cur.fetchone()
         if row is None:
             return None
-        d = dict(zip([c[0] for c in cur.description], row))
+        d = dict.fromkeys(EXPLANATION_COLUMNS)
+        d.update(zip([c[0] for c in cur.description], row))
         d["details"] = json.loads(d["details"]) if d.get("details") else None
         return d
 
     def explained(self, status: str | None = "ok") -> set[int]:
+        """Ids of features with a stored explanation of this status ('ok', 'failed'; None: any)."""
         q = "SELECT feature FROM explanations" + (" WHERE status=?" if status else "")
         return {r[0] for r in self.con.execute(q, (status,) if status else ())}
 
     def save_explanation(self, n: int, rec: dict) -> None:
-        cols = ["feature", "explanation", "status", "error", "explainer", "scorer", "detection_bacc",
-                "detection_auroc", "fuzz_bacc", "fuzz_auroc", "details", "seconds", "created"]
-        rec = dict(rec, feature=int(n))
-        if isinstance(rec.get("details"), (dict, list)):
-            rec["details"] = json.dumps(rec["details"])
-        vals = [rec.get(c) for c in cols]
+        """Store (replace) feature n's explanation; keys as `explanation` returns them, missing ones NULL."""
+        self.save_explanations({n: rec})
+
+    def save_explanations(self, recs: dict[int, dict]) -> None:
+        """Store many explanations in one transaction (and keep the full-text index in step)."""
+        cols = EXPLANATION_COLUMNS
+        fts = _has_fts(self.con)
         with self.con:
-            self.con.execute(f"INSERT OR REPLACE INTO explanations ({', '.join(cols)}) VALUES "
-                             f"({', '.join('?' * len(cols))})", vals)
-            if _has_fts(self.con):
-                self.con.execute("DELETE FROM explanations_fts WHERE feature=?", (int(n),))
-                if rec.get("explanation"):
-                    self.con.execute("INSERT INTO explanations_fts (explanation, feature) VALUES (?, ?)",
-                                     (rec["explanation"], int(n)))
+            for n, rec in recs.items():
+                rec = dict(rec, feature=int(n))
+                if isinstance(rec.get("details"), (dict, list)):
+                    rec["details"] = json.dumps(rec["details"])
+                self.con.execute(f"INSERT OR REPLACE INTO explanations ({', '.join(cols)}) VALUES "
+                                 f"({', '.join('?' * len(cols))})", [rec.get(c) for c in cols])
+                if fts:
+                    self.con.execute("DELETE FROM explanations_fts WHERE feature=?", (int(n),))
+                    if rec.get("explanation") and rec.get("status") == "ok":
+                        self.con.execute("INSERT INTO explanations_fts (explanation, feature) VALUES (?, ?)",
+                                         (rec["explanation"], int(n)))
 
     def search(self, text: str, limit: int = 20) -> list[tuple[int, str]]:
         """Features whose explanation matches `text` (FTS5 ranking when available, else substring match)."""
@@ -335,12 +379,14 @@ class Atlas:
         return [(int(f), e) for f, e in rows]
 
     def scores(self, features: Sequence[int] | None = None) -> list[dict]:
-        q = ("SELECT feature, detection_bacc, detection_auroc, fuzz_bacc, fuzz_auroc, explanation FROM explanations "
-             "WHERE status='ok'")
-        rows = self.con.execute(q).fetchall()
+        """One dict per 'ok' explanation (of `features`, or all): feature, explanation, method, scorer_method and
+        every score key of `explanation` (None where not measured)."""
+        have = {r[1] for r in self.con.execute("PRAGMA table_info(explanations)")}
+        keys = ["feature", *SCORE_KEYS, "explanation", "method", "scorer_method"]
+        sel = ", ".join(k if k in have else "NULL" for k in keys)
+        rows = self.con.execute(f"SELECT {sel} FROM explanations WHERE status='ok'").fetchall()
         keep = set(int(f) for f in features) if features is not None else None
-        return [dict(zip(["feature", "detection_bacc", "detection_auroc", "fuzz_bacc", "fuzz_auroc", "explanation"], r))
-                for r in rows if keep is None or r[0] in keep]
+        return [dict(zip(keys, r)) for r in rows if keep is None or r[0] in keep]
 
 
 def write_meta(con: sqlite3.Connection, items: dict[str, Any]) -> None:

@@ -28,23 +28,31 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .db import Atlas, Example
-from ..errors import ThoughtscopeError
+from .db import Atlas
+from .heldout import ExplainConfig, ExplainerError, FeatureTask, prepare, render, shuffled_marks, true_marks
+from .scoring import (
+    LexicalScorer,
+    auroc,
+    balanced_accuracy,
+    derangement,
+    detection_items,
+    lexical_detection,
+    lexical_fuzz,
+    summarize,
+)
+
+__all__ = ["ExplainConfig", "ExplainerError", "FeatureTask", "HTTPChatClient", "LocalChatClient", "auroc",
+           "balanced_accuracy", "client_from_env", "estimate", "explain_atlas", "prepare", "render"]
 
 ENV_URL = "THOUGHTSCOPE_EXPLAINER_URL"
 ENV_MODEL = "THOUGHTSCOPE_EXPLAINER_MODEL"
 ENV_KEY = "OPENAI_API_KEY"
 ENV_SCORER_URL = "THOUGHTSCOPE_SCORER_URL"
 ENV_SCORER_MODEL = "THOUGHTSCOPE_SCORER_MODEL"
-
-
-class ExplainerError(ThoughtscopeError, RuntimeError):
-    """The explainer or scorer could not produce a usable answer (after retries, where retrying made sense)."""
 
 
 class MalformedAnswer(ValueError):
@@ -211,108 +219,6 @@ def client_from_env(url: str | None = None, model: str | None = None, api_key: s
     return HTTPChatClient(url, model or "default", api_key or os.environ.get(ENV_KEY), **kw)
 
 
-# --------------------------------------------------------------------------- examples -> text
-
-
-@dataclass
-class ExplainConfig:
-    n_top: int = 10              # top examples shown to the explainer
-    n_quantile: int = 10         # quantile examples shown to the explainer (spread over the bins)
-    n_score_pos: int = 10        # held-out activating examples for detection (and fuzzing)
-    n_score_neg: int = 10        # non-activating examples for detection
-    per_prompt: int = 10         # examples per scorer request
-    show_left: int = 12          # tokens shown before the peak ...
-    show_right: int = 4          # ... and after it
-    mark_frac: float = 0.3       # mark tokens above this fraction of the example's peak activation
-    explain_max_tokens: int = 60
-    score_max_tokens: int = 120
-    fuzz: bool = True
-    concurrency: int = 4
-    seed: int = 0
-
-
-def _piece(tokenizer, tid: int) -> str:
-    s = tokenizer.decode([int(tid)])
-    return s.replace("\n", "⏎")
-
-
-def render(ex: Example, tokenizer, cfg: ExplainConfig, *, marks: set[int] | None = None) -> str:
-    """The shown span of an example as text; positions in `marks` are wrapped in << >>."""
-    lo = max(1, ex.pos - cfg.show_left, ex.start)
-    hi = min(len(ex.tokens) - 1, ex.pos + cfg.show_right, ex.start + len(ex.window) - 1)
-    out = []
-    for p in range(lo, hi + 1):
-        s = _piece(tokenizer, ex.tokens[p])
-        out.append(f"<<{s}>>" if marks and p in marks else s)
-    return "".join(out)
-
-
-def true_marks(ex: Example, cfg: ExplainConfig) -> set[int]:
-    peak = float(ex.window.max()) if len(ex.window) else 0.0
-    if peak <= 0:
-        return set()
-    lo, hi = max(1, ex.pos - cfg.show_left), ex.pos + cfg.show_right
-    return {p for p, _t, a in ex.token_acts() if a > cfg.mark_frac * peak and lo <= p <= hi}
-
-
-def shuffled_marks(ex: Example, cfg: ExplainConfig, rng: random.Random) -> set[int]:
-    right = true_marks(ex, cfg)
-    lo = max(1, ex.pos - cfg.show_left, ex.start)
-    hi = min(len(ex.tokens) - 1, ex.pos + cfg.show_right, ex.start + len(ex.window) - 1)
-    pool = [p for p in range(lo, hi + 1) if p not in right]
-    return set(rng.sample(pool, min(len(pool), max(1, len(right)))))
-
-
-def negative_example(atlas: Atlas, feature: int, ctx: int, rng: random.Random, cfg: ExplainConfig) -> Example:
-    tokens = atlas.context(ctx)
-    L, R = atlas.window_left, atlas.window_right
-    pos = rng.randrange(min(len(tokens) - 1, 1 + cfg.show_left), len(tokens))
-    return Example(feature=feature, kind="negative", rank=0, bin=-1, ctx=ctx, pos=pos, act=0.0, tokens=tokens,
-                   window=np.zeros(L + 1 + R, dtype=np.float32), start=pos - L)
-
-
-@dataclass
-class FeatureTask:
-    feature: int
-    max_act: float
-    shown: list[Example]
-    pos: list[Example]
-    neg: list[Example]
-
-
-def prepare(atlas: Atlas, feature: int, cfg: ExplainConfig) -> FeatureTask:
-    """Split a feature's stored examples into the ones the explainer sees and held-out ones for scoring."""
-    f = atlas.feature(feature)
-    rng = random.Random(cfg.seed * 7919 + feature)
-    top = atlas.examples(feature, "top")
-    quant = atlas.examples(feature, "quantile")
-    bins: dict[int, list[Example]] = {}
-    for e in quant:
-        bins.setdefault(e.bin, []).append(e)
-    shown_q: list[Example] = []
-    order = sorted(bins)
-    i = 0
-    while len(shown_q) < cfg.n_quantile and any(bins.values()):
-        b = order[i % len(order)]
-        if bins[b]:
-            shown_q.append(bins[b].pop(0))
-        i += 1
-    held_q = [e for b in order for e in bins[b]]
-    shown = top[: cfg.n_top] + shown_q
-    held_top = top[cfg.n_top:]
-    rng.shuffle(held_q)
-    rng.shuffle(held_top)
-    n_q = min(len(held_q), (cfg.n_score_pos + 1) // 2)
-    pos = held_q[:n_q] + held_top[: cfg.n_score_pos - n_q]
-    pos += held_q[n_q: n_q + cfg.n_score_pos - len(pos)]
-    used = {e.ctx for e in shown + pos}
-    active = atlas.random_activations(feature)
-    cands = [c for c in atlas.meta.get("random_contexts", []) if c not in active and c not in used]
-    rng.shuffle(cands)
-    neg = [negative_example(atlas, feature, c, rng, cfg) for c in cands[: cfg.n_score_neg]]
-    return FeatureTask(feature=feature, max_act=f.max_act, shown=shown, pos=pos, neg=neg)
-
-
 # --------------------------------------------------------------------------- prompts and parsing
 
 EXPLAIN_SYSTEM = ("You study the internal features of a language model. You are shown text excerpts in which one "
@@ -387,29 +293,6 @@ def parse_probabilities(n: int) -> Callable[[str], list[float]]:
     return parse
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def balanced_accuracy(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5) -> float | None:
-    y = np.asarray(labels, dtype=bool)
-    p = np.asarray(probs, dtype=np.float64) >= threshold
-    if y.all() or (~y).all():
-        return None
-    return float(0.5 * ((p[y]).mean() + (~p[~y]).mean()))
-
-
-def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
-    """Probability that a random positive outscores a random negative (ties count one half)."""
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
-        return None
-    gt = (pos[:, None] > neg[None, :]).sum()
-    eq = (pos[:, None] == neg[None, :]).sum()
-    return float((gt + 0.5 * eq) / (len(pos) * len(neg)))
-
-
 # --------------------------------------------------------------------------- one feature
 
 
@@ -425,18 +308,28 @@ def _predict(client, explanation: str, texts: list[str], kind: str, cfg: Explain
     return out
 
 
+def score_detection(task: FeatureTask, explanation: str, scorer, tokenizer, cfg: ExplainConfig) -> dict:
+    """Detection on the task's held-out windows, by an LLM client or the lexical scorer."""
+    texts, labels = detection_items(task, tokenizer, cfg)
+    if isinstance(scorer, LexicalScorer):
+        return lexical_detection(explanation, texts, labels, scorer)
+    items = list(zip(texts, labels))
+    random.Random(cfg.seed * 104729 + task.feature).shuffle(items)  # no order for an LLM to pick up
+    probs = _predict(scorer, explanation, [t for t, _ in items], "detection", cfg)
+    labels = [y for _, y in items]
+    return {"labels": labels, "probs": probs, "bacc": balanced_accuracy(labels, probs), "auroc": auroc(labels, probs)}
+
+
 def score_explanation(task: FeatureTask, explanation: str, scorer, tokenizer, cfg: ExplainConfig) -> dict:
     """Detection and fuzzing scores of `explanation` on the task's held-out examples."""
-    rng = random.Random(cfg.seed * 104729 + task.feature)
     res: dict[str, Any] = {}
-    items = [(render(e, tokenizer, cfg), 1) for e in task.pos] + [(render(e, tokenizer, cfg), 0) for e in task.neg]
-    rng.shuffle(items)
-    if items:
-        probs = _predict(scorer, explanation, [t for t, _ in items], "detection", cfg)
-        labels = [y for _, y in items]
-        res["detection"] = {"labels": labels, "probs": probs, "bacc": balanced_accuracy(labels, probs),
-                            "auroc": auroc(labels, probs)}
+    if task.pos or task.neg:
+        res["detection"] = score_detection(task, explanation, scorer, tokenizer, cfg)
     if cfg.fuzz and task.pos:
+        if isinstance(scorer, LexicalScorer):
+            res["fuzz"] = lexical_fuzz(task, explanation, tokenizer, cfg, scorer)
+            return res
+        rng = random.Random(cfg.seed * 104729 + task.feature)
         fz = []
         for i, e in enumerate(task.pos):
             right = i % 2 == 0
@@ -450,12 +343,20 @@ def score_explanation(task: FeatureTask, explanation: str, scorer, tokenizer, cf
     return res
 
 
+def scorer_method(scorer) -> str | None:
+    if scorer is None:
+        return None
+    return getattr(scorer, "method", None) or "llm-detection"
+
+
 def explain_one(task: FeatureTask, explainer, scorer, tokenizer, cfg: ExplainConfig,
                 explanation: str | None = None) -> dict:
     """Explain (unless `explanation` is given) and score one feature; never raises for endpoint failures."""
     t0 = time.perf_counter()
-    rec: dict[str, Any] = {"explainer": explainer.name if explainer is not None else "given",
-                           "scorer": scorer.name if scorer is not None else None, "created": time.time()}
+    rec: dict[str, Any] = {"explainer": explainer.name if explainer is not None and explanation is None else "given",
+                           "method": "llm" if explanation is None else "given",
+                           "scorer": scorer.name if scorer is not None else None,
+                           "scorer_method": scorer_method(scorer), "created": time.time()}
     try:
         if explanation is None:
             if not task.shown:
@@ -463,7 +364,9 @@ def explain_one(task: FeatureTask, explainer, scorer, tokenizer, cfg: ExplainCon
             explanation = explainer.call(explain_messages(task, tokenizer, cfg), max_tokens=cfg.explain_max_tokens,
                                          parse=parse_explanation)
         rec["explanation"] = explanation
-        details: dict[str, Any] = {"n_shown": len(task.shown), "n_pos": len(task.pos), "n_neg": len(task.neg)}
+        details: dict[str, Any] = {"n_shown": len(task.shown), "n_pos": len(task.pos), "n_neg": len(task.neg),
+                                   "shown_contexts": sorted(task.shown_contexts()),
+                                   "heldout_contexts": sorted(task.heldout_contexts())}
         if scorer is not None:
             s = score_explanation(task, explanation, scorer, tokenizer, cfg)
             details.update(s)
@@ -478,6 +381,27 @@ def explain_one(task: FeatureTask, explainer, scorer, tokenizer, cfg: ExplainCon
         rec["error"] = str(e)
     rec["seconds"] = time.perf_counter() - t0
     return rec
+
+
+def shuffled_control(at: Atlas, features: Sequence[int], scorer, tokenizer, cfg: ExplainConfig) -> int:
+    """Score each explained feature among `features` with another one's explanation (seeded derangement) and
+    store the result as its shuffled_detection_auroc / _bacc; features that already have one are skipped, so
+    an interrupted control resumes. Returns how many were scored."""
+    ok = sorted(set(int(f) for f in features) & at.explained("ok"))
+    done = 0
+    for n, other in derangement(ok, cfg.seed + 1).items():
+        rec = at.explanation(n)
+        if (rec.get("details") or {}).get("shuffled_from") is not None or not rec.get("explanation"):
+            continue
+        try:
+            det = score_detection(prepare(at, n, cfg), at.explanation(other)["explanation"], scorer, tokenizer, cfg)
+        except (ExplainerError, MalformedAnswer):
+            continue
+        rec.update(shuffled_detection_auroc=det["auroc"], shuffled_detection_bacc=det["bacc"])
+        rec["details"] = dict(rec.get("details") or {}, shuffled_from=other)
+        at.save_explanation(n, rec)
+        done += 1
+    return done
 
 
 # --------------------------------------------------------------------------- the run
@@ -526,12 +450,15 @@ def select_features(atlas: Atlas, features: Sequence[int] | None = None, sample:
 def explain_atlas(atlas: "Atlas | str | os.PathLike", explainer, scorer=None, *, tokenizer, features=None,
                   sample: int | None = None, config: ExplainConfig | None = None, resume: bool = True,
                   retry_failed: bool = True, progress: bool = True, console=None,
-                  given: dict[int, str] | None = None) -> dict:
+                  given: dict[int, str] | None = None, control: bool = True) -> dict:
     """Explain and score features of an atlas; results go straight into its database as they arrive.
 
+    The scorer is an LLM client or a `LexicalScorer` (any explanation, scored from its text alone).
     resume skips features already explained ("ok"); failed ones are tried again unless retry_failed=False.
     `given` maps feature -> explanation to score without calling the explainer (hand-written hypotheses).
-    Returns a summary: counts, failures, mean scores, usage, and the pre-run estimate.
+    control=True (and a scorer) adds the shuffled-explanation control over the selected features.
+    Returns a summary: counts, failures, mean scores with CIs (detection_auroc_mean, shuffled_auroc_mean, ...),
+    usage, and the pre-run estimate.
     """
     cfg = config or ExplainConfig()
     if explainer is None and given is None:
@@ -540,6 +467,7 @@ def explain_atlas(atlas: "Atlas | str | os.PathLike", explainer, scorer=None, *,
     at = Atlas.open(atlas) if own else atlas
     try:
         todo = select_features(at, features, sample, cfg.seed) if given is None else [at.check_feature(f) for f in given]
+        selected = list(todo)
         if resume:
             done = at.explained("ok") | (set() if retry_failed else at.explained("failed"))
             todo = [f for f in todo if f not in done]
@@ -591,10 +519,13 @@ def explain_atlas(atlas: "Atlas | str | os.PathLike", explainer, scorer=None, *,
         finally:
             if bar is not None:
                 bar.stop()
+        if control and scorer is not None:
+            summary["control_scored"] = shuffled_control(at, selected, scorer, tokenizer, cfg)
         sc = at.scores(todo)
         for key in ("detection_bacc", "detection_auroc", "fuzz_bacc", "fuzz_auroc"):
             vals = [r[key] for r in sc if r[key] is not None]
             summary[key] = float(np.mean(vals)) if vals else None
+        summary["selected"] = summarize(at, selected, method="llm" if given is None else "given")
         summary["usage"] = {"explainer": getattr(explainer, "usage", None), "scorer": getattr(scorer, "usage", None)}
         return summary
     finally:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cards import load_tokenizer, score_line
 from .db import Atlas
 
 CSS = """
@@ -53,8 +54,8 @@ def _plots(atlas: Atlas, sample_scores: list[dict]) -> dict[str, bytes]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    keys = [("detection_bacc", "detection bal. acc."), ("detection_auroc", "detection AUROC"),
-            ("fuzz_bacc", "fuzzing bal. acc."), ("fuzz_auroc", "fuzzing AUROC")]
+    keys = [("detection_auroc", "detection AUROC"), ("shuffled_detection_auroc", "shuffled control AUROC"),
+            ("detection_bacc", "detection bal. acc."), ("fuzz_auroc", "fuzzing AUROC")]
     bins = np.linspace(0, 1, 21)
     for k, label in keys:
         v = [r[k] for r in sample_scores if r.get(k) is not None]
@@ -107,10 +108,8 @@ def _card_html(atlas: Atlas, n: int, tokenizer) -> str:
     h = [f'<div class="card"><b>feature {n}</b> <span class="meta">density {f.density:.2e} · max {f.max_act:.3g} · '
          f'active on {f.n_active:,} tokens</span>']
     if ex and ex["status"] == "ok":
-        sc = ", ".join(f"{k} {ex[k]:.2f}" for k in ("detection_bacc", "detection_auroc", "fuzz_bacc", "fuzz_auroc")
-                       if ex.get(k) is not None)
-        h.append(f"<div><b>explanation:</b> {html.escape(ex['explanation'] or '')} "
-                 f'<span class="meta">({sc}; {html.escape(str(ex.get("explainer")))})</span></div>')
+        h.append(f"<div><b>explanation:</b> {html.escape(ex['explanation'] or '')}<br>"
+                 f'<span class="meta">{html.escape(score_line(ex))}</span></div>')
     elif ex:
         h.append(f'<div class="meta">explanation failed: {html.escape(str(ex.get("error")))}</div>')
     if f.dead:
@@ -131,10 +130,15 @@ def _card_html(atlas: Atlas, n: int, tokenizer) -> str:
 
 def write_report(atlas: "Atlas | str | os.PathLike", out: "str | os.PathLike | None" = None, *, tokenizer=None,
                  n_cards: int = 12, n_score_sample: int = 200, seed: int = 0) -> Path:
-    """Write report.html (+ density.png, scores.png, max_act.png) next to the atlas or into `out`."""
+    """Write report.html (+ density.png, scores.png, max_act.png) next to the atlas or into `out`.
+
+    Tokens are decoded with `tokenizer`, or, when it is None, with the atlas's own model tokenizer (loaded
+    alone, see cards.load_tokenizer); ids are shown only when neither is available."""
     own = not isinstance(atlas, Atlas)
     at = Atlas.open(atlas) if own else atlas
     try:
+        if tokenizer is None:
+            tokenizer = load_tokenizer(at)
         out_dir = Path(out) if out is not None else at.path.parent
         out_dir.mkdir(parents=True, exist_ok=True)
         explained = sorted(at.explained("ok"))
@@ -165,11 +169,20 @@ def write_report(atlas: "Atlas | str | os.PathLike", out: "str | os.PathLike | N
                 f"<h2>Explanation scores (random sample of {len(scores)} explained features)</h2>",
                 f'<img alt="scores" src="data:image/png;base64,{base64.b64encode(pngs["scores.png"]).decode()}">']
         if scores:
+            from .scoring import mean_ci
+
             def mean(k):
-                v = [r[k] for r in scores if r.get(k) is not None]
-                return f"{np.mean(v):.3f} (n={len(v)})" if v else "–"
+                c = mean_ci([r[k] for r in scores if r.get(k) is not None], seed=seed)
+                return f"{c['mean']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] (n={c['n']})" if c["n"] else "–"
+            methods = sorted({f"{r.get('method') or 'not recorded'} / {r.get('scorer_method') or 'not recorded'}"
+                              for r in scores})
             body.append("<table>" + "".join(f"<tr><th>{k}</th><td>{mean(k)}</td></tr>" for k in
-                                            ("detection_bacc", "detection_auroc", "fuzz_bacc", "fuzz_auroc")) + "</table>")
+                                            ("detection_auroc", "shuffled_detection_auroc", "detection_bacc",
+                                             "shuffled_detection_bacc", "fuzz_auroc", "fuzz_bacc"))
+                        + f"<tr><th>written by / scored by</th><td>{html.escape('; '.join(methods))}</td></tr>"
+                        + "</table><p class='meta'>Scores are measured on held-out contexts the explanation was not "
+                          "written from; the shuffled control scores each feature with another feature's "
+                          "explanation (chance, measured). Means with 95% bootstrap CIs over features.</p>")
         else:
             body.append("<p class='meta'>No explanations yet: run <code>thoughtscope atlas explain</code>.</p>")
         body.append(f"<h2>Random features ({len(cards)}, uniformly sampled among alive features, seed {seed})</h2>")

@@ -472,36 +472,75 @@ def atlas_build(
 @atlas_app.command("explain")
 def atlas_explain(
     atlas: Path = typer.Argument(..., help="atlas folder"),
-    url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (or THOUGHTSCOPE_EXPLAINER_URL); "
-                                                 "none = the local target model"),
+    offline: bool = typer.Option(False, "--offline", help="no language model: token / n-gram explanations, scored "
+                                                          "by the lexical scorer (the default with no endpoint)"),
+    local: bool = typer.Option(False, "--local", help="the atlas's own model explains and scores itself (slow; "
+                                                      "at chance for the 135M default)"),
+    url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (or THOUGHTSCOPE_EXPLAINER_URL)"),
     explainer_model: Optional[str] = typer.Option(None, help="model name at that endpoint"),
     api_key: Optional[str] = typer.Option(None, help="key (or OPENAI_API_KEY)"),
     scorer_url: Optional[str] = typer.Option(None, help="scorer endpoint (default: same as the explainer)"),
     scorer_model: Optional[str] = typer.Option(None),
-    sample: Optional[int] = typer.Option(None, help="explain a uniform random sample of this many features"),
+    scorer: str = typer.Option("auto", help="auto (the explaining LLM; lexical offline) | lexical | llm"),
+    sample: Optional[int] = typer.Option(None, help="explain a uniform random sample of this many alive features"),
     features: Optional[str] = typer.Option(None, help="or these feature ids (comma-separated)"),
+    seed: int = typer.Option(0, help="seed of the sample, the held-out split and the shuffled control"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the summary (mean scores, CIs) here"),
+    overwrite: bool = typer.Option(False, help="offline: also replace explanations another method wrote"),
     concurrency: int = typer.Option(4),
     yes: bool = typer.Option(False, "--yes", help="skip the confirmation after the cost/time estimate"),
 ) -> None:
-    """Write an explanation for each feature and score it (detection, fuzzing); resumable."""
-    from ..atlas import AtlasError, ExplainConfig, ExplainerError, client_from_env, explain_atlas, open_with_model
-    from ..atlas.cards import load_tokenizer
+    """Write an explanation for each feature and score it on held-out contexts, with a shuffled control; resumable."""
+    import os
 
+    from ..atlas import (
+        AtlasError,
+        ExplainConfig,
+        ExplainerError,
+        LexicalScorer,
+        client_from_env,
+        explain_atlas,
+        explain_offline,
+        open_with_model,
+    )
+    from ..atlas.cards import load_tokenizer
+    from ..errors import ThoughtscopeError
+
+    if scorer not in ("auto", "lexical", "llm"):
+        _fail(f"--scorer must be auto, lexical or llm, got {scorer!r}")
+    endpoint = url or os.environ.get("THOUGHTSCOPE_EXPLAINER_URL")
+    ids = _csv(features, int) if features else None
     try:
-        lm = None
-        if not (url or __import__("os").environ.get("THOUGHTSCOPE_EXPLAINER_URL")):
-            _, lm, _ = open_with_model(atlas)
-        explainer = client_from_env(url, explainer_model, api_key, lm=lm)
-        scorer = client_from_env(scorer_url or url, scorer_model or explainer_model, api_key, scorer=True, lm=lm)
-        ids = _csv(features, int) if features else None
-        if not yes and (sample or 0) + len(ids or []) > 200 and not typer.confirm("go ahead?", default=True):
-            raise typer.Exit(1)
-        summary = explain_atlas(atlas, explainer, scorer, tokenizer=load_tokenizer(atlas) if lm is None else lm.tokenizer,
-                                features=ids, sample=sample, config=ExplainConfig(concurrency=concurrency),
-                                console=console)
-    except (AtlasError, ExplainerError, ValueError) as e:
+        cfg = ExplainConfig(concurrency=concurrency, seed=seed)
+        with _open_atlas(atlas) as at:
+            tok = None if local and not endpoint else load_tokenizer(at)
+        if offline or not (endpoint or local):
+            if scorer == "llm":
+                _fail("--scorer llm needs an explainer endpoint (--url) or --local; offline scoring is lexical")
+            if tok is None:
+                _fail(f"cannot load the tokenizer of the model {atlas} was built with; offline explanations need it")
+            summary = explain_offline(atlas, tokenizer=tok, features=ids, sample=sample, config=cfg,
+                                      overwrite=overwrite, console=console)
+        else:
+            lm = None if endpoint else open_with_model(atlas)[1]
+            explainer = client_from_env(url, explainer_model, api_key, lm=lm)
+            if scorer == "lexical":
+                sc = LexicalScorer()
+            else:
+                sc = client_from_env(scorer_url or url, scorer_model or explainer_model, api_key, scorer=True, lm=lm)
+            if not yes and (sample or 0) + len(ids or []) > 200 and not typer.confirm("go ahead?", default=True):
+                raise typer.Exit(1)
+            tok = lm.tokenizer if lm is not None else tok
+            summary = explain_atlas(atlas, explainer, sc, tokenizer=tok, features=ids, sample=sample, config=cfg,
+                                    console=console)
+    except (AtlasError, ExplainerError, ThoughtscopeError, ValueError) as e:
         _fail(str(e))
     console.print_json(json.dumps(summary, default=str))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_out.with_name(json_out.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, json_out)
 
 
 @atlas_app.command("report")
@@ -562,8 +601,11 @@ def feature_search(text: str = typer.Argument(...), atlas: Path = typer.Option(.
         hits = at.search(text, limit=limit)
     except AtlasError as e:
         _fail(str(e))
+    from ..atlas.cards import score_line
+
     for i, expl in hits:
         console.print(f"[bold]{i}[/bold]  {expl}")
+        console.print(f"      [dim]{score_line(at.explanation(i) or {})}[/dim]", highlight=False)
 
 
 @feature_app.command("top")

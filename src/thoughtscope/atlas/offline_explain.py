@@ -1,0 +1,272 @@
+"""Explanations without a language model: the strings over-represented where a feature fires, and what it promotes.
+
+From the contexts `heldout.prepare` lets it see (the top and quantile-sampled examples, and the background
+half of the random context sample as a picture of ordinary text) the explainer
+
+1. collects candidate strings: the tokens where the feature is active (above `mark_frac` of the example's
+   peak) and the bigrams that end on them ("fires on"), and the other tokens of the shown window ("context");
+2. measures, for each candidate, the share of the feature's shown windows that contain it (TPR) and the
+   share of background windows of the same length where the feature is silent that contain it (FPR);
+3. picks cues greedily by the gain in TPR - FPR of "any picked cue occurs" (Youden's J of the rule), so a
+   cue that is everywhere ("the", ",") is only picked when the feature fires nearly only on it, and a cue
+   that adds nothing to the ones already picked is skipped;
+4. adds the top tokens of the feature's direct logit effect ("promotes").
+
+It writes e.g. `fires on "warnings", "simplefilter"; context "import"; promotes "(", "always"`. It is
+deterministic (the same atlas and config give the same text) and needs no model, only the tokenizer.
+Matching is case-insensitive substring matching, the same reading the lexical scorer uses: the explainer
+writes for that reader, and the scores on held-out contexts say whether what it wrote generalises.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .db import Atlas
+from .heldout import (
+    ExplainConfig,
+    ExplainerError,
+    FeatureTask,
+    piece,
+    prepare,
+    random_context_halves,
+    render,
+    span,
+    true_marks,
+)
+
+OFFLINE = "offline-tokens-v1"
+
+
+@dataclass
+class OfflineOptions:
+    """Limits of the written explanation and how much evidence a cue needs."""
+
+    max_fire: int = 4             # cues in "fires on"
+    max_context: int = 2          # cues in "context"
+    max_promotes: int = 3         # tokens in "promotes"
+    min_gain: float = 0.02        # smallest gain in TPR - FPR for a cue to be kept
+    min_context_support: float = 0.2  # a context cue must occur in this share of the shown windows
+    background_stride: int = 6    # background windows start every this many tokens
+
+    def __post_init__(self) -> None:
+        if min(self.max_fire, self.background_stride) < 1 or min(self.max_context, self.max_promotes) < 0:
+            raise ExplainerError(f"OfflineOptions: max_fire and background_stride must be >= 1, max_context and "
+                                 f"max_promotes >= 0; got {self}")
+
+
+def _readable(s: str) -> bool:
+    """Not a byte fragment of a multi-byte character, not a control character."""
+    return bool(s) and "\ufffd" not in s and s.isprintable()
+
+
+def _quote(s: str) -> str | None:
+    if '"' not in s:
+        return f'"{s}"'
+    if "“" not in s and "”" not in s:
+        return f"“{s}”"
+    return None
+
+
+class OfflineExplainer:
+    """Writes a token / n-gram explanation per feature against one atlas's background text (built once)."""
+
+    name = f"offline:{OFFLINE}"
+    method = OFFLINE
+
+    def __init__(self, atlas: Atlas, tokenizer, cfg: ExplainConfig, options: OfflineOptions | None = None):
+        self.atlas, self.tokenizer, self.cfg = atlas, tokenizer, cfg
+        self.opt = options or OfflineOptions()
+        width = cfg.show_left + cfg.show_right + 1
+        self.bg_text: list[str] = []
+        bg_ctx, bg_lo, bg_hi = [], [], []
+        background, _ = random_context_halves(atlas)
+        for ctx in background:
+            toks = atlas.context(ctx)
+            for lo in range(1, max(2, len(toks) - width + 1), self.opt.background_stride):
+                hi = min(len(toks) - 1, lo + width - 1)
+                self.bg_text.append("".join(piece(tokenizer, t) for t in toks[lo:hi + 1]).lower())
+                bg_ctx.append(ctx), bg_lo.append(lo), bg_hi.append(hi)
+        self.bg_ctx, self.bg_lo, self.bg_hi = np.asarray(bg_ctx), np.asarray(bg_lo), np.asarray(bg_hi)
+        self._bg_cache: dict[str, np.ndarray] = {}
+
+    def _bg_has(self, cue: str) -> np.ndarray:
+        m = self._bg_cache.get(cue)
+        if m is None:
+            m = np.fromiter((cue in t for t in self.bg_text), dtype=bool, count=len(self.bg_text))
+            self._bg_cache[cue] = m
+        return m
+
+    def _silent(self, feature: int) -> np.ndarray:
+        """Background windows where the feature is zero everywhere."""
+        ok = np.ones(len(self.bg_text), dtype=bool)
+        for ctx, acts in self.atlas.random_activations(feature).items():
+            rows = np.nonzero(self.bg_ctx == ctx)[0]
+            for p, a in acts.items():
+                if a > 0:
+                    ok[rows[(self.bg_lo[rows] <= p) & (p <= self.bg_hi[rows])]] = False
+        return ok
+
+    def explain(self, task: FeatureTask) -> str:
+        """One explanation from the task's shown examples (never its held-out ones)."""
+        opt, tok = self.opt, self.tokenizer
+        shown = task.shown
+        if not shown:
+            raise ExplainerError(f"feature {task.feature} never fired in the atlas corpus: nothing to explain")
+        texts = [render(e, tok, self.cfg).lower() for e in shown]
+        fire: dict[str, int] = {}
+        context: dict[str, int] = {}
+        peaks: dict[str, int] = {}
+        for e in shown:
+            lo, hi = span(e, self.cfg)
+            marks = true_marks(e, self.cfg) or {e.pos}
+            f_here, c_here = set(), set()
+            for p in range(lo, hi + 1):
+                u = piece(tok, e.tokens[p]).strip().lower()
+                if not _readable(u):
+                    continue
+                if p in marks:
+                    f_here.add(u)
+                    if p - 1 >= lo:
+                        b = (piece(tok, e.tokens[p - 1]) + piece(tok, e.tokens[p])).strip().lower()
+                        if b != u and _readable(b):
+                            f_here.add(b)
+                else:
+                    c_here.add(u)
+            for u in f_here:
+                fire[u] = fire.get(u, 0) + 1
+            for u in c_here - f_here:
+                context[u] = context.get(u, 0) + 1
+            pk = piece(tok, e.tokens[e.pos]).strip().lower()
+            if _readable(pk):
+                peaks[pk] = peaks.get(pk, 0) + 1
+        n = len(shown)
+        need = 2 if n >= 4 else 1
+        cands = [(c, "fire") for c, k in fire.items() if k >= need]
+        cands += [(c, "context") for c, k in context.items() if k >= max(need, opt.min_context_support * n)
+                  and c not in fire]
+        silent = self._silent(task.feature)
+        n_bg = max(1, int(silent.sum()))
+        tp = {c: np.fromiter((c in t for t in texts), dtype=bool, count=n) for c, _ in cands}
+        fp = {c: self._bg_has(c)[silent] for c, _ in cands}
+        covered, false = np.zeros(n, dtype=bool), np.zeros(n_bg if silent.any() else 0, dtype=bool)
+        picked: dict[str, list[str]] = {"fire": [], "context": []}
+        limit = {"fire": opt.max_fire, "context": opt.max_context}
+        while True:
+            best, best_key = None, None
+            for c, kind in cands:
+                if len(picked[kind]) >= limit[kind] or c in picked[kind]:
+                    continue
+                gain = (covered | tp[c]).sum() / n - covered.sum() / n
+                if len(false):
+                    gain -= ((false | fp[c]).sum() - false.sum()) / len(false)
+                # equal evidence: the shorter (more general) string, then the alphabetically first (deterministic)
+                key = (round(gain, 9), -len(c), tuple(-ord(ch) for ch in c))
+                if gain > opt.min_gain and (best_key is None or key > best_key):
+                    best, best_key = (c, kind), key
+            if best is None:
+                break
+            c, kind = best
+            picked[kind].append(c)
+            covered |= tp[c]
+            if len(false):
+                false |= fp[c]
+        if not picked["fire"] and peaks:  # nothing beats ordinary text: say where it peaks, the score will tell
+            picked["fire"] = [max(sorted(peaks), key=peaks.get)]
+        promotes = []
+        for tid, _ in task.logits_pos:
+            s = piece(tok, tid).strip()
+            if not _readable(s):
+                continue
+            if s.lower() not in [p.lower() for p in promotes] and len(promotes) < opt.max_promotes:
+                promotes.append(s)
+        parts = []
+        for label, cues in (("fires on", picked["fire"]), ("context", picked["context"]), ("promotes", promotes)):
+            q = [x for x in (_quote(c) for c in cues) if x]
+            if q:
+                parts.append(f"{label} {', '.join(q)}")
+        return "; ".join(parts) if parts else "fires on unclear tokens"
+
+
+def explain_offline(atlas: "Atlas | str | os.PathLike", *, tokenizer, features=None, sample: int | None = None,
+                    config: ExplainConfig | None = None, options: OfflineOptions | None = None,
+                    overwrite: bool = False, control: bool = True, progress: bool = True, console=None) -> dict:
+    """Explain and score features of an atlas without any language model; results go into its database.
+
+    Every explanation is scored by the lexical scorer (scoring.py) on its feature's held-out contexts, and
+    (control=True, two or more features) so is a shuffled control: each feature scored with another
+    feature's explanation, from a seeded derangement. Features whose stored explanation came from another
+    method (an LLM) are kept unless overwrite=True. Returns the summary `summarize` writes.
+    """
+    from .explain import select_features
+    from .scoring import LexicalScorer, derangement, detection_items, lexical_detection, lexical_fuzz, summarize
+
+    cfg = config or ExplainConfig()
+    own = not isinstance(atlas, Atlas)
+    at = Atlas.open(atlas) if own else atlas
+    t0 = time.perf_counter()
+    try:
+        todo = select_features(at, features, sample, cfg.seed)
+        if not overwrite:
+            keep = {f for f in at.explained("ok") if (at.explanation(f) or {}).get("method") not in (None, OFFLINE)}
+            todo = [f for f in todo if f not in keep]
+        explainer = OfflineExplainer(at, tokenizer, cfg, options)
+        scorer = LexicalScorer()
+        bar = _bar(progress and bool(todo), console, len(todo))
+        recs: dict[int, dict] = {}
+        held: dict[int, tuple] = {}
+        try:
+            for n in todo:
+                t1 = time.perf_counter()
+                task = prepare(at, n, cfg)
+                rec = {"explainer": explainer.name, "scorer": scorer.name, "method": explainer.method,
+                       "scorer_method": scorer.method, "created": time.time()}
+                try:
+                    rec["explanation"] = explainer.explain(task)
+                    texts, labels = detection_items(task, tokenizer, cfg)
+                    det = lexical_detection(rec["explanation"], texts, labels, scorer)
+                    fz = lexical_fuzz(task, rec["explanation"], tokenizer, cfg, scorer) if cfg.fuzz and task.pos else {}
+                    rec.update(status="ok", detection_auroc=det["auroc"], detection_bacc=det["bacc"],
+                               fuzz_auroc=fz.get("auroc"), fuzz_bacc=fz.get("bacc"))
+                    rec["details"] = {"n_shown": len(task.shown), "n_pos": len(task.pos), "n_neg": len(task.neg),
+                                      "shown_contexts": sorted(task.shown_contexts()),
+                                      "heldout_contexts": sorted(task.heldout_contexts()),
+                                      "detection": {"labels": det["labels"],
+                                                    "probs": [round(p, 4) for p in det["probs"]]}}
+                    held[n] = (texts, labels)  # the texts only: a whole atlas of tasks would not fit in memory
+                except ExplainerError as e:  # one feature's failure is recorded, the run goes on
+                    rec.update(status="failed", error=str(e))
+                rec["seconds"] = time.perf_counter() - t1
+                recs[n] = rec
+                if bar is not None:
+                    bar[0].update(bar[1], advance=1)
+            if control:
+                ok = [n for n in todo if recs[n]["status"] == "ok"]
+                for n, other in derangement(ok, cfg.seed + 1).items():
+                    det = lexical_detection(recs[other]["explanation"], *held[n], scorer)
+                    recs[n].update(shuffled_detection_auroc=det["auroc"], shuffled_detection_bacc=det["bacc"])
+                    recs[n]["details"]["shuffled_from"] = other
+        finally:
+            if bar is not None:
+                bar[0].stop()
+        at.save_explanations(recs)
+        return summarize(at, todo, method=OFFLINE, seconds=time.perf_counter() - t0)
+    finally:
+        if own:
+            at.close()
+
+
+def _bar(enabled: bool, console, total: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]explain (offline)"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console)
+    tid = bar.add_task("explain", total=total)
+    bar.start()
+    return bar, tid

@@ -1,0 +1,219 @@
+"""Scores for explanations: detection metrics, a scorer that reads only the explanation's text, and the
+shuffled-explanation control that measures chance instead of assuming it.
+
+The lexical scorer is a simulated reader with no model: it pulls the literal strings an explanation quotes
+("warnings", "(") and its other content words out of the text and predicts that a held-out context
+activates the feature when the context contains them. It knows nothing about the feature beyond the
+explanation, and never sees the contexts the explanation was written from (see heldout.py), so it can
+score any explanation, whoever wrote it: the offline explainer's, an LLM's, or a person's. Its bias,
+stated: it rewards explanations that name concrete strings and cannot credit an abstract one ("legal
+language") unless the abstract words occur literally in the text.
+
+Clauses (split at ";") weigh their cues by what they say: a clause about what the feature promotes or
+predicts counts a quarter (those tokens tend to follow an activation, weak evidence), one about what it
+suppresses not at all; within a clause the i-th cue weighs 1 / (1 + i / 2), so earlier cues count more;
+quoted strings match anywhere (case-insensitive), unquoted words match at a word start.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .db import Atlas
+from .heldout import ExplainConfig, FeatureTask, piece, render, shuffled_marks, true_marks
+
+LEXICAL = "lexical-v1"
+
+# words that carry no evidence about a context: grammar, and the vocabulary of explanations themselves
+_STOP = set("""a an the and or but of in on at to for from by with without into onto over under about as is are was
+were be been being it its this that these those there their they them he she his her we our you your i me my not no
+yes so than then too very can could may might will would should do does did done has have had some any each every
+all most more less many much such like same other another also only just even both either neither whether when where
+which while who whom whose what how why here up down out off again very mostly often usually typically
+feature features fires fire firing fired activates activate activation activations active responds respond response
+token tokens word words text texts phrase phrases context contexts related relating mentions mention mentioning
+appear appears appearing occurrence occurrences example examples sentence sentences
+specific specifically various certain particular different general generally near after before following
+preceded followed typical promotes promote promoting predicts predict predicting suppresses suppress boosts outputs
+unclear letter letters character characters inside within part parts including include includes containing contains
+contain used using use kind type types form forms refers refer referring indicates indicating""".split())
+_QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|(?<![\w])\'([^\']+)\'(?![\w])')
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,}")
+
+
+@dataclass(frozen=True)
+class Cue:
+    text: str        # lower-cased
+    weight: float
+    literal: bool    # quoted: match anywhere; else: match at a word start
+    main: bool       # from a clause about where the feature fires (not what it promotes)
+
+
+def parse_cues(explanation: str) -> list[Cue]:
+    """The strings an explanation tells a reader to look for, with the weight the reader gives each."""
+    cues: list[Cue] = []
+    seen: set[tuple[str, bool]] = set()
+    for clause in re.split(r"[;\n]", explanation or ""):
+        low = clause.lower()
+        if re.search(r"suppress|inhibit|never fires|does not fire", low):
+            continue
+        w = 0.25 if re.search(r"promot|predict|followed by|next token|boosts|outputs", low) else 1.0
+        main = w == 1.0
+        found: list[tuple[int, str, bool]] = []
+        for m in _QUOTED.finditer(clause):
+            q = next(g for g in m.groups() if g is not None).strip().lower()
+            if q:
+                found.append((m.start(), q, True))
+        rest = _QUOTED.sub(" ", clause)
+        for m in _WORD.finditer(rest):
+            wd = m.group(0).lower()
+            if wd not in _STOP:
+                found.append((len(clause) + m.start(), wd, False))  # after the quoted ones
+        i = 0
+        for _, text, literal in sorted(found):
+            if (text, literal) in seen:
+                continue
+            seen.add((text, literal))
+            cues.append(Cue(text, w * (1.0 if literal else 0.5) / (1.0 + i / 2), literal, main))
+            i += 1
+    return cues
+
+
+def _matches(cue: Cue, text_lower: str) -> bool:
+    if cue.literal:
+        return cue.text in text_lower
+    return re.search(r"(?<![a-z0-9])" + re.escape(cue.text), text_lower) is not None
+
+
+class LexicalScorer:
+    """Predicts activation from an explanation's text alone (see the module docstring); deterministic, no model."""
+
+    name = f"offline:{LEXICAL}"
+    method = LEXICAL
+
+    def predict(self, explanation: str, texts: Sequence[str]) -> tuple[list[float], list[bool]]:
+        """(graded score, predicted active) per text: the summed weight of matching cues, and whether any cue
+        of a main clause matches."""
+        cues = parse_cues(explanation)
+        scores, active = [], []
+        for t in texts:
+            tl = t.lower()
+            hit = [c for c in cues if _matches(c, tl)]
+            scores.append(float(sum(c.weight for c in hit)))
+            active.append(any(c.main for c in hit))
+        return scores, active
+
+    def fuzz(self, explanation: str, marked: Sequence[list[str]]) -> list[float]:
+        """Per example, the share of its marked tokens that a main cue names (marks right -> high)."""
+        cues = [c for c in parse_cues(explanation) if c.main]
+        out = []
+        for toks in marked:
+            toks = [t.strip().lower() for t in toks if t.strip()]
+            if not toks or not cues:
+                out.append(0.0)
+                continue
+            out.append(sum(any(c.text in t or t in c.text for c in cues) for t in toks) / len(toks))
+        return out
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def balanced_accuracy(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5) -> float | None:
+    """Mean of the true-positive and true-negative rates of `probs >= threshold` (None with one class only)."""
+    y = np.asarray(labels, dtype=bool)
+    p = np.asarray(probs, dtype=np.float64) >= threshold
+    if y.all() or (~y).all():
+        return None
+    return float(0.5 * ((p[y]).mean() + (~p[~y]).mean()))
+
+
+def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """Probability that a random positive outscores a random negative (ties count one half)."""
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    gt = (pos[:, None] > neg[None, :]).sum()
+    eq = (pos[:, None] == neg[None, :]).sum()
+    return float((gt + 0.5 * eq) / (len(pos) * len(neg)))
+
+
+def mean_ci(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean with a percentile bootstrap confidence interval over the items (features)."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if len(v) == 0:
+        return {"mean": None, "ci": None, "n": 0}
+    rng = np.random.default_rng(seed)
+    boots = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
+    a = (1 - level) / 2
+    return {"mean": float(v.mean()), "ci": [float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))],
+            "n": int(len(v))}
+
+
+# --------------------------------------------------------------------------- scoring a feature
+
+
+def detection_items(task: FeatureTask, tokenizer, cfg: ExplainConfig) -> tuple[list[str], list[int]]:
+    """The held-out windows as the scorer reads them, and their labels (1 = the feature fires there)."""
+    texts = [render(e, tokenizer, cfg) for e in task.pos] + [render(e, tokenizer, cfg) for e in task.neg]
+    return texts, [1] * len(task.pos) + [0] * len(task.neg)
+
+
+def lexical_detection(explanation: str, texts: Sequence[str], labels: Sequence[int],
+                      scorer: LexicalScorer | None = None) -> dict:
+    """Detection: AUROC of the graded score, balanced accuracy of 'a cue of a main clause matches'."""
+    scores, active = (scorer or LexicalScorer()).predict(explanation, texts)
+    return {"labels": list(labels), "probs": scores, "bacc": balanced_accuracy(labels, [float(a) for a in active]),
+            "auroc": auroc(labels, scores)}
+
+
+def lexical_fuzz(task: FeatureTask, explanation: str, tokenizer, cfg: ExplainConfig,
+                 scorer: LexicalScorer | None = None) -> dict:
+    """Fuzzing on the held-out activating windows: true marks on every other example, random ones on the rest."""
+
+    scorer = scorer or LexicalScorer()
+    rng = random.Random(cfg.seed * 104729 + task.feature)
+    labels, marked = [], []
+    for i, e in enumerate(task.pos):
+        right = i % 2 == 0
+        marks = true_marks(e, cfg) if right else shuffled_marks(e, cfg, rng)
+        marked.append([piece(tokenizer, e.tokens[p]) for p in sorted(marks)])
+        labels.append(int(right))
+    probs = scorer.fuzz(explanation, marked)
+    return {"labels": labels, "probs": probs, "bacc": balanced_accuracy(labels, probs), "auroc": auroc(labels, probs)}
+
+
+def derangement(items: Sequence[int], seed: int) -> dict[int, int]:
+    """item -> another item, a seeded permutation with no fixed point (each feature gets someone else's
+    explanation); {} for fewer than two items."""
+    items = list(items)
+    if len(items) < 2:
+        return {}
+    rng = random.Random(seed)
+    perm = items[:]
+    rng.shuffle(perm)
+    # rotate the shuffled order by one: a cycle through all items, never a fixed point
+    return {perm[i]: perm[(i + 1) % len(perm)] for i in range(len(perm))}
+
+
+def summarize(at: Atlas, features, *, method: str | None = None, seconds: float | None = None) -> dict:
+    """Counts and mean scores (with bootstrap CIs over features) of the given features' stored explanations."""
+    rows = at.scores(features)
+    failed = [f for f in features if (at.explanation(f) or {}).get("status") == "failed"]
+    out: dict = {"method": method, "requested": len(list(features)), "ok": len(rows), "failed": len(failed)}
+    for key in ("detection_auroc", "detection_bacc", "fuzz_auroc", "fuzz_bacc", "shuffled_detection_auroc",
+                "shuffled_detection_bacc"):
+        ci = mean_ci([r.get(key) for r in rows])
+        short = key.replace("shuffled_detection_", "shuffled_")
+        out[f"{short}_mean"] = ci["mean"]
+        out[f"{short}_ci"] = ci["ci"]
+    if seconds is not None:
+        out["seconds"] = round(seconds, 2)
+    return out

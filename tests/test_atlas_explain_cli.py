@@ -1,0 +1,77 @@
+"""`atlas explain --offline`, the offline default, and the places that show an explanation with its score."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_atlas_explain_offline import PLANTED, planted_letters_sae, write_letters_corpus  # noqa: E402
+from test_atlas_fixtures import identity_model, one_thread  # noqa: E402
+
+from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas  # noqa: E402
+from thoughtscope.cli import app  # noqa: E402
+from thoughtscope.corpus import Corpus  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def atlas_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("explain-cli")
+    with one_thread():
+        lm = identity_model()
+        corpus = Corpus(str(write_letters_corpus(d / "corpus.txt")))
+        cfg = AtlasConfig(n_tokens=16_384, ctx_len=32, batch_size=8, top_k=24, n_bins=5, per_bin=8, window_left=8,
+                          window_right=3, n_random_contexts=256)
+        build_atlas(lm, planted_letters_sae(lm), corpus, d / "atlas", cfg, progress=False)
+    return d
+
+
+def _ok(args, **kw):
+    r = runner.invoke(app, [str(a) for a in args], **kw)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def test_offline_explain_writes_the_json_summary(atlas_dir, monkeypatch):
+    monkeypatch.delenv("THOUGHTSCOPE_EXPLAINER_URL", raising=False)
+    out = atlas_dir / "summary.json"
+    _ok(["atlas", "explain", atlas_dir / "atlas", "--offline", "--sample", 10, "--json", out])
+    s = json.loads(out.read_text())
+    assert s["method"] == "offline-tokens-v1" and s["requested"] == 10
+    for key in ("detection_auroc_mean", "shuffled_auroc_mean", "detection_bacc_mean", "detection_auroc_ci"):
+        assert key in s
+    assert s["detection_auroc_mean"] > s["shuffled_auroc_mean"]
+
+
+def test_no_endpoint_means_offline_for_the_whole_atlas(atlas_dir, monkeypatch):
+    monkeypatch.delenv("THOUGHTSCOPE_EXPLAINER_URL", raising=False)
+    _ok(["atlas", "explain", atlas_dir / "atlas"])
+    with Atlas.open(atlas_dir / "atlas") as at:
+        alive = {f for f in range(at.n_features) if not at.feature(f).dead}
+        assert at.explained("ok") == alive
+        assert {at.explanation(f)["method"] for f in alive} == {"offline-tokens-v1"}
+
+
+def test_search_show_and_report_show_score_and_method(atlas_dir, monkeypatch):
+    monkeypatch.delenv("THOUGHTSCOPE_EXPLAINER_URL", raising=False)
+    _ok(["atlas", "explain", atlas_dir / "atlas", "--offline", "--features", ",".join(map(str, PLANTED))])
+    r = _ok(["feature", "search", "q", "--atlas", atlas_dir / "atlas"], env={"COLUMNS": "200"})
+    assert r.output.lstrip().startswith("2 ") and "detection AUROC" in r.output and "offline-tokens-v1" in r.output
+    r = _ok(["feature", "show", 2, "--atlas", atlas_dir / "atlas"], env={"COLUMNS": "200"})
+    assert 'fires on "q"' in r.output and "shuffled control" in r.output and "lexical-v1" in r.output
+    _ok(["atlas", "report", atlas_dir / "atlas", "--cards", 3])
+    page = (atlas_dir / "atlas" / "report.html").read_text()
+    assert "shuffled control" in page and "offline-tokens-v1" in page
+
+
+def test_bad_options_fail_with_one_line(atlas_dir):
+    r = runner.invoke(app, ["atlas", "explain", str(atlas_dir / "atlas"), "--offline", "--scorer", "llm"])
+    assert r.exit_code == 2 and "lexical" in r.output
+    r = runner.invoke(app, ["atlas", "explain", str(atlas_dir / "missing"), "--offline"])
+    assert r.exit_code == 2 and "missing" in r.output
