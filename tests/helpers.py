@@ -24,3 +24,31 @@ def tiny_bpe_tokenizer(sentences: list[str] = SENTENCES, vocab_size: int = 400):
     )
     t.train_from_iterator(sentences * 3, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>")
+
+
+def make_store_rows(n: int, d: int, seed: int = 0, *, doc_position: bool = True):
+    """Random store rows; row i carries the tag i in acts[:, 0] and token_id (exact in float32/16/bf16 for i<256)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randn(n, d, generator=g)
+    acts[:, 0] = torch.arange(n, dtype=torch.float32)
+    idx = torch.arange(n)
+    meta = {
+        "doc_id": idx // 50,
+        "position": (idx % 16).to(torch.int32),
+        "token_id": idx.to(torch.int32),
+    }
+    if doc_position:
+        meta["doc_position"] = (idx % 50).to(torch.int32)
+    return acts, meta
+
+
+def env_with_tests_on_path() -> dict:
+    """The environment for a child Python process that imports tests/helpers.py."""
+    import os
+    from pathlib import Path
+
+    here = str(Path(__file__).parent)
+    old = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": here + (os.pathsep + old if old else "")}

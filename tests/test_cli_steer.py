@@ -1,14 +1,18 @@
 """The steering commands end to end on a tiny model: steer with a preset, vector fit, features contrast/at, sweep."""
 
 import json
+import re
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from thoughtscope.cli import app
-from thoughtscope.models import tiny_model
-from thoughtscope.sae import SAEConfig, build_sae, save_sae
+from thoughtscope.models import load_model, tiny_model
+from thoughtscope.sae import SAEConfig, build_sae, load_sae, save_sae
+from thoughtscope.steer import GenerationConfig
+from thoughtscope.steer.run import features_contrast, steer_with_preset
+from thoughtscope.steer.search import top_features_at
 
 runner = CliRunner()
 
@@ -31,6 +35,11 @@ def root(tmp_path_factory):
     return root
 
 
+def _printable(text: str) -> str:
+    """What a terminal table cell shows of a generated text: its printable characters, stripped."""
+    return "".join(ch for ch in text if ch.isprintable()).strip()
+
+
 def _ok(args):
     r = runner.invoke(app, [str(a) for a in args])
     assert r.exit_code == 0, r.output
@@ -43,14 +52,26 @@ def test_vector_fit_then_steer_with_preset(root):
     assert (root / "v.safetensors").is_file()
     r = _ok(["steer", "--preset", root / "preset.json", "-p", "hello", "--model", root / "model",
              "--max-new-tokens", 4, "--temperature", 0])
-    assert "hello" in r.output
+    # the table's row shows the library's own unsteered and steered answers for the same settings
+    lm = load_model(str(root / "model"))
+    want = steer_with_preset(lm, root / "preset.json", ["hello"], GenerationConfig(max_new_tokens=4, temperature=0))[0]
+    assert want.unsteered != want.steered
+    rows = [line for line in r.output.splitlines() if line.startswith("│")]
+    cells = [_printable(c) for c in rows[0].strip("│").split("│")]
+    assert cells == [_printable(want.unsteered), _printable(want.steered)]
 
 
 def test_features_contrast_and_at(root):
     r = _ok(["features", "contrast", "--prompts", root / "prompts.txt", "--controls", root / "controls.txt",
              "--sae", root / "sae", "--model", root / "model", "--top", 5])
-    assert "features ranked by z" in r.output
-    _ok(["features", "at", "zzz one", "--sae", root / "sae", "--model", root / "model", "--top", 3])
+    lm, sae = load_model(str(root / "model")), load_sae(root / "sae")
+    want = features_contrast(lm, sae, "resid.1", root / "prompts.txt", root / "controls.txt", top=5)
+    shown = [line.split("│")[1].strip() for line in r.output.splitlines() if line.startswith("│")]
+    assert shown == [str(s.feature) for s in want]          # the same features, in the same order
+    r = _ok(["features", "at", "zzz one", "--sae", root / "sae", "--model", root / "model", "--top", 3])
+    token, top = top_features_at(lm, sae, "resid.1", "zzz one", -1, top=3)
+    assert r.output.splitlines()[0] == token
+    assert [int(x) for x in re.findall(r"\((\d+), ", r.output)] == [f for f, _ in top]
 
 
 def test_steer_sweep_writes_files(root):

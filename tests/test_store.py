@@ -11,9 +11,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import env_with_tests_on_path
+from helpers import (
+    make_store_rows as make_data,  # shared with the child process of the kill test
+)
 
 import thoughtscope.store as store_mod
 from thoughtscope.store import (
@@ -26,27 +29,6 @@ from thoughtscope.store import (
     StoreNotFoundError,
     StoreWriter,
 )
-
-# Shared by the tests and the child process of the kill test, so both produce the same rows.
-DATA_SRC = '''
-import torch
-
-def make_data(n, d, seed=0, *, doc_position=True):
-    """Random rows; row i carries the tag i in acts[:, 0] and token_id (exact in float32/16/bf16 for i<256)."""
-    g = torch.Generator().manual_seed(seed)
-    acts = torch.randn(n, d, generator=g)
-    acts[:, 0] = torch.arange(n, dtype=torch.float32)
-    idx = torch.arange(n)
-    meta = {
-        "doc_id": idx // 50,
-        "position": (idx % 16).to(torch.int32),
-        "token_id": idx.to(torch.int32),
-    }
-    if doc_position:
-        meta["doc_position"] = (idx % 50).to(torch.int32)
-    return acts, meta
-'''
-exec(DATA_SRC)  # defines make_data
 
 D = 8
 ARGS = dict(model="tiny-llama", site="resid.1", d_model=D, dtype="float32", shard_tokens=100,
@@ -283,8 +265,9 @@ def test_batches_argument_errors(tagged):
 # --------------------------------------------------------------------------- crash safety / resume
 
 
-CHILD = DATA_SRC + textwrap.dedent('''
+CHILD = textwrap.dedent('''
     import sys, time
+    from helpers import make_store_rows as make_data
     from thoughtscope.store import StoreWriter
     args = dict(model="tiny-llama", site="resid.1", d_model=8, dtype="float32", shard_tokens=100,
                 corpus={"spec": "synthetic", "n_docs": 20}, extra={"ctx_len": 16})
@@ -320,7 +303,7 @@ def test_resume_after_sigkill(tmp_path):
     script.write_text(CHILD)
     path = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(script), str(path), str(n)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env_with_tests_on_path())
     try:
         commits = 0
         deadline = time.time() + 60
