@@ -66,6 +66,13 @@ def default_lr(cfg: SAEConfig) -> float:
     return 2e-4 / math.sqrt(cfg.n_features / 2**14)
 
 
+def _adam(params, lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Optimizer:
+    """Adam, fused where torch has a fused kernel: on 2 CPU cores the default per-tensor loop costs ~9x more per
+    step for an SAE's 10M parameters (memory-bound passes the fused kernel does in one)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
+
+
 # ----------------------------------------------------------------------------- data
 def _make_stream(source: Any, tc: TrainConfig, cfg0: SAEConfig, skip: int) -> Iterator[tuple[torch.Tensor, Any]]:
     """Yield (batch, meta-or-None) from an ActivationStore, a callable(start_batch) or a re-iterable."""
@@ -197,7 +204,7 @@ class Trainer:
                 sae.b_dec.copy_(b)
             sae.init_from_data(xs)
             lr = self.tc.lr if self.tc.lr is not None else default_lr(cfg)
-            opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=self.tc.adam_betas)
+            opt = _adam(sae.parameters(), lr, self.tc.adam_betas, self.device)
             since = torch.zeros(cfg.n_features, dtype=torch.int64, device=self.device)
             self.slots.append(_Slot(sae, opt, lr, since))
 
@@ -237,7 +244,7 @@ class Trainer:
             sae = build_sae(cfg, seed=None).to(self.device, self.param_dtype)
             sae.load_state_dict(st["saes"][i])
             lr = self.tc.lr if self.tc.lr is not None else default_lr(cfg)
-            opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=self.tc.adam_betas)
+            opt = _adam(sae.parameters(), lr, self.tc.adam_betas, self.device)
             opt.load_state_dict(st["opts"][i])
             dm = None if st["dead_masks"][i] is None else st["dead_masks"][i].to(self.device)
             self.slots.append(_Slot(sae, opt, lr, st["since_fired"][i].to(self.device), dm,
