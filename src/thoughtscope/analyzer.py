@@ -42,6 +42,27 @@ class TextAnalysis:
         return [t[0] if t else None for t in self.top]
 
 
+def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The text each token adds, so that concatenating them gives the decoded text.
+
+    Byte-level tokenizers split one character over several tokens; decoding those alone gives "\ufffd". For
+    them the text is the difference between decoding the few tokens before and up to it: the token that
+    completes a character carries it, the ones before carry "".
+    """
+    ids = [int(t) for t in ids]
+    out = [tokenizer.decode([t]) for t in ids]
+    for i, s in enumerate(out):
+        if "\ufffd" not in s:
+            continue
+        j = max(0, i - 4)   # a UTF-8 character spans at most 4 bytes, so at most 4 tokens
+        before = tokenizer.decode(ids[j:i]).rstrip("\ufffd")
+        upto = tokenizer.decode(ids[j:i + 1])
+        upto = upto.rstrip("\ufffd") if i + 1 < len(ids) and upto.endswith("\ufffd") else upto
+        if upto.startswith(before):
+            out[i] = upto[len(before):]
+    return out
+
+
 def _check_text(text: str, max_tokens: int | None, n: int) -> None:
     if max_tokens is not None and n > max_tokens:
         raise AnalyzerError(f"text has {n} tokens; the limit is {max_tokens}: shorten it")
@@ -85,8 +106,7 @@ def analyze_text(lm: LoadedModel, sae, text: str, *, k: int = 8, features: Seque
     top = [[(b, a) for b, a in zip(ii, vv) if a > 0] for ii, vv in zip(i, v)]
     where = where.tolist()
     peaks = [(int(n), float(a), int(where[n])) for n, a in zip(pi.tolist(), pv.tolist()) if a > 0]
-    tok = lm.tokenizer
-    return TextAnalysis(token_ids=ids, tokens=[tok.decode([t]) for t in ids], top=top,
+    return TextAnalysis(token_ids=ids, tokens=token_texts(lm.tokenizer, ids), top=top,
                         recon_error=[float(e) for e in err.tolist()], peaks=peaks, excluded=excluded,
                         chosen={int(n): f[:, n].tolist() for n in features})
 

@@ -7,13 +7,15 @@ import random
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
-from ..analyzer import analyze_text
+from ..analyzer import analyze_text, token_texts
 from ..atlas import contrast
 from .context import cfg_of, feature_id, page, run_model, text_param, wb_of
 
 router = APIRouter()
 
-SCORE_KEYS = ("score", "method", "detection_bacc", "detection_auroc", "fuzz_bacc", "fuzz_auroc", "explainer", "scorer")
+SCORE_KEYS = ("score", "detection_auroc", "detection_bacc", "fuzz_auroc", "fuzz_bacc", "shuffled_detection_auroc",
+              "shuffled_detection_bacc")
+WHO_KEYS = ("method", "scorer_method", "explainer", "scorer")
 
 
 def _need_atlas(wb):
@@ -23,16 +25,16 @@ def _need_atlas(wb):
 
 
 def explanation_view(ex: dict | None) -> dict | None:
-    """The explanation and whatever score / method fields the atlas stores for it, in a stable order."""
+    """The explanation and whatever scores and methods the atlas stores for it (measured scores first, then the
+    shuffled-explanation control, then any other number), None where not measured."""
     if not ex:
         return None
-    scores = [(k, ex[k]) for k in SCORE_KEYS if ex.get(k) is not None and k not in ("explainer", "scorer", "method")]
-    extra = [(k, v) for k, v in ex.items() if k not in SCORE_KEYS and k not in (
-        "feature", "explanation", "status", "error", "details", "seconds", "created") and isinstance(v, (int, float))
-        and not isinstance(v, bool)]
+    skip = {"feature", "explanation", "status", "error", "details", "seconds", "created", *SCORE_KEYS, *WHO_KEYS}
+    scores = [(k, ex[k]) for k in SCORE_KEYS if ex.get(k) is not None]
+    scores += [(k, v) for k, v in ex.items() if k not in skip and isinstance(v, (int, float))
+               and not isinstance(v, bool) and v is not None]
     return {"text": ex.get("explanation") or "", "ok": ex.get("status", "ok") == "ok", "error": ex.get("error"),
-            "scores": scores + extra, "method": ex.get("method"), "explainer": ex.get("explainer"),
-            "scorer": ex.get("scorer")}
+            "scores": scores, **{k: ex.get(k) for k in WHO_KEYS}}
 
 
 def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
@@ -46,8 +48,12 @@ def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
     quant = quant[::-1][::step][:n_quantile] if f.n_active > len(quant) else []
 
     def ctx(e):
-        toks = [(p, tok.decode([t]), a) for p, t, a in e.token_acts() if p >= 1]
-        return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": toks}
+        ta = [(p, a) for p, _, a in e.token_acts() if p >= 1]   # a contiguous range of positions
+        if not ta:
+            return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": []}
+        p0, j = ta[0][0], max(0, ta[0][0] - 4)  # a few tokens before, so a split character decodes whole
+        texts = token_texts(tok, e.tokens[j: ta[-1][0] + 1])[p0 - j:]
+        return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": [(p, s, a) for (p, a), s in zip(ta, texts)]}
 
     decode = (lambda t: tok.decode([int(t)]))
     return {"id": n, "f": f, "explanation": explanation_view(f.explanation),

@@ -33,7 +33,7 @@ def err_heat(e: float, scale: float) -> str:
 
 def show_token(s: str) -> str:
     """Visible whitespace: newlines as ⏎ so a token never disappears."""
-    return s.replace("\n", "⏎").replace("\t", "⇥")
+    return s.replace("\n", "⏎").replace("\t", "⇥") if s else "·"  # "" = first bytes of a character
 
 
 def fmt(x, digits: int = 3) -> str:

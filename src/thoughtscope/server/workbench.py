@@ -66,6 +66,8 @@ class Workbench:
     db_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
+        self._label_cache: dict[int, str] = {}
+        self._label_stamp: tuple = ()
         self.n_features = int(self.sae.W_dec.shape[0])
         self.max_acts = np.ones(self.n_features)
         self.alive = np.ones(self.n_features, dtype=bool)
@@ -82,12 +84,22 @@ class Workbench:
         return self.lm.tokenizer
 
     def label(self, n: int) -> str:
-        """The atlas's explanation of feature n, or '' when there is none."""
+        """The atlas's explanation of feature n, or '' when there is none (cached until the atlas file changes)."""
         if self.atlas is None:
             return ""
+        stamp = self._atlas_stamp()
         with self.db_lock:
-            ex = self.atlas.explanation(int(n))
-        return (ex or {}).get("explanation") or "" if (ex or {}).get("status", "ok") == "ok" else ""
+            if stamp != self._label_stamp:
+                self._label_cache, self._label_stamp = {}, stamp
+            if n not in self._label_cache:
+                ex = self.atlas.explanation(int(n)) or {}
+                self._label_cache[n] = (ex.get("explanation") or "") if ex.get("status", "ok") == "ok" else ""
+            return self._label_cache[n]
+
+    def _atlas_stamp(self) -> tuple:
+        """Modification times of the database and its write-ahead log: `atlas explain` may add explanations."""
+        p = Path(self.atlas.path)
+        return tuple(q.stat().st_mtime_ns if q.exists() else 0 for q in (p, p.with_name(p.name + "-wal")))
 
     def labels(self, ids) -> dict[int, str]:
         return {int(i): self.label(int(i)) for i in ids}
@@ -190,6 +202,14 @@ def load_workbench(model: str = "default", sae: str = "default", atlas: str | No
 
             cfg = AtlasConfig(n_tokens=build_tokens, top_k=10, n_bins=5, per_bin=4, n_random_contexts=32)
             build_atlas(lm, sae_obj, Corpus("default"), out, cfg, sae_path=sae, progress=progress)
+        with Atlas.open(out) as built:
+            todo = sorted(set(np.flatnonzero(built.stats()["n_active"] > 0).tolist()) - built.explained(None))
+            if todo:
+                status.set("writing offline explanations", "over-represented tokens where each feature fires, "
+                                                           "scored on held-out contexts (first start only)")
+                from ..atlas import explain_offline
+
+                explain_offline(built, tokenizer=lm.tokenizer, features=todo, progress=progress)
         atlas = str(out)
     status.set("opening the atlas", str(atlas))
     at = Atlas.open(atlas)

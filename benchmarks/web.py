@@ -1,0 +1,255 @@
+"""Web workbench overheads on the default model, and a bounded loopback load test.
+
+1. Analyzer: the server-side time of POST /analyze (the HTML page: features, labels, reconstruction error)
+   for a 256-token text, measured by an ASGI timer around the app, versus the bare work it needs (tokenize,
+   one early-exit forward to the SAE's site, SAE encode). `analyzer_overhead_ratio` = bare / server
+   (target >= 0.8). Repeats alternate, medians compared.
+2. First token: time from sending GET /steer/stream (three lanes: steered with one feature clamp, unsteered,
+   prompt-only baseline) over real loopback HTTP to the first `steered` event, versus plain `generate`'s
+   first token (same prompt, seed, settings, the same clamp). `first_token_ratio` = plain / stream (target >= 0.8).
+3. Load (--load): N mixed requests (half analyzer pages, half streams), C concurrent, in rounds; errors, p50/p99
+   latency and the server process's RSS after each round.
+
+    python benchmarks/web.py --quick --json out.json        (--tiny: a random tiny model instead)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+TEXT_WORDS = ("The old lighthouse keeper climbed the stairs every evening to light the lamp. Ships passed far out "
+              "at sea, and the keeper wrote their names in a book. def add(a, b): return a + b  # a small function "
+              "In the morning the fog rolled in over the harbour and the gulls cried above the fishing boats. ")
+
+
+def text_of(lm, n_tokens: int) -> str:
+    """A text of exactly n_tokens tokens (BOS included) cut from repeated prose and code."""
+    ids = lm.tokenizer(TEXT_WORDS * 20, add_special_tokens=False)["input_ids"][: n_tokens - 1]
+    return lm.tokenizer.decode(ids)
+
+
+def rss_mb(pid: int | None = None) -> float:
+    with open(f"/proc/{pid or os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Timed:
+    """ASGI wrapper: seconds from the request's arrival to the end of its response body, per path."""
+
+    def __init__(self, app):
+        self.app, self.times = app, {}
+
+    async def __call__(self, scope, receive, send):
+        t0 = time.perf_counter()
+
+        async def timed_send(msg):
+            await send(msg)
+            if msg["type"] == "http.response.body" and not msg.get("more_body"):
+                self.times.setdefault(scope.get("path"), []).append(time.perf_counter() - t0)
+
+        await self.app(scope, receive, timed_send)
+
+
+class Live:
+    def __init__(self, app):
+        import socket
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def workbench(tiny: bool):
+    from thoughtscope.server import Workbench
+
+    if tiny:
+        from test_server_fixtures import build_tiny
+
+        return build_tiny(Path(tempfile.mkdtemp()), nla=False), 3
+    from thoughtscope.atlas import Atlas
+    from thoughtscope.models import load_model
+    from thoughtscope.sae import load_sae
+    from thoughtscope.server.workbench import default_atlas_dir
+
+    lm = load_model("default")
+    sae = load_sae("default").eval().requires_grad_(False)
+    at = default_atlas_dir(sae) / "atlas.sqlite"
+    return Workbench(lm=lm, sae=sae, sae_spec="default", atlas=Atlas.open(at) if at.is_file() else None), 3448
+
+
+def bare_analyzer(wb, text: str) -> float:
+    from thoughtscope.models import Site, capture
+
+    t0 = time.perf_counter()
+    ids, mask = wb.lm.tokenize(text)
+    site = Site.parse(wb.sae.cfg.site)
+    x = capture(wb.lm, [site], ids, mask)[site][0]
+    with torch.inference_mode():
+        wb.sae.encode(x)
+    return time.perf_counter() - t0
+
+
+def measure_analyzer(wb, app, timer, reps: int) -> dict:
+    from fastapi.testclient import TestClient
+
+    text = text_of(wb.lm, 256)
+    bare, server = [], []
+    with TestClient(timer, base_url="http://127.0.0.1") as c:
+        for i in range(reps + 1):
+            b = bare_analyzer(wb, text)
+            r = c.post("/analyze", data={"text": text}, headers={"accept": "text/html"})
+            assert r.status_code == 200, r.text[:300]
+            if i:  # the first round warms both paths up
+                bare.append(b)
+                server.append(timer.times["/analyze"][-1])
+    b, s = statistics.median(bare), statistics.median(server)
+    return {"analyzer_tokens": len(wb.lm.tokenize(text)[0][0]), "analyzer_bare_s": b, "analyzer_server_s": s,
+            "analyzer_overhead_ratio": b / s}
+
+
+def measure_first_token(wb, url: str, feature: int, reps: int, n_new: int) -> dict:
+    import httpx
+
+    from thoughtscope.steer import GenerationConfig, clamp, generate
+
+    prompt = "Tell me about your favourite place."
+    cfg = GenerationConfig(max_new_tokens=n_new, temperature=0.5, top_p=0.9, seed=16)
+    ivs = [clamp(wb.sae, feature, 2.0, unit="max", max_act=float(wb.max_acts[feature]))]
+    q = {"prompt": prompt, "f": f"{feature}:clamp:2", "seed": 16, "temp": 0.5, "max": n_new,
+         "baseline": "Talk about the sea."}
+    plain, streamed = [], []
+    with httpx.Client(timeout=120) as c:
+        for i in range(reps + 1):
+            first = []
+            t0 = time.perf_counter()
+            generate(wb.lm, [prompt], ivs, cfg, on_token=lambda ev: first or first.append(time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            got = None
+            with c.stream("GET", f"{url}/steer/stream", params=q) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if got is None and line == "event: steered":
+                        got = time.perf_counter() - t0
+            if i:
+                plain.append(first[0])
+                streamed.append(got)
+    p, s = statistics.median(plain), statistics.median(streamed)
+    return {"first_token_plain_s": p, "first_token_stream_s": s, "first_token_ratio": p / s}
+
+
+async def _load_round(url: str, n: int, conc: int, text: str, n_new: int) -> tuple[list[float], list[str]]:
+    import httpx
+
+    assert url.startswith("http://127.0.0.1:"), "the load test only ever targets loopback"
+    sem = asyncio.Semaphore(conc)
+    lat, errors = [], []
+
+    async def one(i: int, c):
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                if i % 2:
+                    r = await asyncio.wait_for(c.post(f"{url}/analyze", data={"text": text},
+                                                      headers={"accept": "text/html"}), 120)
+                    ok = r.status_code == 200
+                else:
+                    ok = False
+                    async with c.stream("GET", f"{url}/steer/stream", params={"prompt": "hi", "max": n_new,
+                                                                              "seed": i}) as r:
+                        async for line in r.aiter_lines():
+                            ok = ok or line == "event: end"
+                if not ok:
+                    errors.append(f"request {i}: status {r.status_code}")
+            except Exception as e:  # noqa: BLE001 - counted, reported
+                errors.append(f"request {i}: {type(e).__name__}: {e}")
+            lat.append(time.perf_counter() - t0)
+
+    async with httpx.AsyncClient(timeout=120) as c:
+        await asyncio.gather(*(one(i, c) for i in range(n)))
+    return lat, errors
+
+
+def load_test(url: str, text: str, n: int, conc: int, rounds: int, n_new: int) -> dict:
+    out = {"load_requests_per_round": n, "load_concurrency": conc, "load_rounds": []}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        lat, errors = asyncio.run(_load_round(url, n, conc, text, n_new))
+        lat.sort()
+        row = {"errors": len(errors), "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+               "wall_s": time.perf_counter() - t0, "rss_mb": rss_mb(), "first_errors": errors[:3]}
+        out["load_rounds"].append(row)
+        print(f"  load round: {n} requests, {conc} concurrent: errors {row['errors']}, p50 {row['p50_s']:.3f} s, "
+              f"p99 {row['p99_s']:.3f} s, RSS {row['rss_mb']:.0f} MB")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="a random tiny model (no embedded weights needed)")
+    ap.add_argument("--load", action="store_true", help="also run the load test")
+    ap.add_argument("--load-requests", type=int, default=200)
+    ap.add_argument("--load-concurrency", type=int, default=8)
+    ap.add_argument("--load-rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from thoughtscope.server import ServerConfig, create_app
+
+    wb, feature = workbench(args.tiny)
+    app = create_app(ServerConfig(queue_size=max(8, args.load_concurrency)), wb)
+    timer = Timed(app)
+    reps = 3 if args.quick else 9
+    res = {"model": wb.lm.name, "quick": args.quick, "threads": torch.get_num_threads(), "atlas": wb.atlas is not None}
+    res.update(measure_analyzer(wb, app, timer, reps))
+    print(f"analyzer, {res['analyzer_tokens']} tokens: bare {res['analyzer_bare_s'] * 1e3:.0f} ms, server "
+          f"{res['analyzer_server_s'] * 1e3:.0f} ms, analyzer_overhead_ratio {res['analyzer_overhead_ratio']:.3f}")
+    with Live(timer) as url:
+        res.update(measure_first_token(wb, url, feature, reps, 8 if args.quick else 24))
+        print(f"first token: plain generate {res['first_token_plain_s'] * 1e3:.0f} ms, stream "
+              f"{res['first_token_stream_s'] * 1e3:.0f} ms, first_token_ratio {res['first_token_ratio']:.3f}")
+        if args.load:
+            res.update(load_test(url, text_of(wb.lm, 64), args.load_requests, args.load_concurrency,
+                                 args.load_rounds, 8))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
