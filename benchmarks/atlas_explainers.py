@@ -1,0 +1,149 @@
+"""Offline explainer against the local LLM explainer, on the same random features and the same held-out contexts.
+
+Arms (all scored by the same lexical scorer, `LexicalScorer`, on the same held-out split of each feature):
+
+  offline     the token / n-gram explainer (`explain_offline`), no model
+  llm         the atlas's own model as explainer (`LocalChatClient`, the 135M default for the default atlas)
+  shuffled    each arm's explanations given to other features (seeded derangement): chance, measured
+
+Features: a uniform random sample of alive features (`Atlas.random_features(n, seed)`). The LLM arm runs
+on a copy of the atlas (`<out>/llm/atlas.sqlite`) so the original keeps its offline explanations; it is
+resumable (rerun the same command) and stops starting new features after `--deadline` (UTC, HH:MM), so
+the sample it reaches is reported as such. Per-feature differences (offline - llm) are paired on the
+features both arms explained; CIs are percentile bootstraps over features.
+
+    python benchmarks/atlas_explainers.py --atlas atlas/ --n 200 --out runs/explainers [--deadline 21:00]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from thoughtscope.atlas import Atlas, ExplainConfig, LexicalScorer, LocalChatClient, explain_atlas, explain_offline
+from thoughtscope.atlas.cards import load_tokenizer
+from thoughtscope.atlas.explain import shuffled_control
+from thoughtscope.atlas.scoring import mean_ci
+
+
+def _copy_db(src: Path, dst: Path) -> None:
+    """A consistent copy of an atlas database (SQLite's backup API: pending WAL pages included)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Atlas.open(src) as at:
+        target = sqlite3.connect(str(dst))
+        at.con.backup(target)
+        target.close()
+
+
+def _past(deadline: str | None) -> bool:
+    if not deadline:
+        return False
+    hh, mm = (int(x) for x in deadline.split(":"))
+    now = datetime.now(timezone.utc)
+    return (now.hour, now.minute) >= (hh, mm)
+
+
+def _rows(path: Path, features: list[int]) -> dict[int, dict]:
+    with Atlas.open(path) as at:
+        return {f: at.explanation(f) for f in features if (at.explanation(f) or {}).get("status") == "ok"}
+
+
+def _arm(rows: dict[int, dict], feats: list[int]) -> dict:
+    out = {"n": len(feats)}
+    for k in ("detection_auroc", "detection_bacc", "shuffled_detection_auroc", "shuffled_detection_bacc"):
+        out[k] = mean_ci([rows[f].get(k) for f in feats if f in rows])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--atlas", required=True)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--deadline", default=None, help="UTC HH:MM after which the LLM arm starts no new feature")
+    ap.add_argument("--chunk", type=int, default=5, help="LLM features per resumable step")
+    ap.add_argument("--skip-llm", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = Path(args.atlas)
+    cfg = ExplainConfig(seed=args.seed, fuzz=False)
+    with Atlas.open(src) as at:
+        feats = at.random_features(args.n, seed=args.seed, alive_only=True)
+        tok = load_tokenizer(at)
+        spec = (at.meta.get("model_source") or {}).get("spec") or at.meta.get("model")
+
+    # offline arm: on a copy too, so the sample's control is a derangement within the sample, like the LLM arm's
+    off_db = out / "offline" / "atlas.sqlite"
+    _copy_db(src, off_db)
+    t0 = time.perf_counter()
+    off_summary = explain_offline(off_db, tokenizer=tok, features=feats, config=cfg, overwrite=True, progress=False)
+    off_seconds = time.perf_counter() - t0
+    off = _rows(off_db, feats)
+
+    llm_db = out / "llm" / "atlas.sqlite"
+    llm_info: dict = {}
+    if not args.skip_llm:
+        if not llm_db.is_file():
+            _copy_db(src, llm_db)
+            con = sqlite3.connect(str(llm_db))
+            with con:
+                con.execute("DELETE FROM explanations")
+            con.close()
+        from thoughtscope.models import load_model
+
+        lm = load_model(spec)
+        client = LocalChatClient(lm)
+        seconds, done_here = 0.0, 0
+        for s in range(0, len(feats), args.chunk):
+            if _past(args.deadline):
+                llm_info["stopped_at_deadline"] = args.deadline
+                break
+            t1 = time.perf_counter()
+            r = explain_atlas(llm_db, client, LexicalScorer(), tokenizer=lm.tokenizer, features=feats[s:s + args.chunk],
+                              config=cfg, progress=False, control=False)
+            if r["requested"]:
+                seconds += time.perf_counter() - t1
+                done_here += r["requested"]
+                print(f"llm arm: {s + args.chunk}/{len(feats)} features, {seconds / max(1, done_here):.1f} s/feature "
+                      f"this run", flush=True)
+        llm_now = _rows(llm_db, feats)
+        # the control over the features the LLM arm reached (a derangement within them)
+        with Atlas.open(llm_db) as at:
+            shuffled_control(at, sorted(llm_now), LexicalScorer(), lm.tokenizer, cfg)
+        llm_info.update(seconds_this_run=round(seconds, 1), features_this_run=done_here,
+                        seconds_per_feature_this_run=round(seconds / done_here, 2) if done_here else None)
+    llm = _rows(llm_db, feats) if llm_db.is_file() else {}
+    both = [f for f in feats if f in off and f in llm]
+
+    paired = {}
+    for k in ("detection_auroc", "detection_bacc"):
+        d = [off[f][k] - llm[f][k] for f in both if off[f].get(k) is not None and llm[f].get(k) is not None]
+        paired[f"offline_minus_llm_{k}"] = mean_ci(d)
+    result = {
+        "atlas": str(src), "seed": args.seed, "n_sampled": len(feats), "config": cfg.__dict__,
+        "offline": {"all": _arm(off, feats), "on_llm_features": _arm(off, both), "seconds": round(off_seconds, 2),
+                    "summary": off_summary},
+        "llm": {"explainer": f"local:{spec}", "on_llm_features": _arm(llm, both), **llm_info},
+        "paired_on_llm_features": paired, "n_llm_features": len(both),
+        "examples": [{"feature": f, "offline": off[f]["explanation"], "llm": llm.get(f, {}).get("explanation"),
+                      "offline_auroc": off[f]["detection_auroc"], "llm_auroc": llm.get(f, {}).get("detection_auroc")}
+                     for f in feats[:12] if f in off],
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = out / "result.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, path)
+    print(json.dumps({k: result[k] for k in ("n_sampled", "n_llm_features", "paired_on_llm_features")}, indent=1))
+    print(json.dumps({"offline": result["offline"]["all"], "llm": result["llm"]["on_llm_features"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
