@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fastapi.testclient import TestClient
-from test_server_fixtures import PLANT, PLANT_LABEL, build_tiny
+from test_server_fixtures import PLANT, PLANT_LABEL, shared_tiny
 
 from thoughtscope.errors import ServerError
 from thoughtscope.server import ServerConfig, create_app
@@ -22,8 +22,8 @@ HTML = {"accept": "text/html"}
 
 
 @pytest.fixture(scope="module")
-def wb(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("web"))
+def wb():
+    return shared_tiny()
 
 
 def client(wb, **cfg) -> TestClient:

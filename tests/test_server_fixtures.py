@@ -6,8 +6,12 @@ the steered answer differ from the unsteered one in a way a test can see.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,3 +61,11 @@ def build_tiny(root: Path, *, nla: bool = True):
         wb.nla = NLA(lm, config_for(lm, site="resid.1", injection_scale=6.0, lora_rank=4, max_new_tokens=6))
     load_presets(wb, [presets])
     return wb
+
+
+@functools.lru_cache(maxsize=None)
+def shared_tiny():
+    """One tiny workbench per test process (the server, browser and load tests only read it)."""
+    root = Path(tempfile.mkdtemp(prefix="thoughtscope-web-"))
+    atexit.register(shutil.rmtree, root, True)
+    return build_tiny(root)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_server_fixtures import PLANT, PLANT_LABEL, build_tiny
+from test_server_fixtures import PLANT, PLANT_LABEL, shared_tiny
 
 from thoughtscope.server import ServerConfig, create_app
 
@@ -82,8 +82,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    wb = build_tiny(tmp_path_factory.mktemp("web"))
+def site():
+    wb = shared_tiny()
     with LiveServer(create_app(ServerConfig(), wb)) as url:
         yield url, wb
 
