@@ -1,0 +1,173 @@
+"""The probe artefact: a direction and bias that read one concept at one site of one model.
+
+Saved as a folder (config.json + probe.safetensors) like every thoughtscope artefact. It records what it was
+fitted on (model, site, read position, dataset sha256, seed, fitter, held-out metrics) and refuses to score
+activations of another model or site. `to_vector()` turns it into a steering vector in class-gap units.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ProbeError
+
+FORMAT = "thoughtscope-probe-1"
+CONFIG = "config.json"
+WEIGHTS = "probe.safetensors"
+
+
+@dataclass
+class ProbeConfig:
+    model: str
+    site: str
+    d_model: int
+    fitter: str = "mean"
+    read: str = "last"
+    chat: bool = False
+    dataset: str = ""
+    dataset_sha256: str = ""
+    seed: int = 0
+    class_gap: float = 1.0  # (mean of class 1 − mean of class 0) projected on the unit direction
+    sink_rule: str = "position 0 and tokens above 10x the median norm are never read"
+    metrics: dict = field(default_factory=dict)
+    threshold_note: str = "balanced-accuracy threshold on the training split"
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.site:
+            raise ProbeError("a probe needs the model name and the site it reads")
+        if self.d_model <= 0:
+            raise ProbeError(f"d_model must be positive, got {self.d_model}")
+
+
+class Probe:
+    """score(x) = x · weight + bias; class 1 above `threshold`."""
+
+    def __init__(self, weight: torch.Tensor, bias: float, threshold: float, cfg: ProbeConfig):
+        weight = torch.as_tensor(weight).detach().float().cpu()
+        if weight.shape != (cfg.d_model,):
+            raise ProbeError(f"probe weight has shape {tuple(weight.shape)}, expected ({cfg.d_model},)")
+        if not torch.isfinite(weight).all() or float(weight.norm()) == 0:
+            raise ProbeError("probe weight must be finite and non-zero")
+        self.weight, self.bias, self.threshold, self.cfg = weight, float(bias), float(threshold), cfg
+
+    @property
+    def direction(self) -> torch.Tensor:
+        return self.weight / self.weight.norm()
+
+    def check(self, lm, site: str | None = None) -> None:
+        """Refuse another model or site: a probe's direction means nothing elsewhere."""
+        if lm.name != self.cfg.model or lm.d_model != self.cfg.d_model:
+            raise ProbeError(f"probe was fitted on {self.cfg.model} (d_model {self.cfg.d_model}) but is applied to "
+                             f"{lm.name} (d_model {lm.d_model}); fit a probe for this model")
+        if site is not None and str(site) != self.cfg.site:
+            raise ProbeError(f"probe reads {self.cfg.site} but was applied at {site}; use a probe fitted there")
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.cfg.d_model:
+            raise ProbeError(f"activations have size {x.shape[-1]}, this probe reads {self.cfg.d_model}")
+        return x.float() @ self.weight.to(x.device) + self.bias
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.score(x) > self.threshold).long()
+
+    def to_vector(self):
+        """A SteeringVector along the unit direction scaled to one class gap: scale 1 moves a class-0 mean to
+        the class-1 mean along the probe (Marks & Tegmark's causal test); scale −1 the other way."""
+        from ..steer.vectors import SteeringVector
+
+        return SteeringVector(self.direction * self.cfg.class_gap, self.cfg.site, f"probe-{self.cfg.fitter}",
+                              self.cfg.model, 0, None, {"probe_dataset": self.cfg.dataset, "unit": "class gap"})
+
+    def to_intervention(self, scale: float = 1.0, positions: str = "all"):
+        from ..steer.interventions import add_vector
+
+        return add_vector(self.to_vector().vector, self.cfg.site, scale, positions=positions,
+                          label=f"probe {self.cfg.dataset}")
+
+    # -- artefact
+
+    def save(self, folder: "str | Path") -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = asdict(self.cfg) | {"format": FORMAT, "bias": self.bias, "threshold": self.threshold}
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+        os.close(fd)
+        save_file({"weight": self.weight.contiguous(), "direction": self.direction.contiguous()}, tmp)
+        os.replace(tmp, folder / WEIGHTS)
+        tmpc = folder / (CONFIG + ".tmp")
+        tmpc.write_text(json.dumps(cfg, indent=2))
+        os.replace(tmpc, folder / CONFIG)
+        return folder
+
+    @classmethod
+    def load(cls, folder: "str | Path", lm=None, site: str | None = None) -> "Probe":
+        """Load a probe folder; with lm (and site) it refuses a mismatched model or site."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+            raise ProbeError(f"{folder} is not a probe folder: expected {CONFIG} and {WEIGHTS} "
+                             f"(written by `thoughtscope probe fit`)")
+        try:
+            raw = json.loads((folder / CONFIG).read_text())
+        except json.JSONDecodeError as e:
+            raise ProbeError(f"{folder / CONFIG}: not valid JSON ({e.msg})") from None
+        if raw.pop("format", None) != FORMAT:
+            raise ProbeError(f"{folder / CONFIG}: not a thoughtscope probe (format should be {FORMAT})")
+        bias, threshold = raw.pop("bias"), raw.pop("threshold")
+        probe = cls(load_file(str(folder / WEIGHTS))["weight"], bias, threshold, ProbeConfig(**raw))
+        if lm is not None:
+            probe.check(lm, site)
+        return probe
+
+    def __repr__(self) -> str:
+        m = self.cfg.metrics
+        extra = f", test AUROC {m['test_auroc']:.3f}" if "test_auroc" in m else ""
+        return f"Probe({self.cfg.fitter} on {self.cfg.dataset!r} at {self.cfg.model} {self.cfg.site}{extra})"
+
+
+def load_probe(folder: "str | Path", lm=None, site: str | None = None) -> Probe:
+    return Probe.load(folder, lm, site)
+
+
+def fit_probe(lm, ds, site: str, fitter: str = "mean", read=None, *, seed: int = 0, test_fraction: float = 0.25,
+              cache=None, progress: bool = False) -> Probe:
+    """Fit on the group-disjoint training split and record held-out AUROC (with CI) in the artefact."""
+    from .datasets import group_folds, group_split
+    from .fitters import fit
+    from .metrics import auroc, best_threshold, bootstrap_auroc
+    from .read import ReadConfig, read_activations, site_names
+
+    read = read or ReadConfig()
+    (name,) = site_names(lm, [site])
+    split = group_split(ds, test_fraction, seed)
+    X = read_activations(lm, ds, [name], read, cache=cache, progress=progress)[name]
+    y = ds.y
+    tr, te = torch.tensor(split.train), torch.tensor(split.test)
+    pos = {r: k for k, r in enumerate(split.train)}
+    kw: dict = {"seed": seed}
+    if fitter in ("lat", "ccs"):
+        kw["pairs"] = [(pos[a], pos[b]) for a, b in ds.pairs(split.train)]
+    if fitter == "logistic":
+        kw["folds"] = [([pos[i] for i in a], [pos[i] for i in b]) for a, b in group_folds(ds.groups, split.train, 4, seed)]
+    W, b, info = fit(fitter, X[tr][None], y[tr], **kw)
+    s_tr = X[tr] @ W[0] + b[0]
+    s_te = X[te] @ W[0] + b[0]
+    thr = float(best_threshold(s_tr[None], y[tr])[0])
+    lo, hi = bootstrap_auroc(s_te[None], y[te], 200, seed)
+    d = W[0] / W[0].norm()
+    gap = float((X[tr][y[tr] == 1].mean(0) - X[tr][y[tr] == 0].mean(0)) @ d)
+    metrics = {"train_auroc": float(auroc(s_tr, y[tr])), "test_auroc": float(auroc(s_te, y[te])),
+               "test_auroc_ci": [float(lo[0]), float(hi[0])], "n_train": len(split.train), "n_test": len(split.test),
+               **({"C": info["C"][0]} if "C" in info else {})}
+    cfg = ProbeConfig(model=lm.name, site=name, d_model=lm.d_model, fitter=fitter, read=read.read, chat=read.chat,
+                      dataset=ds.name, dataset_sha256=ds.sha256, seed=seed, class_gap=gap, metrics=metrics)
+    return Probe(W[0], float(b[0]), thr, cfg)

@@ -1,0 +1,264 @@
+"""Layer sweep: where is a concept linearly readable, how sure are we, and is it more than the controls?
+
+For every site (the embedding layer included, as a control) and every fitter, on a group-disjoint held-out
+split: test AUROC with a bootstrap CI and balanced accuracy at a training-chosen threshold, next to
+- random directions (mean and 95th percentile over many, each oriented on the training rows),
+- a label-shuffle null (the same fitter on permuted training labels; mean, 95th percentile, p-value),
+- a Hewitt–Liang control task (random labels per entity, same split and fitter): selectivity = task − control,
+- an easy→hard column when the data has a difficulty field.
+The suggested site is the best *selective* one: among sites whose primary-fitter selectivity reaches
+`min_selectivity` and whose test AUROC beats both nulls' 95th percentiles, the one with the highest
+cross-validated AUROC on the training split (chosen without looking at the test rows' task AUROC ranking).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import ProbeError
+from .datasets import ProbeSet, control_labels, group_folds, group_split
+from .fitters import DEFAULT_FITTERS, FITTERS, fit
+from .metrics import auroc, balanced_accuracy, best_threshold, bootstrap_auroc
+from .read import EMBED, ReadConfig, read_activations, site_names
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    fitters: tuple[str, ...] = DEFAULT_FITTERS
+    test_fraction: float = 0.25
+    seed: int = 0
+    n_random: int = 200
+    n_shuffle: int = 10
+    n_boot: int = 200
+    cv_folds: int = 4
+    min_selectivity: float = 0.2
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.fitters if f not in FITTERS]
+        if bad or not self.fitters:
+            raise ProbeError(f"unknown fitter(s) {bad}: expected some of {', '.join(FITTERS)}")
+        if self.n_random < 1 or self.n_shuffle < 1 or self.n_boot < 10 or self.cv_folds < 2:
+            raise ProbeError("n_random, n_shuffle >= 1, n_boot >= 10 and cv_folds >= 2 are required")
+
+
+def _fit_kwargs(method: str, ds: ProbeSet, train: list[int], seed: int, folds: int) -> dict:
+    """Extra inputs a fitter needs, re-indexed into the training rows."""
+    pos = {r: k for k, r in enumerate(train)}
+    kw: dict = {"seed": seed}
+    if method in ("lat", "ccs"):
+        kw["pairs"] = [(pos[a], pos[b]) for a, b in ds.pairs(train)]
+    if method == "logistic":
+        kw["folds"] = [([pos[i] for i in a], [pos[i] for i in b])
+                       for a, b in group_folds(ds.groups, train, folds, seed)]
+    return kw
+
+
+def _scores(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (X @ W[..., None]).squeeze(-1) + b[:, None]
+
+
+def random_direction_control(Xtr, ytr, Xte, yte, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test AUROC of n random unit directions per site, each signed to rank the training positives higher."""
+    g = torch.Generator().manual_seed(seed + 104729)
+    R = torch.randn(n, Xtr.shape[-1], generator=g)
+    R = R / R.norm(dim=1, keepdim=True)
+    sign = torch.where(auroc(torch.einsum("lnd,rd->lrn", Xtr, R), ytr) >= 0.5, 1.0, -1.0)
+    test = auroc(torch.einsum("lnd,rd->lrn", Xte, R) * sign[..., None], yte)  # [L, n]
+    return test.mean(1), torch.quantile(test, 0.95, dim=1)
+
+
+def sweep_arrays(acts: dict[str, torch.Tensor], ds: ProbeSet, cfg: SweepConfig | None = None) -> dict:
+    """Every number of the sweep from activations already read ({site: [N, d]}); no model needed."""
+    cfg = cfg or SweepConfig()
+    names = list(acts)
+    X = torch.stack([acts[n].float() for n in names])  # [L, N, d]
+    y = ds.y
+    split = group_split(ds, cfg.test_fraction, cfg.seed)
+    tr, te = torch.tensor(split.train), torch.tensor(split.test)
+    Xtr, Xte, ytr, yte = X[:, tr], X[:, te], y[tr], y[te]
+    ctrl = torch.tensor(control_labels(ds, cfg.seed))
+    ctrl_ok = len(set(ctrl[tr].tolist())) == 2 and len(set(ctrl[te].tolist())) == 2
+    rnd_mean, rnd_p95 = random_direction_control(Xtr, ytr, Xte, yte, cfg.n_random, cfg.seed)
+    easy = [i for i in split.train if ds.difficulty[i] == "easy"]
+    hard_te = [i for i in split.test if ds.difficulty[i] == "hard"]
+    hard_tr = [i for i in split.train if ds.difficulty[i] == "hard"]
+    has_eh = all(len(set(y[torch.tensor(ix)].tolist())) == 2 for ix in (easy, hard_te, hard_tr) if ix) \
+        and easy and hard_te and hard_tr
+    results: dict = {}
+    for method in cfg.fitters:
+        kw = _fit_kwargs(method, ds, split.train, cfg.seed, cfg.cv_folds)
+        W, b, info = fit(method, Xtr, ytr, **kw)
+        s_tr, s_te = _scores(Xtr, W, b), _scores(Xte, W, b)
+        thr = best_threshold(s_tr, ytr)
+        test = auroc(s_te, yte)
+        lo, hi = bootstrap_auroc(s_te, yte, cfg.n_boot, cfg.seed)
+        null_kw = {"seed": cfg.seed, **({"C": info["C"]} if "C" in info else {})}
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        nulls = []
+        for _ in range(cfg.n_shuffle):
+            yp = ytr[torch.randperm(len(ytr), generator=g)]
+            Wn, bn, _ = fit(method, Xtr, yp, **null_kw)
+            nulls.append(auroc(_scores(Xte, Wn, bn), yte))
+        nulls = torch.stack(nulls, 1)  # [L, n_shuffle]
+        if ctrl_ok:
+            ckw = {k: v for k, v in kw.items() if k != "pairs"}
+            Wc, bc, _ = fit(method, Xtr, ctrl[tr], **ckw)
+            control = auroc(_scores(Xte, Wc, bc), ctrl[te])
+        else:
+            control = torch.full((len(names),), float("nan"))
+        if method == cfg.fitters[0]:
+            cv = torch.zeros(len(names), dtype=torch.float64)
+            folds = group_folds(ds.groups, split.train, cfg.cv_folds, cfg.seed)
+            pos = {r: k for k, r in enumerate(split.train)}
+            for a, bb in folds:
+                a_t, b_t = torch.tensor([pos[i] for i in a]), torch.tensor([pos[i] for i in bb])
+                if len(set(ytr[b_t].tolist())) < 2 or len(set(ytr[a_t].tolist())) < 2:
+                    continue
+                fkw = {"seed": cfg.seed, **({"C": info["C"]} if "C" in info else {})}
+                Wf, bf, _ = fit(method, Xtr[:, a_t], ytr[a_t], **fkw)
+                cv += auroc(_scores(Xtr[:, b_t], Wf, bf), ytr[b_t]) / len(folds)
+        eh = {}
+        if has_eh:
+            for tag, rows in (("easy_to_hard", easy), ("hard_to_hard", hard_tr)):
+                rt, ht = torch.tensor(rows), torch.tensor(hard_te)
+                We, be, _ = fit(method, X[:, rt], y[rt], seed=cfg.seed, **({"C": info["C"]} if "C" in info else {}))
+                eh[tag] = auroc(_scores(X[:, ht], We, be), y[ht])
+        per_site = {}
+        for k, name in enumerate(names):
+            row = {
+                "train_auroc": float(auroc(s_tr[k], ytr)), "test_auroc": float(test[k]),
+                "test_auroc_ci": [float(lo[k]), float(hi[k])],
+                "balanced_accuracy": float(balanced_accuracy(s_te[k:k + 1], yte, thr[k:k + 1])[0]),
+                "shuffle_mean": float(nulls[k].mean()), "shuffle_p95": float(torch.quantile(nulls[k], 0.95)),
+                "shuffle_p": float((1 + (nulls[k] >= test[k]).sum()) / (1 + cfg.n_shuffle)),
+                "control_auroc": float(control[k]), "selectivity": float(test[k] - control[k]),
+                "direction_norm": float(W[k].norm()),
+            }
+            if "C" in info:
+                row["C"] = info["C"][k]
+            if method == cfg.fitters[0]:
+                row["cv_auroc"] = float(cv[k])
+            for tag, v in eh.items():
+                row[tag] = float(v[k])
+            per_site[name] = row
+        results[method] = per_site
+    out = {
+        "dataset": ds.name, "dataset_sha256": ds.sha256, "n_rows": len(ds), "n_train": len(split.train),
+        "n_test": len(split.test), "n_groups": len(set(ds.groups)), "n_entities": len(set(ds.entities)),
+        "sites": names, "config": asdict(cfg), "control_task": "random label per entity" if ctrl_ok else "unavailable",
+        "random_directions": {n: {"mean": float(rnd_mean[k]), "p95": float(rnd_p95[k])} for k, n in enumerate(names)},
+        "results": results,
+    }
+    out.update(suggest(out, cfg))
+    return out
+
+
+def suggest(out: dict, cfg: SweepConfig) -> dict:
+    """The best selective site of the primary fitter (see module docstring); flagged when none is selective."""
+    primary = cfg.fitters[0]
+    rows = out["results"][primary]
+    cands = [n for n in out["sites"] if n != EMBED]
+    selective = [n for n in cands if rows[n]["selectivity"] >= cfg.min_selectivity
+                 and rows[n]["test_auroc"] > max(rows[n]["shuffle_p95"], out["random_directions"][n]["p95"])]
+    pool = selective or cands
+    key = (lambda n: rows[n]["cv_auroc"]) if selective else (lambda n: rows[n]["selectivity"])
+    best = max(pool, key=lambda n: (key(n) if not math.isnan(key(n)) else -1.0))
+    r = rows[best]
+    return {"best_site": best, "best_fitter": primary, "best_auroc": r["test_auroc"],
+            "best_auroc_ci": r["test_auroc_ci"], "best_selectivity": r["selectivity"],
+            "best_is_selective": bool(selective), "selective_sites": selective,
+            "best_rule": (f"highest training-split CV AUROC among sites with selectivity >= {cfg.min_selectivity} and "
+                          f"test AUROC above the shuffle and random-direction 95th percentiles ({primary} fitter)")}
+
+
+def sweep(lm, ds: ProbeSet, sites: "str | Sequence[str]", read: ReadConfig | None = None,
+          cfg: SweepConfig | None = None, *, cache=None, progress: bool = False) -> dict:
+    """Read every site (plus the embedding layer) in one pass per batch, then `sweep_arrays`."""
+    cfg = cfg or SweepConfig()
+    read = read or ReadConfig()
+    names = site_names(lm, sites, embed=True)
+    group_split(ds, cfg.test_fraction, cfg.seed)  # a too-small dataset fails before any forward pass
+    acts = read_activations(lm, ds, names, read, cache=cache, progress=progress)
+    out = sweep_arrays(acts, ds, cfg)
+    out.update(model=lm.name, read=asdict(read))
+    return out
+
+
+# --------------------------------------------------------------------------- transfer
+
+
+def transfer(acts: dict[str, dict[str, torch.Tensor]], sets: dict[str, ProbeSet], site: str, method: str = "mean",
+             seed: int = 0, test_fraction: float = 0.25) -> dict:
+    """Train on A's training split, test on B's held-out split, at one site: AUROC matrix and recovered ratio."""
+    names = list(sets)
+    splits = {n: group_split(sets[n], test_fraction, seed) for n in names}
+    mat: dict = {}
+    for a in names:
+        tr = torch.tensor(splits[a].train)
+        Xa = acts[a][site][tr][None].float()
+        W, b, _ = fit(method, Xa, sets[a].y[tr], seed=seed)
+        mat[a] = {}
+        for bname in names:
+            te = torch.tensor(splits[bname].test)
+            mat[a][bname] = float(auroc(_scores(acts[bname][site][te][None].float(), W, b)[0], sets[bname].y[te]))
+    recovered = {a: {bn: mat[a][bn] / mat[bn][bn] for bn in names} for a in names}
+    return {"site": site, "fitter": method, "auroc": mat, "recovered": recovered, "datasets": names}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def save_json(out: dict, path: "str | Path") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def plot(out: dict, path: "str | Path") -> Path:
+    """Test AUROC per site for every fitter, the primary fitter's CI band and its controls."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = out["sites"]
+    xs = list(range(len(names)))
+    primary = out["best_fitter"]
+    fig, ax = plt.subplots(figsize=(max(7, 0.32 * len(names)), 4.2))
+    for method, rows in out["results"].items():
+        ax.plot(xs, [rows[n]["test_auroc"] for n in names], marker="o", ms=3, lw=2 if method == primary else 1,
+                label=f"{method} (held-out)")
+    rows = out["results"][primary]
+    ax.fill_between(xs, [rows[n]["test_auroc_ci"][0] for n in names], [rows[n]["test_auroc_ci"][1] for n in names],
+                    alpha=0.15, label=f"{primary} 95% CI")
+    ax.plot(xs, [rows[n]["control_auroc"] for n in names], ls="--", c="grey", label=f"{primary} control task")
+    ax.plot(xs, [rows[n]["shuffle_p95"] for n in names], ls=":", c="black", label="label-shuffle p95")
+    ax.plot(xs, [out["random_directions"][n]["p95"] for n in names], ls="-.", c="tab:red", label="random dir p95")
+    ax.axhline(0.5, c="lightgrey", lw=0.8)
+    if out.get("best_site") in names:
+        ax.axvline(names.index(out["best_site"]), c="green", lw=0.8, alpha=0.6)
+    ax.set_xticks(xs, [n.replace("resid.", "") for n in names], fontsize=7)
+    ax.set_xlabel("site (embed, then resid.L)")
+    ax.set_ylabel("AUROC")
+    ax.set_ylim(0.3, 1.02)
+    ax.set_title(f"{out['dataset']} on {out.get('model', '?')}: best {out['best_site']} "
+                 f"AUROC {out['best_auroc']:.3f}, selectivity {out['best_selectivity']:.2f}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.stem}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
