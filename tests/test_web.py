@@ -192,3 +192,24 @@ def test_random_button_lands_on_an_alive_feature(site, page):
         n = int(page.url.rsplit("/", 1)[1])
         assert wb.alive[n] and page.locator("#top-contexts .ctx").count() > 0
     shot(page, "feature")
+
+
+def test_building_page_turns_into_the_workbench(site, browser):
+    """First start: the page follows the loader over server-sent events and reloads itself when it is ready."""
+    _, wb = site
+    go = threading.Event()
+
+    def loader(status):
+        status.set("building the atlas", "tiny test atlas")
+        go.wait(30)
+        return wb
+
+    with LiveServer(create_app(ServerConfig(), loader=loader)) as url:
+        pg = browser.new_page()
+        pg.goto(f"{url}/")
+        assert "Getting the workbench ready" in pg.text_content("h1")
+        pg.wait_for_selector("#status >> text=building the atlas")
+        go.set()
+        pg.wait_for_selector("text=Feature explorer", timeout=20_000)
+        assert pg.url.rstrip("/") == url
+        pg.close()

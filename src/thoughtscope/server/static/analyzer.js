@@ -15,7 +15,8 @@ if (detailNode) {
     const i = Number(span.dataset.i), d = detail[i];
     const rows = d.top.map(([f, a, rel, label]) =>
       `<li><a href="/features/${f}">#${f}</a> <span class="bar small"><i style="width:${Math.min(100, 100 * rel).toFixed(1)}%"></i></span>` +
-      ` <b>${fmt(a)}</b> <span class="muted">${esc(label)}</span></li>`).join("");
+      ` <b>${fmt(a)}</b> <span class="muted">${esc(label)}</span>` +
+      ` <a class="small recolour" href="/analyze?feature=${f}&text=${encodeURIComponent(meta.text)}">colour by this</a></li>`).join("");
     let html = `<h3>Token <code>${esc(span.textContent)}</code> <span class="muted small">position ${i}</span></h3>`;
     html += d.excluded ? `<p class="muted small">The SAE does not read this position (attention sink).</p>` : "";
     html += `<p class="small">reconstruction error <b>${fmt(d.err)}</b> <span class="muted">(‖x − x̂‖² / ‖x‖²)</span></p>`;

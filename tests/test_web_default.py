@@ -1,0 +1,86 @@
+"""The workbench on the embedded defaults in a real browser (slow): every page works on SmolLM2 with the shipped
+SAE, NLA and the first-start atlas. The documentation's screenshots come from this test:
+
+    THOUGHTSCOPE_SCREENSHOTS=docs/img python3 -m pytest -q -m slow tests/test_web_default.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_web import LiveServer, browser, shot  # noqa: E402,F401  (browser is a fixture)
+
+from thoughtscope.server import ServerConfig, create_app, load_workbench  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SKY = 3448   # the shipped steering example's feature (sky: sun, moon, stars, clouds), see docs/steering.md
+TEXT = ("User: Can you help me fix this?\n\ndef mean(xs):\n    return sum(xs) / len(xs)\n\nAssistant: Sure. The "
+        "function fails on an empty list, because len(xs) is zero. The sky was clear and the stars were out.")
+
+
+@pytest.fixture(scope="module")
+def site():
+    wb = load_workbench(nla="default", progress=False)
+    with LiveServer(create_app(ServerConfig(max_new_tokens=64), wb)) as url:
+        yield url, wb
+
+
+@pytest.fixture()
+def page(browser):  # noqa: F811
+    ctx = browser.new_context(viewport={"width": 1360, "height": 860}, device_scale_factor=1)
+    pg = ctx.new_page()
+    yield pg
+    ctx.close()
+
+
+def test_home_feature_and_search(site, page):
+    url, wb = site
+    page.goto(f"{url}/")
+    assert wb.lm.name in page.text_content("header")
+    shot(page, "home")
+    page.goto(f"{url}/search?mode=words&q=sky")
+    assert page.locator("#hits tbody tr").count() > 0
+    shot(page, "search")
+    page.goto(f"{url}/features/{SKY}")
+    assert page.locator("#top-contexts .ctx").count() > 0 and page.locator("svg.hist rect").count() > 0
+    shot(page, "feature")
+
+
+def test_analyzer_click_and_nla(site, page):
+    url, _ = site
+    page.goto(f"{url}/analyze")
+    page.fill("textarea[name=text]", TEXT)
+    page.click("#analyze-form button")
+    page.wait_for_selector("#heatmap .t")
+    page.locator("#heatmap .t", has_text="stars").first.click()
+    assert page.locator("#token-panel .token-features li").count() > 0
+    page.click("#nla-explain")
+    page.wait_for_selector("#nla-panel .samples li", timeout=120_000)
+    shot(page, "analyzer")
+    page.goto(f"{url}/compare?a={quote('The stars and the moon lit the night sky.')}&b="
+              f"{quote('The printer and the scanner sat on the desk.')}")
+    assert page.locator("#diff tbody tr").count() > 0
+    shot(page, "compare")
+
+
+def test_equalizer_streams_three_columns(site, page):
+    url, _ = site
+    page.goto(f"{url}/steer?prompt={quote('Tell me about your weekend.')}&f={SKY}:clamp:2&max=40&seed=16&temp=0.5"
+              f"&where=generated&baseline={quote('Talk about the sky, the sun, the moon and the stars.')}")
+    page.click("#generate")
+    page.wait_for_function("document.body.dataset.run === 'done'", timeout=180_000)
+    lanes = {k: page.text_content(f"#lane-{k}") for k in ("steered", "unsteered", "baseline")}
+    assert all(lanes.values()) and lanes["steered"] != lanes["unsteered"], lanes
+    shot(page, "equalizer")
+
+
+def test_nla_view(site, page):
+    url, _ = site
+    page.goto(f"{url}/nla?text={quote('The cat sat on the warm windowsill in the sun')}&pos=-1&samples=3")
+    assert page.locator("#nla-result .samples li").count() == 3
+    shot(page, "nla")
