@@ -20,6 +20,7 @@ bash scripts/build_corpus.sh
 echo "==> headless Chromium for the browser tests (Debian's package; Playwright drives it, never downloads one)"
 if ! command -v chromium >/dev/null 2>&1; then
   SUDO=""; [[ $(id -u) != 0 ]] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null || echo "warning: apt-get update failed" >&2
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     chromium chromium-driver fonts-dejavu-core >/dev/null
 fi

@@ -122,6 +122,23 @@ def test_presets_roundtrip_load_and_vectors(c):
     assert page.status_code == 200 and 'data-key="tilt.0"' in page.text and f'data-feature="{PLANT}"' in page.text
 
 
+def test_calibration_curve_beside_the_slider_and_on_the_feature_page(c, wb):
+    assert PLANT in wb.sweeps and "q-calibrated" in wb.presets
+    page = c.get(f"/steer?f={PLANT}:clamp:2", headers=HTML).text
+    assert '<span class="calib"' in page and "<polyline" in page and "4: rate 1.00, ppl ×2.20" in page
+    assert "Steering calibration" in c.get(f"/features/{PLANT}", headers=HTML).text
+
+
+def test_serve_command_refuses_an_open_host_without_token(capsys):
+    from thoughtscope.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--host", "0.0.0.0", "--port", "9"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--token" in err and "Traceback" not in err
+
+
 def test_nla_view_and_token_fragment(c):
     r = c.get("/nla", params={"text": "a quiet queen", "pos": 3, "samples": 2}, headers=HTML)
     assert r.status_code == 200 and r.text.count("class=\"pill\">FVE ") == 2

@@ -56,6 +56,14 @@ def build_tiny(root: Path, *, nla: bool = True):
         {"type": "vector", "op": "add", "site": "resid.1", "vector": vec, "value": 0.5, "unit": "raw", "label": "tilt"},
         {"type": "feature", "op": "clamp", "site": "resid.1", "sae": str(root / "sae"), "feature": PLANT, "value": 3.0,
          "unit": "max", "max_act": 40.0, "label": "q"}]}))
+    # a calibration sweep as `thoughtscope steer sweep --out presets/q` writes it: q.json beside q.preset.json
+    from thoughtscope.steer import Preset, PresetItem, SweepPoint, SweepResult, save_sweep
+
+    Preset("q-calibrated", [PresetItem("feature", "clamp", "resid.1", 2.0, feature=PLANT, sae=str(root / "sae"),
+                                       unit="max", max_act=40.0, range=[0.0, 4.0], suggested=2.0)]).save(
+        presets / "q.preset.json")
+    save_sweep(SweepResult([SweepPoint(s, min(1.0, s / 4), 10 + 3 * s, 0.0) for s in (0.0, 1.0, 2.0, 4.0)],
+                           SweepPoint(0.0, 0.0, 10.0, 0.0), 2.0, 2.0, "keywords", ["q"], 4, {}), presets / "q.json")
     wb = Workbench(lm=lm, sae=sae, sae_spec=str(root / "sae"), atlas=at)
     if nla:
         wb.nla = NLA(lm, config_for(lm, site="resid.1", injection_scale=6.0, lora_rank=4, max_new_tokens=6))
