@@ -129,6 +129,33 @@ def test_calibration_curve_beside_the_slider_and_on_the_feature_page(c, wb):
     assert "Steering calibration" in c.get(f"/features/{PLANT}", headers=HTML).text
 
 
+def test_probe_scores_per_token_in_the_analyzer(wb, tmp_path):
+    probe_mod = pytest.importorskip("thoughtscope.probes.probe")
+    import torch
+
+    from thoughtscope.server.workbench import load_probes
+
+    lm = wb.lm
+    q = lm.model.get_input_embeddings().weight[lm.tokenizer.convert_tokens_to_ids("q")].detach()
+    cfg = probe_mod.ProbeConfig(model=lm.name, site="resid.1", d_model=lm.d_model, dataset="q-detector")
+    probe_mod.Probe(q / q.norm(), 0.0, 0.5 * float(q.norm()), cfg).save(tmp_path / "qprobe")
+    probes = load_probes(lm, [tmp_path / "qprobe"])
+    saved, wb.probes = wb.probes, probes
+    try:
+        with client(wb) as cl:
+            a = cl.post("/api/analyze", json={"text": "a quiet cat"}).json()
+            page = cl.post("/analyze", data={"text": "a quiet cat"}, headers=HTML).text
+    finally:
+        wb.probes = saved
+    scores = a["probes"]["qprobe"]
+    qi = a["tokens"].index("q")
+    assert len(scores) == len(a["tokens"]) and scores[qi] == max(scores)
+    assert scores[qi] == pytest.approx(float(q.norm()), rel=1e-4)   # resid.1 of the identity model is the embedding
+    detail = json.loads(page.split('id="detail">', 1)[1].split("</script>", 1)[0])
+    assert detail[qi]["probes"] == [["qprobe", pytest.approx(scores[qi]), True]]
+    assert torch.isfinite(torch.tensor(scores)).all()
+
+
 def test_serve_command_refuses_an_open_host_without_token(capsys):
     from thoughtscope.cli import main
 

@@ -36,6 +36,7 @@ class TextAnalysis:
     peaks: list[tuple[int, float, int]]         # over the text: (feature, peak activation, position of the peak)
     excluded: list[int] = field(default_factory=list)   # positions the SAE does not read (BOS sink)
     chosen: dict[int, list[float]] = field(default_factory=dict)  # feature -> activation per token
+    probe_scores: dict[str, list[float]] = field(default_factory=dict)  # probe name -> score per token
 
     def strongest(self) -> list[tuple[int, float] | None]:
         """The strongest feature of every token (None where nothing fires)."""
@@ -68,7 +69,8 @@ def _check_text(text: str, max_tokens: int | None, n: int) -> None:
         raise AnalyzerError(f"text has {n} tokens; the limit is {max_tokens}: shorten it")
 
 
-def _encode_text(lm: LoadedModel, sae, text: str, max_tokens: int | None):
+def _encode_text(lm: LoadedModel, sae, text: str, max_tokens: int | None, probes: dict | None = None):
+    """Token ids, the SAE site's activations and features, and each probe's score per token: one forward pass."""
     if not isinstance(text, str) or not text.strip():
         raise AnalyzerError("text is empty: paste some text to analyze")
     ids, mask = lm.tokenize(text)
@@ -76,20 +78,28 @@ def _encode_text(lm: LoadedModel, sae, text: str, max_tokens: int | None):
     if ids.shape[1] > lm.max_context:
         raise AnalyzerError(f"text has {ids.shape[1]} tokens but {lm.name} reads at most {lm.max_context}")
     site = Site.parse(sae.cfg.site)
-    x = capture(lm, [site], ids, mask)[site][0].to(sae.W_dec.dtype)
+    probes = probes or {}
+    sites = {site} | {Site.parse(p.cfg.site) for p in probes.values()}
+    acts = capture(lm, sorted(sites, key=str), ids, mask)
+    x = acts[site][0].to(sae.W_dec.dtype)
     with torch.inference_mode():
         f = sae.encode(x)
-    return ids[0].tolist(), x, f
+        scores = {name: p.score(acts[Site.parse(p.cfg.site)][0]).float().tolist() for name, p in probes.items()}
+    return ids[0].tolist(), x, f, scores
 
 
 def analyze_text(lm: LoadedModel, sae, text: str, *, k: int = 8, features: Sequence[int] = (),
-                 max_tokens: int | None = None) -> TextAnalysis:
-    """Per token: the k strongest features, the relative reconstruction error; `features` also get full tracks."""
+                 max_tokens: int | None = None, probes: dict | None = None) -> TextAnalysis:
+    """Per token: the k strongest features, the relative reconstruction error; `features` also get full tracks.
+
+    `probes` ({name: probe}, each with `cfg.site` and `score(x)`, as thoughtscope.probes' Probe) are scored on
+    every token from the same forward pass.
+    """
     n_feat = int(sae.W_dec.shape[0])
     for i in features:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_feat:
             raise AnalyzerError(f"feature {i!r} is out of range: this SAE has features 0..{n_feat - 1}")
-    ids, x, f = _encode_text(lm, sae, text, max_tokens)
+    ids, x, f, probe_scores = _encode_text(lm, sae, text, max_tokens, probes)
     with torch.inference_mode():
         active = (f > 0).any(0).nonzero().squeeze(1)
         x_hat = f[:, active] @ sae.W_dec[active] + sae.b_dec
@@ -108,7 +118,7 @@ def analyze_text(lm: LoadedModel, sae, text: str, *, k: int = 8, features: Seque
     peaks = [(int(n), float(a), int(where[n])) for n, a in zip(pi.tolist(), pv.tolist()) if a > 0]
     return TextAnalysis(token_ids=ids, tokens=token_texts(lm.tokenizer, ids), top=top,
                         recon_error=[float(e) for e in err.tolist()], peaks=peaks, excluded=excluded,
-                        chosen={int(n): f[:, n].tolist() for n in features})
+                        chosen={int(n): f[:, n].tolist() for n in features}, probe_scores=probe_scores)
 
 
 def compare_texts(lm: LoadedModel, sae, text_a: str, text_b: str, *, k: int = 20, max_act: Sequence[float] | None = None,
@@ -121,7 +131,7 @@ def compare_texts(lm: LoadedModel, sae, text_a: str, text_b: str, *, k: int = 20
     """
     peaks = []
     for t in (text_a, text_b):
-        ids, _, f = _encode_text(lm, sae, t, max_tokens)
+        ids, _, f, _ = _encode_text(lm, sae, t, max_tokens)
         f = f.float().clone()  # a normal tensor: the encode ran in inference mode
         if getattr(sae.cfg, "exclude_bos", False) and len(ids) > 1:
             f[0] = 0

@@ -31,7 +31,9 @@ def analysis_view(wb, a, feature: int | None) -> dict:
         tokens.append({"i": i, "s": s, "act": act, "rel": min(rel, 1.0), "lead": lead, "err": a.recon_error[i],
                        "excluded": i in a.excluded})
     detail = [{"top": [[n, v, v / maxes[n], labels.get(n, "")] for n, v in t], "err": a.recon_error[i],
-               "excluded": i in a.excluded} for i, t in enumerate(a.top)]
+               "excluded": i in a.excluded,
+               "probes": [[name, sc[i], sc[i] > float(getattr(wb.probes[name], "threshold", 0.0))]
+                          for name, sc in a.probe_scores.items()]} for i, t in enumerate(a.top)]
     peaks = [{"feature": n, "peak": v, "rel": v / float(wb.max_acts[n]), "at": a.tokens[p], "label": wb.label(n)}
              for n, v, p in a.peaks[:12]]
     return {"tokens": tokens, "detail_json": json.dumps(detail), "peaks": peaks, "err_scale": err_scale or 1.0,
@@ -40,7 +42,7 @@ def analysis_view(wb, a, feature: int | None) -> dict:
 
 def _analyze(wb, text: str, feature: int | None, cfg):
     a = analyze_text(wb.lm, wb.sae, text, k=8, features=[feature] if feature is not None else [],
-                     max_tokens=cfg.max_prompt_tokens)
+                     max_tokens=cfg.max_prompt_tokens, probes=wb.probes)
     return a, analysis_view(wb, a, feature)
 
 
@@ -78,9 +80,9 @@ async def analyze_json(request: Request, body: AnalyzeRequest):
     wb, cfg = wb_of(request), cfg_of(request)
     text = text_param(body.text, "text", cfg)
     a = await run_model(request, analyze_text, wb.lm, wb.sae, text, k=body.k, features=body.features,
-                        max_tokens=cfg.max_prompt_tokens)
+                        max_tokens=cfg.max_prompt_tokens, probes=wb.probes)
     return {"tokens": a.tokens, "top": a.top, "recon_error": a.recon_error, "peaks": a.peaks, "excluded": a.excluded,
-            "chosen": {str(k): v for k, v in a.chosen.items()}}
+            "chosen": {str(k): v for k, v in a.chosen.items()}, "probes": a.probe_scores}
 
 
 def _compare(wb, a: str, b: str, cfg):

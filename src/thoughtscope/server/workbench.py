@@ -61,7 +61,7 @@ class Workbench:
     presets: dict = field(default_factory=dict)          # name -> Preset
     vectors: dict = field(default_factory=dict)          # key -> VectorSlider
     sweeps: dict = field(default_factory=dict)           # feature id -> sweep dict (points, baseline)
-    probes: list = field(default_factory=list)
+    probes: dict = field(default_factory=dict)           # name -> probe (score(x) per token, threshold)
     notes: list = field(default_factory=list)            # things the user should know (skipped presets ...)
     db_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -200,7 +200,9 @@ def load_workbench(model: str = "default", sae: str = "default", atlas: str | No
                                              f"only; the terminal shows the progress bar)")
             from ..corpus import Corpus
 
-            cfg = AtlasConfig(n_tokens=build_tokens, top_k=10, n_bins=5, per_bin=4, n_random_contexts=32)
+            # the atlas defaults keep enough examples for held-out scoring (top 20, 10 bins x 5); 64 random
+            # contexts leave 32 unseen ones for the scorer's silent windows
+            cfg = AtlasConfig(n_tokens=build_tokens, n_random_contexts=64)
             build_atlas(lm, sae_obj, Corpus("default"), out, cfg, sae_path=sae, progress=progress)
         with Atlas.open(out) as built:
             todo = sorted(set(np.flatnonzero(built.stats()["n_active"] > 0).tolist()) - built.explained(None))
@@ -227,13 +229,22 @@ def load_workbench(model: str = "default", sae: str = "default", atlas: str | No
     return wb
 
 
-def load_probes(lm, folders) -> list:
-    """Probes named at start; needs thoughtscope.probes with a load + per-token score API."""
+def load_probes(lm, folders) -> dict:
+    """Probes named at start ({folder name: probe}), each checked against the model."""
     try:
-        from .. import probes as probes_mod
+        from ..probes.probe import load_probe
     except ImportError:
-        raise ServerError("--probe needs thoughtscope.probes, which this installation does not have") from None
-    load = getattr(probes_mod, "load_probe", None)
-    if load is None:
-        raise ServerError("thoughtscope.probes offers no load_probe(folder): --probe cannot be used yet")
-    return [load(f) for f in folders]
+        raise ServerError("--probe needs thoughtscope.probes with load_probe(folder), which this installation "
+                          "does not have") from None
+    out = {}
+    for f in folders:
+        name = Path(f).name or str(f)
+        if name in out:
+            raise ServerError(f"two --probe folders are named {name!r}: give them different folder names")
+        probe = load_probe(f, lm)
+        try:
+            lm.check_site(probe.cfg.site)
+        except ValueError as e:
+            raise ServerError(f"probe {f} reads {probe.cfg.site!r}, which the analyzer cannot read: {e}") from None
+        out[name] = probe
+    return out

@@ -21,6 +21,10 @@ if (detailNode) {
     html += d.excluded ? `<p class="muted small">The SAE does not read this position (attention sink).</p>` : "";
     html += `<p class="small">reconstruction error <b>${fmt(d.err)}</b> <span class="muted">(‖x − x̂‖² / ‖x‖²)</span></p>`;
     html += rows ? `<ul class="neighbours token-features">${rows}</ul>` : `<p class="muted">no feature fires here</p>`;
+    if (d.probes && d.probes.length) {
+      html += `<h3>Probes</h3><ul class="neighbours probe-scores">` + d.probes.map(([name, score, fires]) =>
+        `<li>${esc(name)} <b>${fmt(score)}</b> <span class="pill">${fires ? "above" : "below"} threshold</span></li>`).join("") + `</ul>`;
+    }
     if (meta.nla) html += `<div id="nla-panel"><button type="button" class="ghost" id="nla-explain">Explain with the NLA</button></div>`;
     panel.innerHTML = html;
     const btn = document.getElementById("nla-explain");
