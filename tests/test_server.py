@@ -122,6 +122,20 @@ def test_presets_roundtrip_load_and_vectors(c):
     assert page.status_code == 200 and 'data-key="tilt.0"' in page.text and f'data-feature="{PLANT}"' in page.text
 
 
+def test_a_whole_preset_as_one_slider(c, wb):
+    assert set(wb.preset_ivs) == {"tilt", "q-calibrated"} and len(wb.preset_ivs["tilt"]) == 2
+    page = c.get("/steer?p=tilt:1.5", headers=HTML).text
+    assert 'data-preset="tilt"' in page and 'value="1.5"' in page
+
+    def steered(q: str) -> str:
+        ev = events(c.get(f"/steer/stream?prompt=hello&seed=3&temp=0.8&max=8{q}").text)
+        return "".join(d["text"] for name, d in ev if name == "steered")
+
+    assert steered("&p=tilt:0") == steered("")
+    assert steered("&p=tilt:2") != steered("")
+    assert steered("&p=tilt:2") == steered("&p=tilt:1&gain=2")   # gain multiplies preset sliders too
+
+
 def test_calibration_curve_beside_the_slider_and_on_the_feature_page(c, wb):
     assert PLANT in wb.sweeps and "q-calibrated" in wb.presets
     page = c.get(f"/steer?f={PLANT}:clamp:2", headers=HTML).text
@@ -188,7 +202,7 @@ def test_nla_view_and_token_fragment(c):
     ("/steer/stream?prompt=", 422), ("/steer/preset.json?name=../x", 422), ("/analyze?text=abc&feature=77", 422),
     ("/analyze?text=abc&view=zzz", 422), ("/search?mode=nope", 422), ("/search?mode=words&q=", 422),
     ("/compare?a=abc", 422), ("/nla?text=abc&pos=99", 422), ("/nla/token?text=abc", 422),
-    ("/api/search", 422),
+    ("/api/search", 422), ("/steer?p=nope:1", 422), ("/steer?p=tilt:-1", 422), ("/steer?p=tilt", 422),
 ])
 def test_bad_inputs_get_the_right_status(c, url, status):
     r = c.get(url)

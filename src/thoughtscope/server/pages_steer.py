@@ -44,6 +44,7 @@ class Mixer:
     prompt: str = DEFAULT_PROMPT
     features: list = field(default_factory=list)   # (feature, op, value in × max activation)
     vectors: list = field(default_factory=list)    # (slider key, value)
+    presets: list = field(default_factory=list)    # (preset name, multiple of its saved values)
     gain: float = 1.0
     seed: int = 16
     temp: float = 0.5
@@ -53,7 +54,7 @@ class Mixer:
 
     def query(self) -> str:
         q = [("prompt", self.prompt)] + [("f", f"{n}:{op}:{v:g}") for n, op, v in self.features]
-        q += [("v", f"{k}:{v:g}") for k, v in self.vectors]
+        q += [("v", f"{k}:{v:g}") for k, v in self.vectors] + [("p", f"{k}:{v:g}") for k, v in self.presets]
         q += [("gain", f"{self.gain:g}"), ("seed", str(self.seed)), ("temp", f"{self.temp:g}"),
               ("max", str(self.max_new)), ("where", self.where)]
         if self.baseline:
@@ -67,9 +68,15 @@ def parse_mixer(request: Request) -> Mixer:
     qp = request.query_params
     m = Mixer(prompt=text_param(qp.get("prompt", DEFAULT_PROMPT), "prompt", cfg),
               baseline=text_param(qp.get("baseline", ""), "baseline", cfg, required=False))
-    fs, vs = qp.getlist("f"), qp.getlist("v")
-    if len(fs) + len(vs) > cfg.max_sliders:
-        raise HTTPException(422, f"{len(fs) + len(vs)} sliders; the limit is {cfg.max_sliders}")
+    fs, vs, ps = qp.getlist("f"), qp.getlist("v"), qp.getlist("p")
+    if len(fs) + len(vs) + len(ps) > cfg.max_sliders:
+        raise HTTPException(422, f"{len(fs) + len(vs) + len(ps)} sliders; the limit is {cfg.max_sliders}")
+    for raw in ps:
+        name, _, val = raw.rpartition(":")
+        if name not in wb.preset_ivs:
+            raise HTTPException(422, f"preset slider {name!r} is not one of the presets loaded at start "
+                                     f"({', '.join(wb.preset_ivs) or 'none'})")
+        m.presets.append((name, float_param(val, f"preset slider {name}", 0, SLIDER_MAX)))
     for raw in fs:
         parts = raw.split(":")
         if len(parts) not in (2, 3) or parts[1] not in OPS:
@@ -112,7 +119,19 @@ def interventions(wb, m: Mixer) -> list:
         out.append(VectorEdit(e.vector, e.site, s.op, scale=e.scale * v * m.gain if s.op == "add" else 1.0,
                               value=v * m.gain if s.op == "clamp_projection" else 0.0, positions=e.positions,
                               label=s.label))
+    for name, v in m.presets:
+        if v * m.gain != 0:
+            out += [scaled(iv, v * m.gain) for iv in wb.preset_ivs[name]]
     return out
+
+
+def scaled(iv, k: float):
+    """A copy of a library intervention with its strength (clamp target, amount, scale, projection) times k."""
+    if isinstance(iv, VectorEdit):
+        return VectorEdit(iv.vector, iv.site, iv.op, scale=iv.scale * k if iv.op == "add" else 1.0,
+                          value=iv.value * k, positions=iv.positions, label=iv.label)
+    return type(iv)(iv.sae, iv.feature, iv.op, iv.value * k if iv.op != "ablate" else 0.0, unit=iv.unit,
+                    max_act=iv.max_act, positions=iv.positions, site=iv.site, label=iv.label)
 
 
 def _gen_config(m: Mixer) -> GenerationConfig:
@@ -135,8 +154,11 @@ def steer_page(request: Request, feature: str | None = None):
     values = dict(m.vectors)
     vectors = [{"key": k, "label": s.label, "preset": s.preset, "op": s.op, "value": values.get(k, 0.0),
                 "range": s.range} for k, s in wb.vectors.items()]
+    pvalues = dict(m.presets)
+    preset_sliders = [{"name": n, "value": pvalues.get(n, 0.0), "items": len(ivs),
+                       "description": wb.presets[n].description} for n, ivs in wb.preset_ivs.items()]
     return page(request, "steer.html", nav="steer", m=m, sliders=sliders, vectors=vectors,
-                presets=sorted(wb.presets), query=m.query())
+                preset_sliders=preset_sliders, presets=sorted(wb.presets), query=m.query())
 
 
 def _lanes(wb, m: Mixer, cfg) -> list[Lane]:

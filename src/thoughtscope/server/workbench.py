@@ -60,6 +60,7 @@ class Workbench:
     nla: object | None = None
     presets: dict = field(default_factory=dict)          # name -> Preset
     vectors: dict = field(default_factory=dict)          # key -> VectorSlider
+    preset_ivs: dict = field(default_factory=dict)       # preset name -> its interventions, built once (a slider)
     sweeps: dict = field(default_factory=dict)           # feature id -> sweep dict (points, baseline)
     probes: dict = field(default_factory=dict)           # name -> probe (score(x) per token, threshold)
     notes: list = field(default_factory=list)            # things the user should know (skipped presets ...)
@@ -136,6 +137,7 @@ def load_presets(wb: Workbench, dirs=None) -> None:
             seen.add(name)
             wb.presets[name] = p
             _vector_sliders(wb, name, p)
+            _preset_slider(wb, name, p)
             _sweep_beside(wb, path, p)
 
 
@@ -154,6 +156,21 @@ def _vector_sliders(wb: Workbench, name: str, p) -> None:
         key = f"{name}.{i}"
         wb.vectors[key] = VectorSlider(key, it.label or f"{name} #{i}", name, one, it.op, float(it.value),
                                        (float(lo), float(hi)))
+
+
+def _preset_slider(wb: Workbench, name: str, p) -> None:
+    """The whole preset as one slider: its interventions built once here (so a vector's 'norm' unit and any
+    other SAE it names are resolved at start), then scaled by the slider on each request."""
+    from ..sae.formats import default_sae_path
+    from ..steer import SteerError
+
+    if not p.items:
+        return
+    ours = str((default_sae_path() if wb.sae_spec in ("", "default") else Path(wb.sae_spec)).resolve())
+    try:
+        wb.preset_ivs[name] = p.build(wb.lm, sae_cache={ours: wb.sae})
+    except (SteerError, OSError, ValueError) as e:
+        wb.notes.append(f"preset {name} cannot be a slider: {e}")
 
 
 def _sweep_beside(wb: Workbench, path: Path, p) -> None:

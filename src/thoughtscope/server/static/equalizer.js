@@ -21,6 +21,10 @@ function state() {
     const v = Number($(".val", row).value) || 0;
     if (v !== 0) q.append("v", `${row.dataset.key}:${v}`);
   }
+  for (const row of $$(".slider.preset")) {
+    const v = Number($(".val", row).value) || 0;
+    if (v !== 0) q.append("p", `${row.dataset.preset}:${v}`);
+  }
   for (const name of ["gain", "seed", "temp", "max", "where"]) q.set(name, form.elements[name].value);
   const base = $("#baseline").value.trim();
   if (base) q.set("baseline", base);
@@ -124,7 +128,7 @@ if (form) {
   });
   const load = $("#load-preset");
   if (load) load.addEventListener("change", () => {
-    if (load.value) location.href = `/steer/load?name=${encodeURIComponent(load.value)}&${state().replace(/(^|&)(f|v)=[^&]*/g, "")}`;
+    if (load.value) location.href = `/steer/load?name=${encodeURIComponent(load.value)}&${state().replace(/(^|&)(f|v|p)=[^&]*/g, "")}`;
   });
   $("#upload-preset").addEventListener("change", (e) => { if (e.target.files[0]) upload(e.target.files[0]); });
   sync();
