@@ -48,9 +48,9 @@ class _Solo:
 
 
 def sizes(args) -> dict:
-    quick = {"store_tokens": 65_536, "n_features": 2304, "batch_size": 2048, "steps": 24, "grid": "1,4",
+    quick = {"store_tokens": 131_072, "n_features": 2304, "batch_size": 2048, "steps": 24, "grid": "1,4",
              "eval_points": 4, "curve_rows": 4096, "match_runs": 2}
-    full = {"store_tokens": 262_144, "n_features": 9216, "batch_size": 4096, "steps": 48, "grid": "1,3",
+    full = {"store_tokens": 131_072, "n_features": 9216, "batch_size": 4096, "steps": 48, "grid": "1,3",
             "eval_points": 5, "curve_rows": 4096, "match_runs": 3}
     base = quick if args.quick else full
     return {key: (getattr(args, key) if getattr(args, key, None) is not None else v) for key, v in base.items()}

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from .corpus import Corpus
+from .distributed import join_process_group
 from .models import LoadedModel, Site, capture, parse_sites
 from .store import MANIFEST_NAME, ActivationStore, StoreError, StoreWriter
 
@@ -74,6 +76,8 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
     """Harvest activations at `sites` for the first `n_tokens` tokens of `corpus` into stores under `out`.
 
     Re-running the same command resumes an interrupted harvest, or returns a finished one unchanged.
+    Under torchrun (WORLD_SIZE > 1) the forward batches are dealt round-robin to the ranks and gathered on rank 0,
+    which alone writes: the store is the one a single process writes, row for row, and resumes the same way.
     """
     cfg = config or HarvestConfig()
     cfg.validate()
@@ -84,20 +88,72 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
         raise ValueError(f"--ctx-len {cfg.ctx_len} exceeds {lm.name}'s context window of {lm.max_context} tokens")
     shard_tokens = cfg.resolved_shard_tokens()
     paths = store_paths(Path(out), site_list)
-    description = corpus.describe()
+    world, rank = join_process_group(lm.device)
+    writers, done, finished, failure = None, 0, None, None
+    if rank == 0:  # only rank 0 touches the stores
+        try:
+            finished = None if overwrite else _finished_stores(paths, cfg.n_tokens)
+            if finished is None:
+                writers = _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out)
+                done = min(w.tokens_done for w in writers.values())
+        except BaseException as e:  # noqa: BLE001 - re-raised below once the other ranks know
+            failure = e
+    if world > 1:
+        state = torch.tensor([int(failure is not None), int(finished is not None), done], dtype=torch.int64)
+        dist.broadcast(state, src=0)
+        if int(state[0]):
+            if failure is not None:
+                raise failure
+            raise StoreError(f"rank 0 could not open the stores under {out}; its error says why")
+        if int(state[1]):
+            dist.barrier()
+            return {s: ActivationStore.open(p) for s, p in paths.items()}
+        done = int(state[2])
+    elif failure is not None:
+        raise failure
+    if finished is not None:
+        return finished
+
+    skip_batches = (cfg.skip_tokens + done) // cfg.batch_tokens
+    bar = _Progress(cfg.n_tokens, done, enabled=progress and rank == 0,
+                    label=f"harvest {', '.join(map(str, site_list))}" + (f" on {world} processes" if world > 1 else ""))
+    planned = tokens = done
+    pending: list = []  # this round's forward batches, one per rank, in corpus order
+    try:
+        for b, batch in enumerate(corpus.batches(lm.tokenizer, cfg.ctx_len, cfg.batch_size, add_bos=cfg.add_bos)):
+            if planned >= cfg.n_tokens:
+                break
+            if b < skip_batches:
+                continue
+            take = min(batch.input_ids.numel(), cfg.n_tokens - planned)
+            pending.append((batch, take))
+            planned += take
+            if len(pending) == world:
+                tokens = _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on_shard)
+                pending = []
+                bar.update(tokens)
+        if pending:
+            tokens = _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on_shard)
+            bar.update(tokens)
+    finally:
+        bar.close()
+    if tokens < cfg.n_tokens:
+        bar.note(f"the corpus ran out after {tokens} tokens (asked for {cfg.n_tokens})")
+    stores = None
+    if rank == 0:
+        stores = {s: w.finish(extra={"n_tokens_requested": cfg.n_tokens}) for s, w in writers.items()}
+    if world > 1:
+        dist.barrier()
+        if stores is None:
+            stores = {s: ActivationStore.open(p) for s, p in paths.items()}
+    return stores
+
+
+def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out) -> dict[Site, StoreWriter]:
     # ctx_len and batch_size decide the forward batches, so a resume must use the same ones.
     extra = {"ctx_len": cfg.ctx_len, "batch_size": cfg.batch_size, "add_bos": cfg.add_bos,
              "skip_tokens": cfg.skip_tokens, "model_source": lm.source}
-    if not overwrite:
-        finished = _finished_stores(paths)
-        if finished is not None:
-            for st in finished.values():
-                if st.extra.get("n_tokens_requested") != cfg.n_tokens:
-                    raise StoreError(
-                        f"{st.path} already holds a finished harvest of {st.extra.get('n_tokens_requested')} tokens; "
-                        f"pass overwrite (--overwrite) to replace it with {cfg.n_tokens} tokens, or choose another --out"
-                    )
-            return finished
+    description = corpus.describe()
     writers = {
         s: StoreWriter(p, model=lm.name, site=str(s), d_model=lm.d_model, dtype=cfg.dtype,
                        shard_tokens=shard_tokens, corpus=description, extra=extra, overwrite=overwrite)
@@ -105,48 +161,53 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
     }
     done = min(w.tokens_done for w in writers.values())
     if any(w.tokens_done != done for w in writers.values()):
+        for w in writers.values():
+            w.close()
         raise RuntimeError(
             "the stores under " + str(out) + " were left at different points ("
             + ", ".join(f"{s}: {w.tokens_done}" for s, w in writers.items())
             + " tokens); remove them or harvest each site separately"
         )
-    skip_batches = (cfg.skip_tokens + done) // cfg.batch_tokens
+    return writers
+
+
+def _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on_shard) -> int:
+    """Forward this rank's batch of the round, gather every rank's activations on rank 0, write them in order."""
     store_dtype = DTYPES[cfg.dtype]
+    d = lm.d_model
+    mine = pending[rank][0] if rank < len(pending) else None
+    acts = capture(lm, site_list, mine.input_ids.to(lm.device), early_exit=True) if mine is not None else None
+    if world == 1:
+        per_batch = [{s: acts[s].reshape(-1, d).to("cpu", store_dtype) for s in site_list}]
+    else:
+        # fixed-shape buffers (the corpus's last batch may be short; ranks without a batch send zeros)
+        buf = torch.zeros(len(site_list), cfg.batch_size, cfg.ctx_len, d, dtype=store_dtype, device=lm.device)
+        if acts is not None:
+            for i, s in enumerate(site_list):
+                buf[i, :acts[s].shape[0]] = acts[s].to(store_dtype)
+        gathered = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
+        dist.gather(buf, gathered, dst=0)
+        per_batch = None
+        if rank == 0:
+            per_batch = [{s: gathered[j][i, :batch.input_ids.shape[0]].reshape(-1, d).cpu()
+                          for i, s in enumerate(site_list)} for j, (batch, _) in enumerate(pending)]
+    for (batch, take), rows in zip(pending, per_batch or []):
+        ids = batch.input_ids
+        meta = {
+            "doc_id": batch.doc_ids.reshape(-1)[:take],
+            "position": torch.arange(ids.shape[1]).repeat(ids.shape[0])[:take].to(torch.int32),
+            "token_id": ids.reshape(-1)[:take].to(torch.int32),
+            "doc_position": batch.doc_positions.reshape(-1)[:take].to(torch.int32),
+        }
+        for s, w in writers.items():
+            before = w.tokens_done
+            w.add(rows[s][:take], meta)
+            if on_shard is not None and w.tokens_done != before and s == site_list[0]:
+                on_shard(w.tokens_done)
+    return tokens + sum(take for _, take in pending)
 
-    bar = _Progress(cfg.n_tokens, done, enabled=progress, label=f"harvest {', '.join(map(str, site_list))}")
-    tokens = done
-    device = lm.device
-    try:
-        for b, batch in enumerate(corpus.batches(lm.tokenizer, cfg.ctx_len, cfg.batch_size, add_bos=cfg.add_bos)):
-            if tokens >= cfg.n_tokens:
-                break
-            if b < skip_batches:
-                continue
-            ids = batch.input_ids
-            acts = capture(lm, site_list, ids.to(device), early_exit=True)
-            n = ids.numel()
-            take = min(n, cfg.n_tokens - tokens)
-            meta = {
-                "doc_id": batch.doc_ids.reshape(-1)[:take],
-                "position": torch.arange(ids.shape[1]).repeat(ids.shape[0])[:take].to(torch.int32),
-                "token_id": ids.reshape(-1)[:take].to(torch.int32),
-                "doc_position": batch.doc_positions.reshape(-1)[:take].to(torch.int32),
-            }
-            for s, w in writers.items():
-                before = w.tokens_done
-                w.add(acts[s].reshape(n, lm.d_model)[:take].to("cpu", store_dtype), meta)
-                if on_shard is not None and w.tokens_done != before and s == site_list[0]:
-                    on_shard(w.tokens_done)
-            tokens += take
-            bar.update(tokens)
-    finally:
-        bar.close()
-    if tokens < cfg.n_tokens:
-        bar.note(f"the corpus ran out after {tokens} tokens (asked for {cfg.n_tokens})")
-    return {s: w.finish(extra={"n_tokens_requested": cfg.n_tokens}) for s, w in writers.items()}
 
-
-def _finished_stores(paths: dict[Site, Path]) -> dict[Site, ActivationStore] | None:
+def _finished_stores(paths: dict[Site, Path], n_tokens: int) -> dict[Site, ActivationStore] | None:
     """The stores of an earlier, finished run of the same harvest, or None when any is missing or unfinished."""
     out = {}
     for s, p in paths.items():
@@ -156,6 +217,11 @@ def _finished_stores(paths: dict[Site, Path]) -> dict[Site, ActivationStore] | N
         if not st.complete:
             return None
         out[s] = st
+    for st in out.values():
+        if st.extra.get("n_tokens_requested") != n_tokens:
+            raise StoreError(
+                f"{st.path} already holds a finished harvest of {st.extra.get('n_tokens_requested')} tokens; "
+                f"pass overwrite (--overwrite) to replace it with {n_tokens} tokens, or choose another --out")
     return out
 
 

@@ -45,20 +45,23 @@ def harvest(
     dtype: str = typer.Option("float32", help="stored dtype: float32, float16 or bfloat16"),
     shard_tokens: Optional[int] = typer.Option(None, help="tokens per shard (a multiple of batch-size × ctx-len)"),
     skip_tokens: int = typer.Option(0, help="start this many tokens into the corpus (for a held-out store)"),
-    device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda:0 (default: CPU)"),
+    device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda:0; under torchrun 'cuda' = each "
+                                         "process's own GPU (default: CPU)"),
     model_dtype: Optional[str] = typer.Option(None, help="dtype to run the model in"),
     overwrite: bool = typer.Option(False, help="replace a finished store at --out"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
-    """Harvest activations at one or more sites into resumable on-disk stores."""
+    """Harvest activations at one or more sites into resumable on-disk stores (torchrun: contexts split across
+    processes, one store)."""
     from ..corpus import Corpus, CorpusError
+    from ..distributed import local_device
     from ..harvest import HarvestConfig, harvest as run
     from ..models import SiteError, parse_sites
     from ..store import StoreError
 
     try:
         sites = parse_sites(",".join(site))
-        lm = _load(model, device, model_dtype)
+        lm = _load(model, local_device(device), model_dtype)  # under torchrun, "cuda" = this process's GPU
         src = Corpus(corpus, text_field=text_field)
         cfg = HarvestConfig(n_tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
                             shard_tokens=shard_tokens, skip_tokens=skip_tokens)

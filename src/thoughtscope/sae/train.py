@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .architectures import SAE, SAEConfig, SAEError, build_sae, geometric_median
+from ..distributed import join_process_group, local_device
 from ..errors import ThoughtscopeError
 
 
@@ -142,9 +143,8 @@ class Trainer:
             raise SAEError(f"all SAEs of a sweep must share d_model, got {sorted(d)}")
         self.cfgs = [copy.deepcopy(c) for c in cfgs]
         self.tc = train_cfg
-        self.device = torch.device(train_cfg.device)
-        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.device = torch.device(local_device(train_cfg.device))
+        self.world, self.rank = join_process_group(self.device)  # started by torchrun: one rank of the group
         if train_cfg.batch_size % self.world:
             raise SAEError(f"batch_size={train_cfg.batch_size} must be divisible by the world size {self.world}")
         self.step = 0

@@ -1,0 +1,132 @@
+"""The README's benchmark table, generated from the JSON of ``benchmarks/run_all.py`` (never copied by hand).
+
+    python scripts/benchmark_table.py bench.json                  # print the markdown table
+    python scripts/benchmark_table.py bench.json --readme README.md   # replace the table between the markers
+
+Rows from a ``--quick`` run say so. Benchmarks without a row recipe here get a generic row of their ``*ratio*``
+figures, so a new benchmark shows up without editing this file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+START, END = "<!-- benchmark-table:start -->", "<!-- benchmark-table:end -->"
+
+
+def _f(x, fmt: str = ".3g", none: str = "n/a") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def _contender(c: dict) -> str:
+    t = c["test"]
+    return (f"lr {c['lr']:.2g}: FVU {t['fvu']:.3f}, L0 {t['l0']:.1f}, {t['dead_frac']:.0%} dead, "
+            f"{c['tokens_per_s']:,.0f} tok/s")
+
+
+def sae_rows(fig: dict, quick: bool) -> list[list[str]]:
+    rows = []
+    data, sz = fig["data"], fig["sizes"]
+    work = (f"{data['kept_rows']:,} resid.15 rows kept of {data['store_tokens']:,} (position 0 and norm > 10x median "
+            f"dropped); {sz['n_features']:,} latents, batch {sz['batch_size']:,} x {sz['steps']} steps "
+            f"({fig['epochs']:.2f} epochs); lr = x{fig['lr_grid']['multipliers_of_each_tools_default']} of each "
+            f"tool's default, chosen on validation; FVU on {data['test_rows']:,} test rows")
+    tag = " --quick" if quick else ""
+    if "topk" in fig:
+        r = fig["topk"]
+        c = r["contenders"]
+        peers = "; ".join(f"{n} {c[n]['settings'].get('version', '')} ({_contender(c[n])})" for n in c
+                          if n != "thoughtscope")
+        eq = r["vs"].get("saelens", {})
+        wall = eq.get("fvu_at_equal_wallclock", {})
+        ratio = (f"**{_f(r.get('speed_ratio_vs_saelens'), '.2f')}x speed**, FVU ratio "
+                 f"**{_f(r.get('fvu_ratio_vs_saelens'), '.2f')}** at equal tokens, time to SAELens' FVU "
+                 f"**{_f(r.get('time_to_peer_fvu_ratio'), '.2f')}** (target <= 0.33); at equal wall-clock FVU "
+                 f"{_f(wall.get('thoughtscope'), '.3f')} vs {_f(wall.get('saelens'), '.3f')}")
+        if "speed_ratio_vs_sparsify" in r:
+            ratio += (f"; vs sparsify {_f(r['speed_ratio_vs_sparsify'], '.2f')}x speed, FVU ratio "
+                      f"{_f(r['fvu_ratio_vs_sparsify'], '.2f')}, time to its FVU "
+                      f"{_f(r.get('time_to_sparsify_fvu_ratio'), '.2f')}")
+        ratio += (f"; {r['ceiling_fraction']:.2f} of the matmul ceiling ({r['achieved_gflops']:.1f} of "
+                  f"{r['matmul_gflops']:.1f} GFLOP/s, {r['flop_per_token']['total'] / 1e6:.1f} MFLOP/token)")
+        rows.append([f"`sae_train.py{tag}` topk k = {c['thoughtscope']['settings'].get('k', 32)}", work,
+                     _contender(c["thoughtscope"]), peers, ratio])
+    if "relu_l1" in fig:
+        r = fig["relu_l1"]
+        c = r["contenders"]
+        m = r.get("matched_l0", {})
+        ratio = (f"**{_f(r.get('speed_ratio_vs_saelens'), '.2f')}x speed**; FVU ratio "
+                 f"**{_f(r.get('fvu_ratio_vs_saelens'), '.2f')}** at SAELens' L0 {_f(m.get('target_l0'), '.1f')} "
+                 f"({'interpolated' if m.get('bracketed') else 'nearest point, not bracketed'}); "
+                 f"{r['ceiling_fraction']:.2f} of the matmul ceiling")
+        rows.append([f"`sae_train.py{tag}` relu-l1 (lambda {c['thoughtscope']['settings'].get('l1_coeff', 5):g})",
+                     "same rows and rules", _contender(c["thoughtscope"]),
+                     "; ".join(f"{n} ({_contender(c[n])})" for n in c if n != "thoughtscope"), ratio])
+    return rows
+
+
+def generic_rows(name: str, fig: dict, quick: bool) -> list[list[str]]:
+    tag = " --quick" if quick else ""
+    known = {
+        "harvest": ("ratio_vs_bare_forward", "harvest tok/s over a bare forward through the site (>= 0.9)"),
+        "atlas": ("cost_ratio_vs_harvest", "atlas streaming cost over harvest (<= 1.3)"),
+        "steer": ("overhead_ratio", "steered over plain generation tok/s (>= 0.95)"),
+    }
+    ratios = {k: v for k, v in fig.items() if "ratio" in k and isinstance(v, (int, float))}
+    if name in known and known[name][0] in fig:
+        key, what = known[name]
+        head = f"**{fig[key]:.3g}** {what}"
+        rest = ", ".join(f"{k} {v:.3g}" for k, v in ratios.items() if k != key)
+        if name == "steer" and "vector_fit_speedup" in fig:
+            rest += (f"; vector fit {fig['vector_fit_speedup']:.2f}x faster than {fig.get('vector_reference', 'ref')}"
+                     f" (cosine {fig.get('vector_cosine', float('nan')):.4f})")
+        return [[f"`{name}.py{tag}`", "see the script's docstring", "", "", head + (f"; {rest}" if rest else "")]]
+    return [[f"`{name}.py{tag}`", "see the script's docstring", "", "",
+             ", ".join(f"{k} {v:.3g}" for k, v in ratios.items()) or "figures in the JSON"]]
+
+
+def table(result: dict) -> str:
+    lines = ["| benchmark | work | thoughtscope | peer / baseline | ratio (target) |", "| --- | --- | --- | --- | --- |"]
+    for name, res in result["benchmarks"].items():
+        if res.get("status") == "absent":
+            continue
+        if res.get("status") != "ok" or not res.get("figures"):
+            lines.append(f"| `{name}.py` | | | | **{res.get('status')}** (exit {res.get('returncode')}) |")
+            continue
+        fig, quick = res["figures"], bool(res.get("quick"))
+        rows = sae_rows(fig, quick) if name == "sae_train" else generic_rows(name, fig, quick)
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    m = result.get("machine", {})
+    note = (f"\nMeasured by `benchmarks/run_all.py` at commit {str(result.get('commit'))[:10]} on "
+            f"{m.get('cpus')} CPU cores ({m.get('platform')}, torch {m.get('torch')}), load average at start "
+            f"{', '.join(f'{x:.1f}' for x in (m.get('load_average_at_start') or []))}; started "
+            f"{result.get('started_at')}.")
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", type=Path, help="output of benchmarks/run_all.py")
+    p.add_argument("--readme", type=Path, help=f"replace the text between {START} and {END} in this file")
+    args = p.parse_args(argv)
+    text = table(json.loads(args.json.read_text()))
+    if not args.readme:
+        print(text)
+        return 0
+    doc = args.readme.read_text()
+    if START not in doc or END not in doc:
+        print(f"{args.readme} has no {START} ... {END} markers", file=sys.stderr)
+        return 2
+    before, rest = doc.split(START, 1)
+    after = rest.split(END, 1)[1]
+    tmp = args.readme.with_suffix(args.readme.suffix + ".tmp")
+    tmp.write_text(before + START + "\n" + text + END + after)
+    os.replace(tmp, args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
