@@ -70,6 +70,9 @@ def fit_lda(X, y, **_) -> tuple[torch.Tensor, torch.Tensor]:
     mu1, mu0 = X[:, y == 1].mean(1), X[:, y == 0].mean(1)
     Xc = torch.cat([X[:, y == 1] - mu1[:, None], X[:, y == 0] - mu0[:, None]], 1)
     S = ledoit_wolf(Xc)
+    # a small ridge keeps a degenerate site solvable (e.g. the embedding of a final "." that every row shares)
+    ridge = 1e-6 * S.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-12
+    S = S + ridge[:, None, None] * torch.eye(S.shape[-1], dtype=S.dtype)
     W = torch.linalg.solve(S, (mu1 - mu0)[..., None]).squeeze(-1)
     return W.float(), _midpoint_bias(X, y, W).float()
 
@@ -138,14 +141,16 @@ def logistic_raw(X: torch.Tensor, y: torch.Tensor, C: "float | torch.Tensor",
 
 
 def _standardise(X: torch.Tensor):
+    """Centre, and scale by one number per layer (the RMS deviation): an isotropic rescaling keeps the geometry
+    (per-feature scaling would bend the L2 penalty towards high-variance features) and makes C comparable."""
     mu = X.mean(1, keepdim=True)
-    sd = X.std(1, keepdim=True).clamp_min(1e-8)
+    sd = (X - mu).pow(2).mean((1, 2), keepdim=True).sqrt().clamp_min(1e-8).expand(-1, 1, X.shape[2])
     return (X - mu) / sd, mu.squeeze(1), sd.squeeze(1)
 
 
 def fit_logistic(X, y, *, folds: Sequence[tuple[list[int], list[int]]] | None = None, C=None,
                  **_) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """L2 logistic on standardised features; C per layer by cross-validated AUROC over `folds` (indices into
+    """L2 logistic on centred, rescaled features; C per layer by cross-validated AUROC over `folds` (indices into
     these training rows, so the held-out split is never seen), warm-started along the C grid."""
     X, y = _check(X, y)
     L = X.shape[0]
@@ -217,8 +222,8 @@ def fit_lat(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int =
     return W.float(), _midpoint_bias(X, y, W).float()
 
 
-def fit_ccs(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int = 0, steps: int = 400,
-            restarts: int = 4, **_):
+def fit_ccs(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int = 0, steps: int = 300,
+            restarts: int = 3, **_):
     """Contrast-consistent search on pairs: unsupervised loss, best of a few restarts, sign from the labels."""
     X, y = _check(X, y)
     pr = _pairs_or_random(y, pairs, seed)
@@ -226,6 +231,10 @@ def fit_ccs(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int =
         raise ProbeError(f"CCS needs at least 2 (positive, negative) pairs in the training split, got {len(pr)}")
     p = torch.tensor([a for a, _ in pr])
     q = torch.tensor([b for _, b in pr])
+    # Hide which member is the positive (CCS is unsupervised): with label-ordered halves, centring each half
+    # would subtract the very difference we look for.
+    swap = torch.rand(len(pr), generator=torch.Generator().manual_seed(seed + 1)) < 0.5
+    p, q = torch.where(swap, q, p), torch.where(swap, p, q)
 
     def norm(H):
         H = H - H.mean(1, keepdim=True)
@@ -239,7 +248,7 @@ def fit_ccs(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int =
     for _r in range(restarts):
         w = (torch.randn(L, d, generator=g) / math.sqrt(d)).requires_grad_(True)
         b = torch.zeros(L, requires_grad=True)
-        opt = torch.optim.AdamW([w, b], lr=1e-3, weight_decay=0.01)
+        opt = torch.optim.AdamW([w, b], lr=1e-2, weight_decay=0.01)
         with torch.enable_grad():
             for _s in range(steps):
                 pa = torch.sigmoid((A @ w[..., None]).squeeze(-1) + b[:, None])

@@ -1,0 +1,216 @@
+"""Probes on planted data and tiny random models: fitters, controls, splits, reading, artefact, erasure, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from thoughtscope.errors import ProbeError, ThoughtscopeError
+from thoughtscope.models import tiny_model
+from thoughtscope.probes.datasets import ProbeSet, control_labels, from_pairs, group_split, load_dataset
+from thoughtscope.probes.fitters import FITTERS, fit, logistic_raw
+from thoughtscope.probes.generators import BUILTIN, builtin
+from thoughtscope.probes.metrics import auroc, best_threshold, threshold_at_fpr
+from thoughtscope.probes.sweep import SweepConfig, sweep_arrays
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def planted(n=400, d=32, strength=2.0, seed=0, pairs=False):
+    """Rows with a concept along a unit vector u (class 1 at +s, class 0 at -s) and isotropic noise."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    if pairs:  # each pair shares a base point and differs only along u (plus small noise)
+        base = torch.randn(n // 2, d, generator=g).repeat_interleave(2, 0)
+        y = torch.tensor([1, 0] * (n // 2))
+        X = base + strength * (2 * y[:, None].float() - 1) * u + 0.3 * torch.randn(n, d, generator=g)
+    else:
+        y = torch.randint(0, 2, (n,), generator=g)
+        X = torch.randn(n, d, generator=g) + strength * (2 * y[:, None].float() - 1) * u
+    return X, y, u
+
+
+def ds_for(y, groups=None, pair_ids=None, entities=None):
+    n = len(y)
+    return ProbeSet([f"text {i}" for i in range(n)], [int(v) for v in y], groups or [f"g{i // 2}" for i in range(n)],
+                    entities=entities, pair_ids=pair_ids)
+
+
+@pytest.mark.parametrize("method", FITTERS)
+def test_each_fitter_recovers_a_planted_direction(method):
+    # CCS (the opt-in comparison, unsupervised) lands at cosine ~0.83 here: its consistency loss also bends away
+    # from the pair's shared base; it is held to 0.8 and to the same AUROC bar.
+    X, y, u = planted(pairs=method in ("lat", "ccs"))
+    tr, te = torch.arange(0, 300), torch.arange(300, 400)
+    kw = {"pairs": [(i, i + 1) for i in range(0, 300, 2)]} if method in ("lat", "ccs") else {}
+    if method == "logistic":  # the penalty chosen by cross-validation on the training rows, as in a sweep
+        kw["folds"] = [([i for i in range(300) if i % 4 != f], [i for i in range(300) if i % 4 == f]) for f in range(4)]
+    W, b, info = fit(method, X[tr], y[tr], **kw)
+    cos = float(torch.nn.functional.cosine_similarity(W[0], u, dim=0))
+    assert cos >= (0.8 if method == "ccs" else 0.95), (method, cos)
+    assert float(auroc(X[te] @ W[0] + b[0], y[te])) >= 0.95
+
+
+def test_fitters_are_batched_over_layers_and_match_one_layer_at_a_time():
+    X1, y, _ = planted(seed=1)
+    X2, _, _ = planted(seed=2)
+    X2 = X2[:, torch.randperm(X2.shape[1], generator=torch.Generator().manual_seed(0))]
+    both = torch.stack([X1, X2])
+    for method in ("mean", "lda", "logistic"):
+        W, b, _ = fit(method, both, y, C=1.0)
+        W1, b1, _ = fit(method, X1, y, C=1.0)
+        assert torch.allclose(W[0], W1[0], atol=1e-4, rtol=1e-3), method
+
+
+def test_no_signal_stays_near_chance_and_the_shuffle_null_agrees():
+    g = torch.Generator().manual_seed(3)
+    n, d = 800, 16
+    y = torch.randint(0, 2, (n,), generator=g)
+    acts = {"resid.0": torch.randn(n, d, generator=g)}
+    out = sweep_arrays(acts, ds_for(y, entities=[f"e{i % 12}" for i in range(n)]),
+                       SweepConfig(fitters=("mean", "logistic"), n_random=50, n_shuffle=8, n_boot=50))
+    for m in ("mean", "logistic"):
+        r = out["results"][m]["resid.0"]
+        assert abs(r["test_auroc"] - 0.5) < 0.1, r
+        assert abs(r["shuffle_mean"] - 0.5) < 0.1, r
+        assert r["test_auroc"] <= r["shuffle_p95"] + 0.05 and r["shuffle_p"] > 0.05, r
+    assert abs(out["random_directions"]["resid.0"]["mean"] - 0.5) < 0.1
+
+
+def test_sweep_finds_the_site_with_signal_and_reports_every_control():
+    X0, y, _ = planted(n=240, strength=0.0, seed=4)
+    X1, _, _ = planted(n=240, strength=2.0, seed=4)
+    out = sweep_arrays({"embed": X0, "resid.0": X0, "resid.1": X1},
+                       ds_for(y, entities=[f"e{i % 12}" for i in range(240)]),
+                       SweepConfig(fitters=("mean", "lda"), n_random=40, n_shuffle=4, n_boot=40))
+    assert out["best_site"] == "resid.1" and out["best_is_selective"]
+    assert out["best_auroc"] > 0.95 and out["best_selectivity"] > 0.3
+    row = out["results"]["mean"]["resid.1"]
+    for key in ("test_auroc_ci", "balanced_accuracy", "shuffle_p95", "shuffle_p", "control_auroc", "cv_auroc"):
+        assert key in row
+    json.dumps(out)
+
+
+def test_group_splits_never_share_a_group_and_control_labels_follow_entities():
+    for name in BUILTIN:
+        if name == "cities_known":
+            continue
+        ds = builtin(name)
+        sp = group_split(ds, 0.25, seed=1)
+        assert not {ds.groups[i] for i in sp.train} & {ds.groups[i] for i in sp.test}, name
+        assert sorted(sp.train + sp.test) == list(range(len(ds)))
+        ctrl = control_labels(ds)
+        by = {}
+        for e, c in zip(ds.entities, ctrl):
+            assert by.setdefault(e, c) == c
+
+
+def test_logistic_matches_scikit_learn():
+    sk = pytest.importorskip("sklearn.linear_model")
+    g = torch.Generator().manual_seed(5)
+    for n, d in ((300, 16), (80, 120)):
+        X = torch.randn(n, d, generator=g, dtype=torch.float64)
+        y = ((X @ torch.randn(d, generator=g, dtype=torch.float64)) + torch.randn(n, generator=g, dtype=torch.float64)
+             > 0).long()
+        for C in (0.05, 1.0):
+            w, b = logistic_raw(X, y, C)
+            ref = sk.LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(X.numpy(), y.numpy())
+            cos = torch.nn.functional.cosine_similarity(w[0], torch.tensor(ref.coef_[0]), dim=0)
+            assert float(cos) >= 0.999 and abs(float(b[0]) - ref.intercept_[0]) < 1e-3
+
+
+def test_auroc_matches_scikit_learn_with_ties():
+    skm = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(6)
+    s = torch.randint(0, 5, (200,), generator=g).float()
+    y = torch.randint(0, 2, (200,), generator=g)
+    assert abs(float(auroc(s, y)) - skm.roc_auc_score(y.numpy(), s.numpy())) < 1e-12
+    t = best_threshold(s[None], y)
+    assert t.shape == (1,)
+    assert threshold_at_fpr(torch.arange(100.0), 0.05) == pytest.approx(94.05)
+
+
+def test_leace_makes_a_planted_concept_unreadable_and_keeps_orthogonal_information():
+    from thoughtscope.probes.erase import fit_eraser
+    from thoughtscope.steer.interventions import StepContext
+
+    g = torch.Generator().manual_seed(7)
+    n, d = 2000, 32
+    y = torch.randint(0, 2, (n,), generator=g)
+    z = torch.randint(0, 2, (n,), generator=g)  # a second, independent concept
+    X = torch.randn(n, d, generator=g) * 3 + 10
+    X[:, 0] += 3 * (2 * y.float() - 1)
+    X[:, 1] += 3 * (2 * z.float() - 1)
+    tr, te = torch.arange(0, 1500), torch.arange(1500, n)
+    er = fit_eraser(X[tr], y[tr], "resid.0")
+    Xe = er.apply(X[None], StepContext(offset=5))[0]  # offset 5: no position-0 column in this pass
+    for m in ("mean", "logistic"):
+        W, b, _ = fit(m, Xe[tr], y[tr], C=1.0)
+        a = float(auroc(Xe[te] @ W[0] + b[0], y[te]))
+        assert 0.42 <= a <= 0.55, (m, a)  # a fresh probe, trained on erased rows, reads nothing held-out
+    W, b, _ = fit("mean", Xe[tr], z[tr])
+    assert float(auroc(Xe[te] @ W[0] + b[0], z[te])) > 0.9
+    assert torch.allclose(Xe[tr][y[tr] == 1].mean(0), Xe[tr][y[tr] == 0].mean(0), atol=1e-3)
+
+
+def test_bad_datasets_name_file_and_row(tmp_path):
+    def write(name, rows):
+        p = tmp_path / name
+        p.write_text("\n".join(json.dumps(r) for r in rows))
+        return p
+
+    cases = [
+        ([{"text": "a", "label": 1}, {"text": "b", "label": 1}], "both classes"),
+        ([{"text": "a", "label": 1}, {"text": " ", "label": 0}], "row 2: empty text"),
+        ([{"text": "a", "label": 1}, {"text": "a", "label": 0}], "row 2: duplicate text"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": 2}], "row 2: label 2"),
+        ([{"positive": "a", "negative": "b"}, {"positive": "c"}], "row 2: pair has no negative"),
+        ([{"text": "a"}], "row 1: missing label"),
+    ]
+    for k, (rows, msg) in enumerate(cases):
+        p = write(f"bad{k}.jsonl", rows)
+        with pytest.raises(ProbeError, match=msg) as e:
+            load_dataset(p)
+        assert str(p) in str(e.value)
+    (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 1}\n{oops\n')
+    with pytest.raises(ProbeError, match="row 2: not valid JSON"):
+        load_dataset(tmp_path / "broken.jsonl")
+    small = ProbeSet(["a", "b", "c", "d"], [1, 0, 1, 0], ["g1", "g1", "g2", "g2"], source="small.jsonl")
+    with pytest.raises(ProbeError, match="too small for a held-out split"):
+        group_split(small, 0.5)
+    assert issubclass(ProbeError, ThoughtscopeError)
+    with pytest.raises(ProbeError, match="pair 1"):
+        from_pairs([("only one",)])
+
+
+def test_csv_and_pairs_files_load(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label,group,difficulty\nyes it is,1,a,easy\nno it is not,0,a,hard\n"
+                                    "sure,true,b,\nnever,false,b,\n")
+    ds = load_dataset(tmp_path / "d.csv")
+    assert ds.labels == [1, 0, 1, 0] and ds.groups == ["a", "a", "b", "b"] and ds.difficulty[0] == "easy"
+    (tmp_path / "p.jsonl").write_text('{"positive": "I love it", "negative": "I hate it"}\n'
+                                      '{"positive": "great", "negative": "awful", "group": "g"}\n')
+    ps = load_dataset(tmp_path / "p.jsonl")
+    assert ps.labels == [1, 0, 1, 0] and ps.pairs() == [(0, 1), (2, 3)] and ps.groups[2] == "g"
+    ps.to_jsonl(tmp_path / "round.jsonl")
+    assert load_dataset(tmp_path / "round.jsonl").sha256 == ps.sha256
+
+
+def test_shipped_generators_are_balanced_and_valid():
+    for name in ("comparisons", "cities", "cities_negated", "translations", "arithmetic", "sentiment", "honesty"):
+        ds = builtin(name)
+        assert 0.4 < sum(ds.labels) / len(ds) < 0.6, name
+        assert len(set(ds.entities)) >= (2 if name == "honesty" else 10), name
+    assert builtin("comparisons").texts[0][0].isupper()
+    assert {d for d in builtin("arithmetic").difficulty} == {"easy", "hard"}
+    assert len(builtin("honesty").pairs()) == 200
+    known = builtin("cities_known")
+    assert 0 < len(known) < len(builtin("cities"))
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", d_model=64, n_layers=3)
