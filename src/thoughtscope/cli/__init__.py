@@ -660,6 +660,8 @@ from .serve import serve_app  # noqa: E402
 app.add_typer(nla_app, name="nla")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(serve_app, name="serve")
+from .probe import probe_app  # noqa: E402
+app.add_typer(probe_app, name="probe")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
