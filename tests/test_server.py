@@ -230,6 +230,9 @@ def test_caps_on_body_text_and_tokens(wb, c):
         assert small.post("/api/analyze", json={"text": "abcdefghijkl"}).status_code == 422
     assert c.get("/search?q=" + "a" * 20000).status_code == 414
     assert c.post("/api/analyze", json={"text": "abc", "k": 0}).status_code == 422
+    assert c.post("/analyze", json={"text": "abc"}).status_code == 415          # the page takes a form
+    assert c.post("/analyze", content=b"text=\xff\xfe", headers={"content-type": "application/x-www-form-urlencoded"}
+                  ).status_code == 422
     assert c.post("/api/analyze", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
 
 

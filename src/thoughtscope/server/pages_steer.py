@@ -155,7 +155,7 @@ def steer_page(request: Request, feature: str | None = None):
     vectors = [{"key": k, "label": s.label, "preset": s.preset, "op": s.op, "value": values.get(k, 0.0),
                 "range": s.range} for k, s in wb.vectors.items()]
     pvalues = dict(m.presets)
-    preset_sliders = [{"name": n, "value": pvalues.get(n, 0.0), "items": len(ivs),
+    preset_sliders = [{"name": n, "value": pvalues.get(n, 0.0), "n_items": len(ivs),
                        "description": wb.presets[n].description} for n, ivs in wb.preset_ivs.items()]
     return page(request, "steer.html", nav="steer", m=m, sliders=sliders, vectors=vectors,
                 preset_sliders=preset_sliders, presets=sorted(wb.presets), query=m.query())

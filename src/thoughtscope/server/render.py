@@ -31,9 +31,12 @@ def err_heat(e: float, scale: float) -> str:
     return f"background:rgba(37,99,235,{0.08 + 0.72 * t:.2f})"
 
 
+CONTROL = {i: 0x2400 + i for i in range(32)} | {10: "⏎", 9: "⇥", 127: "␡"}  # control characters as their symbols
+
+
 def show_token(s: str) -> str:
-    """Visible whitespace: newlines as ⏎ so a token never disappears."""
-    return s.replace("\n", "⏎").replace("\t", "⇥") if s else "·"  # "" = first bytes of a character
+    """Visible whitespace and control characters (newline ⏎, escape ␛), so a token never disappears."""
+    return s.translate(CONTROL) if s else "·"  # "" = the first bytes of a character split over tokens
 
 
 def fmt(x, digits: int = 3) -> str:
