@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sqlite3
 import time
 from datetime import datetime, timezone
@@ -27,8 +28,8 @@ from pathlib import Path
 
 from thoughtscope.atlas import Atlas, ExplainConfig, LexicalScorer, LocalChatClient, explain_atlas, explain_offline
 from thoughtscope.atlas.cards import load_tokenizer
-from thoughtscope.atlas.explain import shuffled_control
-from thoughtscope.atlas.scoring import mean_ci
+from thoughtscope.atlas.heldout import prepare
+from thoughtscope.atlas.scoring import derangement, detection_items, lexical_detection, mean_ci
 
 
 def _copy_db(src: Path, dst: Path) -> None:
@@ -57,6 +58,19 @@ def _arm(rows: dict[int, dict], feats: list[int]) -> dict:
     out = {"n": len(feats)}
     for k in ("detection_auroc", "detection_bacc", "shuffled_detection_auroc", "shuffled_detection_bacc"):
         out[k] = mean_ci([rows[f].get(k) for f in feats if f in rows])
+    return out
+
+
+def _rescore(expl: dict[int, str], items: dict, seed: int) -> dict[int, dict]:
+    """Detection scores of each explanation on its feature's held-out windows, and of a deranged one."""
+    out = {f: {"explanation": e} for f, e in expl.items()}
+    perm = derangement(sorted(expl), seed + 1)
+    for f, e in expl.items():
+        d = lexical_detection(e, *items[f])
+        out[f].update(detection_auroc=d["auroc"], detection_bacc=d["bacc"])
+        if f in perm:
+            d = lexical_detection(expl[perm[f]], *items[f])
+            out[f].update(shuffled_detection_auroc=d["auroc"], shuffled_detection_bacc=d["bacc"])
     return out
 
 
@@ -101,26 +115,30 @@ def main() -> None:
         lm = load_model(spec)
         client = LocalChatClient(lm)
         seconds, done_here = 0.0, 0
-        for s in range(0, len(feats), args.chunk):
+        order = list(feats)
+        random.Random(args.seed).shuffle(order)  # a deadline cuts a random subset, not the lowest ids
+        for s in range(0, len(order), args.chunk):
             if _past(args.deadline):
                 llm_info["stopped_at_deadline"] = args.deadline
                 break
             t1 = time.perf_counter()
-            r = explain_atlas(llm_db, client, LexicalScorer(), tokenizer=lm.tokenizer, features=feats[s:s + args.chunk],
+            r = explain_atlas(llm_db, client, LexicalScorer(), tokenizer=lm.tokenizer, features=order[s:s + args.chunk],
                               config=cfg, progress=False, control=False)
             if r["requested"]:
                 seconds += time.perf_counter() - t1
                 done_here += r["requested"]
-                print(f"llm arm: {s + args.chunk}/{len(feats)} features, {seconds / max(1, done_here):.1f} s/feature "
+                print(f"llm arm: {min(len(order), s + args.chunk)}/{len(order)} features, {seconds / max(1, done_here):.1f} s/feature "
                       f"this run", flush=True)
-        llm_now = _rows(llm_db, feats)
-        # the control over the features the LLM arm reached (a derangement within them)
-        with Atlas.open(llm_db) as at:
-            shuffled_control(at, sorted(llm_now), LexicalScorer(), lm.tokenizer, cfg)
         llm_info.update(seconds_this_run=round(seconds, 1), features_this_run=done_here,
                         seconds_per_feature_this_run=round(seconds / done_here, 2) if done_here else None)
     llm = _rows(llm_db, feats) if llm_db.is_file() else {}
     both = [f for f in feats if f in off and f in llm]
+    # every score again, in memory, with the scorer as it is now and one shared split: both arms are judged on
+    # exactly the same held-out windows, each with its own derangement control
+    with Atlas.open(src) as at:
+        items = {f: detection_items(prepare(at, f, cfg), tok, cfg) for f in feats}
+    off = _rescore({f: off[f]["explanation"] for f in off}, items, args.seed)
+    llm = _rescore({f: llm[f]["explanation"] for f in llm}, items, args.seed)
 
     paired = {}
     for k in ("detection_auroc", "detection_bacc"):

@@ -151,6 +151,17 @@ def test_lexical_scorer_reads_only_the_text():
     assert scores[0] > scores[1] > scores[2] == 0.0 and active == [True, False, False]
     s2, _ = sc.predict("python code", ["I wrote Python", "a pythonic way", "cython"])
     assert s2[0] > 0 and s2[1] > 0 and s2[2] == 0        # unquoted words match at a word start only
+    s3, a3 = sc.predict('fires on "x"; in Cyrillic text', ["привет мир", "hello world", "x"])
+    assert s3[0] > 0 and s3[1] == 0 and a3 == [True, False, True]   # a kind of character, not the word
+
+
+def test_llm_preamble_keeps_the_list_that_follows():
+    from thoughtscope.atlas.explain import parse_explanation
+
+    assert parse_explanation("This feature responds to the following tokens:\n- \"warn\"\n- \"filter\"") == \
+        'This feature responds to the following tokens: - "warn"; - "filter"'
+    assert parse_explanation('"the letter q"') == "the letter q"
+    assert parse_explanation("Sure.\nEXPLANATION: Python warnings") == "Python warnings"
 
 
 def test_metrics_and_control_helpers():

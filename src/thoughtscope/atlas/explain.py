@@ -245,7 +245,14 @@ def parse_explanation(text: str) -> str:
             break
     if not lines:
         raise MalformedAnswer("empty explanation")
-    out = lines[0].strip().strip('"').strip("'").strip()
+    # a preamble that announces a list ("This feature responds to the following tokens:") is not the answer
+    # by itself: small models put the substance on the next lines, so those are kept with it
+    out = lines[0]
+    if out.endswith(":") and len(lines) > 1:
+        out = out + " " + "; ".join(lines[1:6])
+    out = out.strip()
+    if len(out) >= 2 and out[0] == out[-1] and out[0] in "\"'":  # the whole answer in quotes
+        out = out[1:-1].strip()
     if not out:
         raise MalformedAnswer("empty explanation")
     return out[:300]

@@ -86,8 +86,13 @@ def span(ex: Example, cfg: ExplainConfig) -> tuple[int, int]:
 
 
 def render(ex: Example, tokenizer, cfg: ExplainConfig, *, marks: set[int] | None = None) -> str:
-    """The shown span of an example as text; positions in `marks` are wrapped in << >>."""
+    """The shown span of an example as text; positions in `marks` are wrapped in << >>.
+
+    Unmarked, the span is decoded in one piece, so a character split over several byte-level tokens reads
+    as itself rather than as replacement characters."""
     lo, hi = span(ex, cfg)
+    if not marks:
+        return tokenizer.decode([int(t) for t in ex.tokens[lo:hi + 1]]).replace("\n", "⏎")
     out = []
     for p in range(lo, hi + 1):
         s = piece(tokenizer, ex.tokens[p])

@@ -21,6 +21,7 @@ writes for that reader, and the scores on held-out contexts say whether what it 
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from .heldout import (
     span,
     true_marks,
 )
+from .scoring import SCRIPTS
 
 OFFLINE = "offline-tokens-v1"
 
@@ -52,6 +54,8 @@ class OfflineOptions:
     min_gain: float = 0.02        # smallest gain in TPR - FPR for a cue to be kept
     min_context_support: float = 0.2  # a context cue must occur in this share of the shown windows
     background_stride: int = 6    # background windows start every this many tokens
+    top_weight: float = 1.0       # weight of a top example against a quantile one when counting coverage
+    next_bigrams: bool = False    # also the bigrams that start on an active token
 
     def __post_init__(self) -> None:
         if min(self.max_fire, self.background_stride) < 1 or min(self.max_context, self.max_promotes) < 0:
@@ -59,9 +63,34 @@ class OfflineOptions:
                                  f"max_promotes >= 0; got {self}")
 
 
+# kinds of character an explanation may name (scoring.SCRIPTS says what each matches), as written
+SCRIPT_WORDS = {"cyrillic": "Cyrillic", "cjk": "CJK", "greek": "Greek", "arabic": "Arabic", "accented": "accented",
+                "non-english": "non-English", "digits": "digits"}
+
+
+def _has(cue: str, kind: str, text_lower: str) -> bool:
+    if kind == "script":
+        return re.search(SCRIPTS[cue], text_lower) is not None
+    return cue in text_lower
+
+
 def _readable(s: str) -> bool:
     """Not a byte fragment of a multi-byte character, not a control character."""
     return bool(s) and "\ufffd" not in s and s.isprintable()
+
+
+def _unit(tok, tokens: list[int], p: int, lo: int, hi: int) -> str:
+    """The readable string at position p (lower-cased, stripped): the token, or the token with its neighbours
+    when it is a byte fragment of a character split over several tokens; '' when none reads."""
+    s = piece(tok, tokens[p]).strip()
+    if _readable(s) or not s:
+        return s.lower()
+    for a, b in ((p - 1, p + 1), (p, p + 2), (p - 1, p + 2), (p - 2, p + 1), (p, p + 3)):
+        if a >= lo and b <= hi + 1:
+            s = tok.decode([int(t) for t in tokens[a:b]]).replace("\n", "⏎").strip()
+            if _readable(s):
+                return s.lower()
+    return ""
 
 
 def _quote(s: str) -> str | None:
@@ -89,16 +118,17 @@ class OfflineExplainer:
             toks = atlas.context(ctx)
             for lo in range(1, max(2, len(toks) - width + 1), self.opt.background_stride):
                 hi = min(len(toks) - 1, lo + width - 1)
-                self.bg_text.append("".join(piece(tokenizer, t) for t in toks[lo:hi + 1]).lower())
+                self.bg_text.append(tokenizer.decode(toks[lo:hi + 1]).replace("\n", "⏎").lower())
                 bg_ctx.append(ctx), bg_lo.append(lo), bg_hi.append(hi)
         self.bg_ctx, self.bg_lo, self.bg_hi = np.asarray(bg_ctx), np.asarray(bg_lo), np.asarray(bg_hi)
-        self._bg_cache: dict[str, np.ndarray] = {}
+        self._bg_cache: dict[tuple[str, bool], np.ndarray] = {}
 
-    def _bg_has(self, cue: str) -> np.ndarray:
-        m = self._bg_cache.get(cue)
+    def _bg_has(self, cue: str, kind: str = "fire") -> np.ndarray:
+        key = (cue, kind == "script")
+        m = self._bg_cache.get(key)
         if m is None:
-            m = np.fromiter((cue in t for t in self.bg_text), dtype=bool, count=len(self.bg_text))
-            self._bg_cache[cue] = m
+            m = np.fromiter((_has(cue, kind, t) for t in self.bg_text), dtype=bool, count=len(self.bg_text))
+            self._bg_cache[key] = m
         return m
 
     def _silent(self, feature: int) -> np.ndarray:
@@ -126,42 +156,46 @@ class OfflineExplainer:
             marks = true_marks(e, self.cfg) or {e.pos}
             f_here, c_here = set(), set()
             for p in range(lo, hi + 1):
-                u = piece(tok, e.tokens[p]).strip().lower()
-                if not _readable(u):
+                u = _unit(tok, e.tokens, p, lo, hi)
+                if not u:
                     continue
                 if p in marks:
                     f_here.add(u)
-                    if p - 1 >= lo:
-                        b = (piece(tok, e.tokens[p - 1]) + piece(tok, e.tokens[p])).strip().lower()
-                        if b != u and _readable(b):
-                            f_here.add(b)
+                    for a in ((p - 1, p + 1), (p, p + 2)) if self.opt.next_bigrams else ((p - 1, p + 1),):
+                        if a[0] >= lo and a[1] <= hi + 1:
+                            b = tok.decode([int(t) for t in e.tokens[a[0]:a[1]]]).replace("\n", "⏎").strip().lower()
+                            if b != u and _readable(b):
+                                f_here.add(b)
                 else:
                     c_here.add(u)
             for u in f_here:
                 fire[u] = fire.get(u, 0) + 1
             for u in c_here - f_here:
                 context[u] = context.get(u, 0) + 1
-            pk = piece(tok, e.tokens[e.pos]).strip().lower()
-            if _readable(pk):
+            pk = _unit(tok, e.tokens, e.pos, lo, hi)
+            if pk:
                 peaks[pk] = peaks.get(pk, 0) + 1
         n = len(shown)
         need = 2 if n >= 4 else 1
-        cands = [(c, "fire") for c, k in fire.items() if k >= need]
+        cands = [(c, "script") for c in SCRIPT_WORDS]
+        cands += [(c, "fire") for c, k in fire.items() if k >= need]
         cands += [(c, "context") for c, k in context.items() if k >= max(need, opt.min_context_support * n)
                   and c not in fire]
         silent = self._silent(task.feature)
         n_bg = max(1, int(silent.sum()))
-        tp = {c: np.fromiter((c in t for t in texts), dtype=bool, count=n) for c, _ in cands}
-        fp = {c: self._bg_has(c)[silent] for c, _ in cands}
+        tp = {c: np.fromiter((_has(c, kind, t) for t in texts), dtype=bool, count=n) for c, kind in cands}
+        fp = {c: self._bg_has(c, kind)[silent] for c, kind in cands}
+        wt = np.asarray([self.opt.top_weight if e.kind == "top" else 1.0 for e in shown])
+        wt = wt / wt.sum()
         covered, false = np.zeros(n, dtype=bool), np.zeros(n_bg if silent.any() else 0, dtype=bool)
-        picked: dict[str, list[str]] = {"fire": [], "context": []}
-        limit = {"fire": opt.max_fire, "context": opt.max_context}
+        picked: dict[str, list[str]] = {"fire": [], "context": [], "script": []}
+        limit = {"fire": opt.max_fire, "context": opt.max_context, "script": 1}
         while True:
             best, best_key = None, None
             for c, kind in cands:
                 if len(picked[kind]) >= limit[kind] or c in picked[kind]:
                     continue
-                gain = (covered | tp[c]).sum() / n - covered.sum() / n
+                gain = float(wt[(covered | tp[c]) & ~covered].sum())
                 if len(false):
                     gain -= ((false | fp[c]).sum() - false.sum()) / len(false)
                 # equal evidence: the shorter (more general) string, then the alphabetically first (deterministic)
@@ -189,6 +223,8 @@ class OfflineExplainer:
             q = [x for x in (_quote(c) for c in cues) if x]
             if q:
                 parts.append(f"{label} {', '.join(q)}")
+        if picked["script"]:
+            parts.insert(1 if picked["fire"] else 0, f"in {SCRIPT_WORDS[picked['script'][0]]} text")
         return "; ".join(parts) if parts else "fires on unclear tokens"
 
 

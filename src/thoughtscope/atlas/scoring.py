@@ -42,8 +42,23 @@ specific specifically various certain particular different general generally nea
 preceded followed typical promotes promote promoting predicts predict predicting suppresses suppress boosts outputs
 unclear letter letters character characters inside within part parts including include includes containing contains
 contain used using use kind type types form forms refers refer referring indicates indicating""".split())
+# Words a reader knows to mean a kind of character rather than a literal string (any explanation may use them).
+SCRIPTS = {
+    "cyrillic": r"[\u0400-\u04ff]",
+    "cjk": r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]",
+    "chinese": r"[\u3400-\u9fff]",
+    "japanese": r"[\u3040-\u30ff\u3400-\u9fff]",
+    "korean": r"[\uac00-\ud7af]",
+    "greek": r"[\u0370-\u03ff]",
+    "arabic": r"[\u0600-\u06ff]",
+    "accented": r"[\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u017f]",
+    "non-ascii": r"[^\x00-\x7f⏎]",
+    "non-english": r"[^\x00-\x7f⏎]",
+    "digits": r"[0-9]",
+    "numbers": r"[0-9]",
+}
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|(?<![\w])\'([^\']+)\'(?![\w])')
-_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{2,}")
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z]+)?")
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,7 @@ class Cue:
     weight: float
     literal: bool    # quoted: match anywhere; else: match at a word start
     main: bool       # from a clause about where the feature fires (not what it promotes)
+    script: bool = False  # a SCRIPTS word: matches any character of that kind
 
 
 def parse_cues(explanation: str) -> list[Cue]:
@@ -72,19 +88,24 @@ def parse_cues(explanation: str) -> list[Cue]:
         rest = _QUOTED.sub(" ", clause)
         for m in _WORD.finditer(rest):
             wd = m.group(0).lower()
-            if wd not in _STOP:
+            if wd in SCRIPTS:
+                found.append((m.start(), wd, False))
+            elif len(wd) >= 3 and wd not in _STOP and "-" not in wd:
                 found.append((len(clause) + m.start(), wd, False))  # after the quoted ones
         i = 0
         for _, text, literal in sorted(found):
             if (text, literal) in seen:
                 continue
             seen.add((text, literal))
-            cues.append(Cue(text, w * (1.0 if literal else 0.5) / (1.0 + i / 2), literal, main))
+            script = not literal and text in SCRIPTS
+            cues.append(Cue(text, w * (1.0 if literal or script else 0.5) / (1.0 + i / 2), literal, main, script))
             i += 1
     return cues
 
 
 def _matches(cue: Cue, text_lower: str) -> bool:
+    if cue.script:
+        return re.search(SCRIPTS[cue.text], text_lower) is not None
     if cue.literal:
         return cue.text in text_lower
     return re.search(r"(?<![a-z0-9])" + re.escape(cue.text), text_lower) is not None
@@ -117,7 +138,8 @@ class LexicalScorer:
             if not toks or not cues:
                 out.append(0.0)
                 continue
-            out.append(sum(any(c.text in t or t in c.text for c in cues) for t in toks) / len(toks))
+            # a mark is named when a cue is in it, or it is a word-sized part of a cue (a bigram's half)
+            out.append(sum(any(c.text in t or (len(t) >= 3 and t in c.text) for c in cues) for t in toks) / len(toks))
         return out
 
 
