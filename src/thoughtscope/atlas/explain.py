@@ -11,9 +11,9 @@ Explainer: shown a feature's top and quantile-sampled contexts with its active t
 An explanation is only as good as these scores on contexts it has not seen, which is why the examples
 shown to the explainer and those shown to the scorer are disjoint.
 
-Clients: any OpenAI-compatible `/v1/chat/completions` endpoint (stdlib urllib, no extra dependency), with
-retries and exponential back-off on timeouts, 429, 5xx and malformed answers; or the local target model
-(its chat template + greedy decoding; for scoring it reads P("Yes") against P("No") directly).
+Clients (clients.py): any OpenAI-compatible endpoint, or the local target model. The lexical scorer
+(scoring.py) can stand in for an LLM scorer, and the offline explainer (offline_explain.py) for an LLM
+explainer.
 """
 
 from __future__ import annotations
@@ -23,15 +23,18 @@ import math
 import os
 import random
 import re
-import socket
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .clients import (
+    HTTPChatClient,
+    LocalChatClient,
+    MalformedAnswer,
+    client_from_env,
+)
 from .db import Atlas
 from .heldout import ExplainConfig, ExplainerError, FeatureTask, prepare, render, shuffled_marks, true_marks
 from .scoring import (
@@ -47,177 +50,6 @@ from .scoring import (
 
 __all__ = ["ExplainConfig", "ExplainerError", "FeatureTask", "HTTPChatClient", "LocalChatClient", "auroc",
            "balanced_accuracy", "client_from_env", "estimate", "explain_atlas", "prepare", "render"]
-
-ENV_URL = "THOUGHTSCOPE_EXPLAINER_URL"
-ENV_MODEL = "THOUGHTSCOPE_EXPLAINER_MODEL"
-ENV_KEY = "OPENAI_API_KEY"
-ENV_SCORER_URL = "THOUGHTSCOPE_SCORER_URL"
-ENV_SCORER_MODEL = "THOUGHTSCOPE_SCORER_MODEL"
-
-
-class MalformedAnswer(ValueError):
-    """An answer that parsed as HTTP but not as what the prompt asked for; retried like a server error."""
-
-
-# --------------------------------------------------------------------------- clients
-
-
-class HTTPChatClient:
-    """Minimal OpenAI-compatible chat client over urllib, safe to call from several threads."""
-
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout: float = 60.0,
-                 max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep):
-        if not base_url:
-            raise ExplainerError(f"no explainer URL: pass --explainer-url or set ${ENV_URL} "
-                                 f"(e.g. http://127.0.0.1:8080/v1 for a llama.cpp server)")
-        self.base_url = base_url.rstrip("/")
-        if self.base_url.endswith("/chat/completions"):
-            self.url = self.base_url
-        elif self.base_url.endswith("/v1"):
-            self.url = self.base_url + "/chat/completions"
-        else:
-            self.url = self.base_url + "/v1/chat/completions"
-        self.model = model or "default"
-        self.api_key = api_key
-        self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
-        self.sleep = sleep
-        self.name = f"{self.model}@{self.base_url}"
-        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
-        self.concurrent = True
-
-    def _post(self, payload: dict) -> dict:
-        data = json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            body = r.read()
-        try:
-            return json.loads(body)
-        except json.JSONDecodeError as e:
-            raise MalformedAnswer(f"response is not JSON ({e.msg}): {body[:200]!r}") from None
-
-    def call(self, messages: list[dict], *, max_tokens: int = 200, temperature: float = 0.0,
-             parse: Callable[[str], Any] | None = None) -> Any:
-        """POST a chat request; retry transient failures (and answers `parse` rejects) with back-off."""
-        payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            wait = min(self.max_backoff, self.backoff * (2 ** attempt))
-            try:
-                self.usage["requests"] += 1
-                out = self._post(payload)
-                try:
-                    text = out["choices"][0]["message"]["content"]
-                except (KeyError, IndexError, TypeError):
-                    raise MalformedAnswer(f"no choices[0].message.content in {str(out)[:200]}") from None
-                if not isinstance(text, str):
-                    raise MalformedAnswer(f"message content is {type(text).__name__}, not text")
-                u = out.get("usage") or {}
-                self.usage["prompt_tokens"] += int(u.get("prompt_tokens") or 0)
-                self.usage["completion_tokens"] += int(u.get("completion_tokens") or 0)
-                return parse(text) if parse is not None else text
-            except urllib.error.HTTPError as e:
-                body = e.read()[:300].decode("utf-8", "replace") if hasattr(e, "read") else ""
-                last = f"HTTP {e.code} from {self.url}: {body}"
-                if e.code != 429 and e.code < 500:
-                    raise ExplainerError(last + " (not retried: fix the request, model name or key)") from None
-                ra = e.headers.get("Retry-After") if e.headers else None
-                if ra:
-                    try:
-                        wait = min(self.max_backoff, max(wait, float(ra)))
-                    except ValueError:
-                        pass
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
-                reason = getattr(e, "reason", e)
-                last = f"cannot reach {self.url}: {type(reason).__name__}: {reason}"
-            except MalformedAnswer as e:
-                last = f"malformed answer: {e}"
-            if attempt < self.max_retries:
-                self.usage["retries"] += 1
-                self.sleep(wait)
-        raise ExplainerError(f"{last} (gave up after {self.max_retries + 1} attempts)")
-
-
-class LocalChatClient:
-    """The target model itself as explainer/scorer: chat template + greedy decoding, offline.
-
-    Small models (135M parameters) write poor explanations; the scores make that visible.
-    """
-
-    def __init__(self, lm, *, max_context: int | None = None):
-        self.lm = lm
-        self.name = f"local:{lm.name}"
-        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
-        self.concurrent = False
-        self.max_context = max_context or min(getattr(lm, "max_context", 2048), 2048)
-        self._yes = self._first_id(["Yes", " Yes"])
-        self._no = self._first_id(["No", " No"])
-
-    def _first_id(self, options: Sequence[str]) -> int:
-        tok = self.lm.tokenizer
-        for o in options:
-            ids = tok(o, add_special_tokens=False)["input_ids"]
-            if ids:
-                return int(ids[0])
-        raise ExplainerError(f"the tokenizer of {self.lm.name} cannot encode {options[0]!r}")
-
-    def _prompt_ids(self, messages: list[dict]):
-        import torch
-
-        tok = self.lm.tokenizer
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-            if not isinstance(ids, torch.Tensor):  # newer transformers return a BatchEncoding
-                ids = ids["input_ids"]
-        else:  # tiny test models have no template: a plain transcript
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-        ids = ids[:, -self.max_context + 64:]
-        return ids.to(self.lm.device)
-
-    def call(self, messages: list[dict], *, max_tokens: int = 200, temperature: float = 0.0,
-             parse: Callable[[str], Any] | None = None) -> Any:
-        import torch
-
-        ids = self._prompt_ids(messages)
-        tok = self.lm.tokenizer
-        with torch.no_grad():
-            out = self.lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                         do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        new = out[0, ids.shape[1]:]
-        self.usage["requests"] += 1
-        self.usage["prompt_tokens"] += int(ids.shape[1])
-        self.usage["completion_tokens"] += int(new.numel())
-        text = tok.decode(new, skip_special_tokens=True)
-        return parse(text) if parse is not None else text
-
-    def yes_probability(self, messages: list[dict]) -> float:
-        """P(Yes) / (P(Yes) + P(No)) for the first answer token: a graded prediction, so AUROC is direct."""
-        import torch
-
-        ids = self._prompt_ids(messages)
-        with torch.no_grad():
-            logits = self.lm.model(input_ids=ids, use_cache=False).logits[0, -1].float()
-        self.usage["requests"] += 1
-        self.usage["prompt_tokens"] += int(ids.shape[1])
-        two = torch.stack([logits[self._yes], logits[self._no]]).softmax(0)
-        return float(two[0])
-
-
-def client_from_env(url: str | None = None, model: str | None = None, api_key: str | None = None, *,
-                    scorer: bool = False, lm=None, **kw):
-    """An HTTP client from flags or environment; the local model when neither names a URL and `lm` is given."""
-    url = url or (os.environ.get(ENV_SCORER_URL) if scorer else None) or os.environ.get(ENV_URL)
-    model = model or (os.environ.get(ENV_SCORER_MODEL) if scorer else None) or os.environ.get(ENV_MODEL)
-    if url in (None, "", "local"):
-        if lm is None:
-            raise ExplainerError(f"no explainer endpoint: pass --explainer-url / set ${ENV_URL}, or use the local model")
-        return LocalChatClient(lm)
-    return HTTPChatClient(url, model or "default", api_key or os.environ.get(ENV_KEY), **kw)
-
 
 # --------------------------------------------------------------------------- prompts and parsing
 

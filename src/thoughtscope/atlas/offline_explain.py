@@ -54,8 +54,6 @@ class OfflineOptions:
     min_gain: float = 0.02        # smallest gain in TPR - FPR for a cue to be kept
     min_context_support: float = 0.2  # a context cue must occur in this share of the shown windows
     background_stride: int = 6    # background windows start every this many tokens
-    top_weight: float = 1.0       # weight of a top example against a quantile one when counting coverage
-    next_bigrams: bool = False    # also the bigrams that start on an active token
 
     def __post_init__(self) -> None:
         if min(self.max_fire, self.background_stride) < 1 or min(self.max_context, self.max_promotes) < 0:
@@ -161,11 +159,10 @@ class OfflineExplainer:
                     continue
                 if p in marks:
                     f_here.add(u)
-                    for a in ((p - 1, p + 1), (p, p + 2)) if self.opt.next_bigrams else ((p - 1, p + 1),):
-                        if a[0] >= lo and a[1] <= hi + 1:
-                            b = tok.decode([int(t) for t in e.tokens[a[0]:a[1]]]).replace("\n", "⏎").strip().lower()
-                            if b != u and _readable(b):
-                                f_here.add(b)
+                    if p - 1 >= lo:
+                        b = tok.decode([int(t) for t in e.tokens[p - 1:p + 1]]).replace("\n", "⏎").strip().lower()
+                        if b != u and _readable(b):
+                            f_here.add(b)
                 else:
                     c_here.add(u)
             for u in f_here:
@@ -185,8 +182,6 @@ class OfflineExplainer:
         n_bg = max(1, int(silent.sum()))
         tp = {c: np.fromiter((_has(c, kind, t) for t in texts), dtype=bool, count=n) for c, kind in cands}
         fp = {c: self._bg_has(c, kind)[silent] for c, kind in cands}
-        wt = np.asarray([self.opt.top_weight if e.kind == "top" else 1.0 for e in shown])
-        wt = wt / wt.sum()
         covered, false = np.zeros(n, dtype=bool), np.zeros(n_bg if silent.any() else 0, dtype=bool)
         picked: dict[str, list[str]] = {"fire": [], "context": [], "script": []}
         limit = {"fire": opt.max_fire, "context": opt.max_context, "script": 1}
@@ -195,7 +190,7 @@ class OfflineExplainer:
             for c, kind in cands:
                 if len(picked[kind]) >= limit[kind] or c in picked[kind]:
                     continue
-                gain = float(wt[(covered | tp[c]) & ~covered].sum())
+                gain = float(((covered | tp[c]) & ~covered).sum()) / n
                 if len(false):
                     gain -= ((false | fp[c]).sum() - false.sum()) / len(false)
                 # equal evidence: the shorter (more general) string, then the alphabetically first (deterministic)
