@@ -200,7 +200,7 @@ def test_nla_view_and_token_fragment(c):
     ("/steer?f=999:clamp:1", 422), ("/steer?v=../../etc/passwd:1", 422), ("/steer/stream?max=100000", 422),
     ("/steer/stream?seed=-4", 422), ("/steer/stream?temp=9", 422), ("/steer/stream?gain=inf", 422),
     ("/steer/stream?prompt=", 422), ("/steer/preset.json?name=../x", 422), ("/analyze?text=abc&feature=77", 422),
-    ("/analyze?text=abc&view=zzz", 422), ("/search?mode=nope", 422), ("/search?mode=words&q=", 422),
+    ("/analyze?text=abc&view=zzz", 422), ("/analyze?text=User:+hi&chat=1", 422), ("/analyze?text=abc&chat=maybe", 422), ("/search?mode=nope", 422), ("/search?mode=words&q=", 422),
     ("/compare?a=abc", 422), ("/nla?text=abc&pos=99", 422), ("/nla/token?text=abc", 422),
     ("/api/search", 422), ("/steer?p=nope:1", 422), ("/steer?p=tilt:-1", 422), ("/steer?p=tilt", 422),
 ])

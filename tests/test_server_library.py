@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_atlas_fixtures import PLANT, PLANT_CHAR, identity_model, planted_sae
 
-from thoughtscope.analyzer import AnalyzerError, analyze_text, compare_texts
+from thoughtscope.analyzer import AnalyzerError, analyze_text, chat_text, compare_texts
 from thoughtscope.models import tiny_model
 from thoughtscope.steer import (
     GenerationConfig,
@@ -116,3 +116,14 @@ def test_analyzer_bad_inputs(planted):
         analyze_text(lm, sae, "abcdefgh", max_tokens=4)
     with pytest.raises(AnalyzerError, match="max_act has"):
         compare_texts(lm, sae, "a", "b", max_act=[1.0, 2.0])
+
+
+def test_chat_transcript_goes_through_the_chat_template():
+    lm = tiny_model("llama", d_model=32, n_layers=2, seed=5)
+    with pytest.raises(AnalyzerError, match="no chat template"):
+        chat_text(lm, "User: hi")
+    lm.tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}"
+    out = chat_text(lm, "hello first\nUser: hi there\nand more\nASSISTANT: fine\nSystem: be brief\nnote: kept")
+    assert out == "[user]hello first\n[user]hi there\nand more\n[assistant]fine\n[system]be brief\nnote: kept\n"
+    with pytest.raises(AnalyzerError, match="no turns"):
+        chat_text(lm, "User:\nAssistant:   ")

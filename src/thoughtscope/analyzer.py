@@ -64,6 +64,33 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
     return out
 
 
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "ai": "assistant", "bot": "assistant",
+         "system": "system"}
+
+
+def chat_text(lm: LoadedModel, transcript: str) -> str:
+    """A pasted transcript ("User: …" / "Assistant: …" / "System: …" turns) in the model's chat template, so the
+    analyzer reads it the way the model reads a conversation. Lines before the first role name belong to the
+    user; a role line continues until the next one."""
+    tok = lm.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise AnalyzerError(f"{lm.name} has no chat template: analyze the transcript as plain text")
+    turns: list[dict] = []
+    for line in transcript.splitlines():
+        head, sep, rest = line.partition(":")
+        role = ROLES.get(head.strip().lower()) if sep and len(head) < 20 else None
+        if role is not None:
+            turns.append({"role": role, "content": rest.strip()})
+        elif turns:
+            turns[-1]["content"] += "\n" + line
+        elif line.strip():
+            turns.append({"role": "user", "content": line})
+    turns = [t for t in turns if t["content"].strip()]
+    if not turns:
+        raise AnalyzerError("the transcript has no turns: write lines such as 'User: …' and 'Assistant: …'")
+    return tok.apply_chat_template(turns, tokenize=False)
+
+
 def _check_text(text: str, max_tokens: int | None, n: int) -> None:
     if max_tokens is not None and n > max_tokens:
         raise AnalyzerError(f"text has {n} tokens; the limit is {max_tokens}: shorten it")

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ThoughtscopeError
 from .config import ServerConfig
-from .context import NotReady, page
+from .context import NotReady, page, wb_of
 from .guard import BodyTooLarge, Busy, Gate, Guard
 from .render import HERE, make_env
 from .workbench import LoadStatus, Workbench
@@ -106,8 +106,6 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
 
     @app.get("/")
     def home(request: Request):
-        from .context import wb_of
-
         wb = wb_of(request)
         meta = wb.atlas.meta if wb.atlas is not None else {}
         n_alive = int(wb.alive.sum())

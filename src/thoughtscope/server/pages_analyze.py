@@ -7,7 +7,7 @@ import json
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from ..analyzer import analyze_text, compare_texts
+from ..analyzer import analyze_text, chat_text, compare_texts
 from .context import cfg_of, form_fields, int_param, page, run_model, text_param, wb_of
 
 router = APIRouter()
@@ -40,33 +40,38 @@ def analysis_view(wb, a, feature: int | None) -> dict:
             "mean_err": sum(errs) / len(errs) if errs else 0.0}
 
 
-def _analyze(wb, text: str, feature: int | None, cfg):
+def _analyze(wb, text: str, feature: int | None, cfg, chat: bool = False):
+    if chat:
+        text = chat_text(wb.lm, text)
     a = analyze_text(wb.lm, wb.sae, text, k=8, features=[feature] if feature is not None else [],
                      max_tokens=cfg.max_prompt_tokens, probes=wb.probes)
-    return a, analysis_view(wb, a, feature)
+    return text, analysis_view(wb, a, feature)
 
 
-async def _analyze_page(request: Request, text: str | None, feature: str | None, view: str):
+async def _analyze_page(request: Request, text: str | None, feature: str | None, view: str, chat: bool = False):
     wb, cfg = wb_of(request), cfg_of(request)
     if view not in ("features", "error"):
         raise HTTPException(422, f"view must be 'features' or 'error', got {view!r}")
     feat = int_param(feature, "feature", 0, wb.n_features - 1) if feature not in (None, "") else None
-    ctx = {"text": text or "", "feature": feat, "view": view, "res": None,
+    ctx = {"text": text or "", "feature": feat, "view": view, "res": None, "chat": chat, "analyzed": text or "",
            "feature_label": wb.label(feat) if feat is not None else ""}
     if text is not None:
-        _, ctx["res"] = await run_model(request, _analyze, wb, text_param(text, "text", cfg), feat, cfg)
+        ctx["analyzed"], ctx["res"] = await run_model(request, _analyze, wb, text_param(text, "text", cfg), feat, cfg,
+                                                      chat)
     return page(request, "analyze.html", nav="analyze", **ctx)
 
 
 @router.get("/analyze")
-async def analyze_get(request: Request, text: str | None = None, feature: str | None = None, view: str = "features"):
-    return await _analyze_page(request, text, feature, view)
+async def analyze_get(request: Request, text: str | None = None, feature: str | None = None, view: str = "features",
+                      chat: bool = False):
+    return await _analyze_page(request, text, feature, view, chat)
 
 
 @router.post("/analyze")
 async def analyze_post(request: Request):
     form = await form_fields(request)
-    return await _analyze_page(request, form.get("text"), form.get("feature"), str(form.get("view") or "features"))
+    return await _analyze_page(request, form.get("text"), form.get("feature"), str(form.get("view") or "features"),
+                               form.get("chat") in ("1", "on", "true"))
 
 
 class AnalyzeRequest(BaseModel):
