@@ -214,3 +214,199 @@ def test_shipped_generators_are_balanced_and_valid():
 @pytest.fixture(scope="module")
 def lm():
     return tiny_model("llama", d_model=64, n_layers=3)
+
+
+def tiny_set(n=24):
+    words = ["red", "blue", "green", "black", "white", "pink"]
+    texts, labels, groups = [], [], []
+    for i in range(n):
+        w = words[i % len(words)]
+        texts.append(f"the {w} box number {i} is {'open' if i % 2 else 'shut'}")
+        labels.append(i % 2)
+        groups.append(f"g{i // 2}")
+    return ProbeSet(texts, labels, groups, "tiny", "tiny.jsonl", entities=[t.split()[1] for t in texts])
+
+
+def count_forwards(lm):
+    calls = []
+    handle = lm.model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    return calls, handle
+
+
+def test_reading_is_one_forward_per_batch_for_all_sites_and_cached(lm, tmp_path):
+    from thoughtscope.probes.read import ReadConfig, read_activations
+
+    ds = tiny_set()
+    calls, h = count_forwards(lm)
+    try:
+        cfg = ReadConfig(batch_size=8)
+        a = read_activations(lm, ds, ["embed", "resid.0", "resid.1", "resid.2"], cfg, cache=tmp_path)
+        assert len(calls) == 3  # 24 rows / 8 per batch, every site from the same pass
+        b = read_activations(lm, ds, ["resid.2", "resid.0", "embed"], cfg, cache=tmp_path)
+        assert len(calls) == 3  # all from the on-disk stores
+        assert torch.equal(a["resid.2"], b["resid.2"]) and list(b) == ["embed", "resid.0", "resid.2"]
+    finally:
+        h.remove()
+    ids, mask = lm.tokenize(ds.texts[:3])
+    with torch.no_grad():
+        hs = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    last = mask.sum(1) - 1
+    for k in range(3):
+        assert torch.allclose(a["resid.0"][k], hs[1][k, last[k]], atol=1e-5)
+        assert torch.allclose(a["embed"][k], hs[0][k, last[k]], atol=1e-6)
+
+
+def test_mean_and_span_reads_never_include_position_zero(lm):
+    from thoughtscope.probes.read import ReadConfig, read_activations
+
+    ds = tiny_set(4)
+    ds.spans[0] = (4, 7)  # "red"
+    for i in range(1, 4):
+        ds.spans[i] = (0, 3)
+    span = read_activations(lm, ds, ["resid.1"], ReadConfig(read="span"), cache=False)["resid.1"]
+    mean = read_activations(lm, ds, ["resid.1"], ReadConfig(read="mean"), cache=False)["resid.1"]
+    ids, mask = lm.tokenize(ds.texts[:1])
+    with torch.no_grad():
+        h = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[2][0]
+    assert torch.allclose(mean[0], h[1:].mean(0), atol=1e-5)  # BOS at position 0 left out
+    assert torch.allclose(span[0], h[5:8].mean(0), atol=1e-5)  # byte tokens 4..6 sit after the BOS
+    with pytest.raises(ProbeError, match="row 1: read position 'span' needs"):
+        read_activations(lm, tiny_set(4), ["resid.1"], ReadConfig(read="span"), cache=False)
+
+
+def test_bad_site_and_bad_data_fail_before_any_forward_pass(lm, tmp_path):
+    from thoughtscope.models import SiteError
+    from thoughtscope.probes.read import ReadConfig, read_activations
+    from thoughtscope.probes.sweep import sweep
+
+    calls, h = count_forwards(lm)
+    try:
+        with pytest.raises(SiteError, match="resid.7 is beyond"):
+            sweep(lm, tiny_set(), "resid.0,resid.7")
+        small = ProbeSet(["a b", "c d", "e f", "g h"], [1, 0, 1, 0], ["x", "x", "y", "y"], source="small.jsonl")
+        with pytest.raises(ProbeError, match="small.jsonl: too small"):
+            sweep(lm, small, "resid.0", cfg=SweepConfig(n_random=5, n_shuffle=1, n_boot=10))
+        with pytest.raises(ProbeError, match="read position must be"):
+            ReadConfig(read="first")
+        assert calls == []
+    finally:
+        h.remove()
+    with pytest.raises(ProbeError):
+        read_activations(lm, tiny_set(), ["resid.0"], ReadConfig(read="span"), cache=False)
+
+
+def test_probe_artefact_round_trips_and_refuses_another_model_or_site(lm, tmp_path):
+    from thoughtscope.probes.probe import Probe, fit_probe
+
+    pr = fit_probe(lm, tiny_set(48), "resid.1", "mean", cache=tmp_path / "c")
+    pr.save(tmp_path / "p")
+    back = Probe.load(tmp_path / "p", lm, "resid.1")
+    assert torch.equal(back.weight, pr.weight) and back.bias == pr.bias and back.threshold == pr.threshold
+    assert back.cfg == pr.cfg and back.cfg.dataset_sha256 == tiny_set(48).sha256
+    other = tiny_model("llama", d_model=64, n_layers=3, seed=1)
+    with pytest.raises(ProbeError, match="fitted on tiny-llama-64x3-seed0"):
+        Probe.load(tmp_path / "p", other)
+    with pytest.raises(ProbeError, match="reads resid.1 but was applied at resid.0"):
+        Probe.load(tmp_path / "p", lm, "resid.0")
+    with pytest.raises(ProbeError, match="not a probe folder"):
+        Probe.load(tmp_path)
+
+
+def test_to_vector_moves_the_probe_score_by_class_gaps(lm, tmp_path):
+    from thoughtscope.models import capture
+    from thoughtscope.probes.probe import fit_probe
+    from thoughtscope.steer.interventions import steering
+
+    pr = fit_probe(lm, tiny_set(48), "resid.1", "mean", cache=False)
+    vec = pr.to_vector()
+    assert vec.site == "resid.1" and abs(float(vec.vector.norm()) - abs(pr.cfg.class_gap)) < 1e-5
+    ids, mask = lm.tokenize(["the red box is open"])
+    base = pr.score(next(iter(capture(lm, "resid.1", ids, mask).values()))[0])
+    with steering(lm, [pr.to_intervention(2.0)]):
+        moved = pr.score(next(iter(capture(lm, "resid.1", ids, mask).values()))[0])
+    expect = 2.0 * pr.cfg.class_gap * float(pr.weight.norm())
+    assert torch.allclose(moved - base, torch.full_like(base, expect), rtol=1e-3, atol=1e-3)
+
+
+def test_erasure_intervention_is_removed_cleanly_and_leaves_position_zero(lm):
+    from thoughtscope.models import capture
+    from thoughtscope.probes.erase import fit_eraser
+    from thoughtscope.probes.read import ReadConfig, read_activations
+    from thoughtscope.steer.interventions import steering
+
+    ds = tiny_set(48)
+    X = read_activations(lm, ds, ["resid.1"], ReadConfig(), cache=False)["resid.1"]
+    er = fit_eraser(X, ds.y, "resid.1")
+    ids, mask = lm.tokenize(ds.texts[:4])
+    with torch.no_grad():
+        before = lm.model(input_ids=ids, attention_mask=mask).logits
+        with steering(lm, [er]):
+            during = lm.model(input_ids=ids, attention_mask=mask).logits
+            h = next(iter(capture(lm, "resid.1", ids, mask).values()))
+        after = lm.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after) and not torch.equal(before, during)
+    raw = next(iter(capture(lm, "resid.1", ids, mask).values()))
+    assert torch.equal(h[:, 0], raw[:, 0])  # the sink position is never edited
+
+
+def test_monitor_thresholds_and_scores(lm, tmp_path):
+    from thoughtscope.probes.monitor import calibrate, score_texts
+    from thoughtscope.probes.probe import fit_probe
+
+    pr = fit_probe(lm, tiny_set(48), "resid.1", "mean", cache=False)
+    rows = score_texts(lm, pr, ["the pink box is open", "hello"])
+    assert rows[0].scores.isnan()[0] and not rows[0].scores[1:].isnan().any()
+    cal = calibrate(lm, pr, neutral=["some neutral words here", "and more text to read", "a third line"],
+                    positives=["the red box number 3 is open"], negatives=["the red box number 2 is shut"])
+    assert set(cal["thresholds"]) == {"1%", "5%"} and cal["thresholds"]["1%"] >= cal["thresholds"]["5%"]
+    assert 0 <= cal["recall"]["1%"] <= 1
+
+
+def test_erase_check_and_causal_check_run_on_a_tiny_model(lm, tmp_path):
+    from thoughtscope.probes.causal import causal_check
+    from thoughtscope.probes.erase import erase_check
+    from thoughtscope.probes.probe import fit_probe
+
+    ds = tiny_set(48)
+    res = erase_check(lm, ds, "resid.1", fitters=("mean",), loss_texts=ds.texts[:8], n_contexts=8, cache=False)
+    assert res["rank"] == 1 and set(res["lm_loss"]) >= {"none", "leace", "random", "delta_leace"}
+    assert res["after_leace"]["mean"] <= res["before"]["mean"]
+    pr = fit_probe(lm, ds, "resid.1", "mean", cache=False)
+    out = causal_check(lm, pr, ds.texts[:4], strengths=(-1, 0, 1), words=(" t", " f"), n_random=2)
+    assert [r["strength"] for r in out["sweep"]] == [-1, 0, 1] and out["sweep"][1]["probe"] == 0.0
+
+
+def test_weights_read_through_the_unembedding(lm):
+    from thoughtscope.probes.weights import probe_alignment, weight_atlas
+
+    rows = weight_atlas(lm, [0, 2], top=2, probe_direction=torch.randn(64))
+    comps = {r["component"] for r in rows}
+    assert "mlp" in comps and "head0" in comps and all(len(r["tokens_plus"]) == 6 for r in rows)
+    svals = [r["singular_value"] for r in rows if r["layer"] == 0 and r["component"] == "mlp"]
+    assert svals == sorted(svals, reverse=True)
+    al = probe_alignment(lm, torch.randn(64), [1], top=64)
+    assert all(abs(r["share"] - 1.0) < 1e-3 for r in al if r["component"] == "mlp")  # full rank span holds it all
+
+
+def test_sweep_end_to_end_on_a_tiny_model_writes_json_and_plot(lm, tmp_path):
+    from thoughtscope.probes.sweep import plot, save_json, sweep
+
+    out = sweep(lm, tiny_set(48), "resid.0,resid.2", cfg=SweepConfig(fitters=("mean", "lat"), n_random=10,
+                                                                     n_shuffle=2, n_boot=10), cache=tmp_path)
+    assert out["sites"] == ["embed", "resid.0", "resid.2"]
+    for key in ("best_site", "best_auroc", "best_selectivity"):
+        assert key in out
+    save_json(out, tmp_path / "s.json")
+    plot(out, tmp_path / "s.png")
+    assert json.loads((tmp_path / "s.json").read_text())["best_site"] == out["best_site"]
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_transfer_matrix_diagonal_matches_a_plain_fit():
+    from thoughtscope.probes.sweep import transfer
+
+    X, y, _ = planted(n=200, seed=9)
+    a = ds_for(y)
+    b = ProbeSet([f"b{i}" for i in range(200)], [int(v) for v in y], [f"h{i // 2}" for i in range(200)], "b")
+    out = transfer({"a": {"resid.0": X}, "b": {"resid.0": -X}}, {"a": a, "b": b}, "resid.0")
+    assert out["auroc"]["a"]["a"] > 0.95 and out["auroc"]["a"]["b"] < 0.05 and out["recovered"]["b"]["b"] == 1.0

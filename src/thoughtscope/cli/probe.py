@@ -163,4 +163,147 @@ def fit_cmd(
                   f"{m['test_auroc_ci'][1]:.3f}] → {out}")
 
 
+def _write_json(obj: dict, path: Optional[Path]) -> None:
+    if path:
+        from ..probes.sweep import save_json
+
+        save_json(obj, path)
+        console.print(f"JSON → {path}")
+
+
+@probe_app.command("monitor")
+def monitor_cmd(
+    probe: Path = typer.Option(..., help="probe folder from `probe fit`"),
+    text: List[str] = typer.Option([], help="text(s) to score per token"),
+    calibrate: bool = typer.Option(False, help="set thresholds on the default corpus at 1% and 5% FPR"),
+    data: Optional[str] = typer.Option(None, help="with --calibrate: report recall on this dataset's class-1 rows"),
+    n_docs: int = typer.Option(32, help="neutral documents for the threshold"), model: str = typer.Option("default"),
+    json_path: Optional[Path] = typer.Option(None, "--json"), device: Optional[str] = typer.Option(None),
+) -> None:
+    """Score texts token by token with a saved probe; optionally calibrate thresholds on neutral text."""
+    from ..probes.monitor import calibrate as run_calibrate, neutral_texts, score_texts
+    from ..probes.probe import load_probe
+
+    lm = _load(model, device, None)
+    pr = load_probe(probe, lm)
+    res: dict = {"probe": str(probe), "site": pr.cfg.site}
+    if calibrate:
+        pos = neg = None
+        if data:
+            from ..probes.datasets import group_split
+            from ..probes.generators import resolve
+
+            ds = resolve(data)
+            te = group_split(ds, 0.25, pr.cfg.seed).test
+            pos = [ds.texts[i] for i in te if ds.labels[i] == 1]
+            neg = [ds.texts[i] for i in te if ds.labels[i] == 0]
+        cal = run_calibrate(lm, pr, neutral=neutral_texts(n_docs), positives=pos, negatives=neg)
+        res["calibration"] = cal
+        console.print(f"thresholds on {cal['n_neutral_tokens']:,} neutral tokens: "
+                      + ", ".join(f"{k} FPR → {v:.3f}" for k, v in cal["thresholds"].items()))
+        if cal["recall"]:
+            console.print("recall on held-out class-1 rows: " + ", ".join(f"{v:.3f} at {k} FPR"
+                                                                           for k, v in cal["recall"].items())
+                          + "; class-0 rows flagged: " + ", ".join(f"{v:.3f} at {k}" for k, v in
+                                                                   cal["false_alarms_on_negatives"].items()))
+    rows = []
+    for ts in score_texts(lm, pr, text) if text else []:
+        console.print(f"[bold]{ts.text[:80]!r}[/bold]  max {ts.max:.3f}  mean {ts.mean:.3f}")
+        console.print("  " + " ".join(f"{t!r}:{s:.2f}" if s == s else f"{t!r}:-" for t, s in
+                                      zip(ts.tokens, ts.scores.tolist())))
+        rows.append({"text": ts.text, "tokens": ts.tokens, "scores": ts.scores.tolist()})
+    res["texts"] = rows
+    _write_json(res, json_path)
+
+
+@probe_app.command("erase")
+def erase_cmd(
+    data: str = typer.Option(..., help=DATA_HELP), site: str = typer.Option(..., help="e.g. resid.12"),
+    model: str = typer.Option("default"), read: str = typer.Option("last"), seed: int = typer.Option(0),
+    n_contexts: int = typer.Option(16, help="default-corpus contexts (128 tokens) for the LM-loss change"),
+    json_path: Optional[Path] = typer.Option(None, "--json"), cache: Optional[Path] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """LEACE at a site: held-out AUROC of fresh probes before/after (and after a random erasure), LM-loss change."""
+    from ..probes.erase import erase_check
+    from ..probes.generators import resolve
+
+    lm = _load(model, device, None)
+    res = erase_check(lm, resolve(data), site, _read_cfg(read, False, 16), seed=seed, n_contexts=n_contexts,
+                      cache=cache)
+    t = Table(title=f"erasure at {res['site']} (rank {res['rank']}): held-out AUROC of freshly trained probes")
+    for c in ("fitter", "before", "after LEACE", "after random rank-1"):
+        t.add_column(c, justify="right")
+    for m in res["before"]:
+        t.add_row(m, f"{res['before'][m]:.3f}", f"{res['after_leace'][m]:.3f}", f"{res['after_random'][m]:.3f}")
+    console.print(t)
+    lo = res["lm_loss"]
+    console.print(f"LM loss on {lo['n_contexts']} default-corpus contexts: {lo['none']:.4f} → LEACE "
+                  f"{lo['leace']:.4f} ({lo['delta_leace']:+.4f}), random {lo['random']:.4f} ({lo['delta_random']:+.4f})"
+                  f"; AUROC <= 0.55 after LEACE: {'yes' if res['passes'] else 'NO'}")
+    _write_json(res, json_path)
+
+
+@probe_app.command("causal")
+def causal_cmd(
+    probe: Path = typer.Option(..., help="probe folder"), data: str = typer.Option(..., help=DATA_HELP),
+    strengths: str = typer.Option("-2,-1,0,1,2", help="class-gap multiples"), n: int = typer.Option(48),
+    suffix: str = typer.Option(" This statement is"), words: str = typer.Option(" true, false"),
+    model: str = typer.Option("default"), json_path: Optional[Path] = typer.Option(None, "--json"),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Add the probe vector at its site and measure P(word1) − P(word2), against random vectors of equal norm."""
+    from ..probes.causal import causal_check
+    from ..probes.datasets import group_split
+    from ..probes.generators import resolve
+    from ..probes.probe import load_probe
+
+    lm = _load(model, device, None)
+    pr = load_probe(probe, lm)
+    ds = resolve(data)
+    te = group_split(ds, 0.25, pr.cfg.seed).test[:n]
+    w = [x if x.startswith(" ") else " " + x for x in words.split(",")]
+    res = causal_check(lm, pr, [ds.texts[i] for i in te], strengths=[float(x) for x in strengths.split(",")],
+                       suffix=suffix, words=(w[0], w[1]))
+    t = Table(title=f"steering along the probe at {res['site']}: change of P({w[0]!r}) − P({w[1]!r}) "
+                    f"(baseline {res['baseline_gap']:+.4f}, {res['n_texts']} held-out texts)")
+    for c in ("class gaps", "probe vector", "random (mean of 3)", "random max |Δ|"):
+        t.add_column(c, justify="right")
+    for r in res["sweep"]:
+        t.add_row(f"{r['strength']:+g}", f"{r['probe']:+.4f}", f"{r['random_mean']:+.4f}", f"{r['random_max_abs']:.4f}")
+    console.print(t)
+    _write_json(res, json_path)
+
+
+@probe_app.command("weights")
+def weights_cmd(
+    layers: str = typer.Option("0-29", help="blocks, e.g. 0-29 or 3,7"), top: int = typer.Option(2),
+    probe: Optional[Path] = typer.Option(None, help="also give each direction's cosine with this probe"),
+    model: str = typer.Option("default"), json_path: Optional[Path] = typer.Option(None, "--json"),
+    device: Optional[str] = typer.Option(None),
+) -> None:
+    """Top singular directions of each block's MLP output and attention OV, read as tokens through the unembedding."""
+    from ..probes.probe import load_probe
+    from ..probes.weights import probe_alignment, weight_atlas
+
+    lm = _load(model, device, None)
+    idx = [int(s.removeprefix("resid.")) for s in _expand_sites(",".join(f"resid.{p}" for p in layers.split(",")))]
+    d = load_probe(probe, lm).direction if probe else None
+    rows = weight_atlas(lm, idx, top=top, probe_direction=d)
+    t = Table(title="what each block writes: top singular directions read through the unembedding")
+    for c in ("block", "part", "#", "σ", "tokens (+)", "tokens (−)", *(["cos probe"] if d is not None else [])):
+        t.add_column(c)
+    for r in rows:
+        if r["component"] == "mlp" or r["rank"] == 0:
+            t.add_row(str(r["layer"]), r["component"], str(r["rank"]), f"{r['singular_value']:.2f}"
+                      + (" ~" if r["near_tie"] else ""), " ".join(map(repr, r["tokens_plus"][:5])),
+                      " ".join(map(repr, r["tokens_minus"][:5])),
+                      *([f"{r['cosine_with_probe']:+.3f}"] if d is not None else []))
+    console.print(t)
+    out = {"rows": rows}
+    if d is not None:
+        out["alignment"] = probe_alignment(lm, d, idx)[:10]
+    _write_json(out, json_path)
+
+
 __all__ = ["probe_app"]
