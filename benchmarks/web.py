@@ -150,9 +150,14 @@ def measure_first_token(wb, url: str, feature: int, reps: int, n_new: int) -> di
     plain, streamed = [], []
     with httpx.Client(timeout=120) as c:
         for i in range(reps + 1):
-            first = []
-            t0 = time.perf_counter()
-            generate(wb.lm, [prompt], ivs, cfg, on_token=lambda ev: first or first.append(time.perf_counter() - t0))
+            first: list[float] = []
+            start = time.perf_counter()
+
+            def on_token(ev, first=first, start=start):
+                if not first:
+                    first.append(time.perf_counter() - start)
+
+            generate(wb.lm, [prompt], ivs, cfg, on_token=on_token)
             t0 = time.perf_counter()
             got = None
             with c.stream("GET", f"{url}/steer/stream", params=q) as r:

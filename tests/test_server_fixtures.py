@@ -71,7 +71,7 @@ def build_tiny(root: Path, *, nla: bool = True):
     return wb
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shared_tiny():
     """One tiny workbench per test process (the server, browser and load tests only read it)."""
     root = Path(tempfile.mkdtemp(prefix="thoughtscope-web-"))

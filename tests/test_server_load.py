@@ -10,10 +10,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from test_server_fixtures import shared_tiny  # noqa: E402
-from web import Live, load_test  # noqa: E402
+from test_server_fixtures import shared_tiny
+from web import Live, load_test
 
-from thoughtscope.server import ServerConfig, create_app  # noqa: E402
+from thoughtscope.server import ServerConfig, create_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,9 +13,9 @@ from urllib.parse import quote
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_web import LiveServer, browser, shot  # noqa: E402,F401  (browser is a fixture)
+from test_web import LiveServer, browser, shot  # noqa: F401  (browser is a fixture)
 
-from thoughtscope.server import ServerConfig, create_app, load_workbench  # noqa: E402
+from thoughtscope.server import ServerConfig, create_app, load_workbench
 
 pytestmark = pytest.mark.slow
 SKY = 3448   # the shipped steering example's feature (sky: sun, moon, stars, clouds), see docs/steering.md

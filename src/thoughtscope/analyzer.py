@@ -51,7 +51,7 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
     completes a character carries it, the ones before carry "".
     """
     ids = [int(t) for t in ids]
-    out = [tokenizer.decode([t]) for t in ids]
+    out = list(tokenizer.batch_decode([[t] for t in ids]))
     for i, s in enumerate(out):
         if "\ufffd" not in s:
             continue

@@ -106,7 +106,7 @@ def interventions(wb, m: Mixer) -> list:
     """Library interventions for the mixer: feature values × max activation × gain, vector values × gain."""
     out = []
     for n, op, v in m.features:
-        kw = dict(unit="max", max_act=float(wb.max_acts[n]), positions=m.where, label=wb.label(n)[:60])
+        kw = {"unit": "max", "max_act": float(wb.max_acts[n]), "positions": m.where, "label": wb.label(n)[:60]}
         if op == "ablate":
             out.append(ablate(wb.sae, n, positions=m.where, label=kw["label"]))
         elif v * m.gain != 0 or op == "clamp":

@@ -85,25 +85,28 @@ class Workbench:
         return self.lm.tokenizer
 
     def label(self, n: int) -> str:
-        """The atlas's explanation of feature n, or '' when there is none (cached until the atlas file changes)."""
+        """The atlas's explanation of feature n, or '' when there is none."""
+        return self.labels([n])[int(n)]
+
+    def labels(self, ids) -> dict[int, str]:
+        """Explanations of several features; cached until the atlas file changes (`atlas explain` may add some)."""
+        ids = [int(i) for i in ids]
         if self.atlas is None:
-            return ""
+            return dict.fromkeys(ids, "")
         stamp = self._atlas_stamp()
         with self.db_lock:
             if stamp != self._label_stamp:
                 self._label_cache, self._label_stamp = {}, stamp
-            if n not in self._label_cache:
-                ex = self.atlas.explanation(int(n)) or {}
-                self._label_cache[n] = (ex.get("explanation") or "") if ex.get("status", "ok") == "ok" else ""
-            return self._label_cache[n]
+            for n in ids:
+                if n not in self._label_cache:
+                    ex = self.atlas.explanation(n) or {}
+                    self._label_cache[n] = (ex.get("explanation") or "") if ex.get("status", "ok") == "ok" else ""
+            return {n: self._label_cache[n] for n in ids}
 
     def _atlas_stamp(self) -> tuple:
         """Modification times of the database and its write-ahead log: `atlas explain` may add explanations."""
         p = Path(self.atlas.path)
         return tuple(q.stat().st_mtime_ns if q.exists() else 0 for q in (p, p.with_name(p.name + "-wal")))
-
-    def labels(self, ids) -> dict[int, str]:
-        return {int(i): self.label(int(i)) for i in ids}
 
 
 def default_atlas_dir(sae) -> Path:
