@@ -1,29 +1,12 @@
 """How far a trainer is from the machine's limit: measured matmul FLOP/s and the FLOP count of one training step.
 
 The ceiling is the fp32 GEMM rate of this machine at the shape that dominates an SAE step (the dense encoder,
-[batch, d] x [d, m]), measured in the same process as the race, several times (the median is used), because other
-load on a shared machine moves it. ``ceiling_fraction`` = FLOP/s a trainer achieves (FLOP per token written out
-below x its tokens/s) / that GEMM rate: 1.0 would mean every step costs no more than its arithmetic at GEMM speed.
+[batch, d] x [d, m]), measured in the race itself: the GEMM alone takes turns with the contenders on the same
+batches (sae_train.py), so load from other processes on a shared machine falls on it as on them.
+``ceiling_fraction`` = FLOP/s a trainer achieves (FLOP per token written out below x its tokens/s) / that GEMM rate:
+1.0 would mean every step costs no more than its arithmetic at GEMM speed.
 """
 from __future__ import annotations
-
-import statistics
-import time
-
-import torch
-
-
-def matmul_gflops(batch: int, d: int, m: int, *, reps: int = 3) -> float:
-    """GFLOP/s of ``[batch, d] @ [d, m]`` in fp32 (median of ``reps`` timed products after one warm-up)."""
-    g = torch.Generator().manual_seed(0)
-    a, w = torch.randn(batch, d, generator=g), torch.randn(m, d, generator=g)
-    torch.nn.functional.linear(a, w)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.nn.functional.linear(a, w)
-        times.append(time.perf_counter() - t)
-    return 2 * batch * d * m / statistics.median(times) / 1e9
 
 
 def topk_flops_per_token(d: int, m: int, k: int, batch: int) -> dict:

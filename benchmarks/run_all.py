@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
     p.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default 900 quick, 3600)")
     p.add_argument("--merge", action="store_true", help="keep benchmarks already in --json that this run skips")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
+                   help="more arguments for one benchmark, e.g. --extra 'sae_train=--archs topk --steps 16'")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHMARKS)
     unknown = set(names) - set(BENCHMARKS)
@@ -77,10 +80,16 @@ def main(argv=None) -> int:
     old = json.loads(args.json.read_text()) if args.merge and args.json.is_file() else {}
     result = {"started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _git_commit(),
               "machine": machine(), "benchmarks": dict(old.get("benchmarks", {}))}
+    extra = {}
+    for item in args.extra:
+        name, _, rest = item.partition("=")
+        if name not in BENCHMARKS:
+            p.error(f"--extra {item!r}: {name!r} is not one of {', '.join(BENCHMARKS)}")
+        extra[name] = shlex.split(rest)
     failed = []
     for name in names:
         print(f"== {name} ({'quick' if args.quick else 'full'})", flush=True)
-        res = run_one(name, args.quick, timeout, [])
+        res = run_one(name, args.quick, timeout, extra.get(name, []))
         result["benchmarks"][name] = res
         print(f"   {res['status']} in {res.get('wall_seconds', 0):.0f} s", flush=True)
         if res["status"] in ("failed", "timeout"):

@@ -48,10 +48,12 @@ class _Solo:
 
 
 def sizes(args) -> dict:
-    quick = {"store_tokens": 131_072, "n_features": 2304, "batch_size": 2048, "steps": 24, "grid": "1,4",
-             "eval_points": 4, "curve_rows": 4096, "match_runs": 2}
-    full = {"store_tokens": 131_072, "n_features": 9216, "batch_size": 4096, "steps": 48, "grid": "1,3",
-            "eval_points": 5, "curve_rows": 4096, "match_runs": 3}
+    quick = {"store_tokens": 131_072, "n_features": 2304, "batch_size": 2048, "steps": 24, "grid": "1,4,16",
+             "relu_grid": "6,24",
+             "eval_points": 4, "curve_rows": 4096, "match_runs": 2, "ttq_mult": 3}
+    full = {"store_tokens": 131_072, "n_features": 9216, "batch_size": 4096, "steps": 24, "grid": "1,4,16",
+            "relu_grid": "6,24",
+            "eval_points": 5, "curve_rows": 4096, "match_runs": 3, "ttq_mult": 3}
     base = quick if args.quick else full
     return {key: (getattr(args, key) if getattr(args, key, None) is not None else v) for key, v in base.items()}
 
@@ -84,14 +86,14 @@ def warm_up(arch: str, names: list[str], d: int) -> None:
 
 def race_once(arch, names, mult, rows, batches, sz, d, args, ceilings) -> dict:
     """One grid point: every contender at lr = mult x its default, taking turns; curves on the test rows."""
-    n, B, m = sz["steps"], sz["batch_size"], sz["n_features"]
+    n, B, m = len(batches), sz["batch_size"], sz["n_features"]
     mean_norm = float(rows.train[:65536].norm(dim=1).mean())
     made = {}
     for name in names:
         extra = {"first_batch": batches[0], "mean_norm": mean_norm} if name == "saelens" else {}
         made[name] = CONTENDERS[name](arch, d, m, k=args.k, l1=args.l1, batch_size=B, n_steps=n, **extra)
     curve_x = rows.test[:sz["curve_rows"]]
-    at = eval_steps(n, sz["eval_points"])
+    at = eval_steps(n, sz["eval_points"] * max(1, round(n / sz["steps"])))
     curves = {name: Curve() for name in names}
 
     def job(name):
@@ -106,11 +108,19 @@ def race_once(arch, names, mult, rows, batches, sz, d, args, ceilings) -> dict:
             return lr
         return fn
 
-    ceilings.append(_ceiling.matmul_gflops(B, d, m))
-    lrs, baton = run_turns({name: job(name) for name in names})
-    ceilings.append(_ceiling.matmul_gflops(B, d, m))
+    W_gemm = torch.randn(m, d)
+
+    def matmul_job(baton):
+        """The machine's ceiling, taking turns with the contenders: the encoder GEMM alone on the same batches."""
+        for xb in baton.feed("matmul", batches):
+            torch.nn.functional.linear(xb, W_gemm)
+
+    lrs, baton = run_turns({**{name: job(name) for name in names}, "matmul": matmul_job})
+    gemm = baton.segments["matmul"][1:n]
+    gflops = 2 * B * d * m / statistics.median(gemm) / 1e9
+    ceilings.append(gflops)
     out = {}
-    for name, c in made.items():
+    for name, c in made.items():  # (the "matmul" turn-taker is not a contender)
         fn = c.current()
         seg = baton.segments[name]
         steady = seg[max(1, len(seg) // 4):n - 1] or seg  # skip set-up / warm-up steps and the end-of-fit segment
@@ -118,6 +128,7 @@ def race_once(arch, names, mult, rows, batches, sz, d, args, ceilings) -> dict:
         out[name] = {"lr": lrs[name], "lr_multiplier": mult, "val": evaluate(fn, rows.val), "test": evaluate(fn, rows.test),
                      "tokens_per_s": B / statistics.median(steady), "seconds": baton.busy[name],
                      "tokens_per_s_whole_run": n * B / baton.busy[name], "curve": curves[name].as_dict(),
+                     "gemm_gflops": gflops,
                      "settings": c.settings(), "_contender": c}
         print(f"  lr x{mult:g} {name:12s} lr {lrs[name]:.3g}: val FVU {out[name]['val']['fvu']:.4f}  test FVU "
               f"{out[name]['test']['fvu']:.4f}  L0 {out[name]['test']['l0']:.1f}  dead {out[name]['test']['dead_frac']:.1%}"
@@ -125,29 +136,37 @@ def race_once(arch, names, mult, rows, batches, sz, d, args, ceilings) -> dict:
     return out
 
 
-def summarise_topk(win: dict, names: list[str], d, m, k, B, gflops: float) -> dict:
+def summarise_topk(win: dict, long: dict | None, names: list[str], d, m, k, B, gflops: float) -> dict:
+    """Ratios against each peer. Time to quality uses thoughtscope's longer run (``long``) when there is one; its
+    seconds and the peer's are compared in units of the GEMM time measured in each one's own race (seconds x
+    GFLOP/s of that race), so a change of load between the two races does not tilt the ratio."""
     ours = win["thoughtscope"]
-    ours_curve = Curve(**ours["curve"])
+    src = long or ours
+    ours_curve = Curve(**src["curve"])
+    g_ours = src["gemm_gflops"]
     row = {}
     for peer in [n for n in names if n != "thoughtscope"]:
         p = win[peer]
         p_curve = Curve(**p["curve"])
         target = p_curve.fvu[-1]
+        peer_work = p["seconds"] * p["gemm_gflops"]  # GFLOP of encoder GEMMs the peer's time was worth
         t_ours = ours_curve.seconds_to_reach(target)
-        t_equal = min(ours["seconds"], p["seconds"])
+        t_equal = peer_work / g_ours  # the peer's whole run, in thoughtscope's race seconds
         row[peer] = {
             "speed_ratio": ours["tokens_per_s"] / p["tokens_per_s"],
             "fvu_ratio_equal_tokens": ours["test"]["fvu"] / p["test"]["fvu"],
-            "time_to_peer_fvu_ratio": (t_ours / p["seconds"]) if t_ours is not None else None,
+            "time_to_peer_fvu_ratio": (t_ours * g_ours / peer_work) if t_ours is not None else None,
             "peer_final_fvu_curve_rows": target,
-            "equal_wallclock_seconds": t_equal,
-            "fvu_at_equal_wallclock": {"thoughtscope": ours_curve.fvu_at_seconds(t_equal),
-                                       peer: p_curve.fvu_at_seconds(t_equal)},
+            "fvu_at_equal_wallclock": {"thoughtscope": ours_curve.fvu_at_seconds(t_equal), peer: target,
+                                       "at_peer_seconds": p["seconds"]},
             "fvu_at_equal_tokens": {"thoughtscope": ours["test"]["fvu"], peer: p["test"]["fvu"]}}
     flops = _ceiling.topk_flops_per_token(d, m, k, B)
     achieved = flops["total"] * ours["tokens_per_s"] / 1e9
-    out = {"flop_per_token": flops, "achieved_gflops": achieved, "matmul_gflops": gflops,
-           "ceiling_fraction": achieved / gflops, "vs": row}
+    out = {"flop_per_token": flops, "achieved_gflops": achieved, "matmul_gflops": ours["gemm_gflops"],
+           "ceiling_fraction": achieved / ours["gemm_gflops"], "vs": row,
+           "time_to_quality_run": None if long is None else {
+               "steps": long["curve"]["steps"][-1], "lr": long["lr"], "curve": long["curve"],
+               "test": long["test"], "seconds": long["seconds"], "gemm_gflops": long["gemm_gflops"]}}
     if "saelens" in row:
         s = row["saelens"]
         out.update(speed_ratio_vs_saelens=s["speed_ratio"], fvu_ratio_vs_saelens=s["fvu_ratio_equal_tokens"],
@@ -185,10 +204,14 @@ def main(argv=None) -> dict:
     p.add_argument("--n-features", dest="n_features", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--steps", type=int, help="training steps of every contender (same batches)")
-    p.add_argument("--grid", help="learning-rate multipliers of each tool's documented default, e.g. 1,3,10")
+    p.add_argument("--grid", help="topk: learning-rate multipliers of each tool's documented default, e.g. 1,4")
+    p.add_argument("--relu-grid", dest="relu_grid",
+                   help="relu-l1: the same for both tools' documented 5e-5 (tuned for ~30k steps, so higher here)")
     p.add_argument("--eval-points", dest="eval_points", type=int, help="test-FVU samples along each run")
     p.add_argument("--curve-rows", dest="curve_rows", type=int, help="test rows used for the curves")
     p.add_argument("--match-runs", dest="match_runs", type=int, help="relu-l1: extra untimed runs to match L0")
+    p.add_argument("--ttq-mult", dest="ttq_mult", type=int,
+                   help="topk: thoughtscope's time-to-quality run is this many times the race's steps (1 = none)")
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--l1", type=float, default=5.0, help="relu-l1 lambda (both tools' documented default 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -199,14 +222,15 @@ def main(argv=None) -> dict:
     rows = split_rows(ensure_store(sz["store_tokens"]))
     d = rows.train.shape[1]
     batches = ShuffledBatches(rows.train, sz["batch_size"], sz["steps"], seed=args.seed)
-    grid = [float(x) for x in sz["grid"].split(",")]
+    grids = {"topk": [float(x) for x in sz["grid"].split(",")],
+             "relu-l1": [float(x) for x in sz["relu_grid"].split(",")]}
     print(f"data: {rows.info['store']}: {rows.info['kept_rows']:,} rows kept of {rows.info['store_tokens']:,} "
           f"(train {rows.info['train_rows']:,} / val {rows.info['val_rows']:,} / test {rows.info['test_rows']:,}); "
           f"d={d} m={sz['n_features']} batch {sz['batch_size']} x {sz['steps']} steps = {batches.epochs:.2f} epochs; "
-          f"lr grid x{grid}; threads {torch.get_num_threads()}", flush=True)
+          f"lr grids {grids}; threads {torch.get_num_threads()}", flush=True)
     figures: dict = {"quick": args.quick, "data": rows.info, "sizes": sz, "epochs": batches.epochs,
                      "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-                     "lr_grid": {"multipliers_of_each_tools_default": grid,
+                     "lr_grid": {"multipliers_of_each_tools_default": grids,
                                  "chosen_by": "lowest validation FVU; reported figures on test documents"},
                      "machine": {"cpus": os.cpu_count(), "note": "timings alternate contenders batch by batch in one "
                                  "process, so load from other processes falls on all alike"}}
@@ -217,6 +241,7 @@ def main(argv=None) -> dict:
         print(f"\n{arch}: contenders {', '.join(names)}", flush=True)
         ceilings: list[float] = []
         warm_up(arch, names, d)
+        grid = grids[arch]
         runs = {mult: race_once(arch, names, mult, rows, batches, sz, d, args, ceilings) for mult in grid}
         win = {n: min((runs[mlt][n] for mlt in grid), key=lambda r: r["val"]["fvu"]) for n in names}
         for n in names:
@@ -228,9 +253,18 @@ def main(argv=None) -> dict:
                                   "test_fvu": runs[mlt][n]["test"]["fvu"], "test_l0": runs[mlt][n]["test"]["l0"]}
                                  for mlt in grid] for n in names},
                "skipped": skipped, "steps": sz["steps"], "train_tokens": sz["steps"] * sz["batch_size"],
-               "matmul_gflops_samples": ceilings}
+               "lr_multipliers": grid, "matmul_gflops_samples": ceilings,
+               "matmul_gflops_method": "the encoder GEMM [batch, d] x [d, m] alone, taking turns with the "
+                                       "contenders on the same batches (median step)"}
         if arch == "topk":
-            row.update(summarise_topk(win, names, d, sz["n_features"], args.k, sz["batch_size"], gflops))
+            long = None
+            if sz["ttq_mult"] > 1 and len(names) > 1:  # thoughtscope alone, longer, at its winning lr
+                mult = win["thoughtscope"]["lr_multiplier"]
+                print(f"  time to quality: thoughtscope alone for {sz['ttq_mult']}x the steps at lr x{mult:g}", flush=True)
+                long_batches = ShuffledBatches(rows.train, sz["batch_size"], sz["steps"] * sz["ttq_mult"], seed=args.seed)
+                long = race_once(arch, ["thoughtscope"], mult, rows, long_batches, sz, d, args, [])["thoughtscope"]
+                long.pop("_contender", None)
+            row.update(summarise_topk(win, long, names, d, sz["n_features"], args.k, sz["batch_size"], gflops))
         else:
             l0 = win["thoughtscope"]["test"]["l0"]
             flops = _ceiling.relu_flops_per_token(d, sz["n_features"], l0, sz["batch_size"])

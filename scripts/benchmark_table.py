@@ -2,6 +2,7 @@
 
     python scripts/benchmark_table.py bench.json                  # print the markdown table
     python scripts/benchmark_table.py bench.json --readme README.md   # replace the table between the markers
+    python scripts/benchmark_table.py full.json quick.json --readme README.md   # rows of several runs, in order
 
 Rows from a ``--quick`` run say so. Benchmarks without a row recipe here get a generic row of their ``*ratio*``
 figures, so a new benchmark shows up without editing this file.
@@ -32,8 +33,8 @@ def sae_rows(fig: dict, quick: bool) -> list[list[str]]:
     data, sz = fig["data"], fig["sizes"]
     work = (f"{data['kept_rows']:,} resid.15 rows kept of {data['store_tokens']:,} (position 0 and norm > 10x median "
             f"dropped); {sz['n_features']:,} latents, batch {sz['batch_size']:,} x {sz['steps']} steps "
-            f"({fig['epochs']:.2f} epochs); lr = x{fig['lr_grid']['multipliers_of_each_tools_default']} of each "
-            f"tool's default, chosen on validation; FVU on {data['test_rows']:,} test rows")
+            f"({fig['epochs']:.2f} epochs); lr = each tool's default x the grid {{lr_grid}}, chosen on validation; "
+            f"FVU on {data['test_rows']:,} test rows")
     tag = " --quick" if quick else ""
     if "topk" in fig:
         r = fig["topk"]
@@ -52,7 +53,8 @@ def sae_rows(fig: dict, quick: bool) -> list[list[str]]:
                       f"{_f(r.get('time_to_sparsify_fvu_ratio'), '.2f')}")
         ratio += (f"; {r['ceiling_fraction']:.2f} of the matmul ceiling ({r['achieved_gflops']:.1f} of "
                   f"{r['matmul_gflops']:.1f} GFLOP/s, {r['flop_per_token']['total'] / 1e6:.1f} MFLOP/token)")
-        rows.append([f"`sae_train.py{tag}` topk k = {c['thoughtscope']['settings'].get('k', 32)}", work,
+        rows.append([f"`sae_train.py{tag}` topk k = {c['thoughtscope']['settings'].get('k', 32)}",
+                     work.replace("{lr_grid}", str(r.get("lr_multipliers"))),
                      _contender(c["thoughtscope"]), peers, ratio])
     if "relu_l1" in fig:
         r = fig["relu_l1"]
@@ -63,7 +65,7 @@ def sae_rows(fig: dict, quick: bool) -> list[list[str]]:
                  f"({'interpolated' if m.get('bracketed') else 'nearest point, not bracketed'}); "
                  f"{r['ceiling_fraction']:.2f} of the matmul ceiling")
         rows.append([f"`sae_train.py{tag}` relu-l1 (lambda {c['thoughtscope']['settings'].get('l1_coeff', 5):g})",
-                     "same rows and rules", _contender(c["thoughtscope"]),
+                     work.replace("{lr_grid}", str(r.get("lr_multipliers"))), _contender(c["thoughtscope"]),
                      "; ".join(f"{n} ({_contender(c[n])})" for n in c if n != "thoughtscope"), ratio])
     return rows
 
@@ -88,31 +90,33 @@ def generic_rows(name: str, fig: dict, quick: bool) -> list[list[str]]:
              ", ".join(f"{k} {v:.3g}" for k, v in ratios.items()) or "figures in the JSON"]]
 
 
-def table(result: dict) -> str:
+def table(results: list[dict]) -> str:
     lines = ["| benchmark | work | thoughtscope | peer / baseline | ratio (target) |", "| --- | --- | --- | --- | --- |"]
-    for name, res in result["benchmarks"].items():
-        if res.get("status") == "absent":
-            continue
-        if res.get("status") != "ok" or not res.get("figures"):
-            lines.append(f"| `{name}.py` | | | | **{res.get('status')}** (exit {res.get('returncode')}) |")
-            continue
-        fig, quick = res["figures"], bool(res.get("quick"))
-        rows = sae_rows(fig, quick) if name == "sae_train" else generic_rows(name, fig, quick)
-        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
-    m = result.get("machine", {})
-    note = (f"\nMeasured by `benchmarks/run_all.py` at commit {str(result.get('commit'))[:10]} on "
-            f"{m.get('cpus')} CPU cores ({m.get('platform')}, torch {m.get('torch')}), load average at start "
-            f"{', '.join(f'{x:.1f}' for x in (m.get('load_average_at_start') or []))}; started "
-            f"{result.get('started_at')}.")
-    return "\n".join(lines) + "\n" + note + "\n"
+    notes = []
+    for result in results:
+        for name, res in result["benchmarks"].items():
+            if res.get("status") == "absent":
+                continue
+            if res.get("status") != "ok" or not res.get("figures"):
+                lines.append(f"| `{name}.py` | | | | **{res.get('status')}** (exit {res.get('returncode')}) |")
+                continue
+            fig, quick = res["figures"], bool(res.get("quick"))
+            rows = sae_rows(fig, quick) if name == "sae_train" else generic_rows(name, fig, quick)
+            lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+        m = result.get("machine", {})
+        notes.append(f"`{', '.join(result['benchmarks'])}`: measured by `benchmarks/run_all.py` at commit "
+                     f"{str(result.get('commit'))[:10]} on {m.get('cpus')} CPU cores (torch {m.get('torch')}), load "
+                     f"average at start {', '.join(f'{x:.1f}' for x in (m.get('load_average_at_start') or []))}, "
+                     f"started {result.get('started_at')}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", type=Path, help="output of benchmarks/run_all.py")
+    p.add_argument("json", type=Path, nargs="+", help="output(s) of benchmarks/run_all.py, rows in this order")
     p.add_argument("--readme", type=Path, help=f"replace the text between {START} and {END} in this file")
     args = p.parse_args(argv)
-    text = table(json.loads(args.json.read_text()))
+    text = table([json.loads(p.read_text()) for p in args.json])
     if not args.readme:
         print(text)
         return 0
