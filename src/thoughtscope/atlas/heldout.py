@@ -37,12 +37,17 @@ class ExplainerError(ThoughtscopeError, RuntimeError):
 _PIECES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def token_cache(tokenizer) -> dict:
+    """A dict that lives as long as the tokenizer, for decoded text keyed by token ids."""
+    try:
+        return _PIECES.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no cache
+        return {}
+
+
 def piece(tokenizer, tid: int) -> str:
     """One token as text (newlines as ⏎), cached per tokenizer: decoding ids one by one is the slow part."""
-    try:
-        cache = _PIECES.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable: no cache
-        cache = {}
+    cache = token_cache(tokenizer)
     s = cache.get(tid)
     if s is None:
         s = tokenizer.decode([int(tid)]).replace("\n", "⏎")

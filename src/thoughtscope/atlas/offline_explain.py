@@ -37,6 +37,7 @@ from .heldout import (
     random_context_halves,
     render,
     span,
+    token_cache,
     true_marks,
 )
 from .scoring import SCRIPTS
@@ -85,10 +86,27 @@ def _unit(tok, tokens: list[int], p: int, lo: int, hi: int) -> str:
         return s.lower()
     for a, b in ((p - 1, p + 1), (p, p + 2), (p - 1, p + 2), (p - 2, p + 1), (p, p + 3)):
         if a >= lo and b <= hi + 1:
-            s = tok.decode([int(t) for t in tokens[a:b]]).replace("\n", "⏎").strip()
+            s = _decode(tok, tuple(int(t) for t in tokens[a:b]))
             if _readable(s):
                 return s.lower()
     return ""
+
+
+def _decode(tok, ids: tuple[int, ...]) -> str:
+    """A few tokens as text (stripped), cached: fragments of the same characters recur across features."""
+    cache = token_cache(tok)
+    s = cache.get(ids)
+    if s is None:
+        s = cache[ids] = tok.decode(list(ids)).replace("\n", "⏎").strip()
+    return s
+
+
+def _bigram(tok, a: int, b: int) -> str:
+    """Two tokens as text (lower-cased, stripped); decoded together only when one is a byte fragment."""
+    pa, pb = piece(tok, a), piece(tok, b)
+    if "\ufffd" in pa or "\ufffd" in pb:
+        return _decode(tok, (int(a), int(b))).lower()
+    return (pa + pb).strip().lower()
 
 
 def _quote(s: str) -> str | None:
@@ -120,12 +138,26 @@ class OfflineExplainer:
                 bg_ctx.append(ctx), bg_lo.append(lo), bg_hi.append(hi)
         self.bg_ctx, self.bg_lo, self.bg_hi = np.asarray(bg_ctx), np.asarray(bg_lo), np.asarray(bg_hi)
         self._bg_cache: dict[tuple[str, bool], np.ndarray] = {}
+        self._bg_joined = "\x00".join(self.bg_text)
+        self._bg_starts = np.cumsum([0] + [len(t) + 1 for t in self.bg_text[:-1]])
 
     def _bg_has(self, cue: str, kind: str = "fire") -> np.ndarray:
+        """Which background windows contain the cue (cached). Literal cues are found with str.find over all
+        windows joined by NUL, jumping to the next window after each hit: a few hits cost a few calls, not
+        one membership test per window (this was most of the explainer's time)."""
         key = (cue, kind == "script")
         m = self._bg_cache.get(key)
         if m is None:
-            m = np.fromiter((_has(cue, kind, t) for t in self.bg_text), dtype=bool, count=len(self.bg_text))
+            if kind == "script":
+                m = np.fromiter((_has(cue, kind, t) for t in self.bg_text), dtype=bool, count=len(self.bg_text))
+            else:
+                m = np.zeros(len(self.bg_text), dtype=bool)
+                i = self._bg_joined.find(cue)
+                while i != -1:
+                    w = int(np.searchsorted(self._bg_starts, i, side="right")) - 1
+                    m[w] = True
+                    nxt = self._bg_starts[w + 1] if w + 1 < len(self._bg_starts) else len(self._bg_joined)
+                    i = self._bg_joined.find(cue, int(nxt))
             self._bg_cache[key] = m
         return m
 
@@ -160,7 +192,7 @@ class OfflineExplainer:
                 if p in marks:
                     f_here.add(u)
                     if p - 1 >= lo:
-                        b = tok.decode([int(t) for t in e.tokens[p - 1:p + 1]]).replace("\n", "⏎").strip().lower()
+                        b = _bigram(tok, e.tokens[p - 1], e.tokens[p])
                         if b != u and _readable(b):
                             f_here.add(b)
                 else:
