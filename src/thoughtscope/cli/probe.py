@@ -306,4 +306,14 @@ def weights_cmd(
     _write_json(out, json_path)
 
 
+@probe_app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("probe-demo"), help="folder for probe_sweep.json / .png"),
+             full: bool = typer.Option(False, help="600 statements, all 30 blocks, 4 fitters (slow on a CPU)"),
+             model: str = typer.Option("default"), device: Optional[str] = typer.Option(None)) -> None:
+    """Sweep the shipped comparisons set on the default model, print the table beside its controls, save the plot."""
+    from ..probes.demo import probe_demo
+
+    probe_demo(_load(model, device, None), out, console, quick=not full)
+
+
 __all__ = ["probe_app"]

@@ -37,6 +37,7 @@ class ReadConfig:
     batch_size: int = 16
     max_length: int = 256
     sink_ratio: float = 10.0
+    add_bos: bool = True  # as LoadedModel.tokenize; False reads texts exactly as the tokenizer alone encodes them
 
     def __post_init__(self) -> None:
         if self.read not in READS:
@@ -93,7 +94,7 @@ def encode(lm: LoadedModel, ds: ProbeSet, cfg: ReadConfig) -> list[Encoded]:
             lo, hi = start + ds.spans[i][0], start + ds.spans[i][1]
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids, offs = list(enc["input_ids"]), list(enc["offset_mapping"])
-        if bos is not None and (not ids or ids[0] != bos):
+        if cfg.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids, offs = [bos] + ids, [(0, 0)] + offs
         ids, offs = ids[: cfg.max_length], offs[: cfg.max_length]
         content = [j for j, (a, b) in enumerate(offs) if j > 0 and b > a and a < hi and b > lo]
@@ -176,7 +177,8 @@ def pool(h: torch.Tensor, rows: list[Encoded], ok: torch.Tensor, read: str) -> t
 
 def cache_key(lm: LoadedModel, ds: ProbeSet, cfg: ReadConfig) -> str:
     info = {"model": lm.name, "source": lm.source.get("spec"), "d_model": lm.d_model, "n_layers": lm.n_layers,
-            "dataset": ds.sha256, "read": asdict(cfg) | {"batch_size": None}}
+            "dataset": ds.sha256, "read": {**{k: v for k, v in asdict(cfg).items() if not (k == "add_bos" and v)},
+                                           "batch_size": None}}
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:20]
 
 
