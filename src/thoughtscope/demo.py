@@ -104,7 +104,16 @@ def _nla_stage(console: Console, lm, out: Path, summary: dict) -> None:
     summary["nla"] = {"rows": rows, "seconds": time.perf_counter() - t0}
 
 
-_LATER_STAGES = [("features", _feature_stage), ("steer", _steer_stage), ("nla", _nla_stage)]
+def _probe_stage(console: Console, lm, out: Path, summary: dict) -> None:
+    """Where is "is this comparison true?" linearly readable? A quick layer sweep beside its controls."""
+    from .probes.demo import probe_demo
+
+    console.rule("6. probes: where the model reads 'is this comparison true?'")
+    res = probe_demo(lm, out / "probes", console)
+    summary["probes"] = {k: res[k] for k in ("best_site", "best_auroc", "best_selectivity", "seconds")}
+
+
+_LATER_STAGES = [("features", _feature_stage), ("steer", _steer_stage), ("nla", _nla_stage), ("probes", _probe_stage)]
 
 
 def summarise_store(store) -> dict:
