@@ -206,7 +206,9 @@ class Sparsify:
                 "decoder": "eager embedding_bag (Triton is GPU-only)"}
 
     def fit(self, feed, lr: float) -> None:
-        from sparsify import SparseCoderConfig, Trainer as SpTrainer, TrainConfig as SpTrainConfig
+        from sparsify import SparseCoderConfig
+        from sparsify import TrainConfig as SpTrainConfig
+        from sparsify import Trainer as SpTrainer
 
         model = _ReplayLM(self.d)
         model.layers[0].source = iter(feed)

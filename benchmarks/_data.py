@@ -88,8 +88,8 @@ def split_rows(store: ActivationStore, *, val_frac: float = 0.1, test_frac: floa
         raise StoreError(f"store {store.path} has no rows left after the exclusion rule {EXCLUSION}")
     x, doc = torch.cat(parts), torch.cat(docs)
     n = x.shape[0]
-    c_val = _doc_cut(doc, int(round(n * (1 - val_frac - test_frac))))
-    c_test = _doc_cut(doc, int(round(n * (1 - test_frac))))
+    c_val = _doc_cut(doc, round(n * (1 - val_frac - test_frac)))
+    c_test = _doc_cut(doc, round(n * (1 - test_frac)))
     if not 0 < c_val < c_test < n:
         raise StoreError(f"store {store.path}: its {n} kept rows come from too few documents to cut train / "
                          f"validation / test at whole documents (cuts at rows {c_val}, {c_test}); harvest more tokens")

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -111,7 +111,7 @@ class Baton:
             yield b
 
 
-def run_turns(jobs: dict[str, Callable[["Baton"], object]]) -> tuple[dict, Baton]:
+def run_turns(jobs: dict[str, Callable[[Baton], object]]) -> tuple[dict, Baton]:
     """Run ``name -> fn(baton)`` in threads, turn by turn; returns each fn's result and the baton (times)."""
     baton = Baton(list(jobs))
     results, errors = {}, {}

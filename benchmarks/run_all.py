@@ -26,7 +26,7 @@ BENCHMARKS = ("sae_train", "harvest", "atlas", "steer", "probe", "web")
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=HERE, capture_output=True, text=True,
                               timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -49,7 +49,7 @@ def run_one(name: str, quick: bool, timeout: float, extra: list[str]) -> dict:
         cmd = [sys.executable, str(script), *(["--quick"] if quick else []), "--json", str(out), *extra]
         t0 = time.perf_counter()
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
+            r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
             code, log = r.returncode, (r.stdout + r.stderr)
         except subprocess.TimeoutExpired as e:
             code = None

@@ -30,13 +30,12 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' progress bars would interleave
 
-import torch  # noqa: E402
-
-import _ceiling  # noqa: E402
-from _contenders import CONTENDERS  # noqa: E402
-from _data import ShuffledBatches, ensure_store, split_rows  # noqa: E402
-from _matched_l0 import match_l0  # noqa: E402
-from _race import Curve, check_sane, eval_steps, evaluate, run_turns  # noqa: E402
+import _ceiling
+import torch
+from _contenders import CONTENDERS
+from _data import ShuffledBatches, ensure_store, split_rows
+from _matched_l0 import match_l0
+from _race import Curve, check_sane, eval_steps, evaluate, run_turns
 
 
 class _Solo:

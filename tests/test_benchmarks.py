@@ -11,13 +11,13 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))  # benchmarks/ is a folder of scripts, not a package
 
-import _data  # noqa: E402
-from _contenders import Ours  # noqa: E402
-from _race import Curve, InsaneContender, check_sane, evaluate, run_turns  # noqa: E402
+import _data
+from _contenders import Ours
+from _race import Curve, InsaneContender, check_sane, evaluate, run_turns
 
-from thoughtscope.corpus import Corpus  # noqa: E402
-from thoughtscope.models import tiny_model  # noqa: E402
-from thoughtscope.store import ActivationStore, StoreWriter  # noqa: E402
+from thoughtscope.corpus import Corpus
+from thoughtscope.models import tiny_model
+from thoughtscope.store import StoreWriter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,18 +14,18 @@ from __future__ import annotations
 import copy
 import math
 import os
-import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .architectures import SAE, SAEConfig, SAEError, build_sae, geometric_median
 from ..distributed import join_process_group, local_device
 from ..errors import ThoughtscopeError
+from .architectures import SAE, SAEConfig, SAEError, build_sae, geometric_median
 
 
 class TrainingDiverged(ThoughtscopeError, RuntimeError):
@@ -269,7 +269,7 @@ class Trainer:
             return False
         try:
             st = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise SAEError(f"corrupt training checkpoint {path}: {e}") from e
         self.load_state_dict(st)
         return True
@@ -408,7 +408,7 @@ class Trainer:
             return var.clamp_min(1e-12)
 
     @torch.no_grad()
-    def _log(self, progress: "_Progress") -> None:
+    def _log(self, progress: _Progress) -> None:
         row: dict[str, Any] = {"step": self.step, "tokens": self.step * self.tc.batch_size}
         for i, slot in enumerate(self.slots):
             out, x = slot.pending  # type: ignore[attr-defined]
