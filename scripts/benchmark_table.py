@@ -70,6 +70,19 @@ def sae_rows(fig: dict, quick: bool) -> list[list[str]]:
     return rows
 
 
+def settings_notes(fig: dict, quick: bool) -> list[str]:
+    """Each SAE contender's settings, as the benchmark recorded them."""
+    out = []
+    for arch in ("topk", "relu_l1"):
+        for name, c in fig.get(arch, {}).get("contenders", {}).items():
+            st = {k: v for k, v in c["settings"].items() if k not in ("tool",)}
+            out.append(f"`sae_train.py{' --quick' if quick else ''}` {arch} **{name}**: "
+                       + "; ".join(f"{k} {v}" for k, v in st.items()) + f"; lr chosen {c['lr']:.3g}")
+        skipped = fig.get(arch, {}).get("skipped") or {}
+        out += [f"`sae_train.py` {arch}: {n} not run: {why}" for n, why in skipped.items()]
+    return out
+
+
 def generic_rows(name: str, fig: dict, quick: bool) -> list[list[str]]:
     tag = " --quick" if quick else ""
     known = {
@@ -102,6 +115,8 @@ def table(results: list[dict]) -> str:
                 continue
             fig, quick = res["figures"], bool(res.get("quick"))
             rows = sae_rows(fig, quick) if name == "sae_train" else generic_rows(name, fig, quick)
+            if name == "sae_train":
+                notes += settings_notes(fig, quick)
             lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
         m = result.get("machine", {})
         notes.append(f"`{', '.join(result['benchmarks'])}`: measured by `benchmarks/run_all.py` at commit "
@@ -111,12 +126,23 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def _as_run(obj: dict, path: Path) -> dict:
+    """A run_all JSON as is; a bare ``sae_train.py --json`` output wrapped as a one-benchmark run."""
+    if "benchmarks" in obj:
+        return obj
+    if "sizes" in obj and "data" in obj:
+        return {"benchmarks": {"sae_train": {"status": "ok", "quick": obj.get("quick"), "figures": obj}},
+                "commit": f"(standalone sae_train.py run, {path.name})", "machine": {"cpus": obj.get("machine", {})
+                                                                                     .get("cpus")}}
+    raise SystemExit(f"{path}: neither a benchmarks/run_all.py JSON nor a sae_train.py JSON")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", type=Path, nargs="+", help="output(s) of benchmarks/run_all.py, rows in this order")
     p.add_argument("--readme", type=Path, help=f"replace the text between {START} and {END} in this file")
     args = p.parse_args(argv)
-    text = table([json.loads(p.read_text()) for p in args.json])
+    text = table([_as_run(json.loads(p.read_text()), p) for p in args.json])
     if not args.readme:
         print(text)
         return 0
