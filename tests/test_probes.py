@@ -347,6 +347,12 @@ def test_erasure_intervention_is_removed_cleanly_and_leaves_position_zero(lm):
     assert torch.equal(before, after) and not torch.equal(before, during)
     raw = next(iter(capture(lm, "resid.1", ids, mask).values()))
     assert torch.equal(h[:, 0], raw[:, 0])  # the sink position is never edited
+    with steering(lm, [er]):
+        reread = read_activations(lm, ds, ["resid.1"], ReadConfig(), cache=False)["resid.1"]
+    from thoughtscope.steer.interventions import StepContext
+
+    direct = er.apply(X[None], StepContext(offset=1))[0]
+    assert torch.allclose(reread, direct, atol=1e-5)  # erasing cached rows == reading under the hook
 
 
 def test_monitor_thresholds_and_scores(lm, tmp_path):
@@ -368,7 +374,8 @@ def test_erase_check_and_causal_check_run_on_a_tiny_model(lm, tmp_path):
     from thoughtscope.probes.probe import fit_probe
 
     ds = tiny_set(48)
-    res = erase_check(lm, ds, "resid.1", fitters=("mean",), loss_texts=ds.texts[:8], n_contexts=8, cache=False)
+    res = erase_check(lm, ds, "resid.1", fitters=("mean",), loss_texts=ds.texts[:8], n_contexts=8, cache=False,
+                      reread=False)
     assert res["rank"] == 1 and set(res["lm_loss"]) >= {"none", "leace", "random", "delta_leace"}
     assert res["after_leace"]["mean"] <= res["before"]["mean"]
     pr = fit_probe(lm, ds, "resid.1", "mean", cache=False)

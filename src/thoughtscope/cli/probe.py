@@ -221,6 +221,8 @@ def erase_cmd(
     data: str = typer.Option(..., help=DATA_HELP), site: str = typer.Option(..., help="e.g. resid.12"),
     model: str = typer.Option("default"), read: str = typer.Option("last"), seed: int = typer.Option(0),
     n_contexts: int = typer.Option(16, help="default-corpus contexts (128 tokens) for the LM-loss change"),
+    reread: bool = typer.Option(True, help="re-read the rows under the erasure hook (--no-reread: erase the cached "
+                                           "rows, identical at the erased site and two forward passes cheaper)"),
     json_path: Optional[Path] = typer.Option(None, "--json"), cache: Optional[Path] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
 ) -> None:
@@ -230,7 +232,7 @@ def erase_cmd(
 
     lm = _load(model, device, None)
     res = erase_check(lm, resolve(data), site, _read_cfg(read, False, 16), seed=seed, n_contexts=n_contexts,
-                      cache=cache)
+                      cache=cache, reread=reread)
     t = Table(title=f"erasure at {res['site']} (rank {res['rank']}): held-out AUROC of freshly trained probes")
     for c in ("fitter", "before", "after LEACE", "after random rank-1"):
         t.add_column(c, justify="right")
