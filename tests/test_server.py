@@ -92,6 +92,24 @@ def test_analyzer_and_compare(c):
     assert r.status_code == 200 and f'href="/features/{PLANT}"' in r.text
 
 
+def test_text_from_requests_and_atlas_cannot_inject_markup(c, wb):
+    evil = "</script><script>alert(1)</script><b>x</b>"
+    with wb.db_lock:
+        old = wb.atlas.explanation(PLANT)
+    wb.atlas.save_explanation(PLANT, {**old, "explanation": evil})
+    try:
+        for r in (c.post("/analyze", data={"text": f"q {evil}"}, headers=HTML),
+                  c.get(f"/features/{PLANT}", headers=HTML), c.get("/search", params={"q": "alert"}, headers=HTML),
+                  c.get("/compare", params={"a": evil, "b": "q"}, headers=HTML),
+                  c.get("/features/99999", headers={**HTML, "x": evil})):
+            assert "<script>alert" not in r.text and "<b>x</b>" not in r.text
+        detail = c.post("/analyze", data={"text": "a quiet q"}, headers=HTML).text
+        payload = json.loads(detail.split('id="detail">', 1)[1].split("</script>", 1)[0])
+        assert any(evil == row[3] for tok in payload for row in tok["top"])   # intact once parsed
+    finally:
+        wb.atlas.save_explanation(PLANT, old)
+
+
 def test_stream_lanes_same_seed_and_steering_changes_only_the_steered_lane(c):
     def run(f: str) -> dict[str, str]:
         r = c.get(f"/steer/stream?prompt=hello&seed=3&temp=0.8&max=10&baseline=talk+about+q{f}")

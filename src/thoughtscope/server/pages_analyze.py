@@ -36,7 +36,8 @@ def analysis_view(wb, a, feature: int | None) -> dict:
                           for name, sc in a.probe_scores.items()]} for i, t in enumerate(a.top)]
     peaks = [{"feature": n, "peak": v, "rel": v / float(wb.max_acts[n]), "at": a.tokens[p], "label": wb.label(n)}
              for n, v, p in a.peaks[:12]]
-    return {"tokens": tokens, "detail_json": json.dumps(detail), "peaks": peaks, "err_scale": err_scale or 1.0,
+    safe_json = json.dumps(detail).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return {"tokens": tokens, "detail_json": safe_json, "peaks": peaks, "err_scale": err_scale or 1.0,
             "mean_err": sum(errs) / len(errs) if errs else 0.0}
 
 
