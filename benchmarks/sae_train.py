@@ -47,9 +47,8 @@ class _Solo:
 
 
 def sizes(args) -> dict:
-    quick = {"store_tokens": 131_072, "n_features": 2304, "batch_size": 2048, "steps": 24, "grid": "1,4,16",
-             "relu_grid": "6,24",
-             "eval_points": 4, "curve_rows": 4096, "match_runs": 2, "ttq_mult": 3}
+    quick = {"store_tokens": 131_072, "n_features": 2304, "batch_size": 2048, "steps": 16, "grid": "1,4,16",
+             "relu_grid": "6,24", "eval_points": 3, "curve_rows": 4096, "match_runs": 2, "ttq_mult": 2}
     full = {"store_tokens": 131_072, "n_features": 9216, "batch_size": 4096, "steps": 24, "grid": "1,4,16",
             "relu_grid": "6,24",
             "eval_points": 5, "curve_rows": 4096, "match_runs": 3, "ttq_mult": 3}

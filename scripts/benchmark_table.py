@@ -119,6 +119,9 @@ def table(results: list[dict]) -> str:
                 notes += settings_notes(fig, quick)
             lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
         m = result.get("machine", {})
+        if "started_at" not in result:
+            notes.append(f"`{', '.join(result['benchmarks'])}`: {result.get('commit')}.")
+            continue
         notes.append(f"`{', '.join(result['benchmarks'])}`: measured by `benchmarks/run_all.py` at commit "
                      f"{str(result.get('commit'))[:10]} on {m.get('cpus')} CPU cores (torch {m.get('torch')}), load "
                      f"average at start {', '.join(f'{x:.1f}' for x in (m.get('load_average_at_start') or []))}, "
