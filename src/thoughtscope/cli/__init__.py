@@ -655,11 +655,11 @@ def demo(
 # Areas with a module of their own in this package register their typer sub-app here, one line each.
 from .corpus import corpus_app  # noqa: E402
 from .nla import nla_app  # noqa: E402
-from .serve import serve_app  # noqa: E402
+from .serve import serve  # noqa: E402
 
 app.add_typer(nla_app, name="nla")
 app.add_typer(corpus_app, name="corpus")
-app.add_typer(serve_app, name="serve")
+app.command("serve")(serve)
 from .probe import probe_app  # noqa: E402
 app.add_typer(probe_app, name="probe")
 

@@ -9,10 +9,6 @@ import typer
 
 from . import console, err
 
-serve_app = typer.Typer(help="The local web workbench: feature explorer, analyzer, equalizer and NLA view.")
-
-
-@serve_app.callback(invoke_without_command=True)
 def serve(
     model: str = typer.Option("default", help="model: 'default' (embedded SmolLM2), a hub id, a folder or a .gguf"),
     sae: str = typer.Option("default", help="SAE folder, or 'default' (the shipped SmolLM2 SAE)"),
@@ -28,7 +24,8 @@ def serve(
     queue: int = typer.Option(8, help="model jobs that may wait behind the running one before the server answers 429"),
     deadline: float = typer.Option(60.0, help="seconds a generation may run"),
 ) -> None:
-    """Serve the workbench at http://127.0.0.1:8765/ (pages say "building" until the model and atlas are ready)."""
+    """The local web workbench at http://localhost:8765/: feature explorer, analyzer, equalizer and NLA view
+    (pages say "building" until the model and the atlas are ready)."""
     import uvicorn
 
     from ..server import ServerConfig, create_app, load_workbench
