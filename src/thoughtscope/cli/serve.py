@@ -9,6 +9,7 @@ import typer
 
 from . import console, err
 
+
 def serve(
     model: str = typer.Option("default", help="model: 'default' (embedded SmolLM2), a hub id, a folder or a .gguf"),
     sae: str = typer.Option("default", help="SAE folder, or 'default' (the shipped SmolLM2 SAE)"),
