@@ -53,7 +53,10 @@ class Ours:
         return ours_default_lr(self.cfg)
 
     def settings(self) -> dict:
-        return {"tool": "thoughtscope", "defaults": "thoughtscope.sae TrainConfig / SAEConfig defaults",
+        return {"tool": "thoughtscope",
+                "config": "TrainConfig / SAEConfig defaults (Adam, warm-up 1% and linear decay over the last 20% of "
+                          "steps, inputs scaled to mean norm sqrt(d), b_dec at the geometric median of the first "
+                          "batch, AuxK on latents silent for 10% of the run, unit-norm decoder)",
                 **({"k": self.cfg.k} if self.cfg.arch == "topk" else {"l1_coeff": self.cfg.l1_coeff})}
 
     def fit(self, feed, lr: float) -> None:
