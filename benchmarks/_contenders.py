@@ -53,10 +53,11 @@ class Ours:
         return ours_default_lr(self.cfg)
 
     def settings(self) -> dict:
-        return {"tool": "thoughtscope",
-                "config": "TrainConfig / SAEConfig defaults (Adam, warm-up 1% and linear decay over the last 20% of "
-                          "steps, inputs scaled to mean norm sqrt(d), b_dec at the geometric median of the first "
-                          "batch, AuxK on latents silent for 10% of the run, unit-norm decoder)",
+        common = ("TrainConfig / SAEConfig defaults (Adam, warm-up 1% and linear decay over the last 20% of steps, "
+                  "inputs scaled to mean norm sqrt(d), b_dec at the geometric median of the first batch, ")
+        arch = ("AuxK on latents silent for 10% of the run, unit-norm decoder)" if self.cfg.arch == "topk" else
+                "L1 weighted by decoder norms, lambda warm-up 5% of steps)")
+        return {"tool": "thoughtscope", "config": common + arch,
                 **({"k": self.cfg.k} if self.cfg.arch == "topk" else {"l1_coeff": self.cfg.l1_coeff})}
 
     def fit(self, feed, lr: float) -> None:
