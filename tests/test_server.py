@@ -196,6 +196,10 @@ def test_serve_command_refuses_an_open_host_without_token(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--token" in err and "Traceback" not in err
+    for flags in (["--atlas", "/no/such/atlas"], ["--probe", "/no/such/probe"], ["--sae", "/no/such/sae"]):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", *flags])
+        assert e.value.code == 2 and "no such folder" in capsys.readouterr().err
 
 
 def test_nla_view_and_token_fragment(c):

@@ -32,6 +32,14 @@ def serve(
     from ..server import ServerConfig, create_app, load_workbench
     from ..server.workbench import FIRST_START_TOKENS
 
+    from ..errors import ServerError
+
+    named = [("--atlas", atlas)] + [("--probe", p) for p in probe or ()] + \
+        ([("--sae", Path(sae))] if sae != "default" else []) + \
+        ([("--nla", Path(nla))] if nla not in ("default", "none") and "," not in nla else [])
+    for flag, path in named:  # fail here, not later on the building page
+        if path is not None and not Path(path).exists():
+            raise ServerError(f"{flag} {path}: no such folder")
     if token == "auto":
         token = secrets.token_urlsafe(18)
     cfg = ServerConfig(host=host, port=port, token=token, queue_size=queue, deadline_s=deadline)
