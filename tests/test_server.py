@@ -60,6 +60,20 @@ def test_feature_page_shows_everything_the_atlas_has(c):
     assert all(p > 0 for _, p in [(t[0], t[0]) for t in d["top"][0]["tokens"]])
 
 
+def test_pages_fetch_nothing_from_elsewhere(c):
+    import re
+
+    for url in ("/", f"/features/{PLANT}", "/search", "/analyze?text=abc", "/steer", "/nla?text=abc&pos=1",
+                "/compare"):
+        page = c.get(url, headers=HTML).text
+        refs = re.findall(r'(?:src|href)="([^"]+)"', page)
+        assert refs and all(r.startswith(("/", "#", "javascript:")) for r in refs), (url, refs)
+    for asset in ("htmx.min.js", "htmx-ext-sse.min.js", "equalizer.js", "analyzer.js", "style.css",
+                  "LICENSE-htmx.txt", "LICENSE-htmx-ext-sse.txt"):
+        r = c.get(f"/static/{asset}")
+        assert r.status_code == 200 and "cdn" not in r.text.lower()[:5000].replace("cdn.playwright", "")
+
+
 def test_random_lands_on_alive_features(c, wb):
     for seed in range(5):
         r = c.get(f"/features/random?seed={seed}", follow_redirects=False)
