@@ -55,6 +55,9 @@ def test_feature_page_shows_everything_the_atlas_has(c):
     assert 'id="top-contexts"' in page and "background:rgba(234,88,12" in page   # heatmap of contexts
     assert "<svg class=\"hist\"" in page and "Promotes" in page and "Nearest features" in page
     assert f'href="/steer?f={PLANT}:clamp:2' in page and f'href="/analyze?feature={PLANT}"' in page
+    assert "baseline=Talk%20about%20the%20letter%20q%20in%20words" in page          # prompt-only baseline prefilled
+    steer = c.get(f"/steer?f={PLANT}:clamp:2", headers=HTML).text
+    assert f'value="Talk about {PLANT_LABEL}."' in steer
     d = c.get(f"/api/features/{PLANT}").json()
     assert d["explanation"]["text"] == PLANT_LABEL and d["top"] and d["n_active"] > 0
     assert all(p > 0 for _, p in [(t[0], t[0]) for t in d["top"][0]["tokens"]])

@@ -147,8 +147,8 @@ def steer_page(request: Request, feature: str | None = None):
         if all(f[0] != n for f in m.features):
             m.features.append((n, "clamp", 2.0))
         return RedirectResponse(f"/steer?{m.query()}", status_code=303)
-    if not m.baseline and m.features and wb.label(m.features[0][0]):
-        m.baseline = f"Talk about {wb.label(m.features[0][0])}."
+    if not m.baseline and m.features:
+        m.baseline = wb.baseline_for(m.features[0][0])
     sliders = [{"feature": n, "op": op, "value": v, "label": wb.label(n), "max_act": float(wb.max_acts[n]),
                 "sweep": wb.sweeps.get(n)} for n, op, v in m.features]
     values = dict(m.vectors)

@@ -103,6 +103,24 @@ class Workbench:
                     self._label_cache[n] = (ex.get("explanation") or "") if ex.get("status", "ok") == "ok" else ""
             return {n: self._label_cache[n] for n in ids}
 
+    def baseline_for(self, n: int) -> str:
+        """The prompt-only baseline instruction for steering with feature n: "Talk about <what it is about>."
+
+        An explanation written as a description is used whole; one written as cues (the offline method's
+        `fires on "a", "b"; promotes ...`) contributes the strings it says the feature fires on (atlas.parse_cues).
+        """
+        text = self.label(n)
+        if not text:
+            return ""
+        if '"' in text:
+            from ..atlas import parse_cues
+
+            cues = [c.text for c in parse_cues(text) if c.main and c.text.strip(" .,;:'\"")][:4]
+            if not cues:
+                return ""
+            text = ", ".join(cues)
+        return f"Talk about {text.rstrip('.')}."
+
     def _atlas_stamp(self) -> tuple:
         """Modification times of the database and its write-ahead log: `atlas explain` may add explanations."""
         p = Path(self.atlas.path)
