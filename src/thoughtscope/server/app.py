@@ -108,9 +108,11 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
     def home(request: Request):
         wb = wb_of(request)
         meta = wb.atlas.meta if wb.atlas is not None else {}
-        n_alive = int(wb.alive.sum())
-        return page(request, "home.html", nav="home", meta=meta, n_alive=n_alive,
-                    n_explained=len(wb.atlas.explained()) if wb.atlas is not None else 0)
+        n_explained = 0
+        if wb.atlas is not None:
+            with wb.db_lock:  # one SQLite connection serves every worker thread
+                n_explained = len(wb.atlas.explained())
+        return page(request, "home.html", nav="home", meta=meta, n_alive=int(wb.alive.sum()), n_explained=n_explained)
 
     @app.get("/api/status")
     def status():
