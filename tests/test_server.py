@@ -277,10 +277,10 @@ def test_caps_on_body_text_and_tokens(wb, c):
 
 @pytest.mark.parametrize("body", [b"{nope", b"[]", b'{"interventions": 3}',
                                   b'{"interventions": [{"type": "feature", "op": "melt", "site": "resid.1"}]}',
-                                  b'{"interventions": [{"type": "vector", "op": "add", "site": "resid.1", '
-                                  b'"vector": "/etc/passwd"}]}',
-                                  b'{"interventions": [{"type": "feature", "op": "scale", "site": "resid.1", '
-                                  b'"sae": "default", "feature": 3}]}'])
+                                  (b'{"interventions": [{"type": "vector", "op": "add", "site": "resid.1", '
+                                   b'"vector": "/etc/passwd"}]}'),
+                                  (b'{"interventions": [{"type": "feature", "op": "scale", "site": "resid.1", '
+                                   b'"sae": "default", "feature": 3}]}')])
 def test_malformed_presets_are_422(c, body):
     r = c.post("/steer/preset", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text

@@ -29,10 +29,9 @@ def serve(
     (pages say "building" until the model and the atlas are ready)."""
     import uvicorn
 
+    from ..errors import ServerError
     from ..server import ServerConfig, create_app, load_workbench
     from ..server.workbench import FIRST_START_TOKENS
-
-    from ..errors import ServerError
 
     named = [("--atlas", atlas)] + [("--probe", p) for p in probe or ()] + \
         ([("--sae", Path(sae))] if sae != "default" else []) + \
