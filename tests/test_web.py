@@ -102,8 +102,9 @@ def page(browser):
 def test_search_then_feature_page_with_contexts_and_heatmap(site, page):
     url, _ = site
     page.goto(f"{url}/search?mode=words")
-    page.fill("input[name=q]", "queen")
-    page.click("#search-words button")
+    page.locator("input[name=q]").press_sequentially("queen", delay=30)   # htmx fetches results while typing
+    page.wait_for_selector(f"#hits a[href='/features/{PLANT}']")
+    assert "q=queen" in page.url
     page.click(f"#hits a[href='/features/{PLANT}']")
     page.wait_for_url(f"**/features/{PLANT}")
     assert page.text_content("#explanation").strip() == PLANT_LABEL
