@@ -142,10 +142,21 @@ def _as_run(obj: dict, path: Path) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", type=Path, nargs="+", help="output(s) of benchmarks/run_all.py, rows in this order")
+    p.add_argument("json", nargs="+",
+                   help="output(s) of benchmarks/run_all.py, or NAME=PATH for one benchmark's own --json output; "
+                        "rows in this order")
     p.add_argument("--readme", type=Path, help=f"replace the text between {START} and {END} in this file")
     args = p.parse_args(argv)
-    text = table([_as_run(json.loads(p.read_text()), p) for p in args.json])
+    runs = []
+    for spec in args.json:
+        name, sep, path = spec.partition("=")
+        if sep and not Path(spec).is_file():  # NAME=PATH: one benchmark's own --json output
+            fig = json.loads(Path(path).read_text())
+            runs.append({"benchmarks": {name: {"status": "ok", "quick": fig.get("quick"), "figures": fig}},
+                         "commit": f"(standalone {name}.py --json run, {Path(path).name})"})
+        else:
+            runs.append(_as_run(json.loads(Path(spec).read_text()), Path(spec)))
+    text = table(runs)
     if not args.readme:
         print(text)
         return 0
