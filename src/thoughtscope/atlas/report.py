@@ -86,13 +86,30 @@ def _tok(tokenizer, tid: int) -> str:
     return tokenizer.decode([int(tid)]) if tokenizer is not None else f"[{tid}]"
 
 
+def _units(items: list[tuple[int, int, float]], tokenizer) -> list[tuple[str, list[int], float]]:
+    """(text, positions, activation) per shown unit: a token, or the few tokens that together spell one
+    character a byte-level tokenizer split (decoded one by one they would read as replacement characters)."""
+    out: list[tuple[str, list[int], float]] = []
+    i = 0
+    while i < len(items):
+        j, text = i + 1, _tok(tokenizer, items[i][1])
+        if tokenizer is not None and "\ufffd" in text:
+            for k in range(i + 2, min(len(items), i + 4) + 1):
+                joined = tokenizer.decode([int(t) for _, t, _ in items[i:k]])
+                if "\ufffd" not in joined:
+                    j, text = k, joined
+                    break
+        out.append((text, [p for p, _, _ in items[i:j]], max(a for _, _, a in items[i:j])))
+        i = j
+    return out
+
+
 def _ctx_html(ex, tokenizer, max_act: float, left: int = 12, right: int = 4) -> str:
     spans = []
-    for p, tid, a in ex.token_acts():
-        if p < 1 or p < ex.pos - left or p > ex.pos + right:
-            continue
-        s = html.escape(_tok(tokenizer, tid)).replace("\n", "⏎")
-        cls = ' class="peak"' if p == ex.pos else ""
+    items = [(p, tid, a) for p, tid, a in ex.token_acts() if p >= 1 and ex.pos - left <= p <= ex.pos + right]
+    for text, where, a in _units(items, tokenizer):
+        s = html.escape(text).replace("\n", "⏎")
+        cls = ' class="peak"' if ex.pos in where else ""
         if a > 0:
             lvl = min(1.0, a / max_act) if max_act > 0 else 0
             spans.append(f'<span{cls} style="background:rgba(230,80,20,{0.15 + 0.75 * lvl:.2f})" '
