@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from scripts.default_corpus import build as B
 from scripts.default_corpus import extract as X
 from scripts.default_corpus import sources as S
-from thoughtscope import corpus as C
+from thoughtscope._io import sha256_file
 from thoughtscope.corpus import Corpus, default_corpus_dir
 
 
@@ -75,7 +75,7 @@ def test_build_default_corpus_fallback(fallback_env, tok):
     assert m["n_docs"] == sum(s["n_docs"] for s in m["shards"]) > 10
     assert m["bytes"] >= 100_000 and "en" in m["languages"]
     for s in m["shards"]:
-        assert C._sha256_file(dest / s["file"]) == s["sha256"]
+        assert sha256_file(dest / s["file"]) == s["sha256"]
     assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]  # temp dir renamed away
     docs = [json.loads(line) for line in (dest / m["shards"][0]["file"]).read_text("utf-8").splitlines()]
     assert all(d["text"].strip() and d["source"] == "python-docstrings" for d in docs)

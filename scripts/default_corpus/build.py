@@ -23,12 +23,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from thoughtscope.corpus import (
-    DEFAULT_CORPUS_VERSION,
-    CorpusError,
-    _sha256_file,
-    default_corpus_dir,
-)
+
+from thoughtscope._io import sha256_file
+from thoughtscope.corpus import DEFAULT_CORPUS_VERSION, CorpusError, default_corpus_dir
 
 from .sources import MB, all_sources, dpkg_versions
 
@@ -125,7 +122,7 @@ def build_default_corpus(dest: Path | str | None = None, *, seed: int = 0, quiet
                     "n_docs": len(lines),
                     "first_doc": first,
                     "bytes": (tmp / name).stat().st_size,
-                    "sha256": _sha256_file(tmp / name),
+                    "sha256": sha256_file(tmp / name),
                 }
             )
             first += len(lines)

@@ -18,7 +18,6 @@ The build itself is tooling outside the library (``scripts/default_corpus/``); r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ._io import sha256_file
 from .errors import ThoughtscopeError
 
 __all__ = [
@@ -202,12 +202,6 @@ def _folder_files(folder: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------
@@ -425,7 +419,7 @@ class Corpus:
             m = json.loads(mpath.read_text("utf-8"))
             out.update(
                 path=str(d),
-                manifest_sha256=_sha256_file(mpath),
+                manifest_sha256=sha256_file(mpath),
                 version=m.get("version"),
                 n_docs=m.get("n_docs"),
                 bytes=m.get("bytes"),
@@ -439,7 +433,7 @@ class Corpus:
                 out["text_field"] = self.text_field
             base = self._path if self.kind == "folder" else self._path.parent
             out["files"] = [
-                {"path": f.relative_to(base).as_posix(), "bytes": f.stat().st_size, "sha256": _sha256_file(f)}
+                {"path": f.relative_to(base).as_posix(), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
                 for f in self._files()
             ]
         if self._n_docs is not None:

@@ -12,14 +12,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from ._io import atomic_dir
 from .errors import ThoughtscopeError
 from .sites import STREAMS, Site, SiteError, capture, edit, parse_sites  # noqa: F401  (re-exported: the public API)
 
@@ -181,9 +181,8 @@ def _gguf_cache_folder(gguf: Path) -> Path:
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
     """De-quantise a GGUF file once and keep it as a safetensors folder (25 s → 0.1 s on the next load)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     Console(stderr=True).print(f"[dim]converting {gguf.name} to safetensors in {dest} (once)…[/dim]")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -193,18 +192,10 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "thoughtscope_source.json").write_text(json.dumps({"gguf": str(gguf), "converted_at": time.time()}))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(spec: str = "default", *, device: str | None = None, dtype=None, device_map=None,
@@ -295,7 +286,7 @@ def tiny_model(arch: str = "llama", *, d_model: int = 64, n_layers: int = 2, voc
 
 def byte_tokenizer(vocab: int = 256):
     """A download-free tokenizer: bytes mapped into ids 3..vocab-1, with pad=0, bos=1, eos=2."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>"]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .core import NLAConfig, NLAError, atomic_save_tensors, check_vectors, nla_loss, normalise
+from .._io import atomic_save_tensors
+from .core import NLAConfig, NLAError, check_vectors, nla_loss, normalise
 
 AV_FILE, AR_FILE = "av.safetensors", "ar.safetensors"
 WARM_AV_FILE, WARM_AR_FILE = "warm_av.safetensors", "warm_ar.safetensors"

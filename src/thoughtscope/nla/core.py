@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+
+from .._io import atomic_write_text
 from ..errors import ThoughtscopeError
 
 CONFIG_NAME = "nla_config.json"
@@ -135,34 +136,3 @@ def nla_loss(pred: torch.Tensor, gold: torch.Tensor, reduction: str = "mean") ->
     """MSE per element between both vectors rescaled to √d; equals 2(1 − cos) exactly."""
     per_row = (normalise(pred) - normalise(gold)).pow(2).mean(-1)
     return per_row.mean() if reduction == "mean" else per_row
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)          # mkstemp creates 0600; these are ordinary shareable files
-    os.replace(tmp, path)
-
-
-def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent, suffix=".safetensors")
-    os.close(fd)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent, suffix=".pt")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

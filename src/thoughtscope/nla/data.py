@@ -27,7 +27,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from .core import NLAError, atomic_save_tensors, atomic_write_text, normalise, round_scale
+from .._io import atomic_save_tensors, atomic_write_text
+from ..progress import ProgressBar
+from .core import NLAError, normalise, round_scale
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 CONTEXT_KEEP = 16          # last tokens of context kept per row (ridge / oracle baselines)
@@ -270,13 +272,7 @@ def harvest_rows(lm, cfg: DataConfig, *, corpus=None, progress: bool = True,
                                                    api_key_env=cfg.llm_api_key_env)
     out: dict[str, list] = {k: [] for k in ("vec", "doc", "pos", "tok", "split", "ctx", "expl", "text")}
 
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("nla data"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        bar.start()
-        task = bar.add_task("rows", total=cfg.n_rows)
+    bar = ProgressBar("nla data", cfg.n_rows, unit="rows", enabled=progress)
 
     def flush(batch):
         rows = [[bos] + ids if bos is not None else ids for _, ids, _ in batch]
@@ -329,13 +325,11 @@ def harvest_rows(lm, cfg: DataConfig, *, corpus=None, progress: bool = True,
         if len(batch) >= cfg.batch_docs:
             flush(batch)
             batch = []
-            if bar:
-                bar.update(task, completed=len(out["vec"]))
+            bar.update(len(out["vec"]))
     if batch:
         flush(batch)
-    if bar:
-        bar.update(task, completed=len(out["vec"]))
-        bar.stop()
+    bar.update(len(out["vec"]))
+    bar.close()
     if not out["vec"]:
         raise NLAError(f"no document in corpus {cfg.corpus!r} has more than {cfg.min_position} tokens")
     vectors = torch.stack(out["vec"])

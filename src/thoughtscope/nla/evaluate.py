@@ -38,7 +38,8 @@ from typing import Sequence
 
 import torch
 
-from .core import NLAError, atomic_write_text, normalise
+from .._io import atomic_write_text
+from .core import NLAError, normalise
 from .data import DataConfig, NLARows, harvest_rows
 
 QUOTE_RE = re.compile(r'"([^"]{2,})"')
@@ -348,7 +349,7 @@ BASELINE_FILE = "baseline_rows.safetensors"
 
 def save_baseline_rows(rows: NLARows, path: "str | os.PathLike") -> None:
     """Keep what the baselines need from the training and validation rows (normalised vectors in fp16)."""
-    from .core import atomic_save_tensors
+    from .._io import atomic_save_tensors
 
     keep = (rows.split == 0) | (rows.split == 1)
     atomic_save_tensors({"vectors": normalise(rows.vectors[keep]).half(), "token_id": rows.token_id[keep],

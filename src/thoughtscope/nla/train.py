@@ -39,8 +39,20 @@ from typing import Callable
 
 import torch
 
-from .bundle import AR_FILE, AV_FILE, NLA, RL_AR_FILE, WARM_AR_FILE, WARM_AV_FILE, config_for, load_weights, save_weights
-from .core import NLAConfig, NLAError, atomic_torch_save, atomic_write_text, nla_loss, normalise
+from .._io import atomic_torch_save, atomic_write_text
+from ..progress import ProgressBar
+from .bundle import (
+    AR_FILE,
+    AV_FILE,
+    NLA,
+    RL_AR_FILE,
+    WARM_AR_FILE,
+    WARM_AV_FILE,
+    config_for,
+    load_weights,
+    save_weights,
+)
+from .core import NLAConfig, NLAError, nla_loss, normalise
 from .data import NLARows
 from .evaluate import fve
 
@@ -388,14 +400,7 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
             return nla.ar.loss([refit["train"][i] for i in rows_], train.vectors[idx], truncate=True)
         return nla.ar.loss([train.explanations[i] for i in rows_], train.vectors[idx])
 
-    bar = None
-    if progress and rank == 0:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn(f"nla {cfg.stage}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       TextColumn("{task.fields[info]}"))
-        bar.start()
-        task = bar.add_task("train", total=cfg.steps, completed=step, info="")
+    bar = ProgressBar(f"nla {cfg.stage}", cfg.steps, start=step, unit="steps", enabled=progress and rank == 0)
     t0 = time.time()
     try:
         while step < cfg.steps:
@@ -423,10 +428,8 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
             history.append(rec)
             if log and rank == 0:
                 log(rec)
-            if bar:
-                info = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if k not in ("step", "lr") and
-                                isinstance(v, float))
-                bar.update(task, completed=step, info=info)
+            bar.update(step, info=" ".join(f"{k}={v:.3f}" for k, v in rec.items()
+                                           if k not in ("step", "lr") and isinstance(v, float)))
             out_of_time = cfg.time_budget_s is not None and time.time() - t0 > cfg.time_budget_s
             if n_ranks > 1:     # rank 0's clock decides, so every rank stops after the same step
                 import torch.distributed as dist
@@ -439,8 +442,7 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
             if out_of_time:
                 break
     finally:
-        if bar:
-            bar.stop()
+        bar.close()
     _barrier()          # the last checkpoint is on disk before any rank returns
     return {"history": history, "done": step >= cfg.steps, "step": step, "nla": nla}
 
@@ -461,14 +463,8 @@ def greedy_explanations(nla: NLA, nla_dir: Path, sets: dict[str, torch.Tensor], 
         raise NLAError(f"{path} was written by other AV weights than {nla_dir / AV_FILE}; delete it to refit anew")
     total = sum(len(v) for v in sets.values())
     done = sum(len(cache["sets"].get(k, [])) for k in sets)
-    bar = None
-    if progress and done < total:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("nla ar-refit: AV explanations"), BarColumn(), MofNCompleteColumn(),
-                       TimeRemainingColumn())
-        bar.start()
-        task = bar.add_task("explain", total=total, completed=done)
+    bar = ProgressBar("nla ar-refit: AV explanations", total, start=done, unit="rows",
+                      enabled=progress and done < total)
     try:
         nla.av.model.eval()
         for name, vectors in sets.items():
@@ -476,11 +472,9 @@ def greedy_explanations(nla: NLA, nla_dir: Path, sets: dict[str, torch.Tensor], 
             while len(got) < len(vectors):
                 got += nla.av.explain(vectors[len(got): len(got) + chunk])
                 atomic_write_text(path, json.dumps(cache))
-                if bar:
-                    bar.update(task, advance=min(chunk, len(vectors)))
+                bar.advance(min(chunk, len(vectors)))
     finally:
-        if bar:
-            bar.stop()
+        bar.close()
     return {k: cache["sets"][k][: len(v)] for k, v in sets.items()}
 
 

@@ -7,9 +7,6 @@ W_dec [n_features, d_model], b_enc, b_dec (+ ``threshold`` for jumprelu/batchtop
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .._io import atomic_dir
 from .architectures import SAE, SAEConfig, SAEError, build_sae
 
 CFG_FILE = "cfg.json"
@@ -58,27 +56,12 @@ def _need(t: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], path: Pa
 
 def _write_folder_atomic(path: Path, files: dict[str, Any]) -> None:
     """Write all files into a temp folder beside path, then swap it in (a crash leaves the old folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         for name, content in files.items():
             if isinstance(content, dict) and content and all(isinstance(v, torch.Tensor) for v in content.values()):
                 save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(tmp / name))
             else:
                 (tmp / name).write_text(json.dumps(content, indent=2))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _sae_from_tensors(cfg: SAEConfig, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor,

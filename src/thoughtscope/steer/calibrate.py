@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..models import LoadedModel
+from ..progress import ProgressBar
 from .generate import GenerationConfig, format_prompt, generate
 from .interventions import SteerError
 
@@ -175,25 +176,13 @@ def sweep(lm: LoadedModel, make: Callable[[float], list], strengths: Sequence[fl
             raise SteerError(f"prompt {p[:40]!r}… plus max_new_tokens exceeds the context window ({lm.max_context})")
     kw = dict(prompts=prompts, keywords=keywords, judge=judge, config=config)
     it = built
-    bar = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("sweep", total=len(built) + 1)
-    try:
+    with ProgressBar("sweep", len(built) + 1, unit="strengths", enabled=progress, transient=True) as bar:
         base = evaluate(lm, [], strength=0.0, **kw)
-        if bar:
-            bar.advance(task)
+        bar.advance()
         points = []
         for s, ivs in it:
             points.append(evaluate(lm, ivs, strength=s, **kw))
-            if bar:
-                bar.advance(task)
-    finally:
-        if bar:
-            bar.stop()
+            bar.advance()
     return SweepResult(points, base, float(ppl_bound), suggest(points, base.perplexity, ppl_bound),
                        "judge" if judge else "keywords", list(keywords), len(prompts), asdict(config))
 

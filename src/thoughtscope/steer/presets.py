@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._io import atomic_write_json
 from ..models import LoadedModel, Site
 from .interventions import FEATURE_OPS, POSITIONS, VECTOR_OPS, FeatureEdit, SteerError, VectorEdit, validate
 
@@ -148,13 +148,7 @@ class Preset:
         return cls(str(d.get("name", "")), items, str(d.get("description", "")), str(d.get("model", "")))
 
     def save(self, path: "str | Path") -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        path = atomic_write_json(path, self.to_dict())
         self.path = path
         return path
 

@@ -13,14 +13,13 @@ method, n_pairs, typical_norm).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .._io import atomic_save_tensors
 from ..models import LoadedModel, Site, capture
 from .interventions import SteerError
 
@@ -38,7 +37,6 @@ class SteeringVector:
     extra: dict = field(default_factory=dict)
 
     def save(self, path: "str | Path") -> Path:
-        from safetensors.torch import save_file
 
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -46,16 +44,7 @@ class SteeringVector:
         meta = {"site": self.site, "method": self.method, "model": self.model, "n_pairs": str(self.n_pairs),
                 "typical_norm": "" if self.typical_norm is None else repr(float(self.typical_norm)),
                 "extra": json.dumps(self.extra), "format": "thoughtscope-steering-vector-1"}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"vector": self.vector.detach().float().cpu().contiguous()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return atomic_save_tensors({"vector": self.vector.float()}, path, metadata=meta)
 
     @classmethod
     def load(cls, path: "str | Path") -> "SteeringVector":
