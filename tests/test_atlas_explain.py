@@ -158,6 +158,7 @@ def test_explain_and_score_planted_feature(env):
     with Atlas.open(path) as at:
         ex = at.explanation(PLANT)
         assert ex["explanation"] == f"the letter {PLANT_CHAR}" and ex["explainer"] == c.name
+        assert ex["method"] == "llm" and ex["scorer_method"] == "llm-detection"
         assert ex["detection_bacc"] == pytest.approx(1.0) and ex["detection_auroc"] == pytest.approx(1.0)
         assert ex["fuzz_bacc"] == pytest.approx(1.0)
         d = ex["details"]
