@@ -138,16 +138,33 @@ _LOGITS_KW: dict[type, bool] = {}
 def _forward(lm: LoadedModel, ids, mask, pos, past):
     """One cached forward pass returning only the last column's logits (the vocab projection is costly)."""
     cls = type(lm.model)
-    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
+    kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    kw[_cache_kw(cls)] = past
     if _LOGITS_KW.get(cls, True):
         try:
             out = lm.model(**kw, logits_to_keep=1)
             _LOGITS_KW[cls] = True
-            return out.logits[:, -1], out.past_key_values
+            return out.logits[:, -1], _cache_of(out)
         except TypeError:
             _LOGITS_KW[cls] = False
     out = lm.model(**kw)
-    return out.logits[:, -1], out.past_key_values
+    return out.logits[:, -1], _cache_of(out)
+
+
+_CACHE_KW: dict[type, str] = {}
+
+
+def _cache_kw(cls: type) -> str:
+    """The KV-cache argument's name: `cache` in recent transformers, `past_key_values` before (now deprecated)."""
+    if cls not in _CACHE_KW:
+        import inspect
+
+        _CACHE_KW[cls] = "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    return _CACHE_KW[cls]
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 class _Run:
