@@ -11,6 +11,7 @@ marker) are skipped.
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -103,13 +104,17 @@ def lora_targets(model: nn.Module, wanted: Sequence[str]) -> list[str] | str:
     return hit if hit else "all-linear"
 
 
-def add_lora(model: nn.Module, cfg: NLAConfig, *, exclude_lm_head: bool = True):
+def add_lora(model: nn.Module, cfg: NLAConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(model, cfg.lora_targets)
     lc = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
                     bias="none")
-    return get_peft_model(model, lc)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` while wrapping; the call is peft's, not
+        # ours, and the warning would otherwise greet every NLA load.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lc)
 
 
 class Verbalizer(nn.Module):
