@@ -154,6 +154,7 @@ def fit_logistic(X, y, *, folds: Sequence[tuple[list[int], list[int]]] | None = 
     these training rows, so the held-out split is never seen), warm-started along the C grid."""
     X, y = _check(X, y)
     L = X.shape[0]
+    cv_best = None
     if C is not None:
         chosen = torch.as_tensor(C, dtype=torch.float64).expand(L).clone()
     elif folds:
@@ -171,6 +172,7 @@ def fit_logistic(X, y, *, folds: Sequence[tuple[list[int], list[int]]] | None = 
                 s = (((X[:, va_t] - mu[:, None]) / sd[:, None]) @ w[..., None]).squeeze(-1)
                 cv[k] += auroc(s, y[va_t])
         chosen = torch.tensor(C_GRID, dtype=torch.float64)[cv.argmax(0)]
+        cv_best = (cv.max(0).values / len(folds)).tolist()
     else:
         chosen = torch.full((L,), 1.0, dtype=torch.float64)
     Z, mu, sd = _standardise(X)
@@ -178,7 +180,10 @@ def fit_logistic(X, y, *, folds: Sequence[tuple[list[int], list[int]]] | None = 
     w, b = _unrotate(_newton(Zr, y, 1 / (chosen * X.shape[1])), Q)
     W = w / sd
     bias = b - (W * mu).sum(-1)
-    return W.float(), bias.float(), {"C": chosen.tolist()}
+    info = {"C": chosen.tolist()}
+    if cv_best is not None:
+        info["cv_auroc"] = cv_best  # mean fold AUROC of the chosen C: training rows only
+    return W.float(), bias.float(), info
 
 
 def _orient(X: torch.Tensor, y: torch.Tensor, pairs: list[tuple[int, int]], W: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ split: test AUROC with a bootstrap CI and balanced accuracy at a training-chosen
 - a label-shuffle null (the same fitter on permuted training labels; mean, 95th percentile, p-value),
 - a Hewitt–Liang control task (random labels per entity, same split and fitter): selectivity = task − control,
 - an easy→hard column when the data has a difficulty field.
-The suggested site is the best *selective* one: among sites whose primary-fitter selectivity reaches
+The suggested site is the best *selective* one: among (fitter, site) pairs whose selectivity reaches
 `min_selectivity` and whose test AUROC beats both nulls' 95th percentiles, the one with the highest
-cross-validated AUROC on the training split (chosen without looking at the test rows' task AUROC ranking).
+cross-validated AUROC on the training split (chosen without ranking by the test rows' AUROC).
 """
 
 from __future__ import annotations
@@ -113,17 +113,25 @@ def sweep_arrays(acts: dict[str, torch.Tensor], ds: ProbeSet, cfg: SweepConfig |
             control = auroc(_scores(Xte, Wc, bc), ctrl[te])
         else:
             control = torch.full((len(names),), float("nan"))
-        if method == cfg.fitters[0]:
+        if "cv_auroc" in info:
+            cv = torch.tensor(info["cv_auroc"], dtype=torch.float64)
+        else:  # group-wise CV on the training split (the logistic fitter reports its own)
             cv = torch.zeros(len(names), dtype=torch.float64)
             folds = group_folds(ds.groups, split.train, cfg.cv_folds, cfg.seed)
             pos = {r: k for k, r in enumerate(split.train)}
+            used = 0
             for a, bb in folds:
                 a_t, b_t = torch.tensor([pos[i] for i in a]), torch.tensor([pos[i] for i in bb])
                 if len(set(ytr[b_t].tolist())) < 2 or len(set(ytr[a_t].tolist())) < 2:
                     continue
-                fkw = {"seed": cfg.seed, **({"C": info["C"]} if "C" in info else {})}
+                fkw = {"seed": cfg.seed}
+                if method in ("lat", "ccs"):
+                    ia = {r: k for k, r in enumerate(a)}
+                    fkw["pairs"] = [(ia[p], ia[q]) for p, q in ds.pairs(a)]
                 Wf, bf, _ = fit(method, Xtr[:, a_t], ytr[a_t], **fkw)
-                cv += auroc(_scores(Xtr[:, b_t], Wf, bf), ytr[b_t]) / len(folds)
+                cv += auroc(_scores(Xtr[:, b_t], Wf, bf), ytr[b_t])
+                used += 1
+            cv /= max(used, 1)
         eh = {}
         if has_eh:
             for tag, rows in (("easy_to_hard", easy), ("hard_to_hard", hard_tr)):
@@ -143,8 +151,7 @@ def sweep_arrays(acts: dict[str, torch.Tensor], ds: ProbeSet, cfg: SweepConfig |
             }
             if "C" in info:
                 row["C"] = info["C"][k]
-            if method == cfg.fitters[0]:
-                row["cv_auroc"] = float(cv[k])
+            row["cv_auroc"] = float(cv[k])
             for tag, v in eh.items():
                 row[tag] = float(v[k])
             per_site[name] = row
@@ -161,21 +168,22 @@ def sweep_arrays(acts: dict[str, torch.Tensor], ds: ProbeSet, cfg: SweepConfig |
 
 
 def suggest(out: dict, cfg: SweepConfig) -> dict:
-    """The best selective site of the primary fitter (see module docstring); flagged when none is selective."""
-    primary = cfg.fitters[0]
-    rows = out["results"][primary]
-    cands = [n for n in out["sites"] if n != EMBED]
-    selective = [n for n in cands if rows[n]["selectivity"] >= cfg.min_selectivity
-                 and rows[n]["test_auroc"] > max(rows[n]["shuffle_p95"], out["random_directions"][n]["p95"])]
+    """The best selective (fitter, site): see the module docstring; flagged when none is selective."""
+    rnd = out["random_directions"]
+    cands = [(m, n) for m in out["results"] for n in out["sites"] if n != EMBED]
+    row = lambda c: out["results"][c[0]][c[1]]  # noqa: E731
+    selective = [c for c in cands if row(c)["selectivity"] >= cfg.min_selectivity
+                 and row(c)["test_auroc"] > max(row(c)["shuffle_p95"], rnd[c[1]]["p95"])]
     pool = selective or cands
-    key = (lambda n: rows[n]["cv_auroc"]) if selective else (lambda n: rows[n]["selectivity"])
-    best = max(pool, key=lambda n: (key(n) if not math.isnan(key(n)) else -1.0))
-    r = rows[best]
-    return {"best_site": best, "best_fitter": primary, "best_auroc": r["test_auroc"],
+    key = (lambda c: row(c)["cv_auroc"]) if selective else (lambda c: row(c)["selectivity"])
+    best = max(pool, key=lambda c: (key(c) if not math.isnan(key(c)) else -1.0))
+    r = row(best)
+    return {"best_site": best[1], "best_fitter": best[0], "best_auroc": r["test_auroc"],
             "best_auroc_ci": r["test_auroc_ci"], "best_selectivity": r["selectivity"],
-            "best_is_selective": bool(selective), "selective_sites": selective,
-            "best_rule": (f"highest training-split CV AUROC among sites with selectivity >= {cfg.min_selectivity} and "
-                          f"test AUROC above the shuffle and random-direction 95th percentiles ({primary} fitter)")}
+            "best_is_selective": bool(selective), "selective": [f"{m}@{n}" for m, n in selective],
+            "best_rule": (f"highest training-split CV AUROC among (fitter, site) with selectivity >= "
+                          f"{cfg.min_selectivity} and test AUROC above the shuffle and random-direction 95th "
+                          f"percentiles")}
 
 
 def sweep(lm, ds: ProbeSet, sites: "str | Sequence[str]", read: ReadConfig | None = None,
