@@ -243,13 +243,15 @@ def plot(out: dict, path: "str | Path") -> Path:
     xs = list(range(len(names)))
     primary = out["best_fitter"]
     fig, ax = plt.subplots(figsize=(max(7, 0.32 * len(names)), 4.2))
-    for method, rows in out["results"].items():
+    for k, (method, rows) in enumerate(out["results"].items()):
+        c = f"C{k}"
         ax.plot(xs, [rows[n]["test_auroc"] for n in names], marker="o", ms=3, lw=2 if method == primary else 1,
-                label=f"{method} (held-out)")
+                c=c, label=f"{method} (held-out)")
+        ax.plot(xs, [rows[n]["control_auroc"] for n in names], ls="--", lw=0.9, c=c, alpha=0.8,
+                label=f"{method} control task")
     rows = out["results"][primary]
     ax.fill_between(xs, [rows[n]["test_auroc_ci"][0] for n in names], [rows[n]["test_auroc_ci"][1] for n in names],
-                    alpha=0.15, label=f"{primary} 95% CI")
-    ax.plot(xs, [rows[n]["control_auroc"] for n in names], ls="--", c="grey", label=f"{primary} control task")
+                    alpha=0.15, color=f"C{list(out['results']).index(primary)}", label=f"{primary} 95% CI")
     ax.plot(xs, [rows[n]["shuffle_p95"] for n in names], ls=":", c="black", label="label-shuffle p95")
     ax.plot(xs, [out["random_directions"][n]["p95"] for n in names], ls="-.", c="tab:red", label="random dir p95")
     ax.axhline(0.5, c="lightgrey", lw=0.8)
@@ -261,7 +263,7 @@ def plot(out: dict, path: "str | Path") -> Path:
     ax.set_ylim(0.3, 1.02)
     ax.set_title(f"{out['dataset']} on {out.get('model', '?')}: best {out['best_site']} "
                  f"AUROC {out['best_auroc']:.3f}, selectivity {out['best_selectivity']:.2f}", fontsize=9)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=6.5, ncol=3, loc="lower right")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
