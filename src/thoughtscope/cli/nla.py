@@ -56,22 +56,25 @@ def train(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: this rank's GPU if any, else cpu)"),
 ) -> None:
     """One training stage, resumable; several processes when started by torchrun."""
+    import torch
+    import torch.distributed as dist
+
+    from ..distributed import join_process_group, launched_by_torchrun
     from ..nla import TrainConfig, train_stage
-    from ..nla.recipe import init_distributed, print_record, stage_settings
+    from ..nla.recipe import print_record, stage_settings
     from ..nla.train import STAGES, world
 
     if stage not in STAGES:
         raise typer.BadParameter(f"{stage!r} is not a stage; expected one of {', '.join(STAGES)}", param_hint="--stage")
     cfg = TrainConfig(**stage_settings(stage, steps=steps, batch_size=batch_size, lr=lr, time_budget_s=time_budget_s))
-    distributed = init_distributed()
+    distributed = launched_by_torchrun() and not dist.is_initialized()
+    join_process_group(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         r = train_stage(nla, data, cfg, log=print_record, device=device)
         if world()[0] == 0:
             console.print(f"stage {stage}: step {r['step']}, done={r['done']}")
     finally:
         if distributed:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 

@@ -41,19 +41,6 @@ def print_record(rec: dict) -> None:
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
 
 
-def init_distributed() -> bool:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPUs."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
 def run_recipe(work: str | os.PathLike, export_to: str | os.PathLike | None = None,
                log: Callable[[dict], None] = print_record) -> dict:
     """Every stage of DEFAULT_RECIPE in `work` (resumable: finished stages return at once), then the full eval."""

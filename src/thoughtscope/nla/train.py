@@ -288,7 +288,9 @@ def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows",
     if cfg.batch_size % n_ranks:
         raise NLAError(f"batch_size {cfg.batch_size} does not split evenly over {n_ranks} processes")
     if lm is None:
-        cfg_model = NLAConfig.load(nla_dir).model if (nla_dir / "nla_config.json").is_file() else "default"
+        # a new NLA is for the model its rows were harvested from
+        cfg_model = (NLAConfig.load(nla_dir).model if (nla_dir / "nla_config.json").is_file()
+                     else rows.meta.get("model", "default"))
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         lm = load_model(cfg_model, device=device)
