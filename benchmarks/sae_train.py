@@ -156,7 +156,9 @@ def summarise_topk(win: dict, long: dict | None, names: list[str], d, m, k, B, g
             "time_to_peer_fvu_ratio": (t_ours * g_ours / peer_work) if t_ours is not None else None,
             "peer_final_fvu_curve_rows": target,
             "fvu_at_equal_wallclock": {"thoughtscope": ours_curve.fvu_at_seconds(t_equal), peer: target,
-                                       "at_peer_seconds": p["seconds"]},
+                                       "at_peer_seconds": p["seconds"],
+                                       # thoughtscope's run may end before the peer's time: its final FVU is used
+                                       "thoughtscope_run_ended_sooner": ours_curve.seconds[-1] < t_equal},
             "fvu_at_equal_tokens": {"thoughtscope": ours["test"]["fvu"], peer: p["test"]["fvu"]}}
     flops = _ceiling.topk_flops_per_token(d, m, k, B)
     achieved = flops["total"] * ours["tokens_per_s"] / 1e9

@@ -45,8 +45,10 @@ def sae_rows(fig: dict, quick: bool) -> list[list[str]]:
         wall = eq.get("fvu_at_equal_wallclock", {})
         ratio = (f"**{_f(r.get('speed_ratio_vs_saelens'), '.2f')}x speed**, FVU ratio "
                  f"**{_f(r.get('fvu_ratio_vs_saelens'), '.2f')}** at equal tokens, time to SAELens' FVU "
-                 f"**{_f(r.get('time_to_peer_fvu_ratio'), '.2f')}** (target <= 0.33); at equal wall-clock FVU "
-                 f"{_f(wall.get('thoughtscope'), '.3f')} vs {_f(wall.get('saelens'), '.3f')}")
+                 f"**{_f(r.get('time_to_peer_fvu_ratio'), '.2f')}** (target <= 0.33); by SAELens' run time FVU "
+                 f"{_f(wall.get('thoughtscope'), '.3f')} vs {_f(wall.get('saelens'), '.3f')}"
+                 + (" (thoughtscope's longer run had already ended)" if wall.get("thoughtscope_run_ended_sooner", True)
+                    and r.get("time_to_quality_run") is not None else ""))
         if "speed_ratio_vs_sparsify" in r:
             ratio += (f"; vs sparsify {_f(r['speed_ratio_vs_sparsify'], '.2f')}x speed, FVU ratio "
                       f"{_f(r['fvu_ratio_vs_sparsify'], '.2f')}, time to its FVU "
