@@ -158,6 +158,8 @@ class OfflineExplainer:
                     m[w] = True
                     nxt = self._bg_starts[w + 1] if w + 1 < len(self._bg_starts) else len(self._bg_joined)
                     i = self._bg_joined.find(cue, int(nxt))
+            if len(self._bg_cache) > 50_000:  # bounded: a whole atlas meets a few hundred thousand strings
+                self._bg_cache.clear()
             self._bg_cache[key] = m
         return m
 
@@ -212,8 +214,8 @@ class OfflineExplainer:
                   and c not in fire]
         silent = self._silent(task.feature)
         n_bg = max(1, int(silent.sum()))
-        tp = {c: np.fromiter((_has(c, kind, t) for t in texts), dtype=bool, count=n) for c, kind in cands}
-        fp = {c: self._bg_has(c, kind)[silent] for c, kind in cands}
+        tp = {(c, k): np.fromiter((_has(c, k, t) for t in texts), dtype=bool, count=n) for c, k in cands}
+        fp = {(c, k): self._bg_has(c, k)[silent] for c, k in cands}
         covered, false = np.zeros(n, dtype=bool), np.zeros(n_bg if silent.any() else 0, dtype=bool)
         picked: dict[str, list[str]] = {"fire": [], "context": [], "script": []}
         limit = {"fire": opt.max_fire, "context": opt.max_context, "script": 1}
@@ -222,9 +224,9 @@ class OfflineExplainer:
             for c, kind in cands:
                 if len(picked[kind]) >= limit[kind] or c in picked[kind]:
                     continue
-                gain = float(((covered | tp[c]) & ~covered).sum()) / n
+                gain = float(((covered | tp[c, kind]) & ~covered).sum()) / n
                 if len(false):
-                    gain -= ((false | fp[c]).sum() - false.sum()) / len(false)
+                    gain -= ((false | fp[c, kind]).sum() - false.sum()) / len(false)
                 # equal evidence: the shorter (more general) string, then the alphabetically first (deterministic)
                 key = (round(gain, 9), -len(c), tuple(-ord(ch) for ch in c))
                 if gain > opt.min_gain and (best_key is None or key > best_key):
@@ -233,9 +235,9 @@ class OfflineExplainer:
                 break
             c, kind = best
             picked[kind].append(c)
-            covered |= tp[c]
+            covered |= tp[c, kind]
             if len(false):
-                false |= fp[c]
+                false |= fp[c, kind]
         if not picked["fire"] and peaks:  # nothing beats ordinary text: say where it peaks, the score will tell
             picked["fire"] = [max(sorted(peaks), key=peaks.get)]
         promotes = []
