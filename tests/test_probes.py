@@ -417,3 +417,14 @@ def test_transfer_matrix_diagonal_matches_a_plain_fit():
     b = ProbeSet([f"b{i}" for i in range(200)], [int(v) for v in y], [f"h{i // 2}" for i in range(200)], "b")
     out = transfer({"a": {"resid.0": X}, "b": {"resid.0": -X}}, {"a": a, "b": b}, "resid.0")
     assert out["auroc"]["a"]["a"] > 0.95 and out["auroc"]["a"]["b"] < 0.05 and out["recovered"]["b"]["b"] == 1.0
+
+
+@pytest.mark.slow
+def test_probe_demo_on_the_default_model(tmp_path):
+    from thoughtscope.models import load_model
+    from thoughtscope.probes.demo import probe_demo
+
+    res = probe_demo(load_model("default"), tmp_path, cache=tmp_path / "cache")
+    assert {"best_site", "best_auroc", "best_selectivity"} <= set(res)
+    assert (tmp_path / "probe_sweep.png").is_file() and (tmp_path / "probe_sweep.json").is_file()
+    assert res["results"]["lda"]["embed"]["test_auroc"] == pytest.approx(0.5)  # every row ends in the same "."
