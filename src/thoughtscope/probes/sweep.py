@@ -261,8 +261,9 @@ def plot(out: dict, path: "str | Path") -> Path:
     ax.set_xlabel("site (embed, then resid.L)")
     ax.set_ylabel("AUROC")
     ax.set_ylim(0.3, 1.02)
-    ax.set_title(f"{out['dataset']} on {out.get('model', '?')}: best {out['best_site']} "
-                 f"AUROC {out['best_auroc']:.3f}, selectivity {out['best_selectivity']:.2f}", fontsize=9)
+    flag = "" if out.get("best_is_selective", True) else " (NOT selective: no pair passed the rule)"
+    ax.set_title(f"{out['dataset']} on {out.get('model', '?')}: suggested {out['best_fitter']} @ {out['best_site']}, "
+                 f"AUROC {out['best_auroc']:.3f}, selectivity {out['best_selectivity']:+.2f}{flag}", fontsize=9)
     ax.legend(fontsize=6.5, ncol=3, loc="lower right")
     fig.tight_layout()
     path = Path(path)
