@@ -428,3 +428,25 @@ def test_probe_demo_on_the_default_model(tmp_path):
     assert {"best_site", "best_auroc", "best_selectivity"} <= set(res)
     assert (tmp_path / "probe_sweep.png").is_file() and (tmp_path / "probe_sweep.json").is_file()
     assert res["results"]["lda"]["embed"]["test_auroc"] == pytest.approx(0.5)  # every row ends in the same "."
+
+
+def test_lda_at_full_width_survives_a_thread_count_change():
+    """MKL's batched LU solve fails once the process has changed its thread count (the demo's atlas stage does);
+    the LDA fitter must still solve 11 layers of width 576 and find the planted direction."""
+    from thoughtscope.probes.fitters import fit_lda
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_num_threads(max(n, 2))
+    try:
+        g = torch.Generator().manual_seed(0)
+        d, rows = 576, 400
+        y = (torch.arange(rows) % 2).long()
+        direction = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+        X = torch.randn(11, rows, d, generator=g) + 3.0 * (y.float() * 2 - 1)[None, :, None] * direction
+        W, _ = fit_lda(X, y)
+        assert torch.isfinite(W).all()
+        cos = torch.nn.functional.cosine_similarity(W, direction[None], dim=-1)
+        assert (cos > 0.9).all()
+    finally:
+        torch.set_num_threads(n)

@@ -73,7 +73,9 @@ def fit_lda(X, y, **_) -> tuple[torch.Tensor, torch.Tensor]:
     # a small ridge keeps a degenerate site solvable (e.g. the embedding of a final "." that every row shares)
     ridge = 1e-6 * S.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-12
     S = S + ridge[:, None, None] * torch.eye(S.shape[-1], dtype=S.dtype)
-    W = torch.linalg.solve(S, (mu1 - mu0)[..., None]).squeeze(-1)
+    # Cholesky, not LU: S is symmetric positive definite here, and MKL's batched LU solve fails outright once the
+    # thread count has been changed in the process (as the atlas build does), which a batch of Choleskys does not
+    W = torch.cholesky_solve((mu1 - mu0)[..., None], torch.linalg.cholesky(S)).squeeze(-1)
     return W.float(), _midpoint_bias(X, y, W).float()
 
 
