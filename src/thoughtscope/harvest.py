@@ -8,7 +8,6 @@ of an uninterrupted one (same batch composition → bit-identical activations).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from .corpus import Corpus
 from .distributed import join_process_group
 from .models import LoadedModel, Site, capture, parse_sites
+from .progress import ProgressBar
 from .store import MANIFEST_NAME, ActivationStore, StoreError, StoreWriter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -115,8 +115,8 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
         return finished
 
     skip_batches = (cfg.skip_tokens + done) // cfg.batch_tokens
-    bar = _Progress(cfg.n_tokens, done, enabled=progress and rank == 0,
-                    label=f"harvest {', '.join(map(str, site_list))}" + (f" on {world} processes" if world > 1 else ""))
+    bar = ProgressBar(f"harvest {', '.join(map(str, site_list))}" + (f" on {world} processes" if world > 1 else ""),
+                      cfg.n_tokens, start=done, unit="tok", enabled=progress and rank == 0)
     planned = tokens = done
     pending: list = []  # this round's forward batches, one per rank, in corpus order
     try:
@@ -223,53 +223,6 @@ def _finished_stores(paths: dict[Site, Path], n_tokens: int) -> dict[Site, Activ
                 f"{st.path} already holds a finished harvest of {st.extra.get('n_tokens_requested')} tokens; "
                 f"pass overwrite (--overwrite) to replace it with {n_tokens} tokens, or choose another --out")
     return out
-
-
-class _Progress:
-    """A rich progress bar with tokens/s and ETA that stays silent when disabled (tests, benchmarks)."""
-
-    def __init__(self, total: int, start: int, *, enabled: bool, label: str):
-        self.enabled = enabled
-        self.start_time = time.perf_counter()
-        self.start = start
-        self.last_line = self.start_time
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.console = Console(stderr=True)
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                                TimeRemainingColumn(), console=self.console, transient=False)
-            self.task = self.bar.add_task(label, total=total, completed=start, rate="-")
-            self.bar.start()
-
-    def update(self, completed: int) -> None:
-        if self.enabled:
-            now = time.perf_counter()
-            dt = now - self.start_time
-            rate = (completed - self.start) / dt if dt > 0 else 0.0
-            self.bar.update(self.task, completed=completed, rate=f"{rate:,.0f}")
-            # A log file gets no live bar, so print a plain line every half minute instead.
-            if not self.console.is_terminal and now - self.last_line >= 30:
-                self.last_line = now
-                left = (self.bar.tasks[0].total - completed) / rate if rate > 0 else float("nan")
-                self.console.print(f"{completed:,} tokens, {rate:,.0f} tok/s, ETA {left / 60:.1f} min")
-
-    def note(self, message: str) -> None:
-        if self.enabled:
-            self.console.print(f"[yellow]{message}[/yellow]")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.stop()
 
 
 def stream_activations(lm: LoadedModel, corpus: Corpus, site, *, n_tokens: int, batch_size: int = 4096,

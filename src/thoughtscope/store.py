@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ._io import fsync_dir, sha256_file
 from .errors import ThoughtscopeError
 
 try:  # advisory lock so two writers never interleave shards in one folder
@@ -117,20 +118,6 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (POSIX); silently skipped where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 class _HashingFile:
     """File wrapper that hashes everything written, so checksums cost no second read."""
 
@@ -163,15 +150,7 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    fsync_dir(path.parent)
 
 
 def _json_normal(obj: Any) -> Any:
@@ -425,7 +404,7 @@ class StoreWriter:
 
     def _wipe(self, manifest: dict) -> None:
         (self.path / MANIFEST_NAME).unlink()  # first, so a crash mid-wipe never leaves a lying manifest
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self._cleanup(set())
 
     # -- public
@@ -512,7 +491,7 @@ class StoreWriter:
         sha = {"acts": _write_npy_atomic(self.path / files["acts"], acts)}
         for c, v in meta.items():
             sha[c] = _write_npy_atomic(self.path / files[c], v)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self.manifest["columns"] = list(self.columns)
         self.manifest["shards"].append({"n_tokens": int(acts.shape[0]), "files": files, "sha256": sha})
         self.manifest["n_tokens"] += int(acts.shape[0])
@@ -663,7 +642,7 @@ class ActivationStore:
             for col, fpath, shape, dt, digest in self._shard_files(i):
                 _check_npy(fpath, shape, dt)
                 if checksums:
-                    actual = _sha256_file(fpath)
+                    actual = sha256_file(fpath)
                     if actual != digest:
                         raise StoreCorruptError(
                             f"checksum mismatch for shard file {str(fpath)!r}: manifest says sha256 "

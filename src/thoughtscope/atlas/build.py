@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from ..models import LoadedModel, Site, capture
+from ..progress import ProgressBar
 from . import db as adb
 from .db import AtlasError
 
@@ -424,42 +425,6 @@ def nearest_features(W_dec: torch.Tensor, k: int = 10, chunk: int = 1024):
 # --------------------------------------------------------------------------- the build
 
 
-class _Progress:
-    def __init__(self, total: int, done: int, enabled: bool, label: str):
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-        self.done0 = done
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            self.console = Console(stderr=True)
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=self.console)
-            self.task = self.bar.add_task(label, total=total, completed=done, rate="-")
-            self.bar.start()
-
-    def update(self, done: int) -> None:
-        if self.enabled:
-            dt = time.perf_counter() - self.t0
-            self.bar.update(self.task, completed=done, rate=f"{(done - self.done0) / max(dt, 1e-9):,.0f}")
-
-    def print(self, msg: str) -> None:
-        if self.enabled:
-            self.console.print(msg)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.bar.stop()
-
-
 @contextlib.contextmanager
 def _single_thread():
     """The bookkeeping is many small memory-bound ops: on a shared CPU one thread runs them 5-20x faster than a
@@ -532,8 +497,8 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
         stats.contexts = [torch.cat(stats.contexts)] if stats.contexts else []
         phase["checkpoint_s"] += time.perf_counter() - t0
 
-    bar = _Progress(n_contexts * T, stats.batches * cfg.batch_size * T, progress,
-                    f"atlas {site} × {m} features")
+    bar = ProgressBar(f"atlas {site} × {m} features", n_contexts * T, start=stats.batches * cfg.batch_size * T,
+                      unit="tok", enabled=progress)
     ctx_done = sum(c.shape[0] for c in stats.contexts)
     stopped = False
     try:
@@ -581,7 +546,7 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
     if stopped:
         return ckpt
     if ctx_done < n_contexts:
-        bar.print(f"[yellow]the corpus ran out after {ctx_done * T} tokens (asked for {cfg.n_tokens})[/yellow]")
+        bar.note(f"the corpus ran out after {ctx_done * T} tokens (asked for {cfg.n_tokens})")
     t_fin = time.perf_counter()
     path = _write_db(lm, sae, stats, cfg, out, ident, site, sae_path, corpus, random_stride, progress)
     ckpt.unlink(missing_ok=True)

@@ -202,7 +202,7 @@ def read_activations(lm: LoadedModel, ds: ProbeSet, sites: "str | Sequence[str]"
 
     cache: a folder (default $THOUGHTSCOPE_HOME/probe_acts), or False to keep nothing on disk.
     """
-    from ..harvest import _Progress
+    from ..progress import ProgressBar
     from ..store import StoreWriter
 
     cfg = cfg or ReadConfig()
@@ -229,7 +229,7 @@ def read_activations(lm: LoadedModel, ds: ProbeSet, sites: "str | Sequence[str]"
                                      extra={"probe_read": asdict(cfg), "dataset_sha256": ds.sha256})
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in todo}
     total = sum(len(e.ids) for e in encoded)
-    bar = _Progress(total, 0, enabled=progress, label=f"reading {ds.name} at {len(todo)} sites")
+    bar = ProgressBar(f"reading {ds.name} at {len(todo)} sites", total, unit="tok", enabled=progress)
     done = 0
     try:
         for s in range(0, len(encoded), cfg.batch_size):

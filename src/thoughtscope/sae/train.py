@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..distributed import join_process_group, local_device
 from ..errors import ThoughtscopeError
+from ..progress import ProgressBar
 from .architectures import SAE, SAEConfig, SAEError, build_sae, geometric_median
 
 
@@ -299,7 +300,8 @@ class Trainer:
                 on_init([s.sae for s in self.slots])
             stream = _chain(first, stream)
         autocast = tc.dtype in ("bfloat16", "bf16")
-        progress = _Progress(self.total_steps, enabled=tc.progress and self.rank == 0, start=self.step)
+        progress = ProgressBar("sae", self.total_steps, start=self.step, unit="steps",
+                               enabled=tc.progress and self.rank == 0)
         with progress:
             for xb, meta in stream:
                 if self.step >= self.total_steps:
@@ -408,7 +410,7 @@ class Trainer:
             return var.clamp_min(1e-12)
 
     @torch.no_grad()
-    def _log(self, progress: _Progress) -> None:
+    def _log(self, progress: ProgressBar) -> None:
         row: dict[str, Any] = {"step": self.step, "tokens": self.step * self.tc.batch_size}
         for i, slot in enumerate(self.slots):
             out, x = slot.pending  # type: ignore[attr-defined]
@@ -424,36 +426,13 @@ class Trainer:
             row[f"sae{i}"] = dict(slot.last)
         self.metrics_log.append(row)
         s0 = self.slots[0].last
-        progress.update(self.step, f"mse {s0['mse']:.4g} fvu {s0['fvu']:.3f} L0 {s0['l0']:.1f} dead {s0['dead_frac']:.2%}")
+        progress.update(self.step,
+                        info=f"mse {s0['mse']:.4g} fvu {s0['fvu']:.3f} L0 {s0['l0']:.1f} dead {s0['dead_frac']:.2%}")
 
 
 def _chain(first: list, rest: Iterator) -> Iterator:
     yield from first
     yield from rest
-
-
-class _Progress:
-    def __init__(self, total: int, enabled: bool, start: int = 0):
-        self.enabled = enabled
-        self.total, self.start = total, start
-        self._p = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-            self._p = Progress(TextColumn("sae"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                               TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
-            self._p.__enter__()
-            self._task = self._p.add_task("train", total=self.total, completed=self.start, info="")
-        return self
-
-    def update(self, step: int, info: str) -> None:
-        if self._p is not None:
-            self._p.update(self._task, completed=step, info=info)
-
-    def __exit__(self, *exc):
-        if self._p is not None:
-            self._p.__exit__(*exc)
 
 
 # ----------------------------------------------------------------------------- entry points
