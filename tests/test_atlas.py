@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 from test_atlas_fixtures import (  # noqa: E402
     OUT_CHAR,
     PLANT,

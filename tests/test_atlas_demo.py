@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
-
-sys.path.insert(0, str(Path(__file__).parent))
 from test_atlas_fixtures import (  # noqa: E402
     PLANT,
     identity_model,

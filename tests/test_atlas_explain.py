@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from test_atlas_fixtures import (  # noqa: E402
     PLANT,
     PLANT_CHAR,

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-sys.path.insert(0, str(Path(__file__).parent))
 from test_atlas_explain_offline import PLANTED, planted_letters_sae, write_letters_corpus  # noqa: E402
 from test_atlas_fixtures import identity_model, one_thread  # noqa: E402
+from typer.testing import CliRunner
 
 from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas  # noqa: E402
 from thoughtscope.cli import app  # noqa: E402

@@ -5,13 +5,10 @@ from __future__ import annotations
 import random
 import shutil
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 from test_atlas_fixtures import identity_model, one_thread, token_id  # noqa: E402
 
 from thoughtscope.atlas import (  # noqa: E402

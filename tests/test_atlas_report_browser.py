@@ -5,15 +5,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-sys.path.insert(0, str(Path(__file__).parent))
 from test_atlas_explain_offline import planted_letters_sae, write_letters_corpus  # noqa: E402
 from test_atlas_fixtures import identity_model, one_thread  # noqa: E402
+from typer.testing import CliRunner
 
 from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas  # noqa: E402
 from thoughtscope.atlas.cards import load_tokenizer  # noqa: E402

@@ -4,7 +4,6 @@ import json
 import re
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from thoughtscope.cli import app

@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from thoughtscope.models import ModelError, Site, SiteError, capture, edit, find_layers, load_model, parse_sites, tiny_model
+from thoughtscope.models import (
+    ModelError,
+    Site,
+    SiteError,
+    capture,
+    edit,
+    find_layers,
+    load_model,
+    parse_sites,
+    tiny_model,
+)
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2", "gemma"]
 

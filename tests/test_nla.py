@@ -11,12 +11,24 @@ import pytest
 import torch
 
 from thoughtscope.models import tiny_model
-from thoughtscope.nla import (NLA, DataConfig, NLAError, TrainConfig, bootstrap_ci, config_for, fve, fve_parts,
-                              grpo_step, harvest_rows, nla_loss, normalise, train_stage)
+from thoughtscope.nla import (
+    NLA,
+    DataConfig,
+    NLAError,
+    TrainConfig,
+    bootstrap_ci,
+    config_for,
+    fve,
+    fve_parts,
+    grpo_step,
+    harvest_rows,
+    nla_loss,
+    normalise,
+    train_stage,
+)
 from thoughtscope.nla.evaluate import quote_analysis, ridge_predict, strip_quotes, token_mean_predict
 from thoughtscope.nla.reconstructor import Reconstructor
 from thoughtscope.nla.verbalizer import Verbalizer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread beats a contended pool
 
@@ -503,8 +515,8 @@ def test_explain_text_and_steering_from_words(lm, cfg):
 def test_quick_eval_of_an_exported_nla(lm, rows, tmp_path):
     """`nla eval --quick` path: the exported folder carries its baseline rows; only test rows are harvested."""
     from thoughtscope.nla import evaluate_nla
-    from thoughtscope.nla.recipe import export
     from thoughtscope.nla.evaluate import BASELINE_FILE
+    from thoughtscope.nla.recipe import export
 
     rows.save(tmp_path / "data")
     train_stage(tmp_path / "nla", rows, TrainConfig(stage="ar-sft", steps=1, batch_size=2, eval_every=0), lm=lm,

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from fastapi.testclient import TestClient
 from test_server_fixtures import PLANT, PLANT_LABEL, shared_tiny
 

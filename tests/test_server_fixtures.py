@@ -10,11 +10,9 @@ import atexit
 import functools
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 from test_atlas_fixtures import (
     PLANT,
     identity_model,

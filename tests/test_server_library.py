@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 from test_atlas_fixtures import PLANT, PLANT_CHAR, identity_model, planted_sae
 
 from thoughtscope.analyzer import AnalyzerError, analyze_text, chat_text, compare_texts

@@ -1,16 +1,34 @@
 """Steering on tiny random models: exact feature clamps, vector shifts, hook removal, generation, presets, bad input."""
 
 import json
-import math
 
 import pytest
 import torch
 
 from thoughtscope.models import Site, capture, tiny_model
 from thoughtscope.sae import SAE, SAEConfig, save_sae
-from thoughtscope.steer import (FeatureEdit, GenerationConfig, Preset, PresetItem, SteerError, SteeringVector,
-                                StepContext, VectorEdit, ablate, add_feature, add_vector, clamp, clamp_projection,
-                                compare, feature_acts, generate, project_out, scale_feature, steering, stream)
+from thoughtscope.steer import (
+    FeatureEdit,
+    GenerationConfig,
+    Preset,
+    PresetItem,
+    SteerError,
+    SteeringVector,
+    StepContext,
+    VectorEdit,
+    ablate,
+    add_feature,
+    add_vector,
+    clamp,
+    clamp_projection,
+    compare,
+    feature_acts,
+    generate,
+    project_out,
+    scale_feature,
+    steering,
+    stream,
+)
 from thoughtscope.steer.generate import format_prompt
 
 SITE = "resid.0"

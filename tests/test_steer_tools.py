@@ -8,10 +8,29 @@ import torch
 
 from thoughtscope.models import Site, capture, tiny_model
 from thoughtscope.sae import SAE, SAEConfig, save_sae
-from thoughtscope.steer import (GenerationConfig, Preset, PresetItem, SteerError, SteeringVector, SweepPoint, chat_loop,
-                                clamp, contrast_features, evaluate, feature_max_acts, fit_vector, mentions,
-                                pca_of_differences, perplexity, plot_sweep, repetition_rate, suggest, sweep,
-                                sweep_preset, top_features_at)
+from thoughtscope.steer import (
+    GenerationConfig,
+    Preset,
+    PresetItem,
+    SteerError,
+    SteeringVector,
+    SweepPoint,
+    chat_loop,
+    clamp,
+    contrast_features,
+    evaluate,
+    feature_max_acts,
+    fit_vector,
+    mentions,
+    pca_of_differences,
+    perplexity,
+    plot_sweep,
+    repetition_rate,
+    suggest,
+    sweep,
+    sweep_preset,
+    top_features_at,
+)
 from thoughtscope.steer.vectors import last_token_acts
 
 SITE = "resid.0"

@@ -9,14 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from test_server_fixtures import PLANT, PLANT_LABEL, shared_tiny
 
 from thoughtscope.server import ServerConfig, create_app

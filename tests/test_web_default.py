@@ -6,13 +6,9 @@ SAE, NLA and the first-start atlas. The documentation's screenshots come from th
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 from test_web import LiveServer, browser, shot  # noqa: F401  (browser is a fixture)
 
 from thoughtscope.server import ServerConfig, create_app, load_workbench
