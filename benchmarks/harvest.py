@@ -142,7 +142,6 @@ def main(argv=None) -> dict:
     results = {k: med(r[k] for r in per_round if k in r) for k in per_round[0]}
     ratio = {k: med(r[k] / r["bare_forward"] for r in per_round if k in r) for k in per_round[0]}
 
-    bare = results["bare_forward"]
     figures = {
         "model": lm.name, "site": str(site), "tokens": n_tokens, "batch_size": args.batch_size,
         "ctx_len": args.ctx_len, "threads": torch.get_num_threads(), "quick": args.quick,

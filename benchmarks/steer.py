@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from thoughtscope.models import load_model, tiny_model
-from thoughtscope.steer import (FeatureEdit, GenerationConfig, VectorEdit, fit_vector, generate)
+from thoughtscope.steer import FeatureEdit, GenerationConfig, VectorEdit, fit_vector, generate
 from thoughtscope.steer.presets import default_sae_path
 
 PAIRS_POS = ["I am so happy today, everything is", "What a wonderful, joyful day, I feel", "I love this, it makes me smile and",

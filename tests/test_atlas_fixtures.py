@@ -17,7 +17,7 @@ PLANT_CHAR = "q"   # ... fires on exactly this token
 OUT_CHAR = "z"     # its decoder direction promotes this token
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def identity_model(seed: int = 0):
     """A tiny llama whose blocks add nothing (attention and MLP outputs zeroed): resid.L == token embedding.
 

@@ -2,16 +2,10 @@
 rules (one FVU definition, the sanity rule that rejects a contender no better than the mean, turn-taking)."""
 
 import json
-import sys
-from pathlib import Path
-
-import pytest
-import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))  # benchmarks/ is a folder of scripts, not a package
 
 import _data
+import pytest
+import torch
 from _contenders import Ours
 from _race import Curve, InsaneContender, check_sane, evaluate, run_turns
 

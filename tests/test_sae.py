@@ -148,7 +148,8 @@ def test_dictionary_learning_checkpoint(tmp_path, cls):
         sd = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": thr}
         pre = x @ W_enc + b_enc
         f = pre * (pre > thr)
-        dec = lambda f: f @ W_dec + b_dec
+        def dec(f):
+            return f @ W_dec + b_dec
     else:
         ew, eb, dw, bd = torch.randn(m, d, generator=g), torch.randn(m, generator=g), torch.randn(d, m, generator=g), torch.randn(d, generator=g)
         sd = {"encoder.weight": ew, "encoder.bias": eb, "decoder.weight": dw}
@@ -160,7 +161,8 @@ def test_dictionary_learning_checkpoint(tmp_path, cls):
             sd.update({"b_dec": bd, "k": torch.tensor(k), "threshold": torch.tensor(-1.0)})
             v, i = pre.topk(k)
             f = torch.zeros_like(pre).scatter(-1, i, v)
-        dec = lambda f: f @ dw.T + bd
+        def dec(f):
+            return f @ dw.T + bd
     torch.save(sd, tmp_path / "ae.pt")
     (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": cls, "activation_dim": d, "dict_size": m,
                                                                 "k": k, "lm_name": "EleutherAI/pythia-70m-deduped", "layer": 3}}))

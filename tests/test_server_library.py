@@ -60,7 +60,9 @@ def test_lanes_validate_first_and_stop_early(lm):
     with pytest.raises(SteerError, match="context window"):
         stream_lanes(lm, "x" * 250, [Lane("a")], GenerationConfig(max_new_tokens=20))
     calls = []
-    stop = lambda: len(calls) >= 5
+    def stop():
+        return len(calls) >= 5
+
     for name, _ in stream_lanes(lm, "hi", [Lane("a"), Lane("b")], GenerationConfig(max_new_tokens=30,
                                                                                    stop_at_eos=False),
                                 should_stop=stop):

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -168,7 +167,7 @@ def build_default_corpus(dest: Path | str | None = None, *, seed: int = 0, quiet
 
 
 def main(
-    dest: Optional[Path] = typer.Option(None, help=f"output folder (default: {default_corpus_dir()})"),
+    dest: Path | None = typer.Option(None, help=f"output folder (default: {default_corpus_dir()})"),
     seed: int = typer.Option(0, help="shuffle seed"),
     quiet: bool = typer.Option(False, help="no per-source lines"),
 ) -> None:

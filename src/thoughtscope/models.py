@@ -13,8 +13,8 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -65,7 +65,7 @@ class LoadedModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def check_site(self, site: "Site | str") -> Site:
+    def check_site(self, site: Site | str) -> Site:
         site = Site.parse(site)
         if site.layer >= self.n_layers:
             raise SiteError(
@@ -74,7 +74,7 @@ class LoadedModel:
             )
         return site
 
-    def tokenize(self, texts: "str | Sequence[str]", *, add_bos: bool = True, max_length: int | None = None):
+    def tokenize(self, texts: str | Sequence[str], *, add_bos: bool = True, max_length: int | None = None):
         """Tokenise texts into a left-aligned padded batch; BOS is added once when the model has one."""
         if isinstance(texts, str):
             texts = [texts]

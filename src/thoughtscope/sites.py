@@ -8,9 +8,10 @@ the model exactly as they found it, even after an error.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,7 +44,7 @@ class Site:
             raise SiteError(f"site layer must be a non-negative integer, got {self.layer!r}")
 
     @classmethod
-    def parse(cls, spec: "str | Site") -> "Site":
+    def parse(cls, spec: str | Site) -> Site:
         if isinstance(spec, Site):
             return spec
         m = re.fullmatch(r"\s*([a-z_]+)\.(\d+)\s*", str(spec))
@@ -58,7 +59,7 @@ class Site:
         return f"{self.stream}.{self.layer}"
 
 
-def parse_sites(specs: "str | Site | Iterable[str | Site]") -> list[Site]:
+def parse_sites(specs: str | Site | Iterable[str | Site]) -> list[Site]:
     """Accept one site, a comma-separated string, or a list; return sorted unique sites."""
     if isinstance(specs, (str, Site)):
         specs = [specs] if isinstance(specs, Site) else [s for s in specs.split(",") if s.strip()]
@@ -85,7 +86,7 @@ def _replace_hidden(output, new):
     return new
 
 
-def capture(lm: LoadedModel, sites: "Site | str | Sequence[Site | str]", input_ids: torch.Tensor,
+def capture(lm: LoadedModel, sites: Site | str | Sequence[Site | str], input_ids: torch.Tensor,
             attention_mask: torch.Tensor | None = None, *, early_exit: bool = True) -> dict[Site, torch.Tensor]:
     """Run one forward pass and return the activation at every site ([B, T, d], detached).
 
@@ -125,7 +126,7 @@ def capture(lm: LoadedModel, sites: "Site | str | Sequence[Site | str]", input_i
 
 
 @contextmanager
-def edit(lm: LoadedModel, site: "Site | str", fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+def edit(lm: LoadedModel, site: Site | str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
     """Within the block, every forward pass sends the site's activation through fn.
 
     fn may return a new tensor (which replaces the activation) or modify it in place and return None.

@@ -28,8 +28,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -497,7 +498,7 @@ class StoreWriter:
         self.manifest["n_tokens"] += int(acts.shape[0])
         _write_json_atomic(self.path / MANIFEST_NAME, self.manifest)
 
-    def finish(self, *, extra: dict | None = None) -> "ActivationStore":
+    def finish(self, *, extra: dict | None = None) -> ActivationStore:
         """Write the remainder as a last (smaller) shard, compute stats, mark complete."""
         if self._closed:
             raise StoreError(f"StoreWriter for {str(self.path)!r} is closed")
@@ -523,7 +524,7 @@ class StoreWriter:
         self._pending_acts, self._pending_meta, self._n_pending = [], [], 0
         self._release_lock()
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -543,7 +544,7 @@ class StoreWriter:
 # --------------------------------------------------------------------------- stats
 
 
-def _compute_stats(store: "ActivationStore") -> dict:
+def _compute_stats(store: ActivationStore) -> dict:
     """Norm statistics over non-BOS, finite rows (position 0 is an outlier sink, excluded from training).
 
     ``median_l2_norm`` is exact up to 4M eligible tokens, above that it is the median of an evenly
@@ -619,7 +620,7 @@ class ActivationStore:
         self._stats: dict | None = manifest.get("stats")
 
     @classmethod
-    def open(cls, path, *, verify_checksums: bool = False) -> "ActivationStore":
+    def open(cls, path, *, verify_checksums: bool = False) -> ActivationStore:
         """Open and validate a store: manifest fields, every shard file's presence, header and size."""
         path = Path(path)
         manifest = _read_manifest(path)

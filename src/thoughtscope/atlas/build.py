@@ -109,7 +109,7 @@ def _norm_name(s: str) -> str:
     return str(s).rstrip("/").split("/")[-1].lower().removesuffix(".gguf")
 
 
-def check_sae_matches(lm: LoadedModel, sae, site: "Site | str | None" = None) -> Site:
+def check_sae_matches(lm: LoadedModel, sae, site: Site | str | None = None) -> Site:
     """The SAE must have been trained on this model at this site; returns the site to read."""
     cfg = sae.cfg
     if cfg.d_model != lm.d_model:
@@ -446,7 +446,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: AtlasConfig | None = None, *,
-                site: "Site | str | None" = None, sae_path: str | None = None, progress: bool = True,
+                site: Site | str | None = None, sae_path: str | None = None, progress: bool = True,
                 stop_after_batches: int | None = None, timings: dict | None = None) -> Path:
     """Stream `config.n_tokens` tokens of `corpus` through the model and the SAE and write `out/atlas.sqlite`.
 

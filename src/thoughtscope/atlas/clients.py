@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .heldout import ExplainerError
 
@@ -100,7 +100,7 @@ class HTTPChatClient:
                         wait = min(self.max_backoff, max(wait, float(ra)))
                     except ValueError:
                         pass
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 reason = getattr(e, "reason", e)
                 last = f"cannot reach {self.url}: {type(reason).__name__}: {reason}"
             except MalformedAnswer as e:

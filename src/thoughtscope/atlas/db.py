@@ -20,11 +20,13 @@ import json
 import os
 import random
 import sqlite3
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
+
 from ..errors import ThoughtscopeError
 
 SCHEMA_VERSION = 1
@@ -221,7 +223,7 @@ class Atlas:
         _ensure_explanation_columns(con)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Atlas":
+    def open(cls, path: str | os.PathLike) -> Atlas:
         p = db_path(path)
         con = connect(p)
         try:
@@ -234,7 +236,7 @@ class Atlas:
     def close(self) -> None:
         self.con.close()
 
-    def __enter__(self) -> "Atlas":
+    def __enter__(self) -> Atlas:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -24,8 +24,9 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -286,7 +287,7 @@ def select_features(atlas: Atlas, features: Sequence[int] | None = None, sample:
     return [int(r[0]) for r in atlas.con.execute("SELECT id FROM features WHERE n_active > 0 ORDER BY id")]
 
 
-def explain_atlas(atlas: "Atlas | str | os.PathLike", explainer, scorer=None, *, tokenizer, features=None,
+def explain_atlas(atlas: Atlas | str | os.PathLike, explainer, scorer=None, *, tokenizer, features=None,
                   sample: int | None = None, config: ExplainConfig | None = None, resume: bool = True,
                   retry_failed: bool = True, progress: bool = True, console=None,
                   given: dict[int, str] | None = None, control: bool = True) -> dict:

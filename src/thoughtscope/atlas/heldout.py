@@ -34,7 +34,7 @@ class ExplainerError(ThoughtscopeError, RuntimeError):
     was configured with values it cannot use; the message says which."""
 
 
-_PIECES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def token_cache(tokenizer) -> dict:

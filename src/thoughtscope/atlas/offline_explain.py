@@ -257,7 +257,7 @@ class OfflineExplainer:
         return "; ".join(parts) if parts else "fires on unclear tokens"
 
 
-def explain_offline(atlas: "Atlas | str | os.PathLike", *, tokenizer, features=None, sample: int | None = None,
+def explain_offline(atlas: Atlas | str | os.PathLike, *, tokenizer, features=None, sample: int | None = None,
                     config: ExplainConfig | None = None, options: OfflineOptions | None = None,
                     overwrite: bool = False, control: bool = True, progress: bool = True, console=None) -> dict:
     """Explain and score features of an atlas without any language model; results go into its database.

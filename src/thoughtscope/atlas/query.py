@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -12,7 +12,7 @@ from .db import Atlas, AtlasError
 
 
 @torch.no_grad()
-def feature_acts(lm: LoadedModel, sae, texts: Sequence[str], *, site: "Site | str | None" = None,
+def feature_acts(lm: LoadedModel, sae, texts: Sequence[str], *, site: Site | str | None = None,
                  exclude_bos: bool | None = None) -> list[tuple[list[int], torch.Tensor]]:
     """(token ids, activations [T, n_features]) per text; position 0 zeroed when the SAE excludes it."""
     site = Site.parse(site or sae.cfg.site)

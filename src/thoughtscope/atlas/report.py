@@ -145,7 +145,7 @@ def _card_html(atlas: Atlas, n: int, tokenizer) -> str:
     return "".join(h)
 
 
-def write_report(atlas: "Atlas | str | os.PathLike", out: "str | os.PathLike | None" = None, *, tokenizer=None,
+def write_report(atlas: Atlas | str | os.PathLike, out: str | os.PathLike | None = None, *, tokenizer=None,
                  n_cards: int = 12, n_score_sample: int = 200, seed: int = 0) -> Path:
     """Write report.html (+ density.png, scores.png, max_act.png) next to the atlas or into `out`.
 

@@ -6,7 +6,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -23,7 +22,7 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _load(model: str, device: Optional[str], dtype: Optional[str]):
+def _load(model: str, device: str | None, dtype: str | None):
     from ..models import ModelError, load_model
 
     try:
@@ -35,7 +34,7 @@ def _load(model: str, device: Optional[str], dtype: Optional[str]):
 @app.command()
 def harvest(
     model: str = typer.Option("default", help="'default' (embedded SmolLM2), a hub id, a folder or a .gguf file"),
-    site: List[str] = typer.Option(["resid.15"], help="site(s) to read, e.g. resid.15 (repeat or comma-separate)"),
+    site: list[str] = typer.Option(["resid.15"], help="site(s) to read, e.g. resid.15 (repeat or comma-separate)"),
     corpus: str = typer.Option("default", help="'default', a file, a folder, a .jsonl file or hf:<dataset>"),
     text_field: str = typer.Option("text", help="JSONL / dataset field holding the text"),
     tokens: int = typer.Option(200_000, help="number of tokens to harvest"),
@@ -43,11 +42,11 @@ def harvest(
     ctx_len: int = typer.Option(128, help="tokens per context"),
     batch_size: int = typer.Option(16, help="contexts per forward pass"),
     dtype: str = typer.Option("float32", help="stored dtype: float32, float16 or bfloat16"),
-    shard_tokens: Optional[int] = typer.Option(None, help="tokens per shard (a multiple of batch-size × ctx-len)"),
+    shard_tokens: int | None = typer.Option(None, help="tokens per shard (a multiple of batch-size × ctx-len)"),
     skip_tokens: int = typer.Option(0, help="start this many tokens into the corpus (for a held-out store)"),
-    device: Optional[str] = typer.Option(None, help="torch device, e.g. cuda:0; under torchrun 'cuda' = each "
+    device: str | None = typer.Option(None, help="torch device, e.g. cuda:0; under torchrun 'cuda' = each "
                                          "process's own GPU (default: CPU)"),
-    model_dtype: Optional[str] = typer.Option(None, help="dtype to run the model in"),
+    model_dtype: str | None = typer.Option(None, help="dtype to run the model in"),
     overwrite: bool = typer.Option(False, help="replace a finished store at --out"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
@@ -55,7 +54,8 @@ def harvest(
     processes, one store)."""
     from ..corpus import Corpus, CorpusError
     from ..distributed import local_device
-    from ..harvest import HarvestConfig, harvest as run
+    from ..harvest import HarvestConfig
+    from ..harvest import harvest as run
     from ..models import SiteError, parse_sites
     from ..store import StoreError
 
@@ -110,20 +110,20 @@ def _csv(value: str, cast):
 @sae_app.command("train")
 def sae_train(
     out: Path = typer.Option(..., help="output folder (one SAE; a sweep writes one subfolder per config)"),
-    store: Optional[Path] = typer.Option(None, help="train from this activation store"),
-    model: Optional[str] = typer.Option(None, help="or train on the fly from this model ('default', hub id, …)"),
+    store: Path | None = typer.Option(None, help="train from this activation store"),
+    model: str | None = typer.Option(None, help="or train on the fly from this model ('default', hub id, …)"),
     site: str = typer.Option("resid.15", help="site, when training on the fly"),
     corpus: str = typer.Option("default", help="corpus, when training on the fly"),
-    tokens: Optional[int] = typer.Option(None, help="training tokens (default: the whole store once)"),
+    tokens: int | None = typer.Option(None, help="training tokens (default: the whole store once)"),
     arch: str = typer.Option("topk", help="relu-l1, topk, batchtopk or jumprelu (comma-separate to sweep)"),
     k: str = typer.Option("32", help="active latents for topk / batchtopk (comma-separate to sweep)"),
     expansion: str = typer.Option("16", help="dictionary size / d_model (comma-separate to sweep)"),
     l1_coeff: str = typer.Option("5.0", help="relu-l1 sparsity coefficient λ (comma-separate to sweep)"),
     l0_coeff: str = typer.Option("1.0", help="jumprelu L0 coefficient (comma-separate to sweep)"),
     batch_size: int = typer.Option(4096, help="tokens per step"),
-    max_norm_ratio: Optional[float] = typer.Option(
+    max_norm_ratio: float | None = typer.Option(
         10.0, help="drop tokens whose norm exceeds this × the median (attention sinks); 0 keeps them"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default: scaled with the dictionary size)"),
+    lr: float | None = typer.Option(None, help="learning rate (default: scaled with the dictionary size)"),
     epochs: int = typer.Option(1, help="passes over a store"),
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
@@ -186,13 +186,13 @@ def sae_train(
 @sae_app.command("eval")
 def sae_eval(
     path: Path = typer.Argument(..., help="an SAE folder (native, SAELens, sparsify or dictionary_learning)"),
-    store: Optional[Path] = typer.Option(None, help="held-out activations for MSE / FVU / L0 / dead fraction"),
+    store: Path | None = typer.Option(None, help="held-out activations for MSE / FVU / L0 / dead fraction"),
     max_tokens: int = typer.Option(200_000, help="at most this many store tokens"),
-    model: Optional[str] = typer.Option(None, help="model for the spliced language-model loss (e.g. default)"),
+    model: str | None = typer.Option(None, help="model for the spliced language-model loss (e.g. default)"),
     corpus: str = typer.Option("default", help="corpus for the spliced loss"),
     loss_tokens: int = typer.Option(16_384, help="tokens for the spliced loss"),
     skip_contexts: int = typer.Option(0, help="skip this many corpus contexts first (keep eval text held out)"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics here"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the metrics here"),
 ) -> None:
     """Measure an SAE: reconstruction on a store and/or spliced LM loss on a corpus."""
     from ..sae import SAEError, evaluate_sae, load_sae, spliced_lm_loss
@@ -275,8 +275,8 @@ def _gen_config(max_new_tokens: int, temperature: float, top_p: float, seed: int
 @steer_app.callback()
 def steer(
     ctx: typer.Context,
-    prompt: List[str] = typer.Option([], "--prompt", "-p", help="prompt(s) to answer (repeat for several)"),
-    preset: Optional[str] = typer.Option(None, help="preset name or JSON file (see examples/presets)"),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="prompt(s) to answer (repeat for several)"),
+    preset: str | None = typer.Option(None, help="preset name or JSON file (see examples/presets)"),
     model: str = typer.Option("default"),
     max_new_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.7, help="0 = greedy"),
@@ -337,7 +337,7 @@ def steer_sweep(
 
 @app.command()
 def chat(
-    preset: Optional[str] = typer.Option(None, help="start with this preset"),
+    preset: str | None = typer.Option(None, help="start with this preset"),
     sae: str = typer.Option("default", help="SAE whose features /set changes"),
     model: str = typer.Option("default"),
     max_new_tokens: int = typer.Option(96),
@@ -444,7 +444,7 @@ def _sae_folder(spec: str) -> Path:
 def atlas_build(
     sae: str = typer.Option("default", help="SAE folder, or 'default' (the shipped SmolLM2 SAE)"),
     out: Path = typer.Option(..., help="atlas folder (atlas.sqlite); re-run to resume"),
-    model: Optional[str] = typer.Option(None, help="model (default: the one the SAE was trained on, or 'default')"),
+    model: str | None = typer.Option(None, help="model (default: the one the SAE was trained on, or 'default')"),
     corpus: str = typer.Option("default"),
     tokens: int = typer.Option(1_000_000),
     ctx_len: int = typer.Option(128),
@@ -479,16 +479,16 @@ def atlas_explain(
                                                           "by the lexical scorer (the default with no endpoint)"),
     local: bool = typer.Option(False, "--local", help="the atlas's own model explains and scores itself (slow; "
                                                       "at chance for the 135M default)"),
-    url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (or THOUGHTSCOPE_EXPLAINER_URL)"),
-    explainer_model: Optional[str] = typer.Option(None, help="model name at that endpoint"),
-    api_key: Optional[str] = typer.Option(None, help="key (or OPENAI_API_KEY)"),
-    scorer_url: Optional[str] = typer.Option(None, help="scorer endpoint (default: same as the explainer)"),
-    scorer_model: Optional[str] = typer.Option(None),
+    url: str | None = typer.Option(None, help="OpenAI-compatible base URL (or THOUGHTSCOPE_EXPLAINER_URL)"),
+    explainer_model: str | None = typer.Option(None, help="model name at that endpoint"),
+    api_key: str | None = typer.Option(None, help="key (or OPENAI_API_KEY)"),
+    scorer_url: str | None = typer.Option(None, help="scorer endpoint (default: same as the explainer)"),
+    scorer_model: str | None = typer.Option(None),
     scorer: str = typer.Option("auto", help="auto (the explaining LLM; lexical offline) | lexical | llm"),
-    sample: Optional[int] = typer.Option(None, help="explain a uniform random sample of this many alive features"),
-    features: Optional[str] = typer.Option(None, help="or these feature ids (comma-separated)"),
+    sample: int | None = typer.Option(None, help="explain a uniform random sample of this many alive features"),
+    features: str | None = typer.Option(None, help="or these feature ids (comma-separated)"),
     seed: int = typer.Option(0, help="seed of the sample, the held-out split and the shuffled control"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the summary (mean scores, CIs) here"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the summary (mean scores, CIs) here"),
     overwrite: bool = typer.Option(False, help="offline: also replace explanations another method wrote"),
     concurrency: int = typer.Option(4),
     yes: bool = typer.Option(False, "--yes", help="skip the confirmation after the cost/time estimate"),
@@ -547,7 +547,7 @@ def atlas_explain(
 
 
 @atlas_app.command("report")
-def atlas_report(atlas: Path = typer.Argument(...), out: Optional[Path] = typer.Option(None),
+def atlas_report(atlas: Path = typer.Argument(...), out: Path | None = typer.Option(None),
                  cards: int = typer.Option(12, help="random feature cards")) -> None:
     """A self-contained HTML report: density, dead/alive, score distribution, random feature cards."""
     from ..atlas import AtlasError, write_report
@@ -582,7 +582,7 @@ def feature_show(n: int = typer.Argument(...), atlas: Path = typer.Option(..., h
 
 
 @feature_app.command("random")
-def feature_random(atlas: Path = typer.Option(...), n: int = typer.Option(3), seed: Optional[int] = None) -> None:
+def feature_random(atlas: Path = typer.Option(...), n: int = typer.Option(3), seed: int | None = None) -> None:
     """Cards for uniformly random alive features: the unbiased way to browse."""
     from ..atlas import show_feature
     from ..atlas.cards import load_tokenizer
@@ -661,10 +661,11 @@ app.add_typer(nla_app, name="nla")
 app.add_typer(corpus_app, name="corpus")
 app.command("serve")(serve)
 from .probe import probe_app  # noqa: E402
+
 app.add_typer(probe_app, name="probe")
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: any ThoughtscopeError ends the command with one error line, never a traceback."""
     from ..errors import ThoughtscopeError
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -26,13 +25,13 @@ def data(
     out: Path = typer.Option(..., help="folder for the rows (vectors, warm-start explanations, meta.json)"),
     model: str = typer.Option("default", help="target model: 'default', a hub id, a folder or a .gguf file"),
     corpus: str = typer.Option("default", help="corpus the rows are read from"),
-    site: Optional[str] = typer.Option(None, help="site, e.g. resid.15 (default: the default NLA's site)"),
-    n_rows: Optional[int] = typer.Option(None, help="vectors to harvest (default: the shipped recipe's)"),
-    positions_per_doc: Optional[int] = typer.Option(None, help="positions read per document (default: recipe's)"),
-    max_position: Optional[int] = typer.Option(None, help="last token position read (default: recipe's)"),
+    site: str | None = typer.Option(None, help="site, e.g. resid.15 (default: the default NLA's site)"),
+    n_rows: int | None = typer.Option(None, help="vectors to harvest (default: the shipped recipe's)"),
+    positions_per_doc: int | None = typer.Option(None, help="positions read per document (default: recipe's)"),
+    max_position: int | None = typer.Option(None, help="last token position read (default: recipe's)"),
     warm_start: str = typer.Option("offline", help="warm-start explanations: offline | llm"),
-    llm_endpoint: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL for --warm-start llm"),
-    llm_model: Optional[str] = typer.Option(None, help="model name at that endpoint"),
+    llm_endpoint: str | None = typer.Option(None, help="OpenAI-compatible base URL for --warm-start llm"),
+    llm_model: str | None = typer.Option(None, help="model name at that endpoint"),
 ) -> None:
     """Harvest rows and warm-start explanations (sizes default to the shipped recipe's)."""
     from ..nla import build_dataset
@@ -49,11 +48,11 @@ def train(
     nla: Path = typer.Option(..., help="the NLA folder (created, or resumed where it stopped)"),
     data: Path = typer.Option(..., help="an `nla data` folder"),
     stage: str = typer.Option(..., help="ar-sft | av-sft | rl | ar-refit"),
-    steps: Optional[int] = typer.Option(None, help="optimiser steps (default: the recipe's for this stage)"),
-    batch_size: Optional[int] = typer.Option(None, help="rows per optimiser step (default: the recipe's)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default: the recipe's)"),
-    time_budget_s: Optional[float] = typer.Option(None, help="stop (resumably) after this many seconds"),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 … (default: this rank's GPU if any, else cpu)"),
+    steps: int | None = typer.Option(None, help="optimiser steps (default: the recipe's for this stage)"),
+    batch_size: int | None = typer.Option(None, help="rows per optimiser step (default: the recipe's)"),
+    lr: float | None = typer.Option(None, help="learning rate (default: the recipe's)"),
+    time_budget_s: float | None = typer.Option(None, help="stop (resumably) after this many seconds"),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 … (default: this rank's GPU if any, else cpu)"),
 ) -> None:
     """One training stage, resumable; several processes when started by torchrun."""
     import torch
@@ -82,7 +81,7 @@ def train(
 def explain(
     text: str = typer.Option(..., help="the text whose tokens are explained"),
     nla: str = typer.Option("default", help="'default' (shipped), an NLA folder, or a released checkpoint pair"),
-    position: Optional[List[int]] = typer.Option(None, help="token position(s); negative counts from the end"),
+    position: list[int] | None = typer.Option(None, help="token position(s); negative counts from the end"),
     samples: int = typer.Option(1, help="explanations sampled per token"),
 ) -> None:
     """Explain tokens of a text in words, each with its round-trip FVE."""
@@ -97,13 +96,13 @@ def explain(
 def evaluate(
     nla: str = typer.Option("default", "--nla", "--model",
                             help="'default' (the shipped NLA for the default model) or an NLA folder"),
-    data: Optional[Path] = typer.Option(None, help="an `nla data` folder (default: rows shipped with the NLA)"),
+    data: Path | None = typer.Option(None, help="an `nla data` folder (default: rows shipped with the NLA)"),
     quick: bool = typer.Option(False, "--quick", help="48 held-out rows, a few minutes on 2 cores (the default)"),
     full: bool = typer.Option(False, "--full", help="the whole test split instead of the quick 48 rows"),
-    n_test: Optional[int] = typer.Option(None, help="this many held-out rows (narrower CIs, longer run)"),
-    compare: Optional[List[str]] = typer.Option(None, metavar="NAME=FOLDER",
+    n_test: int | None = typer.Option(None, help="this many held-out rows (narrower CIs, longer run)"),
+    compare: list[str] | None = typer.Option(None, metavar="NAME=FOLDER",
                                                 help="another NLA evaluated on the same held-out vectors as a rung"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write every figure here"),
+    json_path: Path | None = typer.Option(None, "--json", help="write every figure here"),
 ) -> None:
     """Held-out round-trip FVE with bootstrap CIs and the whole baseline ladder."""
     from ..nla import evaluate_nla, format_table
@@ -123,7 +122,7 @@ def evaluate(
 @nla_app.command()
 def recipe(
     work: Path = typer.Option(..., help="folder for data, checkpoints and the eval json (resumable)"),
-    export: Optional[Path] = typer.Option(None, help="copy the final adapters here (e.g. the assets folder)"),
+    export: Path | None = typer.Option(None, help="copy the final adapters here (e.g. the assets folder)"),
 ) -> None:
     """Reproduce the shipped default NLA end to end."""
     from ..nla import format_table

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -37,8 +36,8 @@ def _read_cfg(read: str, chat: bool, batch_size: int):
 
 
 @probe_app.command("datasets")
-def datasets_cmd(export: Optional[str] = typer.Option(None, help="write this built-in set as JSONL to --out"),
-                 out: Optional[Path] = typer.Option(None, help="output .jsonl for --export")) -> None:
+def datasets_cmd(export: str | None = typer.Option(None, help="write this built-in set as JSONL to --out"),
+                 out: Path | None = typer.Option(None, help="output .jsonl for --export")) -> None:
     """List the shipped datasets (rows, groups, balance), or export one as JSONL."""
     from ..probes.generators import BUILTIN, builtin
 
@@ -88,11 +87,11 @@ def sweep_cmd(
     fitters: str = typer.Option("mean,lda,logistic,lat", help="comma-separated: mean, lda, logistic, lat, ccs"),
     read: str = typer.Option("last", help="read position: last, mean or span"),
     chat: bool = typer.Option(False, help="wrap each text in the model's chat template"),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="write every number here"),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="PNG of the curves (default: next to --json)"),
+    json_path: Path | None = typer.Option(None, "--json", help="write every number here"),
+    plot_path: Path | None = typer.Option(None, "--plot", help="PNG of the curves (default: next to --json)"),
     seed: int = typer.Option(0), n_random: int = typer.Option(200), n_shuffle: int = typer.Option(10),
-    batch_size: int = typer.Option(16), cache: Optional[Path] = typer.Option(None, help="activation cache folder"),
-    device: Optional[str] = typer.Option(None), quiet: bool = typer.Option(False),
+    batch_size: int = typer.Option(16), cache: Path | None = typer.Option(None, help="activation cache folder"),
+    device: str | None = typer.Option(None), quiet: bool = typer.Option(False),
 ) -> None:
     """Held-out AUROC per site and fitter beside random directions, a label-shuffle null and a control task."""
     from ..probes.generators import resolve
@@ -116,11 +115,11 @@ def sweep_cmd(
 
 @probe_app.command("transfer")
 def transfer_cmd(
-    data: List[str] = typer.Option(..., help="datasets (repeat): train on each, test on each"),
+    data: list[str] = typer.Option(..., help="datasets (repeat): train on each, test on each"),
     site: str = typer.Option(..., help="one site, e.g. resid.12"),
     model: str = typer.Option("default"), fitter: str = typer.Option("mean"), read: str = typer.Option("last"),
-    json_path: Optional[Path] = typer.Option(None, "--json"), seed: int = typer.Option(0),
-    cache: Optional[Path] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    json_path: Path | None = typer.Option(None, "--json"), seed: int = typer.Option(0),
+    cache: Path | None = typer.Option(None), device: str | None = typer.Option(None),
 ) -> None:
     """Train on A's training split, test on B's held-out split: the AUROC matrix and A→B / B→B ratios."""
     from ..probes.generators import resolve
@@ -148,7 +147,7 @@ def fit_cmd(
     data: str = typer.Option(..., help=DATA_HELP), site: str = typer.Option(..., help="e.g. resid.12"),
     out: Path = typer.Option(..., help="probe folder to write"), model: str = typer.Option("default"),
     fitter: str = typer.Option("mean"), read: str = typer.Option("last"), chat: bool = typer.Option(False),
-    seed: int = typer.Option(0), cache: Optional[Path] = typer.Option(None), device: Optional[str] = typer.Option(None),
+    seed: int = typer.Option(0), cache: Path | None = typer.Option(None), device: str | None = typer.Option(None),
 ) -> None:
     """Fit one probe on the training split and save it with its held-out metrics."""
     from ..probes.generators import resolve
@@ -163,7 +162,7 @@ def fit_cmd(
                   f"{m['test_auroc_ci'][1]:.3f}] → {out}")
 
 
-def _write_json(obj: dict, path: Optional[Path]) -> None:
+def _write_json(obj: dict, path: Path | None) -> None:
     if path:
         from ..probes.sweep import save_json
 
@@ -174,14 +173,15 @@ def _write_json(obj: dict, path: Optional[Path]) -> None:
 @probe_app.command("monitor")
 def monitor_cmd(
     probe: Path = typer.Option(..., help="probe folder from `probe fit`"),
-    text: List[str] = typer.Option([], help="text(s) to score per token"),
+    text: list[str] = typer.Option([], help="text(s) to score per token"),
     calibrate: bool = typer.Option(False, help="set thresholds on the default corpus at 1% and 5% FPR"),
-    data: Optional[str] = typer.Option(None, help="with --calibrate: report recall on this dataset's class-1 rows"),
+    data: str | None = typer.Option(None, help="with --calibrate: report recall on this dataset's class-1 rows"),
     n_docs: int = typer.Option(32, help="neutral documents for the threshold"), model: str = typer.Option("default"),
-    json_path: Optional[Path] = typer.Option(None, "--json"), device: Optional[str] = typer.Option(None),
+    json_path: Path | None = typer.Option(None, "--json"), device: str | None = typer.Option(None),
 ) -> None:
     """Score texts token by token with a saved probe; optionally calibrate thresholds on neutral text."""
-    from ..probes.monitor import calibrate as run_calibrate, neutral_texts, score_texts
+    from ..probes.monitor import calibrate as run_calibrate
+    from ..probes.monitor import neutral_texts, score_texts
     from ..probes.probe import load_probe
 
     lm = _load(model, device, None)
@@ -223,8 +223,8 @@ def erase_cmd(
     n_contexts: int = typer.Option(16, help="default-corpus contexts (128 tokens) for the LM-loss change"),
     reread: bool = typer.Option(True, help="re-read the rows under the erasure hook (--no-reread: erase the cached "
                                            "rows, identical at the erased site and two forward passes cheaper)"),
-    json_path: Optional[Path] = typer.Option(None, "--json"), cache: Optional[Path] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
+    json_path: Path | None = typer.Option(None, "--json"), cache: Path | None = typer.Option(None),
+    device: str | None = typer.Option(None),
 ) -> None:
     """LEACE at a site: held-out AUROC of fresh probes before/after (and after a random erasure), LM-loss change."""
     from ..probes.erase import erase_check
@@ -251,8 +251,8 @@ def causal_cmd(
     probe: Path = typer.Option(..., help="probe folder"), data: str = typer.Option(..., help=DATA_HELP),
     strengths: str = typer.Option("-2,-1,0,1,2", help="class-gap multiples"), n: int = typer.Option(48),
     suffix: str = typer.Option(" This statement is"), words: str = typer.Option(" true, false"),
-    model: str = typer.Option("default"), json_path: Optional[Path] = typer.Option(None, "--json"),
-    device: Optional[str] = typer.Option(None),
+    model: str = typer.Option("default"), json_path: Path | None = typer.Option(None, "--json"),
+    device: str | None = typer.Option(None),
 ) -> None:
     """Add the probe vector at its site and measure P(word1) − P(word2), against random vectors of equal norm."""
     from ..probes.causal import causal_check
@@ -280,9 +280,9 @@ def causal_cmd(
 @probe_app.command("weights")
 def weights_cmd(
     layers: str = typer.Option("0-29", help="blocks, e.g. 0-29 or 3,7"), top: int = typer.Option(2),
-    probe: Optional[Path] = typer.Option(None, help="also give each direction's cosine with this probe"),
-    model: str = typer.Option("default"), json_path: Optional[Path] = typer.Option(None, "--json"),
-    device: Optional[str] = typer.Option(None),
+    probe: Path | None = typer.Option(None, help="also give each direction's cosine with this probe"),
+    model: str = typer.Option("default"), json_path: Path | None = typer.Option(None, "--json"),
+    device: str | None = typer.Option(None),
 ) -> None:
     """Top singular directions of each block's MLP output and attention OV, read as tokens through the unembedding."""
     from ..probes.probe import load_probe
@@ -311,7 +311,7 @@ def weights_cmd(
 @probe_app.command("demo")
 def demo_cmd(out: Path = typer.Option(Path("probe-demo"), help="folder for probe_sweep.json / .png"),
              full: bool = typer.Option(False, help="600 statements, all 30 blocks, 4 fitters (slow on a CPU)"),
-             model: str = typer.Option("default"), device: Optional[str] = typer.Option(None)) -> None:
+             model: str = typer.Option("default"), device: str | None = typer.Option(None)) -> None:
     """Sweep the shipped comparisons set on the default model, print the table beside its controls, save the plot."""
     from ..probes.demo import probe_demo
 

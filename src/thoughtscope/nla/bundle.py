@@ -76,7 +76,7 @@ class NLA:
 
     # ------------------------------------------------------------------ disk
     @classmethod
-    def load(cls, path: str | os.PathLike, lm=None, *, which: str = "final") -> "NLA":
+    def load(cls, path: str | os.PathLike, lm=None, *, which: str = "final") -> NLA:
         """Load a folder; which='warm' loads the warm-start weights instead of the final ones, which='rl' the
         final AV with the AR as the RL stage left it (before `ar-refit`)."""
         from thoughtscope.models import load_model

@@ -63,7 +63,7 @@ class NLAConfig:
 
         return Site.parse(self.site).layer
 
-    def check(self) -> "NLAConfig":
+    def check(self) -> NLAConfig:
         if self.av_template.count("{marker}") != 1:
             raise NLAError(f"av_template must contain '{{marker}}' exactly once, got {self.av_template!r}")
         if self.layer >= self.n_layers:
@@ -75,7 +75,7 @@ class NLAConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NLAConfig":
+    def from_dict(cls, d: dict) -> NLAConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         cfg = cls(**{k: v for k, v in d.items() if k in known})
@@ -89,7 +89,7 @@ class NLAConfig:
         return path
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "NLAConfig":
+    def load(cls, folder: str | os.PathLike) -> NLAConfig:
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
             raise NLAError(f"{path} not found: an NLA folder holds {CONFIG_NAME} plus adapter weights")

@@ -21,9 +21,9 @@ import re
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -80,7 +80,7 @@ class NLARows:
     def __len__(self) -> int:
         return self.vectors.shape[0]
 
-    def subset(self, which: "str | torch.Tensor") -> "NLARows":
+    def subset(self, which: str | torch.Tensor) -> NLARows:
         idx = (self.split == SPLITS[which]).nonzero().flatten() if isinstance(which, str) else which
         il = idx.tolist()
         return NLARows(self.vectors[idx], self.doc_id[idx], self.position[idx], self.token_id[idx], self.split[idx],
@@ -101,7 +101,7 @@ class NLARows:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "NLARows":
+    def load(cls, folder: str | os.PathLike) -> NLARows:
         from safetensors.torch import load_file
 
         folder = Path(folder)

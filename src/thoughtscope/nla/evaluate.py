@@ -33,8 +33,8 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -207,10 +207,10 @@ def quick_rows(lm, *, n_test: int = 48, n_train: int = 400, n_val: int = 48, see
     return get(2, n_test), get(0, n_train), get(1, n_val)
 
 
-def evaluate_nla(nla="default", data: "str | os.PathLike | NLARows | None" = None, *, quick: bool = True,
-                 n_test: int | None = None, json_path: "str | os.PathLike | None" = None, lm=None, seed: int = 0,
+def evaluate_nla(nla="default", data: str | os.PathLike | NLARows | None = None, *, quick: bool = True,
+                 n_test: int | None = None, json_path: str | os.PathLike | None = None, lm=None, seed: int = 0,
                  n_boot: int = 1000, warm: bool = True, progress: bool = True,
-                 compare: "dict[str, object] | None" = None) -> dict:
+                 compare: dict[str, object] | None = None) -> dict:
     """`thoughtscope nla eval`: held-out FVE with a bootstrap CI and the baseline ladder.
 
     nla: an NLA object, a folder, or "default" (the shipped NLA). data: an `nla data` folder (its test
@@ -347,7 +347,7 @@ def evaluate_nla(nla="default", data: "str | os.PathLike | NLARows | None" = Non
 BASELINE_FILE = "baseline_rows.safetensors"
 
 
-def save_baseline_rows(rows: NLARows, path: "str | os.PathLike") -> None:
+def save_baseline_rows(rows: NLARows, path: str | os.PathLike) -> None:
     """Keep what the baselines need from the training and validation rows (normalised vectors in fp16)."""
     from .._io import atomic_save_tensors
 
@@ -356,7 +356,7 @@ def save_baseline_rows(rows: NLARows, path: "str | os.PathLike") -> None:
                          "context_ids": rows.context_ids[keep], "split": rows.split[keep]}, Path(path))
 
 
-def load_baseline_rows(path: "str | os.PathLike") -> tuple[NLARows, NLARows]:
+def load_baseline_rows(path: str | os.PathLike) -> tuple[NLARows, NLARows]:
     from safetensors.torch import load_file
 
     t = load_file(str(path))

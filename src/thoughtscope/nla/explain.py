@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ def default_nla_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "default_nla"
 
 
-def load_nla(spec: "str | os.PathLike" = "default", *, lm=None, which: str = "final") -> NLA:
+def load_nla(spec: str | os.PathLike = "default", *, lm=None, which: str = "final") -> NLA:
     """Load an NLA: "default" (shipped), a thoughtscope NLA folder, or a released checkpoint pair.
 
     A released pair (folders with nla_meta.yaml) is given as "AV_DIR" when the AR sits beside it as

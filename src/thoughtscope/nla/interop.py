@@ -33,7 +33,7 @@ SIDECAR = "nla_meta.yaml"
 HEAD_FILE = "value_head.safetensors"
 
 
-def read_sidecar(folder: "str | os.PathLike") -> dict:
+def read_sidecar(folder: str | os.PathLike) -> dict:
     """Parse and check a released checkpoint's nla_meta.yaml; errors name the file and the missing field."""
     import yaml
 
@@ -104,7 +104,7 @@ def _check_neighbours(nla_av, cfg: NLAConfig, where: str) -> None:
                        f"the sidecar says {right} (tokenizer or template drift)")
 
 
-def load_released(av_dir: "str | os.PathLike", ar_dir: "str | os.PathLike | None" = None, *, target=None,
+def load_released(av_dir: str | os.PathLike, ar_dir: str | os.PathLike | None = None, *, target=None,
                   device: str | None = None, dtype=None) -> NLA:
     """Load a released AV (+ AR) pair as an NLA usable with `explain_text` / `nla explain`.
 

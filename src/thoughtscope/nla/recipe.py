@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # Measured on 2 shared CPU cores; one thread, two for ar-refit.
 DEFAULT_RECIPE = {

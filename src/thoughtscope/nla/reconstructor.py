@@ -10,7 +10,7 @@ with LoRA so the trained AR ships as a few MB.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

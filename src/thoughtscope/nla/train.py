@@ -33,9 +33,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -83,7 +83,7 @@ class TrainConfig:
     malformed_reward: float = -2.0
     max_new_tokens: int | None = None
 
-    def check(self) -> "TrainConfig":
+    def check(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise NLAError(f"unknown stage {self.stage!r}: expected one of {', '.join(STAGES)}")
         if self.steps < 1 or self.batch_size < 1 or self.group_size < 2 and self.stage == "rl":
@@ -266,7 +266,7 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
     return nla
 
 
-def train_stage(nla_dir: str | os.PathLike, data: "str | os.PathLike | NLARows", cfg: TrainConfig, *, lm=None,
+def train_stage(nla_dir: str | os.PathLike, data: str | os.PathLike | NLARows, cfg: TrainConfig, *, lm=None,
                 progress: bool = True, log: Callable[[dict], None] | None = None, device: str | None = None) -> dict:
     """Run (or resume) one stage; returns {'history': [...], 'done': bool, 'step': int}.
 

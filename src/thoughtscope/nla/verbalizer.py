@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn

@@ -7,7 +7,7 @@ token (or any two label words). The same sweep with random directions of equal n
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -14,9 +14,9 @@ import csv
 import hashlib
 import json
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -68,7 +68,7 @@ class ProbeSet:
             h.update(json.dumps(row, ensure_ascii=False).encode())
         return h.hexdigest()
 
-    def subset(self, idx: Sequence[int], name: str | None = None) -> "ProbeSet":
+    def subset(self, idx: Sequence[int], name: str | None = None) -> ProbeSet:
         idx = list(idx)
         pick = lambda col: [col[i] for i in idx]  # noqa: E731
         return ProbeSet(pick(self.texts), pick(self.labels), pick(self.groups), name or self.name, self.source,
@@ -84,7 +84,7 @@ class ProbeSet:
                 by.setdefault(self.pair_ids[i], {})[self.labels[i]] = i
         return [(d[1], d[0]) for d in by.values() if len(d) == 2]
 
-    def to_jsonl(self, path: "str | Path") -> Path:
+    def to_jsonl(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
@@ -154,7 +154,7 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
-def load_dataset(path: "str | Path", name: str | None = None) -> ProbeSet:
+def load_dataset(path: str | Path, name: str | None = None) -> ProbeSet:
     """Read labelled texts (text, label, ...) or pairs (positive, negative, ...) from JSONL or CSV."""
     path = Path(path)
     rows = _rows(path)

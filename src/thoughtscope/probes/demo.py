@@ -12,7 +12,7 @@ from .sweep import SweepConfig, plot, save_json, sweep
 QUICK_SITES = [f"resid.{i}" for i in range(0, 30, 3)] + ["resid.29"]
 
 
-def probe_demo(lm, out: "str | Path", console=None, *, quick: bool = True, cache=None) -> dict:
+def probe_demo(lm, out: str | Path, console=None, *, quick: bool = True, cache=None) -> dict:
     """Quick: 160 statements, 11 sites, mean-difference and LDA; full: 600 statements, all 30 blocks, 4 fitters."""
     from ..cli.probe import print_sweep
 

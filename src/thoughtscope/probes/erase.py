@@ -38,7 +38,7 @@ class EraseEdit(VectorEdit):
         self.left, self.right = self.left.float(), self.right.float()
         self.mean = torch.zeros(self.left.shape[0]) if self.mean is None else self.mean.float()
 
-    def to(self, device) -> "EraseEdit":
+    def to(self, device) -> EraseEdit:
         super().to(device)
         self.left, self.right, self.mean = self.left.to(device), self.right.to(device), self.mean.to(device)
         return self
@@ -126,11 +126,11 @@ def erase_check(lm, ds, site: str, read=None, *, seed: int = 0, fitters=("mean",
 
     reread=False applies the eraser to the cached rows instead of a second forward pass: at the site where it
     acts the two are identical (the edit hook runs before the read; tested), which saves two passes on a CPU."""
+    from ..steer.interventions import steering
     from .datasets import group_folds, group_split
     from .fitters import fit
     from .metrics import auroc
     from .read import ReadConfig, read_activations, site_names
-    from ..steer.interventions import steering
 
     read = read or ReadConfig()
     (name,) = site_names(lm, [site])

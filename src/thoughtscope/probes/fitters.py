@@ -14,7 +14,7 @@ Bias for mean/lda/lat: minus the projection of the midpoint of the class means.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -132,7 +132,7 @@ def _unrotate(theta: torch.Tensor, Q: torch.Tensor | None) -> tuple[torch.Tensor
     return ((Q @ w[..., None]).squeeze(-1) if Q is not None else w), b
 
 
-def logistic_raw(X: torch.Tensor, y: torch.Tensor, C: "float | torch.Tensor",
+def logistic_raw(X: torch.Tensor, y: torch.Tensor, C: float | torch.Tensor,
                  tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's objective C·Σ log-loss + ½‖w‖² on the given features, for every layer (no standardising)."""
     X, y = _check(X, y)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from ..errors import ProbeError
@@ -22,7 +22,7 @@ _UNITS = ["", "one", "two", "three", "four", "five", "six", "seven", "eight", "n
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def table(name: str) -> dict:
     path = DATA_DIR / f"{name}.json"
     if not path.is_file():

@@ -7,8 +7,8 @@ attention sinks get no score (NaN), as they are never read anywhere else either.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -92,7 +92,7 @@ class Probe:
 
     # -- artefact
 
-    def save(self, folder: "str | Path") -> Path:
+    def save(self, folder: str | Path) -> Path:
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -108,7 +108,7 @@ class Probe:
         return folder
 
     @classmethod
-    def load(cls, folder: "str | Path", lm=None, site: str | None = None) -> "Probe":
+    def load(cls, folder: str | Path, lm=None, site: str | None = None) -> Probe:
         """Load a probe folder; with lm (and site) it refuses a mismatched model or site."""
         from safetensors.torch import load_file
 
@@ -134,7 +134,7 @@ class Probe:
         return f"Probe({self.cfg.fitter} on {self.cfg.dataset!r} at {self.cfg.model} {self.cfg.site}{extra})"
 
 
-def load_probe(folder: "str | Path", lm=None, site: str | None = None) -> Probe:
+def load_probe(folder: str | Path, lm=None, site: str | None = None) -> Probe:
     return Probe.load(folder, lm, site)
 
 

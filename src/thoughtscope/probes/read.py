@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -48,7 +48,7 @@ class ReadConfig:
             raise ProbeError(f"sink_ratio must be > 1 (tokens above ratio × median norm are sinks), got {self.sink_ratio}")
 
 
-def site_names(lm: LoadedModel, sites: "str | Sequence[str]", embed: bool = False) -> list[str]:
+def site_names(lm: LoadedModel, sites: str | Sequence[str], embed: bool = False) -> list[str]:
     """Validate sites against the model (before any forward pass) and return their names, 'embed' first."""
     if isinstance(sites, str):
         sites = [s for s in sites.split(",") if s.strip()]
@@ -196,8 +196,8 @@ def _load_cached(folder: Path, names: list[str], n: int) -> dict[str, torch.Tens
     return got
 
 
-def read_activations(lm: LoadedModel, ds: ProbeSet, sites: "str | Sequence[str]", cfg: ReadConfig | None = None,
-                     *, cache: "str | Path | None | bool" = None, progress: bool = False) -> dict[str, torch.Tensor]:
+def read_activations(lm: LoadedModel, ds: ProbeSet, sites: str | Sequence[str], cfg: ReadConfig | None = None,
+                     *, cache: str | Path | None | bool = None, progress: bool = False) -> dict[str, torch.Tensor]:
     """{site name: [N, d] float32} for every site, from one forward pass per batch over the missing sites.
 
     cache: a folder (default $THOUGHTSCOPE_HOME/probe_acts), or False to keep nothing on disk.
@@ -257,7 +257,7 @@ def read_activations(lm: LoadedModel, ds: ProbeSet, sites: "str | Sequence[str]"
     return {n: got[n] for n in names}
 
 
-def token_activations(lm: LoadedModel, texts: Sequence[str], sites: "str | Sequence[str]", *, batch_size: int = 16,
+def token_activations(lm: LoadedModel, texts: Sequence[str], sites: str | Sequence[str], *, batch_size: int = 16,
                       sink_ratio: float = 10.0, max_length: int = 512):
     """Per text: (token ids [T], {site: [T, d]}, readable mask [T]) from one pass per batch (for monitoring)."""
     names = site_names(lm, sites)

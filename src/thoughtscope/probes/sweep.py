@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -186,7 +186,7 @@ def suggest(out: dict, cfg: SweepConfig) -> dict:
                           f"percentiles")}
 
 
-def sweep(lm, ds: ProbeSet, sites: "str | Sequence[str]", read: ReadConfig | None = None,
+def sweep(lm, ds: ProbeSet, sites: str | Sequence[str], read: ReadConfig | None = None,
           cfg: SweepConfig | None = None, *, cache=None, progress: bool = False) -> dict:
     """Read every site (plus the embedding layer) in one pass per batch, then `sweep_arrays`."""
     cfg = cfg or SweepConfig()
@@ -223,7 +223,7 @@ def transfer(acts: dict[str, dict[str, torch.Tensor]], sets: dict[str, ProbeSet]
 # --------------------------------------------------------------------------- outputs
 
 
-def save_json(out: dict, path: "str | Path") -> Path:
+def save_json(out: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
@@ -232,7 +232,7 @@ def save_json(out: dict, path: "str | Path") -> Path:
     return path
 
 
-def plot(out: dict, path: "str | Path") -> Path:
+def plot(out: dict, path: str | Path) -> Path:
     """Test AUROC per site for every fitter, the primary fitter's CI band and its controls."""
     import matplotlib
 

@@ -10,7 +10,7 @@ values noisy, so only the top few are reported.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,9 +1,20 @@
 """Sparse autoencoders: architectures, training (sweeps, resume, DDP), metrics and file formats."""
-from .architectures import (ARCHITECTURES, SAE, BatchTopKSAE, JumpReLUSAE, ReluL1SAE, SAEConfig, SAEError, SAEOutput,
-                            TopKSAE, build_sae, geometric_median)
-from .formats import (export_saelens, load_dictionary_learning, load_sae, load_saelens, load_sparsify, save_sae)
+from .architectures import (
+    ARCHITECTURES,
+    SAE,
+    BatchTopKSAE,
+    JumpReLUSAE,
+    ReluL1SAE,
+    SAEConfig,
+    SAEError,
+    SAEOutput,
+    TopKSAE,
+    build_sae,
+    geometric_median,
+)
+from .formats import export_saelens, load_dictionary_learning, load_sae, load_saelens, load_sparsify, save_sae
 from .metrics import evaluate_sae, spliced_lm_loss
-from .train import Trainer, TrainConfig, TrainingDiverged, default_dead_tokens, train_sae, train_saes
+from .train import TrainConfig, Trainer, TrainingDiverged, default_dead_tokens, train_sae, train_saes
 
 
 def _save(self, path, **kw):

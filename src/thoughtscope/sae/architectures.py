@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from ..errors import ThoughtscopeError
 
 ARCHITECTURES = ("relu-l1", "topk", "batchtopk", "jumprelu")
@@ -83,7 +84,7 @@ class SAEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         names = {f.name for f in fields(cls)}
         unknown = {k: v for k, v in d.items() if k not in names}
         kw = {k: v for k, v in d.items() if k in names}
@@ -320,7 +321,7 @@ class SAE(nn.Module):
 
     # -- construction
     @staticmethod
-    def from_config(cfg: SAEConfig, *, seed: int | None = 0) -> "SAE":
+    def from_config(cfg: SAEConfig, *, seed: int | None = 0) -> SAE:
         cls = SAE_CLASSES[cfg.arch]
         sae = cls(cfg)
         if seed is not None:

@@ -1,7 +1,8 @@
 """SAE quality metrics: reconstruction (MSE, FVU, L0, dead fraction) and spliced language-model loss."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,8 +85,8 @@ def spliced_lm_loss(lm: Any, sae: SAE, site: Any, token_batches: Iterable[torch.
         mask = None if mask is None else mask.to(lm.device)
         kw = {} if mask is None else {"attention_mask": mask}
         clean_logits = lm.model(ids, **kw).logits.float()
-        l, n = _lm_loss(clean_logits, ids, mask)
-        tot["clean"] += float(l)
+        loss, n = _lm_loss(clean_logits, ids, mask)
+        tot["clean"] += float(loss)
         n_tok += float(n)
         clean_lp = clean_logits[:, :-1].log_softmax(-1)
 
@@ -107,8 +108,8 @@ def spliced_lm_loss(lm: Any, sae: SAE, site: Any, token_batches: Iterable[torch.
         for kind in ("sae", "zero", "mean"):
             with edit(lm, site, make(kind)):
                 logits = lm.model(ids, **kw).logits.float()
-            l, _ = _lm_loss(logits, ids, mask)
-            tot[kind] += float(l)
+            loss, _ = _lm_loss(logits, ids, mask)
+            tot[kind] += float(loss)
             lp = logits[:, :-1].log_softmax(-1)
             kl = (clean_lp.exp() * (clean_lp - lp)).sum(-1)
             w = torch.ones_like(kl) if mask is None else mask[:, 1:].to(kl)

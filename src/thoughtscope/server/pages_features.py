@@ -55,7 +55,9 @@ def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
         texts = token_texts(tok, e.tokens[j: ta[-1][0] + 1])[p0 - j:]
         return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": [(p, s, a) for (p, a), s in zip(ta, texts)]}
 
-    decode = (lambda t: tok.decode([int(t)]))
+    def decode(t):
+        return tok.decode([int(t)])
+
     return {"id": n, "f": f, "explanation": explanation_view(f.explanation),
             "top": [ctx(e) for e in top], "quantile": [ctx(e) for e in quant],
             "logits_pos": [(decode(t), v) for t, v in f.logits_pos], "logits_neg": [(decode(t), v) for t, v in f.logits_neg],

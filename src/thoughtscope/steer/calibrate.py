@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -187,7 +187,7 @@ def sweep(lm: LoadedModel, make: Callable[[float], list], strengths: Sequence[fl
                        "judge" if judge else "keywords", list(keywords), len(prompts), asdict(config))
 
 
-def plot_sweep(result: SweepResult, path: "str | Path", *, title: str = "") -> Path | None:
+def plot_sweep(result: SweepResult, path: str | Path, *, title: str = "") -> Path | None:
     """Concept rate and perplexity ratio against strength, as a PNG. Returns None without matplotlib."""
     try:
         import matplotlib
@@ -218,7 +218,7 @@ def plot_sweep(result: SweepResult, path: "str | Path", *, title: str = "") -> P
     return path
 
 
-def save_sweep(result: SweepResult, path: "str | Path") -> Path:
+def save_sweep(result: SweepResult, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

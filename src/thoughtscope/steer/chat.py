@@ -8,8 +8,8 @@ Input and output are callables so the loop can be driven by tests or a server.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..models import LoadedModel
 from .generate import GenerationConfig, generate
@@ -112,7 +112,7 @@ class ChatSession:
         return g.text
 
 
-def chat_loop(lm: LoadedModel, *, sae=None, site: str | None = None, preset: "Preset | str | None" = None,
+def chat_loop(lm: LoadedModel, *, sae=None, site: str | None = None, preset: Preset | str | None = None,
               config: GenerationConfig | None = None, input_fn: Callable[[str], str] = input,
               output_fn: Callable[[str], None] = print, stream_fn: Callable[[str], None] | None = None,
               max_acts: dict[int, float] | None = None) -> ChatSession:

@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
-
-from ..models import LoadedModel
 from pathlib import Path
 
+from ..models import LoadedModel
 from .calibrate import DEFAULT_SWEEP_CONFIG, NEUTRAL_PROMPTS, evaluate, plot_sweep, sweep
 from .generate import GenerationConfig, compare
 from .interventions import FeatureEdit, VectorEdit
@@ -135,7 +134,7 @@ CONCEPTS: dict[str, Concept] = {
 def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples: Sequence[float] = (0, 2, 4, 6, 8, 10),
                  candidates: int = 3, ppl_bound: float = 2.0, config: GenerationConfig | None = None,
                  prompts: Sequence[str] = NEUTRAL_PROMPTS, progress: bool = True, features: Sequence[int] = (),
-                 plot: "str | Path | None" = None, combine: bool = False, positions: str = "all") -> dict:
+                 plot: str | Path | None = None, combine: bool = False, positions: str = "all") -> dict:
     """Issue point 6a. Tries the top `candidates` contrastive features and keeps the best calibrated one.
 
     `features` restricts the sweep to those ids (each must be among the top 10 of the search, so the

@@ -8,8 +8,8 @@ left-padded, so every prompt ends at the same column and "generated" simply mean
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ class GenerationConfig:
 
 @dataclass
 class Generation:
-    prompt: "str | list[dict]"
+    prompt: str | list[dict]
     text: str
     token_ids: list[int]
     prompt_ids: list[int] = field(repr=False, default_factory=list)
@@ -244,7 +244,7 @@ def generate(lm: LoadedModel, prompts: Sequence, interventions: Sequence = (), c
 
 @dataclass
 class Comparison:
-    prompt: "str | list[dict]"
+    prompt: str | list[dict]
     unsteered: str
     steered: str
 

@@ -18,16 +18,16 @@ exactly x + Σ (f'ᵢ − fᵢ)·W_dec,ᵢ as in the Golden Gate experiments.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models import LoadedModel, Site, edit
 from ..errors import ThoughtscopeError
+from ..models import LoadedModel, Site, edit
 
 POSITIONS = ("all", "prompt", "generated")
 FEATURE_OPS = ("clamp", "add", "scale", "ablate")
@@ -69,7 +69,7 @@ class StepContext:
     offset: int = 0
     prompt_len: int | None = None
 
-    def mask(self, positions: str, T: int, device) -> "Tensor | bool":
+    def mask(self, positions: str, T: int, device) -> Tensor | bool:
         """True (every column), False (none) or a bool tensor [1, T, 1] of the columns to edit."""
         if positions == "all":
             return True
@@ -267,7 +267,7 @@ class VectorEdit:
                 raise SteerError(f"{self.op} needs a non-zero direction")
             self._unit = self.vector / n
 
-    def to(self, device) -> "VectorEdit":
+    def to(self, device) -> VectorEdit:
         self.vector = self.vector.to(device)
         if self._unit is not None:
             self._unit = self._unit.to(device)
@@ -355,7 +355,7 @@ class Steerer:
         return fn
 
     @contextmanager
-    def active(self, *, prompt_len: int | None = None, offset: int = 0) -> Iterator["Steerer"]:
+    def active(self, *, prompt_len: int | None = None, offset: int = 0) -> Iterator[Steerer]:
         self.ctx.prompt_len, self.ctx.offset = prompt_len, offset
         with ExitStack() as stack:
             for site, steps in self._plan.items():

@@ -127,7 +127,7 @@ class Preset:
                 "interventions": [it.to_dict() for it in self.items]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, source: str = "preset") -> "Preset":
+    def from_dict(cls, d: dict[str, Any], *, source: str = "preset") -> Preset:
         if not isinstance(d, dict) or not isinstance(d.get("interventions"), list):
             raise SteerError(f"{source}: expected a JSON object with an 'interventions' list")
         names = {f.name for f in fields(PresetItem)}
@@ -147,13 +147,13 @@ class Preset:
             items.append(it)
         return cls(str(d.get("name", "")), items, str(d.get("description", "")), str(d.get("model", "")))
 
-    def save(self, path: "str | Path") -> Path:
+    def save(self, path: str | Path) -> Path:
         path = atomic_write_json(path, self.to_dict())
         self.path = path
         return path
 
     @classmethod
-    def load(cls, name_or_path: "str | Path") -> "Preset":
+    def load(cls, name_or_path: str | Path) -> Preset:
         path = find_preset(str(name_or_path))
         try:
             d = json.loads(path.read_text())
@@ -163,7 +163,7 @@ class Preset:
         p.path = path
         return p
 
-    def with_value(self, index: int, value: float) -> "Preset":
+    def with_value(self, index: int, value: float) -> Preset:
         """A copy with item `index` set to `value` (what a slider or a sweep does)."""
         items = [PresetItem(**asdict(it)) for it in self.items]
         items[index].value = float(value)

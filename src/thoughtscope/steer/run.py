@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..models import LoadedModel
 from .generate import Comparison, GenerationConfig, compare
@@ -14,7 +14,7 @@ from .search import SCORES, FeatureScore, contrast_features
 from .vectors import SteeringVector, fit_vector
 
 
-def steer_with_preset(lm: LoadedModel, preset: "str | Path | Preset", prompts: Sequence[str],
+def steer_with_preset(lm: LoadedModel, preset: str | Path | Preset, prompts: Sequence[str],
                       config: GenerationConfig | None = None, *, on_token=None) -> list[Comparison]:
     """`thoughtscope steer --preset P "prompt" ...`: unsteered and steered answers side by side, same seed."""
     p = preset if isinstance(preset, Preset) else Preset.load(preset)
@@ -36,7 +36,7 @@ def print_comparisons(comps: Sequence[Comparison], console=None, *, title: str =
         console.print(t)
 
 
-def read_lines(path: "str | Path") -> list[str]:
+def read_lines(path: str | Path) -> list[str]:
     """Prompts from a file: one per line (.txt) or a JSON list / JSONL with a "text" field."""
     path = Path(path)
     if not path.is_file():
@@ -59,7 +59,7 @@ def read_lines(path: "str | Path") -> list[str]:
     return [line for line in raw.splitlines() if line.strip()]
 
 
-def read_pairs(path: "str | Path") -> list[tuple[str, str]]:
+def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     """Contrast pairs: JSONL / JSON list of {"positive": ..., "negative": ...}, or a TSV of positive<TAB>negative."""
     path = Path(path)
     if not path.is_file():
@@ -87,7 +87,7 @@ def read_pairs(path: "str | Path") -> list[tuple[str, str]]:
     return pairs
 
 
-def vector_fit(lm: LoadedModel, site: str, pairs_path: "str | Path", out: "str | Path", *,
+def vector_fit(lm: LoadedModel, site: str, pairs_path: str | Path, out: str | Path, *,
                method: str = "mean") -> SteeringVector:
     """`thoughtscope vector fit`: pairs file -> .safetensors steering vector (usable in presets)."""
     v = fit_vector(lm, site, read_pairs(pairs_path), method=method)
@@ -114,7 +114,7 @@ def print_contrast(scores: Sequence[FeatureScore], score: str = "z", console=Non
     console.print(t)
 
 
-def features_contrast(lm: LoadedModel, sae, site: str, prompts_path: "str | Path", controls_path: "str | Path", *,
+def features_contrast(lm: LoadedModel, sae, site: str, prompts_path: str | Path, controls_path: str | Path, *,
                       score: str = "z", top: int = 20) -> list[FeatureScore]:
     """`thoughtscope features contrast`: prompt and control files -> ranked features."""
     return contrast_features(lm, sae, site, read_lines(prompts_path), read_lines(controls_path), score=score, top=top)

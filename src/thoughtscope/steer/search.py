@@ -14,8 +14,8 @@ feature fires on a few tokens and a token-level mean would dilute it. Scores (th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ class FeatureScore:
 
 
 @torch.no_grad()
-def token_features(lm: LoadedModel, sae, site: "str | Site", texts: Sequence[str], *, batch_size: int = 8):
+def token_features(lm: LoadedModel, sae, site: str | Site, texts: Sequence[str], *, batch_size: int = 8):
     """Per text: (feature activations [T, n_features] for the kept tokens, token ids [T]); BOS/sink and pads dropped."""
     site = lm.check_site(site)
     if isinstance(texts, str) or not texts:
@@ -64,7 +64,7 @@ def _per_text_max(lm, sae, site, texts, batch_size):
     return torch.stack([f.max(0).values if len(f) else torch.zeros(n) for f, _ in feats])  # [N, n_features]
 
 
-def contrast_features(lm: LoadedModel, sae, site: "str | Site", prompts: Sequence[str], controls: Sequence[str], *,
+def contrast_features(lm: LoadedModel, sae, site: str | Site, prompts: Sequence[str], controls: Sequence[str], *,
                       score: str = "z", top: int = 20, batch_size: int = 8) -> list[FeatureScore]:
     """Features most active on `prompts` and least on `controls`, best first (see module doc for scores)."""
     if score not in SCORES:
@@ -89,7 +89,7 @@ def contrast_features(lm: LoadedModel, sae, site: "str | Site", prompts: Sequenc
     return [FeatureScore(int(i), float(s[i]), float(ma[i]), float(mc[i]), float(fa[i]), float(fc[i])) for i in order]
 
 
-def top_features_at(lm: LoadedModel, sae, site: "str | Site", text: str, token: "int | str" = -1, *,
+def top_features_at(lm: LoadedModel, sae, site: str | Site, text: str, token: int | str = -1, *,
                     top: int = 10) -> tuple[str, list[tuple[int, float]]]:
     """The strongest features at one token of a text.
 
@@ -118,7 +118,7 @@ def top_features_at(lm: LoadedModel, sae, site: "str | Site", text: str, token: 
     return pieces[idx], [(int(i), float(v)) for i, v in zip(fi, vals) if v > 0]
 
 
-def feature_max_acts(lm: LoadedModel, sae, site: "str | Site", texts: Sequence[str], features: Sequence[int] | None = None,
+def feature_max_acts(lm: LoadedModel, sae, site: str | Site, texts: Sequence[str], features: Sequence[int] | None = None,
                      *, batch_size: int = 8) -> torch.Tensor:
     """Observed maximum activation of each feature over the texts' tokens (sink excluded): the "× max" unit."""
     m = _per_text_max(lm, sae, site, texts, batch_size).max(0).values

@@ -13,9 +13,9 @@ method, n_pairs, typical_norm).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ class SteeringVector:
     typical_norm: float | None = None  # median residual norm at the site (unit of relative scales)
     extra: dict = field(default_factory=dict)
 
-    def save(self, path: "str | Path") -> Path:
+    def save(self, path: str | Path) -> Path:
 
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -47,7 +47,7 @@ class SteeringVector:
         return atomic_save_tensors({"vector": self.vector.float()}, path, metadata=meta)
 
     @classmethod
-    def load(cls, path: "str | Path") -> "SteeringVector":
+    def load(cls, path: str | Path) -> SteeringVector:
         from safetensors import safe_open
 
         path = Path(path)
@@ -68,7 +68,7 @@ class SteeringVector:
                    int(meta.get("n_pairs", "0") or 0), float(tn) if tn else None, json.loads(meta.get("extra", "{}")))
 
 
-def last_token_acts(lm: LoadedModel, site: "str | Site", texts: Sequence[str], *, batch_size: int = 16,
+def last_token_acts(lm: LoadedModel, site: str | Site, texts: Sequence[str], *, batch_size: int = 16,
                     add_bos: bool = True) -> torch.Tensor:
     """Activation at the site for the last real token of each text, [N, d] float32."""
     site = lm.check_site(site)
@@ -92,7 +92,7 @@ def pca_of_differences(diffs: torch.Tensor, *, center: bool = True) -> torch.Ten
     return vh[0].float()
 
 
-def fit_vector(lm: LoadedModel, site: "str | Site", pairs: Sequence[tuple[str, str]], *, method: str = "mean",
+def fit_vector(lm: LoadedModel, site: str | Site, pairs: Sequence[tuple[str, str]], *, method: str = "mean",
                batch_size: int = 16, typical_norm: bool = True, add_bos: bool = True) -> SteeringVector:
     """Fit a steering vector at a site from (positive, negative) prompt pairs (last-token activations)."""
     if method not in METHODS:
@@ -117,7 +117,7 @@ def fit_vector(lm: LoadedModel, site: "str | Site", pairs: Sequence[tuple[str, s
     return SteeringVector(v, str(site), method, lm.name, len(pairs), tn)
 
 
-def site_norm(lm: LoadedModel, site: "str | Site", texts: Sequence[str] | None = None) -> float:
+def site_norm(lm: LoadedModel, site: str | Site, texts: Sequence[str] | None = None) -> float:
     """Median L2 norm of the residual at the site over ordinary text, position 0 excluded (attention sink).
 
     This is the unit of "relative" vector scales: scale 0.5 adds half a typical activation's length.
