@@ -450,3 +450,50 @@ def test_lda_at_full_width_survives_a_thread_count_change():
         assert (cos > 0.9).all()
     finally:
         torch.set_num_threads(n)
+
+
+def test_sweep_reports_easy_to_hard_when_the_data_has_difficulty():
+    X, y, _ = planted(n=240, strength=2.0, seed=11)
+    ds = ds_for(y)
+    cfg = SweepConfig(fitters=("mean",), n_random=10, n_shuffle=2, n_boot=10)
+    assert "easy_to_hard" not in sweep_arrays({"resid.0": X}, ds, cfg)["results"]["mean"]["resid.0"]
+    ds.difficulty = ["easy" if (i // 2) % 2 else "hard" for i in range(240)]
+    row = sweep_arrays({"resid.0": X}, ds, cfg)["results"]["mean"]["resid.0"]
+    assert row["easy_to_hard"] > 0.95 and row["hard_to_hard"] > 0.95     # the planted concept transfers
+
+
+def test_chat_reads_only_the_texts_own_tokens_inside_the_template(lm):
+    from thoughtscope.probes.read import ReadConfig, read_activations
+
+    ds = tiny_set(8)
+    with pytest.raises(ProbeError, match="no chat template"):
+        read_activations(lm, ds, "resid.1", ReadConfig(chat=True))
+    lm.tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} [end]{% endfor %}"
+    try:
+        plain = read_activations(lm, ds, "resid.1", ReadConfig(read="mean"))["resid.1"]
+        chat = read_activations(lm, ds, "resid.1", ReadConfig(read="mean", chat=True))["resid.1"]
+    finally:
+        lm.tokenizer.chat_template = None
+    assert plain.shape == chat.shape and not torch.allclose(plain, chat)   # same tokens read, in another context
+
+
+def test_cli_sweep_prints_and_writes_the_suggested_site(lm, tmp_path):
+    from typer.testing import CliRunner
+
+    from thoughtscope.cli import app
+
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    ds = tiny_set(48)
+    rows = [{"text": t, "label": y, "group": g} for t, y, g in zip(ds.texts, ds.labels, ds.groups)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = CliRunner().invoke(app, ["probe", "sweep", "--data", str(tmp_path / "d.jsonl"), "--sites", "resid.0,resid.2",
+                                 "--model", str(tmp_path / "m"), "--fitters", "mean", "--n-random", "10",
+                                 "--n-shuffle", "2", "--json", str(tmp_path / "s.json"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    out = json.loads((tmp_path / "s.json").read_text())
+    assert {"best_site", "best_auroc", "best_selectivity"} <= out.keys()
+    assert out["best_site"] in r.output and (tmp_path / "s.png").is_file()
+    r = CliRunner().invoke(app, ["probe", "sweep", "--data", str(tmp_path / "d.jsonl"), "--sites", "resid.9",
+                                 "--model", str(tmp_path / "m")])
+    assert r.exit_code != 0
