@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _repeng import repeng_direction
 
 from thoughtscope.models import load_model, tiny_model
 from thoughtscope.probes.datasets import from_pairs
@@ -47,22 +48,6 @@ def our_reading(lm, ds, sites, batch_size):
     t = time.perf_counter()
     read_activations(lm, ds, sites, ReadConfig(batch_size=batch_size), cache=False)
     return time.perf_counter() - t
-
-
-def repeng_direction(lm, layer, pairs):
-    import numpy as np
-
-    if not hasattr(np, "float_"):
-        np.float_ = np.float64  # repeng 0.4 annotates with np.float_, removed in numpy 2
-    from repeng.extract import DatasetEntry, read_representations
-
-    tok = lm.tokenizer
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    ds = [DatasetEntry(positive=p, negative=n) for p, n in pairs]
-    t = time.perf_counter()
-    dirs = read_representations(lm.model, tok, ds, hidden_layers=[layer], batch_size=16, method="pca_diff")
-    return torch.tensor(dirs[layer]).float(), time.perf_counter() - t
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _repeng import repeng_direction
 
 from thoughtscope.models import load_model, tiny_model
 from thoughtscope.steer import FeatureEdit, GenerationConfig, VectorEdit, fit_vector, generate
@@ -74,22 +75,6 @@ def time_hf(lm, prompts, n):
                                 pad_token_id=lm.tokenizer.pad_token_id or 0)
     dt = time.perf_counter() - t
     return (out.shape[1] - ids.shape[1]) * len(prompts) / dt
-
-
-def repeng_vector(lm, layer, prs):
-    import numpy as np
-
-    if not hasattr(np, "float_"):
-        np.float_ = np.float64  # repeng 0.4 annotates with np.float_, removed in numpy 2
-    from repeng.extract import DatasetEntry, read_representations
-
-    tok = lm.tokenizer
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    ds = [DatasetEntry(positive=p, negative=n) for p, n in prs]
-    t = time.perf_counter()
-    dirs = read_representations(lm.model, tok, ds, hidden_layers=[layer], batch_size=16, method="pca_diff")
-    return torch.tensor(dirs[layer]), time.perf_counter() - t
 
 
 def reference_pca_diff(h_pos, h_neg):
@@ -160,7 +145,7 @@ def main(argv=None) -> int:
     ours = fit_vector(lm, site, prs, method="pca", add_bos=False, typical_norm=False).vector
     t_ours = time.perf_counter() - t
     try:
-        ref, t_ref = repeng_vector(lm, site_layer, prs)
+        ref, t_ref = repeng_direction(lm, site_layer, prs)
         ref_name = "repeng " + __import__("importlib.metadata").metadata.version("repeng")
     except Exception as e:  # not installed or not runnable here
         from thoughtscope.steer.vectors import last_token_acts
