@@ -139,3 +139,23 @@ def test_skip_tokens_starts_later_in_the_corpus(model_dir, corpus_file, tmp_path
     assert torch.equal(full.tokens(128, 256), later.tokens(0, 128))
     with pytest.raises(ValueError, match="--skip-tokens must be"):
         HarvestConfig(ctx_len=16, batch_size=4, skip_tokens=100).validate()
+
+
+def test_streamed_activations_are_the_harvested_rows_shuffled_and_resumable(model_dir, corpus_file, tmp_path):
+    from thoughtscope.harvest import stream_activations
+
+    lm = load_model(str(model_dir))
+    st = harvest(lm, Corpus(str(corpus_file)), ["resid.1"], tmp_path / "acts",
+                 HarvestConfig(n_tokens=480, ctx_len=16, batch_size=4), progress=False)[Site(1)]
+    stream = stream_activations(lm, Corpus(str(corpus_file)), "resid.1", n_tokens=450, batch_size=40, ctx_len=16,
+                                forward_batch=4, buffer_tokens=100, seed=1)
+    got = list(stream(0))
+    assert [b.shape for b in got] == [(40, 32)] * 11  # 450 non-BOS rows, the short last batch dropped
+    # the same rows as the store minus position 0, in another order
+    acts, meta = st.tokens(with_meta=True)
+    want = acts[meta["position"] != 0].float()
+    rows = torch.cat(got)
+    assert not torch.equal(rows, want[:440])
+    assert set(map(tuple, rows.tolist())) <= set(map(tuple, want.tolist()))
+    # a resumed run skips exactly the batches it had already seen
+    assert all(torch.equal(a, b) for a, b in zip(stream(4), got[4:]))

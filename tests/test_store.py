@@ -18,7 +18,6 @@ from helpers import (
     make_store_rows as make_data,  # shared with the child process of the kill test
 )
 
-import thoughtscope.store as store_mod
 from thoughtscope.store import (
     MANIFEST_NAME,
     TIMESTAMP_KEYS,
@@ -356,12 +355,12 @@ def test_crash_at_any_rename_is_recoverable(tmp_path, monkeypatch, crash_at):
     path = tmp_path / "s"
     w = StoreWriter(path, **ARGS)  # its initial manifest is written before the patch
     # each shard: 5 file renames then 1 manifest rename; #24 is the last shard's manifest, #25 the final one
-    monkeypatch.setattr(store_mod.os, "replace", flaky)
+    monkeypatch.setattr(os, "replace", flaky)
     with pytest.raises(OSError, match="simulated crash"):
         for s in range(0, n, 60):
             w.add(acts[s:s + 60], {c: v[s:s + 60] for c, v in meta.items()})
         w.finish()
-    monkeypatch.setattr(store_mod.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     w.close()  # what process death does to the lock
 
     st = ActivationStore.open(path)
@@ -584,3 +583,39 @@ def test_describe_and_repr(small):
     json.dumps(d)
     r = repr(st)
     assert "250 tokens" in r and "3 shards" in r and "float32" in r and "MiB" in r
+
+
+# --------------------------------------------------------------------------- compatibility and the shuffle buffer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "store_v1"
+
+
+def test_store_written_before_the_package_split_still_reads_the_same(tmp_path):
+    """tests/fixtures/store_v1 was written by the single-module store (format version 1, bfloat16, 3 shards)."""
+    st = ActivationStore.open(FIXTURE, verify_checksums=True)
+    acts, meta = make_data(50, 4, seed=7)
+    assert st.complete and st.n_shards == 3 and st.dtype == torch.bfloat16
+    assert torch.equal(as_bits(st.tokens()), as_bits(acts.to(torch.bfloat16)))
+    # the shuffled order the old reader produced for this seed: the SAE training data order must not move
+    ids = torch.cat([m["token_id"] for _, m in st.batches(8, seed=0, buffer_tokens=16, with_meta=True)])
+    assert ids.tolist() == [40, 3, 19, 46, 42, 44, 17, 4, 7, 2, 5, 45, 12, 1, 49, 9, 43, 41, 21, 15, 24, 13, 23, 11,
+                            47, 28, 30, 26, 8, 29, 18, 6, 20, 34, 38, 25, 10, 35, 37, 33, 22, 27, 36, 39, 31, 14]
+    assert st.stats["tokens"] == 46 and abs(st.stats["median_l2_norm"] - 24.53582191467285) < 1e-6
+
+
+def test_shuffle_buffer_emits_every_row_once_with_its_columns():
+    from thoughtscope.store import ShuffleBuffer
+
+    buf = ShuffleBuffer(capacity=10, batch_size=4, width=2, dtype=torch.float32,
+                        generator=torch.Generator().manual_seed(0), columns={"tag": torch.int64})
+    rows = torch.arange(23, dtype=torch.float32)[:, None].repeat(1, 2)
+    out = []
+    for s in range(0, 23, 7):  # pieces of uneven size, as shards and forward passes deliver them
+        out += list(buf.add(rows[s:s + 7], {"tag": torch.arange(s, min(s + 7, 23))}))
+        assert len(buf) <= 10
+    out += list(buf.drain())
+    assert [b.shape[0] for b, _ in out] == [4] * 5 + [3]
+    got = torch.cat([b[:, 0] for b, _ in out]).long()
+    assert sorted(got.tolist()) == list(range(23)) and got.tolist() != list(range(23))
+    assert all(torch.equal(b[:, 1].long(), m["tag"]) for b, m in out)
+    assert len(buf) == 0 and list(buf.drain()) == []

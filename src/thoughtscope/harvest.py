@@ -19,7 +19,7 @@ from .corpus import Corpus
 from .distributed import join_process_group
 from .models import LoadedModel, Site, capture, parse_sites
 from .progress import ProgressBar
-from .store import MANIFEST_NAME, ActivationStore, StoreError, StoreWriter
+from .store import MANIFEST_NAME, ActivationStore, ShuffleBuffer, StoreError, StoreWriter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -230,29 +230,18 @@ def stream_activations(lm: LoadedModel, corpus: Corpus, site, *, n_tokens: int, 
                        buffer_tokens: int = 65_536, seed: int = 0):
     """A deterministic source of shuffled [batch_size, d] activation batches computed on the fly.
 
+    Rows pass through the same shuffle buffer a store read uses (``buffer_tokens`` rows); a short last batch is
+    dropped, as SAE training drops it from a store.
+
     Returns `f(start_batch)`, the callable form SAE training accepts: it regenerates the same stream
     and skips the first `start_batch` batches, which is how a resumed run stays identical.
     """
     site = lm.check_site(Site.parse(site))
 
     def batches(start_batch: int = 0):
-        gen = torch.Generator().manual_seed(seed)
-        buf: list[torch.Tensor] = []
-        held = 0
+        buf = ShuffleBuffer(buffer_tokens, batch_size, lm.d_model, torch.float32, torch.Generator().manual_seed(seed))
         produced = 0
         emitted = 0
-
-        def drain(final: bool):
-            nonlocal buf, held, emitted
-            x = torch.cat(buf) if buf else torch.empty(0, lm.d_model)
-            x = x[torch.randperm(x.shape[0], generator=gen)]
-            keep = x.shape[0] if final else x.shape[0] // 2
-            n_full = keep // batch_size
-            out = [x[i * batch_size:(i + 1) * batch_size] for i in range(n_full)]
-            rest = x[n_full * batch_size:]
-            buf, held = [rest], rest.shape[0]
-            return out
-
         for ctx in corpus.batches(lm.tokenizer, ctx_len, forward_batch):
             if produced >= n_tokens:
                 break
@@ -261,14 +250,11 @@ def stream_activations(lm: LoadedModel, corpus: Corpus, site, *, n_tokens: int, 
                 h = h[:, 1:]
             h = h.reshape(-1, lm.d_model)[: n_tokens - produced].float().cpu()
             produced += h.shape[0]
-            buf.append(h)
-            held += h.shape[0]
-            if held >= buffer_tokens:
-                for b in drain(final=False):
-                    emitted += 1
-                    if emitted > start_batch:
-                        yield b
-        for b in drain(final=True):
+            for b, _ in buf.add(h):
+                emitted += 1
+                if emitted > start_batch:
+                    yield b
+        for b, _ in buf.drain(drop_last=True):
             emitted += 1
             if emitted > start_batch:
                 yield b

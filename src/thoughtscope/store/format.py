@@ -1,0 +1,218 @@
+"""The on-disk layout of an activation store: names, dtypes, errors and the checks a reader and a writer share.
+
+The manifest is kept as the plain dict that is written to ``manifest.json``: the JSON file is the format, and
+``read_manifest`` checks every field a reader relies on against the table below, so an old or foreign store
+fails with a message naming the file, the field, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._io import DTYPES
+from ..errors import ThoughtscopeError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "thoughtscope-activation-store"
+FORMAT_VERSION = 1
+LOCK_NAME = ".writer.lock"
+TMP_PREFIX = ".tmp."
+
+#: activation dtype name -> the numpy dtype on disk (numpy has no bfloat16: its bits are kept as uint16)
+NPY_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
+                                   "bfloat16": np.dtype("<u2")}
+assert NPY_DTYPES.keys() == DTYPES.keys()
+#: metadata columns and their on-disk dtype
+COLUMNS: dict[str, np.dtype] = {
+    "doc_id": np.dtype("<i8"),
+    "position": np.dtype("<i4"),
+    "token_id": np.dtype("<i4"),
+    "doc_position": np.dtype("<i4"),
+}
+REQUIRED_COLUMNS = ("doc_id", "position", "token_id")
+OPTIONAL_COLUMNS = ("doc_position",)
+SHARD_FILE_RE = re.compile(r"^shard_\d+\.[a-z_]+\.npy$")
+# Keys that change between two otherwise identical runs; ignored when comparing stores.
+TIMESTAMP_KEYS = ("created_at", "finished_at")
+#: manifest fields every reader relies on, with their JSON type
+REQUIRED_FIELDS: tuple[tuple[str, type], ...] = (
+    ("model", str), ("site", str), ("dtype", str), ("d_model", int), ("shard_tokens", int), ("n_tokens", int),
+    ("complete", bool), ("shards", list))
+
+
+class StoreError(ThoughtscopeError, ValueError):
+    """Any problem with an activation store or with arguments given to it."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """The store folder or its manifest does not exist."""
+
+
+class StoreCorruptError(StoreError):
+    """Files on disk disagree with the manifest (missing, truncated, wrong checksum, bad JSON)."""
+
+
+class StoreMismatchError(StoreError):
+    """A writer was re-opened on an existing store with different arguments."""
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def dtype_name(dtype: Any) -> str:
+    """Normalise 'bf16' / torch.bfloat16 / 'torch.float16' to a store dtype name."""
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = str(dtype).strip().lower().removeprefix("torch.")
+    name = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
+            "bf16": "bfloat16"}.get(name, name)
+    if name not in DTYPES:
+        raise StoreError(f"dtype={dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+    return name
+
+
+def json_normal(obj: Any) -> Any:
+    """Round-trip through JSON so a fresh dict compares equal to one read from a manifest."""
+    return json.loads(json.dumps(obj))
+
+
+def new_manifest(*, model: str, site: str, dtype: str, d_model: int, shard_tokens: int, corpus: dict,
+                 extra: dict) -> dict:
+    """The manifest of an empty, unfinished store."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "site": site,
+        "dtype": dtype,
+        "d_model": d_model,
+        "shard_tokens": shard_tokens,
+        "columns": None,
+        "n_tokens": 0,
+        "complete": False,
+        "created_at": now(),
+        "finished_at": None,
+        "corpus": corpus,
+        "extra": extra,
+        "stats": None,
+        "shards": [],
+    }
+
+
+def read_manifest(path: Path) -> dict:
+    """Read and sanity-check ``path/manifest.json``; errors name the file and what was expected."""
+    if not path.exists():
+        raise StoreNotFoundError(f"activation store folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise StoreError(f"{str(path)!r} is not a folder; expected an activation store folder")
+    mpath = path / MANIFEST_NAME
+    if not mpath.is_file():
+        raise StoreNotFoundError(
+            f"{str(mpath)!r} not found: expected an activation store folder with a {MANIFEST_NAME} "
+            "written by StoreWriter (is this the right path, or was the harvest never started?)")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreCorruptError(f"manifest {str(mpath)!r} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise StoreCorruptError(f"manifest {str(mpath)!r} must hold a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT_NAME:
+        raise StoreCorruptError(
+            f"manifest {str(mpath)!r} has format={manifest.get('format')!r}; expected {FORMAT_NAME!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreCorruptError(
+            f"manifest {str(mpath)!r} has format_version={manifest.get('format_version')!r}; "
+            f"this thoughtscope reads version {FORMAT_VERSION}")
+    for key, typ in REQUIRED_FIELDS:
+        if not isinstance(manifest.get(key), typ):
+            raise StoreCorruptError(
+                f"manifest {str(mpath)!r}: field {key!r} is missing or not a {typ.__name__} "
+                f"(got {manifest.get(key)!r})")
+    if manifest["dtype"] not in DTYPES:
+        raise StoreCorruptError(
+            f"manifest {str(mpath)!r}: dtype {manifest['dtype']!r} is not one of {sorted(DTYPES)}")
+    cols = manifest.get("columns")
+    if cols is not None and (not isinstance(cols, list) or any(c not in COLUMNS for c in cols)
+                             or any(c not in cols for c in REQUIRED_COLUMNS)):
+        raise StoreCorruptError(f"manifest {str(mpath)!r}: bad columns {cols!r}")
+    total = 0
+    for i, sh in enumerate(manifest["shards"]):
+        if (not isinstance(sh, dict) or not isinstance(sh.get("n_tokens"), int) or sh["n_tokens"] <= 0
+                or not isinstance(sh.get("files"), dict) or not isinstance(sh.get("sha256"), dict)
+                or "acts" not in sh["files"]):
+            raise StoreCorruptError(f"manifest {str(mpath)!r}: shard entry {i} is malformed: {sh!r}")
+        if cols is None or set(sh["files"]) != {"acts", *cols}:
+            raise StoreCorruptError(
+                f"manifest {str(mpath)!r}: shard {i} files {sorted(sh['files'])} do not match "
+                f"columns {cols!r} plus 'acts'")
+        total += sh["n_tokens"]
+    if total != manifest["n_tokens"]:
+        raise StoreCorruptError(
+            f"manifest {str(mpath)!r}: n_tokens={manifest['n_tokens']} but shards hold {total} tokens")
+    return manifest
+
+
+def shard_files(folder: Path, manifest: dict, i: int):
+    """(column, path, shape, on-disk dtype, sha256) of every file of shard ``i``."""
+    sh = manifest["shards"][i]
+    d = manifest["d_model"]
+    for col, fname in sh["files"].items():
+        shape = (sh["n_tokens"], d) if col == "acts" else (sh["n_tokens"],)
+        dt = NPY_DTYPES[manifest["dtype"]] if col == "acts" else COLUMNS[col]
+        yield col, folder / fname, shape, dt, sh["sha256"].get(col)
+
+
+def check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Check a shard file's header and byte size against what the manifest implies."""
+    if not path.is_file():
+        raise StoreCorruptError(f"shard file {str(path)!r} is listed in the manifest but missing")
+    actual = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                fshape, fortran, fdtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                fshape, fortran, fdtype = np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+    except (ValueError, OSError, EOFError) as e:
+        raise StoreCorruptError(
+            f"shard file {str(path)!r} has an unreadable .npy header ({e}); file is {actual} bytes") from e
+    if tuple(fshape) != tuple(shape) or np.dtype(fdtype) != dtype or fortran:
+        raise StoreCorruptError(
+            f"shard file {str(path)!r} holds shape {tuple(fshape)} dtype {np.dtype(fdtype)}; the manifest "
+            f"implies shape {tuple(shape)} dtype {dtype}")
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if actual != expected:
+        raise StoreCorruptError(
+            f"shard file {str(path)!r} is {actual} bytes; expected {expected} bytes for shape "
+            f"{tuple(shape)} {dtype} ({'truncated' if actual < expected else 'trailing data'})")
+
+
+def to_store_numpy(acts: torch.Tensor, name: str) -> np.ndarray:
+    """A CPU copy of ``acts`` in the store dtype, as the numpy array written to disk."""
+    t = acts.detach().to("cpu", DTYPES[name], copy=True).contiguous()  # never alias the caller's tensor
+    if name == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def from_store_numpy(arr: np.ndarray, name: str) -> torch.Tensor:
+    """The tensor view of an on-disk array (no copy)."""
+    if name == "bfloat16":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def col_torch_dtype(col: str) -> torch.dtype:
+    return {"<i8": torch.int64, "<i4": torch.int32}[COLUMNS[col].str]
