@@ -1,34 +1,52 @@
-"""Sparse autoencoders: architectures, training (sweeps, resume, DDP), metrics and file formats."""
-from .architectures import (
-    ARCHITECTURES,
-    SAE,
-    BatchTopKSAE,
-    JumpReLUSAE,
-    ReluL1SAE,
-    SAEConfig,
-    SAEError,
-    SAEOutput,
-    TopKSAE,
-    build_sae,
-    geometric_median,
-)
-from .formats import export_saelens, load_dictionary_learning, load_sae, load_saelens, load_sparsify, save_sae
-from .metrics import evaluate_sae, spliced_lm_loss
-from .train import TrainConfig, Trainer, TrainingDiverged, default_dead_tokens, train_sae, train_saes
+"""Sparse autoencoders: architectures, training (sweeps, resume, DDP), metrics and file formats.
+
+Names load on first use (PEP 562), so ``thoughtscope.sae.config`` (what the CLI reads its defaults from) does
+not pull in torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "ARCHITECTURES": "architectures",
+    "SAE": "base", "SAEOutput": "base", "build_sae": "base", "register_sae_class": "base", "sae_class": "base",
+    "SAEConfig": "config", "SAEError": "config", "TrainConfig": "config",
+    "ReluL1SAE": "relu_l1", "TopKSAE": "topk", "BatchTopKSAE": "batchtopk", "JumpReLUSAE": "jumprelu",
+    "save_sae": "formats", "load_sae": "formats", "export_saelens": "formats", "load_saelens": "formats",
+    "load_sparsify": "formats", "load_dictionary_learning": "formats",
+    "evaluate_sae": "metrics", "spliced_lm_loss": "metrics",
+    "Trainer": "train", "TrainingDiverged": "train", "train_sae": "train", "train_saes": "train",
+    "default_dead_tokens": "train", "geometric_median": "train",
+}
+
+__all__ = ["ARCHITECTURES", "BatchTopKSAE", "JumpReLUSAE", "ReluL1SAE", "SAE", "SAEConfig", "SAEError", "SAEOutput",
+           "TopKSAE", "TrainConfig", "Trainer", "TrainingDiverged", "build_sae", "default_dead_tokens",
+           "evaluate_sae", "export_saelens", "geometric_median", "load_dictionary_learning", "load_sae",
+           "load_saelens", "load_sparsify", "register_sae_class", "sae_class", "save_sae", "spliced_lm_loss",
+           "train_sae", "train_saes"]
 
 
-def _save(self, path, **kw):
-    return save_sae(self, path, **kw)
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
 
 
-def _load(cls, path, **kw):
-    return load_sae(path, **kw)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
 
 
-SAE.save = _save  # type: ignore[attr-defined]
-SAE.load = classmethod(_load)  # type: ignore[attr-defined]
-
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEError", "SAEOutput", "ReluL1SAE", "TopKSAE", "BatchTopKSAE",
-           "JumpReLUSAE", "build_sae", "geometric_median", "save_sae", "load_sae", "export_saelens", "load_saelens",
-           "load_sparsify", "load_dictionary_learning", "evaluate_sae", "spliced_lm_loss", "Trainer", "TrainConfig",
-           "TrainingDiverged", "train_sae", "train_saes", "default_dead_tokens"]
+if TYPE_CHECKING:
+    from .architectures import ARCHITECTURES
+    from .base import SAE, SAEOutput, build_sae, register_sae_class, sae_class
+    from .batchtopk import BatchTopKSAE
+    from .config import SAEConfig, SAEError, TrainConfig
+    from .formats import export_saelens, load_dictionary_learning, load_sae, load_saelens, load_sparsify, save_sae
+    from .jumprelu import JumpReLUSAE
+    from .metrics import evaluate_sae, spliced_lm_loss
+    from .relu_l1 import ReluL1SAE
+    from .topk import TopKSAE
+    from .train import Trainer, TrainingDiverged, default_dead_tokens, geometric_median, train_sae, train_saes

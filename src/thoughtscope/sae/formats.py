@@ -15,7 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .._io import atomic_dir
-from .architectures import SAE, SAEConfig, SAEError, build_sae
+from .base import SAE, build_sae
+from .config import SAEConfig, SAEError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -77,9 +78,6 @@ def _sae_from_tensors(cfg: SAEConfig, W_enc: torch.Tensor, W_dec: torch.Tensor, 
         sae.b_enc.copy_(b_enc)
         sae.b_dec.copy_(b_dec)
         sae.load_extra_state_tensors(extra or {})
-        if "threshold" in (extra or {}) and hasattr(sae, "threshold") and isinstance(sae.threshold, torch.Tensor) \
-                and sae.threshold.dim() == 0:
-            sae.threshold.copy_(extra["threshold"].reshape(()))
     sae.cfg.norm_folded = True
     return sae
 
@@ -142,9 +140,6 @@ def _load_native(p: Path, raw: dict[str, Any]) -> SAE:
 
 
 # ----------------------------------------------------------------------------- SAELens v6
-_TO_SAELENS_ARCH = {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
-
-
 def export_saelens(sae: SAE, path: str | Path, *, hook_name: str | None = None) -> Path:
     """Write a SAELens v6 inference folder (cfg.json + sae_weights.safetensors).
 
@@ -152,14 +147,11 @@ def export_saelens(sae: SAE, path: str | Path, *, hook_name: str | None = None) 
     relu-l1 becomes "standard"; decoder norms are left unfolded, which is exact for inference.
     """
     cfg = sae.cfg
-    arch = _TO_SAELENS_ARCH[cfg.arch]
-    tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec}
-    if cfg.arch == "jumprelu":
-        tensors["threshold"] = sae.threshold.detach()
-    elif cfg.arch == "batchtopk":
-        tensors["threshold"] = sae.threshold.detach().clamp_min(0).expand(cfg.n_features).clone()
+    own = sae.saelens_config()  # "architecture" and the keys that go with it
+    tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec,
+               **sae.saelens_tensors()}
     out = {
-        "architecture": arch,
+        "architecture": own.pop("architecture"),
         "d_in": cfg.d_model,
         "d_sae": cfg.n_features,
         "dtype": "float32",
@@ -177,9 +169,7 @@ def export_saelens(sae: SAE, path: str | Path, *, hook_name: str | None = None) 
             "thoughtscope_arch": cfg.arch,
         },
     }
-    if arch == "topk":
-        out["k"] = cfg.k
-        out["rescale_acts_by_decoder_norm"] = False
+    out.update(own)
     _write_folder_atomic(Path(path), {CFG_FILE: out, WEIGHTS_FILE: tensors})
     return Path(path)
 
@@ -233,6 +223,7 @@ def load_saelens(path: str | Path) -> SAE:
                     model=meta.get("model_name", raw.get("model_name", "")) or "",
                     site=meta.get("thoughtscope_site") or _hook_to_site(hook or ""),
                     exclude_bos=bool(meta.get("exclude_special_tokens", True)), normalize=False,
+                    max_norm_ratio=None,  # imported: the outlier rule it was trained with is unknown
                     extra={"imported_from": "saelens", "saelens_architecture": arch_in})
     W_dec = _need(t, "W_dec", (m, d), wf)
     if arch_in == "topk" and raw.get("rescale_acts_by_decoder_norm"):
@@ -258,6 +249,7 @@ def load_sparsify(path: str | Path) -> SAE:
     if "k" not in raw:
         raise SAEError(f"{p / CFG_FILE} lacks 'k'")
     cfg = SAEConfig(arch="topk", d_model=int(d), n_features=int(m), k=int(raw["k"]), normalize=False,
+                    max_norm_ratio=None,
                     extra={"imported_from": "sparsify"})
     W_dec = _need(t, "W_dec", (m, d), wf)
     return _sae_from_tensors(cfg, _need(t, "encoder.weight", (m, d), wf).t(), W_dec,
@@ -283,7 +275,7 @@ def load_dictionary_learning(path: str | Path) -> SAE:
         raise SAEError(f"{p / 'ae.pt'} is not a state dict")
     cls = tr.get("dict_class", "")
     wf = p / "ae.pt"
-    common = dict(normalize=False, model=str(tr.get("lm_name", "")),
+    common = dict(normalize=False, max_norm_ratio=None, model=str(tr.get("lm_name", "")),
                   site=f"resid.{tr['layer']}" if isinstance(tr.get("layer"), int) else "",
                   extra={"imported_from": "dictionary_learning", "dict_class": cls})
     if cls in ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "TopKSAE"):

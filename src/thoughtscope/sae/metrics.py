@@ -7,7 +7,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .architectures import SAE, SAEError
+from .base import SAE
+from .config import SAEError
 
 
 @torch.no_grad()
@@ -76,7 +77,6 @@ def spliced_lm_loss(lm: Any, sae: SAE, site: Any, token_batches: Iterable[torch.
     tot = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}
     kl_sum = {"sae": 0.0, "zero": 0.0, "mean": 0.0}
     n_tok = 0.0
-    n_kl = 0
     for i, batch in enumerate(token_batches):
         if max_batches is not None and i >= max_batches:
             break
@@ -114,7 +114,6 @@ def spliced_lm_loss(lm: Any, sae: SAE, site: Any, token_batches: Iterable[torch.
             kl = (clean_lp.exp() * (clean_lp - lp)).sum(-1)
             w = torch.ones_like(kl) if mask is None else mask[:, 1:].to(kl)
             kl_sum[kind] += float((kl * w).sum())
-        n_kl += 1
     if n_tok == 0:
         raise SAEError("spliced_lm_loss got no token batches")
     L = {k: v / n_tok for k, v in tot.items()}

@@ -1,7 +1,7 @@
 """Training loop: one pass over the data feeds one or many SAEs (a sweep); resumable; optional torchrun DDP.
 
-Data position is "batches consumed": a resumed run rebuilds the (deterministic) stream and skips that many
-batches, so a killed-and-resumed run on CPU gives bit-identical weights to an uninterrupted one.
+Resume: the (deterministic) stream is rebuilt and the batches already consumed are skipped (stream.py), so a
+killed-and-resumed run on CPU gives bit-identical weights to an uninterrupted one.
 
 DDP: every rank reads the same global batch and keeps a disjoint slice of rows. Gradients are averaged with
 one manual all_reduce of a flat buffer per SAE instead of DistributedDataParallel: our topk backward is a
@@ -14,9 +14,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -26,46 +25,42 @@ import torch.distributed as dist
 from ..distributed import join_process_group, local_device
 from ..errors import ThoughtscopeError
 from ..progress import ProgressBar
-from .architectures import SAE, SAEConfig, SAEError, build_sae, geometric_median
+from .base import SAE, StepOutput, build_sae, sae_class
+from .config import SAEConfig, SAEError, TrainConfig
+from .stream import chain, check_batch, make_stream
 
 
 class TrainingDiverged(ThoughtscopeError, RuntimeError):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
 
 
-@dataclass
-class TrainConfig:
-    batch_size: int = 4096
-    total_tokens: int | None = None     # or steps; for a store default = all its tokens
-    steps: int | None = None
-    lr: float | None = None             # None: 2e-4 / sqrt(n_features / 2**14) (topk family), 5e-5 relu-l1 (per SAE)
-    warmup_frac: float = 0.01
-    decay_frac: float = 0.2             # linear decay to 0 over the last 20% of steps
-    grad_clip: float = 1.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    seed: int = 0
-    dtype: str = "float32"              # "float32" | "bfloat16" (autocast) | "float64" (exact comparisons, e.g. DDP tests)
-    device: str = "cpu"
-    b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zero"
-    init_batches: int = 1               # batches used for normalisation stats and b_dec init
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 500
-    log_every: int = 50
-    dead_check_every: int = 10          # how often (steps) the dead-latent mask is refreshed
-    progress: bool = True
-    shuffle_seed: int = 0
-    epochs: int = 1
+DEAD_TOKENS = 10_000_000  # the published rule: a latent is dead after this many tokens without firing
 
 
-def default_dead_tokens(total_tokens: int, batch_size: int) -> int:
-    """Published rule: dead after 10M tokens without firing; short runs use 10% of the run (at least one batch)."""
-    return int(min(10_000_000, max(batch_size, total_tokens // 10)))
+def default_dead_tokens(n_tokens: int, batch_size: int) -> int:
+    """DEAD_TOKENS; short runs use 10% of the run (at least one batch)."""
+    return int(min(DEAD_TOKENS, max(batch_size, n_tokens // 10)))
 
 
 def default_lr(cfg: SAEConfig) -> float:
-    if cfg.arch == "relu-l1":
-        return 5e-5
-    return 2e-4 / math.sqrt(cfg.n_features / 2**14)
+    """The architecture's own default (SAE.default_lr)."""
+    return sae_class(cfg.arch).default_lr(cfg)
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, max_iter: int = 200, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances (robust to outliers)."""
+    pts = points.double()
+    y = pts.mean(0)
+    for _ in range(max_iter):
+        dist = (pts - y).norm(dim=1).clamp_min(1e-12)
+        w = 1.0 / dist
+        y_new = (w[:, None] * pts).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * max(1.0, float(y.norm())):
+            y = y_new
+            break
+        y = y_new
+    return y.to(points.dtype)
 
 
 def _adam(params, lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Optimizer:
@@ -73,51 +68,6 @@ def _adam(params, lr: float, betas: tuple[float, float], device: torch.device) -
     step for an SAE's 10M parameters (memory-bound passes the fused kernel does in one)."""
     fused = device.type in ("cpu", "cuda")
     return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
-
-
-# ----------------------------------------------------------------------------- data
-def _make_stream(source: Any, tc: TrainConfig, cfg0: SAEConfig, skip: int) -> Iterator[tuple[torch.Tensor, Any]]:
-    """Yield (batch, meta-or-None) from an ActivationStore, a callable(start_batch) or a re-iterable."""
-    if hasattr(source, "batches") and hasattr(source, "d_model"):
-        if source.d_model != cfg0.d_model:
-            raise SAEError(f"store {getattr(source, 'path', '')} has d_model={source.d_model} "
-                           f"but the SAE expects d_model={cfg0.d_model}")
-        it = source.batches(tc.batch_size, shuffle=True, seed=tc.shuffle_seed, epochs=tc.epochs, drop_last=True,
-                            exclude_bos=cfg0.exclude_bos, max_norm_ratio=cfg0.max_norm_ratio, with_meta=True)
-        it = ((b[0], b[1]) if isinstance(b, tuple) else (b, None) for b in it)
-        return islice(it, skip, None)
-    if callable(source):
-        return ((b, None) for b in source(skip))
-    return ((b, None) for b in islice(iter(source), skip, None))
-
-
-def _describe_bad_row(batch_no: int, x: torch.Tensor, meta: Any, source: Any = None) -> str:
-    bad = (~torch.isfinite(x)).any(-1).nonzero().flatten()
-    msg = f"batch {batch_no} contains NaN/Inf in {len(bad)} row(s) (first row {int(bad[0])} of the batch)"
-    if isinstance(meta, dict) and len(bad):
-        r = int(bad[0])
-        info = {k: int(v[r]) for k, v in meta.items() if isinstance(v, torch.Tensor) and v.dim() == 1 and len(v) > r}
-        if info:
-            msg += "; source row " + ", ".join(f"{k}={v}" for k, v in info.items())
-            msg += _locate_in_store(source, info)
-    return msg
-
-
-def _locate_in_store(store: Any, info: dict[str, int]) -> str:
-    """' in shard i (row j, file ...)' for a shuffled row of an ActivationStore, found by its meta (error path only:
-    shuffled batches do not carry shard positions, so the shards' meta columns are scanned)."""
-    if not (hasattr(store, "shard") and hasattr(store, "n_shards")) or not {"doc_id", "position"} <= info.keys():
-        return ""
-    for i in range(store.n_shards):
-        acts, meta = store.shard(i)
-        hit = (meta["doc_id"] == info["doc_id"]) & (meta["position"] == info["position"])
-        if "token_id" in info and "token_id" in meta:
-            hit &= meta["token_id"] == info["token_id"]
-        for j in hit.nonzero().flatten().tolist():
-            if not bool(torch.isfinite(acts[j].float()).all()):
-                fname = store.manifest["shards"][i]["files"]["acts"] if hasattr(store, "manifest") else "?"
-                return f" in shard {i} (row {j} of {Path(getattr(store, 'path', '.')) / fname})"
-    return ""
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -131,6 +81,7 @@ class _Slot:
     any_dead: bool = False
     last: dict[str, float] = field(default_factory=dict)
     diverged: bool = False
+    pending: tuple[StepOutput, torch.Tensor] | None = None  # last step's output and input, read when logging
 
 
 class Trainer:
@@ -165,15 +116,15 @@ class Trainer:
         tc = self.tc
         if tc.steps is not None:
             return int(tc.steps)
-        if tc.total_tokens is not None:
-            return max(1, int(tc.total_tokens) // tc.batch_size)
+        if tc.n_tokens is not None:
+            return max(1, int(tc.n_tokens) // tc.batch_size)
         if hasattr(source, "n_tokens"):
             n = int(source.n_tokens)
             st = getattr(source, "stats", None) if self.cfgs[0].exclude_bos else None
             if isinstance(st, dict) and st.get("exclude_bos") and st.get("tokens"):
                 n = int(st["tokens"])  # BOS rows are skipped by the stream: size the LR schedule to what is read
             return max(1, n * tc.epochs // tc.batch_size)
-        raise SAEError("give TrainConfig.steps or total_tokens when the source is not an ActivationStore")
+        raise SAEError("give TrainConfig.steps or n_tokens when the source is not an ActivationStore")
 
     def _init_from_sample(self, sample: torch.Tensor) -> None:
         torch.manual_seed(self.tc.seed)
@@ -189,17 +140,15 @@ class Trainer:
             b = geometric_median(xs)
         elif self.tc.b_dec_init == "mean":
             b = xs.mean(0)
-        elif self.tc.b_dec_init == "zero":
+        else:  # "zero" (TrainConfig checks the name)
             b = torch.zeros(c0.d_model, device=self.device)
-        else:
-            raise SAEError(f"b_dec_init must be geometric_median, mean or zero, got {self.tc.b_dec_init!r}")
-        total_tokens = self.total_steps * self.tc.batch_size
+        n_tokens = self.total_steps * self.tc.batch_size
         for i, cfg in enumerate(self.cfgs):
             cfg.norm_scale = self.norm_scale
             cfg.norm_mean = None if self.norm_mean is None else self.norm_mean.cpu().tolist()
             cfg.norm_folded = False
             if cfg.dead_tokens is None:
-                cfg.dead_tokens = default_dead_tokens(total_tokens, self.tc.batch_size)
+                cfg.dead_tokens = default_dead_tokens(n_tokens, self.tc.batch_size)
             sae = build_sae(cfg, seed=self.tc.seed + i).to(self.device, self.param_dtype)
             with torch.no_grad():
                 sae.b_dec.copy_(b)
@@ -283,7 +232,7 @@ class Trainer:
         resumed = self.try_resume()
         if not resumed:
             self.total_steps = self._total_steps(source)
-        stream = _make_stream(source, tc, self.cfgs[0], self.batches_consumed)
+        stream = make_stream(source, tc, self.cfgs[0], self.batches_consumed)
         if not resumed:
             first = []
             for _ in range(max(1, tc.init_batches)):
@@ -298,7 +247,7 @@ class Trainer:
             self._init_from_sample(torch.cat([b for b, _ in first]))
             if on_init is not None:
                 on_init([s.sae for s in self.slots])
-            stream = _chain(first, stream)
+            stream = chain(first, stream)
         autocast = tc.dtype in ("bfloat16", "bf16")
         progress = ProgressBar("sae", self.total_steps, start=self.step, unit="steps",
                                enabled=tc.progress and self.rank == 0)
@@ -328,10 +277,7 @@ class Trainer:
         return out
 
     def _check_batch(self, x: torch.Tensor, meta: Any, batch_no: int) -> None:
-        if x.dim() != 2 or x.shape[1] != self.cfgs[0].d_model:
-            raise SAEError(f"batch {batch_no} has shape {tuple(x.shape)}; expected [B, {self.cfgs[0].d_model}]")
-        if not bool(torch.isfinite(x).all()):
-            raise SAEError(_describe_bad_row(batch_no, x, meta, getattr(self, "_source", None)))
+        check_batch(x, meta, batch_no, self.cfgs[0].d_model, getattr(self, "_source", None))
 
     def _train_step(self, xb: torch.Tensor, meta: Any, autocast: bool) -> None:
         batch_no = self.batches_consumed
@@ -350,7 +296,7 @@ class Trainer:
             if slot.dead_mask is None or self.step % self.tc.dead_check_every == 0:
                 slot.dead_mask = slot.since_fired >= sae.cfg.dead_tokens
                 slot.any_dead = bool(slot.dead_mask.any())  # one sync per refresh, not per step
-            use_aux = slot.any_dead and sae.cfg.arch in ("topk", "batchtopk") and sae.cfg.aux_coeff > 0
+            use_aux = slot.any_dead and sae.uses_aux and sae.cfg.aux_coeff > 0
             dead = slot.dead_mask if use_aux else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                 aux_scale = None
@@ -392,7 +338,7 @@ class Trainer:
             sae.after_optimizer_step()
             slot.since_fired += B
             slot.since_fired.masked_fill_(fired, 0)
-            slot.pending = (out, x)  # type: ignore[attr-defined]
+            slot.pending = (out, x)
         self.step += 1
         self.batches_consumed += 1
 
@@ -413,7 +359,7 @@ class Trainer:
     def _log(self, progress: ProgressBar) -> None:
         row: dict[str, Any] = {"step": self.step, "tokens": self.step * self.tc.batch_size}
         for i, slot in enumerate(self.slots):
-            out, x = slot.pending  # type: ignore[attr-defined]
+            out, x = slot.pending
             err = (x - out.recon.float()).pow(2).sum()
             var = (x - x.mean(0)).pow(2).sum()
             stats = torch.stack([err, var, out.l0 * x.shape[0], x.new_tensor(float(x.shape[0]))])
@@ -428,11 +374,6 @@ class Trainer:
         s0 = self.slots[0].last
         progress.update(self.step,
                         info=f"mse {s0['mse']:.4g} fvu {s0['fvu']:.3f} L0 {s0['l0']:.1f} dead {s0['dead_frac']:.2%}")
-
-
-def _chain(first: list, rest: Iterator) -> Iterator:
-    yield from first
-    yield from rest
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -23,7 +23,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ThoughtscopeError
@@ -115,23 +114,10 @@ class FeatureReader:
     """
 
     def __init__(self, sae, idx: Tensor):
-        with torch.no_grad():
-            idx = idx.to(sae.W_dec.device)
-            self.enc = sae.enc[idx].detach().float()       # [n, d]
-            self.b_enc = sae.b_enc[idx].detach().float()
-            self.b_dec = sae.b_dec.detach().float()
-            self.threshold = None
-            arch = getattr(sae, "arch", "relu-l1")
-            if arch == "jumprelu":
-                self.threshold = sae.threshold[idx].detach().float()
-            elif arch == "batchtopk" and float(sae.threshold) >= 0:
-                self.threshold = sae.threshold.detach().float().expand(len(idx))
+        self.encode = sae.partial_encoder(idx)  # the SAE owns the rule per architecture (SAE.partial_encoder)
 
     def __call__(self, x: Tensor) -> Tensor:
-        pre = F.linear(x.float() - self.b_dec, self.enc, self.b_enc)
-        if self.threshold is not None:
-            return pre * (pre > self.threshold)
-        return F.relu(pre)
+        return self.encode(x)
 
 
 def feature_acts(sae, x: Tensor, idx: Tensor) -> Tensor:

@@ -1,0 +1,72 @@
+"""topk: OpenAI's TopK SAE (k largest pre-activations, ReLU after; AuxK on dead latents; unit decoder rows)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import SAE, StepOutput, UnitDecoderMixin, check_k, register_sae_class
+from .config import SAEConfig
+from .kernels import SparseDecode, SparseEncode, group_by_latent
+
+
+@register_sae_class
+class TopKSAE(UnitDecoderMixin, SAE):
+    """OpenAI TopK: k largest pre-activations, ReLU after; AuxK on dead latents; unit decoder rows."""
+
+    arch = "topk"
+    uses_aux = True
+    sparse_native = True
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        check_k(cfg)
+
+    @classmethod
+    def run_name(cls, cfg: SAEConfig) -> str:
+        return super().run_name(cfg) + f"-k{cfg.k}"
+
+    def activation(self, pre: Tensor) -> Tensor:
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+
+    def encode_sparse(self, x: Tensor, *, pre_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(values [..., k], indices [..., k]) straight from the pre-activations; the cheap form for decode via
+        embedding_bag. A value is 0 where fewer than k pre-activations are positive."""
+        vals, idx = self.pre_acts(x, out=pre_out).topk(self.cfg.k, dim=-1, sorted=False)
+        return F.relu(vals), idx
+
+    def training_step(self, x, *, progress, dead_mask=None, aux_scale=None):
+        xc = x - self.b_dec
+        with torch.no_grad():
+            pre = F.linear(xc, self.enc, self.b_enc)
+            vals_raw, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            grouping = group_by_latent(idx, self.cfg.n_features)  # one sort serves both backward passes
+        vals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, idx, vals_raw, grouping))
+        recon = SparseDecode.apply(vals, idx, self.W_dec, grouping) + self.b_dec
+        err = x - recon
+        loss = err.pow(2).sum(-1).mean()
+        aux = torch.zeros((), device=x.device)
+        if dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any()):
+            with torch.no_grad():
+                # only the dead columns are looked at (usually a few % of them): no [B, m] masked copy, and no
+                # top-k at all when there are at most k_aux dead latents (then every one of them is used)
+                dead_idx = dead_mask.nonzero().squeeze(1)
+                sub = pre.index_select(1, dead_idx)
+                if dead_idx.numel() > self.cfg.k_aux_eff:
+                    avals_raw, j = sub.topk(self.cfg.k_aux_eff, dim=-1, sorted=False)
+                    aidx = dead_idx[j]
+                else:
+                    avals_raw, aidx = sub, dead_idx.expand_as(sub).contiguous()
+            avals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, aidx, avals_raw))
+            aux_recon = SparseDecode.apply(avals, aidx, self.W_dec)
+            # residual of the main reconstruction (detached), normalised by its total energy
+            aux = (err.detach() - aux_recon).pow(2).sum(-1).mean() / aux_scale
+            loss = loss + self.cfg.aux_coeff * aux
+        fired = torch.zeros(self.cfg.n_features, dtype=torch.bool, device=x.device)
+        fired[idx[vals > 0]] = True
+        l0 = (vals > 0).sum(-1).float().mean().detach()
+        return StepOutput(loss, recon, fired, l0, aux.detach())
+
+    def saelens_config(self) -> dict:
+        return {"architecture": "topk", "k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
