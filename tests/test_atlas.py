@@ -229,7 +229,7 @@ def test_default_model_smoke(tmp_path):
 
 def test_streaming_topk_and_reservoir_match_exact_answers():
     """FeatureStats alone on synthetic activations: exact top-k, uniform quantile sample, exact counts."""
-    from thoughtscope.atlas.build import FeatureStats
+    from thoughtscope.atlas.stats import FeatureStats
 
     cfg = AtlasConfig(ctx_len=16, batch_size=4, top_k=5, n_bins=4, per_bin=5, window_left=2, window_right=1)
     m, T, B = 3, 16, 4
@@ -263,7 +263,7 @@ def test_streaming_topk_and_reservoir_match_exact_answers():
 def test_sparse_bookkeeping_equals_dense_path():
     """The build's path (windows read from the sparse triples) keeps exactly the state of the dense reference
     (windows gathered from the full [B*T, m] matrix), including exact ties and windows cut at context edges."""
-    from thoughtscope.atlas.build import FeatureStats
+    from thoughtscope.atlas.stats import FeatureStats
 
     cfg = AtlasConfig(ctx_len=12, batch_size=3, top_k=4, n_bins=3, per_bin=2, window_left=4, window_right=2)
     m, T, B, k = 10, 12, 3, 3
@@ -291,7 +291,7 @@ def test_sparse_bookkeeping_equals_dense_path():
 
 def test_sparse_encoder_matches_encode_sparse():
     """The buffer-reusing encoder of the build gives exactly sae.encode_sparse's non-zeros, batch after batch."""
-    from thoughtscope.atlas.build import SparseEncoder, encode_sparse
+    from thoughtscope.atlas.encode import SparseEncoder, encode_sparse
     from thoughtscope.sae import SAE, SAEConfig
 
     sae = SAE.from_config(SAEConfig(arch="topk", d_model=16, n_features=40, k=5), seed=0)

@@ -1,14 +1,9 @@
 """Feature atlas: for every SAE feature, what activates it, what it does, its neighbours, and a scored explanation."""
 
-from .build import (
-    AtlasConfig,
-    build_atlas,
-    check_sae_matches,
-    logit_effects,
-    nearest_features,
-)
+from .build import AtlasConfig, build_atlas
 from .cards import feature_card, load_tokenizer, show_feature, text_card
 from .db import Atlas, AtlasError, Example, Feature
+from .encode import check_sae_matches
 from .explain import (
     ExplainConfig,
     ExplainerError,
@@ -20,6 +15,7 @@ from .explain import (
     estimate,
     explain_atlas,
 )
+from .geometry import logit_effects, nearest_features
 from .offline_explain import OfflineExplainer, OfflineOptions, explain_offline
 from .query import contrast, feature_acts, open_with_model, top_features_for_text
 from .scoring import LexicalScorer, parse_cues

@@ -191,14 +191,6 @@ def _has_fts(con: sqlite3.Connection) -> bool:
     return row is not None
 
 
-def f16_blob(a) -> bytes:
-    return np.asarray(a, dtype=np.float16).tobytes()
-
-
-def i32_blob(a) -> bytes:
-    return np.asarray(a, dtype=np.int32).tobytes()
-
-
 class Atlas:
     """Read access to a built atlas (and the writes explain / report need)."""
 
