@@ -243,3 +243,34 @@ def test_half_precision_save_loads_as_float32(tmp_path):
     back = load_sae(tmp_path / "half")
     assert back.W_dec.dtype == torch.float32
     torch.testing.assert_close(back.W_dec, sae.W_dec.detach().half().float())
+
+
+# ----------------------------------------------------------------------------- folders written before the reshape
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "sae_v1")
+
+
+def _fixture_names() -> list[str]:
+    return sorted(n for n in os.listdir(FIXTURES) if os.path.isdir(os.path.join(FIXTURES, n)))
+
+
+@pytest.mark.parametrize("name", _fixture_names())
+def test_folders_written_by_earlier_code_load_exactly(name):
+    """Native (float32 and float16), SAELens, sparsify and dictionary_learning folders written by the code of
+    before the per-architecture modules: same class, same config, bit-identical activations and reconstructions."""
+    from safetensors.torch import load_file
+
+    expected = load_file(os.path.join(FIXTURES, "expected.safetensors"))
+    meta = json.loads(open(os.path.join(FIXTURES, "expected_cfg.json")).read())[name]
+    sae = S.load_sae(os.path.join(FIXTURES, name))
+    assert type(sae).__name__ == meta["class"] and sae.cfg.to_dict() == meta["cfg"]
+    f, recon = sae(expected[f"{name}/x"])
+    assert torch.equal(f, expected[f"{name}/f"]) and torch.equal(recon, expected[f"{name}/recon"])
+
+
+def test_shipped_sae_config_is_what_its_folder_says():
+    from thoughtscope.sae.formats import default_sae_path
+
+    sae = S.SAE.load("default")
+    raw = json.loads((default_sae_path() / "cfg.json").read_text())
+    got = sae.cfg.to_dict()
+    assert type(sae) is S.TopKSAE and {k: got[k] for k in raw} == raw  # fields added since keep their defaults

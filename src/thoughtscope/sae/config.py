@@ -167,9 +167,9 @@ class TrainConfig:
     b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zero"
     init_batches: int = 1               # batches used for normalisation stats and b_dec init
     checkpoint_dir: str | None = None
-    # Steps between resumable checkpoints (0: none). A checkpoint (weights + two Adam moments) costs about a
-    # tenth of a CPU step of the same SAE but ~10 GPU steps; every 500 keeps that under 2% on a GPU, and a
-    # killed CPU run repeats at most ~1-2 minutes of work.
+    # Steps between resumable checkpoints (0: none). A checkpoint (weights + two Adam moments: 128 MB at the
+    # default width) costs about a tenth of a CPU step of the same SAE but many GPU steps, so the interval is
+    # set for GPU runs; a killed CPU run repeats at most these 500 steps.
     checkpoint_every: int = 500
     log_every: int = 50
     dead_check_every: int = 10          # how often (steps) the dead-latent mask is refreshed
