@@ -25,8 +25,9 @@ import torch.distributed as dist
 from ..distributed import join_process_group, local_device
 from ..errors import ThoughtscopeError
 from ..progress import ProgressBar
-from .base import SAE, StepOutput, build_sae, sae_class
+from .base import SAE, StepOutput, build_sae
 from .config import SAEConfig, SAEError, TrainConfig
+from .optim import adam, default_lr, lr_factor
 from .stream import chain, check_batch, make_stream
 
 
@@ -40,11 +41,6 @@ DEAD_TOKENS = 10_000_000  # the published rule: a latent is dead after this many
 def default_dead_tokens(n_tokens: int, batch_size: int) -> int:
     """DEAD_TOKENS; short runs use 10% of the run (at least one batch)."""
     return int(min(DEAD_TOKENS, max(batch_size, n_tokens // 10)))
-
-
-def default_lr(cfg: SAEConfig) -> float:
-    """The architecture's own default (SAE.default_lr)."""
-    return sae_class(cfg.arch).default_lr(cfg)
 
 
 @torch.no_grad()
@@ -61,13 +57,6 @@ def geometric_median(points: torch.Tensor, max_iter: int = 200, tol: float = 1e-
             break
         y = y_new
     return y.to(points.dtype)
-
-
-def _adam(params, lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Optimizer:
-    """Adam, fused where torch has a fused kernel: on 2 CPU cores the default per-tensor loop costs ~9x more per
-    step for an SAE's 10M parameters (memory-bound passes the fused kernel does in one)."""
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -154,19 +143,9 @@ class Trainer:
                 sae.b_dec.copy_(b)
             sae.init_from_data(xs)
             lr = self.tc.lr if self.tc.lr is not None else default_lr(cfg)
-            opt = _adam(sae.parameters(), lr, self.tc.adam_betas, self.device)
+            opt = adam(sae.parameters(), lr, self.tc.adam_betas, self.device)
             since = torch.zeros(cfg.n_features, dtype=torch.int64, device=self.device)
             self.slots.append(_Slot(sae, opt, lr, since))
-
-    def _lr_factor(self, step: int) -> float:
-        n = self.total_steps
-        warm = max(1, int(self.tc.warmup_frac * n))
-        if step < warm:
-            return (step + 1) / warm
-        decay_start = int(n * (1 - self.tc.decay_frac))
-        if step >= decay_start and self.tc.decay_frac > 0:
-            return max(0.0, (n - step) / max(1, n - decay_start))
-        return 1.0
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_mean is not None:
@@ -194,7 +173,7 @@ class Trainer:
             sae = build_sae(cfg, seed=None).to(self.device, self.param_dtype)
             sae.load_state_dict(st["saes"][i])
             lr = self.tc.lr if self.tc.lr is not None else default_lr(cfg)
-            opt = _adam(sae.parameters(), lr, self.tc.adam_betas, self.device)
+            opt = adam(sae.parameters(), lr, self.tc.adam_betas, self.device)
             opt.load_state_dict(st["opts"][i])
             dm = None if st["dead_masks"][i] is None else st["dead_masks"][i].to(self.device)
             self.slots.append(_Slot(sae, opt, lr, st["since_fired"][i].to(self.device), dm,
@@ -288,7 +267,7 @@ class Trainer:
             xb = xb[self.rank * n:(self.rank + 1) * n]
         x = self._normalise(xb.to(self.device, self.param_dtype, non_blocking=True))
         progress = self.step / self.total_steps
-        lr_f = self._lr_factor(self.step)
+        lr_f = lr_factor(self.step, self.total_steps, self.tc.warmup_frac, self.tc.decay_frac)
         for slot in self.slots:
             if slot.diverged:
                 continue
