@@ -22,6 +22,7 @@ from thoughtscope.sae.kernels import (
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# pytest resets warning filters per test, so the kernels' own filter of torch's CSR "beta" notice is repeated here
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:Sparse CSR tensor support")]
 
 

@@ -12,9 +12,15 @@ Each kernel is checked against dense autograd (forward and backward) in tests/te
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# The CSR tensors below are only index patterns for sampled_addmm (checked against dense autograd in the tests);
+# torch's "beta" notice about them would otherwise be printed by every training run.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
 def group_by_latent(idx: Tensor, n_features: int) -> tuple[Tensor, Tensor, Tensor]:
