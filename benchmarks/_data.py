@@ -52,7 +52,7 @@ def ensure_store(n_tokens: int, *, site: str = "resid.15", model: str = "default
         if st.complete:
             return st
     lm = lm if lm is not None else load_model(model)
-    cfg = HarvestConfig(n_tokens=n_tokens, ctx_len=ctx_len, batch_size=batch_size)
+    cfg = HarvestConfig(n_tokens=n_tokens, ctx_len=ctx_len, contexts_per_batch=batch_size)
     if progress:
         print(f"building benchmark store {path} ({n_tokens:,} tokens of {lm.name} at {site}) with thoughtscope's "
               "harvest; later runs reuse it", flush=True)

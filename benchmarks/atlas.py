@@ -63,7 +63,7 @@ def time_harvest(lm, corpus, site, n_tokens, bs, ctx, tmp: Path) -> tuple[float,
     """(wall seconds, process CPU seconds)."""
     out = tmp / f"h{time.perf_counter_ns()}"
     t, c = time.perf_counter(), time.process_time()
-    harvest(lm, corpus, [site], out, HarvestConfig(n_tokens=n_tokens, ctx_len=ctx, batch_size=bs), progress=False)
+    harvest(lm, corpus, [site], out, HarvestConfig(n_tokens=n_tokens, ctx_len=ctx, contexts_per_batch=bs), progress=False)
     dt, dc = time.perf_counter() - t, time.process_time() - c
     shutil.rmtree(out, ignore_errors=True)
     return dt, dc
@@ -74,7 +74,7 @@ def time_atlas(lm, sae, corpus, n_tokens, bs, ctx, tmp: Path, stop_after_batches
     tm: dict = {}
     t = time.perf_counter()
     c = time.process_time()
-    build_atlas(lm, sae, corpus, out, AtlasConfig(n_tokens=n_tokens, ctx_len=ctx, batch_size=bs), progress=False,
+    build_atlas(lm, sae, corpus, out, AtlasConfig(n_tokens=n_tokens, ctx_len=ctx, contexts_per_batch=bs), progress=False,
                 timings=tm, stop_after_batches=stop_after_batches)
     tm["total_s"] = time.perf_counter() - t
     tm["total_cpu_s"] = time.process_time() - c

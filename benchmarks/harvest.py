@@ -65,7 +65,7 @@ def time_full(lm, batches, layer):
 def time_ours(lm, n_tokens, batch_size, ctx_len, site):
     tmp = Path(tempfile.mkdtemp(prefix="ts-bench-"))
     try:
-        cfg = HarvestConfig(n_tokens=n_tokens, ctx_len=ctx_len, batch_size=batch_size)
+        cfg = HarvestConfig(n_tokens=n_tokens, ctx_len=ctx_len, contexts_per_batch=batch_size)
         t = time.perf_counter()
         harvest(lm, Corpus("default"), [site], tmp / "acts", cfg, progress=False)
         return time.perf_counter() - t

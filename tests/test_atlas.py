@@ -29,7 +29,7 @@ from thoughtscope.atlas import (  # noqa: E402
 )
 from thoughtscope.corpus import Corpus  # noqa: E402
 
-CFG = dict(n_tokens=6000, ctx_len=32, batch_size=8, top_k=8, n_bins=5, per_bin=4, window_left=6, window_right=3,
+CFG = dict(n_tokens=6000, ctx_len=32, contexts_per_batch=8, top_k=8, n_bins=5, per_bin=4, window_left=6, window_right=3,
            checkpoint_every=2)
 
 
@@ -51,7 +51,7 @@ def setup(tmp_path_factory, _threads):
 
 def _corpus_ids(lm, corpus, n_contexts):
     rows = []
-    for b in corpus.batches(lm.tokenizer, CFG["ctx_len"], CFG["batch_size"]):
+    for b in corpus.batches(lm.tokenizer, CFG["ctx_len"], CFG["contexts_per_batch"]):
         rows.append(b.input_ids)
     return torch.cat(rows)[:n_contexts]
 
@@ -211,7 +211,7 @@ def test_default_model_smoke(tmp_path):
     sae = SAE.from_config(SAEConfig(arch="topk", d_model=lm.d_model, n_features=256, k=8, model=lm.name,
                                     site="resid.15"))
     corpus = Corpus("default")
-    path = build_atlas(lm, sae, corpus, tmp_path / "a", AtlasConfig(n_tokens=1024, ctx_len=64, batch_size=8),
+    path = build_atlas(lm, sae, corpus, tmp_path / "a", AtlasConfig(n_tokens=1024, ctx_len=64, contexts_per_batch=8),
                        progress=False)
     local = LocalChatClient(lm)
     with Atlas.open(path) as at:
@@ -231,7 +231,7 @@ def test_streaming_topk_and_reservoir_match_exact_answers():
     """FeatureStats alone on synthetic activations: exact top-k, uniform quantile sample, exact counts."""
     from thoughtscope.atlas.stats import FeatureStats
 
-    cfg = AtlasConfig(ctx_len=16, batch_size=4, top_k=5, n_bins=4, per_bin=5, window_left=2, window_right=1)
+    cfg = AtlasConfig(ctx_len=16, contexts_per_batch=4, top_k=5, n_bins=4, per_bin=5, window_left=2, window_right=1)
     m, T, B = 3, 16, 4
     st = FeatureStats(m, cfg)
     g = torch.Generator().manual_seed(0)
@@ -265,7 +265,7 @@ def test_sparse_bookkeeping_equals_dense_path():
     (windows gathered from the full [B*T, m] matrix), including exact ties and windows cut at context edges."""
     from thoughtscope.atlas.stats import FeatureStats
 
-    cfg = AtlasConfig(ctx_len=12, batch_size=3, top_k=4, n_bins=3, per_bin=2, window_left=4, window_right=2)
+    cfg = AtlasConfig(ctx_len=12, contexts_per_batch=3, top_k=4, n_bins=3, per_bin=2, window_left=4, window_right=2)
     m, T, B, k = 10, 12, 3, 3
     sparse, dense = FeatureStats(m, cfg), FeatureStats(m, cfg)
     g = torch.Generator().manual_seed(1)

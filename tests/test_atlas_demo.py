@@ -30,9 +30,10 @@ def test_skip_tokens_starts_later_in_the_corpus(tmp_path):
     lm = identity_model()
     sae = planted_sae(lm)
     corpus = Corpus(str(write_corpus(tmp_path / "c.txt", n_docs=80)))
-    cfg = dict(n_tokens=256, ctx_len=32, batch_size=4, top_k=4, n_bins=2, per_bin=2, window_left=4, window_right=2)
-    with pytest.raises(AtlasError, match="skip-tokens"):
-        AtlasConfig(**cfg, skip_tokens=100).validate()
+    cfg = dict(n_tokens=256, ctx_len=32, contexts_per_batch=4, top_k=4, n_bins=2, per_bin=2, window_left=4, window_right=2)
+    with pytest.raises(AtlasError, match="AtlasConfig.skip_tokens must be a non-negative multiple of "
+                                         "contexts_per_batch × ctx_len = 128, got 100"):
+        AtlasConfig(**cfg, skip_tokens=100)
     path = build_atlas(lm, sae, corpus, tmp_path / "a", AtlasConfig(**cfg, skip_tokens=256), progress=False)
     expected = torch.cat([b.input_ids for b in corpus.batches(lm.tokenizer, 32, 4)])[8:16]
     with Atlas.open(path) as at:

@@ -121,7 +121,7 @@ def env(tmp_path_factory):
         lm = identity_model()
         sae = planted_sae(lm)
         corpus = Corpus(str(write_corpus(d / "corpus.txt", n_docs=200)))
-        cfg = AtlasConfig(n_tokens=8000, ctx_len=32, batch_size=8, top_k=12, n_bins=5, per_bin=4, window_left=8,
+        cfg = AtlasConfig(n_tokens=8000, ctx_len=32, contexts_per_batch=8, top_k=12, n_bins=5, per_bin=4, window_left=8,
                           window_right=3, n_random_contexts=250)
         path = build_atlas(lm, sae, corpus, d / "atlas", cfg, progress=False)
         script = Script()

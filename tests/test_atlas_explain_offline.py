@@ -68,7 +68,7 @@ def planted(tmp_path_factory):
             acts = sae.encode(lm.model.get_input_embeddings().weight.detach()[token_id(lm, ch)][None])[0]
             assert acts[f] > 0
         corpus = Corpus(str(write_letters_corpus(d / "corpus.txt")))
-        cfg = AtlasConfig(n_tokens=16_384, ctx_len=32, batch_size=8, top_k=24, n_bins=5, per_bin=8, window_left=8,
+        cfg = AtlasConfig(n_tokens=16_384, ctx_len=32, contexts_per_batch=8, top_k=24, n_bins=5, per_bin=8, window_left=8,
                           window_right=3, n_random_contexts=256)
         path = build_atlas(lm, sae, corpus, d / "atlas", cfg, progress=False)
     return lm, path, d

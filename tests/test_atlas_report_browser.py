@@ -41,7 +41,7 @@ def report(tmp_path_factory):
     with one_thread():
         lm = identity_model()
         corpus = Corpus(str(write_letters_corpus(d / "corpus.txt")))
-        cfg = AtlasConfig(n_tokens=8192, ctx_len=32, batch_size=8, top_k=12, n_bins=5, per_bin=4, window_left=8,
+        cfg = AtlasConfig(n_tokens=8192, ctx_len=32, contexts_per_batch=8, top_k=12, n_bins=5, per_bin=4, window_left=8,
                           window_right=3, n_random_contexts=128)
         build_atlas(lm, planted_letters_sae(lm), corpus, d / "atlas", cfg, progress=False)
     runner = CliRunner()

@@ -40,7 +40,7 @@ def corpus_file(tmp_path_factory):
 
 def test_harvest_rows_match_capture(model_dir, corpus_file, tmp_path):
     lm = load_model(str(model_dir))
-    cfg = HarvestConfig(n_tokens=1000, ctx_len=16, batch_size=4, shard_tokens=128)
+    cfg = HarvestConfig(n_tokens=1000, ctx_len=16, contexts_per_batch=4, shard_tokens=128)
     stores = harvest(lm, Corpus(str(corpus_file)), ["resid.0", "resid.2"], tmp_path / "acts", cfg, progress=False)
     assert set(stores) == {Site(0), Site(2)}
     st = stores[Site(2)]
@@ -70,7 +70,7 @@ def test_resume_after_sigkill_is_identical(model_dir, corpus_file, tmp_path):
     tokens = 30_000
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     lm = load_model(str(model_dir))
-    cfg = HarvestConfig(n_tokens=tokens, ctx_len=16, batch_size=4, shard_tokens=256)
+    cfg = HarvestConfig(n_tokens=tokens, ctx_len=16, contexts_per_batch=4, shard_tokens=256)
     harvest(lm, Corpus(str(corpus_file)), ["resid.1"], ref, cfg, progress=False)
 
     proc = subprocess.Popen(_cli(model_dir, corpus_file, killed, tokens), stdout=subprocess.DEVNULL,
@@ -106,13 +106,13 @@ def test_harvest_errors(model_dir, corpus_file, tmp_path):
     lm = load_model(str(model_dir))
     with pytest.raises(ValueError, match="beyond"):
         harvest(lm, Corpus(str(corpus_file)), ["resid.9"], tmp_path / "a", HarvestConfig(n_tokens=10), progress=False)
-    with pytest.raises(ValueError, match="multiple of batch_size × ctx_len"):
+    with pytest.raises(ValueError, match="shard_tokens must be None or a positive multiple of contexts_per_batch × ctx_len = 64"):
         harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "b",
-                HarvestConfig(n_tokens=10, ctx_len=16, batch_size=4, shard_tokens=100), progress=False)
+                HarvestConfig(n_tokens=10, ctx_len=16, contexts_per_batch=4, shard_tokens=100), progress=False)
     with pytest.raises(ValueError, match="context window"):
         harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "c",
                 HarvestConfig(n_tokens=10, ctx_len=100_000), progress=False)
-    with pytest.raises(ValueError, match="--dtype"):
+    with pytest.raises(ValueError, match="HarvestConfig.dtype must be one of float32, float16, bfloat16, got 'int8'"):
         harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "d", HarvestConfig(dtype="int8"), progress=False)
 
 
@@ -126,19 +126,19 @@ def test_cli_reports_bad_site(model_dir, corpus_file, tmp_path):
 def test_harvest_default_model(tmp_path):
     lm = load_model("default")
     st = harvest(lm, Corpus("default"), ["resid.15"], tmp_path / "acts",
-                 HarvestConfig(n_tokens=512, ctx_len=64, batch_size=4), progress=False)[Site(15)]
+                 HarvestConfig(n_tokens=512, ctx_len=64, contexts_per_batch=4), progress=False)[Site(15)]
     assert len(st) == 512 and st.d_model == 576
 
 
 def test_skip_tokens_starts_later_in_the_corpus(model_dir, corpus_file, tmp_path):
     lm = load_model(str(model_dir))
     full = harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "full",
-                   HarvestConfig(n_tokens=256, ctx_len=16, batch_size=4), progress=False)[Site(0)]
+                   HarvestConfig(n_tokens=256, ctx_len=16, contexts_per_batch=4), progress=False)[Site(0)]
     later = harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "later",
-                    HarvestConfig(n_tokens=128, ctx_len=16, batch_size=4, skip_tokens=128), progress=False)[Site(0)]
+                    HarvestConfig(n_tokens=128, ctx_len=16, contexts_per_batch=4, skip_tokens=128), progress=False)[Site(0)]
     assert torch.equal(full.tokens(128, 256), later.tokens(0, 128))
-    with pytest.raises(ValueError, match="--skip-tokens must be"):
-        HarvestConfig(ctx_len=16, batch_size=4, skip_tokens=100).validate()
+    with pytest.raises(ValueError, match="HarvestConfig.skip_tokens must be a non-negative multiple"):
+        HarvestConfig(ctx_len=16, contexts_per_batch=4, skip_tokens=100).validate()
 
 
 def test_streamed_activations_are_the_harvested_rows_shuffled_and_resumable(model_dir, corpus_file, tmp_path):
@@ -146,9 +146,9 @@ def test_streamed_activations_are_the_harvested_rows_shuffled_and_resumable(mode
 
     lm = load_model(str(model_dir))
     st = harvest(lm, Corpus(str(corpus_file)), ["resid.1"], tmp_path / "acts",
-                 HarvestConfig(n_tokens=480, ctx_len=16, batch_size=4), progress=False)[Site(1)]
+                 HarvestConfig(n_tokens=480, ctx_len=16, contexts_per_batch=4), progress=False)[Site(1)]
     stream = stream_activations(lm, Corpus(str(corpus_file)), "resid.1", n_tokens=450, batch_size=40, ctx_len=16,
-                                forward_batch=4, buffer_tokens=100, seed=1)
+                                contexts_per_batch=4, buffer_tokens=100, seed=1)
     got = list(stream(0))
     assert [b.shape for b in got] == [(40, 32)] * 11  # 450 non-BOS rows, the short last batch dropped
     # the same rows as the store minus position 0, in another order

@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
 
 def _single(root: Path, out: Path, sites, on_shard=None):
     lm = load_model(str(root / "model"))
-    cfg = HarvestConfig(n_tokens=TOKENS, ctx_len=CTX, batch_size=BATCH, shard_tokens=SHARD)
+    cfg = HarvestConfig(n_tokens=TOKENS, ctx_len=CTX, contexts_per_batch=BATCH, shard_tokens=SHARD)
     return harvest(lm, Corpus(str(root / "docs.txt")), sites, out, cfg, progress=False, on_shard=on_shard)
 
 

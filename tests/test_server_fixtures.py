@@ -25,7 +25,7 @@ from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas
 from thoughtscope.corpus import Corpus
 from thoughtscope.sae import save_sae
 
-ATLAS_CFG = {"n_tokens": 3000, "ctx_len": 32, "batch_size": 8, "top_k": 8, "n_bins": 5, "per_bin": 4,
+ATLAS_CFG = {"n_tokens": 3000, "ctx_len": 32, "contexts_per_batch": 8, "top_k": 8, "n_bins": 5, "per_bin": 4,
              "window_left": 6, "window_right": 3, "n_random_contexts": 8}
 PLANT_LABEL = "the letter q in words like queen and quiet"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,14 @@ import torch
 
 from ._io import sha256_file
 from .errors import ThoughtscopeError
+from .plans import ReadPlan
 
 __all__ = [
     "Context",
     "Corpus",
     "CorpusError",
     "CorpusNotFoundError",
+    "ReadPlan",
     "default_corpus_dir",
 ]
 
@@ -392,14 +395,25 @@ class Corpus:
                 f"context of {body} tokens (ctx_len={ctx_len}, add_bos={add_bos})"
             )
 
-    def batches(self, tokenizer: Any, ctx_len: int, batch_size: int, *, add_bos: bool = True) -> Iterator[Context]:
-        """:meth:`contexts` stacked into ``[B, ctx_len]`` tensors; the last batch may be smaller."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise CorpusError(f"batch_size must be a positive int, got {batch_size!r}")
+    def batches(self, tokenizer: Any, ctx_len: int, contexts_per_batch: int | None = None, *, add_bos: bool = True,
+                batch_size: int | None = None) -> Iterator[Context]:
+        """:meth:`contexts` stacked into ``[contexts_per_batch, ctx_len]`` tensors; the last batch may be smaller.
+
+        ``batch_size`` is the old name of ``contexts_per_batch`` (deprecated: elsewhere it counts rows per step).
+        """
+        if batch_size is not None:
+            if contexts_per_batch is not None:
+                raise CorpusError("give contexts_per_batch only (batch_size is its deprecated name)")
+            warnings.warn("Corpus.batches(batch_size=...) is deprecated; use contexts_per_batch=...",
+                          DeprecationWarning, stacklevel=2)
+            contexts_per_batch = batch_size
+        n = contexts_per_batch
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise CorpusError(f"contexts_per_batch must be a positive int, got {n!r}")
         buf: list[Context] = []
         for c in self.contexts(tokenizer, ctx_len, add_bos=add_bos):
             buf.append(c)
-            if len(buf) == batch_size:
+            if len(buf) == n:
                 yield _stack(buf)
                 buf = []
         if buf:

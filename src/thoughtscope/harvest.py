@@ -9,57 +9,25 @@ of an uninterrupted one (same batch composition → bit-identical activations).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ._io import DTYPES
 from .corpus import Corpus
 from .distributed import join_process_group
+from .errors import ThoughtscopeError
 from .models import LoadedModel, Site, capture, parse_sites
+from .plans import HarvestConfig
 from .progress import ProgressBar
 from .store import MANIFEST_NAME, ActivationStore, ShuffleBuffer, StoreError, StoreWriter
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["HarvestConfig", "HarvestError", "harvest", "store_paths", "stream_activations"]
 
 
-@dataclass
-class HarvestConfig:
-    n_tokens: int = 200_000
-    ctx_len: int = 128
-    batch_size: int = 16
-    dtype: str = "float32"
-    shard_tokens: int | None = None  # default: ~32k tokens, rounded to whole batches
-    add_bos: bool = True
-    skip_tokens: int = 0  # start this far into the corpus (e.g. a held-out store after a training store)
-
-    def validate(self) -> None:
-        if self.n_tokens <= 0:
-            raise ValueError(f"--tokens must be positive, got {self.n_tokens}")
-        if self.ctx_len < 2:
-            raise ValueError(f"--ctx-len must be at least 2, got {self.ctx_len}")
-        if self.batch_size <= 0:
-            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.skip_tokens < 0 or self.skip_tokens % self.batch_tokens:
-            raise ValueError(f"--skip-tokens must be a non-negative multiple of batch_size × ctx_len = "
-                             f"{self.batch_tokens}, got {self.skip_tokens}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r} is not supported: expected one of {', '.join(DTYPES)}")
-
-    @property
-    def batch_tokens(self) -> int:
-        return self.ctx_len * self.batch_size
-
-    def resolved_shard_tokens(self) -> int:
-        if self.shard_tokens is None:
-            return max(1, 32768 // self.batch_tokens) * self.batch_tokens
-        if self.shard_tokens % self.batch_tokens:
-            raise ValueError(
-                f"shard size {self.shard_tokens} must be a multiple of batch_size × ctx_len = {self.batch_tokens} "
-                f"so that a resumed harvest replays the same forward batches"
-            )
-        return self.shard_tokens
+class HarvestError(ThoughtscopeError, ValueError):
+    """A harvest that cannot run as configured; the message names the field or store at fault."""
 
 
 def store_paths(out: Path, sites: Sequence[Site]) -> dict[Site, Path]:
@@ -84,8 +52,7 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
     site_list = parse_sites(sites)
     for s in site_list:
         lm.check_site(s)
-    if cfg.ctx_len > lm.max_context:
-        raise ValueError(f"--ctx-len {cfg.ctx_len} exceeds {lm.name}'s context window of {lm.max_context} tokens")
+    cfg.check_context(lm.name, lm.max_context)
     shard_tokens = cfg.resolved_shard_tokens()
     paths = store_paths(Path(out), site_list)
     world, rank = join_process_group(lm.device)
@@ -114,17 +81,14 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
     if finished is not None:
         return finished
 
-    skip_batches = (cfg.skip_tokens + done) // cfg.batch_tokens
     bar = ProgressBar(f"harvest {', '.join(map(str, site_list))}" + (f" on {world} processes" if world > 1 else ""),
                       cfg.n_tokens, start=done, unit="tok", enabled=progress and rank == 0)
     planned = tokens = done
     pending: list = []  # this round's forward batches, one per rank, in corpus order
     try:
-        for b, batch in enumerate(corpus.batches(lm.tokenizer, cfg.ctx_len, cfg.batch_size, add_bos=cfg.add_bos)):
+        for _, batch in cfg.batches(corpus, lm.tokenizer, start=done // cfg.batch_tokens):
             if planned >= cfg.n_tokens:
                 break
-            if b < skip_batches:
-                continue
             take = min(batch.input_ids.numel(), cfg.n_tokens - planned)
             pending.append((batch, take))
             planned += take
@@ -150,8 +114,9 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
 
 
 def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out) -> dict[Site, StoreWriter]:
-    # ctx_len and batch_size decide the forward batches, so a resume must use the same ones.
-    extra = {"ctx_len": cfg.ctx_len, "batch_size": cfg.batch_size, "add_bos": cfg.add_bos,
+    # ctx_len and contexts per forward pass decide the batches, so a resume must use the same ones (the manifest
+    # has called the latter "batch_size" since format version 1; the key stays so old stores resume and compare).
+    extra = {"ctx_len": cfg.ctx_len, "batch_size": cfg.contexts_per_batch, "add_bos": cfg.add_bos,
              "skip_tokens": cfg.skip_tokens, "model_source": lm.source}
     description = corpus.describe()
     writers = {
@@ -163,7 +128,7 @@ def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out) -> dict[
     if any(w.tokens_done != done for w in writers.values()):
         for w in writers.values():
             w.close()
-        raise RuntimeError(
+        raise HarvestError(
             "the stores under " + str(out) + " were left at different points ("
             + ", ".join(f"{s}: {w.tokens_done}" for s, w in writers.items())
             + " tokens); remove them or harvest each site separately"
@@ -181,7 +146,7 @@ def _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on
         per_batch = [{s: acts[s].reshape(-1, d).to("cpu", store_dtype) for s in site_list}]
     else:
         # fixed-shape buffers (the corpus's last batch may be short; ranks without a batch send zeros)
-        buf = torch.zeros(len(site_list), cfg.batch_size, cfg.ctx_len, d, dtype=store_dtype, device=lm.device)
+        buf = torch.zeros(len(site_list), cfg.contexts_per_batch, cfg.ctx_len, d, dtype=store_dtype, device=lm.device)
         if acts is not None:
             for i, s in enumerate(site_list):
                 buf[i, :acts[s].shape[0]] = acts[s].to(store_dtype)
@@ -221,15 +186,16 @@ def _finished_stores(paths: dict[Site, Path], n_tokens: int) -> dict[Site, Activ
         if st.extra.get("n_tokens_requested") != n_tokens:
             raise StoreError(
                 f"{st.path} already holds a finished harvest of {st.extra.get('n_tokens_requested')} tokens; "
-                f"pass overwrite (--overwrite) to replace it with {n_tokens} tokens, or choose another --out")
+                f"pass overwrite=True to replace it with {n_tokens} tokens, or choose another output folder")
     return out
 
 
 def stream_activations(lm: LoadedModel, corpus: Corpus, site, *, n_tokens: int, batch_size: int = 4096,
-                       ctx_len: int = 128, forward_batch: int = 16, exclude_bos: bool = True,
+                       ctx_len: int = 128, contexts_per_batch: int = 16, exclude_bos: bool = True,
                        buffer_tokens: int = 65_536, seed: int = 0):
     """A deterministic source of shuffled [batch_size, d] activation batches computed on the fly.
 
+    ``batch_size`` counts rows (one optimiser step), ``contexts_per_batch`` contexts per forward pass.
     Rows pass through the same shuffle buffer a store read uses (``buffer_tokens`` rows); a short last batch is
     dropped, as SAE training drops it from a store.
 
@@ -242,7 +208,7 @@ def stream_activations(lm: LoadedModel, corpus: Corpus, site, *, n_tokens: int, 
         buf = ShuffleBuffer(buffer_tokens, batch_size, lm.d_model, torch.float32, torch.Generator().manual_seed(seed))
         produced = 0
         emitted = 0
-        for ctx in corpus.batches(lm.tokenizer, ctx_len, forward_batch):
+        for ctx in corpus.batches(lm.tokenizer, ctx_len, contexts_per_batch):
             if produced >= n_tokens:
                 break
             h = capture(lm, [site], ctx.input_ids.to(lm.device), early_exit=True)[site]

@@ -12,79 +12,23 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .._io import atomic_torch_save
 from ..models import LoadedModel, Site, capture
+from ..plans import AtlasConfig
 from ..progress import ProgressBar
 from .db import AtlasError
 from .encode import SparseEncoder, check_sae_matches, sae_fingerprint
 from .stats import FeatureStats
 from .writer import write_db
 
-__all__ = ["AtlasConfig", "atlas_config_from", "build_atlas", "check_sae_matches", "sae_fingerprint"]
+__all__ = ["AtlasConfig", "build_atlas", "check_sae_matches", "sae_fingerprint"]
 
 CKPT_NAME = "build.ckpt"
-
-
-@dataclass
-class AtlasConfig:
-    """How much to read and how much to keep per feature."""
-
-    n_tokens: int = 1_000_000
-    ctx_len: int = 128
-    batch_size: int = 16
-    top_k: int = 20                 # top activating contexts per feature
-    n_bins: int = 10                # rank-quantile bins of the reservoir sample
-    per_bin: int = 5                # contexts per bin
-    window_left: int = 16           # activations stored before the peak token
-    window_right: int = 8           # ... and after it
-    hist_lo: float = 1e-4           # histogram: log10-spaced bins from hist_lo to hist_hi (clamped at both ends)
-    hist_hi: float = 1e4
-    hist_per_decade: int = 8
-    n_random_contexts: int = 256    # fixed sample of contexts whose sparse activations are all kept
-    n_logits: int = 10
-    n_neighbours: int = 10
-    exclude_bos: bool | None = None  # None: follow the SAE config
-    add_bos: bool = True
-    seed: int = 0
-    checkpoint_every: int = 20      # batches between checkpoints
-    skip_tokens: int = 0            # start this far into the corpus (e.g. past the text the SAE was trained on),
-                                    # as HarvestConfig.skip_tokens: a whole number of batches
-
-    def validate(self) -> None:
-        for name in ("n_tokens", "ctx_len", "batch_size", "top_k", "n_bins", "per_bin", "hist_per_decade",
-                     "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise AtlasError(f"atlas option {name} must be positive, got {getattr(self, name)}")
-        if self.ctx_len < 2:
-            raise AtlasError(f"--ctx-len must be at least 2, got {self.ctx_len}")
-        if self.skip_tokens < 0 or self.skip_tokens % self.batch_tokens:
-            raise AtlasError(f"--skip-tokens must be a non-negative multiple of batch_size × ctx_len = "
-                             f"{self.batch_tokens}, got {self.skip_tokens}")
-        if not 0 < self.hist_lo < self.hist_hi:
-            raise AtlasError(f"histogram range must satisfy 0 < lo < hi, got {self.hist_lo}, {self.hist_hi}")
-
-    @property
-    def batch_tokens(self) -> int:
-        return self.ctx_len * self.batch_size
-
-    @property
-    def reservoir(self) -> int:
-        return self.n_bins * self.per_bin
-
-    @property
-    def window(self) -> int:
-        return self.window_left + 1 + self.window_right
-
-    def hist_edges(self) -> np.ndarray:
-        lo, hi = math.log10(self.hist_lo), math.log10(self.hist_hi)
-        n = int(round((hi - lo) * self.hist_per_decade))
-        return np.logspace(lo, hi, n + 1)
 
 
 @contextlib.contextmanager
@@ -99,6 +43,15 @@ def _single_thread():
     finally:
         if n > 1:
             torch.set_num_threads(n)
+
+
+def _renamed_fields(ident: dict) -> dict:
+    """A checkpoint's identity with the config written before contexts_per_batch was called batch_size."""
+    cfg = ident.get("config")
+    if isinstance(cfg, dict) and "batch_size" in cfg and "contexts_per_batch" not in cfg:
+        cfg = {("contexts_per_batch" if k == "batch_size" else k): v for k, v in cfg.items()}
+        return {**ident, "config": cfg}
+    return ident
 
 
 def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: AtlasConfig | None = None, *,
@@ -117,8 +70,7 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
     cfg = config or AtlasConfig()
     cfg.validate()
     site = check_sae_matches(lm, sae, site)
-    if cfg.ctx_len > lm.max_context:
-        raise AtlasError(f"--ctx-len {cfg.ctx_len} exceeds {lm.name}'s context window of {lm.max_context} tokens")
+    cfg.check_context(lm.name, lm.max_context)
     exclude_bos = sae.cfg.exclude_bos if cfg.exclude_bos is None else cfg.exclude_bos
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,10 +90,11 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
             saved = torch.load(ckpt, weights_only=False)
         except Exception as e:  # a torn or foreign file: say so rather than silently restarting
             raise AtlasError(f"{ckpt} cannot be read ({type(e).__name__}: {e}); delete it to start the build over") from e
-        if saved.get("ident") != ident:
-            diff = [k for k in ident if saved.get("ident", {}).get(k) != ident[k]]
+        old = _renamed_fields(saved.get("ident") or {})
+        if old != ident:
+            diff = [k for k in ident if old.get(k) != ident[k]]
             raise AtlasError(f"{ckpt} belongs to a different build (differs in: {', '.join(diff)}); use another "
-                             f"--out or delete the checkpoint")
+                             f"output folder or delete the checkpoint")
         stats.load_state_dict(saved["stats"])
 
     phase = dict.fromkeys(("setup_s", "forward_s", "encode_s", "update_s", "checkpoint_s"), 0.0)
@@ -153,20 +106,14 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
         stats.contexts = [torch.cat(stats.contexts)] if stats.contexts else []
         phase["checkpoint_s"] += time.perf_counter() - t0
 
-    bar = ProgressBar(f"atlas {site} × {m} features", n_contexts * T, start=stats.batches * cfg.batch_size * T,
+    bar = ProgressBar(f"atlas {site} × {m} features", n_contexts * T, start=stats.batches * cfg.batch_tokens,
                       unit="tok", enabled=progress)
     ctx_done = sum(c.shape[0] for c in stats.contexts)
     stopped = False
     try:
-        it = corpus.batches(lm.tokenizer, T, cfg.batch_size, add_bos=cfg.add_bos)
-        skip_batches = cfg.skip_tokens // cfg.batch_tokens
-        for b, batch in enumerate(it, start=-skip_batches):  # b counts from the first batch read (0)
-            if b < 0:
-                continue
+        for b, batch in cfg.batches(corpus, lm.tokenizer, start=stats.batches):  # b: 0 = first batch read
             if ctx_done >= n_contexts:
                 break
-            if b < stats.batches:
-                continue
             if stop_after_batches is not None and b >= stop_after_batches:
                 stopped = True
                 break
@@ -209,9 +156,3 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
     if timings is not None:
         timings["finalize_s"] = time.perf_counter() - t_fin
     return path
-
-
-def atlas_config_from(**kw) -> AtlasConfig:
-    """AtlasConfig from CLI keyword arguments, ignoring the ones left as None."""
-    names = {f.name for f in fields(AtlasConfig)}
-    return AtlasConfig(**{k: v for k, v in kw.items() if k in names and v is not None})

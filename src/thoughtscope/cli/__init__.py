@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -31,79 +29,16 @@ def _load(model: str, device: str | None, dtype: str | None):
         _fail(str(e))
 
 
-@app.command()
-def harvest(
-    model: str = typer.Option("default", help="'default' (embedded SmolLM2), a hub id, a folder or a .gguf file"),
-    site: list[str] = typer.Option(["resid.15"], help="site(s) to read, e.g. resid.15 (repeat or comma-separate)"),
-    corpus: str = typer.Option("default", help="'default', a file, a folder, a .jsonl file or hf:<dataset>"),
-    text_field: str = typer.Option("text", help="JSONL / dataset field holding the text"),
-    tokens: int = typer.Option(200_000, help="number of tokens to harvest"),
-    out: Path = typer.Option(..., help="output folder (one store, or one per site when several)"),
-    ctx_len: int = typer.Option(128, help="tokens per context"),
-    batch_size: int = typer.Option(16, help="contexts per forward pass"),
-    dtype: str = typer.Option("float32", help="stored dtype: float32, float16 or bfloat16"),
-    shard_tokens: int | None = typer.Option(None, help="tokens per shard (a multiple of batch-size × ctx-len)"),
-    skip_tokens: int = typer.Option(0, help="start this many tokens into the corpus (for a held-out store)"),
-    device: str | None = typer.Option(None, help="torch device, e.g. cuda:0; under torchrun 'cuda' = each "
-                                         "process's own GPU (default: CPU)"),
-    model_dtype: str | None = typer.Option(None, help="dtype to run the model in"),
-    overwrite: bool = typer.Option(False, help="replace a finished store at --out"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
-) -> None:
-    """Harvest activations at one or more sites into resumable on-disk stores (torchrun: contexts split across
-    processes, one store)."""
-    from ..corpus import Corpus, CorpusError
-    from ..distributed import local_device
-    from ..harvest import HarvestConfig
-    from ..harvest import harvest as run
-    from ..models import SiteError, parse_sites
-    from ..store import StoreError
-
-    try:
-        sites = parse_sites(",".join(site))
-        lm = _load(model, local_device(device), model_dtype)  # under torchrun, "cuda" = this process's GPU
-        src = Corpus(corpus, text_field=text_field)
-        cfg = HarvestConfig(n_tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, dtype=dtype,
-                            shard_tokens=shard_tokens, skip_tokens=skip_tokens)
-        t0 = time.perf_counter()
-        stores = run(lm, src, sites, out, cfg, progress=not quiet, overwrite=overwrite)
-    except (SiteError, CorpusError, StoreError, ValueError) as e:
-        _fail(str(e))
-    dt = time.perf_counter() - t0
-    for s, st in stores.items():
-        console.print(f"[green]{s}[/green] → {st.path}: {st.describe()}")
-    console.print(f"done in {dt:.1f} s")
-
-
-@app.command("store")
-def store_info(path: Path = typer.Argument(..., help="an activation store folder"),
-               verify: bool = typer.Option(False, help="also check every shard's checksum")) -> None:
-    """Describe (and optionally verify) an activation store."""
-    from ..store import ActivationStore, StoreError
-
-    try:
-        st = ActivationStore.open(path)
-        if verify:
-            st.verify(checksums=True)
-    except StoreError as e:
-        _fail(str(e))
-    console.print(st.describe())
-    console.print_json(json.dumps({k: v for k, v in st.manifest.items() if k != "shards"}, default=str))
-
-
-@app.command("model")
-def model_info(model: str = typer.Argument("default")) -> None:
-    """Load a model and show its blocks, width and sites."""
-    lm = _load(model, None, None)
-    console.print(repr(lm))
-    console.print(f"sites: resid.0 … resid.{lm.n_layers - 1} (residual stream after each block)")
-
-
 def _csv(value: str, cast):
     return [cast(v) for v in str(value).split(",") if v.strip()]
 
 
+from .harvest import harvest_cmd, model_info, store_info  # noqa: E402  (needs _fail, _load, console)
 from .sae import sae_app  # noqa: E402  (needs _csv, _fail, _load and console above)
+
+app.command("harvest")(harvest_cmd)
+app.command("store")(store_info)
+app.command("model")(model_info)
 
 app.add_typer(sae_app, name="sae")
 
@@ -275,135 +210,8 @@ def features_at_cmd(
         console.print(r)
 
 
-atlas_app = typer.Typer(no_args_is_help=True, help="Build, explain and report a feature atlas for an SAE.")
-app.add_typer(atlas_app, name="atlas")
 feature_app = typer.Typer(no_args_is_help=True, help="Look up features in an atlas.")
 app.add_typer(feature_app, name="feature")
-
-
-def _sae_folder(spec: str) -> Path:
-    from ..sae.formats import default_sae_path
-
-    return default_sae_path() if spec == "default" else Path(spec)
-
-
-@atlas_app.command("build")
-def atlas_build(
-    sae: str = typer.Option("default", help="SAE folder, or 'default' (the shipped SmolLM2 SAE)"),
-    out: Path = typer.Option(..., help="atlas folder (atlas.sqlite); re-run to resume"),
-    model: str | None = typer.Option(None, help="model (default: the one the SAE was trained on, or 'default')"),
-    corpus: str = typer.Option("default"),
-    tokens: int = typer.Option(1_000_000),
-    ctx_len: int = typer.Option(128),
-    batch_size: int = typer.Option(16),
-    top_k: int = typer.Option(20, help="top activating contexts per feature"),
-    quiet: bool = typer.Option(False),
-) -> None:
-    """One streaming pass: top and quantile contexts, density, histogram, logit effects, neighbours."""
-    from ..atlas import AtlasError, build_atlas
-    from ..atlas.build import atlas_config_from
-    from ..corpus import Corpus
-    from ..sae import SAEError, load_sae
-
-    folder = _sae_folder(sae)
-    try:
-        sae_obj = load_sae(folder)
-        lm = _load(model or ("default" if sae_obj.cfg.model in ("", "SmolLM2-135M-Instruct") else sae_obj.cfg.model),
-                   None, None)
-        t0 = time.perf_counter()
-        path = build_atlas(lm, sae_obj, Corpus(corpus), out,
-                           atlas_config_from(n_tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, top_k=top_k),
-                           sae_path=str(folder.resolve()), progress=not quiet)
-    except (AtlasError, SAEError, ValueError) as e:
-        _fail(str(e))
-    console.print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
-
-
-@atlas_app.command("explain")
-def atlas_explain(
-    atlas: Path = typer.Argument(..., help="atlas folder"),
-    offline: bool = typer.Option(False, "--offline", help="no language model: token / n-gram explanations, scored "
-                                                          "by the lexical scorer (the default with no endpoint)"),
-    local: bool = typer.Option(False, "--local", help="the atlas's own model explains and scores itself (slow; "
-                                                      "at chance for the 135M default)"),
-    url: str | None = typer.Option(None, help="OpenAI-compatible base URL (or THOUGHTSCOPE_EXPLAINER_URL)"),
-    explainer_model: str | None = typer.Option(None, help="model name at that endpoint"),
-    api_key: str | None = typer.Option(None, help="key (or OPENAI_API_KEY)"),
-    scorer_url: str | None = typer.Option(None, help="scorer endpoint (default: same as the explainer)"),
-    scorer_model: str | None = typer.Option(None),
-    scorer: str = typer.Option("auto", help="auto (the explaining LLM; lexical offline) | lexical | llm"),
-    sample: int | None = typer.Option(None, help="explain a uniform random sample of this many alive features"),
-    features: str | None = typer.Option(None, help="or these feature ids (comma-separated)"),
-    seed: int = typer.Option(0, help="seed of the sample, the held-out split and the shuffled control"),
-    json_out: Path | None = typer.Option(None, "--json", help="write the summary (mean scores, CIs) here"),
-    overwrite: bool = typer.Option(False, help="offline: also replace explanations another method wrote"),
-    concurrency: int = typer.Option(4),
-    yes: bool = typer.Option(False, "--yes", help="skip the confirmation after the cost/time estimate"),
-) -> None:
-    """Write an explanation for each feature and score it on held-out contexts, with a shuffled control; resumable."""
-    import os
-
-    from ..atlas import (
-        AtlasError,
-        ExplainConfig,
-        ExplainerError,
-        LexicalScorer,
-        client_from_env,
-        explain_atlas,
-        explain_offline,
-        open_with_model,
-    )
-    from ..atlas.cards import load_tokenizer
-    from ..errors import ThoughtscopeError
-
-    if scorer not in ("auto", "lexical", "llm"):
-        _fail(f"--scorer must be auto, lexical or llm, got {scorer!r}")
-    endpoint = url or os.environ.get("THOUGHTSCOPE_EXPLAINER_URL")
-    ids = _csv(features, int) if features else None
-    try:
-        cfg = ExplainConfig(concurrency=concurrency, seed=seed)
-        with _open_atlas(atlas) as at:
-            tok = None if local and not endpoint else load_tokenizer(at)
-        if offline or not (endpoint or local):
-            if scorer == "llm":
-                _fail("--scorer llm needs an explainer endpoint (--url) or --local; offline scoring is lexical")
-            if tok is None:
-                _fail(f"cannot load the tokenizer of the model {atlas} was built with; offline explanations need it")
-            summary = explain_offline(atlas, tokenizer=tok, features=ids, sample=sample, config=cfg,
-                                      overwrite=overwrite, console=console)
-        else:
-            lm = None if endpoint else open_with_model(atlas)[1]
-            explainer = client_from_env(url, explainer_model, api_key, lm=lm)
-            if scorer == "lexical":
-                sc = LexicalScorer()
-            else:
-                sc = client_from_env(scorer_url or url, scorer_model or explainer_model, api_key, scorer=True, lm=lm)
-            if not yes and (sample or 0) + len(ids or []) > 200 and not typer.confirm("go ahead?", default=True):
-                raise typer.Exit(1)
-            tok = lm.tokenizer if lm is not None else tok
-            summary = explain_atlas(atlas, explainer, sc, tokenizer=tok, features=ids, sample=sample, config=cfg,
-                                    console=console)
-    except (AtlasError, ExplainerError, ThoughtscopeError, ValueError) as e:
-        _fail(str(e))
-    console.print_json(json.dumps(summary, default=str))
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(json_out.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        os.replace(tmp, json_out)
-
-
-@atlas_app.command("report")
-def atlas_report(atlas: Path = typer.Argument(...), out: Path | None = typer.Option(None),
-                 cards: int = typer.Option(12, help="random feature cards")) -> None:
-    """A self-contained HTML report: density, dead/alive, score distribution, random feature cards."""
-    from ..atlas import AtlasError, write_report
-
-    try:
-        path = write_report(atlas, out, n_cards=cards)
-    except AtlasError as e:
-        _fail(str(e))
-    console.print(f"wrote {path}")
 
 
 def _open_atlas(path: Path):
@@ -500,10 +308,12 @@ def demo(
 
 
 # Areas with a module of their own in this package register their typer sub-app here, one line each.
+from .atlas import atlas_app  # noqa: E402
 from .corpus import corpus_app  # noqa: E402
 from .nla import nla_app  # noqa: E402
 from .serve import serve  # noqa: E402
 
+app.add_typer(atlas_app, name="atlas")
 app.add_typer(nla_app, name="nla")
 app.add_typer(corpus_app, name="corpus")
 app.command("serve")(serve)

@@ -1,0 +1,83 @@
+"""`thoughtscope harvest`, `store` and `model`: read a model's activations into stores and describe what is there.
+
+Option defaults are read from HarvestConfig (plans.py, torch-free), so the command and the library cannot drift
+apart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from ..plans import HarvestConfig
+from . import _fail, _load, console
+
+
+def harvest_cmd(
+    model: str = typer.Option("default", help="'default' (embedded SmolLM2), a hub id, a folder or a .gguf file"),
+    site: list[str] = typer.Option(["resid.15"], help="site(s) to read, e.g. resid.15 (repeat or comma-separate)"),
+    corpus: str = typer.Option("default", help="'default', a file, a folder, a .jsonl file or hf:<dataset>"),
+    text_field: str = typer.Option("text", help="JSONL / dataset field holding the text"),
+    tokens: int = typer.Option(HarvestConfig.n_tokens, help="token budget: tokens to harvest"),
+    out: Path = typer.Option(..., help="output folder (one store, or one per site when several)"),
+    ctx_len: int = typer.Option(HarvestConfig.ctx_len, help="tokens per context"),
+    contexts_per_batch: int = typer.Option(HarvestConfig.contexts_per_batch, "--contexts-per-batch", "--batch-size",
+                                           help="contexts per forward pass (--batch-size: its old name)"),
+    dtype: str = typer.Option(HarvestConfig.dtype, help="stored dtype: float32, float16 or bfloat16"),
+    shard_tokens: int | None = typer.Option(HarvestConfig.shard_tokens, help="tokens per shard (a multiple of "
+                                            "contexts-per-batch × ctx-len; default ~32k)"),
+    skip_tokens: int = typer.Option(HarvestConfig.skip_tokens, help="start this many tokens into the corpus (for "
+                                    "a held-out store)"),
+    device: str | None = typer.Option(None, help="torch device, e.g. cuda:0; under torchrun 'cuda' = each "
+                                         "process's own GPU (default: CPU)"),
+    model_dtype: str | None = typer.Option(None, help="dtype to run the model in"),
+    overwrite: bool = typer.Option(False, help="replace a finished store at --out"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+) -> None:
+    """Harvest activations at one or more sites into resumable on-disk stores (torchrun: contexts split across
+    processes, one store)."""
+    from ..corpus import Corpus
+    from ..distributed import local_device
+    from ..errors import ThoughtscopeError
+    from ..harvest import harvest as run
+    from ..models import parse_sites
+
+    try:
+        cfg = HarvestConfig(n_tokens=tokens, ctx_len=ctx_len, contexts_per_batch=contexts_per_batch, dtype=dtype,
+                            shard_tokens=shard_tokens, skip_tokens=skip_tokens)
+        sites = parse_sites(",".join(site))
+        lm = _load(model, local_device(device), model_dtype)  # under torchrun, "cuda" = this process's GPU
+        src = Corpus(corpus, text_field=text_field)
+        t0 = time.perf_counter()
+        stores = run(lm, src, sites, out, cfg, progress=not quiet, overwrite=overwrite)
+    except (ThoughtscopeError, ValueError) as e:
+        _fail(str(e))
+    dt = time.perf_counter() - t0
+    for s, st in stores.items():
+        console.print(f"[green]{s}[/green] → {st.path}: {st.describe()}")
+    console.print(f"done in {dt:.1f} s")
+
+
+def store_info(path: Path = typer.Argument(..., help="an activation store folder"),
+               verify: bool = typer.Option(False, help="also check every shard's checksum")) -> None:
+    """Describe (and optionally verify) an activation store."""
+    from ..store import ActivationStore, StoreError
+
+    try:
+        st = ActivationStore.open(path)
+        if verify:
+            st.verify(checksums=True)
+    except StoreError as e:
+        _fail(str(e))
+    console.print(st.describe())
+    console.print_json(json.dumps({k: v for k, v in st.manifest.items() if k != "shards"}, default=str))
+
+
+def model_info(model: str = typer.Argument("default")) -> None:
+    """Load a model and show its blocks, width and sites."""
+    lm = _load(model, None, None)
+    console.print(repr(lm))
+    console.print(f"sites: resid.0 … resid.{lm.n_layers - 1} (residual stream after each block)")
