@@ -39,7 +39,7 @@ def test_offline_explain_writes_the_json_summary(atlas_dir, monkeypatch):
     out = atlas_dir / "summary.json"
     _ok(["atlas", "explain", atlas_dir / "atlas", "--offline", "--sample", 10, "--json", out])
     s = json.loads(out.read_text())
-    assert s["method"] == "offline-tokens-v1" and s["requested"] == 10
+    assert s["method"] == "offline-tokens-v2" and s["requested"] == 10
     for key in ("detection_auroc_mean", "shuffled_auroc_mean", "detection_bacc_mean", "detection_auroc_ci"):
         assert key in s
     assert s["detection_auroc_mean"] > s["shuffled_auroc_mean"]
@@ -51,19 +51,19 @@ def test_no_endpoint_means_offline_for_the_whole_atlas(atlas_dir, monkeypatch):
     with Atlas.open(atlas_dir / "atlas") as at:
         alive = {f for f in range(at.n_features) if not at.feature(f).dead}
         assert at.explained("ok") == alive
-        assert {at.explanation(f)["method"] for f in alive} == {"offline-tokens-v1"}
+        assert {at.explanation(f)["method"] for f in alive} == {"offline-tokens-v2"}
 
 
 def test_search_show_and_report_show_score_and_method(atlas_dir, monkeypatch):
     monkeypatch.delenv("THOUGHTSCOPE_EXPLAINER_URL", raising=False)
     _ok(["atlas", "explain", atlas_dir / "atlas", "--offline", "--features", ",".join(map(str, PLANTED))])
     r = _ok(["feature", "search", "q", "--atlas", atlas_dir / "atlas"], env={"COLUMNS": "200"})
-    assert r.output.lstrip().startswith("2 ") and "detection AUROC" in r.output and "offline-tokens-v1" in r.output
+    assert r.output.lstrip().startswith("2 ") and "detection AUROC" in r.output and "offline-tokens-v2" in r.output
     r = _ok(["feature", "show", 2, "--atlas", atlas_dir / "atlas"], env={"COLUMNS": "200"})
-    assert 'fires on "q"' in r.output and "shuffled control" in r.output and "lexical-v1" in r.output
+    assert 'fires on "q"' in r.output and "shuffled control" in r.output and "lexical-v2" in r.output
     _ok(["atlas", "report", atlas_dir / "atlas", "--cards", 3])
     page = (atlas_dir / "atlas" / "report.html").read_text()
-    assert "shuffled control" in page and "offline-tokens-v1" in page
+    assert "shuffled control" in page and "offline-tokens-v2" in page
 
 
 def test_bad_options_fail_with_one_line(atlas_dir):

@@ -84,13 +84,13 @@ def test_offline_explainer_names_planted_tokens_and_beats_the_shuffled_control(p
     lm, path, d = planted
     p = _copy(path, d / "run1")
     s = explain_offline(p, tokenizer=lm.tokenizer, features=sorted(PLANTED), config=CFG, progress=False)
-    assert s["ok"] == len(PLANTED) and s["method"] == "offline-tokens-v1"
+    assert s["ok"] == len(PLANTED) and s["method"] == "offline-tokens-v2"
     with Atlas.open(p) as at:
         for f, ch in PLANTED.items():
             ex = at.explanation(f)
             fires = ex["explanation"].split(";")[0]
             assert fires.startswith("fires on") and f'"{ch}"' in fires, ex["explanation"]
-            assert ex["method"] == "offline-tokens-v1" and ex["scorer_method"] == "lexical-v1"
+            assert ex["method"] == "offline-tokens-v2" and ex["scorer_method"] == "lexical-v2"
             assert ex["detection_auroc"] >= 0.95 and ex["detection_bacc"] >= 0.9, (f, ex["explanation"])
             assert ex["details"]["n_pos"] >= 8 and ex["details"]["n_neg"] >= 8
     assert s["detection_auroc_mean"] >= 0.95
@@ -180,7 +180,7 @@ def test_any_explanation_scored_lexically_with_its_control(planted):
     with Atlas.open(p) as at:
         for f in PLANTED:
             ex = at.explanation(f)
-            assert ex["method"] == "given" and ex["scorer_method"] == "lexical-v1"
+            assert ex["method"] == "given" and ex["scorer_method"] == "lexical-v2"
             assert ex["detection_auroc"] >= 0.95 and ex["shuffled_detection_auroc"] is not None
     assert s["selected"]["detection_auroc_mean"] > s["selected"]["shuffled_auroc_mean"] + 0.3
 
@@ -196,7 +196,7 @@ def test_llm_explanations_are_kept_unless_overwrite(planted):
         assert at.explanation(f0)["explanation"] == "hand-written"
     explain_offline(p, tokenizer=lm.tokenizer, features=sorted(PLANTED), config=CFG, overwrite=True, progress=False)
     with Atlas.open(p) as at:
-        assert at.explanation(f0)["method"] == "offline-tokens-v1"
+        assert at.explanation(f0)["method"] == "offline-tokens-v2"
         assert at.search(PLANTED[f0])[0][0] == f0          # search by explanation text finds the offline one
 
 
@@ -218,4 +218,4 @@ def test_an_atlas_from_before_the_method_columns_still_opens(planted):
         assert at.scores([2])[0]["detection_auroc"] == 0.5
     explain_offline(p, tokenizer=lm.tokenizer, features=[5], config=CFG, progress=False)
     with Atlas.open(p) as at:
-        assert at.explanation(5)["method"] == "offline-tokens-v1" and at.explanation(2)["explanation"] == "old words"
+        assert at.explanation(5)["method"] == "offline-tokens-v2" and at.explanation(2)["explanation"] == "old words"

@@ -26,8 +26,12 @@ import numpy as np
 
 from .db import Atlas
 from .heldout import ExplainConfig, FeatureTask, piece, render, shuffled_marks, true_marks
+from .kinds import SCRIPTS, is_kind, strength
 
-LEXICAL = "lexical-v1"
+__all__ = ["LEXICAL", "SCRIPTS", "Cue", "LexicalScorer", "auroc", "balanced_accuracy", "derangement",
+           "detection_items", "lexical_detection", "lexical_fuzz", "mean_ci", "parse_cues", "summarize"]
+
+LEXICAL = "lexical-v2"
 
 # words that carry no evidence about a context: grammar, and the vocabulary of explanations themselves
 _STOP = set("""a an the and or but of in on at to for from by with without into onto over under about as is are was
@@ -42,21 +46,6 @@ specific specifically various certain particular different general generally nea
 preceded followed typical promotes promote promoting predicts predict predicting suppresses suppress boosts outputs
 unclear letter letters character characters inside within part parts including include includes containing contains
 contain used using use kind type types form forms refers refer referring indicates indicating""".split())
-# Words a reader knows to mean a kind of character rather than a literal string (any explanation may use them).
-SCRIPTS = {
-    "cyrillic": r"[\u0400-\u04ff]",
-    "cjk": r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]",
-    "chinese": r"[\u3400-\u9fff]",
-    "japanese": r"[\u3040-\u30ff\u3400-\u9fff]",
-    "korean": r"[\uac00-\ud7af]",
-    "greek": r"[\u0370-\u03ff]",
-    "arabic": r"[\u0600-\u06ff]",
-    "accented": r"[\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u017f]",
-    "non-ascii": r"[^\x00-\x7f⏎]",
-    "non-english": r"[^\x00-\x7f⏎]",
-    "digits": r"[0-9]",
-    "numbers": r"[0-9]",
-}
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|(?<![\w])\'([^\']+)\'(?![\w])')
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z]+)?")
 
@@ -67,18 +56,40 @@ class Cue:
     weight: float
     literal: bool    # quoted: match anywhere; else: match at a word start
     main: bool       # from a clause about where the feature fires (not what it promotes)
-    script: bool = False  # a SCRIPTS word: matches any character of that kind
+    kind: bool = False  # a kind of text (kinds.py: a script, a language, code): matches text of that kind
+
+
+RANK_DECAY = 0.5
+OUTPUT_WEIGHT = 0.25  # a clause about what the feature promotes or predicts: those tokens tend to follow it
+
+
+def rank_weight(i: int) -> float:
+    """The weight of the i-th cue of a clause (0-based): earlier cues count more, 1 / (1 + i * RANK_DECAY)."""
+    return 1.0 / (1.0 + i * RANK_DECAY)
+
+
+_CLAUSE = re.compile(r'"[^"\n]*"|“[^”\n]*”|([;\n])')
+
+
+def clauses(explanation: str) -> list[str]:
+    """The explanation split at ';' and newlines outside quotes (a quoted "; cd" stays one string)."""
+    out, start = [], 0
+    for m in _CLAUSE.finditer(explanation):
+        if m.group(1):
+            out.append(explanation[start:m.start()])
+            start = m.end()
+    return out + [explanation[start:]]
 
 
 def parse_cues(explanation: str) -> list[Cue]:
     """The strings an explanation tells a reader to look for, with the weight the reader gives each."""
     cues: list[Cue] = []
     seen: set[tuple[str, bool]] = set()
-    for clause in re.split(r"[;\n]", explanation or ""):
+    for clause in clauses(explanation or ""):
         low = clause.lower()
         if re.search(r"suppress|inhibit|never fires|does not fire", low):
             continue
-        w = 0.25 if re.search(r"promot|predict|followed by|next token|boosts|outputs", low) else 1.0
+        w = OUTPUT_WEIGHT if re.search(r"promot|predict|followed by|next token|boosts|outputs", low) else 1.0
         main = w == 1.0
         found: list[tuple[int, str, bool]] = []
         for m in _QUOTED.finditer(clause):
@@ -88,7 +99,7 @@ def parse_cues(explanation: str) -> list[Cue]:
         rest = _QUOTED.sub(" ", clause)
         for m in _WORD.finditer(rest):
             wd = m.group(0).lower()
-            if wd in SCRIPTS:
+            if is_kind(wd):
                 found.append((m.start(), wd, False))
             elif len(wd) >= 3 and wd not in _STOP and "-" not in wd:
                 found.append((len(clause) + m.start(), wd, False))  # after the quoted ones
@@ -97,18 +108,20 @@ def parse_cues(explanation: str) -> list[Cue]:
             if (text, literal) in seen:
                 continue
             seen.add((text, literal))
-            script = not literal and text in SCRIPTS
-            cues.append(Cue(text, w * (1.0 if literal or script else 0.5) / (1.0 + i / 2), literal, main, script))
+            kind = not literal and is_kind(text)
+            cues.append(Cue(text, w * (1.0 if literal or kind else 0.5) * rank_weight(i), literal, main, kind))
             i += 1
     return cues
 
 
-def _matches(cue: Cue, text_lower: str) -> bool:
-    if cue.script:
-        return re.search(SCRIPTS[cue.text], text_lower) is not None
+def match(cue: Cue, text_lower: str) -> float:
+    """How well a (lower-cased) text matches a cue, in [0, 1]: 1 or 0 for strings, a kind's strength for kinds;
+    >= 0.5 counts as a match."""
+    if cue.kind:
+        return strength(cue.text, text_lower)
     if cue.literal:
-        return cue.text in text_lower
-    return re.search(r"(?<![a-z0-9])" + re.escape(cue.text), text_lower) is not None
+        return float(cue.text in text_lower)
+    return float(re.search(r"(?<![a-z0-9])" + re.escape(cue.text), text_lower) is not None)
 
 
 class LexicalScorer:
@@ -118,15 +131,15 @@ class LexicalScorer:
     method = LEXICAL
 
     def predict(self, explanation: str, texts: Sequence[str]) -> tuple[list[float], list[bool]]:
-        """(graded score, predicted active) per text: the summed weight of matching cues, and whether any cue
-        of a main clause matches."""
+        """(graded score, predicted active) per text: the summed weight of the cues times how well each matches,
+        and whether any cue of a main clause matches."""
         cues = parse_cues(explanation)
         scores, active = [], []
         for t in texts:
             tl = t.lower()
-            hit = [c for c in cues if _matches(c, tl)]
-            scores.append(float(sum(c.weight for c in hit)))
-            active.append(any(c.main for c in hit))
+            m = [(c, match(c, tl)) for c in cues]
+            scores.append(float(sum(c.weight * v for c, v in m)))
+            active.append(any(c.main and v >= 0.5 for c, v in m))
         return scores, active
 
     def fuzz(self, explanation: str, marked: Sequence[list[str]]) -> list[float]:
