@@ -23,7 +23,6 @@ from thoughtscope.atlas import (  # noqa: E402
     Atlas,
     AtlasConfig,
     ExplainConfig,
-    ExplainerError,
     HTTPChatClient,
     LocalChatClient,
     auroc,
@@ -33,6 +32,7 @@ from thoughtscope.atlas import (  # noqa: E402
 )
 from thoughtscope.atlas.explain import client_from_env  # noqa: E402
 from thoughtscope.corpus import Corpus  # noqa: E402
+from thoughtscope.llm import LLMError  # noqa: E402
 
 
 class Script:
@@ -179,11 +179,11 @@ def test_retries_on_500_429_timeout_and_malformed(env):
     assert c.call([{"role": "user", "content": 'described as: "the letter q"\nText 1: aqa'}],
                   parse=parse_probabilities(1)) == [1.0]
     script.failures = ["500"] * 3
-    with pytest.raises(ExplainerError, match="HTTP 500.*gave up after 3 attempts"):
+    with pytest.raises(LLMError, match="HTTP 500.*gave up after 3 attempts"):
         client(url, max_retries=2).call([{"role": "user", "content": "hi"}])
     script.failures = []
     dead = HTTPChatClient("http://127.0.0.1:9", "m", timeout=0.2, backoff=0.0, max_retries=1)
-    with pytest.raises(ExplainerError, match="cannot reach"):
+    with pytest.raises(LLMError, match="cannot reach"):
         dead.call([{"role": "user", "content": "hi"}])
 
 
@@ -225,7 +225,7 @@ def test_estimate_and_env(env, monkeypatch):
     assert isinstance(c, HTTPChatClient) and c.model == "m1" and c.api_key == "sk-x"
     monkeypatch.delenv("THOUGHTSCOPE_EXPLAINER_URL")
     assert isinstance(client_from_env(lm=lm), LocalChatClient)
-    with pytest.raises(ExplainerError, match="no explainer endpoint"):
+    with pytest.raises(LLMError, match="no explainer endpoint"):
         client_from_env()
 
 

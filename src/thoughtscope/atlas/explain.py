@@ -11,7 +11,8 @@ Explainer: shown a feature's top and quantile-sampled contexts with its active t
 An explanation is only as good as these scores on contexts it has not seen, which is why the examples
 shown to the explainer and those shown to the scorer are disjoint.
 
-Clients (clients.py): any OpenAI-compatible endpoint, or the local target model. The lexical scorer
+Clients (thoughtscope/llm.py, shared with the NLA data builder): any OpenAI-compatible endpoint, or the local
+target model. The lexical scorer
 (scoring.py) can stand in for an LLM scorer, and the offline explainer (offline_explain.py) for an LLM
 explainer.
 """
@@ -30,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .clients import (
+from ..llm import (
     HTTPChatClient,
+    LLMError,
     LocalChatClient,
     MalformedAnswer,
     client_from_env,
@@ -49,7 +51,7 @@ from .scoring import (
     summarize,
 )
 
-__all__ = ["ExplainConfig", "ExplainerError", "FeatureTask", "HTTPChatClient", "LocalChatClient", "auroc",
+__all__ = ["ExplainConfig", "ExplainerError", "FeatureTask", "HTTPChatClient", "LLMError", "LocalChatClient", "auroc",
            "balanced_accuracy", "client_from_env", "estimate", "explain_atlas", "prepare", "render"]
 
 # --------------------------------------------------------------------------- prompts and parsing
@@ -216,7 +218,7 @@ def explain_one(task: FeatureTask, explainer, scorer, tokenizer, cfg: ExplainCon
             rec["fuzz_auroc"] = s.get("fuzz", {}).get("auroc")
         rec["details"] = details
         rec["status"] = "ok"
-    except (ExplainerError, MalformedAnswer) as e:
+    except (ExplainerError, LLMError, MalformedAnswer) as e:
         rec["status"] = "failed"
         rec["error"] = str(e)
     rec["seconds"] = time.perf_counter() - t0
@@ -235,7 +237,7 @@ def shuffled_control(at: Atlas, features: Sequence[int], scorer, tokenizer, cfg:
             continue
         try:
             det = score_detection(prepare(at, n, cfg), at.explanation(other)["explanation"], scorer, tokenizer, cfg)
-        except (ExplainerError, MalformedAnswer):
+        except (ExplainerError, LLMError, MalformedAnswer):
             continue
         rec.update(shuffled_detection_auroc=det["auroc"], shuffled_detection_bacc=det["bacc"])
         rec["details"] = dict(rec.get("details") or {}, shuffled_from=other)

@@ -19,7 +19,6 @@ import os
 import random
 import re
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_save_tensors, atomic_write_text
+from ..llm import HTTPChatClient, LLMError
 from ..progress import ProgressBar
 from .core import NLAError, normalise, round_scale
 
@@ -219,20 +219,14 @@ LLM_PROMPT = ("Below is the beginning of a text, cut at its last token. In at mo
 
 def llm_explanation(text: str, *, endpoint: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                     max_words: int = 30, timeout: float = 60.0) -> str:
-    """Ask any OpenAI-compatible chat endpoint for a warm-start explanation of a prefix (stdlib only)."""
+    """Ask any OpenAI-compatible chat endpoint for a warm-start explanation of a prefix (the shared client,
+    thoughtscope.llm; one attempt, as before)."""
     url = endpoint.rstrip("/") + "/chat/completions"
-    body = json.dumps({"model": model, "temperature": 1.0, "max_tokens": 120,
-                       "messages": [{"role": "user", "content": LLM_PROMPT.format(words=max_words, text=text)}]})
-    headers = {"Content-Type": "application/json"}
-    key = os.environ.get(api_key_env)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
+    client = HTTPChatClient(url, model, os.environ.get(api_key_env) or None, timeout=timeout, max_retries=0)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            reply = json.loads(r.read().decode())
-        return " ".join(reply["choices"][0]["message"]["content"].split())
-    except Exception as e:  # noqa: BLE001 - the endpoint is the user's; report what failed
+        return client.call([{"role": "user", "content": LLM_PROMPT.format(words=max_words, text=text)}],
+                           max_tokens=120, temperature=1.0, parse=lambda reply: " ".join(reply.split()))
+    except LLMError as e:
         raise NLAError(f"warm-start endpoint {url} failed: {e}") from e
 
 

@@ -1,12 +1,20 @@
-"""Chat clients for LLM explainers and scorers: any OpenAI-compatible endpoint, or the local target model.
+"""The one chat client of the package: any OpenAI-compatible endpoint, or the local target model.
+
+Used by auto-interpretability (atlas/explain.py: LLM explainers and scorers) and by the NLA data builder
+(nla/data.py: warm-start explanations). It lives at the top of the package, next to the other shared plumbing,
+because both of those rooms call it and neither should import the other.
 
 HTTP: `/v1/chat/completions` over the standard library's urllib (no extra dependency), safe to call from
 several threads, with retries and exponential back-off on timeouts, 429, 5xx and malformed answers
-(honouring Retry-After). Local: the target model's chat template and greedy decoding; as a scorer it reads
-P("Yes") against P("No") directly, which gives AUROC without sampling.
+(honouring Retry-After); `max_retries=0` makes a single attempt. Local: the target model's chat template and
+greedy decoding; as a scorer it reads P("Yes") against P("No") directly, which gives AUROC without sampling.
+Failures raise `LLMError` (a `ThoughtscopeError`) whose message names the URL and what went wrong.
 """
 
 from __future__ import annotations
+
+__all__ = ["ENV_KEY", "ENV_MODEL", "ENV_SCORER_MODEL", "ENV_SCORER_URL", "ENV_URL", "HTTPChatClient", "LLMError",
+           "LocalChatClient", "MalformedAnswer", "client_from_env"]
 
 import json
 import os
@@ -16,13 +24,18 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .heldout import ExplainerError
+from .errors import ThoughtscopeError
 
 ENV_URL = "THOUGHTSCOPE_EXPLAINER_URL"
 ENV_MODEL = "THOUGHTSCOPE_EXPLAINER_MODEL"
 ENV_KEY = "OPENAI_API_KEY"
 ENV_SCORER_URL = "THOUGHTSCOPE_SCORER_URL"
 ENV_SCORER_MODEL = "THOUGHTSCOPE_SCORER_MODEL"
+
+
+class LLMError(ThoughtscopeError, RuntimeError):
+    """An LLM endpoint or the local model could not give a usable answer (after retries, where retrying made
+    sense), or was configured with values it cannot use; the message names the URL or setting at fault."""
 
 
 class MalformedAnswer(ValueError):
@@ -39,8 +52,8 @@ class HTTPChatClient:
                  max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
                  sleep: Callable[[float], None] = time.sleep):
         if not base_url:
-            raise ExplainerError(f"no explainer URL: pass --explainer-url or set ${ENV_URL} "
-                                 f"(e.g. http://127.0.0.1:8080/v1 for a llama.cpp server)")
+            raise LLMError(f"no endpoint URL (got {base_url!r}): give the base URL of an OpenAI-compatible server, "
+                           f"e.g. http://127.0.0.1:8080/v1 for a llama.cpp server")
         self.base_url = base_url.rstrip("/")
         if self.base_url.endswith("/chat/completions"):
             self.url = self.base_url
@@ -93,7 +106,7 @@ class HTTPChatClient:
                 body = e.read()[:300].decode("utf-8", "replace") if hasattr(e, "read") else ""
                 last = f"HTTP {e.code} from {self.url}: {body}"
                 if e.code != 429 and e.code < 500:
-                    raise ExplainerError(last + " (not retried: fix the request, model name or key)") from None
+                    raise LLMError(last + " (not retried: fix the request, model name or key)") from None
                 ra = e.headers.get("Retry-After") if e.headers else None
                 if ra:
                     try:
@@ -108,7 +121,7 @@ class HTTPChatClient:
             if attempt < self.max_retries:
                 self.usage["retries"] += 1
                 self.sleep(wait)
-        raise ExplainerError(f"{last} (gave up after {self.max_retries + 1} attempts)")
+        raise LLMError(f"{last} (gave up after {self.max_retries + 1} attempts)")
 
 
 class LocalChatClient:
@@ -132,7 +145,7 @@ class LocalChatClient:
             ids = tok(o, add_special_tokens=False)["input_ids"]
             if ids:
                 return int(ids[0])
-        raise ExplainerError(f"the tokenizer of {self.lm.name} cannot encode {options[0]!r}")
+        raise LLMError(f"the tokenizer of {self.lm.name} cannot encode {options[0]!r}")
 
     def _prompt_ids(self, messages: list[dict]):
         import torch
@@ -184,6 +197,6 @@ def client_from_env(url: str | None = None, model: str | None = None, api_key: s
     model = model or (os.environ.get(ENV_SCORER_MODEL) if scorer else None) or os.environ.get(ENV_MODEL)
     if url in (None, "", "local"):
         if lm is None:
-            raise ExplainerError(f"no explainer endpoint: pass --explainer-url / set ${ENV_URL}, or use the local model")
+            raise LLMError(f"no explainer endpoint: pass --explainer-url / set ${ENV_URL}, or use the local model")
         return LocalChatClient(lm)
     return HTTPChatClient(url, model or "default", api_key or os.environ.get(ENV_KEY), **kw)
