@@ -11,6 +11,7 @@ import torch
 
 import thoughtscope.sae as S
 from thoughtscope.sae import SAEConfig, SAEError, TrainConfig
+from thoughtscope.sae.base import SAE_CLASSES
 
 ARCHS = ["relu-l1", "topk", "batchtopk", "jumprelu"]
 
@@ -83,7 +84,7 @@ def test_registry_lists_builtins_in_order_and_takes_new_architectures():
         sae = S.build_sae(SAEConfig(arch="test-shifted-relu", d_model=8, n_features=16), seed=0)
         assert isinstance(sae, ShiftedReLU) and sae.encode(torch.randn(3, 8)).shape == (3, 16)
     finally:
-        del S.base.SAE_CLASSES["test-shifted-relu"]
+        del SAE_CLASSES["test-shifted-relu"]
     with pytest.raises(SAEError, match="unknown SAE architecture 'test-shifted-relu'; expected one of relu-l1, topk"):
         SAEConfig(arch="test-shifted-relu")
 
@@ -171,3 +172,10 @@ def test_sae_train_defaults_are_the_configs():
 def test_the_cli_reads_config_defaults_without_torch():
     code = "import sys, thoughtscope.cli, thoughtscope.sae.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_package_export_resolves():
+    assert sorted(S.__all__) == sorted(S._WHERE)
+    for name in S.__all__:
+        assert getattr(S, name) is not None, name
+    from thoughtscope.sae.architectures import ARCHITECTURES, SAE, JumpReLUSAE, SAEConfig, build_sae  # noqa: F401
