@@ -18,6 +18,11 @@ from . import _csv, _fail, _load, console
 
 sae_app = typer.Typer(no_args_is_help=True, help="Train, evaluate, import and export sparse autoencoders.")
 
+# `sae eval` reads the store in batches of EVAL_ROWS rows and the corpus for the spliced loss in batches of
+# LOSS_CONTEXTS contexts of LOSS_CTX_LEN tokens; sizes only (the metrics are sums over all batches).
+EVAL_ROWS = 4096
+LOSS_CTX_LEN, LOSS_CONTEXTS = 128, 8
+
 
 @sae_app.command("train")
 def sae_train(
@@ -119,9 +124,9 @@ def sae_eval(
             st = ActivationStore.open(store)
             if st.d_model != sae.cfg.d_model:
                 _fail(f"store {store} has d_model {st.d_model} but the SAE expects {sae.cfg.d_model}")
-            batches = st.batches(4096, shuffle=False, exclude_bos=sae.cfg.exclude_bos,
+            batches = st.batches(EVAL_ROWS, shuffle=False, exclude_bos=sae.cfg.exclude_bos,
                                  max_norm_ratio=sae.cfg.max_norm_ratio)
-            result["reconstruction"] = evaluate_sae(sae, batches, max_batches=max(1, max_tokens // 4096))
+            result["reconstruction"] = evaluate_sae(sae, batches, max_batches=max(1, max_tokens // EVAL_ROWS))
         if model is not None:
             from ..corpus import Corpus
 
@@ -129,9 +134,10 @@ def sae_eval(
             if sae.cfg.model and sae.cfg.model != lm.name:
                 _fail(f"the SAE was trained on {sae.cfg.model!r}, not {lm.name!r}")
             site = lm.check_site(sae.cfg.site or "resid.15")
-            ctx = Corpus(corpus).batches(lm.tokenizer, 128, 8)
-            ids = (b.input_ids for i, b in enumerate(ctx) if i >= skip_contexts // 8)
-            result["spliced"] = spliced_lm_loss(lm, sae, site, ids, max_batches=max(1, loss_tokens // 1024))
+            ctx = Corpus(corpus).batches(lm.tokenizer, LOSS_CTX_LEN, LOSS_CONTEXTS)
+            ids = (b.input_ids for i, b in enumerate(ctx) if i >= skip_contexts // LOSS_CONTEXTS)
+            per_batch = LOSS_CTX_LEN * LOSS_CONTEXTS
+            result["spliced"] = spliced_lm_loss(lm, sae, site, ids, max_batches=max(1, loss_tokens // per_batch))
     except (SAEError, StoreError) as e:
         _fail(str(e))
     console.print_json(json.dumps(result, default=float))
