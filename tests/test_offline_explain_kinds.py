@@ -97,3 +97,25 @@ def test_planted_letter_named_with_and_without_background_examples(planted):  # 
             assert f'"{PLANTED[f]}"' in text.split(";")[0], text
     with pytest.raises(Exception, match="OfflineOptions"):
         OfflineOptions(max_fire=0)
+
+
+def test_an_earlier_offline_version_is_replaced_without_overwrite(planted, tmp_path):  # noqa: F811
+    import shutil
+    import sqlite3
+
+    from thoughtscope.atlas import explain_offline
+
+    lm, path, _ = planted
+    p = tmp_path / path.name
+    shutil.copy(path, p)
+    feats = sorted(PLANTED)
+    explain_offline(p, tokenizer=lm.tokenizer, features=feats, config=CFG, progress=False)
+    con = sqlite3.connect(str(p))
+    with con:   # as an atlas explained by the first offline version would hold them
+        con.execute("UPDATE explanations SET method='offline-tokens-v1', explanation='fires on \"zzz\"'")
+    con.close()
+    s = explain_offline(p, tokenizer=lm.tokenizer, features=feats, config=CFG, progress=False)
+    assert s["ok"] == len(feats)
+    with Atlas.open(p) as at:
+        assert {at.explanation(f)["method"] for f in feats} == {"offline-tokens-v2"}
+        assert all('"zzz"' not in at.explanation(f)["explanation"] for f in feats)

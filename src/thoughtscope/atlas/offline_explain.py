@@ -342,7 +342,9 @@ def explain_offline(atlas: Atlas | str | os.PathLike, *, tokenizer, features=Non
     try:
         todo = select_features(at, features, sample, cfg.seed)
         if not overwrite:
-            keep = {f for f in at.explained("ok") if (at.explanation(f) or {}).get("method") not in (None, OFFLINE)}
+            # an earlier offline version's explanation is replaced; another method's (an LLM's, a person's) is kept
+            keep = {f for f in at.explained("ok")
+                    if not str((at.explanation(f) or {}).get("method") or OFFLINE).startswith("offline-tokens")}
             todo = [f for f in todo if f not in keep]
         explainer = OfflineExplainer(at, tokenizer, cfg, options)
         scorer = LexicalScorer()
