@@ -1,21 +1,25 @@
-"""Explanations without a language model: the strings over-represented where a feature fires, and what it promotes.
+"""Explanations without a language model: the strings and kinds of text where a feature fires, and what it promotes.
 
 From the contexts `heldout.prepare` lets it see (the top and quantile-sampled examples, and the background
-half of the random context sample as a picture of ordinary text) the explainer
+half of the random context sample, which is never held out) the explainer
 
-1. collects candidate strings: the tokens where the feature is active (above `mark_frac` of the example's
-   peak) and the bigrams that end on them ("fires on"), and the other tokens of the shown window ("context");
-2. measures, for each candidate, the share of the feature's shown windows that contain it (TPR) and the
-   share of background windows of the same length where the feature is silent that contain it (FPR);
-3. picks cues greedily by the gain in TPR - FPR of "any picked cue occurs" (Youden's J of the rule), so a
-   cue that is everywhere ("the", ",") is only picked when the feature fires nearly only on it, and a cue
-   that adds nothing to the ones already picked is skipped;
-4. adds the top tokens of the feature's direct logit effect ("promotes").
+1. takes as its positive windows the shown examples and windows around the feature's activations in the
+   background half (a uniform sample of its ordinary activations), and as negative windows the background
+   windows where the feature is silent;
+2. collects candidate cues: the tokens where the feature is active (above `mark_frac` of the window's peak)
+   and the bigrams that end on them ("fires on"), the other tokens of the windows ("context"), and the kinds
+   of text the scorer knows (kinds.py: languages, scripts, code, digits, ...);
+3. reads every window for every candidate as the lexical scorer will (substring match, or a kind's graded
+   strength), and adds cues greedily, each at the weight the scorer gives the next cue of its clause, by the
+   gain in the AUROC of the scorer's summed score on positives against negatives; a cue that is everywhere
+   ("the", ",") only gains where the feature fires nearly only on it;
+4. adds the top tokens of the feature's direct logit effect ("promotes", counted in the search as the scorer
+   counts them).
 
-It writes e.g. `fires on "warnings", "simplefilter"; context "import"; promotes "(", "always"`. It is
-deterministic (the same atlas and config give the same text) and needs no model, only the tokenizer.
-Matching is case-insensitive substring matching, the same reading the lexical scorer uses: the explainer
-writes for that reader, and the scores on held-out contexts say whether what it wrote generalises.
+It writes e.g. `fires on "warnings", "simplefilter"; with code; context "import"; promotes "(", "always"`.
+It is deterministic (the same atlas and config give the same text) and needs no model, only the tokenizer.
+The explainer writes for the lexical scorer's reading, and the scores on held-out contexts (never these
+windows) say whether what it wrote generalises.
 """
 
 from __future__ import annotations
