@@ -33,8 +33,8 @@ CKPT_NAME = "build.ckpt"
 
 @contextlib.contextmanager
 def _single_thread():
-    """The bookkeeping is many small memory-bound ops: on a shared CPU one thread runs them 5-20x faster than a
-    contended OpenMP pool (measured on 2 busy cores), while the forward pass and the encoder GEMM keep all threads."""
+    """The bookkeeping is many small memory-bound ops, which one thread runs faster than a contended OpenMP pool on a
+    shared CPU (benchmarks/atlas.py); the forward pass and the encoder GEMM keep all threads."""
     n = torch.get_num_threads()
     if n > 1:
         torch.set_num_threads(1)

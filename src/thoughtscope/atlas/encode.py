@@ -68,10 +68,9 @@ def _triples(v: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 class SparseEncoder:
     """encode_sparse for a stream of equal-sized batches.
 
-    For the plain topk SAE on CPU the pre-activations go into one reused [N, n_features] buffer
-    (`addmm(..., out=)`: the same kernel F.linear calls, bit-identical): a fresh 75 MB tensor per batch
-    (default SAE, 2048 tokens) costs page faults and zeroing, about a quarter of the encode time.
-    Any other SAE goes through `encode_sparse`.
+    For an SAE whose sparse code comes straight from its pre-activations (`sparse_native`, e.g. topk) on CPU, the
+    pre-activations go into one reused [N, n_features] buffer (bit-identical to a fresh one): a fresh tensor per
+    batch would cost page faults and zeroing on every batch. Any other SAE goes through `encode_sparse`.
     """
 
     def __init__(self, sae):
