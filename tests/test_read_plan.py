@@ -88,3 +88,11 @@ def test_cli_defaults_are_the_configs():
         AtlasConfig.top_k)
     opts = {o for p in cmd.commands["harvest"].params for o in p.opts}
     assert {"--contexts-per-batch", "--batch-size"} <= opts  # the old name still works
+
+
+def test_the_torch_free_dtype_names_are_the_stores():
+    from thoughtscope._io import DTYPES
+    from thoughtscope.plans import STORE_DTYPES
+    from thoughtscope.store.format import NPY_DTYPES
+
+    assert set(STORE_DTYPES) == set(DTYPES) == set(NPY_DTYPES)
