@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from thoughtscope.features import FeatureError
 from thoughtscope.models import Site, capture, tiny_model
 from thoughtscope.sae import SAE, SAEConfig, save_sae
 from thoughtscope.steer import (
@@ -84,16 +85,16 @@ def test_top_features_at_token_and_max_acts(lm, planted):
     assert tok == "Z" and PLANT in [f for f, _ in feats]
     tok, feats = top_features_at(lm, planted, SITE, "ab Z cd", 0, top=128)
     assert tok == "a" and PLANT not in [f for f, _ in feats]
-    with pytest.raises(SteerError, match="out of range"):
+    with pytest.raises(FeatureError, match="out of range"):
         top_features_at(lm, planted, SITE, "ab", 5)
-    with pytest.raises(SteerError, match="no token"):
+    with pytest.raises(FeatureError, match="no token"):
         top_features_at(lm, planted, SITE, "ab", "Q")
     m = feature_max_acts(lm, planted, SITE, PROMPTS, [PLANT])
     assert m.shape == (1,) and float(m[0]) > 0
     assert float(feature_max_acts(lm, planted, SITE, CONTROLS, [PLANT])[0]) == 0.0
-    with pytest.raises(SteerError, match="score"):
+    with pytest.raises(FeatureError, match="score"):
         contrast_features(lm, planted, SITE, PROMPTS, CONTROLS, score="best")
-    with pytest.raises(SteerError, match="controls"):
+    with pytest.raises(FeatureError, match="controls"):
         contrast_features(lm, planted, SITE, PROMPTS, [])
 
 

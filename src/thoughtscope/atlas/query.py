@@ -52,32 +52,25 @@ def top_features_for_text(lm: LoadedModel, sae, text: str, *, k: int = 5, site=N
 
 
 def contrast(lm: LoadedModel, sae, prompts: Sequence[str], controls: Sequence[str], *, k: int = 20,
-             atlas: Atlas | None = None, site=None) -> list[dict]:
-    """Features most active on `prompts` and least on `controls`.
+             atlas: Atlas | None = None, site=None, max_control_rate: float = 0.5) -> list[dict]:
+    """Features most active on `prompts` and least on `controls`, with the atlas's maxima as the scale.
 
-    Score = (mean over prompts of the feature's peak activation − mean over controls of it) / M, where M is the
-    feature's largest activation seen (in the atlas when one is given, and on these texts): a number in
-    [-1, 1] on which rare, strong features and common, weak ones compare. Without an atlas M is the largest
-    activation on these texts only. Ties broken by the share of prompts where the feature fires at all.
+    Score = (mean over prompts of the feature's peak activation − mean over controls of it) / M, M the
+    feature's reference max (`features.feature_max`: the atlas's when given, at least the max on these
+    texts): a number in [-1, 1] on which rare, strong features and common, weak ones compare. One search
+    (`features.contrast_features`, score "max"), so the web page, the CLI and the library agree.
     """
-    if not prompts or not controls:
-        raise AtlasError("contrastive search needs at least one prompt and one control prompt")
-    P = torch.stack([f.max(0).values for _, f in feature_acts(lm, sae, prompts, site=site)])
-    C = torch.stack([f.max(0).values for _, f in feature_acts(lm, sae, controls, site=site)])
-    diff = P.mean(0) - C.mean(0)
-    scale = torch.maximum(P.max(0).values, C.max(0).values)
-    if atlas is not None:
-        if atlas.n_features != diff.numel():
-            raise AtlasError(f"the atlas has {atlas.n_features} features but the SAE has {diff.numel()}")
-        mx = torch.tensor([r[0] for r in atlas.con.execute("SELECT max_act FROM features ORDER BY id")])
-        scale = torch.maximum(scale, mx.float())
-    score = diff / scale.clamp_min(1e-12)
-    fires = (P > 0).float().mean(0)
-    key = score + 1e-6 * fires
-    v, i = key.topk(min(k, key.numel()))
-    return [{"feature": int(n), "score": float(score[n]), "prompt_mean": float(P[:, n].mean()),
-             "control_mean": float(C[:, n].mean()), "prompt_fire_rate": float(fires[n]),
-             "normalised": atlas is not None} for n in i]
+    from ..features import FeatureError, contrast_features, feature_max
+
+    try:
+        ref = feature_max(sae, atlas)
+        rows = contrast_features(lm, sae, site, prompts, controls, score="max", top=k,
+                                 max_control_rate=max_control_rate, maxima=ref.values if ref else None)
+    except FeatureError as e:
+        raise AtlasError(f"contrastive search: {e}") from None
+    return [{"feature": r.feature, "score": r.score, "prompt_mean": r.mean_prompts, "control_mean": r.mean_controls,
+             "prompt_fire_rate": r.freq_prompts, "control_fire_rate": r.freq_controls,
+             "normalised": atlas is not None} for r in rows]
 
 
 def open_with_model(atlas_path, *, device: str | None = None, sae_path: str | None = None, model: str | None = None,

@@ -104,6 +104,8 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
+        self.feature_stats = None  # sae.stats.FeatureStats, attached by load_sae when the folder has them
+        self.source_dir = None     # the folder it was loaded from
         m, d = cfg.n_features, cfg.d_model
         self.enc = nn.Parameter(torch.zeros(m, d))
         self.b_enc = nn.Parameter(torch.zeros(m))

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from .._io import atomic_dir
 from .base import SAE, build_sae
 from .config import SAEConfig, SAEError
+from .stats import read_feature_stats
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -124,6 +125,8 @@ def load_sae(path: str | Path, *, device: str | torch.device | None = None) -> S
     else:
         cfg = _read_json(p / CFG_FILE)
         sae = load_saelens(p) if "d_in" in cfg and "arch" not in cfg else _load_native(p, cfg)
+    sae.feature_stats = read_feature_stats(p, int(sae.W_dec.shape[0]))
+    sae.source_dir = p
     return sae.to(device) if device is not None else sae
 
 

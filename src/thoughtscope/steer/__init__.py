@@ -5,6 +5,7 @@
         logits = lm.model(ids).logits
     compare(lm, ["Tell me about yourself."], [clamp(sae, 1234, 40.0)], GenerationConfig(seed=0))
 """
+from ..features import SCORES, FeatureScore, contrast_features, feature_max_acts, token_features, top_features_at
 from .calibrate import (
                         NEUTRAL_PROMPTS,
                         SweepPoint,
@@ -63,7 +64,6 @@ from .run import (
                         steer_with_preset,
                         vector_fit,
 )
-from .search import SCORES, FeatureScore, contrast_features, feature_max_acts, token_features, top_features_at
 from .vectors import METHODS, SteeringVector, fit_vector, last_token_acts, pca_of_differences, site_norm
 
 __all__ = [

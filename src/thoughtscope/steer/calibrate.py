@@ -130,14 +130,19 @@ class SweepResult:
 
 def evaluate(lm: LoadedModel, interventions: Sequence, *, prompts: Sequence[str] = NEUTRAL_PROMPTS,
              keywords: Sequence[str] = (), judge: Callable[[str], bool] | None = None,
-             config: GenerationConfig | None = None, strength: float = 0.0, keep_samples: int = 3) -> SweepPoint:
-    """Generate once with the interventions and measure concept rate, perplexity and repetition."""
+             config: GenerationConfig | None = None, strength: float = 0.0,
+             keep_samples: int | None = None) -> SweepPoint:
+    """Generate once with the interventions and measure concept rate, perplexity and repetition.
+
+    Every answer is kept (`keep_samples` caps them): a rate over 20 answers is read best beside them.
+    """
     config = config or GenerationConfig(**DEFAULT_SWEEP_CONFIG)
     gens = generate(lm, list(prompts), interventions, config)
     hit = [(judge(g.text) if judge else mentions(g.text, keywords)) for g in gens]
     ppl, _ = perplexity(lm, [g.prompt_ids for g in gens], [g.token_ids for g in gens])
     rep = sum(repetition_rate(g.token_ids) for g in gens) / len(gens)
-    return SweepPoint(float(strength), sum(hit) / len(hit), ppl, rep, [g.text for g in gens[:keep_samples]])
+    kept = gens if keep_samples is None else gens[:keep_samples]
+    return SweepPoint(float(strength), sum(hit) / len(hit), ppl, rep, [g.text for g in kept])
 
 
 def suggest(points: Sequence[SweepPoint], baseline_ppl: float, ppl_bound: float) -> float | None:

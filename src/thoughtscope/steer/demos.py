@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..features import contrast_features, feature_max_acts
 from ..models import LoadedModel
 from .calibrate import DEFAULT_SWEEP_CONFIG, NEUTRAL_PROMPTS, evaluate, plot_sweep, sweep
 from .generate import GenerationConfig, compare
 from .interventions import FeatureEdit, VectorEdit
-from .search import contrast_features, feature_max_acts
 
 
 @dataclass
@@ -181,7 +181,7 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
             if best is None or pt.concept_rate > best["concept_rate"]:
                 best = row
         tried.append(row)
-    out = {"concept": concept.name, "site": site, "positions": positions, "score": "z (see thoughtscope.steer.search)",
+    out = {"concept": concept.name, "site": site, "positions": positions, "score": "z (see thoughtscope.features)",
            "concept_method": "keywords", "keywords": concept.keywords, "ppl_bound": ppl_bound,
            "n_prompts": len(prompts), "search_top10": [(f.feature, round(f.score, 3)) for f in ranked[:10]],
            "candidates": tried, "best": best, "generation": asdict(config)}

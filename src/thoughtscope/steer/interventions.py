@@ -154,9 +154,12 @@ class FeatureEdit:
         if self.unit not in ("raw", "max"):
             raise SteerError(f"unit must be 'raw' or 'max', got {self.unit!r}")
         if self.unit == "max" and self.op in ("clamp", "add"):
-            if self.max_act is None:
-                raise SteerError(f"feature {self.feature}: unit 'max' needs the feature's max_act "
-                                 f"(measure it with feature_max_acts or give it in the preset)")
+            if self.max_act is None:  # the one reference: the max stored with the SAE (features.feature_max)
+                stats = getattr(self.sae, "feature_stats", None)
+                if stats is None:
+                    raise SteerError(f"feature {self.feature}: unit 'max' needs the feature's max activation and this "
+                                     f"SAE stores none; run 'thoughtscope features stats' on it, or give max_act")
+                self.max_act = float(stats.max_act[self.feature])
             m = _check_finite(f"max_act of feature {self.feature}", self.max_act)
             if m <= 0:
                 raise SteerError(f"feature {self.feature}: max_act must be > 0 for unit 'max', got {m}")

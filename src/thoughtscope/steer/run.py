@@ -6,11 +6,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..features import SCORES, FeatureScore, contrast_features
 from ..models import LoadedModel
 from .generate import Comparison, GenerationConfig, compare
 from .interventions import SteerError
 from .presets import Preset
-from .search import SCORES, FeatureScore, contrast_features
 from .vectors import SteeringVector, fit_vector
 
 

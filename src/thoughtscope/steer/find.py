@@ -1,0 +1,426 @@
+"""Find the handle that makes the model *write* about a concept, and calibrate it into a slider.
+
+A user names a concept (keywords, and/or texts with and without it). We build candidate handles:
+- SAE features ranked by input contrast (they fire on the concept's texts and not on the controls) and,
+  separately, by output effect (their decoder direction, read through the final norm and unembedding,
+  promotes the concept's tokens), since in small models the two sides often differ;
+- CAA vectors (mean activation on the concept's texts minus on the controls) at two or three sites.
+Each is screened cheaply (a few questions, short answers, a coarse strength grid, stopping a handle as
+soon as it breaks the text); handles that never beat the unsteered concept rate are dropped there. Only
+the best few get a full calibration on all neutral questions. The result is the frontier (concept rate
+against perplexity ratio, per handle and strength), the prompt-only baseline ("mention X" in the system
+prompt) on the same questions, and the best handle within the perplexity bound, re-checked on a second
+seed and ready to save as an equalizer preset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._io import atomic_write_json
+from ..features import FeatureError, concept_token_ids, contrast_features, feature_max, output_features
+from ..models import LoadedModel, Site, capture
+from ..progress import ProgressBar
+from .calibrate import NEUTRAL_PROMPTS, SweepPoint, evaluate, mentions
+from .generate import GenerationConfig, has_chat_template
+from .interventions import SteerError, add_vector, clamp
+from .presets import Preset, PresetItem
+
+CONTROL_TEXTS = [
+    "The meeting has been moved to Tuesday afternoon.",
+    "She bought a new laptop for her studies.",
+    "Add the flour and stir until the batter is smooth.",
+    "The train to the city leaves at nine o'clock.",
+    "He fixed the broken chair in the garage.",
+    "The report covers last year's sales figures.",
+    "Please remember to water the plants on Friday.",
+    "The students finished their homework before dinner.",
+    "Our neighbours painted their fence white.",
+    "The library closes early on public holidays.",
+    "I need to renew my passport next month.",
+    "The committee approved the new budget.",
+]
+PROMPT_TEMPLATES = ["Let me tell you about {kw}.", "Everyone was talking about the {kw}.",
+                    "This is a story about {kw}.", "I have always loved {kw}."]
+PROMPT_ONLY_INSTRUCTION = "Whatever the question, mention {concept} in your answer."
+
+
+@dataclass
+class Concept:
+    """What to steer towards: keywords (also the concept-rate test), texts with it and texts without."""
+
+    name: str
+    keywords: list[str]
+    prompts: list[str] = field(default_factory=list)
+    controls: list[str] = field(default_factory=list)
+    match: str = "word"            # "word": whole words, case-insensitive; "substring": anywhere (no word breaks)
+
+    def __post_init__(self) -> None:
+        if self.match not in ("word", "substring"):
+            raise SteerError(f"concept {self.name!r}: match must be 'word' or 'substring', got {self.match!r}")
+        self.keywords = [k.strip() for k in self.keywords if k and k.strip()]
+        if not self.keywords:
+            raise SteerError(f"concept {self.name!r}: give keywords (they are how the concept rate is measured)")
+        if not self.prompts:
+            kws, T = self.keywords[:12], PROMPT_TEMPLATES
+            texts = [T[(i + j) % len(T)].format(kw=k) for j in range(len(T)) for i, k in enumerate(kws)]
+            self.prompts = list(dict.fromkeys(texts))[: max(8, len(kws))]
+        if not self.controls:
+            self.controls = list(CONTROL_TEXTS)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Concept:
+        """A JSON file {"name", "keywords", "prompts"?, "controls"?, "match"?}."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SteerError(f"{path}: not a readable concept JSON file ({e})") from None
+        unknown = set(d) - {"name", "keywords", "prompts", "controls", "match"}
+        if unknown or "keywords" not in d:
+            raise SteerError(f"{path}: expected keys name, keywords, prompts, controls, match; got {sorted(d)}")
+        return cls(str(d.get("name", path.stem)), list(d["keywords"]), list(d.get("prompts", [])),
+                   list(d.get("controls", [])), str(d.get("match", "word")))
+
+    def mentioned(self, text: str) -> bool:
+        if self.match == "word":
+            return mentions(text, self.keywords)
+        t = text.lower()
+        return any(k.lower() in t for k in self.keywords)
+
+
+@dataclass
+class Handle:
+    """One way to steer: an SAE feature clamp (strength in × the reference max) or a CAA vector added
+    at a site (strength in multiples of the site's median residual norm)."""
+
+    kind: str                      # "feature" | "caa"
+    id: str
+    site: str
+    grid: list[float]
+    feature: int | None = None
+    max_act: float | None = None   # the feature's reference max
+    max_source: str = ""
+    direction: torch.Tensor | None = field(default=None, repr=False)
+    typical_norm: float | None = None
+    found_by: dict = field(default_factory=dict)
+
+    def interventions(self, sae, strength: float, positions: str) -> list:
+        if self.kind == "feature":
+            return [clamp(sae, self.feature, strength, unit="max", max_act=self.max_act, positions=positions,
+                          site=self.site)]
+        return [add_vector(self.direction * self.typical_norm, self.site, strength, positions=positions)]
+
+    def describe(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "direction"}
+        return d
+
+
+@dataclass
+class FindConfig:
+    """Budget knobs. Screening: `n_screen` questions, `screen_tokens` new tokens, the handle's coarse grid.
+    Calibration: every question, `max_new_tokens`, a fine grid around the best screening strength."""
+
+    n_features: int = 4            # per ranking (input contrast, output effect)
+    caa_sites: Sequence[str] | None = None   # default: the SAE's site and layers at 1/3 and 2/3 depth
+    n_screen: int = 6
+    screen_tokens: int = 24
+    n_calibrate: int = 3
+    max_new_tokens: int = 40
+    ppl_bound: float = 2.0
+    feature_grid: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
+    vector_grid: Sequence[float] = (0.08, 0.12, 0.17, 0.24)
+    fine_steps: Sequence[float] = (0.8, 1.0, 1.2, 1.4)
+    positions: str = "all"
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_features", "n_screen", "screen_tokens", "n_calibrate", "max_new_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "n_features" else 1):
+                raise SteerError(f"FindConfig.{name} must be a positive integer, got {v!r}")
+        if not self.ppl_bound > 1:
+            raise SteerError(f"FindConfig.ppl_bound must be > 1 (a multiple of the unsteered perplexity), "
+                             f"got {self.ppl_bound}")
+        for name in ("feature_grid", "vector_grid", "fine_steps"):
+            g = list(getattr(self, name))
+            if not g or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in g):
+                raise SteerError(f"FindConfig.{name} must be positive finite numbers, got {g!r}")
+
+    def generation(self, tokens: int, seed: int | None = None) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=tokens, temperature=self.temperature, top_p=self.top_p,
+                                seed=self.seed if seed is None else seed)
+
+
+def _point(p: SweepPoint, base: SweepPoint, stage: str, handle: str, n_q: int) -> dict:
+    ratio = p.perplexity / base.perplexity if base.perplexity else float("nan")
+    return {"handle": handle, "stage": stage, "strength": p.strength, "concept_rate": p.concept_rate,
+            "perplexity": p.perplexity, "perplexity_ratio": ratio, "repetition": p.repetition,
+            "n_questions": n_q, "answers": list(p.samples)}
+
+
+def _best(points: Sequence[dict], bound: float) -> dict | None:
+    ok = [p for p in points if math.isfinite(p["perplexity_ratio"]) and p["perplexity_ratio"] <= bound]
+    return max(ok, key=lambda p: (p["concept_rate"], -p["perplexity_ratio"])) if ok else None
+
+
+# ----------------------------------------------------------------------------- candidates
+@torch.no_grad()
+def _token_mean(lm: LoadedModel, site: Site, texts: Sequence[str]) -> tuple[torch.Tensor, float]:
+    """Mean activation over the texts' ordinary tokens (sink, pads and >10x median-norm tokens excluded)
+    and their median norm."""
+    ids, mask = lm.tokenize(list(texts))
+    h = capture(lm, site, ids, mask)[site].float().cpu()
+    keep = mask.bool().clone().cpu()
+    keep[:, 0] = False
+    x = h[keep]
+    n = x.norm(dim=-1)
+    x = x[n <= 10 * n.median()]
+    return x.mean(0), float(n.median())
+
+
+def caa_sites(lm: LoadedModel, sae) -> list[str]:
+    """The SAE's site plus residual sites at about 1/3 and 2/3 of the depth (distinct, in order)."""
+    L = lm.n_layers
+    out = [str(Site.parse(sae.cfg.site))] if sae is not None else []
+    for layer in (round(L / 3), round(2 * L / 3)):
+        s = str(Site(min(max(layer, 0), L - 1)))
+        if s not in out:
+            out.append(s)
+    return sorted(out, key=lambda s: Site.parse(s).layer)
+
+
+def build_handles(lm: LoadedModel, sae, concept: Concept, config: FindConfig) -> list[Handle]:
+    """Feature handles (top by input contrast and by output effect) and CAA handles at several sites."""
+    handles: list[Handle] = []
+    if sae is not None and config.n_features:
+        ref = feature_max(sae)
+        site = str(Site.parse(sae.cfg.site))
+        try:
+            by_input = contrast_features(lm, sae, site, concept.prompts, concept.controls, top=config.n_features)
+        except FeatureError as e:
+            raise SteerError(str(e)) from None
+        toks = concept_token_ids(lm.tokenizer, concept.keywords)
+        by_output = output_features(lm, sae, toks, top=config.n_features) if toks else []
+        local = None
+        found: dict[int, dict] = {}
+        for rank, s in enumerate(by_input):
+            found.setdefault(s.feature, {})["input_contrast"] = {"rank": rank + 1, "z": round(s.score, 4)}
+        for rank, s in enumerate(by_output):
+            found.setdefault(s.feature, {})["output_effect"] = {"rank": rank + 1, "z": round(s.score, 4)}
+        for f, why in found.items():
+            if ref is not None:
+                m, src = float(ref.values[f]), ref.source
+            else:  # no stored reference: measure on the concept's texts and say so
+                if local is None:
+                    from ..features import feature_max_acts
+                    local = feature_max_acts(lm, sae, site, concept.prompts + concept.controls)
+                m, src = float(local[f]), "these concept and control texts only (no stored max)"
+            if not m > 0:
+                m, src = 1.0, "never fired on the reference texts; strength in raw activation units"
+            handles.append(Handle("feature", f"feature:{f}", site, list(config.feature_grid), feature=f, max_act=m,
+                                  max_source=src, found_by=why))
+    for site in (config.caa_sites or caa_sites(lm, sae)):
+        s = lm.check_site(site)
+        mp, _ = _token_mean(lm, s, concept.prompts)
+        mc, typical = _token_mean(lm, s, concept.controls)
+        v = mp - mc
+        if float(v.norm()) == 0:
+            continue
+        handles.append(Handle("caa", f"caa:{s}", str(s), list(config.vector_grid), direction=v / v.norm(),
+                              typical_norm=typical, found_by={"caa": {"norm_of_difference": round(float(v.norm()), 4)}}))
+    return handles
+
+
+# ----------------------------------------------------------------------------- search
+@dataclass
+class FindResult:
+    concept: Concept
+    config: dict
+    baseline: dict                 # unsteered, all questions
+    prompt_only: dict              # "mention X" in the system prompt, same questions
+    handles: list[dict]
+    frontier: list[dict]           # every calibration point
+    best: dict | None
+    seconds: float
+    questions: list[str]
+
+    def to_dict(self) -> dict:
+        return {"concept": asdict(self.concept), "config": self.config, "questions": self.questions,
+                "baseline": self.baseline, "prompt_only": self.prompt_only, "handles": self.handles,
+                "frontier": self.frontier, "best": self.best, "seconds": self.seconds}
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+
+def _prompt_only(lm: LoadedModel, concept: Concept, questions: Sequence[str], gen: GenerationConfig,
+                 base: SweepPoint) -> dict:
+    """Ask for the concept in the instructions; score the answers as answers to the plain questions."""
+    from .calibrate import perplexity, repetition_rate
+    from .generate import format_prompt, generate
+
+    instruction = PROMPT_ONLY_INSTRUCTION.format(concept=concept.name)
+    if has_chat_template(lm.tokenizer) and gen.chat is not False:
+        cfg = GenerationConfig(**{**asdict(gen), "system": instruction})
+        gens = generate(lm, list(questions), [], cfg)
+    else:
+        gens = generate(lm, [f"{instruction}\n{q}" for q in questions], [], gen)
+    plain = [format_prompt(lm, q, chat=gen.chat, system=gen.system) for q in questions]
+    ppl, _ = perplexity(lm, plain, [g.token_ids for g in gens])
+    rate = sum(concept.mentioned(g.text) for g in gens) / len(gens)
+    rep = sum(repetition_rate(g.token_ids) for g in gens) / len(gens)
+    p = SweepPoint(0.0, rate, ppl, rep, [g.text for g in gens])
+    out = _point(p, base, "prompt-only", "prompt-only", len(questions))
+    out["instruction"] = instruction
+    return out
+
+
+def find_handle(lm: LoadedModel, sae, concept: Concept, *, questions: Sequence[str] = NEUTRAL_PROMPTS,
+                config: FindConfig | None = None, handles: Sequence[Handle] | None = None,
+                progress: bool = True) -> FindResult:
+    """Search handles for `concept`, screen them cheaply, calibrate the best few (see module doc).
+
+    `handles` replaces the automatic candidates (e.g. to calibrate a feature you already have in mind).
+    """
+    config = config or FindConfig()
+    questions = [q for q in questions if q.strip()]
+    if len(questions) < 2:
+        raise SteerError("give at least 2 neutral questions to calibrate on")
+    t0 = time.perf_counter()
+    handles = list(handles) if handles is not None else build_handles(lm, sae, concept, config)
+    if not handles:
+        raise SteerError(f"no candidate handle for {concept.name!r}: no SAE and no CAA site gave a direction")
+    screen_q = questions[: config.n_screen]
+    screen_work = sum(len(h.grid) for h in handles) * len(screen_q) * config.screen_tokens
+    full_work = (2 + 1 + config.n_calibrate * len(config.fine_steps)) * len(questions) * config.max_new_tokens
+    scfg, fcfg = config.generation(config.screen_tokens), config.generation(config.max_new_tokens)
+    report: dict[str, dict] = {h.id: {**h.describe(), "screen": [], "calibration": [], "status": ""} for h in handles}
+    with ProgressBar(f"steer find {concept.name}", screen_work + full_work, unit="answer tokens",
+                     enabled=progress) as bar:
+        done = 0
+
+        def tick(n_q: int, tokens: int, info: str) -> None:
+            nonlocal done
+            done += n_q * tokens
+            bar.update(done, info=info)
+
+        sbase = evaluate(lm, [], prompts=screen_q, judge=concept.mentioned, config=scfg, keep_samples=0)
+        screened = []
+        for h in handles:
+            pts = []
+            for s in sorted(h.grid):
+                p = _point(evaluate(lm, h.interventions(sae, s, config.positions), prompts=screen_q, judge=concept.mentioned,
+                                    config=scfg, strength=s, keep_samples=len(screen_q)), sbase, "screen", h.id,
+                           len(screen_q))
+                pts.append(p)
+                tick(len(screen_q), config.screen_tokens, h.id)
+                if p["perplexity_ratio"] > 3 * config.ppl_bound:  # broken text: stronger is only worse
+                    break
+            skipped = len(h.grid) - len(pts)
+            done += skipped * len(screen_q) * config.screen_tokens
+            report[h.id]["screen"] = pts
+            best = _best(pts, config.ppl_bound * 1.25)  # screening is noisy: a little slack
+            if best is None or best["concept_rate"] <= sbase.concept_rate:
+                report[h.id]["status"] = "dropped at screening: never above the unsteered concept rate within the bound"
+            else:
+                screened.append((best["concept_rate"], -best["perplexity_ratio"], h, best["strength"]))
+        screened.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        chosen = screened[: config.n_calibrate]
+        for _, _, h, _ in screened[config.n_calibrate:]:
+            report[h.id]["status"] = "screened, not among the best for calibration"
+        base = evaluate(lm, [], prompts=questions, judge=concept.mentioned, config=fcfg, keep_samples=len(questions))
+        baseline = _point(base, base, "baseline", "unsteered", len(questions))
+        tick(len(questions), config.max_new_tokens, "unsteered")
+        prompt_only = _prompt_only(lm, concept, questions, fcfg, base)
+        tick(len(questions), config.max_new_tokens, "prompt-only")
+        frontier = []
+        for _, _, h, s_star in chosen:
+            for m in config.fine_steps:
+                s = round(s_star * m, 6)
+                p = _point(evaluate(lm, h.interventions(sae, s, config.positions), prompts=questions, judge=concept.mentioned,
+                                    config=fcfg, strength=s, keep_samples=len(questions)), base, "calibration", h.id,
+                           len(questions))
+                report[h.id]["calibration"].append(p)
+                frontier.append(p)
+                tick(len(questions), config.max_new_tokens, h.id)
+            report[h.id]["status"] = "calibrated"
+        done += (config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(questions) * config.max_new_tokens
+        best = _best(frontier, config.ppl_bound)
+        best_out = None
+        if best is not None:
+            h = next(x for x in handles if x.id == best["handle"])
+            # the winner is picked on seed `seed`; a second seed shows how much of that was luck
+            again = config.generation(config.max_new_tokens, seed=config.seed + 1)
+            check = _point(evaluate(lm, h.interventions(sae, best["strength"], config.positions), prompts=questions,
+                                    judge=concept.mentioned, config=again, strength=best["strength"], keep_samples=0),
+                           evaluate(lm, [], prompts=questions, judge=concept.mentioned, config=again, keep_samples=0),
+                           "check", h.id, len(questions))
+            tick(len(questions), config.max_new_tokens, "second seed")
+            best_out = {"kind": h.kind, "id": h.id, "site": h.site, "feature": h.feature,
+                        "strength": best["strength"], "unit": "x max" if h.kind == "feature" else "x median norm",
+                        "concept_rate": best["concept_rate"], "perplexity_ratio": best["perplexity_ratio"],
+                        "repetition": best["repetition"], "positions": config.positions,
+                        "max_act": h.max_act, "max_source": h.max_source,
+                        "range": [min(p["strength"] for p in report[h.id]["calibration"]),
+                                  max(p["strength"] for p in report[h.id]["calibration"])],
+                        "second_seed": {"seed": config.seed + 1, "concept_rate": check["concept_rate"],
+                                        "perplexity_ratio": check["perplexity_ratio"]},
+                        "found_by": h.found_by}
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+    cfg["caa_sites"] = [h.site for h in handles if h.kind == "caa"]
+    result = FindResult(concept, cfg, baseline, prompt_only, list(report.values()), frontier, best_out,
+                        round(time.perf_counter() - t0, 1), list(questions))
+    result._handles = {h.id: h for h in handles}  # for save_preset
+    return result
+
+
+def _sae_spec(sae, base: Path) -> str:
+    """How a preset names the SAE: "default", a path relative to the preset's folder, or absolute."""
+    from .presets import default_sae_path
+
+    src = getattr(sae, "source_dir", None)
+    if src is None:
+        raise SteerError("the SAE was not loaded from a folder; save it (save_sae) and load it before saving a preset")
+    src = Path(src).resolve()
+    if src == default_sae_path().resolve():
+        return "default"
+    try:
+        return str(src.relative_to(base.resolve()))
+    except ValueError:
+        return str(src)
+
+
+def save_preset(result: FindResult, sae, path: str | Path) -> Path:
+    """The winning handle as an equalizer preset with its calibrated range (a CAA vector is saved beside it)."""
+    from .vectors import SteeringVector
+
+    if result.best is None:
+        raise SteerError(f"no handle for {result.concept.name!r} raised the concept rate within the perplexity bound; nothing to save")
+    path = Path(path)
+    best = result.best
+    h: Handle = result._handles[best["id"]]
+    common = dict(value=float(best["strength"]), positions=best["positions"], label=result.concept.name,
+                  range=[float(x) for x in best["range"]], suggested=float(best["strength"]))
+    if h.kind == "feature":
+        item = PresetItem("feature", "clamp", h.site, feature=h.feature, unit="max", max_act=float(h.max_act),
+                          sae=_sae_spec(sae, path.parent), **common)
+    else:
+        vec_path = path.with_name(f"{path.stem}.{h.site}.safetensors")
+        vec_path.parent.mkdir(parents=True, exist_ok=True)
+        SteeringVector(h.direction, h.site, method="caa-token-mean", model=getattr(sae, "model_name", "") or "",
+                       typical_norm=h.typical_norm, extra={"concept": result.concept.name}).save(vec_path)
+        item = PresetItem("vector", "add", h.site, vector=vec_path.name, unit="norm", **common)
+    desc = (f"{result.concept.name}: {best['id']} at {best['strength']:g} {best['unit']} — concept rate "
+            f"{100 * best['concept_rate']:.0f} % at {best['perplexity_ratio']:.2f}x perplexity "
+            f"({len(result.questions)} questions; found by steer find)")
+    return Preset(path.stem, [item], desc).save(path)

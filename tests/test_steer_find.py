@@ -1,0 +1,169 @@
+"""steer find: output-effect ranking, screening that drops handles with no effect, one "x max" reference,
+and presets that reproduce the steered text (tiny models)."""
+
+import json
+
+import pytest
+import torch
+
+from thoughtscope.features import (
+    concept_token_ids,
+    contrast_features,
+    feature_max,
+    output_features,
+    output_scores,
+)
+from thoughtscope.models import tiny_model
+from thoughtscope.sae import SAE, SAEConfig, load_sae, save_sae
+from thoughtscope.sae.stats import FeatureStats, read_feature_stats, save_feature_stats
+from thoughtscope.steer import GenerationConfig, Preset, SteerError, clamp, generate
+from thoughtscope.steer.find import Concept, FindConfig, Handle, find_handle, save_preset
+
+SITE = "resid.1"
+WRITER = 11  # the planted feature whose decoder writes the concept token
+QUESTIONS = ["hello there", "what is up", "tell me more", "how are you", "good day", "nice to see"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """A tiny random model with a sharpened unembedding, so a steered logit can win under sampling too."""
+    m = tiny_model("llama", d_model=64, n_layers=2)
+    with torch.no_grad():
+        m.unembed.weight.mul_(40)
+    return m
+
+
+def _token(lm, text):
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1
+    return ids[0]
+
+
+@pytest.fixture(scope="module")
+def sae(lm):
+    """Random SAE plus feature WRITER whose decoder is the unembedding row of 'Q' read back through the
+    final norm, scaled up so a clamp makes the model write Q."""
+    cfg = SAEConfig(arch="relu-l1", d_model=64, n_features=96, site=SITE)
+    sae = SAE.from_config(cfg, seed=5)
+    q = _token(lm, "Q")
+    from thoughtscope.features import norm_scale
+
+    g = norm_scale(lm.final_norm)
+    u = lm.unembed.weight.detach().float()[q] / g
+    with torch.no_grad():
+        sae.W_dec[WRITER] = u / u.norm()
+    return sae.eval().requires_grad_(False)
+
+
+def test_output_effect_ranks_the_planted_writer_first(lm, sae):
+    toks = concept_token_ids(lm.tokenizer, ["Q"])
+    assert _token(lm, "Q") in toks
+    assert output_features(lm, sae, toks, top=5)[0].feature == WRITER
+    ranked = output_features(lm, sae, [_token(lm, "Q")], top=5)
+    assert ranked[0].feature == WRITER and ranked[0].score > 2 * abs(ranked[1].score)
+    # the closed form equals z-scoring the full logit row
+    U = lm.unembed.weight.detach().float()
+    from thoughtscope.features import norm_scale
+
+    logits = (sae.W_dec[:4].detach().float() * norm_scale(lm.final_norm)) @ U.T
+    z = (logits[:, toks] - logits.mean(1, keepdim=True)) / logits.std(1, unbiased=False, keepdim=True)
+    assert torch.allclose(output_scores(lm, sae.W_dec[:4], toks), z.mean(1), atol=1e-4)
+
+
+def test_contrast_stops_ranking_features_that_fire_on_most_controls(lm):
+    cfg = SAEConfig(arch="relu-l1", d_model=64, n_features=8, site=SITE)
+    s = SAE.from_config(cfg, seed=1)
+    with torch.no_grad():
+        s.enc.zero_()
+        s.b_enc.fill_(-1.0)
+        s.b_enc[3] = 5.0  # fires on every token of every text: big values on prompts by noise only
+        s.b_dec.zero_()
+    res = contrast_features(lm, s, SITE, ["abc", "def"], ["ghi", "jkl"], score="freq")
+    assert 3 not in [r.feature for r in res]
+    res = contrast_features(lm, s, SITE, ["abc", "def"], ["ghi", "jkl"], score="freq", max_control_rate=1.0)
+    assert 3 in [r.feature for r in res]
+
+
+def test_screening_drops_a_handle_with_no_effect_before_calibration(lm, sae):
+    concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ", "a Q b"], controls=["ab cd", "ef gh"])
+    zero = Handle("caa", "caa:nothing", SITE, [0.1, 0.2], direction=torch.ones(64) / 8.0, typical_norm=0.0)
+    writer = Handle("feature", f"feature:{WRITER}", SITE, [2.0, 20.0], feature=WRITER, max_act=1.0,
+                    max_source="test")
+    cfg = FindConfig(n_screen=4, screen_tokens=6, max_new_tokens=8, n_calibrate=2, ppl_bound=1e30,
+                     fine_steps=(1.0, 1.2), temperature=0.0)
+    res = find_handle(lm, sae, concept, questions=QUESTIONS, config=cfg, handles=[zero, writer], progress=False)
+    by_id = {h["id"]: h for h in res.handles}
+    assert by_id["caa:nothing"]["status"].startswith("dropped at screening")
+    assert by_id["caa:nothing"]["calibration"] == [] and len(by_id["caa:nothing"]["screen"]) == 2
+    assert by_id[f"feature:{WRITER}"]["status"] == "calibrated"
+    assert {p["handle"] for p in res.frontier} == {f"feature:{WRITER}"}
+    assert res.best["id"] == f"feature:{WRITER}" and res.best["concept_rate"] > res.baseline["concept_rate"]
+    for key in ("kind", "id", "strength", "concept_rate", "perplexity_ratio"):
+        assert key in res.best
+    json.dumps(res.to_dict())
+
+
+def test_found_preset_loads_and_reproduces_the_steered_text(lm, sae, tmp_path):
+    save_sae(sae, tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ", "a Q b"], controls=["ab cd", "ef gh"])
+    writer = Handle("feature", f"feature:{WRITER}", SITE, [6.0], feature=WRITER, max_act=1.0, max_source="test")
+    cfg = FindConfig(n_screen=3, screen_tokens=5, max_new_tokens=8, n_calibrate=1, ppl_bound=1e30,
+                     fine_steps=(1.0,), temperature=0.8, seed=3)
+    res = find_handle(lm, loaded, concept, questions=QUESTIONS[:3], config=cfg, handles=[writer], progress=False)
+    path = save_preset(res, loaded, tmp_path / "q.json")
+    preset = Preset.load(path)
+    item = preset.items[0]
+    assert item.feature == WRITER and item.suggested == res.best["strength"] and item.range == res.best["range"]
+    gens = generate(lm, QUESTIONS[:3], preset.build(lm), GenerationConfig(max_new_tokens=8, temperature=0.8, seed=3))
+    best_point = next(p for p in res.frontier if p["strength"] == res.best["strength"])
+    assert [g.text for g in gens] == best_point["answers"]
+
+
+def test_caa_handles_at_several_sites_and_vector_preset_round_trip(lm, sae, tmp_path):
+    concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ Q", "a Q b Q"], controls=["ab cd", "ef gh"])
+    cfg = FindConfig(n_features=0, caa_sites=["resid.0", SITE], n_screen=2, screen_tokens=4, max_new_tokens=6,
+                     n_calibrate=1, ppl_bound=1e30, vector_grid=(0.5,), fine_steps=(1.0,), temperature=0.0)
+    res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, progress=False)
+    assert [h["id"] for h in res.handles] == ["caa:resid.0", f"caa:{SITE}"]
+    # a direction that writes Q (the planted decoder row) as a CAA-kind handle: saved as a vector preset
+    u = sae.W_dec[WRITER].detach().clone()
+    writer = Handle("caa", "caa:writer", SITE, [1.0, 4.0], direction=u / u.norm(), typical_norm=5.0)
+    res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, handles=[writer], progress=False)
+    assert res.best is not None and res.best["kind"] == "caa" and res.best["concept_rate"] > 0
+    path = save_preset(res, None, tmp_path / "v.json")
+    preset = Preset.load(path)
+    assert preset.items[0].type == "vector" and preset.items[0].unit == "norm"
+    gens = generate(lm, QUESTIONS[:2], preset.build(lm), GenerationConfig(max_new_tokens=6, temperature=0.0))
+    best_point = next(p for p in res.frontier if p["strength"] == res.best["strength"])
+    assert [g.text for g in gens] == best_point["answers"]
+
+
+def test_one_max_reference_stored_with_the_sae(lm, sae, tmp_path):
+    save_sae(sae, tmp_path / "s")
+    n = sae.W_dec.shape[0]
+    mx = torch.linspace(0.5, 3.0, n)
+    save_feature_stats(FeatureStats(mx, torch.full((n,), 0.01), "unit test corpus", 1234), tmp_path / "s")
+    s = load_sae(tmp_path / "s")
+    ref = feature_max(s)
+    assert torch.equal(ref.values, mx) and "unit test corpus" in ref.source and "1,234" in ref.source
+    # a clamp at 1x of the stored max is exactly that absolute value, without passing max_act
+    a, b = clamp(s, 7, 1.0, unit="max"), clamp(s, 7, float(mx[7]))
+    assert a.target == b.target == pytest.approx(float(mx[7]))
+    assert a.max_act == pytest.approx(float(mx[7]))
+    # an SAE without stored maxima still needs max_act for unit "max", and says where to get it
+    with pytest.raises(SteerError, match="features stats"):
+        clamp(sae, 7, 1.0, unit="max")
+    # a stats file of the wrong size is refused with the path in the message
+    save_feature_stats(FeatureStats(mx[:5], mx[:5].clone(), "x", 1), tmp_path / "s")
+    with pytest.raises(Exception, match="feature_stats.safetensors"):
+        read_feature_stats(tmp_path / "s", n)
+
+
+def test_concept_needs_keywords_and_fills_prompts_and_controls():
+    with pytest.raises(SteerError, match="keywords"):
+        Concept("x", [" "])
+    c = Concept("bridges", ["bridge", "bridges"])
+    assert len(c.prompts) >= 8 and all("bridge" in p for p in c.prompts) and len(c.controls) >= 8
+    with pytest.raises(SteerError, match="ppl_bound"):
+        FindConfig(ppl_bound=0.5)
