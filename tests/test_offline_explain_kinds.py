@@ -119,3 +119,14 @@ def test_an_earlier_offline_version_is_replaced_without_overwrite(planted, tmp_p
     with Atlas.open(p) as at:
         assert {at.explanation(f)["method"] for f in feats} == {"offline-tokens-v2"}
         assert all('"zzz"' not in at.explanation(f)["explanation"] for f in feats)
+
+
+def test_predicted_active_from_three_quarters_of_the_heaviest_main_cue():
+    sc = LexicalScorer()
+    _, active = sc.predict('fires on "alpha", "beta", "gamma"; promotes "delta"',
+                           ["x alpha", "x beta", "beta gamma", "x delta", "nothing"])
+    assert active == [True, False, True, False, False]        # 1.0; 0.67; 0.67 + 0.5; 0.25 (promotes); 0
+    _, active = sc.predict("legal contracts", ["a legal text", "contracts only", "neither"])
+    assert active == [True, False, False]                    # unquoted words weigh half: the rule is relative
+    _, active = sc.predict('promotes "x"', ["x"])
+    assert active == [False]                                  # no main clause: never predicted active

@@ -61,6 +61,7 @@ class Cue:
 
 RANK_DECAY = 0.5
 OUTPUT_WEIGHT = 0.25  # a clause about what the feature promotes or predicts: those tokens tend to follow it
+ACTIVE_AT = 0.75      # predicted active from this share of the heaviest main cue's weight (chosen on validation)
 
 
 def rank_weight(i: int) -> float:
@@ -132,14 +133,16 @@ class LexicalScorer:
 
     def predict(self, explanation: str, texts: Sequence[str]) -> tuple[list[float], list[bool]]:
         """(graded score, predicted active) per text: the summed weight of the cues times how well each matches,
-        and whether any cue of a main clause matches."""
+        and whether that sum reaches ACTIVE_AT of the heaviest main cue's weight (that cue matching, or lesser
+        ones together)."""
         cues = parse_cues(explanation)
+        at = ACTIVE_AT * max([c.weight for c in cues if c.main], default=float("inf"))
         scores, active = [], []
         for t in texts:
             tl = t.lower()
             m = [(c, match(c, tl)) for c in cues]
             scores.append(float(sum(c.weight * v for c, v in m)))
-            active.append(any(c.main and v >= 0.5 for c, v in m))
+            active.append(scores[-1] >= at)
         return scores, active
 
     def fuzz(self, explanation: str, marked: Sequence[list[str]]) -> list[float]:
@@ -203,7 +206,7 @@ def detection_items(task: FeatureTask, tokenizer, cfg: ExplainConfig) -> tuple[l
 
 def lexical_detection(explanation: str, texts: Sequence[str], labels: Sequence[int],
                       scorer: LexicalScorer | None = None) -> dict:
-    """Detection: AUROC of the graded score, balanced accuracy of 'a cue of a main clause matches'."""
+    """Detection: AUROC of the graded score, balanced accuracy of the scorer's predicted-active rule."""
     scores, active = (scorer or LexicalScorer()).predict(explanation, texts)
     return {"labels": list(labels), "probs": scores, "bacc": balanced_accuracy(labels, [float(a) for a in active]),
             "auroc": auroc(labels, scores)}
