@@ -6,13 +6,16 @@ Arms (all scored by the same lexical scorer, `LexicalScorer`, on the same held-o
   llm         the atlas's own model as explainer (`LocalChatClient`, the 135M default for the default atlas)
   shuffled    each arm's explanations given to other features (seeded derangement): chance, measured
 
-Features: a uniform random sample of alive features (`Atlas.random_features(n, seed)`). The LLM arm runs
+Features: a uniform random sample of alive features (seeded), optionally disjoint from the samples other seeds
+draw (`--exclude-seeds 0,1`: a test sample that shares no feature with the samples changes were tuned on). The
+LLM arm runs
 on a copy of the atlas (`<out>/llm/atlas.sqlite`) so the original keeps its offline explanations; it is
 resumable (rerun the same command) and stops starting new features after `--deadline` (UTC, HH:MM), so
 the sample it reaches is reported as such. Per-feature differences (offline - llm) are paired on the
 features both arms explained; CIs are percentile bootstraps over features.
 
     python benchmarks/atlas_explainers.py --atlas atlas/ --n 200 --out runs/explainers [--deadline 21:00]
+    python benchmarks/atlas_explainers.py --atlas atlas/ --n 200 --seed 2026 --exclude-seeds 0,1 --out runs/test
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ def _past(deadline: str | None) -> bool:
     return (now.hour, now.minute) >= (hh, mm)
 
 
+def sample_features(at: Atlas, n: int, seed: int, exclude_seeds: list[int]) -> list[int]:
+    """n random alive features (seeded), none of them in the n-feature samples of `exclude_seeds`."""
+    excluded = {f for s in exclude_seeds for f in at.random_features(n, seed=s, alive_only=True)}
+    ids = [int(r[0]) for r in at.con.execute("SELECT id FROM features WHERE n_active > 0 ORDER BY id")]
+    pool = [f for f in ids if f not in excluded]
+    return sorted(random.Random(seed).sample(pool, min(n, len(pool))))
+
+
 def _rows(path: Path, features: list[int]) -> dict[int, dict]:
     with Atlas.open(path) as at:
         return {f: at.explanation(f) for f in features if (at.explanation(f) or {}).get("status") == "ok"}
@@ -82,14 +93,18 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--deadline", default=None, help="UTC HH:MM after which the LLM arm starts no new feature")
     ap.add_argument("--chunk", type=int, default=5, help="LLM features per resumable step")
-    ap.add_argument("--skip-llm", action="store_true")
+    ap.add_argument("--skip-llm", action="store_true", help="no new LLM features (those already done are still scored)")
+    ap.add_argument("--exclude-seeds", default="", help="comma-separated seeds whose samples the sample avoids")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for the LLM arm")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     src = Path(args.atlas)
     cfg = ExplainConfig(seed=args.seed, fuzz=False)
     with Atlas.open(src) as at:
-        feats = at.random_features(args.n, seed=args.seed, alive_only=True)
+        exclude = [int(x) for x in args.exclude_seeds.split(",") if x.strip()]
+        feats = sample_features(at, args.n, args.seed, exclude) if exclude else at.random_features(
+            args.n, seed=args.seed, alive_only=True)
         tok = load_tokenizer(at)
         spec = (at.meta.get("model_source") or {}).get("spec") or at.meta.get("model")
 
@@ -110,8 +125,12 @@ def main() -> None:
             with con:
                 con.execute("DELETE FROM explanations")
             con.close()
+        import torch
+
         from thoughtscope.models import load_model
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         lm = load_model(spec)
         client = LocalChatClient(lm)
         seconds, done_here = 0.0, 0
@@ -145,7 +164,7 @@ def main() -> None:
         d = [off[f][k] - llm[f][k] for f in both if off[f].get(k) is not None and llm[f].get(k) is not None]
         paired[f"offline_minus_llm_{k}"] = mean_ci(d)
     result = {
-        "atlas": str(src), "seed": args.seed, "n_sampled": len(feats), "config": cfg.__dict__,
+        "atlas": str(src), "seed": args.seed, "exclude_seeds": exclude, "n_sampled": len(feats), "config": cfg.__dict__,
         "offline": {"all": _arm(off, feats), "on_llm_features": _arm(off, both), "seconds": round(off_seconds, 2),
                     "summary": off_summary},
         "llm": {"explainer": f"local:{spec}", "on_llm_features": _arm(llm, both), **llm_info},
