@@ -46,6 +46,25 @@ def summarise(out: Path, names: list[str]) -> dict:
             "rows": rows}
 
 
+def markdown(summary: dict) -> str:
+    """The per-concept table for docs/steering.md and the README."""
+    lines = ["| concept | best handle | strength | concept rate | x perplexity | 2nd seed | unsteered | "
+             "prompt-only (x ppl) | candidates (dropped at screening) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        ok = r["concept_rate"] >= 0.5 and (r["perplexity_ratio"] or 9) <= 2.0
+        rate = f"{100 * r['concept_rate']:.0f} %"
+        lines.append(f"| {r['concept']} | {r['best_id'] or 'none within 2x'} | "
+                     f"{'' if r['strength'] is None else format(r['strength'], 'g')} {r['unit'] or ''} | "
+                     f"{'**' + rate + '**' if ok else rate} | "
+                     f"{'' if r['perplexity_ratio'] is None else format(r['perplexity_ratio'], '.2f')} | "
+                     f"{'' if r['second_seed_rate'] is None else format(100 * r['second_seed_rate'], '.0f') + ' %'} | "
+                     f"{100 * r['unsteered_rate']:.0f} % | {100 * r['prompt_only_rate']:.0f} % "
+                     f"({r['prompt_only_ppl_ratio']:.2f}) | {r['n_handles']} ({r['dropped_at_screening']}) |")
+    lines.append(f"\n{summary['n_pass']} of {summary['n_concepts']} concepts reach {summary['target']}.")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", type=Path, default=ROOT / "examples/steering/concepts")
@@ -56,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sae", default="default")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="only print the table of an existing run")
     args = ap.parse_args(argv)
 
     import torch
@@ -74,6 +94,9 @@ def main(argv=None) -> int:
             print(f"no concept file for {missing} in {args.concepts}", file=sys.stderr)
             return 2
         names = want
+    if args.markdown:
+        print(markdown(summarise(args.out, names)))
+        return 0
     questions = [q.strip() for q in args.questions.read_text().splitlines() if q.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     lm = load_model(args.model)

@@ -171,7 +171,8 @@ def steer_find(
         table.add_row(p["handle"], f"{p['strength']:g}", f"{p['concept_rate']:.0%}", f"{p['perplexity_ratio']:.2f}",
                       f"{p['repetition']:.2f}")
     po = res.prompt_only
-    table.add_row("prompt-only", "-", f"{po['concept_rate']:.0%}", f"{po['perplexity_ratio']:.2f}", f"{po['repetition']:.2f}")
+    table.add_row("prompt-only", "-", f"{po['concept_rate']:.0%}", f"{po['perplexity_ratio']:.2f}",
+                  f"{po['repetition']:.2f}")
     console.print(table)
     dropped = sum(h["status"].startswith("dropped") for h in res.handles)
     console.print(f"{len(res.handles)} candidates, {dropped} dropped at screening; {res.seconds:.0f} s")

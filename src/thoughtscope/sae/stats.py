@@ -48,7 +48,7 @@ def read_feature_stats(sae_dir: str | Path, n_features: int) -> FeatureStats | N
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f.keys()}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
     except (SafetensorError, OSError) as e:
         raise ThoughtscopeError(f"{path}: not a readable feature-statistics file ({e})") from None
     for key in ("max_act", "frequency"):

@@ -15,112 +15,24 @@ seed and ready to save as an equalizer preset.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from .._io import atomic_write_json
-from ..features import FeatureError, concept_token_ids, contrast_features, feature_max, output_features
-from ..models import LoadedModel, Site, capture
+from ..models import LoadedModel
 from ..progress import ProgressBar
-from .calibrate import NEUTRAL_PROMPTS, SweepPoint, evaluate, mentions
+from .calibrate import NEUTRAL_PROMPTS, SweepPoint, evaluate
 from .generate import GenerationConfig, has_chat_template
-from .interventions import SteerError, add_vector, clamp
+from .handles import Concept, Handle, build_handles
+from .interventions import SteerError
 from .presets import Preset, PresetItem
 
-CONTROL_TEXTS = [
-    "The meeting has been moved to Tuesday afternoon.",
-    "She bought a new laptop for her studies.",
-    "Add the flour and stir until the batter is smooth.",
-    "The train to the city leaves at nine o'clock.",
-    "He fixed the broken chair in the garage.",
-    "The report covers last year's sales figures.",
-    "Please remember to water the plants on Friday.",
-    "The students finished their homework before dinner.",
-    "Our neighbours painted their fence white.",
-    "The library closes early on public holidays.",
-    "I need to renew my passport next month.",
-    "The committee approved the new budget.",
-]
-PROMPT_TEMPLATES = ["Let me tell you about {kw}.", "Everyone was talking about the {kw}.",
-                    "This is a story about {kw}.", "I have always loved {kw}."]
+__all__ = ["Concept", "FindConfig", "FindResult", "Handle", "build_handles", "find_handle", "save_preset"]
+
 PROMPT_ONLY_INSTRUCTION = "Whatever the question, mention {concept} in your answer."
-
-
-@dataclass
-class Concept:
-    """What to steer towards: keywords (also the concept-rate test), texts with it and texts without."""
-
-    name: str
-    keywords: list[str]
-    prompts: list[str] = field(default_factory=list)
-    controls: list[str] = field(default_factory=list)
-    match: str = "word"            # "word": whole words, case-insensitive; "substring": anywhere (no word breaks)
-
-    def __post_init__(self) -> None:
-        if self.match not in ("word", "substring"):
-            raise SteerError(f"concept {self.name!r}: match must be 'word' or 'substring', got {self.match!r}")
-        self.keywords = [k.strip() for k in self.keywords if k and k.strip()]
-        if not self.keywords:
-            raise SteerError(f"concept {self.name!r}: give keywords (they are how the concept rate is measured)")
-        if not self.prompts:
-            kws, T = self.keywords[:12], PROMPT_TEMPLATES
-            texts = [T[(i + j) % len(T)].format(kw=k) for j in range(len(T)) for i, k in enumerate(kws)]
-            self.prompts = list(dict.fromkeys(texts))[: max(8, len(kws))]
-        if not self.controls:
-            self.controls = list(CONTROL_TEXTS)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Concept:
-        """A JSON file {"name", "keywords", "prompts"?, "controls"?, "match"?}."""
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SteerError(f"{path}: not a readable concept JSON file ({e})") from None
-        unknown = set(d) - {"name", "keywords", "prompts", "controls", "match"}
-        if unknown or "keywords" not in d:
-            raise SteerError(f"{path}: expected keys name, keywords, prompts, controls, match; got {sorted(d)}")
-        return cls(str(d.get("name", path.stem)), list(d["keywords"]), list(d.get("prompts", [])),
-                   list(d.get("controls", [])), str(d.get("match", "word")))
-
-    def mentioned(self, text: str) -> bool:
-        if self.match == "word":
-            return mentions(text, self.keywords)
-        t = text.lower()
-        return any(k.lower() in t for k in self.keywords)
-
-
-@dataclass
-class Handle:
-    """One way to steer: an SAE feature clamp (strength in × the reference max) or a CAA vector added
-    at a site (strength in multiples of the site's median residual norm)."""
-
-    kind: str                      # "feature" | "caa"
-    id: str
-    site: str
-    grid: list[float]
-    feature: int | None = None
-    max_act: float | None = None   # the feature's reference max
-    max_source: str = ""
-    direction: torch.Tensor | None = field(default=None, repr=False)
-    typical_norm: float | None = None
-    found_by: dict = field(default_factory=dict)
-
-    def interventions(self, sae, strength: float, positions: str) -> list:
-        if self.kind == "feature":
-            return [clamp(sae, self.feature, strength, unit="max", max_act=self.max_act, positions=positions,
-                          site=self.site)]
-        return [add_vector(self.direction * self.typical_norm, self.site, strength, positions=positions)]
-
-    def describe(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "direction"}
-        return d
 
 
 @dataclass
@@ -174,74 +86,6 @@ def _best(points: Sequence[dict], bound: float) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- candidates
-@torch.no_grad()
-def _token_mean(lm: LoadedModel, site: Site, texts: Sequence[str]) -> tuple[torch.Tensor, float]:
-    """Mean activation over the texts' ordinary tokens (sink, pads and >10x median-norm tokens excluded)
-    and their median norm."""
-    ids, mask = lm.tokenize(list(texts))
-    h = capture(lm, site, ids, mask)[site].float().cpu()
-    keep = mask.bool().clone().cpu()
-    keep[:, 0] = False
-    x = h[keep]
-    n = x.norm(dim=-1)
-    x = x[n <= 10 * n.median()]
-    return x.mean(0), float(n.median())
-
-
-def caa_sites(lm: LoadedModel, sae) -> list[str]:
-    """The SAE's site plus residual sites at about 1/3 and 2/3 of the depth (distinct, in order)."""
-    L = lm.n_layers
-    out = [str(Site.parse(sae.cfg.site))] if sae is not None else []
-    for layer in (round(L / 3), round(2 * L / 3)):
-        s = str(Site(min(max(layer, 0), L - 1)))
-        if s not in out:
-            out.append(s)
-    return sorted(out, key=lambda s: Site.parse(s).layer)
-
-
-def build_handles(lm: LoadedModel, sae, concept: Concept, config: FindConfig) -> list[Handle]:
-    """Feature handles (top by input contrast and by output effect) and CAA handles at several sites."""
-    handles: list[Handle] = []
-    if sae is not None and config.n_features:
-        ref = feature_max(sae)
-        site = str(Site.parse(sae.cfg.site))
-        try:
-            by_input = contrast_features(lm, sae, site, concept.prompts, concept.controls, top=config.n_features)
-        except FeatureError as e:
-            raise SteerError(str(e)) from None
-        toks = concept_token_ids(lm.tokenizer, concept.keywords)
-        by_output = output_features(lm, sae, toks, top=config.n_features) if toks else []
-        local = None
-        found: dict[int, dict] = {}
-        for rank, s in enumerate(by_input):
-            found.setdefault(s.feature, {})["input_contrast"] = {"rank": rank + 1, "z": round(s.score, 4)}
-        for rank, s in enumerate(by_output):
-            found.setdefault(s.feature, {})["output_effect"] = {"rank": rank + 1, "z": round(s.score, 4)}
-        for f, why in found.items():
-            if ref is not None:
-                m, src = float(ref.values[f]), ref.source
-            else:  # no stored reference: measure on the concept's texts and say so
-                if local is None:
-                    from ..features import feature_max_acts
-                    local = feature_max_acts(lm, sae, site, concept.prompts + concept.controls)
-                m, src = float(local[f]), "these concept and control texts only (no stored max)"
-            if not m > 0:
-                m, src = 1.0, "never fired on the reference texts; strength in raw activation units"
-            handles.append(Handle("feature", f"feature:{f}", site, list(config.feature_grid), feature=f, max_act=m,
-                                  max_source=src, found_by=why))
-    for site in (config.caa_sites or caa_sites(lm, sae)):
-        s = lm.check_site(site)
-        mp, _ = _token_mean(lm, s, concept.prompts)
-        mc, typical = _token_mean(lm, s, concept.controls)
-        v = mp - mc
-        if float(v.norm()) == 0:
-            continue
-        handles.append(Handle("caa", f"caa:{s}", str(s), list(config.vector_grid), direction=v / v.norm(),
-                              typical_norm=typical, found_by={"caa": {"norm_of_difference": round(float(v.norm()), 4)}}))
-    return handles
-
-
-# ----------------------------------------------------------------------------- search
 @dataclass
 class FindResult:
     concept: Concept
@@ -319,9 +163,9 @@ def find_handle(lm: LoadedModel, sae, concept: Concept, *, questions: Sequence[s
         for h in handles:
             pts = []
             for s in sorted(h.grid):
-                p = _point(evaluate(lm, h.interventions(sae, s, config.positions), prompts=screen_q, judge=concept.mentioned,
-                                    config=scfg, strength=s, keep_samples=len(screen_q)), sbase, "screen", h.id,
-                           len(screen_q))
+                pt = evaluate(lm, h.interventions(sae, s, config.positions), prompts=screen_q,
+                              judge=concept.mentioned, config=scfg, strength=s)
+                p = _point(pt, sbase, "screen", h.id, len(screen_q))
                 pts.append(p)
                 tick(len(screen_q), config.screen_tokens, h.id)
                 if p["perplexity_ratio"] > 3 * config.ppl_bound:  # broken text: stronger is only worse
@@ -347,9 +191,9 @@ def find_handle(lm: LoadedModel, sae, concept: Concept, *, questions: Sequence[s
         for _, _, h, s_star in chosen:
             for m in config.fine_steps:
                 s = round(s_star * m, 6)
-                p = _point(evaluate(lm, h.interventions(sae, s, config.positions), prompts=questions, judge=concept.mentioned,
-                                    config=fcfg, strength=s, keep_samples=len(questions)), base, "calibration", h.id,
-                           len(questions))
+                pt = evaluate(lm, h.interventions(sae, s, config.positions), prompts=questions,
+                              judge=concept.mentioned, config=fcfg, strength=s)
+                p = _point(pt, base, "calibration", h.id, len(questions))
                 report[h.id]["calibration"].append(p)
                 frontier.append(p)
                 tick(len(questions), config.max_new_tokens, h.id)
@@ -405,7 +249,8 @@ def save_preset(result: FindResult, sae, path: str | Path) -> Path:
     from .vectors import SteeringVector
 
     if result.best is None:
-        raise SteerError(f"no handle for {result.concept.name!r} raised the concept rate within the perplexity bound; nothing to save")
+        raise SteerError(f"no handle for {result.concept.name!r} raised the concept rate within the perplexity "
+                         f"bound; nothing to save")
     path = Path(path)
     best = result.best
     h: Handle = result._handles[best["id"]]
