@@ -59,9 +59,9 @@ class OfflineOptions:
     #                               content ("with digits or code"; kinds.py)
     min_gain: float = 0.002       # smallest gain in the simulated scorer's AUROC for a cue to be kept
     max_candidates: int = 60      # cues searched (the best by TPR - FPR of "present")
-    min_support: int = 2          # a string cue must occur in this many shown windows
+    min_support: int = 2          # a string cue must occur in this many of the windows it learns from
     background_examples: int = 100  # windows around activations in the background text also learnt from (0: none)
-    min_context_support: float = 0.2  # a context cue must occur in this share of the shown windows
+    min_context_support: float = 0.2  # a context cue must occur in this share of those windows
     background_stride: int = 6    # background windows start every this many tokens
 
     def __post_init__(self) -> None:
