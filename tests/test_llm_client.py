@@ -50,7 +50,8 @@ def test_atlas_and_nla_share_one_client():
 def test_nla_warm_start_request_and_answer(server, monkeypatch):
     base, seen, _ = server
     monkeypatch.setenv("MY_KEY", "sk-nla")
-    out = llm_explanation("import os\nimport", endpoint=base + "/v1/", model="m-nla", api_key_env="MY_KEY", max_words=12)
+    out = llm_explanation("import os\nimport", endpoint=base + "/v1/", model="m-nla", api_key_env="MY_KEY",
+                          max_words=12)
     assert out == "The topic is Python imports; next: a name"        # whitespace collapsed, as before
     (req,) = seen
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-nla"
@@ -65,7 +66,8 @@ def test_nla_warm_start_request_and_answer(server, monkeypatch):
 def test_nla_failure_is_one_attempt_and_names_the_endpoint(server):
     base, seen, plan = server
     plan += [503, 200]
-    with pytest.raises(NLAError, match=r"warm-start endpoint http://127\.0\.0\.1:\d+/v1/chat/completions failed.*HTTP 503"):
+    with pytest.raises(NLAError,
+                       match=r"warm-start endpoint http://127\.0\.0\.1:\d+/v1/chat/completions failed.*HTTP 503"):
         llm_explanation("x", endpoint=base + "/v1", model="m")
     assert len(seen) == 1                                             # not retried (the NLA builder's behaviour)
     with pytest.raises(NLAError, match="cannot reach"):
