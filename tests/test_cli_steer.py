@@ -1,7 +1,6 @@
 """The steering commands end to end on a tiny model: steer with a preset, vector fit, features contrast/at, sweep."""
 
 import json
-import re
 
 import pytest
 from typer.testing import CliRunner

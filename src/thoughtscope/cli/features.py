@@ -43,7 +43,7 @@ def contrast_cmd(
     score: str = typer.Option("", help="z (standardised mean difference of per-text max), freq, or max (mean "
                                        "difference / the feature's reference max); default: max with --atlas, else z"),
     max_control_rate: float = typer.Option(0.5, help="skip features that fire on more than this share of controls"),
-    top: int = typer.Option(20),
+    top: int = typer.Option(20, "--top", "--k", help="how many features to list"),
 ) -> None:
     """Features most active on the prompts and least on the controls, ranked by a stated score."""
     from ..features import SCORES, contrast_features, feature_max
