@@ -18,7 +18,8 @@ medians over rounds:
   atlas_phases_s             where the atlas streaming time goes (forward, encode, update, checkpoint, setup)
 
 The default SAE (`load_sae("default")`, shipped in src/thoughtscope/assets/default_sae) is used when it
-exists; otherwise a freshly initialised topk SAE of the same shape (9216 features, k=32), which costs the same per token.
+exists; otherwise a freshly initialised topk SAE of the same shape (9216 features, k=32), which costs the same per
+token.
 
     python benchmarks/atlas.py --quick --json out.json
 """
@@ -63,7 +64,8 @@ def time_harvest(lm, corpus, site, n_tokens, bs, ctx, tmp: Path) -> tuple[float,
     """(wall seconds, process CPU seconds)."""
     out = tmp / f"h{time.perf_counter_ns()}"
     t, c = time.perf_counter(), time.process_time()
-    harvest(lm, corpus, [site], out, HarvestConfig(n_tokens=n_tokens, ctx_len=ctx, contexts_per_batch=bs), progress=False)
+    cfg = HarvestConfig(n_tokens=n_tokens, ctx_len=ctx, contexts_per_batch=bs)
+    harvest(lm, corpus, [site], out, cfg, progress=False)
     dt, dc = time.perf_counter() - t, time.process_time() - c
     shutil.rmtree(out, ignore_errors=True)
     return dt, dc
@@ -74,8 +76,8 @@ def time_atlas(lm, sae, corpus, n_tokens, bs, ctx, tmp: Path, stop_after_batches
     tm: dict = {}
     t = time.perf_counter()
     c = time.process_time()
-    build_atlas(lm, sae, corpus, out, AtlasConfig(n_tokens=n_tokens, ctx_len=ctx, contexts_per_batch=bs), progress=False,
-                timings=tm, stop_after_batches=stop_after_batches)
+    cfg = AtlasConfig(n_tokens=n_tokens, ctx_len=ctx, contexts_per_batch=bs)
+    build_atlas(lm, sae, corpus, out, cfg, progress=False, timings=tm, stop_after_batches=stop_after_batches)
     tm["total_s"] = time.perf_counter() - t
     tm["total_cpu_s"] = time.process_time() - c
     shutil.rmtree(out, ignore_errors=True)

@@ -123,13 +123,15 @@ def race_once(arch, names, mult, rows, batches, sz, d, args, ceilings) -> dict:
         seg = baton.segments[name]
         steady = seg[max(1, len(seg) // 4):n - 1] or seg  # skip set-up / warm-up steps and the end-of-fit segment
         curves[name].add(n, baton.busy[name], evaluate(fn, curve_x)["fvu"])
-        out[name] = {"lr": lrs[name], "lr_multiplier": mult, "val": evaluate(fn, rows.val), "test": evaluate(fn, rows.test),
+        out[name] = {"lr": lrs[name], "lr_multiplier": mult,
+                     "val": evaluate(fn, rows.val), "test": evaluate(fn, rows.test),
                      "tokens_per_s": B / statistics.median(steady), "seconds": baton.busy[name],
                      "tokens_per_s_whole_run": n * B / baton.busy[name], "curve": curves[name].as_dict(),
                      "gemm_gflops": gflops,
                      "settings": c.settings(), "_contender": c}
         print(f"  lr x{mult:g} {name:12s} lr {lrs[name]:.3g}: val FVU {out[name]['val']['fvu']:.4f}  test FVU "
-              f"{out[name]['test']['fvu']:.4f}  L0 {out[name]['test']['l0']:.1f}  dead {out[name]['test']['dead_frac']:.1%}"
+              f"{out[name]['test']['fvu']:.4f}  L0 {out[name]['test']['l0']:.1f}  "
+              f"dead {out[name]['test']['dead_frac']:.1%}"
               f"  {out[name]['tokens_per_s']:,.0f} tok/s", flush=True)
     return out
 
@@ -260,8 +262,10 @@ def main(argv=None) -> dict:
             long = None
             if sz["ttq_mult"] > 1 and len(names) > 1:  # thoughtscope alone, longer, at its winning lr
                 mult = win["thoughtscope"]["lr_multiplier"]
-                print(f"  time to quality: thoughtscope alone for {sz['ttq_mult']}x the steps at lr x{mult:g}", flush=True)
-                long_batches = ShuffledBatches(rows.train, sz["batch_size"], sz["steps"] * sz["ttq_mult"], seed=args.seed)
+                print(f"  time to quality: thoughtscope alone for {sz['ttq_mult']}x the steps at lr x{mult:g}",
+                      flush=True)
+                long_batches = ShuffledBatches(rows.train, sz["batch_size"], sz["steps"] * sz["ttq_mult"],
+                                               seed=args.seed)
                 long = race_once(arch, ["thoughtscope"], mult, rows, long_batches, sz, d, args, [])["thoughtscope"]
                 long.pop("_contender", None)
             row.update(summarise_topk(win, long, names, d, sz["n_features"], args.k, sz["batch_size"], gflops))

@@ -29,10 +29,12 @@ from thoughtscope.models import load_model, tiny_model
 from thoughtscope.steer import FeatureEdit, GenerationConfig, VectorEdit, fit_vector, generate
 from thoughtscope.steer.presets import default_sae_path
 
-PAIRS_POS = ["I am so happy today, everything is", "What a wonderful, joyful day, I feel", "I love this, it makes me smile and",
-             "Great news! I am thrilled that", "Life is beautiful and I am grateful for", "I feel cheerful and excited about"]
-PAIRS_NEG = ["I am so sad today, everything is", "What a terrible, gloomy day, I feel", "I hate this, it makes me cry and",
-             "Bad news. I am upset that", "Life is hard and I am tired of", "I feel miserable and worried about"]
+PAIRS_POS = ["I am so happy today, everything is", "What a wonderful, joyful day, I feel",
+             "I love this, it makes me smile and", "Great news! I am thrilled that",
+             "Life is beautiful and I am grateful for", "I feel cheerful and excited about"]
+PAIRS_NEG = ["I am so sad today, everything is", "What a terrible, gloomy day, I feel",
+             "I hate this, it makes me cry and", "Bad news. I am upset that",
+             "Life is hard and I am tired of", "I feel miserable and worried about"]
 TOPICS = ["work", "the weather", "my family", "the weekend", "school", "dinner", "the city", "my garden"]
 
 
@@ -52,7 +54,8 @@ def get_sae(lm, site, tiny):
         return load_sae(p).eval().requires_grad_(False), f"default SAE ({p})"
     n = 512 if tiny else 9216
     cfg = SAEConfig(arch="topk", d_model=lm.d_model, n_features=n, k=32, site=site)
-    return SAE.from_config(cfg, seed=0).eval().requires_grad_(False), f"random topk SAE ({n} features; default SAE not installed)"
+    sae = SAE.from_config(cfg, seed=0).eval().requires_grad_(False)
+    return sae, f"random topk SAE ({n} features; default SAE not installed)"
 
 
 def time_gen(lm, prompts, ivs, cfg):

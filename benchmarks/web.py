@@ -210,7 +210,8 @@ def load_test(url: str, text: str, n: int, conc: int, rounds: int, n_new: int) -
         t0 = time.perf_counter()
         lat, errors = asyncio.run(_load_round(url, n, conc, text, n_new))
         lat.sort()
-        row = {"errors": len(errors), "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        row = {"errors": len(errors), "p50_s": lat[len(lat) // 2],
+               "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
                "wall_s": time.perf_counter() - t0, "rss_mb": rss_mb(), "first_errors": errors[:3]}
         out["load_rounds"].append(row)
         print(f"  load round: {n} requests, {conc} concurrent: errors {row['errors']}, p50 {row['p50_s']:.3f} s, "

@@ -106,7 +106,8 @@ def generic_rows(name: str, fig: dict, quick: bool) -> list[list[str]]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| benchmark | work | thoughtscope | peer / baseline | ratio (target) |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| benchmark | work | thoughtscope | peer / baseline | ratio (target) |",
+             "| --- | --- | --- | --- | --- |"]
     notes = []
     for result in results:
         for name, res in result["benchmarks"].items():

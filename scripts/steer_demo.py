@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", default=None, help="suppress: the concept demo's JSON, to reuse its feature")
     ap.add_argument("--multiples", default="0,2,4,6,8,10")
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_SWEEP_CONFIG["max_new_tokens"])
-    ap.add_argument("--features", default="", help="concept: comma-separated feature ids to sweep (from the search's top 10)")
+    ap.add_argument("--features", default="",
+                    help="concept: comma-separated feature ids to sweep (from the search's top 10)")
     ap.add_argument("--candidates", type=int, default=3, help="concept: how many top contrastive features to sweep")
     ap.add_argument("--combine", action="store_true", help="concept: clamp all --features together as one candidate")
     ap.add_argument("--positions", default="all", choices=["all", "prompt", "generated"],

@@ -30,7 +30,8 @@ def test_skip_tokens_starts_later_in_the_corpus(tmp_path):
     lm = identity_model()
     sae = planted_sae(lm)
     corpus = Corpus(str(write_corpus(tmp_path / "c.txt", n_docs=80)))
-    cfg = dict(n_tokens=256, ctx_len=32, contexts_per_batch=4, top_k=4, n_bins=2, per_bin=2, window_left=4, window_right=2)
+    cfg = dict(n_tokens=256, ctx_len=32, contexts_per_batch=4, top_k=4, n_bins=2, per_bin=2,
+               window_left=4, window_right=2)
     with pytest.raises(AtlasError, match="AtlasConfig.skip_tokens must be a non-negative multiple of "
                                          "contexts_per_batch × ctx_len = 128, got 100"):
         AtlasConfig(**cfg, skip_tokens=100)

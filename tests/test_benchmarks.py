@@ -60,7 +60,8 @@ def test_outlier_rows_are_excluded(tmp_path):
     acts = torch.randn(n, d, generator=g)
     acts[::16] *= 1000  # position 0 of every 16-token context: a sink
     acts[7] *= 50       # a sink elsewhere (norm far above 10x the median)
-    meta = {"doc_id": torch.arange(n) // 40, "position": torch.arange(n) % 16, "token_id": torch.zeros(n, dtype=torch.long)}
+    meta = {"doc_id": torch.arange(n) // 40, "position": torch.arange(n) % 16,
+            "token_id": torch.zeros(n, dtype=torch.long)}
     w = StoreWriter(tmp_path / "s", model="m", site="resid.0", d_model=d, shard_tokens=128)
     w.add(acts, meta)
     rows = _data.split_rows(w.finish())

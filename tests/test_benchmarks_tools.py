@@ -16,7 +16,8 @@ def test_run_all_lists_absent_benchmarks_and_fails_on_a_failing_one(tmp_path, mo
     assert run_all.run_one("no_such_benchmark", True, 10, [])["status"] == "absent"
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "ok.py").write_text("import json,sys\njson.dump({'quick': True, 'x_ratio': 2.0}, open(sys.argv[-1], 'w'))\n")
+    (bench / "ok.py").write_text("import json,sys\n"
+                                 "json.dump({'quick': True, 'x_ratio': 2.0}, open(sys.argv[-1], 'w'))\n")
     (bench / "bad.py").write_text("raise SystemExit('sanity rule: FVU >= 1')\n")
     monkeypatch.setattr(run_all, "HERE", bench)
     ok, bad = run_all.run_one("ok", True, 60, []), run_all.run_one("bad", True, 60, [])
@@ -33,7 +34,8 @@ def test_table_is_written_between_the_readme_markers(tmp_path):
                           "web": {"status": "timeout", "returncode": None}}}
     (tmp_path / "run.json").write_text(json.dumps(run))
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n\nbefore\n<!-- benchmark-table:start -->\nold row 8.7x\n<!-- benchmark-table:end -->\nafter\n")
+    readme.write_text("# x\n\nbefore\n<!-- benchmark-table:start -->\nold row 8.7x\n"
+                      "<!-- benchmark-table:end -->\nafter\n")
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark_table.py"), str(tmp_path / "run.json"),
                         "--readme", str(readme)], check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

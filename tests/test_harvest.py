@@ -106,7 +106,8 @@ def test_harvest_errors(model_dir, corpus_file, tmp_path):
     lm = load_model(str(model_dir))
     with pytest.raises(ValueError, match="beyond"):
         harvest(lm, Corpus(str(corpus_file)), ["resid.9"], tmp_path / "a", HarvestConfig(n_tokens=10), progress=False)
-    with pytest.raises(ValueError, match="shard_tokens must be None or a positive multiple of contexts_per_batch × ctx_len = 64"):
+    with pytest.raises(ValueError,
+                       match="shard_tokens must be None or a positive multiple of contexts_per_batch × ctx_len = 64"):
         harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "b",
                 HarvestConfig(n_tokens=10, ctx_len=16, contexts_per_batch=4, shard_tokens=100), progress=False)
     with pytest.raises(ValueError, match="context window"):
@@ -118,7 +119,8 @@ def test_harvest_errors(model_dir, corpus_file, tmp_path):
 
 def test_cli_reports_bad_site(model_dir, corpus_file, tmp_path):
     r = subprocess.run([sys.executable, "-m", "thoughtscope.cli", "harvest", "--model", str(model_dir), "--corpus",
-                        str(corpus_file), "--site", "mlp.x", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+                        str(corpus_file), "--site", "mlp.x", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True)
     assert r.returncode == 2 and "cannot parse site 'mlp.x'" in r.stderr
 
 
@@ -135,7 +137,8 @@ def test_skip_tokens_starts_later_in_the_corpus(model_dir, corpus_file, tmp_path
     full = harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "full",
                    HarvestConfig(n_tokens=256, ctx_len=16, contexts_per_batch=4), progress=False)[Site(0)]
     later = harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "later",
-                    HarvestConfig(n_tokens=128, ctx_len=16, contexts_per_batch=4, skip_tokens=128), progress=False)[Site(0)]
+                    HarvestConfig(n_tokens=128, ctx_len=16, contexts_per_batch=4, skip_tokens=128),
+                    progress=False)[Site(0)]
     assert torch.equal(full.tokens(128, 256), later.tokens(0, 128))
     with pytest.raises(ValueError, match="HarvestConfig.skip_tokens must be a non-negative multiple"):
         HarvestConfig(ctx_len=16, contexts_per_batch=4, skip_tokens=100).validate()

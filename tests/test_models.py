@@ -92,13 +92,15 @@ def test_edit_in_place_and_error_cleanup():
         with edit(lm, "resid.0", zero):
             got = capture(lm, "resid.0", ids)[Site(0)]
         assert torch.count_nonzero(got) == 0
-        with pytest.raises(RuntimeError):
-            with edit(lm, "resid.0", lambda h: h):
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError), edit(lm, "resid.0", lambda h: h):
+            raise RuntimeError("boom")
     assert len(lm.layers[0]._forward_hooks) == before
-    with pytest.raises(SiteError, match="expected \\(2, 12, 64\\)"):
-        with torch.no_grad(), edit(lm, "resid.0", lambda h: h[:, :1]):
-            lm.model(ids)
+    with (
+        pytest.raises(SiteError, match="expected \\(2, 12, 64\\)"),
+        torch.no_grad(),
+        edit(lm, "resid.0", lambda h: h[:, :1]),
+    ):
+        lm.model(ids)
 
 
 def test_site_beyond_model():

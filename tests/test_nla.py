@@ -98,9 +98,8 @@ def test_injection_raises_on_missing_or_repeated_marker(lm, cfg):
     no_marker = torch.tensor([[t for t in av.prompt if t != cfg.marker_id]])
     twice = torch.tensor([av.prompt + [cfg.marker_id]])
     for ids in (no_marker, twice):
-        with pytest.raises(NLAError, match="exactly once"):
-            with av.injecting(torch.randn(1, cfg.d_model)):
-                av.model(input_ids=ids)
+        with pytest.raises(NLAError, match="exactly once"), av.injecting(torch.randn(1, cfg.d_model)):
+            av.model(input_ids=ids)
     bad = config_for(lm, site="resid.1", injection_scale=6.0)
     bad.av_template = "no marker here"
     with pytest.raises(NLAError, match="marker"):
@@ -109,9 +108,8 @@ def test_injection_raises_on_missing_or_repeated_marker(lm, cfg):
 
 def test_bad_inputs_give_clear_errors(lm, cfg):
     av = Verbalizer(lm, cfg)
-    with pytest.raises(NLAError, match=r"expected \[32\]"):
-        with av.injecting(torch.randn(3, 31)):
-            pass
+    with pytest.raises(NLAError, match=r"expected \[32\]"), av.injecting(torch.randn(3, 31)):
+        pass
     with pytest.raises(Exception, match="beyond"):
         config_for(lm, site="resid.7")
     ar = Reconstructor(lm, cfg)
@@ -502,7 +500,8 @@ def test_explain_text_and_steering_from_words(lm, cfg):
 
     nla = NLA(lm, cfg)
     out = explain_text(nla, "alpha beta gamma", positions=[-1, 2], samples=2)
-    assert [o["position"] for o in out] == [16, 2]          # positions count the BOS token (index 0) and len(out[0]["samples"]) == 2
+    # positions count the BOS token (index 0) and len(out[0]["samples"]) == 2
+    assert [o["position"] for o in out] == [16, 2]
     assert all(isinstance(o["fve"], float) for o in out)
     delta = steering_delta(nla, "the river", "the stone", norm=10.0)
     assert delta.shape == (lm.d_model,) and float(delta.norm()) > 0
@@ -540,7 +539,8 @@ def test_demo_ends_with_the_shipped_nla_explaining_tokens(tmp_path):
     from thoughtscope.models import load_model
 
     summary: dict = {}
-    _nla_stage(Console(file=open(os.devnull, "w")), load_model("default"), tmp_path, summary)
+    with open(os.devnull, "w") as devnull:
+        _nla_stage(Console(file=devnull), load_model("default"), tmp_path, summary)
     rows = summary["nla"]["rows"]
     assert len(rows) == 3
     for r in rows:

@@ -89,7 +89,8 @@ def test_native_and_saelens_round_trip(tmp_path, arch):
     S.export_saelens(sae, tmp_path / "sl")
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     assert cfg["d_in"] == 16 and cfg["d_sae"] == 48 and cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
-    assert cfg["architecture"] == {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[arch]
+    saelens_arch = {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+    assert cfg["architecture"] == saelens_arch[arch]
     from safetensors.torch import load_file
     w = load_file(str(tmp_path / "sl" / "sae_weights.safetensors"))
     assert w["W_enc"].shape == (16, 48) and w["W_dec"].shape == (48, 16)
@@ -106,8 +107,9 @@ def test_reads_plain_saelens_jumprelu_without_b_dec_on_input(tmp_path):
     g = torch.Generator().manual_seed(0)
     W_enc, W_dec = torch.randn(d, m, generator=g), torch.randn(m, d, generator=g)
     b_enc, b_dec, thr = torch.randn(m, generator=g), torch.randn(d, generator=g), torch.rand(m, generator=g)
-    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": d, "d_sae": m, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
+    (tmp_path / "cfg.json").write_text(json.dumps({
+        "architecture": "jumprelu", "d_in": d, "d_sae": m, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": False, "normalize_activations": "none",
         "metadata": {"model_name": "gemma-2-2b", "hook_name": "blocks.12.hook_resid_post"}}))
     save_file({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "threshold": thr},
               str(tmp_path / "sae_weights.safetensors"))
@@ -124,10 +126,12 @@ def test_sparsify_checkpoint(tmp_path):
     from safetensors.torch import save_file
     d, m, k = 8, 24, 3
     g = torch.Generator().manual_seed(1)
-    ew, eb, W_dec, b_dec = torch.randn(m, d, generator=g), torch.randn(m, generator=g), torch.randn(m, d, generator=g), torch.randn(d, generator=g)
+    ew, eb = torch.randn(m, d, generator=g), torch.randn(m, generator=g)
+    W_dec, b_dec = torch.randn(m, d, generator=g), torch.randn(d, generator=g)
     (tmp_path / "cfg.json").write_text(json.dumps({"expansion_factor": 3, "normalize_decoder": True, "num_latents": m,
                                                   "k": k, "multi_topk": False, "d_in": d}))
-    save_file({"encoder.weight": ew, "encoder.bias": eb, "W_dec": W_dec, "b_dec": b_dec}, str(tmp_path / "sae.safetensors"))
+    save_file({"encoder.weight": ew, "encoder.bias": eb, "W_dec": W_dec, "b_dec": b_dec},
+              str(tmp_path / "sae.safetensors"))
     sae = S.load_sae(tmp_path)
     x = torch.randn(6, d, generator=g)
     pre = torch.relu((x - b_dec) @ ew.T + eb)
@@ -143,7 +147,8 @@ def test_dictionary_learning_checkpoint(tmp_path, cls):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(6, d, generator=g)
     if cls == "JumpReluAutoEncoder":
-        W_enc, b_enc, W_dec, b_dec = torch.randn(d, m, generator=g), torch.randn(m, generator=g), torch.randn(m, d, generator=g), torch.randn(d, generator=g)
+        W_enc, b_enc = torch.randn(d, m, generator=g), torch.randn(m, generator=g)
+        W_dec, b_dec = torch.randn(m, d, generator=g), torch.randn(d, generator=g)
         thr = torch.rand(m, generator=g)
         sd = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": thr}
         pre = x @ W_enc + b_enc
@@ -151,7 +156,8 @@ def test_dictionary_learning_checkpoint(tmp_path, cls):
         def dec(f):
             return f @ W_dec + b_dec
     else:
-        ew, eb, dw, bd = torch.randn(m, d, generator=g), torch.randn(m, generator=g), torch.randn(d, m, generator=g), torch.randn(d, generator=g)
+        ew, eb = torch.randn(m, d, generator=g), torch.randn(m, generator=g)
+        dw, bd = torch.randn(d, m, generator=g), torch.randn(d, generator=g)
         sd = {"encoder.weight": ew, "encoder.bias": eb, "decoder.weight": dw}
         pre = torch.relu((x - bd) @ ew.T + eb)
         if cls == "AutoEncoder":
@@ -164,8 +170,9 @@ def test_dictionary_learning_checkpoint(tmp_path, cls):
         def dec(f):
             return f @ dw.T + bd
     torch.save(sd, tmp_path / "ae.pt")
-    (tmp_path / "config.json").write_text(json.dumps({"trainer": {"dict_class": cls, "activation_dim": d, "dict_size": m,
-                                                                "k": k, "lm_name": "EleutherAI/pythia-70m-deduped", "layer": 3}}))
+    trainer = {"dict_class": cls, "activation_dim": d, "dict_size": m,
+               "k": k, "lm_name": "EleutherAI/pythia-70m-deduped", "layer": 3}
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": trainer}))
     sae = S.load_sae(tmp_path)
     torch.testing.assert_close(sae.encode(x), f, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae.decode(f), dec(f), rtol=1e-5, atol=1e-5)
@@ -260,7 +267,8 @@ def test_folders_written_by_earlier_code_load_exactly(name):
     from safetensors.torch import load_file
 
     expected = load_file(os.path.join(FIXTURES, "expected.safetensors"))
-    meta = json.loads(open(os.path.join(FIXTURES, "expected_cfg.json")).read())[name]
+    with open(os.path.join(FIXTURES, "expected_cfg.json")) as fh:
+        meta = json.loads(fh.read())[name]
     sae = S.load_sae(os.path.join(FIXTURES, name))
     assert type(sae).__name__ == meta["class"] and sae.cfg.to_dict() == meta["cfg"]
     f, recon = sae(expected[f"{name}/x"])

@@ -70,7 +70,7 @@ def test_unknown_keys_are_kept_in_extra():
 
 # ----------------------------------------------------------------------------- registry and hooks
 def test_registry_lists_builtins_in_order_and_takes_new_architectures():
-    assert S.ARCHITECTURES == tuple(ARCHS)
+    assert tuple(ARCHS) == S.ARCHITECTURES
     assert [S.sae_class(a) for a in ARCHS] == [S.ReluL1SAE, S.TopKSAE, S.BatchTopKSAE, S.JumpReLUSAE]
 
     @S.register_sae_class

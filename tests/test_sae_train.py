@@ -89,7 +89,8 @@ def test_ddp_two_gloo_processes_match_single(tmp_path):
     for a, sd in zip(single, got):
         assert a.W_dec.dtype == torch.float64
         for n, p in a.state_dict().items():
-            torch.testing.assert_close(sd[n], p, rtol=1e-9, atol=1e-10, msg=lambda m, a=a, n=n: f"{a.cfg.arch} {n}: {m}")
+            torch.testing.assert_close(sd[n], p, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m, a=a, n=n: f"{a.cfg.arch} {n}: {m}")
         moved = (a.state_dict()["W_dec"] - S.build_sae(a.cfg, seed=None).state_dict()["W_dec"]).abs().max()
         assert moved > 0  # sanity: the SAEs did train
 

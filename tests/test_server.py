@@ -1,4 +1,5 @@
-"""API tests of the web workbench on a tiny model: every route works, every bad input gets the right 4xx, never a 500."""
+"""API tests of the web workbench on a tiny model: every route works, every bad input gets the right 4xx,
+never a 500."""
 
 from __future__ import annotations
 
@@ -235,7 +236,8 @@ def test_nla_view_and_token_fragment(c):
     ("/steer?f=999:clamp:1", 422), ("/steer?v=../../etc/passwd:1", 422), ("/steer/stream?max=100000", 422),
     ("/steer/stream?seed=-4", 422), ("/steer/stream?temp=9", 422), ("/steer/stream?gain=inf", 422),
     ("/steer/stream?prompt=", 422), ("/steer/preset.json?name=../x", 422), ("/analyze?text=abc&feature=77", 422),
-    ("/analyze?text=abc&view=zzz", 422), ("/analyze?text=User:+hi&chat=1", 422), ("/analyze?text=abc&chat=maybe", 422), ("/search?mode=nope", 422), ("/search?mode=words&q=", 422),
+    ("/analyze?text=abc&view=zzz", 422), ("/analyze?text=User:+hi&chat=1", 422), ("/analyze?text=abc&chat=maybe", 422),
+    ("/search?mode=nope", 422), ("/search?mode=words&q=", 422),
     ("/compare?a=abc", 422), ("/nla?text=abc&pos=99", 422), ("/nla/token?text=abc", 422),
     ("/api/search", 422), ("/steer?p=nope:1", 422), ("/steer?p=tilt:-1", 422), ("/steer?p=tilt", 422),
 ])
@@ -398,7 +400,8 @@ def test_building_page_until_the_loader_returns(wb):
 
 def test_never_a_500_on_garbage(c):
     junk = ["", "-", "0x10", "1e999", "%00", "\u202e", "<script>", "9" * 40, "3:clamp:1:9", "::", "nan"]
-    paths = ["/features/{}", "/steer?f={}", "/steer?v={}", "/steer/stream?max={}&prompt={}", "/analyze?text={}&feature={}",
+    paths = ["/features/{}", "/steer?f={}", "/steer?v={}", "/steer/stream?max={}&prompt={}",
+             "/analyze?text={}&feature={}",
              "/search?mode=text&text={}", "/compare?a={}&b={}", "/nla?text={}&pos={}", "/steer/load?name={}",
              "/steer/preset.json?name={}&f={}", "/features/random?seed={}"]
     for p in paths:

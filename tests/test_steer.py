@@ -196,9 +196,8 @@ def test_removing_interventions_restores_logits_bit_for_bit(lm, sae):
     assert not torch.equal(during, before)
     assert torch.equal(logits(lm, ids, mask), before)
     assert [len(b._forward_hooks) for b in lm.layers] == hooks
-    with pytest.raises(RuntimeError):
-        with steering(lm, ivs):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), steering(lm, ivs):
+        raise RuntimeError("boom")
     assert [len(b._forward_hooks) for b in lm.layers] == hooks
 
 
@@ -235,9 +234,8 @@ def test_positions_in_cached_generation(lm):
     from thoughtscope.steer import Steerer
 
     st = Steerer(lm, [add_vector(v, SITE, positions="generated")])
-    with st.active(prompt_len=P):
-        with torch.no_grad():
-            full = lm.model(ids).logits[0]
+    with st.active(prompt_len=P), torch.no_grad():
+        full = lm.model(ids).logits[0]
     assert full[P - 1:-1].argmax(-1).tolist()[1:] == gen_only[0].token_ids[1:]
 
 
@@ -262,7 +260,8 @@ def test_seeded_sampling_and_side_by_side(lm, sae):
     a = generate(lm, ["hi", "there"], (), cfg)
     b = generate(lm, ["hi", "there"], (), cfg)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
-    c = generate(lm, ["hi", "there"], (), GenerationConfig(max_new_tokens=10, temperature=1.0, seed=8, stop_at_eos=False))
+    c = generate(lm, ["hi", "there"], (),
+                 GenerationConfig(max_new_tokens=10, temperature=1.0, seed=8, stop_at_eos=False))
     assert [g.token_ids for g in a] != [g.token_ids for g in c]
     # a no-op intervention from the same seed gives the very same sample; a strong one changes it
     same = compare(lm, ["hi", "there"], [clamp(sae, CONST, CONST_VALUE)], cfg)
@@ -307,7 +306,8 @@ def test_preset_round_trip_and_build(lm, sae, tmp_path):
     vec = torch.randn(64, generator=torch.Generator().manual_seed(2))
     SteeringVector(vec, "resid.1", "mean", lm.name, 4, typical_norm=3.0).save(tmp_path / "v.safetensors")
     p = Preset("demo", [
-        PresetItem("feature", "clamp", SITE, 6.0, feature=3, sae="sae", label="three", range=[0.0, 10.0], suggested=6.0),
+        PresetItem("feature", "clamp", SITE, 6.0, feature=3, sae="sae", label="three", range=[0.0, 10.0],
+                   suggested=6.0),
         PresetItem("feature", "clamp", SITE, 2.0, feature=4, sae="sae", unit="max", max_act=1.5, positions="generated"),
         PresetItem("vector", "add", "resid.1", 0.5, vector="v.safetensors", unit="norm", label="v"),
         PresetItem("vector", "project_out", SITE, 0.0, vector=[1.0] * 64),

@@ -112,7 +112,8 @@ def test_fit_vector_mean_is_caa_and_pca_has_right_sign(lm, tmp_path):
     assert ((h[0::2] @ p.vector) > (h[1::2] @ p.vector)).float().mean() >= 0.5
     path = v.save(tmp_path / "v.safetensors")
     w = SteeringVector.load(path)
-    assert torch.equal(w.vector, v.vector) and w.site == SITE and w.method == "mean" and w.typical_norm == v.typical_norm
+    assert torch.equal(w.vector, v.vector) and w.site == SITE and w.method == "mean"
+    assert w.typical_norm == v.typical_norm
     with pytest.raises(SteerError, match="method"):
         fit_vector(lm, SITE, pairs, method="svm")
     with pytest.raises(SteerError, match="at least 2"):

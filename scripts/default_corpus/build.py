@@ -166,8 +166,11 @@ def build_default_corpus(dest: Path | str | None = None, *, seed: int = 0, quiet
     return dest
 
 
+_DEFAULT_DEST = default_corpus_dir()
+
+
 def main(
-    dest: Path | None = typer.Option(None, help=f"output folder (default: {default_corpus_dir()})"),
+    dest: Path | None = typer.Option(None, help=f"output folder (default: {_DEFAULT_DEST})"),
     seed: int = typer.Option(0, help="shuffle seed"),
     quiet: bool = typer.Option(False, help="no per-source lines"),
 ) -> None:

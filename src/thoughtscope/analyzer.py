@@ -148,8 +148,8 @@ def analyze_text(lm: LoadedModel, sae, text: str, *, k: int = 8, features: Seque
                         chosen={int(n): f[:, n].tolist() for n in features}, probe_scores=probe_scores)
 
 
-def compare_texts(lm: LoadedModel, sae, text_a: str, text_b: str, *, k: int = 20, max_act: Sequence[float] | None = None,
-                  max_tokens: int | None = None) -> list[dict]:
+def compare_texts(lm: LoadedModel, sae, text_a: str, text_b: str, *, k: int = 20,
+                  max_act: Sequence[float] | None = None, max_tokens: int | None = None) -> list[dict]:
     """Features whose peak activation differs most between two texts, largest |difference| first.
 
     diff = (peak on A − peak on B) / M with M the feature's max activation (`max_act`, e.g. the atlas's, when

@@ -49,7 +49,7 @@ class LoadedModel:
         self.unembed = model.get_output_embeddings()
         cfg = model.config
         self.d_model = int(
-            getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model")
+            getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or cfg.d_model
         )
         self.n_layers = len(self.layers)
         self.vocab_size = int(cfg.vocab_size)
@@ -219,10 +219,9 @@ def load_model(spec: str = "default", *, device: str | None = None, dtype=None, 
     else:
         path = spec
         name = spec
-        if os.path.sep in spec or spec.startswith("."):
-            if not Path(spec).exists():
-                raise ModelError(f"model folder not found: {spec} (expected a folder with config.json, "
-                                 f"a .gguf file, a hub id, or 'default')")
+        if (os.path.sep in spec or spec.startswith(".")) and not Path(spec).exists():
+            raise ModelError(f"model folder not found: {spec} (expected a folder with config.json, "
+                             f"a .gguf file, a hub id, or 'default')")
     kwargs = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype

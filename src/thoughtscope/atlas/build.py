@@ -63,7 +63,8 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
     `checkpoint_every` batches; rerunning with the same arguments continues from it and produces the same
     atlas as an uninterrupted run. `stop_after_batches` interrupts on purpose (tests, time-boxed runs) and
     returns the checkpoint path instead of the database. `timings`, if given, receives the seconds spent
-    streaming (`stream_s`; `stream_cpu_s` in process CPU time; split into `setup_s`, `forward_s`, `encode_s`, `update_s`, `checkpoint_s`) and
+    streaming (`stream_s`; `stream_cpu_s` in process CPU time; split into `setup_s`, `forward_s`, `encode_s`,
+    `update_s`, `checkpoint_s`) and
     writing the database (`finalize_s`: logit effects, neighbours, SQLite).
     """
     t_start, c_start = time.perf_counter(), time.process_time()
@@ -89,7 +90,8 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
         try:
             saved = torch.load(ckpt, weights_only=False)
         except Exception as e:  # a torn or foreign file: say so rather than silently restarting
-            raise AtlasError(f"{ckpt} cannot be read ({type(e).__name__}: {e}); delete it to start the build over") from e
+            raise AtlasError(f"{ckpt} cannot be read ({type(e).__name__}: {e}); "
+                             f"delete it to start the build over") from e
         old = _renamed_fields(saved.get("ident") or {})
         if old != ident:
             diff = [k for k in ident if old.get(k) != ident[k]]

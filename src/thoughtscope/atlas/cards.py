@@ -69,7 +69,8 @@ def feature_card(atlas: Atlas, n: int, tokenizer=None, *, n_top: int = 8, n_quan
     f = atlas.feature(n)
     head = Text()
     head.append(f"feature {n}", style="bold")
-    head.append(f"   density {f.density:.2e}   max {f.max_act:.3g}   mean {f.mean_act:.3g}   active on {f.n_active:,} tokens")
+    head.append(f"   density {f.density:.2e}   max {f.max_act:.3g}   mean {f.mean_act:.3g}"
+                f"   active on {f.n_active:,} tokens")
     parts: list = [head]
     ex = f.explanation
     if ex:

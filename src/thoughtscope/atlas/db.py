@@ -161,7 +161,8 @@ def connect(path: str | os.PathLike, *, create: bool = False) -> sqlite3.Connect
             _ensure_fts(con)
     except sqlite3.DatabaseError as e:
         con.close()
-        raise AtlasError(f"{p} is not a readable atlas database ({e}); rebuild it with `thoughtscope atlas build`") from e
+        raise AtlasError(f"{p} is not a readable atlas database ({e}); "
+                         f"rebuild it with `thoughtscope atlas build`") from e
     return con
 
 
@@ -222,7 +223,8 @@ class Atlas:
             con.execute("SELECT count(*) FROM features").fetchone()
         except sqlite3.DatabaseError as e:
             con.close()
-            raise AtlasError(f"{p} is not a readable atlas database ({e}); rebuild it with `thoughtscope atlas build`") from e
+            raise AtlasError(f"{p} is not a readable atlas database ({e}); "
+                             f"rebuild it with `thoughtscope atlas build`") from e
         return cls(con, p)
 
     def close(self) -> None:
@@ -250,7 +252,8 @@ class Atlas:
                              f"rebuild it")
         f = Feature(id=row[0], n_active=row[1], density=row[2], max_act=row[3], mean_act=row[4],
                     hist=np.frombuffer(row[5], dtype=np.int32).copy(),
-                    logits_pos=[tuple(x) for x in json.loads(row[6])], logits_neg=[tuple(x) for x in json.loads(row[7])],
+                    logits_pos=[tuple(x) for x in json.loads(row[6])],
+                    logits_neg=[tuple(x) for x in json.loads(row[7])],
                     neighbours=[tuple(x) for x in json.loads(row[8])])
         f.explanation = self.explanation(n)
         return f

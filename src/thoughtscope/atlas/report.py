@@ -175,7 +175,7 @@ def write_report(atlas: Atlas | str | os.PathLike, out: str | os.PathLike | None
         rows = [("model", m.get("model")), ("site", m.get("site")), ("SAE", m.get("sae_path") or "(in memory)"),
                 ("architecture", m.get("sae_config", {}).get("arch")), ("features", at.n_features),
                 ("alive / dead", f"{at.n_features - n_dead} / {n_dead}"), ("tokens read", f"{m.get('n_tokens'):,}"),
-                ("corpus", (m.get("corpus") or {}).get("spec") if isinstance(m.get("corpus"), dict) else m.get("corpus")),
+                ("corpus", m["corpus"].get("spec") if isinstance(m.get("corpus"), dict) else m.get("corpus")),
                 ("explained features", len(explained)), ("position 0 excluded", m.get("exclude_bos"))]
         body = [f"<h1>Feature atlas: {html.escape(str(m.get('model')))} {html.escape(str(m.get('site')))}</h1>",
                 '<table>' + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"

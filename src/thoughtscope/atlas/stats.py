@@ -190,7 +190,8 @@ class FeatureStats:
     def state_dict(self) -> dict[str, Any]:
         return {
             "tensors": self.t, "tokens": self.tokens, "batches": self.batches,
-            "contexts": torch.cat(self.contexts) if self.contexts else torch.zeros(0, self.cfg.ctx_len, dtype=torch.int32),
+            "contexts": (torch.cat(self.contexts) if self.contexts
+                         else torch.zeros(0, self.cfg.ctx_len, dtype=torch.int32)),
             "rand_sparse": torch.cat(self.rand_sparse) if self.rand_sparse else torch.zeros(0, 3, dtype=torch.int64),
             "rand_vals": torch.cat(self.rand_vals) if self.rand_vals else torch.zeros(0),
         }

@@ -74,7 +74,8 @@ def print_sweep(out: dict, top: int | None = None) -> None:
                   f"{r['control_auroc']:.3f}", f"{r['selectivity']:+.3f}")
     console.print(t, width=max(console.width, 150))
     sel = "" if out["best_is_selective"] else " (no site passed the selectivity rule; best by selectivity shown)"
-    console.print(f"suggested site: [bold]{out['best_site']}[/bold] ({out['best_fitter']})  AUROC {out['best_auroc']:.3f} "
+    console.print(f"suggested site: [bold]{out['best_site']}[/bold] ({out['best_fitter']})  "
+                  f"AUROC {out['best_auroc']:.3f} "
                   f"[{out['best_auroc_ci'][0]:.3f}, {out['best_auroc_ci'][1]:.3f}], selectivity "
                   f"{out['best_selectivity']:+.3f}{sel}")
 

@@ -36,11 +36,13 @@ def sae_train(
     k: str = typer.Option(str(SAEConfig.k), help="active latents for topk / batchtopk (comma-separate to sweep)"),
     expansion: str = typer.Option(str(SAEConfig.n_features // SAEConfig.d_model),
                                   help="dictionary size / d_model (comma-separate to sweep)"),
-    l1_coeff: str = typer.Option(str(SAEConfig.l1_coeff), help="relu-l1 sparsity coefficient λ (comma-separate to sweep)"),
+    l1_coeff: str = typer.Option(str(SAEConfig.l1_coeff),
+                                 help="relu-l1 sparsity coefficient λ (comma-separate to sweep)"),
     l0_coeff: str = typer.Option(str(SAEConfig.l0_coeff), help="jumprelu L0 coefficient (comma-separate to sweep)"),
     batch_size: int = typer.Option(TrainConfig.batch_size, help="rows (tokens) per optimiser step"),
     max_norm_ratio: float | None = typer.Option(
-        SAEConfig.max_norm_ratio, help="drop tokens whose norm exceeds this × the median (attention sinks); 0 keeps them"),
+        SAEConfig.max_norm_ratio,
+        help="drop tokens whose norm exceeds this × the median (attention sinks); 0 keeps them"),
     lr: float | None = typer.Option(TrainConfig.lr, help="learning rate (default: the architecture's, scaled with the "
                                                        "dictionary size)"),
     epochs: int = typer.Option(TrainConfig.epochs, help="passes over a store"),

@@ -72,7 +72,8 @@ class NLARows:
     position: torch.Tensor                  # [N] index inside the document
     token_id: torch.Tensor                  # [N]
     split: torch.Tensor                     # [N] 0 train, 1 val, 2 test
-    context_ids: torch.Tensor               # [N, CONTEXT_KEEP] last tokens up to and including the token, -1 padded left
+    context_ids: torch.Tensor               # [N, CONTEXT_KEEP] last tokens up to and including the token,
+                                            # -1 padded left
     explanations: list[str]
     contexts: list[str]                     # text of the document up to and including the token (tail only)
     meta: dict = field(default_factory=dict)

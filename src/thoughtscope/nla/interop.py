@@ -66,9 +66,8 @@ def read_sidecar(folder: str | os.PathLike) -> dict:
             raise NLAError(f"{path}: prompt_templates.av must contain '{{injection_char}}'")
         if out["injection_scale"] is None:
             raise NLAError(f"{path}: extraction.injection_scale is missing (the AV was trained at a fixed norm)")
-    if role in ("ar", "critic"):
-        if out["ar_template"] is None or "{explanation}" not in out["ar_template"]:
-            raise NLAError(f"{path}: prompt_templates.ar must contain '{{explanation}}'")
+    if role in ("ar", "critic") and (out["ar_template"] is None or "{explanation}" not in out["ar_template"]):
+        raise NLAError(f"{path}: prompt_templates.ar must contain '{{explanation}}'")
     return out
 
 

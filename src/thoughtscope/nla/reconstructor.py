@@ -115,7 +115,8 @@ class Reconstructor(nn.Module):
         last = att.sum(1) - 1
         return self.head(h[torch.arange(h.shape[0], device=h.device), last]).float()
 
-    def forward(self, explanations: Sequence[str], *, allow_empty: bool = False, truncate: bool = False) -> torch.Tensor:
+    def forward(self, explanations: Sequence[str], *, allow_empty: bool = False,
+                truncate: bool = False) -> torch.Tensor:
         """Predicted site vectors [B, d] (compare after `normalise`: only the direction is trained)."""
         return self.forward_ids(*self.encode(explanations, allow_empty=allow_empty, truncate=truncate))
 

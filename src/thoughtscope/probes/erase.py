@@ -82,7 +82,8 @@ def fit_eraser(X: Tensor, y: Tensor, site: str, *, sink_ratio: float = 10.0, met
                      label=f"LEACE rank {left.shape[1]}")
 
 
-def random_eraser(d: int, rank: int, site: str, mean: Tensor, seed: int = 0, max_norm: float | None = None) -> EraseEdit:
+def random_eraser(d: int, rank: int, site: str, mean: Tensor, seed: int = 0,
+                  max_norm: float | None = None) -> EraseEdit:
     """Orthogonal projection removing a random subspace of the given rank (around the same mean): the control."""
     g = torch.Generator().manual_seed(seed + 271828)
     Q = torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))[0]

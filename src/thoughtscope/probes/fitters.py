@@ -275,5 +275,6 @@ def fit(method: str, X, y, **kw) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Dispatch by name; returns (W [L, d], b [L], info)."""
     if method not in FITTERS:
         raise ProbeError(f"unknown fitter {method!r}: expected one of {', '.join(FITTERS)}")
-    out = {"mean": fit_mean, "lda": fit_lda, "logistic": fit_logistic, "lat": fit_lat, "ccs": fit_ccs}[method](X, y, **kw)
+    fitter = {"mean": fit_mean, "lda": fit_lda, "logistic": fit_logistic, "lat": fit_lat, "ccs": fit_ccs}[method]
+    out = fitter(X, y, **kw)
     return out if len(out) == 3 else (*out, {})

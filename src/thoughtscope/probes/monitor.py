@@ -35,7 +35,8 @@ class TokenScores:
         return float(s.mean()) if s.numel() else float("nan")
 
 
-def score_texts(lm, probe: Probe, texts: Sequence[str], *, batch_size: int = 16, max_length: int = 512) -> list[TokenScores]:
+def score_texts(lm, probe: Probe, texts: Sequence[str], *, batch_size: int = 16,
+                max_length: int = 512) -> list[TokenScores]:
     """Per-token probe scores for each text (one forward pass per batch, stopping after the probe's block)."""
     probe.check(lm)
     if isinstance(texts, str):

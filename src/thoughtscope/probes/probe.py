@@ -157,7 +157,8 @@ def fit_probe(lm, ds, site: str, fitter: str = "mean", read=None, *, seed: int =
     if fitter in ("lat", "ccs"):
         kw["pairs"] = [(pos[a], pos[b]) for a, b in ds.pairs(split.train)]
     if fitter == "logistic":
-        kw["folds"] = [([pos[i] for i in a], [pos[i] for i in b]) for a, b in group_folds(ds.groups, split.train, 4, seed)]
+        kw["folds"] = [([pos[i] for i in a], [pos[i] for i in b])
+                       for a, b in group_folds(ds.groups, split.train, 4, seed)]
     W, b, info = fit(fitter, X[tr][None], y[tr], **kw)
     s_tr = X[tr] @ W[0] + b[0]
     s_te = X[te] @ W[0] + b[0]

@@ -45,7 +45,8 @@ class ReadConfig:
         if self.batch_size < 1 or self.max_length < 2:
             raise ProbeError(f"batch_size must be >= 1 and max_length >= 2, got {self.batch_size}, {self.max_length}")
         if not self.sink_ratio > 1:
-            raise ProbeError(f"sink_ratio must be > 1 (tokens above ratio × median norm are sinks), got {self.sink_ratio}")
+            raise ProbeError(f"sink_ratio must be > 1 (tokens above ratio × median norm are sinks), "
+                             f"got {self.sink_ratio}")
 
 
 def site_names(lm: LoadedModel, sites: str | Sequence[str], embed: bool = False) -> list[str]:

@@ -96,14 +96,15 @@ def weight_atlas(lm, layers: Sequence[int] | None = None, *, top: int = 3, k_tok
     return rows
 
 
-def probe_alignment(lm, probe_direction: torch.Tensor, layers: Sequence[int] | None = None, top: int = 16) -> list[dict]:
+def probe_alignment(lm, probe_direction: torch.Tensor, layers: Sequence[int] | None = None,
+                    top: int = 16) -> list[dict]:
     """How much of a probe direction lies in each component's top-`top` write span (norm share, 0..1), largest first."""
     d = probe_direction.float() / probe_direction.float().norm()
     layers = range(lm.n_layers) if layers is None else layers
     rows = []
     with torch.no_grad():
         for layer in layers:
-            for comp, (U, S, _) in block_directions(lm, layer, top).items():
+            for comp, (U, _, _) in block_directions(lm, layer, top).items():
                 c = U.T @ d
                 rows.append({"layer": layer, "component": comp, "share": float(c.norm()),
                              "max_abs_cosine": float(c.abs().max()), "best_rank": int(c.abs().argmax())})

@@ -162,7 +162,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
-    dtype: str = "float32"              # "float32" | "bfloat16" (autocast) | "float64" (exact comparisons, e.g. DDP tests)
+    dtype: str = "float32"              # "float32" | "bfloat16" (autocast) | "float64" (exact, e.g. DDP tests)
     device: str = "cpu"
     b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zero"
     init_batches: int = 1               # batches used for normalisation stats and b_dec init

@@ -138,8 +138,9 @@ def _load_native(p: Path, raw: dict[str, Any]) -> SAE:
     t = _read_safetensors(p / WEIGHTS_FILE)
     d, m = cfg.d_model, cfg.n_features
     extra = {k: v.float() for k, v in t.items() if k == "threshold"}
-    return _sae_from_tensors(cfg, _need(t, "W_enc", (d, m), p / WEIGHTS_FILE), _need(t, "W_dec", (m, d), p / WEIGHTS_FILE),
-                             _need(t, "b_enc", (m,), p / WEIGHTS_FILE), _need(t, "b_dec", (d,), p / WEIGHTS_FILE), extra)
+    w = p / WEIGHTS_FILE
+    return _sae_from_tensors(cfg, _need(t, "W_enc", (d, m), w), _need(t, "W_dec", (m, d), w),
+                             _need(t, "b_enc", (m,), w), _need(t, "b_dec", (d,), w), extra)
 
 
 # ----------------------------------------------------------------------------- SAELens v6

@@ -118,8 +118,10 @@ def spliced_lm_loss(lm: Any, sae: SAE, site: Any, token_batches: Iterable[torch.
         raise SAEError("spliced_lm_loss got no token batches")
     L = {k: v / n_tok for k, v in tot.items()}
     denom = L["zero"] - L["clean"]
-    return {"loss_clean": L["clean"], "loss_sae": L["sae"], "loss_zero_ablated": L["zero"], "loss_mean_ablated": L["mean"],
+    denom_mean = L["mean"] - L["clean"]
+    return {"loss_clean": L["clean"], "loss_sae": L["sae"],
+            "loss_zero_ablated": L["zero"], "loss_mean_ablated": L["mean"],
             "loss_recovered": (L["zero"] - L["sae"]) / denom if abs(denom) > 1e-12 else float("nan"),
-            "loss_recovered_vs_mean": (L["mean"] - L["sae"]) / (L["mean"] - L["clean"]) if abs(L["mean"] - L["clean"]) > 1e-12 else float("nan"),
+            "loss_recovered_vs_mean": (L["mean"] - L["sae"]) / denom_mean if abs(denom_mean) > 1e-12 else float("nan"),
             "kl_sae": kl_sum["sae"] / n_tok, "kl_zero": kl_sum["zero"] / n_tok, "kl_mean": kl_sum["mean"] / n_tok,
             "n_tokens": n_tok, "first_position_excluded": exclude_first}

@@ -345,8 +345,10 @@ class Trainer:
             if self.world > 1:
                 dist.all_reduce(stats)
             n = float(stats[3])
-            slot.last = {"mse": float(stats[0]) / n / self.norm_scale**2, "fvu": float(stats[0] / stats[1].clamp_min(1e-12)),
-                         "l0": float(stats[2]) / n, "dead_frac": float((slot.since_fired >= slot.sae.cfg.dead_tokens).float().mean()),
+            dead = (slot.since_fired >= slot.sae.cfg.dead_tokens).float().mean()
+            slot.last = {"mse": float(stats[0]) / n / self.norm_scale**2,
+                         "fvu": float(stats[0] / stats[1].clamp_min(1e-12)),
+                         "l0": float(stats[2]) / n, "dead_frac": float(dead),
                          "loss": float(out.loss.detach()), "aux": float(out.aux)}
             row[f"sae{i}"] = dict(slot.last)
         self.metrics_log.append(row)

@@ -1,4 +1,5 @@
-"""The local web workbench (`thoughtscope serve`): feature explorer, analyzer, equalizer and NLA view over the library."""
+"""The local web workbench (`thoughtscope serve`): feature explorer, analyzer, equalizer and NLA view over the
+library."""
 
 from .app import create_app
 from .config import ServerConfig

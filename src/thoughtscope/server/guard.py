@@ -20,7 +20,8 @@ TOKEN_COOKIE = "thoughtscope_token"
 
 def _plain(status: int, message: str, html: bool):
     body = (f"<!doctype html><meta charset=utf-8><title>{status}</title><body style='font-family:sans-serif;"
-            f"margin:3em'><h1>{status}</h1><p>{message}</p>" if html else json.dumps({"error": message, "status": status}))
+            f"margin:3em'><h1>{status}</h1><p>{message}</p>" if html
+            else json.dumps({"error": message, "status": status}))
     ctype = b"text/html; charset=utf-8" if html else b"application/json"
     return status, [(b"content-type", ctype), (b"cache-control", b"no-store")], body.encode()
 

@@ -60,7 +60,8 @@ def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
 
     return {"id": n, "f": f, "explanation": explanation_view(f.explanation),
             "top": [ctx(e) for e in top], "quantile": [ctx(e) for e in quant],
-            "logits_pos": [(decode(t), v) for t, v in f.logits_pos], "logits_neg": [(decode(t), v) for t, v in f.logits_neg],
+            "logits_pos": [(decode(t), v) for t, v in f.logits_pos],
+            "logits_neg": [(decode(t), v) for t, v in f.logits_neg],
             "neighbours": [(int(i), c, wb.label(int(i))) for i, c in f.neighbours],
             "edges": at.hist_edges, "sweep": wb.sweeps.get(n), "baseline": wb.baseline_for(n)}
 

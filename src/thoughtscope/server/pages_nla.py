@@ -52,8 +52,9 @@ async def nla_page(request: Request, text: str | None = None, pos: str | None = 
         s = float_param(scale, "scale", -20, 20)
         steer_prompt = text_param(prompt, "prompt", cfg)
         _tokens(wb, steer_prompt, cfg)
-        ctx["steer"] = await run_model(request, steer_from_words, nla, steer_prompt, text_param(original, "original", cfg),
-                                       text_param(edited, "edited", cfg), scale=s,
+        ctx["steer"] = await run_model(request, steer_from_words, nla, steer_prompt,
+                                       text_param(original, "original", cfg), text_param(edited, "edited", cfg),
+                                       scale=s,
                                        max_new_tokens=min(32, cfg.max_new_tokens), seed=0, temperature=0.0)
     return page(request, "nla.html", nav="nla", **ctx)
 

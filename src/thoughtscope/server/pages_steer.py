@@ -285,7 +285,8 @@ def mixer_from_preset(wb, p: Preset, base: Mixer) -> Mixer:
 def preset_load(request: Request, name: str):
     wb = wb_of(request)
     if name not in wb.presets:
-        raise HTTPException(404, f"no preset named {name!r}; loaded at start: {', '.join(sorted(wb.presets)) or 'none'}")
+        loaded = ", ".join(sorted(wb.presets)) or "none"
+        raise HTTPException(404, f"no preset named {name!r}; loaded at start: {loaded}")
     m = mixer_from_preset(wb, wb.presets[name], parse_mixer(request))
     return RedirectResponse(f"/steer?{m.query()}", status_code=303)
 

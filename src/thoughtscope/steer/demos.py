@@ -190,7 +190,8 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
     shown = best or max(tried, key=lambda r: max(p["concept_rate"] for p in r["sweep"]), default=None)
     if shown is not None:
         if plot is not None:
-            plot_sweep(sweeps[shown["feature"]], plot, title=f"{concept.name}: feature(s) {', '.join(map(str, shown['features']))} clamped "
+            feats = ", ".join(map(str, shown["features"]))
+            plot_sweep(sweeps[shown["feature"]], plot, title=f"{concept.name}: feature(s) {feats} clamped "
                        f"(x own max act), {len(prompts)} neutral questions")
             out["plot"] = str(plot)
         for pt in sweeps[shown["feature"]].points:
@@ -248,7 +249,8 @@ def load_default_steering() -> dict:
 DEMO_PROMPTS = ["What is a good way to start the morning?", "Tell me something interesting."]
 
 
-def default_demo(lm: LoadedModel, console=None, max_new_tokens: int = 32, prompts: Sequence[str] = DEMO_PROMPTS) -> list:
+def default_demo(lm: LoadedModel, console=None, max_new_tokens: int = 32,
+                 prompts: Sequence[str] = DEMO_PROMPTS) -> list:
     """`thoughtscope demo`'s steering stage: the calibrated concept clamp on the default SAE, unsteered vs
     steered from the same seed, printed side by side. Returns the comparisons."""
     from rich.console import Console

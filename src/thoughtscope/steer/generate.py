@@ -164,14 +164,17 @@ def _cache_kw(cls: type) -> str:
 
 
 def _cache_of(out):
-    return out["cache"] if "cache" in out else out.past_key_values
+    if "cache" in out:
+        return out["cache"]
+    return out.past_key_values
 
 
 class _Run:
     """One generation run: iterate for TokenEvents; afterwards `out_ids` / `rows` hold the result."""
 
     def __init__(self, lm: LoadedModel, prompts: Sequence, steerer: Steerer, config: GenerationConfig):
-        self.lm, self.prompts, self.steerer, self.config = lm, list(prompts) if not isinstance(prompts, str) else prompts, steerer, config
+        self.lm, self.steerer, self.config = lm, steerer, config
+        self.prompts = list(prompts) if not isinstance(prompts, str) else prompts
         # Everything is validated here, before the first forward pass.
         self.ids, self.mask, self.pos, self.rows = encode_prompts(lm, self.prompts, config)
         self.out_ids: list[list[int]] = [[] for _ in self.rows]
@@ -232,7 +235,8 @@ def stream(lm: LoadedModel, prompts: Sequence, interventions: Sequence = (), con
 
 
 def generate(lm: LoadedModel, prompts: Sequence, interventions: Sequence = (), config: GenerationConfig | None = None,
-             *, on_token: Callable[[TokenEvent], None] | None = None, steerer: Steerer | None = None) -> list[Generation]:
+             *, on_token: Callable[[TokenEvent], None] | None = None,
+             steerer: Steerer | None = None) -> list[Generation]:
     """Generate for a batch of prompts (seeded); on_token, if given, sees every TokenEvent as it is produced."""
     steerer = steerer if steerer is not None else Steerer(lm, interventions)
     run = _Run(lm, prompts, steerer, config or GenerationConfig())

@@ -56,7 +56,7 @@ class SteeringVector:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-                if "vector" not in f.keys():
+                if "vector" not in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     raise SteerError(f"{path}: no tensor named 'vector' (keys: {', '.join(f.keys())})")
                 v = f.get_tensor("vector")
         except SteerError:

@@ -72,7 +72,7 @@ class ActivationStore:
     def verify(self, checksums: bool = True) -> None:
         """Check every shard file's header and size; with ``checksums`` also its sha256 (reads all data)."""
         for i in range(self.n_shards):
-            for col, fpath, shape, dt, digest in self._shard_files(i):
+            for _col, fpath, shape, dt, digest in self._shard_files(i):
                 check_npy(fpath, shape, dt)
                 if checksums:
                     actual = sha256_file(fpath)
@@ -241,7 +241,8 @@ class ActivationStore:
                         mcat = {c: torch.cat([x[c] for x in pm]) for c in self.columns} if with_meta else None
                         s = 0
                         while n - s >= bs:
-                            yield out(cat[s:s + bs], {c: v[s:s + bs].clone() for c, v in mcat.items()} if with_meta else None)
+                            meta = {c: v[s:s + bs].clone() for c, v in mcat.items()} if with_meta else None
+                            yield out(cat[s:s + bs], meta)
                             s += bs
                         pa = [cat[s:].clone()]
                         pm = [{c: v[s:].clone() for c, v in mcat.items()}] if with_meta else [None]

@@ -8,6 +8,7 @@ up leftovers and resumes after the last committed shard.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -322,10 +323,8 @@ class StoreWriter:
         self.close()
 
     def __del__(self):  # pragma: no cover - best effort
-        try:
+        with contextlib.suppress(Exception):
             self._release_lock()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         return (f"StoreWriter({str(self.path)!r}, model={self.model!r}, site={self.site!r}, "
