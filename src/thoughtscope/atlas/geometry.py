@@ -1,4 +1,5 @@
-"""What a feature does, read from the SAE's decoder alone: its direct logit effects and its nearest features."""
+"""What a feature does, read from the SAE's decoder alone: its direct logit effects (from `thoughtscope.features`,
+the one place that reads decoder rows through the unembedding) and its nearest features."""
 
 from __future__ import annotations
 
@@ -6,39 +7,9 @@ import math
 
 import torch
 
-from ..models import LoadedModel
+from ..features import logit_effects, norm_scale
 
-
-def norm_scale(final_norm) -> torch.Tensor | None:
-    """The per-dimension scale the final norm applies (Gemma-style norms scale by 1 + weight)."""
-    if final_norm is None:
-        return None
-    w = getattr(final_norm, "weight", None)
-    if w is None:
-        return None
-    w = w.detach().float()
-    if "gemma" in type(final_norm).__name__.lower():
-        w = 1.0 + w
-    return w
-
-
-@torch.no_grad()
-def logit_effects(lm: LoadedModel, W_dec: torch.Tensor, k: int = 10, chunk: int = 512):
-    """Top-k positive and negative direct logit effects of each decoder row (through the norm's scale)."""
-    U = lm.unembed.weight.detach().float().cpu()  # [V, d]
-    g = norm_scale(lm.final_norm)
-    W = W_dec.detach().float().cpu()
-    if g is not None:
-        W = W * g.cpu()
-    pos_v, pos_i, neg_v, neg_i = [], [], [], []
-    k = min(k, U.shape[0])
-    for s in range(0, W.shape[0], chunk):
-        L = W[s:s + chunk] @ U.T
-        v, i = L.topk(k, dim=1)
-        pos_v.append(v), pos_i.append(i)
-        v, i = L.topk(k, dim=1, largest=False)
-        neg_v.append(v), neg_i.append(i)
-    return torch.cat(pos_i), torch.cat(pos_v), torch.cat(neg_i), torch.cat(neg_v)
+__all__ = ["logit_effects", "nearest_features", "norm_scale"]
 
 
 @torch.no_grad()
