@@ -6,13 +6,8 @@ written atomically to ``<nla>/train_state/<stage>.pt`` every ``checkpoint_every`
 pure function of (seed, step), and sampling in RL is seeded per step, so an interrupted run resumed
 from its checkpoint follows the same trajectory as an uninterrupted one.
 
-Why our own GRPO loop instead of TRL's GRPOTrainer: the AV sees its vector through an embedding
-hook, which TRL can only be made to arm by overriding its private `_generate_and_score_completions`
-and log-prob passes (pinned to one TRL version), and the reward model (the AR) must keep training on
-the rollouts, which TRL has no place for. The loop below is the whole algorithm in ~80 lines: G
-samples per vector, reward −2(1 − cos) from the live AR (−2 for malformed or truncated answers),
-group-normalised advantages, a clipped ratio loss, a k3 KL estimate to the warm-started AV, and one
-AR step on the well-formed (explanation, vector) pairs.
+The RL stage's GRPO loop (and why it is ours rather than TRL's) is in `grpo.py`; the state file and
+the weights each stage publishes in `checkpoint.py`.
 
 Several processes (`torchrun --nproc_per_node N -m thoughtscope.nla train …`, the launcher the SAE
 trainer uses): every rank builds the same global batch and keeps a disjoint, equal slice of it;
@@ -34,12 +29,14 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .._io import atomic_torch_save, atomic_write_text
+from .._io import atomic_write_text
+from ..distributed import average_gradients
+from ..distributed import rank_and_world as world
 from ..progress import ProgressBar
 from .bundle import (
     AR_FILE,
@@ -52,9 +49,14 @@ from .bundle import (
     load_weights,
     save_weights,
 )
-from .core import NLAConfig, NLAError, nla_loss, normalise
+from .checkpoint import load_state, save_state
+from .core import NLAConfig, NLAError, normalise
 from .data import NLARows
 from .evaluate import fve
+from .grpo import grpo_step, rl_step
+
+__all__ = ["STAGES", "TrainConfig", "average_gradients", "batch_indices", "greedy_explanations", "grpo_step",
+           "lr_at", "prepare_nla", "rl_step", "train_stage", "world"]
 
 STAGES = ("ar-sft", "av-sft", "rl", "ar-refit")
 
@@ -114,28 +116,6 @@ def lr_at(step: int, cfg: TrainConfig, base: float) -> float:
 # ------------------------------------------------------------------------- several processes
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, (0, 1) when there is none."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def average_gradients(params) -> None:
-    """All-reduce the gradients of `params` to their mean over ranks (no-op in one process)."""
-    import torch.distributed as dist
-
-    _, n = world()
-    if n == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= n
-
-
 MEAN_KEYS = ("loss", "reward", "reward_std", "kl", "length", "well_formed", "ar_loss")
 
 
@@ -162,71 +142,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-# ------------------------------------------------------------------------- GRPO
-
-
-def grpo_step(av, vectors: torch.Tensor, reward_fn: Callable, opt: torch.optim.Optimizer, *, group_size: int = 4,
-              temperature: float = 1.0, kl_coef: float = 0.01, clip: float = 0.2,
-              max_new_tokens: int | None = None, before_step: Callable[[], None] | None = None) -> dict:
-    """One GRPO update of the AV on a batch of vectors.
-
-    reward_fn(parsed, vectors_rep, completion_ids) -> rewards [N·G], where parsed is a list of
-    (explanation, well_formed). Returns the step's statistics and the rollouts for the AR step.
-    before_step runs between backward and the optimiser step (the gradient all-reduce of several ranks).
-    """
-    G = group_size
-    av.model.eval()       # no dropout: sampling and the loss see the same function
-    comp = av.generate_ids(vectors, samples=G, do_sample=True, temperature=temperature,
-                           max_new_tokens=max_new_tokens)
-    parsed = av.decode(comp)
-    v_rep = vectors.repeat_interleave(G, 0)
-    rewards = torch.as_tensor(reward_fn(parsed, v_rep, comp), dtype=torch.float32).flatten()
-    r = rewards.view(-1, G)
-    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten().to(av.device)
-    # sequences = prompt + completion; the completion counts up to and including its first end token
-    P = len(av.prompt)
-    prompt = torch.tensor([av.prompt] * comp.shape[0], device=av.device)
-    ids = torch.cat([prompt, comp.to(av.device)], 1)
-    valid = torch.ones_like(comp, dtype=torch.bool)
-    for i, row in enumerate(comp.tolist()):
-        for j, t in enumerate(row):
-            if t in av.end_ids:
-                valid[i, j + 1:] = False
-                break
-    att = torch.cat([torch.ones_like(prompt), valid.long()], 1)
-    mask = torch.zeros_like(ids, dtype=torch.float32)
-    mask[:, P:] = valid.float()
-    mask = mask[:, 1:]
-    with torch.no_grad(), av.reference():
-        ref = av.token_logprobs(v_rep, ids, att)
-    av.model.train()
-    new = av.token_logprobs(v_rep, ids, att)
-    old = new.detach()      # one update per batch: the ratio starts at 1 and the clip bounds the step
-    ratio = torch.exp(new - old)
-    A = adv[:, None]
-    pg = -torch.minimum(ratio * A, ratio.clamp(1 - clip, 1 + clip) * A)
-    log_r = ref - new
-    kl = torch.exp(log_r) - log_r - 1          # k3 estimator of KL(policy ‖ reference), ≥ 0
-    per_tok = pg + kl_coef * kl
-    per_seq = (per_tok * mask).sum(1) / mask.sum(1).clamp_min(1)
-    loss = per_seq.mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if before_step is not None:
-        before_step()
-    opt.step()
-    av.model.eval()
-    lengths = valid.sum(1).float()
-    return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "reward_std": float(r.std(1).mean()),
-            "kl": float((kl.detach() * mask).sum() / mask.sum().clamp_min(1)), "length": float(lengths.mean()),
-            "well_formed": float(sum(ok for _, ok in parsed) / len(parsed)), "parsed": parsed, "vectors": v_rep}
-
-
 # ------------------------------------------------------------------------- stages
-
-
-def _state_path(nla_dir: Path, stage: str) -> Path:
-    return nla_dir / "train_state" / f"{stage}.pt"
 
 
 def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **cfg_overrides) -> NLA:
@@ -321,47 +237,7 @@ def train_stage(nla_dir: str | os.PathLike, data: str | os.PathLike | NLARows, c
     opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
     ar_opt = torch.optim.AdamW(nla.ar.trainable_parameters(), lr=cfg.ar_lr) if cfg.stage == "rl" else None
 
-    step, history = 0, []
-    sp = _state_path(nla_dir, cfg.stage)
-    if sp.is_file():
-        st = torch.load(sp, weights_only=False, map_location=nla.ar.device)
-        if st["config"]["seed"] != cfg.seed or st["config"]["batch_size"] != cfg.batch_size:
-            raise NLAError(f"{sp} was written with a different seed/batch size; delete it to start over")
-        step, history = st["step"], st["history"]
-        if "av" in st:
-            nla.av.load_adapter_state(st["av"])
-        if "ar" in st:
-            nla.ar.load_adapter_state(st["ar"])
-        opt.load_state_dict(st["opt"])
-        if ar_opt is not None and "ar_opt" in st:
-            ar_opt.load_state_dict(st["ar_opt"])
-
-    def save_checkpoint(done: bool, stopped: bool = False) -> None:
-        if rank != 0:
-            return
-        st = {"step": step, "history": history, "config": asdict(cfg), "opt": opt.state_dict(), "done": done}
-        if cfg.stage in ("av-sft", "rl"):
-            st["av"] = {k: v.detach().clone() for k, v in nla.av.adapter_state().items()}
-        if cfg.stage in ("ar-sft", "rl", "ar-refit"):
-            st["ar"] = {k: v.detach().clone() for k, v in nla.ar.adapter_state().items()}
-        if ar_opt is not None:
-            st["ar_opt"] = ar_opt.state_dict()
-        atomic_torch_save(st, sp)
-        # publish the weights so later stages and `nla eval` can use them
-        if cfg.stage == "ar-sft":
-            save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
-            if done or stopped:     # a budget-stopped stage still hands its weights to the next stage
-                save_weights(nla.ar.adapter_state(), nla_dir / WARM_AR_FILE)
-        elif cfg.stage == "av-sft":
-            save_weights(nla.av.adapter_state(), nla_dir / AV_FILE)
-            if done or stopped:
-                save_weights(nla.av.adapter_state(), nla_dir / WARM_AV_FILE)
-        elif cfg.stage == "ar-refit":
-            save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
-        else:
-            save_weights(nla.av.adapter_state(), nla_dir / AV_FILE)
-            save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
-        atomic_write_text(nla_dir / "train_state" / f"{cfg.stage}.history.json", json.dumps(history, indent=1))
+    step, history = load_state(nla_dir, cfg, nla, opt, ar_opt)
 
     def evaluate() -> dict:
         if len(val) == 0:
@@ -439,8 +315,8 @@ def train_stage(nla_dir: str | os.PathLike, data: str | os.PathLike | NLARows, c
                 flag = [out_of_time]
                 dist.broadcast_object_list(flag, src=0)
                 out_of_time = flag[0]
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
-                save_checkpoint(done=step == cfg.steps, stopped=out_of_time)
+            if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
+                save_state(nla_dir, cfg, nla, opt, ar_opt, step, history, done=step == cfg.steps, stopped=out_of_time)
             if out_of_time:
                 break
     finally:
@@ -478,46 +354,3 @@ def greedy_explanations(nla: NLA, nla_dir: Path, sets: dict[str, torch.Tensor], 
     finally:
         bar.close()
     return {k: cache["sets"][k][: len(v)] for k, v in sets.items()}
-
-
-def rl_step(nla: NLA, vectors: torch.Tensor, opt, ar_opt, cfg: TrainConfig) -> dict:
-    """One GRPO step on the AV, rewarded by the live AR, then one AR step on the well-formed rollouts."""
-    ar = nla.ar
-
-    def fits(e: str) -> bool:
-        return len(ar.tokenizer(e, add_special_tokens=False)["input_ids"]) <= ar.cfg.max_explanation_tokens
-
-    def usable(parsed) -> list[int]:
-        # malformed, truncated, empty or over-long answers get the orthogonal reward and stay out of AR training
-        return [i for i, (e, good) in enumerate(parsed) if good and e.strip() and fits(e)]
-
-    def reward_fn(parsed, v_rep, comp):
-        ok = usable(parsed)
-        r = torch.full((len(parsed),), cfg.malformed_reward)
-        if ok:
-            ar.eval()
-            with torch.no_grad():
-                pred = ar([parsed[i][0] for i in ok])
-            r[ok] = -nla_loss(pred, v_rep[ok].to(pred.device), reduction="none").cpu()
-        return r
-
-    st = grpo_step(nla.av, vectors, reward_fn, opt, group_size=cfg.group_size, temperature=cfg.temperature,
-                   kl_coef=cfg.kl_coef, clip=cfg.clip, max_new_tokens=cfg.max_new_tokens,
-                   before_step=lambda: average_gradients(nla.av.trainable_parameters()))
-    parsed, v_rep = st.pop("parsed"), st.pop("vectors")
-    ok = usable(parsed)
-    if ar_opt is not None and (ok or world()[1] > 1):
-        # with several ranks every rank takes part in the all-reduce, contributing zero if it has no usable pair
-        ar.train()
-        ar_opt.zero_grad(set_to_none=True)
-        if ok:
-            loss = ar.loss([parsed[i][0] for i in ok], v_rep[ok])
-            loss.backward()
-            st["ar_loss"] = float(loss.detach())
-        params = ar.trainable_parameters()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        average_gradients(params)
-        ar_opt.step()
-    return st

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..distributed import join_process_group, local_device
+from ..distributed import average_gradients, join_process_group, local_device
 from ..errors import ThoughtscopeError
 from ..progress import ProgressBar
 from .base import SAE, StepOutput, build_sae
@@ -295,14 +295,7 @@ class Trainer:
             loss.backward()
             params = [p for p in sae.parameters() if p.grad is not None]
             if self.world > 1:
-                flat = torch.cat([p.grad.reshape(-1) for p in params])
-                dist.all_reduce(flat)
-                flat /= self.world
-                off = 0
-                for p in params:
-                    n_el = p.grad.numel()
-                    p.grad.copy_(flat[off:off + n_el].view_as(p.grad))
-                    off += n_el
+                average_gradients(params)
                 fired = out.fired.to(torch.uint8)
                 dist.all_reduce(fired, op=dist.ReduceOp.MAX)
                 fired = fired.bool()
