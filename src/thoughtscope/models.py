@@ -85,13 +85,8 @@ class LoadedModel:
             rows = [[bos] + r if not r or r[0] != bos else r for r in rows]
         if max_length is not None:
             rows = [r[:max_length] for r in rows]
-        width = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_batch(rows, pad)
         return ids.to(self.device), mask.to(self.device)
 
     def __repr__(self) -> str:
@@ -99,6 +94,19 @@ class LoadedModel:
             f"LoadedModel({self.name!r}, {type(self.model).__name__}, blocks={self.n_layers}, "
             f"d_model={self.d_model}, vocab={self.vocab_size}, device={self.device}, dtype={self.dtype})"
         )
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one [B, longest] long tensor filled out with ``pad`` (after each row, or before it with
+    ``left`` as generation wants), and the attention mask (1 on tokens, 0 on padding). On the CPU."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
 
 
 def find_layers(model: nn.Module) -> nn.ModuleList:

@@ -28,6 +28,7 @@ import torch
 
 from .._io import atomic_save_tensors, atomic_write_text
 from ..llm import HTTPChatClient, LLMError
+from ..models import pad_batch
 from ..progress import ProgressBar
 from .core import NLAError, normalise, round_scale
 
@@ -271,13 +272,7 @@ def harvest_rows(lm, cfg: DataConfig, *, corpus=None, progress: bool = True,
 
     def flush(batch):
         rows = [[bos] + ids if bos is not None else ids for _, ids, _ in batch]
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        x = torch.full((len(rows), width), pad, dtype=torch.long)
-        m = torch.zeros_like(x)
-        for j, r in enumerate(rows):
-            x[j, : len(r)] = torch.tensor(r)
-            m[j, : len(r)] = 1
+        x, m = pad_batch(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
         off = 1 if bos is not None else 0
         with torch.inference_mode():
             base = getattr(lm.model, lm.model.base_model_prefix)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from thoughtscope.models import find_final_norm, find_layers
+from thoughtscope.models import find_final_norm, find_layers, pad_batch
 
 from .core import NLAConfig, NLAError, nla_loss
 from .verbalizer import add_lora
@@ -101,13 +101,7 @@ class Reconstructor(nn.Module):
                 raise NLAError(f"explanation has {len(body)} tokens; the reconstructor accepts at most "
                                f"{self.cfg.max_explanation_tokens}: {e[:60]!r}…")
             rows.append(bos + self.prefix + body + self.suffix)
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            att[i, : len(r)] = 1
+        ids, att = pad_batch(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
         return ids.to(self.device), att.to(self.device)
 
     def forward_ids(self, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..models import pad_batch
 from .core import NLAConfig, NLAError, check_vectors
 
 RARE_MARKER_CHARS = [chr(c) for c in range(0x3200, 0x3400)]
@@ -176,14 +177,9 @@ class Verbalizer(nn.Module):
     def batch(self, explanations: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt + response ids (right padded), attention mask and a mask of the response tokens."""
         rows = [self.prompt + response_ids(self.tokenizer, self.cfg, e) for e in explanations]
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        att = torch.zeros_like(ids)
+        ids, att = pad_batch(rows, self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         resp = torch.zeros_like(ids, dtype=torch.bool)
         for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            att[i, : len(r)] = 1
             resp[i, len(self.prompt): len(r)] = True
         return ids.to(self.device), att.to(self.device), resp.to(self.device)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ProbeError
-from ..models import LoadedModel, Site, cache_dir, capture, parse_sites
+from ..models import LoadedModel, Site, cache_dir, capture, pad_batch, parse_sites
 from .datasets import READS, ProbeSet
 
 EMBED = "embed"  # the token embeddings (hidden_states[0]): the "layer 0" control of a sweep
@@ -109,12 +109,7 @@ def encode(lm: LoadedModel, ds: ProbeSet, cfg: ReadConfig) -> list[Encoded]:
 def _batch(lm: LoadedModel, rows: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    width = max(len(r.ids) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r.ids)] = torch.tensor(r.ids)
-        mask[i, : len(r.ids)] = 1
+    ids, mask = pad_batch([r.ids for r in rows], pad)
     return ids.to(lm.device), mask.to(lm.device)
 
 

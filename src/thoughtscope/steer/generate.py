@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models import LoadedModel
+from ..models import LoadedModel, pad_batch
 from .interventions import Steerer, SteerError, _check_finite
 
 Prompt = "str | list[dict]"  # a user message, or a whole chat as [{"role": ..., "content": ...}, ...]
@@ -89,7 +89,6 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence, config: GenerationConfig)
     if isinstance(prompts, str) or not len(prompts):
         raise SteerError("prompts must be a non-empty list of strings (or chats)")
     rows = [format_prompt(lm, p, chat=config.chat, system=config.system) for p in prompts]
-    width = max(len(r) for r in rows)
     for i, r in enumerate(rows):
         if len(r) + config.max_new_tokens > lm.max_context:
             raise SteerError(
@@ -97,11 +96,7 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence, config: GenerationConfig)
                 f"context window of {lm.name} ({lm.max_context} tokens): shorten the prompt or lower max_new_tokens")
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+    ids, mask = pad_batch(rows, pad, left=True)
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     dev = lm.device
     return ids.to(dev), mask.to(dev), pos.to(dev), rows
