@@ -212,14 +212,18 @@ def _pairs_or_random(y: torch.Tensor, pairs, seed: int) -> list[tuple[int, int]]
     return list(zip(pos[:m].tolist(), neg[:m].tolist()))
 
 
-def fit_lat(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int = 0, **_):
-    """pairs: (positive row, negative row) among the training rows; without them, random pos/neg pairs (RepE)."""
+def _paired(X, y, pairs, seed: int, method: str):
+    """A pair-based fitter's inputs: (X, y, pairs, positive rows, negative rows), with at least 2 pairs."""
     X, y = _check(X, y)
     pr = _pairs_or_random(y, pairs, seed)
     if len(pr) < 2:
-        raise ProbeError(f"LAT needs at least 2 (positive, negative) pairs in the training split, got {len(pr)}")
-    p = torch.tensor([a for a, _ in pr])
-    q = torch.tensor([b for _, b in pr])
+        raise ProbeError(f"{method} needs at least 2 (positive, negative) pairs in the training split, got {len(pr)}")
+    return X, y, pr, torch.tensor([a for a, _ in pr]), torch.tensor([b for _, b in pr])
+
+
+def fit_lat(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int = 0, **_):
+    """pairs: (positive row, negative row) among the training rows; without them, random pos/neg pairs (RepE)."""
+    X, y, pr, p, q = _paired(X, y, pairs, seed, "LAT")
     g = torch.Generator().manual_seed(seed)
     flip = torch.where(torch.rand(len(pr), generator=g) < 0.5, -1.0, 1.0).double()
     D = (X[:, p] - X[:, q]) * flip[None, :, None]
@@ -232,12 +236,7 @@ def fit_lat(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int =
 def fit_ccs(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int = 0, steps: int = 300,
             restarts: int = 3, **_):
     """Contrast-consistent search on pairs: unsupervised loss, best of a few restarts, sign from the labels."""
-    X, y = _check(X, y)
-    pr = _pairs_or_random(y, pairs, seed)
-    if len(pr) < 2:
-        raise ProbeError(f"CCS needs at least 2 (positive, negative) pairs in the training split, got {len(pr)}")
-    p = torch.tensor([a for a, _ in pr])
-    q = torch.tensor([b for _, b in pr])
+    X, y, pr, p, q = _paired(X, y, pairs, seed, "CCS")
     # Hide which member is the positive (CCS is unsupervised): with label-ordered halves, centring each half
     # would subtract the very difference we look for.
     swap = torch.rand(len(pr), generator=torch.Generator().manual_seed(seed + 1)) < 0.5

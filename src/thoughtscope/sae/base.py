@@ -277,6 +277,18 @@ class SAE(nn.Module):
         return {}
 
 
+class TopKMixin:
+    """Architectures with a k (topk, batchtopk): k is checked against n_features and named in the run name."""
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        check_k(cfg)
+
+    @classmethod
+    def run_name(cls, cfg: SAEConfig) -> str:
+        return super().run_name(cfg) + f"-k{cfg.k}"
+
+
 class UnitDecoderMixin:
     """Unit-norm decoder rows: gradients projected off the rows before the step, rows renormalised after."""
 

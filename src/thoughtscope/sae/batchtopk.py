@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import SAE, StepOutput, UnitDecoderMixin, check_k, register_sae_class
+from .base import SAE, StepOutput, TopKMixin, UnitDecoderMixin, register_sae_class
 from .config import SAEConfig
 
 
 @register_sae_class
-class BatchTopKSAE(UnitDecoderMixin, SAE):
+class BatchTopKSAE(TopKMixin, UnitDecoderMixin, SAE):
     """BatchTopK: top k*B activations over the whole batch in training; a learned global threshold at inference."""
 
     arch = "batchtopk"
@@ -19,14 +19,6 @@ class BatchTopKSAE(UnitDecoderMixin, SAE):
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.register_buffer("threshold", torch.tensor(-1.0))
-
-    @classmethod
-    def check_config(cls, cfg: SAEConfig) -> None:
-        check_k(cfg)
-
-    @classmethod
-    def run_name(cls, cfg: SAEConfig) -> str:
-        return super().run_name(cfg) + f"-k{cfg.k}"
 
     @property
     def trained(self) -> bool:

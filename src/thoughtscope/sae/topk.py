@@ -5,26 +5,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import SAE, StepOutput, UnitDecoderMixin, check_k, register_sae_class
-from .config import SAEConfig
+from .base import SAE, StepOutput, TopKMixin, UnitDecoderMixin, register_sae_class
 from .kernels import SparseDecode, SparseEncode, group_by_latent
 
 
 @register_sae_class
-class TopKSAE(UnitDecoderMixin, SAE):
+class TopKSAE(TopKMixin, UnitDecoderMixin, SAE):
     """OpenAI TopK: k largest pre-activations, ReLU after; AuxK on dead latents; unit decoder rows."""
 
     arch = "topk"
     uses_aux = True
     sparse_native = True
-
-    @classmethod
-    def check_config(cls, cfg: SAEConfig) -> None:
-        check_k(cfg)
-
-    @classmethod
-    def run_name(cls, cfg: SAEConfig) -> str:
-        return super().run_name(cfg) + f"-k{cfg.k}"
 
     def activation(self, pre: Tensor) -> Tensor:
         vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
