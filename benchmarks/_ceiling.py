@@ -6,6 +6,7 @@ batches (sae_train.py), so load from other processes on a shared machine falls o
 ``ceiling_fraction`` = FLOP/s a trainer achieves (FLOP per token written out below x its tokens/s) / that GEMM rate:
 1.0 would mean every step costs no more than its arithmetic at GEMM speed.
 """
+
 from __future__ import annotations
 
 
@@ -17,11 +18,11 @@ def topk_flops_per_token(d: int, m: int, k: int, batch: int) -> dict:
     """
     params = 2 * m * d + m + d
     parts = {
-        "encoder_gemm": 2 * d * m,                      # pre = (x - b_dec) W_enc^T + b_enc, dense
-        "sparse_decoder": 2 * k * d,                    # x_hat = sum of k decoder rows
-        "loss": 3 * d,                                  # residual, square, sum
-        "backward_decoder": 2 * (2 * k * d),            # d/d(values) (k dot products) + d/d(W_dec) (k row updates)
-        "backward_encoder": 2 * (2 * k * d) + k,        # d/dx (k rows) + d/d(W_enc) (k row updates) + d/d(b_enc)
+        "encoder_gemm": 2 * d * m,  # pre = (x - b_dec) W_enc^T + b_enc, dense
+        "sparse_decoder": 2 * k * d,  # x_hat = sum of k decoder rows
+        "loss": 3 * d,  # residual, square, sum
+        "backward_decoder": 2 * (2 * k * d),  # d/d(values) (k dot products) + d/d(W_dec) (k row updates)
+        "backward_encoder": 2 * (2 * k * d) + k,  # d/dx (k rows) + d/d(W_enc) (k row updates) + d/d(b_enc)
         "optimizer_per_token": (10 * params + 6 * m * d) / batch,  # Adam (~10/param) + decoder projection (~6/param)
     }
     return {"parts": parts, "total": sum(parts.values()), "topk_comparisons_not_counted": m}

@@ -18,6 +18,7 @@ time-to-quality curve) and after the run. Settings not listed in :meth:`settings
   stand-in "model" whose only layer outputs the cached batch named by the input ids (:class:`_ReplayLM`); its loop,
   loss, optimiser and bookkeeping run unchanged. Its weights are read in ScheduleFree's eval mode, as it saves them.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,10 +34,12 @@ from thoughtscope.sae.train import default_lr as ours_default_lr
 
 def _dense_fn(encode, decode, scale: float = 1.0):
     """EncodeDecode for dense feature tensors; ``scale``: the contender works on x * scale (FVU is unchanged)."""
+
     def fn(x):
         f = encode(x * scale)
         act = f > 0
         return decode(f) / scale, act.any(0), int(act.sum())
+
     return fn
 
 
@@ -53,12 +56,20 @@ class Ours:
         return ours_default_lr(self.cfg)
 
     def settings(self) -> dict:
-        common = ("TrainConfig / SAEConfig defaults (Adam, warm-up 1% and linear decay over the last 20% of steps, "
-                  "inputs scaled to mean norm sqrt(d), b_dec at the geometric median of the first batch, ")
-        arch = ("AuxK on latents silent for 10% of the run, unit-norm decoder)" if self.cfg.arch == "topk" else
-                "L1 weighted by decoder norms, lambda warm-up 5% of steps)")
-        return {"tool": "thoughtscope", "config": common + arch,
-                **({"k": self.cfg.k} if self.cfg.arch == "topk" else {"l1_coeff": self.cfg.l1_coeff})}
+        common = (
+            "TrainConfig / SAEConfig defaults (Adam, warm-up 1% and linear decay over the last 20% of steps, "
+            "inputs scaled to mean norm sqrt(d), b_dec at the geometric median of the first batch, "
+        )
+        arch = (
+            "AuxK on latents silent for 10% of the run, unit-norm decoder)"
+            if self.cfg.arch == "topk"
+            else "L1 weighted by decoder norms, lambda warm-up 5% of steps)"
+        )
+        return {
+            "tool": "thoughtscope",
+            "config": common + arch,
+            **({"k": self.cfg.k} if self.cfg.arch == "topk" else {"l1_coeff": self.cfg.l1_coeff}),
+        }
 
     def fit(self, feed, lr: float) -> None:
         tc = TrainConfig(batch_size=self.batch_size, steps=self.n_steps, lr=lr, progress=False, checkpoint_every=0)
@@ -79,14 +90,26 @@ class Ours:
             act = f > 0
             recon = sae.decode(f) / tr.norm_scale + (mean if mean is not None else 0)
             return recon, act.any(0), int(act.sum())
+
         return fn
 
 
 class SAELens:
     name = "saelens"
 
-    def __init__(self, arch: str, d: int, m: int, *, k: int = 32, l1: float = 5.0, batch_size: int, n_steps: int,
-                 first_batch: torch.Tensor, mean_norm: float):
+    def __init__(
+        self,
+        arch: str,
+        d: int,
+        m: int,
+        *,
+        k: int = 32,
+        l1: float = 5.0,
+        batch_size: int,
+        n_steps: int,
+        first_batch: torch.Tensor,
+        mean_norm: float,
+    ):
         self.arch, self.d, self.m, self.k, self.l1 = arch, d, m, k, l1
         self.batch_size, self.n_steps = batch_size, n_steps
         self.b_dec0 = first_batch.mean(0)
@@ -99,18 +122,27 @@ class SAELens:
         if self.arch == "relu-l1":
             return 5e-5  # the training tutorial's value (SAETrainerConfig's bare default is 3e-4)
         from sae_lens.config import SAETrainerConfig
+
         return SAETrainerConfig.lr
 
     def settings(self) -> dict:
         import sae_lens
+
         s = {"tool": "sae-lens", "version": sae_lens.__version__}
         if self.arch == "topk":
-            s.update(k=self.k, config="TopKTrainingSAEConfig defaults (normalize_activations none, aux coefficient "
-                     "1, dead_feature_window 1000 steps, constant LR)", b_dec_init="mean of the first batch")
+            s.update(
+                k=self.k,
+                config="TopKTrainingSAEConfig defaults (normalize_activations none, aux coefficient "
+                "1, dead_feature_window 1000 steps, constant LR)",
+                b_dec_init="mean of the first batch",
+            )
         else:
-            s.update(l1_coefficient=self.l1, config="training tutorial: StandardTrainingSAEConfig, "
-                     "normalize_activations expected_average_only_in, l1 warm-up 5% of steps, LR decay last 20%",
-                     b_dec_init="mean of the first batch")
+            s.update(
+                l1_coefficient=self.l1,
+                config="training tutorial: StandardTrainingSAEConfig, "
+                "normalize_activations expected_average_only_in, l1 warm-up 5% of steps, LR decay last 20%",
+                b_dec_init="mean of the first batch",
+            )
         return s
 
     def fit(self, feed, lr: float) -> None:
@@ -120,15 +152,28 @@ class SAELens:
         n, B = self.n_steps, self.batch_size
         if self.arch == "topk":
             from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
             sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=self.d, d_sae=self.m, k=self.k))
             tcfg = SAETrainerConfig(total_training_samples=B * n, train_batch_size_samples=B, lr=lr, lr_end=lr / 10)
         else:
             from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
-            sae = StandardTrainingSAE(StandardTrainingSAEConfig(
-                d_in=self.d, d_sae=self.m, l1_coefficient=self.l1, l1_warm_up_steps=max(1, n // 20),
-                normalize_activations="expected_average_only_in"))
-            tcfg = SAETrainerConfig(total_training_samples=B * n, train_batch_size_samples=B, lr=lr, lr_end=lr / 10,
-                                    lr_decay_steps=max(1, n // 5))
+
+            sae = StandardTrainingSAE(
+                StandardTrainingSAEConfig(
+                    d_in=self.d,
+                    d_sae=self.m,
+                    l1_coefficient=self.l1,
+                    l1_warm_up_steps=max(1, n // 20),
+                    normalize_activations="expected_average_only_in",
+                )
+            )
+            tcfg = SAETrainerConfig(
+                total_training_samples=B * n,
+                train_batch_size_samples=B,
+                lr=lr,
+                lr_end=lr / 10,
+                lr_decay_steps=max(1, n // 5),
+            )
         with torch.no_grad():
             sae.b_dec.copy_(self.b_dec0 * (self.scale or 1.0))
         self.sae = sae
@@ -204,10 +249,15 @@ class Sparsify:
 
     def settings(self) -> dict:
         import sparsify
-        return {"tool": "eai-sparsify", "version": sparsify.__version__, "k": self.k,
-                "config": "TrainConfig defaults: optimizer signum (ScheduleFree wrapper), loss fvu, auxk_alpha 0, "
-                          "b_dec at the first batch's mean, unit-norm decoder",
-                "decoder": "eager embedding_bag (Triton is GPU-only)"}
+
+        return {
+            "tool": "eai-sparsify",
+            "version": sparsify.__version__,
+            "k": self.k,
+            "config": "TrainConfig defaults: optimizer signum (ScheduleFree wrapper), loss fvu, auxk_alpha 0, "
+            "b_dec at the first batch's mean, unit-norm decoder",
+            "decoder": "eager embedding_bag (Triton is GPU-only)",
+        }
 
     def fit(self, feed, lr: float) -> None:
         from sparsify import SparseCoderConfig
@@ -216,8 +266,14 @@ class Sparsify:
 
         model = _ReplayLM(self.d)
         model.layers[0].source = iter(feed)
-        cfg = SpTrainConfig(SparseCoderConfig(num_latents=self.m, k=self.k), batch_size=1, lr=lr,
-                            log_to_wandb=False, save_dir=self._tmp.name, save_every=10**9)
+        cfg = SpTrainConfig(
+            SparseCoderConfig(num_latents=self.m, k=self.k),
+            batch_size=1,
+            lr=lr,
+            log_to_wandb=False,
+            save_dir=self._tmp.name,
+            save_every=10**9,
+        )
         self.trainer = SpTrainer(cfg, _StepIds(self.n_steps, self.batch_size), model)
         self.trainer.fit()
 
@@ -238,6 +294,7 @@ class Sparsify:
             finally:
                 for o in opts:
                     o.train()
+
         return fn
 
 

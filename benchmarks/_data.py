@@ -10,6 +10,7 @@ position 0 of every context (the attention sink) and every token whose norm is a
 store's own filter (:meth:`ActivationStore.batches`). Train / validation / test are cut in store order at document
 boundaries, so no document is split between them and the test documents are never seen in training.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,9 +38,18 @@ def store_path(model_name: str, site: str, n_tokens: int, *, ctx_len: int = 128,
     return Path(root or bench_home()) / slug / f"{site}-ctx{ctx_len}-{n_tokens}"
 
 
-def ensure_store(n_tokens: int, *, site: str = "resid.15", model: str = "default", lm: LoadedModel | None = None,
-                 corpus: Corpus | None = None, ctx_len: int = 128, batch_size: int = 16, root: Path | None = None,
-                 progress: bool = True) -> ActivationStore:
+def ensure_store(
+    n_tokens: int,
+    *,
+    site: str = "resid.15",
+    model: str = "default",
+    lm: LoadedModel | None = None,
+    corpus: Corpus | None = None,
+    ctx_len: int = 128,
+    batch_size: int = 16,
+    root: Path | None = None,
+    progress: bool = True,
+) -> ActivationStore:
     """The cached store of ``n_tokens`` tokens of ``model`` at ``site``, harvested (or resumed) when missing.
 
     ``lm`` and ``corpus`` default to ``load_model(model)`` and the default corpus; the model is loaded only when
@@ -54,8 +64,11 @@ def ensure_store(n_tokens: int, *, site: str = "resid.15", model: str = "default
     lm = lm if lm is not None else load_model(model)
     cfg = HarvestConfig(n_tokens=n_tokens, ctx_len=ctx_len, contexts_per_batch=batch_size)
     if progress:
-        print(f"building benchmark store {path} ({n_tokens:,} tokens of {lm.name} at {site}) with thoughtscope's "
-              "harvest; later runs reuse it", flush=True)
+        print(
+            f"building benchmark store {path} ({n_tokens:,} tokens of {lm.name} at {site}) with thoughtscope's "
+            "harvest; later runs reuse it",
+            flush=True,
+        )
     return harvest(lm, corpus or Corpus("default"), [Site.parse(site)], path, cfg, progress=progress)[Site.parse(site)]
 
 
@@ -91,16 +104,30 @@ def split_rows(store: ActivationStore, *, val_frac: float = 0.1, test_frac: floa
     c_val = _doc_cut(doc, round(n * (1 - val_frac - test_frac)))
     c_test = _doc_cut(doc, round(n * (1 - test_frac)))
     if not 0 < c_val < c_test < n:
-        raise StoreError(f"store {store.path}: its {n} kept rows come from too few documents to cut train / "
-                         f"validation / test at whole documents (cuts at rows {c_val}, {c_test}); harvest more tokens")
+        raise StoreError(
+            f"store {store.path}: its {n} kept rows come from too few documents to cut train / "
+            f"validation / test at whole documents (cuts at rows {c_val}, {c_test}); harvest more tokens"
+        )
     median = store.median_norm
-    info = {"store": str(store.path), "model": store.model, "site": store.site, "store_tokens": store.n_tokens,
-            "kept_rows": n, "excluded_rows": store.n_tokens - n, "median_norm": median,
-            "exclusion": {**EXCLUSION, "norm_threshold": EXCLUSION["max_norm_ratio"] * median},
-            "split": "store order, cut at document boundaries",
-            "train_rows": c_val, "val_rows": c_test - c_val, "test_rows": n - c_test,
-            "docs": {"train": int(doc[:c_val].unique().numel()), "val": int(doc[c_val:c_test].unique().numel()),
-                     "test": int(doc[c_test:].unique().numel())}}
+    info = {
+        "store": str(store.path),
+        "model": store.model,
+        "site": store.site,
+        "store_tokens": store.n_tokens,
+        "kept_rows": n,
+        "excluded_rows": store.n_tokens - n,
+        "median_norm": median,
+        "exclusion": {**EXCLUSION, "norm_threshold": EXCLUSION["max_norm_ratio"] * median},
+        "split": "store order, cut at document boundaries",
+        "train_rows": c_val,
+        "val_rows": c_test - c_val,
+        "test_rows": n - c_test,
+        "docs": {
+            "train": int(doc[:c_val].unique().numel()),
+            "val": int(doc[c_val:c_test].unique().numel()),
+            "test": int(doc[c_test:].unique().numel()),
+        },
+    }
     return Rows(x[:c_val], x[c_val:c_test], x[c_test:], info)
 
 
@@ -131,7 +158,7 @@ class ShuffledBatches:
         if not 0 <= i < self.n_steps:
             raise IndexError(i)
         e, j = divmod(i, self.per_epoch)
-        return self.train[self.perms[e][j * self.batch_size:(j + 1) * self.batch_size]]
+        return self.train[self.perms[e][j * self.batch_size : (j + 1) * self.batch_size]]
 
     def __iter__(self):
         return (self[i] for i in range(self.n_steps))

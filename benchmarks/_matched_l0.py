@@ -3,6 +3,7 @@ L0 do not compare. thoughtscope is retrained (untimed, same batches and learning
 search in (log lambda, log L0) until the peer's held-out L0 is bracketed; its FVU at that L0 is interpolated
 linearly in log L0 between the two bracketing points.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,7 @@ def _bracket(points: list[dict], target: float) -> tuple[dict | None, dict | Non
     """The point with the largest L0 <= target and the one with the smallest L0 >= target (None if absent)."""
     below = [p for p in points if p["l0"] <= target]
     above = [p for p in points if p["l0"] >= target]
-    return (max(below, key=lambda p: p["l0"]) if below else None,
-            min(above, key=lambda p: p["l0"]) if above else None)
+    return (max(below, key=lambda p: p["l0"]) if below else None, min(above, key=lambda p: p["l0"]) if above else None)
 
 
 def next_l1(points: list[dict], target: float) -> float:
@@ -64,10 +64,20 @@ def fvu_at_l0(points: list[dict], target: float) -> dict:
         else:
             t = _log_ratio(target, lo["l0"]) / _log_ratio(hi["l0"], lo["l0"])
             fvu = lo["fvu"] + t * (hi["fvu"] - lo["fvu"])
-        return {"fvu": fvu, "bracketed": True, "between_l1": [lo["l1"], hi["l1"]], "nearest_l1": nearest["l1"],
-                "nearest_l0_rel_gap": nearest["l0"] / target - 1}
-    return {"fvu": nearest["fvu"], "bracketed": False, "between_l1": None, "nearest_l1": nearest["l1"],
-            "nearest_l0_rel_gap": nearest["l0"] / target - 1}
+        return {
+            "fvu": fvu,
+            "bracketed": True,
+            "between_l1": [lo["l1"], hi["l1"]],
+            "nearest_l1": nearest["l1"],
+            "nearest_l0_rel_gap": nearest["l0"] / target - 1,
+        }
+    return {
+        "fvu": nearest["fvu"],
+        "bracketed": False,
+        "between_l1": None,
+        "nearest_l1": nearest["l1"],
+        "nearest_l0_rel_gap": nearest["l0"] / target - 1,
+    }
 
 
 def match_l0(train_at, first: dict, target: float, max_runs: int, tol: float) -> tuple[list[dict], dict]:
@@ -84,6 +94,9 @@ def match_l0(train_at, first: dict, target: float, max_runs: int, tol: float) ->
             break
         points.append(train_at(l1))
         p = points[-1]
-        print(f"  matched-L0 search: lambda {p['l1']:.4g} -> L0 {p['l0']:.1f}, FVU {p['fvu']:.4f}, "
-              f"dead {p['dead_frac']:.2%}", flush=True)
+        print(
+            f"  matched-L0 search: lambda {p['l1']:.4g} -> L0 {p['l0']:.1f}, FVU {p['fvu']:.4f}, "
+            f"dead {p['dead_frac']:.2%}",
+            flush=True,
+        )
     return points, fvu_at_l0(points, target)

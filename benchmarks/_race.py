@@ -10,6 +10,7 @@
   alike. Each contender's clock runs only while it holds the baton; evaluations of its weights during training
   (:meth:`Baton.feed` ``evaluate_at``) stop its clock, so they cost it nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,7 @@ def evaluate(fn: EncodeDecode, x: torch.Tensor, chunk: int = 4096) -> dict:
     """FVU (mean of ``x`` itself), mean L0 and dead share of one contender on rows ``x`` (the same for all)."""
     sse, active, fired = 0.0, 0, None
     for i in range(0, x.shape[0], chunk):
-        xb = x[i:i + chunk]
+        xb = x[i : i + chunk]
         recon, f, n_act = fn(xb)
         sse += float((xb.double() - recon.double()).pow(2).sum())
         active += int(n_act)
@@ -44,8 +45,7 @@ def evaluate(fn: EncodeDecode, x: torch.Tensor, chunk: int = 4096) -> dict:
     fvu = sse / var if var > 0 else math.inf
     if not math.isfinite(fvu):
         fvu = math.inf
-    return {"fvu": fvu, "l0": active / x.shape[0], "dead_frac": float((~fired).float().mean()),
-            "rows": int(x.shape[0])}
+    return {"fvu": fvu, "l0": active / x.shape[0], "dead_frac": float((~fired).float().mean()), "rows": int(x.shape[0])}
 
 
 def check_sane(name: str, metrics: dict, *, max_fvu: float = 1.0, max_dead: float = 0.5) -> None:
@@ -56,8 +56,10 @@ def check_sane(name: str, metrics: dict, *, max_fvu: float = 1.0, max_dead: floa
     if not metrics["dead_frac"] < max_dead:
         bad.append(f"dead share {metrics['dead_frac']:.1%} >= {max_dead:.0%}")
     if bad:
-        raise InsaneContender(f"contender {name!r}: " + " and ".join(bad) + "; this is a harness bug, not a result, "
-                              "so no ratio is printed")
+        raise InsaneContender(
+            f"contender {name!r}: " + " and ".join(bad) + "; this is a harness bug, not a result, "
+            "so no ratio is printed"
+        )
 
 
 class Baton:

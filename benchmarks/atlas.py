@@ -122,17 +122,28 @@ def main(argv=None) -> dict:
             r["end_to_end_cpu_ratio"] = r["atlas"]["total_cpu_s"] / r["harvest_cpu_s"]
             r["overhead_vs_own_forward"] = r["atlas"]["stream_s"] / r["atlas"]["forward_s"]
             rounds.append(r)
-            print(f"round {i + 1}/{args.rounds} ({r['order']}): harvest {r['harvest_s']:.1f} s, atlas stream "
-                  f"{r['atlas']['stream_s']:.1f} s -> {r['ratio']:.3f}", flush=True)
+            print(
+                f"round {i + 1}/{args.rounds} ({r['order']}): harvest {r['harvest_s']:.1f} s, atlas stream "
+                f"{r['atlas']['stream_s']:.1f} s -> {r['ratio']:.3f}",
+                flush=True,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = statistics.median
     h = med(r["harvest_s"] for r in rounds)
     a = med(r["atlas"]["stream_s"] for r in rounds)
     res = {
-        "n_tokens": n_tokens, "batch_size": bs, "ctx_len": ctx, "sae": sae_kind, "n_features": sae.cfg.n_features,
-        "site": args.site, "threads": torch.get_num_threads(), "quick": args.quick, "rounds": args.rounds,
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "n_tokens": n_tokens,
+        "batch_size": bs,
+        "ctx_len": ctx,
+        "sae": sae_kind,
+        "n_features": sae.cfg.n_features,
+        "site": args.site,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "rounds": args.rounds,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         "cost_ratio_vs_harvest": med(r["ratio"] for r in rounds),
         "end_to_end_ratio": med(r["end_to_end_ratio"] for r in rounds),
         # robustness checks: process CPU time is far less sensitive to other jobs than wall time, and the
@@ -140,23 +151,32 @@ def main(argv=None) -> dict:
         "cpu_ratio": med(r["cpu_ratio"] for r in rounds),
         "end_to_end_cpu_ratio": med(r["end_to_end_cpu_ratio"] for r in rounds),
         "overhead_vs_own_forward": med(r["overhead_vs_own_forward"] for r in rounds),
-        "harvest_s": h, "atlas_stream_s": a, "finalize_s": med(r["atlas"]["finalize_s"] for r in rounds),
-        "harvest_tok_s": n_tokens / h, "atlas_tok_s": n_tokens / a,
+        "harvest_s": h,
+        "atlas_stream_s": a,
+        "finalize_s": med(r["atlas"]["finalize_s"] for r in rounds),
+        "harvest_tok_s": n_tokens / h,
+        "atlas_tok_s": n_tokens / a,
         "atlas_phases_s": {k: med(r["atlas"][k] for r in rounds) for k in PHASES},
         "per_round": rounds,
     }
     ph = res["atlas_phases_s"]
     print(f"{n_tokens:,} tokens, SAE: {sae_kind}, {res['threads']} threads, median of {args.rounds} alternating rounds")
     print(f"harvest        {h:8.1f} s  ({res['harvest_tok_s']:,.0f} tok/s)")
-    print(f"atlas stream   {a:8.1f} s  ({res['atlas_tok_s']:,.0f} tok/s): forward {ph['forward_s']:.1f}, encode "
-          f"{ph['encode_s']:.1f}, update {ph['update_s']:.1f}, checkpoint {ph['checkpoint_s']:.1f}, "
-          f"setup {ph['setup_s']:.1f}")
+    print(
+        f"atlas stream   {a:8.1f} s  ({res['atlas_tok_s']:,.0f} tok/s): forward {ph['forward_s']:.1f}, encode "
+        f"{ph['encode_s']:.1f}, update {ph['update_s']:.1f}, checkpoint {ph['checkpoint_s']:.1f}, "
+        f"setup {ph['setup_s']:.1f}"
+    )
     print(f"atlas finalize {res['finalize_s']:8.1f} s  (one-off: logit effects, neighbours, SQLite)")
-    print(f"cost_ratio_vs_harvest {res['cost_ratio_vs_harvest']:.3f}  (target <= 1.3); end to end "
-          f"{res['end_to_end_ratio']:.2f} (CPU time {res['end_to_end_cpu_ratio']:.2f}); per round "
-          + ", ".join(f"{r['ratio']:.3f}" for r in rounds))
-    print(f"in process CPU time {res['cpu_ratio']:.3f}; atlas stream / its own forward time "
-          f"{res['overhead_vs_own_forward']:.3f}")
+    print(
+        f"cost_ratio_vs_harvest {res['cost_ratio_vs_harvest']:.3f}  (target <= 1.3); end to end "
+        f"{res['end_to_end_ratio']:.2f} (CPU time {res['end_to_end_cpu_ratio']:.2f}); per round "
+        + ", ".join(f"{r['ratio']:.3f}" for r in rounds)
+    )
+    print(
+        f"in process CPU time {res['cpu_ratio']:.3f}; atlas stream / its own forward time "
+        f"{res['overhead_vs_own_forward']:.3f}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2))

@@ -103,8 +103,11 @@ def main() -> None:
     cfg = ExplainConfig(seed=args.seed, fuzz=False)
     with Atlas.open(src) as at:
         exclude = [int(x) for x in args.exclude_seeds.split(",") if x.strip()]
-        feats = sample_features(at, args.n, args.seed, exclude) if exclude else at.random_features(
-            args.n, seed=args.seed, alive_only=True)
+        feats = (
+            sample_features(at, args.n, args.seed, exclude)
+            if exclude
+            else at.random_features(args.n, seed=args.seed, alive_only=True)
+        )
         tok = load_tokenizer(at)
         spec = (at.meta.get("model_source") or {}).get("spec") or at.meta.get("model")
 
@@ -141,15 +144,29 @@ def main() -> None:
                 llm_info["stopped_at_deadline"] = args.deadline
                 break
             t1 = time.perf_counter()
-            r = explain_atlas(llm_db, client, LexicalScorer(), tokenizer=lm.tokenizer, features=order[s:s + args.chunk],
-                              config=cfg, progress=False, control=False)
+            r = explain_atlas(
+                llm_db,
+                client,
+                LexicalScorer(),
+                tokenizer=lm.tokenizer,
+                features=order[s : s + args.chunk],
+                config=cfg,
+                progress=False,
+                control=False,
+            )
             if r["requested"]:
                 seconds += time.perf_counter() - t1
                 done_here += r["requested"]
-                print(f"llm arm: {min(len(order), s + args.chunk)}/{len(order)} features, {seconds / max(1, done_here):.1f} s/feature "
-                      f"this run", flush=True)
-        llm_info.update(seconds_this_run=round(seconds, 1), features_this_run=done_here,
-                        seconds_per_feature_this_run=round(seconds / done_here, 2) if done_here else None)
+                print(
+                    f"llm arm: {min(len(order), s + args.chunk)}/{len(order)} features, "
+                    f"{seconds / max(1, done_here):.1f} s/feature this run",
+                    flush=True,
+                )
+        llm_info.update(
+            seconds_this_run=round(seconds, 1),
+            features_this_run=done_here,
+            seconds_per_feature_this_run=round(seconds / done_here, 2) if done_here else None,
+        )
     llm = _rows(llm_db, feats) if llm_db.is_file() else {}
     both = [f for f in feats if f in off and f in llm]
     # every score again, in memory, with the scorer as it is now and one shared split: both arms are judged on
@@ -164,14 +181,31 @@ def main() -> None:
         d = [off[f][k] - llm[f][k] for f in both if off[f].get(k) is not None and llm[f].get(k) is not None]
         paired[f"offline_minus_llm_{k}"] = mean_ci(d)
     result = {
-        "atlas": str(src), "seed": args.seed, "exclude_seeds": exclude, "n_sampled": len(feats), "config": cfg.__dict__,
-        "offline": {"all": _arm(off, feats), "on_llm_features": _arm(off, both), "seconds": round(off_seconds, 2),
-                    "summary": off_summary},
+        "atlas": str(src),
+        "seed": args.seed,
+        "exclude_seeds": exclude,
+        "n_sampled": len(feats),
+        "config": cfg.__dict__,
+        "offline": {
+            "all": _arm(off, feats),
+            "on_llm_features": _arm(off, both),
+            "seconds": round(off_seconds, 2),
+            "summary": off_summary,
+        },
         "llm": {"explainer": f"local:{spec}", "on_llm_features": _arm(llm, both), **llm_info},
-        "paired_on_llm_features": paired, "n_llm_features": len(both),
-        "examples": [{"feature": f, "offline": off[f]["explanation"], "llm": llm.get(f, {}).get("explanation"),
-                      "offline_auroc": off[f]["detection_auroc"], "llm_auroc": llm.get(f, {}).get("detection_auroc")}
-                     for f in feats[:12] if f in off],
+        "paired_on_llm_features": paired,
+        "n_llm_features": len(both),
+        "examples": [
+            {
+                "feature": f,
+                "offline": off[f]["explanation"],
+                "llm": llm.get(f, {}).get("explanation"),
+                "offline_auroc": off[f]["detection_auroc"],
+                "llm_auroc": llm.get(f, {}).get("detection_auroc"),
+            }
+            for f in feats[:12]
+            if f in off
+        ],
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     path = out / "result.json"

@@ -125,9 +125,11 @@ def main(argv=None) -> dict:
     per_round: list[dict] = []
     nnsight_ok = True
     for _ in range(rounds):
-        r = {"ours": n_tokens / time_ours(lm, n_tokens, args.batch_size, args.ctx_len, site),
-             "bare_forward": n_tokens / time_bare(lm, batches, site.layer),
-             "full_forward_hidden_states": n_tokens / time_full(lm, batches, site.layer)}
+        r = {
+            "ours": n_tokens / time_ours(lm, n_tokens, args.batch_size, args.ctx_len, site),
+            "bare_forward": n_tokens / time_bare(lm, batches, site.layer),
+            "full_forward_hidden_states": n_tokens / time_full(lm, batches, site.layer),
+        }
         if nnsight_ok:
             try:
                 t = time_nnsight(lm, batches, site.layer)
@@ -143,9 +145,16 @@ def main(argv=None) -> dict:
     ratio = {k: med(r[k] / r["bare_forward"] for r in per_round if k in r) for k in per_round[0]}
 
     figures = {
-        "model": lm.name, "site": str(site), "tokens": n_tokens, "batch_size": args.batch_size,
-        "ctx_len": args.ctx_len, "threads": torch.get_num_threads(), "quick": args.quick,
-        "rounds": rounds, "tokens_per_s": results, "per_round_tokens_per_s": per_round,
+        "model": lm.name,
+        "site": str(site),
+        "tokens": n_tokens,
+        "batch_size": args.batch_size,
+        "ctx_len": args.ctx_len,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "rounds": rounds,
+        "tokens_per_s": results,
+        "per_round_tokens_per_s": per_round,
         "ratios_vs_bare_forward": ratio,
         "ratio_vs_bare_forward": ratio["ours"],
         "ratio_vs_full_forward": med(r["ours"] / r["full_forward_hidden_states"] for r in per_round),

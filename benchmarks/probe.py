@@ -39,7 +39,7 @@ def bare_forward(lm, texts, batch_size):
     t = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            ids, mask = lm.tokenize(texts[i:i + batch_size])
+            ids, mask = lm.tokenize(texts[i : i + batch_size])
             lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     return time.perf_counter() - t
 
@@ -75,12 +75,22 @@ def main(argv=None) -> int:
         t_read.append(a)
         t_bare.append(b)
         ratios.append(b / a)
-    res = {"model": lm.name, "threads": torch.get_num_threads(), "texts": len(ds), "sites": len(sites),
-           "rounds": rounds, "read_seconds": t_read, "bare_forward_seconds": t_bare,
-           "sweep_ratio_vs_forward": statistics.median(ratios), "sweep_ratios": ratios}
-    print(f"reading {len(ds)} texts at {len(sites)} sites: {statistics.median(t_read):.2f} s, bare forward with all "
-          f"hidden states {statistics.median(t_bare):.2f} s -> sweep_ratio_vs_forward "
-          f"{res['sweep_ratio_vs_forward']:.3f} (target >= 0.9)")
+    res = {
+        "model": lm.name,
+        "threads": torch.get_num_threads(),
+        "texts": len(ds),
+        "sites": len(sites),
+        "rounds": rounds,
+        "read_seconds": t_read,
+        "bare_forward_seconds": t_bare,
+        "sweep_ratio_vs_forward": statistics.median(ratios),
+        "sweep_ratios": ratios,
+    }
+    print(
+        f"reading {len(ds)} texts at {len(sites)} sites: {statistics.median(t_read):.2f} s, bare forward with all "
+        f"hidden states {statistics.median(t_bare):.2f} s -> sweep_ratio_vs_forward "
+        f"{res['sweep_ratio_vs_forward']:.3f} (target >= 0.9)"
+    )
 
     layer = min(15, lm.n_layers - 2)
     hon = honesty(n=24 if args.quick else 96)
@@ -98,17 +108,26 @@ def main(argv=None) -> int:
         ref, t_ref = repeng_direction(lm, layer, pairs)
         import importlib.metadata as md
 
-        res.update(reference=f"repeng {md.version('repeng')} read_representations(method='pca_diff')",
-                   fit_seconds_repeng=t_ref, fit_speed_ratio_vs_repeng=t_ref / t_ours,
-                   cosine_vs_repeng=abs(float(torch.nn.functional.cosine_similarity(ours, ref, dim=0))),
-                   cosine_same_method_vs_repeng=abs(float(torch.nn.functional.cosine_similarity(same, ref, dim=0))))
-        print(f"pair direction ({len(pairs)} pairs at resid.{layer}): ours (LAT) {t_ours:.2f} s, repeng {t_ref:.2f} s "
-              f"-> fit_speed_ratio_vs_repeng {res['fit_speed_ratio_vs_repeng']:.2f}; |cos| LAT vs repeng "
-              f"{res['cosine_vs_repeng']:.4f}, same method (centred PCA of differences) vs repeng "
-              f"{res['cosine_same_method_vs_repeng']:.4f}")
+        res.update(
+            reference=f"repeng {md.version('repeng')} read_representations(method='pca_diff')",
+            fit_seconds_repeng=t_ref,
+            fit_speed_ratio_vs_repeng=t_ref / t_ours,
+            cosine_vs_repeng=abs(float(torch.nn.functional.cosine_similarity(ours, ref, dim=0))),
+            cosine_same_method_vs_repeng=abs(float(torch.nn.functional.cosine_similarity(same, ref, dim=0))),
+        )
+        print(
+            f"pair direction ({len(pairs)} pairs at resid.{layer}): ours (LAT) {t_ours:.2f} s, repeng {t_ref:.2f} s "
+            f"-> fit_speed_ratio_vs_repeng {res['fit_speed_ratio_vs_repeng']:.2f}; |cos| LAT vs repeng "
+            f"{res['cosine_vs_repeng']:.4f}, same method (centred PCA of differences) vs repeng "
+            f"{res['cosine_same_method_vs_repeng']:.4f}"
+        )
     except Exception as e:  # repeng missing or not runnable beside this numpy
-        res.update(reference=None, repeng_unavailable=f"{type(e).__name__}: {e}",
-                   fit_speed_ratio_vs_repeng=None, cosine_vs_repeng=None)
+        res.update(
+            reference=None,
+            repeng_unavailable=f"{type(e).__name__}: {e}",
+            fit_speed_ratio_vs_repeng=None,
+            cosine_vs_repeng=None,
+        )
         print(f"repeng unavailable ({type(e).__name__}: {e}); no comparison made")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ tail of its output go into the combined JSON, written atomically after every ben
 keeps what finished. Benchmarks that are not there (a checkout without them) are listed as absent. Exit status
 is non-zero when any benchmark failed. ``scripts/benchmark_table.py`` turns the JSON into the README's table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,12 @@ BENCHMARKS = ("sae_train", "harvest", "atlas", "steer", "probe", "web")
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=HERE, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], check=False, cwd=HERE, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -36,8 +41,14 @@ def machine() -> dict:
     import torch
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average_at_start": load}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": load,
+    }
 
 
 def run_one(name: str, quick: bool, timeout: float, extra: list[str]) -> dict:
@@ -53,13 +64,21 @@ def run_one(name: str, quick: bool, timeout: float, extra: list[str]) -> dict:
             code, log = r.returncode, (r.stdout + r.stderr)
         except subprocess.TimeoutExpired as e:
             code = None
-            log = ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")) + \
-                  ((e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""))
+            log = ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")) + (
+                (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            )
         wall = time.perf_counter() - t0
         figures = json.loads(out.read_text()) if out.is_file() else None
     status = "ok" if code == 0 and figures is not None else ("timeout" if code is None else "failed")
-    return {"status": status, "returncode": code, "wall_seconds": wall, "quick": quick, "command": cmd[1:],
-            "figures": figures, "log_tail": log[-4000:]}
+    return {
+        "status": status,
+        "returncode": code,
+        "wall_seconds": wall,
+        "quick": quick,
+        "command": cmd[1:],
+        "figures": figures,
+        "log_tail": log[-4000:],
+    }
 
 
 def main(argv=None) -> int:
@@ -69,8 +88,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
     p.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default 900 quick, 3600)")
     p.add_argument("--merge", action="store_true", help="keep benchmarks already in --json that this run skips")
-    p.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
-                   help="more arguments for one benchmark, e.g. --extra 'sae_train=--archs topk --steps 16'")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="more arguments for one benchmark, e.g. --extra 'sae_train=--archs topk --steps 16'",
+    )
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHMARKS)
     unknown = set(names) - set(BENCHMARKS)
@@ -78,8 +102,12 @@ def main(argv=None) -> int:
         p.error(f"unknown benchmarks {sorted(unknown)}; expected some of {', '.join(BENCHMARKS)}")
     timeout = args.timeout or (900 if args.quick else 3600)
     old = json.loads(args.json.read_text()) if args.merge and args.json.is_file() else {}
-    result = {"started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _git_commit(),
-              "machine": machine(), "benchmarks": dict(old.get("benchmarks", {}))}
+    result = {
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "machine": machine(),
+        "benchmarks": dict(old.get("benchmarks", {})),
+    }
     extra = {}
     for item in args.extra:
         name, _, rest = item.partition("=")

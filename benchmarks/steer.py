@@ -29,12 +29,22 @@ from thoughtscope.models import load_model, tiny_model
 from thoughtscope.steer import FeatureEdit, GenerationConfig, VectorEdit, fit_vector, generate
 from thoughtscope.steer.presets import default_sae_path
 
-PAIRS_POS = ["I am so happy today, everything is", "What a wonderful, joyful day, I feel",
-             "I love this, it makes me smile and", "Great news! I am thrilled that",
-             "Life is beautiful and I am grateful for", "I feel cheerful and excited about"]
-PAIRS_NEG = ["I am so sad today, everything is", "What a terrible, gloomy day, I feel",
-             "I hate this, it makes me cry and", "Bad news. I am upset that",
-             "Life is hard and I am tired of", "I feel miserable and worried about"]
+PAIRS_POS = [
+    "I am so happy today, everything is",
+    "What a wonderful, joyful day, I feel",
+    "I love this, it makes me smile and",
+    "Great news! I am thrilled that",
+    "Life is beautiful and I am grateful for",
+    "I feel cheerful and excited about",
+]
+PAIRS_NEG = [
+    "I am so sad today, everything is",
+    "What a terrible, gloomy day, I feel",
+    "I hate this, it makes me cry and",
+    "Bad news. I am upset that",
+    "Life is hard and I am tired of",
+    "I feel miserable and worried about",
+]
 TOPICS = ["work", "the weather", "my family", "the weekend", "school", "dinner", "the city", "my garden"]
 
 
@@ -74,8 +84,14 @@ def time_hf(lm, prompts, n):
     ids, mask, _, _ = encode_prompts(lm, prompts, GenerationConfig(max_new_tokens=n))
     t = time.perf_counter()
     with torch.inference_mode():
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=lm.tokenizer.pad_token_id or 0)
+        out = lm.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=lm.tokenizer.pad_token_id or 0,
+        )
     dt = time.perf_counter() - t
     return (out.shape[1] - ids.shape[1]) * len(prompts) / dt
 
@@ -108,13 +124,19 @@ def main(argv=None) -> int:
     site_layer = int(site.split(".")[1])
     vec_site = f"resid.{max(0, site_layer - 2)}"
     g = torch.Generator().manual_seed(0)
-    ivs = [FeatureEdit(sae, 7, "clamp", 5.0, site=site, label="clamp"),
-           VectorEdit(torch.randn(lm.d_model, generator=g), vec_site, "add", scale=0.1, positions="generated"),
-           VectorEdit(sae.W_dec[11].detach(), site, "project_out")]
+    ivs = [
+        FeatureEdit(sae, 7, "clamp", 5.0, site=site, label="clamp"),
+        VectorEdit(torch.randn(lm.d_model, generator=g), vec_site, "add", scale=0.1, positions="generated"),
+        VectorEdit(sae.W_dec[11].detach(), site, "project_out"),
+    ]
     n_new = 16 if args.quick else 64
     reps = 4 if args.quick else 8
-    prompts = ["Tell me about your day.", "What is the capital of France?", "Write a haiku about rain.",
-               "How do I bake bread?"]
+    prompts = [
+        "Tell me about your day.",
+        "What is the capital of France?",
+        "Write a haiku about rain.",
+        "How do I bake bread?",
+    ]
     cfg = GenerationConfig(max_new_tokens=n_new, temperature=0.7, seed=0, stop_at_eos=False)
     time_gen(lm, prompts[:1], [], GenerationConfig(max_new_tokens=4, stop_at_eos=False))  # warm-up
     plain, steered, ratios, ratios_cpu = [], [], [], []
@@ -129,19 +151,28 @@ def main(argv=None) -> int:
         ratios.append(s_[0] / p_[0])
         ratios_cpu.append(s_[1] / p_[1])
     hf = time_hf(lm, prompts, n_new)
-    res = {"model": lm.name, "sae": sae_desc, "batch": len(prompts), "new_tokens": n_new, "repeats": reps,
-           "threads": torch.get_num_threads(),
-           "plain_tokens_per_s": statistics.median(plain), "steered_tokens_per_s": statistics.median(steered),
-           "hf_generate_tokens_per_s": hf}
-    res["overhead_ratio"] = statistics.median(ratios)          # median over adjacent (plain, steered) pairs
+    res = {
+        "model": lm.name,
+        "sae": sae_desc,
+        "batch": len(prompts),
+        "new_tokens": n_new,
+        "repeats": reps,
+        "threads": torch.get_num_threads(),
+        "plain_tokens_per_s": statistics.median(plain),
+        "steered_tokens_per_s": statistics.median(steered),
+        "hf_generate_tokens_per_s": hf,
+    }
+    res["overhead_ratio"] = statistics.median(ratios)  # median over adjacent (plain, steered) pairs
     res["overhead_ratio_cpu_time"] = statistics.median(ratios_cpu)
     res["overhead_ratios"] = ratios
     res["loop_vs_hf_generate"] = res["plain_tokens_per_s"] / hf
-    print(f"generation ({len(prompts)} prompts x {n_new} new tokens, median of {reps}): plain "
-          f"{res['plain_tokens_per_s']:.1f} tok/s, 3 interventions {res['steered_tokens_per_s']:.1f} tok/s "
-          f"-> overhead_ratio {res['overhead_ratio']:.3f} (by CPU time {res['overhead_ratio_cpu_time']:.3f}; "
-          f"target >= 0.95); HF generate {hf:.1f} tok/s "
-          f"(our loop {res['loop_vs_hf_generate']:.2f}x)")
+    print(
+        f"generation ({len(prompts)} prompts x {n_new} new tokens, median of {reps}): plain "
+        f"{res['plain_tokens_per_s']:.1f} tok/s, 3 interventions {res['steered_tokens_per_s']:.1f} tok/s "
+        f"-> overhead_ratio {res['overhead_ratio']:.3f} (by CPU time {res['overhead_ratio_cpu_time']:.3f}; "
+        f"target >= 0.95); HF generate {hf:.1f} tok/s "
+        f"(our loop {res['loop_vs_hf_generate']:.2f}x)"
+    )
 
     prs = pairs(12 if args.quick else 48)
     t = time.perf_counter()
@@ -159,10 +190,19 @@ def main(argv=None) -> int:
         t_ref = time.perf_counter() - t
         ref_name = f"re-implementation of repeng's pca_diff (repeng unavailable: {type(e).__name__}: {e})"
     cos = float(torch.nn.functional.cosine_similarity(ours.float(), ref.float(), dim=0))
-    res.update(vector_pairs=len(prs), vector_site=site, vector_reference=ref_name, vector_fit_seconds_ours=t_ours,
-               vector_fit_seconds_reference=t_ref, vector_fit_speedup=t_ref / t_ours, vector_cosine=cos)
-    print(f"vector fit ({len(prs)} pairs at {site}): ours {t_ours:.2f} s, {ref_name} {t_ref:.2f} s "
-          f"(speed-up {t_ref / t_ours:.2f}x), cosine {cos:.4f}")
+    res.update(
+        vector_pairs=len(prs),
+        vector_site=site,
+        vector_reference=ref_name,
+        vector_fit_seconds_ours=t_ours,
+        vector_fit_seconds_reference=t_ref,
+        vector_fit_speedup=t_ref / t_ours,
+        vector_cosine=cos,
+    )
+    print(
+        f"vector fit ({len(prs)} pairs at {site}): ours {t_ours:.2f} s, {ref_name} {t_ref:.2f} s "
+        f"(speed-up {t_ref / t_ours:.2f}x), cosine {cos:.4f}"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))

@@ -30,9 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-TEXT_WORDS = ("The old lighthouse keeper climbed the stairs every evening to light the lamp. Ships passed far out "
-              "at sea, and the keeper wrote their names in a book. def add(a, b): return a + b  # a small function "
-              "In the morning the fog rolled in over the harbour and the gulls cried above the fishing boats. ")
+TEXT_WORDS = (
+    "The old lighthouse keeper climbed the stairs every evening to light the lamp. Ships passed far out "
+    "at sea, and the keeper wrote their names in a book. def add(a, b): return a + b  # a small function "
+    "In the morning the fog rolled in over the harbour and the gulls cried above the fishing boats. "
+)
 
 
 def text_of(lm, n_tokens: int) -> str:
@@ -133,8 +135,12 @@ def measure_analyzer(wb, app, timer, reps: int) -> dict:
                 bare.append(b)
                 server.append(timer.times["/analyze"][-1])
     b, s = statistics.median(bare), statistics.median(server)
-    return {"analyzer_tokens": len(wb.lm.tokenize(text)[0][0]), "analyzer_bare_s": b, "analyzer_server_s": s,
-            "analyzer_overhead_ratio": b / s}
+    return {
+        "analyzer_tokens": len(wb.lm.tokenize(text)[0][0]),
+        "analyzer_bare_s": b,
+        "analyzer_server_s": s,
+        "analyzer_overhead_ratio": b / s,
+    }
 
 
 def measure_first_token(wb, url: str, feature: int, reps: int, n_new: int) -> dict:
@@ -145,8 +151,14 @@ def measure_first_token(wb, url: str, feature: int, reps: int, n_new: int) -> di
     prompt = "Tell me about your favourite place."
     cfg = GenerationConfig(max_new_tokens=n_new, temperature=0.5, top_p=0.9, seed=16)
     ivs = [clamp(wb.sae, feature, 2.0, unit="max", max_act=float(wb.max_acts[feature]))]
-    q = {"prompt": prompt, "f": f"{feature}:clamp:2", "seed": 16, "temp": 0.5, "max": n_new,
-         "baseline": "Talk about the sea."}
+    q = {
+        "prompt": prompt,
+        "f": f"{feature}:clamp:2",
+        "seed": 16,
+        "temp": 0.5,
+        "max": n_new,
+        "baseline": "Talk about the sea.",
+    }
     plain, streamed = [], []
     with httpx.Client(timeout=120) as c:
         for i in range(reps + 1):
@@ -184,13 +196,15 @@ async def _load_round(url: str, n: int, conc: int, text: str, n_new: int) -> tup
             t0 = time.perf_counter()
             try:
                 if i % 2:
-                    r = await asyncio.wait_for(c.post(f"{url}/analyze", data={"text": text},
-                                                      headers={"accept": "text/html"}), 120)
+                    r = await asyncio.wait_for(
+                        c.post(f"{url}/analyze", data={"text": text}, headers={"accept": "text/html"}), 120
+                    )
                     ok = r.status_code == 200
                 else:
                     ok = False
-                    async with c.stream("GET", f"{url}/steer/stream", params={"prompt": "hi", "max": n_new,
-                                                                              "seed": i}) as r:
+                    async with c.stream(
+                        "GET", f"{url}/steer/stream", params={"prompt": "hi", "max": n_new, "seed": i}
+                    ) as r:
                         async for line in r.aiter_lines():
                             ok = ok or line == "event: end"
                 if not ok:
@@ -210,12 +224,19 @@ def load_test(url: str, text: str, n: int, conc: int, rounds: int, n_new: int) -
         t0 = time.perf_counter()
         lat, errors = asyncio.run(_load_round(url, n, conc, text, n_new))
         lat.sort()
-        row = {"errors": len(errors), "p50_s": lat[len(lat) // 2],
-               "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-               "wall_s": time.perf_counter() - t0, "rss_mb": rss_mb(), "first_errors": errors[:3]}
+        row = {
+            "errors": len(errors),
+            "p50_s": lat[len(lat) // 2],
+            "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            "wall_s": time.perf_counter() - t0,
+            "rss_mb": rss_mb(),
+            "first_errors": errors[:3],
+        }
         out["load_rounds"].append(row)
-        print(f"  load round: {n} requests, {conc} concurrent: errors {row['errors']}, p50 {row['p50_s']:.3f} s, "
-              f"p99 {row['p99_s']:.3f} s, RSS {row['rss_mb']:.0f} MB")
+        print(
+            f"  load round: {n} requests, {conc} concurrent: errors {row['errors']}, p50 {row['p50_s']:.3f} s, "
+            f"p99 {row['p99_s']:.3f} s, RSS {row['rss_mb']:.0f} MB"
+        )
     return out
 
 
@@ -240,15 +261,20 @@ def main() -> None:
     reps = 3 if args.quick else 9
     res = {"model": wb.lm.name, "quick": args.quick, "threads": torch.get_num_threads(), "atlas": wb.atlas is not None}
     res.update(measure_analyzer(wb, app, timer, reps))
-    print(f"analyzer, {res['analyzer_tokens']} tokens: bare {res['analyzer_bare_s'] * 1e3:.0f} ms, server "
-          f"{res['analyzer_server_s'] * 1e3:.0f} ms, analyzer_overhead_ratio {res['analyzer_overhead_ratio']:.3f}")
+    print(
+        f"analyzer, {res['analyzer_tokens']} tokens: bare {res['analyzer_bare_s'] * 1e3:.0f} ms, server "
+        f"{res['analyzer_server_s'] * 1e3:.0f} ms, analyzer_overhead_ratio {res['analyzer_overhead_ratio']:.3f}"
+    )
     with Live(timer) as url:
         res.update(measure_first_token(wb, url, feature, reps, 8 if args.quick else 24))
-        print(f"first token: plain generate {res['first_token_plain_s'] * 1e3:.0f} ms, stream "
-              f"{res['first_token_stream_s'] * 1e3:.0f} ms, first_token_ratio {res['first_token_ratio']:.3f}")
+        print(
+            f"first token: plain generate {res['first_token_plain_s'] * 1e3:.0f} ms, stream "
+            f"{res['first_token_stream_s'] * 1e3:.0f} ms, first_token_ratio {res['first_token_ratio']:.3f}"
+        )
         if args.load:
-            res.update(load_test(url, text_of(wb.lm, 64), args.load_requests, args.load_concurrency,
-                                 args.load_rounds, 8))
+            res.update(
+                load_test(url, text_of(wb.lm, 64), args.load_requests, args.load_concurrency, args.load_rounds, 8)
+            )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(args.json).with_suffix(".tmp")

@@ -7,6 +7,7 @@
 Rows from a ``--quick`` run say so. Benchmarks without a row recipe here get a generic row of their ``*ratio*``
 figures, so a new benchmark shows up without editing this file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,51 +25,79 @@ def _f(x, fmt: str = ".3g", none: str = "n/a") -> str:
 
 def _contender(c: dict) -> str:
     t = c["test"]
-    return (f"lr {c['lr']:.2g}: FVU {t['fvu']:.3f}, L0 {t['l0']:.1f}, {t['dead_frac']:.0%} dead, "
-            f"{c['tokens_per_s']:,.0f} tok/s")
+    return (
+        f"lr {c['lr']:.2g}: FVU {t['fvu']:.3f}, L0 {t['l0']:.1f}, {t['dead_frac']:.0%} dead, "
+        f"{c['tokens_per_s']:,.0f} tok/s"
+    )
 
 
 def sae_rows(fig: dict, quick: bool) -> list[list[str]]:
     rows = []
     data, sz = fig["data"], fig["sizes"]
-    work = (f"{data['kept_rows']:,} resid.15 rows kept of {data['store_tokens']:,} (position 0 and norm > 10x median "
-            f"dropped); {sz['n_features']:,} latents, batch {sz['batch_size']:,} x {sz['steps']} steps "
-            f"({fig['epochs']:.2f} epochs); lr = each tool's default x the grid {{lr_grid}}, chosen on validation; "
-            f"FVU on {data['test_rows']:,} test rows")
+    work = (
+        f"{data['kept_rows']:,} resid.15 rows kept of {data['store_tokens']:,} (position 0 and norm > 10x median "
+        f"dropped); {sz['n_features']:,} latents, batch {sz['batch_size']:,} x {sz['steps']} steps "
+        f"({fig['epochs']:.2f} epochs); lr = each tool's default x the grid {{lr_grid}}, chosen on validation; "
+        f"FVU on {data['test_rows']:,} test rows"
+    )
     tag = " --quick" if quick else ""
     if "topk" in fig:
         r = fig["topk"]
         c = r["contenders"]
-        peers = "; ".join(f"{n} {c[n]['settings'].get('version', '')} ({_contender(c[n])})" for n in c
-                          if n != "thoughtscope")
+        peers = "; ".join(
+            f"{n} {c[n]['settings'].get('version', '')} ({_contender(c[n])})" for n in c if n != "thoughtscope"
+        )
         eq = r["vs"].get("saelens", {})
         wall = eq.get("fvu_at_equal_wallclock", {})
-        ratio = (f"**{_f(r.get('speed_ratio_vs_saelens'), '.2f')}x speed**, FVU ratio "
-                 f"**{_f(r.get('fvu_ratio_vs_saelens'), '.2f')}** at equal tokens, time to SAELens' FVU "
-                 f"**{_f(r.get('time_to_peer_fvu_ratio'), '.2f')}** (target <= 0.33); by SAELens' run time FVU "
-                 f"{_f(wall.get('thoughtscope'), '.3f')} vs {_f(wall.get('saelens'), '.3f')}"
-                 + (" (thoughtscope's longer run had already ended)" if wall.get("thoughtscope_run_ended_sooner", True)
-                    and r.get("time_to_quality_run") is not None else ""))
+        ratio = (
+            f"**{_f(r.get('speed_ratio_vs_saelens'), '.2f')}x speed**, FVU ratio "
+            f"**{_f(r.get('fvu_ratio_vs_saelens'), '.2f')}** at equal tokens, time to SAELens' FVU "
+            f"**{_f(r.get('time_to_peer_fvu_ratio'), '.2f')}** (target <= 0.33); by SAELens' run time FVU "
+            f"{_f(wall.get('thoughtscope'), '.3f')} vs {_f(wall.get('saelens'), '.3f')}"
+            + (
+                " (thoughtscope's longer run had already ended)"
+                if wall.get("thoughtscope_run_ended_sooner", True) and r.get("time_to_quality_run") is not None
+                else ""
+            )
+        )
         if "speed_ratio_vs_sparsify" in r:
-            ratio += (f"; vs sparsify {_f(r['speed_ratio_vs_sparsify'], '.2f')}x speed, FVU ratio "
-                      f"{_f(r['fvu_ratio_vs_sparsify'], '.2f')}, time to its FVU "
-                      f"{_f(r.get('time_to_sparsify_fvu_ratio'), '.2f')}")
-        ratio += (f"; {r['ceiling_fraction']:.2f} of the matmul ceiling ({r['achieved_gflops']:.1f} of "
-                  f"{r['matmul_gflops']:.1f} GFLOP/s, {r['flop_per_token']['total'] / 1e6:.1f} MFLOP/token)")
-        rows.append([f"`sae_train.py{tag}` topk k = {c['thoughtscope']['settings'].get('k', 32)}",
-                     work.replace("{lr_grid}", str(r.get("lr_multipliers"))),
-                     _contender(c["thoughtscope"]), peers, ratio])
+            ratio += (
+                f"; vs sparsify {_f(r['speed_ratio_vs_sparsify'], '.2f')}x speed, FVU ratio "
+                f"{_f(r['fvu_ratio_vs_sparsify'], '.2f')}, time to its FVU "
+                f"{_f(r.get('time_to_sparsify_fvu_ratio'), '.2f')}"
+            )
+        ratio += (
+            f"; {r['ceiling_fraction']:.2f} of the matmul ceiling ({r['achieved_gflops']:.1f} of "
+            f"{r['matmul_gflops']:.1f} GFLOP/s, {r['flop_per_token']['total'] / 1e6:.1f} MFLOP/token)"
+        )
+        rows.append(
+            [
+                f"`sae_train.py{tag}` topk k = {c['thoughtscope']['settings'].get('k', 32)}",
+                work.replace("{lr_grid}", str(r.get("lr_multipliers"))),
+                _contender(c["thoughtscope"]),
+                peers,
+                ratio,
+            ]
+        )
     if "relu_l1" in fig:
         r = fig["relu_l1"]
         c = r["contenders"]
         m = r.get("matched_l0", {})
-        ratio = (f"**{_f(r.get('speed_ratio_vs_saelens'), '.2f')}x speed**; FVU ratio "
-                 f"**{_f(r.get('fvu_ratio_vs_saelens'), '.2f')}** at SAELens' L0 {_f(m.get('target_l0'), '.1f')} "
-                 f"({'interpolated' if m.get('bracketed') else 'nearest point, not bracketed'}); "
-                 f"{r['ceiling_fraction']:.2f} of the matmul ceiling")
-        rows.append([f"`sae_train.py{tag}` relu-l1 (lambda {c['thoughtscope']['settings'].get('l1_coeff', 5):g})",
-                     work.replace("{lr_grid}", str(r.get("lr_multipliers"))), _contender(c["thoughtscope"]),
-                     "; ".join(f"{n} ({_contender(c[n])})" for n in c if n != "thoughtscope"), ratio])
+        ratio = (
+            f"**{_f(r.get('speed_ratio_vs_saelens'), '.2f')}x speed**; FVU ratio "
+            f"**{_f(r.get('fvu_ratio_vs_saelens'), '.2f')}** at SAELens' L0 {_f(m.get('target_l0'), '.1f')} "
+            f"({'interpolated' if m.get('bracketed') else 'nearest point, not bracketed'}); "
+            f"{r['ceiling_fraction']:.2f} of the matmul ceiling"
+        )
+        rows.append(
+            [
+                f"`sae_train.py{tag}` relu-l1 (lambda {c['thoughtscope']['settings'].get('l1_coeff', 5):g})",
+                work.replace("{lr_grid}", str(r.get("lr_multipliers"))),
+                _contender(c["thoughtscope"]),
+                "; ".join(f"{n} ({_contender(c[n])})" for n in c if n != "thoughtscope"),
+                ratio,
+            ]
+        )
     return rows
 
 
@@ -78,8 +107,11 @@ def settings_notes(fig: dict, quick: bool) -> list[str]:
     for arch in ("topk", "relu_l1"):
         for name, c in fig.get(arch, {}).get("contenders", {}).items():
             st = {k: v for k, v in c["settings"].items() if k not in ("tool",)}
-            out.append(f"`sae_train.py{' --quick' if quick else ''}` {arch} **{name}**: "
-                       + "; ".join(f"{k} {v}" for k, v in st.items()) + f"; lr chosen {c['lr']:.3g}")
+            out.append(
+                f"`sae_train.py{' --quick' if quick else ''}` {arch} **{name}**: "
+                + "; ".join(f"{k} {v}" for k, v in st.items())
+                + f"; lr chosen {c['lr']:.3g}"
+            )
         skipped = fig.get(arch, {}).get("skipped") or {}
         out += [f"`sae_train.py` {arch}: {n} not run: {why}" for n, why in skipped.items()]
     return out
@@ -98,16 +130,27 @@ def generic_rows(name: str, fig: dict, quick: bool) -> list[list[str]]:
         head = f"**{fig[key]:.3g}** {what}"
         rest = ", ".join(f"{k} {v:.3g}" for k, v in ratios.items() if k != key)
         if name == "steer" and "vector_fit_speedup" in fig:
-            rest += (f"; vector fit {fig['vector_fit_speedup']:.2f}x faster than {fig.get('vector_reference', 'ref')}"
-                     f" (cosine {fig.get('vector_cosine', float('nan')):.4f})")
+            rest += (
+                f"; vector fit {fig['vector_fit_speedup']:.2f}x faster than {fig.get('vector_reference', 'ref')}"
+                f" (cosine {fig.get('vector_cosine', float('nan')):.4f})"
+            )
         return [[f"`{name}.py{tag}`", "see the script's docstring", "", "", head + (f"; {rest}" if rest else "")]]
-    return [[f"`{name}.py{tag}`", "see the script's docstring", "", "",
-             ", ".join(f"{k} {v:.3g}" for k, v in ratios.items()) or "figures in the JSON"]]
+    return [
+        [
+            f"`{name}.py{tag}`",
+            "see the script's docstring",
+            "",
+            "",
+            ", ".join(f"{k} {v:.3g}" for k, v in ratios.items()) or "figures in the JSON",
+        ]
+    ]
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| benchmark | work | thoughtscope | peer / baseline | ratio (target) |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| benchmark | work | thoughtscope | peer / baseline | ratio (target) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     notes = []
     for result in results:
         for name, res in result["benchmarks"].items():
@@ -125,10 +168,12 @@ def table(results: list[dict]) -> str:
         if "started_at" not in result:
             notes.append(f"`{', '.join(result['benchmarks'])}`: {result.get('commit')}.")
             continue
-        notes.append(f"`{', '.join(result['benchmarks'])}`: measured by `benchmarks/run_all.py` at commit "
-                     f"{str(result.get('commit'))[:10]} on {m.get('cpus')} CPU cores (torch {m.get('torch')}), load "
-                     f"average at start {', '.join(f'{x:.1f}' for x in (m.get('load_average_at_start') or []))}, "
-                     f"started {result.get('started_at')}.")
+        notes.append(
+            f"`{', '.join(result['benchmarks'])}`: measured by `benchmarks/run_all.py` at commit "
+            f"{str(result.get('commit'))[:10]} on {m.get('cpus')} CPU cores (torch {m.get('torch')}), load "
+            f"average at start {', '.join(f'{x:.1f}' for x in (m.get('load_average_at_start') or []))}, "
+            f"started {result.get('started_at')}."
+        )
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -137,17 +182,22 @@ def _as_run(obj: dict, path: Path) -> dict:
     if "benchmarks" in obj:
         return obj
     if "sizes" in obj and "data" in obj:
-        return {"benchmarks": {"sae_train": {"status": "ok", "quick": obj.get("quick"), "figures": obj}},
-                "commit": f"(standalone sae_train.py run, {path.name})", "machine": {"cpus": obj.get("machine", {})
-                                                                                     .get("cpus")}}
+        return {
+            "benchmarks": {"sae_train": {"status": "ok", "quick": obj.get("quick"), "figures": obj}},
+            "commit": f"(standalone sae_train.py run, {path.name})",
+            "machine": {"cpus": obj.get("machine", {}).get("cpus")},
+        }
     raise SystemExit(f"{path}: neither a benchmarks/run_all.py JSON nor a sae_train.py JSON")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", nargs="+",
-                   help="output(s) of benchmarks/run_all.py, or NAME=PATH for one benchmark's own --json output; "
-                        "rows in this order")
+    p.add_argument(
+        "json",
+        nargs="+",
+        help="output(s) of benchmarks/run_all.py, or NAME=PATH for one benchmark's own --json output; "
+        "rows in this order",
+    )
     p.add_argument("--readme", type=Path, help=f"replace the text between {START} and {END} in this file")
     args = p.parse_args(argv)
     runs = []
@@ -155,8 +205,12 @@ def main(argv=None) -> int:
         name, sep, path = spec.partition("=")
         if sep and not Path(spec).is_file():  # NAME=PATH: one benchmark's own --json output
             fig = json.loads(Path(path).read_text())
-            runs.append({"benchmarks": {name: {"status": "ok", "quick": fig.get("quick"), "figures": fig}},
-                         "commit": f"(standalone {name}.py --json run, {Path(path).name})"})
+            runs.append(
+                {
+                    "benchmarks": {name: {"status": "ok", "quick": fig.get("quick"), "figures": fig}},
+                    "commit": f"(standalone {name}.py --json run, {Path(path).name})",
+                }
+            )
         else:
             runs.append(_as_run(json.loads(Path(spec).read_text()), Path(spec)))
     text = table(runs)

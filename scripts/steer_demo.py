@@ -48,12 +48,17 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", default=None, help="suppress: the concept demo's JSON, to reuse its feature")
     ap.add_argument("--multiples", default="0,2,4,6,8,10")
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_SWEEP_CONFIG["max_new_tokens"])
-    ap.add_argument("--features", default="",
-                    help="concept: comma-separated feature ids to sweep (from the search's top 10)")
+    ap.add_argument(
+        "--features", default="", help="concept: comma-separated feature ids to sweep (from the search's top 10)"
+    )
     ap.add_argument("--candidates", type=int, default=3, help="concept: how many top contrastive features to sweep")
     ap.add_argument("--combine", action="store_true", help="concept: clamp all --features together as one candidate")
-    ap.add_argument("--positions", default="all", choices=["all", "prompt", "generated"],
-                    help="concept: where the clamp applies (generated: the answer's tokens only)")
+    ap.add_argument(
+        "--positions",
+        default="all",
+        choices=["all", "prompt", "generated"],
+        help="concept: where the clamp applies (generated: the answer's tokens only)",
+    )
     ap.add_argument("--plot", default=None, help="concept: PNG of the best sweep")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiny", action="store_true")
@@ -68,17 +73,33 @@ def main(argv=None) -> int:
         names = list(CONCEPTS) if args.concept == "auto" else [args.concept]
         results = []
         for name in names:
-            r = concept_demo(lm, sae, site, CONCEPTS[name], multiples=[float(x) for x in args.multiples.split(",")],
-                             config=cfg, prompts=prompts, candidates=1 if args.tiny else args.candidates,
-                             features=[int(x) for x in args.features.split(",") if x], plot=args.plot,
-                             combine=args.combine, positions=args.positions)
+            r = concept_demo(
+                lm,
+                sae,
+                site,
+                CONCEPTS[name],
+                multiples=[float(x) for x in args.multiples.split(",")],
+                config=cfg,
+                prompts=prompts,
+                candidates=1 if args.tiny else args.candidates,
+                features=[int(x) for x in args.features.split(",") if x],
+                plot=args.plot,
+                combine=args.combine,
+                positions=args.positions,
+            )
             results.append(r)
             b = r["best"]
-            print(f"[{name}] " + (f"feature {b['feature']} at {b['suggested_multiple']}x max: "
-                                  f"{100 * b['concept_rate']:.0f}% mention it (unsteered "
-                                  f"{100 * b['baseline']['concept_rate']:.0f}%), perplexity {b['ppl_ratio']:.2f}x"
-                                  if b else "no strength within the perplexity bound")
-                  + ("  PASS" if r["passed"] else ""))
+            print(
+                f"[{name}] "
+                + (
+                    f"feature {b['feature']} at {b['suggested_multiple']}x max: "
+                    f"{100 * b['concept_rate']:.0f}% mention it (unsteered "
+                    f"{100 * b['baseline']['concept_rate']:.0f}%), perplexity {b['ppl_ratio']:.2f}x"
+                    if b
+                    else "no strength within the perplexity bound"
+                )
+                + ("  PASS" if r["passed"] else "")
+            )
             if r["passed"]:
                 for c in r.get("side_by_side", []):
                     print(f"\nQ: {c['prompt']}\n  unsteered: {c['unsteered']!r}\n  steered:   {c['steered']!r}")
@@ -100,10 +121,12 @@ def main(argv=None) -> int:
                 print("give --feature and --max-act, or --from-json", file=sys.stderr)
                 return 2
         out = suppression_demo(lm, sae, site, CONCEPTS[name], feat, mx, config=cfg)
-        print(f"[{name}] feature {feat}: mention rate {100 * out['before']['mention_rate']:.0f}% -> "
-              f"{100 * out['clamp']['mention_rate']:.0f}% (clamp {out['clamp']['multiple_of_max']}x max), "
-              f"{100 * out['project_out']['mention_rate']:.0f}% (decoder direction projected out), "
-              f"on {out['n_prompts']} prompts that evoke it")
+        print(
+            f"[{name}] feature {feat}: mention rate {100 * out['before']['mention_rate']:.0f}% -> "
+            f"{100 * out['clamp']['mention_rate']:.0f}% (clamp {out['clamp']['multiple_of_max']}x max), "
+            f"{100 * out['project_out']['mention_rate']:.0f}% (decoder direction projected out), "
+            f"on {out['n_prompts']} prompts that evoke it"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -30,37 +30,53 @@ def summarise(out: Path, names: list[str]) -> dict:
             continue
         r = json.loads(f.read_text())
         b = r["best"] or {}
-        rows.append({"concept": name, "best_kind": b.get("kind"), "best_id": b.get("id"),
-                     "strength": b.get("strength"), "unit": b.get("unit"),
-                     "concept_rate": b.get("concept_rate", 0.0), "perplexity_ratio": b.get("perplexity_ratio"),
-                     "second_seed_rate": (b.get("second_seed") or {}).get("concept_rate"),
-                     "second_seed_ppl_ratio": (b.get("second_seed") or {}).get("perplexity_ratio"),
-                     "unsteered_rate": r["baseline"]["concept_rate"],
-                     "prompt_only_rate": r["prompt_only"]["concept_rate"],
-                     "prompt_only_ppl_ratio": r["prompt_only"]["perplexity_ratio"],
-                     "n_handles": len(r["handles"]),
-                     "dropped_at_screening": sum(h["status"].startswith("dropped") for h in r["handles"]),
-                     "seconds": r["seconds"]})
+        rows.append(
+            {
+                "concept": name,
+                "best_kind": b.get("kind"),
+                "best_id": b.get("id"),
+                "strength": b.get("strength"),
+                "unit": b.get("unit"),
+                "concept_rate": b.get("concept_rate", 0.0),
+                "perplexity_ratio": b.get("perplexity_ratio"),
+                "second_seed_rate": (b.get("second_seed") or {}).get("concept_rate"),
+                "second_seed_ppl_ratio": (b.get("second_seed") or {}).get("perplexity_ratio"),
+                "unsteered_rate": r["baseline"]["concept_rate"],
+                "prompt_only_rate": r["prompt_only"]["concept_rate"],
+                "prompt_only_ppl_ratio": r["prompt_only"]["perplexity_ratio"],
+                "n_handles": len(r["handles"]),
+                "dropped_at_screening": sum(h["status"].startswith("dropped") for h in r["handles"]),
+                "seconds": r["seconds"],
+            }
+        )
     passed = [x for x in rows if x["concept_rate"] >= 0.5 and (x["perplexity_ratio"] or 9) <= 2.0]
-    return {"n_concepts": len(rows), "n_pass": len(passed), "target": ">= 50 % concept rate at <= 2x perplexity",
-            "rows": rows}
+    return {
+        "n_concepts": len(rows),
+        "n_pass": len(passed),
+        "target": ">= 50 % concept rate at <= 2x perplexity",
+        "rows": rows,
+    }
 
 
 def markdown(summary: dict) -> str:
     """The per-concept table for docs/steering.md and the README."""
-    lines = ["| concept | best handle | strength | concept rate | x perplexity | 2nd seed | unsteered | "
-             "prompt-only (x ppl) | candidates (dropped at screening) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| concept | best handle | strength | concept rate | x perplexity | 2nd seed | unsteered | "
+        "prompt-only (x ppl) | candidates (dropped at screening) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in summary["rows"]:
         ok = r["concept_rate"] >= 0.5 and (r["perplexity_ratio"] or 9) <= 2.0
         rate = f"{100 * r['concept_rate']:.0f} %"
-        lines.append(f"| {r['concept']} | {r['best_id'] or 'none within 2x'} | "
-                     f"{'' if r['strength'] is None else format(r['strength'], 'g')} {r['unit'] or ''} | "
-                     f"{'**' + rate + '**' if ok else rate} | "
-                     f"{'' if r['perplexity_ratio'] is None else format(r['perplexity_ratio'], '.2f')} | "
-                     f"{'' if r['second_seed_rate'] is None else format(100 * r['second_seed_rate'], '.0f') + ' %'} | "
-                     f"{100 * r['unsteered_rate']:.0f} % | {100 * r['prompt_only_rate']:.0f} % "
-                     f"({r['prompt_only_ppl_ratio']:.2f}) | {r['n_handles']} ({r['dropped_at_screening']}) |")
+        lines.append(
+            f"| {r['concept']} | {r['best_id'] or 'none within 2x'} | "
+            f"{'' if r['strength'] is None else format(r['strength'], 'g')} {r['unit'] or ''} | "
+            f"{'**' + rate + '**' if ok else rate} | "
+            f"{'' if r['perplexity_ratio'] is None else format(r['perplexity_ratio'], '.2f')} | "
+            f"{'' if r['second_seed_rate'] is None else format(100 * r['second_seed_rate'], '.0f') + ' %'} | "
+            f"{100 * r['unsteered_rate']:.0f} % | {100 * r['prompt_only_rate']:.0f} % "
+            f"({r['prompt_only_ppl_ratio']:.2f}) | {r['n_handles']} ({r['dropped_at_screening']}) |"
+        )
     lines.append(f"\n{summary['n_pass']} of {summary['n_concepts']} concepts reach {summary['target']}.")
     return "\n".join(lines)
 
@@ -111,9 +127,12 @@ def main(argv=None) -> int:
         if res.best is not None:
             save_preset(res, sae, args.out / f"{name}.preset.json")
         b = res.best or {}
-        print(f"{name}: best {b.get('id')} at {b.get('strength')} -> {b.get('concept_rate')} "
-              f"at {b.get('perplexity_ratio')}x ppl; prompt-only {res.prompt_only['concept_rate']} "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        print(
+            f"{name}: best {b.get('id')} at {b.get('strength')} -> {b.get('concept_rate')} "
+            f"at {b.get('perplexity_ratio')}x ppl; prompt-only {res.prompt_only['concept_rate']} "
+            f"({time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
     summary = summarise(args.out, sorted(p.stem for p in args.concepts.glob("*.json")))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))

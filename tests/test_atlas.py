@@ -29,8 +29,17 @@ from thoughtscope.atlas import (  # noqa: E402
 )
 from thoughtscope.corpus import Corpus  # noqa: E402
 
-CFG = dict(n_tokens=6000, ctx_len=32, contexts_per_batch=8, top_k=8, n_bins=5, per_bin=4, window_left=6, window_right=3,
-           checkpoint_every=2)
+CFG = dict(
+    n_tokens=6000,
+    ctx_len=32,
+    contexts_per_batch=8,
+    top_k=8,
+    n_bins=5,
+    per_bin=4,
+    window_left=6,
+    window_right=3,
+    checkpoint_every=2,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +72,7 @@ def test_planted_feature_top_contexts_density_and_logits(setup):
         f = at.feature(PLANT)
         top = at.examples(PLANT, "top")
         assert len(top) == CFG["top_k"]
-        assert all(e.tokens[e.pos] == q for e in top)              # every top context peaks on the planted token
+        assert all(e.tokens[e.pos] == q for e in top)  # every top context peaks on the planted token
         assert all(e.window[CFG["window_left"]] == pytest.approx(e.act, rel=1e-2) for e in top)
         quant = at.examples(PLANT, "quantile")
         assert len(quant) == CFG["n_bins"] * CFG["per_bin"]
@@ -108,6 +117,7 @@ def test_feature_page_is_fast_and_errors_are_clear(setup):
         ids = at.random_features(5, seed=1)
         assert ids == at.random_features(5, seed=1) and len(ids) == 5
         from rich.console import Console
+
         con = Console(record=True, width=140)
         con.print(feature_card(at, PLANT, lm.tokenizer))
         assert f"feature {PLANT}" in con.export_text()
@@ -185,8 +195,15 @@ def test_open_with_model_checks_the_sae(setup, tmp_path):
 
     lm, sae, corpus, d, path = setup
     save_sae(sae, tmp_path / "sae")
-    out = build_atlas(lm, sae, corpus, tmp_path / "a", AtlasConfig(**dict(CFG, n_tokens=600)), progress=False,
-                      sae_path=str(tmp_path / "sae"))
+    out = build_atlas(
+        lm,
+        sae,
+        corpus,
+        tmp_path / "a",
+        AtlasConfig(**dict(CFG, n_tokens=600)),
+        progress=False,
+        sae_path=str(tmp_path / "sae"),
+    )
     at, lm2, sae2 = open_with_model(out, lm=lm)
     assert lm2 is lm and at.meta["sae_path"] == str(tmp_path / "sae")
     at.close()
@@ -208,16 +225,25 @@ def test_default_model_smoke(tmp_path):
     from thoughtscope.sae import SAE, SAEConfig
 
     lm = load_model("default")
-    sae = SAE.from_config(SAEConfig(arch="topk", d_model=lm.d_model, n_features=256, k=8, model=lm.name,
-                                    site="resid.15"))
+    sae = SAE.from_config(
+        SAEConfig(arch="topk", d_model=lm.d_model, n_features=256, k=8, model=lm.name, site="resid.15")
+    )
     corpus = Corpus("default")
-    path = build_atlas(lm, sae, corpus, tmp_path / "a", AtlasConfig(n_tokens=1024, ctx_len=64, contexts_per_batch=8),
-                       progress=False)
+    path = build_atlas(
+        lm, sae, corpus, tmp_path / "a", AtlasConfig(n_tokens=1024, ctx_len=64, contexts_per_batch=8), progress=False
+    )
     local = LocalChatClient(lm)
     with Atlas.open(path) as at:
         feats = at.random_features(2, seed=0)
-        s = explain_atlas(at, local, local, tokenizer=lm.tokenizer, features=feats,
-                          config=ExplainConfig(n_score_pos=4, n_score_neg=4, explain_max_tokens=30), progress=False)
+        s = explain_atlas(
+            at,
+            local,
+            local,
+            tokenizer=lm.tokenizer,
+            features=feats,
+            config=ExplainConfig(n_score_pos=4, n_score_neg=4, explain_max_tokens=30),
+            progress=False,
+        )
         assert s["ok"] + s["failed"] == 2
         con = Console(record=True, width=140)
         con.print(feature_card(at, feats[0], lm.tokenizer))
@@ -238,8 +264,8 @@ def test_streaming_topk_and_reservoir_match_exact_answers():
     all_vals = {i: [] for i in range(m)}
     for b in range(40):
         f = torch.zeros(B * T, m)
-        f[:, 0] = torch.rand(B * T, generator=g) * 10                      # dense, uniform on [0, 10)
-        f[torch.randint(0, B * T, (3,), generator=g), 1] = torch.rand(3, generator=g) + 1   # sparse
+        f[:, 0] = torch.rand(B * T, generator=g) * 10  # dense, uniform on [0, 10)
+        f[torch.randint(0, B * T, (3,), generator=g), 1] = torch.rand(3, generator=g) + 1  # sparse
         rows, feats = (f > 0).nonzero(as_tuple=True)
         vals = f[rows, feats]
         for i in range(m):
@@ -272,10 +298,10 @@ def test_sparse_bookkeeping_equals_dense_path():
     for b in range(25):
         idx = torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(B * T)])
         v = torch.rand(B * T, k, generator=g) * 4
-        v[v < 0.6] = 0                                          # some of the k slots inactive, as after a ReLU
+        v[v < 0.6] = 0  # some of the k slots inactive, as after a ReLU
         v[:, 0] = torch.where(torch.rand(B * T, generator=g) < 0.3, 2.5, v[:, 0])  # exact ties
         f = torch.zeros(B * T, m).scatter_(1, idx, v)
-        f.view(B, T, m)[:, 0] = 0                               # position 0 excluded
+        f.view(B, T, m)[:, 0] = 0  # position 0 excluded
         mask = v > 0
         rows = torch.arange(B * T)[:, None].expand_as(idx)[mask]
         feats, vals = idx[mask], v[mask]
@@ -298,7 +324,7 @@ def test_sparse_encoder_matches_encode_sparse():
     enc = SparseEncoder(sae)
     assert enc.fast
     g = torch.Generator().manual_seed(0)
-    for n in (64, 64, 30):                       # the last batch of a build may be shorter
+    for n in (64, 64, 30):  # the last batch of a build may be shorter
         x = torch.randn(n, 16, generator=g)
         for a, b in zip(enc(x), encode_sparse(sae, x)):
             assert torch.equal(a, b)

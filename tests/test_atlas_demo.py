@@ -30,10 +30,13 @@ def test_skip_tokens_starts_later_in_the_corpus(tmp_path):
     lm = identity_model()
     sae = planted_sae(lm)
     corpus = Corpus(str(write_corpus(tmp_path / "c.txt", n_docs=80)))
-    cfg = dict(n_tokens=256, ctx_len=32, contexts_per_batch=4, top_k=4, n_bins=2, per_bin=2,
-               window_left=4, window_right=2)
-    with pytest.raises(AtlasError, match="AtlasConfig.skip_tokens must be a non-negative multiple of "
-                                         "contexts_per_batch × ctx_len = 128, got 100"):
+    cfg = dict(
+        n_tokens=256, ctx_len=32, contexts_per_batch=4, top_k=4, n_bins=2, per_bin=2, window_left=4, window_right=2
+    )
+    with pytest.raises(
+        AtlasError,
+        match="AtlasConfig.skip_tokens must be a non-negative multiple of contexts_per_batch × ctx_len = 128, got 100",
+    ):
         AtlasConfig(**cfg, skip_tokens=100)
     path = build_atlas(lm, sae, corpus, tmp_path / "a", AtlasConfig(**cfg, skip_tokens=256), progress=False)
     expected = torch.cat([b.input_ids for b in corpus.batches(lm.tokenizer, 32, 4)])[8:16]
@@ -48,9 +51,18 @@ def test_demo_feature_cards_on_a_tiny_model(tmp_path):
     sae = planted_sae(lm)
     corpus = Corpus(str(write_corpus(tmp_path / "c.txt", n_docs=200)))
     console = Console(record=True, width=120, file=io.StringIO())
-    res = demo_feature_cards(lm, tmp_path, console, sae=sae, corpus=corpus, tokens=2048, skip_tokens=2048,
-                             prompts=["a quiet queen", "the quest is equal", "quick squad"],
-                             controls=["the sun is up", "run under a blue sun", "a unit of rum"], concept="q")
+    res = demo_feature_cards(
+        lm,
+        tmp_path,
+        console,
+        sae=sae,
+        corpus=corpus,
+        tokens=2048,
+        skip_tokens=2048,
+        prompts=["a quiet queen", "the quest is equal", "quick squad"],
+        controls=["the sun is up", "run under a blue sun", "a unit of rum"],
+        concept="q",
+    )
     text = console.export_text()
     assert "3. feature atlas" in text
     assert len(res["random"]) == 2 and all(f"#{n}" in text for n in res["random"])

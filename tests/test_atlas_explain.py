@@ -56,8 +56,9 @@ def _answer(prompt: str) -> str:
     letter = m.group(1) if m else None
     texts = re.findall(r"^Text \d+: (.*)$", prompt, flags=re.M)
     if "placed at random" in prompt:  # fuzzing: are all marked tokens the letter?
-        probs = [1.0 if (marks := re.findall(r"<<(.+?)>>", t)) and all(x == letter for x in marks) else 0.0
-                 for t in texts]
+        probs = [
+            1.0 if (marks := re.findall(r"<<(.+?)>>", t)) and all(x == letter for x in marks) else 0.0 for t in texts
+        ]
     else:  # detection: does the text contain the letter?
         probs = [1.0 if letter and letter in t else 0.0 for t in texts]
     return "Here you go: " + json.dumps(probs)
@@ -99,8 +100,12 @@ def make_server(script: Script):
                 body = json.dumps({"choices": [{"message": {"content": "I think [1, 0"}}]}).encode()
             else:
                 content = _answer(req["messages"][-1]["content"])
-                body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}],
-                                   "usage": {"prompt_tokens": 10, "completion_tokens": 5}}).encode()
+                body = json.dumps(
+                    {
+                        "choices": [{"message": {"role": "assistant", "content": content}}],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+                    }
+                ).encode()
             try:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -121,8 +126,17 @@ def env(tmp_path_factory):
         lm = identity_model()
         sae = planted_sae(lm)
         corpus = Corpus(str(write_corpus(d / "corpus.txt", n_docs=200)))
-        cfg = AtlasConfig(n_tokens=8000, ctx_len=32, contexts_per_batch=8, top_k=12, n_bins=5, per_bin=4, window_left=8,
-                          window_right=3, n_random_contexts=250)
+        cfg = AtlasConfig(
+            n_tokens=8000,
+            ctx_len=32,
+            contexts_per_batch=8,
+            top_k=12,
+            n_bins=5,
+            per_bin=4,
+            window_left=8,
+            window_right=3,
+            n_random_contexts=250,
+        )
         path = build_atlas(lm, sae, corpus, d / "atlas", cfg, progress=False)
         script = Script()
         srv = make_server(script)
@@ -161,8 +175,9 @@ def test_explain_and_score_planted_feature(env):
         assert d["n_pos"] == 10 and d["n_neg"] == 10
         assert at.search("letter q") == [(PLANT, "the letter q")]
     # a wrong explanation scores chance
-    s = explain_atlas(path, None, c, tokenizer=lm.tokenizer, given={PLANT: "the letter x"}, config=XCFG,
-                      resume=False, progress=False)
+    s = explain_atlas(
+        path, None, c, tokenizer=lm.tokenizer, given={PLANT: "the letter x"}, config=XCFG, resume=False, progress=False
+    )
     with Atlas.open(path) as at:
         ex = at.explanation(PLANT)
         assert ex["detection_bacc"] == pytest.approx(0.5) and ex["detection_auroc"] == pytest.approx(0.5)
@@ -175,9 +190,11 @@ def test_retries_on_500_429_timeout_and_malformed(env):
     out = c.call([{"role": "user", "content": "Text 1: aqa\nTell me"}])
     assert "Here you go" in out and c.usage["retries"] == 4
     from thoughtscope.atlas.explain import parse_probabilities
+
     script.failures = ["badlist", "malformed"]
-    assert c.call([{"role": "user", "content": 'described as: "the letter q"\nText 1: aqa'}],
-                  parse=parse_probabilities(1)) == [1.0]
+    assert c.call(
+        [{"role": "user", "content": 'described as: "the letter q"\nText 1: aqa'}], parse=parse_probabilities(1)
+    ) == [1.0]
     script.failures = ["500"] * 3
     with pytest.raises(LLMError, match="HTTP 500.*gave up after 3 attempts"):
         client(url, max_retries=2).call([{"role": "user", "content": "hi"}])
@@ -195,8 +212,16 @@ def test_failures_are_recorded_and_resume_skips_done(env):
     c = client(url, max_retries=1)
     # sequential run: the first feature's explainer call fails twice (= all attempts), the rest succeed
     script.failures = ["500", "500"]
-    s = explain_atlas(path, c, c, tokenizer=lm.tokenizer, features=feats, config=ExplainConfig(concurrency=1),
-                      resume=False, progress=False)
+    s = explain_atlas(
+        path,
+        c,
+        c,
+        tokenizer=lm.tokenizer,
+        features=feats,
+        config=ExplainConfig(concurrency=1),
+        resume=False,
+        progress=False,
+    )
     assert s["failed"] == 1 and s["ok"] == len(feats) - 1
     with Atlas.open(path) as at:
         assert at.explanation(feats[0])["status"] == "failed" and "HTTP 500" in at.explanation(feats[0])["error"]
@@ -206,14 +231,15 @@ def test_failures_are_recorded_and_resume_skips_done(env):
     assert s["requested"] == 1 and s["ok"] == 1  # only the failed one was redone
     assert script.requests - before <= 4
     s = explain_atlas(path, c, c, tokenizer=lm.tokenizer, features=feats, config=XCFG, progress=False)
-    assert s["requested"] == 0 and s["control_scored"] == 1   # the control for the one explained since
+    assert s["requested"] == 0 and s["control_scored"] == 1  # the control for the one explained since
     before = script.requests
     s = explain_atlas(path, c, c, tokenizer=lm.tokenizer, features=feats, config=XCFG, progress=False)
-    assert s["control_scored"] == 0 and script.requests == before     # ... which resumes like the rest
+    assert s["control_scored"] == 0 and script.requests == before  # ... which resumes like the rest
 
 
 def test_estimate_and_env(env, monkeypatch):
     from thoughtscope.atlas import estimate
+
     lm, path, script, url = env
     with Atlas.open(path) as at:
         e = estimate(at, [PLANT] * 100, lm.tokenizer, XCFG, concurrency=4, usd_per_mtok=1.0)
@@ -236,8 +262,9 @@ def test_offline_local_explainer_runs(env):
         p = local.yes_probability([{"role": "user", "content": "Is q a letter? Answer Yes or No."}])
         assert 0.0 < p < 1.0
         cfg = ExplainConfig(n_top=3, n_quantile=2, n_score_pos=4, n_score_neg=4, explain_max_tokens=8, fuzz=False)
-        s = explain_atlas(path, local, local, tokenizer=lm.tokenizer, features=[PLANT], config=cfg, resume=False,
-                          progress=False)
+        s = explain_atlas(
+            path, local, local, tokenizer=lm.tokenizer, features=[PLANT], config=cfg, resume=False, progress=False
+        )
     assert s["ok"] + s["failed"] == 1
     with Atlas.open(path) as at:
         ex = at.explanation(PLANT)
@@ -255,8 +282,16 @@ def test_concurrency_limit(env):
         time.sleep(0.05)
     script.max_inflight, script.delay = 0, 0.05
     try:
-        s = explain_atlas(path, client(url, timeout=10), client(url, timeout=10), tokenizer=lm.tokenizer, features=feats,
-                          config=ExplainConfig(concurrency=2, fuzz=False), resume=False, progress=False)
+        s = explain_atlas(
+            path,
+            client(url, timeout=10),
+            client(url, timeout=10),
+            tokenizer=lm.tokenizer,
+            features=feats,
+            config=ExplainConfig(concurrency=2, fuzz=False),
+            resume=False,
+            progress=False,
+        )
     finally:
         script.delay = 0.0
     assert s["ok"] == len(feats)

@@ -22,8 +22,17 @@ def atlas_dir(tmp_path_factory):
     with one_thread():
         lm = identity_model()
         corpus = Corpus(str(write_letters_corpus(d / "corpus.txt")))
-        cfg = AtlasConfig(n_tokens=16_384, ctx_len=32, contexts_per_batch=8, top_k=24, n_bins=5, per_bin=8, window_left=8,
-                          window_right=3, n_random_contexts=256)
+        cfg = AtlasConfig(
+            n_tokens=16_384,
+            ctx_len=32,
+            contexts_per_batch=8,
+            top_k=24,
+            n_bins=5,
+            per_bin=8,
+            window_left=8,
+            window_right=3,
+            n_random_contexts=256,
+        )
         build_atlas(lm, planted_letters_sae(lm), corpus, d / "atlas", cfg, progress=False)
     return d
 

@@ -26,7 +26,7 @@ from thoughtscope.atlas.scoring import auroc, derangement, mean_ci  # noqa: E402
 from thoughtscope.corpus import Corpus  # noqa: E402
 from thoughtscope.sae import SAE, SAEConfig  # noqa: E402
 
-PLANTED = {2: "q", 5: "x", 7: "j", 11: "k", 13: "v"}   # feature -> the letter it fires on
+PLANTED = {2: "q", 5: "x", 7: "j", 11: "k", 13: "v"}  # feature -> the letter it fires on
 CFG = ExplainConfig(n_top=6, n_quantile=8, n_score_pos=12, n_score_neg=12)
 FILLER = "the cat sat on a mat and the dog ran far away from home while birds sang in warm light".split()
 RARE = ["quiet", "queen", "box", "fox", "jam", "joy", "kit", "ask", "vow", "ivy"]
@@ -53,8 +53,10 @@ def write_letters_corpus(path: Path, n_docs: int = 400, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with open(path, "w") as fh:
         for _ in range(n_docs):
-            fh.write(" ".join(rng.choice(RARE if rng.random() < 0.06 else FILLER) for _ in range(rng.randint(10, 30)))
-                     + "\n\n\n")
+            fh.write(
+                " ".join(rng.choice(RARE if rng.random() < 0.06 else FILLER) for _ in range(rng.randint(10, 30)))
+                + "\n\n\n"
+            )
     return path
 
 
@@ -68,8 +70,17 @@ def planted(tmp_path_factory):
             acts = sae.encode(lm.model.get_input_embeddings().weight.detach()[token_id(lm, ch)][None])[0]
             assert acts[f] > 0
         corpus = Corpus(str(write_letters_corpus(d / "corpus.txt")))
-        cfg = AtlasConfig(n_tokens=16_384, ctx_len=32, contexts_per_batch=8, top_k=24, n_bins=5, per_bin=8, window_left=8,
-                          window_right=3, n_random_contexts=256)
+        cfg = AtlasConfig(
+            n_tokens=16_384,
+            ctx_len=32,
+            contexts_per_batch=8,
+            top_k=24,
+            n_bins=5,
+            per_bin=8,
+            window_left=8,
+            window_right=3,
+            n_random_contexts=256,
+        )
         path = build_atlas(lm, sae, corpus, d / "atlas", cfg, progress=False)
     return lm, path, d
 
@@ -94,7 +105,7 @@ def test_offline_explainer_names_planted_tokens_and_beats_the_shuffled_control(p
             assert ex["detection_auroc"] >= 0.95 and ex["detection_bacc"] >= 0.9, (f, ex["explanation"])
             assert ex["details"]["n_pos"] >= 8 and ex["details"]["n_neg"] >= 8
     assert s["detection_auroc_mean"] >= 0.95
-    assert 0.3 <= s["shuffled_auroc_mean"] <= 0.7          # another letter's explanation: chance
+    assert 0.3 <= s["shuffled_auroc_mean"] <= 0.7  # another letter's explanation: chance
     assert s["detection_auroc_mean"] - s["shuffled_auroc_mean"] >= 0.3
 
 
@@ -103,16 +114,27 @@ def test_scores_are_reproducible_with_a_seed(planted):
 
     def run(name, seed):
         p = _copy(path, d / name)
-        explain_offline(p, tokenizer=lm.tokenizer, features=sorted(PLANTED),
-                        config=ExplainConfig(**{**CFG.__dict__, "seed": seed}), progress=False)
+        explain_offline(
+            p,
+            tokenizer=lm.tokenizer,
+            features=sorted(PLANTED),
+            config=ExplainConfig(**{**CFG.__dict__, "seed": seed}),
+            progress=False,
+        )
         with Atlas.open(p) as at:
-            return {f: (at.explanation(f)["explanation"], at.explanation(f)["detection_auroc"],
-                        at.explanation(f)["shuffled_detection_auroc"], at.explanation(f)["details"]["heldout_contexts"])
-                    for f in PLANTED}
+            return {
+                f: (
+                    at.explanation(f)["explanation"],
+                    at.explanation(f)["detection_auroc"],
+                    at.explanation(f)["shuffled_detection_auroc"],
+                    at.explanation(f)["details"]["heldout_contexts"],
+                )
+                for f in PLANTED
+            }
 
     a, b, c = run("seed0a", 0), run("seed0b", 0), run("seed1", 1)
     assert a == b
-    assert any(a[f][3] != c[f][3] for f in PLANTED)       # another seed draws other held-out contexts
+    assert any(a[f][3] != c[f][3] for f in PLANTED)  # another seed draws other held-out contexts
     assert all(f'"{PLANTED[f]}"' in c[f][0] for f in PLANTED)
 
 
@@ -129,7 +151,7 @@ def test_heldout_contexts_never_overlap_the_explanations_own(planted):
                 assert not task.shown_contexts() & task.heldout_contexts()
                 assert not set(background) & task.heldout_contexts()
                 assert all(e.act > 0 for e in task.pos)
-                for e in task.neg:   # silent: the feature is zero on every shown token of a negative window
+                for e in task.neg:  # silent: the feature is zero on every shown token of a negative window
                     acts = at.random_activations(f).get(e.ctx, {})
                     lo, hi = span(e, CFG)
                     assert not any(lo <= p <= hi and a > 0 for p, a in acts.items())
@@ -147,16 +169,18 @@ def test_lexical_scorer_reads_only_the_text():
     scores, active = sc.predict('fires on "warn"; promotes "("', ["import warnings", "f(x)", "nothing here"])
     assert scores[0] > scores[1] > scores[2] == 0.0 and active == [True, False, False]
     s2, _ = sc.predict("python code", ["I wrote Python", "a pythonic way", "cython"])
-    assert s2[0] > 0 and s2[1] > 0 and s2[2] == 0        # unquoted words match at a word start only
+    assert s2[0] > 0 and s2[1] > 0 and s2[2] == 0  # unquoted words match at a word start only
     s3, a3 = sc.predict('fires on "x"; in Cyrillic text', ["привет мир", "hello world", "x"])
-    assert s3[0] > 0 and s3[1] == 0 and a3 == [True, False, True]   # a kind of character, not the word
+    assert s3[0] > 0 and s3[1] == 0 and a3 == [True, False, True]  # a kind of character, not the word
 
 
 def test_llm_preamble_keeps_the_list_that_follows():
     from thoughtscope.atlas.explain import parse_explanation
 
-    assert parse_explanation("This feature responds to the following tokens:\n- \"warn\"\n- \"filter\"") == \
-        'This feature responds to the following tokens: - "warn"; - "filter"'
+    assert (
+        parse_explanation('This feature responds to the following tokens:\n- "warn"\n- "filter"')
+        == 'This feature responds to the following tokens: - "warn"; - "filter"'
+    )
     assert parse_explanation('"the letter q"') == "the letter q"
     assert parse_explanation("Sure.\nEXPLANATION: Python warnings") == "Python warnings"
 
@@ -189,28 +213,33 @@ def test_llm_explanations_are_kept_unless_overwrite(planted):
     lm, path, d = planted
     p = _copy(path, d / "keep")
     f0 = sorted(PLANTED)[0]
-    explain_atlas(p, None, LexicalScorer(), tokenizer=lm.tokenizer, given={f0: "hand-written"}, config=CFG,
-                  progress=False)
+    explain_atlas(
+        p, None, LexicalScorer(), tokenizer=lm.tokenizer, given={f0: "hand-written"}, config=CFG, progress=False
+    )
     explain_offline(p, tokenizer=lm.tokenizer, features=sorted(PLANTED), config=CFG, progress=False)
     with Atlas.open(p) as at:
         assert at.explanation(f0)["explanation"] == "hand-written"
     explain_offline(p, tokenizer=lm.tokenizer, features=sorted(PLANTED), config=CFG, overwrite=True, progress=False)
     with Atlas.open(p) as at:
         assert at.explanation(f0)["method"] == "offline-tokens-v2"
-        assert at.search(PLANTED[f0])[0][0] == f0          # search by explanation text finds the offline one
+        assert at.search(PLANTED[f0])[0][0] == f0  # search by explanation text finds the offline one
 
 
 def test_an_atlas_from_before_the_method_columns_still_opens(planted):
     lm, path, d = planted
     p = _copy(path, d / "old")
     con = sqlite3.connect(str(p))
-    with con:   # the explanations table as schema version 1 first shipped it, with one stored row
+    with con:  # the explanations table as schema version 1 first shipped it, with one stored row
         con.execute("DROP TABLE explanations")
-        con.execute("CREATE TABLE explanations (feature INTEGER PRIMARY KEY, explanation TEXT, status TEXT NOT NULL, "
-                    "error TEXT, explainer TEXT, scorer TEXT, detection_bacc REAL, detection_auroc REAL, "
-                    "fuzz_bacc REAL, fuzz_auroc REAL, details TEXT, seconds REAL, created REAL)")
-        con.execute("INSERT INTO explanations (feature, explanation, status, explainer, detection_auroc) "
-                    "VALUES (2, 'old words', 'ok', 'local:m', 0.5)")
+        con.execute(
+            "CREATE TABLE explanations (feature INTEGER PRIMARY KEY, explanation TEXT, status TEXT NOT NULL, "
+            "error TEXT, explainer TEXT, scorer TEXT, detection_bacc REAL, detection_auroc REAL, "
+            "fuzz_bacc REAL, fuzz_auroc REAL, details TEXT, seconds REAL, created REAL)"
+        )
+        con.execute(
+            "INSERT INTO explanations (feature, explanation, status, explainer, detection_auroc) "
+            "VALUES (2, 'old words', 'ok', 'local:m', 0.5)"
+        )
     con.close()
     with Atlas.open(p) as at:
         ex = at.explanation(2)

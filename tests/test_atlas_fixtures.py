@@ -12,9 +12,9 @@ from conftest import single_thread
 from thoughtscope.models import tiny_model
 from thoughtscope.sae import SAE, SAEConfig
 
-PLANT = 3          # the planted feature id
-PLANT_CHAR = "q"   # ... fires on exactly this token
-OUT_CHAR = "z"     # its decoder direction promotes this token
+PLANT = 3  # the planted feature id
+PLANT_CHAR = "q"  # ... fires on exactly this token
+OUT_CHAR = "z"  # its decoder direction promotes this token
 
 
 @functools.cache
@@ -48,7 +48,7 @@ def planted_sae(lm, n_features: int = 24, k: int = 4, site: str = "resid.1") -> 
         sae.enc.mul_(0.01)
         e = E[t_in]
         sae.enc[PLANT] = 100.0 * e / e.pow(2).sum()
-        sae.b_enc[PLANT] = -60.0   # pre-activation 40 on the planted token, far below 0 elsewhere
+        sae.b_enc[PLANT] = -60.0  # pre-activation 40 on the planted token, far below 0 elsewhere
         d = U[t_out] / g
         sae.W_dec[PLANT] = d / d.norm()
     return sae
@@ -63,8 +63,10 @@ def write_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for _ in range(n_docs):
-            f.write(" ".join(rng.choice(Q_WORDS if rng.random() < 0.04 else WORDS)
-                             for _ in range(rng.randint(8, 30))) + "\n\n\n")
+            f.write(
+                " ".join(rng.choice(Q_WORDS if rng.random() < 0.04 else WORDS) for _ in range(rng.randint(8, 30)))
+                + "\n\n\n"
+            )
     return path
 
 

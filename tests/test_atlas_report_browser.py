@@ -42,12 +42,23 @@ def report(tmp_path_factory):
     with one_thread():
         lm = identity_model()
         corpus = Corpus(str(write_letters_corpus(d / "corpus.txt")))
-        cfg = AtlasConfig(n_tokens=8192, ctx_len=32, contexts_per_batch=8, top_k=12, n_bins=5, per_bin=4, window_left=8,
-                          window_right=3, n_random_contexts=128)
+        cfg = AtlasConfig(
+            n_tokens=8192,
+            ctx_len=32,
+            contexts_per_batch=8,
+            top_k=12,
+            n_bins=5,
+            per_bin=4,
+            window_left=8,
+            window_right=3,
+            n_random_contexts=128,
+        )
         build_atlas(lm, planted_letters_sae(lm), corpus, d / "atlas", cfg, progress=False)
     runner = CliRunner()
-    for args in (["atlas", "explain", str(d / "atlas"), "--offline"], ["atlas", "report", str(d / "atlas"),
-                                                                       "--cards", "4"]):
+    for args in (
+        ["atlas", "explain", str(d / "atlas"), "--offline"],
+        ["atlas", "report", str(d / "atlas"), "--cards", "4"],
+    ):
         r = runner.invoke(app, args, env={"THOUGHTSCOPE_EXPLAINER_URL": ""})
         assert r.exit_code == 0, r.output
     return d / "atlas"
@@ -59,15 +70,15 @@ def _known_words(atlas_dir: Path) -> list[str]:
         tok = load_tokenizer(at)
         n = at.random_features(4, seed=0, alive_only=True)[0]
         ex = at.examples(n, "top", limit=1)[0]
-        text = tok.decode(ex.tokens[max(1, ex.pos - 6): ex.pos + 1])
+        text = tok.decode(ex.tokens[max(1, ex.pos - 6) : ex.pos + 1])
     return [w for w in re.findall(r"[a-z]{3,}", text)]
 
 
 def test_report_html_has_decoded_text_not_ids(report):
     page = (report / "report.html").read_text()
-    assert not re.search(r"\[\d+\] \[\d+\]", page)          # no runs of token ids
+    assert not re.search(r"\[\d+\] \[\d+\]", page)  # no runs of token ids
     words = _known_words(report)
-    text = html.unescape(re.sub(r"<[^>]+>", "", page))      # what a reader sees: one span per token, tags dropped
+    text = html.unescape(re.sub(r"<[^>]+>", "", page))  # what a reader sees: one span per token, tags dropped
     assert words and all(w in text for w in words)
 
 
@@ -89,7 +100,7 @@ def test_report_screenshot_in_headless_chromium(report, tmp_path):
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert images and all(w > 0 for w in images)               # the embedded plots decode
+    assert images and all(w > 0 for w in images)  # the embedded plots decode
     flat = re.sub(r"\s+", " ", body)
-    assert all(w in flat for w in words), (words, flat[:500])   # the known context reads as words on screen
+    assert all(w in flat for w in words), (words, flat[:500])  # the known context reads as words on screen
     assert "detection AUROC" in body and "offline-tokens-v2" in body

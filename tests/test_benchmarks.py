@@ -38,8 +38,9 @@ def test_store_is_built_once_under_the_given_home_and_reused(tiny, tmp_path, mon
 
 def test_rows_follow_the_product_rule_and_split_at_documents(tiny, tmp_path):
     lm, corpus = tiny
-    st = _data.ensure_store(8192, site="resid.1", lm=lm, corpus=corpus, ctx_len=16, batch_size=4, root=tmp_path,
-                            progress=False)
+    st = _data.ensure_store(
+        8192, site="resid.1", lm=lm, corpus=corpus, ctx_len=16, batch_size=4, root=tmp_path, progress=False
+    )
     rows = _data.split_rows(st)
     acts, meta = st.tokens(with_meta=True)
     norms = acts.float().norm(dim=1)
@@ -59,9 +60,12 @@ def test_outlier_rows_are_excluded(tmp_path):
     n, d = 512, 8
     acts = torch.randn(n, d, generator=g)
     acts[::16] *= 1000  # position 0 of every 16-token context: a sink
-    acts[7] *= 50       # a sink elsewhere (norm far above 10x the median)
-    meta = {"doc_id": torch.arange(n) // 40, "position": torch.arange(n) % 16,
-            "token_id": torch.zeros(n, dtype=torch.long)}
+    acts[7] *= 50  # a sink elsewhere (norm far above 10x the median)
+    meta = {
+        "doc_id": torch.arange(n) // 40,
+        "position": torch.arange(n) % 16,
+        "token_id": torch.zeros(n, dtype=torch.long),
+    }
     w = StoreWriter(tmp_path / "s", model="m", site="resid.0", d_model=d, shard_tokens=128)
     w.add(acts, meta)
     rows = _data.split_rows(w.finish())
@@ -81,8 +85,9 @@ def test_batches_are_the_same_sequence_for_everyone(tmp_path):
 
 def test_sanity_rule_rejects_a_contender_that_outputs_the_mean(tiny, tmp_path):
     lm, corpus = tiny
-    st = _data.ensure_store(8192, site="resid.1", lm=lm, corpus=corpus, ctx_len=16, batch_size=4, root=tmp_path,
-                            progress=False)
+    st = _data.ensure_store(
+        8192, site="resid.1", lm=lm, corpus=corpus, ctx_len=16, batch_size=4, root=tmp_path, progress=False
+    )
     rows = _data.split_rows(st)
     batches = _data.ShuffledBatches(rows.train, 256, 12)
     c = Ours("topk", 32, 64, k=4, batch_size=256, n_steps=12)

@@ -11,8 +11,9 @@ from thoughtscope.models import tiny_model
 from thoughtscope.sae import load_sae
 
 runner = CliRunner()
-TEXT = "\n\n\n".join(f"Note {i}: cats and dogs {i} play in the garden near {i * 3} trees. " * (2 + i % 4)
-                     for i in range(300))
+TEXT = "\n\n\n".join(
+    f"Note {i}: cats and dogs {i} play in the garden near {i * 3} trees. " * (2 + i % 4) for i in range(300)
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +34,68 @@ def _ok(args):
 
 def test_harvest_train_eval_export(setup):
     root = setup
-    _ok(["harvest", "--model", root / "model", "--corpus", root / "docs.txt", "--site", "resid.1", "--tokens", 8192,
-         "--out", root / "acts", "--ctx-len", 32, "--batch-size", 8, "--quiet"])
+    _ok(
+        [
+            "harvest",
+            "--model",
+            root / "model",
+            "--corpus",
+            root / "docs.txt",
+            "--site",
+            "resid.1",
+            "--tokens",
+            8192,
+            "--out",
+            root / "acts",
+            "--ctx-len",
+            32,
+            "--batch-size",
+            8,
+            "--quiet",
+        ]
+    )
     r = _ok(["store", root / "acts", "--verify"])
     assert "8192" in r.output or "8,192" in r.output
 
-    _ok(["sae", "train", "--store", root / "acts", "--arch", "topk", "--k", 4, "--expansion", 4, "--batch-size", 512,
-         "--out", root / "sae", "--quiet"])
+    _ok(
+        [
+            "sae",
+            "train",
+            "--store",
+            root / "acts",
+            "--arch",
+            "topk",
+            "--k",
+            4,
+            "--expansion",
+            4,
+            "--batch-size",
+            512,
+            "--out",
+            root / "sae",
+            "--quiet",
+        ]
+    )
     sae = load_sae(root / "sae")
     assert sae.cfg.n_features == 128 and sae.cfg.site == "resid.1"
 
-    _ok(["sae", "eval", root / "sae", "--store", root / "acts", "--model", root / "model", "--corpus",
-         root / "docs.txt", "--loss-tokens", 2048, "--json", root / "eval.json"])
+    _ok(
+        [
+            "sae",
+            "eval",
+            root / "sae",
+            "--store",
+            root / "acts",
+            "--model",
+            root / "model",
+            "--corpus",
+            root / "docs.txt",
+            "--loss-tokens",
+            2048,
+            "--json",
+            root / "eval.json",
+        ]
+    )
     m = json.loads((root / "eval.json").read_text())
     assert 0 < m["reconstruction"]["fvu"] < 1.0
     assert m["reconstruction"]["l0"] <= 4 + 1e-6
@@ -59,9 +110,31 @@ def test_harvest_train_eval_export(setup):
 
 def test_sweep_and_on_the_fly(setup):
     root = setup
-    _ok(["sae", "train", "--model", root / "model", "--site", "resid.0", "--corpus", root / "docs.txt", "--tokens",
-         4096, "--arch", "topk", "--k", "2,4", "--expansion", 2, "--batch-size", 256, "--out", root / "sweep",
-         "--quiet"])
+    _ok(
+        [
+            "sae",
+            "train",
+            "--model",
+            root / "model",
+            "--site",
+            "resid.0",
+            "--corpus",
+            root / "docs.txt",
+            "--tokens",
+            4096,
+            "--arch",
+            "topk",
+            "--k",
+            "2,4",
+            "--expansion",
+            2,
+            "--batch-size",
+            256,
+            "--out",
+            root / "sweep",
+            "--quiet",
+        ]
+    )
     ks = sorted(load_sae(p).cfg.k for p in (root / "sweep").iterdir() if (p / "cfg.json").is_file())
     assert ks == [2, 4]
 
@@ -74,8 +147,9 @@ def test_cli_errors(setup):
     assert r.exit_code == 2 and "nope" in r.output
     r = runner.invoke(app, ["sae", "train", "--store", str(root / "acts"), "--arch", "foo", "--out", str(root / "y")])
     assert r.exit_code == 2 and "unknown SAE architecture 'foo'" in r.output
-    r = runner.invoke(app, ["sae", "train", "--store", str(root / "acts"), "--k", "999", "--expansion", "1",
-                            "--out", str(root / "z")])
+    r = runner.invoke(
+        app, ["sae", "train", "--store", str(root / "acts"), "--k", "999", "--expansion", "1", "--out", str(root / "z")]
+    )
     assert r.exit_code == 2 and "k=999" in r.output
 
 

@@ -13,8 +13,9 @@ from thoughtscope.plans import AtlasConfig
 from thoughtscope.sae import SAEConfig, build_sae, save_sae
 
 runner = CliRunner()
-TEXT = "\n\n\n".join(f"Line {i}: def f(x): return x * {i}. The sun sets over the sea {i} times. " * 3
-                     for i in range(200))
+TEXT = "\n\n\n".join(
+    f"Line {i}: def f(x): return x * {i}. The sun sets over the sea {i} times. " * 3 for i in range(200)
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,25 @@ def _flat(text: str) -> str:
 @pytest.fixture(scope="module")
 def built(root):
     """`atlas build` with the old option name --batch-size (still accepted) and the config's other defaults."""
-    r = _ok(["atlas", "build", "--sae", root / "sae", "--corpus", root / "docs.txt", "--tokens", 2048, "--ctx-len", 32,
-             "--batch-size", 8, "--out", root / "atlas", "--quiet"])
+    r = _ok(
+        [
+            "atlas",
+            "build",
+            "--sae",
+            root / "sae",
+            "--corpus",
+            root / "docs.txt",
+            "--tokens",
+            2048,
+            "--ctx-len",
+            32,
+            "--batch-size",
+            8,
+            "--out",
+            root / "atlas",
+            "--quiet",
+        ]
+    )
     return root / "atlas", r
 
 
@@ -78,8 +96,13 @@ def test_cards_show_the_atlas_values(built):
     assert all(f"#{i}" in out for i in picks)
     out = _flat(_ok(["feature", "show", alive[0], "--atlas", atlas]).output)
     assert f"#{alive[0]}" in out
-    assert _flat(f"density {shown.density:.2e} max {shown.max_act:.3g} mean {shown.mean_act:.3g} "
-                 f"active on {shown.n_active:,} tokens") in out
+    assert (
+        _flat(
+            f"density {shown.density:.2e} max {shown.max_act:.3g} mean {shown.mean_act:.3g} "
+            f"active on {shown.n_active:,} tokens"
+        )
+        in out
+    )
     assert all(f"{e.act:.3g}" in out for e in top)
 
 
@@ -93,12 +116,27 @@ def test_top_and_contrast_print_the_library_results(root, built):
     out = _flat(_ok(["feature", "top", "--text", text, "--atlas", atlas]).output)
     for tf in per_token:
         assert _flat(", ".join(f"{n} ({a:.2f})" for n, a in tf.features)) in out
+
     def lines(p):
         return [s.strip() for s in p.read_text().splitlines() if s.strip()]
 
     rows = contrast(lm, sae, lines(root / "code.txt"), lines(root / "prose.txt"), k=5, atlas=at)
-    out = _flat(_ok(["feature", "contrast", "--prompts", root / "code.txt", "--controls", root / "prose.txt",
-                     "--atlas", atlas, "--k", 5]).output)
+    out = _flat(
+        _ok(
+            [
+                "feature",
+                "contrast",
+                "--prompts",
+                root / "code.txt",
+                "--controls",
+                root / "prose.txt",
+                "--atlas",
+                atlas,
+                "--k",
+                5,
+            ]
+        ).output
+    )
     cells = [f"{r['feature']}{r['score']:.3f}{r['prompt_mean']:.3f}" for r in rows]
     assert all(c in out for c in cells)
     assert [out.index(c) for c in cells] == sorted(out.index(c) for c in cells)  # best first

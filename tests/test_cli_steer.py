@@ -23,12 +23,18 @@ def root(tmp_path_factory):
     lm.tokenizer.save_pretrained(root / "model")
     sae = build_sae(SAEConfig(arch="relu-l1", d_model=32, n_features=64, model=str(root / "model"), site="resid.1"))
     save_sae(sae, root / "sae")
-    (root / "pairs.jsonl").write_text("\n".join(json.dumps({"positive": f"good {i}", "negative": f"bad {i}"})
-                                                for i in range(6)))
+    (root / "pairs.jsonl").write_text(
+        "\n".join(json.dumps({"positive": f"good {i}", "negative": f"bad {i}"}) for i in range(6))
+    )
     (root / "prompts.txt").write_text("zzz one\nzzz two\nzzz three\n")
     (root / "controls.txt").write_text("aaa one\naaa two\naaa three\n")
-    preset = {"format": "thoughtscope-preset-1", "name": "t", "interventions": [
-        {"type": "vector", "op": "add", "site": "resid.1", "vector": "v.safetensors", "value": 4.0, "label": "v"}]}
+    preset = {
+        "format": "thoughtscope-preset-1",
+        "name": "t",
+        "interventions": [
+            {"type": "vector", "op": "add", "site": "resid.1", "vector": "v.safetensors", "value": 4.0, "label": "v"}
+        ],
+    }
     (root / "preset.json").write_text(json.dumps(preset))
     return root
 
@@ -45,11 +51,35 @@ def _ok(args):
 
 
 def test_vector_fit_then_steer_with_preset(root):
-    _ok(["vector", "fit", root / "pairs.jsonl", "--out", root / "v.safetensors", "--site", "resid.1",
-         "--model", root / "model"])
+    _ok(
+        [
+            "vector",
+            "fit",
+            root / "pairs.jsonl",
+            "--out",
+            root / "v.safetensors",
+            "--site",
+            "resid.1",
+            "--model",
+            root / "model",
+        ]
+    )
     assert (root / "v.safetensors").is_file()
-    r = _ok(["steer", "--preset", root / "preset.json", "-p", "hello", "--model", root / "model",
-             "--max-new-tokens", 4, "--temperature", 0])
+    r = _ok(
+        [
+            "steer",
+            "--preset",
+            root / "preset.json",
+            "-p",
+            "hello",
+            "--model",
+            root / "model",
+            "--max-new-tokens",
+            4,
+            "--temperature",
+            0,
+        ]
+    )
     # the table's row shows the library's own unsteered and steered answers for the same settings
     lm = load_model(str(root / "model"))
     want = steer_with_preset(lm, root / "preset.json", ["hello"], GenerationConfig(max_new_tokens=4, temperature=0))[0]
@@ -60,12 +90,26 @@ def test_vector_fit_then_steer_with_preset(root):
 
 
 def test_features_contrast_and_at(root):
-    r = _ok(["features", "contrast", "--prompts", root / "prompts.txt", "--controls", root / "controls.txt",
-             "--sae", root / "sae", "--model", root / "model", "--top", 5])
+    r = _ok(
+        [
+            "features",
+            "contrast",
+            "--prompts",
+            root / "prompts.txt",
+            "--controls",
+            root / "controls.txt",
+            "--sae",
+            root / "sae",
+            "--model",
+            root / "model",
+            "--top",
+            5,
+        ]
+    )
     lm, sae = load_model(str(root / "model")), load_sae(root / "sae")
     want = features_contrast(lm, sae, "resid.1", root / "prompts.txt", root / "controls.txt", top=5)
     shown = [line.split("│")[1].strip() for line in r.output.splitlines() if line.startswith("│")]
-    assert shown == [str(s.feature) for s in want]          # the same features, in the same order
+    assert shown == [str(s.feature) for s in want]  # the same features, in the same order
     r = _ok(["features", "at", "zzz one", "--sae", root / "sae", "--model", root / "model", "--top", 3])
     token, top = top_features_at(lm, sae, "resid.1", "zzz one", -1, top=3)
     assert r.output.splitlines()[0] == f"token {token!r}:"
@@ -74,8 +118,24 @@ def test_features_contrast_and_at(root):
 
 
 def test_steer_sweep_writes_files(root):
-    _ok(["steer", "sweep", "--preset", root / "preset.json", "--strengths", "0,8", "--keywords", "zzz",
-         "--out", root / "sw", "--model", root / "model", "--max-new-tokens", 3])
+    _ok(
+        [
+            "steer",
+            "sweep",
+            "--preset",
+            root / "preset.json",
+            "--strengths",
+            "0,8",
+            "--keywords",
+            "zzz",
+            "--out",
+            root / "sw",
+            "--model",
+            root / "model",
+            "--max-new-tokens",
+            3,
+        ]
+    )
     res = json.loads((root / "sw.json").read_text())
     assert len(res["points"]) == 2
     assert (root / "sw.preset.json").is_file()
@@ -100,8 +160,9 @@ def test_features_max_prints_the_reference_and_its_source(root, tmp_path):
     shutil.copytree(root / "sae", tmp_path / "sae")
     r = runner.invoke(app, ["features", "max", "3", "--sae", str(tmp_path / "sae")])
     assert r.exit_code == 2 and "features stats" in r.output  # none stored yet: says how to get one
-    save_feature_stats(FeatureStats(torch.arange(64).float() / 8, torch.full((64,), 0.1), "a test corpus", 999),
-                       tmp_path / "sae")
+    save_feature_stats(
+        FeatureStats(torch.arange(64).float() / 8, torch.full((64,), 0.1), "a test corpus", 999), tmp_path / "sae"
+    )
     out = _ok(["features", "max", "3,40", "--sae", tmp_path / "sae"]).output
     assert "feature 3: max 0.375" in out and "feature 40: max 5" in out and "999 tokens of a test corpus" in out
     r = runner.invoke(app, ["features", "max", "64", "--sae", str(tmp_path / "sae")])
@@ -118,9 +179,28 @@ def test_steer_sweep_a_feature_on_my_questions_keeps_every_answer(root, tmp_path
     shutil.copytree(root / "sae", tmp_path / "sae")
     save_feature_stats(FeatureStats(torch.full((64,), 2.0), torch.full((64,), 0.1), "test", 10), tmp_path / "sae")
     (tmp_path / "q.txt").write_text("first question\nsecond one\nthird\n")
-    out = _ok(["steer", "sweep", "--feature", 5, "--sae", tmp_path / "sae", "--strengths", "0,3", "--keywords", "zzz",
-               "--questions", tmp_path / "q.txt", "--out", tmp_path / "sw", "--model", root / "model",
-               "--max-new-tokens", 3]).output
+    out = _ok(
+        [
+            "steer",
+            "sweep",
+            "--feature",
+            5,
+            "--sae",
+            tmp_path / "sae",
+            "--strengths",
+            "0,3",
+            "--keywords",
+            "zzz",
+            "--questions",
+            tmp_path / "q.txt",
+            "--out",
+            tmp_path / "sw",
+            "--model",
+            root / "model",
+            "--max-new-tokens",
+            3,
+        ]
+    ).output
     assert "x max = 2" in out
     res = json.loads((tmp_path / "sw.json").read_text())
     assert res["n_prompts"] == 3 and all(len(p["samples"]) == 3 for p in res["points"])
@@ -131,10 +211,35 @@ def test_steer_sweep_a_feature_on_my_questions_keeps_every_answer(root, tmp_path
 
 def test_steer_find_end_to_end_writes_json_and_preset(root, tmp_path):
     (tmp_path / "q.txt").write_text("first question\nsecond one\nthird\n")
-    args = ["steer", "find", "zzz", "--keywords", "zzz,z", "--prompts", root / "prompts.txt", "--controls",
-            root / "controls.txt", "--questions", tmp_path / "q.txt", "--sae", root / "sae", "--model", root / "model",
-            "--max-new-tokens", 4, "--n-features", 2, "--n-calibrate", 1, "--ppl-bound", 1e9,
-            "--json", tmp_path / "f.json", "--preset", tmp_path / "p.json"]
+    args = [
+        "steer",
+        "find",
+        "zzz",
+        "--keywords",
+        "zzz,z",
+        "--prompts",
+        root / "prompts.txt",
+        "--controls",
+        root / "controls.txt",
+        "--questions",
+        tmp_path / "q.txt",
+        "--sae",
+        root / "sae",
+        "--model",
+        root / "model",
+        "--max-new-tokens",
+        4,
+        "--n-features",
+        2,
+        "--n-calibrate",
+        1,
+        "--ppl-bound",
+        1e9,
+        "--json",
+        tmp_path / "f.json",
+        "--preset",
+        tmp_path / "p.json",
+    ]
     r = runner.invoke(app, [str(a) for a in args])
     res = json.loads((tmp_path / "f.json").read_text())
     assert {"concept", "baseline", "prompt_only", "handles", "frontier", "best"} <= set(res)
@@ -154,8 +259,11 @@ def test_find_cli_defaults_match_the_library():
     from thoughtscope.cli.steer import steer_find
     from thoughtscope.steer.find import FindConfig
 
-    opts = {k: v.default.default for k, v in inspect.signature(steer_find).parameters.items()
-            if hasattr(v.default, "default")}
+    opts = {
+        k: v.default.default
+        for k, v in inspect.signature(steer_find).parameters.items()
+        if hasattr(v.default, "default")
+    }
     cfg = FindConfig()
     for name in ("ppl_bound", "n_features", "n_calibrate", "positions", "max_new_tokens", "seed"):
         assert opts[name] == getattr(cfg, name), name

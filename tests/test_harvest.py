@@ -57,9 +57,29 @@ def test_harvest_rows_match_capture(model_dir, corpus_file, tmp_path):
 
 
 def _cli(model_dir, corpus_file, out, tokens):
-    return [sys.executable, "-m", "thoughtscope.cli", "harvest", "--model", str(model_dir), "--corpus",
-            str(corpus_file), "--site", "resid.1", "--tokens", str(tokens), "--out", str(out), "--ctx-len", "16",
-            "--batch-size", "4", "--shard-tokens", "256", "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "thoughtscope.cli",
+        "harvest",
+        "--model",
+        str(model_dir),
+        "--corpus",
+        str(corpus_file),
+        "--site",
+        "resid.1",
+        "--tokens",
+        str(tokens),
+        "--out",
+        str(out),
+        "--ctx-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--shard-tokens",
+        "256",
+        "--quiet",
+    ]
 
 
 def _shard_bytes(path: Path) -> dict:
@@ -73,8 +93,9 @@ def test_resume_after_sigkill_is_identical(model_dir, corpus_file, tmp_path):
     cfg = HarvestConfig(n_tokens=tokens, ctx_len=16, contexts_per_batch=4, shard_tokens=256)
     harvest(lm, Corpus(str(corpus_file)), ["resid.1"], ref, cfg, progress=False)
 
-    proc = subprocess.Popen(_cli(model_dir, corpus_file, killed, tokens), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cli(model_dir, corpus_file, killed, tokens), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     shards = 0
     while time.time() < deadline and proc.poll() is None:
@@ -106,39 +127,84 @@ def test_harvest_errors(model_dir, corpus_file, tmp_path):
     lm = load_model(str(model_dir))
     with pytest.raises(ValueError, match="beyond"):
         harvest(lm, Corpus(str(corpus_file)), ["resid.9"], tmp_path / "a", HarvestConfig(n_tokens=10), progress=False)
-    with pytest.raises(ValueError,
-                       match="shard_tokens must be None or a positive multiple of contexts_per_batch × ctx_len = 64"):
-        harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "b",
-                HarvestConfig(n_tokens=10, ctx_len=16, contexts_per_batch=4, shard_tokens=100), progress=False)
+    with pytest.raises(
+        ValueError, match="shard_tokens must be None or a positive multiple of contexts_per_batch × ctx_len = 64"
+    ):
+        harvest(
+            lm,
+            Corpus(str(corpus_file)),
+            ["resid.0"],
+            tmp_path / "b",
+            HarvestConfig(n_tokens=10, ctx_len=16, contexts_per_batch=4, shard_tokens=100),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="context window"):
-        harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "c",
-                HarvestConfig(n_tokens=10, ctx_len=100_000), progress=False)
+        harvest(
+            lm,
+            Corpus(str(corpus_file)),
+            ["resid.0"],
+            tmp_path / "c",
+            HarvestConfig(n_tokens=10, ctx_len=100_000),
+            progress=False,
+        )
     with pytest.raises(ValueError, match="HarvestConfig.dtype must be one of float32, float16, bfloat16, got 'int8'"):
         harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "d", HarvestConfig(dtype="int8"), progress=False)
 
 
 def test_cli_reports_bad_site(model_dir, corpus_file, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "thoughtscope.cli", "harvest", "--model", str(model_dir), "--corpus",
-                        str(corpus_file), "--site", "mlp.x", "--out", str(tmp_path / "x")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "thoughtscope.cli",
+            "harvest",
+            "--model",
+            str(model_dir),
+            "--corpus",
+            str(corpus_file),
+            "--site",
+            "mlp.x",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "cannot parse site 'mlp.x'" in r.stderr
 
 
 @pytest.mark.slow
 def test_harvest_default_model(tmp_path):
     lm = load_model("default")
-    st = harvest(lm, Corpus("default"), ["resid.15"], tmp_path / "acts",
-                 HarvestConfig(n_tokens=512, ctx_len=64, contexts_per_batch=4), progress=False)[Site(15)]
+    st = harvest(
+        lm,
+        Corpus("default"),
+        ["resid.15"],
+        tmp_path / "acts",
+        HarvestConfig(n_tokens=512, ctx_len=64, contexts_per_batch=4),
+        progress=False,
+    )[Site(15)]
     assert len(st) == 512 and st.d_model == 576
 
 
 def test_skip_tokens_starts_later_in_the_corpus(model_dir, corpus_file, tmp_path):
     lm = load_model(str(model_dir))
-    full = harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "full",
-                   HarvestConfig(n_tokens=256, ctx_len=16, contexts_per_batch=4), progress=False)[Site(0)]
-    later = harvest(lm, Corpus(str(corpus_file)), ["resid.0"], tmp_path / "later",
-                    HarvestConfig(n_tokens=128, ctx_len=16, contexts_per_batch=4, skip_tokens=128),
-                    progress=False)[Site(0)]
+    full = harvest(
+        lm,
+        Corpus(str(corpus_file)),
+        ["resid.0"],
+        tmp_path / "full",
+        HarvestConfig(n_tokens=256, ctx_len=16, contexts_per_batch=4),
+        progress=False,
+    )[Site(0)]
+    later = harvest(
+        lm,
+        Corpus(str(corpus_file)),
+        ["resid.0"],
+        tmp_path / "later",
+        HarvestConfig(n_tokens=128, ctx_len=16, contexts_per_batch=4, skip_tokens=128),
+        progress=False,
+    )[Site(0)]
     assert torch.equal(full.tokens(128, 256), later.tokens(0, 128))
     with pytest.raises(ValueError, match="HarvestConfig.skip_tokens must be a non-negative multiple"):
         HarvestConfig(ctx_len=16, contexts_per_batch=4, skip_tokens=100).validate()
@@ -148,10 +214,25 @@ def test_streamed_activations_are_the_harvested_rows_shuffled_and_resumable(mode
     from thoughtscope.harvest import stream_activations
 
     lm = load_model(str(model_dir))
-    st = harvest(lm, Corpus(str(corpus_file)), ["resid.1"], tmp_path / "acts",
-                 HarvestConfig(n_tokens=480, ctx_len=16, contexts_per_batch=4), progress=False)[Site(1)]
-    stream = stream_activations(lm, Corpus(str(corpus_file)), "resid.1", n_tokens=450, batch_size=40, ctx_len=16,
-                                contexts_per_batch=4, buffer_tokens=100, seed=1)
+    st = harvest(
+        lm,
+        Corpus(str(corpus_file)),
+        ["resid.1"],
+        tmp_path / "acts",
+        HarvestConfig(n_tokens=480, ctx_len=16, contexts_per_batch=4),
+        progress=False,
+    )[Site(1)]
+    stream = stream_activations(
+        lm,
+        Corpus(str(corpus_file)),
+        "resid.1",
+        n_tokens=450,
+        batch_size=40,
+        ctx_len=16,
+        contexts_per_batch=4,
+        buffer_tokens=100,
+        seed=1,
+    )
     got = list(stream(0))
     assert [b.shape for b in got] == [(40, 32)] * 11  # 450 non-BOS rows, the short last batch dropped
     # the same rows as the store minus position 0, in another order

@@ -15,8 +15,9 @@ from thoughtscope.store import ActivationStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEXT = "\n\n\n".join(f"Document {i}: the quick brown fox {i} jumps over {i * 13} lazy dogs. " * (1 + i % 5)
-                     for i in range(500))
+TEXT = "\n\n\n".join(
+    f"Document {i}: the quick brown fox {i} jumps over {i * 13} lazy dogs. " * (1 + i % 5) for i in range(500)
+)
 TOKENS, CTX, BATCH, SHARD = 3000, 16, 4, 256  # 3000 is not a whole number of batches: the last round is partial
 
 
@@ -38,10 +39,34 @@ def _single(root: Path, out: Path, sites, on_shard=None):
 
 def _torchrun(root: Path, out: Path, sites: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "thoughtscope",
-           "harvest", "--model", str(root / "model"), "--corpus", str(root / "docs.txt"), "--site", sites,
-           "--tokens", str(TOKENS), "--out", str(out), "--ctx-len", str(CTX), "--batch-size", str(BATCH),
-           "--shard-tokens", str(SHARD), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "thoughtscope",
+        "harvest",
+        "--model",
+        str(root / "model"),
+        "--corpus",
+        str(root / "docs.txt"),
+        "--site",
+        sites,
+        "--tokens",
+        str(TOKENS),
+        "--out",
+        str(out),
+        "--ctx-len",
+        str(CTX),
+        "--batch-size",
+        str(BATCH),
+        "--shard-tokens",
+        str(SHARD),
+        "--quiet",
+    ]
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r

@@ -19,7 +19,7 @@ from thoughtscope.nla.data import llm_explanation
 @pytest.fixture()
 def server():
     seen: list[dict] = []
-    plan: list[int] = []       # status codes to answer with, in order; 200 (with an answer) once empty
+    plan: list[int] = []  # status codes to answer with, in order; 200 (with an answer) once empty
 
     class H(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -44,15 +44,16 @@ def server():
 
 def test_atlas_and_nla_share_one_client():
     assert atlas.HTTPChatClient is explain.HTTPChatClient is HTTPChatClient
-    assert not hasattr(explain, "urllib")        # no second HTTP path in the auto-interp code
+    assert not hasattr(explain, "urllib")  # no second HTTP path in the auto-interp code
 
 
 def test_nla_warm_start_request_and_answer(server, monkeypatch):
     base, seen, _ = server
     monkeypatch.setenv("MY_KEY", "sk-nla")
-    out = llm_explanation("import os\nimport", endpoint=base + "/v1/", model="m-nla", api_key_env="MY_KEY",
-                          max_words=12)
-    assert out == "The topic is Python imports; next: a name"        # whitespace collapsed, as before
+    out = llm_explanation(
+        "import os\nimport", endpoint=base + "/v1/", model="m-nla", api_key_env="MY_KEY", max_words=12
+    )
+    assert out == "The topic is Python imports; next: a name"  # whitespace collapsed, as before
     (req,) = seen
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-nla"
     assert req["body"]["model"] == "m-nla" and req["body"]["temperature"] == 1.0 and req["body"]["max_tokens"] == 120
@@ -60,16 +61,17 @@ def test_nla_warm_start_request_and_answer(server, monkeypatch):
     assert "at most 12 words" in prompt and prompt.endswith("import os\nimport")
     monkeypatch.delenv("MY_KEY")
     llm_explanation("x", endpoint=base + "/v1", model="m", api_key_env="MY_KEY")
-    assert seen[-1]["auth"] is None                                  # no key set: no Authorization header
+    assert seen[-1]["auth"] is None  # no key set: no Authorization header
 
 
 def test_nla_failure_is_one_attempt_and_names_the_endpoint(server):
     base, seen, plan = server
     plan += [503, 200]
-    with pytest.raises(NLAError,
-                       match=r"warm-start endpoint http://127\.0\.0\.1:\d+/v1/chat/completions failed.*HTTP 503"):
+    with pytest.raises(
+        NLAError, match=r"warm-start endpoint http://127\.0\.0\.1:\d+/v1/chat/completions failed.*HTTP 503"
+    ):
         llm_explanation("x", endpoint=base + "/v1", model="m")
-    assert len(seen) == 1                                             # not retried (the NLA builder's behaviour)
+    assert len(seen) == 1  # not retried (the NLA builder's behaviour)
     with pytest.raises(NLAError, match="cannot reach"):
         llm_explanation("x", endpoint="http://127.0.0.1:9/v1", model="m", timeout=0.5)
 
@@ -77,7 +79,7 @@ def test_nla_failure_is_one_attempt_and_names_the_endpoint(server):
 def test_client_retries_and_url_forms(server):
     base, seen, plan = server
     plan += [500, 429]
-    c = HTTPChatClient(base, "m", backoff=0.0)                      # no /v1: the standard path is added
+    c = HTTPChatClient(base, "m", backoff=0.0)  # no /v1: the standard path is added
     assert c.call([{"role": "user", "content": "hi"}]).startswith("  The topic")
     assert [r["path"] for r in seen] == ["/v1/chat/completions"] * 3 and c.usage["retries"] == 2
     assert HTTPChatClient(base + "/v1/chat/completions", "m").url == base + "/v1/chat/completions"

@@ -51,8 +51,10 @@ def test_capture_equals_hidden_states(lm):
 
 def test_early_exit_computes_no_later_layer(lm):
     calls = [0] * lm.n_layers
-    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in
-               enumerate(lm.layers)]
+    handles = [
+        b.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, b in enumerate(lm.layers)
+    ]
     head_calls = []
     handles.append(lm.unembed.register_forward_hook(lambda *a: head_calls.append(1)))
     try:

@@ -48,16 +48,25 @@ def corpus_file(tmp_path_factory):
     rng = random.Random(0)
     words = "alpha beta gamma delta apple river stone cloud music paper".split()
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(16))})
-                              for _ in range(40)))
+    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(16))}) for _ in range(40)))
     return path
 
 
 @pytest.fixture(scope="module")
 def rows(lm, corpus_file):
-    return harvest_rows(lm, DataConfig(corpus=str(corpus_file), site="resid.1", n_rows=80, positions_per_doc=2,
-                                       max_position=70, max_explanation_tokens=60, split=(0.6, 0.2, 0.2)),
-                        progress=False)
+    return harvest_rows(
+        lm,
+        DataConfig(
+            corpus=str(corpus_file),
+            site="resid.1",
+            n_rows=80,
+            positions_per_doc=2,
+            max_position=70,
+            max_explanation_tokens=60,
+            split=(0.6, 0.2, 0.2),
+        ),
+        progress=False,
+    )
 
 
 # ----------------------------------------------------------------------------- injection
@@ -201,11 +210,11 @@ def test_fve_and_bootstrap_on_known_answers():
     gn = normalise(g)
     mu = gn.mean(0)
     assert abs(fve(mu.expand_as(g), g, renormalise=False)) < 1e-6
-    assert abs(fve(g * 3.0, g) - 1.0) < 1e-9                       # scale does not matter
+    assert abs(fve(g * 3.0, g) - 1.0) < 1e-9  # scale does not matter
     parts = fve_parts(g, g)
     assert math.isclose(parts["var"], 1 - float((mu / 4).pow(2).sum()), rel_tol=1e-6)
     # a prediction halfway to the mean: MSE = Var/4 before renormalisation; check against the formula
-    p = mu + 0.5 * (gn - mu)                                      # halfway to the mean: FVE = 1 - 1/4
+    p = mu + 0.5 * (gn - mu)  # halfway to the mean: FVE = 1 - 1/4
     assert math.isclose(fve(p, g, renormalise=False), 0.75, rel_tol=1e-5)
     mse = float((normalise(p) - gn).pow(2).mean())
     assert math.isclose(fve(p, g), 1 - mse / parts["var"], rel_tol=1e-5)
@@ -229,8 +238,8 @@ def test_paired_bootstrap_separates_close_predictions_that_separate_cis_cannot()
     ca = bootstrap_ci(a, g, groups, n_boot=300, renormalise=False)
     cb = bootstrap_ci(b, g, groups, n_boot=300, renormalise=False)
     lo, hi = bootstrap_ci(a, g, groups, n_boot=300, renormalise=False, minus=b)
-    assert fa > fb and ca[0] < cb[1]                  # the separate CIs overlap ...
-    assert 0 < lo <= fa - fb <= hi                    # ... the paired CI of the difference excludes 0
+    assert fa > fb and ca[0] < cb[1]  # the separate CIs overlap ...
+    assert 0 < lo <= fa - fb <= hi  # ... the paired CI of the difference excludes 0
     lo0, hi0 = bootstrap_ci(a, g, groups, n_boot=100, renormalise=False, minus=a)
     assert lo0 == hi0 == 0.0
 
@@ -318,8 +327,15 @@ def test_resume_equals_uninterrupted(lm, rows, tmp_path):
 def test_all_stages_run_and_save(lm, rows, tmp_path):
     d = tmp_path / "nla"
     for stage in ("ar-sft", "av-sft", "rl"):
-        r = train_stage(d, rows, TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=2, checkpoint_every=1,
-                                             val_rows=4, max_new_tokens=8), lm=lm, progress=False)
+        r = train_stage(
+            d,
+            rows,
+            TrainConfig(
+                stage=stage, steps=2, batch_size=2, eval_every=2, checkpoint_every=1, val_rows=4, max_new_tokens=8
+            ),
+            lm=lm,
+            progress=False,
+        )
         assert r["done"]
     hist = r["history"][-1]
     assert {"reward", "kl", "length", "well_formed"} <= hist.keys()
@@ -330,15 +346,20 @@ def test_all_stages_run_and_save(lm, rows, tmp_path):
     expl, rec, loss = nla.round_trip(rows.vectors[:2])
     assert len(expl) == 2 and rec.shape == (2, lm.d_model)
     cos = torch.nn.functional.cosine_similarity(rec, rows.vectors[:2].to(rec.dtype), dim=-1)
-    assert torch.allclose(loss, 2 * (1 - cos), atol=1e-5)   # the loss is the normalised 2(1 - cos), per row
+    assert torch.allclose(loss, 2 * (1 - cos), atol=1e-5)  # the loss is the normalised 2(1 - cos), per row
     with pytest.raises(NLAError, match="rl"):
         train_stage(tmp_path / "fresh", rows, TrainConfig(stage="rl", steps=1), lm=lm, progress=False)
 
 
 def _through_rl(lm, rows, d):
     for stage in ("ar-sft", "av-sft", "rl"):
-        train_stage(d, rows, TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0, checkpoint_every=1,
-                                         max_new_tokens=8), lm=lm, progress=False)
+        train_stage(
+            d,
+            rows,
+            TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0, checkpoint_every=1, max_new_tokens=8),
+            lm=lm,
+            progress=False,
+        )
 
 
 def test_ar_refit_trains_the_ar_on_the_avs_own_explanations(lm, rows, tmp_path):
@@ -348,8 +369,7 @@ def test_ar_refit_trains_the_ar_on_the_avs_own_explanations(lm, rows, tmp_path):
     _through_rl(lm, rows, d)
     rl_ar = _final_weights(d / "ar.safetensors")
     av_before = _final_weights(d / "av.safetensors")
-    tc = dict(stage="ar-refit", steps=3, batch_size=4, lr=1e-2, eval_every=3, checkpoint_every=1, warmup=1,
-              val_rows=4)
+    tc = dict(stage="ar-refit", steps=3, batch_size=4, lr=1e-2, eval_every=3, checkpoint_every=1, warmup=1, val_rows=4)
     r = train_stage(d, rows, TrainConfig(**tc), lm=lm, progress=False)
     assert r["done"] and "val_fve_round_trip" in r["history"][-1]
     # the AR it started from is kept, the AV is untouched, the final AR moved
@@ -401,8 +421,9 @@ def _nla_ddp_worker(rank, world_size, port, lm, rows, folder, stages, out):
         for tc in stages:
             r = train_stage(folder, rows, TrainConfig(**tc), lm=lm, progress=False)
         nla = r["nla"]
-        torch.save({"av": nla.av.adapter_state(), "ar": nla.ar.adapter_state(), "history": r["history"]},
-                   f"{out}.{rank}")
+        torch.save(
+            {"av": nla.av.adapter_state(), "ar": nla.ar.adapter_state(), "history": r["history"]}, f"{out}.{rank}"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -417,8 +438,9 @@ def _run_two_ranks(lm, rows, folder, stages, out):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    mp.start_processes(_nla_ddp_worker, args=(2, port, lm, rows, folder, stages, out), nprocs=2, join=True,
-                       start_method=method)
+    mp.start_processes(
+        _nla_ddp_worker, args=(2, port, lm, rows, folder, stages, out), nprocs=2, join=True, start_method=method
+    )
     return [torch.load(f"{out}.{r}") for r in range(2)]
 
 
@@ -434,10 +456,11 @@ def test_two_processes_follow_the_single_process_trajectory(lm, rows, tmp_path):
     assert moved > 0
     for rank_state in (got[0]["ar"], got[1]["ar"]):
         off = sum(float((rank_state[k] - single[k]).norm()) for k in single)
-        assert off < 0.02 * moved, (off, moved)      # each rank alone on its half would be off by ~moved
+        assert off < 0.02 * moved, (off, moved)  # each rank alone on its half would be off by ~moved
     # the losses logged are the mean over ranks, i.e. the single process's loss of the same batch
-    for a, b in zip(got[0]["history"], train_stage(tmp_path / "one", rows, TrainConfig(**tc), lm=lm,
-                                                    progress=False)["history"]):
+    for a, b in zip(
+        got[0]["history"], train_stage(tmp_path / "one", rows, TrainConfig(**tc), lm=lm, progress=False)["history"]
+    ):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-3)
 
 
@@ -445,15 +468,25 @@ def test_rl_and_refit_on_two_processes_keep_the_ranks_in_step(lm, rows, tmp_path
     d = tmp_path / "nla"
     for stage in ("ar-sft", "av-sft"):
         train_stage(d, rows, TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
-    stages = [dict(stage="rl", steps=2, batch_size=2, group_size=2, eval_every=2, val_rows=2, checkpoint_every=1,
-                   max_new_tokens=8),
-              dict(stage="ar-refit", steps=2, batch_size=4, eval_every=2, val_rows=4, checkpoint_every=1)]
+    stages = [
+        dict(
+            stage="rl",
+            steps=2,
+            batch_size=2,
+            group_size=2,
+            eval_every=2,
+            val_rows=2,
+            checkpoint_every=1,
+            max_new_tokens=8,
+        ),
+        dict(stage="ar-refit", steps=2, batch_size=4, eval_every=2, val_rows=4, checkpoint_every=1),
+    ]
     got = _run_two_ranks(lm, rows, d, stages, str(tmp_path / "w"))
     for part in ("av", "ar"):
         for k, v in got[0][part].items():
             torch.testing.assert_close(got[1][part][k], v)
     assert (d / "rl_ar.safetensors").is_file() and (d / "train_state" / "ar-refit.pt").is_file()
-    with pytest.raises(Exception, match="split evenly"):      # raised inside the ranks
+    with pytest.raises(Exception, match="split evenly"):  # raised inside the ranks
         _run_two_ranks(lm, rows, tmp_path / "odd", [dict(stage="ar-sft", steps=1, batch_size=3)], str(tmp_path / "x"))
 
 
@@ -474,8 +507,15 @@ def test_evaluate_quick_on_tiny(lm, rows, tmp_path):
     assert set(res["nla_minus_baseline"]) == set(res["baselines"])
     d = res["nla_minus_baseline"]["token_mean"]
     assert math.isclose(d["diff"], res["fve"] - res["baselines"]["token_mean"]) and d["ci"][0] <= d["ci"][1]
-    assert set(res["bar"]["beats_outside_paired_ci"]) == {"mean", "empty", "shuffled", "token_mean", "ridge_k1",
-                                                          "ridge_k4", "ridge_k16"}
+    assert set(res["bar"]["beats_outside_paired_ci"]) == {
+        "mean",
+        "empty",
+        "shuffled",
+        "token_mean",
+        "ridge_k1",
+        "ridge_k4",
+        "ridge_k16",
+    }
 
 
 def test_evaluate_compares_other_nlas_on_the_same_vectors(lm, rows, tmp_path):
@@ -518,8 +558,9 @@ def test_quick_eval_of_an_exported_nla(lm, rows, tmp_path):
     from thoughtscope.nla.recipe import export
 
     rows.save(tmp_path / "data")
-    train_stage(tmp_path / "nla", rows, TrainConfig(stage="ar-sft", steps=1, batch_size=2, eval_every=0), lm=lm,
-                progress=False)
+    train_stage(
+        tmp_path / "nla", rows, TrainConfig(stage="ar-sft", steps=1, batch_size=2, eval_every=0), lm=lm, progress=False
+    )
     export(tmp_path / "nla", tmp_path / "shipped", tmp_path / "data")
     assert (tmp_path / "shipped" / BASELINE_FILE).is_file()
     res = evaluate_nla(str(tmp_path / "shipped"), lm=lm, quick=True, n_test=8, n_boot=20, progress=False)
@@ -545,7 +586,7 @@ def test_demo_ends_with_the_shipped_nla_explaining_tokens(tmp_path):
     assert len(rows) == 3
     for r in rows:
         assert "Token:" in r["explanation"] and r["explanation"].strip()
-        assert r["fve"] > 0        # the words give back more of the activation than the mean vector does
+        assert r["fve"] > 0  # the words give back more of the activation than the mean vector does
 
 
 @pytest.mark.slow

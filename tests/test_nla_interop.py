@@ -11,8 +11,10 @@ from thoughtscope.nla import NLAError, load_nla, read_sidecar
 from thoughtscope.nla.verbalizer import pick_marker
 
 LAYER = 1
-CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,26 +34,50 @@ def released(tmp_path_factory):
     lm.tokenizer.save_pretrained(av_dir)
     template = "Describe <concept>{injection_char}</concept> briefly."
     content = template.format(injection_char=marker)
-    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
-                                           add_generation_prompt=True)
+    ids = lm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=True, add_generation_prompt=True
+    )
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     p = ids.index(marker_id)
-    tokens = {"injection_char": marker, "injection_token_id": marker_id,
-              "injection_left_neighbor_id": ids[p - 1], "injection_right_neighbor_id": ids[p + 1]}
-    (av_dir / "nla_meta.yaml").write_text(yaml.safe_dump({
-        "kind": "nla_model", "role": "av", "d_model": 32, "extraction_layer_index": LAYER, "tokens": tokens,
-        "extraction": {"injection_scale": 7.0, "mse_scale": "sqrt_d_model"},
-        "prompt_templates": {"av": template}}, allow_unicode=True))
+    tokens = {
+        "injection_char": marker,
+        "injection_token_id": marker_id,
+        "injection_left_neighbor_id": ids[p - 1],
+        "injection_right_neighbor_id": ids[p + 1],
+    }
+    (av_dir / "nla_meta.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "kind": "nla_model",
+                "role": "av",
+                "d_model": 32,
+                "extraction_layer_index": LAYER,
+                "tokens": tokens,
+                "extraction": {"injection_scale": 7.0, "mse_scale": "sqrt_d_model"},
+                "prompt_templates": {"av": template},
+            },
+            allow_unicode=True,
+        )
+    )
     ar = tiny_model("llama", d_model=32, n_layers=3, seed=1)
     ar.model.config.num_hidden_layers = LAYER + 1
     ar.model.model.layers = ar.model.model.layers[: LAYER + 1]
     ar.model.save_pretrained(ar_dir)
     lm.tokenizer.save_pretrained(ar_dir)
     save_file({"weight": torch.eye(32)}, str(ar_dir / "value_head.safetensors"))
-    (ar_dir / "nla_meta.yaml").write_text(yaml.safe_dump({
-        "kind": "nla_model", "role": "ar", "d_model": 32, "extraction_layer_index": LAYER, "tokens": tokens,
-        "extraction": {"injection_scale": None, "mse_scale": 5.65},
-        "prompt_templates": {"ar": "Summary of <text>{explanation}</text> <summary>"}}))
+    (ar_dir / "nla_meta.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "kind": "nla_model",
+                "role": "ar",
+                "d_model": 32,
+                "extraction_layer_index": LAYER,
+                "tokens": tokens,
+                "extraction": {"injection_scale": None, "mse_scale": 5.65},
+                "prompt_templates": {"ar": "Summary of <text>{explanation}</text> <summary>"},
+            }
+        )
+    )
     return lm, av_dir, ar_dir
 
 
@@ -89,8 +115,17 @@ def test_released_metadata_mismatch_is_an_error(released, tmp_path):
         load_nla(f"{av_dir},{ar_dir}", lm=shallow)
     bad = tmp_path / "bad"
     bad.mkdir()
-    (bad / "nla_meta.yaml").write_text(yaml.safe_dump({"kind": "nla_model", "role": "av", "d_model": 32,
-                                                        "extraction_layer_index": 1, "tokens": {},
-                                                        "prompt_templates": {"av": "x"}}))
+    (bad / "nla_meta.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "kind": "nla_model",
+                "role": "av",
+                "d_model": 32,
+                "extraction_layer_index": 1,
+                "tokens": {},
+                "prompt_templates": {"av": "x"},
+            }
+        )
+    )
     with pytest.raises(NLAError, match="injection_char"):
         read_sidecar(bad)

@@ -46,11 +46,14 @@ def test_scripts_code_and_layout():
 
 def test_clauses_split_outside_quotes_only():
     assert clauses('fires on "; cd", "x"; context "a"\nin German text') == [
-        'fires on "; cd", "x"', ' context "a"', "in German text"]
+        'fires on "; cd", "x"',
+        ' context "a"',
+        "in German text",
+    ]
     cues = {c.text: c for c in parse_cues('fires on "; cd"; in German or Polish text; with code; promotes "x"')}
     assert cues["; cd"].literal and cues["; cd"].main
     assert cues["german"].kind and cues["polish"].kind and cues["code"].kind
-    assert cues["german"].weight > cues["polish"].weight          # the second cue of a clause weighs less
+    assert cues["german"].weight > cues["polish"].weight  # the second cue of a clause weighs less
     assert not cues["x"].main and cues["x"].weight < cues["german"].weight
     assert is_kind("german") and not is_kind("cat")
 
@@ -62,7 +65,7 @@ def test_scorer_reads_a_kind_and_its_control_does_not():
     sc = LexicalScorer()
     s, active = sc.predict("in German text", german + other)
     assert auroc(labels, s) == 1.0 and active == [bool(y) for y in labels]
-    s, _ = sc.predict("in Cyrillic text", german + other)       # another feature's explanation: no better than chance
+    s, _ = sc.predict("in Cyrillic text", german + other)  # another feature's explanation: no better than chance
     assert auroc(labels, s) <= 0.5
 
 
@@ -83,7 +86,7 @@ def test_explainer_learns_only_from_text_that_is_never_held_out(planted):  # noq
                     assert ctx not in held
                     assert lo <= pos <= hi and pos in marks
                     assert at.random_activations(f)[ctx][pos] > 0
-        assert n_with == len(PLANTED)        # every planted letter occurs in the background text
+        assert n_with == len(PLANTED)  # every planted letter occurs in the background text
 
 
 def test_planted_letter_named_with_and_without_background_examples(planted):  # noqa: F811
@@ -111,7 +114,7 @@ def test_an_earlier_offline_version_is_replaced_without_overwrite(planted, tmp_p
     feats = sorted(PLANTED)
     explain_offline(p, tokenizer=lm.tokenizer, features=feats, config=CFG, progress=False)
     con = sqlite3.connect(str(p))
-    with con:   # as an atlas explained by the first offline version would hold them
+    with con:  # as an atlas explained by the first offline version would hold them
         con.execute("UPDATE explanations SET method='offline-tokens-v1', explanation='fires on \"zzz\"'")
     con.close()
     s = explain_offline(p, tokenizer=lm.tokenizer, features=feats, config=CFG, progress=False)
@@ -123,10 +126,11 @@ def test_an_earlier_offline_version_is_replaced_without_overwrite(planted, tmp_p
 
 def test_predicted_active_from_three_quarters_of_the_heaviest_main_cue():
     sc = LexicalScorer()
-    _, active = sc.predict('fires on "alpha", "beta", "gamma"; promotes "delta"',
-                           ["x alpha", "x beta", "beta gamma", "x delta", "nothing"])
-    assert active == [True, False, True, False, False]        # 1.0; 0.67; 0.67 + 0.5; 0.25 (promotes); 0
+    _, active = sc.predict(
+        'fires on "alpha", "beta", "gamma"; promotes "delta"', ["x alpha", "x beta", "beta gamma", "x delta", "nothing"]
+    )
+    assert active == [True, False, True, False, False]  # 1.0; 0.67; 0.67 + 0.5; 0.25 (promotes); 0
     _, active = sc.predict("legal contracts", ["a legal text", "contracts only", "neither"])
-    assert active == [True, False, False]                    # unquoted words weigh half: the rule is relative
+    assert active == [True, False, False]  # unquoted words weigh half: the rule is relative
     _, active = sc.predict('promotes "x"', ["x"])
-    assert active == [False]                                  # no main clause: never predicted active
+    assert active == [False]  # no main clause: never predicted active

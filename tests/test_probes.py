@@ -35,8 +35,13 @@ def planted(n=400, d=32, strength=2.0, seed=0, pairs=False):
 
 def ds_for(y, groups=None, pair_ids=None, entities=None):
     n = len(y)
-    return ProbeSet([f"text {i}" for i in range(n)], [int(v) for v in y], groups or [f"g{i // 2}" for i in range(n)],
-                    entities=entities, pair_ids=pair_ids)
+    return ProbeSet(
+        [f"text {i}" for i in range(n)],
+        [int(v) for v in y],
+        groups or [f"g{i // 2}" for i in range(n)],
+        entities=entities,
+        pair_ids=pair_ids,
+    )
 
 
 @pytest.mark.parametrize("method", FITTERS)
@@ -70,8 +75,11 @@ def test_no_signal_stays_near_chance_and_the_shuffle_null_agrees():
     n, d = 800, 16
     y = torch.randint(0, 2, (n,), generator=g)
     acts = {"resid.0": torch.randn(n, d, generator=g)}
-    out = sweep_arrays(acts, ds_for(y, entities=[f"e{i % 12}" for i in range(n)]),
-                       SweepConfig(fitters=("mean", "logistic"), n_random=50, n_shuffle=8, n_boot=50))
+    out = sweep_arrays(
+        acts,
+        ds_for(y, entities=[f"e{i % 12}" for i in range(n)]),
+        SweepConfig(fitters=("mean", "logistic"), n_random=50, n_shuffle=8, n_boot=50),
+    )
     for m in ("mean", "logistic"):
         r = out["results"][m]["resid.0"]
         assert abs(r["test_auroc"] - 0.5) < 0.1, r
@@ -83,9 +91,11 @@ def test_no_signal_stays_near_chance_and_the_shuffle_null_agrees():
 def test_sweep_finds_the_site_with_signal_and_reports_every_control():
     X0, y, _ = planted(n=240, strength=0.0, seed=4)
     X1, _, _ = planted(n=240, strength=2.0, seed=4)
-    out = sweep_arrays({"embed": X0, "resid.0": X0, "resid.1": X1},
-                       ds_for(y, entities=[f"e{i % 12}" for i in range(240)]),
-                       SweepConfig(fitters=("mean", "lda"), n_random=40, n_shuffle=4, n_boot=40))
+    out = sweep_arrays(
+        {"embed": X0, "resid.0": X0, "resid.1": X1},
+        ds_for(y, entities=[f"e{i % 12}" for i in range(240)]),
+        SweepConfig(fitters=("mean", "lda"), n_random=40, n_shuffle=4, n_boot=40),
+    )
     assert out["best_site"] == "resid.1" and out["best_is_selective"]
     assert out["best_auroc"] > 0.95 and out["best_selectivity"] > 0.3
     row = out["results"]["mean"]["resid.1"]
@@ -113,8 +123,10 @@ def test_logistic_matches_scikit_learn():
     g = torch.Generator().manual_seed(5)
     for n, d in ((300, 16), (80, 120)):
         X = torch.randn(n, d, generator=g, dtype=torch.float64)
-        y = ((X @ torch.randn(d, generator=g, dtype=torch.float64)) + torch.randn(n, generator=g, dtype=torch.float64)
-             > 0).long()
+        y = (
+            (X @ torch.randn(d, generator=g, dtype=torch.float64)) + torch.randn(n, generator=g, dtype=torch.float64)
+            > 0
+        ).long()
         for C in (0.05, 1.0):
             w, b = logistic_raw(X, y, C)
             ref = sk.LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(X.numpy(), y.numpy())
@@ -187,12 +199,14 @@ def test_bad_datasets_name_file_and_row(tmp_path):
 
 
 def test_csv_and_pairs_files_load(tmp_path):
-    (tmp_path / "d.csv").write_text("text,label,group,difficulty\nyes it is,1,a,easy\nno it is not,0,a,hard\n"
-                                    "sure,true,b,\nnever,false,b,\n")
+    (tmp_path / "d.csv").write_text(
+        "text,label,group,difficulty\nyes it is,1,a,easy\nno it is not,0,a,hard\nsure,true,b,\nnever,false,b,\n"
+    )
     ds = load_dataset(tmp_path / "d.csv")
     assert ds.labels == [1, 0, 1, 0] and ds.groups == ["a", "a", "b", "b"] and ds.difficulty[0] == "easy"
-    (tmp_path / "p.jsonl").write_text('{"positive": "I love it", "negative": "I hate it"}\n'
-                                      '{"positive": "great", "negative": "awful", "group": "g"}\n')
+    (tmp_path / "p.jsonl").write_text(
+        '{"positive": "I love it", "negative": "I hate it"}\n{"positive": "great", "negative": "awful", "group": "g"}\n'
+    )
     ps = load_dataset(tmp_path / "p.jsonl")
     assert ps.labels == [1, 0, 1, 0] and ps.pairs() == [(0, 1), (2, 3)] and ps.groups[2] == "g"
     ps.to_jsonl(tmp_path / "round.jsonl")
@@ -362,8 +376,13 @@ def test_monitor_thresholds_and_scores(lm, tmp_path):
     pr = fit_probe(lm, tiny_set(48), "resid.1", "mean", cache=False)
     rows = score_texts(lm, pr, ["the pink box is open", "hello"])
     assert rows[0].scores.isnan()[0] and not rows[0].scores[1:].isnan().any()
-    cal = calibrate(lm, pr, neutral=["some neutral words here", "and more text to read", "a third line"],
-                    positives=["the red box number 3 is open"], negatives=["the red box number 2 is shut"])
+    cal = calibrate(
+        lm,
+        pr,
+        neutral=["some neutral words here", "and more text to read", "a third line"],
+        positives=["the red box number 3 is open"],
+        negatives=["the red box number 2 is shut"],
+    )
     assert set(cal["thresholds"]) == {"1%", "5%"} and cal["thresholds"]["1%"] >= cal["thresholds"]["5%"]
     assert 0 <= cal["recall"]["1%"] <= 1
 
@@ -374,8 +393,9 @@ def test_erase_check_and_causal_check_run_on_a_tiny_model(lm, tmp_path):
     from thoughtscope.probes.probe import fit_probe
 
     ds = tiny_set(48)
-    res = erase_check(lm, ds, "resid.1", fitters=("mean",), loss_texts=ds.texts[:8], n_contexts=8, cache=False,
-                      reread=False)
+    res = erase_check(
+        lm, ds, "resid.1", fitters=("mean",), loss_texts=ds.texts[:8], n_contexts=8, cache=False, reread=False
+    )
     assert res["rank"] == 1 and set(res["lm_loss"]) >= {"none", "leace", "random", "delta_leace"}
     assert res["after_leace"]["mean"] <= res["before"]["mean"]
     pr = fit_probe(lm, ds, "resid.1", "mean", cache=False)
@@ -398,8 +418,13 @@ def test_weights_read_through_the_unembedding(lm):
 def test_sweep_end_to_end_on_a_tiny_model_writes_json_and_plot(lm, tmp_path):
     from thoughtscope.probes.sweep import plot, save_json, sweep
 
-    out = sweep(lm, tiny_set(48), "resid.0,resid.2", cfg=SweepConfig(fitters=("mean", "lat"), n_random=10,
-                                                                     n_shuffle=2, n_boot=10), cache=tmp_path)
+    out = sweep(
+        lm,
+        tiny_set(48),
+        "resid.0,resid.2",
+        cfg=SweepConfig(fitters=("mean", "lat"), n_random=10, n_shuffle=2, n_boot=10),
+        cache=tmp_path,
+    )
     assert out["sites"] == ["embed", "resid.0", "resid.2"]
     for key in ("best_site", "best_auroc", "best_selectivity"):
         assert key in out
@@ -459,7 +484,7 @@ def test_sweep_reports_easy_to_hard_when_the_data_has_difficulty():
     assert "easy_to_hard" not in sweep_arrays({"resid.0": X}, ds, cfg)["results"]["mean"]["resid.0"]
     ds.difficulty = ["easy" if (i // 2) % 2 else "hard" for i in range(240)]
     row = sweep_arrays({"resid.0": X}, ds, cfg)["results"]["mean"]["resid.0"]
-    assert row["easy_to_hard"] > 0.95 and row["hard_to_hard"] > 0.95     # the planted concept transfers
+    assert row["easy_to_hard"] > 0.95 and row["hard_to_hard"] > 0.95  # the planted concept transfers
 
 
 def test_chat_reads_only_the_texts_own_tokens_inside_the_template(lm):
@@ -474,7 +499,7 @@ def test_chat_reads_only_the_texts_own_tokens_inside_the_template(lm):
         chat = read_activations(lm, ds, "resid.1", ReadConfig(read="mean", chat=True))["resid.1"]
     finally:
         lm.tokenizer.chat_template = None
-    assert plain.shape == chat.shape and not torch.allclose(plain, chat)   # same tokens read, in another context
+    assert plain.shape == chat.shape and not torch.allclose(plain, chat)  # same tokens read, in another context
 
 
 def test_cli_sweep_prints_and_writes_the_suggested_site(lm, tmp_path):
@@ -487,13 +512,34 @@ def test_cli_sweep_prints_and_writes_the_suggested_site(lm, tmp_path):
     ds = tiny_set(48)
     rows = [{"text": t, "label": y, "group": g} for t, y, g in zip(ds.texts, ds.labels, ds.groups)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = CliRunner().invoke(app, ["probe", "sweep", "--data", str(tmp_path / "d.jsonl"), "--sites", "resid.0,resid.2",
-                                 "--model", str(tmp_path / "m"), "--fitters", "mean", "--n-random", "10",
-                                 "--n-shuffle", "2", "--json", str(tmp_path / "s.json"), "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "probe",
+            "sweep",
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--sites",
+            "resid.0,resid.2",
+            "--model",
+            str(tmp_path / "m"),
+            "--fitters",
+            "mean",
+            "--n-random",
+            "10",
+            "--n-shuffle",
+            "2",
+            "--json",
+            str(tmp_path / "s.json"),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads((tmp_path / "s.json").read_text())
     assert {"best_site", "best_auroc", "best_selectivity"} <= out.keys()
     assert out["best_site"] in r.output and (tmp_path / "s.png").is_file()
-    r = CliRunner().invoke(app, ["probe", "sweep", "--data", str(tmp_path / "d.jsonl"), "--sites", "resid.9",
-                                 "--model", str(tmp_path / "m")])
+    r = CliRunner().invoke(
+        app,
+        ["probe", "sweep", "--data", str(tmp_path / "d.jsonl"), "--sites", "resid.9", "--model", str(tmp_path / "m")],
+    )
     assert r.exit_code != 0

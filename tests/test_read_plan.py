@@ -9,16 +9,22 @@ from thoughtscope.corpus import Corpus, CorpusError, ReadPlan
 from thoughtscope.harvest import HarvestConfig, HarvestError
 
 
-@pytest.mark.parametrize("cls, err", [(ReadPlan, CorpusError), (HarvestConfig, HarvestError),
-                                      (AtlasConfig, AtlasError)])
-@pytest.mark.parametrize("kw, message", [
-    (dict(n_tokens=0), "n_tokens must be a positive int, got 0"),
-    (dict(ctx_len=1), "ctx_len must be an int >= 2, got 1"),
-    (dict(contexts_per_batch=2.5), "contexts_per_batch must be a positive int, got 2.5"),
-    (dict(ctx_len=16, contexts_per_batch=4, skip_tokens=100),
-     "skip_tokens must be a non-negative multiple of contexts_per_batch × ctx_len = 64, got 100"),
-    (dict(add_bos="yes"), "add_bos must be True or False, got 'yes'"),
-])
+@pytest.mark.parametrize(
+    "cls, err", [(ReadPlan, CorpusError), (HarvestConfig, HarvestError), (AtlasConfig, AtlasError)]
+)
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(n_tokens=0), "n_tokens must be a positive int, got 0"),
+        (dict(ctx_len=1), "ctx_len must be an int >= 2, got 1"),
+        (dict(contexts_per_batch=2.5), "contexts_per_batch must be a positive int, got 2.5"),
+        (
+            dict(ctx_len=16, contexts_per_batch=4, skip_tokens=100),
+            "skip_tokens must be a non-negative multiple of contexts_per_batch × ctx_len = 64, got 100",
+        ),
+        (dict(add_bos="yes"), "add_bos must be True or False, got 'yes'"),
+    ],
+)
 def test_plan_errors_name_field_value_and_expectation(cls, err, kw, message):
     with pytest.raises(err) as e:
         cls(**kw)
@@ -27,8 +33,11 @@ def test_plan_errors_name_field_value_and_expectation(cls, err, kw, message):
 
 
 def test_each_config_checks_its_own_fields():
-    with pytest.raises(HarvestError, match=r"HarvestConfig.shard_tokens must be None or a positive multiple of "
-                                           r"contexts_per_batch × ctx_len = 2048, got 1000"):
+    with pytest.raises(
+        HarvestError,
+        match=r"HarvestConfig.shard_tokens must be None or a positive multiple of "
+        r"contexts_per_batch × ctx_len = 2048, got 1000",
+    ):
         HarvestConfig(shard_tokens=1000)
     with pytest.raises(AtlasError, match="AtlasConfig.top_k must be a positive int, got 0"):
         AtlasConfig(top_k=0)
@@ -80,12 +89,21 @@ def test_cli_defaults_are_the_configs():
     cmd = typer.main.get_command(app)
     h = {p.name: p.default for p in cmd.commands["harvest"].params}
     assert (h["tokens"], h["ctx_len"], h["contexts_per_batch"], h["dtype"], h["shard_tokens"], h["skip_tokens"]) == (
-        HarvestConfig.n_tokens, HarvestConfig.ctx_len, HarvestConfig.contexts_per_batch, HarvestConfig.dtype,
-        HarvestConfig.shard_tokens, HarvestConfig.skip_tokens)
+        HarvestConfig.n_tokens,
+        HarvestConfig.ctx_len,
+        HarvestConfig.contexts_per_batch,
+        HarvestConfig.dtype,
+        HarvestConfig.shard_tokens,
+        HarvestConfig.skip_tokens,
+    )
     b = {p.name: p.default for p in cmd.commands["atlas"].commands["build"].params}
     assert (b["tokens"], b["ctx_len"], b["contexts_per_batch"], b["skip_tokens"], b["top_k"]) == (
-        AtlasConfig.n_tokens, AtlasConfig.ctx_len, AtlasConfig.contexts_per_batch, AtlasConfig.skip_tokens,
-        AtlasConfig.top_k)
+        AtlasConfig.n_tokens,
+        AtlasConfig.ctx_len,
+        AtlasConfig.contexts_per_batch,
+        AtlasConfig.skip_tokens,
+        AtlasConfig.top_k,
+    )
     opts = {o for p in cmd.commands["harvest"].params for o in p.opts}
     assert {"--contexts-per-batch", "--batch-size"} <= opts  # the old name still works
 

@@ -4,6 +4,7 @@ Training-quality tests live in test_sae_recovery.py, trainer mechanics (resume, 
 The synthetic data: rows are sparse nonnegative combinations of known unit directions, so a trained SAE's decoder
 can be scored against ground truth.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,7 @@ FAST = {"progress": False, "checkpoint_every": 0, "log_every": 50}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread beats a contended pool
+
 
 def test_normalisation_is_folded_on_save(tmp_path):
     data = make_batches(10, offset=3.0)
@@ -92,6 +94,7 @@ def test_native_and_saelens_round_trip(tmp_path, arch):
     saelens_arch = {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
     assert cfg["architecture"] == saelens_arch[arch]
     from safetensors.torch import load_file
+
     w = load_file(str(tmp_path / "sl" / "sae_weights.safetensors"))
     assert w["W_enc"].shape == (16, 48) and w["W_dec"].shape == (48, 16)
     back = S.load_sae(tmp_path / "sl")
@@ -103,16 +106,29 @@ def test_native_and_saelens_round_trip(tmp_path, arch):
 
 def test_reads_plain_saelens_jumprelu_without_b_dec_on_input(tmp_path):
     from safetensors.torch import save_file
+
     d, m = 8, 20
     g = torch.Generator().manual_seed(0)
     W_enc, W_dec = torch.randn(d, m, generator=g), torch.randn(m, d, generator=g)
     b_enc, b_dec, thr = torch.randn(m, generator=g), torch.randn(d, generator=g), torch.rand(m, generator=g)
-    (tmp_path / "cfg.json").write_text(json.dumps({
-        "architecture": "jumprelu", "d_in": d, "d_sae": m, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": False, "normalize_activations": "none",
-        "metadata": {"model_name": "gemma-2-2b", "hook_name": "blocks.12.hook_resid_post"}}))
-    save_file({"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "threshold": thr},
-              str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps(
+            {
+                "architecture": "jumprelu",
+                "d_in": d,
+                "d_sae": m,
+                "dtype": "float32",
+                "device": "cpu",
+                "apply_b_dec_to_input": False,
+                "normalize_activations": "none",
+                "metadata": {"model_name": "gemma-2-2b", "hook_name": "blocks.12.hook_resid_post"},
+            }
+        )
+    )
+    save_file(
+        {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec, "threshold": thr},
+        str(tmp_path / "sae_weights.safetensors"),
+    )
     sae = S.load_sae(tmp_path)
     x = torch.randn(10, d, generator=g)
     pre = x @ W_enc + b_enc
@@ -124,14 +140,19 @@ def test_reads_plain_saelens_jumprelu_without_b_dec_on_input(tmp_path):
 
 def test_sparsify_checkpoint(tmp_path):
     from safetensors.torch import save_file
+
     d, m, k = 8, 24, 3
     g = torch.Generator().manual_seed(1)
     ew, eb = torch.randn(m, d, generator=g), torch.randn(m, generator=g)
     W_dec, b_dec = torch.randn(m, d, generator=g), torch.randn(d, generator=g)
-    (tmp_path / "cfg.json").write_text(json.dumps({"expansion_factor": 3, "normalize_decoder": True, "num_latents": m,
-                                                  "k": k, "multi_topk": False, "d_in": d}))
-    save_file({"encoder.weight": ew, "encoder.bias": eb, "W_dec": W_dec, "b_dec": b_dec},
-              str(tmp_path / "sae.safetensors"))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps(
+            {"expansion_factor": 3, "normalize_decoder": True, "num_latents": m, "k": k, "multi_topk": False, "d_in": d}
+        )
+    )
+    save_file(
+        {"encoder.weight": ew, "encoder.bias": eb, "W_dec": W_dec, "b_dec": b_dec}, str(tmp_path / "sae.safetensors")
+    )
     sae = S.load_sae(tmp_path)
     x = torch.randn(6, d, generator=g)
     pre = torch.relu((x - b_dec) @ ew.T + eb)
@@ -153,6 +174,7 @@ def test_dictionary_learning_checkpoint(tmp_path, cls):
         sd = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": thr}
         pre = x @ W_enc + b_enc
         f = pre * (pre > thr)
+
         def dec(f):
             return f @ W_dec + b_dec
     else:
@@ -167,11 +189,19 @@ def test_dictionary_learning_checkpoint(tmp_path, cls):
             sd.update({"b_dec": bd, "k": torch.tensor(k), "threshold": torch.tensor(-1.0)})
             v, i = pre.topk(k)
             f = torch.zeros_like(pre).scatter(-1, i, v)
+
         def dec(f):
             return f @ dw.T + bd
+
     torch.save(sd, tmp_path / "ae.pt")
-    trainer = {"dict_class": cls, "activation_dim": d, "dict_size": m,
-               "k": k, "lm_name": "EleutherAI/pythia-70m-deduped", "layer": 3}
+    trainer = {
+        "dict_class": cls,
+        "activation_dim": d,
+        "dict_size": m,
+        "k": k,
+        "lm_name": "EleutherAI/pythia-70m-deduped",
+        "layer": 3,
+    }
     (tmp_path / "config.json").write_text(json.dumps({"trainer": trainer}))
     sae = S.load_sae(tmp_path)
     torch.testing.assert_close(sae.encode(x), f, rtol=1e-5, atol=1e-5)
@@ -237,6 +267,7 @@ def test_spliced_lm_loss_on_tiny_model():
     class Identity(S.TopKSAE):  # perfect reconstruction -> all loss recovered, zero KL
         def forward(self, x):
             return S.SAEOutput(x, x)
+
     ident = Identity(SAEConfig(arch="topk", d_model=32, n_features=64, k=8))
     r = S.spliced_lm_loss(lm, ident, "resid.0", [ids])
     assert abs(r["loss_recovered"] - 1) < 1e-4 and r["kl_sae"] < 1e-6

@@ -1,5 +1,6 @@
 """SAEConfig / TrainConfig validation and defaults, the architecture registry, per-architecture hooks, and the
 `sae train` command's defaults (read from the configs, so they cannot drift)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,18 +18,21 @@ ARCHS = ["relu-l1", "topk", "batchtopk", "jumprelu"]
 
 
 # ----------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("kw,field,expected", [
-    (dict(d_model=0), "d_model", "positive integer"),
-    (dict(n_features=2.5), "n_features", "positive integer"),
-    (dict(l1_warmup_frac=1.5), "l1_warmup_frac", "[0, 1]"),
-    (dict(aux_coeff=-1.0), "aux_coeff", ">= 0"),
-    (dict(dead_tokens=0), "dead_tokens", "positive number of tokens"),
-    (dict(jumprelu_init_threshold=0.0), "jumprelu_init_threshold", "> 0"),
-    (dict(l0_penalty="cubic"), "l0_penalty", "'plain' or 'tanh'"),
-    (dict(max_norm_ratio=float("nan")), "max_norm_ratio", "None or a number > 0"),
-    (dict(norm_mean=[0.0, 1.0]), "norm_mean", "576 numbers"),
-    (dict(arch="topk", k=0), "k", "1..n_features"),
-])
+@pytest.mark.parametrize(
+    "kw,field,expected",
+    [
+        (dict(d_model=0), "d_model", "positive integer"),
+        (dict(n_features=2.5), "n_features", "positive integer"),
+        (dict(l1_warmup_frac=1.5), "l1_warmup_frac", "[0, 1]"),
+        (dict(aux_coeff=-1.0), "aux_coeff", ">= 0"),
+        (dict(dead_tokens=0), "dead_tokens", "positive number of tokens"),
+        (dict(jumprelu_init_threshold=0.0), "jumprelu_init_threshold", "> 0"),
+        (dict(l0_penalty="cubic"), "l0_penalty", "'plain' or 'tanh'"),
+        (dict(max_norm_ratio=float("nan")), "max_norm_ratio", "None or a number > 0"),
+        (dict(norm_mean=[0.0, 1.0]), "norm_mean", "576 numbers"),
+        (dict(arch="topk", k=0), "k", "1..n_features"),
+    ],
+)
 def test_sae_config_errors_name_field_value_and_expectation(kw, field, expected):
     with pytest.raises(SAEError) as e:
         SAEConfig(**kw)
@@ -36,14 +40,17 @@ def test_sae_config_errors_name_field_value_and_expectation(kw, field, expected)
     assert f"SAEConfig.{field}=" in msg and repr(kw[field]) in msg and expected in msg
 
 
-@pytest.mark.parametrize("kw,field,expected", [
-    (dict(batch_size=0), "batch_size", "positive"),
-    (dict(n_tokens=-5), "n_tokens", "positive number of tokens"),
-    (dict(dtype="float8"), "dtype", "float32, bfloat16"),
-    (dict(b_dec_init="median"), "b_dec_init", "geometric_median, mean, zero"),
-    (dict(log_every=0), "log_every", "positive"),
-    (dict(adam_betas=(0.9,)), "adam_betas", "two numbers"),
-])
+@pytest.mark.parametrize(
+    "kw,field,expected",
+    [
+        (dict(batch_size=0), "batch_size", "positive"),
+        (dict(n_tokens=-5), "n_tokens", "positive number of tokens"),
+        (dict(dtype="float8"), "dtype", "float32, bfloat16"),
+        (dict(b_dec_init="median"), "b_dec_init", "geometric_median, mean, zero"),
+        (dict(log_every=0), "log_every", "positive"),
+        (dict(adam_betas=(0.9,)), "adam_betas", "two numbers"),
+    ],
+)
 def test_train_config_errors_name_field_value_and_expectation(kw, field, expected):
     with pytest.raises(SAEError) as e:
         TrainConfig(**kw)
@@ -96,8 +103,12 @@ def test_hooks_keep_the_former_per_architecture_rules():
         cfg = SAEConfig(arch=a, d_model=64, n_features=64 * 8, k=16, l1_coeff=2.5, l0_coeff=0.5)
         cls = S.sae_class(a)
         names[a], lrs[a], aux[a] = cls.run_name(cfg), cls.default_lr(cfg), cls.uses_aux
-    assert names == {"relu-l1": "relu-l1-x8-l1_2.5", "topk": "topk-x8-k16", "batchtopk": "batchtopk-x8-k16",
-                     "jumprelu": "jumprelu-x8-l0_0.5"}
+    assert names == {
+        "relu-l1": "relu-l1-x8-l1_2.5",
+        "topk": "topk-x8-k16",
+        "batchtopk": "batchtopk-x8-k16",
+        "jumprelu": "jumprelu-x8-l0_0.5",
+    }
     assert lrs["relu-l1"] == 5e-5 and all(lrs[a] == 2e-4 / (512 / 2**14) ** 0.5 for a in ARCHS[1:])
     assert aux == {"relu-l1": False, "topk": True, "batchtopk": True, "jumprelu": False}
 

@@ -4,6 +4,7 @@ gradcheck in float64 on small shapes checks each backward against finite differe
 default SAE's width (d=576, m=9216) checks the same kernels against the dense ops they replace. Every case
 runs on CPU and, when one is present, on CUDA (the kernels have separate CUDA branches).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -34,8 +35,8 @@ def _topk_pairs(B: int, m: int, k: int, g: torch.Generator, device: str) -> torc
 def _ragged_pairs(B: int, m: int, density: float, g: torch.Generator, device: str):
     """Row-major (rows, cols) of a random sparse pattern with an empty row and a latent with no pair."""
     mask = torch.rand(B, m, generator=g) < density
-    mask[1] = False            # a row without active latents
-    mask[:, 0] = False         # a latent that fires nowhere
+    mask[1] = False  # a row without active latents
+    mask[:, 0] = False  # a latent that fires nowhere
     mask[0, 1] = mask[2, 1] = True
     rows, cols = mask.nonzero(as_tuple=True)
     return rows.to(device), cols.to(device)
@@ -57,7 +58,7 @@ def test_grouping_helpers_match_dense_sums(device):
     idx = _topk_pairs(B, m, k, g, device)
     w = torch.randn(B, k, generator=g, dtype=torch.float64).to(device)
     src = torch.randn(B, d, generator=g, dtype=torch.float64).to(device)
-    ref = _dense(B, m, idx, w).T @ src                                  # out[j] = sum_b f[b, j] * src[b]
+    ref = _dense(B, m, idx, w).T @ src  # out[j] = sum_b f[b, j] * src[b]
     torch.testing.assert_close(sum_by_latent(group_by_latent(idx, m), src, w), ref)
     W = torch.randn(m, d, generator=g, dtype=torch.float64).to(device)
     torch.testing.assert_close(gather_dot(idx, src, W), (W[idx] * src[:, None, :]).sum(-1))
@@ -68,7 +69,7 @@ def test_grouping_helpers_match_dense_sums(device):
     assert torch.equal(ccol, torch.cat([ccol.new_zeros(1), torch.bincount(cols, minlength=m).cumsum(0)]))
     assert torch.equal(cols[order], cols.sort(stable=True).values) and torch.equal(rows_by_col, rows[order])
     for j in range(m):  # rows ascend within each latent (stable sort: reproducible sums)
-        seg = rows_by_col[ccol[j]:ccol[j + 1]]
+        seg = rows_by_col[ccol[j] : ccol[j + 1]]
         assert torch.equal(seg, seg.sort().values)
 
 
@@ -92,8 +93,9 @@ def test_sparse_encode_gradcheck(device, pregrouped):
     g = torch.Generator().manual_seed(2)
     B, m, d, k = 6, 11, 4, 3
     idx = _topk_pairs(B, m, k, g, device)
-    x, E, b = (torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
-               for s in ((B, d), (m, d), (m,)))
+    x, E, b = (
+        torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_() for s in ((B, d), (m, d), (m,))
+    )
     grouping = group_by_latent(idx, m) if pregrouped else None
 
     def fn(x, E, b):  # as in training: the values come from a dense no-grad GEMM, the gradient from the kernel
@@ -126,8 +128,9 @@ def test_ragged_encode_gradcheck(device):
     B, m, d = 7, 10, 4
     rows, cols = _ragged_pairs(B, m, 0.3, g, device)
     crow, order, rows_by_col, ccol = ragged_pairs(rows, cols, B, m)
-    x, E, b = (torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
-               for s in ((B, d), (m, d), (m,)))
+    x, E, b = (
+        torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_() for s in ((B, d), (m, d), (m,))
+    )
 
     def fn(x, E, b):
         vals = (x @ E.T + b)[rows, cols].detach()

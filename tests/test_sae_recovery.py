@@ -1,4 +1,5 @@
 """Training quality on synthetic data with known directions: recovery per architecture, AuxK revival."""
+
 from __future__ import annotations
 
 import pytest
@@ -69,7 +70,7 @@ def test_auxk_revives_dead_latents():
             f, _ = sae(held_out)
         revived[coeff] = int((f[:, dead] > 0).any(0).sum())
         rec[coeff] = recovery(sae)
-    assert revived[1 / 32] >= 0.35 * n_dead, revived      # a large share comes back with AuxK
-    assert revived[0.0] <= 0.05 * n_dead, revived         # almost none without
+    assert revived[1 / 32] >= 0.35 * n_dead, revived  # a large share comes back with AuxK
+    assert revived[0.0] <= 0.05 * n_dead, revived  # almost none without
     assert revived[1 / 32] >= 5 * max(1, revived[0.0]), revived
     assert rec[1 / 32] > rec[0.0] + 0.1, rec

@@ -1,4 +1,5 @@
 """Trainer mechanics: resume, DDP (2 gloo processes), real activation stores, bad input."""
+
 from __future__ import annotations
 
 import os
@@ -25,14 +26,17 @@ def _killing_source(data, kill_at):
             if i == kill_at:
                 raise _Boom()
             yield b
+
     return src
 
 
 @pytest.mark.parametrize("arch", ["topk", "relu-l1"])
 def test_resume_is_bit_identical(tmp_path, arch):
     data = make_batches(20, B=128)
-    cfgs = [SAEConfig(arch=arch, d_model=D_MODEL, n_features=128, k=4, dead_tokens=128 * 3),
-            SAEConfig(arch="batchtopk", d_model=D_MODEL, n_features=64, k=8)]
+    cfgs = [
+        SAEConfig(arch=arch, d_model=D_MODEL, n_features=128, k=4, dead_tokens=128 * 3),
+        SAEConfig(arch="batchtopk", d_model=D_MODEL, n_features=64, k=8),
+    ]
     tc = {"batch_size": 128, "steps": 20, "lr": 3e-3, "progress": False, "checkpoint_every": 5, "log_every": 5}
     ref = S.train_saes(cfgs, lambda start: iter(data[start:]), TrainConfig(checkpoint_dir=str(tmp_path / "a"), **tc))
     with pytest.raises(_Boom):
@@ -48,6 +52,7 @@ def test_resume_is_bit_identical(tmp_path, arch):
 # ----------------------------------------------------------------------------- DDP
 def _ddp_worker(rank, world, port, out, data, cfgs, tc):
     import torch.distributed as dist
+
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -72,9 +77,12 @@ def test_ddp_two_gloo_processes_match_single(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
+
     data = make_batches(12, B=128)
-    cfgs = [SAEConfig(arch="topk", d_model=D_MODEL, n_features=128, k=4, dead_tokens=128 * 3),
-            SAEConfig(arch="relu-l1", d_model=D_MODEL, n_features=64)]
+    cfgs = [
+        SAEConfig(arch="topk", d_model=D_MODEL, n_features=128, k=4, dead_tokens=128 * 3),
+        SAEConfig(arch="relu-l1", d_model=D_MODEL, n_features=64),
+    ]
     tc = TrainConfig(batch_size=128, steps=12, lr=3e-3, dtype="float64", **FAST)
     single = S.train_saes(cfgs, data, tc)
     with socket.socket() as s:
@@ -89,8 +97,9 @@ def test_ddp_two_gloo_processes_match_single(tmp_path):
     for a, sd in zip(single, got):
         assert a.W_dec.dtype == torch.float64
         for n, p in a.state_dict().items():
-            torch.testing.assert_close(sd[n], p, rtol=1e-9, atol=1e-10,
-                                       msg=lambda m, a=a, n=n: f"{a.cfg.arch} {n}: {m}")
+            torch.testing.assert_close(
+                sd[n], p, rtol=1e-9, atol=1e-10, msg=lambda m, a=a, n=n: f"{a.cfg.arch} {n}: {m}"
+            )
         moved = (a.state_dict()["W_dec"] - S.build_sae(a.cfg, seed=None).state_dict()["W_dec"]).abs().max()
         assert moved > 0  # sanity: the SAEs did train
 
@@ -108,7 +117,7 @@ def _write_store(path, n_rows: int, *, d_model: int = D_MODEL, nan_row: int | No
     meta = {"doc_id": idx // DOC_LEN, "position": idx % DOC_LEN, "token_id": (idx * 7) % 101}
     w = StoreWriter(path, model="synthetic", site="resid.0", d_model=d_model, shard_tokens=shard_tokens)
     w.add(acts[: len(acts) // 2], {k: v[: len(acts) // 2] for k, v in meta.items()})  # two adds: shards span them
-    w.add(acts[len(acts) // 2:], {k: v[len(acts) // 2:] for k, v in meta.items()})
+    w.add(acts[len(acts) // 2 :], {k: v[len(acts) // 2 :] for k, v in meta.items()})
     w.finish()
     return acts, meta
 
@@ -138,8 +147,11 @@ def test_trains_on_a_real_activation_store(tmp_path):
     assert ev["fvu"] < 0.5 and recovery(sae) > recovery(S.build_sae(cfg)) + 0.1, (ev, recovery(sae))
 
     # a sweep of two architectures over the same store (one read of the data)
-    sw = S.train_saes([cfg, SAEConfig(arch="relu-l1", d_model=D_MODEL, n_features=64)], store,
-                      TrainConfig(batch_size=128, steps=20, **FAST))
+    sw = S.train_saes(
+        [cfg, SAEConfig(arch="relu-l1", d_model=D_MODEL, n_features=64)],
+        store,
+        TrainConfig(batch_size=128, steps=20, **FAST),
+    )
     assert [s.cfg.arch for s in sw] == ["topk", "relu-l1"]
 
 
@@ -174,6 +186,7 @@ def test_nan_batch_is_named():
 def _bench_module(monkeypatch):
     """benchmarks/sae_train.py imported without leaving its TQDM_DISABLE default behind."""
     import importlib
+
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     monkeypatch.syspath_prepend(root)
     had = "TQDM_DISABLE" in os.environ
@@ -186,10 +199,11 @@ def _bench_module(monkeypatch):
 def test_benchmark_matched_l0_search_brackets_and_interpolates(monkeypatch):
     """The relu-l1 benchmark compares FVU at SAELens' L0: the search must bracket it and interpolate in log L0."""
     import math
+
     B = _bench_module(monkeypatch)
 
     def l0_of(l1):  # a steep, then flat L0(lambda) like short relu-l1 runs
-        return 3000.0 * l1 ** -4 + 20.0
+        return 3000.0 * l1**-4 + 20.0
 
     def train_at(l1):
         l0 = l0_of(l1)

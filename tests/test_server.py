@@ -49,10 +49,10 @@ def test_feature_page_shows_everything_the_atlas_has(c):
     assert r.status_code == 200
     page = r.text
     assert PLANT_LABEL in page and "detection bacc" in page and "0.9" in page
-    assert 'id="top-contexts"' in page and "background:rgba(234,88,12" in page   # heatmap of contexts
-    assert "<svg class=\"hist\"" in page and "Promotes" in page and "Nearest features" in page
+    assert 'id="top-contexts"' in page and "background:rgba(234,88,12" in page  # heatmap of contexts
+    assert '<svg class="hist"' in page and "Promotes" in page and "Nearest features" in page
     assert f'href="/steer?f={PLANT}:clamp:2' in page and f'href="/analyze?feature={PLANT}"' in page
-    assert "baseline=Talk%20about%20the%20letter%20q%20in%20words" in page          # prompt-only baseline prefilled
+    assert "baseline=Talk%20about%20the%20letter%20q%20in%20words" in page  # prompt-only baseline prefilled
     steer = c.get(f"/steer?f={PLANT}:clamp:2", headers=HTML).text
     assert f'value="Talk about {PLANT_LABEL}."' in steer
     d = c.get(f"/api/features/{PLANT}").json()
@@ -63,13 +63,19 @@ def test_feature_page_shows_everything_the_atlas_has(c):
 def test_pages_fetch_nothing_from_elsewhere(c):
     import re
 
-    for url in ("/", f"/features/{PLANT}", "/search", "/analyze?text=abc", "/steer", "/nla?text=abc&pos=1",
-                "/compare"):
+    for url in ("/", f"/features/{PLANT}", "/search", "/analyze?text=abc", "/steer", "/nla?text=abc&pos=1", "/compare"):
         page = c.get(url, headers=HTML).text
         refs = re.findall(r'(?:src|href)="([^"]+)"', page)
         assert refs and all(r.startswith(("/", "#", "javascript:")) for r in refs), (url, refs)
-    for asset in ("htmx.min.js", "htmx-ext-sse.min.js", "equalizer.js", "analyzer.js", "style.css",
-                  "LICENSE-htmx.txt", "LICENSE-htmx-ext-sse.txt"):
+    for asset in (
+        "htmx.min.js",
+        "htmx-ext-sse.min.js",
+        "equalizer.js",
+        "analyzer.js",
+        "style.css",
+        "LICENSE-htmx.txt",
+        "LICENSE-htmx-ext-sse.txt",
+    ):
         r = c.get(f"/static/{asset}")
         assert r.status_code == 200 and "cdn" not in r.text.lower()[:5000].replace("cdn.playwright", "")
 
@@ -87,8 +93,11 @@ def test_searches(c):
     assert r.status_code == 200 and f'href="/features/{PLANT}"' in r.text
     r = c.get("/api/search", params={"text": "a quiet queen"}).json()
     assert r["hits"][0]["feature"] == PLANT and r["hits"][0]["at"] == "q"
-    r = c.get("/search", params={"mode": "contrast", "prompts": "a quiet queen\nthe quest", "controls": "the sun\nrun"},
-              headers=HTML)
+    r = c.get(
+        "/search",
+        params={"mode": "contrast", "prompts": "a quiet queen\nthe quest", "controls": "the sun\nrun"},
+        headers=HTML,
+    )
     assert r.status_code == 200 and r.text.index(f"#{PLANT}<") < r.text.index("</tbody>")
     assert c.get("/search?mode=words&q=zzzzunknown", headers=HTML).status_code == 200
 
@@ -98,7 +107,7 @@ def test_analyzer_and_compare(c):
     assert r.status_code == 200 and 'id="heatmap"' in r.text and 'id="detail"' in r.text
     detail = json.loads(r.text.split('id="detail">', 1)[1].split("</script>", 1)[0])
     q = [i for i, t in enumerate(detail) if t["top"] and t["top"][0][0] == PLANT]
-    assert q and detail[q[0]]["top"][0][3] == PLANT_LABEL            # the token's features carry explanations
+    assert q and detail[q[0]]["top"][0][3] == PLANT_LABEL  # the token's features carry explanations
     assert c.get("/analyze", params={"text": "a quiet queen", "view": "error"}, headers=HTML).status_code == 200
     a = c.post("/api/analyze", json={"text": "a quiet queen", "features": [PLANT]}).json()
     assert len(a["tokens"]) == len(a["recon_error"]) and max(a["chosen"][str(PLANT)]) > 0
@@ -112,14 +121,17 @@ def test_text_from_requests_and_atlas_cannot_inject_markup(c, wb):
         old = wb.atlas.explanation(PLANT)
     wb.atlas.save_explanation(PLANT, {**old, "explanation": evil})
     try:
-        for r in (c.post("/analyze", data={"text": f"q {evil}"}, headers=HTML),
-                  c.get(f"/features/{PLANT}", headers=HTML), c.get("/search", params={"q": "alert"}, headers=HTML),
-                  c.get("/compare", params={"a": evil, "b": "q"}, headers=HTML),
-                  c.get("/features/99999", headers={**HTML, "x": evil})):
+        for r in (
+            c.post("/analyze", data={"text": f"q {evil}"}, headers=HTML),
+            c.get(f"/features/{PLANT}", headers=HTML),
+            c.get("/search", params={"q": "alert"}, headers=HTML),
+            c.get("/compare", params={"a": evil, "b": "q"}, headers=HTML),
+            c.get("/features/99999", headers={**HTML, "x": evil}),
+        ):
             assert "<script>alert" not in r.text and "<b>x</b>" not in r.text
         detail = c.post("/analyze", data={"text": "a quiet q"}, headers=HTML).text
         payload = json.loads(detail.split('id="detail">', 1)[1].split("</script>", 1)[0])
-        assert any(evil == row[3] for tok in payload for row in tok["top"])   # intact once parsed
+        assert any(evil == row[3] for tok in payload for row in tok["top"])  # intact once parsed
     finally:
         wb.atlas.save_explanation(PLANT, old)
 
@@ -165,7 +177,7 @@ def test_a_whole_preset_as_one_slider(c, wb):
 
     assert steered("&p=tilt:0") == steered("")
     assert steered("&p=tilt:2") != steered("")
-    assert steered("&p=tilt:2") == steered("&p=tilt:1&gain=2")   # gain multiplies preset sliders too
+    assert steered("&p=tilt:2") == steered("&p=tilt:1&gain=2")  # gain multiplies preset sliders too
 
 
 def test_calibration_curve_beside_the_slider_and_on_the_feature_page(c, wb):
@@ -196,7 +208,7 @@ def test_probe_scores_per_token_in_the_analyzer(wb, tmp_path):
     scores = a["probes"]["qprobe"]
     qi = a["tokens"].index("q")
     assert len(scores) == len(a["tokens"]) and scores[qi] == max(scores)
-    assert scores[qi] == pytest.approx(float(q.norm()), rel=1e-4)   # resid.1 of the identity model is the embedding
+    assert scores[qi] == pytest.approx(float(q.norm()), rel=1e-4)  # resid.1 of the identity model is the embedding
     detail = json.loads(page.split('id="detail">', 1)[1].split("</script>", 1)[0])
     assert detail[qi]["probes"] == [["qprobe", pytest.approx(scores[qi]), True]]
     assert torch.isfinite(torch.tensor(scores)).all()
@@ -218,9 +230,12 @@ def test_serve_command_refuses_an_open_host_without_token(capsys):
 
 def test_nla_view_and_token_fragment(c):
     r = c.get("/nla", params={"text": "a quiet queen", "pos": 3, "samples": 2}, headers=HTML)
-    assert r.status_code == 200 and r.text.count("class=\"pill\">FVE ") == 2
-    r = c.get("/nla", params={"text": "abc", "pos": 2, "original": "a river", "edited": "a stone", "prompt": "hi",
-                              "scale": 5}, headers=HTML)
+    assert r.status_code == 200 and r.text.count('class="pill">FVE ') == 2
+    r = c.get(
+        "/nla",
+        params={"text": "abc", "pos": 2, "original": "a river", "edited": "a stone", "prompt": "hi", "scale": 5},
+        headers=HTML,
+    )
     assert r.status_code == 200 and 'id="nla-steered"' in r.text
     r = c.get("/nla/token", params={"text": "abc", "pos": 1}, headers=HTML)
     assert r.status_code == 200 and "FVE" in r.text
@@ -229,18 +244,42 @@ def test_nla_view_and_token_fragment(c):
 # ----------------------------------------------------------------------------- bad input -> the right 4xx
 
 
-@pytest.mark.parametrize("url,status", [
-    ("/features/99999", 404), ("/features/-1", 404), ("/features/abc", 404), ("/api/features/24", 404),
-    ("/steer/load?name=nope", 404), ("/nosuchpage", 404),
-    ("/steer?f=3:boost:1", 422), ("/steer?f=3:clamp:11", 422), ("/steer?f=3:clamp:nan", 422), ("/steer?f=x:clamp", 422),
-    ("/steer?f=999:clamp:1", 422), ("/steer?v=../../etc/passwd:1", 422), ("/steer/stream?max=100000", 422),
-    ("/steer/stream?seed=-4", 422), ("/steer/stream?temp=9", 422), ("/steer/stream?gain=inf", 422),
-    ("/steer/stream?prompt=", 422), ("/steer/preset.json?name=../x", 422), ("/analyze?text=abc&feature=77", 422),
-    ("/analyze?text=abc&view=zzz", 422), ("/analyze?text=User:+hi&chat=1", 422), ("/analyze?text=abc&chat=maybe", 422),
-    ("/search?mode=nope", 422), ("/search?mode=words&q=", 422),
-    ("/compare?a=abc", 422), ("/nla?text=abc&pos=99", 422), ("/nla/token?text=abc", 422),
-    ("/api/search", 422), ("/steer?p=nope:1", 422), ("/steer?p=tilt:-1", 422), ("/steer?p=tilt", 422),
-])
+@pytest.mark.parametrize(
+    "url,status",
+    [
+        ("/features/99999", 404),
+        ("/features/-1", 404),
+        ("/features/abc", 404),
+        ("/api/features/24", 404),
+        ("/steer/load?name=nope", 404),
+        ("/nosuchpage", 404),
+        ("/steer?f=3:boost:1", 422),
+        ("/steer?f=3:clamp:11", 422),
+        ("/steer?f=3:clamp:nan", 422),
+        ("/steer?f=x:clamp", 422),
+        ("/steer?f=999:clamp:1", 422),
+        ("/steer?v=../../etc/passwd:1", 422),
+        ("/steer/stream?max=100000", 422),
+        ("/steer/stream?seed=-4", 422),
+        ("/steer/stream?temp=9", 422),
+        ("/steer/stream?gain=inf", 422),
+        ("/steer/stream?prompt=", 422),
+        ("/steer/preset.json?name=../x", 422),
+        ("/analyze?text=abc&feature=77", 422),
+        ("/analyze?text=abc&view=zzz", 422),
+        ("/analyze?text=User:+hi&chat=1", 422),
+        ("/analyze?text=abc&chat=maybe", 422),
+        ("/search?mode=nope", 422),
+        ("/search?mode=words&q=", 422),
+        ("/compare?a=abc", 422),
+        ("/nla?text=abc&pos=99", 422),
+        ("/nla/token?text=abc", 422),
+        ("/api/search", 422),
+        ("/steer?p=nope:1", 422),
+        ("/steer?p=tilt:-1", 422),
+        ("/steer?p=tilt", 422),
+    ],
+)
 def test_bad_inputs_get_the_right_status(c, url, status):
     r = c.get(url)
     assert r.status_code == status, r.text
@@ -249,36 +288,52 @@ def test_bad_inputs_get_the_right_status(c, url, status):
 
 def test_caps_on_body_text_and_tokens(wb, c):
     big = "a" * (70 * 1024)
-    assert c.post("/api/analyze", content=json.dumps({"text": big}),
-                  headers={"content-type": "application/json"}).status_code == 413
+    assert (
+        c.post(
+            "/api/analyze", content=json.dumps({"text": big}), headers={"content-type": "application/json"}
+        ).status_code
+        == 413
+    )
 
     def chunks():
         for _ in range(40):
             yield b"x" * 4096
 
-    assert c.post("/steer/preset", content=chunks()).status_code == 413   # no content-length: counted as it comes
+    assert c.post("/steer/preset", content=chunks()).status_code == 413  # no content-length: counted as it comes
     r = c.post("/api/analyze", json={"text": "a" * 9000})
     assert r.status_code == 422 and "8,000" in r.json()["error"]
     with client(wb, max_prompt_tokens=8) as small:
-        for url in ("/api/search?text=abcdefghijkl", "/steer/stream?prompt=abcdefghijklmnop",
-                    "/nla?text=abcdefghijkl&pos=1"):
+        for url in (
+            "/api/search?text=abcdefghijkl",
+            "/steer/stream?prompt=abcdefghijklmnop",
+            "/nla?text=abcdefghijkl&pos=1",
+        ):
             r = small.get(url)
             assert r.status_code == 422 and "limit is 8" in r.json()["error"], url
         assert small.post("/api/analyze", json={"text": "abcdefghijkl"}).status_code == 422
     assert c.get("/search?q=" + "a" * 20000).status_code == 414
     assert c.post("/api/analyze", json={"text": "abc", "k": 0}).status_code == 422
-    assert c.post("/analyze", json={"text": "abc"}).status_code == 415          # the page takes a form
-    assert c.post("/analyze", content=b"text=\xff\xfe", headers={"content-type": "application/x-www-form-urlencoded"}
-                  ).status_code == 422
+    assert c.post("/analyze", json={"text": "abc"}).status_code == 415  # the page takes a form
+    assert (
+        c.post(
+            "/analyze", content=b"text=\xff\xfe", headers={"content-type": "application/x-www-form-urlencoded"}
+        ).status_code
+        == 422
+    )
     assert c.post("/api/analyze", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
 
 
-@pytest.mark.parametrize("body", [b"{nope", b"[]", b'{"interventions": 3}',
-                                  b'{"interventions": [{"type": "feature", "op": "melt", "site": "resid.1"}]}',
-                                  (b'{"interventions": [{"type": "vector", "op": "add", "site": "resid.1", '
-                                   b'"vector": "/etc/passwd"}]}'),
-                                  (b'{"interventions": [{"type": "feature", "op": "scale", "site": "resid.1", '
-                                   b'"sae": "default", "feature": 3}]}')])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{nope",
+        b"[]",
+        b'{"interventions": 3}',
+        b'{"interventions": [{"type": "feature", "op": "melt", "site": "resid.1"}]}',
+        (b'{"interventions": [{"type": "vector", "op": "add", "site": "resid.1", "vector": "/etc/passwd"}]}'),
+        (b'{"interventions": [{"type": "feature", "op": "scale", "site": "resid.1", "sae": "default", "feature": 3}]}'),
+    ],
+)
 def test_malformed_presets_are_422(c, body):
     r = c.post("/steer/preset", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
@@ -290,22 +345,27 @@ def test_host_origin_token_and_no_cors(wb, c):
     assert c.get("/", headers={"origin": "http://evil.example"}).status_code == 403
     r = c.get("/", headers={"origin": "http://127.0.0.1:8765", **HTML})
     assert r.status_code == 200 and not any(k.startswith("access-control") for k in r.headers)
-    assert c.options("/api/analyze", headers={"origin": "http://evil.example",
-                                              "access-control-request-method": "POST"}).status_code == 403
+    assert (
+        c.options(
+            "/api/analyze", headers={"origin": "http://evil.example", "access-control-request-method": "POST"}
+        ).status_code
+        == 403
+    )
     with pytest.raises(ServerError, match="--token"):
         ServerConfig(host="0.0.0.0")
     with pytest.raises(ServerError, match="8 characters"):
         ServerConfig(host="0.0.0.0", token="short")
     with client(wb, host="192.0.2.7", token="s3cret-token") as t:
         assert t.get("/api/status", headers={"host": "evil.example"}).status_code == 400
-        t.headers["host"] = "192.0.2.7:8765"                         # the bound address is a fine host ...
-        assert t.get("/api/status").status_code == 401               # ... but a token is required
+        t.headers["host"] = "192.0.2.7:8765"  # the bound address is a fine host ...
+        assert t.get("/api/status").status_code == 401  # ... but a token is required
         assert t.get("/api/status", headers={"authorization": "Bearer wrong-token"}).status_code == 401
         assert t.get("/api/status", headers={"authorization": "Bearer s3cret-token"}).status_code == 200
         r = t.get("/features/3?token=s3cret-token", follow_redirects=False)
         assert r.status_code == 303 and r.headers["location"] == "/features/3"
         assert "thoughtscope_token=s3cret-token" in r.headers["set-cookie"]
-        assert t.get("/api/status", cookies={"thoughtscope_token": "s3cret-token"}).status_code == 200
+        t.cookies.set("thoughtscope_token", "s3cret-token")  # the cookie the redirect set, sent back
+        assert t.get("/api/status").status_code == 200
 
 
 def test_queue_full_answers_429_and_deadline_ends_a_stream(wb):
@@ -338,7 +398,7 @@ def test_queue_full_answers_429_and_deadline_ends_a_stream(wb):
         r = cl.get("/steer/stream?max=4")
         assert r.status_code == 429 and r.headers["retry-after"] == "2"
         assert cl.post("/api/analyze", json={"text": "abc"}).status_code == 429
-        assert cl.get("/features/3").status_code == 200                  # reading the atlas never waits
+        assert cl.get("/features/3").status_code == 200  # reading the atlas never waits
         hold.set()
         for _ in range(200):
             if not gate.full() and not gate.waiting:
@@ -400,10 +460,19 @@ def test_building_page_until_the_loader_returns(wb):
 
 def test_never_a_500_on_garbage(c):
     junk = ["", "-", "0x10", "1e999", "%00", "\u202e", "<script>", "9" * 40, "3:clamp:1:9", "::", "nan"]
-    paths = ["/features/{}", "/steer?f={}", "/steer?v={}", "/steer/stream?max={}&prompt={}",
-             "/analyze?text={}&feature={}",
-             "/search?mode=text&text={}", "/compare?a={}&b={}", "/nla?text={}&pos={}", "/steer/load?name={}",
-             "/steer/preset.json?name={}&f={}", "/features/random?seed={}"]
+    paths = [
+        "/features/{}",
+        "/steer?f={}",
+        "/steer?v={}",
+        "/steer/stream?max={}&prompt={}",
+        "/analyze?text={}&feature={}",
+        "/search?mode=text&text={}",
+        "/compare?a={}&b={}",
+        "/nla?text={}&pos={}",
+        "/steer/load?name={}",
+        "/steer/preset.json?name={}&f={}",
+        "/features/random?seed={}",
+    ]
     for p in paths:
         for j in junk:
             r = c.get(p.format(j, j), headers=HTML)

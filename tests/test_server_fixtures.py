@@ -25,8 +25,17 @@ from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas
 from thoughtscope.corpus import Corpus
 from thoughtscope.sae import save_sae
 
-ATLAS_CFG = {"n_tokens": 3000, "ctx_len": 32, "contexts_per_batch": 8, "top_k": 8, "n_bins": 5, "per_bin": 4,
-             "window_left": 6, "window_right": 3, "n_random_contexts": 8}
+ATLAS_CFG = {
+    "n_tokens": 3000,
+    "ctx_len": 32,
+    "contexts_per_batch": 8,
+    "top_k": 8,
+    "n_bins": 5,
+    "per_bin": 4,
+    "window_left": 6,
+    "window_right": 3,
+    "n_random_contexts": 8,
+}
 PLANT_LABEL = "the letter q in words like queen and quiet"
 
 
@@ -41,27 +50,88 @@ def build_tiny(root: Path, *, nla: bool = True):
         sae = planted_sae(lm)
         save_sae(sae, root / "sae")
         corpus = Corpus(str(write_corpus(root / "corpus.txt", n_docs=80)))
-        path = build_atlas(lm, sae, corpus, root / "atlas", AtlasConfig(**ATLAS_CFG), progress=False,
-                           sae_path=str(root / "sae"))
+        path = build_atlas(
+            lm, sae, corpus, root / "atlas", AtlasConfig(**ATLAS_CFG), progress=False, sae_path=str(root / "sae")
+        )
     at = Atlas.open(path)
-    at.save_explanation(PLANT, {"explanation": PLANT_LABEL, "status": "ok", "explainer": "test", "scorer": "test",
-                                "detection_bacc": 0.9, "fuzz_bacc": 0.8})
+    at.save_explanation(
+        PLANT,
+        {
+            "explanation": PLANT_LABEL,
+            "status": "ok",
+            "explainer": "test",
+            "scorer": "test",
+            "detection_bacc": 0.9,
+            "fuzz_bacc": 0.8,
+        },
+    )
     presets = root / "presets"
     presets.mkdir(exist_ok=True)
     vec = [0.0] * lm.d_model
     vec[0] = 1.0
-    (presets / "tilt.json").write_text(json.dumps({"format": "thoughtscope-preset-1", "name": "tilt", "interventions": [
-        {"type": "vector", "op": "add", "site": "resid.1", "vector": vec, "value": 0.5, "unit": "raw", "label": "tilt"},
-        {"type": "feature", "op": "clamp", "site": "resid.1", "sae": str(root / "sae"), "feature": PLANT, "value": 3.0,
-         "unit": "max", "max_act": 40.0, "label": "q"}]}))
+    (presets / "tilt.json").write_text(
+        json.dumps(
+            {
+                "format": "thoughtscope-preset-1",
+                "name": "tilt",
+                "interventions": [
+                    {
+                        "type": "vector",
+                        "op": "add",
+                        "site": "resid.1",
+                        "vector": vec,
+                        "value": 0.5,
+                        "unit": "raw",
+                        "label": "tilt",
+                    },
+                    {
+                        "type": "feature",
+                        "op": "clamp",
+                        "site": "resid.1",
+                        "sae": str(root / "sae"),
+                        "feature": PLANT,
+                        "value": 3.0,
+                        "unit": "max",
+                        "max_act": 40.0,
+                        "label": "q",
+                    },
+                ],
+            }
+        )
+    )
     # a calibration sweep as `thoughtscope steer sweep --out presets/q` writes it: q.json beside q.preset.json
     from thoughtscope.steer import Preset, PresetItem, SweepPoint, SweepResult, save_sweep
 
-    Preset("q-calibrated", [PresetItem("feature", "clamp", "resid.1", 2.0, feature=PLANT, sae=str(root / "sae"),
-                                       unit="max", max_act=40.0, range=[0.0, 4.0], suggested=2.0)]).save(
-        presets / "q.preset.json")
-    save_sweep(SweepResult([SweepPoint(s, min(1.0, s / 4), 10 + 3 * s, 0.0) for s in (0.0, 1.0, 2.0, 4.0)],
-                           SweepPoint(0.0, 0.0, 10.0, 0.0), 2.0, 2.0, "keywords", ["q"], 4, {}), presets / "q.json")
+    Preset(
+        "q-calibrated",
+        [
+            PresetItem(
+                "feature",
+                "clamp",
+                "resid.1",
+                2.0,
+                feature=PLANT,
+                sae=str(root / "sae"),
+                unit="max",
+                max_act=40.0,
+                range=[0.0, 4.0],
+                suggested=2.0,
+            )
+        ],
+    ).save(presets / "q.preset.json")
+    save_sweep(
+        SweepResult(
+            [SweepPoint(s, min(1.0, s / 4), 10 + 3 * s, 0.0) for s in (0.0, 1.0, 2.0, 4.0)],
+            SweepPoint(0.0, 0.0, 10.0, 0.0),
+            2.0,
+            2.0,
+            "keywords",
+            ["q"],
+            4,
+            {},
+        ),
+        presets / "q.json",
+    )
     wb = Workbench(lm=lm, sae=sae, sae_spec=str(root / "sae"), atlas=at)
     if nla:
         wb.nla = NLA(lm, config_for(lm, site="resid.1", injection_scale=6.0, lora_rank=4, max_new_tokens=6))

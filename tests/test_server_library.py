@@ -39,12 +39,13 @@ def test_lanes_reproduce_generate_token_for_token(lm):
     vec = torch.randn(lm.d_model) * 4
     ivs = [add_vector(vec, "resid.0")]
     cfg = GenerationConfig(max_new_tokens=12, temperature=0.8, seed=7, stop_at_eos=False)
-    out, order = _collect(stream_lanes(lm, "abc def", [Lane("steered", ivs), Lane("plain"),
-                                                      Lane("told", system="talk about cats")], cfg))
+    out, order = _collect(
+        stream_lanes(lm, "abc def", [Lane("steered", ivs), Lane("plain"), Lane("told", system="talk about cats")], cfg)
+    )
     assert order[:3] == ["steered", "plain", "told"]  # the steered lane's first token comes first
     steered = generate(lm, ["abc def"], ivs, cfg)[0]
     plain = generate(lm, ["abc def"], (), cfg)[0]
-    told = generate(lm, ["talk about cats\n\nabc def"], (), cfg)[0]   # no chat template: the instruction leads
+    told = generate(lm, ["talk about cats\n\nabc def"], (), cfg)[0]  # no chat template: the instruction leads
     assert [e.token_id for e in out["steered"]] == steered.token_ids
     assert [e.token_id for e in out["plain"]] == plain.token_ids
     assert [e.token_id for e in out["told"]] == told.token_ids
@@ -60,12 +61,13 @@ def test_lanes_validate_first_and_stop_early(lm):
     with pytest.raises(SteerError, match="context window"):
         stream_lanes(lm, "x" * 250, [Lane("a")], GenerationConfig(max_new_tokens=20))
     calls = []
+
     def stop():
         return len(calls) >= 5
 
-    for name, _ in stream_lanes(lm, "hi", [Lane("a"), Lane("b")], GenerationConfig(max_new_tokens=30,
-                                                                                   stop_at_eos=False),
-                                should_stop=stop):
+    for name, _ in stream_lanes(
+        lm, "hi", [Lane("a"), Lane("b")], GenerationConfig(max_new_tokens=30, stop_at_eos=False), should_stop=stop
+    ):
         calls.append(name)
     assert len(calls) == 5
 

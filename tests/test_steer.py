@@ -32,7 +32,7 @@ from thoughtscope.steer import (
 from thoughtscope.steer.generate import format_prompt
 
 SITE = "resid.0"
-CONST = 5          # feature whose activation is 2.5 everywhere (zero encoder row, bias 2.5)
+CONST = 5  # feature whose activation is 2.5 everywhere (zero encoder row, bias 2.5)
 CONST_VALUE = 2.5
 
 
@@ -133,8 +133,12 @@ def test_clamp_sets_feature_exactly_in_sae_encode_with_biorthogonal_rows(lm):
         x2 = site_acts(lm, ids, mask)
     f, f2 = sae.encode(x), sae.encode(x2)
     torch.testing.assert_close(f2[..., i], torch.full_like(f2[..., i], 4.25), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.cat([f2[..., :i], f2[..., i + 1:]], -1),
-                               torch.cat([f[..., :i], f[..., i + 1:]], -1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.cat([f2[..., :i], f2[..., i + 1 :]], -1),
+        torch.cat([f[..., :i], f[..., i + 1 :]], -1),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_clamp_to_current_value_changes_nothing_bit_for_bit(lm, sae):
@@ -224,7 +228,7 @@ def test_positions_in_cached_generation(lm):
     gen_only = generate(lm, prompts, [add_vector(v, SITE, positions="generated")], cfg)
     prompt_only = generate(lm, prompts, [add_vector(v, SITE, positions="prompt")], cfg)
     for b, g, p in zip(base, gen_only, prompt_only):
-        assert g.token_ids[0] == b.token_ids[0]       # first token comes from prompt columns only
+        assert g.token_ids[0] == b.token_ids[0]  # first token comes from prompt columns only
         assert g.token_ids != b.token_ids
         assert p.token_ids[0] != b.token_ids[0]
     # "generated" seen during generation equals a full forward with the vector added from the prompt end on
@@ -236,7 +240,7 @@ def test_positions_in_cached_generation(lm):
     st = Steerer(lm, [add_vector(v, SITE, positions="generated")])
     with st.active(prompt_len=P), torch.no_grad():
         full = lm.model(ids).logits[0]
-    assert full[P - 1:-1].argmax(-1).tolist()[1:] == gen_only[0].token_ids[1:]
+    assert full[P - 1 : -1].argmax(-1).tolist()[1:] == gen_only[0].token_ids[1:]
 
 
 # ----------------------------------------------------------------------------- generation
@@ -260,8 +264,9 @@ def test_seeded_sampling_and_side_by_side(lm, sae):
     a = generate(lm, ["hi", "there"], (), cfg)
     b = generate(lm, ["hi", "there"], (), cfg)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
-    c = generate(lm, ["hi", "there"], (),
-                 GenerationConfig(max_new_tokens=10, temperature=1.0, seed=8, stop_at_eos=False))
+    c = generate(
+        lm, ["hi", "there"], (), GenerationConfig(max_new_tokens=10, temperature=1.0, seed=8, stop_at_eos=False)
+    )
     assert [g.token_ids for g in a] != [g.token_ids for g in c]
     # a no-op intervention from the same seed gives the very same sample; a strong one changes it
     same = compare(lm, ["hi", "there"], [clamp(sae, CONST, CONST_VALUE)], cfg)
@@ -286,12 +291,21 @@ def test_streaming_events_add_up_to_the_text(lm):
 
 def test_chat_template_is_used_when_present():
     lm2 = tiny_model("llama", d_model=32, n_layers=1)
-    lm2.tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                                   "{% if add_generation_prompt %}<assistant>{% endif %}")
+    lm2.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     ids = format_prompt(lm2, "hey")
     assert lm2.tokenizer.decode(ids) == "<user>hey\n<assistant>"
-    out = generate(lm2, ["hey", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                 {"role": "user", "content": "c"}]], (), GenerationConfig(max_new_tokens=3))
+    out = generate(
+        lm2,
+        [
+            "hey",
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+        ],
+        (),
+        GenerationConfig(max_new_tokens=3),
+    )
     assert len(out) == 2 and "<assistant>b" in lm2.tokenizer.decode(out[1].prompt_ids)
     plain = tiny_model("llama", d_model=32, n_layers=1)
     with pytest.raises(SteerError, match="no chat template"):
@@ -305,13 +319,20 @@ def test_preset_round_trip_and_build(lm, sae, tmp_path):
     save_sae(sae, tmp_path / "sae")
     vec = torch.randn(64, generator=torch.Generator().manual_seed(2))
     SteeringVector(vec, "resid.1", "mean", lm.name, 4, typical_norm=3.0).save(tmp_path / "v.safetensors")
-    p = Preset("demo", [
-        PresetItem("feature", "clamp", SITE, 6.0, feature=3, sae="sae", label="three", range=[0.0, 10.0],
-                   suggested=6.0),
-        PresetItem("feature", "clamp", SITE, 2.0, feature=4, sae="sae", unit="max", max_act=1.5, positions="generated"),
-        PresetItem("vector", "add", "resid.1", 0.5, vector="v.safetensors", unit="norm", label="v"),
-        PresetItem("vector", "project_out", SITE, 0.0, vector=[1.0] * 64),
-    ], description="test")
+    p = Preset(
+        "demo",
+        [
+            PresetItem(
+                "feature", "clamp", SITE, 6.0, feature=3, sae="sae", label="three", range=[0.0, 10.0], suggested=6.0
+            ),
+            PresetItem(
+                "feature", "clamp", SITE, 2.0, feature=4, sae="sae", unit="max", max_act=1.5, positions="generated"
+            ),
+            PresetItem("vector", "add", "resid.1", 0.5, vector="v.safetensors", unit="norm", label="v"),
+            PresetItem("vector", "project_out", SITE, 0.0, vector=[1.0] * 64),
+        ],
+        description="test",
+    )
     path = p.save(tmp_path / "demo.json")
     q = Preset.load(path)
     assert q == p
@@ -377,8 +398,12 @@ def test_bad_inputs_fail_before_generation(lm, sae, tmp_path):
         with pytest.raises(SteerError, match="max_act"):
             FeatureEdit(sae, 3, "clamp", 2.0, unit="max")
         # presets
-        bad = {"name": "b", "interventions": [{"type": "feature", "op": "clamp", "site": SITE, "sae": "nowhere",
-                                               "feature": 3, "value": 1.0}]}
+        bad = {
+            "name": "b",
+            "interventions": [
+                {"type": "feature", "op": "clamp", "site": SITE, "sae": "nowhere", "feature": 3, "value": 1.0}
+            ],
+        }
         (tmp_path / "b.json").write_text(json.dumps(bad))
         with pytest.raises(SteerError, match=r"b\.json, intervention 0: SAE folder not found: .*nowhere"):
             Preset.load(tmp_path / "b.json").build(lm)

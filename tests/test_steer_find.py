@@ -87,10 +87,16 @@ def test_contrast_stops_ranking_features_that_fire_on_most_controls(lm):
 def test_screening_drops_a_handle_with_no_effect_before_calibration(lm, sae):
     concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ", "a Q b"], controls=["ab cd", "ef gh"])
     zero = Handle("caa", "caa:nothing", SITE, [0.1, 0.2], direction=torch.ones(64) / 8.0, typical_norm=0.0)
-    writer = Handle("feature", f"feature:{WRITER}", SITE, [2.0, 20.0], feature=WRITER, max_act=1.0,
-                    max_source="test")
-    cfg = FindConfig(n_screen=4, screen_tokens=6, max_new_tokens=8, n_calibrate=2, ppl_bound=1e30,
-                     fine_steps=(1.0, 1.2), temperature=0.0)
+    writer = Handle("feature", f"feature:{WRITER}", SITE, [2.0, 20.0], feature=WRITER, max_act=1.0, max_source="test")
+    cfg = FindConfig(
+        n_screen=4,
+        screen_tokens=6,
+        max_new_tokens=8,
+        n_calibrate=2,
+        ppl_bound=1e30,
+        fine_steps=(1.0, 1.2),
+        temperature=0.0,
+    )
     res = find_handle(lm, sae, concept, questions=QUESTIONS, config=cfg, handles=[zero, writer], progress=False)
     by_id = {h["id"]: h for h in res.handles}
     assert by_id["caa:nothing"]["status"].startswith("dropped at screening")
@@ -108,8 +114,16 @@ def test_found_preset_loads_and_reproduces_the_steered_text(lm, sae, tmp_path):
     loaded = load_sae(tmp_path / "sae")
     concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ", "a Q b"], controls=["ab cd", "ef gh"])
     writer = Handle("feature", f"feature:{WRITER}", SITE, [6.0], feature=WRITER, max_act=1.0, max_source="test")
-    cfg = FindConfig(n_screen=3, screen_tokens=5, max_new_tokens=8, n_calibrate=1, ppl_bound=1e30,
-                     fine_steps=(1.0,), temperature=0.8, seed=3)
+    cfg = FindConfig(
+        n_screen=3,
+        screen_tokens=5,
+        max_new_tokens=8,
+        n_calibrate=1,
+        ppl_bound=1e30,
+        fine_steps=(1.0,),
+        temperature=0.8,
+        seed=3,
+    )
     res = find_handle(lm, loaded, concept, questions=QUESTIONS[:3], config=cfg, handles=[writer], progress=False)
     path = save_preset(res, loaded, tmp_path / "q.json")
     preset = Preset.load(path)
@@ -122,8 +136,18 @@ def test_found_preset_loads_and_reproduces_the_steered_text(lm, sae, tmp_path):
 
 def test_caa_handles_at_several_sites_and_vector_preset_round_trip(lm, sae, tmp_path):
     concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ Q", "a Q b Q"], controls=["ab cd", "ef gh"])
-    cfg = FindConfig(n_features=0, caa_sites=["resid.0", SITE], n_screen=2, screen_tokens=4, max_new_tokens=6,
-                     n_calibrate=1, ppl_bound=1e30, vector_grid=(0.5,), fine_steps=(1.0,), temperature=0.0)
+    cfg = FindConfig(
+        n_features=0,
+        caa_sites=["resid.0", SITE],
+        n_screen=2,
+        screen_tokens=4,
+        max_new_tokens=6,
+        n_calibrate=1,
+        ppl_bound=1e30,
+        vector_grid=(0.5,),
+        fine_steps=(1.0,),
+        temperature=0.0,
+    )
     res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, progress=False)
     assert [h["id"] for h in res.handles] == ["caa:resid.0", f"caa:{SITE}"]
     # a direction that writes Q (the planted decoder row) as a CAA-kind handle: saved as a vector preset

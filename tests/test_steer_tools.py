@@ -157,8 +157,16 @@ def test_perplexity_matches_manual(lm):
 def test_sweep_on_tiny_model_with_plot_and_preset_range(lm, planted, tmp_path):
     cfg = GenerationConfig(max_new_tokens=6, temperature=0.0)
     prompts = ["hello", "what is up", "tell me"]
-    res = sweep(lm, lambda s: [clamp(planted, PLANT, s)], [0.0, 50.0], keywords=["zz", "Z"], prompts=prompts,
-                config=cfg, ppl_bound=1e9, progress=False)
+    res = sweep(
+        lm,
+        lambda s: [clamp(planted, PLANT, s)],
+        [0.0, 50.0],
+        keywords=["zz", "Z"],
+        prompts=prompts,
+        config=cfg,
+        ppl_bound=1e9,
+        progress=False,
+    )
     assert [p.strength for p in res.points] == [0.0, 50.0]
     assert res.points[0].concept_rate == res.baseline.concept_rate
     assert res.points[0].perplexity == pytest.approx(res.baseline.perplexity)
@@ -170,8 +178,9 @@ def test_sweep_on_tiny_model_with_plot_and_preset_range(lm, planted, tmp_path):
     save_sae(planted, tmp_path / "sae")
     preset = Preset("p", [PresetItem("feature", "clamp", SITE, 1.0, feature=PLANT, sae="sae")])
     preset.save(tmp_path / "p.json")
-    res2, calibrated = sweep_preset(lm, Preset.load(tmp_path / "p.json"), [0.0, 10.0], keywords=["zz"], prompts=prompts,
-                                    config=cfg, progress=False)
+    res2, calibrated = sweep_preset(
+        lm, Preset.load(tmp_path / "p.json"), [0.0, 10.0], keywords=["zz"], prompts=prompts, config=cfg, progress=False
+    )
     assert calibrated.items[0].range == [0.0, 10.0] and calibrated.items[0].suggested == res2.suggested
     with pytest.raises(SteerError, match="keyword"):
         sweep(lm, lambda s: [], [1.0], prompts=prompts)
@@ -189,14 +198,39 @@ def test_sweep_on_tiny_model_with_plot_and_preset_range(lm, planted, tmp_path):
 def test_chat_loop_commands(lm, planted, tmp_path):
     save_sae(planted, tmp_path / "sae")
     Preset("boost", [PresetItem("feature", "clamp", SITE, 3.0, feature=PLANT, sae="sae", max_act=2.0)]).save(
-        tmp_path / "boost.json")
-    lines = iter(["/show", "/set 7 8.0", "/set 999 1", "/set 7 nan", "/set 7 2x", "/show", "hello",
-                  f"/preset {tmp_path / 'boost.json'}", "/set 7 2x", "/show", "hi again", "/off", "/show",
-                  "/preset missing_preset_name", "/bogus", "/quit", "never read"])
+        tmp_path / "boost.json"
+    )
+    lines = iter(
+        [
+            "/show",
+            "/set 7 8.0",
+            "/set 999 1",
+            "/set 7 nan",
+            "/set 7 2x",
+            "/show",
+            "hello",
+            f"/preset {tmp_path / 'boost.json'}",
+            "/set 7 2x",
+            "/show",
+            "hi again",
+            "/off",
+            "/show",
+            "/preset missing_preset_name",
+            "/bogus",
+            "/quit",
+            "never read",
+        ]
+    )
     out = []
     streamed = []
-    s = chat_loop(lm, sae=planted, config=GenerationConfig(max_new_tokens=4), input_fn=lambda _: next(lines),
-                  output_fn=out.append, stream_fn=streamed.append)
+    s = chat_loop(
+        lm,
+        sae=planted,
+        config=GenerationConfig(max_new_tokens=4),
+        input_fn=lambda _: next(lines),
+        output_fn=out.append,
+        stream_fn=streamed.append,
+    )
     text = "\n".join(out)
     assert "no steering" in out[1]
     assert "feature 7 clamped to 8" in text
@@ -218,12 +252,23 @@ def test_demo_functions_run_on_tiny_model(lm, planted):
 
     c = Concept("zed", PROMPTS, CONTROLS, ["zz", "z"], evoke=["say Z", "Z Z"])
     cfg = GenerationConfig(max_new_tokens=4, temperature=0.0)
-    out = concept_demo(lm, planted, SITE, c, multiples=(0, 20), candidates=1, config=cfg, prompts=["hi", "yo"],
-                       progress=False)
+    out = concept_demo(
+        lm, planted, SITE, c, multiples=(0, 20), candidates=1, config=cfg, prompts=["hi", "yo"], progress=False
+    )
     assert out["candidates"][0]["feature"] == PLANT and "passed" in out
     json.dumps(out)
-    gen = concept_demo(lm, planted, SITE, c, multiples=(20,), candidates=1, config=cfg, prompts=["hi"],
-                       progress=False, positions="generated")
+    gen = concept_demo(
+        lm,
+        planted,
+        SITE,
+        c,
+        multiples=(20,),
+        candidates=1,
+        config=cfg,
+        prompts=["hi"],
+        progress=False,
+        positions="generated",
+    )
     assert gen["positions"] == "generated" and out["positions"] == "all"
     sup = suppression_demo(lm, planted, SITE, c, PLANT, 1.0, config=cfg)
     assert set(sup) >= {"before", "clamp", "project_out"}
@@ -238,8 +283,9 @@ def test_cli_entry_points(lm, planted, tmp_path):
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS))
     (tmp_path / "c.json").write_text(json.dumps(CONTROLS))
     assert features_contrast(lm, planted, SITE, tmp_path / "p.txt", tmp_path / "c.json", top=3)[0].feature == PLANT
-    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps({"positive": f"yes {i}", "negative": f"no {i}"})
-                                                    for i in range(3)))
+    (tmp_path / "pairs.jsonl").write_text(
+        "\n".join(json.dumps({"positive": f"yes {i}", "negative": f"no {i}"}) for i in range(3))
+    )
     v = vector_fit(lm, SITE, tmp_path / "pairs.jsonl", tmp_path / "v.safetensors", method="pca")
     assert (tmp_path / "v.safetensors").is_file() and v.n_pairs == 3
     (tmp_path / "bad.tsv").write_text("only one column\n")
@@ -258,5 +304,9 @@ def test_shipped_golden_gate_preset_and_default_steering_agree():
     from pathlib import Path
 
     item = Preset.load(Path(__file__).resolve().parent.parent / "examples" / "presets" / "golden_gate.json").items[0]
-    assert (item.feature, item.value, item.max_act, item.positions) == (d["feature"], d["multiple"], d["max_act"],
-                                                                         d.get("positions", "all"))
+    assert (item.feature, item.value, item.max_act, item.positions) == (
+        d["feature"],
+        d["multiple"],
+        d["max_act"],
+        d.get("positions", "all"),
+    )

@@ -30,8 +30,15 @@ from thoughtscope.store import (
 )
 
 D = 8
-ARGS = dict(model="tiny-llama", site="resid.1", d_model=D, dtype="float32", shard_tokens=100,
-            corpus={"spec": "synthetic", "n_docs": 20}, extra={"ctx_len": 16})
+ARGS = dict(
+    model="tiny-llama",
+    site="resid.1",
+    d_model=D,
+    dtype="float32",
+    shard_tokens=100,
+    corpus={"spec": "synthetic", "n_docs": 20},
+    extra={"ctx_len": 16},
+)
 
 
 def write_store(path, acts, meta, chunks=None, **over):
@@ -43,7 +50,7 @@ def write_store(path, acts, meta, chunks=None, **over):
     i = 0
     while s < n:
         k = sizes[i % len(sizes)]
-        w.add(acts[s:s + k], {c: v[s:s + k] for c, v in meta.items()})
+        w.add(acts[s : s + k], {c: v[s : s + k] for c, v in meta.items()})
         s += k
         i += 1
     return w.finish()
@@ -177,22 +184,27 @@ def test_shuffle_deterministic_and_seed_dependent(tagged):
     st, _, _ = tagged
 
     def order(seed, **kw):
-        return torch.cat([m["token_id"] for _, m in st.batches(50, seed=seed, buffer_tokens=300,
-                                                               exclude_bos=False, with_meta=True, **kw)])
+        return torch.cat(
+            [
+                m["token_id"]
+                for _, m in st.batches(50, seed=seed, buffer_tokens=300, exclude_bos=False, with_meta=True, **kw)
+            ]
+        )
+
     a = order(3)
     assert torch.equal(a, order(3))
     assert not torch.equal(a, order(4))
     assert sorted(order(4).tolist()) == list(range(1000))
     # buffer larger than the store: a plain full shuffle
-    big = torch.cat([m["token_id"] for _, m in st.batches(50, seed=3, buffer_tokens=10**6,
-                                                          exclude_bos=False, with_meta=True)])
+    big = torch.cat(
+        [m["token_id"] for _, m in st.batches(50, seed=3, buffer_tokens=10**6, exclude_bos=False, with_meta=True)]
+    )
     assert sorted(big.tolist()) == list(range(1000))
 
 
 def test_epochs_and_drop_last(tagged):
     st, _, _ = tagged
-    bats = list(st.batches(64, seed=0, buffer_tokens=200, epochs=2, drop_last=True, exclude_bos=False,
-                           with_meta=True))
+    bats = list(st.batches(64, seed=0, buffer_tokens=200, epochs=2, drop_last=True, exclude_bos=False, with_meta=True))
     assert all(a.shape[0] == 64 for a, _ in bats)
     per_epoch = 1000 // 64
     assert len(bats) == 2 * per_epoch
@@ -232,9 +244,11 @@ def test_max_norm_ratio_and_nonfinite_rows(tmp_path):
     stats = st.manifest["stats"]
     assert stats["nonfinite_tokens"] == 2 and stats["tokens"] == 298
     assert stats["median_l2_norm"] == pytest.approx(
-        float(torch.linalg.vector_norm(acts[torch.isfinite(acts).all(1)], dim=1).median()), rel=0.05)
-    ids = torch.cat([m["token_id"] for _, m in st.batches(
-        16, seed=0, buffer_tokens=50, max_norm_ratio=10.0, with_meta=True)]).tolist()
+        float(torch.linalg.vector_norm(acts[torch.isfinite(acts).all(1)], dim=1).median()), rel=0.05
+    )
+    ids = torch.cat(
+        [m["token_id"] for _, m in st.batches(16, seed=0, buffer_tokens=50, max_norm_ratio=10.0, with_meta=True)]
+    ).tolist()
     assert not set(big.tolist()) & set(ids)
     assert 250 in ids and 251 in ids  # NaN/Inf rows are passed on, not silently dropped
     assert len(ids) == 297
@@ -264,7 +278,7 @@ def test_batches_argument_errors(tagged):
 # --------------------------------------------------------------------------- crash safety / resume
 
 
-CHILD = textwrap.dedent('''
+CHILD = textwrap.dedent("""
     import sys, time
     from helpers import make_store_rows as make_data
     from thoughtscope.store import StoreWriter
@@ -280,7 +294,7 @@ CHILD = textwrap.dedent('''
             print("committed", done, flush=True)
         time.sleep(0.02)
     time.sleep(60)  # never finishes: the parent kills us
-''')
+""")
 
 
 def resume_and_finish(path, acts, meta):
@@ -288,7 +302,7 @@ def resume_and_finish(path, acts, meta):
     done = w.tokens_done
     assert done % ARGS["shard_tokens"] == 0 or done == acts.shape[0]  # the latter: finish() was cut short
     for s in range(done, acts.shape[0], 45):
-        w.add(acts[s:s + 45], {c: v[s:s + 45] for c, v in meta.items()})
+        w.add(acts[s : s + 45], {c: v[s : s + 45] for c, v in meta.items()})
     return done, w.finish()
 
 
@@ -301,8 +315,13 @@ def test_resume_after_sigkill(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     path = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(path), str(n)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env_with_tests_on_path())
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path), str(n)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_with_tests_on_path(),
+    )
     try:
         commits = 0
         deadline = time.time() + 60
@@ -323,7 +342,7 @@ def test_resume_after_sigkill(tmp_path):
     # the killed store reads as its committed shards, marked incomplete
     st = ActivationStore.open(path)
     assert not st.complete and st.n_tokens >= 200 and st.n_tokens % 100 == 0
-    assert torch.equal(st.tokens(), acts[:st.n_tokens])
+    assert torch.equal(st.tokens(), acts[: st.n_tokens])
     assert st.stats["median_l2_norm"] > 0  # computed on the fly for an unfinished store
     (path / ".tmp.shard_00099.acts.npy.123").write_bytes(b"junk from a dead writer")
 
@@ -358,14 +377,14 @@ def test_crash_at_any_rename_is_recoverable(tmp_path, monkeypatch, crash_at):
     monkeypatch.setattr(os, "replace", flaky)
     with pytest.raises(OSError, match="simulated crash"):
         for s in range(0, n, 60):
-            w.add(acts[s:s + 60], {c: v[s:s + 60] for c, v in meta.items()})
+            w.add(acts[s : s + 60], {c: v[s : s + 60] for c, v in meta.items()})
         w.finish()
     monkeypatch.setattr(os, "replace", real_replace)
     w.close()  # what process death does to the lock
 
     st = ActivationStore.open(path)
     assert not st.complete
-    assert torch.equal(st.tokens(), acts[:st.n_tokens])
+    assert torch.equal(st.tokens(), acts[: st.n_tokens])
     if st.n_tokens == n:  # only the final manifest was lost: adding more would break equal shards
         w2 = StoreWriter(path, **ARGS)
         with pytest.raises(StoreError, match="final"):
@@ -407,13 +426,22 @@ def test_finished_store_needs_overwrite(tmp_path):
     st = write_store(tmp_path / "s", acts[:120] * 2, {c: v[:120] for c, v in meta.items()}, overwrite=True)
     assert len(st) == 120 and st.n_shards == 2
     assert sorted(p.name for p in (tmp_path / "s").glob("shard_*.acts.npy")) == [
-        "shard_00000.acts.npy", "shard_00001.acts.npy"]
+        "shard_00000.acts.npy",
+        "shard_00001.acts.npy",
+    ]
 
 
-@pytest.mark.parametrize("field,value", [
-    ("model", "other-model"), ("site", "resid.0"), ("d_model", 16), ("dtype", "bfloat16"),
-    ("shard_tokens", 64), ("corpus", {"spec": "other"}),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("model", "other-model"),
+        ("site", "resid.0"),
+        ("d_model", 16),
+        ("dtype", "bfloat16"),
+        ("shard_tokens", 64),
+        ("corpus", {"spec": "other"}),
+    ],
+)
 def test_resume_with_different_arguments_fails(tmp_path, field, value):
     acts, meta = make_data(250, D)
     w = StoreWriter(tmp_path / "s", **ARGS)
@@ -598,20 +626,72 @@ def test_store_written_before_the_package_split_still_reads_the_same(tmp_path):
     assert torch.equal(as_bits(st.tokens()), as_bits(acts.to(torch.bfloat16)))
     # the shuffled order the old reader produced for this seed: the SAE training data order must not move
     ids = torch.cat([m["token_id"] for _, m in st.batches(8, seed=0, buffer_tokens=16, with_meta=True)])
-    assert ids.tolist() == [40, 3, 19, 46, 42, 44, 17, 4, 7, 2, 5, 45, 12, 1, 49, 9, 43, 41, 21, 15, 24, 13, 23, 11,
-                            47, 28, 30, 26, 8, 29, 18, 6, 20, 34, 38, 25, 10, 35, 37, 33, 22, 27, 36, 39, 31, 14]
+    assert ids.tolist() == [
+        40,
+        3,
+        19,
+        46,
+        42,
+        44,
+        17,
+        4,
+        7,
+        2,
+        5,
+        45,
+        12,
+        1,
+        49,
+        9,
+        43,
+        41,
+        21,
+        15,
+        24,
+        13,
+        23,
+        11,
+        47,
+        28,
+        30,
+        26,
+        8,
+        29,
+        18,
+        6,
+        20,
+        34,
+        38,
+        25,
+        10,
+        35,
+        37,
+        33,
+        22,
+        27,
+        36,
+        39,
+        31,
+        14,
+    ]
     assert st.stats["tokens"] == 46 and abs(st.stats["median_l2_norm"] - 24.53582191467285) < 1e-6
 
 
 def test_shuffle_buffer_emits_every_row_once_with_its_columns():
     from thoughtscope.store import ShuffleBuffer
 
-    buf = ShuffleBuffer(capacity=10, batch_size=4, width=2, dtype=torch.float32,
-                        generator=torch.Generator().manual_seed(0), columns={"tag": torch.int64})
+    buf = ShuffleBuffer(
+        capacity=10,
+        batch_size=4,
+        width=2,
+        dtype=torch.float32,
+        generator=torch.Generator().manual_seed(0),
+        columns={"tag": torch.int64},
+    )
     rows = torch.arange(23, dtype=torch.float32)[:, None].repeat(1, 2)
     out = []
     for s in range(0, 23, 7):  # pieces of uneven size, as shards and forward passes deliver them
-        out += list(buf.add(rows[s:s + 7], {"tag": torch.arange(s, min(s + 7, 23))}))
+        out += list(buf.add(rows[s : s + 7], {"tag": torch.arange(s, min(s + 7, 23))}))
         assert len(buf) <= 10
     out += list(buf.drain())
     assert [b.shape[0] for b, _ in out] == [4] * 5 + [3]

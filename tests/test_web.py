@@ -99,7 +99,7 @@ def page(browser):
 def test_search_then_feature_page_with_contexts_and_heatmap(site, page):
     url, _ = site
     page.goto(f"{url}/search?mode=words")
-    page.locator("input[name=q]").press_sequentially("queen", delay=30)   # htmx fetches results while typing
+    page.locator("input[name=q]").press_sequentially("queen", delay=30)  # htmx fetches results while typing
     page.wait_for_selector(f"#hits a[href='/features/{PLANT}']")
     assert "q=queen" in page.url
     page.click(f"#hits a[href='/features/{PLANT}']")
@@ -127,7 +127,7 @@ def test_slider_changes_only_the_steered_column(site, page):
     page.goto(f"{url}/steer?prompt=hello&f={PLANT}:clamp:0&seed=5&temp=0.8&max=12&baseline=talk+about+q")
     before = _generate(page)
     assert before["steered"] == before["unsteered"] and before["baseline"]
-    page.locator(".slider.feature input[type=range]").fill("95")      # log scale: position 95 = 7.9x max
+    page.locator(".slider.feature input[type=range]").fill("95")  # log scale: position 95 = 7.9x max
     assert float(page.input_value(".slider.feature .val")) > 7
     after = _generate(page)
     assert after["unsteered"] == before["unsteered"] and after["baseline"] == before["baseline"]
@@ -156,8 +156,9 @@ def test_copied_url_restores_the_mixer(site, page, browser):
     assert other.input_value(".slider.feature .op") == "add"
     assert other.input_value("input[name=gain]") == "1.5" and other.input_value("input[name=seed]") == "42"
     assert other.input_value(".slider.vector .val") == "0.75"
-    assert int(other.input_value(".slider.feature input[type=range]")) == int(page.input_value(
-        ".slider.feature input[type=range]"))
+    assert int(other.input_value(".slider.feature input[type=range]")) == int(
+        page.input_value(".slider.feature input[type=range]")
+    )
     other.context.close()
 
 
@@ -175,7 +176,7 @@ def test_analyzer_heatmap_and_token_click(site, page):
     panel = page.locator("#token-panel")
     assert f"#{PLANT}" in panel.text_content() and PLANT_LABEL in panel.text_content()
     assert "reconstruction error" in panel.text_content()
-    page.click("#nla-explain")                                      # htmx fetches the NLA's reading of the token
+    page.click("#nla-explain")  # htmx fetches the NLA's reading of the token
     page.wait_for_selector("#nla-panel .samples li")
     assert "FVE" in page.text_content("#nla-panel")
     shot(page, "analyzer")

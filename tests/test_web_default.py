@@ -14,9 +14,11 @@ from test_web import LiveServer, browser, shot  # noqa: F401  (browser is a fixt
 from thoughtscope.server import ServerConfig, create_app, load_workbench
 
 pytestmark = pytest.mark.slow
-SKY = 3448   # the shipped steering example's feature (sky: sun, moon, stars, clouds), see docs/steering.md
-TEXT = ("User: Can you help me fix this?\n\ndef mean(xs):\n    return sum(xs) / len(xs)\n\nAssistant: Sure. The "
-        "function fails on an empty list, because len(xs) is zero. The sky was clear and the stars were out.")
+SKY = 3448  # the shipped steering example's feature (sky: sun, moon, stars, clouds), see docs/steering.md
+TEXT = (
+    "User: Can you help me fix this?\n\ndef mean(xs):\n    return sum(xs) / len(xs)\n\nAssistant: Sure. The "
+    "function fails on an empty list, because len(xs) is zero. The sky was clear and the stars were out."
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +60,20 @@ def test_analyzer_click_and_nla(site, page):
     page.click("#nla-explain")
     page.wait_for_selector("#nla-panel .samples li", timeout=120_000)
     shot(page, "analyzer")
-    page.goto(f"{url}/compare?a={quote('The stars and the moon lit the night sky.')}&b="
-              f"{quote('The printer and the scanner sat on the desk.')}")
+    page.goto(
+        f"{url}/compare?a={quote('The stars and the moon lit the night sky.')}&b="
+        f"{quote('The printer and the scanner sat on the desk.')}"
+    )
     assert page.locator("#diff tbody tr").count() > 0
     shot(page, "compare")
 
 
 def test_equalizer_streams_three_columns(site, page):
     url, _ = site
-    page.goto(f"{url}/steer?prompt={quote('Tell me about your weekend.')}&f={SKY}:clamp:2&max=40&seed=16&temp=0.5"
-              f"&where=generated&baseline={quote('Talk about the sky, the sun, the moon and the stars.')}")
+    page.goto(
+        f"{url}/steer?prompt={quote('Tell me about your weekend.')}&f={SKY}:clamp:2&max=40&seed=16&temp=0.5"
+        f"&where=generated&baseline={quote('Talk about the sky, the sun, the moon and the stars.')}"
+    )
     page.click("#generate")
     page.wait_for_function("document.body.dataset.run === 'done'", timeout=180_000)
     lanes = {k: page.text_content(f"#lane-{k}") for k in ("steered", "unsteered", "baseline")}

@@ -18,8 +18,11 @@ from thoughtscope.nla import load_nla, steer_from_words
 PROMPT = "My favourite animal is the"
 ORIGINAL = 'Topic: cats, pets. Next: "cat" / "dog". Context: "My favourite animal is the". Token: the'
 EDITED = 'Topic: ocean, fish. Next: "shark" / "whale". Context: "My favourite animal is the". Token: the'
-OCEAN = re.compile(r"\b(ocean|sea|seas|fish|shark|sharks|whale|whales|dolphin|dolphins|marine|water|underwater|"
-                   r"swim|swims|coral|reef|octopus|tuna|salmon|deep|blue)\b", re.I)
+OCEAN = re.compile(
+    r"\b(ocean|sea|seas|fish|shark|sharks|whale|whales|dolphin|dolphins|marine|water|underwater|"
+    r"swim|swims|coral|reef|octopus|tuna|salmon|deep|blue)\b",
+    re.I,
+)
 
 
 def main(out: str = "examples/nla/steer_words.json") -> None:
@@ -30,11 +33,17 @@ def main(out: str = "examples/nla/steer_words.json") -> None:
         for scale in (0.0, 1.0, 4.0, 8.0):
             r = steer_from_words(nla, PROMPT, ORIGINAL, EDITED, scale=scale, max_new_tokens=16)
             text = r["steered"] if scale else r["unsteered"]
-            rows.append({"ar": which, "scale": scale, "delta_norm": round(r["delta_norm"], 2),
-                         "continuation": text, "ocean_words": len(OCEAN.findall(text))})
+            rows.append(
+                {
+                    "ar": which,
+                    "scale": scale,
+                    "delta_norm": round(r["delta_norm"], 2),
+                    "continuation": text,
+                    "ocean_words": len(OCEAN.findall(text)),
+                }
+            )
             print(f"{which:5s} x{scale:<3g} |Δ|={r['delta_norm']:.1f} ocean={rows[-1]['ocean_words']} {text!r}")
-    Path(out).write_text(json.dumps({"prompt": PROMPT, "original": ORIGINAL, "edited": EDITED,
-                                     "rows": rows}, indent=1))
+    Path(out).write_text(json.dumps({"prompt": PROMPT, "original": ORIGINAL, "edited": EDITED, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from .extract import chunk_text, html_to_text, read_maybe_gz, split_fortunes
 #: Root under which Debian files are looked up (tests point this elsewhere).
 _SYSROOT = Path("/")
 
+
 @dataclass
 class _Source:
     name: str

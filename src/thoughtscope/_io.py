@@ -37,8 +37,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, durable: bool = False,
-                 tmp_prefix: str = ".tmp-") -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, durable: bool = False, tmp_prefix: str = ".tmp-"
+) -> Path:
     """Call write(file) on a temporary file beside `path`, then rename it into place.
 
     durable=True also fsyncs the file and its folder (the activation store needs that to resume after a crash).
@@ -72,14 +73,16 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = Fal
     return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, durable: bool = False,
-                      **dumps_kwargs) -> Path:
+def atomic_write_json(
+    path: str | os.PathLike, obj: Any, *, indent: int | None = 2, durable: bool = False, **dumps_kwargs
+) -> Path:
     """JSON with a trailing newline, written atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs) + "\n", durable=durable)
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                        metadata: dict[str, str] | None = None) -> Path:
+def atomic_save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     """A safetensors file of contiguous CPU copies of `tensors`, written atomically."""
     from safetensors.torch import save
 

@@ -31,10 +31,10 @@ class TextAnalysis:
 
     token_ids: list[int]
     tokens: list[str]
-    top: list[list[tuple[int, float]]]          # per token: (feature, activation), strongest first, only > 0
-    recon_error: list[float]                    # per token: ‖x − x̂‖² / ‖x‖²
-    peaks: list[tuple[int, float, int]]         # over the text: (feature, peak activation, position of the peak)
-    excluded: list[int] = field(default_factory=list)   # positions the SAE does not read (BOS sink)
+    top: list[list[tuple[int, float]]]  # per token: (feature, activation), strongest first, only > 0
+    recon_error: list[float]  # per token: ‖x − x̂‖² / ‖x‖²
+    peaks: list[tuple[int, float, int]]  # over the text: (feature, peak activation, position of the peak)
+    excluded: list[int] = field(default_factory=list)  # positions the SAE does not read (BOS sink)
     chosen: dict[int, list[float]] = field(default_factory=dict)  # feature -> activation per token
     probe_scores: dict[str, list[float]] = field(default_factory=dict)  # probe name -> score per token
 
@@ -55,17 +55,23 @@ def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
     for i, s in enumerate(out):
         if "\ufffd" not in s:
             continue
-        j = max(0, i - 4)   # a UTF-8 character spans at most 4 bytes, so at most 4 tokens
+        j = max(0, i - 4)  # a UTF-8 character spans at most 4 bytes, so at most 4 tokens
         before = tokenizer.decode(ids[j:i]).rstrip("\ufffd")
-        upto = tokenizer.decode(ids[j:i + 1])
+        upto = tokenizer.decode(ids[j : i + 1])
         upto = upto.rstrip("\ufffd") if i + 1 < len(ids) and upto.endswith("\ufffd") else upto
         if upto.startswith(before):
-            out[i] = upto[len(before):]
+            out[i] = upto[len(before) :]
     return out
 
 
-ROLES = {"user": "user", "human": "user", "assistant": "assistant", "ai": "assistant", "bot": "assistant",
-         "system": "system"}
+ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "ai": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
 
 
 def chat_text(lm: LoadedModel, transcript: str) -> str:
@@ -115,8 +121,16 @@ def _encode_text(lm: LoadedModel, sae, text: str, max_tokens: int | None, probes
     return ids[0].tolist(), x, f, scores
 
 
-def analyze_text(lm: LoadedModel, sae, text: str, *, k: int = 8, features: Sequence[int] = (),
-                 max_tokens: int | None = None, probes: dict | None = None) -> TextAnalysis:
+def analyze_text(
+    lm: LoadedModel,
+    sae,
+    text: str,
+    *,
+    k: int = 8,
+    features: Sequence[int] = (),
+    max_tokens: int | None = None,
+    probes: dict | None = None,
+) -> TextAnalysis:
     """Per token: the k strongest features, the relative reconstruction error; `features` also get full tracks.
 
     `probes` ({name: probe}, each with `cfg.site` and `score(x)`, as thoughtscope.probes' Probe) are scored on
@@ -143,13 +157,28 @@ def analyze_text(lm: LoadedModel, sae, text: str, *, k: int = 8, features: Seque
     top = [[(b, a) for b, a in zip(ii, vv) if a > 0] for ii, vv in zip(i, v)]
     where = where.tolist()
     peaks = [(int(n), float(a), int(where[n])) for n, a in zip(pi.tolist(), pv.tolist()) if a > 0]
-    return TextAnalysis(token_ids=ids, tokens=token_texts(lm.tokenizer, ids), top=top,
-                        recon_error=[float(e) for e in err.tolist()], peaks=peaks, excluded=excluded,
-                        chosen={int(n): f[:, n].tolist() for n in features}, probe_scores=probe_scores)
+    return TextAnalysis(
+        token_ids=ids,
+        tokens=token_texts(lm.tokenizer, ids),
+        top=top,
+        recon_error=[float(e) for e in err.tolist()],
+        peaks=peaks,
+        excluded=excluded,
+        chosen={int(n): f[:, n].tolist() for n in features},
+        probe_scores=probe_scores,
+    )
 
 
-def compare_texts(lm: LoadedModel, sae, text_a: str, text_b: str, *, k: int = 20,
-                  max_act: Sequence[float] | None = None, max_tokens: int | None = None) -> list[dict]:
+def compare_texts(
+    lm: LoadedModel,
+    sae,
+    text_a: str,
+    text_b: str,
+    *,
+    k: int = 20,
+    max_act: Sequence[float] | None = None,
+    max_tokens: int | None = None,
+) -> list[dict]:
     """Features whose peak activation differs most between two texts, largest |difference| first.
 
     diff = (peak on A − peak on B) / M with M the feature's max activation (`max_act`, e.g. the atlas's, when
@@ -174,5 +203,8 @@ def compare_texts(lm: LoadedModel, sae, text_a: str, text_b: str, *, k: int = 20
     raw = (a - b).abs()
     key = diff.abs() + 1e-6 * raw / raw.max().clamp_min(1e-12)  # ties (features on one text only): larger gap first
     v, i = key.topk(min(k, diff.numel()))
-    return [{"feature": int(n), "diff": float(diff[n]), "peak_a": float(a[n]), "peak_b": float(b[n])}
-            for n, x in zip(i.tolist(), v.tolist()) if x > 0]
+    return [
+        {"feature": int(n), "diff": float(diff[n]), "peak_a": float(a[n]), "peak_b": float(b[n])}
+        for n, x in zip(i.tolist(), v.tolist())
+        if x > 0
+    ]

@@ -205,8 +205,6 @@ def _folder_files(folder: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
 
 
-
-
 # --------------------------------------------------------------------------
 # Corpus
 # --------------------------------------------------------------------------
@@ -289,7 +287,8 @@ class Corpus:
             raise CorpusNotFoundError(
                 f"the default corpus is not built: {d / 'manifest.json'} does not exist; build it once with "
                 "`bash scripts/build_corpus.sh` from the thoughtscope repository (setup.sh does), or give a file, "
-                "a folder, a .jsonl file or hf:<dataset> instead of 'default'")
+                "a folder, a .jsonl file or hf:<dataset> instead of 'default'"
+            )
         return d
 
     def _raw_documents(self) -> Iterator[str]:
@@ -395,8 +394,15 @@ class Corpus:
                 f"context of {body} tokens (ctx_len={ctx_len}, add_bos={add_bos})"
             )
 
-    def batches(self, tokenizer: Any, ctx_len: int, contexts_per_batch: int | None = None, *, add_bos: bool = True,
-                batch_size: int | None = None) -> Iterator[Context]:
+    def batches(
+        self,
+        tokenizer: Any,
+        ctx_len: int,
+        contexts_per_batch: int | None = None,
+        *,
+        add_bos: bool = True,
+        batch_size: int | None = None,
+    ) -> Iterator[Context]:
         """:meth:`contexts` stacked into ``[contexts_per_batch, ctx_len]`` tensors; the last batch may be smaller.
 
         ``batch_size`` is the old name of ``contexts_per_batch`` (deprecated: elsewhere it counts rows per step).
@@ -404,8 +410,11 @@ class Corpus:
         if batch_size is not None:
             if contexts_per_batch is not None:
                 raise CorpusError("give contexts_per_batch only (batch_size is its deprecated name)")
-            warnings.warn("Corpus.batches(batch_size=...) is deprecated; use contexts_per_batch=...",
-                          DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                "Corpus.batches(batch_size=...) is deprecated; use contexts_per_batch=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             contexts_per_batch = batch_size
         n = contexts_per_batch
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:

@@ -52,8 +52,9 @@ def _sae_stage(console: Console, lm, store) -> dict:
     from .sae import evaluate_sae, load_sae
 
     sae = load_sae("default")
-    metrics = evaluate_sae(sae, store.batches(4096, shuffle=False, exclude_bos=sae.cfg.exclude_bos,
-                                              max_norm_ratio=sae.cfg.max_norm_ratio))
+    metrics = evaluate_sae(
+        sae, store.batches(4096, shuffle=False, exclude_bos=sae.cfg.exclude_bos, max_norm_ratio=sae.cfg.max_norm_ratio)
+    )
     t = Table(title=f"default SAE: {sae.cfg.arch}, {sae.cfg.n_features} features, k={sae.cfg.k}", show_header=False)
     t.add_row("tokens (position 0 and sinks > 10× median norm excluded)", f"{metrics['n_tokens']:,}")
     t.add_row("fraction of variance unexplained (FVU)", f"{metrics['fvu']:.3f}")
@@ -77,9 +78,11 @@ def _steer_stage(console: Console, lm, out: Path, summary: dict) -> None:
 
 
 # Long enough that the explained tokens sit past position 50, where the NLA's training rows were sampled.
-NLA_DEMO_TEXT = ("The ship left the harbour at dawn. For three days the crew saw nothing but grey water and "
-                 "gulls, and the cook rationed the last of the bread. On the fourth morning the wind turned, "
-                 "the fog lifted, and by noon the captain could see the green hills of the island")
+NLA_DEMO_TEXT = (
+    "The ship left the harbour at dawn. For three days the crew saw nothing but grey water and "
+    "gulls, and the cook rationed the last of the bread. On the fourth morning the wind turned, "
+    "the fog lifted, and by noon the captain could see the green hills of the island"
+)
 
 
 def _nla_stage(console: Console, lm, out: Path, summary: dict) -> None:
@@ -90,8 +93,11 @@ def _nla_stage(console: Console, lm, out: Path, summary: dict) -> None:
     t0 = time.perf_counter()
     nla = load_nla("default", lm=lm)
     rows = explain_text(nla, NLA_DEMO_TEXT, positions=[-9, -5, -1])
-    t = Table(title=f"default NLA at {nla.cfg.site}: explanation of each token's activation, and how much of "
-                    "the activation the words give back", show_lines=True)
+    t = Table(
+        title=f"default NLA at {nla.cfg.site}: explanation of each token's activation, and how much of "
+        "the activation the words give back",
+        show_lines=True,
+    )
     t.add_column("token")
     t.add_column("explanation")
     t.add_column("round-trip FVE", justify="right")
@@ -99,8 +105,10 @@ def _nla_stage(console: Console, lm, out: Path, summary: dict) -> None:
         t.add_row(repr(r["token"]), r["explanation"].strip(), f"{r['fve']:.2f}")
     console.print(f"text: {NLA_DEMO_TEXT!r}")
     console.print(t)
-    console.print("FVE = 1 − ‖reconstruction − activation‖² / variance (0 = no better than the mean vector); "
-                  "held-out figures and baselines: `thoughtscope nla eval --model default --quick`, docs/nla.md")
+    console.print(
+        "FVE = 1 − ‖reconstruction − activation‖² / variance (0 = no better than the mean vector); "
+        "held-out figures and baselines: `thoughtscope nla eval --model default --quick`, docs/nla.md"
+    )
     summary["nla"] = {"rows": rows, "seconds": time.perf_counter() - t0}
 
 
@@ -146,8 +154,9 @@ def _print_store_summary(console: Console, lm, store, s: dict) -> None:
     t.add_row("median token norm", f"{s['median_norm']:,.1f}")
     t.add_row("median norm at position 0 (attention sink)", f"{s['position0_median_norm']:,.1f}")
     t.add_row("tokens above 10× median norm", f"{100 * s['share_above_10x_median']:.2f}%")
-    t.add_row("dropped by the default rule (position 0 + >10× median)",
-              f"{100 * s['share_dropped_by_default_rule']:.2f}%")
+    t.add_row(
+        "dropped by the default rule (position 0 + >10× median)", f"{100 * s['share_dropped_by_default_rule']:.2f}%"
+    )
     names = [repr(lm.tokenizer.decode([i])) for i in s["top_norm_tokens"]]
     t.add_row("largest-norm tokens", ", ".join(names))
     console.print(t)

@@ -4,6 +4,7 @@ Harvest and SAE training call :func:`join_process_group` themselves, so the same
 or under ``torchrun --nproc_per_node N`` (one node) / ``torchrun --nnodes M --node_rank r --rdzv_endpoint host:port``
 (several nodes) without a flag. NCCL for CUDA devices, gloo otherwise.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,5 +64,5 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
         flat /= n
         off = 0
         for g in grads:
-            g.copy_(flat[off:off + g.numel()].view_as(g))
+            g.copy_(flat[off : off + g.numel()].view_as(g))
             off += g.numel()

@@ -63,15 +63,16 @@ def _texts(name: str, texts) -> list[str]:
 
 # ----------------------------------------------------------------------------- input side
 @torch.no_grad()
-def token_features(lm: LoadedModel, sae, site: str | Site | None, texts: Sequence[str], *,
-                   contexts_per_batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def token_features(
+    lm: LoadedModel, sae, site: str | Site | None, texts: Sequence[str], *, contexts_per_batch: int = 8
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per text: (activations [T, n_features] of the kept tokens, their ids [T]); sink and pads dropped."""
     site = _site(lm, sae, site)
     texts = _texts("texts", texts)
     out = []
     dev, dt = sae.W_dec.device, sae.W_dec.dtype
     for i in range(0, len(texts), contexts_per_batch):
-        chunk = texts[i:i + contexts_per_batch]
+        chunk = texts[i : i + contexts_per_batch]
         ids, mask = lm.tokenize(chunk)
         acts = capture(lm, site, ids, mask)[site]
         for b in range(len(chunk)):
@@ -87,9 +88,18 @@ def per_text_max(lm: LoadedModel, sae, site, texts: Sequence[str]) -> torch.Tens
     return torch.stack([f.max(0).values if len(f) else torch.zeros(n) for f, _ in token_features(lm, sae, site, texts)])
 
 
-def contrast_features(lm: LoadedModel, sae, site: str | Site | None, prompts: Sequence[str], controls: Sequence[str],
-                      *, score: str = "z", top: int = 20, max_control_rate: float = 0.5,
-                      maxima: torch.Tensor | None = None) -> list[FeatureScore]:
+def contrast_features(
+    lm: LoadedModel,
+    sae,
+    site: str | Site | None,
+    prompts: Sequence[str],
+    controls: Sequence[str],
+    *,
+    score: str = "z",
+    top: int = 20,
+    max_control_rate: float = 0.5,
+    maxima: torch.Tensor | None = None,
+) -> list[FeatureScore]:
     """Features most active on `prompts` and least on `controls`, best first (scores: `SCORES`).
 
     A feature that fires on more than `max_control_rate` of the controls is not ranked: it responds to
@@ -125,8 +135,9 @@ def contrast_features(lm: LoadedModel, sae, site: str | Site | None, prompts: Se
     return [FeatureScore(i, float(s[i]), float(ma[i]), float(mc[i]), float(fa[i]), float(fc[i])) for i in order]
 
 
-def top_features_at(lm: LoadedModel, sae, site: str | Site | None, text: str, token: int | str = -1, *,
-                    top: int = 10) -> tuple[str, list[tuple[int, float]]]:
+def top_features_at(
+    lm: LoadedModel, sae, site: str | Site | None, text: str, token: int | str = -1, *, top: int = 10
+) -> tuple[str, list[tuple[int, float]]]:
     """The strongest features at one token: an index (negative from the end; BOS not counted) or a
     substring (the last token containing it). Returns (the token's text, [(feature, activation)])."""
     site = _site(lm, sae, site)
@@ -174,7 +185,7 @@ def logit_effects(lm: LoadedModel, W_dec: torch.Tensor, k: int = 10, chunk: int 
     pos_v, pos_i, neg_v, neg_i = [], [], [], []
     k = min(k, U.shape[0])
     for s in range(0, W.shape[0], chunk):
-        L = W[s:s + chunk] @ U.T
+        L = W[s : s + chunk] @ U.T
         v, i = L.topk(k, dim=1)
         pos_v.append(v), pos_i.append(i)
         v, i = L.topk(k, dim=1, largest=False)
@@ -233,8 +244,8 @@ def output_features(lm: LoadedModel, sae, token_ids: Sequence[int], *, top: int 
 # ----------------------------------------------------------------------------- the "× max" reference
 @dataclass
 class FeatureMax:
-    values: torch.Tensor   # [n_features]
-    source: str            # where the maxima come from, in words
+    values: torch.Tensor  # [n_features]
+    source: str  # where the maxima come from, in words
 
 
 def feature_max(sae, atlas=None) -> FeatureMax | None:
@@ -251,8 +262,9 @@ def feature_max(sae, atlas=None) -> FeatureMax | None:
     return None
 
 
-def feature_max_acts(lm: LoadedModel, sae, site: str | Site | None, texts: Sequence[str],
-                     features: Sequence[int] | None = None) -> torch.Tensor:
+def feature_max_acts(
+    lm: LoadedModel, sae, site: str | Site | None, texts: Sequence[str], features: Sequence[int] | None = None
+) -> torch.Tensor:
     """Each feature's max over these texts only (sink excluded): a local measurement, not the reference
     max (`feature_max`); it is often well below the corpus max."""
     m = per_text_max(lm, sae, site, texts).max(0).values
@@ -260,9 +272,17 @@ def feature_max_acts(lm: LoadedModel, sae, site: str | Site | None, texts: Seque
 
 
 @torch.no_grad()
-def measure_feature_stats(lm: LoadedModel, sae, corpus, *, n_tokens: int = 200_000, ctx_len: int = 128,
-                          contexts_per_batch: int = 16, max_norm_ratio: float | None = 10.0,
-                          progress: bool = True) -> FeatureStats:
+def measure_feature_stats(
+    lm: LoadedModel,
+    sae,
+    corpus,
+    *,
+    n_tokens: int = 200_000,
+    ctx_len: int = 128,
+    contexts_per_batch: int = 16,
+    max_norm_ratio: float | None = 10.0,
+    progress: bool = True,
+) -> FeatureStats:
     """Max activation and firing frequency of every feature over `n_tokens` of a corpus.
 
     Tokens follow the SAE training rule: position 0 dropped, and (with `max_norm_ratio`) tokens whose
@@ -291,5 +311,9 @@ def measure_feature_stats(lm: LoadedModel, sae, corpus, *, n_tokens: int = 200_0
     if seen == 0:
         raise FeatureError(f"the corpus {corpus} gave no tokens")
     src = getattr(corpus, "spec", None) or str(corpus)
-    return FeatureStats(mx, fires / seen, f"corpus {src} at {site} (ctx {ctx_len}, sink and >{max_norm_ratio}x "
-                                          f"median-norm tokens excluded)", seen)
+    return FeatureStats(
+        mx,
+        fires / seen,
+        f"corpus {src} at {site} (ctx {ctx_len}, sink and >{max_norm_ratio}x median-norm tokens excluded)",
+        seen,
+    )

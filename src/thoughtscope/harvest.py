@@ -38,9 +38,17 @@ def store_paths(out: Path, sites: Sequence[Site]) -> dict[Site, Path]:
     return {s: out / str(s) for s in sites}
 
 
-def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig | None = None, *,
-            progress: bool = True, overwrite: bool = False,
-            on_shard: Callable[[int], None] | None = None) -> dict[Site, ActivationStore]:
+def harvest(
+    lm: LoadedModel,
+    corpus: Corpus,
+    sites,
+    out,
+    config: HarvestConfig | None = None,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    on_shard: Callable[[int], None] | None = None,
+) -> dict[Site, ActivationStore]:
     """Harvest activations at `sites` for the first `n_tokens` tokens of `corpus` into stores under `out`.
 
     Re-running the same command resumes an interrupted harvest, or returns a finished one unchanged.
@@ -81,8 +89,13 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
     if finished is not None:
         return finished
 
-    bar = ProgressBar(f"harvest {', '.join(map(str, site_list))}" + (f" on {world} processes" if world > 1 else ""),
-                      cfg.n_tokens, start=done, unit="tok", enabled=progress and rank == 0)
+    bar = ProgressBar(
+        f"harvest {', '.join(map(str, site_list))}" + (f" on {world} processes" if world > 1 else ""),
+        cfg.n_tokens,
+        start=done,
+        unit="tok",
+        enabled=progress and rank == 0,
+    )
     planned = tokens = done
     pending: list = []  # this round's forward batches, one per rank, in corpus order
     try:
@@ -116,12 +129,26 @@ def harvest(lm: LoadedModel, corpus: Corpus, sites, out, config: HarvestConfig |
 def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out) -> dict[Site, StoreWriter]:
     # ctx_len and contexts per forward pass decide the batches, so a resume must use the same ones (the manifest
     # has called the latter "batch_size" since format version 1; the key stays so old stores resume and compare).
-    extra = {"ctx_len": cfg.ctx_len, "batch_size": cfg.contexts_per_batch, "add_bos": cfg.add_bos,
-             "skip_tokens": cfg.skip_tokens, "model_source": lm.source}
+    extra = {
+        "ctx_len": cfg.ctx_len,
+        "batch_size": cfg.contexts_per_batch,
+        "add_bos": cfg.add_bos,
+        "skip_tokens": cfg.skip_tokens,
+        "model_source": lm.source,
+    }
     description = corpus.describe()
     writers = {
-        s: StoreWriter(p, model=lm.name, site=str(s), d_model=lm.d_model, dtype=cfg.dtype,
-                       shard_tokens=shard_tokens, corpus=description, extra=extra, overwrite=overwrite)
+        s: StoreWriter(
+            p,
+            model=lm.name,
+            site=str(s),
+            d_model=lm.d_model,
+            dtype=cfg.dtype,
+            shard_tokens=shard_tokens,
+            corpus=description,
+            extra=extra,
+            overwrite=overwrite,
+        )
         for s, p in paths.items()
     }
     done = min(w.tokens_done for w in writers.values())
@@ -129,7 +156,9 @@ def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out) -> dict[
         for w in writers.values():
             w.close()
         raise HarvestError(
-            "the stores under " + str(out) + " were left at different points ("
+            "the stores under "
+            + str(out)
+            + " were left at different points ("
             + ", ".join(f"{s}: {w.tokens_done}" for s, w in writers.items())
             + " tokens); remove them or harvest each site separately"
         )
@@ -149,13 +178,15 @@ def _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on
         buf = torch.zeros(len(site_list), cfg.contexts_per_batch, cfg.ctx_len, d, dtype=store_dtype, device=lm.device)
         if acts is not None:
             for i, s in enumerate(site_list):
-                buf[i, :acts[s].shape[0]] = acts[s].to(store_dtype)
+                buf[i, : acts[s].shape[0]] = acts[s].to(store_dtype)
         gathered = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
         dist.gather(buf, gathered, dst=0)
         per_batch = None
         if rank == 0:
-            per_batch = [{s: gathered[j][i, :batch.input_ids.shape[0]].reshape(-1, d).cpu()
-                          for i, s in enumerate(site_list)} for j, (batch, _) in enumerate(pending)]
+            per_batch = [
+                {s: gathered[j][i, : batch.input_ids.shape[0]].reshape(-1, d).cpu() for i, s in enumerate(site_list)}
+                for j, (batch, _) in enumerate(pending)
+            ]
     for (batch, take), rows in zip(pending, per_batch or []):
         ids = batch.input_ids
         meta = {
@@ -186,13 +217,24 @@ def _finished_stores(paths: dict[Site, Path], n_tokens: int) -> dict[Site, Activ
         if st.extra.get("n_tokens_requested") != n_tokens:
             raise StoreError(
                 f"{st.path} already holds a finished harvest of {st.extra.get('n_tokens_requested')} tokens; "
-                f"pass overwrite=True to replace it with {n_tokens} tokens, or choose another output folder")
+                f"pass overwrite=True to replace it with {n_tokens} tokens, or choose another output folder"
+            )
     return out
 
 
-def stream_activations(lm: LoadedModel, corpus: Corpus, site, *, n_tokens: int, batch_size: int = 4096,
-                       ctx_len: int = 128, contexts_per_batch: int = 16, exclude_bos: bool = True,
-                       buffer_tokens: int = 65_536, seed: int = 0):
+def stream_activations(
+    lm: LoadedModel,
+    corpus: Corpus,
+    site,
+    *,
+    n_tokens: int,
+    batch_size: int = 4096,
+    ctx_len: int = 128,
+    contexts_per_batch: int = 16,
+    exclude_bos: bool = True,
+    buffer_tokens: int = 65_536,
+    seed: int = 0,
+):
     """A deterministic source of shuffled [batch_size, d] activation batches computed on the fly.
 
     ``batch_size`` counts rows (one optimiser step), ``contexts_per_batch`` contexts per forward pass.

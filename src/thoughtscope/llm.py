@@ -13,9 +13,20 @@ Failures raise `LLMError` (a `ThoughtscopeError`) whose message names the URL an
 
 from __future__ import annotations
 
-__all__ = ["ENV_KEY", "ENV_MODEL", "ENV_SCORER_MODEL", "ENV_SCORER_URL", "ENV_URL", "HTTPChatClient", "LLMError",
-           "LocalChatClient", "MalformedAnswer", "client_from_env"]
+__all__ = [
+    "ENV_KEY",
+    "ENV_MODEL",
+    "ENV_SCORER_MODEL",
+    "ENV_SCORER_URL",
+    "ENV_URL",
+    "HTTPChatClient",
+    "LLMError",
+    "LocalChatClient",
+    "MalformedAnswer",
+    "client_from_env",
+]
 
+import contextlib
 import json
 import os
 import time
@@ -48,12 +59,23 @@ class MalformedAnswer(ValueError):
 class HTTPChatClient:
     """Minimal OpenAI-compatible chat client over urllib, safe to call from several threads."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout: float = 60.0,
-                 max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         if not base_url:
-            raise LLMError(f"no endpoint URL (got {base_url!r}): give the base URL of an OpenAI-compatible server, "
-                           f"e.g. http://127.0.0.1:8080/v1 for a llama.cpp server")
+            raise LLMError(
+                f"no endpoint URL (got {base_url!r}): give the base URL of an OpenAI-compatible server, "
+                f"e.g. http://127.0.0.1:8080/v1 for a llama.cpp server"
+            )
         self.base_url = base_url.rstrip("/")
         if self.base_url.endswith("/chat/completions"):
             self.url = self.base_url
@@ -82,13 +104,19 @@ class HTTPChatClient:
         except json.JSONDecodeError as e:
             raise MalformedAnswer(f"response is not JSON ({e.msg}): {body[:200]!r}") from None
 
-    def call(self, messages: list[dict], *, max_tokens: int = 200, temperature: float = 0.0,
-             parse: Callable[[str], Any] | None = None) -> Any:
+    def call(
+        self,
+        messages: list[dict],
+        *,
+        max_tokens: int = 200,
+        temperature: float = 0.0,
+        parse: Callable[[str], Any] | None = None,
+    ) -> Any:
         """POST a chat request; retry transient failures (and answers `parse` rejects) with back-off."""
         payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
         last = ""
         for attempt in range(self.max_retries + 1):
-            wait = min(self.max_backoff, self.backoff * (2 ** attempt))
+            wait = min(self.max_backoff, self.backoff * (2**attempt))
             try:
                 self.usage["requests"] += 1
                 out = self._post(payload)
@@ -109,10 +137,8 @@ class HTTPChatClient:
                     raise LLMError(last + " (not retried: fix the request, model name or key)") from None
                 ra = e.headers.get("Retry-After") if e.headers else None
                 if ra:
-                    try:
+                    with contextlib.suppress(ValueError):  # a date instead of seconds: keep our own backoff
                         wait = min(self.max_backoff, max(wait, float(ra)))
-                    except ValueError:
-                        pass
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 reason = getattr(e, "reason", e)
                 last = f"cannot reach {self.url}: {type(reason).__name__}: {reason}"
@@ -158,19 +184,30 @@ class LocalChatClient:
         else:  # tiny test models have no template: a plain transcript
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
             ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
-        ids = ids[:, -self.max_context + 64:]
+        ids = ids[:, -self.max_context + 64 :]
         return ids.to(self.lm.device)
 
-    def call(self, messages: list[dict], *, max_tokens: int = 200, temperature: float = 0.0,
-             parse: Callable[[str], Any] | None = None) -> Any:
+    def call(
+        self,
+        messages: list[dict],
+        *,
+        max_tokens: int = 200,
+        temperature: float = 0.0,
+        parse: Callable[[str], Any] | None = None,
+    ) -> Any:
         import torch
 
         ids = self._prompt_ids(messages)
         tok = self.lm.tokenizer
         with torch.no_grad():
-            out = self.lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                         do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        new = out[0, ids.shape[1]:]
+            out = self.lm.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id or tok.eos_token_id,
+            )
+        new = out[0, ids.shape[1] :]
         self.usage["requests"] += 1
         self.usage["prompt_tokens"] += int(ids.shape[1])
         self.usage["completion_tokens"] += int(new.numel())
@@ -190,8 +227,9 @@ class LocalChatClient:
         return float(two[0])
 
 
-def client_from_env(url: str | None = None, model: str | None = None, api_key: str | None = None, *,
-                    scorer: bool = False, lm=None, **kw):
+def client_from_env(
+    url: str | None = None, model: str | None = None, api_key: str | None = None, *, scorer: bool = False, lm=None, **kw
+):
     """An HTTP client from flags or environment; the local model when neither names a URL and `lm` is given."""
     url = url or (os.environ.get(ENV_SCORER_URL) if scorer else None) or os.environ.get(ENV_URL)
     model = model or (os.environ.get(ENV_SCORER_MODEL) if scorer else None) or os.environ.get(ENV_MODEL)

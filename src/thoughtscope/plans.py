@@ -31,11 +31,11 @@ def _is_int(v: Any) -> bool:
 class ReadPlan:
     """Which text a pass over a corpus reads and how it is cut into forward passes."""
 
-    n_tokens: int = 200_000          # token budget
-    ctx_len: int = 128               # tokens per context, BOS included
-    contexts_per_batch: int = 16     # contexts per forward pass
-    add_bos: bool = True             # start every context with the tokenizer's BOS token
-    skip_tokens: int = 0             # start this far into the corpus (whole batches), e.g. past a training store
+    n_tokens: int = 200_000  # token budget
+    ctx_len: int = 128  # tokens per context, BOS included
+    contexts_per_batch: int = 16  # contexts per forward pass
+    add_bos: bool = True  # start every context with the tokenizer's BOS token
+    skip_tokens: int = 0  # start this far into the corpus (whole batches), e.g. past a training store
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,8 +58,9 @@ class ReadPlan:
         if not isinstance(self.add_bos, bool):
             raise self._fail("add_bos", "True or False")
         if not _is_int(self.skip_tokens) or self.skip_tokens < 0 or self.skip_tokens % self.batch_tokens:
-            raise self._fail("skip_tokens", f"a non-negative multiple of contexts_per_batch × ctx_len = "
-                                            f"{self.batch_tokens}")
+            raise self._fail(
+                "skip_tokens", f"a non-negative multiple of contexts_per_batch × ctx_len = {self.batch_tokens}"
+            )
 
     @property
     def batch_tokens(self) -> int:
@@ -69,16 +70,19 @@ class ReadPlan:
     def check_context(self, model_name: str, max_context: int) -> None:
         """The model must take contexts of ``ctx_len`` tokens."""
         if self.ctx_len > max_context:
-            raise self.error_class()(f"{type(self).__name__}.ctx_len={self.ctx_len} exceeds {model_name}'s context "
-                                     f"window of {max_context} tokens")
+            raise self.error_class()(
+                f"{type(self).__name__}.ctx_len={self.ctx_len} exceeds {model_name}'s context "
+                f"window of {max_context} tokens"
+            )
 
     def batches(self, corpus: Any, tokenizer: Any, *, start: int = 0) -> Iterator[tuple[int, Any]]:
         """(index, batch) pairs of this plan from a Corpus, the index counted from the first batch after
         ``skip_tokens``. ``start`` skips that many more batches (a resumed pass); they are still tokenised, as
         packing is sequential. The token budget is the caller's to apply: only it knows what it kept."""
         first = self.skip_tokens // self.batch_tokens + start
-        for b, batch in enumerate(corpus.batches(tokenizer, self.ctx_len, self.contexts_per_batch,
-                                                 add_bos=self.add_bos)):
+        for b, batch in enumerate(
+            corpus.batches(tokenizer, self.ctx_len, self.contexts_per_batch, add_bos=self.add_bos)
+        ):
             if b >= first:
                 yield b - first + start, batch
 
@@ -87,8 +91,8 @@ class ReadPlan:
 class HarvestConfig(ReadPlan):
     """What to harvest (the read plan) and how the stores hold it."""
 
-    dtype: str = "float32"                # stored dtype: float32, float16 or bfloat16
-    shard_tokens: int | None = None       # tokens per shard; None: ~32k tokens, rounded to whole forward passes
+    dtype: str = "float32"  # stored dtype: float32, float16 or bfloat16
+    shard_tokens: int | None = None  # tokens per shard; None: ~32k tokens, rounded to whole forward passes
 
     def error_class(self) -> type[Exception]:
         from .harvest import HarvestError
@@ -99,11 +103,13 @@ class HarvestConfig(ReadPlan):
         super().validate()
         if self.dtype not in STORE_DTYPES:
             raise self._fail("dtype", f"one of {', '.join(STORE_DTYPES)}")
-        if self.shard_tokens is not None and (not _is_int(self.shard_tokens) or self.shard_tokens <= 0
-                                              or self.shard_tokens % self.batch_tokens):
+        if self.shard_tokens is not None and (
+            not _is_int(self.shard_tokens) or self.shard_tokens <= 0 or self.shard_tokens % self.batch_tokens
+        ):
             # shards hold whole forward passes, so that a resumed harvest replays the same forward batches
-            raise self._fail("shard_tokens", f"None or a positive multiple of contexts_per_batch × ctx_len = "
-                                             f"{self.batch_tokens}")
+            raise self._fail(
+                "shard_tokens", f"None or a positive multiple of contexts_per_batch × ctx_len = {self.batch_tokens}"
+            )
 
     def resolved_shard_tokens(self) -> int:
         if self.shard_tokens is None:
@@ -116,20 +122,20 @@ class AtlasConfig(ReadPlan):
     """What an atlas build reads (the read plan, with a larger default budget) and what it keeps per feature."""
 
     n_tokens: int = 1_000_000
-    top_k: int = 20                 # top activating contexts per feature
-    n_bins: int = 10                # rank-quantile bins of the reservoir sample
-    per_bin: int = 5                # contexts per bin
-    window_left: int = 16           # activations stored before the peak token
-    window_right: int = 8           # ... and after it
-    hist_lo: float = 1e-4           # histogram: log10-spaced bins from hist_lo to hist_hi (clamped at both ends)
+    top_k: int = 20  # top activating contexts per feature
+    n_bins: int = 10  # rank-quantile bins of the reservoir sample
+    per_bin: int = 5  # contexts per bin
+    window_left: int = 16  # activations stored before the peak token
+    window_right: int = 8  # ... and after it
+    hist_lo: float = 1e-4  # histogram: log10-spaced bins from hist_lo to hist_hi (clamped at both ends)
     hist_hi: float = 1e4
     hist_per_decade: int = 8
-    n_random_contexts: int = 256    # fixed sample of contexts whose sparse activations are all kept
+    n_random_contexts: int = 256  # fixed sample of contexts whose sparse activations are all kept
     n_logits: int = 10
     n_neighbours: int = 10
     exclude_bos: bool | None = None  # None: follow the SAE config
     seed: int = 0
-    checkpoint_every: int = 20      # batches between checkpoints
+    checkpoint_every: int = 20  # batches between checkpoints
 
     def error_class(self) -> type[Exception]:
         from .atlas.db import AtlasError

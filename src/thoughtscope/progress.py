@@ -17,8 +17,17 @@ class ProgressBar:
     (a loss, a validation score). `unit` names what is counted ("tok", "steps", "features") and sets the rate's label.
     """
 
-    def __init__(self, label: str, total: int | None, *, start: int = 0, unit: str = "", enabled: bool = True,
-                 transient: bool = False, log_every_s: float = 30.0):
+    def __init__(
+        self,
+        label: str,
+        total: int | None,
+        *,
+        start: int = 0,
+        unit: str = "",
+        enabled: bool = True,
+        transient: bool = False,
+        log_every_s: float = 30.0,
+    ):
         self.enabled = enabled
         self.label, self.total, self.unit = label, total, unit
         self.start, self.completed = start, start
@@ -37,10 +46,18 @@ class ProgressBar:
             )
 
             self.console = Console(stderr=True)
-            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console,
-                                 transient=transient)
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.console,
+                transient=transient,
+            )
             self._task = self._bar.add_task(label, total=total, completed=start, rate="", info="")
             self._bar.start()
 
@@ -63,8 +80,10 @@ class ProgressBar:
         if not self.console.is_terminal and now - self.last_line >= self.log_every_s:
             self.last_line = now
             left = (self.total - self.completed) / rate if rate > 0 and self.total else float("nan")
-            self.console.print(f"{self.label}: {self.completed:,}/{self.total or '?'} {self.unit}, "
-                               f"{fields['rate']}, ETA {left / 60:.1f} min {info or ''}".rstrip())
+            self.console.print(
+                f"{self.label}: {self.completed:,}/{self.total or '?'} {self.unit}, "
+                f"{fields['rate']}, ETA {left / 60:.1f} min {info or ''}".rstrip()
+            )
 
     def advance(self, n: int = 1, *, info: str | None = None) -> None:
         self.update(self.completed + n, info=info)

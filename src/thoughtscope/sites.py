@@ -86,8 +86,14 @@ def _replace_hidden(output, new):
     return new
 
 
-def capture(lm: LoadedModel, sites: Site | str | Sequence[Site | str], input_ids: torch.Tensor,
-            attention_mask: torch.Tensor | None = None, *, early_exit: bool = True) -> dict[Site, torch.Tensor]:
+def capture(
+    lm: LoadedModel,
+    sites: Site | str | Sequence[Site | str],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    early_exit: bool = True,
+) -> dict[Site, torch.Tensor]:
     """Run one forward pass and return the activation at every site ([B, T, d], detached).
 
     With early_exit the pass stops right after the deepest site's block, which skips the remaining

@@ -20,11 +20,39 @@ from .offline_explain import OfflineExplainer, OfflineOptions, explain_offline
 from .query import contrast, feature_acts, open_with_model, top_features_for_text
 from .scoring import LexicalScorer, parse_cues
 
-__all__ = ["Atlas", "AtlasConfig", "AtlasError", "Example", "Feature", "ExplainConfig", "ExplainerError",
-           "HTTPChatClient", "LexicalScorer", "LocalChatClient", "OfflineExplainer", "OfflineOptions", "auroc",
-           "balanced_accuracy", "build_atlas", "check_sae_matches", "client_from_env", "contrast", "estimate",
-           "explain_atlas", "explain_offline", "feature_acts", "feature_card", "load_tokenizer", "logit_effects",
-           "nearest_features", "open_with_model", "parse_cues", "show_feature", "text_card", "top_features_for_text"]
+__all__ = [
+    "Atlas",
+    "AtlasConfig",
+    "AtlasError",
+    "Example",
+    "Feature",
+    "ExplainConfig",
+    "ExplainerError",
+    "HTTPChatClient",
+    "LexicalScorer",
+    "LocalChatClient",
+    "OfflineExplainer",
+    "OfflineOptions",
+    "auroc",
+    "balanced_accuracy",
+    "build_atlas",
+    "check_sae_matches",
+    "client_from_env",
+    "contrast",
+    "estimate",
+    "explain_atlas",
+    "explain_offline",
+    "feature_acts",
+    "feature_card",
+    "load_tokenizer",
+    "logit_effects",
+    "nearest_features",
+    "open_with_model",
+    "parse_cues",
+    "show_feature",
+    "text_card",
+    "top_features_for_text",
+]
 
 
 def write_report(*args, **kwargs):

@@ -54,9 +54,19 @@ def _renamed_fields(ident: dict) -> dict:
     return ident
 
 
-def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: AtlasConfig | None = None, *,
-                site: Site | str | None = None, sae_path: str | None = None, progress: bool = True,
-                stop_after_batches: int | None = None, timings: dict | None = None) -> Path:
+def build_atlas(
+    lm: LoadedModel,
+    sae,
+    corpus,
+    out: str | os.PathLike,
+    config: AtlasConfig | None = None,
+    *,
+    site: Site | str | None = None,
+    sae_path: str | None = None,
+    progress: bool = True,
+    stop_after_batches: int | None = None,
+    timings: dict | None = None,
+) -> Path:
     """Stream `config.n_tokens` tokens of `corpus` through the model and the SAE and write `out/atlas.sqlite`.
 
     Resumable: a checkpoint (`out/build.ckpt`) of the running statistics is written atomically every
@@ -80,8 +90,14 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
     T = cfg.ctx_len
     n_contexts = math.ceil(cfg.n_tokens / T)
     random_stride = max(1, n_contexts // max(1, cfg.n_random_contexts))
-    ident = {"model": lm.name, "site": str(site), "sae_fingerprint": sae_fingerprint(sae),
-             "corpus": getattr(corpus, "spec", str(corpus)), "config": asdict(cfg), "exclude_bos": exclude_bos}
+    ident = {
+        "model": lm.name,
+        "site": str(site),
+        "sae_fingerprint": sae_fingerprint(sae),
+        "corpus": getattr(corpus, "spec", str(corpus)),
+        "config": asdict(cfg),
+        "exclude_bos": exclude_bos,
+    }
 
     stats = FeatureStats(m, cfg)
     encoder = SparseEncoder(sae)
@@ -90,13 +106,16 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
         try:
             saved = torch.load(ckpt, weights_only=False)
         except Exception as e:  # a torn or foreign file: say so rather than silently restarting
-            raise AtlasError(f"{ckpt} cannot be read ({type(e).__name__}: {e}); "
-                             f"delete it to start the build over") from e
+            raise AtlasError(
+                f"{ckpt} cannot be read ({type(e).__name__}: {e}); delete it to start the build over"
+            ) from e
         old = _renamed_fields(saved.get("ident") or {})
         if old != ident:
             diff = [k for k in ident if old.get(k) != ident[k]]
-            raise AtlasError(f"{ckpt} belongs to a different build (differs in: {', '.join(diff)}); use another "
-                             f"output folder or delete the checkpoint")
+            raise AtlasError(
+                f"{ckpt} belongs to a different build (differs in: {', '.join(diff)}); use another "
+                f"output folder or delete the checkpoint"
+            )
         stats.load_state_dict(saved["stats"])
 
     phase = dict.fromkeys(("setup_s", "forward_s", "encode_s", "update_s", "checkpoint_s"), 0.0)
@@ -108,8 +127,13 @@ def build_atlas(lm: LoadedModel, sae, corpus, out: str | os.PathLike, config: At
         stats.contexts = [torch.cat(stats.contexts)] if stats.contexts else []
         phase["checkpoint_s"] += time.perf_counter() - t0
 
-    bar = ProgressBar(f"atlas {site} × {m} features", n_contexts * T, start=stats.batches * cfg.batch_tokens,
-                      unit="tok", enabled=progress)
+    bar = ProgressBar(
+        f"atlas {site} × {m} features",
+        n_contexts * T,
+        start=stats.batches * cfg.batch_tokens,
+        unit="tok",
+        enabled=progress,
+    )
     ctx_done = sum(c.shape[0] for c in stats.contexts)
     stopped = False
     try:

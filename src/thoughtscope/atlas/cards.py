@@ -44,22 +44,28 @@ def sparkline(hist) -> str:
     if not nz:
         return "(never active)"
     lo, hi = nz[0], nz[-1]
-    return "".join(BARS[min(8, int(round(8 * h / m)))] for h in hist[lo:hi + 1])
+    return "".join(BARS[min(8, int(round(8 * h / m)))] for h in hist[lo : hi + 1])
 
 
 def score_line(ex: dict) -> str:
     """How far to trust an explanation, in one line: its held-out scores, the shuffled control, who wrote and
     who scored it (the same words in cards, the report and search results)."""
+
     def f(k: str) -> str:
         return f"{ex[k]:.2f}" if ex.get(k) is not None else "–"
 
-    parts = [f"detection AUROC {f('detection_auroc')} (shuffled control {f('shuffled_detection_auroc')})",
-             f"bal. acc. {f('detection_bacc')}"]
+    parts = [
+        f"detection AUROC {f('detection_auroc')} (shuffled control {f('shuffled_detection_auroc')})",
+        f"bal. acc. {f('detection_bacc')}",
+    ]
     if ex.get("fuzz_auroc") is not None:
         parts.append(f"fuzzing AUROC {f('fuzz_auroc')}")
     method = ex.get("method") or "method not recorded"
-    by = f"{method} ({ex.get('explainer')})" if ex.get("explainer") and ex.get("explainer") != f"offline:{method}" \
+    by = (
+        f"{method} ({ex.get('explainer')})"
+        if ex.get("explainer") and ex.get("explainer") != f"offline:{method}"
         else method
+    )
     scored = ex.get("scorer_method") or ex.get("scorer") or "not scored"
     return ", ".join(parts) + f"; written by {by}, scored by {scored}"
 
@@ -69,8 +75,9 @@ def feature_card(atlas: Atlas, n: int, tokenizer=None, *, n_top: int = 8, n_quan
     f = atlas.feature(n)
     head = Text()
     head.append(f"feature {n}", style="bold")
-    head.append(f"   density {f.density:.2e}   max {f.max_act:.3g}   mean {f.mean_act:.3g}"
-                f"   active on {f.n_active:,} tokens")
+    head.append(
+        f"   density {f.density:.2e}   max {f.max_act:.3g}   mean {f.mean_act:.3g}   active on {f.n_active:,} tokens"
+    )
     parts: list = [head]
     ex = f.explanation
     if ex:
@@ -109,12 +116,15 @@ def feature_card(atlas: Atlas, n: int, tokenizer=None, *, n_top: int = 8, n_quan
         p = f.logits_pos[i] if i < len(f.logits_pos) else None
         q_ = f.logits_neg[i] if i < len(f.logits_neg) else None
         nb = f.neighbours[i] if i < len(f.neighbours) else None
-        tbl.add_row(repr(_tok(tokenizer, p[0])) if p else "", f"{p[1]:+.3f}" if p else "",
-                    repr(_tok(tokenizer, q_[0])) if q_ else "", f"{q_[1]:+.3f}" if q_ else "",
-                    f"{nb[0]} ({nb[1]:.2f})" if nb else "")
+        tbl.add_row(
+            repr(_tok(tokenizer, p[0])) if p else "",
+            f"{p[1]:+.3f}" if p else "",
+            repr(_tok(tokenizer, q_[0])) if q_ else "",
+            f"{q_[1]:+.3f}" if q_ else "",
+            f"{nb[0]} ({nb[1]:.2f})" if nb else "",
+        )
     parts.append(tbl)
-    return Panel(Group(*parts), title=f"[bold]{atlas.meta.get('model')} {atlas.meta.get('site')} #{n}",
-                 expand=True)
+    return Panel(Group(*parts), title=f"[bold]{atlas.meta.get('model')} {atlas.meta.get('site')} #{n}", expand=True)
 
 
 def show_feature(atlas: Atlas, n: int, tokenizer=None, console=None, **kw) -> None:

@@ -83,16 +83,35 @@ CREATE TABLE IF NOT EXISTS explanations (
 # Columns added after schema version 1 shipped. Atlases built before them get them on open (ALTER TABLE ADD
 # COLUMN, NULL for rows written earlier), so old atlases keep opening and the schema version stays 1.
 EXPLANATION_EXTRA_COLUMNS = {
-    "method": "TEXT",                     # how the explanation was written: 'offline-tokens-v1', 'llm', 'given'
-    "scorer_method": "TEXT",              # how it was scored: 'lexical-v1', 'llm-detection'
-    "shuffled_detection_auroc": "REAL",   # the same scorer, this feature's held-out contexts, another feature's
-    "shuffled_detection_bacc": "REAL",    # explanation: the chance level, measured
+    "method": "TEXT",  # how the explanation was written: 'offline-tokens-v1', 'llm', 'given'
+    "scorer_method": "TEXT",  # how it was scored: 'lexical-v1', 'llm-detection'
+    "shuffled_detection_auroc": "REAL",  # the same scorer, this feature's held-out contexts, another feature's
+    "shuffled_detection_bacc": "REAL",  # explanation: the chance level, measured
 }
-EXPLANATION_COLUMNS = ["feature", "explanation", "status", "error", "explainer", "scorer", "detection_bacc",
-                       "detection_auroc", "fuzz_bacc", "fuzz_auroc", "details", "seconds", "created",
-                       *EXPLANATION_EXTRA_COLUMNS]
-SCORE_KEYS = ("detection_auroc", "detection_bacc", "fuzz_auroc", "fuzz_bacc", "shuffled_detection_auroc",
-              "shuffled_detection_bacc")
+EXPLANATION_COLUMNS = [
+    "feature",
+    "explanation",
+    "status",
+    "error",
+    "explainer",
+    "scorer",
+    "detection_bacc",
+    "detection_auroc",
+    "fuzz_bacc",
+    "fuzz_auroc",
+    "details",
+    "seconds",
+    "created",
+    *EXPLANATION_EXTRA_COLUMNS,
+]
+SCORE_KEYS = (
+    "detection_auroc",
+    "detection_bacc",
+    "fuzz_auroc",
+    "fuzz_bacc",
+    "shuffled_detection_auroc",
+    "shuffled_detection_bacc",
+)
 
 
 @dataclass
@@ -106,9 +125,9 @@ class Example:
     ctx: int
     pos: int
     act: float
-    tokens: list[int]            # the whole context
-    window: np.ndarray           # float32 activations at positions start .. start+len(window)-1
-    start: int                   # context position of window[0] (may be negative near the left edge)
+    tokens: list[int]  # the whole context
+    window: np.ndarray  # float32 activations at positions start .. start+len(window)-1
+    start: int  # context position of window[0] (may be negative near the left edge)
 
     def token_acts(self) -> list[tuple[int, int, float]]:
         """(position, token id, activation) for every in-context position the window covers."""
@@ -161,8 +180,9 @@ def connect(path: str | os.PathLike, *, create: bool = False) -> sqlite3.Connect
             _ensure_fts(con)
     except sqlite3.DatabaseError as e:
         con.close()
-        raise AtlasError(f"{p} is not a readable atlas database ({e}); "
-                         f"rebuild it with `thoughtscope atlas build`") from e
+        raise AtlasError(
+            f"{p} is not a readable atlas database ({e}); rebuild it with `thoughtscope atlas build`"
+        ) from e
     return con
 
 
@@ -204,11 +224,15 @@ class Atlas:
             raise AtlasError(f"{path} is not a readable atlas database ({e}); rebuild it") from e
         self.meta: dict[str, Any] = {k: json.loads(v) for k, v in rows}
         if self.meta.get("schema_version") != SCHEMA_VERSION:
-            raise AtlasError(f"{path}: atlas schema version {self.meta.get('schema_version')!r}, this thoughtscope "
-                             f"reads version {SCHEMA_VERSION}; rebuild the atlas")
+            raise AtlasError(
+                f"{path}: atlas schema version {self.meta.get('schema_version')!r}, this thoughtscope "
+                f"reads version {SCHEMA_VERSION}; rebuild the atlas"
+            )
         if not self.meta.get("complete"):
-            raise AtlasError(f"{path}: the atlas build did not finish; rerun `thoughtscope atlas build` with the "
-                             f"same --out to resume it")
+            raise AtlasError(
+                f"{path}: the atlas build did not finish; rerun `thoughtscope atlas build` with the "
+                f"same --out to resume it"
+            )
         self.n_features = int(self.meta["n_features"])
         self.window_left = int(self.meta["window_left"])
         self.window_right = int(self.meta["window_right"])
@@ -223,8 +247,9 @@ class Atlas:
             con.execute("SELECT count(*) FROM features").fetchone()
         except sqlite3.DatabaseError as e:
             con.close()
-            raise AtlasError(f"{p} is not a readable atlas database ({e}); "
-                             f"rebuild it with `thoughtscope atlas build`") from e
+            raise AtlasError(
+                f"{p} is not a readable atlas database ({e}); rebuild it with `thoughtscope atlas build`"
+            ) from e
         return cls(con, p)
 
     def close(self) -> None:
@@ -246,15 +271,24 @@ class Atlas:
         n = self.check_feature(n)
         row = self.con.execute(
             "SELECT id, n_active, density, max_act, mean_act, hist, logits_pos, logits_neg, neighbours "
-            "FROM features WHERE id=?", (n,)).fetchone()
+            "FROM features WHERE id=?",
+            (n,),
+        ).fetchone()
         if row is None:
-            raise AtlasError(f"{self.path}: feature {n} is missing from the features table; the atlas is corrupt, "
-                             f"rebuild it")
-        f = Feature(id=row[0], n_active=row[1], density=row[2], max_act=row[3], mean_act=row[4],
-                    hist=np.frombuffer(row[5], dtype=np.int32).copy(),
-                    logits_pos=[tuple(x) for x in json.loads(row[6])],
-                    logits_neg=[tuple(x) for x in json.loads(row[7])],
-                    neighbours=[tuple(x) for x in json.loads(row[8])])
+            raise AtlasError(
+                f"{self.path}: feature {n} is missing from the features table; the atlas is corrupt, rebuild it"
+            )
+        f = Feature(
+            id=row[0],
+            n_active=row[1],
+            density=row[2],
+            max_act=row[3],
+            mean_act=row[4],
+            hist=np.frombuffer(row[5], dtype=np.int32).copy(),
+            logits_pos=[tuple(x) for x in json.loads(row[6])],
+            logits_neg=[tuple(x) for x in json.loads(row[7])],
+            neighbours=[tuple(x) for x in json.loads(row[8])],
+        )
         f.explanation = self.explanation(n)
         return f
 
@@ -280,14 +314,30 @@ class Atlas:
         for feat, kd, rank, b, ctx, pos, act, win in self.con.execute(q, args).fetchall():
             if ctx not in cache:
                 cache[ctx] = self.context(ctx)
-            out.append(Example(feature=feat, kind=kd, rank=rank, bin=b, ctx=ctx, pos=pos, act=act, tokens=cache[ctx],
-                               window=np.frombuffer(win, dtype=np.float16).astype(np.float32),
-                               start=pos - self.window_left))
+            out.append(
+                Example(
+                    feature=feat,
+                    kind=kd,
+                    rank=rank,
+                    bin=b,
+                    ctx=ctx,
+                    pos=pos,
+                    act=act,
+                    tokens=cache[ctx],
+                    window=np.frombuffer(win, dtype=np.float16).astype(np.float32),
+                    start=pos - self.window_left,
+                )
+            )
         return out
 
     def random_contexts(self) -> list[int]:
-        return [r[0] for r in self.con.execute("SELECT id FROM contexts WHERE id IN (SELECT value FROM json_each(?))",
-                                               (json.dumps(self.meta.get("random_contexts", [])),)).fetchall()]
+        return [
+            r[0]
+            for r in self.con.execute(
+                "SELECT id FROM contexts WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(self.meta.get("random_contexts", [])),),
+            ).fetchall()
+        ]
 
     def random_activations(self, n: int) -> dict[int, dict[int, float]]:
         """ctx -> {pos: activation} of feature n on the fixed random context sample (only non-zero entries)."""
@@ -301,8 +351,13 @@ class Atlas:
         """Per-feature arrays over the whole SAE (for the report)."""
         rows = self.con.execute("SELECT id, n_active, density, max_act, mean_act FROM features ORDER BY id").fetchall()
         a = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
-        return {"id": a[:, 0].astype(np.int64), "n_active": a[:, 1].astype(np.int64), "density": a[:, 2],
-                "max_act": a[:, 3], "mean_act": a[:, 4]}
+        return {
+            "id": a[:, 0].astype(np.int64),
+            "n_active": a[:, 1].astype(np.int64),
+            "density": a[:, 2],
+            "max_act": a[:, 3],
+            "mean_act": a[:, 4],
+        }
 
     def random_features(self, n: int = 5, *, seed: int | None = None, alive_only: bool = True) -> list[int]:
         """A uniform sample of feature ids (alive ones by default): the unbiased way to browse."""
@@ -349,13 +404,17 @@ class Atlas:
                 rec = dict(rec, feature=int(n))
                 if isinstance(rec.get("details"), (dict, list)):
                     rec["details"] = json.dumps(rec["details"])
-                self.con.execute(f"INSERT OR REPLACE INTO explanations ({', '.join(cols)}) VALUES "
-                                 f"({', '.join('?' * len(cols))})", [rec.get(c) for c in cols])
+                self.con.execute(
+                    f"INSERT OR REPLACE INTO explanations ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    [rec.get(c) for c in cols],
+                )
                 if fts:
                     self.con.execute("DELETE FROM explanations_fts WHERE feature=?", (int(n),))
                     if rec.get("explanation") and rec.get("status") == "ok":
-                        self.con.execute("INSERT INTO explanations_fts (explanation, feature) VALUES (?, ?)",
-                                         (rec["explanation"], int(n)))
+                        self.con.execute(
+                            "INSERT INTO explanations_fts (explanation, feature) VALUES (?, ?)",
+                            (rec["explanation"], int(n)),
+                        )
 
     def search(self, text: str, limit: int = 20) -> list[tuple[int, str]]:
         """Features whose explanation matches `text` (FTS5 ranking when available, else substring match)."""
@@ -368,11 +427,16 @@ class Atlas:
                 q = " OR ".join(f'"{w}"' for w in words)
                 rows = self.con.execute(
                     "SELECT feature, explanation FROM explanations_fts WHERE explanations_fts MATCH ? "
-                    "ORDER BY rank LIMIT ?", (q, limit)).fetchall()
+                    "ORDER BY rank LIMIT ?",
+                    (q, limit),
+                ).fetchall()
                 if rows:
                     return [(int(f), e) for f, e in rows]
-        rows = self.con.execute("SELECT feature, explanation FROM explanations WHERE status='ok' AND "
-                                "explanation LIKE ? ORDER BY feature LIMIT ?", (f"%{text}%", limit)).fetchall()
+        rows = self.con.execute(
+            "SELECT feature, explanation FROM explanations WHERE status='ok' AND "
+            "explanation LIKE ? ORDER BY feature LIMIT ?",
+            (f"%{text}%", limit),
+        ).fetchall()
         return [(int(f), e) for f, e in rows]
 
     def scores(self, features: Sequence[int] | None = None) -> list[dict]:
@@ -387,8 +451,9 @@ class Atlas:
 
 
 def write_meta(con: sqlite3.Connection, items: dict[str, Any]) -> None:
-    con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    [(k, json.dumps(v)) for k, v in items.items()])
+    con.executemany(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in items.items()]
+    )
 
 
 def insert_many(con: sqlite3.Connection, table: str, cols: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -23,21 +23,27 @@ def check_sae_matches(lm: LoadedModel, sae, site: Site | str | None = None) -> S
     """The SAE must have been trained on this model at this site; returns the site to read."""
     cfg = sae.cfg
     if cfg.d_model != lm.d_model:
-        raise AtlasError(f"the SAE expects d_model={cfg.d_model} but {lm.name} has d_model={lm.d_model}: "
-                         f"it was trained on another model")
+        raise AtlasError(
+            f"the SAE expects d_model={cfg.d_model} but {lm.name} has d_model={lm.d_model}: "
+            f"it was trained on another model"
+        )
     sae_site = Site.parse(cfg.site) if cfg.site else None
     site = Site.parse(site) if site is not None else sae_site
     if site is None:
         raise AtlasError("the SAE config names no site (cfg.site is empty); name the site to read explicitly")
     if sae_site is not None and site != sae_site:
-        raise AtlasError(f"the SAE was trained at site {sae_site} but the atlas was asked to read {site}; "
-                         f"read {sae_site} or use the SAE trained for {site}")
+        raise AtlasError(
+            f"the SAE was trained at site {sae_site} but the atlas was asked to read {site}; "
+            f"read {sae_site} or use the SAE trained for {site}"
+        )
     lm.check_site(site)
     if cfg.model:
         names = {_norm_name(lm.name), _norm_name(lm.source.get("spec", ""))}
         if _norm_name(cfg.model) not in names and not (cfg.model == "default" and "default" in names):
-            raise AtlasError(f"the SAE was trained on model {cfg.model!r} but the atlas was asked to use {lm.name!r}; "
-                             f"load {cfg.model!r} or use an SAE trained on {lm.name}")
+            raise AtlasError(
+                f"the SAE was trained on model {cfg.model!r} but the atlas was asked to use {lm.name!r}; "
+                f"load {cfg.model!r} or use an SAE trained on {lm.name}"
+            )
     return site
 
 

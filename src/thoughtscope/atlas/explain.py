@@ -51,13 +51,28 @@ from .scoring import (
     summarize,
 )
 
-__all__ = ["ExplainConfig", "ExplainerError", "FeatureTask", "HTTPChatClient", "LLMError", "LocalChatClient", "auroc",
-           "balanced_accuracy", "client_from_env", "estimate", "explain_atlas", "prepare", "render"]
+__all__ = [
+    "ExplainConfig",
+    "ExplainerError",
+    "FeatureTask",
+    "HTTPChatClient",
+    "LLMError",
+    "LocalChatClient",
+    "auroc",
+    "balanced_accuracy",
+    "client_from_env",
+    "estimate",
+    "explain_atlas",
+    "prepare",
+    "render",
+]
 
 # --------------------------------------------------------------------------- prompts and parsing
 
-EXPLAIN_SYSTEM = ("You study the internal features of a language model. You are shown text excerpts in which one "
-                  "feature is active on the tokens marked <<like this>>. You say in a few words what it responds to.")
+EXPLAIN_SYSTEM = (
+    "You study the internal features of a language model. You are shown text excerpts in which one "
+    "feature is active on the tokens marked <<like this>>. You say in a few words what it responds to."
+)
 
 
 def explain_messages(task: FeatureTask, tokenizer, cfg: ExplainConfig) -> list[dict]:
@@ -65,9 +80,12 @@ def explain_messages(task: FeatureTask, tokenizer, cfg: ExplainConfig) -> list[d
     for i, e in enumerate(task.shown, 1):
         level = int(round(10 * e.act / task.max_act)) if task.max_act > 0 else 0
         lines.append(f"Example {i} (strength {level}/10): {render(e, tokenizer, cfg, marks=true_marks(e, cfg))}")
-    user = ("Excerpts where the feature is active (active tokens marked <<like this>>):\n\n" + "\n".join(lines) +
-            "\n\nWhat does this feature respond to? Look at the marked tokens and the words just before them. "
-            "Answer with one short phrase (at most 15 words) on a final line of the form\nEXPLANATION: <phrase>")
+    user = (
+        "Excerpts where the feature is active (active tokens marked <<like this>>):\n\n"
+        + "\n".join(lines)
+        + "\n\nWhat does this feature respond to? Look at the marked tokens and the words just before them. "
+        "Answer with one short phrase (at most 15 words) on a final line of the form\nEXPLANATION: <phrase>"
+    )
     return [{"role": "system", "content": EXPLAIN_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -95,30 +113,38 @@ def parse_explanation(text: str) -> str:
 
 def detection_messages(explanation: str, texts: Sequence[str]) -> list[dict]:
     body = "\n".join(f"Text {i}: {t}" for i, t in enumerate(texts, 1))
-    user = (f'A feature of a language model is described as: "{explanation}".\n'
-            f"For each text below, estimate the probability that this feature is active somewhere in it.\n\n{body}\n\n"
-            f"Answer with a JSON list of {len(texts)} numbers between 0 and 1, one per text in order, and nothing else.")
+    user = (
+        f'A feature of a language model is described as: "{explanation}".\n'
+        f"For each text below, estimate the probability that this feature is active somewhere in it.\n\n{body}\n\n"
+        f"Answer with a JSON list of {len(texts)} numbers between 0 and 1, one per text in order, and nothing else."
+    )
     return [{"role": "user", "content": user}]
 
 
 def fuzz_messages(explanation: str, texts: Sequence[str]) -> list[dict]:
     body = "\n".join(f"Text {i}: {t}" for i, t in enumerate(texts, 1))
-    user = (f'A feature of a language model is described as: "{explanation}".\n'
-            f"In each text below some tokens are marked <<like this>>. Either the marks are exactly where the feature is "
-            f"active, or they were placed at random. For each text, estimate the probability that the marks are "
-            f"correct.\n\n{body}\n\n"
-            f"Answer with a JSON list of {len(texts)} numbers between 0 and 1, one per text in order, and nothing else.")
+    user = (
+        f'A feature of a language model is described as: "{explanation}".\n'
+        f"In each text below some tokens are marked <<like this>>. Either the marks are exactly where the feature is "
+        f"active, or they were placed at random. For each text, estimate the probability that the marks are "
+        f"correct.\n\n{body}\n\n"
+        f"Answer with a JSON list of {len(texts)} numbers between 0 and 1, one per text in order, and nothing else."
+    )
     return [{"role": "user", "content": user}]
 
 
 def single_messages(explanation: str, text: str, kind: str) -> list[dict]:
     """One-example question for the local scorer, answered by P(Yes)."""
     if kind == "detection":
-        q = (f'A feature of a language model is described as: "{explanation}".\nText: {text}\n'
-             f"Is this feature active somewhere in the text? Answer Yes or No.")
+        q = (
+            f'A feature of a language model is described as: "{explanation}".\nText: {text}\n'
+            f"Is this feature active somewhere in the text? Answer Yes or No."
+        )
     else:
-        q = (f'A feature of a language model is described as: "{explanation}".\nText: {text}\n'
-             f"Are the tokens marked <<like this>> the ones this feature responds to? Answer Yes or No.")
+        q = (
+            f'A feature of a language model is described as: "{explanation}".\nText: {text}\n'
+            f"Are the tokens marked <<like this>> the ones this feature responds to? Answer Yes or No."
+        )
     return [{"role": "user", "content": q}]
 
 
@@ -132,6 +158,7 @@ def parse_probabilities(n: int) -> Callable[[str], list[float]]:
             if isinstance(vals, list) and len(vals) == n and all(isinstance(v, (int, float)) for v in vals):
                 return [min(1.0, max(0.0, float(v))) for v in vals]
         raise MalformedAnswer(f"expected a JSON list of {n} numbers, got {text[:200]!r}")
+
     return parse
 
 
@@ -144,9 +171,10 @@ def _predict(client, explanation: str, texts: list[str], kind: str, cfg: Explain
     make = detection_messages if kind == "detection" else fuzz_messages
     out: list[float] = []
     for s in range(0, len(texts), cfg.per_prompt):
-        chunk = texts[s:s + cfg.per_prompt]
-        out += client.call(make(explanation, chunk), max_tokens=cfg.score_max_tokens,
-                           parse=parse_probabilities(len(chunk)))
+        chunk = texts[s : s + cfg.per_prompt]
+        out += client.call(
+            make(explanation, chunk), max_tokens=cfg.score_max_tokens, parse=parse_probabilities(len(chunk))
+        )
     return out
 
 
@@ -180,8 +208,12 @@ def score_explanation(task: FeatureTask, explanation: str, scorer, tokenizer, cf
         rng.shuffle(fz)
         probs = _predict(scorer, explanation, [t for t, _ in fz], "fuzz", cfg)
         labels = [y for _, y in fz]
-        res["fuzz"] = {"labels": labels, "probs": probs, "bacc": balanced_accuracy(labels, probs),
-                       "auroc": auroc(labels, probs)}
+        res["fuzz"] = {
+            "labels": labels,
+            "probs": probs,
+            "bacc": balanced_accuracy(labels, probs),
+            "auroc": auroc(labels, probs),
+        }
     return res
 
 
@@ -191,24 +223,33 @@ def scorer_method(scorer) -> str | None:
     return getattr(scorer, "method", None) or "llm-detection"
 
 
-def explain_one(task: FeatureTask, explainer, scorer, tokenizer, cfg: ExplainConfig,
-                explanation: str | None = None) -> dict:
+def explain_one(
+    task: FeatureTask, explainer, scorer, tokenizer, cfg: ExplainConfig, explanation: str | None = None
+) -> dict:
     """Explain (unless `explanation` is given) and score one feature; never raises for endpoint failures."""
     t0 = time.perf_counter()
-    rec: dict[str, Any] = {"explainer": explainer.name if explainer is not None and explanation is None else "given",
-                           "method": "llm" if explanation is None else "given",
-                           "scorer": scorer.name if scorer is not None else None,
-                           "scorer_method": scorer_method(scorer), "created": time.time()}
+    rec: dict[str, Any] = {
+        "explainer": explainer.name if explainer is not None and explanation is None else "given",
+        "method": "llm" if explanation is None else "given",
+        "scorer": scorer.name if scorer is not None else None,
+        "scorer_method": scorer_method(scorer),
+        "created": time.time(),
+    }
     try:
         if explanation is None:
             if not task.shown:
                 raise ExplainerError("the feature never fired in the atlas corpus: nothing to explain")
-            explanation = explainer.call(explain_messages(task, tokenizer, cfg), max_tokens=cfg.explain_max_tokens,
-                                         parse=parse_explanation)
+            explanation = explainer.call(
+                explain_messages(task, tokenizer, cfg), max_tokens=cfg.explain_max_tokens, parse=parse_explanation
+            )
         rec["explanation"] = explanation
-        details: dict[str, Any] = {"n_shown": len(task.shown), "n_pos": len(task.pos), "n_neg": len(task.neg),
-                                   "shown_contexts": sorted(task.shown_contexts()),
-                                   "heldout_contexts": sorted(task.heldout_contexts())}
+        details: dict[str, Any] = {
+            "n_shown": len(task.shown),
+            "n_pos": len(task.pos),
+            "n_neg": len(task.neg),
+            "shown_contexts": sorted(task.shown_contexts()),
+            "heldout_contexts": sorted(task.heldout_contexts()),
+        }
         if scorer is not None:
             s = score_explanation(task, explanation, scorer, tokenizer, cfg)
             details.update(s)
@@ -249,8 +290,17 @@ def shuffled_control(at: Atlas, features: Sequence[int], scorer, tokenizer, cfg:
 # --------------------------------------------------------------------------- the run
 
 
-def estimate(atlas: Atlas, features: Sequence[int], tokenizer, cfg: ExplainConfig, *, scoring: bool = True,
-             seconds_per_request: float = 2.0, concurrency: int = 1, usd_per_mtok: float | None = None) -> dict:
+def estimate(
+    atlas: Atlas,
+    features: Sequence[int],
+    tokenizer,
+    cfg: ExplainConfig,
+    *,
+    scoring: bool = True,
+    seconds_per_request: float = 2.0,
+    concurrency: int = 1,
+    usd_per_mtok: float | None = None,
+) -> dict:
     """Tokens, requests, time (and cost, given a price) of explaining `features`, from a sample of real prompts."""
     sample = list(features)[:: max(1, len(features) // 8)][:8]
     chars, reqs = [], 0
@@ -268,20 +318,25 @@ def estimate(atlas: Atlas, features: Sequence[int], tokenizer, cfg: ExplainConfi
                 r += math.ceil(len(task.pos) / cfg.per_prompt)
         chars.append(c)
         reqs += r
-    per_feature_tokens = (np.mean(chars) / 3.5) if chars else 0.0   # ~3.5 characters per token
+    per_feature_tokens = (np.mean(chars) / 3.5) if chars else 0.0  # ~3.5 characters per token
     per_feature_reqs = reqs / max(1, len(sample))
     n = len(features)
-    out = {"features": n, "requests": int(round(per_feature_reqs * n)),
-           "prompt_tokens_per_feature": int(per_feature_tokens), "prompt_tokens": int(per_feature_tokens * n),
-           "completion_tokens": int(n * (cfg.explain_max_tokens + (cfg.score_max_tokens if scoring else 0))),
-           "seconds": per_feature_reqs * n * seconds_per_request / max(1, concurrency)}
+    out = {
+        "features": n,
+        "requests": int(round(per_feature_reqs * n)),
+        "prompt_tokens_per_feature": int(per_feature_tokens),
+        "prompt_tokens": int(per_feature_tokens * n),
+        "completion_tokens": int(n * (cfg.explain_max_tokens + (cfg.score_max_tokens if scoring else 0))),
+        "seconds": per_feature_reqs * n * seconds_per_request / max(1, concurrency),
+    }
     if usd_per_mtok is not None:
         out["usd"] = (out["prompt_tokens"] + out["completion_tokens"]) * usd_per_mtok / 1e6
     return out
 
 
-def select_features(atlas: Atlas, features: Sequence[int] | None = None, sample: int | None = None,
-                    seed: int = 0) -> list[int]:
+def select_features(
+    atlas: Atlas, features: Sequence[int] | None = None, sample: int | None = None, seed: int = 0
+) -> list[int]:
     if features is not None:
         return [atlas.check_feature(int(f)) for f in features]
     if sample is not None:
@@ -289,10 +344,22 @@ def select_features(atlas: Atlas, features: Sequence[int] | None = None, sample:
     return [int(r[0]) for r in atlas.con.execute("SELECT id FROM features WHERE n_active > 0 ORDER BY id")]
 
 
-def explain_atlas(atlas: Atlas | str | os.PathLike, explainer, scorer=None, *, tokenizer, features=None,
-                  sample: int | None = None, config: ExplainConfig | None = None, resume: bool = True,
-                  retry_failed: bool = True, progress: bool = True, console=None,
-                  given: dict[int, str] | None = None, control: bool = True) -> dict:
+def explain_atlas(
+    atlas: Atlas | str | os.PathLike,
+    explainer,
+    scorer=None,
+    *,
+    tokenizer,
+    features=None,
+    sample: int | None = None,
+    config: ExplainConfig | None = None,
+    resume: bool = True,
+    retry_failed: bool = True,
+    progress: bool = True,
+    console=None,
+    given: dict[int, str] | None = None,
+    control: bool = True,
+) -> dict:
     """Explain and score features of an atlas; results go straight into its database as they arrive.
 
     The scorer is an LLM client or a `LexicalScorer` (any explanation, scored from its text alone).
@@ -308,7 +375,9 @@ def explain_atlas(atlas: Atlas | str | os.PathLike, explainer, scorer=None, *, t
     own = not isinstance(atlas, Atlas)
     at = Atlas.open(atlas) if own else atlas
     try:
-        todo = select_features(at, features, sample, cfg.seed) if given is None else [at.check_feature(f) for f in given]
+        todo = (
+            select_features(at, features, sample, cfg.seed) if given is None else [at.check_feature(f) for f in given]
+        )
         selected = list(todo)
         if resume:
             done = at.explained("ok") | (set() if retry_failed else at.explained("failed"))
@@ -316,11 +385,13 @@ def explain_atlas(atlas: Atlas | str | os.PathLike, explainer, scorer=None, *, t
         conc = cfg.concurrency if getattr(explainer or scorer, "concurrent", False) else 1
         est = estimate(at, todo, tokenizer, cfg, scoring=scorer is not None, concurrency=conc) if todo else {}
         if progress and console is not None and todo:
-            console.print(f"[bold]explaining {len(todo)} features[/bold] with {getattr(explainer, 'name', 'given')}"
-                          f"; scoring with {getattr(scorer, 'name', 'none')}: about {est['requests']} requests, "
-                          f"{est['prompt_tokens']:,} prompt tokens ({est['prompt_tokens_per_feature']:,}/feature), "
-                          f"~{est['seconds'] / 60:.1f} min at {conc} concurrent" +
-                          (f", ~${est['usd']:.2f}" if "usd" in est else ""))
+            console.print(
+                f"[bold]explaining {len(todo)} features[/bold] with {getattr(explainer, 'name', 'given')}"
+                f"; scoring with {getattr(scorer, 'name', 'none')}: about {est['requests']} requests, "
+                f"{est['prompt_tokens']:,} prompt tokens ({est['prompt_tokens_per_feature']:,}/feature), "
+                f"~{est['seconds'] / 60:.1f} min at {conc} concurrent"
+                + (f", ~${est['usd']:.2f}" if "usd" in est else "")
+            )
         summary = {"requested": len(todo), "ok": 0, "failed": 0, "errors": {}, "estimate": est}
         bar = None
         if progress and todo:
@@ -331,8 +402,15 @@ def explain_atlas(atlas: Atlas | str | os.PathLike, explainer, scorer=None, *, t
                 TextColumn,
                 TimeElapsedColumn,
             )
-            bar = Progress(TextColumn("[bold]explain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TextColumn("{task.fields[status]}"), console=console)
+
+            bar = Progress(
+                TextColumn("[bold]explain"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=console,
+            )
             tid = bar.add_task("explain", total=len(todo), status="")
             bar.start()
 
@@ -354,8 +432,9 @@ def explain_atlas(atlas: Atlas | str | os.PathLike, explainer, scorer=None, *, t
                     futs = {}
                     for n in todo:
                         task = prepare(at, n, cfg)
-                        futs[pool.submit(explain_one, task, explainer, scorer, tokenizer, cfg,
-                                         (given or {}).get(n))] = n
+                        futs[
+                            pool.submit(explain_one, task, explainer, scorer, tokenizer, cfg, (given or {}).get(n))
+                        ] = n
                     for fut in as_completed(futs):
                         record(futs[fut], fut.result())
         finally:

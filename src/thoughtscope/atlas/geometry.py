@@ -21,7 +21,7 @@ def nearest_features(W_dec: torch.Tensor, k: int = 10, chunk: int = 1024):
     k = min(k, m - 1)
     idx, val = [], []
     for s in range(0, m, chunk):
-        S = Wn[s:s + chunk] @ Wn.T
+        S = Wn[s : s + chunk] @ Wn.T
         r = torch.arange(S.shape[0])
         S[r, r + s] = -math.inf
         v, i = S.topk(k, dim=1)

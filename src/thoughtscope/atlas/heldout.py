@@ -59,14 +59,14 @@ def piece(tokenizer, tid: int) -> str:
 class ExplainConfig:
     """How many examples the explainer sees and the scorer is judged on (shared by every explainer and scorer)."""
 
-    n_top: int = 10              # top examples shown to the explainer
-    n_quantile: int = 20         # quantile examples shown to the explainer (spread over the bins)
-    n_score_pos: int = 20        # held-out activating windows for detection (and fuzzing)
-    n_score_neg: int = 20        # held-out silent windows for detection
-    per_prompt: int = 10         # examples per LLM scorer request
-    show_left: int = 12          # tokens shown before the peak ...
-    show_right: int = 4          # ... and after it
-    mark_frac: float = 0.3       # mark tokens above this fraction of the example's peak activation
+    n_top: int = 10  # top examples shown to the explainer
+    n_quantile: int = 20  # quantile examples shown to the explainer (spread over the bins)
+    n_score_pos: int = 20  # held-out activating windows for detection (and fuzzing)
+    n_score_neg: int = 20  # held-out silent windows for detection
+    per_prompt: int = 10  # examples per LLM scorer request
+    show_left: int = 12  # tokens shown before the peak ...
+    show_right: int = 4  # ... and after it
+    mark_frac: float = 0.3  # mark tokens above this fraction of the example's peak activation
     explain_max_tokens: int = 60
     score_max_tokens: int = 120
     fuzz: bool = True
@@ -97,7 +97,7 @@ def render(ex: Example, tokenizer, cfg: ExplainConfig, *, marks: set[int] | None
     as itself rather than as replacement characters."""
     lo, hi = span(ex, cfg)
     if not marks:
-        return tokenizer.decode([int(t) for t in ex.tokens[lo:hi + 1]]).replace("\n", "⏎")
+        return tokenizer.decode([int(t) for t in ex.tokens[lo : hi + 1]]).replace("\n", "⏎")
     out = []
     for p in range(lo, hi + 1):
         s = piece(tokenizer, ex.tokens[p])
@@ -146,8 +146,15 @@ class FeatureTask:
         return {e.ctx for e in self.pos + self.neg}
 
 
-def _silent_windows(atlas: Atlas, feature: int, contexts: list[int], extents: list[tuple[int, int]], n: int,
-                    rng: random.Random, active: dict[int, dict[int, float]]) -> list[Example]:
+def _silent_windows(
+    atlas: Atlas,
+    feature: int,
+    contexts: list[int],
+    extents: list[tuple[int, int]],
+    n: int,
+    rng: random.Random,
+    active: dict[int, dict[int, float]],
+) -> list[Example]:
     """Up to n windows from `contexts`, one per context, where the feature is zero on every shown token.
 
     Window i borrows the (left, right) extent of held-out positive i (cycled), so both classes show texts of
@@ -168,9 +175,20 @@ def _silent_windows(atlas: Atlas, feature: int, contexts: list[int], extents: li
             pos = rng.randint(lo_p, hi_p)
             if not any(pos - left <= p <= pos + right and a > 0 for p, a in fired.items()):
                 # the window covers exactly the borrowed extent, so `span` shows what was checked to be silent
-                out.append(Example(feature=feature, kind="negative", rank=len(out), bin=-1, ctx=ctx, pos=pos, act=0.0,
-                                   tokens=tokens, window=np.zeros(left + 1 + right, dtype=np.float32),
-                                   start=pos - left))
+                out.append(
+                    Example(
+                        feature=feature,
+                        kind="negative",
+                        rank=len(out),
+                        bin=-1,
+                        ctx=ctx,
+                        pos=pos,
+                        act=0.0,
+                        tokens=tokens,
+                        window=np.zeros(left + 1 + right, dtype=np.float32),
+                        start=pos - left,
+                    )
+                )
                 break
     return out
 
@@ -202,7 +220,7 @@ def prepare(atlas: Atlas, feature: int, cfg: ExplainConfig) -> FeatureTask:
     background, scoring_half = random_context_halves(atlas)
     seen = {e.ctx for e in shown} | set(background)  # the explainer reads the background half as ordinary text
     held_q = [e for b in order for e in bins[b] if e.ctx not in seen]
-    held_top = [e for e in top[cfg.n_top:] if e.ctx not in seen]
+    held_top = [e for e in top[cfg.n_top :] if e.ctx not in seen]
     rng.shuffle(held_q)
     rng.shuffle(held_top)
     n_q = min(len(held_q), max(cfg.n_score_pos - len(held_top), (cfg.n_score_pos + 1) // 2))
@@ -213,6 +231,7 @@ def prepare(atlas: Atlas, feature: int, cfg: ExplainConfig) -> FeatureTask:
             where.add((e.ctx, e.pos))
     extents = [(e.pos - span(e, cfg)[0], span(e, cfg)[1] - e.pos) for e in pos] or [(cfg.show_left, cfg.show_right)]
     active = atlas.random_activations(feature)
-    neg = _silent_windows(atlas, feature, [c for c in scoring_half if c not in seen], extents, cfg.n_score_neg, rng,
-                          active)
+    neg = _silent_windows(
+        atlas, feature, [c for c in scoring_half if c not in seen], extents, cfg.n_score_neg, rng, active
+    )
     return FeatureTask(feature=feature, max_act=f.max_act, shown=shown, pos=pos, neg=neg, logits_pos=f.logits_pos)

@@ -133,12 +133,14 @@ def _code_strength(text_lower: str) -> float:
         return 0.0
     share = sum(c in _CODE_CHARS for c in chars) / len(chars)
     idents = len(_CODE_IDENT.findall(text_lower))
-    raw = share / 0.08 + 0.5 * idents     # 8 % code punctuation, or two code-like identifiers: clearly code
+    raw = share / 0.08 + 0.5 * idents  # 8 % code punctuation, or two code-like identifiers: clearly code
     return min(1.0, raw / 2)
 
 
 # ----------------------------------------------------------------------------- layout
-_PATH = re.compile(r"https?://|www\.|[a-z0-9_~.-]*/[a-z0-9_.-]+/|[a-z0-9_-]+\.(?:py|c|h|so|conf|cfg|txt|html|org|com|net)\b")
+_PATH = re.compile(
+    r"https?://|www\.|[a-z0-9_~.-]*/[a-z0-9_.-]+/|[a-z0-9_-]+\.(?:py|c|h|so|conf|cfg|txt|html|org|com|net)\b"
+)
 _PUNCT = set(".,:;!?()[]{}\"'«»“”‘’-–—*/\\|<>=#%&@$^~`+")
 
 

@@ -52,30 +52,44 @@ OFFLINE = "offline-tokens-v2"
 class OfflineOptions:
     """Limits of the written explanation and how much evidence a cue needs."""
 
-    max_fire: int = 6             # cues in "fires on"
-    max_context: int = 4          # cues in "context"
-    max_promotes: int = 3         # tokens in "promotes"
-    max_kinds: int = 3            # languages / scripts named ("in German or Polish text"), and as many kinds of
+    max_fire: int = 6  # cues in "fires on"
+    max_context: int = 4  # cues in "context"
+    max_promotes: int = 3  # tokens in "promotes"
+    max_kinds: int = 3  # languages / scripts named ("in German or Polish text"), and as many kinds of
     #                               content ("with digits or code"; kinds.py)
-    min_gain: float = 0.002       # smallest gain in the simulated scorer's AUROC for a cue to be kept
-    max_candidates: int = 60      # cues searched (the best by TPR - FPR of "present")
-    min_support: int = 2          # a string cue must occur in this many of the windows it learns from
+    min_gain: float = 0.002  # smallest gain in the simulated scorer's AUROC for a cue to be kept
+    max_candidates: int = 60  # cues searched (the best by TPR - FPR of "present")
+    min_support: int = 2  # a string cue must occur in this many of the windows it learns from
     background_examples: int = 100  # windows around activations in the background text also learnt from (0: none)
     min_context_support: float = 0.2  # a context cue must occur in this share of those windows
-    background_stride: int = 6    # background windows start every this many tokens
+    background_stride: int = 6  # background windows start every this many tokens
 
     def __post_init__(self) -> None:
         if min(self.max_fire, self.background_stride) < 1 or min(self.max_context, self.max_promotes) < 0:
-            raise ExplainerError(f"OfflineOptions: max_fire and background_stride must be >= 1, max_context and "
-                                 f"max_promotes >= 0; got {self}")
+            raise ExplainerError(
+                f"OfflineOptions: max_fire and background_stride must be >= 1, max_context and "
+                f"max_promotes >= 0; got {self}"
+            )
 
 
 # kinds of text an explanation may name (kinds.py says what each matches), as written: languages and scripts
 # ("in German or Polish text") and what the text is made of ("with digits or punctuation")
-LANGUAGE_WORDS = {"cyrillic": "Cyrillic", "cjk": "CJK", "greek": "Greek", "arabic": "Arabic", "accented": "accented",
-                  "non-english": "non-English", **{lang: lang.capitalize() for lang in LANGUAGES}}
-LAYOUT_WORDS = {"digits": "digits", "code": "code", "line-breaks": "line-breaks", "paths": "paths",
-                "punctuation": "punctuation"}
+LANGUAGE_WORDS = {
+    "cyrillic": "Cyrillic",
+    "cjk": "CJK",
+    "greek": "Greek",
+    "arabic": "Arabic",
+    "accented": "accented",
+    "non-english": "non-English",
+    **{lang: lang.capitalize() for lang in LANGUAGES},
+}
+LAYOUT_WORDS = {
+    "digits": "digits",
+    "code": "code",
+    "line-breaks": "line-breaks",
+    "paths": "paths",
+    "punctuation": "punctuation",
+}
 KIND_WORDS = {**LANGUAGE_WORDS, **LAYOUT_WORDS}
 
 
@@ -149,7 +163,7 @@ class OfflineExplainer:
             toks = self.bg_tokens[ctx] = atlas.context(ctx)
             for lo in range(1, max(2, len(toks) - width + 1), self.opt.background_stride):
                 hi = min(len(toks) - 1, lo + width - 1)
-                self.bg_text.append(tokenizer.decode(toks[lo:hi + 1]).replace("\n", "⏎").lower())
+                self.bg_text.append(tokenizer.decode(toks[lo : hi + 1]).replace("\n", "⏎").lower())
                 bg_ctx.append(ctx), bg_lo.append(lo), bg_hi.append(hi)
         self.bg_ctx, self.bg_lo, self.bg_hi = np.asarray(bg_ctx), np.asarray(bg_lo), np.asarray(bg_hi)
         self._bg_cache: dict[str | tuple, np.ndarray] = {}
@@ -230,7 +244,9 @@ class OfflineExplainer:
         if opt.background_examples:
             wins += self._background_examples(task.feature, opt.background_examples)
         # as the scorer reads a window (heldout.render): the span decoded in one piece
-        texts = [tok.decode([int(t) for t in toks[lo:hi + 1]]).replace("\n", "⏎").lower() for toks, lo, hi, _, _ in wins]
+        texts = [
+            tok.decode([int(t) for t in toks[lo : hi + 1]]).replace("\n", "⏎").lower() for toks, lo, hi, _, _ in wins
+        ]
         fire: dict[str, int] = {}
         context: dict[str, int] = {}
         peaks: dict[str, int] = {}
@@ -259,22 +275,31 @@ class OfflineExplainer:
         need = min(opt.min_support, max(1, n // 2))
         cands = [(c, "language") for c in LANGUAGE_WORDS] + [(c, "layout") for c in LAYOUT_WORDS]
         cands += [(c, "fire") for c, k in fire.items() if k >= need and _quote(c)]
-        cands += [(c, "context") for c, k in context.items() if k >= max(need, opt.min_context_support * n)
-                  and c not in fire and _quote(c)]
+        cands += [
+            (c, "context")
+            for c, k in context.items()
+            if k >= max(need, opt.min_context_support * n) and c not in fire and _quote(c)
+        ]
         silent = self._silent(task.feature)
         promotes = []
         for tid, _ in task.logits_pos:
             s = piece(tok, tid).strip()
-            if (_readable(s) and _quote(s) and s.lower() not in [p.lower() for p in promotes]
-                    and len(promotes) < opt.max_promotes):
+            if (
+                _readable(s)
+                and _quote(s)
+                and s.lower() not in [p.lower() for p in promotes]
+                and len(promotes) < opt.max_promotes
+            ):
                 promotes.append(s)
 
         def vectors(c: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
             """How well each shown window and each silent background window matches the cue (the scorer's reading)."""
             if kind in ("language", "layout"):
                 return np.array([strength(c, t) for t in texts]), self._bg_strength(c)[silent]
-            return (np.fromiter((c in t for t in texts), dtype=bool, count=n).astype(np.float64),
-                    self._bg_has(c).astype(np.float64)[silent])
+            return (
+                np.fromiter((c in t for t in texts), dtype=bool, count=n).astype(np.float64),
+                self._bg_has(c).astype(np.float64)[silent],
+            )
 
         # the scorer's reading of what is always written (the promoted tokens weigh a quarter, as it reads them)
         sp, sn = np.zeros(n), np.zeros(int(silent.sum()))
@@ -288,8 +313,7 @@ class OfflineExplainer:
             cands = sorted((ck for ck in cands if j[ck] > 0), key=lambda ck: (-j[ck], len(ck[0]), ck[0]))
             cands = cands[: opt.max_candidates]
         picked: dict[str, list[str]] = {"fire": [], "context": [], "language": [], "layout": []}
-        limit = {"fire": opt.max_fire, "context": opt.max_context, "language": opt.max_kinds,
-                 "layout": opt.max_kinds}
+        limit = {"fire": opt.max_fire, "context": opt.max_context, "language": opt.max_kinds, "layout": opt.max_kinds}
         current = _auroc(sp, sn) if len(sn) else 0.0
         while len(sn):  # no silent background text (a feature active everywhere): nothing to compare against
             best, best_key = None, None
@@ -326,9 +350,19 @@ class OfflineExplainer:
         return "; ".join(parts) if parts else "fires on unclear tokens"
 
 
-def explain_offline(atlas: Atlas | str | os.PathLike, *, tokenizer, features=None, sample: int | None = None,
-                    config: ExplainConfig | None = None, options: OfflineOptions | None = None,
-                    overwrite: bool = False, control: bool = True, progress: bool = True, console=None) -> dict:
+def explain_offline(
+    atlas: Atlas | str | os.PathLike,
+    *,
+    tokenizer,
+    features=None,
+    sample: int | None = None,
+    config: ExplainConfig | None = None,
+    options: OfflineOptions | None = None,
+    overwrite: bool = False,
+    control: bool = True,
+    progress: bool = True,
+    console=None,
+) -> dict:
     """Explain and score features of an atlas without any language model; results go into its database.
 
     Every explanation is scored by the lexical scorer (scoring.py) on its feature's held-out contexts, and
@@ -347,8 +381,11 @@ def explain_offline(atlas: Atlas | str | os.PathLike, *, tokenizer, features=Non
         todo = select_features(at, features, sample, cfg.seed)
         if not overwrite:
             # an earlier offline version's explanation is replaced; another method's (an LLM's, a person's) is kept
-            keep = {f for f in at.explained("ok")
-                    if not str((at.explanation(f) or {}).get("method") or OFFLINE).startswith("offline-tokens")}
+            keep = {
+                f
+                for f in at.explained("ok")
+                if not str((at.explanation(f) or {}).get("method") or OFFLINE).startswith("offline-tokens")
+            }
             todo = [f for f in todo if f not in keep]
         explainer = OfflineExplainer(at, tokenizer, cfg, options)
         scorer = LexicalScorer()
@@ -359,20 +396,33 @@ def explain_offline(atlas: Atlas | str | os.PathLike, *, tokenizer, features=Non
             for n in todo:
                 t1 = time.perf_counter()
                 task = prepare(at, n, cfg)
-                rec = {"explainer": explainer.name, "scorer": scorer.name, "method": explainer.method,
-                       "scorer_method": scorer.method, "created": time.time()}
+                rec = {
+                    "explainer": explainer.name,
+                    "scorer": scorer.name,
+                    "method": explainer.method,
+                    "scorer_method": scorer.method,
+                    "created": time.time(),
+                }
                 try:
                     rec["explanation"] = explainer.explain(task)
                     texts, labels = detection_items(task, tokenizer, cfg)
                     det = lexical_detection(rec["explanation"], texts, labels, scorer)
                     fz = lexical_fuzz(task, rec["explanation"], tokenizer, cfg, scorer) if cfg.fuzz and task.pos else {}
-                    rec.update(status="ok", detection_auroc=det["auroc"], detection_bacc=det["bacc"],
-                               fuzz_auroc=fz.get("auroc"), fuzz_bacc=fz.get("bacc"))
-                    rec["details"] = {"n_shown": len(task.shown), "n_pos": len(task.pos), "n_neg": len(task.neg),
-                                      "shown_contexts": sorted(task.shown_contexts()),
-                                      "heldout_contexts": sorted(task.heldout_contexts()),
-                                      "detection": {"labels": det["labels"],
-                                                    "probs": [round(p, 4) for p in det["probs"]]}}
+                    rec.update(
+                        status="ok",
+                        detection_auroc=det["auroc"],
+                        detection_bacc=det["bacc"],
+                        fuzz_auroc=fz.get("auroc"),
+                        fuzz_bacc=fz.get("bacc"),
+                    )
+                    rec["details"] = {
+                        "n_shown": len(task.shown),
+                        "n_pos": len(task.pos),
+                        "n_neg": len(task.neg),
+                        "shown_contexts": sorted(task.shown_contexts()),
+                        "heldout_contexts": sorted(task.heldout_contexts()),
+                        "detection": {"labels": det["labels"], "probs": [round(p, 4) for p in det["probs"]]},
+                    }
                     held[n] = (texts, labels)  # the texts only: a whole atlas of tasks would not fit in memory
                 except ExplainerError as e:  # one feature's failure is recorded, the run goes on
                     rec.update(status="failed", error=str(e))
@@ -401,8 +451,9 @@ def _bar(enabled: bool, console, total: int):
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("[bold]explain (offline)"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console)
+    bar = Progress(
+        TextColumn("[bold]explain (offline)"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
     tid = bar.add_task("explain", total=total)
     bar.start()
     return bar, tid

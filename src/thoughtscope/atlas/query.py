@@ -12,8 +12,9 @@ from .db import Atlas, AtlasError
 
 
 @torch.no_grad()
-def feature_acts(lm: LoadedModel, sae, texts: Sequence[str], *, site: Site | str | None = None,
-                 exclude_bos: bool | None = None) -> list[tuple[list[int], torch.Tensor]]:
+def feature_acts(
+    lm: LoadedModel, sae, texts: Sequence[str], *, site: Site | str | None = None, exclude_bos: bool | None = None
+) -> list[tuple[list[int], torch.Tensor]]:
     """(token ids, activations [T, n_features]) per text; position 0 zeroed when the SAE excludes it."""
     site = Site.parse(site or sae.cfg.site)
     excl = sae.cfg.exclude_bos if exclude_bos is None else exclude_bos
@@ -51,8 +52,17 @@ def top_features_for_text(lm: LoadedModel, sae, text: str, *, k: int = 5, site=N
     return {"tokens": per_token, "overall": overall}
 
 
-def contrast(lm: LoadedModel, sae, prompts: Sequence[str], controls: Sequence[str], *, k: int = 20,
-             atlas: Atlas | None = None, site=None, max_control_rate: float = 0.5) -> list[dict]:
+def contrast(
+    lm: LoadedModel,
+    sae,
+    prompts: Sequence[str],
+    controls: Sequence[str],
+    *,
+    k: int = 20,
+    atlas: Atlas | None = None,
+    site=None,
+    max_control_rate: float = 0.5,
+) -> list[dict]:
     """Features most active on `prompts` and least on `controls`, with the atlas's maxima as the scale.
 
     Score = (mean over prompts of the feature's peak activation − mean over controls of it) / M, M the
@@ -64,17 +74,41 @@ def contrast(lm: LoadedModel, sae, prompts: Sequence[str], controls: Sequence[st
 
     try:
         ref = feature_max(sae, atlas)
-        rows = contrast_features(lm, sae, site, prompts, controls, score="max", top=k,
-                                 max_control_rate=max_control_rate, maxima=ref.values if ref else None)
+        rows = contrast_features(
+            lm,
+            sae,
+            site,
+            prompts,
+            controls,
+            score="max",
+            top=k,
+            max_control_rate=max_control_rate,
+            maxima=ref.values if ref else None,
+        )
     except FeatureError as e:
         raise AtlasError(f"contrastive search: {e}") from None
-    return [{"feature": r.feature, "score": r.score, "prompt_mean": r.mean_prompts, "control_mean": r.mean_controls,
-             "prompt_fire_rate": r.freq_prompts, "control_fire_rate": r.freq_controls,
-             "normalised": atlas is not None} for r in rows]
+    return [
+        {
+            "feature": r.feature,
+            "score": r.score,
+            "prompt_mean": r.mean_prompts,
+            "control_mean": r.mean_controls,
+            "prompt_fire_rate": r.freq_prompts,
+            "control_fire_rate": r.freq_controls,
+            "normalised": atlas is not None,
+        }
+        for r in rows
+    ]
 
 
-def open_with_model(atlas_path, *, device: str | None = None, sae_path: str | None = None, model: str | None = None,
-                    lm: LoadedModel | None = None):
+def open_with_model(
+    atlas_path,
+    *,
+    device: str | None = None,
+    sae_path: str | None = None,
+    model: str | None = None,
+    lm: LoadedModel | None = None,
+):
     """(atlas, lm, sae) for commands that need the model again: both are found from the atlas's own metadata.
 
     The SAE is loaded from `sae_path` or the path recorded at build time, and checked against the atlas by
@@ -90,8 +124,10 @@ def open_with_model(atlas_path, *, device: str | None = None, sae_path: str | No
         raise AtlasError(f"{at.path} does not record where its SAE is (built from an in-memory SAE); pass --sae")
     sae = load_sae(spath, device=device)
     if sae_fingerprint(sae.cpu()) != at.meta.get("sae_fingerprint"):
-        raise AtlasError(f"the SAE at {spath} is not the one {at.path} was built from (weights differ); "
-                         f"pass the original --sae or rebuild the atlas")
+        raise AtlasError(
+            f"the SAE at {spath} is not the one {at.path} was built from (weights differ); "
+            f"pass the original --sae or rebuild the atlas"
+        )
     spec = model or (at.meta.get("model_source") or {}).get("spec") or at.meta.get("model")
     if lm is None:
         lm = load_model(spec, device=device)

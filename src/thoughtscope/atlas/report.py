@@ -37,6 +37,7 @@ def _png(fig) -> bytes:
 
 def _plots(atlas: Atlas, sample_scores: list[dict]) -> dict[str, bytes]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -54,8 +55,12 @@ def _plots(atlas: Atlas, sample_scores: list[dict]) -> dict[str, bytes]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    keys = [("detection_auroc", "detection AUROC"), ("shuffled_detection_auroc", "shuffled control AUROC"),
-            ("detection_bacc", "detection bal. acc."), ("fuzz_auroc", "fuzzing AUROC")]
+    keys = [
+        ("detection_auroc", "detection AUROC"),
+        ("shuffled_detection_auroc", "shuffled control AUROC"),
+        ("detection_bacc", "detection bal. acc."),
+        ("fuzz_auroc", "fuzzing AUROC"),
+    ]
     bins = np.linspace(0, 1, 21)
     for k, label in keys:
         v = [r[k] for r in sample_scores if r.get(k) is not None]
@@ -112,8 +117,9 @@ def _ctx_html(ex, tokenizer, max_act: float, left: int = 12, right: int = 4) -> 
         cls = ' class="peak"' if ex.pos in where else ""
         if a > 0:
             lvl = min(1.0, a / max_act) if max_act > 0 else 0
-            spans.append(f'<span{cls} style="background:rgba(230,80,20,{0.15 + 0.75 * lvl:.2f})" '
-                         f'title="{a:.3g}">{s}</span>')
+            spans.append(
+                f'<span{cls} style="background:rgba(230,80,20,{0.15 + 0.75 * lvl:.2f})" title="{a:.3g}">{s}</span>'
+            )
         else:
             spans.append(f"<span{cls}>{s}</span>")
     return f'<div class="ctx"><span class="dim">{ex.act:7.3g} </span>{"".join(spans)}</div>'
@@ -122,11 +128,15 @@ def _ctx_html(ex, tokenizer, max_act: float, left: int = 12, right: int = 4) -> 
 def _card_html(atlas: Atlas, n: int, tokenizer) -> str:
     f = atlas.feature(n)
     ex = f.explanation
-    h = [f'<div class="card"><b>feature {n}</b> <span class="meta">density {f.density:.2e} · max {f.max_act:.3g} · '
-         f'active on {f.n_active:,} tokens</span>']
+    h = [
+        f'<div class="card"><b>feature {n}</b> <span class="meta">density {f.density:.2e} · max {f.max_act:.3g} · '
+        f"active on {f.n_active:,} tokens</span>"
+    ]
     if ex and ex["status"] == "ok":
-        h.append(f"<div><b>explanation:</b> {html.escape(ex['explanation'] or '')}<br>"
-                 f'<span class="meta">{html.escape(score_line(ex))}</span></div>')
+        h.append(
+            f"<div><b>explanation:</b> {html.escape(ex['explanation'] or '')}<br>"
+            f'<span class="meta">{html.escape(score_line(ex))}</span></div>'
+        )
     elif ex:
         h.append(f'<div class="meta">explanation failed: {html.escape(str(ex.get("error")))}</div>')
     if f.dead:
@@ -145,8 +155,15 @@ def _card_html(atlas: Atlas, n: int, tokenizer) -> str:
     return "".join(h)
 
 
-def write_report(atlas: Atlas | str | os.PathLike, out: str | os.PathLike | None = None, *, tokenizer=None,
-                 n_cards: int = 12, n_score_sample: int = 200, seed: int = 0) -> Path:
+def write_report(
+    atlas: Atlas | str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    tokenizer=None,
+    n_cards: int = 12,
+    n_score_sample: int = 200,
+    seed: int = 0,
+) -> Path:
     """Write report.html (+ density.png, scores.png, max_act.png) next to the atlas or into `out`.
 
     Tokens are decoded with `tokenizer`, or, when it is None, with the atlas's own model tokenizer (loaded
@@ -160,6 +177,7 @@ def write_report(atlas: Atlas | str | os.PathLike, out: str | os.PathLike | None
         out_dir.mkdir(parents=True, exist_ok=True)
         explained = sorted(at.explained("ok"))
         import random
+
         rng = random.Random(seed)
         score_ids = sorted(rng.sample(explained, min(n_score_sample, len(explained))))
         scores = at.scores(score_ids)
@@ -172,41 +190,69 @@ def write_report(atlas: Atlas | str | os.PathLike, out: str | os.PathLike | None
         m = at.meta
         n_dead = int((st["n_active"] == 0).sum())
         cards = at.random_features(n_cards, seed=seed, alive_only=True)
-        rows = [("model", m.get("model")), ("site", m.get("site")), ("SAE", m.get("sae_path") or "(in memory)"),
-                ("architecture", m.get("sae_config", {}).get("arch")), ("features", at.n_features),
-                ("alive / dead", f"{at.n_features - n_dead} / {n_dead}"), ("tokens read", f"{m.get('n_tokens'):,}"),
-                ("corpus", m["corpus"].get("spec") if isinstance(m.get("corpus"), dict) else m.get("corpus")),
-                ("explained features", len(explained)), ("position 0 excluded", m.get("exclude_bos"))]
-        body = [f"<h1>Feature atlas: {html.escape(str(m.get('model')))} {html.escape(str(m.get('site')))}</h1>",
-                '<table>' + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                                    for k, v in rows) + "</table>",
-                "<h2>Density and activation</h2><div class='grid'>"
-                + "".join(f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode(pngs[n]).decode()}">'
-                          for n in ("density.png", "max_act.png")) + "</div>",
-                f"<h2>Explanation scores (random sample of {len(scores)} explained features)</h2>",
-                f'<img alt="scores" src="data:image/png;base64,{base64.b64encode(pngs["scores.png"]).decode()}">']
+        rows = [
+            ("model", m.get("model")),
+            ("site", m.get("site")),
+            ("SAE", m.get("sae_path") or "(in memory)"),
+            ("architecture", m.get("sae_config", {}).get("arch")),
+            ("features", at.n_features),
+            ("alive / dead", f"{at.n_features - n_dead} / {n_dead}"),
+            ("tokens read", f"{m.get('n_tokens'):,}"),
+            ("corpus", m["corpus"].get("spec") if isinstance(m.get("corpus"), dict) else m.get("corpus")),
+            ("explained features", len(explained)),
+            ("position 0 excluded", m.get("exclude_bos")),
+        ]
+        body = [
+            f"<h1>Feature atlas: {html.escape(str(m.get('model')))} {html.escape(str(m.get('site')))}</h1>",
+            "<table>"
+            + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+            + "</table>",
+            "<h2>Density and activation</h2><div class='grid'>"
+            + "".join(
+                f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode(pngs[n]).decode()}">'
+                for n in ("density.png", "max_act.png")
+            )
+            + "</div>",
+            f"<h2>Explanation scores (random sample of {len(scores)} explained features)</h2>",
+            f'<img alt="scores" src="data:image/png;base64,{base64.b64encode(pngs["scores.png"]).decode()}">',
+        ]
         if scores:
             from .scoring import mean_ci
 
             def mean(k):
                 c = mean_ci([r[k] for r in scores if r.get(k) is not None], seed=seed)
                 return f"{c['mean']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] (n={c['n']})" if c["n"] else "–"
-            methods = sorted({f"{r.get('method') or 'not recorded'} / {r.get('scorer_method') or 'not recorded'}"
-                              for r in scores})
-            body.append("<table>" + "".join(f"<tr><th>{k}</th><td>{mean(k)}</td></tr>" for k in
-                                            ("detection_auroc", "shuffled_detection_auroc", "detection_bacc",
-                                             "shuffled_detection_bacc", "fuzz_auroc", "fuzz_bacc"))
-                        + f"<tr><th>written by / scored by</th><td>{html.escape('; '.join(methods))}</td></tr>"
-                        + "</table><p class='meta'>Scores are measured on held-out contexts the explanation was not "
-                          "written from; the shuffled control scores each feature with another feature's "
-                          "explanation (chance, measured). Means with 95% bootstrap CIs over features.</p>")
+
+            methods = sorted(
+                {f"{r.get('method') or 'not recorded'} / {r.get('scorer_method') or 'not recorded'}" for r in scores}
+            )
+            body.append(
+                "<table>"
+                + "".join(
+                    f"<tr><th>{k}</th><td>{mean(k)}</td></tr>"
+                    for k in (
+                        "detection_auroc",
+                        "shuffled_detection_auroc",
+                        "detection_bacc",
+                        "shuffled_detection_bacc",
+                        "fuzz_auroc",
+                        "fuzz_bacc",
+                    )
+                )
+                + f"<tr><th>written by / scored by</th><td>{html.escape('; '.join(methods))}</td></tr>"
+                + "</table><p class='meta'>Scores are measured on held-out contexts the explanation was not "
+                "written from; the shuffled control scores each feature with another feature's "
+                "explanation (chance, measured). Means with 95% bootstrap CIs over features.</p>"
+            )
         else:
             body.append("<p class='meta'>No explanations yet: run <code>thoughtscope atlas explain</code>.</p>")
         body.append(f"<h2>Random features ({len(cards)}, uniformly sampled among alive features, seed {seed})</h2>")
         body += [_card_html(at, n, tokenizer) for n in cards]
         body.append(f"<p class='meta'>written {time.strftime('%Y-%m-%d %H:%M')} by thoughtscope atlas report</p>")
-        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>atlas {html.escape(str(m.get('model')))}"
-                f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+        page = (
+            f"<!doctype html><html><head><meta charset='utf-8'><title>atlas {html.escape(str(m.get('model')))}"
+            f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+        )
         path = out_dir / "report.html"
         tmp = out_dir / "report.html.tmp"
         tmp.write_text(page, encoding="utf-8")

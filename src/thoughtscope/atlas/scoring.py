@@ -28,13 +28,27 @@ from .db import Atlas
 from .heldout import ExplainConfig, FeatureTask, piece, render, shuffled_marks, true_marks
 from .kinds import SCRIPTS, is_kind, strength
 
-__all__ = ["LEXICAL", "SCRIPTS", "Cue", "LexicalScorer", "auroc", "balanced_accuracy", "derangement",
-           "detection_items", "lexical_detection", "lexical_fuzz", "mean_ci", "parse_cues", "summarize"]
+__all__ = [
+    "LEXICAL",
+    "SCRIPTS",
+    "Cue",
+    "LexicalScorer",
+    "auroc",
+    "balanced_accuracy",
+    "derangement",
+    "detection_items",
+    "lexical_detection",
+    "lexical_fuzz",
+    "mean_ci",
+    "parse_cues",
+    "summarize",
+]
 
 LEXICAL = "lexical-v2"
 
 # words that carry no evidence about a context: grammar, and the vocabulary of explanations themselves
-_STOP = set("""a an the and or but of in on at to for from by with without into onto over under about as is are was
+_STOP = set(
+    """a an the and or but of in on at to for from by with without into onto over under about as is are was
 were be been being it its this that these those there their they them he she his her we our you your i me my not no
 yes so than then too very can could may might will would should do does did done has have had some any each every
 all most more less many much such like same other another also only just even both either neither whether when where
@@ -45,23 +59,24 @@ appear appears appearing occurrence occurrences example examples sentence senten
 specific specifically various certain particular different general generally near after before following
 preceded followed typical promotes promote promoting predicts predict predicting suppresses suppress boosts outputs
 unclear letter letters character characters inside within part parts including include includes containing contains
-contain used using use kind type types form forms refers refer referring indicates indicating""".split())
+contain used using use kind type types form forms refers refer referring indicates indicating""".split()
+)
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|(?<![\w])\'([^\']+)\'(?![\w])')
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z]+)?")
 
 
 @dataclass(frozen=True)
 class Cue:
-    text: str        # lower-cased
+    text: str  # lower-cased
     weight: float
-    literal: bool    # quoted: match anywhere; else: match at a word start
-    main: bool       # from a clause about where the feature fires (not what it promotes)
+    literal: bool  # quoted: match anywhere; else: match at a word start
+    main: bool  # from a clause about where the feature fires (not what it promotes)
     kind: bool = False  # a kind of text (kinds.py: a script, a language, code): matches text of that kind
 
 
 RANK_DECAY = 0.5
 OUTPUT_WEIGHT = 0.25  # a clause about what the feature promotes or predicts: those tokens tend to follow it
-ACTIVE_AT = 0.75      # predicted active from this share of the heaviest main cue's weight (chosen on validation)
+ACTIVE_AT = 0.75  # predicted active from this share of the heaviest main cue's weight (chosen on validation)
 
 
 def rank_weight(i: int) -> float:
@@ -77,7 +92,7 @@ def clauses(explanation: str) -> list[str]:
     out, start = [], 0
     for m in _CLAUSE.finditer(explanation):
         if m.group(1):
-            out.append(explanation[start:m.start()])
+            out.append(explanation[start : m.start()])
             start = m.end()
     return out + [explanation[start:]]
 
@@ -191,8 +206,11 @@ def mean_ci(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0, level
     rng = np.random.default_rng(seed)
     boots = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
     a = (1 - level) / 2
-    return {"mean": float(v.mean()), "ci": [float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))],
-            "n": int(len(v))}
+    return {
+        "mean": float(v.mean()),
+        "ci": [float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))],
+        "n": int(len(v)),
+    }
 
 
 # --------------------------------------------------------------------------- scoring a feature
@@ -204,16 +222,22 @@ def detection_items(task: FeatureTask, tokenizer, cfg: ExplainConfig) -> tuple[l
     return texts, [1] * len(task.pos) + [0] * len(task.neg)
 
 
-def lexical_detection(explanation: str, texts: Sequence[str], labels: Sequence[int],
-                      scorer: LexicalScorer | None = None) -> dict:
+def lexical_detection(
+    explanation: str, texts: Sequence[str], labels: Sequence[int], scorer: LexicalScorer | None = None
+) -> dict:
     """Detection: AUROC of the graded score, balanced accuracy of the scorer's predicted-active rule."""
     scores, active = (scorer or LexicalScorer()).predict(explanation, texts)
-    return {"labels": list(labels), "probs": scores, "bacc": balanced_accuracy(labels, [float(a) for a in active]),
-            "auroc": auroc(labels, scores)}
+    return {
+        "labels": list(labels),
+        "probs": scores,
+        "bacc": balanced_accuracy(labels, [float(a) for a in active]),
+        "auroc": auroc(labels, scores),
+    }
 
 
-def lexical_fuzz(task: FeatureTask, explanation: str, tokenizer, cfg: ExplainConfig,
-                 scorer: LexicalScorer | None = None) -> dict:
+def lexical_fuzz(
+    task: FeatureTask, explanation: str, tokenizer, cfg: ExplainConfig, scorer: LexicalScorer | None = None
+) -> dict:
     """Fuzzing on the held-out activating windows: true marks on every other example, random ones on the rest."""
 
     scorer = scorer or LexicalScorer()
@@ -246,8 +270,14 @@ def summarize(at: Atlas, features, *, method: str | None = None, seconds: float 
     rows = at.scores(features)
     failed = [f for f in features if (at.explanation(f) or {}).get("status") == "failed"]
     out: dict = {"method": method, "requested": len(list(features)), "ok": len(rows), "failed": len(failed)}
-    for key in ("detection_auroc", "detection_bacc", "fuzz_auroc", "fuzz_bacc", "shuffled_detection_auroc",
-                "shuffled_detection_bacc"):
+    for key in (
+        "detection_auroc",
+        "detection_bacc",
+        "fuzz_auroc",
+        "fuzz_bacc",
+        "shuffled_detection_auroc",
+        "shuffled_detection_bacc",
+    ):
         ci = mean_ci([r.get(key) for r in rows])
         short = key.replace("shuffled_detection_", "shuffled_")
         out[f"{short}_mean"] = ci["mean"]

@@ -61,15 +61,25 @@ class FeatureStats:
             "res_loc": torch.full((m, R), -1, dtype=torch.int64),
             "res_win": torch.zeros(m, R, W, dtype=WIN_DTYPE),
         }
-        self.tokens = 0          # tokens counted (position 0 excluded when configured)
-        self.batches = 0         # batches consumed
-        self.contexts: list[torch.Tensor] = []   # int32 [B, T] per batch
+        self.tokens = 0  # tokens counted (position 0 excluded when configured)
+        self.batches = 0  # batches consumed
+        self.contexts: list[torch.Tensor] = []  # int32 [B, T] per batch
         self.rand_sparse: list[torch.Tensor] = []  # int64 [n, 3] (ctx, pos, feature) + float32 values
         self.rand_vals: list[torch.Tensor] = []
 
     # --- one batch
-    def update(self, f: torch.Tensor | None, ids: torch.Tensor, ctx0: int, batch_index: int, *,
-               rows: torch.Tensor, feats: torch.Tensor, vals: torch.Tensor, random_stride: int) -> None:
+    def update(
+        self,
+        f: torch.Tensor | None,
+        ids: torch.Tensor,
+        ctx0: int,
+        batch_index: int,
+        *,
+        rows: torch.Tensor,
+        feats: torch.Tensor,
+        vals: torch.Tensor,
+        random_stride: int,
+    ) -> None:
         """(rows, feats, vals): the batch's non-zero activations (row = index in the flattened [B*T] batch,
         position 0 already dropped if excluded). `f`, the same activations as a dense [B*T, m] matrix, is
         optional: windows are then gathered from it instead of from the triples (a slower reference path)."""
@@ -83,6 +93,7 @@ class FeatureStats:
         t["hist"].view(-1).index_add_(0, feats * self.n_hist + b, torch.ones_like(feats))
         loc = ctx0 * T + rows
         if f is not None:
+
             def windows(src: torch.Tensor) -> torch.Tensor:
                 return self._windows_dense(f, rows[src], feats[src], T)
         else:
@@ -94,6 +105,7 @@ class FeatureStats:
                     skey, o = torch.sort(feats * span + rows)
                     lookup.extend([span, skey, vals[o]])
                 return self._windows_sparse(*lookup, rows[src], feats[src], T)
+
         # top-k by activation, reservoir by random key
         self._merge("top", windows, feats, vals, vals, loc, cfg.top_k)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + batch_index)
@@ -120,7 +132,7 @@ class FeatureStats:
         # group by feature, best score first inside a group: one stable sort on an exact integer key (the bits of
         # a non-negative float32 order like the float), ties keep batch order
         bits = (score[cand].float().clamp_min(0) + 0.0).view(torch.int32).long()
-        cand = cand[torch.argsort((feats[cand] << 31) | (2 ** 31 - 1 - bits), stable=True)]
+        cand = cand[torch.argsort((feats[cand] << 31) | (2**31 - 1 - bits), stable=True)]
         fs = feats[cand]
         feat_u, inv, cnt = torch.unique_consecutive(fs, return_inverse=True, return_counts=True)
         rank = torch.arange(fs.numel()) - (torch.cumsum(cnt, 0) - cnt)[inv]
@@ -156,8 +168,9 @@ class FeatureStats:
         pos = rows % T
         return rows - pos, (pos - cfg.window_left).clamp_min(0), (pos + cfg.window_right).clamp_max(T - 1)
 
-    def _windows_sparse(self, span: int, skey: torch.Tensor, svals: torch.Tensor, rows: torch.Tensor,
-                        feats: torch.Tensor, T: int) -> torch.Tensor:
+    def _windows_sparse(
+        self, span: int, skey: torch.Tensor, svals: torch.Tensor, rows: torch.Tensor, feats: torch.Tensor, T: int
+    ) -> torch.Tensor:
         """Activation windows of (row, feature) pairs from the batch's triples sorted by key feature*span + row:
         a window is one key range, found by two binary searches; the few triples inside are scattered."""
         cfg = self.cfg
@@ -189,9 +202,12 @@ class FeatureStats:
     # --- persistence
     def state_dict(self) -> dict[str, Any]:
         return {
-            "tensors": self.t, "tokens": self.tokens, "batches": self.batches,
-            "contexts": (torch.cat(self.contexts) if self.contexts
-                         else torch.zeros(0, self.cfg.ctx_len, dtype=torch.int32)),
+            "tensors": self.t,
+            "tokens": self.tokens,
+            "batches": self.batches,
+            "contexts": (
+                torch.cat(self.contexts) if self.contexts else torch.zeros(0, self.cfg.ctx_len, dtype=torch.int32)
+            ),
             "rand_sparse": torch.cat(self.rand_sparse) if self.rand_sparse else torch.zeros(0, 3, dtype=torch.int64),
             "rand_vals": torch.cat(self.rand_vals) if self.rand_vals else torch.zeros(0),
         }

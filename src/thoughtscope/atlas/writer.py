@@ -26,8 +26,19 @@ if TYPE_CHECKING:
     from .build import AtlasConfig
 
 
-def write_db(lm, sae, stats: FeatureStats, cfg: AtlasConfig, out: Path, ident: dict, site: Site,
-              sae_path: str | None, corpus, random_stride: int, progress: bool) -> Path:
+def write_db(
+    lm,
+    sae,
+    stats: FeatureStats,
+    cfg: AtlasConfig,
+    out: Path,
+    ident: dict,
+    site: Site,
+    sae_path: str | None,
+    corpus,
+    random_stride: int,
+    progress: bool,
+) -> Path:
     """Write the database in a few bulk statements: every per-feature array is turned into Python values
     with one .tolist() and the rows go in primary-key order, so the cost is SQLite's, not the loop's."""
     t = stats.t
@@ -41,13 +52,24 @@ def write_db(lm, sae, stats: FeatureStats, cfg: AtlasConfig, out: Path, ident: d
     nb_i, nb_v = nearest_features(sae.W_dec, cfg.n_neighbours)
 
     def pairs_json(idx: torch.Tensor, val: torch.Tensor) -> list[str]:
-        return [json.dumps([[a, round(v, 5)] for a, v in zip(ri, rv)])
-                for ri, rv in zip(idx.tolist(), val.float().tolist())]
+        return [
+            json.dumps([[a, round(v, 5)] for a, v in zip(ri, rv)]) for ri, rv in zip(idx.tolist(), val.float().tolist())
+        ]
 
     hist = t["hist"].numpy().astype(np.int32)
-    feature_rows = list(zip(range(m), count.tolist(), density.tolist(), t["max"].tolist(), mean.tolist(),
-                            [h.tobytes() for h in hist], pairs_json(pos_i, pos_v), pairs_json(neg_i, neg_v),
-                            pairs_json(nb_i, nb_v)))
+    feature_rows = list(
+        zip(
+            range(m),
+            count.tolist(),
+            density.tolist(),
+            t["max"].tolist(),
+            mean.tolist(),
+            [h.tobytes() for h in hist],
+            pairs_json(pos_i, pos_v),
+            pairs_json(neg_i, neg_v),
+            pairs_json(nb_i, nb_v),
+        )
+    )
 
     # top examples: the buffer is unsorted; sort by activation, ties by location (deterministic)
     tv, tl = t["top_val"].numpy(), t["top_loc"].numpy()
@@ -69,15 +91,27 @@ def write_db(lm, sae, stats: FeatureStats, cfg: AtlasConfig, out: Path, ident: d
 
     f_q, r_q, _ = res
     qbins = np.minimum(cfg.n_bins - 1, r_q * cfg.n_bins // np.maximum(n_res[f_q], 1))
-    cols = [np.concatenate(c) for c in zip(
-        example_cols(res, 0, rv, rl, t["res_win"].numpy(), qbins),
-        example_cols(top, 1, tv, tl, t["top_win"].numpy(), np.full(len(top[0]), -1)))]
+    cols = [
+        np.concatenate(c)
+        for c in zip(
+            example_cols(res, 0, rv, rl, t["res_win"].numpy(), qbins),
+            example_cols(top, 1, tv, tl, t["top_win"].numpy(), np.full(len(top[0]), -1)),
+        )
+    ]
     # primary-key order (feature, kind, rank), 'quantile' < 'top': SQLite then only appends
     o = np.lexsort((cols[2], cols[1], cols[0]))
     ex_f, ex_kind, ex_rank, ex_bin, ex_ctx, ex_pos, ex_act, ex_win = (c[o] for c in cols)
     kinds = ("quantile", "top")
-    ex_rows = zip(ex_f.tolist(), [kinds[k] for k in ex_kind.tolist()], ex_rank.tolist(), ex_bin.tolist(),
-                  ex_ctx.tolist(), ex_pos.tolist(), ex_act.tolist(), [w.tobytes() for w in ex_win])
+    ex_rows = zip(
+        ex_f.tolist(),
+        [kinds[k] for k in ex_kind.tolist()],
+        ex_rank.tolist(),
+        ex_bin.tolist(),
+        ex_ctx.tolist(),
+        ex_pos.tolist(),
+        ex_act.tolist(),
+        [w.tobytes() for w in ex_win],
+    )
     random_ctx = list(range(0, contexts.shape[0], random_stride))
     referenced = np.unique(np.concatenate([ex_ctx, np.asarray(random_ctx, dtype=np.int64)]))
 
@@ -92,31 +126,54 @@ def write_db(lm, sae, stats: FeatureStats, cfg: AtlasConfig, out: Path, ident: d
         con.execute("PRAGMA journal_mode=OFF")
         con.execute("PRAGMA synchronous=OFF")
         with con:
-            adb.insert_many(con, "features", ["id", "n_active", "density", "max_act", "mean_act", "hist", "logits_pos",
-                                              "logits_neg", "neighbours"], feature_rows)
-            adb.insert_many(con, "examples", ["feature", "kind", "rank", "bin", "ctx", "pos", "act", "window"],
-                            ex_rows)
+            adb.insert_many(
+                con,
+                "features",
+                ["id", "n_active", "density", "max_act", "mean_act", "hist", "logits_pos", "logits_neg", "neighbours"],
+                feature_rows,
+            )
+            adb.insert_many(con, "examples", ["feature", "kind", "rank", "bin", "ctx", "pos", "act", "window"], ex_rows)
             if stats.rand_sparse:
                 # grouped by feature (stable, so each feature's rows keep their order): the index only appends
                 rs, rvals = torch.cat(stats.rand_sparse), torch.cat(stats.rand_vals)
                 o = torch.argsort(rs[:, 2], stable=True)
                 rs, rvals = rs[o], rvals[o]
-                adb.insert_many(con, "random_acts", ["ctx", "pos", "feature", "act"],
-                                zip(rs[:, 0].tolist(), rs[:, 1].tolist(), rs[:, 2].tolist(), rvals.tolist()))
+                adb.insert_many(
+                    con,
+                    "random_acts",
+                    ["ctx", "pos", "feature", "act"],
+                    zip(rs[:, 0].tolist(), rs[:, 1].tolist(), rs[:, 2].tolist(), rvals.tolist()),
+                )
             ctx_np = contexts.numpy()
             adb.insert_many(con, "contexts", ["id", "tokens"], ((c, ctx_np[c].tobytes()) for c in referenced.tolist()))
             alive = int((count > 0).sum())
-            adb.write_meta(con, {
-                "schema_version": adb.SCHEMA_VERSION, "complete": True, "created": time.time(),
-                "model": lm.name, "model_source": lm.source, "site": str(site), "sae_path": sae_path,
-                "sae_config": sae.cfg.to_dict(), "sae_fingerprint": ident["sae_fingerprint"],
-                "corpus": corpus.describe() if hasattr(corpus, "describe") else str(corpus),
-                "config": asdict(cfg), "exclude_bos": ident["exclude_bos"], "n_features": m,
-                "n_tokens": stats.tokens, "n_contexts": int(contexts.shape[0]), "ctx_len": T,
-                "window_left": cfg.window_left, "window_right": cfg.window_right,
-                "hist_edges": cfg.hist_edges().tolist(), "random_contexts": random_ctx,
-                "n_alive": alive, "n_dead": m - alive,
-            })
+            adb.write_meta(
+                con,
+                {
+                    "schema_version": adb.SCHEMA_VERSION,
+                    "complete": True,
+                    "created": time.time(),
+                    "model": lm.name,
+                    "model_source": lm.source,
+                    "site": str(site),
+                    "sae_path": sae_path,
+                    "sae_config": sae.cfg.to_dict(),
+                    "sae_fingerprint": ident["sae_fingerprint"],
+                    "corpus": corpus.describe() if hasattr(corpus, "describe") else str(corpus),
+                    "config": asdict(cfg),
+                    "exclude_bos": ident["exclude_bos"],
+                    "n_features": m,
+                    "n_tokens": stats.tokens,
+                    "n_contexts": int(contexts.shape[0]),
+                    "ctx_len": T,
+                    "window_left": cfg.window_left,
+                    "window_right": cfg.window_right,
+                    "hist_edges": cfg.hist_edges().tolist(),
+                    "random_contexts": random_ctx,
+                    "n_alive": alive,
+                    "n_dead": m - alive,
+                },
+            )
     finally:
         con.close()
     # leave the file in rollback-journal mode with nothing pending, on disk, before the atomic rename

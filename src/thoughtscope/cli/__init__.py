@@ -9,8 +9,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Read, map and steer what an open language model is thinking.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Read, map and steer what an open language model is thinking."
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -43,6 +44,14 @@ def one_line_errors(fn):
             _fail(str(e))
 
     return run
+
+
+def read_lines(path: Path) -> list[str]:
+    """The non-empty lines of a text file (one prompt per line), or one error line naming the file."""
+    try:
+        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        _fail(f"cannot read {path}: {e}")
 
 
 def _csv(value: str, cast):

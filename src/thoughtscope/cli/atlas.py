@@ -37,10 +37,15 @@ def atlas_build(
     corpus: str = typer.Option("default"),
     tokens: int = typer.Option(AtlasConfig.n_tokens, help="token budget: tokens to read"),
     ctx_len: int = typer.Option(AtlasConfig.ctx_len, help="tokens per context"),
-    contexts_per_batch: int = typer.Option(AtlasConfig.contexts_per_batch, "--contexts-per-batch", "--batch-size",
-                                           help="contexts per forward pass (--batch-size: its old name)"),
-    skip_tokens: int = typer.Option(AtlasConfig.skip_tokens, help="start this many tokens into the corpus (e.g. "
-                                    "past the SAE's training text)"),
+    contexts_per_batch: int = typer.Option(
+        AtlasConfig.contexts_per_batch,
+        "--contexts-per-batch",
+        "--batch-size",
+        help="contexts per forward pass (--batch-size: its old name)",
+    ),
+    skip_tokens: int = typer.Option(
+        AtlasConfig.skip_tokens, help="start this many tokens into the corpus (e.g. past the SAE's training text)"
+    ),
     top_k: int = typer.Option(AtlasConfig.top_k, help="top activating contexts per feature"),
     quiet: bool = typer.Option(False),
 ) -> None:
@@ -53,14 +58,19 @@ def atlas_build(
 
     folder = _sae_folder(sae)
     try:
-        cfg = AtlasConfig(n_tokens=tokens, ctx_len=ctx_len, contexts_per_batch=contexts_per_batch,
-                          skip_tokens=skip_tokens, top_k=top_k)
+        cfg = AtlasConfig(
+            n_tokens=tokens,
+            ctx_len=ctx_len,
+            contexts_per_batch=contexts_per_batch,
+            skip_tokens=skip_tokens,
+            top_k=top_k,
+        )
         sae_obj = load_sae(folder)
-        lm = _load(model or ("default" if sae_obj.cfg.model in ("", DEFAULT_MODEL_NAME) else sae_obj.cfg.model),
-                   None, None)
+        lm = _load(
+            model or ("default" if sae_obj.cfg.model in ("", DEFAULT_MODEL_NAME) else sae_obj.cfg.model), None, None
+        )
         t0 = time.perf_counter()
-        path = build_atlas(lm, sae_obj, Corpus(corpus), out, cfg, sae_path=str(folder.resolve()),
-                           progress=not quiet)
+        path = build_atlas(lm, sae_obj, Corpus(corpus), out, cfg, sae_path=str(folder.resolve()), progress=not quiet)
     except (ThoughtscopeError, ValueError) as e:
         _fail(str(e))
     console.print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
@@ -69,10 +79,15 @@ def atlas_build(
 @atlas_app.command("explain")
 def atlas_explain(
     atlas: Path = typer.Argument(..., help="atlas folder"),
-    offline: bool = typer.Option(False, "--offline", help="no language model: token / n-gram explanations, scored "
-                                                          "by the lexical scorer (the default with no endpoint)"),
-    local: bool = typer.Option(False, "--local", help="the atlas's own model explains and scores itself (slow; "
-                                                      "at chance for the 135M default)"),
+    offline: bool = typer.Option(
+        False,
+        "--offline",
+        help="no language model: token / n-gram explanations, scored "
+        "by the lexical scorer (the default with no endpoint)",
+    ),
+    local: bool = typer.Option(
+        False, "--local", help="the atlas's own model explains and scores itself (slow; at chance for the 135M default)"
+    ),
     url: str | None = typer.Option(None, help="OpenAI-compatible base URL (or THOUGHTSCOPE_EXPLAINER_URL)"),
     explainer_model: str | None = typer.Option(None, help="model name at that endpoint"),
     api_key: str | None = typer.Option(None, help="key (or OPENAI_API_KEY)"),
@@ -81,8 +96,9 @@ def atlas_explain(
     scorer: str = typer.Option("auto", help="auto (the explaining LLM; lexical offline) | lexical | llm"),
     sample: int | None = typer.Option(None, help="explain a uniform random sample of this many alive features"),
     features: str | None = typer.Option(None, help="or these feature ids (comma-separated)"),
-    seed: int | None = typer.Option(None, help="seed of the sample, the held-out split and the shuffled control "
-                                               "[default: ExplainConfig.seed]"),
+    seed: int | None = typer.Option(
+        None, help="seed of the sample, the held-out split and the shuffled control [default: ExplainConfig.seed]"
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="write the summary (mean scores, CIs) here"),
     overwrite: bool = typer.Option(False, help="offline: also replace explanations another method wrote"),
     concurrency: int | None = typer.Option(None, help="requests in flight [default: ExplainConfig.concurrency]"),
@@ -116,8 +132,9 @@ def atlas_explain(
                 _fail("--scorer llm needs an explainer endpoint (--url) or --local; offline scoring is lexical")
             if tok is None:
                 _fail(f"cannot load the tokenizer of the model {atlas} was built with; offline explanations need it")
-            summary = explain_offline(atlas, tokenizer=tok, features=ids, sample=sample, config=cfg,
-                                      overwrite=overwrite, console=console)
+            summary = explain_offline(
+                atlas, tokenizer=tok, features=ids, sample=sample, config=cfg, overwrite=overwrite, console=console
+            )
         else:
             lm = None if endpoint else open_with_model(atlas)[1]
             explainer = client_from_env(url, explainer_model, api_key, lm=lm)
@@ -128,8 +145,9 @@ def atlas_explain(
             if not yes and (sample or 0) + len(ids or []) > 200 and not typer.confirm("go ahead?", default=True):
                 raise typer.Exit(1)
             tok = lm.tokenizer if lm is not None else tok
-            summary = explain_atlas(atlas, explainer, sc, tokenizer=tok, features=ids, sample=sample, config=cfg,
-                                    console=console)
+            summary = explain_atlas(
+                atlas, explainer, sc, tokenizer=tok, features=ids, sample=sample, config=cfg, console=console
+            )
     except (ThoughtscopeError, ValueError) as e:
         _fail(str(e))
     console.print_json(json.dumps(summary, default=str))
@@ -138,9 +156,11 @@ def atlas_explain(
 
 
 @atlas_app.command("report")
-def atlas_report(atlas: Path = typer.Argument(...), out: Path | None = typer.Option(None),
-                 cards: int | None = typer.Option(None, help="random feature cards [default: write_report's "
-                                                            "n_cards]")) -> None:
+def atlas_report(
+    atlas: Path = typer.Argument(...),
+    out: Path | None = typer.Option(None),
+    cards: int | None = typer.Option(None, help="random feature cards [default: write_report's n_cards]"),
+) -> None:
     """A self-contained HTML report: density, dead/alive, score distribution, random feature cards."""
     from ..atlas import AtlasError, write_report
 

@@ -12,8 +12,10 @@ corpus_app = typer.Typer(no_args_is_help=True, help="Describe the text corpora t
 
 
 @corpus_app.command()
-def info(spec: str = typer.Argument("default", help="'default', a file, a folder, a .jsonl file or hf:<dataset>"),
-         text_field: str = typer.Option("text", help="JSONL / dataset field holding the text")) -> None:
+def info(
+    spec: str = typer.Argument("default", help="'default', a file, a folder, a .jsonl file or hf:<dataset>"),
+    text_field: str = typer.Option("text", help="JSONL / dataset field holding the text"),
+) -> None:
     """Print a corpus description as JSON (the default corpus is built by scripts/build_corpus.sh)."""
     from ..corpus import Corpus
 

@@ -8,17 +8,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from . import _fail, _load, _open_atlas, console, one_line_errors
+from . import _fail, _load, _open_atlas, console, one_line_errors, read_lines
 
-features_app = typer.Typer(no_args_is_help=True, help="SAE features: what fires on a text, concept search, "
-                                                      "output effects, reference maxima, atlas cards.")
-
-
-def _lines(path: Path) -> list[str]:
-    try:
-        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        _fail(f"cannot read {path}: {e}")
+features_app = typer.Typer(
+    no_args_is_help=True,
+    help="SAE features: what fires on a text, concept search, output effects, reference maxima, atlas cards.",
+)
 
 
 def _model_and_sae(model: str, sae: str, atlas: Path | None):
@@ -40,8 +35,11 @@ def contrast_cmd(
     sae: str = typer.Option("default"),
     model: str = typer.Option("default"),
     atlas: Path | None = typer.Option(None, help="take model, SAE and feature maxima from this atlas"),
-    score: str = typer.Option("", help="z (standardised mean difference of per-text max), freq, or max (mean "
-                                       "difference / the feature's reference max); default: max with --atlas, else z"),
+    score: str = typer.Option(
+        "",
+        help="z (standardised mean difference of per-text max), freq, or max (mean "
+        "difference / the feature's reference max); default: max with --atlas, else z",
+    ),
     max_control_rate: float = typer.Option(0.5, help="skip features that fire on more than this share of controls"),
     top: int = typer.Option(20, "--top", "--k", help="how many features to list"),
 ) -> None:
@@ -51,14 +49,29 @@ def contrast_cmd(
     at, lm, sae_obj = _model_and_sae(model, sae, atlas)
     score = score or ("max" if at is not None else "z")
     ref = feature_max(sae_obj, at)
-    rows = contrast_features(lm, sae_obj, None, _lines(prompts), _lines(controls), score=score, top=top,
-                             max_control_rate=max_control_rate, maxima=ref.values if ref else None)
+    rows = contrast_features(
+        lm,
+        sae_obj,
+        None,
+        read_lines(prompts),
+        read_lines(controls),
+        score=score,
+        top=top,
+        max_control_rate=max_control_rate,
+        maxima=ref.values if ref else None,
+    )
     table = Table(title=f"contrastive search, score {score}: {SCORES[score]}")
     for c in ("feature", "score", "mean on prompts", "mean on controls", "fires on prompts", "fires on controls"):
         table.add_column(c)
     for r in rows:
-        table.add_row(str(r.feature), f"{r.score:.3f}", f"{r.mean_prompts:.3f}", f"{r.mean_controls:.3f}",
-                      f"{r.freq_prompts:.0%}", f"{r.freq_controls:.0%}")
+        table.add_row(
+            str(r.feature),
+            f"{r.score:.3f}",
+            f"{r.mean_prompts:.3f}",
+            f"{r.mean_controls:.3f}",
+            f"{r.freq_prompts:.0%}",
+            f"{r.freq_controls:.0%}",
+        )
     console.print(table)
 
 
@@ -78,8 +91,10 @@ def output_cmd(
     toks = concept_token_ids(lm.tokenizer, words)
     if not toks:
         _fail(f"none of {words} gives a token id to score against")
-    table = Table(title="output effect: mean z-score of the words' logits within each feature's logit row; tokens "
-                        + ", ".join(repr(lm.tokenizer.decode([t])) for t in toks))
+    table = Table(
+        title="output effect: mean z-score of the words' logits within each feature's logit row; tokens "
+        + ", ".join(repr(lm.tokenizer.decode([t])) for t in toks)
+    )
     table.add_column("feature")
     table.add_column("z")
     for r in output_features(lm, sae_obj, toks, top=top):
@@ -121,8 +136,10 @@ def max_cmd(
     sae_obj = load_sae(sae)
     ref = feature_max(sae_obj, _open_atlas(atlas) if atlas is not None else None)
     if ref is None:
-        raise FeatureError(f"the SAE at {sae_obj.source_dir} stores no feature maxima; measure them with "
-                           f"'thoughtscope features stats --sae {sae}' or pass --atlas")
+        raise FeatureError(
+            f"the SAE at {sae_obj.source_dir} stores no feature maxima; measure them with "
+            f"'thoughtscope features stats --sae {sae}' or pass --atlas"
+        )
     n = ref.values.numel()
     for f in [int(x) for x in features.split(",") if x.strip()]:
         if not 0 <= f < n:
@@ -146,14 +163,19 @@ def stats_cmd(
     _, lm, sae_obj = _model_and_sae(model, sae, None)
     st = measure_feature_stats(lm, sae_obj, Corpus(corpus), n_tokens=tokens)
     path = save_feature_stats(st, sae_obj.source_dir)
-    console.print(f"wrote {path}: {st.n_tokens:,} tokens of {st.source}; median max {float(st.max_act.median()):.3f}, "
-                  f"{int((st.frequency > 0).sum())} of {st.max_act.numel()} features fired")
+    console.print(
+        f"wrote {path}: {st.n_tokens:,} tokens of {st.source}; median max {float(st.max_act.median()):.3f}, "
+        f"{int((st.frequency > 0).sum())} of {st.max_act.numel()} features fired"
+    )
 
 
 @features_app.command("top")
 @one_line_errors
-def top_cmd(text: str = typer.Option(..., "--text"), atlas: Path = typer.Option(..., help="atlas folder"),
-            k: int = typer.Option(5)) -> None:
+def top_cmd(
+    text: str = typer.Option(..., "--text"),
+    atlas: Path = typer.Option(..., help="atlas folder"),
+    k: int = typer.Option(5),
+) -> None:
     """The features most active on a text, per token, with their atlas labels."""
     from ..atlas import open_with_model, text_card, top_features_for_text
 

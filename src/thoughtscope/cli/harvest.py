@@ -24,15 +24,22 @@ def harvest_cmd(
     tokens: int = typer.Option(HarvestConfig.n_tokens, help="token budget: tokens to harvest"),
     out: Path = typer.Option(..., help="output folder (one store, or one per site when several)"),
     ctx_len: int = typer.Option(HarvestConfig.ctx_len, help="tokens per context"),
-    contexts_per_batch: int = typer.Option(HarvestConfig.contexts_per_batch, "--contexts-per-batch", "--batch-size",
-                                           help="contexts per forward pass (--batch-size: its old name)"),
+    contexts_per_batch: int = typer.Option(
+        HarvestConfig.contexts_per_batch,
+        "--contexts-per-batch",
+        "--batch-size",
+        help="contexts per forward pass (--batch-size: its old name)",
+    ),
     dtype: str = typer.Option(HarvestConfig.dtype, help="stored dtype: float32, float16 or bfloat16"),
-    shard_tokens: int | None = typer.Option(HarvestConfig.shard_tokens, help="tokens per shard (a multiple of "
-                                            "contexts-per-batch × ctx-len; default ~32k)"),
-    skip_tokens: int = typer.Option(HarvestConfig.skip_tokens, help="start this many tokens into the corpus (for "
-                                    "a held-out store)"),
-    device: str | None = typer.Option(None, help="torch device, e.g. cuda:0; under torchrun 'cuda' = each "
-                                         "process's own GPU (default: CPU)"),
+    shard_tokens: int | None = typer.Option(
+        HarvestConfig.shard_tokens, help="tokens per shard (a multiple of contexts-per-batch × ctx-len; default ~32k)"
+    ),
+    skip_tokens: int = typer.Option(
+        HarvestConfig.skip_tokens, help="start this many tokens into the corpus (for a held-out store)"
+    ),
+    device: str | None = typer.Option(
+        None, help="torch device, e.g. cuda:0; under torchrun 'cuda' = each process's own GPU (default: CPU)"
+    ),
     model_dtype: str | None = typer.Option(None, help="dtype to run the model in"),
     overwrite: bool = typer.Option(False, help="replace a finished store at --out"),
     quiet: bool = typer.Option(False, help="no progress bar"),
@@ -46,8 +53,14 @@ def harvest_cmd(
     from ..models import parse_sites
 
     try:
-        cfg = HarvestConfig(n_tokens=tokens, ctx_len=ctx_len, contexts_per_batch=contexts_per_batch, dtype=dtype,
-                            shard_tokens=shard_tokens, skip_tokens=skip_tokens)
+        cfg = HarvestConfig(
+            n_tokens=tokens,
+            ctx_len=ctx_len,
+            contexts_per_batch=contexts_per_batch,
+            dtype=dtype,
+            shard_tokens=shard_tokens,
+            skip_tokens=skip_tokens,
+        )
         sites = parse_sites(",".join(site))
         lm = _load(model, local_device(device), model_dtype)  # under torchrun, "cuda" = this process's GPU
         src = Corpus(corpus, text_field=text_field)
@@ -61,8 +74,10 @@ def harvest_cmd(
     console.print(f"done in {dt:.1f} s")
 
 
-def store_info(path: Path = typer.Argument(..., help="an activation store folder"),
-               verify: bool = typer.Option(False, help="also check every shard's checksum")) -> None:
+def store_info(
+    path: Path = typer.Argument(..., help="an activation store folder"),
+    verify: bool = typer.Option(False, help="also check every shard's checksum"),
+) -> None:
     """Describe (and optionally verify) an activation store."""
     from ..store import ActivationStore, StoreError
 

@@ -8,9 +8,10 @@ import typer
 
 from . import console
 
-nla_app = typer.Typer(no_args_is_help=True,
-                      help="Natural Language Autoencoders: data | train --stage ar-sft|av-sft|rl|ar-refit | explain "
-                           "| eval | recipe.")
+nla_app = typer.Typer(
+    no_args_is_help=True,
+    help="Natural Language Autoencoders: data | train --stage ar-sft|av-sft|rl|ar-refit | explain | eval | recipe.",
+)
 
 
 @nla_app.callback()
@@ -37,10 +38,26 @@ def data(
     from ..nla import build_dataset
     from ..nla.recipe import DEFAULT_RECIPE
 
-    sizes = {**DEFAULT_RECIPE["data"], **{k: v for k, v in dict(n_rows=n_rows, positions_per_doc=positions_per_doc,
-                                                               max_position=max_position).items() if v is not None}}
-    console.print(build_dataset(model, out, corpus=corpus, site=site, warm_start=warm_start,
-                                llm_endpoint=llm_endpoint, llm_model=llm_model, **sizes))
+    sizes = {
+        **DEFAULT_RECIPE["data"],
+        **{
+            k: v
+            for k, v in dict(n_rows=n_rows, positions_per_doc=positions_per_doc, max_position=max_position).items()
+            if v is not None
+        },
+    }
+    console.print(
+        build_dataset(
+            model,
+            out,
+            corpus=corpus,
+            site=site,
+            warm_start=warm_start,
+            llm_endpoint=llm_endpoint,
+            llm_model=llm_model,
+            **sizes,
+        )
+    )
 
 
 @nla_app.command()
@@ -88,20 +105,25 @@ def explain(
     from ..nla import explain_text, load_nla
 
     for row in explain_text(load_nla(nla), text, position or [-1], samples=samples):
-        console.print(f"[{row['position']}] {row['token']!r}  FVE {row['fve']:+.2f}  {row['explanation']}",
-                      markup=False, highlight=False)
+        console.print(
+            f"[{row['position']}] {row['token']!r}  FVE {row['fve']:+.2f}  {row['explanation']}",
+            markup=False,
+            highlight=False,
+        )
 
 
 @nla_app.command("eval")
 def evaluate(
-    nla: str = typer.Option("default", "--nla", "--model",
-                            help="'default' (the shipped NLA for the default model) or an NLA folder"),
+    nla: str = typer.Option(
+        "default", "--nla", "--model", help="'default' (the shipped NLA for the default model) or an NLA folder"
+    ),
     data: Path | None = typer.Option(None, help="an `nla data` folder (default: rows shipped with the NLA)"),
     quick: bool = typer.Option(False, "--quick", help="48 held-out rows, a few minutes on 2 cores (the default)"),
     full: bool = typer.Option(False, "--full", help="the whole test split instead of the quick 48 rows"),
     n_test: int | None = typer.Option(None, help="this many held-out rows (narrower CIs, longer run)"),
-    compare: list[str] | None = typer.Option(None, metavar="NAME=FOLDER",
-                                                help="another NLA evaluated on the same held-out vectors as a rung"),
+    compare: list[str] | None = typer.Option(
+        None, metavar="NAME=FOLDER", help="another NLA evaluated on the same held-out vectors as a rung"
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="write every figure here"),
 ) -> None:
     """Held-out round-trip FVE with bootstrap CIs and the whole baseline ladder."""

@@ -9,11 +9,14 @@ from rich.table import Table
 
 from . import _load, console
 
-probe_app = typer.Typer(no_args_is_help=True, help="Linear probes: find where a concept is readable, monitor it, "
-                                                   "steer with it, erase it.")
+probe_app = typer.Typer(
+    no_args_is_help=True, help="Linear probes: find where a concept is readable, monitor it, steer with it, erase it."
+)
 
-DATA_HELP = "a built-in set (comparisons, cities, cities_negated, cities_known, translations, arithmetic, " \
-            "sentiment, honesty) or a .jsonl/.csv file"
+DATA_HELP = (
+    "a built-in set (comparisons, cities, cities_negated, cities_known, translations, arithmetic, "
+    "sentiment, honesty) or a .jsonl/.csv file"
+)
 
 
 def _expand_sites(spec: str) -> list[str]:
@@ -36,8 +39,10 @@ def _read_cfg(read: str, chat: bool, batch_size: int):
 
 
 @probe_app.command("datasets")
-def datasets_cmd(export: str | None = typer.Option(None, help="write this built-in set as JSONL to --out"),
-                 out: Path | None = typer.Option(None, help="output .jsonl for --export")) -> None:
+def datasets_cmd(
+    export: str | None = typer.Option(None, help="write this built-in set as JSONL to --out"),
+    out: Path | None = typer.Option(None, help="output .jsonl for --export"),
+) -> None:
     """List the shipped datasets (rows, groups, balance), or export one as JSONL."""
     from ..probes.generators import BUILTIN, builtin
 
@@ -52,32 +57,54 @@ def datasets_cmd(export: str | None = typer.Option(None, help="write this built-
         t.add_column(c)
     for name in BUILTIN:
         ds = builtin(name)
-        t.add_row(name, str(len(ds)), str(sum(ds.labels)), str(len(set(ds.groups))), str(len(set(ds.entities))),
-                  ds.texts[0][:60])
+        t.add_row(
+            name,
+            str(len(ds)),
+            str(sum(ds.labels)),
+            str(len(set(ds.groups))),
+            str(len(set(ds.entities))),
+            ds.texts[0][:60],
+        )
     console.print(t)
 
 
 def print_sweep(out: dict, top: int | None = None) -> None:
     primary = out["best_fitter"]
     rows = out["results"][primary]
-    t = Table(title=f"{out['dataset']} on {out.get('model', '?')}: held-out AUROC by site "
-                    f"({out['n_train']} train / {out['n_test']} test rows, group-disjoint)")
-    for c in ["site", *[f"{m}" for m in out["results"]], f"{primary} 95% CI", "random p95", "shuffle p95",
-              "control", "selectivity"]:
+    t = Table(
+        title=f"{out['dataset']} on {out.get('model', '?')}: held-out AUROC by site "
+        f"({out['n_train']} train / {out['n_test']} test rows, group-disjoint)"
+    )
+    for c in [
+        "site",
+        *[f"{m}" for m in out["results"]],
+        f"{primary} 95% CI",
+        "random p95",
+        "shuffle p95",
+        "control",
+        "selectivity",
+    ]:
         t.add_column(c, justify="right")
     for n in out["sites"]:
         r = rows[n]
         mark = " *" if n == out["best_site"] else ""
-        t.add_row(n + mark, *[f"{out['results'][m][n]['test_auroc']:.3f}" for m in out["results"]],
-                  f"[{r['test_auroc_ci'][0]:.2f}, {r['test_auroc_ci'][1]:.2f}]",
-                  f"{out['random_directions'][n]['p95']:.3f}", f"{r['shuffle_p95']:.3f}",
-                  f"{r['control_auroc']:.3f}", f"{r['selectivity']:+.3f}")
+        t.add_row(
+            n + mark,
+            *[f"{out['results'][m][n]['test_auroc']:.3f}" for m in out["results"]],
+            f"[{r['test_auroc_ci'][0]:.2f}, {r['test_auroc_ci'][1]:.2f}]",
+            f"{out['random_directions'][n]['p95']:.3f}",
+            f"{r['shuffle_p95']:.3f}",
+            f"{r['control_auroc']:.3f}",
+            f"{r['selectivity']:+.3f}",
+        )
     console.print(t, width=max(console.width, 150))
     sel = "" if out["best_is_selective"] else " (no site passed the selectivity rule; best by selectivity shown)"
-    console.print(f"suggested site: [bold]{out['best_site']}[/bold] ({out['best_fitter']})  "
-                  f"AUROC {out['best_auroc']:.3f} "
-                  f"[{out['best_auroc_ci'][0]:.3f}, {out['best_auroc_ci'][1]:.3f}], selectivity "
-                  f"{out['best_selectivity']:+.3f}{sel}")
+    console.print(
+        f"suggested site: [bold]{out['best_site']}[/bold] ({out['best_fitter']})  "
+        f"AUROC {out['best_auroc']:.3f} "
+        f"[{out['best_auroc_ci'][0]:.3f}, {out['best_auroc_ci'][1]:.3f}], selectivity "
+        f"{out['best_selectivity']:+.3f}{sel}"
+    )
 
 
 @probe_app.command("sweep")
@@ -90,20 +117,27 @@ def sweep_cmd(
     chat: bool = typer.Option(False, help="wrap each text in the model's chat template"),
     json_path: Path | None = typer.Option(None, "--json", help="write every number here"),
     plot_path: Path | None = typer.Option(None, "--plot", help="PNG of the curves (default: next to --json)"),
-    seed: int = typer.Option(0), n_random: int = typer.Option(200), n_shuffle: int = typer.Option(10),
-    batch_size: int = typer.Option(16), cache: Path | None = typer.Option(None, help="activation cache folder"),
-    device: str | None = typer.Option(None), quiet: bool = typer.Option(False),
+    seed: int = typer.Option(0),
+    n_random: int = typer.Option(200),
+    n_shuffle: int = typer.Option(10),
+    batch_size: int = typer.Option(16),
+    cache: Path | None = typer.Option(None, help="activation cache folder"),
+    device: str | None = typer.Option(None),
+    quiet: bool = typer.Option(False),
 ) -> None:
     """Held-out AUROC per site and fitter beside random directions, a label-shuffle null and a control task."""
     from ..probes.generators import resolve
     from ..probes.sweep import SweepConfig, plot, save_json, sweep
 
     ds = resolve(data)
-    cfg = SweepConfig(fitters=tuple(f.strip() for f in fitters.split(",") if f.strip()), seed=seed,
-                      n_random=n_random, n_shuffle=n_shuffle)
+    cfg = SweepConfig(
+        fitters=tuple(f.strip() for f in fitters.split(",") if f.strip()),
+        seed=seed,
+        n_random=n_random,
+        n_shuffle=n_shuffle,
+    )
     lm = _load(model, device, None)
-    out = sweep(lm, ds, _expand_sites(sites), _read_cfg(read, chat, batch_size), cfg, cache=cache,
-                progress=not quiet)
+    out = sweep(lm, ds, _expand_sites(sites), _read_cfg(read, chat, batch_size), cfg, cache=cache, progress=not quiet)
     print_sweep(out)
     if json_path:
         save_json(out, json_path)
@@ -118,9 +152,13 @@ def sweep_cmd(
 def transfer_cmd(
     data: list[str] = typer.Option(..., help="datasets (repeat): train on each, test on each"),
     site: str = typer.Option(..., help="one site, e.g. resid.12"),
-    model: str = typer.Option("default"), fitter: str = typer.Option("mean"), read: str = typer.Option("last"),
-    json_path: Path | None = typer.Option(None, "--json"), seed: int = typer.Option(0),
-    cache: Path | None = typer.Option(None), device: str | None = typer.Option(None),
+    model: str = typer.Option("default"),
+    fitter: str = typer.Option("mean"),
+    read: str = typer.Option("last"),
+    json_path: Path | None = typer.Option(None, "--json"),
+    seed: int = typer.Option(0),
+    cache: Path | None = typer.Option(None),
+    device: str | None = typer.Option(None),
 ) -> None:
     """Train on A's training split, test on B's held-out split: the AUROC matrix and A→B / B→B ratios."""
     from ..probes.generators import resolve
@@ -145,10 +183,16 @@ def transfer_cmd(
 
 @probe_app.command("fit")
 def fit_cmd(
-    data: str = typer.Option(..., help=DATA_HELP), site: str = typer.Option(..., help="e.g. resid.12"),
-    out: Path = typer.Option(..., help="probe folder to write"), model: str = typer.Option("default"),
-    fitter: str = typer.Option("mean"), read: str = typer.Option("last"), chat: bool = typer.Option(False),
-    seed: int = typer.Option(0), cache: Path | None = typer.Option(None), device: str | None = typer.Option(None),
+    data: str = typer.Option(..., help=DATA_HELP),
+    site: str = typer.Option(..., help="e.g. resid.12"),
+    out: Path = typer.Option(..., help="probe folder to write"),
+    model: str = typer.Option("default"),
+    fitter: str = typer.Option("mean"),
+    read: str = typer.Option("last"),
+    chat: bool = typer.Option(False),
+    seed: int = typer.Option(0),
+    cache: Path | None = typer.Option(None),
+    device: str | None = typer.Option(None),
 ) -> None:
     """Fit one probe on the training split and save it with its held-out metrics."""
     from ..probes.generators import resolve
@@ -159,8 +203,10 @@ def fit_cmd(
     probe = fit_probe(lm, ds, site, fitter, _read_cfg(read, chat, 16), seed=seed, cache=cache)
     probe.save(out)
     m = probe.cfg.metrics
-    console.print(f"{probe!r}: held-out AUROC {m['test_auroc']:.3f} [{m['test_auroc_ci'][0]:.3f}, "
-                  f"{m['test_auroc_ci'][1]:.3f}] → {out}")
+    console.print(
+        f"{probe!r}: held-out AUROC {m['test_auroc']:.3f} [{m['test_auroc_ci'][0]:.3f}, "
+        f"{m['test_auroc_ci'][1]:.3f}] → {out}"
+    )
 
 
 def _write_json(obj: dict, path: Path | None) -> None:
@@ -177,8 +223,10 @@ def monitor_cmd(
     text: list[str] = typer.Option([], help="text(s) to score per token"),
     calibrate: bool = typer.Option(False, help="set thresholds on the default corpus at 1% and 5% FPR"),
     data: str | None = typer.Option(None, help="with --calibrate: report recall on this dataset's class-1 rows"),
-    n_docs: int = typer.Option(32, help="neutral documents for the threshold"), model: str = typer.Option("default"),
-    json_path: Path | None = typer.Option(None, "--json"), device: str | None = typer.Option(None),
+    n_docs: int = typer.Option(32, help="neutral documents for the threshold"),
+    model: str = typer.Option("default"),
+    json_path: Path | None = typer.Option(None, "--json"),
+    device: str | None = typer.Option(None),
 ) -> None:
     """Score texts token by token with a saved probe; optionally calibrate thresholds on neutral text."""
     from ..probes.monitor import calibrate as run_calibrate
@@ -200,18 +248,23 @@ def monitor_cmd(
             neg = [ds.texts[i] for i in te if ds.labels[i] == 0]
         cal = run_calibrate(lm, pr, neutral=neutral_texts(n_docs), positives=pos, negatives=neg)
         res["calibration"] = cal
-        console.print(f"thresholds on {cal['n_neutral_tokens']:,} neutral tokens: "
-                      + ", ".join(f"{k} FPR → {v:.3f}" for k, v in cal["thresholds"].items()))
+        console.print(
+            f"thresholds on {cal['n_neutral_tokens']:,} neutral tokens: "
+            + ", ".join(f"{k} FPR → {v:.3f}" for k, v in cal["thresholds"].items())
+        )
         if cal["recall"]:
-            console.print("recall on held-out class-1 rows: " + ", ".join(f"{v:.3f} at {k} FPR"
-                                                                           for k, v in cal["recall"].items())
-                          + "; class-0 rows flagged: " + ", ".join(f"{v:.3f} at {k}" for k, v in
-                                                                   cal["false_alarms_on_negatives"].items()))
+            console.print(
+                "recall on held-out class-1 rows: "
+                + ", ".join(f"{v:.3f} at {k} FPR" for k, v in cal["recall"].items())
+                + "; class-0 rows flagged: "
+                + ", ".join(f"{v:.3f} at {k}" for k, v in cal["false_alarms_on_negatives"].items())
+            )
     rows = []
     for ts in score_texts(lm, pr, text) if text else []:
         console.print(f"[bold]{ts.text[:80]!r}[/bold]  max {ts.max:.3f}  mean {ts.mean:.3f}")
-        console.print("  " + " ".join(f"{t!r}:{s:.2f}" if s == s else f"{t!r}:-" for t, s in
-                                      zip(ts.tokens, ts.scores.tolist())))
+        console.print(
+            "  " + " ".join(f"{t!r}:{s:.2f}" if s == s else f"{t!r}:-" for t, s in zip(ts.tokens, ts.scores.tolist()))
+        )
         rows.append({"text": ts.text, "tokens": ts.tokens, "scores": ts.scores.tolist()})
     res["texts"] = rows
     _write_json(res, json_path)
@@ -219,12 +272,19 @@ def monitor_cmd(
 
 @probe_app.command("erase")
 def erase_cmd(
-    data: str = typer.Option(..., help=DATA_HELP), site: str = typer.Option(..., help="e.g. resid.12"),
-    model: str = typer.Option("default"), read: str = typer.Option("last"), seed: int = typer.Option(0),
+    data: str = typer.Option(..., help=DATA_HELP),
+    site: str = typer.Option(..., help="e.g. resid.12"),
+    model: str = typer.Option("default"),
+    read: str = typer.Option("last"),
+    seed: int = typer.Option(0),
     n_contexts: int = typer.Option(16, help="default-corpus contexts (128 tokens) for the LM-loss change"),
-    reread: bool = typer.Option(True, help="re-read the rows under the erasure hook (--no-reread: erase the cached "
-                                           "rows, identical at the erased site and two forward passes cheaper)"),
-    json_path: Path | None = typer.Option(None, "--json"), cache: Path | None = typer.Option(None),
+    reread: bool = typer.Option(
+        True,
+        help="re-read the rows under the erasure hook (--no-reread: erase the cached "
+        "rows, identical at the erased site and two forward passes cheaper)",
+    ),
+    json_path: Path | None = typer.Option(None, "--json"),
+    cache: Path | None = typer.Option(None),
     device: str | None = typer.Option(None),
 ) -> None:
     """LEACE at a site: held-out AUROC of fresh probes before/after (and after a random erasure), LM-loss change."""
@@ -232,8 +292,16 @@ def erase_cmd(
     from ..probes.generators import resolve
 
     lm = _load(model, device, None)
-    res = erase_check(lm, resolve(data), site, _read_cfg(read, False, 16), seed=seed, n_contexts=n_contexts,
-                      cache=cache, reread=reread)
+    res = erase_check(
+        lm,
+        resolve(data),
+        site,
+        _read_cfg(read, False, 16),
+        seed=seed,
+        n_contexts=n_contexts,
+        cache=cache,
+        reread=reread,
+    )
     t = Table(title=f"erasure at {res['site']} (rank {res['rank']}): held-out AUROC of freshly trained probes")
     for c in ("fitter", "before", "after LEACE", "after random rank-1"):
         t.add_column(c, justify="right")
@@ -241,18 +309,24 @@ def erase_cmd(
         t.add_row(m, f"{res['before'][m]:.3f}", f"{res['after_leace'][m]:.3f}", f"{res['after_random'][m]:.3f}")
     console.print(t)
     lo = res["lm_loss"]
-    console.print(f"LM loss on {lo['n_contexts']} default-corpus contexts: {lo['none']:.4f} → LEACE "
-                  f"{lo['leace']:.4f} ({lo['delta_leace']:+.4f}), random {lo['random']:.4f} ({lo['delta_random']:+.4f})"
-                  f"; AUROC <= 0.55 after LEACE: {'yes' if res['passes'] else 'NO'}")
+    console.print(
+        f"LM loss on {lo['n_contexts']} default-corpus contexts: {lo['none']:.4f} → LEACE "
+        f"{lo['leace']:.4f} ({lo['delta_leace']:+.4f}), random {lo['random']:.4f} ({lo['delta_random']:+.4f})"
+        f"; AUROC <= 0.55 after LEACE: {'yes' if res['passes'] else 'NO'}"
+    )
     _write_json(res, json_path)
 
 
 @probe_app.command("causal")
 def causal_cmd(
-    probe: Path = typer.Option(..., help="probe folder"), data: str = typer.Option(..., help=DATA_HELP),
-    strengths: str = typer.Option("-2,-1,0,1,2", help="class-gap multiples"), n: int = typer.Option(48),
-    suffix: str = typer.Option(" This statement is"), words: str = typer.Option(" true, false"),
-    model: str = typer.Option("default"), json_path: Path | None = typer.Option(None, "--json"),
+    probe: Path = typer.Option(..., help="probe folder"),
+    data: str = typer.Option(..., help=DATA_HELP),
+    strengths: str = typer.Option("-2,-1,0,1,2", help="class-gap multiples"),
+    n: int = typer.Option(48),
+    suffix: str = typer.Option(" This statement is"),
+    words: str = typer.Option(" true, false"),
+    model: str = typer.Option("default"),
+    json_path: Path | None = typer.Option(None, "--json"),
     device: str | None = typer.Option(None),
 ) -> None:
     """Add the probe vector at its site and measure P(word1) − P(word2), against random vectors of equal norm."""
@@ -266,10 +340,18 @@ def causal_cmd(
     ds = resolve(data)
     te = group_split(ds, 0.25, pr.cfg.seed).test[:n]
     w = [x if x.startswith(" ") else " " + x for x in words.split(",")]
-    res = causal_check(lm, pr, [ds.texts[i] for i in te], strengths=[float(x) for x in strengths.split(",")],
-                       suffix=suffix, words=(w[0], w[1]))
-    t = Table(title=f"steering along the probe at {res['site']}: change of P({w[0]!r}) − P({w[1]!r}) "
-                    f"(baseline {res['baseline_gap']:+.4f}, {res['n_texts']} held-out texts)")
+    res = causal_check(
+        lm,
+        pr,
+        [ds.texts[i] for i in te],
+        strengths=[float(x) for x in strengths.split(",")],
+        suffix=suffix,
+        words=(w[0], w[1]),
+    )
+    t = Table(
+        title=f"steering along the probe at {res['site']}: change of P({w[0]!r}) − P({w[1]!r}) "
+        f"(baseline {res['baseline_gap']:+.4f}, {res['n_texts']} held-out texts)"
+    )
     for c in ("class gaps", "probe vector", "random (mean of 3)", "random max |Δ|"):
         t.add_column(c, justify="right")
     for r in res["sweep"]:
@@ -280,9 +362,11 @@ def causal_cmd(
 
 @probe_app.command("weights")
 def weights_cmd(
-    layers: str = typer.Option("0-29", help="blocks, e.g. 0-29 or 3,7"), top: int = typer.Option(2),
+    layers: str = typer.Option("0-29", help="blocks, e.g. 0-29 or 3,7"),
+    top: int = typer.Option(2),
     probe: Path | None = typer.Option(None, help="also give each direction's cosine with this probe"),
-    model: str = typer.Option("default"), json_path: Path | None = typer.Option(None, "--json"),
+    model: str = typer.Option("default"),
+    json_path: Path | None = typer.Option(None, "--json"),
     device: str | None = typer.Option(None),
 ) -> None:
     """Top singular directions of each block's MLP output and attention OV, read as tokens through the unembedding."""
@@ -298,10 +382,15 @@ def weights_cmd(
         t.add_column(c)
     for r in rows:
         if r["component"] == "mlp" or r["rank"] == 0:
-            t.add_row(str(r["layer"]), r["component"], str(r["rank"]), f"{r['singular_value']:.2f}"
-                      + (" ~" if r["near_tie"] else ""), " ".join(map(repr, r["tokens_plus"][:5])),
-                      " ".join(map(repr, r["tokens_minus"][:5])),
-                      *([f"{r['cosine_with_probe']:+.3f}"] if d is not None else []))
+            t.add_row(
+                str(r["layer"]),
+                r["component"],
+                str(r["rank"]),
+                f"{r['singular_value']:.2f}" + (" ~" if r["near_tie"] else ""),
+                " ".join(map(repr, r["tokens_plus"][:5])),
+                " ".join(map(repr, r["tokens_minus"][:5])),
+                *([f"{r['cosine_with_probe']:+.3f}"] if d is not None else []),
+            )
     console.print(t)
     out = {"rows": rows}
     if d is not None:
@@ -310,9 +399,12 @@ def weights_cmd(
 
 
 @probe_app.command("demo")
-def demo_cmd(out: Path = typer.Option(Path("probe-demo"), help="folder for probe_sweep.json / .png"),
-             full: bool = typer.Option(False, help="600 statements, all 30 blocks, 4 fitters (slow on a CPU)"),
-             model: str = typer.Option("default"), device: str | None = typer.Option(None)) -> None:
+def demo_cmd(
+    out: Path = typer.Option(Path("probe-demo"), help="folder for probe_sweep.json / .png"),
+    full: bool = typer.Option(False, help="600 statements, all 30 blocks, 4 fitters (slow on a CPU)"),
+    model: str = typer.Option("default"),
+    device: str | None = typer.Option(None),
+) -> None:
     """Sweep the shipped comparisons set on the default model, print the table beside its controls, save the plot."""
     from ..probes.demo import probe_demo
 

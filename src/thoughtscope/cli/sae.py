@@ -34,17 +34,21 @@ def sae_train(
     tokens: int | None = typer.Option(None, help="token budget (default: the whole store once)"),
     arch: str = typer.Option(SAEConfig.arch, help="relu-l1, topk, batchtopk or jumprelu (comma-separate to sweep)"),
     k: str = typer.Option(str(SAEConfig.k), help="active latents for topk / batchtopk (comma-separate to sweep)"),
-    expansion: str = typer.Option(str(SAEConfig.n_features // SAEConfig.d_model),
-                                  help="dictionary size / d_model (comma-separate to sweep)"),
-    l1_coeff: str = typer.Option(str(SAEConfig.l1_coeff),
-                                 help="relu-l1 sparsity coefficient λ (comma-separate to sweep)"),
+    expansion: str = typer.Option(
+        str(SAEConfig.n_features // SAEConfig.d_model), help="dictionary size / d_model (comma-separate to sweep)"
+    ),
+    l1_coeff: str = typer.Option(
+        str(SAEConfig.l1_coeff), help="relu-l1 sparsity coefficient λ (comma-separate to sweep)"
+    ),
     l0_coeff: str = typer.Option(str(SAEConfig.l0_coeff), help="jumprelu L0 coefficient (comma-separate to sweep)"),
     batch_size: int = typer.Option(TrainConfig.batch_size, help="rows (tokens) per optimiser step"),
     max_norm_ratio: float | None = typer.Option(
         SAEConfig.max_norm_ratio,
-        help="drop tokens whose norm exceeds this × the median (attention sinks); 0 keeps them"),
-    lr: float | None = typer.Option(TrainConfig.lr, help="learning rate (default: the architecture's, scaled with the "
-                                                       "dictionary size)"),
+        help="drop tokens whose norm exceeds this × the median (attention sinks); 0 keeps them",
+    ),
+    lr: float | None = typer.Option(
+        TrainConfig.lr, help="learning rate (default: the architecture's, scaled with the dictionary size)"
+    ),
     epochs: int = typer.Option(TrainConfig.epochs, help="passes over a store"),
     seed: int = typer.Option(TrainConfig.seed),
     device: str = typer.Option(TrainConfig.device),
@@ -74,18 +78,37 @@ def sae_train(
             source = stream_activations(lm, Corpus(corpus), site, n_tokens=tokens, batch_size=batch_size, seed=seed)
             d_model, model_name, site_name = lm.d_model, lm.name, str(lm.check_site(site))
         cfgs, names = [], []
-        for a, kk, e, l1, l0 in itertools.product(_csv(arch, str), _csv(k, int), _csv(expansion, int),
-                                                  _csv(l1_coeff, float), _csv(l0_coeff, float)):
-            cfg = SAEConfig(arch=a, d_model=d_model, n_features=d_model * e, k=kk, l1_coeff=l1, l0_coeff=l0,
-                            model=model_name, site=site_name, max_norm_ratio=max_norm_ratio or None)
+        for a, kk, e, l1, l0 in itertools.product(
+            _csv(arch, str), _csv(k, int), _csv(expansion, int), _csv(l1_coeff, float), _csv(l0_coeff, float)
+        ):
+            cfg = SAEConfig(
+                arch=a,
+                d_model=d_model,
+                n_features=d_model * e,
+                k=kk,
+                l1_coeff=l1,
+                l0_coeff=l0,
+                model=model_name,
+                site=site_name,
+                max_norm_ratio=max_norm_ratio or None,
+            )
             name = sae_class(a).run_name(cfg)
             if name not in names:
                 cfgs.append(cfg)
                 names.append(name)
         out_dirs = [out] if len(cfgs) == 1 else [out / n for n in names]
-        tc = TrainConfig(batch_size=batch_size, n_tokens=tokens, lr=lr, epochs=epochs, seed=seed, device=device,
-                         dtype=dtype, checkpoint_dir=str(out / ".checkpoint"), checkpoint_every=checkpoint_every,
-                         progress=not quiet)
+        tc = TrainConfig(
+            batch_size=batch_size,
+            n_tokens=tokens,
+            lr=lr,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            checkpoint_dir=str(out / ".checkpoint"),
+            checkpoint_every=checkpoint_every,
+            progress=not quiet,
+        )
         t0 = time.perf_counter()
         saes = train_saes(cfgs, source, tc, out_dirs=out_dirs)
     except (SAEError, StoreError, TrainingDiverged, ValueError) as e:
@@ -96,8 +119,13 @@ def sae_train(
         table.add_column(col)
     for name, sae, d in zip(names, saes, out_dirs):
         m = getattr(sae, "train_metrics", {}) or {}
-        table.add_row(name, str(d), f"{m.get('fvu', float('nan')):.3f}", f"{m.get('l0', float('nan')):.1f}",
-                      f"{m.get('dead_frac', float('nan')):.3f}")
+        table.add_row(
+            name,
+            str(d),
+            f"{m.get('fvu', float('nan')):.3f}",
+            f"{m.get('l0', float('nan')):.1f}",
+            f"{m.get('dead_frac', float('nan')):.3f}",
+        )
     console.print(table)
 
 
@@ -120,14 +148,19 @@ def sae_eval(
         _fail("give --store (reconstruction metrics) and/or --model (spliced language-model loss)")
     try:
         sae = load_sae(path)
-        result: dict = {"sae": str(path), "arch": sae.cfg.arch, "n_features": sae.cfg.n_features,
-                        "excluded": "position 0 of every context (attention sink)" if sae.cfg.exclude_bos else "none"}
+        result: dict = {
+            "sae": str(path),
+            "arch": sae.cfg.arch,
+            "n_features": sae.cfg.n_features,
+            "excluded": "position 0 of every context (attention sink)" if sae.cfg.exclude_bos else "none",
+        }
         if store is not None:
             st = ActivationStore.open(store)
             if st.d_model != sae.cfg.d_model:
                 _fail(f"store {store} has d_model {st.d_model} but the SAE expects {sae.cfg.d_model}")
-            batches = st.batches(EVAL_ROWS, shuffle=False, exclude_bos=sae.cfg.exclude_bos,
-                                 max_norm_ratio=sae.cfg.max_norm_ratio)
+            batches = st.batches(
+                EVAL_ROWS, shuffle=False, exclude_bos=sae.cfg.exclude_bos, max_norm_ratio=sae.cfg.max_norm_ratio
+            )
             result["reconstruction"] = evaluate_sae(sae, batches, max_batches=max(1, max_tokens // EVAL_ROWS))
         if model is not None:
             from ..corpus import Corpus
@@ -148,9 +181,11 @@ def sae_eval(
 
 
 @sae_app.command("export")
-def sae_export(path: Path = typer.Argument(..., help="an SAE folder"),
-               out: Path = typer.Option(..., help="destination folder"),
-               format: str = typer.Option("saelens", help="saelens or native")) -> None:
+def sae_export(
+    path: Path = typer.Argument(..., help="an SAE folder"),
+    out: Path = typer.Option(..., help="destination folder"),
+    format: str = typer.Option("saelens", help="saelens or native"),
+) -> None:
     """Write an SAE in SAELens' folder format (cfg.json + sae_weights.safetensors) or ours."""
     from ..sae import SAEError, export_saelens, load_sae, save_sae
 
@@ -168,8 +203,10 @@ def sae_export(path: Path = typer.Argument(..., help="an SAE folder"),
 
 
 @sae_app.command("import")
-def sae_import(path: Path = typer.Argument(..., help="an SAELens, sparsify or dictionary_learning SAE folder"),
-               out: Path = typer.Option(..., help="destination folder (native format)")) -> None:
+def sae_import(
+    path: Path = typer.Argument(..., help="an SAELens, sparsify or dictionary_learning SAE folder"),
+    out: Path = typer.Option(..., help="destination folder (native format)"),
+) -> None:
     """Convert a peer's SAE checkpoint into thoughtscope's format."""
     from ..sae import SAEError, load_sae, save_sae
 

@@ -13,8 +13,9 @@ from . import console, err
 def serve(
     model: str = typer.Option("default", help="model: 'default' (embedded SmolLM2), a hub id, a folder or a .gguf"),
     sae: str = typer.Option("default", help="SAE folder, or 'default' (the shipped SmolLM2 SAE)"),
-    atlas: Path | None = typer.Option(None, help="atlas folder of that SAE; none: build a small one on first start "
-                                                    "and reuse it"),
+    atlas: Path | None = typer.Option(
+        None, help="atlas folder of that SAE; none: build a small one on first start and reuse it"
+    ),
     nla: str = typer.Option("default", help="NLA: 'default' (shipped, for the default model), a folder, or 'none'"),
     probe: list[Path] | None = typer.Option(None, help="probe folder (repeatable)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs --token"),
@@ -33,9 +34,12 @@ def serve(
     from ..server import ServerConfig, create_app, load_workbench
     from ..server.workbench import FIRST_START_TOKENS
 
-    named = [("--atlas", atlas)] + [("--probe", p) for p in probe or ()] + \
-        ([("--sae", Path(sae))] if sae != "default" else []) + \
-        ([("--nla", Path(nla))] if nla not in ("default", "none") and "," not in nla else [])
+    named = (
+        [("--atlas", atlas)]
+        + [("--probe", p) for p in probe or ()]
+        + ([("--sae", Path(sae))] if sae != "default" else [])
+        + ([("--nla", Path(nla))] if nla not in ("default", "none") and "," not in nla else [])
+    )
     for flag, path in named:  # fail here, not later on the building page
         if path is not None and not Path(path).exists():
             raise ServerError(f"{flag} {path}: no such folder")
@@ -51,8 +55,15 @@ def serve(
         err.print("[dim]the shipped NLA is for the default model: no NLA view (pass --nla FOLDER for yours)[/dim]")
 
     def loader(status):
-        wb = load_workbench(model, sae, str(atlas) if atlas else None, nla_spec, probe or (), status=status,
-                            build_tokens=build_tokens or FIRST_START_TOKENS)
+        wb = load_workbench(
+            model,
+            sae,
+            str(atlas) if atlas else None,
+            nla_spec,
+            probe or (),
+            status=status,
+            build_tokens=build_tokens or FIRST_START_TOKENS,
+        )
         console.print(f"[green]ready[/green]: {wb.lm.name}, {wb.n_features} features, atlas {wb.atlas.path}")
         for note in wb.notes:
             err.print(f"[yellow]note:[/yellow] {note}")

@@ -7,10 +7,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from . import _csv, _fail, _load, console, one_line_errors
+from . import _csv, _fail, _load, console, one_line_errors, read_lines
 
-steer_app = typer.Typer(no_args_is_help=False, invoke_without_command=True,
-                        help="Steer generation with presets of feature clamps and vectors; find and calibrate sliders.")
+steer_app = typer.Typer(
+    no_args_is_help=False,
+    invoke_without_command=True,
+    help="Steer generation with presets of feature clamps and vectors; find and calibrate sliders.",
+)
 vector_app = typer.Typer(no_args_is_help=True, help="Steering vectors from contrastive pairs.")
 
 
@@ -93,30 +96,57 @@ def steer_sweep(
         if not 0 <= feature < n:
             _fail(f"feature {feature} is out of range: the SAE has {n} features (0..{n - 1})")
         out.parent.mkdir(parents=True, exist_ok=True)
-        p = Preset(f"feature-{feature}", [PresetItem("feature", "clamp", sae_obj.cfg.site, 1.0, feature=feature,
-                                                     sae=_sae_spec(sae_obj, out.parent.resolve()), unit="max",
-                                                     max_act=float(ref.values[feature]), positions=positions)],
-                   f"clamp of feature {feature} in x its max ({ref.source})")
+        p = Preset(
+            f"feature-{feature}",
+            [
+                PresetItem(
+                    "feature",
+                    "clamp",
+                    sae_obj.cfg.site,
+                    1.0,
+                    feature=feature,
+                    sae=_sae_spec(sae_obj, out.parent.resolve()),
+                    unit="max",
+                    max_act=float(ref.values[feature]),
+                    positions=positions,
+                )
+            ],
+            f"clamp of feature {feature} in x its max ({ref.source})",
+        )
         p.path = out.parent.resolve() / "_"
         index = 0
         console.print(f"feature {feature}: x max = {float(ref.values[feature]):.4g} ({ref.source})")
     else:
         p = Preset.load(preset)
-    result, calibrated = sweep_preset(lm, p, _csv(strengths, float), index=index, keywords=_csv(keywords, str),
-                                      ppl_bound=ppl_bound, prompts=_questions(questions),
-                                      config=_gen_config(max_new_tokens, 0.7, 0.9, seed))
+    result, calibrated = sweep_preset(
+        lm,
+        p,
+        _csv(strengths, float),
+        index=index,
+        keywords=_csv(keywords, str),
+        ppl_bound=ppl_bound,
+        prompts=_questions(questions),
+        config=_gen_config(max_new_tokens, 0.7, 0.9, seed),
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     save_sweep(result, out.with_suffix(".json"))
     png = plot_sweep(result, out.with_suffix(".png"))
     calibrated.save(out.with_suffix(".preset.json"))
     what = f"feature {feature}" if feature is not None else f"{preset} item {index}"
-    table = Table(title=f"sweep of {what} on {result.n_prompts} questions (concept measured by "
-                        f"{result.concept_method}; unsteered perplexity {result.baseline.perplexity:.1f})")
+    table = Table(
+        title=f"sweep of {what} on {result.n_prompts} questions (concept measured by "
+        f"{result.concept_method}; unsteered perplexity {result.baseline.perplexity:.1f})"
+    )
     for col in ("strength", "concept rate", "perplexity", "x unsteered", "repetition"):
         table.add_column(col)
     for row in result.table():
-        table.add_row(f"{row['strength']:g}", f"{row['concept_rate']:.2f}", f"{row['perplexity']:.1f}",
-                      f"{row['ppl_ratio']:.2f}", f"{row['repetition']:.2f}")
+        table.add_row(
+            f"{row['strength']:g}",
+            f"{row['concept_rate']:.2f}",
+            f"{row['perplexity']:.1f}",
+            f"{row['ppl_ratio']:.2f}",
+            f"{row['repetition']:.2f}",
+        )
     console.print(table)
     console.print(f"suggested strength: {result.suggested}  (files: {out.with_suffix('.json')}, {png})")
 
@@ -150,29 +180,48 @@ def steer_find(
         if keywords:
             c.keywords = _csv(keywords, str)
     else:
-        c = Concept(concept, _csv(keywords, str) or [concept],
-                    _read_lines(prompts) if prompts else [], _read_lines(controls) if controls else [])
+        c = Concept(
+            concept,
+            _csv(keywords, str) or [concept],
+            read_lines(prompts) if prompts else [],
+            read_lines(controls) if controls else [],
+        )
     if prompts and Path(concept).suffix == ".json":
-        c.prompts = _read_lines(prompts)
+        c.prompts = read_lines(prompts)
     if controls and Path(concept).suffix == ".json":
-        c.controls = _read_lines(controls)
-    cfg = FindConfig(n_features=n_features if sae != "none" else 0, n_calibrate=n_calibrate, ppl_bound=ppl_bound,
-                     caa_sites=_csv(sites, str) or None, positions=positions, max_new_tokens=max_new_tokens, seed=seed)
+        c.controls = read_lines(controls)
+    cfg = FindConfig(
+        n_features=n_features if sae != "none" else 0,
+        n_calibrate=n_calibrate,
+        ppl_bound=ppl_bound,
+        caa_sites=_csv(sites, str) or None,
+        positions=positions,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
     lm = _load(model, None, None)
     sae_obj = None if sae == "none" else load_sae(sae).eval().requires_grad_(False)
     res = find_handle(lm, sae_obj, c, questions=_questions(questions), config=cfg)
     if json_out is not None:
         res.save(json_out)
-    table = Table(title=f"steer find {c.name!r}: calibrated handles on {len(res.questions)} questions "
-                        f"(unsteered concept rate {res.baseline['concept_rate']:.0%})")
+    table = Table(
+        title=f"steer find {c.name!r}: calibrated handles on {len(res.questions)} questions "
+        f"(unsteered concept rate {res.baseline['concept_rate']:.0%})"
+    )
     for col in ("handle", "strength", "concept rate", "x perplexity", "repetition"):
         table.add_column(col)
     for p in res.frontier:
-        table.add_row(p["handle"], f"{p['strength']:g}", f"{p['concept_rate']:.0%}", f"{p['perplexity_ratio']:.2f}",
-                      f"{p['repetition']:.2f}")
+        table.add_row(
+            p["handle"],
+            f"{p['strength']:g}",
+            f"{p['concept_rate']:.0%}",
+            f"{p['perplexity_ratio']:.2f}",
+            f"{p['repetition']:.2f}",
+        )
     po = res.prompt_only
-    table.add_row("prompt-only", "-", f"{po['concept_rate']:.0%}", f"{po['perplexity_ratio']:.2f}",
-                  f"{po['repetition']:.2f}")
+    table.add_row(
+        "prompt-only", "-", f"{po['concept_rate']:.0%}", f"{po['perplexity_ratio']:.2f}", f"{po['repetition']:.2f}"
+    )
     console.print(table)
     dropped = sum(h["status"].startswith("dropped") for h in res.handles)
     console.print(f"{len(res.handles)} candidates, {dropped} dropped at screening; {res.seconds:.0f} s")
@@ -181,18 +230,13 @@ def steer_find(
         raise typer.Exit(1)
     b = res.best
     path = save_preset(res, sae_obj, preset or Path(f"steer-find-{c.name.replace(' ', '_')}.json"))
-    console.print(f"best: {b['id']} at {b['strength']:g} {b['unit']}: {b['concept_rate']:.0%} of answers at "
-                  f"{b['perplexity_ratio']:.2f}x perplexity (second seed: {b['second_seed']['concept_rate']:.0%}); "
-                  f"preset {path}")
+    console.print(
+        f"best: {b['id']} at {b['strength']:g} {b['unit']}: {b['concept_rate']:.0%} of answers at "
+        f"{b['perplexity_ratio']:.2f}x perplexity (second seed: {b['second_seed']['concept_rate']:.0%}); "
+        f"preset {path}"
+    )
     if json_out is not None:
         console.print(f"wrote {json_out}")
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        _fail(f"cannot read {path}: {e}")
 
 
 @one_line_errors
@@ -209,8 +253,13 @@ def chat(
     from ..steer import chat_loop
 
     lm = _load(model, None, None)
-    chat_loop(lm, sae=load_sae(sae), preset=preset, config=_gen_config(max_new_tokens, temperature, 0.9, seed),
-              stream_fn=lambda piece: console.print(piece, end=""))
+    chat_loop(
+        lm,
+        sae=load_sae(sae),
+        preset=preset,
+        config=_gen_config(max_new_tokens, temperature, 0.9, seed),
+        stream_fn=lambda piece: console.print(piece, end=""),
+    )
 
 
 @vector_app.command("fit")

@@ -21,7 +21,34 @@ from .reconstructor import Reconstructor
 from .train import TrainConfig, grpo_step, train_stage
 from .verbalizer import Verbalizer, pick_marker
 
-__all__ = ["NLA", "NLAConfig", "NLAError", "DataConfig", "NLARows", "TrainConfig", "Verbalizer", "Reconstructor",
-           "build_dataset", "harvest_rows", "train_stage", "grpo_step", "load_nla", "explain_text", "evaluate_nla",
-           "format_table", "steer_from_words", "steering_delta", "load_released", "read_sidecar", "fve", "fve_parts",
-           "bootstrap_ci", "nla_loss", "normalise", "config_for", "pick_marker", "vector_stats", "default_nla_path"]
+__all__ = [
+    "NLA",
+    "NLAConfig",
+    "NLAError",
+    "DataConfig",
+    "NLARows",
+    "TrainConfig",
+    "Verbalizer",
+    "Reconstructor",
+    "build_dataset",
+    "harvest_rows",
+    "train_stage",
+    "grpo_step",
+    "load_nla",
+    "explain_text",
+    "evaluate_nla",
+    "format_table",
+    "steer_from_words",
+    "steering_delta",
+    "load_released",
+    "read_sidecar",
+    "fve",
+    "fve_parts",
+    "bootstrap_ci",
+    "nla_loss",
+    "normalise",
+    "config_for",
+    "pick_marker",
+    "vector_stats",
+    "default_nla_path",
+]

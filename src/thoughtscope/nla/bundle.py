@@ -21,11 +21,12 @@ from .core import NLAConfig, NLAError, check_vectors, nla_loss, normalise
 
 AV_FILE, AR_FILE = "av.safetensors", "ar.safetensors"
 WARM_AV_FILE, WARM_AR_FILE = "warm_av.safetensors", "warm_ar.safetensors"
-RL_AR_FILE = "rl_ar.safetensors"          # the AR as the RL stage left it, before `ar-refit`
+RL_AR_FILE = "rl_ar.safetensors"  # the AR as the RL stage left it, before `ar-refit`
 
 
-def config_for(lm, *, site: str | None = None, injection_scale: float = 0.0, marker: str | None = None,
-               **overrides) -> NLAConfig:
+def config_for(
+    lm, *, site: str | None = None, injection_scale: float = 0.0, marker: str | None = None, **overrides
+) -> NLAConfig:
     """A config that matches this target model (marker picked from its tokenizer, default site at 2/3 depth)."""
     from .core import default_site
     from .verbalizer import pick_marker
@@ -38,8 +39,16 @@ def config_for(lm, *, site: str | None = None, injection_scale: float = 0.0, mar
             raise NLAError(f"marker {marker!r} is {len(ids)} tokens in this tokenizer; it must be exactly one")
         marker_id = ids[0]
     site = str(lm.check_site(site or default_site(lm.n_layers)))
-    return NLAConfig(model=lm.source.get("spec", lm.name), site=site, d_model=lm.d_model, n_layers=lm.n_layers,
-                     marker=marker, marker_id=marker_id, injection_scale=injection_scale, **overrides).check()
+    return NLAConfig(
+        model=lm.source.get("spec", lm.name),
+        site=site,
+        d_model=lm.d_model,
+        n_layers=lm.n_layers,
+        marker=marker,
+        marker_id=marker_id,
+        injection_scale=injection_scale,
+        **overrides,
+    ).check()
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path, dtype=torch.float16) -> None:
@@ -63,8 +72,10 @@ class NLA:
         from .verbalizer import Verbalizer
 
         if cfg.d_model != lm.d_model or cfg.n_layers != lm.n_layers:
-            raise NLAError(f"NLA config is for a model with d_model={cfg.d_model}, {cfg.n_layers} blocks, but the "
-                           f"target {lm.name} has d_model={lm.d_model}, {lm.n_layers} blocks")
+            raise NLAError(
+                f"NLA config is for a model with d_model={cfg.d_model}, {cfg.n_layers} blocks, but the "
+                f"target {lm.name} has d_model={lm.d_model}, {lm.n_layers} blocks"
+            )
         lm.check_site(cfg.site)
         self.lm, self.cfg = lm, cfg.check()
         # LoRA's A matrices start random: seed them so two runs (or a run and its resume) start identical
@@ -124,11 +135,12 @@ class NLA:
             pos.append(q)
         acts = capture(self.lm, self.cfg.site, ids, att)
         h = next(iter(acts.values()))[0]
-        toks = [self.lm.tokenizer.decode(ids[0, q: q + 1]) for q in pos]
+        toks = [self.lm.tokenizer.decode(ids[0, q : q + 1]) for q in pos]
         return h[pos].float().cpu(), pos, toks
 
-    def explain(self, vectors: torch.Tensor, *, samples: int = 1, do_sample: bool | None = None,
-                temperature: float = 1.0) -> list[str]:
+    def explain(
+        self, vectors: torch.Tensor, *, samples: int = 1, do_sample: bool | None = None, temperature: float = 1.0
+    ) -> list[str]:
         v = check_vectors(vectors, self.cfg.d_model)
         do_sample = samples > 1 if do_sample is None else do_sample
         self.av.model.eval()

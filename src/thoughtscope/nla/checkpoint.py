@@ -45,8 +45,18 @@ def load_state(nla_dir: Path, cfg: TrainConfig, nla: NLA, opt, ar_opt) -> tuple[
     return st["step"], st["history"]
 
 
-def save_state(nla_dir: Path, cfg: TrainConfig, nla: NLA, opt, ar_opt, step: int, history: list[dict], *,
-               done: bool, stopped: bool = False) -> None:
+def save_state(
+    nla_dir: Path,
+    cfg: TrainConfig,
+    nla: NLA,
+    opt,
+    ar_opt,
+    step: int,
+    history: list[dict],
+    *,
+    done: bool,
+    stopped: bool = False,
+) -> None:
     """Write the stage's state file and history, and publish its weights (rank 0 only: the caller checks)."""
     st = {"step": step, "history": history, "config": asdict(cfg), "opt": opt.state_dict(), "done": done}
     if cfg.stage in ("av-sft", "rl"):
@@ -59,7 +69,7 @@ def save_state(nla_dir: Path, cfg: TrainConfig, nla: NLA, opt, ar_opt, step: int
     # publish the weights so later stages and `nla eval` can use them
     if cfg.stage == "ar-sft":
         save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
-        if done or stopped:     # a budget-stopped stage still hands its weights to the next stage
+        if done or stopped:  # a budget-stopped stage still hands its weights to the next stage
             save_weights(nla.ar.adapter_state(), nla_dir / WARM_AR_FILE)
     elif cfg.stage == "av-sft":
         save_weights(nla.av.adapter_state(), nla_dir / AV_FILE)

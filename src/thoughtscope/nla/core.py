@@ -30,27 +30,27 @@ class NLAError(ThoughtscopeError, ValueError):
 class NLAConfig:
     """Everything the AV and AR must agree on; saved as nla_config.json beside the weights."""
 
-    model: str = "default"                 # target model spec (thoughtscope.models.load_model)
-    site: str = "resid.20"                 # output of block K (= hidden_states[K+1]); K ≈ 2/3 of depth
+    model: str = "default"  # target model spec (thoughtscope.models.load_model)
+    site: str = "resid.20"  # output of block K (= hidden_states[K+1]); K ≈ 2/3 of depth
     d_model: int = 576
     n_layers: int = 30
     # --- verbalizer (AV)
-    marker: str = "<empty_output>"         # one token whose input embedding is replaced by the vector
+    marker: str = "<empty_output>"  # one token whose input embedding is replaced by the vector
     marker_id: int = 16
-    injection_scale: float = 0.0           # vectors are rescaled to this L2 norm before injection
+    injection_scale: float = 0.0  # vectors are rescaled to this L2 norm before injection
     system_prompt: str = "Describe the vector."
-    av_template: str = "<concept>{marker}</concept>"   # user turn; must contain {marker} exactly once
-    response_prefix: str = "<explanation>"            # forced start of the answer (part of the prompt)
-    response_suffix: str = "</explanation>"           # the answer is complete only when this appears
+    av_template: str = "<concept>{marker}</concept>"  # user turn; must contain {marker} exactly once
+    response_prefix: str = "<explanation>"  # forced start of the answer (part of the prompt)
+    response_suffix: str = "</explanation>"  # the answer is complete only when this appears
     max_new_tokens: int = 48
     # --- reconstructor (AR)
     ar_prefix: str = "Summary: "
-    ar_suffix: str = ""                    # empty: the AR reads the explanation's own last token (see docs)
-    max_explanation_tokens: int = 64       # longer explanations are an error for the AR
+    ar_suffix: str = ""  # empty: the AR reads the explanation's own last token (see docs)
+    max_explanation_tokens: int = 64  # longer explanations are an error for the AR
     # --- data statistics, measured by `nla data`
     mean_norm: float = 0.0
-    mu_sq: float = 0.0                     # ‖μ‖² of the unit-normalised vectors; Var = 1 − mu_sq
-    warm_start: dict = field(default_factory=dict)     # which explanations the warm start used
+    mu_sq: float = 0.0  # ‖μ‖² of the unit-normalised vectors; Var = 1 − mu_sq
+    warm_start: dict = field(default_factory=dict)  # which explanations the warm start used
     # --- adapters
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -67,8 +67,9 @@ class NLAConfig:
         if self.av_template.count("{marker}") != 1:
             raise NLAError(f"av_template must contain '{{marker}}' exactly once, got {self.av_template!r}")
         if self.layer >= self.n_layers:
-            raise NLAError(f"site {self.site} is beyond the model: it has {self.n_layers} blocks "
-                           f"(layers 0..{self.n_layers - 1})")
+            raise NLAError(
+                f"site {self.site} is beyond the model: it has {self.n_layers} blocks (layers 0..{self.n_layers - 1})"
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -119,8 +120,9 @@ def check_vectors(v: torch.Tensor, d_model: int, what: str = "vector") -> torch.
     if v.dim() == 1:
         v = v[None]
     if v.dim() != 2 or v.shape[-1] != d_model:
-        raise NLAError(f"{what} has shape {tuple(v.shape)}; expected [{d_model}] or [N, {d_model}] "
-                       f"(the target model's d_model)")
+        raise NLAError(
+            f"{what} has shape {tuple(v.shape)}; expected [{d_model}] or [N, {d_model}] (the target model's d_model)"
+        )
     if not torch.isfinite(v).all():
         raise NLAError(f"{what} contains NaN or infinite values")
     return v.float()

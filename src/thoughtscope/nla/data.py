@@ -33,13 +33,15 @@ from ..progress import ProgressBar
 from .core import NLAError, normalise, round_scale
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
-CONTEXT_KEEP = 16          # last tokens of context kept per row (ridge / oracle baselines)
+CONTEXT_KEEP = 16  # last tokens of context kept per row (ridge / oracle baselines)
 
-_STOP = set("""a an the and or but if of to in on at by for with from as is are was were be been being this that these
+_STOP = set(
+    """a an the and or but if of to in on at by for with from as is are was were be been being this that these
 those it its it's into than then there here which who whom what when where why how not no yes can could should would
 will shall may might must do does did done have has had having you your yours we our ours they them their i me my he him
 his she her hers also such only just more most some any each other all both very so too use used using one two may
-""".split())
+""".split()
+)
 
 
 @dataclass
@@ -47,36 +49,36 @@ class DataConfig:
     """How rows are harvested; saved in meta.json so the dataset can be rebuilt exactly."""
 
     corpus: str = "default"
-    site: str | None = None             # None: two-thirds of the depth
+    site: str | None = None  # None: two-thirds of the depth
     n_rows: int = 4000
     positions_per_doc: int = 3
-    min_position: int = 50              # document token index ≥ this (published recipe)
-    max_position: int = 96              # contexts are cut here to bound CPU cost
-    split: tuple = (0.8, 0.1, 0.1)      # train / val / test, by document
+    min_position: int = 50  # document token index ≥ this (published recipe)
+    max_position: int = 96  # contexts are cut here to bound CPU cost
+    split: tuple = (0.8, 0.1, 0.1)  # train / val / test, by document
     seed: int = 42
     batch_docs: int = 8
-    warm_start: str = "offline"         # "offline" or "llm"
-    llm_endpoint: str | None = None     # OpenAI-compatible base URL, e.g. http://localhost:8000/v1
+    warm_start: str = "offline"  # "offline" or "llm"
+    llm_endpoint: str | None = None  # OpenAI-compatible base URL, e.g. http://localhost:8000/v1
     llm_model: str | None = None
     llm_api_key_env: str = "OPENAI_API_KEY"
     max_explanation_tokens: int = 40
-    ascii_only: bool = True             # keep documents that are mostly ASCII (the default corpus is multilingual)
-    only_split: int | None = None       # harvest only documents of this split (0 train, 1 val, 2 test)
+    ascii_only: bool = True  # keep documents that are mostly ASCII (the default corpus is multilingual)
+    only_split: int | None = None  # harvest only documents of this split (0 train, 1 val, 2 test)
 
 
 @dataclass
 class NLARows:
     """In-memory NLA rows; `vectors` are raw activations at the site."""
 
-    vectors: torch.Tensor                   # [N, d] float32
-    doc_id: torch.Tensor                    # [N] long
-    position: torch.Tensor                  # [N] index inside the document
-    token_id: torch.Tensor                  # [N]
-    split: torch.Tensor                     # [N] 0 train, 1 val, 2 test
-    context_ids: torch.Tensor               # [N, CONTEXT_KEEP] last tokens up to and including the token,
-                                            # -1 padded left
+    vectors: torch.Tensor  # [N, d] float32
+    doc_id: torch.Tensor  # [N] long
+    position: torch.Tensor  # [N] index inside the document
+    token_id: torch.Tensor  # [N]
+    split: torch.Tensor  # [N] 0 train, 1 val, 2 test
+    context_ids: torch.Tensor  # [N, CONTEXT_KEEP] last tokens up to and including the token,
+    # -1 padded left
     explanations: list[str]
-    contexts: list[str]                     # text of the document up to and including the token (tail only)
+    contexts: list[str]  # text of the document up to and including the token (tail only)
     meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -85,19 +87,37 @@ class NLARows:
     def subset(self, which: str | torch.Tensor) -> NLARows:
         idx = (self.split == SPLITS[which]).nonzero().flatten() if isinstance(which, str) else which
         il = idx.tolist()
-        return NLARows(self.vectors[idx], self.doc_id[idx], self.position[idx], self.token_id[idx], self.split[idx],
-                       self.context_ids[idx], [self.explanations[i] for i in il], [self.contexts[i] for i in il],
-                       dict(self.meta))
+        return NLARows(
+            self.vectors[idx],
+            self.doc_id[idx],
+            self.position[idx],
+            self.token_id[idx],
+            self.split[idx],
+            self.context_ids[idx],
+            [self.explanations[i] for i in il],
+            [self.contexts[i] for i in il],
+            dict(self.meta),
+        )
 
     # ---------------------------------------------------------------- disk
     def save(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors({"vectors": self.vectors.float(), "doc_id": self.doc_id, "position": self.position,
-                             "token_id": self.token_id, "split": self.split, "context_ids": self.context_ids},
-                            folder / "vectors.safetensors")
-        lines = [json.dumps({"explanation": e, "context": c}, ensure_ascii=False)
-                 for e, c in zip(self.explanations, self.contexts)]
+        atomic_save_tensors(
+            {
+                "vectors": self.vectors.float(),
+                "doc_id": self.doc_id,
+                "position": self.position,
+                "token_id": self.token_id,
+                "split": self.split,
+                "context_ids": self.context_ids,
+            },
+            folder / "vectors.safetensors",
+        )
+        lines = [
+            json.dumps({"explanation": e, "context": c}, ensure_ascii=False)
+            for e, c in zip(self.explanations, self.contexts)
+        ]
         atomic_write_text(folder / "rows.jsonl", "\n".join(lines) + "\n")
         atomic_write_text(folder / "meta.json", json.dumps(self.meta, indent=2, sort_keys=True, default=str))
         return folder
@@ -109,16 +129,27 @@ class NLARows:
         folder = Path(folder)
         for name in ("vectors.safetensors", "rows.jsonl", "meta.json"):
             if not (folder / name).is_file():
-                raise NLAError(f"{folder / name} is missing: an NLA dataset folder holds vectors.safetensors, "
-                               f"rows.jsonl and meta.json (made by `thoughtscope nla data`)")
+                raise NLAError(
+                    f"{folder / name} is missing: an NLA dataset folder holds vectors.safetensors, "
+                    f"rows.jsonl and meta.json (made by `thoughtscope nla data`)"
+                )
         t = load_file(str(folder / "vectors.safetensors"))
         rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
         if len(rows) != t["vectors"].shape[0]:
-            raise NLAError(f"{folder}: rows.jsonl has {len(rows)} rows but vectors.safetensors has "
-                           f"{t['vectors'].shape[0]}")
-        return cls(t["vectors"], t["doc_id"], t["position"], t["token_id"], t["split"], t["context_ids"],
-                   [r["explanation"] for r in rows], [r["context"] for r in rows],
-                   json.loads((folder / "meta.json").read_text()))
+            raise NLAError(
+                f"{folder}: rows.jsonl has {len(rows)} rows but vectors.safetensors has {t['vectors'].shape[0]}"
+            )
+        return cls(
+            t["vectors"],
+            t["doc_id"],
+            t["position"],
+            t["token_id"],
+            t["split"],
+            t["context_ids"],
+            [r["explanation"] for r in rows],
+            [r["context"] for r in rows],
+            json.loads((folder / "meta.json").read_text()),
+        )
 
 
 # -------------------------------------------------------------------- statistics
@@ -131,9 +162,15 @@ def vector_stats(vectors: torch.Tensor) -> dict:
     mu = unit.mean(0)
     norms = v.norm(dim=-1)
     mean_norm = float(norms.mean())
-    return {"mu_sq": float(mu.pow(2).sum()), "var": float(1 - mu.pow(2).sum()), "mean_norm": mean_norm,
-            "median_norm": float(norms.median()), "max_norm": float(norms.max()),
-            "injection_scale": round_scale(mean_norm), "n": int(v.shape[0])}
+    return {
+        "mu_sq": float(mu.pow(2).sum()),
+        "var": float(1 - mu.pow(2).sum()),
+        "mean_norm": mean_norm,
+        "median_norm": float(norms.median()),
+        "max_norm": float(norms.max()),
+        "injection_scale": round_scale(mean_norm),
+        "n": int(v.shape[0]),
+    }
 
 
 # -------------------------------------------------------------------- warm-start explanations
@@ -163,8 +200,9 @@ def _clean(s: str) -> str:
     return s.replace("\n", "\\n").replace("\t", " ").replace('"', "'")
 
 
-def offline_explanation(tokenizer, ids: list[int], next_ids: list[int], *, n_words: int = 2, quote_tokens: int = 8,
-                        max_tokens: int = 40) -> str:
+def offline_explanation(
+    tokenizer, ids: list[int], next_ids: list[int], *, n_words: int = 2, quote_tokens: int = 8, max_tokens: int = 40
+) -> str:
     """An extractive explanation from the text and the model's own prediction.
 
     Layout: ``Topic: a, b. Next: "x" / "y". Context: "<last words>". Token:<token>``. The last clause
@@ -174,10 +212,10 @@ def offline_explanation(tokenizer, ids: list[int], next_ids: list[int], *, n_wor
     """
     tok_text = tokenizer.decode(ids[-1:])
     prefix_text = tokenizer.decode(ids[:-1])
-    quote = tokenizer.decode(ids[-1 - quote_tokens:-1]) if len(ids) > 1 else ""
+    quote = tokenizer.decode(ids[-1 - quote_tokens : -1]) if len(ids) > 1 else ""
     # start the quote at a word boundary so it reads as words, not token fragments
     if " " in quote.strip() and not quote.startswith(" "):
-        quote = quote[quote.find(" "):]
+        quote = quote[quote.find(" ") :]
     words = salient_words(prefix_text[: max(0, len(prefix_text) - len(quote))], n_words)
     nxt = [_clean(tokenizer.decode([t]).strip()) for t in next_ids]
     nxt = [n for n in nxt if n][:2]
@@ -201,7 +239,7 @@ def offline_explanation(tokenizer, ids: list[int], next_ids: list[int], *, n_wor
     while len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_tokens:
         if quote_tokens > 3:
             quote_tokens -= 2
-            quote = tokenizer.decode(ids[-1 - quote_tokens:-1])
+            quote = tokenizer.decode(ids[-1 - quote_tokens : -1])
         elif words:
             words = words[:-1]
         elif nxt:
@@ -214,20 +252,33 @@ def offline_explanation(tokenizer, ids: list[int], next_ids: list[int], *, n_wor
     return text
 
 
-LLM_PROMPT = ("Below is the beginning of a text, cut at its last token. In at most {words} words, say what a "
-              "reader predicting the next token is tracking: the topic, what comes next, and the last token. "
-              "Reply with the explanation only.\n\nTEXT:\n{text}")
+LLM_PROMPT = (
+    "Below is the beginning of a text, cut at its last token. In at most {words} words, say what a "
+    "reader predicting the next token is tracking: the topic, what comes next, and the last token. "
+    "Reply with the explanation only.\n\nTEXT:\n{text}"
+)
 
 
-def llm_explanation(text: str, *, endpoint: str, model: str, api_key_env: str = "OPENAI_API_KEY",
-                    max_words: int = 30, timeout: float = 60.0) -> str:
+def llm_explanation(
+    text: str,
+    *,
+    endpoint: str,
+    model: str,
+    api_key_env: str = "OPENAI_API_KEY",
+    max_words: int = 30,
+    timeout: float = 60.0,
+) -> str:
     """Ask any OpenAI-compatible chat endpoint for a warm-start explanation of a prefix (the shared client,
     thoughtscope.llm; one attempt, as before)."""
     url = endpoint.rstrip("/") + "/chat/completions"
     client = HTTPChatClient(url, model, os.environ.get(api_key_env) or None, timeout=timeout, max_retries=0)
     try:
-        return client.call([{"role": "user", "content": LLM_PROMPT.format(words=max_words, text=text)}],
-                           max_tokens=120, temperature=1.0, parse=lambda reply: " ".join(reply.split()))
+        return client.call(
+            [{"role": "user", "content": LLM_PROMPT.format(words=max_words, text=text)}],
+            max_tokens=120,
+            temperature=1.0,
+            parse=lambda reply: " ".join(reply.split()),
+        )
     except LLMError as e:
         raise NLAError(f"warm-start endpoint {url} failed: {e}") from e
 
@@ -239,15 +290,16 @@ def _doc_token_stream(corpus, tokenizer, cfg: DataConfig) -> Iterator[tuple[int,
     for i, doc in enumerate(corpus.documents()):
         if cfg.ascii_only and sum(c.isascii() for c in doc[:2000]) < 0.97 * min(len(doc), 2000):
             continue
-        if len(doc) < cfg.min_position:            # quick reject: a token is at least one character
+        if len(doc) < cfg.min_position:  # quick reject: a token is at least one character
             continue
         ids = tokenizer(doc[: cfg.max_position * 12], add_special_tokens=False)["input_ids"]
         if len(ids) > cfg.min_position:
             yield i, ids[: cfg.max_position]
 
 
-def harvest_rows(lm, cfg: DataConfig, *, corpus=None, progress: bool = True,
-                 explain_fn: Callable[[str], str] | None = None) -> NLARows:
+def harvest_rows(
+    lm, cfg: DataConfig, *, corpus=None, progress: bool = True, explain_fn: Callable[[str], str] | None = None
+) -> NLARows:
     """Run the target over documents and collect rows with warm-start explanations.
 
     One forward pass per document batch gives both the site vector (``hidden_states[K+1]``) and the
@@ -264,8 +316,12 @@ def harvest_rows(lm, cfg: DataConfig, *, corpus=None, progress: bool = True,
     if cfg.warm_start == "llm" and explain_fn is None:
         if not (cfg.llm_endpoint and cfg.llm_model):
             raise NLAError("warm_start='llm' needs llm_endpoint and llm_model (an OpenAI-compatible server)")
-        explain_fn = lambda text: llm_explanation(text, endpoint=cfg.llm_endpoint, model=cfg.llm_model,  # noqa: E731
-                                                   api_key_env=cfg.llm_api_key_env)
+
+        def explain_fn(text):
+            return llm_explanation(
+                text, endpoint=cfg.llm_endpoint, model=cfg.llm_model, api_key_env=cfg.llm_api_key_env
+            )
+
     out: dict[str, list] = {k: [] for k in ("vec", "doc", "pos", "tok", "split", "ctx", "expl", "text")}
 
     bar = ProgressBar("nla data", cfg.n_rows, unit="rows", enabled=progress)
@@ -276,8 +332,9 @@ def harvest_rows(lm, cfg: DataConfig, *, corpus=None, progress: bool = True,
         off = 1 if bos is not None else 0
         with torch.inference_mode():
             base = getattr(lm.model, lm.model.base_model_prefix)
-            o = base(input_ids=x.to(lm.device), attention_mask=m.to(lm.device), output_hidden_states=True,
-                     use_cache=False)
+            o = base(
+                input_ids=x.to(lm.device), attention_mask=m.to(lm.device), output_hidden_states=True, use_cache=False
+            )
             hs = o.hidden_states[site.layer + 1]
             last = o.last_hidden_state
         for j, (doc_i, ids, positions) in enumerate(batch):
@@ -287,8 +344,11 @@ def harvest_rows(lm, cfg: DataConfig, *, corpus=None, progress: bool = True,
                     logits = lm.unembed(last[j, q][None].to(lm.unembed.weight.dtype))[0]
                 next_ids = logits.topk(3).indices.tolist()
                 ctx_ids = ids[: p + 1]
-                expl = (explain_fn(tok.decode(ctx_ids)) if explain_fn is not None else
-                        offline_explanation(tok, ctx_ids, next_ids, max_tokens=cfg.max_explanation_tokens))
+                expl = (
+                    explain_fn(tok.decode(ctx_ids))
+                    if explain_fn is not None
+                    else offline_explanation(tok, ctx_ids, next_ids, max_tokens=cfg.max_explanation_tokens)
+                )
                 keep = ctx_ids[-CONTEXT_KEEP:]
                 out["vec"].append(hs[j, q].float().cpu())
                 out["doc"].append(doc_i)
@@ -324,20 +384,42 @@ def harvest_rows(lm, cfg: DataConfig, *, corpus=None, progress: bool = True,
         raise NLAError(f"no document in corpus {cfg.corpus!r} has more than {cfg.min_position} tokens")
     vectors = torch.stack(out["vec"])
     stats = vector_stats(vectors[torch.tensor(out["split"]) == 0] if 0 in out["split"] else vectors)
-    warm = ({"kind": "offline-extractive", "recipe": "salient prefix words, model's top next tokens, quoted last "
-             "words, current token"} if cfg.warm_start == "offline" and explain_fn is None else
-            {"kind": "llm", "endpoint": cfg.llm_endpoint, "model": cfg.llm_model} if cfg.warm_start == "llm" else
-            {"kind": "custom-function"})
-    meta = {"model": lm.name, "model_source": lm.source.get("spec"), "site": str(site), "d_model": lm.d_model,
-            "n_layers": lm.n_layers, "data_config": asdict(cfg), "stats": stats, "warm_start": warm,
-            "corpus": corpus.describe() if hasattr(corpus, "describe") else str(corpus),
-            "harvest_seconds": round(time.time() - t0, 1)}
-    return NLARows(vectors, torch.tensor(out["doc"]), torch.tensor(out["pos"]), torch.tensor(out["tok"]),
-                   torch.tensor(out["split"]), torch.tensor(out["ctx"]), out["expl"], out["text"], meta)
+    warm = (
+        {
+            "kind": "offline-extractive",
+            "recipe": "salient prefix words, model's top next tokens, quoted last words, current token",
+        }
+        if cfg.warm_start == "offline" and explain_fn is None
+        else {"kind": "llm", "endpoint": cfg.llm_endpoint, "model": cfg.llm_model}
+        if cfg.warm_start == "llm"
+        else {"kind": "custom-function"}
+    )
+    meta = {
+        "model": lm.name,
+        "model_source": lm.source.get("spec"),
+        "site": str(site),
+        "d_model": lm.d_model,
+        "n_layers": lm.n_layers,
+        "data_config": asdict(cfg),
+        "stats": stats,
+        "warm_start": warm,
+        "corpus": corpus.describe() if hasattr(corpus, "describe") else str(corpus),
+        "harvest_seconds": round(time.time() - t0, 1),
+    }
+    return NLARows(
+        vectors,
+        torch.tensor(out["doc"]),
+        torch.tensor(out["pos"]),
+        torch.tensor(out["tok"]),
+        torch.tensor(out["split"]),
+        torch.tensor(out["ctx"]),
+        out["expl"],
+        out["text"],
+        meta,
+    )
 
 
-def build_dataset(model: str = "default", out: str | os.PathLike = "nla_data", *, lm=None,
-                  **data_kwargs) -> Path:
+def build_dataset(model: str = "default", out: str | os.PathLike = "nla_data", *, lm=None, **data_kwargs) -> Path:
     """`thoughtscope nla data`: harvest rows from a corpus and save them (with ‖μ‖², mean norm, injection_scale)."""
     from thoughtscope.models import load_model
 

@@ -48,8 +48,9 @@ QUOTE_RE = re.compile(r'"([^"]{2,})"')
 # ------------------------------------------------------------------------- metric
 
 
-def fve_parts(pred: torch.Tensor, gold: torch.Tensor, *, renormalise: bool = True,
-              mu: torch.Tensor | None = None) -> dict:
+def fve_parts(
+    pred: torch.Tensor, gold: torch.Tensor, *, renormalise: bool = True, mu: torch.Tensor | None = None
+) -> dict:
     """FVE, MSE and Var (definitions in the module docstring) for one set.
 
     renormalise=True rescales the prediction to √d too (right for the AR, whose output norm is not
@@ -62,17 +63,29 @@ def fve_parts(pred: torch.Tensor, gold: torch.Tensor, *, renormalise: bool = Tru
     mu = g.mean(0) if mu is None else mu.double()
     var = float((g - mu).pow(2).mean())
     mse = float((p - g).pow(2).mean())
-    return {"fve": 1 - mse / var if var > 0 else float("nan"), "mse": mse, "var": var,
-            "mu_sq_unit": float(mu.pow(2).sum() / g.shape[-1])}
+    return {
+        "fve": 1 - mse / var if var > 0 else float("nan"),
+        "mse": mse,
+        "var": var,
+        "mu_sq_unit": float(mu.pow(2).sum() / g.shape[-1]),
+    }
 
 
 def fve(pred: torch.Tensor, gold: torch.Tensor, *, renormalise: bool = True, mu: torch.Tensor | None = None) -> float:
     return fve_parts(pred, gold, renormalise=renormalise, mu=mu)["fve"]
 
 
-def bootstrap_ci(pred: torch.Tensor, gold: torch.Tensor, groups: torch.Tensor | None = None, *, n_boot: int = 1000,
-                 seed: int = 0, alpha: float = 0.05, renormalise: bool = True,
-                 minus: torch.Tensor | None = None) -> tuple[float, float]:
+def bootstrap_ci(
+    pred: torch.Tensor,
+    gold: torch.Tensor,
+    groups: torch.Tensor | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    renormalise: bool = True,
+    minus: torch.Tensor | None = None,
+) -> tuple[float, float]:
     """Percentile CI of FVE, resampling groups (documents) with replacement; μ and Var recomputed each time.
 
     With `minus` (another prediction, on the same scale as `pred`), the CI of FVE(pred) − FVE(minus) on the
@@ -86,7 +99,7 @@ def bootstrap_ci(pred: torch.Tensor, gold: torch.Tensor, groups: torch.Tensor | 
     uniq, inv = torch.unique(groups, return_inverse=True)
     members = [torch.nonzero(inv == i).flatten() for i in range(len(uniq))]
     gen = torch.Generator().manual_seed(seed)
-    err = (p - g).pow(2).mean(-1)                   # per-row MSE
+    err = (p - g).pow(2).mean(-1)  # per-row MSE
     if minus is not None:
         q = normalise(minus.double()) if renormalise else minus.double()
         err_ref = (q - g).pow(2).mean(-1)
@@ -126,7 +139,7 @@ def token_mean_predict(train_tok: torch.Tensor, train_vec: torch.Tensor, test_to
 
 def _bag(ctx: torch.Tensor, k: int, vocab: dict[int, int]) -> torch.Tensor:
     X = torch.zeros(ctx.shape[0], len(vocab) + 1, dtype=torch.float64)
-    X[:, -1] = 1.0                                 # intercept
+    X[:, -1] = 1.0  # intercept
     for i, row in enumerate(ctx[:, -k:].tolist()):
         for t in row:
             j = vocab.get(t)
@@ -135,9 +148,16 @@ def _bag(ctx: torch.Tensor, k: int, vocab: dict[int, int]) -> torch.Tensor:
     return X
 
 
-def ridge_predict(train_ctx: torch.Tensor, train_vec: torch.Tensor, test_ctx: torch.Tensor, k: int, *,
-                  val_ctx: torch.Tensor | None = None, val_vec: torch.Tensor | None = None,
-                  lambdas: Sequence[float] = (0.1, 1.0, 10.0, 100.0)) -> tuple[torch.Tensor, float]:
+def ridge_predict(
+    train_ctx: torch.Tensor,
+    train_vec: torch.Tensor,
+    test_ctx: torch.Tensor,
+    k: int,
+    *,
+    val_ctx: torch.Tensor | None = None,
+    val_vec: torch.Tensor | None = None,
+    lambdas: Sequence[float] = (0.1, 1.0, 10.0, 100.0),
+) -> tuple[torch.Tensor, float]:
     """Ridge regression from the bag of the last k context tokens to the normalised vector.
 
     Solved in the dual (n_train × n_train), since the bag vocabulary is larger than the training set;
@@ -154,7 +174,7 @@ def ridge_predict(train_ctx: torch.Tensor, train_vec: torch.Tensor, test_ctx: to
 
     def fit(lam):
         alpha = torch.linalg.solve(K + lam * eye, Y)
-        return X.T @ alpha                           # primal weights [V+1, d]
+        return X.T @ alpha  # primal weights [V+1, d]
 
     best = lambdas[len(lambdas) // 2]
     if val_ctx is not None and val_vec is not None and len(val_ctx):
@@ -177,8 +197,11 @@ def quote_analysis(explanations: Sequence[str], contexts: Sequence[str]) -> dict
             n += 1
             q_norm = q.replace("\\n", "\n")
             hits += q_norm in c or q_norm.strip() in c
-    return {"n_quotes": n, "quotes_per_explanation": n / max(1, len(explanations)),
-            "quote_verbatim_share": hits / n if n else float("nan")}
+    return {
+        "n_quotes": n,
+        "quotes_per_explanation": n / max(1, len(explanations)),
+        "quote_verbatim_share": hits / n if n else float("nan"),
+    }
 
 
 # ------------------------------------------------------------------------- the evaluation
@@ -187,7 +210,7 @@ def quote_analysis(explanations: Sequence[str], contexts: Sequence[str]) -> dict
 def _round_trip(nla, vectors: torch.Tensor, batch: int = 16) -> list[str]:
     out: list[str] = []
     for i in range(0, vectors.shape[0], batch):
-        out += nla.explain(vectors[i: i + batch])
+        out += nla.explain(vectors[i : i + batch])
     return out
 
 
@@ -198,19 +221,31 @@ def _ar(nla, texts: Sequence[str], allow_empty: bool = False) -> torch.Tensor:
     return normalise(nla.ar.predict(safe, allow_empty=True, truncate=True))
 
 
-def quick_rows(lm, *, n_test: int = 48, n_train: int = 400, n_val: int = 48, seed: int = 42,
-               corpus: str = "default", **kw) -> tuple[NLARows, NLARows, NLARows]:
+def quick_rows(
+    lm, *, n_test: int = 48, n_train: int = 400, n_val: int = 48, seed: int = 42, corpus: str = "default", **kw
+) -> tuple[NLARows, NLARows, NLARows]:
     """Small held-out (test-split) and training-split rows harvested on the fly, same document split as `nla data`."""
+
     def get(split: int, n: int) -> NLARows:
-        return harvest_rows(lm, DataConfig(corpus=corpus, n_rows=n, seed=seed, only_split=split, **kw),
-                            progress=False)
+        return harvest_rows(lm, DataConfig(corpus=corpus, n_rows=n, seed=seed, only_split=split, **kw), progress=False)
+
     return get(2, n_test), get(0, n_train), get(1, n_val)
 
 
-def evaluate_nla(nla="default", data: str | os.PathLike | NLARows | None = None, *, quick: bool = True,
-                 n_test: int | None = None, json_path: str | os.PathLike | None = None, lm=None, seed: int = 0,
-                 n_boot: int = 1000, warm: bool = True, progress: bool = True,
-                 compare: dict[str, object] | None = None) -> dict:
+def evaluate_nla(
+    nla="default",
+    data: str | os.PathLike | NLARows | None = None,
+    *,
+    quick: bool = True,
+    n_test: int | None = None,
+    json_path: str | os.PathLike | None = None,
+    lm=None,
+    seed: int = 0,
+    n_boot: int = 1000,
+    warm: bool = True,
+    progress: bool = True,
+    compare: dict[str, object] | None = None,
+) -> dict:
     """`thoughtscope nla eval`: held-out FVE with a bootstrap CI and the baseline ladder.
 
     nla: an NLA object, a folder, or "default" (the shipped NLA). data: an `nla data` folder (its test
@@ -232,22 +267,39 @@ def evaluate_nla(nla="default", data: str | os.PathLike | NLARows | None = None,
         say("harvesting held-out and training rows")
         n = n_test or (48 if quick else 200)
         recipe = nla.cfg.extra.get("data_config", {})
-        dc = {k: recipe[k] for k in ("min_position", "max_position", "positions_per_doc", "ascii_only",
-                                     "max_explanation_tokens") if k in recipe}
+        dc = {
+            k: recipe[k]
+            for k in ("min_position", "max_position", "positions_per_doc", "ascii_only", "max_explanation_tokens")
+            if k in recipe
+        }
         if "split" in recipe:
             dc["split"] = tuple(recipe["split"])
         shipped = Path(nla.path) / BASELINE_FILE if nla.path is not None else None
         if shipped is not None and shipped.is_file():
             # the training rows shipped with the NLA fit the baselines: only the held-out rows are harvested
             train, val = load_baseline_rows(shipped)
-            test = harvest_rows(lm, DataConfig(n_rows=n, seed=recipe.get("seed", 42), only_split=2,
-                                               corpus=recipe.get("corpus", "default"), **dc), progress=False)
+            test = harvest_rows(
+                lm,
+                DataConfig(
+                    n_rows=n, seed=recipe.get("seed", 42), only_split=2, corpus=recipe.get("corpus", "default"), **dc
+                ),
+                progress=False,
+            )
         else:
-            test, train, val = quick_rows(lm, n_test=n, n_train=400 if quick else 2000, n_val=48,
-                                          seed=recipe.get("seed", 42), corpus=recipe.get("corpus", "default"), **dc)
-        data_desc = {"source": "test split harvested on the fly with the NLA's data recipe", "recipe": dc,
-                     "baseline_rows": "shipped with the NLA" if shipped is not None and shipped.is_file()
-                     else "harvested"}
+            test, train, val = quick_rows(
+                lm,
+                n_test=n,
+                n_train=400 if quick else 2000,
+                n_val=48,
+                seed=recipe.get("seed", 42),
+                corpus=recipe.get("corpus", "default"),
+                **dc,
+            )
+        data_desc = {
+            "source": "test split harvested on the fly with the NLA's data recipe",
+            "recipe": dc,
+            "baseline_rows": "shipped with the NLA" if shipped is not None and shipped.is_file() else "harvested",
+        }
     else:
         rows = data if isinstance(data, NLARows) else NLARows.load(data)
         if rows.meta.get("site") not in (None, nla.cfg.site):
@@ -259,10 +311,17 @@ def evaluate_nla(nla="default", data: str | os.PathLike | NLARows | None = None,
     if len(test) == 0 or len(train) == 0:
         raise NLAError("evaluation needs test rows and training rows (for the baselines)")
     gold, groups = test.vectors, test.doc_id
-    res: dict = {"n_test": len(test), "n_train_baselines": len(train), "n_docs_test": int(groups.unique().numel()),
-                 "site": nla.cfg.site, "model": nla.cfg.model, "warm_start": nla.cfg.warm_start,
-                 "data": data_desc, "definition": "FVE = 1 - MSE/Var on vectors rescaled to sqrt(d); "
-                 "Var = 1 - |mean unit direction|^2 of the test set; 95% CI: bootstrap over documents"}
+    res: dict = {
+        "n_test": len(test),
+        "n_train_baselines": len(train),
+        "n_docs_test": int(groups.unique().numel()),
+        "site": nla.cfg.site,
+        "model": nla.cfg.model,
+        "warm_start": nla.cfg.warm_start,
+        "data": data_desc,
+        "definition": "FVE = 1 - MSE/Var on vectors rescaled to sqrt(d); "
+        "Var = 1 - |mean unit direction|^2 of the test set; 95% CI: bootstrap over documents",
+    }
     preds: dict[str, torch.Tensor] = {}
 
     say(f"round trip on {len(test)} held-out vectors")
@@ -283,8 +342,9 @@ def evaluate_nla(nla="default", data: str | os.PathLike | NLARows | None = None,
     preds["token_mean"] = token_mean_predict(train.token_id, train.vectors, test.token_id)
     ridge_lambda = {}
     for k in (1, 4, 16):
-        preds[f"ridge_k{k}"], ridge_lambda[k] = ridge_predict(train.context_ids, train.vectors, test.context_ids, k,
-                                                              val_ctx=val.context_ids, val_vec=val.vectors)
+        preds[f"ridge_k{k}"], ridge_lambda[k] = ridge_predict(
+            train.context_ids, train.vectors, test.context_ids, k, val_ctx=val.context_ids, val_vec=val.vectors
+        )
     say("baselines: oracle text")
     preds["oracle"] = _ar(nla, test.explanations)
     preds["raw_last16"] = normalise(raw_context_predict(nla, test))
@@ -304,38 +364,48 @@ def evaluate_nla(nla="default", data: str | os.PathLike | NLARows | None = None,
         say(f"round trip through {name}")
         other = other if isinstance(other, NLA) else NLA.load(other, lm=lm)
         if other.cfg.site != nla.cfg.site or other.cfg.model != nla.cfg.model:
-            raise NLAError(f"{name} reads {other.cfg.model} at {other.cfg.site}; this NLA reads {nla.cfg.model} "
-                           f"at {nla.cfg.site}")
+            raise NLAError(
+                f"{name} reads {other.cfg.model} at {other.cfg.site}; this NLA reads {nla.cfg.model} at {nla.cfg.site}"
+            )
         preds[name] = _ar(other, _round_trip(other, gold))
         del other
     res["baselines"] = {k: fve(p, gold, renormalise=False) for k, p in preds.items() if k != "nla"}
-    res["baselines_ci"] = {k: list(bootstrap_ci(p, gold, groups, n_boot=n_boot, seed=seed, renormalise=False))
-                           for k, p in preds.items() if k != "nla"}
+    res["baselines_ci"] = {
+        k: list(bootstrap_ci(p, gold, groups, n_boot=n_boot, seed=seed, renormalise=False))
+        for k, p in preds.items()
+        if k != "nla"
+    }
     res["ridge_lambda"] = ridge_lambda
+
     def paired(a: str, b: str) -> dict:
         """FVE(a) − FVE(b) with its CI, both scored on the same resampled documents."""
         fa = res["fve"] if a == "nla" else res["baselines"][a]
-        return {"diff": fa - res["baselines"][b],
-                "ci": list(bootstrap_ci(preds[a], gold, groups, n_boot=n_boot, seed=seed, renormalise=False,
-                                        minus=preds[b]))}
+        return {
+            "diff": fa - res["baselines"][b],
+            "ci": list(
+                bootstrap_ci(preds[a], gold, groups, n_boot=n_boot, seed=seed, renormalise=False, minus=preds[b])
+            ),
+        }
 
     res["nla_minus_baseline"] = {k: paired("nla", k) for k in preds if k != "nla"}
     beats = {k: res["nla_minus_baseline"][k]["ci"][0] > 0 for k in BAR_RUNGS if k in res["nla_minus_baseline"]}
     warm_gap = res["nla_minus_baseline"].get("warm_start")
-    res["bar"] = {"beats_outside_paired_ci": beats,
-                  "beats_outside_baseline_ci": {k: res["fve"] > res["baselines_ci"][k][1] for k in beats},
-                  "rl_beats_warm_start": warm_gap["diff"] > 0 if warm_gap else None,
-                  "rl_beats_warm_start_outside_paired_ci": warm_gap["ci"][0] > 0 if warm_gap else None}
+    res["bar"] = {
+        "beats_outside_paired_ci": beats,
+        "beats_outside_baseline_ci": {k: res["fve"] > res["baselines_ci"][k][1] for k in beats},
+        "rl_beats_warm_start": warm_gap["diff"] > 0 if warm_gap else None,
+        "rl_beats_warm_start_outside_paired_ci": warm_gap["ci"][0] > 0 if warm_gap else None,
+    }
     if "rl_before_refit" in preds and "warm_start" in preds:
         # the RL stage on its own, both sides without a refit: its gain over the warm start on the same documents
         res["rl_before_refit_minus_warm_start"] = paired("rl_before_refit", "warm_start")
-        res["bar"]["rl_stage_beats_warm_start_outside_paired_ci"] = \
-            res["rl_before_refit_minus_warm_start"]["ci"][0] > 0
+        res["bar"]["rl_stage_beats_warm_start_outside_paired_ci"] = res["rl_before_refit_minus_warm_start"]["ci"][0] > 0
     say("quote analysis")
     qa = quote_analysis(expl, test.contexts)
     res.update(qa)
-    res["fve_quotes_stripped"] = fve(_ar(nla, [strip_quotes(e) for e in expl], allow_empty=True), gold,
-                                     renormalise=False)
+    res["fve_quotes_stripped"] = fve(
+        _ar(nla, [strip_quotes(e) for e in expl], allow_empty=True), gold, renormalise=False
+    )
     res["oracle_quote_verbatim_share"] = quote_analysis(test.explanations, test.contexts)["quote_verbatim_share"]
     res["seconds"] = round(time.time() - t0, 1)
     if json_path:
@@ -352,8 +422,15 @@ def save_baseline_rows(rows: NLARows, path: str | os.PathLike) -> None:
     from .._io import atomic_save_tensors
 
     keep = (rows.split == 0) | (rows.split == 1)
-    atomic_save_tensors({"vectors": normalise(rows.vectors[keep]).half(), "token_id": rows.token_id[keep],
-                         "context_ids": rows.context_ids[keep], "split": rows.split[keep]}, Path(path))
+    atomic_save_tensors(
+        {
+            "vectors": normalise(rows.vectors[keep]).half(),
+            "token_id": rows.token_id[keep],
+            "context_ids": rows.context_ids[keep],
+            "split": rows.split[keep],
+        },
+        Path(path),
+    )
 
 
 def load_baseline_rows(path: str | os.PathLike) -> tuple[NLARows, NLARows]:
@@ -361,8 +438,17 @@ def load_baseline_rows(path: str | os.PathLike) -> tuple[NLARows, NLARows]:
 
     t = load_file(str(path))
     n = t["vectors"].shape[0]
-    rows = NLARows(t["vectors"].float(), torch.full((n,), -1), torch.zeros(n, dtype=torch.long), t["token_id"],
-                   t["split"], t["context_ids"], [""] * n, [""] * n, {})
+    rows = NLARows(
+        t["vectors"].float(),
+        torch.full((n,), -1),
+        torch.zeros(n, dtype=torch.long),
+        t["token_id"],
+        t["split"],
+        t["context_ids"],
+        [""] * n,
+        [""] * n,
+        {},
+    )
     return rows.subset("train"), rows.subset("val")
 
 
@@ -386,8 +472,19 @@ def format_table(res: dict) -> str:
     lines = ["| rung | FVE | 95% CI | NLA − rung, paired 95% CI |", "|---|---|---|---|"]
     ci = res.get("baselines_ci", {})
     diff = res.get("nla_minus_baseline", {})
-    order = ["mean", "empty", "shuffled", "token_mean", "ridge_k1", "ridge_k4", "ridge_k16", "warm_start",
-             "rl_before_refit", "oracle", "raw_last16"]
+    order = [
+        "mean",
+        "empty",
+        "shuffled",
+        "token_mean",
+        "ridge_k1",
+        "ridge_k4",
+        "ridge_k16",
+        "warm_start",
+        "rl_before_refit",
+        "oracle",
+        "raw_last16",
+    ]
     for k in order + [k for k in res.get("baselines", {}) if k not in order]:
         if k in res.get("baselines", {}):
             lo, hi = ci.get(k, (math.nan, math.nan))

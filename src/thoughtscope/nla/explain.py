@@ -1,9 +1,9 @@
 """Using a trained NLA: explain any token's activation, score the words, steer by editing the words.
 
-    from thoughtscope.nla import load_nla, explain_text
-    nla = load_nla("default")                      # the NLA shipped for SmolLM2-135M-Instruct
-    for row in explain_text(nla, "The cat sat on the", positions=[-1]):
-        print(row["token"], row["explanation"], row["fve"])
+from thoughtscope.nla import load_nla, explain_text
+nla = load_nla("default")                      # the NLA shipped for SmolLM2-135M-Instruct
+for row in explain_text(nla, "The cat sat on the", positions=[-1]):
+    print(row["token"], row["explanation"], row["fve"])
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ def load_nla(spec: str | os.PathLike = "default", *, lm=None, which: str = "fina
     if spec == "default":
         path = default_nla_path()
         if not (path / CONFIG_NAME).is_file():
-            raise NLAError(f"the shipped NLA is missing at {path}: reinstall thoughtscope or train one with "
-                           f"`thoughtscope nla train` (see docs/nla.md)")
+            raise NLAError(
+                f"the shipped NLA is missing at {path}: reinstall thoughtscope or train one with "
+                f"`thoughtscope nla train` (see docs/nla.md)"
+            )
         return NLA.load(path, lm=lm, which=which)
     if "," in spec:
         av_dir, ar_dir = spec.split(",", 1)
@@ -46,12 +48,15 @@ def load_nla(spec: str | os.PathLike = "default", *, lm=None, which: str = "fina
         return NLA.load(path, lm=lm, which=which)
     if (path / SIDECAR).is_file():
         return load_released(path, None, target=lm)
-    raise NLAError(f"{path} is not an NLA: expected a folder with {CONFIG_NAME} (thoughtscope) or "
-                   f"{SIDECAR} (a released checkpoint)")
+    raise NLAError(
+        f"{path} is not an NLA: expected a folder with {CONFIG_NAME} (thoughtscope) or "
+        f"{SIDECAR} (a released checkpoint)"
+    )
 
 
-def explain_text(nla: NLA, text: str, positions: Sequence[int] = (-1,), *, samples: int = 1,
-                 temperature: float = 1.0) -> list[dict]:
+def explain_text(
+    nla: NLA, text: str, positions: Sequence[int] = (-1,), *, samples: int = 1, temperature: float = 1.0
+) -> list[dict]:
     """For each position: the token, its explanation(s) and the round-trip FVE of each explanation.
 
     FVE here is per vector, 1 − ‖p̂ − ĝ‖²/(d·Var) with Var = 1 − ‖μ‖² of the NLA's training data, so it
@@ -60,14 +65,22 @@ def explain_text(nla: NLA, text: str, positions: Sequence[int] = (-1,), *, sampl
     vecs, pos, toks = nla.activations(text, positions)
     out = []
     for i in range(vecs.shape[0]):
-        expl = nla.explain(vecs[i: i + 1], samples=samples, do_sample=samples > 1, temperature=temperature)
+        expl = nla.explain(vecs[i : i + 1], samples=samples, do_sample=samples > 1, temperature=temperature)
         nla.ar.eval()
         rec = nla.ar.predict(expl, allow_empty=True, truncate=True)
-        f = nla.fve_of(rec, vecs[i: i + 1].expand(len(expl), -1))
-        cos = torch.nn.functional.cosine_similarity(rec, vecs[i: i + 1].expand_as(rec), dim=-1)
+        f = nla.fve_of(rec, vecs[i : i + 1].expand(len(expl), -1))
+        cos = torch.nn.functional.cosine_similarity(rec, vecs[i : i + 1].expand_as(rec), dim=-1)
         best = int(f.argmax())
-        out.append({"position": pos[i], "token": toks[i], "explanation": expl[best], "fve": float(f[best]),
-                    "cos": float(cos[best]), "samples": [{"explanation": e, "fve": float(x)} for e, x in zip(expl, f)]})
+        out.append(
+            {
+                "position": pos[i],
+                "token": toks[i],
+                "explanation": expl[best],
+                "fve": float(f[best]),
+                "cos": float(cos[best]),
+                "samples": [{"explanation": e, "fve": float(x)} for e, x in zip(expl, f)],
+            }
+        )
     return out
 
 
@@ -79,12 +92,21 @@ def steering_delta(nla: NLA, original: str, edited: str, *, norm: float | None =
     pred = nla.reconstruct([original, edited])
     p = normalise(pred)
     d = p.shape[-1]
-    scale = (norm or nla.cfg.mean_norm or nla.cfg.injection_scale) / d ** 0.5
+    scale = (norm or nla.cfg.mean_norm or nla.cfg.injection_scale) / d**0.5
     return (p[1] - p[0]) * scale
 
 
-def steer_from_words(nla: NLA, prompt: str, original: str, edited: str, *, scale: float = 1.0,
-                     max_new_tokens: int = 24, seed: int = 0, temperature: float = 0.0) -> dict:
+def steer_from_words(
+    nla: NLA,
+    prompt: str,
+    original: str,
+    edited: str,
+    *,
+    scale: float = 1.0,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+    temperature: float = 0.0,
+) -> dict:
     """Edit an explanation and add Δ = AR(edited) − AR(original) at the NLA's site while generating.
 
     Uses the steering module's add-vector intervention, so the edit is the same object a user would
@@ -95,5 +117,11 @@ def steer_from_words(nla: NLA, prompt: str, original: str, edited: str, *, scale
     delta = steering_delta(nla, original, edited)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=False)
     cmp = compare(nla.lm, [prompt], [add_vector(delta, nla.cfg.site, scale=scale)], cfg)[0]
-    return {"prompt": prompt, "original": original, "edited": edited, "delta_norm": float(delta.norm()),
-            "unsteered": cmp.unsteered, "steered": cmp.steered}
+    return {
+        "prompt": prompt,
+        "original": original,
+        "edited": edited,
+        "delta_norm": float(delta.norm()),
+        "unsteered": cmp.unsteered,
+        "steered": cmp.steered,
+    }

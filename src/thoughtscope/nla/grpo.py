@@ -24,9 +24,19 @@ if TYPE_CHECKING:
     from .train import TrainConfig
 
 
-def grpo_step(av, vectors: torch.Tensor, reward_fn: Callable, opt: torch.optim.Optimizer, *, group_size: int = 4,
-              temperature: float = 1.0, kl_coef: float = 0.01, clip: float = 0.2,
-              max_new_tokens: int | None = None, before_step: Callable[[], None] | None = None) -> dict:
+def grpo_step(
+    av,
+    vectors: torch.Tensor,
+    reward_fn: Callable,
+    opt: torch.optim.Optimizer,
+    *,
+    group_size: int = 4,
+    temperature: float = 1.0,
+    kl_coef: float = 0.01,
+    clip: float = 0.2,
+    max_new_tokens: int | None = None,
+    before_step: Callable[[], None] | None = None,
+) -> dict:
     """One GRPO update of the AV on a batch of vectors.
 
     reward_fn(parsed, vectors_rep, completion_ids) -> rewards [N·G], where parsed is a list of
@@ -34,9 +44,8 @@ def grpo_step(av, vectors: torch.Tensor, reward_fn: Callable, opt: torch.optim.O
     before_step runs between backward and the optimiser step (the gradient all-reduce of several ranks).
     """
     G = group_size
-    av.model.eval()       # no dropout: sampling and the loss see the same function
-    comp = av.generate_ids(vectors, samples=G, do_sample=True, temperature=temperature,
-                           max_new_tokens=max_new_tokens)
+    av.model.eval()  # no dropout: sampling and the loss see the same function
+    comp = av.generate_ids(vectors, samples=G, do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens)
     parsed = av.decode(comp)
     v_rep = vectors.repeat_interleave(G, 0)
     rewards = torch.as_tensor(reward_fn(parsed, v_rep, comp), dtype=torch.float32).flatten()
@@ -50,7 +59,7 @@ def grpo_step(av, vectors: torch.Tensor, reward_fn: Callable, opt: torch.optim.O
     for i, row in enumerate(comp.tolist()):
         for j, t in enumerate(row):
             if t in av.end_ids:
-                valid[i, j + 1:] = False
+                valid[i, j + 1 :] = False
                 break
     att = torch.cat([torch.ones_like(prompt), valid.long()], 1)
     mask = torch.zeros_like(ids, dtype=torch.float32)
@@ -60,12 +69,12 @@ def grpo_step(av, vectors: torch.Tensor, reward_fn: Callable, opt: torch.optim.O
         ref = av.token_logprobs(v_rep, ids, att)
     av.model.train()
     new = av.token_logprobs(v_rep, ids, att)
-    old = new.detach()      # one update per batch: the ratio starts at 1 and the clip bounds the step
+    old = new.detach()  # one update per batch: the ratio starts at 1 and the clip bounds the step
     ratio = torch.exp(new - old)
     A = adv[:, None]
     pg = -torch.minimum(ratio * A, ratio.clamp(1 - clip, 1 + clip) * A)
     log_r = ref - new
-    kl = torch.exp(log_r) - log_r - 1          # k3 estimator of KL(policy ‖ reference), ≥ 0
+    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy ‖ reference), ≥ 0
     per_tok = pg + kl_coef * kl
     per_seq = (per_tok * mask).sum(1) / mask.sum(1).clamp_min(1)
     loss = per_seq.mean()
@@ -76,9 +85,16 @@ def grpo_step(av, vectors: torch.Tensor, reward_fn: Callable, opt: torch.optim.O
     opt.step()
     av.model.eval()
     lengths = valid.sum(1).float()
-    return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "reward_std": float(r.std(1).mean()),
-            "kl": float((kl.detach() * mask).sum() / mask.sum().clamp_min(1)), "length": float(lengths.mean()),
-            "well_formed": float(sum(ok for _, ok in parsed) / len(parsed)), "parsed": parsed, "vectors": v_rep}
+    return {
+        "loss": float(loss.detach()),
+        "reward": float(rewards.mean()),
+        "reward_std": float(r.std(1).mean()),
+        "kl": float((kl.detach() * mask).sum() / mask.sum().clamp_min(1)),
+        "length": float(lengths.mean()),
+        "well_formed": float(sum(ok for _, ok in parsed) / len(parsed)),
+        "parsed": parsed,
+        "vectors": v_rep,
+    }
 
 
 def rl_step(nla: NLA, vectors: torch.Tensor, opt, ar_opt, cfg: TrainConfig) -> dict:
@@ -102,9 +118,18 @@ def rl_step(nla: NLA, vectors: torch.Tensor, opt, ar_opt, cfg: TrainConfig) -> d
             r[ok] = -nla_loss(pred, v_rep[ok].to(pred.device), reduction="none").cpu()
         return r
 
-    st = grpo_step(nla.av, vectors, reward_fn, opt, group_size=cfg.group_size, temperature=cfg.temperature,
-                   kl_coef=cfg.kl_coef, clip=cfg.clip, max_new_tokens=cfg.max_new_tokens,
-                   before_step=lambda: average_gradients(nla.av.trainable_parameters()))
+    st = grpo_step(
+        nla.av,
+        vectors,
+        reward_fn,
+        opt,
+        group_size=cfg.group_size,
+        temperature=cfg.temperature,
+        kl_coef=cfg.kl_coef,
+        clip=cfg.clip,
+        max_new_tokens=cfg.max_new_tokens,
+        before_step=lambda: average_gradients(nla.av.trainable_parameters()),
+    )
     parsed, v_rep = st.pop("parsed"), st.pop("vectors")
     ok = usable(parsed)
     if ar_opt is not None and (ok or rank_and_world()[1] > 1):

@@ -53,10 +53,18 @@ def read_sidecar(folder: str | os.PathLike) -> dict:
         raise NLAError(f"{path}: needs d_model and extraction_layer_index (or layer_index)")
     ext = meta.get("extraction") or {}
     templates = meta.get("prompt_templates") or {}
-    out = {"path": str(path), "role": role, "d_model": int(d), "layer": int(layer),
-           "injection_scale": ext.get("injection_scale"), "mse_scale": ext.get("mse_scale"),
-           "tokens": meta.get("tokens") or {}, "av_template": templates.get("av") or templates.get("actor"),
-           "ar_template": templates.get("ar") or templates.get("critic"), "raw": meta}
+    out = {
+        "path": str(path),
+        "role": role,
+        "d_model": int(d),
+        "layer": int(layer),
+        "injection_scale": ext.get("injection_scale"),
+        "mse_scale": ext.get("mse_scale"),
+        "tokens": meta.get("tokens") or {},
+        "av_template": templates.get("av") or templates.get("actor"),
+        "ar_template": templates.get("ar") or templates.get("critic"),
+        "raw": meta,
+    }
     if role in ("av", "actor"):
         t = out["tokens"]
         for key in ("injection_char", "injection_token_id"):
@@ -74,21 +82,37 @@ def read_sidecar(folder: str | os.PathLike) -> dict:
 def config_from_sidecars(av: dict, ar: dict | None, *, model: str = "") -> NLAConfig:
     """Translate released sidecars into an NLAConfig (marker, scale, templates, site)."""
     if ar is not None and (ar["d_model"] != av["d_model"] or ar["layer"] != av["layer"]):
-        raise NLAError(f"AV sidecar ({av['d_model']}, layer {av['layer']}) and AR sidecar "
-                       f"({ar['d_model']}, layer {ar['layer']}) describe different NLAs")
+        raise NLAError(
+            f"AV sidecar ({av['d_model']}, layer {av['layer']}) and AR sidecar "
+            f"({ar['d_model']}, layer {ar['layer']}) describe different NLAs"
+        )
     t = av["tokens"]
     scale = av["injection_scale"]
     scale = math.sqrt(av["d_model"]) if scale == "sqrt_d_model" else float(scale)
     ar_prefix, ar_suffix = "", ""
     if ar is not None:
         ar_prefix, ar_suffix = ar["ar_template"].split("{explanation}", 1)
-    return NLAConfig(model=model, site=f"resid.{av['layer']}", d_model=av["d_model"], n_layers=av["layer"] + 1,
-                     marker=t["injection_char"], marker_id=int(t["injection_token_id"]), injection_scale=scale,
-                     system_prompt="", av_template=av["av_template"].replace("{injection_char}", "{marker}"),
-                     response_prefix="", ar_prefix=ar_prefix, ar_suffix=ar_suffix, max_new_tokens=150,
-                     max_explanation_tokens=512,
-                     extra={"released": True, "left_neighbor_id": t.get("injection_left_neighbor_id"),
-                            "right_neighbor_id": t.get("injection_right_neighbor_id")})
+    return NLAConfig(
+        model=model,
+        site=f"resid.{av['layer']}",
+        d_model=av["d_model"],
+        n_layers=av["layer"] + 1,
+        marker=t["injection_char"],
+        marker_id=int(t["injection_token_id"]),
+        injection_scale=scale,
+        system_prompt="",
+        av_template=av["av_template"].replace("{injection_char}", "{marker}"),
+        response_prefix="",
+        ar_prefix=ar_prefix,
+        ar_suffix=ar_suffix,
+        max_new_tokens=150,
+        max_explanation_tokens=512,
+        extra={
+            "released": True,
+            "left_neighbor_id": t.get("injection_left_neighbor_id"),
+            "right_neighbor_id": t.get("injection_right_neighbor_id"),
+        },
+    )
 
 
 def _check_neighbours(nla_av, cfg: NLAConfig, where: str) -> None:
@@ -96,15 +120,25 @@ def _check_neighbours(nla_av, cfg: NLAConfig, where: str) -> None:
     p = ids.index(cfg.marker_id)
     left, right = cfg.extra.get("left_neighbor_id"), cfg.extra.get("right_neighbor_id")
     if left is not None and (p == 0 or ids[p - 1] != left):
-        raise NLAError(f"{where}: the token before the marker is {ids[p - 1] if p else None}, the sidecar says {left} "
-                       f"(tokenizer or template drift)")
+        raise NLAError(
+            f"{where}: the token before the marker is {ids[p - 1] if p else None}, the sidecar says {left} "
+            f"(tokenizer or template drift)"
+        )
     if right is not None and (p + 1 >= len(ids) or ids[p + 1] != right):
-        raise NLAError(f"{where}: the token after the marker is {ids[p + 1] if p + 1 < len(ids) else None}, "
-                       f"the sidecar says {right} (tokenizer or template drift)")
+        raise NLAError(
+            f"{where}: the token after the marker is {ids[p + 1] if p + 1 < len(ids) else None}, "
+            f"the sidecar says {right} (tokenizer or template drift)"
+        )
 
 
-def load_released(av_dir: str | os.PathLike, ar_dir: str | os.PathLike | None = None, *, target=None,
-                  device: str | None = None, dtype=None) -> NLA:
+def load_released(
+    av_dir: str | os.PathLike,
+    ar_dir: str | os.PathLike | None = None,
+    *,
+    target=None,
+    device: str | None = None,
+    dtype=None,
+) -> NLA:
     """Load a released AV (+ AR) pair as an NLA usable with `explain_text` / `nla explain`.
 
     target: the LoadedModel whose activations will be explained (defaults to the AV folder's own base
@@ -119,8 +153,10 @@ def load_released(av_dir: str | os.PathLike, ar_dir: str | os.PathLike | None = 
     av_dir = Path(av_dir)
     av_meta = read_sidecar(av_dir)
     if ar_dir is None:
-        for cand in (av_dir.parent / (av_dir.name[:-3] + "-ar") if av_dir.name.endswith("-av") else None,
-                     av_dir.parent / "ar"):
+        for cand in (
+            av_dir.parent / (av_dir.name[:-3] + "-ar") if av_dir.name.endswith("-av") else None,
+            av_dir.parent / "ar",
+        ):
             if cand is not None and (cand / SIDECAR).is_file():
                 ar_dir = cand
                 break
@@ -131,8 +167,9 @@ def load_released(av_dir: str | os.PathLike, ar_dir: str | os.PathLike | None = 
         raise NLAError(f"{av_dir}: the model has d_model {av_lm.d_model}, its sidecar says {cfg.d_model}")
     tgt = target or av_lm
     if tgt.d_model != cfg.d_model:
-        raise NLAError(f"target {tgt.name} has d_model {tgt.d_model} but the NLA at {av_dir} was trained on "
-                       f"d_model {cfg.d_model}")
+        raise NLAError(
+            f"target {tgt.name} has d_model {tgt.d_model} but the NLA at {av_dir} was trained on d_model {cfg.d_model}"
+        )
     if cfg.layer >= tgt.n_layers:
         raise NLAError(f"the NLA at {av_dir} reads layer {cfg.layer}, beyond {tgt.name} ({tgt.n_layers} blocks)")
     cfg.n_layers = tgt.n_layers

@@ -18,14 +18,49 @@ from pathlib import Path
 DEFAULT_RECIPE = {
     "data": {"n_rows": 1600, "positions_per_doc": 4, "max_position": 72},
     "stages": [
-        {"stage": "ar-sft", "steps": 150, "batch_size": 8, "lr": 1e-3, "eval_every": 25, "checkpoint_every": 10,
-         "time_budget_s": 720},
-        {"stage": "av-sft", "steps": 400, "batch_size": 4, "lr": 1e-3, "warmup": 10, "eval_every": 50,
-         "checkpoint_every": 10, "val_rows": 32, "time_budget_s": 3000},
-        {"stage": "rl", "steps": 80, "batch_size": 4, "group_size": 4, "lr": 1e-4, "ar_lr": 1e-4, "warmup": 2,
-         "eval_every": 0, "checkpoint_every": 2, "val_rows": 16, "time_budget_s": 2700},
-        {"stage": "ar-refit", "steps": 240, "batch_size": 16, "lr": 1e-4, "warmup": 5, "eval_every": 80,
-         "checkpoint_every": 20, "val_rows": 168},
+        {
+            "stage": "ar-sft",
+            "steps": 150,
+            "batch_size": 8,
+            "lr": 1e-3,
+            "eval_every": 25,
+            "checkpoint_every": 10,
+            "time_budget_s": 720,
+        },
+        {
+            "stage": "av-sft",
+            "steps": 400,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "warmup": 10,
+            "eval_every": 50,
+            "checkpoint_every": 10,
+            "val_rows": 32,
+            "time_budget_s": 3000,
+        },
+        {
+            "stage": "rl",
+            "steps": 80,
+            "batch_size": 4,
+            "group_size": 4,
+            "lr": 1e-4,
+            "ar_lr": 1e-4,
+            "warmup": 2,
+            "eval_every": 0,
+            "checkpoint_every": 2,
+            "val_rows": 16,
+            "time_budget_s": 2700,
+        },
+        {
+            "stage": "ar-refit",
+            "steps": 240,
+            "batch_size": 16,
+            "lr": 1e-4,
+            "warmup": 5,
+            "eval_every": 80,
+            "checkpoint_every": 20,
+            "val_rows": 168,
+        },
     ],
 }
 
@@ -41,8 +76,9 @@ def print_record(rec: dict) -> None:
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
 
 
-def run_recipe(work: str | os.PathLike, export_to: str | os.PathLike | None = None,
-               log: Callable[[dict], None] = print_record) -> dict:
+def run_recipe(
+    work: str | os.PathLike, export_to: str | os.PathLike | None = None, log: Callable[[dict], None] = print_record
+) -> dict:
     """Every stage of DEFAULT_RECIPE in `work` (resumable: finished stages return at once), then the full eval."""
     from .data import build_dataset
     from .evaluate import evaluate_nla
@@ -68,8 +104,14 @@ def export(src: Path, dest: Path, data: Path | None = None) -> None:
     from .evaluate import BASELINE_FILE, save_baseline_rows
 
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("nla_config.json", "av.safetensors", "ar.safetensors", "warm_av.safetensors", "warm_ar.safetensors",
-                 "rl_ar.safetensors"):
+    for name in (
+        "nla_config.json",
+        "av.safetensors",
+        "ar.safetensors",
+        "warm_av.safetensors",
+        "warm_ar.safetensors",
+        "rl_ar.safetensors",
+    ):
         if (src / name).is_file():
             shutil.copy2(src / name, dest / name)
     if data is not None:

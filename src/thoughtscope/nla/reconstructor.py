@@ -79,8 +79,9 @@ class Reconstructor(nn.Module):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def encode(self, explanations: Sequence[str], *, allow_empty: bool = False,
-               truncate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, explanations: Sequence[str], *, allow_empty: bool = False, truncate: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Template ids (BOS + prefix + explanation + suffix), right padded, and the attention mask.
 
         An empty explanation is an error unless allow_empty (the evaluation's "empty explanation" rung).
@@ -92,14 +93,18 @@ class Reconstructor(nn.Module):
             if not isinstance(e, str):
                 raise NLAError(f"an explanation must be a string, got {type(e).__name__}")
             if not e.strip() and not allow_empty:
-                raise NLAError("empty explanation: the reconstructor needs some text (use allow_empty=True to "
-                               "measure what the template alone predicts)")
+                raise NLAError(
+                    "empty explanation: the reconstructor needs some text (use allow_empty=True to "
+                    "measure what the template alone predicts)"
+                )
             body = tok(e, add_special_tokens=False)["input_ids"] if e else []
             if truncate:
                 body = body[: self.cfg.max_explanation_tokens]
             if len(body) > self.cfg.max_explanation_tokens:
-                raise NLAError(f"explanation has {len(body)} tokens; the reconstructor accepts at most "
-                               f"{self.cfg.max_explanation_tokens}: {e[:60]!r}…")
+                raise NLAError(
+                    f"explanation has {len(body)} tokens; the reconstructor accepts at most "
+                    f"{self.cfg.max_explanation_tokens}: {e[:60]!r}…"
+                )
             rows.append(bos + self.prefix + body + self.suffix)
         ids, att = pad_batch(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
         return ids.to(self.device), att.to(self.device)
@@ -109,19 +114,22 @@ class Reconstructor(nn.Module):
         last = att.sum(1) - 1
         return self.head(h[torch.arange(h.shape[0], device=h.device), last]).float()
 
-    def forward(self, explanations: Sequence[str], *, allow_empty: bool = False,
-                truncate: bool = False) -> torch.Tensor:
+    def forward(
+        self, explanations: Sequence[str], *, allow_empty: bool = False, truncate: bool = False
+    ) -> torch.Tensor:
         """Predicted site vectors [B, d] (compare after `normalise`: only the direction is trained)."""
         return self.forward_ids(*self.encode(explanations, allow_empty=allow_empty, truncate=truncate))
 
-    def predict(self, explanations: Sequence[str], batch_size: int = 32, *, allow_empty: bool = False,
-                truncate: bool = False) -> torch.Tensor:
+    def predict(
+        self, explanations: Sequence[str], batch_size: int = 32, *, allow_empty: bool = False, truncate: bool = False
+    ) -> torch.Tensor:
         """Batched, no-grad predictions; truncate=True cuts over-long texts (for scoring raw AV samples)."""
         outs = []
         with torch.no_grad():
             for i in range(0, len(explanations), batch_size):
-                outs.append(self(list(explanations[i: i + batch_size]), allow_empty=allow_empty,
-                                 truncate=truncate).cpu())
+                outs.append(
+                    self(list(explanations[i : i + batch_size]), allow_empty=allow_empty, truncate=truncate).cpu()
+                )
         return torch.cat(outs) if outs else torch.zeros(0, self.cfg.d_model)
 
     def loss(self, explanations: Sequence[str], gold: torch.Tensor, *, truncate: bool = False) -> torch.Tensor:
@@ -142,8 +150,9 @@ class Reconstructor(nn.Module):
         head = {k[5:]: v.float() for k, v in state.items() if k.startswith("head.")}
         if head:
             if head["weight"].shape != self.head.weight.shape:
-                raise NLAError(f"AR head has shape {tuple(head['weight'].shape)}, this model needs "
-                               f"{tuple(self.head.weight.shape)}")
+                raise NLAError(
+                    f"AR head has shape {tuple(head['weight'].shape)}, this model needs {tuple(self.head.weight.shape)}"
+                )
             self.head.load_state_dict(head)
         body = {k[5:]: v.float() for k, v in state.items() if k.startswith("body.")}
         if body:

@@ -55,8 +55,19 @@ from .data import NLARows
 from .evaluate import fve
 from .grpo import grpo_step, rl_step
 
-__all__ = ["STAGES", "TrainConfig", "average_gradients", "batch_indices", "greedy_explanations", "grpo_step",
-           "lr_at", "prepare_nla", "rl_step", "train_stage", "world"]
+__all__ = [
+    "STAGES",
+    "TrainConfig",
+    "average_gradients",
+    "batch_indices",
+    "greedy_explanations",
+    "grpo_step",
+    "lr_at",
+    "prepare_nla",
+    "rl_step",
+    "train_stage",
+    "world",
+]
 
 STAGES = ("ar-sft", "av-sft", "rl", "ar-refit")
 
@@ -75,13 +86,13 @@ class TrainConfig:
     eval_every: int = 50
     checkpoint_every: int = 25
     val_rows: int = 64
-    time_budget_s: float | None = None    # stop (with a checkpoint) after this much wall time; resumable
+    time_budget_s: float | None = None  # stop (with a checkpoint) after this much wall time; resumable
     # --- rl
-    group_size: int = 4                   # G samples per vector (4 on CPU, 8 on GPU)
+    group_size: int = 4  # G samples per vector (4 on CPU, 8 on GPU)
     temperature: float = 1.0
     kl_coef: float = 0.01
     clip: float = 0.2
-    ar_lr: float = 5e-5                   # the AR keeps training on rollout pairs
+    ar_lr: float = 5e-5  # the AR keeps training on rollout pairs
     malformed_reward: float = -2.0
     max_new_tokens: int | None = None
 
@@ -102,7 +113,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     epoch, k = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=g)
-    return perm[k * batch_size: (k + 1) * batch_size]
+    return perm[k * batch_size : (k + 1) * batch_size]
 
 
 def lr_at(step: int, cfg: TrainConfig, base: float) -> float:
@@ -125,8 +136,10 @@ def _mean_over_ranks(rec: dict) -> dict:
 
     if world()[1] == 1:
         return rec
-    t = torch.tensor([[rec[k], 1.0] if isinstance(rec.get(k), float) and not math.isnan(rec[k]) else [0.0, 0.0]
-                      for k in MEAN_KEYS], dtype=torch.float64)
+    t = torch.tensor(
+        [[rec[k], 1.0] if isinstance(rec.get(k), float) and not math.isnan(rec[k]) else [0.0, 0.0] for k in MEAN_KEYS],
+        dtype=torch.float64,
+    )
     dist.all_reduce(t)
     out = dict(rec)
     for k, (total, count) in zip(MEAN_KEYS, t.tolist()):
@@ -152,9 +165,15 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
         cfg = NLAConfig.load(nla_dir)
     else:
         st = rows.meta.get("stats", {})
-        cfg = config_for(lm, site=rows.meta.get("site"), injection_scale=st.get("injection_scale", 0.0),
-                         mean_norm=st.get("mean_norm", 0.0), mu_sq=st.get("mu_sq", 0.0),
-                         warm_start=rows.meta.get("warm_start", {}), **cfg_overrides)
+        cfg = config_for(
+            lm,
+            site=rows.meta.get("site"),
+            injection_scale=st.get("injection_scale", 0.0),
+            mean_norm=st.get("mean_norm", 0.0),
+            mu_sq=st.get("mu_sq", 0.0),
+            warm_start=rows.meta.get("warm_start", {}),
+            **cfg_overrides,
+        )
         # remembered so `nla eval` can harvest fresh held-out rows with the same recipe and split
         cfg.extra["data_config"] = rows.meta.get("data_config", {})
         cfg.save(nla_dir)
@@ -172,7 +191,7 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
         for f in (AV_FILE, AR_FILE):
             if not (nla_dir / f).is_file():
                 raise NLAError(f"{nla_dir / f} missing: run the earlier stages (ar-sft, av-sft, rl) before ar-refit")
-        if not (nla_dir / RL_AR_FILE).is_file():       # first run: keep the AR the refit starts from
+        if not (nla_dir / RL_AR_FILE).is_file():  # first run: keep the AR the refit starts from
             save_weights(load_weights(nla_dir / AR_FILE), nla_dir / RL_AR_FILE)
         nla.av.load_adapter_state(load_weights(nla_dir / AV_FILE))
         nla.ar.load_adapter_state(load_weights(nla_dir / RL_AR_FILE))
@@ -182,8 +201,16 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
     return nla
 
 
-def train_stage(nla_dir: str | os.PathLike, data: str | os.PathLike | NLARows, cfg: TrainConfig, *, lm=None,
-                progress: bool = True, log: Callable[[dict], None] | None = None, device: str | None = None) -> dict:
+def train_stage(
+    nla_dir: str | os.PathLike,
+    data: str | os.PathLike | NLARows,
+    cfg: TrainConfig,
+    *,
+    lm=None,
+    progress: bool = True,
+    log: Callable[[dict], None] | None = None,
+    device: str | None = None,
+) -> dict:
     """Run (or resume) one stage; returns {'history': [...], 'done': bool, 'step': int}.
 
     ar-sft: AR regression on (warm-start explanation → vector), validation FVE logged.
@@ -205,14 +232,17 @@ def train_stage(nla_dir: str | os.PathLike, data: str | os.PathLike | NLARows, c
         raise NLAError(f"batch_size {cfg.batch_size} does not split evenly over {n_ranks} processes")
     if lm is None:
         # a new NLA is for the model its rows were harvested from
-        cfg_model = (NLAConfig.load(nla_dir).model if (nla_dir / "nla_config.json").is_file()
-                     else rows.meta.get("model", "default"))
+        cfg_model = (
+            NLAConfig.load(nla_dir).model
+            if (nla_dir / "nla_config.json").is_file()
+            else rows.meta.get("model", "default")
+        )
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         lm = load_model(cfg_model, device=device)
     if rank == 0:
         nla = prepare_nla(nla_dir, rows, lm, stage=cfg.stage)
-    _barrier()          # rank 0 writes the config (and rl_ar) first; the others then read the same files
+    _barrier()  # rank 0 writes the config (and rl_ar) first; the others then read the same files
     if rank != 0:
         nla = prepare_nla(nla_dir, rows, lm, stage=cfg.stage)
     val = val.subset(torch.arange(min(cfg.val_rows, len(val))))
@@ -220,7 +250,7 @@ def train_stage(nla_dir: str | os.PathLike, data: str | os.PathLike | NLARows, c
     refit: dict[str, list[str]] = {}
     if cfg.stage == "ar-refit":
         sets = {"train": train.vectors, "val": val.vectors}
-        if rank == 0:       # one rank writes the explanations, the others read the finished cache
+        if rank == 0:  # one rank writes the explanations, the others read the finished cache
             greedy_explanations(nla, nla_dir, sets, progress=progress)
         _barrier()
         refit = greedy_explanations(nla, nla_dir, sets, progress=False)
@@ -245,24 +275,32 @@ def train_stage(nla_dir: str | os.PathLike, data: str | os.PathLike | NLARows, c
         if cfg.stage == "av-sft":
             with torch.no_grad():
                 nla.av.model.eval()
-                loss = sum(float(nla.av.sft_loss(val.vectors[i:i + 16], val.explanations[i:i + 16])) *
-                           len(val.explanations[i:i + 16]) for i in range(0, len(val), 16)) / len(val)
+                loss = sum(
+                    float(nla.av.sft_loss(val.vectors[i : i + 16], val.explanations[i : i + 16]))
+                    * len(val.explanations[i : i + 16])
+                    for i in range(0, len(val), 16)
+                ) / len(val)
                 shuf = val.vectors[torch.randperm(len(val), generator=torch.Generator().manual_seed(1))]
-                loss_s = sum(float(nla.av.sft_loss(shuf[i:i + 16], val.explanations[i:i + 16])) *
-                             len(val.explanations[i:i + 16]) for i in range(0, len(val), 16)) / len(val)
+                loss_s = sum(
+                    float(nla.av.sft_loss(shuf[i : i + 16], val.explanations[i : i + 16]))
+                    * len(val.explanations[i : i + 16])
+                    for i in range(0, len(val), 16)
+                ) / len(val)
             return {"val_ce": loss, "val_ce_shuffled_vectors": loss_s}
         nla.ar.eval()
         if cfg.stage == "ar-refit":
-            return {"val_fve_round_trip": fve(nla.ar.predict(refit["val"], allow_empty=True, truncate=True),
-                                              val.vectors)}
+            return {
+                "val_fve_round_trip": fve(nla.ar.predict(refit["val"], allow_empty=True, truncate=True), val.vectors)
+            }
         out = {"val_fve_warm_text": fve(nla.ar.predict(val.explanations), val.vectors)}
         if cfg.stage == "rl":
             sub = val.vectors[:16]
             nla.av.model.eval()
             with torch.no_grad():
                 expl = nla.av.explain(sub)
-            out["val_fve_round_trip"] = fve(nla.ar.predict(expl, allow_empty=True, truncate=True), sub,
-                                            mu=normalise(val.vectors).mean(0))
+            out["val_fve_round_trip"] = fve(
+                nla.ar.predict(expl, allow_empty=True, truncate=True), sub, mu=normalise(val.vectors).mean(0)
+            )
         return out
 
     # training rows a step draws from: every row, or for ar-refit those the AV wrote a non-empty explanation for
@@ -287,10 +325,10 @@ def train_stage(nla_dir: str | os.PathLike, data: str | os.PathLike | NLARows, c
                 g["lr"] = lr
             idx = pool[batch_indices(len(pool), cfg.batch_size, step, cfg.seed)]
             share = cfg.batch_size // n_ranks
-            idx = idx[rank * share:(rank + 1) * share]          # this rank's slice of the global batch
+            idx = idx[rank * share : (rank + 1) * share]  # this rank's slice of the global batch
             rec: dict = {"step": step + 1, "lr": lr}
             if cfg.stage == "rl":
-                torch.manual_seed(cfg.seed * 1_000_003 + step * n_ranks + rank)   # each rank samples its own
+                torch.manual_seed(cfg.seed * 1_000_003 + step * n_ranks + rank)  # each rank samples its own
                 rec.update(rl_step(nla, train.vectors[idx], opt, ar_opt, cfg))
             else:
                 loss = supervised_loss(idx)
@@ -306,10 +344,14 @@ def train_stage(nla_dir: str | os.PathLike, data: str | os.PathLike | NLARows, c
             history.append(rec)
             if log and rank == 0:
                 log(rec)
-            bar.update(step, info=" ".join(f"{k}={v:.3f}" for k, v in rec.items()
-                                           if k not in ("step", "lr") and isinstance(v, float)))
+            bar.update(
+                step,
+                info=" ".join(
+                    f"{k}={v:.3f}" for k, v in rec.items() if k not in ("step", "lr") and isinstance(v, float)
+                ),
+            )
             out_of_time = cfg.time_budget_s is not None and time.time() - t0 > cfg.time_budget_s
-            if n_ranks > 1:     # rank 0's clock decides, so every rank stops after the same step
+            if n_ranks > 1:  # rank 0's clock decides, so every rank stops after the same step
                 import torch.distributed as dist
 
                 flag = [out_of_time]
@@ -321,12 +363,13 @@ def train_stage(nla_dir: str | os.PathLike, data: str | os.PathLike | NLARows, c
                 break
     finally:
         bar.close()
-    _barrier()          # the last checkpoint is on disk before any rank returns
+    _barrier()  # the last checkpoint is on disk before any rank returns
     return {"history": history, "done": step >= cfg.steps, "step": step, "nla": nla}
 
 
-def greedy_explanations(nla: NLA, nla_dir: Path, sets: dict[str, torch.Tensor], *, chunk: int = 32,
-                        progress: bool = True) -> dict[str, list[str]]:
+def greedy_explanations(
+    nla: NLA, nla_dir: Path, sets: dict[str, torch.Tensor], *, chunk: int = 32, progress: bool = True
+) -> dict[str, list[str]]:
     """The frozen AV's greedy explanation of every vector, cached per chunk so an interrupted run resumes.
 
     The cache names the AV weights it was written with; a cache from other weights is an error rather
@@ -341,14 +384,15 @@ def greedy_explanations(nla: NLA, nla_dir: Path, sets: dict[str, torch.Tensor], 
         raise NLAError(f"{path} was written by other AV weights than {nla_dir / AV_FILE}; delete it to refit anew")
     total = sum(len(v) for v in sets.values())
     done = sum(len(cache["sets"].get(k, [])) for k in sets)
-    bar = ProgressBar("nla ar-refit: AV explanations", total, start=done, unit="rows",
-                      enabled=progress and done < total)
+    bar = ProgressBar(
+        "nla ar-refit: AV explanations", total, start=done, unit="rows", enabled=progress and done < total
+    )
     try:
         nla.av.model.eval()
         for name, vectors in sets.items():
             got = cache["sets"].setdefault(name, [])
             while len(got) < len(vectors):
-                got += nla.av.explain(vectors[len(got): len(got) + chunk])
+                got += nla.av.explain(vectors[len(got) : len(got) + chunk])
                 atomic_write_text(path, json.dumps(cache))
                 bar.advance(min(chunk, len(vectors)))
     finally:

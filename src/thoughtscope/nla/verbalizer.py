@@ -57,8 +57,9 @@ def prompt_ids(tokenizer, cfg: NLAConfig) -> list[int]:
     """Token ids of the AV prompt: a chat turn with the marker in <concept> tags, ending in the answer's opening tag."""
     user = cfg.av_template.format(marker=cfg.marker)
     if getattr(tokenizer, "chat_template", None):
-        msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + \
-               [{"role": "user", "content": user}]
+        msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [
+            {"role": "user", "content": user}
+        ]
         ids = _as_list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
     else:
         text = (f"{cfg.system_prompt}\n" if cfg.system_prompt else "") + f"User: {user}\nAssistant:"
@@ -69,8 +70,10 @@ def prompt_ids(tokenizer, cfg: NLAConfig) -> list[int]:
         ids = ids + _as_list(tokenizer(cfg.response_prefix, add_special_tokens=False))
     n = ids.count(cfg.marker_id)
     if n != 1:
-        raise NLAError(f"the AV prompt contains the marker token id {cfg.marker_id} ({cfg.marker!r}) {n} times; "
-                       f"expected exactly once (check av_template / marker)")
+        raise NLAError(
+            f"the AV prompt contains the marker token id {cfg.marker_id} ({cfg.marker!r}) {n} times; "
+            f"expected exactly once (check av_template / marker)"
+        )
     return ids
 
 
@@ -109,8 +112,7 @@ def add_lora(model: nn.Module, cfg: NLAConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(model, cfg.lora_targets)
-    lc = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
-                    bias="none")
+    lc = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets, bias="none")
     with warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing` while wrapping; the call is peft's, not
         # ours, and the warning would otherwise greet every NLA load.
@@ -142,14 +144,16 @@ class Verbalizer(nn.Module):
         ids = args[0] if args else None
         if ids is None:
             raise NLAError("vector injection needs input_ids (the marker is found by its token id)")
-        if ids.shape[1] == 1:          # a cached decode step: the marker was in the prompt
+        if ids.shape[1] == 1:  # a cached decode step: the marker was in the prompt
             return None
         mask = ids == self.cfg.marker_id
         counts = mask.sum(1)
         if (counts != 1).any():
             bad = counts.tolist()
-            raise NLAError(f"each row must contain the marker token {self.cfg.marker!r} (id {self.cfg.marker_id}) "
-                           f"exactly once; counts per row: {bad}")
+            raise NLAError(
+                f"each row must contain the marker token {self.cfg.marker!r} (id {self.cfg.marker_id}) "
+                f"exactly once; counts per row: {bad}"
+            )
         if self._vectors.shape[0] != ids.shape[0]:
             raise NLAError(f"{self._vectors.shape[0]} vectors for a batch of {ids.shape[0]} rows")
         v = self._vectors.to(output.dtype)
@@ -180,7 +184,7 @@ class Verbalizer(nn.Module):
         ids, att = pad_batch(rows, self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
         resp = torch.zeros_like(ids, dtype=torch.bool)
         for i, r in enumerate(rows):
-            resp[i, len(self.prompt): len(r)] = True
+            resp[i, len(self.prompt) : len(r)] = True
         return ids.to(self.device), att.to(self.device), resp.to(self.device)
 
     def token_logprobs(self, vectors: torch.Tensor, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
@@ -199,20 +203,31 @@ class Verbalizer(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate_ids(self, vectors: torch.Tensor, *, samples: int = 1, do_sample: bool = False,
-                     temperature: float = 1.0, max_new_tokens: int | None = None) -> torch.Tensor:
+    def generate_ids(
+        self,
+        vectors: torch.Tensor,
+        *,
+        samples: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        max_new_tokens: int | None = None,
+    ) -> torch.Tensor:
         """Completion token ids [N·samples, ≤ max_new_tokens] (padded with the end id)."""
         v = check_vectors(vectors, self.cfg.d_model).repeat_interleave(samples, 0)
         ids = torch.tensor([self.prompt] * v.shape[0], device=self.device)
         att = torch.ones_like(ids)
-        kw = dict(do_sample=do_sample, max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
-                  eos_token_id=self.end_ids, pad_token_id=self.end_ids[0] if self.end_ids else 0,
-                  suppress_tokens=[self.cfg.marker_id])
+        kw = dict(
+            do_sample=do_sample,
+            max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+            eos_token_id=self.end_ids,
+            pad_token_id=self.end_ids[0] if self.end_ids else 0,
+            suppress_tokens=[self.cfg.marker_id],
+        )
         if do_sample:
             kw.update(temperature=temperature, top_k=0, top_p=1.0)
         with self.injecting(v):
             out = self.model.generate(input_ids=ids, attention_mask=att, **kw)
-        return out[:, ids.shape[1]:]
+        return out[:, ids.shape[1] :]
 
     def decode(self, completion: torch.Tensor) -> list[tuple[str, bool]]:
         """(explanation, well_formed) per row; truncated answers (no closing tag) are not well formed."""
@@ -227,8 +242,9 @@ class Verbalizer(nn.Module):
             res.append(parse_response(self.cfg, text))
         return res
 
-    def explain(self, vectors: torch.Tensor, *, samples: int = 1, do_sample: bool = False,
-                temperature: float = 1.0) -> list[str]:
+    def explain(
+        self, vectors: torch.Tensor, *, samples: int = 1, do_sample: bool = False, temperature: float = 1.0
+    ) -> list[str]:
         comp = self.generate_ids(vectors, samples=samples, do_sample=do_sample, temperature=temperature)
         return [e for e, _ in self.decode(comp)]
 

@@ -1,10 +1,11 @@
 """Probes: read a concept at a site, find where it lives, monitor it, steer with it, erase it.
 
-    from thoughtscope.probes import builtin, sweep, fit_probe, erase_check
-    out = sweep(lm, builtin("comparisons"), [f"resid.{i}" for i in range(30)])   # held-out AUROC + controls
-    probe = fit_probe(lm, builtin("cities"), out["best_site"])                    # artefact folder via .save()
-    with steering(lm, [probe.to_intervention(1.0)]): ...                          # one class gap along it
+from thoughtscope.probes import builtin, sweep, fit_probe, erase_check
+out = sweep(lm, builtin("comparisons"), [f"resid.{i}" for i in range(30)])   # held-out AUROC + controls
+probe = fit_probe(lm, builtin("cities"), out["best_site"])                    # artefact folder via .save()
+with steering(lm, [probe.to_intervention(1.0)]): ...                          # one class gap along it
 """
+
 from .causal import causal_check
 from .datasets import ProbeSet, Split, control_labels, from_pairs, group_split, load_dataset
 from .erase import EraseEdit, erase_check, fit_eraser, lm_loss, random_eraser

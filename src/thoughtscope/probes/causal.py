@@ -28,16 +28,24 @@ def _p_gap(lm, texts: list[str], yes: int, no: int, ivs: list, batch_size: int =
     out = []
     with steering(lm, ivs):
         for i in range(0, len(texts), batch_size):
-            ids, mask = lm.tokenize(texts[i:i + batch_size])
+            ids, mask = lm.tokenize(texts[i : i + batch_size])
             logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             last = logits[torch.arange(ids.shape[0]), mask.sum(1) - 1].softmax(-1)
             out.append((last[:, yes] - last[:, no]).cpu())
     return torch.cat(out)
 
 
-def causal_check(lm, probe: Probe, texts: Sequence[str], *, strengths: Sequence[float] = (-2, -1, 0, 1, 2),
-                 suffix: str = " This statement is", words: tuple[str, str] = (" true", " false"),
-                 n_random: int = 3, seed: int = 0) -> dict:
+def causal_check(
+    lm,
+    probe: Probe,
+    texts: Sequence[str],
+    *,
+    strengths: Sequence[float] = (-2, -1, 0, 1, 2),
+    suffix: str = " This statement is",
+    words: tuple[str, str] = (" true", " false"),
+    n_random: int = 3,
+    seed: int = 0,
+) -> dict:
     """Mean change of P(words[0]) − P(words[1]) against α = 0, for the probe's vector and random ones."""
     probe.check(lm)
     texts = [t + suffix for t in texts]
@@ -58,7 +66,21 @@ def causal_check(lm, probe: Probe, texts: Sequence[str], *, strengths: Sequence[
     for a in strengths:
         d_probe = float((_p_gap(lm, texts, yes, no, edit(vec, a)) - base).mean()) if a else 0.0
         d_rand = [float((_p_gap(lm, texts, yes, no, edit(r, a)) - base).mean()) if a else 0.0 for r in randoms]
-        rows.append({"strength": a, "probe": d_probe, "random_mean": sum(d_rand) / len(d_rand),
-                     "random_max_abs": max(abs(x) for x in d_rand)})
-    return {"site": site, "unit": "class gap", "class_gap": probe.cfg.class_gap, "words": list(words),
-            "suffix": suffix, "n_texts": len(texts), "baseline_gap": float(base.mean()), "sweep": rows}
+        rows.append(
+            {
+                "strength": a,
+                "probe": d_probe,
+                "random_mean": sum(d_rand) / len(d_rand),
+                "random_max_abs": max(abs(x) for x in d_rand),
+            }
+        )
+    return {
+        "site": site,
+        "unit": "class gap",
+        "class_gap": probe.cfg.class_gap,
+        "words": list(words),
+        "suffix": suffix,
+        "n_texts": len(texts),
+        "baseline_gap": float(base.mean()),
+        "sweep": rows,
+    }

@@ -63,17 +63,25 @@ class ProbeSet:
     def sha256(self) -> str:
         """Content hash of every column that changes what a probe learns (recorded in probe artefacts)."""
         h = hashlib.sha256()
-        for row in zip(self.texts, self.labels, self.groups, self.entities, self.difficulty, self.pair_ids,
-                       self.spans):
+        for row in zip(self.texts, self.labels, self.groups, self.entities, self.difficulty, self.pair_ids, self.spans):
             h.update(json.dumps(row, ensure_ascii=False).encode())
         return h.hexdigest()
 
     def subset(self, idx: Sequence[int], name: str | None = None) -> ProbeSet:
         idx = list(idx)
         pick = lambda col: [col[i] for i in idx]  # noqa: E731
-        return ProbeSet(pick(self.texts), pick(self.labels), pick(self.groups), name or self.name, self.source,
-                        pick(self.entities), pick(self.difficulty), pick(self.pair_ids), pick(self.spans),
-                        {k: pick(v) for k, v in self.extra.items()})
+        return ProbeSet(
+            pick(self.texts),
+            pick(self.labels),
+            pick(self.groups),
+            name or self.name,
+            self.source,
+            pick(self.entities),
+            pick(self.difficulty),
+            pick(self.pair_ids),
+            pick(self.spans),
+            {k: pick(v) for k, v in self.extra.items()},
+        )
 
     def pairs(self, idx: Sequence[int] | None = None) -> list[tuple[int, int]]:
         """(positive row, negative row) for each pair_id with exactly one row of each label inside idx."""
@@ -89,8 +97,12 @@ class ProbeSet:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             for i in range(len(self)):
-                row = {"text": self.texts[i], "label": self.labels[i], "group": self.groups[i],
-                       "entity": self.entities[i]}
+                row = {
+                    "text": self.texts[i],
+                    "label": self.labels[i],
+                    "group": self.groups[i],
+                    "entity": self.entities[i],
+                }
                 for key, col in (("difficulty", self.difficulty), ("pair_id", self.pair_ids), ("span", self.spans)):
                     if col[i] is not None:
                         row[key] = list(col[i]) if key == "span" else col[i]
@@ -167,8 +179,10 @@ def load_dataset(path: str | Path, name: str | None = None) -> ProbeSet:
     for i, r in enumerate(rows):
         where = f"{path} row {i + 1}"
         if "text" not in r or "label" not in r:
-            raise ProbeError(f"{where}: missing {'text' if 'text' not in r else 'label'}; expected columns "
-                             f"text, label (optional group, entity, difficulty, pair_id, span)")
+            raise ProbeError(
+                f"{where}: missing {'text' if 'text' not in r else 'label'}; expected columns "
+                f"text, label (optional group, entity, difficulty, pair_id, span)"
+            )
         cols["text"].append(r["text"])
         cols["label"].append(_label(r["label"], where))
         group = r.get("group")
@@ -188,8 +202,18 @@ def load_dataset(path: str | Path, name: str | None = None) -> ProbeSet:
         for k in extra:
             if len(extra[k]) < i + 1:
                 extra[k].append(None)
-    return ProbeSet(cols["text"], cols["label"], cols["group"], name or path.stem, str(path), cols["entity"],
-                    cols["difficulty"], cols["pair_id"], cols["span"], extra)
+    return ProbeSet(
+        cols["text"],
+        cols["label"],
+        cols["group"],
+        name or path.stem,
+        str(path),
+        cols["entity"],
+        cols["difficulty"],
+        cols["pair_id"],
+        cols["span"],
+        extra,
+    )
 
 
 def _from_pairs(rows: list[dict], path: Path, name: str | None) -> ProbeSet:
@@ -197,8 +221,9 @@ def _from_pairs(rows: list[dict], path: Path, name: str | None) -> ProbeSet:
     for i, r in enumerate(rows):
         for side in ("positive", "negative"):
             if not isinstance(r.get(side), str) or not r[side].strip():
-                raise ProbeError(f"{path} row {i + 1}: pair has no {side} side; every row needs both "
-                                 f"'positive' and 'negative' texts")
+                raise ProbeError(
+                    f"{path} row {i + 1}: pair has no {side} side; every row needs both 'positive' and 'negative' texts"
+                )
         pid = str(r.get("pair_id") or f"pair{i + 1}")
         group = str(r.get("group") or pid)
         texts += [r["positive"], r["negative"]]
@@ -235,8 +260,9 @@ def group_split(ds: ProbeSet, test_fraction: float = 0.25, seed: int = 0, min_pe
         raise ProbeError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     groups = sorted(set(ds.groups))
     if len(groups) < 2:
-        raise ProbeError(f"{ds.source}: all {len(ds)} rows share one group ({groups[0]!r}); a held-out split needs "
-                         f"at least 2 groups")
+        raise ProbeError(
+            f"{ds.source}: all {len(ds)} rows share one group ({groups[0]!r}); a held-out split needs at least 2 groups"
+        )
     rng = random.Random(seed)
     rng.shuffle(groups)
     n_test = min(len(groups) - 1, max(1, round(test_fraction * len(groups))))
@@ -249,7 +275,8 @@ def group_split(ds: ProbeSet, test_fraction: float = 0.25, seed: int = 0, min_pe
             raise ProbeError(
                 f"{ds.source}: too small for a held-out split: the {side} side ({len(idx)} rows from "
                 f"{len(test_groups) if side == 'test' else len(groups) - n_test} groups) has {counts[0]} rows of "
-                f"class 0 and {counts[1]} of class 1; need >= {min_per_class} of each (add rows or groups)")
+                f"class 0 and {counts[1]} of class 1; need >= {min_per_class} of each (add rows or groups)"
+            )
     return Split(train, test)
 
 
@@ -268,5 +295,6 @@ def group_folds(groups: Sequence[str], idx: Sequence[int], k: int, seed: int = 0
     random.Random(seed).shuffle(gs)
     k = max(2, min(k, len(gs)))
     fold_of = {g: j % k for j, g in enumerate(gs)}
-    return [([i for i in idx if fold_of[groups[i]] != f], [i for i in idx if fold_of[groups[i]] == f])
-            for f in range(k)]
+    return [
+        ([i for i in idx if fold_of[groups[i]] != f], [i for i in idx if fold_of[groups[i]] == f]) for f in range(k)
+    ]

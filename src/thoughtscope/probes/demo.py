@@ -21,15 +21,20 @@ def probe_demo(lm, out: str | Path, console=None, *, quick: bool = True, cache=N
     ds = comparisons(n=160 if quick else 600)
     sites = QUICK_SITES if quick else [f"resid.{i}" for i in range(lm.n_layers)]
     sites = [s for s in sites if int(s.split(".")[1]) < lm.n_layers]
-    cfg = SweepConfig(fitters=("mean", "lda") if quick else ("mean", "lda", "logistic", "lat"),
-                      n_random=100 if quick else 200, n_shuffle=5 if quick else 10)
+    cfg = SweepConfig(
+        fitters=("mean", "lda") if quick else ("mean", "lda", "logistic", "lat"),
+        n_random=100 if quick else 200,
+        n_shuffle=5 if quick else 10,
+    )
     res = sweep(lm, ds, sites, ReadConfig(), cfg, cache=cache, progress=console is not None)
     save_json(res, out / "probe_sweep.json")
     plot(res, out / "probe_sweep.png")
     res["seconds"] = time.perf_counter() - t0
     if console is not None:
         print_sweep(res)
-        console.print(f"plot → {out / 'probe_sweep.png'}; every number in {out / 'probe_sweep.json'} "
-                      f"({res['seconds']:.0f} s). Controls: random directions, label shuffle, a control task with "
-                      f"random labels per first number (selectivity = task − control), the embedding layer.")
+        console.print(
+            f"plot → {out / 'probe_sweep.png'}; every number in {out / 'probe_sweep.json'} "
+            f"({res['seconds']:.0f} s). Controls: random directions, label shuffle, a control task with "
+            f"random labels per first number (selectivity = task − control), the embedding layer."
+        )
     return res

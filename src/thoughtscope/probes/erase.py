@@ -25,9 +25,9 @@ from ..steer.interventions import StepContext, VectorEdit
 class EraseEdit(VectorEdit):
     """x ← x − ((x − mean) · right) · left, at every readable token of the site."""
 
-    left: Tensor | None = None   # [d, k]
+    left: Tensor | None = None  # [d, k]
     right: Tensor | None = None  # [k, d]
-    mean: Tensor | None = None   # [d]
+    mean: Tensor | None = None  # [d]
     max_norm: float | None = None
 
     def __post_init__(self) -> None:
@@ -78,39 +78,60 @@ def fit_eraser(X: Tensor, y: Tensor, site: str, *, sink_ratio: float = 10.0, met
     left, right = e.proj_left, e.proj_right
     mean = e.bias if e.bias is not None else torch.zeros(X.shape[1], dtype=torch.float64)
     max_norm = sink_ratio * float(X.float().norm(dim=1).median())
-    return EraseEdit(left[:, 0].float(), site, left=left, right=right, mean=mean, max_norm=max_norm,
-                     label=f"LEACE rank {left.shape[1]}")
+    return EraseEdit(
+        left[:, 0].float(),
+        site,
+        left=left,
+        right=right,
+        mean=mean,
+        max_norm=max_norm,
+        label=f"LEACE rank {left.shape[1]}",
+    )
 
 
-def random_eraser(d: int, rank: int, site: str, mean: Tensor, seed: int = 0,
-                  max_norm: float | None = None) -> EraseEdit:
+def random_eraser(
+    d: int, rank: int, site: str, mean: Tensor, seed: int = 0, max_norm: float | None = None
+) -> EraseEdit:
     """Orthogonal projection removing a random subspace of the given rank (around the same mean): the control."""
     g = torch.Generator().manual_seed(seed + 271828)
     Q = torch.linalg.qr(torch.randn(d, rank, generator=g, dtype=torch.float64))[0]
-    return EraseEdit(Q[:, 0].float(), site, left=Q, right=Q.T, mean=mean, max_norm=max_norm,
-                     label=f"random rank {rank}")
+    return EraseEdit(
+        Q[:, 0].float(), site, left=Q, right=Q.T, mean=mean, max_norm=max_norm, label=f"random rank {rank}"
+    )
 
 
 @torch.no_grad()
-def lm_loss(lm, interventions=(), *, n_contexts: int = 16, ctx_len: int = 128, batch_size: int = 8,
-            corpus: str = "default", texts=None) -> float:
+def lm_loss(
+    lm,
+    interventions=(),
+    *,
+    n_contexts: int = 16,
+    ctx_len: int = 128,
+    batch_size: int = 8,
+    corpus: str = "default",
+    texts=None,
+) -> float:
     """Mean next-token cross-entropy on the first contexts of a corpus (or on texts), interventions active."""
     from ..corpus import Corpus
     from ..steer.interventions import steering
 
     total, count, seen = 0.0, 0, 0
     if texts is not None:
-        batches = [lm.tokenize(list(texts[i:i + batch_size]), max_length=ctx_len)
-                   for i in range(0, len(texts), batch_size)]
+        batches = [
+            lm.tokenize(list(texts[i : i + batch_size]), max_length=ctx_len) for i in range(0, len(texts), batch_size)
+        ]
     else:
-        batches = ((c.input_ids, torch.ones_like(c.input_ids)) for c in
-                   Corpus(corpus).batches(lm.tokenizer, ctx_len, batch_size))
+        batches = (
+            (c.input_ids, torch.ones_like(c.input_ids))
+            for c in Corpus(corpus).batches(lm.tokenizer, ctx_len, batch_size)
+        )
     with steering(lm, list(interventions)):
         for ids, mask in batches:
             ids, mask = ids.to(lm.device)[: n_contexts - seen], mask.to(lm.device)[: n_contexts - seen]
             logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                    ids[:, 1:].reshape(-1), reduction="none")
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            )
             m = mask[:, 1:].reshape(-1).float()
             total += float((nll * m).sum())
             count += int(m.sum())
@@ -120,8 +141,19 @@ def lm_loss(lm, interventions=(), *, n_contexts: int = 16, ctx_len: int = 128, b
     return total / max(count, 1)
 
 
-def erase_check(lm, ds, site: str, read=None, *, seed: int = 0, fitters=("mean", "logistic"), n_contexts: int = 16,
-                cache=None, loss_texts=None, reread: bool = True) -> dict:
+def erase_check(
+    lm,
+    ds,
+    site: str,
+    read=None,
+    *,
+    seed: int = 0,
+    fitters=("mean", "logistic"),
+    n_contexts: int = 16,
+    cache=None,
+    loss_texts=None,
+    reread: bool = True,
+) -> dict:
     """Fit LEACE on the training split, re-read every row with the erasure active, train fresh probes, and report
     held-out AUROC before/after (and after a random erasure of the same rank), plus the LM-loss change.
 
@@ -153,8 +185,14 @@ def erase_check(lm, ds, site: str, read=None, *, seed: int = 0, fitters=("mean",
             out[m] = float(auroc(Xs[te] @ W[0] + b[0], y[te]))
         return out
 
-    result = {"site": name, "dataset": ds.name, "rank": eraser.rank, "n_train": len(tr), "n_test": len(te),
-              "before": held_out(X)}
+    result = {
+        "site": name,
+        "dataset": ds.name,
+        "rank": eraser.rank,
+        "n_train": len(tr),
+        "n_test": len(te),
+        "before": held_out(X),
+    }
     from ..steer.interventions import StepContext
 
     for tag, iv in (("after_leace", eraser), ("after_random", control)):
@@ -167,8 +205,13 @@ def erase_check(lm, ds, site: str, read=None, *, seed: int = 0, fitters=("mean",
     result["reread"] = reread
     kw = {"n_contexts": n_contexts, "texts": loss_texts}
     base = lm_loss(lm, **kw)
-    result["lm_loss"] = {"none": base, "leace": lm_loss(lm, [eraser], **kw), "random": lm_loss(lm, [control], **kw),
-                         "n_contexts": n_contexts, "corpus": "default" if loss_texts is None else "given texts"}
+    result["lm_loss"] = {
+        "none": base,
+        "leace": lm_loss(lm, [eraser], **kw),
+        "random": lm_loss(lm, [control], **kw),
+        "n_contexts": n_contexts,
+        "corpus": "default" if loss_texts is None else "given texts",
+    }
     result["lm_loss"]["delta_leace"] = result["lm_loss"]["leace"] - base
     result["lm_loss"]["delta_random"] = result["lm_loss"]["random"] - base
     result["max_auroc_after_leace"] = max(result["after_leace"].values())

@@ -57,10 +57,10 @@ def ledoit_wolf(Xc: torch.Tensor) -> torch.Tensor:
     mu = S.diagonal(dim1=-2, dim2=-1).mean(-1)  # [L]
     eye = torch.eye(d, dtype=Xc.dtype, device=Xc.device)
     delta = ((S - mu[:, None, None] * eye) ** 2).sum((-2, -1)) / d
-    sq = (Xc ** 2).sum(-1)  # [L, N] row norms squared
+    sq = (Xc**2).sum(-1)  # [L, N] row norms squared
     # mean over rows of ||x xᵀ − S||_F², expanded so no [N, d, d] tensor is built
     xsx = ((Xc @ S) * Xc).sum(-1)
-    beta = ((sq ** 2).mean(-1) - 2 * xsx.mean(-1) + (S ** 2).sum((-2, -1))) / (d * n)
+    beta = ((sq**2).mean(-1) - 2 * xsx.mean(-1) + (S**2).sum((-2, -1))) / (d * n)
     shrink = (beta.clamp_min(0) / delta.clamp_min(1e-30)).clamp(0, 1)
     return (1 - shrink)[:, None, None] * S + (shrink * mu)[:, None, None] * eye
 
@@ -87,8 +87,14 @@ def _rotate(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return R.mT, Q
 
 
-def _newton(Z: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, theta0: torch.Tensor | None = None,
-            max_iter: int = 50, tol: float = 1e-7) -> torch.Tensor:
+def _newton(
+    Z: torch.Tensor,
+    y: torch.Tensor,
+    lam: torch.Tensor,
+    theta0: torch.Tensor | None = None,
+    max_iter: int = 50,
+    tol: float = 1e-7,
+) -> torch.Tensor:
     """Minimise mean log-loss + lam/2 ||w||² (bias free) for every layer at once by damped Newton steps.
 
     Written by hand (not L-BFGS) because the layers' problems are solved together: a batched Newton step
@@ -132,8 +138,9 @@ def _unrotate(theta: torch.Tensor, Q: torch.Tensor | None) -> tuple[torch.Tensor
     return ((Q @ w[..., None]).squeeze(-1) if Q is not None else w), b
 
 
-def logistic_raw(X: torch.Tensor, y: torch.Tensor, C: float | torch.Tensor,
-                 tol: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+def logistic_raw(
+    X: torch.Tensor, y: torch.Tensor, C: float | torch.Tensor, tol: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's objective C·Σ log-loss + ½‖w‖² on the given features, for every layer (no standardising)."""
     X, y = _check(X, y)
     n = X.shape[1]
@@ -150,8 +157,9 @@ def _standardise(X: torch.Tensor):
     return (X - mu) / sd, mu.squeeze(1), sd.squeeze(1)
 
 
-def fit_logistic(X, y, *, folds: Sequence[tuple[list[int], list[int]]] | None = None, C=None,
-                 **_) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def fit_logistic(
+    X, y, *, folds: Sequence[tuple[list[int], list[int]]] | None = None, C=None, **_
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """L2 logistic on centred, rescaled features; C per layer by cross-validated AUROC over `folds` (indices into
     these training rows, so the held-out split is never seen), warm-started along the C grid."""
     X, y = _check(X, y)
@@ -233,8 +241,9 @@ def fit_lat(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int =
     return W.float(), _midpoint_bias(X, y, W).float()
 
 
-def fit_ccs(X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int = 0, steps: int = 300,
-            restarts: int = 3, **_):
+def fit_ccs(
+    X, y, *, pairs: Sequence[tuple[int, int]] | None = None, seed: int = 0, steps: int = 300, restarts: int = 3, **_
+):
     """Contrast-consistent search on pairs: unsupervised loss, best of a few restarts, sign from the labels."""
     X, y, pr, p, q = _paired(X, y, pairs, seed, "CCS")
     # Hide which member is the positive (CCS is unsupervised): with label-ordered halves, centring each half

@@ -39,7 +39,7 @@ def number_words(n: int) -> str:
 
 
 def comparisons(n: int = 600, seed: int = 0) -> ProbeSet:
-    """"Fifty-three is larger than sixty-one." (51..99, no multiples of ten); half true, both wordings."""
+    """ "Fifty-three is larger than sixty-one." (51..99, no multiples of ten); half true, both wordings."""
     nums = [k for k in range(51, 100) if k % 10]
     rng = random.Random(seed)
     pairs = sorted({tuple(sorted(rng.sample(nums, 2))) for _ in range(4 * n)})
@@ -58,7 +58,7 @@ def comparisons(n: int = 600, seed: int = 0) -> ProbeSet:
 
 
 def cities(seed: int = 0, negated: bool = False, known_only: bool = False) -> ProbeSet:
-    """"The city of Paris is in France." true, and the same city with a wrong country false.
+    """ "The city of Paris is in France." true, and the same city with a wrong country false.
 
     ``negated``: "The city of Paris is not in France." (truth flips). ``known_only``: keep the cities whose
     country the default model itself names (field ``model_knows`` in the table, measured by
@@ -85,7 +85,7 @@ def cities(seed: int = 0, negated: bool = False, known_only: bool = False) -> Pr
 
 
 def translations(seed: int = 0) -> ProbeSet:
-    """"The Spanish word 'perro' means 'dog'." true, and with a wrong English word false."""
+    """ "The Spanish word 'perro' means 'dog'." true, and with a wrong English word false."""
     rows = table("es_en")["pairs"]
     rng = random.Random(seed)
     texts, labels, groups, ents = [], [], [], []
@@ -100,7 +100,7 @@ def translations(seed: int = 0) -> ProbeSet:
 
 
 def arithmetic(n: int = 320, seed: int = 0) -> ProbeSet:
-    """"3 + 4 = 7." true or false (off by 1..3); difficulty easy = 1-digit operands, hard = 2-digit.
+    """ "3 + 4 = 7." true or false (off by 1..3); difficulty easy = 1-digit operands, hard = 2-digit.
 
     Half the rows are easy; there are only 81 one-digit operand pairs, so n is at most 324."""
     if not 8 <= n <= 324:
@@ -131,8 +131,10 @@ def sentiment(seed: int = 0) -> ProbeSet:
     rng = random.Random(seed)
     texts, labels, groups, ents, diff = [], [], [], [], []
     for subj in t["subjects"]:
-        for label, adjs, plain in ((1, t["positive_adjectives"], t["positive_plain"]),
-                                   (0, t["negative_adjectives"], t["negative_plain"])):
+        for label, adjs, plain in (
+            (1, t["positive_adjectives"], t["positive_plain"]),
+            (0, t["negative_adjectives"], t["negative_plain"]),
+        ):
             for tmpl in rng.sample(t["adjective_templates"], 2):
                 adj = rng.choice(adjs)
                 texts.append(tmpl.format(subject=subj, adj=adj))
@@ -155,8 +157,9 @@ def honesty(seed: int = 0, n: int = 200) -> ProbeSet:
     instruction; label 1 = honest. Each pair is its own group; the entity is the statement's source table."""
     rng = random.Random(seed)
     facts = [(f"The city of {r['city']} is in {r['country']}.", "cities") for r in table("cities")["cities"]]
-    facts += [(f"The Spanish word '{r['spanish']}' means '{r['english']}'.", "translations")
-              for r in table("es_en")["pairs"]]
+    facts += [
+        (f"The Spanish word '{r['spanish']}' means '{r['english']}'.", "translations") for r in table("es_en")["pairs"]
+    ]
     rng.shuffle(facts)
     texts, labels, groups, ents, pids = [], [], [], [], []
     seen: set[str] = set()
@@ -178,9 +181,16 @@ def honesty(seed: int = 0, n: int = 200) -> ProbeSet:
     return ProbeSet(texts, labels, groups, "honesty", "generator:honesty", ents, pair_ids=pids)
 
 
-BUILTIN = {"comparisons": comparisons, "cities": cities, "cities_negated": lambda: cities(negated=True),
-           "cities_known": lambda: cities(known_only=True), "translations": translations, "arithmetic": arithmetic,
-           "sentiment": sentiment, "honesty": honesty}
+BUILTIN = {
+    "comparisons": comparisons,
+    "cities": cities,
+    "cities_negated": lambda: cities(negated=True),
+    "cities_known": lambda: cities(known_only=True),
+    "translations": translations,
+    "arithmetic": arithmetic,
+    "sentiment": sentiment,
+    "honesty": honesty,
+}
 
 
 def builtin(name: str) -> ProbeSet:
@@ -206,7 +216,7 @@ def tag_known_cities(lm, max_new_tokens: int = 6, write: bool = False) -> list[b
     rows = table("cities")["cities"]
     known = []
     for i in range(0, len(rows), 16):
-        chunk = rows[i:i + 16]
+        chunk = rows[i : i + 16]
         prompts = [CITY_PROMPT.format(city=r["city"]) for r in chunk]
         ids, mask = lm.tokenize(prompts)
         # left-pad so every prompt ends at the last column
@@ -215,19 +225,25 @@ def tag_known_cities(lm, max_new_tokens: int = 6, write: bool = False) -> list[b
         ids_l = torch.full_like(ids, ids[0, -1] if lm.tokenizer.pad_token_id is None else lm.tokenizer.pad_token_id)
         mask_l = torch.zeros_like(mask)
         for j, n in enumerate(lens.tolist()):
-            ids_l[j, width - n:] = ids[j, :n]
-            mask_l[j, width - n:] = 1
+            ids_l[j, width - n :] = ids[j, :n]
+            mask_l[j, width - n :] = 1
         with torch.no_grad():
-            out = lm.model.generate(input_ids=ids_l, attention_mask=mask_l, max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=lm.tokenizer.pad_token_id or 0)
+            out = lm.model.generate(
+                input_ids=ids_l,
+                attention_mask=mask_l,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=lm.tokenizer.pad_token_id or 0,
+            )
         for r, seq in zip(chunk, out[:, width:]):
             said = lm.tokenizer.decode(seq, skip_special_tokens=True).lower()
             known.append(r["country"].lower().removeprefix("the ") in said)
     if write:
         t = dict(table("cities"))
         t["cities"] = [dict(r, model_knows=k) for r, k in zip(rows, known)]
-        t["model_knows"] = (f"greedy continuation of '{CITY_PROMPT}' ({max_new_tokens} tokens) by {lm.name} "
-                            f"names the country")
+        t["model_knows"] = (
+            f"greedy continuation of '{CITY_PROMPT}' ({max_new_tokens} tokens) by {lm.name} names the country"
+        )
         tmp = DATA_DIR / "cities.json.tmp"
         tmp.write_text(json.dumps(t, indent=0, ensure_ascii=False), encoding="utf-8")
         tmp.replace(DATA_DIR / "cities.json")

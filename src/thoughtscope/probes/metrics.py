@@ -25,21 +25,23 @@ def auroc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = torch.empty(pos.shape[0], dtype=torch.float64)
     step = max(1, int(2e7 // max(1, pos.shape[1] * neg.shape[1])))
     for i in range(0, pos.shape[0], step):
-        p, n = pos[i:i + step, :, None], neg[i:i + step, None, :]
-        out[i:i + step] = ((p > n).double() + 0.5 * (p == n).double()).mean(dim=(1, 2))
+        p, n = pos[i : i + step, :, None], neg[i : i + step, None, :]
+        out[i : i + step] = ((p > n).double() + 0.5 * (p == n).double()).mean(dim=(1, 2))
     return out.reshape(lead)
 
 
-def bootstrap_auroc(scores: torch.Tensor, y: torch.Tensor, n_boot: int = 200, seed: int = 0,
-                    level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def bootstrap_auroc(
+    scores: torch.Tensor, y: torch.Tensor, n_boot: int = 200, seed: int = 0, level: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Percentile CI of AUROC over resamples of the rows (within each class, so both classes stay present)."""
     y = torch.as_tensor(y).bool()
     g = torch.Generator().manual_seed(seed)
     pi, ni = y.nonzero().squeeze(1), (~y).nonzero().squeeze(1)
     vals = []
     for _ in range(n_boot):
-        idx = torch.cat([pi[torch.randint(len(pi), (len(pi),), generator=g)],
-                         ni[torch.randint(len(ni), (len(ni),), generator=g)]])
+        idx = torch.cat(
+            [pi[torch.randint(len(pi), (len(pi),), generator=g)], ni[torch.randint(len(ni), (len(ni),), generator=g)]]
+        )
         vals.append(auroc(scores[..., idx], y[idx]))
     v = torch.stack(vals, -1)
     a = (1 - level) / 2

@@ -35,8 +35,9 @@ class TokenScores:
         return float(s.mean()) if s.numel() else float("nan")
 
 
-def score_texts(lm, probe: Probe, texts: Sequence[str], *, batch_size: int = 16,
-                max_length: int = 512) -> list[TokenScores]:
+def score_texts(
+    lm, probe: Probe, texts: Sequence[str], *, batch_size: int = 16, max_length: int = 512
+) -> list[TokenScores]:
     """Per-token probe scores for each text (one forward pass per batch, stopping after the probe's block)."""
     probe.check(lm)
     if isinstance(texts, str):
@@ -66,14 +67,26 @@ def neutral_texts(n_docs: int = 64, max_chars: int = 600, corpus: str = "default
     return out
 
 
-def calibrate(lm, probe: Probe, *, fprs: Sequence[float] = (0.01, 0.05), neutral: Sequence[str] | None = None,
-              positives=None, negatives=None) -> dict:
+def calibrate(
+    lm,
+    probe: Probe,
+    *,
+    fprs: Sequence[float] = (0.01, 0.05),
+    neutral: Sequence[str] | None = None,
+    positives=None,
+    negatives=None,
+) -> dict:
     """Token thresholds at each FPR on neutral text; with positive (and negative) texts of the concept, the
     share of them whose score at the probe's read position (its last token) passes each threshold."""
     neutral = list(neutral) if neutral is not None else neutral_texts()
     ns = torch.cat([t.scores[~t.scores.isnan()] for t in score_texts(lm, probe, neutral)])
-    out = {"n_neutral_texts": len(neutral), "n_neutral_tokens": int(ns.numel()), "thresholds": {}, "recall": {},
-           "false_alarms_on_negatives": {}}
+    out = {
+        "n_neutral_texts": len(neutral),
+        "n_neutral_tokens": int(ns.numel()),
+        "thresholds": {},
+        "recall": {},
+        "false_alarms_on_negatives": {},
+    }
     last = lambda texts: torch.tensor([_last(t) for t in score_texts(lm, probe, texts)])  # noqa: E731
     pos = last(positives) if positives else None
     neg = last(negatives) if negatives else None

@@ -63,8 +63,10 @@ class Probe:
     def check(self, lm, site: str | None = None) -> None:
         """Refuse another model or site: a probe's direction means nothing elsewhere."""
         if lm.name != self.cfg.model or lm.d_model != self.cfg.d_model:
-            raise ProbeError(f"probe was fitted on {self.cfg.model} (d_model {self.cfg.d_model}) but is applied to "
-                             f"{lm.name} (d_model {lm.d_model}); fit a probe for this model")
+            raise ProbeError(
+                f"probe was fitted on {self.cfg.model} (d_model {self.cfg.d_model}) but is applied to "
+                f"{lm.name} (d_model {lm.d_model}); fit a probe for this model"
+            )
         if site is not None and str(site) != self.cfg.site:
             raise ProbeError(f"probe reads {self.cfg.site} but was applied at {site}; use a probe fitted there")
 
@@ -81,14 +83,22 @@ class Probe:
         the class-1 mean along the probe (Marks & Tegmark's causal test); scale −1 the other way."""
         from ..steer.vectors import SteeringVector
 
-        return SteeringVector(self.direction * self.cfg.class_gap, self.cfg.site, f"probe-{self.cfg.fitter}",
-                              self.cfg.model, 0, None, {"probe_dataset": self.cfg.dataset, "unit": "class gap"})
+        return SteeringVector(
+            self.direction * self.cfg.class_gap,
+            self.cfg.site,
+            f"probe-{self.cfg.fitter}",
+            self.cfg.model,
+            0,
+            None,
+            {"probe_dataset": self.cfg.dataset, "unit": "class gap"},
+        )
 
     def to_intervention(self, scale: float = 1.0, positions: str = "all"):
         from ..steer.interventions import add_vector
 
-        return add_vector(self.to_vector().vector, self.cfg.site, scale, positions=positions,
-                          label=f"probe {self.cfg.dataset}")
+        return add_vector(
+            self.to_vector().vector, self.cfg.site, scale, positions=positions, label=f"probe {self.cfg.dataset}"
+        )
 
     # -- artefact
 
@@ -114,8 +124,9 @@ class Probe:
 
         folder = Path(folder)
         if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-            raise ProbeError(f"{folder} is not a probe folder: expected {CONFIG} and {WEIGHTS} "
-                             f"(written by `thoughtscope probe fit`)")
+            raise ProbeError(
+                f"{folder} is not a probe folder: expected {CONFIG} and {WEIGHTS} (written by `thoughtscope probe fit`)"
+            )
         try:
             raw = json.loads((folder / CONFIG).read_text())
         except json.JSONDecodeError as e:
@@ -138,8 +149,18 @@ def load_probe(folder: str | Path, lm=None, site: str | None = None) -> Probe:
     return Probe.load(folder, lm, site)
 
 
-def fit_probe(lm, ds, site: str, fitter: str = "mean", read=None, *, seed: int = 0, test_fraction: float = 0.25,
-              cache=None, progress: bool = False) -> Probe:
+def fit_probe(
+    lm,
+    ds,
+    site: str,
+    fitter: str = "mean",
+    read=None,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    cache=None,
+    progress: bool = False,
+) -> Probe:
     """Fit on the group-disjoint training split and record held-out AUROC (with CI) in the artefact."""
     from .datasets import group_folds, group_split
     from .fitters import fit
@@ -157,8 +178,9 @@ def fit_probe(lm, ds, site: str, fitter: str = "mean", read=None, *, seed: int =
     if fitter in ("lat", "ccs"):
         kw["pairs"] = [(pos[a], pos[b]) for a, b in ds.pairs(split.train)]
     if fitter == "logistic":
-        kw["folds"] = [([pos[i] for i in a], [pos[i] for i in b])
-                       for a, b in group_folds(ds.groups, split.train, 4, seed)]
+        kw["folds"] = [
+            ([pos[i] for i in a], [pos[i] for i in b]) for a, b in group_folds(ds.groups, split.train, 4, seed)
+        ]
     W, b, info = fit(fitter, X[tr][None], y[tr], **kw)
     s_tr = X[tr] @ W[0] + b[0]
     s_te = X[te] @ W[0] + b[0]
@@ -166,9 +188,25 @@ def fit_probe(lm, ds, site: str, fitter: str = "mean", read=None, *, seed: int =
     lo, hi = bootstrap_auroc(s_te[None], y[te], 200, seed)
     d = W[0] / W[0].norm()
     gap = float((X[tr][y[tr] == 1].mean(0) - X[tr][y[tr] == 0].mean(0)) @ d)
-    metrics = {"train_auroc": float(auroc(s_tr, y[tr])), "test_auroc": float(auroc(s_te, y[te])),
-               "test_auroc_ci": [float(lo[0]), float(hi[0])], "n_train": len(split.train), "n_test": len(split.test),
-               **({"C": info["C"][0]} if "C" in info else {})}
-    cfg = ProbeConfig(model=lm.name, site=name, d_model=lm.d_model, fitter=fitter, read=read.read, chat=read.chat,
-                      dataset=ds.name, dataset_sha256=ds.sha256, seed=seed, class_gap=gap, metrics=metrics)
+    metrics = {
+        "train_auroc": float(auroc(s_tr, y[tr])),
+        "test_auroc": float(auroc(s_te, y[te])),
+        "test_auroc_ci": [float(lo[0]), float(hi[0])],
+        "n_train": len(split.train),
+        "n_test": len(split.test),
+        **({"C": info["C"][0]} if "C" in info else {}),
+    }
+    cfg = ProbeConfig(
+        model=lm.name,
+        site=name,
+        d_model=lm.d_model,
+        fitter=fitter,
+        read=read.read,
+        chat=read.chat,
+        dataset=ds.name,
+        dataset_sha256=ds.sha256,
+        seed=seed,
+        class_gap=gap,
+        metrics=metrics,
+    )
     return Probe(W[0], float(b[0]), thr, cfg)

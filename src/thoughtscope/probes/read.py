@@ -45,8 +45,9 @@ class ReadConfig:
         if self.batch_size < 1 or self.max_length < 2:
             raise ProbeError(f"batch_size must be >= 1 and max_length >= 2, got {self.batch_size}, {self.max_length}")
         if not self.sink_ratio > 1:
-            raise ProbeError(f"sink_ratio must be > 1 (tokens above ratio × median norm are sinks), "
-                             f"got {self.sink_ratio}")
+            raise ProbeError(
+                f"sink_ratio must be > 1 (tokens above ratio × median norm are sinks), got {self.sink_ratio}"
+            )
 
 
 def site_names(lm: LoadedModel, sites: str | Sequence[str], embed: bool = False) -> list[str]:
@@ -100,8 +101,10 @@ def encode(lm: LoadedModel, ds: ProbeSet, cfg: ReadConfig) -> list[Encoded]:
         ids, offs = ids[: cfg.max_length], offs[: cfg.max_length]
         content = [j for j, (a, b) in enumerate(offs) if j > 0 and b > a and a < hi and b > lo]
         if not content:
-            raise ProbeError(f"{ds.source} row {i + 1}: no readable token (position 0 is never read, and the "
-                             f"text must fit in max_length={cfg.max_length} tokens): {text[:60]!r}")
+            raise ProbeError(
+                f"{ds.source} row {i + 1}: no readable token (position 0 is never read, and the "
+                f"text must fit in max_length={cfg.max_length} tokens): {text[:60]!r}"
+            )
         out.append(Encoded(ids, content))
     return out
 
@@ -172,9 +175,14 @@ def pool(h: torch.Tensor, rows: list[Encoded], ok: torch.Tensor, read: str) -> t
 
 
 def cache_key(lm: LoadedModel, ds: ProbeSet, cfg: ReadConfig) -> str:
-    info = {"model": lm.name, "source": lm.source.get("spec"), "d_model": lm.d_model, "n_layers": lm.n_layers,
-            "dataset": ds.sha256, "read": {**{k: v for k, v in asdict(cfg).items() if not (k == "add_bos" and v)},
-                                           "batch_size": None}}
+    info = {
+        "model": lm.name,
+        "source": lm.source.get("spec"),
+        "d_model": lm.d_model,
+        "n_layers": lm.n_layers,
+        "dataset": ds.sha256,
+        "read": {**{k: v for k, v in asdict(cfg).items() if not (k == "add_bos" and v)}, "batch_size": None},
+    }
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -192,8 +200,15 @@ def _load_cached(folder: Path, names: list[str], n: int) -> dict[str, torch.Tens
     return got
 
 
-def read_activations(lm: LoadedModel, ds: ProbeSet, sites: str | Sequence[str], cfg: ReadConfig | None = None,
-                     *, cache: str | Path | None | bool = None, progress: bool = False) -> dict[str, torch.Tensor]:
+def read_activations(
+    lm: LoadedModel,
+    ds: ProbeSet,
+    sites: str | Sequence[str],
+    cfg: ReadConfig | None = None,
+    *,
+    cache: str | Path | None | bool = None,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
     """{site name: [N, d] float32} for every site, from one forward pass per batch over the missing sites.
 
     cache: a folder (default $THOUGHTSCOPE_HOME/probe_acts), or False to keep nothing on disk.
@@ -216,20 +231,27 @@ def read_activations(lm: LoadedModel, ds: ProbeSet, sites: str | Sequence[str], 
     writers = {}
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "read.json").write_text(json.dumps({"model": lm.name, "dataset": ds.name, "sha256": ds.sha256,
-                                                      "read": asdict(cfg)}, indent=1))
+        (folder / "read.json").write_text(
+            json.dumps({"model": lm.name, "dataset": ds.name, "sha256": ds.sha256, "read": asdict(cfg)}, indent=1)
+        )
         for n in todo:
             if (folder / n).exists():
                 shutil.rmtree(folder / n)
-            writers[n] = StoreWriter(folder / n, model=lm.name, site=n, d_model=lm.d_model, overwrite=True,
-                                     extra={"probe_read": asdict(cfg), "dataset_sha256": ds.sha256})
+            writers[n] = StoreWriter(
+                folder / n,
+                model=lm.name,
+                site=n,
+                d_model=lm.d_model,
+                overwrite=True,
+                extra={"probe_read": asdict(cfg), "dataset_sha256": ds.sha256},
+            )
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in todo}
     total = sum(len(e.ids) for e in encoded)
     bar = ProgressBar(f"reading {ds.name} at {len(todo)} sites", total, unit="tok", enabled=progress)
     done = 0
     try:
         for s in range(0, len(encoded), cfg.batch_size):
-            rows = encoded[s:s + cfg.batch_size]
+            rows = encoded[s : s + cfg.batch_size]
             ids, mask = _batch(lm, rows)
             acts = forward_all(lm, todo, ids, mask)
             for n in todo:
@@ -239,8 +261,14 @@ def read_activations(lm: LoadedModel, ds: ProbeSet, sites: str | Sequence[str], 
                 parts[n].append(vec)
                 if n in writers:
                     tok_ids = [r.ids[p] if p >= 0 else -1 for r, p in zip(rows, pos)]
-                    writers[n].add(vec, {"doc_id": torch.arange(s, s + len(rows)), "position": torch.tensor(pos),
-                                         "token_id": torch.tensor(tok_ids)})
+                    writers[n].add(
+                        vec,
+                        {
+                            "doc_id": torch.arange(s, s + len(rows)),
+                            "position": torch.tensor(pos),
+                            "token_id": torch.tensor(tok_ids),
+                        },
+                    )
             done += sum(len(r.ids) for r in rows)
             bar.update(done)
         for w in writers.values():
@@ -253,14 +281,21 @@ def read_activations(lm: LoadedModel, ds: ProbeSet, sites: str | Sequence[str], 
     return {n: got[n] for n in names}
 
 
-def token_activations(lm: LoadedModel, texts: Sequence[str], sites: str | Sequence[str], *, batch_size: int = 16,
-                      sink_ratio: float = 10.0, max_length: int = 512):
+def token_activations(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    sites: str | Sequence[str],
+    *,
+    batch_size: int = 16,
+    sink_ratio: float = 10.0,
+    max_length: int = 512,
+):
     """Per text: (token ids [T], {site: [T, d]}, readable mask [T]) from one pass per batch (for monitoring)."""
     names = site_names(lm, sites)
     out = []
     texts = list(texts)
     for s in range(0, len(texts), batch_size):
-        chunk = texts[s:s + batch_size]
+        chunk = texts[s : s + batch_size]
         ids, mask = lm.tokenize(chunk, max_length=max_length)
         acts = forward_all(lm, names, ids, mask)
         oks = {n: sink_mask(acts[n], mask, sink_ratio) for n in names}
@@ -271,5 +306,14 @@ def token_activations(lm: LoadedModel, texts: Sequence[str], sites: str | Sequen
     return out
 
 
-__all__ = ["EMBED", "ReadConfig", "read_activations", "token_activations", "site_names", "forward_all", "sink_mask",
-           "encode", "Site"]
+__all__ = [
+    "EMBED",
+    "ReadConfig",
+    "read_activations",
+    "token_activations",
+    "site_names",
+    "forward_all",
+    "sink_mask",
+    "encode",
+    "Site",
+]

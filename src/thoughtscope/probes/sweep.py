@@ -55,8 +55,9 @@ def _fit_kwargs(method: str, ds: ProbeSet, train: list[int], seed: int, folds: i
     if method in ("lat", "ccs"):
         kw["pairs"] = [(pos[a], pos[b]) for a, b in ds.pairs(train)]
     if method == "logistic":
-        kw["folds"] = [([pos[i] for i in a], [pos[i] for i in b])
-                       for a, b in group_folds(ds.groups, train, folds, seed)]
+        kw["folds"] = [
+            ([pos[i] for i in a], [pos[i] for i in b]) for a, b in group_folds(ds.groups, train, folds, seed)
+        ]
     return kw
 
 
@@ -89,8 +90,12 @@ def sweep_arrays(acts: dict[str, torch.Tensor], ds: ProbeSet, cfg: SweepConfig |
     easy = [i for i in split.train if ds.difficulty[i] == "easy"]
     hard_te = [i for i in split.test if ds.difficulty[i] == "hard"]
     hard_tr = [i for i in split.train if ds.difficulty[i] == "hard"]
-    has_eh = all(len(set(y[torch.tensor(ix)].tolist())) == 2 for ix in (easy, hard_te, hard_tr) if ix) \
-        and easy and hard_te and hard_tr
+    has_eh = (
+        all(len(set(y[torch.tensor(ix)].tolist())) == 2 for ix in (easy, hard_te, hard_tr) if ix)
+        and easy
+        and hard_te
+        and hard_tr
+    )
     results: dict = {}
     for method in cfg.fitters:
         kw = _fit_kwargs(method, ds, split.train, cfg.seed, cfg.cv_folds)
@@ -141,12 +146,15 @@ def sweep_arrays(acts: dict[str, torch.Tensor], ds: ProbeSet, cfg: SweepConfig |
         per_site = {}
         for k, name in enumerate(names):
             row = {
-                "train_auroc": float(auroc(s_tr[k], ytr)), "test_auroc": float(test[k]),
+                "train_auroc": float(auroc(s_tr[k], ytr)),
+                "test_auroc": float(test[k]),
                 "test_auroc_ci": [float(lo[k]), float(hi[k])],
-                "balanced_accuracy": float(balanced_accuracy(s_te[k:k + 1], yte, thr[k:k + 1])[0]),
-                "shuffle_mean": float(nulls[k].mean()), "shuffle_p95": float(torch.quantile(nulls[k], 0.95)),
+                "balanced_accuracy": float(balanced_accuracy(s_te[k : k + 1], yte, thr[k : k + 1])[0]),
+                "shuffle_mean": float(nulls[k].mean()),
+                "shuffle_p95": float(torch.quantile(nulls[k], 0.95)),
                 "shuffle_p": float((1 + (nulls[k] >= test[k]).sum()) / (1 + cfg.n_shuffle)),
-                "control_auroc": float(control[k]), "selectivity": float(test[k] - control[k]),
+                "control_auroc": float(control[k]),
+                "selectivity": float(test[k] - control[k]),
                 "direction_norm": float(W[k].norm()),
             }
             if "C" in info:
@@ -157,9 +165,16 @@ def sweep_arrays(acts: dict[str, torch.Tensor], ds: ProbeSet, cfg: SweepConfig |
             per_site[name] = row
         results[method] = per_site
     out = {
-        "dataset": ds.name, "dataset_sha256": ds.sha256, "n_rows": len(ds), "n_train": len(split.train),
-        "n_test": len(split.test), "n_groups": len(set(ds.groups)), "n_entities": len(set(ds.entities)),
-        "sites": names, "config": asdict(cfg), "control_task": "random label per entity" if ctrl_ok else "unavailable",
+        "dataset": ds.name,
+        "dataset_sha256": ds.sha256,
+        "n_rows": len(ds),
+        "n_train": len(split.train),
+        "n_test": len(split.test),
+        "n_groups": len(set(ds.groups)),
+        "n_entities": len(set(ds.entities)),
+        "sites": names,
+        "config": asdict(cfg),
+        "control_task": "random label per entity" if ctrl_ok else "unavailable",
         "random_directions": {n: {"mean": float(rnd_mean[k]), "p95": float(rnd_p95[k])} for k, n in enumerate(names)},
         "results": results,
     }
@@ -172,22 +187,42 @@ def suggest(out: dict, cfg: SweepConfig) -> dict:
     rnd = out["random_directions"]
     cands = [(m, n) for m in out["results"] for n in out["sites"] if n != EMBED]
     row = lambda c: out["results"][c[0]][c[1]]  # noqa: E731
-    selective = [c for c in cands if row(c)["selectivity"] >= cfg.min_selectivity
-                 and row(c)["test_auroc"] > max(row(c)["shuffle_p95"], rnd[c[1]]["p95"])]
+    selective = [
+        c
+        for c in cands
+        if row(c)["selectivity"] >= cfg.min_selectivity
+        and row(c)["test_auroc"] > max(row(c)["shuffle_p95"], rnd[c[1]]["p95"])
+    ]
     pool = selective or cands
     key = (lambda c: row(c)["cv_auroc"]) if selective else (lambda c: row(c)["selectivity"])
-    best = max(pool, key=lambda c: (key(c) if not math.isnan(key(c)) else -1.0))
+    best = max(pool, key=lambda c: key(c) if not math.isnan(key(c)) else -1.0)
     r = row(best)
-    return {"best_site": best[1], "best_fitter": best[0], "best_auroc": r["test_auroc"],
-            "best_auroc_ci": r["test_auroc_ci"], "best_selectivity": r["selectivity"],
-            "best_is_selective": bool(selective), "selective": [f"{m}@{n}" for m, n in selective],
-            "best_rule": (f"highest training-split CV AUROC among (fitter, site) with selectivity >= "
-                          f"{cfg.min_selectivity} and test AUROC above the shuffle and random-direction 95th "
-                          f"percentiles")}
+    return {
+        "best_site": best[1],
+        "best_fitter": best[0],
+        "best_auroc": r["test_auroc"],
+        "best_auroc_ci": r["test_auroc_ci"],
+        "best_selectivity": r["selectivity"],
+        "best_is_selective": bool(selective),
+        "selective": [f"{m}@{n}" for m, n in selective],
+        "best_rule": (
+            f"highest training-split CV AUROC among (fitter, site) with selectivity >= "
+            f"{cfg.min_selectivity} and test AUROC above the shuffle and random-direction 95th "
+            f"percentiles"
+        ),
+    }
 
 
-def sweep(lm, ds: ProbeSet, sites: str | Sequence[str], read: ReadConfig | None = None,
-          cfg: SweepConfig | None = None, *, cache=None, progress: bool = False) -> dict:
+def sweep(
+    lm,
+    ds: ProbeSet,
+    sites: str | Sequence[str],
+    read: ReadConfig | None = None,
+    cfg: SweepConfig | None = None,
+    *,
+    cache=None,
+    progress: bool = False,
+) -> dict:
     """Read every site (plus the embedding layer) in one pass per batch, then `sweep_arrays`."""
     cfg = cfg or SweepConfig()
     read = read or ReadConfig()
@@ -202,8 +237,14 @@ def sweep(lm, ds: ProbeSet, sites: str | Sequence[str], read: ReadConfig | None 
 # --------------------------------------------------------------------------- transfer
 
 
-def transfer(acts: dict[str, dict[str, torch.Tensor]], sets: dict[str, ProbeSet], site: str, method: str = "mean",
-             seed: int = 0, test_fraction: float = 0.25) -> dict:
+def transfer(
+    acts: dict[str, dict[str, torch.Tensor]],
+    sets: dict[str, ProbeSet],
+    site: str,
+    method: str = "mean",
+    seed: int = 0,
+    test_fraction: float = 0.25,
+) -> dict:
     """Train on A's training split, test on B's held-out split, at one site: AUROC matrix and recovered ratio."""
     names = list(sets)
     splits = {n: group_split(sets[n], test_fraction, seed) for n in names}
@@ -245,13 +286,33 @@ def plot(out: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(7, 0.32 * len(names)), 4.2))
     for k, (method, rows) in enumerate(out["results"].items()):
         c = f"C{k}"
-        ax.plot(xs, [rows[n]["test_auroc"] for n in names], marker="o", ms=3, lw=2 if method == primary else 1,
-                c=c, label=f"{method} (held-out)")
-        ax.plot(xs, [rows[n]["control_auroc"] for n in names], ls="--", lw=0.9, c=c, alpha=0.8,
-                label=f"{method} control task")
+        ax.plot(
+            xs,
+            [rows[n]["test_auroc"] for n in names],
+            marker="o",
+            ms=3,
+            lw=2 if method == primary else 1,
+            c=c,
+            label=f"{method} (held-out)",
+        )
+        ax.plot(
+            xs,
+            [rows[n]["control_auroc"] for n in names],
+            ls="--",
+            lw=0.9,
+            c=c,
+            alpha=0.8,
+            label=f"{method} control task",
+        )
     rows = out["results"][primary]
-    ax.fill_between(xs, [rows[n]["test_auroc_ci"][0] for n in names], [rows[n]["test_auroc_ci"][1] for n in names],
-                    alpha=0.15, color=f"C{list(out['results']).index(primary)}", label=f"{primary} 95% CI")
+    ax.fill_between(
+        xs,
+        [rows[n]["test_auroc_ci"][0] for n in names],
+        [rows[n]["test_auroc_ci"][1] for n in names],
+        alpha=0.15,
+        color=f"C{list(out['results']).index(primary)}",
+        label=f"{primary} 95% CI",
+    )
     ax.plot(xs, [rows[n]["shuffle_p95"] for n in names], ls=":", c="black", label="label-shuffle p95")
     ax.plot(xs, [out["random_directions"][n]["p95"] for n in names], ls="-.", c="tab:red", label="random dir p95")
     ax.axhline(0.5, c="lightgrey", lw=0.8)
@@ -262,8 +323,11 @@ def plot(out: dict, path: str | Path) -> Path:
     ax.set_ylabel("AUROC")
     ax.set_ylim(0.3, 1.02)
     flag = "" if out.get("best_is_selective", True) else " (NOT selective: no pair passed the rule)"
-    ax.set_title(f"{out['dataset']} on {out.get('model', '?')}: suggested {out['best_fitter']} @ {out['best_site']}, "
-                 f"AUROC {out['best_auroc']:.3f}, selectivity {out['best_selectivity']:+.2f}{flag}", fontsize=9)
+    ax.set_title(
+        f"{out['dataset']} on {out.get('model', '?')}: suggested {out['best_fitter']} @ {out['best_site']}, "
+        f"AUROC {out['best_auroc']:.3f}, selectivity {out['best_selectivity']:+.2f}{flag}",
+        fontsize=9,
+    )
     ax.legend(fontsize=6.5, ncol=3, loc="lower right")
     fig.tight_layout()
     path = Path(path)

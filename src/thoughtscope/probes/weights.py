@@ -64,16 +64,24 @@ def block_directions(lm, layer: int, top: int = 4) -> dict:
         Wv, Wo = v.weight.detach().float(), o.weight.detach().float()
         for h in range(n_heads):
             kv = h // (n_heads // n_kv)
-            U, S, _ = _low_rank_svd(Wo[:, h * hd:(h + 1) * hd], Wv[kv * hd:(kv + 1) * hd])
+            U, S, _ = _low_rank_svd(Wo[:, h * hd : (h + 1) * hd], Wv[kv * hd : (kv + 1) * hd])
             out[f"head{h}"] = (U[:, :top], S[:top], S)
     if not out:
-        raise ProbeError(f"block {layer} of {lm.name} has no recognised MLP output (mlp.down_proj) or attention "
-                         f"value/output projections (self_attn.v_proj / o_proj)")
+        raise ProbeError(
+            f"block {layer} of {lm.name} has no recognised MLP output (mlp.down_proj) or attention "
+            f"value/output projections (self_attn.v_proj / o_proj)"
+        )
     return out
 
 
-def weight_atlas(lm, layers: Sequence[int] | None = None, *, top: int = 3, k_tokens: int = 6,
-                 probe_direction: torch.Tensor | None = None) -> list[dict]:
+def weight_atlas(
+    lm,
+    layers: Sequence[int] | None = None,
+    *,
+    top: int = 3,
+    k_tokens: int = 6,
+    probe_direction: torch.Tensor | None = None,
+) -> list[dict]:
     """Per block and component: top singular values, their directions' top tokens (+/−), cosine with a probe."""
     layers = range(lm.n_layers) if layers is None else layers
     d = None
@@ -86,18 +94,24 @@ def weight_atlas(lm, layers: Sequence[int] | None = None, *, top: int = 3, k_tok
             for comp, (U, S, S_all) in block_directions(lm, layer, top).items():
                 for i in range(U.shape[1]):
                     nxt = float(S_all[i + 1]) if i + 1 < len(S_all) else 0.0
-                    row = {"layer": layer, "component": comp, "rank": i, "singular_value": float(S[i]),
-                           "near_tie": bool(nxt > 0 and float(S[i]) / nxt < 1.02),
-                           "tokens_plus": read_direction(lm, U[:, i], k_tokens),
-                           "tokens_minus": read_direction(lm, -U[:, i], k_tokens)}
+                    row = {
+                        "layer": layer,
+                        "component": comp,
+                        "rank": i,
+                        "singular_value": float(S[i]),
+                        "near_tie": bool(nxt > 0 and float(S[i]) / nxt < 1.02),
+                        "tokens_plus": read_direction(lm, U[:, i], k_tokens),
+                        "tokens_minus": read_direction(lm, -U[:, i], k_tokens),
+                    }
                     if d is not None:
                         row["cosine_with_probe"] = float(U[:, i] @ d)
                     rows.append(row)
     return rows
 
 
-def probe_alignment(lm, probe_direction: torch.Tensor, layers: Sequence[int] | None = None,
-                    top: int = 16) -> list[dict]:
+def probe_alignment(
+    lm, probe_direction: torch.Tensor, layers: Sequence[int] | None = None, top: int = 16
+) -> list[dict]:
     """How much of a probe direction lies in each component's top-`top` write span (norm share, 0..1), largest first."""
     d = probe_direction.float() / probe_direction.float().norm()
     layers = range(lm.n_layers) if layers is None else layers
@@ -106,6 +120,13 @@ def probe_alignment(lm, probe_direction: torch.Tensor, layers: Sequence[int] | N
         for layer in layers:
             for comp, (U, _, _) in block_directions(lm, layer, top).items():
                 c = U.T @ d
-                rows.append({"layer": layer, "component": comp, "share": float(c.norm()),
-                             "max_abs_cosine": float(c.abs().max()), "best_rank": int(c.abs().argmax())})
+                rows.append(
+                    {
+                        "layer": layer,
+                        "component": comp,
+                        "share": float(c.norm()),
+                        "max_abs_cosine": float(c.abs().max()),
+                        "best_rank": int(c.abs().argmax()),
+                    }
+                )
     return sorted(rows, key=lambda r: -r["share"])

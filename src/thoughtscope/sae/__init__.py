@@ -3,6 +3,7 @@
 Names load on first use (PEP 562), so ``thoughtscope.sae.config`` (what the CLI reads its defaults from) does
 not pull in torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -10,21 +11,63 @@ from typing import TYPE_CHECKING, Any
 
 _WHERE = {
     "ARCHITECTURES": "architectures",
-    "SAE": "base", "SAEOutput": "base", "build_sae": "base", "register_sae_class": "base", "sae_class": "base",
-    "SAEConfig": "config", "SAEError": "config", "TrainConfig": "config",
-    "ReluL1SAE": "relu_l1", "TopKSAE": "topk", "BatchTopKSAE": "batchtopk", "JumpReLUSAE": "jumprelu",
-    "save_sae": "formats", "load_sae": "formats", "export_saelens": "formats", "load_saelens": "formats",
-    "load_sparsify": "formats", "load_dictionary_learning": "formats",
-    "evaluate_sae": "metrics", "spliced_lm_loss": "metrics",
-    "Trainer": "train", "TrainingDiverged": "train", "train_sae": "train", "train_saes": "train",
-    "default_dead_tokens": "train", "geometric_median": "train",
+    "SAE": "base",
+    "SAEOutput": "base",
+    "build_sae": "base",
+    "register_sae_class": "base",
+    "sae_class": "base",
+    "SAEConfig": "config",
+    "SAEError": "config",
+    "TrainConfig": "config",
+    "ReluL1SAE": "relu_l1",
+    "TopKSAE": "topk",
+    "BatchTopKSAE": "batchtopk",
+    "JumpReLUSAE": "jumprelu",
+    "save_sae": "formats",
+    "load_sae": "formats",
+    "export_saelens": "formats",
+    "load_saelens": "formats",
+    "load_sparsify": "formats",
+    "load_dictionary_learning": "formats",
+    "evaluate_sae": "metrics",
+    "spliced_lm_loss": "metrics",
+    "Trainer": "train",
+    "TrainingDiverged": "train",
+    "train_sae": "train",
+    "train_saes": "train",
+    "default_dead_tokens": "train",
+    "geometric_median": "train",
 }
 
-__all__ = ["ARCHITECTURES", "BatchTopKSAE", "JumpReLUSAE", "ReluL1SAE", "SAE", "SAEConfig", "SAEError", "SAEOutput",
-           "TopKSAE", "TrainConfig", "Trainer", "TrainingDiverged", "build_sae", "default_dead_tokens",
-           "evaluate_sae", "export_saelens", "geometric_median", "load_dictionary_learning", "load_sae",
-           "load_saelens", "load_sparsify", "register_sae_class", "sae_class", "save_sae", "spliced_lm_loss",
-           "train_sae", "train_saes"]
+__all__ = [
+    "ARCHITECTURES",
+    "BatchTopKSAE",
+    "JumpReLUSAE",
+    "ReluL1SAE",
+    "SAE",
+    "SAEConfig",
+    "SAEError",
+    "SAEOutput",
+    "TopKSAE",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "build_sae",
+    "default_dead_tokens",
+    "evaluate_sae",
+    "export_saelens",
+    "geometric_median",
+    "load_dictionary_learning",
+    "load_sae",
+    "load_saelens",
+    "load_sparsify",
+    "register_sae_class",
+    "sae_class",
+    "save_sae",
+    "spliced_lm_loss",
+    "train_sae",
+    "train_saes",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
 """The SAE architectures in one import (each lives in its own module; this keeps older imports working)."""
+
 from __future__ import annotations
 
 from .base import (
@@ -23,7 +24,26 @@ from .train import geometric_median
 
 ARCHITECTURES = architectures()
 
-__all__ = ["ARCHITECTURES", "SAE", "SAE_CLASSES", "BatchTopKSAE", "JumpReLUSAE", "PartialEncoder", "RaggedDecode",
-           "RaggedEncode", "ReluL1SAE", "SAEConfig", "SAEError", "SAEOutput", "SparseDecode", "SparseEncode",
-           "StepOutput", "TopKSAE", "UnitDecoderMixin", "build_sae", "geometric_median", "register_sae_class",
-           "sae_class"]
+__all__ = [
+    "ARCHITECTURES",
+    "SAE",
+    "SAE_CLASSES",
+    "BatchTopKSAE",
+    "JumpReLUSAE",
+    "PartialEncoder",
+    "RaggedDecode",
+    "RaggedEncode",
+    "ReluL1SAE",
+    "SAEConfig",
+    "SAEError",
+    "SAEOutput",
+    "SparseDecode",
+    "SparseEncode",
+    "StepOutput",
+    "TopKSAE",
+    "UnitDecoderMixin",
+    "build_sae",
+    "geometric_median",
+    "register_sae_class",
+    "sae_class",
+]

@@ -11,6 +11,7 @@ from tools that do not subtract b_dec are converted on import by folding it into
 Whatever differs between architectures (activation, training step, hyperparameters, learning-rate
 default, thresholds) is a method or class attribute of its class, so callers never test ``cfg.arch``.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ def sae_class(arch: str) -> type[SAE]:
     if arch not in SAE_CLASSES and arch in _BUILTIN:
         architectures()
     if arch not in SAE_CLASSES:
-        raise SAEError(f"SAEConfig.arch: unknown SAE architecture {arch!r}; expected one of "
-                       f"{', '.join(architectures())}")
+        raise SAEError(
+            f"SAEConfig.arch: unknown SAE architecture {arch!r}; expected one of {', '.join(architectures())}"
+        )
     return SAE_CLASSES[arch]
 
 
@@ -62,16 +64,16 @@ def check_k(cfg: SAEConfig) -> None:
 
 
 class SAEOutput(NamedTuple):
-    feature_acts: Tensor   # dense [..., n_features]
-    recon: Tensor          # [..., d_model]
+    feature_acts: Tensor  # dense [..., n_features]
+    recon: Tensor  # [..., d_model]
 
 
 class StepOutput(NamedTuple):
     loss: Tensor
     recon: Tensor
-    fired: Tensor        # bool [n_features]: fired anywhere in this batch
-    l0: Tensor           # mean active latents per token (detached)
-    aux: Tensor          # aux loss (detached) or 0
+    fired: Tensor  # bool [n_features]: fired anywhere in this batch
+    l0: Tensor  # mean active latents per token (detached)
+    aux: Tensor  # aux loss (detached) or 0
 
 
 class PartialEncoder:
@@ -105,7 +107,7 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.feature_stats = None  # sae.stats.FeatureStats, attached by load_sae when the folder has them
-        self.source_dir = None     # the folder it was loaded from
+        self.source_dir = None  # the folder it was loaded from
         m, d = cfg.n_features, cfg.d_model
         self.enc = nn.Parameter(torch.zeros(m, d))
         self.b_enc = nn.Parameter(torch.zeros(m))
@@ -223,16 +225,21 @@ class SAE(nn.Module):
         """
         idx = torch.as_tensor(idx, dtype=torch.long).to(self.W_dec.device)
         thr = self.partial_thresholds(idx)
-        return PartialEncoder(self.enc[idx].detach().float(), self.b_enc[idx].detach().float(),
-                              self.b_dec.detach().float(), None if thr is None else thr.detach().float())
+        return PartialEncoder(
+            self.enc[idx].detach().float(),
+            self.b_enc[idx].detach().float(),
+            self.b_dec.detach().float(),
+            None if thr is None else thr.detach().float(),
+        )
 
     def _check_input(self, x: Tensor) -> None:
         if x.shape[-1] != self.cfg.d_model:
             raise SAEError(f"input has last dimension {x.shape[-1]} but the SAE expects d_model={self.cfg.d_model}")
 
     # -- training hooks (per architecture)
-    def training_step(self, x: Tensor, *, progress: float, dead_mask: Tensor | None,
-                      aux_scale: Tensor | None) -> StepOutput:
+    def training_step(
+        self, x: Tensor, *, progress: float, dead_mask: Tensor | None, aux_scale: Tensor | None
+    ) -> StepOutput:
         raise NotImplementedError
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
 """batchtopk: top k*B activations over the whole batch in training, a learned global threshold at inference."""
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Torch-free on purpose: the CLI reads its option defaults from these classes without importing torch.
 Units: ``batch_size`` is rows (tokens) per optimiser step, ``n_tokens`` the token budget of a run.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,36 +65,36 @@ class SAEConfig:
     arch: str = "topk"
     d_model: int = 576
     n_features: int = 9216
-    k: int = 32                      # topk / batchtopk: active latents per token
-    l1_coeff: float = 5.0            # relu-l1: lambda of sum_i f_i * ||W_dec,i||
-    l1_warmup_frac: float = 0.05     # relu-l1: lambda ramps linearly from 0 over this share of steps
+    k: int = 32  # topk / batchtopk: active latents per token
+    l1_coeff: float = 5.0  # relu-l1: lambda of sum_i f_i * ||W_dec,i||
+    l1_warmup_frac: float = 0.05  # relu-l1: lambda ramps linearly from 0 over this share of steps
     init_density: float | None = None  # relu-l1: b_enc set so each latent fires on this share of the init sample
-    k_aux: int | None = None         # AuxK: dead latents used to model the residual; None = d_model // 2
-    aux_coeff: float = 1.0 / 32.0    # AuxK loss coefficient (0 disables AuxK)
-    dead_tokens: int | None = None   # a latent is dead after this many tokens without firing; None = rule in train.py
-    threshold_beta: float = 0.999    # batchtopk: EMA factor of the inference threshold
+    k_aux: int | None = None  # AuxK: dead latents used to model the residual; None = d_model // 2
+    aux_coeff: float = 1.0 / 32.0  # AuxK loss coefficient (0 disables AuxK)
+    dead_tokens: int | None = None  # a latent is dead after this many tokens without firing; None = rule in train.py
+    threshold_beta: float = 0.999  # batchtopk: EMA factor of the inference threshold
     # jumprelu: thresholds and bandwidth are in units of the *normalised* training data (mean ||x|| = sqrt(d)),
     # where a unit-norm feature's activation is O(1); the Gemma Scope values (0.001) assume mean ||x||^2 = 1 and
     # thresholds that far below the data scale barely move in a short run (log-threshold steps are ~lr per step).
     jumprelu_bandwidth: float = 0.5
     jumprelu_init_threshold: float = 0.5
-    l0_coeff: float = 1.0            # jumprelu L0 penalty coefficient
-    l0_warmup_frac: float = 0.1      # jumprelu: L0 coefficient ramps linearly from 0 over this share of steps
-    pre_act_coeff: float = 0.0       # jumprelu: weight of the pre-activation loss sum_i relu(t_i - pre_i)*||W_dec,i||
-    l0_penalty: str = "plain"        # jumprelu: "plain" (step function, STE) or "tanh" (tanh(c * f * ||W_dec||))
+    l0_coeff: float = 1.0  # jumprelu L0 penalty coefficient
+    l0_warmup_frac: float = 0.1  # jumprelu: L0 coefficient ramps linearly from 0 over this share of steps
+    pre_act_coeff: float = 0.0  # jumprelu: weight of the pre-activation loss sum_i relu(t_i - pre_i)*||W_dec,i||
+    l0_penalty: str = "plain"  # jumprelu: "plain" (step function, STE) or "tanh" (tanh(c * f * ||W_dec||))
     tanh_c: float = 4.0
     # provenance / data rules
     model: str = ""
     site: str = ""
-    exclude_bos: bool = True         # position 0 (attention sink) excluded from training and metrics
+    exclude_bos: bool = True  # position 0 (attention sink) excluded from training and metrics
     # rows with norm > ratio * median norm are dropped (attention sinks beyond position 0); 10 is the rule the
     # shipped SAE and the benchmarks use. Imported SAEs carry None: their training rule is unknown.
     max_norm_ratio: float | None = 10.0
-    normalize: bool = True           # scale inputs so mean ||x|| = sqrt(d_model) during training
+    normalize: bool = True  # scale inputs so mean ||x|| = sqrt(d_model) during training
     mean_center: bool = False
-    norm_scale: float = 1.0          # training-time scale (stats only once folded)
+    norm_scale: float = 1.0  # training-time scale (stats only once folded)
     norm_mean: list[float] | None = None
-    norm_folded: bool = True         # True: weights act on raw activations
+    norm_folded: bool = True  # True: weights act on raw activations
     dtype: str = "float32"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -103,28 +104,35 @@ class SAEConfig:
         if not isinstance(self.arch, str):
             raise _bad("SAEConfig", "arch", self.arch, "an architecture name")
         cls = sae_class(self.arch)
-        _check("SAEConfig", self, {
-            "d_model": (_pos_int, "a positive integer"),
-            "n_features": (_pos_int, "a positive integer"),
-            "l1_coeff": (_nonneg, "a number >= 0"),
-            "l1_warmup_frac": (_frac, "a share in [0, 1]"),
-            "init_density": (lambda v: v is None or _frac(v), "None or a share in [0, 1]"),
-            "k_aux": (lambda v: v is None or _pos_int(v), "None or a positive integer"),
-            "aux_coeff": (_nonneg, "a number >= 0"),
-            "dead_tokens": (lambda v: v is None or _pos_int(v), "None or a positive number of tokens"),
-            "threshold_beta": (_frac, "an EMA factor in [0, 1]"),
-            "jumprelu_bandwidth": (_pos, "a number > 0"),
-            "jumprelu_init_threshold": (_pos, "a number > 0"),
-            "l0_coeff": (_nonneg, "a number >= 0"),
-            "l0_warmup_frac": (_frac, "a share in [0, 1]"),
-            "pre_act_coeff": (_nonneg, "a number >= 0"),
-            "l0_penalty": (lambda v: v in ("plain", "tanh"), "'plain' or 'tanh'"),
-            "tanh_c": (_pos, "a number > 0"),
-            "max_norm_ratio": (lambda v: v is None or _pos(v), "None or a number > 0"),
-            "norm_scale": (_pos, "a number > 0"),
-            "norm_mean": (lambda v: v is None or len(v) == self.d_model, f"None or {self.d_model} numbers (d_model)"),
-            "extra": (lambda v: isinstance(v, dict), "a dict"),
-        })
+        _check(
+            "SAEConfig",
+            self,
+            {
+                "d_model": (_pos_int, "a positive integer"),
+                "n_features": (_pos_int, "a positive integer"),
+                "l1_coeff": (_nonneg, "a number >= 0"),
+                "l1_warmup_frac": (_frac, "a share in [0, 1]"),
+                "init_density": (lambda v: v is None or _frac(v), "None or a share in [0, 1]"),
+                "k_aux": (lambda v: v is None or _pos_int(v), "None or a positive integer"),
+                "aux_coeff": (_nonneg, "a number >= 0"),
+                "dead_tokens": (lambda v: v is None or _pos_int(v), "None or a positive number of tokens"),
+                "threshold_beta": (_frac, "an EMA factor in [0, 1]"),
+                "jumprelu_bandwidth": (_pos, "a number > 0"),
+                "jumprelu_init_threshold": (_pos, "a number > 0"),
+                "l0_coeff": (_nonneg, "a number >= 0"),
+                "l0_warmup_frac": (_frac, "a share in [0, 1]"),
+                "pre_act_coeff": (_nonneg, "a number >= 0"),
+                "l0_penalty": (lambda v: v in ("plain", "tanh"), "'plain' or 'tanh'"),
+                "tanh_c": (_pos, "a number > 0"),
+                "max_norm_ratio": (lambda v: v is None or _pos(v), "None or a number > 0"),
+                "norm_scale": (_pos, "a number > 0"),
+                "norm_mean": (
+                    lambda v: v is None or len(v) == self.d_model,
+                    f"None or {self.d_model} numbers (d_model)",
+                ),
+                "extra": (lambda v: isinstance(v, dict), "a dict"),
+            },
+        )
         cls.check_config(self)
 
     @property
@@ -153,26 +161,26 @@ B_DEC_INITS = ("geometric_median", "mean", "zero")
 class TrainConfig:
     """How to train (one schedule for every SAE of a sweep); what to train is SAEConfig."""
 
-    batch_size: int = 4096              # rows (tokens) per optimiser step
-    n_tokens: int | None = None         # token budget (or give steps); for a store, default = all its tokens
+    batch_size: int = 4096  # rows (tokens) per optimiser step
+    n_tokens: int | None = None  # token budget (or give steps); for a store, default = all its tokens
     steps: int | None = None
-    lr: float | None = None             # None: the architecture's default_lr (per SAE)
+    lr: float | None = None  # None: the architecture's default_lr (per SAE)
     warmup_frac: float = 0.01
-    decay_frac: float = 0.2             # linear decay to 0 over the last 20% of steps
+    decay_frac: float = 0.2  # linear decay to 0 over the last 20% of steps
     grad_clip: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
-    dtype: str = "float32"              # "float32" | "bfloat16" (autocast) | "float64" (exact, e.g. DDP tests)
+    dtype: str = "float32"  # "float32" | "bfloat16" (autocast) | "float64" (exact, e.g. DDP tests)
     device: str = "cpu"
     b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zero"
-    init_batches: int = 1               # batches used for normalisation stats and b_dec init
+    init_batches: int = 1  # batches used for normalisation stats and b_dec init
     checkpoint_dir: str | None = None
     # Steps between resumable checkpoints (0: none). A checkpoint (weights + two Adam moments: 128 MB at the
     # default width) costs about a tenth of a CPU step of the same SAE but many GPU steps, so the interval is
     # set for GPU runs; a killed CPU run repeats at most these 500 steps.
     checkpoint_every: int = 500
     log_every: int = 50
-    dead_check_every: int = 10          # how often (steps) the dead-latent mask is refreshed
+    dead_check_every: int = 10  # how often (steps) the dead-latent mask is refreshed
     progress: bool = True
     shuffle_seed: int = 0
     epochs: int = 1
@@ -180,24 +188,29 @@ class TrainConfig:
 
     def __post_init__(self, total_tokens: int | None) -> None:
         if total_tokens is not None:
-            warnings.warn("TrainConfig(total_tokens=...) is now TrainConfig(n_tokens=...)", DeprecationWarning,
-                          stacklevel=3)
+            warnings.warn(
+                "TrainConfig(total_tokens=...) is now TrainConfig(n_tokens=...)", DeprecationWarning, stacklevel=3
+            )
             if self.n_tokens is None:
                 self.n_tokens = total_tokens
-        _check("TrainConfig", self, {
-            "batch_size": (_pos_int, "a positive number of rows per step"),
-            "n_tokens": (lambda v: v is None or _pos_int(v), "None or a positive number of tokens"),
-            "steps": (lambda v: v is None or _pos_int(v), "None or a positive number of steps"),
-            "lr": (lambda v: v is None or _pos(v), "None or a learning rate > 0"),
-            "warmup_frac": (_frac, "a share in [0, 1]"),
-            "decay_frac": (_frac, "a share in [0, 1]"),
-            "grad_clip": (_nonneg, "a number >= 0 (0: no clipping)"),
-            "adam_betas": (lambda v: len(v) == 2 and all(_frac(b) for b in v), "two numbers in [0, 1]"),
-            "dtype": (lambda v: v in TRAIN_DTYPES, "one of " + ", ".join(TRAIN_DTYPES)),
-            "b_dec_init": (lambda v: v in B_DEC_INITS, "one of " + ", ".join(B_DEC_INITS)),
-            "init_batches": (_pos_int, "a positive number of batches"),
-            "checkpoint_every": (_nonneg_int, "a number of steps >= 0 (0: no checkpoints)"),
-            "log_every": (_pos_int, "a positive number of steps"),
-            "dead_check_every": (_pos_int, "a positive number of steps"),
-            "epochs": (_pos_int, "a positive number of passes"),
-        })
+        _check(
+            "TrainConfig",
+            self,
+            {
+                "batch_size": (_pos_int, "a positive number of rows per step"),
+                "n_tokens": (lambda v: v is None or _pos_int(v), "None or a positive number of tokens"),
+                "steps": (lambda v: v is None or _pos_int(v), "None or a positive number of steps"),
+                "lr": (lambda v: v is None or _pos(v), "None or a learning rate > 0"),
+                "warmup_frac": (_frac, "a share in [0, 1]"),
+                "decay_frac": (_frac, "a share in [0, 1]"),
+                "grad_clip": (_nonneg, "a number >= 0 (0: no clipping)"),
+                "adam_betas": (lambda v: len(v) == 2 and all(_frac(b) for b in v), "two numbers in [0, 1]"),
+                "dtype": (lambda v: v in TRAIN_DTYPES, "one of " + ", ".join(TRAIN_DTYPES)),
+                "b_dec_init": (lambda v: v in B_DEC_INITS, "one of " + ", ".join(B_DEC_INITS)),
+                "init_batches": (_pos_int, "a positive number of batches"),
+                "checkpoint_every": (_nonneg_int, "a number of steps >= 0 (0: no checkpoints)"),
+                "log_every": (_pos_int, "a positive number of steps"),
+                "dead_check_every": (_pos_int, "a positive number of steps"),
+                "epochs": (_pos_int, "a positive number of passes"),
+            },
+        )

@@ -4,6 +4,7 @@ Native folder: ``cfg.json`` (SAEConfig) + ``sae_weights.safetensors`` with W_enc
 W_dec [n_features, d_model], b_enc, b_dec (+ ``threshold`` for jumprelu/batchtopk), and optional
 ``normalization.json`` / ``metrics.json``. Saved weights always act on raw activations.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,9 +67,15 @@ def _write_folder_atomic(path: Path, files: dict[str, Any]) -> None:
                 (tmp / name).write_text(json.dumps(content, indent=2))
 
 
-def _sae_from_tensors(cfg: SAEConfig, W_enc: torch.Tensor, W_dec: torch.Tensor, b_enc: torch.Tensor,
-                      b_dec: torch.Tensor, extra: dict[str, torch.Tensor] | None = None,
-                      apply_b_dec_to_input: bool = True) -> SAE:
+def _sae_from_tensors(
+    cfg: SAEConfig,
+    W_enc: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    extra: dict[str, torch.Tensor] | None = None,
+    apply_b_dec_to_input: bool = True,
+) -> SAE:
     sae = build_sae(cfg, seed=None)
     with torch.no_grad():
         if not apply_b_dec_to_input:
@@ -89,21 +96,34 @@ def default_sae_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "default_sae"
 
 
-def save_sae(sae: SAE, path: str | Path, *, metrics: dict | None = None,
-             weights_dtype: torch.dtype | None = None) -> Path:
+def save_sae(
+    sae: SAE, path: str | Path, *, metrics: dict | None = None, weights_dtype: torch.dtype | None = None
+) -> Path:
     """Save sae as a native folder (atomic). The SAE must already act on raw activations.
 
     weights_dtype=torch.float16 halves the folder (how the default SAE ships); loading casts back to float32.
     """
     if not sae.cfg.norm_folded:
         raise SAEError("SAE still expects normalised inputs; call sae.fold_normalization(scale, mean) before saving")
-    tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec,
-               **sae.extra_state_tensors()}
+    tensors = {
+        "W_enc": sae.W_enc,
+        "W_dec": sae.W_dec,
+        "b_enc": sae.b_enc,
+        "b_dec": sae.b_dec,
+        **sae.extra_state_tensors(),
+    }
     if weights_dtype is not None:
         tensors = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    files: dict[str, Any] = {CFG_FILE: sae.cfg.to_dict(), WEIGHTS_FILE: tensors,
-                             NORM_FILE: {"scale": sae.cfg.norm_scale, "mean": sae.cfg.norm_mean,
-                                         "mean_center": sae.cfg.mean_center, "folded_into_weights": True}}
+    files: dict[str, Any] = {
+        CFG_FILE: sae.cfg.to_dict(),
+        WEIGHTS_FILE: tensors,
+        NORM_FILE: {
+            "scale": sae.cfg.norm_scale,
+            "mean": sae.cfg.norm_mean,
+            "mean_center": sae.cfg.mean_center,
+            "folded_into_weights": True,
+        },
+    }
     if metrics:
         files[METRICS_FILE] = metrics
     _write_folder_atomic(Path(path), files)
@@ -139,8 +159,14 @@ def _load_native(p: Path, raw: dict[str, Any]) -> SAE:
     d, m = cfg.d_model, cfg.n_features
     extra = {k: v.float() for k, v in t.items() if k == "threshold"}
     w = p / WEIGHTS_FILE
-    return _sae_from_tensors(cfg, _need(t, "W_enc", (d, m), w), _need(t, "W_dec", (m, d), w),
-                             _need(t, "b_enc", (m,), w), _need(t, "b_dec", (d,), w), extra)
+    return _sae_from_tensors(
+        cfg,
+        _need(t, "W_enc", (d, m), w),
+        _need(t, "W_dec", (m, d), w),
+        _need(t, "b_enc", (m,), w),
+        _need(t, "b_dec", (d,), w),
+        extra,
+    )
 
 
 # ----------------------------------------------------------------------------- SAELens v6
@@ -152,8 +178,7 @@ def export_saelens(sae: SAE, path: str | Path, *, hook_name: str | None = None) 
     """
     cfg = sae.cfg
     own = sae.saelens_config()  # "architecture" and the keys that go with it
-    tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec,
-               **sae.saelens_tensors()}
+    tensors = {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec, **sae.saelens_tensors()}
     out = {
         "architecture": own.pop("architecture"),
         "d_in": cfg.d_model,
@@ -208,8 +233,10 @@ def load_saelens(path: str | Path) -> SAE:
     arch_in = raw.get("architecture", "standard")
     meta = raw.get("metadata") or {}
     if raw.get("normalize_activations", "none") not in ("none", None):
-        raise SAEError(f"{p / CFG_FILE}: normalize_activations={raw['normalize_activations']!r} is not supported; "
-                       "fold the normalisation into the weights first")
+        raise SAEError(
+            f"{p / CFG_FILE}: normalize_activations={raw['normalize_activations']!r} is not supported; "
+            "fold the normalisation into the weights first"
+        )
     our_arch = meta.get("thoughtscope_arch")
     if our_arch is None:
         our_arch = {"standard": "relu-l1", "topk": "topk", "jumprelu": "jumprelu"}.get(arch_in)
@@ -223,18 +250,30 @@ def load_saelens(path: str | Path) -> SAE:
         thr = _need(t, "threshold", (m,), wf) if "threshold" in t else _need(t, "log_threshold", (m,), wf).exp()
         extra["threshold"] = thr[0] if our_arch == "batchtopk" else thr
     hook = meta.get("hook_name", raw.get("hook_name", ""))
-    cfg = SAEConfig(arch=our_arch, d_model=d, n_features=m, k=int(raw.get("k", min(32, m))),
-                    model=meta.get("model_name", raw.get("model_name", "")) or "",
-                    site=meta.get("thoughtscope_site") or _hook_to_site(hook or ""),
-                    exclude_bos=bool(meta.get("exclude_special_tokens", True)), normalize=False,
-                    max_norm_ratio=None,  # imported: the outlier rule it was trained with is unknown
-                    extra={"imported_from": "saelens", "saelens_architecture": arch_in})
+    cfg = SAEConfig(
+        arch=our_arch,
+        d_model=d,
+        n_features=m,
+        k=int(raw.get("k", min(32, m))),
+        model=meta.get("model_name", raw.get("model_name", "")) or "",
+        site=meta.get("thoughtscope_site") or _hook_to_site(hook or ""),
+        exclude_bos=bool(meta.get("exclude_special_tokens", True)),
+        normalize=False,
+        max_norm_ratio=None,  # imported: the outlier rule it was trained with is unknown
+        extra={"imported_from": "saelens", "saelens_architecture": arch_in},
+    )
     W_dec = _need(t, "W_dec", (m, d), wf)
     if arch_in == "topk" and raw.get("rescale_acts_by_decoder_norm"):
         raise SAEError(f"{p / CFG_FILE}: rescale_acts_by_decoder_norm=true is not supported")
-    return _sae_from_tensors(cfg, _need(t, "W_enc", (d, m), wf), W_dec, _need(t, "b_enc", (m,), wf),
-                             _need(t, "b_dec", (d,), wf), extra,
-                             apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)))
+    return _sae_from_tensors(
+        cfg,
+        _need(t, "W_enc", (d, m), wf),
+        W_dec,
+        _need(t, "b_enc", (m,), wf),
+        _need(t, "b_dec", (d,), wf),
+        extra,
+        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+    )
 
 
 # ----------------------------------------------------------------------------- sparsify
@@ -252,12 +291,23 @@ def load_sparsify(path: str | Path) -> SAE:
         raise SAEError(f"{p / CFG_FILE}: d_in={raw['d_in']} but encoder.weight has d={d}")
     if "k" not in raw:
         raise SAEError(f"{p / CFG_FILE} lacks 'k'")
-    cfg = SAEConfig(arch="topk", d_model=int(d), n_features=int(m), k=int(raw["k"]), normalize=False,
-                    max_norm_ratio=None,
-                    extra={"imported_from": "sparsify"})
+    cfg = SAEConfig(
+        arch="topk",
+        d_model=int(d),
+        n_features=int(m),
+        k=int(raw["k"]),
+        normalize=False,
+        max_norm_ratio=None,
+        extra={"imported_from": "sparsify"},
+    )
     W_dec = _need(t, "W_dec", (m, d), wf)
-    return _sae_from_tensors(cfg, _need(t, "encoder.weight", (m, d), wf).t(), W_dec,
-                             _need(t, "encoder.bias", (m,), wf), _need(t, "b_dec", (d,), wf))
+    return _sae_from_tensors(
+        cfg,
+        _need(t, "encoder.weight", (m, d), wf).t(),
+        W_dec,
+        _need(t, "encoder.bias", (m,), wf),
+        _need(t, "b_dec", (d,), wf),
+    )
 
 
 # ----------------------------------------------------------------------------- dictionary_learning
@@ -279,9 +329,13 @@ def load_dictionary_learning(path: str | Path) -> SAE:
         raise SAEError(f"{p / 'ae.pt'} is not a state dict")
     cls = tr.get("dict_class", "")
     wf = p / "ae.pt"
-    common = dict(normalize=False, max_norm_ratio=None, model=str(tr.get("lm_name", "")),
-                  site=f"resid.{tr['layer']}" if isinstance(tr.get("layer"), int) else "",
-                  extra={"imported_from": "dictionary_learning", "dict_class": cls})
+    common = dict(
+        normalize=False,
+        max_norm_ratio=None,
+        model=str(tr.get("lm_name", "")),
+        site=f"resid.{tr['layer']}" if isinstance(tr.get("layer"), int) else "",
+        extra={"imported_from": "dictionary_learning", "dict_class": cls},
+    )
     if cls in ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "TopKSAE"):
         if "encoder.weight" not in sd:
             raise SAEError(f"{wf} lacks 'encoder.weight' (has {sorted(sd)})")
@@ -306,8 +360,16 @@ def load_dictionary_learning(path: str | Path) -> SAE:
             raise SAEError(f"{wf} lacks 'W_enc' (has {sorted(sd)})")
         d, m = sd["W_enc"].shape
         cfg = SAEConfig(arch="jumprelu", d_model=d, n_features=m, **common)
-        return _sae_from_tensors(cfg, _need(sd, "W_enc", (d, m), wf), _need(sd, "W_dec", (m, d), wf),
-                                 _need(sd, "b_enc", (m,), wf), _need(sd, "b_dec", (d,), wf),
-                                 {"threshold": _need(sd, "threshold", (m,), wf)}, apply_b_dec_to_input=False)
-    raise SAEError(f"{p / 'config.json'}: unknown dictionary_learning dict_class {cls!r}; expected AutoEncoder, "
-                   "AutoEncoderTopK, BatchTopKSAE or JumpReluAutoEncoder")
+        return _sae_from_tensors(
+            cfg,
+            _need(sd, "W_enc", (d, m), wf),
+            _need(sd, "W_dec", (m, d), wf),
+            _need(sd, "b_enc", (m,), wf),
+            _need(sd, "b_dec", (d,), wf),
+            {"threshold": _need(sd, "threshold", (m,), wf)},
+            apply_b_dec_to_input=False,
+        )
+    raise SAEError(
+        f"{p / 'config.json'}: unknown dictionary_learning dict_class {cls!r}; expected AutoEncoder, "
+        "AutoEncoderTopK, BatchTopKSAE or JumpReluAutoEncoder"
+    )

@@ -1,4 +1,5 @@
 """jumprelu: Gemma Scope's JumpReLU SAE (learned per-feature thresholds trained by straight-through estimators)."""
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ autograd would run as [B, m] x [m, d] GEMMs are done here as gathers and per-lat
 
 Each kernel is checked against dense autograd (forward and backward) in tests/test_sae_kernels.py.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -41,8 +42,7 @@ def group_by_latent(idx: Tensor, n_features: int) -> tuple[Tensor, Tensor, Tenso
 def sum_by_latent(grouping: tuple[Tensor, Tensor, Tensor], rows_src: Tensor, weights: Tensor) -> Tensor:
     """out[j] = sum over pairs (b, j) of weights[b, pair] * rows_src[b]: the weight gradient of a sparse layer."""
     order, rows, offsets = grouping
-    return F.embedding_bag(rows, rows_src, offsets=offsets, per_sample_weights=weights.reshape(-1)[order],
-                           mode="sum")
+    return F.embedding_bag(rows, rows_src, offsets=offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
 
 
 def gather_dot(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
@@ -50,8 +50,13 @@ def gather_dot(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
     B, k = idx.shape
     if g.device.type == "cpu":
         crow = torch.arange(0, B * k + 1, k, device=idx.device)
-        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(B * k, dtype=g.dtype, device=g.device),
-                                          (B, W.shape[0]), check_invariants=False)
+        pattern = torch.sparse_csr_tensor(
+            crow,
+            idx.reshape(-1),
+            torch.zeros(B * k, dtype=g.dtype, device=g.device),
+            (B, W.shape[0]),
+            check_invariants=False,
+        )
         return torch.sparse.sampled_addmm(pattern, g, W.t(), beta=0.0).values().view(B, k)
     return torch.bmm(W[idx], g.unsqueeze(-1)).squeeze(-1)
 
@@ -136,8 +141,17 @@ class RaggedDecode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, vals: Tensor, rows: Tensor, cols: Tensor, crow: Tensor, W: Tensor, order: Tensor,
-                rows_by_col: Tensor, ccol: Tensor) -> Tensor:
+    def forward(
+        ctx,
+        vals: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        crow: Tensor,
+        W: Tensor,
+        order: Tensor,
+        rows_by_col: Tensor,
+        ccol: Tensor,
+    ) -> Tensor:
         ctx.save_for_backward(vals, rows, cols, crow, W, order, rows_by_col, ccol)
         return F.embedding_bag(cols, W, offsets=crow[:-1], per_sample_weights=vals, mode="sum")
 
@@ -148,8 +162,9 @@ class RaggedDecode(torch.autograd.Function):
         g_vals = g_W = None
         if ctx.needs_input_grad[0]:
             if g.device.type == "cpu":
-                pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros_like(vals), (g.shape[0], W.shape[0]),
-                                                  check_invariants=False)
+                pattern = torch.sparse_csr_tensor(
+                    crow, cols, torch.zeros_like(vals), (g.shape[0], W.shape[0]), check_invariants=False
+                )
                 g_vals = torch.sparse.sampled_addmm(pattern, g, W.t(), beta=0.0).values()
             else:
                 g_vals = (g[rows] * W[cols]).sum(-1)
@@ -162,8 +177,19 @@ class RaggedEncode(torch.autograd.Function):
     """Gradient of pre = x @ E.T + b taken only at the active pairs (see RaggedDecode for the index tensors)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, E: Tensor, b: Tensor, rows: Tensor, cols: Tensor, crow: Tensor, order: Tensor,
-                rows_by_col: Tensor, ccol: Tensor, vals: Tensor) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        E: Tensor,
+        b: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        crow: Tensor,
+        order: Tensor,
+        rows_by_col: Tensor,
+        ccol: Tensor,
+        vals: Tensor,
+    ) -> Tensor:
         ctx.save_for_backward(x, E, cols, crow, order, rows_by_col, ccol)
         return vals
 
@@ -176,8 +202,9 @@ class RaggedEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_x = F.embedding_bag(cols, E, offsets=crow[:-1], per_sample_weights=g, mode="sum")
         if ctx.needs_input_grad[1]:
-            g_E = F.embedding_bag(rows_by_col, x.contiguous(), offsets=ccol[:-1], per_sample_weights=g[order],
-                                  mode="sum")
+            g_E = F.embedding_bag(
+                rows_by_col, x.contiguous(), offsets=ccol[:-1], per_sample_weights=g[order], mode="sum"
+            )
         if ctx.needs_input_grad[2]:
             g_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         return g_x, g_E, g_b, None, None, None, None, None, None, None

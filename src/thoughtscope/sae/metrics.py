@@ -1,4 +1,5 @@
 """SAE quality metrics: reconstruction (MSE, FVU, L0, dead fraction) and spliced language-model loss."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -47,9 +48,16 @@ def evaluate_sae(sae: SAE, batches: Iterable[torch.Tensor], *, max_batches: int 
     if n == 0:
         raise SAEError("evaluate_sae got no batches")
     total_var = float(s2 - s1.pow(2).sum() / n)
-    return {"n_tokens": n, "mse": sse / (n * d), "mse_per_token": sse / n, "fvu": sse / max(total_var, 1e-30),
-            "explained_variance": 1 - sse / max(total_var, 1e-30), "l0": l0 / n,
-            "dead_frac": float((~fired).float().mean()), "n_dead": int((~fired).sum())}
+    return {
+        "n_tokens": n,
+        "mse": sse / (n * d),
+        "mse_per_token": sse / n,
+        "fvu": sse / max(total_var, 1e-30),
+        "explained_variance": 1 - sse / max(total_var, 1e-30),
+        "l0": l0 / n,
+        "dead_frac": float((~fired).float().mean()),
+        "n_dead": int((~fired).sum()),
+    }
 
 
 def _lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +68,16 @@ def _lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None)
 
 
 @torch.no_grad()
-def spliced_lm_loss(lm: Any, sae: SAE, site: Any, token_batches: Iterable[torch.Tensor], *,
-                    mean_act: torch.Tensor | None = None, exclude_first: bool = True,
-                    max_batches: int | None = None) -> dict[str, float]:
+def spliced_lm_loss(
+    lm: Any,
+    sae: SAE,
+    site: Any,
+    token_batches: Iterable[torch.Tensor],
+    *,
+    mean_act: torch.Tensor | None = None,
+    exclude_first: bool = True,
+    max_batches: int | None = None,
+) -> dict[str, float]:
     """LM loss with the SAE reconstruction spliced in at site vs clean, zero- and mean-ablated.
 
     loss_recovered = (L_zero - L_sae) / (L_zero - L_clean); kl_sae = mean KL(clean || spliced) of the next-token
@@ -80,7 +95,7 @@ def spliced_lm_loss(lm: Any, sae: SAE, site: Any, token_batches: Iterable[torch.
     for i, batch in enumerate(token_batches):
         if max_batches is not None and i >= max_batches:
             break
-        ids, mask = (batch if isinstance(batch, (tuple, list)) else (batch, None))
+        ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
         ids = ids.to(lm.device)
         mask = None if mask is None else mask.to(lm.device)
         kw = {} if mask is None else {"attention_mask": mask}
@@ -103,6 +118,7 @@ def spliced_lm_loss(lm: Any, sae: SAE, site: Any, token_batches: Iterable[torch.
                 if exclude_first:
                     new[:, 0] = a[:, 0]
                 return new.to(acts.dtype)
+
             return fn
 
         for kind in ("sae", "zero", "mean"):
@@ -119,9 +135,16 @@ def spliced_lm_loss(lm: Any, sae: SAE, site: Any, token_batches: Iterable[torch.
     L = {k: v / n_tok for k, v in tot.items()}
     denom = L["zero"] - L["clean"]
     denom_mean = L["mean"] - L["clean"]
-    return {"loss_clean": L["clean"], "loss_sae": L["sae"],
-            "loss_zero_ablated": L["zero"], "loss_mean_ablated": L["mean"],
-            "loss_recovered": (L["zero"] - L["sae"]) / denom if abs(denom) > 1e-12 else float("nan"),
-            "loss_recovered_vs_mean": (L["mean"] - L["sae"]) / denom_mean if abs(denom_mean) > 1e-12 else float("nan"),
-            "kl_sae": kl_sum["sae"] / n_tok, "kl_zero": kl_sum["zero"] / n_tok, "kl_mean": kl_sum["mean"] / n_tok,
-            "n_tokens": n_tok, "first_position_excluded": exclude_first}
+    return {
+        "loss_clean": L["clean"],
+        "loss_sae": L["sae"],
+        "loss_zero_ablated": L["zero"],
+        "loss_mean_ablated": L["mean"],
+        "loss_recovered": (L["zero"] - L["sae"]) / denom if abs(denom) > 1e-12 else float("nan"),
+        "loss_recovered_vs_mean": (L["mean"] - L["sae"]) / denom_mean if abs(denom_mean) > 1e-12 else float("nan"),
+        "kl_sae": kl_sum["sae"] / n_tok,
+        "kl_zero": kl_sum["zero"] / n_tok,
+        "kl_mean": kl_sum["mean"] / n_tok,
+        "n_tokens": n_tok,
+        "first_position_excluded": exclude_first,
+    }

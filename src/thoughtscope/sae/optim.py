@@ -1,4 +1,5 @@
 """The optimiser side of SAE training: Adam, each architecture's default learning rate, the LR schedule."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """relu-l1: Anthropic's April-2024 SAE (ReLU, unconstrained decoder norms, L1 weighted by decoder norms)."""
+
 from __future__ import annotations
 
 import torch
@@ -96,5 +97,6 @@ class ReluL1SAE(SAE):
             fired = active.reshape(-1, m).any(0)
         mse = (recon - x).pow(2).sum(-1).mean()
         loss = mse + lam * sparsity
-        return StepOutput(loss, recon, fired, torch.tensor(n_active / n_tok, device=x.device),
-                          torch.zeros((), device=x.device))
+        return StepOutput(
+            loss, recon, fired, torch.tensor(n_active / n_tok, device=x.device), torch.zeros((), device=x.device)
+        )

@@ -24,20 +24,25 @@ STATS_FILE = "feature_stats.safetensors"
 
 @dataclass
 class FeatureStats:
-    max_act: torch.Tensor      # [n_features] largest activation seen
-    frequency: torch.Tensor    # [n_features] share of tokens where the feature fires
-    source: str                # what it was measured on, in words
+    max_act: torch.Tensor  # [n_features] largest activation seen
+    frequency: torch.Tensor  # [n_features] share of tokens where the feature fires
+    source: str  # what it was measured on, in words
     n_tokens: int
 
     def describe(self, feature: int) -> str:
-        return (f"feature {feature}: max {float(self.max_act[feature]):.4g} over {self.n_tokens:,} tokens of "
-                f"{self.source} (fires on {100 * float(self.frequency[feature]):.3g} % of them)")
+        return (
+            f"feature {feature}: max {float(self.max_act[feature]):.4g} over {self.n_tokens:,} tokens of "
+            f"{self.source} (fires on {100 * float(self.frequency[feature]):.3g} % of them)"
+        )
 
 
 def save_feature_stats(stats: FeatureStats, sae_dir: str | Path) -> Path:
     meta = {"source": stats.source, "n_tokens": str(int(stats.n_tokens))}
-    return atomic_save_tensors({"max_act": stats.max_act.float().cpu(), "frequency": stats.frequency.float().cpu()},
-                               Path(sae_dir) / STATS_FILE, metadata=meta)
+    return atomic_save_tensors(
+        {"max_act": stats.max_act.float().cpu(), "frequency": stats.frequency.float().cpu()},
+        Path(sae_dir) / STATS_FILE,
+        metadata=meta,
+    )
 
 
 def read_feature_stats(sae_dir: str | Path, n_features: int) -> FeatureStats | None:
@@ -54,8 +59,10 @@ def read_feature_stats(sae_dir: str | Path, n_features: int) -> FeatureStats | N
     for key in ("max_act", "frequency"):
         if key not in t or tuple(t[key].shape) != (n_features,):
             got = tuple(t[key].shape) if key in t else "missing"
-            raise ThoughtscopeError(f"{path}: expected '{key}' of shape ({n_features},), got {got}; "
-                                    f"re-measure with 'thoughtscope features stats'")
+            raise ThoughtscopeError(
+                f"{path}: expected '{key}' of shape ({n_features},), got {got}; "
+                f"re-measure with 'thoughtscope features stats'"
+            )
     try:
         n = int(meta.get("n_tokens", "0"))
     except ValueError:

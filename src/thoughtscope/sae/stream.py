@@ -3,6 +3,7 @@
 Data position is "batches consumed": a resumed run rebuilds the (deterministic) stream and skips that many
 batches, so a killed-and-resumed run on CPU gives bit-identical weights to an uninterrupted one.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -19,10 +20,20 @@ def make_stream(source: Any, tc: TrainConfig, cfg0: SAEConfig, skip: int) -> Ite
     """Yield (batch, meta-or-None) from an ActivationStore, a callable(start_batch) or a re-iterable."""
     if hasattr(source, "batches") and hasattr(source, "d_model"):
         if source.d_model != cfg0.d_model:
-            raise SAEError(f"store {getattr(source, 'path', '')} has d_model={source.d_model} "
-                           f"but the SAE expects d_model={cfg0.d_model}")
-        it = source.batches(tc.batch_size, shuffle=True, seed=tc.shuffle_seed, epochs=tc.epochs, drop_last=True,
-                            exclude_bos=cfg0.exclude_bos, max_norm_ratio=cfg0.max_norm_ratio, with_meta=True)
+            raise SAEError(
+                f"store {getattr(source, 'path', '')} has d_model={source.d_model} "
+                f"but the SAE expects d_model={cfg0.d_model}"
+            )
+        it = source.batches(
+            tc.batch_size,
+            shuffle=True,
+            seed=tc.shuffle_seed,
+            epochs=tc.epochs,
+            drop_last=True,
+            exclude_bos=cfg0.exclude_bos,
+            max_norm_ratio=cfg0.max_norm_ratio,
+            with_meta=True,
+        )
         it = ((b[0], b[1]) if isinstance(b, tuple) else (b, None) for b in it)
         return islice(it, skip, None)
     if callable(source):

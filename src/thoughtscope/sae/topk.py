@@ -1,4 +1,5 @@
 """topk: OpenAI's TopK SAE (k largest pre-activations, ReLU after; AuxK on dead latents; unit decoder rows)."""
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ custom sparse Function, unit-norm projection must see the averaged gradient, and
 models; a flat all_reduce is one collective per SAE and needs no wrapper. Batch-wide quantities (AuxK scale,
 dead-latent counters) are reduced too, so 2 ranks match 1 process. (batchtopk selects top k*B per rank.)
 """
+
 from __future__ import annotations
 
 import copy
@@ -155,13 +156,19 @@ class Trainer:
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
-            "step": self.step, "batches_consumed": self.batches_consumed, "total_steps": self.total_steps,
-            "norm_scale": self.norm_scale, "norm_mean": self.norm_mean,
-            "cfgs": [asdict(s.sae.cfg) for s in self.slots], "train_cfg": asdict(self.tc),
-            "saes": [s.sae.state_dict() for s in self.slots], "opts": [s.opt.state_dict() for s in self.slots],
+            "step": self.step,
+            "batches_consumed": self.batches_consumed,
+            "total_steps": self.total_steps,
+            "norm_scale": self.norm_scale,
+            "norm_mean": self.norm_mean,
+            "cfgs": [asdict(s.sae.cfg) for s in self.slots],
+            "train_cfg": asdict(self.tc),
+            "saes": [s.sae.state_dict() for s in self.slots],
+            "opts": [s.opt.state_dict() for s in self.slots],
             "since_fired": [s.since_fired for s in self.slots],
             "dead_masks": [s.dead_mask for s in self.slots],
-            "torch_rng": torch.get_rng_state(), "metrics_log": self.metrics_log,
+            "torch_rng": torch.get_rng_state(),
+            "metrics_log": self.metrics_log,
         }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
@@ -176,8 +183,11 @@ class Trainer:
             opt = adam(sae.parameters(), lr, self.tc.adam_betas, self.device)
             opt.load_state_dict(st["opts"][i])
             dm = None if st["dead_masks"][i] is None else st["dead_masks"][i].to(self.device)
-            self.slots.append(_Slot(sae, opt, lr, st["since_fired"][i].to(self.device), dm,
-                                    bool(dm.any()) if dm is not None else False))
+            self.slots.append(
+                _Slot(
+                    sae, opt, lr, st["since_fired"][i].to(self.device), dm, bool(dm.any()) if dm is not None else False
+                )
+            )
         torch.set_rng_state(st["torch_rng"])
         self.metrics_log = st.get("metrics_log", [])
 
@@ -228,8 +238,9 @@ class Trainer:
                 on_init([s.sae for s in self.slots])
             stream = chain(first, stream)
         autocast = tc.dtype in ("bfloat16", "bf16")
-        progress = ProgressBar("sae", self.total_steps, start=self.step, unit="steps",
-                               enabled=tc.progress and self.rank == 0)
+        progress = ProgressBar(
+            "sae", self.total_steps, start=self.step, unit="steps", enabled=tc.progress and self.rank == 0
+        )
         with progress:
             for xb, meta in stream:
                 if self.step >= self.total_steps:
@@ -264,7 +275,7 @@ class Trainer:
         B = xb.shape[0]
         if self.world > 1:
             n = B // self.world
-            xb = xb[self.rank * n:(self.rank + 1) * n]
+            xb = xb[self.rank * n : (self.rank + 1) * n]
         x = self._normalise(xb.to(self.device, self.param_dtype, non_blocking=True))
         progress = self.step / self.total_steps
         lr_f = lr_factor(self.step, self.total_steps, self.tc.warmup_frac, self.tc.decay_frac)
@@ -288,9 +299,11 @@ class Trainer:
                 dist.all_reduce(loss_g)
             if not bool(torch.isfinite(loss_g)):
                 slot.diverged = True
-                raise TrainingDiverged(f"loss became {float(loss_g)} at step {self.step} (batch {batch_no}) for SAE "
-                                       f"{sae.cfg.arch} k={sae.cfg.k} m={sae.cfg.n_features}; stopped, the last good "
-                                       f"checkpoint is kept in {self.tc.checkpoint_dir}")
+                raise TrainingDiverged(
+                    f"loss became {float(loss_g)} at step {self.step} (batch {batch_no}) for SAE "
+                    f"{sae.cfg.arch} k={sae.cfg.k} m={sae.cfg.n_features}; stopped, the last good "
+                    f"checkpoint is kept in {self.tc.checkpoint_dir}"
+                )
             slot.opt.zero_grad(set_to_none=False)
             loss.backward()
             params = [p for p in sae.parameters() if p.grad is not None]
@@ -339,20 +352,30 @@ class Trainer:
                 dist.all_reduce(stats)
             n = float(stats[3])
             dead = (slot.since_fired >= slot.sae.cfg.dead_tokens).float().mean()
-            slot.last = {"mse": float(stats[0]) / n / self.norm_scale**2,
-                         "fvu": float(stats[0] / stats[1].clamp_min(1e-12)),
-                         "l0": float(stats[2]) / n, "dead_frac": float(dead),
-                         "loss": float(out.loss.detach()), "aux": float(out.aux)}
+            slot.last = {
+                "mse": float(stats[0]) / n / self.norm_scale**2,
+                "fvu": float(stats[0] / stats[1].clamp_min(1e-12)),
+                "l0": float(stats[2]) / n,
+                "dead_frac": float(dead),
+                "loss": float(out.loss.detach()),
+                "aux": float(out.aux),
+            }
             row[f"sae{i}"] = dict(slot.last)
         self.metrics_log.append(row)
         s0 = self.slots[0].last
-        progress.update(self.step,
-                        info=f"mse {s0['mse']:.4g} fvu {s0['fvu']:.3f} L0 {s0['l0']:.1f} dead {s0['dead_frac']:.2%}")
+        progress.update(
+            self.step, info=f"mse {s0['mse']:.4g} fvu {s0['fvu']:.3f} L0 {s0['l0']:.1f} dead {s0['dead_frac']:.2%}"
+        )
 
 
 # ----------------------------------------------------------------------------- entry points
-def train_saes(cfgs: Sequence[SAEConfig], source: Any, train_cfg: TrainConfig | None = None,
-               *, out_dirs: Sequence[str | Path] | None = None) -> list[SAE]:
+def train_saes(
+    cfgs: Sequence[SAEConfig],
+    source: Any,
+    train_cfg: TrainConfig | None = None,
+    *,
+    out_dirs: Sequence[str | Path] | None = None,
+) -> list[SAE]:
     """Sweep: train every config on one pass over source (each batch read once, fed to all SAEs).
 
     source: an ActivationStore, a callable ``f(start_batch) -> iterator of [B, d] tensors`` (for on-the-fly
@@ -364,13 +387,22 @@ def train_saes(cfgs: Sequence[SAEConfig], source: Any, train_cfg: TrainConfig | 
     saes = trainer.fit(source)
     if out_dirs is not None and trainer.rank == 0:
         from .formats import save_sae
+
         for sae, d in zip(saes, out_dirs):
-            save_sae(sae, d, metrics={"final": getattr(sae, "train_metrics", {}), "log": trainer.metrics_log,
-                                      "train_cfg": asdict(tc)})
+            save_sae(
+                sae,
+                d,
+                metrics={
+                    "final": getattr(sae, "train_metrics", {}),
+                    "log": trainer.metrics_log,
+                    "train_cfg": asdict(tc),
+                },
+            )
     return saes
 
 
-def train_sae(cfg: SAEConfig, source: Any, train_cfg: TrainConfig | None = None,
-              *, out_dir: str | Path | None = None) -> SAE:
+def train_sae(
+    cfg: SAEConfig, source: Any, train_cfg: TrainConfig | None = None, *, out_dir: str | Path | None = None
+) -> SAE:
     """Train one SAE (see train_saes)."""
     return train_saes([cfg], source, train_cfg, out_dirs=None if out_dir is None else [out_dir])[0]

@@ -57,6 +57,7 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     if loader is not None:
+
         def load() -> None:
             st = app.state.status
             try:
@@ -73,8 +74,11 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
     async def _not_ready(request: Request, exc: NotReady):
         st = app.state.status
         if _wants_json(request):
-            return JSONResponse({"error": "the workbench is still loading", **st.to_dict()}, status_code=503,
-                                headers={"retry-after": "5"})
+            return JSONResponse(
+                {"error": "the workbench is still loading", **st.to_dict()},
+                status_code=503,
+                headers={"retry-after": "5"},
+            )
         return page(request, "building.html", status_code=503)
 
     @app.exception_handler(StarletteHTTPException)
@@ -101,8 +105,9 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.error("unexpected error on %s: %s", request.url.path, "".join(traceback.format_exception(exc)))
-        return _error(request, 500, f"internal error ({type(exc).__name__}); the terminal running the server has "
-                                    f"the details")
+        return _error(
+            request, 500, f"internal error ({type(exc).__name__}); the terminal running the server has the details"
+        )
 
     @app.get("/")
     def home(request: Request):
@@ -121,6 +126,7 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
     @app.get("/status/stream")
     async def status_stream(request: Request):
         """Server-sent status for the building page (htmx SSE extension): one event a second until ready."""
+
         async def events():
             for _ in range(3600):
                 st = app.state.status
@@ -131,6 +137,7 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
                     yield "event: ready\ndata: ready\n\n" if st.ready else ""
                     return
                 await asyncio.sleep(1.0)
+
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-store"})
 
     from . import pages_analyze, pages_features, pages_nla, pages_steer

@@ -45,17 +45,28 @@ class ServerConfig:
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
             raise ServerError(f"--port must be an integer in 0..65535, got {self.port!r}")
         if not is_loopback(self.host) and not self.token:
-            raise ServerError(f"--host {self.host} is reachable from other machines: pass --token SECRET (anyone with "
-                              f"the token can run the model), or keep the default --host 127.0.0.1")
+            raise ServerError(
+                f"--host {self.host} is reachable from other machines: pass --token SECRET (anyone with "
+                f"the token can run the model), or keep the default --host 127.0.0.1"
+            )
         if self.token is not None and len(self.token) < 8:
             raise ServerError(f"--token must be at least 8 characters, got {len(self.token)}")
-        for name in ("max_body_bytes", "max_query_chars", "max_text_chars", "max_prompt_tokens", "max_new_tokens",
-                     "max_sliders", "queue_size"):
+        for name in (
+            "max_body_bytes",
+            "max_query_chars",
+            "max_text_chars",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "max_sliders",
+            "queue_size",
+        ):
             if getattr(self, name) < 1:
                 raise ServerError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.default_new_tokens <= self.max_new_tokens:
-            raise ServerError(f"default_new_tokens must be in 1..max_new_tokens ({self.max_new_tokens}), "
-                              f"got {self.default_new_tokens}")
+            raise ServerError(
+                f"default_new_tokens must be in 1..max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.default_new_tokens}"
+            )
         if not self.deadline_s > 0:
             raise ServerError(f"deadline_s must be positive, got {self.deadline_s}")
 

@@ -41,7 +41,8 @@ def page(request: Request, template: str, status_code: int = 200, **ctx) -> HTML
     app = request.app
     wb = app.state.wb
     body = app.state.env.get_template(template).render(
-        request=request, wb=wb, cfg=app.state.cfg, nav=ctx.pop("nav", ""), status=app.state.status, **ctx)
+        request=request, wb=wb, cfg=app.state.cfg, nav=ctx.pop("nav", ""), status=app.state.status, **ctx
+    )
     return HTMLResponse(body, status_code=status_code, headers={"cache-control": "no-store"})
 
 

@@ -19,9 +19,12 @@ TOKEN_COOKIE = "thoughtscope_token"
 
 
 def _plain(status: int, message: str, html: bool):
-    body = (f"<!doctype html><meta charset=utf-8><title>{status}</title><body style='font-family:sans-serif;"
-            f"margin:3em'><h1>{status}</h1><p>{message}</p>" if html
-            else json.dumps({"error": message, "status": status}))
+    body = (
+        f"<!doctype html><meta charset=utf-8><title>{status}</title><body style='font-family:sans-serif;"
+        f"margin:3em'><h1>{status}</h1><p>{message}</p>"
+        if html
+        else json.dumps({"error": message, "status": status})
+    )
     ctype = b"text/html; charset=utf-8" if html else b"application/json"
     return status, [(b"content-type", ctype), (b"cache-control", b"no-store")], body.encode()
 
@@ -56,12 +59,20 @@ class Guard:
         host = headers.get("host", "")
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         if self.check_host and name not in self.hosts:
-            return _plain(400, f"host header {host!r} is not allowed: open the workbench at http://127.0.0.1:"
-                               f"{self.cfg.port}/ (a foreign host name is how DNS-rebinding attacks reach local "
-                               f"servers)", html)
+            return _plain(
+                400,
+                f"host header {host!r} is not allowed: open the workbench at http://127.0.0.1:"
+                f"{self.cfg.port}/ (a foreign host name is how DNS-rebinding attacks reach local "
+                f"servers)",
+                html,
+            )
         if self.cfg.token and not self._has_token(headers, query):
-            return _plain(401, "this workbench needs its token: open the link with ?token=... that "
-                               "`thoughtscope serve` printed, or send 'Authorization: Bearer TOKEN'", html)
+            return _plain(
+                401,
+                "this workbench needs its token: open the link with ?token=... that "
+                "`thoughtscope serve` printed, or send 'Authorization: Bearer TOKEN'",
+                html,
+            )
         site, mode = headers.get("sec-fetch-site"), headers.get("sec-fetch-mode")
         origin = headers.get("origin")
         if site == "cross-site" and mode != "navigate":
@@ -69,15 +80,22 @@ class Guard:
         if origin and origin != "null" and origin.split("://", 1)[-1] != host:
             return _plain(403, f"requests from origin {origin!r} are refused (no CORS)", html)
         if len(query) > self.cfg.max_query_chars:
-            return _plain(414, f"query string of {len(query)} characters is over the limit of "
-                               f"{self.cfg.max_query_chars}: send long texts with POST", html)
+            return _plain(
+                414,
+                f"query string of {len(query)} characters is over the limit of "
+                f"{self.cfg.max_query_chars}: send long texts with POST",
+                html,
+            )
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
                 return _plain(400, f"bad content-length header {length!r}", html)
             if int(length) > self.cfg.max_body_bytes:
-                return _plain(413, f"request body of {int(length):,} bytes is over the limit of "
-                                   f"{self.cfg.max_body_bytes:,} bytes", html)
+                return _plain(
+                    413,
+                    f"request body of {int(length):,} bytes is over the limit of {self.cfg.max_body_bytes:,} bytes",
+                    html,
+                )
         return None
 
     def _has_token(self, headers: dict, query: str) -> bool:
@@ -119,8 +137,13 @@ def _capped(receive, limit: int):
 
 
 async def _send(send, status: int, headers: list, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": headers + [(b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": headers + [(b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -28,24 +28,55 @@ def analysis_view(wb, a, feature: int | None) -> dict:
         else:
             lead, act = top[0] if top else (None, 0.0)
             rel = act / maxes[lead] if lead is not None else 0.0
-        tokens.append({"i": i, "s": s, "act": act, "rel": min(rel, 1.0), "lead": lead, "err": a.recon_error[i],
-                       "excluded": i in a.excluded})
-    detail = [{"top": [[n, v, v / maxes[n], labels.get(n, "")] for n, v in t], "err": a.recon_error[i],
-               "excluded": i in a.excluded,
-               "probes": [[name, sc[i], sc[i] > float(getattr(wb.probes[name], "threshold", 0.0))]
-                          for name, sc in a.probe_scores.items()]} for i, t in enumerate(a.top)]
-    peaks = [{"feature": n, "peak": v, "rel": v / float(wb.max_acts[n]), "at": a.tokens[p], "label": wb.label(n)}
-             for n, v, p in a.peaks[:12]]
+        tokens.append(
+            {
+                "i": i,
+                "s": s,
+                "act": act,
+                "rel": min(rel, 1.0),
+                "lead": lead,
+                "err": a.recon_error[i],
+                "excluded": i in a.excluded,
+            }
+        )
+    detail = [
+        {
+            "top": [[n, v, v / maxes[n], labels.get(n, "")] for n, v in t],
+            "err": a.recon_error[i],
+            "excluded": i in a.excluded,
+            "probes": [
+                [name, sc[i], sc[i] > float(getattr(wb.probes[name], "threshold", 0.0))]
+                for name, sc in a.probe_scores.items()
+            ],
+        }
+        for i, t in enumerate(a.top)
+    ]
+    peaks = [
+        {"feature": n, "peak": v, "rel": v / float(wb.max_acts[n]), "at": a.tokens[p], "label": wb.label(n)}
+        for n, v, p in a.peaks[:12]
+    ]
     safe_json = json.dumps(detail).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return {"tokens": tokens, "detail_json": safe_json, "peaks": peaks, "err_scale": err_scale or 1.0,
-            "mean_err": sum(errs) / len(errs) if errs else 0.0}
+    return {
+        "tokens": tokens,
+        "detail_json": safe_json,
+        "peaks": peaks,
+        "err_scale": err_scale or 1.0,
+        "mean_err": sum(errs) / len(errs) if errs else 0.0,
+    }
 
 
 def _analyze(wb, text: str, feature: int | None, cfg, chat: bool = False):
     if chat:
         text = chat_text(wb.lm, text)
-    a = analyze_text(wb.lm, wb.sae, text, k=8, features=[feature] if feature is not None else [],
-                     max_tokens=cfg.max_prompt_tokens, probes=wb.probes)
+    a = analyze_text(
+        wb.lm,
+        wb.sae,
+        text,
+        k=8,
+        features=[feature] if feature is not None else [],
+        max_tokens=cfg.max_prompt_tokens,
+        probes=wb.probes,
+    )
     return text, analysis_view(wb, a, feature)
 
 
@@ -54,25 +85,39 @@ async def _analyze_page(request: Request, text: str | None, feature: str | None,
     if view not in ("features", "error"):
         raise HTTPException(422, f"view must be 'features' or 'error', got {view!r}")
     feat = int_param(feature, "feature", 0, wb.n_features - 1) if feature not in (None, "") else None
-    ctx = {"text": text or "", "feature": feat, "view": view, "res": None, "chat": chat, "analyzed": text or "",
-           "feature_label": wb.label(feat) if feat is not None else ""}
+    ctx = {
+        "text": text or "",
+        "feature": feat,
+        "view": view,
+        "res": None,
+        "chat": chat,
+        "analyzed": text or "",
+        "feature_label": wb.label(feat) if feat is not None else "",
+    }
     if text is not None:
-        ctx["analyzed"], ctx["res"] = await run_model(request, _analyze, wb, text_param(text, "text", cfg), feat, cfg,
-                                                      chat)
+        ctx["analyzed"], ctx["res"] = await run_model(
+            request, _analyze, wb, text_param(text, "text", cfg), feat, cfg, chat
+        )
     return page(request, "analyze.html", nav="analyze", **ctx)
 
 
 @router.get("/analyze")
-async def analyze_get(request: Request, text: str | None = None, feature: str | None = None, view: str = "features",
-                      chat: bool = False):
+async def analyze_get(
+    request: Request, text: str | None = None, feature: str | None = None, view: str = "features", chat: bool = False
+):
     return await _analyze_page(request, text, feature, view, chat)
 
 
 @router.post("/analyze")
 async def analyze_post(request: Request):
     form = await form_fields(request)
-    return await _analyze_page(request, form.get("text"), form.get("feature"), str(form.get("view") or "features"),
-                               form.get("chat") in ("1", "on", "true"))
+    return await _analyze_page(
+        request,
+        form.get("text"),
+        form.get("feature"),
+        str(form.get("view") or "features"),
+        form.get("chat") in ("1", "on", "true"),
+    )
 
 
 class AnalyzeRequest(BaseModel):
@@ -85,15 +130,38 @@ class AnalyzeRequest(BaseModel):
 async def analyze_json(request: Request, body: AnalyzeRequest):
     wb, cfg = wb_of(request), cfg_of(request)
     text = text_param(body.text, "text", cfg)
-    a = await run_model(request, analyze_text, wb.lm, wb.sae, text, k=body.k, features=body.features,
-                        max_tokens=cfg.max_prompt_tokens, probes=wb.probes)
-    return {"tokens": a.tokens, "top": a.top, "recon_error": a.recon_error, "peaks": a.peaks, "excluded": a.excluded,
-            "chosen": {str(k): v for k, v in a.chosen.items()}, "probes": a.probe_scores}
+    a = await run_model(
+        request,
+        analyze_text,
+        wb.lm,
+        wb.sae,
+        text,
+        k=body.k,
+        features=body.features,
+        max_tokens=cfg.max_prompt_tokens,
+        probes=wb.probes,
+    )
+    return {
+        "tokens": a.tokens,
+        "top": a.top,
+        "recon_error": a.recon_error,
+        "peaks": a.peaks,
+        "excluded": a.excluded,
+        "chosen": {str(k): v for k, v in a.chosen.items()},
+        "probes": a.probe_scores,
+    }
 
 
 def _compare(wb, a: str, b: str, cfg):
-    rows = compare_texts(wb.lm, wb.sae, a, b, k=25, max_act=wb.max_acts if wb.atlas is not None else None,
-                         max_tokens=cfg.max_prompt_tokens)
+    rows = compare_texts(
+        wb.lm,
+        wb.sae,
+        a,
+        b,
+        k=25,
+        max_act=wb.max_acts if wb.atlas is not None else None,
+        max_tokens=cfg.max_prompt_tokens,
+    )
     for r in rows:
         r["label"] = wb.label(r["feature"])
     return rows

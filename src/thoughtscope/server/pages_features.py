@@ -13,8 +13,15 @@ from .context import cfg_of, feature_id, page, run_model, text_param, wb_of
 
 router = APIRouter()
 
-SCORE_KEYS = ("score", "detection_auroc", "detection_bacc", "fuzz_auroc", "fuzz_bacc", "shuffled_detection_auroc",
-              "shuffled_detection_bacc")
+SCORE_KEYS = (
+    "score",
+    "detection_auroc",
+    "detection_bacc",
+    "fuzz_auroc",
+    "fuzz_bacc",
+    "shuffled_detection_auroc",
+    "shuffled_detection_bacc",
+)
 WHO_KEYS = ("method", "scorer_method", "explainer", "scorer")
 
 
@@ -31,10 +38,18 @@ def explanation_view(ex: dict | None) -> dict | None:
         return None
     skip = {"feature", "explanation", "status", "error", "details", "seconds", "created", *SCORE_KEYS, *WHO_KEYS}
     scores = [(k, ex[k]) for k in SCORE_KEYS if ex.get(k) is not None]
-    scores += [(k, v) for k, v in ex.items() if k not in skip and isinstance(v, (int, float))
-               and not isinstance(v, bool) and v is not None]
-    return {"text": ex.get("explanation") or "", "ok": ex.get("status", "ok") == "ok", "error": ex.get("error"),
-            "scores": scores, **{k: ex.get(k) for k in WHO_KEYS}}
+    scores += [
+        (k, v)
+        for k, v in ex.items()
+        if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
+    ]
+    return {
+        "text": ex.get("explanation") or "",
+        "ok": ex.get("status", "ok") == "ok",
+        "error": ex.get("error"),
+        "scores": scores,
+        **{k: ex.get(k) for k in WHO_KEYS},
+    }
 
 
 def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
@@ -48,22 +63,29 @@ def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
     quant = quant[::-1][::step][:n_quantile] if f.n_active > len(quant) else []
 
     def ctx(e):
-        ta = [(p, a) for p, _, a in e.token_acts() if p >= 1]   # a contiguous range of positions
+        ta = [(p, a) for p, _, a in e.token_acts() if p >= 1]  # a contiguous range of positions
         if not ta:
             return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": []}
         p0, j = ta[0][0], max(0, ta[0][0] - 4)  # a few tokens before, so a split character decodes whole
-        texts = token_texts(tok, e.tokens[j: ta[-1][0] + 1])[p0 - j:]
+        texts = token_texts(tok, e.tokens[j : ta[-1][0] + 1])[p0 - j :]
         return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": [(p, s, a) for (p, a), s in zip(ta, texts)]}
 
     def decode(t):
         return tok.decode([int(t)])
 
-    return {"id": n, "f": f, "explanation": explanation_view(f.explanation),
-            "top": [ctx(e) for e in top], "quantile": [ctx(e) for e in quant],
-            "logits_pos": [(decode(t), v) for t, v in f.logits_pos],
-            "logits_neg": [(decode(t), v) for t, v in f.logits_neg],
-            "neighbours": [(int(i), c, wb.label(int(i))) for i, c in f.neighbours],
-            "edges": at.hist_edges, "sweep": wb.sweeps.get(n), "baseline": wb.baseline_for(n)}
+    return {
+        "id": n,
+        "f": f,
+        "explanation": explanation_view(f.explanation),
+        "top": [ctx(e) for e in top],
+        "quantile": [ctx(e) for e in quant],
+        "logits_pos": [(decode(t), v) for t, v in f.logits_pos],
+        "logits_neg": [(decode(t), v) for t, v in f.logits_neg],
+        "neighbours": [(int(i), c, wb.label(int(i))) for i, c in f.neighbours],
+        "edges": at.hist_edges,
+        "sweep": wb.sweeps.get(n),
+        "baseline": wb.baseline_for(n),
+    }
 
 
 @router.get("/features/random")
@@ -88,27 +110,57 @@ def feature_json(request: Request, n: str):
     wb = wb_of(request)
     d = feature_data(wb, feature_id(request, n))
     f = d["f"]
-    return {"id": f.id, "density": f.density, "max_act": f.max_act, "mean_act": f.mean_act, "n_active": f.n_active,
-            "explanation": d["explanation"], "histogram": {"counts": f.hist.tolist(), "edges": d["edges"].tolist()},
-            "top": d["top"], "quantile": d["quantile"], "logits_pos": d["logits_pos"], "logits_neg": d["logits_neg"],
-            "neighbours": d["neighbours"]}
+    return {
+        "id": f.id,
+        "density": f.density,
+        "max_act": f.max_act,
+        "mean_act": f.mean_act,
+        "n_active": f.n_active,
+        "explanation": d["explanation"],
+        "histogram": {"counts": f.hist.tolist(), "edges": d["edges"].tolist()},
+        "top": d["top"],
+        "quantile": d["quantile"],
+        "logits_pos": d["logits_pos"],
+        "logits_neg": d["logits_neg"],
+        "neighbours": d["neighbours"],
+    }
 
 
 def _search_words(wb, q: str, limit: int = 50):
     at = _need_atlas(wb)
     with wb.db_lock:
         hits = at.search(q, limit=limit)
-        return [{"feature": i, "label": e, "max_act": float(wb.max_acts[i]),
-                 "explanation": explanation_view(at.explanation(i))} for i, e in hits]
+        return [
+            {
+                "feature": i,
+                "label": e,
+                "max_act": float(wb.max_acts[i]),
+                "explanation": explanation_view(at.explanation(i)),
+            }
+            for i, e in hits
+        ]
 
 
 @router.get("/search")
-async def search(request: Request, q: str | None = None, text: str | None = None, prompts: str | None = None,
-                 controls: str | None = None, mode: str = "words"):
+async def search(
+    request: Request,
+    q: str | None = None,
+    text: str | None = None,
+    prompts: str | None = None,
+    controls: str | None = None,
+    mode: str = "words",
+):
     """Three searches on one page: explanation words, features firing on a text, contrast of two prompt sets."""
     wb, cfg = wb_of(request), cfg_of(request)
-    ctx: dict = {"q": q or "", "text": text or "", "prompts": prompts or "", "controls": controls or "", "mode": mode,
-                 "hits": None, "kind": None}
+    ctx: dict = {
+        "q": q or "",
+        "text": text or "",
+        "prompts": prompts or "",
+        "controls": controls or "",
+        "mode": mode,
+        "hits": None,
+        "kind": None,
+    }
     if mode not in ("words", "text", "contrast"):
         raise HTTPException(422, f"mode must be words, text or contrast, got {mode!r}")
     if mode == "words" and q is not None:
@@ -138,8 +190,10 @@ def _lines(raw: str | None, name: str, cfg) -> list[str]:
 
 def _by_text(wb, text: str, cfg) -> list[dict]:
     a = analyze_text(wb.lm, wb.sae, text, k=5, max_tokens=cfg.max_prompt_tokens)
-    return [{"feature": n, "peak": v, "at": a.tokens[p], "pos": p, "rel": v / float(wb.max_acts[n]),
-             "label": wb.label(n)} for n, v, p in a.peaks[:30]]
+    return [
+        {"feature": n, "peak": v, "at": a.tokens[p], "pos": p, "rel": v / float(wb.max_acts[n]), "label": wb.label(n)}
+        for n, v, p in a.peaks[:30]
+    ]
 
 
 def _by_contrast(wb, prompts: list[str], controls: list[str]) -> list[dict]:

@@ -29,14 +29,31 @@ def _explain(wb, text: str, pos: int, samples: int) -> dict:
 
 
 @router.get("/nla")
-async def nla_page(request: Request, text: str | None = None, pos: str | None = None, samples: str = "3",
-                   prompt: str | None = None, original: str | None = None, edited: str | None = None,
-                   scale: str = "1"):
+async def nla_page(
+    request: Request,
+    text: str | None = None,
+    pos: str | None = None,
+    samples: str = "3",
+    prompt: str | None = None,
+    original: str | None = None,
+    edited: str | None = None,
+    scale: str = "1",
+):
     wb, cfg = wb_of(request), cfg_of(request)
     nla = _need_nla(wb)
-    ctx: dict = {"text": text or "", "pos": None, "tokens": [], "res": None, "steer": None, "prompt": prompt or "",
-                 "original": original or "", "edited": edited or "", "scale": scale, "samples": samples,
-                 "site": nla.cfg.site}
+    ctx: dict = {
+        "text": text or "",
+        "pos": None,
+        "tokens": [],
+        "res": None,
+        "steer": None,
+        "prompt": prompt or "",
+        "original": original or "",
+        "edited": edited or "",
+        "scale": scale,
+        "samples": samples,
+        "site": nla.cfg.site,
+    }
     if text is not None:
         text = text_param(text, "text", cfg)
         ctx["tokens"] = _tokens(wb, text, cfg)
@@ -52,10 +69,18 @@ async def nla_page(request: Request, text: str | None = None, pos: str | None = 
         s = float_param(scale, "scale", -20, 20)
         steer_prompt = text_param(prompt, "prompt", cfg)
         _tokens(wb, steer_prompt, cfg)
-        ctx["steer"] = await run_model(request, steer_from_words, nla, steer_prompt,
-                                       text_param(original, "original", cfg), text_param(edited, "edited", cfg),
-                                       scale=s,
-                                       max_new_tokens=min(32, cfg.max_new_tokens), seed=0, temperature=0.0)
+        ctx["steer"] = await run_model(
+            request,
+            steer_from_words,
+            nla,
+            steer_prompt,
+            text_param(original, "original", cfg),
+            text_param(edited, "edited", cfg),
+            scale=s,
+            max_new_tokens=min(32, cfg.max_new_tokens),
+            seed=0,
+            temperature=0.0,
+        )
     return page(request, "nla.html", nav="nla", **ctx)
 
 

@@ -42,9 +42,9 @@ DEFAULT_PROMPT = "Write a short note about your day."
 @dataclass
 class Mixer:
     prompt: str = DEFAULT_PROMPT
-    features: list = field(default_factory=list)   # (feature, op, value in × max activation)
-    vectors: list = field(default_factory=list)    # (slider key, value)
-    presets: list = field(default_factory=list)    # (preset name, multiple of its saved values)
+    features: list = field(default_factory=list)  # (feature, op, value in × max activation)
+    vectors: list = field(default_factory=list)  # (slider key, value)
+    presets: list = field(default_factory=list)  # (preset name, multiple of its saved values)
     gain: float = 1.0
     seed: int = 16
     temp: float = 0.5
@@ -55,8 +55,13 @@ class Mixer:
     def query(self) -> str:
         q = [("prompt", self.prompt)] + [("f", f"{n}:{op}:{v:g}") for n, op, v in self.features]
         q += [("v", f"{k}:{v:g}") for k, v in self.vectors] + [("p", f"{k}:{v:g}") for k, v in self.presets]
-        q += [("gain", f"{self.gain:g}"), ("seed", str(self.seed)), ("temp", f"{self.temp:g}"),
-              ("max", str(self.max_new)), ("where", self.where)]
+        q += [
+            ("gain", f"{self.gain:g}"),
+            ("seed", str(self.seed)),
+            ("temp", f"{self.temp:g}"),
+            ("max", str(self.max_new)),
+            ("where", self.where),
+        ]
         if self.baseline:
             q.append(("baseline", self.baseline))
         return urlencode(q)
@@ -66,34 +71,42 @@ def parse_mixer(request: Request) -> Mixer:
     """The mixer from the query string; every bad value is a 422 that names it."""
     wb, cfg = wb_of(request), cfg_of(request)
     qp = request.query_params
-    m = Mixer(prompt=text_param(qp.get("prompt", DEFAULT_PROMPT), "prompt", cfg),
-              baseline=text_param(qp.get("baseline", ""), "baseline", cfg, required=False))
+    m = Mixer(
+        prompt=text_param(qp.get("prompt", DEFAULT_PROMPT), "prompt", cfg),
+        baseline=text_param(qp.get("baseline", ""), "baseline", cfg, required=False),
+    )
     fs, vs, ps = qp.getlist("f"), qp.getlist("v"), qp.getlist("p")
     if len(fs) + len(vs) + len(ps) > cfg.max_sliders:
         raise HTTPException(422, f"{len(fs) + len(vs) + len(ps)} sliders; the limit is {cfg.max_sliders}")
     for raw in ps:
         name, _, val = raw.rpartition(":")
         if name not in wb.preset_ivs:
-            raise HTTPException(422, f"preset slider {name!r} is not one of the presets loaded at start "
-                                     f"({', '.join(wb.preset_ivs) or 'none'})")
+            raise HTTPException(
+                422,
+                f"preset slider {name!r} is not one of the presets loaded at start "
+                f"({', '.join(wb.preset_ivs) or 'none'})",
+            )
         m.presets.append((name, float_param(val, f"preset slider {name}", 0, SLIDER_MAX)))
     for raw in fs:
         parts = raw.split(":")
         if len(parts) not in (2, 3) or parts[1] not in OPS:
-            raise HTTPException(422, f"feature slider {raw!r}: expected FEATURE:OP[:VALUE] with OP one of "
-                                     f"{', '.join(OPS)}")
+            raise HTTPException(
+                422, f"feature slider {raw!r}: expected FEATURE:OP[:VALUE] with OP one of {', '.join(OPS)}"
+            )
         n = int_param(parts[0], f"feature slider {raw!r}: feature", 0, wb.n_features - 1)
         v = float_param(parts[2] if len(parts) == 3 else 0, f"feature slider {raw!r}: value", -SLIDER_MAX, SLIDER_MAX)
         m.features.append((n, parts[1], v))
     for raw in vs:
         key, _, val = raw.rpartition(":")
         if key not in wb.vectors:
-            raise HTTPException(422, f"vector slider {key!r} is not one of the vectors loaded at start "
-                                     f"({', '.join(wb.vectors) or 'none'})")
+            raise HTTPException(
+                422,
+                f"vector slider {key!r} is not one of the vectors loaded at start ({', '.join(wb.vectors) or 'none'})",
+            )
         lo, hi = wb.vectors[key].range
         m.vectors.append((key, float_param(val, f"vector slider {key}", min(lo, -abs(hi)), max(hi, abs(lo)))))
     m.gain = float_param(qp.get("gain", 1), "gain", 0, 10)
-    m.seed = int_param(qp.get("seed", 16), "seed", 0, 2 ** 31 - 1)
+    m.seed = int_param(qp.get("seed", 16), "seed", 0, 2**31 - 1)
     m.temp = float_param(qp.get("temp", 0.5), "temp", 0, 2)
     m.max_new = int_param(qp.get("max", cfg.default_new_tokens), "max (new tokens)", 1, cfg.max_new_tokens)
     m.where = qp.get("where", "all")
@@ -116,9 +129,17 @@ def interventions(wb, m: Mixer) -> list:
         e = s.edit
         if v == 0 and s.op == "add":
             continue
-        out.append(VectorEdit(e.vector, e.site, s.op, scale=e.scale * v * m.gain if s.op == "add" else 1.0,
-                              value=v * m.gain if s.op == "clamp_projection" else 0.0, positions=e.positions,
-                              label=s.label))
+        out.append(
+            VectorEdit(
+                e.vector,
+                e.site,
+                s.op,
+                scale=e.scale * v * m.gain if s.op == "add" else 1.0,
+                value=v * m.gain if s.op == "clamp_projection" else 0.0,
+                positions=e.positions,
+                label=s.label,
+            )
+        )
     for name, v in m.presets:
         if v * m.gain != 0:
             out += [scaled(iv, v * m.gain) for iv in wb.preset_ivs[name]]
@@ -128,10 +149,26 @@ def interventions(wb, m: Mixer) -> list:
 def scaled(iv, k: float):
     """A copy of a library intervention with its strength (clamp target, amount, scale, projection) times k."""
     if isinstance(iv, VectorEdit):
-        return VectorEdit(iv.vector, iv.site, iv.op, scale=iv.scale * k if iv.op == "add" else 1.0,
-                          value=iv.value * k, positions=iv.positions, label=iv.label)
-    return type(iv)(iv.sae, iv.feature, iv.op, iv.value * k if iv.op != "ablate" else 0.0, unit=iv.unit,
-                    max_act=iv.max_act, positions=iv.positions, site=iv.site, label=iv.label)
+        return VectorEdit(
+            iv.vector,
+            iv.site,
+            iv.op,
+            scale=iv.scale * k if iv.op == "add" else 1.0,
+            value=iv.value * k,
+            positions=iv.positions,
+            label=iv.label,
+        )
+    return type(iv)(
+        iv.sae,
+        iv.feature,
+        iv.op,
+        iv.value * k if iv.op != "ablate" else 0.0,
+        unit=iv.unit,
+        max_act=iv.max_act,
+        positions=iv.positions,
+        site=iv.site,
+        label=iv.label,
+    )
 
 
 def _gen_config(m: Mixer) -> GenerationConfig:
@@ -149,16 +186,38 @@ def steer_page(request: Request, feature: str | None = None):
         return RedirectResponse(f"/steer?{m.query()}", status_code=303)
     if not m.baseline and m.features:
         m.baseline = wb.baseline_for(m.features[0][0])
-    sliders = [{"feature": n, "op": op, "value": v, "label": wb.label(n), "max_act": float(wb.max_acts[n]),
-                "sweep": wb.sweeps.get(n)} for n, op, v in m.features]
+    sliders = [
+        {
+            "feature": n,
+            "op": op,
+            "value": v,
+            "label": wb.label(n),
+            "max_act": float(wb.max_acts[n]),
+            "sweep": wb.sweeps.get(n),
+        }
+        for n, op, v in m.features
+    ]
     values = dict(m.vectors)
-    vectors = [{"key": k, "label": s.label, "preset": s.preset, "op": s.op, "value": values.get(k, 0.0),
-                "range": s.range} for k, s in wb.vectors.items()]
+    vectors = [
+        {"key": k, "label": s.label, "preset": s.preset, "op": s.op, "value": values.get(k, 0.0), "range": s.range}
+        for k, s in wb.vectors.items()
+    ]
     pvalues = dict(m.presets)
-    preset_sliders = [{"name": n, "value": pvalues.get(n, 0.0), "n_items": len(ivs),
-                       "description": wb.presets[n].description} for n, ivs in wb.preset_ivs.items()]
-    return page(request, "steer.html", nav="steer", m=m, sliders=sliders, vectors=vectors,
-                preset_sliders=preset_sliders, presets=sorted(wb.presets), query=m.query())
+    preset_sliders = [
+        {"name": n, "value": pvalues.get(n, 0.0), "n_items": len(ivs), "description": wb.presets[n].description}
+        for n, ivs in wb.preset_ivs.items()
+    ]
+    return page(
+        request,
+        "steer.html",
+        nav="steer",
+        m=m,
+        sliders=sliders,
+        vectors=vectors,
+        preset_sliders=preset_sliders,
+        presets=sorted(wb.presets),
+        query=m.query(),
+    )
 
 
 def _lanes(wb, m: Mixer, cfg) -> list[Lane]:
@@ -187,8 +246,11 @@ async def steer_stream(request: Request):
     it = stream_lanes(wb.lm, m.prompt, lanes, _gen_config(m), should_stop=stop.is_set)  # validates first
     gate = request.app.state.gate
     if gate.full():
-        raise HTTPException(429, f"the model is busy and {gate.waiting} requests are waiting; try again shortly",
-                            headers={"retry-after": "2"})
+        raise HTTPException(
+            429,
+            f"the model is busy and {gate.waiting} requests are waiting; try again shortly",
+            headers={"retry-after": "2"},
+        )
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     t0 = time.perf_counter()
@@ -219,8 +281,9 @@ async def steer_stream(request: Request):
         except Busy as e:
             yield _sse("error", {"message": str(e)})
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"cache-control": "no-store", "x-accel-buffering": "no"}
+    )
 
 
 async def _relay(request: Request, queue: asyncio.Queue, counts: dict, t0: float, deadline_s: float, stop):
@@ -267,16 +330,22 @@ def mixer_from_preset(wb, p: Preset, base: Mixer) -> Mixer:
     for i, it in enumerate(p.items):
         if it.type == "feature":
             if it.feature is None or not 0 <= it.feature < wb.n_features or it.op not in OPS:
-                raise HTTPException(422, f"preset {p.name!r}, item {i}: feature {it.feature} with op {it.op!r} cannot "
-                                         f"be shown on this SAE's sliders (ops: {', '.join(OPS)})")
+                raise HTTPException(
+                    422,
+                    f"preset {p.name!r}, item {i}: feature {it.feature} with op {it.op!r} cannot "
+                    f"be shown on this SAE's sliders (ops: {', '.join(OPS)})",
+                )
             v = it.value if it.unit == "max" or it.op == "ablate" else it.value / float(wb.max_acts[it.feature])
             m.features.append((int(it.feature), it.op, max(-SLIDER_MAX, min(SLIDER_MAX, float(v)))))
             m.where = it.positions if it.positions in ("all", "generated") else m.where
         else:
             key = f"{p.name}.{i}"
             if key not in wb.vectors:
-                raise HTTPException(422, f"preset {p.name!r}, item {i}: a vector can only come from a preset loaded "
-                                         f"at start (files are never read from a request)")
+                raise HTTPException(
+                    422,
+                    f"preset {p.name!r}, item {i}: a vector can only come from a preset loaded "
+                    f"at start (files are never read from a request)",
+                )
             m.vectors.append((key, float(it.value)))
     return m
 

@@ -65,12 +65,18 @@ def histogram_svg(counts, edges, width: int = 520, height: int = 120) -> Markup:
     for j, c in enumerate(cs):
         h = (height - 22) * (math.log1p(c) / math.log1p(m))
         a, b = float(edges[lo + j]), float(edges[lo + j + 1])
-        bars.append(f'<rect x="{j * bw + 1:.1f}" y="{height - 18 - h:.1f}" width="{max(bw - 2, 1):.1f}" '
-                    f'height="{h:.1f}" rx="1.5"><title>{fmt(a)}–{fmt(b)}: {c:,} tokens</title></rect>')
-    labels = (f'<text x="0" y="{height - 4}">{fmt(float(edges[lo]), 2)}</text>'
-              f'<text x="{width}" y="{height - 4}" text-anchor="end">{fmt(float(edges[hi]), 2)}</text>')
-    return Markup(f'<svg class="hist" viewBox="0 0 {width} {height}" role="img" aria-label="activation histogram">'
-                  f'{"".join(bars)}{labels}</svg>')
+        bars.append(
+            f'<rect x="{j * bw + 1:.1f}" y="{height - 18 - h:.1f}" width="{max(bw - 2, 1):.1f}" '
+            f'height="{h:.1f}" rx="1.5"><title>{fmt(a)}–{fmt(b)}: {c:,} tokens</title></rect>'
+        )
+    labels = (
+        f'<text x="0" y="{height - 4}">{fmt(float(edges[lo]), 2)}</text>'
+        f'<text x="{width}" y="{height - 4}" text-anchor="end">{fmt(float(edges[hi]), 2)}</text>'
+    )
+    return Markup(
+        f'<svg class="hist" viewBox="0 0 {width} {height}" role="img" aria-label="activation histogram">'
+        f"{''.join(bars)}{labels}</svg>"
+    )
 
 
 def curve_svg(points, baseline_ppl: float, width: int = 160, height: int = 48) -> Markup:
@@ -85,13 +91,19 @@ def curve_svg(points, baseline_ppl: float, width: int = 160, height: int = 48) -
     rmax = max(max(ratios), 2.0)
     ppl = " ".join(f"{sx(s):.1f},{height - 4 - (height - 8) * (q / rmax):.1f}" for (s, _, _), q in zip(points, ratios))
     tip = "; ".join(f"{s:g}: rate {r:.2f}, ppl ×{q:.2f}" for (s, r, _), q in zip(points, ratios))
-    return Markup(f'<svg class="curve" viewBox="0 0 {width} {height}"><title>{html.escape(tip)}</title>'
-                  f'<polyline class="rate" points="{rate}"/><polyline class="ppl" points="{ppl}"/></svg>')
+    return Markup(
+        f'<svg class="curve" viewBox="0 0 {width} {height}"><title>{html.escape(tip)}</title>'
+        f'<polyline class="rate" points="{rate}"/><polyline class="ppl" points="{ppl}"/></svg>'
+    )
 
 
 def make_env() -> Environment:
-    env = Environment(loader=FileSystemLoader(str(HERE / "templates")), autoescape=select_autoescape(["html"]),
-                      trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(str(HERE / "templates")),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters.update(fmt=fmt, tok=show_token)
     env.globals.update(heat=heat, err_heat=err_heat, histogram_svg=histogram_svg, curve_svg=curve_svg)
     return env

@@ -34,8 +34,13 @@ class LoadStatus:
         self.stage, self.detail = stage, detail
 
     def to_dict(self) -> dict:
-        return {"stage": self.stage, "detail": self.detail, "error": self.error, "ready": self.ready,
-                "elapsed_s": round(time.time() - self.started, 1)}
+        return {
+            "stage": self.stage,
+            "detail": self.detail,
+            "error": self.error,
+            "ready": self.ready,
+            "elapsed_s": round(time.time() - self.started, 1),
+        }
 
 
 @dataclass
@@ -45,7 +50,7 @@ class VectorSlider:
     key: str
     label: str
     preset: str
-    edit: object          # the VectorEdit built at value 1 (scale or target multiplied by the slider)
+    edit: object  # the VectorEdit built at value 1 (scale or target multiplied by the slider)
     op: str
     value: float
     range: tuple[float, float]
@@ -55,15 +60,15 @@ class VectorSlider:
 class Workbench:
     lm: object
     sae: object
-    sae_spec: str = ""                  # how a saved preset names the SAE ("default" or a folder)
+    sae_spec: str = ""  # how a saved preset names the SAE ("default" or a folder)
     atlas: object | None = None
     nla: object | None = None
-    presets: dict = field(default_factory=dict)          # name -> Preset
-    vectors: dict = field(default_factory=dict)          # key -> VectorSlider
-    preset_ivs: dict = field(default_factory=dict)       # preset name -> its interventions, built once (a slider)
-    sweeps: dict = field(default_factory=dict)           # feature id -> sweep dict (points, baseline)
-    probes: dict = field(default_factory=dict)           # name -> probe (score(x) per token, threshold)
-    notes: list = field(default_factory=list)            # things the user should know (skipped presets ...)
+    presets: dict = field(default_factory=dict)  # name -> Preset
+    vectors: dict = field(default_factory=dict)  # key -> VectorSlider
+    preset_ivs: dict = field(default_factory=dict)  # preset name -> its interventions, built once (a slider)
+    sweeps: dict = field(default_factory=dict)  # feature id -> sweep dict (points, baseline)
+    probes: dict = field(default_factory=dict)  # name -> probe (score(x) per token, threshold)
+    notes: list = field(default_factory=list)  # things the user should know (skipped presets ...)
     db_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,8 +79,10 @@ class Workbench:
         self.alive = np.ones(self.n_features, dtype=bool)
         if self.atlas is not None:
             if self.atlas.n_features != self.n_features:
-                raise ServerError(f"the atlas {self.atlas.path} has {self.atlas.n_features} features but the SAE has "
-                                  f"{self.n_features}: pass the atlas built from this SAE")
+                raise ServerError(
+                    f"the atlas {self.atlas.path} has {self.atlas.n_features} features but the SAE has "
+                    f"{self.n_features}: pass the atlas built from this SAE"
+                )
             st = self.atlas.stats()
             self.max_acts = np.where(st["max_act"] > 0, st["max_act"], 1.0)
             self.alive = st["n_active"] > 0
@@ -141,7 +148,7 @@ def load_presets(wb: Workbench, dirs=None) -> None:
     from ..steer.presets import preset_dirs
 
     seen = set()
-    for d in (dirs if dirs is not None else preset_dirs()):
+    for d in dirs if dirs is not None else preset_dirs():
         d = Path(d)
         if not d.is_dir():
             continue
@@ -173,10 +180,11 @@ def _vector_sliders(wb: Workbench, name: str, p) -> None:
         except (SteerError, OSError, ValueError) as e:
             wb.notes.append(f"preset {name}, vector {it.label or i} skipped: {e}")
             continue
-        lo, hi = (it.range or ([-2.0, 2.0] if it.op == "add" else [-abs(it.value) * 4 - 1, abs(it.value) * 4 + 1]))
+        lo, hi = it.range or ([-2.0, 2.0] if it.op == "add" else [-abs(it.value) * 4 - 1, abs(it.value) * 4 + 1])
         key = f"{name}.{i}"
-        wb.vectors[key] = VectorSlider(key, it.label or f"{name} #{i}", name, one, it.op, float(it.value),
-                                       (float(lo), float(hi)))
+        wb.vectors[key] = VectorSlider(
+            key, it.label or f"{name} #{i}", name, one, it.op, float(it.value), (float(lo), float(hi))
+        )
 
 
 def _preset_slider(wb: Workbench, name: str, p) -> None:
@@ -211,13 +219,27 @@ def _sweep_beside(wb: Workbench, path: Path, p) -> None:
         return
     for it in p.items:
         if it.type == "feature" and it.feature is not None:
-            wb.sweeps[int(it.feature)] = {"points": pts, "baseline_ppl": base, "suggested": d.get("suggested"),
-                                          "unit": it.unit, "source": sweep.name}
+            wb.sweeps[int(it.feature)] = {
+                "points": pts,
+                "baseline_ppl": base,
+                "suggested": d.get("suggested"),
+                "unit": it.unit,
+                "source": sweep.name,
+            }
 
 
-def load_workbench(model: str = "default", sae: str = "default", atlas: str | None = None, nla: str | None = None,
-                   probes=(), *, status: LoadStatus | None = None, build_tokens: int = FIRST_START_TOKENS,
-                   preset_dirs=None, progress: bool = True) -> Workbench:
+def load_workbench(
+    model: str = "default",
+    sae: str = "default",
+    atlas: str | None = None,
+    nla: str | None = None,
+    probes=(),
+    *,
+    status: LoadStatus | None = None,
+    build_tokens: int = FIRST_START_TOKENS,
+    preset_dirs=None,
+    progress: bool = True,
+) -> Workbench:
     """Load everything `thoughtscope serve` names; build and cache a small atlas when none is given."""
     from ..atlas import Atlas, build_atlas
     from ..atlas.build import AtlasConfig, check_sae_matches
@@ -234,8 +256,11 @@ def load_workbench(model: str = "default", sae: str = "default", atlas: str | No
     if atlas is None:
         out = default_atlas_dir(sae_obj)
         if not (out / "atlas.sqlite").is_file():
-            status.set("building the atlas", f"{build_tokens:,} tokens of the default corpus into {out} (first start "
-                                             f"only; the terminal shows the progress bar)")
+            status.set(
+                "building the atlas",
+                f"{build_tokens:,} tokens of the default corpus into {out} (first start "
+                f"only; the terminal shows the progress bar)",
+            )
             from ..corpus import Corpus
 
             # the atlas defaults keep enough examples for held-out scoring (top 20, 10 bins x 5); 64 random
@@ -245,8 +270,10 @@ def load_workbench(model: str = "default", sae: str = "default", atlas: str | No
         with Atlas.open(out) as built:
             todo = sorted(set(np.flatnonzero(built.stats()["n_active"] > 0).tolist()) - built.explained(None))
             if todo:
-                status.set("writing offline explanations", "over-represented tokens where each feature fires, "
-                                                           "scored on held-out contexts (first start only)")
+                status.set(
+                    "writing offline explanations",
+                    "over-represented tokens where each feature fires, scored on held-out contexts (first start only)",
+                )
                 from ..atlas import explain_offline
 
                 explain_offline(built, tokenizer=lm.tokenizer, features=todo, progress=progress)
@@ -272,8 +299,9 @@ def load_probes(lm, folders) -> dict:
     try:
         from ..probes.probe import load_probe
     except ImportError:
-        raise ServerError("--probe needs thoughtscope.probes with load_probe(folder), which this installation "
-                          "does not have") from None
+        raise ServerError(
+            "--probe needs thoughtscope.probes with load_probe(folder), which this installation does not have"
+        ) from None
     out = {}
     for f in folders:
         name = Path(f).name or str(f)

@@ -61,7 +61,7 @@ def mentions(text: str, keywords: Sequence[str]) -> bool:
 
 def repetition_rate(token_ids: Sequence[int], n: int = 3) -> float:
     """Share of n-grams that already occurred earlier in the same sequence (0 = none repeated)."""
-    grams = [tuple(token_ids[i:i + n]) for i in range(len(token_ids) - n + 1)]
+    grams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
     if not grams:
         return 0.0
     seen, rep = set(), 0
@@ -72,27 +72,29 @@ def repetition_rate(token_ids: Sequence[int], n: int = 3) -> float:
 
 
 @torch.no_grad()
-def perplexity(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
-               *, batch_size: int = 8) -> tuple[float, int]:
+def perplexity(
+    lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]], *, batch_size: int = 8
+) -> tuple[float, int]:
     """exp(mean NLL) of the answer tokens given their prompts under the (unsteered) model; (ppl, n_tokens)."""
     nll, count = 0.0, 0
     pairs = [(list(p), list(a)) for p, a in zip(prompt_ids, answer_ids) if len(a)]
     for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
+        chunk = pairs[i : i + batch_size]
         width = max(len(p) + len(a) for p, a in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         tgt = torch.full_like(ids, -100)
         for b, (p, a) in enumerate(chunk):
             seq = p + a
-            ids[b, :len(seq)] = torch.tensor(seq)
-            mask[b, :len(seq)] = 1
-            tgt[b, len(p):len(seq)] = torch.tensor(a)
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, : len(seq)] = 1
+            tgt[b, len(p) : len(seq)] = torch.tensor(a)
         ids, mask, tgt = ids.to(lm.device), mask.to(lm.device), tgt.to(lm.device)
         logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         t = tgt[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         nll += float(loss)
         count += int((t != -100).sum())
     return (math.exp(nll / count) if count else float("nan")), count
@@ -110,7 +112,7 @@ class SweepPoint:
 @dataclass
 class SweepResult:
     points: list[SweepPoint]
-    baseline: SweepPoint                 # unsteered
+    baseline: SweepPoint  # unsteered
     ppl_bound: float
     suggested: float | None
     concept_method: str
@@ -123,15 +125,29 @@ class SweepResult:
 
     def table(self) -> list[dict]:
         base = self.baseline.perplexity
-        return [{"strength": p.strength, "concept_rate": p.concept_rate, "perplexity": p.perplexity,
-                 "ppl_ratio": p.perplexity / base if base else float("nan"), "repetition": p.repetition}
-                for p in self.points]
+        return [
+            {
+                "strength": p.strength,
+                "concept_rate": p.concept_rate,
+                "perplexity": p.perplexity,
+                "ppl_ratio": p.perplexity / base if base else float("nan"),
+                "repetition": p.repetition,
+            }
+            for p in self.points
+        ]
 
 
-def evaluate(lm: LoadedModel, interventions: Sequence, *, prompts: Sequence[str] = NEUTRAL_PROMPTS,
-             keywords: Sequence[str] = (), judge: Callable[[str], bool] | None = None,
-             config: GenerationConfig | None = None, strength: float = 0.0,
-             keep_samples: int | None = None) -> SweepPoint:
+def evaluate(
+    lm: LoadedModel,
+    interventions: Sequence,
+    *,
+    prompts: Sequence[str] = NEUTRAL_PROMPTS,
+    keywords: Sequence[str] = (),
+    judge: Callable[[str], bool] | None = None,
+    config: GenerationConfig | None = None,
+    strength: float = 0.0,
+    keep_samples: int | None = None,
+) -> SweepPoint:
     """Generate once with the interventions and measure concept rate, perplexity and repetition.
 
     Every answer is kept (`keep_samples` caps them): a rate over 20 answers is read best beside them.
@@ -153,10 +169,18 @@ def suggest(points: Sequence[SweepPoint], baseline_ppl: float, ppl_bound: float)
     return min((p.strength for p in ok if p.concept_rate == best), key=abs)
 
 
-def sweep(lm: LoadedModel, make: Callable[[float], list], strengths: Sequence[float], *,
-          keywords: Sequence[str] = (), judge: Callable[[str], bool] | None = None,
-          prompts: Sequence[str] = NEUTRAL_PROMPTS, config: GenerationConfig | None = None, ppl_bound: float = 2.0,
-          progress: bool = True) -> SweepResult:
+def sweep(
+    lm: LoadedModel,
+    make: Callable[[float], list],
+    strengths: Sequence[float],
+    *,
+    keywords: Sequence[str] = (),
+    judge: Callable[[str], bool] | None = None,
+    prompts: Sequence[str] = NEUTRAL_PROMPTS,
+    config: GenerationConfig | None = None,
+    ppl_bound: float = 2.0,
+    progress: bool = True,
+) -> SweepResult:
     """Sweep one intervention's strength; make(strength) returns the interventions to apply.
 
     make() is called for every strength first, so a bad value fails before anything is generated.
@@ -176,7 +200,7 @@ def sweep(lm: LoadedModel, make: Callable[[float], list], strengths: Sequence[fl
 
     for _, ivs in built:
         Steerer(lm, ivs)  # validation only
-    for p in prompts:      # context-window check before any generation
+    for p in prompts:  # context-window check before any generation
         if len(format_prompt(lm, p, chat=config.chat, system=config.system)) + config.max_new_tokens > lm.max_context:
             raise SteerError(f"prompt {p[:40]!r}… plus max_new_tokens exceeds the context window ({lm.max_context})")
     kw = dict(prompts=prompts, keywords=keywords, judge=judge, config=config)
@@ -188,8 +212,16 @@ def sweep(lm: LoadedModel, make: Callable[[float], list], strengths: Sequence[fl
         for s, ivs in it:
             points.append(evaluate(lm, ivs, strength=s, **kw))
             bar.advance()
-    return SweepResult(points, base, float(ppl_bound), suggest(points, base.perplexity, ppl_bound),
-                       "judge" if judge else "keywords", list(keywords), len(prompts), asdict(config))
+    return SweepResult(
+        points,
+        base,
+        float(ppl_bound),
+        suggest(points, base.perplexity, ppl_bound),
+        "judge" if judge else "keywords",
+        list(keywords),
+        len(prompts),
+        asdict(config),
+    )
 
 
 def plot_sweep(result: SweepResult, path: str | Path, *, title: str = "") -> Path | None:
@@ -232,9 +264,20 @@ def save_sweep(result: SweepResult, path: str | Path) -> Path:
     return path
 
 
-def sweep_preset(lm: LoadedModel, preset, strengths: Sequence[float], *, index: int = 0, keywords: Sequence[str] = (),
-                 judge=None, prompts: Sequence[str] = NEUTRAL_PROMPTS, config: GenerationConfig | None = None,
-                 ppl_bound: float = 2.0, progress: bool = True, store_range: bool = True):
+def sweep_preset(
+    lm: LoadedModel,
+    preset,
+    strengths: Sequence[float],
+    *,
+    index: int = 0,
+    keywords: Sequence[str] = (),
+    judge=None,
+    prompts: Sequence[str] = NEUTRAL_PROMPTS,
+    config: GenerationConfig | None = None,
+    ppl_bound: float = 2.0,
+    progress: bool = True,
+    store_range: bool = True,
+):
     """Sweep item `index` of a preset; returns (SweepResult, preset with range/suggested filled in)."""
     if not 0 <= index < len(preset.items):
         raise SteerError(f"preset {preset.name!r} has {len(preset.items)} interventions; index {index} is out of range")
@@ -246,8 +289,17 @@ def sweep_preset(lm: LoadedModel, preset, strengths: Sequence[float], *, index: 
         return ivs
 
     del others
-    res = sweep(lm, make, strengths, keywords=keywords, judge=judge, prompts=prompts, config=config,
-                ppl_bound=ppl_bound, progress=progress)
+    res = sweep(
+        lm,
+        make,
+        strengths,
+        keywords=keywords,
+        judge=judge,
+        prompts=prompts,
+        config=config,
+        ppl_bound=ppl_bound,
+        progress=progress,
+    )
     out = preset
     if store_range:
         out = preset.with_value(index, res.suggested if res.suggested is not None else preset.items[index].value)

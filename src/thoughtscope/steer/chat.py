@@ -16,8 +16,10 @@ from .generate import GenerationConfig, generate
 from .interventions import FeatureEdit, SteerError
 from .presets import Preset
 
-HELP = ("commands: /set <feature> <value|Nx|off>, /preset <name-or-path>, /off, /show, /clear, /quit; "
-        "anything else is a message")
+HELP = (
+    "commands: /set <feature> <value|Nx|off>, /preset <name-or-path>, /off, /show, /clear, /quit; "
+    "anything else is a message"
+)
 
 
 @dataclass
@@ -112,10 +114,18 @@ class ChatSession:
         return g.text
 
 
-def chat_loop(lm: LoadedModel, *, sae=None, site: str | None = None, preset: Preset | str | None = None,
-              config: GenerationConfig | None = None, input_fn: Callable[[str], str] = input,
-              output_fn: Callable[[str], None] = print, stream_fn: Callable[[str], None] | None = None,
-              max_acts: dict[int, float] | None = None) -> ChatSession:
+def chat_loop(
+    lm: LoadedModel,
+    *,
+    sae=None,
+    site: str | None = None,
+    preset: Preset | str | None = None,
+    config: GenerationConfig | None = None,
+    input_fn: Callable[[str], str] = input,
+    output_fn: Callable[[str], None] = print,
+    stream_fn: Callable[[str], None] | None = None,
+    max_acts: dict[int, float] | None = None,
+) -> ChatSession:
     """Run the chat until /quit or end of input; returns the session (history, sliders) for inspection."""
     if sae is not None and site is None:
         site = getattr(sae.cfg, "site", "") or None

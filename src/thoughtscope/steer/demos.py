@@ -23,9 +23,9 @@ from .interventions import FeatureEdit, VectorEdit
 @dataclass
 class Concept:
     name: str
-    prompts: list[str]        # texts about the concept (contrastive search, positive side)
-    controls: list[str]       # texts about other things
-    keywords: list[str]       # a mention of any counts (whole words, case-insensitive)
+    prompts: list[str]  # texts about the concept (contrastive search, positive side)
+    controls: list[str]  # texts about other things
+    keywords: list[str]  # a mention of any counts (whole words, case-insensitive)
     evoke: list[str] = field(default_factory=list)  # questions that normally make the model mention it
 
 
@@ -47,94 +47,229 @@ _CONTROLS = [
 CONCEPTS: dict[str, Concept] = {
     "golden_gate": Concept(
         "golden_gate",
-        ["The Golden Gate Bridge spans the strait at the entrance to San Francisco Bay.",
-         "We drove across the Golden Gate Bridge in the fog.",
-         "San Francisco is famous for the Golden Gate Bridge and its cable cars.",
-         "The suspension bridge was painted international orange.",
-         "Tourists walk across the bridge to take photos of the bay.",
-         "The bridge towers rose above the fog over San Francisco.",
-         "A long suspension bridge connects the city to Marin County.",
-         "The bridge over the bay opened in 1937."],
-        _CONTROLS, ["bridge", "bridges", "golden gate", "san francisco"],
-        ["Tell me about a famous landmark in San Francisco.", "What is the Golden Gate?",
-         "Describe a famous bridge.", "What should I see in San Francisco?"]),
+        [
+            "The Golden Gate Bridge spans the strait at the entrance to San Francisco Bay.",
+            "We drove across the Golden Gate Bridge in the fog.",
+            "San Francisco is famous for the Golden Gate Bridge and its cable cars.",
+            "The suspension bridge was painted international orange.",
+            "Tourists walk across the bridge to take photos of the bay.",
+            "The bridge towers rose above the fog over San Francisco.",
+            "A long suspension bridge connects the city to Marin County.",
+            "The bridge over the bay opened in 1937.",
+        ],
+        _CONTROLS,
+        ["bridge", "bridges", "golden gate", "san francisco"],
+        [
+            "Tell me about a famous landmark in San Francisco.",
+            "What is the Golden Gate?",
+            "Describe a famous bridge.",
+            "What should I see in San Francisco?",
+        ],
+    ),
     "music": Concept(
         "music",
-        ["She played a song on the guitar and everyone sang along.",
-         "The orchestra performed a symphony by Beethoven.",
-         "This program plays music files such as MP3 and Ogg Vorbis.",
-         "He listens to jazz and classical music every evening.",
-         "The band released a new album with ten songs.",
-         "An audio player with playlists and a music library.",
-         "The piano melody was soft and beautiful.",
-         "They danced to the music at the concert."],
-        _CONTROLS, ["music", "musical", "song", "songs", "melody", "guitar", "piano", "concert", "band", "sing",
-                    "singing", "album", "audio"],
-        ["What do you do to relax?", "What is your favourite hobby?", "Describe a fun evening.",
-         "What can make a party better?"]),
+        [
+            "She played a song on the guitar and everyone sang along.",
+            "The orchestra performed a symphony by Beethoven.",
+            "This program plays music files such as MP3 and Ogg Vorbis.",
+            "He listens to jazz and classical music every evening.",
+            "The band released a new album with ten songs.",
+            "An audio player with playlists and a music library.",
+            "The piano melody was soft and beautiful.",
+            "They danced to the music at the concert.",
+        ],
+        _CONTROLS,
+        [
+            "music",
+            "musical",
+            "song",
+            "songs",
+            "melody",
+            "guitar",
+            "piano",
+            "concert",
+            "band",
+            "sing",
+            "singing",
+            "album",
+            "audio",
+        ],
+        [
+            "What do you do to relax?",
+            "What is your favourite hobby?",
+            "Describe a fun evening.",
+            "What can make a party better?",
+        ],
+    ),
     "ocean": Concept(
         "ocean",
-        ["The waves crashed on the beach as the tide came in.",
-         "Whales and dolphins swim in the deep blue ocean.",
-         "The ship sailed across the sea for many weeks.",
-         "We collected shells on the sandy shore.",
-         "The coral reef is full of colourful fish.",
-         "Sailors watched the horizon over the open sea.",
-         "The ocean covers most of the surface of the Earth.",
-         "A storm at sea made the waves very high."],
-        _CONTROLS, ["ocean", "sea", "seas", "beach", "waves", "wave", "ship", "sailing", "fish", "shore", "coast",
-                    "water"],
-        ["Where would you like to go on holiday?", "Describe a beautiful view.", "What animals do you like?",
-         "Describe a relaxing place.", "Describe a day at the beach.", "What lives in the ocean?",
-         "Write a short poem about the sea.", "What do sailors do?", "Why is the sea salty?",
-         "Tell me about whales.", "What can you do at the seaside?", "Describe a coral reef."]),
+        [
+            "The waves crashed on the beach as the tide came in.",
+            "Whales and dolphins swim in the deep blue ocean.",
+            "The ship sailed across the sea for many weeks.",
+            "We collected shells on the sandy shore.",
+            "The coral reef is full of colourful fish.",
+            "Sailors watched the horizon over the open sea.",
+            "The ocean covers most of the surface of the Earth.",
+            "A storm at sea made the waves very high.",
+        ],
+        _CONTROLS,
+        ["ocean", "sea", "seas", "beach", "waves", "wave", "ship", "sailing", "fish", "shore", "coast", "water"],
+        [
+            "Where would you like to go on holiday?",
+            "Describe a beautiful view.",
+            "What animals do you like?",
+            "Describe a relaxing place.",
+            "Describe a day at the beach.",
+            "What lives in the ocean?",
+            "Write a short poem about the sea.",
+            "What do sailors do?",
+            "Why is the sea salty?",
+            "Tell me about whales.",
+            "What can you do at the seaside?",
+            "Describe a coral reef.",
+        ],
+    ),
     # Added after reading what ocean feature 3448 does when clamped (it writes about the sun, the moon, the
     # sky and light): a concept of its own with its own texts; keywords fixed before any sweep was run.
     "sky": Concept(
         "sky",
-        ["The sun rose over the hills and the sky turned gold.",
-         "At night the moon and the stars shone in the dark sky.",
-         "White clouds drifted slowly across the blue sky.",
-         "The sunset painted the sky orange and pink.",
-         "Moonlight fell softly on the quiet field.",
-         "We lay on the grass and watched the stars come out.",
-         "Sunlight streamed through the clouds after the rain.",
-         "The full moon rose above the horizon."],
-        _CONTROLS, ["sky", "skies", "sun", "sunny", "sunlight", "sunshine", "sunset", "sunsets", "sunrise", "moon",
-                    "moonlight", "star", "stars", "starry", "starlight", "cloud", "clouds", "celestial", "horizon",
-                    "dawn", "twilight"],
-        ["Describe the night sky.", "Why is the sky blue?", "Describe a sunset.", "Tell me about the Moon.",
-         "What do you see when you look up on a clear night?", "Write a short poem about the stars.",
-         "What is the weather like on a summer day?", "Describe the view from a mountain top at dawn.",
-         "Why do we have day and night?", "What are clouds made of?", "Describe a morning at the lake.",
-         "What makes a beautiful evening?"]),
+        [
+            "The sun rose over the hills and the sky turned gold.",
+            "At night the moon and the stars shone in the dark sky.",
+            "White clouds drifted slowly across the blue sky.",
+            "The sunset painted the sky orange and pink.",
+            "Moonlight fell softly on the quiet field.",
+            "We lay on the grass and watched the stars come out.",
+            "Sunlight streamed through the clouds after the rain.",
+            "The full moon rose above the horizon.",
+        ],
+        _CONTROLS,
+        [
+            "sky",
+            "skies",
+            "sun",
+            "sunny",
+            "sunlight",
+            "sunshine",
+            "sunset",
+            "sunsets",
+            "sunrise",
+            "moon",
+            "moonlight",
+            "star",
+            "stars",
+            "starry",
+            "starlight",
+            "cloud",
+            "clouds",
+            "celestial",
+            "horizon",
+            "dawn",
+            "twilight",
+        ],
+        [
+            "Describe the night sky.",
+            "Why is the sky blue?",
+            "Describe a sunset.",
+            "Tell me about the Moon.",
+            "What do you see when you look up on a clear night?",
+            "Write a short poem about the stars.",
+            "What is the weather like on a summer day?",
+            "Describe the view from a mountain top at dawn.",
+            "Why do we have day and night?",
+            "What are clouds made of?",
+            "Describe a morning at the lake.",
+            "What makes a beautiful evening?",
+        ],
+    ),
     "dogs": Concept(
         "dogs",
-        ["The dog wagged its tail and barked.", "We took the puppy for a walk in the park.",
-         "My dog loves to fetch the ball.", "The dog slept in its bed by the fire.", "She trained her puppy to sit.",
-         "The dog chased the cat up a tree.", "Dogs are loyal companions.", "He fed the dog after the walk."],
-        _CONTROLS, ["dog", "dogs", "puppy", "puppies", "bark", "barking", "barked", "canine", "leash"],
-        ["What pet should I get?", "Tell me about a loyal animal.", "What animals do you like?",
-         "Describe a walk in the park with a pet.", "What makes a good pet?", "Write a short story about a pet.",
-         "What animal is man's best friend?", "How do I train a puppy?", "What do pets need every day?",
-         "Describe a family pet.", "What animals live with people?", "Tell me about guide animals."]),
+        [
+            "The dog wagged its tail and barked.",
+            "We took the puppy for a walk in the park.",
+            "My dog loves to fetch the ball.",
+            "The dog slept in its bed by the fire.",
+            "She trained her puppy to sit.",
+            "The dog chased the cat up a tree.",
+            "Dogs are loyal companions.",
+            "He fed the dog after the walk.",
+        ],
+        _CONTROLS,
+        ["dog", "dogs", "puppy", "puppies", "bark", "barking", "barked", "canine", "leash"],
+        [
+            "What pet should I get?",
+            "Tell me about a loyal animal.",
+            "What animals do you like?",
+            "Describe a walk in the park with a pet.",
+            "What makes a good pet?",
+            "Write a short story about a pet.",
+            "What animal is man's best friend?",
+            "How do I train a puppy?",
+            "What do pets need every day?",
+            "Describe a family pet.",
+            "What animals live with people?",
+            "Tell me about guide animals.",
+        ],
+    ),
     "space": Concept(
         "space",
-        ["The astronauts travelled to the Moon in a rocket.", "Stars and galaxies fill the night sky.",
-         "The planet Mars is red and dusty.", "A telescope lets us see distant galaxies.",
-         "The rocket launched into orbit around the Earth.", "The Sun is a star at the centre of our solar system.",
-         "Astronomers discovered a new planet.", "The space station orbits the Earth."],
-        _CONTROLS, ["space", "planet", "planets", "star", "stars", "rocket", "galaxy", "galaxies", "moon", "orbit",
-                    "astronaut", "astronauts", "universe", "solar"],
-        ["What is in the night sky?", "Tell me about the Moon.", "What do astronauts do?",
-         "Describe the solar system.", "What is a galaxy?", "Why do stars shine?"]),
+        [
+            "The astronauts travelled to the Moon in a rocket.",
+            "Stars and galaxies fill the night sky.",
+            "The planet Mars is red and dusty.",
+            "A telescope lets us see distant galaxies.",
+            "The rocket launched into orbit around the Earth.",
+            "The Sun is a star at the centre of our solar system.",
+            "Astronomers discovered a new planet.",
+            "The space station orbits the Earth.",
+        ],
+        _CONTROLS,
+        [
+            "space",
+            "planet",
+            "planets",
+            "star",
+            "stars",
+            "rocket",
+            "galaxy",
+            "galaxies",
+            "moon",
+            "orbit",
+            "astronaut",
+            "astronauts",
+            "universe",
+            "solar",
+        ],
+        [
+            "What is in the night sky?",
+            "Tell me about the Moon.",
+            "What do astronauts do?",
+            "Describe the solar system.",
+            "What is a galaxy?",
+            "Why do stars shine?",
+        ],
+    ),
 }
 
 
-def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples: Sequence[float] = (0, 2, 4, 6, 8, 10),
-                 candidates: int = 3, ppl_bound: float = 2.0, config: GenerationConfig | None = None,
-                 prompts: Sequence[str] = NEUTRAL_PROMPTS, progress: bool = True, features: Sequence[int] = (),
-                 plot: str | Path | None = None, combine: bool = False, positions: str = "all") -> dict:
+def concept_demo(
+    lm: LoadedModel,
+    sae,
+    site: str,
+    concept: Concept,
+    *,
+    multiples: Sequence[float] = (0, 2, 4, 6, 8, 10),
+    candidates: int = 3,
+    ppl_bound: float = 2.0,
+    config: GenerationConfig | None = None,
+    prompts: Sequence[str] = NEUTRAL_PROMPTS,
+    progress: bool = True,
+    features: Sequence[int] = (),
+    plot: str | Path | None = None,
+    combine: bool = False,
+    positions: str = "all",
+) -> dict:
     """Issue point 6a. Tries the top `candidates` contrastive features and keeps the best calibrated one.
 
     `features` restricts the sweep to those ids (each must be among the top 10 of the search, so the
@@ -148,13 +283,14 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
         by_id = {f.feature: f for f in ranked}
         missing = [f for f in features if f not in by_id]
         if missing:
-            raise ValueError(f"features {missing} are not among the top {len(ranked)} contrastive features for "
-                             f"{concept.name!r}: {[f.feature for f in ranked]}")
+            raise ValueError(
+                f"features {missing} are not among the top {len(ranked)} contrastive features for "
+                f"{concept.name!r}: {[f.feature for f in ranked]}"
+            )
         found = [by_id[f] for f in features]
     else:
         found = ranked[:candidates]
-    maxes = feature_max_acts(lm, sae, site, list(concept.prompts) + list(concept.controls),
-                             [f.feature for f in found])
+    maxes = feature_max_acts(lm, sae, site, list(concept.prompts) + list(concept.controls), [f.feature for f in found])
     tried = []
     best = None
     sweeps = {}
@@ -165,41 +301,73 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
         ids, ms = [g[0].feature for g in group], [g[1] for g in group]
 
         def make(s, ids=ids, ms=ms):
-            return [FeatureEdit(sae, f, "clamp", s, unit="max", max_act=mm, site=site, positions=positions)
-                    for f, mm in zip(ids, ms)]
+            return [
+                FeatureEdit(sae, f, "clamp", s, unit="max", max_act=mm, site=site, positions=positions)
+                for f, mm in zip(ids, ms)
+            ]
 
-        res = sweep(lm, make, list(multiples), keywords=concept.keywords, prompts=prompts, config=config,
-                    ppl_bound=ppl_bound, progress=progress)
+        res = sweep(
+            lm,
+            make,
+            list(multiples),
+            keywords=concept.keywords,
+            prompts=prompts,
+            config=config,
+            ppl_bound=ppl_bound,
+            progress=progress,
+        )
         sweeps[fs.feature] = res
-        row = {"feature": fs.feature, "score": fs.score, "max_act": m, "features": ids, "max_acts": ms,
-               "suggested_multiple": res.suggested,
-               "sweep": res.table(), "baseline": {"concept_rate": res.baseline.concept_rate,
-                                                   "perplexity": res.baseline.perplexity}}
+        row = {
+            "feature": fs.feature,
+            "score": fs.score,
+            "max_act": m,
+            "features": ids,
+            "max_acts": ms,
+            "suggested_multiple": res.suggested,
+            "sweep": res.table(),
+            "baseline": {"concept_rate": res.baseline.concept_rate, "perplexity": res.baseline.perplexity},
+        }
         if res.suggested is not None:
             pt = next(p for p in res.points if p.strength == res.suggested)
             row.update(concept_rate=pt.concept_rate, ppl_ratio=pt.perplexity / res.baseline.perplexity)
             if best is None or pt.concept_rate > best["concept_rate"]:
                 best = row
         tried.append(row)
-    out = {"concept": concept.name, "site": site, "positions": positions, "score": "z (see thoughtscope.features)",
-           "concept_method": "keywords", "keywords": concept.keywords, "ppl_bound": ppl_bound,
-           "n_prompts": len(prompts), "search_top10": [(f.feature, round(f.score, 3)) for f in ranked[:10]],
-           "candidates": tried, "best": best, "generation": asdict(config)}
+    out = {
+        "concept": concept.name,
+        "site": site,
+        "positions": positions,
+        "score": "z (see thoughtscope.features)",
+        "concept_method": "keywords",
+        "keywords": concept.keywords,
+        "ppl_bound": ppl_bound,
+        "n_prompts": len(prompts),
+        "search_top10": [(f.feature, round(f.score, 3)) for f in ranked[:10]],
+        "candidates": tried,
+        "best": best,
+        "generation": asdict(config),
+    }
     # Plot / keep samples of the best candidate, or, when none stays within the bound, of the one with the
     # highest concept rate at any strength (so a failed calibration is still shown).
     shown = best or max(tried, key=lambda r: max(p["concept_rate"] for p in r["sweep"]), default=None)
     if shown is not None:
         if plot is not None:
             feats = ", ".join(map(str, shown["features"]))
-            plot_sweep(sweeps[shown["feature"]], plot, title=f"{concept.name}: feature(s) {feats} clamped "
-                       f"(x own max act), {len(prompts)} neutral questions")
+            plot_sweep(
+                sweeps[shown["feature"]],
+                plot,
+                title=f"{concept.name}: feature(s) {feats} clamped (x own max act), {len(prompts)} neutral questions",
+            )
             out["plot"] = str(plot)
         for pt in sweeps[shown["feature"]].points:
             out.setdefault("samples_by_strength", {})[str(pt.strength)] = pt.samples
     if best is not None:
-        ivs = [FeatureEdit(sae, f, "clamp", best["suggested_multiple"], unit="max", max_act=mm, site=site,
-                           positions=positions)
-               for f, mm in zip(best["features"], best["max_acts"])]
+        ivs = [
+            FeatureEdit(
+                sae, f, "clamp", best["suggested_multiple"], unit="max", max_act=mm, site=site, positions=positions
+            )
+            for f, mm in zip(best["features"], best["max_acts"])
+        ]
         side = compare(lm, list(prompts[:3]), ivs, config)
         out["side_by_side"] = [asdict(c) for c in side]
         out["passed"] = best["concept_rate"] >= 0.6 and best["ppl_ratio"] <= ppl_bound
@@ -208,23 +376,45 @@ def concept_demo(lm: LoadedModel, sae, site: str, concept: Concept, *, multiples
     return out
 
 
-def suppression_demo(lm: LoadedModel, sae, site: str, concept: Concept, feature: int, max_act: float, *,
-                     multiple: float = -2.0, config: GenerationConfig | None = None) -> dict:
+def suppression_demo(
+    lm: LoadedModel,
+    sae,
+    site: str,
+    concept: Concept,
+    feature: int,
+    max_act: float,
+    *,
+    multiple: float = -2.0,
+    config: GenerationConfig | None = None,
+) -> dict:
     """Issue point 6b: mention rate on concept-evoking prompts, before and after suppressing the feature."""
     config = config or GenerationConfig(**DEFAULT_SWEEP_CONFIG)
     prompts = concept.evoke or concept.prompts
     kw = dict(prompts=prompts, keywords=concept.keywords, config=config)
     before = evaluate(lm, [], **kw)
-    clamp_neg = evaluate(lm, [FeatureEdit(sae, feature, "clamp", multiple, unit="max", max_act=max_act, site=site)],
-                         strength=multiple, **kw)
+    clamp_neg = evaluate(
+        lm,
+        [FeatureEdit(sae, feature, "clamp", multiple, unit="max", max_act=max_act, site=site)],
+        strength=multiple,
+        **kw,
+    )
     proj = evaluate(lm, [VectorEdit(sae.W_dec[feature].detach(), site, "project_out")], **kw)
-    return {"concept": concept.name, "feature": feature, "site": site, "n_prompts": len(prompts),
-            "concept_method": "keywords",
-            "before": {"mention_rate": before.concept_rate, "perplexity": before.perplexity},
-            "clamp": {"multiple_of_max": multiple, "mention_rate": clamp_neg.concept_rate,
-                      "perplexity": clamp_neg.perplexity},
-            "project_out": {"mention_rate": proj.concept_rate, "perplexity": proj.perplexity},
-            "samples_before": before.samples, "samples_after": clamp_neg.samples}
+    return {
+        "concept": concept.name,
+        "feature": feature,
+        "site": site,
+        "n_prompts": len(prompts),
+        "concept_method": "keywords",
+        "before": {"mention_rate": before.concept_rate, "perplexity": before.perplexity},
+        "clamp": {
+            "multiple_of_max": multiple,
+            "mention_rate": clamp_neg.concept_rate,
+            "perplexity": clamp_neg.perplexity,
+        },
+        "project_out": {"mention_rate": proj.concept_rate, "perplexity": proj.perplexity},
+        "samples_before": before.samples,
+        "samples_after": clamp_neg.samples,
+    }
 
 
 def default_steering_path() -> Path:
@@ -237,8 +427,10 @@ def load_default_steering() -> dict:
 
     p = default_steering_path()
     if not p.is_file():
-        raise FileNotFoundError(f"{p} is missing: run `python scripts/steer_demo.py concept ... --json ...` and "
-                                "write its best feature there (keys feature, max_act, multiple, site, concept)")
+        raise FileNotFoundError(
+            f"{p} is missing: run `python scripts/steer_demo.py concept ... --json ...` and "
+            "write its best feature there (keys feature, max_act, multiple, site, concept)"
+        )
     d = json.loads(p.read_text())
     for k in ("feature", "max_act", "multiple", "site"):
         if k not in d:
@@ -249,8 +441,9 @@ def load_default_steering() -> dict:
 DEMO_PROMPTS = ["What is a good way to start the morning?", "Tell me something interesting."]
 
 
-def default_demo(lm: LoadedModel, console=None, max_new_tokens: int = 32,
-                 prompts: Sequence[str] = DEMO_PROMPTS) -> list:
+def default_demo(
+    lm: LoadedModel, console=None, max_new_tokens: int = 32, prompts: Sequence[str] = DEMO_PROMPTS
+) -> list:
     """`thoughtscope demo`'s steering stage: the calibrated concept clamp on the default SAE, unsteered vs
     steered from the same seed, printed side by side. Returns the comparisons."""
     from rich.console import Console
@@ -261,13 +454,26 @@ def default_demo(lm: LoadedModel, console=None, max_new_tokens: int = 32,
     console = console or Console()
     d = load_default_steering()
     sae = load_sae("default").eval().requires_grad_(False)
-    ivs = [FeatureEdit(sae, int(d["feature"]), "clamp", float(d["multiple"]), unit="max",
-                       max_act=float(d["max_act"]), site=d["site"], positions=d.get("positions", "all"))]
+    ivs = [
+        FeatureEdit(
+            sae,
+            int(d["feature"]),
+            "clamp",
+            float(d["multiple"]),
+            unit="max",
+            max_act=float(d["max_act"]),
+            site=d["site"],
+            positions=d.get("positions", "all"),
+        )
+    ]
     cfg = GenerationConfig(**{**DEFAULT_SWEEP_CONFIG, "max_new_tokens": int(max_new_tokens)})
     side = compare(lm, list(prompts), ivs, cfg)
-    t = Table(title=f"steering: feature {d['feature']} ({d.get('concept', 'concept')}) clamped to "
-                    f"{d['multiple']}x its max activation at {d['site']} "
-                    f"({d.get('positions', 'all')} positions)", show_lines=True)
+    t = Table(
+        title=f"steering: feature {d['feature']} ({d.get('concept', 'concept')}) clamped to "
+        f"{d['multiple']}x its max activation at {d['site']} "
+        f"({d.get('positions', 'all')} positions)",
+        show_lines=True,
+    )
     t.add_column("prompt", max_width=24)
     t.add_column("unsteered")
     t.add_column("steered")
@@ -275,7 +481,9 @@ def default_demo(lm: LoadedModel, console=None, max_new_tokens: int = 32,
         t.add_row(str(c.prompt), c.unsteered.strip(), c.steered.strip())
     console.print(t)
     if "concept_rate" in d:
-        console.print(f"calibrated on 20 neutral questions: {100 * d['concept_rate']:.0f}% of steered answers mention "
-                      f"{d.get('concept', 'it')} (unsteered {100 * d.get('baseline_rate', 0):.0f}%), perplexity "
-                      f"{d.get('ppl_ratio', float('nan')):.2f}x unsteered")
+        console.print(
+            f"calibrated on 20 neutral questions: {100 * d['concept_rate']:.0f}% of steered answers mention "
+            f"{d.get('concept', 'it')} (unsteered {100 * d.get('baseline_rate', 0):.0f}%), perplexity "
+            f"{d.get('ppl_ratio', float('nan')):.2f}x unsteered"
+        )
     return side

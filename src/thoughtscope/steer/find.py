@@ -40,8 +40,8 @@ class FindConfig:
     """Budget knobs. Screening: `n_screen` questions, `screen_tokens` new tokens, the handle's coarse grid.
     Calibration: every question, `max_new_tokens`, a fine grid around the best screening strength."""
 
-    n_features: int = 4            # per ranking (input contrast, output effect)
-    caa_sites: Sequence[str] | None = None   # default: the SAE's site and layers at 1/3 and 2/3 depth
+    n_features: int = 4  # per ranking (input contrast, output effect)
+    caa_sites: Sequence[str] | None = None  # default: the SAE's site and layers at 1/3 and 2/3 depth
     n_screen: int = 6
     screen_tokens: int = 24
     n_calibrate: int = 3
@@ -61,23 +61,36 @@ class FindConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "n_features" else 1):
                 raise SteerError(f"FindConfig.{name} must be a positive integer, got {v!r}")
         if not self.ppl_bound > 1:
-            raise SteerError(f"FindConfig.ppl_bound must be > 1 (a multiple of the unsteered perplexity), "
-                             f"got {self.ppl_bound}")
+            raise SteerError(
+                f"FindConfig.ppl_bound must be > 1 (a multiple of the unsteered perplexity), got {self.ppl_bound}"
+            )
         for name in ("feature_grid", "vector_grid", "fine_steps"):
             g = list(getattr(self, name))
             if not g or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in g):
                 raise SteerError(f"FindConfig.{name} must be positive finite numbers, got {g!r}")
 
     def generation(self, tokens: int, seed: int | None = None) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=tokens, temperature=self.temperature, top_p=self.top_p,
-                                seed=self.seed if seed is None else seed)
+        return GenerationConfig(
+            max_new_tokens=tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed if seed is None else seed,
+        )
 
 
 def _point(p: SweepPoint, base: SweepPoint, stage: str, handle: str, n_q: int) -> dict:
     ratio = p.perplexity / base.perplexity if base.perplexity else float("nan")
-    return {"handle": handle, "stage": stage, "strength": p.strength, "concept_rate": p.concept_rate,
-            "perplexity": p.perplexity, "perplexity_ratio": ratio, "repetition": p.repetition,
-            "n_questions": n_q, "answers": list(p.samples)}
+    return {
+        "handle": handle,
+        "stage": stage,
+        "strength": p.strength,
+        "concept_rate": p.concept_rate,
+        "perplexity": p.perplexity,
+        "perplexity_ratio": ratio,
+        "repetition": p.repetition,
+        "n_questions": n_q,
+        "answers": list(p.samples),
+    }
 
 
 def _best(points: Sequence[dict], bound: float) -> dict | None:
@@ -90,25 +103,34 @@ def _best(points: Sequence[dict], bound: float) -> dict | None:
 class FindResult:
     concept: Concept
     config: dict
-    baseline: dict                 # unsteered, all questions
-    prompt_only: dict              # "mention X" in the system prompt, same questions
+    baseline: dict  # unsteered, all questions
+    prompt_only: dict  # "mention X" in the system prompt, same questions
     handles: list[dict]
-    frontier: list[dict]           # every calibration point
+    frontier: list[dict]  # every calibration point
     best: dict | None
     seconds: float
     questions: list[str]
 
     def to_dict(self) -> dict:
-        return {"concept": asdict(self.concept), "config": self.config, "questions": self.questions,
-                "baseline": self.baseline, "prompt_only": self.prompt_only, "handles": self.handles,
-                "frontier": self.frontier, "best": self.best, "seconds": self.seconds}
+        return {
+            "concept": asdict(self.concept),
+            "config": self.config,
+            "questions": self.questions,
+            "baseline": self.baseline,
+            "prompt_only": self.prompt_only,
+            "handles": self.handles,
+            "frontier": self.frontier,
+            "best": self.best,
+            "seconds": self.seconds,
+        }
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
 
 
-def _prompt_only(lm: LoadedModel, concept: Concept, questions: Sequence[str], gen: GenerationConfig,
-                 base: SweepPoint) -> dict:
+def _prompt_only(
+    lm: LoadedModel, concept: Concept, questions: Sequence[str], gen: GenerationConfig, base: SweepPoint
+) -> dict:
     """Ask for the concept in the instructions; score the answers as answers to the plain questions."""
     from .calibrate import perplexity, repetition_rate
     from .generate import format_prompt, generate
@@ -129,9 +151,16 @@ def _prompt_only(lm: LoadedModel, concept: Concept, questions: Sequence[str], ge
     return out
 
 
-def find_handle(lm: LoadedModel, sae, concept: Concept, *, questions: Sequence[str] = NEUTRAL_PROMPTS,
-                config: FindConfig | None = None, handles: Sequence[Handle] | None = None,
-                progress: bool = True) -> FindResult:
+def find_handle(
+    lm: LoadedModel,
+    sae,
+    concept: Concept,
+    *,
+    questions: Sequence[str] = NEUTRAL_PROMPTS,
+    config: FindConfig | None = None,
+    handles: Sequence[Handle] | None = None,
+    progress: bool = True,
+) -> FindResult:
     """Search handles for `concept`, screen them cheaply, calibrate the best few (see module doc).
 
     `handles` replaces the automatic candidates (e.g. to calibrate a feature you already have in mind).
@@ -149,8 +178,9 @@ def find_handle(lm: LoadedModel, sae, concept: Concept, *, questions: Sequence[s
     full_work = (2 + 1 + config.n_calibrate * len(config.fine_steps)) * len(questions) * config.max_new_tokens
     scfg, fcfg = config.generation(config.screen_tokens), config.generation(config.max_new_tokens)
     report: dict[str, dict] = {h.id: {**h.describe(), "screen": [], "calibration": [], "status": ""} for h in handles}
-    with ProgressBar(f"steer find {concept.name}", screen_work + full_work, unit="answer tokens",
-                     enabled=progress) as bar:
+    with ProgressBar(
+        f"steer find {concept.name}", screen_work + full_work, unit="answer tokens", enabled=progress
+    ) as bar:
         done = 0
 
         def tick(n_q: int, tokens: int, info: str) -> None:
@@ -163,8 +193,14 @@ def find_handle(lm: LoadedModel, sae, concept: Concept, *, questions: Sequence[s
         for h in handles:
             pts = []
             for s in sorted(h.grid):
-                pt = evaluate(lm, h.interventions(sae, s, config.positions), prompts=screen_q,
-                              judge=concept.mentioned, config=scfg, strength=s)
+                pt = evaluate(
+                    lm,
+                    h.interventions(sae, s, config.positions),
+                    prompts=screen_q,
+                    judge=concept.mentioned,
+                    config=scfg,
+                    strength=s,
+                )
                 p = _point(pt, sbase, "screen", h.id, len(screen_q))
                 pts.append(p)
                 tick(len(screen_q), config.screen_tokens, h.id)
@@ -180,7 +216,7 @@ def find_handle(lm: LoadedModel, sae, concept: Concept, *, questions: Sequence[s
                 screened.append((best["concept_rate"], -best["perplexity_ratio"], h, best["strength"]))
         screened.sort(key=lambda t: (t[0], t[1]), reverse=True)
         chosen = screened[: config.n_calibrate]
-        for _, _, h, _ in screened[config.n_calibrate:]:
+        for _, _, h, _ in screened[config.n_calibrate :]:
             report[h.id]["status"] = "screened, not among the best for calibration"
         base = evaluate(lm, [], prompts=questions, judge=concept.mentioned, config=fcfg, keep_samples=len(questions))
         baseline = _point(base, base, "baseline", "unsteered", len(questions))
@@ -191,8 +227,14 @@ def find_handle(lm: LoadedModel, sae, concept: Concept, *, questions: Sequence[s
         for _, _, h, s_star in chosen:
             for m in config.fine_steps:
                 s = round(s_star * m, 6)
-                pt = evaluate(lm, h.interventions(sae, s, config.positions), prompts=questions,
-                              judge=concept.mentioned, config=fcfg, strength=s)
+                pt = evaluate(
+                    lm,
+                    h.interventions(sae, s, config.positions),
+                    prompts=questions,
+                    judge=concept.mentioned,
+                    config=fcfg,
+                    strength=s,
+                )
                 p = _point(pt, base, "calibration", h.id, len(questions))
                 report[h.id]["calibration"].append(p)
                 frontier.append(p)
@@ -205,25 +247,59 @@ def find_handle(lm: LoadedModel, sae, concept: Concept, *, questions: Sequence[s
             h = next(x for x in handles if x.id == best["handle"])
             # the winner is picked on seed `seed`; a second seed shows how much of that was luck
             again = config.generation(config.max_new_tokens, seed=config.seed + 1)
-            check = _point(evaluate(lm, h.interventions(sae, best["strength"], config.positions), prompts=questions,
-                                    judge=concept.mentioned, config=again, strength=best["strength"], keep_samples=0),
-                           evaluate(lm, [], prompts=questions, judge=concept.mentioned, config=again, keep_samples=0),
-                           "check", h.id, len(questions))
+            check = _point(
+                evaluate(
+                    lm,
+                    h.interventions(sae, best["strength"], config.positions),
+                    prompts=questions,
+                    judge=concept.mentioned,
+                    config=again,
+                    strength=best["strength"],
+                    keep_samples=0,
+                ),
+                evaluate(lm, [], prompts=questions, judge=concept.mentioned, config=again, keep_samples=0),
+                "check",
+                h.id,
+                len(questions),
+            )
             tick(len(questions), config.max_new_tokens, "second seed")
-            best_out = {"kind": h.kind, "id": h.id, "site": h.site, "feature": h.feature,
-                        "strength": best["strength"], "unit": "x max" if h.kind == "feature" else "x median norm",
-                        "concept_rate": best["concept_rate"], "perplexity_ratio": best["perplexity_ratio"],
-                        "repetition": best["repetition"], "positions": config.positions,
-                        "max_act": h.max_act, "max_source": h.max_source,
-                        "range": [min(p["strength"] for p in report[h.id]["calibration"]),
-                                  max(p["strength"] for p in report[h.id]["calibration"])],
-                        "second_seed": {"seed": config.seed + 1, "concept_rate": check["concept_rate"],
-                                        "perplexity_ratio": check["perplexity_ratio"]},
-                        "found_by": h.found_by}
+            best_out = {
+                "kind": h.kind,
+                "id": h.id,
+                "site": h.site,
+                "feature": h.feature,
+                "strength": best["strength"],
+                "unit": "x max" if h.kind == "feature" else "x median norm",
+                "concept_rate": best["concept_rate"],
+                "perplexity_ratio": best["perplexity_ratio"],
+                "repetition": best["repetition"],
+                "positions": config.positions,
+                "max_act": h.max_act,
+                "max_source": h.max_source,
+                "range": [
+                    min(p["strength"] for p in report[h.id]["calibration"]),
+                    max(p["strength"] for p in report[h.id]["calibration"]),
+                ],
+                "second_seed": {
+                    "seed": config.seed + 1,
+                    "concept_rate": check["concept_rate"],
+                    "perplexity_ratio": check["perplexity_ratio"],
+                },
+                "found_by": h.found_by,
+            }
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     cfg["caa_sites"] = [h.site for h in handles if h.kind == "caa"]
-    result = FindResult(concept, cfg, baseline, prompt_only, list(report.values()), frontier, best_out,
-                        round(time.perf_counter() - t0, 1), list(questions))
+    result = FindResult(
+        concept,
+        cfg,
+        baseline,
+        prompt_only,
+        list(report.values()),
+        frontier,
+        best_out,
+        round(time.perf_counter() - t0, 1),
+        list(questions),
+    )
     result._handles = {h.id: h for h in handles}  # for save_preset
     return result
 
@@ -249,23 +325,46 @@ def save_preset(result: FindResult, sae, path: str | Path) -> Path:
     from .vectors import SteeringVector
 
     if result.best is None:
-        raise SteerError(f"no handle for {result.concept.name!r} raised the concept rate within the perplexity "
-                         f"bound; nothing to save")
+        raise SteerError(
+            f"no handle for {result.concept.name!r} raised the concept rate within the perplexity "
+            f"bound; nothing to save"
+        )
     path = Path(path)
     best = result.best
     h: Handle = result._handles[best["id"]]
-    common = dict(value=float(best["strength"]), positions=best["positions"], label=result.concept.name,
-                  range=[float(x) for x in best["range"]], suggested=float(best["strength"]))
+    common = dict(
+        value=float(best["strength"]),
+        positions=best["positions"],
+        label=result.concept.name,
+        range=[float(x) for x in best["range"]],
+        suggested=float(best["strength"]),
+    )
     if h.kind == "feature":
-        item = PresetItem("feature", "clamp", h.site, feature=h.feature, unit="max", max_act=float(h.max_act),
-                          sae=_sae_spec(sae, path.parent), **common)
+        item = PresetItem(
+            "feature",
+            "clamp",
+            h.site,
+            feature=h.feature,
+            unit="max",
+            max_act=float(h.max_act),
+            sae=_sae_spec(sae, path.parent),
+            **common,
+        )
     else:
         vec_path = path.with_name(f"{path.stem}.{h.site}.safetensors")
         vec_path.parent.mkdir(parents=True, exist_ok=True)
-        SteeringVector(h.direction, h.site, method="caa-token-mean", model=getattr(sae, "model_name", "") or "",
-                       typical_norm=h.typical_norm, extra={"concept": result.concept.name}).save(vec_path)
+        SteeringVector(
+            h.direction,
+            h.site,
+            method="caa-token-mean",
+            model=getattr(sae, "model_name", "") or "",
+            typical_norm=h.typical_norm,
+            extra={"concept": result.concept.name},
+        ).save(vec_path)
         item = PresetItem("vector", "add", h.site, vector=vec_path.name, unit="norm", **common)
-    desc = (f"{result.concept.name}: {best['id']} at {best['strength']:g} {best['unit']} — concept rate "
-            f"{100 * best['concept_rate']:.0f} % at {best['perplexity_ratio']:.2f}x perplexity "
-            f"({len(result.questions)} questions; found by steer find)")
+    desc = (
+        f"{result.concept.name}: {best['id']} at {best['strength']:g} {best['unit']} — concept rate "
+        f"{100 * best['concept_rate']:.0f} % at {best['perplexity_ratio']:.2f}x perplexity "
+        f"({len(result.questions)} questions; found by steer find)"
+    )
     return Preset(path.stem, [item], desc).save(path)

@@ -93,7 +93,8 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence, config: GenerationConfig)
         if len(r) + config.max_new_tokens > lm.max_context:
             raise SteerError(
                 f"prompt {i} has {len(r)} tokens; with max_new_tokens={config.max_new_tokens} that exceeds the "
-                f"context window of {lm.name} ({lm.max_context} tokens): shorten the prompt or lower max_new_tokens")
+                f"context window of {lm.name} ({lm.max_context} tokens): shorten the prompt or lower max_new_tokens"
+            )
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     ids, mask = pad_batch(rows, pad, left=True)
@@ -204,7 +205,7 @@ class _Run:
                     if new_text.endswith("\ufffd") and not finished:
                         delta = ""  # an incomplete UTF-8 character: hold it back until its last byte arrives
                     else:
-                        delta, texts[b] = new_text[len(texts[b]):], new_text
+                        delta, texts[b] = new_text[len(texts[b]) :], new_text
                     yield TokenEvent(b, t, delta, finished)
                 done = done | is_stop
                 if bool(done.all()):
@@ -215,12 +216,20 @@ class _Run:
 
     def results(self) -> list[Generation]:
         tok = self.lm.tokenizer
-        return [Generation(p, tok.decode(o, skip_special_tokens=True), o, r)
-                for p, o, r in zip(self.prompts, self.out_ids, self.rows)]
+        return [
+            Generation(p, tok.decode(o, skip_special_tokens=True), o, r)
+            for p, o, r in zip(self.prompts, self.out_ids, self.rows)
+        ]
 
 
-def stream(lm: LoadedModel, prompts: Sequence, interventions: Sequence = (), config: GenerationConfig | None = None,
-           *, steerer: Steerer | None = None) -> Iterator[TokenEvent]:
+def stream(
+    lm: LoadedModel,
+    prompts: Sequence,
+    interventions: Sequence = (),
+    config: GenerationConfig | None = None,
+    *,
+    steerer: Steerer | None = None,
+) -> Iterator[TokenEvent]:
     """Yield a TokenEvent per row and step (for a terminal or a server-sent-events stream).
 
     Prompts, interventions and the context window are checked when this is called, before any forward pass.
@@ -229,9 +238,15 @@ def stream(lm: LoadedModel, prompts: Sequence, interventions: Sequence = (), con
     return iter(_Run(lm, prompts, steerer, config or GenerationConfig()))
 
 
-def generate(lm: LoadedModel, prompts: Sequence, interventions: Sequence = (), config: GenerationConfig | None = None,
-             *, on_token: Callable[[TokenEvent], None] | None = None,
-             steerer: Steerer | None = None) -> list[Generation]:
+def generate(
+    lm: LoadedModel,
+    prompts: Sequence,
+    interventions: Sequence = (),
+    config: GenerationConfig | None = None,
+    *,
+    on_token: Callable[[TokenEvent], None] | None = None,
+    steerer: Steerer | None = None,
+) -> list[Generation]:
     """Generate for a batch of prompts (seeded); on_token, if given, sees every TokenEvent as it is produced."""
     steerer = steerer if steerer is not None else Steerer(lm, interventions)
     run = _Run(lm, prompts, steerer, config or GenerationConfig())
@@ -248,13 +263,19 @@ class Comparison:
     steered: str
 
 
-def compare(lm: LoadedModel, prompts: Sequence, interventions: Sequence, config: GenerationConfig | None = None,
-            *, on_token: Callable[[str, TokenEvent], None] | None = None) -> list[Comparison]:
+def compare(
+    lm: LoadedModel,
+    prompts: Sequence,
+    interventions: Sequence,
+    config: GenerationConfig | None = None,
+    *,
+    on_token: Callable[[str, TokenEvent], None] | None = None,
+) -> list[Comparison]:
     """Unsteered and steered answers from the same seed, so the only difference is the intervention."""
     config = config or GenerationConfig()
     steerer = Steerer(lm, interventions)  # validate before generating anything
-    _Run(lm, prompts, steerer, config)    # checks prompts / context window too
-    cb = (lambda tag: (lambda ev: on_token(tag, ev))) if on_token else (lambda tag: None)
+    _Run(lm, prompts, steerer, config)  # checks prompts / context window too
+    cb = (lambda tag: lambda ev: on_token(tag, ev)) if on_token else (lambda tag: None)
     base = generate(lm, prompts, (), config, on_token=cb("unsteered"))
     steered = generate(lm, prompts, config=config, steerer=steerer, on_token=cb("steered"))
     return [Comparison(b.prompt, b.text, s.text) for b, s in zip(base, steered)]

@@ -40,8 +40,14 @@ CONTROL_TEXTS = [
     "I need to renew my passport next month.",
     "The committee approved the new budget.",
 ]
-PROMPT_TEMPLATES = ["Let me tell you about {kw}.", "Everyone was talking about the {kw}.",
-                    "This is a story about {kw}.", "I have always loved {kw}."]
+PROMPT_TEMPLATES = [
+    "Let me tell you about {kw}.",
+    "Everyone was talking about the {kw}.",
+    "This is a story about {kw}.",
+    "I have always loved {kw}.",
+]
+
+
 @dataclass
 class Concept:
     """What to steer towards: keywords (also the concept-rate test), texts with it and texts without."""
@@ -50,7 +56,7 @@ class Concept:
     keywords: list[str]
     prompts: list[str] = field(default_factory=list)
     controls: list[str] = field(default_factory=list)
-    match: str = "word"            # "word": whole words, case-insensitive; "substring": anywhere (no word breaks)
+    match: str = "word"  # "word": whole words, case-insensitive; "substring": anywhere (no word breaks)
 
     def __post_init__(self) -> None:
         if self.match not in ("word", "substring"):
@@ -76,8 +82,13 @@ class Concept:
         unknown = set(d) - {"name", "keywords", "prompts", "controls", "match"}
         if unknown or "keywords" not in d:
             raise SteerError(f"{path}: expected keys name, keywords, prompts, controls, match; got {sorted(d)}")
-        return cls(str(d.get("name", path.stem)), list(d["keywords"]), list(d.get("prompts", [])),
-                   list(d.get("controls", [])), str(d.get("match", "word")))
+        return cls(
+            str(d.get("name", path.stem)),
+            list(d["keywords"]),
+            list(d.get("prompts", [])),
+            list(d.get("controls", [])),
+            str(d.get("match", "word")),
+        )
 
     def mentioned(self, text: str) -> bool:
         if self.match == "word":
@@ -91,12 +102,12 @@ class Handle:
     """One way to steer: an SAE feature clamp (strength in × the reference max) or a CAA vector added
     at a site (strength in multiples of the site's median residual norm)."""
 
-    kind: str                      # "feature" | "caa"
+    kind: str  # "feature" | "caa"
     id: str
     site: str
     grid: list[float]
     feature: int | None = None
-    max_act: float | None = None   # the feature's reference max
+    max_act: float | None = None  # the feature's reference max
     max_source: str = ""
     direction: torch.Tensor | None = field(default=None, repr=False)
     typical_norm: float | None = None
@@ -104,14 +115,16 @@ class Handle:
 
     def interventions(self, sae, strength: float, positions: str) -> list:
         if self.kind == "feature":
-            return [clamp(sae, self.feature, strength, unit="max", max_act=self.max_act, positions=positions,
-                          site=self.site)]
+            return [
+                clamp(
+                    sae, self.feature, strength, unit="max", max_act=self.max_act, positions=positions, site=self.site
+                )
+            ]
         return [add_vector(self.direction * self.typical_norm, self.site, strength, positions=positions)]
 
     def describe(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k != "direction"}
         return d
-
 
 
 @torch.no_grad()
@@ -169,9 +182,19 @@ def build_handles(lm: LoadedModel, sae, concept: Concept, config) -> list[Handle
                 m, src = float(local[f]), "these concept and control texts only (no stored max)"
             if not m > 0:
                 m, src = 1.0, "never fired on the reference texts; strength in raw activation units"
-            handles.append(Handle("feature", f"feature:{f}", site, list(config.feature_grid), feature=f, max_act=m,
-                                  max_source=src, found_by=why))
-    for site in (config.caa_sites or caa_sites(lm, sae)):
+            handles.append(
+                Handle(
+                    "feature",
+                    f"feature:{f}",
+                    site,
+                    list(config.feature_grid),
+                    feature=f,
+                    max_act=m,
+                    max_source=src,
+                    found_by=why,
+                )
+            )
+    for site in config.caa_sites or caa_sites(lm, sae):
         s = lm.check_site(site)
         mp, _ = _token_mean(lm, s, concept.prompts)
         mc, typical = _token_mean(lm, s, concept.controls)
@@ -179,8 +202,17 @@ def build_handles(lm: LoadedModel, sae, concept: Concept, config) -> list[Handle
         if float(v.norm()) == 0:
             continue
         why = {"caa": {"norm_of_difference": round(float(v.norm()), 4)}}
-        handles.append(Handle("caa", f"caa:{s}", str(s), list(config.vector_grid), direction=v / v.norm(),
-                              typical_norm=typical, found_by=why))
+        handles.append(
+            Handle(
+                "caa",
+                f"caa:{s}",
+                str(s),
+                list(config.vector_grid),
+                direction=v / v.norm(),
+                typical_norm=typical,
+                found_by=why,
+            )
+        )
     return handles
 
 

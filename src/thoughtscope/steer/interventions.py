@@ -157,8 +157,10 @@ class FeatureEdit:
             if self.max_act is None:  # the one reference: the max stored with the SAE (features.feature_max)
                 stats = getattr(self.sae, "feature_stats", None)
                 if stats is None:
-                    raise SteerError(f"feature {self.feature}: unit 'max' needs the feature's max activation and this "
-                                     f"SAE stores none; run 'thoughtscope features stats' on it, or give max_act")
+                    raise SteerError(
+                        f"feature {self.feature}: unit 'max' needs the feature's max activation and this "
+                        f"SAE stores none; run 'thoughtscope features stats' on it, or give max_act"
+                    )
                 self.max_act = float(stats.max_act[self.feature])
             m = _check_finite(f"max_act of feature {self.feature}", self.max_act)
             if m <= 0:
@@ -297,8 +299,10 @@ def validate(lm: LoadedModel, interventions: Sequence) -> None:
                 raise SteerError(f"SAE for feature {iv.feature} has d_model={d} but {lm.name} has d_model={lm.d_model}")
         else:
             if iv.vector.shape[0] != lm.d_model:
-                raise SteerError(f"steering vector {iv.label or ''} has dimension {iv.vector.shape[0]} but "
-                                 f"{lm.name} has d_model={lm.d_model} at {iv.site}".replace("  ", " "))
+                raise SteerError(
+                    f"steering vector {iv.label or ''} has dimension {iv.vector.shape[0]} but "
+                    f"{lm.name} has d_model={lm.d_model} at {iv.site}".replace("  ", " ")
+                )
 
 
 def _plan(interventions: Sequence) -> dict[str, list]:

@@ -39,8 +39,14 @@ class Lane:
     steerer: Steerer | None = field(default=None, repr=False)
 
 
-def stream_lanes(lm: LoadedModel, prompt, lanes: Sequence[Lane], config: GenerationConfig | None = None, *,
-                 should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[str, TokenEvent]]:
+def stream_lanes(
+    lm: LoadedModel,
+    prompt,
+    lanes: Sequence[Lane],
+    config: GenerationConfig | None = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[tuple[str, TokenEvent]]:
     """Yield (lane name, TokenEvent) as every lane grows by one token per round; same seed in every lane.
 
     Everything is validated when this is called (interventions, prompts, context window), before any
@@ -62,9 +68,11 @@ def stream_lanes(lm: LoadedModel, prompt, lanes: Sequence[Lane], config: Generat
             lane_prompt = f"{system}\n\n{prompt}"
         row = format_prompt(lm, lane_prompt, chat=config.chat, system=system)
         if len(row) + config.max_new_tokens > lm.max_context:
-            raise SteerError(f"the prompt of lane {ln.name!r} has {len(row)} tokens; with max_new_tokens="
-                             f"{config.max_new_tokens} that exceeds the context window of {lm.name} "
-                             f"({lm.max_context} tokens)")
+            raise SteerError(
+                f"the prompt of lane {ln.name!r} has {len(row)} tokens; with max_new_tokens="
+                f"{config.max_new_tokens} that exceeds the context window of {lm.name} "
+                f"({lm.max_context} tokens)"
+            )
         states.append(_LaneState(lm, ln.name, row, steerer, config))
     return _rounds(states, config, should_stop)
 
@@ -97,7 +105,7 @@ class _LaneState:
         if new_text.endswith("\ufffd") and not finished:
             delta = ""  # an incomplete UTF-8 character: held back until its last byte arrives
         else:
-            delta, self.text = new_text[len(self.text):], new_text
+            delta, self.text = new_text[len(self.text) :], new_text
         self.done = finished
         self.cur = torch.tensor([[t]], dtype=torch.long, device=self.cur.device)
         self.pos = self.pos[:, -1:] + 1

@@ -53,19 +53,21 @@ def find_preset(name_or_path: str) -> Path:
         for cand in (d / name_or_path, d / f"{name_or_path}.json"):
             if cand.is_file():
                 return cand
-    raise SteerError(f"preset {name_or_path!r} not found: not a file, and no {name_or_path}.json in "
-                     + ", ".join(str(d) for d in preset_dirs()))
+    raise SteerError(
+        f"preset {name_or_path!r} not found: not a file, and no {name_or_path}.json in "
+        + ", ".join(str(d) for d in preset_dirs())
+    )
 
 
 @dataclass
 class PresetItem:
-    type: str                        # "feature" | "vector"
+    type: str  # "feature" | "vector"
     op: str
     site: str
     value: float = 0.0
-    feature: int | None = None       # type feature
-    sae: str | None = None           # type feature: folder or "default"
-    unit: str = "raw"                # feature: raw | max ; vector add: raw | norm
+    feature: int | None = None  # type feature
+    sae: str | None = None  # type feature: folder or "default"
+    unit: str = "raw"  # feature: raw | max ; vector add: raw | norm
     max_act: float | None = None
     vector: str | list[float] | None = None  # type vector: .safetensors path or the numbers inline
     positions: str = "all"
@@ -88,8 +90,9 @@ class PresetItem:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise SteerError(f"{where}: {name} must be a finite number, got {v!r}")
-        if self.range is not None and (len(self.range) != 2 or not all(
-                isinstance(x, (int, float)) and math.isfinite(x) for x in self.range)):
+        if self.range is not None and (
+            len(self.range) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in self.range)
+        ):
             raise SteerError(f"{where}: range must be [low, high] finite numbers, got {self.range!r}")
         if self.positions not in POSITIONS:
             raise SteerError(f"{where}: positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
@@ -106,7 +109,8 @@ class PresetItem:
             if self.unit not in ("raw", "norm"):
                 raise SteerError(f"{where}: unit for a vector must be 'raw' or 'norm', got {self.unit!r}")
             if isinstance(self.vector, list) and not all(
-                    isinstance(x, (int, float)) and math.isfinite(x) for x in self.vector):
+                isinstance(x, (int, float)) and math.isfinite(x) for x in self.vector
+            ):
                 raise SteerError(f"{where}: inline vector must hold finite numbers")
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,8 +127,13 @@ class Preset:
 
     # -- JSON
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "name": self.name, "description": self.description, "model": self.model,
-                "interventions": [it.to_dict() for it in self.items]}
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "description": self.description,
+            "model": self.model,
+            "interventions": [it.to_dict() for it in self.items],
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "preset") -> Preset:
@@ -186,8 +195,19 @@ class Preset:
             try:
                 if it.type == "feature":
                     sae = load_sae_cached(it.sae, base, cache, lm)
-                    out.append(FeatureEdit(sae, it.feature, it.op, it.value, unit=it.unit, max_act=it.max_act,
-                                           positions=it.positions, site=it.site, label=it.label))
+                    out.append(
+                        FeatureEdit(
+                            sae,
+                            it.feature,
+                            it.op,
+                            it.value,
+                            unit=it.unit,
+                            max_act=it.max_act,
+                            positions=it.positions,
+                            site=it.site,
+                            label=it.label,
+                        )
+                    )
                 else:
                     out.append(_vector_item(it, base, lm))
                 validate(lm, out[-1:])
@@ -245,8 +265,15 @@ def _vector_item(it: PresetItem, base: Path, lm: LoadedModel) -> VectorEdit:
             raise SteerError("cannot use unit 'norm' with a zero vector")
         typical = typical if typical is not None else site_norm(lm, it.site)
         v, scale = v / n, it.value * typical
-    return VectorEdit(v, it.site, it.op, scale=scale if it.op == "add" else 1.0,
-                      value=it.value if it.op == "clamp_projection" else 0.0, positions=it.positions, label=it.label)
+    return VectorEdit(
+        v,
+        it.site,
+        it.op,
+        scale=scale if it.op == "add" else 1.0,
+        value=it.value if it.op == "clamp_projection" else 0.0,
+        positions=it.positions,
+        label=it.label,
+    )
 
 
 def preset_from_interventions(name: str, interventions, *, sae_paths: dict | None = None) -> Preset:
@@ -257,10 +284,31 @@ def preset_from_interventions(name: str, interventions, *, sae_paths: dict | Non
             path = (sae_paths or {}).get(id(iv.sae))
             if path is None:
                 raise SteerError(f"feature {iv.feature}: no folder known for its SAE; pass sae_paths={{id(sae): path}}")
-            items.append(PresetItem("feature", iv.op, iv.site, iv.value, feature=iv.feature, sae=str(path),
-                                    unit=iv.unit, max_act=iv.max_act, positions=iv.positions, label=iv.label))
+            items.append(
+                PresetItem(
+                    "feature",
+                    iv.op,
+                    iv.site,
+                    iv.value,
+                    feature=iv.feature,
+                    sae=str(path),
+                    unit=iv.unit,
+                    max_act=iv.max_act,
+                    positions=iv.positions,
+                    label=iv.label,
+                )
+            )
         else:
             val = iv.scale if iv.op == "add" else iv.value
-            items.append(PresetItem("vector", iv.op, iv.site, val, vector=[float(x) for x in iv.vector.cpu()],
-                                    positions=iv.positions, label=iv.label))
+            items.append(
+                PresetItem(
+                    "vector",
+                    iv.op,
+                    iv.site,
+                    val,
+                    vector=[float(x) for x in iv.vector.cpu()],
+                    positions=iv.positions,
+                    label=iv.label,
+                )
+            )
     return Preset(name, items)

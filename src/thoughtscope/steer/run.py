@@ -14,8 +14,14 @@ from .presets import Preset
 from .vectors import SteeringVector, fit_vector
 
 
-def steer_with_preset(lm: LoadedModel, preset: str | Path | Preset, prompts: Sequence[str],
-                      config: GenerationConfig | None = None, *, on_token=None) -> list[Comparison]:
+def steer_with_preset(
+    lm: LoadedModel,
+    preset: str | Path | Preset,
+    prompts: Sequence[str],
+    config: GenerationConfig | None = None,
+    *,
+    on_token=None,
+) -> list[Comparison]:
     """`thoughtscope steer --preset P "prompt" ...`: unsteered and steered answers side by side, same seed."""
     p = preset if isinstance(preset, Preset) else Preset.load(preset)
     ivs = p.build(lm)
@@ -28,8 +34,9 @@ def print_comparisons(comps: Sequence[Comparison], console=None, *, title: str =
 
     console = console or Console()
     for c in comps:
-        t = Table(title=f"{title} {c.prompt}".strip() if isinstance(c.prompt, str) else title, show_lines=True,
-                  expand=True)
+        t = Table(
+            title=f"{title} {c.prompt}".strip() if isinstance(c.prompt, str) else title, show_lines=True, expand=True
+        )
         t.add_column("unsteered", ratio=1)
         t.add_column("steered", ratio=1)
         t.add_row(c.unsteered, c.steered)
@@ -80,15 +87,16 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     pairs = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or not isinstance(r.get("positive"), str) or not isinstance(r.get("negative"), str):
-            raise SteerError(f"{path}, pair {i}: expected {{\"positive\": str, \"negative\": str}}")
+            raise SteerError(f'{path}, pair {i}: expected {{"positive": str, "negative": str}}')
         pairs.append((r["positive"], r["negative"]))
     if not pairs:
         raise SteerError(f"{path}: no pairs")
     return pairs
 
 
-def vector_fit(lm: LoadedModel, site: str, pairs_path: str | Path, out: str | Path, *,
-               method: str = "mean") -> SteeringVector:
+def vector_fit(
+    lm: LoadedModel, site: str, pairs_path: str | Path, out: str | Path, *, method: str = "mean"
+) -> SteeringVector:
     """`thoughtscope vector fit`: pairs file -> .safetensors steering vector (usable in presets)."""
     v = fit_vector(lm, site, read_pairs(pairs_path), method=method)
     v.save(out)
@@ -106,15 +114,29 @@ def print_contrast(scores: Sequence[FeatureScore], score: str = "z", console=Non
     if labels:
         t.add_column("label")
     for s in scores:
-        row = [str(s.feature), f"{s.score:.3f}", f"{s.mean_prompts:.3f}", f"{s.mean_controls:.3f}",
-               f"{100 * s.freq_prompts:.0f}%", f"{100 * s.freq_controls:.0f}%"]
+        row = [
+            str(s.feature),
+            f"{s.score:.3f}",
+            f"{s.mean_prompts:.3f}",
+            f"{s.mean_controls:.3f}",
+            f"{100 * s.freq_prompts:.0f}%",
+            f"{100 * s.freq_controls:.0f}%",
+        ]
         if labels:
             row.append(str(labels.get(s.feature, "")))
         t.add_row(*row)
     console.print(t)
 
 
-def features_contrast(lm: LoadedModel, sae, site: str, prompts_path: str | Path, controls_path: str | Path, *,
-                      score: str = "z", top: int = 20) -> list[FeatureScore]:
+def features_contrast(
+    lm: LoadedModel,
+    sae,
+    site: str,
+    prompts_path: str | Path,
+    controls_path: str | Path,
+    *,
+    score: str = "z",
+    top: int = 20,
+) -> list[FeatureScore]:
     """`thoughtscope features contrast`: prompt and control files -> ranked features."""
     return contrast_features(lm, sae, site, read_lines(prompts_path), read_lines(controls_path), score=score, top=top)

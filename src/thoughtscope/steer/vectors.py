@@ -41,9 +41,15 @@ class SteeringVector:
         path = Path(path)
         if path.suffix != ".safetensors":
             raise SteerError(f"steering vectors are saved as .safetensors files, got {path}")
-        meta = {"site": self.site, "method": self.method, "model": self.model, "n_pairs": str(self.n_pairs),
-                "typical_norm": "" if self.typical_norm is None else repr(float(self.typical_norm)),
-                "extra": json.dumps(self.extra), "format": "thoughtscope-steering-vector-1"}
+        meta = {
+            "site": self.site,
+            "method": self.method,
+            "model": self.model,
+            "n_pairs": str(self.n_pairs),
+            "typical_norm": "" if self.typical_norm is None else repr(float(self.typical_norm)),
+            "extra": json.dumps(self.extra),
+            "format": "thoughtscope-steering-vector-1",
+        }
         return atomic_save_tensors({"vector": self.vector.float()}, path, metadata=meta)
 
     @classmethod
@@ -64,17 +70,25 @@ class SteeringVector:
         except Exception as e:  # safetensors raises its own error types on a corrupt header
             raise SteerError(f"{path}: not a readable safetensors file ({e})") from e
         tn = meta.get("typical_norm") or None
-        return cls(v.float(), meta.get("site", ""), meta.get("method", "mean"), meta.get("model", ""),
-                   int(meta.get("n_pairs", "0") or 0), float(tn) if tn else None, json.loads(meta.get("extra", "{}")))
+        return cls(
+            v.float(),
+            meta.get("site", ""),
+            meta.get("method", "mean"),
+            meta.get("model", ""),
+            int(meta.get("n_pairs", "0") or 0),
+            float(tn) if tn else None,
+            json.loads(meta.get("extra", "{}")),
+        )
 
 
-def last_token_acts(lm: LoadedModel, site: str | Site, texts: Sequence[str], *, batch_size: int = 16,
-                    add_bos: bool = True) -> torch.Tensor:
+def last_token_acts(
+    lm: LoadedModel, site: str | Site, texts: Sequence[str], *, batch_size: int = 16, add_bos: bool = True
+) -> torch.Tensor:
     """Activation at the site for the last real token of each text, [N, d] float32."""
     site = lm.check_site(site)
     out = []
     for i in range(0, len(texts), batch_size):
-        chunk = list(texts[i:i + batch_size])
+        chunk = list(texts[i : i + batch_size])
         ids, mask = lm.tokenize(chunk, add_bos=add_bos)
         acts = capture(lm, site, ids, mask)[site].float()
         last = mask.sum(1) - 1
@@ -92,15 +106,24 @@ def pca_of_differences(diffs: torch.Tensor, *, center: bool = True) -> torch.Ten
     return vh[0].float()
 
 
-def fit_vector(lm: LoadedModel, site: str | Site, pairs: Sequence[tuple[str, str]], *, method: str = "mean",
-               batch_size: int = 16, typical_norm: bool = True, add_bos: bool = True) -> SteeringVector:
+def fit_vector(
+    lm: LoadedModel,
+    site: str | Site,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    method: str = "mean",
+    batch_size: int = 16,
+    typical_norm: bool = True,
+    add_bos: bool = True,
+) -> SteeringVector:
     """Fit a steering vector at a site from (positive, negative) prompt pairs (last-token activations)."""
     if method not in METHODS:
         raise SteerError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     pairs = [tuple(p) for p in pairs]
     if len(pairs) < (2 if method == "pca" else 1) or any(len(p) != 2 for p in pairs):
-        raise SteerError(f"need {'at least 2' if method == 'pca' else 'at least 1'} (positive, negative) pairs, "
-                         f"got {len(pairs)}")
+        raise SteerError(
+            f"need {'at least 2' if method == 'pca' else 'at least 1'} (positive, negative) pairs, got {len(pairs)}"
+        )
     site = lm.check_site(site)
     texts = [t for p in pairs for t in p]
     h = last_token_acts(lm, site, texts, batch_size=batch_size, add_bos=add_bos)

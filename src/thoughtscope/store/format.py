@@ -27,8 +27,7 @@ LOCK_NAME = ".writer.lock"
 TMP_PREFIX = ".tmp."
 
 #: activation dtype name -> the numpy dtype on disk (numpy has no bfloat16: its bits are kept as uint16)
-NPY_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
-                                   "bfloat16": np.dtype("<u2")}
+NPY_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 assert NPY_DTYPES.keys() == DTYPES.keys()
 #: metadata columns and their on-disk dtype
 COLUMNS: dict[str, np.dtype] = {
@@ -44,8 +43,15 @@ SHARD_FILE_RE = re.compile(r"^shard_\d+\.[a-z_]+\.npy$")
 TIMESTAMP_KEYS = ("created_at", "finished_at")
 #: manifest fields every reader relies on, with their JSON type
 REQUIRED_FIELDS: tuple[tuple[str, type], ...] = (
-    ("model", str), ("site", str), ("dtype", str), ("d_model", int), ("shard_tokens", int), ("n_tokens", int),
-    ("complete", bool), ("shards", list))
+    ("model", str),
+    ("site", str),
+    ("dtype", str),
+    ("d_model", int),
+    ("shard_tokens", int),
+    ("n_tokens", int),
+    ("complete", bool),
+    ("shards", list),
+)
 
 
 class StoreError(ThoughtscopeError, ValueError):
@@ -74,8 +80,9 @@ def dtype_name(dtype: Any) -> str:
         name = str(dtype).removeprefix("torch.")
     else:
         name = str(dtype).strip().lower().removeprefix("torch.")
-    name = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16",
-            "bf16": "bfloat16"}.get(name, name)
+    name = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(
+        name, name
+    )
     if name not in DTYPES:
         raise StoreError(f"dtype={dtype!r} is not supported; expected one of {sorted(DTYPES)}")
     return name
@@ -86,8 +93,9 @@ def json_normal(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def new_manifest(*, model: str, site: str, dtype: str, d_model: int, shard_tokens: int, corpus: dict,
-                 extra: dict) -> dict:
+def new_manifest(
+    *, model: str, site: str, dtype: str, d_model: int, shard_tokens: int, corpus: dict, extra: dict
+) -> dict:
     """The manifest of an empty, unfinished store."""
     return {
         "format": FORMAT_NAME,
@@ -119,7 +127,8 @@ def read_manifest(path: Path) -> dict:
     if not mpath.is_file():
         raise StoreNotFoundError(
             f"{str(mpath)!r} not found: expected an activation store folder with a {MANIFEST_NAME} "
-            "written by StoreWriter (is this the right path, or was the harvest never started?)")
+            "written by StoreWriter (is this the right path, or was the harvest never started?)"
+        )
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -128,37 +137,48 @@ def read_manifest(path: Path) -> dict:
         raise StoreCorruptError(f"manifest {str(mpath)!r} must hold a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT_NAME:
         raise StoreCorruptError(
-            f"manifest {str(mpath)!r} has format={manifest.get('format')!r}; expected {FORMAT_NAME!r}")
+            f"manifest {str(mpath)!r} has format={manifest.get('format')!r}; expected {FORMAT_NAME!r}"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise StoreCorruptError(
             f"manifest {str(mpath)!r} has format_version={manifest.get('format_version')!r}; "
-            f"this thoughtscope reads version {FORMAT_VERSION}")
+            f"this thoughtscope reads version {FORMAT_VERSION}"
+        )
     for key, typ in REQUIRED_FIELDS:
         if not isinstance(manifest.get(key), typ):
             raise StoreCorruptError(
-                f"manifest {str(mpath)!r}: field {key!r} is missing or not a {typ.__name__} "
-                f"(got {manifest.get(key)!r})")
+                f"manifest {str(mpath)!r}: field {key!r} is missing or not a {typ.__name__} (got {manifest.get(key)!r})"
+            )
     if manifest["dtype"] not in DTYPES:
-        raise StoreCorruptError(
-            f"manifest {str(mpath)!r}: dtype {manifest['dtype']!r} is not one of {sorted(DTYPES)}")
+        raise StoreCorruptError(f"manifest {str(mpath)!r}: dtype {manifest['dtype']!r} is not one of {sorted(DTYPES)}")
     cols = manifest.get("columns")
-    if cols is not None and (not isinstance(cols, list) or any(c not in COLUMNS for c in cols)
-                             or any(c not in cols for c in REQUIRED_COLUMNS)):
+    if cols is not None and (
+        not isinstance(cols, list)
+        or any(c not in COLUMNS for c in cols)
+        or any(c not in cols for c in REQUIRED_COLUMNS)
+    ):
         raise StoreCorruptError(f"manifest {str(mpath)!r}: bad columns {cols!r}")
     total = 0
     for i, sh in enumerate(manifest["shards"]):
-        if (not isinstance(sh, dict) or not isinstance(sh.get("n_tokens"), int) or sh["n_tokens"] <= 0
-                or not isinstance(sh.get("files"), dict) or not isinstance(sh.get("sha256"), dict)
-                or "acts" not in sh["files"]):
+        if (
+            not isinstance(sh, dict)
+            or not isinstance(sh.get("n_tokens"), int)
+            or sh["n_tokens"] <= 0
+            or not isinstance(sh.get("files"), dict)
+            or not isinstance(sh.get("sha256"), dict)
+            or "acts" not in sh["files"]
+        ):
             raise StoreCorruptError(f"manifest {str(mpath)!r}: shard entry {i} is malformed: {sh!r}")
         if cols is None or set(sh["files"]) != {"acts", *cols}:
             raise StoreCorruptError(
                 f"manifest {str(mpath)!r}: shard {i} files {sorted(sh['files'])} do not match "
-                f"columns {cols!r} plus 'acts'")
+                f"columns {cols!r} plus 'acts'"
+            )
         total += sh["n_tokens"]
     if total != manifest["n_tokens"]:
         raise StoreCorruptError(
-            f"manifest {str(mpath)!r}: n_tokens={manifest['n_tokens']} but shards hold {total} tokens")
+            f"manifest {str(mpath)!r}: n_tokens={manifest['n_tokens']} but shards hold {total} tokens"
+        )
     return manifest
 
 
@@ -187,16 +207,19 @@ def check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
             offset = f.tell()
     except (ValueError, OSError, EOFError) as e:
         raise StoreCorruptError(
-            f"shard file {str(path)!r} has an unreadable .npy header ({e}); file is {actual} bytes") from e
+            f"shard file {str(path)!r} has an unreadable .npy header ({e}); file is {actual} bytes"
+        ) from e
     if tuple(fshape) != tuple(shape) or np.dtype(fdtype) != dtype or fortran:
         raise StoreCorruptError(
             f"shard file {str(path)!r} holds shape {tuple(fshape)} dtype {np.dtype(fdtype)}; the manifest "
-            f"implies shape {tuple(shape)} dtype {dtype}")
+            f"implies shape {tuple(shape)} dtype {dtype}"
+        )
     expected = offset + math.prod(shape) * dtype.itemsize
     if actual != expected:
         raise StoreCorruptError(
             f"shard file {str(path)!r} is {actual} bytes; expected {expected} bytes for shape "
-            f"{tuple(shape)} {dtype} ({'truncated' if actual < expected else 'trailing data'})")
+            f"{tuple(shape)} {dtype} ({'truncated' if actual < expected else 'trailing data'})"
+        )
 
 
 def to_store_numpy(acts: torch.Tensor, name: str) -> np.ndarray:

@@ -79,7 +79,8 @@ class ActivationStore:
                     if actual != digest:
                         raise StoreCorruptError(
                             f"checksum mismatch for shard file {str(fpath)!r}: manifest says sha256 "
-                            f"{digest}, file has {actual}")
+                            f"{digest}, file has {actual}"
+                        )
 
     # -- basic access
 
@@ -116,13 +117,15 @@ class ActivationStore:
         for i in range(self.n_shards):
             yield self.shard(i)
 
-    def tokens(self, start: int = 0, stop: int | None = None, *, dtype: torch.dtype | None = None,
-               with_meta: bool = False):
+    def tokens(
+        self, start: int = 0, stop: int | None = None, *, dtype: torch.dtype | None = None, with_meta: bool = False
+    ):
         """Rows ``start:stop`` in store order, copied out of the shards (for evaluation)."""
         stop = self.n_tokens if stop is None else stop
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= self.n_tokens):
             raise StoreError(
-                f"tokens(start={start!r}, stop={stop!r}) must satisfy 0 <= start <= stop <= {self.n_tokens}")
+                f"tokens(start={start!r}, stop={stop!r}) must satisfy 0 <= start <= stop <= {self.n_tokens}"
+            )
         parts: list[torch.Tensor] = []
         mparts: dict[str, list[torch.Tensor]] = {c: [] for c in self.columns}
         first = int(np.searchsorted(self._offsets, start, side="right")) - 1
@@ -160,9 +163,20 @@ class ActivationStore:
 
     # -- streaming
 
-    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, buffer_tokens: int = 262144,
-                epochs: int = 1, drop_last: bool = False, dtype: torch.dtype = torch.float32,
-                exclude_bos: bool = True, max_norm_ratio: float | None = None, with_meta: bool = False):
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_tokens: int = 262144,
+        epochs: int = 1,
+        drop_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+        exclude_bos: bool = True,
+        max_norm_ratio: float | None = None,
+        with_meta: bool = False,
+    ):
         """Stream batches of rows; every kept row appears exactly once per epoch.
 
         Shuffling: shard order and the order of read chunks inside each shard are permuted, then
@@ -170,9 +184,11 @@ class ActivationStore:
         at random. Memory is bounded by the buffer, not by the store. Rows with NaN/Inf are kept
         (never silently dropped) so downstream checks see them.
         """
+
         def _posint(name, v):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
                 raise StoreError(f"{name} must be a positive int, got {v!r}")
+
         _posint("batch_size", batch_size)
         _posint("buffer_tokens", buffer_tokens)
         _posint("epochs", epochs)
@@ -186,14 +202,24 @@ class ActivationStore:
                 raise StoreError(f"max_norm_ratio must be a positive finite number or None, got {max_norm_ratio!r}")
             median = self.median_norm
             if median is None:
-                raise StoreError(
-                    f"max_norm_ratio needs a median norm but store {str(self.path)!r} has no finite rows")
+                raise StoreError(f"max_norm_ratio needs a median norm but store {str(self.path)!r} has no finite rows")
             threshold = float(max_norm_ratio) * median
-        return self._batches(int(batch_size), shuffle, int(seed), int(buffer_tokens), int(epochs), drop_last,
-                             dtype, exclude_bos, threshold, with_meta)
+        return self._batches(
+            int(batch_size),
+            shuffle,
+            int(seed),
+            int(buffer_tokens),
+            int(epochs),
+            drop_last,
+            dtype,
+            exclude_bos,
+            threshold,
+            with_meta,
+        )
 
-    def _chunks(self, gen: torch.Generator | None, chunk_rows: int, exclude_bos: bool,
-                threshold: float | None, with_meta: bool):
+    def _chunks(
+        self, gen: torch.Generator | None, chunk_rows: int, exclude_bos: bool, threshold: float | None, with_meta: bool
+    ):
         """Yield filtered (acts, meta) pieces in (optionally permuted) shard/chunk order."""
         order = torch.randperm(self.n_shards, generator=gen).tolist() if gen is not None else range(self.n_shards)
         for i in order:
@@ -203,10 +229,10 @@ class ActivationStore:
             if gen is not None:
                 starts = [starts[j] for j in torch.randperm(len(starts), generator=gen).tolist()]
             for s in starts:
-                a = acts[s:s + chunk_rows]
+                a = acts[s : s + chunk_rows]
                 keep = None
                 if exclude_bos:
-                    keep = meta["position"][s:s + chunk_rows] != 0
+                    keep = meta["position"][s : s + chunk_rows] != 0
                 if threshold is not None:
                     norms = torch.linalg.vector_norm(a.float(), dim=1)
                     # rows with NaN/Inf are kept whatever their norm: downstream checks must see them
@@ -215,14 +241,13 @@ class ActivationStore:
                 if keep is not None:
                     idx = keep.nonzero().squeeze(1)
                     a = a[idx]
-                    m = {c: meta[c][s:s + chunk_rows][idx] for c in self.columns} if with_meta else None
+                    m = {c: meta[c][s : s + chunk_rows][idx] for c in self.columns} if with_meta else None
                 else:
-                    m = {c: meta[c][s:s + chunk_rows] for c in self.columns} if with_meta else None
+                    m = {c: meta[c][s : s + chunk_rows] for c in self.columns} if with_meta else None
                 if a.shape[0]:
                     yield a, m
 
-    def _batches(self, bs, shuffle, seed, buffer_tokens, epochs, drop_last, dtype, exclude_bos, threshold,
-                 with_meta):
+    def _batches(self, bs, shuffle, seed, buffer_tokens, epochs, drop_last, dtype, exclude_bos, threshold, with_meta):
         def out(a, m):
             a = a.to(dtype) if a.dtype != dtype else a.clone()
             return (a, m) if with_meta else a
@@ -241,8 +266,8 @@ class ActivationStore:
                         mcat = {c: torch.cat([x[c] for x in pm]) for c in self.columns} if with_meta else None
                         s = 0
                         while n - s >= bs:
-                            meta = {c: v[s:s + bs].clone() for c, v in mcat.items()} if with_meta else None
-                            yield out(cat[s:s + bs], meta)
+                            meta = {c: v[s : s + bs].clone() for c, v in mcat.items()} if with_meta else None
+                            yield out(cat[s : s + bs], meta)
                             s += bs
                         pa = [cat[s:].clone()]
                         pm = [{c: v[s:].clone() for c, v in mcat.items()}] if with_meta else [None]
@@ -299,8 +324,10 @@ class ActivationStore:
     def __repr__(self) -> str:
         mib = self.size_bytes() / 2**20
         state = "complete" if self.complete else "INCOMPLETE"
-        return (f"ActivationStore({str(self.path)!r}: {self.n_tokens:,} tokens in {self.n_shards} shards, "
-                f"{self.model} {self.site}, d_model={self.d_model}, {self.dtype_name}, {mib:.1f} MiB, {state})")
+        return (
+            f"ActivationStore({str(self.path)!r}: {self.n_tokens:,} tokens in {self.n_shards} shards, "
+            f"{self.model} {self.site}, d_model={self.d_model}, {self.dtype_name}, {mib:.1f} MiB, {state})"
+        )
 
 
 def compute_stats(store: ActivationStore) -> dict:
@@ -326,8 +353,8 @@ def compute_stats(store: ActivationStore) -> dict:
     offset = 0
     for acts, meta in store.iter_shards():
         for s in range(0, acts.shape[0], _STATS_CHUNK):
-            x = acts[s:s + _STATS_CHUNK].float()
-            pos = meta["position"][s:s + _STATS_CHUNK]
+            x = acts[s : s + _STATS_CHUNK].float()
+            pos = meta["position"][s : s + _STATS_CHUNK]
             finite = torch.isfinite(x).all(dim=1)
             keep = finite & (pos != 0) if has_non_bos else finite
             nonfinite += int((~finite).sum())

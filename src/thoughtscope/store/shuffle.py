@@ -19,8 +19,15 @@ Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 class ShuffleBuffer:
     """A bounded buffer of rows (plus optional per-row columns) that emits random batches of ``batch_size``."""
 
-    def __init__(self, capacity: int, batch_size: int, width: int, dtype: torch.dtype, generator: torch.Generator,
-                 columns: dict[str, torch.dtype] | None = None):
+    def __init__(
+        self,
+        capacity: int,
+        batch_size: int,
+        width: int,
+        dtype: torch.dtype,
+        generator: torch.Generator,
+        columns: dict[str, torch.dtype] | None = None,
+    ):
         self.capacity = max(int(capacity), int(batch_size))
         self.batch_size = int(batch_size)
         self.gen = generator
@@ -37,9 +44,9 @@ class ShuffleBuffer:
         while s < k:
             take = min(self.capacity - self.n, k - s)
             if take:
-                self.rows[self.n:self.n + take] = rows[s:s + take]
+                self.rows[self.n : self.n + take] = rows[s : s + take]
                 for c, buf in self.cols.items():
-                    buf[self.n:self.n + take] = cols[c][s:s + take]
+                    buf[self.n : self.n + take] = cols[c][s : s + take]
                 self.n += take
                 s += take
             if self.n == self.capacity:
@@ -69,5 +76,5 @@ class ShuffleBuffer:
         for s in range(0, n, bs):
             if drop_last and s + bs > n:
                 break
-            idx = perm[s:s + bs]
+            idx = perm[s : s + bs]
             yield self.rows[idx], {c: v[idx] for c, v in self.cols.items()}

@@ -83,9 +83,19 @@ class StoreWriter:
     folder at a time (enforced with an advisory lock where the OS has one).
     """
 
-    def __init__(self, path, *, model: str, site: str, d_model: int, dtype: str = "float32",
-                 shard_tokens: int = 65536, corpus: dict | None = None, extra: dict | None = None,
-                 overwrite: bool = False):
+    def __init__(
+        self,
+        path,
+        *,
+        model: str,
+        site: str,
+        d_model: int,
+        dtype: str = "float32",
+        shard_tokens: int = 65536,
+        corpus: dict | None = None,
+        extra: dict | None = None,
+        overwrite: bool = False,
+    ):
         self.path = Path(path)
         if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model <= 0:
             raise StoreError(f"d_model must be a positive int, got {d_model!r}")
@@ -129,7 +139,8 @@ class StoreWriter:
             os.close(fd)
             raise StoreError(
                 f"another StoreWriter is writing to {str(self.path)!r} (lock {LOCK_NAME} is held); "
-                "finish or stop it first") from e
+                "finish or stop it first"
+            ) from e
         self._lock_fd = fd
 
     def _release_lock(self) -> None:
@@ -147,21 +158,32 @@ class StoreWriter:
             elif manifest["complete"]:
                 raise StoreError(
                     f"{str(mpath)!r} describes a finished store ({manifest['n_tokens']} tokens); "
-                    "pass overwrite=True to StoreWriter to replace it, or read it with ActivationStore.open")
+                    "pass overwrite=True to StoreWriter to replace it, or read it with ActivationStore.open"
+                )
             else:
                 self._check_same(manifest, mpath)
         else:
-            stray = [p.name for p in self.path.iterdir()
-                     if p.name != LOCK_NAME and not p.name.startswith(TMP_PREFIX)
-                     and not SHARD_FILE_RE.match(p.name)]
+            stray = [
+                p.name
+                for p in self.path.iterdir()
+                if p.name != LOCK_NAME and not p.name.startswith(TMP_PREFIX) and not SHARD_FILE_RE.match(p.name)
+            ]
             if stray:
                 raise StoreError(
                     f"folder {str(self.path)!r} is not empty and has no {MANIFEST_NAME} "
-                    f"(found e.g. {sorted(stray)[:3]}); refusing to write a store into it")
+                    f"(found e.g. {sorted(stray)[:3]}); refusing to write a store into it"
+                )
             manifest = None
         if manifest is None:
-            manifest = new_manifest(model=self.model, site=self.site, dtype=self.dtype_name, d_model=self.d_model,
-                                    shard_tokens=self.shard_tokens, corpus=self.corpus, extra=self.extra)
+            manifest = new_manifest(
+                model=self.model,
+                site=self.site,
+                dtype=self.dtype_name,
+                d_model=self.d_model,
+                shard_tokens=self.shard_tokens,
+                corpus=self.corpus,
+                extra=self.extra,
+            )
             self._cleanup(set())
             _write_manifest(self.path, manifest)
         else:
@@ -174,19 +196,27 @@ class StoreWriter:
         self.columns: list[str] | None = manifest["columns"]
 
     def _check_same(self, manifest: dict, mpath: Path) -> None:
-        mine = {"model": self.model, "site": self.site, "d_model": self.d_model,
-                "dtype": self.dtype_name, "shard_tokens": self.shard_tokens, "corpus": self.corpus}
+        mine = {
+            "model": self.model,
+            "site": self.site,
+            "d_model": self.d_model,
+            "dtype": self.dtype_name,
+            "shard_tokens": self.shard_tokens,
+            "corpus": self.corpus,
+        }
         for key, value in mine.items():
             if manifest.get(key) != value:
                 raise StoreMismatchError(
                     f"cannot resume {str(mpath)!r}: field {key!r} is {manifest.get(key)!r} in the manifest "
-                    f"but {value!r} was given; use the original arguments, another folder, or overwrite=True")
+                    f"but {value!r} was given; use the original arguments, another folder, or overwrite=True"
+                )
         old_extra = manifest.get("extra") or {}
         for key in old_extra.keys() & self.extra.keys():
             if old_extra[key] != self.extra[key]:
                 raise StoreMismatchError(
                     f"cannot resume {str(mpath)!r}: extra[{key!r}] is {old_extra[key]!r} in the manifest "
-                    f"but {self.extra[key]!r} was given")
+                    f"but {self.extra[key]!r} was given"
+                )
         manifest["extra"] = {**old_extra, **self.extra}
         self.extra = manifest["extra"]
 
@@ -225,8 +255,7 @@ class StoreWriter:
             raise StoreError(f"acts must be floating point, got dtype {acts.dtype}")
         if acts.ndim != 2 or acts.shape[1] != self.d_model:
             hint = " (flatten [B, T, d] with acts.reshape(-1, d) first)" if acts.ndim == 3 else ""
-            raise StoreError(
-                f"acts must have shape [N, d_model={self.d_model}], got {tuple(acts.shape)}{hint}")
+            raise StoreError(f"acts must have shape [N, d_model={self.d_model}], got {tuple(acts.shape)}{hint}")
         n = acts.shape[0]
         if not isinstance(meta, dict):
             raise StoreError(f"meta must be a dict of columns, got {type(meta).__name__}")
@@ -235,14 +264,16 @@ class StoreWriter:
         if missing or unknown:
             raise StoreError(
                 f"meta columns: missing {missing}, unknown {unknown}; expected {list(REQUIRED_COLUMNS)} "
-                f"plus optional {list(OPTIONAL_COLUMNS)}")
+                f"plus optional {list(OPTIONAL_COLUMNS)}"
+            )
         cols = [c for c in COLUMNS if c in meta]
         if self.columns is None:
             self.columns = cols
         elif cols != self.columns:
             raise StoreError(
                 f"meta columns {cols} differ from the columns of this store {self.columns} "
-                f"(manifest {str(self.path / MANIFEST_NAME)!r})")
+                f"(manifest {str(self.path / MANIFEST_NAME)!r})"
+            )
         converted: dict[str, np.ndarray] = {}
         for c in cols:
             v = meta[c]
@@ -263,7 +294,8 @@ class StoreWriter:
         if shards and shards[-1]["n_tokens"] != self.shard_tokens:
             raise StoreError(
                 f"store {str(self.path)!r} already holds its final (short) shard: a previous finish() was "
-                "interrupted after writing it; call finish() without adding more tokens")
+                "interrupted after writing it; call finish() without adding more tokens"
+            )
         self._pending_acts.append(to_store_numpy(acts, self.dtype_name))
         self._pending_meta.append(converted)
         self._n_pending += n
@@ -327,5 +359,7 @@ class StoreWriter:
             self._release_lock()
 
     def __repr__(self) -> str:
-        return (f"StoreWriter({str(self.path)!r}, model={self.model!r}, site={self.site!r}, "
-                f"dtype={self.dtype_name}, tokens_done={self.tokens_done}, buffered={self._n_pending})")
+        return (
+            f"StoreWriter({str(self.path)!r}, model={self.model!r}, site={self.site!r}, "
+            f"dtype={self.dtype_name}, tokens_done={self.tokens_done}, buffered={self._n_pending})"
+        )
