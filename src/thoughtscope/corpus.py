@@ -479,6 +479,6 @@ def _stack(rows: list[Context]) -> Context:
 
 def default_corpus_dir() -> Path:
     """Where the default corpus lives: ``$THOUGHTSCOPE_HOME`` or ``~/.cache/thoughtscope``, + ``corpus/default``."""
-    home = os.environ.get("THOUGHTSCOPE_HOME")
-    root = Path(home).expanduser() if home else Path.home() / ".cache" / "thoughtscope"
-    return root / "corpus" / "default"
+    from .paths import home
+
+    return home() / "corpus" / "default"

@@ -155,8 +155,9 @@ def find_final_norm(model: nn.Module) -> nn.Module | None:
 
 def cache_dir() -> Path:
     """Where converted weights and the default corpus live ($THOUGHTSCOPE_HOME or ~/.cache/thoughtscope)."""
-    root = os.environ.get("THOUGHTSCOPE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "thoughtscope")
-    return Path(root)
+    from .paths import home
+
+    return home()
 
 
 def default_gguf_path() -> Path:

@@ -20,7 +20,9 @@ from .core import CONFIG_NAME, NLAError, normalise
 
 def default_nla_path() -> Path:
     """The NLA shipped inside the package (src/thoughtscope/assets/default_nla)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "default_nla"
+    from ..paths import asset
+
+    return asset("default_nla")
 
 
 def load_nla(spec: str | os.PathLike = "default", *, lm=None, which: str = "final") -> NLA:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import random
 from functools import cache
-from pathlib import Path
 
 from ..errors import ProbeError
+from ..paths import asset
 from .datasets import ProbeSet
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "probe_data"
+DATA_DIR = asset("probe_data")
 
 _UNITS = ["", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]

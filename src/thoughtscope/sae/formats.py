@@ -93,7 +93,9 @@ def _sae_from_tensors(
 # ----------------------------------------------------------------------------- native
 def default_sae_path() -> Path:
     """The SAE shipped inside the package for the default model."""
-    return Path(__file__).resolve().parent.parent / "assets" / "default_sae"
+    from ..paths import asset
+
+    return asset("default_sae")
 
 
 def save_sae(

@@ -419,7 +419,9 @@ def suppression_demo(
 
 def default_steering_path() -> Path:
     """The calibrated concept clamp for the shipped SAE (written by `scripts/steer_demo.py concept`)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "default_steering.json"
+    from ..paths import asset
+
+    return asset("default_steering.json")
 
 
 def load_default_steering() -> dict:

@@ -34,7 +34,9 @@ FORMAT = "thoughtscope-preset-1"
 
 
 def default_sae_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "default_sae"
+    from ..sae.formats import default_sae_path as shipped
+
+    return shipped()
 
 
 def preset_dirs() -> list[Path]:
