@@ -250,7 +250,7 @@ def test_chat_loop_commands(lm, planted, tmp_path):
 def test_demo_functions_run_on_tiny_model(lm, planted):
     from thoughtscope.steer.demos import Concept, concept_demo, suppression_demo
 
-    c = Concept("zed", PROMPTS, CONTROLS, ["zz", "z"], evoke=["say Z", "Z Z"])
+    c = Concept("zed", ["zz", "z"], PROMPTS, CONTROLS, evoke=["say Z", "Z Z"])
     cfg = GenerationConfig(max_new_tokens=4, temperature=0.0)
     out = concept_demo(
         lm, planted, SITE, c, multiples=(0, 20), candidates=1, config=cfg, prompts=["hi", "yo"], progress=False

@@ -9,248 +9,28 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from ..features import contrast_features, feature_max_acts
 from ..models import LoadedModel
 from .calibrate import DEFAULT_SWEEP_CONFIG, NEUTRAL_PROMPTS, evaluate, plot_sweep, sweep
 from .generate import GenerationConfig, compare
+from .handles import Concept
 from .interventions import FeatureEdit, VectorEdit
 
 
-@dataclass
-class Concept:
-    name: str
-    prompts: list[str]  # texts about the concept (contrastive search, positive side)
-    controls: list[str]  # texts about other things
-    keywords: list[str]  # a mention of any counts (whole words, case-insensitive)
-    evoke: list[str] = field(default_factory=list)  # questions that normally make the model mention it
+def _load_concepts() -> dict[str, Concept]:
+    """The demonstration concepts (texts about each, controls, keywords, questions that evoke it)."""
+    from ..paths import asset
+
+    raw = json.loads(asset("demo_concepts.json").read_text())
+    return {name: Concept(name, **d) for name, d in raw.items()}
 
 
-_CONTROLS = [
-    "The committee met on Tuesday to discuss the budget for next year.",
-    "She opened the window and let the cool air into the kitchen.",
-    "This library provides functions for parsing command line options.",
-    "The train was late, so we waited on the platform for an hour.",
-    "He planted tomatoes and beans in the garden behind the house.",
-    "The report summarises the results of the survey in three tables.",
-    "Please restart the service after changing the configuration file.",
-    "The children played football in the park until it got dark.",
-    "Mathematics is the study of numbers, shapes and patterns.",
-    "The shop closes at six in the evening on weekdays.",
-    "A good night's sleep helps the body recover.",
-    "The museum has a large collection of old coins.",
-]
-
-CONCEPTS: dict[str, Concept] = {
-    "golden_gate": Concept(
-        "golden_gate",
-        [
-            "The Golden Gate Bridge spans the strait at the entrance to San Francisco Bay.",
-            "We drove across the Golden Gate Bridge in the fog.",
-            "San Francisco is famous for the Golden Gate Bridge and its cable cars.",
-            "The suspension bridge was painted international orange.",
-            "Tourists walk across the bridge to take photos of the bay.",
-            "The bridge towers rose above the fog over San Francisco.",
-            "A long suspension bridge connects the city to Marin County.",
-            "The bridge over the bay opened in 1937.",
-        ],
-        _CONTROLS,
-        ["bridge", "bridges", "golden gate", "san francisco"],
-        [
-            "Tell me about a famous landmark in San Francisco.",
-            "What is the Golden Gate?",
-            "Describe a famous bridge.",
-            "What should I see in San Francisco?",
-        ],
-    ),
-    "music": Concept(
-        "music",
-        [
-            "She played a song on the guitar and everyone sang along.",
-            "The orchestra performed a symphony by Beethoven.",
-            "This program plays music files such as MP3 and Ogg Vorbis.",
-            "He listens to jazz and classical music every evening.",
-            "The band released a new album with ten songs.",
-            "An audio player with playlists and a music library.",
-            "The piano melody was soft and beautiful.",
-            "They danced to the music at the concert.",
-        ],
-        _CONTROLS,
-        [
-            "music",
-            "musical",
-            "song",
-            "songs",
-            "melody",
-            "guitar",
-            "piano",
-            "concert",
-            "band",
-            "sing",
-            "singing",
-            "album",
-            "audio",
-        ],
-        [
-            "What do you do to relax?",
-            "What is your favourite hobby?",
-            "Describe a fun evening.",
-            "What can make a party better?",
-        ],
-    ),
-    "ocean": Concept(
-        "ocean",
-        [
-            "The waves crashed on the beach as the tide came in.",
-            "Whales and dolphins swim in the deep blue ocean.",
-            "The ship sailed across the sea for many weeks.",
-            "We collected shells on the sandy shore.",
-            "The coral reef is full of colourful fish.",
-            "Sailors watched the horizon over the open sea.",
-            "The ocean covers most of the surface of the Earth.",
-            "A storm at sea made the waves very high.",
-        ],
-        _CONTROLS,
-        ["ocean", "sea", "seas", "beach", "waves", "wave", "ship", "sailing", "fish", "shore", "coast", "water"],
-        [
-            "Where would you like to go on holiday?",
-            "Describe a beautiful view.",
-            "What animals do you like?",
-            "Describe a relaxing place.",
-            "Describe a day at the beach.",
-            "What lives in the ocean?",
-            "Write a short poem about the sea.",
-            "What do sailors do?",
-            "Why is the sea salty?",
-            "Tell me about whales.",
-            "What can you do at the seaside?",
-            "Describe a coral reef.",
-        ],
-    ),
-    # Added after reading what ocean feature 3448 does when clamped (it writes about the sun, the moon, the
-    # sky and light): a concept of its own with its own texts; keywords fixed before any sweep was run.
-    "sky": Concept(
-        "sky",
-        [
-            "The sun rose over the hills and the sky turned gold.",
-            "At night the moon and the stars shone in the dark sky.",
-            "White clouds drifted slowly across the blue sky.",
-            "The sunset painted the sky orange and pink.",
-            "Moonlight fell softly on the quiet field.",
-            "We lay on the grass and watched the stars come out.",
-            "Sunlight streamed through the clouds after the rain.",
-            "The full moon rose above the horizon.",
-        ],
-        _CONTROLS,
-        [
-            "sky",
-            "skies",
-            "sun",
-            "sunny",
-            "sunlight",
-            "sunshine",
-            "sunset",
-            "sunsets",
-            "sunrise",
-            "moon",
-            "moonlight",
-            "star",
-            "stars",
-            "starry",
-            "starlight",
-            "cloud",
-            "clouds",
-            "celestial",
-            "horizon",
-            "dawn",
-            "twilight",
-        ],
-        [
-            "Describe the night sky.",
-            "Why is the sky blue?",
-            "Describe a sunset.",
-            "Tell me about the Moon.",
-            "What do you see when you look up on a clear night?",
-            "Write a short poem about the stars.",
-            "What is the weather like on a summer day?",
-            "Describe the view from a mountain top at dawn.",
-            "Why do we have day and night?",
-            "What are clouds made of?",
-            "Describe a morning at the lake.",
-            "What makes a beautiful evening?",
-        ],
-    ),
-    "dogs": Concept(
-        "dogs",
-        [
-            "The dog wagged its tail and barked.",
-            "We took the puppy for a walk in the park.",
-            "My dog loves to fetch the ball.",
-            "The dog slept in its bed by the fire.",
-            "She trained her puppy to sit.",
-            "The dog chased the cat up a tree.",
-            "Dogs are loyal companions.",
-            "He fed the dog after the walk.",
-        ],
-        _CONTROLS,
-        ["dog", "dogs", "puppy", "puppies", "bark", "barking", "barked", "canine", "leash"],
-        [
-            "What pet should I get?",
-            "Tell me about a loyal animal.",
-            "What animals do you like?",
-            "Describe a walk in the park with a pet.",
-            "What makes a good pet?",
-            "Write a short story about a pet.",
-            "What animal is man's best friend?",
-            "How do I train a puppy?",
-            "What do pets need every day?",
-            "Describe a family pet.",
-            "What animals live with people?",
-            "Tell me about guide animals.",
-        ],
-    ),
-    "space": Concept(
-        "space",
-        [
-            "The astronauts travelled to the Moon in a rocket.",
-            "Stars and galaxies fill the night sky.",
-            "The planet Mars is red and dusty.",
-            "A telescope lets us see distant galaxies.",
-            "The rocket launched into orbit around the Earth.",
-            "The Sun is a star at the centre of our solar system.",
-            "Astronomers discovered a new planet.",
-            "The space station orbits the Earth.",
-        ],
-        _CONTROLS,
-        [
-            "space",
-            "planet",
-            "planets",
-            "star",
-            "stars",
-            "rocket",
-            "galaxy",
-            "galaxies",
-            "moon",
-            "orbit",
-            "astronaut",
-            "astronauts",
-            "universe",
-            "solar",
-        ],
-        [
-            "What is in the night sky?",
-            "Tell me about the Moon.",
-            "What do astronauts do?",
-            "Describe the solar system.",
-            "What is a galaxy?",
-            "Why do stars shine?",
-        ],
-    ),
-}
+CONCEPTS = _load_concepts()
 
 
 def concept_demo(

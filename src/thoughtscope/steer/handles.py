@@ -57,6 +57,7 @@ class Concept:
     prompts: list[str] = field(default_factory=list)
     controls: list[str] = field(default_factory=list)
     match: str = "word"  # "word": whole words, case-insensitive; "substring": anywhere (no word breaks)
+    evoke: list[str] = field(default_factory=list)  # questions that normally make the model mention it
 
     def __post_init__(self) -> None:
         if self.match not in ("word", "substring"):
@@ -79,15 +80,16 @@ class Concept:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise SteerError(f"{path}: not a readable concept JSON file ({e})") from None
-        unknown = set(d) - {"name", "keywords", "prompts", "controls", "match"}
+        unknown = set(d) - {"name", "keywords", "prompts", "controls", "match", "evoke"}
         if unknown or "keywords" not in d:
-            raise SteerError(f"{path}: expected keys name, keywords, prompts, controls, match; got {sorted(d)}")
+            raise SteerError(f"{path}: expected keys name, keywords, prompts, controls, match, evoke; got {sorted(d)}")
         return cls(
             str(d.get("name", path.stem)),
             list(d["keywords"]),
             list(d.get("prompts", [])),
             list(d.get("controls", [])),
             str(d.get("match", "word")),
+            list(d.get("evoke", [])),
         )
 
     def mentioned(self, text: str) -> bool:
