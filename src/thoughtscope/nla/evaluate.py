@@ -1,16 +1,8 @@
 """Held-out evaluation of an NLA against a ladder of baselines.
 
-FVE (fraction of variance explained), as published: rescale every vector to norm √d, then
-
-    FVE = 1 − MSE(p̂, ĝ) / Var,   MSE = mean over rows and coordinates of (p̂ − ĝ)²,
-    Var = mean over rows and coordinates of (ĝ − μ)² = 1 − ‖μ̄‖²,
-
-where μ is the mean of the normalised gold vectors *of the evaluated set* (not re-normalised) and μ̄ = μ/√d
-is the mean unit direction. Predicting μ gives FVE = 0 exactly; a perfect reconstruction gives 1.
+Scores are FVE with percentile-bootstrap CIs over documents (definitions in `metric.py`).
 The AR's output is rescaled to √d before scoring (its norm is not trained); the non-NLA baselines
 predict on the normalised scale and are scored as they are, so they may shrink towards μ.
-Confidence intervals are percentile bootstraps over *documents* (rows of one document are correlated),
-recomputing μ and Var inside every resample.
 
 The ladder (each a `baselines` entry, name → FVE):
   mean                 predict μ (0 by construction)
@@ -31,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,169 +30,42 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write_text
+from .baselines import (
+    BASELINE_FILE,
+    QUOTE_RE,
+    load_baseline_rows,
+    quote_analysis,
+    raw_context_predict,
+    ridge_predict,
+    save_baseline_rows,
+    strip_quotes,
+    token_mean_predict,
+)
 from .core import NLAError, normalise
 from .data import DataConfig, NLARows, harvest_rows
+from .metric import bootstrap_ci, fve, fve_parts
 
-QUOTE_RE = re.compile(r'"([^"]{2,})"')
-
-
-# ------------------------------------------------------------------------- metric
-
-
-def fve_parts(
-    pred: torch.Tensor, gold: torch.Tensor, *, renormalise: bool = True, mu: torch.Tensor | None = None
-) -> dict:
-    """FVE, MSE and Var (definitions in the module docstring) for one set.
-
-    renormalise=True rescales the prediction to √d too (right for the AR, whose output norm is not
-    trained); baselines that already predict on the normalised scale pass False, which lets them shrink
-    towards μ (the MSE-optimal thing to do) — so "predict μ" scores exactly 0. mu: use this mean (on the
-    normalised scale, e.g. a larger set's) instead of the mean of `gold`.
-    """
-    g = normalise(gold.double())
-    p = normalise(pred.double()) if renormalise else pred.double()
-    mu = g.mean(0) if mu is None else mu.double()
-    var = float((g - mu).pow(2).mean())
-    mse = float((p - g).pow(2).mean())
-    return {
-        "fve": 1 - mse / var if var > 0 else float("nan"),
-        "mse": mse,
-        "var": var,
-        "mu_sq_unit": float(mu.pow(2).sum() / g.shape[-1]),
-    }
-
-
-def fve(pred: torch.Tensor, gold: torch.Tensor, *, renormalise: bool = True, mu: torch.Tensor | None = None) -> float:
-    return fve_parts(pred, gold, renormalise=renormalise, mu=mu)["fve"]
-
-
-def bootstrap_ci(
-    pred: torch.Tensor,
-    gold: torch.Tensor,
-    groups: torch.Tensor | None = None,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-    renormalise: bool = True,
-    minus: torch.Tensor | None = None,
-) -> tuple[float, float]:
-    """Percentile CI of FVE, resampling groups (documents) with replacement; μ and Var recomputed each time.
-
-    With `minus` (another prediction, on the same scale as `pred`), the CI of FVE(pred) − FVE(minus) on the
-    same resampled documents: a paired comparison, much tighter than comparing two separate CIs because
-    both predictions see the same hard and easy documents.
-    """
-    g = normalise(gold.double())
-    p = normalise(pred.double()) if renormalise else pred.double()
-    n = g.shape[0]
-    groups = torch.arange(n) if groups is None else torch.as_tensor(groups)
-    uniq, inv = torch.unique(groups, return_inverse=True)
-    members = [torch.nonzero(inv == i).flatten() for i in range(len(uniq))]
-    gen = torch.Generator().manual_seed(seed)
-    err = (p - g).pow(2).mean(-1)  # per-row MSE
-    if minus is not None:
-        q = normalise(minus.double()) if renormalise else minus.double()
-        err_ref = (q - g).pow(2).mean(-1)
-    vals = []
-    for _ in range(n_boot):
-        pick = torch.randint(len(members), (len(members),), generator=gen)
-        idx = torch.cat([members[i] for i in pick.tolist()])
-        gg = g[idx]
-        var = float((gg - gg.mean(0)).pow(2).mean())
-        if var > 0:
-            if minus is None:
-                vals.append(1 - float(err[idx].mean()) / var)
-            else:
-                vals.append(float(err_ref[idx].mean() - err[idx].mean()) / var)
-    vals = torch.tensor(vals)
-    return float(vals.quantile(alpha / 2)), float(vals.quantile(1 - alpha / 2))
-
+__all__ = [
+    "BAR_RUNGS",
+    "BASELINE_FILE",
+    "QUOTE_RE",
+    "bootstrap_ci",
+    "evaluate_nla",
+    "format_table",
+    "fve",
+    "fve_parts",
+    "load_baseline_rows",
+    "quick_rows",
+    "quote_analysis",
+    "raw_context_predict",
+    "ridge_predict",
+    "save_baseline_rows",
+    "strip_quotes",
+    "token_mean_predict",
+]
 
 # rungs the honest bar asks the round trip to beat (everything up to the per-token mean and the regressions)
 BAR_RUNGS = ("mean", "empty", "shuffled", "token_mean", "ridge_k1", "ridge_k4", "ridge_k16")
-
-
-# ------------------------------------------------------------------------- baselines without an NLA
-
-
-def token_mean_predict(train_tok: torch.Tensor, train_vec: torch.Tensor, test_tok: torch.Tensor) -> torch.Tensor:
-    """Mean normalised training vector of each token id; the global mean for unseen ids."""
-    tv = normalise(train_vec.double())
-    glob = tv.mean(0)
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, int] = {}
-    for t, v in zip(train_tok.tolist(), tv):
-        sums[t] = sums.get(t, 0) + v
-        counts[t] = counts.get(t, 0) + 1
-    return torch.stack([sums[t] / counts[t] if t in sums else glob for t in test_tok.tolist()]).float()
-
-
-def _bag(ctx: torch.Tensor, k: int, vocab: dict[int, int]) -> torch.Tensor:
-    X = torch.zeros(ctx.shape[0], len(vocab) + 1, dtype=torch.float64)
-    X[:, -1] = 1.0  # intercept
-    for i, row in enumerate(ctx[:, -k:].tolist()):
-        for t in row:
-            j = vocab.get(t)
-            if t >= 0 and j is not None:
-                X[i, j] += 1.0
-    return X
-
-
-def ridge_predict(
-    train_ctx: torch.Tensor,
-    train_vec: torch.Tensor,
-    test_ctx: torch.Tensor,
-    k: int,
-    *,
-    val_ctx: torch.Tensor | None = None,
-    val_vec: torch.Tensor | None = None,
-    lambdas: Sequence[float] = (0.1, 1.0, 10.0, 100.0),
-) -> tuple[torch.Tensor, float]:
-    """Ridge regression from the bag of the last k context tokens to the normalised vector.
-
-    Solved in the dual (n_train × n_train), since the bag vocabulary is larger than the training set;
-    λ is picked on the validation rows when given.
-    """
-    vocab: dict[int, int] = {}
-    for t in train_ctx[:, -k:].flatten().tolist():
-        if t >= 0 and t not in vocab:
-            vocab[t] = len(vocab)
-    X = _bag(train_ctx, k, vocab)
-    Y = normalise(train_vec.double())
-    K = X @ X.T
-    eye = torch.eye(K.shape[0], dtype=torch.float64)
-
-    def fit(lam):
-        alpha = torch.linalg.solve(K + lam * eye, Y)
-        return X.T @ alpha  # primal weights [V+1, d]
-
-    best = lambdas[len(lambdas) // 2]
-    if val_ctx is not None and val_vec is not None and len(val_ctx):
-        Xv = _bag(val_ctx, k, vocab)
-        scores = {lam: fve(Xv @ fit(lam), val_vec, renormalise=False) for lam in lambdas}
-        best = max(scores, key=scores.get)
-    W = fit(best)
-    return (_bag(test_ctx, k, vocab) @ W).float(), best
-
-
-def strip_quotes(text: str) -> str:
-    return QUOTE_RE.sub('""', text)
-
-
-def quote_analysis(explanations: Sequence[str], contexts: Sequence[str]) -> dict:
-    """How many quoted spans the explanations contain and what share occurs verbatim in the context."""
-    n, hits = 0, 0
-    for e, c in zip(explanations, contexts):
-        for q in QUOTE_RE.findall(e):
-            n += 1
-            q_norm = q.replace("\\n", "\n")
-            hits += q_norm in c or q_norm.strip() in c
-    return {
-        "n_quotes": n,
-        "quotes_per_explanation": n / max(1, len(explanations)),
-        "quote_verbatim_share": hits / n if n else float("nan"),
-    }
 
 
 # ------------------------------------------------------------------------- the evaluation
@@ -412,59 +276,6 @@ def evaluate_nla(
         atomic_write_text(Path(json_path), json.dumps(res, indent=2, default=float))
     say(f"FVE {res['fve']:.3f} [{res['fve_ci'][0]:.3f}, {res['fve_ci'][1]:.3f}]")
     return res
-
-
-BASELINE_FILE = "baseline_rows.safetensors"
-
-
-def save_baseline_rows(rows: NLARows, path: str | os.PathLike) -> None:
-    """Keep what the baselines need from the training and validation rows (normalised vectors in fp16)."""
-    from .._io import atomic_save_tensors
-
-    keep = (rows.split == 0) | (rows.split == 1)
-    atomic_save_tensors(
-        {
-            "vectors": normalise(rows.vectors[keep]).half(),
-            "token_id": rows.token_id[keep],
-            "context_ids": rows.context_ids[keep],
-            "split": rows.split[keep],
-        },
-        Path(path),
-    )
-
-
-def load_baseline_rows(path: str | os.PathLike) -> tuple[NLARows, NLARows]:
-    from safetensors.torch import load_file
-
-    t = load_file(str(path))
-    n = t["vectors"].shape[0]
-    rows = NLARows(
-        t["vectors"].float(),
-        torch.full((n,), -1),
-        torch.zeros(n, dtype=torch.long),
-        t["token_id"],
-        t["split"],
-        t["context_ids"],
-        [""] * n,
-        [""] * n,
-        {},
-    )
-    return rows.subset("train"), rows.subset("val")
-
-
-def raw_context_predict(nla, rows: NLARows, k: int = 16) -> torch.Tensor:
-    """The target itself (truncated, identity head, no training) reading only the last k true tokens."""
-    from thoughtscope.models import capture
-
-    lm = nla.lm
-    bos = lm.tokenizer.bos_token_id
-    out = []
-    for ctx in rows.context_ids[:, -k:].tolist():
-        ids = ([bos] if bos is not None else []) + [t for t in ctx if t >= 0]
-        x = torch.tensor([ids], device=lm.device)
-        h = next(iter(capture(lm, nla.cfg.site, x).values()))
-        out.append(h[0, -1].float().cpu())
-    return torch.stack(out)
 
 
 def format_table(res: dict) -> str:

@@ -52,7 +52,7 @@ from .bundle import (
 from .checkpoint import load_state, save_state
 from .core import NLAConfig, NLAError, normalise
 from .data import NLARows
-from .evaluate import fve
+from .metric import fve
 from .grpo import grpo_step, rl_step
 
 __all__ = [
