@@ -13,6 +13,7 @@ falls back to the docstrings of the Python standard library when none of those
 packages is installed, so a fresh machine always has something to read.
 
 The build itself is tooling outside the library (``scripts/default_corpus/``); reading never starts it.
+The readers for each kind of source live in :mod:`thoughtscope.documents`.
 ``thoughtscope corpus info [SPEC]`` describes any corpus.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,7 +30,15 @@ from typing import Any
 import torch
 
 from ._io import sha256_file
-from .errors import ThoughtscopeError
+from .documents import (
+    FOLDER_SUFFIXES,
+    LARGE_TEXT_BYTES,
+    CorpusError,
+    CorpusNotFoundError,
+    file_documents,
+    folder_files,
+    hf_documents,
+)
 from .plans import ReadPlan
 
 __all__ = [
@@ -38,29 +46,17 @@ __all__ = [
     "Corpus",
     "CorpusError",
     "CorpusNotFoundError",
+    "DEFAULT_CORPUS_VERSION",
+    "FOLDER_SUFFIXES",
+    "LARGE_TEXT_BYTES",
     "ReadPlan",
     "default_corpus_dir",
 ]
 
-#: Plain-text files bigger than this are split on runs of >= 2 blank lines;
-#: smaller ones are one document each (a note, a README, an essay).
-LARGE_TEXT_BYTES = 64 * 1024
 #: Documents are tokenised this many at a time (fast tokenizers batch in Rust).
 TOKENIZE_BATCH_DOCS = 256
-#: Suffixes picked up when the spec is a folder.
-FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
 #: Bump when the default corpus recipe changes, so stale builds are noticed.
 DEFAULT_CORPUS_VERSION = 1
-
-_BIG_SPLIT = re.compile(r"\n[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*")  # >= 2 blank lines
-
-
-class CorpusError(ThoughtscopeError, ValueError):
-    """A corpus spec or file that cannot be read as documents."""
-
-
-class CorpusNotFoundError(CorpusError, FileNotFoundError):
-    """The path named by a corpus spec does not exist."""
 
 
 # --------------------------------------------------------------------------
@@ -129,80 +125,6 @@ def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
-
-
-# --------------------------------------------------------------------------
-# Reading files
-# --------------------------------------------------------------------------
-
-
-def _read_utf8(path: Path) -> str:
-    """Strict UTF-8 read: silently replacing bytes would corrupt the text we study."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        bad = data[e.start : e.start + 4].hex(" ")
-        raise CorpusError(
-            f"{path}: not valid UTF-8 at byte offset {e.start} (bytes {bad}); "
-            "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
-        ) from None
-    return text.removeprefix("\ufeff")
-
-
-def _text_file_docs(path: Path) -> Iterator[str]:
-    text = _read_utf8(path)
-    if len(text.encode("utf-8")) > LARGE_TEXT_BYTES:
-        parts: Iterable[str] = _BIG_SPLIT.split(text)
-    else:
-        parts = [text]
-    for p in parts:
-        p = p.strip()
-        if p:
-            yield p
-
-
-def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
-    text = _read_utf8(path)
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{lineno}: line is not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        if text_field not in rec:
-            keys = ", ".join(sorted(map(str, rec))[:10]) or "none"
-            raise CorpusError(
-                f"{path}:{lineno}: missing text field {text_field!r} (fields present: {keys}); "
-                "pass text_field=... to Corpus"
-            )
-        value = rec[text_field]
-        if not isinstance(value, str):
-            raise CorpusError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(value).__name__}")
-        if value.strip():
-            yield value
-
-
-def _file_docs(path: Path, text_field: str) -> Iterator[str]:
-    if path.suffix.lower() == ".jsonl":
-        yield from _jsonl_docs(path, text_field)
-    else:
-        yield from _text_file_docs(path)
-
-
-def _folder_files(folder: Path) -> list[Path]:
-    """Matching files under ``folder``, sorted by relative path; hidden entries skipped."""
-    out = []
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES:
-            out.append(p)
-    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
 
 
 # --------------------------------------------------------------------------
@@ -275,7 +197,7 @@ class Corpus:
             return [d / s["file"] for s in manifest["shards"]]
         if self.kind == "folder":
             assert self._path is not None
-            return _folder_files(self._path)
+            return folder_files(self._path)
         if self.kind in ("file", "jsonl"):
             assert self._path is not None
             return [self._path]
@@ -297,33 +219,12 @@ class Corpus:
             return
         field_name = "text" if self.kind == "default" else self.text_field
         for f in self._files():
-            yield from _file_docs(f, field_name)
+            yield from file_documents(f, field_name)
 
     def _hf_documents(self) -> Iterator[str]:
         assert self._hf is not None
         name, config = self._hf
-        try:
-            import datasets
-        except ImportError:
-            raise CorpusError(
-                f"corpus spec {self.spec!r} needs the optional 'datasets' package: pip install datasets"
-            ) from None
-        try:
-            ds = datasets.load_dataset(name, config, split=self.split, streaming=True)
-        except Exception as e:  # network, auth or unknown dataset
-            raise CorpusError(
-                f"could not open Hugging Face dataset {name!r} (config {config!r}, split {self.split!r}): "
-                f"{type(e).__name__}: {e}. Check the name and that the hub is reachable."
-            ) from e
-        for i, rec in enumerate(ds):
-            if self.text_field not in rec:
-                raise CorpusError(
-                    f"dataset {name!r} record {i}: missing text field {self.text_field!r} "
-                    f"(fields: {', '.join(sorted(rec))}); pass text_field=..."
-                )
-            value = rec[self.text_field]
-            if isinstance(value, str) and value.strip():
-                yield value
+        return hf_documents(name, config, self.split, self.text_field, self.spec)
 
     def documents(self) -> Iterator[str]:
         """Yield documents in a fixed order; raises if the corpus has none."""

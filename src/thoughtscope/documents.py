@@ -1,0 +1,124 @@
+"""Where a corpus's documents come from: text, Markdown and JSONL files, folders of them, Hugging Face datasets.
+
+Each reader yields non-blank documents as strings in a fixed order; :class:`thoughtscope.corpus.Corpus`
+chooses the reader from its spec and packs what it yields into model contexts. Files must be UTF-8; errors
+name the file (and line or byte offset).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import ThoughtscopeError
+
+#: Plain-text files bigger than this are split on runs of >= 2 blank lines;
+#: smaller ones are one document each (a note, a README, an essay).
+LARGE_TEXT_BYTES = 64 * 1024
+#: Suffixes picked up when the spec is a folder.
+FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
+
+_BIG_SPLIT = re.compile(r"\n[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*")  # >= 2 blank lines
+
+
+class CorpusError(ThoughtscopeError, ValueError):
+    """A corpus spec or file that cannot be read as documents."""
+
+
+class CorpusNotFoundError(CorpusError, FileNotFoundError):
+    """The path named by a corpus spec does not exist."""
+
+
+def read_utf8(path: Path) -> str:
+    """Strict UTF-8 read: silently replacing bytes would corrupt the text we study."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = data[e.start : e.start + 4].hex(" ")
+        raise CorpusError(
+            f"{path}: not valid UTF-8 at byte offset {e.start} (bytes {bad}); "
+            "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def text_file_documents(path: Path) -> Iterator[str]:
+    text = read_utf8(path)
+    if len(text.encode("utf-8")) > LARGE_TEXT_BYTES:
+        parts: Iterable[str] = _BIG_SPLIT.split(text)
+    else:
+        parts = [text]
+    for p in parts:
+        p = p.strip()
+        if p:
+            yield p
+
+
+def jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    text = read_utf8(path)
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}:{lineno}: line is not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        if text_field not in rec:
+            keys = ", ".join(sorted(map(str, rec))[:10]) or "none"
+            raise CorpusError(
+                f"{path}:{lineno}: missing text field {text_field!r} (fields present: {keys}); "
+                "pass text_field=... to Corpus"
+            )
+        value = rec[text_field]
+        if not isinstance(value, str):
+            raise CorpusError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(value).__name__}")
+        if value.strip():
+            yield value
+
+
+def file_documents(path: Path, text_field: str) -> Iterator[str]:
+    if path.suffix.lower() == ".jsonl":
+        yield from jsonl_documents(path, text_field)
+    else:
+        yield from text_file_documents(path)
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Matching files under ``folder``, sorted by relative path; hidden entries skipped."""
+    out = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES:
+            out.append(p)
+    return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def hf_documents(name: str, config: str | None, split: str, text_field: str, spec: str) -> Iterator[str]:
+    """Non-blank ``text_field`` values of a Hugging Face dataset, streamed with ``datasets`` (optional)."""
+    try:
+        import datasets
+    except ImportError:
+        raise CorpusError(f"corpus spec {spec!r} needs the optional 'datasets' package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # network, auth or unknown dataset
+        raise CorpusError(
+            f"could not open Hugging Face dataset {name!r} (config {config!r}, split {split!r}): "
+            f"{type(e).__name__}: {e}. Check the name and that the hub is reachable."
+        ) from e
+    for i, rec in enumerate(ds):
+        if text_field not in rec:
+            raise CorpusError(
+                f"dataset {name!r} record {i}: missing text field {text_field!r} "
+                f"(fields: {', '.join(sorted(rec))}); pass text_field=..."
+            )
+        value = rec[text_field]
+        if isinstance(value, str) and value.strip():
+            yield value
