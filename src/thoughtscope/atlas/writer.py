@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..models import Site
-from . import db as adb
+from . import schema as adb
 from .geometry import logit_effects, nearest_features
 from .stats import FeatureStats
 
