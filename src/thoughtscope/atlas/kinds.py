@@ -2,7 +2,7 @@
 
 An explanation may say `in German text` or `in Cyrillic text` instead of quoting strings; a person (or an LLM
 scorer) reading it knows what German or Cyrillic looks like. The lexical scorer (scoring.py) stands in for
-that reader with the fixed, feature-independent knowledge below, and the offline explainer (offline_explain.py)
+that reader with the fixed, feature-independent knowledge below, and the offline explainer (cue_search.py)
 may name a kind when the feature's windows are of that kind far more often than ordinary text is. Nothing
 here depends on a feature or an atlas: it is general knowledge of the corpus's languages, written once.
 
