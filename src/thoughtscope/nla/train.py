@@ -52,8 +52,8 @@ from .bundle import (
 from .checkpoint import load_state, save_state
 from .core import NLAConfig, NLAError, normalise
 from .data import NLARows
-from .metric import fve
 from .grpo import grpo_step, rl_step
+from .metric import fve
 
 __all__ = [
     "STAGES",
