@@ -8,6 +8,9 @@ one manual all_reduce of a flat buffer per SAE instead of DistributedDataParalle
 custom sparse Function, unit-norm projection must see the averaged gradient, and a sweep holds several
 models; a flat all_reduce is one collective per SAE and needs no wrapper. Batch-wide quantities (AuxK scale,
 dead-latent counters) are reduced too, so 2 ranks match 1 process. (batchtopk selects top k*B per rank.)
+
+It stays one file: the Trainer's setup, step, dead-latent bookkeeping, logging, checkpoint and resume all read
+and write the same per-SAE slots and step counters, so they change together; optimiser and stream live apart.
 """
 
 from __future__ import annotations
