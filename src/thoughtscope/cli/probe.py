@@ -1,4 +1,8 @@
-"""`thoughtscope probe ...`: datasets, layer sweeps, probe artefacts, monitoring, causal checks, erasure, weights."""
+"""`thoughtscope probe ...`: datasets, layer sweeps, probe artefacts, monitoring, causal checks, erasure, weights.
+
+It stays one file: it is the one `probe` command group (one cli module per group), each command a thin
+wrapper over thoughtscope.probes sharing the same option parsing helpers.
+"""
 
 from __future__ import annotations
 
