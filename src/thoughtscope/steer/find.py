@@ -188,22 +188,20 @@ def find_handle(
             done += n_q * tokens
             bar.update(done, info=info)
 
+        def steered(h: Handle, strength: float, qs, gen: GenerationConfig, base: SweepPoint, stage: str) -> dict:
+            """One handle at one strength on the questions, as a frontier point; advances the bar."""
+            ivs = h.interventions(sae, strength, config.positions)
+            pt = evaluate(lm, ivs, prompts=qs, judge=concept.mentioned, config=gen, strength=strength)
+            tick(len(qs), gen.max_new_tokens, h.id)
+            return _point(pt, base, stage, h.id, len(qs))
+
         sbase = evaluate(lm, [], prompts=screen_q, judge=concept.mentioned, config=scfg, keep_samples=0)
         screened = []
         for h in handles:
             pts = []
             for s in sorted(h.grid):
-                pt = evaluate(
-                    lm,
-                    h.interventions(sae, s, config.positions),
-                    prompts=screen_q,
-                    judge=concept.mentioned,
-                    config=scfg,
-                    strength=s,
-                )
-                p = _point(pt, sbase, "screen", h.id, len(screen_q))
+                p = steered(h, s, screen_q, scfg, sbase, "screen")
                 pts.append(p)
-                tick(len(screen_q), config.screen_tokens, h.id)
                 if p["perplexity_ratio"] > 3 * config.ppl_bound:  # broken text: stronger is only worse
                     break
             skipped = len(h.grid) - len(pts)
@@ -227,18 +225,9 @@ def find_handle(
         for _, _, h, s_star in chosen:
             for m in config.fine_steps:
                 s = round(s_star * m, 6)
-                pt = evaluate(
-                    lm,
-                    h.interventions(sae, s, config.positions),
-                    prompts=questions,
-                    judge=concept.mentioned,
-                    config=fcfg,
-                    strength=s,
-                )
-                p = _point(pt, base, "calibration", h.id, len(questions))
+                p = steered(h, s, questions, fcfg, base, "calibration")
                 report[h.id]["calibration"].append(p)
                 frontier.append(p)
-                tick(len(questions), config.max_new_tokens, h.id)
             report[h.id]["status"] = "calibrated"
         done += (config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(questions) * config.max_new_tokens
         best = _best(frontier, config.ppl_bound)
