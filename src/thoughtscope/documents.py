@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import ThoughtscopeError
@@ -57,17 +57,23 @@ def text_file_documents(path: Path) -> Iterator[str]:
             yield p
 
 
-def jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    text = read_utf8(path)
+def jsonl_objects(text: str, error: type[Exception], where: Callable[[int], str]) -> Iterator[tuple[int, dict]]:
+    """The JSON objects of a JSONL text with their 1-based line numbers, blank lines skipped. A line that is not
+    JSON, or not an object, raises `error` at `where(line)`, so each caller names its rows in its own terms."""
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{lineno}: line is not valid JSON ({e.msg})") from None
+            raise error(f"{where(lineno)}: not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict):
-            raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            raise error(f"{where(lineno)}: expected a JSON object, got {type(rec).__name__}")
+        yield lineno, rec
+
+
+def jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, rec in jsonl_objects(read_utf8(path), CorpusError, lambda n: f"{path}:{n}"):
         if text_field not in rec:
             keys = ", ".join(sorted(map(str, rec))[:10]) or "none"
             raise CorpusError(

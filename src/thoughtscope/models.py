@@ -265,6 +265,34 @@ def load_model(
     return LoadedModel(model, tok, name, source)
 
 
+# Each tiny architecture: its transformers config class, our size names -> that config's field names, extra fields.
+_HF_SIZES = {
+    "vocab": "vocab_size",
+    "d_model": "hidden_size",
+    "d_mlp": "intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "max_positions": "max_position_embeddings",
+}
+_TINY_CONFIGS: dict[str, tuple[str, dict[str, str], dict]] = {
+    "llama": ("LlamaConfig", {**_HF_SIZES, "n_kv_heads": "num_key_value_heads"}, {"tie_word_embeddings": False}),
+    "gpt2": (
+        "GPT2Config",
+        {
+            "vocab": "vocab_size",
+            "d_model": "n_embd",
+            "n_layers": "n_layer",
+            "n_heads": "n_head",
+            "max_positions": "n_positions",
+        },
+        {},
+    ),
+    "gpt_neox": ("GPTNeoXConfig", _HF_SIZES, {}),
+    "qwen2": ("Qwen2Config", {**_HF_SIZES, "n_kv_heads": "num_key_value_heads"}, {}),
+    "gemma": ("GemmaConfig", {**_HF_SIZES, "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim"}, {}),
+}
+
+
 def tiny_model(
     arch: str = "llama",
     *,
@@ -276,86 +304,27 @@ def tiny_model(
     max_positions: int = 256,
 ) -> LoadedModel:
     """A small random model from a transformers config, with a byte-level tokenizer: for tests, no download."""
+    import transformers
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     arch = arch.lower()
-    if arch == "llama":
-        from transformers import LlamaConfig as C
-
-        cfg = C(
-            vocab_size=vocab,
-            hidden_size=d_model,
-            intermediate_size=2 * d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads,
-            max_position_embeddings=max_positions,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-            tie_word_embeddings=False,
-        )
-    elif arch == "gpt2":
-        from transformers import GPT2Config as C
-
-        cfg = C(
-            vocab_size=vocab,
-            n_embd=d_model,
-            n_layer=n_layers,
-            n_head=n_heads,
-            n_positions=max_positions,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-    elif arch in ("gpt_neox", "neox"):
-        from transformers import GPTNeoXConfig as C
-
-        cfg = C(
-            vocab_size=vocab,
-            hidden_size=d_model,
-            intermediate_size=2 * d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            max_position_embeddings=max_positions,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-    elif arch == "qwen2":
-        from transformers import Qwen2Config as C
-
-        cfg = C(
-            vocab_size=vocab,
-            hidden_size=d_model,
-            intermediate_size=2 * d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads,
-            max_position_embeddings=max_positions,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-    elif arch == "gemma":
-        from transformers import GemmaConfig as C
-
-        cfg = C(
-            vocab_size=vocab,
-            hidden_size=d_model,
-            intermediate_size=2 * d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads,
-            head_dim=d_model // n_heads,
-            max_position_embeddings=max_positions,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-    else:
+    family = {"neox": "gpt_neox"}.get(arch, arch)
+    if family not in _TINY_CONFIGS:
         raise ModelError(f"unknown tiny model architecture {arch!r}: expected llama, gpt2, gpt_neox, qwen2 or gemma")
+    class_name, names, extra = _TINY_CONFIGS[family]
+    values = {
+        "vocab": vocab,
+        "d_model": d_model,
+        "d_mlp": 2 * d_model,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": n_heads,
+        "head_dim": d_model // n_heads,
+        "max_positions": max_positions,
+    }
+    fields = {hf: values[ours] for ours, hf in names.items()}
+    cfg = getattr(transformers, class_name)(**fields, **extra, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = AutoModelForCausalLM.from_config(cfg)
     model.to(torch.float32)
     return LoadedModel(

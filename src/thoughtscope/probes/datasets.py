@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..documents import jsonl_objects
 from ..errors import ProbeError
 
 READS = ("last", "mean", "span")
@@ -152,18 +153,8 @@ def _rows(path: Path) -> list[dict]:
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             return [dict(r) for r in csv.DictReader(f)]
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProbeError(f"{path} row {i + 1}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ProbeError(f"{path} row {i + 1}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    text = path.read_text(encoding="utf-8")
+    return [rec for _, rec in jsonl_objects(text, ProbeError, lambda n: f"{path} row {n}")]
 
 
 def load_dataset(path: str | Path, name: str | None = None) -> ProbeSet:
