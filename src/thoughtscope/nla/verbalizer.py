@@ -278,6 +278,8 @@ class Verbalizer(nn.Module):
     def set_reference(self) -> None:
         """Remember the current (warm-started) adapter as the RL reference policy."""
         self._ref_state = {k: v.detach().clone() for k, v in self.adapter_state().items()}
+        # the same weights in parameter order, for `rollout.reference_weights` to swap in without a state-dict load
+        self._ref_tensors = [p.detach().clone() for p in self.trainable_parameters()]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
