@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from . import console
+from . import console, err, one_line_errors
 
 nla_app = typer.Typer(
     no_args_is_help=True,
@@ -94,21 +94,61 @@ def train(
             dist.destroy_process_group()
 
 
+POSITION_HELP = (
+    "token position(s) to explain, repeatable. Positions index the tokens the model reads: the tokenizer's BOS token, "
+    "when it prepends one (<|im_start|> on the default model), is position 0 and the text's first token is 1; "
+    "negative positions count from the end (-1, the default, is the last token). Position 0 is refused: it is the "
+    "attention sink. A position outside those the NLA was trained on (51-72 for the shipped NLA) gets a warning."
+)
+
+
 @nla_app.command()
+@one_line_errors
 def explain(
     text: str = typer.Option(..., help="the text whose tokens are explained"),
     nla: str = typer.Option("default", help="'default' (shipped), an NLA folder, or a released checkpoint pair"),
-    position: list[int] | None = typer.Option(None, help="token position(s); negative counts from the end"),
-    samples: int = typer.Option(1, help="explanations sampled per token"),
+    position: list[int] | None = typer.Option(None, help=POSITION_HELP),
+    samples: int = typer.Option(
+        1,
+        min=1,
+        help="1: the greedy explanation only. N > 1: also N sampled ones, and the one that reconstructs the true "
+        "vector best, labelled as an oracle pick (it needs the answer, so its score is not the NLA's FVE)",
+    ),
+    seed: int = typer.Option(0, help="seed for --samples (the same seed gives the same samples)"),
+    temperature: float = typer.Option(1.0, help="sampling temperature for --samples"),
 ) -> None:
-    """Explain tokens of a text in words, each with its round-trip FVE."""
+    """Explain tokens of a text in words: the greedy explanation and its round-trip FVE."""
     from ..nla import explain_text, load_nla
 
-    for row in explain_text(load_nla(nla), text, position or [-1], samples=samples):
+    def one_line(e: str) -> str:
+        return e.replace("\n", "\\n")
+
+    rows = explain_text(load_nla(nla), text, position or [-1], samples=samples, temperature=temperature, seed=seed)
+    for row in rows:
+        if row["warning"]:
+            err.print(f"warning: {row['warning']}", markup=False, highlight=False, soft_wrap=True)
         console.print(
-            f"[{row['position']}] {row['token']!r}  FVE {row['fve']:+.2f}  {row['explanation']}",
+            f"[{row['position']}] {row['token']!r}  FVE {row['fve']:+.2f}  (greedy)  {one_line(row['explanation'])}",
             markup=False,
             highlight=False,
+            soft_wrap=True,
+        )
+        if row["oracle"] is None:
+            continue
+        for j, s in enumerate(row["samples"], 1):
+            console.print(
+                f"    sample {j}/{samples}  round trip {s['fve']:+.2f}  {one_line(s['explanation'])}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        o = row["oracle"]
+        console.print(
+            f"    oracle pick: sample {o['sample']} of {o['of']}, chosen by its reconstruction of the true vector "
+            f"({o['score']:+.2f}); a ceiling that needs the answer, not the NLA's FVE",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
 
 

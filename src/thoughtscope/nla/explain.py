@@ -56,33 +56,89 @@ def load_nla(spec: str | os.PathLike = "default", *, lm=None, which: str = "fina
     )
 
 
+def training_positions(nla: NLA) -> tuple[int, int] | None:
+    """The token positions (counted as `explain_text` counts them, a prepended BOS included) the NLA's training
+    vectors were read at, from the data recipe recorded in its config; None when the config does not say."""
+    dc = nla.cfg.extra.get("data_config") or {}
+    if "min_position" not in dc or "max_position" not in dc:
+        return None
+    off = 1 if nla.lm.tokenizer.bos_token_id is not None else 0  # `nla data` reads documents after a BOS too
+    return int(dc["min_position"]) + off, int(dc["max_position"]) - 1 + off
+
+
 def explain_text(
-    nla: NLA, text: str, positions: Sequence[int] = (-1,), *, samples: int = 1, temperature: float = 1.0
+    nla: NLA,
+    text: str,
+    positions: Sequence[int] = (-1,),
+    *,
+    samples: int = 1,
+    temperature: float = 1.0,
+    seed: int | None = 0,
 ) -> list[dict]:
-    """For each position: the token, its explanation(s) and the round-trip FVE of each explanation.
+    """For each position: the token, the NLA's greedy explanation and its round-trip FVE.
+
+    Positions index the tokens the model reads, so with a BOS-prepending tokenizer (SmolLM2 prepends
+    <|im_start|>) position 0 is that token and the text's first token is 1; negative positions count from the
+    end. Position 0 is refused: it is the attention sink, whose activation says nothing about the text.
+
+    samples=N > 1 also samples N explanations (seeded by `seed` and the position; None leaves the global RNG
+    alone), lists them in `samples` (else `samples` holds the greedy one) and reports the one that reconstructs
+    the true vector best as `oracle` (`sample` is its 1-based number): a pick that needs the answer, so its score
+    is a ceiling, never the NLA's FVE. `fve` is always the greedy explanation's. `warning` says when a position
+    lies outside those the NLA was trained on.
 
     FVE here is per vector, 1 − ‖p̂ − ĝ‖²/(d·Var) with Var = 1 − ‖μ‖² of the NLA's training data, so it
     is on the same scale as `nla eval`'s held-out number.
     """
+    if samples < 1:
+        raise NLAError(f"samples must be at least 1, got {samples}")
+    n = int(nla.lm.tokenize(text)[1][0].sum())
+    sink = [p for p in positions if (p + n if p < 0 else p) == 0]
+    if sink:
+        bos = nla.lm.tokenizer.bos_token_id
+        what = f"the prepended {nla.lm.tokenizer.convert_ids_to_tokens(bos)}" if bos is not None else "the first token"
+        which = "position 0" if sink[0] == 0 else f"position {sink[0]} (= 0)"
+        raise NLAError(f"{which} is {what}, the attention sink; explain 1..{n - 1} or -1 (the last token)")
     vecs, pos, toks = nla.activations(text, positions)
+    trained = training_positions(nla)
     out = []
     for i in range(vecs.shape[0]):
-        expl = nla.explain(vecs[i : i + 1], samples=samples, do_sample=samples > 1, temperature=temperature)
+        v = vecs[i : i + 1]
+        expl = nla.explain(v, do_sample=False)
+        if samples > 1:
+            cuda = [nla.av.device.index or 0] if nla.av.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed * 1_000_003 + pos[i])
+                expl += nla.explain(v, samples=samples, do_sample=True, temperature=temperature)
         nla.ar.eval()
         rec = nla.ar.predict(expl, allow_empty=True, truncate=True)
-        f = nla.fve_of(rec, vecs[i : i + 1].expand(len(expl), -1))
-        cos = torch.nn.functional.cosine_similarity(rec, vecs[i : i + 1].expand_as(rec), dim=-1)
-        best = int(f.argmax())
-        out.append(
-            {
-                "position": pos[i],
-                "token": toks[i],
-                "explanation": expl[best],
-                "fve": float(f[best]),
-                "cos": float(cos[best]),
-                "samples": [{"explanation": e, "fve": float(x)} for e, x in zip(expl, f)],
-            }
-        )
+        f = nla.fve_of(rec, v.expand(len(expl), -1))
+        cos = torch.nn.functional.cosine_similarity(rec, v.expand_as(rec), dim=-1)
+        row = {
+            "position": pos[i],
+            "token": toks[i],
+            "explanation": expl[0],
+            "fve": float(f[0]),
+            "cos": float(cos[0]),
+            # every explanation written here: the greedy one, or with samples=N > 1 the N sampled ones
+            "samples": [
+                {"explanation": e, "fve": float(x), "greedy": j == 0}
+                for j, (e, x) in enumerate(zip(expl, f))
+                if (j == 0) == (samples == 1)
+            ],
+            "oracle": None,
+            "warning": None,
+        }
+        if samples > 1:
+            best = 1 + int(f[1:].argmax())
+            row["oracle"] = {"explanation": expl[best], "score": float(f[best]), "of": samples, "sample": best}
+        if trained is not None and not trained[0] <= pos[i] <= trained[1]:
+            row["warning"] = (
+                f"position {pos[i]} is outside the positions this NLA was trained on ({trained[0]}–{trained[1]}): "
+                f"its explanation there is untested"
+            )
+        out.append(row)
     return out
 
 
