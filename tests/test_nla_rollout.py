@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FAVOURED = "ab ."  # "." closes an answer (response_suffix below)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gpt_neox", "qwen2", "gemma"])
 def lm(request):
     """GPT-2's dropout is switched off, as the default model has none: with it the policy pass is random."""
     lm = tiny_model(request.param, d_model=32, n_layers=3, seed=0)
