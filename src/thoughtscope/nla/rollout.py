@@ -11,7 +11,8 @@ and gradients on a tiny model); only rounding may differ.
 The sampler mirrors HF ``generate``'s sampling step for step (the marker suppressed, temperature, softmax,
 one ``torch.multinomial`` over the whole batch, finished rows padded with the end id), so a seed gives the
 same tokens as ``generate`` does: ``multinomial`` draws one exponential per vocabulary entry and row whatever
-the probabilities, so the random stream stays aligned.
+the probabilities, so the random stream stays aligned. Unlike ``generate`` it stops running a row through
+the model once the row has ended (its draws are still made, and discarded).
 """
 
 from __future__ import annotations
@@ -101,11 +102,19 @@ def _sample(av, vectors, group, do_sample, temperature, max_new_tokens):
     pad = av.end_ids[0] if av.end_ids else 0
     ends = torch.tensor(av.end_ids, device=dev)
     unfinished = torch.ones(B, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)  # the rows still decoding, whose logits `logits` holds
     att = torch.ones(B, len(av.prompt), dtype=torch.long, device=dev)
     out = []
     for t in range(n_new):
-        scores = logits.float().clone()
-        scores[:, av.cfg.marker_id] = -float("inf")
+        live = logits.float().clone()
+        live[:, av.cfg.marker_id] = -float("inf")
+        if len(rows) < B:
+            # a finished row draws from a placeholder distribution and its draw is replaced by the pad below:
+            # the random stream is consumed for every row, as generate does, so the live rows' draws match
+            scores = live.new_zeros(B, live.shape[1])
+            scores[rows] = live
+        else:
+            scores = live
         if do_sample:
             if temperature != 1.0:
                 scores = scores / temperature
@@ -117,8 +126,13 @@ def _sample(av, vectors, group, do_sample, temperature, max_new_tokens):
         unfinished = unfinished & ~torch.isin(nxt, ends)
         if t == n_new - 1 or not bool(unfinished.any()):
             break
-        att = torch.cat([att, att.new_ones(B, 1)], 1)
-        logits, cache = _run(av.model, nxt[:, None], att, cache, last_only=True)
+        keep = unfinished[rows].bool()
+        if not bool(keep.all()):  # drop finished rows from the forward passes (and their cache)
+            local = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(local)
+            rows, att = rows[local], att[local]
+        att = torch.cat([att, att.new_ones(len(rows), 1)], 1)
+        logits, cache = _run(av.model, nxt[rows][:, None], att, cache, last_only=True)
         logits = logits[:, -1]
     return torch.stack(out, 1)
 
