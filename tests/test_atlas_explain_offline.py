@@ -21,7 +21,7 @@ from thoughtscope.atlas import (  # noqa: E402
     explain_offline,
     parse_cues,
 )
-from thoughtscope.atlas.heldout import prepare, random_context_halves, span  # noqa: E402
+from thoughtscope.atlas.heldout import ExplainerError, prepare, random_context_halves, span  # noqa: E402
 from thoughtscope.atlas.scoring import auroc, derangement, mean_ci  # noqa: E402
 from thoughtscope.corpus import Corpus  # noqa: E402
 from thoughtscope.sae import SAE, SAEConfig  # noqa: E402
@@ -248,3 +248,27 @@ def test_an_atlas_from_before_the_method_columns_still_opens(planted):
     explain_offline(p, tokenizer=lm.tokenizer, features=[5], config=CFG, progress=False)
     with Atlas.open(p) as at:
         assert at.explanation(5)["method"] == "offline-tokens-v2" and at.explanation(2)["explanation"] == "old words"
+
+
+def test_worker_processes_give_the_same_records_as_one_process(planted):
+    lm, path, d = planted
+
+    def run(name, workers):
+        p = _copy(path, d / name)
+        s = explain_offline(
+            p, tokenizer=lm.tokenizer, features=None, config=CFG, progress=False, workers=workers, overwrite=True
+        )
+        with Atlas.open(p) as at:
+            recs = {f: at.explanation(f) for f in range(at.n_features)}
+        for r in recs.values():
+            if r:
+                r.pop("created"), r.pop("seconds")
+        return s, recs
+
+    s1, one = run("workers1", 1)
+    s2, two = run("workers2", 2)
+    assert s1["ok"] >= len(PLANTED) and s1["ok"] == s2["ok"]
+    assert one == two  # explanations, scores, held-out contexts, control pairs: identical
+    assert {k: v for k, v in s1.items() if k != "seconds"} == {k: v for k, v in s2.items() if k != "seconds"}
+    with pytest.raises(ExplainerError, match="workers must be >= 1"):
+        explain_offline(path, tokenizer=lm.tokenizer, features=[5], config=CFG, progress=False, workers=0)

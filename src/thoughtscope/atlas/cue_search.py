@@ -42,7 +42,7 @@ from .heldout import (
     token_cache,
     true_marks,
 )
-from .kinds import LANGUAGES, strength
+from .kinds import LANGUAGES, strengths
 
 OFFLINE = "offline-tokens-v2"
 
@@ -90,6 +90,13 @@ LAYOUT_WORDS = {
     "punctuation": "punctuation",
 }
 KIND_WORDS = {**LANGUAGE_WORDS, **LAYOUT_WORDS}
+_KINDS = tuple(KIND_WORDS)
+_KIND_COLUMN = {k: i for i, k in enumerate(_KINDS)}
+
+
+def _kind_matrix(texts: list[str]) -> np.ndarray:
+    """Every text's strength of every kind an explanation may name (rows: texts, columns: _KINDS)."""
+    return np.array([strengths(_KINDS, t) for t in texts], dtype=np.float64).reshape(len(texts), len(_KINDS))
 
 
 def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -108,9 +115,15 @@ def _readable(s: str) -> bool:
 def _unit(tok, tokens: list[int], p: int, lo: int, hi: int) -> str:
     """The readable string at position p (lower-cased, stripped): the token, or the token with its neighbours
     when it is a byte fragment of a character split over several tokens; '' when none reads."""
+    cache = token_cache(tok)
+    key = ("unit", tokens[p])
+    s = cache.get(key)
+    if s is not None:  # a token that reads on its own reads the same at any position
+        return s
     s = piece(tok, tokens[p]).strip()
     if _readable(s) or not s:
-        return s.lower()
+        s = cache[key] = s.lower()
+        return s
     for a, b in ((p - 1, p + 1), (p, p + 2), (p - 1, p + 2), (p - 2, p + 1), (p, p + 3)):
         if a >= lo and b <= hi + 1:
             s = _decode(tok, tuple(int(t) for t in tokens[a:b]))
@@ -165,7 +178,8 @@ class OfflineExplainer:
                 self.bg_text.append(tokenizer.decode(toks[lo : hi + 1]).replace("\n", "⏎").lower())
                 bg_ctx.append(ctx), bg_lo.append(lo), bg_hi.append(hi)
         self.bg_ctx, self.bg_lo, self.bg_hi = np.asarray(bg_ctx), np.asarray(bg_lo), np.asarray(bg_hi)
-        self._bg_cache: dict[str | tuple, np.ndarray] = {}
+        self._bg_cache: dict[str, np.ndarray] = {}
+        self._bg_kinds: np.ndarray | None = None
         self._bg_joined = "\x00".join(self.bg_text)
         self._bg_starts = np.cumsum([0] + [len(t) + 1 for t in self.bg_text[:-1]])
 
@@ -188,12 +202,10 @@ class OfflineExplainer:
         return m
 
     def _bg_strength(self, kind: str) -> np.ndarray:
-        """Each background window's strength of a kind of text (kinds.py), cached."""
-        key = (kind, "strength")
-        m = self._bg_cache.get(key)
-        if m is None:
-            m = self._bg_cache[key] = np.array([strength(kind, t) for t in self.bg_text])
-        return m
+        """Each background window's strength of a kind of text (kinds.py), all kinds read once per atlas."""
+        if self._bg_kinds is None:
+            self._bg_kinds = _kind_matrix(self.bg_text)
+        return self._bg_kinds[:, _KIND_COLUMN[kind]]
 
     def _background_examples(self, feature: int, limit: int) -> list[tuple]:
         """Windows around the feature's activations in the background half of the random context sample (text the
@@ -246,6 +258,7 @@ class OfflineExplainer:
         texts = [
             tok.decode([int(t) for t in toks[lo : hi + 1]]).replace("\n", "⏎").lower() for toks, lo, hi, _, _ in wins
         ]
+        text_kinds = _kind_matrix(texts)
         fire: dict[str, int] = {}
         context: dict[str, int] = {}
         peaks: dict[str, int] = {}
@@ -294,7 +307,7 @@ class OfflineExplainer:
         def vectors(c: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
             """How well each shown window and each silent background window matches the cue (the scorer's reading)."""
             if kind in ("language", "layout"):
-                return np.array([strength(c, t) for t in texts]), self._bg_strength(c)[silent]
+                return text_kinds[:, _KIND_COLUMN[c]], self._bg_strength(c)[silent]
             return (
                 np.fromiter((c in t for t in texts), dtype=bool, count=n).astype(np.float64),
                 self._bg_has(c).astype(np.float64)[silent],

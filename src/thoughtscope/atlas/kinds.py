@@ -115,8 +115,14 @@ def _language_strength(lang: str, text_lower: str) -> float:
     mine = ev.get(lang, 0.0)
     if mine <= 0:
         return 0.0
-    share = mine / sum(ev.values())
-    best = max(ev.values())
+    return _language_strength_from(mine, sum(ev.values()), max(ev.values()))
+
+
+def _language_strength_from(mine: float, total: float, best: float) -> float:
+    """A language's strength from its evidence, all languages' summed evidence and the largest one."""
+    if mine <= 0:
+        return 0.0
+    share = mine / total
     if mine >= _MIN_EVIDENCE and mine >= best:
         return 0.5 + 0.5 * share * min(1.0, mine / (2 * _MIN_EVIDENCE))
     return 0.49 * share * min(1.0, mine / _MIN_EVIDENCE)
@@ -166,6 +172,29 @@ KINDS: tuple[str, ...] = tuple(SCRIPTS) + LANGUAGES + ("code",) + LAYOUT
 
 def is_kind(word: str) -> bool:
     return word in SCRIPTS or word in _FUNCTION_WORDS or word == "code" or word in LAYOUT
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f⏎]")
+_BEYOND_ASCII = frozenset(k for k in SCRIPTS if k not in ("digits", "numbers"))
+
+
+@lru_cache(maxsize=100_000)
+def strengths(kinds: tuple[str, ...], text_lower: str) -> tuple[float, ...]:
+    """`strength` of each kind for one text, computed together (the same numbers): the offline explainer reads
+    all kinds of every window it learns from. In a text with no character beyond ASCII (most windows) every
+    non-Latin script is absent without a search, and the languages share one reading of the words."""
+    plain = _NON_ASCII.search(text_lower) is None
+    ev = language_evidence(text_lower)
+    total, best = (sum(ev.values()), max(ev.values())) if ev else (0.0, 0.0)
+    out = []
+    for k in kinds:
+        if plain and k in _BEYOND_ASCII:
+            out.append(0.0)
+        elif k in _FUNCTION_WORDS:
+            out.append(_language_strength_from(ev.get(k, 0.0), total, best))
+        else:
+            out.append(strength(k, text_lower))
+    return tuple(out)
 
 
 @lru_cache(maxsize=400_000)

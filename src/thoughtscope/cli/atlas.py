@@ -102,6 +102,9 @@ def atlas_explain(
     json_out: Path | None = typer.Option(None, "--json", help="write the summary (mean scores, CIs) here"),
     overwrite: bool = typer.Option(False, help="offline: also replace explanations another method wrote"),
     concurrency: int | None = typer.Option(None, help="requests in flight [default: ExplainConfig.concurrency]"),
+    workers: int | None = typer.Option(
+        None, help="offline: processes sharing the features [default: one per core when there are over 500]"
+    ),
     yes: bool = typer.Option(False, "--yes", help="skip the confirmation after the cost/time estimate"),
 ) -> None:
     """Write an explanation for each feature and score it on held-out contexts, with a shuffled control; resumable."""
@@ -133,7 +136,14 @@ def atlas_explain(
             if tok is None:
                 _fail(f"cannot load the tokenizer of the model {atlas} was built with; offline explanations need it")
             summary = explain_offline(
-                atlas, tokenizer=tok, features=ids, sample=sample, config=cfg, overwrite=overwrite, console=console
+                atlas,
+                tokenizer=tok,
+                features=ids,
+                sample=sample,
+                config=cfg,
+                overwrite=overwrite,
+                console=console,
+                workers=workers,
             )
         else:
             lm = None if endpoint else open_with_model(atlas)[1]
