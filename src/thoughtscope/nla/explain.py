@@ -96,9 +96,10 @@ def explain_text(
     sink = [p for p in positions if (p + n if p < 0 else p) == 0]
     if sink:
         bos = nla.lm.tokenizer.bos_token_id
-        what = f"the prepended {nla.lm.tokenizer.convert_ids_to_tokens(bos)}" if bos is not None else "the first token"
+        what = f"BOS {nla.lm.tokenizer.convert_ids_to_tokens(bos)}" if bos is not None else "the first token"
         which = "position 0" if sink[0] == 0 else f"position {sink[0]} (= 0)"
-        raise NLAError(f"{which} is {what}, the attention sink; explain 1..{n - 1} or -1 (the last token)")
+        # short enough for one line of an 80-column terminal
+        raise NLAError(f"{which} is the attention sink ({what}); use 1..{n - 1} or -1")
     vecs, pos, toks = nla.activations(text, positions)
     trained = training_positions(nla)
     out = []
