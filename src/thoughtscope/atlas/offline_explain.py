@@ -6,6 +6,7 @@ and stores the results in the atlas database.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -55,7 +56,7 @@ def explain_offline(
     same for any number of workers. Returns the summary `summarize` writes.
     """
     from .explain import select_features
-    from .scoring import LexicalScorer, derangement, lexical_detection, summarize
+    from .scoring import derangement, summarize
 
     cfg = config or ExplainConfig()
     options = options or OfflineOptions()
@@ -80,19 +81,20 @@ def explain_offline(
         recs: dict[int, dict] = {}
         held: dict[int, tuple] = {}  # the texts only: a whole atlas of tasks would not fit in memory
         try:
-            for n, rec, texts in _explained(at, tokenizer, cfg, options, todo, workers):
-                recs[n] = rec
-                if texts is not None:
-                    held[n] = texts
-                if bar is not None:
-                    bar[0].update(bar[1], advance=1)
-            if control:
-                scorer = LexicalScorer()
-                ok = [n for n in todo if recs[n]["status"] == "ok"]
-                for n, other in derangement(ok, cfg.seed + 1).items():
-                    det = lexical_detection(recs[other]["explanation"], *held[n], scorer)
-                    recs[n].update(shuffled_detection_auroc=det["auroc"], shuffled_detection_bacc=det["bacc"])
-                    recs[n]["details"]["shuffled_from"] = other
+            with _Workers(at, tokenizer, cfg, options, workers if len(todo) > 1 else 1) as run:
+                for n, rec, texts in run(_explain_features, todo):
+                    recs[n] = rec
+                    if texts is not None:
+                        held[n] = texts
+                    if bar is not None:
+                        bar[0].update(bar[1], advance=1)
+                if control:
+                    ok = [n for n in todo if recs[n]["status"] == "ok"]
+                    pairs = derangement(ok, cfg.seed + 1)
+                    jobs = [(n, recs[other]["explanation"], *held[n]) for n, other in pairs.items()]
+                    for n, det in run(_score_controls, jobs):
+                        recs[n].update(shuffled_detection_auroc=det["auroc"], shuffled_detection_bacc=det["bacc"])
+                        recs[n]["details"]["shuffled_from"] = pairs[n]
         finally:
             if bar is not None:
                 bar[0].stop()
@@ -149,45 +151,71 @@ def explain_and_score(at: Atlas, explainer: OfflineExplainer, tokenizer, cfg: Ex
     return rec, held
 
 
-def _explained(at: Atlas, tokenizer, cfg: ExplainConfig, options: OfflineOptions, todo: list[int], workers: int):
-    """(feature, record, held-out texts) for every feature in `todo`, in order: here, or in worker processes that
-    each open the atlas read-only and take chunks of features."""
-    if workers == 1 or len(todo) < 2:
-        explainer = OfflineExplainer(at, tokenizer, cfg, options)
-        for n in todo:
-            yield (n, *explain_and_score(at, explainer, tokenizer, cfg, n))
-        return
-    import multiprocessing
+class _Workers:
+    """Runs a function over chunks of items, here or in worker processes (each with the atlas opened read-only
+    and its own explainer), results in the items' order; one pool serves the explanations and the control."""
 
-    chunk = max(1, min(64, len(todo) // (4 * workers)))
-    chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
-    # fork: workers start at once and a caller's script needs no `if __name__ == "__main__"` guard. The workers
-    # only read (numpy, SQLite through their own connection, the tokenizer without its thread pool)
-    ctx = multiprocessing.get_context("fork")
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        with ctx.Pool(workers, initializer=_worker_start, initargs=(str(at.path), tokenizer, cfg, options)) as pool:
-            for results in pool.imap(_worker_run, chunks):
-                yield from results
-    finally:
-        if before is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
+    def __init__(self, at: Atlas, tokenizer, cfg: ExplainConfig, options: OfflineOptions, workers: int):
+        self.setup = (str(at.path), tokenizer, cfg, options)
+        self.workers, self.pool = workers, None
+        self.state = _state(at, tokenizer, cfg, options) if workers == 1 else None
+
+    def __enter__(self):
+        if self.workers > 1:
+            import multiprocessing
+
+            # fork: workers start at once and a caller's script needs no `if __name__ == "__main__"` guard. The
+            # workers only read (numpy, SQLite through their own connection, the tokenizer without its threads)
+            self._env = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            ctx = multiprocessing.get_context("fork")
+            self.pool = ctx.Pool(self.workers, initializer=_worker_start, initargs=self.setup)
+        return self
+
+    def __call__(self, fn, items: list):
+        if self.pool is None:
+            yield from fn(self.state, items)
+            return
+        chunk = max(1, min(64, len(items) // (4 * self.workers)))
+        chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+        for results in self.pool.imap(functools.partial(_in_worker, fn), chunks):
+            yield from results
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            if self._env is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = self._env
 
 
-_WORKER: dict = {}
+def _state(at: Atlas, tokenizer, cfg: ExplainConfig, options: OfflineOptions) -> dict:
+    return {"at": at, "tokenizer": tokenizer, "cfg": cfg, "explainer": OfflineExplainer(at, tokenizer, cfg, options)}
+
+
+_WORKER: dict = {}  # a worker process's own state, set once when it starts
 
 
 def _worker_start(path: str, tokenizer, cfg: ExplainConfig, options: OfflineOptions) -> None:
-    at = Atlas.open(path)
-    _WORKER.update(at=at, tokenizer=tokenizer, cfg=cfg, explainer=OfflineExplainer(at, tokenizer, cfg, options))
+    _WORKER.update(_state(Atlas.open(path), tokenizer, cfg, options))
 
 
-def _worker_run(features: list[int]) -> list[tuple]:
-    w = _WORKER
+def _in_worker(fn, items: list) -> list:
+    return fn(_WORKER, items)
+
+
+def _explain_features(w: dict, features: list[int]) -> list[tuple]:
     return [(n, *explain_and_score(w["at"], w["explainer"], w["tokenizer"], w["cfg"], n)) for n in features]
+
+
+def _score_controls(_w: dict, jobs: list[tuple]) -> list[tuple]:
+    """(feature, another feature's explanation, this feature's held-out texts, labels) -> (feature, detection)."""
+    from .scoring import LexicalScorer, lexical_detection
+
+    scorer = LexicalScorer()
+    return [(n, lexical_detection(explanation, texts, labels, scorer)) for n, explanation, texts, labels in jobs]
 
 
 def _bar(enabled: bool, console, total: int):
