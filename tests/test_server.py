@@ -229,8 +229,14 @@ def test_serve_command_refuses_an_open_host_without_token(capsys):
 
 
 def test_nla_view_and_token_fragment(c):
+    r = c.get("/nla", params={"text": "a quiet queen", "pos": 3}, headers=HTML)
+    assert r.status_code == 200 and r.text.count('class="pill">FVE ') == 1 and "oracle" not in r.text  # greedy only
     r = c.get("/nla", params={"text": "a quiet queen", "pos": 3, "samples": 2}, headers=HTML)
-    assert r.status_code == 200 and r.text.count('class="pill">FVE ') == 2
+    # the greedy explanation keeps the one FVE; the samples are numbered and the true-vector pick says it is an oracle
+    assert r.status_code == 200 and r.text.count('class="pill">FVE ') == 1
+    assert r.text.count('class="pill">sample ') == 2 and "<b>oracle</b>" in r.text and "not the NLA" in r.text
+    assert 'title="position 0: the attention sink' in r.text and "pos=0&amp;" not in r.text
+    assert c.get("/nla/token", params={"text": "abc", "pos": 0}, headers=HTML).status_code == 422
     r = c.get(
         "/nla",
         params={"text": "abc", "pos": 2, "original": "a river", "edited": "a stone", "prompt": "hi", "scale": 5},

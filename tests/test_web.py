@@ -177,8 +177,8 @@ def test_analyzer_heatmap_and_token_click(site, page):
     assert f"#{PLANT}" in panel.text_content() and PLANT_LABEL in panel.text_content()
     assert "reconstruction error" in panel.text_content()
     page.click("#nla-explain")  # htmx fetches the NLA's reading of the token
-    page.wait_for_selector("#nla-panel .samples li")
-    assert "FVE" in page.text_content("#nla-panel")
+    page.wait_for_selector("#nla-panel .nla-reading")
+    assert "FVE" in page.text_content("#nla-panel") and "greedy" in page.text_content("#nla-panel")
     shot(page, "analyzer")
 
 

@@ -58,7 +58,7 @@ def test_analyzer_click_and_nla(site, page):
     page.locator("#heatmap .t", has_text="stars").first.click()
     assert page.locator("#token-panel .token-features li").count() > 0
     page.click("#nla-explain")
-    page.wait_for_selector("#nla-panel .samples li", timeout=120_000)
+    page.wait_for_selector("#nla-panel .nla-reading", timeout=120_000)
     shot(page, "analyzer")
     page.goto(
         f"{url}/compare?a={quote('The stars and the moon lit the night sky.')}&b="
@@ -85,4 +85,6 @@ def test_nla_view(site, page):
     url, _ = site
     page.goto(f"{url}/nla?text={quote('The cat sat on the warm windowsill in the sun')}&pos=-1&samples=3")
     assert page.locator("#nla-result .samples li").count() == 3
+    assert page.locator("#nla-result .samples li.best", has_text="oracle").count() == 1
+    assert "FVE" in page.text_content("#nla-result .nla-reading")
     shot(page, "nla")

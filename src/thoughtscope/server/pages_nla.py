@@ -1,4 +1,5 @@
-"""NLA view: explain any token of a text in words (several samples, each with its round-trip FVE); edit an
+"""NLA view: explain any token of a text in words (the greedy explanation and its round-trip FVE; sampled ones on
+request, the best by the true vector labelled as an oracle pick); edit an
 explanation and steer the model with the reconstructor's difference AR(edited) − AR(original), side by side."""
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ async def nla_page(
     request: Request,
     text: str | None = None,
     pos: str | None = None,
-    samples: str = "3",
+    samples: str = "1",
     prompt: str | None = None,
     original: str | None = None,
     edited: str | None = None,
@@ -85,12 +86,12 @@ async def nla_page(
 
 
 @router.get("/nla/token")
-async def nla_token(request: Request, text: str, pos: str, samples: str = "2"):
+async def nla_token(request: Request, text: str, pos: str, samples: str = "1"):
     """The analyzer's token panel asks for this fragment (htmx): the NLA's words for one token, with FVE."""
     wb, cfg = wb_of(request), cfg_of(request)
     _need_nla(wb)
     text = text_param(text, "text", cfg)
     n = len(_tokens(wb, text, cfg))
-    p = int_param(pos, "pos", 0, n - 1)
+    p = int_param(pos, "pos", 1, n - 1)  # 0 is the attention sink
     res = await run_model(request, _explain, wb, text, p, int_param(samples, "samples", 1, 8))
     return page(request, "_nla_token.html", res=res, text=text)
