@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from test_atlas_fixtures import (  # noqa: E402
+from test_atlas_fixtures import (
     OUT_CHAR,
     PLANT,
     PLANT_CHAR,
@@ -18,7 +18,7 @@ from test_atlas_fixtures import (  # noqa: E402
     write_corpus,
 )
 
-from thoughtscope.atlas import (  # noqa: E402
+from thoughtscope.atlas import (
     Atlas,
     AtlasConfig,
     AtlasError,
@@ -27,7 +27,7 @@ from thoughtscope.atlas import (  # noqa: E402
     feature_card,
     top_features_for_text,
 )
-from thoughtscope.corpus import Corpus  # noqa: E402
+from thoughtscope.corpus import Corpus
 
 CFG = dict(
     n_tokens=6000,

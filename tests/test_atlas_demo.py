@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 from rich.console import Console
-from test_atlas_fixtures import (  # noqa: E402
+from test_atlas_fixtures import (
     PLANT,
     identity_model,
     one_thread,
@@ -15,9 +15,9 @@ from test_atlas_fixtures import (  # noqa: E402
     write_corpus,
 )
 
-from thoughtscope.atlas import Atlas, AtlasConfig, AtlasError, build_atlas  # noqa: E402
-from thoughtscope.atlas.demo import demo_feature_cards  # noqa: E402
-from thoughtscope.corpus import Corpus  # noqa: E402
+from thoughtscope.atlas import Atlas, AtlasConfig, AtlasError, build_atlas
+from thoughtscope.atlas.demo import demo_feature_cards
+from thoughtscope.corpus import Corpus
 
 
 @pytest.fixture(scope="module", autouse=True)

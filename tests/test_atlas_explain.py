@@ -10,7 +10,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from test_atlas_fixtures import (  # noqa: E402
+from test_atlas_fixtures import (
     PLANT,
     PLANT_CHAR,
     identity_model,
@@ -19,7 +19,7 @@ from test_atlas_fixtures import (  # noqa: E402
     write_corpus,
 )
 
-from thoughtscope.atlas import (  # noqa: E402
+from thoughtscope.atlas import (
     Atlas,
     AtlasConfig,
     ExplainConfig,
@@ -30,9 +30,9 @@ from thoughtscope.atlas import (  # noqa: E402
     build_atlas,
     explain_atlas,
 )
-from thoughtscope.atlas.explain import client_from_env  # noqa: E402
-from thoughtscope.corpus import Corpus  # noqa: E402
-from thoughtscope.llm import LLMError  # noqa: E402
+from thoughtscope.atlas.explain import client_from_env
+from thoughtscope.corpus import Corpus
+from thoughtscope.llm import LLMError
 
 
 class Script:

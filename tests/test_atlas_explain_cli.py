@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_atlas_explain_offline import PLANTED, planted_letters_sae, write_letters_corpus  # noqa: E402
-from test_atlas_fixtures import identity_model, one_thread  # noqa: E402
+from test_atlas_explain_offline import PLANTED, planted_letters_sae, write_letters_corpus
+from test_atlas_fixtures import identity_model, one_thread
 from typer.testing import CliRunner
 
-from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas  # noqa: E402
-from thoughtscope.cli import app  # noqa: E402
-from thoughtscope.corpus import Corpus  # noqa: E402
+from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas
+from thoughtscope.cli import app
+from thoughtscope.corpus import Corpus
 
 runner = CliRunner()
 

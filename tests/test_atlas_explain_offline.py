@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_atlas_fixtures import identity_model, one_thread, token_id  # noqa: E402
+from test_atlas_fixtures import identity_model, one_thread, token_id
 
-from thoughtscope.atlas import (  # noqa: E402
+from thoughtscope.atlas import (
     Atlas,
     AtlasConfig,
     ExplainConfig,
@@ -21,10 +21,10 @@ from thoughtscope.atlas import (  # noqa: E402
     explain_offline,
     parse_cues,
 )
-from thoughtscope.atlas.heldout import ExplainerError, prepare, random_context_halves, span  # noqa: E402
-from thoughtscope.atlas.scoring import auroc, derangement, mean_ci  # noqa: E402
-from thoughtscope.corpus import Corpus  # noqa: E402
-from thoughtscope.sae import SAE, SAEConfig  # noqa: E402
+from thoughtscope.atlas.heldout import ExplainerError, prepare, random_context_halves, span
+from thoughtscope.atlas.scoring import auroc, derangement, mean_ci
+from thoughtscope.corpus import Corpus
+from thoughtscope.sae import SAE, SAEConfig
 
 PLANTED = {2: "q", 5: "x", 7: "j", 11: "k", 13: "v"}  # feature -> the letter it fires on
 CFG = ExplainConfig(n_top=6, n_quantile=8, n_score_pos=12, n_score_neg=12)

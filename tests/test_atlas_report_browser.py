@@ -9,14 +9,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_atlas_explain_offline import planted_letters_sae, write_letters_corpus  # noqa: E402
-from test_atlas_fixtures import identity_model, one_thread  # noqa: E402
+from test_atlas_explain_offline import planted_letters_sae, write_letters_corpus
+from test_atlas_fixtures import identity_model, one_thread
 from typer.testing import CliRunner
 
-from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas  # noqa: E402
-from thoughtscope.atlas.cards import load_tokenizer  # noqa: E402
-from thoughtscope.cli import app  # noqa: E402
-from thoughtscope.corpus import Corpus  # noqa: E402
+from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas
+from thoughtscope.atlas.cards import load_tokenizer
+from thoughtscope.cli import app
+from thoughtscope.corpus import Corpus
 
 CHROMIUM = os.environ.get("THOUGHTSCOPE_CHROMIUM", "/usr/bin/chromium")
 
