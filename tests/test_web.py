@@ -176,6 +176,10 @@ def test_analyzer_heatmap_and_token_click(site, page):
     panel = page.locator("#token-panel")
     assert f"#{PLANT}" in panel.text_content() and PLANT_LABEL in panel.text_content()
     assert "reconstruction error" in panel.text_content()
+    tokens.first.click()  # position 0, the attention sink: no NLA button
+    assert "does not explain position 0" in page.text_content("#token-panel")
+    assert page.locator("#nla-explain").count() == 0
+    q.click()
     page.click("#nla-explain")  # htmx fetches the NLA's reading of the token
     page.wait_for_selector("#nla-panel .nla-reading")
     assert "FVE" in page.text_content("#nla-panel") and "greedy" in page.text_content("#nla-panel")

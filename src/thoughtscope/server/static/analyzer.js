@@ -25,7 +25,8 @@ if (detailNode) {
       html += `<h3>Probes</h3><ul class="neighbours probe-scores">` + d.probes.map(([name, score, fires]) =>
         `<li>${esc(name)} <b>${fmt(score)}</b> <span class="pill">${fires ? "above" : "below"} threshold</span></li>`).join("") + `</ul>`;
     }
-    if (meta.nla) html += `<div id="nla-panel"><button type="button" class="ghost" id="nla-explain">Explain with the NLA</button></div>`;
+    if (meta.nla && i > 0) html += `<div id="nla-panel"><button type="button" class="ghost" id="nla-explain">Explain with the NLA</button></div>`;
+    else if (meta.nla) html += `<p class="muted small" id="nla-panel">The NLA does not explain position 0 (attention sink).</p>`;
     panel.innerHTML = html;
     const btn = document.getElementById("nla-explain");
     if (btn) btn.addEventListener("click", () => {
