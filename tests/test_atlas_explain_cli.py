@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_atlas_explain_offline import PLANTED, planted_letters_sae, write_letters_corpus
+from test_atlas_explain_offline import PLANTED, build_letters_atlas
 from test_atlas_fixtures import identity_model, one_thread
 from typer.testing import CliRunner
 
-from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas
+from thoughtscope.atlas import Atlas
 from thoughtscope.cli import app
-from thoughtscope.corpus import Corpus
 
 runner = CliRunner()
 
@@ -20,20 +19,7 @@ runner = CliRunner()
 def atlas_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("explain-cli")
     with one_thread():
-        lm = identity_model()
-        corpus = Corpus(str(write_letters_corpus(d / "corpus.txt")))
-        cfg = AtlasConfig(
-            n_tokens=16_384,
-            ctx_len=32,
-            contexts_per_batch=8,
-            top_k=24,
-            n_bins=5,
-            per_bin=8,
-            window_left=8,
-            window_right=3,
-            n_random_contexts=256,
-        )
-        build_atlas(lm, planted_letters_sae(lm), corpus, d / "atlas", cfg, progress=False)
+        build_letters_atlas(identity_model(), d)
     return d
 
 

@@ -60,6 +60,26 @@ def write_letters_corpus(path: Path, n_docs: int = 400, seed: int = 0) -> Path:
     return path
 
 
+LETTERS_ATLAS = dict(
+    n_tokens=16_384,
+    ctx_len=32,
+    contexts_per_batch=8,
+    top_k=24,
+    n_bins=5,
+    per_bin=8,
+    window_left=8,
+    window_right=3,
+    n_random_contexts=256,
+)
+
+
+def build_letters_atlas(lm, d: Path, **overrides) -> Path:
+    """The letters corpus read through the planted-letters SAE into an atlas under d (LETTERS_ATLAS, overridden)."""
+    corpus = Corpus(str(write_letters_corpus(d / "corpus.txt")))
+    cfg = AtlasConfig(**{**LETTERS_ATLAS, **overrides})
+    return build_atlas(lm, planted_letters_sae(lm), corpus, d / "atlas", cfg, progress=False)
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     d = tmp_path_factory.mktemp("offline")
@@ -69,19 +89,7 @@ def planted(tmp_path_factory):
         for f, ch in PLANTED.items():  # the plant really is what the SAE computes
             acts = sae.encode(lm.model.get_input_embeddings().weight.detach()[token_id(lm, ch)][None])[0]
             assert acts[f] > 0
-        corpus = Corpus(str(write_letters_corpus(d / "corpus.txt")))
-        cfg = AtlasConfig(
-            n_tokens=16_384,
-            ctx_len=32,
-            contexts_per_batch=8,
-            top_k=24,
-            n_bins=5,
-            per_bin=8,
-            window_left=8,
-            window_right=3,
-            n_random_contexts=256,
-        )
-        path = build_atlas(lm, sae, corpus, d / "atlas", cfg, progress=False)
+        path = build_letters_atlas(lm, d)
     return lm, path, d
 
 

@@ -9,14 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_atlas_explain_offline import planted_letters_sae, write_letters_corpus
+from test_atlas_explain_offline import build_letters_atlas
 from test_atlas_fixtures import identity_model, one_thread
 from typer.testing import CliRunner
 
-from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas
+from thoughtscope.atlas import Atlas
 from thoughtscope.atlas.cards import load_tokenizer
 from thoughtscope.cli import app
-from thoughtscope.corpus import Corpus
 
 CHROMIUM = os.environ.get("THOUGHTSCOPE_CHROMIUM", "/usr/bin/chromium")
 
@@ -41,19 +40,7 @@ def report(tmp_path_factory):
     d = tmp_path_factory.mktemp("report-browser")
     with one_thread():
         lm = identity_model()
-        corpus = Corpus(str(write_letters_corpus(d / "corpus.txt")))
-        cfg = AtlasConfig(
-            n_tokens=8192,
-            ctx_len=32,
-            contexts_per_batch=8,
-            top_k=12,
-            n_bins=5,
-            per_bin=4,
-            window_left=8,
-            window_right=3,
-            n_random_contexts=128,
-        )
-        build_atlas(lm, planted_letters_sae(lm), corpus, d / "atlas", cfg, progress=False)
+        build_letters_atlas(lm, d, n_tokens=8192, top_k=12, per_bin=4, n_random_contexts=128)
     runner = CliRunner()
     for args in (
         ["atlas", "explain", str(d / "atlas"), "--offline"],
