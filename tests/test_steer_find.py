@@ -18,6 +18,7 @@ from thoughtscope.sae import SAE, SAEConfig, load_sae, save_sae
 from thoughtscope.sae.stats import FeatureStats, read_feature_stats, save_feature_stats
 from thoughtscope.steer import GenerationConfig, Preset, SteerError, clamp, generate
 from thoughtscope.steer.find import Concept, FindConfig, Handle, find_handle, save_preset
+from thoughtscope.steer.handles import logit_direction, logit_sites
 
 SITE = "resid.1"
 WRITER = 11  # the planted feature whose decoder writes the concept token
@@ -149,7 +150,7 @@ def test_caa_handles_at_several_sites_and_vector_preset_round_trip(lm, sae, tmp_
         temperature=0.0,
     )
     res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, progress=False)
-    assert [h["id"] for h in res.handles] == ["caa:resid.0", f"caa:{SITE}"]
+    assert [h["id"] for h in res.handles] == ["caa:resid.0", f"caa:{SITE}", f"logit:{logit_sites(lm)[0]}"]
     # a direction that writes Q (the planted decoder row) as a CAA-kind handle: saved as a vector preset
     u = sae.W_dec[WRITER].detach().clone()
     writer = Handle("caa", "caa:writer", SITE, [1.0, 4.0], direction=u / u.norm(), typical_norm=5.0)
@@ -191,3 +192,37 @@ def test_concept_needs_keywords_and_fills_prompts_and_controls():
     assert len(c.prompts) >= 8 and all("bridge" in p for p in c.prompts) and len(c.controls) >= 8
     with pytest.raises(SteerError, match="ppl_bound"):
         FindConfig(ppl_bound=0.5)
+
+
+def test_logit_direction_writes_the_concept_tokens(lm, sae, tmp_path):
+    """The logit handle's direction raises the concept tokens' logits more than any random direction does,
+    and added at the last block it makes greedy answers write the concept; saved as a vector preset."""
+    toks = concept_token_ids(lm.tokenizer, ["Q"])
+    d = logit_direction(lm, toks)
+    assert abs(float(d.norm()) - 1) < 1e-5
+    rand = torch.randn(200, d.numel(), generator=torch.Generator().manual_seed(0))
+    scores = output_scores(lm, torch.cat([d[None], rand / rand.norm(dim=1, keepdim=True)]), toks)
+    assert float(scores[0]) > float(scores[1:].max()) and float(scores[0]) > 3
+    concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ Q"], controls=["ab cd"])
+    cfg = FindConfig(
+        n_features=0,
+        caa_sites=[],
+        logit_sites=[SITE],
+        n_screen=2,
+        screen_tokens=4,
+        max_new_tokens=6,
+        n_calibrate=1,
+        ppl_bound=1e30,
+        vector_grid=(2.0,),
+        fine_steps=(1.0,),
+        temperature=0.0,
+    )
+    res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, progress=False)
+    assert [h["id"] for h in res.handles] == [f"logit:{SITE}"]
+    assert res.best is not None and res.best["kind"] == "logit" and res.best["concept_rate"] == 1.0
+    assert res.baseline["concept_rate"] < 1.0
+    path = save_preset(res, None, tmp_path / "l.json")
+    preset = Preset.load(path)
+    assert preset.items[0].type == "vector" and preset.items[0].site == SITE
+    gens = generate(lm, QUESTIONS[:2], preset.build(lm), GenerationConfig(max_new_tokens=6, temperature=0.0))
+    assert [g.text for g in gens] == res.frontier[0]["answers"]

@@ -165,13 +165,17 @@ def steer_find(
     n_features: int = typer.Option(4, help="feature candidates per ranking (input contrast, output effect)"),
     n_calibrate: int = typer.Option(3, help="handles that get the full calibration"),
     sites: str = typer.Option("", help="comma-separated sites for CAA vectors (default: SAE site, 1/3 and 2/3 depth)"),
+    logit_sites: str = typer.Option(
+        "", help="sites for the concept tokens' logit direction (default: 5/6 depth; 'none' for none)"
+    ),
     positions: str = typer.Option("all", help="where handles apply: all, prompt or generated tokens"),
     max_new_tokens: int = typer.Option(40),
     seed: int = typer.Option(0),
     preset: Path | None = typer.Option(None, help="save the winner as this preset (default: steer-find-NAME.json)"),
     json_out: Path | None = typer.Option(None, "--json", help="write the whole search here"),
 ) -> None:
-    """Find the handle (SAE feature or CAA vector) that makes the model write about a concept, calibrated."""
+    """Find the handle (SAE feature, CAA vector or logit direction) that makes the model write about a concept,
+    calibrated."""
     from ..sae import load_sae
     from ..steer.find import Concept, FindConfig, find_handle, save_preset
 
@@ -195,6 +199,7 @@ def steer_find(
         n_calibrate=n_calibrate,
         ppl_bound=ppl_bound,
         caa_sites=_csv(sites, str) or None,
+        logit_sites=[] if logit_sites == "none" else (_csv(logit_sites, str) or None),
         positions=positions,
         max_new_tokens=max_new_tokens,
         seed=seed,

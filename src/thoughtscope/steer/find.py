@@ -4,7 +4,9 @@ A user names a concept (keywords, and/or texts with and without it). We build ca
 - SAE features ranked by input contrast (they fire on the concept's texts and not on the controls) and,
   separately, by output effect (their decoder direction, read through the final norm and unembedding,
   promotes the concept's tokens), since in small models the two sides often differ;
-- CAA vectors (mean activation on the concept's texts minus on the controls) at two or three sites.
+- CAA vectors (mean activation on the concept's texts minus on the controls) at two or three sites;
+- the concept tokens' logit direction (their unembedding rows read back through the final norm) added
+  at a late site, which needs neither the SAE nor the texts.
 Each is screened cheaply (a few questions, short answers, a coarse strength grid, stopping a handle as
 soon as it breaks the text); handles that never beat the unsteered concept rate are dropped there. Only
 the best few get a full calibration on all neutral questions. The result is the frontier (concept rate
@@ -41,7 +43,8 @@ class FindConfig:
     Calibration: every question, `max_new_tokens`, a fine grid around the best screening strength."""
 
     n_features: int = 4  # per ranking (input contrast, output effect)
-    caa_sites: Sequence[str] | None = None  # default: the SAE's site and layers at 1/3 and 2/3 depth
+    caa_sites: Sequence[str] | None = None  # default: the SAE's site and layers at 1/3 and 2/3 depth; [] for none
+    logit_sites: Sequence[str] | None = None  # default: the layer at 5/6 depth; [] for none
     n_screen: int = 6
     screen_tokens: int = 24
     n_calibrate: int = 3
@@ -278,6 +281,7 @@ def find_handle(
             }
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     cfg["caa_sites"] = [h.site for h in handles if h.kind == "caa"]
+    cfg["logit_sites"] = [h.site for h in handles if h.kind == "logit"]
     result = FindResult(
         concept,
         cfg,
@@ -345,7 +349,7 @@ def save_preset(result: FindResult, sae, path: str | Path) -> Path:
         SteeringVector(
             h.direction,
             h.site,
-            method="caa-token-mean",
+            method="caa-token-mean" if h.kind == "caa" else "concept-logit-direction",
             model=getattr(sae, "model_name", "") or "",
             typical_norm=h.typical_norm,
             extra={"concept": result.concept.name},

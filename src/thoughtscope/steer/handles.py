@@ -1,8 +1,10 @@
 """Candidate handles for a concept: the concept itself, and the feature / vector handles built for it.
 
 A concept is keywords (how its presence in an answer is measured) plus texts with and without it. Handles
-come from both sides of the SAE (input contrast, output effect; see `thoughtscope.features`) and from CAA
-vectors at a few sites; `steer.find` screens and calibrates them.
+come from both sides of the SAE (input contrast, output effect; see `thoughtscope.features`), from CAA
+vectors at a few sites, and from the concept tokens' own output direction added late in the model (the
+vector-level counterpart of "output effect": it needs no SAE and no texts); `steer.find` screens and
+calibrates them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..features import (
     contrast_features,
     feature_max,
     feature_max_acts,
+    norm_scale,
     output_features,
 )
 from ..models import LoadedModel, Site, capture
@@ -101,10 +104,11 @@ class Concept:
 
 @dataclass
 class Handle:
-    """One way to steer: an SAE feature clamp (strength in × the reference max) or a CAA vector added
-    at a site (strength in multiples of the site's median residual norm)."""
+    """One way to steer: an SAE feature clamp (strength in × the reference max) or a vector added at a
+    site (strength in multiples of the site's median residual norm): CAA, or the concept tokens' logit
+    direction."""
 
-    kind: str  # "feature" | "caa"
+    kind: str  # "feature" | "caa" | "logit"
     id: str
     site: str
     grid: list[float]
@@ -154,10 +158,31 @@ def caa_sites(lm: LoadedModel, sae) -> list[str]:
     return sorted(out, key=lambda s: Site.parse(s).layer)
 
 
-def build_handles(lm: LoadedModel, sae, concept: Concept, config) -> list[Handle]:
-    """Feature handles (top by input contrast and by output effect) and CAA handles at several sites.
+def logit_sites(lm: LoadedModel) -> list[str]:
+    """Where the logit direction is added: about 5/6 of the depth. Later, the last blocks have no room to
+    fold it into fluent text (at the final layer it only adds stray tokens); earlier, it is rewritten
+    before it reaches the output (measured on the default model, docs/steering.md)."""
+    return [str(Site(min(max(round(5 * lm.n_layers / 6), 0), lm.n_layers - 1)))]
 
-    `config` is a `steer.find.FindConfig` (n_features, feature_grid, vector_grid, caa_sites).
+
+@torch.no_grad()
+def logit_direction(lm: LoadedModel, token_ids: Sequence[int]) -> torch.Tensor:
+    """The residual direction that raises the tokens' logits: the mean of their unembedding rows minus
+    the vocabulary's mean row, scaled elementwise by the final norm's weight (the path a residual
+    direction takes to the logits), unit length."""
+    U = lm.unembed.weight.detach().float().cpu()
+    v = U[torch.as_tensor(list(token_ids), dtype=torch.long)].mean(0) - U.mean(0)
+    g = norm_scale(lm.final_norm)
+    if g is not None:
+        v = v * g.cpu()
+    return v / v.norm()
+
+
+def build_handles(lm: LoadedModel, sae, concept: Concept, config) -> list[Handle]:
+    """Feature handles (top by input contrast and by output effect), CAA handles at several sites and
+    the concept tokens' logit direction at a late site.
+
+    `config` is a `steer.find.FindConfig` (n_features, feature_grid, vector_grid, caa_sites, logit_sites).
     """
     handles: list[Handle] = []
     if sae is not None and config.n_features:
@@ -196,7 +221,7 @@ def build_handles(lm: LoadedModel, sae, concept: Concept, config) -> list[Handle
                     found_by=why,
                 )
             )
-    for site in config.caa_sites or caa_sites(lm, sae):
+    for site in config.caa_sites if config.caa_sites is not None else caa_sites(lm, sae):
         s = lm.check_site(site)
         mp, _ = _token_mean(lm, s, concept.prompts)
         mc, typical = _token_mean(lm, s, concept.controls)
@@ -211,6 +236,23 @@ def build_handles(lm: LoadedModel, sae, concept: Concept, config) -> list[Handle
                 str(s),
                 list(config.vector_grid),
                 direction=v / v.norm(),
+                typical_norm=typical,
+                found_by=why,
+            )
+        )
+    toks = concept_token_ids(lm.tokenizer, concept.keywords)
+    sites = config.logit_sites if config.logit_sites is not None else logit_sites(lm)
+    for site in sites if toks else ():
+        s = lm.check_site(site)
+        _, typical = _token_mean(lm, s, concept.controls)
+        why = {"logit": {"tokens": [lm.tokenizer.decode([t]) for t in toks]}}
+        handles.append(
+            Handle(
+                "logit",
+                f"logit:{s}",
+                str(s),
+                list(config.vector_grid),
+                direction=logit_direction(lm, toks),
                 typical_norm=typical,
                 found_by=why,
             )
