@@ -297,8 +297,8 @@ def _final_weights(path):
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def _assert_resume_equals_uninterrupted(lm, rows, a, b, tc):
-    """Run `tc` in folder a uninterrupted, and in folder b stopped at step 3 then resumed: same final AR."""
+def _assert_resume_equals_uninterrupted(lm, rows, a, b, tc, weights="ar.safetensors"):
+    """Run `tc` in folder a uninterrupted, and in folder b stopped at step 3 then resumed: same final AR (`weights`)."""
     train_stage(a, rows, TrainConfig(**tc), lm=lm, progress=False)
 
     class Stop(Exception):
@@ -313,7 +313,7 @@ def _assert_resume_equals_uninterrupted(lm, rows, a, b, tc):
     # the checkpoint of step 3 is written after the log call, so the resume restarts from step 2
     r = train_stage(b, rows, TrainConfig(**tc), lm=lm, progress=False)
     assert r["done"]
-    wa, wb = _final_weights(a / "ar.safetensors"), _final_weights(b / "ar.safetensors")
+    wa, wb = _final_weights(a / weights), _final_weights(b / weights)
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k])
@@ -392,6 +392,12 @@ def test_ar_refit_trains_the_ar_on_the_avs_own_explanations(lm, rows, tmp_path):
     gap = res["rl_before_refit_minus_warm_start"]
     assert math.isclose(gap["diff"], res["baselines"]["rl_before_refit"] - res["baselines"]["warm_start"])
     assert gap["ci"][0] <= gap["ci"][1] and "rl_stage_beats_warm_start_outside_paired_ci" in res["bar"]
+    # no warm_refit_ar.safetensors yet: the control's key is there and says how to make it
+    missing = res["rl_vs_warm_start_refit"]
+    assert missing["diff"] is None and missing["ci"] is None and "warm_start_refit" not in res["baselines"]
+    assert "warm_refit_ar.safetensors not in the NLA folder" in missing["missing"]
+    assert "--stage ar-refit-warm" in missing["missing"]
+    assert res["bar"]["rl_beats_warm_start_refit_outside_paired_ci"] is None
     # a cache written by other AV weights is refused
     cache["av_sha256"] = "0" * 64
     (d / "train_state" / "ar-refit.explanations.json").write_text(json.dumps(cache))
@@ -512,10 +518,87 @@ def test_evaluate_quick_on_tiny(lm, rows, tmp_path):
         "empty",
         "shuffled",
         "token_mean",
+        "token_only",
         "ridge_k1",
         "ridge_k4",
         "ridge_k16",
     }
+    # token_only: the AR reading just the token clause the warm-start text ends with
+    assert "token_only" in res["nla_minus_baseline"] and "| token_only |" in format_table(res)
+    assert 0 <= res["prose_share"] <= 1 and res["oracle_prose_share"] == 0.0  # the oracle text is a field template
+    assert (
+        saved["rl_vs_warm_start_refit"]["diff"] is None
+        and "no warm start" in saved["rl_vs_warm_start_refit"]["missing"]
+    )
+
+
+def test_token_clause_is_how_the_warm_start_text_ends(rows, lm):
+    from thoughtscope.nla.warm_start import token_clause
+
+    for expl, tok in zip(rows.explanations, rows.token_id.tolist()):
+        assert expl.endswith(" " + token_clause(lm.tokenizer.decode([tok])))
+    assert token_clause(" island") == "Token: island" and token_clause("island") == "Token: island"
+    assert token_clause('"\n') == "Token: '\\n"
+
+
+def _files(d):
+    return {p.name: _final_weights(p) for p in d.glob("*.safetensors")}
+
+
+def test_ar_refit_warm_writes_only_the_control_ar(lm, rows, tmp_path):
+    from thoughtscope.nla import evaluate_nla
+
+    d = tmp_path / "nla"
+    tc = dict(stage="ar-refit-warm", steps=3, batch_size=4, lr=1e-2, eval_every=3, checkpoint_every=1, warmup=1)
+    train_stage(d, rows, TrainConfig(stage="ar-sft", steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
+    with pytest.raises(NLAError, match="before ar-refit-warm"):
+        train_stage(d, rows, TrainConfig(**tc), lm=lm, progress=False)
+    _through_rl(lm, rows, d)
+    train_stage(d, rows, TrainConfig(**{**tc, "stage": "ar-refit", "eval_every": 0}), lm=lm, progress=False)
+    before = _files(d)
+    r = train_stage(d, rows, TrainConfig(**tc, val_rows=4), lm=lm, progress=False)
+    assert r["done"] and "val_fve_round_trip" in r["history"][-1]
+    after = _files(d)
+    # av, ar, the warm weights and rl_ar are as they were; the new file is the warm AR, moved by the refit
+    assert set(after) == set(before) | {"warm_refit_ar.safetensors"}
+    for name, w in before.items():
+        for k, v in w.items():
+            torch.testing.assert_close(after[name][k], v)
+    refit, warm_ar = after["warm_refit_ar.safetensors"], before["warm_ar.safetensors"]
+    assert any(not torch.equal(refit[k], warm_ar[k]) for k in refit)
+    # it trained on the warm AV's greedy explanations, cached apart from ar-refit's
+    cache = json.loads((d / "train_state" / "ar-refit-warm.explanations.json").read_text())
+    control = NLA.load(d, lm=lm, which="warm_refit")
+    train = rows.subset("train")
+    assert cache["sets"]["train"][:3] == NLA.load(d, lm=lm, which="warm").explain(train.vectors[:3])
+    for k, v in control.ar.adapter_state().items():
+        torch.testing.assert_close(v, refit[k].to(v.dtype), atol=1e-3, rtol=1e-3)
+    res = evaluate_nla(str(d), rows, quick=True, n_boot=20, lm=lm, progress=False)
+    gap = res["rl_vs_warm_start_refit"]
+    assert "warm_start_refit" in res["baselines"] and "missing" not in gap
+    assert math.isclose(gap["diff"], res["fve"] - res["baselines"]["warm_start_refit"])
+    assert gap["ci"][0] <= gap["ci"][1] and gap == {
+        **res["nla_minus_baseline"]["warm_start_refit"],
+        "from": gap["from"],
+    }
+    assert res["bar"]["rl_beats_warm_start_refit_outside_paired_ci"] == (gap["ci"][0] > 0)
+    assert {"token_only", "warm_start_refit"} <= res["nla_minus_baseline"].keys()
+    assert 0 <= res["prose_share"] <= 1 and 0 <= res["warm_start_prose_share"] <= 1
+    (d / "warm_refit_ar.safetensors").unlink()
+    with pytest.raises(NLAError, match="warm_refit_ar.safetensors not found"):
+        NLA.load(d, lm=lm, which="warm_refit")
+
+
+def test_ar_refit_warm_resume_equals_uninterrupted(lm, rows, tmp_path):
+    import shutil
+
+    for stage in ("ar-sft", "av-sft"):
+        train_stage(
+            tmp_path / "a", rows, TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0), lm=lm, progress=False
+        )
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    tc = dict(stage="ar-refit-warm", steps=5, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=1)
+    _assert_resume_equals_uninterrupted(lm, rows, tmp_path / "a", tmp_path / "b", tc, "warm_refit_ar.safetensors")
 
 
 def test_evaluate_compares_other_nlas_on_the_same_vectors(lm, rows, tmp_path):
@@ -597,5 +680,10 @@ def test_cli_eval_of_the_shipped_nla_writes_the_named_keys(tmp_path):
     assert main(["--threads", "2", "eval", "--model", "default", "--n-test", "8", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["n_test"] == 8 and res["fve_ci"][0] <= res["fve"] <= res["fve_ci"][1]
-    assert {"mean", "ridge_k1", "token_mean", "oracle", "warm_start", "rl_before_refit"} <= res["baselines"].keys()
+    assert {"mean", "ridge_k1", "token_mean", "token_only", "oracle", "warm_start", "rl_before_refit"} <= res[
+        "baselines"
+    ].keys()
+    assert 0 <= res["prose_share"] <= 1 and res["oracle_prose_share"] == 0.0
+    refit = res["rl_vs_warm_start_refit"]  # the shipped NLA has no warm_refit_ar.safetensors (yet)
+    assert "warm_start_refit" in res["baselines"] or "--stage ar-refit-warm" in refit["missing"]
     assert res["warm_start"]["kind"] == "offline-extractive"

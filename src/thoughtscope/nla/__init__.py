@@ -4,7 +4,7 @@ An NLA is a verbalizer (AV: vector → explanation) and a reconstructor (AR: exp
 one target model and site. The public API, as used by `thoughtscope nla data|train|explain|eval`:
 
     build_dataset(model, out, **DataConfig fields) -> Path          # nla data
-    train_stage(nla_dir, data_dir, TrainConfig(stage=...)) -> dict   # nla train --stage ar-sft|av-sft|rl|ar-refit
+    train_stage(nla_dir, data_dir, TrainConfig(stage=...)) -> dict   # nla train --stage ar-sft|…|ar-refit-warm
     load_nla(spec="default") -> NLA                                  # shipped, a folder, or a released pair
     explain_text(nla, text, positions=(-1,), samples=1) -> list[dict]   # nla explain
     evaluate_nla(nla, data=None, quick=True, json_path=None) -> dict    # nla eval

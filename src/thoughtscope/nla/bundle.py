@@ -7,6 +7,9 @@ Folder layout (loadable by path, like a transformers folder)::
     ar.safetensors         LoRA weights of the reconstructor + its d×d head ("head.weight")
     warm_av.safetensors    (optional) the AV after supervised warm start, the RL reference
     warm_ar.safetensors    (optional) the AR after supervised warm start
+    rl_ar.safetensors      (optional) the AR as the RL stage left it, before `ar-refit`
+    warm_refit_ar.safetensors  (optional) the warm AR after `ar-refit-warm`: the same refit run on the warm
+                           AV's explanations (the control `nla eval` compares the final NLA with)
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ from .core import NLAConfig, NLAError, check_vectors, nla_loss, normalise
 AV_FILE, AR_FILE = "av.safetensors", "ar.safetensors"
 WARM_AV_FILE, WARM_AR_FILE = "warm_av.safetensors", "warm_ar.safetensors"
 RL_AR_FILE = "rl_ar.safetensors"  # the AR as the RL stage left it, before `ar-refit`
+WARM_REFIT_AR_FILE = "warm_refit_ar.safetensors"  # the warm AR refitted on the warm AV's explanations
+WEIGHTS = {
+    "final": (AV_FILE, AR_FILE),
+    "warm": (WARM_AV_FILE, WARM_AR_FILE),
+    "rl": (AV_FILE, RL_AR_FILE),
+    "warm_refit": (WARM_AV_FILE, WARM_REFIT_AR_FILE),
+}
 
 
 def config_for(
@@ -89,17 +99,22 @@ class NLA:
     @classmethod
     def load(cls, path: str | os.PathLike, lm=None, *, which: str = "final") -> NLA:
         """Load a folder; which='warm' loads the warm-start weights instead of the final ones, which='rl' the
-        final AV with the AR as the RL stage left it (before `ar-refit`)."""
+        final AV with the AR as the RL stage left it (before `ar-refit`), which='warm_refit' the warm AV with
+        the warm AR refitted on its explanations (`nla train --stage ar-refit-warm`). Other than 'final'
+        (where a fresh folder may have no weights yet), a missing weights file is an error."""
         from thoughtscope.models import load_model
 
         path = Path(path)
+        if which not in WEIGHTS:
+            raise NLAError(f"unknown weights {which!r}: expected one of {', '.join(WEIGHTS)}")
+        av_f, ar_f = WEIGHTS[which]
+        if which != "final":
+            for f in (av_f, ar_f):
+                if not (path / f).is_file():
+                    raise NLAError(f"{path / f} not found: the {which!r} weights need it")
         cfg = NLAConfig.load(path)
         lm = lm or load_model(cfg.model)
         nla = cls(lm, cfg)
-        files = {"final": (AV_FILE, AR_FILE), "warm": (WARM_AV_FILE, WARM_AR_FILE), "rl": (AV_FILE, RL_AR_FILE)}
-        if which not in files:
-            raise NLAError(f"unknown weights {which!r}: expected one of {', '.join(files)}")
-        av_f, ar_f = files[which]
         if (path / av_f).is_file():
             nla.av.load_adapter_state(load_weights(path / av_f))
         if (path / ar_f).is_file():

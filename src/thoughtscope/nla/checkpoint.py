@@ -3,7 +3,8 @@
 The state holds the step, the history, the stage's config, the optimiser state(s) and the trainable weights; it
 is written atomically, so an interrupted stage resumes from its last checkpoint on the same trajectory. Saving
 also publishes the weights later stages and `nla eval` read (`ar.safetensors`, `av.safetensors` and, when a
-supervised stage finishes or stops on its time budget, its warm-start copy).
+supervised stage finishes or stops on its time budget, its warm-start copy; `ar-refit-warm` publishes only
+`warm_refit_ar.safetensors`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .._io import atomic_torch_save, atomic_write_text
-from .bundle import AR_FILE, AV_FILE, NLA, WARM_AR_FILE, WARM_AV_FILE, save_weights
+from .bundle import AR_FILE, AV_FILE, NLA, WARM_AR_FILE, WARM_AV_FILE, WARM_REFIT_AR_FILE, save_weights
 from .core import NLAError
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def save_state(
     st = {"step": step, "history": history, "config": asdict(cfg), "opt": opt.state_dict(), "done": done}
     if cfg.stage in ("av-sft", "rl"):
         st["av"] = {k: v.detach().clone() for k, v in nla.av.adapter_state().items()}
-    if cfg.stage in ("ar-sft", "rl", "ar-refit"):
+    if cfg.stage in ("ar-sft", "rl", "ar-refit", "ar-refit-warm"):
         st["ar"] = {k: v.detach().clone() for k, v in nla.ar.adapter_state().items()}
     if ar_opt is not None:
         st["ar_opt"] = ar_opt.state_dict()
@@ -77,6 +78,8 @@ def save_state(
             save_weights(nla.av.adapter_state(), nla_dir / WARM_AV_FILE)
     elif cfg.stage == "ar-refit":
         save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
+    elif cfg.stage == "ar-refit-warm":  # the control: av/ar and the warm weights stay as they are
+        save_weights(nla.ar.adapter_state(), nla_dir / WARM_REFIT_AR_FILE)
     else:
         save_weights(nla.av.adapter_state(), nla_dir / AV_FILE)
         save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)

@@ -9,13 +9,19 @@ The ladder (each a `baselines` entry, name → FVE):
   empty                the AR given an empty explanation (what the template alone carries)
   shuffled             vectors shuffled across rows → AV → AR, scored against the true vectors
   token_mean           per-token-id mean of the training vectors (the explanation "names the token")
+  token_only           the AR given only the current token's clause (`Token: <token>`, as the warm-start text
+                       ends): what naming the token in words carries through this AR
   ridge_k1/k4/k16      ridge regression from the bag of the last k context tokens (sees the true text)
   oracle               the AR fed the warm-start explanation written from the true text (a ceiling for
                        what the AV could say in this format)
   raw_last16           the untrained truncated target reading the true last 16 tokens (no NLA at all)
   warm_start           round trip through the supervised (warm-start) AV and AR, when they are saved
   rl_before_refit      the final AV's explanations read by the AR as RL left it (before `ar-refit`)
-plus the quote analysis: share of quoted spans found verbatim in the context, FVE with quotes stripped.
+  warm_start_refit     the warm AV's round trip read by the warm AR given the same refit (`ar-refit-warm`,
+                       warm_refit_ar.safetensors): the control that separates RL's gain from the refit's
+plus the quote analysis (share of quoted spans found verbatim in the context, FVE with quotes stripped), the
+prose share of the explanations (`prose.py`), and `rl_vs_warm_start_refit` (paired NLA − warm_start_refit, or
+why it is missing).
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ from .baselines import (
 from .core import NLAError, normalise
 from .data import DataConfig, NLARows, harvest_rows
 from .metric import bootstrap_ci, fve, fve_parts
+from .prose import prose_share
+from .warm_start import token_clause
 
 __all__ = [
     "BAR_RUNGS",
@@ -55,6 +63,7 @@ __all__ = [
     "fve",
     "fve_parts",
     "load_baseline_rows",
+    "prose_share",
     "quick_rows",
     "quote_analysis",
     "raw_context_predict",
@@ -65,7 +74,7 @@ __all__ = [
 ]
 
 # rungs the honest bar asks the round trip to beat (everything up to the per-token mean and the regressions)
-BAR_RUNGS = ("mean", "empty", "shuffled", "token_mean", "ridge_k1", "ridge_k4", "ridge_k16")
+BAR_RUNGS = ("mean", "empty", "shuffled", "token_mean", "token_only", "ridge_k1", "ridge_k4", "ridge_k16")
 
 
 # ------------------------------------------------------------------------- the evaluation
@@ -117,9 +126,10 @@ def evaluate_nla(
     fly from the default corpus with the same document split. quick: a small test set (48 rows) so the
     whole evaluation runs in a few minutes on 2 CPU cores. Writes JSON to json_path when given.
     compare: other NLAs (name → folder or NLA, same target model) whose round trips on the same held-out
-    vectors become extra rungs, with paired CIs — e.g. a checkpoint, or a warm start given the same refit.
+    vectors become extra rungs, with paired CIs — e.g. a checkpoint or an ablation. The warm start given
+    the same refit is the `warm_start_refit` rung when the folder holds warm_refit_ar.safetensors.
     """
-    from .bundle import NLA, RL_AR_FILE, WARM_AV_FILE
+    from .bundle import NLA, RL_AR_FILE, WARM_AR_FILE, WARM_AV_FILE, WARM_REFIT_AR_FILE
     from .explain import load_nla
 
     t0 = time.time()
@@ -204,6 +214,7 @@ def evaluate_nla(
     preds["shuffled"] = _ar(nla, _round_trip(nla, gold[perm]))
     say("baselines: token mean, ridge")
     preds["token_mean"] = token_mean_predict(train.token_id, train.vectors, test.token_id)
+    preds["token_only"] = _ar(nla, [token_clause(lm.tokenizer.decode([int(t)])) for t in test.token_id])
     ridge_lambda = {}
     for k in (1, 4, 16):
         preds[f"ridge_k{k}"], ridge_lambda[k] = ridge_predict(
@@ -212,11 +223,33 @@ def evaluate_nla(
     say("baselines: oracle text")
     preds["oracle"] = _ar(nla, test.explanations)
     preds["raw_last16"] = normalise(raw_context_predict(nla, test))
-    if warm and nla.path is not None and (Path(nla.path) / WARM_AV_FILE).is_file():
+    folder = Path(nla.path) if nla.path is not None else None
+    warm_expl: list[str] | None = None
+    if warm and folder is not None and (folder / WARM_AV_FILE).is_file():
         say("warm-start round trip")
-        warm_nla = NLA.load(nla.path, lm=lm, which="warm")
-        preds["warm_start"] = _ar(warm_nla, _round_trip(warm_nla, gold))
+        warm_nla = NLA.load(folder, lm=lm, which="warm")
+        warm_expl = _round_trip(warm_nla, gold)
+        preds["warm_start"] = _ar(warm_nla, warm_expl)
         del warm_nla
+    # the control: the warm AV's explanations read by the warm AR given the same refit as the final one
+    make = f"thoughtscope nla train --nla {folder or 'NLA_FOLDER'} --data DATA --stage ar-refit-warm"
+    if not warm:
+        refit_missing = "warm rungs switched off (warm=False)"
+    elif folder is None:
+        refit_missing = f"the NLA has no folder to hold {WARM_REFIT_AR_FILE}"
+    elif not (folder / WARM_AV_FILE).is_file() or not (folder / WARM_AR_FILE).is_file():
+        refit_missing = f"no warm start ({WARM_AV_FILE}, {WARM_AR_FILE}) in the NLA folder to refit"
+    elif not (folder / WARM_REFIT_AR_FILE).is_file():
+        refit_missing = (
+            f"{WARM_REFIT_AR_FILE} not in the NLA folder; make it with: {make} "
+            "(DATA: the `nla data` folder the NLA was trained on)"
+        )
+    else:
+        refit_missing = None
+        say("the warm start given the same refit")
+        refit_nla = NLA.load(folder, lm=lm, which="warm_refit")
+        preds["warm_start_refit"] = _ar(refit_nla, warm_expl)
+        del refit_nla
     if nla.path is not None and (Path(nla.path) / RL_AR_FILE).is_file():
         say("the AR before its refit, on the same explanations")
         rl_nla = NLA.load(nla.path, lm=lm, which="rl")
@@ -264,6 +297,17 @@ def evaluate_nla(
         # the RL stage on its own, both sides without a refit: its gain over the warm start on the same documents
         res["rl_before_refit_minus_warm_start"] = paired("rl_before_refit", "warm_start")
         res["bar"]["rl_stage_beats_warm_start_outside_paired_ci"] = res["rl_before_refit_minus_warm_start"]["ci"][0] > 0
+    if "warm_start_refit" in preds:  # from the bundle file, or a --compare rung of that name
+        res["rl_vs_warm_start_refit"] = paired("nla", "warm_start_refit")
+        res["rl_vs_warm_start_refit"]["from"] = WARM_REFIT_AR_FILE if refit_missing is None else "compare"
+        res["bar"]["rl_beats_warm_start_refit_outside_paired_ci"] = res["rl_vs_warm_start_refit"]["ci"][0] > 0
+    else:
+        res["rl_vs_warm_start_refit"] = {"diff": None, "ci": None, "missing": refit_missing}
+        res["bar"]["rl_beats_warm_start_refit_outside_paired_ci"] = None
+    res["prose_share"] = prose_share(expl)
+    res["oracle_prose_share"] = prose_share(test.explanations)
+    if warm_expl is not None:
+        res["warm_start_prose_share"] = prose_share(warm_expl)
     say("quote analysis")
     qa = quote_analysis(expl, test.contexts)
     res.update(qa)
@@ -288,11 +332,13 @@ def format_table(res: dict) -> str:
         "empty",
         "shuffled",
         "token_mean",
+        "token_only",
         "ridge_k1",
         "ridge_k4",
         "ridge_k16",
         "warm_start",
         "rl_before_refit",
+        "warm_start_refit",
         "oracle",
         "raw_last16",
     ]

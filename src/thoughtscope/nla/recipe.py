@@ -1,8 +1,9 @@
 """The recipe that produced the shipped default NLA, and how to run it end to end or one stage at a time.
 
 `thoughtscope nla recipe` reproduces src/thoughtscope/assets/default_nla (data → ar-sft → av-sft → rl → ar-refit →
-eval → export) with the exact sizes and time budgets used for the shipped artefact (see docs/nla.md). The stage
-settings here are also the defaults of `thoughtscope nla train --stage ...`, so the two cannot drift apart.
+ar-refit-warm → eval → export) with the exact sizes and time budgets used for the shipped artefact (see
+docs/nla.md). The stage settings here are also the defaults of `thoughtscope nla train --stage ...`, so the two
+cannot drift apart.
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Measured on 2 shared CPU cores; one thread, two for ar-refit.
+_AR_REFIT = {
+    "stage": "ar-refit",
+    "steps": 240,
+    "batch_size": 16,
+    "lr": 1e-4,
+    "warmup": 5,
+    "eval_every": 80,
+    "checkpoint_every": 20,
+    "val_rows": 168,
+}
 DEFAULT_RECIPE = {
     "data": {"n_rows": 1600, "positions_per_doc": 4, "max_position": 72},
     "stages": [
@@ -51,16 +62,9 @@ DEFAULT_RECIPE = {
             "val_rows": 16,
             "time_budget_s": 2700,
         },
-        {
-            "stage": "ar-refit",
-            "steps": 240,
-            "batch_size": 16,
-            "lr": 1e-4,
-            "warmup": 5,
-            "eval_every": 80,
-            "checkpoint_every": 20,
-            "val_rows": 168,
-        },
+        _AR_REFIT,
+        # the control: the same refit for the warm start (warm AV's explanations, from the warm AR)
+        {**_AR_REFIT, "stage": "ar-refit-warm"},
     ],
 }
 
@@ -111,6 +115,7 @@ def export(src: Path, dest: Path, data: Path | None = None) -> None:
         "warm_av.safetensors",
         "warm_ar.safetensors",
         "rl_ar.safetensors",
+        "warm_refit_ar.safetensors",
     ):
         if (src / name).is_file():
             shutil.copy2(src / name, dest / name)

@@ -1,5 +1,6 @@
 """NLA training: `ar-sft` (regression), `av-sft` (supervised warm start), `rl` (GRPO with a live AR),
-`ar-refit` (the AR fitted to the final AV's own explanations).
+`ar-refit` (the AR fitted to the final AV's own explanations), and the control `ar-refit-warm` (the same
+refit of the warm AR on the warm AV's explanations).
 
 Every stage is resumable: the trainable weights, the optimiser state, the step and the history are
 written atomically to ``<nla>/train_state/<stage>.pt`` every ``checkpoint_every`` steps. Batches are a
@@ -20,6 +21,11 @@ during RL it sees one step per batch of sampled ones, so it lags behind the poli
 refit freezes the AV, writes its greedy explanation of every training vector once (cached, resumable)
 and runs AR regression on those pairs. The AR as RL left it is kept (`rl_ar.safetensors`) so `nla
 eval` reports the round trip before and after the refit.
+
+Why `ar-refit-warm`: most of the refit's gain can be the AR catching up with any fixed AV, not RL. The
+stage runs the same refit (same data, same settings) starting from the warm AR on the warm AV's greedy
+explanations and writes only `warm_refit_ar.safetensors`, leaving av/ar and the warm weights as they are;
+`nla eval` then compares the final NLA with the warm start given the same refit (`warm_start_refit`).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from .grpo import grpo_step, rl_step
 from .metric import fve
 
 __all__ = [
+    "REFIT_STAGES",
     "STAGES",
     "TrainConfig",
     "average_gradients",
@@ -69,7 +76,9 @@ __all__ = [
     "world",
 ]
 
-STAGES = ("ar-sft", "av-sft", "rl", "ar-refit")
+STAGES = ("ar-sft", "av-sft", "rl", "ar-refit", "ar-refit-warm")
+# AR regression on a frozen AV's greedy explanations: stage → the AV file that writes them
+REFIT_STAGES = {"ar-refit": AV_FILE, "ar-refit-warm": WARM_AV_FILE}
 
 
 @dataclass
@@ -195,6 +204,12 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
             save_weights(load_weights(nla_dir / AR_FILE), nla_dir / RL_AR_FILE)
         nla.av.load_adapter_state(load_weights(nla_dir / AV_FILE))
         nla.ar.load_adapter_state(load_weights(nla_dir / RL_AR_FILE))
+    elif stage == "ar-refit-warm":
+        for f in (WARM_AV_FILE, WARM_AR_FILE):
+            if not (nla_dir / f).is_file():
+                raise NLAError(f"{nla_dir / f} missing: run the ar-sft and av-sft stages before ar-refit-warm")
+        nla.av.load_adapter_state(load_weights(nla_dir / WARM_AV_FILE))
+        nla.ar.load_adapter_state(load_weights(nla_dir / WARM_AR_FILE))
     else:
         # each supervised stage starts from its own warm weights if a previous run finished them
         pass
@@ -217,6 +232,8 @@ def train_stage(
     av-sft: AV cross-entropy on the warm-start explanation with the vector injected.
     rl:     GRPO on the AV with the live AR as the reward, the AR co-trained on rollouts.
     ar-refit: AR regression on the final AV's greedy explanations.
+    ar-refit-warm: the same from the warm AR on the warm AV's greedy explanations; writes only
+              warm_refit_ar.safetensors (the control for `ar-refit`).
     device: where to load the target when lm is not given (default: this rank's GPU if there is one, else CPU).
     """
     from thoughtscope.models import load_model
@@ -248,16 +265,17 @@ def train_stage(
     val = val.subset(torch.arange(min(cfg.val_rows, len(val))))
 
     refit: dict[str, list[str]] = {}
-    if cfg.stage == "ar-refit":
+    is_refit = cfg.stage in REFIT_STAGES
+    if is_refit:
         sets = {"train": train.vectors, "val": val.vectors}
         if rank == 0:  # one rank writes the explanations, the others read the finished cache
-            greedy_explanations(nla, nla_dir, sets, progress=progress)
+            greedy_explanations(nla, nla_dir, sets, progress=progress, stage=cfg.stage)
         _barrier()
-        refit = greedy_explanations(nla, nla_dir, sets, progress=False)
+        refit = greedy_explanations(nla, nla_dir, sets, progress=False, stage=cfg.stage)
         usable_rows = [i for i, e in enumerate(refit["train"]) if e.strip()]
         if not usable_rows:
             raise NLAError("the AV wrote no non-empty explanation for any training vector; nothing to refit on")
-    if cfg.stage in ("ar-sft", "ar-refit"):
+    if cfg.stage == "ar-sft" or is_refit:
         params, base_lr = nla.ar.trainable_parameters(), cfg.lr
     elif cfg.stage == "av-sft":
         params, base_lr = nla.av.trainable_parameters(), cfg.lr
@@ -288,7 +306,7 @@ def train_stage(
                 ) / len(val)
             return {"val_ce": loss, "val_ce_shuffled_vectors": loss_s}
         nla.ar.eval()
-        if cfg.stage == "ar-refit":
+        if is_refit:
             return {
                 "val_fve_round_trip": fve(nla.ar.predict(refit["val"], allow_empty=True, truncate=True), val.vectors)
             }
@@ -304,7 +322,7 @@ def train_stage(
         return out
 
     # training rows a step draws from: every row, or for ar-refit those the AV wrote a non-empty explanation for
-    pool = torch.tensor(usable_rows) if cfg.stage == "ar-refit" else torch.arange(len(train))
+    pool = torch.tensor(usable_rows) if is_refit else torch.arange(len(train))
 
     def supervised_loss(idx: torch.Tensor) -> torch.Tensor:
         rows_ = idx.tolist()
@@ -312,7 +330,7 @@ def train_stage(
             nla.av.model.train()
             return nla.av.sft_loss(train.vectors[idx], [train.explanations[i] for i in rows_])
         nla.ar.train()
-        if cfg.stage == "ar-refit":
+        if is_refit:
             return nla.ar.loss([refit["train"][i] for i in rows_], train.vectors[idx], truncate=True)
         return nla.ar.loss([train.explanations[i] for i in rows_], train.vectors[idx])
 
@@ -368,24 +386,32 @@ def train_stage(
 
 
 def greedy_explanations(
-    nla: NLA, nla_dir: Path, sets: dict[str, torch.Tensor], *, chunk: int = 32, progress: bool = True
+    nla: NLA,
+    nla_dir: Path,
+    sets: dict[str, torch.Tensor],
+    *,
+    chunk: int = 32,
+    progress: bool = True,
+    stage: str = "ar-refit",
 ) -> dict[str, list[str]]:
     """The frozen AV's greedy explanation of every vector, cached per chunk so an interrupted run resumes.
 
-    The cache names the AV weights it was written with; a cache from other weights is an error rather
-    than silently training the AR on someone else's explanations.
+    `stage` (a REFIT_STAGES key) names the cache (``train_state/<stage>.explanations.json``) and the AV file
+    the loaded AV came from. The cache names the AV weights it was written with; a cache from other weights
+    is an error rather than silently training the AR on someone else's explanations.
     """
     import hashlib
 
-    path = nla_dir / "train_state" / "ar-refit.explanations.json"
-    av_sha = hashlib.sha256((nla_dir / AV_FILE).read_bytes()).hexdigest()
+    av_file = nla_dir / REFIT_STAGES[stage]
+    path = nla_dir / "train_state" / f"{stage}.explanations.json"
+    av_sha = hashlib.sha256(av_file.read_bytes()).hexdigest()
     cache = json.loads(path.read_text()) if path.is_file() else {"av_sha256": av_sha, "sets": {}}
     if cache["av_sha256"] != av_sha:
-        raise NLAError(f"{path} was written by other AV weights than {nla_dir / AV_FILE}; delete it to refit anew")
+        raise NLAError(f"{path} was written by other AV weights than {av_file}; delete it to refit anew")
     total = sum(len(v) for v in sets.values())
     done = sum(len(cache["sets"].get(k, [])) for k in sets)
     bar = ProgressBar(
-        "nla ar-refit: AV explanations", total, start=done, unit="rows", enabled=progress and done < total
+        f"nla {stage}: AV explanations", total, start=done, unit="rows", enabled=progress and done < total
     )
     try:
         nla.av.model.eval()

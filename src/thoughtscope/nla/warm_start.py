@@ -33,6 +33,14 @@ def _clean(s: str) -> str:
     return s.replace("\n", "\\n").replace("\t", " ").replace('"', "'")
 
 
+def token_clause(tok_text: str) -> str:
+    """The clause that names the current token, as the offline explanation ends: ``Token:`` then the token's
+    text with newlines escaped and double quotes turned into single ones, one space between (a token that
+    starts with a space keeps just its own). `nla eval`'s `token_only` rung gives the AR this clause alone."""
+    tok_disp = _clean(tok_text)
+    return "Token:" + (tok_disp if tok_disp.startswith(" ") else " " + tok_disp)
+
+
 def offline_explanation(
     tokenizer, ids: list[int], next_ids: list[int], *, n_words: int = 2, quote_tokens: int = 8, max_tokens: int = 40
 ) -> str:
@@ -52,8 +60,7 @@ def offline_explanation(
     words = salient_words(prefix_text[: max(0, len(prefix_text) - len(quote))], n_words)
     nxt = [_clean(tokenizer.decode([t]).strip()) for t in next_ids]
     nxt = [n for n in nxt if n][:2]
-    tok_disp = _clean(tok_text)
-    tail = "Token:" + (tok_disp if tok_disp.startswith(" ") else " " + tok_disp)
+    tail = token_clause(tok_text)
 
     def build(words, nxt, quote):
         parts = []
