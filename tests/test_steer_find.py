@@ -97,6 +97,7 @@ def test_screening_drops_a_handle_with_no_effect_before_calibration(lm, sae):
         ppl_bound=1e30,
         fine_steps=(1.0, 1.2),
         temperature=0.0,
+        loop_repetition=1.0,  # a planted writer of one token loops by construction
     )
     res = find_handle(lm, sae, concept, questions=QUESTIONS, config=cfg, handles=[zero, writer], progress=False)
     by_id = {h["id"]: h for h in res.handles}
@@ -123,6 +124,7 @@ def test_found_preset_loads_and_reproduces_the_steered_text(lm, sae, tmp_path):
         ppl_bound=1e30,
         fine_steps=(1.0,),
         temperature=0.8,
+        loop_repetition=1.0,
         seed=3,
     )
     res = find_handle(lm, loaded, concept, questions=QUESTIONS[:3], config=cfg, handles=[writer], progress=False)
@@ -148,9 +150,12 @@ def test_caa_handles_at_several_sites_and_vector_preset_round_trip(lm, sae, tmp_
         vector_grid=(0.5,),
         fine_steps=(1.0,),
         temperature=0.0,
+        loop_repetition=1.0,  # a planted writer of one token loops by construction
     )
     res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, progress=False)
-    assert [h["id"] for h in res.handles] == ["caa:resid.0", f"caa:{SITE}", f"logit:{logit_sites(lm)[0]}"]
+    ids = [h["id"] for h in res.handles]
+    assert ids[:3] == ["caa:resid.0", f"caa:{SITE}", f"logit:{logit_sites(lm)[0]}"]
+    assert ids[3:] in ([], [f"caa:resid.0+{ids[2]}"], [f"caa:{SITE}+{ids[2]}"])  # the pair, when both screened
     # a direction that writes Q (the planted decoder row) as a CAA-kind handle: saved as a vector preset
     u = sae.W_dec[WRITER].detach().clone()
     writer = Handle("caa", "caa:writer", SITE, [1.0, 4.0], direction=u / u.norm(), typical_norm=5.0)
@@ -216,6 +221,7 @@ def test_logit_direction_writes_the_concept_tokens(lm, sae, tmp_path):
         vector_grid=(2.0,),
         fine_steps=(1.0,),
         temperature=0.0,
+        loop_repetition=1.0,  # a planted writer of one token loops by construction
     )
     res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, progress=False)
     assert [h["id"] for h in res.handles] == [f"logit:{SITE}"]
@@ -226,3 +232,60 @@ def test_logit_direction_writes_the_concept_tokens(lm, sae, tmp_path):
     assert preset.items[0].type == "vector" and preset.items[0].site == SITE
     gens = generate(lm, QUESTIONS[:2], preset.build(lm), GenerationConfig(max_new_tokens=6, temperature=0.0))
     assert [g.text for g in gens] == res.frontier[0]["answers"]
+
+
+def test_a_looping_answer_never_counts_as_mentioning_the_concept(lm):
+    """'cats cats cats' is what a strong push on a concept's tokens produces; its perplexity is low (a loop
+    is predictable), so the concept rate itself must refuse it."""
+    from thoughtscope.steer.calibrate import LOOP_REPETITION, repetition_rate, score_answers
+    from thoughtscope.steer.generate import Generation
+
+    tok = lm.tokenizer
+    prompt = tok("hello", add_special_tokens=False)["input_ids"]
+    texts = ["a Q here and there", "Q b Q b Q b Q b Q b Q b Q b", "no mention at all"]
+    gens = [Generation("hello", t, tok(t, add_special_tokens=False)["input_ids"], prompt) for t in texts]
+    reps = [repetition_rate(g.token_ids) for g in gens]
+    assert reps[1] > LOOP_REPETITION >= max(reps[0], reps[2])
+    p = score_answers(lm, gens, keywords=["Q"])
+    assert p.concept_rate == 1 / 3 and p.looping == 1 / 3
+    assert score_answers(lm, gens, keywords=["Q"], loop_limit=1.0).concept_rate == 2 / 3
+
+
+def test_pair_of_the_best_caa_and_logit_handles_is_screened_and_saved_as_two_sliders(lm, sae, tmp_path):
+    concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ Q", "a Q b Q"], controls=["ab cd", "ef gh"])
+    cfg = FindConfig(
+        n_features=0,
+        caa_sites=["resid.0"],
+        logit_sites=[SITE],
+        n_screen=2,
+        screen_tokens=4,
+        max_new_tokens=6,
+        n_calibrate=3,
+        ppl_bound=1e30,
+        vector_grid=(0.5, 2.0),
+        pair_grid=(0.5, 1.0),
+        fine_steps=(1.0,),
+        temperature=0.0,
+        loop_repetition=1.0,
+    )
+    res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, progress=False)
+    by_id = {h["id"]: h for h in res.handles}
+    duo = by_id[f"caa:resid.0+logit:{SITE}"]
+    assert duo["kind"] == "pair" and len(duo["screen"]) == 2
+    refs = {p["id"]: p["reference_strength"] for p in duo["parts"]}
+    for part in ("caa:resid.0", f"logit:{SITE}"):  # each part at the strength it did best at alone
+        best_alone = max(by_id[part]["screen"], key=lambda p: (p["concept_rate"], -p["perplexity_ratio"]))
+        assert refs[part] == best_alone["strength"]
+    h = res._handles[duo["id"]]
+    ivs = h.interventions(None, 0.5, "all")
+    assert [iv.site for iv in ivs] == ["resid.0", SITE]
+    # the pair as the winner: a preset of two vector sliders that reproduces its answers
+    res.best = {**res.best, "id": duo["id"], "kind": "pair", "strength": 1.0, "range": [1.0, 1.0]}
+    res.frontier = [p for p in duo["screen"] if p["strength"] == 1.0]
+    path = save_preset(res, None, tmp_path / "pair.json")
+    preset = Preset.load(path)
+    assert [it.site for it in preset.items] == ["resid.0", SITE]
+    assert [it.value for it in preset.items] == [refs["caa:resid.0"], refs[f"logit:{SITE}"]]
+    cfg_gen = GenerationConfig(max_new_tokens=4, temperature=0.0)
+    gens = generate(lm, QUESTIONS[:2], preset.build(lm), cfg_gen)
+    assert [g.text for g in gens] == [a for a in res.frontier[0]["answers"]]

@@ -188,8 +188,10 @@ def test_sweep_on_tiny_model_with_plot_and_preset_range(lm, planted, tmp_path):
         sweep(lm, lambda s: [], [float("nan")], keywords=["a"], prompts=prompts)
     with pytest.raises(SteerError, match="out of range"):
         sweep(lm, lambda s: [clamp(planted, 999, s)], [1.0], keywords=["a"], prompts=prompts)
-    judged = evaluate(lm, [], prompts=prompts, judge=lambda t: True, config=cfg)
+    judged = evaluate(lm, [], prompts=prompts, judge=lambda t: True, config=cfg, loop_limit=1.0)
     assert judged.concept_rate == 1.0
+    default = evaluate(lm, [], prompts=prompts, judge=lambda t: True, config=cfg)  # loops never count
+    assert default.concept_rate == pytest.approx(1.0 - default.looping)
 
 
 # ----------------------------------------------------------------------------- chat

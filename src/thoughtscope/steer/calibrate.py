@@ -3,7 +3,10 @@
 For each strength of one intervention we generate answers to 20 fixed neutral questions and measure
 - concept rate: share of answers that express the concept. Method "keywords" (default): an answer
   counts when it contains any keyword (case-insensitive, whole words). A judge callable
-  (text -> bool) can replace it; the result says which was used;
+  (text -> bool) can replace it; the result says which was used. An answer that loops (more than
+  `LOOP_REPETITION` of its token 3-grams repeat an earlier one, "cats cats cats") never counts: a
+  strong push on a concept's tokens makes such loops, and perplexity does not see them (a loop is
+  predictable once started);
 - coherence: perplexity of the steered answer under the *unsteered* model (given the same prompt),
   token-weighted over all answers, and the repetition rate: share of n-grams (n=3 tokens) in an answer
   that repeat an earlier n-gram of the same answer, averaged over answers.
@@ -51,6 +54,8 @@ NEUTRAL_PROMPTS = [
 ]
 
 DEFAULT_SWEEP_CONFIG = dict(max_new_tokens=48, temperature=0.7, top_p=0.9, seed=0)
+# unsteered answers of the default model: median 0, 95th percentile 0.08 (192 answers of the steer find eval)
+LOOP_REPETITION = 0.25
 
 
 def mentions(text: str, keywords: Sequence[str]) -> bool:
@@ -107,6 +112,7 @@ class SweepPoint:
     perplexity: float
     repetition: float
     samples: list[str] = field(default_factory=list)
+    looping: float = 0.0  # share of answers that loop (never counted as mentioning the concept)
 
 
 @dataclass
@@ -147,6 +153,7 @@ def evaluate(
     config: GenerationConfig | None = None,
     strength: float = 0.0,
     keep_samples: int | None = None,
+    loop_limit: float = LOOP_REPETITION,
 ) -> SweepPoint:
     """Generate once with the interventions and measure concept rate, perplexity and repetition.
 
@@ -154,11 +161,37 @@ def evaluate(
     """
     config = config or GenerationConfig(**DEFAULT_SWEEP_CONFIG)
     gens = generate(lm, list(prompts), interventions, config)
-    hit = [(judge(g.text) if judge else mentions(g.text, keywords)) for g in gens]
-    ppl, _ = perplexity(lm, [g.prompt_ids for g in gens], [g.token_ids for g in gens])
-    rep = sum(repetition_rate(g.token_ids) for g in gens) / len(gens)
+    return score_answers(
+        lm, gens, keywords=keywords, judge=judge, strength=strength, keep_samples=keep_samples, loop_limit=loop_limit
+    )
+
+
+def score_answers(
+    lm: LoadedModel,
+    gens: Sequence,
+    *,
+    keywords: Sequence[str] = (),
+    judge: Callable[[str], bool] | None = None,
+    strength: float = 0.0,
+    keep_samples: int | None = None,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
+    loop_limit: float = LOOP_REPETITION,
+) -> SweepPoint:
+    """Concept rate (looping answers never count), perplexity under the unsteered model given
+    `prompt_ids` (default: each answer's own prompt) and repetition of generated answers."""
+    reps = [repetition_rate(g.token_ids) for g in gens]
+    said = [(judge(g.text) if judge else mentions(g.text, keywords)) for g in gens]
+    hit = [h and r <= loop_limit for h, r in zip(said, reps)]
+    ppl, _ = perplexity(lm, prompt_ids or [g.prompt_ids for g in gens], [g.token_ids for g in gens])
     kept = gens if keep_samples is None else gens[:keep_samples]
-    return SweepPoint(float(strength), sum(hit) / len(hit), ppl, rep, [g.text for g in kept])
+    return SweepPoint(
+        float(strength),
+        sum(hit) / len(hit),
+        ppl,
+        sum(reps) / len(reps),
+        [g.text for g in kept],
+        sum(r > loop_limit for r in reps) / len(reps),
+    )
 
 
 def suggest(points: Sequence[SweepPoint], baseline_ppl: float, ppl_bound: float) -> float | None:

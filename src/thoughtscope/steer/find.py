@@ -26,9 +26,9 @@ from pathlib import Path
 from .._io import atomic_write_json
 from ..models import LoadedModel
 from ..progress import ProgressBar
-from .calibrate import NEUTRAL_PROMPTS, SweepPoint, evaluate
+from .calibrate import LOOP_REPETITION, NEUTRAL_PROMPTS, SweepPoint, evaluate, score_answers
 from .generate import GenerationConfig, has_chat_template
-from .handles import Concept, Handle, build_handles
+from .handles import Concept, Handle, build_handles, pair
 from .interventions import SteerError
 from .presets import Preset, PresetItem
 
@@ -53,7 +53,9 @@ class FindConfig:
     feature_grid: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
     vector_grid: Sequence[float] = (0.08, 0.12, 0.17, 0.24)
     fine_steps: Sequence[float] = (0.8, 1.0, 1.2, 1.4)
+    pair_grid: Sequence[float] = (0.5, 0.65, 0.8, 1.0)  # x each part's best screening strength; () for no pair
     positions: str = "all"
+    loop_repetition: float = LOOP_REPETITION  # answers repeating more 3-grams never count (1.0: count loops too)
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
@@ -67,9 +69,11 @@ class FindConfig:
             raise SteerError(
                 f"FindConfig.ppl_bound must be > 1 (a multiple of the unsteered perplexity), got {self.ppl_bound}"
             )
-        for name in ("feature_grid", "vector_grid", "fine_steps"):
+        for name in ("feature_grid", "vector_grid", "fine_steps", "pair_grid"):
             g = list(getattr(self, name))
-            if not g or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in g):
+            if (not g and name != "pair_grid") or not all(
+                isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in g
+            ):
                 raise SteerError(f"FindConfig.{name} must be positive finite numbers, got {g!r}")
 
     def generation(self, tokens: int, seed: int | None = None) -> GenerationConfig:
@@ -91,6 +95,7 @@ def _point(p: SweepPoint, base: SweepPoint, stage: str, handle: str, n_q: int) -
         "perplexity": p.perplexity,
         "perplexity_ratio": ratio,
         "repetition": p.repetition,
+        "looping": p.looping,
         "n_questions": n_q,
         "answers": list(p.samples),
     }
@@ -132,10 +137,14 @@ class FindResult:
 
 
 def _prompt_only(
-    lm: LoadedModel, concept: Concept, questions: Sequence[str], gen: GenerationConfig, base: SweepPoint
+    lm: LoadedModel,
+    concept: Concept,
+    questions: Sequence[str],
+    gen: GenerationConfig,
+    base: SweepPoint,
+    loop_limit: float = LOOP_REPETITION,
 ) -> dict:
     """Ask for the concept in the instructions; score the answers as answers to the plain questions."""
-    from .calibrate import perplexity, repetition_rate
     from .generate import format_prompt, generate
 
     instruction = PROMPT_ONLY_INSTRUCTION.format(concept=concept.name)
@@ -145,13 +154,29 @@ def _prompt_only(
     else:
         gens = generate(lm, [f"{instruction}\n{q}" for q in questions], [], gen)
     plain = [format_prompt(lm, q, chat=gen.chat, system=gen.system) for q in questions]
-    ppl, _ = perplexity(lm, plain, [g.token_ids for g in gens])
-    rate = sum(concept.mentioned(g.text) for g in gens) / len(gens)
-    rep = sum(repetition_rate(g.token_ids) for g in gens) / len(gens)
-    p = SweepPoint(0.0, rate, ppl, rep, [g.text for g in gens])
+    p = score_answers(lm, gens, judge=concept.mentioned, prompt_ids=plain, loop_limit=loop_limit)
     out = _point(p, base, "prompt-only", "prompt-only", len(questions))
     out["instruction"] = instruction
     return out
+
+
+_UNITS = {"feature": "x max", "caa": "x median norm", "logit": "x median norm", "pair": "x each part's strength"}
+
+
+def _pair_candidate(handles: Sequence[Handle], firsts: dict, config: FindConfig) -> Handle | None:
+    """The best-screened CAA vector with the best-screened logit direction, when both have a point within
+    the bound (a CAA vector that did nothing alone may still carry the topic the logit push needs)."""
+    if not config.pair_grid:
+        return None
+
+    def top(kind: str):
+        ok = [(firsts[h.id], h) for h in handles if h.kind == kind and firsts.get(h.id) is not None]
+        return max(ok, key=lambda t: (t[0]["concept_rate"], -t[0]["perplexity_ratio"]), default=None)
+
+    caa, logit = top("caa"), top("logit")
+    if caa is None or logit is None:
+        return None
+    return pair(caa[1], caa[0]["strength"], logit[1], logit[0]["strength"], config.pair_grid)
 
 
 def find_handle(
@@ -177,9 +202,10 @@ def find_handle(
     if not handles:
         raise SteerError(f"no candidate handle for {concept.name!r}: no SAE and no CAA site gave a direction")
     screen_q = questions[: config.n_screen]
-    screen_work = sum(len(h.grid) for h in handles) * len(screen_q) * config.screen_tokens
+    screen_work = (sum(len(h.grid) for h in handles) + len(config.pair_grid)) * len(screen_q) * config.screen_tokens
     full_work = (2 + 1 + config.n_calibrate * len(config.fine_steps)) * len(questions) * config.max_new_tokens
     scfg, fcfg = config.generation(config.screen_tokens), config.generation(config.max_new_tokens)
+    judged = dict(judge=concept.mentioned, loop_limit=config.loop_repetition)  # how every answer is scored
     report: dict[str, dict] = {h.id: {**h.describe(), "screen": [], "calibration": [], "status": ""} for h in handles}
     with ProgressBar(
         f"steer find {concept.name}", screen_work + full_work, unit="answer tokens", enabled=progress
@@ -194,35 +220,47 @@ def find_handle(
         def steered(h: Handle, strength: float, qs, gen: GenerationConfig, base: SweepPoint, stage: str) -> dict:
             """One handle at one strength on the questions, as a frontier point; advances the bar."""
             ivs = h.interventions(sae, strength, config.positions)
-            pt = evaluate(lm, ivs, prompts=qs, judge=concept.mentioned, config=gen, strength=strength)
+            pt = evaluate(lm, ivs, prompts=qs, config=gen, strength=strength, **judged)
             tick(len(qs), gen.max_new_tokens, h.id)
             return _point(pt, base, stage, h.id, len(qs))
 
-        sbase = evaluate(lm, [], prompts=screen_q, judge=concept.mentioned, config=scfg, keep_samples=0)
+        sbase = evaluate(lm, [], prompts=screen_q, config=scfg, keep_samples=0, **judged)
         screened = []
-        for h in handles:
+
+        def screen(h: Handle) -> dict | None:
+            """The handle on the coarse grid, weakest first; its best point within the (slackened) bound."""
             pts = []
             for s in sorted(h.grid):
                 p = steered(h, s, screen_q, scfg, sbase, "screen")
                 pts.append(p)
                 if p["perplexity_ratio"] > 3 * config.ppl_bound:  # broken text: stronger is only worse
                     break
-            skipped = len(h.grid) - len(pts)
-            done += skipped * len(screen_q) * config.screen_tokens
+            nonlocal done
+            done += (len(h.grid) - len(pts)) * len(screen_q) * config.screen_tokens
             report[h.id]["screen"] = pts
             best = _best(pts, config.ppl_bound * 1.25)  # screening is noisy: a little slack
             if best is None or best["concept_rate"] <= sbase.concept_rate:
                 report[h.id]["status"] = "dropped at screening: never above the unsteered concept rate within the bound"
             else:
                 screened.append((best["concept_rate"], -best["perplexity_ratio"], h, best["strength"]))
+            return best
+
+        firsts = {h.id: screen(h) for h in handles}
+        duo = _pair_candidate(handles, firsts, config)
+        if duo is not None:
+            handles.append(duo)
+            report[duo.id] = {**duo.describe(), "screen": [], "calibration": [], "status": ""}
+            screen(duo)
+        else:
+            done += len(config.pair_grid) * len(screen_q) * config.screen_tokens
         screened.sort(key=lambda t: (t[0], t[1]), reverse=True)
         chosen = screened[: config.n_calibrate]
         for _, _, h, _ in screened[config.n_calibrate :]:
             report[h.id]["status"] = "screened, not among the best for calibration"
-        base = evaluate(lm, [], prompts=questions, judge=concept.mentioned, config=fcfg, keep_samples=len(questions))
+        base = evaluate(lm, [], prompts=questions, config=fcfg, keep_samples=len(questions), **judged)
         baseline = _point(base, base, "baseline", "unsteered", len(questions))
         tick(len(questions), config.max_new_tokens, "unsteered")
-        prompt_only = _prompt_only(lm, concept, questions, fcfg, base)
+        prompt_only = _prompt_only(lm, concept, questions, fcfg, base, config.loop_repetition)
         tick(len(questions), config.max_new_tokens, "prompt-only")
         frontier = []
         for _, _, h, s_star in chosen:
@@ -244,12 +282,12 @@ def find_handle(
                     lm,
                     h.interventions(sae, best["strength"], config.positions),
                     prompts=questions,
-                    judge=concept.mentioned,
                     config=again,
                     strength=best["strength"],
                     keep_samples=0,
+                    **judged,
                 ),
-                evaluate(lm, [], prompts=questions, judge=concept.mentioned, config=again, keep_samples=0),
+                evaluate(lm, [], prompts=questions, config=again, keep_samples=0, **judged),
                 "check",
                 h.id,
                 len(questions),
@@ -261,7 +299,7 @@ def find_handle(
                 "site": h.site,
                 "feature": h.feature,
                 "strength": best["strength"],
-                "unit": "x max" if h.kind == "feature" else "x median norm",
+                "unit": _UNITS[h.kind],
                 "concept_rate": best["concept_rate"],
                 "perplexity_ratio": best["perplexity_ratio"],
                 "repetition": best["repetition"],
@@ -314,7 +352,8 @@ def _sae_spec(sae, base: Path) -> str:
 
 
 def save_preset(result: FindResult, sae, path: str | Path) -> Path:
-    """The winning handle as an equalizer preset with its calibrated range (a CAA vector is saved beside it)."""
+    """The winning handle as an equalizer preset with its calibrated range (vectors are saved beside it; a
+    pair becomes two sliders)."""
     from .vectors import SteeringVector
 
     if result.best is None:
@@ -325,39 +364,43 @@ def save_preset(result: FindResult, sae, path: str | Path) -> Path:
     path = Path(path)
     best = result.best
     h: Handle = result._handles[best["id"]]
-    common = dict(
-        value=float(best["strength"]),
-        positions=best["positions"],
-        label=result.concept.name,
-        range=[float(x) for x in best["range"]],
-        suggested=float(best["strength"]),
-    )
-    if h.kind == "feature":
-        item = PresetItem(
-            "feature",
-            "clamp",
-            h.site,
-            feature=h.feature,
-            unit="max",
-            max_act=float(h.max_act),
-            sae=_sae_spec(sae, path.parent),
-            **common,
+
+    def item(part: Handle, scale: float) -> PresetItem:
+        """One slider; a pair's parts each get theirs, at the share of the strength the pair used."""
+        common = dict(
+            value=float(best["strength"]) * scale,
+            positions=best["positions"],
+            label=result.concept.name if part is h else f"{result.concept.name} ({part.id})",
+            range=[float(x) * scale for x in best["range"]],
+            suggested=float(best["strength"]) * scale,
         )
-    else:
-        vec_path = path.with_name(f"{path.stem}.{h.site}.safetensors")
+        if part.kind == "feature":
+            return PresetItem(
+                "feature",
+                "clamp",
+                part.site,
+                feature=part.feature,
+                unit="max",
+                max_act=float(part.max_act),
+                sae=_sae_spec(sae, path.parent),
+                **common,
+            )
+        vec_path = path.with_name(f"{path.stem}.{part.kind}.{part.site}.safetensors")
         vec_path.parent.mkdir(parents=True, exist_ok=True)
         SteeringVector(
-            h.direction,
-            h.site,
-            method="caa-token-mean" if h.kind == "caa" else "concept-logit-direction",
+            part.direction,
+            part.site,
+            method="caa-token-mean" if part.kind == "caa" else "concept-logit-direction",
             model=getattr(sae, "model_name", "") or "",
-            typical_norm=h.typical_norm,
+            typical_norm=part.typical_norm,
             extra={"concept": result.concept.name},
         ).save(vec_path)
-        item = PresetItem("vector", "add", h.site, vector=vec_path.name, unit="norm", **common)
+        return PresetItem("vector", "add", part.site, vector=vec_path.name, unit="norm", **common)
+
+    items = [item(part, ref) for part, ref in (h.parts if h.kind == "pair" else [(h, 1.0)])]
     desc = (
         f"{result.concept.name}: {best['id']} at {best['strength']:g} {best['unit']} — concept rate "
         f"{100 * best['concept_rate']:.0f} % at {best['perplexity_ratio']:.2f}x perplexity "
         f"({len(result.questions)} questions; found by steer find)"
     )
-    return Preset(path.stem, [item], desc).save(path)
+    return Preset(path.stem, items, desc).save(path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -106,9 +106,10 @@ class Concept:
 class Handle:
     """One way to steer: an SAE feature clamp (strength in × the reference max) or a vector added at a
     site (strength in multiples of the site's median residual norm): CAA, or the concept tokens' logit
-    direction."""
+    direction; or a "pair" of two handles pushed together (strength t applies each part at t x its own
+    reference strength)."""
 
-    kind: str  # "feature" | "caa" | "logit"
+    kind: str  # "feature" | "caa" | "logit" | "pair"
     id: str
     site: str
     grid: list[float]
@@ -118,8 +119,11 @@ class Handle:
     direction: torch.Tensor | None = field(default=None, repr=False)
     typical_norm: float | None = None
     found_by: dict = field(default_factory=dict)
+    parts: list[tuple[Handle, float]] = field(default_factory=list, repr=False)  # "pair": (handle, its strength)
 
     def interventions(self, sae, strength: float, positions: str) -> list:
+        if self.kind == "pair":
+            return [iv for h, ref in self.parts for iv in h.interventions(sae, strength * ref, positions)]
         if self.kind == "feature":
             return [
                 clamp(
@@ -129,8 +133,23 @@ class Handle:
         return [add_vector(self.direction * self.typical_norm, self.site, strength, positions=positions)]
 
     def describe(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "direction"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("direction", "parts")}
+        if self.parts:
+            d["parts"] = [{"id": h.id, "reference_strength": ref} for h, ref in self.parts]
         return d
+
+
+def pair(a: Handle, a_strength: float, b: Handle, b_strength: float, grid: Sequence[float]) -> Handle:
+    """Two handles pushed together, each at a share of the strength it reached alone: a CAA vector carries
+    the topic and the logit direction the words, so together each needs less of the push that breaks text."""
+    return Handle(
+        "pair",
+        f"{a.id}+{b.id}",
+        f"{a.site}+{b.site}",
+        list(grid),
+        found_by={"pair": {a.id: a_strength, b.id: b_strength}},
+        parts=[(a, float(a_strength)), (b, float(b_strength))],
+    )
 
 
 @torch.no_grad()
