@@ -30,6 +30,9 @@ def summarise(out: Path, names: list[str]) -> dict:
             continue
         r = json.loads(f.read_text())
         b = r["best"] or {}
+        point = next(
+            (p for p in r["frontier"] if p["handle"] == b.get("id") and p["strength"] == b.get("strength")), {}
+        )
         rows.append(
             {
                 "concept": name,
@@ -39,6 +42,7 @@ def summarise(out: Path, names: list[str]) -> dict:
                 "unit": b.get("unit"),
                 "concept_rate": b.get("concept_rate", 0.0),
                 "perplexity_ratio": b.get("perplexity_ratio"),
+                "looping": point.get("looping"),
                 "second_seed_rate": (b.get("second_seed") or {}).get("concept_rate"),
                 "second_seed_ppl_ratio": (b.get("second_seed") or {}).get("perplexity_ratio"),
                 "unsteered_rate": r["baseline"]["concept_rate"],
@@ -61,9 +65,9 @@ def summarise(out: Path, names: list[str]) -> dict:
 def markdown(summary: dict) -> str:
     """The per-concept table for docs/steering.md and the README."""
     lines = [
-        "| concept | best handle | strength | concept rate | x perplexity | 2nd seed | unsteered | "
+        "| concept | best handle | strength | concept rate | x perplexity | looping | 2nd seed | unsteered | "
         "prompt-only (x ppl) | candidates (dropped at screening) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         ok = r["concept_rate"] >= 0.5 and (r["perplexity_ratio"] or 9) <= 2.0
@@ -73,6 +77,7 @@ def markdown(summary: dict) -> str:
             f"{'' if r['strength'] is None else format(r['strength'], 'g')} {r['unit'] or ''} | "
             f"{'**' + rate + '**' if ok else rate} | "
             f"{'' if r['perplexity_ratio'] is None else format(r['perplexity_ratio'], '.2f')} | "
+            f"{'' if r.get('looping') is None else format(100 * r['looping'], '.0f') + ' %'} | "
             f"{'' if r['second_seed_rate'] is None else format(100 * r['second_seed_rate'], '.0f') + ' %'} | "
             f"{100 * r['unsteered_rate']:.0f} % | {100 * r['prompt_only_rate']:.0f} % "
             f"({r['prompt_only_ppl_ratio']:.2f}) | {r['n_handles']} ({r['dropped_at_screening']}) |"

@@ -265,5 +265,5 @@ def test_find_cli_defaults_match_the_library():
         if hasattr(v.default, "default")
     }
     cfg = FindConfig()
-    for name in ("ppl_bound", "n_features", "n_calibrate", "positions", "max_new_tokens", "seed"):
+    for name in ("ppl_bound", "n_features", "n_calibrate", "positions", "loop_repetition", "max_new_tokens", "seed"):
         assert opts[name] == getattr(cfg, name), name

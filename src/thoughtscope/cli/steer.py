@@ -169,6 +169,9 @@ def steer_find(
         "", help="sites for the concept tokens' logit direction (default: 5/6 depth; 'none' for none)"
     ),
     positions: str = typer.Option("all", help="where handles apply: all, prompt or generated tokens"),
+    loop_repetition: float = typer.Option(
+        0.25, help="an answer repeating more of its token 3-grams loops and never counts (1: count loops)"
+    ),
     max_new_tokens: int = typer.Option(40),
     seed: int = typer.Option(0),
     preset: Path | None = typer.Option(None, help="save the winner as this preset (default: steer-find-NAME.json)"),
@@ -201,6 +204,7 @@ def steer_find(
         caa_sites=_csv(sites, str) or None,
         logit_sites=[] if logit_sites == "none" else (_csv(logit_sites, str) or None),
         positions=positions,
+        loop_repetition=loop_repetition,
         max_new_tokens=max_new_tokens,
         seed=seed,
     )

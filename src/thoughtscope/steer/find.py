@@ -303,6 +303,7 @@ def find_handle(
                 "concept_rate": best["concept_rate"],
                 "perplexity_ratio": best["perplexity_ratio"],
                 "repetition": best["repetition"],
+                "looping": best["looping"],
                 "positions": config.positions,
                 "max_act": h.max_act,
                 "max_source": h.max_source,
