@@ -289,3 +289,36 @@ def test_pair_of_the_best_caa_and_logit_handles_is_screened_and_saved_as_two_sli
     cfg_gen = GenerationConfig(max_new_tokens=4, temperature=0.0)
     gens = generate(lm, QUESTIONS[:2], preset.build(lm), cfg_gen)
     assert [g.text for g in gens] == [a for a in res.frontier[0]["answers"]]
+
+
+def test_calibration_goes_on_up_to_the_bound_when_the_fine_grid_stops_short(lm, sae):
+    """Six screening answers can put the fine grid too low; calibration then adds stronger points (x1.15
+    each, at most extend_steps) while the strongest one is well inside the bound and not looping."""
+    concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ Q"], controls=["ab cd"])
+    u = sae.W_dec[WRITER].detach().clone()
+    writer = Handle("caa", "caa:writer", SITE, [1.0], direction=u / u.norm(), typical_norm=5.0)
+    common = dict(n_features=0, n_screen=2, screen_tokens=4, max_new_tokens=4, n_calibrate=1, fine_steps=(1.0,))
+    common.update(temperature=0.0, loop_repetition=1.0)
+    roomy = find_handle(
+        lm,
+        None,
+        concept,
+        questions=QUESTIONS[:2],
+        config=FindConfig(ppl_bound=1e30, **common),
+        handles=[writer],
+        progress=False,
+    )
+    cal = roomy.handles[0]["calibration"]
+    assert [round(p["strength"], 4) for p in cal] == [1.0, 1.15, 1.3225, 1.5209]
+    tight = find_handle(
+        lm,
+        None,
+        concept,
+        questions=QUESTIONS[:2],
+        config=FindConfig(ppl_bound=1e30, extend_steps=0, **common),
+        handles=[writer],
+        progress=False,
+    )
+    assert len(tight.handles[0]["calibration"]) == 1
+    with pytest.raises(SteerError, match="extend_factor"):
+        FindConfig(extend_factor=1.0)

@@ -85,6 +85,12 @@ class ProgressBar:
                 f"{fields['rate']}, ETA {left / 60:.1f} min {info or ''}".rstrip()
             )
 
+    def grow(self, n: int) -> None:
+        """More work than first estimated (a search that decides to go on): the total rises by n."""
+        self.total = (self.total or 0) + n
+        if self._bar is not None:
+            self._bar.update(self._task, total=self.total)
+
     def advance(self, n: int = 1, *, info: str | None = None) -> None:
         self.update(self.completed + n, info=info)
 

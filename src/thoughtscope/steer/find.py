@@ -54,6 +54,8 @@ class FindConfig:
     vector_grid: Sequence[float] = (0.08, 0.12, 0.17, 0.24)
     fine_steps: Sequence[float] = (0.8, 1.0, 1.2, 1.4)
     pair_grid: Sequence[float] = (0.5, 0.65, 0.8, 1.0)  # x each part's best screening strength; () for no pair
+    extend_steps: int = 3  # calibration points added above the fine grid while there is room under the bound
+    extend_factor: float = 1.15
     positions: str = "all"
     loop_repetition: float = LOOP_REPETITION  # answers repeating more 3-grams never count (1.0: count loops too)
     temperature: float = 0.7
@@ -61,10 +63,18 @@ class FindConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_features", "n_screen", "screen_tokens", "n_calibrate", "max_new_tokens"):
+        for name in ("n_features", "n_screen", "screen_tokens", "n_calibrate", "max_new_tokens", "extend_steps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "n_features" else 1):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int)
+                or v < (0 if name in ("n_features", "extend_steps") else 1)
+            ):
                 raise SteerError(f"FindConfig.{name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.extend_factor, (int, float)) and math.isfinite(self.extend_factor)) or not (
+            self.extend_factor > 1
+        ):
+            raise SteerError(f"FindConfig.extend_factor must be a finite number > 1, got {self.extend_factor!r}")
         if not self.ppl_bound > 1:
             raise SteerError(
                 f"FindConfig.ppl_bound must be > 1 (a multiple of the unsteered perplexity), got {self.ppl_bound}"
@@ -99,6 +109,12 @@ def _point(p: SweepPoint, base: SweepPoint, stage: str, handle: str, n_q: int) -
         "n_questions": n_q,
         "answers": list(p.samples),
     }
+
+
+def _room(p: dict, config: FindConfig) -> bool:
+    """Whether a calibration point leaves room to push harder: clearly inside the perplexity bound and
+    not yet looping."""
+    return p["perplexity_ratio"] < 0.9 * config.ppl_bound and p["looping"] <= 0.1
 
 
 def _best(points: Sequence[dict], bound: float) -> dict | None:
@@ -264,11 +280,17 @@ def find_handle(
         tick(len(questions), config.max_new_tokens, "prompt-only")
         frontier = []
         for _, _, h, s_star in chosen:
-            for m in config.fine_steps:
-                s = round(s_star * m, 6)
+            steps = list(config.fine_steps)
+            while steps:
+                s = round(s_star * steps.pop(0), 6)
                 p = steered(h, s, questions, fcfg, base, "calibration")
                 report[h.id]["calibration"].append(p)
                 frontier.append(p)
+                extended = len(report[h.id]["calibration"]) - len(config.fine_steps)
+                if not steps and extended < config.extend_steps and _room(p, config):
+                    # the 6 screening answers put the grid too low: go on up to the bound
+                    steps.append(s * config.extend_factor / s_star)
+                    bar.grow(len(questions) * config.max_new_tokens)
             report[h.id]["status"] = "calibrated"
         done += (config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(questions) * config.max_new_tokens
         best = _best(frontier, config.ppl_bound)
