@@ -250,7 +250,14 @@ def test_steer_find_end_to_end_writes_json_and_preset(root, tmp_path):
     else:
         assert r.exit_code == 0, r.output
         assert {"kind", "id", "strength", "concept_rate", "perplexity_ratio"} <= set(res["best"])
-        assert json.loads((tmp_path / "p.json").read_text())["interventions"][0]["suggested"] == res["best"]["strength"]
+        items = json.loads((tmp_path / "p.json").read_text())["interventions"]
+        refs = [1.0]
+        if res["best"]["kind"] == "pair":  # two sliders, each at its share of the pair's strength
+            refs = [
+                q["reference_strength"]
+                for q in next(h for h in res["handles"] if h["id"] == res["best"]["id"])["parts"]
+            ]
+        assert [it["suggested"] for it in items] == pytest.approx([res["best"]["strength"] * r for r in refs])
 
 
 def test_find_cli_defaults_match_the_library():

@@ -273,9 +273,8 @@ def test_pair_of_the_best_caa_and_logit_handles_is_screened_and_saved_as_two_sli
     duo = by_id[f"caa:resid.0+logit:{SITE}"]
     assert duo["kind"] == "pair" and len(duo["screen"]) == 2
     refs = {p["id"]: p["reference_strength"] for p in duo["parts"]}
-    for part in ("caa:resid.0", f"logit:{SITE}"):  # each part at the strength it did best at alone
-        best_alone = max(by_id[part]["screen"], key=lambda p: (p["concept_rate"], -p["perplexity_ratio"]))
-        assert refs[part] == best_alone["strength"]
+    for part in ("caa:resid.0", f"logit:{SITE}"):  # each part at the strongest push it took alone in the bound
+        assert refs[part] == max(p["strength"] for p in by_id[part]["screen"])
     h = res._handles[duo["id"]]
     ivs = h.interventions(None, 0.5, "all")
     assert [iv.site for iv in ivs] == ["resid.0", SITE]
@@ -322,3 +321,18 @@ def test_calibration_goes_on_up_to_the_bound_when_the_fine_grid_stops_short(lm, 
     assert len(tight.handles[0]["calibration"]) == 1
     with pytest.raises(SteerError, match="extend_factor"):
         FindConfig(extend_factor=1.0)
+
+
+def test_refinement_places_a_strength_between_the_bound_straddling_points():
+    from thoughtscope.steer.find import _between
+
+    def pt(s, rate, ratio):
+        return {"strength": s, "concept_rate": rate, "perplexity_ratio": ratio}
+
+    # 0.2 is within 2x, 0.3 is past it with a higher rate: try sqrt(0.2 * 0.3)
+    assert _between([pt(0.1, 0.1, 1.2), pt(0.2, 0.3, 1.8), pt(0.3, 0.6, 2.3), pt(0.4, 0.7, 3.0)], 2.0) == round(
+        (0.2 * 0.3) ** 0.5, 6
+    )
+    assert _between([pt(0.1, 0.1, 1.2), pt(0.2, 0.3, 1.8), pt(0.3, 0.3, 2.3)], 2.0) is None  # no gain past it
+    assert _between([pt(0.1, 0.1, 2.2)], 2.0) is None  # nothing within the bound
+    assert _between([pt(0.1, 0.1, 1.2), pt(0.2, 0.3, 1.8)], 2.0) is None  # nothing past it

@@ -56,6 +56,7 @@ class FindConfig:
     pair_grid: Sequence[float] = (0.5, 0.65, 0.8, 1.0)  # x each part's best screening strength; () for no pair
     extend_steps: int = 3  # calibration points added above the fine grid while there is room under the bound
     extend_factor: float = 1.15
+    refine_steps: int = 2  # points placed between the last strength within the bound and the first past it
     positions: str = "all"
     loop_repetition: float = LOOP_REPETITION  # answers repeating more 3-grams never count (1.0: count loops too)
     temperature: float = 0.7
@@ -63,12 +64,20 @@ class FindConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_features", "n_screen", "screen_tokens", "n_calibrate", "max_new_tokens", "extend_steps"):
+        for name in (
+            "n_features",
+            "n_screen",
+            "screen_tokens",
+            "n_calibrate",
+            "max_new_tokens",
+            "extend_steps",
+            "refine_steps",
+        ):
             v = getattr(self, name)
             if (
                 isinstance(v, bool)
                 or not isinstance(v, int)
-                or v < (0 if name in ("n_features", "extend_steps") else 1)
+                or v < (0 if name in ("n_features", "extend_steps", "refine_steps") else 1)
             ):
                 raise SteerError(f"FindConfig.{name} must be a positive integer, got {v!r}")
         if not (isinstance(self.extend_factor, (int, float)) and math.isfinite(self.extend_factor)) or not (
@@ -115,6 +124,23 @@ def _room(p: dict, config: FindConfig) -> bool:
     """Whether a calibration point leaves room to push harder: clearly inside the perplexity bound and
     not yet looping."""
     return p["perplexity_ratio"] < 0.9 * config.ppl_bound and p["looping"] <= 0.1
+
+
+def _between(points: Sequence[dict], bound: float) -> float | None:
+    """A strength halfway (geometrically) between the strongest point within the bound and the next one
+    past it, when that one reached a higher concept rate: the grid's steps of 1.2x straddle the bound,
+    and what lies between is the strongest setting the budget allows. None when there is no such gap."""
+    inside = [p for p in points if p["perplexity_ratio"] <= bound]
+    if not inside:
+        return None
+    lo = max(inside, key=lambda p: p["strength"])
+    past = [p for p in points if p["strength"] > lo["strength"]]
+    if not past:
+        return None
+    hi = min(past, key=lambda p: p["strength"])
+    if hi["concept_rate"] <= max(p["concept_rate"] for p in inside):
+        return None
+    return round(math.sqrt(lo["strength"] * hi["strength"]), 6)
 
 
 def _best(points: Sequence[dict], bound: float) -> dict | None:
@@ -179,9 +205,10 @@ def _prompt_only(
 _UNITS = {"feature": "x max", "caa": "x median norm", "logit": "x median norm", "pair": "x each part's strength"}
 
 
-def _pair_candidate(handles: Sequence[Handle], firsts: dict, config: FindConfig) -> Handle | None:
-    """The best-screened CAA vector with the best-screened logit direction, when both have a point within
-    the bound (a CAA vector that did nothing alone may still carry the topic the logit push needs)."""
+def _pair_candidate(handles: Sequence[Handle], firsts: dict, reach: dict, config: FindConfig) -> Handle | None:
+    """The best-screened CAA vector with the logit direction, when both have a point within the bound (a
+    CAA vector that did nothing alone may still carry the topic the logit push needs). Each part's
+    reference is the strongest push it took alone within the bound; the pair grid takes shares of it."""
     if not config.pair_grid:
         return None
 
@@ -192,7 +219,7 @@ def _pair_candidate(handles: Sequence[Handle], firsts: dict, config: FindConfig)
     caa, logit = top("caa"), top("logit")
     if caa is None or logit is None:
         return None
-    return pair(caa[1], caa[0]["strength"], logit[1], logit[0]["strength"], config.pair_grid)
+    return pair(caa[1], reach[caa[1].id], logit[1], reach[logit[1].id], config.pair_grid)
 
 
 def find_handle(
@@ -254,6 +281,8 @@ def find_handle(
             nonlocal done
             done += (len(h.grid) - len(pts)) * len(screen_q) * config.screen_tokens
             report[h.id]["screen"] = pts
+            inside = [p["strength"] for p in pts if p["perplexity_ratio"] <= config.ppl_bound * 1.25]
+            reach[h.id] = max(inside, default=None)
             best = _best(pts, config.ppl_bound * 1.25)  # screening is noisy: a little slack
             if best is None or best["concept_rate"] <= sbase.concept_rate:
                 report[h.id]["status"] = "dropped at screening: never above the unsteered concept rate within the bound"
@@ -261,8 +290,9 @@ def find_handle(
                 screened.append((best["concept_rate"], -best["perplexity_ratio"], h, best["strength"]))
             return best
 
+        reach: dict[str, float | None] = {}  # per handle: the strongest screening push within the bound
         firsts = {h.id: screen(h) for h in handles}
-        duo = _pair_candidate(handles, firsts, config)
+        duo = _pair_candidate(handles, firsts, reach, config)
         if duo is not None:
             handles.append(duo)
             report[duo.id] = {**duo.describe(), "screen": [], "calibration": [], "status": ""}
@@ -291,6 +321,14 @@ def find_handle(
                     # the 6 screening answers put the grid too low: go on up to the bound
                     steps.append(s * config.extend_factor / s_star)
                     bar.grow(len(questions) * config.max_new_tokens)
+            for _ in range(config.refine_steps):
+                s = _between(report[h.id]["calibration"], config.ppl_bound)
+                if s is None:
+                    break
+                bar.grow(len(questions) * config.max_new_tokens)
+                p = steered(h, s, questions, fcfg, base, "calibration")
+                report[h.id]["calibration"].append(p)
+                frontier.append(p)
             report[h.id]["status"] = "calibrated"
         done += (config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(questions) * config.max_new_tokens
         best = _best(frontier, config.ppl_bound)
