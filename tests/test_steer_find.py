@@ -137,21 +137,16 @@ def test_found_preset_loads_and_reproduces_the_steered_text(lm, sae, tmp_path):
     assert [g.text for g in gens] == best_point["answers"]
 
 
+def _small(**kw) -> FindConfig:
+    """A search small enough for a tiny model: greedy, 2 screening questions, one calibration point."""
+    base = dict(n_features=0, n_screen=2, screen_tokens=4, max_new_tokens=6, n_calibrate=1, ppl_bound=1e30)
+    base.update(fine_steps=(1.0,), temperature=0.0, loop_repetition=1.0)  # a planted one-token writer loops
+    return FindConfig(**{**base, **kw})
+
+
 def test_caa_handles_at_several_sites_and_vector_preset_round_trip(lm, sae, tmp_path):
     concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ Q", "a Q b Q"], controls=["ab cd", "ef gh"])
-    cfg = FindConfig(
-        n_features=0,
-        caa_sites=["resid.0", SITE],
-        n_screen=2,
-        screen_tokens=4,
-        max_new_tokens=6,
-        n_calibrate=1,
-        ppl_bound=1e30,
-        vector_grid=(0.5,),
-        fine_steps=(1.0,),
-        temperature=0.0,
-        loop_repetition=1.0,  # a planted writer of one token loops by construction
-    )
+    cfg = _small(caa_sites=["resid.0", SITE], vector_grid=(0.5,))
     res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, progress=False)
     ids = [h["id"] for h in res.handles]
     assert ids[:3] == ["caa:resid.0", f"caa:{SITE}", f"logit:{logit_sites(lm)[0]}"]
@@ -209,20 +204,7 @@ def test_logit_direction_writes_the_concept_tokens(lm, sae, tmp_path):
     scores = output_scores(lm, torch.cat([d[None], rand / rand.norm(dim=1, keepdim=True)]), toks)
     assert float(scores[0]) > float(scores[1:].max()) and float(scores[0]) > 3
     concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ Q"], controls=["ab cd"])
-    cfg = FindConfig(
-        n_features=0,
-        caa_sites=[],
-        logit_sites=[SITE],
-        n_screen=2,
-        screen_tokens=4,
-        max_new_tokens=6,
-        n_calibrate=1,
-        ppl_bound=1e30,
-        vector_grid=(2.0,),
-        fine_steps=(1.0,),
-        temperature=0.0,
-        loop_repetition=1.0,  # a planted writer of one token loops by construction
-    )
+    cfg = _small(caa_sites=[], logit_sites=[SITE], vector_grid=(2.0,))
     res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, progress=False)
     assert [h["id"] for h in res.handles] == [f"logit:{SITE}"]
     assert res.best is not None and res.best["kind"] == "logit" and res.best["concept_rate"] == 1.0
@@ -253,21 +235,7 @@ def test_a_looping_answer_never_counts_as_mentioning_the_concept(lm):
 
 def test_pair_of_the_best_caa_and_logit_handles_is_screened_and_saved_as_two_sliders(lm, sae, tmp_path):
     concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ Q", "a Q b Q"], controls=["ab cd", "ef gh"])
-    cfg = FindConfig(
-        n_features=0,
-        caa_sites=["resid.0"],
-        logit_sites=[SITE],
-        n_screen=2,
-        screen_tokens=4,
-        max_new_tokens=6,
-        n_calibrate=3,
-        ppl_bound=1e30,
-        vector_grid=(0.5, 2.0),
-        pair_grid=(0.5, 1.0),
-        fine_steps=(1.0,),
-        temperature=0.0,
-        loop_repetition=1.0,
-    )
+    cfg = _small(caa_sites=["resid.0"], logit_sites=[SITE], n_calibrate=3, vector_grid=(0.5, 2.0), pair_grid=(0.5, 1.0))
     res = find_handle(lm, None, concept, questions=QUESTIONS[:2], config=cfg, progress=False)
     by_id = {h["id"]: h for h in res.handles}
     duo = by_id[f"caa:resid.0+logit:{SITE}"]

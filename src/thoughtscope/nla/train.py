@@ -190,10 +190,10 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
         raise NLAError(f"dataset site {rows.meta['site']} differs from the NLA's site {cfg.site} ({nla_dir})")
     nla = NLA(lm, cfg)
     nla.path = nla_dir
-    if stage == "rl":
+    if stage in ("rl", "ar-refit-warm"):  # both start from the warm start
         for f in (WARM_AV_FILE, WARM_AR_FILE):
             if not (nla_dir / f).is_file():
-                raise NLAError(f"{nla_dir / f} missing: run the ar-sft and av-sft stages before rl")
+                raise NLAError(f"{nla_dir / f} missing: run the ar-sft and av-sft stages before {stage}")
         nla.av.load_adapter_state(load_weights(nla_dir / WARM_AV_FILE))
         nla.ar.load_adapter_state(load_weights(nla_dir / WARM_AR_FILE))
     elif stage == "ar-refit":
@@ -204,12 +204,6 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
             save_weights(load_weights(nla_dir / AR_FILE), nla_dir / RL_AR_FILE)
         nla.av.load_adapter_state(load_weights(nla_dir / AV_FILE))
         nla.ar.load_adapter_state(load_weights(nla_dir / RL_AR_FILE))
-    elif stage == "ar-refit-warm":
-        for f in (WARM_AV_FILE, WARM_AR_FILE):
-            if not (nla_dir / f).is_file():
-                raise NLAError(f"{nla_dir / f} missing: run the ar-sft and av-sft stages before ar-refit-warm")
-        nla.av.load_adapter_state(load_weights(nla_dir / WARM_AV_FILE))
-        nla.ar.load_adapter_state(load_weights(nla_dir / WARM_AR_FILE))
     else:
         # each supervised stage starts from its own warm weights if a previous run finished them
         pass
