@@ -123,12 +123,15 @@ def generic_rows(name: str, fig: dict, quick: bool) -> list[list[str]]:
         "harvest": ("ratio_vs_bare_forward", "harvest tok/s over a bare forward through the site (>= 0.9)"),
         "atlas": ("cost_ratio_vs_harvest", "atlas streaming cost over harvest (<= 1.3)"),
         "steer": ("overhead_ratio", "steered over plain generation tok/s (>= 0.95)"),
+        "nla": ("rl_step_speedup", "x cheaper RL step, cached over plain path (>= 3)"),
     }
     ratios = {k: v for k, v in fig.items() if "ratio" in k and isinstance(v, (int, float))}
     if name in known and known[name][0] in fig:
         key, what = known[name]
         head = f"**{fig[key]:.3g}** {what}"
         rest = ", ".join(f"{k} {v:.3g}" for k, v in ratios.items() if k != key)
+        if name == "nla" and "explain_seconds" in fig:
+            rest += f"; nla explain {fig['explain_seconds']:.2f} s for one token (model loaded)"
         if name == "steer" and "vector_fit_speedup" in fig:
             rest += (
                 f"; vector fit {fig['vector_fit_speedup']:.2f}x faster than {fig.get('vector_reference', 'ref')}"
