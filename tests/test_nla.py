@@ -684,6 +684,7 @@ def test_cli_eval_of_the_shipped_nla_writes_the_named_keys(tmp_path):
         "baselines"
     ].keys()
     assert 0 <= res["prose_share"] <= 1 and res["oracle_prose_share"] == 0.0
-    refit = res["rl_vs_warm_start_refit"]  # the shipped NLA has no warm_refit_ar.safetensors (yet)
-    assert "warm_start_refit" in res["baselines"] or "--stage ar-refit-warm" in refit["missing"]
+    refit = res["rl_vs_warm_start_refit"]  # the shipped NLA carries warm_refit_ar.safetensors
+    assert "warm_start_refit" in res["baselines"] and refit["from"] == "warm_refit_ar.safetensors"
+    assert refit["ci"][0] <= refit["diff"] <= refit["ci"][1]
     assert res["warm_start"]["kind"] == "offline-extractive"
