@@ -204,6 +204,7 @@ def build_handles(lm: LoadedModel, sae, concept: Concept, config) -> list[Handle
     `config` is a `steer.find.FindConfig` (n_features, feature_grid, vector_grid, caa_sites, logit_sites).
     """
     handles: list[Handle] = []
+    toks = concept_token_ids(lm.tokenizer, concept.keywords)  # what the output-side rankings aim at
     if sae is not None and config.n_features:
         ref = feature_max(sae)
         site = str(Site.parse(sae.cfg.site))
@@ -211,7 +212,6 @@ def build_handles(lm: LoadedModel, sae, concept: Concept, config) -> list[Handle
             by_input = contrast_features(lm, sae, site, concept.prompts, concept.controls, top=config.n_features)
         except FeatureError as e:
             raise SteerError(str(e)) from None
-        toks = concept_token_ids(lm.tokenizer, concept.keywords)
         by_output = output_features(lm, sae, toks, top=config.n_features) if toks else []
         local = None
         found: dict[int, dict] = {}
@@ -259,7 +259,6 @@ def build_handles(lm: LoadedModel, sae, concept: Concept, config) -> list[Handle
                 found_by=why,
             )
         )
-    toks = concept_token_ids(lm.tokenizer, concept.keywords)
     sites = config.logit_sites if config.logit_sites is not None else logit_sites(lm)
     for site in sites if toks else ():
         s = lm.check_site(site)
