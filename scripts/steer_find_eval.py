@@ -6,8 +6,9 @@
 Each concept (examples/steering/concepts/NAME.json: keywords, texts with it) runs the same search as
 `thoughtscope steer find NAME --prompts ... --keywords ... --questions examples/steering/questions.txt`
 on the default model and SAE. Writes NAME.json (the whole search), NAME.preset.json (the winner) and
-summary.json (per concept: best handle, its concept rate and perplexity ratio, the second-seed check,
-the prompt-only baseline; the count of concepts at >= 50 % within 2x perplexity). A concept whose
+summary.json (per concept: best handle, its concept rate and perplexity ratio measured on fresh seeds
+after the search, the search seed's own figures, the prompt-only baseline; the count of concepts at
+>= 50 % within 2x perplexity on the fresh seeds). A concept whose
 NAME.json exists is skipped unless --force, so an interrupted run resumes.
 """
 
@@ -30,9 +31,7 @@ def summarise(out: Path, names: list[str]) -> dict:
             continue
         r = json.loads(f.read_text())
         b = r["best"] or {}
-        point = next(
-            (p for p in r["frontier"] if p["handle"] == b.get("id") and p["strength"] == b.get("strength")), {}
-        )
+        search = b.get("search") or {}
         rows.append(
             {
                 "concept": name,
@@ -41,10 +40,13 @@ def summarise(out: Path, names: list[str]) -> dict:
                 "strength": b.get("strength"),
                 "unit": b.get("unit"),
                 "concept_rate": b.get("concept_rate", 0.0),
+                "concept_rate_ci": b.get("concept_rate_ci"),
                 "perplexity_ratio": b.get("perplexity_ratio"),
-                "looping": point.get("looping"),
-                "second_seed_rate": (b.get("second_seed") or {}).get("concept_rate"),
-                "second_seed_ppl_ratio": (b.get("second_seed") or {}).get("perplexity_ratio"),
+                "looping": b.get("looping"),
+                "measured_on": b.get("measured_on"),
+                "n_answers": (b.get("confirmation") or {}).get("n_answers"),
+                "search_rate": search.get("concept_rate"),
+                "search_ppl_ratio": search.get("perplexity_ratio"),
                 "unsteered_rate": r["baseline"]["concept_rate"],
                 "prompt_only_rate": r["prompt_only"]["concept_rate"],
                 "prompt_only_ppl_ratio": r["prompt_only"]["perplexity_ratio"],
@@ -65,21 +67,25 @@ def summarise(out: Path, names: list[str]) -> dict:
 def markdown(summary: dict) -> str:
     """The per-concept table for docs/steering.md and the README."""
     lines = [
-        "| concept | best handle | strength | concept rate | x perplexity | looping | 2nd seed | unsteered | "
-        "prompt-only (x ppl) | candidates (dropped at screening) |",
+        "| concept | best handle | strength | concept rate, fresh seeds (95 % CI) | x perplexity | looping | "
+        "search seed (x ppl) | unsteered | prompt-only (x ppl) | candidates (dropped at screening) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         ok = r["concept_rate"] >= 0.5 and (r["perplexity_ratio"] or 9) <= 2.0
         rate = f"{100 * r['concept_rate']:.0f} %"
+        ci = r.get("concept_rate_ci")
+        ci = f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f})" if ci else ""
+        search = (
+            f"{100 * r['search_rate']:.0f} % ({r['search_ppl_ratio']:.2f})" if r.get("search_rate") is not None else ""
+        )
         lines.append(
             f"| {r['concept']} | {r['best_id'] or 'none within 2x'} | "
             f"{'' if r['strength'] is None else format(r['strength'], 'g')} {r['unit'] or ''} | "
-            f"{'**' + rate + '**' if ok else rate} | "
+            f"{'**' + rate + '**' if ok else rate}{ci} | "
             f"{'' if r['perplexity_ratio'] is None else format(r['perplexity_ratio'], '.2f')} | "
             f"{'' if r.get('looping') is None else format(100 * r['looping'], '.0f') + ' %'} | "
-            f"{'' if r['second_seed_rate'] is None else format(100 * r['second_seed_rate'], '.0f') + ' %'} | "
-            f"{100 * r['unsteered_rate']:.0f} % | {100 * r['prompt_only_rate']:.0f} % "
+            f"{search} | {100 * r['unsteered_rate']:.0f} % | {100 * r['prompt_only_rate']:.0f} % "
             f"({r['prompt_only_ppl_ratio']:.2f}) | {r['n_handles']} ({r['dropped_at_screening']}) |"
         )
     lines.append(f"\n{summary['n_pass']} of {summary['n_concepts']} concepts reach {summary['target']}.")

@@ -304,3 +304,73 @@ def test_refinement_places_a_strength_between_the_bound_straddling_points():
     assert _between([pt(0.1, 0.1, 1.2), pt(0.2, 0.3, 1.8), pt(0.3, 0.3, 2.3)], 2.0) is None  # no gain past it
     assert _between([pt(0.1, 0.1, 2.2)], 2.0) is None  # nothing within the bound
     assert _between([pt(0.1, 0.1, 1.2), pt(0.2, 0.3, 1.8)], 2.0) is None  # nothing past it
+
+
+def test_the_winner_is_chosen_on_the_fitted_curve_not_the_luckiest_point():
+    """Concept rate and perplexity are read as non-decreasing in strength and fitted over a handle's
+    points, so one lucky draw between two poor neighbours does not win over a handle that is steadily
+    good; and a point whose fitted perplexity is past the bound is never chosen."""
+    from thoughtscope.steer.find import _choose, _isotonic
+
+    assert _isotonic([0.1, 0.5, 0.2, 0.4], [1, 1, 1, 1]) == pytest.approx([0.1, 0.35, 0.35, 0.4])
+    assert _isotonic([0.3, 0.1], [3, 1]) == pytest.approx([0.25, 0.25])
+
+    def pt(h, s, rate, ratio):
+        return {"handle": h, "strength": s, "concept_rate": rate, "perplexity_ratio": ratio, "n_questions": 24}
+
+    lucky = [pt("a", 0.1, 0.2, 1.5), pt("a", 0.12, 0.62, 1.7), pt("a", 0.14, 0.2, 1.8), pt("a", 0.17, 0.25, 2.4)]
+    steady = [pt("b", 0.1, 0.5, 1.5), pt("b", 0.12, 0.55, 1.7), pt("b", 0.14, 0.58, 1.9), pt("b", 0.17, 0.7, 2.5)]
+    win = _choose({"a": lucky, "b": steady}, 2.0)
+    assert win["handle"] == "b" and win["strength"] == 0.14 and win["fit_rate"] == pytest.approx(0.58)
+    # alone, "a" still wins at its lucky strength, but at its fitted rate (pooled with what follows)
+    alone = _choose({"a": lucky}, 2.0)
+    assert alone["strength"] == 0.12 and alone["fit_rate"] == pytest.approx((0.62 + 0.2 + 0.25) / 3)
+    # a within-bound draw whose neighbours say the bound is crossed there: sqrt(2.3 * 1.9) > 2
+    crossing = [pt("c", 0.1, 0.3, 1.5), pt("c", 0.12, 0.4, 2.3), pt("c", 0.14, 0.5, 1.9)]
+    assert _choose({"c": crossing}, 2.0)["strength"] == 0.1
+    assert _choose({"c": [pt("c", 0.1, 0.3, 2.5)]}, 2.0) is None
+
+
+def test_wilson_interval_on_known_values():
+    from thoughtscope.steer.find import wilson
+
+    lo, hi = wilson(24, 48)
+    assert lo == pytest.approx(0.3634, abs=1e-3) and hi == pytest.approx(0.6366, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0 and 0.69 < wilson(10, 10)[0] < 0.73
+
+
+def test_the_reported_figures_come_from_fresh_seeds_after_the_search(lm, sae):
+    """`best` holds the winner re-measured on `confirm_seeds` seeds the search never saw (each beside the
+    unsteered answers of that seed); the search seed's own figures stay in best["search"]."""
+    concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ Q"], controls=["ab cd"])
+    u = sae.W_dec[WRITER].detach().clone()
+    writer = Handle("caa", "caa:writer", SITE, [0.5, 1.0], direction=u / u.norm(), typical_norm=5.0)
+    common = dict(n_features=0, n_screen=2, screen_tokens=4, max_new_tokens=6, n_calibrate=1, fine_steps=(1.0,))
+    common.update(ppl_bound=1e30, extend_steps=0, refine_steps=0, loop_repetition=1.0)
+    res = find_handle(
+        lm, None, concept, questions=QUESTIONS, config=FindConfig(**common), handles=[writer], progress=False
+    )
+    b, conf = res.best, res.best["confirmation"]
+    point = next(p for p in res.frontier if p["strength"] == b["strength"])
+    assert b["search"]["seed"] == 0 and b["search"]["concept_rate"] == point["concept_rate"]
+    assert conf["seeds"] == [1, 2] and conf["n_answers"] == 2 * len(QUESTIONS) == len(conf["answers"])
+    again = []
+    for seed in conf["seeds"]:
+        gen = GenerationConfig(max_new_tokens=6, temperature=0.7, top_p=0.9, seed=seed)
+        ivs = writer.interventions(None, b["strength"], "all")
+        again += [g.text for g in generate(lm, QUESTIONS, ivs, gen)]
+    assert again == conf["answers"]
+    hits = sum(concept.mentioned(t) for t in again)
+    assert b["concept_rate"] == conf["concept_rate"] == hits / len(again)
+    assert b["concept_rate_ci"][0] <= b["concept_rate"] <= b["concept_rate_ci"][1]
+    assert b["measured_on"].startswith("fresh seeds")
+    bare = find_handle(
+        lm,
+        None,
+        concept,
+        questions=QUESTIONS,
+        config=FindConfig(confirm_seeds=0, **common),
+        handles=[writer],
+        progress=False,
+    )
+    assert bare.best["confirmation"] is None and bare.best["concept_rate"] == bare.best["search"]["concept_rate"]

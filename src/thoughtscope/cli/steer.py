@@ -174,6 +174,9 @@ def steer_find(
     ),
     max_new_tokens: int = typer.Option(40),
     seed: int = typer.Option(0),
+    confirm_seeds: int = typer.Option(
+        2, help="fresh seeds the winner is re-measured on; the reported figures come from them (0: none)"
+    ),
     preset: Path | None = typer.Option(None, help="save the winner as this preset (default: steer-find-NAME.json)"),
     json_out: Path | None = typer.Option(None, "--json", help="write the whole search here"),
 ) -> None:
@@ -207,6 +210,7 @@ def steer_find(
         loop_repetition=loop_repetition,
         max_new_tokens=max_new_tokens,
         seed=seed,
+        confirm_seeds=confirm_seeds,
     )
     lm = _load(model, None, None)
     sae_obj = None if sae == "none" else load_sae(sae).eval().requires_grad_(False)
@@ -239,10 +243,17 @@ def steer_find(
         raise typer.Exit(1)
     b = res.best
     path = save_preset(res, sae_obj, preset or Path(f"steer-find-{c.name.replace(' ', '_')}.json"))
+    conf = b["confirmation"]
+    where = (
+        f"on {conf['n_answers']} answers of fresh seeds {conf['seeds']}, 95 % CI "
+        f"{b['concept_rate_ci'][0]:.0%}-{b['concept_rate_ci'][1]:.0%}; the search's seed: "
+        f"{b['search']['concept_rate']:.0%}"
+        if conf
+        else f"on the search's seed {b['search']['seed']}, not re-measured"
+    )
     console.print(
         f"best: {b['id']} at {b['strength']:g} {b['unit']}: {b['concept_rate']:.0%} of answers at "
-        f"{b['perplexity_ratio']:.2f}x perplexity (second seed: {b['second_seed']['concept_rate']:.0%}); "
-        f"preset {path}"
+        f"{b['perplexity_ratio']:.2f}x perplexity ({where}); preset {path}"
     )
     if json_out is not None:
         console.print(f"wrote {json_out}")

@@ -57,6 +57,7 @@ class FindConfig:
     extend_steps: int = 3  # calibration points added above the fine grid while there is room under the bound
     extend_factor: float = 1.15
     refine_steps: int = 2  # points placed between the last strength within the bound and the first past it
+    confirm_seeds: int = 2  # fresh seeds the winner is re-measured on; its reported figures come from them
     positions: str = "all"
     loop_repetition: float = LOOP_REPETITION  # answers repeating more 3-grams never count (1.0: count loops too)
     temperature: float = 0.7
@@ -72,12 +73,13 @@ class FindConfig:
             "max_new_tokens",
             "extend_steps",
             "refine_steps",
+            "confirm_seeds",
         ):
             v = getattr(self, name)
             if (
                 isinstance(v, bool)
                 or not isinstance(v, int)
-                or v < (0 if name in ("n_features", "extend_steps", "refine_steps") else 1)
+                or v < (0 if name in ("n_features", "extend_steps", "refine_steps", "confirm_seeds") else 1)
             ):
                 raise SteerError(f"FindConfig.{name} must be a positive integer, got {v!r}")
         if not (isinstance(self.extend_factor, (int, float)) and math.isfinite(self.extend_factor)) or not (
@@ -146,6 +148,54 @@ def _between(points: Sequence[dict], bound: float) -> float | None:
 def _best(points: Sequence[dict], bound: float) -> dict | None:
     ok = [p for p in points if math.isfinite(p["perplexity_ratio"]) and p["perplexity_ratio"] <= bound]
     return max(ok, key=lambda p: (p["concept_rate"], -p["perplexity_ratio"])) if ok else None
+
+
+def _isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """Weighted least-squares fit that never decreases (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([float(v), float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, c2 = blocks.pop()
+            m1, w1, c1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return [m for m, _, c in blocks for _ in range(c)]
+
+
+def _smoothed(points: Sequence[dict]) -> list[dict]:
+    """One handle's calibration points with `fit_rate` and `fit_ppl_ratio`: both read as non-decreasing
+    in strength and fitted jointly over the points (isotonic, weighted by answers). One point of 24
+    sampled answers is +-20 points of concept rate; its neighbours at nearby strengths measure nearly
+    the same thing, so the fit pools them and the winner is not simply the luckiest draw."""
+    pts = sorted((p for p in points if math.isfinite(p["perplexity_ratio"])), key=lambda p: p["strength"])
+    if not pts:
+        return []
+    w = [p["n_questions"] for p in pts]
+    rate = _isotonic([p["concept_rate"] for p in pts], w)
+    logr = _isotonic([math.log(p["perplexity_ratio"]) for p in pts], w)
+    return [{**p, "fit_rate": r, "fit_ppl_ratio": math.exp(lr)} for p, r, lr in zip(pts, rate, logr)]
+
+
+def _choose(per_handle: dict[str, Sequence[dict]], bound: float) -> dict | None:
+    """The winning calibration point: the highest fitted concept rate among points whose fitted and
+    measured perplexity ratios are both within the bound (ties: the lower fitted ratio)."""
+    ok = [
+        p
+        for pts in per_handle.values()
+        for p in _smoothed(pts)
+        if p["fit_ppl_ratio"] <= bound and p["perplexity_ratio"] <= bound
+    ]
+    return max(ok, key=lambda p: (p["fit_rate"], -p["fit_ppl_ratio"], p["concept_rate"])) if ok else None
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
+    """95 % Wilson interval of a rate of `hits` in `n` (sound at 0 and at n, unlike the normal one)."""
+    if n <= 0:
+        return [0.0, 1.0]
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -246,7 +296,8 @@ def find_handle(
         raise SteerError(f"no candidate handle for {concept.name!r}: no SAE and no CAA site gave a direction")
     screen_q = questions[: config.n_screen]
     screen_work = (sum(len(h.grid) for h in handles) + len(config.pair_grid)) * len(screen_q) * config.screen_tokens
-    full_work = (2 + 1 + config.n_calibrate * len(config.fine_steps)) * len(questions) * config.max_new_tokens
+    n_evals = 2 + 2 * config.confirm_seeds + config.n_calibrate * len(config.fine_steps)
+    full_work = n_evals * len(questions) * config.max_new_tokens
     scfg, fcfg = config.generation(config.screen_tokens), config.generation(config.max_new_tokens)
     judged = dict(judge=concept.mentioned, loop_limit=config.loop_repetition)  # how every answer is scored
     report: dict[str, dict] = {h.id: {**h.describe(), "screen": [], "calibration": [], "status": ""} for h in handles}
@@ -266,6 +317,42 @@ def find_handle(
             pt = evaluate(lm, ivs, prompts=qs, config=gen, strength=strength, **judged)
             tick(len(qs), gen.max_new_tokens, h.id)
             return _point(pt, base, stage, h.id, len(qs))
+
+        def confirm(h: Handle, strength: float) -> dict:
+            """The winner on `confirm_seeds` fresh seeds, each beside the unsteered answers of its seed. The
+            search's own figure is the best of ~20 draws of 24 answers, so it runs high; these are the
+            figures to expect."""
+            per_seed, answers, hits, n, reps, loops = [], [], 0, 0, 0.0, 0.0
+            for k in range(1, config.confirm_seeds + 1):
+                gen = config.generation(config.max_new_tokens, seed=config.seed + k)
+                plain = evaluate(lm, [], prompts=questions, config=gen, keep_samples=0, **judged)
+                ivs = h.interventions(sae, strength, config.positions)
+                p = evaluate(lm, ivs, prompts=questions, config=gen, strength=strength, **judged)
+                tick(2 * len(questions), config.max_new_tokens, "confirmation")
+                per_seed.append(
+                    {
+                        "seed": config.seed + k,
+                        "concept_rate": p.concept_rate,
+                        "perplexity_ratio": p.perplexity / plain.perplexity,
+                    }
+                )
+                answers += p.samples
+                hits += round(p.concept_rate * len(questions))
+                n += len(questions)
+                reps += p.repetition * len(questions)
+                loops += p.looping * len(questions)
+            ratio = math.exp(sum(math.log(x["perplexity_ratio"]) for x in per_seed) / len(per_seed))
+            return {
+                "seeds": [x["seed"] for x in per_seed],
+                "n_answers": n,
+                "concept_rate": hits / n,
+                "concept_rate_ci": wilson(hits, n),
+                "perplexity_ratio": ratio,
+                "repetition": reps / n,
+                "looping": loops / n,
+                "per_seed": per_seed,
+                "answers": answers,
+            }
 
         sbase = evaluate(lm, [], prompts=screen_q, config=scfg, keep_samples=0, **judged)
         screened = []
@@ -331,28 +418,12 @@ def find_handle(
                 frontier.append(p)
             report[h.id]["status"] = "calibrated"
         done += (config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(questions) * config.max_new_tokens
-        best = _best(frontier, config.ppl_bound)
+        best = _choose({h.id: report[h.id]["calibration"] for _, _, h, _ in chosen}, config.ppl_bound)
         best_out = None
         if best is not None:
             h = next(x for x in handles if x.id == best["handle"])
-            # the winner is picked on seed `seed`; a second seed shows how much of that was luck
-            again = config.generation(config.max_new_tokens, seed=config.seed + 1)
-            check = _point(
-                evaluate(
-                    lm,
-                    h.interventions(sae, best["strength"], config.positions),
-                    prompts=questions,
-                    config=again,
-                    strength=best["strength"],
-                    keep_samples=0,
-                    **judged,
-                ),
-                evaluate(lm, [], prompts=questions, config=again, keep_samples=0, **judged),
-                "check",
-                h.id,
-                len(questions),
-            )
-            tick(len(questions), config.max_new_tokens, "second seed")
+            conf = confirm(h, best["strength"]) if config.confirm_seeds else None
+            head = conf or {k: best[k] for k in ("concept_rate", "perplexity_ratio", "repetition", "looping")}
             best_out = {
                 "kind": h.kind,
                 "id": h.id,
@@ -360,10 +431,12 @@ def find_handle(
                 "feature": h.feature,
                 "strength": best["strength"],
                 "unit": _UNITS[h.kind],
-                "concept_rate": best["concept_rate"],
-                "perplexity_ratio": best["perplexity_ratio"],
-                "repetition": best["repetition"],
-                "looping": best["looping"],
+                "concept_rate": head["concept_rate"],
+                "perplexity_ratio": head["perplexity_ratio"],
+                "repetition": head["repetition"],
+                "looping": head["looping"],
+                "concept_rate_ci": conf["concept_rate_ci"] if conf else None,
+                "measured_on": "fresh seeds (confirmation)" if conf else f"the search's seed {config.seed}",
                 "positions": config.positions,
                 "max_act": h.max_act,
                 "max_source": h.max_source,
@@ -371,13 +444,18 @@ def find_handle(
                     min(p["strength"] for p in report[h.id]["calibration"]),
                     max(p["strength"] for p in report[h.id]["calibration"]),
                 ],
-                "second_seed": {
-                    "seed": config.seed + 1,
-                    "concept_rate": check["concept_rate"],
-                    "perplexity_ratio": check["perplexity_ratio"],
+                "search": {
+                    "seed": config.seed,
+                    "concept_rate": best["concept_rate"],
+                    "perplexity_ratio": best["perplexity_ratio"],
+                    "fit_rate": best["fit_rate"],
+                    "fit_ppl_ratio": best["fit_ppl_ratio"],
+                    "looping": best["looping"],
                 },
+                "confirmation": conf,
                 "found_by": h.found_by,
             }
+
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     cfg["caa_sites"] = [h.site for h in handles if h.kind == "caa"]
     cfg["logit_sites"] = [h.site for h in handles if h.kind == "logit"]
