@@ -163,7 +163,7 @@ def steer_find(
     model: str = typer.Option("default"),
     ppl_bound: float = typer.Option(2.0, help="allowed perplexity, as a multiple of unsteered"),
     n_features: int = typer.Option(4, help="feature candidates per ranking (input contrast, output effect)"),
-    n_calibrate: int = typer.Option(3, help="handles that get the full calibration"),
+    n_calibrate: int = typer.Option(2, help="handles that get the full calibration"),
     sites: str = typer.Option("", help="comma-separated sites for CAA vectors (default: SAE site, 1/3 and 2/3 depth)"),
     logit_sites: str = typer.Option(
         "", help="sites for the concept tokens' logit direction (default: 5/6 depth; 'none' for none)"
@@ -172,7 +172,7 @@ def steer_find(
     loop_repetition: float = typer.Option(
         0.25, help="an answer repeating more of its token 3-grams loops and never counts (1: count loops)"
     ),
-    max_new_tokens: int = typer.Option(40),
+    max_new_tokens: int = typer.Option(64),
     seed: int = typer.Option(0),
     confirm_seeds: int = typer.Option(
         2, help="fresh seeds the winner is re-measured on; the reported figures come from them (0: none)"

@@ -47,8 +47,8 @@ class FindConfig:
     logit_sites: Sequence[str] | None = None  # default: the layer at 5/6 depth; [] for none
     n_screen: int = 6
     screen_tokens: int = 24
-    n_calibrate: int = 3
-    max_new_tokens: int = 40
+    n_calibrate: int = 2
+    max_new_tokens: int = 64  # the length `steer generate` writes: a mention costs perplexity once per answer
     ppl_bound: float = 2.0
     feature_grid: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
     vector_grid: Sequence[float] = (0.08, 0.12, 0.17, 0.24)
