@@ -88,7 +88,9 @@ def markdown(summary: dict) -> str:
             f"{search} | {100 * r['unsteered_rate']:.0f} % | {100 * r['prompt_only_rate']:.0f} % "
             f"({r['prompt_only_ppl_ratio']:.2f}) | {r['n_handles']} ({r['dropped_at_screening']}) |"
         )
-    lines.append(f"\n{summary['n_pass']} of {summary['n_concepts']} concepts reach {summary['target']}.")
+    lines.append(
+        f"\n{summary['n_pass']} of {summary['n_concepts']} concepts reach {summary['target']} on the fresh seeds."
+    )
     return "\n".join(lines)
 
 

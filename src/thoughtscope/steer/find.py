@@ -11,8 +11,9 @@ Each is screened cheaply (a few questions, short answers, a coarse strength grid
 soon as it breaks the text); handles that never beat the unsteered concept rate are dropped there. Only
 the best few get a full calibration on all neutral questions. The result is the frontier (concept rate
 against perplexity ratio, per handle and strength), the prompt-only baseline ("mention X" in the system
-prompt) on the same questions, and the best handle within the perplexity bound, re-checked on a second
-seed and ready to save as an equalizer preset.
+prompt) on the same questions, and the best handle within the perplexity bound: chosen on a curve fitted
+over each handle's points (one point of 24 sampled answers is too noisy to pick by), re-measured on fresh
+seeds (the figures it reports) and ready to save as an equalizer preset.
 """
 
 from __future__ import annotations
