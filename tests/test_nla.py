@@ -688,3 +688,52 @@ def test_cli_eval_of_the_shipped_nla_writes_the_named_keys(tmp_path):
     assert "warm_start_refit" in res["baselines"] and refit["from"] == "warm_refit_ar.safetensors"
     assert refit["ci"][0] <= refit["diff"] <= refit["ci"][1]
     assert res["warm_start"]["kind"] == "offline-extractive"
+
+
+def test_prose_warm_start_says_the_same_facts_as_sentences(lm, corpus_file, rows):
+    """`warm_start="prose"` writes the field layout's facts as sentences: same rows and vectors, the current
+    token still last (the AR's last position reads it), and the text passes the prose rule where the
+    field layout never does."""
+    from thoughtscope.nla.prose import prose_share
+    from thoughtscope.nla.warm_start import offline_explanation, token_clause
+
+    cfg = DataConfig(
+        corpus=str(corpus_file),
+        site="resid.1",
+        n_rows=80,
+        positions_per_doc=2,
+        max_position=70,
+        max_explanation_tokens=60,
+        split=(0.6, 0.2, 0.2),
+        warm_start="prose",
+    )
+    prose_rows = harvest_rows(lm, cfg, progress=False)
+    assert torch.equal(prose_rows.vectors, rows.vectors) and prose_rows.contexts == rows.contexts
+    assert prose_rows.meta["warm_start"]["kind"] == "offline-extractive-prose"
+    for fields, prose, tok in zip(rows.explanations, prose_rows.explanations, prose_rows.token_id.tolist()):
+        assert prose.endswith(" now reads" + token_clause(lm.tokenizer.decode([tok]))[len("Token:") :])
+        # the sentences are longer, so the token budget may trim more (quote first, then topic, then next)
+        topic = fields.split("Topic: ", 1)[1].split(".", 1)[0].split(", ") if fields.startswith("Topic: ") else []
+        said = prose.split("The text is about ", 1)[1].split(".", 1)[0].split(" and ") if "about" in prose else []
+        assert set(said) <= set(topic)
+        quote = fields.split('Context: "', 1)[1].split('".', 1)[0] if 'Context: "' in fields else ""
+        read = prose.split('just read "', 1)[1].split('" and now', 1)[0] if "just read" in prose else ""
+        assert quote.endswith(read)
+    # with room for everything, both layouts carry exactly the same facts
+    ids = lm.tokenizer(" ".join(["river stone cloud"] * 5), add_special_tokens=False)["input_ids"]
+    nxt = ids[:2]
+    full = dict(max_tokens=10_000)
+    fields = offline_explanation(lm.tokenizer, ids, nxt, **full)
+    prose = offline_explanation(lm.tokenizer, ids, nxt, style="prose", **full)
+    topic, rest = fields[len("Topic: ") :].split(". Next: ", 1)
+    nexts, rest = rest.split(". Context: ", 1)
+    quote, token = rest.split(". Token:", 1)
+    assert prose == (
+        f"The text is about {' and '.join(topic.split(', '))}. Next it expects {nexts.replace(' / ', ' or ')}. "
+        f"It has just read {quote} and now reads{token}"
+    )
+    assert prose_share(rows.explanations) == 0.0 and prose_share(prose_rows.explanations) > 0.5
+    with pytest.raises(NLAError, match="style"):
+        offline_explanation(lm.tokenizer, [5, 6, 7], [8], style="bullets")
+    with pytest.raises(NLAError, match="warm_start"):
+        harvest_rows(lm, DataConfig(corpus=str(corpus_file), warm_start="poem"), progress=False)

@@ -31,7 +31,9 @@ def data(
     n_rows: int | None = typer.Option(None, help="vectors to harvest (default: the shipped recipe's)"),
     positions_per_doc: int | None = typer.Option(None, help="positions read per document (default: recipe's)"),
     max_position: int | None = typer.Option(None, help="last token position read (default: recipe's)"),
-    warm_start: str = typer.Option("offline", help="warm-start explanations: offline | llm"),
+    warm_start: str = typer.Option(
+        "offline", help="warm-start explanations: offline (fields) | prose (the same facts as sentences) | llm"
+    ),
     llm_endpoint: str | None = typer.Option(None, help="OpenAI-compatible base URL for --warm-start llm"),
     llm_model: str | None = typer.Option(None, help="model name at that endpoint"),
 ) -> None:

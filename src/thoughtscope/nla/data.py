@@ -62,7 +62,7 @@ class DataConfig:
     split: tuple = (0.8, 0.1, 0.1)  # train / val / test, by document
     seed: int = 42
     batch_docs: int = 8
-    warm_start: str = "offline"  # "offline" or "llm"
+    warm_start: str = "offline"  # "offline" (field layout), "prose" (the same facts as sentences) or "llm"
     llm_endpoint: str | None = None  # OpenAI-compatible base URL, e.g. http://localhost:8000/v1
     llm_model: str | None = None
     llm_api_key_env: str = "OPENAI_API_KEY"
@@ -223,6 +223,9 @@ def harvest_rows(
     corpus = corpus if corpus is not None else Corpus(cfg.corpus)
     tok = lm.tokenizer
     bos = tok.bos_token_id
+    if cfg.warm_start not in ("offline", "prose", "llm"):
+        raise NLAError(f"warm_start must be 'offline', 'prose' or 'llm', got {cfg.warm_start!r}")
+    style = "prose" if cfg.warm_start == "prose" else "fields"
     if cfg.warm_start == "llm" and explain_fn is None:
         if not (cfg.llm_endpoint and cfg.llm_model):
             raise NLAError("warm_start='llm' needs llm_endpoint and llm_model (an OpenAI-compatible server)")
@@ -257,7 +260,7 @@ def harvest_rows(
                 expl = (
                     explain_fn(tok.decode(ctx_ids))
                     if explain_fn is not None
-                    else offline_explanation(tok, ctx_ids, next_ids, max_tokens=cfg.max_explanation_tokens)
+                    else offline_explanation(tok, ctx_ids, next_ids, max_tokens=cfg.max_explanation_tokens, style=style)
                 )
                 keep = ctx_ids[-CONTEXT_KEEP:]
                 out["vec"].append(hs[j, q].float().cpu())
@@ -296,10 +299,11 @@ def harvest_rows(
     stats = vector_stats(vectors[torch.tensor(out["split"]) == 0] if 0 in out["split"] else vectors)
     warm = (
         {
-            "kind": "offline-extractive",
-            "recipe": "salient prefix words, model's top next tokens, quoted last words, current token",
+            "kind": "offline-extractive" if style == "fields" else "offline-extractive-prose",
+            "recipe": "salient prefix words, model's top next tokens, quoted last words, current token"
+            + (" (as sentences)" if style == "prose" else ""),
         }
-        if cfg.warm_start == "offline" and explain_fn is None
+        if cfg.warm_start in ("offline", "prose") and explain_fn is None
         else {"kind": "llm", "endpoint": cfg.llm_endpoint, "model": cfg.llm_model}
         if cfg.warm_start == "llm"
         else {"kind": "custom-function"}

@@ -42,15 +42,26 @@ def token_clause(tok_text: str) -> str:
 
 
 def offline_explanation(
-    tokenizer, ids: list[int], next_ids: list[int], *, n_words: int = 2, quote_tokens: int = 8, max_tokens: int = 40
+    tokenizer,
+    ids: list[int],
+    next_ids: list[int],
+    *,
+    n_words: int = 2,
+    quote_tokens: int = 8,
+    max_tokens: int = 40,
+    style: str = "fields",
 ) -> str:
     """An extractive explanation from the text and the model's own prediction.
 
-    Layout: ``Topic: a, b. Next: "x" / "y". Context: "<last words>". Token:<token>``. The last clause
-    names the current token so the reconstructor's last position sees that token after a copy of the
-    recent context; `nla eval` reports the share of quoted text and FVE with quotes stripped, so this
-    channel is never mistaken for reading thoughts.
+    Layout (``style="fields"``): ``Topic: a, b. Next: "x" / "y". Context: "<last words>". Token:<token>``.
+    ``style="prose"`` says the same facts as sentences (``The text is about a and b. Next it expects "x"
+    or "y". It has just read "<last words>" and now reads<token>``), so an AV that learns it writes prose
+    (`prose.py`) rather than a field template. Either way the current token comes last, so the
+    reconstructor's last position sees it after a copy of the recent context; `nla eval` reports the share
+    of quoted text and FVE with quotes stripped, so this channel is never mistaken for reading thoughts.
     """
+    if style not in ("fields", "prose"):
+        raise NLAError(f"explanation style must be 'fields' or 'prose', got {style!r}")
     tok_text = tokenizer.decode(ids[-1:])
     prefix_text = tokenizer.decode(ids[:-1])
     quote = tokenizer.decode(ids[-1 - quote_tokens : -1]) if len(ids) > 1 else ""
@@ -63,6 +74,8 @@ def offline_explanation(
     tail = token_clause(tok_text)
 
     def build(words, nxt, quote):
+        if style == "prose":
+            return prose(words, nxt, quote)
         parts = []
         if words:
             parts.append("Topic: " + ", ".join(words) + ".")
@@ -72,6 +85,17 @@ def offline_explanation(
         if q:
             parts.append(f'Context: "{q}".')
         parts.append(tail)
+        return " ".join(parts)
+
+    def prose(words, nxt, quote):
+        parts = []
+        if words:
+            parts.append("The text is about " + " and ".join(words) + ".")
+        if nxt:
+            parts.append("Next it expects " + " or ".join(f'"{n}"' for n in nxt) + ".")
+        q = _clean(quote).strip()
+        now = "now reads" + (tail[len("Token:") :])
+        parts.append(f'It has just read "{q}" and {now}' if q else f"It {now}")
         return " ".join(parts)
 
     text = build(words, nxt, quote)
