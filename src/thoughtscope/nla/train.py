@@ -246,7 +246,7 @@ def train_stage(
         cfg_model = (
             NLAConfig.load(nla_dir).model
             if (nla_dir / "nla_config.json").is_file()
-            else rows.meta.get("model", "default")
+            else rows.meta.get("model_source") or rows.meta.get("model", "default")  # how it was loaded
         )
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
