@@ -737,3 +737,46 @@ def test_prose_warm_start_says_the_same_facts_as_sentences(lm, corpus_file, rows
         offline_explanation(lm.tokenizer, [5, 6, 7], [8], style="bullets")
     with pytest.raises(NLAError, match="warm_start"):
         harvest_rows(lm, DataConfig(corpus=str(corpus_file), warm_start="poem"), progress=False)
+
+
+def test_recipe_runs_every_stage_then_the_eval_and_resumes(lm, corpus_file, tmp_path):
+    """run_recipe on a miniature recipe: data, the five stages, the eval JSON; a second call finds every
+    stage finished and leaves the weights as they were. The scaled recipe is well formed and sized as #15
+    asks (>= 20,000 vectors from >= 5,000 documents, positions that cover short texts)."""
+    from thoughtscope.nla.recipe import DEFAULT_RECIPE, SCALED_RECIPE, run_recipe
+
+    tiny = dict(batch_size=2, eval_every=0, checkpoint_every=1, val_rows=4, max_new_tokens=8)
+    mini = {
+        "data": dict(
+            corpus=str(corpus_file),
+            site="resid.1",
+            n_rows=40,
+            positions_per_doc=2,
+            max_position=70,
+            max_explanation_tokens=60,
+            split=(0.6, 0.2, 0.2),
+        ),
+        "stages": [dict(stage=s, steps=2, **tiny) for s in ("ar-sft", "av-sft", "rl", "ar-refit", "ar-refit-warm")],
+    }
+    first = []
+    res = run_recipe(tmp_path / "w", recipe=mini, lm=lm, log=first.append)
+    assert len(first) >= 5  # the stages logged their steps
+    assert (tmp_path / "w" / "eval.json").is_file() and "fve" in res and "oracle" in res["baselines"]
+    nla_dir = tmp_path / "w" / "nla"
+    before = _files(nla_dir)
+    assert {"av.safetensors", "ar.safetensors", "warm_refit_ar.safetensors", "rl_ar.safetensors"} <= before.keys()
+    steps = []
+    run_recipe(tmp_path / "w", recipe=mini, lm=lm, log=steps.append)
+    assert steps == []  # nothing trained again
+    after = _files(nla_dir)
+    for name in before:
+        for k in before[name]:
+            torch.testing.assert_close(before[name][k], after[name][k])
+    with pytest.raises(NLAError, match="unknown recipe"):
+        run_recipe(tmp_path / "x", recipe="huge", lm=lm)
+    assert [s["stage"] for s in SCALED_RECIPE["stages"]] == [s["stage"] for s in DEFAULT_RECIPE["stages"]]
+    for st in SCALED_RECIPE["stages"]:
+        TrainConfig(**st).check()
+    d = SCALED_RECIPE["data"]
+    assert d["n_rows"] >= 20_000 and d["n_rows"] / d["positions_per_doc"] >= 5_000 and 1 <= d["min_position"] < 10
+    DataConfig(**d)

@@ -192,9 +192,14 @@ def evaluate(
 def recipe(
     work: Path = typer.Option(..., help="folder for data, checkpoints and the eval json (resumable)"),
     export: Path | None = typer.Option(None, help="copy the final adapters here (e.g. the assets folder)"),
+    recipe: str = typer.Option(
+        "default", help="default (the shipped NLA, 2 CPU cores) or scaled (20,000 vectors, long RL: one GPU)"
+    ),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 … (default: this rank's GPU if any, else cpu)"),
 ) -> None:
-    """Reproduce the shipped default NLA end to end."""
+    """Reproduce the shipped default NLA end to end (or run the scaled recipe)."""
     from ..nla import format_table
     from ..nla.recipe import run_recipe
 
-    console.print(format_table(run_recipe(work, export)), markup=False, highlight=False)
+    res = run_recipe(work, export, recipe=recipe, device=device)
+    console.print(format_table(res), markup=False, highlight=False)

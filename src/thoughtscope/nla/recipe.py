@@ -80,23 +80,76 @@ def print_record(rec: dict) -> None:
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
 
 
+# A scaled run for one GPU (sized for an H200-class card; budgets keep each stage resumable): 20,000 vectors
+# from 5,000 documents, positions from 4 on so short texts are covered (0 is the attention sink), longer
+# supervised stages and an RL stage long enough to matter (group of 8 as in the published recipe). Not yet
+# run: the numbers it produces are for the GPU session that runs it to report.
+SCALED_RECIPE = {
+    "data": {"n_rows": 20000, "positions_per_doc": 4, "min_position": 4, "max_position": 128},
+    "stages": [
+        {**DEFAULT_RECIPE["stages"][0], "steps": 1500, "batch_size": 32, "eval_every": 250, "time_budget_s": 600},
+        {
+            **DEFAULT_RECIPE["stages"][1],
+            "steps": 3000,
+            "batch_size": 32,
+            "lr": 5e-4,
+            "eval_every": 500,
+            "checkpoint_every": 100,
+            "val_rows": 256,
+            "time_budget_s": 1800,
+        },
+        {
+            **DEFAULT_RECIPE["stages"][2],
+            "steps": 600,
+            "batch_size": 16,
+            "group_size": 8,
+            "eval_every": 50,
+            "checkpoint_every": 10,
+            "val_rows": 128,
+            "time_budget_s": 5400,
+        },
+        {**_AR_REFIT, "steps": 1500, "batch_size": 64, "val_rows": 512, "time_budget_s": 600},
+        {**_AR_REFIT, "stage": "ar-refit-warm", "steps": 1500, "batch_size": 64, "val_rows": 512, "time_budget_s": 600},
+    ],
+}
+RECIPES = {"default": DEFAULT_RECIPE, "scaled": SCALED_RECIPE}
+
+
 def run_recipe(
-    work: str | os.PathLike, export_to: str | os.PathLike | None = None, log: Callable[[dict], None] = print_record
+    work: str | os.PathLike,
+    export_to: str | os.PathLike | None = None,
+    log: Callable[[dict], None] = print_record,
+    *,
+    recipe: str | dict = "default",
+    device: str | None = None,
+    lm=None,
+    model: str = "default",
 ) -> dict:
-    """Every stage of DEFAULT_RECIPE in `work` (resumable: finished stages return at once), then the full eval."""
+    """Every stage of a recipe (`RECIPES` name or a dict shaped like DEFAULT_RECIPE) in `work` (resumable:
+    finished stages return at once), then the full eval. `device` (e.g. "cuda") or an `lm` already
+    loaded decides where it runs; the stages compute the same thing on any device."""
+    from .core import NLAError
     from .data import build_dataset
     from .evaluate import evaluate_nla
     from .train import TrainConfig, train_stage
 
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise NLAError(f"unknown recipe {recipe!r}: expected one of {', '.join(RECIPES)}")
+        recipe = RECIPES[recipe]
     work = Path(work)
     data = work / "data"
+    if lm is None and device is not None:
+        from thoughtscope.models import load_model
+
+        lm = load_model(model, device=device)
     if not (data / "meta.json").is_file():
-        build_dataset("default", data, **DEFAULT_RECIPE["data"])
-    for st in DEFAULT_RECIPE["stages"]:
+        build_dataset(model, data, lm=lm, **recipe["data"])
+    for st in recipe["stages"]:
         t0 = time.time()
-        r = train_stage(work / "nla", data, TrainConfig(**st), log=log, progress=False)
+        r = train_stage(work / "nla", data, TrainConfig(**st), log=log, progress=False, lm=lm, device=device)
         print(f"== {st['stage']} step {r['step']} done={r['done']} {time.time() - t0:.0f}s", flush=True)
-    res = evaluate_nla(str(work / "nla"), data, quick=False, json_path=work / "eval.json")
+    res = evaluate_nla(str(work / "nla"), data, quick=False, json_path=work / "eval.json", lm=lm)
     if export_to:
         export(work / "nla", Path(export_to), data)
     return res
