@@ -52,21 +52,23 @@ def corpus_file(tmp_path_factory):
     return path
 
 
+def row_config(corpus_file, **overrides) -> dict:
+    """The tiny rows every test here reads (80 rows of the fixture corpus at resid.1)."""
+    base = dict(
+        corpus=str(corpus_file),
+        site="resid.1",
+        n_rows=80,
+        positions_per_doc=2,
+        max_position=70,
+        max_explanation_tokens=60,
+        split=(0.6, 0.2, 0.2),
+    )
+    return {**base, **overrides}
+
+
 @pytest.fixture(scope="module")
 def rows(lm, corpus_file):
-    return harvest_rows(
-        lm,
-        DataConfig(
-            corpus=str(corpus_file),
-            site="resid.1",
-            n_rows=80,
-            positions_per_doc=2,
-            max_position=70,
-            max_explanation_tokens=60,
-            split=(0.6, 0.2, 0.2),
-        ),
-        progress=False,
-    )
+    return harvest_rows(lm, DataConfig(**row_config(corpus_file)), progress=False)
 
 
 # ----------------------------------------------------------------------------- injection
@@ -697,17 +699,7 @@ def test_prose_warm_start_says_the_same_facts_as_sentences(lm, corpus_file, rows
     from thoughtscope.nla.prose import prose_share
     from thoughtscope.nla.warm_start import offline_explanation, token_clause
 
-    cfg = DataConfig(
-        corpus=str(corpus_file),
-        site="resid.1",
-        n_rows=80,
-        positions_per_doc=2,
-        max_position=70,
-        max_explanation_tokens=60,
-        split=(0.6, 0.2, 0.2),
-        warm_start="prose",
-    )
-    prose_rows = harvest_rows(lm, cfg, progress=False)
+    prose_rows = harvest_rows(lm, DataConfig(**row_config(corpus_file, warm_start="prose")), progress=False)
     assert torch.equal(prose_rows.vectors, rows.vectors) and prose_rows.contexts == rows.contexts
     assert prose_rows.meta["warm_start"]["kind"] == "offline-extractive-prose"
     for fields, prose, tok in zip(rows.explanations, prose_rows.explanations, prose_rows.token_id.tolist()):
@@ -747,15 +739,7 @@ def test_recipe_runs_every_stage_then_the_eval_and_resumes(lm, corpus_file, tmp_
 
     tiny = dict(batch_size=2, eval_every=0, checkpoint_every=1, val_rows=4, max_new_tokens=8)
     mini = {
-        "data": dict(
-            corpus=str(corpus_file),
-            site="resid.1",
-            n_rows=40,
-            positions_per_doc=2,
-            max_position=70,
-            max_explanation_tokens=60,
-            split=(0.6, 0.2, 0.2),
-        ),
+        "data": row_config(corpus_file, n_rows=40),
         "stages": [dict(stage=s, steps=2, **tiny) for s in ("ar-sft", "av-sft", "rl", "ar-refit", "ar-refit-warm")],
     }
     first = []

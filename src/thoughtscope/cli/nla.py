@@ -30,6 +30,9 @@ def data(
     site: str | None = typer.Option(None, help="site, e.g. resid.15 (default: the default NLA's site)"),
     n_rows: int | None = typer.Option(None, help="vectors to harvest (default: the shipped recipe's)"),
     positions_per_doc: int | None = typer.Option(None, help="positions read per document (default: recipe's)"),
+    min_position: int | None = typer.Option(
+        None, help="first document token position read (default: 50, the published recipe's)"
+    ),
     max_position: int | None = typer.Option(None, help="last token position read (default: recipe's)"),
     warm_start: str = typer.Option(
         "offline", help="warm-start explanations: offline (fields) | prose (the same facts as sentences) | llm"
@@ -45,7 +48,9 @@ def data(
         **DEFAULT_RECIPE["data"],
         **{
             k: v
-            for k, v in dict(n_rows=n_rows, positions_per_doc=positions_per_doc, max_position=max_position).items()
+            for k, v in dict(
+                n_rows=n_rows, positions_per_doc=positions_per_doc, min_position=min_position, max_position=max_position
+            ).items()
             if v is not None
         },
     }

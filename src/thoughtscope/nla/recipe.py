@@ -81,7 +81,7 @@ def print_record(rec: dict) -> None:
 
 
 # A scaled run for one GPU (sized for an H200-class card; budgets keep each stage resumable): 20,000 vectors
-# from 5,000 documents, positions from 4 on so short texts are covered (0 is the attention sink), longer
+# from 5,000 documents, positions from document token 4 on so short texts are covered, longer
 # supervised stages and an RL stage long enough to matter (group of 8 as in the published recipe). Not yet
 # run: the numbers it produces are for the GPU session that runs it to report.
 SCALED_RECIPE = {
