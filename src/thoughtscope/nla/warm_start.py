@@ -41,6 +41,24 @@ def token_clause(tok_text: str) -> str:
     return "Token:" + (tok_disp if tok_disp.startswith(" ") else " " + tok_disp)
 
 
+# How each style words the same facts: (lead, separator) for topic words and next tokens, then the last
+# clause with the quoted context or, when there is none, the current token alone (always last).
+_WORDING = {
+    "fields": {
+        "topic": ("Topic: ", ", "),
+        "next": ("Next: ", " / "),
+        "context": 'Context: "{q}". {tail}',
+        "token": "{tail}",
+    },
+    "prose": {
+        "topic": ("The text is about ", " and "),
+        "next": ("Next it expects ", " or "),
+        "context": 'It has just read "{q}" and now reads{tok}',
+        "token": "It now reads{tok}",
+    },
+}
+
+
 def offline_explanation(
     tokenizer,
     ids: list[int],
@@ -60,8 +78,8 @@ def offline_explanation(
     reconstructor's last position sees it after a copy of the recent context; `nla eval` reports the share
     of quoted text and FVE with quotes stripped, so this channel is never mistaken for reading thoughts.
     """
-    if style not in ("fields", "prose"):
-        raise NLAError(f"explanation style must be 'fields' or 'prose', got {style!r}")
+    if style not in _WORDING:
+        raise NLAError(f"explanation style must be one of {', '.join(_WORDING)}, got {style!r}")
     tok_text = tokenizer.decode(ids[-1:])
     prefix_text = tokenizer.decode(ids[:-1])
     quote = tokenizer.decode(ids[-1 - quote_tokens : -1]) if len(ids) > 1 else ""
@@ -73,29 +91,17 @@ def offline_explanation(
     nxt = [n for n in nxt if n][:2]
     tail = token_clause(tok_text)
 
-    def build(words, nxt, quote):
-        if style == "prose":
-            return prose(words, nxt, quote)
-        parts = []
-        if words:
-            parts.append("Topic: " + ", ".join(words) + ".")
-        if nxt:
-            parts.append("Next: " + " / ".join(f'"{n}"' for n in nxt) + ".")
-        q = _clean(quote).strip()
-        if q:
-            parts.append(f'Context: "{q}".')
-        parts.append(tail)
-        return " ".join(parts)
+    wording = _WORDING[style]
+    tok = tail[len("Token:") :]
 
-    def prose(words, nxt, quote):
+    def build(words, nxt, quote):
         parts = []
         if words:
-            parts.append("The text is about " + " and ".join(words) + ".")
+            parts.append(wording["topic"][0] + wording["topic"][1].join(words) + ".")
         if nxt:
-            parts.append("Next it expects " + " or ".join(f'"{n}"' for n in nxt) + ".")
+            parts.append(wording["next"][0] + wording["next"][1].join(f'"{n}"' for n in nxt) + ".")
         q = _clean(quote).strip()
-        now = "now reads" + (tail[len("Token:") :])
-        parts.append(f'It has just read "{q}" and {now}' if q else f"It {now}")
+        parts.append((wording["context"] if q else wording["token"]).format(q=q, tail=tail, tok=tok))
         return " ".join(parts)
 
     text = build(words, nxt, quote)
