@@ -324,6 +324,28 @@ def _assert_resume_equals_uninterrupted(lm, rows, a, b, tc, weights="ar.safetens
 def test_resume_equals_uninterrupted(lm, rows, tmp_path):
     tc = dict(stage="ar-sft", steps=6, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=2)
     _assert_resume_equals_uninterrupted(lm, rows, tmp_path / "a", tmp_path / "b", tc)
+    # the curve beside the NLA is drawn from the checkpointed history, so a resumed run has the same one
+    a, b = (json.loads((d / "curves" / "ar-sft.json").read_text()) for d in (tmp_path / "a", tmp_path / "b"))
+    assert a["steps"] == 6 and [p[0] for p in a["series"]["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert a["series"].keys() == b["series"].keys()
+    for k in a["series"]:
+        assert [p[0] for p in a["series"][k]] == [p[0] for p in b["series"][k]]
+        assert [p[1] for p in a["series"][k]] == pytest.approx([p[1] for p in b["series"][k]], rel=1e-4, abs=1e-6)
+
+
+def test_rl_curve_of_reward_kl_length_and_validation_fve_is_saved_beside_the_nla(lm, rows, tmp_path):
+    d = tmp_path / "nla"
+    common = dict(steps=2, batch_size=2, checkpoint_every=1, val_rows=4, max_new_tokens=8)
+    for stage in ("ar-sft", "av-sft"):
+        train_stage(d, rows, TrainConfig(stage=stage, eval_every=0, **common), lm=lm, progress=False)
+    r = train_stage(d, rows, TrainConfig(stage="rl", eval_every=2, **{**common, "steps": 4}), lm=lm, progress=False)
+    curve = json.loads((d / "curves" / "rl.json").read_text())
+    assert curve["panels"] == ["reward", "kl", "length", "val_fve_round_trip"] and curve["steps"] == 4
+    for key in ("reward", "kl", "length"):
+        assert curve["series"][key] == [[h["step"], pytest.approx(h[key])] for h in r["history"]]
+    assert [p[0] for p in curve["series"]["val_fve_round_trip"]] == [2, 4]
+    assert (d / "curves" / "rl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (d / "curves" / "ar-sft.png").is_file() and (d / "curves" / "av-sft.json").is_file()
 
 
 def test_all_stages_run_and_save(lm, rows, tmp_path):

@@ -57,6 +57,7 @@ from .bundle import (
 )
 from .checkpoint import load_state, save_state
 from .core import NLAConfig, NLAError, normalise
+from .curves import write_curves
 from .data import NLARows
 from .grpo import grpo_step, rl_step
 from .metric import fve
@@ -371,6 +372,7 @@ def train_stage(
                 out_of_time = flag[0]
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
                 save_state(nla_dir, cfg, nla, opt, ar_opt, step, history, done=step == cfg.steps, stopped=out_of_time)
+                write_curves(nla_dir, cfg.stage, history)
             if out_of_time:
                 break
     finally:
