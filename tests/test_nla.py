@@ -757,7 +757,7 @@ def test_recipe_runs_every_stage_then_the_eval_and_resumes(lm, corpus_file, tmp_
     """run_recipe on a miniature recipe: data, the five stages, the eval JSON; a second call finds every
     stage finished and leaves the weights as they were. The scaled recipe is well formed and sized as #15
     asks (>= 20,000 vectors from >= 5,000 documents, positions that cover short texts)."""
-    from thoughtscope.nla.recipe import DEFAULT_RECIPE, SCALED_RECIPE, run_recipe
+    from thoughtscope.nla.recipe import DEFAULT_RECIPE, SCALED_RECIPE, export, run_recipe
 
     tiny = dict(batch_size=2, eval_every=0, checkpoint_every=1, val_rows=4, max_new_tokens=8)
     mini = {
@@ -778,6 +778,9 @@ def test_recipe_runs_every_stage_then_the_eval_and_resumes(lm, corpus_file, tmp_
     for name in before:
         for k in before[name]:
             torch.testing.assert_close(before[name][k], after[name][k])
+    shipped = tmp_path / "shipped"
+    export(nla_dir, shipped, tmp_path / "w" / "data")
+    assert (shipped / "curves" / "rl.png").is_file() and (shipped / "av.safetensors").is_file()
     with pytest.raises(NLAError, match="unknown recipe"):
         run_recipe(tmp_path / "x", recipe="huge", lm=lm)
     assert [s["stage"] for s in SCALED_RECIPE["stages"]] == [s["stage"] for s in DEFAULT_RECIPE["stages"]]

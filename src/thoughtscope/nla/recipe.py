@@ -172,5 +172,7 @@ def export(src: Path, dest: Path, data: Path | None = None) -> None:
     ):
         if (src / name).is_file():
             shutil.copy2(src / name, dest / name)
+    if (src / "curves").is_dir():  # the training curves travel with the weights
+        shutil.copytree(src / "curves", dest / "curves", dirs_exist_ok=True)
     if data is not None:
         save_baseline_rows(NLARows.load(data), dest / BASELINE_FILE)
