@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     from thoughtscope.nla.data import DataConfig, NLARows, harvest_rows
     from thoughtscope.nla.metric import bootstrap_ci, fve, normalise
     from thoughtscope.nla.prose import prose_share
-    from thoughtscope.nla.recipe import DEFAULT_RECIPE
+    from thoughtscope.nla.recipe import DEFAULT_RECIPE, stage_settings
     from thoughtscope.nla.train import TrainConfig, train_stage
 
     if args.threads:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     lm = load_model("default")
     data_kwargs = dict(DEFAULT_RECIPE["data"])
     steps = args.steps
-    stage = next(s for s in DEFAULT_RECIPE["stages"] if s["stage"] == "ar-sft")
+    stage = {**stage_settings("ar-sft", steps=steps), "time_budget_s": None}  # equal steps for both, not equal time
     preds, shares, gold, docs = {}, {}, None, None
     for style, warm in STYLES.items():
         data_dir, nla_dir = args.out / f"data_{style}", args.out / f"nla_{style}"
@@ -49,15 +49,13 @@ def main(argv=None) -> int:
             harvest_rows(lm, DataConfig(**{**data_kwargs, "warm_start": warm})).save(data_dir)
         rows = NLARows.load(data_dir)
         shares[style] = prose_share(rows.explanations)
-        train_stage(nla_dir, data_dir, TrainConfig(**{**stage, "steps": steps, "time_budget_s": None}), lm=lm)
+        train_stage(nla_dir, data_dir, TrainConfig(**stage), lm=lm)
         val = rows.subset("val")
         if gold is not None and not torch.equal(gold, val.vectors):
             raise SystemExit("the two datasets hold different vectors: they must differ only in their labels")
         gold, docs = val.vectors, val.doc_id
-        nla = NLA.load(nla_dir, lm=lm)
-        nla.ar.eval()
         with torch.no_grad():
-            preds[style] = normalise(nla.ar.predict(val.explanations, allow_empty=True, truncate=True)).float()
+            preds[style] = normalise(NLA.load(nla_dir, lm=lm).reconstruct(val.explanations, truncate=True)).float()
     res = {
         "ar_sft_steps": steps,
         "n_val_vectors": len(gold),

@@ -87,29 +87,31 @@ def print_record(rec: dict) -> None:
 SCALED_RECIPE = {
     "data": {"n_rows": 20000, "positions_per_doc": 4, "min_position": 4, "max_position": 128},
     "stages": [
-        {**DEFAULT_RECIPE["stages"][0], "steps": 1500, "batch_size": 32, "eval_every": 250, "time_budget_s": 600},
-        {
-            **DEFAULT_RECIPE["stages"][1],
-            "steps": 3000,
-            "batch_size": 32,
-            "lr": 5e-4,
-            "eval_every": 500,
-            "checkpoint_every": 100,
-            "val_rows": 256,
-            "time_budget_s": 1800,
-        },
-        {
-            **DEFAULT_RECIPE["stages"][2],
-            "steps": 600,
-            "batch_size": 16,
-            "group_size": 8,
-            "eval_every": 50,
-            "checkpoint_every": 10,
-            "val_rows": 128,
-            "time_budget_s": 5400,
-        },
-        {**_AR_REFIT, "steps": 1500, "batch_size": 64, "val_rows": 512, "time_budget_s": 600},
-        {**_AR_REFIT, "stage": "ar-refit-warm", "steps": 1500, "batch_size": 64, "val_rows": 512, "time_budget_s": 600},
+        stage_settings("ar-sft", steps=1500, batch_size=32, eval_every=250, time_budget_s=600),
+        stage_settings(
+            "av-sft",
+            steps=3000,
+            batch_size=32,
+            lr=5e-4,
+            eval_every=500,
+            checkpoint_every=100,
+            val_rows=256,
+            time_budget_s=1800,
+        ),
+        stage_settings(
+            "rl",
+            steps=600,
+            batch_size=16,
+            group_size=8,
+            eval_every=50,
+            checkpoint_every=10,
+            val_rows=128,
+            time_budget_s=5400,
+        ),
+        *(
+            stage_settings(s, steps=1500, batch_size=64, val_rows=512, time_budget_s=600)
+            for s in ("ar-refit", "ar-refit-warm")
+        ),
     ],
 }
 RECIPES = {"default": DEFAULT_RECIPE, "scaled": SCALED_RECIPE}

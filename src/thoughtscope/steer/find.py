@@ -323,36 +323,30 @@ def find_handle(
             """The winner on `confirm_seeds` fresh seeds, each beside the unsteered answers of its seed. The
             search's own figure is the best of ~20 draws of 24 answers, so it runs high; these are the
             figures to expect."""
-            per_seed, answers, hits, n, reps, loops = [], [], 0, 0, 0.0, 0.0
-            for k in range(1, config.confirm_seeds + 1):
-                gen = config.generation(config.max_new_tokens, seed=config.seed + k)
+            ivs = h.interventions(sae, strength, config.positions)
+            seeds = [config.seed + k for k in range(1, config.confirm_seeds + 1)]
+            pts, ratios = [], []
+            for seed in seeds:
+                gen = config.generation(config.max_new_tokens, seed=seed)
                 plain = evaluate(lm, [], prompts=questions, config=gen, keep_samples=0, **judged)
-                ivs = h.interventions(sae, strength, config.positions)
-                p = evaluate(lm, ivs, prompts=questions, config=gen, strength=strength, **judged)
+                pts.append(evaluate(lm, ivs, prompts=questions, config=gen, strength=strength, **judged))
+                ratios.append(pts[-1].perplexity / plain.perplexity)
                 tick(2 * len(questions), config.max_new_tokens, "confirmation")
-                per_seed.append(
-                    {
-                        "seed": config.seed + k,
-                        "concept_rate": p.concept_rate,
-                        "perplexity_ratio": p.perplexity / plain.perplexity,
-                    }
-                )
-                answers += p.samples
-                hits += round(p.concept_rate * len(questions))
-                n += len(questions)
-                reps += p.repetition * len(questions)
-                loops += p.looping * len(questions)
-            ratio = math.exp(sum(math.log(x["perplexity_ratio"]) for x in per_seed) / len(per_seed))
+            n = len(seeds) * len(questions)  # every seed answers every question: plain means over seeds
+            hits = round(sum(p.concept_rate for p in pts) * len(questions))
             return {
-                "seeds": [x["seed"] for x in per_seed],
+                "seeds": seeds,
                 "n_answers": n,
                 "concept_rate": hits / n,
                 "concept_rate_ci": wilson(hits, n),
-                "perplexity_ratio": ratio,
-                "repetition": reps / n,
-                "looping": loops / n,
-                "per_seed": per_seed,
-                "answers": answers,
+                "perplexity_ratio": math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
+                "repetition": sum(p.repetition for p in pts) / len(pts),
+                "looping": sum(p.looping for p in pts) / len(pts),
+                "per_seed": [
+                    {"seed": sd, "concept_rate": p.concept_rate, "perplexity_ratio": r}
+                    for sd, p, r in zip(seeds, pts, ratios)
+                ],
+                "answers": [a for p in pts for a in p.samples],
             }
 
         sbase = evaluate(lm, [], prompts=screen_q, config=scfg, keep_samples=0, **judged)
