@@ -556,6 +556,28 @@ def test_evaluate_quick_on_tiny(lm, rows, tmp_path):
     )
 
 
+def test_eval_examples_are_random_rows_not_the_best(lm, rows, tmp_path):
+    from thoughtscope.nla import evaluate_nla
+    from thoughtscope.nla.prose import is_prose
+
+    d = tmp_path / "nla"
+    train_stage(d, rows, TrainConfig(stage="ar-sft", steps=1, batch_size=2, eval_every=0), lm=lm, progress=False)
+    test = rows.subset("test")
+    res = evaluate_nla(str(d), rows, quick=False, n_boot=5, lm=lm, progress=False, warm=False, n_examples=5)
+    ex = res["examples"]
+    picked = [e["row"] for e in ex]
+    assert len(ex) == min(5, len(test)) and picked == sorted(set(picked))
+    # a seeded draw: the same rows for the same seed, other rows for another, whatever the scores
+    want = torch.randperm(len(test), generator=torch.Generator().manual_seed(7))[:5].sort().values.tolist()
+    assert picked == want
+    again = evaluate_nla(str(d), rows, quick=False, n_boot=5, lm=lm, progress=False, warm=False, n_examples=5, seed=3)
+    assert [e["row"] for e in again["examples"]] != picked or len(test) <= 5
+    for e in ex:
+        i = e["row"]
+        assert e["context"] == test.contexts[i][-120:] and e["token"] == lm.tokenizer.decode([int(test.token_id[i])])
+        assert e["prose"] == is_prose(e["explanation"]) and -1 <= e["cos"] <= 1
+
+
 def test_token_clause_is_how_the_warm_start_text_ends(rows, lm):
     from thoughtscope.nla.warm_start import token_clause
 

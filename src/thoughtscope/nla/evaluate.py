@@ -50,7 +50,7 @@ from .baselines import (
 from .core import NLAError, normalise
 from .data import DataConfig, NLARows, harvest_rows
 from .metric import bootstrap_ci, fve, fve_parts
-from .prose import prose_share
+from .prose import is_prose, prose_share
 from .warm_start import token_clause
 
 __all__ = [
@@ -94,6 +94,24 @@ def _ar(nla, texts: Sequence[str], allow_empty: bool = False) -> torch.Tensor:
     return normalise(nla.ar.predict(safe, allow_empty=True, truncate=True))
 
 
+def random_examples(test: NLARows, expl: Sequence[str], pred: torch.Tensor, tokenizer, *, n: int, seed: int) -> list:
+    """`n` held-out rows drawn at random (a fixed seed, never picked by score), in test order: the end of each
+    context, the token it ends on, the NLA's explanation, its round-trip cosine and whether it reads as prose."""
+    pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed + 7))[:n].sort().values.tolist()
+    cos = torch.nn.functional.cosine_similarity(pred.double(), test.vectors.double(), dim=-1)
+    return [
+        {
+            "row": i,
+            "context": test.contexts[i][-120:],
+            "token": tokenizer.decode([int(test.token_id[i])]),
+            "explanation": expl[i],
+            "cos": float(cos[i]),
+            "prose": is_prose(expl[i]),
+        }
+        for i in pick
+    ]
+
+
 def quick_rows(
     lm, *, n_test: int = 48, n_train: int = 400, n_val: int = 48, seed: int = 42, corpus: str = "default", **kw
 ) -> tuple[NLARows, NLARows, NLARows]:
@@ -118,6 +136,7 @@ def evaluate_nla(
     warm: bool = True,
     progress: bool = True,
     compare: dict[str, object] | None = None,
+    n_examples: int = 20,
 ) -> dict:
     """`thoughtscope nla eval`: held-out FVE with a bootstrap CI and the baseline ladder.
 
@@ -126,7 +145,8 @@ def evaluate_nla(
     fly from the default corpus with the same document split. quick: a small test set (48 rows) so the
     whole evaluation runs in a few minutes on 2 CPU cores. Writes JSON to json_path when given.
     compare: other NLAs (name → folder or NLA, same target model) whose round trips on the same held-out
-    vectors become extra rungs, with paired CIs — e.g. a checkpoint or an ablation. The warm start given
+    vectors become extra rungs, with paired CIs — e.g. a checkpoint or an ablation. `examples`: n_examples
+    held-out rows drawn at random (not chosen), for a reader to judge the explanations. The warm start given
     the same refit is the `warm_start_refit` rung when the folder holds warm_refit_ar.safetensors.
     """
     from .bundle import NLA, RL_AR_FILE, WARM_AR_FILE, WARM_AV_FILE, WARM_REFIT_AR_FILE
@@ -204,7 +224,7 @@ def evaluate_nla(
     parts = fve_parts(preds["nla"], gold, renormalise=False)
     res.update(fve=parts["fve"], var=parts["var"], mse=parts["mse"])
     res["fve_ci"] = list(bootstrap_ci(preds["nla"], gold, groups, n_boot=n_boot, seed=seed, renormalise=False))
-    res["examples"] = [{"context": c[-120:], "explanation": e} for c, e in zip(test.contexts[:5], expl[:5])]
+    res["examples"] = random_examples(test, expl, preds["nla"], lm.tokenizer, n=n_examples, seed=seed)
     res["mean_explanation_tokens"] = sum(len(lm.tokenizer(e)["input_ids"]) for e in expl) / len(expl)
 
     preds["mean"] = normalise(gold.double()).mean(0).expand_as(gold).float()
