@@ -26,6 +26,7 @@ from thoughtscope.nla import (
     normalise,
     train_stage,
 )
+from thoughtscope.nla.data import vector_stats
 from thoughtscope.nla.evaluate import quote_analysis, ridge_predict, strip_quotes, token_mean_predict
 from thoughtscope.nla.reconstructor import Reconstructor
 from thoughtscope.nla.verbalizer import Verbalizer
@@ -331,6 +332,26 @@ def test_resume_equals_uninterrupted(lm, rows, tmp_path):
     for k in a["series"]:
         assert [p[0] for p in a["series"][k]] == [p[0] for p in b["series"][k]]
         assert [p[1] for p in a["series"][k]] == pytest.approx([p[1] for p in b["series"][k]], rel=1e-4, abs=1e-6)
+
+
+def test_train_rows_runs_the_stage_as_if_the_dataset_held_only_those_rows(lm, rows, tmp_path):
+    """The recipe's early stages read the first rows of a larger dataset: same weights and config as on those rows."""
+    k = 12
+    train_idx, other = (rows.split == 0).nonzero().flatten(), (rows.split != 0).nonzero().flatten()
+    small = rows.subset(torch.cat([train_idx[:k], other]).sort().values)
+    small.meta["stats"] = vector_stats(small.subset("train").vectors)
+    tc = dict(stage="ar-sft", steps=4, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=2, warmup=1)
+    train_stage(tmp_path / "small", small, TrainConfig(**tc), lm=lm, progress=False)
+    train_stage(tmp_path / "first", rows, TrainConfig(**tc, train_rows=k), lm=lm, progress=False)
+    train_stage(tmp_path / "all", rows, TrainConfig(**tc), lm=lm, progress=False)
+    config = {d: json.loads((tmp_path / d / "nla_config.json").read_text()) for d in ("small", "first", "all")}
+    assert config["first"]["mean_norm"] == config["small"]["mean_norm"] != config["all"]["mean_norm"]
+    ws, wf, wa = (_final_weights(tmp_path / d / "ar.safetensors") for d in ("small", "first", "all"))
+    for key in ws:
+        torch.testing.assert_close(wf[key], ws[key])
+    assert any(not torch.allclose(wa[key], ws[key]) for key in ws)  # every row drawn: another trajectory
+    with pytest.raises(NLAError, match="train_rows"):
+        TrainConfig(train_rows=0).check()
 
 
 def test_rl_curve_of_reward_kl_length_and_validation_fve_is_saved_beside_the_nla(lm, rows, tmp_path):
@@ -808,6 +829,7 @@ def test_recipe_runs_every_stage_then_the_eval_and_resumes(lm, corpus_file, tmp_
     assert [s["stage"] for s in SCALED_RECIPE["stages"]] == [s["stage"] for s in DEFAULT_RECIPE["stages"]]
     for st in SCALED_RECIPE["stages"]:
         TrainConfig(**st).check()
+        assert "train_rows" not in st  # the default recipe's early-stage row count stays with its own dataset
     d = SCALED_RECIPE["data"]
     assert d["n_rows"] >= 20_000 and d["n_rows"] / d["positions_per_doc"] >= 5_000 and 1 <= d["min_position"] < 10
     DataConfig(**d)

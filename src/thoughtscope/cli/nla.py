@@ -81,6 +81,9 @@ def train(
     batch_size: int | None = typer.Option(None, help="rows per optimiser step (default: the recipe's)"),
     lr: float | None = typer.Option(None, help="learning rate (default: the recipe's)"),
     time_budget_s: float | None = typer.Option(None, help="stop (resumably) after this many seconds"),
+    train_rows: int | None = typer.Option(
+        None, help="draw only from the first N training rows of --data (default: every training row)"
+    ),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 … (default: this rank's GPU if any, else cpu)"),
 ) -> None:
     """One training stage, resumable; several processes when started by torchrun."""
@@ -94,7 +97,11 @@ def train(
 
     if stage not in STAGES:
         raise typer.BadParameter(f"{stage!r} is not a stage; expected one of {', '.join(STAGES)}", param_hint="--stage")
-    cfg = TrainConfig(**stage_settings(stage, steps=steps, batch_size=batch_size, lr=lr, time_budget_s=time_budget_s))
+    cfg = TrainConfig(
+        **stage_settings(
+            stage, steps=steps, batch_size=batch_size, lr=lr, time_budget_s=time_budget_s, train_rows=train_rows
+        )
+    )
     distributed = launched_by_torchrun() and not dist.is_initialized()
     join_process_group(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:

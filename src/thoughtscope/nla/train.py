@@ -35,7 +35,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -58,7 +58,7 @@ from .bundle import (
 from .checkpoint import load_state, save_state
 from .core import NLAConfig, NLAError, normalise
 from .curves import write_curves
-from .data import NLARows
+from .data import NLARows, vector_stats
 from .grpo import grpo_step, rl_step
 from .metric import fve
 
@@ -97,6 +97,7 @@ class TrainConfig:
     checkpoint_every: int = 25
     val_rows: int = 64
     time_budget_s: float | None = None  # stop (with a checkpoint) after this much wall time; resumable
+    train_rows: int | None = None  # draw only from the first N training rows (None: all of them)
     # --- rl
     group_size: int = 4  # G samples per vector (4 on CPU, 8 on GPU)
     temperature: float = 1.0
@@ -111,6 +112,8 @@ class TrainConfig:
             raise NLAError(f"unknown stage {self.stage!r}: expected one of {', '.join(STAGES)}")
         if self.steps < 1 or self.batch_size < 1 or self.group_size < 2 and self.stage == "rl":
             raise NLAError("steps and batch_size must be ≥ 1, and group_size ≥ 2 for rl")
+        if self.train_rows is not None and self.train_rows < 1:
+            raise NLAError(f"train_rows must be ≥ 1 (or None for every training row), got {self.train_rows}")
         return self
 
 
@@ -239,6 +242,10 @@ def train_stage(
     train, val = rows.subset("train"), rows.subset("val")
     if len(train) == 0:
         raise NLAError("the dataset has no training rows")
+    if cfg.train_rows is not None:  # a stage sized for fewer rows than a later stage reads
+        train = train.subset(torch.arange(min(cfg.train_rows, len(train))))
+        # as if the dataset held only those rows: a new NLA's vector statistics come from them too
+        rows = replace(rows, meta={**rows.meta, "stats": vector_stats(train.vectors)})
     rank, n_ranks = world()
     if cfg.batch_size % n_ranks:
         raise NLAError(f"batch_size {cfg.batch_size} does not split evenly over {n_ranks} processes")
