@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# Measured on 2 shared CPU cores; one thread, two for ar-refit.
+# Measured on 2 shared CPU cores at one thread (the two refits side by side, one thread each).
 # The refits read every training row (6,445 from 2,067 documents; the AV's greedy explanations of them are the
 # costly part, ~40 min on one thread); the three stages before them read the first 1,278, the training rows of the
 # 1,600-row dataset the shipped NLA's warm start and RL were run on (the harvest's first rows are the same rows).
