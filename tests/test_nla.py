@@ -26,6 +26,7 @@ from thoughtscope.nla import (
     normalise,
     train_stage,
 )
+from thoughtscope.nla.bundle import save_weights
 from thoughtscope.nla.data import vector_stats
 from thoughtscope.nla.evaluate import quote_analysis, ridge_predict, strip_quotes, token_mean_predict
 from thoughtscope.nla.reconstructor import Reconstructor
@@ -405,6 +406,41 @@ def _through_rl(lm, rows, d):
             lm=lm,
             progress=False,
         )
+
+
+def test_rl_continue_starts_where_rl_ended_with_the_warm_av_as_reference(lm, rows, tmp_path):
+    d = tmp_path / "nla"
+    with pytest.raises(NLAError, match="before rl-continue"):
+        train_stage(d, rows, TrainConfig(stage="rl-continue", steps=1), lm=lm, progress=False)
+    common = dict(steps=2, batch_size=2, eval_every=0, checkpoint_every=1, max_new_tokens=8)
+    for stage in ("ar-sft", "av-sft"):
+        train_stage(d, rows, TrainConfig(stage=stage, **common), lm=lm, progress=False)
+    first = train_stage(d, rows, TrainConfig(stage="rl", **common), lm=lm, progress=False)
+    assert first["history"][0]["kl"] == 0.0  # rl starts at its reference
+    # where a longer rl would have moved the policy away from the warm AV
+    g = torch.Generator().manual_seed(0)
+    av_rl = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in _final_weights(d / "av.safetensors").items()}
+    save_weights(av_rl, d / "av.safetensors")
+    av_rl = _final_weights(d / "av.safetensors")  # as stored
+    ar_rl = _final_weights(d / "ar.safetensors")
+    # with nothing learnt (lr 0) the second run publishes exactly the weights rl ended with ...
+    frozen = TrainConfig(stage="rl-continue", lr=0.0, ar_lr=0.0, **common)
+    r = train_stage(d, rows, frozen, lm=lm, progress=False)
+    for path, before in (("av.safetensors", av_rl), ("ar.safetensors", ar_rl)):
+        for k, v in _final_weights(d / path).items():
+            torch.testing.assert_close(v, before[k])
+    # ... and its KL is measured from the warm AV, not from where it starts
+    assert r["history"][0]["kl"] > 0 and (d / "curves" / "rl-continue.png").is_file()
+    (d / "train_state" / "rl-continue.pt").unlink()
+    r = train_stage(d, rows, TrainConfig(stage="rl-continue", lr=3e-2, ar_lr=1e-2, **common), lm=lm, progress=False)
+    assert r["done"] and any(not torch.equal(_final_weights(d / "av.safetensors")[k], av_rl[k]) for k in av_rl)
+    ar_continued = _final_weights(d / "ar.safetensors")
+    train_stage(d, rows, TrainConfig(stage="ar-refit", steps=1, batch_size=2, val_rows=2), lm=lm, progress=False)
+    for k, v in _final_weights(d / "rl_ar.safetensors").items():  # the AR the refit starts from is the continued one
+        torch.testing.assert_close(v, ar_continued[k])
+    (d / "train_state" / "rl-continue.pt").unlink()
+    with pytest.raises(NLAError, match="before ar-refit"):
+        train_stage(d, rows, TrainConfig(stage="rl-continue", steps=1), lm=lm, progress=False)
 
 
 def test_ar_refit_trains_the_ar_on_the_avs_own_explanations(lm, rows, tmp_path):
@@ -797,7 +833,7 @@ def test_prose_warm_start_says_the_same_facts_as_sentences(lm, corpus_file, rows
 
 
 def test_recipe_runs_every_stage_then_the_eval_and_resumes(lm, corpus_file, tmp_path):
-    """run_recipe on a miniature recipe: data, the five stages, the eval JSON; a second call finds every
+    """run_recipe on a miniature recipe: data, the six stages, the eval JSON; a second call finds every
     stage finished and leaves the weights as they were. The scaled recipe is well formed and sized as #15
     asks (>= 20,000 vectors from >= 5,000 documents, positions that cover short texts)."""
     from thoughtscope.nla.recipe import DEFAULT_RECIPE, SCALED_RECIPE, export, run_recipe
@@ -805,7 +841,10 @@ def test_recipe_runs_every_stage_then_the_eval_and_resumes(lm, corpus_file, tmp_
     tiny = dict(batch_size=2, eval_every=0, checkpoint_every=1, val_rows=4, max_new_tokens=8)
     mini = {
         "data": row_config(corpus_file, n_rows=40),
-        "stages": [dict(stage=s, steps=2, **tiny) for s in ("ar-sft", "av-sft", "rl", "ar-refit", "ar-refit-warm")],
+        "stages": [
+            dict(stage=s, steps=2, **tiny)
+            for s in ("ar-sft", "av-sft", "rl", "rl-continue", "ar-refit", "ar-refit-warm")
+        ],
     }
     first = []
     res = run_recipe(tmp_path / "w", recipe=mini, lm=lm, log=first.append)
@@ -823,10 +862,13 @@ def test_recipe_runs_every_stage_then_the_eval_and_resumes(lm, corpus_file, tmp_
             torch.testing.assert_close(before[name][k], after[name][k])
     shipped = tmp_path / "shipped"
     export(nla_dir, shipped, tmp_path / "w" / "data")
-    assert (shipped / "curves" / "rl.png").is_file() and (shipped / "av.safetensors").is_file()
+    assert (shipped / "curves" / "rl.png").is_file() and (shipped / "curves" / "rl-continue.json").is_file()
+    assert (shipped / "av.safetensors").is_file()
     with pytest.raises(NLAError, match="unknown recipe"):
         run_recipe(tmp_path / "x", recipe="huge", lm=lm)
-    assert [s["stage"] for s in SCALED_RECIPE["stages"]] == [s["stage"] for s in DEFAULT_RECIPE["stages"]]
+    # one RL stage long enough on a GPU; the CPU recipe splits its RL in two
+    default_stages = [s["stage"] for s in DEFAULT_RECIPE["stages"] if s["stage"] != "rl-continue"]
+    assert [s["stage"] for s in SCALED_RECIPE["stages"]] == default_stages
     for st in SCALED_RECIPE["stages"]:
         TrainConfig(**st).check()
         assert "train_rows" not in st  # the default recipe's early-stage row count stays with its own dataset

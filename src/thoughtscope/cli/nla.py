@@ -10,8 +10,8 @@ from . import console, err, one_line_errors
 
 nla_app = typer.Typer(
     no_args_is_help=True,
-    help="Natural Language Autoencoders: data | train --stage ar-sft|av-sft|rl|ar-refit|ar-refit-warm | explain | eval "
-    "| recipe.",
+    help="Natural Language Autoencoders: data | train --stage ar-sft|av-sft|rl|rl-continue|ar-refit|ar-refit-warm "
+    "| explain | eval | recipe.",
 )
 
 
@@ -74,8 +74,9 @@ def train(
     data: Path = typer.Option(..., help="an `nla data` folder"),
     stage: str = typer.Option(
         ...,
-        help="ar-sft | av-sft | rl | ar-refit | ar-refit-warm (the control: the same refit for the warm start, "
-        "written to warm_refit_ar.safetensors)",
+        help="ar-sft | av-sft | rl | rl-continue (a second GRPO run from where rl ended, before ar-refit) | "
+        "ar-refit | ar-refit-warm (the control: the same refit for the warm start, written to "
+        "warm_refit_ar.safetensors)",
     ),
     steps: int | None = typer.Option(None, help="optimiser steps (default: the recipe's for this stage)"),
     batch_size: int | None = typer.Option(None, help="rows per optimiser step (default: the recipe's)"),

@@ -153,6 +153,11 @@ class NLA:
         toks = [self.lm.tokenizer.decode(ids[0, q : q + 1]) for q in pos]
         return h[pos].float().cpu(), pos, toks
 
+    def explain_batch(self, on_cpu: int) -> int:
+        """Vectors per greedy-explanation batch for bulk work (the refit's cache, the eval): `on_cpu` on a CPU,
+        where a few dozen rows already keep the matrix products busy; 256 on a GPU, which needs a few hundred."""
+        return 256 if self.av.device.type == "cuda" else on_cpu
+
     def explain(
         self, vectors: torch.Tensor, *, samples: int = 1, do_sample: bool | None = None, temperature: float = 1.0
     ) -> list[str]:

@@ -60,9 +60,9 @@ def save_state(
 ) -> None:
     """Write the stage's state file and history, and publish its weights (rank 0 only: the caller checks)."""
     st = {"step": step, "history": history, "config": asdict(cfg), "opt": opt.state_dict(), "done": done}
-    if cfg.stage in ("av-sft", "rl"):
+    if cfg.stage in ("av-sft", "rl", "rl-continue"):
         st["av"] = {k: v.detach().clone() for k, v in nla.av.adapter_state().items()}
-    if cfg.stage in ("ar-sft", "rl", "ar-refit", "ar-refit-warm"):
+    if cfg.stage in ("ar-sft", "rl", "rl-continue", "ar-refit", "ar-refit-warm"):
         st["ar"] = {k: v.detach().clone() for k, v in nla.ar.adapter_state().items()}
     if ar_opt is not None:
         st["ar_opt"] = ar_opt.state_dict()
@@ -80,7 +80,7 @@ def save_state(
         save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
     elif cfg.stage == "ar-refit-warm":  # the control: av/ar and the warm weights stay as they are
         save_weights(nla.ar.adapter_state(), nla_dir / WARM_REFIT_AR_FILE)
-    else:
+    else:  # rl, rl-continue
         save_weights(nla.av.adapter_state(), nla_dir / AV_FILE)
         save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
     atomic_write_text(nla_dir / "train_state" / f"{cfg.stage}.history.json", json.dumps(history, indent=1))

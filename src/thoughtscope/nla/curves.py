@@ -35,7 +35,7 @@ def series(history: Sequence[dict]) -> dict[str, list[list[float]]]:
 
 
 def panels(stage: str, found: dict) -> list[tuple[str, str]]:
-    if stage == "rl":
+    if stage in ("rl", "rl-continue"):
         return RL_PANELS
     return [("loss", "training loss")] + [(k, k.replace("_", " ")) for k in sorted(found) if k.startswith("val_")]
 

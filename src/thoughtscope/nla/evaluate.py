@@ -80,8 +80,9 @@ BAR_RUNGS = ("mean", "empty", "shuffled", "token_mean", "token_only", "ridge_k1"
 # ------------------------------------------------------------------------- the evaluation
 
 
-def _round_trip(nla, vectors: torch.Tensor, batch: int = 16) -> list[str]:
+def _round_trip(nla, vectors: torch.Tensor) -> list[str]:
     out: list[str] = []
+    batch = nla.explain_batch(on_cpu=16)
     for i in range(0, vectors.shape[0], batch):
         out += nla.explain(vectors[i : i + batch])
     return out

@@ -1,6 +1,6 @@
 """NLA training: `ar-sft` (regression), `av-sft` (supervised warm start), `rl` (GRPO with a live AR),
-`ar-refit` (the AR fitted to the final AV's own explanations), and the control `ar-refit-warm` (the same
-refit of the warm AR on the warm AV's explanations).
+`rl-continue` (a second GRPO run from where `rl` ended), `ar-refit` (the AR fitted to the final AV's own
+explanations), and the control `ar-refit-warm` (the same refit of the warm AR on the warm AV's explanations).
 
 Every stage is resumable: the trainable weights, the optimiser state, the step and the history are
 written atomically to ``<nla>/train_state/<stage>.pt`` every ``checkpoint_every`` steps. Batches are a
@@ -21,6 +21,11 @@ during RL it sees one step per batch of sampled ones, so it lags behind the poli
 refit freezes the AV, writes its greedy explanation of every training vector once (cached, resumable)
 and runs AR regression on those pairs. The AR as RL left it is kept (`rl_ar.safetensors`) so `nla
 eval` reports the round trip before and after the refit.
+
+Why `rl-continue`: `rl` ends on its cosine schedule's floor (or its time budget), and its optimiser state is not
+part of a shipped NLA. A second GRPO run starts from the weights `rl` published (av and ar), with a fresh
+optimiser and schedule and the same reference policy (the warm AV, so the KL still measures the distance from
+the warm start), and can read other training rows than the first run did.
 
 Why `ar-refit-warm`: most of the refit's gain can be the AR catching up with any fixed AV, not RL. The
 stage runs the same refit (same data, same settings) starting from the warm AR on the warm AV's greedy
@@ -55,7 +60,7 @@ from .bundle import (
     load_weights,
     save_weights,
 )
-from .checkpoint import load_state, save_state
+from .checkpoint import load_state, save_state, state_path
 from .core import NLAConfig, NLAError, normalise
 from .curves import write_curves
 from .data import NLARows, vector_stats
@@ -64,6 +69,7 @@ from .metric import fve
 
 __all__ = [
     "REFIT_STAGES",
+    "RL_STAGES",
     "STAGES",
     "TrainConfig",
     "average_gradients",
@@ -77,7 +83,8 @@ __all__ = [
     "world",
 ]
 
-STAGES = ("ar-sft", "av-sft", "rl", "ar-refit", "ar-refit-warm")
+STAGES = ("ar-sft", "av-sft", "rl", "rl-continue", "ar-refit", "ar-refit-warm")
+RL_STAGES = ("rl", "rl-continue")
 # AR regression on a frozen AV's greedy explanations: stage → the AV file that writes them
 REFIT_STAGES = {"ar-refit": AV_FILE, "ar-refit-warm": WARM_AV_FILE}
 
@@ -110,7 +117,7 @@ class TrainConfig:
     def check(self) -> TrainConfig:
         if self.stage not in STAGES:
             raise NLAError(f"unknown stage {self.stage!r}: expected one of {', '.join(STAGES)}")
-        if self.steps < 1 or self.batch_size < 1 or self.group_size < 2 and self.stage == "rl":
+        if self.steps < 1 or self.batch_size < 1 or self.group_size < 2 and self.stage in RL_STAGES:
             raise NLAError("steps and batch_size must be ≥ 1, and group_size ≥ 2 for rl")
         if self.train_rows is not None and self.train_rows < 1:
             raise NLAError(f"train_rows must be ≥ 1 (or None for every training row), got {self.train_rows}")
@@ -200,6 +207,19 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
                 raise NLAError(f"{nla_dir / f} missing: run the ar-sft and av-sft stages before {stage}")
         nla.av.load_adapter_state(load_weights(nla_dir / WARM_AV_FILE))
         nla.ar.load_adapter_state(load_weights(nla_dir / WARM_AR_FILE))
+        if stage == "rl":
+            nla.av.set_reference()
+    elif stage == "rl-continue":
+        for f in (WARM_AV_FILE, AV_FILE, AR_FILE):
+            if not (nla_dir / f).is_file():
+                raise NLAError(f"{nla_dir / f} missing: run the ar-sft, av-sft and rl stages before rl-continue")
+        started = state_path(nla_dir, stage).is_file()  # then its own state file holds the weights it resumes
+        if (nla_dir / RL_AR_FILE).is_file() and not started:  # ar.safetensors is a refitted AR, not RL's
+            raise NLAError(f"{nla_dir / RL_AR_FILE} exists: rl-continue goes after rl and before ar-refit")
+        nla.av.load_adapter_state(load_weights(nla_dir / WARM_AV_FILE))
+        nla.av.set_reference()  # the KL is still measured from the warm start
+        nla.av.load_adapter_state(load_weights(nla_dir / AV_FILE))
+        nla.ar.load_adapter_state(load_weights(nla_dir / AR_FILE))
     elif stage == "ar-refit":
         for f in (AV_FILE, AR_FILE):
             if not (nla_dir / f).is_file():
@@ -229,6 +249,7 @@ def train_stage(
     ar-sft: AR regression on (warm-start explanation → vector), validation FVE logged.
     av-sft: AV cross-entropy on the warm-start explanation with the vector injected.
     rl:     GRPO on the AV with the live AR as the reward, the AR co-trained on rollouts.
+    rl-continue: the same from the av/ar `rl` published (fresh optimiser and schedule, warm AV as reference).
     ar-refit: AR regression on the final AV's greedy explanations.
     ar-refit-warm: the same from the warm AR on the warm AV's greedy explanations; writes only
               warm_refit_ar.safetensors (the control for `ar-refit`).
@@ -281,11 +302,11 @@ def train_stage(
         params, base_lr = nla.ar.trainable_parameters(), cfg.lr
     elif cfg.stage == "av-sft":
         params, base_lr = nla.av.trainable_parameters(), cfg.lr
-    else:
+    else:  # the reference policy was set by prepare_nla
         params, base_lr = nla.av.trainable_parameters(), cfg.lr
-        nla.av.set_reference()
     opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
-    ar_opt = torch.optim.AdamW(nla.ar.trainable_parameters(), lr=cfg.ar_lr) if cfg.stage == "rl" else None
+    is_rl = cfg.stage in RL_STAGES
+    ar_opt = torch.optim.AdamW(nla.ar.trainable_parameters(), lr=cfg.ar_lr) if is_rl else None
 
     step, history = load_state(nla_dir, cfg, nla, opt, ar_opt)
 
@@ -313,7 +334,7 @@ def train_stage(
                 "val_fve_round_trip": fve(nla.ar.predict(refit["val"], allow_empty=True, truncate=True), val.vectors)
             }
         out = {"val_fve_warm_text": fve(nla.ar.predict(val.explanations), val.vectors)}
-        if cfg.stage == "rl":
+        if is_rl:
             sub = val.vectors[:16]
             nla.av.model.eval()
             with torch.no_grad():
@@ -347,7 +368,7 @@ def train_stage(
             share = cfg.batch_size // n_ranks
             idx = idx[rank * share : (rank + 1) * share]  # this rank's slice of the global batch
             rec: dict = {"step": step + 1, "lr": lr}
-            if cfg.stage == "rl":
+            if is_rl:
                 torch.manual_seed(cfg.seed * 1_000_003 + step * n_ranks + rank)  # each rank samples its own
                 rec.update(rl_step(nla, train.vectors[idx], opt, ar_opt, cfg))
             else:
@@ -393,7 +414,7 @@ def greedy_explanations(
     nla_dir: Path,
     sets: dict[str, torch.Tensor],
     *,
-    chunk: int = 32,
+    chunk: int | None = None,
     progress: bool = True,
     stage: str = "ar-refit",
 ) -> dict[str, list[str]]:
@@ -405,6 +426,7 @@ def greedy_explanations(
     """
     import hashlib
 
+    chunk = chunk or nla.explain_batch(on_cpu=32)
     av_file = nla_dir / REFIT_STAGES[stage]
     path = nla_dir / "train_state" / f"{stage}.explanations.json"
     av_sha = hashlib.sha256(av_file.read_bytes()).hexdigest()
