@@ -23,6 +23,8 @@ from .core import NLAError
 if TYPE_CHECKING:
     from .train import TrainConfig
 
+RL_STAGES = ("rl", "rl-continue")  # GRPO stages: they train and publish both the AV and the AR
+
 
 def state_path(nla_dir: Path, stage: str) -> Path:
     return nla_dir / "train_state" / f"{stage}.pt"
@@ -60,9 +62,9 @@ def save_state(
 ) -> None:
     """Write the stage's state file and history, and publish its weights (rank 0 only: the caller checks)."""
     st = {"step": step, "history": history, "config": asdict(cfg), "opt": opt.state_dict(), "done": done}
-    if cfg.stage in ("av-sft", "rl", "rl-continue"):
+    if cfg.stage in ("av-sft", *RL_STAGES):
         st["av"] = {k: v.detach().clone() for k, v in nla.av.adapter_state().items()}
-    if cfg.stage in ("ar-sft", "rl", "rl-continue", "ar-refit", "ar-refit-warm"):
+    if cfg.stage in ("ar-sft", *RL_STAGES, "ar-refit", "ar-refit-warm"):
         st["ar"] = {k: v.detach().clone() for k, v in nla.ar.adapter_state().items()}
     if ar_opt is not None:
         st["ar_opt"] = ar_opt.state_dict()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._io import atomic_write_bytes, atomic_write_json
+from .checkpoint import RL_STAGES
 
 # (history key, panel title); stages other than rl show their loss and every validation figure they log
 RL_PANELS = [
@@ -35,7 +36,7 @@ def series(history: Sequence[dict]) -> dict[str, list[list[float]]]:
 
 
 def panels(stage: str, found: dict) -> list[tuple[str, str]]:
-    if stage in ("rl", "rl-continue"):
+    if stage in RL_STAGES:
         return RL_PANELS
     return [("loss", "training loss")] + [(k, k.replace("_", " ")) for k in sorted(found) if k.startswith("val_")]
 

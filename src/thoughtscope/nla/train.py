@@ -22,7 +22,7 @@ refit freezes the AV, writes its greedy explanation of every training vector onc
 and runs AR regression on those pairs. The AR as RL left it is kept (`rl_ar.safetensors`) so `nla
 eval` reports the round trip before and after the refit.
 
-Why `rl-continue`: `rl` ends on its cosine schedule's floor (or its time budget), and its optimiser state is not
+Why `rl-continue`: `rl` ends near its cosine schedule's floor (or on its time budget), and its optimiser state is not
 part of a shipped NLA. A second GRPO run starts from the weights `rl` published (av and ar), with a fresh
 optimiser and schedule and the same reference policy (the warm AV, so the KL still measures the distance from
 the warm start), and can read other training rows than the first run did.
@@ -60,7 +60,7 @@ from .bundle import (
     load_weights,
     save_weights,
 )
-from .checkpoint import load_state, save_state, state_path
+from .checkpoint import RL_STAGES, load_state, save_state, state_path
 from .core import NLAConfig, NLAError, normalise
 from .curves import write_curves
 from .data import NLARows, vector_stats
@@ -84,7 +84,6 @@ __all__ = [
 ]
 
 STAGES = ("ar-sft", "av-sft", "rl", "rl-continue", "ar-refit", "ar-refit-warm")
-RL_STAGES = ("rl", "rl-continue")
 # AR regression on a frozen AV's greedy explanations: stage → the AV file that writes them
 REFIT_STAGES = {"ar-refit": AV_FILE, "ar-refit-warm": WARM_AV_FILE}
 
