@@ -109,8 +109,7 @@ def test_cli_defaults_are_the_configs():
 
 
 def test_the_torch_free_dtype_names_are_the_stores():
-    from thoughtscope._io import DTYPES
-    from thoughtscope.plans import STORE_DTYPES
+    from thoughtscope.dtypes import STORE_DTYPES, torch_dtype
     from thoughtscope.store.format import NPY_DTYPES
 
-    assert set(STORE_DTYPES) == set(DTYPES) == set(NPY_DTYPES)
+    assert set(STORE_DTYPES) == set(NPY_DTYPES) and all(torch_dtype(n) for n in STORE_DTYPES)

@@ -310,7 +310,8 @@ def test_the_winner_is_chosen_on_the_fitted_curve_not_the_luckiest_point():
     """Concept rate and perplexity are read as non-decreasing in strength and fitted over a handle's
     points, so one lucky draw between two poor neighbours does not win over a handle that is steadily
     good; and a point whose fitted perplexity is past the bound is never chosen."""
-    from thoughtscope.steer.find import _choose, _isotonic
+    from thoughtscope.stats import isotonic as _isotonic
+    from thoughtscope.steer.find import _choose
 
     assert _isotonic([0.1, 0.5, 0.2, 0.4], [1, 1, 1, 1]) == pytest.approx([0.1, 0.35, 0.35, 0.4])
     assert _isotonic([0.3, 0.1], [3, 1]) == pytest.approx([0.25, 0.25])
@@ -332,7 +333,7 @@ def test_the_winner_is_chosen_on_the_fitted_curve_not_the_luckiest_point():
 
 
 def test_wilson_interval_on_known_values():
-    from thoughtscope.steer.find import wilson
+    from thoughtscope.stats import wilson
 
     lo, hi = wilson(24, 48)
     assert lo == pytest.approx(0.3634, abs=1e-3) and hi == pytest.approx(0.6366, abs=1e-3)

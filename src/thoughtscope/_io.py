@@ -19,9 +19,6 @@ from typing import IO, Any
 
 import torch
 
-#: dtype names accepted in configs and stored in manifests.
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (a no-op where directories cannot be opened)."""

@@ -17,12 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ThoughtscopeError
+from .errors import AnalyzerError  # noqa: F401  (re-exported: their old home)
 from .models import LoadedModel, Site, capture
-
-
-class AnalyzerError(ThoughtscopeError, ValueError):
-    """Bad analyzer input (empty or over-long text, a feature index the SAE does not have)."""
 
 
 @dataclass

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import ThoughtscopeError
+from .errors import CorpusError, CorpusNotFoundError  # noqa: F401  (re-exported: their old home)
 
 #: Plain-text files bigger than this are split on runs of >= 2 blank lines;
 #: smaller ones are one document each (a note, a README, an essay).
@@ -21,14 +21,6 @@ LARGE_TEXT_BYTES = 64 * 1024
 FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
 
 _BIG_SPLIT = re.compile(r"\n[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*")  # >= 2 blank lines
-
-
-class CorpusError(ThoughtscopeError, ValueError):
-    """A corpus spec or file that cannot be read as documents."""
-
-
-class CorpusNotFoundError(CorpusError, FileNotFoundError):
-    """The path named by a corpus spec does not exist."""
 
 
 def read_utf8(path: Path) -> str:

@@ -21,15 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ThoughtscopeError
+from .errors import FeatureError  # noqa: F401  (re-exported: their old home)
 from .models import LoadedModel, Site, capture
 from .progress import ProgressBar
 from .sae.stats import FeatureStats
-
-
-class FeatureError(ThoughtscopeError, ValueError):
-    """A feature query that cannot be answered as asked (bad texts, index, or missing reference)."""
-
 
 SCORES = {
     "z": "(mean max-activation on prompts - mean on controls) / (pooled std + eps), per-text maxima",

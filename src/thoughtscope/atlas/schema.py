@@ -25,14 +25,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ThoughtscopeError
+from ..errors import AtlasError  # noqa: F401  (re-exported: their old home)
 
 SCHEMA_VERSION = 1
 DB_NAME = "atlas.sqlite"
-
-
-class AtlasError(ThoughtscopeError, ValueError):
-    """A missing, corrupt or mismatched atlas, or a query it cannot answer; the message says which."""
 
 
 SCHEMA = """

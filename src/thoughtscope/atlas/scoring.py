@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import stats
 from .db import Atlas
 from .heldout import ExplainConfig, FeatureTask, piece, render, shuffled_marks, true_marks
 from .kinds import SCRIPTS, is_kind, strength
@@ -178,39 +179,22 @@ class LexicalScorer:
 
 
 def balanced_accuracy(labels: Sequence[int], probs: Sequence[float], threshold: float = 0.5) -> float | None:
-    """Mean of the true-positive and true-negative rates of `probs >= threshold` (None with one class only)."""
+    """Balanced accuracy of `probs >= threshold` (None with one class only)."""
     y = np.asarray(labels, dtype=bool)
-    p = np.asarray(probs, dtype=np.float64) >= threshold
     if y.all() or (~y).all():
         return None
-    return float(0.5 * ((p[y]).mean() + (~p[~y]).mean()))
+    return float(stats.balanced_accuracy(np.asarray(probs, dtype=np.float64) >= threshold, y))
 
 
 def auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
-    """Probability that a random positive outscores a random negative (ties count one half)."""
+    """AUROC of the scores against the labels (`thoughtscope.stats`), None with one class only."""
     y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
+    if y.all() or (~y).all():
         return None
-    gt = (pos[:, None] > neg[None, :]).sum()
-    eq = (pos[:, None] == neg[None, :]).sum()
-    return float((gt + 0.5 * eq) / (len(pos) * len(neg)))
+    return float(stats.auroc(np.asarray(scores, dtype=np.float64), y))
 
 
-def mean_ci(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Mean with a percentile bootstrap confidence interval over the items (features)."""
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    if len(v) == 0:
-        return {"mean": None, "ci": None, "n": 0}
-    rng = np.random.default_rng(seed)
-    boots = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
-    a = (1 - level) / 2
-    return {
-        "mean": float(v.mean()),
-        "ci": [float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))],
-        "n": int(len(v)),
-    }
+mean_ci = stats.mean_ci
 
 
 # --------------------------------------------------------------------------- scoring a feature

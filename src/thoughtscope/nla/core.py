@@ -17,13 +17,9 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write_text
-from ..errors import ThoughtscopeError
+from ..errors import NLAError  # noqa: F401  (re-exported: their old home)
 
 CONFIG_NAME = "nla_config.json"
-
-
-class NLAError(ThoughtscopeError, ValueError):
-    """Bad input to an NLA: wrong vector size, missing marker, mismatched checkpoint, bad explanation."""
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_save_tensors, atomic_write_text
-from ..models import pad_batch
+from ..models import pad_batch, pad_id
 from ..progress import ProgressBar
 from .core import NLAError, normalise, round_scale
 from .warm_start import LLM_PROMPT, llm_explanation, offline_explanation, salient_words
@@ -241,7 +241,7 @@ def harvest_rows(
 
     def flush(batch):
         rows = [[bos] + ids if bos is not None else ids for _, ids, _ in batch]
-        x, m = pad_batch(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+        x, m = pad_batch(rows, pad_id(tok))
         off = 1 if bos is not None else 0
         with torch.inference_mode():
             base = getattr(lm.model, lm.model.base_model_prefix)

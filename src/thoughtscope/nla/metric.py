@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import stats
 from .core import normalise
 
 
@@ -64,25 +65,20 @@ def bootstrap_ci(
     """
     g = normalise(gold.double())
     p = normalise(pred.double()) if renormalise else pred.double()
-    n = g.shape[0]
-    groups = torch.arange(n) if groups is None else torch.as_tensor(groups)
-    uniq, inv = torch.unique(groups, return_inverse=True)
-    members = [torch.nonzero(inv == i).flatten() for i in range(len(uniq))]
-    gen = torch.Generator().manual_seed(seed)
     err = (p - g).pow(2).mean(-1)  # per-row MSE
     if minus is not None:
         q = normalise(minus.double()) if renormalise else minus.double()
         err_ref = (q - g).pow(2).mean(-1)
-    vals = []
-    for _ in range(n_boot):
-        pick = torch.randint(len(members), (len(members),), generator=gen)
-        idx = torch.cat([members[i] for i in pick.tolist()])
+
+    def resampled(idx: torch.Tensor) -> float | None:
         gg = g[idx]
         var = float((gg - gg.mean(0)).pow(2).mean())
-        if var > 0:
-            if minus is None:
-                vals.append(1 - float(err[idx].mean()) / var)
-            else:
-                vals.append(float(err_ref[idx].mean() - err[idx].mean()) / var)
-    vals = torch.tensor(vals)
-    return float(vals.quantile(alpha / 2)), float(vals.quantile(1 - alpha / 2))
+        if var <= 0:
+            return None
+        if minus is None:
+            return 1 - float(err[idx].mean()) / var
+        return float(err_ref[idx].mean() - err[idx].mean()) / var
+
+    vals = stats.bootstrap(resampled, g.shape[0], groups=groups, n_boot=n_boot, seed=seed).float()
+    lo, hi = stats.percentile_ci(vals, 1 - alpha)
+    return float(lo), float(hi)

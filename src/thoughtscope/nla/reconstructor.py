@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from thoughtscope.models import find_final_norm, find_layers, pad_batch
+from thoughtscope.models import find_final_norm, find_layers, pad_batch, pad_id
 
 from .core import NLAConfig, NLAError, nla_loss
 from .verbalizer import add_lora
@@ -106,7 +106,7 @@ class Reconstructor(nn.Module):
                     f"{self.cfg.max_explanation_tokens}: {e[:60]!r}…"
                 )
             rows.append(bos + self.prefix + body + self.suffix)
-        ids, att = pad_batch(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+        ids, att = pad_batch(rows, pad_id(tok))
         return ids.to(self.device), att.to(self.device)
 
     def forward_ids(self, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:

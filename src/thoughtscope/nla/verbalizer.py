@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..models import pad_batch
+from ..models import pad_batch, pad_id
 from .core import NLAConfig, NLAError, check_vectors
 
 RARE_MARKER_CHARS = [chr(c) for c in range(0x3200, 0x3400)]
@@ -181,7 +181,7 @@ class Verbalizer(nn.Module):
     def batch(self, explanations: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt + response ids (right padded), attention mask and a mask of the response tokens."""
         rows = [self.prompt + response_ids(self.tokenizer, self.cfg, e) for e in explanations]
-        ids, att = pad_batch(rows, self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        ids, att = pad_batch(rows, pad_id(self.tokenizer))
         resp = torch.zeros_like(ids, dtype=torch.bool)
         for i, r in enumerate(rows):
             resp[i, len(self.prompt) : len(r)] = True

@@ -213,6 +213,8 @@ def tag_known_cities(lm, max_new_tokens: int = 6, write: bool = False) -> list[b
     """Whether the model's greedy continuation of CITY_PROMPT names the right country, per city in the table."""
     import torch
 
+    from ..models import pad_batch
+
     rows = table("cities")["cities"]
     known = []
     for i in range(0, len(rows), 16):
@@ -220,20 +222,16 @@ def tag_known_cities(lm, max_new_tokens: int = 6, write: bool = False) -> list[b
         prompts = [CITY_PROMPT.format(city=r["city"]) for r in chunk]
         ids, mask = lm.tokenize(prompts)
         # left-pad so every prompt ends at the last column
-        width = ids.shape[1]
-        lens = mask.sum(1)
-        ids_l = torch.full_like(ids, ids[0, -1] if lm.tokenizer.pad_token_id is None else lm.tokenizer.pad_token_id)
-        mask_l = torch.zeros_like(mask)
-        for j, n in enumerate(lens.tolist()):
-            ids_l[j, width - n :] = ids[j, :n]
-            mask_l[j, width - n :] = 1
+        prompt_ids = [r[: int(n)] for r, n in zip(ids.tolist(), mask.sum(1).tolist())]
+        ids_l, mask_l = (t.to(lm.device) for t in pad_batch(prompt_ids, lm.pad_id, left=True))
+        width = ids_l.shape[1]
         with torch.no_grad():
             out = lm.model.generate(
                 input_ids=ids_l,
                 attention_mask=mask_l,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                pad_token_id=lm.tokenizer.pad_token_id or 0,
+                pad_token_id=lm.pad_id,
             )
         for r, seq in zip(chunk, out[:, width:]):
             said = lm.tokenizer.decode(seq, skip_special_tokens=True).lower()

@@ -9,25 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ProbeError
+from .. import stats
+from ..errors import ProbeError, StatisticsError
 
 
 def auroc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """scores [..., N], y [N] in {0, 1} -> AUROC [...]; exact, ties count one half."""
-    y = torch.as_tensor(y).bool()
-    if y.all() or not y.any():
-        raise ProbeError("AUROC needs both classes among the scored rows")
-    s = scores.double()
-    pos, neg = s[..., y], s[..., ~y]
-    lead = s.shape[:-1]
-    pos = pos.reshape(-1, pos.shape[-1])
-    neg = neg.reshape(-1, neg.shape[-1])
-    out = torch.empty(pos.shape[0], dtype=torch.float64)
-    step = max(1, int(2e7 // max(1, pos.shape[1] * neg.shape[1])))
-    for i in range(0, pos.shape[0], step):
-        p, n = pos[i : i + step, :, None], neg[i : i + step, None, :]
-        out[i : i + step] = ((p > n).double() + 0.5 * (p == n).double()).mean(dim=(1, 2))
-    return out.reshape(lead)
+    """scores [..., N], y [N] in {0, 1} -> AUROC [...]; exact, ties count one half (`thoughtscope.stats`)."""
+    try:
+        return stats.auroc(scores, y)
+    except StatisticsError as e:
+        raise ProbeError(str(e)) from None
 
 
 def bootstrap_auroc(
@@ -35,17 +26,8 @@ def bootstrap_auroc(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Percentile CI of AUROC over resamples of the rows (within each class, so both classes stay present)."""
     y = torch.as_tensor(y).bool()
-    g = torch.Generator().manual_seed(seed)
-    pi, ni = y.nonzero().squeeze(1), (~y).nonzero().squeeze(1)
-    vals = []
-    for _ in range(n_boot):
-        idx = torch.cat(
-            [pi[torch.randint(len(pi), (len(pi),), generator=g)], ni[torch.randint(len(ni), (len(ni),), generator=g)]]
-        )
-        vals.append(auroc(scores[..., idx], y[idx]))
-    v = torch.stack(vals, -1)
-    a = (1 - level) / 2
-    return torch.quantile(v, a, dim=-1), torch.quantile(v, 1 - a, dim=-1)
+    values = stats.bootstrap(lambda idx: auroc(scores[..., idx], y[idx]), len(y), strata=~y, n_boot=n_boot, seed=seed)
+    return stats.percentile_ci(values, level)
 
 
 def best_threshold(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -65,9 +47,8 @@ def best_threshold(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def balanced_accuracy(scores: torch.Tensor, y: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    y = torch.as_tensor(y).bool()
-    pred = scores > threshold[..., None]
-    return 0.5 * ((pred[..., y]).double().mean(-1) + (~pred[..., ~y]).double().mean(-1))
+    """Balanced accuracy of `scores > threshold` (one threshold per leading row)."""
+    return stats.balanced_accuracy(scores > threshold[..., None], y)
 
 
 def threshold_at_fpr(negative_scores: torch.Tensor, fpr: float) -> float:

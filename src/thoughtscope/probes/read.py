@@ -110,9 +110,7 @@ def encode(lm: LoadedModel, ds: ProbeSet, cfg: ReadConfig) -> list[Encoded]:
 
 
 def _batch(lm: LoadedModel, rows: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    ids, mask = pad_batch([r.ids for r in rows], pad)
+    ids, mask = pad_batch([r.ids for r in rows], lm.pad_id)
     return ids.to(lm.device), mask.to(lm.device)
 
 

@@ -11,11 +11,8 @@ import warnings
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
-from ..errors import ThoughtscopeError
-
-
-class SAEError(ThoughtscopeError, ValueError):
-    """Bad SAE configuration, file or input; the message names what was wrong."""
+from ..dtypes import TRAIN_DTYPES, canonical
+from ..errors import SAEError  # noqa: F401  (re-exported: their old home)
 
 
 def _bad(owner: str, name: str, value: Any, expected: str) -> SAEError:
@@ -153,7 +150,6 @@ class SAEConfig:
         return cls(**kw)
 
 
-TRAIN_DTYPES = ("float32", "bfloat16", "bf16", "float64", "fp64")
 B_DEC_INITS = ("geometric_median", "mean", "zero")
 
 
@@ -205,7 +201,7 @@ class TrainConfig:
                 "decay_frac": (_frac, "a share in [0, 1]"),
                 "grad_clip": (_nonneg, "a number >= 0 (0: no clipping)"),
                 "adam_betas": (lambda v: len(v) == 2 and all(_frac(b) for b in v), "two numbers in [0, 1]"),
-                "dtype": (lambda v: v in TRAIN_DTYPES, "one of " + ", ".join(TRAIN_DTYPES)),
+                "dtype": (lambda v: canonical(v) in TRAIN_DTYPES, "one of " + ", ".join(TRAIN_DTYPES)),
                 "b_dec_init": (lambda v: v in B_DEC_INITS, "one of " + ", ".join(B_DEC_INITS)),
                 "init_batches": (_pos_int, "a positive number of batches"),
                 "checkpoint_every": (_nonneg_int, "a number of steps >= 0 (0: no checkpoints)"),

@@ -27,17 +27,13 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import average_gradients, join_process_group, local_device
-from ..errors import ThoughtscopeError
+from ..dtypes import canonical
+from ..errors import TrainingDiverged  # noqa: F401  (re-exported: their old home)
 from ..progress import ProgressBar
 from .base import SAE, StepOutput, build_sae
 from .config import SAEConfig, SAEError, TrainConfig
 from .optim import adam, default_lr, lr_factor
 from .stream import chain, check_batch, make_stream
-
-
-class TrainingDiverged(ThoughtscopeError, RuntimeError):
-    """The loss became NaN/Inf; the last good checkpoint is kept."""
-
 
 DEAD_TOKENS = 10_000_000  # the published rule: a latent is dead after this many tokens without firing
 
@@ -102,7 +98,7 @@ class Trainer:
     @property
     def param_dtype(self) -> torch.dtype:
         """float32 master weights (bf16 is autocast only); float64 on request for exact comparisons."""
-        return torch.float64 if self.tc.dtype in ("float64", "fp64") else torch.float32
+        return torch.float64 if canonical(self.tc.dtype) == "float64" else torch.float32
 
     # -- setup
     def _total_steps(self, source: Any) -> int:
@@ -240,7 +236,7 @@ class Trainer:
             if on_init is not None:
                 on_init([s.sae for s in self.slots])
             stream = chain(first, stream)
-        autocast = tc.dtype in ("bfloat16", "bf16")
+        autocast = canonical(tc.dtype) == "bfloat16"
         progress = ProgressBar(
             "sae", self.total_steps, start=self.step, unit="steps", enabled=tc.progress and self.rank == 0
         )

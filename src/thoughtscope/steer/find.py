@@ -27,6 +27,7 @@ from pathlib import Path
 from .._io import atomic_write_json
 from ..models import LoadedModel
 from ..progress import ProgressBar
+from ..stats import isotonic, wilson
 from .calibrate import LOOP_REPETITION, NEUTRAL_PROMPTS, SweepPoint, evaluate, score_answers
 from .generate import GenerationConfig, has_chat_template
 from .handles import Concept, Handle, build_handles, pair
@@ -151,18 +152,6 @@ def _best(points: Sequence[dict], bound: float) -> dict | None:
     return max(ok, key=lambda p: (p["concept_rate"], -p["perplexity_ratio"])) if ok else None
 
 
-def _isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
-    """Weighted least-squares fit that never decreases (pool adjacent violators)."""
-    blocks: list[list[float]] = []  # [mean, weight, count]
-    for v, w in zip(values, weights):
-        blocks.append([float(v), float(w), 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            m2, w2, c2 = blocks.pop()
-            m1, w1, c1 = blocks.pop()
-            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
-    return [m for m, _, c in blocks for _ in range(c)]
-
-
 def _smoothed(points: Sequence[dict]) -> list[dict]:
     """One handle's calibration points with `fit_rate` and `fit_ppl_ratio`: both read as non-decreasing
     in strength and fitted jointly over the points (isotonic, weighted by answers). One point of 24
@@ -172,8 +161,8 @@ def _smoothed(points: Sequence[dict]) -> list[dict]:
     if not pts:
         return []
     w = [p["n_questions"] for p in pts]
-    rate = _isotonic([p["concept_rate"] for p in pts], w)
-    logr = _isotonic([math.log(p["perplexity_ratio"]) for p in pts], w)
+    rate = isotonic([p["concept_rate"] for p in pts], w)
+    logr = isotonic([math.log(p["perplexity_ratio"]) for p in pts], w)
     return [{**p, "fit_rate": r, "fit_ppl_ratio": math.exp(lr)} for p, r, lr in zip(pts, rate, logr)]
 
 
@@ -187,16 +176,6 @@ def _choose(per_handle: dict[str, Sequence[dict]], bound: float) -> dict | None:
         if p["fit_ppl_ratio"] <= bound and p["perplexity_ratio"] <= bound
     ]
     return max(ok, key=lambda p: (p["fit_rate"], -p["fit_ppl_ratio"], p["concept_rate"])) if ok else None
-
-
-def wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
-    """95 % Wilson interval of a rate of `hits` in `n` (sound at 0 and at n, unlike the normal one)."""
-    if n <= 0:
-        return [0.0, 1.0]
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 # ----------------------------------------------------------------------------- candidates

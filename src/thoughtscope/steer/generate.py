@@ -95,9 +95,7 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence, config: GenerationConfig)
                 f"prompt {i} has {len(r)} tokens; with max_new_tokens={config.max_new_tokens} that exceeds the "
                 f"context window of {lm.name} ({lm.max_context} tokens): shorten the prompt or lower max_new_tokens"
             )
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    ids, mask = pad_batch(rows, pad, left=True)
+    ids, mask = pad_batch(rows, lm.pad_id, left=True)
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     dev = lm.device
     return ids.to(dev), mask.to(dev), pos.to(dev), rows
@@ -184,7 +182,7 @@ class _Run:
         stop_t = torch.tensor(sorted(stops) or [-1], device=lm.device)
         done = torch.zeros(B, dtype=torch.bool, device=lm.device)
         texts = [""] * B
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        pad = lm.pad_id
         past = None
         with torch.inference_mode(), steerer.active(prompt_len=P, offset=0):
             cur_ids, cur_pos = ids, pos

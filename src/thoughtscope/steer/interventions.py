@@ -25,16 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..errors import ThoughtscopeError
+from ..errors import SteerError  # noqa: F401  (re-exported: their old home)
 from ..models import LoadedModel, Site, edit
 
 POSITIONS = ("all", "prompt", "generated")
 FEATURE_OPS = ("clamp", "add", "scale", "ablate")
 VECTOR_OPS = ("add", "project_out", "clamp_projection")
-
-
-class SteerError(ThoughtscopeError, ValueError):
-    """Bad steering input (feature index, vector size, value, preset, prompt); raised before any generation."""
 
 
 def _check_finite(name: str, value: float) -> float:

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._io import DTYPES
-from ..errors import ThoughtscopeError
+from ..dtypes import STORE_DTYPES, canonical, torch_dtype
+from ..errors import StoreCorruptError, StoreError, StoreMismatchError, StoreNotFoundError  # noqa: F401  (re-exported: their old home)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "thoughtscope-activation-store"
@@ -28,7 +28,7 @@ TMP_PREFIX = ".tmp."
 
 #: activation dtype name -> the numpy dtype on disk (numpy has no bfloat16: its bits are kept as uint16)
 NPY_DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
-assert NPY_DTYPES.keys() == DTYPES.keys()
+assert tuple(NPY_DTYPES) == STORE_DTYPES
 #: metadata columns and their on-disk dtype
 COLUMNS: dict[str, np.dtype] = {
     "doc_id": np.dtype("<i8"),
@@ -54,37 +54,15 @@ REQUIRED_FIELDS: tuple[tuple[str, type], ...] = (
 )
 
 
-class StoreError(ThoughtscopeError, ValueError):
-    """Any problem with an activation store or with arguments given to it."""
-
-
-class StoreNotFoundError(StoreError, FileNotFoundError):
-    """The store folder or its manifest does not exist."""
-
-
-class StoreCorruptError(StoreError):
-    """Files on disk disagree with the manifest (missing, truncated, wrong checksum, bad JSON)."""
-
-
-class StoreMismatchError(StoreError):
-    """A writer was re-opened on an existing store with different arguments."""
-
-
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def dtype_name(dtype: Any) -> str:
-    """Normalise 'bf16' / torch.bfloat16 / 'torch.float16' to a store dtype name."""
-    if isinstance(dtype, torch.dtype):
-        name = str(dtype).removeprefix("torch.")
-    else:
-        name = str(dtype).strip().lower().removeprefix("torch.")
-    name = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(
-        name, name
-    )
-    if name not in DTYPES:
-        raise StoreError(f"dtype={dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+    """Normalise 'bf16' / torch.bfloat16 / 'torch.float16' to a store dtype name (`thoughtscope.dtypes`)."""
+    name = canonical(dtype)
+    if name not in STORE_DTYPES:
+        raise StoreError(f"dtype={dtype!r} is not supported; expected one of {sorted(STORE_DTYPES)}")
     return name
 
 
@@ -149,8 +127,10 @@ def read_manifest(path: Path) -> dict:
             raise StoreCorruptError(
                 f"manifest {str(mpath)!r}: field {key!r} is missing or not a {typ.__name__} (got {manifest.get(key)!r})"
             )
-    if manifest["dtype"] not in DTYPES:
-        raise StoreCorruptError(f"manifest {str(mpath)!r}: dtype {manifest['dtype']!r} is not one of {sorted(DTYPES)}")
+    if manifest["dtype"] not in STORE_DTYPES:
+        raise StoreCorruptError(
+            f"manifest {str(mpath)!r}: dtype {manifest['dtype']!r} is not one of {sorted(STORE_DTYPES)}"
+        )
     cols = manifest.get("columns")
     if cols is not None and (
         not isinstance(cols, list)
@@ -224,7 +204,7 @@ def check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
 
 def to_store_numpy(acts: torch.Tensor, name: str) -> np.ndarray:
     """A CPU copy of ``acts`` in the store dtype, as the numpy array written to disk."""
-    t = acts.detach().to("cpu", DTYPES[name], copy=True).contiguous()  # never alias the caller's tensor
+    t = acts.detach().to("cpu", torch_dtype(name), copy=True).contiguous()  # never alias the caller's tensor
     if name == "bfloat16":
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()

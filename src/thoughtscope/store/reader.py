@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import DTYPES, sha256_file
+from .._io import sha256_file
+from ..dtypes import torch_dtype
 from .format import (
     MANIFEST_NAME,
     REQUIRED_COLUMNS,
@@ -45,7 +46,7 @@ class ActivationStore:
         self.site: str = manifest["site"]
         self.d_model: int = manifest["d_model"]
         self.dtype_name: str = manifest["dtype"]
-        self.dtype: torch.dtype = DTYPES[self.dtype_name]
+        self.dtype: torch.dtype = torch_dtype(self.dtype_name)
         self.n_tokens: int = manifest["n_tokens"]
         self.shard_tokens: int = manifest["shard_tokens"]
         self.complete: bool = manifest["complete"]
