@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import CorpusError, CorpusNotFoundError  # noqa: F401  (re-exported: their old home)
+from .errors import CorpusError, CorpusNotFoundError, PromptFileError  # noqa: F401  (re-exported: their old home)
 
 #: Plain-text files bigger than this are split on runs of >= 2 blank lines;
 #: smaller ones are one document each (a note, a README, an essay).
@@ -35,6 +35,46 @@ def read_utf8(path: Path) -> str:
             "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
         ) from None
     return text.removeprefix("\ufeff")
+
+
+def read_prompts(path: str | Path, text_field: str = "text") -> list[str]:
+    """The one prompt-file reader (steering, contrast search, calibration, the CLI): a .json list of strings or of
+    objects with a `text_field`, a .jsonl file of such objects (or strings), or any other file as one prompt per
+    non-empty line. Raises PromptFileError naming the file (and line) and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file not found: {path}")
+    raw = read_utf8(path)
+
+    def one(item, where: str) -> str:
+        if isinstance(item, str):
+            return item
+        if isinstance(item, dict) and isinstance(item.get(text_field), str):
+            return item[text_field]
+        raise PromptFileError(f"{where}: expected a string or an object with a {text_field!r} string field")
+
+    if path.suffix == ".json":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{path}: not valid JSON ({e}); expected a list of prompts") from None
+        if not isinstance(data, list):
+            raise PromptFileError(f"{path}: expected a JSON list of prompts, got a {type(data).__name__}")
+        prompts = [one(x, f"{path}, item {i}") for i, x in enumerate(data)]
+    elif path.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(raw.splitlines()):
+            if line.strip():
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PromptFileError(f"{path}, line {i + 1}: not valid JSON ({e})") from None
+                prompts.append(one(item, f"{path}, line {i + 1}"))
+    else:
+        prompts = [line.strip() for line in raw.splitlines() if line.strip()]
+    if not prompts:
+        raise PromptFileError(f"{path}: no prompt in the file")
+    return prompts
 
 
 def text_file_documents(path: Path) -> Iterator[str]:

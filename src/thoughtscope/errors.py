@@ -30,6 +30,10 @@ class CorpusError(ThoughtscopeError, ValueError):
     """A corpus spec or file that cannot be read as documents."""
 
 
+class PromptFileError(CorpusError):
+    """A prompt file that cannot be read as prompts (missing, bad JSON, no text field, no prompt at all)."""
+
+
 # raised by documents
 class CorpusNotFoundError(CorpusError, FileNotFoundError):
     """The path named by a corpus spec does not exist."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from ..plans import AtlasConfig
-from . import _csv, _fail, _load, _open_atlas, console
+from .common import _csv, _fail, _load, _open_atlas, console
 
 atlas_app = typer.Typer(no_args_is_help=True, help="Build, explain and report a feature atlas for an SAE.")
 

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from . import console
+from .common import console
 
 corpus_app = typer.Typer(no_args_is_help=True, help="Describe the text corpora that harvests and atlases read.")
 

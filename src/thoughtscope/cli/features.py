@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from . import _fail, _load, _open_atlas, console, one_line_errors, read_lines
+from .common import _fail, _load, _open_atlas, console, one_line_errors, read_lines
 
 features_app = typer.Typer(
     no_args_is_help=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from ..plans import HarvestConfig
-from . import _fail, _load, console
+from .common import _fail, _load, console
 
 
 def harvest_cmd(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from . import console, err, one_line_errors
+from .common import console, err, one_line_errors
 
 nla_app = typer.Typer(
     no_args_is_help=True,

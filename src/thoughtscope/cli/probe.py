@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from . import _load, console
+from .common import _load, console
 
 probe_app = typer.Typer(
     no_args_is_help=True, help="Linear probes: find where a concept is readable, monitor it, steer with it, erase it."

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ..sae.config import SAEConfig, TrainConfig
-from . import _csv, _fail, _load, console
+from .common import _csv, _fail, _load, console
 
 sae_app = typer.Typer(no_args_is_help=True, help="Train, evaluate, import and export sparse autoencoders.")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from . import console, err
+from .common import console, err
 
 
 def serve(

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from . import _csv, _fail, _load, console, one_line_errors, read_lines
+from .common import _csv, _fail, _load, console, one_line_errors, read_lines
 
 steer_app = typer.Typer(
     no_args_is_help=False,

@@ -1,0 +1,71 @@
+"""What every command module shares: the consoles, one-line errors, loading a model, reading prompt files,
+and renamed flags (the old name still works for one release, with a warning)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/bold red] {message}")
+    raise typer.Exit(code)
+
+
+def _load(model: str, device: str | None, dtype: str | None):
+    from ..models import ModelError, load_model
+
+    try:
+        return load_model(model, device=device, dtype=dtype)
+    except ModelError as e:
+        _fail(str(e))
+
+
+def one_line_errors(fn):
+    """A command whose ThoughtscopeError ends it with one error line and exit code 2, also when typer's
+    test runner calls it directly (main() does the same for every command)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        from ..errors import ThoughtscopeError
+
+        try:
+            return fn(*args, **kwargs)
+        except ThoughtscopeError as e:
+            _fail(str(e))
+
+    return run
+
+
+def read_lines(path: Path) -> list[str]:
+    """The non-empty lines of a text file (one prompt per line), or one error line naming the file."""
+    try:
+        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        _fail(f"cannot read {path}: {e}")
+
+
+def _csv(value: str, cast):
+    return [cast(v) for v in str(value).split(",") if v.strip()]
+
+
+def _open_atlas(path: Path):
+    from ..atlas import Atlas
+
+    return Atlas.open(path)  # an AtlasError ends the command with one line (main)
+
+
+def renamed(new_value, old_value, *, new: str, old: str, default=None):
+    """The value of a flag given under its new name, or under its old one (accepted for one release, with a
+    warning on stderr); the new name wins when both are given. `default` is used when neither is."""
+    if old_value is not None:
+        err.print(f"[yellow]warning:[/yellow] {old} is deprecated; use {new} (it means the same here)")
+        if new_value is None:
+            return old_value
+    return default if new_value is None else new_value
