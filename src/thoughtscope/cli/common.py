@@ -62,10 +62,11 @@ def _open_atlas(path: Path):
 
 
 def renamed(new_value, old_value, *, new: str, old: str, default=None):
-    """The value of a flag given under its new name, or under its old one (accepted for one release, with a
-    warning on stderr); the new name wins when both are given. `default` is used when neither is."""
+    """The value of a flag given under its new name, or under its old one (accepted for one release, hidden, with a
+    warning on stderr). The new option may show its real default: when the old flag is given and the new one is
+    absent or at its default, the old flag's value is used. `default` is used when neither is given."""
     if old_value is not None:
-        err.print(f"[yellow]warning:[/yellow] {old} is deprecated; use {new} (it means the same here)")
-        if new_value is None:
+        err.print(f"[yellow]warning:[/yellow] {old} is deprecated here; use {new} (it means the same)")
+        if new_value is None or new_value == default:
             return old_value
     return default if new_value is None else new_value

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import typer
 
+from ..configdoc import field_help
 from ..plans import HarvestConfig
-from .common import _fail, _load, console
+from .common import _fail, _load, console, renamed
 
 
 def harvest_cmd(
@@ -21,22 +22,18 @@ def harvest_cmd(
     site: list[str] = typer.Option(["resid.15"], help="site(s) to read, e.g. resid.15 (repeat or comma-separate)"),
     corpus: str = typer.Option("default", help="'default', a file, a folder, a .jsonl file or hf:<dataset>"),
     text_field: str = typer.Option("text", help="JSONL / dataset field holding the text"),
-    tokens: int = typer.Option(HarvestConfig.n_tokens, help="token budget: tokens to harvest"),
+    tokens: int = typer.Option(HarvestConfig.n_tokens, help=field_help(HarvestConfig, "n_tokens")),
     out: Path = typer.Option(..., help="output folder (one store, or one per site when several)"),
-    ctx_len: int = typer.Option(HarvestConfig.ctx_len, help="tokens per context"),
+    ctx_len: int = typer.Option(HarvestConfig.ctx_len, help=field_help(HarvestConfig, "ctx_len")),
     contexts_per_batch: int = typer.Option(
         HarvestConfig.contexts_per_batch,
         "--contexts-per-batch",
-        "--batch-size",
-        help="contexts per forward pass (--batch-size: its old name)",
+        help=field_help(HarvestConfig, "contexts_per_batch"),
     ),
-    dtype: str = typer.Option(HarvestConfig.dtype, help="stored dtype: float32, float16 or bfloat16"),
-    shard_tokens: int | None = typer.Option(
-        HarvestConfig.shard_tokens, help="tokens per shard (a multiple of contexts-per-batch × ctx-len; default ~32k)"
-    ),
-    skip_tokens: int = typer.Option(
-        HarvestConfig.skip_tokens, help="start this many tokens into the corpus (for a held-out store)"
-    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", hidden=True),
+    dtype: str = typer.Option(HarvestConfig.dtype, help=field_help(HarvestConfig, "dtype")),
+    shard_tokens: int | None = typer.Option(HarvestConfig.shard_tokens, help=field_help(HarvestConfig, "shard_tokens")),
+    skip_tokens: int = typer.Option(HarvestConfig.skip_tokens, help=field_help(HarvestConfig, "skip_tokens")),
     device: str | None = typer.Option(
         None, help="torch device, e.g. cuda:0; under torchrun 'cuda' = each process's own GPU (default: CPU)"
     ),
@@ -56,7 +53,13 @@ def harvest_cmd(
         cfg = HarvestConfig(
             n_tokens=tokens,
             ctx_len=ctx_len,
-            contexts_per_batch=contexts_per_batch,
+            contexts_per_batch=renamed(
+                contexts_per_batch,
+                batch_size,
+                new="--contexts-per-batch",
+                old="--batch-size",
+                default=HarvestConfig.contexts_per_batch,
+            ),
             dtype=dtype,
             shard_tokens=shard_tokens,
             skip_tokens=skip_tokens,
