@@ -74,7 +74,7 @@ def _cli(model_dir, corpus_file, out, tokens):
         str(out),
         "--ctx-len",
         "16",
-        "--batch-size",
+        "--contexts-per-batch",
         "4",
         "--shard-tokens",
         "256",
@@ -243,3 +243,23 @@ def test_streamed_activations_are_the_harvested_rows_shuffled_and_resumable(mode
     assert set(map(tuple, rows.tolist())) <= set(map(tuple, want.tolist()))
     # a resumed run skips exactly the batches it had already seen
     assert all(torch.equal(a, b) for a, b in zip(stream(4), got[4:]))
+
+
+def test_the_old_batch_size_flag_still_sets_contexts_per_pass_with_a_warning(model_dir, corpus_file, tmp_path):
+    """`harvest --batch-size` meant contexts per forward pass; it is hidden now, still works for one release, and
+    warns; the visible flag is --contexts-per-batch (`--batch-size` means rows per optimiser step elsewhere)."""
+    from typer.testing import CliRunner
+
+    from thoughtscope.cli import app
+
+    base = ["harvest", "--model", str(model_dir), "--corpus", str(corpus_file), "--site", "resid.1"]
+    base += ["--tokens", "512", "--ctx-len", "16", "--quiet"]
+    old = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "old"), "--batch-size", "4"])
+    new = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "new"), "--contexts-per-batch", "4"])
+    assert old.exit_code == 0 and new.exit_code == 0, (old.output, new.output)
+    assert "--batch-size is deprecated" in old.output and "deprecated" not in new.output
+    for name in ("old", "new"):
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["extra"]["batch_size"] == 4  # the store's key for contexts per pass (format v1)
+    help_text = CliRunner().invoke(app, ["harvest", "--help"]).output
+    assert "--contexts-per-batch" in help_text and "--batch-size" not in help_text

@@ -61,7 +61,7 @@ def _torchrun(root: Path, out: Path, sites: str) -> subprocess.CompletedProcess:
         str(out),
         "--ctx-len",
         str(CTX),
-        "--batch-size",
+        "--contexts-per-batch",
         str(BATCH),
         "--shard-tokens",
         str(SHARD),
