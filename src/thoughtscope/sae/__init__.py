@@ -14,8 +14,8 @@ _WHERE = {
     "SAE": "base",
     "SAEOutput": "base",
     "build_sae": "base",
-    "register_sae_class": "base",
-    "sae_class": "base",
+    "register_sae_class": "registry",
+    "sae_class": "registry",
     "SAEConfig": "config",
     "SAEError": "config",
     "TrainConfig": "config",
@@ -84,12 +84,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .architectures import ARCHITECTURES
-    from .base import SAE, SAEOutput, build_sae, register_sae_class, sae_class
+    from .base import SAE, SAEOutput, build_sae
     from .batchtopk import BatchTopKSAE
     from .config import SAEConfig, SAEError, TrainConfig
     from .formats import export_saelens, load_dictionary_learning, load_sae, load_saelens, load_sparsify, save_sae
     from .jumprelu import JumpReLUSAE
     from .metrics import evaluate_sae, spliced_lm_loss
+    from .registry import register_sae_class, sae_class
     from .relu_l1 import ReluL1SAE
     from .topk import TopKSAE
     from .train import Trainer, TrainingDiverged, default_dead_tokens, geometric_median, train_sae, train_saes

@@ -22,39 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import SAEConfig, SAEError
-
-SAE_CLASSES: dict[str, type[SAE]] = {}
-_BUILTIN = {"relu-l1": "relu_l1", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}  # name: module
-
-
-def register_sae_class(cls: type[SAE]) -> type[SAE]:
-    """Class decorator: make ``cls`` buildable and loadable under ``cls.arch``."""
-    if not cls.arch:
-        raise SAEError(f"{cls.__name__} has no arch name")
-    SAE_CLASSES[cls.arch] = cls
-    return cls
-
-
-def architectures() -> tuple[str, ...]:
-    """Every registered architecture name, the built-ins first (they are imported on first use)."""
-    import importlib
-
-    for module in _BUILTIN.values():
-        importlib.import_module(f"{__package__}.{module}")
-    order = list(_BUILTIN)
-    return tuple(sorted(SAE_CLASSES, key=lambda a: order.index(a) if a in order else len(order)))
-
-
-def sae_class(arch: str) -> type[SAE]:
-    """The class registered under arch."""
-    if arch not in SAE_CLASSES and arch in _BUILTIN:
-        architectures()
-    if arch not in SAE_CLASSES:
-        raise SAEError(
-            f"SAEConfig.arch: unknown SAE architecture {arch!r}; expected one of {', '.join(architectures())}"
-        )
-    return SAE_CLASSES[arch]
+from ..errors import SAEError
+from .config import SAEConfig
+from .registry import SAE_CLASSES, architectures, register_sae_class, sae_class  # noqa: F401  (their old home)
 
 
 def check_k(cfg: SAEConfig) -> None:
@@ -139,7 +109,7 @@ class SAE(nn.Module):
 
     def save(self, path: str | Path, **kw) -> Path:
         """Write a native SAE folder (see formats.save_sae for the options)."""
-        from .formats import save_sae  # formats builds SAEs through this module
+        from .formats import save_sae
 
         return save_sae(self, path, **kw)
 

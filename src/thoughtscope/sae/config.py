@@ -13,6 +13,7 @@ from typing import Any
 
 from ..dtypes import TRAIN_DTYPES, canonical
 from ..errors import SAEError  # noqa: F401  (re-exported: their old home)
+from .registry import sae_class
 
 
 def _bad(owner: str, name: str, value: Any, expected: str) -> SAEError:
@@ -96,8 +97,6 @@ class SAEConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .base import sae_class  # late: the registry imports torch, this module does not
-
         if not isinstance(self.arch, str):
             raise _bad("SAEConfig", "arch", self.arch, "an architecture name")
         cls = sae_class(self.arch)

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .._io import atomic_dir
-from .base import SAE, build_sae
-from .config import SAEConfig, SAEError
+from ..errors import SAEError
+from .config import SAEConfig
+from .registry import sae_class
 from .stats import read_feature_stats
+
+if TYPE_CHECKING:
+    from .base import SAE
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -76,7 +80,7 @@ def _sae_from_tensors(
     extra: dict[str, torch.Tensor] | None = None,
     apply_b_dec_to_input: bool = True,
 ) -> SAE:
-    sae = build_sae(cfg, seed=None)
+    sae = sae_class(cfg.arch)(cfg)  # zero weights: the tensors below replace them
     with torch.no_grad():
         if not apply_b_dec_to_input:
             # their encoder sees raw x: x W + c == (x - b_dec) W + (c + b_dec W)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import sae_class
 from .config import SAEConfig
+from .registry import sae_class
 
 
 def default_lr(cfg: SAEConfig) -> float:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._io import atomic_torch_save
 from ..distributed import average_gradients, join_process_group, local_device
 from ..dtypes import canonical
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported: their old home)
@@ -193,11 +193,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if not self.tc.checkpoint_dir or self.rank != 0:
             return
-        path = Path(self.tc.checkpoint_dir) / "checkpoint.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(self.state_dict(), Path(self.tc.checkpoint_dir) / "checkpoint.pt")
 
     def try_resume(self) -> bool:
         if not self.tc.checkpoint_dir:
