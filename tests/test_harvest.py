@@ -261,5 +261,5 @@ def test_the_old_batch_size_flag_still_sets_contexts_per_pass_with_a_warning(mod
     for name in ("old", "new"):
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
         assert manifest["extra"]["batch_size"] == 4  # the store's key for contexts per pass (format v1)
-    help_text = CliRunner().invoke(app, ["harvest", "--help"]).output
+    help_text = CliRunner().invoke(app, ["harvest", "--help"], env={"COLUMNS": "240"}).output
     assert "--contexts-per-batch" in help_text and "--batch-size" not in help_text
