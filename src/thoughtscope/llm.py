@@ -44,6 +44,16 @@ ENV_SCORER_URL = "THOUGHTSCOPE_SCORER_URL"
 ENV_SCORER_MODEL = "THOUGHTSCOPE_SCORER_MODEL"
 
 
+def _answer_cap(max_new_tokens: int, max_tokens: int | None) -> int:
+    """`max_tokens` is the deprecated name of `max_new_tokens` (tokens in the answer) in `call`."""
+    if max_tokens is None:
+        return max_new_tokens
+    import warnings
+
+    warnings.warn("call(max_tokens=...) is deprecated; use max_new_tokens=...", DeprecationWarning, stacklevel=3)
+    return max_tokens
+
+
 class MalformedAnswer(ValueError):
     """An answer that parsed as HTTP but not as what the prompt asked for; retried like a server error."""
 
@@ -103,12 +113,15 @@ class HTTPChatClient:
         self,
         messages: list[dict],
         *,
-        max_tokens: int = 200,
+        max_new_tokens: int = 200,
         temperature: float = 0.0,
         parse: Callable[[str], Any] | None = None,
+        max_tokens: int | None = None,
     ) -> Any:
-        """POST a chat request; retry transient failures (and answers `parse` rejects) with back-off."""
-        payload = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        """POST a chat request; retry transient failures (and answers `parse` rejects) with back-off.
+        `max_new_tokens` caps the answer (the API's `max_tokens`; that keyword is its deprecated name here)."""
+        max_new_tokens = _answer_cap(max_new_tokens, max_tokens)
+        payload = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens, "temperature": temperature}
         last = ""
         for attempt in range(self.max_retries + 1):
             wait = min(self.max_backoff, self.backoff * (2**attempt))
@@ -186,11 +199,14 @@ class LocalChatClient:
         self,
         messages: list[dict],
         *,
-        max_tokens: int = 200,
+        max_new_tokens: int = 200,
         temperature: float = 0.0,
         parse: Callable[[str], Any] | None = None,
+        max_tokens: int | None = None,
     ) -> Any:
         import torch
+
+        max_new_tokens = _answer_cap(max_new_tokens, max_tokens)
 
         ids = self._prompt_ids(messages)
         tok = self.lm.tokenizer
@@ -198,7 +214,7 @@ class LocalChatClient:
             out = self.lm.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_tokens,
+                max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=self.lm.pad_id,
             )
