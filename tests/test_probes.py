@@ -253,7 +253,7 @@ def test_reading_is_one_forward_per_batch_for_all_sites_and_cached(lm, tmp_path)
     ds = tiny_set()
     calls, h = count_forwards(lm)
     try:
-        cfg = ReadConfig(batch_size=8)
+        cfg = ReadConfig(texts_per_batch=8)
         a = read_activations(lm, ds, ["embed", "resid.0", "resid.1", "resid.2"], cfg, cache=tmp_path)
         assert len(calls) == 3  # 24 rows / 8 per batch, every site from the same pass
         b = read_activations(lm, ds, ["resid.2", "resid.0", "embed"], cfg, cache=tmp_path)

@@ -8,13 +8,12 @@ activations of another model or site. `to_vector()` turns it into a steering vec
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .._io import atomic_save_tensors, atomic_write_text
 from ..errors import ProbeError
 
 FORMAT = "thoughtscope-probe-1"
@@ -25,18 +24,31 @@ WEIGHTS = "probe.safetensors"
 @dataclass
 class ProbeConfig:
     model: str
+    """Name of the model it was fitted on; it refuses any other."""
     site: str
+    """Site it reads, e.g. resid.12; it refuses any other."""
     d_model: int
+    """Width of the activations it reads (numbers per token)."""
     fitter: str = "mean"
+    """How the direction was fitted: mean, lda, logistic, lat or ccs."""
     read: str = "last"
+    """Which token of a text was read: last, mean (over its tokens) or span."""
     chat: bool = False
+    """True: each text was the user turn of the model's chat template."""
     dataset: str = ""
+    """Name of the dataset it was fitted on."""
     dataset_sha256: str = ""
+    """SHA-256 of that dataset's content (hex)."""
     seed: int = 0
-    class_gap: float = 1.0  # (mean of class 1 − mean of class 0) projected on the unit direction
+    """Seed of the group split and of the fitter."""
+    class_gap: float = 1.0
+    """(mean of class 1 − mean of class 0) projected on the unit direction (activation units): one steering unit."""
     sink_rule: str = "position 0 and tokens above 10x the median norm are never read"
+    """Which tokens were never read (a record, in words)."""
     metrics: dict = field(default_factory=dict)
+    """Held-out figures: train/test AUROC (0-1), its 95% CI, n_train / n_test rows, C for logistic."""
     threshold_note: str = "balanced-accuracy threshold on the training split"
+    """How the class threshold was chosen (a record, in words)."""
 
     def __post_init__(self) -> None:
         if not self.model or not self.site:
@@ -103,18 +115,10 @@ class Probe:
     # -- artefact
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         cfg = asdict(self.cfg) | {"format": FORMAT, "bias": self.bias, "threshold": self.threshold}
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        save_file({"weight": self.weight.contiguous(), "direction": self.direction.contiguous()}, tmp)
-        os.replace(tmp, folder / WEIGHTS)
-        tmpc = folder / (CONFIG + ".tmp")
-        tmpc.write_text(json.dumps(cfg, indent=2))
-        os.replace(tmpc, folder / CONFIG)
+        atomic_save_tensors({"weight": self.weight, "direction": self.direction}, folder / WEIGHTS)
+        atomic_write_text(folder / CONFIG, json.dumps(cfg, indent=2))
         return folder
 
     @classmethod

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import InitVar, asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -33,17 +34,32 @@ EMBED = "embed"  # the token embeddings (hidden_states[0]): the "layer 0" contro
 @dataclass(frozen=True)
 class ReadConfig:
     read: str = "last"
+    """Which token of a text is read: last, mean (over its tokens) or span (mean over a marked span)."""
     chat: bool = False
-    batch_size: int = 16
+    """True: each text becomes the user turn of the model's chat template (only its own tokens are read)."""
+    texts_per_batch: int = 16
+    """Texts per forward pass."""
     max_length: int = 256
+    """Tokens kept per text, BOS included (a longer text is cut to this many; chat template included)."""
     sink_ratio: float = 10.0
-    add_bos: bool = True  # as LoadedModel.tokenize; False reads texts exactly as the tokenizer alone encodes them
+    """Tokens with norm above this many times the median token norm are sinks, never read (multiple, > 1)."""
+    add_bos: bool = True
+    """As LoadedModel.tokenize; False reads texts exactly as the tokenizer alone encodes them."""
+    batch_size: InitVar[int | None] = None
+    """Former name of texts_per_batch (still accepted, with a warning)."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, batch_size: int | None) -> None:
+        if batch_size is not None:
+            warnings.warn(
+                "ReadConfig(batch_size=...) is now ReadConfig(texts_per_batch=...)", DeprecationWarning, stacklevel=3
+            )
+            object.__setattr__(self, "texts_per_batch", batch_size)
         if self.read not in READS:
             raise ProbeError(f"read position must be one of {', '.join(READS)}, got {self.read!r}")
-        if self.batch_size < 1 or self.max_length < 2:
-            raise ProbeError(f"batch_size must be >= 1 and max_length >= 2, got {self.batch_size}, {self.max_length}")
+        if self.texts_per_batch < 1 or self.max_length < 2:
+            raise ProbeError(
+                f"texts_per_batch must be >= 1 and max_length >= 2, got {self.texts_per_batch}, {self.max_length}"
+            )
         if not self.sink_ratio > 1:
             raise ProbeError(
                 f"sink_ratio must be > 1 (tokens above ratio × median norm are sinks), got {self.sink_ratio}"
@@ -179,7 +195,11 @@ def cache_key(lm: LoadedModel, ds: ProbeSet, cfg: ReadConfig) -> str:
         "d_model": lm.d_model,
         "n_layers": lm.n_layers,
         "dataset": ds.sha256,
-        "read": {**{k: v for k, v in asdict(cfg).items() if not (k == "add_bos" and v)}, "batch_size": None},
+        # texts per pass change no number; the key keeps the old field name so existing caches still match
+        "read": {
+            **{k: v for k, v in asdict(cfg).items() if k != "texts_per_batch" and not (k == "add_bos" and v)},
+            "batch_size": None,
+        },
     }
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -248,8 +268,8 @@ def read_activations(
     bar = ProgressBar(f"reading {ds.name} at {len(todo)} sites", total, unit="tok", enabled=progress)
     done = 0
     try:
-        for s in range(0, len(encoded), cfg.batch_size):
-            rows = encoded[s : s + cfg.batch_size]
+        for s in range(0, len(encoded), cfg.texts_per_batch):
+            rows = encoded[s : s + cfg.texts_per_batch]
             ids, mask = _batch(lm, rows)
             acts = forward_all(lm, todo, ids, mask)
             for n in todo:

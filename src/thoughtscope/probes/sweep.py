@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from .._io import atomic_write, atomic_write_text
 from ..errors import ProbeError
 from .datasets import ProbeSet, control_labels, group_folds, group_split
 from .fitters import DEFAULT_FITTERS, FITTERS, fit
@@ -32,13 +33,21 @@ from .read import EMBED, ReadConfig, read_activations, site_names
 @dataclass(frozen=True)
 class SweepConfig:
     fitters: tuple[str, ...] = DEFAULT_FITTERS
+    """Fitters to compare, each at every site: some of mean, lda, logistic, lat, ccs."""
     test_fraction: float = 0.25
+    """Share of the groups held out for testing (fraction, 0-1; the split is group-disjoint)."""
     seed: int = 0
+    """Seed of the split, the fitters, the random directions, the shuffles and the bootstrap."""
     n_random: int = 200
+    """Random unit directions per site for the random-direction control (count)."""
     n_shuffle: int = 10
+    """Label-shuffle refits per fitter for the null (count)."""
     n_boot: int = 200
+    """Bootstrap resamples for each test AUROC's 95% CI (count, at least 10)."""
     cv_folds: int = 4
+    """Group-wise cross-validation folds on the training split (count, at least 2)."""
     min_selectivity: float = 0.2
+    """A site is selective when task AUROC − control-task AUROC reaches this (AUROC points)."""
 
     def __post_init__(self) -> None:
         bad = [f for f in self.fitters if f not in FITTERS]
@@ -75,95 +84,155 @@ def random_direction_control(Xtr, ytr, Xte, yte, n: int, seed: int) -> tuple[tor
     return test.mean(1), torch.quantile(test, 0.95, dim=1)
 
 
+@dataclass(frozen=True)
+class _Held:
+    """Activations of every site [L, N, d] cut into the group-disjoint training and held-out rows."""
+
+    names: list[str]
+    X: torch.Tensor
+    y: torch.Tensor
+    train: list[int]
+    test: list[int]
+
+    @cached_property
+    def Xtr(self) -> torch.Tensor:
+        return self.X[:, torch.tensor(self.train)]
+
+    @cached_property
+    def Xte(self) -> torch.Tensor:
+        return self.X[:, torch.tensor(self.test)]
+
+    @cached_property
+    def ytr(self) -> torch.Tensor:
+        return self.y[torch.tensor(self.train)]
+
+    @cached_property
+    def yte(self) -> torch.Tensor:
+        return self.y[torch.tensor(self.test)]
+
+
+def _both_classes(y: torch.Tensor, rows) -> bool:
+    return len(set(y[torch.as_tensor(rows)].tolist())) == 2
+
+
+def _easy_hard_rows(ds: ProbeSet, h: _Held) -> tuple[list[int], list[int], list[int]] | None:
+    """(easy training rows, hard training rows, hard test rows) when the data has both levels in both splits."""
+    easy = [i for i in h.train if ds.difficulty[i] == "easy"]
+    hard_tr = [i for i in h.train if ds.difficulty[i] == "hard"]
+    hard_te = [i for i in h.test if ds.difficulty[i] == "hard"]
+    if easy and hard_te and hard_tr and all(_both_classes(h.y, ix) for ix in (easy, hard_te, hard_tr)):
+        return easy, hard_tr, hard_te
+    return None
+
+
+def _c(info: dict) -> dict:
+    """The penalty a logistic fit chose, reused by the refits it is compared with."""
+    return {"C": info["C"]} if "C" in info else {}
+
+
+def _shuffle_null(method: str, h: _Held, info: dict, cfg: SweepConfig) -> torch.Tensor:
+    """Test AUROC of the same fitter on permuted training labels: [L, n_shuffle]."""
+    Xtr, ytr, Xte, yte = h.Xtr, h.ytr, h.Xte, h.yte
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    nulls = []
+    for _ in range(cfg.n_shuffle):
+        yp = ytr[torch.randperm(len(ytr), generator=g)]
+        Wn, bn, _ = fit(method, Xtr, yp, seed=cfg.seed, **_c(info))
+        nulls.append(auroc(_scores(Xte, Wn, bn), yte))
+    return torch.stack(nulls, 1)
+
+
+def _control_task(method: str, h: _Held, kw: dict, ctrl: torch.Tensor | None) -> torch.Tensor:
+    """Test AUROC on the control task's labels (random per entity), or NaN when it has one class on a side."""
+    if ctrl is None:
+        return torch.full((len(h.names),), float("nan"))
+    tr, te = torch.tensor(h.train), torch.tensor(h.test)
+    Wc, bc, _ = fit(method, h.Xtr, ctrl[tr], **{k: v for k, v in kw.items() if k != "pairs"})
+    return auroc(_scores(h.Xte, Wc, bc), ctrl[te])
+
+
+def _cv_auroc(method: str, ds: ProbeSet, h: _Held, info: dict, cfg: SweepConfig) -> torch.Tensor:
+    """Group-wise cross-validated AUROC on the training split (the logistic fitter reports its own): [L]."""
+    if "cv_auroc" in info:
+        return torch.tensor(info["cv_auroc"], dtype=torch.float64)
+    Xtr, ytr = h.Xtr, h.ytr
+    cv = torch.zeros(len(h.names), dtype=torch.float64)
+    pos = {r: k for k, r in enumerate(h.train)}
+    used = 0
+    for a, bb in group_folds(ds.groups, h.train, cfg.cv_folds, cfg.seed):
+        a_t, b_t = torch.tensor([pos[i] for i in a]), torch.tensor([pos[i] for i in bb])
+        if len(set(ytr[b_t].tolist())) < 2 or len(set(ytr[a_t].tolist())) < 2:
+            continue
+        fkw: dict = {"seed": cfg.seed}
+        if method in ("lat", "ccs"):
+            ia = {r: k for k, r in enumerate(a)}
+            fkw["pairs"] = [(ia[p], ia[q]) for p, q in ds.pairs(a)]
+        Wf, bf, _ = fit(method, Xtr[:, a_t], ytr[a_t], **fkw)
+        cv += auroc(_scores(Xtr[:, b_t], Wf, bf), ytr[b_t])
+        used += 1
+    return cv / max(used, 1)
+
+
+def _easy_to_hard(method: str, h: _Held, info: dict, seed: int, rows) -> dict[str, torch.Tensor]:
+    """AUROC on the hard test rows of a fit on the easy training rows, and of one on the hard training rows."""
+    if rows is None:
+        return {}
+    easy, hard_tr, hard_te = rows
+    ht = torch.tensor(hard_te)
+    out = {}
+    for tag, fit_rows in (("easy_to_hard", easy), ("hard_to_hard", hard_tr)):
+        rt = torch.tensor(fit_rows)
+        We, be, _ = fit(method, h.X[:, rt], h.y[rt], seed=seed, **_c(info))
+        out[tag] = auroc(_scores(h.X[:, ht], We, be), h.y[ht])
+    return out
+
+
+def _fitter_rows(method: str, ds: ProbeSet, h: _Held, cfg: SweepConfig, ctrl, eh_rows) -> dict[str, dict]:
+    """One fitter at every site: its held-out figures beside the shuffle null and the control task."""
+    Xtr, ytr, Xte, yte = h.Xtr, h.ytr, h.Xte, h.yte
+    kw = _fit_kwargs(method, ds, h.train, cfg.seed, cfg.cv_folds)
+    W, b, info = fit(method, Xtr, ytr, **kw)
+    s_tr, s_te = _scores(Xtr, W, b), _scores(Xte, W, b)
+    thr = best_threshold(s_tr, ytr)
+    test = auroc(s_te, yte)
+    lo, hi = bootstrap_auroc(s_te, yte, cfg.n_boot, cfg.seed)
+    nulls = _shuffle_null(method, h, info, cfg)
+    control = _control_task(method, h, kw, ctrl)
+    cv = _cv_auroc(method, ds, h, info, cfg)
+    eh = _easy_to_hard(method, h, info, cfg.seed, eh_rows)
+    per_site = {}
+    for k, name in enumerate(h.names):
+        row = {
+            "train_auroc": float(auroc(s_tr[k], ytr)),
+            "test_auroc": float(test[k]),
+            "test_auroc_ci": [float(lo[k]), float(hi[k])],
+            "balanced_accuracy": float(balanced_accuracy(s_te[k : k + 1], yte, thr[k : k + 1])[0]),
+            "shuffle_mean": float(nulls[k].mean()),
+            "shuffle_p95": float(torch.quantile(nulls[k], 0.95)),
+            "shuffle_p": float((1 + (nulls[k] >= test[k]).sum()) / (1 + cfg.n_shuffle)),
+            "control_auroc": float(control[k]),
+            "selectivity": float(test[k] - control[k]),
+            "direction_norm": float(W[k].norm()),
+        }
+        if "C" in info:
+            row["C"] = info["C"][k]
+        row["cv_auroc"] = float(cv[k])
+        row.update({tag: float(v[k]) for tag, v in eh.items()})
+        per_site[name] = row
+    return per_site
+
+
 def sweep_arrays(acts: dict[str, torch.Tensor], ds: ProbeSet, cfg: SweepConfig | None = None) -> dict:
     """Every number of the sweep from activations already read ({site: [N, d]}); no model needed."""
     cfg = cfg or SweepConfig()
     names = list(acts)
-    X = torch.stack([acts[n].float() for n in names])  # [L, N, d]
-    y = ds.y
     split = group_split(ds, cfg.test_fraction, cfg.seed)
-    tr, te = torch.tensor(split.train), torch.tensor(split.test)
-    Xtr, Xte, ytr, yte = X[:, tr], X[:, te], y[tr], y[te]
+    h = _Held(names, torch.stack([acts[n].float() for n in names]), ds.y, split.train, split.test)
     ctrl = torch.tensor(control_labels(ds, cfg.seed))
-    ctrl_ok = len(set(ctrl[tr].tolist())) == 2 and len(set(ctrl[te].tolist())) == 2
-    rnd_mean, rnd_p95 = random_direction_control(Xtr, ytr, Xte, yte, cfg.n_random, cfg.seed)
-    easy = [i for i in split.train if ds.difficulty[i] == "easy"]
-    hard_te = [i for i in split.test if ds.difficulty[i] == "hard"]
-    hard_tr = [i for i in split.train if ds.difficulty[i] == "hard"]
-    has_eh = (
-        all(len(set(y[torch.tensor(ix)].tolist())) == 2 for ix in (easy, hard_te, hard_tr) if ix)
-        and easy
-        and hard_te
-        and hard_tr
-    )
-    results: dict = {}
-    for method in cfg.fitters:
-        kw = _fit_kwargs(method, ds, split.train, cfg.seed, cfg.cv_folds)
-        W, b, info = fit(method, Xtr, ytr, **kw)
-        s_tr, s_te = _scores(Xtr, W, b), _scores(Xte, W, b)
-        thr = best_threshold(s_tr, ytr)
-        test = auroc(s_te, yte)
-        lo, hi = bootstrap_auroc(s_te, yte, cfg.n_boot, cfg.seed)
-        null_kw = {"seed": cfg.seed, **({"C": info["C"]} if "C" in info else {})}
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        nulls = []
-        for _ in range(cfg.n_shuffle):
-            yp = ytr[torch.randperm(len(ytr), generator=g)]
-            Wn, bn, _ = fit(method, Xtr, yp, **null_kw)
-            nulls.append(auroc(_scores(Xte, Wn, bn), yte))
-        nulls = torch.stack(nulls, 1)  # [L, n_shuffle]
-        if ctrl_ok:
-            ckw = {k: v for k, v in kw.items() if k != "pairs"}
-            Wc, bc, _ = fit(method, Xtr, ctrl[tr], **ckw)
-            control = auroc(_scores(Xte, Wc, bc), ctrl[te])
-        else:
-            control = torch.full((len(names),), float("nan"))
-        if "cv_auroc" in info:
-            cv = torch.tensor(info["cv_auroc"], dtype=torch.float64)
-        else:  # group-wise CV on the training split (the logistic fitter reports its own)
-            cv = torch.zeros(len(names), dtype=torch.float64)
-            folds = group_folds(ds.groups, split.train, cfg.cv_folds, cfg.seed)
-            pos = {r: k for k, r in enumerate(split.train)}
-            used = 0
-            for a, bb in folds:
-                a_t, b_t = torch.tensor([pos[i] for i in a]), torch.tensor([pos[i] for i in bb])
-                if len(set(ytr[b_t].tolist())) < 2 or len(set(ytr[a_t].tolist())) < 2:
-                    continue
-                fkw = {"seed": cfg.seed}
-                if method in ("lat", "ccs"):
-                    ia = {r: k for k, r in enumerate(a)}
-                    fkw["pairs"] = [(ia[p], ia[q]) for p, q in ds.pairs(a)]
-                Wf, bf, _ = fit(method, Xtr[:, a_t], ytr[a_t], **fkw)
-                cv += auroc(_scores(Xtr[:, b_t], Wf, bf), ytr[b_t])
-                used += 1
-            cv /= max(used, 1)
-        eh = {}
-        if has_eh:
-            for tag, rows in (("easy_to_hard", easy), ("hard_to_hard", hard_tr)):
-                rt, ht = torch.tensor(rows), torch.tensor(hard_te)
-                We, be, _ = fit(method, X[:, rt], y[rt], seed=cfg.seed, **({"C": info["C"]} if "C" in info else {}))
-                eh[tag] = auroc(_scores(X[:, ht], We, be), y[ht])
-        per_site = {}
-        for k, name in enumerate(names):
-            row = {
-                "train_auroc": float(auroc(s_tr[k], ytr)),
-                "test_auroc": float(test[k]),
-                "test_auroc_ci": [float(lo[k]), float(hi[k])],
-                "balanced_accuracy": float(balanced_accuracy(s_te[k : k + 1], yte, thr[k : k + 1])[0]),
-                "shuffle_mean": float(nulls[k].mean()),
-                "shuffle_p95": float(torch.quantile(nulls[k], 0.95)),
-                "shuffle_p": float((1 + (nulls[k] >= test[k]).sum()) / (1 + cfg.n_shuffle)),
-                "control_auroc": float(control[k]),
-                "selectivity": float(test[k] - control[k]),
-                "direction_norm": float(W[k].norm()),
-            }
-            if "C" in info:
-                row["C"] = info["C"][k]
-            row["cv_auroc"] = float(cv[k])
-            for tag, v in eh.items():
-                row[tag] = float(v[k])
-            per_site[name] = row
-        results[method] = per_site
+    ctrl_ok = _both_classes(ctrl, split.train) and _both_classes(ctrl, split.test)
+    rnd_mean, rnd_p95 = random_direction_control(h.Xtr, h.ytr, h.Xte, h.yte, cfg.n_random, cfg.seed)
+    eh_rows = _easy_hard_rows(ds, h)
+    results = {m: _fitter_rows(m, ds, h, cfg, ctrl if ctrl_ok else None, eh_rows) for m in cfg.fitters}
     out = {
         "dataset": ds.name,
         "dataset_sha256": ds.sha256,
@@ -265,12 +334,7 @@ def transfer(
 
 
 def save_json(out: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(out, indent=1))
 
 
 def plot(out: dict, path: str | Path) -> Path:
@@ -330,10 +394,7 @@ def plot(out: dict, path: str | Path) -> Path:
     )
     ax.legend(fontsize=6.5, ncol=3, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.stem}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    finally:
+        plt.close(fig)

@@ -61,40 +61,70 @@ class SAEConfig:
     """Everything needed to rebuild an SAE and to know what it was trained on."""
 
     arch: str = "topk"
+    """Architecture name: relu-l1, topk, batchtopk or jumprelu (or a registered one)."""
     d_model: int = 576
+    """Width of the activations it reads (numbers per token)."""
     n_features: int = 9216
-    k: int = 32  # topk / batchtopk: active latents per token
-    l1_coeff: float = 5.0  # relu-l1: lambda of sum_i f_i * ||W_dec,i||
-    l1_warmup_frac: float = 0.05  # relu-l1: lambda ramps linearly from 0 over this share of steps
-    init_density: float | None = None  # relu-l1: b_enc set so each latent fires on this share of the init sample
-    k_aux: int | None = None  # AuxK: dead latents used to model the residual; None = d_model // 2
-    aux_coeff: float = 1.0 / 32.0  # AuxK loss coefficient (0 disables AuxK)
-    dead_tokens: int | None = None  # a latent is dead after this many tokens without firing; None = rule in train.py
-    threshold_beta: float = 0.999  # batchtopk: EMA factor of the inference threshold
+    """Dictionary size (latents)."""
+    k: int = 32
+    """Topk / batchtopk: active latents per token (count)."""
+    l1_coeff: float = 5.0
+    """Relu-l1: sparsity coefficient lambda of sum_i f_i * ||W_dec,i|| (unitless weight on the loss)."""
+    l1_warmup_frac: float = 0.05
+    """Relu-l1: lambda ramps linearly from 0 over this share of steps (fraction of the run, 0-1)."""
+    init_density: float | None = None
+    """Relu-l1: b_enc set so each latent fires on this share of the init sample (fraction of tokens, 0-1);
+    None keeps b_enc at 0."""
+    k_aux: int | None = None
+    """AuxK: dead latents used to model the residual (count); None = d_model // 2."""
+    aux_coeff: float = 1.0 / 32.0
+    """AuxK loss coefficient (unitless weight on the loss; 0 disables AuxK)."""
+    dead_tokens: int | None = None
+    """A latent is dead after this many tokens without firing; None = the rule in train.default_dead_tokens."""
+    threshold_beta: float = 0.999
+    """Batchtopk: EMA factor of the inference threshold (per step, 0-1)."""
     # jumprelu: thresholds and bandwidth are in units of the *normalised* training data (mean ||x|| = sqrt(d)),
     # where a unit-norm feature's activation is O(1); the Gemma Scope values (0.001) assume mean ||x||^2 = 1 and
     # thresholds that far below the data scale barely move in a short run (log-threshold steps are ~lr per step).
     jumprelu_bandwidth: float = 0.5
+    """Jumprelu: width of the straight-through kernel around each threshold (normalised activation units)."""
     jumprelu_init_threshold: float = 0.5
-    l0_coeff: float = 1.0  # jumprelu L0 penalty coefficient
-    l0_warmup_frac: float = 0.1  # jumprelu: L0 coefficient ramps linearly from 0 over this share of steps
-    pre_act_coeff: float = 0.0  # jumprelu: weight of the pre-activation loss sum_i relu(t_i - pre_i)*||W_dec,i||
-    l0_penalty: str = "plain"  # jumprelu: "plain" (step function, STE) or "tanh" (tanh(c * f * ||W_dec||))
+    """Jumprelu: every threshold's starting value (normalised activation units)."""
+    l0_coeff: float = 1.0
+    """Jumprelu: L0 penalty coefficient (unitless weight on the loss)."""
+    l0_warmup_frac: float = 0.1
+    """Jumprelu: L0 coefficient ramps linearly from 0 over this share of steps (fraction of the run, 0-1)."""
+    pre_act_coeff: float = 0.0
+    """Jumprelu: weight of the pre-activation loss sum_i relu(t_i - pre_i)*||W_dec,i|| (unitless; 0 = off)."""
+    l0_penalty: str = "plain"
+    """Jumprelu: "plain" (step function, STE) or "tanh" (tanh(c * f * ||W_dec||))."""
     tanh_c: float = 4.0
+    """Jumprelu with l0_penalty="tanh": the sharpness c of tanh(c * f * ||W_dec||) (unitless)."""
     # provenance / data rules
     model: str = ""
+    """Name of the model whose activations it was trained on ("" = unknown)."""
     site: str = ""
-    exclude_bos: bool = True  # position 0 (attention sink) excluded from training and metrics
+    """Site it reads, e.g. resid.15 ("" = unknown)."""
+    exclude_bos: bool = True
+    """True: position 0 (attention sink) excluded from training and metrics."""
     # rows with norm > ratio * median norm are dropped (attention sinks beyond position 0); 10 is the rule the
     # shipped SAE and the benchmarks use. Imported SAEs carry None: their training rule is unknown.
     max_norm_ratio: float | None = 10.0
-    normalize: bool = True  # scale inputs so mean ||x|| = sqrt(d_model) during training
+    """Rows with norm above this many times the median norm are dropped (multiple of the median); None keeps all."""
+    normalize: bool = True
+    """True: scale inputs so mean ||x|| = sqrt(d_model) during training."""
     mean_center: bool = False
-    norm_scale: float = 1.0  # training-time scale (stats only once folded)
+    """True: subtract the init sample's mean activation before scaling, during training."""
+    norm_scale: float = 1.0
+    """Training-time input scale (multiplier; kept as a record once folded into the weights)."""
     norm_mean: list[float] | None = None
-    norm_folded: bool = True  # True: weights act on raw activations
+    """Training-time mean subtracted from inputs (d_model numbers, activation units); None = not centred."""
+    norm_folded: bool = True
+    """True: the weights act on raw activations (normalisation folded in)."""
     dtype: str = "float32"
+    """Dtype name of the weights in memory."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """Keys a newer or foreign writer stored that this version does not know (kept as they were)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str):
@@ -156,30 +186,51 @@ B_DEC_INITS = ("geometric_median", "mean", "zero")
 class TrainConfig:
     """How to train (one schedule for every SAE of a sweep); what to train is SAEConfig."""
 
-    batch_size: int = 4096  # rows (tokens) per optimiser step
-    n_tokens: int | None = None  # token budget (or give steps); for a store, default = all its tokens
+    batch_size: int = 4096
+    """Rows (tokens) per optimiser step."""
+    n_tokens: int | None = None
+    """Token budget (tokens; or give steps); for a store, default = all its tokens (times epochs)."""
     steps: int | None = None
-    lr: float | None = None  # None: the architecture's default_lr (per SAE)
+    """Optimiser steps to run; None = from n_tokens (or the store) and batch_size."""
+    lr: float | None = None
+    """Adam learning rate; None: the architecture's default_lr (per SAE, scaled with the dictionary size)."""
     warmup_frac: float = 0.01
-    decay_frac: float = 0.2  # linear decay to 0 over the last 20% of steps
+    """Linear LR warm-up over this share of steps (fraction of the run, 0-1)."""
+    decay_frac: float = 0.2
+    """Linear LR decay to 0 over this last share of steps (fraction of the run, 0-1)."""
     grad_clip: float = 1.0
+    """Gradient-norm clip (L2 norm; 0 = no clipping)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's two moment decay factors (per step, 0-1)."""
     seed: int = 0
-    dtype: str = "float32"  # "float32" | "bfloat16" (autocast) | "float64" (exact, e.g. DDP tests)
+    """Seed of the weight init (SAE i of a sweep uses seed + i) and of torch's RNG."""
+    dtype: str = "float32"
+    """Training precision: "float32", "bfloat16" (autocast) or "float64" (exact, e.g. DDP tests)."""
     device: str = "cpu"
-    b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zero"
-    init_batches: int = 1  # batches used for normalisation stats and b_dec init
+    """Torch device to train on (cpu, cuda, cuda:1, ...)."""
+    b_dec_init: str = "geometric_median"
+    """Initial decoder bias: "geometric_median", "mean" or "zero" of the init sample."""
+    init_batches: int = 1
+    """Batches (of batch_size rows) read for normalisation stats and b_dec init."""
     checkpoint_dir: str | None = None
+    """Folder for the resumable checkpoint (checkpoint.pt); None = no checkpoints, no resume."""
     # Steps between resumable checkpoints (0: none). A checkpoint (weights + two Adam moments: 128 MB at the
     # default width) costs about a tenth of a CPU step of the same SAE but many GPU steps, so the interval is
     # set for GPU runs; a killed CPU run repeats at most these 500 steps.
     checkpoint_every: int = 500
+    """Optimiser steps between resumable checkpoints (0: none)."""
     log_every: int = 50
-    dead_check_every: int = 10  # how often (steps) the dead-latent mask is refreshed
+    """Optimiser steps between metric log entries."""
+    dead_check_every: int = 10
+    """Optimiser steps between refreshes of the dead-latent mask."""
     progress: bool = True
+    """True: show a progress bar."""
     shuffle_seed: int = 0
+    """Seed of the order rows are read from a store (shuffle buffer)."""
     epochs: int = 1
-    total_tokens: InitVar[int | None] = None  # former name of n_tokens (still accepted, with a warning)
+    """Passes over a store."""
+    total_tokens: InitVar[int | None] = None
+    """Former name of n_tokens (still accepted, with a warning)."""
 
     def __post_init__(self, total_tokens: int | None) -> None:
         if total_tokens is not None:
