@@ -1,9 +1,10 @@
 """The analyzer: which SAE features fire where in a text, and where the SAE fails to explain the activation.
 
-One early-exit forward pass to the SAE's site and one encode give everything: per token its strongest
-features, the activation of any chosen feature, and the relative reconstruction error
-‖x − x̂‖² / ‖x‖² (an anomaly signal: tokens the dictionary cannot express). The decode only touches the
-features that fired somewhere in the text, so it costs a fraction of the encode.
+One early-exit forward pass to the SAE's site and one encode (`features.features_on_text`, the one path from
+text to features, with its one position-0 rule) give everything: per token its strongest features, the
+activation of any chosen feature, and the relative reconstruction error ‖x − x̂‖² / ‖x‖² (an anomaly signal:
+tokens the dictionary cannot express). The decode only touches the features that fired somewhere in the text,
+so it costs a fraction of the encode.
 
     from thoughtscope.analyzer import analyze_text, compare_texts
     a = analyze_text(lm, sae, "The Golden Gate Bridge at dusk", k=5)
@@ -12,23 +13,26 @@ features that fired somewhere in the text, so it costs a fraction of the encode.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import AnalyzerError  # noqa: F401  (re-exported: their old home)
-from .models import LoadedModel, Site, capture
+from .errors import AnalyzerError, FeatureError
+from .features import TextFeatures, features_on_text
+from .models import LoadedModel, Site
 
 
 @dataclass
 class TextAnalysis:
-    """Per-token results for one text; position 0 is flagged as excluded when the SAE ignores the BOS sink."""
+    """Per-token results for one text; position 0 is flagged as excluded when the SAE does not read it
+    (`features.excludes_position_0`): no feature fires there, though its reconstruction error is still given."""
 
     token_ids: list[int]
     tokens: list[str]
     top: list[list[tuple[int, float]]]  # per token: (feature, activation), strongest first, only > 0
-    recon_error: list[float]  # per token: ‖x − x̂‖² / ‖x‖²
+    recon_error: list[float]  # per token, excluded ones too: ‖x − x̂‖² / ‖x‖² of the SAE's own reconstruction
     peaks: list[tuple[int, float, int]]  # over the text: (feature, peak activation, position of the peak)
     excluded: list[int] = field(default_factory=list)  # positions the SAE does not read (BOS sink)
     chosen: dict[int, list[float]] = field(default_factory=dict)  # feature -> activation per token
@@ -93,28 +97,30 @@ def chat_text(lm: LoadedModel, transcript: str) -> str:
     return tok.apply_chat_template(turns, tokenize=False)
 
 
-def _check_text(text: str, max_tokens: int | None, n: int) -> None:
-    if max_tokens is not None and n > max_tokens:
-        raise AnalyzerError(f"text has {n} tokens; the limit is {max_tokens}: shorten it")
+def _text_tokens(max_text_tokens: int | None, max_tokens: int | None, fn: str) -> int | None:
+    """`max_text_tokens`, or its deprecated name `max_tokens` (with a warning)."""
+    if max_tokens is None:
+        return max_text_tokens
+    warnings.warn(f"{fn}(max_tokens=...) is now {fn}(max_text_tokens=...)", DeprecationWarning, stacklevel=3)
+    return max_tokens if max_text_tokens is None else max_text_tokens
 
 
-def _encode_text(lm: LoadedModel, sae, text: str, max_tokens: int | None, probes: dict | None = None):
-    """Token ids, the SAE site's activations and features, and each probe's score per token: one forward pass."""
+def _encode_text(
+    lm: LoadedModel, sae, text: str, max_text_tokens: int | None, probes: dict | None = None
+) -> tuple[TextFeatures, dict[str, list[float]]]:
+    """The text's features (`features_on_text`) and each probe's score per token, from one forward pass."""
     if not isinstance(text, str) or not text.strip():
         raise AnalyzerError("text is empty: paste some text to analyze")
-    ids, mask = lm.tokenize(text)
-    _check_text(text, max_tokens, ids.shape[1])
-    if ids.shape[1] > lm.max_context:
-        raise AnalyzerError(f"text has {ids.shape[1]} tokens but {lm.name} reads at most {lm.max_context}")
-    site = Site.parse(sae.cfg.site)
     probes = probes or {}
-    sites = {site} | {Site.parse(p.cfg.site) for p in probes.values()}
-    acts = capture(lm, sorted(sites, key=str), ids, mask)
-    x = acts[site][0].to(sae.W_dec.dtype)
+    try:
+        tf = features_on_text(
+            lm, sae, text, max_text_tokens=max_text_tokens, also_sites=[p.cfg.site for p in probes.values()]
+        )
+    except FeatureError as e:
+        raise AnalyzerError(str(e)) from None
     with torch.inference_mode():
-        f = sae.encode(x)
-        scores = {name: p.score(acts[Site.parse(p.cfg.site)][0]).float().tolist() for name, p in probes.items()}
-    return ids[0].tolist(), x, f, scores
+        scores = {name: p.score(tf.sites[Site.parse(p.cfg.site)]).float().tolist() for name, p in probes.items()}
+    return tf, scores
 
 
 def analyze_text(
@@ -124,42 +130,43 @@ def analyze_text(
     *,
     k: int = 8,
     features: Sequence[int] = (),
-    max_tokens: int | None = None,
+    max_text_tokens: int | None = None,
     probes: dict | None = None,
+    max_tokens: int | None = None,
 ) -> TextAnalysis:
     """Per token: the k strongest features, the relative reconstruction error; `features` also get full tracks.
 
-    `probes` ({name: probe}, each with `cfg.site` and `score(x)`, as thoughtscope.probes' Probe) are scored on
-    every token from the same forward pass.
+    A text over `max_text_tokens` tokens raises AnalyzerError (`max_tokens` is its deprecated name). `probes`
+    ({name: probe}, each with `cfg.site` and `score(x)`, as thoughtscope.probes' Probe) are scored on every token
+    from the same forward pass.
     """
+    max_text_tokens = _text_tokens(max_text_tokens, max_tokens, "analyze_text")
     n_feat = int(sae.W_dec.shape[0])
     for i in features:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_feat:
             raise AnalyzerError(f"feature {i!r} is out of range: this SAE has features 0..{n_feat - 1}")
-    ids, x, f, probe_scores = _encode_text(lm, sae, text, max_tokens, probes)
+    tf, probe_scores = _encode_text(lm, sae, text, max_text_tokens, probes)
+    x, code = tf.x, tf.encoded
     with torch.inference_mode():
-        active = (f > 0).any(0).nonzero().squeeze(1)
-        x_hat = f[:, active] @ sae.W_dec[active] + sae.b_dec
+        active = (code > 0).any(0).nonzero().squeeze(1)
+        x_hat = code[:, active] @ sae.W_dec[active] + sae.b_dec
         err = (x - x_hat).pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-12)
-        excluded = [0] if getattr(sae.cfg, "exclude_bos", False) and len(ids) > 1 else []
-        f = f.float()
-        if excluded:
-            f[0] = 0
-        kk = min(k, f.shape[1])
-        v, i = f.topk(kk, dim=-1)
-        peak, where = f.max(0)
-        pv, pi = peak.topk(min(4 * kk, f.shape[1]))
+    f = tf.acts
+    kk = min(k, f.shape[1])
+    v, i = f.topk(kk, dim=-1)
+    peak, where = f.max(0)
+    pv, pi = peak.topk(min(4 * kk, f.shape[1]))
     v, i = v.tolist(), i.tolist()
     top = [[(b, a) for b, a in zip(ii, vv) if a > 0] for ii, vv in zip(i, v)]
     where = where.tolist()
     peaks = [(int(n), float(a), int(where[n])) for n, a in zip(pi.tolist(), pv.tolist()) if a > 0]
     return TextAnalysis(
-        token_ids=ids,
-        tokens=token_texts(lm.tokenizer, ids),
+        token_ids=tf.token_ids,
+        tokens=token_texts(lm.tokenizer, tf.token_ids),
         top=top,
         recon_error=[float(e) for e in err.tolist()],
         peaks=peaks,
-        excluded=excluded,
+        excluded=list(tf.excluded),
         chosen={int(n): f[:, n].tolist() for n in features},
         probe_scores=probe_scores,
     )
@@ -173,22 +180,18 @@ def compare_texts(
     *,
     k: int = 20,
     max_act: Sequence[float] | None = None,
+    max_text_tokens: int | None = None,
     max_tokens: int | None = None,
 ) -> list[dict]:
     """Features whose peak activation differs most between two texts, largest |difference| first.
 
     diff = (peak on A − peak on B) / M with M the feature's max activation (`max_act`, e.g. the atlas's, when
     given; else the larger of the two peaks), so a number in [-1, 1] comparable across features; ties are broken
-    by the raw difference of the peaks.
+    by the raw difference of the peaks. Peaks skip the position the SAE does not read; a text over
+    `max_text_tokens` tokens raises AnalyzerError (`max_tokens` is its deprecated name).
     """
-    peaks = []
-    for t in (text_a, text_b):
-        ids, _, f, _ = _encode_text(lm, sae, t, max_tokens)
-        f = f.float().clone()  # a normal tensor: the encode ran in inference mode
-        if getattr(sae.cfg, "exclude_bos", False) and len(ids) > 1:
-            f[0] = 0
-        peaks.append(f.max(0).values)
-    a, b = peaks
+    max_text_tokens = _text_tokens(max_text_tokens, max_tokens, "compare_texts")
+    a, b = (_encode_text(lm, sae, t, max_text_tokens)[0].acts.max(0).values.cpu() for t in (text_a, text_b))
     scale = torch.maximum(a, b)
     if max_act is not None:
         m = torch.as_tensor(list(max_act), dtype=torch.float32)

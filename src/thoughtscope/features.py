@@ -10,17 +10,27 @@ The "× max" unit: `feature_max` returns the one reference used by sliders, pres
 atlas's max when one is given, else the maxima stored with the SAE (`sae.stats`, measured over a corpus
 by `measure_feature_stats`). `feature_max_acts` measures a max on a few texts and is labelled as such.
 
-Every per-text summary excludes position 0 (the attention sink) and padding.
+"Features on a text" has one path, `features_on_texts` (`features_on_text` for one text): the model's own
+tokenisation (`LoadedModel.tokenize`: BOS prepended once where the model has one, no truncation), one forward
+pass to the SAE's site, one encode. The analyzer, the atlas's text queries, the CLI and every function here
+read features through it. Its position-0 rule (`excludes_position_0`) follows the SAE's config: position 0
+(the BOS token, or the text's first token where the model has no BOS: the attention sink either way) is not
+read when `sae.cfg.exclude_bos` is true, the training default and what an SAE whose config records nothing is
+taken to do; its features are zero there, per-text summaries skip it, and so they skip padding.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from .documents import read_prompts
 from .errors import FeatureError  # noqa: F401  (re-exported: their old home)
 from .models import LoadedModel, Site, capture
 from .progress import ProgressBar
@@ -56,24 +66,135 @@ def _texts(name: str, texts) -> list[str]:
     return list(texts)
 
 
-# ----------------------------------------------------------------------------- input side
-@torch.no_grad()
-def token_features(
-    lm: LoadedModel, sae, site: str | Site | None, texts: Sequence[str], *, contexts_per_batch: int = 8
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per text: (activations [T, n_features] of the kept tokens, their ids [T]); sink and pads dropped."""
+# ----------------------------------------------------------------------------- features on a text
+def excludes_position_0(sae) -> bool:
+    """The one position-0 rule: the SAE does not read position 0 when its config says it was trained without it
+    (`cfg.exclude_bos`; SAELens folders record it as `exclude_special_tokens`). A config that records nothing
+    counts as excluding it, the training default."""
+    return bool(getattr(getattr(sae, "cfg", None), "exclude_bos", True))
+
+
+@dataclass
+class TextFeatures:
+    """One text as the SAE reads it (`features_on_texts`)."""
+
+    token_ids: list[int]
+    """Every token the model read, BOS first where the model has one; no padding."""
+    x: torch.Tensor
+    """[T, d_model] activations at the SAE's site, in the SAE's dtype and on its device."""
+    encoded: torch.Tensor
+    """[T, n_features] the SAE's encoding of every position, excluded ones too (what its reconstruction uses)."""
+    excluded: list[int]
+    """Positions the SAE does not read (`excludes_position_0`): [0] or []."""
+    sites: dict[Site, torch.Tensor] = field(default_factory=dict)
+    """[T, d_model] activations at each of the other sites asked for (`also_sites`), as captured."""
+
+    @functools.cached_property
+    def acts(self) -> torch.Tensor:
+        """[T, n_features] float32 on the SAE's device: the features that fire, zero at the excluded positions."""
+        a = self.encoded.float().clone()
+        a[self.excluded] = 0
+        return a
+
+    @property
+    def kept(self) -> list[int]:
+        """The positions the SAE reads."""
+        return [p for p in range(len(self.token_ids)) if p not in self.excluded]
+
+
+def _check_lengths(lm: LoadedModel, n_tokens: torch.Tensor, first: int, max_text_tokens: int | None) -> None:
+    for j, n in enumerate(n_tokens.tolist()):
+        which = "text" if first == 0 and len(n_tokens) == 1 else f"text {first + j}"
+        if max_text_tokens is not None and n > max_text_tokens:
+            raise FeatureError(f"{which} has {n} tokens; the limit is {max_text_tokens}: shorten it")
+        if n > lm.max_context:
+            raise FeatureError(f"{which} has {n} tokens but {lm.name} reads at most {lm.max_context}")
+
+
+def features_on_texts(
+    lm: LoadedModel,
+    sae,
+    texts: Sequence[str],
+    *,
+    site: str | Site | None = None,
+    texts_per_batch: int = 8,
+    max_text_tokens: int | None = None,
+    also_sites: Sequence[str | Site] = (),
+) -> Iterator[TextFeatures]:
+    """The one path from text to SAE features: one `TextFeatures` per text, in order, `texts_per_batch` texts per
+    forward pass (padding masked, then dropped). `site` defaults to the SAE's; `also_sites` are captured in the
+    same pass. A text over `max_text_tokens` tokens, or over the model's context, raises FeatureError (checked
+    before any forward pass of its batch), as does a blank one."""
     site = _site(lm, sae, site)
     texts = _texts("texts", texts)
-    out = []
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise FeatureError(f"text {i} is empty")
+    if isinstance(texts_per_batch, bool) or not isinstance(texts_per_batch, int) or texts_per_batch < 1:
+        raise FeatureError(f"texts_per_batch must be a positive int, got {texts_per_batch!r}")
+    extra = [lm.check_site(s) for s in also_sites]
+    return _encode_batches(lm, sae, site, texts, texts_per_batch, max_text_tokens, extra)
+
+
+@torch.no_grad()
+def _encode_batches(lm, sae, site: Site, texts, texts_per_batch, max_text_tokens, extra) -> Iterator[TextFeatures]:
     dev, dt = sae.W_dec.device, sae.W_dec.dtype
-    for i in range(0, len(texts), contexts_per_batch):
-        chunk = texts[i : i + contexts_per_batch]
-        ids, mask = lm.tokenize(chunk)
-        acts = capture(lm, site, ids, mask)[site]
-        for b in range(len(chunk)):
-            keep = mask[b].bool().clone()
-            keep[0] = False
-            out.append((sae.encode(acts[b][keep].to(dev, dt)).float().cpu(), ids[b][keep].cpu()))
+    sites = sorted({site, *extra}, key=str)
+    for i in range(0, len(texts), texts_per_batch):
+        ids, mask = lm.tokenize(texts[i : i + texts_per_batch])
+        keep = mask.bool()
+        _check_lengths(lm, keep.sum(1), i, max_text_tokens)
+        acts = capture(lm, sites, ids, mask)
+        for b in range(ids.shape[0]):
+            x = acts[site][b][keep[b]].to(dev, dt)
+            yield TextFeatures(
+                token_ids=ids[b][keep[b]].tolist(),
+                x=x,
+                encoded=sae.encode(x),
+                excluded=[0] if excludes_position_0(sae) else [],
+                sites={s: acts[s][b][keep[b]] for s in extra},
+            )
+
+
+def features_on_text(
+    lm: LoadedModel,
+    sae,
+    text: str,
+    *,
+    site: str | Site | None = None,
+    max_text_tokens: int | None = None,
+    also_sites: Sequence[str | Site] = (),
+) -> TextFeatures:
+    """`features_on_texts` for one text."""
+    if not isinstance(text, str):
+        raise FeatureError(f"text must be a string, got {type(text).__name__}")
+    return next(features_on_texts(lm, sae, [text], site=site, max_text_tokens=max_text_tokens, also_sites=also_sites))
+
+
+# ----------------------------------------------------------------------------- input side
+def token_features(
+    lm: LoadedModel,
+    sae,
+    site: str | Site | None,
+    texts: Sequence[str],
+    *,
+    texts_per_batch: int = 8,
+    contexts_per_batch: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per text: (activations [T, n_features] of the positions the SAE reads, their ids [T]), on the CPU:
+    `features_on_texts` without the excluded position. `contexts_per_batch` is the deprecated name of
+    `texts_per_batch`."""
+    if contexts_per_batch is not None:
+        warnings.warn(
+            "token_features(contexts_per_batch=...) is now token_features(texts_per_batch=...)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        texts_per_batch = contexts_per_batch
+    out = []
+    for t in features_on_texts(lm, sae, texts, site=site, texts_per_batch=texts_per_batch):
+        kept = torch.tensor(t.kept, dtype=torch.long)
+        out.append((t.acts.cpu()[kept], torch.tensor(t.token_ids, dtype=torch.long)[kept]))
     return out
 
 
@@ -130,14 +251,46 @@ def contrast_features(
     return [FeatureScore(i, float(s[i]), float(ma[i]), float(mc[i]), float(fa[i]), float(fc[i])) for i in order]
 
 
+def contrast_prompt_files(
+    lm: LoadedModel,
+    sae,
+    prompts: str | Path,
+    controls: str | Path,
+    *,
+    site: str | Site | None = None,
+    atlas=None,
+    score: str | None = None,
+    top: int = 20,
+    max_control_rate: float = 0.5,
+) -> tuple[str, list[FeatureScore]]:
+    """`contrast_features` on two prompt files (`documents.read_prompts`: a .json list, .jsonl, or one prompt per
+    line), with the reference maxima of `feature_max(sae, atlas)`. `score` defaults to "max" when an atlas is
+    given, else "z". Returns (the score used, the ranked features)."""
+    score = score or ("max" if atlas is not None else "z")
+    ref = feature_max(sae, atlas)
+    rows = contrast_features(
+        lm,
+        sae,
+        site,
+        read_prompts(prompts),
+        read_prompts(controls),
+        score=score,
+        top=top,
+        max_control_rate=max_control_rate,
+        maxima=ref.values if ref is not None else None,
+    )
+    return score, rows
+
+
 def top_features_at(
     lm: LoadedModel, sae, site: str | Site | None, text: str, token: int | str = -1, *, top: int = 10
 ) -> tuple[str, list[tuple[int, float]]]:
     """The strongest features at one token: an index (negative from the end; BOS not counted) or a
-    substring (the last token containing it). Returns (the token's text, [(feature, activation)])."""
-    site = _site(lm, sae, site)
-    ids, _ = lm.tokenize([text], add_bos=False)
-    pieces = [lm.tokenizer.decode([int(t)]) for t in ids[0]]
+    substring (the last token containing it). Returns (the token's text, [(feature, activation)]).
+    A token at a position the SAE does not read (`excludes_position_0`) raises FeatureError."""
+    t = features_on_text(lm, sae, text, site=site)
+    shift = len(t.token_ids) - len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # 1: a BOS prepended
+    pieces = [lm.tokenizer.decode([i]) for i in t.token_ids[shift:]]
     if isinstance(token, str):
         hits = [i for i, p in enumerate(pieces) if token.strip() and token.strip() in p]
         if not hits:
@@ -147,11 +300,11 @@ def top_features_at(
         if not -len(pieces) <= token < len(pieces):
             raise FeatureError(f"token index {token} is out of range for a text of {len(pieces)} tokens")
         idx = token % len(pieces)
-    full, mask = lm.tokenize([text])
-    shift = full.shape[1] - len(pieces)  # 1 when a BOS was prepended
-    acts = capture(lm, site, full, mask)[site][0, idx + shift]
-    with torch.no_grad():
-        f = sae.encode(acts.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
+    if idx + shift in t.excluded:
+        raise FeatureError(
+            f"token {idx} ({pieces[idx]!r}) is position 0, the attention sink, which this SAE does not read"
+        )
+    f = t.acts[idx + shift].cpu()
     vals, fi = f.topk(min(top, f.numel()))
     return pieces[idx], [(int(i), float(v)) for i, v in zip(fi, vals) if v > 0]
 
@@ -260,8 +413,8 @@ def feature_max(sae, atlas=None) -> FeatureMax | None:
 def feature_max_acts(
     lm: LoadedModel, sae, site: str | Site | None, texts: Sequence[str], features: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """Each feature's max over these texts only (sink excluded): a local measurement, not the reference
-    max (`feature_max`); it is often well below the corpus max."""
+    """Each feature's max over these texts only (position 0 as `excludes_position_0`): a local measurement, not
+    the reference max (`feature_max`); it is often well below the corpus max."""
     m = per_text_max(lm, sae, site, texts).max(0).values
     return m if features is None else m[torch.as_tensor(list(features), dtype=torch.long)]
 
@@ -280,8 +433,9 @@ def measure_feature_stats(
 ) -> FeatureStats:
     """Max activation and firing frequency of every feature over `n_tokens` of a corpus.
 
-    Tokens follow the SAE training rule: position 0 dropped, and (with `max_norm_ratio`) tokens whose
-    norm exceeds that multiple of the batch's median norm, the other attention sinks.
+    Tokens follow the SAE training rule: position 0 dropped where the SAE does not read it
+    (`excludes_position_0`), and (with `max_norm_ratio`) tokens whose norm exceeds that multiple of the batch's
+    median norm, the other attention sinks.
     """
     if n_tokens <= 0:
         raise FeatureError(f"n_tokens must be positive, got {n_tokens}")
@@ -289,9 +443,10 @@ def measure_feature_stats(
     n = int(sae.W_dec.shape[0])
     mx, fires, seen = torch.zeros(n), torch.zeros(n), 0
     dev, dt = sae.W_dec.device, sae.W_dec.dtype
+    first = 1 if excludes_position_0(sae) else 0
     with ProgressBar("feature stats", n_tokens, unit="tokens", enabled=progress) as bar:
         for ctx in corpus.batches(lm.tokenizer, ctx_len, contexts_per_batch):
-            h = capture(lm, [site], ctx.input_ids.to(lm.device))[site][:, 1:].reshape(-1, lm.d_model).float()
+            h = capture(lm, [site], ctx.input_ids.to(lm.device))[site][:, first:].reshape(-1, lm.d_model).float()
             if max_norm_ratio is not None and h.shape[0]:
                 norms = h.norm(dim=-1)
                 h = h[norms <= max_norm_ratio * norms.median()]
@@ -309,6 +464,7 @@ def measure_feature_stats(
     return FeatureStats(
         mx,
         fires / seen,
-        f"corpus {src} at {site} (ctx {ctx_len}, sink and >{max_norm_ratio}x median-norm tokens excluded)",
+        f"corpus {src} at {site} (ctx {ctx_len}, {'sink and ' if first else ''}>{max_norm_ratio}x median-norm tokens"
+        " excluded)",
         seen,
     )

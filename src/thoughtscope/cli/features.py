@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import _fail, _load, _open_atlas, console, one_line_errors, read_lines
+from .common import _fail, _load, _open_atlas, console, one_line_errors
 
 features_app = typer.Typer(
     no_args_is_help=True,
@@ -30,8 +30,10 @@ def _model_and_sae(model: str, sae: str, atlas: Path | None):
 @features_app.command("contrast")
 @one_line_errors
 def contrast_cmd(
-    prompts: Path = typer.Option(..., help="text file, one prompt per line, where the concept is present"),
-    controls: Path = typer.Option(..., help="text file, one prompt per line, without it"),
+    prompts: Path = typer.Option(
+        ..., help="prompt file where the concept is present: a .json list, .jsonl, or one prompt per line"
+    ),
+    controls: Path = typer.Option(..., help="prompt file without it (same formats)"),
     sae: str = typer.Option("default"),
     model: str = typer.Option("default"),
     atlas: Path | None = typer.Option(None, help="take model, SAE and feature maxima from this atlas"),
@@ -44,21 +46,11 @@ def contrast_cmd(
     top: int = typer.Option(20, "--top", "--k", help="how many features to list"),
 ) -> None:
     """Features most active on the prompts and least on the controls, ranked by a stated score."""
-    from ..features import SCORES, contrast_features, feature_max
+    from ..features import SCORES, contrast_prompt_files
 
     at, lm, sae_obj = _model_and_sae(model, sae, atlas)
-    score = score or ("max" if at is not None else "z")
-    ref = feature_max(sae_obj, at)
-    rows = contrast_features(
-        lm,
-        sae_obj,
-        None,
-        read_lines(prompts),
-        read_lines(controls),
-        score=score,
-        top=top,
-        max_control_rate=max_control_rate,
-        maxima=ref.values if ref else None,
+    score, rows = contrast_prompt_files(
+        lm, sae_obj, prompts, controls, atlas=at, score=score or None, top=top, max_control_rate=max_control_rate
     )
     table = Table(title=f"contrastive search, score {score}: {SCORES[score]}")
     for c in ("feature", "score", "mean on prompts", "mean on controls", "fires on prompts", "fires on controls"):
@@ -196,7 +188,11 @@ def show_cmd(n: int = typer.Argument(...), atlas: Path = typer.Option(..., help=
 
 @features_app.command("random")
 @one_line_errors
-def random_cmd(atlas: Path = typer.Option(...), n: int = typer.Option(3), seed: int | None = None) -> None:
+def random_cmd(
+    atlas: Path = typer.Option(...),
+    n: int = typer.Option(3, "-n", "--n", help="how many features"),
+    seed: int | None = None,
+) -> None:
     """Cards for uniformly random alive features: the unbiased way to browse."""
     from ..atlas import show_feature
     from ..atlas.cards import load_tokenizer
