@@ -241,7 +241,7 @@ def test_default_model_smoke(tmp_path):
             local,
             tokenizer=lm.tokenizer,
             features=feats,
-            config=ExplainConfig(n_score_pos=4, n_score_neg=4, explain_max_tokens=30),
+            config=ExplainConfig(n_score_pos=4, n_score_neg=4, explain_max_new_tokens=30),
             progress=False,
         )
         assert s["ok"] + s["failed"] == 2
@@ -254,12 +254,12 @@ def test_default_model_smoke(tmp_path):
 
 
 def test_streaming_topk_and_reservoir_match_exact_answers():
-    """FeatureStats alone on synthetic activations: exact top-k, uniform quantile sample, exact counts."""
-    from thoughtscope.atlas.stats import FeatureStats
+    """RunningFeatureStats alone on synthetic activations: exact top-k, uniform quantile sample, exact counts."""
+    from thoughtscope.atlas.stats import RunningFeatureStats
 
     cfg = AtlasConfig(ctx_len=16, contexts_per_batch=4, top_k=5, n_bins=4, per_bin=5, window_left=2, window_right=1)
     m, T, B = 3, 16, 4
-    st = FeatureStats(m, cfg)
+    st = RunningFeatureStats(m, cfg)
     g = torch.Generator().manual_seed(0)
     all_vals = {i: [] for i in range(m)}
     for b in range(40):
@@ -289,11 +289,11 @@ def test_streaming_topk_and_reservoir_match_exact_answers():
 def test_sparse_bookkeeping_equals_dense_path():
     """The build's path (windows read from the sparse triples) keeps exactly the state of the dense reference
     (windows gathered from the full [B*T, m] matrix), including exact ties and windows cut at context edges."""
-    from thoughtscope.atlas.stats import FeatureStats
+    from thoughtscope.atlas.stats import RunningFeatureStats
 
     cfg = AtlasConfig(ctx_len=12, contexts_per_batch=3, top_k=4, n_bins=3, per_bin=2, window_left=4, window_right=2)
     m, T, B, k = 10, 12, 3, 3
-    sparse, dense = FeatureStats(m, cfg), FeatureStats(m, cfg)
+    sparse, dense = RunningFeatureStats(m, cfg), RunningFeatureStats(m, cfg)
     g = torch.Generator().manual_seed(1)
     for b in range(25):
         idx = torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(B * T)])

@@ -261,7 +261,7 @@ def test_offline_local_explainer_runs(env):
     with one_thread():
         p = local.yes_probability([{"role": "user", "content": "Is q a letter? Answer Yes or No."}])
         assert 0.0 < p < 1.0
-        cfg = ExplainConfig(n_top=3, n_quantile=2, n_score_pos=4, n_score_neg=4, explain_max_tokens=8, fuzz=False)
+        cfg = ExplainConfig(n_top=3, n_quantile=2, n_score_pos=4, n_score_neg=4, explain_max_new_tokens=8, fuzz=False)
         s = explain_atlas(
             path, local, local, tokenizer=lm.tokenizer, features=[PLANT], config=cfg, resume=False, progress=False
         )

@@ -66,3 +66,23 @@ def test_bad_options_fail_with_one_line(atlas_dir):
     assert r.exit_code == 2 and "lexical" in r.output
     r = runner.invoke(app, ["atlas", "explain", str(atlas_dir / "missing"), "--offline"])
     assert r.exit_code == 2 and "missing" in r.output
+
+
+def test_build_help_names_contexts_per_batch_and_hides_the_old_flag():
+    r = _ok(["atlas", "build", "--help"], env={"COLUMNS": "200"})
+    assert "--contexts-per-batch" in r.output and "Contexts per forward pass" in r.output
+    assert "--batch-size" not in r.output
+
+
+def test_explain_config_old_answer_cap_names_still_work():
+    from thoughtscope.atlas import ExplainConfig
+
+    with pytest.warns(DeprecationWarning, match="max_new_tokens"):
+        cfg = ExplainConfig(explain_max_tokens=8, score_max_tokens=9)
+    assert (cfg.explain_max_new_tokens, cfg.score_max_new_tokens) == (8, 9)
+    assert "explain_max_tokens" not in vars(ExplainConfig())
+
+
+def test_unknown_scorer_fails_with_one_line(atlas_dir):
+    r = runner.invoke(app, ["atlas", "explain", str(atlas_dir / "atlas"), "--scorer", "magic"])
+    assert r.exit_code == 2 and "auto, lexical or llm" in r.output

@@ -1,6 +1,6 @@
 """Feature atlas: for every SAE feature, what activates it, what it does, its neighbours, and a scored explanation."""
 
-from .build import AtlasConfig, build_atlas
+from .build import AtlasConfig, build_atlas, build_atlas_from
 from .cards import feature_card, load_tokenizer, show_feature, text_card
 from .db import Atlas, AtlasError, Example, Feature
 from .encode import check_sae_matches
@@ -17,7 +17,8 @@ from .explain import (
 )
 from .geometry import logit_effects, nearest_features
 from .offline_explain import OfflineExplainer, OfflineOptions, explain_offline
-from .query import contrast, feature_acts, open_with_model, top_features_for_text
+from .query import activations_on_texts, contrast, open_with_model, top_features_for_text
+from .run_explain import run_explain
 from .scoring import LexicalScorer, parse_cues
 
 __all__ = [
@@ -33,22 +34,24 @@ __all__ = [
     "LocalChatClient",
     "OfflineExplainer",
     "OfflineOptions",
+    "activations_on_texts",
     "auroc",
     "balanced_accuracy",
     "build_atlas",
+    "build_atlas_from",
     "check_sae_matches",
     "client_from_env",
     "contrast",
     "estimate",
     "explain_atlas",
     "explain_offline",
-    "feature_acts",
     "feature_card",
     "load_tokenizer",
     "logit_effects",
     "nearest_features",
     "open_with_model",
     "parse_cues",
+    "run_explain",
     "show_feature",
     "text_card",
     "top_features_for_text",

@@ -23,7 +23,7 @@ from ..plans import AtlasConfig
 from ..progress import ProgressBar
 from .db import AtlasError
 from .encode import SparseEncoder, check_sae_matches, sae_fingerprint
-from .stats import FeatureStats
+from .stats import RunningFeatureStats
 from .writer import write_db
 
 __all__ = ["AtlasConfig", "build_atlas", "check_sae_matches", "sae_fingerprint"]
@@ -82,27 +82,50 @@ def build_atlas(
     cfg.validate()
     site = check_sae_matches(lm, sae, site)
     cfg.check_context(lm.name, lm.max_context)
-    exclude_bos = sae.cfg.exclude_bos if cfg.exclude_bos is None else cfg.exclude_bos
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sae = sae.to(lm.device).eval()
-    m = sae.cfg.n_features
-    T = cfg.ctx_len
-    n_contexts = math.ceil(cfg.n_tokens / T)
-    random_stride = max(1, n_contexts // max(1, cfg.n_random_contexts))
-    ident = {
-        "model": lm.name,
-        "site": str(site),
-        "sae_fingerprint": sae_fingerprint(sae),
-        "corpus": getattr(corpus, "spec", str(corpus)),
-        "config": asdict(cfg),
-        "exclude_bos": exclude_bos,
-    }
+    run = _StreamingPass(lm, sae.to(lm.device).eval(), corpus, cfg, site, out / CKPT_NAME)
+    run.phase["setup_s"] = time.perf_counter() - t_start
+    stopped = run.stream(progress, stop_after_batches)
+    if timings is not None:
+        timings["stream_s"] = time.perf_counter() - t_start
+        timings["stream_cpu_s"] = time.process_time() - c_start
+        timings.update(run.phase)
+    if stopped:
+        return run.ckpt
+    t_fin = time.perf_counter()
+    path = write_db(lm, run.sae, run.stats, cfg, out, run.ident, site, sae_path, corpus, run.random_stride, progress)
+    run.ckpt.unlink(missing_ok=True)
+    if timings is not None:
+        timings["finalize_s"] = time.perf_counter() - t_fin
+    return path
 
-    stats = FeatureStats(m, cfg)
-    encoder = SparseEncoder(sae)
-    ckpt = out / CKPT_NAME
-    if ckpt.is_file():
+
+class _StreamingPass:
+    """One build's pass over the corpus: model -> SAE sparse code -> running statistics, checkpointed."""
+
+    def __init__(self, lm: LoadedModel, sae, corpus, cfg: AtlasConfig, site: Site, ckpt: Path):
+        self.lm, self.sae, self.corpus, self.cfg, self.site, self.ckpt = lm, sae, corpus, cfg, site, ckpt
+        self.exclude_bos = sae.cfg.exclude_bos if cfg.exclude_bos is None else cfg.exclude_bos
+        self.n_contexts = math.ceil(cfg.n_tokens / cfg.ctx_len)
+        self.random_stride = max(1, self.n_contexts // max(1, cfg.n_random_contexts))
+        self.ident = {
+            "model": lm.name,
+            "site": str(site),
+            "sae_fingerprint": sae_fingerprint(sae),
+            "corpus": getattr(corpus, "spec", str(corpus)),
+            "config": asdict(cfg),
+            "exclude_bos": self.exclude_bos,
+        }
+        self.stats = RunningFeatureStats(sae.cfg.n_features, cfg)
+        self.encoder = SparseEncoder(sae)
+        self.phase = dict.fromkeys(("setup_s", "forward_s", "encode_s", "update_s", "checkpoint_s"), 0.0)
+        if ckpt.is_file():
+            self._resume()
+
+    def _resume(self) -> None:
+        """Continue from the checkpoint, which must belong to this very build."""
+        ckpt = self.ckpt
         try:
             saved = torch.load(ckpt, weights_only=False)
         except Exception as e:  # a torn or foreign file: say so rather than silently restarting
@@ -110,75 +133,98 @@ def build_atlas(
                 f"{ckpt} cannot be read ({type(e).__name__}: {e}); delete it to start the build over"
             ) from e
         old = _renamed_fields(saved.get("ident") or {})
-        if old != ident:
-            diff = [k for k in ident if old.get(k) != ident[k]]
+        if old != self.ident:
+            diff = [k for k in self.ident if old.get(k) != self.ident[k]]
             raise AtlasError(
                 f"{ckpt} belongs to a different build (differs in: {', '.join(diff)}); use another "
                 f"output folder or delete the checkpoint"
             )
-        stats.load_state_dict(saved["stats"])
+        self.stats.load_state_dict(saved["stats"])
 
-    phase = dict.fromkeys(("setup_s", "forward_s", "encode_s", "update_s", "checkpoint_s"), 0.0)
-    phase["setup_s"] = time.perf_counter() - t_start
-
-    def checkpoint() -> None:
+    def checkpoint(self) -> None:
         t0 = time.perf_counter()
-        atomic_torch_save({"ident": ident, "stats": stats.state_dict()}, ckpt)
+        stats = self.stats
+        atomic_torch_save({"ident": self.ident, "stats": stats.state_dict()}, self.ckpt)
         stats.contexts = [torch.cat(stats.contexts)] if stats.contexts else []
-        phase["checkpoint_s"] += time.perf_counter() - t0
+        self.phase["checkpoint_s"] += time.perf_counter() - t0
 
-    bar = ProgressBar(
-        f"atlas {site} × {m} features",
-        n_contexts * T,
-        start=stats.batches * cfg.batch_tokens,
-        unit="tok",
-        enabled=progress,
+    def stream(self, progress: bool, stop_after_batches: int | None) -> bool:
+        """Read batches until the token budget is spent (or the corpus ends); True when stopped on purpose."""
+        cfg, stats, T = self.cfg, self.stats, self.cfg.ctx_len
+        bar = ProgressBar(
+            f"atlas {self.site} × {self.sae.cfg.n_features} features",
+            self.n_contexts * T,
+            start=stats.batches * cfg.batch_tokens,
+            unit="tok",
+            enabled=progress,
+        )
+        ctx_done = sum(c.shape[0] for c in stats.contexts)
+        stopped = False
+        try:
+            for b, batch in cfg.batches(self.corpus, self.lm.tokenizer, start=stats.batches):  # b: 0 = first batch
+                if ctx_done >= self.n_contexts:
+                    break
+                if stop_after_batches is not None and b >= stop_after_batches:
+                    stopped = True
+                    break
+                ctx_done += self.step(b, batch.input_ids[: self.n_contexts - ctx_done], ctx_done)
+                bar.update(ctx_done * T)
+                if stats.batches % cfg.checkpoint_every == 0:
+                    self.checkpoint()
+            if not stopped and ctx_done < self.n_contexts:
+                bar.note(f"the corpus ran out after {ctx_done * T} tokens (asked for {cfg.n_tokens})")
+        finally:
+            bar.close()
+        self.checkpoint()
+        return stopped
+
+    def step(self, b: int, ids: torch.Tensor, ctx_done: int) -> int:
+        """One batch of contexts through the model, the SAE and the statistics; returns how many contexts."""
+        lm, site, T = self.lm, self.site, self.cfg.ctx_len
+        Bn = ids.shape[0]
+        t0 = time.perf_counter()
+        acts = capture(lm, [site], ids.to(lm.device), early_exit=True)[site]
+        t1 = time.perf_counter()
+        x = acts.reshape(Bn * T, -1).to(self.sae.W_dec.dtype)
+        rows, feats, vals = self.encoder(x)
+        rows, feats, vals = rows.cpu(), feats.cpu(), vals.float().cpu()
+        if self.exclude_bos:
+            keep = rows % T != 0
+            rows, feats, vals = rows[keep], feats[keep], vals[keep]
+        t2 = time.perf_counter()
+        with _single_thread():
+            self.stats.update(
+                None, ids, ctx_done, b, rows=rows, feats=feats, vals=vals, random_stride=self.random_stride
+            )
+        self.phase["forward_s"] += t1 - t0
+        self.phase["encode_s"] += t2 - t1
+        self.phase["update_s"] += time.perf_counter() - t2
+        self.stats.tokens += Bn * (T - 1 if self.exclude_bos else T)
+        return Bn
+
+
+def build_atlas_from(
+    sae: str | os.PathLike,
+    out: str | os.PathLike,
+    config: AtlasConfig | None = None,
+    *,
+    model: str | None = None,
+    corpus: str = "default",
+    progress: bool = True,
+    timings: dict | None = None,
+) -> Path:
+    """`build_atlas` from names, as `thoughtscope atlas build` takes them: an SAE folder ('default': the shipped
+    SAE), the model (default: the one the SAE was trained on, or 'default') and a corpus spec."""
+    from ..corpus import Corpus
+    from ..models import DEFAULT_MODEL_NAME, load_model
+    from ..sae import load_sae
+    from ..sae.formats import default_sae_path
+
+    folder = default_sae_path() if str(sae) == "default" else Path(sae)
+    sae_obj = load_sae(folder)
+    if model is None:
+        model = "default" if sae_obj.cfg.model in ("", DEFAULT_MODEL_NAME) else sae_obj.cfg.model
+    lm = load_model(model)
+    return build_atlas(
+        lm, sae_obj, Corpus(corpus), out, config, sae_path=str(folder.resolve()), progress=progress, timings=timings
     )
-    ctx_done = sum(c.shape[0] for c in stats.contexts)
-    stopped = False
-    try:
-        for b, batch in cfg.batches(corpus, lm.tokenizer, start=stats.batches):  # b: 0 = first batch read
-            if ctx_done >= n_contexts:
-                break
-            if stop_after_batches is not None and b >= stop_after_batches:
-                stopped = True
-                break
-            ids = batch.input_ids[: n_contexts - ctx_done]
-            Bn = ids.shape[0]
-            t0 = time.perf_counter()
-            acts = capture(lm, [site], ids.to(lm.device), early_exit=True)[site]
-            t1 = time.perf_counter()
-            x = acts.reshape(Bn * T, -1).to(sae.W_dec.dtype)
-            rows, feats, vals = encoder(x)
-            rows, feats, vals = rows.cpu(), feats.cpu(), vals.float().cpu()
-            if exclude_bos:
-                keep = rows % T != 0
-                rows, feats, vals = rows[keep], feats[keep], vals[keep]
-            t2 = time.perf_counter()
-            with _single_thread():
-                stats.update(None, ids, ctx_done, b, rows=rows, feats=feats, vals=vals, random_stride=random_stride)
-            phase["forward_s"] += t1 - t0
-            phase["encode_s"] += t2 - t1
-            phase["update_s"] += time.perf_counter() - t2
-            stats.tokens += Bn * (T - 1 if exclude_bos else T)
-            ctx_done += Bn
-            bar.update(ctx_done * T)
-            if stats.batches % cfg.checkpoint_every == 0:
-                checkpoint()
-    finally:
-        bar.close()
-    checkpoint()
-    if timings is not None:
-        timings["stream_s"] = time.perf_counter() - t_start
-        timings["stream_cpu_s"] = time.process_time() - c_start
-        timings.update(phase)
-    if stopped:
-        return ckpt
-    if ctx_done < n_contexts:
-        bar.note(f"the corpus ran out after {ctx_done * T} tokens (asked for {cfg.n_tokens})")
-    t_fin = time.perf_counter()
-    path = write_db(lm, sae, stats, cfg, out, ident, site, sae_path, corpus, random_stride, progress)
-    ckpt.unlink(missing_ok=True)
-    if timings is not None:
-        timings["finalize_s"] = time.perf_counter() - t_fin
-    return path

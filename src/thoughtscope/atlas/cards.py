@@ -133,13 +133,13 @@ def show_feature(atlas: Atlas, n: int, tokenizer=None, console=None, **kw) -> No
     (console or Console()).print(feature_card(atlas, n, tokenizer, **kw))
 
 
-def text_card(result: dict, *, max_tokens: int = 64):
-    """Render top_features_for_text: per token, its most active features."""
+def text_card(result: dict, *, max_shown_tokens: int = 64):
+    """Render top_features_for_text: per token, its most active features (the first `max_shown_tokens` tokens)."""
     tbl = Table(title="features per token", box=None)
     tbl.add_column("pos", justify="right")
     tbl.add_column("token")
     tbl.add_column("top features (activation)")
-    for tf in result["tokens"][:max_tokens]:
+    for tf in result["tokens"][:max_shown_tokens]:
         tbl.add_row(str(tf.pos), repr(tf.token), ", ".join(f"{n} ({a:.2f})" for n, a in tf.features))
     return tbl
 

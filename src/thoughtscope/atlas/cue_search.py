@@ -235,48 +235,37 @@ class OfflineExplainer:
 
     def explain(self, task: FeatureTask) -> str:
         """One explanation from the task's shown examples (never its held-out ones)."""
-        opt, tok = self.opt, self.tokenizer
-        shown = task.shown
-        if not shown:
+        if not task.shown:
             raise ExplainerError(f"feature {task.feature} never fired in the atlas corpus: nothing to explain")
-        # (tokens, first, last shown position, marked positions, peak) of every window the explainer learns from:
-        # the shown examples, and the feature's activations in the background half of the random sample
-        wins = []
-        for e in shown:
-            lo, hi = span(e, self.cfg)
-            wins.append((e.tokens, lo, hi, true_marks(e, self.cfg) or {e.pos}, e.pos))
-        if opt.background_examples:
-            wins += self._background_examples(task.feature, opt.background_examples)
+        wins = self._learning_windows(task)
+        tok = self.tokenizer
         # as the scorer reads a window (heldout.render): the span decoded in one piece
         texts = [
             tok.decode([int(t) for t in toks[lo : hi + 1]]).replace("\n", "⏎").lower() for toks, lo, hi, _, _ in wins
         ]
-        text_kinds = _kind_matrix(texts)
-        fire: dict[str, int] = {}
-        context: dict[str, int] = {}
-        peaks: dict[str, int] = {}
-        for toks, lo, hi, marks, pos in wins:
-            f_here, c_here = set(), set()
-            for p in range(lo, hi + 1):
-                u = _unit(tok, toks, p, lo, hi)
-                if not u:
-                    continue
-                if p in marks:
-                    f_here.add(u)
-                    if p - 1 >= lo:
-                        b = _bigram(tok, toks[p - 1], toks[p])
-                        if b != u and _readable(b):
-                            f_here.add(b)
-                else:
-                    c_here.add(u)
-            for u in f_here:
-                fire[u] = fire.get(u, 0) + 1
-            for u in c_here - f_here:
-                context[u] = context.get(u, 0) + 1
-            pk = _unit(tok, toks, pos, lo, hi)
-            if pk:
-                peaks[pk] = peaks.get(pk, 0) + 1
-        n = len(wins)
+        fire, context, peaks = _unit_counts(tok, wins)
+        cands = self._candidates(fire, context, len(wins))
+        promotes = self._promotes(task)
+        reading = _Reading(self, texts, self._silent(task.feature))
+        picked = self._search(cands, reading, promotes)
+        if not picked["fire"] and peaks:  # nothing beats ordinary text: say where it peaks, the score will tell
+            picked["fire"] = [max(sorted(peaks), key=peaks.get)]
+        return _phrase(picked, promotes)
+
+    def _learning_windows(self, task: FeatureTask) -> list[tuple]:
+        """(tokens, first, last shown position, marked positions, peak) of every window the explainer learns from:
+        the shown examples, and the feature's activations in the background half of the random sample."""
+        wins = []
+        for e in task.shown:
+            lo, hi = span(e, self.cfg)
+            wins.append((e.tokens, lo, hi, true_marks(e, self.cfg) or {e.pos}, e.pos))
+        if self.opt.background_examples:
+            wins += self._background_examples(task.feature, self.opt.background_examples)
+        return wins
+
+    def _candidates(self, fire: dict[str, int], context: dict[str, int], n: int) -> list[tuple[str, str]]:
+        """(cue, clause) pairs worth trying: every kind of text, and the strings with enough support."""
+        opt = self.opt
         need = min(opt.min_support, max(1, n // 2))
         cands = [(c, "language") for c in LANGUAGE_WORDS] + [(c, "layout") for c in LAYOUT_WORDS]
         cands += [(c, "fire") for c, k in fire.items() if k >= need and _quote(c)]
@@ -285,34 +274,33 @@ class OfflineExplainer:
             for c, k in context.items()
             if k >= max(need, opt.min_context_support * n) and c not in fire and _quote(c)
         ]
-        silent = self._silent(task.feature)
-        promotes = []
+        return cands
+
+    def _promotes(self, task: FeatureTask) -> list[str]:
+        """The first readable, quotable, distinct tokens of the feature's direct logit effect."""
+        promotes: list[str] = []
         for tid, _ in task.logits_pos:
-            s = piece(tok, tid).strip()
+            s = piece(self.tokenizer, tid).strip()
             if (
                 _readable(s)
                 and _quote(s)
                 and s.lower() not in [p.lower() for p in promotes]
-                and len(promotes) < opt.max_promotes
+                and len(promotes) < self.opt.max_promotes
             ):
                 promotes.append(s)
+        return promotes
 
-        def vectors(c: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
-            """How well each shown window and each silent background window matches the cue (the scorer's reading)."""
-            if kind in ("language", "layout"):
-                return text_kinds[:, _KIND_COLUMN[c]], self._bg_strength(c)[silent]
-            return (
-                np.fromiter((c in t for t in texts), dtype=bool, count=n).astype(np.float64),
-                self._bg_has(c).astype(np.float64)[silent],
-            )
-
+    def _search(self, cands: list[tuple[str, str]], reading: _Reading, promotes: list[str]) -> dict[str, list[str]]:
+        """Greedy: add the cue that most raises the simulated scorer's AUROC, at the weight the scorer gives the
+        next cue of its clause, until no cue gains more than `min_gain`."""
+        opt = self.opt
         # the scorer's reading of what is always written (the promoted tokens weigh a quarter, as it reads them)
-        sp, sn = np.zeros(n), np.zeros(int(silent.sum()))
+        sp, sn = np.zeros(reading.n), np.zeros(reading.n_silent)
         for i, c in enumerate(promotes):
-            vp, vn = vectors(c.lower(), "promotes")
+            vp, vn = reading.vectors(c.lower(), "promotes")
             w = scoring.OUTPUT_WEIGHT * scoring.rank_weight(i)
             sp, sn = sp + w * vp, sn + w * vn
-        vec = {ck: vectors(*ck) for ck in cands}
+        vec = {ck: reading.vectors(*ck) for ck in cands}
         if len(sn):  # only the most promising cues (by TPR - FPR of "present") go into the search
             j = {ck: float((v[0] >= 0.5).mean() - (v[1] >= 0.5).mean()) for ck, v in vec.items()}
             cands = sorted((ck for ck in cands if j[ck] > 0), key=lambda ck: (-j[ck], len(ck[0]), ck[0]))
@@ -339,20 +327,72 @@ class OfflineExplainer:
             picked[kind].append(c)
             sp, sn = sp + w * vec[c, kind][0], sn + w * vec[c, kind][1]
             current = _auroc_of(sp, sn)
-        if not picked["fire"] and peaks:  # nothing beats ordinary text: say where it peaks, the score will tell
-            picked["fire"] = [max(sorted(peaks), key=peaks.get)]
-        parts = []
-        if picked["fire"]:
-            parts.append("fires on " + ", ".join(_quote(c) for c in picked["fire"]))
-        if picked["language"]:
-            parts.append("in " + " or ".join(KIND_WORDS[k] for k in picked["language"]) + " text")
-        if picked["layout"]:
-            parts.append("with " + " or ".join(KIND_WORDS[k] for k in picked["layout"]))
-        if picked["context"]:
-            parts.append("context " + ", ".join(_quote(c) for c in picked["context"]))
-        if promotes:
-            parts.append("promotes " + ", ".join(_quote(c) for c in promotes))
-        return "; ".join(parts) if parts else "fires on unclear tokens"
+        return picked
+
+
+class _Reading:
+    """How the lexical scorer reads one feature's windows: each learning window and each silent background
+    window's match of a cue."""
+
+    def __init__(self, explainer: OfflineExplainer, texts: list[str], silent: np.ndarray):
+        self.explainer, self.texts, self.silent = explainer, texts, silent
+        self.kinds = _kind_matrix(texts)
+        self.n, self.n_silent = len(texts), int(silent.sum())
+
+    def vectors(self, c: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """How well each shown window and each silent background window matches the cue (the scorer's reading)."""
+        if kind in ("language", "layout"):
+            return self.kinds[:, _KIND_COLUMN[c]], self.explainer._bg_strength(c)[self.silent]
+        return (
+            np.fromiter((c in t for t in self.texts), dtype=bool, count=self.n).astype(np.float64),
+            self.explainer._bg_has(c).astype(np.float64)[self.silent],
+        )
+
+
+def _unit_counts(tok, wins: list[tuple]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """In how many windows each string is marked ("fires on": a marked token, or a bigram ending on one), is
+    only unmarked ("context"), and is the peak."""
+    fire: dict[str, int] = {}
+    context: dict[str, int] = {}
+    peaks: dict[str, int] = {}
+    for toks, lo, hi, marks, pos in wins:
+        f_here, c_here = set(), set()
+        for p in range(lo, hi + 1):
+            u = _unit(tok, toks, p, lo, hi)
+            if not u:
+                continue
+            if p in marks:
+                f_here.add(u)
+                if p - 1 >= lo:
+                    b = _bigram(tok, toks[p - 1], toks[p])
+                    if b != u and _readable(b):
+                        f_here.add(b)
+            else:
+                c_here.add(u)
+        for u in f_here:
+            fire[u] = fire.get(u, 0) + 1
+        for u in c_here - f_here:
+            context[u] = context.get(u, 0) + 1
+        pk = _unit(tok, toks, pos, lo, hi)
+        if pk:
+            peaks[pk] = peaks.get(pk, 0) + 1
+    return fire, context, peaks
+
+
+def _phrase(picked: dict[str, list[str]], promotes: list[str]) -> str:
+    """The explanation as written: 'fires on ...; in ... text; with ...; context ...; promotes ...'."""
+    parts = []
+    if picked["fire"]:
+        parts.append("fires on " + ", ".join(_quote(c) for c in picked["fire"]))
+    if picked["language"]:
+        parts.append("in " + " or ".join(KIND_WORDS[k] for k in picked["language"]) + " text")
+    if picked["layout"]:
+        parts.append("with " + " or ".join(KIND_WORDS[k] for k in picked["layout"]))
+    if picked["context"]:
+        parts.append("context " + ", ".join(_quote(c) for c in picked["context"]))
+    if promotes:
+        parts.append("promotes " + ", ".join(_quote(c) for c in promotes))
+    return "; ".join(parts) if parts else "fires on unclear tokens"
 
 
 def _auroc_of(pos: np.ndarray, neg: np.ndarray) -> float:

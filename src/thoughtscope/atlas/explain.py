@@ -36,6 +36,7 @@ from ..llm import (
     MalformedAnswer,
     client_from_env,
 )
+from ..progress import ProgressBar
 from .db import Atlas
 from .heldout import ExplainConfig, ExplainerError, FeatureTask, prepare, render, shuffled_marks, true_marks
 from .prompts import (
@@ -92,7 +93,7 @@ def _predict(client, explanation: str, texts: list[str], kind: str, cfg: Explain
     for s in range(0, len(texts), cfg.per_prompt):
         chunk = texts[s : s + cfg.per_prompt]
         out += client.call(
-            make(explanation, chunk), max_tokens=cfg.score_max_tokens, parse=parse_probabilities(len(chunk))
+            make(explanation, chunk), max_new_tokens=cfg.score_max_new_tokens, parse=parse_probabilities(len(chunk))
         )
     return out
 
@@ -159,7 +160,9 @@ def explain_one(
             if not task.shown:
                 raise ExplainerError("the feature never fired in the atlas corpus: nothing to explain")
             explanation = explainer.call(
-                explain_messages(task, tokenizer, cfg), max_tokens=cfg.explain_max_tokens, parse=parse_explanation
+                explain_messages(task, tokenizer, cfg),
+                max_new_tokens=cfg.explain_max_new_tokens,
+                parse=parse_explanation,
             )
         rec["explanation"] = explanation
         details: dict[str, Any] = {
@@ -245,7 +248,7 @@ def estimate(
         "requests": int(round(per_feature_reqs * n)),
         "prompt_tokens_per_feature": int(per_feature_tokens),
         "prompt_tokens": int(per_feature_tokens * n),
-        "completion_tokens": int(n * (cfg.explain_max_tokens + (cfg.score_max_tokens if scoring else 0))),
+        "completion_tokens": int(n * (cfg.explain_max_new_tokens + (cfg.score_max_new_tokens if scoring else 0))),
         "seconds": per_feature_reqs * n * seconds_per_request / max(1, concurrency),
     }
     if usd_per_mtok is not None:
@@ -294,71 +297,20 @@ def explain_atlas(
     own = not isinstance(atlas, Atlas)
     at = Atlas.open(atlas) if own else atlas
     try:
-        todo = (
+        selected = (
             select_features(at, features, sample, cfg.seed) if given is None else [at.check_feature(f) for f in given]
         )
-        selected = list(todo)
+        todo = list(selected)
         if resume:
             done = at.explained("ok") | (set() if retry_failed else at.explained("failed"))
             todo = [f for f in todo if f not in done]
         conc = cfg.concurrency if getattr(explainer or scorer, "concurrent", False) else 1
         est = estimate(at, todo, tokenizer, cfg, scoring=scorer is not None, concurrency=conc) if todo else {}
         if progress and console is not None and todo:
-            console.print(
-                f"[bold]explaining {len(todo)} features[/bold] with {getattr(explainer, 'name', 'given')}"
-                f"; scoring with {getattr(scorer, 'name', 'none')}: about {est['requests']} requests, "
-                f"{est['prompt_tokens']:,} prompt tokens ({est['prompt_tokens_per_feature']:,}/feature), "
-                f"~{est['seconds'] / 60:.1f} min at {conc} concurrent"
-                + (f", ~${est['usd']:.2f}" if "usd" in est else "")
-            )
+            console.print(_plan_line(len(todo), explainer, scorer, est, conc))
         summary = {"requested": len(todo), "ok": 0, "failed": 0, "errors": {}, "estimate": est}
-        bar = None
-        if progress and todo:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            bar = Progress(
-                TextColumn("[bold]explain"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[status]}"),
-                console=console,
-            )
-            tid = bar.add_task("explain", total=len(todo), status="")
-            bar.start()
-
-        def record(n: int, rec: dict) -> None:
-            at.save_explanation(n, rec)
-            summary[rec["status"]] += 1
-            if rec["status"] == "failed":
-                summary["errors"][n] = rec.get("error")
-            if bar is not None:
-                bar.update(tid, advance=1, status=f"{summary['ok']} ok, {summary['failed']} failed")
-
-        try:
-            if conc <= 1:
-                for n in todo:
-                    task = prepare(at, n, cfg)
-                    record(n, explain_one(task, explainer, scorer, tokenizer, cfg, (given or {}).get(n)))
-            else:
-                with ThreadPoolExecutor(max_workers=conc) as pool:
-                    futs = {}
-                    for n in todo:
-                        task = prepare(at, n, cfg)
-                        futs[
-                            pool.submit(explain_one, task, explainer, scorer, tokenizer, cfg, (given or {}).get(n))
-                        ] = n
-                    for fut in as_completed(futs):
-                        record(futs[fut], fut.result())
-        finally:
-            if bar is not None:
-                bar.stop()
+        run = _FeatureRun(at, explainer, scorer, tokenizer, cfg, given or {}, summary)
+        run.all(todo, conc, progress)
         if control and scorer is not None:
             summary["control_scored"] = shuffled_control(at, selected, scorer, tokenizer, cfg)
         sc = at.scores(todo)
@@ -371,3 +323,49 @@ def explain_atlas(
     finally:
         if own:
             at.close()
+
+
+def _plan_line(n: int, explainer, scorer, est: dict, conc: int) -> str:
+    """What a run is about to do and what it will cost, from the estimate."""
+    return (
+        f"[bold]explaining {n} features[/bold] with {getattr(explainer, 'name', 'given')}"
+        f"; scoring with {getattr(scorer, 'name', 'none')}: about {est['requests']} requests, "
+        f"{est['prompt_tokens']:,} prompt tokens ({est['prompt_tokens_per_feature']:,}/feature), "
+        f"~{est['seconds'] / 60:.1f} min at {conc} concurrent" + (f", ~${est['usd']:.2f}" if "usd" in est else "")
+    )
+
+
+class _FeatureRun:
+    """Explains and scores features one by one or `conc` at a time, storing each record as it arrives and
+    counting it in `summary`."""
+
+    def __init__(self, at: Atlas, explainer, scorer, tokenizer, cfg: ExplainConfig, given: dict, summary: dict):
+        self.at, self.explainer, self.scorer, self.tokenizer, self.cfg = at, explainer, scorer, tokenizer, cfg
+        self.given, self.summary = given, summary
+
+    def one(self, n: int) -> dict:
+        task = prepare(self.at, n, self.cfg)
+        return explain_one(task, self.explainer, self.scorer, self.tokenizer, self.cfg, self.given.get(n))
+
+    def record(self, n: int, rec: dict, bar: ProgressBar) -> None:
+        summary = self.summary
+        self.at.save_explanation(n, rec)
+        summary[rec["status"]] += 1
+        if rec["status"] == "failed":
+            summary["errors"][n] = rec.get("error")
+        bar.advance(1, info=f"{summary['ok']} ok, {summary['failed']} failed")
+
+    def all(self, todo: list[int], conc: int, progress: bool) -> None:
+        with ProgressBar("explain", len(todo), unit="features", enabled=progress and bool(todo)) as bar:
+            if conc <= 1:
+                for n in todo:
+                    self.record(n, self.one(n), bar)
+                return
+            with ThreadPoolExecutor(max_workers=conc) as pool:
+                futs = {}
+                for n in todo:  # prepared in this thread, which owns the atlas connection
+                    task = prepare(self.at, n, self.cfg)
+                    args = (task, self.explainer, self.scorer, self.tokenizer, self.cfg, self.given.get(n))
+                    futs[pool.submit(explain_one, *args)] = n
+                for fut in as_completed(futs):
+                    self.record(futs[fut], fut.result(), bar)

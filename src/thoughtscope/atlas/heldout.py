@@ -20,8 +20,9 @@ ordinary-strength activations, not only the strongest ones.
 from __future__ import annotations
 
 import random
+import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
@@ -53,21 +54,43 @@ def piece(tokenizer, tid: int) -> str:
 class ExplainConfig:
     """How many examples the explainer sees and the scorer is judged on (shared by every explainer and scorer)."""
 
-    n_top: int = 10  # top examples shown to the explainer
-    n_quantile: int = 20  # quantile examples shown to the explainer (spread over the bins)
-    n_score_pos: int = 20  # held-out activating windows for detection (and fuzzing)
-    n_score_neg: int = 20  # held-out silent windows for detection
-    per_prompt: int = 10  # examples per LLM scorer request
-    show_left: int = 12  # tokens shown before the peak ...
-    show_right: int = 4  # ... and after it
-    mark_frac: float = 0.3  # mark tokens above this fraction of the example's peak activation
-    explain_max_tokens: int = 60
-    score_max_tokens: int = 120
+    n_top: int = 10
+    """Top examples shown to the explainer (examples)."""
+    n_quantile: int = 20
+    """Rank-quantile examples shown to the explainer, spread over the bins (examples)."""
+    n_score_pos: int = 20
+    """Held-out activating windows scored for detection and fuzzing (windows)."""
+    n_score_neg: int = 20
+    """Held-out silent windows scored for detection (windows)."""
+    per_prompt: int = 10
+    """Examples per LLM scorer request (examples)."""
+    show_left: int = 12
+    """Tokens shown before an example's peak token (tokens)."""
+    show_right: int = 4
+    """Tokens shown after an example's peak token (tokens)."""
+    mark_frac: float = 0.3
+    """A token is marked when its activation is above this fraction of the example's peak (fraction, 0 to 1)."""
+    explain_max_new_tokens: int = 60
+    """Tokens the explainer may generate for one explanation (tokens)."""
+    score_max_new_tokens: int = 120
+    """Tokens an LLM scorer may generate for one request's answer (tokens)."""
     fuzz: bool = True
+    """Also score fuzzing (true against shuffled marks), not only detection."""
     concurrency: int = 4
+    """Requests in flight at once, for clients that allow it (requests)."""
     seed: int = 0
+    """Seed of the feature sample, the held-out split and the shuffled control."""
+    explain_max_tokens: InitVar[int | None] = None
+    """Deprecated name of explain_max_new_tokens (tokens)."""
+    score_max_tokens: InitVar[int | None] = None
+    """Deprecated name of score_max_new_tokens (tokens)."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, explain_max_tokens: int | None, score_max_tokens: int | None) -> None:
+        for old, value in (("explain_max_tokens", explain_max_tokens), ("score_max_tokens", score_max_tokens)):
+            if value is not None:
+                new = old.replace("max_tokens", "max_new_tokens")
+                warnings.warn(f"ExplainConfig.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+                setattr(self, new, value)
         for name in ("n_top", "n_score_pos", "n_score_neg", "per_prompt", "show_left", "show_right", "concurrency"):
             if getattr(self, name) < (0 if name in ("show_left", "show_right") else 1):
                 raise ExplainerError(f"ExplainConfig.{name} must be positive, got {getattr(self, name)}")

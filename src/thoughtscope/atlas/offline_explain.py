@@ -10,6 +10,7 @@ import functools
 import os
 import time
 
+from ..progress import ProgressBar
 from .cue_search import (
     KIND_WORDS,
     LANGUAGE_WORDS,
@@ -53,10 +54,11 @@ def explain_offline(
     feature's explanation, from a seeded derangement. Features whose stored explanation came from another
     method (an LLM) are kept unless overwrite=True. Features are independent, so `workers` processes (default:
     one per CPU core, up to 8, when there are more than PARALLEL_FROM features) split them; the results are the
-    same for any number of workers. Returns the summary `summarize` writes.
+    same for any number of workers. Returns the summary `summarize` writes. (`console` is kept for callers of
+    earlier versions: the progress bar writes to stderr.)
     """
     from .explain import select_features
-    from .scoring import derangement, summarize
+    from .scoring import summarize
 
     cfg = config or ExplainConfig()
     options = options or OfflineOptions()
@@ -77,32 +79,40 @@ def explain_offline(
             workers = min(8, os.cpu_count() or 1) if len(todo) > PARALLEL_FROM else 1
         if workers < 1:
             raise ExplainerError(f"explain_offline: workers must be >= 1, got {workers}")
-        bar = _bar(progress and bool(todo), console, len(todo))
-        recs: dict[int, dict] = {}
-        held: dict[int, tuple] = {}  # the texts only: a whole atlas of tasks would not fit in memory
-        try:
-            with _Workers(at, tokenizer, cfg, options, workers if len(todo) > 1 else 1) as run:
-                for n, rec, texts in run(_explain_features, todo):
-                    recs[n] = rec
-                    if texts is not None:
-                        held[n] = texts
-                    if bar is not None:
-                        bar[0].update(bar[1], advance=1)
-                if control:
-                    ok = [n for n in todo if recs[n]["status"] == "ok"]
-                    pairs = derangement(ok, cfg.seed + 1)
-                    jobs = [(n, recs[other]["explanation"], *held[n]) for n, other in pairs.items()]
-                    for n, det in run(_score_controls, jobs):
-                        recs[n].update(shuffled_detection_auroc=det["auroc"], shuffled_detection_bacc=det["bacc"])
-                        recs[n]["details"]["shuffled_from"] = pairs[n]
-        finally:
-            if bar is not None:
-                bar[0].stop()
+        bar = ProgressBar("explain (offline)", len(todo), unit="features", enabled=progress and bool(todo))
+        with bar, _Workers(at, tokenizer, cfg, options, workers if len(todo) > 1 else 1) as run:
+            recs, held = _explain_all(run, todo, bar)
+            if control:
+                _add_shuffled_control(run, recs, held, todo, cfg.seed)
         at.save_explanations(recs)
         return summarize(at, todo, method=OFFLINE, seconds=time.perf_counter() - t0)
     finally:
         if own:
             at.close()
+
+
+def _explain_all(run: _Workers, todo: list[int], bar: ProgressBar) -> tuple[dict[int, dict], dict[int, tuple]]:
+    """Every feature's record, and the held-out texts and labels of those explained (for the control)."""
+    recs: dict[int, dict] = {}
+    held: dict[int, tuple] = {}  # the texts only: a whole atlas of tasks would not fit in memory
+    for n, rec, texts in run(_explain_features, todo):
+        recs[n] = rec
+        if texts is not None:
+            held[n] = texts
+        bar.advance(1)
+    return recs, held
+
+
+def _add_shuffled_control(run: _Workers, recs: dict[int, dict], held: dict[int, tuple], todo: list[int], seed: int):
+    """Score each explained feature with another one's explanation (a seeded derangement), into its record."""
+    from .scoring import derangement
+
+    ok = [n for n in todo if recs[n]["status"] == "ok"]
+    pairs = derangement(ok, seed + 1)
+    jobs = [(n, recs[other]["explanation"], *held[n]) for n, other in pairs.items()]
+    for n, det in run(_score_controls, jobs):
+        recs[n].update(shuffled_detection_auroc=det["auroc"], shuffled_detection_bacc=det["bacc"])
+        recs[n]["details"]["shuffled_from"] = pairs[n]
 
 
 # below this many features the workers' start-up (opening the atlas, reading its background text) outweighs the gain
@@ -216,16 +226,3 @@ def _score_controls(_w: dict, jobs: list[tuple]) -> list[tuple]:
 
     scorer = LexicalScorer()
     return [(n, lexical_detection(explanation, texts, labels, scorer)) for n, explanation, texts, labels in jobs]
-
-
-def _bar(enabled: bool, console, total: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn("[bold]explain (offline)"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    )
-    tid = bar.add_task("explain", total=total)
-    bar.start()
-    return bar, tid

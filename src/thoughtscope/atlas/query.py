@@ -12,7 +12,7 @@ from .db import Atlas, AtlasError
 
 
 @torch.no_grad()
-def feature_acts(
+def activations_on_texts(
     lm: LoadedModel, sae, texts: Sequence[str], *, site: Site | str | None = None, exclude_bos: bool | None = None
 ) -> list[tuple[list[int], torch.Tensor]]:
     """(token ids, activations [T, n_features]) per text; position 0 zeroed when the SAE excludes it."""
@@ -40,7 +40,7 @@ class TokenFeatures:
 
 def top_features_for_text(lm: LoadedModel, sae, text: str, *, k: int = 5, site=None) -> dict:
     """Per token, the k most active features; overall, the features with the highest peak on the text."""
-    ids, f = feature_acts(lm, sae, [text], site=site)[0]
+    ids, f = activations_on_texts(lm, sae, [text], site=site)[0]
     per_token = []
     for p, tid in enumerate(ids):
         v, i = f[p].topk(min(k, f.shape[1]))

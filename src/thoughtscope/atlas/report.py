@@ -10,11 +10,13 @@ import base64
 import html
 import io
 import os
+import random
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .._io import atomic_write_bytes, atomic_write_text
 from .cards import load_tokenizer, score_line
 from .db import Atlas
 
@@ -176,88 +178,93 @@ def write_report(
         out_dir = Path(out) if out is not None else at.path.parent
         out_dir.mkdir(parents=True, exist_ok=True)
         explained = sorted(at.explained("ok"))
-        import random
-
         rng = random.Random(seed)
-        score_ids = sorted(rng.sample(explained, min(n_score_sample, len(explained))))
-        scores = at.scores(score_ids)
+        scores = at.scores(sorted(rng.sample(explained, min(n_score_sample, len(explained)))))
         pngs = _plots(at, scores)
         for name, data in pngs.items():
-            tmp = out_dir / (name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, out_dir / name)
-        st = at.stats()
-        m = at.meta
-        n_dead = int((st["n_active"] == 0).sum())
+            atomic_write_bytes(out_dir / name, data)
         cards = at.random_features(n_cards, seed=seed, alive_only=True)
-        rows = [
-            ("model", m.get("model")),
-            ("site", m.get("site")),
-            ("SAE", m.get("sae_path") or "(in memory)"),
-            ("architecture", m.get("sae_config", {}).get("arch")),
-            ("features", at.n_features),
-            ("alive / dead", f"{at.n_features - n_dead} / {n_dead}"),
-            ("tokens read", f"{m.get('n_tokens'):,}"),
-            ("corpus", m["corpus"].get("spec") if isinstance(m.get("corpus"), dict) else m.get("corpus")),
-            ("explained features", len(explained)),
-            ("position 0 excluded", m.get("exclude_bos")),
-        ]
         body = [
-            f"<h1>Feature atlas: {html.escape(str(m.get('model')))} {html.escape(str(m.get('site')))}</h1>",
-            "<table>"
-            + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
-            + "</table>",
+            f"<h1>Feature atlas: {html.escape(str(at.meta.get('model')))} {html.escape(str(at.meta.get('site')))}</h1>",
+            _table(_overview_rows(at, len(explained))),
             "<h2>Density and activation</h2><div class='grid'>"
-            + "".join(
-                f'<img alt="{n}" src="data:image/png;base64,{base64.b64encode(pngs[n]).decode()}">'
-                for n in ("density.png", "max_act.png")
-            )
+            + "".join(_img(pngs, n) for n in ("density.png", "max_act.png"))
             + "</div>",
             f"<h2>Explanation scores (random sample of {len(scores)} explained features)</h2>",
-            f'<img alt="scores" src="data:image/png;base64,{base64.b64encode(pngs["scores.png"]).decode()}">',
+            _img(pngs, "scores.png", alt="scores"),
+            _score_summary(scores, seed),
+            f"<h2>Random features ({len(cards)}, uniformly sampled among alive features, seed {seed})</h2>",
+            *(_card_html(at, n, tokenizer) for n in cards),
+            f"<p class='meta'>written {time.strftime('%Y-%m-%d %H:%M')} by thoughtscope atlas report</p>",
         ]
-        if scores:
-            from .scoring import mean_ci
-
-            def mean(k):
-                c = mean_ci([r[k] for r in scores if r.get(k) is not None], seed=seed)
-                return f"{c['mean']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] (n={c['n']})" if c["n"] else "–"
-
-            methods = sorted(
-                {f"{r.get('method') or 'not recorded'} / {r.get('scorer_method') or 'not recorded'}" for r in scores}
-            )
-            body.append(
-                "<table>"
-                + "".join(
-                    f"<tr><th>{k}</th><td>{mean(k)}</td></tr>"
-                    for k in (
-                        "detection_auroc",
-                        "shuffled_detection_auroc",
-                        "detection_bacc",
-                        "shuffled_detection_bacc",
-                        "fuzz_auroc",
-                        "fuzz_bacc",
-                    )
-                )
-                + f"<tr><th>written by / scored by</th><td>{html.escape('; '.join(methods))}</td></tr>"
-                + "</table><p class='meta'>Scores are measured on held-out contexts the explanation was not "
-                "written from; the shuffled control scores each feature with another feature's "
-                "explanation (chance, measured). Means with 95% bootstrap CIs over features.</p>"
-            )
-        else:
-            body.append("<p class='meta'>No explanations yet: run <code>thoughtscope atlas explain</code>.</p>")
-        body.append(f"<h2>Random features ({len(cards)}, uniformly sampled among alive features, seed {seed})</h2>")
-        body += [_card_html(at, n, tokenizer) for n in cards]
-        body.append(f"<p class='meta'>written {time.strftime('%Y-%m-%d %H:%M')} by thoughtscope atlas report</p>")
         page = (
-            f"<!doctype html><html><head><meta charset='utf-8'><title>atlas {html.escape(str(m.get('model')))}"
+            f"<!doctype html><html><head><meta charset='utf-8'><title>atlas {html.escape(str(at.meta.get('model')))}"
             f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
         )
-        path = out_dir / "report.html"
-        tmp = out_dir / "report.html.tmp"
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(out_dir / "report.html", page)
     finally:
         if own:
             at.close()
+
+
+def _overview_rows(at: Atlas, n_explained: int) -> list[tuple[str, object]]:
+    """What the atlas was built from and how much of the SAE is alive and explained."""
+    m = at.meta
+    n_dead = int((at.stats()["n_active"] == 0).sum())
+    return [
+        ("model", m.get("model")),
+        ("site", m.get("site")),
+        ("SAE", m.get("sae_path") or "(in memory)"),
+        ("architecture", m.get("sae_config", {}).get("arch")),
+        ("features", at.n_features),
+        ("alive / dead", f"{at.n_features - n_dead} / {n_dead}"),
+        ("tokens read", f"{m.get('n_tokens'):,}"),
+        ("corpus", m["corpus"].get("spec") if isinstance(m.get("corpus"), dict) else m.get("corpus")),
+        ("explained features", n_explained),
+        ("position 0 excluded", m.get("exclude_bos")),
+    ]
+
+
+def _table(rows: list[tuple[str, object]]) -> str:
+    return (
+        "<table>"
+        + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+        + "</table>"
+    )
+
+
+def _img(pngs: dict[str, bytes], name: str, alt: str | None = None) -> str:
+    return f'<img alt="{alt or name}" src="data:image/png;base64,{base64.b64encode(pngs[name]).decode()}">'
+
+
+SCORE_KEYS = (
+    "detection_auroc",
+    "shuffled_detection_auroc",
+    "detection_bacc",
+    "shuffled_detection_bacc",
+    "fuzz_auroc",
+    "fuzz_bacc",
+)
+
+
+def _score_summary(scores: list[dict], seed: int) -> str:
+    """Mean scores with bootstrap CIs over the sampled features, and who wrote and scored them."""
+    if not scores:
+        return "<p class='meta'>No explanations yet: run <code>thoughtscope atlas explain</code>.</p>"
+    from .scoring import mean_ci
+
+    def mean(k):
+        c = mean_ci([r[k] for r in scores if r.get(k) is not None], seed=seed)
+        return f"{c['mean']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] (n={c['n']})" if c["n"] else "–"
+
+    methods = sorted(
+        {f"{r.get('method') or 'not recorded'} / {r.get('scorer_method') or 'not recorded'}" for r in scores}
+    )
+    return (
+        "<table>"
+        + "".join(f"<tr><th>{k}</th><td>{mean(k)}</td></tr>" for k in SCORE_KEYS)
+        + f"<tr><th>written by / scored by</th><td>{html.escape('; '.join(methods))}</td></tr>"
+        + "</table><p class='meta'>Scores are measured on held-out contexts the explanation was not "
+        "written from; the shuffled control scores each feature with another feature's "
+        "explanation (chance, measured). Means with 95% bootstrap CIs over features.</p>"
+    )

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .build import AtlasConfig
+    from ..plans import AtlasConfig
 
 WIN_DTYPE = torch.float16  # activation windows: the precision the database stores them in
 
 
-class FeatureStats:
-    """The per-feature running state; every update is a fixed number of tensor ops per batch.
+class RunningFeatureStats:
+    """An atlas build's per-feature running state; every update is a fixed number of tensor ops per batch.
+    (Not the maxima stored with an SAE: that is `sae.stats.FeatureStats`.)
 
     The update works on the batch's non-zero (row, feature, value) triples only: a topk SAE has k of them
     per token, so nothing of size tokens × n_features is ever built. Windows are read from the same

@@ -20,16 +20,20 @@ import torch
 from ..models import Site
 from . import schema as adb
 from .geometry import logit_effects, nearest_features
-from .stats import FeatureStats
+from .stats import RunningFeatureStats
 
 if TYPE_CHECKING:
-    from .build import AtlasConfig
+    from ..plans import AtlasConfig
+
+FEATURE_COLUMNS = ["id", "n_active", "density", "max_act", "mean_act", "hist", "logits_pos", "logits_neg", "neighbours"]
+EXAMPLE_COLUMNS = ["feature", "kind", "rank", "bin", "ctx", "pos", "act", "window"]
+EXAMPLE_KINDS = ("quantile", "top")  # stored names of kind 0 and 1; 'quantile' < 'top' in primary-key order
 
 
 def write_db(
     lm,
     sae,
-    stats: FeatureStats,
+    stats: RunningFeatureStats,
     cfg: AtlasConfig,
     out: Path,
     ident: dict,
@@ -41,48 +45,107 @@ def write_db(
 ) -> Path:
     """Write the database in a few bulk statements: every per-feature array is turned into Python values
     with one .tolist() and the rows go in primary-key order, so the cost is SQLite's, not the loop's."""
+    contexts = torch.cat(stats.contexts) if stats.contexts else torch.zeros(0, cfg.ctx_len, dtype=torch.int32)
+    feature_rows = _feature_rows(lm, sae, stats, cfg)
+    ex_cols = _example_columns(stats, cfg)
+    random_ctx = list(range(0, contexts.shape[0], random_stride))
+    referenced = np.unique(np.concatenate([ex_cols[4], np.asarray(random_ctx, dtype=np.int64)]))
+    meta = _meta(lm, sae, stats, cfg, ident, site, sae_path, corpus, int(contexts.shape[0]), random_ctx)
+    final = adb.db_path(out)
+    tmp = final.with_name("atlas.partial.sqlite")
+    _remove_with_journals(tmp)
+    con = adb.connect(tmp, create=True)
+    try:
+        # the partial file is thrown away on any failure and renamed into place only once complete, so it
+        # needs no journal; it is synced to disk before the rename
+        con.execute("PRAGMA journal_mode=OFF")
+        con.execute("PRAGMA synchronous=OFF")
+        with con:
+            adb.insert_many(con, "features", FEATURE_COLUMNS, feature_rows)
+            adb.insert_many(con, "examples", EXAMPLE_COLUMNS, _example_rows(ex_cols))
+            _insert_random_acts(con, stats)
+            ctx_np = contexts.numpy()
+            adb.insert_many(con, "contexts", ["id", "tokens"], ((c, ctx_np[c].tobytes()) for c in referenced.tolist()))
+            adb.write_meta(con, meta)
+    finally:
+        con.close()
+    _move_into_place(tmp, final)
+    return final
+
+
+def _meta(lm, sae, stats, cfg, ident, site, sae_path, corpus, n_contexts: int, random_ctx: list[int]) -> dict:
+    """The `meta` table: what was built from what, and what a reader needs to interpret the rows."""
+    alive = int((stats.t["count"] > 0).sum())
+    return {
+        "schema_version": adb.SCHEMA_VERSION,
+        "complete": True,
+        "created": time.time(),
+        "model": lm.name,
+        "model_source": lm.source,
+        "site": str(site),
+        "sae_path": sae_path,
+        "sae_config": sae.cfg.to_dict(),
+        "sae_fingerprint": ident["sae_fingerprint"],
+        "corpus": corpus.describe() if hasattr(corpus, "describe") else str(corpus),
+        "config": asdict(cfg),
+        "exclude_bos": ident["exclude_bos"],
+        "n_features": stats.m,
+        "n_tokens": stats.tokens,
+        "n_contexts": n_contexts,
+        "ctx_len": cfg.ctx_len,
+        "window_left": cfg.window_left,
+        "window_right": cfg.window_right,
+        "hist_edges": cfg.hist_edges().tolist(),
+        "random_contexts": random_ctx,
+        "n_alive": alive,
+        "n_dead": stats.m - alive,
+    }
+
+
+def _feature_rows(lm, sae, stats: RunningFeatureStats, cfg: AtlasConfig) -> list[tuple]:
+    """One `features` row per feature, in id order: counts, density, max, mean, histogram, logits, neighbours."""
     t = stats.t
-    m = stats.m
-    T = cfg.ctx_len
-    contexts = torch.cat(stats.contexts) if stats.contexts else torch.zeros(0, T, dtype=torch.int32)
     count = t["count"]
     density = count.double() / max(1, stats.tokens)
     mean = t["sum"] / count.clamp_min(1)
     pos_i, pos_v, neg_i, neg_v = logit_effects(lm, sae.W_dec, cfg.n_logits)
     nb_i, nb_v = nearest_features(sae.W_dec, cfg.n_neighbours)
-
-    def pairs_json(idx: torch.Tensor, val: torch.Tensor) -> list[str]:
-        return [
-            json.dumps([[a, round(v, 5)] for a, v in zip(ri, rv)]) for ri, rv in zip(idx.tolist(), val.float().tolist())
-        ]
-
     hist = t["hist"].numpy().astype(np.int32)
-    feature_rows = list(
+    return list(
         zip(
-            range(m),
+            range(stats.m),
             count.tolist(),
             density.tolist(),
             t["max"].tolist(),
             mean.tolist(),
             [h.tobytes() for h in hist],
-            pairs_json(pos_i, pos_v),
-            pairs_json(neg_i, neg_v),
-            pairs_json(nb_i, nb_v),
+            _pairs_json(pos_i, pos_v),
+            _pairs_json(neg_i, neg_v),
+            _pairs_json(nb_i, nb_v),
         )
     )
 
+
+def _pairs_json(idx: torch.Tensor, val: torch.Tensor) -> list[str]:
+    """Per row, [[id, value], ...] as JSON, values rounded to 5 decimals."""
+    return [
+        json.dumps([[a, round(v, 5)] for a, v in zip(ri, rv)]) for ri, rv in zip(idx.tolist(), val.float().tolist())
+    ]
+
+
+def _example_columns(stats: RunningFeatureStats, cfg: AtlasConfig) -> list[np.ndarray]:
+    """The `examples` table as columns (feature, kind, rank, bin, ctx, pos, act, window) in primary-key order:
+    the top buffer sorted by activation, the reservoir cut into rank-quantile bins, weakest first."""
+    t, T = stats.t, cfg.ctx_len
     # top examples: the buffer is unsorted; sort by activation, ties by location (deterministic)
     tv, tl = t["top_val"].numpy(), t["top_loc"].numpy()
     valid = np.isfinite(tv) & (tl >= 0)
-    order = np.lexsort((tl, -np.where(valid, tv, -np.inf)), axis=1)
-    n_top = valid.sum(1)
-    top = _ranked(order, n_top)
+    top = _ranked(np.lexsort((tl, -np.where(valid, tv, -np.inf)), axis=1), valid.sum(1))
     # reservoir: sorted by activation (ties by location), cut into rank-quantile bins, weakest first
     rk, rv, rl = t["res_key"].numpy(), t["res_val"].numpy(), t["res_loc"].numpy()
     rvalid = np.isfinite(rk) & (rl >= 0)
-    order = np.lexsort((rl, np.where(rvalid, rv, np.inf)), axis=1)
     n_res = rvalid.sum(1)
-    res = _ranked(order, n_res)
+    res = _ranked(np.lexsort((rl, np.where(rvalid, rv, np.inf)), axis=1), n_res)
 
     def example_cols(sel, kind: int, vals, locs, wins, bins):
         f, r, slot = sel
@@ -100,11 +163,15 @@ def write_db(
     ]
     # primary-key order (feature, kind, rank), 'quantile' < 'top': SQLite then only appends
     o = np.lexsort((cols[2], cols[1], cols[0]))
-    ex_f, ex_kind, ex_rank, ex_bin, ex_ctx, ex_pos, ex_act, ex_win = (c[o] for c in cols)
-    kinds = ("quantile", "top")
-    ex_rows = zip(
+    return [c[o] for c in cols]
+
+
+def _example_rows(cols: list[np.ndarray]):
+    """The rows of `_example_columns` as Python values, the kind by name and the window as float16 bytes."""
+    ex_f, ex_kind, ex_rank, ex_bin, ex_ctx, ex_pos, ex_act, ex_win = cols
+    return zip(
         ex_f.tolist(),
-        [kinds[k] for k in ex_kind.tolist()],
+        [EXAMPLE_KINDS[k] for k in ex_kind.tolist()],
         ex_rank.tolist(),
         ex_bin.tolist(),
         ex_ctx.tolist(),
@@ -112,71 +179,31 @@ def write_db(
         ex_act.tolist(),
         [w.tobytes() for w in ex_win],
     )
-    random_ctx = list(range(0, contexts.shape[0], random_stride))
-    referenced = np.unique(np.concatenate([ex_ctx, np.asarray(random_ctx, dtype=np.int64)]))
 
-    final = adb.db_path(out)
-    tmp = final.with_name("atlas.partial.sqlite")
-    for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
+
+def _insert_random_acts(con: sqlite3.Connection, stats: RunningFeatureStats) -> None:
+    """Every non-zero activation of the fixed random context sample."""
+    if not stats.rand_sparse:
+        return
+    # grouped by feature (stable, so each feature's rows keep their order): the index only appends
+    rs, rvals = torch.cat(stats.rand_sparse), torch.cat(stats.rand_vals)
+    o = torch.argsort(rs[:, 2], stable=True)
+    rs, rvals = rs[o], rvals[o]
+    adb.insert_many(
+        con,
+        "random_acts",
+        ["ctx", "pos", "feature", "act"],
+        zip(rs[:, 0].tolist(), rs[:, 1].tolist(), rs[:, 2].tolist(), rvals.tolist()),
+    )
+
+
+def _remove_with_journals(path: Path) -> None:
+    for p in (path, Path(str(path) + "-wal"), Path(str(path) + "-shm")):
         p.unlink(missing_ok=True)
-    con = adb.connect(tmp, create=True)
-    try:
-        # the partial file is thrown away on any failure and renamed into place only once complete, so it
-        # needs no journal; it is synced to disk before the rename
-        con.execute("PRAGMA journal_mode=OFF")
-        con.execute("PRAGMA synchronous=OFF")
-        with con:
-            adb.insert_many(
-                con,
-                "features",
-                ["id", "n_active", "density", "max_act", "mean_act", "hist", "logits_pos", "logits_neg", "neighbours"],
-                feature_rows,
-            )
-            adb.insert_many(con, "examples", ["feature", "kind", "rank", "bin", "ctx", "pos", "act", "window"], ex_rows)
-            if stats.rand_sparse:
-                # grouped by feature (stable, so each feature's rows keep their order): the index only appends
-                rs, rvals = torch.cat(stats.rand_sparse), torch.cat(stats.rand_vals)
-                o = torch.argsort(rs[:, 2], stable=True)
-                rs, rvals = rs[o], rvals[o]
-                adb.insert_many(
-                    con,
-                    "random_acts",
-                    ["ctx", "pos", "feature", "act"],
-                    zip(rs[:, 0].tolist(), rs[:, 1].tolist(), rs[:, 2].tolist(), rvals.tolist()),
-                )
-            ctx_np = contexts.numpy()
-            adb.insert_many(con, "contexts", ["id", "tokens"], ((c, ctx_np[c].tobytes()) for c in referenced.tolist()))
-            alive = int((count > 0).sum())
-            adb.write_meta(
-                con,
-                {
-                    "schema_version": adb.SCHEMA_VERSION,
-                    "complete": True,
-                    "created": time.time(),
-                    "model": lm.name,
-                    "model_source": lm.source,
-                    "site": str(site),
-                    "sae_path": sae_path,
-                    "sae_config": sae.cfg.to_dict(),
-                    "sae_fingerprint": ident["sae_fingerprint"],
-                    "corpus": corpus.describe() if hasattr(corpus, "describe") else str(corpus),
-                    "config": asdict(cfg),
-                    "exclude_bos": ident["exclude_bos"],
-                    "n_features": m,
-                    "n_tokens": stats.tokens,
-                    "n_contexts": int(contexts.shape[0]),
-                    "ctx_len": T,
-                    "window_left": cfg.window_left,
-                    "window_right": cfg.window_right,
-                    "hist_edges": cfg.hist_edges().tolist(),
-                    "random_contexts": random_ctx,
-                    "n_alive": alive,
-                    "n_dead": m - alive,
-                },
-            )
-    finally:
-        con.close()
-    # leave the file in rollback-journal mode with nothing pending, on disk, before the atomic rename
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Leave the finished file in rollback-journal mode with nothing pending, on disk, then rename it atomically."""
     c2 = sqlite3.connect(str(tmp))
     c2.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     c2.execute("PRAGMA journal_mode=DELETE")
@@ -185,8 +212,7 @@ def write_db(
         os.fsync(fh.fileno())
     for p in (Path(str(final) + "-wal"), Path(str(final) + "-shm")):
         p.unlink(missing_ok=True)
-    os.replace(tmp, final)
-    return final
+    os.replace(tmp, final)  # sqlite wrote this file itself (not through a file object _io could hand it): renamed whole
 
 
 def _ranked(order: np.ndarray, n_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -7,21 +7,15 @@ unset unless it is given, so ExplainConfig and write_report supply their own def
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import typer
 
+from ..configdoc import field_help
 from ..plans import AtlasConfig
-from .common import _csv, _fail, _load, _open_atlas, console
+from .common import _csv, _fail, console, renamed
 
 atlas_app = typer.Typer(no_args_is_help=True, help="Build, explain and report a feature atlas for an SAE.")
-
-
-def _sae_folder(spec: str) -> Path:
-    from ..sae.formats import default_sae_path
-
-    return default_sae_path() if spec == "default" else Path(spec)
 
 
 def _given(**kw) -> dict:
@@ -35,45 +29,36 @@ def atlas_build(
     out: Path = typer.Option(..., help="atlas folder (atlas.sqlite); re-run to resume"),
     model: str | None = typer.Option(None, help="model (default: the one the SAE was trained on, or 'default')"),
     corpus: str = typer.Option("default"),
-    tokens: int = typer.Option(AtlasConfig.n_tokens, help="token budget: tokens to read"),
-    ctx_len: int = typer.Option(AtlasConfig.ctx_len, help="tokens per context"),
+    tokens: int = typer.Option(AtlasConfig.n_tokens, help=field_help(AtlasConfig, "n_tokens")),
+    ctx_len: int = typer.Option(AtlasConfig.ctx_len, help=field_help(AtlasConfig, "ctx_len")),
     contexts_per_batch: int = typer.Option(
-        AtlasConfig.contexts_per_batch,
-        "--contexts-per-batch",
-        "--batch-size",
-        help="contexts per forward pass (--batch-size: its old name)",
+        AtlasConfig.contexts_per_batch, "--contexts-per-batch", help=field_help(AtlasConfig, "contexts_per_batch")
     ),
-    skip_tokens: int = typer.Option(
-        AtlasConfig.skip_tokens, help="start this many tokens into the corpus (e.g. past the SAE's training text)"
-    ),
-    top_k: int = typer.Option(AtlasConfig.top_k, help="top activating contexts per feature"),
+    batch_size: int | None = typer.Option(None, "--batch-size", hidden=True),
+    skip_tokens: int = typer.Option(AtlasConfig.skip_tokens, help=field_help(AtlasConfig, "skip_tokens")),
+    top_k: int = typer.Option(AtlasConfig.top_k, help=field_help(AtlasConfig, "top_k")),
     quiet: bool = typer.Option(False),
 ) -> None:
     """One streaming pass: top and quantile contexts, density, histogram, logit effects, neighbours."""
-    from ..atlas import build_atlas
-    from ..corpus import Corpus
+    from ..atlas import build_atlas_from
     from ..errors import ThoughtscopeError
-    from ..models import DEFAULT_MODEL_NAME
-    from ..sae import load_sae
 
-    folder = _sae_folder(sae)
+    per_batch = renamed(
+        contexts_per_batch,
+        batch_size,
+        new="--contexts-per-batch",
+        old="--batch-size",
+        default=AtlasConfig.contexts_per_batch,
+    )
+    timings: dict = {}
     try:
         cfg = AtlasConfig(
-            n_tokens=tokens,
-            ctx_len=ctx_len,
-            contexts_per_batch=contexts_per_batch,
-            skip_tokens=skip_tokens,
-            top_k=top_k,
+            n_tokens=tokens, ctx_len=ctx_len, contexts_per_batch=per_batch, skip_tokens=skip_tokens, top_k=top_k
         )
-        sae_obj = load_sae(folder)
-        lm = _load(
-            model or ("default" if sae_obj.cfg.model in ("", DEFAULT_MODEL_NAME) else sae_obj.cfg.model), None, None
-        )
-        t0 = time.perf_counter()
-        path = build_atlas(lm, sae_obj, Corpus(corpus), out, cfg, sae_path=str(folder.resolve()), progress=not quiet)
+        path = build_atlas_from(sae, out, cfg, model=model, corpus=corpus, progress=not quiet, timings=timings)
     except (ThoughtscopeError, ValueError) as e:
         _fail(str(e))
-    console.print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+    console.print(f"wrote {path} in {timings['stream_s'] + timings['finalize_s']:.0f} s")
 
 
 @atlas_app.command("explain")
@@ -108,58 +93,33 @@ def atlas_explain(
     yes: bool = typer.Option(False, "--yes", help="skip the confirmation after the cost/time estimate"),
 ) -> None:
     """Write an explanation for each feature and score it on held-out contexts, with a shuffled control; resumable."""
-    import os
-
     from .._io import atomic_write_json
-    from ..atlas import (
-        ExplainConfig,
-        LexicalScorer,
-        client_from_env,
-        explain_atlas,
-        explain_offline,
-        open_with_model,
-    )
-    from ..atlas.cards import load_tokenizer
+    from ..atlas import ExplainConfig, run_explain
     from ..errors import ThoughtscopeError
 
-    if scorer not in ("auto", "lexical", "llm"):
-        _fail(f"--scorer must be auto, lexical or llm, got {scorer!r}")
-    endpoint = url or os.environ.get("THOUGHTSCOPE_EXPLAINER_URL")
-    ids = _csv(features, int) if features else None
     try:
-        cfg = ExplainConfig(**_given(concurrency=concurrency, seed=seed))
-        with _open_atlas(atlas) as at:
-            tok = None if local and not endpoint else load_tokenizer(at)
-        if offline or not (endpoint or local):
-            if scorer == "llm":
-                _fail("--scorer llm needs an explainer endpoint (--url) or --local; offline scoring is lexical")
-            if tok is None:
-                _fail(f"cannot load the tokenizer of the model {atlas} was built with; offline explanations need it")
-            summary = explain_offline(
-                atlas,
-                tokenizer=tok,
-                features=ids,
-                sample=sample,
-                config=cfg,
-                overwrite=overwrite,
-                console=console,
-                workers=workers,
-            )
-        else:
-            lm = None if endpoint else open_with_model(atlas)[1]
-            explainer = client_from_env(url, explainer_model, api_key, lm=lm)
-            if scorer == "lexical":
-                sc = LexicalScorer()
-            else:
-                sc = client_from_env(scorer_url or url, scorer_model or explainer_model, api_key, scorer=True, lm=lm)
-            if not yes and (sample or 0) + len(ids or []) > 200 and not typer.confirm("go ahead?", default=True):
-                raise typer.Exit(1)
-            tok = lm.tokenizer if lm is not None else tok
-            summary = explain_atlas(
-                atlas, explainer, sc, tokenizer=tok, features=ids, sample=sample, config=cfg, console=console
-            )
+        summary = run_explain(
+            atlas,
+            offline=offline,
+            local=local,
+            url=url,
+            explainer_model=explainer_model,
+            api_key=api_key,
+            scorer_url=scorer_url,
+            scorer_model=scorer_model,
+            scorer=scorer,
+            features=_csv(features, int) if features else None,
+            sample=sample,
+            config=ExplainConfig(**_given(concurrency=concurrency, seed=seed)),
+            overwrite=overwrite,
+            workers=workers,
+            console=console,
+            confirm=None if yes else lambda: typer.confirm("go ahead?", default=True),
+        )
     except (ThoughtscopeError, ValueError) as e:
         _fail(str(e))
+    if summary is None:
+        raise typer.Exit(1)
     console.print_json(json.dumps(summary, default=str))
     if json_out is not None:
         atomic_write_json(json_out, summary, default=str)
