@@ -116,7 +116,7 @@ def open_with_model(
     """
     from ..models import load_model
     from ..sae import load_sae
-    from .build import check_sae_matches, sae_fingerprint
+    from .encode import check_sae_matches, sae_fingerprint
 
     at = Atlas.open(atlas_path)
     spath = sae_path or at.meta.get("sae_path")
