@@ -7,27 +7,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import LoadedModel, Site, capture
+from ..features import features_on_texts
+from ..models import LoadedModel, Site
 from .db import Atlas, AtlasError
 
 
-@torch.no_grad()
 def activations_on_texts(
-    lm: LoadedModel, sae, texts: Sequence[str], *, site: Site | str | None = None, exclude_bos: bool | None = None
+    lm: LoadedModel, sae, texts: Sequence[str], *, site: Site | str | None = None
 ) -> list[tuple[list[int], torch.Tensor]]:
-    """(token ids, activations [T, n_features]) per text; position 0 zeroed when the SAE excludes it."""
-    site = Site.parse(site or sae.cfg.site)
-    excl = sae.cfg.exclude_bos if exclude_bos is None else exclude_bos
-    out = []
-    sae = sae.to(lm.device)
-    for t in texts:
-        ids, mask = lm.tokenize(t)
-        acts = capture(lm, [site], ids, mask)[site][0]
-        f = sae.encode(acts.to(sae.W_dec.dtype)).float().cpu().clone()
-        if excl:
-            f[0] = 0
-        out.append((ids[0].tolist(), f))
-    return out
+    """(token ids, activations [T, n_features]) per text, through the one text-to-features path
+    (`features.features_on_texts`): position 0 zeroed when the SAE excludes it."""
+    return [
+        (t.token_ids, t.acts.float().cpu()) for t in features_on_texts(lm, sae, texts, site=site, texts_per_batch=1)
+    ]
 
 
 @dataclass
