@@ -16,8 +16,8 @@ from test_atlas_fixtures import (
 )
 
 from thoughtscope.atlas import Atlas, AtlasConfig, AtlasError, build_atlas
-from thoughtscope.atlas.demo import demo_feature_cards
 from thoughtscope.corpus import Corpus
+from thoughtscope.demo.atlas import demo_feature_cards
 
 
 @pytest.fixture(scope="module", autouse=True)

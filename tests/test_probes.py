@@ -9,6 +9,7 @@ import torch
 
 from thoughtscope.errors import ProbeError, ThoughtscopeError
 from thoughtscope.models import tiny_model
+from thoughtscope.probes.config import ReadConfig
 from thoughtscope.probes.datasets import ProbeSet, control_labels, from_pairs, group_split, load_dataset
 from thoughtscope.probes.fitters import FITTERS, fit, logistic_raw
 from thoughtscope.probes.generators import BUILTIN, builtin
@@ -446,8 +447,8 @@ def test_transfer_matrix_diagonal_matches_a_plain_fit():
 
 @pytest.mark.slow
 def test_probe_demo_on_the_default_model(tmp_path):
+    from thoughtscope.demo.probes import probe_demo
     from thoughtscope.models import load_model
-    from thoughtscope.probes.demo import probe_demo
 
     res = probe_demo(load_model("default"), tmp_path, cache=tmp_path / "cache")
     assert {"best_site", "best_auroc", "best_selectivity"} <= set(res)
@@ -538,6 +539,19 @@ def test_cli_sweep_prints_and_writes_the_suggested_site(lm, tmp_path):
     out = json.loads((tmp_path / "s.json").read_text())
     assert {"best_site", "best_auroc", "best_selectivity"} <= out.keys()
     assert out["best_site"] in r.output and (tmp_path / "s.png").is_file()
+    assert out["read"]["texts_per_batch"] == ReadConfig.texts_per_batch
+    # texts per forward pass: --texts-per-batch; the old --batch-size still sets it, with a warning, hidden
+    args = ["probe", "sweep", "--data", str(tmp_path / "d.jsonl"), "--sites", "resid.0", "--model", str(tmp_path / "m")]
+    args += ["--fitters", "mean", "--n-random", "10", "--n-shuffle", "2", "--quiet"]
+    r = CliRunner().invoke(app, [*args, "--batch-size", "5", "--json", str(tmp_path / "old.json")])
+    assert r.exit_code == 0, r.output
+    assert "--batch-size is deprecated" in r.output + (getattr(r, "stderr", "") or "")
+    assert json.loads((tmp_path / "old.json").read_text())["read"]["texts_per_batch"] == 5
+    r = CliRunner().invoke(app, [*args, "--texts-per-batch", "7", "--json", str(tmp_path / "new.json")])
+    assert r.exit_code == 0 and "deprecated" not in r.output, r.output
+    assert json.loads((tmp_path / "new.json").read_text())["read"]["texts_per_batch"] == 7
+    helptext = CliRunner().invoke(app, ["probe", "sweep", "--help"]).output
+    assert "--texts-per-batch" in helptext and "--batch-size" not in helptext
     r = CliRunner().invoke(
         app,
         ["probe", "sweep", "--data", str(tmp_path / "d.jsonl"), "--sites", "resid.9", "--model", str(tmp_path / "m")],

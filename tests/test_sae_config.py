@@ -190,3 +190,35 @@ def test_every_package_export_resolves():
     for name in S.__all__:
         assert getattr(S, name) is not None, name
     from thoughtscope.sae.architectures import ARCHITECTURES, SAE, JumpReLUSAE, SAEConfig, build_sae  # noqa: F401
+
+
+def test_the_train_grid_is_every_combination_once_per_run_name():
+    """`sae train`'s comma-separated values become one config per run; a value an architecture ignores (k for
+    relu-l1) gives one run, not two."""
+    from thoughtscope.sae.run import Source, config_grid
+
+    src = Source(None, 32, "m", "resid.1")
+    cfgs, names = config_grid(
+        src, arch=["topk", "relu-l1"], k=[4, 8], expansion=[2], l1_coeff=[1.0], l0_coeff=[1.0], max_norm_ratio=None
+    )
+    assert names == ["topk-x2-k4", "topk-x2-k8", "relu-l1-x2-l1_1"]
+    assert all(c.d_model == 32 and c.n_features == 64 and c.site == "resid.1" for c in cfgs)
+    assert cfgs[0].max_norm_ratio is None
+
+
+def test_sae_help_says_what_each_count_counts():
+    """`--batch-size` is rows per optimiser step; `sae eval`'s store budget is --tokens (--max-tokens, its old
+    name, still works but is hidden); option help comes from the config fields."""
+    import typer.main
+
+    from thoughtscope.cli.sae import sae_app
+    from thoughtscope.configdoc import field_help
+
+    cmds = typer.main.get_command(sae_app).commands
+    opts = {p.name: p for p in cmds["train"].params}
+    assert "optimiser step" in opts["batch_size"].help
+    assert opts["lr"].help == field_help(TrainConfig, "lr") and opts["tokens"].help == field_help(
+        TrainConfig, "n_tokens"
+    )
+    ev = {p.name: p for p in cmds["eval"].params}
+    assert "--tokens" in ev["tokens"].opts and not ev["tokens"].hidden and ev["max_tokens"].hidden

@@ -11,7 +11,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import _load, console
+from ..configdoc import field_help
+from ..probes.config import ReadConfig, SweepConfig
+from .common import _load, console, renamed
 
 probe_app = typer.Typer(
     no_args_is_help=True, help="Linear probes: find where a concept is readable, monitor it, steer with it, erase it."
@@ -36,10 +38,8 @@ def _expand_sites(spec: str) -> list[str]:
     return out
 
 
-def _read_cfg(read: str, chat: bool, batch_size: int):
-    from ..probes.read import ReadConfig
-
-    return ReadConfig(read=read, chat=chat, batch_size=batch_size)
+def _read_cfg(read: str, chat: bool, texts_per_batch: int = ReadConfig.texts_per_batch) -> ReadConfig:
+    return ReadConfig(read=read, chat=chat, texts_per_batch=texts_per_batch)
 
 
 @probe_app.command("datasets")
@@ -72,67 +72,39 @@ def datasets_cmd(
     console.print(t)
 
 
-def print_sweep(out: dict, top: int | None = None) -> None:
-    primary = out["best_fitter"]
-    rows = out["results"][primary]
-    t = Table(
-        title=f"{out['dataset']} on {out.get('model', '?')}: held-out AUROC by site "
-        f"({out['n_train']} train / {out['n_test']} test rows, group-disjoint)"
-    )
-    for c in [
-        "site",
-        *[f"{m}" for m in out["results"]],
-        f"{primary} 95% CI",
-        "random p95",
-        "shuffle p95",
-        "control",
-        "selectivity",
-    ]:
-        t.add_column(c, justify="right")
-    for n in out["sites"]:
-        r = rows[n]
-        mark = " *" if n == out["best_site"] else ""
-        t.add_row(
-            n + mark,
-            *[f"{out['results'][m][n]['test_auroc']:.3f}" for m in out["results"]],
-            f"[{r['test_auroc_ci'][0]:.2f}, {r['test_auroc_ci'][1]:.2f}]",
-            f"{out['random_directions'][n]['p95']:.3f}",
-            f"{r['shuffle_p95']:.3f}",
-            f"{r['control_auroc']:.3f}",
-            f"{r['selectivity']:+.3f}",
-        )
-    console.print(t, width=max(console.width, 150))
-    sel = "" if out["best_is_selective"] else " (no site passed the selectivity rule; best by selectivity shown)"
-    console.print(
-        f"suggested site: [bold]{out['best_site']}[/bold] ({out['best_fitter']})  "
-        f"AUROC {out['best_auroc']:.3f} "
-        f"[{out['best_auroc_ci'][0]:.3f}, {out['best_auroc_ci'][1]:.3f}], selectivity "
-        f"{out['best_selectivity']:+.3f}{sel}"
-    )
-
-
 @probe_app.command("sweep")
 def sweep_cmd(
     data: str = typer.Option(..., help=DATA_HELP),
     sites: str = typer.Option("resid.0-29", help="sites, e.g. resid.0-29 or resid.3,resid.9 (embed is added)"),
     model: str = typer.Option("default", help="model spec"),
-    fitters: str = typer.Option("mean,lda,logistic,lat", help="comma-separated: mean, lda, logistic, lat, ccs"),
-    read: str = typer.Option("last", help="read position: last, mean or span"),
-    chat: bool = typer.Option(False, help="wrap each text in the model's chat template"),
+    fitters: str = typer.Option("mean,lda,logistic,lat", help=field_help(SweepConfig, "fitters", "(comma-separated)")),
+    read: str = typer.Option(ReadConfig.read, help=field_help(ReadConfig, "read")),
+    chat: bool = typer.Option(ReadConfig.chat, help=field_help(ReadConfig, "chat")),
     json_path: Path | None = typer.Option(None, "--json", help="write every number here"),
     plot_path: Path | None = typer.Option(None, "--plot", help="PNG of the curves (default: next to --json)"),
-    seed: int = typer.Option(0),
-    n_random: int = typer.Option(200),
-    n_shuffle: int = typer.Option(10),
-    batch_size: int = typer.Option(16),
+    seed: int = typer.Option(SweepConfig.seed, help=field_help(SweepConfig, "seed")),
+    n_random: int = typer.Option(SweepConfig.n_random, help=field_help(SweepConfig, "n_random")),
+    n_shuffle: int = typer.Option(SweepConfig.n_shuffle, help=field_help(SweepConfig, "n_shuffle")),
+    texts_per_batch: int | None = typer.Option(
+        ReadConfig.texts_per_batch, help=field_help(ReadConfig, "texts_per_batch")
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", hidden=True),
     cache: Path | None = typer.Option(None, help="activation cache folder"),
     device: str | None = typer.Option(None),
     quiet: bool = typer.Option(False),
 ) -> None:
     """Held-out AUROC per site and fitter beside random directions, a label-shuffle null and a control task."""
     from ..probes.generators import resolve
-    from ..probes.sweep import SweepConfig, plot, save_json, sweep
+    from ..probes.report import print_sweep
+    from ..probes.sweep import plot, save_json, sweep
 
+    per_batch = renamed(
+        texts_per_batch,
+        batch_size,
+        new="--texts-per-batch",
+        old="--batch-size",
+        default=ReadConfig.texts_per_batch,
+    )
     ds = resolve(data)
     cfg = SweepConfig(
         fitters=tuple(f.strip() for f in fitters.split(",") if f.strip()),
@@ -141,8 +113,8 @@ def sweep_cmd(
         n_shuffle=n_shuffle,
     )
     lm = _load(model, device, None)
-    out = sweep(lm, ds, _expand_sites(sites), _read_cfg(read, chat, batch_size), cfg, cache=cache, progress=not quiet)
-    print_sweep(out)
+    out = sweep(lm, ds, _expand_sites(sites), _read_cfg(read, chat, per_batch), cfg, cache=cache, progress=not quiet)
+    print_sweep(out, console)
     if json_path:
         save_json(out, json_path)
         console.print(f"JSON → {json_path}")
@@ -158,7 +130,7 @@ def transfer_cmd(
     site: str = typer.Option(..., help="one site, e.g. resid.12"),
     model: str = typer.Option("default"),
     fitter: str = typer.Option("mean"),
-    read: str = typer.Option("last"),
+    read: str = typer.Option(ReadConfig.read, help=field_help(ReadConfig, "read")),
     json_path: Path | None = typer.Option(None, "--json"),
     seed: int = typer.Option(0),
     cache: Path | None = typer.Option(None),
@@ -171,7 +143,7 @@ def transfer_cmd(
 
     sets = {name: resolve(name) for name in data}
     lm = _load(model, device, None)
-    rc = _read_cfg(read, False, 16)
+    rc = _read_cfg(read, False)
     acts = {n: read_activations(lm, ds, [site], rc, cache=cache) for n, ds in sets.items()}
     out = transfer(acts, sets, str(lm.check_site(site)), fitter, seed)
     t = Table(title=f"transfer at {site} ({fitter}): rows train, columns test (held-out split)")
@@ -192,8 +164,8 @@ def fit_cmd(
     out: Path = typer.Option(..., help="probe folder to write"),
     model: str = typer.Option("default"),
     fitter: str = typer.Option("mean"),
-    read: str = typer.Option("last"),
-    chat: bool = typer.Option(False),
+    read: str = typer.Option(ReadConfig.read, help=field_help(ReadConfig, "read")),
+    chat: bool = typer.Option(ReadConfig.chat, help=field_help(ReadConfig, "chat")),
     seed: int = typer.Option(0),
     cache: Path | None = typer.Option(None),
     device: str | None = typer.Option(None),
@@ -204,7 +176,7 @@ def fit_cmd(
 
     ds = resolve(data)
     lm = _load(model, device, None)
-    probe = fit_probe(lm, ds, site, fitter, _read_cfg(read, chat, 16), seed=seed, cache=cache)
+    probe = fit_probe(lm, ds, site, fitter, _read_cfg(read, chat), seed=seed, cache=cache)
     probe.save(out)
     m = probe.cfg.metrics
     console.print(
@@ -279,7 +251,7 @@ def erase_cmd(
     data: str = typer.Option(..., help=DATA_HELP),
     site: str = typer.Option(..., help="e.g. resid.12"),
     model: str = typer.Option("default"),
-    read: str = typer.Option("last"),
+    read: str = typer.Option(ReadConfig.read, help=field_help(ReadConfig, "read")),
     seed: int = typer.Option(0),
     n_contexts: int = typer.Option(16, help="default-corpus contexts (128 tokens) for the LM-loss change"),
     reread: bool = typer.Option(
@@ -300,7 +272,7 @@ def erase_cmd(
         lm,
         resolve(data),
         site,
-        _read_cfg(read, False, 16),
+        _read_cfg(read, False),
         seed=seed,
         n_contexts=n_contexts,
         cache=cache,
@@ -410,7 +382,7 @@ def demo_cmd(
     device: str | None = typer.Option(None),
 ) -> None:
     """Sweep the shipped comparisons set on the default model, print the table beside its controls, save the plot."""
-    from ..probes.demo import probe_demo
+    from ..demo.probes import probe_demo
 
     probe_demo(_load(model, device, None), out, console, quick=not full)
 

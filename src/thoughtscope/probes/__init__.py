@@ -4,19 +4,64 @@ from thoughtscope.probes import builtin, sweep, fit_probe, erase_check
 out = sweep(lm, builtin("comparisons"), [f"resid.{i}" for i in range(30)])   # held-out AUROC + controls
 probe = fit_probe(lm, builtin("cities"), out["best_site"])                    # artefact folder via .save()
 with steering(lm, [probe.to_intervention(1.0)]): ...                          # one class gap along it
+
+Names load on first use (PEP 562), so `thoughtscope.probes.config` (what the CLI reads its defaults from)
+does not pull in torch.
 """
 
-from .causal import causal_check
-from .datasets import ProbeSet, Split, control_labels, from_pairs, group_split, load_dataset
-from .erase import EraseEdit, erase_check, fit_eraser, lm_loss, random_eraser
-from .fitters import DEFAULT_FITTERS, FITTERS, fit, logistic_raw
-from .generators import BUILTIN, builtin, resolve, tag_known_cities
-from .metrics import auroc, bootstrap_auroc, recall_at_fpr, threshold_at_fpr
-from .monitor import TokenScores, calibrate, neutral_texts, score_texts
-from .probe import Probe, ProbeConfig, fit_probe, load_probe
-from .read import EMBED, ReadConfig, read_activations, token_activations
-from .sweep import SweepConfig, plot, save_json, sweep, sweep_arrays, transfer
-from .weights import probe_alignment, weight_atlas
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+_WHERE = {
+    "causal_check": "causal",
+    "ProbeSet": "datasets",
+    "Split": "datasets",
+    "control_labels": "datasets",
+    "from_pairs": "datasets",
+    "group_split": "datasets",
+    "load_dataset": "datasets",
+    "EraseEdit": "erase",
+    "erase_check": "erase",
+    "fit_eraser": "erase",
+    "lm_loss": "erase",
+    "random_eraser": "erase",
+    "DEFAULT_FITTERS": "fitters",
+    "FITTERS": "fitters",
+    "fit": "fitters",
+    "logistic_raw": "fitters",
+    "BUILTIN": "generators",
+    "builtin": "generators",
+    "resolve": "generators",
+    "tag_known_cities": "generators",
+    "auroc": "metrics",
+    "bootstrap_auroc": "metrics",
+    "recall_at_fpr": "metrics",
+    "threshold_at_fpr": "metrics",
+    "TokenScores": "monitor",
+    "calibrate": "monitor",
+    "neutral_texts": "monitor",
+    "score_texts": "monitor",
+    "Probe": "probe",
+    "ProbeConfig": "probe",
+    "fit_probe": "probe",
+    "load_probe": "probe",
+    "EMBED": "read",
+    "ReadConfig": "read",
+    "read_activations": "read",
+    "token_activations": "read",
+    "SweepConfig": "sweep",
+    "plot": "sweep",
+    "save_json": "sweep",
+    "sweep": "sweep",
+    "sweep_arrays": "sweep",
+    "transfer": "sweep",
+    "probe_alignment": "weights",
+    "weight_atlas": "weights",
+}
 
 __all__ = [
     "BUILTIN",
@@ -64,3 +109,42 @@ __all__ = [
     "transfer",
     "weight_atlas",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
+
+class _Package(types.ModuleType):
+    """`thoughtscope.probes.sweep` is the function, as when this package imported every name eagerly: importing the
+    submodule `probes/sweep.py` would otherwise rebind the package's `sweep` to the module."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return  # a public name never becomes the submodule of the same name; __getattr__ gives the name
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:
+    from .causal import causal_check
+    from .datasets import ProbeSet, Split, control_labels, from_pairs, group_split, load_dataset
+    from .erase import EraseEdit, erase_check, fit_eraser, lm_loss, random_eraser
+    from .fitters import DEFAULT_FITTERS, FITTERS, fit, logistic_raw
+    from .generators import BUILTIN, builtin, resolve, tag_known_cities
+    from .metrics import auroc, bootstrap_auroc, recall_at_fpr, threshold_at_fpr
+    from .monitor import TokenScores, calibrate, neutral_texts, score_texts
+    from .probe import Probe, ProbeConfig, fit_probe, load_probe
+    from .read import EMBED, ReadConfig, read_activations, token_activations
+    from .sweep import SweepConfig, plot, save_json, sweep, sweep_arrays, transfer
+    from .weights import probe_alignment, weight_atlas

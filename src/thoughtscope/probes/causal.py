@@ -59,7 +59,7 @@ def causal_check(
     site = probe.cfg.site
 
     def edit(v, a):
-        return [VectorEdit(v, site, "add", scale=float(a), label="causal")] if a else []
+        return [VectorEdit(v, site, "add", float(a), label="causal")] if a else []
 
     base = _p_gap(lm, texts, yes, no, [])
     rows = []

@@ -22,8 +22,8 @@ import torch
 
 from ..documents import jsonl_objects
 from ..errors import ProbeError
+from .config import READS  # noqa: F401  (re-exported: its old home)
 
-READS = ("last", "mean", "span")
 COLUMNS = ("text", "label", "group", "entity", "difficulty", "pair_id", "span")
 
 

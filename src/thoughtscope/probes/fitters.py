@@ -19,10 +19,9 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import ProbeError
+from .config import DEFAULT_FITTERS, FITTERS  # noqa: F401  (re-exported: their old home)
 from .metrics import auroc
 
-FITTERS = ("mean", "lda", "logistic", "lat", "ccs")
-DEFAULT_FITTERS = ("mean", "lda", "logistic", "lat")
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 
 

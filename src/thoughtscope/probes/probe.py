@@ -8,6 +8,7 @@ activations of another model or site. `to_vector()` turns it into a steering vec
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -91,8 +92,8 @@ class Probe:
         return (self.score(x) > self.threshold).long()
 
     def to_vector(self):
-        """A SteeringVector along the unit direction scaled to one class gap: scale 1 moves a class-0 mean to
-        the class-1 mean along the probe (Marks & Tegmark's causal test); scale −1 the other way."""
+        """A SteeringVector along the unit direction scaled to one class gap: strength 1 moves a class-0 mean to
+        the class-1 mean along the probe (Marks & Tegmark's causal test); strength −1 the other way."""
         from ..steer.vectors import SteeringVector
 
         return SteeringVector(
@@ -105,11 +106,19 @@ class Probe:
             {"probe_dataset": self.cfg.dataset, "unit": "class gap"},
         )
 
-    def to_intervention(self, scale: float = 1.0, positions: str = "all"):
+    def to_intervention(self, strength: float = 1.0, positions: str = "all", *, scale: float | None = None):
+        """Add `strength` class gaps along the probe at its site (`scale` is strength's old name, deprecated)."""
         from ..steer.interventions import add_vector
 
+        if scale is not None:
+            warnings.warn(
+                "Probe.to_intervention: 'scale' is now 'strength' (the old name still works for now)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            strength = scale
         return add_vector(
-            self.to_vector().vector, self.cfg.site, scale, positions=positions, label=f"probe {self.cfg.dataset}"
+            self.to_vector().vector, self.cfg.site, strength, positions=positions, label=f"probe {self.cfg.dataset}"
         )
 
     # -- artefact

@@ -16,54 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import InitVar, asdict, dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import ProbeError
 from ..models import LoadedModel, Site, cache_dir, capture, pad_batch, parse_sites
-from .datasets import READS, ProbeSet
+from .config import READS, ReadConfig  # noqa: F401  (ReadConfig re-exported: its old home)
+from .datasets import ProbeSet
 
 EMBED = "embed"  # the token embeddings (hidden_states[0]): the "layer 0" control of a sweep
-
-
-@dataclass(frozen=True)
-class ReadConfig:
-    read: str = "last"
-    """Which token of a text is read: last, mean (over its tokens) or span (mean over a marked span)."""
-    chat: bool = False
-    """True: each text becomes the user turn of the model's chat template (only its own tokens are read)."""
-    texts_per_batch: int = 16
-    """Texts per forward pass."""
-    max_length: int = 256
-    """Tokens kept per text, BOS included (a longer text is cut to this many; chat template included)."""
-    sink_ratio: float = 10.0
-    """Tokens with norm above this many times the median token norm are sinks, never read (multiple, > 1)."""
-    add_bos: bool = True
-    """As LoadedModel.tokenize; False reads texts exactly as the tokenizer alone encodes them."""
-    batch_size: InitVar[int | None] = None
-    """Former name of texts_per_batch (still accepted, with a warning)."""
-
-    def __post_init__(self, batch_size: int | None) -> None:
-        if batch_size is not None:
-            warnings.warn(
-                "ReadConfig(batch_size=...) is now ReadConfig(texts_per_batch=...)", DeprecationWarning, stacklevel=3
-            )
-            object.__setattr__(self, "texts_per_batch", batch_size)
-        if self.read not in READS:
-            raise ProbeError(f"read position must be one of {', '.join(READS)}, got {self.read!r}")
-        if self.texts_per_batch < 1 or self.max_length < 2:
-            raise ProbeError(
-                f"texts_per_batch must be >= 1 and max_length >= 2, got {self.texts_per_batch}, {self.max_length}"
-            )
-        if not self.sink_ratio > 1:
-            raise ProbeError(
-                f"sink_ratio must be > 1 (tokens above ratio × median norm are sinks), got {self.sink_ratio}"
-            )
 
 
 def site_names(lm: LoadedModel, sites: str | Sequence[str], embed: bool = False) -> list[str]:

@@ -23,38 +23,11 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write, atomic_write_text
-from ..errors import ProbeError
+from .config import SweepConfig
 from .datasets import ProbeSet, control_labels, group_folds, group_split
-from .fitters import DEFAULT_FITTERS, FITTERS, fit
+from .fitters import fit
 from .metrics import auroc, balanced_accuracy, best_threshold, bootstrap_auroc
 from .read import EMBED, ReadConfig, read_activations, site_names
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    fitters: tuple[str, ...] = DEFAULT_FITTERS
-    """Fitters to compare, each at every site: some of mean, lda, logistic, lat, ccs."""
-    test_fraction: float = 0.25
-    """Share of the groups held out for testing (fraction, 0-1; the split is group-disjoint)."""
-    seed: int = 0
-    """Seed of the split, the fitters, the random directions, the shuffles and the bootstrap."""
-    n_random: int = 200
-    """Random unit directions per site for the random-direction control (count)."""
-    n_shuffle: int = 10
-    """Label-shuffle refits per fitter for the null (count)."""
-    n_boot: int = 200
-    """Bootstrap resamples for each test AUROC's 95% CI (count, at least 10)."""
-    cv_folds: int = 4
-    """Group-wise cross-validation folds on the training split (count, at least 2)."""
-    min_selectivity: float = 0.2
-    """A site is selective when task AUROC − control-task AUROC reaches this (AUROC points)."""
-
-    def __post_init__(self) -> None:
-        bad = [f for f in self.fitters if f not in FITTERS]
-        if bad or not self.fitters:
-            raise ProbeError(f"unknown fitter(s) {bad}: expected some of {', '.join(FITTERS)}")
-        if self.n_random < 1 or self.n_shuffle < 1 or self.n_boot < 10 or self.cv_folds < 2:
-            raise ProbeError("n_random, n_shuffle >= 1, n_boot >= 10 and cv_folds >= 2 are required")
 
 
 def _fit_kwargs(method: str, ds: ProbeSet, train: list[int], seed: int, folds: int) -> dict:

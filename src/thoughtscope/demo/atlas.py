@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .build import AtlasConfig, build_atlas
-from .cards import feature_card
-from .db import Atlas
-from .query import contrast
+from ..atlas.build import AtlasConfig, build_atlas
+from ..atlas.cards import feature_card
+from ..atlas.db import Atlas
+from ..atlas.query import contrast
 
 # Text the shipped SAE has seen: 262,144 training tokens, then 16,384 held-out tokens.
 SAE_TOKENS_SEEN = 262_144 + 16_384

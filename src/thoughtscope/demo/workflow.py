@@ -1,4 +1,8 @@
-"""`thoughtscope demo`: the main workflow on the embedded default model, offline, in a few minutes."""
+"""`thoughtscope demo`: the main workflow on the embedded default model, offline, in a few minutes.
+
+One stage after another: harvest, the shipped SAE on fresh text, a small feature atlas (demo/atlas.py), steering
+(demo/steer.py), the shipped NLA, a probe sweep (demo/probes.py).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-SAE_TOKENS_SEEN = 262_144 + 16_384
+from .atlas import SAE_TOKENS_SEEN
 
 
 def run_demo(out: Path, site: str = "resid.15", tokens: int = 16_384, console: Console | None = None) -> dict:
-    from .corpus import Corpus
-    from .harvest import HarvestConfig, harvest
-    from .models import Site, load_model
+    from ..corpus import Corpus
+    from ..harvest import HarvestConfig, harvest
+    from ..models import Site, load_model
 
     console = console or Console()
     out = Path(out)
@@ -49,7 +53,7 @@ def run_demo(out: Path, site: str = "resid.15", tokens: int = 16_384, console: C
 
 def _sae_stage(console: Console, lm, store) -> dict:
     """Measure the packaged SAE on the freshly harvested tokens (text it was not trained on)."""
-    from .sae import evaluate_sae, load_sae
+    from ..sae import evaluate_sae, load_sae
 
     sae = load_sae("default")
     metrics = evaluate_sae(
@@ -65,13 +69,13 @@ def _sae_stage(console: Console, lm, store) -> dict:
 
 
 def _feature_stage(console: Console, lm, out: Path, summary: dict) -> None:
-    from .atlas.demo import demo_feature_cards
+    from .atlas import demo_feature_cards
 
     demo_feature_cards(lm, out, console)
 
 
 def _steer_stage(console: Console, lm, out: Path, summary: dict) -> None:
-    from .steer.demos import default_demo
+    from .steer import default_demo
 
     console.rule("4. steering: unsteered vs steered, same seed")
     default_demo(lm, console)
@@ -87,7 +91,7 @@ NLA_DEMO_TEXT = (
 
 def _nla_stage(console: Console, lm, out: Path, summary: dict) -> None:
     """The shipped NLA writes a few tokens' activations as words and reads them back (round-trip FVE)."""
-    from .nla import explain_text, load_nla
+    from ..nla import explain_text, load_nla
 
     console.rule("5. natural-language explanations of activations")
     t0 = time.perf_counter()
@@ -114,7 +118,7 @@ def _nla_stage(console: Console, lm, out: Path, summary: dict) -> None:
 
 def _probe_stage(console: Console, lm, out: Path, summary: dict) -> None:
     """Where is "is this comparison true?" linearly readable? A quick layer sweep beside its controls."""
-    from .probes.demo import probe_demo
+    from .probes import probe_demo
 
     console.rule("6. probes: where the model reads 'is this comparison true?'")
     res = probe_demo(lm, out / "probes", console)

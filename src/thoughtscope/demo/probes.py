@@ -5,17 +5,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .generators import comparisons
-from .read import ReadConfig
-from .sweep import SweepConfig, plot, save_json, sweep
+from ..probes.config import ReadConfig, SweepConfig
+from ..probes.generators import comparisons
+from ..probes.report import print_sweep
+from ..probes.sweep import plot, save_json, sweep
 
 QUICK_SITES = [f"resid.{i}" for i in range(0, 30, 3)] + ["resid.29"]
 
 
 def probe_demo(lm, out: str | Path, console=None, *, quick: bool = True, cache=None) -> dict:
     """Quick: 160 statements, 11 sites, mean-difference and LDA; full: 600 statements, all 30 blocks, 4 fitters."""
-    from ..cli.probe import print_sweep
-
     out = Path(out)
     t0 = time.perf_counter()
     ds = comparisons(n=160 if quick else 600)
@@ -31,7 +30,7 @@ def probe_demo(lm, out: str | Path, console=None, *, quick: bool = True, cache=N
     plot(res, out / "probe_sweep.png")
     res["seconds"] = time.perf_counter() - t0
     if console is not None:
-        print_sweep(res)
+        print_sweep(res, console)
         console.print(
             f"plot → {out / 'probe_sweep.png'}; every number in {out / 'probe_sweep.json'} "
             f"({res['seconds']:.0f} s). Controls: random directions, label shuffle, a control task with "

@@ -1,10 +1,12 @@
-"""Demonstrations (issue points 6a / 6b), as functions so scripts, the CLI and tests share them.
+"""The steering demonstrations, as functions so scripts/steer_demo.py, `thoughtscope demo` and tests share them.
 
 (a) `concept_demo`: find a concept feature by contrastive search, sweep its clamp in multiples of its
     observed maximum on the 20 neutral questions, pick the strength with the highest mention rate whose
     perplexity stays within `ppl_bound` × unsteered, and report rate and perplexity ratio there.
 (b) `suppression_demo`: on prompts that normally evoke the concept, compare the mention rate without
     steering and with the feature clamped negative (and with its decoder direction projected out).
+`default_demo` is `thoughtscope demo`'s steering stage: the calibrated clamp that (a) found for the shipped SAE
+(assets/default_steering.json), unsteered vs steered.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from pathlib import Path
 
 from ..features import contrast_features, feature_max_acts
 from ..models import LoadedModel
-from .calibrate import DEFAULT_SWEEP_CONFIG, NEUTRAL_PROMPTS, evaluate, plot_sweep, sweep
-from .generate import GenerationConfig, compare
-from .handles import Concept
-from .interventions import FeatureEdit, VectorEdit
+from ..steer.calibrate import DEFAULT_SWEEP_CONFIG, NEUTRAL_PROMPTS, evaluate, plot_sweep, sweep
+from ..steer.generate import GenerationConfig, compare
+from ..steer.handles import Concept
+from ..steer.interventions import FeatureEdit, VectorEdit
 
 
 def _load_concepts() -> dict[str, Concept]:
@@ -58,61 +60,19 @@ def concept_demo(
     `positions="generated"` clamps only the answer's tokens: the question is read unsteered.
     """
     config = config or GenerationConfig(**DEFAULT_SWEEP_CONFIG)
-    ranked = contrast_features(lm, sae, site, concept.prompts, concept.controls, top=max(10, candidates))
-    if features:
-        by_id = {f.feature: f for f in ranked}
-        missing = [f for f in features if f not in by_id]
-        if missing:
-            raise ValueError(
-                f"features {missing} are not among the top {len(ranked)} contrastive features for "
-                f"{concept.name!r}: {[f.feature for f in ranked]}"
-            )
-        found = [by_id[f] for f in features]
-    else:
-        found = ranked[:candidates]
+    ranked, found = _candidates(lm, sae, site, concept, candidates, features)
     maxes = feature_max_acts(lm, sae, site, list(concept.prompts) + list(concept.controls), [f.feature for f in found])
-    tried = []
-    best = None
-    sweeps = {}
     mx = [m if m > 0 else 1.0 for m in maxes.tolist()]
     groups = [list(zip(found, mx))] if combine else [[(fs, m)] for fs, m in zip(found, mx)]
+    sweeps, tried = {}, []
     for group in groups:
-        fs, m = group[0]
-        ids, ms = [g[0].feature for g in group], [g[1] for g in group]
-
-        def make(s, ids=ids, ms=ms):
-            return [
-                FeatureEdit(sae, f, "clamp", s, unit="max", max_act=mm, site=site, positions=positions)
-                for f, mm in zip(ids, ms)
-            ]
-
-        res = sweep(
-            lm,
-            make,
-            list(multiples),
-            keywords=concept.keywords,
-            prompts=prompts,
-            config=config,
-            ppl_bound=ppl_bound,
-            progress=progress,
+        res, row = _calibrate(
+            lm, sae, site, group, concept, multiples, prompts, config, ppl_bound, progress=progress, positions=positions
         )
-        sweeps[fs.feature] = res
-        row = {
-            "feature": fs.feature,
-            "score": fs.score,
-            "max_act": m,
-            "features": ids,
-            "max_acts": ms,
-            "suggested_multiple": res.suggested,
-            "sweep": res.table(),
-            "baseline": {"concept_rate": res.baseline.concept_rate, "perplexity": res.baseline.perplexity},
-        }
-        if res.suggested is not None:
-            pt = next(p for p in res.points if p.strength == res.suggested)
-            row.update(concept_rate=pt.concept_rate, ppl_ratio=pt.perplexity / res.baseline.perplexity)
-            if best is None or pt.concept_rate > best["concept_rate"]:
-                best = row
+        sweeps[row["feature"]] = res
         tried.append(row)
+    # the calibrated candidate with the highest mention rate (the first of equals)
+    best = max((r for r in tried if r["suggested_multiple"] is not None), key=lambda r: r["concept_rate"], default=None)
     out = {
         "concept": concept.name,
         "site": site,
@@ -127,32 +87,85 @@ def concept_demo(
         "best": best,
         "generation": asdict(config),
     }
-    # Plot / keep samples of the best candidate, or, when none stays within the bound, of the one with the
-    # highest concept rate at any strength (so a failed calibration is still shown).
-    shown = best or max(tried, key=lambda r: max(p["concept_rate"] for p in r["sweep"]), default=None)
-    if shown is not None:
-        if plot is not None:
-            feats = ", ".join(map(str, shown["features"]))
-            plot_sweep(
-                sweeps[shown["feature"]],
-                plot,
-                title=f"{concept.name}: feature(s) {feats} clamped (x own max act), {len(prompts)} neutral questions",
-            )
-            out["plot"] = str(plot)
-        for pt in sweeps[shown["feature"]].points:
-            out.setdefault("samples_by_strength", {})[str(pt.strength)] = pt.samples
-    if best is not None:
-        ivs = [
-            FeatureEdit(
-                sae, f, "clamp", best["suggested_multiple"], unit="max", max_act=mm, site=site, positions=positions
-            )
-            for f, mm in zip(best["features"], best["max_acts"])
-        ]
-        side = compare(lm, list(prompts[:3]), ivs, config)
-        out["side_by_side"] = [asdict(c) for c in side]
-        out["passed"] = best["concept_rate"] >= 0.6 and best["ppl_ratio"] <= ppl_bound
-    else:
+    out.update(_shown(best, tried, sweeps, concept, len(prompts), plot))
+    if best is None:
         out["passed"] = False
+        return out
+    ivs = _clamps(sae, site, best["features"], best["max_acts"], best["suggested_multiple"], positions)
+    out["side_by_side"] = [asdict(c) for c in compare(lm, list(prompts[:3]), ivs, config)]
+    out["passed"] = best["concept_rate"] >= 0.6 and best["ppl_ratio"] <= ppl_bound
+    return out
+
+
+def _candidates(lm, sae, site: str, concept: Concept, candidates: int, features: Sequence[int]) -> tuple[list, list]:
+    """(the contrastive search's top features, the ones to calibrate: the top `candidates` or the given ids)."""
+    ranked = contrast_features(lm, sae, site, concept.prompts, concept.controls, top=max(10, candidates))
+    if not features:
+        return ranked, ranked[:candidates]
+    by_id = {f.feature: f for f in ranked}
+    missing = [f for f in features if f not in by_id]
+    if missing:
+        raise ValueError(
+            f"features {missing} are not among the top {len(ranked)} contrastive features for "
+            f"{concept.name!r}: {[f.feature for f in ranked]}"
+        )
+    return ranked, [by_id[f] for f in features]
+
+
+def _clamps(sae, site: str, ids, max_acts, multiple: float, positions: str) -> list[FeatureEdit]:
+    """Each feature clamped to `multiple` × its own maximum activation."""
+    return [
+        FeatureEdit(sae, f, "clamp", multiple, unit="max", max_act=m, site=site, positions=positions)
+        for f, m in zip(ids, max_acts)
+    ]
+
+
+def _calibrate(lm, sae, site, group, concept, multiples, prompts, config, ppl_bound, *, progress, positions):
+    """Sweep one candidate (one feature, or several clamped together) over `multiples`: (the sweep, its row)."""
+    fs, m = group[0]
+    ids, ms = [g[0].feature for g in group], [g[1] for g in group]
+    res = sweep(
+        lm,
+        lambda s: _clamps(sae, site, ids, ms, s, positions),
+        list(multiples),
+        keywords=concept.keywords,
+        prompts=prompts,
+        config=config,
+        ppl_bound=ppl_bound,
+        progress=progress,
+    )
+    row = {
+        "feature": fs.feature,
+        "score": fs.score,
+        "max_act": m,
+        "features": ids,
+        "max_acts": ms,
+        "suggested_multiple": res.suggested,
+        "sweep": res.table(),
+        "baseline": {"concept_rate": res.baseline.concept_rate, "perplexity": res.baseline.perplexity},
+    }
+    if res.suggested is not None:
+        pt = next(p for p in res.points if p.strength == res.suggested)
+        row.update(concept_rate=pt.concept_rate, ppl_ratio=pt.perplexity / res.baseline.perplexity)
+    return res, row
+
+
+def _shown(best, tried: list[dict], sweeps: dict, concept: Concept, n_prompts: int, plot) -> dict:
+    """The plot and the samples of the best candidate, or, when none stays within the bound, of the one with the
+    highest concept rate at any strength (so a failed calibration is still shown)."""
+    shown = best or max(tried, key=lambda r: max(p["concept_rate"] for p in r["sweep"]), default=None)
+    if shown is None:
+        return {}
+    out: dict = {}
+    if plot is not None:
+        feats = ", ".join(map(str, shown["features"]))
+        plot_sweep(
+            sweeps[shown["feature"]],
+            plot,
+            title=f"{concept.name}: feature(s) {feats} clamped (x own max act), {n_prompts} neutral questions",
+        )
+        out["plot"] = str(plot)
+    out["samples_by_strength"] = {str(pt.strength): pt.samples for pt in sweeps[shown["feature"]].points}
     return out
 
 
@@ -205,8 +218,6 @@ def default_steering_path() -> Path:
 
 
 def load_default_steering() -> dict:
-    import json
-
     p = default_steering_path()
     if not p.is_file():
         raise FileNotFoundError(
