@@ -24,11 +24,11 @@ def _word_id(lm, word: str) -> int:
 
 
 @torch.no_grad()
-def _p_gap(lm, texts: list[str], yes: int, no: int, ivs: list, batch_size: int = 16) -> torch.Tensor:
+def _p_gap(lm, texts: list[str], yes: int, no: int, ivs: list, texts_per_batch: int = 16) -> torch.Tensor:
     out = []
     with steering(lm, ivs):
-        for i in range(0, len(texts), batch_size):
-            ids, mask = lm.tokenize(texts[i : i + batch_size])
+        for i in range(0, len(texts), texts_per_batch):
+            ids, mask = lm.tokenize(texts[i : i + texts_per_batch])
             logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             last = logits[torch.arange(ids.shape[0]), mask.sum(1) - 1].softmax(-1)
             out.append((last[:, yes] - last[:, no]).cpu())

@@ -16,6 +16,14 @@ FITTERS = ("mean", "lda", "logistic", "lat", "ccs")
 DEFAULT_FITTERS = ("mean", "lda", "logistic", "lat")
 
 
+def old_keyword(value, old_value, *, old: str, new: str, where: str):
+    """`value`, or `old_value` when the caller used the keyword's old name (with a DeprecationWarning)."""
+    if old_value is None:
+        return value
+    warnings.warn(f"{where}({old}=...) is now {where}({new}=...)", DeprecationWarning, stacklevel=3)
+    return old_value
+
+
 @dataclass(frozen=True)
 class ReadConfig:
     """How a dataset's texts are read at a site: which token, in which template, how many per forward pass."""
@@ -37,10 +45,8 @@ class ReadConfig:
 
     def __post_init__(self, batch_size: int | None) -> None:
         if batch_size is not None:
-            warnings.warn(
-                "ReadConfig(batch_size=...) is now ReadConfig(texts_per_batch=...)", DeprecationWarning, stacklevel=3
-            )
-            object.__setattr__(self, "texts_per_batch", batch_size)
+            per_batch = old_keyword(None, batch_size, old="batch_size", new="texts_per_batch", where="ReadConfig")
+            object.__setattr__(self, "texts_per_batch", per_batch)
         if self.read not in READS:
             raise ProbeError(f"read position must be one of {', '.join(READS)}, got {self.read!r}")
         if self.texts_per_batch < 1 or self.max_length < 2:

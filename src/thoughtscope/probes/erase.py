@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import ProbeError
 from ..steer.interventions import StepContext, VectorEdit
+from .config import old_keyword
 
 
 @dataclass
@@ -107,23 +108,26 @@ def lm_loss(
     *,
     n_contexts: int = 16,
     ctx_len: int = 128,
-    batch_size: int = 8,
+    contexts_per_batch: int = 8,
     corpus: str = "default",
     texts=None,
+    batch_size: int | None = None,
 ) -> float:
-    """Mean next-token cross-entropy on the first contexts of a corpus (or on texts), interventions active."""
+    """Mean next-token cross-entropy on the first contexts of a corpus (or on texts), interventions active;
+    `contexts_per_batch` contexts per forward pass (`batch_size` is its old name, deprecated)."""
     from ..corpus import Corpus
     from ..steer.interventions import steering
 
+    per_batch = old_keyword(contexts_per_batch, batch_size, old="batch_size", new="contexts_per_batch", where="lm_loss")
     total, count, seen = 0.0, 0, 0
     if texts is not None:
         batches = [
-            lm.tokenize(list(texts[i : i + batch_size]), max_length=ctx_len) for i in range(0, len(texts), batch_size)
+            lm.tokenize(list(texts[i : i + per_batch]), max_length=ctx_len) for i in range(0, len(texts), per_batch)
         ]
     else:
         batches = (
             (c.input_ids, torch.ones_like(c.input_ids))
-            for c in Corpus(corpus).batches(lm.tokenizer, ctx_len, batch_size)
+            for c in Corpus(corpus).batches(lm.tokenizer, ctx_len, per_batch)
         )
     with steering(lm, list(interventions)):
         for ids, mask in batches:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ProbeError
+from .config import old_keyword
 from .metrics import recall_at_fpr, threshold_at_fpr
 from .probe import Probe
 from .read import token_activations
@@ -36,13 +37,20 @@ class TokenScores:
 
 
 def score_texts(
-    lm, probe: Probe, texts: Sequence[str], *, batch_size: int = 16, max_length: int = 512
+    lm,
+    probe: Probe,
+    texts: Sequence[str],
+    *,
+    texts_per_batch: int = 16,
+    max_length: int = 512,
+    batch_size: int | None = None,
 ) -> list[TokenScores]:
     """Per-token probe scores for each text (one forward pass per batch, stopping after the probe's block)."""
     probe.check(lm)
     if isinstance(texts, str):
         texts = [texts]
-    rows = token_activations(lm, list(texts), [probe.cfg.site], batch_size=batch_size, max_length=max_length)
+    per_batch = old_keyword(texts_per_batch, batch_size, old="batch_size", new="texts_per_batch", where="score_texts")
+    rows = token_activations(lm, list(texts), [probe.cfg.site], texts_per_batch=per_batch, max_length=max_length)
     out = []
     for text, (ids, acts, ok) in zip(texts, rows):
         s = probe.score(acts[probe.cfg.site])

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ProbeError
 from ..models import LoadedModel, Site, cache_dir, capture, pad_batch, parse_sites
-from .config import READS, ReadConfig  # noqa: F401  (ReadConfig re-exported: its old home)
+from .config import READS, ReadConfig, old_keyword  # noqa: F401  (ReadConfig: its old home)
 from .datasets import ProbeSet
 
 EMBED = "embed"  # the token embeddings (hidden_states[0]): the "layer 0" control of a sweep
@@ -269,16 +269,21 @@ def token_activations(
     texts: Sequence[str],
     sites: str | Sequence[str],
     *,
-    batch_size: int = 16,
+    texts_per_batch: int = 16,
     sink_ratio: float = 10.0,
     max_length: int = 512,
+    batch_size: int | None = None,
 ):
-    """Per text: (token ids [T], {site: [T, d]}, readable mask [T]) from one pass per batch (for monitoring)."""
+    """Per text: (token ids [T], {site: [T, d]}, readable mask [T]) from one pass per `texts_per_batch` texts (for
+    monitoring; `batch_size` is its old name, deprecated)."""
+    per_batch = old_keyword(
+        texts_per_batch, batch_size, old="batch_size", new="texts_per_batch", where="token_activations"
+    )
     names = site_names(lm, sites)
     out = []
     texts = list(texts)
-    for s in range(0, len(texts), batch_size):
-        chunk = texts[s : s + batch_size]
+    for s in range(0, len(texts), per_batch):
+        chunk = texts[s : s + per_batch]
         ids, mask = lm.tokenize(chunk, max_length=max_length)
         acts = forward_all(lm, names, ids, mask)
         oks = {n: sink_mask(acts[n], mask, sink_ratio) for n in names}
