@@ -46,7 +46,7 @@ def bare_forward(lm, texts, batch_size):
 
 def our_reading(lm, ds, sites, batch_size):
     t = time.perf_counter()
-    read_activations(lm, ds, sites, ReadConfig(batch_size=batch_size), cache=False)
+    read_activations(lm, ds, sites, ReadConfig(texts_per_batch=batch_size), cache=False)
     return time.perf_counter() - t
 
 

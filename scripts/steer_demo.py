@@ -33,9 +33,9 @@ def _load(args):
 
 
 def main(argv=None) -> int:
+    from thoughtscope.demo.steer import CONCEPTS, concept_demo, suppression_demo
     from thoughtscope.steer import GenerationConfig
     from thoughtscope.steer.calibrate import DEFAULT_SWEEP_CONFIG, NEUTRAL_PROMPTS
-    from thoughtscope.steer.demos import CONCEPTS, concept_demo, suppression_demo
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["concept", "suppress"])

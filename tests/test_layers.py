@@ -188,13 +188,12 @@ def test_config_class_names_are_unique():
 def test_batch_size_means_rows_per_optimiser_step_in_every_help():
     """`--batch-size` is rows per optimiser step wherever it is a visible option; texts or contexts per forward
     pass have their own names (the old flag is accepted, hidden, with a warning)."""
-    import click
     import typer.main
 
     from thoughtscope.cli import app
 
     def walk(cmd, path):
-        if isinstance(cmd, click.Group):
+        if hasattr(cmd, "commands"):  # typer's groups are of its own click copy, so not isinstance click.Group
             for name, sub in cmd.commands.items():
                 yield from walk(sub, [*path, name])
         else:
@@ -203,7 +202,7 @@ def test_batch_size_means_rows_per_optimiser_step_in_every_help():
     seen = []
     for path, cmd in walk(typer.main.get_command(app), []):
         for p in cmd.params:
-            if isinstance(p, click.Option) and "--batch-size" in p.opts and not p.hidden:
+            if "--batch-size" in getattr(p, "opts", ()) and not getattr(p, "hidden", False):
                 seen.append((" ".join(path), p.help or ""))
     assert seen, "no command has --batch-size"
     assert all("optimiser step" in h for _, h in seen), seen
