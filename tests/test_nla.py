@@ -15,7 +15,7 @@ from thoughtscope.nla import (
     NLA,
     DataConfig,
     NLAError,
-    TrainConfig,
+    NLATrainConfig,
     bootstrap_ci,
     config_for,
     fve,
@@ -303,7 +303,7 @@ def _final_weights(path):
 
 def _assert_resume_equals_uninterrupted(lm, rows, a, b, tc, weights="ar.safetensors"):
     """Run `tc` in folder a uninterrupted, and in folder b stopped at step 3 then resumed: same final AR (`weights`)."""
-    train_stage(a, rows, TrainConfig(**tc), lm=lm, progress=False)
+    train_stage(a, rows, NLATrainConfig(**tc), lm=lm, progress=False)
 
     class Stop(Exception):
         pass
@@ -313,9 +313,9 @@ def _assert_resume_equals_uninterrupted(lm, rows, a, b, tc, weights="ar.safetens
             raise Stop
 
     with pytest.raises(Stop):
-        train_stage(b, rows, TrainConfig(**tc), lm=lm, progress=False, log=stop_at_3)
+        train_stage(b, rows, NLATrainConfig(**tc), lm=lm, progress=False, log=stop_at_3)
     # the checkpoint of step 3 is written after the log call, so the resume restarts from step 2
-    r = train_stage(b, rows, TrainConfig(**tc), lm=lm, progress=False)
+    r = train_stage(b, rows, NLATrainConfig(**tc), lm=lm, progress=False)
     assert r["done"]
     wa, wb = _final_weights(a / weights), _final_weights(b / weights)
     assert wa.keys() == wb.keys()
@@ -342,9 +342,9 @@ def test_train_rows_runs_the_stage_as_if_the_dataset_held_only_those_rows(lm, ro
     small = rows.subset(torch.cat([train_idx[:k], other]).sort().values)
     small.meta["stats"] = vector_stats(small.subset("train").vectors)
     tc = dict(stage="ar-sft", steps=4, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=2, warmup=1)
-    train_stage(tmp_path / "small", small, TrainConfig(**tc), lm=lm, progress=False)
-    train_stage(tmp_path / "first", rows, TrainConfig(**tc, train_rows=k), lm=lm, progress=False)
-    train_stage(tmp_path / "all", rows, TrainConfig(**tc), lm=lm, progress=False)
+    train_stage(tmp_path / "small", small, NLATrainConfig(**tc), lm=lm, progress=False)
+    train_stage(tmp_path / "first", rows, NLATrainConfig(**tc, train_rows=k), lm=lm, progress=False)
+    train_stage(tmp_path / "all", rows, NLATrainConfig(**tc), lm=lm, progress=False)
     config = {d: json.loads((tmp_path / d / "nla_config.json").read_text()) for d in ("small", "first", "all")}
     assert config["first"]["mean_norm"] == config["small"]["mean_norm"] != config["all"]["mean_norm"]
     ws, wf, wa = (_final_weights(tmp_path / d / "ar.safetensors") for d in ("small", "first", "all"))
@@ -352,15 +352,15 @@ def test_train_rows_runs_the_stage_as_if_the_dataset_held_only_those_rows(lm, ro
         torch.testing.assert_close(wf[key], ws[key])
     assert any(not torch.allclose(wa[key], ws[key]) for key in ws)  # every row drawn: another trajectory
     with pytest.raises(NLAError, match="train_rows"):
-        TrainConfig(train_rows=0).check()
+        NLATrainConfig(train_rows=0).check()
 
 
 def test_rl_curve_of_reward_kl_length_and_validation_fve_is_saved_beside_the_nla(lm, rows, tmp_path):
     d = tmp_path / "nla"
     common = dict(steps=2, batch_size=2, checkpoint_every=1, val_rows=4, max_new_tokens=8)
     for stage in ("ar-sft", "av-sft"):
-        train_stage(d, rows, TrainConfig(stage=stage, eval_every=0, **common), lm=lm, progress=False)
-    r = train_stage(d, rows, TrainConfig(stage="rl", eval_every=2, **{**common, "steps": 4}), lm=lm, progress=False)
+        train_stage(d, rows, NLATrainConfig(stage=stage, eval_every=0, **common), lm=lm, progress=False)
+    r = train_stage(d, rows, NLATrainConfig(stage="rl", eval_every=2, **{**common, "steps": 4}), lm=lm, progress=False)
     curve = json.loads((d / "curves" / "rl.json").read_text())
     assert curve["panels"] == ["reward", "kl", "length", "val_fve_round_trip"] and curve["steps"] == 4
     for key in ("reward", "kl", "length"):
@@ -376,7 +376,7 @@ def test_all_stages_run_and_save(lm, rows, tmp_path):
         r = train_stage(
             d,
             rows,
-            TrainConfig(
+            NLATrainConfig(
                 stage=stage, steps=2, batch_size=2, eval_every=2, checkpoint_every=1, val_rows=4, max_new_tokens=8
             ),
             lm=lm,
@@ -394,7 +394,7 @@ def test_all_stages_run_and_save(lm, rows, tmp_path):
     cos = torch.nn.functional.cosine_similarity(rec, rows.vectors[:2].to(rec.dtype), dim=-1)
     assert torch.allclose(loss, 2 * (1 - cos), atol=1e-5)  # the loss is the normalised 2(1 - cos), per row
     with pytest.raises(NLAError, match="rl"):
-        train_stage(tmp_path / "fresh", rows, TrainConfig(stage="rl", steps=1), lm=lm, progress=False)
+        train_stage(tmp_path / "fresh", rows, NLATrainConfig(stage="rl", steps=1), lm=lm, progress=False)
 
 
 def _through_rl(lm, rows, d):
@@ -402,7 +402,7 @@ def _through_rl(lm, rows, d):
         train_stage(
             d,
             rows,
-            TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0, checkpoint_every=1, max_new_tokens=8),
+            NLATrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0, checkpoint_every=1, max_new_tokens=8),
             lm=lm,
             progress=False,
         )
@@ -411,11 +411,11 @@ def _through_rl(lm, rows, d):
 def test_rl_continue_starts_where_rl_ended_with_the_warm_av_as_reference(lm, rows, tmp_path):
     d = tmp_path / "nla"
     with pytest.raises(NLAError, match="before rl-continue"):
-        train_stage(d, rows, TrainConfig(stage="rl-continue", steps=1), lm=lm, progress=False)
+        train_stage(d, rows, NLATrainConfig(stage="rl-continue", steps=1), lm=lm, progress=False)
     common = dict(steps=2, batch_size=2, eval_every=0, checkpoint_every=1, max_new_tokens=8)
     for stage in ("ar-sft", "av-sft"):
-        train_stage(d, rows, TrainConfig(stage=stage, **common), lm=lm, progress=False)
-    first = train_stage(d, rows, TrainConfig(stage="rl", **common), lm=lm, progress=False)
+        train_stage(d, rows, NLATrainConfig(stage=stage, **common), lm=lm, progress=False)
+    first = train_stage(d, rows, NLATrainConfig(stage="rl", **common), lm=lm, progress=False)
     assert first["history"][0]["kl"] == 0.0  # rl starts at its reference
     # where a longer rl would have moved the policy away from the warm AV
     g = torch.Generator().manual_seed(0)
@@ -424,7 +424,7 @@ def test_rl_continue_starts_where_rl_ended_with_the_warm_av_as_reference(lm, row
     av_rl = _final_weights(d / "av.safetensors")  # as stored
     ar_rl = _final_weights(d / "ar.safetensors")
     # with nothing learnt (lr 0) the second run publishes exactly the weights rl ended with ...
-    frozen = TrainConfig(stage="rl-continue", lr=0.0, ar_lr=0.0, **common)
+    frozen = NLATrainConfig(stage="rl-continue", lr=0.0, ar_lr=0.0, **common)
     r = train_stage(d, rows, frozen, lm=lm, progress=False)
     for path, before in (("av.safetensors", av_rl), ("ar.safetensors", ar_rl)):
         for k, v in _final_weights(d / path).items():
@@ -432,26 +432,26 @@ def test_rl_continue_starts_where_rl_ended_with_the_warm_av_as_reference(lm, row
     # ... and its KL is measured from the warm AV, not from where it starts
     assert r["history"][0]["kl"] > 0 and (d / "curves" / "rl-continue.png").is_file()
     (d / "train_state" / "rl-continue.pt").unlink()
-    r = train_stage(d, rows, TrainConfig(stage="rl-continue", lr=3e-2, ar_lr=1e-2, **common), lm=lm, progress=False)
+    r = train_stage(d, rows, NLATrainConfig(stage="rl-continue", lr=3e-2, ar_lr=1e-2, **common), lm=lm, progress=False)
     assert r["done"] and any(not torch.equal(_final_weights(d / "av.safetensors")[k], av_rl[k]) for k in av_rl)
     ar_continued = _final_weights(d / "ar.safetensors")
-    train_stage(d, rows, TrainConfig(stage="ar-refit", steps=1, batch_size=2, val_rows=2), lm=lm, progress=False)
+    train_stage(d, rows, NLATrainConfig(stage="ar-refit", steps=1, batch_size=2, val_rows=2), lm=lm, progress=False)
     for k, v in _final_weights(d / "rl_ar.safetensors").items():  # the AR the refit starts from is the continued one
         torch.testing.assert_close(v, ar_continued[k])
     (d / "train_state" / "rl-continue.pt").unlink()
     with pytest.raises(NLAError, match="before ar-refit"):
-        train_stage(d, rows, TrainConfig(stage="rl-continue", steps=1), lm=lm, progress=False)
+        train_stage(d, rows, NLATrainConfig(stage="rl-continue", steps=1), lm=lm, progress=False)
 
 
 def test_ar_refit_trains_the_ar_on_the_avs_own_explanations(lm, rows, tmp_path):
     d = tmp_path / "nla"
     with pytest.raises(NLAError, match="before ar-refit"):
-        train_stage(d, rows, TrainConfig(stage="ar-refit", steps=1), lm=lm, progress=False)
+        train_stage(d, rows, NLATrainConfig(stage="ar-refit", steps=1), lm=lm, progress=False)
     _through_rl(lm, rows, d)
     rl_ar = _final_weights(d / "ar.safetensors")
     av_before = _final_weights(d / "av.safetensors")
     tc = dict(stage="ar-refit", steps=3, batch_size=4, lr=1e-2, eval_every=3, checkpoint_every=1, warmup=1, val_rows=4)
-    r = train_stage(d, rows, TrainConfig(**tc), lm=lm, progress=False)
+    r = train_stage(d, rows, NLATrainConfig(**tc), lm=lm, progress=False)
     assert r["done"] and "val_fve_round_trip" in r["history"][-1]
     # the AR it started from is kept, the AV is untouched, the final AR moved
     for k, v in _final_weights(d / "rl_ar.safetensors").items():
@@ -484,7 +484,7 @@ def test_ar_refit_trains_the_ar_on_the_avs_own_explanations(lm, rows, tmp_path):
     (d / "train_state" / "ar-refit.explanations.json").write_text(json.dumps(cache))
     (d / "train_state" / "ar-refit.pt").unlink()
     with pytest.raises(NLAError, match="other AV weights"):
-        train_stage(d, rows, TrainConfig(**tc), lm=lm, progress=False)
+        train_stage(d, rows, NLATrainConfig(**tc), lm=lm, progress=False)
     with pytest.raises(NLAError, match="unknown weights"):
         NLA.load(d, lm=lm, which="best")
 
@@ -506,7 +506,7 @@ def _nla_ddp_worker(rank, world_size, port, lm, rows, folder, stages, out):
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         for tc in stages:
-            r = train_stage(folder, rows, TrainConfig(**tc), lm=lm, progress=False)
+            r = train_stage(folder, rows, NLATrainConfig(**tc), lm=lm, progress=False)
         nla = r["nla"]
         torch.save(
             {"av": nla.av.adapter_state(), "ar": nla.ar.adapter_state(), "history": r["history"]}, f"{out}.{rank}"
@@ -534,7 +534,7 @@ def _run_two_ranks(lm, rows, folder, stages, out):
 def test_two_processes_follow_the_single_process_trajectory(lm, rows, tmp_path):
     """2 gloo ranks × 2 rows must train the AR as 1 process × 4 rows does (gradients averaged over ranks)."""
     tc = dict(stage="ar-sft", steps=4, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=1)
-    single = train_stage(tmp_path / "one", rows, TrainConfig(**tc), lm=lm, progress=False)["nla"].ar.adapter_state()
+    single = train_stage(tmp_path / "one", rows, NLATrainConfig(**tc), lm=lm, progress=False)["nla"].ar.adapter_state()
     from thoughtscope.nla.core import NLAConfig
 
     start = NLA(lm, NLAConfig.load(tmp_path / "one")).ar.adapter_state()
@@ -546,7 +546,7 @@ def test_two_processes_follow_the_single_process_trajectory(lm, rows, tmp_path):
         assert off < 0.02 * moved, (off, moved)  # each rank alone on its half would be off by ~moved
     # the losses logged are the mean over ranks, i.e. the single process's loss of the same batch
     for a, b in zip(
-        got[0]["history"], train_stage(tmp_path / "one", rows, TrainConfig(**tc), lm=lm, progress=False)["history"]
+        got[0]["history"], train_stage(tmp_path / "one", rows, NLATrainConfig(**tc), lm=lm, progress=False)["history"]
     ):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-3)
 
@@ -554,7 +554,7 @@ def test_two_processes_follow_the_single_process_trajectory(lm, rows, tmp_path):
 def test_rl_and_refit_on_two_processes_keep_the_ranks_in_step(lm, rows, tmp_path):
     d = tmp_path / "nla"
     for stage in ("ar-sft", "av-sft"):
-        train_stage(d, rows, TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
+        train_stage(d, rows, NLATrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
     stages = [
         dict(
             stage="rl",
@@ -581,7 +581,7 @@ def test_evaluate_quick_on_tiny(lm, rows, tmp_path):
     from thoughtscope.nla import evaluate_nla, format_table
 
     d = tmp_path / "nla"
-    train_stage(d, rows, TrainConfig(stage="ar-sft", steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
+    train_stage(d, rows, NLATrainConfig(stage="ar-sft", steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
     nla = NLA.load(d, lm=lm)
     res = evaluate_nla(nla, rows, quick=True, n_boot=50, json_path=tmp_path / "e.json", progress=False)
     for k in ("mean", "empty", "shuffled", "token_mean", "ridge_k1", "ridge_k4", "ridge_k16", "oracle"):
@@ -618,7 +618,7 @@ def test_eval_examples_are_random_rows_not_the_best(lm, rows, tmp_path):
     from thoughtscope.nla.prose import is_prose
 
     d = tmp_path / "nla"
-    train_stage(d, rows, TrainConfig(stage="ar-sft", steps=1, batch_size=2, eval_every=0), lm=lm, progress=False)
+    train_stage(d, rows, NLATrainConfig(stage="ar-sft", steps=1, batch_size=2, eval_every=0), lm=lm, progress=False)
     test = rows.subset("test")
     res = evaluate_nla(str(d), rows, quick=False, n_boot=5, lm=lm, progress=False, warm=False, n_examples=5)
     ex = res["examples"]
@@ -653,13 +653,13 @@ def test_ar_refit_warm_writes_only_the_control_ar(lm, rows, tmp_path):
 
     d = tmp_path / "nla"
     tc = dict(stage="ar-refit-warm", steps=3, batch_size=4, lr=1e-2, eval_every=3, checkpoint_every=1, warmup=1)
-    train_stage(d, rows, TrainConfig(stage="ar-sft", steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
+    train_stage(d, rows, NLATrainConfig(stage="ar-sft", steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
     with pytest.raises(NLAError, match="before ar-refit-warm"):
-        train_stage(d, rows, TrainConfig(**tc), lm=lm, progress=False)
+        train_stage(d, rows, NLATrainConfig(**tc), lm=lm, progress=False)
     _through_rl(lm, rows, d)
-    train_stage(d, rows, TrainConfig(**{**tc, "stage": "ar-refit", "eval_every": 0}), lm=lm, progress=False)
+    train_stage(d, rows, NLATrainConfig(**{**tc, "stage": "ar-refit", "eval_every": 0}), lm=lm, progress=False)
     before = _files(d)
-    r = train_stage(d, rows, TrainConfig(**tc, val_rows=4), lm=lm, progress=False)
+    r = train_stage(d, rows, NLATrainConfig(**tc, val_rows=4), lm=lm, progress=False)
     assert r["done"] and "val_fve_round_trip" in r["history"][-1]
     after = _files(d)
     # av, ar, the warm weights and rl_ar are as they were; the new file is the warm AR, moved by the refit
@@ -697,7 +697,11 @@ def test_ar_refit_warm_resume_equals_uninterrupted(lm, rows, tmp_path):
 
     for stage in ("ar-sft", "av-sft"):
         train_stage(
-            tmp_path / "a", rows, TrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0), lm=lm, progress=False
+            tmp_path / "a",
+            rows,
+            NLATrainConfig(stage=stage, steps=2, batch_size=2, eval_every=0),
+            lm=lm,
+            progress=False,
         )
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     tc = dict(stage="ar-refit-warm", steps=5, batch_size=4, lr=1e-2, eval_every=0, checkpoint_every=1, warmup=1)
@@ -709,7 +713,7 @@ def test_evaluate_compares_other_nlas_on_the_same_vectors(lm, rows, tmp_path):
     from thoughtscope.nla.__main__ import main
 
     d = tmp_path / "nla"
-    train_stage(d, rows, TrainConfig(stage="ar-sft", steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
+    train_stage(d, rows, NLATrainConfig(stage="ar-sft", steps=2, batch_size=2, eval_every=0), lm=lm, progress=False)
     res = evaluate_nla(str(d), rows, quick=True, n_boot=30, lm=lm, progress=False, compare={"itself": str(d)})
     # the same NLA as a rung: identical predictions, so the paired difference is exactly zero
     assert math.isclose(res["baselines"]["itself"], res["fve"], abs_tol=1e-9)
@@ -731,8 +735,11 @@ def test_explain_text_and_steering_from_words(lm, cfg):
     assert all(isinstance(o["fve"], float) for o in out)
     delta = steering_delta(nla, "the river", "the stone", norm=10.0)
     assert delta.shape == (lm.d_model,) and float(delta.norm()) > 0
-    res = steer_from_words(nla, "alpha beta", "the river", "the stone", scale=50.0, max_new_tokens=6)
+    res = steer_from_words(nla, "alpha beta", "the river", "the stone", strength=50.0, max_new_tokens=6)
     assert res["steered"] != res["unsteered"]
+    with pytest.warns(DeprecationWarning, match="strength"):  # the old name of strength
+        old = steer_from_words(nla, "alpha beta", "the river", "the stone", scale=50.0, max_new_tokens=6)
+    assert old["steered"] == res["steered"]
     with pytest.raises(NLAError, match="outside"):
         explain_text(nla, "abc", positions=[10])
 
@@ -745,7 +752,11 @@ def test_quick_eval_of_an_exported_nla(lm, rows, tmp_path):
 
     rows.save(tmp_path / "data")
     train_stage(
-        tmp_path / "nla", rows, TrainConfig(stage="ar-sft", steps=1, batch_size=2, eval_every=0), lm=lm, progress=False
+        tmp_path / "nla",
+        rows,
+        NLATrainConfig(stage="ar-sft", steps=1, batch_size=2, eval_every=0),
+        lm=lm,
+        progress=False,
     )
     export(tmp_path / "nla", tmp_path / "shipped", tmp_path / "data")
     assert (tmp_path / "shipped" / BASELINE_FILE).is_file()
@@ -815,7 +826,7 @@ def test_prose_warm_start_says_the_same_facts_as_sentences(lm, corpus_file, rows
     # with room for everything, both layouts carry exactly the same facts
     ids = lm.tokenizer(" ".join(["river stone cloud"] * 5), add_special_tokens=False)["input_ids"]
     nxt = ids[:2]
-    full = dict(max_tokens=10_000)
+    full = dict(max_explanation_tokens=10_000)
     fields = offline_explanation(lm.tokenizer, ids, nxt, **full)
     prose = offline_explanation(lm.tokenizer, ids, nxt, style="prose", **full)
     topic, rest = fields[len("Topic: ") :].split(". Next: ", 1)
@@ -868,8 +879,44 @@ def test_recipe_runs_every_stage_then_the_eval_and_resumes(lm, corpus_file, tmp_
         run_recipe(tmp_path / "x", recipe="huge", lm=lm)
     assert [s["stage"] for s in SCALED_RECIPE["stages"]] == [s["stage"] for s in DEFAULT_RECIPE["stages"]]
     for st in SCALED_RECIPE["stages"]:
-        TrainConfig(**st).check()
+        NLATrainConfig(**st).check()
         assert "train_rows" not in st  # the default recipe's early-stage row count stays with its own dataset
     d = SCALED_RECIPE["data"]
     assert d["n_rows"] >= 20_000 and d["n_rows"] / d["positions_per_doc"] >= 5_000 and 1 <= d["min_position"] < 10
     DataConfig(**d)
+
+
+def test_renamed_settings_still_read_their_old_names(lm):
+    """One name per meaning: the NLA's train config is NLATrainConfig, documents per forward pass are
+    contexts_per_batch, the offline explanation's budget is max_explanation_tokens. The old names still work, with
+    a warning, so scripts and the data recipe saved in the shipped NLA's config keep loading."""
+    import dataclasses
+
+    import thoughtscope.nla as nla_pkg
+    import thoughtscope.nla.train as nla_train
+    from thoughtscope.nla.config import NLAConfig
+    from thoughtscope.nla.explain import default_nla_path
+    from thoughtscope.nla.warm_start import offline_explanation
+
+    for module in (nla_pkg, nla_train):
+        with pytest.warns(DeprecationWarning, match="NLATrainConfig"):
+            assert module.TrainConfig is NLATrainConfig
+    saved = NLAConfig.load(default_nla_path()).extra["data_config"]
+    assert saved["batch_docs"] == 8
+    with pytest.warns(DeprecationWarning, match="contexts_per_batch"):
+        dc = DataConfig(**saved)
+    assert dc.contexts_per_batch == 8 and "batch_docs" not in dataclasses.asdict(dc)
+    ids = lm.tokenizer(" ".join(["river stone cloud"] * 5), add_special_tokens=False)["input_ids"]
+    with pytest.warns(DeprecationWarning, match="max_explanation_tokens"):
+        old = offline_explanation(lm.tokenizer, ids, ids[:2], max_tokens=12)
+    assert old == offline_explanation(lm.tokenizer, ids, ids[:2], max_explanation_tokens=12)
+
+
+def test_the_settings_load_without_torch():
+    """The configs live in torch-free nla/config.py (and the package loads its names on first use), so the
+    command line reads each option's help from the fields' docstrings without loading torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, thoughtscope.nla.config; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from thoughtscope.models import tiny_model
-from thoughtscope.nla import NLA, TrainConfig, config_for
+from thoughtscope.nla import NLA, NLATrainConfig, config_for
 from thoughtscope.nla.grpo import dropout_free, grpo_step, rl_step
 from thoughtscope.nla.rollout import (
     completion_logprobs,
@@ -124,7 +124,7 @@ def test_reference_weights_are_the_reference_and_are_put_back(lm):
     assert all(torch.equal(p, b) for p, b in zip(av.trainable_parameters(), before))
 
 
-def _step(nla, cached: bool, tc: TrainConfig, v: torch.Tensor):
+def _step(nla, cached: bool, tc: NLATrainConfig, v: torch.Tensor):
     opt = torch.optim.SGD(nla.av.trainable_parameters(), lr=1.0)
     ar_opt = torch.optim.SGD(nla.ar.trainable_parameters(), lr=1.0)
     seen = []
@@ -138,7 +138,7 @@ def _step(nla, cached: bool, tc: TrainConfig, v: torch.Tensor):
 
 
 def test_rl_step_cached_equals_plain(lm):
-    tc = TrainConfig(stage="rl", group_size=4, kl_coef=0.5)
+    tc = NLATrainConfig(stage="rl", group_size=4, kl_coef=0.5)
     v = vectors(3, lm.d_model)
     plain, cached = shaped_nla(lm), shaped_nla(lm)
     st_p, rollouts_p, g_p = _step(plain, False, tc, v)

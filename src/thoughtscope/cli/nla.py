@@ -6,7 +6,11 @@ from pathlib import Path
 
 import typer
 
+from ..configdoc import field_help
+from ..nla.config import STAGES, DataConfig, NLATrainConfig
 from .common import console, err, one_line_errors
+
+RECIPE = "(default: the shipped recipe's)"
 
 nla_app = typer.Typer(
     no_args_is_help=True,
@@ -26,46 +30,33 @@ def _threads(threads: int = typer.Option(1, help="torch threads (1 is fastest on
 def data(
     out: Path = typer.Option(..., help="folder for the rows (vectors, warm-start explanations, meta.json)"),
     model: str = typer.Option("default", help="target model: 'default', a hub id, a folder or a .gguf file"),
-    corpus: str = typer.Option("default", help="corpus the rows are read from"),
-    site: str | None = typer.Option(None, help="site, e.g. resid.15 (default: the default NLA's site)"),
-    n_rows: int | None = typer.Option(None, help="vectors to harvest (default: the shipped recipe's)"),
-    positions_per_doc: int | None = typer.Option(None, help="positions read per document (default: recipe's)"),
-    min_position: int | None = typer.Option(
-        None, help="first document token position read (default: 50, the published recipe's)"
-    ),
-    max_position: int | None = typer.Option(None, help="last token position read (default: recipe's)"),
-    warm_start: str = typer.Option(
-        "offline", help="warm-start explanations: offline (fields) | prose (the same facts as sentences) | llm"
-    ),
-    llm_endpoint: str | None = typer.Option(None, help="OpenAI-compatible base URL for --warm-start llm"),
-    llm_model: str | None = typer.Option(None, help="model name at that endpoint"),
+    corpus: str = typer.Option(DataConfig.corpus, help=field_help(DataConfig, "corpus")),
+    site: str | None = typer.Option(None, help=field_help(DataConfig, "site")),
+    n_rows: int | None = typer.Option(None, help=field_help(DataConfig, "n_rows", RECIPE)),
+    positions_per_doc: int | None = typer.Option(None, help=field_help(DataConfig, "positions_per_doc", RECIPE)),
+    min_position: int | None = typer.Option(None, help=field_help(DataConfig, "min_position", RECIPE)),
+    max_position: int | None = typer.Option(None, help=field_help(DataConfig, "max_position", RECIPE)),
+    warm_start: str = typer.Option(DataConfig.warm_start, help=field_help(DataConfig, "warm_start")),
+    llm_endpoint: str | None = typer.Option(None, help=field_help(DataConfig, "llm_endpoint")),
+    llm_model: str | None = typer.Option(None, help=field_help(DataConfig, "llm_model")),
 ) -> None:
     """Harvest rows and warm-start explanations (sizes default to the shipped recipe's)."""
-    from ..nla import build_dataset
-    from ..nla.recipe import DEFAULT_RECIPE
+    from ..nla.recipe import build_recipe_dataset
 
-    sizes = {
-        **DEFAULT_RECIPE["data"],
-        **{
-            k: v
-            for k, v in dict(
-                n_rows=n_rows, positions_per_doc=positions_per_doc, min_position=min_position, max_position=max_position
-            ).items()
-            if v is not None
-        },
-    }
-    console.print(
-        build_dataset(
-            model,
-            out,
-            corpus=corpus,
-            site=site,
-            warm_start=warm_start,
-            llm_endpoint=llm_endpoint,
-            llm_model=llm_model,
-            **sizes,
-        )
+    path = build_recipe_dataset(
+        model,
+        out,
+        corpus=corpus,
+        site=site,
+        warm_start=warm_start,
+        llm_endpoint=llm_endpoint,
+        llm_model=llm_model,
+        n_rows=n_rows,
+        positions_per_doc=positions_per_doc,
+        min_position=min_position,
+        max_position=max_position,
     )
+    console.print(path)
 
 
 @nla_app.command()
@@ -74,44 +65,40 @@ def train(
     data: Path = typer.Option(..., help="an `nla data` folder"),
     stage: str = typer.Option(
         ...,
-        help="ar-sft | av-sft | rl | rl-continue (a second GRPO run from where rl ended, before ar-refit) | "
-        "ar-refit | ar-refit-warm (the control: the same refit for the warm start, written to "
-        "warm_refit_ar.safetensors)",
+        help=field_help(
+            NLATrainConfig,
+            "stage",
+            "rl-continue: a second GRPO run from where rl ended, before ar-refit; ar-refit-warm: the control, the "
+            "same refit for the warm start, written to warm_refit_ar.safetensors.",
+        ),
     ),
-    steps: int | None = typer.Option(None, help="optimiser steps (default: the recipe's for this stage)"),
-    batch_size: int | None = typer.Option(None, help="rows per optimiser step (default: the recipe's)"),
-    lr: float | None = typer.Option(None, help="learning rate (default: the recipe's)"),
-    time_budget_s: float | None = typer.Option(None, help="stop (resumably) after this many seconds"),
-    train_rows: int | None = typer.Option(
-        None, help="draw only from the first N training rows of --data (default: every training row)"
+    steps: int | None = typer.Option(None, help=field_help(NLATrainConfig, "steps", "(default: the recipe's)")),
+    batch_size: int | None = typer.Option(
+        None, help=field_help(NLATrainConfig, "batch_size", "(default: the recipe's)")
     ),
+    lr: float | None = typer.Option(None, help=field_help(NLATrainConfig, "lr", "(default: the recipe's)")),
+    time_budget_s: float | None = typer.Option(None, help=field_help(NLATrainConfig, "time_budget_s")),
+    train_rows: int | None = typer.Option(None, help=field_help(NLATrainConfig, "train_rows")),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 … (default: this rank's GPU if any, else cpu)"),
 ) -> None:
     """One training stage, resumable; several processes when started by torchrun."""
-    import torch
-    import torch.distributed as dist
-
-    from ..distributed import join_process_group, launched_by_torchrun
-    from ..nla import TrainConfig, train_stage
-    from ..nla.recipe import print_record, stage_settings
-    from ..nla.train import STAGES, world
+    from ..nla.recipe import run_stage
 
     if stage not in STAGES:
         raise typer.BadParameter(f"{stage!r} is not a stage; expected one of {', '.join(STAGES)}", param_hint="--stage")
-    cfg = TrainConfig(
-        **stage_settings(
-            stage, steps=steps, batch_size=batch_size, lr=lr, time_budget_s=time_budget_s, train_rows=train_rows
-        )
+    r = run_stage(
+        nla,
+        data,
+        stage,
+        device=device,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        time_budget_s=time_budget_s,
+        train_rows=train_rows,
     )
-    distributed = launched_by_torchrun() and not dist.is_initialized()
-    join_process_group(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        r = train_stage(nla, data, cfg, log=print_record, device=device)
-        if world()[0] == 0:
-            console.print(f"stage {stage}: step {r['step']}, done={r['done']}")
-    finally:
-        if distributed:
-            dist.destroy_process_group()
+    if r["rank"] == 0:
+        console.print(f"stage {stage}: step {r['step']}, done={r['done']}")
 
 
 POSITION_HELP = (

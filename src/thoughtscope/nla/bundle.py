@@ -153,8 +153,8 @@ class NLA:
         toks = [self.lm.tokenizer.decode(ids[0, q : q + 1]) for q in pos]
         return h[pos].float().cpu(), pos, toks
 
-    def explain_batch(self, on_cpu: int) -> int:
-        """Vectors per greedy-explanation batch for bulk work (the refit's cache, the eval): `on_cpu` on a CPU,
+    def vectors_per_batch(self, on_cpu: int) -> int:
+        """Vectors per greedy-explanation forward pass for bulk work (the refit's cache, the eval): `on_cpu` on a CPU,
         where a few dozen rows already keep the matrix products busy; 256 on a GPU, which needs a few hundred."""
         return 256 if self.av.device.type == "cuda" else on_cpu
 

@@ -12,25 +12,22 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from .._io import atomic_torch_save, atomic_write_text
 from .bundle import AR_FILE, AV_FILE, NLA, WARM_AR_FILE, WARM_AV_FILE, WARM_REFIT_AR_FILE, save_weights
+from .config import RL_STAGES, NLATrainConfig
 from .core import NLAError
 
-if TYPE_CHECKING:
-    from .train import TrainConfig
-
-RL_STAGES = ("rl", "rl-continue")  # GRPO stages: they train and publish both the AV and the AR
+__all__ = ["RL_STAGES", "load_state", "save_state", "state_path"]
 
 
 def state_path(nla_dir: Path, stage: str) -> Path:
     return nla_dir / "train_state" / f"{stage}.pt"
 
 
-def load_state(nla_dir: Path, cfg: TrainConfig, nla: NLA, opt, ar_opt) -> tuple[int, list[dict]]:
+def load_state(nla_dir: Path, cfg: NLATrainConfig, nla: NLA, opt, ar_opt) -> tuple[int, list[dict]]:
     """Restore a stage's weights and optimiser(s) from its state file; (step, history), or (0, []) on a fresh start."""
     sp = state_path(nla_dir, cfg.stage)
     if not sp.is_file():
@@ -50,7 +47,7 @@ def load_state(nla_dir: Path, cfg: TrainConfig, nla: NLA, opt, ar_opt) -> tuple[
 
 def save_state(
     nla_dir: Path,
-    cfg: TrainConfig,
+    cfg: NLATrainConfig,
     nla: NLA,
     opt,
     ar_opt,

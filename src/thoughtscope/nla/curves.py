@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._io import atomic_write_bytes, atomic_write_json
-from .checkpoint import RL_STAGES
+from .config import RL_STAGES
 
 # (history key, panel title); stages other than rl show their loss and every validation figure they log
 RL_PANELS = [

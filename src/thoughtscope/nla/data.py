@@ -27,6 +27,7 @@ import torch
 from .._io import atomic_save_tensors, atomic_write_text
 from ..models import pad_batch, pad_id
 from ..progress import ProgressBar
+from .config import DataConfig
 from .core import NLAError, normalise, round_scale
 from .warm_start import LLM_PROMPT, llm_explanation, offline_explanation, salient_words
 
@@ -47,28 +48,6 @@ __all__ = [
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 CONTEXT_KEEP = 16  # last tokens of context kept per row (ridge / oracle baselines)
-
-
-@dataclass
-class DataConfig:
-    """How rows are harvested; saved in meta.json so the dataset can be rebuilt exactly."""
-
-    corpus: str = "default"
-    site: str | None = None  # None: two-thirds of the depth
-    n_rows: int = 4000
-    positions_per_doc: int = 3
-    min_position: int = 50  # document token index ≥ this (published recipe)
-    max_position: int = 96  # contexts are cut here to bound CPU cost
-    split: tuple = (0.8, 0.1, 0.1)  # train / val / test, by document
-    seed: int = 42
-    batch_docs: int = 8
-    warm_start: str = "offline"  # "offline" (field layout), "prose" (the same facts as sentences) or "llm"
-    llm_endpoint: str | None = None  # OpenAI-compatible base URL, e.g. http://localhost:8000/v1
-    llm_model: str | None = None
-    llm_api_key_env: str = "OPENAI_API_KEY"
-    max_explanation_tokens: int = 40
-    ascii_only: bool = True  # keep documents that are mostly ASCII (the default corpus is multilingual)
-    only_split: int | None = None  # harvest only documents of this split (0 train, 1 val, 2 test)
 
 
 @dataclass
@@ -207,22 +186,8 @@ def _doc_token_stream(corpus, tokenizer, cfg: DataConfig) -> Iterator[tuple[int,
             yield i, ids[: cfg.max_position]
 
 
-def harvest_rows(
-    lm, cfg: DataConfig, *, corpus=None, progress: bool = True, explain_fn: Callable[[str], str] | None = None
-) -> NLARows:
-    """Run the target over documents and collect rows with warm-start explanations.
-
-    One forward pass per document batch gives both the site vector (``hidden_states[K+1]``) and the
-    model's own next-token prediction at the chosen positions (the logits are computed only there).
-    """
-    from thoughtscope.corpus import Corpus
-
-    from .core import default_site
-
-    site = lm.check_site(cfg.site or default_site(lm.n_layers))
-    corpus = corpus if corpus is not None else Corpus(cfg.corpus)
-    tok = lm.tokenizer
-    bos = tok.bos_token_id
+def _explanation_writer(cfg: DataConfig, explain_fn: Callable[[str], str] | None):
+    """(the writer's record for meta.json, write(tokenizer, context_ids, next_ids) -> explanation)."""
     if cfg.warm_start not in ("offline", "prose", "llm"):
         raise NLAError(f"warm_start must be 'offline', 'prose' or 'llm', got {cfg.warm_start!r}")
     style = "prose" if cfg.warm_start == "prose" else "fields"
@@ -235,46 +200,63 @@ def harvest_rows(
                 text, endpoint=cfg.llm_endpoint, model=cfg.llm_model, api_key_env=cfg.llm_api_key_env
             )
 
+    if cfg.warm_start in ("offline", "prose") and explain_fn is None:
+        record = {
+            "kind": "offline-extractive" if style == "fields" else "offline-extractive-prose",
+            "recipe": "salient prefix words, model's top next tokens, quoted last words, current token"
+            + (" (as sentences)" if style == "prose" else ""),
+        }
+    elif cfg.warm_start == "llm":
+        record = {"kind": "llm", "endpoint": cfg.llm_endpoint, "model": cfg.llm_model}
+    else:
+        record = {"kind": "custom-function"}
+
+    def write(tok, ctx_ids: list[int], next_ids: list[int]) -> str:
+        if explain_fn is not None:
+            return explain_fn(tok.decode(ctx_ids))
+        return offline_explanation(
+            tok, ctx_ids, next_ids, max_explanation_tokens=cfg.max_explanation_tokens, style=style
+        )
+
+    return record, write
+
+
+def _read_contexts(lm, site, batch: list, cfg: DataConfig, write, out: dict[str, list]) -> None:
+    """One forward pass over a batch of (doc index, context ids, positions): the site vector and the model's own
+    top next tokens (the logits computed only at the chosen positions), then each row's explanation."""
+    tok = lm.tokenizer
+    bos = tok.bos_token_id
+    x, m = pad_batch([[bos] + ids if bos is not None else ids for _, ids, _ in batch], pad_id(tok))
+    off = 1 if bos is not None else 0
+    with torch.inference_mode():
+        base = getattr(lm.model, lm.model.base_model_prefix)
+        o = base(input_ids=x.to(lm.device), attention_mask=m.to(lm.device), output_hidden_states=True, use_cache=False)
+        hs = o.hidden_states[site.layer + 1]
+        last = o.last_hidden_state
+    for j, (doc_i, ids, positions) in enumerate(batch):
+        for p in positions:
+            q = p + off
+            with torch.inference_mode():
+                logits = lm.unembed(last[j, q][None].to(lm.unembed.weight.dtype))[0]
+            ctx_ids = ids[: p + 1]
+            expl = write(tok, ctx_ids, logits.topk(3).indices.tolist())
+            keep = ctx_ids[-CONTEXT_KEEP:]
+            out["vec"].append(hs[j, q].float().cpu())
+            out["doc"].append(doc_i)
+            out["pos"].append(p)
+            out["tok"].append(ids[p])
+            out["split"].append(split_of(cfg.seed, doc_i, cfg.split))
+            out["ctx"].append([-1] * (CONTEXT_KEEP - len(keep)) + keep)
+            out["expl"].append(expl)
+            out["text"].append(tok.decode(ctx_ids[-48:]))
+
+
+def _harvest(lm, site, corpus, cfg: DataConfig, write, progress: bool) -> dict[str, list]:
+    """Rows from the corpus's documents, `cfg.contexts_per_batch` contexts per forward pass, until n_rows."""
     out: dict[str, list] = {k: [] for k in ("vec", "doc", "pos", "tok", "split", "ctx", "expl", "text")}
-
     bar = ProgressBar("nla data", cfg.n_rows, unit="rows", enabled=progress)
-
-    def flush(batch):
-        rows = [[bos] + ids if bos is not None else ids for _, ids, _ in batch]
-        x, m = pad_batch(rows, pad_id(tok))
-        off = 1 if bos is not None else 0
-        with torch.inference_mode():
-            base = getattr(lm.model, lm.model.base_model_prefix)
-            o = base(
-                input_ids=x.to(lm.device), attention_mask=m.to(lm.device), output_hidden_states=True, use_cache=False
-            )
-            hs = o.hidden_states[site.layer + 1]
-            last = o.last_hidden_state
-        for j, (doc_i, ids, positions) in enumerate(batch):
-            for p in positions:
-                q = p + off
-                with torch.inference_mode():
-                    logits = lm.unembed(last[j, q][None].to(lm.unembed.weight.dtype))[0]
-                next_ids = logits.topk(3).indices.tolist()
-                ctx_ids = ids[: p + 1]
-                expl = (
-                    explain_fn(tok.decode(ctx_ids))
-                    if explain_fn is not None
-                    else offline_explanation(tok, ctx_ids, next_ids, max_tokens=cfg.max_explanation_tokens, style=style)
-                )
-                keep = ctx_ids[-CONTEXT_KEEP:]
-                out["vec"].append(hs[j, q].float().cpu())
-                out["doc"].append(doc_i)
-                out["pos"].append(p)
-                out["tok"].append(ids[p])
-                out["split"].append(split_of(cfg.seed, doc_i, cfg.split))
-                out["ctx"].append([-1] * (CONTEXT_KEEP - len(keep)) + keep)
-                out["expl"].append(expl)
-                out["text"].append(tok.decode(ctx_ids[-48:]))
-
     batch: list = []
-    t0 = time.time()
-    for doc_i, ids in _doc_token_stream(corpus, tok, cfg):
+    for doc_i, ids in _doc_token_stream(corpus, lm.tokenizer, cfg):
         if cfg.only_split is not None and split_of(cfg.seed, doc_i, cfg.split) != cfg.only_split:
             continue
         rng = random.Random(_doc_key(cfg.seed, doc_i))
@@ -285,29 +267,38 @@ def harvest_rows(
             break
         positions = positions[:need]
         batch.append((doc_i, ids[: positions[-1] + 1], positions))
-        if len(batch) >= cfg.batch_docs:
-            flush(batch)
+        if len(batch) >= cfg.contexts_per_batch:
+            _read_contexts(lm, site, batch, cfg, write, out)
             batch = []
             bar.update(len(out["vec"]))
     if batch:
-        flush(batch)
+        _read_contexts(lm, site, batch, cfg, write, out)
     bar.update(len(out["vec"]))
     bar.close()
+    return out
+
+
+def harvest_rows(
+    lm, cfg: DataConfig, *, corpus=None, progress: bool = True, explain_fn: Callable[[str], str] | None = None
+) -> NLARows:
+    """Run the target over documents and collect rows with warm-start explanations.
+
+    One forward pass per batch of contexts gives both the site vector (``hidden_states[K+1]``) and the
+    model's own next-token prediction at the chosen positions (the logits are computed only there).
+    """
+    from thoughtscope.corpus import Corpus
+
+    from .core import default_site
+
+    site = lm.check_site(cfg.site or default_site(lm.n_layers))
+    corpus = corpus if corpus is not None else Corpus(cfg.corpus)
+    warm, write = _explanation_writer(cfg, explain_fn)
+    t0 = time.time()
+    out = _harvest(lm, site, corpus, cfg, write, progress)
     if not out["vec"]:
         raise NLAError(f"no document in corpus {cfg.corpus!r} has more than {cfg.min_position} tokens")
     vectors = torch.stack(out["vec"])
     stats = vector_stats(vectors[torch.tensor(out["split"]) == 0] if 0 in out["split"] else vectors)
-    warm = (
-        {
-            "kind": "offline-extractive" if style == "fields" else "offline-extractive-prose",
-            "recipe": "salient prefix words, model's top next tokens, quoted last words, current token"
-            + (" (as sentences)" if style == "prose" else ""),
-        }
-        if cfg.warm_start in ("offline", "prose") and explain_fn is None
-        else {"kind": "llm", "endpoint": cfg.llm_endpoint, "model": cfg.llm_model}
-        if cfg.warm_start == "llm"
-        else {"kind": "custom-function"}
-    )
     meta = {
         "model": lm.name,
         "model_source": lm.source.get("spec"),

@@ -82,9 +82,9 @@ BAR_RUNGS = ("mean", "empty", "shuffled", "token_mean", "token_only", "ridge_k1"
 
 def _round_trip(nla, vectors: torch.Tensor) -> list[str]:
     out: list[str] = []
-    batch = nla.explain_batch(on_cpu=16)
-    for i in range(0, vectors.shape[0], batch):
-        out += nla.explain(vectors[i : i + batch])
+    per_batch = nla.vectors_per_batch(on_cpu=16)
+    for i in range(0, vectors.shape[0], per_batch):
+        out += nla.explain(vectors[i : i + per_batch])
     return out
 
 
@@ -124,6 +124,223 @@ def quick_rows(
     return get(2, n_test), get(0, n_train), get(1, n_val)
 
 
+def _recipe_rows(nla, quick: bool, n_test: int | None, say) -> tuple[NLARows, NLARows, NLARows, dict]:
+    """Held-out rows harvested with the NLA's own data recipe (and split), and training rows for the baselines:
+    those shipped with the NLA when it has them, else harvested too."""
+    lm = nla.lm
+    say("harvesting held-out and training rows")
+    n = n_test or (48 if quick else 200)
+    recipe = nla.cfg.extra.get("data_config", {})
+    dc = {
+        k: recipe[k]
+        for k in ("min_position", "max_position", "positions_per_doc", "ascii_only", "max_explanation_tokens")
+        if k in recipe
+    }
+    if "split" in recipe:
+        dc["split"] = tuple(recipe["split"])
+    seed, corpus = recipe.get("seed", 42), recipe.get("corpus", "default")
+    shipped = Path(nla.path) / BASELINE_FILE if nla.path is not None else None
+    if shipped is not None and shipped.is_file():
+        # the training rows shipped with the NLA fit the baselines: only the held-out rows are harvested
+        train, val = load_baseline_rows(shipped)
+        test = harvest_rows(lm, DataConfig(n_rows=n, seed=seed, only_split=2, corpus=corpus, **dc), progress=False)
+    else:
+        test, train, val = quick_rows(
+            lm, n_test=n, n_train=400 if quick else 2000, n_val=48, seed=seed, corpus=corpus, **dc
+        )
+    data_desc = {
+        "source": "test split harvested on the fly with the NLA's data recipe",
+        "recipe": dc,
+        "baseline_rows": "shipped with the NLA" if shipped is not None and shipped.is_file() else "harvested",
+    }
+    return test, train, val, data_desc
+
+
+def _dataset_rows(nla, data, quick: bool, n_test: int | None) -> tuple[NLARows, NLARows, NLARows, dict]:
+    """The test split of an `nla data` folder (or rows in memory), its train and val splits for the baselines."""
+    rows = data if isinstance(data, NLARows) else NLARows.load(data)
+    if rows.meta.get("site") not in (None, nla.cfg.site):
+        raise NLAError(f"dataset site {rows.meta.get('site')} differs from the NLA's site {nla.cfg.site}")
+    test, train, val = rows.subset("test"), rows.subset("train"), rows.subset("val")
+    n = n_test or (48 if quick else len(test))
+    test = test.subset(torch.arange(min(n, len(test))))
+    return test, train, val, {"source": str(data) if not isinstance(data, NLARows) else "in-memory"}
+
+
+def _header(nla, test: NLARows, train: NLARows, data_desc: dict) -> dict:
+    return {
+        "n_test": len(test),
+        "n_train_baselines": len(train),
+        "n_docs_test": int(test.doc_id.unique().numel()),
+        "site": nla.cfg.site,
+        "model": nla.cfg.model,
+        "warm_start": nla.cfg.warm_start,
+        "data": data_desc,
+        "definition": "FVE = 1 - MSE/Var on vectors rescaled to sqrt(d); "
+        "Var = 1 - |mean unit direction|^2 of the test set; 95% CI: bootstrap over documents",
+    }
+
+
+def _nla_round_trip(nla, test: NLARows, res: dict, *, n_boot: int, seed: int, n_examples: int, say):
+    """The NLA's own round trip on the held-out vectors: its explanations and (√d-scaled) reconstructions, with
+    FVE, its CI, random examples and the mean explanation length recorded in `res`."""
+    gold, groups = test.vectors, test.doc_id
+    say(f"round trip on {len(test)} held-out vectors")
+    expl = _round_trip(nla, gold)
+    pred = _ar(nla, expl)
+    parts = fve_parts(pred, gold, renormalise=False)
+    res.update(fve=parts["fve"], var=parts["var"], mse=parts["mse"])
+    res["fve_ci"] = list(bootstrap_ci(pred, gold, groups, n_boot=n_boot, seed=seed, renormalise=False))
+    res["examples"] = random_examples(test, expl, pred, nla.lm.tokenizer, n=n_examples, seed=seed)
+    res["mean_explanation_tokens"] = sum(len(nla.lm.tokenizer(e)["input_ids"]) for e in expl) / len(expl)
+    return expl, pred
+
+
+def _text_rungs(nla, test: NLARows, train: NLARows, val: NLARows, preds: dict, *, seed: int, say) -> dict:
+    """The rungs that need no other NLA weights (mean … raw_last16) into `preds`; the ridge λ chosen per k."""
+    gold, tokenizer = test.vectors, nla.lm.tokenizer
+    preds["mean"] = normalise(gold.double()).mean(0).expand_as(gold).float()
+    say("baselines: empty, shuffled")
+    preds["empty"] = _ar(nla, [""] * len(test), allow_empty=True)
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed + 1))
+    preds["shuffled"] = _ar(nla, _round_trip(nla, gold[perm]))
+    say("baselines: token mean, ridge")
+    preds["token_mean"] = token_mean_predict(train.token_id, train.vectors, test.token_id)
+    preds["token_only"] = _ar(nla, [token_clause(tokenizer.decode([int(t)])) for t in test.token_id])
+    ridge_lambda = {}
+    for k in (1, 4, 16):
+        preds[f"ridge_k{k}"], ridge_lambda[k] = ridge_predict(
+            train.context_ids, train.vectors, test.context_ids, k, val_ctx=val.context_ids, val_vec=val.vectors
+        )
+    say("baselines: oracle text")
+    preds["oracle"] = _ar(nla, test.explanations)
+    preds["raw_last16"] = normalise(raw_context_predict(nla, test))
+    return ridge_lambda
+
+
+def _refit_missing(folder: Path | None, warm: bool) -> str | None:
+    """Why the warm-start-given-the-same-refit rung cannot be read from the NLA folder (None: it can)."""
+    from .bundle import WARM_AR_FILE, WARM_AV_FILE, WARM_REFIT_AR_FILE
+
+    make = f"thoughtscope nla train --nla {folder or 'NLA_FOLDER'} --data DATA --stage ar-refit-warm"
+    if not warm:
+        return "warm rungs switched off (warm=False)"
+    if folder is None:
+        return f"the NLA has no folder to hold {WARM_REFIT_AR_FILE}"
+    if not (folder / WARM_AV_FILE).is_file() or not (folder / WARM_AR_FILE).is_file():
+        return f"no warm start ({WARM_AV_FILE}, {WARM_AR_FILE}) in the NLA folder to refit"
+    if not (folder / WARM_REFIT_AR_FILE).is_file():
+        return (
+            f"{WARM_REFIT_AR_FILE} not in the NLA folder; make it with: {make} "
+            "(DATA: the `nla data` folder the NLA was trained on)"
+        )
+    return None
+
+
+def _saved_rungs(nla, gold: torch.Tensor, expl: list[str], preds: dict, *, warm: bool, say):
+    """The rungs read from the NLA folder's other weights (warm start, its refit control, the AR before the
+    refit) into `preds`; (the warm AV's explanations or None, why the refit control is missing or None)."""
+    from .bundle import NLA, RL_AR_FILE, WARM_AV_FILE
+
+    lm = nla.lm
+    folder = Path(nla.path) if nla.path is not None else None
+    warm_expl: list[str] | None = None
+    if warm and folder is not None and (folder / WARM_AV_FILE).is_file():
+        say("warm-start round trip")
+        warm_nla = NLA.load(folder, lm=lm, which="warm")
+        warm_expl = _round_trip(warm_nla, gold)
+        preds["warm_start"] = _ar(warm_nla, warm_expl)
+        del warm_nla
+    # the control: the warm AV's explanations read by the warm AR given the same refit as the final one
+    refit_missing = _refit_missing(folder, warm)
+    if refit_missing is None:
+        say("the warm start given the same refit")
+        refit_nla = NLA.load(folder, lm=lm, which="warm_refit")
+        preds["warm_start_refit"] = _ar(refit_nla, warm_expl)
+        del refit_nla
+    if folder is not None and (folder / RL_AR_FILE).is_file():
+        say("the AR before its refit, on the same explanations")
+        rl_nla = NLA.load(folder, lm=lm, which="rl")
+        preds["rl_before_refit"] = _ar(rl_nla, expl)
+        del rl_nla
+    return warm_expl, refit_missing
+
+
+def _compared_rungs(nla, gold: torch.Tensor, preds: dict, compare: dict[str, object], say) -> None:
+    """Other NLAs' round trips on the same held-out vectors, as extra rungs in `preds`."""
+    from .bundle import NLA
+
+    for name, other in compare.items():
+        if name in preds:
+            raise NLAError(f"comparison name {name!r} is already a rung of the ladder; pick another")
+        say(f"round trip through {name}")
+        other = other if isinstance(other, NLA) else NLA.load(other, lm=nla.lm)
+        if other.cfg.site != nla.cfg.site or other.cfg.model != nla.cfg.model:
+            raise NLAError(
+                f"{name} reads {other.cfg.model} at {other.cfg.site}; this NLA reads {nla.cfg.model} at {nla.cfg.site}"
+            )
+        preds[name] = _ar(other, _round_trip(other, gold))
+        del other
+
+
+def _rung_scores(res: dict, preds: dict, test: NLARows, *, n_boot: int, seed: int) -> None:
+    """Every rung's FVE and its CI, into `res`."""
+    gold, groups = test.vectors, test.doc_id
+    res["baselines"] = {k: fve(p, gold, renormalise=False) for k, p in preds.items() if k != "nla"}
+    res["baselines_ci"] = {
+        k: list(bootstrap_ci(p, gold, groups, n_boot=n_boot, seed=seed, renormalise=False))
+        for k, p in preds.items()
+        if k != "nla"
+    }
+
+
+def _paired_scores(res: dict, preds: dict, test: NLARows, refit_missing: str | None, *, n_boot: int, seed: int):
+    """The NLA's paired differences with each rung, RL's gains over the warm start, and the honest bar, into `res`."""
+    from .bundle import WARM_REFIT_AR_FILE
+
+    gold, groups = test.vectors, test.doc_id
+
+    def paired(a: str, b: str) -> dict:
+        """FVE(a) − FVE(b) with its CI, both scored on the same resampled documents."""
+        fa = res["fve"] if a == "nla" else res["baselines"][a]
+        ci = bootstrap_ci(preds[a], gold, groups, n_boot=n_boot, seed=seed, renormalise=False, minus=preds[b])
+        return {"diff": fa - res["baselines"][b], "ci": list(ci)}
+
+    res["nla_minus_baseline"] = {k: paired("nla", k) for k in preds if k != "nla"}
+    beats = {k: res["nla_minus_baseline"][k]["ci"][0] > 0 for k in BAR_RUNGS if k in res["nla_minus_baseline"]}
+    warm_gap = res["nla_minus_baseline"].get("warm_start")
+    res["bar"] = {
+        "beats_outside_paired_ci": beats,
+        "beats_outside_baseline_ci": {k: res["fve"] > res["baselines_ci"][k][1] for k in beats},
+        "rl_beats_warm_start": warm_gap["diff"] > 0 if warm_gap else None,
+        "rl_beats_warm_start_outside_paired_ci": warm_gap["ci"][0] > 0 if warm_gap else None,
+    }
+    if "rl_before_refit" in preds and "warm_start" in preds:
+        # the RL stage on its own, both sides without a refit: its gain over the warm start on the same documents
+        res["rl_before_refit_minus_warm_start"] = paired("rl_before_refit", "warm_start")
+        res["bar"]["rl_stage_beats_warm_start_outside_paired_ci"] = res["rl_before_refit_minus_warm_start"]["ci"][0] > 0
+    if "warm_start_refit" in preds:  # from the bundle file, or a --compare rung of that name
+        res["rl_vs_warm_start_refit"] = paired("nla", "warm_start_refit")
+        res["rl_vs_warm_start_refit"]["from"] = WARM_REFIT_AR_FILE if refit_missing is None else "compare"
+        res["bar"]["rl_beats_warm_start_refit_outside_paired_ci"] = res["rl_vs_warm_start_refit"]["ci"][0] > 0
+    else:
+        res["rl_vs_warm_start_refit"] = {"diff": None, "ci": None, "missing": refit_missing}
+        res["bar"]["rl_beats_warm_start_refit_outside_paired_ci"] = None
+
+
+def _words_analysis(res: dict, nla, test: NLARows, expl: list[str], warm_expl: list[str] | None, say) -> None:
+    """How the explanations read: prose shares, quoted spans found verbatim in the context, FVE without quotes."""
+    res["prose_share"] = prose_share(expl)
+    res["oracle_prose_share"] = prose_share(test.explanations)
+    if warm_expl is not None:
+        res["warm_start_prose_share"] = prose_share(warm_expl)
+    say("quote analysis")
+    res.update(quote_analysis(expl, test.contexts))
+    stripped = _ar(nla, [strip_quotes(e) for e in expl], allow_empty=True)
+    res["fve_quotes_stripped"] = fve(stripped, test.vectors, renormalise=False)
+    res["oracle_quote_verbatim_share"] = quote_analysis(test.explanations, test.contexts)["quote_verbatim_share"]
+
+
 def evaluate_nla(
     nla="default",
     data: str | os.PathLike | NLARows | None = None,
@@ -150,192 +367,29 @@ def evaluate_nla(
     held-out rows drawn at random (not chosen), for a reader to judge the explanations. The warm start given
     the same refit is the `warm_start_refit` rung when the folder holds warm_refit_ar.safetensors.
     """
-    from .bundle import NLA, RL_AR_FILE, WARM_AR_FILE, WARM_AV_FILE, WARM_REFIT_AR_FILE
+    from .bundle import NLA
     from .explain import load_nla
 
     t0 = time.time()
     say = (lambda m: print(f"[nla eval {time.time() - t0:5.0f}s] {m}", flush=True)) if progress else (lambda m: None)
     if not isinstance(nla, NLA):
         nla = load_nla(nla, lm=lm)
-    lm = nla.lm
     if data is None:
-        say("harvesting held-out and training rows")
-        n = n_test or (48 if quick else 200)
-        recipe = nla.cfg.extra.get("data_config", {})
-        dc = {
-            k: recipe[k]
-            for k in ("min_position", "max_position", "positions_per_doc", "ascii_only", "max_explanation_tokens")
-            if k in recipe
-        }
-        if "split" in recipe:
-            dc["split"] = tuple(recipe["split"])
-        shipped = Path(nla.path) / BASELINE_FILE if nla.path is not None else None
-        if shipped is not None and shipped.is_file():
-            # the training rows shipped with the NLA fit the baselines: only the held-out rows are harvested
-            train, val = load_baseline_rows(shipped)
-            test = harvest_rows(
-                lm,
-                DataConfig(
-                    n_rows=n, seed=recipe.get("seed", 42), only_split=2, corpus=recipe.get("corpus", "default"), **dc
-                ),
-                progress=False,
-            )
-        else:
-            test, train, val = quick_rows(
-                lm,
-                n_test=n,
-                n_train=400 if quick else 2000,
-                n_val=48,
-                seed=recipe.get("seed", 42),
-                corpus=recipe.get("corpus", "default"),
-                **dc,
-            )
-        data_desc = {
-            "source": "test split harvested on the fly with the NLA's data recipe",
-            "recipe": dc,
-            "baseline_rows": "shipped with the NLA" if shipped is not None and shipped.is_file() else "harvested",
-        }
+        test, train, val, data_desc = _recipe_rows(nla, quick, n_test, say)
     else:
-        rows = data if isinstance(data, NLARows) else NLARows.load(data)
-        if rows.meta.get("site") not in (None, nla.cfg.site):
-            raise NLAError(f"dataset site {rows.meta.get('site')} differs from the NLA's site {nla.cfg.site}")
-        test, train, val = rows.subset("test"), rows.subset("train"), rows.subset("val")
-        n = n_test or (48 if quick else len(test))
-        test = test.subset(torch.arange(min(n, len(test))))
-        data_desc = {"source": str(data) if not isinstance(data, NLARows) else "in-memory"}
+        test, train, val, data_desc = _dataset_rows(nla, data, quick, n_test)
     if len(test) == 0 or len(train) == 0:
         raise NLAError("evaluation needs test rows and training rows (for the baselines)")
-    gold, groups = test.vectors, test.doc_id
-    res: dict = {
-        "n_test": len(test),
-        "n_train_baselines": len(train),
-        "n_docs_test": int(groups.unique().numel()),
-        "site": nla.cfg.site,
-        "model": nla.cfg.model,
-        "warm_start": nla.cfg.warm_start,
-        "data": data_desc,
-        "definition": "FVE = 1 - MSE/Var on vectors rescaled to sqrt(d); "
-        "Var = 1 - |mean unit direction|^2 of the test set; 95% CI: bootstrap over documents",
-    }
+    res = _header(nla, test, train, data_desc)
     preds: dict[str, torch.Tensor] = {}
-
-    say(f"round trip on {len(test)} held-out vectors")
-    expl = _round_trip(nla, gold)
-    preds["nla"] = _ar(nla, expl)
-    parts = fve_parts(preds["nla"], gold, renormalise=False)
-    res.update(fve=parts["fve"], var=parts["var"], mse=parts["mse"])
-    res["fve_ci"] = list(bootstrap_ci(preds["nla"], gold, groups, n_boot=n_boot, seed=seed, renormalise=False))
-    res["examples"] = random_examples(test, expl, preds["nla"], lm.tokenizer, n=n_examples, seed=seed)
-    res["mean_explanation_tokens"] = sum(len(lm.tokenizer(e)["input_ids"]) for e in expl) / len(expl)
-
-    preds["mean"] = normalise(gold.double()).mean(0).expand_as(gold).float()
-    say("baselines: empty, shuffled")
-    preds["empty"] = _ar(nla, [""] * len(test), allow_empty=True)
-    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed + 1))
-    preds["shuffled"] = _ar(nla, _round_trip(nla, gold[perm]))
-    say("baselines: token mean, ridge")
-    preds["token_mean"] = token_mean_predict(train.token_id, train.vectors, test.token_id)
-    preds["token_only"] = _ar(nla, [token_clause(lm.tokenizer.decode([int(t)])) for t in test.token_id])
-    ridge_lambda = {}
-    for k in (1, 4, 16):
-        preds[f"ridge_k{k}"], ridge_lambda[k] = ridge_predict(
-            train.context_ids, train.vectors, test.context_ids, k, val_ctx=val.context_ids, val_vec=val.vectors
-        )
-    say("baselines: oracle text")
-    preds["oracle"] = _ar(nla, test.explanations)
-    preds["raw_last16"] = normalise(raw_context_predict(nla, test))
-    folder = Path(nla.path) if nla.path is not None else None
-    warm_expl: list[str] | None = None
-    if warm and folder is not None and (folder / WARM_AV_FILE).is_file():
-        say("warm-start round trip")
-        warm_nla = NLA.load(folder, lm=lm, which="warm")
-        warm_expl = _round_trip(warm_nla, gold)
-        preds["warm_start"] = _ar(warm_nla, warm_expl)
-        del warm_nla
-    # the control: the warm AV's explanations read by the warm AR given the same refit as the final one
-    make = f"thoughtscope nla train --nla {folder or 'NLA_FOLDER'} --data DATA --stage ar-refit-warm"
-    if not warm:
-        refit_missing = "warm rungs switched off (warm=False)"
-    elif folder is None:
-        refit_missing = f"the NLA has no folder to hold {WARM_REFIT_AR_FILE}"
-    elif not (folder / WARM_AV_FILE).is_file() or not (folder / WARM_AR_FILE).is_file():
-        refit_missing = f"no warm start ({WARM_AV_FILE}, {WARM_AR_FILE}) in the NLA folder to refit"
-    elif not (folder / WARM_REFIT_AR_FILE).is_file():
-        refit_missing = (
-            f"{WARM_REFIT_AR_FILE} not in the NLA folder; make it with: {make} "
-            "(DATA: the `nla data` folder the NLA was trained on)"
-        )
-    else:
-        refit_missing = None
-        say("the warm start given the same refit")
-        refit_nla = NLA.load(folder, lm=lm, which="warm_refit")
-        preds["warm_start_refit"] = _ar(refit_nla, warm_expl)
-        del refit_nla
-    if nla.path is not None and (Path(nla.path) / RL_AR_FILE).is_file():
-        say("the AR before its refit, on the same explanations")
-        rl_nla = NLA.load(nla.path, lm=lm, which="rl")
-        preds["rl_before_refit"] = _ar(rl_nla, expl)
-        del rl_nla
-    for name, other in (compare or {}).items():
-        if name in preds:
-            raise NLAError(f"comparison name {name!r} is already a rung of the ladder; pick another")
-        say(f"round trip through {name}")
-        other = other if isinstance(other, NLA) else NLA.load(other, lm=lm)
-        if other.cfg.site != nla.cfg.site or other.cfg.model != nla.cfg.model:
-            raise NLAError(
-                f"{name} reads {other.cfg.model} at {other.cfg.site}; this NLA reads {nla.cfg.model} at {nla.cfg.site}"
-            )
-        preds[name] = _ar(other, _round_trip(other, gold))
-        del other
-    res["baselines"] = {k: fve(p, gold, renormalise=False) for k, p in preds.items() if k != "nla"}
-    res["baselines_ci"] = {
-        k: list(bootstrap_ci(p, gold, groups, n_boot=n_boot, seed=seed, renormalise=False))
-        for k, p in preds.items()
-        if k != "nla"
-    }
+    expl, preds["nla"] = _nla_round_trip(nla, test, res, n_boot=n_boot, seed=seed, n_examples=n_examples, say=say)
+    ridge_lambda = _text_rungs(nla, test, train, val, preds, seed=seed, say=say)
+    warm_expl, refit_missing = _saved_rungs(nla, test.vectors, expl, preds, warm=warm, say=say)
+    _compared_rungs(nla, test.vectors, preds, compare or {}, say)
+    _rung_scores(res, preds, test, n_boot=n_boot, seed=seed)
     res["ridge_lambda"] = ridge_lambda
-
-    def paired(a: str, b: str) -> dict:
-        """FVE(a) − FVE(b) with its CI, both scored on the same resampled documents."""
-        fa = res["fve"] if a == "nla" else res["baselines"][a]
-        return {
-            "diff": fa - res["baselines"][b],
-            "ci": list(
-                bootstrap_ci(preds[a], gold, groups, n_boot=n_boot, seed=seed, renormalise=False, minus=preds[b])
-            ),
-        }
-
-    res["nla_minus_baseline"] = {k: paired("nla", k) for k in preds if k != "nla"}
-    beats = {k: res["nla_minus_baseline"][k]["ci"][0] > 0 for k in BAR_RUNGS if k in res["nla_minus_baseline"]}
-    warm_gap = res["nla_minus_baseline"].get("warm_start")
-    res["bar"] = {
-        "beats_outside_paired_ci": beats,
-        "beats_outside_baseline_ci": {k: res["fve"] > res["baselines_ci"][k][1] for k in beats},
-        "rl_beats_warm_start": warm_gap["diff"] > 0 if warm_gap else None,
-        "rl_beats_warm_start_outside_paired_ci": warm_gap["ci"][0] > 0 if warm_gap else None,
-    }
-    if "rl_before_refit" in preds and "warm_start" in preds:
-        # the RL stage on its own, both sides without a refit: its gain over the warm start on the same documents
-        res["rl_before_refit_minus_warm_start"] = paired("rl_before_refit", "warm_start")
-        res["bar"]["rl_stage_beats_warm_start_outside_paired_ci"] = res["rl_before_refit_minus_warm_start"]["ci"][0] > 0
-    if "warm_start_refit" in preds:  # from the bundle file, or a --compare rung of that name
-        res["rl_vs_warm_start_refit"] = paired("nla", "warm_start_refit")
-        res["rl_vs_warm_start_refit"]["from"] = WARM_REFIT_AR_FILE if refit_missing is None else "compare"
-        res["bar"]["rl_beats_warm_start_refit_outside_paired_ci"] = res["rl_vs_warm_start_refit"]["ci"][0] > 0
-    else:
-        res["rl_vs_warm_start_refit"] = {"diff": None, "ci": None, "missing": refit_missing}
-        res["bar"]["rl_beats_warm_start_refit_outside_paired_ci"] = None
-    res["prose_share"] = prose_share(expl)
-    res["oracle_prose_share"] = prose_share(test.explanations)
-    if warm_expl is not None:
-        res["warm_start_prose_share"] = prose_share(warm_expl)
-    say("quote analysis")
-    qa = quote_analysis(expl, test.contexts)
-    res.update(qa)
-    res["fve_quotes_stripped"] = fve(
-        _ar(nla, [strip_quotes(e) for e in expl], allow_empty=True), gold, renormalise=False
-    )
-    res["oracle_quote_verbatim_share"] = quote_analysis(test.explanations, test.contexts)["quote_verbatim_share"]
+    _paired_scores(res, preds, test, refit_missing, n_boot=n_boot, seed=seed)
+    _words_analysis(res, nla, test, expl, warm_expl, say)
     res["seconds"] = round(time.time() - t0, 1)
     if json_path:
         atomic_write_text(Path(json_path), json.dumps(res, indent=2, default=float))

@@ -9,6 +9,7 @@ for row in explain_text(nla, "The cat sat on the", positions=[-1]):
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -161,21 +162,25 @@ def steer_from_words(
     original: str,
     edited: str,
     *,
-    scale: float = 1.0,
+    strength: float = 1.0,
     max_new_tokens: int = 24,
     seed: int = 0,
     temperature: float = 0.0,
+    scale: float | None = None,
 ) -> dict:
-    """Edit an explanation and add Δ = AR(edited) − AR(original) at the NLA's site while generating.
+    """Edit an explanation and add strength · Δ, Δ = AR(edited) − AR(original), at the NLA's site while generating.
 
     Uses the steering module's add-vector intervention, so the edit is the same object a user would
-    build by hand with `thoughtscope.steer.add_vector`.
+    build by hand with `thoughtscope.steer.add_vector`. `scale` is the old, deprecated name of `strength`.
     """
     from thoughtscope.steer import GenerationConfig, add_vector, compare
 
+    if scale is not None:
+        warnings.warn("steer_from_words(scale=) is deprecated: use strength", DeprecationWarning, stacklevel=2)
+        strength = scale
     delta = steering_delta(nla, original, edited)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=False)
-    cmp = compare(nla.lm, [prompt], [add_vector(delta, nla.cfg.site, scale=scale)], cfg)[0]
+    cmp = compare(nla.lm, [prompt], [add_vector(delta, nla.cfg.site, strength)], cfg)[0]
     return {
         "prompt": prompt,
         "original": original,

@@ -17,17 +17,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..distributed import average_gradients, rank_and_world
 from .bundle import NLA
+from .config import NLATrainConfig
 from .core import nla_loss
 from .rollout import completion_logprobs, dropout_free, reference_weights, sample_group, valid_mask
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
 
 
 def _phase(timings: dict | None, name: str):
@@ -42,6 +39,57 @@ def _phase(timings: dict | None, name: str):
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
 
     return timed() if timings is not None else nullcontext()
+
+
+def _cached_logprobs(av, vectors: torch.Tensor, comp: torch.Tensor, G: int, timings: dict | None):
+    """(valid, mask, reference log-probs, policy log-probs) on the explanation tokens, a prompt run once a group."""
+    valid = valid_mask(av, comp.to(av.device))
+    mask = valid.float()
+    with _phase(timings, "reference"), torch.no_grad(), reference_weights(av):
+        ref = completion_logprobs(av, vectors, comp, valid, G)
+    with _phase(timings, "policy_forward"):
+        av.model.train()
+        new = completion_logprobs(av, vectors, comp, valid, G)
+    return valid, mask, ref, new
+
+
+def _plain_logprobs(av, v_rep: torch.Tensor, comp: torch.Tensor, timings: dict | None):
+    """The same four on full sequences = prompt + completion; a completion counts up to and including its first
+    end token."""
+    P = len(av.prompt)
+    prompt = torch.tensor([av.prompt] * comp.shape[0], device=av.device)
+    ids = torch.cat([prompt, comp.to(av.device)], 1)
+    valid = torch.ones_like(comp, dtype=torch.bool)
+    for i, row in enumerate(comp.tolist()):
+        for j, t in enumerate(row):
+            if t in av.end_ids:
+                valid[i, j + 1 :] = False
+                break
+    att = torch.cat([torch.ones_like(prompt), valid.long()], 1)
+    mask = torch.zeros_like(ids, dtype=torch.float32)
+    mask[:, P:] = valid.float()
+    mask = mask[:, 1:]
+    with _phase(timings, "reference"), torch.no_grad(), av.reference():
+        ref = av.token_logprobs(v_rep, ids, att)
+    with _phase(timings, "policy_forward"):
+        av.model.train()
+        new = av.token_logprobs(v_rep, ids, att)
+    return valid, mask, ref, new
+
+
+def _policy_loss(
+    new: torch.Tensor, ref: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, *, clip: float, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped-ratio loss plus kl_coef × the k3 KL to the reference, per sequence then averaged; (loss, kl)."""
+    old = new.detach()  # one update per batch: the ratio starts at 1 and the clip bounds the step
+    ratio = torch.exp(new - old)
+    A = adv[:, None]
+    pg = -torch.minimum(ratio * A, ratio.clamp(1 - clip, 1 + clip) * A)
+    log_r = ref - new
+    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy ‖ reference), ≥ 0
+    per_tok = pg + kl_coef * kl
+    per_seq = (per_tok * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return per_seq.mean(), kl
 
 
 def grpo_step(
@@ -84,43 +132,11 @@ def grpo_step(
     r = rewards.view(-1, G)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten().to(av.device)
     if cached:
-        valid = valid_mask(av, comp.to(av.device))
-        mask = valid.float()
-        with _phase(timings, "reference"), torch.no_grad(), reference_weights(av):
-            ref = completion_logprobs(av, vectors, comp, valid, G)
-        with _phase(timings, "policy_forward"):
-            av.model.train()
-            new = completion_logprobs(av, vectors, comp, valid, G)
+        valid, mask, ref, new = _cached_logprobs(av, vectors, comp, G, timings)
     else:
-        # sequences = prompt + completion; the completion counts up to and including its first end token
-        P = len(av.prompt)
-        prompt = torch.tensor([av.prompt] * comp.shape[0], device=av.device)
-        ids = torch.cat([prompt, comp.to(av.device)], 1)
-        valid = torch.ones_like(comp, dtype=torch.bool)
-        for i, row in enumerate(comp.tolist()):
-            for j, t in enumerate(row):
-                if t in av.end_ids:
-                    valid[i, j + 1 :] = False
-                    break
-        att = torch.cat([torch.ones_like(prompt), valid.long()], 1)
-        mask = torch.zeros_like(ids, dtype=torch.float32)
-        mask[:, P:] = valid.float()
-        mask = mask[:, 1:]
-        with _phase(timings, "reference"), torch.no_grad(), av.reference():
-            ref = av.token_logprobs(v_rep, ids, att)
-        with _phase(timings, "policy_forward"):
-            av.model.train()
-            new = av.token_logprobs(v_rep, ids, att)
+        valid, mask, ref, new = _plain_logprobs(av, v_rep, comp, timings)
     with _phase(timings, "policy_forward"):
-        old = new.detach()  # one update per batch: the ratio starts at 1 and the clip bounds the step
-        ratio = torch.exp(new - old)
-        A = adv[:, None]
-        pg = -torch.minimum(ratio * A, ratio.clamp(1 - clip, 1 + clip) * A)
-        log_r = ref - new
-        kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(policy ‖ reference), ≥ 0
-        per_tok = pg + kl_coef * kl
-        per_seq = (per_tok * mask).sum(1) / mask.sum(1).clamp_min(1)
-        loss = per_seq.mean()
+        loss, kl = _policy_loss(new, ref, adv, mask, clip=clip, kl_coef=kl_coef)
     with _phase(timings, "policy_backward"):
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,7 +158,14 @@ def grpo_step(
 
 
 def rl_step(
-    nla: NLA, vectors: torch.Tensor, opt, ar_opt, cfg: TrainConfig, *, cached: bool = True, timings: dict | None = None
+    nla: NLA,
+    vectors: torch.Tensor,
+    opt,
+    ar_opt,
+    cfg: NLATrainConfig,
+    *,
+    cached: bool = True,
+    timings: dict | None = None,
 ) -> dict:
     """One GRPO step on the AV, rewarded by the live AR, then one AR step on the well-formed rollouts.
 

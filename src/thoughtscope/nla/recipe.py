@@ -86,9 +86,49 @@ def stage_settings(stage: str, **overrides) -> dict:
     return {**base, **{k: v for k, v in overrides.items() if v is not None}}
 
 
+def data_settings(**overrides) -> dict:
+    """The default recipe's dataset sizes with the given (non-None) values on top."""
+    return {**DEFAULT_RECIPE["data"], **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def build_recipe_dataset(model: str, out: str | os.PathLike, **settings) -> Path:
+    """`nla data`: `build_dataset` with the default recipe's sizes wherever a setting is None."""
+    from .data import build_dataset
+
+    return build_dataset(model, out, **data_settings(**settings))
+
+
 def print_record(rec: dict) -> None:
     """One JSON line per training record, floats rounded, flushed (readable in logs and by tools)."""
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}), flush=True)
+
+
+def run_stage(
+    nla_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    stage: str,
+    *,
+    device: str | None = None,
+    log: Callable[[dict], None] = print_record,
+    **overrides,
+) -> dict:
+    """`nla train`: one stage with the recipe's settings for it and the given (non-None) overrides on top. Started
+    by torchrun, it joins the process group first (and leaves it after); the result says this process's `rank`."""
+    import torch
+    import torch.distributed as dist
+
+    from ..distributed import join_process_group, launched_by_torchrun, rank_and_world
+    from .train import NLATrainConfig, train_stage
+
+    cfg = NLATrainConfig(**stage_settings(stage, **overrides))
+    distributed = launched_by_torchrun() and not dist.is_initialized()
+    join_process_group(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        r = train_stage(nla_dir, data, cfg, log=log, device=device)
+        return {**r, "rank": rank_and_world()[0]}
+    finally:
+        if distributed:
+            dist.destroy_process_group()
 
 
 # A scaled run for one GPU (sized for an H200-class card; budgets keep each stage resumable): 20,000 vectors
@@ -144,7 +184,7 @@ def run_recipe(
     from .core import NLAError
     from .data import build_dataset
     from .evaluate import evaluate_nla
-    from .train import TrainConfig, train_stage
+    from .train import NLATrainConfig, train_stage
 
     if isinstance(recipe, str):
         if recipe not in RECIPES:
@@ -160,7 +200,7 @@ def run_recipe(
         build_dataset(model, data, lm=lm, **recipe["data"])
     for st in recipe["stages"]:
         t0 = time.time()
-        r = train_stage(work / "nla", data, TrainConfig(**st), log=log, progress=False, lm=lm, device=device)
+        r = train_stage(work / "nla", data, NLATrainConfig(**st), log=log, progress=False, lm=lm, device=device)
         print(f"== {st['stage']} step {r['step']} done={r['done']} {time.time() - t0:.0f}s", flush=True)
     res = evaluate_nla(str(work / "nla"), data, quick=False, json_path=work / "eval.json", lm=lm)
     if export_to:

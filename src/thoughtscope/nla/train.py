@@ -39,6 +39,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,7 +61,8 @@ from .bundle import (
     load_weights,
     save_weights,
 )
-from .checkpoint import RL_STAGES, load_state, save_state, state_path
+from .checkpoint import load_state, save_state, state_path
+from .config import RL_STAGES, STAGES, NLATrainConfig
 from .core import NLAConfig, NLAError, normalise
 from .curves import write_curves
 from .data import NLARows, vector_stats
@@ -71,7 +73,7 @@ __all__ = [
     "REFIT_STAGES",
     "RL_STAGES",
     "STAGES",
-    "TrainConfig",
+    "NLATrainConfig",
     "average_gradients",
     "batch_indices",
     "greedy_explanations",
@@ -83,44 +85,19 @@ __all__ = [
     "world",
 ]
 
-STAGES = ("ar-sft", "av-sft", "rl", "rl-continue", "ar-refit", "ar-refit-warm")
 # AR regression on a frozen AV's greedy explanations: stage → the AV file that writes them
 REFIT_STAGES = {"ar-refit": AV_FILE, "ar-refit-warm": WARM_AV_FILE}
+VAL_ROWS_PER_BATCH = 16  # validation rows per forward pass (av-sft's cross-entropy)
+VAL_ROUND_TRIP_VECTORS = 16  # validation vectors the rl stages explain and reconstruct at each validation
 
 
-@dataclass
-class TrainConfig:
-    """One training stage; the defaults are sized for the 135M default model on 2 CPU cores."""
-
-    stage: str = "ar-sft"
-    steps: int = 200
-    batch_size: int = 8
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup: int = 10
-    seed: int = 0
-    eval_every: int = 50
-    checkpoint_every: int = 25
-    val_rows: int = 64
-    time_budget_s: float | None = None  # stop (with a checkpoint) after this much wall time; resumable
-    train_rows: int | None = None  # draw only from the first N training rows (None: all of them)
-    # --- rl
-    group_size: int = 4  # G samples per vector (4 on CPU, 8 on GPU)
-    temperature: float = 1.0
-    kl_coef: float = 0.01
-    clip: float = 0.2
-    ar_lr: float = 5e-5  # the AR keeps training on rollout pairs
-    malformed_reward: float = -2.0
-    max_new_tokens: int | None = None
-
-    def check(self) -> TrainConfig:
-        if self.stage not in STAGES:
-            raise NLAError(f"unknown stage {self.stage!r}: expected one of {', '.join(STAGES)}")
-        if self.steps < 1 or self.batch_size < 1 or self.group_size < 2 and self.stage in RL_STAGES:
-            raise NLAError("steps and batch_size must be ≥ 1, and group_size ≥ 2 for rl")
-        if self.train_rows is not None and self.train_rows < 1:
-            raise NLAError(f"train_rows must be ≥ 1 (or None for every training row), got {self.train_rows}")
-        return self
+def __getattr__(name: str):
+    if name == "TrainConfig":  # the old name, before the SAE's TrainConfig and this one were told apart
+        warnings.warn(
+            "thoughtscope.nla.train.TrainConfig is deprecated: use NLATrainConfig", DeprecationWarning, stacklevel=2
+        )
+        return NLATrainConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------- helpers
@@ -135,7 +112,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return perm[k * batch_size : (k + 1) * batch_size]
 
 
-def lr_at(step: int, cfg: TrainConfig, base: float) -> float:
+def lr_at(step: int, cfg: NLATrainConfig, base: float) -> float:
     """Linear warm-up then cosine decay to 10%."""
     if step < cfg.warmup:
         return base * (step + 1) / cfg.warmup
@@ -174,44 +151,55 @@ def _barrier() -> None:
         dist.barrier()
 
 
-# ------------------------------------------------------------------------- stages
+def _out_of_time(cfg: NLATrainConfig, t0: float, n_ranks: int) -> bool:
+    """Whether the stage's time budget is spent; rank 0's clock decides, so every rank stops after the same step."""
+    out_of_time = cfg.time_budget_s is not None and time.time() - t0 > cfg.time_budget_s
+    if n_ranks > 1:
+        import torch.distributed as dist
+
+        flag = [out_of_time]
+        dist.broadcast_object_list(flag, src=0)
+        out_of_time = flag[0]
+    return out_of_time
 
 
-def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **cfg_overrides) -> NLA:
-    """Open (or create) the NLA folder and load the weights this stage starts from."""
-    nla_dir = Path(nla_dir)
-    if (nla_dir / "nla_config.json").is_file():
-        cfg = NLAConfig.load(nla_dir)
-    else:
-        st = rows.meta.get("stats", {})
-        cfg = config_for(
-            lm,
-            site=rows.meta.get("site"),
-            injection_scale=st.get("injection_scale", 0.0),
-            mean_norm=st.get("mean_norm", 0.0),
-            mu_sq=st.get("mu_sq", 0.0),
-            warm_start=rows.meta.get("warm_start", {}),
-            **cfg_overrides,
-        )
-        # remembered so `nla eval` can harvest fresh held-out rows with the same recipe and split
-        cfg.extra["data_config"] = rows.meta.get("data_config", {})
-        cfg.save(nla_dir)
-    if rows.meta.get("site") and rows.meta["site"] != cfg.site:
-        raise NLAError(f"dataset site {rows.meta['site']} differs from the NLA's site {cfg.site} ({nla_dir})")
-    nla = NLA(lm, cfg)
-    nla.path = nla_dir
+# ------------------------------------------------------------------------- opening a stage
+
+
+def _require(nla_dir: Path, files: tuple[str, ...], before: str) -> None:
+    for f in files:
+        if not (nla_dir / f).is_file():
+            raise NLAError(f"{nla_dir / f} missing: {before}")
+
+
+def _new_config(nla_dir: Path, rows: NLARows, lm, **cfg_overrides) -> NLAConfig:
+    """The config of a new NLA, from the dataset's statistics and recipe, saved in the folder."""
+    st = rows.meta.get("stats", {})
+    cfg = config_for(
+        lm,
+        site=rows.meta.get("site"),
+        injection_scale=st.get("injection_scale", 0.0),
+        mean_norm=st.get("mean_norm", 0.0),
+        mu_sq=st.get("mu_sq", 0.0),
+        warm_start=rows.meta.get("warm_start", {}),
+        **cfg_overrides,
+    )
+    # remembered so `nla eval` can harvest fresh held-out rows with the same recipe and split
+    cfg.extra["data_config"] = rows.meta.get("data_config", {})
+    cfg.save(nla_dir)
+    return cfg
+
+
+def _load_starting_weights(nla: NLA, nla_dir: Path, stage: str) -> None:
+    """Load the weights `stage` starts from (each supervised stage starts from fresh adapters)."""
     if stage in ("rl", "ar-refit-warm"):  # both start from the warm start
-        for f in (WARM_AV_FILE, WARM_AR_FILE):
-            if not (nla_dir / f).is_file():
-                raise NLAError(f"{nla_dir / f} missing: run the ar-sft and av-sft stages before {stage}")
+        _require(nla_dir, (WARM_AV_FILE, WARM_AR_FILE), f"run the ar-sft and av-sft stages before {stage}")
         nla.av.load_adapter_state(load_weights(nla_dir / WARM_AV_FILE))
         nla.ar.load_adapter_state(load_weights(nla_dir / WARM_AR_FILE))
         if stage == "rl":
             nla.av.set_reference()
     elif stage == "rl-continue":
-        for f in (WARM_AV_FILE, AV_FILE, AR_FILE):
-            if not (nla_dir / f).is_file():
-                raise NLAError(f"{nla_dir / f} missing: run the ar-sft, av-sft and rl stages before rl-continue")
+        _require(nla_dir, (WARM_AV_FILE, AV_FILE, AR_FILE), "run the ar-sft, av-sft and rl stages before rl-continue")
         started = state_path(nla_dir, stage).is_file()  # then its own state file holds the weights it resumes
         if (nla_dir / RL_AR_FILE).is_file() and not started:  # ar.safetensors is a refitted AR, not RL's
             raise NLAError(f"{nla_dir / RL_AR_FILE} exists: rl-continue goes after rl and before ar-refit")
@@ -220,23 +208,218 @@ def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **
         nla.av.load_adapter_state(load_weights(nla_dir / AV_FILE))
         nla.ar.load_adapter_state(load_weights(nla_dir / AR_FILE))
     elif stage == "ar-refit":
-        for f in (AV_FILE, AR_FILE):
-            if not (nla_dir / f).is_file():
-                raise NLAError(f"{nla_dir / f} missing: run the earlier stages (ar-sft, av-sft, rl) before ar-refit")
+        _require(nla_dir, (AV_FILE, AR_FILE), "run the earlier stages (ar-sft, av-sft, rl) before ar-refit")
         if not (nla_dir / RL_AR_FILE).is_file():  # first run: keep the AR the refit starts from
             save_weights(load_weights(nla_dir / AR_FILE), nla_dir / RL_AR_FILE)
         nla.av.load_adapter_state(load_weights(nla_dir / AV_FILE))
         nla.ar.load_adapter_state(load_weights(nla_dir / RL_AR_FILE))
+
+
+def prepare_nla(nla_dir: str | os.PathLike, rows: NLARows, lm, *, stage: str, **cfg_overrides) -> NLA:
+    """Open (or create) the NLA folder and load the weights this stage starts from."""
+    nla_dir = Path(nla_dir)
+    if (nla_dir / "nla_config.json").is_file():
+        cfg = NLAConfig.load(nla_dir)
     else:
-        # each supervised stage starts from its own warm weights if a previous run finished them
-        pass
+        cfg = _new_config(nla_dir, rows, lm, **cfg_overrides)
+    if rows.meta.get("site") and rows.meta["site"] != cfg.site:
+        raise NLAError(f"dataset site {rows.meta['site']} differs from the NLA's site {cfg.site} ({nla_dir})")
+    nla = NLA(lm, cfg)
+    nla.path = nla_dir
+    _load_starting_weights(nla, nla_dir, stage)
     return nla
+
+
+def _stage_rows(data: str | os.PathLike | NLARows, cfg: NLATrainConfig) -> tuple[NLARows, NLARows, NLARows]:
+    """(rows, train, val) a stage reads; with `train_rows`, as if the dataset held only the first N training rows."""
+    rows = data if isinstance(data, NLARows) else NLARows.load(data)
+    train, val = rows.subset("train"), rows.subset("val")
+    if len(train) == 0:
+        raise NLAError("the dataset has no training rows")
+    if cfg.train_rows is not None:  # a stage sized for fewer rows than a later stage reads
+        train = train.subset(torch.arange(min(cfg.train_rows, len(train))))
+        # as if the dataset held only those rows: a new NLA's vector statistics come from them too
+        rows = replace(rows, meta={**rows.meta, "stats": vector_stats(train.vectors)})
+    return rows, train, val
+
+
+def _target_model(nla_dir: Path, rows: NLARows, device: str | None):
+    """Load the target: the NLA's model, or for a new NLA the model its rows were harvested from."""
+    from thoughtscope.models import load_model
+
+    cfg_model = (
+        NLAConfig.load(nla_dir).model
+        if (nla_dir / "nla_config.json").is_file()
+        else rows.meta.get("model_source") or rows.meta.get("model", "default")  # how it was loaded
+    )
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return load_model(cfg_model, device=device)
+
+
+def _open_on_every_rank(nla_dir: Path, rows: NLARows, lm, stage: str, rank: int) -> NLA:
+    if rank == 0:
+        nla = prepare_nla(nla_dir, rows, lm, stage=stage)
+    _barrier()  # rank 0 writes the config (and rl_ar) first; the others then read the same files
+    if rank != 0:
+        nla = prepare_nla(nla_dir, rows, lm, stage=stage)
+    return nla
+
+
+def _refit_texts(
+    nla: NLA, nla_dir: Path, train: NLARows, val: NLARows, stage: str, rank: int, progress: bool
+) -> tuple[dict[str, list[str]], list[int]]:
+    """The frozen AV's greedy explanations the refit stages train on, and the training rows with a non-empty one."""
+    sets = {"train": train.vectors, "val": val.vectors}
+    if rank == 0:  # one rank writes the explanations, the others read the finished cache
+        greedy_explanations(nla, nla_dir, sets, progress=progress, stage=stage)
+    _barrier()
+    refit = greedy_explanations(nla, nla_dir, sets, progress=False, stage=stage)
+    usable_rows = [i for i, e in enumerate(refit["train"]) if e.strip()]
+    if not usable_rows:
+        raise NLAError("the AV wrote no non-empty explanation for any training vector; nothing to refit on")
+    return refit, usable_rows
+
+
+# ------------------------------------------------------------------------- one stage's run
+
+
+@dataclass
+class _Run:
+    """What a stage's steps read and update, once `train_stage` has opened the stage."""
+
+    cfg: NLATrainConfig
+    nla_dir: Path
+    nla: NLA
+    train: NLARows
+    val: NLARows
+    refit: dict[str, list[str]]
+    pool: torch.Tensor  # training rows a step draws from
+    params: list
+    base_lr: float
+    opt: torch.optim.Optimizer
+    ar_opt: torch.optim.Optimizer | None
+    rank: int
+    n_ranks: int
+
+    @property
+    def is_refit(self) -> bool:
+        return self.cfg.stage in REFIT_STAGES
+
+    @property
+    def is_rl(self) -> bool:
+        return self.cfg.stage in RL_STAGES
+
+
+def _sft_ce(nla: NLA, vectors: torch.Tensor, explanations: list[str]) -> float:
+    """The AV's mean cross-entropy on (vector, explanation) rows, VAL_ROWS_PER_BATCH rows per forward pass."""
+    n, per = len(explanations), VAL_ROWS_PER_BATCH
+    return (
+        sum(
+            float(nla.av.sft_loss(vectors[i : i + per], explanations[i : i + per])) * len(explanations[i : i + per])
+            for i in range(0, n, per)
+        )
+        / n
+    )
+
+
+def validation_figures(run: _Run) -> dict:
+    """The stage's validation figures: cross-entropy (av-sft, also with shuffled vectors) or FVE (the others)."""
+    nla, val = run.nla, run.val
+    if len(val) == 0:
+        return {}
+    if run.cfg.stage == "av-sft":
+        with torch.no_grad():
+            nla.av.model.eval()
+            loss = _sft_ce(nla, val.vectors, val.explanations)
+            shuf = val.vectors[torch.randperm(len(val), generator=torch.Generator().manual_seed(1))]
+            loss_s = _sft_ce(nla, shuf, val.explanations)
+        return {"val_ce": loss, "val_ce_shuffled_vectors": loss_s}
+    nla.ar.eval()
+    if run.is_refit:
+        return {
+            "val_fve_round_trip": fve(nla.ar.predict(run.refit["val"], allow_empty=True, truncate=True), val.vectors)
+        }
+    out = {"val_fve_warm_text": fve(nla.ar.predict(val.explanations), val.vectors)}
+    if run.is_rl:
+        sub = val.vectors[:VAL_ROUND_TRIP_VECTORS]
+        nla.av.model.eval()
+        with torch.no_grad():
+            expl = nla.av.explain(sub)
+        out["val_fve_round_trip"] = fve(
+            nla.ar.predict(expl, allow_empty=True, truncate=True), sub, mu=normalise(val.vectors).mean(0)
+        )
+    return out
+
+
+def _supervised_loss(run: _Run, idx: torch.Tensor) -> torch.Tensor:
+    nla, train, rows_ = run.nla, run.train, idx.tolist()
+    if run.cfg.stage == "av-sft":
+        nla.av.model.train()
+        return nla.av.sft_loss(train.vectors[idx], [train.explanations[i] for i in rows_])
+    nla.ar.train()
+    if run.is_refit:
+        return nla.ar.loss([run.refit["train"][i] for i in rows_], train.vectors[idx], truncate=True)
+    return nla.ar.loss([train.explanations[i] for i in rows_], train.vectors[idx])
+
+
+def _one_step(run: _Run, step: int) -> dict:
+    """Optimiser step `step` (0-based) on this rank's slice of the global batch; its figures, averaged over ranks."""
+    cfg = run.cfg
+    lr = lr_at(step, cfg, run.base_lr)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    idx = run.pool[batch_indices(len(run.pool), cfg.batch_size, step, cfg.seed)]
+    share = cfg.batch_size // run.n_ranks
+    idx = idx[run.rank * share : (run.rank + 1) * share]  # this rank's slice of the global batch
+    rec: dict = {"step": step + 1, "lr": lr}
+    if run.is_rl:
+        torch.manual_seed(cfg.seed * 1_000_003 + step * run.n_ranks + run.rank)  # each rank samples its own
+        rec.update(rl_step(run.nla, run.train.vectors[idx], run.opt, run.ar_opt, cfg))
+    else:
+        loss = _supervised_loss(run, idx)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(run.params)
+        run.opt.step()
+        rec["loss"] = float(loss.detach())
+    return _mean_over_ranks(rec)
+
+
+def _run_steps(run: _Run, step: int, history: list[dict], *, progress: bool, log: Callable[[dict], None] | None) -> int:
+    """Step until the schedule ends or the time budget is spent, validating and checkpointing; the steps done."""
+    cfg, rank = run.cfg, run.rank
+    bar = ProgressBar(f"nla {cfg.stage}", cfg.steps, start=step, unit="steps", enabled=progress and rank == 0)
+    t0 = time.time()
+    try:
+        while step < cfg.steps:
+            rec = _one_step(run, step)
+            step += 1
+            if rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                rec.update(validation_figures(run))
+            history.append(rec)
+            if log and rank == 0:
+                log(rec)
+            shown = (f"{k}={v:.3f}" for k, v in rec.items() if k not in ("step", "lr") and isinstance(v, float))
+            bar.update(step, info=" ".join(shown))
+            out_of_time = _out_of_time(cfg, t0, run.n_ranks)
+            if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
+                done = step == cfg.steps
+                save_state(
+                    run.nla_dir, cfg, run.nla, run.opt, run.ar_opt, step, history, done=done, stopped=out_of_time
+                )
+                write_curves(run.nla_dir, cfg.stage, history)
+            if out_of_time:
+                break
+    finally:
+        bar.close()
+    return step
 
 
 def train_stage(
     nla_dir: str | os.PathLike,
     data: str | os.PathLike | NLARows,
-    cfg: TrainConfig,
+    cfg: NLATrainConfig,
     *,
     lm=None,
     progress: bool = True,
@@ -254,156 +437,29 @@ def train_stage(
               warm_refit_ar.safetensors (the control for `ar-refit`).
     device: where to load the target when lm is not given (default: this rank's GPU if there is one, else CPU).
     """
-    from thoughtscope.models import load_model
-
     cfg.check()
     nla_dir = Path(nla_dir)
-    rows = data if isinstance(data, NLARows) else NLARows.load(data)
-    train, val = rows.subset("train"), rows.subset("val")
-    if len(train) == 0:
-        raise NLAError("the dataset has no training rows")
-    if cfg.train_rows is not None:  # a stage sized for fewer rows than a later stage reads
-        train = train.subset(torch.arange(min(cfg.train_rows, len(train))))
-        # as if the dataset held only those rows: a new NLA's vector statistics come from them too
-        rows = replace(rows, meta={**rows.meta, "stats": vector_stats(train.vectors)})
+    rows, train, val = _stage_rows(data, cfg)
     rank, n_ranks = world()
     if cfg.batch_size % n_ranks:
         raise NLAError(f"batch_size {cfg.batch_size} does not split evenly over {n_ranks} processes")
     if lm is None:
-        # a new NLA is for the model its rows were harvested from
-        cfg_model = (
-            NLAConfig.load(nla_dir).model
-            if (nla_dir / "nla_config.json").is_file()
-            else rows.meta.get("model_source") or rows.meta.get("model", "default")  # how it was loaded
-        )
-        if device is None and torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        lm = load_model(cfg_model, device=device)
-    if rank == 0:
-        nla = prepare_nla(nla_dir, rows, lm, stage=cfg.stage)
-    _barrier()  # rank 0 writes the config (and rl_ar) first; the others then read the same files
-    if rank != 0:
-        nla = prepare_nla(nla_dir, rows, lm, stage=cfg.stage)
+        lm = _target_model(nla_dir, rows, device)
+    nla = _open_on_every_rank(nla_dir, rows, lm, cfg.stage, rank)
     val = val.subset(torch.arange(min(cfg.val_rows, len(val))))
-
     refit: dict[str, list[str]] = {}
-    is_refit = cfg.stage in REFIT_STAGES
-    if is_refit:
-        sets = {"train": train.vectors, "val": val.vectors}
-        if rank == 0:  # one rank writes the explanations, the others read the finished cache
-            greedy_explanations(nla, nla_dir, sets, progress=progress, stage=cfg.stage)
-        _barrier()
-        refit = greedy_explanations(nla, nla_dir, sets, progress=False, stage=cfg.stage)
-        usable_rows = [i for i, e in enumerate(refit["train"]) if e.strip()]
-        if not usable_rows:
-            raise NLAError("the AV wrote no non-empty explanation for any training vector; nothing to refit on")
-    if cfg.stage == "ar-sft" or is_refit:
-        params, base_lr = nla.ar.trainable_parameters(), cfg.lr
-    elif cfg.stage == "av-sft":
-        params, base_lr = nla.av.trainable_parameters(), cfg.lr
-    else:  # the reference policy was set by prepare_nla
-        params, base_lr = nla.av.trainable_parameters(), cfg.lr
-    opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=cfg.weight_decay)
-    is_rl = cfg.stage in RL_STAGES
-    ar_opt = torch.optim.AdamW(nla.ar.trainable_parameters(), lr=cfg.ar_lr) if is_rl else None
-
+    pool = torch.arange(len(train))  # every training row; for a refit, those the AV wrote a non-empty explanation for
+    if cfg.stage in REFIT_STAGES:
+        refit, usable_rows = _refit_texts(nla, nla_dir, train, val, cfg.stage, rank, progress)
+        pool = torch.tensor(usable_rows)
+    # ar-sft and the refits train the AR; av-sft and rl the AV (rl's reference policy was set by prepare_nla)
+    trains_ar = cfg.stage == "ar-sft" or cfg.stage in REFIT_STAGES
+    params = nla.ar.trainable_parameters() if trains_ar else nla.av.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ar_opt = torch.optim.AdamW(nla.ar.trainable_parameters(), lr=cfg.ar_lr) if cfg.stage in RL_STAGES else None
     step, history = load_state(nla_dir, cfg, nla, opt, ar_opt)
-
-    def evaluate() -> dict:
-        if len(val) == 0:
-            return {}
-        if cfg.stage == "av-sft":
-            with torch.no_grad():
-                nla.av.model.eval()
-                loss = sum(
-                    float(nla.av.sft_loss(val.vectors[i : i + 16], val.explanations[i : i + 16]))
-                    * len(val.explanations[i : i + 16])
-                    for i in range(0, len(val), 16)
-                ) / len(val)
-                shuf = val.vectors[torch.randperm(len(val), generator=torch.Generator().manual_seed(1))]
-                loss_s = sum(
-                    float(nla.av.sft_loss(shuf[i : i + 16], val.explanations[i : i + 16]))
-                    * len(val.explanations[i : i + 16])
-                    for i in range(0, len(val), 16)
-                ) / len(val)
-            return {"val_ce": loss, "val_ce_shuffled_vectors": loss_s}
-        nla.ar.eval()
-        if is_refit:
-            return {
-                "val_fve_round_trip": fve(nla.ar.predict(refit["val"], allow_empty=True, truncate=True), val.vectors)
-            }
-        out = {"val_fve_warm_text": fve(nla.ar.predict(val.explanations), val.vectors)}
-        if is_rl:
-            sub = val.vectors[:16]
-            nla.av.model.eval()
-            with torch.no_grad():
-                expl = nla.av.explain(sub)
-            out["val_fve_round_trip"] = fve(
-                nla.ar.predict(expl, allow_empty=True, truncate=True), sub, mu=normalise(val.vectors).mean(0)
-            )
-        return out
-
-    # training rows a step draws from: every row, or for ar-refit those the AV wrote a non-empty explanation for
-    pool = torch.tensor(usable_rows) if is_refit else torch.arange(len(train))
-
-    def supervised_loss(idx: torch.Tensor) -> torch.Tensor:
-        rows_ = idx.tolist()
-        if cfg.stage == "av-sft":
-            nla.av.model.train()
-            return nla.av.sft_loss(train.vectors[idx], [train.explanations[i] for i in rows_])
-        nla.ar.train()
-        if is_refit:
-            return nla.ar.loss([refit["train"][i] for i in rows_], train.vectors[idx], truncate=True)
-        return nla.ar.loss([train.explanations[i] for i in rows_], train.vectors[idx])
-
-    bar = ProgressBar(f"nla {cfg.stage}", cfg.steps, start=step, unit="steps", enabled=progress and rank == 0)
-    t0 = time.time()
-    try:
-        while step < cfg.steps:
-            lr = lr_at(step, cfg, base_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            idx = pool[batch_indices(len(pool), cfg.batch_size, step, cfg.seed)]
-            share = cfg.batch_size // n_ranks
-            idx = idx[rank * share : (rank + 1) * share]  # this rank's slice of the global batch
-            rec: dict = {"step": step + 1, "lr": lr}
-            if is_rl:
-                torch.manual_seed(cfg.seed * 1_000_003 + step * n_ranks + rank)  # each rank samples its own
-                rec.update(rl_step(nla, train.vectors[idx], opt, ar_opt, cfg))
-            else:
-                loss = supervised_loss(idx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                average_gradients(params)
-                opt.step()
-                rec["loss"] = float(loss.detach())
-            rec = _mean_over_ranks(rec)
-            step += 1
-            if rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                rec.update(evaluate())
-            history.append(rec)
-            if log and rank == 0:
-                log(rec)
-            bar.update(
-                step,
-                info=" ".join(
-                    f"{k}={v:.3f}" for k, v in rec.items() if k not in ("step", "lr") and isinstance(v, float)
-                ),
-            )
-            out_of_time = cfg.time_budget_s is not None and time.time() - t0 > cfg.time_budget_s
-            if n_ranks > 1:  # rank 0's clock decides, so every rank stops after the same step
-                import torch.distributed as dist
-
-                flag = [out_of_time]
-                dist.broadcast_object_list(flag, src=0)
-                out_of_time = flag[0]
-            if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
-                save_state(nla_dir, cfg, nla, opt, ar_opt, step, history, done=step == cfg.steps, stopped=out_of_time)
-                write_curves(nla_dir, cfg.stage, history)
-            if out_of_time:
-                break
-    finally:
-        bar.close()
+    run = _Run(cfg, nla_dir, nla, train, val, refit, pool, params, cfg.lr, opt, ar_opt, rank, n_ranks)
+    step = _run_steps(run, step, history, progress=progress, log=log)
     _barrier()  # the last checkpoint is on disk before any rank returns
     return {"history": history, "done": step >= cfg.steps, "step": step, "nla": nla}
 
@@ -413,11 +469,11 @@ def greedy_explanations(
     nla_dir: Path,
     sets: dict[str, torch.Tensor],
     *,
-    chunk: int | None = None,
+    vectors_per_batch: int | None = None,
     progress: bool = True,
     stage: str = "ar-refit",
 ) -> dict[str, list[str]]:
-    """The frozen AV's greedy explanation of every vector, cached per chunk so an interrupted run resumes.
+    """The frozen AV's greedy explanation of every vector, cached after every batch so an interrupted run resumes.
 
     `stage` (a REFIT_STAGES key) names the cache (``train_state/<stage>.explanations.json``) and the AV file
     the loaded AV came from. The cache names the AV weights it was written with; a cache from other weights
@@ -425,7 +481,7 @@ def greedy_explanations(
     """
     import hashlib
 
-    chunk = chunk or nla.explain_batch(on_cpu=32)
+    per_batch = vectors_per_batch or nla.vectors_per_batch(on_cpu=32)
     av_file = nla_dir / REFIT_STAGES[stage]
     path = nla_dir / "train_state" / f"{stage}.explanations.json"
     av_sha = hashlib.sha256(av_file.read_bytes()).hexdigest()
@@ -442,9 +498,9 @@ def greedy_explanations(
         for name, vectors in sets.items():
             got = cache["sets"].setdefault(name, [])
             while len(got) < len(vectors):
-                got += nla.av.explain(vectors[len(got) : len(got) + chunk])
+                got += nla.av.explain(vectors[len(got) : len(got) + per_batch])
                 atomic_write_text(path, json.dumps(cache))
-                bar.advance(min(chunk, len(vectors)))
+                bar.advance(min(per_batch, len(vectors)))
     finally:
         bar.close()
     return {k: cache["sets"][k][: len(v)] for k, v in sets.items()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import Counter
 
 from ..llm import HTTPChatClient, LLMError
@@ -66,8 +67,9 @@ def offline_explanation(
     *,
     n_words: int = 2,
     quote_tokens: int = 8,
-    max_tokens: int = 40,
+    max_explanation_tokens: int = 40,
     style: str = "fields",
+    max_tokens: int | None = None,
 ) -> str:
     """An extractive explanation from the text and the model's own prediction.
 
@@ -77,7 +79,14 @@ def offline_explanation(
     (`prose.py`) rather than a field template. Either way the current token comes last, so the
     reconstructor's last position sees it after a copy of the recent context; `nla eval` reports the share
     of quoted text and FVE with quotes stripped, so this channel is never mistaken for reading thoughts.
+    The explanation is shortened until it is at most `max_explanation_tokens` tokens (`max_tokens`: its old,
+    deprecated name).
     """
+    if max_tokens is not None:
+        warnings.warn(
+            "offline_explanation(max_tokens=) is deprecated: use max_explanation_tokens", DeprecationWarning, 2
+        )
+        max_explanation_tokens = max_tokens
     if style not in _WORDING:
         raise NLAError(f"explanation style must be one of {', '.join(_WORDING)}, got {style!r}")
     tok_text = tokenizer.decode(ids[-1:])
@@ -106,7 +115,7 @@ def offline_explanation(
 
     text = build(words, nxt, quote)
     # shorten until it fits the token budget: fewer quoted tokens first, then drop topic / next
-    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_tokens:
+    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_explanation_tokens:
         if quote_tokens > 3:
             quote_tokens -= 2
             quote = tokenizer.decode(ids[-1 - quote_tokens : -1])
