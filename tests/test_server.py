@@ -154,16 +154,53 @@ def test_stream_lanes_same_seed_and_steering_changes_only_the_steered_lane(c):
 
 
 def test_presets_roundtrip_load_and_vectors(c):
-    r = c.get(f"/steer/preset.json?f={PLANT}:clamp:4&v=tilt.0:1&gain=0.5&name=mine")
+    r = c.get(f"/steer/preset.json?f={PLANT}:clamp:4&v=tilt.0:1&strength=0.5&name=mine")
     assert r.status_code == 200 and "mine.json" in r.headers["content-disposition"]
     p = r.json()
-    assert p["format"] == "thoughtscope-preset-1" and p["interventions"][0]["value"] == 2.0  # gain folded in
+    assert p["format"] == "thoughtscope-preset-2" and p["interventions"][0]["strength"] == 2.0  # master folded in
     back = c.post("/steer/preset", json={**p, "interventions": p["interventions"][:1]}).json()
-    assert f"f={PLANT}%3Aclamp%3A2" in back["url"]
+    assert f"f={PLANT}%3Aclamp%3A2&" in back["url"]
     r = c.get("/steer/load?name=tilt", follow_redirects=False)
     assert r.status_code == 303 and "v=tilt.0%3A0.5" in r.headers["location"]
+    # tilt clamps the feature to 3 x its own max_act 40 = 120: on the slider that is 120 / the stored max 50
+    assert f"f={PLANT}%3Aclamp%3A2.4&" in r.headers["location"]
     page = c.get(r.headers["location"], headers=HTML)
     assert page.status_code == 200 and 'data-key="tilt.0"' in page.text and f'data-feature="{PLANT}"' in page.text
+
+
+def test_a_web_slider_at_1x_max_is_the_librarys_clamp_at_1x_max(c, wb):
+    """One "× max": a web slider on feature n at 1 × max clamps to the same absolute activation as
+    `clamp(sae, n, 1, unit="max")` in the library (the max stored with the SAE), never the atlas's max."""
+    from thoughtscope.steer import GenerationConfig, clamp, generate
+
+    lib = clamp(wb.sae, PLANT, 1, unit="max")
+    item = c.get(f"/steer/preset.json?f={PLANT}:clamp:1").json()["interventions"][0]
+    assert item["unit"] == "max" and item["strength"] * item["max_act"] == pytest.approx(lib.target)
+    assert lib.target == pytest.approx(float(wb.sae.feature_stats.max_act[PLANT]))
+    assert lib.target != pytest.approx(float(wb.atlas_max[PLANT]))  # the atlas's max is shown, not used
+    ev = events(c.get(f"/steer/stream?prompt=hello&seed=3&temp=0.8&max_new_tokens=10&f={PLANT}:clamp:1").text)
+    steered = "".join(d["text"] for name, d in ev if name == "steered")
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    assert steered == generate(wb.lm, ["hello"], [lib], cfg)[0].text  # the column is the library's clamp
+    page = c.get(f"/steer?f={PLANT}:clamp:1", headers=HTML).text
+    assert "stored with the SAE" in page and "50" in page and "(shown, never used to scale)" in page
+    feature = c.get(f"/features/{PLANT}", headers=HTML).text
+    assert 'id="slider-max">50<' in feature and "max activation in this atlas" in feature
+
+
+def test_an_sae_without_stored_maxima_gets_raw_sliders_and_says_so(wb):
+    from test_atlas_fixtures import planted_sae
+
+    from thoughtscope.server import Workbench
+
+    bare = Workbench(lm=wb.lm, sae=planted_sae(wb.lm), atlas=None)  # no feature_stats
+    assert bare.slider_unit == "raw" and any("no feature maxima" in n for n in bare.notes)
+    with client(bare) as cl:
+        item = cl.get(f"/steer/preset.json?f={PLANT}:clamp:8").json()["interventions"][0]
+        assert item["unit"] == "raw" and item["strength"] == 8.0 and "max_act" not in item
+        page = cl.get(f"/steer?f={PLANT}:clamp:8", headers=HTML).text
+        assert "raw activation units" in page and "× max" not in page.split('id="sliders"')[1].split("</div>")[0]
+        assert "no feature maxima" in cl.get("/", headers=HTML).text
 
 
 def test_a_whole_preset_as_one_slider(c, wb):
@@ -177,13 +214,15 @@ def test_a_whole_preset_as_one_slider(c, wb):
 
     assert steered("&p=tilt:0") == steered("")
     assert steered("&p=tilt:2") != steered("")
-    assert steered("&p=tilt:2") == steered("&p=tilt:1&gain=2")  # gain multiplies preset sliders too
+    assert steered("&p=tilt:2") == steered("&p=tilt:1&strength=2")  # the master strength multiplies them too
+    assert steered("&p=tilt:2") == steered("&p=tilt:1&gain=2")  # its name in links made before the rename
 
 
 def test_calibration_curve_beside_the_slider_and_on_the_feature_page(c, wb):
     assert PLANT in wb.sweeps and "q-calibrated" in wb.presets
     page = c.get(f"/steer?f={PLANT}:clamp:2", headers=HTML).text
-    assert '<span class="calib"' in page and "<polyline" in page and "4: rate 1.00, ppl ×2.20" in page
+    # the sweep ran at 0-4 x the preset's max_act 40; along the slider (x the stored max 50) that is 0-3.2
+    assert '<span class="calib"' in page and "<polyline" in page and "3.2: rate 1.00, ppl ×2.20" in page
     assert "Steering calibration" in c.get(f"/features/{PLANT}", headers=HTML).text
 
 
@@ -239,7 +278,7 @@ def test_nla_view_and_token_fragment(c):
     assert c.get("/nla/token", params={"text": "abc", "pos": 0}, headers=HTML).status_code == 422
     r = c.get(
         "/nla",
-        params={"text": "abc", "pos": 2, "original": "a river", "edited": "a stone", "prompt": "hi", "scale": 5},
+        params={"text": "abc", "pos": 2, "original": "a river", "edited": "a stone", "prompt": "hi", "strength": 5},
         headers=HTML,
     )
     assert r.status_code == 200 and 'id="nla-steered"' in r.text
@@ -265,9 +304,11 @@ def test_nla_view_and_token_fragment(c):
         ("/steer?f=x:clamp", 422),
         ("/steer?f=999:clamp:1", 422),
         ("/steer?v=../../etc/passwd:1", 422),
+        ("/steer/stream?max_new_tokens=100000", 422),
         ("/steer/stream?max=100000", 422),
         ("/steer/stream?seed=-4", 422),
         ("/steer/stream?temp=9", 422),
+        ("/steer/stream?strength=inf", 422),
         ("/steer/stream?gain=inf", 422),
         ("/steer/stream?prompt=", 422),
         ("/steer/preset.json?name=../x", 422),
@@ -470,7 +511,7 @@ def test_never_a_500_on_garbage(c):
         "/features/{}",
         "/steer?f={}",
         "/steer?v={}",
-        "/steer/stream?max={}&prompt={}",
+        "/steer/stream?max_new_tokens={}&prompt={}",
         "/analyze?text={}&feature={}",
         "/search?mode=text&text={}",
         "/compare?a={}&b={}",

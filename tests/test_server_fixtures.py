@@ -1,7 +1,9 @@
 """A tiny workbench for the server and browser tests: identity model, planted SAE, a small atlas, an NLA, presets.
 
 The planted feature 3 fires on exactly the token "q" and its decoder promotes "z", so clamping it high makes
-the steered answer differ from the unsteered one in a way a test can see.
+the steered answer differ from the unsteered one in a way a test can see. The SAE stores feature maxima (the
+"× max" reference of every slider) of 1.25 × the atlas's, as a larger corpus would give, so a test can tell
+which of the two a slider uses.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def build_tiny(root: Path, *, nla: bool = True):
             lm, sae, corpus, root / "atlas", AtlasConfig(**ATLAS_CFG), progress=False, sae_path=str(root / "sae")
         )
     at = Atlas.open(path)
+    store_feature_maxima(sae, root / "sae", at)
     at.save_explanation(
         PLANT,
         {
@@ -80,7 +83,7 @@ def build_tiny(root: Path, *, nla: bool = True):
                         "op": "add",
                         "site": "resid.1",
                         "vector": vec,
-                        "value": 0.5,
+                        "value": 0.5,  # the old name of strength: presets written before the rename load
                         "unit": "raw",
                         "label": "tilt",
                     },
@@ -90,7 +93,7 @@ def build_tiny(root: Path, *, nla: bool = True):
                         "site": "resid.1",
                         "sae": str(root / "sae"),
                         "feature": PLANT,
-                        "value": 3.0,
+                        "strength": 3.0,
                         "unit": "max",
                         "max_act": 40.0,
                         "label": "q",
@@ -137,6 +140,26 @@ def build_tiny(root: Path, *, nla: bool = True):
         wb.nla = NLA(lm, config_for(lm, site="resid.1", injection_scale=6.0, lora_rank=4, max_new_tokens=6))
     load_presets(wb, [presets])
     return wb
+
+
+STORED_OVER_ATLAS = 1.25  # the SAE's stored maxima over the atlas's
+
+
+def store_feature_maxima(sae, folder: Path, atlas) -> None:
+    """The SAE's "× max" reference, saved in its folder and attached (as load_sae would)."""
+    import torch
+
+    from thoughtscope.sae.stats import FeatureStats, save_feature_stats
+
+    st = atlas.stats()
+    stats = FeatureStats(
+        torch.tensor(st["max_act"], dtype=torch.float32) * STORED_OVER_ATLAS,
+        torch.tensor(st["n_active"], dtype=torch.float32) / ATLAS_CFG["n_tokens"],
+        f"test: {STORED_OVER_ATLAS} x the atlas's maxima",
+        ATLAS_CFG["n_tokens"],
+    )
+    save_feature_stats(stats, folder)
+    sae.feature_stats = stats
 
 
 @functools.cache

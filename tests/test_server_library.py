@@ -112,7 +112,7 @@ def test_analyzer_bad_inputs(planted):
     with pytest.raises(AnalyzerError, match="out of range"):
         analyze_text(lm, sae, "abc", features=[10_000])
     with pytest.raises(AnalyzerError, match="limit is 4"):
-        analyze_text(lm, sae, "abcdefgh", max_tokens=4)
+        analyze_text(lm, sae, "abcdefgh", max_text_tokens=4)
     with pytest.raises(AnalyzerError, match="max_act has"):
         compare_texts(lm, sae, "a", "b", max_act=[1.0, 2.0])
 

@@ -173,9 +173,12 @@ def test_add_vector_shifts_activation_by_exactly_the_vector(lm):
     ids, mask = ids_for(lm)
     x = site_acts(lm, ids, mask)
     v = torch.randn(64, generator=torch.Generator().manual_seed(3))
-    with steering(lm, [add_vector(v, SITE, scale=2.0)]):
+    with steering(lm, [add_vector(v, SITE, strength=2.0)]):
         x2 = site_acts(lm, ids, mask)
     assert torch.equal(x2, x + 2.0 * v)
+    with pytest.warns(DeprecationWarning, match="'scale' is now 'strength'"):
+        old = add_vector(v, SITE, scale=2.0)  # the old keyword still means the same
+    assert old.strength == 2.0 and old.op == "add" and torch.equal(old.vector, v)
 
 
 def test_project_out_and_clamp_projection(lm):
@@ -336,19 +339,53 @@ def test_preset_round_trip_and_build(lm, sae, tmp_path):
     path = p.save(tmp_path / "demo.json")
     q = Preset.load(path)
     assert q == p
-    assert json.loads(path.read_text())["format"] == "thoughtscope-preset-1"
+    saved = json.loads(path.read_text())
+    assert saved["format"] == "thoughtscope-preset-2" and saved["interventions"][0]["strength"] == 6.0
+    assert all("value" not in it for it in saved["interventions"])
     ivs = q.build(lm)
     assert isinstance(ivs[0], FeatureEdit) and ivs[0].target == 6.0 and ivs[1].target == 3.0
     assert isinstance(ivs[2], VectorEdit)
-    torch.testing.assert_close(ivs[2].scale * ivs[2].vector, vec / vec.norm() * 1.5)
+    torch.testing.assert_close(ivs[2].strength * ivs[2].vector, vec / vec.norm() * 1.5)
     ids, mask = ids_for(lm)
     with steering(lm, ivs):
         a = logits(lm, ids, mask)
     with steering(lm, Preset.load(path).build(lm)):
         b = logits(lm, ids, mask)
     assert torch.equal(a, b)
-    q2 = q.with_value(0, 9.0)
-    assert q2.items[0].value == 9.0 and q.items[0].value == 6.0
+    q2 = q.with_strength(0, 9.0)
+    assert q2.items[0].strength == 9.0 and q.items[0].strength == 6.0
+
+
+def test_presets_written_before_the_rename_load_unchanged(lm, sae, tmp_path):
+    """A preset file from before strength had one name says "value" (format thoughtscope-preset-1): it loads
+    and builds the same interventions; the old Python names warn and still work."""
+    save_sae(sae, tmp_path / "sae")
+    item = {"type": "feature", "op": "clamp", "site": SITE, "sae": "sae", "feature": 3, "unit": "max", "max_act": 2.0}
+    old = {"format": "thoughtscope-preset-1", "name": "o", "interventions": [{**item, "value": 1.5}]}
+    new = {"format": "thoughtscope-preset-2", "name": "o", "interventions": [{**item, "strength": 1.5}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    a, b = Preset.load(tmp_path / "old.json"), Preset.load(tmp_path / "new.json")
+    assert a.items == b.items and a.items[0].strength == 1.5
+    assert a.build(lm)[0].target == b.build(lm)[0].target == 3.0
+    both = {**old, "interventions": [{**item, "value": 1.5, "strength": 1.5}]}
+    with pytest.raises(SteerError, match="give 'strength' only"):
+        Preset.from_dict(both)
+    with pytest.warns(DeprecationWarning):
+        assert a.items[0].value == 1.5 and a.with_value(0, 2.0).items[0].strength == 2.0
+    with pytest.warns(DeprecationWarning):
+        assert PresetItem("feature", "clamp", SITE, value=4.0, feature=3, sae="sae").strength == 4.0
+    with pytest.warns(DeprecationWarning):
+        e = FeatureEdit(sae, 3, "clamp", value=4.0)
+    assert e.strength == 4.0 and e == FeatureEdit(sae, 3, "clamp", 4.0)
+    with pytest.warns(DeprecationWarning):
+        assert e.value == 4.0 and scale_feature(sae, 3, factor=2.0).strength == 2.0
+    with pytest.raises(SteerError, match="give strength only"), pytest.warns(DeprecationWarning):
+        FeatureEdit(sae, 3, "clamp", 1.0, value=4.0)
+    u = torch.ones(64)
+    with pytest.warns(DeprecationWarning):
+        c = VectorEdit(u, SITE, "clamp_projection", scale=1.0, value=3.0)  # how callers wrote it before
+    assert c.strength == 3.0 == clamp_projection(u, SITE, 3.0).strength and c.op == "clamp_projection"
 
 
 def test_example_presets_parse():
@@ -384,7 +421,7 @@ def test_bad_inputs_fail_before_generation(lm, sae, tmp_path):
         with pytest.raises(SteerError, match="finite"):
             clamp(sae, 3, float("nan"))
         with pytest.raises(SteerError, match="finite"):
-            add_vector(torch.ones(64), SITE, scale=float("inf"))
+            add_vector(torch.ones(64), SITE, float("inf"))
         with pytest.raises(SteerError, match="dimension 63.*d_model=64"):
             generate(lm, ["hi"], [add_vector(torch.ones(63), SITE)])
         with pytest.raises(SteerError, match="non-finite"):
@@ -418,7 +455,7 @@ def test_bad_inputs_fail_before_generation(lm, sae, tmp_path):
             Preset.load(tmp_path / "b.json").build(lm)
         bad["interventions"][0].update(feature=3, value=float("nan"))
         (tmp_path / "b.json").write_text(json.dumps(bad))
-        with pytest.raises(SteerError, match="value must be a finite number"):
+        with pytest.raises(SteerError, match="strength must be a finite number"):
             Preset.load(tmp_path / "b.json")
         bad["interventions"][0].update(value=1.0, site="attn.x")
         (tmp_path / "b.json").write_text(json.dumps(bad))

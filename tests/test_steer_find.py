@@ -252,7 +252,7 @@ def test_pair_of_the_best_caa_and_logit_handles_is_screened_and_saved_as_two_sli
     path = save_preset(res, None, tmp_path / "pair.json")
     preset = Preset.load(path)
     assert [it.site for it in preset.items] == ["resid.0", SITE]
-    assert [it.value for it in preset.items] == [refs["caa:resid.0"], refs[f"logit:{SITE}"]]
+    assert [it.strength for it in preset.items] == [refs["caa:resid.0"], refs[f"logit:{SITE}"]]
     cfg_gen = GenerationConfig(max_new_tokens=4, temperature=0.0)
     gens = generate(lm, QUESTIONS[:2], preset.build(lm), cfg_gen)
     assert [g.text for g in gens] == [a for a in res.frontier[0]["answers"]]

@@ -250,7 +250,7 @@ def test_chat_loop_commands(lm, planted, tmp_path):
 
 
 def test_demo_functions_run_on_tiny_model(lm, planted):
-    from thoughtscope.steer.demos import Concept, concept_demo, suppression_demo
+    from thoughtscope.demo.steer import Concept, concept_demo, suppression_demo
 
     c = Concept("zed", ["zz", "z"], PROMPTS, CONTROLS, evoke=["say Z", "Z Z"])
     cfg = GenerationConfig(max_new_tokens=4, temperature=0.0)
@@ -300,15 +300,15 @@ def test_cli_entry_points(lm, planted, tmp_path):
 
 
 def test_shipped_golden_gate_preset_and_default_steering_agree():
-    from thoughtscope.steer.demos import load_default_steering
+    from thoughtscope.demo.steer import load_default_steering
 
     d = load_default_steering()
     from pathlib import Path
 
     item = Preset.load(Path(__file__).resolve().parent.parent / "examples" / "presets" / "golden_gate.json").items[0]
-    assert (item.feature, item.value, item.max_act, item.positions) == (
+    assert (item.feature, item.strength, item.max_act, item.positions) == (
         d["feature"],
-        d["multiple"],
+        d["strength"],
         d["max_act"],
         d.get("positions", "all"),
     )

@@ -124,7 +124,7 @@ def _generate(page) -> dict[str, str]:
 
 def test_slider_changes_only_the_steered_column(site, page):
     url, _ = site
-    page.goto(f"{url}/steer?prompt=hello&f={PLANT}:clamp:0&seed=5&temp=0.8&max=12&baseline=talk+about+q")
+    page.goto(f"{url}/steer?prompt=hello&f={PLANT}:clamp:0&seed=5&temp=0.8&max_new_tokens=12&baseline=talk+about+q")
     before = _generate(page)
     assert before["steered"] == before["unsteered"] and before["baseline"]
     page.locator(".slider.feature input[type=range]").fill("95")  # log scale: position 95 = 7.9x max
@@ -143,18 +143,18 @@ def test_copied_url_restores_the_mixer(site, page, browser):
     page.locator(".slider.feature .val").fill("3.5")
     page.locator(".slider.feature .val").dispatch_event("change")
     page.select_option(".slider.feature .op", "add")
-    page.fill("input[name=gain]", "1.5")
+    page.fill("input[name=strength]", "1.5")
     page.fill("input[name=seed]", "42")
     page.locator("input[name=seed]").dispatch_event("change")
     page.locator(".slider.vector .val").fill("0.75")
     page.locator(".slider.vector .val").dispatch_event("change")
     link = page.url
-    assert "f=3%3Aadd%3A3.5" in link and "seed=42" in link and "gain=1.5" in link
+    assert "f=3%3Aadd%3A3.5" in link and "seed=42" in link and "strength=1.5" in link
     other = browser.new_context().new_page()
     other.goto(link)
     assert other.input_value(".slider.feature .val") == "3.5"
     assert other.input_value(".slider.feature .op") == "add"
-    assert other.input_value("input[name=gain]") == "1.5" and other.input_value("input[name=seed]") == "42"
+    assert other.input_value("input[name=strength]") == "1.5" and other.input_value("input[name=seed]") == "42"
     assert other.input_value(".slider.vector .val") == "0.75"
     assert int(other.input_value(".slider.feature input[type=range]")) == int(
         page.input_value(".slider.feature input[type=range]")

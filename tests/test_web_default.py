@@ -71,7 +71,7 @@ def test_analyzer_click_and_nla(site, page):
 def test_equalizer_streams_three_columns(site, page):
     url, _ = site
     page.goto(
-        f"{url}/steer?prompt={quote('Tell me about your weekend.')}&f={SKY}:clamp:2&max=40&seed=16&temp=0.5"
+        f"{url}/steer?prompt={quote('Tell me about your weekend.')}&f={SKY}:clamp:2&max_new_tokens=40&seed=16&temp=0.5"
         f"&where=generated&baseline={quote('Talk about the sky, the sun, the moon and the stars.')}"
     )
     page.click("#generate")

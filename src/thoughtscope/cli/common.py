@@ -1,5 +1,5 @@
-"""What every command module shares: the consoles, one-line errors, loading a model, reading prompt files,
-and renamed flags (the old name still works for one release, with a warning)."""
+"""What every command module shares: the consoles, one-line errors, loading a model, and renamed flags (the old
+name still works for one release, with a warning). Prompt files are read by `documents.read_prompts`."""
 
 from __future__ import annotations
 
@@ -41,14 +41,6 @@ def one_line_errors(fn):
             _fail(str(e))
 
     return run
-
-
-def read_lines(path: Path) -> list[str]:
-    """The non-empty lines of a text file (one prompt per line), or one error line naming the file."""
-    try:
-        return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        _fail(f"cannot read {path}: {e}")
 
 
 def _csv(value: str, cast):

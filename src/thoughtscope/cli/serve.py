@@ -7,7 +7,14 @@ from pathlib import Path
 
 import typer
 
+from ..configdoc import field_help
 from .common import console, err
+
+
+def _help(name: str, extra: str = "") -> str:
+    from ..server.config import ServerConfig
+
+    return field_help(ServerConfig, name, extra)
 
 
 def serve(
@@ -18,13 +25,13 @@ def serve(
     ),
     nla: str = typer.Option("default", help="NLA: 'default' (shipped, for the default model), a folder, or 'none'"),
     probe: list[Path] | None = typer.Option(None, help="probe folder (repeatable)"),
-    host: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback needs --token"),
-    port: int = typer.Option(8765),
-    token: str | None = typer.Option(None, help="require this token (use --token auto for a random one)"),
+    host: str = typer.Option("127.0.0.1", help=_help("host")),
+    port: int = typer.Option(8765, help=_help("port")),
+    token: str | None = typer.Option(None, help=_help("token", "--token auto makes a random one.")),
     threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)"),
     build_tokens: int = typer.Option(32_768, help="tokens read by the first-start atlas build"),
-    queue: int = typer.Option(8, help="model jobs that may wait behind the running one before the server answers 429"),
-    deadline: float = typer.Option(60.0, help="seconds a generation may run"),
+    queue: int = typer.Option(8, help=_help("queue_size")),
+    deadline: float = typer.Option(60.0, help=_help("deadline_s")),
 ) -> None:
     """The local web workbench at http://localhost:8765/: feature explorer, analyzer, equalizer and NLA view
     (pages say "building" until the model and the atlas are ready)."""

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import _csv, _fail, _load, console, one_line_errors, read_lines
+from ..configdoc import field_help
+from .common import _csv, _fail, _load, console, one_line_errors, renamed
 
 steer_app = typer.Typer(
     no_args_is_help=False,
@@ -23,18 +24,16 @@ def _gen_config(max_new_tokens: int, temperature: float, top_p: float, seed: int
     return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
-def _questions(path: Path | None) -> list[str]:
-    from ..steer.calibrate import NEUTRAL_PROMPTS
+def _gen_help(name: str, extra: str = "") -> str:
+    from ..steer.generate import GenerationConfig
 
-    if path is None:
-        return list(NEUTRAL_PROMPTS)
-    try:
-        qs = [q.strip() for q in Path(path).read_text().splitlines() if q.strip()]
-    except OSError as e:
-        _fail(f"cannot read the questions file {path}: {e}")
-    if len(qs) < 2:
-        _fail(f"{path}: expected at least 2 neutral questions, one per line; found {len(qs)}")
-    return qs
+    return field_help(GenerationConfig, name, extra)
+
+
+def _find_help(name: str, extra: str = "") -> str:
+    from ..steer.find import FindConfig
+
+    return field_help(FindConfig, name, extra)
 
 
 @steer_app.callback()
@@ -44,10 +43,10 @@ def steer(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="prompt(s) to answer (repeat for several)"),
     preset: str | None = typer.Option(None, help="preset name or JSON file (see examples/presets)"),
     model: str = typer.Option("default"),
-    max_new_tokens: int = typer.Option(64),
-    temperature: float = typer.Option(0.7, help="0 = greedy"),
-    top_p: float = typer.Option(0.9),
-    seed: int = typer.Option(0, help="steered and unsteered answers share this seed"),
+    max_new_tokens: int = typer.Option(64, help=_gen_help("max_new_tokens")),
+    temperature: float = typer.Option(0.7, help=_gen_help("temperature")),
+    top_p: float = typer.Option(0.9, help=_gen_help("top_p")),
+    seed: int = typer.Option(0, help=_gen_help("seed", "Steered and unsteered answers share it.")),
 ) -> None:
     """Answer prompts unsteered and steered by a preset, side by side from the same seed."""
     if ctx.invoked_subcommand is not None:
@@ -64,75 +63,53 @@ def steer(
 @steer_app.command("sweep")
 @one_line_errors
 def steer_sweep(
-    strengths: str = typer.Option(..., help="comma-separated slider values, e.g. 0.5,1,2 (x max for --feature)"),
+    strengths: str = typer.Option(..., help="comma-separated slider strengths, e.g. 0.5,1,2 (x max for --feature)"),
     keywords: str = typer.Option(..., help="comma-separated words that show the concept in an answer"),
     preset: str | None = typer.Option(None, help="preset whose intervention gets swept"),
-    feature: int | None = typer.Option(None, help="sweep a clamp of this SAE feature instead (x its reference max)"),
+    feature: int | None = typer.Option(
+        None, help="sweep a clamp of this SAE feature instead (x its max stored with the SAE)"
+    ),
     sae: str = typer.Option("default", help="the SAE of --feature"),
     positions: str = typer.Option("all", help="--feature: all, prompt or generated tokens"),
     index: int = typer.Option(0, help="which intervention of the preset"),
-    questions: Path | None = typer.Option(None, help="neutral questions, one per line (default: 20 built in)"),
+    questions: Path | None = typer.Option(None, help="neutral questions: a prompt file (default: 20 built in)"),
     ppl_bound: float = typer.Option(2.0, help="allowed perplexity, as a multiple of unsteered"),
     out: Path = typer.Option(Path("sweep"), help="writes OUT.json, OUT.png and OUT.preset.json"),
     model: str = typer.Option("default"),
-    max_new_tokens: int = typer.Option(48),
-    seed: int = typer.Option(0),
+    max_new_tokens: int = typer.Option(48, help=_gen_help("max_new_tokens")),
+    seed: int = typer.Option(0, help=_gen_help("seed")),
 ) -> None:
     """Calibrate a slider: concept rate and coherence over strengths, on neutral questions (every answer kept)."""
-    from ..features import feature_max
     from ..sae import load_sae
-    from ..steer import Preset, PresetItem, plot_sweep, save_sweep, sweep_preset
-    from ..steer.find import _sae_spec
+    from ..steer import Preset
+    from ..steer.calibrate import read_questions
+    from ..steer.presets import feature_preset
+    from ..steer.run import sweep_to_files
 
     if (preset is None) == (feature is None):
         _fail("give either --preset or --feature")
     lm = _load(model, None, None)
     if feature is not None:
-        sae_obj = load_sae(sae)
-        ref = feature_max(sae_obj)
-        if ref is None:
-            _fail(f"the SAE {sae} stores no feature maxima for 'x max'; run 'thoughtscope features stats --sae {sae}'")
-        n = ref.values.numel()
-        if not 0 <= feature < n:
-            _fail(f"feature {feature} is out of range: the SAE has {n} features (0..{n - 1})")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        p = Preset(
-            f"feature-{feature}",
-            [
-                PresetItem(
-                    "feature",
-                    "clamp",
-                    sae_obj.cfg.site,
-                    1.0,
-                    feature=feature,
-                    sae=_sae_spec(sae_obj, out.parent.resolve()),
-                    unit="max",
-                    max_act=float(ref.values[feature]),
-                    positions=positions,
-                )
-            ],
-            f"clamp of feature {feature} in x its max ({ref.source})",
-        )
-        p.path = out.parent.resolve() / "_"
-        index = 0
-        console.print(f"feature {feature}: x max = {float(ref.values[feature]):.4g} ({ref.source})")
+        p, index = feature_preset(load_sae(sae), feature, out.parent, positions=positions), 0
+        console.print(f"feature {feature}: x max = {p.items[0].max_act:.4g} ({p.description})")
     else:
         p = Preset.load(preset)
-    result, calibrated = sweep_preset(
+    files = sweep_to_files(
         lm,
         p,
         _csv(strengths, float),
+        out,
         index=index,
         keywords=_csv(keywords, str),
         ppl_bound=ppl_bound,
-        prompts=_questions(questions),
+        prompts=read_questions(questions),
         config=_gen_config(max_new_tokens, 0.7, 0.9, seed),
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_sweep(result, out.with_suffix(".json"))
-    png = plot_sweep(result, out.with_suffix(".png"))
-    calibrated.save(out.with_suffix(".preset.json"))
-    what = f"feature {feature}" if feature is not None else f"{preset} item {index}"
+    _print_sweep(files, f"feature {feature}" if feature is not None else f"{preset} item {index}")
+
+
+def _print_sweep(files, what: str) -> None:
+    result = files.result
     table = Table(
         title=f"sweep of {what} on {result.n_prompts} questions (concept measured by "
         f"{result.concept_method}; unsteered perplexity {result.baseline.perplexity:.1f})"
@@ -148,7 +125,7 @@ def steer_sweep(
             f"{row['repetition']:.2f}",
         )
     console.print(table)
-    console.print(f"suggested strength: {result.suggested}  (files: {out.with_suffix('.json')}, {png})")
+    console.print(f"suggested strength: {result.suggested}  (files: {files.json}, {files.png})")
 
 
 @steer_app.command("find")
@@ -156,50 +133,32 @@ def steer_sweep(
 def steer_find(
     concept: str = typer.Argument(..., help="the concept's name, or a concept JSON file (name, keywords, prompts)"),
     keywords: str = typer.Option("", help="comma-separated words that show the concept (default: the name)"),
-    prompts: Path | None = typer.Option(None, help="texts with the concept, one per line (default: from keywords)"),
-    controls: Path | None = typer.Option(None, help="texts without it, one per line (default: built in)"),
-    questions: Path | None = typer.Option(None, help="neutral questions to calibrate on, one per line"),
+    prompts: Path | None = typer.Option(None, help="texts with the concept: a prompt file (default: from keywords)"),
+    controls: Path | None = typer.Option(None, help="texts without it: a prompt file (default: built in)"),
+    questions: Path | None = typer.Option(None, help="neutral questions to calibrate on: a prompt file"),
     sae: str = typer.Option("default", help="SAE whose features are candidates ('none': vectors only)"),
     model: str = typer.Option("default"),
-    ppl_bound: float = typer.Option(2.0, help="allowed perplexity, as a multiple of unsteered"),
-    n_features: int = typer.Option(4, help="feature candidates per ranking (input contrast, output effect)"),
-    n_calibrate: int = typer.Option(2, help="handles that get the full calibration"),
-    sites: str = typer.Option("", help="comma-separated sites for CAA vectors (default: SAE site, 1/3 and 2/3 depth)"),
-    logit_sites: str = typer.Option(
-        "", help="sites for the concept tokens' logit direction (default: 5/6 depth; 'none' for none)"
-    ),
-    positions: str = typer.Option("all", help="where handles apply: all, prompt or generated tokens"),
-    loop_repetition: float = typer.Option(
-        0.25, help="an answer repeating more of its token 3-grams loops and never counts (1: count loops)"
-    ),
-    max_new_tokens: int = typer.Option(64),
-    seed: int = typer.Option(0),
-    confirm_seeds: int = typer.Option(
-        2, help="fresh seeds the winner is re-measured on; the reported figures come from them (0: none)"
-    ),
+    ppl_bound: float = typer.Option(2.0, help=_find_help("ppl_bound")),
+    n_features: int = typer.Option(4, help=_find_help("n_features")),
+    n_calibrate: int = typer.Option(2, help=_find_help("n_calibrate")),
+    sites: str = typer.Option("", help=_find_help("caa_sites", "Comma-separated.")),
+    logit_sites: str = typer.Option("", help=_find_help("logit_sites", "Comma-separated; 'none' for none.")),
+    positions: str = typer.Option("all", help=_find_help("positions")),
+    loop_repetition: float = typer.Option(0.25, help=_find_help("loop_repetition")),
+    max_new_tokens: int = typer.Option(64, help=_find_help("max_new_tokens")),
+    seed: int = typer.Option(0, help=_find_help("seed")),
+    confirm_seeds: int = typer.Option(2, help=_find_help("confirm_seeds")),
     preset: Path | None = typer.Option(None, help="save the winner as this preset (default: steer-find-NAME.json)"),
     json_out: Path | None = typer.Option(None, "--json", help="write the whole search here"),
 ) -> None:
     """Find the handle (SAE feature, CAA vector or logit direction) that makes the model write about a concept,
     calibrated."""
     from ..sae import load_sae
-    from ..steer.find import Concept, FindConfig, find_handle, save_preset
+    from ..steer.calibrate import read_questions
+    from ..steer.find import Concept, FindConfig
+    from ..steer.run import find_to_files
 
-    if Path(concept).suffix == ".json" and Path(concept).is_file():
-        c = Concept.load(concept)
-        if keywords:
-            c.keywords = _csv(keywords, str)
-    else:
-        c = Concept(
-            concept,
-            _csv(keywords, str) or [concept],
-            read_lines(prompts) if prompts else [],
-            read_lines(controls) if controls else [],
-        )
-    if prompts and Path(concept).suffix == ".json":
-        c.prompts = read_lines(prompts)
-    if controls and Path(concept).suffix == ".json":
-        c.controls = read_lines(controls)
+    c = Concept.from_spec(concept, _csv(keywords, str), prompts, controls)
     cfg = FindConfig(
         n_features=n_features if sae != "none" else 0,
         n_calibrate=n_calibrate,
@@ -214,11 +173,20 @@ def steer_find(
     )
     lm = _load(model, None, None)
     sae_obj = None if sae == "none" else load_sae(sae).eval().requires_grad_(False)
-    res = find_handle(lm, sae_obj, c, questions=_questions(questions), config=cfg)
+    res, path = find_to_files(
+        lm, sae_obj, c, questions=read_questions(questions), config=cfg, preset=preset, json_out=json_out
+    )
+    _print_find(res, path)
     if json_out is not None:
-        res.save(json_out)
+        console.print(f"wrote {json_out}")
+    if path is None:
+        raise typer.Exit(1)
+
+
+def _print_find(res, path: Path | None) -> None:
+    """The calibration frontier beside the prompt-only baseline, then the winner and its preset."""
     table = Table(
-        title=f"steer find {c.name!r}: calibrated handles on {len(res.questions)} questions "
+        title=f"steer find {res.concept.name!r}: calibrated handles on {len(res.questions)} questions "
         f"(unsteered concept rate {res.baseline['concept_rate']:.0%})"
     )
     for col in ("handle", "strength", "concept rate", "x perplexity", "repetition"):
@@ -238,11 +206,10 @@ def steer_find(
     console.print(table)
     dropped = sum(h["status"].startswith("dropped") for h in res.handles)
     console.print(f"{len(res.handles)} candidates, {dropped} dropped at screening; {res.seconds:.0f} s")
-    if res.best is None:
-        console.print(f"no handle raised the concept rate within {ppl_bound}x perplexity")
-        raise typer.Exit(1)
     b = res.best
-    path = save_preset(res, sae_obj, preset or Path(f"steer-find-{c.name.replace(' ', '_')}.json"))
+    if b is None:
+        console.print(f"no handle raised the concept rate within {res.config['ppl_bound']}x perplexity")
+        return
     conf = b["confirmation"]
     where = (
         f"on {conf['n_answers']} answers of fresh seeds {conf['seeds']}, 95 % CI "
@@ -255,8 +222,6 @@ def steer_find(
         f"best: {b['id']} at {b['strength']:g} {b['unit']}: {b['concept_rate']:.0%} of answers at "
         f"{b['perplexity_ratio']:.2f}x perplexity ({where}); preset {path}"
     )
-    if json_out is not None:
-        console.print(f"wrote {json_out}")
 
 
 @one_line_errors
@@ -264,11 +229,12 @@ def chat(
     preset: str | None = typer.Option(None, help="start with this preset"),
     sae: str = typer.Option("default", help="SAE whose features /set changes"),
     model: str = typer.Option("default"),
-    max_new_tokens: int = typer.Option(96),
-    temperature: float = typer.Option(0.7),
-    seed: int = typer.Option(0),
+    max_new_tokens: int = typer.Option(96, help=_gen_help("max_new_tokens")),
+    temperature: float = typer.Option(0.7, help=_gen_help("temperature")),
+    seed: int = typer.Option(0, help=_gen_help("seed")),
 ) -> None:
-    """Interactive chat; change sliders between turns: /set 1234 8.0, /preset name, /off, /show, /quit."""
+    """Interactive chat; change sliders between turns: /set 1234 8.0, /set 1234 2x (x its max), /preset name,
+    /off, /show, /quit."""
     from ..sae import load_sae
     from ..steer import chat_loop
 
@@ -290,10 +256,13 @@ def vector_fit_cmd(
     site: str = typer.Option("resid.15"),
     method: str = typer.Option("mean", help="mean (CAA mean difference) or pca (first PC of paired differences)"),
     model: str = typer.Option("default"),
+    texts_per_batch: int | None = typer.Option(None, help="texts per forward pass [default: 16]"),
+    batch_size: int | None = typer.Option(None, "--batch-size", hidden=True),
 ) -> None:
     """Fit a steering vector from contrastive prompt pairs."""
     from ..steer import vector_fit
 
+    n = renamed(texts_per_batch, batch_size, new="--texts-per-batch", old="--batch-size", default=16)
     lm = _load(model, None, None)
-    v = vector_fit(lm, site, pairs, out, method=method)
+    v = vector_fit(lm, site, pairs, out, method=method, texts_per_batch=n)
     console.print(f"wrote {out}: {v}")

@@ -55,20 +55,35 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
     app.state.gate = Gate(cfg.queue_size)
     app.state.env = make_env()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-
     if loader is not None:
+        _load_in_background(app, loader)
+    _error_pages(app)
+    _home_and_status(app)
+    from . import pages_analyze, pages_features, pages_nla, pages_steer
 
-        def load() -> None:
-            st = app.state.status
-            try:
-                app.state.wb = loader(st)
-                st.set("ready")
-                st.ready = True
-            except Exception as e:  # noqa: BLE001 - shown on the building page and in the terminal
-                st.error = f"{type(e).__name__}: {e}"
-                log.error("loading the workbench failed: %s", st.error)
+    for mod in (pages_features, pages_analyze, pages_steer, pages_nla):
+        app.include_router(mod.router)
+    return _guarded(app, cfg)
 
-        threading.Thread(target=load, name="thoughtscope-loader", daemon=True).start()
+
+def _load_in_background(app: FastAPI, loader) -> None:
+    """Run `loader(status)` in a thread; the workbench appears on `app.state.wb` when it returns."""
+
+    def load() -> None:
+        st = app.state.status
+        try:
+            app.state.wb = loader(st)
+            st.set("ready")
+            st.ready = True
+        except Exception as e:  # noqa: BLE001 - shown on the building page and in the terminal
+            st.error = f"{type(e).__name__}: {e}"
+            log.error("loading the workbench failed: %s", st.error)
+
+    threading.Thread(target=load, name="thoughtscope-loader", daemon=True).start()
+
+
+def _error_pages(app: FastAPI) -> None:
+    """Every error as an HTML page for browsers or {"error", "status"} JSON for the API, with its 4xx status."""
 
     @app.exception_handler(NotReady)
     async def _not_ready(request: Request, exc: NotReady):
@@ -109,6 +124,10 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
             request, 500, f"internal error ({type(exc).__name__}); the terminal running the server has the details"
         )
 
+
+def _home_and_status(app: FastAPI) -> None:
+    """The home page, the loader's status as JSON, and the building page's server-sent status stream."""
+
     @app.get("/")
     def home(request: Request):
         wb = wb_of(request)
@@ -139,12 +158,6 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
                 await asyncio.sleep(1.0)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-store"})
-
-    from . import pages_analyze, pages_features, pages_nla, pages_steer
-
-    for mod in (pages_features, pages_analyze, pages_steer, pages_nla):
-        app.include_router(mod.router)
-    return _guarded(app, cfg)
 
 
 def _guarded(app: FastAPI, cfg: ServerConfig) -> FastAPI:

@@ -29,17 +29,30 @@ class ServerConfig:
     """
 
     host: str = "127.0.0.1"
+    """Address to bind; anything but loopback needs a token."""
     port: int = 8765
+    """TCP port to listen on."""
     token: str | None = None
+    """Secret a client must present (Bearer header, cookie, or once as ?token=), at least 8 characters; None: no
+    token, loopback only."""
     max_body_bytes: int = 64 * 1024
+    """Largest request body (bytes); larger ones get 413."""
     max_query_chars: int = 16 * 1024
+    """Longest query string (characters); longer ones get 414."""
     max_text_chars: int = 8000
+    """Longest text one request may send (characters)."""
     max_prompt_tokens: int = 512
+    """Most tokens of a text or prompt the model reads per request (tokens)."""
     max_new_tokens: int = 128
+    """Most tokens one generation may write (tokens)."""
     default_new_tokens: int = 48
+    """Tokens a generation writes when the request does not say (tokens)."""
     max_sliders: int = 32
+    """Most equalizer sliders in one request (sliders)."""
     deadline_s: float = 60.0
+    """Longest a generation may run before it is stopped (seconds)."""
     queue_size: int = 8
+    """Model jobs that may wait behind the running one before the server answers 429 (jobs)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:

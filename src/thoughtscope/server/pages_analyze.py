@@ -17,7 +17,7 @@ def analysis_view(wb, a, feature: int | None) -> dict:
     """Tokens with their colouring value, plus per-token detail (features with labels, error, probes) as JSON."""
     ids = sorted({n for t in a.top for n, _ in t} | ({feature} if feature is not None else set()))
     labels = wb.labels(ids)
-    maxes = {n: float(wb.max_acts[n]) for n in ids}
+    maxes = {n: float(wb.atlas_max[n]) for n in ids}
     errs = [e for i, e in enumerate(a.recon_error) if i not in a.excluded]
     err_scale = sorted(errs)[int(0.95 * (len(errs) - 1))] if errs else 1.0
     tokens = []
@@ -52,7 +52,7 @@ def analysis_view(wb, a, feature: int | None) -> dict:
         for i, t in enumerate(a.top)
     ]
     peaks = [
-        {"feature": n, "peak": v, "rel": v / float(wb.max_acts[n]), "at": a.tokens[p], "label": wb.label(n)}
+        {"feature": n, "peak": v, "rel": v / float(wb.atlas_max[n]), "at": a.tokens[p], "label": wb.label(n)}
         for n, v, p in a.peaks[:12]
     ]
     safe_json = json.dumps(detail).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -74,7 +74,7 @@ def _analyze(wb, text: str, feature: int | None, cfg, chat: bool = False):
         text,
         k=8,
         features=[feature] if feature is not None else [],
-        max_tokens=cfg.max_prompt_tokens,
+        max_text_tokens=cfg.max_prompt_tokens,
         probes=wb.probes,
     )
     return text, analysis_view(wb, a, feature)
@@ -138,7 +138,7 @@ async def analyze_json(request: Request, body: AnalyzeRequest):
         text,
         k=body.k,
         features=body.features,
-        max_tokens=cfg.max_prompt_tokens,
+        max_text_tokens=cfg.max_prompt_tokens,
         probes=wb.probes,
     )
     return {
@@ -159,8 +159,8 @@ def _compare(wb, a: str, b: str, cfg):
         a,
         b,
         k=25,
-        max_act=wb.max_acts if wb.atlas is not None else None,
-        max_tokens=cfg.max_prompt_tokens,
+        max_act=wb.atlas_max if wb.atlas is not None else None,
+        max_text_tokens=cfg.max_prompt_tokens,
     )
     for r in rows:
         r["label"] = wb.label(r["feature"])

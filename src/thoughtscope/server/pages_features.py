@@ -85,6 +85,8 @@ def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
         "edges": at.hist_edges,
         "sweep": wb.sweeps.get(n),
         "baseline": wb.baseline_for(n),
+        "slider_max": float(wb.slider_max[n]) if wb.slider_max is not None else None,
+        "slider_source": wb.slider_source,
     }
 
 
@@ -134,7 +136,7 @@ def _search_words(wb, q: str, limit: int = 50):
             {
                 "feature": i,
                 "label": e,
-                "max_act": float(wb.max_acts[i]),
+                "max_act": float(wb.atlas_max[i]),
                 "explanation": explanation_view(at.explanation(i)),
             }
             for i, e in hits
@@ -189,9 +191,9 @@ def _lines(raw: str | None, name: str, cfg) -> list[str]:
 
 
 def _by_text(wb, text: str, cfg) -> list[dict]:
-    a = analyze_text(wb.lm, wb.sae, text, k=5, max_tokens=cfg.max_prompt_tokens)
+    a = analyze_text(wb.lm, wb.sae, text, k=5, max_text_tokens=cfg.max_prompt_tokens)
     return [
-        {"feature": n, "peak": v, "at": a.tokens[p], "pos": p, "rel": v / float(wb.max_acts[n]), "label": wb.label(n)}
+        {"feature": n, "peak": v, "at": a.tokens[p], "pos": p, "rel": v / float(wb.atlas_max[n]), "label": wb.label(n)}
         for n, v, p in a.peaks[:30]
     ]
 

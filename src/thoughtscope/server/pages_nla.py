@@ -38,8 +38,10 @@ async def nla_page(
     prompt: str | None = None,
     original: str | None = None,
     edited: str | None = None,
-    scale: str = "1",
+    strength: str | None = None,
+    scale: str | None = None,
 ):
+    """`strength` multiplies the steering difference Δ (`scale` is its name in links made before the rename)."""
     wb, cfg = wb_of(request), cfg_of(request)
     nla = _need_nla(wb)
     ctx: dict = {
@@ -51,7 +53,7 @@ async def nla_page(
         "prompt": prompt or "",
         "original": original or "",
         "edited": edited or "",
-        "scale": scale,
+        "strength": strength if strength is not None else (scale if scale is not None else "1"),
         "samples": samples,
         "site": nla.cfg.site,
     }
@@ -67,7 +69,7 @@ async def nla_page(
             if not ctx["original"]:
                 ctx["original"] = ctx["edited"] = ctx["res"]["explanation"]
     if edited is not None and original is not None:
-        s = float_param(scale, "scale", -20, 20)
+        s = float_param(ctx["strength"], "strength", -20, 20)
         steer_prompt = text_param(prompt, "prompt", cfg)
         _tokens(wb, steer_prompt, cfg)
         ctx["steer"] = await run_model(
@@ -77,7 +79,7 @@ async def nla_page(
             steer_prompt,
             text_param(original, "original", cfg),
             text_param(edited, "edited", cfg),
-            scale=s,
+            strength=s,
             max_new_tokens=min(32, cfg.max_new_tokens),
             seed=0,
             temperature=0.0,

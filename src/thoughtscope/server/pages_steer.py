@@ -1,8 +1,10 @@
 """Equalizer: feature and vector sliders in the URL, steered / unsteered / prompt-only answers in one SSE stream.
 
-The mixer state is the query string (`f=1234:clamp:4` per feature slider in units of the feature's max
-activation, `v=preset.2:0.5` per vector slider, gain, seed, temp, max, prompt, baseline), so a copied link
-reproduces the mixer. Interventions are built with the library's constructors; generation is
+The mixer state is the query string (`f=1234:clamp:4` per feature slider, its strength in × the feature's max
+stored with the SAE, the reference the library and the CLI use, or in raw activation units when the SAE stores
+none; `v=preset.2:0.5` per vector slider, `p=preset:1` per preset slider, the master `strength`, seed, temp,
+max_new_tokens, prompt, baseline), so a copied link reproduces the mixer; links written before the renames (`gain`,
+`max`) still open. Interventions are built with the library's constructors; generation is
 `steer.stream_lanes`, which gives each lane exactly what `generate` would with the same seed.
 """
 
@@ -12,7 +14,7 @@ import asyncio
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Request
@@ -23,7 +25,6 @@ from ..steer import (
     Lane,
     Preset,
     SteerError,
-    VectorEdit,
     ablate,
     add_feature,
     clamp,
@@ -35,20 +36,21 @@ from .guard import Busy
 
 router = APIRouter()
 OPS = ("clamp", "add", "ablate")
-SLIDER_MAX = 10.0
+SLIDER_MAX = 10.0  # a feature slider's reach: ± this many × max (or raw activation units)
 DEFAULT_PROMPT = "Write a short note about your day."
+OLD_PARAMS = {"gain": "strength", "max": "max_new_tokens"}  # query names of links made before the renames
 
 
 @dataclass
 class Mixer:
     prompt: str = DEFAULT_PROMPT
-    features: list = field(default_factory=list)  # (feature, op, value in × max activation)
-    vectors: list = field(default_factory=list)  # (slider key, value)
-    presets: list = field(default_factory=list)  # (preset name, multiple of its saved values)
-    gain: float = 1.0
+    features: list = field(default_factory=list)  # (feature, op, strength in the workbench's slider unit)
+    vectors: list = field(default_factory=list)  # (slider key, strength)
+    presets: list = field(default_factory=list)  # (preset name, strength: a multiple of its saved strengths)
+    strength: float = 1.0  # the master strength: multiplies every slider
     seed: int = 16
     temp: float = 0.5
-    max_new: int = 48
+    max_new_tokens: int = 48
     baseline: str = ""
     where: str = "all"
 
@@ -56,15 +58,48 @@ class Mixer:
         q = [("prompt", self.prompt)] + [("f", f"{n}:{op}:{v:g}") for n, op, v in self.features]
         q += [("v", f"{k}:{v:g}") for k, v in self.vectors] + [("p", f"{k}:{v:g}") for k, v in self.presets]
         q += [
-            ("gain", f"{self.gain:g}"),
+            ("strength", f"{self.strength:g}"),
             ("seed", str(self.seed)),
             ("temp", f"{self.temp:g}"),
-            ("max", str(self.max_new)),
+            ("max_new_tokens", str(self.max_new_tokens)),
             ("where", self.where),
         ]
         if self.baseline:
             q.append(("baseline", self.baseline))
         return urlencode(q)
+
+
+def _param(qp, name: str, default):
+    """A query parameter under its name, or under the name links used before the rename."""
+    old = next((o for o, n in OLD_PARAMS.items() if n == name), None)
+    return qp.get(name, qp.get(old, default) if old else default)
+
+
+def _slider(raw: str, known: dict, what: str, bounds) -> tuple[str, float]:
+    """`NAME:STRENGTH` of a vector or preset slider, NAME one of those loaded at start, the strength within
+    `bounds(NAME)`."""
+    name, _, val = raw.rpartition(":")
+    if name not in known:
+        loaded = ", ".join(known) or "none"
+        raise HTTPException(422, f"{what} slider {name!r} is not one of the {what}s loaded at start ({loaded})")
+    return name, float_param(val, f"{what} slider {name}", *bounds(name))
+
+
+def _feature_slider(raw: str, wb) -> tuple[int, str, float]:
+    parts = raw.split(":")
+    if len(parts) not in (2, 3) or parts[1] not in OPS:
+        raise HTTPException(
+            422, f"feature slider {raw!r}: expected FEATURE:OP[:STRENGTH] with OP one of {', '.join(OPS)}"
+        )
+    n = int_param(parts[0], f"feature slider {raw!r}: feature", 0, wb.n_features - 1)
+    v = float_param(parts[2] if len(parts) == 3 else 0, f"feature slider {raw!r}: strength", -SLIDER_MAX, SLIDER_MAX)
+    return n, parts[1], v
+
+
+def _vector_bounds(range_: tuple[float, float]) -> tuple[float, float]:
+    """A vector slider takes either sign up to its range's larger end."""
+    lo, hi = range_
+    return min(lo, -abs(hi)), max(hi, abs(lo))
 
 
 def parse_mixer(request: Request) -> Mixer:
@@ -78,101 +113,54 @@ def parse_mixer(request: Request) -> Mixer:
     fs, vs, ps = qp.getlist("f"), qp.getlist("v"), qp.getlist("p")
     if len(fs) + len(vs) + len(ps) > cfg.max_sliders:
         raise HTTPException(422, f"{len(fs) + len(vs) + len(ps)} sliders; the limit is {cfg.max_sliders}")
-    for raw in ps:
-        name, _, val = raw.rpartition(":")
-        if name not in wb.preset_ivs:
-            raise HTTPException(
-                422,
-                f"preset slider {name!r} is not one of the presets loaded at start "
-                f"({', '.join(wb.preset_ivs) or 'none'})",
-            )
-        m.presets.append((name, float_param(val, f"preset slider {name}", 0, SLIDER_MAX)))
-    for raw in fs:
-        parts = raw.split(":")
-        if len(parts) not in (2, 3) or parts[1] not in OPS:
-            raise HTTPException(
-                422, f"feature slider {raw!r}: expected FEATURE:OP[:VALUE] with OP one of {', '.join(OPS)}"
-            )
-        n = int_param(parts[0], f"feature slider {raw!r}: feature", 0, wb.n_features - 1)
-        v = float_param(parts[2] if len(parts) == 3 else 0, f"feature slider {raw!r}: value", -SLIDER_MAX, SLIDER_MAX)
-        m.features.append((n, parts[1], v))
-    for raw in vs:
-        key, _, val = raw.rpartition(":")
-        if key not in wb.vectors:
-            raise HTTPException(
-                422,
-                f"vector slider {key!r} is not one of the vectors loaded at start ({', '.join(wb.vectors) or 'none'})",
-            )
-        lo, hi = wb.vectors[key].range
-        m.vectors.append((key, float_param(val, f"vector slider {key}", min(lo, -abs(hi)), max(hi, abs(lo)))))
-    m.gain = float_param(qp.get("gain", 1), "gain", 0, 10)
+    m.presets = [_slider(raw, wb.preset_ivs, "preset", lambda _: (0, SLIDER_MAX)) for raw in ps]
+    m.features = [_feature_slider(raw, wb) for raw in fs]
+    m.vectors = [_slider(raw, wb.vectors, "vector", lambda k: _vector_bounds(wb.vectors[k].range)) for raw in vs]
+    m.strength = float_param(_param(qp, "strength", 1), "strength", 0, 10)
     m.seed = int_param(qp.get("seed", 16), "seed", 0, 2**31 - 1)
     m.temp = float_param(qp.get("temp", 0.5), "temp", 0, 2)
-    m.max_new = int_param(qp.get("max", cfg.default_new_tokens), "max (new tokens)", 1, cfg.max_new_tokens)
+    new = _param(qp, "max_new_tokens", cfg.default_new_tokens)
+    m.max_new_tokens = int_param(new, "max_new_tokens", 1, cfg.max_new_tokens)
     m.where = qp.get("where", "all")
     if m.where not in ("all", "generated"):
         raise HTTPException(422, f"where must be 'all' or 'generated', got {m.where!r}")
     return m
 
 
+def feature_edit(wb, n: int, op: str, strength: float, where: str = "all"):
+    """The library intervention of one feature slider: `clamp(sae, n, strength, unit="max")` with the max the
+    SAE stores (the library looks it up itself), or a raw-unit clamp when the SAE stores none."""
+    label = wb.label(n)[:60]
+    if op == "ablate":
+        return ablate(wb.sae, n, positions=where, label=label)
+    make = clamp if op == "clamp" else add_feature
+    return make(wb.sae, n, strength, unit=wb.slider_unit, positions=where, label=label)
+
+
 def interventions(wb, m: Mixer) -> list:
-    """Library interventions for the mixer: feature values × max activation × gain, vector values × gain."""
+    """Library interventions for the mixer: every slider's strength times the master strength."""
     out = []
     for n, op, v in m.features:
-        kw = {"unit": "max", "max_act": float(wb.max_acts[n]), "positions": m.where, "label": wb.label(n)[:60]}
-        if op == "ablate":
-            out.append(ablate(wb.sae, n, positions=m.where, label=kw["label"]))
-        elif v * m.gain != 0 or op == "clamp":
-            out.append((clamp if op == "clamp" else add_feature)(wb.sae, n, v * m.gain, **kw))
+        if op in ("ablate", "clamp") or v * m.strength != 0:
+            out.append(feature_edit(wb, n, op, v * m.strength, m.where))
     for key, v in m.vectors:
         s = wb.vectors[key]
-        e = s.edit
         if v == 0 and s.op == "add":
             continue
-        out.append(
-            VectorEdit(
-                e.vector,
-                e.site,
-                s.op,
-                scale=e.scale * v * m.gain if s.op == "add" else 1.0,
-                value=v * m.gain if s.op == "clamp_projection" else 0.0,
-                positions=e.positions,
-                label=s.label,
-            )
-        )
+        out.append(replace(s.edit, strength=s.edit.strength * v * m.strength, label=s.label))
     for name, v in m.presets:
-        if v * m.gain != 0:
-            out += [scaled(iv, v * m.gain) for iv in wb.preset_ivs[name]]
+        if v * m.strength != 0:
+            out += [scaled(iv, v * m.strength) for iv in wb.preset_ivs[name]]
     return out
 
 
 def scaled(iv, k: float):
     """A copy of a library intervention with its strength (clamp target, amount, scale, projection) times k."""
-    if isinstance(iv, VectorEdit):
-        return VectorEdit(
-            iv.vector,
-            iv.site,
-            iv.op,
-            scale=iv.scale * k if iv.op == "add" else 1.0,
-            value=iv.value * k,
-            positions=iv.positions,
-            label=iv.label,
-        )
-    return type(iv)(
-        iv.sae,
-        iv.feature,
-        iv.op,
-        iv.value * k if iv.op != "ablate" else 0.0,
-        unit=iv.unit,
-        max_act=iv.max_act,
-        positions=iv.positions,
-        site=iv.site,
-        label=iv.label,
-    )
+    return replace(iv, strength=iv.strength * k)
 
 
 def _gen_config(m: Mixer) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=m.max_new, temperature=m.temp, top_p=0.9, seed=m.seed)
+    return GenerationConfig(max_new_tokens=m.max_new_tokens, temperature=m.temp, top_p=0.9, seed=m.seed)
 
 
 @router.get("/steer")
@@ -186,25 +174,22 @@ def steer_page(request: Request, feature: str | None = None):
         return RedirectResponse(f"/steer?{m.query()}", status_code=303)
     if not m.baseline and m.features:
         m.baseline = wb.baseline_for(m.features[0][0])
-    sliders = [
-        {
-            "feature": n,
-            "op": op,
-            "value": v,
-            "label": wb.label(n),
-            "max_act": float(wb.max_acts[n]),
-            "sweep": wb.sweeps.get(n),
-        }
-        for n, op, v in m.features
-    ]
-    values = dict(m.vectors)
+    sliders = [feature_slider_view(wb, n, op, v) for n, op, v in m.features]
+    strengths = dict(m.vectors)
     vectors = [
-        {"key": k, "label": s.label, "preset": s.preset, "op": s.op, "value": values.get(k, 0.0), "range": s.range}
+        {
+            "key": k,
+            "label": s.label,
+            "preset": s.preset,
+            "op": s.op,
+            "strength": strengths.get(k, 0.0),
+            "range": s.range,
+        }
         for k, s in wb.vectors.items()
     ]
-    pvalues = dict(m.presets)
+    pstrengths = dict(m.presets)
     preset_sliders = [
-        {"name": n, "value": pvalues.get(n, 0.0), "n_items": len(ivs), "description": wb.presets[n].description}
+        {"name": n, "strength": pstrengths.get(n, 0.0), "n_items": len(ivs), "description": wb.presets[n].description}
         for n, ivs in wb.preset_ivs.items()
     ]
     return page(
@@ -217,7 +202,25 @@ def steer_page(request: Request, feature: str | None = None):
         preset_sliders=preset_sliders,
         presets=sorted(wb.presets),
         query=m.query(),
+        unit=slider_unit_view(wb),
     )
+
+
+def slider_unit_view(wb) -> dict:
+    """What a feature slider's number means, for the page: × the max stored with the SAE, or raw units."""
+    if wb.slider_unit == "max":
+        return {"short": "× max", "long": f"× the feature's max stored with the SAE ({wb.slider_source})"}
+    return {"short": "raw", "long": "raw activation units: the SAE stores no feature maxima"}
+
+
+def feature_slider_view(wb, n: int, op: str, strength: float) -> dict:
+    """One feature slider for the template: its strength, what 1 unit is in activation, the atlas's max as
+    information, and a calibration curve when a sweep of it was loaded."""
+    one = float(wb.slider_max[n]) if wb.slider_max is not None else 1.0
+    info = f"1 {'× max' if wb.slider_unit == 'max' else 'unit'} = activation {one:.4g}"
+    if wb.atlas is not None:
+        info += f"; the largest activation in this atlas is {float(wb.atlas_max[n]):.4g} (shown, never used to scale)"
+    return {"feature": n, "op": op, "strength": strength, "label": wb.label(n), "info": info, "sweep": wb.sweeps.get(n)}
 
 
 def _lanes(wb, m: Mixer, cfg) -> list[Lane]:
@@ -320,13 +323,16 @@ def preset_download(request: Request, name: str = "mixer"):
         raise HTTPException(422, f"preset name {name!r}: use letters, digits, '-' and '_' (at most 64)")
     ivs = interventions(wb, m)
     p = preset_from_interventions(name, ivs, sae_paths={id(wb.sae): wb.sae_spec or "default"})
-    p.description = f"saved from the thoughtscope workbench (gain {m.gain:g} folded into the values)"
+    p.description = f"saved from the thoughtscope workbench (master strength {m.strength:g} folded into the strengths)"
     return JSONResponse(p.to_dict(), headers={"content-disposition": f'attachment; filename="{name}.json"'})
 
 
 def mixer_from_preset(wb, p: Preset, base: Mixer) -> Mixer:
-    """Slider state from a preset: feature items of this SAE (any unit, shown × max activation) and its vectors."""
-    m = Mixer(prompt=base.prompt, seed=base.seed, temp=base.temp, max_new=base.max_new, baseline=base.baseline)
+    """Slider state from a preset: feature items of this SAE (any unit, converted to the slider unit so the
+    absolute clamp is the one the preset applies) and its vectors."""
+    m = Mixer(
+        prompt=base.prompt, seed=base.seed, temp=base.temp, max_new_tokens=base.max_new_tokens, baseline=base.baseline
+    )
     for i, it in enumerate(p.items):
         if it.type == "feature":
             if it.feature is None or not 0 <= it.feature < wb.n_features or it.op not in OPS:
@@ -335,8 +341,8 @@ def mixer_from_preset(wb, p: Preset, base: Mixer) -> Mixer:
                     f"preset {p.name!r}, item {i}: feature {it.feature} with op {it.op!r} cannot "
                     f"be shown on this SAE's sliders (ops: {', '.join(OPS)})",
                 )
-            v = it.value if it.unit == "max" or it.op == "ablate" else it.value / float(wb.max_acts[it.feature])
-            m.features.append((int(it.feature), it.op, max(-SLIDER_MAX, min(SLIDER_MAX, float(v)))))
+            v = 0.0 if it.op == "ablate" else wb.to_slider(it.feature, it.strength, it.unit, it.max_act)
+            m.features.append((int(it.feature), it.op, max(-SLIDER_MAX, min(SLIDER_MAX, round(float(v), 6)))))
             m.where = it.positions if it.positions in ("all", "generated") else m.where
         else:
             key = f"{p.name}.{i}"
@@ -346,7 +352,7 @@ def mixer_from_preset(wb, p: Preset, base: Mixer) -> Mixer:
                     f"preset {p.name!r}, item {i}: a vector can only come from a preset loaded "
                     f"at start (files are never read from a request)",
                 )
-            m.vectors.append((key, float(it.value)))
+            m.vectors.append((key, float(it.strength)))
     return m
 
 

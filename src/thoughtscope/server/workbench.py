@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,14 +45,14 @@ class LoadStatus:
 
 @dataclass
 class VectorSlider:
-    """A steering-vector item of a preset named at start, exposed as a slider (value as in the preset)."""
+    """A steering-vector item of a preset named at start, exposed as a slider (strength as in the preset)."""
 
     key: str
     label: str
     preset: str
-    edit: object  # the VectorEdit built at value 1 (scale or target multiplied by the slider)
+    edit: object  # the VectorEdit built at strength 1 (its strength multiplied by the slider)
     op: str
-    value: float
+    strength: float
     range: tuple[float, float]
 
 
@@ -75,7 +75,7 @@ class Workbench:
         self._label_cache: dict[int, str] = {}
         self._label_stamp: tuple = ()
         self.n_features = int(self.sae.W_dec.shape[0])
-        self.max_acts = np.ones(self.n_features)
+        self.atlas_max = np.ones(self.n_features)  # information only: never scales a slider
         self.alive = np.ones(self.n_features, dtype=bool)
         if self.atlas is not None:
             if self.atlas.n_features != self.n_features:
@@ -84,8 +84,36 @@ class Workbench:
                     f"{self.n_features}: pass the atlas built from this SAE"
                 )
             st = self.atlas.stats()
-            self.max_acts = np.where(st["max_act"] > 0, st["max_act"], 1.0)
+            self.atlas_max = np.where(st["max_act"] > 0, st["max_act"], 1.0)
             self.alive = st["n_active"] > 0
+        self._slider_reference()
+
+    def _slider_reference(self) -> None:
+        """Feature sliders are in × the max stored with the SAE (`features.feature_max`), the reference the library
+        and the CLI use; an SAE that stores none gets sliders in raw activation units, and a note says so."""
+        from ..features import feature_max
+
+        ref = feature_max(self.sae)
+        self.slider_unit = "max" if ref is not None else "raw"
+        self.slider_max = ref.values.double().cpu().numpy() if ref is not None else None
+        self.slider_source = ref.source if ref is not None else ""
+        if ref is None:
+            self.notes.append(
+                "the SAE stores no feature maxima, so feature sliders are in raw activation units, not × max "
+                "(run 'thoughtscope features stats --sae FOLDER' to store them)"
+            )
+
+    def to_slider(self, feature: int, strength: float, unit: str, max_act: float | None) -> float:
+        """A feature strength as a preset or sweep gives it (unit "max" against its own `max_act`, or the SAE's
+        when it has none; or "raw"), in this workbench's slider unit: the same absolute activation."""
+        ref = float(self.slider_max[feature]) if self.slider_max is not None else None
+        absolute = strength
+        if unit == "max":
+            m = max_act if max_act is not None else ref
+            if m is None:
+                raise ServerError(f"feature {feature}: strength in × max, but neither the item nor the SAE gives one")
+            absolute = strength * float(m)
+        return absolute / ref if self.slider_unit == "max" and ref else absolute
 
     @property
     def tokenizer(self):
@@ -176,14 +204,15 @@ def _vector_sliders(wb: Workbench, name: str, p) -> None:
         if it.type != "vector":
             continue
         try:
-            one = Preset(p.name, [type(it)(**{**it.__dict__, "value": 1.0})], path=p.path).build(wb.lm)[0]
+            one = Preset(p.name, [replace(it, strength=1.0)], path=p.path).build(wb.lm)[0]
         except (SteerError, OSError, ValueError) as e:
             wb.notes.append(f"preset {name}, vector {it.label or i} skipped: {e}")
             continue
-        lo, hi = it.range or ([-2.0, 2.0] if it.op == "add" else [-abs(it.value) * 4 - 1, abs(it.value) * 4 + 1])
+        s = it.strength
+        lo, hi = it.range or ([-2.0, 2.0] if it.op == "add" else [-abs(s) * 4 - 1, abs(s) * 4 + 1])
         key = f"{name}.{i}"
         wb.vectors[key] = VectorSlider(
-            key, it.label or f"{name} #{i}", name, one, it.op, float(it.value), (float(lo), float(hi))
+            key, it.label or f"{name} #{i}", name, one, it.op, float(s), (float(lo), float(hi))
         )
 
 
@@ -218,12 +247,17 @@ def _sweep_beside(wb: Workbench, path: Path, p) -> None:
     except (ValueError, KeyError, TypeError):
         return
     for it in p.items:
-        if it.type == "feature" and it.feature is not None:
+        if it.type == "feature" and it.feature is not None and 0 <= it.feature < wb.n_features:
+            try:  # the curve is drawn along the slider: strengths in its unit
+                slider = [(wb.to_slider(it.feature, s, it.unit, it.max_act), r, q) for s, r, q in pts]
+            except ServerError as e:
+                wb.notes.append(f"sweep {sweep.name} not shown: {e}")
+                continue
             wb.sweeps[int(it.feature)] = {
-                "points": pts,
+                "points": slider,
                 "baseline_ppl": base,
                 "suggested": d.get("suggested"),
-                "unit": it.unit,
+                "unit": wb.slider_unit,
                 "source": sweep.name,
             }
 

@@ -3,7 +3,7 @@
 from thoughtscope.steer import clamp, add_vector, steering, generate, compare, GenerationConfig
 with steering(lm, [clamp(sae, 1234, 40.0)]):
     logits = lm.model(ids).logits
-compare(lm, ["Tell me about yourself."], [clamp(sae, 1234, 40.0)], GenerationConfig(seed=0))
+compare(lm, ["Tell me about yourself."], [clamp(sae, 1234, 2.0, unit="max")], GenerationConfig(seed=0))
 """
 
 from ..features import SCORES, FeatureScore, contrast_features, feature_max_acts, token_features, top_features_at
@@ -15,6 +15,7 @@ from .calibrate import (
     mentions,
     perplexity,
     plot_sweep,
+    read_questions,
     repetition_rate,
     save_sweep,
     suggest,
@@ -55,14 +56,25 @@ from .interventions import (
     validate,
 )
 from .lanes import Lane, stream_lanes
-from .presets import Preset, PresetItem, default_sae_path, find_preset, preset_from_interventions
+from .presets import (
+    Preset,
+    PresetItem,
+    default_sae_path,
+    feature_preset,
+    find_preset,
+    preset_from_interventions,
+    sae_spec,
+)
 from .run import (
+    SweepFiles,
     features_contrast,
+    find_to_files,
     print_comparisons,
     print_contrast,
     read_lines,
     read_pairs,
     steer_with_preset,
+    sweep_to_files,
     vector_fit,
 )
 from .vectors import METHODS, SteeringVector, fit_vector, last_token_acts, pca_of_differences, site_norm
@@ -86,6 +98,7 @@ __all__ = [
     "Steerer",
     "SteeringVector",
     "StepContext",
+    "SweepFiles",
     "SweepPoint",
     "SweepResult",
     "TokenEvent",
@@ -104,8 +117,10 @@ __all__ = [
     "evaluate",
     "feature_acts",
     "feature_max_acts",
+    "feature_preset",
     "features_contrast",
     "find_preset",
+    "find_to_files",
     "fit_vector",
     "format_prompt",
     "generate",
@@ -120,7 +135,9 @@ __all__ = [
     "project_out",
     "read_lines",
     "read_pairs",
+    "read_questions",
     "repetition_rate",
+    "sae_spec",
     "sample",
     "save_sweep",
     "scale_feature",
@@ -131,6 +148,7 @@ __all__ = [
     "stream_lanes",
     "suggest",
     "sweep",
+    "sweep_to_files",
     "sweep_preset",
     "token_features",
     "top_features_at",

@@ -1,4 +1,4 @@
-"""Calibration: turn a fixed clamp value into a slider with a measured range.
+"""Calibration: turn a fixed clamp strength into a slider with a measured range.
 
 For each strength of one intervention we generate answers to 20 fixed neutral questions and measure
 - concept rate: share of answers that express the concept. Method "keywords" (default): an answer
@@ -16,7 +16,6 @@ The suggested strength maximises the concept rate among strengths whose perplexi
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -25,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write_json
+from ..documents import read_prompts
+from ..errors import PromptFileError
 from ..models import LoadedModel
 from ..progress import ProgressBar
 from .generate import GenerationConfig, format_prompt, generate
@@ -58,6 +60,17 @@ DEFAULT_SWEEP_CONFIG = dict(max_new_tokens=48, temperature=0.7, top_p=0.9, seed=
 LOOP_REPETITION = 0.25
 
 
+def read_questions(path: str | Path | None) -> list[str]:
+    """Neutral questions to calibrate on: the built-in 20 when `path` is None, else a prompt file
+    (`documents.read_prompts`) with at least 2."""
+    if path is None:
+        return list(NEUTRAL_PROMPTS)
+    qs = [q.strip() for q in read_prompts(path) if q.strip()]
+    if len(qs) < 2:
+        raise PromptFileError(f"{path}: expected at least 2 neutral questions; found {len(qs)}")
+    return qs
+
+
 def mentions(text: str, keywords: Sequence[str]) -> bool:
     """Whole-word, case-insensitive keyword match (a keyword may contain spaces)."""
     t = text.lower()
@@ -78,13 +91,18 @@ def repetition_rate(token_ids: Sequence[int], n: int = 3) -> float:
 
 @torch.no_grad()
 def perplexity(
-    lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]], *, batch_size: int = 8
+    lm: LoadedModel,
+    prompt_ids: Sequence[Sequence[int]],
+    answer_ids: Sequence[Sequence[int]],
+    *,
+    texts_per_batch: int = 8,
 ) -> tuple[float, int]:
-    """exp(mean NLL) of the answer tokens given their prompts under the (unsteered) model; (ppl, n_tokens)."""
+    """exp(mean NLL) of the answer tokens given their prompts under the (unsteered) model; (ppl, n_tokens).
+    `texts_per_batch`: prompt + answer texts per forward pass."""
     nll, count = 0.0, 0
     pairs = [(list(p), list(a)) for p, a in zip(prompt_ids, answer_ids) if len(a)]
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
+    for i in range(0, len(pairs), texts_per_batch):
+        chunk = pairs[i : i + texts_per_batch]
         width = max(len(p) + len(a) for p, a in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -289,12 +307,7 @@ def plot_sweep(result: SweepResult, path: str | Path, *, title: str = "") -> Pat
 
 
 def save_sweep(result: SweepResult, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result.to_dict(), indent=2))
-    tmp.replace(path)
-    return path
+    return atomic_write_json(path, result.to_dict())
 
 
 def sweep_preset(
@@ -318,7 +331,7 @@ def sweep_preset(
     others = preset.build(lm, sae_cache=cache)
 
     def make(s):
-        ivs = preset.with_value(index, s).build(lm, sae_cache=cache)
+        ivs = preset.with_strength(index, s).build(lm, sae_cache=cache)
         return ivs
 
     del others
@@ -335,7 +348,7 @@ def sweep_preset(
     )
     out = preset
     if store_range:
-        out = preset.with_value(index, res.suggested if res.suggested is not None else preset.items[index].value)
+        out = preset.with_strength(index, res.suggested if res.suggested is not None else preset.items[index].strength)
         out.items[index].range = [float(min(strengths)), float(max(strengths))]
         out.items[index].suggested = res.suggested
     return res, out

@@ -1,7 +1,8 @@
 """`thoughtscope chat`: a terminal chat whose sliders can be changed between turns.
 
-Commands: /set <feature> <value> (clamp a feature of the session's SAE; "off" removes it; a value ending
-in "x", e.g. 8x, means × the feature's max activation when the preset or `max_acts` knows it),
+Commands: /set <feature> <strength> (clamp a feature of the session's SAE; "off" removes it; a strength ending
+in "x", e.g. 8x, means × the feature's max stored with the SAE, the reference the library, the CLI and the web
+use; an SAE that stores none falls back to the max a loaded preset or `max_acts` gives),
 /preset <name-or-path>, /off (all sliders off), /show, /clear (forget the conversation), /quit.
 Input and output are callables so the loop can be driven by tests or a server.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..features import feature_max
 from ..models import LoadedModel
 from .generate import GenerationConfig, generate
 from .interventions import FeatureEdit, SteerError
 from .presets import Preset
 
 HELP = (
-    "commands: /set <feature> <value|Nx|off>, /preset <name-or-path>, /off, /show, /clear, /quit; "
+    "commands: /set <feature> <strength|Nx|off>, /preset <name-or-path>, /off, /show, /clear, /quit; "
     "anything else is a message"
 )
 
@@ -40,13 +42,25 @@ class ChatSession:
             ivs.append(FeatureEdit(self.sae, f, "clamp", v, site=self.site, label=f"/set {f}"))
         return ivs
 
+    def max_of(self, feature: int) -> float:
+        """The "× max" reference of a feature: the max stored with the SAE; else what a preset or `max_acts` says."""
+        ref = feature_max(self.sae)
+        if ref is not None:
+            return float(ref.values[feature])
+        if feature in self.max_acts:
+            return self.max_acts[feature]
+        raise SteerError(
+            f"max activation of feature {feature} unknown: the SAE stores no maxima (run 'thoughtscope features "
+            f"stats' on it) and no loaded preset gives one; give a raw strength"
+        )
+
     def show(self) -> str:
         lines = []
         if self.preset:
             lines.append(f"preset {self.preset.name!r}:")
             for it in self.preset.items:
                 what = f"feature {it.feature}" if it.type == "feature" else "vector"
-                lines.append(f"  {it.label or what}: {it.op} {it.value:g} ({it.unit}) at {it.site}, {it.positions}")
+                lines.append(f"  {it.label or what}: {it.op} {it.strength:g} ({it.unit}) at {it.site}, {it.positions}")
         for f, v in self.sliders.items():
             lines.append(f"  feature {f}: clamp {v:g} at {self.site}")
         return "\n".join(lines) if lines else "no steering (all sliders off)"
@@ -78,7 +92,9 @@ class ChatSession:
             return f"preset {p.name!r} loaded ({len(p.items)} interventions)"
         if cmd == "/set":
             if len(args) != 2:
-                raise SteerError("usage: /set <feature> <value>   (value: a number, Nx for N × max activation, or off)")
+                raise SteerError(
+                    "usage: /set <feature> <strength>   (strength: a number, Nx for N × max activation, or off)"
+                )
             if self.sae is None:
                 raise SteerError("no SAE in this session: start chat with an SAE (or use /preset)")
             try:
@@ -92,12 +108,10 @@ class ChatSession:
             try:
                 val = float(raw[:-1] if raw.endswith("x") else raw)
             except ValueError:
-                raise SteerError(f"value must be a number, Nx or off, got {args[1]!r}") from None
+                raise SteerError(f"strength must be a number, Nx or off, got {args[1]!r}") from None
+            FeatureEdit(self.sae, feat, "clamp", val, site=self.site)  # validates index and strength
             if raw.endswith("x"):
-                if feat not in self.max_acts:
-                    raise SteerError(f"max activation of feature {feat} unknown; give a raw value")
-                val *= self.max_acts[feat]
-            FeatureEdit(self.sae, feat, "clamp", val, site=self.site)  # validates index and value
+                val *= self.max_of(feat)
             self.sliders[feat] = val
             return f"feature {feat} clamped to {val:g}"
         raise SteerError(f"unknown command {cmd!r}; {HELP}")

@@ -32,7 +32,7 @@ from .calibrate import LOOP_REPETITION, NEUTRAL_PROMPTS, SweepPoint, evaluate, s
 from .generate import GenerationConfig, has_chat_template
 from .handles import Concept, Handle, build_handles, pair
 from .interventions import SteerError
-from .presets import Preset, PresetItem
+from .presets import Preset, PresetItem, sae_spec
 
 __all__ = ["Concept", "FindConfig", "FindResult", "Handle", "build_handles", "find_handle", "save_preset"]
 
@@ -44,27 +44,52 @@ class FindConfig:
     """Budget knobs. Screening: `n_screen` questions, `screen_tokens` new tokens, the handle's coarse grid.
     Calibration: every question, `max_new_tokens`, a fine grid around the best screening strength."""
 
-    n_features: int = 4  # per ranking (input contrast, output effect)
-    caa_sites: Sequence[str] | None = None  # default: the SAE's site and layers at 1/3 and 2/3 depth; [] for none
-    logit_sites: Sequence[str] | None = None  # default: the layer at 5/6 depth; [] for none
+    n_features: int = 4
+    """Feature candidates per ranking (input contrast, output effect): features; 0 for none."""
+    caa_sites: Sequence[str] | None = None
+    """Sites of the CAA vector candidates (site names); None: the SAE's site and the layers at 1/3 and 2/3 of the
+    depth; [] for none."""
+    logit_sites: Sequence[str] | None = None
+    """Sites where the concept tokens' logit direction is a candidate (site names); None: the layer at 5/6 of the
+    depth; [] for none."""
     n_screen: int = 6
+    """Neutral questions every candidate is screened on (questions)."""
     screen_tokens: int = 24
+    """New tokens per answer while screening (tokens)."""
     n_calibrate: int = 2
-    max_new_tokens: int = 64  # the length `steer generate` writes: a mention costs perplexity once per answer
+    """Candidates that get the full calibration on every question (handles)."""
+    max_new_tokens: int = 64
+    """New tokens per answer in calibration and confirmation (tokens): the length `steer generate` writes, since
+    a mention costs perplexity once per answer."""
     ppl_bound: float = 2.0
+    """Allowed perplexity of steered answers (× the unsteered perplexity)."""
     feature_grid: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
+    """Screening strengths of a feature candidate (× the feature's max stored with the SAE)."""
     vector_grid: Sequence[float] = (0.08, 0.12, 0.17, 0.24)
+    """Screening strengths of a vector candidate (× the site's median residual norm)."""
     fine_steps: Sequence[float] = (0.8, 1.0, 1.2, 1.4)
-    pair_grid: Sequence[float] = (0.5, 0.65, 0.8, 1.0)  # x each part's best screening strength; () for no pair
-    extend_steps: int = 3  # calibration points added above the fine grid while there is room under the bound
+    """Calibration strengths around a candidate's best screening strength (× that strength)."""
+    pair_grid: Sequence[float] = (0.5, 0.65, 0.8, 1.0)
+    """Screening strengths of the CAA + logit pair (× each part's best screening strength); () for no pair."""
+    extend_steps: int = 3
+    """Calibration points added above the fine grid while there is room under the bound (points)."""
     extend_factor: float = 1.15
-    refine_steps: int = 2  # points placed between the last strength within the bound and the first past it
-    confirm_seeds: int = 2  # fresh seeds the winner is re-measured on; its reported figures come from them
+    """Strength of each added point over the one before it (×, > 1)."""
+    refine_steps: int = 2
+    """Points placed between the last strength within the bound and the first one past it (points)."""
+    confirm_seeds: int = 2
+    """Fresh seeds the winner is re-measured on; its reported figures come from them (seeds; 0: none)."""
     positions: str = "all"
-    loop_repetition: float = LOOP_REPETITION  # answers repeating more 3-grams never count (1.0: count loops too)
+    """Where the candidates steer: "all", "prompt" or "generated" tokens."""
+    loop_repetition: float = LOOP_REPETITION
+    """Share of an answer's token 3-grams that may repeat an earlier one (0-1); an answer past it loops and never
+    counts as mentioning the concept (1.0: count loops too)."""
     temperature: float = 0.7
+    """Sampling temperature of every answer (0: greedy)."""
     top_p: float = 0.9
+    """Nucleus sampling mass of every answer (0-1]."""
     seed: int = 0
+    """Seed of the search's answers; the confirmation uses the next `confirm_seeds` seeds."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -252,6 +277,182 @@ def _pair_candidate(handles: Sequence[Handle], firsts: dict, reach: dict, config
     return pair(caa[1], reach[caa[1].id], logit[1], reach[logit[1].id], config.pair_grid)
 
 
+def _planned_work(handles: Sequence[Handle], questions: Sequence[str], config: FindConfig) -> int:
+    """Answer tokens the search will generate if nothing is cut short (the progress bar's total)."""
+    n_screen = min(len(questions), config.n_screen)
+    screen = (sum(len(h.grid) for h in handles) + len(config.pair_grid)) * n_screen * config.screen_tokens
+    n_evals = 2 + 2 * config.confirm_seeds + config.n_calibrate * len(config.fine_steps)
+    return screen + n_evals * len(questions) * config.max_new_tokens
+
+
+class _Search:
+    """One run of `find_handle`: the questions, how an answer is scored, the progress bar and, per handle, its
+    screening and calibration points with a status."""
+
+    def __init__(self, lm, sae, concept: Concept, questions: list[str], config: FindConfig, handles, bar) -> None:
+        self.lm, self.sae, self.concept, self.config, self.bar = lm, sae, concept, config, bar
+        self.questions = questions
+        self.screen_q = questions[: config.n_screen]
+        self.scfg, self.fcfg = config.generation(config.screen_tokens), config.generation(config.max_new_tokens)
+        self.judged = dict(judge=concept.mentioned, loop_limit=config.loop_repetition)  # how every answer is scored
+        self.report: dict[str, dict] = {}
+        for h in handles:
+            self.add(h)
+        self.done = 0
+        self.reach: dict[str, float | None] = {}  # per handle: the strongest screening push within the bound
+        self.screened: list[tuple] = []  # (concept rate, -perplexity ratio, handle, best screening strength)
+        self.sbase: SweepPoint | None = None
+
+    def add(self, h: Handle) -> None:
+        self.report[h.id] = {**h.describe(), "screen": [], "calibration": [], "status": ""}
+
+    def skip(self, answer_tokens: int) -> None:
+        """Work planned and not done (a handle stopped early): counted, shown at the next tick."""
+        self.done += answer_tokens
+
+    def tick(self, n_q: int, tokens: int, info: str) -> None:
+        self.done += n_q * tokens
+        self.bar.update(self.done, info=info)
+
+    def steered(self, h: Handle, strength: float, qs, gen: GenerationConfig, base: SweepPoint, stage: str) -> dict:
+        """One handle at one strength on the questions, as a frontier point; advances the bar."""
+        ivs = h.interventions(self.sae, strength, self.config.positions)
+        pt = evaluate(self.lm, ivs, prompts=qs, config=gen, strength=strength, **self.judged)
+        self.tick(len(qs), gen.max_new_tokens, h.id)
+        return _point(pt, base, stage, h.id, len(qs))
+
+    # -- screening
+    def screen(self, h: Handle) -> dict | None:
+        """The handle on the coarse grid, weakest first; its best point within the (slackened) bound."""
+        config, pts = self.config, []
+        for s in sorted(h.grid):
+            p = self.steered(h, s, self.screen_q, self.scfg, self.sbase, "screen")
+            pts.append(p)
+            if p["perplexity_ratio"] > 3 * config.ppl_bound:  # broken text: stronger is only worse
+                break
+        self.skip((len(h.grid) - len(pts)) * len(self.screen_q) * config.screen_tokens)
+        self.report[h.id]["screen"] = pts
+        inside = [p["strength"] for p in pts if p["perplexity_ratio"] <= config.ppl_bound * 1.25]
+        self.reach[h.id] = max(inside, default=None)
+        best = _best(pts, config.ppl_bound * 1.25)  # screening is noisy: a little slack
+        if best is None or best["concept_rate"] <= self.sbase.concept_rate:
+            self.report[h.id]["status"] = (
+                "dropped at screening: never above the unsteered concept rate within the bound"
+            )
+        else:
+            self.screened.append((best["concept_rate"], -best["perplexity_ratio"], h, best["strength"]))
+        return best
+
+    def screen_all(self, handles: list[Handle]) -> list[tuple]:
+        """Screen every handle, then the CAA + logit pair (appended to `handles`); the best `n_calibrate`."""
+        config = self.config
+        self.sbase = evaluate(self.lm, [], prompts=self.screen_q, config=self.scfg, keep_samples=0, **self.judged)
+        firsts = {h.id: self.screen(h) for h in handles}
+        duo = _pair_candidate(handles, firsts, self.reach, config)
+        if duo is not None:
+            handles.append(duo)
+            self.add(duo)
+            self.screen(duo)
+        else:
+            self.skip(len(config.pair_grid) * len(self.screen_q) * config.screen_tokens)
+        self.screened.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        for _, _, h, _ in self.screened[config.n_calibrate :]:
+            self.report[h.id]["status"] = "screened, not among the best for calibration"
+        return self.screened[: config.n_calibrate]
+
+    # -- calibration
+    def references(self) -> tuple[SweepPoint, dict, dict]:
+        """The unsteered answers on every question and the prompt-only baseline: (base, baseline, prompt-only)."""
+        qs, n = self.questions, len(self.questions)
+        base = evaluate(self.lm, [], prompts=qs, config=self.fcfg, keep_samples=n, **self.judged)
+        baseline = _point(base, base, "baseline", "unsteered", n)
+        self.tick(n, self.config.max_new_tokens, "unsteered")
+        prompt_only = _prompt_only(self.lm, self.concept, qs, self.fcfg, base, self.config.loop_repetition)
+        self.tick(n, self.config.max_new_tokens, "prompt-only")
+        return base, baseline, prompt_only
+
+    def calibrate(self, h: Handle, s_star: float, base: SweepPoint) -> list[dict]:
+        """The fine grid around the best screening strength, extended upwards while there is room under the
+        bound, then refined between the last strength within it and the first past it."""
+        config, mine = self.config, self.report[h.id]["calibration"]
+        steps = list(config.fine_steps)
+        while steps:
+            s = round(s_star * steps.pop(0), 6)
+            p = self.steered(h, s, self.questions, self.fcfg, base, "calibration")
+            mine.append(p)
+            extended = len(mine) - len(config.fine_steps)
+            if not steps and extended < config.extend_steps and _room(p, config):
+                # the 6 screening answers put the grid too low: go on up to the bound
+                steps.append(s * config.extend_factor / s_star)
+                self.bar.grow(len(self.questions) * config.max_new_tokens)
+        for _ in range(config.refine_steps):
+            s = _between(mine, config.ppl_bound)
+            if s is None:
+                break
+            self.bar.grow(len(self.questions) * config.max_new_tokens)
+            mine.append(self.steered(h, s, self.questions, self.fcfg, base, "calibration"))
+        self.report[h.id]["status"] = "calibrated"
+        return list(mine)
+
+    def confirm(self, h: Handle, strength: float) -> dict:
+        """The winner on `confirm_seeds` fresh seeds, each beside the unsteered answers of its seed. The search's
+        own figure is the best of ~20 draws of 24 answers, so it runs high; these are the figures to expect."""
+        config, questions = self.config, self.questions
+        ivs = h.interventions(self.sae, strength, config.positions)
+        seeds = [config.seed + k for k in range(1, config.confirm_seeds + 1)]
+        pts, ratios = [], []
+        for seed in seeds:
+            gen = config.generation(config.max_new_tokens, seed=seed)
+            plain = evaluate(self.lm, [], prompts=questions, config=gen, keep_samples=0, **self.judged)
+            pts.append(evaluate(self.lm, ivs, prompts=questions, config=gen, strength=strength, **self.judged))
+            ratios.append(pts[-1].perplexity / plain.perplexity)
+            self.tick(2 * len(questions), config.max_new_tokens, "confirmation")
+        n = len(seeds) * len(questions)  # every seed answers every question: plain means over seeds
+        hits = round(sum(p.concept_rate for p in pts) * len(questions))
+        return {
+            "seeds": seeds,
+            "n_answers": n,
+            "concept_rate": hits / n,
+            "concept_rate_ci": wilson(hits, n),
+            "perplexity_ratio": math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
+            "repetition": sum(p.repetition for p in pts) / len(pts),
+            "looping": sum(p.looping for p in pts) / len(pts),
+            "per_seed": [
+                {"seed": sd, "concept_rate": p.concept_rate, "perplexity_ratio": r}
+                for sd, p, r in zip(seeds, pts, ratios)
+            ],
+            "answers": [a for p in pts for a in p.samples],
+        }
+
+    def winner(self, h: Handle, best: dict) -> dict:
+        """The chosen handle and strength with the figures to report (the confirmation's, when there is one)."""
+        config = self.config
+        conf = self.confirm(h, best["strength"]) if config.confirm_seeds else None
+        head = conf or {k: best[k] for k in ("concept_rate", "perplexity_ratio", "repetition", "looping")}
+        calibration = self.report[h.id]["calibration"]
+        return {
+            "kind": h.kind,
+            "id": h.id,
+            "site": h.site,
+            "feature": h.feature,
+            "strength": best["strength"],
+            "unit": _UNITS[h.kind],
+            **{k: head[k] for k in ("concept_rate", "perplexity_ratio", "repetition", "looping")},
+            "concept_rate_ci": conf["concept_rate_ci"] if conf else None,
+            "measured_on": "fresh seeds (confirmation)" if conf else f"the search's seed {config.seed}",
+            "positions": config.positions,
+            "max_act": h.max_act,
+            "max_source": h.max_source,
+            "range": [min(p["strength"] for p in calibration), max(p["strength"] for p in calibration)],
+            "search": {
+                "seed": config.seed,
+                **{k: best[k] for k in ("concept_rate", "perplexity_ratio", "fit_rate", "fit_ppl_ratio", "looping")},
+            },
+            "confirmation": conf,
+            "found_by": h.found_by,
+        }
+
+
 def find_handle(
     lm: LoadedModel,
     sae,
@@ -274,162 +475,15 @@ def find_handle(
     handles = list(handles) if handles is not None else build_handles(lm, sae, concept, config)
     if not handles:
         raise SteerError(f"no candidate handle for {concept.name!r}: no SAE and no CAA site gave a direction")
-    screen_q = questions[: config.n_screen]
-    screen_work = (sum(len(h.grid) for h in handles) + len(config.pair_grid)) * len(screen_q) * config.screen_tokens
-    n_evals = 2 + 2 * config.confirm_seeds + config.n_calibrate * len(config.fine_steps)
-    full_work = n_evals * len(questions) * config.max_new_tokens
-    scfg, fcfg = config.generation(config.screen_tokens), config.generation(config.max_new_tokens)
-    judged = dict(judge=concept.mentioned, loop_limit=config.loop_repetition)  # how every answer is scored
-    report: dict[str, dict] = {h.id: {**h.describe(), "screen": [], "calibration": [], "status": ""} for h in handles}
-    with ProgressBar(
-        f"steer find {concept.name}", screen_work + full_work, unit="answer tokens", enabled=progress
-    ) as bar:
-        done = 0
-
-        def tick(n_q: int, tokens: int, info: str) -> None:
-            nonlocal done
-            done += n_q * tokens
-            bar.update(done, info=info)
-
-        def steered(h: Handle, strength: float, qs, gen: GenerationConfig, base: SweepPoint, stage: str) -> dict:
-            """One handle at one strength on the questions, as a frontier point; advances the bar."""
-            ivs = h.interventions(sae, strength, config.positions)
-            pt = evaluate(lm, ivs, prompts=qs, config=gen, strength=strength, **judged)
-            tick(len(qs), gen.max_new_tokens, h.id)
-            return _point(pt, base, stage, h.id, len(qs))
-
-        def confirm(h: Handle, strength: float) -> dict:
-            """The winner on `confirm_seeds` fresh seeds, each beside the unsteered answers of its seed. The
-            search's own figure is the best of ~20 draws of 24 answers, so it runs high; these are the
-            figures to expect."""
-            ivs = h.interventions(sae, strength, config.positions)
-            seeds = [config.seed + k for k in range(1, config.confirm_seeds + 1)]
-            pts, ratios = [], []
-            for seed in seeds:
-                gen = config.generation(config.max_new_tokens, seed=seed)
-                plain = evaluate(lm, [], prompts=questions, config=gen, keep_samples=0, **judged)
-                pts.append(evaluate(lm, ivs, prompts=questions, config=gen, strength=strength, **judged))
-                ratios.append(pts[-1].perplexity / plain.perplexity)
-                tick(2 * len(questions), config.max_new_tokens, "confirmation")
-            n = len(seeds) * len(questions)  # every seed answers every question: plain means over seeds
-            hits = round(sum(p.concept_rate for p in pts) * len(questions))
-            return {
-                "seeds": seeds,
-                "n_answers": n,
-                "concept_rate": hits / n,
-                "concept_rate_ci": wilson(hits, n),
-                "perplexity_ratio": math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
-                "repetition": sum(p.repetition for p in pts) / len(pts),
-                "looping": sum(p.looping for p in pts) / len(pts),
-                "per_seed": [
-                    {"seed": sd, "concept_rate": p.concept_rate, "perplexity_ratio": r}
-                    for sd, p, r in zip(seeds, pts, ratios)
-                ],
-                "answers": [a for p in pts for a in p.samples],
-            }
-
-        sbase = evaluate(lm, [], prompts=screen_q, config=scfg, keep_samples=0, **judged)
-        screened = []
-
-        def screen(h: Handle) -> dict | None:
-            """The handle on the coarse grid, weakest first; its best point within the (slackened) bound."""
-            pts = []
-            for s in sorted(h.grid):
-                p = steered(h, s, screen_q, scfg, sbase, "screen")
-                pts.append(p)
-                if p["perplexity_ratio"] > 3 * config.ppl_bound:  # broken text: stronger is only worse
-                    break
-            nonlocal done
-            done += (len(h.grid) - len(pts)) * len(screen_q) * config.screen_tokens
-            report[h.id]["screen"] = pts
-            inside = [p["strength"] for p in pts if p["perplexity_ratio"] <= config.ppl_bound * 1.25]
-            reach[h.id] = max(inside, default=None)
-            best = _best(pts, config.ppl_bound * 1.25)  # screening is noisy: a little slack
-            if best is None or best["concept_rate"] <= sbase.concept_rate:
-                report[h.id]["status"] = "dropped at screening: never above the unsteered concept rate within the bound"
-            else:
-                screened.append((best["concept_rate"], -best["perplexity_ratio"], h, best["strength"]))
-            return best
-
-        reach: dict[str, float | None] = {}  # per handle: the strongest screening push within the bound
-        firsts = {h.id: screen(h) for h in handles}
-        duo = _pair_candidate(handles, firsts, reach, config)
-        if duo is not None:
-            handles.append(duo)
-            report[duo.id] = {**duo.describe(), "screen": [], "calibration": [], "status": ""}
-            screen(duo)
-        else:
-            done += len(config.pair_grid) * len(screen_q) * config.screen_tokens
-        screened.sort(key=lambda t: (t[0], t[1]), reverse=True)
-        chosen = screened[: config.n_calibrate]
-        for _, _, h, _ in screened[config.n_calibrate :]:
-            report[h.id]["status"] = "screened, not among the best for calibration"
-        base = evaluate(lm, [], prompts=questions, config=fcfg, keep_samples=len(questions), **judged)
-        baseline = _point(base, base, "baseline", "unsteered", len(questions))
-        tick(len(questions), config.max_new_tokens, "unsteered")
-        prompt_only = _prompt_only(lm, concept, questions, fcfg, base, config.loop_repetition)
-        tick(len(questions), config.max_new_tokens, "prompt-only")
-        frontier = []
-        for _, _, h, s_star in chosen:
-            steps = list(config.fine_steps)
-            while steps:
-                s = round(s_star * steps.pop(0), 6)
-                p = steered(h, s, questions, fcfg, base, "calibration")
-                report[h.id]["calibration"].append(p)
-                frontier.append(p)
-                extended = len(report[h.id]["calibration"]) - len(config.fine_steps)
-                if not steps and extended < config.extend_steps and _room(p, config):
-                    # the 6 screening answers put the grid too low: go on up to the bound
-                    steps.append(s * config.extend_factor / s_star)
-                    bar.grow(len(questions) * config.max_new_tokens)
-            for _ in range(config.refine_steps):
-                s = _between(report[h.id]["calibration"], config.ppl_bound)
-                if s is None:
-                    break
-                bar.grow(len(questions) * config.max_new_tokens)
-                p = steered(h, s, questions, fcfg, base, "calibration")
-                report[h.id]["calibration"].append(p)
-                frontier.append(p)
-            report[h.id]["status"] = "calibrated"
-        done += (config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(questions) * config.max_new_tokens
-        best = _choose({h.id: report[h.id]["calibration"] for _, _, h, _ in chosen}, config.ppl_bound)
-        best_out = None
-        if best is not None:
-            h = next(x for x in handles if x.id == best["handle"])
-            conf = confirm(h, best["strength"]) if config.confirm_seeds else None
-            head = conf or {k: best[k] for k in ("concept_rate", "perplexity_ratio", "repetition", "looping")}
-            best_out = {
-                "kind": h.kind,
-                "id": h.id,
-                "site": h.site,
-                "feature": h.feature,
-                "strength": best["strength"],
-                "unit": _UNITS[h.kind],
-                "concept_rate": head["concept_rate"],
-                "perplexity_ratio": head["perplexity_ratio"],
-                "repetition": head["repetition"],
-                "looping": head["looping"],
-                "concept_rate_ci": conf["concept_rate_ci"] if conf else None,
-                "measured_on": "fresh seeds (confirmation)" if conf else f"the search's seed {config.seed}",
-                "positions": config.positions,
-                "max_act": h.max_act,
-                "max_source": h.max_source,
-                "range": [
-                    min(p["strength"] for p in report[h.id]["calibration"]),
-                    max(p["strength"] for p in report[h.id]["calibration"]),
-                ],
-                "search": {
-                    "seed": config.seed,
-                    "concept_rate": best["concept_rate"],
-                    "perplexity_ratio": best["perplexity_ratio"],
-                    "fit_rate": best["fit_rate"],
-                    "fit_ppl_ratio": best["fit_ppl_ratio"],
-                    "looping": best["looping"],
-                },
-                "confirmation": conf,
-                "found_by": h.found_by,
-            }
-
+    work = _planned_work(handles, questions, config)
+    with ProgressBar(f"steer find {concept.name}", work, unit="answer tokens", enabled=progress) as bar:
+        run = _Search(lm, sae, concept, questions, config, handles, bar)
+        chosen = run.screen_all(handles)
+        base, baseline, prompt_only = run.references()
+        frontier = [p for _, _, h, s_star in chosen for p in run.calibrate(h, s_star, base)]
+        run.skip((config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(questions) * config.max_new_tokens)
+        best = _choose({h.id: run.report[h.id]["calibration"] for _, _, h, _ in chosen}, config.ppl_bound)
+        best_out = None if best is None else run.winner(next(x for x in handles if x.id == best["handle"]), best)
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     cfg["caa_sites"] = [h.site for h in handles if h.kind == "caa"]
     cfg["logit_sites"] = [h.site for h in handles if h.kind == "logit"]
@@ -438,7 +492,7 @@ def find_handle(
         cfg,
         baseline,
         prompt_only,
-        list(report.values()),
+        list(run.report.values()),
         frontier,
         best_out,
         round(time.perf_counter() - t0, 1),
@@ -446,22 +500,6 @@ def find_handle(
     )
     result._handles = {h.id: h for h in handles}  # for save_preset
     return result
-
-
-def _sae_spec(sae, base: Path) -> str:
-    """How a preset names the SAE: "default", a path relative to the preset's folder, or absolute."""
-    from .presets import default_sae_path
-
-    src = getattr(sae, "source_dir", None)
-    if src is None:
-        raise SteerError("the SAE was not loaded from a folder; save it (save_sae) and load it before saving a preset")
-    src = Path(src).resolve()
-    if src == default_sae_path().resolve():
-        return "default"
-    try:
-        return str(src.relative_to(base.resolve()))
-    except ValueError:
-        return str(src)
 
 
 def save_preset(result: FindResult, sae, path: str | Path) -> Path:
@@ -481,7 +519,7 @@ def save_preset(result: FindResult, sae, path: str | Path) -> Path:
     def item(part: Handle, scale: float) -> PresetItem:
         """One slider; a pair's parts each get theirs, at the share of the strength the pair used."""
         common = dict(
-            value=float(best["strength"]) * scale,
+            strength=float(best["strength"]) * scale,
             positions=best["positions"],
             label=result.concept.name if part is h else f"{result.concept.name} ({part.id})",
             range=[float(x) * scale for x in best["range"]],
@@ -495,7 +533,7 @@ def save_preset(result: FindResult, sae, path: str | Path) -> Path:
                 feature=part.feature,
                 unit="max",
                 max_act=float(part.max_act),
-                sae=_sae_spec(sae, path.parent),
+                sae=sae_spec(sae, path.parent),
                 **common,
             )
         vec_path = path.with_name(f"{path.stem}.{part.kind}.{part.site}.safetensors")

@@ -24,12 +24,19 @@ class GenerationConfig:
     """Sampling settings; temperature 0 means greedy. chat=None uses the chat template when there is one."""
 
     max_new_tokens: int = 64
+    """Tokens generated per answer (tokens)."""
     temperature: float = 0.7
+    """Sampling temperature (logits divided by it; 0: greedy)."""
     top_p: float = 0.9
+    """Nucleus sampling: draw from the most likely tokens that hold this share of the probability (0-1]."""
     seed: int = 0
+    """Seed of the sampler (a torch.Generator): the same seed gives the same draws, steered or not."""
     chat: bool | None = None
+    """Read prompts through the tokenizer's chat template: True, False, or None for whenever it has one."""
     system: str | None = None
+    """System prompt put before the user's message by the chat template (text; None: none)."""
     stop_at_eos: bool = True
+    """End an answer at the end-of-sequence token (False: always write max_new_tokens tokens)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

@@ -95,6 +95,32 @@ class Concept:
             list(d.get("evoke", [])),
         )
 
+    @classmethod
+    def from_spec(
+        cls,
+        spec: str,
+        keywords: Sequence[str] = (),
+        prompts: str | Path | None = None,
+        controls: str | Path | None = None,
+    ) -> Concept:
+        """A concept as the command line names it: a concept JSON file (see `load`) or just a name. `keywords`
+        replace the file's (a name alone is its own keyword); `prompts` / `controls` are prompt files
+        (`documents.read_prompts`: a .json list, .jsonl or one text per line) replacing the texts."""
+        from dataclasses import replace
+
+        from ..documents import read_prompts
+
+        if Path(spec).suffix == ".json" and Path(spec).is_file():
+            c = cls.load(spec)
+            c = replace(c, keywords=list(keywords)) if keywords else c
+        else:
+            c = cls(spec, list(keywords) or [spec])
+        if prompts:
+            c.prompts = read_prompts(prompts)
+        if controls:
+            c.controls = read_prompts(controls)
+        return c
+
     def mentioned(self, text: str) -> bool:
         if self.match == "word":
             return mentions(text, self.keywords)

@@ -17,6 +17,7 @@ exactly x + Σ (f'ᵢ − fᵢ)·W_dec,ᵢ as in the Golden Gate experiments.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from ..errors import SteerError  # noqa: F401  (re-exported: their old home)
 from ..models import LoadedModel, Site, edit
+from .renamed import alias, renamed_strength, strength_from, warn_renamed
 
 POSITIONS = ("all", "prompt", "generated")
 FEATURE_OPS = ("clamp", "add", "scale", "ablate")
@@ -123,17 +125,18 @@ def feature_acts(sae, x: Tensor, idx: Tensor) -> Tensor:
 
 @dataclass
 class FeatureEdit:
-    """Edit one SAE feature: clamp to a value, add to it, scale it, or ablate it (set to 0).
+    """Edit one SAE feature: clamp it to a strength, add a strength to it, scale it by a strength, or ablate it.
 
-    value is the clamp target, the amount added, or the scale factor. unit="max" reads value as a multiple
-    of the feature's observed maximum activation `max_act` (the slider unit of the Golden Gate work:
-    10× max there), unit="raw" as an activation value.
+    unit="max" reads the strength as a multiple of the feature's max activation `max_act` (the slider unit of
+    the Golden Gate work: 10× max there); without `max_act` it is the max stored with the SAE
+    (`features.feature_max`), the one reference the CLI, the web and presets share. unit="raw" reads it in
+    activation units. `value=` is the old name of `strength` (still accepted, with a warning).
     """
 
     sae: object
     feature: int
     op: str = "clamp"
-    value: float = 0.0
+    strength: float = 0.0
     unit: str = "raw"
     max_act: float | None = None
     positions: str = "all"
@@ -146,7 +149,7 @@ class FeatureEdit:
         n = int(self.sae.W_dec.shape[0])
         if isinstance(self.feature, bool) or not isinstance(self.feature, int) or not 0 <= self.feature < n:
             raise SteerError(f"feature index {self.feature!r} is out of range: this SAE has {n} features (0..{n - 1})")
-        self.value = _check_finite(f"value of feature {self.feature}", self.value)
+        self.strength = _check_finite(f"strength of feature {self.feature}", self.strength)
         if self.unit not in ("raw", "max"):
             raise SteerError(f"unit must be 'raw' or 'max', got {self.unit!r}")
         if self.unit == "max" and self.op in ("clamp", "add"):
@@ -169,10 +172,10 @@ class FeatureEdit:
 
     @property
     def target(self) -> float:
-        """The value in activation units (clamp target / amount added / scale factor)."""
+        """The strength in activation units (clamp target / amount added / scale factor)."""
         if self.unit == "max" and self.op in ("clamp", "add"):
-            return self.value * float(self.max_act)
-        return self.value
+            return self.strength * float(self.max_act)
+        return self.strength
 
     def new_value(self, f: Tensor) -> Tensor:
         if self.op == "clamp":
@@ -221,16 +224,17 @@ class _FeatureGroup:
 class VectorEdit:
     """Edit along a direction at a site.
 
-    op="add": h + scale·vector (the vector as given; use `relative_scale` to express scale in units of the
+    op="add": h + strength·vector (the vector as given; presets can express the strength in units of the
     site's typical residual norm). op="project_out": remove the component along the direction.
-    op="clamp_projection": set the component along the unit direction to `value`.
+    op="clamp_projection": set the component along the unit direction to `strength`. The default strength is
+    1 for "add" and 0 for "clamp_projection". `scale=` (add) and `value=` (clamp_projection) are the old names
+    of `strength` (still accepted, with a warning).
     """
 
     vector: Tensor
     site: str
     op: str = "add"
-    scale: float = 1.0
-    value: float = 0.0
+    strength: float | None = None
     positions: str = "all"
     label: str = ""
     _unit: Tensor | None = field(default=None, repr=False)
@@ -244,8 +248,9 @@ class VectorEdit:
         if not torch.isfinite(v).all():
             raise SteerError("steering vector contains non-finite values")
         self.vector = v.float()
-        self.scale = _check_finite("vector scale", self.scale)
-        self.value = _check_finite("projection value", self.value)
+        if self.strength is None:
+            self.strength = 1.0 if self.op == "add" else 0.0
+        self.strength = _check_finite("vector strength", self.strength)
         _check_positions(self.positions)
         self.site = str(Site.parse(self.site))
         if self.op != "add":
@@ -265,16 +270,53 @@ class VectorEdit:
         if mask is False:
             return h
         if self.op == "add":
-            new = h + (self.scale * self.vector).to(h.dtype)
+            new = h + (self.strength * self.vector).to(h.dtype)
         else:
             u = self._unit
             proj = h.float() @ u  # [B, T]
-            target = 0.0 if self.op == "project_out" else self.value
+            target = 0.0 if self.op == "project_out" else self.strength
             new = h + ((target - proj)[..., None] * u).to(h.dtype)
         return _where(mask, new, h)
 
 
 Intervention = "FeatureEdit | VectorEdit"
+
+
+def _vector_init(init):
+    """VectorEdit(..., scale=s) / VectorEdit(..., value=c): the old keywords of `strength` for "add" and for
+    "clamp_projection"; the one an op does not read is ignored, as it always was."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, scale=None, value=None, **kw):
+        if scale is not None or value is not None:
+            op = args[2] if len(args) > 2 else kw.get("op", "add")
+            read = "scale" if op == "add" else "value" if op == "clamp_projection" else None
+            old = {"scale": scale, "value": value}
+            for name in old:
+                if name != read and old[name] is not None:
+                    warn_renamed(name, "strength", "VectorEdit")
+            if read is not None and old[read] is not None:
+                given = kw.get("strength", args[3] if len(args) > 3 else None)
+                kw["strength"] = strength_from(given, {read: old[read]}, "VectorEdit")
+        init(self, *args, **kw)
+
+    return __init__
+
+
+renamed_strength(FeatureEdit)
+VectorEdit.__init__ = _vector_init(VectorEdit.__init__)
+alias(
+    VectorEdit,
+    "scale",
+    lambda e: e.strength if e.op == "add" else 1.0,
+    lambda e, v: setattr(e, "strength", v) if e.op == "add" else None,
+)
+alias(
+    VectorEdit,
+    "value",
+    lambda e: e.strength if e.op == "clamp_projection" else 0.0,
+    lambda e, v: setattr(e, "strength", v) if e.op == "clamp_projection" else None,
+)
 
 
 # --------------------------------------------------------------------------- applying them
@@ -363,29 +405,42 @@ def steering(lm: LoadedModel, interventions: Sequence, *, prompt_len: int | None
 # --------------------------------------------------------------------------- short constructors
 
 
-def clamp(sae, feature: int, value: float, **kw) -> FeatureEdit:
-    return FeatureEdit(sae, feature, "clamp", value, **kw)
+def _strength(strength, kw: dict, old: str, where: str, default=None):
+    """The strength of a short constructor, given positionally, as strength= or under its old keyword."""
+    s = strength_from(strength, {old: kw.pop(old, None)}, where, stacklevel=5)
+    if s is None and default is None:
+        raise SteerError(f"{where}: give a strength")
+    return default if s is None else s
 
 
-def add_feature(sae, feature: int, value: float, **kw) -> FeatureEdit:
-    return FeatureEdit(sae, feature, "add", value, **kw)
+def clamp(sae, feature: int, strength: float | None = None, **kw) -> FeatureEdit:
+    """Set the feature to `strength` (activation units, or × its max with unit="max")."""
+    return FeatureEdit(sae, feature, "clamp", _strength(strength, kw, "value", "clamp"), **kw)
 
 
-def scale_feature(sae, feature: int, factor: float, **kw) -> FeatureEdit:
-    return FeatureEdit(sae, feature, "scale", factor, **kw)
+def add_feature(sae, feature: int, strength: float | None = None, **kw) -> FeatureEdit:
+    """Add `strength` to the feature (activation units, or × its max with unit="max")."""
+    return FeatureEdit(sae, feature, "add", _strength(strength, kw, "value", "add_feature"), **kw)
+
+
+def scale_feature(sae, feature: int, strength: float | None = None, **kw) -> FeatureEdit:
+    """Multiply the feature by `strength`."""
+    return FeatureEdit(sae, feature, "scale", _strength(strength, kw, "factor", "scale_feature"), **kw)
 
 
 def ablate(sae, feature: int, **kw) -> FeatureEdit:
     return FeatureEdit(sae, feature, "ablate", 0.0, **kw)
 
 
-def add_vector(vector: Tensor, site: str, scale: float = 1.0, **kw) -> VectorEdit:
-    return VectorEdit(vector, site, "add", scale=scale, **kw)
+def add_vector(vector: Tensor, site: str, strength: float | None = None, **kw) -> VectorEdit:
+    """h + strength · vector (strength 1 by default)."""
+    return VectorEdit(vector, site, "add", _strength(strength, kw, "scale", "add_vector", 1.0), **kw)
 
 
 def project_out(direction: Tensor, site: str, **kw) -> VectorEdit:
     return VectorEdit(direction, site, "project_out", **kw)
 
 
-def clamp_projection(direction: Tensor, site: str, value: float, **kw) -> VectorEdit:
-    return VectorEdit(direction, site, "clamp_projection", value=value, **kw)
+def clamp_projection(direction: Tensor, site: str, strength: float | None = None, **kw) -> VectorEdit:
+    """Set h's component along the unit direction to `strength`."""
+    return VectorEdit(direction, site, "clamp_projection", _strength(strength, kw, "value", "clamp_projection"), **kw)

@@ -1,18 +1,20 @@
 """Presets: a named list of interventions saved as JSON — the "semantic equalizer" settings.
 
-    {"format": "thoughtscope-preset-1", "name": "golden_gate", "description": "...",
+    {"format": "thoughtscope-preset-2", "name": "golden_gate", "description": "...",
      "interventions": [
        {"type": "feature", "op": "clamp", "site": "resid.15", "sae": "default", "feature": 1234,
-        "value": 10.0, "unit": "max", "max_act": 3.1, "positions": "all", "label": "Golden Gate Bridge",
+        "strength": 10.0, "unit": "max", "max_act": 3.1, "positions": "all", "label": "Golden Gate Bridge",
         "range": [0, 20], "suggested": 8.0},
        {"type": "vector", "op": "add", "site": "resid.12", "vector": "happy.safetensors",
-        "value": 0.5, "unit": "norm", "positions": "generated", "label": "happy"}]}
+        "strength": 0.5, "unit": "norm", "positions": "generated", "label": "happy"}]}
 
-`value` is the slider of every item: clamp target / amount added / scale factor for features; for
-vectors the scale of "add" (unit "norm": multiples of the site's typical residual norm along the unit
-direction; "raw": the vector as saved times value) or the target of "clamp_projection". `range` and
-`suggested` hold a calibrated slider range (from `steer sweep`). Paths are relative to the preset file;
-"sae": "default" names the SAE shipped with the package.
+`strength` is the slider of every item: clamp target / amount added / scale factor for features (unit
+"max": × `max_act`, or × the max stored with the SAE when the item has none); for vectors the strength of
+"add" (unit "norm": multiples of the site's typical residual norm along the unit direction; "raw": the
+vector as saved times strength) or the target of "clamp_projection". `range` and `suggested` hold a
+calibrated slider range (from `steer sweep`). Paths are relative to the preset file; "sae": "default" names
+the SAE shipped with the package. Files written before strength had one name (format
+"thoughtscope-preset-1") call it "value"; they load unchanged.
 """
 
 from __future__ import annotations
@@ -28,9 +30,19 @@ import torch
 
 from .._io import atomic_write_json
 from ..models import LoadedModel, Site
-from .interventions import FEATURE_OPS, POSITIONS, VECTOR_OPS, FeatureEdit, SteerError, VectorEdit, validate
+from .interventions import (
+    FEATURE_OPS,
+    POSITIONS,
+    VECTOR_OPS,
+    FeatureEdit,
+    SteerError,
+    VectorEdit,
+    renamed_strength,
+    validate,
+)
 
-FORMAT = "thoughtscope-preset-1"
+FORMAT = "thoughtscope-preset-2"
+OLD_KEYS = {"value": "strength"}  # keys of older preset files -> their name now
 
 
 def default_sae_path() -> Path:
@@ -61,12 +73,13 @@ def find_preset(name_or_path: str) -> Path:
     )
 
 
+@renamed_strength
 @dataclass
 class PresetItem:
     type: str  # "feature" | "vector"
     op: str
     site: str
-    value: float = 0.0
+    strength: float = 0.0
     feature: int | None = None  # type feature
     sae: str | None = None  # type feature: folder or "default"
     unit: str = "raw"  # feature: raw | max ; vector add: raw | norm
@@ -88,7 +101,7 @@ class PresetItem:
             Site.parse(self.site)
         except ValueError as e:
             raise SteerError(f"{where}: {e}") from None
-        for name in ("value", "max_act", "suggested"):
+        for name in ("strength", "max_act", "suggested"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise SteerError(f"{where}: {name} must be a finite number, got {v!r}")
@@ -147,6 +160,7 @@ class Preset:
             where = f"{source}, intervention {i}"
             if not isinstance(raw, dict):
                 raise SteerError(f"{where}: expected an object, got {type(raw).__name__}")
+            raw = _current_keys(raw, where)
             unknown = set(raw) - names
             if unknown:
                 raise SteerError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(names)})")
@@ -174,12 +188,19 @@ class Preset:
         p.path = path
         return p
 
-    def with_value(self, index: int, value: float) -> Preset:
-        """A copy with item `index` set to `value` (what a slider or a sweep does)."""
+    def with_strength(self, index: int, strength: float) -> Preset:
+        """A copy with item `index` set to `strength` (what a slider or a sweep does)."""
         items = [PresetItem(**asdict(it)) for it in self.items]
-        items[index].value = float(value)
+        items[index].strength = float(strength)
         items[index].check(f"preset {self.name}, intervention {index}")
         return Preset(self.name, items, self.description, self.model, self.path)
+
+    def with_value(self, index: int, value: float) -> Preset:
+        """Deprecated name of `with_strength`."""
+        import warnings
+
+        warnings.warn("Preset.with_value is now Preset.with_strength", DeprecationWarning, stacklevel=2)
+        return self.with_strength(index, value)
 
     # -- to interventions
     def build(self, lm: LoadedModel, *, sae_cache: dict | None = None) -> list:
@@ -202,7 +223,7 @@ class Preset:
                             sae,
                             it.feature,
                             it.op,
-                            it.value,
+                            it.strength,
                             unit=it.unit,
                             max_act=it.max_act,
                             positions=it.positions,
@@ -216,6 +237,51 @@ class Preset:
             except SteerError as e:
                 raise SteerError(f"{where}: {e}") from None
         return out
+
+
+def sae_spec(sae, base: Path) -> str:
+    """How a preset names an SAE: "default", a path relative to the preset's folder `base`, or absolute."""
+    src = getattr(sae, "source_dir", None)
+    if src is None:
+        raise SteerError("the SAE was not loaded from a folder; save it (save_sae) and load it before saving a preset")
+    src = Path(src).resolve()
+    if src == default_sae_path().resolve():
+        return "default"
+    try:
+        return str(src.relative_to(Path(base).resolve()))
+    except ValueError:
+        return str(src)
+
+
+def feature_preset(sae, feature: int, folder: str | Path, *, strength: float = 1.0, positions: str = "all") -> Preset:
+    """A one-slider preset: a clamp of `feature` at `strength` × the max stored with the SAE, to be saved in
+    `folder` (what `steer sweep --feature` sweeps). Raises SteerError when the SAE stores no maxima."""
+    from ..features import feature_max
+
+    ref = feature_max(sae)
+    if ref is None:
+        where = getattr(sae, "source_dir", None) or "FOLDER"
+        raise SteerError(
+            f"the SAE stores no feature maxima for 'x max'; run 'thoughtscope features stats --sae {where}'"
+        )
+    n = ref.values.numel()
+    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n:
+        raise SteerError(f"feature {feature} is out of range: the SAE has {n} features (0..{n - 1})")
+    folder = Path(folder).resolve()
+    item = PresetItem(
+        "feature",
+        "clamp",
+        str(Site.parse(sae.cfg.site)),
+        float(strength),
+        feature=feature,
+        sae=sae_spec(sae, folder),
+        unit="max",
+        max_act=float(ref.values[feature]),
+        positions=positions,
+    )
+    p = Preset(f"feature-{feature}", [item], f"clamp of feature {feature} in x its max ({ref.source})")
+    p.path = folder / f"feature-{feature}.json"  # relative paths in it resolve against `folder`
+    return p
 
 
 def resolve_sae_path(spec: str, base: Path) -> Path:
@@ -260,22 +326,25 @@ def _vector_item(it: PresetItem, base: Path, lm: LoadedModel) -> VectorEdit:
         v, typical = sv.vector, sv.typical_norm
     if v.dim() != 1 or v.shape[0] != lm.d_model:
         raise SteerError(f"vector has shape {tuple(v.shape)} but {lm.name} has d_model={lm.d_model}")
-    scale = it.value
+    strength = it.strength
     if it.op == "add" and it.unit == "norm":
         n = float(v.norm())
         if n == 0:
             raise SteerError("cannot use unit 'norm' with a zero vector")
         typical = typical if typical is not None else site_norm(lm, it.site)
-        v, scale = v / n, it.value * typical
-    return VectorEdit(
-        v,
-        it.site,
-        it.op,
-        scale=scale if it.op == "add" else 1.0,
-        value=it.value if it.op == "clamp_projection" else 0.0,
-        positions=it.positions,
-        label=it.label,
-    )
+        v, strength = v / n, it.strength * typical
+    return VectorEdit(v, it.site, it.op, strength, positions=it.positions, label=it.label)
+
+
+def _current_keys(raw: dict, where: str) -> dict:
+    """An item's keys as they are named now: a file written before the rename says "value" for "strength"."""
+    out = dict(raw)
+    for old, new in OLD_KEYS.items():
+        if old in out:
+            if new in out:
+                raise SteerError(f"{where}: give {new!r} only ({old!r} is its old name)")
+            out[new] = out.pop(old)
+    return out
 
 
 def preset_from_interventions(name: str, interventions, *, sae_paths: dict | None = None) -> Preset:
@@ -291,7 +360,7 @@ def preset_from_interventions(name: str, interventions, *, sae_paths: dict | Non
                     "feature",
                     iv.op,
                     iv.site,
-                    iv.value,
+                    iv.strength,
                     feature=iv.feature,
                     sae=str(path),
                     unit=iv.unit,
@@ -301,13 +370,12 @@ def preset_from_interventions(name: str, interventions, *, sae_paths: dict | Non
                 )
             )
         else:
-            val = iv.scale if iv.op == "add" else iv.value
             items.append(
                 PresetItem(
                     "vector",
                     iv.op,
                     iv.site,
-                    val,
+                    iv.strength,
                     vector=[float(x) for x in iv.vector.cpu()],
                     positions=iv.positions,
                     label=iv.label,

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..documents import jsonl_objects, read_prompts, read_utf8
 from ..features import SCORES, FeatureScore, contrast_features
 from ..models import LoadedModel
+from .calibrate import NEUTRAL_PROMPTS, SweepResult, plot_sweep, save_sweep, sweep_preset
+from .find import FindConfig, FindResult, find_handle, save_preset
 from .generate import Comparison, GenerationConfig, compare
+from .handles import Concept
 from .interventions import SteerError
 from .presets import Preset
 from .vectors import SteeringVector, fit_vector
@@ -43,27 +48,7 @@ def print_comparisons(comps: Sequence[Comparison], console=None, *, title: str =
         console.print(t)
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """Prompts from a file: one per line (.txt) or a JSON list / JSONL with a "text" field."""
-    path = Path(path)
-    if not path.is_file():
-        raise SteerError(f"prompt file not found: {path}")
-    raw = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(raw)
-        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise SteerError(f"{path}: expected a JSON list of strings")
-        return data
-    if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(raw.splitlines()):
-            if line.strip():
-                obj = json.loads(line)
-                if "text" not in obj:
-                    raise SteerError(f"{path}, line {i + 1}: no 'text' field")
-                out.append(obj["text"])
-        return out
-    return [line for line in raw.splitlines() if line.strip()]
+read_lines = read_prompts  # the old name: one prompt-file reader (documents.read_prompts) for every caller
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
@@ -71,12 +56,15 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise SteerError(f"pairs file not found: {path}")
-    text = path.read_text()
+    text = read_utf8(path)
     rows: list = []
     if path.suffix == ".json":
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SteerError(f"{path}: not valid JSON ({e}); expected a list of pairs") from None
     elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = [rec for _, rec in jsonl_objects(text, SteerError, lambda n: f"{path}, line {n}")]
     else:
         for i, line in enumerate(text.splitlines()):
             if line.strip():
@@ -95,10 +83,16 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
 
 
 def vector_fit(
-    lm: LoadedModel, site: str, pairs_path: str | Path, out: str | Path, *, method: str = "mean"
+    lm: LoadedModel,
+    site: str,
+    pairs_path: str | Path,
+    out: str | Path,
+    *,
+    method: str = "mean",
+    texts_per_batch: int = 16,
 ) -> SteeringVector:
     """`thoughtscope vector fit`: pairs file -> .safetensors steering vector (usable in presets)."""
-    v = fit_vector(lm, site, read_pairs(pairs_path), method=method)
+    v = fit_vector(lm, site, read_pairs(pairs_path), method=method, texts_per_batch=texts_per_batch)
     v.save(out)
     return v
 
@@ -139,4 +133,63 @@ def features_contrast(
     top: int = 20,
 ) -> list[FeatureScore]:
     """`thoughtscope features contrast`: prompt and control files -> ranked features."""
-    return contrast_features(lm, sae, site, read_lines(prompts_path), read_lines(controls_path), score=score, top=top)
+    return contrast_features(
+        lm, sae, site, read_prompts(prompts_path), read_prompts(controls_path), score=score, top=top
+    )
+
+
+@dataclass
+class SweepFiles:
+    """What `sweep_to_files` wrote: the result (OUT.json), its plot (OUT.png, None without matplotlib) and the
+    preset with the calibrated range and suggested strength (OUT.preset.json)."""
+
+    result: SweepResult
+    json: Path
+    png: Path | None
+    preset: Path
+
+
+def sweep_to_files(
+    lm: LoadedModel,
+    preset: Preset,
+    strengths: Sequence[float],
+    out: str | Path,
+    *,
+    index: int = 0,
+    keywords: Sequence[str] = (),
+    ppl_bound: float = 2.0,
+    prompts: Sequence[str] = NEUTRAL_PROMPTS,
+    config: GenerationConfig | None = None,
+) -> SweepFiles:
+    """`thoughtscope steer sweep`: sweep item `index` of the preset and write OUT.json, OUT.png and
+    OUT.preset.json (the preset with the calibrated range, at the suggested strength)."""
+    out = Path(out)
+    result, calibrated = sweep_preset(
+        lm, preset, strengths, index=index, keywords=keywords, ppl_bound=ppl_bound, prompts=prompts, config=config
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    js = save_sweep(result, out.with_suffix(".json"))
+    png = plot_sweep(result, out.with_suffix(".png"))
+    return SweepFiles(result, js, png, calibrated.save(out.with_suffix(".preset.json")))
+
+
+def find_to_files(
+    lm: LoadedModel,
+    sae,
+    concept: Concept,
+    *,
+    questions: Sequence[str] = NEUTRAL_PROMPTS,
+    config: FindConfig | None = None,
+    preset: str | Path | None = None,
+    json_out: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[FindResult, Path | None]:
+    """`thoughtscope steer find`: search and calibrate a handle for the concept, write the whole search to
+    `json_out` (when given) and the winner as a preset (default steer-find-NAME.json). Returns the result and
+    the preset's path (None when no handle raised the concept rate within the bound)."""
+    res = find_handle(lm, sae, concept, questions=questions, config=config, progress=progress)
+    if json_out is not None:
+        res.save(json_out)
+    if res.best is None:
+        return res, None
+    return res, save_preset(res, sae, preset or Path(f"steer-find-{concept.name.replace(' ', '_')}.json"))

@@ -2,7 +2,7 @@
 
 Two methods on the site's activation at the last token of each prompt:
 - "mean": mean of (positive − negative) over the pairs (CAA, Rimsky et al.); keeps its natural size,
-  so `scale=1` adds exactly the average difference;
+  so strength 1 adds exactly the average difference;
 - "pca": first principal component of the paired differences, centred over pairs as repeng's
   `pca_diff` does (sklearn's PCA centres), unit length, sign chosen so that positives project above their
   negatives in most pairs (repeng's rule).
@@ -22,6 +22,7 @@ import torch
 from .._io import atomic_save_tensors
 from ..models import LoadedModel, Site, capture
 from .interventions import SteerError
+from .renamed import renamed_keyword
 
 METHODS = ("mean", "pca")
 
@@ -33,7 +34,7 @@ class SteeringVector:
     method: str = "mean"
     model: str = ""
     n_pairs: int = 0
-    typical_norm: float | None = None  # median residual norm at the site (unit of relative scales)
+    typical_norm: float | None = None  # median residual norm at the site (the unit "norm" of vector strengths)
     extra: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
@@ -82,13 +83,23 @@ class SteeringVector:
 
 
 def last_token_acts(
-    lm: LoadedModel, site: str | Site, texts: Sequence[str], *, batch_size: int = 16, add_bos: bool = True
+    lm: LoadedModel,
+    site: str | Site,
+    texts: Sequence[str],
+    *,
+    texts_per_batch: int | None = None,
+    add_bos: bool = True,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Activation at the site for the last real token of each text, [N, d] float32."""
+    """Activation at the site for the last real token of each text, [N, d] float32. `texts_per_batch`: texts
+    per forward pass (default 16; `batch_size` is its old name)."""
+    n = renamed_keyword(
+        texts_per_batch, batch_size, new="texts_per_batch", old="batch_size", where="last_token_acts", default=16
+    )
     site = lm.check_site(site)
     out = []
-    for i in range(0, len(texts), batch_size):
-        chunk = list(texts[i : i + batch_size])
+    for i in range(0, len(texts), n):
+        chunk = list(texts[i : i + n])
         ids, mask = lm.tokenize(chunk, add_bos=add_bos)
         acts = capture(lm, site, ids, mask)[site].float()
         last = mask.sum(1) - 1
@@ -112,11 +123,16 @@ def fit_vector(
     pairs: Sequence[tuple[str, str]],
     *,
     method: str = "mean",
-    batch_size: int = 16,
+    texts_per_batch: int | None = None,
     typical_norm: bool = True,
     add_bos: bool = True,
+    batch_size: int | None = None,
 ) -> SteeringVector:
-    """Fit a steering vector at a site from (positive, negative) prompt pairs (last-token activations)."""
+    """Fit a steering vector at a site from (positive, negative) prompt pairs (last-token activations).
+    `texts_per_batch`: texts per forward pass (default 16; `batch_size` is its old name)."""
+    n = renamed_keyword(
+        texts_per_batch, batch_size, new="texts_per_batch", old="batch_size", where="fit_vector", default=16
+    )
     if method not in METHODS:
         raise SteerError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     pairs = [tuple(p) for p in pairs]
@@ -126,7 +142,7 @@ def fit_vector(
         )
     site = lm.check_site(site)
     texts = [t for p in pairs for t in p]
-    h = last_token_acts(lm, site, texts, batch_size=batch_size, add_bos=add_bos)
+    h = last_token_acts(lm, site, texts, texts_per_batch=n, add_bos=add_bos)
     pos, neg = h[0::2], h[1::2]
     diffs = pos - neg
     if method == "mean":
@@ -143,7 +159,7 @@ def fit_vector(
 def site_norm(lm: LoadedModel, site: str | Site, texts: Sequence[str] | None = None) -> float:
     """Median L2 norm of the residual at the site over ordinary text, position 0 excluded (attention sink).
 
-    This is the unit of "relative" vector scales: scale 0.5 adds half a typical activation's length.
+    This is the unit of "relative" vector strengths (unit "norm"): 0.5 adds half a typical activation's length.
     """
     from .calibrate import NEUTRAL_PROMPTS
 

@@ -1,12 +1,12 @@
 // The equalizer: sliders <-> URL (replaceState), and one server-sent-events stream that fills three columns.
-// Feature sliders are logarithmic: position t in [-100, 100] means value sign(t) * (101^(|t|/100) - 1) / 10,
-// so the first half of the travel covers 0..0.9x max activation and the rest reaches 10x.
+// Feature sliders are logarithmic: position t in [-100, 100] means strength sign(t) * (101^(|t|/100) - 1) / 10,
+// so the first half of the travel covers 0..0.9x max (the max stored with the SAE) and the rest reaches 10x.
 
 const form = document.getElementById("mixer");
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
 
-export const toValue = (t) => Math.sign(t) * (Math.pow(101, Math.abs(t) / 100) - 1) / 10;
+export const toStrength = (t) => Math.sign(t) * (Math.pow(101, Math.abs(t) / 100) - 1) / 10;
 export const toPosition = (v) => Math.sign(v) * 100 * Math.log(1 + 10 * Math.min(Math.abs(v), 10)) / Math.log(101);
 const round = (x) => Math.round(x * 100) / 100;
 
@@ -25,7 +25,7 @@ function state() {
     const v = Number($(".val", row).value) || 0;
     if (v !== 0) q.append("p", `${row.dataset.preset}:${v}`);
   }
-  for (const name of ["gain", "seed", "temp", "max", "where"]) q.set(name, form.elements[name].value);
+  for (const name of ["strength", "seed", "temp", "max_new_tokens", "where"]) q.set(name, form.elements[name].value);
   const base = $("#baseline").value.trim();
   if (base) q.set("baseline", base);
   return q.toString();
@@ -42,7 +42,7 @@ function wire(row) {
   const log = range.classList.contains("log");
   const show = () => { range.value = log ? toPosition(Number(box.value) || 0) : box.value; };
   show();
-  range.addEventListener("input", () => { box.value = log ? round(toValue(Number(range.value))) : range.value; sync(); });
+  range.addEventListener("input", () => { box.value = log ? round(toStrength(Number(range.value))) : range.value; sync(); });
   box.addEventListener("change", () => { show(); sync(); });
   if (op) op.addEventListener("change", () => { row.classList.toggle("ablated", op.value === "ablate"); sync(); });
   if (op) row.classList.toggle("ablated", op.value === "ablate");
