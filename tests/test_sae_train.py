@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from test_sae import D_MODEL, FAST, make_batches, recovery
+from helpers.sae_data import D_MODEL, FAST, make_batches, recovery
 
 import thoughtscope.sae as S
 from thoughtscope.sae import SAEConfig, SAEError, TrainConfig

@@ -45,10 +45,10 @@ def make_store_rows(n: int, d: int, seed: int = 0, *, doc_position: bool = True)
 
 
 def env_with_tests_on_path() -> dict:
-    """The environment for a child Python process that imports tests/helpers.py."""
+    """The environment for a child Python process that imports the tests/helpers package."""
     import os
     from pathlib import Path
 
-    here = str(Path(__file__).parent)
+    here = str(Path(__file__).parent.parent)  # tests/, where the helpers package lives
     old = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": here + (os.pathsep + old if old else "")}
