@@ -3,13 +3,14 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from thoughtscope.cli import app
 from thoughtscope.features import top_features_at
 from thoughtscope.models import load_model, tiny_model
 from thoughtscope.sae import SAEConfig, build_sae, load_sae, save_sae
-from thoughtscope.steer import GenerationConfig
+from thoughtscope.steer import GenerationConfig, SteeringVector
 from thoughtscope.steer.run import features_contrast, steer_with_preset
 
 runner = CliRunner()
@@ -62,9 +63,17 @@ def test_vector_fit_then_steer_with_preset(root):
             "resid.1",
             "--model",
             root / "model",
+            "--texts-per-batch",
+            3,
         ]
     )
     assert (root / "v.safetensors").is_file()
+    fitted = SteeringVector.load(root / "v.safetensors").vector
+    # --batch-size, its old name, still works (hidden, with a warning) and means the same: texts per pass
+    args = ["vector", "fit", root / "pairs.jsonl", "--out", root / "old.safetensors", "--site", "resid.1"]
+    r = _ok([*args, "--model", root / "model", "--batch-size", 3])
+    assert "--batch-size is deprecated" in r.output and "use --texts-per-batch" in r.output
+    assert torch.equal(SteeringVector.load(root / "old.safetensors").vector, fitted)
     r = _ok(
         [
             "steer",

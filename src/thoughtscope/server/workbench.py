@@ -103,6 +103,20 @@ class Workbench:
                 "(run 'thoughtscope features stats --sae FOLDER' to store them)"
             )
 
+    @property
+    def max_acts(self) -> np.ndarray:
+        """Deprecated: what 1 on a feature slider is in activation units (the max stored with the SAE, or 1 where
+        sliders are raw). It used to be the atlas's maxima, which no slider uses now (`atlas_max`)."""
+        import warnings
+
+        warnings.warn(
+            "Workbench.max_acts is deprecated: sliders use slider_max (stored with the SAE); atlas_max is the "
+            "atlas's observed max, for display",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.slider_max if self.slider_max is not None else np.ones(self.n_features)
+
     def to_slider(self, feature: int, strength: float, unit: str, max_act: float | None) -> float:
         """A feature strength as a preset or sweep gives it (unit "max" against its own `max_act`, or the SAE's
         when it has none; or "raw"), in this workbench's slider unit: the same absolute activation."""

@@ -31,6 +31,7 @@ from ..models import LoadedModel
 from ..progress import ProgressBar
 from .generate import GenerationConfig, format_prompt, generate
 from .interventions import SteerError
+from .renamed import renamed_keyword
 
 NEUTRAL_PROMPTS = [
     "What should I cook for dinner tonight?",
@@ -95,10 +96,14 @@ def perplexity(
     prompt_ids: Sequence[Sequence[int]],
     answer_ids: Sequence[Sequence[int]],
     *,
-    texts_per_batch: int = 8,
+    texts_per_batch: int | None = None,
+    batch_size: int | None = None,
 ) -> tuple[float, int]:
     """exp(mean NLL) of the answer tokens given their prompts under the (unsteered) model; (ppl, n_tokens).
-    `texts_per_batch`: prompt + answer texts per forward pass."""
+    `texts_per_batch`: prompt + answer texts per forward pass (default 8; `batch_size` is its old name)."""
+    texts_per_batch = renamed_keyword(
+        texts_per_batch, batch_size, new="texts_per_batch", old="batch_size", where="perplexity", default=8
+    )
     nll, count = 0.0, 0
     pairs = [(list(p), list(a)) for p, a in zip(prompt_ids, answer_ids) if len(a)]
     for i in range(0, len(pairs), texts_per_batch):
