@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from thoughtscope.nla import TrainConfig, explain_text, load_nla
+from thoughtscope.nla import NLATrainConfig, explain_text, load_nla
 from thoughtscope.nla.bundle import WARM_AV_FILE, load_weights
 from thoughtscope.nla.grpo import rl_step
 from thoughtscope.nla.recipe import stage_settings
@@ -54,7 +54,7 @@ def training_vectors(nla, n: int) -> torch.Tensor:
     return rows["vectors"][rows["split"] == 0][:n].float()
 
 
-def one_step(nla, start: dict, vectors: torch.Tensor, cfg: TrainConfig, seed: int, cached: bool) -> dict:
+def one_step(nla, start: dict, vectors: torch.Tensor, cfg: NLATrainConfig, seed: int, cached: bool) -> dict:
     """Restore the starting weights, run one RL step on `vectors` with `seed`; seconds, phases, figures, weights."""
     nla.av.load_adapter_state(start["av"])
     nla.ar.load_adapter_state(start["ar"])
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     nla = load_nla("default")
     load_s = time.perf_counter() - t
-    cfg = TrainConfig(**stage_settings("rl"))
+    cfg = NLATrainConfig(**stage_settings("rl"))
     vectors = training_vectors(nla, cfg.batch_size)
     # the rl stage's reference is the warm-start AV; the policy starts from the shipped (final) weights
     final_av = {k: v.detach().clone() for k, v in nla.av.adapter_state().items()}

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from thoughtscope.nla.metric import bootstrap_ci, fve, normalise
     from thoughtscope.nla.prose import prose_share
     from thoughtscope.nla.recipe import DEFAULT_RECIPE, stage_settings
-    from thoughtscope.nla.train import TrainConfig, train_stage
+    from thoughtscope.nla.train import NLATrainConfig, train_stage
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
             harvest_rows(lm, DataConfig(**{**data_kwargs, "warm_start": warm})).save(data_dir)
         rows = NLARows.load(data_dir)
         shares[style] = prose_share(rows.explanations)
-        train_stage(nla_dir, data_dir, TrainConfig(**stage), lm=lm)
+        train_stage(nla_dir, data_dir, NLATrainConfig(**stage), lm=lm)
         val = rows.subset("val")
         if gold is not None and not torch.equal(gold, val.vectors):
             raise SystemExit("the two datasets hold different vectors: they must differ only in their labels")

@@ -31,7 +31,7 @@ def main(out: str = "examples/nla/steer_words.json") -> None:
     for which in ("final", "rl", "warm"):
         nla = load_nla("default", lm=lm, which=which)
         for scale in (0.0, 1.0, 4.0, 8.0):
-            r = steer_from_words(nla, PROMPT, ORIGINAL, EDITED, scale=scale, max_new_tokens=16)
+            r = steer_from_words(nla, PROMPT, ORIGINAL, EDITED, strength=scale, max_new_tokens=16)
             text = r["steered"] if scale else r["unsteered"]
             rows.append(
                 {

@@ -154,7 +154,7 @@ def llm_explanation(
     try:
         return client.call(
             [{"role": "user", "content": LLM_PROMPT.format(words=max_words, text=text)}],
-            max_tokens=120,
+            max_new_tokens=120,
             temperature=1.0,
             parse=lambda reply: " ".join(reply.split()),
         )
