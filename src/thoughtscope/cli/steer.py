@@ -256,7 +256,7 @@ def vector_fit_cmd(
     site: str = typer.Option("resid.15"),
     method: str = typer.Option("mean", help="mean (CAA mean difference) or pca (first PC of paired differences)"),
     model: str = typer.Option("default"),
-    texts_per_batch: int | None = typer.Option(None, help="texts per forward pass [default: 16]"),
+    texts_per_batch: int | None = typer.Option(None, help="texts per forward pass (default 16)"),
     batch_size: int | None = typer.Option(None, "--batch-size", hidden=True),
 ) -> None:
     """Fit a steering vector from contrastive prompt pairs."""

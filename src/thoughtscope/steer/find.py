@@ -47,11 +47,11 @@ class FindConfig:
     n_features: int = 4
     """Feature candidates per ranking (input contrast, output effect): features; 0 for none."""
     caa_sites: Sequence[str] | None = None
-    """Sites of the CAA vector candidates (site names); None: the SAE's site and the layers at 1/3 and 2/3 of the
-    depth; [] for none."""
+    """Sites of the CAA vector candidates (site names); unset (None): the SAE's site and the layers at 1/3 and 2/3
+    of the depth; empty: none."""
     logit_sites: Sequence[str] | None = None
-    """Sites where the concept tokens' logit direction is a candidate (site names); None: the layer at 5/6 of the
-    depth; [] for none."""
+    """Sites where the concept tokens' logit direction is a candidate (site names); unset (None): the layer at 5/6
+    of the depth; empty: none."""
     n_screen: int = 6
     """Neutral questions every candidate is screened on (questions)."""
     screen_tokens: int = 24
