@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     ivs = [
         FeatureEdit(sae, 7, "clamp", 5.0, site=site, label="clamp"),
-        VectorEdit(torch.randn(lm.d_model, generator=g), vec_site, "add", scale=0.1, positions="generated"),
+        VectorEdit(torch.randn(lm.d_model, generator=g), vec_site, "add", strength=0.1, positions="generated"),
         VectorEdit(sae.W_dec[11].detach(), site, "project_out"),
     ]
     n_new = 16 if args.quick else 64

@@ -150,13 +150,13 @@ def measure_first_token(wb, url: str, feature: int, reps: int, n_new: int) -> di
 
     prompt = "Tell me about your favourite place."
     cfg = GenerationConfig(max_new_tokens=n_new, temperature=0.5, top_p=0.9, seed=16)
-    ivs = [clamp(wb.sae, feature, 2.0, unit="max", max_act=float(wb.max_acts[feature]))]
+    ivs = [clamp(wb.sae, feature, 2.0, unit="max")]
     q = {
         "prompt": prompt,
         "f": f"{feature}:clamp:2",
         "seed": 16,
         "temp": 0.5,
-        "max": n_new,
+        "max_new_tokens": n_new,
         "baseline": "Talk about the sea.",
     }
     plain, streamed = [], []
@@ -203,7 +203,7 @@ async def _load_round(url: str, n: int, conc: int, text: str, n_new: int) -> tup
                 else:
                     ok = False
                     async with c.stream(
-                        "GET", f"{url}/steer/stream", params={"prompt": "hi", "max": n_new, "seed": i}
+                        "GET", f"{url}/steer/stream", params={"prompt": "hi", "max_new_tokens": n_new, "seed": i}
                     ) as r:
                         async for line in r.aiter_lines():
                             ok = ok or line == "event: end"

@@ -1,22 +1,12 @@
-"""Shared test helpers."""
+"""Fixtures every test module may use: one torch thread for tiny problems, headless Chromium, the planted-letters
+atlas. Builders and shared data live in the `helpers` package."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
-import torch
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Tiny matmuls are far faster single-threaded on a loaded 2-core machine than with a contended pool."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+from helpers import single_thread
+from helpers.browser import browser  # noqa: F401  (the headless Chromium fixture, for every browser test)
+from helpers.letters_atlas import planted  # noqa: F401  (the planted-letters atlas fixture)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from test_atlas_fixtures import (
+from helpers.atlas_fixtures import (
     OUT_CHAR,
     PLANT,
     PLANT_CHAR,

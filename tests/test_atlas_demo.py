@@ -6,14 +6,14 @@ import io
 
 import pytest
 import torch
-from rich.console import Console
-from test_atlas_fixtures import (
+from helpers.atlas_fixtures import (
     PLANT,
     identity_model,
     one_thread,
     planted_sae,
     write_corpus,
 )
+from rich.console import Console
 
 from thoughtscope.atlas import Atlas, AtlasConfig, AtlasError, build_atlas
 from thoughtscope.corpus import Corpus

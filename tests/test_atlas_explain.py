@@ -10,7 +10,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from test_atlas_fixtures import (
+from helpers.atlas_fixtures import (
     PLANT,
     PLANT_CHAR,
     identity_model,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_atlas_explain_offline import PLANTED, build_letters_atlas
-from test_atlas_fixtures import identity_model, one_thread
+from helpers.atlas_fixtures import identity_model, one_thread
+from helpers.letters_atlas import PLANTED, build_letters_atlas
 from typer.testing import CliRunner
 
 from thoughtscope.atlas import Atlas

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_atlas_explain_offline import build_letters_atlas
-from test_atlas_fixtures import identity_model, one_thread
+from helpers.atlas_fixtures import identity_model, one_thread
+from helpers.letters_atlas import build_letters_atlas
 from typer.testing import CliRunner
 
 from thoughtscope.atlas import Atlas

@@ -4,7 +4,7 @@ offline explainer's use of the background text: it learns only from contexts tha
 from __future__ import annotations
 
 import pytest
-from test_atlas_explain_offline import CFG, PLANTED, planted  # noqa: F401  (the shared planted atlas)
+from helpers.letters_atlas import CFG, PLANTED
 
 from thoughtscope.atlas import Atlas, LexicalScorer, parse_cues
 from thoughtscope.atlas.heldout import ExplainConfig, prepare, random_context_halves

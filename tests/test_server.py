@@ -8,7 +8,7 @@ import threading
 
 import pytest
 from fastapi.testclient import TestClient
-from test_server_fixtures import PLANT, PLANT_LABEL, shared_tiny
+from helpers.server_fixtures import PLANT, PLANT_LABEL, shared_tiny
 
 from thoughtscope.errors import ServerError
 from thoughtscope.server import ServerConfig, create_app
@@ -189,7 +189,7 @@ def test_a_web_slider_at_1x_max_is_the_librarys_clamp_at_1x_max(c, wb):
 
 
 def test_an_sae_without_stored_maxima_gets_raw_sliders_and_says_so(wb):
-    from test_atlas_fixtures import planted_sae
+    from helpers.atlas_fixtures import planted_sae
 
     from thoughtscope.server import Workbench
 

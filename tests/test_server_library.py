@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_atlas_fixtures import PLANT, PLANT_CHAR, identity_model, planted_sae
+from helpers.atlas_fixtures import PLANT, PLANT_CHAR, identity_model, planted_sae
 
 from thoughtscope.analyzer import AnalyzerError, analyze_text, chat_text, compare_texts
 from thoughtscope.models import tiny_model

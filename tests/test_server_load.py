@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from test_server_fixtures import shared_tiny
+from helpers.server_fixtures import shared_tiny
 from web import Live, load_test
 
 from thoughtscope.server import ServerConfig, create_app

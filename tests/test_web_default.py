@@ -9,7 +9,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
-from test_web import LiveServer, browser, shot  # noqa: F401  (browser is a fixture)
+from helpers.browser import LiveServer, shot
 
 from thoughtscope.server import ServerConfig, create_app, load_workbench
 

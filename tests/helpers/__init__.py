@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
     "hello world, this is a tiny corpus",
@@ -52,3 +54,16 @@ def env_with_tests_on_path() -> dict:
     here = str(Path(__file__).parent.parent)  # tests/, where the helpers package lives
     old = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": here + (os.pathsep + old if old else "")}
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Tiny matmuls are far faster single-threaded on a loaded 2-core machine than with a contended pool."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -222,12 +222,14 @@ def load_default_steering() -> dict:
     if not p.is_file():
         raise FileNotFoundError(
             f"{p} is missing: run `python scripts/steer_demo.py concept ... --json ...` and "
-            "write its best feature there (keys feature, max_act, multiple, site, concept)"
+            "write its best feature there (keys feature, max_act, strength, site, concept)"
         )
     d = json.loads(p.read_text())
-    for k in ("feature", "max_act", "multiple", "site"):
+    if "strength" not in d and "multiple" in d:  # the key's name before the one word for strength
+        d["strength"] = d.pop("multiple")
+    for k in ("feature", "max_act", "strength", "site"):
         if k not in d:
-            raise ValueError(f"{p}: missing key {k!r} (expected feature, max_act, multiple, site)")
+            raise ValueError(f"{p}: missing key {k!r} (expected feature, max_act, strength, site)")
     return d
 
 
@@ -252,7 +254,7 @@ def default_demo(
             sae,
             int(d["feature"]),
             "clamp",
-            float(d["multiple"]),
+            float(d["strength"]),
             unit="max",
             max_act=float(d["max_act"]),
             site=d["site"],
@@ -263,7 +265,7 @@ def default_demo(
     side = compare(lm, list(prompts), ivs, cfg)
     t = Table(
         title=f"steering: feature {d['feature']} ({d.get('concept', 'concept')}) clamped to "
-        f"{d['multiple']}x its max activation at {d['site']} "
+        f"{d['strength']}x its max activation at {d['site']} "
         f"({d.get('positions', 'all')} positions)",
         show_lines=True,
     )

@@ -15,14 +15,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from test_atlas_fixtures import (
+from helpers.atlas_fixtures import (
     PLANT,
     identity_model,
     planted_sae,
     single_thread,
     write_corpus,
 )
-
 from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas
 from thoughtscope.corpus import Corpus
 from thoughtscope.sae import save_sae

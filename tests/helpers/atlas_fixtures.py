@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 
 import torch
-from conftest import single_thread
 
+from helpers import single_thread
 from thoughtscope.models import tiny_model
 from thoughtscope.sae import SAE, SAEConfig
 
