@@ -25,13 +25,13 @@ def _gen_config(max_new_tokens: int, temperature: float, top_p: float, seed: int
 
 
 def _gen_help(name: str, extra: str = "") -> str:
-    from ..steer.generate import GenerationConfig
+    from ..steer.config import GenerationConfig
 
     return field_help(GenerationConfig, name, extra)
 
 
 def _find_help(name: str, extra: str = "") -> str:
-    from ..steer.find import FindConfig
+    from ..steer.config import FindConfig
 
     return field_help(FindConfig, name, extra)
 

@@ -16,9 +16,9 @@ help) does not pull in torch.
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
 
 _WHERE = {
     "NLA": "bundle",
@@ -97,19 +97,4 @@ if TYPE_CHECKING:
     from .verbalizer import Verbalizer, pick_marker
 
 
-def __getattr__(name: str) -> Any:
-    if name == "TrainConfig":  # the old name of NLATrainConfig (scripts and notebooks written before the rename)
-        warnings.warn(
-            "thoughtscope.nla.TrainConfig is deprecated: use NLATrainConfig", DeprecationWarning, stacklevel=2
-        )
-        name = "NLATrainConfig"
-    elif name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    if name in __all__:
-        globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, renamed={"TrainConfig": "NLATrainConfig"})

@@ -29,6 +29,7 @@ from ..documents import read_prompts
 from ..errors import PromptFileError
 from ..models import LoadedModel
 from ..progress import ProgressBar
+from .config import LOOP_REPETITION
 from .generate import GenerationConfig, format_prompt, generate
 from .interventions import SteerError
 from .renamed import renamed_keyword
@@ -57,8 +58,6 @@ NEUTRAL_PROMPTS = [
 ]
 
 DEFAULT_SWEEP_CONFIG = dict(max_new_tokens=48, temperature=0.7, top_p=0.9, seed=0)
-# unsteered answers of the default model: median 0, 95th percentile 0.08 (192 answers of the steer find eval)
-LOOP_REPETITION = 0.25
 
 
 def read_questions(path: str | Path | None) -> list[str]:

@@ -14,39 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import LoadedModel, pad_batch
-from .interventions import Steerer, SteerError, _check_finite
+from .config import GenerationConfig, _check_finite  # noqa: F401  (GenerationConfig: re-exported)
+from .interventions import Steerer, SteerError
 
 Prompt = "str | list[dict]"  # a user message, or a whole chat as [{"role": ..., "content": ...}, ...]
-
-
-@dataclass
-class GenerationConfig:
-    """Sampling settings; temperature 0 means greedy. chat=None uses the chat template when there is one."""
-
-    max_new_tokens: int = 64
-    """Tokens generated per answer (tokens)."""
-    temperature: float = 0.7
-    """Sampling temperature (logits divided by it; 0: greedy)."""
-    top_p: float = 0.9
-    """Nucleus sampling: draw from the most likely tokens that hold this share of the probability (0-1]."""
-    seed: int = 0
-    """Seed of the sampler (a torch.Generator): the same seed gives the same draws, steered or not."""
-    chat: bool | None = None
-    """Read prompts through the tokenizer's chat template: True, False, or None for whenever it has one."""
-    system: str | None = None
-    """System prompt put before the user's message by the chat template (text; None: none)."""
-    stop_at_eos: bool = True
-    """End an answer at the end-of-sequence token (False: always write max_new_tokens tokens)."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise SteerError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        self.temperature = _check_finite("temperature", self.temperature)
-        self.top_p = _check_finite("top_p", self.top_p)
-        if self.temperature < 0:
-            raise SteerError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise SteerError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass

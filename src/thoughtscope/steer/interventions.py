@@ -18,7 +18,6 @@ exactly x + Σ (f'ᵢ − fᵢ)·W_dec,ᵢ as in the Golden Gate experiments.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -28,21 +27,12 @@ from torch import Tensor
 
 from ..errors import SteerError  # noqa: F401  (re-exported: their old home)
 from ..models import LoadedModel, Site, edit
+from .config import _check_finite
 from .renamed import alias, renamed_strength, strength_from, warn_renamed
 
 POSITIONS = ("all", "prompt", "generated")
 FEATURE_OPS = ("clamp", "add", "scale", "ablate")
 VECTOR_OPS = ("add", "project_out", "clamp_projection")
-
-
-def _check_finite(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise SteerError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise SteerError(f"{name} must be a finite number, got {value!r}")
-    return v
 
 
 def _check_positions(p: str) -> str:

@@ -1,0 +1,151 @@
+"""Steering's configs and their checks, torch-free: the CLI reads its defaults and help from them.
+
+`GenerationConfig` (how an answer is sampled) and `FindConfig` (the budget of a concept search); both are still
+importable from their old homes (`steer.generate`, `steer.find`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import SteerError
+
+# share of an answer's token 3-grams that may repeat an earlier one before it counts as a loop; unsteered answers
+# of the default model: median 0, 95th percentile 0.08 (192 answers of the steer find eval)
+LOOP_REPETITION = 0.25
+
+
+def _check_finite(name: str, value: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise SteerError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise SteerError(f"{name} must be a finite number, got {value!r}")
+    return v
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings; temperature 0 means greedy. chat=None uses the chat template when there is one."""
+
+    max_new_tokens: int = 64
+    """Tokens generated per answer (tokens)."""
+    temperature: float = 0.7
+    """Sampling temperature (logits divided by it; 0: greedy)."""
+    top_p: float = 0.9
+    """Nucleus sampling: draw from the most likely tokens that hold this share of the probability (0-1]."""
+    seed: int = 0
+    """Seed of the sampler (a torch.Generator): the same seed gives the same draws, steered or not."""
+    chat: bool | None = None
+    """Read prompts through the tokenizer's chat template: True, False, or None for whenever it has one."""
+    system: str | None = None
+    """System prompt put before the user's message by the chat template (text; None: none)."""
+    stop_at_eos: bool = True
+    """End an answer at the end-of-sequence token (False: always write max_new_tokens tokens)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SteerError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        self.temperature = _check_finite("temperature", self.temperature)
+        self.top_p = _check_finite("top_p", self.top_p)
+        if self.temperature < 0:
+            raise SteerError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SteerError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class FindConfig:
+    """Budget knobs. Screening: `n_screen` questions, `screen_tokens` new tokens, the handle's coarse grid.
+    Calibration: every question, `max_new_tokens`, a fine grid around the best screening strength."""
+
+    n_features: int = 4
+    """Feature candidates per ranking (input contrast, output effect): features; 0 for none."""
+    caa_sites: Sequence[str] | None = None
+    """Sites of the CAA vector candidates (site names); unset (None): the SAE's site and the layers at 1/3 and 2/3
+    of the depth; empty: none."""
+    logit_sites: Sequence[str] | None = None
+    """Sites where the concept tokens' logit direction is a candidate (site names); unset (None): the layer at 5/6
+    of the depth; empty: none."""
+    n_screen: int = 6
+    """Neutral questions every candidate is screened on (questions)."""
+    screen_tokens: int = 24
+    """New tokens per answer while screening (tokens)."""
+    n_calibrate: int = 2
+    """Candidates that get the full calibration on every question (handles)."""
+    max_new_tokens: int = 64
+    """New tokens per answer in calibration and confirmation (tokens): the length `steer generate` writes, since
+    a mention costs perplexity once per answer."""
+    ppl_bound: float = 2.0
+    """Allowed perplexity of steered answers (× the unsteered perplexity)."""
+    feature_grid: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
+    """Screening strengths of a feature candidate (× the feature's max stored with the SAE)."""
+    vector_grid: Sequence[float] = (0.08, 0.12, 0.17, 0.24)
+    """Screening strengths of a vector candidate (× the site's median residual norm)."""
+    fine_steps: Sequence[float] = (0.8, 1.0, 1.2, 1.4)
+    """Calibration strengths around a candidate's best screening strength (× that strength)."""
+    pair_grid: Sequence[float] = (0.5, 0.65, 0.8, 1.0)
+    """Screening strengths of the CAA + logit pair (× each part's best screening strength); () for no pair."""
+    extend_steps: int = 3
+    """Calibration points added above the fine grid while there is room under the bound (points)."""
+    extend_factor: float = 1.15
+    """Strength of each added point over the one before it (×, > 1)."""
+    refine_steps: int = 2
+    """Points placed between the last strength within the bound and the first one past it (points)."""
+    confirm_seeds: int = 2
+    """Fresh seeds the winner is re-measured on; its reported figures come from them (seeds; 0: none)."""
+    positions: str = "all"
+    """Where the candidates steer: "all", "prompt" or "generated" tokens."""
+    loop_repetition: float = LOOP_REPETITION
+    """Share of an answer's token 3-grams that may repeat an earlier one (0-1); an answer past it loops and never
+    counts as mentioning the concept (1.0: count loops too)."""
+    temperature: float = 0.7
+    """Sampling temperature of every answer (0: greedy)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass of every answer (0-1]."""
+    seed: int = 0
+    """Seed of the search's answers; the confirmation uses the next `confirm_seeds` seeds."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "n_features",
+            "n_screen",
+            "screen_tokens",
+            "n_calibrate",
+            "max_new_tokens",
+            "extend_steps",
+            "refine_steps",
+            "confirm_seeds",
+        ):
+            v = getattr(self, name)
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int)
+                or v < (0 if name in ("n_features", "extend_steps", "refine_steps", "confirm_seeds") else 1)
+            ):
+                raise SteerError(f"FindConfig.{name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.extend_factor, (int, float)) and math.isfinite(self.extend_factor)) or not (
+            self.extend_factor > 1
+        ):
+            raise SteerError(f"FindConfig.extend_factor must be a finite number > 1, got {self.extend_factor!r}")
+        if not self.ppl_bound > 1:
+            raise SteerError(
+                f"FindConfig.ppl_bound must be > 1 (a multiple of the unsteered perplexity), got {self.ppl_bound}"
+            )
+        for name in ("feature_grid", "vector_grid", "fine_steps", "pair_grid"):
+            g = list(getattr(self, name))
+            if (not g and name != "pair_grid") or not all(
+                isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in g
+            ):
+                raise SteerError(f"FindConfig.{name} must be positive finite numbers, got {g!r}")
+
+    def generation(self, tokens: int, seed: int | None = None) -> GenerationConfig:
+        return GenerationConfig(
+            max_new_tokens=tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed if seed is None else seed,
+        )
