@@ -3,10 +3,27 @@ atlas. Builders and shared data live in the `helpers` package."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from helpers import single_thread
 from helpers.browser import browser  # noqa: F401  (the headless Chromium fixture, for every browser test)
 from helpers.letters_atlas import planted  # noqa: F401  (the planted-letters atlas fixture)
+from hypothesis import HealthCheck, settings
+
+# Property-based tests (tests/test_fuzz_*.py): the "ci" profile is the default (few, derandomized examples, so the
+# fast suite stays quick and a failure re-runs the same); HYPOTHESIS_PROFILE=long for a local hunt.
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="module")
