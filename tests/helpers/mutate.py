@@ -13,8 +13,9 @@ and a readable ``detail`` (shown by hypothesis on a failure).
   trailing or whole-file garbage) and :func:`text_mutations` (still valid UTF-8: BOM, CRLF, control characters,
   a very long line, blank-only text)
 - JSON value -> JSON value: :func:`json_mutations` (missing and extra keys, wrong types, NaN/Inf, huge numbers
-  including a 5000-digit literal, deep nesting, empty containers, a wrong root); :func:`json_bytes_mutations`
-  lifts them to a file's bytes and adds the byte mutations; :func:`dump_json` writes what they return
+  including a 5000-digit literal, deep nesting, empty containers, a wrong root, lone surrogates);
+  :func:`json_bytes_mutations` lifts them to a file's bytes and adds the byte mutations; :func:`jsonl_mutations`
+  mutates one line of a JSONL file or inserts a garbage line; :func:`dump_json` writes what they return
 - numpy array -> ``.npy`` bytes: :func:`npy_mutations` (wrong dtype or shape, NaN/Inf and extreme values, a header
   claiming huge dimensions, Fortran order, a pickled-object dtype, header versions) and :func:`npy_bytes`
 - tensors + metadata -> ``.safetensors`` bytes: :func:`safetensors_mutations` (wrong dtype or shape, NaN/Inf, huge
@@ -295,6 +296,7 @@ JSON_KINDS = (
     "deep_nesting",
     "empty_container",
     "wrong_root",
+    "lone_surrogate",
 )
 
 _json_scalar = st.one_of(
@@ -381,6 +383,14 @@ def _json_kind(kind: str, pick: int, extra: Any) -> Mutation:
     if kind == "wrong_root":
         root = ([], "text", 1, None, [{}], True)[pick % 6]
         return Mutation(kind, f"root replaced by {root!r}", lambda v: copy.deepcopy(root))
+    if kind == "lone_surrogate":
+        raw = RawJSON(('"a\\ud800b"', '"\\udc80"', '"x\\ud83d"', '"\\ude00\\ud800"')[pick % 4])
+
+        def fn(v):
+            p = _pick(v, pick // 4, lambda p, x: isinstance(x, str)) or _pick(v, pick // 4, lambda p, x: True)
+            return _set(v, p or (), raw)
+
+        return Mutation(kind, f"string {raw.text} at node #{pick // 4}", on_copy(fn))
     raise ValueError(f"unknown JSON mutation kind {kind!r}")
 
 
@@ -400,6 +410,50 @@ def json_bytes_mutations(
 ) -> st.SearchStrategy[Mutation]:
     """Mutations of a JSON file's bytes: structural ones (parsed and written back) and raw byte ones."""
     return st.one_of(json_mutations(json_kinds).map(lambda m: lift_json(m, **dump_kw)), byte_mutations(byte_kinds))
+
+
+#: Lines that are not one JSON object: text, unfinished JSON, Python literals, a bare value, a list.
+GARBAGE_LINES = (b"not json", b"{", b'{"text": "a"', b"[1, 2", b"{'text': 'single quotes'}", b"NaN", b"[]", b'"text"')
+
+
+def _jsonl_line(m: Mutation, pick: int) -> Mutation:
+    def fn(b: bytes) -> bytes:
+        lines = b.split(b"\n")
+        full = [i for i, line in enumerate(lines) if line.strip()]
+        if not full:
+            return b
+        i = full[pick % len(full)]
+        try:
+            obj = json.loads(lines[i])
+        except ValueError:
+            return b
+        lines[i] = dump_json(m(obj))
+        return b"\n".join(lines)
+
+    return Mutation(f"line_{m.kind}", f"line #{pick}: {m.detail}", fn)
+
+
+def _garbage_line(pick: int) -> Mutation:
+    line = GARBAGE_LINES[pick % len(GARBAGE_LINES)]
+
+    def fn(b: bytes) -> bytes:
+        lines = b.split(b"\n")
+        i = (pick // len(GARBAGE_LINES)) % (len(lines) + 1)
+        return b"\n".join(lines[:i] + [line] + lines[i:])
+
+    return Mutation("garbage_line", f"insert line {line!r}", fn)
+
+
+def jsonl_mutations(
+    json_kinds: Iterable[str] = JSON_KINDS, byte_kinds: Iterable[str] = BYTE_KINDS
+) -> st.SearchStrategy[Mutation]:
+    """Mutations of a JSONL file's bytes: a JSON mutation of one line's value, a garbage line, or a byte one."""
+    picks = st.integers(0, 10_000)
+    return st.one_of(
+        st.builds(_jsonl_line, json_mutations(json_kinds), picks),
+        st.builds(_garbage_line, picks),
+        byte_mutations(byte_kinds),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
