@@ -95,7 +95,7 @@ def workbench(tiny: bool):
     from thoughtscope.server import Workbench
 
     if tiny:
-        from test_server_fixtures import build_tiny
+        from helpers.server_fixtures import build_tiny
 
         return build_tiny(Path(tempfile.mkdtemp()), nla=False), 3
     from thoughtscope.atlas import Atlas
