@@ -1,4 +1,4 @@
-"""Thin entry points for the command line: read files, call the library, print with rich."""
+"""Thin entry points for the command line: read files, call the library (`steer/report.py` prints the results)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..documents import jsonl_objects, read_prompts, read_utf8
-from ..features import SCORES, FeatureScore, contrast_features
+from ..features import FeatureScore, contrast_features
 from ..models import LoadedModel
 from .calibrate import NEUTRAL_PROMPTS, SweepResult, plot_sweep, save_sweep, sweep_preset
 from .find import FindConfig, FindResult, find_handle, save_preset
@@ -31,24 +31,6 @@ def steer_with_preset(
     p = preset if isinstance(preset, Preset) else Preset.load(preset)
     ivs = p.build(lm)
     return compare(lm, list(prompts), ivs, config, on_token=on_token)
-
-
-def print_comparisons(comps: Sequence[Comparison], console=None, *, title: str = "") -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    for c in comps:
-        t = Table(
-            title=f"{title} {c.prompt}".strip() if isinstance(c.prompt, str) else title, show_lines=True, expand=True
-        )
-        t.add_column("unsteered", ratio=1)
-        t.add_column("steered", ratio=1)
-        t.add_row(c.unsteered, c.steered)
-        console.print(t)
-
-
-read_lines = read_prompts  # the old name: one prompt-file reader (documents.read_prompts) for every caller
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
@@ -97,29 +79,7 @@ def vector_fit(
     return v
 
 
-def print_contrast(scores: Sequence[FeatureScore], score: str = "z", console=None, labels: dict | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console()
-    t = Table(title=f"features ranked by {score}: {SCORES[score]}")
-    for col in ("feature", "score", "mean prompts", "mean controls", "fires prompts", "fires controls"):
-        t.add_column(col, justify="right")
-    if labels:
-        t.add_column("label")
-    for s in scores:
-        row = [
-            str(s.feature),
-            f"{s.score:.3f}",
-            f"{s.mean_prompts:.3f}",
-            f"{s.mean_controls:.3f}",
-            f"{100 * s.freq_prompts:.0f}%",
-            f"{100 * s.freq_controls:.0f}%",
-        ]
-        if labels:
-            row.append(str(labels.get(s.feature, "")))
-        t.add_row(*row)
-    console.print(t)
+read_lines = read_prompts  # the old name: one prompt-file reader (documents.read_prompts) for every caller
 
 
 def features_contrast(
