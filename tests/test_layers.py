@@ -206,3 +206,20 @@ def test_batch_size_means_rows_per_optimiser_step_in_every_help():
                 seen.append((" ".join(path), p.help or ""))
     assert seen, "no command has --batch-size"
     assert all("optimiser step" in h for _, h in seen), seen
+
+
+def test_no_test_module_imports_another():
+    """Shared builders live in tests/helpers/; a test module that other tests import would run its own tests
+    again under another name and hide what the helper depends on."""
+    tests = ROOT / "tests"
+    names = {p.stem for p in tests.glob("test_*.py")}
+    bad = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            bad += [f"{path.relative_to(tests)} imports {m}" for m in mods if m.split(".")[0] in names]
+    assert bad == []
