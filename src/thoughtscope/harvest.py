@@ -8,6 +8,7 @@ of an uninterrupted one (same batch composition → bit-identical activations).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -61,11 +62,14 @@ def harvest(
     paths = store_paths(Path(out), site_list)
     world, rank = join_process_group(lm.device)
     writers, done, finished, failure = None, 0, None, None
+    new_folders: set[Path] = set()  # the folders this call creates: removed again if it fails before any shard
     if rank == 0:  # only rank 0 touches the stores
         try:
             finished = None if overwrite else _finished_stores(paths, cfg.n_tokens)
             if finished is None:
-                writers = _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out)
+                _check_corpus(corpus, lm, cfg)  # an unreadable corpus fails here, before anything is written
+                new_folders = {p for p in (Path(out), *paths.values()) if not p.exists()}
+                writers = _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out, new_folders)
                 done = min(w.tokens_done for w in writers.values())
         except BaseException as e:  # noqa: BLE001 - re-raised below once the other ranks know
             failure = e
@@ -94,27 +98,32 @@ def harvest(
     )
     planned = tokens = done
     pending: list = []  # this round's forward batches, one per rank, in corpus order
-    try:
-        for _, batch in cfg.batches(corpus, lm.tokenizer, start=done // cfg.batch_tokens):
-            if planned >= cfg.n_tokens:
-                break
-            take = min(batch.input_ids.numel(), cfg.n_tokens - planned)
-            pending.append((batch, take))
-            planned += take
-            if len(pending) == world:
-                tokens = _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on_shard)
-                pending = []
-                bar.update(tokens)
-        if pending:
-            tokens = _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on_shard)
-            bar.update(tokens)
-    finally:
-        bar.close()
-    if tokens < cfg.n_tokens:
-        bar.note(f"the corpus ran out after {tokens} tokens (asked for {cfg.n_tokens})")
     stores = None
-    if rank == 0:
-        stores = {s: w.finish(extra={"n_tokens_requested": cfg.n_tokens}) for s, w in writers.items()}
+    try:
+        try:
+            for _, batch in cfg.batches(corpus, lm.tokenizer, start=done // cfg.batch_tokens):
+                if planned >= cfg.n_tokens:
+                    break
+                take = min(batch.input_ids.numel(), cfg.n_tokens - planned)
+                pending.append((batch, take))
+                planned += take
+                if len(pending) == world:
+                    tokens = _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on_shard)
+                    pending = []
+                    bar.update(tokens)
+            if pending:
+                tokens = _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on_shard)
+                bar.update(tokens)
+        finally:
+            bar.close()
+        if tokens < cfg.n_tokens:
+            bar.note(f"the corpus ran out after {tokens} tokens (asked for {cfg.n_tokens})")
+        if rank == 0:
+            stores = {s: w.finish(extra={"n_tokens_requested": cfg.n_tokens}) for s, w in writers.items()}
+    except BaseException:
+        if writers:  # the locks go now (not when the writers are collected): the same call may be retried at once
+            _abandon(writers, new_folders, Path(out))
+        raise
     if world > 1:
         dist.barrier()
         if stores is None:
@@ -122,7 +131,31 @@ def harvest(
     return stores
 
 
-def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out) -> dict[Site, StoreWriter]:
+def _check_corpus(corpus: Corpus, lm: LoadedModel, cfg: HarvestConfig) -> None:
+    """Read the plan's first forward batch: a corpus that cannot be read (not UTF-8, bad JSON, too small to fill a
+    context) or holds no text after `skip_tokens` raises now, before any store is written."""
+    for _ in cfg.batches(corpus, lm.tokenizer):
+        return
+    raise HarvestError(
+        f"corpus {getattr(corpus, 'spec', corpus)!r} has no text left to harvest after skip_tokens={cfg.skip_tokens}"
+    )
+
+
+def _abandon(writers: dict[Site, StoreWriter], new_folders: set[Path], out: Path) -> None:
+    """After a failure: a store this call created and never committed a shard to is removed (a corpus error or a
+    full disk leaves no empty store behind); any other is closed as it is, resumable by the same call."""
+    for w in writers.values():
+        with contextlib.suppress(Exception):  # never hide the error that brought us here
+            if w.path in new_folders and w.tokens_done == 0:
+                w.discard()
+            else:
+                w.close()
+    if out in new_folders:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if empty
+
+
+def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out, new_folders) -> dict[Site, StoreWriter]:
     # ctx_len and contexts per forward pass decide the batches, so a resume must use the same ones (the manifest
     # has called the latter "batch_size" since format version 1; the key stays so old stores resume and compare).
     extra = {
@@ -133,20 +166,23 @@ def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out) -> dict[
         "model_source": lm.source,
     }
     description = corpus.describe()
-    writers = {
-        s: StoreWriter(
-            p,
-            model=lm.name,
-            site=str(s),
-            d_model=lm.d_model,
-            dtype=cfg.dtype,
-            shard_tokens=shard_tokens,
-            corpus=description,
-            extra=extra,
-            overwrite=overwrite,
-        )
-        for s, p in paths.items()
-    }
+    writers: dict[Site, StoreWriter] = {}
+    try:
+        for s, p in paths.items():
+            writers[s] = StoreWriter(
+                p,
+                model=lm.name,
+                site=str(s),
+                d_model=lm.d_model,
+                dtype=cfg.dtype,
+                shard_tokens=shard_tokens,
+                corpus=description,
+                extra=extra,
+                overwrite=overwrite,
+            )
+    except BaseException:  # e.g. another harvest holds one of the stores: let go of those already opened
+        _abandon(writers, new_folders, Path(out))
+        raise
     done = min(w.tokens_done for w in writers.values())
     if any(w.tokens_done != done for w in writers.values()):
         for w in writers.values():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_torch_save
+from .._io import atomic_torch_save, exclusive_lock
 from ..models import LoadedModel, Site, capture
 from ..plans import AtlasConfig
 from ..progress import ProgressBar
@@ -29,6 +29,7 @@ from .writer import write_db
 __all__ = ["AtlasConfig", "build_atlas", "check_sae_matches", "sae_fingerprint"]
 
 CKPT_NAME = "build.ckpt"
+LOCK_NAME = ".build.lock"  # held while a build writes its folder, so a second build of the same folder stops at once
 
 
 @contextlib.contextmanager
@@ -82,23 +83,42 @@ def build_atlas(
     cfg.validate()
     site = check_sae_matches(lm, sae, site)
     cfg.check_context(lm.name, lm.max_context)
+    _check_corpus(corpus, lm, cfg)  # an unreadable corpus fails here, before anything is written
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = _StreamingPass(lm, sae.to(lm.device).eval(), corpus, cfg, site, out / CKPT_NAME)
-    run.phase["setup_s"] = time.perf_counter() - t_start
-    stopped = run.stream(progress, stop_after_batches)
-    if timings is not None:
-        timings["stream_s"] = time.perf_counter() - t_start
-        timings["stream_cpu_s"] = time.process_time() - c_start
-        timings.update(run.phase)
-    if stopped:
-        return run.ckpt
-    t_fin = time.perf_counter()
-    path = write_db(lm, run.sae, run.stats, cfg, out, run.ident, site, sae_path, corpus, run.random_stride, progress)
-    run.ckpt.unlink(missing_ok=True)
+    lock = exclusive_lock(out / LOCK_NAME, f"the atlas {out}", AtlasError)  # makes the folder
+    try:
+        run = _StreamingPass(lm, sae.to(lm.device).eval(), corpus, cfg, site, out / CKPT_NAME)
+        run.phase["setup_s"] = time.perf_counter() - t_start
+        stopped = run.stream(progress, stop_after_batches)
+        if timings is not None:
+            timings["stream_s"] = time.perf_counter() - t_start
+            timings["stream_cpu_s"] = time.process_time() - c_start
+            timings.update(run.phase)
+        if stopped:
+            lock.release()
+            return run.ckpt
+        t_fin = time.perf_counter()
+        path = write_db(
+            lm, run.sae, run.stats, cfg, out, run.ident, site, sae_path, corpus, run.random_stride, progress
+        )
+        run.ckpt.unlink(missing_ok=True)
+    except BaseException:
+        lock.release(remove=lock.holds_only_itself())  # a folder this build made and left empty goes again
+        raise
+    lock.release()
     if timings is not None:
         timings["finalize_s"] = time.perf_counter() - t_fin
     return path
+
+
+def _check_corpus(corpus, lm: LoadedModel, cfg: AtlasConfig) -> None:
+    """Read the plan's first forward batch: a corpus that cannot be read (not UTF-8, bad JSON, too small to fill a
+    context) or holds no text after `skip_tokens` raises now, before the atlas folder is touched."""
+    for _ in cfg.batches(corpus, lm.tokenizer):
+        return
+    raise AtlasError(
+        f"corpus {getattr(corpus, 'spec', corpus)!r} has no text left to read after skip_tokens={cfg.skip_tokens}"
+    )
 
 
 class _StreamingPass:

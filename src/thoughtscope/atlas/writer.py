@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..errors import AtlasError
 from ..models import Site
 from . import schema as adb
 from .geometry import logit_effects, nearest_features
@@ -54,23 +55,55 @@ def write_db(
     final = adb.db_path(out)
     tmp = final.with_name("atlas.partial.sqlite")
     _remove_with_journals(tmp)
-    con = adb.connect(tmp, create=True)
     try:
-        # the partial file is thrown away on any failure and renamed into place only once complete, so it
-        # needs no journal; it is synced to disk before the rename
+        con = _create(tmp)
+        try:
+            with con:
+                adb.insert_many(con, "features", FEATURE_COLUMNS, feature_rows)
+                adb.insert_many(con, "examples", EXAMPLE_COLUMNS, _example_rows(ex_cols))
+                _insert_random_acts(con, stats)
+                ctx_np = contexts.numpy()
+                rows = ((c, ctx_np[c].tobytes()) for c in referenced.tolist())
+                adb.insert_many(con, "contexts", ["id", "tokens"], rows)
+                adb.write_meta(con, meta)
+        finally:
+            con.close()
+        _move_into_place(tmp, final)
+    except BaseException as e:
+        _remove_with_journals(tmp)  # a half-written database only takes space (on a full disk, all of it)
+        if isinstance(e, (sqlite3.Error, OSError)):
+            raise _write_failed(final, tmp, e) from e
+        raise
+    return final
+
+
+def _create(tmp: Path) -> sqlite3.Connection:
+    """The partial database with the atlas's tables. It is thrown away on any failure and renamed into place only
+    once complete, so it needs no journal; it is synced to disk before the rename. (Made here rather than by
+    `schema.connect`, which reads any SQLite error as a damaged file: here it can only be a failed write.)"""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(str(tmp), check_same_thread=False)
+    try:
         con.execute("PRAGMA journal_mode=OFF")
         con.execute("PRAGMA synchronous=OFF")
-        with con:
-            adb.insert_many(con, "features", FEATURE_COLUMNS, feature_rows)
-            adb.insert_many(con, "examples", EXAMPLE_COLUMNS, _example_rows(ex_cols))
-            _insert_random_acts(con, stats)
-            ctx_np = contexts.numpy()
-            adb.insert_many(con, "contexts", ["id", "tokens"], ((c, ctx_np[c].tobytes()) for c in referenced.tolist()))
-            adb.write_meta(con, meta)
-    finally:
+        con.executescript(adb.SCHEMA)
+        adb._ensure_fts(con)
+    except BaseException:
         con.close()
-    _move_into_place(tmp, final)
-    return final
+        raise
+    return con
+
+
+def _write_failed(final: Path, tmp: Path, e: BaseException) -> AtlasError:
+    """A database SQLite (or the OS) could not write: say which file, why, and that nothing finished was lost."""
+    reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
+    if isinstance(e, sqlite3.Error) and getattr(e, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR")):
+        reason += ": the disk is full, the file-size limit was reached, or the disk failed"
+    kept = "the atlas already there was left as it was" if final.is_file() else "no atlas was written there"
+    return AtlasError(
+        f"could not write the atlas {final} (building {tmp.name}): {reason}; {kept}, and the build's checkpoint "
+        "is kept; free some space and run the same command again"
+    )
 
 
 def _meta(lm, sae, stats, cfg, ident, site, sae_path, corpus, n_contexts: int, random_ctx: list[int]) -> dict:

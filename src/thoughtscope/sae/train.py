@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .._io import atomic_torch_save
+from .._io import atomic_torch_save, exclusive_lock
 from ..distributed import average_gradients, join_process_group, local_device
 from ..dtypes import canonical
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported: their old home)
@@ -35,6 +35,7 @@ from .config import SAEConfig, SAEError, TrainConfig
 from .optim import adam, default_lr, lr_factor
 from .stream import chain, check_batch, make_stream
 
+LOCK_NAME = ".train.lock"  # in the checkpoint folder, held while a run trains and saves
 DEAD_TOKENS = 10_000_000  # the published rule: a latent is dead after this many tokens without firing
 
 
@@ -168,6 +169,7 @@ class Trainer:
             "dead_masks": [s.dead_mask for s in self.slots],
             "torch_rng": torch.get_rng_state(),
             "metrics_log": self.metrics_log,
+            "last": [dict(s.last) for s in self.slots],  # each SAE's latest metrics: saved with it as "final"
         }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
@@ -189,6 +191,8 @@ class Trainer:
             )
         torch.set_rng_state(st["torch_rng"])
         self.metrics_log = st.get("metrics_log", [])
+        for slot, last in zip(self.slots, st.get("last", [])):  # absent from checkpoints of earlier versions
+            slot.last = dict(last)
 
     def save_checkpoint(self) -> None:
         if not self.tc.checkpoint_dir or self.rank != 0:
@@ -379,21 +383,35 @@ def train_saes(
     """
     tc = train_cfg or TrainConfig()
     trainer = Trainer(cfgs, tc)
-    saes = trainer.fit(source)
-    if out_dirs is not None and trainer.rank == 0:
-        from .formats import save_sae
+    # one run at a time per checkpoint folder (the CLI's is inside --out): a second would interleave checkpoints
+    lock = _checkpoint_lock(tc.checkpoint_dir) if trainer.rank == 0 else None
+    try:
+        saes = trainer.fit(source)
+        if out_dirs is not None and trainer.rank == 0:
+            from .formats import save_sae
 
-        for sae, d in zip(saes, out_dirs):
-            save_sae(
-                sae,
-                d,
-                metrics={
-                    "final": getattr(sae, "train_metrics", {}),
-                    "log": trainer.metrics_log,
-                    "train_cfg": asdict(tc),
-                },
-            )
+            for sae, d in zip(saes, out_dirs):
+                save_sae(
+                    sae,
+                    d,
+                    metrics={
+                        "final": getattr(sae, "train_metrics", {}),
+                        "log": trainer.metrics_log,
+                        "train_cfg": asdict(tc),
+                    },
+                )
+    finally:
+        if lock is not None:  # a checkpoint folder left empty (a failure before the first checkpoint) goes again
+            lock.release(remove=lock.holds_only_itself())
     return saes
+
+
+def _checkpoint_lock(checkpoint_dir: str | Path | None) -> exclusive_lock | None:
+    """The lock of a training run's checkpoint folder (None without one): a second run of the same folder stops
+    with an SAEError naming it."""
+    if not checkpoint_dir:
+        return None
+    return exclusive_lock(Path(checkpoint_dir) / LOCK_NAME, f"SAE training checkpoints to {checkpoint_dir}", SAEError)
 
 
 def train_sae(

@@ -138,8 +138,8 @@ class StoreWriter:
         except OSError as e:
             os.close(fd)
             raise StoreError(
-                f"another StoreWriter is writing to {str(self.path)!r} (lock {LOCK_NAME} is held); "
-                "finish or stop it first"
+                f"another StoreWriter is writing to {str(self.path)!r} (the lock {self.path / LOCK_NAME} is held); "
+                "finish or stop it first, or write somewhere else"
             ) from e
         self._lock_fd = fd
 
@@ -312,15 +312,29 @@ class StoreWriter:
             self._n_pending = len(acts_all) - start
 
     def _commit(self, acts: np.ndarray, meta: dict[str, np.ndarray]) -> None:
+        """Write one shard's files, then the manifest that lists it. The manifest in memory changes only once the one
+        on disk does, so a failed commit (a full disk) leaves the writer describing what is really there; the
+        shard's files already written are removed again (they would only take space until the next open)."""
         i = len(self.manifest["shards"])
         files = {"acts": f"shard_{i:05d}.acts.npy", **{c: f"shard_{i:05d}.{c}.npy" for c in meta}}
-        sha = {"acts": _write_npy(self.path / files["acts"], acts)}
-        for c, v in meta.items():
-            sha[c] = _write_npy(self.path / files[c], v)
-        self.manifest["columns"] = list(self.columns)
-        self.manifest["shards"].append({"n_tokens": int(acts.shape[0]), "files": files, "sha256": sha})
-        self.manifest["n_tokens"] += int(acts.shape[0])
-        _write_manifest(self.path, self.manifest)
+        try:
+            sha = {"acts": _write_npy(self.path / files["acts"], acts)}
+            for c, v in meta.items():
+                sha[c] = _write_npy(self.path / files[c], v)
+            shard = {"n_tokens": int(acts.shape[0]), "files": files, "sha256": sha}
+            manifest = {
+                **self.manifest,
+                "columns": list(self.columns),
+                "shards": [*self.manifest["shards"], shard],
+                "n_tokens": self.manifest["n_tokens"] + int(acts.shape[0]),
+            }
+            _write_manifest(self.path, manifest)
+        except Exception:
+            for name in files.values():
+                with contextlib.suppress(OSError):
+                    (self.path / name).unlink(missing_ok=True)
+            raise
+        self.manifest = manifest
 
     def finish(self, *, extra: dict | None = None) -> ActivationStore:
         """Write the remainder as a last (smaller) shard, compute stats, mark complete."""
@@ -341,6 +355,19 @@ class StoreWriter:
         _write_manifest(self.path, self.manifest)
         self.close()
         return ActivationStore.open(self.path)
+
+    def discard(self) -> None:
+        """Remove a store this writer holds no committed shard of (its manifest, temp files, lock file, and the folder
+        when that leaves it empty): what a job that created the store and then failed leaves behind, nothing."""
+        if self.manifest["shards"]:
+            raise StoreError(f"{str(self.path)!r} holds committed shards; close() the writer to keep them resumable")
+        (self.path / MANIFEST_NAME).unlink(missing_ok=True)
+        self._cleanup(set())
+        if self._lock_fd is not None:  # removed while still held, so no other writer can take the old lock file
+            (self.path / LOCK_NAME).unlink(missing_ok=True)
+        self.close()
+        with contextlib.suppress(OSError):
+            self.path.rmdir()  # only if nothing else is in it
 
     def close(self) -> None:
         """Stop writing without finishing (buffered tokens are dropped); the store stays resumable."""
