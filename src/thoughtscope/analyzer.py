@@ -13,7 +13,6 @@ so it costs a fraction of the encode.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ import torch
 from .errors import AnalyzerError, FeatureError
 from .features import TextFeatures, features_on_text
 from .models import LoadedModel, Site
+from .renamed import renamed_keyword
 
 
 @dataclass
@@ -99,10 +99,15 @@ def chat_text(lm: LoadedModel, transcript: str) -> str:
 
 def _text_tokens(max_text_tokens: int | None, max_tokens: int | None, fn: str) -> int | None:
     """`max_text_tokens`, or its deprecated name `max_tokens` (with a warning)."""
-    if max_tokens is None:
-        return max_text_tokens
-    warnings.warn(f"{fn}(max_tokens=...) is now {fn}(max_text_tokens=...)", DeprecationWarning, stacklevel=3)
-    return max_tokens if max_text_tokens is None else max_text_tokens
+    return renamed_keyword(
+        max_text_tokens,
+        max_tokens,
+        new="max_text_tokens",
+        old="max_tokens",
+        where=fn,
+        error=AnalyzerError,
+        stacklevel=5,
+    )
 
 
 def _encode_text(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from .documents import read_prompts
 from .errors import FeatureError  # noqa: F401  (re-exported: their old home)
 from .models import LoadedModel, Site, capture
 from .progress import ProgressBar
+from .renamed import warn_renamed
 from .sae.stats import FeatureStats
 
 SCORES = {
@@ -185,11 +185,7 @@ def token_features(
     `features_on_texts` without the excluded position. `contexts_per_batch` is the deprecated name of
     `texts_per_batch`."""
     if contexts_per_batch is not None:
-        warnings.warn(
-            "token_features(contexts_per_batch=...) is now token_features(texts_per_batch=...)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        warn_renamed("contexts_per_batch", "texts_per_batch", "token_features")
         texts_per_batch = contexts_per_batch
     out = []
     for t in features_on_texts(lm, sae, texts, site=site, texts_per_batch=texts_per_batch):

@@ -20,13 +20,13 @@ ordinary-strength activations, not only the strongest ones.
 from __future__ import annotations
 
 import random
-import warnings
 import weakref
 from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
 from ..errors import ExplainerError  # noqa: F401  (re-exported: their old home)
+from ..renamed import warn_renamed
 from .db import Atlas, Example
 
 _PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -89,7 +89,7 @@ class ExplainConfig:
         for old, value in (("explain_max_tokens", explain_max_tokens), ("score_max_tokens", score_max_tokens)):
             if value is not None:
                 new = old.replace("max_tokens", "max_new_tokens")
-                warnings.warn(f"ExplainConfig.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+                warn_renamed(old, new, "ExplainConfig", stacklevel=4)
                 setattr(self, new, value)
         for name in ("n_top", "n_score_pos", "n_score_neg", "per_prompt", "show_left", "show_right", "concurrency"):
             if getattr(self, name) < (0 if name in ("show_left", "show_right") else 1):

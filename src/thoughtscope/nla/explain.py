@@ -9,12 +9,12 @@ for row in explain_text(nla, "The cat sat on the", positions=[-1]):
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ..renamed import warn_renamed
 from .bundle import NLA
 from .core import CONFIG_NAME, NLAError, normalise
 
@@ -176,7 +176,7 @@ def steer_from_words(
     from thoughtscope.steer import GenerationConfig, add_vector, compare
 
     if scale is not None:
-        warnings.warn("steer_from_words(scale=) is deprecated: use strength", DeprecationWarning, stacklevel=2)
+        warn_renamed("scale", "strength", "steer_from_words")
         strength = scale
     delta = steering_delta(nla, original, edited)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=False)

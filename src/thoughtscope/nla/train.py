@@ -39,7 +39,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,6 +49,7 @@ from .._io import atomic_write_text
 from ..distributed import average_gradients
 from ..distributed import rank_and_world as world
 from ..progress import ProgressBar
+from ..renamed import warn_renamed
 from .bundle import (
     AR_FILE,
     AV_FILE,
@@ -93,9 +93,7 @@ VAL_ROUND_TRIP_VECTORS = 16  # validation vectors the rl stages explain and reco
 
 def __getattr__(name: str):
     if name == "TrainConfig":  # the old name, before the SAE's TrainConfig and this one were told apart
-        warnings.warn(
-            "thoughtscope.nla.train.TrainConfig is deprecated: use NLATrainConfig", DeprecationWarning, stacklevel=2
-        )
+        warn_renamed("TrainConfig", "NLATrainConfig", "thoughtscope.nla.train")
         return NLATrainConfig
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from collections import Counter
 
 from ..llm import HTTPChatClient, LLMError
+from ..renamed import warn_renamed
 from .core import NLAError
 
 _STOP = set(
@@ -83,9 +83,7 @@ def offline_explanation(
     deprecated name).
     """
     if max_tokens is not None:
-        warnings.warn(
-            "offline_explanation(max_tokens=) is deprecated: use max_explanation_tokens", DeprecationWarning, 2
-        )
+        warn_renamed("max_tokens", "max_explanation_tokens", "offline_explanation")
         max_explanation_tokens = max_tokens
     if style not in _WORDING:
         raise NLAError(f"explanation style must be one of {', '.join(_WORDING)}, got {style!r}")

@@ -6,10 +6,10 @@ importing torch. Each field's docstring carries its unit; `thoughtscope.configdo
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import InitVar, dataclass
 
 from ..errors import ProbeError
+from ..renamed import warn_renamed
 
 READS = ("last", "mean", "span")  # which token of a text is read
 FITTERS = ("mean", "lda", "logistic", "lat", "ccs")
@@ -20,7 +20,7 @@ def old_keyword(value, old_value, *, old: str, new: str, where: str):
     """`value`, or `old_value` when the caller used the keyword's old name (with a DeprecationWarning)."""
     if old_value is None:
         return value
-    warnings.warn(f"{where}({old}=...) is now {where}({new}=...)", DeprecationWarning, stacklevel=3)
+    warn_renamed(old, new, where, stacklevel=4)
     return old_value
 
 
