@@ -6,13 +6,10 @@ A slider's or intervention's strength was `value`, `scale` or `factor` in places
 from __future__ import annotations
 
 import functools
-import warnings
 
 from ..errors import SteerError
-
-
-def warn_renamed(old: str, new: str, where: str, stacklevel: int = 3) -> None:
-    warnings.warn(f"{where}: {old!r} is now {new!r} (the old name still works for now)", DeprecationWarning, stacklevel)
+from ..renamed import renamed_keyword as _renamed_keyword
+from ..renamed import warn_renamed
 
 
 def strength_from(strength, old: dict, where: str, stacklevel: int = 4):
@@ -27,13 +24,8 @@ def strength_from(strength, old: dict, where: str, stacklevel: int = 4):
 
 
 def renamed_keyword(new_value, old_value, *, new: str, old: str, where: str, default=None):
-    """The value of a keyword given under its new name or its old one (with a warning); both is an error."""
-    if old_value is not None:
-        warn_renamed(old, new, where)
-        if new_value is not None:
-            raise SteerError(f"{where}: give {new} only ({old} is its old name)")
-        return old_value
-    return default if new_value is None else new_value
+    """`thoughtscope.renamed.renamed_keyword` with steering's error (both names at once is a SteerError)."""
+    return _renamed_keyword(new_value, old_value, new=new, old=old, where=where, default=default, error=SteerError)
 
 
 def renamed_strength(cls, old: str = "value", position: int = 3):
