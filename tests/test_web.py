@@ -155,3 +155,72 @@ def test_building_page_turns_into_the_workbench(site, browser):
         pg.wait_for_selector("text=Feature explorer", timeout=20_000)
         assert pg.url.rstrip("/") == url
         pg.close()
+
+
+def test_markup_in_corpus_explanations_and_texts_renders_as_text(browser, tmp_path):
+    """Planted HTML and <script> in the atlas corpus (feature contexts), in an explanation (feature page, search,
+    analyzer token panel, equalizer) and in an analyzed text: shown literally, never run, never an element."""
+    import random
+
+    from helpers.atlas_fixtures import Q_WORDS, WORDS
+    from helpers.server_fixtures import ATLAS_CFG
+
+    from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas
+    from thoughtscope.corpus import Corpus
+    from thoughtscope.server import Workbench
+
+    tiny = shared_tiny()
+    label = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> the letter q'
+    text = "a <script>window.__pwned=3</script> quiet <img src=x onerror=window.__pwned=4> queen"
+    rng = random.Random(0)
+    words = WORDS + [w.replace("q", "<b>q</b>") for w in Q_WORDS]  # every q of the corpus inside markup
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(100)]
+    (tmp_path / "corpus.txt").write_text("\n\n\n".join(docs))
+    atlas = build_atlas(
+        tiny.lm,
+        tiny.sae,
+        Corpus(str(tmp_path / "corpus.txt")),
+        tmp_path / "atlas",
+        AtlasConfig(**ATLAS_CFG),
+        progress=False,
+    )
+    at = Atlas.open(atlas)
+    at.save_explanation(PLANT, {"explanation": label, "status": "ok", "explainer": "test", "scorer": "test"})
+    wb = Workbench(lm=tiny.lm, sae=tiny.sae, sae_spec=tiny.sae_spec, atlas=at)
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("dialog", lambda d: errors.append(f"dialog {d.message}"))
+
+    def clean(where: str) -> None:
+        """Nothing ran, and no element came from the planted text (the page's own JSON scripts aside)."""
+        assert pg.evaluate("window.__pwned") is None, where
+        planted = "[...document.scripts].filter((s) => s.type !== 'application/json' && s.text.includes('__pwned'))"
+        planted += ".length"
+        assert pg.evaluate(planted) == 0, where
+        assert pg.locator("img[src=x], .toks b, #heatmap b, #heatmap script").count() == 0, where
+
+    with LiveServer(create_app(ServerConfig(), wb)) as url:
+        pg.goto(f"{url}/features/{PLANT}")
+        assert pg.text_content("#explanation").strip() == label
+        contexts = pg.text_content("#top-contexts")
+        assert "<b>q</b" in contexts  # the corpus markup, shown as its characters
+        clean("feature page")
+        pg.goto(f"{url}/search?mode=words&q=letter")
+        assert label in pg.text_content("#hits")
+        clean("search")
+        pg.goto(f"{url}/analyze")
+        pg.fill("textarea[name=text]", text)
+        pg.click("#analyze-form button")
+        pg.wait_for_selector("#heatmap .t")
+        assert text in pg.text_content("#heatmap").replace("·", "")
+        pg.locator("#heatmap .t", has_text="q").first.click()
+        assert label in pg.text_content("#token-panel")
+        clean("analyzer")
+        pg.goto(f"{url}/steer?f={PLANT}:clamp:2&prompt=" + text.replace("&", "%26"))
+        assert label[:60] in pg.text_content("#sliders") and pg.input_value("textarea[name=prompt]") == text
+        clean("equalizer")
+    ctx.close()
+    at.close()
+    assert not errors, errors

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import traceback
+from collections import Counter
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,6 +54,7 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
     app.state.wb = workbench
     app.state.status = LoadStatus(stage="ready" if workbench else "starting", ready=workbench is not None)
     app.state.gate = Gate(cfg.queue_size)
+    app.state.stream_outcomes = Counter()  # how generation streams ended: completed, client gone, deadline ...
     app.state.env = make_env()
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     if loader is not None:
@@ -140,7 +142,17 @@ def _home_and_status(app: FastAPI) -> None:
 
     @app.get("/api/status")
     def status():
-        return app.state.status.to_dict()
+        """The loader's progress, and the model's load: jobs admitted (running and queued), generation threads
+        alive, and how the generation streams served so far ended."""
+        from .pages_steer import generation_threads
+
+        gate = app.state.gate
+        return {
+            **app.state.status.to_dict(),
+            "model_jobs": gate.admitted,
+            "generation_threads": generation_threads(),
+            "streams": dict(app.state.stream_outcomes),
+        }
 
     @app.get("/status/stream")
     async def status_stream(request: Request):

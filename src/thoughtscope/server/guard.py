@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html as html_mod
 import json
 from contextlib import asynccontextmanager
 from http.cookies import SimpleCookie
@@ -19,9 +20,10 @@ TOKEN_COOKIE = "thoughtscope_token"
 
 
 def _plain(status: int, message: str, html: bool):
+    """The refusal as a small page (the message escaped: it quotes headers the client chose) or as JSON."""
     body = (
         f"<!doctype html><meta charset=utf-8><title>{status}</title><body style='font-family:sans-serif;"
-        f"margin:3em'><h1>{status}</h1><p>{message}</p>"
+        f"margin:3em'><h1>{status}</h1><p>{html_mod.escape(message)}</p>"
         if html
         else json.dumps({"error": message, "status": status})
     )
@@ -155,30 +157,57 @@ class Busy(Exception):
     """The model is busy and the queue behind it is full."""
 
 
+class Ticket:
+    """A job's place at the gate: taken before the response starts, given back exactly once."""
+
+    def __init__(self, gate: Gate):
+        self.gate, self.held = gate, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.gate.admitted -= 1
+
+
 class Gate:
-    """One model job at a time; at most `queue_size` waiting; more than that answers 429 at once."""
+    """One model job at a time; at most `queue_size` waiting behind it; more than that answers 429 at once.
+
+    Admission (`ticket`) is synchronous: the count and the check happen with no await between them, so a burst
+    of requests arriving together cannot all pass the check before any of them is counted, and a streaming
+    route can take its ticket before it answers 200 (the over-limit requests get a 429, not an error event).
+    """
 
     def __init__(self, queue_size: int):
         self.queue_size = queue_size
-        self.waiting = 0
+        self.admitted = 0  # jobs holding a ticket: the running one and those waiting behind it
         self.running = False
         self._lock = asyncio.Lock()
 
-    def full(self) -> bool:
-        return self.waiting >= self.queue_size and self._lock.locked()
+    @property
+    def waiting(self) -> int:
+        return self.admitted - int(self.running)
 
-    @asynccontextmanager
-    async def slot(self):
+    def full(self) -> bool:
+        return self.admitted > self.queue_size
+
+    def ticket(self) -> Ticket:
+        """A place in the queue now, or Busy."""
         if self.full():
             raise Busy(f"the model is busy and {self.waiting} requests are already waiting; try again shortly")
-        self.waiting += 1
+        self.admitted += 1
+        return Ticket(self)
+
+    @asynccontextmanager
+    async def slot(self, ticket: Ticket | None = None):
+        """Run one job: wait for the model with `ticket` (taken here when not given), give the ticket back after."""
+        ticket = ticket or self.ticket()
         try:
             await self._lock.acquire()
+            self.running = True
+            try:
+                yield
+            finally:
+                self.running = False
+                self._lock.release()
         finally:
-            self.waiting -= 1
-        self.running = True
-        try:
-            yield
-        finally:
-            self.running = False
-            self._lock.release()
+            ticket.release()

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import posixpath
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlencode
 
+import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
@@ -32,13 +36,14 @@ from ..steer import (
 )
 from ..steer.presets import preset_from_interventions
 from .context import cfg_of, float_param, int_param, page, text_param, wb_of
-from .guard import Busy
 
+log = logging.getLogger("thoughtscope.server")
 router = APIRouter()
 OPS = ("clamp", "add", "ablate")
 SLIDER_MAX = 10.0  # a feature slider's reach: ± this many × max (or raw activation units)
 DEFAULT_PROMPT = "Write a short note about your day."
 OLD_PARAMS = {"gain": "strength", "max": "max_new_tokens"}  # query names of links made before the renames
+STOP_WAIT_S = 30.0  # how long a finished or abandoned stream waits for its worker to stop (one token is far less)
 
 
 @dataclass
@@ -239,63 +244,117 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
+GENERATION_THREAD = "thoughtscope-generation"  # the name of every generation's worker thread
+
+
+def generation_threads() -> int:
+    """Generation worker threads alive in this process (each stops between two tokens once its stream ends)."""
+    return sum(t.name == GENERATION_THREAD for t in threading.enumerate())
+
+
+class GenerationStream(StreamingResponse):
+    """The SSE answer of one generation. Its gate ticket was taken before the 200 went out; whatever ends the
+    response (the last event, the deadline, the client going away) closes the event generator, which stops the
+    worker thread and waits for it; then the ticket goes back and the outcome is counted in `tally`."""
+
+    def __init__(self, content, ticket, outcome: dict, tally: Counter, **kwargs):
+        super().__init__(content, **kwargs)
+        self.ticket, self.outcome, self.tally = ticket, outcome, tally
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+            self.ticket.release()
+            state = self.outcome["state"]
+            self.tally["client gone" if state in ("queued", "running") else state] += 1
+
+
 @router.get("/steer/stream")
 async def steer_stream(request: Request):
-    """One SSE stream: `steered`, `unsteered` and `baseline` events ({text, done}), then `end` (or `error`)."""
+    """One SSE stream: `steered`, `unsteered` and `baseline` events ({text, done}), then `end` (or `error`).
+
+    Over the queue limit the answer is a 429 (with retry-after) before any event; a closed page stops the
+    generation between two tokens."""
     wb, cfg = wb_of(request), cfg_of(request)
     m = parse_mixer(request)
     lanes = _lanes(wb, m, cfg)
     stop = threading.Event()
     it = stream_lanes(wb.lm, m.prompt, lanes, _gen_config(m), should_stop=stop.is_set)  # validates first
-    gate = request.app.state.gate
-    if gate.full():
-        raise HTTPException(
-            429,
-            f"the model is busy and {gate.waiting} requests are waiting; try again shortly",
-            headers={"retry-after": "2"},
-        )
+    ticket = request.app.state.gate.ticket()  # Busy -> 429 here, before the 200
+    outcome = {"state": "queued"}
+    return GenerationStream(
+        _events(request, m, lanes, it, stop, ticket, outcome, cfg),
+        ticket,
+        outcome,
+        request.app.state.stream_outcomes,
+        media_type="text/event-stream",
+        headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+    )
+
+
+async def _events(request: Request, m: Mixer, lanes, it, stop: threading.Event, ticket, outcome: dict, cfg):
+    """The stream's events; the generation runs in its own thread once the model is ours. `outcome["state"]`
+    goes queued -> running -> completed, deadline or error (or "stuck" when a worker ignores the stop)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    t0 = time.perf_counter()
+    finished = asyncio.Event()
+    produced = [0]
+
+    def call(fn, *args) -> None:
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is gone: the server is shutting down
+            stop.set()
 
     def work() -> None:
         try:
             for name, ev in it:
-                loop.call_soon_threadsafe(queue.put_nowait, (name, {"text": ev.text, "done": ev.done}))
+                produced[0] += 1
+                call(queue.put_nowait, (name, {"text": ev.text, "done": ev.done}))
         except SteerError as e:
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", {"message": str(e)}))
+            call(queue.put_nowait, ("error", {"message": str(e)}))
         except Exception as e:  # noqa: BLE001 - reported to the page instead of a broken stream
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", {"message": f"{type(e).__name__}: {e}"}))
+            log.error("generation failed: %s: %s", type(e).__name__, e)
+            call(queue.put_nowait, ("error", {"message": f"{type(e).__name__}: {e}"}))
         finally:
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+            call(queue.put_nowait, None)
+            call(finished.set)
 
-    async def events():
-        counts = {ln.name: 0 for ln in lanes}
+    counts = {ln.name: 0 for ln in lanes}
+    async with request.app.state.gate.slot(ticket):  # held while the answers stream; the worker starts once ours
+        t0 = time.perf_counter()
+        threading.Thread(target=work, name=GENERATION_THREAD, daemon=True).start()
+        outcome["state"] = "running"
         try:
-            async with gate.slot():  # held while the answers stream; the worker starts only once it is ours
-                worker = loop.run_in_executor(None, work)
-                try:
-                    yield _sse("start", {"lanes": list(counts), "seed": m.seed, "query": m.query()})
-                    async for ev in _relay(request, queue, counts, t0, cfg.deadline_s, stop):
-                        yield ev
-                finally:
-                    stop.set()
-                    await worker
-        except Busy as e:
-            yield _sse("error", {"message": str(e)})
+            yield _sse("start", {"lanes": list(counts), "seed": m.seed, "query": m.query()})
+            async for ev in _relay(request, queue, counts, t0, cfg.deadline_s, stop, outcome):
+                yield ev
+        finally:
+            stop.set()  # checked by the worker between two tokens
+            with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_WAIT_S) as waited:
+                await finished.wait()
+            if waited.cancelled_caught:
+                outcome["state"] = "stuck"
+                log.warning("a generation did not stop within %g s of being asked to", STOP_WAIT_S)
+            elif outcome["state"] == "running":
+                log.info(
+                    "generation stopped after %d of at most %d lane tokens: the client went away",
+                    produced[0],
+                    len(lanes) * m.max_new_tokens,
+                )
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"cache-control": "no-store", "x-accel-buffering": "no"}
-    )
 
-
-async def _relay(request: Request, queue: asyncio.Queue, counts: dict, t0: float, deadline_s: float, stop):
+async def _relay(request: Request, queue: asyncio.Queue, counts: dict, t0: float, deadline_s: float, stop, outcome):
     """Lane events from the worker until it ends, the deadline passes or the page goes away."""
     deadline = t0 + deadline_s
     while True:
         left = deadline - time.perf_counter()
         if left <= 0:
             stop.set()
+            outcome["state"] = "deadline"
             yield _sse("error", {"message": f"deadline of {deadline_s:g} s reached; the answers stop here"})
             return
         try:
@@ -306,11 +365,14 @@ async def _relay(request: Request, queue: asyncio.Queue, counts: dict, t0: float
                 return
             continue
         if item is None:
+            outcome["state"] = "error" if outcome["state"] == "error" else "completed"
             yield _sse("end", {"tokens": counts, "seconds": round(time.perf_counter() - t0, 3)})
             return
         name, data = item
         if name in counts:
             counts[name] += 1
+        elif name == "error":
+            outcome["state"] = "error"
         yield _sse(name, data)
 
 
@@ -352,8 +414,28 @@ def mixer_from_preset(wb, p: Preset, base: Mixer) -> Mixer:
                     f"preset {p.name!r}, item {i}: a vector can only come from a preset loaded "
                     f"at start (files are never read from a request)",
                 )
-            m.vectors.append((key, float(it.strength)))
+            lo, hi = _vector_bounds(wb.vectors[key].range)  # as a feature's: within what the slider reaches
+            m.vectors.append((key, max(lo, min(hi, float(it.strength)))))
     return m
+
+
+def refuse_files(wb, p: Preset) -> None:
+    """A request never names a file the server would open: an uploaded item whose vector is a path, or whose SAE
+    is anything but the one this workbench serves, is refused (422) without touching the file system."""
+    ours = {posixpath.normpath(wb.sae_spec or "default")}
+    for i, it in enumerate(p.items):
+        if it.type == "vector" and isinstance(it.vector, str):
+            raise HTTPException(
+                422,
+                f"uploaded preset, item {i}: vector {it.vector!r} names a file, and the server never opens a file "
+                f"a request names: put the preset in a preset folder the server reads at start",
+            )
+        if it.type == "feature" and posixpath.normpath(str(it.sae)) not in ours:
+            raise HTTPException(
+                422,
+                f"uploaded preset, item {i}: SAE {it.sae!r} is not the one this workbench serves "
+                f"({wb.sae_spec or 'default'!r}), and the server never opens a file a request names",
+            )
 
 
 @router.get("/steer/load")
@@ -376,7 +458,8 @@ async def preset_upload(request: Request):
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPException(422, f"preset is not valid JSON ({e})") from None
     p = Preset.from_dict(d, source="uploaded preset")  # SteerError -> 422 with the item at fault
-    m = mixer_from_preset(wb, p, Mixer())
+    refuse_files(wb, p)
+    m = mixer_from_preset(wb, p, Mixer(max_new_tokens=cfg_of(request).default_new_tokens))  # a URL it accepts
     url = f"/steer?{m.query()}"
     if "text/html" in request.headers.get("accept", ""):
         return RedirectResponse(url, status_code=303)
