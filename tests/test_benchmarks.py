@@ -115,3 +115,24 @@ def test_curve_time_to_reach():
     assert c.seconds_to_reach(0.7) == pytest.approx(1.5)
     assert c.seconds_to_reach(0.1) is None
     assert c.fvu_at_seconds(2.5) == pytest.approx(0.4) and c.fvu_at_seconds(0.5) is None
+
+
+def test_soak_quick_path_runs_on_a_fresh_tiny_workbench(tmp_path):
+    """benchmarks/soak.py --quick (shortened here): the real server on loopback under the mixed load writes every
+    figure, sees no 5xx, and every stream the client left mid-way was stopped by the server."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+    out = tmp_path / "soak.json"
+    cmd = [sys.executable, str(script), "--quick", "--seconds", "4", "--concurrency", "4", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for key in ("requests", "errors_5xx", "p50_ms", "p99_ms", "rss_growth_mb", "streams_cancelled_cleanly"):
+        assert key in res, key
+    assert res["requests"] > 20 and res["errors_5xx"] == 0 and res["errors"] == 0, res["first_errors"]
+    assert res["streams_cancelled"] > 0 and res["streams_cancelled_cleanly"] == res["streams_cancelled"]
+    assert res["generation_threads_left"] == 0 and res["model_jobs_left"] == 0
+    assert 0 < res["p50_ms"] <= res["p99_ms"]
