@@ -26,6 +26,7 @@ and a readable ``detail`` (shown by hypothesis on a failure).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -39,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hypothesis import event
+from hypothesis import event, note
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Mutation:
 
     def __repr__(self) -> str:
         return f"Mutation({self.kind}: {self.detail})"
+
+    def _repr_pretty_(self, p, cycle) -> None:  # how hypothesis prints a falsifying example
+        p.text(repr(self))
 
 
 def _index(frac: float, n: int) -> int:
@@ -154,9 +159,24 @@ _BYTE_STRATEGIES = {
 }
 
 
+def _by_kind(table: dict[str, st.SearchStrategy[Mutation]], kinds: Iterable[str]) -> st.SearchStrategy[Mutation]:
+    """A kind drawn uniformly from ``kinds``, then a mutation of that kind: with few examples (the "ci" profile)
+    every kind still gets its share, where a nested one_of would favour the family with the most branches."""
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in table]
+    if unknown:
+        raise ValueError(f"unknown mutation kinds {unknown}; known: {sorted(table)}")
+    return st.sampled_from(kinds).flatmap(lambda k: table[k])
+
+
+def any_of(*strategies: st.SearchStrategy[Mutation]) -> st.SearchStrategy[Mutation]:
+    """Each strategy with the same weight (``st.one_of`` flattens nested one_ofs, weighting their branches)."""
+    return st.sampled_from(strategies).flatmap(lambda s: s)
+
+
 def byte_mutations(kinds: Iterable[str] = BYTE_KINDS) -> st.SearchStrategy[Mutation]:
-    """Mutations of a file's bytes (see ``BYTE_KINDS``)."""
-    return st.one_of(*(_BYTE_STRATEGIES[k] for k in kinds))
+    """Mutations of a file's bytes (see ``BYTE_KINDS``), each kind equally likely."""
+    return _by_kind(_BYTE_STRATEGIES, kinds)
 
 
 TEXT_KINDS = ("bom", "crlf", "control_chars", "long_line", "blank_only", "unicode_mix")
@@ -204,8 +224,8 @@ _TEXT_STRATEGIES = {
 
 
 def text_mutations(kinds: Iterable[str] = TEXT_KINDS) -> st.SearchStrategy[Mutation]:
-    """Mutations of a UTF-8 text file that keep it valid UTF-8 (see ``TEXT_KINDS``)."""
-    return st.one_of(*(_TEXT_STRATEGIES[k] for k in kinds))
+    """Mutations of a UTF-8 text file that keep it valid UTF-8 (see ``TEXT_KINDS``), each kind equally likely."""
+    return _by_kind(_TEXT_STRATEGIES, kinds)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -354,7 +374,12 @@ def _json_kind(kind: str, pick: int, extra: Any) -> Mutation:
             p = _pick(v, pick // 8, lambda p, x: _is_number(x)) or _pick(v, pick // 8, lambda p, x: True)
             return v if p is None else _set(v, p, huge)
 
-        shown = "a 5000-digit literal" if huge is HUGE_INT_LITERAL else repr(huge)
+        if huge is HUGE_INT_LITERAL:
+            shown = "a 5000-digit literal"
+        elif isinstance(huge, int) and abs(huge) >= 10**20:
+            shown = f"an int of {len(str(abs(huge)))} digits"
+        else:
+            shown = repr(huge)
         return Mutation(kind, f"{shown} at number #{pick // 8}", on_copy(fn))
     if kind == "boundary_number":
         edge = (0, -1, 1, -(10**9), 0.5, -0.0)[pick % 6]
@@ -394,10 +419,13 @@ def _json_kind(kind: str, pick: int, extra: Any) -> Mutation:
     raise ValueError(f"unknown JSON mutation kind {kind!r}")
 
 
+_json_extra = st.tuples(st.text(min_size=1, max_size=12), st.one_of(_json_scalar, st.lists(_json_scalar, max_size=3)))
+_JSON_STRATEGIES = {k: st.builds(_json_kind, st.just(k), st.integers(0, 10_000), _json_extra) for k in JSON_KINDS}
+
+
 def json_mutations(kinds: Iterable[str] = JSON_KINDS) -> st.SearchStrategy[Mutation]:
     """Mutations of a parsed JSON value (returning a new value; write it with :func:`dump_json`)."""
-    extra = st.tuples(st.text(min_size=1, max_size=12), st.one_of(_json_scalar, st.lists(_json_scalar, max_size=3)))
-    return st.builds(_json_kind, st.sampled_from(tuple(kinds)), st.integers(0, 10_000), extra)
+    return _by_kind(_JSON_STRATEGIES, kinds)
 
 
 def lift_json(m: Mutation, **dump_kw) -> Mutation:
@@ -408,8 +436,11 @@ def lift_json(m: Mutation, **dump_kw) -> Mutation:
 def json_bytes_mutations(
     json_kinds: Iterable[str] = JSON_KINDS, byte_kinds: Iterable[str] = BYTE_KINDS, **dump_kw
 ) -> st.SearchStrategy[Mutation]:
-    """Mutations of a JSON file's bytes: structural ones (parsed and written back) and raw byte ones."""
-    return st.one_of(json_mutations(json_kinds).map(lambda m: lift_json(m, **dump_kw)), byte_mutations(byte_kinds))
+    """Mutations of a JSON file's bytes: structural ones (parsed and written back) and raw byte ones, every kind of
+    both families equally likely."""
+    table = {k: v.map(lambda m: lift_json(m, **dump_kw)) for k, v in _JSON_STRATEGIES.items()}
+    table.update(_BYTE_STRATEGIES)
+    return _by_kind(table, (*json_kinds, *byte_kinds))
 
 
 #: Lines that are not one JSON object: text, unfinished JSON, Python literals, a bare value, a list.
@@ -447,13 +478,13 @@ def _garbage_line(pick: int) -> Mutation:
 def jsonl_mutations(
     json_kinds: Iterable[str] = JSON_KINDS, byte_kinds: Iterable[str] = BYTE_KINDS
 ) -> st.SearchStrategy[Mutation]:
-    """Mutations of a JSONL file's bytes: a JSON mutation of one line's value, a garbage line, or a byte one."""
+    """Mutations of a JSONL file's bytes: a JSON mutation of one line's value, a garbage line, or a byte one, every
+    kind equally likely."""
     picks = st.integers(0, 10_000)
-    return st.one_of(
-        st.builds(_jsonl_line, json_mutations(json_kinds), picks),
-        st.builds(_garbage_line, picks),
-        byte_mutations(byte_kinds),
-    )
+    table = {f"line_{k}": st.builds(_jsonl_line, v, picks) for k, v in _JSON_STRATEGIES.items()}
+    table["garbage_line"] = st.builds(_garbage_line, picks)
+    table.update(_BYTE_STRATEGIES)
+    return _by_kind(table, (*(f"line_{k}" for k in json_kinds), "garbage_line", *byte_kinds))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -552,7 +583,7 @@ def _npy_kind(kind: str, pick: int) -> Mutation:
 
 def npy_mutations(kinds: Iterable[str] = NPY_KINDS) -> st.SearchStrategy[Mutation]:
     """Mutations of an array, each returning the bytes of the .npy file to write in its place."""
-    return st.builds(_npy_kind, st.sampled_from(tuple(kinds)), st.integers(0, 10_000))
+    return st.builds(_npy_kind, st.sampled_from(tuple(kinds)), st.integers(0, 10_000))  # kinds drawn uniformly
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -784,6 +815,18 @@ def write_tree(folder: str | os.PathLike, files: dict[str, bytes]) -> Path:
     return root
 
 
+def _event(text: str) -> None:
+    """A hypothesis event inside a property test; nothing in a plain test."""
+    with contextlib.suppress(InvalidArgument):
+        event(text)
+
+
+def _note(text: str) -> None:
+    """A hypothesis note (printed with a falsifying example) inside a property test; nothing in a plain test."""
+    with contextlib.suppress(InvalidArgument):
+        note(text)
+
+
 class ReaderHung(AssertionError):
     """The reader ran past its time bound."""
 
@@ -823,7 +866,8 @@ def expect_clean(
     if error is None:
         from thoughtscope.errors import ThoughtscopeError as error
     if mutation is not None:
-        event(f"mutation: {mutation.kind}")
+        _event(f"mutation: {mutation.kind}")
+        _note(f"{mutation!r}")
     before = snapshot(folder) if folder is not None else None
     ok, value = call_bounded(fn, timeout)
     if before is not None:
@@ -831,12 +875,12 @@ def expect_clean(
         changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
         assert not changed, f"reading wrote to {folder}: {changed} changed"
     if ok:
-        event("outcome: accepted")
+        _event("outcome: accepted")
         return ok, value
     if not isinstance(value, error):
         raise AssertionError(f"expected {error.__name__} or success, got {type(value).__name__}: {value}") from value
     names = [str(n) for n in names]
     msg = str(value)
     assert any(n in msg for n in names), f"error message names none of {names}: {msg!r}"
-    event(f"outcome: {type(value).__name__}")
+    _event(f"outcome: {type(value).__name__}")
     return ok, value
