@@ -178,6 +178,8 @@ class Corpus:
                     "file, a folder, or 'hf:<dataset>[:<config>]')"
                 )
             self._path = path
+            if not path.is_dir() and not path.is_file():  # a FIFO or a device would block or never end
+                raise CorpusError(f"corpus path {str(path)!r} is neither a regular file nor a folder")
             if path.is_dir():
                 self.kind = "folder"
             elif path.suffix.lower() == ".jsonl":

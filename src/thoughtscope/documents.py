@@ -21,20 +21,45 @@ LARGE_TEXT_BYTES = 64 * 1024
 FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
 
 _BIG_SPLIT = re.compile(r"\n[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*")  # >= 2 blank lines
+# A lone UTF-16 surrogate: JSON can spell one ("\ud800"), but it is no character and no tokenizer can encode it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def read_utf8(path: Path) -> str:
-    """Strict UTF-8 read: silently replacing bytes would corrupt the text we study."""
-    data = path.read_bytes()
+def read_utf8(path: Path, error: type[Exception] = CorpusError) -> str:
+    """Strict UTF-8 read: silently replacing bytes would corrupt the text we study. Raises `error` naming the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read the file ({e.strerror or e})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         bad = data[e.start : e.start + 4].hex(" ")
-        raise CorpusError(
+        raise error(
             f"{path}: not valid UTF-8 at byte offset {e.start} (bytes {bad}); "
             "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
         ) from None
     return text.removeprefix("\ufeff")
+
+
+def parse_json(text: str):
+    """``json.loads`` whose every failure is a ValueError: bad JSON (a JSONDecodeError), a number too long to
+    convert, or nesting too deep for the parser (a RecursionError otherwise)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def check_text(value: str, where: str, error: type[Exception]) -> str:
+    """``value`` unchanged, or `error` at `where` when it holds a lone surrogate (from a JSON "\\udXXX" escape)."""
+    m = _SURROGATE.search(value)
+    if m:
+        raise error(
+            f"{where}: text holds the lone surrogate \\u{ord(m.group()):04x} at character {m.start()}, which is not "
+            "a character (write the text as UTF-8, or escape a whole surrogate pair)"
+        )
+    return value
 
 
 def read_prompts(path: str | Path, text_field: str = "text") -> list[str]:
@@ -44,30 +69,30 @@ def read_prompts(path: str | Path, text_field: str = "text") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path}")
-    raw = read_utf8(path)
+    raw = read_utf8(path, PromptFileError)
 
     def one(item, where: str) -> str:
         if isinstance(item, str):
-            return item
+            return check_text(item, where, PromptFileError)
         if isinstance(item, dict) and isinstance(item.get(text_field), str):
-            return item[text_field]
+            return check_text(item[text_field], where, PromptFileError)
         raise PromptFileError(f"{where}: expected a string or an object with a {text_field!r} string field")
 
     if path.suffix == ".json":
         try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
+            data = parse_json(raw)
+        except ValueError as e:
             raise PromptFileError(f"{path}: not valid JSON ({e}); expected a list of prompts") from None
         if not isinstance(data, list):
             raise PromptFileError(f"{path}: expected a JSON list of prompts, got a {type(data).__name__}")
         prompts = [one(x, f"{path}, item {i}") for i, x in enumerate(data)]
     elif path.suffix == ".jsonl":
         prompts = []
-        for i, line in enumerate(raw.splitlines()):
+        for i, line in enumerate(raw.split("\n")):  # not splitlines(): U+2028 and friends may sit inside a string
             if line.strip():
                 try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
+                    item = parse_json(line)
+                except ValueError as e:
                     raise PromptFileError(f"{path}, line {i + 1}: not valid JSON ({e})") from None
                 prompts.append(one(item, f"{path}, line {i + 1}"))
     else:
@@ -92,13 +117,13 @@ def text_file_documents(path: Path) -> Iterator[str]:
 def jsonl_objects(text: str, error: type[Exception], where: Callable[[int], str]) -> Iterator[tuple[int, dict]]:
     """The JSON objects of a JSONL text with their 1-based line numbers, blank lines skipped. A line that is not
     JSON, or not an object, raises `error` at `where(line)`, so each caller names its rows in its own terms."""
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # JSONL lines end at "\n" only (U+2028 may be text)
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise error(f"{where(lineno)}: not valid JSON ({e.msg})") from None
+            rec = parse_json(line)
+        except ValueError as e:
+            raise error(f"{where(lineno)}: not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(rec, dict):
             raise error(f"{where(lineno)}: expected a JSON object, got {type(rec).__name__}")
         yield lineno, rec
@@ -115,6 +140,7 @@ def jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
         value = rec[text_field]
         if not isinstance(value, str):
             raise CorpusError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(value).__name__}")
+        check_text(value, f"{path}:{lineno}: field {text_field!r}", CorpusError)
         if value.strip():
             yield value
 

@@ -92,41 +92,49 @@ class PresetItem:
 
     def check(self, where: str) -> None:
         """Structural checks that need no model: types, ops, finite numbers."""
-        if self.type not in ("feature", "vector"):
-            raise SteerError(f"{where}: type must be 'feature' or 'vector', got {self.type!r}")
+        if not isinstance(self.type, str) or self.type not in ("feature", "vector"):
+            raise SteerError(f"{where}: type must be 'feature' or 'vector', got {_show(self.type)}")
         ops = FEATURE_OPS if self.type == "feature" else VECTOR_OPS
-        if self.op not in ops:
-            raise SteerError(f"{where}: op for a {self.type} must be one of {', '.join(ops)}, got {self.op!r}")
+        if not isinstance(self.op, str) or self.op not in ops:
+            raise SteerError(f"{where}: op for a {self.type} must be one of {', '.join(ops)}, got {_show(self.op)}")
+        if not isinstance(self.site, str):
+            raise SteerError(f"{where}: site must be a string such as 'resid.15', got {_show(self.site)}")
         try:
             Site.parse(self.site)
         except ValueError as e:
             raise SteerError(f"{where}: {e}") from None
         for name in ("strength", "max_act", "suggested"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                raise SteerError(f"{where}: {name} must be a finite number, got {v!r}")
+            if (v is not None or name == "strength") and not _finite_number(v):
+                raise SteerError(f"{where}: {name} must be a finite number, got {_show(v)}")
         if self.range is not None and (
-            len(self.range) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in self.range)
+            not isinstance(self.range, list) or len(self.range) != 2 or not all(map(_finite_number, self.range))
         ):
-            raise SteerError(f"{where}: range must be [low, high] finite numbers, got {self.range!r}")
-        if self.positions not in POSITIONS:
-            raise SteerError(f"{where}: positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+            raise SteerError(f"{where}: range must be [low, high] finite numbers, got {_show(self.range)}")
+        if not isinstance(self.positions, str) or self.positions not in POSITIONS:
+            raise SteerError(f"{where}: positions must be one of {', '.join(POSITIONS)}, got {_show(self.positions)}")
+        if self.label is not None and not isinstance(self.label, str):
+            raise SteerError(f"{where}: label must be a string, got {_show(self.label)}")
         if self.type == "feature":
-            if self.sae is None:
-                raise SteerError(f"{where}: a feature item needs 'sae' (a folder or 'default')")
+            if not isinstance(self.sae, str) or not self.sae.strip():
+                raise SteerError(f"{where}: a feature item needs 'sae' (a folder or 'default'), got {_show(self.sae)}")
             if isinstance(self.feature, bool) or not isinstance(self.feature, int) or self.feature < 0:
-                raise SteerError(f"{where}: feature must be a non-negative integer, got {self.feature!r}")
-            if self.unit not in ("raw", "max"):
-                raise SteerError(f"{where}: unit for a feature must be 'raw' or 'max', got {self.unit!r}")
+                raise SteerError(f"{where}: feature must be a non-negative integer, got {_show(self.feature)}")
+            if not isinstance(self.unit, str) or self.unit not in ("raw", "max"):
+                raise SteerError(f"{where}: unit for a feature must be 'raw' or 'max', got {_show(self.unit)}")
         else:
-            if self.vector is None:
-                raise SteerError(f"{where}: a vector item needs 'vector' (a .safetensors path or a list of numbers)")
-            if self.unit not in ("raw", "norm"):
-                raise SteerError(f"{where}: unit for a vector must be 'raw' or 'norm', got {self.unit!r}")
-            if isinstance(self.vector, list) and not all(
-                isinstance(x, (int, float)) and math.isfinite(x) for x in self.vector
-            ):
-                raise SteerError(f"{where}: inline vector must hold finite numbers")
+            if isinstance(self.vector, str) and self.vector.strip():
+                pass
+            elif isinstance(self.vector, list) and self.vector:
+                if not all(map(_finite_number, self.vector)):
+                    raise SteerError(f"{where}: inline vector must hold finite numbers")
+            else:
+                raise SteerError(
+                    f"{where}: a vector item needs 'vector' (a .safetensors path or a list of numbers), "
+                    f"got {_show(self.vector)}"
+                )
+            if not isinstance(self.unit, str) or self.unit not in ("raw", "norm"):
+                raise SteerError(f"{where}: unit for a vector must be 'raw' or 'norm', got {_show(self.unit)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None and v != "" or k in ("type", "op", "site")}
@@ -170,7 +178,13 @@ class Preset:
             it = PresetItem(**raw)
             it.check(where)
             items.append(it)
-        return cls(str(d.get("name", "")), items, str(d.get("description", "")), str(d.get("model", "")))
+        texts = {}
+        for key in ("name", "description", "model"):
+            value = d.get(key)
+            if value is not None and not isinstance(value, str):
+                raise SteerError(f"{source}: {key!r} must be a string, got {_show(value)}")
+            texts[key] = value or ""
+        return cls(texts["name"], items, texts["description"], texts["model"])
 
     def save(self, path: str | Path) -> Path:
         path = atomic_write_json(path, self.to_dict())
@@ -181,8 +195,14 @@ class Preset:
     def load(cls, name_or_path: str | Path) -> Preset:
         path = find_preset(str(name_or_path))
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(path.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise SteerError(f"{path}: cannot read the preset ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise SteerError(f"{path}: not UTF-8 text (byte offset {e.start}); expected a JSON preset") from None
+        except RecursionError:
+            raise SteerError(f"{path}: not valid JSON (nested too deeply)") from None
+        except ValueError as e:  # bad JSON, or a number too long to convert
             raise SteerError(f"{path}: not valid JSON ({e})") from None
         p = cls.from_dict(d, source=str(path))
         p.path = path
@@ -334,6 +354,25 @@ def _vector_item(it: PresetItem, base: Path, lm: LoadedModel) -> VectorEdit:
         typical = typical if typical is not None else site_norm(lm, it.site)
         v, strength = v / n, it.strength * typical
     return VectorEdit(v, it.site, it.op, strength, positions=it.positions, label=it.label)
+
+
+def _finite_number(v: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float (10**400 is not: it overflows one)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A short repr for an error message (a 5000-digit int or a long list cannot break or flood it)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "an integer too long to print"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _current_keys(raw: dict, where: str) -> dict:

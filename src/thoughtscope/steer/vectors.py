@@ -13,6 +13,7 @@ method, n_pairs, typical_norm).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,16 +71,55 @@ class SteeringVector:
             raise
         except Exception as e:  # safetensors raises its own error types on a corrupt header
             raise SteerError(f"{path}: not a readable safetensors file ({e})") from e
-        tn = meta.get("typical_norm") or None
-        return cls(
-            v.float(),
-            meta.get("site", ""),
-            meta.get("method", "mean"),
-            meta.get("model", ""),
-            int(meta.get("n_pairs", "0") or 0),
-            float(tn) if tn else None,
-            json.loads(meta.get("extra", "{}")),
-        )
+        if v.dim() != 1 or v.numel() == 0 or not v.is_floating_point():
+            raise SteerError(
+                f"{path}: tensor 'vector' has shape {tuple(v.shape)} and dtype {v.dtype}; expected a non-empty "
+                "1-D floating-point vector [d_model]"
+            )
+        v = v.float()
+        if not bool(torch.isfinite(v).all()):  # float64 values past float32's range count too
+            raise SteerError(
+                f"{path}: tensor 'vector' holds NaN or Inf values (as float32); refit it with `vector fit`"
+            )
+        return cls(v, *_read_metadata(meta, path))
+
+
+def _read_metadata(meta: dict[str, str], path: Path) -> tuple:
+    """(site, method, model, n_pairs, typical_norm, extra) from a vector file's string metadata; SteerError naming
+    the file and the field when one cannot be what `save` writes."""
+
+    def bad(key: str, expected: str):
+        value = meta.get(key, "")
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return SteerError(f"{path}: metadata {key!r} is {shown!r}; expected {expected}")
+
+    site = meta.get("site", "")
+    if site:
+        try:
+            site = str(Site.parse(site))
+        except ValueError:
+            raise bad("site", "a site such as 'resid.15'") from None
+    try:
+        n_pairs = int(meta.get("n_pairs", "0") or 0)
+    except ValueError:
+        raise bad("n_pairs", "a whole number") from None
+    if n_pairs < 0:
+        raise bad("n_pairs", "a whole number >= 0")
+    tn = meta.get("typical_norm") or None
+    if tn is not None:
+        try:
+            tn = float(tn)
+        except ValueError:
+            raise bad("typical_norm", "a number or nothing") from None
+        if not math.isfinite(tn) or tn <= 0:
+            raise bad("typical_norm", "a finite number > 0 or nothing")
+    try:
+        extra = json.loads(meta.get("extra", "{}") or "{}")
+    except (ValueError, RecursionError):
+        raise bad("extra", "a JSON object") from None
+    if not isinstance(extra, dict):
+        raise bad("extra", "a JSON object")
+    return site, meta.get("method", "mean"), meta.get("model", ""), n_pairs, tn, extra
 
 
 def last_token_acts(

@@ -95,6 +95,34 @@ def new_manifest(
     }
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    """A short repr for an error message (a 5000-digit int or a huge list cannot break the message)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"an integer of about {value.bit_length() * 0.30103:.0f} digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def plain_file_name(name: Any) -> bool:
+    """A file name inside the store folder: no separator, no '..', no NUL (a manifest cannot point elsewhere)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+
+
 def read_manifest(path: Path) -> dict:
     """Read and sanity-check ``path/manifest.json``; errors name the file and what was expected."""
     if not path.exists():
@@ -109,50 +137,76 @@ def read_manifest(path: Path) -> dict:
         )
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreCorruptError(f"manifest {str(mpath)!r} is not valid JSON: {e}") from e
+    except OSError as e:
+        raise StoreError(f"cannot read manifest {str(mpath)!r}: {e.strerror or e}") from e
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a number too long to convert, deep nesting
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise StoreCorruptError(f"manifest {str(mpath)!r} is not valid JSON: {what}") from None
     if not isinstance(manifest, dict):
         raise StoreCorruptError(f"manifest {str(mpath)!r} must hold a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT_NAME:
         raise StoreCorruptError(
-            f"manifest {str(mpath)!r} has format={manifest.get('format')!r}; expected {FORMAT_NAME!r}"
+            f"manifest {str(mpath)!r} has format={_show(manifest.get('format'))}; expected {FORMAT_NAME!r}"
         )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise StoreCorruptError(
-            f"manifest {str(mpath)!r} has format_version={manifest.get('format_version')!r}; "
+            f"manifest {str(mpath)!r} has format_version={_show(manifest.get('format_version'))}; "
             f"this thoughtscope reads version {FORMAT_VERSION}"
         )
     for key, typ in REQUIRED_FIELDS:
-        if not isinstance(manifest.get(key), typ):
+        value = manifest.get(key)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise StoreCorruptError(
-                f"manifest {str(mpath)!r}: field {key!r} is missing or not a {typ.__name__} (got {manifest.get(key)!r})"
+                f"manifest {str(mpath)!r}: field {key!r} is missing or not a {typ.__name__} (got {_show(value)})"
+            )
+    for key, low in (("d_model", 1), ("shard_tokens", 1), ("n_tokens", 0)):
+        if manifest[key] < low:
+            raise StoreCorruptError(
+                f"manifest {str(mpath)!r}: field {key!r} must be >= {low}, got {_show(manifest[key])}"
             )
     if manifest["dtype"] not in STORE_DTYPES:
         raise StoreCorruptError(
-            f"manifest {str(mpath)!r}: dtype {manifest['dtype']!r} is not one of {sorted(STORE_DTYPES)}"
+            f"manifest {str(mpath)!r}: dtype {_show(manifest['dtype'])} is not one of {sorted(STORE_DTYPES)}"
         )
+    for key in ("corpus", "extra"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise StoreCorruptError(
+                f"manifest {str(mpath)!r}: field {key!r} must be a JSON object, got {_show(manifest[key])}"
+            )
+    _check_stats(manifest.get("stats"), manifest["d_model"], mpath)
     cols = manifest.get("columns")
     if cols is not None and (
         not isinstance(cols, list)
+        or not all(isinstance(c, str) for c in cols)
         or any(c not in COLUMNS for c in cols)
         or any(c not in cols for c in REQUIRED_COLUMNS)
+        or len(set(cols)) != len(cols)
     ):
-        raise StoreCorruptError(f"manifest {str(mpath)!r}: bad columns {cols!r}")
+        raise StoreCorruptError(
+            f"manifest {str(mpath)!r}: bad columns {_show(cols)}; expected the names {list(REQUIRED_COLUMNS)}, "
+            f"optionally {list(OPTIONAL_COLUMNS)}, each once"
+        )
     total = 0
     for i, sh in enumerate(manifest["shards"]):
         if (
             not isinstance(sh, dict)
-            or not isinstance(sh.get("n_tokens"), int)
+            or not _is_int(sh.get("n_tokens"))
             or sh["n_tokens"] <= 0
             or not isinstance(sh.get("files"), dict)
             or not isinstance(sh.get("sha256"), dict)
             or "acts" not in sh["files"]
         ):
-            raise StoreCorruptError(f"manifest {str(mpath)!r}: shard entry {i} is malformed: {sh!r}")
+            raise StoreCorruptError(f"manifest {str(mpath)!r}: shard entry {i} is malformed: {_show(sh)}")
         if cols is None or set(sh["files"]) != {"acts", *cols}:
             raise StoreCorruptError(
                 f"manifest {str(mpath)!r}: shard {i} files {sorted(sh['files'])} do not match "
                 f"columns {cols!r} plus 'acts'"
+            )
+        bad = [f for f in sh["files"].values() if not plain_file_name(f)]
+        if bad:
+            raise StoreCorruptError(
+                f"manifest {str(mpath)!r}: shard {i} names {_show(bad[0])}; expected the name of a file "
+                "inside the store folder"
             )
         total += sh["n_tokens"]
     if total != manifest["n_tokens"]:
@@ -160,6 +214,28 @@ def read_manifest(path: Path) -> dict:
             f"manifest {str(mpath)!r}: n_tokens={manifest['n_tokens']} but shards hold {total} tokens"
         )
     return manifest
+
+
+#: norm statistics a reader uses, each a number or null
+_STATS_NUMBERS = ("mean_l2_norm", "median_l2_norm", "max_l2_norm", "tokens", "nonfinite_tokens", "norm_sample_tokens")
+
+
+def _check_stats(stats: Any, d_model: int, mpath: Path) -> None:
+    if stats is None:
+        return
+    if not isinstance(stats, dict):
+        raise StoreCorruptError(f"manifest {str(mpath)!r}: stats must be a JSON object or null, got {_show(stats)}")
+    for key in _STATS_NUMBERS:
+        v = stats.get(key)
+        if v is not None and not (_is_number(v) and v >= 0):  # NaN fails too; +Inf is a float32 overflow
+            raise StoreCorruptError(
+                f"manifest {str(mpath)!r}: stats[{key!r}] must be a number >= 0 or null, got {_show(v)}"
+            )
+    mean = stats.get("mean")
+    if mean is not None and (not isinstance(mean, list) or len(mean) != d_model or not all(map(_is_number, mean))):
+        raise StoreCorruptError(
+            f"manifest {str(mpath)!r}: stats['mean'] must be a list of {d_model} numbers or null, got {_show(mean)}"
+        )
 
 
 def shard_files(folder: Path, manifest: dict, i: int):
@@ -180,14 +256,16 @@ def check_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0), (3, 0)):
+                raise ValueError(f"unknown .npy format version {version}")
             if version == (1, 0):
                 fshape, fortran, fdtype = np.lib.format.read_array_header_1_0(f)
             else:
                 fshape, fortran, fdtype = np.lib.format.read_array_header_2_0(f)
             offset = f.tell()
-    except (ValueError, OSError, EOFError) as e:
+    except Exception as e:  # numpy's header parse raises ValueError, but also tokenize.TokenError, RecursionError
         raise StoreCorruptError(
-            f"shard file {str(path)!r} has an unreadable .npy header ({e}); file is {actual} bytes"
+            f"shard file {str(path)!r} has an unreadable .npy header ({_show(str(e), 200)}); file is {actual} bytes"
         ) from e
     if tuple(fshape) != tuple(shape) or np.dtype(fdtype) != dtype or fortran:
         raise StoreCorruptError(

@@ -105,7 +105,7 @@ class ActivationStore:
         for col, fpath, _, _, _ in self._shard_files(i):
             try:
                 arr = np.load(fpath, mmap_mode="c", allow_pickle=False)
-            except (OSError, ValueError) as e:
+            except Exception as e:  # OSError, ValueError, or whatever numpy's header parse raised
                 raise StoreCorruptError(f"cannot read shard file {str(fpath)!r}: {e}") from e
             if col == "acts":
                 acts = from_store_numpy(arr, self.dtype_name)
