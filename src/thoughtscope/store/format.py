@@ -112,6 +112,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_float_like(value: Any) -> bool:
+    """A number that converts to a float (10**400 does not)."""
+    if not _is_number(value):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
 def plain_file_name(name: Any) -> bool:
     """A file name inside the store folder: no separator, no '..', no NUL (a manifest cannot point elsewhere)."""
     return (
@@ -227,12 +238,12 @@ def _check_stats(stats: Any, mpath: Path) -> None:
         raise StoreCorruptError(f"manifest {str(mpath)!r}: stats must be a JSON object or null, got {_show(stats)}")
     for key in _STATS_NUMBERS:
         v = stats.get(key)
-        if v is not None and not (_is_number(v) and v >= 0):  # NaN fails too; +Inf is a float32 overflow
+        if v is not None and not (_is_float_like(v) and v >= 0):  # NaN fails too; +Inf is a float32 overflow
             raise StoreCorruptError(
                 f"manifest {str(mpath)!r}: stats[{key!r}] must be a number >= 0 or null, got {_show(v)}"
             )
     mean = stats.get("mean")  # its length is not checked here: a d_model that disagrees is reported by the shards
-    if mean is not None and (not isinstance(mean, list) or not all(map(_is_number, mean))):
+    if mean is not None and (not isinstance(mean, list) or not all(map(_is_float_like, mean))):
         raise StoreCorruptError(
             f"manifest {str(mpath)!r}: stats['mean'] must be a list of numbers or null, got {_show(mean)}"
         )

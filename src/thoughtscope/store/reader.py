@@ -160,7 +160,7 @@ class ActivationStore:
 
     @property
     def median_norm(self) -> float | None:
-        return self.stats["median_l2_norm"]
+        return self.stats.get("median_l2_norm")  # a manifest's stats may lack it: then there is none
 
     # -- streaming
 
