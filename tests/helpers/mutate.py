@@ -557,7 +557,9 @@ def _npy_kind(kind: str, pick: int) -> Mutation:
                     flat[pick % flat.size] = (np.nan, np.inf, -np.inf)[pick % 3]
                 elif np.issubdtype(b.dtype, np.integer):
                     info = np.iinfo(b.dtype)
-                    flat[pick % flat.size] = (info.min, info.max, -1)[pick % 3]
+                    # for uint16 (bfloat16 bits) 0xffff is a NaN, 0x7fc0 the canonical one
+                    third = 0x7FC0 if b.dtype == np.uint16 else -1 if info.min < 0 else info.max // 2 + 1
+                    flat[pick % flat.size] = (info.min, info.max, third)[pick % 3]
                 else:  # bit patterns (bfloat16 kept as uint16): 0x7fc0 is NaN, 0x7f80 +Inf
                     flat.view(np.uint8)[pick % flat.nbytes] = 0xFF
             return npy_bytes(b)
