@@ -4,9 +4,10 @@ was there before left byte for byte, nothing half-written left behind, and the s
 cause is gone. SIGKILL at seeded points of the long jobs is in test_faults_slow.py.
 
 A full disk is a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) in a child process: a write past it fails with
-EFBIG exactly as a write to a full disk fails with ENOSPC. Faults injected here: 2 unreadable corpora × 2 jobs
-(harvest, atlas build), 6 disk-full writes (harvest mid-store, atlas checkpoint, atlas database, SAE save, preset
-save, vector save) and 3 second writers (harvest, atlas build, SAE train).
+EFBIG exactly as a write to a full disk fails with ENOSPC. Faults injected here: unreadable corpora (3: harvest up
+front, harvest mid-corpus, atlas build), 7 disk-full writes (harvest mid-store, atlas checkpoint, atlas database, SAE
+save at the end of `sae train`, SAE save, preset save, vector save), 3 second writers (harvest, atlas build, SAE
+train) and 1 failed atlas build's lock.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def test_a_corpus_that_is_not_utf8_leaves_no_store_and_no_atlas(world, tmp_path)
             harvest(world.lm, Corpus(str(bad)), sites, out, HARVEST_CFG, progress=False)
         assert not out.exists()
     code, output = invoke("harvest", "--model", world.model, "--corpus", bad, "--out", tmp_path / "cli", *HARVEST_ARGS)
-    assert code == 2 and "not valid UTF-8" in one_error_line(output)
+    assert code == 2 and squash("not valid UTF-8") in squash(one_error_line(output))
     assert not (tmp_path / "cli").exists()
     with pytest.raises(CorpusError, match="not valid UTF-8"):
         build_atlas(world.lm, load_sae(world.sae), Corpus(str(bad)), tmp_path / "atlas", AtlasConfig(n_tokens=256))
@@ -195,6 +196,10 @@ def test_a_full_disk_gives_one_error_keeps_what_was_there_and_the_same_command_t
     atlas_cmd = ["atlas", "build", "--sae", world.sae, "--model", world.model, "--corpus", world.corpus, *ATLAS_ARGS]
     assert invoke(*atlas_cmd, "--out", atlas)[0] == 0
     atlas_before = atlas_db.read_bytes()
+    trained = tmp_path / "trained"
+    sae_cmd = ["sae", "train", "--store", world.store, "--out", trained, *SAE_ARGS]
+    assert invoke(*sae_cmd)[0] == 0
+    trained_before = folder_bytes(trained)
     sae_dir = tmp_path / "sae"
     shutil.copytree(world.sae, sae_dir)
     sae_before = folder_bytes(sae_dir)
@@ -211,6 +216,7 @@ def test_a_full_disk_gives_one_error_keeps_what_was_there_and_the_same_command_t
         harvest=["harvest", "--model", str(world.model), "--corpus", str(world.corpus), "--out", str(tmp_path / "acts")]
         + HARVEST_ARGS,
         atlas=[str(a) for a in (*atlas_cmd, "--out", atlas)],
+        sae_train=[str(a) for a in sae_cmd],
         sae=str(sae_dir),
         sae_cfg=load_sae(world.sae).cfg.to_dict(),
         preset=str(preset_path),
@@ -223,6 +229,7 @@ def test_a_full_disk_gives_one_error_keeps_what_was_there_and_the_same_command_t
         + r"""
 import torch
 import thoughtscope.atlas.build as build
+import thoughtscope.sae.formats as formats
 from thoughtscope.sae import SAE, SAEConfig, save_sae
 from thoughtscope.steer.presets import Preset, PresetItem
 from thoughtscope.steer.vectors import SteeringVector
@@ -231,6 +238,9 @@ out = {"harvest": cli(A["harvest"], 9000), "atlas_checkpoint": cli(A["atlas"], 4
 real = full_from(build, "write_db", 4096)
 out["atlas_db"] = cli(A["atlas"], None)
 build.write_db = real
+real = full_from(formats, "save_sae", 4096)
+out["sae_train"] = cli(A["sae_train"], None)
+formats.save_sae = real
 sae = SAE.from_config(SAEConfig.from_dict(A["sae_cfg"]), seed=1)
 out["sae"] = call(lambda: save_sae(sae, A["sae"]), 4096)
 out["preset"] = call(lambda: Preset("new", [PresetItem(**A["item"], strength=2.0)]).save(A["preset"]), 100)
@@ -272,6 +282,16 @@ print(json.dumps(out))
     assert invoke(*args["atlas"])[0] == 0
     assert not (atlas / "build.ckpt").exists()
     assert _atlas_rows(atlas_db) == _atlas_rows_of_bytes(atlas_before, tmp_path / "before.sqlite")
+
+    # sae train: the SAE cannot be saved at the end; the one there stays, and the rerun saves the same SAE (from the
+    # finished checkpoint: same weights, same metrics.json) as the clean run that wrote the one there
+    assert res["sae_train"]["code"] == 2, res["sae_train"]
+    line = one_error_line(res["sae_train"]["stderr"])
+    assert "could not write" in line and squash(str(trained)) in squash(line) and "the disk is full" in line, line
+    assert {k: v for k, v in folder_bytes(trained).items() if not k.startswith(".checkpoint/")} == trained_before
+    assert (trained / ".checkpoint" / "checkpoint.pt").is_file()
+    assert invoke(*sae_cmd)[0] == 0
+    assert folder_bytes(trained) == trained_before
 
     # SAE, preset and vector saves: a ThoughtscopeError naming the file, the old one byte for byte
     for case, path, before in (
@@ -320,7 +340,7 @@ import thoughtscope.sae.train as sae_train
 from thoughtscope.atlas import AtlasConfig, build_atlas
 from thoughtscope.corpus import Corpus
 from thoughtscope.harvest import HarvestConfig, harvest
-from thoughtscope.models import load_model
+from thoughtscope.models import capture, load_model
 from thoughtscope.sae import SAEConfig, load_sae
 from thoughtscope.sae.config import TrainConfig
 from thoughtscope.sae.run import train_grid
@@ -358,6 +378,8 @@ def job(name, fn):
 
 cfg = HarvestConfig(n_tokens=A["tokens"], ctx_len=16, contexts_per_batch=4, shard_tokens=64)
 lm1, lm2, sae = load_model(A["model"]), load_model(A["model"]), load_sae(A["sae"])  # loading is no thread's job
+for lm in (lm1, lm2):  # nor are the imports transformers makes at a model's first forward pass (not thread-safe)
+    capture(lm, ["resid.1"], torch.zeros(1, 4, dtype=torch.long))
 threads = [
     job("harvest", lambda: harvest(lm1, Corpus(A["corpus"]), ["resid.1"], A["acts"], cfg,
                                    progress=False, on_shard=lambda n: hold("harvest"))),
