@@ -346,7 +346,7 @@ def concept_token_ids(tokenizer, keywords: Sequence[str]) -> list[int]:
         kw = kw.strip()
         if not kw:
             continue
-        for form in {kw, kw.lower(), kw[:1].upper() + kw[1:]}:
+        for form in dict.fromkeys((kw, kw.lower(), kw[:1].upper() + kw[1:])):  # ordered: the same in any process
             for text in (form, " " + form):
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 if not ids:
