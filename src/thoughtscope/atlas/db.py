@@ -5,10 +5,12 @@ rows into `Feature` and `Example` objects; it also stores explanations and searc
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,45 +97,130 @@ class Feature:
         return self.n_active == 0
 
 
+TABLES = ("meta", "features", "contexts", "examples", "random_acts", "explanations")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 class Atlas:
-    """Read access to a built atlas (and the writes explain / report need)."""
+    """Read access to a built atlas (and the writes explain / report need).
+
+    Reading never writes: opening leaves the file (and its journal mode) as it is; the first write
+    (`save_explanations`) switches the file to WAL, so a reader and the explainer can share it, and adds any
+    explanation column an older atlas lacks. Whatever a query reads from the file is checked before it is
+    returned: a damaged file gives an AtlasError naming it, never another exception type.
+    """
 
     def __init__(self, con: sqlite3.Connection, path: Path):
         self.con = con
         self.path = path
+        self._writable = False
         try:
-            rows = con.execute("SELECT key, value FROM meta").fetchall()
-        except sqlite3.DatabaseError as e:
-            raise AtlasError(f"{path} is not a readable atlas database ({e}); rebuild it") from e
-        self.meta: dict[str, Any] = {k: json.loads(v) for k, v in rows}
+            self._read_meta()
+        except BaseException:
+            con.close()
+            raise
+
+    def _read_meta(self) -> None:
+        path = self.path
+        with self._reading("the table list"):
+            have = {r[0] for r in self.con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = [t for t in TABLES if t not in have]
+        if missing:
+            raise AtlasError(f"{path} lacks the table(s) {', '.join(missing)}; it is not a complete atlas, rebuild it")
+        self.meta: dict[str, Any] = {}
+        with self._reading("the meta table"):
+            for k, v in self.con.execute("SELECT key, value FROM meta").fetchall():
+                if not isinstance(k, str) or not isinstance(v, str):
+                    raise AtlasError(f"{path}: meta entry {k!r} is not text; the atlas is damaged, rebuild it")
+                self.meta[k] = json.loads(v)
         if self.meta.get("schema_version") != SCHEMA_VERSION:
             raise AtlasError(
                 f"{path}: atlas schema version {self.meta.get('schema_version')!r}, this thoughtscope "
                 f"reads version {SCHEMA_VERSION}; rebuild the atlas"
             )
-        if not self.meta.get("complete"):
+        if self.meta.get("complete") is not True:
             raise AtlasError(
                 f"{path}: the atlas build did not finish; rerun `thoughtscope atlas build` with the "
                 f"same --out to resume it"
             )
-        self.n_features = int(self.meta["n_features"])
-        self.window_left = int(self.meta["window_left"])
-        self.window_right = int(self.meta["window_right"])
-        self.hist_edges = np.asarray(self.meta["hist_edges"], dtype=np.float64)
-        ensure_explanation_columns(con)
+        m = self.meta
+        for key, ok, expected in (
+            ("n_features", lambda v: _is_int(v) and v > 0, "a positive integer"),
+            ("window_left", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+            ("window_right", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+            ("hist_edges", lambda v: isinstance(v, list) and all(_is_num(x) for x in v), "a list of numbers"),
+            ("random_contexts", lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of ids"),
+        ):
+            if (key in m or key != "random_contexts") and not ok(m.get(key)):
+                raise self._bad(f"meta {key!r}", m.get(key), expected)
+        with self._reading("the features table"):
+            (rows,) = self.con.execute("SELECT count(*) FROM features").fetchone()
+        if rows != m["n_features"]:
+            raise AtlasError(
+                f"{path}: the features table has {rows} rows but meta says n_features={m['n_features']}; "
+                "the atlas is damaged, rebuild it"
+            )
+        self.n_features = m["n_features"]
+        self.window_left = m["window_left"]
+        self.window_right = m["window_right"]
+        self.hist_edges = np.asarray(m["hist_edges"], dtype=np.float64)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Atlas:
         p = db_path(path)
-        con = connect(p)
+        return cls(connect(p), p)
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn what a damaged file makes SQLite, json or numpy raise into one AtlasError naming the file."""
         try:
-            con.execute("SELECT count(*) FROM features").fetchone()
-        except sqlite3.DatabaseError as e:
-            con.close()
-            raise AtlasError(
-                f"{p} is not a readable atlas database ({e}); rebuild it with `thoughtscope atlas build`"
-            ) from e
-        return cls(con, p)
+            yield
+        except AtlasError:
+            raise
+        except (sqlite3.Error, ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+            raise AtlasError(f"{self.path}: cannot read {what} ({type(e).__name__}: {e}); rebuild the atlas") from None
+
+    def _bad(self, what: str, value: Any, expected: str) -> AtlasError:
+        shown = repr(value) if not isinstance(value, bytes) else f"{len(value)} bytes"
+        return AtlasError(f"{self.path}: {what} is {shown[:80]}, expected {expected}; the atlas is damaged, rebuild it")
+
+    def _int(self, v: Any, what: str) -> int:
+        if not _is_int(v):
+            raise self._bad(what, v, "an integer")
+        return v
+
+    def _num(self, v: Any, what: str) -> float:
+        if not _is_num(v):
+            raise self._bad(what, v, "a finite number")
+        return float(v)
+
+    def _blob(self, v: Any, dtype: Any, what: str) -> np.ndarray:
+        size = np.dtype(dtype).itemsize
+        if not isinstance(v, bytes) or len(v) % size:
+            raise self._bad(what, v, f"a blob of {np.dtype(dtype).name} values")
+        return np.frombuffer(v, dtype=dtype).copy()
+
+    def _pairs(self, v: Any, what: str) -> list[tuple[int, float]]:
+        """A JSON list of [id, value] pairs (logit effects, neighbours)."""
+        with self._reading(what):
+            x = json.loads(v) if isinstance(v, str) else None
+        if not isinstance(x, list) or not all(
+            isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and _is_num(p[1]) for p in x
+        ):
+            raise self._bad(what, v, "a JSON list of [id, value] pairs")
+        return [(p[0], float(p[1])) for p in x]
 
     def close(self) -> None:
         self.con.close()
@@ -152,34 +239,37 @@ class Atlas:
 
     def feature(self, n: int) -> Feature:
         n = self.check_feature(n)
-        row = self.con.execute(
-            "SELECT id, n_active, density, max_act, mean_act, hist, logits_pos, logits_neg, neighbours "
-            "FROM features WHERE id=?",
-            (n,),
-        ).fetchone()
+        with self._reading(f"feature {n}"):
+            row = self.con.execute(
+                "SELECT id, n_active, density, max_act, mean_act, hist, logits_pos, logits_neg, neighbours "
+                "FROM features WHERE id=?",
+                (n,),
+            ).fetchone()
         if row is None:
             raise AtlasError(
                 f"{self.path}: feature {n} is missing from the features table; the atlas is corrupt, rebuild it"
             )
+        w = f"feature {n}'s"
         f = Feature(
-            id=row[0],
-            n_active=row[1],
-            density=row[2],
-            max_act=row[3],
-            mean_act=row[4],
-            hist=np.frombuffer(row[5], dtype=np.int32).copy(),
-            logits_pos=[tuple(x) for x in json.loads(row[6])],
-            logits_neg=[tuple(x) for x in json.loads(row[7])],
-            neighbours=[tuple(x) for x in json.loads(row[8])],
+            id=n,
+            n_active=self._int(row[1], f"{w} n_active"),
+            density=self._num(row[2], f"{w} density"),
+            max_act=self._num(row[3], f"{w} max_act"),
+            mean_act=self._num(row[4], f"{w} mean_act"),
+            hist=self._blob(row[5], np.int32, f"{w} histogram"),
+            logits_pos=self._pairs(row[6], f"{w} logits_pos"),
+            logits_neg=self._pairs(row[7], f"{w} logits_neg"),
+            neighbours=self._pairs(row[8], f"{w} neighbours"),
         )
         f.explanation = self.explanation(n)
         return f
 
     def context(self, ctx: int) -> list[int]:
-        row = self.con.execute("SELECT tokens FROM contexts WHERE id=?", (int(ctx),)).fetchone()
+        with self._reading(f"context {ctx}"):
+            row = self.con.execute("SELECT tokens FROM contexts WHERE id=?", (int(ctx),)).fetchone()
         if row is None:
             raise AtlasError(f"{self.path}: context {ctx} is referenced but not stored; the atlas is corrupt")
-        return np.frombuffer(row[0], dtype=np.int32).tolist()
+        return self._blob(row[0], np.int32, f"context {ctx}'s tokens").tolist()
 
     def examples(self, n: int, kind: str | None = None, limit: int | None = None) -> list[Example]:
         n = self.check_feature(n)
@@ -194,45 +284,61 @@ class Atlas:
             args.append(int(limit))
         out = []
         cache: dict[int, list[int]] = {}
-        for feat, kd, rank, b, ctx, pos, act, win in self.con.execute(q, args).fetchall():
+        w = f"an example of feature {n}:"
+        with self._reading(f"feature {n}'s examples"):
+            rows = self.con.execute(q, args).fetchall()
+        for _feat, kd, rank, b, ctx, pos, act, win in rows:
+            ctx, pos = self._int(ctx, f"{w} ctx"), self._int(pos, f"{w} pos")
+            if not isinstance(kd, str):
+                raise self._bad(f"{w} kind", kd, "'top' or 'quantile'")
             if ctx not in cache:
                 cache[ctx] = self.context(ctx)
             out.append(
                 Example(
-                    feature=feat,
+                    feature=n,
                     kind=kd,
-                    rank=rank,
-                    bin=b,
+                    rank=self._int(rank, f"{w} rank"),
+                    bin=self._int(b, f"{w} bin"),
                     ctx=ctx,
                     pos=pos,
-                    act=act,
+                    act=self._num(act, f"{w} act"),
                     tokens=cache[ctx],
-                    window=np.frombuffer(win, dtype=np.float16).astype(np.float32),
+                    window=self._blob(win, np.float16, f"{w} window").astype(np.float32),
                     start=pos - self.window_left,
                 )
             )
         return out
 
     def random_contexts(self) -> list[int]:
-        return [
-            r[0]
-            for r in self.con.execute(
-                "SELECT id FROM contexts WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps(self.meta.get("random_contexts", [])),),
-            ).fetchall()
-        ]
+        with self._reading("the random contexts"):
+            return [
+                self._int(r[0], "a random context id")
+                for r in self.con.execute(
+                    "SELECT id FROM contexts WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(self.meta.get("random_contexts", [])),),
+                ).fetchall()
+            ]
 
     def random_activations(self, n: int) -> dict[int, dict[int, float]]:
         """ctx -> {pos: activation} of feature n on the fixed random context sample (only non-zero entries)."""
         n = self.check_feature(n)
         out: dict[int, dict[int, float]] = {}
-        for ctx, pos, act in self.con.execute("SELECT ctx, pos, act FROM random_acts WHERE feature=?", (n,)):
-            out.setdefault(ctx, {})[pos] = act
+        w = f"feature {n}'s random activations:"
+        with self._reading(f"feature {n}'s random activations"):
+            rows = self.con.execute("SELECT ctx, pos, act FROM random_acts WHERE feature=?", (n,)).fetchall()
+        for ctx, pos, act in rows:
+            out.setdefault(self._int(ctx, f"{w} ctx"), {})[self._int(pos, f"{w} pos")] = self._num(act, f"{w} act")
         return out
 
     def stats(self) -> dict[str, np.ndarray]:
         """Per-feature arrays over the whole SAE (for the report)."""
-        rows = self.con.execute("SELECT id, n_active, density, max_act, mean_act FROM features ORDER BY id").fetchall()
+        with self._reading("the features table"):
+            rows = self.con.execute(
+                "SELECT id, n_active, density, max_act, mean_act FROM features ORDER BY id"
+            ).fetchall()
+        for r in rows:
+            if not (all(_is_int(v) for v in r[:2]) and all(_is_num(v) for v in r[2:])):
+                raise self._bad(f"feature row {r[0]!r}", r, "integer id and n_active, finite numbers")
         a = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
         return {
             "id": a[:, 0].astype(np.int64),
@@ -245,7 +351,8 @@ class Atlas:
     def random_features(self, n: int = 5, *, seed: int | None = None, alive_only: bool = True) -> list[int]:
         """A uniform sample of feature ids (alive ones by default): the unbiased way to browse."""
         q = "SELECT id FROM features" + (" WHERE n_active > 0" if alive_only else "")
-        ids = [r[0] for r in self.con.execute(q)]
+        with self._reading("the feature ids"):
+            ids = [self._int(r[0], "a feature id") for r in self.con.execute(q).fetchall()]
         rng = random.Random(seed)
         return sorted(rng.sample(ids, min(n, len(ids))))
 
@@ -260,19 +367,51 @@ class Atlas:
         shuffled_detection_auroc / _bacc (the same scorer given another feature's explanation: chance,
         measured), details (JSON: counts, labels, predictions, held-out context ids), seconds, created.
         """
-        cur = self.con.execute("SELECT * FROM explanations WHERE feature=?", (int(n),))
-        row = cur.fetchone()
+        with self._reading(f"feature {n}'s explanation"):
+            cur = self.con.execute("SELECT * FROM explanations WHERE feature=?", (int(n),))
+            row = cur.fetchone()
+            names = [c[0] for c in cur.description]
         if row is None:
             return None
         d = dict.fromkeys(EXPLANATION_COLUMNS)
-        d.update(zip([c[0] for c in cur.description], row))
-        d["details"] = json.loads(d["details"]) if d.get("details") else None
+        d.update(zip(names, row))
+        self._check_explanation(d, f"feature {n}'s explanation")
+        with self._reading(f"feature {n}'s explanation details"):
+            d["details"] = json.loads(d["details"]) if d.get("details") else None
         return d
+
+    def _check_explanation(self, d: dict, what: str) -> None:
+        for k in ("explanation", "error", "explainer", "scorer", "method", "scorer_method"):
+            if d.get(k) is not None and not isinstance(d[k], str):
+                raise self._bad(f"{what}: {k}", d[k], "text or NULL")
+        if "status" in d and not isinstance(d["status"], str):
+            raise self._bad(f"{what}: status", d["status"], "'ok' or 'failed'")
+        for k in (*SCORE_KEYS, "seconds", "created"):
+            v = d.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise self._bad(f"{what}: {k}", v, "a number or NULL")
+        if d.get("details") is not None and not isinstance(d["details"], str):
+            raise self._bad(f"{what}: details", d["details"], "JSON text or NULL")
 
     def explained(self, status: str | None = "ok") -> set[int]:
         """Ids of features with a stored explanation of this status ('ok', 'failed'; None: any)."""
         q = "SELECT feature FROM explanations" + (" WHERE status=?" if status else "")
-        return {r[0] for r in self.con.execute(q, (status,) if status else ())}
+        with self._reading("the explanations table"):
+            return {
+                self._int(r[0], "an explained feature id") for r in self.con.execute(q, (status,) if status else ())
+            }
+
+    def _prepare_writes(self) -> None:
+        """Before the first write: WAL (readers and this writer do not block each other) and the explanation
+        columns added since schema version 1 (an older atlas gets them, NULL for the rows written before)."""
+        if self._writable:
+            return
+        try:
+            self.con.execute("PRAGMA journal_mode=WAL")
+            ensure_explanation_columns(self.con)
+        except sqlite3.DatabaseError as e:
+            raise AtlasError(f"{self.path}: cannot write explanations ({e})") from None
+        self._writable = True
 
     def save_explanation(self, n: int, rec: dict) -> None:
         """Store (replace) feature n's explanation; keys as `explanation` returns them, missing ones NULL."""
@@ -280,6 +419,7 @@ class Atlas:
 
     def save_explanations(self, recs: dict[int, dict]) -> None:
         """Store many explanations in one transaction (and keep the full-text index in step)."""
+        self._prepare_writes()
         cols = EXPLANATION_COLUMNS
         fts = has_fts(self.con)
         with self.con:
@@ -304,30 +444,42 @@ class Atlas:
         text = text.strip()
         if not text:
             raise AtlasError("search text is empty")
-        if has_fts(self.con):
-            words = [w for w in "".join(c if c.isalnum() else " " for c in text).split() if w]
-            if words:
-                q = " OR ".join(f'"{w}"' for w in words)
+        with self._reading("the explanations"):
+            rows = []
+            if has_fts(self.con):
+                words = [w for w in "".join(c if c.isalnum() else " " for c in text).split() if w]
+                if words:
+                    q = " OR ".join(f'"{w}"' for w in words)
+                    rows = self.con.execute(
+                        "SELECT feature, explanation FROM explanations_fts WHERE explanations_fts MATCH ? "
+                        "ORDER BY rank LIMIT ?",
+                        (q, limit),
+                    ).fetchall()
+            if not rows:
                 rows = self.con.execute(
-                    "SELECT feature, explanation FROM explanations_fts WHERE explanations_fts MATCH ? "
-                    "ORDER BY rank LIMIT ?",
-                    (q, limit),
+                    "SELECT feature, explanation FROM explanations WHERE status='ok' AND "
+                    "explanation LIKE ? ORDER BY feature LIMIT ?",
+                    (f"%{text}%", limit),
                 ).fetchall()
-                if rows:
-                    return [(int(f), e) for f, e in rows]
-        rows = self.con.execute(
-            "SELECT feature, explanation FROM explanations WHERE status='ok' AND "
-            "explanation LIKE ? ORDER BY feature LIMIT ?",
-            (f"%{text}%", limit),
-        ).fetchall()
-        return [(int(f), e) for f, e in rows]
+        for f, e in rows:
+            if not _is_int(f) or not isinstance(e, str):
+                raise self._bad("a search result", (f, e), "a feature id and its explanation text")
+        return [(f, e) for f, e in rows]
 
     def scores(self, features: Sequence[int] | None = None) -> list[dict]:
         """One dict per 'ok' explanation (of `features`, or all): feature, explanation, method, scorer_method and
         every score key of `explanation` (None where not measured)."""
-        have = {r[1] for r in self.con.execute("PRAGMA table_info(explanations)")}
         keys = ["feature", *SCORE_KEYS, "explanation", "method", "scorer_method"]
-        sel = ", ".join(k if k in have else "NULL" for k in keys)
-        rows = self.con.execute(f"SELECT {sel} FROM explanations WHERE status='ok'").fetchall()
+        with self._reading("the explanations"):
+            have = {r[1] for r in self.con.execute("PRAGMA table_info(explanations)")}
+            sel = ", ".join(k if k in have else "NULL" for k in keys)
+            rows = self.con.execute(f"SELECT {sel} FROM explanations WHERE status='ok'").fetchall()
         keep = set(int(f) for f in features) if features is not None else None
-        return [dict(zip(keys, r)) for r in rows if keep is None or r[0] in keep]
+        out = []
+        for r in rows:
+            d = dict(zip(keys, r))
+            self._int(d["feature"], "an explained feature id")
+            self._check_explanation(d, f"feature {d['feature']}'s explanation")
+            if keep is None or d["feature"] in keep:
+                out.append(d)
+        return out

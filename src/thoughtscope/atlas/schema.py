@@ -114,23 +114,45 @@ def db_path(path: str | os.PathLike) -> Path:
     return p / DB_NAME if p.is_dir() or p.suffix != ".sqlite" else p
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
 def connect(path: str | os.PathLike, *, create: bool = False) -> sqlite3.Connection:
+    """Open the atlas file. Reading (create=False) writes nothing: a file that is not SQLite is refused before
+    SQLite sees it (it would take an empty file for a new database), and the journal mode is left as it is
+    (`Atlas.save_explanations` switches to WAL before its first write). create=True makes the tables."""
     p = db_path(path)
-    if not create and not p.is_file():
-        raise AtlasError(f"no atlas at {p}: build one with `thoughtscope atlas build --sae ... --out {p.parent}`")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(str(p), timeout=30.0, check_same_thread=False)
+    if not create:
+        if not p.is_file():
+            raise AtlasError(f"no atlas at {p}: build one with `thoughtscope atlas build --sae ... --out {p.parent}`")
+        try:
+            with open(p, "rb") as fh:
+                head = fh.read(len(SQLITE_MAGIC))
+        except OSError as e:
+            raise AtlasError(f"cannot read the atlas {p}: {e}") from None
+        if head != SQLITE_MAGIC:
+            raise AtlasError(
+                f"{p} is not a readable atlas database (not an SQLite file); rebuild it with `thoughtscope atlas build`"
+            )
+    else:
+        p.parent.mkdir(parents=True, exist_ok=True)
     try:
-        con.execute("PRAGMA journal_mode=WAL")
+        con = sqlite3.connect(str(p), timeout=30.0, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise AtlasError(f"cannot open the atlas {p}: {e}") from None
+    try:
+        if create:
+            con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=NORMAL")
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the schema: a damaged file fails here
         if create:
             con.executescript(SCHEMA)
             _ensure_fts(con)
-    except sqlite3.DatabaseError as e:
+    except (sqlite3.DatabaseError, ValueError) as e:  # ValueError: SQLite quoting undecodable bytes of a damaged file
         con.close()
         raise AtlasError(
             f"{p} is not a readable atlas database ({e}); rebuild it with `thoughtscope atlas build`"
-        ) from e
+        ) from None
     return con
 
 

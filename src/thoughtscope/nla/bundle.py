@@ -15,11 +15,16 @@ Folder layout (loadable by path, like a transformers folder)::
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .._io import atomic_save_tensors
+from ..errors import ThoughtscopeError
+from .config import CONFIG_NAME
 from .core import NLAConfig, NLAError, check_vectors, nla_loss, normalise
 
 AV_FILE, AR_FILE = "av.safetensors", "ar.safetensors"
@@ -67,11 +72,72 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, dtype=torch.float16
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file as float32; NLAError naming the file when it is missing, unreadable, or
+    holds a non-numeric or non-finite tensor."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         raise NLAError(f"{path} not found")
-    return {k: v.float() for k, v in load_file(str(path)).items()}
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise NLAError(f"{path}: not a readable safetensors file ({e})") from None
+    return {k: _finite(v, k, path) for k, v in tensors.items()}
+
+
+def _finite(v: Any, key: str, where: Path) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor):
+        raise NLAError(f"{where}: {key!r} is a {type(v).__name__}, expected a tensor")
+    if not v.is_floating_point():
+        raise NLAError(f"{where}: tensor {key!r} has dtype {v.dtype}, expected floating point")
+    v = v.float()
+    if not bool(torch.isfinite(v).all()):
+        raise NLAError(f"{where}: tensor {key!r} holds NaN or Inf values")
+    return v
+
+
+def check_adapter_state(module, state: Any, where: Path, label: str) -> dict[str, torch.Tensor]:
+    """state as float32 tensors with exactly the names and shapes of module's adapter (the AV or the AR), or an
+    NLAError naming `where`: an adapter file or state written for another model, config or version."""
+    if not isinstance(state, dict):
+        raise NLAError(f"{where}: the {label} weights are a {type(state).__name__}, expected named tensors")
+    want = {k: tuple(v.shape) for k, v in module.adapter_state().items()}
+    unexpected = sorted(map(str, set(state) - set(want)))
+    missing = sorted(set(want) - set(state))
+    if unexpected or missing:
+        raise NLAError(
+            f"{where}: the {label} weights do not fit this NLA ({len(missing)} of its tensors missing"
+            + (f", e.g. {missing[0]}" if missing else "")
+            + f"; {len(unexpected)} unknown"
+            + (f", e.g. {unexpected[0]}" if unexpected else "")
+            + ")"
+        )
+    out = {}
+    for k, shape in want.items():
+        v = _finite(state[k], k, where)
+        if tuple(v.shape) != shape:
+            raise NLAError(f"{where}: {label} tensor {k!r} has shape {tuple(v.shape)}, this NLA needs {shape}")
+        out[k] = v
+    return out
+
+
+def load_adapter(module, path: Path, label: str) -> None:
+    """Load an adapter file (av.safetensors, ar.safetensors, ...) into the AV or the AR, checked first."""
+    module.load_adapter_state(check_adapter_state(module, load_weights(path), path, label))
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Errors of building an NLA from a file's settings, as one NLAError naming that file."""
+    try:
+        yield
+    except ThoughtscopeError as e:
+        if str(path) in str(e):
+            raise
+        raise NLAError(f"{path}: {e}") from None
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:  # peft or torch refusing the settings
+        raise NLAError(f"{path}: cannot build the NLA it describes ({type(e).__name__}: {e})") from None
 
 
 class NLA:
@@ -81,6 +147,7 @@ class NLA:
         from .reconstructor import Reconstructor
         from .verbalizer import Verbalizer
 
+        cfg.check()
         if cfg.d_model != lm.d_model or cfg.n_layers != lm.n_layers:
             raise NLAError(
                 f"NLA config is for a model with d_model={cfg.d_model}, {cfg.n_layers} blocks, but the "
@@ -113,12 +180,12 @@ class NLA:
                 if not (path / f).is_file():
                     raise NLAError(f"{path / f} not found: the {which!r} weights need it")
         cfg = NLAConfig.load(path)
-        lm = lm or load_model(cfg.model)
-        nla = cls(lm, cfg)
-        if (path / av_f).is_file():
-            nla.av.load_adapter_state(load_weights(path / av_f))
-        if (path / ar_f).is_file():
-            nla.ar.load_adapter_state(load_weights(path / ar_f))
+        with _naming(path / CONFIG_NAME):
+            lm = lm or load_model(cfg.model)
+            nla = cls(lm, cfg)
+        for module, f, label in ((nla.av, av_f, "AV"), (nla.ar, ar_f, "AR")):
+            if (path / f).is_file():
+                load_adapter(module, path / f, label)
         nla.path = path
         return nla
 

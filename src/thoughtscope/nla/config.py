@@ -9,6 +9,7 @@ option's help from the fields' docstrings without loading torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import InitVar, asdict, dataclass, field, fields
@@ -81,9 +82,30 @@ class NLAConfig:
         return Site.parse(self.site).layer
 
     def check(self) -> NLAConfig:
+        """Raise NLAError for a value the AV and AR cannot use (a wrong type, an impossible size, a template
+        that does not hold the marker once); returns self."""
+        for name, ok, expected in _RULES:
+            value = getattr(self, name)
+            if not ok(value):
+                shown = repr(value)
+                raise NLAError(f"NLAConfig.{name}={shown[:80]}: expected {expected}")
+        if self.lora_rank > self.d_model:
+            raise NLAError(f"NLAConfig.lora_rank={self.lora_rank}: expected at most d_model={self.d_model}")
+        if "init_seed" in self.extra and not _int(self.extra["init_seed"]):
+            raise NLAError(f"NLAConfig.extra['init_seed']={self.extra['init_seed']!r}: expected an integer")
         if self.av_template.count("{marker}") != 1:
             raise NLAError(f"av_template must contain '{{marker}}' exactly once, got {self.av_template!r}")
-        if self.layer >= self.n_layers:
+        try:
+            self.av_template.format(marker=self.marker)
+        except (KeyError, IndexError, ValueError) as e:
+            raise NLAError(f"av_template {self.av_template!r} is not a template of {{marker}} alone ({e})") from None
+        from ..sites import Site  # imports torch: only when a config is checked
+
+        try:
+            layer = Site.parse(self.site).layer
+        except ValueError as e:  # SiteError
+            raise NLAError(f"NLAConfig.site={self.site!r}: {e}") from None
+        if layer >= self.n_layers:
             raise NLAError(
                 f"site {self.site} is beyond the model: it has {self.n_layers} blocks (layers 0..{self.n_layers - 1})"
             )
@@ -110,10 +132,66 @@ class NLAConfig:
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> NLAConfig:
+        """Read and check ``nla_config.json``; any fault is an NLAError naming the file."""
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
             raise NLAError(f"{path} not found: an NLA folder holds {CONFIG_NAME} plus adapter weights")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8, a 5000-digit number, deep nesting
+            raise NLAError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise NLAError(f"cannot read {path}: {e}") from None
+        if not isinstance(raw, dict):
+            raise NLAError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        try:
+            return cls.from_dict(raw).check()
+        except (NLAError, TypeError) as e:  # TypeError: 'extra' is not an object but unknown keys must go there
+            raise NLAError(f"{path}: {e}") from None
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+#: NLAConfig field -> (is it acceptable, what was expected)
+_RULES = (
+    ("model", lambda v: isinstance(v, str), "a model spec (text)"),
+    ("site", lambda v: isinstance(v, str), "a site such as resid.20"),
+    ("d_model", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("n_layers", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("marker", lambda v: isinstance(v, str) and v != "", "one token's text"),
+    ("marker_id", lambda v: _int(v) and v >= 0, "a token id (an integer >= 0)"),
+    ("injection_scale", lambda v: _num(v) and v >= 0, "a finite number >= 0"),
+    ("system_prompt", lambda v: isinstance(v, str), "text"),
+    ("av_template", lambda v: isinstance(v, str), "text holding {marker} once"),
+    ("response_prefix", lambda v: isinstance(v, str), "text"),
+    ("response_suffix", lambda v: isinstance(v, str), "text"),
+    ("max_new_tokens", lambda v: _int(v) and v > 0, "a positive number of tokens"),
+    ("ar_prefix", lambda v: isinstance(v, str), "text"),
+    ("ar_suffix", lambda v: isinstance(v, str), "text"),
+    ("max_explanation_tokens", lambda v: _int(v) and v > 0, "a positive number of tokens"),
+    ("mean_norm", lambda v: _num(v) and v >= 0, "a finite number >= 0"),
+    ("mu_sq", lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    ("warm_start", lambda v: isinstance(v, dict), "an object"),
+    ("lora_rank", lambda v: _int(v) and v > 0, "a positive integer"),
+    ("lora_alpha", lambda v: _num(v) and v > 0, "a finite number > 0"),
+    (
+        "lora_targets",
+        lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) and x for x in v),
+        "a non-empty list of module names",
+    ),
+    ("extra", lambda v: isinstance(v, dict), "an object"),
+)
 
 
 @dataclass

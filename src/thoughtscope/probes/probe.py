@@ -8,8 +8,9 @@ activations of another model or site. `to_vector()` turns it into a steering vec
 from __future__ import annotations
 
 import json
+import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -20,6 +21,39 @@ from ..errors import ProbeError
 FORMAT = "thoughtscope-probe-1"
 CONFIG = "config.json"
 WEIGHTS = "probe.safetensors"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    """A number a float holds (NaN included); not a bool, not an int beyond any float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
+
+
+_PROBE_RULES = (  # field, check, what was expected (model, site and d_model are checked first)
+    ("fitter", lambda v: isinstance(v, str), "a fitter name"),
+    ("read", lambda v: isinstance(v, str), "last, mean or span"),
+    ("chat", lambda v: isinstance(v, bool), "true or false"),
+    ("dataset", lambda v: isinstance(v, str), "a dataset name"),
+    ("dataset_sha256", lambda v: isinstance(v, str), "a hex digest"),
+    ("seed", _is_int, "an integer"),
+    ("class_gap", lambda v: _finite_number(v), "a finite number"),
+    ("sink_rule", lambda v: isinstance(v, str), "text"),
+    (
+        "metrics",
+        lambda v: isinstance(v, dict) and ("test_auroc" not in v or _is_num(v["test_auroc"])),
+        "an object (test_auroc a number)",
+    ),
+    ("threshold_note", lambda v: isinstance(v, str), "text"),
+)
 
 
 @dataclass
@@ -52,10 +86,13 @@ class ProbeConfig:
     """How the class threshold was chosen (a record, in words)."""
 
     def __post_init__(self) -> None:
-        if not self.model or not self.site:
-            raise ProbeError("a probe needs the model name and the site it reads")
-        if self.d_model <= 0:
-            raise ProbeError(f"d_model must be positive, got {self.d_model}")
+        if not isinstance(self.model, str) or not isinstance(self.site, str) or not self.model or not self.site:
+            raise ProbeError("a probe needs the model name and the site it reads (text)")
+        if isinstance(self.d_model, bool) or not isinstance(self.d_model, int) or self.d_model <= 0:
+            raise ProbeError(f"d_model must be a positive integer, got {self.d_model!r}")
+        for name, ok, expected in _PROBE_RULES:
+            if not ok(getattr(self, name)):
+                raise ProbeError(f"ProbeConfig.{name}={getattr(self, name)!r:.80}: expected {expected}")
 
 
 class Probe:
@@ -132,22 +169,40 @@ class Probe:
 
     @classmethod
     def load(cls, folder: str | Path, lm=None, site: str | None = None) -> Probe:
-        """Load a probe folder; with lm (and site) it refuses a mismatched model or site."""
-        from safetensors.torch import load_file
+        """Load a probe folder; with lm (and site) it refuses a mismatched model or site.
 
+        Every fault of the folder (bad JSON, a missing or mistyped field, an unreadable or mis-shaped weight) is a
+        ProbeError naming the file."""
         folder = Path(folder)
-        if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        cf, wf = folder / CONFIG, folder / WEIGHTS
+        if not cf.is_file() or not wf.is_file():
             raise ProbeError(
                 f"{folder} is not a probe folder: expected {CONFIG} and {WEIGHTS} (written by `thoughtscope probe fit`)"
             )
         try:
-            raw = json.loads((folder / CONFIG).read_text())
-        except json.JSONDecodeError as e:
-            raise ProbeError(f"{folder / CONFIG}: not valid JSON ({e.msg})") from None
+            raw = json.loads(cf.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8, a 5000-digit number, deep nesting
+            raise ProbeError(f"{cf}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise ProbeError(f"cannot read {cf}: {e}") from None
+        if not isinstance(raw, dict):
+            raise ProbeError(f"{cf}: expected a JSON object, got {type(raw).__name__}")
         if raw.pop("format", None) != FORMAT:
-            raise ProbeError(f"{folder / CONFIG}: not a thoughtscope probe (format should be {FORMAT})")
+            raise ProbeError(f"{cf}: not a thoughtscope probe (format should be {FORMAT})")
+        for key in ("bias", "threshold"):
+            if not _finite_number(raw.get(key)):
+                raise ProbeError(f"{cf}: {key!r} is {raw.get(key)!r}, expected a finite number")
         bias, threshold = raw.pop("bias"), raw.pop("threshold")
-        probe = cls(load_file(str(folder / WEIGHTS))["weight"], bias, threshold, ProbeConfig(**raw))
+        known = {f.name for f in fields(ProbeConfig)}  # a newer writer's extra fields are left out
+        try:
+            cfg = ProbeConfig(**{k: v for k, v in raw.items() if k in known})
+        except (ProbeError, TypeError) as e:  # TypeError: a required field missing
+            raise ProbeError(f"{cf}: {e}") from None
+        weight = _read_weight(wf)
+        try:
+            probe = cls(weight, bias, threshold, cfg)
+        except ProbeError as e:
+            raise ProbeError(f"{wf}: {e}") from None
         if lm is not None:
             probe.check(lm, site)
         return probe
@@ -156,6 +211,31 @@ class Probe:
         m = self.cfg.metrics
         extra = f", test AUROC {m['test_auroc']:.3f}" if "test_auroc" in m else ""
         return f"Probe({self.cfg.fitter} on {self.cfg.dataset!r} at {self.cfg.model} {self.cfg.site}{extra})"
+
+
+def _finite_number(v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _read_weight(path: Path) -> torch.Tensor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise ProbeError(f"{path}: not a readable safetensors file ({e})") from None
+    w = t.get("weight")
+    if w is None:
+        raise ProbeError(f"{path} lacks the tensor 'weight' (has {sorted(t)})")
+    if not w.is_floating_point():
+        raise ProbeError(f"{path}: 'weight' has dtype {w.dtype}, expected floating point")
+    return w
 
 
 def load_probe(folder: str | Path, lm=None, site: str | None = None) -> Probe:

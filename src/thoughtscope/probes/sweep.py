@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write, atomic_write_text
+from ..errors import ProbeError
 from .config import SweepConfig
 from .datasets import ProbeSet, control_labels, group_folds, group_split
 from .fitters import fit
@@ -308,6 +309,79 @@ def transfer(
 
 def save_json(out: dict, path: str | Path) -> Path:
     return atomic_write_text(path, json.dumps(out, indent=1))
+
+
+def load_json(path: str | Path) -> dict:
+    """A sweep written by `save_json` (`thoughtscope probe sweep --json`), checked for every key the table, the
+    verdict and the plot read (`probes.report`, `plot`); anything else is a ProbeError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProbeError(f"{path} not found: expected a sweep written by `thoughtscope probe sweep --json`")
+    try:
+        out = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8, a 5000-digit number, deep nesting
+        raise ProbeError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ProbeError(f"cannot read {path}: {e}") from None
+    problem = _sweep_problem(out)
+    if problem:
+        raise ProbeError(f"{path}: {problem}; not a sweep written by `thoughtscope probe sweep --json`")
+    return out
+
+
+def _num(v) -> bool:
+    """A number a float holds (NaN too: a sweep may hold one); not a bool, not an int beyond any float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
+
+
+def _pair(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_num(x) for x in v)
+
+
+def _sweep_problem(out) -> str | None:
+    """What makes `out` unreadable as a sweep, in words; None when it is one."""
+    if not isinstance(out, dict):
+        return f"expected a JSON object, got {type(out).__name__}"
+    for key, ok, expected in (
+        ("dataset", lambda v: isinstance(v, str), "a name"),
+        ("n_train", lambda v: _num(v) and not isinstance(v, float), "a row count"),
+        ("n_test", lambda v: _num(v) and not isinstance(v, float), "a row count"),
+        ("sites", lambda v: isinstance(v, list) and v and all(isinstance(n, str) for n in v), "a list of sites"),
+        ("results", lambda v: isinstance(v, dict) and v and all(isinstance(r, dict) for r in v.values()), "fitters"),
+        ("random_directions", lambda v: isinstance(v, dict), "an object"),
+        ("best_site", lambda v: isinstance(v, str), "a site"),
+        ("best_fitter", lambda v: isinstance(v, str), "a fitter"),
+        ("best_auroc", _num, "a number"),
+        ("best_auroc_ci", _pair, "two numbers"),
+        ("best_selectivity", _num, "a number"),
+        ("best_is_selective", lambda v: isinstance(v, bool), "true or false"),
+        ("model", lambda v: v is None or isinstance(v, str), "a model name"),
+    ):
+        v = out.get(key)
+        if (key != "model" or key in out) and not ok(v):
+            return f"{key!r} is {v!r:.60}, expected {expected}"
+    if out["best_fitter"] not in out["results"]:
+        return f"best_fitter {out['best_fitter']!r:.60} is not one of the results' fitters"
+    for n in out["sites"]:
+        rd = out["random_directions"].get(n)
+        if not isinstance(rd, dict) or not _num(rd.get("p95")):
+            return f"random_directions lacks site {n!r:.60} (with its p95)"
+        for m, rows in out["results"].items():
+            r = rows.get(n)
+            if not isinstance(r, dict):
+                return f"results[{m!r:.40}] lacks site {n!r:.60}"
+            for k in ("test_auroc", "control_auroc", "shuffle_p95", "selectivity"):
+                if not _num(r.get(k)):
+                    return f"results[{m!r:.40}][{n!r:.40}][{k!r}] is {r.get(k)!r:.40}, expected a number"
+            if not _pair(r.get("test_auroc_ci")):
+                return f"results[{m!r:.40}][{n!r:.40}]['test_auroc_ci'] is not two numbers"
+    return None
 
 
 def plot(out: dict, path: str | Path) -> Path:

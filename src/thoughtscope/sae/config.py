@@ -21,7 +21,12 @@ def _bad(owner: str, name: str, value: Any, expected: str) -> SAEError:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _check(owner: str, obj: Any, rules: dict[str, tuple[Any, str]]) -> None:
@@ -136,6 +141,7 @@ class SAEConfig:
             {
                 "d_model": (_pos_int, "a positive integer"),
                 "n_features": (_pos_int, "a positive integer"),
+                "k": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
                 "l1_coeff": (_nonneg, "a number >= 0"),
                 "l1_warmup_frac": (_frac, "a share in [0, 1]"),
                 "init_density": (lambda v: v is None or _frac(v), "None or a share in [0, 1]"),
@@ -153,9 +159,16 @@ class SAEConfig:
                 "max_norm_ratio": (lambda v: v is None or _pos(v), "None or a number > 0"),
                 "norm_scale": (_pos, "a number > 0"),
                 "norm_mean": (
-                    lambda v: v is None or len(v) == self.d_model,
+                    lambda v: v is None or len(v) == self.d_model and all(_is_number(x) for x in v),
                     f"None or {self.d_model} numbers (d_model)",
                 ),
+                "model": (lambda v: isinstance(v, str), "a model name (a string)"),
+                "site": (lambda v: isinstance(v, str), "a site name (a string)"),
+                "dtype": (lambda v: isinstance(v, str), "a dtype name (a string)"),
+                "exclude_bos": (lambda v: isinstance(v, bool), "true or false"),
+                "normalize": (lambda v: isinstance(v, bool), "true or false"),
+                "mean_center": (lambda v: isinstance(v, bool), "true or false"),
+                "norm_folded": (lambda v: isinstance(v, bool), "true or false"),
                 "extra": (lambda v: isinstance(v, dict), "a dict"),
             },
         )

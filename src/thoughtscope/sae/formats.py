@@ -31,13 +31,17 @@ METRICS_FILE = "metrics.json"
 
 
 # ----------------------------------------------------------------------------- io helpers
+# Every reader below checks what it takes from a file (type, shape, finite values) before it builds anything, so a
+# damaged or foreign folder ends in one SAEError naming the file and the fault, never in another exception type.
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SAEError(f"SAE folder is missing {path.name}: {path}")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SAEError(f"corrupt JSON in {path}: {e}") from e
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number
+        raise SAEError(f"corrupt JSON in {path}: {e}") from None
+    except OSError as e:
+        raise SAEError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict):
         raise SAEError(f"{path} must hold a JSON object")
     return data
@@ -48,17 +52,72 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise SAEError(f"SAE folder is missing {path.name}: {path}")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise SAEError(f"corrupt safetensors file {path}: {e}") from e
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise SAEError(f"corrupt safetensors file {path}: {e}") from None
 
 
-def _need(t: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], path: Path) -> torch.Tensor:
+def _tensor(v: Any, key: str, path: Path) -> torch.Tensor:
+    """v as float32, or SAEError: not a tensor, not numeric, or holding NaN/Inf."""
+    if not isinstance(v, torch.Tensor):
+        raise SAEError(f"{path}: {key!r} is a {type(v).__name__}, expected a tensor")
+    if v.is_complex() or not (v.is_floating_point() or v.dtype in _INT_DTYPES):
+        raise SAEError(f"{path}: tensor {key!r} has dtype {v.dtype}, expected a floating-point tensor")
+    v = v.float()
+    if not bool(torch.isfinite(v).all()):
+        raise SAEError(f"{path}: tensor {key!r} holds NaN or Inf values")
+    return v
+
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _need(t: dict[str, Any], key: str, shape: tuple[int, ...], path: Path) -> torch.Tensor:
     if key not in t:
-        raise SAEError(f"{path} lacks tensor {key!r} (has {sorted(t)})")
+        raise SAEError(f"{path} lacks tensor {key!r} (has {sorted(map(str, t))})")
     v = t[key]
-    if tuple(v.shape) != shape:
+    if isinstance(v, torch.Tensor) and tuple(v.shape) != shape:
         raise SAEError(f"{path}: tensor {key!r} has shape {tuple(v.shape)}, expected {shape}")
-    return v.float()
+    return _tensor(v, key, path)
+
+
+def _matrix_shape(t: dict[str, Any], key: str, path: Path) -> tuple[int, int]:
+    """The shape of a 2-D tensor the other sizes are read from (sparsify, dictionary_learning)."""
+    if key not in t:
+        raise SAEError(f"{path} lacks tensor {key!r} (has {sorted(map(str, t))})")
+    v = t[key]
+    if not isinstance(v, torch.Tensor) or v.dim() != 2 or v.numel() == 0:
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise SAEError(f"{path}: {key!r} must be a non-empty matrix, got {got}")
+    return int(v.shape[0]), int(v.shape[1])
+
+
+def _int(raw: dict[str, Any], key: str, path: Path, default: Any = None) -> int:
+    """raw[key] as an int (an integral float is accepted); SAEError naming the file otherwise."""
+    v = raw.get(key)
+    if v is None:  # absent, or null as some writers leave an unused field
+        v = default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SAEError(f"{path}: {key!r} is {v!r:.80}, expected an integer")
+    return v
+
+
+def _str(raw: dict[str, Any], key: str, path: Path, default: str = "") -> str:
+    v = raw.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise SAEError(f"{path}: {key!r} is {v!r:.80}, expected a string")
+    return v
+
+
+def _config(path: Path, **kw: Any) -> SAEConfig:
+    """SAEConfig(**kw), its errors naming the file the values came from."""
+    try:
+        return SAEConfig(**kw)
+    except SAEError as e:
+        raise SAEError(f"{path}: {e}") from None
 
 
 def _write_folder_atomic(path: Path, files: dict[str, Any]) -> None:
@@ -79,8 +138,15 @@ def _sae_from_tensors(
     b_dec: torch.Tensor,
     extra: dict[str, torch.Tensor] | None = None,
     apply_b_dec_to_input: bool = True,
+    *,
+    path: Path | None = None,
 ) -> SAE:
     sae = sae_class(cfg.arch)(cfg)  # zero weights: the tensors below replace them
+    want = {k: tuple(v.shape) for k, v in sae.extra_state_tensors().items()}
+    extra = {k: v for k, v in (extra or {}).items() if k in want}
+    for k, v in extra.items():  # e.g. jumprelu: one threshold per feature; batchtopk: one global threshold
+        if tuple(v.shape) != want[k] and not (want[k] == () and v.numel() == 1):
+            raise SAEError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, expected {want[k]} for arch {cfg.arch}")
     with torch.no_grad():
         if not apply_b_dec_to_input:
             # their encoder sees raw x: x W + c == (x - b_dec) W + (c + b_dec W)
@@ -89,7 +155,7 @@ def _sae_from_tensors(
         sae.W_dec.copy_(W_dec)
         sae.b_enc.copy_(b_enc)
         sae.b_dec.copy_(b_dec)
-        sae.load_extra_state_tensors(extra or {})
+        sae.load_extra_state_tensors(extra)
     sae.cfg.norm_folded = True
     return sae
 
@@ -159,12 +225,12 @@ def load_sae(path: str | Path, *, device: str | torch.device | None = None) -> S
 def _load_native(p: Path, raw: dict[str, Any]) -> SAE:
     try:
         cfg = SAEConfig.from_dict(raw)
-    except TypeError as e:
-        raise SAEError(f"{p / CFG_FILE}: bad config ({e})") from e
+    except (TypeError, SAEError) as e:
+        raise SAEError(f"{p / CFG_FILE}: bad config ({e})") from None
     t = _read_safetensors(p / WEIGHTS_FILE)
     d, m = cfg.d_model, cfg.n_features
-    extra = {k: v.float() for k, v in t.items() if k == "threshold"}
     w = p / WEIGHTS_FILE
+    extra = {k: _tensor(v, k, w) for k, v in t.items() if k == "threshold"}
     return _sae_from_tensors(
         cfg,
         _need(t, "W_enc", (d, m), w),
@@ -172,6 +238,7 @@ def _load_native(p: Path, raw: dict[str, Any]) -> SAE:
         _need(t, "b_enc", (m,), w),
         _need(t, "b_dec", (d,), w),
         extra,
+        path=w,
     )
 
 
@@ -222,9 +289,9 @@ def _site_to_hook(site: str) -> str:
 
 def _hook_to_site(hook: str) -> str:
     parts = hook.split(".")
-    if len(parts) == 3 and parts[0] == "blocks" and parts[2] == "hook_resid_post" and parts[1].isdigit():
-        return f"resid.{parts[1]}"
-    if len(parts) == 3 and parts[0] == "blocks" and parts[2] == "hook_resid_pre" and parts[1].isdigit():
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2] == "hook_resid_post" and parts[1].isdecimal():
+        return f"resid.{int(parts[1])}"
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2] == "hook_resid_pre" and parts[1].isdecimal():
         return f"resid.{int(parts[1]) - 1}" if int(parts[1]) > 0 else hook
     return hook
 
@@ -232,53 +299,62 @@ def _hook_to_site(hook: str) -> str:
 def load_saelens(path: str | Path) -> SAE:
     """Read a SAELens folder (v6 layout; v5 top-level model_name/hook_name also accepted)."""
     p = Path(path)
-    raw = _read_json(p / CFG_FILE)
+    cf = p / CFG_FILE
+    raw = _read_json(cf)
     for key in ("d_in", "d_sae"):
         if key not in raw:
-            raise SAEError(f"{p / CFG_FILE} lacks {key!r}; not a SAELens config")
+            raise SAEError(f"{cf} lacks {key!r}; not a SAELens config")
     arch_in = raw.get("architecture", "standard")
     meta = raw.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise SAEError(f"{cf}: 'metadata' is {meta!r:.80}, expected an object")
     if raw.get("normalize_activations", "none") not in ("none", None):
         raise SAEError(
-            f"{p / CFG_FILE}: normalize_activations={raw['normalize_activations']!r} is not supported; "
+            f"{cf}: normalize_activations={raw['normalize_activations']!r} is not supported; "
             "fold the normalisation into the weights first"
         )
     our_arch = meta.get("thoughtscope_arch")
-    if our_arch is None:
+    if our_arch is None and isinstance(arch_in, str):
         our_arch = {"standard": "relu-l1", "topk": "topk", "jumprelu": "jumprelu"}.get(arch_in)
     if our_arch is None:
-        raise SAEError(f"{p / CFG_FILE}: unknown SAE architecture {arch_in!r}; expected standard, topk or jumprelu")
-    d, m = int(raw["d_in"]), int(raw["d_sae"])
-    t = _read_safetensors(p / WEIGHTS_FILE)
-    wf = p / WEIGHTS_FILE
-    extra: dict[str, torch.Tensor] = {}
-    if arch_in == "jumprelu":
-        thr = _need(t, "threshold", (m,), wf) if "threshold" in t else _need(t, "log_threshold", (m,), wf).exp()
-        extra["threshold"] = thr[0] if our_arch == "batchtopk" else thr
-    hook = meta.get("hook_name", raw.get("hook_name", ""))
-    cfg = SAEConfig(
+        raise SAEError(f"{cf}: unknown SAE architecture {arch_in!r:.80}; expected standard, topk or jumprelu")
+    d, m = _int(raw, "d_in", cf), _int(raw, "d_sae", cf)
+    hook = _str(meta, "hook_name", cf) or _str(raw, "hook_name", cf)
+    cfg = _config(
+        cf,
         arch=our_arch,
         d_model=d,
         n_features=m,
-        k=int(raw.get("k", min(32, m))),
-        model=meta.get("model_name", raw.get("model_name", "")) or "",
-        site=meta.get("thoughtscope_site") or _hook_to_site(hook or ""),
+        k=_int(raw, "k", cf, min(32, m) if m > 0 else 32),
+        model=_str(meta, "model_name", cf) or _str(raw, "model_name", cf),
+        site=_str(meta, "thoughtscope_site", cf) or _hook_to_site(hook),
         exclude_bos=bool(meta.get("exclude_special_tokens", True)),
         normalize=False,
         max_norm_ratio=None,  # imported: the outlier rule it was trained with is unknown
         extra={"imported_from": "saelens", "saelens_architecture": arch_in},
     )
-    W_dec = _need(t, "W_dec", (m, d), wf)
     if arch_in == "topk" and raw.get("rescale_acts_by_decoder_norm"):
-        raise SAEError(f"{p / CFG_FILE}: rescale_acts_by_decoder_norm=true is not supported")
+        raise SAEError(f"{cf}: rescale_acts_by_decoder_norm=true is not supported")
+    t = _read_safetensors(p / WEIGHTS_FILE)
+    wf = p / WEIGHTS_FILE
+    extra: dict[str, torch.Tensor] = {}
+    if arch_in == "jumprelu":
+        if "threshold" in t:
+            thr = _need(t, "threshold", (m,), wf)
+        else:
+            thr = _need(t, "log_threshold", (m,), wf).exp()
+            if not bool(torch.isfinite(thr).all()):
+                raise SAEError(f"{wf}: tensor 'log_threshold' gives an infinite threshold")
+        extra["threshold"] = thr[0] if our_arch == "batchtopk" else thr
     return _sae_from_tensors(
         cfg,
         _need(t, "W_enc", (d, m), wf),
-        W_dec,
+        _need(t, "W_dec", (m, d), wf),
         _need(t, "b_enc", (m,), wf),
         _need(t, "b_dec", (d,), wf),
         extra,
         apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
+        path=wf,
     )
 
 
@@ -287,32 +363,33 @@ def load_sparsify(path: str | Path) -> SAE:
     """Read an EleutherAI sparsify folder: cfg.json (k, num_latents/expansion_factor, d_in) + sae.safetensors
     (encoder.weight [m, d], encoder.bias [m], W_dec [m, d], b_dec [d]). sparsify subtracts b_dec before encoding."""
     p = Path(path)
-    raw = _read_json(p / CFG_FILE)
+    cf = p / CFG_FILE
+    raw = _read_json(cf)
+    if "k" not in raw:
+        raise SAEError(f"{cf} lacks 'k'")
+    k = _int(raw, "k", cf)
     t = _read_safetensors(p / "sae.safetensors")
     wf = p / "sae.safetensors"
-    if "encoder.weight" not in t:
-        raise SAEError(f"{wf} lacks tensor 'encoder.weight' (has {sorted(t)})")
-    m, d = t["encoder.weight"].shape
-    if "d_in" in raw and int(raw["d_in"]) != d:
-        raise SAEError(f"{p / CFG_FILE}: d_in={raw['d_in']} but encoder.weight has d={d}")
-    if "k" not in raw:
-        raise SAEError(f"{p / CFG_FILE} lacks 'k'")
-    cfg = SAEConfig(
+    m, d = _matrix_shape(t, "encoder.weight", wf)
+    if "d_in" in raw and _int(raw, "d_in", cf) != d:
+        raise SAEError(f"{cf}: d_in={raw['d_in']} but encoder.weight in {wf.name} has d={d}")
+    cfg = _config(
+        cf,
         arch="topk",
-        d_model=int(d),
-        n_features=int(m),
-        k=int(raw["k"]),
+        d_model=d,
+        n_features=m,
+        k=k,
         normalize=False,
         max_norm_ratio=None,
         extra={"imported_from": "sparsify"},
     )
-    W_dec = _need(t, "W_dec", (m, d), wf)
     return _sae_from_tensors(
         cfg,
         _need(t, "encoder.weight", (m, d), wf).t(),
-        W_dec,
+        _need(t, "W_dec", (m, d), wf),
         _need(t, "encoder.bias", (m,), wf),
         _need(t, "b_dec", (d,), wf),
+        path=wf,
     )
 
 
@@ -325,47 +402,56 @@ def load_dictionary_learning(path: str | Path) -> SAE:
     JumpReluAutoEncoder (W_enc [d, m], b_enc, W_dec [m, d], b_dec, threshold; encoder sees raw x).
     """
     p = Path(path)
-    raw = _read_json(p / "config.json")
+    cf = p / "config.json"
+    raw = _read_json(cf)
     tr = raw.get("trainer", raw)
-    try:
-        sd = torch.load(p / "ae.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged pickle
-        raise SAEError(f"corrupt checkpoint {p / 'ae.pt'}: {e}") from e
-    if not isinstance(sd, dict):
-        raise SAEError(f"{p / 'ae.pt'} is not a state dict")
-    cls = tr.get("dict_class", "")
+    if not isinstance(tr, dict):
+        raise SAEError(f"{cf}: 'trainer' is {tr!r:.80}, expected an object")
     wf = p / "ae.pt"
+    try:
+        sd = torch.load(wf, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged pickle
+        raise SAEError(f"corrupt checkpoint {wf}: {e}") from None
+    if not isinstance(sd, dict):
+        raise SAEError(f"{wf} is not a state dict")
+    cls = tr.get("dict_class", "")
     common = dict(
         normalize=False,
         max_norm_ratio=None,
         model=str(tr.get("lm_name", "")),
-        site=f"resid.{tr['layer']}" if isinstance(tr.get("layer"), int) else "",
+        site=f"resid.{tr['layer']}" if isinstance(tr.get("layer"), int) and not isinstance(tr["layer"], bool) else "",
         extra={"imported_from": "dictionary_learning", "dict_class": cls},
     )
     if cls in ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "TopKSAE"):
-        if "encoder.weight" not in sd:
-            raise SAEError(f"{wf} lacks 'encoder.weight' (has {sorted(sd)})")
-        m, d = sd["encoder.weight"].shape
+        m, d = _matrix_shape(sd, "encoder.weight", wf)
         enc_w = _need(sd, "encoder.weight", (m, d), wf)
         enc_b = _need(sd, "encoder.bias", (m,), wf)
         W_dec = _need(sd, "decoder.weight", (d, m), wf).t()
         if cls == "AutoEncoder":
-            cfg = SAEConfig(arch="relu-l1", d_model=d, n_features=m, **common)
-            return _sae_from_tensors(cfg, enc_w.t(), W_dec, enc_b, _need(sd, "bias", (d,), wf))
-        k = int(sd["k"]) if "k" in sd else int(tr.get("k", 0))
+            cfg = _config(cf, arch="relu-l1", d_model=d, n_features=m, **common)
+            return _sae_from_tensors(cfg, enc_w.t(), W_dec, enc_b, _need(sd, "bias", (d,), wf), path=wf)
+        if "k" in sd:
+            kt = sd["k"]
+            if not isinstance(kt, (torch.Tensor, int)) or isinstance(kt, torch.Tensor) and kt.numel() != 1:
+                raise SAEError(f"{wf}: 'k' must be one integer, got {kt!r:.80}")
+            k = _int({"k": kt.item() if isinstance(kt, torch.Tensor) else kt}, "k", wf)
+        else:
+            k = _int(tr, "k", cf, 0)
         if k <= 0:
             raise SAEError(f"{p} has no k (neither in ae.pt nor config.json)")
         extra = {}
         arch = "topk"
-        if cls == "BatchTopKSAE" and "threshold" in sd and float(sd["threshold"]) >= 0:
-            arch, extra = "batchtopk", {"threshold": sd["threshold"].float()}
-        cfg = SAEConfig(arch=arch, d_model=d, n_features=m, k=k, **common)
-        return _sae_from_tensors(cfg, enc_w.t(), W_dec, enc_b, _need(sd, "b_dec", (d,), wf), extra)
+        if cls == "BatchTopKSAE" and "threshold" in sd:
+            thr = _tensor(sd["threshold"], "threshold", wf)
+            if thr.numel() != 1:
+                raise SAEError(f"{wf}: 'threshold' has shape {tuple(thr.shape)}, expected one number")
+            if float(thr) >= 0:
+                arch, extra = "batchtopk", {"threshold": thr.reshape(())}
+        cfg = _config(cf, arch=arch, d_model=d, n_features=m, k=k, **common)
+        return _sae_from_tensors(cfg, enc_w.t(), W_dec, enc_b, _need(sd, "b_dec", (d,), wf), extra, path=wf)
     if cls in ("JumpReluAutoEncoder",):
-        if "W_enc" not in sd:
-            raise SAEError(f"{wf} lacks 'W_enc' (has {sorted(sd)})")
-        d, m = sd["W_enc"].shape
-        cfg = SAEConfig(arch="jumprelu", d_model=d, n_features=m, **common)
+        d, m = _matrix_shape(sd, "W_enc", wf)
+        cfg = _config(cf, arch="jumprelu", d_model=d, n_features=m, **common)
         return _sae_from_tensors(
             cfg,
             _need(sd, "W_enc", (d, m), wf),
@@ -374,8 +460,9 @@ def load_dictionary_learning(path: str | Path) -> SAE:
             _need(sd, "b_dec", (d,), wf),
             {"threshold": _need(sd, "threshold", (m,), wf)},
             apply_b_dec_to_input=False,
+            path=wf,
         )
     raise SAEError(
-        f"{p / 'config.json'}: unknown dictionary_learning dict_class {cls!r}; expected AutoEncoder, "
+        f"{cf}: unknown dictionary_learning dict_class {cls!r}; expected AutoEncoder, "
         "AutoEncoderTopK, BatchTopKSAE or JumpReluAutoEncoder"
     )

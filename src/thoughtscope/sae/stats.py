@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .._io import atomic_save_tensors
-from ..errors import ThoughtscopeError
+from ..errors import SAEError
 
 STATS_FILE = "feature_stats.safetensors"
 
@@ -54,14 +54,18 @@ def read_feature_stats(sae_dir: str | Path, n_features: int) -> FeatureStats | N
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
-    except (SafetensorError, OSError) as e:
-        raise ThoughtscopeError(f"{path}: not a readable feature-statistics file ({e})") from None
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as e:
+        raise SAEError(f"{path}: not a readable feature-statistics file ({e})") from None
     for key in ("max_act", "frequency"):
         if key not in t or tuple(t[key].shape) != (n_features,):
             got = tuple(t[key].shape) if key in t else "missing"
-            raise ThoughtscopeError(
+            raise SAEError(
                 f"{path}: expected '{key}' of shape ({n_features},), got {got}; "
                 f"re-measure with 'thoughtscope features stats'"
+            )
+        if not t[key].is_floating_point() or not bool(torch.isfinite(t[key].float()).all()):
+            raise SAEError(
+                f"{path}: '{key}' is not finite floating-point numbers; re-measure with 'thoughtscope features stats'"
             )
     try:
         n = int(meta.get("n_tokens", "0"))
