@@ -215,3 +215,17 @@ def test_refusal_pages_escape_what_they_quote():
         for url in (f"/features/{img}", f"/analyze?text=abc&view={img}", f"/steer?f={img}", f"/steer/load?name={img}"):
             r = c.get(url, headers=HTML)
             assert 400 <= r.status_code < 500 and "&lt;img src=x" in r.text and img not in r.text, (url, r.text)
+
+
+def test_an_uploaded_preset_nested_too_deeply_is_a_422_not_a_500():
+    """json.loads raises RecursionError (not a ValueError) on deep nesting; the upload reads through
+    documents.parse_json, so it is a readable 422."""
+    from fastapi.testclient import TestClient
+    from helpers.server_fixtures import shared_tiny
+
+    from thoughtscope.server import ServerConfig, create_app
+
+    client = TestClient(create_app(ServerConfig(), shared_tiny()), base_url="http://127.0.0.1:8765")
+    body = "[" * 20_000 + "]" * 20_000  # 40 KB: under the upload limit, far past the parser's depth
+    r = client.post("/steer/preset", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.text, (r.status_code, r.text[:200])

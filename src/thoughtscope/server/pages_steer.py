@@ -24,6 +24,7 @@ import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 
+from ..documents import parse_json
 from ..steer import (
     GenerationConfig,
     Lane,
@@ -454,7 +455,7 @@ async def preset_upload(request: Request):
     wb = wb_of(request)
     raw = await request.body()
     try:
-        d = json.loads(raw)
+        d = parse_json(raw)  # bad JSON, over-long numbers and deep nesting are all ValueErrors
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPException(422, f"preset is not valid JSON ({e})") from None
     p = Preset.from_dict(d, source="uploaded preset")  # SteerError -> 422 with the item at fault
