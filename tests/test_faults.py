@@ -348,12 +348,15 @@ from thoughtscope.sae.run import train_grid
 torch.set_num_threads(1)
 go = threading.Event()
 first = {"harvest", "atlas", "sae"}
+said = threading.Lock()  # one line at a time: three threads print at once
 
 
 def hold(name):
     if name in first:
         first.discard(name)
-        print("holding", name, flush=True)
+        with said:
+            sys.stdout.write(f"holding {name}\n")
+            sys.stdout.flush()
         go.wait()
 
 

@@ -254,14 +254,8 @@ train_stage(D + "/nla", DATA, tc, lm=lm, progress=False)
 """
 
 
-# an NLA stage commits a step by writing its state file (train_state/<stage>.pt) first and publishes the step's weights,
-# history and curve after it: killed in between at the last step, the rerun finds the stage done and publishes nothing,
-# leaving the weights, history and curve of the step before. The fix (nla/checkpoint.py save_state, nla/train.py
-# _run_steps): write the curve and publish everything first, the state file last; then every kill point reruns to the
-# same files (checked on all 11 renames of the last two steps). Strict: these pass, and must be unmarked, once fixed.
-NLA_STATE_FIRST = pytest.mark.xfail(
-    strict=True, reason="nla save_state writes the state file before the weights, history and curve it commits"
-)
+# an NLA stage publishes a step's weights, history and curve first and writes its state file (the commit) last, so a
+# kill anywhere, including between the last state file and what it commits, reruns to the same files.
 
 
 @pytest.fixture(scope="module")
@@ -305,24 +299,24 @@ def _nla_written(d: Path):
     return weights, _drop_timings(history), _drop_timings(curve)
 
 
-@NLA_STATE_FIRST
 def test_nla_stage_killed_anywhere_reruns_to_the_same_weights_and_curve(nla_rows, tmp_path):
     code = _nla_code(nla_rows)
     assert kill_and_rerun("nla train ar-sft", tmp_path, code, _nla_written, kinds=("replace", "tick")) >= 2
 
 
-@NLA_STATE_FIRST
-def test_nla_stage_killed_after_its_last_state_file_still_publishes_the_final_weights(nla_rows, tmp_path):
-    """The one point a seeded draw rarely hits: the final step's state file is on disk, the weights it publishes
-    (ar.safetensors, the history, the curve) are not yet. The rerun must still leave the final step's weights."""
+def test_nla_stage_commits_with_its_state_file_last_so_a_kill_just_before_it_reruns_the_step(nla_rows, tmp_path):
+    """The one point a seeded draw rarely hits: the final step's weights, history and curve are published, its state
+    file (the commit) is not yet written. The state file must be the run's last write, and the rerun must redo the
+    step and leave the same files as an uninterrupted run (before the fix the state file came first, and a kill
+    after it left the previous step's weights for good)."""
     code = _nla_code(nla_rows)
     ref = run_child(code(tmp_path / "ref"), tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
     names = ref.counts["replaced"]
     last_state = max(i for i, n in enumerate(names) if n.endswith("train_state/ar-sft.pt"))
-    assert last_state + 1 < len(names)
+    assert last_state == len(names) - 1, names[last_state:]
     d = tmp_path / "killed"
-    killed = run_child(code(d), d, kill=f"replace:{last_state + 2}")  # the rename after the state file's
+    killed = run_child(code(d), d, kill=f"replace:{last_state}")  # (1-based) the rename just before the state file's
     assert killed.killed
     again = run_child(code(d), d)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -161,7 +161,8 @@ def save_state(
     done: bool,
     stopped: bool = False,
 ) -> None:
-    """Write the stage's state file and history, and publish its weights (rank 0 only: the caller checks)."""
+    """Publish the stage's weights and history, then write its state file, the step's commit (rank 0 only: the
+    caller checks; the caller writes the curves before)."""
     st = {"step": step, "history": history, "config": asdict(cfg), "opt": opt.state_dict(), "done": done}
     if cfg.stage in ("av-sft", *RL_STAGES):
         st["av"] = {k: v.detach().clone() for k, v in nla.av.adapter_state().items()}
@@ -169,8 +170,8 @@ def save_state(
         st["ar"] = {k: v.detach().clone() for k, v in nla.ar.adapter_state().items()}
     if ar_opt is not None:
         st["ar_opt"] = ar_opt.state_dict()
-    atomic_torch_save(st, state_path(nla_dir, cfg.stage))
-    # publish the weights so later stages and `nla eval` can use them
+    # publish the weights (later stages and `nla eval` read them) and the history first, the state file last: the
+    # state file is what says a step is committed, so a run killed in between redoes the step and publishes again
     if cfg.stage == "ar-sft":
         save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
         if done or stopped:  # a budget-stopped stage still hands its weights to the next stage
@@ -187,3 +188,4 @@ def save_state(
         save_weights(nla.av.adapter_state(), nla_dir / AV_FILE)
         save_weights(nla.ar.adapter_state(), nla_dir / AR_FILE)
     atomic_write_text(nla_dir / "train_state" / f"{cfg.stage}.history.json", json.dumps(history, indent=1))
+    atomic_torch_save(st, state_path(nla_dir, cfg.stage))

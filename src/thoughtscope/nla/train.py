@@ -403,10 +403,10 @@ def _run_steps(run: _Run, step: int, history: list[dict], *, progress: bool, log
             out_of_time = _out_of_time(cfg, t0, run.n_ranks)
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time):
                 done = step == cfg.steps
+                write_curves(run.nla_dir, cfg.stage, history)  # before the state file, which commits the step
                 save_state(
                     run.nla_dir, cfg, run.nla, run.opt, run.ar_opt, step, history, done=done, stopped=out_of_time
                 )
-                write_curves(run.nla_dir, cfg.stage, history)
             if out_of_time:
                 break
     finally:
