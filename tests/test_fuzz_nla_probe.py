@@ -11,6 +11,7 @@ message names the file; never another exception type, never past the time bound,
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 from pathlib import Path
 
@@ -297,9 +298,25 @@ SWEEP = _sweep_bytes()
 
 def _use_sweep(path: Path) -> dict:
     out = load_json(path)
-    sweep_table(out)
-    sweep_verdict(out)
+    _render(out)
     return out
+
+
+def _render(out: dict) -> str:
+    """The table and the verdict as the terminal shows them (names from the file are escaped, never markup)."""
+    from rich.console import Console
+
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(sweep_table(out))
+    console.print(sweep_verdict(out))
+    return console.export_text()
+
+
+def test_a_sweep_whose_names_look_like_markup_prints_them_as_text():
+    out = json.loads(SWEEP)
+    out["dataset"], out["model"] = "[/]data[bold]", "[red]model"
+    text = _render(out)
+    assert "[/]data[bold]" in text and "[red]model" in text
 
 
 @given(m=json_bytes_mutations())

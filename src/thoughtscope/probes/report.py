@@ -4,6 +4,7 @@ suggested site. Rendering only: the numbers come from probes.sweep; the CLI and 
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 SWEEP_WIDTH = 150  # the table is wide: it is drawn at least this many columns wide, whatever the terminal
@@ -14,18 +15,18 @@ def sweep_table(out: dict) -> Table:
     primary = out["best_fitter"]
     rows = out["results"][primary]
     t = Table(
-        title=f"{out['dataset']} on {out.get('model', '?')}: held-out AUROC by site "
+        title=f"{escape(str(out['dataset']))} on {escape(str(out.get('model', '?')))}: held-out AUROC by site "
         f"({out['n_train']} train / {out['n_test']} test rows, group-disjoint)"
     )
     for c in ["site", *out["results"], f"{primary} 95% CI", "random p95", "shuffle p95", "control", "selectivity"]:
-        t.add_column(c, justify="right")
+        t.add_column(escape(str(c)), justify="right")
     for n in out["sites"]:
         r = rows[n]
         mark = " *" if n == out["best_site"] else ""
         t.add_row(
-            n + mark,
+            escape(str(n)) + mark,
             *[f"{out['results'][m][n]['test_auroc']:.3f}" for m in out["results"]],
-            f"[{r['test_auroc_ci'][0]:.2f}, {r['test_auroc_ci'][1]:.2f}]",
+            escape(f"[{r['test_auroc_ci'][0]:.2f}, {r['test_auroc_ci'][1]:.2f}]"),
             f"{out['random_directions'][n]['p95']:.3f}",
             f"{r['shuffle_p95']:.3f}",
             f"{r['control_auroc']:.3f}",
@@ -38,9 +39,10 @@ def sweep_verdict(out: dict) -> str:
     """The suggested (fitter, site) with its AUROC, CI and selectivity (rich markup), flagged when not selective."""
     sel = "" if out["best_is_selective"] else " (no site passed the selectivity rule; best by selectivity shown)"
     return (
-        f"suggested site: [bold]{out['best_site']}[/bold] ({out['best_fitter']})  "
+        f"suggested site: [bold]{escape(str(out['best_site']))}[/bold] ({escape(str(out['best_fitter']))})  "
         f"AUROC {out['best_auroc']:.3f} "
-        f"[{out['best_auroc_ci'][0]:.3f}, {out['best_auroc_ci'][1]:.3f}], selectivity "
+        + escape(f"[{out['best_auroc_ci'][0]:.3f}, {out['best_auroc_ci'][1]:.3f}]")
+        + ", selectivity "
         f"{out['best_selectivity']:+.3f}{sel}"
     )
 
