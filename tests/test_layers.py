@@ -109,6 +109,7 @@ def test_one_progress_bar():
         ("pad_id", "models.py"),
         ("torch_dtype", "dtypes.py"),
         ("read_prompts", "documents.py"),
+        ("read_json", "_io.py"),
     ],
 )
 def test_each_rule_is_defined_once(name, home):

@@ -1,4 +1,4 @@
-"""Atomic writes, checksums and the dtype names every artefact uses: one copy for the whole package.
+"""Atomic writes, checksums, and reading an artefact's JSON: one copy for the whole package (torch-free at import).
 
 Every file thoughtscope writes goes to a temporary name beside its destination and is renamed into place, so an
 interrupted job leaves either the old file or the new one, never half of one. Folders (an SAE, a converted model)
@@ -20,8 +20,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
-
-import torch
 
 from .errors import ThoughtscopeError
 
@@ -132,7 +130,7 @@ def atomic_write_json(
 
 
 def atomic_save_tensors(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+    tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> Path:
     """A safetensors file of contiguous CPU copies of `tensors`, written atomically."""
     from safetensors.torch import save
@@ -165,6 +163,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     def write(f: IO[bytes]) -> None:
         out = _WriteErrors(f)
         try:
+            import torch
+
             torch.save(obj, out)
         except RuntimeError as e:
             if out.error is not None:
@@ -201,6 +201,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         if not isinstance(e, ThoughtscopeError) and isinstance(e, Exception) and os_error_of(e) is not None:
             raise write_error(path, e) from e
         raise
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], *, expect: type | None = dict) -> Any:
+    """The value of a JSON file, or `error` naming the file and what was wrong: unreadable, not UTF-8, not valid
+    JSON (including a number too long to convert and nesting too deep for the parser), or not an `expect`. The one
+    way every artefact reader opens its JSON, so a damaged file always ends in the reader's own error."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not valid JSON (not UTF-8 text at byte offset {e.start})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # bad JSON, or a number too long to convert
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if expect is not None and not isinstance(value, expect):
+        want = "a JSON object" if expect is dict else f"a JSON {expect.__name__}"
+        raise error(f"{path}: expected {want}, got {type(value).__name__}")
+    return value
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from pathlib import Path
 
+from .._io import read_json
 from ..errors import NLAError
 
 CONFIG_NAME = "nla_config.json"
@@ -136,14 +137,7 @@ class NLAConfig:
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
             raise NLAError(f"{path} not found: an NLA folder holds {CONFIG_NAME} plus adapter weights")
-        try:
-            raw = json.loads(path.read_bytes().decode("utf-8"))
-        except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8, a 5000-digit number, deep nesting
-            raise NLAError(f"{path}: not valid JSON ({e})") from None
-        except OSError as e:
-            raise NLAError(f"cannot read {path}: {e}") from None
-        if not isinstance(raw, dict):
-            raise NLAError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raw = read_json(path, NLAError)
         try:
             return cls.from_dict(raw).check()
         except (NLAError, TypeError) as e:  # TypeError: 'extra' is not an object but unknown keys must go there

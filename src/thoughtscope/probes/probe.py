@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_save_tensors, atomic_write_text
+from .._io import atomic_save_tensors, atomic_write_text, read_json
 from ..errors import ProbeError
 
 FORMAT = "thoughtscope-probe-1"
@@ -179,14 +179,7 @@ class Probe:
             raise ProbeError(
                 f"{folder} is not a probe folder: expected {CONFIG} and {WEIGHTS} (written by `thoughtscope probe fit`)"
             )
-        try:
-            raw = json.loads(cf.read_bytes().decode("utf-8"))
-        except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8, a 5000-digit number, deep nesting
-            raise ProbeError(f"{cf}: not valid JSON ({e})") from None
-        except OSError as e:
-            raise ProbeError(f"cannot read {cf}: {e}") from None
-        if not isinstance(raw, dict):
-            raise ProbeError(f"{cf}: expected a JSON object, got {type(raw).__name__}")
+        raw = read_json(cf, ProbeError)
         if raw.pop("format", None) != FORMAT:
             raise ProbeError(f"{cf}: not a thoughtscope probe (format should be {FORMAT})")
         for key in ("bias", "threshold"):

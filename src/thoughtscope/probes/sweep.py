@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write, atomic_write_text
+from .._io import atomic_write, atomic_write_text, read_json
 from ..errors import ProbeError
 from .config import SweepConfig
 from .datasets import ProbeSet, control_labels, group_folds, group_split
@@ -317,12 +317,7 @@ def load_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ProbeError(f"{path} not found: expected a sweep written by `thoughtscope probe sweep --json`")
-    try:
-        out = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # bad JSON, not UTF-8, a 5000-digit number, deep nesting
-        raise ProbeError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise ProbeError(f"cannot read {path}: {e}") from None
+    out = read_json(path, ProbeError, expect=None)  # _sweep_problem says what a sweep's root must be
     problem = _sweep_problem(out)
     if problem:
         raise ProbeError(f"{path}: {problem}; not a sweep written by `thoughtscope probe sweep --json`")

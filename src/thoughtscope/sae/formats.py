@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_dir
+from .._io import atomic_dir, read_json
 from ..errors import SAEError
 from .config import SAEConfig
 from .registry import sae_class
@@ -36,15 +36,7 @@ METRICS_FILE = "metrics.json"
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SAEError(f"SAE folder is missing {path.name}: {path}")
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, a 5000-digit number
-        raise SAEError(f"corrupt JSON in {path}: {e}") from None
-    except OSError as e:
-        raise SAEError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise SAEError(f"{path} must hold a JSON object")
-    return data
+    return read_json(path, SAEError)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ the SAE shipped with the package. Files written before strength had one name (fo
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_json
+from .._io import atomic_write_json, read_json
 from ..models import LoadedModel, Site
 from .interventions import (
     FEATURE_OPS,
@@ -194,16 +193,7 @@ class Preset:
     @classmethod
     def load(cls, name_or_path: str | Path) -> Preset:
         path = find_preset(str(name_or_path))
-        try:
-            d = json.loads(path.read_bytes().decode("utf-8"))
-        except OSError as e:
-            raise SteerError(f"{path}: cannot read the preset ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            raise SteerError(f"{path}: not UTF-8 text (byte offset {e.start}); expected a JSON preset") from None
-        except RecursionError:
-            raise SteerError(f"{path}: not valid JSON (nested too deeply)") from None
-        except ValueError as e:  # bad JSON, or a number too long to convert
-            raise SteerError(f"{path}: not valid JSON ({e})") from None
+        d = read_json(path, SteerError, expect=None)  # from_dict says what a preset must hold
         p = cls.from_dict(d, source=str(path))
         p.path = path
         return p

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._io import read_json
 from ..dtypes import STORE_DTYPES, canonical, torch_dtype
 from ..errors import StoreCorruptError, StoreError, StoreMismatchError, StoreNotFoundError  # noqa: F401  (re-exported: their old home)
 
@@ -146,15 +147,7 @@ def read_manifest(path: Path) -> dict:
             f"{str(mpath)!r} not found: expected an activation store folder with a {MANIFEST_NAME} "
             "written by StoreWriter (is this the right path, or was the harvest never started?)"
         )
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise StoreError(f"cannot read manifest {str(mpath)!r}: {e.strerror or e}") from e
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a number too long to convert, deep nesting
-        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise StoreCorruptError(f"manifest {str(mpath)!r} is not valid JSON: {what}") from None
-    if not isinstance(manifest, dict):
-        raise StoreCorruptError(f"manifest {str(mpath)!r} must hold a JSON object, got {type(manifest).__name__}")
+    manifest = read_json(mpath, StoreCorruptError)
     if manifest.get("format") != FORMAT_NAME:
         raise StoreCorruptError(
             f"manifest {str(mpath)!r} has format={_show(manifest.get('format'))}; expected {FORMAT_NAME!r}"
