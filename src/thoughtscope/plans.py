@@ -19,12 +19,9 @@ from typing import Any
 
 from .dtypes import STORE_DTYPES
 from .errors import AtlasError, CorpusError, HarvestError
+from .values import is_int as _is_int
 
 __all__ = ["AtlasConfig", "HarvestConfig", "ReadPlan"]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass

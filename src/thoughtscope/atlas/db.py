@@ -5,7 +5,6 @@ rows into `Feature` and `Example` objects; it also stores explanations and searc
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sqlite3
@@ -17,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..values import is_finite as _is_num
+from ..values import is_int as _is_int
 from .schema import (
     DB_NAME,
     EXPLANATION_COLUMNS,
@@ -98,19 +99,6 @@ class Feature:
 
 
 TABLES = ("meta", "features", "contexts", "examples", "random_acts", "explanations")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int beyond any float
-        return False
 
 
 class Atlas:

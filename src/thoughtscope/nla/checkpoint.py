@@ -10,13 +10,13 @@ supervised stage finishes or stops on its time budget, its warm-start copy; `ar-
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .._io import atomic_torch_save, atomic_write_text
+from ..values import is_finite as _finite
 from .bundle import (
     AR_FILE,
     AV_FILE,
@@ -75,15 +75,6 @@ def load_state(nla_dir: Path, cfg: NLATrainConfig, nla: NLA, opt, ar_opt) -> tup
     if "AR" in weights:
         nla.ar.load_adapter_state(weights["AR"])
     return step, history
-
-
-def _finite(v) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int beyond any float
-        return False
 
 
 def _same_kind(a, b) -> bool:

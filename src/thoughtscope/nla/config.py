@@ -9,7 +9,6 @@ option's help from the fields' docstrings without loading torch.
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import InitVar, asdict, dataclass, field, fields
@@ -17,6 +16,8 @@ from pathlib import Path
 
 from .._io import read_json
 from ..errors import NLAError
+from ..values import is_finite as _num
+from ..values import is_int as _int
 
 CONFIG_NAME = "nla_config.json"
 STAGES = ("ar-sft", "av-sft", "rl", "rl-continue", "ar-refit", "ar-refit-warm")
@@ -142,19 +143,6 @@ class NLAConfig:
             return cls.from_dict(raw).check()
         except (NLAError, TypeError) as e:  # TypeError: 'extra' is not an object but unknown keys must go there
             raise NLAError(f"{path}: {e}") from None
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _num(v) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int beyond any float
-        return False
 
 
 #: NLAConfig field -> (is it acceptable, what was expected)

@@ -8,7 +8,6 @@ activations of another model or site. `to_vector()` turns it into a steering vec
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,25 +16,13 @@ import torch
 
 from .._io import atomic_save_tensors, atomic_write_text, read_json
 from ..errors import ProbeError
+from ..values import fits_float as _is_num
+from ..values import is_finite as _finite_number
+from ..values import is_int as _is_int
 
 FORMAT = "thoughtscope-probe-1"
 CONFIG = "config.json"
 WEIGHTS = "probe.safetensors"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    """A number a float holds (NaN included); not a bool, not an int beyond any float."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        float(v)
-    except OverflowError:
-        return False
-    return True
 
 
 _PROBE_RULES = (  # field, check, what was expected (model, site and d_model are checked first)
@@ -204,15 +191,6 @@ class Probe:
         m = self.cfg.metrics
         extra = f", test AUROC {m['test_auroc']:.3f}" if "test_auroc" in m else ""
         return f"Probe({self.cfg.fitter} on {self.cfg.dataset!r} at {self.cfg.model} {self.cfg.site}{extra})"
-
-
-def _finite_number(v) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int beyond any float
-        return False
 
 
 def _read_weight(path: Path) -> torch.Tensor:

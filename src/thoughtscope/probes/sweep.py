@@ -24,6 +24,7 @@ import torch
 
 from .._io import atomic_write, atomic_write_text, read_json
 from ..errors import ProbeError
+from ..values import fits_float as _num
 from .config import SweepConfig
 from .datasets import ProbeSet, control_labels, group_folds, group_split
 from .fitters import fit
@@ -322,17 +323,6 @@ def load_json(path: str | Path) -> dict:
     if problem:
         raise ProbeError(f"{path}: {problem}; not a sweep written by `thoughtscope probe sweep --json`")
     return out
-
-
-def _num(v) -> bool:
-    """A number a float holds (NaN too: a sweep may hold one); not a bool, not an int beyond any float."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        float(v)
-    except OverflowError:
-        return False
-    return True
 
 
 def _pair(v) -> bool:

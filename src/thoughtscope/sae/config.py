@@ -6,27 +6,18 @@ Units: ``batch_size`` is rows (tokens) per optimiser step, ``n_tokens`` the toke
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
 from ..dtypes import TRAIN_DTYPES, canonical
 from ..errors import SAEError  # noqa: F401  (re-exported: their old home)
+from ..values import is_finite as _is_number
 from .registry import sae_class
 
 
 def _bad(owner: str, name: str, value: Any, expected: str) -> SAEError:
     return SAEError(f"{owner}.{name}={value!r}: expected {expected}")
-
-
-def _is_number(v: Any) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int beyond any float
-        return False
 
 
 def _check(owner: str, obj: Any, rules: dict[str, tuple[Any, str]]) -> None:

@@ -19,7 +19,6 @@ the SAE shipped with the package. Files written before strength had one name (fo
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from .._io import atomic_write_json, read_json
 from ..models import LoadedModel, Site
+from ..values import is_finite as _finite_number
 from .interventions import (
     FEATURE_OPS,
     POSITIONS,
@@ -344,16 +344,6 @@ def _vector_item(it: PresetItem, base: Path, lm: LoadedModel) -> VectorEdit:
         typical = typical if typical is not None else site_norm(lm, it.site)
         v, strength = v / n, it.strength * typical
     return VectorEdit(v, it.site, it.op, strength, positions=it.positions, label=it.label)
-
-
-def _finite_number(v: Any) -> bool:
-    """An int or float (not a bool) that is finite as a float (10**400 is not: it overflows one)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 def _show(value: Any, limit: int = 80) -> str:

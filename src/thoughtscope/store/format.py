@@ -20,6 +20,8 @@ import torch
 from .._io import read_json
 from ..dtypes import STORE_DTYPES, canonical, torch_dtype
 from ..errors import StoreCorruptError, StoreError, StoreMismatchError, StoreNotFoundError  # noqa: F401  (re-exported: their old home)
+from ..values import fits_float as _is_float_like
+from ..values import is_int as _is_int
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "thoughtscope-activation-store"
@@ -103,25 +105,6 @@ def _show(value: Any, limit: int = 80) -> str:
     except ValueError:  # an int past Python's digit limit for str()
         return f"an integer of about {value.bit_length() * 0.30103:.0f} digits"
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_float_like(value: Any) -> bool:
-    """A number that converts to a float (10**400 does not)."""
-    if not _is_number(value):
-        return False
-    try:
-        float(value)
-    except OverflowError:
-        return False
-    return True
 
 
 def plain_file_name(name: Any) -> bool:
