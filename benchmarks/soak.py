@@ -32,15 +32,14 @@ import gc
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers.browser import LiveServer  # noqa: E402  (the test suite's live server: uvicorn on a loopback port)
 
 TEXT = "The keeper climbed the stairs of the quiet lighthouse every evening, and a queen's ship passed far out at sea."
 OTHER = "In the morning the fog rolled in over the harbour and the gulls cried above the boats."
@@ -61,31 +60,6 @@ def rss_mb() -> float:
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-
-
-class Live:
-    """uvicorn serving the app in a thread on a free loopback port; stops when the block ends."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        for _ in range(3000):
-            if self.server.started:
-                return f"http://127.0.0.1:{self.port}"
-            time.sleep(0.01)
-        raise RuntimeError("the server did not start within 30 s")
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
 
 
 def workbench(default: bool):
@@ -246,7 +220,7 @@ def run(args) -> dict:
         reqs = requests_for(wb, feature, lengths)
         cfg = ServerConfig(queue_size=max(8, args.concurrency), max_new_tokens=max(lengths))
         t = Tally()
-        with Live(create_app(cfg, wb)) as url:
+        with LiveServer(create_app(cfg, wb)) as url:
             assert url.startswith("http://127.0.0.1:"), "the soak only ever targets loopback"
             print(
                 f"soak: {wb.lm.name}, {args.concurrency} clients for {args.seconds:g} s against {url} "

@@ -22,11 +22,10 @@ from helpers.atlas_fixtures import PLANT, identity_model, one_thread, planted_sa
 from helpers.mutate import (
     Mutation,
     byte_mutations,
-    call_bounded,
     dump_json,
     expect_clean,
+    expect_unmutated,
     json_mutations,
-    snapshot,
     write_tree,
 )
 from hypothesis import given
@@ -99,21 +98,11 @@ def _check(files: dict[str, bytes], base: str, mutate_db, mutation) -> None:
         expect_clean(lambda: _use(path), names=[str(path)], folder=folder, mutation=mutation)
 
 
-def _unmutated(fn, folder):
-    """A valid artefact: the reader returns within its bound and writes nothing (expect_clean records hypothesis
-    events, so it runs inside @given tests only)."""
-    before = snapshot(folder)
-    ok, value = call_bounded(fn, 30)
-    assert ok, value
-    assert snapshot(folder) == before
-    return value
-
-
 @pytest.mark.parametrize("base", ["built", "explained"])
 def test_unmutated_atlases_answer_every_query(atlases, base):
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tree(Path(tmp) / "atlas", {"atlas.sqlite": atlases[base]})
-        assert _unmutated(lambda: _use(folder / "atlas.sqlite"), folder) == 24
+        assert expect_unmutated(lambda: _use(folder / "atlas.sqlite"), folder) == 24
 
 
 @given(base=st.sampled_from(["built", "explained"]), m=byte_mutations())

@@ -20,13 +20,12 @@ import torch
 from helpers.mutate import (
     TensorFile,
     byte_mutations,
-    call_bounded,
     expect_clean,
+    expect_unmutated,
     json_bytes_mutations,
     json_mutations,
     read_tree,
     safetensors_mutations,
-    snapshot,
     write_tree,
 )
 from hypothesis import given
@@ -95,22 +94,12 @@ def _check_nla(tree, rel: str, data: bytes, lm, mutation) -> None:
         expect_clean(lambda: _use_nla(folder, lm), names=[str(folder)], folder=folder, timeout=30, mutation=mutation)
 
 
-def _unmutated(fn, folder):
-    """A valid artefact: the reader returns within its bound and writes nothing (expect_clean records hypothesis
-    events, so it runs inside @given tests only)."""
-    before = snapshot(folder)
-    ok, value = call_bounded(fn, 30)
-    assert ok, value
-    assert snapshot(folder) == before
-    return value
-
-
 def test_unmutated_nla_loads_and_resumes(nla_tree, lm):
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tree(Path(tmp) / "nla", nla_tree)
-        _unmutated(lambda: _use_nla(folder, lm), folder)
+        expect_unmutated(lambda: _use_nla(folder, lm), folder)
         nla = load_nla(folder, lm=lm)
-        assert _unmutated(lambda: _resume(folder, nla), folder) == (1, [{"step": 1, "reward": -1.0}])
+        assert expect_unmutated(lambda: _resume(folder, nla), folder) == (1, [{"step": 1, "reward": -1.0}])
 
 
 @given(m=json_bytes_mutations())
@@ -251,7 +240,7 @@ def _check_probe(rel: str, data: bytes, mutation) -> None:
 def test_unmutated_probe_loads():
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tree(Path(tmp) / "probe", PROBE)
-        _unmutated(lambda: _use_probe(folder), folder)
+        expect_unmutated(lambda: _use_probe(folder), folder)
 
 
 @given(m=json_bytes_mutations())
@@ -332,4 +321,4 @@ def test_unmutated_sweep_loads_and_renders():
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sweep.json"
         path.write_bytes(SWEEP)
-        assert _unmutated(lambda: _use_sweep(path), tmp)["best_fitter"] in ("mean", "lda")
+        assert expect_unmutated(lambda: _use_sweep(path), tmp)["best_fitter"] in ("mean", "lda")

@@ -20,12 +20,11 @@ from helpers.mutate import (
     JSON_SAMPLES,
     TensorFile,
     byte_mutations,
-    call_bounded,
     expect_clean,
+    expect_unmutated,
     json_bytes_mutations,
     read_tree,
     safetensors_mutations,
-    snapshot,
     write_tree,
 )
 from hypothesis import given
@@ -91,22 +90,12 @@ def _check(name: str, rel: str, data: bytes, mutation) -> None:
         expect_clean(lambda: _use(folder), names=[str(folder)], folder=folder, mutation=mutation)
 
 
-def _unmutated(fn, folder):
-    """A valid artefact: the reader returns within its bound and writes nothing (expect_clean records hypothesis
-    events, so it runs inside @given tests only)."""
-    before = snapshot(folder)
-    ok, value = call_bounded(fn, 30)
-    assert ok, value
-    assert snapshot(folder) == before
-    return value
-
-
 @pytest.mark.parametrize("name", FOLDERS)
-def test_every_fixture_folder_loads_unmutated(name):
+def test_every_fixture_folder_loadsexpect_unmutated(name):
     """The fuzz tests start from valid folders: each one loads and encodes as it is, and writes nothing."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tree(Path(tmp) / name, TREES[name])
-        sae = _unmutated(lambda: _use(folder), folder)
+        sae = expect_unmutated(lambda: _use(folder), folder)
         assert (sae.feature_stats is not None) == (name == STATS_FOLDER)
 
 

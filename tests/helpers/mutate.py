@@ -886,3 +886,13 @@ def expect_clean(
     assert any(n in msg for n in names), f"error message names none of {names}: {msg!r}"
     _event(f"outcome: {type(value).__name__}")
     return ok, value
+
+
+def expect_unmutated(fn: Callable[[], Any], folder: Path, seconds: float = 30) -> Any:
+    """A valid artefact: the reader returns within `seconds` and writes nothing (`expect_clean` records hypothesis
+    events, so it runs inside @given tests only; this runs anywhere)."""
+    before = snapshot(folder)
+    ok, value = call_bounded(fn, seconds)
+    assert ok, value
+    assert snapshot(folder) == before
+    return value
