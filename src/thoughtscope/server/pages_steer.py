@@ -215,7 +215,7 @@ def steer_page(request: Request, feature: str | None = None):
 def slider_unit_view(wb) -> dict:
     """What a feature slider's number means, for the page: × the max stored with the SAE, or raw units."""
     if wb.slider_unit == "max":
-        return {"short": "× max", "long": f"× the feature's max stored with the SAE ({wb.slider_source})"}
+        return {"short": "× max", "long": f"× the feature's max, measured on {wb.slider_source}"}
     return {"short": "raw", "long": "raw activation units: the SAE stores no feature maxima"}
 
 
