@@ -99,6 +99,9 @@ class SAEConfig:
     # provenance / data rules
     model: str = ""
     """Name of the model whose activations it was trained on ("" = unknown)."""
+    model_source: dict[str, Any] | None = None
+    """How to load that model again (models.LoadedModel.source: spec, resolved file or folder, its content hash,
+    registered name); None = unknown (an imported SAE, or one written before this field existed)."""
     site: str = ""
     """Site it reads, e.g. resid.15 ("" = unknown)."""
     exclude_bos: bool = True
@@ -154,6 +157,7 @@ class SAEConfig:
                     f"None or {self.d_model} numbers (d_model)",
                 ),
                 "model": (lambda v: isinstance(v, str), "a model name (a string)"),
+                "model_source": (lambda v: v is None or isinstance(v, dict), "None or a dict (how to load the model)"),
                 "site": (lambda v: isinstance(v, str), "a site name (a string)"),
                 "dtype": (lambda v: isinstance(v, str), "a dtype name (a string)"),
                 "exclude_bos": (lambda v: isinstance(v, bool), "true or false"),
