@@ -234,17 +234,22 @@ def build_atlas_from(
     timings: dict | None = None,
 ) -> Path:
     """`build_atlas` from names, as `thoughtscope atlas build` takes them: an SAE folder ('default': the shipped
-    SAE), the model (default: the one the SAE was trained on, or 'default') and a corpus spec."""
+    SAE), the model (default: the one the SAE was trained on, found again from what its config recorded, see
+    `models.load_recorded`; 'default' for an SAE that recorded none) and a corpus spec."""
     from ..corpus import Corpus
-    from ..models import DEFAULT_MODEL_NAME, load_model
+    from ..models import load_recorded
     from ..sae import load_sae
     from ..sae.formats import default_sae_path
 
     folder = default_sae_path() if str(sae) == "default" else Path(sae)
     sae_obj = load_sae(folder)
-    if model is None:
-        model = "default" if sae_obj.cfg.model in ("", DEFAULT_MODEL_NAME) else sae_obj.cfg.model
-    lm = load_model(model)
+    lm = load_recorded(sae_model_source(sae_obj), model)
     return build_atlas(
         lm, sae_obj, Corpus(corpus), out, config, sae_path=str(folder.resolve()), progress=progress, timings=timings
     )
+
+
+def sae_model_source(sae) -> dict | str:
+    """What an SAE recorded about its model, as `models.load_recorded` takes it: the full source record when the
+    SAE has one, else its model's name ('default' when it names none)."""
+    return sae.cfg.model_source or sae.cfg.model or "default"

@@ -160,7 +160,7 @@ def load_tokenizer(atlas: Atlas):
         return byte_tokenizer(int((src.get("config") or {}).get("vocab_size", 256)))
     from transformers import AutoTokenizer
 
-    for cand in (src.get("converted"), spec):
+    for cand in (src.get("converted"), src.get("path"), spec):
         if not cand or cand == "default" or cand.endswith(".gguf"):
             continue
         try:

@@ -37,7 +37,7 @@ def check_sae_matches(lm: LoadedModel, sae, site: Site | str | None = None) -> S
             f"read {sae_site} or use the SAE trained for {site}"
         )
     lm.check_site(site)
-    if cfg.model:
+    if cfg.model and not _same_content(cfg.model_source, lm.source):
         names = {_norm_name(lm.name), _norm_name(lm.source.get("spec", ""))}
         if _norm_name(cfg.model) not in names and not (cfg.model == "default" and "default" in names):
             raise AtlasError(
@@ -45,6 +45,12 @@ def check_sae_matches(lm: LoadedModel, sae, site: Site | str | None = None) -> S
                 f"load {cfg.model!r} or use an SAE trained on {lm.name}"
             )
     return site
+
+
+def _same_content(recorded: dict | None, source: dict) -> bool:
+    """The SAE's recorded model and the loaded one have the same content hash (a file that was moved or renamed)."""
+    digest = (recorded or {}).get("sha256")
+    return bool(digest) and digest == source.get("sha256")
 
 
 def sae_fingerprint(sae) -> str:

@@ -106,7 +106,7 @@ def open_with_model(
     The SAE is loaded from `sae_path` or the path recorded at build time, and checked against the atlas by
     fingerprint, so a card never shows statistics of one SAE next to activations of another.
     """
-    from ..models import load_model
+    from ..models import load_recorded
     from ..sae import load_sae
     from .encode import check_sae_matches, sae_fingerprint
 
@@ -120,8 +120,7 @@ def open_with_model(
             f"the SAE at {spath} is not the one {at.path} was built from (weights differ); "
             f"pass the original --sae or rebuild the atlas"
         )
-    spec = model or (at.meta.get("model_source") or {}).get("spec") or at.meta.get("model")
     if lm is None:
-        lm = load_model(spec, device=device)
+        lm = load_recorded(at.meta.get("model_source") or at.meta.get("model"), model, device=device)
     check_sae_matches(lm, sae, at.meta.get("site"))
     return at, lm, sae.to(lm.device)

@@ -27,6 +27,17 @@ def _load(model: str, device: str | None, dtype: str | None):
         _fail(str(e))
 
 
+def _load_recorded(model: str | None, recorded, device: str | None = None, dtype: str | None = None):
+    """The model --model names, else the one an artefact recorded (`models.load_recorded`: its registered name, its
+    file or folder if still there, or an error saying it moved and how to pass --model)."""
+    from ..models import ModelError, load_recorded
+
+    try:
+        return load_recorded(recorded, model, device=device, dtype=dtype)
+    except ModelError as e:
+        _fail(str(e))
+
+
 def one_line_errors(fn):
     """A command whose ThoughtscopeError ends it with one error line and exit code 2, also when typer's
     test runner calls it directly (main() does the same for every command)."""

@@ -18,7 +18,11 @@ def _help(name: str, extra: str = "") -> str:
 
 
 def serve(
-    model: str = typer.Option("default", help="model: 'default' (embedded SmolLM2), a hub id, a folder or a .gguf"),
+    model: str | None = typer.Option(
+        None,
+        help="model: a registered name ('default': embedded SmolLM2, 'gemma3-270m'), a hub id, a folder or a .gguf "
+        "(default: the one the atlas or SAE was made with)",
+    ),
     sae: str = typer.Option("default", help="SAE folder, or 'default' (the shipped SmolLM2 SAE)"),
     atlas: Path | None = typer.Option(
         None, help="atlas folder of that SAE; none: build a small one on first start and reuse it"
@@ -57,8 +61,8 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
-    nla_spec = None if nla == "none" or (nla == "default" and model != "default") else nla
-    if nla == "default" and model != "default":
+    nla_spec = None if nla == "none" or (nla == "default" and model not in (None, "default")) else nla
+    if nla == "default" and model not in (None, "default"):
         err.print("[dim]the shipped NLA is for the default model: no NLA view (pass --nla FOLDER for yours)[/dim]")
 
     def loader(status):

@@ -8,7 +8,9 @@ import typer
 from rich.table import Table
 
 from ..configdoc import field_help
-from .common import _csv, _fail, _load, console, one_line_errors, renamed
+from .common import _csv, _fail, _load, _load_recorded, console, one_line_errors, renamed
+
+_MODEL_HELP = "model (default: the one the SAE or preset was made with; 'default' when none is recorded)"
 
 steer_app = typer.Typer(
     no_args_is_help=False,
@@ -42,7 +44,7 @@ def steer(
     ctx: typer.Context,
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="prompt(s) to answer (repeat for several)"),
     preset: str | None = typer.Option(None, help="preset name or JSON file (see examples/presets)"),
-    model: str = typer.Option("default"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
     max_new_tokens: int = typer.Option(64, help=_gen_help("max_new_tokens")),
     temperature: float = typer.Option(0.7, help=_gen_help("temperature")),
     top_p: float = typer.Option(0.9, help=_gen_help("top_p")),
@@ -52,10 +54,11 @@ def steer(
     if ctx.invoked_subcommand is not None:
         return
     from ..steer import print_comparisons, steer_with_preset
+    from ..steer.run import recorded_model
 
     if preset is None or not prompt:
         _fail("give --preset and at least one --prompt (or a subcommand: sweep, find)")
-    lm = _load(model, None, None)
+    lm = _load_recorded(model, None if model else recorded_model(preset=preset))
     comps = steer_with_preset(lm, preset, prompt, _gen_config(max_new_tokens, temperature, top_p, seed))
     print_comparisons(comps, console, title=f"preset {preset}")
 
@@ -75,7 +78,7 @@ def steer_sweep(
     questions: Path | None = typer.Option(None, help="neutral questions: a prompt file (default: 20 built in)"),
     ppl_bound: float = typer.Option(2.0, help="allowed perplexity, as a multiple of unsteered"),
     out: Path = typer.Option(Path("sweep"), help="writes OUT.json, OUT.png and OUT.preset.json"),
-    model: str = typer.Option("default"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
     max_new_tokens: int = typer.Option(48, help=_gen_help("max_new_tokens")),
     seed: int = typer.Option(0, help=_gen_help("seed")),
 ) -> None:
@@ -84,13 +87,14 @@ def steer_sweep(
     from ..steer import Preset
     from ..steer.calibrate import read_questions
     from ..steer.presets import feature_preset
-    from ..steer.run import sweep_to_files
+    from ..steer.run import recorded_model, sweep_to_files
 
     if (preset is None) == (feature is None):
         _fail("give either --preset or --feature")
-    lm = _load(model, None, None)
+    sae_obj = load_sae(sae) if feature is not None else None
+    lm = _load_recorded(model, None if model else recorded_model(sae=sae_obj, preset=preset))
     if feature is not None:
-        p, index = feature_preset(load_sae(sae), feature, out.parent, positions=positions), 0
+        p, index = feature_preset(sae_obj, feature, out.parent, positions=positions), 0
         console.print(f"feature {feature}: x max = {p.items[0].max_act:.4g} ({p.description})")
     else:
         p = Preset.load(preset)
@@ -137,7 +141,7 @@ def steer_find(
     controls: Path | None = typer.Option(None, help="texts without it: a prompt file (default: built in)"),
     questions: Path | None = typer.Option(None, help="neutral questions to calibrate on: a prompt file"),
     sae: str = typer.Option("default", help="SAE whose features are candidates ('none': vectors only)"),
-    model: str = typer.Option("default"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
     ppl_bound: float = typer.Option(2.0, help=_find_help("ppl_bound")),
     n_features: int = typer.Option(4, help=_find_help("n_features")),
     n_calibrate: int = typer.Option(2, help=_find_help("n_calibrate")),
@@ -156,7 +160,7 @@ def steer_find(
     from ..sae import load_sae
     from ..steer.calibrate import read_questions
     from ..steer.find import Concept, FindConfig
-    from ..steer.run import find_to_files
+    from ..steer.run import find_to_files, recorded_model
 
     c = Concept.from_spec(concept, _csv(keywords, str), prompts, controls)
     cfg = FindConfig(
@@ -171,8 +175,8 @@ def steer_find(
         seed=seed,
         confirm_seeds=confirm_seeds,
     )
-    lm = _load(model, None, None)
     sae_obj = None if sae == "none" else load_sae(sae).eval().requires_grad_(False)
+    lm = _load_recorded(model, None if model or sae_obj is None else recorded_model(sae=sae_obj))
     res, path = find_to_files(
         lm, sae_obj, c, questions=read_questions(questions), config=cfg, preset=preset, json_out=json_out
     )
@@ -228,7 +232,7 @@ def _print_find(res, path: Path | None) -> None:
 def chat(
     preset: str | None = typer.Option(None, help="start with this preset"),
     sae: str = typer.Option("default", help="SAE whose features /set changes"),
-    model: str = typer.Option("default"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
     max_new_tokens: int = typer.Option(96, help=_gen_help("max_new_tokens")),
     temperature: float = typer.Option(0.7, help=_gen_help("temperature")),
     seed: int = typer.Option(0, help=_gen_help("seed")),
@@ -237,11 +241,13 @@ def chat(
     /off, /show, /quit."""
     from ..sae import load_sae
     from ..steer import chat_loop
+    from ..steer.run import recorded_model
 
-    lm = _load(model, None, None)
+    sae_obj = load_sae(sae)
+    lm = _load_recorded(model, None if model else recorded_model(sae=sae_obj))
     chat_loop(
         lm,
-        sae=load_sae(sae),
+        sae=sae_obj,
         preset=preset,
         config=_gen_config(max_new_tokens, temperature, 0.9, seed),
         stream_fn=lambda piece: console.print(piece, end=""),
@@ -265,4 +271,4 @@ def vector_fit_cmd(
     n = renamed(texts_per_batch, batch_size, new="--texts-per-batch", old="--batch-size", default=16)
     lm = _load(model, None, None)
     v = vector_fit(lm, site, pairs, out, method=method, texts_per_batch=n)
-    console.print(f"wrote {out}: {v}")
+    console.print(f"wrote {out}: {v.summary()}")

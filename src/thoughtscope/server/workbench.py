@@ -277,7 +277,7 @@ def _sweep_beside(wb: Workbench, path: Path, p) -> None:
 
 
 def load_workbench(
-    model: str = "default",
+    model: str | None = None,
     sae: str = "default",
     atlas: str | None = None,
     nla: str | None = None,
@@ -288,18 +288,24 @@ def load_workbench(
     preset_dirs=None,
     progress: bool = True,
 ) -> Workbench:
-    """Load everything `thoughtscope serve` names; build and cache a small atlas when none is given."""
+    """Load everything `thoughtscope serve` names; build and cache a small atlas when none is given. The model is
+    `model`, else the one the atlas (or else the SAE) recorded (`models.load_recorded`)."""
     from ..atlas import Atlas, build_atlas
-    from ..atlas.build import AtlasConfig, check_sae_matches
-    from ..models import load_model
+    from ..atlas.build import AtlasConfig, check_sae_matches, sae_model_source
+    from ..models import describe_source, load_recorded
     from ..sae import load_sae
 
     status = status or LoadStatus()
     status.set("loading the SAE", sae)
     sae_obj = load_sae(sae)
-    status.set("loading the model", model)
-    lm = load_model(model)
+    recorded = _atlas_model_source(atlas) if atlas is not None else sae_model_source(sae_obj)
+    status.set("loading the model", model or describe_source(recorded))
+    lm = load_recorded(recorded, model)
     check_sae_matches(lm, sae_obj)
+    notes = []
+    if nla == "default" and lm.source.get("registered") != "default":
+        nla = None
+        notes.append("the shipped NLA is for the default model: no NLA view (pass --nla FOLDER for yours)")
     sae_obj = sae_obj.to(lm.device).eval().requires_grad_(False)
     if atlas is None:
         out = default_atlas_dir(sae_obj)
@@ -329,6 +335,7 @@ def load_workbench(
     status.set("opening the atlas", str(atlas))
     at = Atlas.open(atlas)
     wb = Workbench(lm=lm, sae=sae_obj, sae_spec=sae, atlas=at)
+    wb.notes.extend(notes)
     if nla:
         from ..nla import load_nla
 
@@ -340,6 +347,14 @@ def load_workbench(
     status.set("loading presets")
     load_presets(wb, preset_dirs)
     return wb
+
+
+def _atlas_model_source(atlas: str):
+    """What an atlas recorded about its model (its `model_source`, else its model's name)."""
+    from ..atlas import Atlas
+
+    with Atlas.open(atlas) as at:
+        return at.meta.get("model_source") or at.meta.get("model")
 
 
 def load_probes(lm, folders) -> dict:

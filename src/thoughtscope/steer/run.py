@@ -79,6 +79,25 @@ def vector_fit(
     return v
 
 
+def recorded_model(*, sae=None, preset: str | Path | Preset | None = None) -> dict | str:
+    """The model an SAE (loaded) or a preset was made with, as `models.load_recorded` takes it: the SAE's recorded
+    source (else its model's name); a preset's first feature item's SAE, else the model the preset names; 'default'
+    when nothing is recorded."""
+    if sae is not None:
+        return sae.cfg.model_source or sae.cfg.model or "default"
+    if preset is None:
+        return "default"
+    p = preset if isinstance(preset, Preset) else Preset.load(preset)
+    for it in p.items:
+        if it.sae:
+            from ..sae import load_sae
+            from .presets import resolve_sae_path
+
+            base = p.path.parent if p.path is not None else Path(".")
+            return recorded_model(sae=load_sae(resolve_sae_path(it.sae, base)))
+    return p.model or "default"
+
+
 read_lines = read_prompts  # the old name: one prompt-file reader (documents.read_prompts) for every caller
 
 

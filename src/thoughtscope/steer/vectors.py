@@ -38,6 +38,15 @@ class SteeringVector:
     typical_norm: float | None = None  # median residual norm at the site (the unit "norm" of vector strengths)
     extra: dict = field(default_factory=dict)
 
+    def summary(self) -> str:
+        """One line for a terminal: site, method, norm (and in × the site's typical residual norm), shape, pairs."""
+        norm = float(self.vector.float().norm())
+        rel = f" ({norm / self.typical_norm:.3g} × the median residual norm there)" if self.typical_norm else ""
+        return (
+            f"{self.site}, method {self.method}, norm {norm:.4g}{rel}, shape {tuple(self.vector.shape)}, "
+            f"from {self.n_pairs} pairs"
+        )
+
     def save(self, path: str | Path) -> Path:
 
         path = Path(path)

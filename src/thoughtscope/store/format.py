@@ -160,6 +160,12 @@ def read_manifest(path: Path) -> dict:
             raise StoreCorruptError(
                 f"manifest {str(mpath)!r}: field {key!r} must be a JSON object, got {_show(manifest[key])}"
             )
+    source = (manifest.get("extra") or {}).get("model_source")
+    if source is not None and not isinstance(source, dict):
+        raise StoreCorruptError(
+            f"manifest {str(mpath)!r}: extra['model_source'] must be a JSON object (how the model was loaded: spec, "
+            f"path, sha256), got {_show(source)}"
+        )
     _check_stats(manifest.get("stats"), mpath)
     cols = manifest.get("columns")
     if cols is not None and (
@@ -201,6 +207,13 @@ def read_manifest(path: Path) -> dict:
             f"manifest {str(mpath)!r}: n_tokens={manifest['n_tokens']} but shards hold {total} tokens"
         )
     return manifest
+
+
+def model_source(manifest: dict) -> dict | str:
+    """How to load the store's model again: the `LoadedModel.source` the harvest recorded in extra['model_source']
+    (spec, registered name, resolved path, content hash), or for a store written before it was recorded, the
+    model's name. What `models.load_recorded` takes."""
+    return (manifest.get("extra") or {}).get("model_source") or manifest["model"]
 
 
 #: norm statistics a reader uses, each a number or null
