@@ -222,16 +222,18 @@ class SAE(nn.Module):
 
     # -- normalisation folding
     @torch.no_grad()
-    def fold_normalization(self, scale: float, mean: Tensor | None) -> None:
+    def fold_normalization(self, scale: float | Tensor, mean: Tensor | None) -> None:
         """Make an SAE trained on (x - mean) * scale act on raw x with the same feature activations.
 
-        pre = ((x-mu)s - b) W + c = (x - (mu + b/s)) (sW) + c;  x_hat_raw = (W_dec/s) f + mu + b/s.
-        Thresholds compare feature activations, which do not change, so no architecture adds to this.
+        pre = ((x-mu)s - b) W + c = (x - (mu + b/s)) (sW) + c;  x_hat_raw = (W_dec/s) f + mu + b/s, with s a
+        number or one multiplier per dimension (diag(s) W). Thresholds compare feature activations, which do
+        not change, so no architecture adds to this.
         """
         mu = torch.zeros_like(self.b_dec) if mean is None else mean.to(self.b_dec)
-        self.enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.copy_(mu + self.b_dec / scale)
+        s = scale.to(self.b_dec) if isinstance(scale, Tensor) else scale
+        self.enc.mul_(s)
+        self.W_dec.div_(s)
+        self.b_dec.copy_(mu + self.b_dec / s)
         self.cfg.norm_folded = True
 
     @torch.no_grad()

@@ -52,6 +52,9 @@ def _pos(v: Any) -> bool:
     return _is_number(v) and v > 0
 
 
+INPUT_SCALINGS = ("none", "massive", "per-dim")
+
+
 @dataclass
 class SAEConfig:
     """Everything needed to rebuild an SAE and to know what it was trained on."""
@@ -110,6 +113,17 @@ class SAEConfig:
     # shipped SAE and the benchmarks use. Imported SAEs carry None: their training rule is unknown.
     max_norm_ratio: float | None = 10.0
     """Rows with norm above this many times the median norm are dropped (multiple of the median); None keeps all."""
+    massive_ratio: float | None = 20.0
+    """A dimension whose RMS exceeds this many times the median dimension's RMS is massive (multiple of the
+    median; Gemma 3 has dimensions ~100x the rest); None = none looked for."""
+    input_scaling: str = "massive"
+    """Per-dimension input scaling during training: "none"; "massive" (each massive dimension centred and scaled to
+    the median dimension's spread, so it cannot take the reconstruction loss from the rest); "per-dim" (every
+    dimension standardised)."""
+    massive_dims: list[int] | None = None
+    """The massive dimensions found in the training sample (indices); None = not looked for."""
+    dim_scale: list[float] | None = None
+    """Training-time per-dimension input multiplier (d_model numbers); None = 1 everywhere. A record once folded."""
     normalize: bool = True
     """True: scale inputs so mean ||x|| = sqrt(d_model) during training."""
     mean_center: bool = False
@@ -152,6 +166,16 @@ class SAEConfig:
                 "tanh_c": (_pos, "a number > 0"),
                 "max_norm_ratio": (lambda v: v is None or _pos(v), "None or a number > 0"),
                 "norm_scale": (_pos, "a number > 0"),
+                "massive_ratio": (lambda v: v is None or _pos(v), "None or a number > 0"),
+                "input_scaling": (lambda v: v in INPUT_SCALINGS, "one of " + ", ".join(INPUT_SCALINGS)),
+                "massive_dims": (
+                    lambda v: v is None or all(_nonneg_int(i) and i < self.d_model for i in v),
+                    f"None or dimension indices below d_model={self.d_model}",
+                ),
+                "dim_scale": (
+                    lambda v: v is None or len(v) == self.d_model and all(_pos(x) for x in v),
+                    f"None or {self.d_model} numbers > 0 (d_model)",
+                ),
                 "norm_mean": (
                     lambda v: v is None or len(v) == self.d_model and all(_is_number(x) for x in v),
                     f"None or {self.d_model} numbers (d_model)",

@@ -32,6 +32,7 @@ from ..errors import TrainingDiverged  # noqa: F401  (re-exported: their old hom
 from ..progress import ProgressBar
 from .base import SAE, StepOutput, build_sae
 from .config import SAEConfig, SAEError, TrainConfig
+from ..store import massive_dims
 from .optim import adam, default_lr, lr_factor
 from .stream import chain, check_batch, make_stream
 
@@ -93,6 +94,7 @@ class Trainer:
         self.batches_consumed = 0
         self.norm_scale = 1.0
         self.norm_mean: torch.Tensor | None = None
+        self.dim_scale: torch.Tensor | None = None  # per-dimension multiplier (massive dimensions), None = 1
         self.slots: list[_Slot] = []
         self.metrics_log: list[dict[str, Any]] = []
 
@@ -120,9 +122,10 @@ class Trainer:
         torch.manual_seed(self.tc.seed)
         sample = sample.to(self.device, self.param_dtype)
         c0 = self.cfgs[0]
-        if c0.mean_center:
-            self.norm_mean = sample.mean(0)
+        massive = self._scale_dims(sample, c0)
         centred = sample - self.norm_mean if self.norm_mean is not None else sample
+        if self.dim_scale is not None:
+            centred = centred * self.dim_scale
         if c0.normalize:
             self.norm_scale = float(math.sqrt(c0.d_model) / centred.norm(dim=1).mean().clamp_min(1e-12))
         xs = centred * self.norm_scale
@@ -136,6 +139,8 @@ class Trainer:
         for i, cfg in enumerate(self.cfgs):
             cfg.norm_scale = self.norm_scale
             cfg.norm_mean = None if self.norm_mean is None else self.norm_mean.cpu().tolist()
+            cfg.dim_scale = None if self.dim_scale is None else self.dim_scale.cpu().tolist()
+            cfg.massive_dims = massive
             cfg.norm_folded = False
             if cfg.dead_tokens is None:
                 cfg.dead_tokens = default_dead_tokens(n_tokens, self.tc.batch_size)
@@ -148,10 +153,42 @@ class Trainer:
             since = torch.zeros(cfg.n_features, dtype=torch.int64, device=self.device)
             self.slots.append(_Slot(sae, opt, lr, since))
 
+    def _scale_dims(self, sample: torch.Tensor, c0: SAEConfig) -> list[int] | None:
+        """Set norm_mean / dim_scale from the init sample by the config's input scaling; the massive dimensions.
+
+        "massive": each massive dimension is centred and scaled so its spread equals the median dimension's (the
+        rest keep their geometry); "per-dim": every dimension is centred and standardised. Both are folded into
+        the weights at the end, so the finished SAE reads and writes raw activations.
+        """
+        mean = sample.mean(0)
+        if c0.mean_center:
+            self.norm_mean = mean
+        if c0.massive_ratio is None:
+            return None
+        massive = massive_dims(sample.square().mean(0).sqrt().cpu(), c0.massive_ratio)
+        std = sample.std(0).clamp_min(1e-12)
+        if c0.input_scaling == "per-dim":
+            self.norm_mean, self.dim_scale = mean, std.median() / std
+        elif c0.input_scaling == "massive" and massive:
+            idx = torch.tensor(massive, device=sample.device)
+            self.norm_mean = mean.clone() if self.norm_mean is not None else torch.zeros_like(mean)
+            self.norm_mean[idx] = mean[idx]
+            self.dim_scale = torch.ones_like(std)
+            self.dim_scale[idx] = std.median() / std[idx]
+        return massive
+
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_mean is not None:
             x = x - self.norm_mean
+        if self.dim_scale is not None:
+            x = x * self.dim_scale
         return x * self.norm_scale if self.norm_scale != 1.0 else x
+
+    def _fold_scale(self) -> float | torch.Tensor:
+        """The scalar scale, or the per-dimension one times it, as fold_normalization takes it."""
+        if self.dim_scale is None:
+            return self.norm_scale
+        return self.dim_scale.cpu() * self.norm_scale
 
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -161,6 +198,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "norm_scale": self.norm_scale,
             "norm_mean": self.norm_mean,
+            "dim_scale": self.dim_scale,
             "cfgs": [asdict(s.sae.cfg) for s in self.slots],
             "train_cfg": asdict(self.tc),
             "saes": [s.sae.state_dict() for s in self.slots],
@@ -175,6 +213,7 @@ class Trainer:
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.step, self.batches_consumed, self.total_steps = st["step"], st["batches_consumed"], st["total_steps"]
         self.norm_scale, self.norm_mean = st["norm_scale"], st["norm_mean"]
+        self.dim_scale = st.get("dim_scale")  # checkpoints written before per-dimension scaling have none
         self.cfgs = [SAEConfig.from_dict(c) for c in st["cfgs"]]
         self.slots = []
         for i, cfg in enumerate(self.cfgs):
@@ -260,7 +299,7 @@ class Trainer:
         out = []
         for s in self.slots:
             sae = copy.deepcopy(s.sae).cpu()
-            sae.fold_normalization(self.norm_scale, None if self.norm_mean is None else self.norm_mean.cpu())
+            sae.fold_normalization(self._fold_scale(), None if self.norm_mean is None else self.norm_mean.cpu())
             sae.train_metrics = s.last  # type: ignore[attr-defined]
             out.append(sae)
         return out

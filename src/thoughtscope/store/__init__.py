@@ -26,7 +26,7 @@ from .format import (
     StoreMismatchError,
     StoreNotFoundError,
 )
-from .reader import ActivationStore
+from .reader import ActivationStore, massive_dims
 from .shuffle import ShuffleBuffer
 from .writer import StoreWriter
 
@@ -43,4 +43,5 @@ __all__ = [
     "StoreNotFoundError",
     "StoreWriter",
     "TIMESTAMP_KEYS",
+    "massive_dims",
 ]

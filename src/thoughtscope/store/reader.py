@@ -319,6 +319,7 @@ class ActivationStore:
             "mean_l2_norm": stats.get("mean_l2_norm"),
             "median_l2_norm": stats.get("median_l2_norm"),
             "nonfinite_tokens": stats.get("nonfinite_tokens"),
+            "massive_dims": stats.get("massive_dims"),
             "corpus": self.corpus,
         }
 
@@ -350,6 +351,7 @@ def compute_stats(store: ActivationStore) -> dict:
     norm_sum = 0.0
     norm_max = 0.0
     dim_sum = torch.zeros(d, dtype=torch.float64)
+    dim_sq = torch.zeros(d, dtype=torch.float64)
     samples: list[np.ndarray] = []
     offset = 0
     for acts, meta in store.iter_shards():
@@ -366,6 +368,7 @@ def compute_stats(store: ActivationStore) -> dict:
             if norms.numel():
                 norm_max = max(norm_max, float(norms.max()))
             dim_sum += xk.sum(dim=0, dtype=torch.float64)
+            dim_sq += xk.double().square().sum(dim=0)
             gidx = torch.arange(offset + s, offset + s + x.shape[0])[keep]
             samples.append(norms[gidx % stride == 0].numpy())
         offset += acts.shape[0]
@@ -379,4 +382,23 @@ def compute_stats(store: ActivationStore) -> dict:
         "norm_sample_tokens": int(sample.size),
         "max_l2_norm": norm_max if count else None,
         "mean": (dim_sum / count).tolist() if count else None,
+        "rms": (dim_sq / count).sqrt().tolist() if count else None,
+        "massive_dims": massive_dims((dim_sq / count).sqrt()) if count else None,
     }
+
+
+MASSIVE_RATIO = 20.0
+
+
+def massive_dims(rms: torch.Tensor, ratio: float = MASSIVE_RATIO) -> list[int]:
+    """Dimensions whose RMS exceeds `ratio` times the median dimension's RMS, largest first.
+
+    Some models (Gemma 3: one dimension ~100x the rest at middle layers) carry most of the residual stream's
+    variance in a few dimensions; an MSE-trained SAE then spends its capacity on them, FVU looks fine, and the
+    model breaks when the reconstruction is spliced in. The SAE trainer and the store summary share this rule.
+    """
+    rms = torch.as_tensor(rms, dtype=torch.float64).flatten()
+    if rms.numel() == 0:
+        return []
+    big = torch.nonzero(rms > ratio * rms.median().clamp_min(1e-30)).flatten()
+    return [int(i) for i in big[rms[big].argsort(descending=True)]]
