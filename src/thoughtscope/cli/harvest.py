@@ -7,6 +7,7 @@ apart.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +16,30 @@ import typer
 from ..configdoc import field_help
 from ..plans import HarvestConfig
 from .common import _fail, _load, console, renamed
+
+PLAN_HELP = (
+    "print the plan (peak memory, disk and time on this machine, from a few seconds of the real job) and exit "
+    "without writing anything"
+)
+FORCE_HELP = "run even when the plan's peak memory exceeds the memory available"
+
+
+def _plan_gate(estimate, *, plan: bool, force: bool, json_out: Path | None = None) -> None:
+    """Print a run's plan; with --plan stop there (writing the plan to --json when given); refuse a run whose
+    memory exceeds what is available unless --force. Shared by every command that starts a long run."""
+    from .._io import atomic_write_json
+    from ..errors import ThoughtscopeError
+
+    for line in estimate.lines():
+        console.print(line, markup=False, highlight=False)
+    if plan:
+        if json_out is not None:
+            atomic_write_json(json_out, {"plan": estimate.to_dict()})
+        raise typer.Exit(0)
+    try:
+        estimate.check(force)
+    except ThoughtscopeError as e:
+        _fail(str(e))
 
 
 def harvest_cmd(
@@ -40,12 +65,15 @@ def harvest_cmd(
     model_dtype: str | None = typer.Option(None, help="dtype to run the model in"),
     overwrite: bool = typer.Option(False, help="replace a finished store at --out"),
     quiet: bool = typer.Option(False, help="no progress bar"),
+    plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Harvest activations at one or more sites into resumable on-disk stores (torchrun: contexts split across
     processes, one store)."""
     from ..corpus import Corpus
     from ..distributed import local_device
     from ..errors import ThoughtscopeError
+    from ..estimates import harvest_estimate
     from ..harvest import harvest as run
     from ..models import parse_sites
 
@@ -67,6 +95,8 @@ def harvest_cmd(
         sites = parse_sites(",".join(site))
         lm = _load(model, local_device(device), model_dtype)  # under torchrun, "cuda" = this process's GPU
         src = Corpus(corpus, text_field=text_field)
+        if plan or int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun only an explicit --plan probes
+            _plan_gate(harvest_estimate(lm, src, sites, cfg), plan=plan, force=force)
         t0 = time.perf_counter()
         stores = run(lm, src, sites, out, cfg, progress=not quiet, overwrite=overwrite)
     except (ThoughtscopeError, ValueError) as e:
