@@ -14,6 +14,7 @@ import typer
 from ..configdoc import field_help
 from ..plans import AtlasConfig
 from .common import _csv, _fail, console, renamed
+from .harvest import FORCE_HELP, PLAN_HELP, _plan_gate
 
 atlas_app = typer.Typer(no_args_is_help=True, help="Build, explain and report a feature atlas for an SAE.")
 
@@ -38,10 +39,13 @@ def atlas_build(
     skip_tokens: int = typer.Option(AtlasConfig.skip_tokens, help=field_help(AtlasConfig, "skip_tokens")),
     top_k: int = typer.Option(AtlasConfig.top_k, help=field_help(AtlasConfig, "top_k")),
     quiet: bool = typer.Option(False),
+    plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """One streaming pass: top and quantile contexts, density, histogram, logit effects, neighbours."""
     from ..atlas import build_atlas_from
     from ..errors import ThoughtscopeError
+    from ..estimates import atlas_estimate
 
     per_batch = renamed(
         contexts_per_batch,
@@ -55,6 +59,7 @@ def atlas_build(
         cfg = AtlasConfig(
             n_tokens=tokens, ctx_len=ctx_len, contexts_per_batch=per_batch, skip_tokens=skip_tokens, top_k=top_k
         )
+        _plan_gate(atlas_estimate(sae, cfg, model=model, corpus=corpus), plan=plan, force=force)
         path = build_atlas_from(sae, out, cfg, model=model, corpus=corpus, progress=not quiet, timings=timings)
     except (ThoughtscopeError, ValueError) as e:
         _fail(str(e))

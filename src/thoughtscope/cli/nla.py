@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -9,6 +10,7 @@ import typer
 from ..configdoc import field_help
 from ..nla.config import STAGES, DataConfig, NLATrainConfig
 from .common import console, err, one_line_errors
+from .harvest import FORCE_HELP, PLAN_HELP, _plan_gate
 
 RECIPE = "(default: the shipped recipe's)"
 
@@ -80,23 +82,19 @@ def train(
     time_budget_s: float | None = typer.Option(None, help=field_help(NLATrainConfig, "time_budget_s")),
     train_rows: int | None = typer.Option(None, help=field_help(NLATrainConfig, "train_rows")),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 … (default: this rank's GPU if any, else cpu)"),
+    plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """One training stage, resumable; several processes when started by torchrun."""
+    from ..estimates import nla_estimate
     from ..nla.recipe import run_stage
 
     if stage not in STAGES:
         raise typer.BadParameter(f"{stage!r} is not a stage; expected one of {', '.join(STAGES)}", param_hint="--stage")
-    r = run_stage(
-        nla,
-        data,
-        stage,
-        device=device,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        time_budget_s=time_budget_s,
-        train_rows=train_rows,
-    )
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, time_budget_s=time_budget_s, train_rows=train_rows)
+    if plan or int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun only an explicit --plan probes
+        _plan_gate(nla_estimate(nla, data, stage, device=device, **given), plan=plan, force=force)
+    r = run_stage(nla, data, stage, device=device, **given)
     if r["rank"] == 0:
         console.print(f"stage {stage}: step {r['step']}, done={r['done']}")
 
