@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.console import Group
@@ -9,6 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..values import is_number
 from .db import Atlas, Example
 
 BARS = " ▁▂▃▄▅▆▇█"
@@ -106,25 +108,52 @@ def feature_card(atlas: Atlas, n: int, tokenizer=None, *, n_top: int = 8, n_quan
                 line = Text(f"{e.act:8.3g}  ", style="dim")
                 line.append_text(heat_line(e, tokenizer, f.max_act))
                 parts.append(line)
+    parts += _effects_table(atlas, f, n, tokenizer)
+    return Panel(Group(*parts), title=f"[bold]{atlas.meta.get('model')} {atlas.meta.get('site')} #{n}", expand=True)
+
+
+def logit_scale(atlas: Atlas, n: int) -> float | None:
+    """Feature n's typical |logit change| (what its logit effects are divided by to be shown in x typical), or
+    None for an atlas built before it was recorded (its effects are shown in raw logits)."""
+    typical = atlas.meta.get("logit_typical")
+    if not isinstance(typical, list) or not 0 <= n < len(typical):
+        return None
+    v = typical[n]
+    return float(v) if is_number(v) and math.isfinite(v) and v > 0 else None
+
+
+def _effects_table(atlas: Atlas, f, n: int, tokenizer) -> list:
+    """Promoted and suppressed tokens (in x typical when the atlas records the scale, else raw logits) and the
+    nearest features."""
+    scale = logit_scale(atlas, n)
+    unit = "x typical" if scale else "raw logits"
     tbl = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     tbl.add_column("promotes")
-    tbl.add_column("")
+    tbl.add_column(unit)
     tbl.add_column("suppresses")
-    tbl.add_column("")
+    tbl.add_column(unit)
     tbl.add_column("neighbours (cos)")
+
+    def shown(v: float) -> str:
+        return f"{v / scale:+.1f}" if scale else f"{v:+.3f}"
+
     for i in range(max(len(f.logits_pos), len(f.neighbours))):
         p = f.logits_pos[i] if i < len(f.logits_pos) else None
         q_ = f.logits_neg[i] if i < len(f.logits_neg) else None
         nb = f.neighbours[i] if i < len(f.neighbours) else None
         tbl.add_row(
             repr(_tok(tokenizer, p[0])) if p else "",
-            f"{p[1]:+.3f}" if p else "",
+            shown(p[1]) if p else "",
             repr(_tok(tokenizer, q_[0])) if q_ else "",
-            f"{q_[1]:+.3f}" if q_ else "",
+            shown(q_[1]) if q_ else "",
             f"{nb[0]} ({nb[1]:.2f})" if nb else "",
         )
-    parts.append(tbl)
-    return Panel(Group(*parts), title=f"[bold]{atlas.meta.get('model')} {atlas.meta.get('site')} #{n}", expand=True)
+    note = (
+        "logit effects in x typical: multiples of the median |logit change| a random direction of the same norm makes"
+        if scale
+        else "logit effects in raw logits (an atlas built before the typical scale was recorded)"
+    )
+    return [tbl, Text(note, style="dim")]
 
 
 def show_feature(atlas: Atlas, n: int, tokenizer=None, console=None, **kw) -> None:

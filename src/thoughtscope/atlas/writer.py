@@ -20,7 +20,7 @@ import torch
 from ..errors import AtlasError
 from ..models import Site
 from . import schema as adb
-from .geometry import logit_effects, nearest_features
+from .geometry import logit_effects, nearest_features, norm_scale
 from .stats import RunningFeatureStats
 
 if TYPE_CHECKING:
@@ -132,7 +132,29 @@ def _meta(lm, sae, stats, cfg, ident, site, sae_path, corpus, n_contexts: int, r
         "random_contexts": random_ctx,
         "n_alive": alive,
         "n_dead": stats.m - alive,
+        "logit_unit": LOGIT_UNIT,
+        "logit_typical": [float(f"{v:.4g}") for v in typical_logit_change(lm, sae.W_dec).tolist()],
     }
+
+
+#: what a logit effect divided by the feature's `logit_typical` is measured in (shown beside relative values)
+LOGIT_UNIT = "x typical: multiples of the median |logit change| a random direction with the feature's norm makes"
+
+
+@torch.no_grad()
+def typical_logit_change(lm, W_dec: torch.Tensor, n_directions: int = 16, seed: int = 0) -> torch.Tensor:
+    """Per feature [n_features]: the median over the vocabulary of the |direct logit change| that a random direction
+    with the norm of the feature's decoder row makes (read through the final norm's scale, as `logit_effects`). A
+    logit effect divided by it is in multiples of a typical token's change: scale-free, so ±1,000 on a model with a
+    large residual scale (Gemma 3) reads like ±10 on one with a small one. Seeded, so two builds agree."""
+    gen = torch.Generator().manual_seed(seed)
+    R = torch.randn(n_directions, lm.d_model, generator=gen)
+    R = R / R.norm(dim=1, keepdim=True)
+    g = norm_scale(lm.final_norm)
+    if g is not None:
+        R = R * g.cpu()
+    per_unit = float((R @ lm.unembed.weight.detach().float().cpu().T).abs().median())
+    return W_dec.detach().float().cpu().norm(dim=1) * per_unit
 
 
 def _feature_rows(lm, sae, stats: RunningFeatureStats, cfg: AtlasConfig) -> list[tuple]:

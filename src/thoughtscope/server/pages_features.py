@@ -81,6 +81,7 @@ def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
         "quantile": [ctx(e) for e in quant],
         "logits_pos": [(decode(t), v) for t, v in f.logits_pos],
         "logits_neg": [(decode(t), v) for t, v in f.logits_neg],
+        "logit_typical": float(wb.logit_typical[n]) or 1.0,  # pages show effects in x this (never 0: a zero row)
         "neighbours": [(int(i), c, wb.label(int(i))) for i, c in f.neighbours],
         "edges": at.hist_edges,
         "sweep": wb.sweeps.get(n),
@@ -124,6 +125,7 @@ def feature_json(request: Request, n: str):
         "quantile": d["quantile"],
         "logits_pos": d["logits_pos"],
         "logits_neg": d["logits_neg"],
+        "logit_typical": d["logit_typical"],
         "neighbours": d["neighbours"],
     }
 

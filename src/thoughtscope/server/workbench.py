@@ -104,6 +104,16 @@ class Workbench:
             )
 
     @property
+    def logit_typical(self) -> np.ndarray:
+        """Per feature, the median |logit change| a random direction with its decoder norm makes: feature pages
+        show logit effects divided by it ("x typical"; `atlas.writer.typical_logit_change`), computed once."""
+        if getattr(self, "_logit_typical", None) is None:
+            from ..atlas.writer import typical_logit_change
+
+            self._logit_typical = typical_logit_change(self.lm, self.sae.W_dec).double().numpy()
+        return self._logit_typical
+
+    @property
     def max_acts(self) -> np.ndarray:
         """Deprecated: what 1 on a feature slider is in activation units (the max stored with the SAE, or 1 where
         sliders are raw). It used to be the atlas's maxima, which no slider uses now (`atlas_max`)."""
