@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from .._io import atomic_dir, read_json
 from ..errors import SAEError
 from .config import SAEConfig
+from .pretrained import fetch_pretrained, finish, is_pretrained_spec
 from .registry import sae_class
 from .stats import read_feature_stats
 
@@ -197,8 +198,12 @@ def save_sae(
 def load_sae(path: str | Path, *, device: str | torch.device | None = None) -> SAE:
     """Open any SAE folder we understand: native, SAELens, sparsify or dictionary_learning.
 
-    "default" is the SAE shipped for the default model (SmolLM2-135M-Instruct, resid.15).
+    "default" is the SAE shipped for the default model (SmolLM2-135M-Instruct, resid.15);
+    "saelens:<release>/<sae_id>" a pretrained SAE of SAELens' registry, from the hub cache or the hub (pretrained.py).
     """
+    if is_pretrained_spec(path):
+        sae = _load_pretrained(str(path))
+        return sae.to(device) if device is not None else sae
     p = default_sae_path() if str(path) == "default" else Path(path)
     if not p.is_dir():
         raise SAEError(f"SAE path {p} is not a folder")
@@ -288,11 +293,26 @@ def _hook_to_site(hook: str) -> str:
     return hook
 
 
+def _load_pretrained(spec: str) -> SAE:
+    """A pretrained SAE by release name: pretrained.py finds its files, the readers here convert them."""
+    found = fetch_pretrained(spec)
+    if found.layout == "dl":
+        sae = load_dictionary_learning(found.folder)
+    else:
+        sae = _from_saelens(
+            found.cfg, found.tensors, found.cfg_file or found.folder, found.weights_file or found.folder
+        )
+    return finish(sae, found)
+
+
 def load_saelens(path: str | Path) -> SAE:
     """Read a SAELens folder (v6 layout; v5 top-level model_name/hook_name also accepted)."""
     p = Path(path)
-    cf = p / CFG_FILE
-    raw = _read_json(cf)
+    return _from_saelens(_read_json(p / CFG_FILE), None, p / CFG_FILE, p / WEIGHTS_FILE)
+
+
+def _from_saelens(raw: dict[str, Any], t: dict[str, Any] | None, cf: Path, wf: Path) -> SAE:
+    """An SAE from a SAELens config `raw` (read from cf) and its tensors `t` (None: read from the file wf)."""
     for key in ("d_in", "d_sae"):
         if key not in raw:
             raise SAEError(f"{cf} lacks {key!r}; not a SAELens config")
@@ -327,8 +347,8 @@ def load_saelens(path: str | Path) -> SAE:
     )
     if arch_in == "topk" and raw.get("rescale_acts_by_decoder_norm"):
         raise SAEError(f"{cf}: rescale_acts_by_decoder_norm=true is not supported")
-    t = _read_safetensors(p / WEIGHTS_FILE)
-    wf = p / WEIGHTS_FILE
+    if t is None:
+        t = _read_safetensors(wf)
     extra: dict[str, torch.Tensor] = {}
     if arch_in == "jumprelu":
         if "threshold" in t:
