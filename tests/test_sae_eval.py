@@ -94,3 +94,121 @@ def test_mean_defaults_to_the_tokens_own_mean_without_position_zero():
     auto = spliced_lm_loss(lm, sae, "resid.0", [ids[:1], ids[1:]])
     given = spliced_lm_loss(lm, sae, "resid.0", [ids], mean_act=mean)
     assert auto["loss_mean_ablated"] == pytest.approx(given["loss_mean_ablated"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- held-out text, the recorded model
+TEXT = "\n\n\n".join(
+    f"Note {i}: cats and dogs {i} play in the garden near {i * 3} trees. " * (2 + i % 4) for i in range(300)
+)
+GRID = {"arch": ["topk"], "k": [4], "expansion": [2], "l1_coeff": [5.0], "l0_coeff": [1.0]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model saved as a folder, a store of its first 4,096 corpus tokens, and an SAE trained on the store
+    with the spliced loss measured right after training."""
+    from thoughtscope.corpus import Corpus
+    from thoughtscope.harvest import HarvestConfig, harvest
+    from thoughtscope.models import load_model
+    from thoughtscope.sae import TrainConfig
+    from thoughtscope.sae.run import train_grid
+
+    root = tmp_path_factory.mktemp("saeeval")
+    tiny = tiny_model("llama", n_layers=2, d_model=32)
+    tiny.model.save_pretrained(root / "model")
+    tiny.tokenizer.save_pretrained(root / "model")
+    (root / "docs.txt").write_text(TEXT)
+    lm = load_model(str(root / "model"))
+    cfg = HarvestConfig(n_tokens=4096, ctx_len=32, contexts_per_batch=8)
+    (store,) = harvest(lm, Corpus(str(root / "docs.txt")), ["resid.1"], root / "acts", cfg, progress=False).values()
+    tc = TrainConfig(batch_size=256, steps=6, progress=False, checkpoint_every=0)
+    runs, _ = train_grid(root / "sae", store=store.path, grid=GRID, train_cfg=tc, loss_tokens=256)
+    return root, runs[0], store.path
+
+
+def _metrics(folder):
+    import json
+
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_training_records_text_and_model_and_measures_heldout_loss(trained):
+    root, run, _ = trained
+    m = _metrics(root / "sae")
+    assert m["data"]["skip_tokens"] == 0 and m["data"]["n_tokens"] == 4096 and m["data"]["ctx_len"] == 32
+    assert m["data"]["corpus"]["spec"] == str(root / "docs.txt")
+    assert run.sae.cfg.model_source["path"] == str((root / "model").resolve()) or "model" in str(
+        run.sae.cfg.model_source
+    )
+    held = m["heldout"]
+    assert math.isfinite(held["spliced"]["loss_recovered_vs_mean"])
+    # 4,096 tokens in contexts of 32 hold 128 x 31 text tokens: 32 contexts of 128 (127 text tokens each)
+    assert held["spliced_text"]["skip_contexts"] == math.ceil(128 * 31 / 127) == 32
+    assert "held-out" in held["spliced_text"]["text"] and "final" in m  # train.py's own figures are kept
+
+
+def test_eval_without_model_loads_the_recorded_one_on_heldout_text(trained):
+    from thoughtscope.sae.run import evaluate_folder
+
+    root, _, acts = trained
+    r = evaluate_folder(root / "sae", store=acts, loss_tokens=256)
+    assert list(r)[:2] == ["loss_recovered_vs_mean", "fvu"]
+    assert r["spliced_text"]["skip_contexts"] == 32 and r["spliced"]["n_tokens"] == 2 * 127
+    assert r["spliced_text"]["corpus"] == str(root / "docs.txt")
+    early = evaluate_folder(root / "sae", loss_tokens=256, skip_contexts=0)
+    assert early["spliced_text"]["skip_contexts"] == 0 and "fvu" not in early
+    assert early["spliced"]["loss_clean"] != r["spliced"]["loss_clean"]  # other text
+    by_tokens = evaluate_folder(root / "sae", loss_tokens=256, skip_tokens=128 * 32)
+    assert by_tokens["spliced"]["loss_clean"] == pytest.approx(r["spliced"]["loss_clean"])
+
+
+def test_eval_says_when_the_model_has_moved_and_keeps_reconstruction(trained, tmp_path):
+    import shutil
+
+    from thoughtscope.errors import ModelError
+    from thoughtscope.sae import load_sae, save_sae
+    from thoughtscope.sae.run import evaluate_folder
+
+    root, _, acts = trained
+    sae = load_sae(root / "sae")
+    shutil.copytree(root / "model", tmp_path / "model")
+    sae.cfg.model_source = {**sae.cfg.model_source, "path": str(tmp_path / "gone"), "spec": str(tmp_path / "gone")}
+    save_sae(sae, tmp_path / "sae")
+    with pytest.raises(ModelError, match="moved"):
+        evaluate_folder(tmp_path / "sae", loss_tokens=128)
+    r = evaluate_folder(tmp_path / "sae", store=acts, loss_tokens=128)
+    assert "moved" in r["spliced_skipped"] and r["fvu"] < 1
+    given = evaluate_folder(
+        tmp_path / "sae", model=str(tmp_path / "model"), loss_tokens=128, corpus=str(root / "docs.txt")
+    )
+    assert math.isfinite(given["loss_recovered_vs_mean"])
+    # the folder saved here has no training-text record: measured from the start of the corpus, and said so
+    assert given["spliced_text"]["skip_contexts"] == 0 and "does not record" in given["spliced_text"]["text"]
+
+
+def test_eval_without_any_model_gives_reconstruction(trained, tmp_path):
+    from thoughtscope.sae import load_sae, save_sae
+    from thoughtscope.sae.run import evaluate_folder
+
+    root, _, acts = trained
+    sae = load_sae(root / "sae")
+    sae.cfg.model_source, sae.cfg.model = None, ""
+    save_sae(sae, tmp_path / "sae")
+    r = evaluate_folder(tmp_path / "sae", store=acts)
+    assert "fvu" in r and "spliced" not in r and "no model" in r["spliced_skipped"]
+
+
+def test_cli_eval_prints_recovery_first_and_writes_it(trained):
+    import json
+
+    from typer.testing import CliRunner
+
+    from thoughtscope.cli import app
+
+    root, _, acts = trained
+    res = CliRunner().invoke(app, ["sae", "eval", str(root / "sae"), "--loss-tokens", "128", "--write", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert res.output.lstrip().startswith("loss recovered vs mean ablation:")
+    assert "held-out text" in res.output
+    m = json.loads((root / "sae" / "metrics.json").read_text())
+    assert m["heldout"]["spliced"]["n_tokens"] == 127 and "data" in m

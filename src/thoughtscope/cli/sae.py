@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ..configdoc import field_help
 from ..sae.config import SAEConfig, TrainConfig
+from ..sae.run import TRAIN_LOSS_TOKENS
 from .common import _csv, _fail, console, renamed
 
 sae_app = typer.Typer(no_args_is_help=True, help="Train, evaluate, import and export sparse autoencoders.")
@@ -47,6 +48,10 @@ def sae_train(
     dtype: str = typer.Option(TrainConfig.dtype, help=field_help(TrainConfig, "dtype")),
     checkpoint_every: int = typer.Option(
         TrainConfig.checkpoint_every, help=field_help(TrainConfig, "checkpoint_every")
+    ),
+    loss_tokens: int = typer.Option(
+        TRAIN_LOSS_TOKENS,
+        help="then measure the spliced loss on this many held-out tokens when the model can be loaded (0: skip)",
     ),
     quiet: bool = typer.Option(False),
 ) -> None:
@@ -86,6 +91,7 @@ def sae_train(
             grid=grid,
             max_norm_ratio=max_norm_ratio or None,
             train_cfg=tc,
+            loss_tokens=loss_tokens,
         )
     except (SAEError, StoreError, ModelError, TrainingDiverged, ValueError) as e:
         _fail(str(e))
@@ -94,18 +100,29 @@ def sae_train(
 
 def _print_trained(runs, seconds: float) -> None:
     table = Table(title=f"trained in {seconds:.0f} s")
-    for col in ("SAE", "folder", "FVU", "L0", "dead"):
+    for col in ("SAE", "folder", "loss recovered vs mean", "FVU", "L0", "dead"):
         table.add_column(col)
+    notes, where = [], None
     for run in runs:
         m = getattr(run.sae, "train_metrics", {}) or {}
+        held = getattr(run.sae, "heldout", {}) or {}
+        rec = (held.get("spliced") or {}).get("loss_recovered_vs_mean")
+        if held.get("spliced_skipped"):
+            notes.append(f"{run.name}: {held['spliced_skipped']}")
+        where = where or (held.get("spliced_text") or {}).get("text")
         table.add_row(
             run.name,
             str(run.folder),
+            "-" if rec is None else f"{rec:.3f}",
             f"{m.get('fvu', float('nan')):.3f}",
             f"{m.get('l0', float('nan')):.1f}",
             f"{m.get('dead_frac', float('nan')):.3f}",
         )
     console.print(table)
+    if where:
+        console.print(f"loss recovered on {where}; FVU, L0 and dead share on the training rows")
+    for n in notes:
+        console.print(f"[yellow]{n}[/yellow]")
 
 
 @sae_app.command("eval")
@@ -114,18 +131,27 @@ def sae_eval(
     store: Path | None = typer.Option(None, help="held-out activations for MSE / FVU / L0 / dead fraction"),
     tokens: int | None = typer.Option(200_000, help="at most this many store tokens"),
     max_tokens: int | None = typer.Option(None, "--max-tokens", hidden=True),
-    model: str | None = typer.Option(None, help="model for the spliced language-model loss (e.g. default)"),
-    corpus: str = typer.Option("default", help="corpus for the spliced loss"),
-    loss_tokens: int = typer.Option(16_384, help="tokens for the spliced loss"),
-    skip_contexts: int = typer.Option(0, help="skip this many corpus contexts first (keep eval text held out)"),
+    model: str | None = typer.Option(
+        None, help="model for the spliced language-model loss (default: the one recorded with the SAE)"
+    ),
+    corpus: str | None = typer.Option(None, help="corpus for the spliced loss (default: the SAE's training corpus)"),
+    loss_tokens: int = typer.Option(16_384, help="tokens for the spliced loss (0: reconstruction only)"),
+    skip_contexts: int | None = typer.Option(
+        None, help="skip this many contexts of 128 tokens first (default: past the text the SAE trained on)"
+    ),
+    skip_tokens: int | None = typer.Option(
+        None, help="or skip this many corpus tokens (contexts of 128, BOS included)"
+    ),
+    write: bool = typer.Option(False, "--write", help="store the figures in the SAE folder's metrics.json (heldout)"),
     json_out: Path | None = typer.Option(None, "--json", help="write the metrics here"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
-    """Measure an SAE: reconstruction on a store and/or spliced LM loss on a corpus."""
+    """Measure an SAE: loss recovered vs mean ablation when its model is known, reconstruction on a store."""
     from ..errors import ModelError, SAEError, StoreError
     from ..sae.run import evaluate_folder
 
-    if store is None and model is None:
-        _fail("give --store (reconstruction metrics) and/or --model (spliced language-model loss)")
+    if skip_contexts is not None and skip_tokens is not None:
+        _fail("give at most one of --skip-contexts and --skip-tokens")
     n_tokens = renamed(tokens, max_tokens, new="--tokens", old="--max-tokens", default=200_000)
     try:
         result = evaluate_folder(
@@ -136,12 +162,38 @@ def sae_eval(
             n_tokens=n_tokens,
             loss_tokens=loss_tokens,
             skip_contexts=skip_contexts,
+            skip_tokens=skip_tokens,
+            progress=not quiet,
+            write=write,
         )
     except (SAEError, StoreError, ModelError) as e:
         _fail(str(e))
-    console.print_json(json.dumps(result, default=float))
+    _print_eval(result)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2, default=float))
+    if write:
+        console.print(f"stored in {path}/metrics.json (heldout)")
+
+
+def _print_eval(result: dict) -> None:
+    """The headline first (loss recovered vs mean ablation, FVU), where the text came from, then every figure."""
+    s, r = result.get("spliced"), result.get("reconstruction")
+    if s is not None:
+        console.print(
+            f"[bold]loss recovered vs mean ablation: {s['loss_recovered_vs_mean']:.3f}[/bold]  (LM loss clean "
+            f"{s['loss_clean']:.3f}, with the SAE {s['loss_sae']:.3f}, mean-ablated {s['loss_mean_ablated']:.3f}, "
+            f"zero-ablated {s['loss_zero_ablated']:.3f}; vs zero {s['loss_recovered']:.3f}; "
+            f"{s['n_tokens']:,.0f} tokens)"
+        )
+        console.print(f"  text: {result['spliced_text']['text']}")
+    else:
+        console.print(f"[yellow]no spliced loss: {result.get('spliced_skipped')}[/yellow]")
+    if r is not None:
+        console.print(
+            f"[bold]FVU: {r['fvu']:.3f}[/bold]  (L0 {r['l0']:.1f}, dead {r['dead_frac']:.1%}, "
+            f"{r['n_tokens']:,} store tokens)"
+        )
+    console.print_json(json.dumps(result, default=float))
 
 
 @sae_app.command("export")

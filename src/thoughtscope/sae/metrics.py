@@ -139,7 +139,7 @@ def _make_edit(kind: str, replace: Replace | None, mean_act: torch.Tensor | None
 def site_mean(lm: Any, site: Any, batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
     """Mean activation at `site` over every real token except position 0 (the attention sink) of `batches`: the
     mean that mean ablation writes. One pass that stops after the site's block."""
-    from thoughtscope.sites import capture
+    from thoughtscope.models import capture
 
     total, count = None, 0.0
     for ids, mask in batches:
@@ -173,7 +173,7 @@ def _chunk_terms(head: _Head, hs: dict[str, torch.Tensor], tgt: torch.Tensor, w:
 
 def _batch_terms(head: _Head, site: Any, edits: dict[str, Replace], ids, mask, chunk: int) -> dict:
     """One batch: a forward per condition to the final hidden state, then the chunked loss and KL terms."""
-    from thoughtscope.sites import edit
+    from thoughtscope.models import edit
 
     hs = {"clean": head.hidden(ids, mask)}
     head.check(ids, mask, hs["clean"], chunk)
