@@ -137,3 +137,143 @@ def test_gemma3_270m_by_name(monkeypatch):
     assert lm.n_layers == 18 and lm.d_model == 640 and lm.vocab_size == 262144
     assert lm.source["registered"] == "gemma3-270m" and lm.source["path"].endswith("gemma-3-270m-q4_k_m.gguf")
     assert lm.source["sha256"] == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+# --------------------------------------------------------------------------- artefacts that find their model
+
+TEXT = "\n\n\n".join(
+    f"Line {i}: the sun sets over the sea {i} times, and the quiet queen waits. " * 3 for i in range(60)
+)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A model folder, an SAE that recorded it (as `sae train` does) and an atlas built without --model."""
+    from thoughtscope.atlas.build import build_atlas_from
+    from thoughtscope.plans import AtlasConfig
+    from thoughtscope.sae import SAEConfig, build_sae, save_sae
+
+    folder = _save_tiny(tmp_path / "model-a")
+    lm = load_model(str(folder))
+    cfg = SAEConfig(arch="topk", k=2, d_model=32, n_features=16, model=lm.name, site="resid.1", model_source=lm.source)
+    save_sae(build_sae(cfg), tmp_path / "sae")
+    (tmp_path / "docs.txt").write_text(TEXT)
+    acfg = AtlasConfig(n_tokens=512, ctx_len=32, contexts_per_batch=4, top_k=4, n_bins=2, per_bin=2)
+    atlas = build_atlas_from(
+        tmp_path / "sae", tmp_path / "atlas", acfg, corpus=str(tmp_path / "docs.txt"), progress=False
+    )
+    return tmp_path, folder, lm.source, atlas
+
+
+def test_atlas_records_and_reopens_its_model(trained):
+    from thoughtscope.atlas import Atlas
+    from thoughtscope.atlas.query import open_with_model
+
+    root, folder, source, _ = trained
+    with Atlas.open(root / "atlas") as at:
+        assert at.meta["model_source"]["path"] == str(folder.resolve())
+        assert at.meta["model_source"]["sha256"] == source["sha256"]
+    at, lm, _ = open_with_model(root / "atlas")
+    at.close()
+    assert lm.source["path"] == str(folder.resolve())
+
+
+def test_moved_model_folder_fails_clearly_then_loads_with_model(trained):
+    from thoughtscope.atlas.build import build_atlas_from
+    from thoughtscope.atlas.query import open_with_model
+    from thoughtscope.plans import AtlasConfig
+
+    root, folder, source, _ = trained
+    moved = folder.rename(root / "model-b")
+    acfg = AtlasConfig(n_tokens=256, ctx_len=32, contexts_per_batch=4, top_k=4, n_bins=2, per_bin=2)
+    for call in (
+        lambda: build_atlas_from(root / "sae", root / "atlas2", acfg, corpus=str(root / "docs.txt"), progress=False),
+        lambda: open_with_model(root / "atlas"),
+    ):
+        with pytest.raises(ModelError) as e:
+            call()
+        assert "moved" in str(e.value) and str(folder.resolve()) in str(e.value) and source["sha256"] in str(e.value)
+    # the same content under another name is accepted (matched by its hash, not its folder name)
+    at, lm, _ = open_with_model(root / "atlas", model=str(moved))
+    at.close()
+    assert lm.source["sha256"] == source["sha256"]
+    build_atlas_from(
+        root / "sae", root / "atlas2", acfg, model=str(moved), corpus=str(root / "docs.txt"), progress=False
+    )
+
+
+def test_workbench_and_steer_load_the_recorded_model(trained):
+    from thoughtscope.sae import load_sae
+    from thoughtscope.server.workbench import load_workbench
+    from thoughtscope.steer.run import recorded_model
+
+    root, folder, source, _ = trained
+    assert recorded_model(sae=load_sae(root / "sae")) == source
+    wb = load_workbench(sae=str(root / "sae"), atlas=str(root / "atlas"), preset_dirs=[], progress=False)
+    assert wb.lm.source["path"] == str(folder.resolve())
+    wb.atlas.close()
+    folder.rename(root / "elsewhere")
+    with pytest.raises(ModelError, match="moved"):
+        load_workbench(sae=str(root / "sae"), atlas=str(root / "atlas"), preset_dirs=[], progress=False)
+
+
+def test_store_manifest_keeps_the_model_source(tmp_path, tiny_folder):
+    from thoughtscope.corpus import Corpus
+    from thoughtscope.harvest import HarvestConfig, harvest
+    from thoughtscope.store import ActivationStore
+    from thoughtscope.store.format import model_source, read_manifest
+
+    (tmp_path / "docs.txt").write_text(TEXT)
+    lm = load_model(str(tiny_folder))
+    cfg = HarvestConfig(n_tokens=128, ctx_len=32, contexts_per_batch=2)
+    harvest(lm, Corpus(str(tmp_path / "docs.txt")), ["resid.0"], tmp_path / "store", cfg, progress=False)
+    st = ActivationStore.open(tmp_path / "store")
+    recorded = model_source(read_manifest(st.path))
+    assert recorded == lm.source
+    assert load_recorded(recorded).source["sha256"] == lm.source["sha256"]
+
+
+# --------------------------------------------------------------------------- papercuts
+
+
+def test_logit_effects_are_shown_relative_to_a_random_direction(trained, tiny_folder):
+    import torch
+
+    from thoughtscope.atlas import Atlas, feature_card
+    from thoughtscope.atlas.writer import typical_logit_change
+    from thoughtscope.features import norm_scale
+
+    lm = load_model(str(tiny_folder))
+    W = torch.randn(64, lm.d_model, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.1, 50, 64)[:, None]
+    typical = typical_logit_change(lm, W)
+    L = (W * norm_scale(lm.final_norm)) @ lm.unembed.weight.detach().T
+    ratio = L.abs().median(dim=1).values / typical  # a random direction's typical token moves by about 1 unit
+    assert 0.7 < float(ratio.median()) < 1.4 and float(ratio.min()) > 0.3 and float(ratio.max()) < 3
+    root, _, _, _ = trained
+    with Atlas.open(root / "atlas") as at:
+        assert len(at.meta["logit_typical"]) == at.n_features and min(at.meta["logit_typical"]) > 0
+        from rich.console import Console
+
+        con = Console(width=200, record=True)
+        con.print(feature_card(at, 0))
+        assert "x typical" in con.export_text()
+
+
+def test_features_random_short_flag_and_vector_fit_summary(trained):
+    from typer.testing import CliRunner
+
+    from thoughtscope.cli import app
+
+    root, folder, _, _ = trained
+    r = CliRunner().invoke(app, ["features", "random", "--atlas", str(root / "atlas"), "-n", "2", "--seed", "0"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count(" density ") == 2  # two cards
+    pairs = root / "pairs.jsonl"
+    pairs.write_text(
+        "\n".join(json.dumps({"positive": f"happy day {i}", "negative": f"sad day {i}"}) for i in range(4)) + "\n"
+    )
+    out = root / "v.safetensors"
+    args = ["vector", "fit", str(pairs), "--out", str(out), "--site", "resid.1", "--model", str(folder)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "tensor(" not in r.output and "norm" in r.output and "(32,)" in r.output and len(r.output) < 400
