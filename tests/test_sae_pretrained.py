@@ -115,6 +115,22 @@ def test_gemma_scope_1_release_reads_params_npz(hub):
     assert (sae.cfg.site, sae.cfg.model, sae.cfg.model_source) == ("resid.0", "gemma-2-2b", None)
 
 
+def test_cached_files_load_without_the_network_when_offline_mode_is_off(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    cache = use_hub_cache(monkeypatch, tmp_path / "hub", offline=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed port: any request fails, with retries
+    t = tiny_weights(48, 64, seed=7, threshold=True)
+    put_gemma_scope_2(cache, GS2_REPO, "resid_post/layer_1_width_64_l0_small", t, config=False)
+    start = time.perf_counter()
+    sae = load_sae("saelens:gemma-scope-2-tiny-pt-res/layer_1_width_64_l0_small")
+    assert time.perf_counter() - start < 5  # the client retries a failed request for ~20 s
+    x = torch.randn(8, 48) * 3
+    torch.testing.assert_close(sae.encode(x), _jumprelu_ref(t, x)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_file_in_neither_cache_nor_hub_names_release_id_repo_and_file(hub):
     # the config is cached, the weights are not (and the hub is off): the error says which file of which SAE
     put_file(hub, GS2_REPO, "resid_post/layer_5_width_64_l0_small/config.json", b'{"architecture": "jump_relu"}')

@@ -223,24 +223,30 @@ def _is_remote_missing(err: BaseException) -> bool:
 
 
 def fetch(entry: PretrainedEntry, name: str, *, optional: bool = False) -> Path | None:
-    """The local path of `name` inside the SAE's folder: from the hub cache, else downloaded. A missing optional
-    file gives None; a missing required one an SAEError naming the release, id, repo and file."""
+    """The local path of `name` inside the SAE's folder: the hub cache's copy when there is one (no network: a file
+    at a registry path does not change, and a machine without the hub would wait through the client's retries),
+    else downloaded. An optional file is read from the cache only (None when absent); a missing required one is an
+    SAEError naming the release, id, repo and file."""
     from huggingface_hub import hf_hub_download
 
     filename = f"{entry.path}/{name}" if entry.path else name
     try:
-        return Path(hf_hub_download(repo_id=entry.repo_id, filename=filename))
+        return Path(hf_hub_download(repo_id=entry.repo_id, filename=filename, local_files_only=True))
     except _hub_errors() as e:
         if optional:
             return None
-        offline = _hub_offline()
-        why = "the hub answered that it does not exist" if _is_remote_missing(e) else f"{type(e).__name__}: {e}"
-        raise SAEError(
-            f"{entry.spec}: cannot get {filename} from the Hugging Face repo {entry.repo_id}: it is not in the local "
-            f"hub cache ({_cache_dir()}){' and HF_HUB_OFFLINE is set' if offline else ''}, and the hub did not "
-            f"provide it ({str(why)[:300]}). Connect and retry, or fetch it once with "
-            f"`hf download {entry.repo_id} {filename}`"
-        ) from None
+        err: BaseException = e
+    if not _hub_offline():
+        try:
+            return Path(hf_hub_download(repo_id=entry.repo_id, filename=filename))
+        except _hub_errors() as e:
+            err = e
+    why = "the hub answered that it does not exist" if _is_remote_missing(err) else f"{type(err).__name__}: {err}"
+    raise SAEError(
+        f"{entry.spec}: cannot get {filename} from the Hugging Face repo {entry.repo_id}: it is not in the local hub "
+        f"cache ({_cache_dir()}){' and HF_HUB_OFFLINE is set' if _hub_offline() else ''}, and the hub did not "
+        f"provide it ({why[:300]}). Connect and retry, or fetch it once with `hf download {entry.repo_id} {filename}`"
+    )
 
 
 def _hub_offline() -> bool:
@@ -337,7 +343,7 @@ def _gemma_scope(entry: PretrainedEntry) -> PretrainedFiles:
             "resid.L only (Gemma Scope's resid_post / res SAEs), not transcoders, MLP, attention or embedding SAEs"
         )
     if entry.conversion == "gemma_3":
-        conf = fetch(entry, "config.json", optional=True)  # Gemma Scope 2 has it for some folders only
+        conf = fetch(entry, "config.json", optional=True)  # Gemma Scope 2 has it for some folders: checked if cached
         if conf is not None:
             _check_gemma_config(conf, entry)
         weights = fetch(entry, "params.safetensors")
