@@ -192,6 +192,116 @@ def _planned_work(handles: Sequence[Handle], questions: Sequence[str], config: F
     return screen + n_evals * len(questions) * config.max_new_tokens
 
 
+def _worst_work(handles: Sequence[Handle], questions: Sequence[str], config: FindConfig) -> int:
+    """Answer tokens the search generates at most: the planned work plus every calibration point it may add."""
+    extra = config.n_calibrate * (config.extend_steps + config.refine_steps) * len(questions) * config.max_new_tokens
+    return _planned_work(handles, questions, config) + extra
+
+
+def _thin(grid: Sequence[float], n: int) -> tuple[float, ...]:
+    """`n` points of a sorted grid, the weakest dropped first (screening stops at broken text anyway, so the
+    strongest points are the cheap ones to keep)."""
+    g = sorted(grid)
+    return tuple(g[len(g) - n :]) if len(g) > n else tuple(g)
+
+
+def _fewer_handles(handles: Sequence[Handle], per_kind: int | None, grid_points: int | None) -> list[Handle]:
+    """At most `per_kind` candidates of each kind (features: those ranked within `per_kind` by either ranking;
+    the others are listed best first), each screened on at most `grid_points` strengths."""
+    from dataclasses import replace
+
+    seen: dict[str, int] = {}
+    out = []
+    for h in handles:
+        seen[h.kind] = seen.get(h.kind, 0) + 1
+        if h.kind == "feature" and per_kind is not None:
+            keep = min((r.get("rank", 99) for r in h.found_by.values() if isinstance(r, dict)), default=99) <= per_kind
+        else:
+            keep = per_kind is None or seen[h.kind] <= per_kind
+        if keep:
+            out.append(replace(h, grid=list(_thin(h.grid, grid_points))) if grid_points else h)
+    return out
+
+
+def _cuts(config: FindConfig, n_questions: int):
+    """The ways to shrink a search, least harmful first: (what is cut, config, questions kept, candidates kept
+    per kind, screening points kept per candidate)."""
+    from dataclasses import replace
+
+    c, q, k, g = config, n_questions, None, None
+    steps = [
+        ("no CAA + logit pair", dict(pair_grid=())),
+        ("1 confirmation seed", dict(confirm_seeds=min(1, c.confirm_seeds))),
+        ("no calibration points past the fine grid", dict(extend_steps=0, refine_steps=min(1, c.refine_steps))),
+        ("no confirmation on fresh seeds", dict(confirm_seeds=0, refine_steps=0)),
+        ("3-point screening grids", ("grid", 3)),
+        ("2 candidates per kind", ("kind", 2)),
+        ("1 candidate calibrated", dict(n_calibrate=1)),
+        (f"{max(2, c.n_screen // 2)} screening questions", dict(n_screen=max(2, c.n_screen // 2))),
+        ("2-point screening grids", ("grid", 2)),
+        ("2-point calibration grid", dict(fine_steps=tuple(sorted(c.fine_steps))[1:3] or c.fine_steps)),
+        ("1 candidate per kind", ("kind", 1)),
+        (f"{max(4, n_questions // 2)} calibration questions", ("questions", max(4, n_questions // 2))),
+        ("screening answers of 16 tokens", dict(screen_tokens=min(16, c.screen_tokens))),
+        ("answers of 32 tokens", dict(max_new_tokens=min(32, c.max_new_tokens))),
+    ]
+    for what, change in steps:
+        if isinstance(change, dict):
+            c = replace(c, **change)
+        elif change[0] == "grid":
+            g = change[1]
+        elif change[0] == "kind":
+            k = change[1]
+        else:
+            q = min(q, change[1])
+        yield what, c, q, k, g
+
+
+def _fit_budget(handles, questions, config: FindConfig, seconds_left: float, rate: float):
+    """Shrink the search until its worst-case answer tokens × the measured seconds per answer token fit in
+    `seconds_left`: (config, questions, handles, cuts made, predicted seconds). Past the last cut it runs as small
+    as it gets, and says the budget cannot be kept."""
+    predicted = rate * _worst_work(handles, questions, config)
+    cuts: list[str] = []
+    kept_q, kept_h = list(questions), list(handles)
+    for what, c, q, k, g in _cuts(config, len(questions)):
+        if predicted <= seconds_left:
+            break
+        config, kept_q, kept_h = c, list(questions[:q]), _fewer_handles(handles, k, g)
+        cuts.append(what)
+        predicted = rate * _worst_work(kept_h, kept_q, config)
+    if predicted > seconds_left:
+        cuts.append(f"still ~{predicted / 60:.1f} min at the smallest search: the budget cannot be kept")
+    return config, kept_q, kept_h, cuts, predicted
+
+
+class _Budget:
+    """A time budget: the deadline, the seconds per answer token measured on the first generations, the cuts."""
+
+    def __init__(self, minutes: float, start: float) -> None:
+        if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
+            raise SteerError(f"the time budget must be a positive number of minutes, got {minutes!r}")
+        self.minutes, self.deadline = float(minutes), start + 60.0 * minutes
+        self.rate = 0.0
+        self.cuts: list[str] = []
+        self.predicted_full = self.predicted = 0.0
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def affords(self, answer_tokens: int) -> bool:
+        return self.rate * answer_tokens <= self.left()
+
+    def describe(self) -> dict:
+        return {
+            "minutes": self.minutes,
+            "seconds_per_answer_token": round(self.rate, 5),
+            "predicted_minutes_uncut": round(self.predicted_full / 60, 2),
+            "predicted_minutes": round(self.predicted / 60, 2),
+            "cuts": list(self.cuts),
+        }
+
+
 class _Search:
     """One run of `find_handle`: the questions, how an answer is scored, the progress bar and, per handle, its
     screening and calibration points with a status."""
@@ -209,6 +319,38 @@ class _Search:
         self.reach: dict[str, float | None] = {}  # per handle: the strongest screening push within the bound
         self.screened: list[tuple] = []  # (concept rate, -perplexity ratio, handle, best screening strength)
         self.sbase: SweepPoint | None = None
+        self.budget: _Budget | None = None
+
+    def screening_baseline(self) -> None:
+        """The unsteered answers to the screening questions: the first generations, timed for a budget."""
+        t = time.perf_counter()
+        self.sbase = evaluate(self.lm, [], prompts=self.screen_q, config=self.scfg, keep_samples=0, **self.judged)
+        if self.budget is not None:
+            self.budget.rate = (time.perf_counter() - t) / (len(self.screen_q) * self.config.screen_tokens)
+
+    def keep_budget(self, handles: list[Handle]) -> list[Handle]:
+        """Shrink the search to the budget (what was cut is noted and reported); the handles to screen."""
+        b = self.budget
+        b.predicted_full = b.rate * _worst_work(handles, self.questions, self.config)
+        config, questions, kept, b.cuts, b.predicted = _fit_budget(
+            handles, self.questions, self.config, b.left(), b.rate
+        )
+        if b.cuts:
+            self.bar.note(
+                f"budget {b.minutes:g} min: the full search would take ~{b.predicted_full / 60:.0f} min; cut: "
+                + "; ".join(b.cuts)
+                + f" (now ~{b.predicted / 60:.1f} min)"
+            )
+        measured_on = (len(self.screen_q), self.config.screen_tokens)
+        self.config, self.questions = config, questions
+        self.screen_q = questions[: config.n_screen]
+        self.scfg, self.fcfg = config.generation(config.screen_tokens), config.generation(config.max_new_tokens)
+        for h in [h for h in handles if all(h.id != x.id for x in kept)]:
+            self.report[h.id]["status"] = "not screened: cut to keep the time budget"
+        if (len(self.screen_q), config.screen_tokens) != measured_on:  # the unsteered reference of the cut screen
+            self.screening_baseline()
+        self.bar.grow(self.done + _planned_work(kept, questions, config) - (self.bar.total or 0))
+        return kept
 
     def add(self, h: Handle) -> None:
         self.report[h.id] = {**h.describe(), "screen": [], "calibration": [], "status": ""}
@@ -253,7 +395,8 @@ class _Search:
     def screen_all(self, handles: list[Handle]) -> list[tuple]:
         """Screen every handle, then the CAA + logit pair (appended to `handles`); the best `n_calibrate`."""
         config = self.config
-        self.sbase = evaluate(self.lm, [], prompts=self.screen_q, config=self.scfg, keep_samples=0, **self.judged)
+        if self.sbase is None:
+            self.screening_baseline()
         firsts = {h.id: self.screen(h) for h in handles}
         duo = _pair_candidate(handles, firsts, self.reach, config)
         if duo is not None:
@@ -288,18 +431,27 @@ class _Search:
             p = self.steered(h, s, self.questions, self.fcfg, base, "calibration")
             mine.append(p)
             extended = len(mine) - len(config.fine_steps)
-            if not steps and extended < config.extend_steps and _room(p, config):
+            if not steps and extended < config.extend_steps and _room(p, config) and self._affords_point():
                 # the 6 screening answers put the grid too low: go on up to the bound
                 steps.append(s * config.extend_factor / s_star)
                 self.bar.grow(len(self.questions) * config.max_new_tokens)
         for _ in range(config.refine_steps):
             s = _between(mine, config.ppl_bound)
-            if s is None:
+            if s is None or not self._affords_point():
                 break
             self.bar.grow(len(self.questions) * config.max_new_tokens)
             mine.append(self.steered(h, s, self.questions, self.fcfg, base, "calibration"))
         self.report[h.id]["status"] = "calibrated"
         return list(mine)
+
+    def _affords_point(self) -> bool:
+        """Whether one more calibration point fits the budget (always, without one); a point skipped is noted."""
+        b = self.budget
+        if b is None or b.affords(len(self.questions) * self.config.max_new_tokens):
+            return True
+        if "calibration points skipped at the deadline" not in b.cuts:
+            b.cuts.append("calibration points skipped at the deadline")
+        return False
 
     def confirm(self, h: Handle, strength: float) -> dict:
         """The winner on `confirm_seeds` fresh seeds, each beside the unsteered answers of its seed. The search's
@@ -334,7 +486,11 @@ class _Search:
     def winner(self, h: Handle, best: dict) -> dict:
         """The chosen handle and strength with the figures to report (the confirmation's, when there is one)."""
         config = self.config
-        conf = self.confirm(h, best["strength"]) if config.confirm_seeds else None
+        seeds_cost = 2 * config.confirm_seeds * len(self.questions) * config.max_new_tokens
+        affordable = self.budget is None or self.budget.affords(seeds_cost)
+        if config.confirm_seeds and not affordable:
+            self.budget.cuts.append("confirmation on fresh seeds skipped at the deadline")
+        conf = self.confirm(h, best["strength"]) if config.confirm_seeds and affordable else None
         head = conf or {k: best[k] for k in ("concept_rate", "perplexity_ratio", "repetition", "looping")}
         calibration = self.report[h.id]["calibration"]
         return {
@@ -369,10 +525,15 @@ def find_handle(
     config: FindConfig | None = None,
     handles: Sequence[Handle] | None = None,
     progress: bool = True,
+    minutes: float | None = None,
 ) -> FindResult:
     """Search handles for `concept`, screen them cheaply, calibrate the best few (see module doc).
 
     `handles` replaces the automatic candidates (e.g. to calibrate a feature you already have in mind).
+    `minutes`: a wall-time budget, kept on any model. The first generations (the unsteered screening answers) are
+    timed; the search is then shrunk until its worst case fits (the pair, confirmation seeds, extra calibration
+    points, screening grids, candidates, questions, answer length: least harmful first), and calibration points
+    that would pass the deadline are skipped. What was cut is in `result.config["budget"]`.
     """
     config = config or FindConfig()
     questions = [q for q in questions if q.strip()]
@@ -385,7 +546,14 @@ def find_handle(
     work = _planned_work(handles, questions, config)
     with ProgressBar(f"steer find {concept.name}", work, unit="answer tokens", enabled=progress) as bar:
         run = _Search(lm, sae, concept, questions, config, handles, bar)
-        chosen = run.screen_all(handles)
+        screened = handles
+        if minutes is not None:
+            run.budget = _Budget(minutes, t0)
+            run.screening_baseline()
+            screened = run.keep_budget(handles)
+        chosen = run.screen_all(screened)
+        handles += [h for h in screened if all(h is not x for x in handles)]  # the pair, and cut grids
+        config, questions = run.config, run.questions
         base, baseline, prompt_only = run.references()
         frontier = [p for _, _, h, s_star in chosen for p in run.calibrate(h, s_star, base)]
         run.skip((config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(questions) * config.max_new_tokens)
@@ -394,6 +562,8 @@ def find_handle(
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     cfg["caa_sites"] = [h.site for h in handles if h.kind == "caa"]
     cfg["logit_sites"] = [h.site for h in handles if h.kind == "logit"]
+    if run.budget is not None:
+        cfg["budget"] = {**run.budget.describe(), "seconds": round(time.perf_counter() - t0, 1)}
     result = FindResult(
         concept,
         cfg,
