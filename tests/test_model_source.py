@@ -277,3 +277,29 @@ def test_features_random_short_flag_and_vector_fit_summary(trained):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "tensor(" not in r.output and "norm" in r.output and "(32,)" in r.output and len(r.output) < 400
+
+
+def test_resuming_a_store_with_an_older_model_record(tmp_path, tiny_folder):
+    from thoughtscope.corpus import Corpus
+    from thoughtscope.harvest import HarvestConfig, harvest
+    from thoughtscope.store import ActivationStore
+
+    class Stop(Exception):
+        pass
+
+    def stop(tokens):
+        raise Stop
+
+    (tmp_path / "docs.txt").write_text(TEXT)
+    lm = load_model(str(tiny_folder))
+    cfg = HarvestConfig(n_tokens=256, ctx_len=32, contexts_per_batch=2, shard_tokens=64)
+    corpus, out = Corpus(str(tmp_path / "docs.txt")), tmp_path / "store"
+    with pytest.raises(Stop):
+        harvest(lm, corpus, ["resid.0"], out, cfg, progress=False, on_shard=stop)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["extra"]["model_source"] = {"spec": str(tiny_folder)}  # what stores recorded before paths and hashes
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    harvest(lm, corpus, ["resid.0"], out, cfg, progress=False)
+    st = ActivationStore.open(out)
+    assert st.complete and st.n_tokens == 256
+    assert st.extra["model_source"] == {"spec": str(tiny_folder)}

@@ -23,6 +23,7 @@ from .models import LoadedModel, Site, capture, parse_sites
 from .plans import HarvestConfig
 from .progress import ProgressBar
 from .store import MANIFEST_NAME, ActivationStore, ShuffleBuffer, StoreError, StoreWriter
+from .store.format import read_manifest
 
 __all__ = ["HarvestConfig", "HarvestError", "harvest", "store_paths", "stream_activations"]
 
@@ -163,12 +164,12 @@ def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out, new_fold
         "batch_size": cfg.contexts_per_batch,
         "add_bos": cfg.add_bos,
         "skip_tokens": cfg.skip_tokens,
-        "model_source": lm.source,
     }
     description = corpus.describe()
     writers: dict[Site, StoreWriter] = {}
     try:
         for s, p in paths.items():
+            extra["model_source"] = _model_source_for(p, lm, overwrite)
             writers[s] = StoreWriter(
                 p,
                 model=lm.name,
@@ -195,6 +196,22 @@ def _open_writers(lm, corpus, paths, cfg, shard_tokens, overwrite, out, new_fold
             + " tokens); remove them or harvest each site separately"
         )
     return writers
+
+
+def _model_source_for(path: Path, lm: LoadedModel, overwrite: bool) -> dict:
+    """What the store records about its model (`lm.source`: how to load it again). A store being resumed keeps its
+    own record when it names the same model (the same content hash, or for a record from before hashes were kept,
+    the same spec), so a resume is not refused over a record's new fields or a moved cache folder."""
+    if overwrite:
+        return lm.source
+    try:
+        old = (read_manifest(Path(path)).get("extra") or {}).get("model_source")
+    except StoreError:
+        return lm.source  # a new store, or one the writer will report on
+    if not isinstance(old, dict) or old == lm.source:
+        return lm.source
+    same = old["sha256"] == lm.source.get("sha256") if old.get("sha256") else old.get("spec") == lm.source["spec"]
+    return old if same else lm.source
 
 
 def _harvest_round(lm, site_list, pending, writers, cfg, world, rank, tokens, on_shard) -> int:
