@@ -30,6 +30,7 @@ from thoughtscope.sae.pretrained import (
     lookup,
     parse_spec,
     registered_name,
+    same_model,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -194,6 +195,10 @@ def test_model_name_aliases():
     assert canonical_model_name("gemma-3-1b-pt") != canonical_model_name("gemma-3-270m")
     assert registered_name("google/gemma-3-270m") == "gemma3-270m"
     assert registered_name("SmolLM2-135M-Instruct") == "default" and registered_name("gpt2") is None
+    lm = tiny_model("llama", d_model=16, n_layers=1, vocab=256)
+    assert same_model("tiny-llama-16x1-seed0", lm) and same_model("tiny:llama", lm) and not same_model("gpt2", lm)
+    default = LoadedModel(lm.model, lm.tokenizer, "SmolLM2-135M-Instruct", {"spec": "default", "registered": "default"})
+    assert same_model("default", default) and same_model("HuggingFaceTB/SmolLM2-135M-Instruct", default)
 
 
 def _gemma_like(name: str, source: dict) -> LoadedModel:

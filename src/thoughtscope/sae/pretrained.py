@@ -483,6 +483,12 @@ def _names_of(*names: str | None) -> set[str]:
     return {canonical_model_name(r) for r in raw if r}
 
 
+def same_model(model: str, lm: LoadedModel) -> bool:
+    """Whether a recorded model name (an SAE's cfg.model, a registry's model) names the loaded model: compared by
+    canonical_model_name, a registered name standing for its model (so gemma3-270m = google/gemma-3-270m)."""
+    return bool(_names_of(model) & model_names(lm))
+
+
 def _label(sae: SAE) -> str:
     pre = (sae.cfg.extra or {}).get("pretrained") or {}
     where = pre.get("spec") or getattr(sae, "source_spec", None) or getattr(sae, "source_dir", None) or "the SAE"
@@ -505,7 +511,7 @@ def check_sae_fits(sae: SAE, lm: LoadedModel, site: Site | str | None = None) ->
         raise SAEError(
             f"{_label(sae)} reads {site} but {lm.name} has {lm.n_layers} blocks (resid.0..resid.{lm.n_layers - 1})"
         )
-    if cfg.model and not _names_of(cfg.model) & model_names(lm):
+    if cfg.model and not same_model(cfg.model, lm):
         raise SAEError(
             f"{_label(sae)} was trained on {cfg.model!r}, not on {lm.name!r}; load {cfg.model!r} "
             f"(--model) or use an SAE trained on {lm.name}"
