@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from rich.console import Group
@@ -10,7 +9,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..values import is_number
+from ..values import is_finite
 from .db import Atlas, Example
 
 BARS = " ▁▂▃▄▅▆▇█"
@@ -119,7 +118,7 @@ def logit_scale(atlas: Atlas, n: int) -> float | None:
     if not isinstance(typical, list) or not 0 <= n < len(typical):
         return None
     v = typical[n]
-    return float(v) if is_number(v) and math.isfinite(v) and v > 0 else None
+    return float(v) if is_finite(v) and v > 0 else None
 
 
 def _effects_table(atlas: Atlas, f, n: int, tokenizer) -> list:
