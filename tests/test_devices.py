@@ -1,0 +1,392 @@
+"""Every code path that takes a device keeps its tensors there: checked on the CPU with a simulated accelerator.
+
+`helpers.devices.accelerator()` makes `meta` stand for a GPU whose tensors keep real data on the CPU, and fails
+any operation that mixes its tensors with CPU tensors the way CUDA does. Each test moves a tiny model or SAE
+there and runs one path of the library end to end: a factory call that ignores its input's device, or an input
+not moved to the model's device, raises here as it would on the GPU. The first tests check the simulator itself
+catches such mistakes, so a path that passes is known to have been checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers.devices import DEVICE, DeviceTensor, accelerator
+
+from thoughtscope.models import Site, capture, tiny_model
+from thoughtscope.sae import SAE, SAEConfig, TrainConfig, Trainer, spliced_lm_loss, train_sae
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # torch warns that loading into a meta parameter is a no-op; here the simulated device's copy_ does copy
+    pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter"),
+]
+
+D = 32
+SITE = "resid.1"
+TEXTS = ["the quick brown fox jumps over the lazy dog", "a river of stone and music", "hello there, general"]
+
+
+def on_device(t) -> bool:
+    return isinstance(t, DeviceTensor) and t.device == DEVICE
+
+
+@pytest.fixture
+def lm():
+    """A fresh tiny model per test: moving it to the simulated device changes it in place."""
+    return tiny_model("llama", d_model=D, n_layers=3, seed=0)
+
+
+def make_sae(arch: str = "topk", **kw) -> SAE:
+    cfg = SAEConfig(arch=arch, d_model=D, n_features=64, site=SITE, k=kw.pop("k", 4), **kw)
+    return SAE.from_config(cfg, seed=1)
+
+
+# ----------------------------------------------------------------------------- the simulator itself
+
+
+def test_the_simulator_catches_mixed_devices_and_keeps_the_data():
+    x = torch.randn(4, 3)
+    with accelerator():
+        a = x.to(DEVICE)
+        assert on_device(a) and a.tolist() == x.tolist()
+        assert on_device(torch.zeros(3, device=a.device)) and on_device(torch.tensor([1.0, 2.0], device=a.device))
+        with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+            a + torch.ones(4, 3)  # a CPU tensor created without device=
+        with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+            torch.cat([a, x])
+        with pytest.raises(TypeError, match="numpy"):
+            a.numpy()
+        assert not on_device(a.cpu()) and float((a * 2).sum()) == pytest.approx(float(x.sum() * 2), rel=1e-6)
+        assert on_device(a + torch.tensor(1.0))  # a 0-dim CPU tensor is a scalar, as on CUDA
+        assert on_device(a[torch.tensor([0, 2])])  # a CPU index, as CUDA allows
+        b = torch.zeros(2, 3, device=DEVICE)
+        b.copy_(x[:2])  # copies cross devices
+        assert on_device(b) and torch.equal(b.cpu(), x[:2])
+        gen = torch.Generator(device=a.device)
+        assert torch.randn(2, generator=gen.manual_seed(0)).shape == (2,)
+
+
+def test_the_simulator_catches_a_model_input_left_on_the_cpu(lm):
+    with accelerator():
+        lm.model.to(DEVICE)
+        assert lm.device == DEVICE
+        ids, mask = lm.tokenize(TEXTS[:2])
+        assert on_device(ids) and on_device(mask)
+        with pytest.raises(RuntimeError, match="same device"):
+            lm.model(input_ids=ids.cpu())
+        h = capture(lm, [SITE], ids, mask)[Site.parse(SITE)]
+        assert on_device(h)
+        h = h.cpu()
+        lm.model.to("cpu")  # the data travelled: the same numbers as a CPU run
+    ids, mask = lm.tokenize(TEXTS[:2])
+    torch.testing.assert_close(h, capture(lm, [SITE], ids, mask)[Site.parse(SITE)])
+
+
+# ----------------------------------------------------------------------------- SAEs and their kernels
+
+
+JUMPRELU_AUX = pytest.mark.xfail(
+    strict=True, reason="sae/jumprelu.py:98 makes aux on the CPU: torch.zeros(()) needs device=x.device"
+)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu-l1", pytest.param("jumprelu", marks=JUMPRELU_AUX)])
+def test_sae_encode_decode_sparse_partial_and_a_training_step_stay_on_the_device(arch):
+    sae = make_sae(arch)
+    x = torch.randn(16, D)
+    with accelerator():
+        sae.to(DEVICE)
+        xd = x.to(DEVICE)
+        f = sae.encode(xd)
+        assert on_device(f) and on_device(sae.decode(f)) and all(on_device(t) for t in sae(xd))
+        vals, idx = sae.encode_sparse(xd)
+        assert on_device(vals) and on_device(idx)
+        pe = sae.partial_encoder(torch.tensor([0, 3, 5]))
+        assert on_device(pe(xd))
+        sae.train()
+        dead = torch.zeros(64, dtype=torch.bool, device=DEVICE)
+        dead[::3] = True
+        out = sae.training_step(xd, progress=0.5, dead_mask=dead, aux_scale=torch.tensor(1.0, device=DEVICE))
+        assert all(on_device(t) for t in out), [type(t) for t in out]
+        out.loss.backward()
+        assert all(on_device(p.grad) for p in sae.parameters() if p.grad is not None)
+        sae.before_optimizer_step()
+        sae.after_optimizer_step()
+
+
+def test_sparse_kernels_backward_on_the_device_matches_the_cpu():
+    from thoughtscope.sae.kernels import RaggedDecode, RaggedEncode, SparseDecode, SparseEncode, ragged_pairs
+
+    g = torch.Generator().manual_seed(0)
+    B, m, k = 6, 20, 3
+    x, E, b, W = torch.randn(B, D, generator=g), torch.randn(m, D, generator=g), torch.randn(m), torch.randn(m, D)
+    idx = torch.stack([torch.randperm(m, generator=g)[:k] for _ in range(B)])
+    rows = torch.tensor([0, 0, 1, 3, 3, 3, 5])
+    cols = torch.tensor([1, 7, 2, 0, 4, 19, 11])
+
+    def run(dev):
+        ps = [t.detach().clone().to(dev).requires_grad_(True) for t in (x, E, b, W)]
+        xs, Es, bs, Ws = ps
+        i = idx.to(dev)
+        vals = (xs @ Es.T + bs).gather(1, i).detach()
+        out = SparseDecode.apply(SparseEncode.apply(xs, Es, bs, i, vals), i, Ws)
+        r, c = rows.to(dev), cols.to(dev)
+        crow, order, rows_by_col, ccol = ragged_pairs(r, c, B, m)
+        rv = (xs @ Es.T + bs)[r, c].detach()
+        v = RaggedEncode.apply(xs, Es, bs, r, c, crow, order, rows_by_col, ccol, rv)
+        out = out + RaggedDecode.apply(v, r, c, crow, Ws, order, rows_by_col, ccol)
+        out.square().sum().backward()
+        return [p.grad.cpu() if not isinstance(p.grad, DeviceTensor) else p.grad.elem for p in ps], ps
+
+    want, _ = run("cpu")
+    with accelerator():
+        got, ps = run(DEVICE)
+        assert all(on_device(p.grad) for p in ps)
+    for a, c in zip(want, got):  # the device branch (bmm) sums in another order than the CPU's sampled matmul
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _tc(**kw) -> TrainConfig:
+    return TrainConfig(device=str(DEVICE), batch_size=64, steps=6, lr=1e-3, progress=False, log_every=3, **kw)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu-l1"])
+def test_training_from_batches_runs_on_the_device_and_returns_device_weights(arch):
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(64, D, generator=g) * 3 + 1 for _ in range(6)]
+    cfg = SAEConfig(arch=arch, d_model=D, n_features=64, site=SITE, k=4, dead_tokens=64 * 2)
+    seen = []
+    with accelerator():
+        trainer = Trainer([cfg], _tc())
+        (sae,) = trainer.fit(lambda start: iter(data[start:]), on_init=lambda saes: seen.append(saes[0].W_dec))
+    assert on_device(seen[0]) and not on_device(sae.W_dec)  # trained there, handed back on the CPU
+    ref = train_sae(cfg, lambda start: iter(data[start:]), dataclasses.replace(_tc(), device="cpu"))
+    torch.testing.assert_close(sae.W_dec, ref.W_dec, rtol=1e-4, atol=1e-5)
+
+
+def test_training_from_a_store_runs_on_the_device(tmp_path):
+    from helpers import make_store_rows
+
+    from thoughtscope.store import ActivationStore, StoreWriter
+
+    acts, meta = make_store_rows(512, D)
+    w = StoreWriter(tmp_path / "store", d_model=D, shard_tokens=256, site=SITE, model="tiny")
+    w.add(acts, meta)
+    w.finish()
+    cfg = SAEConfig(arch="topk", d_model=D, n_features=64, site=SITE, k=4)
+    with accelerator():
+        sae = train_sae(cfg, ActivationStore.open(tmp_path / "store"), _tc(checkpoint_dir=str(tmp_path / "ck")))
+    assert sae.W_dec.isfinite().all() and sae.train_metrics["fvu"] < 2
+
+
+def test_training_on_the_fly_from_a_device_model(lm, tmp_path):
+    from thoughtscope.corpus import Corpus
+    from thoughtscope.harvest import stream_activations
+
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(f"document {i}: " + TEXTS[i % 3] * 3 for i in range(30)))
+    cfg = SAEConfig(arch="topk", d_model=D, n_features=64, site=SITE, k=4)
+    with accelerator():
+        lm.model.to(DEVICE)
+        src = stream_activations(
+            lm, Corpus(str(path)), SITE, n_tokens=64 * 6, batch_size=64, ctx_len=16, contexts_per_batch=4
+        )
+        sae = train_sae(cfg, src, _tc())
+    assert sae.W_dec.isfinite().all() and sae.train_metrics["fvu"] < 2
+
+
+# ----------------------------------------------------------------------------- the model with an SAE
+
+
+def test_spliced_loss_with_model_and_sae_on_the_device_equals_the_cpu(lm):
+    sae = make_sae("topk")
+    ids, mask = lm.tokenize(TEXTS)
+    want = spliced_lm_loss(lm, sae, SITE, [(ids, mask)], chunk_tokens=8)
+    with accelerator():
+        lm.model.to(DEVICE)
+        sae.to(DEVICE)
+        got = spliced_lm_loss(lm, sae, SITE, [(ids, mask)], chunk_tokens=8)  # token batches given on the CPU
+    for key in ("loss_clean", "loss_sae", "loss_zero_ablated", "loss_mean_ablated"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+
+
+def test_features_analyzer_and_logit_effects_on_the_device(lm):
+    from thoughtscope.analyzer import analyze_text, compare_texts
+    from thoughtscope.features import features_on_texts, logit_effects, top_features_at
+
+    sae = make_sae("topk")
+    want = [tf.acts for tf in features_on_texts(lm, sae, TEXTS)]
+    with accelerator():
+        lm.model.to(DEVICE)
+        sae.to(DEVICE)
+        got = [tf.acts.cpu() for tf in features_on_texts(lm, sae, TEXTS, texts_per_batch=2)]
+        a = analyze_text(lm, sae, TEXTS[0], k=4, features=[1, 2])
+        compare_texts(lm, sae, TEXTS[0], TEXTS[1], k=4)
+        top_features_at(lm, sae, None, TEXTS[1], -1, top=3)
+        logit_effects(lm, sae.W_dec, k=3)
+    assert len(got) == 3 and a is not None
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_harvest_from_a_device_model_writes_the_cpu_numbers(lm, tmp_path):
+    from thoughtscope.corpus import Corpus
+    from thoughtscope.harvest import harvest
+    from thoughtscope.plans import HarvestConfig
+
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(f"document {i}: " + TEXTS[i % 3] * 3 for i in range(30)))
+    cfg = HarvestConfig(n_tokens=256, ctx_len=16, contexts_per_batch=4, shard_tokens=128)
+    want = harvest(lm, Corpus(str(path)), [SITE], tmp_path / "cpu", cfg, progress=False)[Site.parse(SITE)]
+    with accelerator():
+        lm.model.to(DEVICE)
+        got = harvest(lm, Corpus(str(path)), [SITE], tmp_path / "dev", cfg, progress=False)[Site.parse(SITE)]
+    a, b = want.tokens(0, 256), got.tokens(0, 256)
+    a, b = (a[0] if isinstance(a, tuple) else a), (b[0] if isinstance(b, tuple) else b)
+    torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+def test_feature_and_vector_steering_during_generation_on_the_device(lm):
+    from thoughtscope.steer import GenerationConfig, ablate, add_feature, add_vector, clamp, generate, project_out
+
+    sae = make_sae("relu-l1")
+    vec = torch.randn(D)
+    gen = GenerationConfig(max_new_tokens=4, seed=0)
+
+    def edits():
+        return [
+            clamp(sae, 3, 5.0),
+            add_feature(sae, 7, 2.0),
+            ablate(sae, 9),
+            add_vector(vec, SITE, 0.5),  # given on the CPU: the steerer moves it
+            project_out(vec, "resid.0"),
+        ]
+
+    want = generate(lm, ["hello there", "a river"], edits(), gen)
+    with accelerator():
+        lm.model.to(DEVICE)
+        sae.to(DEVICE)
+        got = generate(lm, ["hello there", "a river"], edits(), gen)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="steer/interventions.py Steerer.__init__ moves VectorEdits to lm.device but not a FeatureEdit's SAE",
+)
+def test_feature_steering_with_the_sae_left_on_the_cpu_and_the_model_on_the_device(lm):
+    from thoughtscope.steer import GenerationConfig, clamp, generate
+
+    sae = make_sae("relu-l1")  # loaded without device=: the steerer must move it, or refuse it by name
+    with accelerator():
+        lm.model.to(DEVICE)
+        try:
+            out = generate(lm, ["hello there"], [clamp(sae, 3, 5.0)], GenerationConfig(max_new_tokens=3))
+        except RuntimeError as e:
+            pytest.fail(f"a CPU SAE steering a device model crashed inside the hook: {e}")
+        except Exception as e:  # a clear refusal (a SteerError naming both devices) is fine
+            assert "device" in str(e), e
+            return
+    assert len(out[0].token_ids) == 3
+
+
+# ----------------------------------------------------------------------------- probes, atlas, NLA
+
+
+def test_probe_fit_score_and_intervention_on_the_device(lm):
+    from thoughtscope.probes.datasets import ProbeSet
+    from thoughtscope.probes.monitor import score_texts
+    from thoughtscope.probes.probe import fit_probe
+    from thoughtscope.steer.interventions import steering
+
+    words = ["red", "blue", "green", "black", "white", "pink"]
+    texts = [f"the {words[i % 6]} box number {i} is {'open' if i % 2 else 'shut'}" for i in range(32)]
+    ds = ProbeSet(texts, [i % 2 for i in range(32)], [f"g{i // 2}" for i in range(32)], "tiny", "tiny.jsonl")
+    want = fit_probe(lm, ds, SITE, "logistic", cache=False)
+    with accelerator():
+        lm.model.to(DEVICE)
+        pr = fit_probe(lm, ds, SITE, "logistic", cache=False)
+        rows = score_texts(lm, pr, ["the pink box is open", "hello"])
+        ids, mask = lm.tokenize(["the red box is open"])
+        with steering(lm, [pr.to_intervention(2.0)]):
+            moved = pr.score(capture(lm, SITE, ids, mask)[Site.parse(SITE)][0])
+        assert on_device(moved) or moved.device.type == "cpu"
+    torch.testing.assert_close(pr.weight.cpu() if isinstance(pr.weight, DeviceTensor) else pr.weight, want.weight)
+    assert len(rows) == 2
+
+
+def test_atlas_build_streams_a_device_model_and_sae(lm, tmp_path):
+    from thoughtscope.atlas import Atlas, AtlasConfig, build_atlas
+    from thoughtscope.corpus import Corpus
+
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(f"document {i}: " + TEXTS[i % 3] * 3 for i in range(40)))
+    sae = make_sae("topk")
+    cfg = AtlasConfig(n_tokens=512, ctx_len=16, contexts_per_batch=4, top_k=4, n_bins=3, per_bin=2)
+    want = build_atlas(lm, sae, Corpus(str(path)), tmp_path / "cpu", cfg, progress=False)
+    with accelerator():
+        lm.model.to(DEVICE)
+        sae.to(DEVICE)
+        got = build_atlas(lm, sae, Corpus(str(path)), tmp_path / "dev", cfg, progress=False)
+    with Atlas.open(want) as a, Atlas.open(got) as b:
+        for key, value in a.stats().items():
+            assert b.stats()[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_nla_verbalize_and_reconstruct_on_the_device(lm):
+    from thoughtscope.nla import NLA, config_for, explain_text, nla_loss
+    from thoughtscope.nla.reconstructor import Reconstructor
+
+    cfg = config_for(lm, site=SITE, injection_scale=6.0, lora_rank=4, max_new_tokens=6)
+    with accelerator():
+        lm.model.to(DEVICE)
+        nla = NLA(lm, cfg)
+        out = explain_text(nla, "alpha beta gamma", positions=[-1], samples=1)
+        assert isinstance(out[0]["fve"], float)
+        ar = Reconstructor(lm, cfg)
+        gold = torch.randn(2, D)  # on the CPU: the loss moves it
+        loss = ar.loss(["a river", "some stone"], gold)
+        loss.backward()
+        assert on_device(loss) and all(on_device(p.grad) for p in ar.trainable_parameters() if p.grad is not None)
+        assert nla_loss(ar.predict(["a river"]), gold[:1]).isfinite()  # predictions come back on the CPU
+
+
+def test_nla_rows_and_every_training_stage_on_the_device(lm, tmp_path):
+    import json
+
+    from thoughtscope.nla import NLA, DataConfig, NLATrainConfig, harvest_rows, train_stage
+
+    words = "alpha beta gamma delta apple river stone cloud music paper".split()
+    path = tmp_path / "docs.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"text": " ".join(words[(i * 7 + j) % 10] for j in range(16))}) for i in range(30))
+    )
+    dc = DataConfig(
+        corpus=str(path),
+        site=SITE,
+        n_rows=12,
+        positions_per_doc=2,
+        max_position=70,
+        max_explanation_tokens=40,
+        split=(0.6, 0.2, 0.2),
+    )
+    with accelerator():
+        lm.model.to(DEVICE)
+        rows = harvest_rows(lm, dc, progress=False)
+        for stage in ("ar-sft", "av-sft", "rl"):
+            tc = NLATrainConfig(
+                stage=stage, steps=1, batch_size=2, eval_every=0, checkpoint_every=1, val_rows=2, max_new_tokens=3
+            )
+            assert train_stage(tmp_path / "nla", rows, tc, lm=lm, progress=False)["done"]
+        nla = NLA.load(tmp_path / "nla", lm=lm)
+        expl, rec, loss = nla.round_trip(rows.vectors[:2])
+    assert len(expl) == 2 and rec.shape == (2, D) and loss.isfinite().all()
