@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from _device import add_device_arg, device_info, sync
 
 from thoughtscope.atlas import AtlasConfig, build_atlas
 from thoughtscope.corpus import Corpus
@@ -48,24 +49,27 @@ PHASES = ("setup_s", "forward_s", "encode_s", "update_s", "checkpoint_s")
 
 
 def get_sae(lm, site: str):
-    """The shipped default SAE (load_sae("default")) when it exists; otherwise a fresh one of the same shape."""
+    """The shipped default SAE (load_sae("default")) when it exists; otherwise a fresh one of the same shape.
+    On the model's device."""
     try:
         from thoughtscope.sae.formats import default_sae_path
 
         if (default_sae_path() / "cfg.json").is_file():
-            return load_sae("default"), "default"
+            return load_sae("default", device=lm.device), "default"
     except ImportError:
         pass
     cfg = SAEConfig(arch="topk", d_model=lm.d_model, n_features=9216, k=32, model=lm.name, site=site)
-    return SAE.from_config(cfg, seed=0), "fresh topk 9216 (default SAE not shipped yet)"
+    return SAE.from_config(cfg, seed=0).to(lm.device), "fresh topk 9216 (default SAE not shipped yet)"
 
 
 def time_harvest(lm, corpus, site, n_tokens, bs, ctx, tmp: Path) -> tuple[float, float]:
     """(wall seconds, process CPU seconds)."""
     out = tmp / f"h{time.perf_counter_ns()}"
+    sync(lm.device)
     t, c = time.perf_counter(), time.process_time()
     cfg = HarvestConfig(n_tokens=n_tokens, ctx_len=ctx, contexts_per_batch=bs)
     harvest(lm, corpus, [site], out, cfg, progress=False)
+    sync(lm.device)
     dt, dc = time.perf_counter() - t, time.process_time() - c
     shutil.rmtree(out, ignore_errors=True)
     return dt, dc
@@ -74,10 +78,12 @@ def time_harvest(lm, corpus, site, n_tokens, bs, ctx, tmp: Path) -> tuple[float,
 def time_atlas(lm, sae, corpus, n_tokens, bs, ctx, tmp: Path, stop_after_batches: int | None = None) -> dict:
     out = tmp / f"a{time.perf_counter_ns()}"
     tm: dict = {}
+    sync(lm.device)
     t = time.perf_counter()
     c = time.process_time()
     cfg = AtlasConfig(n_tokens=n_tokens, ctx_len=ctx, contexts_per_batch=bs)
     build_atlas(lm, sae, corpus, out, cfg, progress=False, timings=tm, stop_after_batches=stop_after_batches)
+    sync(lm.device)
     tm["total_s"] = time.perf_counter() - t
     tm["total_cpu_s"] = time.process_time() - c
     shutil.rmtree(out, ignore_errors=True)
@@ -93,10 +99,11 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--ctx-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; ratios are medians over rounds")
+    add_device_arg(p)
     args = p.parse_args(argv)
     n_batches = args.batches or (6 if args.quick else 32)
     torch.manual_seed(0)
-    lm = load_model("default")
+    lm = load_model("default", device=args.device)
     sae, sae_kind = get_sae(lm, args.site)
     corpus = Corpus("default")
     bs, ctx = args.batch_size, args.ctx_len
@@ -140,6 +147,7 @@ def main(argv=None) -> dict:
         "n_features": sae.cfg.n_features,
         "site": args.site,
         "threads": torch.get_num_threads(),
+        **device_info(args.device),
         "quick": args.quick,
         "rounds": args.rounds,
         "loadavg_before": load_before,

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _device import add_device_arg, device_info, sync
 
 from thoughtscope.corpus import Corpus
 from thoughtscope.harvest import HarvestConfig, harvest
@@ -33,7 +34,7 @@ def _batches(lm, n_batches, batch_size, ctx_len):
     for i, b in enumerate(Corpus("default").batches(lm.tokenizer, ctx_len, batch_size)):
         if i >= n_batches:
             break
-        out.append(b.input_ids)
+        out.append(b.input_ids.to(lm.device))
     return out
 
 
@@ -44,10 +45,12 @@ def time_bare(lm, batches, layer):
     try:
         with torch.inference_mode():
             base(input_ids=batches[0], use_cache=False)  # warm-up
+            sync(lm.device)
             t = time.perf_counter()
             for ids in batches:
                 h = base(input_ids=ids, use_cache=False).last_hidden_state
-                h.reshape(-1, h.shape[-1]).clone()
+                h.reshape(-1, h.shape[-1]).to("cpu", copy=True)  # a harvester's rows end on the host
+            sync(lm.device)
             return time.perf_counter() - t
     finally:
         base.layers = full_layers
@@ -55,10 +58,12 @@ def time_bare(lm, batches, layer):
 
 def time_full(lm, batches, layer):
     with torch.inference_mode():
+        sync(lm.device)
         t = time.perf_counter()
         for ids in batches:
             hs = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-            hs[layer + 1].reshape(-1, hs[layer + 1].shape[-1]).clone()
+            hs[layer + 1].reshape(-1, hs[layer + 1].shape[-1]).to("cpu", copy=True)
+        sync(lm.device)
         return time.perf_counter() - t
 
 
@@ -66,8 +71,10 @@ def time_ours(lm, n_tokens, batch_size, ctx_len, site):
     tmp = Path(tempfile.mkdtemp(prefix="ts-bench-"))
     try:
         cfg = HarvestConfig(n_tokens=n_tokens, ctx_len=ctx_len, contexts_per_batch=batch_size)
+        sync(lm.device)
         t = time.perf_counter()
         harvest(lm, Corpus("default"), [site], tmp / "acts", cfg, progress=False)
+        sync(lm.device)
         return time.perf_counter() - t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -90,13 +97,15 @@ def time_nnsight(lm, batches, layer):
             h = block.output.save()
             tracer.stop()  # nnsight's own early exit: nothing past the site runs
         h = h[0] if isinstance(h, tuple) else h
-        return h.reshape(-1, h.shape[-1]).clone()
+        return h.reshape(-1, h.shape[-1]).to("cpu", copy=True)
 
     with torch.inference_mode():
         run(batches[0])
+        sync(lm.device)
         t = time.perf_counter()
         for ids in batches:
             run(ids)
+        sync(lm.device)
         return time.perf_counter() - t
 
 
@@ -109,10 +118,11 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--ctx-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2 quick, 3 full)")
+    add_device_arg(p)
     args = p.parse_args(argv)
     n_batches = args.batches or (4 if args.quick else 20)
     torch.manual_seed(0)
-    lm = load_model("default")
+    lm = load_model("default", device=args.device)
     site = lm.check_site(Site.parse(args.site))
     batches = _batches(lm, n_batches, args.batch_size, args.ctx_len)
     n_tokens = sum(b.numel() for b in batches)
@@ -151,6 +161,7 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size,
         "ctx_len": args.ctx_len,
         "threads": torch.get_num_threads(),
+        **device_info(args.device),
         "quick": args.quick,
         "rounds": rounds,
         "tokens_per_s": results,

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from _device import add_device_arg, device_info, sync
 
 from thoughtscope.nla import NLATrainConfig, explain_text, load_nla
 from thoughtscope.nla.bundle import WARM_AV_FILE, load_weights
@@ -66,8 +67,10 @@ def one_step(nla, start: dict, vectors: torch.Tensor, cfg: NLATrainConfig, seed:
     phases: dict = {}
     try:
         torch.manual_seed(seed)
+        sync(nla.lm.device)
         t = time.perf_counter()
         st = rl_step(nla, vectors, opt, ar_opt, cfg, cached=cached, timings=phases)
+        sync(nla.lm.device)
         dt = time.perf_counter() - t
     finally:
         del nla.av.decode
@@ -97,13 +100,19 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2 quick, 4 full)")
     p.add_argument("--explain-repeats", type=int, default=None, help="timed explain calls (default 3 quick, 5)")
     p.add_argument("--seed", type=int, default=0)
+    add_device_arg(p)
     args = p.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 4)
     repeats = args.explain_repeats or (3 if args.quick else 5)
     load_before = os.getloadavg()
 
     t = time.perf_counter()
-    nla = load_nla("default")
+    if args.device == "cpu":
+        nla = load_nla("default")
+    else:  # the shipped NLA reads the default model: loaded on the device, the NLA's adapters follow it
+        from thoughtscope.models import load_model
+
+        nla = load_nla("default", lm=load_model("default", device=args.device))
     load_s = time.perf_counter() - t
     cfg = NLATrainConfig(**stage_settings("rl"))
     vectors = training_vectors(nla, cfg.batch_size)
@@ -141,8 +150,10 @@ def main(argv=None) -> dict:
     explain_text(nla, TEXT, [-1])  # warm-up
     ex = []
     for _ in range(repeats):
+        sync(nla.lm.device)
         t = time.perf_counter()
         row = explain_text(nla, TEXT, [-1])[0]
+        sync(nla.lm.device)
         ex.append(time.perf_counter() - t)
 
     med = statistics.median
@@ -156,6 +167,7 @@ def main(argv=None) -> dict:
         "rl_settings": {k: getattr(cfg, k) for k in ("batch_size", "group_size", "temperature", "kl_coef", "clip")}
         | {"max_new_tokens": cfg.max_new_tokens or nla.cfg.max_new_tokens},
         "threads": torch.get_num_threads(),
+        **device_info(args.device),
         "quick": args.quick,
         "rounds": rounds,
         "loadavg_before": load_before,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _device import add_device_arg, device_info, sync
 from _repeng import repeng_direction
 
 from thoughtscope.models import load_model, tiny_model
@@ -36,17 +37,21 @@ from thoughtscope.steer.vectors import pca_of_differences
 
 
 def bare_forward(lm, texts, batch_size):
+    sync(lm.device)
     t = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             ids, mask = lm.tokenize(texts[i : i + batch_size])
             lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    sync(lm.device)
     return time.perf_counter() - t
 
 
 def our_reading(lm, ds, sites, batch_size):
+    sync(lm.device)
     t = time.perf_counter()
     read_activations(lm, ds, sites, ReadConfig(texts_per_batch=batch_size), cache=False)
+    sync(lm.device)
     return time.perf_counter() - t
 
 
@@ -57,10 +62,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--model", default="default")
     ap.add_argument("--threads", type=int, default=None)
+    add_device_arg(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = tiny_model("llama", d_model=64, n_layers=4) if args.tiny else load_model(args.model)
+    lm = tiny_model("llama", d_model=64, n_layers=4) if args.tiny else load_model(args.model, device=args.device)
+    lm.model.to(args.device)
     sites = ["embed"] + [f"resid.{i}" for i in range(lm.n_layers)]
     ds = comparisons(n=64 if args.quick else 256)
     bs = 16
@@ -78,6 +85,7 @@ def main(argv=None) -> int:
     res = {
         "model": lm.name,
         "threads": torch.get_num_threads(),
+        **device_info(args.device),
         "texts": len(ds),
         "sites": len(sites),
         "rounds": rounds,

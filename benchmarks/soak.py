@@ -62,19 +62,24 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def workbench(default: bool):
-    """(workbench, feature to steer with, stream lengths (whole, cancelled), temporary folder or None)."""
+def workbench(default: bool, device: str = "cpu"):
+    """(workbench, feature to steer with, stream lengths (whole, cancelled), temporary folder or None), with the
+    model and SAE on `device` (load_workbench takes no device: both are moved once loaded)."""
     if default:
         from thoughtscope.server import load_workbench
 
         print("loading the default model, SAE and atlas (the first start builds the atlas: minutes)", flush=True)
-        return load_workbench(progress=False), 3448, (8, 64), None
-    import torch
-    from helpers.server_fixtures import PLANT, build_tiny
+        wb, found = load_workbench(progress=False), (3448, (8, 64), None)
+    else:
+        import torch
+        from helpers.server_fixtures import PLANT, build_tiny
 
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and leaves a core to the clients
-    root = Path(tempfile.mkdtemp(prefix="thoughtscope-soak-"))
-    return build_tiny(root, nla=False), PLANT, (12, 200), root
+        torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and leaves a core to the clients
+        root = Path(tempfile.mkdtemp(prefix="thoughtscope-soak-"))
+        wb, found = build_tiny(root, nla=False), (PLANT, (12, 200), root)
+    wb.lm.model.to(device)
+    wb.sae.to(device)
+    return (wb, *found)
 
 
 class Tally:
@@ -214,7 +219,7 @@ def run(args) -> dict:
     from thoughtscope.server import ServerConfig, create_app
 
     t_build = time.perf_counter()
-    wb, feature, lengths, tmp = workbench(args.default)
+    wb, feature, lengths, tmp = workbench(args.default, args.device)
     try:
         build_s = time.perf_counter() - t_build
         reqs = requests_for(wb, feature, lengths)
@@ -237,6 +242,7 @@ def run(args) -> dict:
     lat = [x for xs in t.lat.values() for x in xs]
     return {
         "model": wb.lm.name,
+        "device": args.device,
         "quick": args.quick,
         "seconds": args.seconds,
         "wall_s": round(rss["wall"], 1),
@@ -274,6 +280,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8, help="clients sending requests at the same time")
     ap.add_argument("--max-requests", type=int, default=1_000_000, help="a cap on requests, whatever the time")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cpu", help="torch device for the model and SAE: cpu (default), cuda, ...")
     args = ap.parse_args()
     if args.seconds is None:
         args.seconds = 30.0 if args.quick else 300.0

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from _device import add_device_arg, device_info, sync
 from _repeng import repeng_direction
 
 from thoughtscope.models import load_model, tiny_model
@@ -61,10 +62,10 @@ def get_sae(lm, site, tiny):
 
     p = default_sae_path()
     if not tiny and p.is_dir():
-        return load_sae(p).eval().requires_grad_(False), f"default SAE ({p})"
+        return load_sae(p, device=lm.device).eval().requires_grad_(False), f"default SAE ({p})"
     n = 512 if tiny else 9216
     cfg = SAEConfig(arch="topk", d_model=lm.d_model, n_features=n, k=32, site=site)
-    sae = SAE.from_config(cfg, seed=0).eval().requires_grad_(False)
+    sae = SAE.from_config(cfg, seed=0).to(lm.device).eval().requires_grad_(False)
     return sae, f"random topk SAE ({n} features; default SAE not installed)"
 
 
@@ -82,6 +83,8 @@ def time_hf(lm, prompts, n):
     from thoughtscope.steer.generate import encode_prompts
 
     ids, mask, _, _ = encode_prompts(lm, prompts, GenerationConfig(max_new_tokens=n))
+    ids, mask = ids.to(lm.device), mask.to(lm.device)
+    sync(lm.device)
     t = time.perf_counter()
     with torch.inference_mode():
         out = lm.model.generate(
@@ -92,6 +95,7 @@ def time_hf(lm, prompts, n):
             do_sample=False,
             pad_token_id=lm.tokenizer.pad_token_id or 0,
         )
+    sync(lm.device)
     dt = time.perf_counter() - t
     return (out.shape[1] - ids.shape[1]) * len(prompts) / dt
 
@@ -113,10 +117,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--model", default="default")
     ap.add_argument("--threads", type=int, default=None)
+    add_device_arg(ap)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = tiny_model("llama", d_model=64, n_layers=4) if args.tiny else load_model(args.model)
+    lm = tiny_model("llama", d_model=64, n_layers=4) if args.tiny else load_model(args.model, device=args.device)
+    lm.model.to(args.device)
     site_layer = min(15, lm.n_layers - 2)  # not the last block: HF applies the final norm to its hidden_states
     site = f"resid.{site_layer}"
     sae, sae_desc = get_sae(lm, site, args.tiny)
@@ -158,6 +164,7 @@ def main(argv=None) -> int:
         "new_tokens": n_new,
         "repeats": reps,
         "threads": torch.get_num_threads(),
+        **device_info(args.device),
         "plain_tokens_per_s": statistics.median(plain),
         "steered_tokens_per_s": statistics.median(steered),
         "hf_generate_tokens_per_s": hf,

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _device import add_device_arg, device_info, sync
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -91,20 +92,23 @@ class Live:
         self.thread.join(10)
 
 
-def workbench(tiny: bool):
+def workbench(tiny: bool, device: str = "cpu"):
     from thoughtscope.server import Workbench
 
     if tiny:
         from helpers.server_fixtures import build_tiny
 
-        return build_tiny(Path(tempfile.mkdtemp()), nla=False), 3
+        wb = build_tiny(Path(tempfile.mkdtemp()), nla=False)
+        wb.lm.model.to(device)
+        wb.sae.to(device)
+        return wb, 3
     from thoughtscope.atlas import Atlas
     from thoughtscope.models import load_model
     from thoughtscope.sae import load_sae
     from thoughtscope.server.workbench import default_atlas_dir
 
-    lm = load_model("default")
-    sae = load_sae("default").eval().requires_grad_(False)
+    lm = load_model("default", device=device)
+    sae = load_sae("default", device=device).eval().requires_grad_(False)
     at = default_atlas_dir(sae) / "atlas.sqlite"
     return Workbench(lm=lm, sae=sae, sae_spec="default", atlas=Atlas.open(at) if at.is_file() else None), 3448
 
@@ -112,12 +116,14 @@ def workbench(tiny: bool):
 def bare_analyzer(wb, text: str) -> float:
     from thoughtscope.models import Site, capture
 
+    sync(wb.lm.device)
     t0 = time.perf_counter()
     ids, mask = wb.lm.tokenize(text)
     site = Site.parse(wb.sae.cfg.site)
     x = capture(wb.lm, [site], ids, mask)[site][0]
     with torch.inference_mode():
         wb.sae.encode(x)
+    sync(wb.lm.device)
     return time.perf_counter() - t0
 
 
@@ -250,16 +256,18 @@ def main() -> None:
     ap.add_argument("--load-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    add_device_arg(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from thoughtscope.server import ServerConfig, create_app
 
-    wb, feature = workbench(args.tiny)
+    wb, feature = workbench(args.tiny, args.device)
     app = create_app(ServerConfig(queue_size=max(8, args.load_concurrency)), wb)
     timer = Timed(app)
     reps = 3 if args.quick else 9
     res = {"model": wb.lm.name, "quick": args.quick, "threads": torch.get_num_threads(), "atlas": wb.atlas is not None}
+    res |= device_info(args.device)
     res.update(measure_analyzer(wb, app, timer, reps))
     print(
         f"analyzer, {res['analyzer_tokens']} tokens: bare {res['analyzer_bare_s'] * 1e3:.0f} ms, server "
