@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
+from helpers.gguf_model import write_tiny_gguf
 
 from thoughtscope import models
 from thoughtscope.models import ModelError, RegisteredModel, content_hash, load_model, load_recorded, tiny_model
@@ -303,3 +306,119 @@ def test_resuming_a_store_with_an_older_model_record(tmp_path, tiny_folder):
     st = ActivationStore.open(out)
     assert st.complete and st.n_tokens == 256
     assert st.extra["model_source"] == {"spec": str(tiny_folder)}
+
+
+# --------------------------------------------------------------------------- GGUF files and registered names
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-gguf.gguf")
+
+
+def _small_atlas_config():
+    from thoughtscope.plans import AtlasConfig
+
+    return AtlasConfig(n_tokens=256, ctx_len=32, contexts_per_batch=4, top_k=4, n_bins=2, per_bin=2)
+
+
+def test_gguf_source_records_the_resolved_file_and_its_hash(tmp_path, gguf_file, monkeypatch):
+    f = Path(shutil.copy(gguf_file, tmp_path / "x.gguf"))
+    monkeypatch.chdir(tmp_path)
+    lm = load_model("x.gguf")  # a relative path, as on a command line
+    src = lm.source
+    assert src["spec"] == "x.gguf" and src["registered"] is None and lm.name == "x"
+    assert src["path"] == src["gguf"] == str(f.resolve())
+    assert src["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert (Path(src["converted"]) / "config.json").is_file()
+
+
+def test_sae_trained_on_a_gguf_file_builds_its_atlas_without_model(tmp_path, gguf_file, monkeypatch):
+    """The reported bug: an SAE trained on `--model path/to/x.gguf` kept only the file's name, so `atlas build`
+    without --model looked for it on the hub."""
+    from thoughtscope.atlas import Atlas
+    from thoughtscope.atlas.build import build_atlas_from
+    from thoughtscope.sae import SAEConfig, build_sae, save_sae
+
+    (tmp_path / "path" / "to").mkdir(parents=True)
+    f = Path(shutil.copy(gguf_file, tmp_path / "path" / "to" / "x.gguf"))
+    monkeypatch.chdir(tmp_path)
+    lm = load_model("path/to/x.gguf")
+    cfg = SAEConfig(arch="topk", k=2, d_model=32, n_features=16, model=lm.name, site="resid.1", model_source=lm.source)
+    save_sae(build_sae(cfg), tmp_path / "sae")
+    (tmp_path / "docs.txt").write_text(TEXT)
+    docs = str(tmp_path / "docs.txt")
+    monkeypatch.chdir(tmp_path / "path")  # elsewhere: the recorded path is absolute
+    build_atlas_from(tmp_path / "sae", tmp_path / "atlas", _small_atlas_config(), corpus=docs, progress=False)
+    with Atlas.open(tmp_path / "atlas") as at:
+        assert at.meta["model_source"]["path"] == str(f.resolve())
+    moved = f.rename(tmp_path / "x-moved.gguf")
+    with pytest.raises(ModelError) as e:
+        build_atlas_from(tmp_path / "sae", tmp_path / "atlas2", _small_atlas_config(), corpus=docs, progress=False)
+    assert "moved" in str(e.value) and str(f.resolve()) in str(e.value) and lm.source["sha256"] in str(e.value)
+    build_atlas_from(
+        tmp_path / "sae", tmp_path / "atlas2", _small_atlas_config(), model=str(moved), corpus=docs, progress=False
+    )
+
+
+def _package(root: Path, name: str, init: str = "") -> Path:
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(init)
+    return pkg
+
+
+def test_registered_name_loads_the_file_its_package_ships(tmp_path, gguf_file, monkeypatch):
+    pkg = _package(tmp_path / "site", "ts_test_tiny_gguf_shipped")
+    shutil.copy(gguf_file, pkg / "tiny-gguf.gguf")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    entry = RegisteredModel("ts_test_tiny_gguf_shipped", "ts-test-tiny-gguf", "tiny-gguf.gguf", name="Tiny-GGUF")
+    monkeypatch.setitem(models.REGISTERED, "tiny-shipped", entry)
+    lm = load_model("tiny-shipped")
+    assert lm.name == "Tiny-GGUF" and lm.source["registered"] == "tiny-shipped"
+    assert lm.source["path"] == str((pkg / "tiny-gguf.gguf").resolve())
+    gone = {**lm.source, "path": str(tmp_path / "gone.gguf"), "gguf": str(tmp_path / "gone.gguf")}
+    assert load_recorded(gone).source["path"] == lm.source["path"]  # by its registered name, not the old path
+    assert models.recorded_spec("Tiny-GGUF")["registered"] == "tiny-shipped"  # an old artefact's model name
+
+
+ASSEMBLING_PACKAGE = """
+import shutil
+from pathlib import Path
+
+EXPECTED_SHA256 = {sha!r}
+_OUT = Path({out!r})
+CALLS = Path({calls!r})
+
+
+def default_output_path():
+    return _OUT
+
+
+def assemble():
+    CALLS.write_text(CALLS.read_text() + "x" if CALLS.exists() else "x")
+    _OUT.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(__file__).parent / "chunk.bin", _OUT)
+    return _OUT
+"""
+
+
+def test_registered_name_assembled_by_its_package_once(tmp_path, gguf_file, monkeypatch):
+    calls, out = tmp_path / "calls", tmp_path / "cache" / "tiny-gguf.gguf"
+    sha = hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    init = ASSEMBLING_PACKAGE.format(sha=sha, out=str(out), calls=str(calls))
+    pkg = _package(tmp_path / "site", "ts_test_tiny_gguf_assembled", init)
+    shutil.copy(gguf_file, pkg / "chunk.bin")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    entry = RegisteredModel(
+        "ts_test_tiny_gguf_assembled",
+        "ts-test-tiny-gguf-assembled",
+        "tiny-gguf.gguf",
+        locate_with=models._assembled_by_package,
+    )
+    monkeypatch.setitem(models.REGISTERED, "tiny-assembled", entry)
+    first = load_model("tiny-assembled")
+    assert first.source["path"] == str(out.resolve()) and first.source["sha256"] == sha
+    assert calls.read_text() == "x"
+    load_model("tiny-assembled")
+    assert calls.read_text() == "x"  # the file is there with the expected (cached) hash: not assembled again
