@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import _fail, _load, _open_atlas, console, one_line_errors
+from .common import _fail, _load_recorded, _open_atlas, console, one_line_errors
+
+_MODEL_HELP = "model (default: the one the SAE or atlas was made with; 'default' when none is recorded)"
 
 features_app = typer.Typer(
     no_args_is_help=True,
@@ -16,15 +18,18 @@ features_app = typer.Typer(
 )
 
 
-def _model_and_sae(model: str, sae: str, atlas: Path | None):
-    """(atlas or None, lm, sae): from the atlas's own records when one is given, else the named ones."""
+def _model_and_sae(model: str | None, sae: str, atlas: Path | None):
+    """(atlas or None, lm, sae): from the atlas's own records when one is given, else the named SAE and the model
+    --model names or the SAE recorded."""
     if atlas is not None:
         from ..atlas import open_with_model
 
-        return open_with_model(atlas)
+        return open_with_model(atlas, model=model)
+    from ..atlas.build import sae_model_source
     from ..sae import load_sae
 
-    return None, _load(model, None, None), load_sae(sae)
+    sae_obj = load_sae(sae)
+    return None, _load_recorded(model, sae_model_source(sae_obj)), sae_obj
 
 
 @features_app.command("contrast")
@@ -35,7 +40,7 @@ def contrast_cmd(
     ),
     controls: Path = typer.Option(..., help="prompt file without it (same formats)"),
     sae: str = typer.Option("default"),
-    model: str = typer.Option("default"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
     atlas: Path | None = typer.Option(None, help="take model, SAE and feature maxima from this atlas"),
     score: str = typer.Option(
         "",
@@ -72,7 +77,7 @@ def contrast_cmd(
 def output_cmd(
     keywords: str = typer.Argument(..., help="comma-separated words the features should make the model write"),
     sae: str = typer.Option("default"),
-    model: str = typer.Option("default"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
     top: int = typer.Option(20),
 ) -> None:
     """Features whose decoder direction, read through the final norm and unembedding, promotes the words."""
@@ -100,7 +105,7 @@ def at_cmd(
     text: str = typer.Argument(...),
     token: str = typer.Option("-1", help="token index, or a substring of the text"),
     sae: str = typer.Option("default"),
-    model: str = typer.Option("default"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
     top: int = typer.Option(10),
 ) -> None:
     """The strongest features at one token of a text."""
@@ -145,7 +150,7 @@ def stats_cmd(
     sae: str = typer.Option("default", help="SAE folder; the statistics are written into it"),
     corpus: str = typer.Option("default", help="corpus to measure on"),
     tokens: int = typer.Option(200_000, help="token budget"),
-    model: str = typer.Option("default"),
+    model: str | None = typer.Option(None, help=_MODEL_HELP),
 ) -> None:
     """Measure every feature's max activation and frequency over a corpus and store them with the SAE."""
     from ..corpus import Corpus
