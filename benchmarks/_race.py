@@ -5,6 +5,10 @@
 * **Sanity rule** (:func:`check_sane`): a contender whose held-out FVU is >= 1 (no better than predicting the mean)
   or whose dead share is >= 50 % is a broken harness, not a result: the benchmark stops with
   :class:`InsaneContender` instead of printing a ratio.
+* **Loss recovered** (:func:`spliced_recovery`): each contender's reconstruction spliced into the model at the
+  store's site on held-out text of the same corpus (after the text the store holds, the product's own rule), all
+  against one clean, zero- and mean-ablated run: ``loss_recovered_vs_mean`` = (L_mean - L_spliced) /
+  (L_mean - L_clean), the figure FVU alone can hide (thoughtscope's ``sae eval`` reports the same).
 * **Turn-taking** (:class:`Baton`): contenders run in threads of one process and hand a baton over before every
   batch, so exactly one computes at a time and load from other processes on a shared machine falls on all of them
   alike. Each contender's clock runs only while it holds the baton; evaluations of its weights during training
@@ -46,6 +50,29 @@ def evaluate(fn: EncodeDecode, x: torch.Tensor, chunk: int = 4096) -> dict:
     if not math.isfinite(fvu):
         fvu = math.inf
     return {"fvu": fvu, "l0": active / x.shape[0], "dead_frac": float((~fired).float().mean()), "rows": int(x.shape[0])}
+
+
+def spliced_recovery(fns: dict[str, EncodeDecode], store, *, lm, n_tokens: int, progress: bool = True) -> dict:
+    """``loss_recovered_vs_mean`` (and the rest of the spliced figures) of every contender on ``n_tokens`` tokens of
+    the store's corpus after the text the store holds; ``lm`` is the store's model."""
+    from thoughtscope.corpus import Corpus
+    from thoughtscope.sae.metrics import spliced_losses
+    from thoughtscope.sae.run import LOSS_CTX_LEN, heldout_contexts, loss_batches, store_text
+
+    text = store_text(store)
+    corpus = Corpus(text["corpus"]["spec"])
+    skip, said = heldout_contexts(text, corpus)
+    batches = loss_batches(lm, corpus, skip, max(1, math.ceil(n_tokens / LOSS_CTX_LEN)))
+
+    def splice(fn: EncodeDecode):
+        def replace(a: torch.Tensor) -> torch.Tensor:
+            return fn(a.reshape(-1, a.shape[-1]).float().cpu())[0].reshape(a.shape).to(a)
+
+        return replace
+
+    r = spliced_losses(lm, store.site, batches, {n: splice(f) for n, f in fns.items()}, progress=progress)
+    common = {k: v for k, v in r.items() if k != "replaced"}
+    return {n: {**v, **common, "text": said} for n, v in r["replaced"].items()}
 
 
 def check_sane(name: str, metrics: dict, *, max_fvu: float = 1.0, max_dead: float = 0.5) -> None:

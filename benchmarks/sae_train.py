@@ -13,7 +13,9 @@ Figures (topk): ``speed_ratio_vs_saelens`` (steady-state tokens/s), ``fvu_ratio_
 tokens), ``time_to_peer_fvu_ratio`` (compute seconds thoughtscope needs to reach the peer's final test FVU over the
 peer's whole run; below 1 = faster to the same quality), FVU of each side at equal compute time, and
 ``ceiling_fraction`` (achieved FLOP/s of a thoughtscope step over the machine's matmul FLOP/s, measured in the same
-run). relu-l1: the same, with thoughtscope's FVU taken at SAELens' L0 (_matched_l0.py).
+run). relu-l1: the same, with thoughtscope's FVU taken at SAELens' L0 (_matched_l0.py). Every winner also gets
+``loss_recovered_vs_mean``: its reconstruction spliced into the model on held-out text after the store's (the same
+tokens for all; ``--loss-tokens``), the figure FVU can hide.
 
     python benchmarks/sae_train.py --quick --json out.json
 """
@@ -36,7 +38,7 @@ import torch
 from _contenders import CONTENDERS
 from _data import ShuffledBatches, ensure_store, split_rows
 from _matched_l0 import match_l0
-from _race import Curve, check_sane, eval_steps, evaluate, run_turns
+from _race import Curve, check_sane, eval_steps, evaluate, run_turns, spliced_recovery
 
 
 class _Solo:
@@ -59,6 +61,7 @@ def sizes(args) -> dict:
         "curve_rows": 4096,
         "match_runs": 2,
         "ttq_mult": 2,
+        "loss_tokens": 2048,
     }
     full = {
         "store_tokens": 131_072,
@@ -71,6 +74,7 @@ def sizes(args) -> dict:
         "curve_rows": 4096,
         "match_runs": 3,
         "ttq_mult": 3,
+        "loss_tokens": 8192,
     }
     base = quick if args.quick else full
     return {key: (getattr(args, key) if getattr(args, key, None) is not None else v) for key, v in base.items()}
@@ -254,6 +258,31 @@ def matched_l0(win, rows, batches, sz, d, args) -> dict:
     }
 
 
+_LM = {}
+
+
+def add_loss_recovered(win: dict, store, n_tokens: int) -> None:
+    """Each winner's ``loss_recovered_vs_mean`` and spliced figures, on the same held-out tokens (model loaded once)."""
+    if n_tokens <= 0:
+        return
+    from thoughtscope.models import load_recorded
+
+    if "lm" not in _LM:
+        _LM["lm"] = load_recorded((store.manifest.get("extra") or {}).get("model_source") or store.model)
+    t0 = time.perf_counter()
+    fns = {n: w["_contender"].current() for n, w in win.items()}
+    rec = spliced_recovery(fns, store, lm=_LM["lm"], n_tokens=n_tokens)
+    for n, r in rec.items():
+        win[n]["loss_recovered_vs_mean"] = r["loss_recovered_vs_mean"]
+        win[n]["spliced"] = r
+    print(
+        f"  loss recovered vs mean ablation ({rec[next(iter(rec))]['n_tokens']:.0f} held-out tokens, "
+        f"{time.perf_counter() - t0:.0f} s): "
+        + "  ".join(f"{n} {r['loss_recovered_vs_mean']:.3f}" for n, r in rec.items()),
+        flush=True,
+    )
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small run (about 3 minutes on 2 cores, data cached)")
@@ -279,6 +308,12 @@ def main(argv=None) -> dict:
         type=int,
         help="topk: thoughtscope's time-to-quality run is this many times the race's steps (1 = none)",
     )
+    p.add_argument(
+        "--loss-tokens",
+        dest="loss_tokens",
+        type=int,
+        help="held-out tokens of the spliced loss (loss_recovered_vs_mean of each winner; 0: skip)",
+    )
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--l1", type=float, default=5.0, help="relu-l1 lambda (both tools' documented default 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -286,7 +321,8 @@ def main(argv=None) -> dict:
     sz = sizes(args)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
-    rows = split_rows(ensure_store(sz["store_tokens"]))
+    store = ensure_store(sz["store_tokens"])
+    rows = split_rows(store)
     d = rows.train.shape[1]
     batches = ShuffledBatches(rows.train, sz["batch_size"], sz["steps"], seed=args.seed)
     grids = {
@@ -329,6 +365,7 @@ def main(argv=None) -> dict:
         win = {n: min((runs[mlt][n] for mlt in grid), key=lambda r: r["val"]["fvu"]) for n in names}
         for n in names:
             check_sane(n, win[n]["test"])
+        add_loss_recovered(win, store, sz["loss_tokens"])
         gflops = statistics.median(ceilings)
         key = arch.replace("-", "_")
         row = {
@@ -398,7 +435,8 @@ def _print_summary(arch: str, row: dict) -> None:
     print(
         f"{arch}: winners (test) "
         + "; ".join(
-            f"{n} lr {c['lr']:.3g} FVU {c['test']['fvu']:.4f} L0 {c['test']['l0']:.1f} "
+            f"{n} lr {c['lr']:.3g} FVU {c['test']['fvu']:.4f} "
+            f"recovered vs mean {c.get('loss_recovered_vs_mean', float('nan')):.3f} L0 {c['test']['l0']:.1f} "
             f"dead {c['test']['dead_frac']:.1%} {c['tokens_per_s']:,.0f} tok/s"
             for n, c in row["contenders"].items()
         )

@@ -212,3 +212,24 @@ def test_cli_eval_prints_recovery_first_and_writes_it(trained):
     assert "held-out text" in res.output
     m = json.loads((root / "sae" / "metrics.json").read_text())
     assert m["heldout"]["spliced"]["n_tokens"] == 127 and "data" in m
+
+
+def test_race_scores_every_contender_on_the_same_heldout_tokens(trained):
+    """benchmarks/_race.spliced_recovery: one clean / zero / mean run, each contender spliced in on the text after the
+    store's; a perfect reconstruction recovers everything, the mean row recovers nothing."""
+    from _race import spliced_recovery
+
+    from thoughtscope.models import load_model
+    from thoughtscope.store import ActivationStore
+
+    root, _, acts = trained
+    store = ActivationStore.open(acts)
+    lm = load_model(str(root / "model"))
+    fns = {
+        "perfect": lambda x: (x.clone(), torch.ones(4, dtype=torch.bool), 0),
+        "half": lambda x: (0.5 * x, torch.ones(4, dtype=torch.bool), 0),
+    }
+    r = spliced_recovery(fns, store, lm=lm, n_tokens=256, progress=False)
+    assert r["perfect"]["loss_recovered_vs_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert r["half"]["loss_clean"] == r["perfect"]["loss_clean"] and r["half"]["n_tokens"] == 2 * 127
+    assert r["half"]["loss_recovered_vs_mean"] < 1 and "held-out" in r["half"]["text"]

@@ -257,7 +257,7 @@ def _load_model(recorded: dict | str | None, given: str | None):
     return load_recorded(recorded, given)
 
 
-def _loss_batches(lm, corpus, skip: int, n_contexts: int) -> list:
+def loss_batches(lm, corpus, skip: int, n_contexts: int) -> list:
     """`n_contexts` contexts of LOSS_CTX_LEN tokens after the first `skip`, in batches of LOSS_CONTEXTS."""
     import torch
 
@@ -299,7 +299,7 @@ def heldout_loss(
     else:
         skip, said = heldout_contexts(text, c)
     site = lm.check_site(sae.cfg.site or "resid.15")
-    batches = _loss_batches(lm, c, skip, max(1, math.ceil(loss_tokens / LOSS_CTX_LEN)))
+    batches = loss_batches(lm, c, skip, max(1, math.ceil(loss_tokens / LOSS_CTX_LEN)))
     spliced = spliced_lm_loss(lm, sae, site, batches, progress=progress)
     return spliced, {"corpus": c.spec, "skip_contexts": skip, "ctx_len": LOSS_CTX_LEN, "text": said}
 
