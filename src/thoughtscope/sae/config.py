@@ -206,6 +206,8 @@ class SAEConfig:
         names = {f.name for f in fields(cls)}
         unknown = {k: v for k, v in d.items() if k not in names}
         kw = {k: v for k, v in d.items() if k in names}
+        if "input_scaling" not in d:  # written before massive dimensions were looked for: none were
+            kw.update(input_scaling="none", massive_ratio=None)
         if unknown:
             kw["extra"] = {**kw.get("extra", {}), **unknown}
         return cls(**kw)

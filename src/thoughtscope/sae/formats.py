@@ -106,7 +106,9 @@ def _str(raw: dict[str, Any], key: str, path: Path, default: str = "") -> str:
 
 
 def _config(path: Path, **kw: Any) -> SAEConfig:
-    """SAEConfig(**kw), its errors naming the file the values came from."""
+    """SAEConfig(**kw) of a foreign folder, its errors naming the file the values came from. The massive-dimension
+    rule its trainer followed is unknown: recorded as none."""
+    kw = {"input_scaling": "none", "massive_ratio": None, **kw}
     try:
         return SAEConfig(**kw)
     except SAEError as e:
@@ -186,6 +188,8 @@ def save_sae(
             "scale": sae.cfg.norm_scale,
             "mean": sae.cfg.norm_mean,
             "mean_center": sae.cfg.mean_center,
+            "dim_scale": sae.cfg.dim_scale,
+            "massive_dims": sae.cfg.massive_dims,
             "folded_into_weights": True,
         },
     }
