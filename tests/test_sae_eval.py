@@ -233,3 +233,22 @@ def test_race_scores_every_contender_on_the_same_heldout_tokens(trained):
     assert r["perfect"]["loss_recovered_vs_mean"] == pytest.approx(1.0, abs=1e-5)
     assert r["half"]["loss_clean"] == r["perfect"]["loss_clean"] and r["half"]["n_tokens"] == 2 * 127
     assert r["half"]["loss_recovered_vs_mean"] < 1 and "held-out" in r["half"]["text"]
+
+
+def test_heldout_start_follows_the_training_record(tmp_path):
+    """Text read on the fly is whole forward passes from the corpus start; another corpus needs no skip; a damaged
+    record is refused by name."""
+    from thoughtscope.corpus import Corpus
+    from thoughtscope.errors import SAEError
+    from thoughtscope.sae.run import heldout_contexts, streamed_text
+
+    (tmp_path / "a.txt").write_text(TEXT)
+    (tmp_path / "b.txt").write_text(TEXT[::-1])
+    a, b = Corpus(str(tmp_path / "a.txt")), Corpus(str(tmp_path / "b.txt"))
+    rec = streamed_text(a, 1000)  # 1,000 rows of 127 per context: 8 contexts, one forward pass of 16
+    assert rec["n_tokens"] == 16 * 128 and rec["skip_tokens"] == 0
+    assert heldout_contexts(rec, a)[0] == 16
+    skip, said = heldout_contexts(rec, b)
+    assert skip == 0 and "not the corpus the SAE trained on" in said
+    with pytest.raises(SAEError, match="damaged"):
+        heldout_contexts({**rec, "n_tokens": "many"}, a)

@@ -29,7 +29,7 @@ from .registry import sae_class
 EVAL_ROWS = 4096
 LOSS_CTX_LEN, LOSS_CONTEXTS = 128, 8
 METRICS_FILE = "metrics.json"  # the SAE folder's metrics (formats.METRICS_FILE)
-TRAIN_LOSS_TOKENS = 4096  # held-out tokens of the spliced loss measured right after training, when a model is at hand
+TRAIN_LOSS_TOKENS = 2048  # held-out tokens of the spliced loss measured right after training, when a model is at hand
 
 
 @dataclass(frozen=True)
