@@ -129,6 +129,8 @@ class Estimate:
     """Memory available to the run when planned (bytes)."""
     notes: list[str] = field(default_factory=list)
     """What the estimate leaves out or assumes."""
+    scratch: dict[str, int] = field(default_factory=dict)
+    """Disk used while the run goes and removed by its end (a resumable checkpoint), term by term (bytes)."""
 
     @property
     def memory_bytes(self) -> int:
@@ -152,6 +154,11 @@ class Estimate:
             "  memory: " + "; ".join(f"{k} {human_bytes(v)}" for k, v in self.memory.items() if v),
             "  disk: " + ("; ".join(f"{k} {human_bytes(v)}" for k, v in self.disk.items() if v) or "nothing"),
         ]
+        if any(self.scratch.values()):
+            out.append(
+                "  disk while running (removed at the end): "
+                + "; ".join(f"{k} {human_bytes(v)}" for k, v in self.scratch.items() if v)
+            )
         return out + [f"  note: {n}" for n in self.notes]
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,6 +171,7 @@ class Estimate:
             "fits": self.fits,
             "memory": dict(self.memory),
             "disk": dict(self.disk),
+            "scratch": dict(self.scratch),
             "timing": self.timing,
             "notes": list(self.notes),
         }
@@ -264,6 +272,8 @@ def harvest_estimate(lm, corpus, sites, config, *, available: int | None = None)
             "captured activations (float32 and store dtype)": len(site_list) * cfg.batch_tokens * lm.d_model * 8,
             # pending rows, and their concatenation when a shard is committed
             "store shards in flight": 2 * len(site_list) * shard_rows * (row + meta_row),
+            # finishing a store reads it back for its statistics, shard by shard, memory-mapped
+            "statistics pass (two shards mapped)": 2 * shard_rows * (row + meta_row),
         }
 
     header = 128 * 5  # one .npy header per file: activations and four metadata columns
@@ -389,7 +399,11 @@ def _probe_training(cfgs, batches, tc) -> tuple[float, float, float, int, int]:
 
     src = _TimedBatches(batches)
     with tempfile.TemporaryDirectory(prefix="thoughtscope-plan-") as tmp:
-        ptc = replace(tc, steps=len(batches), checkpoint_dir=tmp, checkpoint_every=0, progress=False, init_batches=1)
+        # dead_check_every=1: latents go dead within the probe, so its steps include AuxK, as most of a run's do
+        ptc = replace(
+            tc, steps=len(batches), checkpoint_dir=tmp, checkpoint_every=0, progress=False, init_batches=1,
+            dead_check_every=1,
+        )  # fmt: skip
         trainer = Trainer(cfgs, ptc)
         t0 = time.perf_counter()
         trainer.fit(src)
@@ -469,14 +483,12 @@ def sae_estimate(
     return Estimate(
         "sae train",
         _with_measured({**held, **probe_extra}, {**held, **buffer}, hwm),
-        {
-            f"SAE folder(s) ({len(cfgs)})": folder * len(cfgs),
-            "resumable checkpoint (while training)": ckpt if n_ckpt else 0,
-        },
+        {f"SAE folder(s) ({len(cfgs)})": folder * len(cfgs)},
         init + steps * per_step + data_s + n_ckpt * per_ckpt,
         f"{PROBE_STEPS} optimiser steps of {len(cfgs)} SAE(s) measured: {per_step:.3f} s each × {steps} steps; "
         f"{data_how}; {n_ckpt} checkpoint(s) at {per_ckpt:.2f} s",
         available_memory() if available is None else available,
+        scratch={"resumable checkpoint": ckpt if n_ckpt else 0},
     )
 
 
@@ -573,12 +585,13 @@ def atlas_estimate(
     return Estimate(
         "atlas build",
         _with_measured(held(k * B, False), held(n_ctx, True), hwm),
-        {"atlas.sqlite (arithmetic)": db, "build checkpoint (while building)": ckpt_bytes + n_ctx * T * 4},
+        {"atlas.sqlite (arithmetic)": db},
         timings.get("setup_s", 0.0) + n_batches * per_batch + n_ckpt * timings.get("checkpoint_s", 0.0) + final_s,
         f"{k} batch(es) of {cfg.batch_tokens} tokens measured: {per_batch:.2f} s each × {n_batches} batches; "
         f"{n_ckpt} checkpoint(s) at {timings.get('checkpoint_s', 0.0):.2f} s; {final_how}",
         available_memory() if available is None else available,
         notes=["writing the SQLite file itself is not timed"],
+        scratch={"build checkpoint": ckpt_bytes + n_ctx * T * 4},
     )
 
 
