@@ -396,6 +396,59 @@ def test_nla_rows_and_every_training_stage_on_the_device(lm, tmp_path):
     assert len(expl) == 2 and rec.shape == (2, D) and loss.isfinite().all()
 
 
+def test_feature_stats_vector_fit_calibration_sweep_and_sae_metrics_on_the_device(lm, tmp_path):
+    from thoughtscope.corpus import Corpus
+    from thoughtscope.features import measure_feature_stats
+    from thoughtscope.sae import evaluate_sae
+    from thoughtscope.steer import GenerationConfig, add_vector
+    from thoughtscope.steer.calibrate import sweep
+    from thoughtscope.steer.vectors import fit_vector
+
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(f"document {i}: " + TEXTS[i % 3] * 3 for i in range(20)))
+    sae = make_sae("topk")
+    pairs = [("I am happy about the sun", "I am sad about the sun"), ("what a joy", "what a pity")]
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, D, generator=g) for _ in range(2)]
+    want = evaluate_sae(sae, batches)
+    with accelerator():
+        lm.model.to(DEVICE)
+        sae.to(DEVICE)
+        stats = measure_feature_stats(lm, sae, Corpus(str(path)), n_tokens=200, ctx_len=16, progress=False)
+        vec = fit_vector(lm, SITE, pairs, method="pca")
+        res = sweep(
+            lm,
+            lambda s: [add_vector(vec.vector, SITE, s)],
+            [0.0, 1.0],
+            keywords=["sun"],
+            prompts=["Tell me about the weather."],
+            config=GenerationConfig(max_new_tokens=3),
+            progress=False,
+        )
+        got = evaluate_sae(sae, batches)  # batches given on the CPU
+    assert stats.n_tokens == 200 if hasattr(stats, "n_tokens") else stats is not None
+    assert vec.vector.shape == (D,) and len(res.points) == 2
+    assert got["fvu"] == pytest.approx(want["fvu"], rel=1e-4)
+
+
+def test_probe_erasure_and_causal_checks_on_the_device(lm):
+    from thoughtscope.probes.causal import causal_check
+    from thoughtscope.probes.datasets import ProbeSet
+    from thoughtscope.probes.erase import erase_check
+    from thoughtscope.probes.probe import fit_probe
+
+    texts = [f"the {w} box number {i} is {'open' if i % 2 else 'shut'}" for i, w in enumerate(["red", "blue"] * 16)]
+    ds = ProbeSet(texts, [i % 2 for i in range(32)], [f"g{i // 2}" for i in range(32)], "tiny", "tiny.jsonl")
+    with accelerator():
+        lm.model.to(DEVICE)
+        res = erase_check(
+            lm, ds, SITE, fitters=("mean",), loss_texts=ds.texts[:6], n_contexts=6, cache=False, reread=False
+        )
+        pr = fit_probe(lm, ds, SITE, "mean", cache=False)
+        out = causal_check(lm, pr, ds.texts[:3], strengths=(-1, 0, 1), words=(" t", " f"), n_random=2)
+    assert res["rank"] == 1 and [r["strength"] for r in out["sweep"]] == [-1, 0, 1]
+
+
 # ----------------------------------------------------------------------------- scripts/gpu_check.sh
 
 ROOT = Path(__file__).resolve().parents[1]

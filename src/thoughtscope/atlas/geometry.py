@@ -22,7 +22,7 @@ def nearest_features(W_dec: torch.Tensor, k: int = 10, chunk: int = 1024):
     idx, val = [], []
     for s in range(0, m, chunk):
         S = Wn[s : s + chunk] @ Wn.T
-        r = torch.arange(S.shape[0])
+        r = torch.arange(S.shape[0], device=S.device)
         S[r, r + s] = -math.inf
         v, i = S.topk(k, dim=1)
         idx.append(i), val.append(v)

@@ -204,7 +204,8 @@ def erase_check(
             with steering(lm, [iv]):
                 Xe = read_activations(lm, ds, [name], read, cache=False)[name]
         else:
-            Xe = iv.apply(X[None].to(lm.device), StepContext(offset=1))[0].cpu()  # rows are never position 0
+            # the eraser goes where the rows go (steering would move it there too); rows are never position 0
+            Xe = iv.to(lm.device).apply(X[None].to(lm.device), StepContext(offset=1))[0].cpu()
         result[tag] = held_out(Xe)
     result["reread"] = reread
     kw = {"n_contexts": n_contexts, "texts": loss_texts}
