@@ -165,12 +165,25 @@ class _NoGradInference(torch.no_grad):
         super().__init__()
 
 
+_load = torch.load
+
+
+def _device_load(f, map_location=None, **kw):
+    """`torch.load(..., map_location=meta)` would build data-less meta tensors: load on the CPU, then move."""
+    if map_location is None or not _is_device(map_location):
+        return _load(f, map_location=map_location, **kw)
+    obj = _load(f, map_location=CPU, **kw)
+    return tree_map(lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t, obj)
+
+
 @contextlib.contextmanager
 def accelerator():
     """Run the body with `meta` standing for an accelerator (see the module's docstring)."""
     torch.Generator, torch.inference_mode, torch.autocast = _DeviceGenerator, _NoGradInference, _DeviceAutocast
+    torch.load = _device_load
     try:
         with _Factories(), _Dispatch():
             yield
     finally:
         torch.Generator, torch.inference_mode, torch.autocast = _Generator, _inference_mode, _autocast
+        torch.load = _load
