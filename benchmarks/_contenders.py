@@ -32,23 +32,40 @@ from thoughtscope.sae import SAEConfig, TrainConfig, Trainer
 from thoughtscope.sae.train import default_lr as ours_default_lr
 
 
-def _dense_fn(encode, decode, scale: float = 1.0):
-    """EncodeDecode for dense feature tensors; ``scale``: the contender works on x * scale (FVU is unchanged)."""
+def _dense_fn(encode, decode, scale: float = 1.0, device="cpu"):
+    """EncodeDecode for dense feature tensors; ``scale``: the contender works on x * scale (FVU is unchanged);
+    ``device``: where the contender's weights are (rows go there, results come back to the CPU)."""
 
     def fn(x):
-        f = encode(x * scale)
+        f = encode(x.to(device) * scale)
         act = f > 0
-        return decode(f) / scale, act.any(0), int(act.sum())
+        return (decode(f) / scale).cpu(), act.any(0).cpu(), int(act.sum())
 
     return fn
+
+
+def _cpu_only(tool: str, device) -> None:
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"the {tool} contender runs on the CPU only here, not on {device}")
 
 
 class Ours:
     name = "thoughtscope"
 
-    def __init__(self, arch: str, d: int, m: int, *, k: int = 32, l1: float = 5.0, batch_size: int, n_steps: int):
+    def __init__(
+        self,
+        arch: str,
+        d: int,
+        m: int,
+        *,
+        k: int = 32,
+        l1: float = 5.0,
+        batch_size: int,
+        n_steps: int,
+        device: str = "cpu",
+    ):
         self.cfg = SAEConfig(arch=arch, d_model=d, n_features=m, k=k, l1_coeff=l1)
-        self.batch_size, self.n_steps = batch_size, n_steps
+        self.batch_size, self.n_steps, self.device = batch_size, n_steps, device
         self.trainer: Trainer | None = None
         self.final = None
 
@@ -72,24 +89,32 @@ class Ours:
         }
 
     def fit(self, feed, lr: float) -> None:
-        tc = TrainConfig(batch_size=self.batch_size, steps=self.n_steps, lr=lr, progress=False, checkpoint_every=0)
+        tc = TrainConfig(
+            batch_size=self.batch_size,
+            steps=self.n_steps,
+            lr=lr,
+            progress=False,
+            checkpoint_every=0,
+            device=self.device,
+        )
         self.trainer = Trainer([self.cfg], tc)
-        self.final = self.trainer.fit(feed)[0]
+        self.final = self.trainer.fit(feed)[0].to(self.device)  # the trainer hands it back on the CPU
 
     @torch.no_grad()
     def current(self):
         if self.final is not None:
-            return _dense_fn(self.final.encode, self.final.decode)
+            return _dense_fn(self.final.encode, self.final.decode, device=self.device)
         tr = self.trainer
         sae = tr.slots[0].sae
         mean = tr.norm_mean
 
         def fn(x):
+            x = x.to(tr.device)
             xn = (x - mean if mean is not None else x) * tr.norm_scale
             f = sae.encode(xn)
             act = f > 0
             recon = sae.decode(f) / tr.norm_scale + (mean if mean is not None else 0)
-            return recon, act.any(0), int(act.sum())
+            return recon.cpu(), act.any(0).cpu(), int(act.sum())
 
         return fn
 
@@ -109,7 +134,9 @@ class SAELens:
         n_steps: int,
         first_batch: torch.Tensor,
         mean_norm: float,
+        device: str = "cpu",
     ):
+        _cpu_only("sae-lens", device)
         self.arch, self.d, self.m, self.k, self.l1 = arch, d, m, k, l1
         self.batch_size, self.n_steps = batch_size, n_steps
         self.b_dec0 = first_batch.mean(0)
@@ -236,7 +263,10 @@ class _StepIds(torch.utils.data.Dataset):
 class Sparsify:
     name = "sparsify"
 
-    def __init__(self, arch: str, d: int, m: int, *, k: int = 32, batch_size: int, n_steps: int, **_):
+    def __init__(
+        self, arch: str, d: int, m: int, *, k: int = 32, batch_size: int, n_steps: int, device: str = "cpu", **_
+    ):
+        _cpu_only("sparsify", device)
         if arch != "topk":
             raise ValueError("sparsify trains TopK SAEs only")
         self.d, self.m, self.k = d, m, k

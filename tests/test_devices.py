@@ -251,6 +251,21 @@ def test_sae_saved_from_the_device_loads_onto_it(tmp_path):
     torch.testing.assert_close(got, want)
 
 
+def test_the_benchmark_race_trains_and_scores_our_contender_on_the_device():
+    from _contenders import Ours
+    from _race import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(64, D, generator=g) * 2 for _ in range(4)]
+    test = torch.randn(128, D, generator=g) * 2
+    with accelerator():
+        c = Ours("topk", D, 64, k=4, batch_size=64, n_steps=4, device=str(DEVICE))
+        c.fit(iter(data), c.default_lr())
+        res = evaluate(c.current(), test)  # rows on the CPU, as the race gives them
+        assert on_device(c.final.W_dec)
+    assert 0 < res["fvu"] < 2 and res["l0"] == pytest.approx(4.0)
+
+
 # ----------------------------------------------------------------------------- the model with an SAE
 
 
