@@ -192,3 +192,50 @@ def test_find_handle_keeps_a_budget_on_a_tiny_model():
     roomy = find_handle(lm, None, concept, questions=QUESTIONS, config=cfg, progress=False, minutes=60)
     assert roomy.config["budget"]["cuts"] == [] and roomy.config["confirm_seeds"] == 1
     assert took < 60 and torch.get_num_threads() >= 1
+
+
+# ----------------------------------------------------------------------------- atlas build and NLA training
+def test_atlas_plan_counts_the_reservoirs_and_writes_nothing(files, tmp_path):
+    from thoughtscope.estimates import atlas_estimate
+    from thoughtscope.plans import AtlasConfig
+    from thoughtscope.sae import SAE, SAEConfig, save_sae
+
+    sae = SAE.from_config(SAEConfig(arch="topk", d_model=32, n_features=64, k=4, site="resid.1"), seed=0)
+    save_sae(sae, tmp_path / "sae")
+    cfg = AtlasConfig(n_tokens=4096, ctx_len=16, contexts_per_batch=4)
+    est = atlas_estimate(tmp_path / "sae", cfg, model=str(files / "model"), corpus=str(files / "docs.txt"))
+    n_hist = len(cfg.hist_edges()) - 1
+    per_feature = 20 + 8 * n_hist + cfg.top_k * (12 + 2 * cfg.window) + cfg.reservoir * (16 + 2 * cfg.window)
+    assert est.memory["feature reservoirs and windows"] == 64 * per_feature
+    assert est.memory["context token ids (2 copies at a checkpoint)"] == 2 * 4096 * 4
+    assert est.memory_bytes == sum(est.memory.values()) and est.seconds > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # the probe's folder is gone
+    out = tmp_path / "atlas"
+    args = ["atlas", "build", "--sae", str(tmp_path / "sae"), "--model", str(files / "model"), "--corpus"]
+    args += [str(files / "docs.txt"), "--tokens", "4096", "--ctx-len", "16", "--out", str(out), "--plan"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "plan for atlas build" in r.output and not out.exists()
+
+
+def test_nla_plan_times_real_steps_in_a_copy_and_leaves_the_folder_alone(files, tmp_path):
+    import json as _json
+
+    from thoughtscope.estimates import nla_estimate
+    from thoughtscope.nla.config import DataConfig
+    from thoughtscope.nla.data import harvest_rows
+
+    words = "alpha beta gamma delta apple river stone cloud music paper".split()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(
+        "\n".join(_json.dumps({"text": " ".join(words[(i * 7 + j) % 10] for j in range(16))}) for i in range(40))
+    )
+    lm = load_model(str(files / "model"))
+    data = DataConfig(corpus=str(corpus), site="resid.1", n_rows=40, positions_per_doc=1, max_position=70)
+    harvest_rows(lm, data, progress=False).save(tmp_path / "rows")
+    nla = tmp_path / "nla"
+    est = nla_estimate(nla, tmp_path / "rows", "ar-sft", probe_s=1.0, steps=10, batch_size=4, eval_every=0)
+    assert not nla.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "rows"]
+    assert "step(s) of batch 4 measured" in est.timing and "× 10 steps" in est.timing
+    assert est.disk_bytes > 0 and est.memory["NLA models (verbalizer and reconstructor)"] > 0
+    assert est.memory_bytes == sum(est.memory.values())

@@ -612,9 +612,13 @@ def _link_copy(src: Path, dst: Path) -> None:
             shutil.copy2(p, q)
 
 
-def _params(module) -> tuple[int, int]:
-    """(bytes of all parameters, count of trainable ones)."""
-    ps = list(module.parameters()) if hasattr(module, "parameters") else []
+def _params(nla) -> tuple[int, int]:
+    """(bytes of the NLA's parameters, count of its trainable ones), over its verbalizer, reconstructor and any
+    other model it holds (modules may share the frozen base; each tensor counts once)."""
+    import torch
+
+    mods = [v for v in vars(nla).values() if isinstance(v, torch.nn.Module)]
+    ps = list({id(p): p for m in mods for p in m.parameters()}.values())
     return sum(p.numel() * p.element_size() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
 
 
