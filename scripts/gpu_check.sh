@@ -86,15 +86,17 @@ def env_info() -> dict:
         info["nvidia_smi"] = r.stdout[-4000:] or r.stderr[-1000:]
     except (OSError, subprocess.SubprocessError) as e:
         info["nvidia_smi"] = f"not available: {e}"
-    import torch
-
-    info["torch"] = torch.__version__
-    info["cuda_build"] = torch.version.cuda
-    info["cuda_available"] = torch.cuda.is_available()
-    info["gpus"] = [
-        {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}"}
-        for p in (torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count()))
-    ]
+    # in a child process, so this one holds no CUDA context while the steps run
+    probe = (
+        "import json, torch; print(json.dumps({'torch': torch.__version__, 'cuda_build': torch.version.cuda, "
+        "'cuda_available': torch.cuda.is_available(), 'gpus': [{'name': p.name, 'memory_gib': "
+        "round(p.total_memory / 2**30, 1), 'capability': f'{p.major}.{p.minor}'} for p in "
+        "(torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count()))]}))"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"torch could not describe the device: {r.stderr[-1000:]}")
+    info |= json.loads(r.stdout.strip().splitlines()[-1])
     return info
 
 
@@ -145,18 +147,15 @@ def benchmarks() -> list[tuple[str, Path]]:
 def steps() -> list[dict]:
     py = sys.executable
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"]
+    cap = CAPS
+    load = f"from thoughtscope.models import load_model; print(load_model('default', device={DEVICE!r}))"
     todo = [
         {"name": "env", "kind": "env", "cap": CAPS["env"], "command": ["nvidia-smi", "+ torch.cuda"]},
         # a fresh machine converts the embedded default model once (cached after): paid here, not by a benchmark
-        {
-            "name": "load_default",
-            "kind": "cmd",
-            "cap": CAPS["load_default"],
-            "command": [py, "-c", f"from thoughtscope.models import load_model; print(load_model('default', device={DEVICE!r}))"],
-        },
+        {"name": "load_default", "kind": "cmd", "cap": CAPS["load_default"], "command": [py, "-c", load]},
         # the sparse kernels' tests run every case on CUDA too when a GPU is present
-        {"name": "kernels", "kind": "pytest", "cap": CAPS["kernels"], "command": pytest + ["tests/test_sae_kernels.py"]},
-        {"name": "devices", "kind": "pytest", "cap": CAPS["devices"], "command": pytest + ["tests/test_devices.py"]},
+        {"name": "kernels", "kind": "pytest", "cap": cap["kernels"], "command": [*pytest, "tests/test_sae_kernels.py"]},
+        {"name": "devices", "kind": "pytest", "cap": cap["devices"], "command": [*pytest, "tests/test_devices.py"]},
     ]
     for name, f in benchmarks():
         src = f.read_text(errors="replace")
