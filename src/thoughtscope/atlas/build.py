@@ -240,13 +240,14 @@ def build_atlas_from(
     from ..models import load_recorded
     from ..sae import load_sae
     from ..sae.formats import default_sae_path
+    from ..sae.pretrained import is_pretrained_spec
 
     folder = default_sae_path() if str(sae) == "default" else Path(sae)
-    sae_obj = load_sae(folder)
+    # saelens:<release>/<sae_id> is loaded and recorded by its name, not as a path
+    sae_path = str(sae) if is_pretrained_spec(sae) else str(folder.resolve())
+    sae_obj = load_sae(sae_path)
     lm = load_recorded(sae_model_source(sae_obj), model)
-    return build_atlas(
-        lm, sae_obj, Corpus(corpus), out, config, sae_path=str(folder.resolve()), progress=progress, timings=timings
-    )
+    return build_atlas(lm, sae_obj, Corpus(corpus), out, config, sae_path=sae_path, progress=progress, timings=timings)
 
 
 def sae_model_source(sae) -> dict | str:

@@ -15,10 +15,6 @@ from ..models import LoadedModel, Site
 from .db import AtlasError
 
 
-def _norm_name(s: str) -> str:
-    return str(s).rstrip("/").split("/")[-1].lower().removesuffix(".gguf")
-
-
 def check_sae_matches(lm: LoadedModel, sae, site: Site | str | None = None) -> Site:
     """The SAE must have been trained on this model at this site; returns the site to read."""
     cfg = sae.cfg
@@ -38,8 +34,9 @@ def check_sae_matches(lm: LoadedModel, sae, site: Site | str | None = None) -> S
         )
     lm.check_site(site)
     if cfg.model and not _same_content(cfg.model_source, lm.source):
-        names = {_norm_name(lm.name), _norm_name(lm.source.get("spec", ""))}
-        if _norm_name(cfg.model) not in names and not (cfg.model == "default" and "default" in names):
+        from ..sae.pretrained import same_model
+
+        if not same_model(cfg.model, lm):  # aliases: gemma3-270m = google/gemma-3-270m = gemma-3-270m-q4_k_m
             raise AtlasError(
                 f"the SAE was trained on model {cfg.model!r} but the atlas was asked to use {lm.name!r}; "
                 f"load {cfg.model!r} or use an SAE trained on {lm.name}"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_write_bytes, atomic_write_text
-from .cards import load_tokenizer, score_line
+from .cards import load_tokenizer, logit_scale, score_line
 from .db import Atlas
 
 CSS = """
@@ -150,10 +150,12 @@ def _card_html(atlas: Atlas, n: int, tokenizer) -> str:
         if q:
             h.append("<div><b>rank-quantile sample</b> (weak to strong)</div>")
             h += [_ctx_html(e, tokenizer, f.max_act) for e in q[:: max(1, len(q) // 4)][:4]]
-    pos = ", ".join(f"{html.escape(repr(_tok(tokenizer, t)))} {v:+.2f}" for t, v in f.logits_pos[:8])
-    neg = ", ".join(f"{html.escape(repr(_tok(tokenizer, t)))} {v:+.2f}" for t, v in f.logits_neg[:8])
+    scale = logit_scale(atlas, n)
+    s, unit = (scale, "x typical") if scale else (1.0, "raw logits")
+    pos = ", ".join(f"{html.escape(repr(_tok(tokenizer, t)))} {v / s:+.2f}" for t, v in f.logits_pos[:8])
+    neg = ", ".join(f"{html.escape(repr(_tok(tokenizer, t)))} {v / s:+.2f}" for t, v in f.logits_neg[:8])
     nb = ", ".join(f"{a} ({c:.2f})" for a, c in f.neighbours[:6])
-    h.append(f'<div class="meta">promotes: {pos}<br>suppresses: {neg}<br>nearest features: {nb}</div></div>')
+    h.append(f'<div class="meta">promotes ({unit}): {pos}<br>suppresses: {neg}<br>nearest features: {nb}</div></div>')
     return "".join(h)
 
 

@@ -48,7 +48,7 @@ def serve(
     named = (
         [("--atlas", atlas)]
         + [("--probe", p) for p in probe or ()]
-        + ([("--sae", Path(sae))] if sae != "default" else [])
+        + ([("--sae", Path(sae))] if sae != "default" and not sae.startswith("saelens:") else [])
         + ([("--nla", Path(nla))] if nla not in ("default", "none") and "," not in nla else [])
     )
     for flag, path in named:  # fail here, not later on the building page

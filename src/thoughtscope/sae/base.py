@@ -78,6 +78,7 @@ class SAE(nn.Module):
         self.cfg = cfg
         self.feature_stats = None  # sae.stats.FeatureStats, attached by load_sae when the folder has them
         self.source_dir = None  # the folder it was loaded from
+        self.source_spec = None  # its name when loaded by one (saelens:<release>/<sae_id>; pretrained.finish)
         m, d = cfg.n_features, cfg.d_model
         self.enc = nn.Parameter(torch.zeros(m, d))
         self.b_enc = nn.Parameter(torch.zeros(m))

@@ -30,9 +30,9 @@ from ..distributed import average_gradients, join_process_group, local_device
 from ..dtypes import canonical
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported: their old home)
 from ..progress import ProgressBar
+from ..store import massive_dims
 from .base import SAE, StepOutput, build_sae
 from .config import SAEConfig, SAEError, TrainConfig
-from ..store import massive_dims
 from .optim import adam, default_lr, lr_factor
 from .stream import chain, check_batch, make_stream
 

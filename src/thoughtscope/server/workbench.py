@@ -248,7 +248,10 @@ def _preset_slider(wb: Workbench, name: str, p) -> None:
 
     if not p.items:
         return
-    ours = str((default_sae_path() if wb.sae_spec in ("", "default") else Path(wb.sae_spec)).resolve())
+    if str(wb.sae_spec).startswith("saelens:"):
+        ours = str(wb.sae_spec)  # a pretrained SAE is keyed by its name (steer.presets.load_sae_cached)
+    else:
+        ours = str((default_sae_path() if wb.sae_spec in ("", "default") else Path(wb.sae_spec)).resolve())
     try:
         wb.preset_ivs[name] = p.build(wb.lm, sae_cache={ours: wb.sae})
     except (SteerError, OSError, ValueError) as e:

@@ -250,7 +250,10 @@ class Preset:
 
 
 def sae_spec(sae, base: Path) -> str:
-    """How a preset names an SAE: "default", a path relative to the preset's folder `base`, or absolute."""
+    """How a preset names an SAE: "default", saelens:<release>/<sae_id>, a path relative to the preset's folder
+    `base`, or absolute."""
+    if getattr(sae, "source_spec", None):
+        return str(sae.source_spec)
     src = getattr(sae, "source_dir", None)
     if src is None:
         raise SteerError("the SAE was not loaded from a folder; save it (save_sae) and load it before saving a preset")
@@ -310,9 +313,10 @@ def resolve_sae_path(spec: str, base: Path) -> Path:
 
 def load_sae_cached(spec: str, base: Path, cache: dict, lm: LoadedModel | None = None):
     from ..sae import load_sae
+    from ..sae.pretrained import is_pretrained_spec
 
-    p = resolve_sae_path(spec, base)
-    key = str(p.resolve())
+    p = spec if is_pretrained_spec(spec) else resolve_sae_path(spec, base)
+    key = spec if is_pretrained_spec(spec) else str(p.resolve())
     if key not in cache:
         try:
             sae = load_sae(p, device=lm.device if lm is not None else None)
