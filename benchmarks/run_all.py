@@ -51,13 +51,23 @@ def machine() -> dict:
     }
 
 
-def run_one(name: str, quick: bool, timeout: float, extra: list[str]) -> dict:
+def takes_device(script: Path) -> bool:
+    """Whether a benchmark has the --device flag (its own, or benchmarks/_device.py's)."""
+    src = script.read_text(errors="replace")
+    return '"--device"' in src or "add_device_arg(" in src
+
+
+def run_one(name: str, quick: bool, timeout: float, extra: list[str], device: str | None = None) -> dict:
     script = HERE / f"{name}.py"
     if not script.is_file():
         return {"status": "absent", "note": f"{script.name} is not in this checkout"}
+    if device is not None and device != "cpu" and not takes_device(script):
+        return {"status": "skipped", "note": f"{script.name} has no --device flag: it would run on the CPU"}
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         out = Path(tmp) / "figures.json"
         cmd = [sys.executable, str(script), *(["--quick"] if quick else []), "--json", str(out), *extra]
+        if device is not None and takes_device(script):
+            cmd += ["--device", device]
         t0 = time.perf_counter()
         try:
             r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
@@ -88,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
     p.add_argument("--timeout", type=float, default=None, help="seconds per benchmark (default 900 quick, 3600)")
     p.add_argument("--merge", action="store_true", help="keep benchmarks already in --json that this run skips")
+    p.add_argument("--device", default=None, help="torch device for every benchmark that takes --device (cuda, ...)")
     p.add_argument(
         "--extra",
         action="append",
@@ -106,6 +117,7 @@ def main(argv=None) -> int:
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),
         "machine": machine(),
+        "device": args.device or "cpu",
         "benchmarks": dict(old.get("benchmarks", {})),
     }
     extra = {}
@@ -117,7 +129,7 @@ def main(argv=None) -> int:
     failed = []
     for name in names:
         print(f"== {name} ({'quick' if args.quick else 'full'})", flush=True)
-        res = run_one(name, args.quick, timeout, extra.get(name, []))
+        res = run_one(name, args.quick, timeout, extra.get(name, []), args.device)
         result["benchmarks"][name] = res
         print(f"   {res['status']} in {res.get('wall_seconds', 0):.0f} s", flush=True)
         if res["status"] in ("failed", "timeout"):

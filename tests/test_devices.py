@@ -599,6 +599,20 @@ def test_every_real_benchmark_with_quick_takes_device():
     assert {"atlas", "harvest", "nla", "probe", "steer", "web", "soak"}.isdisjoint(missing)
 
 
+def test_run_all_passes_device_to_benchmarks_that_take_it(tmp_path, monkeypatch):
+    import run_all
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "ok.py").write_text(FAKE_BENCH.format(kind="ok"))
+    (bench / "nodevice.py").write_text('import argparse\nargparse.ArgumentParser().add_argument("--quick")\n')
+    monkeypatch.setattr(run_all, "HERE", bench)
+    got = run_all.run_one("ok", True, 60, [], "cuda")
+    assert got["status"] == "ok" and got["figures"]["device"] == "cuda" and got["command"][-2:] == ["--device", "cuda"]
+    assert run_all.run_one("nodevice", True, 60, [], "cuda")["status"] == "skipped"
+    assert run_all.run_one("ok", True, 60, [])["figures"]["device"] == "cpu"  # no --device: the benchmark's default
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_a_real_benchmark_on_the_cpu(tmp_path):
     r, res = _gpu_check(
