@@ -523,6 +523,37 @@ def test_probe_erasure_and_causal_checks_on_the_device(lm):
     assert res["rank"] == 1 and [r["strength"] for r in out["sweep"]] == [-1, 0, 1]
 
 
+def test_web_workbench_pages_and_streams_with_the_model_and_sae_on_the_device(tmp_path):
+    from fastapi.testclient import TestClient
+    from helpers.server_fixtures import PLANT, build_tiny
+
+    from thoughtscope.server import ServerConfig, create_app
+
+    html = {"accept": "text/html"}
+    wb = build_tiny(tmp_path, nla=True)
+    with accelerator():  # the server's worker threads run on the simulated device too
+        wb.lm.model.to(DEVICE)
+        wb.sae.to(DEVICE)
+        with TestClient(create_app(ServerConfig(), wb), base_url="http://127.0.0.1:8765") as c:
+            for url in (
+                f"/features/{PLANT}",
+                f"/api/features/{PLANT}",
+                "/analyze?text=a+quiet+queen&view=features",
+                "/analyze?text=a+quiet+queen&view=error",
+                "/compare?a=a+quiet+queen&b=a+calm+king",
+                "/api/search?text=a+quiet+queen",
+                f"/steer?f={PLANT}:clamp:2",
+                "/nla?text=abc&pos=1",
+                "/nla/token?text=abc&pos=1",
+            ):
+                r = c.get(url, headers=html)
+                assert r.status_code < 500 and "same device" not in r.text, (url, r.text[-2000:])
+            for query in (f"f={PLANT}:clamp:8", "p=tilt:1.5", f"f={PLANT}:clamp:1&baseline=talk+about+q"):
+                r = c.get(f"/steer/stream?prompt=hello&seed=3&temp=0.8&max=6&{query}")
+                assert r.status_code == 200 and "event: error" not in r.text, (query, r.text[-2000:])
+                assert "event: end" in r.text
+
+
 # ----------------------------------------------------------------------------- scripts/gpu_check.sh
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,6 +14,7 @@ input never moved to `lm.device`, fails here as it would on the GPU.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -176,14 +177,26 @@ def _device_load(f, map_location=None, **kw):
     return tree_map(lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t, obj)
 
 
+_thread_body = threading.Thread._bootstrap_inner  # runs the thread's `run`, a subclass's own included
+
+
+def _body_with_modes(self) -> None:
+    """Torch's modes are per thread: a thread started inside `accelerator()` (a server's worker) enters them too."""
+    with _Factories(), _Dispatch():
+        _thread_body(self)
+
+
 @contextlib.contextmanager
 def accelerator():
-    """Run the body with `meta` standing for an accelerator (see the module's docstring)."""
+    """Run the body with `meta` standing for an accelerator (see the module's docstring); threads started inside
+    run with it too."""
     torch.Generator, torch.inference_mode, torch.autocast = _DeviceGenerator, _NoGradInference, _DeviceAutocast
     torch.load = _device_load
+    threading.Thread._bootstrap_inner = _body_with_modes
     try:
         with _Factories(), _Dispatch():
             yield
     finally:
         torch.Generator, torch.inference_mode, torch.autocast = _Generator, _inference_mode, _autocast
         torch.load = _load
+        threading.Thread._bootstrap_inner = _thread_body
