@@ -59,7 +59,7 @@ def atlas_build(
         cfg = AtlasConfig(
             n_tokens=tokens, ctx_len=ctx_len, contexts_per_batch=per_batch, skip_tokens=skip_tokens, top_k=top_k
         )
-        _plan_gate(atlas_estimate(sae, cfg, model=model, corpus=corpus), plan=plan, force=force)
+        _plan_gate(atlas_estimate(sae, cfg, model=model, corpus=corpus), plan=plan, force=force, quiet=quiet)
         path = build_atlas_from(sae, out, cfg, model=model, corpus=corpus, progress=not quiet, timings=timings)
     except (ThoughtscopeError, ValueError) as e:
         _fail(str(e))

@@ -24,13 +24,14 @@ PLAN_HELP = (
 FORCE_HELP = "run even when the plan's peak memory exceeds the memory available"
 
 
-def _plan_gate(estimate, *, plan: bool, force: bool, json_out: Path | None = None) -> None:
-    """Print a run's plan; with --plan stop there (writing the plan to --json when given); refuse a run whose
-    memory exceeds what is available unless --force. Shared by every command that starts a long run."""
+def _plan_gate(estimate, *, plan: bool, force: bool, quiet: bool = False, json_out: Path | None = None) -> None:
+    """Print a run's plan (not with --quiet, unless --plan); with --plan stop there (writing the plan to --json when
+    given); refuse a run whose memory exceeds what is available unless --force. Shared by every command that starts
+    a long run."""
     from .._io import atomic_write_json
     from ..errors import ThoughtscopeError
 
-    for line in estimate.lines():
+    for line in estimate.lines() if plan or not quiet else []:
         console.print(line, markup=False, highlight=False)
     if plan:
         if json_out is not None:
@@ -96,7 +97,7 @@ def harvest_cmd(
         lm = _load(model, local_device(device), model_dtype)  # under torchrun, "cuda" = this process's GPU
         src = Corpus(corpus, text_field=text_field)
         if plan or int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun only an explicit --plan probes
-            _plan_gate(harvest_estimate(lm, src, sites, cfg), plan=plan, force=force)
+            _plan_gate(harvest_estimate(lm, src, sites, cfg), plan=plan, force=force, quiet=quiet)
         t0 = time.perf_counter()
         stores = run(lm, src, sites, out, cfg, progress=not quiet, overwrite=overwrite)
     except (ThoughtscopeError, ValueError) as e:
