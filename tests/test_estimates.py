@@ -92,6 +92,10 @@ def test_sae_estimate_counts_parameters_adam_and_the_folder_it_saves(files, tmp_
     folder = est.disk["SAE folder(s) (1)"]
     assert abs(folder - _bytes(tmp_path / "sae")) / _bytes(tmp_path / "sae") < 0.05
     assert "8 steps" in est.timing  # 2048 tokens / 256 rows per step
+    # the held-out spliced loss after training loads the store's recorded model and times one batch of it
+    with_loss = sae_estimate(store=tmp_path / "acts", grid=GRID, train_cfg=tc, loss_tokens=2048)
+    assert "held-out spliced loss" in with_loss.timing and "× 2" in with_loss.timing
+    assert with_loss.memory["model weights (loaded after training)"] > 0 and with_loss.seconds > est.seconds * 0.5
     on_the_fly = sae_estimate(
         model=str(files / "model"), site="resid.1", corpus=str(files / "docs.txt"), grid=GRID, train_cfg=tc, lm=lm
     )

@@ -424,6 +424,25 @@ def _probe_training(cfgs, batches, tc) -> tuple[float, float, float, int, int]:
     return init, per_step, per_ckpt + per_ckpt_save / max(1, len(cfgs)), ckpt, folder
 
 
+def _heldout_probe(lm, cfg, site, loss_tokens: int) -> tuple[float, str]:
+    """The spliced loss `train_grid` measures after training (`loss_tokens` held-out tokens): one batch of it run
+    for real (an untrained SAE of the same size spliced in; the cost does not depend on the weights), scaled."""
+    import torch
+
+    from .sae.base import build_sae
+    from .sae.metrics import spliced_lm_loss
+    from .sae.run import LOSS_CONTEXTS, LOSS_CTX_LEN
+
+    sae = build_sae(cfg, seed=0).to(lm.device).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(lm.tokenizer), (LOSS_CONTEXTS, LOSS_CTX_LEN), generator=g)
+    t = time.perf_counter()
+    spliced_lm_loss(lm, sae, site, [ids], max_batches=1)
+    per_batch = time.perf_counter() - t
+    n = math.ceil(loss_tokens / (LOSS_CONTEXTS * LOSS_CTX_LEN))
+    return n * per_batch, f"held-out spliced loss: {per_batch:.2f} s per {LOSS_CONTEXTS * LOSS_CTX_LEN} tokens × {n}"
+
+
 def sae_estimate(
     *,
     store=None,
@@ -433,12 +452,15 @@ def sae_estimate(
     grid: dict[str, Sequence],
     max_norm_ratio: float | None = 10.0,
     train_cfg,
+    loss_tokens: int = 0,
     lm=None,
     available: int | None = None,
 ) -> Estimate:
     """Plan `sae.run.train_grid` with the same arguments: a few real optimiser steps of the whole sweep on real
     activations (read from the store as training reads them, or computed by the model), a checkpoint and a
-    save in a temporary folder, extrapolated to the run's steps. `lm` reuses an already loaded model."""
+    save in a temporary folder, extrapolated to the run's steps; with `loss_tokens`, one batch of the held-out
+    spliced loss measured after training (the store's recorded model is loaded for it). `lm` reuses an already
+    loaded model."""
     from .sae.run import Source, config_grid
 
     tc = train_cfg
@@ -476,6 +498,17 @@ def sae_estimate(
             "on-the-fly shuffle buffer": 65_536 * lm.d_model * 4,
         }
     init, per_step, per_ckpt, ckpt, folder = _probe_training(cfgs, batches, tc)
+    after_s, after_how = 0.0, ""
+    if loss_tokens > 0:
+        if lm is None:
+            from .models import load_recorded
+
+            extra = st.manifest.get("extra") or {}
+            recorded = extra.get("model_source") if isinstance(extra.get("model_source"), dict) else st.model
+            lm = load_recorded(recorded or None)
+            buffer["model weights (loaded after training)"] = model_bytes(lm)
+        after_s, after_how = _heldout_probe(lm, cfgs[0], lm.check_site(source.site), loss_tokens)
+        after_how = "; " + after_how
     hwm = peak_rss()
     n_ckpt = (steps // tc.checkpoint_every + 1) if tc.checkpoint_every else 0
     held = _sae_held(cfgs, tc.batch_size)
@@ -484,9 +517,9 @@ def sae_estimate(
         "sae train",
         _with_measured({**held, **probe_extra}, {**held, **buffer}, hwm),
         {f"SAE folder(s) ({len(cfgs)})": folder * len(cfgs)},
-        init + steps * per_step + data_s + n_ckpt * per_ckpt,
+        init + steps * per_step + data_s + n_ckpt * per_ckpt + len(cfgs) * after_s,
         f"{PROBE_STEPS} optimiser steps of {len(cfgs)} SAE(s) measured: {per_step:.3f} s each × {steps} steps; "
-        f"{data_how}; {n_ckpt} checkpoint(s) at {per_ckpt:.2f} s",
+        f"{data_how}; {n_ckpt} checkpoint(s) at {per_ckpt:.2f} s{after_how}",
         available_memory() if available is None else available,
         scratch={"resumable checkpoint": ckpt if n_ckpt else 0},
     )
