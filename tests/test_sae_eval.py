@@ -252,3 +252,19 @@ def test_heldout_start_follows_the_training_record(tmp_path):
     assert skip == 0 and "not the corpus the SAE trained on" in said
     with pytest.raises(SAEError, match="damaged"):
         heldout_contexts({**rec, "n_tokens": "many"}, a)
+
+
+def test_fvu_says_whether_the_store_is_training_text(trained, tmp_path):
+    from thoughtscope.corpus import Corpus
+    from thoughtscope.harvest import HarvestConfig, harvest
+    from thoughtscope.models import load_model
+    from thoughtscope.sae.run import evaluate_folder
+
+    root, _, acts = trained
+    same = evaluate_folder(root / "sae", store=acts, loss_tokens=0)
+    assert same["reconstruction"]["text"].startswith("training text") and "loss_tokens is 0" in same["spliced_skipped"]
+    lm = load_model(str(root / "model"))
+    cfg = HarvestConfig(n_tokens=1024, ctx_len=32, contexts_per_batch=8, skip_tokens=4096)
+    (held,) = harvest(lm, Corpus(str(root / "docs.txt")), ["resid.1"], tmp_path / "held", cfg, progress=False).values()
+    other = evaluate_folder(root / "sae", store=held.path, loss_tokens=0)
+    assert other["reconstruction"]["text"].startswith("held out")

@@ -191,7 +191,7 @@ def _print_eval(result: dict) -> None:
     if r is not None:
         console.print(
             f"[bold]FVU: {r['fvu']:.3f}[/bold]  (L0 {r['l0']:.1f}, dead {r['dead_frac']:.1%}, "
-            f"{r['n_tokens']:,} store tokens)"
+            f"{r['n_tokens']:,} store tokens; {r['text']})"
         )
     console.print_json(json.dumps(result, default=float))
 

@@ -242,6 +242,22 @@ def heldout_contexts(text: dict | None, corpus: Any, ctx_len: int = LOSS_CTX_LEN
     )
 
 
+def store_overlap(store: dict, trained: dict | None) -> str:
+    """Whether a store's text is text the SAE trained on (same corpus, overlapping token ranges), in words."""
+    if trained is None:
+        return "unknown whether the SAE trained on this store's text (its folder does not record its training text)"
+    a, b = store.get("corpus") or {}, trained.get("corpus") if isinstance(trained.get("corpus"), dict) else {}
+    same = a == b or (a.get("spec"), a.get("kind")) == (b.get("spec"), b.get("kind"))
+    try:
+        lo, hi = int(trained["skip_tokens"]), int(trained["skip_tokens"]) + int(trained["n_tokens"])
+    except (KeyError, TypeError, ValueError):
+        raise SAEError(f"training-text record {trained!r} is damaged: expected skip_tokens and n_tokens") from None
+    s_lo, s_hi = store["skip_tokens"], store["skip_tokens"] + store["n_tokens"]
+    if same and s_lo < hi and lo < s_hi:
+        return "training text: this store overlaps the text the SAE trained on, so FVU here is not held out"
+    return "held out: this store's text is not the text the SAE trained on"
+
+
 def _check_model(sae, lm) -> None:
     """The SAE fits `lm`: the same width, and the same model name or (a moved file or folder) the same content."""
     if lm.d_model != sae.cfg.d_model:
@@ -338,6 +354,7 @@ def evaluate_folder(
             EVAL_ROWS, shuffle=False, exclude_bos=sae.cfg.exclude_bos, max_norm_ratio=sae.cfg.max_norm_ratio
         )
         recon = evaluate_sae(sae, batches, max_batches=max(1, n_tokens // EVAL_ROWS))
+        recon["text"] = store_overlap(store_text(st), training_text(folder))
     recorded = sae.cfg.model_source or sae.cfg.model or None
     if loss_tokens <= 0:
         skipped = "loss_tokens is 0"
