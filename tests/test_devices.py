@@ -438,10 +438,10 @@ def test_nla_verbalize_and_reconstruct_on_the_device(lm):
         assert nla_loss(ar.predict(["a river"]), gold[:1]).isfinite()  # predictions come back on the CPU
 
 
-def test_nla_rows_and_every_training_stage_on_the_device(lm, tmp_path):
+def _nla_on_the_device(lm, tmp_path, *, evaluate: bool) -> None:
     import json
 
-    from thoughtscope.nla import NLA, DataConfig, NLATrainConfig, harvest_rows, train_stage
+    from thoughtscope.nla import NLA, DataConfig, NLATrainConfig, evaluate_nla, harvest_rows, train_stage
 
     words = "alpha beta gamma delta apple river stone cloud music paper".split()
     path = tmp_path / "docs.jsonl"
@@ -468,7 +468,19 @@ def test_nla_rows_and_every_training_stage_on_the_device(lm, tmp_path):
         nla = NLA.load(tmp_path / "nla", lm=lm)
         nla.av.cfg = nla.cfg = dataclasses.replace(nla.cfg, max_new_tokens=4)  # short: the device is what counts
         expl, rec, loss = nla.round_trip(rows.vectors[:2])
+        ev = evaluate_nla(nla, rows, quick=True, n_boot=20, progress=False) if evaluate else None
     assert len(expl) == 2 and rec.shape == (2, D) and loss.isfinite().all()
+    assert ev is None or {"mean", "token_mean", "ridge_k1"} <= ev["baselines"].keys()
+
+
+def test_nla_rows_and_every_training_stage_on_the_device(lm, tmp_path):
+    _nla_on_the_device(lm, tmp_path, evaluate=False)
+
+
+@pytest.mark.slow
+def test_nla_evaluation_ladder_on_the_device(lm, tmp_path):
+    """The held-out ladder (baselines, bootstrap) after the stages: about 10 s more, so it runs with the slow tests."""
+    _nla_on_the_device(lm, tmp_path, evaluate=True)
 
 
 def test_feature_stats_vector_fit_calibration_sweep_and_sae_metrics_on_the_device(lm, tmp_path):
