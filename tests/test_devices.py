@@ -364,6 +364,39 @@ def test_feature_steering_with_the_sae_left_on_the_cpu_and_the_model_on_the_devi
     assert len(out[0].token_ids) == 3
 
 
+def test_steer_find_discovers_screens_and_calibrates_handles_on_the_device(lm, tmp_path):
+    from thoughtscope.steer.find import Concept, FindConfig, find_handle, save_preset
+
+    sae = make_sae("relu-l1")
+    concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ", "a Q b"], controls=["ab cd", "ef gh"])
+    cfg = FindConfig(
+        n_features=1,
+        caa_sites=[SITE],
+        logit_sites=[SITE],
+        n_screen=1,
+        screen_tokens=3,
+        max_new_tokens=3,
+        n_calibrate=1,
+        ppl_bound=1e30,
+        feature_grid=(2.0, 8.0),
+        vector_grid=(0.1, 0.2),
+        pair_grid=(1.0,),
+        fine_steps=(1.0,),
+        extend_steps=0,
+        refine_steps=0,
+        confirm_seeds=1,
+        temperature=0.0,
+        loop_repetition=1.0,
+    )
+    with accelerator():
+        lm.model.to(DEVICE)
+        sae.to(DEVICE)
+        res = find_handle(lm, sae, concept, questions=["hello there", "what is up"], config=cfg, progress=False)
+        if res.best is not None:
+            save_preset(res, sae, tmp_path / "q.json")
+    assert res.handles and json.dumps(res.to_dict())
+
+
 # ----------------------------------------------------------------------------- probes, atlas, NLA
 
 
