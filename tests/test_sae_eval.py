@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -192,10 +193,12 @@ def test_eval_without_any_model_gives_reconstruction(trained, tmp_path):
 
     root, _, acts = trained
     sae = load_sae(root / "sae")
-    sae.cfg.model_source, sae.cfg.model = None, ""
+    sae.cfg.model_source, sae.cfg.model = None, "an-unregistered-name"  # never tried on the hub
     save_sae(sae, tmp_path / "sae")
+    t0 = time.perf_counter()
     r = evaluate_folder(tmp_path / "sae", store=acts)
-    assert "fvu" in r and "spliced" not in r and "no model" in r["spliced_skipped"]
+    assert "fvu" in r and "spliced" not in r and "no model given" in r["spliced_skipped"]
+    assert time.perf_counter() - t0 < 10
 
 
 def test_cli_eval_prints_recovery_first_and_writes_it(trained):

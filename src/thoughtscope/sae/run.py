@@ -181,9 +181,12 @@ def record_after_training(runs: list[Trained], source: Source, *, loss_tokens: i
     lm, note = source.lm, None
     if loss_tokens > 0 and lm is None:
         try:
-            lm = _load_model(source.model_source or source.model or None, None)
+            recorded = loadable_record(source.model_source, source.model)
+            if recorded is None:
+                raise ModelError(f"the store records no way to load its model {source.model!r}")
+            lm = _load_model(recorded, None)
         except ModelError as e:
-            note = f"no spliced loss: {e}"
+            note = f"no spliced loss: {e}; run sae eval --model"
     for run in runs:
         m = _read_metrics(run.folder)
         m["data"] = source.text
@@ -265,6 +268,17 @@ def _check_model(sae, lm) -> None:
     digest = (sae.cfg.model_source or {}).get("sha256")
     if sae.cfg.model and sae.cfg.model != lm.name and not (digest and digest == lm.source.get("sha256")):
         raise SAEError(f"the SAE was trained on {sae.cfg.model!r}, not {lm.name!r}")
+
+
+def loadable_record(source: dict | None, name: str | None) -> dict | None:
+    """What to load an artefact's model from: its recorded source, else its model name when that is a registered
+    one; None otherwise (a bare name would be tried on the hub, which offline means a minute of retries)."""
+    from ..models import recorded_spec
+
+    if isinstance(source, dict) and source.get("spec"):
+        return source
+    rec = recorded_spec(name or None)
+    return rec if rec.get("registered") else None
 
 
 def _load_model(recorded: dict | str | None, given: str | None):
@@ -355,11 +369,11 @@ def evaluate_folder(
         )
         recon = evaluate_sae(sae, batches, max_batches=max(1, n_tokens // EVAL_ROWS))
         recon["text"] = store_overlap(store_text(st), training_text(folder))
-    recorded = sae.cfg.model_source or sae.cfg.model or None
+    recorded = loadable_record(sae.cfg.model_source, sae.cfg.model)
     if loss_tokens <= 0:
         skipped = "loss_tokens is 0"
     elif model is None and recorded is None:
-        skipped = "no model given (--model) and none recorded with the SAE"
+        skipped = f"no model given (--model) and no way to load {sae.cfg.model or 'its model'!r} recorded with the SAE"
     else:
         try:
             lm = _load_model(recorded, model)
