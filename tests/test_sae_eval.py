@@ -209,7 +209,9 @@ def test_cli_eval_prints_recovery_first_and_writes_it(trained):
     from thoughtscope.cli import app
 
     root, _, acts = trained
-    res = CliRunner().invoke(app, ["sae", "eval", str(root / "sae"), "--loss-tokens", "128", "--write", "--quiet"])
+    res = CliRunner().invoke(
+        app, ["sae", "eval", str(root / "sae"), "--loss-tokens", "128", "--write", "--quiet", "--device", "cpu"]
+    )
     assert res.exit_code == 0, res.output
     assert res.output.lstrip().startswith("loss recovered vs mean ablation:")
     assert "held-out text" in res.output

@@ -144,6 +144,7 @@ def sae_eval(
     ),
     write: bool = typer.Option(False, "--write", help="store the figures in the SAE folder's metrics.json (heldout)"),
     json_out: Path | None = typer.Option(None, "--json", help="write the metrics here"),
+    device: str | None = typer.Option(None, help="torch device for the SAE and the model, e.g. cuda (default: CPU)"),
     quiet: bool = typer.Option(False, help="no progress bar"),
 ) -> None:
     """Measure an SAE: loss recovered vs mean ablation when its model is known, reconstruction on a store."""
@@ -165,6 +166,7 @@ def sae_eval(
             skip_tokens=skip_tokens,
             progress=not quiet,
             write=write,
+            device=device,
         )
     except (SAEError, StoreError, ModelError) as e:
         _fail(str(e))

@@ -281,10 +281,10 @@ def loadable_record(source: dict | None, name: str | None) -> dict | None:
     return rec if rec.get("registered") else None
 
 
-def _load_model(recorded: dict | str | None, given: str | None):
+def _load_model(recorded: dict | str | None, given: str | None, device: str | None = None):
     from ..models import load_recorded
 
-    return load_recorded(recorded, given)
+    return load_recorded(recorded, given, device=device)
 
 
 def loss_batches(lm, corpus, skip: int, n_contexts: int) -> list:
@@ -346,16 +346,17 @@ def evaluate_folder(
     skip_tokens: int | None = None,
     progress: bool = False,
     write: bool = False,
+    device: str | None = None,
 ) -> dict:
     """Reconstruction metrics of the SAE at `path` on at most `n_tokens` store tokens, and its spliced language-model
     loss on `loss_tokens` corpus tokens (held out from its training text by default; see `heldout_loss`) with the
     model given, else the one it recorded (none given or recorded: reconstruction only; `loss_tokens=0` skips the
     loss). `loss_recovered_vs_mean` and `fvu` lead the result. `write` stores it in the folder's metrics file
-    (`heldout`)."""
+    (`heldout`). `device`: where the SAE and the model run (default: the CPU)."""
     from .formats import load_sae
     from .metrics import evaluate_sae
 
-    sae = load_sae(path)
+    sae = load_sae(path, device=device)
     folder = getattr(sae, "source_dir", Path(path))
     recon = spliced = where = skipped = None
     if store is not None:
@@ -376,7 +377,7 @@ def evaluate_folder(
         skipped = f"no model given (--model) and no way to load {sae.cfg.model or 'its model'!r} recorded with the SAE"
     else:
         try:
-            lm = _load_model(recorded, model)
+            lm = _load_model(recorded, model, device)
         except ModelError as e:
             if recon is None:
                 raise
