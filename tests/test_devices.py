@@ -92,12 +92,7 @@ def test_the_simulator_catches_a_model_input_left_on_the_cpu(lm):
 # ----------------------------------------------------------------------------- SAEs and their kernels
 
 
-JUMPRELU_AUX = pytest.mark.xfail(
-    strict=True, reason="sae/jumprelu.py:98 makes aux on the CPU: torch.zeros(()) needs device=x.device"
-)
-
-
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu-l1", pytest.param("jumprelu", marks=JUMPRELU_AUX)])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu-l1", "jumprelu"])
 def test_sae_encode_decode_sparse_partial_and_a_training_step_stay_on_the_device(arch):
     sae = make_sae(arch)
     x = torch.randn(16, D)
@@ -209,11 +204,6 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sae/train.py load_state_dict: torch.load(map_location=device) puts the CPU RNG state on the device, "
-    "and torch.set_rng_state refuses it: torch.set_rng_state(st['torch_rng'].cpu())",
-)
 def test_training_killed_and_resumed_on_the_device_equals_an_uninterrupted_run(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(64, D, generator=g) * 2 for _ in range(8)]
@@ -344,10 +334,6 @@ def test_feature_and_vector_steering_during_generation_on_the_device(lm):
     assert [g.token_ids for g in got] == [g.token_ids for g in want]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="steer/interventions.py Steerer.__init__ moves VectorEdits to lm.device but not a FeatureEdit's SAE",
-)
 def test_feature_steering_with_the_sae_left_on_the_cpu_and_the_model_on_the_device(lm):
     from thoughtscope.steer import GenerationConfig, clamp, generate
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.sae_data import D_MODEL, FAST, make_batches
 
 import thoughtscope.sae as S
-from helpers.sae_data import D_MODEL, FAST, make_batches
 from thoughtscope.store import massive_dims
 
 MASSIVE = 5

@@ -221,3 +221,10 @@ def test_benchmark_matched_l0_search_brackets_and_interpolates(monkeypatch):
     # out of reach: the nearest point is reported, unbracketed
     pts, at = B.match_l0(train_at, train_at(8.0), 5.0, max_runs=3, tol=0.1)
     assert not at["bracketed"] and len(pts) == 4
+
+
+def test_a_run_whose_data_runs_out_between_log_steps_keeps_its_final_metrics():
+    batches = make_batches(7)  # 7 steps of the 20 asked for, none of them a log step (every 50)
+    cfg = S.SAEConfig(arch="topk", d_model=D_MODEL, n_features=64, k=4)
+    sae = S.train_sae(cfg, batches, S.TrainConfig(batch_size=256, steps=20, lr=3e-3, **FAST))
+    assert set(sae.train_metrics) >= {"fvu", "l0", "dead_frac"} and sae.train_metrics["l0"] == 4

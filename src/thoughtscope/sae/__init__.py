@@ -31,6 +31,7 @@ _WHERE = {
     "load_dictionary_learning": "formats",
     "evaluate_sae": "metrics",
     "spliced_lm_loss": "metrics",
+    "spliced_losses": "metrics",
     "Trainer": "train",
     "TrainingDiverged": "train",
     "train_sae": "train",
@@ -65,6 +66,7 @@ __all__ = [
     "sae_class",
     "save_sae",
     "spliced_lm_loss",
+    "spliced_losses",
     "train_sae",
     "train_saes",
 ]
@@ -89,7 +91,7 @@ if TYPE_CHECKING:
     from .config import SAEConfig, SAEError, TrainConfig
     from .formats import export_saelens, load_dictionary_learning, load_sae, load_saelens, load_sparsify, save_sae
     from .jumprelu import JumpReLUSAE
-    from .metrics import evaluate_sae, spliced_lm_loss
+    from .metrics import evaluate_sae, spliced_lm_loss, spliced_losses
     from .registry import register_sae_class, sae_class
     from .relu_l1 import ReluL1SAE
     from .topk import TopKSAE

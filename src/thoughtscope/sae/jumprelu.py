@@ -95,7 +95,9 @@ class JumpReLUSAE(UnitDecoderMixin, SAE):
         if cfg.pre_act_coeff > 0:
             loss = loss + cfg.pre_act_coeff * (F.relu(t.detach() - pre) * dec_norm).sum(-1).mean()
         active = f > 0
-        return StepOutput(loss, recon, active.any(0), active.sum(-1).float().mean().detach(), torch.zeros(()))
+        return StepOutput(
+            loss, recon, active.any(0), active.sum(-1).float().mean().detach(), torch.zeros((), device=x.device)
+        )
 
     def extra_state_tensors(self):
         return {"threshold": self.threshold.detach().clone()}

@@ -228,7 +228,8 @@ class Trainer:
                     sae, opt, lr, st["since_fired"][i].to(self.device), dm, bool(dm.any()) if dm is not None else False
                 )
             )
-        torch.set_rng_state(st["torch_rng"])
+        # the checkpoint was loaded onto the training device; torch keeps its RNG state on the CPU
+        torch.set_rng_state(st["torch_rng"].cpu())
         self.metrics_log = st.get("metrics_log", [])
         for slot, last in zip(self.slots, st.get("last", [])):  # absent from checkpoints of earlier versions
             slot.last = dict(last)
@@ -288,6 +289,8 @@ class Trainer:
                     self._log(progress)
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save_checkpoint()
+            if self.step < self.total_steps and self.step % tc.log_every and self.slots[0].pending is not None:
+                self._log(progress)  # the data ran out between log steps: the SAE's final metrics are its last step
         if self.step < self.total_steps and self.rank == 0:
             self.metrics_log.append({"note": f"data ran out after {self.step} of {self.total_steps} steps"})
         if tc.checkpoint_every:

@@ -360,6 +360,8 @@ class Steerer:
         for iv in interventions:
             if isinstance(iv, VectorEdit):
                 iv.to(lm.device)
+            elif isinstance(iv, FeatureEdit) and iv.sae.W_dec.device != lm.device:
+                iv.sae.to(lm.device)  # an SAE loaded on the CPU beside a model on a GPU
         self.lm = lm
         self.interventions = interventions
         self.ctx = StepContext()
