@@ -173,8 +173,20 @@ def test_budget_cuts_least_harmful_first_until_the_search_fits():
     assert len(cuts) > 4 and "3-point screening grids" in cuts
     assert all(len(h.grid) <= 3 for h in kept)
     kept_cfg, q, kept, cuts, predicted = _fit_budget(hs, QUESTIONS, cfg, 1e-9, rate)
-    assert "the budget cannot be kept" in cuts[-1] and kept_cfg.max_new_tokens == 32
+    assert "the budget cannot be kept" in cuts[-1] and kept_cfg.max_new_tokens == 16 and len(q) == 3
     assert len([h for h in kept if h.kind == "caa"]) == 1 and len(kept) == 4  # one of each kind and ranking
+
+
+def test_budget_fits_a_per_generation_overhead_once_sizes_differ():
+    from thoughtscope.steer.find import _Budget
+
+    b = _Budget(1.0, time.perf_counter())
+    b.measured(0.5 + 0.01 * 144, 144)
+    assert b.per_call == 0 and math.isclose(b.rate, (0.5 + 1.44) / 144)  # one size: no overhead can be told apart
+    b.measured(0.5 + 0.01 * 48, 48)
+    assert math.isclose(b.rate, 0.01) and math.isclose(b.per_call, 0.5)
+    assert math.isclose(b.seconds(100, 3), 1.0 + 1.5)
+    assert b.describe()["seconds_per_generation"] == 0.5
 
 
 def test_find_handle_keeps_a_budget_on_a_tiny_model():
@@ -190,7 +202,7 @@ def test_find_handle_keeps_a_budget_on_a_tiny_model():
     budget = res.config["budget"]
     assert budget["minutes"] == 1e-4 and budget["seconds_per_answer_token"] > 0
     assert budget["cuts"][0] == "no CAA + logit pair" and any("cannot be kept" in c for c in budget["cuts"])
-    assert res.config["confirm_seeds"] == 0 and len(res.questions) == 4
+    assert res.config["confirm_seeds"] == 0 and len(res.questions) == 2
     assert any(h["status"].startswith("not screened: cut") for h in res.handles)
     # a generous budget cuts nothing and runs the search as configured
     roomy = find_handle(lm, None, concept, questions=QUESTIONS, config=cfg, progress=False, minutes=60)

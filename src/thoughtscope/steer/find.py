@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .._io import atomic_write_json
@@ -37,6 +37,7 @@ from .presets import Preset, PresetItem, sae_spec
 
 __all__ = ["Concept", "FindConfig", "FindResult", "Handle", "build_handles", "find_handle", "save_preset"]
 
+PLAN_SHARE = 0.9  # share of the time left that a budgeted search plans to fill
 PROMPT_ONLY_INSTRUCTION = "Whatever the question, mention {concept} in your answer."
 
 
@@ -198,6 +199,13 @@ def _worst_work(handles: Sequence[Handle], questions: Sequence[str], config: Fin
     return _planned_work(handles, questions, config) + extra
 
 
+def _worst_calls(handles: Sequence[Handle], config: FindConfig) -> int:
+    """Generations the search runs at most (each costs a fixed overhead beside its answer tokens)."""
+    screen = 1 + sum(len(h.grid) for h in handles) + len(config.pair_grid)
+    calibration = config.n_calibrate * (len(config.fine_steps) + config.extend_steps + config.refine_steps)
+    return screen + 2 + calibration + 2 * config.confirm_seeds
+
+
 def _thin(grid: Sequence[float], n: int) -> tuple[float, ...]:
     """`n` points of a sorted grid, the weakest dropped first (screening stops at broken text anyway, so the
     strongest points are the cheap ones to keep)."""
@@ -208,8 +216,6 @@ def _thin(grid: Sequence[float], n: int) -> tuple[float, ...]:
 def _fewer_handles(handles: Sequence[Handle], per_kind: int | None, grid_points: int | None) -> list[Handle]:
     """At most `per_kind` candidates of each kind (features: those ranked within `per_kind` by either ranking;
     the others are listed best first), each screened on at most `grid_points` strengths."""
-    from dataclasses import replace
-
     seen: dict[str, int] = {}
     out = []
     for h in handles:
@@ -226,8 +232,6 @@ def _fewer_handles(handles: Sequence[Handle], per_kind: int | None, grid_points:
 def _cuts(config: FindConfig, n_questions: int):
     """The ways to shrink a search, least harmful first: (what is cut, config, questions kept, candidates kept
     per kind, screening points kept per candidate)."""
-    from dataclasses import replace
-
     c, q, k, g = config, n_questions, None, None
     steps = [
         ("no CAA + logit pair", dict(pair_grid=())),
@@ -244,6 +248,9 @@ def _cuts(config: FindConfig, n_questions: int):
         (f"{max(4, n_questions // 2)} calibration questions", ("questions", max(4, n_questions // 2))),
         ("screening answers of 16 tokens", dict(screen_tokens=min(16, c.screen_tokens))),
         ("answers of 32 tokens", dict(max_new_tokens=min(32, c.max_new_tokens))),
+        ("no calibration points past the grid", dict(refine_steps=0)),
+        (f"{max(2, c.n_screen // 2)} calibration questions", ("questions", max(2, c.n_screen // 2))),
+        ("answers of 16 tokens", dict(max_new_tokens=min(16, c.max_new_tokens))),
     ]
     for what, change in steps:
         if isinstance(change, dict):
@@ -257,11 +264,15 @@ def _cuts(config: FindConfig, n_questions: int):
         yield what, c, q, k, g
 
 
-def _fit_budget(handles, questions, config: FindConfig, seconds_left: float, rate: float):
-    """Shrink the search until its worst-case answer tokens × the measured seconds per answer token fit in
-    `seconds_left`: (config, questions, handles, cuts made, predicted seconds). Past the last cut it runs as small
-    as it gets, and says the budget cannot be kept."""
-    predicted = rate * _worst_work(handles, questions, config)
+def _fit_budget(handles, questions, config: FindConfig, seconds_left: float, rate: float, per_call: float = 0.0):
+    """Shrink the search until its worst case (answer tokens × the measured seconds per answer token, plus the
+    measured overhead per generation) fits in `seconds_left`: (config, questions, handles, cuts made, predicted
+    seconds). Past the last cut it runs as small as it gets, and says the budget cannot be kept."""
+
+    def cost(hs, qs, c) -> float:
+        return rate * _worst_work(hs, qs, c) + per_call * _worst_calls(hs, c)
+
+    predicted = cost(handles, questions, config)
     cuts: list[str] = []
     kept_q, kept_h = list(questions), list(handles)
     for what, c, q, k, g in _cuts(config, len(questions)):
@@ -269,7 +280,7 @@ def _fit_budget(handles, questions, config: FindConfig, seconds_left: float, rat
             break
         config, kept_q, kept_h = c, list(questions[:q]), _fewer_handles(handles, k, g)
         cuts.append(what)
-        predicted = rate * _worst_work(kept_h, kept_q, config)
+        predicted = cost(kept_h, kept_q, config)
     if predicted > seconds_left:
         cuts.append(f"still ~{predicted / 60:.1f} min at the smallest search: the budget cannot be kept")
     return config, kept_q, kept_h, cuts, predicted
@@ -282,20 +293,47 @@ class _Budget:
         if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
             raise SteerError(f"the time budget must be a positive number of minutes, got {minutes!r}")
         self.minutes, self.deadline = float(minutes), start + 60.0 * minutes
-        self.rate = 0.0
+        self.rate = 0.0  # seconds per answer token
+        self.per_call = 0.0  # seconds of overhead per generation (prompt, scoring), once sizes differ enough to tell
+        self.calls: list[tuple[int, float]] = []  # (answer tokens, seconds) of every generation so far
         self.cuts: list[str] = []
         self.predicted_full = self.predicted = 0.0
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
-    def affords(self, answer_tokens: int) -> bool:
-        return self.rate * answer_tokens <= self.left()
+    def plannable(self) -> float:
+        """The time left that a plan may fill: a tenth is kept back for what a plan does not see (the noise of a
+        shared machine, the winner's write-up)."""
+        return PLAN_SHARE * self.left()
+
+    def measured(self, seconds: float, answer_tokens: int) -> None:
+        """One more generation: seconds = per_call + rate × answer tokens, fitted (least squares) on every one so
+        far when their sizes differ by half or more, else the mean rate with no overhead."""
+        self.calls.append((answer_tokens, seconds))
+        xs, ys = [float(x) for x, _ in self.calls], [y for _, y in self.calls]
+        n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+        self.rate, self.per_call = sum(ys) / max(1.0, sum(xs)), 0.0
+        if n >= 2 and max(xs) >= 1.5 * min(xs):
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            if slope > 0 and my - slope * mx > 0:
+                self.rate, self.per_call = slope, my - slope * mx
+
+    def seconds(self, answer_tokens: int, calls: int = 1) -> float:
+        return self.rate * answer_tokens + self.per_call * calls
+
+    def cut(self, what: str) -> None:
+        if what not in self.cuts:
+            self.cuts.append(what)
+
+    def affords(self, answer_tokens: int, calls: int = 1) -> bool:
+        return self.seconds(answer_tokens, calls) <= self.left()
 
     def describe(self) -> dict:
         return {
             "minutes": self.minutes,
             "seconds_per_answer_token": round(self.rate, 5),
+            "seconds_per_generation": round(self.per_call, 3),
             "predicted_minutes_uncut": round(self.predicted_full / 60, 2),
             "predicted_minutes": round(self.predicted / 60, 2),
             "cuts": list(self.cuts),
@@ -326,14 +364,16 @@ class _Search:
         t = time.perf_counter()
         self.sbase = evaluate(self.lm, [], prompts=self.screen_q, config=self.scfg, keep_samples=0, **self.judged)
         if self.budget is not None:
-            self.budget.rate = (time.perf_counter() - t) / (len(self.screen_q) * self.config.screen_tokens)
+            self.budget.measured(time.perf_counter() - t, len(self.screen_q) * self.config.screen_tokens)
 
     def keep_budget(self, handles: list[Handle]) -> list[Handle]:
         """Shrink the search to the budget (what was cut is noted and reported); the handles to screen."""
         b = self.budget
-        b.predicted_full = b.rate * _worst_work(handles, self.questions, self.config)
+        b.predicted_full = b.seconds(
+            _worst_work(handles, self.questions, self.config), _worst_calls(handles, self.config)
+        )
         config, questions, kept, b.cuts, b.predicted = _fit_budget(
-            handles, self.questions, self.config, b.left(), b.rate
+            handles, self.questions, self.config, b.plannable(), b.rate, b.per_call
         )
         if b.cuts:
             self.bar.note(
@@ -366,7 +406,10 @@ class _Search:
     def steered(self, h: Handle, strength: float, qs, gen: GenerationConfig, base: SweepPoint, stage: str) -> dict:
         """One handle at one strength on the questions, as a frontier point; advances the bar."""
         ivs = h.interventions(self.sae, strength, self.config.positions)
+        t = time.perf_counter()
         pt = evaluate(self.lm, ivs, prompts=qs, config=gen, strength=strength, **self.judged)
+        if self.budget is not None:
+            self.budget.measured(time.perf_counter() - t, len(qs) * gen.max_new_tokens)
         self.tick(len(qs), gen.max_new_tokens, h.id)
         return _point(pt, base, stage, h.id, len(qs))
 
@@ -397,7 +440,7 @@ class _Search:
         config = self.config
         if self.sbase is None:
             self.screening_baseline()
-        firsts = {h.id: self.screen(h) for h in handles}
+        firsts = {h.id: self.screen(h) for h in handles if self._affords_screening(h)}
         duo = _pair_candidate(handles, firsts, self.reach, config)
         if duo is not None:
             handles.append(duo)
@@ -444,13 +487,52 @@ class _Search:
         self.report[h.id]["status"] = "calibrated"
         return list(mine)
 
+    def _reserve(self) -> int:
+        """Answer tokens the search needs after screening at the least: references and one fine grid per calibrated
+        handle."""
+        c = self.config
+        return (2 + c.n_calibrate * len(c.fine_steps)) * len(self.questions) * c.max_new_tokens
+
+    def _affords_screening(self, h: Handle) -> bool:
+        """Whether screening `h` leaves time for the rest (always, without a budget); a handle skipped is noted."""
+        b = self.budget
+        cost = len(h.grid) * len(self.screen_q) * self.config.screen_tokens
+        reserve_calls = len(h.grid) + 2 + self.config.n_calibrate * len(self.config.fine_steps)
+        if b is None or b.affords(cost + self._reserve(), reserve_calls) or not self.screened:
+            return True
+        self.report[h.id]["status"] = "not screened: the time budget ran out"
+        self.skip(cost)
+        b.cut("candidates left unscreened at the deadline")
+        return False
+
+    def fit_calibration(self, chosen: list[tuple]) -> list[tuple]:
+        """After screening, with the rate measured on every answer so far: shrink what is left (calibrated handles,
+        grid, questions, answer length; the cuts that touch calibration, in the same order) to the time left; the
+        handles to calibrate."""
+        b = self.budget
+        if b is None:
+            return chosen
+        later = ("confirm_seeds", "extend_steps", "refine_steps", "n_calibrate", "fine_steps", "max_new_tokens")
+        config, questions = self.config, self.questions
+        for what, c, q, _, _ in _cuts(self.config, len(self.questions)):
+            c0 = replace(config, pair_grid=())
+            if b.seconds(_worst_work([], questions, c0), _worst_calls([], c0) - 1) <= b.plannable():
+                break
+            if q < len(questions) or any(getattr(c, k) != getattr(config, k) for k in later):
+                config, questions = replace(config, **{k: getattr(c, k) for k in later}), questions[:q]
+                b.cut(f"{what} (after screening)")
+        self.config, self.questions = replace(config, pair_grid=self.config.pair_grid), list(questions)
+        self.fcfg = config.generation(config.max_new_tokens)
+        for _, _, h, _ in chosen[config.n_calibrate :]:
+            self.report[h.id]["status"] = "screened; calibration cut to keep the time budget"
+        return chosen[: config.n_calibrate]
+
     def _affords_point(self) -> bool:
         """Whether one more calibration point fits the budget (always, without one); a point skipped is noted."""
         b = self.budget
         if b is None or b.affords(len(self.questions) * self.config.max_new_tokens):
             return True
-        if "calibration points skipped at the deadline" not in b.cuts:
-            b.cuts.append("calibration points skipped at the deadline")
+        b.cut("calibration points skipped at the deadline")
         return False
 
     def confirm(self, h: Handle, strength: float) -> dict:
@@ -487,9 +569,9 @@ class _Search:
         """The chosen handle and strength with the figures to report (the confirmation's, when there is one)."""
         config = self.config
         seeds_cost = 2 * config.confirm_seeds * len(self.questions) * config.max_new_tokens
-        affordable = self.budget is None or self.budget.affords(seeds_cost)
+        affordable = self.budget is None or self.budget.affords(seeds_cost, 2 * config.confirm_seeds)
         if config.confirm_seeds and not affordable:
-            self.budget.cuts.append("confirmation on fresh seeds skipped at the deadline")
+            self.budget.cut("confirmation on fresh seeds skipped at the deadline")
         conf = self.confirm(h, best["strength"]) if config.confirm_seeds and affordable else None
         head = conf or {k: best[k] for k in ("concept_rate", "perplexity_ratio", "repetition", "looping")}
         calibration = self.report[h.id]["calibration"]
@@ -551,7 +633,7 @@ def find_handle(
             run.budget = _Budget(minutes, t0)
             run.screening_baseline()
             screened = run.keep_budget(handles)
-        chosen = run.screen_all(screened)
+        chosen = run.fit_calibration(run.screen_all(screened))
         handles += [h for h in screened if all(h is not x for x in handles)]  # the pair, and cut grids
         config, questions = run.config, run.questions
         base, baseline, prompt_only = run.references()
