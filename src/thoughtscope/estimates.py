@@ -354,7 +354,13 @@ def _store_batches(store, tc, cfg0, k: int) -> tuple[list, float, float, int]:
         max_norm_ratio=cfg0.max_norm_ratio,
     )
     t0 = time.perf_counter()
-    out = [next(it)]
+    b0 = next(it, None)
+    if b0 is None:
+        raise SAEError(
+            f"store {store.path} holds fewer usable rows than one optimiser step reads ({tc.batch_size:,} rows, "
+            f"--batch-size): harvest more tokens or lower --batch-size"
+        )
+    out = [b0]
     first = time.perf_counter() - t0
     gaps = []
     for _ in range(k):

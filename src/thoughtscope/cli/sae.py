@@ -7,6 +7,7 @@ library cannot drift apart.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -16,6 +17,7 @@ from ..configdoc import field_help
 from ..sae.config import SAEConfig, TrainConfig
 from ..sae.run import TRAIN_LOSS_TOKENS
 from .common import _csv, _fail, console, renamed
+from .harvest import FORCE_HELP, PLAN_HELP, _plan_gate
 
 sae_app = typer.Typer(no_args_is_help=True, help="Train, evaluate, import and export sparse autoencoders.")
 
@@ -54,9 +56,12 @@ def sae_train(
         help="then measure the spliced loss on this many held-out tokens when the model can be loaded (0: skip)",
     ),
     quiet: bool = typer.Option(False),
+    plan: bool = typer.Option(False, "--plan", help=PLAN_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Train one SAE, or a sweep over one pass of the data (re-run the same command to resume)."""
     from ..errors import ModelError, SAEError, StoreError, TrainingDiverged
+    from ..estimates import sae_estimate
     from ..sae.run import train_grid
 
     if (store is None) == (model is None):
@@ -82,17 +87,11 @@ def sae_train(
             checkpoint_every=checkpoint_every,
             progress=not quiet,
         )
-        runs, seconds = train_grid(
-            out,
-            store=store,
-            model=model,
-            site=site,
-            corpus=corpus,
-            grid=grid,
-            max_norm_ratio=max_norm_ratio or None,
-            train_cfg=tc,
-            loss_tokens=loss_tokens,
-        )
+        what = dict(store=store, model=model, site=site, corpus=corpus, grid=grid, train_cfg=tc)
+        what.update(max_norm_ratio=max_norm_ratio or None, loss_tokens=loss_tokens)
+        if plan or int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun only an explicit --plan probes
+            _plan_gate(sae_estimate(**what), plan=plan, force=force, quiet=quiet)
+        runs, seconds = train_grid(out, **what)
     except (SAEError, StoreError, ModelError, TrainingDiverged, ValueError) as e:
         _fail(str(e))
     _print_trained(runs, seconds)

@@ -154,6 +154,11 @@ def steer_find(
     confirm_seeds: int = typer.Option(2, help=_find_help("confirm_seeds")),
     preset: Path | None = typer.Option(None, help="save the winner as this preset (default: steer-find-NAME.json)"),
     json_out: Path | None = typer.Option(None, "--json", help="write the whole search here"),
+    minutes: float | None = typer.Option(
+        None,
+        help="time budget in minutes, kept on any model: the first answers are timed and the search is cut to fit "
+        "(fewer candidates, grid points, questions; what was cut is printed)",
+    ),
 ) -> None:
     """Find the handle (SAE feature, CAA vector or logit direction) that makes the model write about a concept,
     calibrated."""
@@ -178,7 +183,14 @@ def steer_find(
     sae_obj = None if sae == "none" else load_sae(sae).eval().requires_grad_(False)
     lm = _load_recorded(model, None if model or sae_obj is None else recorded_model(sae=sae_obj))
     res, path = find_to_files(
-        lm, sae_obj, c, questions=read_questions(questions), config=cfg, preset=preset, json_out=json_out
+        lm,
+        sae_obj,
+        c,
+        questions=read_questions(questions),
+        config=cfg,
+        preset=preset,
+        json_out=json_out,
+        minutes=minutes,
     )
     _print_find(res, path)
     if json_out is not None:
@@ -210,6 +222,13 @@ def _print_find(res, path: Path | None) -> None:
     console.print(table)
     dropped = sum(h["status"].startswith("dropped") for h in res.handles)
     console.print(f"{len(res.handles)} candidates, {dropped} dropped at screening; {res.seconds:.0f} s")
+    budget = res.config.get("budget")
+    if budget:
+        console.print(
+            f"budget {budget['minutes']:g} min (the uncut search: ~{budget['predicted_minutes_uncut']:.1f} min); "
+            f"cut: {'; '.join(budget['cuts']) or 'nothing'}",
+            markup=False,
+        )
     b = res.best
     if b is None:
         console.print(f"no handle raised the concept rate within {res.config['ppl_bound']}x perplexity")

@@ -162,11 +162,12 @@ def find_to_files(
     preset: str | Path | None = None,
     json_out: str | Path | None = None,
     progress: bool = True,
+    minutes: float | None = None,
 ) -> tuple[FindResult, Path | None]:
     """`thoughtscope steer find`: search and calibrate a handle for the concept, write the whole search to
     `json_out` (when given) and the winner as a preset (default steer-find-NAME.json). Returns the result and
     the preset's path (None when no handle raised the concept rate within the bound)."""
-    res = find_handle(lm, sae, concept, questions=questions, config=config, progress=progress)
+    res = find_handle(lm, sae, concept, questions=questions, config=config, progress=progress, minutes=minutes)
     if json_out is not None:
         res.save(json_out)
     if res.best is None:
