@@ -95,3 +95,23 @@ def test_per_dim_scaling_round_trips_through_save(tmp_path):
 def test_bad_scaling_names_the_field():
     with pytest.raises(S.SAEError, match="input_scaling"):
         S.SAEConfig(d_model=8, n_features=16, k=2, input_scaling="whiten")
+
+
+def test_store_statistics_report_the_massive_dimension(tmp_path):
+    from thoughtscope.store import ActivationStore, StoreWriter
+
+    acts = torch.cat(_with_massive(make_batches(4)))
+    idx = torch.arange(acts.shape[0])
+    meta = {"doc_id": idx // 32, "position": idx % 32, "token_id": idx % 101}
+    w = StoreWriter(tmp_path / "acts", model="synthetic", site="resid.0", d_model=D_MODEL, shard_tokens=512)
+    w.add(acts, meta)
+    w.finish()
+    st = ActivationStore.open(tmp_path / "acts")
+    assert st.describe()["massive_dims"] == [MASSIVE]
+    assert len(st.stats["rms"]) == D_MODEL
+    assert st.massive_summary().startswith(f"massive dimensions (RMS over 20x the median dimension's): {MASSIVE} (")
+    plain = tmp_path / "plain"
+    w = StoreWriter(plain, model="synthetic", site="resid.0", d_model=D_MODEL, shard_tokens=512)
+    w.add(torch.cat(make_batches(4)), meta)
+    w.finish()
+    assert ActivationStore.open(plain).massive_summary() is None

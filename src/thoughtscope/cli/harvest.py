@@ -105,6 +105,8 @@ def harvest_cmd(
     dt = time.perf_counter() - t0
     for s, st in stores.items():
         console.print(f"[green]{s}[/green] → {st.path}: {st.describe()}")
+        if st.massive_summary():
+            console.print(f"[yellow]{s}: {st.massive_summary()}[/yellow]")
     console.print(f"done in {dt:.1f} s")
 
 
@@ -122,6 +124,8 @@ def store_info(
     except StoreError as e:
         _fail(str(e))
     console.print(st.describe())
+    if st.massive_summary():
+        console.print(f"[yellow]{st.massive_summary()}[/yellow]")
     console.print_json(json.dumps({k: v for k, v in st.manifest.items() if k != "shards"}, default=str))
 
 

@@ -323,6 +323,19 @@ class ActivationStore:
             "corpus": self.corpus,
         }
 
+    def massive_summary(self) -> str | None:
+        """One line naming the massive dimensions (see `massive_dims`) with their RMS over the median's, or None."""
+        stats = self.manifest.get("stats") or {}
+        dims, rms = stats.get("massive_dims"), stats.get("rms")
+        if not dims or not isinstance(rms, list) or len(rms) != self.d_model:
+            return None
+        med = float(np.median(rms)) or 1e-30
+        shown = ", ".join(f"{i} ({rms[i] / med:.0f}x)" for i in dims[:8])
+        return (
+            f"massive dimensions (RMS over {MASSIVE_RATIO:g}x the median dimension's): {shown}; SAE training "
+            f"rescales them (SAEConfig.input_scaling), and FVU over all dimensions is dominated by them"
+        )
+
     def __repr__(self) -> str:
         mib = self.size_bytes() / 2**20
         state = "complete" if self.complete else "INCOMPLETE"
