@@ -75,15 +75,17 @@ def test_massive_scaling_gives_the_other_dimensions_back_their_reconstruction():
 def test_no_massive_dimension_changes_nothing():
     batches = make_batches(20)
     tc = S.TrainConfig(batch_size=256, steps=len(batches), lr=3e-3, seed=0, **FAST)
-    a = S.train_sae(S.SAEConfig(arch="topk", d_model=D_MODEL, n_features=64, k=4), batches, tc)
+    cfg = S.SAEConfig(arch="topk", d_model=D_MODEL, n_features=64, k=4, input_scaling="massive")
+    a = S.train_sae(cfg, batches, tc)
     b = S.train_sae(S.SAEConfig(arch="topk", d_model=D_MODEL, n_features=64, k=4, input_scaling="none"), batches, tc)
     assert a.cfg.massive_dims == [] and a.cfg.dim_scale is None
     assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.b_dec, b.b_dec)
 
 
-def test_per_dim_scaling_round_trips_through_save(tmp_path):
+def test_per_dim_scaling_is_the_default_and_round_trips_through_save(tmp_path):
+    assert S.SAEConfig(d_model=8, n_features=16, k=2).input_scaling == "per-dim"
     sae = _train("per-dim", _with_massive(make_batches(10)))
-    assert len(sae.cfg.dim_scale) == D_MODEL
+    assert len(sae.cfg.dim_scale) == D_MODEL and sae.cfg.dim_scale[MASSIVE] < 0.1
     sae.save(tmp_path / "s")
     back = S.load_sae(tmp_path / "s")
     assert back.cfg.dim_scale == pytest.approx(sae.cfg.dim_scale)

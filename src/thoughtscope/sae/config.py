@@ -116,10 +116,12 @@ class SAEConfig:
     massive_ratio: float | None = 20.0
     """A dimension whose RMS exceeds this many times the median dimension's RMS is massive (multiple of the
     median; Gemma 3 has dimensions ~100x the rest); None = none looked for."""
-    input_scaling: str = "massive"
-    """Per-dimension input scaling during training: "none"; "massive" (each massive dimension centred and scaled to
-    the median dimension's spread, so it cannot take the reconstruction loss from the rest); "per-dim" (every
-    dimension standardised)."""
+    input_scaling: str = "per-dim"
+    """Per-dimension input scaling during training: "per-dim" (every dimension centred and standardised, so each
+    counts alike in the loss); "massive" (only the massive dimensions scaled to the median dimension's spread);
+    "none". Measured on Gemma 3 270M resid.9 (benchmarks/second_model.py): loss recovered vs mean ablation 0.67
+    none, 0.72 massive, 0.79 per-dim at equal training; the massive dimensions' own errors cost nothing (restoring
+    them changes no loss), the rest's do, per dimension rather than per unit of variance."""
     massive_dims: list[int] | None = None
     """The massive dimensions found in the training sample (indices); None = not looked for."""
     dim_scale: list[float] | None = None

@@ -156,9 +156,9 @@ class Trainer:
     def _scale_dims(self, sample: torch.Tensor, c0: SAEConfig) -> list[int] | None:
         """Set norm_mean / dim_scale from the init sample by the config's input scaling; the massive dimensions.
 
-        "massive": each massive dimension is centred and scaled so its spread equals the median dimension's (the
-        rest keep their geometry); "per-dim": every dimension is centred and standardised. Both are folded into
-        the weights at the end, so the finished SAE reads and writes raw activations.
+        "per-dim": every dimension is centred and scaled to the median dimension's spread; "massive": only each
+        massive dimension is (the rest keep their geometry). Both are folded into the weights at the end, so the
+        finished SAE reads and writes raw activations.
         """
         mean = sample.mean(0)
         if c0.mean_center:
@@ -166,7 +166,8 @@ class Trainer:
         if c0.massive_ratio is None:
             return None
         massive = massive_dims(sample.square().mean(0).sqrt().cpu(), c0.massive_ratio)
-        std = sample.std(0).clamp_min(1e-12)
+        std = sample.std(0)
+        std = std.clamp_min(float(std.median()) * 1e-2 + 1e-12)  # a near-constant dimension is amplified 100x at most
         if c0.input_scaling == "per-dim":
             self.norm_mean, self.dim_scale = mean, std.median() / std
         elif c0.input_scaling == "massive" and massive:
