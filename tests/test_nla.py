@@ -920,3 +920,12 @@ def test_the_settings_load_without_torch():
 
     code = "import sys, thoughtscope.nla.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("lo, hi", [(96, 96), (100, 50), (-1, 10), ("5", 10)])
+def test_data_config_refuses_an_empty_position_range(lo, hi):
+    from thoughtscope.errors import NLAError
+    from thoughtscope.nla.config import DataConfig
+
+    with pytest.raises(NLAError, match="min_position"):
+        DataConfig(min_position=lo, max_position=hi)

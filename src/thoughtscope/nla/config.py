@@ -219,6 +219,11 @@ class DataConfig:
         if batch_docs is not None:
             warnings.warn("DataConfig(batch_docs=) is deprecated: use contexts_per_batch", DeprecationWarning, 2)
             self.contexts_per_batch = batch_docs
+        if not (_int(self.min_position) and _int(self.max_position) and 0 <= self.min_position < self.max_position):
+            raise NLAError(
+                f"DataConfig: min_position={self.min_position!r} must be >= 0 and below max_position="
+                f"{self.max_position!r} (rows are read at token indices min_position..max_position-1)"
+            )
 
 
 @dataclass
