@@ -31,3 +31,10 @@ def one_thread():
     """Use with `pytestmark = pytest.mark.usefixtures("one_thread")` for modules of tiny problems."""
     with single_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """The torch device the slow real-model tests load their model on: $THOUGHTSCOPE_TEST_DEVICE (set by
+    scripts/gpu_check.sh to cuda), else the CPU."""
+    return os.environ.get("THOUGHTSCOPE_TEST_DEVICE", "cpu")

@@ -35,10 +35,10 @@ def cli(*args) -> str:
 
 
 @pytest.fixture(scope="module")
-def lm():
+def lm(device):
     from thoughtscope.models import load_model
 
-    return load_model(MODEL)
+    return load_model(MODEL, device=device)
 
 
 @pytest.fixture(scope="module")
