@@ -4,7 +4,7 @@ For one model (default: Gemma 3 270M from the optional `gemma` extra; `--model d
 middle residual site, on the default corpus, in one process:
   harvest   thoughtscope's harvest tokens/s against the bare forward cut after the site (same batches)
   massive   the dimensions whose RMS is over 20x the median dimension's (store statistics)
-  SAE       a TopK SAE (8x, k 32) per input scaling ("per-dim" = the default recipe, "none" = the old one), trained
+  SAE       a TopK SAE (8x, k 32) per input scaling ("auto" = the default recipe, "none" = the old one), trained
             on the same store with the same schedule, then measured on held-out text (the corpus after the
             training tokens): FVU over all dimensions and over the non-massive ones, L0, dead fraction, and the
             spliced LM loss recovered against mean ablation (the figure FVU hid on Gemma: 0.12 with "none")
@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
     p.add_argument("--site", default="resid.9")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (default 48k quick, 262k full)")
     p.add_argument("--epochs", type=int, default=None, help="passes over them (default 2 quick, 6 full)")
-    p.add_argument("--scalings", default="per-dim,none", help="SAE input scalings to compare; the first is ours")
+    p.add_argument("--scalings", default="auto,none", help="SAE input scalings to compare; the first is ours")
     p.add_argument("--heldout-contexts", type=int, default=None, help="held-out contexts (default 16 quick, 64)")
     p.add_argument("--steer-strength", type=float, default=4.0, help="multiplier of the happy-sad vector")
     p.add_argument("--work", type=Path, default=None, help="folder for the store (default: a temporary one)")

@@ -563,6 +563,15 @@ def test_web_workbench_pages_and_streams_with_the_model_and_sae_on_the_device(tm
 
     html = {"accept": "text/html"}
     wb = build_tiny(tmp_path, nla=True)
+    try:
+        _pages_on_the_device(wb, html, PLANT, ServerConfig, create_app, TestClient)
+    finally:
+        from helpers.atlas_fixtures import identity_model
+
+        identity_model.cache_clear()  # the shared model was moved to the simulated device: later tests rebuild it
+
+
+def _pages_on_the_device(wb, html, PLANT, ServerConfig, create_app, TestClient):
     with accelerator():  # the server's worker threads run on the simulated device too
         wb.lm.model.to(DEVICE)
         wb.sae.to(DEVICE)

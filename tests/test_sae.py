@@ -21,18 +21,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread 
 
 def test_normalisation_is_folded_on_save(tmp_path):
     data = make_batches(10, offset=3.0)
-    cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=128, k=4, mean_center=True)
+    cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=128, k=4, mean_center=True, input_scaling="per-dim")
     tr = S.Trainer([cfg], TrainConfig(batch_size=256, steps=10, lr=3e-3, **FAST))
     saved = tr.fit(data)[0]
     inner = tr.slots[0].sae
     assert tr.norm_scale != 1.0 and tr.norm_mean is not None
     x = data[0][:64]
-    f_in, xh_in = inner((x - tr.norm_mean) * tr.norm_scale)
+    scale = tr.norm_scale * tr.dim_scale  # per-dimension standardisation (the default) times the overall scale
+    f_in, xh_in = inner((x - tr.norm_mean) * scale)
     saved.save(tmp_path / "sae")
     loaded = S.SAE.load(tmp_path / "sae")
     f_raw, xh_raw = loaded(x)
     torch.testing.assert_close(f_raw, f_in, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(xh_raw, xh_in / tr.norm_scale + tr.norm_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xh_raw, xh_in / scale + tr.norm_mean, rtol=1e-4, atol=1e-4)
     norm = json.loads((tmp_path / "sae" / "normalization.json").read_text())
     assert norm["folded_into_weights"] and math.isclose(norm["scale"], tr.norm_scale)
 

@@ -82,16 +82,30 @@ def test_no_massive_dimension_changes_nothing():
     assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.b_dec, b.b_dec)
 
 
-def test_per_dim_scaling_is_the_default_and_round_trips_through_save(tmp_path):
-    assert S.SAEConfig(d_model=8, n_features=16, k=2).input_scaling == "per-dim"
+def test_per_dim_scaling_round_trips_through_save(tmp_path):
     sae = _train("per-dim", _with_massive(make_batches(10)))
     assert len(sae.cfg.dim_scale) == D_MODEL and sae.cfg.dim_scale[MASSIVE] < 0.1
     sae.save(tmp_path / "s")
     back = S.load_sae(tmp_path / "s")
-    assert back.cfg.dim_scale == pytest.approx(sae.cfg.dim_scale)
+    assert back.cfg.dim_scale == pytest.approx(sae.cfg.dim_scale) and back.cfg.input_scaling == "per-dim"
     x = torch.cat(make_batches(1, seed=5))
     with torch.no_grad():
         assert torch.allclose(back(x)[1], sae(x)[1], atol=1e-4)
+
+
+def test_auto_standardises_only_where_a_massive_dimension_carries_the_variance():
+    """Gemma 3's dimension 163 varies (62 % of the variance): every dimension is standardised. SmolLM2's massive
+    dimensions are near-constant offsets (2 % of the variance): nothing is rescaled. The choice is saved."""
+    assert S.SAEConfig(d_model=8, n_features=16, k=2).input_scaling == "auto"
+    varies = _train("auto", _with_massive(make_batches(6)))
+    assert varies.cfg.input_scaling == "per-dim" and varies.cfg.massive_dims == [MASSIVE]
+    offset = [b.clone() for b in make_batches(6)]
+    for b in offset:
+        b[:, MASSIVE] += 300.0  # huge, but constant
+    still = _train("auto", offset)
+    assert still.cfg.input_scaling == "none" and still.cfg.massive_dims == [MASSIVE] and still.cfg.dim_scale is None
+    plain = _train("auto", make_batches(6))
+    assert plain.cfg.input_scaling == "none" and plain.cfg.massive_dims == []
 
 
 def test_bad_scaling_names_the_field():

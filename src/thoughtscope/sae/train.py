@@ -32,7 +32,7 @@ from ..errors import TrainingDiverged  # noqa: F401  (re-exported: their old hom
 from ..progress import ProgressBar
 from ..store import massive_dims
 from .base import SAE, StepOutput, build_sae
-from .config import SAEConfig, SAEError, TrainConfig
+from .config import AUTO_VARIANCE_SHARE, SAEConfig, SAEError, TrainConfig
 from .optim import adam, default_lr, lr_factor
 from .stream import chain, check_batch, make_stream
 
@@ -156,6 +156,8 @@ class Trainer:
     def _scale_dims(self, sample: torch.Tensor, c0: SAEConfig) -> list[int] | None:
         """Set norm_mean / dim_scale from the init sample by the config's input scaling; the massive dimensions.
 
+        "auto" becomes "per-dim" when the massive dimensions carry over AUTO_VARIANCE_SHARE of the variance (one
+        dimension then takes the MSE from all the others), else "none".
         "per-dim": every dimension is centred and scaled to the median dimension's spread; "massive": only each
         massive dimension is (the rest keep their geometry). Both are folded into the weights at the end, so the
         finished SAE reads and writes raw activations.
@@ -163,20 +165,25 @@ class Trainer:
         mean = sample.mean(0)
         if c0.mean_center:
             self.norm_mean = mean
-        if c0.massive_ratio is None:
-            return None
-        massive = massive_dims(sample.square().mean(0).sqrt().cpu(), c0.massive_ratio)
+        looked = c0.massive_ratio is not None
+        massive = massive_dims(sample.square().mean(0).sqrt().cpu(), c0.massive_ratio) if looked else []
         std = sample.std(0)
+        scaling = c0.input_scaling
+        if scaling == "auto":
+            share = float(std[massive].square().sum() / std.square().sum().clamp_min(1e-30)) if massive else 0.0
+            scaling = "per-dim" if share > AUTO_VARIANCE_SHARE else "none"
+        for cfg in self.cfgs:
+            cfg.input_scaling = scaling  # what was applied is what the saved config says
         std = std.clamp_min(float(std.median()) * 1e-2 + 1e-12)  # a near-constant dimension is amplified 100x at most
-        if c0.input_scaling == "per-dim":
+        if scaling == "per-dim":
             self.norm_mean, self.dim_scale = mean, std.median() / std
-        elif c0.input_scaling == "massive" and massive:
+        elif scaling == "massive" and massive:
             idx = torch.tensor(massive, device=sample.device)
             self.norm_mean = mean.clone() if self.norm_mean is not None else torch.zeros_like(mean)
             self.norm_mean[idx] = mean[idx]
             self.dim_scale = torch.ones_like(std)
             self.dim_scale[idx] = std.median() / std[idx]
-        return massive
+        return massive if looked else None
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_mean is not None:
