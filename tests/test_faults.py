@@ -174,12 +174,15 @@ def call(fn, limit):
         set_fsize(None)
 
 
-def full_from(module, name, limit):
-    # the disk fills just as `module.name` starts writing
+def full_from(module, name, limit, under=None):
+    # the disk fills just as `module.name` starts writing (under `under` only, when given: the plan's probe writes
+    # the same kind of file to a temporary folder first, on a disk that still has room)
     real = getattr(module, name)
 
     def wrapped(*a, **k):
-        set_fsize(limit)
+        where = str(a[1] if len(a) > 1 else k.get("path", ""))
+        if under is None or where.startswith(under):
+            set_fsize(limit)
         return real(*a, **k)
 
     setattr(module, name, wrapped)
@@ -217,6 +220,7 @@ def test_a_full_disk_gives_one_error_keeps_what_was_there_and_the_same_command_t
         + HARVEST_ARGS,
         atlas=[str(a) for a in (*atlas_cmd, "--out", atlas)],
         sae_train=[str(a) for a in sae_cmd],
+        trained=str(trained),
         sae=str(sae_dir),
         sae_cfg=load_sae(world.sae).cfg.to_dict(),
         preset=str(preset_path),
@@ -238,7 +242,7 @@ out = {"harvest": cli(A["harvest"], 9000), "atlas_checkpoint": cli(A["atlas"], 4
 real = full_from(build, "write_db", 4096)
 out["atlas_db"] = cli(A["atlas"], None)
 build.write_db = real
-real = full_from(formats, "save_sae", 4096)
+real = full_from(formats, "save_sae", 4096, A["trained"])
 out["sae_train"] = cli(A["sae_train"], None)
 formats.save_sae = real
 sae = SAE.from_config(SAEConfig.from_dict(A["sae_cfg"]), seed=1)

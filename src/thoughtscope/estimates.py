@@ -418,16 +418,22 @@ def _probe_training(cfgs, batches, tc) -> tuple[float, float, float, int, int]:
         steps = [b - a for a, b in zip(later, later[1:])] or [later[0] - t0]
         per_step = statistics.median(steps)
         init = max(0.0, later[0] - t0 - per_step)
-        t = time.perf_counter()
-        trainer.save_checkpoint()
-        per_ckpt = time.perf_counter() - t
-        ckpt = (Path(tmp) / "checkpoint.pt").stat().st_size
-        t = time.perf_counter()
-        saes = trainer.finished_saes()
-        save_sae(saes[0], Path(tmp) / "sae", metrics={"final": {}, "log": trainer.metrics_log})
-        per_ckpt_save = time.perf_counter() - t
-        folder = sum(p.stat().st_size for p in (Path(tmp) / "sae").rglob("*") if p.is_file())
-    return init, per_step, per_ckpt + per_ckpt_save / max(1, len(cfgs)), ckpt, folder
+        try:
+            t = time.perf_counter()
+            trainer.save_checkpoint()
+            per_ckpt = time.perf_counter() - t
+            ckpt = (Path(tmp) / "checkpoint.pt").stat().st_size
+            t = time.perf_counter()
+            saes = trainer.finished_saes()
+            save_sae(saes[0], Path(tmp) / "sae", metrics={"final": {}, "log": trainer.metrics_log})
+            per_ckpt += (time.perf_counter() - t) / max(1, len(cfgs))
+            folder = sum(p.stat().st_size for p in (Path(tmp) / "sae").rglob("*") if p.is_file())
+        except (OSError, ThoughtscopeError):
+            # the probe could not write its temporary files (a full disk, a file-size limit): sizes from arithmetic
+            # and no write time; the run itself then reports a write it cannot make, naming its own output
+            params = [sum(p.numel() * p.element_size() for p in sl.sae.parameters()) for sl in trainer.slots]
+            per_ckpt, ckpt, folder = 0.0, 3 * sum(params), params[0]
+    return init, per_step, per_ckpt, ckpt, folder
 
 
 def _heldout_probe(lm, cfg, site, loss_tokens: int) -> tuple[float, str]:
