@@ -579,8 +579,9 @@ def atlas_estimate(
     batches in a temporary folder (forward, encode and statistics timed by the build itself), one chunk of the
     final logit effects and neighbours, extrapolated to the build's batches and features."""
     from .atlas import build_atlas
+    from .atlas.build import sae_model_source
     from .corpus import Corpus
-    from .models import DEFAULT_MODEL_NAME, load_model
+    from .models import load_recorded
     from .sae import load_sae
     from .sae.formats import default_sae_path
 
@@ -588,9 +589,7 @@ def atlas_estimate(
     cfg.validate()
     folder = default_sae_path() if str(sae) == "default" else Path(sae)
     sae_obj = load_sae(folder)
-    if model is None:
-        model = "default" if sae_obj.cfg.model in ("", DEFAULT_MODEL_NAME) else sae_obj.cfg.model
-    lm = load_model(model)
+    lm = load_recorded(sae_model_source(sae_obj), model)  # the model the build will load, by the build's own rule
     n_batches = math.ceil(cfg.n_tokens / cfg.batch_tokens)
     k = min(PROBE_BATCHES, n_batches)
     timings: dict = {}

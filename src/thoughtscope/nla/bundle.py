@@ -149,9 +149,13 @@ class NLA:
 
         cfg.check()
         if cfg.d_model != lm.d_model or cfg.n_layers != lm.n_layers:
+            from ..models import DEFAULT_MODEL_NAME
+
+            made_for = DEFAULT_MODEL_NAME if cfg.model == "default" else cfg.model or "another model"
             raise NLAError(
-                f"NLA config is for a model with d_model={cfg.d_model}, {cfg.n_layers} blocks, but the "
-                f"target {lm.name} has d_model={lm.d_model}, {lm.n_layers} blocks"
+                f"this NLA was trained for {made_for} (d_model={cfg.d_model}, {cfg.n_layers} blocks) and cannot read "
+                f"{lm.name} (d_model={lm.d_model}, {lm.n_layers} blocks): an NLA explains one model's activations; "
+                f"train one for {lm.name} with `thoughtscope nla data` and `thoughtscope nla train` (docs/nla.md)"
             )
         lm.check_site(cfg.site)
         self.lm, self.cfg = lm, cfg.check()
