@@ -328,31 +328,12 @@ def _sae_held(cfgs, batch_size: int) -> dict[str, int]:
     }
 
 
-def _total_steps(tc, source) -> int:
-    """The optimiser steps the trainer will run (its rule: steps, or n_tokens, or the store's tokens × epochs)."""
-    if tc.steps is not None:
-        return int(tc.steps)
-    if tc.n_tokens is not None:
-        return max(1, int(tc.n_tokens) // tc.batch_size)
-    n = int(source.n_tokens)
-    st = getattr(source, "stats", None)
-    if isinstance(st, dict) and st.get("exclude_bos") and st.get("tokens"):
-        n = int(st["tokens"])
-    return max(1, n * tc.epochs // tc.batch_size)
-
-
 def _store_batches(store, tc, cfg0, k: int) -> tuple[list, float, float, int]:
     """k + 1 real training batches of the store (as training reads them): (batches, seconds to the first, median
     seconds per later batch, rows read into the shuffle buffer before the first)."""
-    it = store.batches(
-        tc.batch_size,
-        shuffle=True,
-        seed=tc.shuffle_seed,
-        epochs=tc.epochs,
-        drop_last=True,
-        exclude_bos=cfg0.exclude_bos,
-        max_norm_ratio=cfg0.max_norm_ratio,
-    )
+    from .sae.stream import make_stream
+
+    it = (b for b, _ in make_stream(store, tc, cfg0, 0))  # the trainer's own reader
     t0 = time.perf_counter()
     b0 = next(it, None)
     if b0 is None:
@@ -474,6 +455,7 @@ def sae_estimate(
     spliced loss measured after training (the store's recorded model is loaded for it). `lm` reuses an already
     loaded model."""
     from .sae.run import Source, config_grid
+    from .sae.train import total_steps
 
     tc = train_cfg
     if store is not None:
@@ -489,7 +471,7 @@ def sae_estimate(
         site_obj = lm.check_site(site)
         source = Source(None, lm.d_model, lm.name, str(site_obj))
     cfgs, _ = config_grid(source, max_norm_ratio=max_norm_ratio, **grid)
-    steps = _total_steps(tc, source.data) if store is not None else _total_steps(tc, None)
+    steps = total_steps(tc, source.data if store is not None else None, exclude_bos=cfgs[0].exclude_bos)
     if store is not None:
         batches, first, per_read, filled = _store_batches(source.data, tc, cfgs[0], PROBE_STEPS)
         rows = steps * tc.batch_size

@@ -46,6 +46,22 @@ def default_dead_tokens(n_tokens: int, batch_size: int) -> int:
 
 
 @torch.no_grad()
+def total_steps(tc: TrainConfig, source: Any, *, exclude_bos: bool = True) -> int:
+    """The optimiser steps a run takes: TrainConfig.steps, else n_tokens // batch_size, else a store's tokens (its
+    non-BOS tokens when BOS rows are skipped) times epochs // batch_size. The trainer and its plan share it."""
+    if tc.steps is not None:
+        return int(tc.steps)
+    if tc.n_tokens is not None:
+        return max(1, int(tc.n_tokens) // tc.batch_size)
+    if hasattr(source, "n_tokens"):
+        n = int(source.n_tokens)
+        st = getattr(source, "stats", None) if exclude_bos else None
+        if isinstance(st, dict) and st.get("exclude_bos") and st.get("tokens"):
+            n = int(st["tokens"])  # BOS rows are skipped by the stream: size the LR schedule to what is read
+        return max(1, n * tc.epochs // tc.batch_size)
+    raise SAEError("give TrainConfig.steps or n_tokens when the source is not an ActivationStore")
+
+
 def geometric_median(points: torch.Tensor, max_iter: int = 200, tol: float = 1e-6) -> torch.Tensor:
     """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances (robust to outliers)."""
     pts = points.double()
@@ -105,18 +121,7 @@ class Trainer:
 
     # -- setup
     def _total_steps(self, source: Any) -> int:
-        tc = self.tc
-        if tc.steps is not None:
-            return int(tc.steps)
-        if tc.n_tokens is not None:
-            return max(1, int(tc.n_tokens) // tc.batch_size)
-        if hasattr(source, "n_tokens"):
-            n = int(source.n_tokens)
-            st = getattr(source, "stats", None) if self.cfgs[0].exclude_bos else None
-            if isinstance(st, dict) and st.get("exclude_bos") and st.get("tokens"):
-                n = int(st["tokens"])  # BOS rows are skipped by the stream: size the LR schedule to what is read
-            return max(1, n * tc.epochs // tc.batch_size)
-        raise SAEError("give TrainConfig.steps or n_tokens when the source is not an ActivationStore")
+        return total_steps(self.tc, source, exclude_bos=self.cfgs[0].exclude_bos)
 
     def _init_from_sample(self, sample: torch.Tensor) -> None:
         torch.manual_seed(self.tc.seed)
