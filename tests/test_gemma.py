@@ -129,8 +129,8 @@ def test_workbench_pages(work):
     from thoughtscope.server import ServerConfig, create_app, load_workbench
 
     wb = load_workbench(sae=str(work / "sae"), atlas=str(work / "atlas"), nla=None, progress=False)
-    with TestClient(create_app(ServerConfig(max_new_tokens=64), wb)) as client:
+    with TestClient(create_app(ServerConfig(max_new_tokens=64), wb), base_url="http://127.0.0.1:8765") as client:
         assert client.get("/").status_code == 200
-        assert client.get("/feature/0").status_code == 200
+        assert client.get("/features/0").status_code == 200
         r = client.post("/api/analyze", json={"text": "The ship sailed across the ocean."})
         assert r.status_code == 200, r.text
