@@ -123,10 +123,15 @@ def store_info(
             st.verify(checksums=True)
     except StoreError as e:
         _fail(str(e))
+    manifest = {k: v for k, v in st.manifest.items() if k != "shards"}
+    if isinstance(manifest.get("stats"), dict):  # per-dimension lists (mean, rms) shown by their length
+        manifest["stats"] = {
+            k: f"[{len(v)} numbers]" if isinstance(v, list) and len(v) > 16 else v for k, v in manifest["stats"].items()
+        }
+    console.print_json(json.dumps(manifest, default=str))
     console.print(st.describe())
-    if st.massive_summary():
+    if st.massive_summary():  # last, where a person reading the output sees it
         console.print(f"[yellow]{st.massive_summary()}[/yellow]")
-    console.print_json(json.dumps({k: v for k, v in st.manifest.items() if k != "shards"}, default=str))
 
 
 def model_info(model: str = typer.Argument("default")) -> None:

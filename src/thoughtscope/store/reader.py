@@ -332,8 +332,9 @@ class ActivationStore:
         med = float(np.median(rms)) or 1e-30
         shown = ", ".join(f"{i} ({rms[i] / med:.0f}x)" for i in dims[:8])
         return (
-            f"massive dimensions (RMS over {MASSIVE_RATIO:g}x the median dimension's): {shown}; SAE training "
-            f"rescales them (SAEConfig.input_scaling), and FVU over all dimensions is dominated by them"
+            f"massive dimensions (RMS over {MASSIVE_RATIO:g}x the median dimension's): {shown}; where they carry "
+            f"over a quarter of the variance, SAE training standardises every dimension (input_scaling auto), and "
+            f"FVU over all dimensions mostly measures them"
         )
 
     def __repr__(self) -> str:
