@@ -61,9 +61,9 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
         _load_in_background(app, loader)
     _error_pages(app)
     _home_and_status(app)
-    from . import pages_analyze, pages_features, pages_nla, pages_steer
+    from . import pages_analyze, pages_features, pages_nla, pages_search, pages_steer
 
-    for mod in (pages_features, pages_analyze, pages_steer, pages_nla):
+    for mod in (pages_features, pages_search, pages_analyze, pages_steer, pages_nla):
         app.include_router(mod.router)
     return _guarded(app, cfg)
 

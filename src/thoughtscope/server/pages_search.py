@@ -1,0 +1,90 @@
+"""Finding features: by a concept's meaning, by the features firing on a text, by contrast of two prompt sets."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request
+
+from ..analyzer import analyze_text
+from ..atlas import contrast
+from .context import cfg_of, page, run_model, text_param, wb_of
+from .pages_features import _need_atlas, explanation_view
+
+router = APIRouter()
+
+
+def _search_words(wb, q: str, limit: int = 50):
+    at = _need_atlas(wb)
+    with wb.db_lock:
+        hits = at.search(q, limit=limit)
+        return [
+            {
+                "feature": i,
+                "label": e,
+                "max_act": float(wb.atlas_max[i]),
+                "explanation": explanation_view(at.explanation(i)),
+            }
+            for i, e in hits
+        ]
+
+
+@router.get("/search")
+async def search(
+    request: Request,
+    q: str | None = None,
+    text: str | None = None,
+    prompts: str | None = None,
+    controls: str | None = None,
+    mode: str = "words",
+):
+    """Three searches on one page: explanation words, features firing on a text, contrast of two prompt sets."""
+    wb, cfg = wb_of(request), cfg_of(request)
+    ctx: dict = {
+        "q": q or "",
+        "text": text or "",
+        "prompts": prompts or "",
+        "controls": controls or "",
+        "mode": mode,
+        "hits": None,
+        "kind": None,
+    }
+    if mode not in ("words", "text", "contrast"):
+        raise HTTPException(422, f"mode must be words, text or contrast, got {mode!r}")
+    if mode == "words" and q is not None:
+        ctx.update(hits=_search_words(wb, text_param(q, "search words", cfg)), kind="words")
+    elif mode == "text" and text is not None:
+        ctx.update(hits=await run_model(request, _by_text, wb, text_param(text, "text", cfg), cfg), kind="text")
+    elif mode == "contrast" and (prompts is not None or controls is not None):
+        P, C = _lines(prompts, "prompts", cfg), _lines(controls, "controls", cfg)
+        ctx.update(hits=await run_model(request, _by_contrast, wb, P, C), kind="contrast")
+    return page(request, "search.html", nav="search", **ctx)
+
+
+@router.get("/api/search")
+async def search_json(request: Request, q: str | None = None, text: str | None = None):
+    wb, cfg = wb_of(request), cfg_of(request)
+    if text is not None:
+        return {"hits": await run_model(request, _by_text, wb, text_param(text, "text", cfg), cfg)}
+    return {"hits": _search_words(wb, text_param(q, "q", cfg))}
+
+
+def _lines(raw: str | None, name: str, cfg) -> list[str]:
+    lines = [ln.strip() for ln in text_param(raw, name, cfg).splitlines() if ln.strip()]
+    if len(lines) > 64:
+        raise HTTPException(422, f"{name}: {len(lines)} lines; the limit is 64")
+    return lines
+
+
+def _by_text(wb, text: str, cfg) -> list[dict]:
+    a = analyze_text(wb.lm, wb.sae, text, k=5, max_text_tokens=cfg.max_prompt_tokens)
+    return [
+        {"feature": n, "peak": v, "at": a.tokens[p], "pos": p, "rel": v / float(wb.atlas_max[n]), "label": wb.label(n)}
+        for n, v, p in a.peaks[:30]
+    ]
+
+
+def _by_contrast(wb, prompts: list[str], controls: list[str]) -> list[dict]:
+    with wb.db_lock:
+        rows = contrast(wb.lm, wb.sae, prompts, controls, k=20, atlas=wb.atlas)
+    for r in rows:
+        r["label"] = wb.label(r["feature"])
+    return rows
