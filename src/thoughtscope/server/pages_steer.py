@@ -392,9 +392,16 @@ def preset_download(request: Request, name: str = "mixer"):
 
 def mixer_from_preset(wb, p: Preset, base: Mixer) -> Mixer:
     """Slider state from a preset: feature items of this SAE (any unit, converted to the slider unit so the
-    absolute clamp is the one the preset applies) and its vectors."""
+    absolute clamp is the one the preset applies) and its vectors. The prompt, seed, temperature, length and a
+    baseline the user wrote come from `base`; a baseline the page filled in for one of `base`'s features is
+    dropped, so the page fills it in again for the preset's features."""
+    auto = {wb.baseline_for(n) for n, _, _ in base.features}
     m = Mixer(
-        prompt=base.prompt, seed=base.seed, temp=base.temp, max_new_tokens=base.max_new_tokens, baseline=base.baseline
+        prompt=base.prompt,
+        seed=base.seed,
+        temp=base.temp,
+        max_new_tokens=base.max_new_tokens,
+        baseline="" if base.baseline in auto else base.baseline,
     )
     for i, it in enumerate(p.items):
         if it.type == "feature":
@@ -451,7 +458,8 @@ def preset_load(request: Request, name: str):
 
 @router.post("/steer/preset")
 async def preset_upload(request: Request):
-    """A preset JSON in the body: answered with the mixer URL it sets (the page then goes there)."""
+    """A preset JSON in the body, the page's mixer in the query string (its prompt, seed, temperature, length and
+    baseline are kept): answered with the mixer URL it sets (the page then goes there)."""
     wb = wb_of(request)
     raw = await request.body()
     try:
@@ -460,7 +468,7 @@ async def preset_upload(request: Request):
         raise HTTPException(422, f"preset is not valid JSON ({e})") from None
     p = Preset.from_dict(d, source="uploaded preset")  # SteerError -> 422 with the item at fault
     refuse_files(wb, p)
-    m = mixer_from_preset(wb, p, Mixer(max_new_tokens=cfg_of(request).default_new_tokens))  # a URL it accepts
+    m = mixer_from_preset(wb, p, parse_mixer(request))  # the page's prompt, seed ... come in the query string
     url = f"/steer?{m.query()}"
     if "text/html" in request.headers.get("accept", ""):
         return RedirectResponse(url, status_code=303)

@@ -168,16 +168,20 @@ class Workbench:
         An explanation written as a description is used whole; one written as cues (the offline method's
         `fires on "a", "b"; promotes ...`) contributes the strings it says the feature fires on (atlas.parse_cues).
         """
-        text = self.label(n)
+        text = _plain_words(self.label(n))
         if not text:
             return ""
         if '"' in text:
             from ..atlas import parse_cues
 
-            cues = [c.text for c in parse_cues(text) if c.main and c.text.strip(" .,;:'\"")][:4]
+            cues = []
+            for c in parse_cues(text):
+                cue = _plain_words(c.text).strip(" .,;:'\"")
+                if c.main and c.literal and any(ch.isalpha() for ch in cue) and cue not in cues:
+                    cues.append(cue)
             if not cues:
                 return ""
-            text = ", ".join(cues)
+            text = ", ".join(cues[:4])
         return f"Talk about {text.rstrip('.')}."
 
     def _atlas_stamp(self) -> tuple:
@@ -189,6 +193,8 @@ class Workbench:
 def default_atlas_dir(sae) -> Path:
     """Where the first start builds the atlas of an SAE: the thoughtscope cache, keyed by the SAE's weights."""
     from ..atlas.build import sae_fingerprint
+        Display glyphs an explanation quotes tokens with (⏎ for a newline, ⇥, control pictures, runs of spaces)
+        are prompt text no one would type: they become one space, and a cue with no letter left is dropped.
     from ..models import cache_dir
 
     return cache_dir() / "atlases" / sae_fingerprint(sae.cpu())[:16]
@@ -208,6 +214,16 @@ def load_presets(wb: Workbench, dirs=None) -> None:
             try:
                 p = Preset.load(path)
             except (SteerError, OSError, TypeError) as e:
+_GLYPHS = r"[\s⏎⇥␡\u2400-\u2421·]+"  # whitespace and the symbols tokens are displayed with
+
+
+def _plain_words(text: str) -> str:
+    """Text as a person would type it: display glyphs and whitespace runs as one space."""
+    import re
+
+    return re.sub(_GLYPHS, " ", text or "").strip()
+
+
                 if "interventions" in path.read_text(errors="replace")[:4000]:
                     wb.notes.append(f"preset {path.name} skipped: {e}")
                 continue

@@ -108,7 +108,7 @@ async function generate() {
 }
 
 async function upload(file) {
-  const resp = await fetch("/steer/preset", { method: "POST", body: await file.text(),
+  const resp = await fetch(`/steer/preset?${state()}`, { method: "POST", body: await file.text(),
                                               headers: { "content-type": "application/json" } });
   const body = await resp.json();
   if (resp.ok) location.href = body.url; else $("#run-status").textContent = `${resp.status}: ${body.error}`;
@@ -128,7 +128,8 @@ if (form) {
   });
   const load = $("#load-preset");
   if (load) load.addEventListener("change", () => {
-    if (load.value) location.href = `/steer/load?name=${encodeURIComponent(load.value)}&${state().replace(/(^|&)(f|v|p)=[^&]*/g, "")}`;
+    // the whole mixer goes along: the server keeps the prompt, seed ... and a baseline the user wrote
+    if (load.value) location.href = `/steer/load?name=${encodeURIComponent(load.value)}&${state()}`;
   });
   $("#upload-preset").addEventListener("change", (e) => { if (e.target.files[0]) upload(e.target.files[0]); });
   sync();
