@@ -167,6 +167,8 @@ class Workbench:
 
         An explanation written as a description is used whole; one written as cues (the offline method's
         `fires on "a", "b"; promotes ...`) contributes the strings it says the feature fires on (atlas.parse_cues).
+        Display glyphs an explanation quotes tokens with (⏎ for a newline, ⇥, control pictures, runs of spaces)
+        are prompt text no one would type: they become one space, and a cue with no letter left is dropped.
         """
         text = _plain_words(self.label(n))
         if not text:
@@ -190,11 +192,19 @@ class Workbench:
         return tuple(q.stat().st_mtime_ns if q.exists() else 0 for q in (p, p.with_name(p.name + "-wal")))
 
 
+_GLYPHS = r"[\s⏎⇥␡\u2400-\u2421·]+"  # whitespace and the symbols tokens are displayed with
+
+
+def _plain_words(text: str) -> str:
+    """Text as a person would type it: display glyphs and whitespace runs as one space."""
+    import re
+
+    return re.sub(_GLYPHS, " ", text or "").strip()
+
+
 def default_atlas_dir(sae) -> Path:
     """Where the first start builds the atlas of an SAE: the thoughtscope cache, keyed by the SAE's weights."""
     from ..atlas.build import sae_fingerprint
-        Display glyphs an explanation quotes tokens with (⏎ for a newline, ⇥, control pictures, runs of spaces)
-        are prompt text no one would type: they become one space, and a cue with no letter left is dropped.
     from ..models import cache_dir
 
     return cache_dir() / "atlases" / sae_fingerprint(sae.cpu())[:16]
@@ -214,16 +224,6 @@ def load_presets(wb: Workbench, dirs=None) -> None:
             try:
                 p = Preset.load(path)
             except (SteerError, OSError, TypeError) as e:
-_GLYPHS = r"[\s⏎⇥␡\u2400-\u2421·]+"  # whitespace and the symbols tokens are displayed with
-
-
-def _plain_words(text: str) -> str:
-    """Text as a person would type it: display glyphs and whitespace runs as one space."""
-    import re
-
-    return re.sub(_GLYPHS, " ", text or "").strip()
-
-
                 if "interventions" in path.read_text(errors="replace")[:4000]:
                     wb.notes.append(f"preset {path.name} skipped: {e}")
                 continue
