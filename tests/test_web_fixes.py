@@ -107,3 +107,54 @@ def test_preset_upload_api_keeps_the_query_mixer(site, wb):
     got = {k: v[-1] for k, v in parse_qs(urlsplit(r.json()["url"]).query).items()}
     assert (got["prompt"], got["seed"], got["baseline"]) == ("Keep me.", "11", "Be terse.")
     assert got["f"].startswith(f"{PLANT}:clamp:")
+
+
+# ----------------------------------------------------------------------------- the analyzer's limit and its link
+
+
+def test_analyzer_text_over_the_limit_stays_in_the_form_with_the_limit(site, page):
+    text = "a quiet queen sat in the sun. " * 7000  # 210,000 characters: the trial's 200 KB paste
+    page.goto(f"{site}/analyze")
+    page.fill("#analyze-form textarea", text)
+    page.click("#analyze-form button")
+    page.wait_for_selector("#analyze-error:not([hidden])", timeout=5000)
+    msg = page.text_content("#analyze-error")
+    assert "210,000 characters" in msg and "the limit is 8,000" in msg, msg
+    assert urlsplit(page.url).path == "/analyze" and page.eval_on_selector("#analyze-form textarea", "t => t.value") == text
+    assert "8,000 characters" in page.text_content("#text-limit")  # the limit is on the page before any error
+
+
+def test_analyzer_refusals_are_styled_pages_and_keep_what_fits(site):
+    big = "a quiet queen " * 15000  # over the 64 KiB body limit: refused before it is read
+    r = httpx.post(f"{site}/analyze", data={"text": big}, headers=HTML)
+    assert r.status_code == 413
+    assert "/static/style.css" in r.text and "error-card" in r.text and "8,000 characters" in r.text, r.text[:400]
+    long = "a quiet queen " * 700  # 9,800 characters: read, over the text limit, sent back in the form
+    r = httpx.post(f"{site}/analyze", data={"text": long, "view": "error"}, headers=HTML)
+    assert r.status_code == 422 and "9,800 characters; the limit is 8,000" in r.text
+    assert f">{long}</textarea>" in r.text and "<option value=\"error\" selected" in r.text
+
+
+def test_analysis_gets_a_shareable_address(site, page):
+    page.goto(f"{site}/analyze")
+    page.fill("#analyze-form textarea", "a quiet queen read a book")
+    page.fill("#analyze-form input[name=feature]", str(PLANT))
+    page.click("#analyze-form button")  # a POST: the address bar then holds the GET link of this result
+    page.wait_for_url("**/analyze?text=*")
+    q = _query(page)
+    assert (q["text"], q["feature"], q["view"]) == ("a quiet queen read a book", str(PLANT), "features")
+    shown = page.inner_html("#heatmap")
+    page.goto(page.url)  # the link opened again (a copy sent to someone) shows the same result
+    assert page.inner_html("#heatmap") == shown and page.input_value("#analyze-form textarea") == q["text"]
+
+
+def test_no_link_above_the_address_limit(wb):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(ServerConfig(max_query_chars=300), wb), base_url="http://127.0.0.1:8765") as c:
+        r = c.post("/analyze", data={"text": "é" * 100}, headers=HTML)  # 600 characters percent-encoded
+        assert r.status_code == 200 and 'id="heatmap"' in r.text
+        assert "No link to this result" in r.text and "over the limit of 300" in r.text
+        assert "replaceState" not in r.text
+        r = c.post("/analyze", data={"text": "é" * 10}, headers=HTML)
+        assert 'id="share-link" href="/analyze?text=%C3%A9%C3%A9' in r.text

@@ -31,6 +31,17 @@ def _plain(status: int, message: str, html: bool):
     return status, [(b"content-type", ctype), (b"cache-control", b"no-store")], body.encode()
 
 
+def _styled(scope, cfg: ServerConfig, status: int, message: str):
+    """The refusal as the workbench's own error page (its style sheet, the limit it hit, a way back), rendered
+    without the workbench's state: nothing about the model is shown to a request that was refused."""
+    env = getattr(getattr(scope.get("app"), "state", None), "env", None)
+    if env is None:  # the Guard in front of another app: the small page
+        return _plain(status, message, True)
+    body = env.get_template("error.html").render(wb=None, cfg=cfg, nav="", status=None, code=status, message=message)
+    headers = [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-store")]
+    return status, headers, body.encode()
+
+
 class Guard:
     """ASGI middleware: reject before the app sees the request; never adds CORS headers."""
 
@@ -46,9 +57,9 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         html = "text/html" in headers.get("accept", "")
         query = scope.get("query_string", b"").decode("latin-1")
-        refused = self._refuse(scope, headers, query, html)
+        refused = self._refuse(headers, query)
         if refused is not None:
-            return await _send(send, *refused)
+            return await _send(send, *(_styled(scope, self.cfg, *refused) if html else _plain(*refused, html)))
         if self.cfg.token and "token=" in query and scope["method"] == "GET":
             # a ?token= link: keep the token in a cookie and drop it from the address bar
             rest = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "token"])
@@ -57,46 +68,43 @@ class Guard:
             return await send_redirect(send, loc, cookie)
         return await self.app(scope, _capped(receive, self.cfg.max_body_bytes), send)
 
-    def _refuse(self, scope, headers: dict, query: str, html: bool):
+    def _refuse(self, headers: dict, query: str) -> tuple[int, str] | None:
+        """(status, message) of a request refused before the app sees it, or None."""
         host = headers.get("host", "")
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         if self.check_host and name not in self.hosts:
-            return _plain(
+            return (
                 400,
                 f"host header {host!r} is not allowed: open the workbench at http://127.0.0.1:"
                 f"{self.cfg.port}/ (a foreign host name is how DNS-rebinding attacks reach local "
                 f"servers)",
-                html,
             )
         if self.cfg.token and not self._has_token(headers, query):
-            return _plain(
+            return (
                 401,
                 "this workbench needs its token: open the link with ?token=... that "
                 "`thoughtscope serve` printed, or send 'Authorization: Bearer TOKEN'",
-                html,
             )
         site, mode = headers.get("sec-fetch-site"), headers.get("sec-fetch-mode")
         origin = headers.get("origin")
         if site == "cross-site" and mode != "navigate":
-            return _plain(403, "cross-site requests are refused (no CORS): use the workbench's own pages", html)
+            return (403, "cross-site requests are refused (no CORS): use the workbench's own pages")
         if origin and origin != "null" and origin.split("://", 1)[-1] != host:
-            return _plain(403, f"requests from origin {origin!r} are refused (no CORS)", html)
+            return (403, f"requests from origin {origin!r} are refused (no CORS)")
         if len(query) > self.cfg.max_query_chars:
-            return _plain(
+            return (
                 414,
                 f"query string of {len(query)} characters is over the limit of "
                 f"{self.cfg.max_query_chars}: send long texts with POST",
-                html,
             )
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
-                return _plain(400, f"bad content-length header {length!r}", html)
+                return (400, f"bad content-length header {length!r}")
             if int(length) > self.cfg.max_body_bytes:
-                return _plain(
+                return (
                     413,
                     f"request body of {int(length):,} bytes is over the limit of {self.cfg.max_body_bytes:,} bytes",
-                    html,
                 )
         return None
 

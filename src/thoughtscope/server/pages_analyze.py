@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from ..analyzer import analyze_text, chat_text, compare_texts
+from ..errors import ThoughtscopeError
 from .context import cfg_of, form_fields, int_param, page, run_model, text_param, wb_of
 
 router = APIRouter()
@@ -80,7 +82,23 @@ def _analyze(wb, text: str, feature: int | None, cfg, chat: bool = False):
     return text, analysis_view(wb, a, feature)
 
 
+def share_link(cfg, text: str, feature: int | None, view: str, chat: bool) -> tuple[str | None, str]:
+    """The GET address that reproduces an analysis, or None with the reason when its query string would be over
+    the server's limit (`max_query_chars`: such a link would be refused with a 414)."""
+    q = [("text", text)] + ([("feature", str(feature))] if feature is not None else []) + [("view", view)]
+    query = urlencode(q + ([("chat", "1")] if chat else []), quote_via=quote)
+    if len(query) > cfg.max_query_chars:
+        return None, (
+            f"No link to this result: the text needs {len(query):,} characters in an address, over the limit of "
+            f"{cfg.max_query_chars:,}; the address stays /analyze (send the text again to see it)."
+        )
+    return f"/analyze?{query}", ""
+
+
 async def _analyze_page(request: Request, text: str | None, feature: str | None, view: str, chat: bool = False):
+    """The analyzer page; a text it cannot read (too long, too many tokens, the model busy) comes back in the form
+    with the reason above it and the status (422, 429), so what was typed is never lost; a program (no text/html
+    in its accept header) gets the JSON error."""
     wb, cfg = wb_of(request), cfg_of(request)
     if view not in ("features", "error"):
         raise HTTPException(422, f"view must be 'features' or 'error', got {view!r}")
@@ -93,12 +111,26 @@ async def _analyze_page(request: Request, text: str | None, feature: str | None,
         "chat": chat,
         "analyzed": text or "",
         "feature_label": wb.label(feat) if feat is not None else "",
+        "error": "",
+        "share": None,
+        "share_note": "",
     }
+    status, headers = 200, {}
     if text is not None:
-        ctx["analyzed"], ctx["res"] = await run_model(
-            request, _analyze, wb, text_param(text, "text", cfg), feat, cfg, chat
-        )
-    return page(request, "analyze.html", nav="analyze", **ctx)
+        try:
+            ctx["analyzed"], ctx["res"] = await run_model(
+                request, _analyze, wb, text_param(text, "text", cfg), feat, cfg, chat
+            )
+            ctx["share"], ctx["share_note"] = share_link(cfg, text, feat, view, chat)
+        except (HTTPException, ThoughtscopeError) as e:  # e.g. more tokens than max_prompt_tokens: a 422
+            if "text/html" not in request.headers.get("accept", ""):
+                raise  # a program asking: the JSON error
+            status = e.status_code if isinstance(e, HTTPException) else 422
+            headers = dict(getattr(e, "headers", None) or {})
+            ctx["error"] = str(e.detail) if isinstance(e, HTTPException) else str(e)
+    resp = page(request, "analyze.html", status_code=status, nav="analyze", **ctx)
+    resp.headers.update(headers)
+    return resp
 
 
 @router.get("/analyze")
