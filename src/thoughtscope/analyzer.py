@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .display import Piece, piece_index, piece_texts, token_pieces, token_texts  # noqa: F401 (token_texts: its old home)
 from .errors import AnalyzerError, FeatureError
 from .features import TextFeatures, features_on_text
 from .models import LoadedModel, Site
@@ -37,31 +38,15 @@ class TextAnalysis:
     excluded: list[int] = field(default_factory=list)  # positions the SAE does not read (BOS sink)
     chosen: dict[int, list[float]] = field(default_factory=dict)  # feature -> activation per token
     probe_scores: dict[str, list[float]] = field(default_factory=dict)  # probe name -> score per token
+    pieces: list[Piece] = field(default_factory=list)  # the text as read: whole characters over token positions
+
+    def piece_at(self, pos: int) -> Piece:
+        """The piece of text (whole characters, `thoughtscope.display`) that covers token position `pos`."""
+        return self.pieces[piece_index(self.pieces)[pos]]
 
     def strongest(self) -> list[tuple[int, float] | None]:
         """The strongest feature of every token (None where nothing fires)."""
         return [t[0] if t else None for t in self.top]
-
-
-def token_texts(tokenizer, ids: Sequence[int]) -> list[str]:
-    """The text each token adds, so that concatenating them gives the decoded text.
-
-    Byte-level tokenizers split one character over several tokens; decoding those alone gives "\ufffd". For
-    them the text is the difference between decoding the few tokens before and up to it: the token that
-    completes a character carries it, the ones before carry "".
-    """
-    ids = [int(t) for t in ids]
-    out = list(tokenizer.batch_decode([[t] for t in ids]))
-    for i, s in enumerate(out):
-        if "\ufffd" not in s:
-            continue
-        j = max(0, i - 4)  # a UTF-8 character spans at most 4 bytes, so at most 4 tokens
-        before = tokenizer.decode(ids[j:i]).rstrip("\ufffd")
-        upto = tokenizer.decode(ids[j : i + 1])
-        upto = upto.rstrip("\ufffd") if i + 1 < len(ids) and upto.endswith("\ufffd") else upto
-        if upto.startswith(before):
-            out[i] = upto[len(before) :]
-    return out
 
 
 ROLES = {
@@ -165,15 +150,17 @@ def analyze_text(
     top = [[(b, a) for b, a in zip(ii, vv) if a > 0] for ii, vv in zip(i, v)]
     where = where.tolist()
     peaks = [(int(n), float(a), int(where[n])) for n, a in zip(pi.tolist(), pv.tolist()) if a > 0]
+    pieces = token_pieces(lm.tokenizer, tf.token_ids)
     return TextAnalysis(
         token_ids=tf.token_ids,
-        tokens=token_texts(lm.tokenizer, tf.token_ids),
+        tokens=piece_texts(pieces),
         top=top,
         recon_error=[float(e) for e in err.tolist()],
         peaks=peaks,
         excluded=list(tf.excluded),
         chosen={int(n): f[:, n].tolist() for n in features},
         probe_scores=probe_scores,
+        pieces=pieces,
     )
 
 

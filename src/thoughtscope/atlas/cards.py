@@ -9,6 +9,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..display import lone_token_text, window_pieces
 from ..values import is_finite
 from .db import Atlas, Example
 
@@ -18,24 +19,31 @@ BARS = " ▁▂▃▄▅▆▇█"
 def _tok(tokenizer, tid: int) -> str:
     if tokenizer is None:
         return f"[{tid}]"
-    return tokenizer.decode([int(tid)]).replace("\n", "⏎")
+    return lone_token_text(tokenizer, tid).replace("\n", "⏎")
+
+
+def _shade(a: float, scale: float, peak: bool) -> str:
+    if a <= 0:
+        return "" if peak else "dim"
+    g = int(255 - 200 * min(1.0, a / scale))
+    return f"black on rgb(255,{g},{int(g * 0.6)})" + (" bold underline" if peak else "")
 
 
 def heat_line(ex: Example, tokenizer, max_act: float, *, left: int = 10, right: int = 4) -> Text:
-    """One context as text with each token's background shaded by the feature's activation on it."""
+    """One context as text shaded by the feature's activation: each piece of text (a token, or the tokens that
+    spell one character together: `thoughtscope.display`) by its strongest token."""
     line = Text()
     scale = max_act if max_act > 0 else 1.0
-    for p, tid, a in ex.token_acts():
-        if p < 1 or p < ex.pos - left or p > ex.pos + right:
-            continue
-        s = _tok(tokenizer, tid)
-        if a > 0:
-            level = min(1.0, a / scale)
-            g = int(255 - 200 * level)
-            style = f"black on rgb(255,{g},{int(g * 0.6)})" + (" bold underline" if p == ex.pos else "")
-            line.append(s, style=style)
-        else:
-            line.append(s, style="dim" if p != ex.pos else "")
+    acts = {p: a for p, _, a in ex.token_acts() if p >= 1 and ex.pos - left <= p <= ex.pos + right}
+    if not acts:
+        return line
+    if tokenizer is None:
+        for p, a in acts.items():
+            line.append(f"[{ex.tokens[p]}]", style=_shade(a, scale, p == ex.pos))
+        return line
+    for pc in window_pieces(tokenizer, ex.tokens, min(acts), max(acts)):
+        a = max((acts[q] for q in pc.positions if q in acts), default=0.0)
+        line.append(pc.text.replace("\n", "⏎"), style=_shade(a, scale, ex.pos in pc.positions))
     return line
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_write_bytes, atomic_write_text
+from ..display import lone_token_text, window_pieces
 from .cards import load_tokenizer, logit_scale, score_line
 from .db import Atlas
 
@@ -90,37 +91,37 @@ def _plots(atlas: Atlas, sample_scores: list[dict]) -> dict[str, bytes]:
 
 
 def _tok(tokenizer, tid: int) -> str:
-    return tokenizer.decode([int(tid)]) if tokenizer is not None else f"[{tid}]"
+    return lone_token_text(tokenizer, tid) if tokenizer is not None else f"[{tid}]"
 
 
-def _units(items: list[tuple[int, int, float]], tokenizer) -> list[tuple[str, list[int], float]]:
-    """(text, positions, activation) per shown unit: a token, or the few tokens that together spell one
-    character a byte-level tokenizer split (decoded one by one they would read as replacement characters)."""
-    out: list[tuple[str, list[int], float]] = []
-    i = 0
-    while i < len(items):
-        j, text = i + 1, _tok(tokenizer, items[i][1])
-        if tokenizer is not None and "\ufffd" in text:
-            for k in range(i + 2, min(len(items), i + 4) + 1):
-                joined = tokenizer.decode([int(t) for _, t, _ in items[i:k]])
-                if "\ufffd" not in joined:
-                    j, text = k, joined
-                    break
-        out.append((text, [p for p, _, _ in items[i:j]], max(a for _, _, a in items[i:j])))
-        i = j
+def _units(items: list[tuple[int, int, float]], tokens, tokenizer) -> list[tuple[str, list[int], list[float]]]:
+    """(text, positions, each token's activation) per shown piece of text: a token, or the tokens that spell one
+    character together (`thoughtscope.display`), coloured by its strongest token."""
+    acts = {p: a for p, _, a in items}
+    if not acts:
+        return []
+    if tokenizer is None:
+        return [(_tok(None, t), [p], [a]) for p, t, a in items]
+    out = []
+    for pc in window_pieces(tokenizer, tokens, min(acts), max(acts)):
+        where = list(pc.positions)
+        out.append((pc.text, where, [acts[q] for q in where if q in acts]))
     return out
 
 
 def _ctx_html(ex, tokenizer, max_act: float, left: int = 12, right: int = 4) -> str:
     spans = []
     items = [(p, tid, a) for p, tid, a in ex.token_acts() if p >= 1 and ex.pos - left <= p <= ex.pos + right]
-    for text, where, a in _units(items, tokenizer):
+    for text, where, vals in _units(items, ex.tokens, tokenizer):
         s = html.escape(text).replace("\n", "⏎")
         cls = ' class="peak"' if ex.pos in where else ""
+        a = max(vals, default=0.0)
         if a > 0:
             lvl = min(1.0, a / max_act) if max_act > 0 else 0
+            tip = f"{a:.3g}" if len(vals) == 1 else f"{a:.3g} (one character over {len(vals)} tokens: "
+            tip += "" if len(vals) == 1 else ", ".join(f"{v:.3g}" for v in vals) + ")"
             spans.append(
-                f'<span{cls} style="background:rgba(230,80,20,{0.15 + 0.75 * lvl:.2f})" title="{a:.3g}">{s}</span>'
+                f'<span{cls} style="background:rgba(230,80,20,{0.15 + 0.75 * lvl:.2f})" title="{tip}">{s}</span>'
             )
         else:
             spans.append(f"<span{cls}>{s}</span>")

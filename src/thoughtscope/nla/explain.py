@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..display import piece_index, token_pieces
 from ..renamed import warn_renamed
 from .bundle import NLA
 from .core import CONFIG_NAME, NLAError, normalise
@@ -78,6 +79,9 @@ def explain_text(
 ) -> list[dict]:
     """For each position: the token, the NLA's greedy explanation and its round-trip FVE.
 
+    `token` is the text the position shows whole: where a byte-level tokenizer splits a character over several
+    tokens it is that character (`thoughtscope.display`), and `token_positions` lists the tokens it spans.
+
     Positions index the tokens the model reads, so with a BOS-prepending tokenizer (SmolLM2 prepends
     <|im_start|>) position 0 is that token and the text's first token is 1; negative positions count from the
     end. Position 0 is refused: it is the attention sink, whose activation says nothing about the text.
@@ -93,7 +97,8 @@ def explain_text(
     """
     if samples < 1:
         raise NLAError(f"samples must be at least 1, got {samples}")
-    n = int(nla.lm.tokenize(text)[1][0].sum())
+    ids, att = nla.lm.tokenize(text)
+    n = int(att[0].sum())
     sink = [p for p in positions if (p + n if p < 0 else p) == 0]
     if sink:
         bos = nla.lm.tokenizer.bos_token_id
@@ -101,7 +106,9 @@ def explain_text(
         which = "position 0" if sink[0] == 0 else f"position {sink[0]} (= 0)"
         # short enough for one line of an 80-column terminal
         raise NLAError(f"{which} is the attention sink ({what}); use 1..{n - 1} or -1")
-    vecs, pos, toks = nla.activations(text, positions)
+    vecs, pos, _ = nla.activations(text, positions)
+    pieces = token_pieces(nla.lm.tokenizer, ids[0][att[0].bool()].tolist())
+    piece_at = piece_index(pieces)
     trained = training_positions(nla)
     out = []
     for i in range(vecs.shape[0]):
@@ -119,7 +126,9 @@ def explain_text(
         cos = torch.nn.functional.cosine_similarity(rec, v.expand_as(rec), dim=-1)
         row = {
             "position": pos[i],
-            "token": toks[i],
+            # the whole character(s) the token belongs to, and their positions (one character may span tokens)
+            "token": pieces[piece_at[pos[i]]].text,
+            "token_positions": list(pieces[piece_at[pos[i]]].positions),
             "explanation": expl[0],
             "fve": float(f[0]),
             "cos": float(cos[0]),

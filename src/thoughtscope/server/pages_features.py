@@ -7,8 +7,9 @@ import random
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
-from ..analyzer import token_texts
+from ..display import lone_token_text
 from .context import feature_id, page, wb_of
+from .render import context_pieces
 
 router = APIRouter()
 
@@ -64,13 +65,14 @@ def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
     def ctx(e):
         ta = [(p, a) for p, _, a in e.token_acts() if p >= 1]  # a contiguous range of positions
         if not ta:
-            return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": []}
-        p0, j = ta[0][0], max(0, ta[0][0] - 4)  # a few tokens before, so a split character decodes whole
-        texts = token_texts(tok, e.tokens[j : ta[-1][0] + 1])[p0 - j :]
-        return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": [(p, s, a) for (p, a), s in zip(ta, texts)]}
+            return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": [], "pieces": []}
+        pieces = context_pieces(tok, e.tokens, dict(ta), e.pos)
+        texts = {pc["positions"][-1]: pc["text"] for pc in pieces}  # a piece's last token carries its text
+        tokens = [(p, texts.get(p, ""), a) for p, a in ta]  # one per token: joined, they give the text
+        return {"act": e.act, "pos": e.pos, "bin": e.bin, "tokens": tokens, "pieces": pieces}
 
     def decode(t):
-        return tok.decode([int(t)])
+        return lone_token_text(tok, t)
 
     return {
         "id": n,

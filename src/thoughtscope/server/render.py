@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
+
+from ..display import window_pieces
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,8 +38,42 @@ CONTROL = {i: 0x2400 + i for i in range(32)} | {10: "⏎", 9: "⇥", 127: "␡"}
 
 
 def show_token(s: str) -> str:
-    """Visible whitespace and control characters (newline ⏎, escape ␛), so a token never disappears."""
-    return s.translate(CONTROL) if s else "·"  # "" = the first bytes of a character split over tokens
+    """Visible whitespace and control characters (newline ⏎, escape ␛), so a token never disappears.
+
+    Text is shown by pieces (`thoughtscope.display`), whole characters, so "" is only a token that decodes to
+    nothing at all (a sentencepiece word marker alone, a special token a tokenizer drops): shown as ∅.
+    """
+    return s.translate(CONTROL) if s else "∅"
+
+
+def piece_title(values: Sequence[float], lead: str = "") -> str:
+    """A piece's tooltip: its value, or each token's value when one character spans several tokens."""
+    head = f"{lead} " if lead else ""
+    if len(values) == 1:
+        return head + fmt(values[0])
+    return head + f"{fmt(max(values))} (one character over {len(values)} tokens: {', '.join(fmt(v) for v in values)})"
+
+
+def context_pieces(tokenizer, tokens: Sequence[int], acts: dict[int, float], peak: int) -> list[dict]:
+    """The pieces of a context that cover the positions in `acts` (its window), each whole: text, positions,
+    the strongest activation of its tokens (its colour), each token's activation, whether the peak is in it."""
+    if not acts:
+        return []
+    out = []
+    for pc in window_pieces(tokenizer, tokens, min(acts), max(acts)):
+        pos = list(pc.positions)
+        vals = [acts[q] for q in pos if q in acts]
+        out.append(
+            {
+                "text": pc.text,
+                "positions": pos,
+                "act": max(vals) if vals else 0.0,
+                "acts": [[q, acts[q]] for q in pos if q in acts],
+                "peak": peak in pos,
+                "title": piece_title(vals) if vals else "",
+            }
+        )
+    return out
 
 
 def fmt(x, digits: int = 3) -> str:
