@@ -11,12 +11,34 @@ from pydantic import BaseModel, Field
 from ..analyzer import analyze_text, chat_text, compare_texts
 from ..errors import ThoughtscopeError
 from .context import cfg_of, form_fields, int_param, page, run_model, text_param, wb_of
+from .render import piece_title
 
 router = APIRouter()
 
 
+def _piece_view(pc, tokens: list[dict]) -> dict:
+    """One piece of the heatmap (whole characters) over its tokens: in each view (feature activation, error) it is
+    coloured by its strongest token, which a click opens first, and its tooltip gives each token's value."""
+    pos = list(pc.positions)
+    i = max(pos, key=lambda q: (tokens[q]["rel"], -q))
+    i_err = max(pos, key=lambda q: (tokens[q]["err"], -q))
+    lead = tokens[i]["lead"]
+    return {
+        "s": pc.text,
+        "positions": pos,
+        "i": i,
+        "rel": tokens[i]["rel"],
+        "title": piece_title([tokens[q]["act"] for q in pos], f"#{lead}") if lead is not None else "",
+        "i_err": i_err,
+        "err": tokens[i_err]["err"],
+        "title_err": piece_title([tokens[q]["err"] for q in pos], "error"),
+        "excluded": all(tokens[q]["excluded"] for q in pos),
+    }
+
+
 def analysis_view(wb, a, feature: int | None) -> dict:
-    """Tokens with their colouring value, plus per-token detail (features with labels, error, probes) as JSON."""
+    """Tokens with their colouring value, the pieces of text they show (whole characters, coloured by their
+    strongest token), plus per-token detail (features with labels, error, probes) as JSON."""
     ids = sorted({n for t in a.top for n, _ in t} | ({feature} if feature is not None else set()))
     labels = wb.labels(ids)
     maxes = {n: float(wb.atlas_max[n]) for n in ids}
@@ -41,6 +63,7 @@ def analysis_view(wb, a, feature: int | None) -> dict:
                 "excluded": i in a.excluded,
             }
         )
+    pieces = [_piece_view(pc, tokens) for pc in a.pieces]
     detail = [
         {
             "top": [[n, v, v / maxes[n], labels.get(n, "")] for n, v in t],
@@ -54,12 +77,13 @@ def analysis_view(wb, a, feature: int | None) -> dict:
         for i, t in enumerate(a.top)
     ]
     peaks = [
-        {"feature": n, "peak": v, "rel": v / float(wb.atlas_max[n]), "at": a.tokens[p], "label": wb.label(n)}
+        {"feature": n, "peak": v, "rel": v / float(wb.atlas_max[n]), "at": a.piece_at(p).text, "label": wb.label(n)}
         for n, v, p in a.peaks[:12]
     ]
     safe_json = json.dumps(detail).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return {
         "tokens": tokens,
+        "pieces": pieces,
         "detail_json": safe_json,
         "peaks": peaks,
         "err_scale": err_scale or 1.0,
