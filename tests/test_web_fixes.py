@@ -120,7 +120,8 @@ def test_analyzer_text_over_the_limit_stays_in_the_form_with_the_limit(site, pag
     page.wait_for_selector("#analyze-error:not([hidden])", timeout=5000)
     msg = page.text_content("#analyze-error")
     assert "210,000 characters" in msg and "the limit is 8,000" in msg, msg
-    assert urlsplit(page.url).path == "/analyze" and page.eval_on_selector("#analyze-form textarea", "t => t.value") == text
+    assert urlsplit(page.url).path == "/analyze"
+    assert page.eval_on_selector("#analyze-form textarea", "t => t.value") == text
     assert "8,000 characters" in page.text_content("#text-limit")  # the limit is on the page before any error
 
 
@@ -132,7 +133,7 @@ def test_analyzer_refusals_are_styled_pages_and_keep_what_fits(site):
     long = "a quiet queen " * 700  # 9,800 characters: read, over the text limit, sent back in the form
     r = httpx.post(f"{site}/analyze", data={"text": long, "view": "error"}, headers=HTML)
     assert r.status_code == 422 and "9,800 characters; the limit is 8,000" in r.text
-    assert f">{long}</textarea>" in r.text and "<option value=\"error\" selected" in r.text
+    assert f">{long}</textarea>" in r.text and '<option value="error" selected' in r.text
 
 
 def test_analysis_gets_a_shareable_address(site, page):
@@ -158,3 +159,61 @@ def test_no_link_above_the_address_limit(wb):
         assert "replaceState" not in r.text
         r = c.post("/analyze", data={"text": "é" * 10}, headers=HTML)
         assert 'id="share-link" href="/analyze?text=%C3%A9%C3%A9' in r.text
+
+
+# ----------------------------------------------------------------------------- the NLA page's steering
+
+CHAT = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+@pytest.fixture()
+def chat_model(wb):
+    """The tiny model's tokenizer with a chat template (as SmolLM2's has), taken off again afterwards."""
+    tok = wb.lm.tokenizer
+    before = getattr(tok, "chat_template", None)
+    tok.chat_template = CHAT
+    yield wb.lm
+    tok.chat_template = before
+
+
+def test_nla_steer_reads_a_chat_prompt_through_the_chat_template(site, chat_model):
+    """The trial: "Tell me a short story." gave an empty unsteered column on SmolLM2, read as raw text (the model
+    ends a bare instruction at once). Its unsteered answer is now the equalizer's: the prompt as a user turn."""
+    from html import unescape
+
+    from thoughtscope.steer import GenerationConfig, generate
+
+    prompt = "Tell me a short story."
+    q = {"prompt": prompt, "original": "the letter q", "edited": "the letter z", "strength": "1"}
+    r = httpx.get(f"{site}/nla", params=q, headers=HTML)
+    assert r.status_code == 200, r.text[:300]
+    shown = unescape(r.text.split('id="nla-unsteered">', 1)[1].split("</pre>", 1)[0])
+    cfg = {"max_new_tokens": min(32, ServerConfig().max_new_tokens), "temperature": 0.0, "seed": 0}
+    chat = generate(chat_model, [prompt], (), GenerationConfig(**cfg))[0].text
+    raw = generate(chat_model, [prompt], (), GenerationConfig(**cfg, chat=False))[0].text
+    assert chat != raw  # the two readings differ on this model, so the check below can tell them apart
+    assert shown == chat
+
+
+@pytest.mark.slow
+def test_nla_steer_answers_a_chat_prompt_on_the_default_model():
+    """The trial's case on SmolLM2 with the shipped NLA: the unsteered column of "Tell me a short story." was
+    empty (the bare instruction read as raw text ends at once)."""
+    from fastapi.testclient import TestClient
+
+    from thoughtscope.models import load_model
+    from thoughtscope.nla import load_nla
+    from thoughtscope.sae import load_sae
+    from thoughtscope.server import Workbench
+
+    lm = load_model("default")
+    wb = Workbench(lm=lm, sae=load_sae("default"), sae_spec="default", nla=load_nla("default", lm=lm))
+    q = {"prompt": "Tell me a short story.", "original": "Topic: weather", "edited": "Topic: ocean", "strength": "1"}
+    with TestClient(create_app(ServerConfig(), wb), base_url="http://127.0.0.1:8765") as c:
+        r = c.get("/nla", params=q, headers=HTML)
+    assert r.status_code == 200, r.text[:300]
+    unsteered = r.text.split('id="nla-unsteered">', 1)[1].split("</pre>", 1)[0]
+    assert len(unsteered.split()) >= 5, unsteered  # an answer, not an empty column
