@@ -171,3 +171,21 @@ def test_default_model_tokenizer():
     before = [tok.decode([i]) for i in ids_of(tok, EMOJI)]
     assert any("\ufffd" in s for s in before)  # the case this module exists for
     assert ZWJ_FAMILY in [p.text.strip() for p in token_pieces(tok, ids_of(tok, EMOJI))]
+
+
+def test_nla_token_list_links_whole_characters():
+    """The NLA view's token list (server/templates/_nla_tokens.html): one link per piece, to its last token."""
+    import re
+
+    from thoughtscope.server.render import make_env
+
+    tok = byte_tokenizer(259)
+    text = "a中ł"
+    ids = [tok.bos_token_id, *ids_of(tok, text)]
+    html = (
+        make_env().get_template("_nla_tokens.html").render(pieces=token_pieces(tok, ids), pos=3, text=text, samples="1")
+    )
+    links = re.findall(r'<a class="t( peak)?" href="[^"]*pos=(\d+)[^"]*" title="([^"]*)">([^<]*)</a>', html)
+    assert [(q, shown) for _, q, _, shown in links] == [("1", "a"), ("4", "中"), ("6", "ł")]
+    assert links[1][0] == " peak" and "one character over positions 2, 3, 4" in links[1][2]
+    assert "&lt;s&gt;" in html and "·" not in html and "\ufffd" not in html
