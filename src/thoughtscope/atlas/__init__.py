@@ -20,6 +20,7 @@ from .offline_explain import OfflineExplainer, OfflineOptions, explain_offline
 from .query import activations_on_texts, contrast, open_with_model, top_features_for_text
 from .run_explain import run_explain
 from .scoring import LexicalScorer, parse_cues
+from .search import Hit, search_concept
 
 __all__ = [
     "Atlas",
@@ -30,6 +31,7 @@ __all__ = [
     "ExplainConfig",
     "ExplainerError",
     "HTTPChatClient",
+    "Hit",
     "LexicalScorer",
     "LocalChatClient",
     "OfflineExplainer",
@@ -52,6 +54,7 @@ __all__ = [
     "open_with_model",
     "parse_cues",
     "run_explain",
+    "search_concept",
     "show_feature",
     "text_card",
     "top_features_for_text",

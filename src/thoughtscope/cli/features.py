@@ -210,11 +210,40 @@ def random_cmd(
 
 @features_app.command("search")
 @one_line_errors
-def search_cmd(text: str = typer.Argument(...), atlas: Path = typer.Option(...), limit: int = typer.Option(20)) -> None:
-    """Features whose explanation matches the text, with each explanation's score."""
+def search_cmd(
+    query: str = typer.Argument(..., help="a concept: a word or a short phrase, e.g. ocean"),
+    atlas: Path | None = typer.Option(None, help="atlas folder (default: the first-start atlas of the default SAE)"),
+    k: int = typer.Option(20, "--k", "--limit", help="how many features to list"),
+    templates: bool = typer.Option(True, help="also run the model on built-in sentences with the word"),
+    as_json: bool = typer.Option(False, "--json", help="print the hits as JSON"),
+) -> None:
+    """Features for a concept by meaning: what they fire on (the word, its embedding neighbours, sentences with
+    it), what they write, and their explanation; every hit with each signal's score and the tokens behind it."""
+    import json
+
+    from ..atlas import open_with_model, search_concept
+    from ..atlas.search import SIGNALS, check_query
+
+    query = check_query(query)
+    if atlas is None:
+        from ..sae import load_sae
+        from ..server.workbench import default_atlas_dir
+
+        atlas = default_atlas_dir(load_sae("default"))
+    at, lm, sae = open_with_model(atlas)
+    hits = search_concept(lm, sae, at, query, k=k, templates=templates)
+    if as_json:
+        typer.echo(json.dumps({"query": query, "atlas": str(at.path), "hits": [h.to_dict() for h in hits]}))
+        return
+    if not hits:
+        console.print(f"no feature found for {query!r}")
+    from rich.markup import escape
+
     from ..atlas.cards import score_line
 
-    at = _open_atlas(atlas)
-    for i, expl in at.search(text, limit=limit):
-        console.print(f"[bold]{i}[/bold]  {expl}")
-        console.print(f"      [dim]{score_line(at.explanation(i) or {})}[/dim]", highlight=False)
+    for h in hits:  # the feature first on its line: scripts and tests read it there
+        label = escape(h.label or "(no explanation)")
+        console.print(f"[bold]{h.feature}[/bold]  {h.score:.3f}  {label}", highlight=False)
+        ev = "; ".join(f"{s} {h.signals[s]:.2f} {h.tokens.get(s, [])}" for s in SIGNALS if h.signals[s] > 0)
+        console.print(f"      [dim]{escape(ev)}[/dim]", highlight=False)
+        console.print(f"      [dim]{score_line(at.explanation(h.feature) or {})}[/dim]", highlight=False)

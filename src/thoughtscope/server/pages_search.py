@@ -5,25 +5,35 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 
 from ..analyzer import analyze_text
-from ..atlas import contrast
+from ..atlas import AtlasError, contrast, search_concept
+from ..atlas.search import SIGNALS
 from .context import cfg_of, page, run_model, text_param, wb_of
 from .pages_features import _need_atlas, explanation_view
 
 router = APIRouter()
 
 
-def _search_words(wb, q: str, limit: int = 50):
+def _search_words(wb, q: str, k: int = 30) -> list[dict]:
+    """Features for a concept by meaning (`atlas.search_concept`: the word's tokens, its embedding neighbours,
+    sentences with it, what features write, explanation words), each hit with every signal's evidence."""
     at = _need_atlas(wb)
     with wb.db_lock:
-        hits = at.search(q, limit=limit)
+        try:
+            hits = search_concept(wb.lm, wb.sae, at, q, k=k)
+        except AtlasError as e:
+            raise HTTPException(422, str(e)) from None
         return [
             {
-                "feature": i,
-                "label": e,
-                "max_act": float(wb.atlas_max[i]),
-                "explanation": explanation_view(at.explanation(i)),
+                **h.to_dict(),
+                "evidence": [
+                    {"signal": s, "score": round(h.signals[s], 3), "tokens": h.tokens.get(s, [])}
+                    for s in SIGNALS
+                    if h.signals[s] > 0
+                ],
+                "max_act": float(wb.atlas_max[h.feature]),
+                "explanation": explanation_view(at.explanation(h.feature)),
             }
-            for i, e in hits
+            for h in hits
         ]
 
 
@@ -36,7 +46,8 @@ async def search(
     controls: str | None = None,
     mode: str = "words",
 ):
-    """Three searches on one page: explanation words, features firing on a text, contrast of two prompt sets."""
+    """Three searches on one page: a concept by meaning (mode "words", also "meaning"), features firing on a text,
+    contrast of two prompt sets."""
     wb, cfg = wb_of(request), cfg_of(request)
     ctx: dict = {
         "q": q or "",
@@ -47,10 +58,12 @@ async def search(
         "hits": None,
         "kind": None,
     }
+    if mode == "meaning":
+        ctx["mode"] = mode = "words"
     if mode not in ("words", "text", "contrast"):
-        raise HTTPException(422, f"mode must be words, text or contrast, got {mode!r}")
+        raise HTTPException(422, f"mode must be words (or meaning), text or contrast, got {mode!r}")
     if mode == "words" and q is not None:
-        ctx.update(hits=_search_words(wb, text_param(q, "search words", cfg)), kind="words")
+        ctx.update(hits=await run_model(request, _search_words, wb, text_param(q, "search words", cfg)), kind="words")
     elif mode == "text" and text is not None:
         ctx.update(hits=await run_model(request, _by_text, wb, text_param(text, "text", cfg), cfg), kind="text")
     elif mode == "contrast" and (prompts is not None or controls is not None):
@@ -64,7 +77,7 @@ async def search_json(request: Request, q: str | None = None, text: str | None =
     wb, cfg = wb_of(request), cfg_of(request)
     if text is not None:
         return {"hits": await run_model(request, _by_text, wb, text_param(text, "text", cfg), cfg)}
-    return {"hits": _search_words(wb, text_param(q, "q", cfg))}
+    return {"hits": await run_model(request, _search_words, wb, text_param(q, "q", cfg))}
 
 
 def _lines(raw: str | None, name: str, cfg) -> list[str]:
