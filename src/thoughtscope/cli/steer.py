@@ -49,18 +49,53 @@ def steer(
     temperature: float = typer.Option(0.7, help=_gen_help("temperature")),
     top_p: float = typer.Option(0.9, help=_gen_help("top_p")),
     seed: int = typer.Option(0, help=_gen_help("seed", "Steered and unsteered answers share it.")),
+    export_control_vector: Path | None = typer.Option(
+        None, help="write the preset as a llama.cpp control vector (GGUF; additive items only)"
+    ),
+    export_checkpoint: Path | None = typer.Option(
+        None, help="write a transformers checkpoint with the preset baked in (loads with from_pretrained)"
+    ),
+    abliterate: bool = typer.Option(
+        False, help="--export-checkpoint: bake project_out directions out of every residual write"
+    ),
 ) -> None:
-    """Answer prompts unsteered and steered by a preset, side by side from the same seed."""
+    """Answer prompts unsteered and steered by a preset, side by side from the same seed; or export the preset."""
     if ctx.invoked_subcommand is not None:
         return
     from ..steer import print_comparisons, steer_with_preset
     from ..steer.run import recorded_model
 
-    if preset is None or not prompt:
-        _fail("give --preset and at least one --prompt (or a subcommand: sweep, find)")
+    exporting = export_control_vector is not None or export_checkpoint is not None
+    if preset is None or not (prompt or exporting):
+        _fail("give --preset and at least one --prompt or an --export-... path (or a subcommand: sweep, find)")
     lm = _load_recorded(model, None if model else recorded_model(preset=preset))
+    if exporting:
+        from ..steer.export import export_preset
+
+        for line in export_preset(
+            lm, preset, control_vector_path=export_control_vector, checkpoint=export_checkpoint, abliterate=abliterate
+        ):
+            console.print(line)
+        if not prompt:
+            return
     comps = steer_with_preset(lm, preset, prompt, _gen_config(max_new_tokens, temperature, top_p, seed))
     print_comparisons(comps, console, title=f"preset {preset}")
+
+
+@steer_app.command("import-control-vector")
+@one_line_errors
+def steer_import_control_vector(
+    path: Path = typer.Argument(..., help="a llama.cpp / repeng control vector (.gguf)"),
+    out: Path = typer.Option(..., help="the preset JSON to write"),
+    model: str = typer.Option("default", help="the model it must fit (layers and width are checked)"),
+) -> None:
+    """Turn a llama.cpp control vector into a preset of additive vectors (usable in steer, serve and chat)."""
+    from ..steer.export import import_control_vector
+
+    written, notes = import_control_vector(_load(model, None, None), path, out)
+    for n in notes:
+        console.print(f"note: {n}")
+    console.print(f"preset {written}")
 
 
 @steer_app.command("sweep")
