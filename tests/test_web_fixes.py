@@ -217,3 +217,61 @@ def test_nla_steer_answers_a_chat_prompt_on_the_default_model():
     assert r.status_code == 200, r.text[:300]
     unsteered = r.text.split('id="nla-unsteered">', 1)[1].split("</pre>", 1)[0]
     assert len(unsteered.split()) >= 5, unsteered  # an answer, not an empty column
+
+
+# ----------------------------------------------------------------------------- over capacity: 429 before any answer
+
+
+def _request(url: str, i: int) -> tuple[str, int, str, dict]:
+    """Even i: a generation stream; odd i: the analyzer's form, as a browser posts it."""
+    with httpx.Client(timeout=60) as c:
+        if i % 2:
+            text = f"a quiet queen number {i}"
+            r = c.post(f"{url}/analyze", data={"text": text}, headers=HTML)
+            return "analyze", r.status_code, r.text, dict(r.headers)
+        q = {"prompt": "hi", "max_new_tokens": 8, "seed": i}
+        with c.stream("GET", f"{url}/steer/stream", params=q) as r:
+            return "stream", r.status_code, r.read().decode(), dict(r.headers)
+
+
+@pytest.mark.timeout(120)
+def test_twenty_concurrent_model_requests_over_the_queue_get_429_with_retry_after(wb):
+    """Real concurrent requests against the real server while the model is held: 8 wait and then answer whole
+    (a stream from start to end with no error event, an analysis), the other 12 get a 429 with Retry-After before
+    any event; a refused analyzer form comes back with its text."""
+    import asyncio
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app(ServerConfig(queue_size=8), wb)
+    gate, live = app.state.gate, LiveServer(app)
+    with live as url, ThreadPoolExecutor(20) as pool:
+        hold, held = threading.Event(), threading.Event()
+
+        async def occupy():
+            async with gate.slot():
+                held.set()
+                while not hold.is_set():
+                    await asyncio.sleep(0.01)
+
+        job = asyncio.run_coroutine_threadsafe(occupy(), live.server.servers[0].get_loop())
+        assert held.wait(10)
+        futures = [pool.submit(_request, url, i) for i in range(20)]
+        end = time.monotonic() + 30
+        while sum(f.done() for f in futures) < 12 and time.monotonic() < end:
+            time.sleep(0.02)
+        assert gate.admitted == 9  # the held job and 8 waiting
+        hold.set()
+        job.result(10)
+        answers = [f.result(60) for f in futures]
+    busy = [a for a in answers if a[1] == 429]
+    done = [a for a in answers if a[1] == 200]
+    assert (len(done), len(busy)) == (8, 12), [a[:2] for a in answers]
+    for kind, _, body, headers in busy:
+        assert headers["retry-after"] == "2" and "busy" in body
+        assert kind == "stream" or "a quiet queen number" in body.split("</textarea>")[0]  # the text is kept
+    for kind, _, body, _ in done:
+        events = [ln[7:] for ln in body.splitlines() if ln.startswith("event: ")]
+        assert (kind == "analyze" and 'id="heatmap"' in body) or (events[0] == "start" and events[-1] == "end")
+        assert "error" not in events
