@@ -108,10 +108,22 @@ def test_invalid_utf8_still_shows_the_replacement_glyph():
     a, b = ids_of(tok, "a"), ids_of(tok, "b")
     cut = token_pieces(tok, zhong[:2] + a)  # a character missing its last byte, then "a"
     assert "".join(p.text for p in cut) == "\ufffda" and cut[-1].stop == 3
-    orphan = token_pieces(tok, zhong[1:] + b + zhong)  # a context cut mid-character: its first bytes are lost
-    assert [p.text for p in orphan] == ["\ufffd", "\ufffd", "b", "中"]  # each lost byte shown, the rest whole
-    tail = token_pieces(tok, a + zhong[:1])  # the text ends inside a character
-    assert [p.text for p in tail] == ["a", "\ufffd"]
+    inside = token_pieces(tok, a + zhong[1:] + b)  # bytes that begin no character, inside the text
+    assert [p.text for p in inside] == ["a", "\ufffd", "\ufffd", "b"] and not any(p.cut for p in inside)
+
+
+def test_characters_cut_at_the_edges_of_a_context_read_as_cut():
+    """An atlas context is cut from a longer text: it may start or end inside a character, which it does not hold."""
+    tok = byte_tokenizer(259)
+    zhong, wen = ids_of(tok, "中"), ids_of(tok, "文")
+    a = ids_of(tok, "a")
+    start = token_pieces(tok, zhong[1:] + a + zhong)  # the first byte of 中 is in the context before
+    assert [(p.text, p.cut, len(p)) for p in start] == [("…", True, 2), ("a", False, 1), ("中", False, 3)]
+    after_bos = token_pieces(tok, [tok.bos_token_id, *zhong[2:], *wen])  # position 0 a BOS, as atlas contexts
+    assert [p.text for p in after_bos] == ["<s>", "…", "文"]
+    end = token_pieces(tok, a + wen[:2])  # 文 continues in the next context
+    assert [(p.text, p.cut) for p in end] == [("a", False), ("…", True)]
+    assert not any("\ufffd" in p.text for p in start + after_bos + end)
 
 
 def test_values_map_to_the_whole_piece():

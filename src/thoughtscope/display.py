@@ -5,8 +5,9 @@ such as 中, ł or an emoji over several tokens; decoding each token alone gives
 rule here: consecutive tokens whose bytes end inside a character are one *piece*, decoded whole, that records
 the token positions it covers. Tokens whose bytes the tokenizer does not expose (added and special tokens, a
 sentencepiece word piece) decode alone; when such a token alone is still not valid UTF-8 it is joined with the
-tokens after it until their decode ends on a whole character. Bytes that never complete a character (invalid
-UTF-8, a context cut mid-character) still show the replacement glyph "\\ufffd": that is what the text holds.
+tokens after it until their decode ends on a whole character. Bytes that never complete a character inside the
+text (invalid UTF-8) still show the replacement glyph "\\ufffd": that is what the text holds; the bytes of a
+character cut off where the ids begin or end (an atlas context cut from a longer text) read "…".
 A piece also never ends inside what a reader sees as one character: a mark, a variation selector, a skin tone or
 a zero-width joiner (the joins of an emoji family 👩‍👩‍👧) stays with the character before it, and a flag's two
 regional indicators stay together.
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte fallback
+CUT = "…"  # what the bytes of a character cut off at the edge of the ids read
 MAX_UNKNOWN_JOIN = 8  # tokens joined at most when their bytes are unknown (4 bytes a character, spare for merges)
 
 
@@ -40,6 +42,7 @@ class Piece:
     text: str
     start: int
     stop: int
+    cut: bool = False  # holds bytes of a character cut off at the edge of the ids (it reads CUT)
 
     @property
     def positions(self) -> range:
@@ -126,7 +129,7 @@ def _whole_characters(pieces: list[Piece]) -> list[Piece]:
     out: list[Piece] = []
     for p in pieces:
         if out and _joined(out[-1].text, p.text):
-            out[-1] = Piece(out[-1].text + p.text, out[-1].start, p.stop)
+            out[-1] = Piece(out[-1].text + p.text, out[-1].start, p.stop, out[-1].cut or p.cut)
         else:
             out.append(p)
     return out
@@ -148,32 +151,47 @@ def _unknown_run(tokenizer, ids: list[int], raw: list[bytes | None], i: int, alo
     return alone, i + 1
 
 
+def _alone(tokenizer, ids: list[int], raw: list[bytes | None]) -> dict[int, str]:
+    """Each token with unknown bytes decoded alone."""
+    unknown = [i for i, b in enumerate(raw) if b is None]
+    texts = tokenizer.batch_decode(
+        [[ids[i]] for i in unknown], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    return dict(zip(unknown, texts))
+
+
+def _continuation_only(b: bytes) -> bool:
+    return bool(b) and all(0x80 <= x <= 0xBF for x in b)
+
+
 def token_pieces(tokenizer, ids: Sequence[int]) -> list[Piece]:
     """The pieces of text the tokens `ids` show, in order; every position is in exactly one piece, and the pieces'
-    texts joined give the text the ids decode to (special tokens as their names)."""
+    texts joined give the text the ids decode to (special tokens as their names).
+
+    Ids cut from a longer text (an atlas context) may start or end inside a character: the bytes of that
+    character they hold are one piece that reads CUT ("…", `cut` set), since the character is not in them;
+    bytes that are invalid inside the text read "\ufffd".
+    """
     ids = [int(t) for t in ids]
     raw = token_bytes(tokenizer, ids)
-    unknown = [i for i, b in enumerate(raw) if b is None]
-    alone = dict(
-        zip(
-            unknown,
-            tokenizer.batch_decode(
-                [[ids[i]] for i in unknown], skip_special_tokens=False, clean_up_tokenization_spaces=False
-            ),
-        )
-    )
+    alone = _alone(tokenizer, ids, raw)
     pieces: list[Piece] = []
     utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-    start, parts = 0, []
-    i = 0
+    start, parts, i, edge = 0, [], 0, True  # edge: at the start of the text (or right after a special token)
     while i < len(ids):
         b = raw[i]
+        if b is not None and edge and i == start and _continuation_only(b):
+            while i < len(ids) and raw[i] is not None and _continuation_only(raw[i]):
+                i += 1  # the last bytes of a character that began before these ids
+            pieces.append(Piece(CUT, start, i, cut=True))
+            start, edge = i, False
+            continue
         if b is not None:
             parts.append(utf8.decode(b))
             i += 1
             if not utf8.getstate()[0]:  # the bytes so far end on a whole character
                 pieces.append(Piece("".join(parts), start, i))
-                start, parts = i, []
+                start, parts, edge = i, [], False
             continue
         if i > start:  # bytes left waiting for the rest of a character that never came
             parts.append(utf8.decode(b"", final=True))
@@ -183,10 +201,10 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> list[Piece]:
         if text.endswith("\ufffd"):
             text, stop = _unknown_run(tokenizer, ids, raw, i, text)
         pieces.append(Piece(text, i, stop))
-        start, parts, i = stop, [], stop
-    if start < len(ids):
-        parts.append(utf8.decode(b"", final=True))
-        pieces.append(Piece("".join(parts), start, len(ids)))
+        start, parts, i, edge = stop, [], stop, True
+    if start < len(ids):  # the ids end inside a character: its first bytes
+        utf8.decode(b"", final=True)
+        pieces.append(Piece("".join(parts) + CUT, start, len(ids), cut=True))
     return _whole_characters(pieces)
 
 
@@ -196,7 +214,7 @@ def window_pieces(tokenizer, tokens: Sequence[int], first: int, last: int, margi
     an edge is cut as in the whole text, and shown whole even where it reaches past the window."""
     lo, hi = max(0, first - margin), min(len(tokens), last + 1 + margin)
     return [
-        Piece(p.text, p.start + lo, p.stop + lo)
+        Piece(p.text, p.start + lo, p.stop + lo, p.cut)
         for p in token_pieces(tokenizer, tokens[lo:hi])
         if p.stop + lo > first and p.start + lo <= last
     ]

@@ -54,6 +54,9 @@ def piece_title(values: Sequence[float], lead: str = "") -> str:
     return head + f"{fmt(max(values))} (one character over {len(values)} tokens: {', '.join(fmt(v) for v in values)})"
 
 
+CUT_NOTE = " (bytes of a character cut off at the context's edge)"
+
+
 def context_pieces(tokenizer, tokens: Sequence[int], acts: dict[int, float], peak: int) -> list[dict]:
     """The pieces of a context that cover the positions in `acts` (its window), each whole: text, positions,
     the strongest activation of its tokens (its colour), each token's activation, whether the peak is in it."""
@@ -70,7 +73,7 @@ def context_pieces(tokenizer, tokens: Sequence[int], acts: dict[int, float], pea
                 "act": max(vals) if vals else 0.0,
                 "acts": [[q, acts[q]] for q in pos if q in acts],
                 "peak": peak in pos,
-                "title": piece_title(vals) if vals else "",
+                "title": (piece_title(vals) if vals else "") + (CUT_NOTE if pc.cut else ""),
             }
         )
     return out
