@@ -34,11 +34,18 @@ def serve(
     token: str | None = typer.Option(None, help=_help("token", "--token auto makes a random one.")),
     threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)"),
     build_tokens: int = typer.Option(32_768, help="tokens read by the first-start atlas build"),
+    wait_for_atlas: bool = typer.Option(
+        False,
+        "--wait-for-atlas",
+        help="on first start, build the atlas before serving any page (default: serve as soon as the model and SAE "
+        "are loaded and build it in the background)",
+    ),
     queue: int = typer.Option(8, help=_help("queue_size")),
     deadline: float = typer.Option(60.0, help=_help("deadline_s")),
 ) -> None:
     """The local web workbench at http://localhost:8765/: feature explorer, analyzer, equalizer and NLA view
-    (pages say "building" until the model and the atlas are ready)."""
+    (pages answer once the model and SAE are loaded; a first start builds the atlas in the background, and every
+    page shows its progress)."""
     import uvicorn
 
     from ..errors import ServerError
@@ -74,8 +81,10 @@ def serve(
             probe or (),
             status=status,
             build_tokens=build_tokens or FIRST_START_TOKENS,
+            atlas_in_background=not wait_for_atlas,
         )
-        console.print(f"[green]ready[/green]: {wb.lm.name}, {wb.n_features} features, atlas {wb.atlas.path}")
+        where = wb.atlas.path if wb.atlas is not None else f"being built in {wb.atlas_build.out}"
+        console.print(f"[green]ready[/green]: {wb.lm.name}, {wb.n_features} features, atlas {where}")
         for note in wb.notes:
             err.print(f"[yellow]note:[/yellow] {note}")
         return wb

@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ThoughtscopeError
+from .atlas_job import eta_words
 from .config import ServerConfig
 from .context import NotReady, page, wb_of
 from .guard import BodyTooLarge, Busy, Gate, Guard
@@ -56,14 +57,16 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
     app.state.gate = Gate(cfg.queue_size)
     app.state.stream_outcomes = Counter()  # how generation streams ended: completed, client gone, deadline ...
     app.state.env = make_env()
+    app.state.env.globals["eta_words"] = eta_words  # the atlas build's ETA in words (_atlas_status.html)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     if loader is not None:
         _load_in_background(app, loader)
     _error_pages(app)
     _home_and_status(app)
-    from . import pages_analyze, pages_features, pages_nla, pages_search, pages_steer
+    from . import pages_analyze, pages_building, pages_features, pages_nla, pages_search, pages_steer
 
-    for mod in (pages_features, pages_search, pages_analyze, pages_steer, pages_nla):
+    # pages_building first: its routes answer feature addresses only while the first-start atlas is built
+    for mod in (pages_building, pages_features, pages_search, pages_analyze, pages_steer, pages_nla):
         app.include_router(mod.router)
     return _guarded(app, cfg)
 
@@ -147,8 +150,11 @@ def _home_and_status(app: FastAPI) -> None:
         from .pages_steer import generation_threads
 
         gate = app.state.gate
+        wb = app.state.wb
+        build = wb.atlas_build if wb is not None else None
         return {
             **app.state.status.to_dict(),
+            **({"atlas": build.to_dict()} if build is not None else {}),
             "model_jobs": gate.admitted,
             "generation_threads": generation_threads(),
             "streams": dict(app.state.stream_outcomes),
@@ -170,6 +176,31 @@ def _home_and_status(app: FastAPI) -> None:
                 await asyncio.sleep(1.0)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-store"})
+
+    @app.get("/status/atlas/stream")
+    async def atlas_stream(request: Request):
+        """Server-sent progress of the first-start atlas build (the banner on every page): one `status` event a
+        second while it runs, then `attached` when feature pages work (pages showing the build reload on it) and
+        a last `status` when it is done or failed."""
+        return StreamingResponse(
+            _atlas_events(app, request), media_type="text/event-stream", headers={"cache-control": "no-store"}
+        )
+
+
+async def _atlas_events(app: FastAPI, request: Request):
+    attached = False
+    for _ in range(3600):  # an hour; the browser's EventSource connects again after that
+        wb = app.state.wb
+        job = wb.atlas_build if wb is not None else None
+        html = app.state.env.get_template("_atlas_status.html").render(job=job, wb=wb)
+        data = "\n".join(f"data: {line}" for line in html.splitlines() or [""])
+        yield f"event: status\n{data}\n\n"
+        if job is not None and job.attached and not attached:
+            attached = True
+            yield "event: attached\ndata: attached\n\n"
+        if (wb is not None and job is None) or (job is not None and job.finished) or await request.is_disconnected():
+            return
+        await asyncio.sleep(1.0)
 
 
 def _guarded(app: FastAPI, cfg: ServerConfig) -> FastAPI:

@@ -33,6 +33,50 @@ def wb_of(request: Request):
     return wb
 
 
+def atlas_progress_words(job) -> str:
+    """The first-start atlas build in a few words: "writing offline explanations, step 2 of 2: 41% (3,780 of 9,216
+    features), about 2 min 05 s left", or what stopped it."""
+    from .atlas_job import eta_words
+
+    if job.error:
+        return f"the atlas build failed: {job.error}"
+    d = job.to_dict()
+    words = f"{job.stage}, step {max(1, d['step'])} of {d['n_steps']}"
+    if d["percent"] is not None:
+        words += f": {d['percent']:.0f}% ({job.done:,} of {job.total:,} {job.unit})"
+    eta = eta_words(job.eta_s())
+    return f"{words}, {eta}" if eta else words
+
+
+class AtlasPending(HTTPException):
+    """What a page that needs the atlas answers while the first-start atlas is built (503, retry later), or after
+    its build failed (503 too: the rest of the workbench works; a restart builds it again)."""
+
+    def __init__(self, job):
+        if job.error:
+            msg = (
+                f"this page needs the feature atlas, and building it failed ({job.error}); the analyzer, the "
+                f"equalizer and the NLA view work without it, and restarting the server tries the build again"
+            )
+        else:
+            msg = (
+                "this page needs the feature atlas, which is still being built in the background ("
+                f"{atlas_progress_words(job)}); the analyzer, the equalizer and the NLA view work meanwhile"
+            )
+        super().__init__(503, msg, headers={"retry-after": "10"})
+        self.job = job
+
+
+def need_atlas(wb):
+    """The workbench's atlas; AtlasPending (503 with the build's progress) while the first-start atlas is built,
+    404 where the server has none at all."""
+    if wb.atlas is not None:
+        return wb.atlas
+    if getattr(wb, "atlas_build", None) is not None:
+        raise AtlasPending(wb.atlas_build)
+    raise HTTPException(404, "no atlas is loaded: start the server with --atlas DIR (or without it to build one)")
+
+
 def cfg_of(request: Request):
     return request.app.state.cfg
 

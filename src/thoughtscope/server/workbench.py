@@ -1,8 +1,11 @@
 """What the server works on, fixed at start: one model, one SAE, its atlas, an NLA, presets and probes.
 
 Nothing here is ever chosen by a request path: requests name features by index and presets by the names
-listed at start. `load_workbench` loads everything (building a small atlas on first start when none is
-given) and reports its stage to a `LoadStatus`, which the "building" page shows.
+listed at start. `load_workbench` loads everything and reports its stage to a `LoadStatus`, which the "building"
+page shows. With no atlas given it builds a small one on first start: before returning, or (`atlas_in_background`,
+what `thoughtscope serve` does) in a background thread after it, so the workbench serves at once with
+`wb.atlas` None and `wb.atlas_build` saying how far the build is (`atlas_job.AtlasBuild`); the atlas is attached
+when it is ready.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ServerError
+from .atlas_job import AtlasBuild
 
 # The small atlas built on first start: enough text for every page to have contexts, a few minutes on 2 cores.
 FIRST_START_TOKENS = 32_768
@@ -29,6 +33,7 @@ class LoadStatus:
     error: str | None = None
     started: float = field(default_factory=time.time)
     ready: bool = False
+    atlas: AtlasBuild | None = None  # an atlas built before the workbench serves (its progress on the building page)
 
     def set(self, stage: str, detail: str = "") -> None:
         self.stage, self.detail = stage, detail
@@ -40,6 +45,7 @@ class LoadStatus:
             "error": self.error,
             "ready": self.ready,
             "elapsed_s": round(time.time() - self.started, 1),
+            **({"atlas": self.atlas.to_dict()} if self.atlas is not None else {}),
         }
 
 
@@ -70,6 +76,7 @@ class Workbench:
     probes: dict = field(default_factory=dict)  # name -> probe (score(x) per token, threshold)
     notes: list = field(default_factory=list)  # things the user should know (skipped presets ...)
     db_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    atlas_build: AtlasBuild | None = None  # the first-start atlas while it is built in the background (then done)
 
     def __post_init__(self) -> None:
         self._label_cache: dict[int, str] = {}
@@ -78,15 +85,30 @@ class Workbench:
         self.atlas_max = np.ones(self.n_features)  # information only: never scales a slider
         self.alive = np.ones(self.n_features, dtype=bool)
         if self.atlas is not None:
-            if self.atlas.n_features != self.n_features:
-                raise ServerError(
-                    f"the atlas {self.atlas.path} has {self.atlas.n_features} features but the SAE has "
-                    f"{self.n_features}: pass the atlas built from this SAE"
-                )
-            st = self.atlas.stats()
+            at, self.atlas = self.atlas, None
+            self.attach_atlas(at)
+        self._slider_reference()
+
+    def attach_atlas(self, at) -> None:
+        """Start using the atlas `at` (an `Atlas` of this SAE): its maxima and alive features first, then the atlas
+        itself, so a page that sees `wb.atlas` set also sees them."""
+        if at.n_features != self.n_features:
+            raise ServerError(
+                f"the atlas {at.path} has {at.n_features} features but the SAE has "
+                f"{self.n_features}: pass the atlas built from this SAE"
+            )
+        st = at.stats()
+        with self.db_lock:
             self.atlas_max = np.where(st["max_act"] > 0, st["max_act"], 1.0)
             self.alive = st["n_active"] > 0
-        self._slider_reference()
+            self._label_cache, self._label_stamp = {}, ()
+            self.atlas = at
+
+    @property
+    def atlas_pending(self) -> bool:
+        """True while the first-start atlas is still being built in the background (`wb.atlas` is None then, and
+        `wb.atlas_build` says how far it is or why it failed)."""
+        return self.atlas is None and self.atlas_build is not None
 
     def _slider_reference(self) -> None:
         """Feature sliders are in × the max stored with the SAE (`features.feature_max`), the reference the library
@@ -316,11 +338,21 @@ def load_workbench(
     build_tokens: int = FIRST_START_TOKENS,
     preset_dirs=None,
     progress: bool = True,
+    atlas_in_background: bool = False,
+    corpus: str = "default",
+    build_config=None,
+    on_atlas_progress=None,
 ) -> Workbench:
     """Load everything `thoughtscope serve` names; build and cache a small atlas when none is given. The model is
-    `model`, else the one the atlas (or else the SAE) recorded (`models.load_recorded`)."""
-    from ..atlas import Atlas, build_atlas
-    from ..atlas.build import AtlasConfig, check_sae_matches, sae_model_source
+    `model`, else the one the atlas (or else the SAE) recorded (`models.load_recorded`).
+
+    The first-start atlas reads `build_tokens` tokens of `corpus` (or what `build_config`, an `AtlasConfig`, says)
+    into `default_atlas_dir`, then gets offline explanations (see `atlas_job`). `atlas_in_background`: return as
+    soon as the model, SAE, NLA, probes and presets are loaded, with `wb.atlas` None, and build in a thread
+    (`wb.atlas_build` shows its progress; the atlas is attached when built). `on_atlas_progress(build)` is called
+    in the building thread after every step of progress (an exception from it stops the build)."""
+    from ..atlas import Atlas
+    from ..atlas.build import check_sae_matches, sae_model_source
     from ..models import describe_source, load_recorded
     from ..sae import load_sae
 
@@ -336,33 +368,19 @@ def load_workbench(
         nla = None
         notes.append("the shipped NLA is for the default model: no NLA view (pass --nla FOLDER for yours)")
     sae_obj = sae_obj.to(lm.device).eval().requires_grad_(False)
+    first_start = None
     if atlas is None:
-        out = default_atlas_dir(sae_obj)
-        if not (out / "atlas.sqlite").is_file():
-            status.set(
-                "building the atlas",
-                f"{build_tokens:,} tokens of the default corpus into {out} (first start "
-                f"only; the terminal shows the progress bar)",
-            )
-            from ..corpus import Corpus
-
-            # the atlas defaults keep enough examples for held-out scoring (top 20, 10 bins x 5); 64 random
-            # contexts leave 32 unseen ones for the scorer's silent windows
-            cfg = AtlasConfig(n_tokens=build_tokens, n_random_contexts=64)
-            build_atlas(lm, sae_obj, Corpus("default"), out, cfg, sae_path=sae, progress=progress)
-        with Atlas.open(out) as built:
-            todo = sorted(set(np.flatnonzero(built.stats()["n_active"] > 0).tolist()) - built.explained(None))
-            if todo:
-                status.set(
-                    "writing offline explanations",
-                    "over-represented tokens where each feature fires, scored on held-out contexts (first start only)",
-                )
-                from ..atlas import explain_offline
-
-                explain_offline(built, tokenizer=lm.tokenizer, features=todo, progress=progress)
-        atlas = str(out)
-    status.set("opening the atlas", str(atlas))
-    at = Atlas.open(atlas)
+        first_start = _FirstStart(lm, sae_obj, sae, corpus, build_config, build_tokens, on_atlas_progress, progress)
+        if not atlas_in_background:
+            status.atlas = first_start.job
+            status.set("building the atlas", f"into {first_start.out} (first start only; later starts reuse it)")
+            first_start.run(lambda path: None)
+            atlas = str(first_start.out)
+            first_start = None
+    at = None
+    if atlas is not None:
+        status.set("opening the atlas", str(atlas))
+        at = Atlas.open(atlas)
     wb = Workbench(lm=lm, sae=sae_obj, sae_spec=sae, atlas=at)
     wb.notes.extend(notes)
     if nla:
@@ -375,7 +393,53 @@ def load_workbench(
         wb.probes = load_probes(lm, probes)
     status.set("loading presets")
     load_presets(wb, preset_dirs)
+    if first_start is not None:
+        wb.atlas_build = first_start.job
+        first_start.start(lambda path: wb.attach_atlas(Atlas.open(path)))
     return wb
+
+
+class _FirstStart:
+    """The first-start atlas of an SAE: where it goes, what it reads, and its build (here or in a thread)."""
+
+    def __init__(self, lm, sae_obj, sae_spec, corpus, build_config, build_tokens, on_progress, progress):
+        from ..plans import AtlasConfig
+
+        self.lm, self.sae, self.sae_spec, self.corpus_spec = lm, sae_obj, sae_spec, corpus
+        self.on_progress, self.progress = on_progress, progress
+        self.out = default_atlas_dir(sae_obj)
+        # the atlas defaults keep enough examples for held-out scoring (top 20, 10 bins x 5); 64 random
+        # contexts leave 32 unseen ones for the scorer's silent windows
+        self.cfg = build_config or AtlasConfig(n_tokens=build_tokens, n_random_contexts=64)
+        self.cfg.validate()  # a bad value fails now, before the server starts
+        self.job = AtlasBuild(self.out, n_tokens=self.cfg.n_tokens)
+
+    def run(self, attach, *, beside_server: bool = False) -> None:
+        """Build here; `beside_server`: the workbench already serves, so the build reads through its own copy of
+        the model and tokenizer (`atlas_job.private_copy`), dropped once the read is done."""
+        import copy
+
+        from .atlas_job import private_copy, run_first_start
+
+        lm = self.lm
+        run_first_start(
+            (lambda: private_copy(lm)) if beside_server else (lambda: lm),
+            copy.deepcopy(lm.tokenizer) if beside_server else lm.tokenizer,
+            self.sae,
+            self.corpus_spec,  # opened only when the atlas has to be read
+            self.out,
+            self.cfg,
+            self.job,
+            attach,
+            sae_path=self.sae_spec,
+            on_progress=self.on_progress,
+            progress=self.progress,
+        )
+
+    def start(self, attach) -> None:
+        from .atlas_job import start_in_background
+
+        self.thread = start_in_background(lambda: self.run(attach, beside_server=True), self.job)
 
 
 def _atlas_model_source(atlas: str):
