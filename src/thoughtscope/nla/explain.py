@@ -176,11 +176,15 @@ def steer_from_words(
     seed: int = 0,
     temperature: float = 0.0,
     scale: float | None = None,
+    chat: bool | None = None,
 ) -> dict:
     """Edit an explanation and add strength · Δ, Δ = AR(edited) − AR(original), at the NLA's site while generating.
 
     Uses the steering module's add-vector intervention, so the edit is the same object a user would
     build by hand with `thoughtscope.steer.add_vector`. `scale` is the old, deprecated name of `strength`.
+    The prompt is read as `generate` reads it: through the chat template when the model has one (`chat=None`),
+    so an instruction such as "Tell me a short story." is a user turn the model answers; `chat=False` reads it
+    as raw text to continue.
     """
     from thoughtscope.steer import GenerationConfig, add_vector, compare
 
@@ -188,7 +192,7 @@ def steer_from_words(
         warn_renamed("scale", "strength", "steer_from_words")
         strength = scale
     delta = steering_delta(nla, original, edited)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=False)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat)
     cmp = compare(nla.lm, [prompt], [add_vector(delta, nla.cfg.site, strength)], cfg)[0]
     return {
         "prompt": prompt,
