@@ -32,7 +32,7 @@ PLANTS = {
 }
 SAMPLE = f"{CHINESE} {POLISH} {EMOJI} and plain ASCII"
 ATLAS = {
-    "n_tokens": 3000,
+    "n_tokens": 1536,
     "ctx_len": 32,
     "contexts_per_batch": 8,
     "top_k": 8,
