@@ -121,6 +121,8 @@ def test_characters_cut_at_the_edges_of_a_context_read_as_cut():
     assert [(p.text, p.cut, len(p)) for p in start] == [("…", True, 2), ("a", False, 1), ("中", False, 3)]
     after_bos = token_pieces(tok, [tok.bos_token_id, *zhong[2:], *wen])  # position 0 a BOS, as atlas contexts
     assert [p.text for p in after_bos] == ["<s>", "…", "文"]
+    zwj = token_pieces(tok, [tok.bos_token_id, *ids_of(tok, "\u200d👧")])  # a context starting at a joiner
+    assert [p.text for p in zwj] == ["<s>", "\u200d👧"]  # a special token joins nothing
     end = token_pieces(tok, a + wen[:2])  # 文 continues in the next context
     assert [(p.text, p.cut) for p in end] == [("a", False), ("…", True)]
     assert not any("\ufffd" in p.text for p in start + after_bos + end)

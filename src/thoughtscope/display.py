@@ -125,10 +125,12 @@ def _joined(before: str, after: str) -> bool:
     return False
 
 
-def _whole_characters(pieces: list[Piece]) -> list[Piece]:
+def _whole_characters(pieces: list[Piece], alone: set[int]) -> list[Piece]:
+    """Pieces joined where a cut would split a character as a reader sees it; the pieces that start at a position
+    in `alone` (special tokens: a BOS, a chat marker) join nothing."""
     out: list[Piece] = []
     for p in pieces:
-        if out and _joined(out[-1].text, p.text):
+        if out and out[-1].start not in alone and p.start not in alone and _joined(out[-1].text, p.text):
             out[-1] = Piece(out[-1].text + p.text, out[-1].start, p.stop, out[-1].cut or p.cut)
         else:
             out.append(p)
@@ -205,7 +207,8 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> list[Piece]:
     if start < len(ids):  # the ids end inside a character: its first bytes
         utf8.decode(b"", final=True)
         pieces.append(Piece("".join(parts) + CUT, start, len(ids), cut=True))
-    return _whole_characters(pieces)
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    return _whole_characters(pieces, {i for i, t in enumerate(ids) if t in special})
 
 
 def window_pieces(tokenizer, tokens: Sequence[int], first: int, last: int, margin: int = 32) -> list[Piece]:
