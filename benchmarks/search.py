@@ -10,10 +10,12 @@ is all held out):
 Held-out top contexts, precisely: the model and SAE read a slice of the same corpus right after the text the
 atlas read (same read plan: context length and contexts per pass from the atlas's own config; the slice starts
 at the first whole forward pass past the atlas's tokens, so no token of it was in the atlas). A feature's
-held-out top contexts are its 10 highest activations on that slice (distinct token positions, position 0
-excluded as the SAE excludes it). A context "contains the word" when the decoded text of the 5 tokens before
-the peak, the peak token and the 1 token after it (7 tokens, clipped to the context) holds the word or an
-inflection (-s, -es, -ed, -d, -ing, -ies for -y, -ing for -e) as a whole word, in any case. The feature
+held-out top contexts are its 10 highest activations on that slice whose windows do not overlap (taken
+strongest first among its 40 highest activations; position 0 excluded as the SAE excludes it), the window of
+an activation being the 5 tokens before the peak, the peak token and the 1 token after it (7 tokens, clipped
+to the context). A context "contains the word" when the decoded text of its window holds the word or an
+inflection (-s, -es, -ed, -d, -ing, -ies for -y, -ing for -e) as a whole word, in any case; as the windows do
+not overlap, one occurrence of the word counts for one context at most. The feature
 counts when at least 3 of its 10 held-out top contexts contain the word (`MIN_CONTEXTS`); a stricter variant,
 at least 5 of 10, is reported beside it (`search_hit_rate_majority`). A word that occurs fewer than 3 times
 in the held-out slice cannot be hit, and still counts as a miss (its count is in the per-word detail).
@@ -42,7 +44,7 @@ import torch
 from _device import add_device_arg, device_info, sync
 
 from thoughtscope.atlas import AtlasConfig, build_atlas, open_with_model, search_concept
-from thoughtscope.atlas.search import token_index
+from thoughtscope.atlas.search import concept_signals, token_index
 from thoughtscope.corpus import Corpus
 from thoughtscope.features import excludes_position_0
 from thoughtscope.models import load_model
@@ -52,7 +54,8 @@ from thoughtscope.sites import capture
 
 WORDS = Path(__file__).parent / "data" / "search_words.txt"
 TOP_HITS = 5  # hits looked at per word
-TOP_CONTEXTS = 10  # held-out top contexts per feature
+TOP_CONTEXTS = 10  # held-out top contexts per feature (non-overlapping windows)
+CANDIDATES = 40  # highest activations per feature kept from the held-out pass, to pick those 10 from
 MIN_CONTEXTS = 3  # of them that must contain the word
 MAJORITY = 5  # the stricter variant
 BEFORE, AFTER = 5, 1  # tokens before / after the peak in the window that must contain the word
@@ -89,15 +92,15 @@ def word_pattern(phrase: str) -> re.Pattern:
 
 @torch.no_grad()
 def heldout_tops(lm, sae, corpus, cfg: dict, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(top values [10, F], their flat token index [10, F], the slice's token ids [N, T]) over the held-out slice."""
+    """(top values [40, F], their flat token index [40, F], the slice's token ids [N, T]) over the held-out slice."""
     ctx, per = cfg["ctx_len"], cfg["contexts_per_batch"]
     batch = ctx * per
     skip = cfg.get("skip_tokens", 0) + math.ceil(math.ceil(cfg["n_tokens"] / ctx) / per) * batch  # the atlas's passes
     plan = ReadPlan(n_tokens=n_tokens, ctx_len=ctx, contexts_per_batch=per, add_bos=cfg["add_bos"], skip_tokens=skip)
     site = sae.cfg.site
     F = int(sae.W_dec.shape[0])
-    top_v = torch.zeros(TOP_CONTEXTS, F)
-    top_i = torch.full((TOP_CONTEXTS, F), -1, dtype=torch.long)
+    top_v = torch.zeros(CANDIDATES, F)
+    top_i = torch.full((CANDIDATES, F), -1, dtype=torch.long)
     rows, seen = [], 0
     for _, b in plan.batches(corpus, lm.tokenizer):
         ids = b.input_ids.to(lm.device)
@@ -105,8 +108,8 @@ def heldout_tops(lm, sae, corpus, cfg: dict, n_tokens: int) -> tuple[torch.Tenso
         a = sae.encode(x.reshape(-1, x.shape[-1]).to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
         if excludes_position_0(sae):
             a.view(ids.shape[0], ids.shape[1], -1)[:, 0] = 0
-        v, i = a.topk(TOP_CONTEXTS, dim=0)
-        v2, j = torch.cat([top_v, v]).topk(TOP_CONTEXTS, dim=0)
+        v, i = a.topk(CANDIDATES, dim=0)
+        v2, j = torch.cat([top_v, v]).topk(CANDIDATES, dim=0)
         top_i = torch.cat([top_i, i + seen]).gather(0, j)
         top_v = v2
         rows.append(b.input_ids)
@@ -117,15 +120,69 @@ def heldout_tops(lm, sae, corpus, cfg: dict, n_tokens: int) -> tuple[torch.Tenso
 
 
 def contexts_with_word(tok, toks: torch.Tensor, top_v, top_i, f: int, pat: re.Pattern) -> int:
+    """How many of feature f's held-out top contexts (non-overlapping windows, see the module doc) hold the word."""
     T = toks.shape[1]
-    n = 0
+    n, kept = 0, []
     for v, i in zip(top_v[:, f].tolist(), top_i[:, f].tolist()):
-        if v <= 0 or i < 0:
-            continue
+        if v <= 0 or i < 0 or len(kept) >= TOP_CONTEXTS:
+            break
         c, p = divmod(i, T)
+        if any(c == c2 and abs(p - p2) <= BEFORE + AFTER for c2, p2 in kept):
+            continue
+        kept.append((c, p))
         win = toks[c, max(1, p - BEFORE) : min(T, p + AFTER + 1)].tolist()
         n += bool(pat.search(tok.decode(win)))
     return n
+
+
+def heldout(args, lm, sae, at) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The held-out pass, or its saved result (--heldout-cache) when it was made from the same atlas and budget."""
+    n_held = args.heldout_tokens or (49_152 if args.quick else 131_072)
+    key = {"atlas_created": at.meta.get("created"), "config": at.meta["config"], "n_tokens": n_held}
+    c = args.heldout_cache
+    if c is not None and c.is_file():
+        saved = torch.load(c)
+        if saved["key"] == key:
+            return saved["top_v"], saved["top_i"], saved["toks"], 0.0
+    t = time.perf_counter()
+    top_v, top_i, toks = heldout_tops(lm, sae, Corpus("default"), at.meta["config"], n_held)
+    if c is not None:
+        torch.save({"key": key, "top_v": top_v, "top_i": top_i, "toks": toks}, c)
+    return top_v, top_i, toks, time.perf_counter() - t
+
+
+def tune(args, lm, sae, at, words, toks, top_v, top_i) -> None:
+    """Try a grid of weights on the TUNING half only; print each setting's hit rate there."""
+    import itertools
+
+    rows = []
+    for w, part in words:
+        if part == "tune":
+            rows.append((concept_signals(lm, sae, at, w, templates=not args.no_templates), word_pattern(w)))
+    cache: dict[tuple[int, str], int] = {}
+    results = []
+    grid = {
+        "tokens": (1, 2, 4),
+        "neighbours": (0, 0.5, 1),
+        "templates": (0.25, 0.5, 1),
+        "output": (0, 1),
+        "text": (0.5,),
+    }
+    for combo in itertools.product(*grid.values()):
+        wts = dict(zip(grid, combo))
+        hit = 0
+        for sig, pat in rows:
+            for f, _ in sig.top(TOP_HITS, wts):
+                key = (f, sig.query)
+                if key not in cache:
+                    cache[key] = contexts_with_word(lm.tokenizer, toks, top_v, top_i, f, pat)
+                if cache[key] >= MIN_CONTEXTS:
+                    hit += 1
+                    break
+        results.append((hit / len(rows), wts))
+    results.sort(key=lambda r: -r[0])
+    for r, wts in results[:10]:
+        print(f"tune-half hit rate {r:.3f}  {json.dumps(wts)}")
 
 
 def parse() -> argparse.Namespace:
@@ -135,6 +192,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--words", type=Path, default=WORDS, help="one word or phrase a line")
     p.add_argument("--heldout-tokens", type=int, help="held-out slice tokens (default 49,152 quick, else 131,072)")
     p.add_argument("--weights", help="JSON: signal weights to try (tuning runs only)")
+    p.add_argument("--tune", action="store_true", help="grid-search the weights on the tuning half, print, exit")
+    p.add_argument("--heldout-cache", type=Path, help="save the held-out pass here, reuse it when it matches")
     p.add_argument("--no-templates", action="store_true", help="leave out the template signal (no model pass)")
     p.add_argument("--json", type=Path)
     add_device_arg(p)
@@ -155,10 +214,9 @@ def main() -> None:
         path = build_atlas(lm, sae, Corpus("default"), Path(tmp.name) / "atlas", cfg, progress=False)
         at, lm, sae = open_with_model(path.parent, sae_path="default", lm=lm, device=args.device)
     build_s = time.perf_counter() - t0
-    n_held = args.heldout_tokens or (49_152 if args.quick else 131_072)
-    t1 = time.perf_counter()
-    top_v, top_i, toks = heldout_tops(lm, sae, Corpus("default"), at.meta["config"], n_held)
-    heldout_s = time.perf_counter() - t1
+    top_v, top_i, toks, heldout_s = heldout(args, lm, sae, at)
+    if args.tune:
+        return tune(args, lm, sae, at, words, toks, top_v, top_i)
     text = lm.tokenizer.decode(toks[:, 1:].reshape(-1).tolist())
     weights = json.loads(args.weights) if args.weights else None
     t2 = time.perf_counter()

@@ -15,7 +15,14 @@ from helpers.server_fixtures import PLANT_LABEL, build_tiny
 from typer.testing import CliRunner
 
 from thoughtscope.atlas import Atlas, AtlasConfig, AtlasError, build_atlas, search_concept
-from thoughtscope.atlas.search import SIGNALS, embedding_neighbours, output_scores, query_tokens, token_index
+from thoughtscope.atlas.search import (
+    SIGNALS,
+    embedding_neighbours,
+    output_scores,
+    query_tokens,
+    token_index,
+    warm_up,
+)
 from thoughtscope.cli import app
 from thoughtscope.corpus import Corpus
 from thoughtscope.models import load_model, tiny_model
@@ -47,6 +54,7 @@ def letters(tmp_path_factory):
 
 def test_input_side_ranks_the_feature_whose_examples_peak_on_the_token(letters):
     lm, sae, at, _ = letters
+    warm_up(lm, sae, at)
     idx = token_index(at)
     assert token_index(at) is idx  # built once per atlas file
     for ch, f in LETTER.items():
@@ -143,3 +151,20 @@ def test_home_suggestions_each_find_a_feature(web):
     assert len(words) >= 3
     for w in words:
         assert web.get("/api/search", params={"q": w}).json()["hits"], w
+
+
+def test_search_page_in_chromium_shows_the_evidence(web, browser):
+    """Typed into the real page (htmx fetches as you type): the hit's row shows each signal and its tokens."""
+    from helpers.browser import LiveServer
+
+    with LiveServer(web.app) as url:
+        page = browser.new_page()
+        page.goto(f"{url}/search?mode=words")
+        page.locator("input[name=q]").press_sequentially("queen", delay=30)
+        page.wait_for_selector(f"#hits a[href='/features/{PLANT}']")
+        row = page.locator("#hits tbody tr").first
+        assert row.locator("a").text_content() == f"#{PLANT}"
+        assert "q" in row.locator(".ev[data-signal=templates] code").all_text_contents()
+        assert "queen" in row.locator(".ev[data-signal=text] code").all_text_contents()
+        assert PLANT_LABEL in row.text_content()
+        page.close()

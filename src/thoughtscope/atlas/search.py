@@ -41,7 +41,20 @@ from ..errors import AtlasError
 from .db import Atlas
 from .heldout import piece
 
-__all__ = ["NEUTRAL", "OUT_Z", "SIGNALS", "TEMPLATES", "WEIGHTS", "Hit", "TokenIndex", "search_concept", "token_index"]
+__all__ = [
+    "NEUTRAL",
+    "OUT_Z",
+    "SIGNALS",
+    "TEMPLATES",
+    "WEIGHTS",
+    "Hit",
+    "Signals",
+    "TokenIndex",
+    "concept_signals",
+    "search_concept",
+    "token_index",
+    "warm_up",
+]
 
 SIGNALS = ("tokens", "neighbours", "templates", "output", "text")
 #: weight of each signal in the combined score (tuned on the tuning half of the benchmark's words only)
@@ -390,6 +403,49 @@ def check_query(query) -> str:
     return q
 
 
+@dataclass
+class Signals:
+    """Every signal's score for every feature for one query, and the tokens behind each (`concept_signals`)."""
+
+    query: str
+    scores: dict[str, np.ndarray]  # signal -> [n_features] in [0, 1]
+    evidence: dict[str, dict]  # signal -> feature -> {token id: contribution} (index signals) or [token texts]
+    alive: np.ndarray  # [n_features] fired at least once in the atlas
+
+    def combined(self, weights: dict[str, float] | None = None) -> np.ndarray:
+        """The combined score of every feature: the weighted sum of the signals, 0 for features never seen firing."""
+        w = {**WEIGHTS, **(weights or {})}
+        return np.where(self.alive, sum(w[s] * self.scores[s] for s in SIGNALS), 0.0)
+
+    def top(self, k: int, weights: dict[str, float] | None = None) -> list[tuple[int, float]]:
+        """(feature, combined score) of the k best with a positive score; ties to the lower id."""
+        total = self.combined(weights)
+        order = np.lexsort((np.arange(len(total)), -total))[:k]
+        return [(int(f), float(total[f])) for f in order if total[f] > 0]
+
+
+def concept_signals(lm, sae, atlas: Atlas, query: str, *, templates: bool = True, n_neighbours: int = 8) -> Signals:
+    """Every signal of the module doc for `query` (`templates=False` skips the one model pass)."""
+    q = check_query(query)
+    n = atlas.n_features
+    if int(sae.W_dec.shape[0]) != n:
+        raise AtlasError(f"the atlas {atlas.path} has {n} features but the SAE has {int(sae.W_dec.shape[0])}")
+    idx = token_index(atlas)
+    qt = query_tokens(lm.tokenizer, q)
+    nb = embedding_neighbours(lm, qt, n_neighbours) if n_neighbours else {}
+    s_tok, c_tok = idx.scores(qt)
+    s_nb, c_nb = idx.scores(nb)
+    s_tpl, t_tpl = template_scores(lm, sae, q, _maxima(atlas)) if templates else (np.zeros(n), {})
+    s_out, t_out = output_scores(lm, sae, {**nb, **qt})
+    s_txt, t_txt = text_scores(atlas, q, n)
+    return Signals(
+        q,
+        {"tokens": s_tok, "neighbours": s_nb, "templates": s_tpl, "output": s_out, "text": s_txt},
+        {"tokens": c_tok, "neighbours": c_nb, "templates": t_tpl, "output": t_out, "text": t_txt},
+        idx.alive,
+    )
+
+
 def search_concept(
     lm,
     sae,
@@ -404,46 +460,21 @@ def search_concept(
     """The k features that best stand for the concept `query`, best first (see the module doc for the signals and
     the rule that combines them). `templates=False` skips the one model pass (the other signals read only the
     atlas and the weights). `weights` overrides `WEIGHTS` per signal."""
-    q = check_query(query)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise AtlasError(f"k must be a positive integer, got {k!r}")
-    n = atlas.n_features
-    if int(sae.W_dec.shape[0]) != n:
-        raise AtlasError(f"the atlas {atlas.path} has {n} features but the SAE has {int(sae.W_dec.shape[0])}")
-    w = {**WEIGHTS, **(weights or {})}
-    idx = token_index(atlas)
-    qt = query_tokens(lm.tokenizer, q)
-    nb = embedding_neighbours(lm, qt, n_neighbours) if w["neighbours"] else {}
-    s_tok, c_tok = idx.scores(qt)
-    s_nb, c_nb = idx.scores(nb)
-    maxes = _maxima(atlas)
-    s_tpl, t_tpl = template_scores(lm, sae, q, maxes) if templates and w["templates"] else (np.zeros(n), {})
-    s_out, t_out = output_scores(lm, sae, {**nb, **qt}) if w["output"] else (np.zeros(n), {})
-    s_txt, t_txt = text_scores(atlas, q, n) if w["text"] else (np.zeros(n), {})
-    S = {"tokens": s_tok, "neighbours": s_nb, "templates": s_tpl, "output": s_out, "text": s_txt}
-    total = sum(w[s] * S[s] for s in SIGNALS)
-    total = np.where(idx.alive, total, 0.0)
-    order = np.lexsort((np.arange(n), -total))
+    sig = concept_signals(lm, sae, atlas, query, templates=templates, n_neighbours=n_neighbours)
     tok = lm.tokenizer
 
-    def shown(contrib: dict[int, float]) -> list[str]:
-        return [piece(tok, t) for t, _ in sorted(contrib.items(), key=lambda x: -x[1])[:4]]
+    def shown(ev) -> list[str]:
+        if isinstance(ev, list):
+            return ev
+        return [piece(tok, t) for t, _ in sorted(ev.items(), key=lambda x: -x[1])[:4]]
 
     hits = []
-    for f in order[:k].tolist():
-        if total[f] <= 0:
-            break
-        tokens = {
-            "tokens": shown(c_tok.get(f, {})),
-            "neighbours": shown(c_nb.get(f, {})),
-            "templates": t_tpl.get(f, []),
-            "output": t_out.get(f, []),
-            "text": t_txt.get(f, []),
-        }
-        sig = {s: float(S[s][f]) for s in SIGNALS}
-        hits.append(
-            Hit(int(f), float(total[f]), sig, {s: v for s, v in tokens.items() if sig[s] > 0}, _label(atlas, f))
-        )
+    for f, score in sig.top(k, weights):
+        per = {s: float(sig.scores[s][f]) for s in SIGNALS}
+        tokens = {s: shown(sig.evidence[s].get(f, [])) for s in SIGNALS if per[s] > 0}
+        hits.append(Hit(f, score, per, tokens, _label(atlas, f)))
     return hits
 
 
@@ -461,3 +492,14 @@ def _maxima(at: Atlas) -> np.ndarray:
 def _label(at: Atlas, f: int) -> str | None:
     e = at.explanation(f)
     return e["explanation"] if e and e.get("status") == "ok" else None
+
+
+def warm_up(lm, sae, atlas: Atlas | None = None) -> None:
+    """Build every cache a first search would (the atlas's token index, the embedding's hubness, the neutral
+    template pass, the decoder read-out), so a server can pay for them in the background before the first query."""
+    if atlas is not None:
+        token_index(atlas)
+        _maxima(atlas)
+    _unit_embedding(lm)
+    _neutral_means(lm, sae)
+    _readout(lm, sae)
