@@ -199,6 +199,7 @@ async def analyze_json(request: Request, body: AnalyzeRequest):
     )
     return {
         "tokens": a.tokens,
+        "pieces": [{"text": pc.text, "positions": list(pc.positions)} for pc in a.pieces],
         "top": a.top,
         "recon_error": a.recon_error,
         "peaks": a.peaks,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
 
+from ..display import token_pieces
 from ..nla import explain_text, steer_from_words
 from .context import cfg_of, float_param, int_param, page, run_model, text_param, wb_of
 
@@ -48,6 +49,7 @@ async def nla_page(
         "text": text or "",
         "pos": None,
         "tokens": [],
+        "pieces": [],
         "res": None,
         "steer": None,
         "prompt": prompt or "",
@@ -60,6 +62,7 @@ async def nla_page(
     if text is not None:
         text = text_param(text, "text", cfg)
         ctx["tokens"] = _tokens(wb, text, cfg)
+        ctx["pieces"] = token_pieces(wb.tokenizer, wb.lm.tokenize(text)[0][0].tolist())
         n = len(ctx["tokens"])
         if pos not in (None, ""):
             p = int_param(pos, "pos", -n, n - 1)
