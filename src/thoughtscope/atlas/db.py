@@ -22,6 +22,7 @@ from .schema import (
     DB_NAME,
     EXPLANATION_COLUMNS,
     EXPLANATION_EXTRA_COLUMNS,
+    KIND_COLUMNS,
     SCHEMA,
     SCHEMA_VERSION,
     SCORE_KEYS,
@@ -29,7 +30,9 @@ from .schema import (
     connect,
     db_path,
     ensure_explanation_columns,
+    ensure_kinds_table,
     has_fts,
+    has_table,
     insert_many,
     write_meta,
 )
@@ -428,31 +431,153 @@ class Atlas:
                         )
 
     def search(self, text: str, limit: int = 20) -> list[tuple[int, str]]:
-        """Features whose explanation matches `text` (FTS5 ranking when available, else substring match)."""
+        """Features whose explanation of any kind (input side, output side, NLA) matches `text`: FTS5 ranking when
+        available (each feature once, at its best-ranked kind, with that kind's text), else substring match."""
         text = text.strip()
         if not text:
             raise AtlasError("search text is empty")
+        kinds = has_table(self.con, "explanation_kinds")
         with self._reading("the explanations"):
             rows = []
             if has_fts(self.con):
                 words = [w for w in "".join(c if c.isalnum() else " " for c in text).split() if w]
                 if words:
                     q = " OR ".join(f'"{w}"' for w in words)
-                    rows = self.con.execute(
-                        "SELECT feature, explanation FROM explanations_fts WHERE explanations_fts MATCH ? "
-                        "ORDER BY rank LIMIT ?",
-                        (q, limit),
-                    ).fetchall()
+                    sql = "SELECT feature, explanation, rank FROM explanations_fts WHERE explanations_fts MATCH ?"
+                    args: list[Any] = [q]
+                    if kinds and has_table(self.con, "explanation_kinds_fts"):
+                        sql += (
+                            " UNION ALL SELECT feature, explanation, rank FROM explanation_kinds_fts "
+                            "WHERE explanation_kinds_fts MATCH ?"
+                        )
+                        args.append(q)
+                    rows = self.con.execute(f"{sql} ORDER BY rank LIMIT ?", (*args, 4 * limit)).fetchall()
             if not rows:
-                rows = self.con.execute(
-                    "SELECT feature, explanation FROM explanations WHERE status='ok' AND "
-                    "explanation LIKE ? ORDER BY feature LIMIT ?",
-                    (f"%{text}%", limit),
-                ).fetchall()
-        for f, e in rows:
+                sql = "SELECT feature, explanation, 0 FROM explanations WHERE status='ok' AND explanation LIKE ?"
+                args = [f"%{text}%"]
+                if kinds:
+                    sql += " UNION ALL SELECT feature, explanation, 1 FROM explanation_kinds WHERE status='ok' AND "
+                    sql += "explanation LIKE ?"
+                    args.append(f"%{text}%")
+                rows = self.con.execute(f"{sql} ORDER BY 1, 3 LIMIT ?", (*args, 4 * limit)).fetchall()
+        out: dict[int, str] = {}
+        for f, e, _ in rows:
             if not _is_int(f) or not isinstance(e, str):
                 raise self._bad("a search result", (f, e), "a feature id and its explanation text")
-        return [(f, e) for f, e in rows]
+            out.setdefault(f, e)
+        return list(out.items())[:limit]
+
+    # ------------------------------------------------------------------ explanation kinds
+    def save_explanation_kinds(self, recs: dict[int, dict[str, dict]]) -> None:
+        """Store (replace) explanations of kinds other than 'input' ({feature: {kind: record}}, keys as
+        `explanation_kinds` returns them, missing ones NULL) in one transaction, with their full-text index."""
+        self._prepare_writes()
+        try:
+            ensure_kinds_table(self.con)
+        except sqlite3.DatabaseError as e:
+            raise AtlasError(f"{self.path}: cannot write explanation kinds ({e})") from None
+        fts = has_table(self.con, "explanation_kinds_fts")
+        cols = KIND_COLUMNS
+        with self.con:
+            for n, by_kind in recs.items():
+                for kind, rec in by_kind.items():
+                    if kind == "input":
+                        raise AtlasError("the input-side explanation is stored with save_explanations, not as a kind")
+                    rec = dict(rec, feature=int(n), kind=kind)
+                    if isinstance(rec.get("details"), (dict, list)):
+                        rec["details"] = json.dumps(rec["details"])
+                    self.con.execute(
+                        f"INSERT OR REPLACE INTO explanation_kinds ({', '.join(cols)}) "
+                        f"VALUES ({', '.join('?' * len(cols))})",
+                        [rec.get(c) for c in cols],
+                    )
+                    if fts:
+                        self.con.execute("DELETE FROM explanation_kinds_fts WHERE feature=? AND kind=?", (int(n), kind))
+                        if rec.get("explanation") and rec.get("status") == "ok":
+                            self.con.execute(
+                                "INSERT INTO explanation_kinds_fts (explanation, feature, kind) VALUES (?, ?, ?)",
+                                (rec["explanation"], int(n), kind),
+                            )
+
+    def explanation_kinds(self, n: int) -> dict:
+        """Every kind of explanation stored for feature n, with its scores, and which is best.
+
+        Returns {"kinds": [record, ...] (input side first), "best": kind or None, "best_rule": how it was chosen,
+        and "nla" (`nla_kind.nla_note`) when no NLA reading is stored}. A record has the keys of `explanation`
+        that apply (explanation, status, error, method, scorer_method, detection_auroc / _bacc,
+        shuffled_detection_auroc / _bacc, details) plus kind, own_method, own_score, own_effect,
+        own_control_effect (None where not measured) and at_or_below_control (True when its detection AUROC is
+        at or below its shuffled control's; None where either is missing). The best kind is the 'ok' one with
+        the highest held-out detection AUROC (the one score every kind has); `best.cross_fit` is the unbiased
+        version a summary over features uses."""
+        from .best import best_kind, mark_controls
+
+        n = self.check_feature(n)
+        out = []
+        inp = self.explanation(n)
+        if inp is not None:
+            out.append({**dict.fromkeys(KIND_COLUMNS), **inp, "kind": "input"})
+        out += self._kind_rows("WHERE feature=?", (n,))
+        mark_controls(out)
+        res = {"kinds": out, "best": best_kind(out), "best_rule": "highest held-out detection AUROC"}
+        if not any(r["kind"] == "nla" for r in out):
+            from .nla_kind import nla_note
+
+            res["nla"] = nla_note(self.meta.get("site"))
+        return res
+
+    def _kind_rows(self, where: str, args: tuple) -> list[dict]:
+        if not has_table(self.con, "explanation_kinds"):
+            return []
+        with self._reading("the explanation kinds"):
+            cur = self.con.execute(f"SELECT * FROM explanation_kinds {where} ORDER BY feature, kind", args)
+            names = [c[0] for c in cur.description]
+            rows = cur.fetchall()
+        out = []
+        for row in rows:
+            d = dict(zip(names, row))
+            what = f"feature {d.get('feature')!r}'s {d.get('kind')!r} explanation"
+            self._int(d["feature"], "an explained feature id")
+            if not isinstance(d.get("kind"), str):
+                raise self._bad(f"{what}: kind", d.get("kind"), "text")
+            self._check_explanation({k: v for k, v in d.items() if k not in ("kind", "own_method")}, what)
+            for k in ("own_score", "own_effect", "own_control_effect"):
+                if d[k] is not None and not _is_num(d[k]):
+                    raise self._bad(f"{what}: {k}", d[k], "a number or NULL")
+            with self._reading(f"{what}'s details"):
+                d["details"] = json.loads(d["details"]) if d.get("details") else None
+            out.append(d)
+        return out
+
+    def kind_records(self, kind: str, features: Sequence[int] | None = None) -> dict[int, dict]:
+        """feature -> its record of this kind ('input' included), with details, for summaries over features."""
+        if kind == "input":
+            keep = None if features is None else {int(f) for f in features}
+            with self._reading("the explanations"):
+                cur = self.con.execute("SELECT * FROM explanations")
+                names = [c[0] for c in cur.description]
+                rows = cur.fetchall()
+            out = {}
+            for row in rows:
+                d = {**dict.fromkeys(EXPLANATION_COLUMNS), **dict(zip(names, row)), "kind": "input"}
+                f = self._int(d["feature"], "an explained feature id")
+                if keep is not None and f not in keep:
+                    continue
+                self._check_explanation(d, f"feature {f}'s explanation")
+                with self._reading(f"feature {f}'s explanation details"):
+                    d["details"] = json.loads(d["details"]) if d.get("details") else None
+                out[f] = d
+            return out
+        rows = {d["feature"]: d for d in self._kind_rows("WHERE kind=?", (kind,))}
+        return rows if features is None else {f: rows[f] for f in features if f in rows}
+
+    def kinds_present(self) -> list[str]:
+        """The kinds of explanation this atlas stores ('input' first when it has any)."""
+        out = ["input"] if self.explained(None) else []
+        if has_table(self.con, "explanation_kinds"):
+            with self._reading("the explanation kinds"):
+                out += [r[0] for r in self.con.execute("SELECT DISTINCT kind FROM explanation_kinds ORDER BY kind")]
+        return out
 
     def scores(self, features: Sequence[int] | None = None) -> list[dict]:
         """One dict per 'ok' explanation (of `features`, or all): feature, explanation, method, scorer_method and

@@ -21,6 +21,7 @@ from .cue_search import (
 )
 from .db import Atlas
 from .heldout import ExplainConfig, ExplainerError, prepare
+from .output_explain import OUTPUT, WordBook, says_text, says_words
 
 __all__ = [
     "KIND_WORDS",
@@ -46,6 +47,8 @@ def explain_offline(
     progress: bool = True,
     console=None,
     workers: int | None = None,
+    kinds: tuple[str, ...] = ("input", "output"),
+    output_logits: dict[int, list[tuple[int, float]]] | None = None,
 ) -> dict:
     """Explain and score features of an atlas without any language model; results go into its database.
 
@@ -54,14 +57,28 @@ def explain_offline(
     feature's explanation, from a seeded derangement. Features whose stored explanation came from another
     method (an LLM) are kept unless overwrite=True. Features are independent, so `workers` processes (default:
     one per CPU core, up to 8, when there are more than PARALLEL_FROM features) split them; the results are the
-    same for any number of workers. Returns the summary `summarize` writes. (`console` is kept for callers of
-    earlier versions: the progress bar writes to stderr.)
+    same for any number of workers. Returns the summary `summarize` writes, with per kind the mean detection
+    AUROC and its shuffled control, the cross-fitted best-kind mean and the share beating its control (the
+    whole `best.summarize_kinds` under "kinds"), and "nla", whether an NLA reading applies (`nla_kind.py`).
+    (`console` is kept for callers of earlier versions: the progress bar writes to stderr.)
+
+    kinds: "output" also writes the output-side explanation (`output_explain.py`: the whole words of the
+    feature's promoted tokens, `output_logits[feature]` when given, else the atlas's stored logit effects),
+    scored by the same scorer on the same held-out windows, with its own shuffled control, into the
+    explanation_kinds table. The input side is always written.
     """
+    from .best import summarize_kinds
     from .explain import select_features
+    from .nla_kind import nla_note
     from .scoring import summarize
 
     cfg = config or ExplainConfig()
     options = options or OfflineOptions()
+    kinds = tuple(k.strip() for k in kinds)
+    if "input" not in kinds or not set(kinds) <= {"input", "output"}:
+        raise ExplainerError(
+            f"explanation kinds must be 'input' and optionally 'output' (offline), got {','.join(kinds) or 'none'}"
+        )
     own = not isinstance(atlas, Atlas)
     at = Atlas.open(atlas) if own else atlas
     t0 = time.perf_counter()
@@ -80,12 +97,31 @@ def explain_offline(
         if workers < 1:
             raise ExplainerError(f"explain_offline: workers must be >= 1, got {workers}")
         bar = ProgressBar("explain (offline)", len(todo), unit="features", enabled=progress and bool(todo))
-        with bar, _Workers(at, tokenizer, cfg, options, workers if len(todo) > 1 else 1) as run:
+        setup = (cfg, options, "output" in kinds, output_logits)
+        with bar, _Workers(at, tokenizer, setup, workers if len(todo) > 1 else 1) as run:
             recs, held = _explain_all(run, todo, bar)
+            others = {n: rec.pop("kinds", {}) for n, rec in recs.items()}
             if control:
                 _add_shuffled_control(run, recs, held, todo, cfg.seed)
+                _add_shuffled_control(
+                    run, {n: o["output"] for n, o in others.items() if "output" in o}, held, todo, cfg.seed
+                )
         at.save_explanations(recs)
-        return summarize(at, todo, method=OFFLINE, seconds=time.perf_counter() - t0)
+        if any(others.values()):
+            at.save_explanation_kinds({n: o for n, o in others.items() if o})
+        out = summarize(at, todo, method=OFFLINE, seconds=time.perf_counter() - t0)
+        ks = summarize_kinds(at, todo, seed=cfg.seed)
+        out.update(
+            detection_auroc_by_kind={k: v["detection_auroc_mean"] for k, v in ks["kinds"].items()},
+            shuffled_auroc_by_kind={k: v["shuffled_auroc_mean"] for k, v in ks["kinds"].items()},
+            best_kind_auroc_mean=ks["best_kind_auroc_mean"],
+            best_kind_auroc_ci=ks["best_kind_auroc_ci"],
+            best_beats_shuffled_share=ks["best_beats_shuffled_share"],
+            best_rule=ks["best_rule"],
+            kinds=ks,
+            nla=nla_note(at.meta.get("site")),
+        )
+        return out
     finally:
         if own:
             at.close()
@@ -107,20 +143,23 @@ def _add_shuffled_control(run: _Workers, recs: dict[int, dict], held: dict[int, 
     """Score each explained feature with another one's explanation (a seeded derangement), into its record."""
     from .scoring import derangement
 
-    ok = [n for n in todo if recs[n]["status"] == "ok"]
+    ok = [n for n in todo if n in recs and recs[n]["status"] == "ok" and n in held]
     pairs = derangement(ok, seed + 1)
     jobs = [(n, recs[other]["explanation"], *held[n]) for n, other in pairs.items()]
     for n, det in run(_score_controls, jobs):
         recs[n].update(shuffled_detection_auroc=det["auroc"], shuffled_detection_bacc=det["bacc"])
         recs[n]["details"]["shuffled_from"] = pairs[n]
+        # per window, so a summary can read the control on the same half of the windows as the explanation
+        recs[n]["details"]["detection"]["shuffled_probs"] = [round(p, 4) for p in det["probs"]]
 
 
 # below this many features the workers' start-up (opening the atlas, reading its background text) outweighs the gain
 PARALLEL_FROM = 500
 
 
-def explain_and_score(at: Atlas, explainer: OfflineExplainer, tokenizer, cfg: ExplainConfig, n: int):
-    """One feature: (its record for the database, its held-out texts and labels for the shuffled control or None)."""
+def explain_and_score(at: Atlas, explainer: OfflineExplainer, tokenizer, cfg: ExplainConfig, n: int, output=None):
+    """One feature: (its record for the database, its held-out texts and labels for the shuffled control or None).
+    output (a `_Output`): the record also holds {"kinds": {"output": record}}, scored on the same windows."""
     from .scoring import LexicalScorer, detection_items, lexical_detection, lexical_fuzz
 
     scorer = LexicalScorer()
@@ -157,18 +196,45 @@ def explain_and_score(at: Atlas, explainer: OfflineExplainer, tokenizer, cfg: Ex
         held = (texts, labels)
     except ExplainerError as e:  # one feature's failure is recorded, the run goes on
         rec.update(status="failed", error=str(e))
+    if output is not None:
+        rec["kinds"] = {"output": output.record(task, held, scorer)}
     rec["seconds"] = time.perf_counter() - t1
     return rec, held
+
+
+class _Output:
+    """Writes and scores the output-side explanation of a feature (`output_explain.py`)."""
+
+    def __init__(self, at: Atlas, tokenizer, logits: dict[int, list[tuple[int, float]]] | None):
+        self.tokenizer, self.logits = tokenizer, logits
+        self.book = WordBook.from_atlas(at, tokenizer)
+
+    def record(self, task, held: tuple | None, scorer) -> dict:
+        from .scoring import lexical_detection
+
+        cands = (self.logits or {}).get(task.feature) or task.logits_pos
+        words = says_words(self.tokenizer, cands, self.book)
+        rec = {"method": OUTPUT, "scorer_method": scorer.method, "created": time.time()}
+        if not words:
+            return {**rec, "status": "failed", "error": "none of its promoted tokens reads as a whole word"}
+        rec.update(status="ok", explanation=says_text(words))
+        details: dict = {"words": words, "candidates": len(cands)}
+        if held is not None:
+            det = lexical_detection(rec["explanation"], *held, scorer)
+            rec.update(detection_auroc=det["auroc"], detection_bacc=det["bacc"])
+            details["detection"] = {"labels": det["labels"], "probs": [round(p, 4) for p in det["probs"]]}
+        rec["details"] = details
+        return rec
 
 
 class _Workers:
     """Runs a function over chunks of items, here or in worker processes (each with the atlas opened read-only
     and its own explainer), results in the items' order; one pool serves the explanations and the control."""
 
-    def __init__(self, at: Atlas, tokenizer, cfg: ExplainConfig, options: OfflineOptions, workers: int):
-        self.setup = (str(at.path), tokenizer, cfg, options)
+    def __init__(self, at: Atlas, tokenizer, setup: tuple, workers: int):
+        self.setup = (str(at.path), tokenizer, *setup)
         self.workers, self.pool = workers, None
-        self.state = _state(at, tokenizer, cfg, options) if workers == 1 else None
+        self.state = _state(at, tokenizer, *setup) if workers == 1 else None
 
     def __enter__(self):
         if self.workers > 1:
@@ -201,15 +267,21 @@ class _Workers:
                 os.environ["TOKENIZERS_PARALLELISM"] = self._env
 
 
-def _state(at: Atlas, tokenizer, cfg: ExplainConfig, options: OfflineOptions) -> dict:
-    return {"at": at, "tokenizer": tokenizer, "cfg": cfg, "explainer": OfflineExplainer(at, tokenizer, cfg, options)}
+def _state(at: Atlas, tokenizer, cfg: ExplainConfig, options: OfflineOptions, output: bool, logits) -> dict:
+    return {
+        "at": at,
+        "tokenizer": tokenizer,
+        "cfg": cfg,
+        "explainer": OfflineExplainer(at, tokenizer, cfg, options),
+        "output": _Output(at, tokenizer, logits) if output else None,
+    }
 
 
 _WORKER: dict = {}  # a worker process's own state, set once when it starts
 
 
-def _worker_start(path: str, tokenizer, cfg: ExplainConfig, options: OfflineOptions) -> None:
-    _WORKER.update(_state(Atlas.open(path), tokenizer, cfg, options))
+def _worker_start(path: str, tokenizer, *setup) -> None:
+    _WORKER.update(_state(Atlas.open(path), tokenizer, *setup))
 
 
 def _in_worker(fn, items: list) -> list:
@@ -217,7 +289,9 @@ def _in_worker(fn, items: list) -> list:
 
 
 def _explain_features(w: dict, features: list[int]) -> list[tuple]:
-    return [(n, *explain_and_score(w["at"], w["explainer"], w["tokenizer"], w["cfg"], n)) for n in features]
+    return [
+        (n, *explain_and_score(w["at"], w["explainer"], w["tokenizer"], w["cfg"], n, w["output"])) for n in features
+    ]
 
 
 def _score_controls(_w: dict, jobs: list[tuple]) -> list[tuple]:

@@ -38,14 +38,16 @@ def run_explain(
     workers: int | None = None,
     console=None,
     confirm: Callable[[], bool] | None = None,
+    kinds: Sequence[str] = ("input", "output"),
 ) -> dict | None:
     """Explain and score features of the atlas at `atlas`; returns the run's summary.
 
     Offline (`offline`, or neither an endpoint, from `url` or $THOUGHTSCOPE_EXPLAINER_URL, nor `local`): the
-    offline explainer and the lexical scorer (`overwrite` and `workers` as in `explain_offline`). Otherwise an LLM
-    explains: the endpoint's, or the atlas's own model with `local`; `scorer` "auto" or "llm" scores with an LLM
-    (`scorer_url` / `scorer_model`, default the explainer's), "lexical" with the lexical scorer. Before asking an
-    LLM about more than CONFIRM_ABOVE features, `confirm()` is called if given; None is returned when it says no.
+    offline explainer and the lexical scorer (`overwrite`, `workers` and `kinds` as in `explain_offline`).
+    Otherwise an LLM explains: the endpoint's, or the atlas's own model with `local`; `scorer` "auto" or "llm"
+    scores with an LLM (`scorer_url` / `scorer_model`, default the explainer's), "lexical" with the lexical
+    scorer. Before asking an LLM about more than CONFIRM_ABOVE features, `confirm()` is called if given; None is
+    returned when it says no.
     """
     if scorer not in SCORERS:
         raise ExplainerError(f"--scorer must be auto, lexical or llm, got {scorer!r}")
@@ -70,6 +72,7 @@ def run_explain(
             overwrite=overwrite,
             console=console,
             workers=workers,
+            kinds=tuple(kinds),
         )
     lm = None
     if not endpoint:

@@ -9,6 +9,10 @@ Tables
   random_acts   sparse activations of a fixed sample of contexts (for non-activating examples and the report)
   explanations  explanation text, detection / fuzzing scores, model names, status and error of each attempt
   explanations_fts  full-text index over explanations (FTS5 when SQLite has it; LIKE search otherwise)
+  explanation_kinds the other kinds of explanation of a feature (keyed (feature, kind): 'output' from its logit
+                effects, 'nla' an NLA's reading), each scored like the input-side one; the input-side explanation
+                stays in `explanations` (kind 'input'), so atlases written before kinds existed read unchanged.
+                Made on the first write of a kind (reading never writes), with `explanation_kinds_fts`.
 
 Why SQLite: a single file, transactional (a crash never leaves half a feature), indexed lookups in
 well under a millisecond, and readable by any tool. Dense arrays (histograms, windows) live in blobs.
@@ -18,6 +22,7 @@ This module is the file itself (schema, connection, bulk writes); `db.py` reads 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -73,6 +78,63 @@ CREATE TABLE IF NOT EXISTS explanations (
     created REAL
 );
 """
+
+# Explanation kinds other than the input side (kind 'input' is the explanations table). Created by
+# `ensure_kinds_table` before the first write of a kind, so an atlas without it opens and reads as before.
+KINDS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS explanation_kinds (
+    feature INTEGER NOT NULL,
+    kind TEXT NOT NULL,            -- 'output' | 'nla'
+    explanation TEXT,
+    status TEXT NOT NULL,          -- 'ok' | 'failed'
+    error TEXT,
+    method TEXT,                   -- how it was written: 'logit-words-v1', 'nla:<checkpoint>'
+    scorer_method TEXT,            -- how its detection was scored: 'lexical-v2'
+    detection_auroc REAL, detection_bacc REAL,
+    shuffled_detection_auroc REAL, shuffled_detection_bacc REAL,
+    own_method TEXT,               -- its own score's method: 'clamp-logprob-v1' (output side)
+    own_score REAL,                -- share of random same-norm features it beats on its own score (0.5: chance)
+    own_effect REAL,               -- its own measured effect (output side: mean log-probability gain, nats)
+    own_control_effect REAL,       -- the same effect of the random features (the control, nats)
+    details TEXT,                  -- JSON: detection labels and predictions, the control's, words, own-score data
+    created REAL,
+    PRIMARY KEY (feature, kind)
+) WITHOUT ROWID;
+"""
+KIND_COLUMNS = [
+    "feature",
+    "kind",
+    "explanation",
+    "status",
+    "error",
+    "method",
+    "scorer_method",
+    "detection_auroc",
+    "detection_bacc",
+    "shuffled_detection_auroc",
+    "shuffled_detection_bacc",
+    "own_method",
+    "own_score",
+    "own_effect",
+    "own_control_effect",
+    "details",
+    "created",
+]
+
+
+def has_table(con: sqlite3.Connection, name: str) -> bool:
+    return con.execute("SELECT 1 FROM sqlite_master WHERE name=?", (name,)).fetchone() is not None
+
+
+def ensure_kinds_table(con: sqlite3.Connection) -> None:
+    """The explanation kinds table and its full-text index (FTS5 when SQLite has it), if missing."""
+    con.executescript(KINDS_SCHEMA)
+    with contextlib.suppress(sqlite3.OperationalError):  # no FTS5: search falls back to LIKE
+        con.execute(
+            "CREATE VIRTUAL TABLE IF NOT EXISTS explanation_kinds_fts USING fts5(explanation, feature UNINDEXED, "
+            "kind UNINDEXED)"
+        )
+
 
 # Columns added after schema version 1 shipped. Atlases built before them get them on open (ALTER TABLE ADD
 # COLUMN, NULL for rows written earlier), so old atlases keep opening and the schema version stays 1.

@@ -59,8 +59,8 @@ token tokens word words text texts phrase phrases context contexts related relat
 appear appears appearing occurrence occurrences example examples sentence sentences
 specific specifically various certain particular different general generally near after before following
 preceded followed typical promotes promote promoting predicts predict predicting suppresses suppress boosts outputs
-unclear letter letters character characters inside within part parts including include includes containing contains
-contain used using use kind type types form forms refers refer referring indicates indicating""".split()
+says say unclear letter letters character characters inside within part parts including include includes containing
+contains contain used using use kind type types form forms refers refer referring indicates indicating""".split()
 )
 _QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|(?<![\w])\'([^\']+)\'(?![\w])')
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:-[A-Za-z]+)?")

@@ -96,6 +96,11 @@ def atlas_explain(
         None, help="offline: processes sharing the features [default: one per core when there are over 500]"
     ),
     yes: bool = typer.Option(False, "--yes", help="skip the confirmation after the cost/time estimate"),
+    kinds: str = typer.Option(
+        "input,output",
+        help="offline: kinds of explanation written, 'input' (where it fires) and 'output' (the whole words it "
+        "promotes); the summary gives each kind's detection AUROC and the cross-fitted best kind's",
+    ),
 ) -> None:
     """Write an explanation for each feature and score it on held-out contexts, with a shuffled control; resumable."""
     from .._io import atomic_write_json
@@ -120,11 +125,44 @@ def atlas_explain(
             workers=workers,
             console=console,
             confirm=None if yes else lambda: typer.confirm("go ahead?", default=True),
+            kinds=_csv(kinds, str),
         )
     except (ThoughtscopeError, ValueError) as e:
         _fail(str(e))
     if summary is None:
         raise typer.Exit(1)
+    console.print_json(json.dumps(summary, default=str))
+    if json_out is not None:
+        atomic_write_json(json_out, summary, default=str)
+
+
+@atlas_app.command("score-output")
+def atlas_score_output(
+    atlas: Path = typer.Argument(..., help="atlas folder whose output-side explanations `atlas explain` wrote"),
+    sample: int | None = typer.Option(None, help="score a uniform random sample of this many features (else all)"),
+    features: str | None = typer.Option(None, help="or these feature ids (comma-separated)"),
+    batch: int = typer.Option(32, help="features per forward pass; each feature's controls are its batch-mates"),
+    seed: int = typer.Option(0, help="seed of the sample"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the summary here"),
+    quiet: bool = typer.Option(False),
+) -> None:
+    """In the model: does adding each feature raise the probability of the words its output-side explanation
+    names, more than adding other features of the same norm does? Stores each feature's own score."""
+    from .._io import atomic_write_json
+    from ..atlas.output_score import score_output_causal
+    from ..errors import ThoughtscopeError
+
+    try:
+        summary = score_output_causal(
+            atlas,
+            features=_csv(features, int) if features else None,
+            sample=sample,
+            batch=batch,
+            seed=seed,
+            progress=not quiet,
+        )
+    except (ThoughtscopeError, ValueError) as e:
+        _fail(str(e))
     console.print_json(json.dumps(summary, default=str))
     if json_out is not None:
         atomic_write_json(json_out, summary, default=str)
