@@ -9,8 +9,20 @@
    first token (same prompt, seed, settings, the same clamp). `first_token_ratio` = plain / stream (target >= 0.8).
 3. Load (--load): N mixed requests (half analyzer pages, half streams), C concurrent, in rounds; errors, p50/p99
    latency and the server process's RSS after each round.
+4. First start (not with --tiny; --first-start-only runs just this): `thoughtscope serve` (default model, SAE and
+   NLA, no --atlas) launched as a subprocess on a fresh $THOUGHTSCOPE_HOME. Fresh means what `setup.sh` leaves in
+   the home and nothing else: the converted default model (`models/`, linked from the real home, see
+   `models.cache_dir`), the default corpus (`corpus/default`, linked) and the model hash cache (`hashes.json`,
+   copied); no `atlases/`, so the server has to build the first-start atlas (paths.home lays the home out).
+   `first_page_seconds`: from launching the process to the first 200 of a useful page, the analyzer page
+   (POST /analyze) answering a short text with its features (goal <= 60 s). Then, from /api/status, while the
+   atlas is built in the background: `atlas_attached_seconds` (feature pages with contexts work) and
+   `atlas_ready_seconds` (its offline explanations written too), each from the launch; these are waited for up to
+   --atlas-timeout seconds (default: 0 with --quick, so a quick run stops after the first page, else 1800).
+   The machine's load average (1 min) before and after is reported beside them: the build shares the CPUs.
 
     python benchmarks/web.py --quick --json out.json        (--tiny: a random tiny model instead)
+    python benchmarks/web.py --first-start-only --json out.json
 """
 
 from __future__ import annotations
@@ -19,7 +31,10 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -246,6 +261,112 @@ def load_test(url: str, text: str, n: int, conc: int, rounds: int, n_new: int) -
     return out
 
 
+FIRST_TEXT = "The old lighthouse keeper climbed the stairs every evening to light the lamp."
+
+
+def fresh_home(root: Path) -> Path:
+    """A $THOUGHTSCOPE_HOME as `setup.sh` leaves it (see the module docstring): the real home's converted models
+    and default corpus linked in, its hash cache copied, no atlas."""
+    from thoughtscope.paths import home
+
+    real = home()
+    for need in (real / "models", real / "corpus" / "default"):
+        if not need.is_dir():
+            sys.exit(f"first start: {need} is missing; run setup.sh first (it converts the model, builds the corpus)")
+    dst = root / "home"
+    (dst / "corpus").mkdir(parents=True)
+    (dst / "models").symlink_to(real / "models", target_is_directory=True)
+    (dst / "corpus" / "default").symlink_to(real / "corpus" / "default", target_is_directory=True)
+    if (real / "hashes.json").is_file():
+        shutil.copy2(real / "hashes.json", dst / "hashes.json")
+    return dst
+
+
+def _serve_command(port: int) -> list[str]:
+    exe = shutil.which("thoughtscope")
+    return [*([exe] if exe else [sys.executable, "-m", "thoughtscope"]), "serve", "--port", str(port)]
+
+
+def _first_useful_page(c, proc, t0: float, log: Path, timeout: float = 600.0) -> float:
+    """Seconds from t0 to the first 200 of the analyzer page with features for FIRST_TEXT."""
+    import httpx
+
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            sys.exit(f"thoughtscope serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            r = c.post("/analyze", data={"text": FIRST_TEXT}, headers={"accept": "text/html"})
+            if r.status_code == 200 and "/features/" in r.text:
+                return time.perf_counter() - t0
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.2)
+    sys.exit(f"no useful page within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _atlas_times(c, proc, t0: float, timeout: float) -> dict:
+    """Seconds from t0 until the atlas is attached and until its explanations are written (None: not within
+    `timeout`), and the build's status when the wait ended."""
+    out = {"atlas_attached_seconds": None, "atlas_ready_seconds": None}
+    atlas = {}
+    end = time.perf_counter() + timeout
+    while proc.poll() is None:
+        atlas = c.get("/api/status").json().get("atlas") or {}
+        if atlas.get("attached") and out["atlas_attached_seconds"] is None:
+            out["atlas_attached_seconds"] = time.perf_counter() - t0
+        if atlas.get("finished") and not atlas.get("error"):
+            out["atlas_ready_seconds"] = time.perf_counter() - t0
+        if atlas.get("finished") or time.perf_counter() >= end:
+            break
+        time.sleep(1.0)
+    out["atlas_status_at_end"] = atlas
+    return out
+
+
+def measure_first_start(atlas_timeout: float) -> dict:
+    """`thoughtscope serve` on a fresh home: first_page_seconds, atlas_attached_seconds, atlas_ready_seconds."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="thoughtscope-fresh-") as tmp:
+        env = {**os.environ, "THOUGHTSCOPE_HOME": str(fresh_home(Path(tmp)))}
+        log = Path(tmp) / "serve.log"
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(_serve_command(port), env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+                res = {"first_page_seconds": _first_useful_page(c, proc, t0, log)}
+                res["atlas_at_first_page"] = c.get("/api/status").json().get("atlas")
+                print(f"first start: first useful page after {res['first_page_seconds']:.1f} s", flush=True)
+                res.update(_atlas_times(c, proc, t0, atlas_timeout))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    res |= {"first_start_loadavg_1min_before": load_before, "first_start_loadavg_1min_after": os.getloadavg()[0]}
+    res["first_start_cpus"] = os.cpu_count()
+    return res
+
+
+def report_first_start(res: dict) -> None:
+    def s(k):
+        return "not within the wait" if res.get(k) is None else f"{res[k]:.1f} s"
+
+    print(
+        f"first start (fresh home): first useful page {s('first_page_seconds')} (goal <= 60 s), atlas attached "
+        f"{s('atlas_attached_seconds')}, atlas and explanations ready {s('atlas_ready_seconds')}; load average "
+        f"{res['first_start_loadavg_1min_before']:.2f} -> {res['first_start_loadavg_1min_after']:.2f} on "
+        f"{res['first_start_cpus']} CPUs"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -256,10 +377,21 @@ def main() -> None:
     ap.add_argument("--load-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--first-start-only", action="store_true", help="only the first-start measure (4.)")
+    ap.add_argument("--skip-first-start", action="store_true", help="leave the first-start measure (4.) out")
+    ap.add_argument(
+        "--atlas-timeout", type=float, default=None, help="seconds to wait for the first-start atlas (see 4.)"
+    )
     add_device_arg(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    first_start = not args.tiny and not args.skip_first_start
+    atlas_timeout = args.atlas_timeout if args.atlas_timeout is not None else (0.0 if args.quick else 1800.0)
+    if args.first_start_only:
+        res = {"quick": args.quick, **measure_first_start(atlas_timeout)}
+        report_first_start(res)
+        return write_json(res, args.json)
     from thoughtscope.server import ServerConfig, create_app
 
     wb, feature = workbench(args.tiny, args.device)
@@ -283,12 +415,19 @@ def main() -> None:
             res.update(
                 load_test(url, text_of(wb.lm, 64), args.load_requests, args.load_concurrency, args.load_rounds, 8)
             )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.json).with_suffix(".tmp")
+    if first_start:
+        res.update(measure_first_start(atlas_timeout))
+        report_first_start(res)
+    write_json(res, args.json)
+
+
+def write_json(res: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+        os.replace(tmp, path)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -224,3 +224,18 @@ def test_a_start_after_the_atlas_was_built_serves_it_at_once(inputs):
     assert again.atlas is not None or _wait(lambda: again.atlas is not None, 10)
     assert _wait(lambda: again.atlas_build is None or again.atlas_build.finished)
     assert len(again.atlas.explained("ok")) == n
+
+
+def test_a_build_stopped_before_its_explanations_serves_the_atlas_at_once_on_the_next_start(inputs):
+    def stop_in_step_2(job):
+        if job.step == 2:
+            raise RuntimeError("server stopped")  # as a server stopped between the database and the explanations
+
+    first = load_workbench(**inputs, atlas_in_background=True, on_atlas_progress=stop_in_step_2)
+    assert _wait(lambda: first.atlas_build.finished) and "server stopped" in first.atlas_build.error
+    assert first.atlas is not None and not first.atlas.explained(None)  # attached, no explanation yet
+    seen = []
+    again = load_workbench(**inputs, atlas_in_background=True, on_atlas_progress=lambda j: seen.append(j.to_dict()))
+    assert again.atlas is not None and not again.atlas_pending  # the atlas on disk is whole: served at once
+    assert _wait(lambda: again.atlas_build.finished) and again.atlas_build.error is None
+    assert {s["step"] for s in seen} == {2} and again.atlas.explained("ok")

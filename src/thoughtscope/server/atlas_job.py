@@ -31,7 +31,7 @@ log = logging.getLogger("thoughtscope.server")
 #: progress updates per step: the read is cut into about this many slices, the explanations into chunks of
 #: EXPLAIN_CHUNK features (at least this many)
 SLICES = 12
-EXPLAIN_CHUNK = 512
+EXPLAIN_CHUNK = 256
 STEPS = ("reading text through the model and the SAE", "writing offline explanations")
 
 
@@ -133,6 +133,7 @@ def read_in_slices(lm, sae, corpus, out: Path, cfg, job: AtlasBuild, *, sae_path
     """Step 1: `build_atlas` a slice of forward batches at a time (each slice resumes from the checkpoint the
     previous one wrote) until it writes `atlas.sqlite`; returns its path."""
     from ..atlas import build_atlas
+    from ..atlas.build import CKPT_NAME
     from ..corpus import Corpus
     from ..progress import ProgressBar
 
@@ -154,7 +155,7 @@ def read_in_slices(lm, sae, corpus, out: Path, cfg, job: AtlasBuild, *, sae_path
             path = build_atlas(
                 lm, sae, corpus, out, cfg, sae_path=sae_path, progress=False, stop_after_batches=None if last else stop
             )
-            if Path(path).name != "build.ckpt":  # the database: the read is over
+            if Path(path).name != CKPT_NAME:  # the database: the read is over
                 job.update(total)
                 bar.update(total)
                 return Path(path)
@@ -179,7 +180,10 @@ def explain_in_chunks(at_path: Path, tokenizer, job: AtlasBuild, *, on_progress,
         _report(job, on_progress)
         with ProgressBar("explain (offline)", len(todo), unit="features", enabled=progress and bool(todo)) as bar:
             for i in range(0, len(todo), EXPLAIN_CHUNK):
-                explain_offline(at, tokenizer=tokenizer, features=todo[i : i + EXPLAIN_CHUNK], progress=False)
+                # workers=1: in this process; a server's threads make forking worker processes unsafe (a pool of
+                # them was seen to hang in its terminate() here)
+                chunk = todo[i : i + EXPLAIN_CHUNK]
+                explain_offline(at, tokenizer=tokenizer, features=chunk, progress=False, workers=1)
                 job.update(min(i + EXPLAIN_CHUNK, len(todo)))
                 bar.update(job.done)
                 _report(job, on_progress)

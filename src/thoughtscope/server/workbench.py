@@ -229,7 +229,7 @@ def default_atlas_dir(sae) -> Path:
     from ..atlas.build import sae_fingerprint
     from ..models import cache_dir
 
-    return cache_dir() / "atlases" / sae_fingerprint(sae.cpu())[:16]
+    return cache_dir() / "atlases" / sae_fingerprint(sae)[:16]  # (the fingerprint reads the weights on the CPU)
 
 
 def load_presets(wb: Workbench, dirs=None) -> None:
