@@ -119,3 +119,7 @@ class FeatureError(ThoughtscopeError, ValueError):
 # raised by models
 class ModelError(ThoughtscopeError, ValueError):
     """A model could not be loaded or does not expose what thoughtscope needs."""
+
+
+class CausalError(ThoughtscopeError, ValueError):
+    """Bad input to patching, lenses or attribution (prompts that do not align, a target that is not one token)."""

@@ -128,3 +128,25 @@ def isotonic(values: Sequence[float], weights: Sequence[float]) -> list[float]:
             m1, w1, c1 = blocks.pop()
             blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
     return [m for m, _, c in blocks for _ in range(c)]
+
+
+def ranks(values) -> torch.Tensor:
+    """Ranks 1..n of a 1-D sequence, ties given their average rank (as Spearman's correlation needs)."""
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    order = torch.argsort(v, stable=True)
+    r = torch.empty_like(v)
+    r[order] = torch.arange(1, len(v) + 1, dtype=torch.float64)
+    uniq, inv = torch.unique(v, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, r)
+    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, torch.ones_like(r))
+    return (sums / counts)[inv]
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation (Pearson's on average ranks); nan when either side is constant."""
+    ra, rb = ranks(a), ranks(b)
+    if len(ra) != len(rb):
+        raise ValueError(f"spearman: {len(ra)} values against {len(rb)}")
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return max(-1.0, min(1.0, float((ra @ rb) / den))) if den > 0 else float("nan")

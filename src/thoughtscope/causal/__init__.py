@@ -1,0 +1,17 @@
+"""The causal half: which activations carry an answer (patching), what each layer is about to say (lenses), and
+which features pushed a token (attribution), each checked against what the model does when it is intervened on."""
+
+from .datasets import load_pairs, pair_families
+from .patching import STREAMS, PatchPair, PatchResult, activation_patching, attribution_patching, one_token, patch
+
+__all__ = [
+    "STREAMS",
+    "PatchPair",
+    "PatchResult",
+    "activation_patching",
+    "attribution_patching",
+    "load_pairs",
+    "pair_families",
+    "one_token",
+    "patch",
+]
