@@ -31,11 +31,48 @@ def _need_atlas(wb):
     return wb.atlas
 
 
-def explanation_view(ex: dict | None) -> dict | None:
+KIND_LABELS = {"input": "where it fires", "output": "what it says", "nla": "NLA reading"}
+KIND_SCORE_KEYS = ("detection_auroc", "shuffled_detection_auroc", "detection_bacc", "own_score")
+
+
+def _kind_view(r: dict, best: str | None) -> dict:
+    """One kind of explanation as the page shows it: its text, scores, whether it is best, and a warning when its
+    detection AUROC is at or below its shuffled control's."""
+    scores = [(k, r[k]) for k in KIND_SCORE_KEYS if r.get(k) is not None]
+    if r.get("own_score") is not None and r.get("own_effect") is not None:
+        scores.append(("own_effect_nats", r["own_effect"]))
+        if r.get("own_control_effect") is not None:
+            scores.append(("own_control_effect_nats", r["own_control_effect"]))
+    warn = None
+    if r.get("at_or_below_control"):
+        warn = (
+            f"scores at or below its shuffled control (detection AUROC {r['detection_auroc']:.2f} vs "
+            f"{r['shuffled_detection_auroc']:.2f} for another feature's explanation): do not trust this reading"
+        )
+    return {
+        "kind": r["kind"],
+        "label": KIND_LABELS.get(r["kind"], r["kind"]),
+        "text": r.get("explanation") or "",
+        "ok": r.get("status") == "ok",
+        "error": r.get("error"),
+        "scores": scores,
+        "best": r["kind"] == best,
+        "warn": warn,
+        "method": r.get("method"),
+        "own_method": r.get("own_method"),
+    }
+
+
+def explanation_view(ex: dict | None, kinds: dict | None = None) -> dict | None:
     """The explanation and whatever scores and methods the atlas stores for it (measured scores first, then the
-    shuffled-explanation control, then any other number), None where not measured."""
-    if not ex:
+    shuffled-explanation control, then any other number), None where not measured. With `kinds`
+    (`Atlas.explanation_kinds`): every kind of explanation with its scores ("kinds"), the best ("best"), a
+    warning on each at or below its shuffled control, and why there is no NLA reading ("nla")."""
+    rows = (kinds or {}).get("kinds") or []
+    if not ex and not rows:
         return None
+    missing = not ex  # other kinds only: no input-side explanation
+    ex = ex or {"status": "missing"}
     skip = {"feature", "explanation", "status", "error", "details", "seconds", "created", *SCORE_KEYS, *WHO_KEYS}
     scores = [(k, ex[k]) for k in SCORE_KEYS if ex.get(k) is not None]
     scores += [
@@ -43,12 +80,18 @@ def explanation_view(ex: dict | None) -> dict | None:
         for k, v in ex.items()
         if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
     ]
+    best = (kinds or {}).get("best")
     return {
         "text": ex.get("explanation") or "",
         "ok": ex.get("status", "ok") == "ok",
         "error": ex.get("error"),
         "scores": scores,
         **{k: ex.get(k) for k in WHO_KEYS},
+        "missing": missing,
+        "kinds": [_kind_view(r, best) for r in rows],
+        "best": best,
+        "best_rule": (kinds or {}).get("best_rule"),
+        "nla": ((kinds or {}).get("nla") or {}).get("note"),
     }
 
 
@@ -57,6 +100,7 @@ def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
     tok = wb.tokenizer
     with wb.db_lock:
         f = at.feature(n)
+        kinds = at.explanation_kinds(n)
         top = at.examples(n, "top", limit=n_top)
         quant = at.examples(n, "quantile")
     step = max(1, len(quant) // n_quantile)
@@ -77,7 +121,7 @@ def feature_data(wb, n: int, n_top: int = 12, n_quantile: int = 10) -> dict:
     return {
         "id": n,
         "f": f,
-        "explanation": explanation_view(f.explanation),
+        "explanation": explanation_view(f.explanation, kinds),
         "top": [ctx(e) for e in top],
         "quantile": [ctx(e) for e in quant],
         "logits_pos": [(decode(t), v) for t, v in f.logits_pos],
