@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from .atlas import atlas_app
+from .causal import patch_cmd
 from .common import console, err
 from .corpus import corpus_app
 from .features import features_app
@@ -52,6 +53,7 @@ app.add_typer(atlas_app, name="atlas")
 app.add_typer(nla_app, name="nla")
 app.add_typer(corpus_app, name="corpus")
 app.command("serve")(serve)
+app.command("patch")(patch_cmd)
 
 app.add_typer(probe_app, name="probe")
 

@@ -1,0 +1,57 @@
+"""Patching maps as files a person reads: JSON with both maps and their agreement, and a PNG heatmap per stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .._io import atomic_write, atomic_write_json
+from ..models import LoadedModel
+from .patching import STREAMS, PatchPair, PatchResult, patch
+
+
+def write_patch_png(res: PatchResult, path: str | Path) -> Path:
+    """Per stream, activation patching beside attribution patching (layers down, the prompt's tokens across)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    streams = list(res.patched)
+    T = len(res.tokens)
+    fig, axes = plt.subplots(len(streams), 2, figsize=(2 + 0.45 * T * 2, 1 + 2.6 * len(streams)), squeeze=False)
+    for row, s in enumerate(streams):
+        lim = max(float(res.patched[s].abs().max()), float(res.attributed[s].abs().max()), 1e-6)
+        for col, (name, grid) in enumerate(
+            (("activation patching", res.patched[s]), ("attribution", res.attributed[s]))
+        ):
+            ax = axes[row][col]
+            im = ax.imshow(grid.numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            title = f"{s}: {name}" + (f" (Spearman {res.spearman(s):.2f})" if col else "")
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks(range(T), [repr(t)[1:-1] for t in res.tokens], rotation=90, fontsize=7)
+            ax.set_ylabel("layer", fontsize=8)
+            fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110)
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def patch_to_files(
+    lm: LoadedModel,
+    pair: PatchPair,
+    *,
+    streams=STREAMS,
+    json_path: str | Path | None = None,
+    png_path: str | Path | None = None,
+) -> PatchResult:
+    """Patch one pair both ways and write what was asked for; the result for printing."""
+    res = patch(lm, pair, streams)
+    if json_path is not None:
+        atomic_write_json(json_path, {"pair": vars(pair), **res.to_dict()})
+    if png_path is not None:
+        write_patch_png(res, png_path)
+    return res
