@@ -246,4 +246,5 @@ def search_cmd(
         console.print(f"[bold]{h.feature}[/bold]  {h.score:.3f}  {label}", highlight=False)
         ev = "; ".join(f"{s} {h.signals[s]:.2f} {h.tokens.get(s, [])}" for s in SIGNALS if h.signals[s] > 0)
         console.print(f"      [dim]{escape(ev)}[/dim]", highlight=False)
-        console.print(f"      [dim]{score_line(at.explanation(h.feature) or {})}[/dim]", highlight=False)
+        if h.label:
+            console.print(f"      [dim]{score_line(at.explanation(h.feature) or {})}[/dim]", highlight=False)
