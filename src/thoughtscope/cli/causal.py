@@ -1,4 +1,4 @@
-"""`thoughtscope patch`: which layers and positions carry an answer, measured and estimated side by side."""
+"""`thoughtscope patch` and `lens`: which layers and positions carry an answer, and what each layer is about to say."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import _csv, _load, console, one_line_errors
+from .common import _csv, _fail, _load, console, one_line_errors
 
 
 @one_line_errors
@@ -47,3 +47,40 @@ def patch_cmd(
     for p in (json_out, png):
         if p is not None:
             console.print(f"wrote {p}")
+
+
+@one_line_errors
+def lens_cmd(
+    args: list[str] = typer.Argument(..., help="TEXT to read, or 'fit' to fit a Jacobian lens"),
+    track: str | None = typer.Option(None, help="a token whose rank and probability are followed across layers"),
+    lens: Path | None = typer.Option(None, help="a fitted Jacobian lens folder (default: the logit lens)"),
+    k: int = typer.Option(5, help="top tokens per layer and position"),
+    model: str = typer.Option("default", help="model name, hub id, folder or GGUF"),
+    device: str | None = typer.Option(None, help="cpu, cuda, ..."),
+    json_out: Path | None = typer.Option(None, "--json", help="write every layer and position here"),
+    out: Path | None = typer.Option(None, help="fit: the lens folder to write (resumes a killed fit)"),
+    contexts: int = typer.Option(144, help="fit: corpus contexts read"),
+) -> None:
+    """What each layer is about to say: `lens TEXT [--track TOKEN] [--lens DIR]`, or `lens fit --out DIR`."""
+    from ..causal.lens import JacobianLens, LensFitConfig, fit_jacobian_lens, lens_view
+
+    lm = _load(model, device, None)
+    if args == ["fit"]:
+        if out is None:
+            _fail("lens fit needs --out FOLDER")
+        fitted = fit_jacobian_lens(lm, LensFitConfig(n_contexts=contexts), out=out)
+        console.print(f"wrote {out}: Jacobian lens of {fitted.model}, {fitted.J.shape[0]} layers")
+        return
+    view = lens_view(lm, " ".join(args), lens=JacobianLens.load(lens, lm) if lens else None, track=track, k=k)
+    console.print(f"{view.kind} lens; the model's next token at the last position: {view.final_top1[-1]!r}")
+    for layer, rows in enumerate(view.top):
+        best = ", ".join(f"{t!r} {p:.2f}" for t, p in rows[-1][:3])
+        extra = ""
+        if view.track:
+            extra = f"  {view.track['token']!r}: rank {view.track['rank'][layer][-1]}"
+        console.print(f"  layer {layer:>3}  agrees {view.agreement[layer]:.2f}  last: {best}{extra}")
+    if json_out is not None:
+        from .._io import atomic_write_json
+
+        atomic_write_json(json_out, view.to_dict())
+        console.print(f"wrote {json_out}")

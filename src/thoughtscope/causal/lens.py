@@ -1,0 +1,243 @@
+"""What is the model about to say at layer l? The logit lens and the Jacobian lens, per layer and position.
+
+The logit lens reads a residual h_l through the model's own final norm and unembedding, as if the remaining blocks
+did nothing. The Jacobian lens first maps h_l by J_l, the expected Jacobian of the final residual with respect to
+h_l (averaged over corpus contexts, positions, and the current and later positions whose final residual h_l
+reaches through attention): lens_l(h) = unembed(norm(J_l h)). It keeps what the later blocks do to a direction on
+average, which the logit lens ignores.
+
+Fitting J_l needs one backward pass per row of J (d of them, every layer at once): each batch of contexts measures
+a slice of rows, and the slices cycle, so every row sees different contexts at no extra cost; partial sums are
+checkpointed after every batch, so a killed fit resumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._io import atomic_dir, atomic_save_tensors, atomic_torch_save, read_json
+from ..errors import CausalError
+from ..models import LoadedModel
+from .patching import one_token
+
+
+@dataclass
+class LensFitConfig:
+    """How a Jacobian lens is fitted (saved beside it)."""
+
+    n_contexts: int = 144
+    """Corpus contexts read in all (contexts)."""
+    ctx_len: int = 32
+    """Tokens per context (tokens)."""
+    contexts_per_batch: int = 8
+    """Contexts in one forward pass (contexts)."""
+    rows_per_batch: int = 32
+    """Rows of every layer's Jacobian measured per batch (one backward pass each, batched)."""
+    corpus: str = "default"
+    """Corpus spec the contexts come from."""
+    skip_tokens: int = 0
+    """Corpus tokens skipped first (so held-out text can come after the fitting text)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_contexts", "ctx_len", "contexts_per_batch", "rows_per_batch"):
+            if int(getattr(self, name)) < 1:
+                raise CausalError(f"LensFitConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class JacobianLens:
+    J: torch.Tensor  # [n_layers, d, d]: J[l] maps h_l to the expected final residual
+    model: str
+    model_source: dict | str | None = None
+    config: dict = field(default_factory=dict)
+    positions_per_row: list[int] = field(default_factory=list)
+
+    def check_fits(self, lm: LoadedModel) -> None:
+        n, d = lm.n_layers, lm.d_model
+        if tuple(self.J.shape) != (n, d, d):
+            raise CausalError(
+                f"this Jacobian lens was fitted for {self.model} ({self.J.shape[0]} layers, width {self.J.shape[1]}) "
+                f"but {lm.name} has {n} layers of width {d}: fit one with 'thoughtscope lens fit --model ...'"
+            )
+        if self.model != lm.name:
+            raise CausalError(f"this Jacobian lens was fitted for {self.model}, not {lm.name}")
+
+    def save(self, folder: str | Path) -> Path:
+        meta = {"model": self.model, "model_source": self.model_source, "config": self.config}
+        meta["positions_per_row"] = self.positions_per_row
+        with atomic_dir(folder) as tmp:
+            atomic_save_tensors({"J": self.J.contiguous().to(torch.float16)}, tmp / "lens.safetensors")
+            (tmp / "lens.json").write_text(json.dumps(meta, indent=1))
+        return Path(folder)
+
+    @classmethod
+    def load(cls, folder: str | Path, lm: LoadedModel | None = None) -> JacobianLens:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "lens.safetensors").is_file():
+            raise CausalError(f"{folder} holds no lens.safetensors: not a fitted lens (thoughtscope lens fit)")
+        meta = read_json(folder / "lens.json", CausalError)
+        lens = cls(load_file(str(folder / "lens.safetensors"))["J"].float(), meta["model"], meta.get("model_source"))
+        lens.config, lens.positions_per_row = meta.get("config", {}), meta.get("positions_per_row", [])
+        if lm is not None:
+            lens.check_fits(lm)
+        return lens
+
+
+def _residuals(lm: LoadedModel, ids: torch.Tensor, *, grad: bool) -> list[torch.Tensor]:
+    """The residual after every block ([B, T, d] each), the graph kept when `grad`."""
+    hs: list[torch.Tensor] = []
+    hooks = [
+        blk.register_forward_hook(lambda _m, _a, o: hs.append(o[0] if isinstance(o, tuple) else o)) for blk in lm.layers
+    ]
+    try:
+        if grad:
+            emb = lm.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            with torch.enable_grad():
+                lm.model(inputs_embeds=emb, use_cache=False, logits_to_keep=1)
+        else:
+            with torch.inference_mode():
+                lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return hs
+
+
+def readout(lm: LoadedModel, h: torch.Tensor) -> torch.Tensor:
+    """Logits of residual vectors through the model's final norm and unembedding ([..., d] -> [..., vocab])."""
+    x = lm.final_norm(h) if lm.final_norm is not None else h
+    return lm.unembed(x).float()
+
+
+@dataclass
+class LensView:
+    """Per layer and position, the lens's top tokens; and where a tracked token ranks at each layer."""
+
+    kind: str
+    tokens: list[str]
+    top: list[list[list[tuple[str, float]]]]  # [layer][position] -> [(token, probability)]
+    final_top1: list[str]
+    agreement: list[float]  # per layer: share of positions whose lens top-1 is the model's final top-1
+    track: dict | None = None  # {"token", "rank": [layer][pos], "prob": [layer][pos]}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lens_view(
+    lm: LoadedModel, text: str, *, lens: JacobianLens | None = None, track: str | None = None, k: int = 5
+) -> LensView:
+    """Read `text` through the logit lens (or `lens`, a Jacobian lens) at every layer and position."""
+    ids, _ = lm.tokenize([text])
+    hs = _residuals(lm, ids, grad=False)
+    tid = one_token(lm, track, "tracked token") if track else None
+    final = readout(lm, hs[-1][0]).argmax(-1)
+    top, agree, ranks, probs = [], [], [], []
+    dec = lm.tokenizer.decode
+    with torch.inference_mode():
+        for layer, h in enumerate(hs):
+            x = h[0].float()
+            if lens is not None:
+                x = x @ lens.J[layer].T.to(x.device)
+            p = torch.softmax(readout(lm, x.to(h.dtype)), -1)
+            v, i = p.topk(k, -1)
+            top.append([[(dec([int(a)]), float(b)) for a, b in zip(ii, vv)] for ii, vv in zip(i, v)])
+            agree.append(float((p.argmax(-1) == final).float().mean()))
+            if tid is not None:
+                ranks.append(((p > p[:, tid : tid + 1]).sum(-1) + 1).tolist())
+                probs.append(p[:, tid].tolist())
+    return LensView(
+        "jacobian" if lens is not None else "logit",
+        [dec([t]) for t in ids[0].tolist()],
+        top,
+        [dec([int(t)]) for t in final],
+        agree,
+        {"token": track, "rank": ranks, "prob": probs} if tid is not None else None,
+    )
+
+
+def _fit_batches(lm: LoadedModel, cfg: LensFitConfig):
+    """The fitting contexts, [contexts_per_batch, ctx_len] at a time, after `skip_tokens` corpus tokens."""
+    from ..corpus import Corpus
+
+    skip = cfg.skip_tokens // cfg.ctx_len
+    n = 0
+    rows: list[torch.Tensor] = []
+    for i, c in enumerate(Corpus(cfg.corpus).contexts(lm.tokenizer, cfg.ctx_len)):
+        if i < skip:
+            continue
+        rows.append(torch.as_tensor(c.input_ids))
+        n += 1
+        if len(rows) == cfg.contexts_per_batch or n == cfg.n_contexts:
+            yield torch.stack(rows)
+            rows = []
+        if n == cfg.n_contexts:
+            return
+    raise CausalError(f"the corpus {cfg.corpus!r} has fewer than {cfg.n_contexts} contexts after the skipped tokens")
+
+
+def _rows_of_batch(b: int, d: int, per: int) -> torch.Tensor:
+    """Batch b measures rows [s, s+per) of every Jacobian, the slices cycling through all d rows."""
+    start = (b * per) % d
+    return (torch.arange(per) + start) % d
+
+
+def fit_jacobian_lens(
+    lm: LoadedModel, cfg: LensFitConfig | None = None, *, out: str | Path | None = None, progress: bool = True
+) -> JacobianLens:
+    """Fit J_l for every layer (see the module docstring); resumes from `out`'s checkpoint when there is one."""
+    from ..progress import ProgressBar
+
+    cfg = cfg or LensFitConfig()
+    n, d = lm.n_layers, lm.d_model
+    ckpt = Path(out).with_name(Path(out).name + ".fit.ckpt") if out is not None else None
+    state = {"sums": torch.zeros(n, d, d, dtype=torch.float64), "counts": torch.zeros(d), "done": 0, "cfg": asdict(cfg)}
+    if ckpt is not None and ckpt.is_file():
+        old = torch.load(ckpt, weights_only=True)
+        if old.get("cfg") == asdict(cfg):
+            state = old
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    batches = list(_fit_batches(lm, cfg))
+    with ProgressBar("jacobian lens", len(batches), start=state["done"], unit="batches", enabled=progress) as bar:
+        for b, ids in enumerate(batches):
+            if b < state["done"]:
+                continue
+            rows = _rows_of_batch(b, d, min(cfg.rows_per_batch, d))
+            _measure_rows(lm, ids.to(lm.device), rows, state)
+            state["done"] = b + 1
+            if ckpt is not None:
+                atomic_torch_save(state, ckpt)
+            bar.update(completed=b + 1)
+    seen = state["counts"]
+    if bool((seen == 0).any()):
+        missing = int((seen == 0).sum())
+        raise CausalError(
+            f"{missing} of {d} Jacobian rows were never measured: give at least "
+            f"{-(-d // cfg.rows_per_batch) * cfg.contexts_per_batch} contexts (n_contexts) or more rows_per_batch"
+        )
+    J = (state["sums"] / seen[None, :, None]).float()
+    lens = JacobianLens(J, lm.name, lm.source, asdict(cfg), seen.long().tolist())
+    if out is not None:
+        lens.save(out)
+        ckpt.unlink(missing_ok=True)
+    return lens
+
+
+def _measure_rows(lm: LoadedModel, ids: torch.Tensor, rows: torch.Tensor, state: dict) -> None:
+    """Add rows `rows` of ∂h_final/∂h_l, summed over the batch's positions, to every layer's running sum."""
+    hs = _residuals(lm, ids, grad=True)
+    B, T, d = hs[-1].shape
+    probes = torch.zeros(len(rows), B, T, d, dtype=hs[-1].dtype, device=hs[-1].device)
+    probes[torch.arange(len(rows)), :, :, rows] = 1.0
+    grads = torch.autograd.grad(hs[-1], hs[:-1], grad_outputs=probes, is_grads_batched=True)
+    for layer, g in enumerate(grads):
+        state["sums"][layer, rows] += g.double().sum((1, 2)).cpu()
+    state["sums"][len(hs) - 1, rows, rows] += B * T  # the last layer's lens is the identity
+    state["counts"][rows] += B * T

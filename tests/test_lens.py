@@ -1,0 +1,73 @@
+"""The logit lens reads the model's own output at the last layer; the Jacobian lens fit measures every row of
+∂h_final/∂h_l exactly as separate backward passes would, and refuses a model it was not fitted for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from thoughtscope.causal.lens import JacobianLens, LensFitConfig, _residuals, fit_jacobian_lens, lens_view
+from thoughtscope.errors import CausalError
+from thoughtscope.models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", d_model=16, n_layers=3, n_heads=2, seed=4)
+
+
+def test_logit_lens_last_layer_is_the_model_and_tracks_a_token(lm):
+    v = lens_view(lm, "hello there", track="e", k=3)
+    assert v.kind == "logit" and len(v.top) == lm.n_layers and len(v.top[0]) == len(v.tokens)
+    assert v.agreement[-1] == 1.0
+    ids, _ = lm.tokenize(["hello there"])
+    with torch.inference_mode():
+        final = lm.model(ids).logits[0].argmax(-1)
+    assert v.final_top1 == [lm.tokenizer.decode([int(t)]) for t in final]
+    assert len(v.track["rank"]) == lm.n_layers and all(r >= 1 for r in v.track["rank"][0])
+    with pytest.raises(CausalError, match="tracked token 'ee' is 2 tokens"):
+        lens_view(lm, "hello", track="ee")
+
+
+def test_jacobian_rows_equal_separate_backward_passes(lm, tmp_path):
+    cfg = LensFitConfig(n_contexts=2, ctx_len=8, contexts_per_batch=2, rows_per_batch=16)
+    lens = fit_jacobian_lens(lm, cfg, out=tmp_path / "lens", progress=False)
+    assert lens.J.shape == (3, 16, 16)
+    torch.testing.assert_close(lens.J[-1], torch.eye(16))
+    from thoughtscope.causal.lens import _fit_batches
+
+    ids = next(iter(_fit_batches(lm, cfg)))
+    ref = torch.zeros(2, 16, 16)
+    for i in range(16):
+        hs = _residuals(lm, ids, grad=True)
+        gs = torch.autograd.grad(hs[-1][..., i].sum(), hs[:-1])
+        for layer in range(2):
+            ref[layer, i] = gs[layer].sum((0, 1)) / ids.numel()
+    torch.testing.assert_close(lens.J[:2], ref, atol=1e-3, rtol=1e-2)  # stored as float16
+    back = JacobianLens.load(tmp_path / "lens", lm)
+    torch.testing.assert_close(back.J, lens.J, atol=1e-3, rtol=1e-2)
+    v = lens_view(lm, "hello there", lens=back)
+    assert v.kind == "jacobian" and v.agreement[-1] == 1.0
+    assert not (tmp_path / "lens.fit.ckpt").exists()
+
+
+def test_rows_cycle_across_batches_and_a_short_fit_is_refused(lm):
+    cfg = LensFitConfig(n_contexts=4, ctx_len=8, contexts_per_batch=1, rows_per_batch=4)
+    lens = fit_jacobian_lens(lm, cfg, progress=False)  # 4 batches x 4 rows: every row once
+    assert set(lens.positions_per_row) == {8}
+    with pytest.raises(CausalError, match="8 of 16 Jacobian rows were never measured"):
+        fit_jacobian_lens(
+            lm, LensFitConfig(n_contexts=2, ctx_len=8, contexts_per_batch=1, rows_per_batch=4), progress=False
+        )
+
+
+def test_lens_for_another_model_is_refused(lm, tmp_path):
+    other = tiny_model("llama", d_model=32, n_layers=2)
+    lens = fit_jacobian_lens(
+        other, LensFitConfig(n_contexts=1, ctx_len=8, contexts_per_batch=1, rows_per_batch=32), progress=False
+    )
+    lens.save(tmp_path / "o")
+    with pytest.raises(CausalError, match="fitted for tiny-llama-32x2-seed0 .*2 layers, width 32"):
+        JacobianLens.load(tmp_path / "o", lm)
+    with pytest.raises(CausalError, match="not a fitted lens"):
+        JacobianLens.load(tmp_path, lm)
