@@ -168,3 +168,16 @@ def test_search_page_in_chromium_shows_the_evidence(web, browser):
         assert "queen" in row.locator(".ev[data-signal=text] code").all_text_contents()
         assert PLANT_LABEL in row.text_content()
         page.close()
+
+
+def test_an_atlas_without_its_sae_is_searched_by_its_own_signals(tmp_path):
+    """An atlas built from an in-memory SAE (no SAE to load): the CLI ranks by its tokens and text, and says so."""
+    lm = identity_model()
+    corpus = Corpus(str(write_letters_corpus(tmp_path / "corpus.txt", n_docs=120)))
+    cfg = AtlasConfig(**{**LETTERS_ATLAS, "n_tokens": 2048, "n_random_contexts": 16})
+    build_atlas(lm, planted_letters_sae(lm), corpus, tmp_path / "atlas", cfg, progress=False)
+    r = runner.invoke(app, ["features", "search", "x", "--atlas", str(tmp_path / "atlas"), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert "records no SAE" in d["note"] and d["hits"][0]["feature"] == LETTER["x"]
+    assert all(h["signals"]["templates"] == h["signals"]["output"] == 0 for h in d["hits"])

@@ -51,6 +51,7 @@ __all__ = [
     "Signals",
     "TokenIndex",
     "concept_signals",
+    "search_atlas",
     "search_concept",
     "token_index",
     "warm_up",
@@ -424,19 +425,27 @@ class Signals:
         return [(int(f), float(total[f])) for f in order if total[f] > 0]
 
 
-def concept_signals(lm, sae, atlas: Atlas, query: str, *, templates: bool = True, n_neighbours: int = 8) -> Signals:
-    """Every signal of the module doc for `query` (`templates=False` skips the one model pass)."""
+def concept_signals(
+    lm, sae, atlas: Atlas, query: str, *, templates: bool = True, n_neighbours: int = 8, tokenizer=None
+) -> Signals:
+    """Every signal of the module doc for `query` (`templates=False` skips the one model pass). With `lm` and
+    `sae` None (an atlas whose SAE cannot be loaded), only the atlas's own signals, tokens (the query read with
+    `tokenizer`) and text; the others are 0."""
     q = check_query(query)
     n = atlas.n_features
-    if int(sae.W_dec.shape[0]) != n:
+    tok = lm.tokenizer if lm is not None else tokenizer
+    if tok is None:
+        raise AtlasError(f"searching {atlas.path} needs its model's tokenizer, and none was found")
+    if sae is not None and int(sae.W_dec.shape[0]) != n:
         raise AtlasError(f"the atlas {atlas.path} has {n} features but the SAE has {int(sae.W_dec.shape[0])}")
     idx = token_index(atlas)
-    qt = query_tokens(lm.tokenizer, q)
-    nb = embedding_neighbours(lm, qt, n_neighbours) if n_neighbours else {}
+    qt = query_tokens(tok, q)
+    model = lm is not None and sae is not None
+    nb = embedding_neighbours(lm, qt, n_neighbours) if model and n_neighbours else {}
     s_tok, c_tok = idx.scores(qt)
     s_nb, c_nb = idx.scores(nb)
-    s_tpl, t_tpl = template_scores(lm, sae, q, _maxima(atlas)) if templates else (np.zeros(n), {})
-    s_out, t_out = output_scores(lm, sae, {**nb, **qt})
+    s_tpl, t_tpl = template_scores(lm, sae, q, _maxima(atlas)) if model and templates else (np.zeros(n), {})
+    s_out, t_out = output_scores(lm, sae, {**nb, **qt}) if model else (np.zeros(n), {})
     s_txt, t_txt = text_scores(atlas, q, n)
     return Signals(
         q,
@@ -456,14 +465,16 @@ def search_concept(
     templates: bool = True,
     weights: dict[str, float] | None = None,
     n_neighbours: int = 8,
+    tokenizer=None,
 ) -> list[Hit]:
     """The k features that best stand for the concept `query`, best first (see the module doc for the signals and
     the rule that combines them). `templates=False` skips the one model pass (the other signals read only the
-    atlas and the weights). `weights` overrides `WEIGHTS` per signal."""
+    atlas and the weights). `weights` overrides `WEIGHTS` per signal. `lm` and `sae` None: the atlas's own
+    signals only (see `concept_signals`)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise AtlasError(f"k must be a positive integer, got {k!r}")
-    sig = concept_signals(lm, sae, atlas, query, templates=templates, n_neighbours=n_neighbours)
-    tok = lm.tokenizer
+    sig = concept_signals(lm, sae, atlas, query, templates=templates, n_neighbours=n_neighbours, tokenizer=tokenizer)
+    tok = lm.tokenizer if lm is not None else tokenizer
 
     def shown(ev) -> list[str]:
         if isinstance(ev, list):
@@ -492,6 +503,22 @@ def _maxima(at: Atlas) -> np.ndarray:
 def _label(at: Atlas, f: int) -> str | None:
     e = at.explanation(f)
     return e["explanation"] if e and e.get("status") == "ok" else None
+
+
+def search_atlas(path, query: str, k: int = 20, *, templates: bool = True) -> tuple[Atlas, list[Hit], str | None]:
+    """(atlas, hits, note) for the atlas folder at `path`: with its model and SAE (`query.open_with_model`) when
+    it records where its SAE is, else with its own signals only and a note saying so (what `features search` does)."""
+    from .cards import load_tokenizer
+    from .query import open_with_model
+
+    q = check_query(query)
+    at = Atlas.open(path)
+    if at.meta.get("sae_path"):
+        at.close()
+        at, lm, sae = open_with_model(path)
+        return at, search_concept(lm, sae, at, q, k=k, templates=templates), None
+    note = f"{at.path} records no SAE (built from one in memory): only its own signals, tokens and text, were used"
+    return at, search_concept(None, None, at, q, k=k, tokenizer=load_tokenizer(at)), note
 
 
 def warm_up(lm, sae, atlas: Atlas | None = None) -> None:

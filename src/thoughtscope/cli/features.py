@@ -221,8 +221,7 @@ def search_cmd(
     it), what they write, and their explanation; every hit with each signal's score and the tokens behind it."""
     import json
 
-    from ..atlas import open_with_model, search_concept
-    from ..atlas.search import SIGNALS, check_query
+    from ..atlas.search import SIGNALS, check_query, search_atlas
 
     query = check_query(query)
     if atlas is None:
@@ -230,10 +229,10 @@ def search_cmd(
         from ..server.workbench import default_atlas_dir
 
         atlas = default_atlas_dir(load_sae("default"))
-    at, lm, sae = open_with_model(atlas)
-    hits = search_concept(lm, sae, at, query, k=k, templates=templates)
+    at, hits, note = search_atlas(atlas, query, k=k, templates=templates)
     if as_json:
-        typer.echo(json.dumps({"query": query, "atlas": str(at.path), "hits": [h.to_dict() for h in hits]}))
+        out = {"query": query, "atlas": str(at.path), "hits": [h.to_dict() for h in hits]}
+        typer.echo(json.dumps(out | ({"note": note} if note else {})))
         return
     if not hits:
         console.print(f"no feature found for {query!r}")
@@ -248,3 +247,5 @@ def search_cmd(
         console.print(f"      [dim]{escape(ev)}[/dim]", highlight=False)
         if h.label:
             console.print(f"      [dim]{score_line(at.explanation(h.feature) or {})}[/dim]", highlight=False)
+    if note:  # after the hits, so the first line is still the best feature
+        console.print(f"[yellow]{escape(note)}[/yellow]", highlight=False)
