@@ -30,7 +30,7 @@ log = logging.getLogger("thoughtscope.server")
 
 #: progress updates per step: the read is cut into about this many slices, the explanations into chunks of
 #: EXPLAIN_CHUNK features (at least this many)
-SLICES = 12
+SLICES = 8
 EXPLAIN_CHUNK = 256
 STEPS = ("reading text through the model and the SAE", "writing offline explanations")
 
@@ -168,14 +168,17 @@ def read_in_slices(lm, sae, corpus, out: Path, cfg, job: AtlasBuild, *, sae_path
 
 def explain_in_chunks(at_path: Path, tokenizer, job: AtlasBuild, *, on_progress, progress) -> None:
     """Step 2: offline explanations of every alive feature that has none, EXPLAIN_CHUNK features at a time (each
-    chunk is saved when it is done, so labels appear as they land and a restart only writes what is missing)."""
+    chunk is saved when it is done, so labels appear as they land and a restart only writes what is missing). The
+    features that fire most often come first: they are the ones a text in the analyzer most likely shows."""
     import numpy as np
 
     from ..atlas import Atlas, explain_offline
     from ..progress import ProgressBar
 
     with Atlas.open(at_path) as at:
-        todo = sorted(set(np.flatnonzero(at.stats()["n_active"] > 0).tolist()) - at.explained(None))
+        n_active = at.stats()["n_active"]
+        done = at.explained(None)
+        todo = [int(f) for f in np.argsort(-n_active, kind="stable") if n_active[f] > 0 and int(f) not in done]
         job.begin(2, STEPS[1], len(todo), "features")
         _report(job, on_progress)
         with ProgressBar("explain (offline)", len(todo), unit="features", enabled=progress and bool(todo)) as bar:

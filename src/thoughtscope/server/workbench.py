@@ -377,10 +377,14 @@ def load_workbench(
             first_start.run(lambda path: None)
             atlas = str(first_start.out)
             first_start = None
+    if first_start is not None and (first_start.out / "atlas.sqlite").is_file():
+        atlas = str(first_start.out)  # built whole by an earlier start: served at once (explanations may follow)
     at = None
     if atlas is not None:
         status.set("opening the atlas", str(atlas))
         at = Atlas.open(atlas)
+        if first_start is not None and not _unexplained(at):
+            first_start = None  # a later start: nothing left to build
     wb = Workbench(lm=lm, sae=sae_obj, sae_spec=sae, atlas=at)
     wb.notes.extend(notes)
     if nla:
@@ -395,8 +399,13 @@ def load_workbench(
     load_presets(wb, preset_dirs)
     if first_start is not None:
         wb.atlas_build = first_start.job
-        first_start.start(lambda path: wb.attach_atlas(Atlas.open(path)))
+        first_start.start(lambda path: wb.atlas is None and wb.attach_atlas(Atlas.open(path)))
     return wb
+
+
+def _unexplained(at) -> set[int]:
+    """Alive features of the atlas `at` that have no explanation (nor a failed attempt) yet."""
+    return set(np.flatnonzero(at.stats()["n_active"] > 0).tolist()) - at.explained(None)
 
 
 class _FirstStart:
