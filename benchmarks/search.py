@@ -18,7 +18,9 @@ inflection (-s, -es, -ed, -d, -ing, -ies for -y, -ing for -e) as a whole word, i
 not overlap, one occurrence of the word counts for one context at most. The feature
 counts when at least 3 of its 10 held-out top contexts contain the word (`MIN_CONTEXTS`); a stricter variant,
 at least 5 of 10, is reported beside it (`search_hit_rate_majority`). A word that occurs fewer than 3 times
-in the held-out slice cannot be hit, and still counts as a miss (its count is in the per-word detail).
+in the held-out slice cannot be hit, and still counts as a miss (its count is in the per-word detail); the
+slice (98,304 tokens with --quick, 131,072 otherwise, --heldout-tokens) bounds how many words can be hit at
+all, which search_hit_rate_ceiling reports.
 
 Figures: search_hit_rate (all words), search_hit_rate_tune, search_hit_rate_heldout, the same for the
 majority rule, search_hit_rate_ceiling (the share of words for which at least one feature of the whole SAE meets
@@ -155,7 +157,7 @@ def passing_features(tok, toks, top_v, top_i, pats: dict[str, re.Pattern]) -> di
 
 def heldout(args, lm, sae, at) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """The held-out pass, or its saved result (--heldout-cache) when it was made from the same atlas and budget."""
-    n_held = args.heldout_tokens or (49_152 if args.quick else 131_072)
+    n_held = args.heldout_tokens or (98_304 if args.quick else 131_072)
     key = {"atlas_created": at.meta.get("created"), "config": at.meta["config"], "n_tokens": n_held}
     c = args.heldout_cache
     if c is not None and c.is_file():
@@ -208,7 +210,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a small atlas and held-out slice (about 3 minutes)")
     p.add_argument("--atlas", type=Path, help="an atlas of the default SAE (default: build a small one)")
     p.add_argument("--words", type=Path, default=WORDS, help="one word or phrase a line")
-    p.add_argument("--heldout-tokens", type=int, help="held-out slice tokens (default 49,152 quick, else 131,072)")
+    p.add_argument("--heldout-tokens", type=int, help="held-out slice tokens (default 98,304 quick, else 131,072)")
     p.add_argument("--weights", help="JSON: signal weights to try (tuning runs only)")
     p.add_argument("--tune", action="store_true", help="grid-search the weights on the tuning half, print, exit")
     p.add_argument("--heldout-cache", type=Path, help="save the held-out pass here, reuse it when it matches")
