@@ -26,7 +26,7 @@ PROMPTS = ["hello there", "the sea and"]
 
 def _sae(lm, site="resid.1", seed=0):
     torch.manual_seed(seed)
-    sae = SAE(SAEConfig(d_model=lm.d_model, n_features=32, arch="topk", k=4, site=site))
+    sae = SAE.from_config(SAEConfig(d_model=lm.d_model, n_features=32, arch="topk", k=4, site=site), seed=seed)
     return sae.eval().requires_grad_(False)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import _csv, _fail, _load, console, one_line_errors
+from .common import _csv, _fail, _load, _load_recorded, console, one_line_errors
 
 
 @one_line_errors
@@ -83,4 +83,36 @@ def lens_cmd(
         from .._io import atomic_write_json
 
         atomic_write_json(json_out, view.to_dict())
+        console.print(f"wrote {json_out}")
+
+
+@one_line_errors
+def attribute_cmd(
+    text: str = typer.Argument(..., help="the text whose next token is explained"),
+    target: str = typer.Option(..., help="the next token to explain (one token, e.g. ' Paris')"),
+    against: str | None = typer.Option(None, help="explain logit(target) - logit(against) instead"),
+    sae: str = typer.Option("default", help="the SAE whose features are credited (its site is where)"),
+    model: str | None = typer.Option(None, help="model (default: the one the SAE records)"),
+    check: int = typer.Option(50, help="top features whose attribution is checked by ablating them"),
+    json_out: Path | None = typer.Option(None, "--json", help="write per-position attributions and the check here"),
+) -> None:
+    """Which SAE features pushed the next token: activation x gradient per position, checked by ablation."""
+    from ..atlas.build import sae_model_source
+    from ..causal.attribution import attribute
+    from ..sae import load_sae
+
+    sae_obj = load_sae(sae)
+    lm = _load_recorded(model, None if model else sae_model_source(sae_obj))
+    res = attribute(lm, sae_obj.to(lm.device), text, target, against, check=check)
+    console.print(f"metric {res.metric:.3f} at {res.site}; SAE error term at the last position {res.error[-1]:+.3f}")
+    for f, a in sorted(res.total.items(), key=lambda kv: -abs(kv[1]))[:10]:
+        measured = res.ablation.get(f)
+        shown = f"  ablated: {measured:+.3f}" if measured is not None else ""
+        console.print(f"  feature {f:>6}  attribution {a:+.3f}{shown}")
+    if res.spearman is not None:
+        console.print(f"attribution vs ablation of the top {len(res.ablation)}: Spearman {res.spearman:.3f}")
+    if json_out is not None:
+        from .._io import atomic_write_json
+
+        atomic_write_json(json_out, res.to_dict())
         console.print(f"wrote {json_out}")
