@@ -159,8 +159,11 @@ def test_a_failed_build_shows_its_error_and_the_rest_works(inputs):
     wb = load_workbench(**inputs, atlas_in_background=True, on_atlas_progress=fail)
     assert _wait(lambda: wb.atlas_build.finished), wb.atlas_build.to_dict()
     assert wb.atlas is None and "disk on fire" in wb.atlas_build.error
+    _with_nla(wb)
     app = create_app(ServerConfig(), wb)
     with LiveServer(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        got = _sweep(app, url)
+        assert not [k for k, (s, _) in got.items() if s >= 500 and s != 503], {k: v[0] for k, v in got.items()}
         r = c.get("/features/3", headers=HTML)
         assert r.status_code == 200 and "could not be built" in r.text and "disk on fire" in r.text
         r = c.get("/api/features/3")
