@@ -183,3 +183,21 @@ def test_a_start_after_the_atlas_was_built_serves_it_at_once(inputs):
     again = load_workbench(**inputs, atlas_in_background=True)
     assert again.atlas is not None and again.atlas_build is None  # nothing left to build: no banner, no thread
     assert len(again.atlas.explained("ok")) == n
+
+
+def test_the_eta_is_the_rest_of_the_step_at_its_rate_so_far():
+    from pathlib import Path
+
+    from thoughtscope.server.atlas_job import AtlasBuild, eta_words
+
+    job = AtlasBuild(Path("atlas"))
+    t0 = time.perf_counter()
+    job.begin(1, "reading", 1000, "tokens")
+    assert job.eta_s() is None and job.percent == 0.0  # no rate yet
+    time.sleep(0.3)
+    job.update(250)
+    eta = job.eta_s()
+    assert job.percent == 25.0 and 0.85 <= eta <= 3 * (time.perf_counter() - t0) + 0.01
+    assert eta_words(75) == "about 1 min 15 s left" and eta_words(2) == "a few seconds left" and not eta_words(None)
+    job.finished = True
+    assert job.eta_s() is None

@@ -120,6 +120,8 @@ def eta_words(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return ""
     s = int(round(seconds))
+    if s < 5:
+        return "a few seconds left"
     if s < 60:
         return f"about {s} s left"
     m, s = divmod(s, 60)
