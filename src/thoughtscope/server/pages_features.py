@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
 from ..display import lone_token_text
-from .context import feature_id, page, wb_of
+from .context import feature_id, need_atlas, page, wb_of
 from .render import context_pieces
 
 router = APIRouter()
@@ -26,9 +26,7 @@ WHO_KEYS = ("method", "scorer_method", "explainer", "scorer")
 
 
 def _need_atlas(wb):
-    if wb.atlas is None:
-        raise HTTPException(404, "no atlas is loaded: start the server with --atlas DIR (or without it to build one)")
-    return wb.atlas
+    return need_atlas(wb)  # 503 with the build's progress while the first-start atlas is built
 
 
 KIND_LABELS = {"input": "where it fires", "output": "what it says", "nla": "NLA reading"}
