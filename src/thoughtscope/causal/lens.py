@@ -1,10 +1,9 @@
 """What is the model about to say at layer l? The logit lens and the Jacobian lens, per layer and position.
 
 The logit lens reads a residual h_l through the model's own final norm and unembedding, as if the remaining blocks
-did nothing. The Jacobian lens first maps h_l by J_l, the expected Jacobian of the final residual with respect to
-h_l (averaged over corpus contexts, positions, and the current and later positions whose final residual h_l
-reaches through attention): lens_l(h) = unembed(norm(J_l h)). It keeps what the later blocks do to a direction on
-average, which the logit lens ignores.
+did nothing. The Jacobian lens first maps h_l by J_l, the expected Jacobian of the final residual at the same
+position with respect to h_l (averaged over corpus contexts and positions): lens_l(h) = unembed(norm(J_l h)). It
+keeps what the later blocks do to a direction on average, which the logit lens ignores.
 
 Fitting J_l needs one backward pass per row of J (d of them, every layer at once): each batch of contexts measures
 a slice of rows, and the slices cycle, so every row sees different contexts at no extra cost; partial sums are
@@ -210,7 +209,7 @@ def fit_jacobian_lens(
             if b < state["done"]:
                 continue
             rows = _rows_of_batch(b, d, min(cfg.rows_per_batch, d))
-            _measure_rows(lm, ids.to(lm.device), rows, state)
+            _measure_rows(lm, ids.to(lm.device), rows, state, seed=b)
             state["done"] = b + 1
             if ckpt is not None:
                 atomic_torch_save(state, ckpt)
@@ -230,14 +229,22 @@ def fit_jacobian_lens(
     return lens
 
 
-def _measure_rows(lm: LoadedModel, ids: torch.Tensor, rows: torch.Tensor, state: dict) -> None:
-    """Add rows `rows` of ∂h_final/∂h_l, summed over the batch's positions, to every layer's running sum."""
+def _measure_rows(lm: LoadedModel, ids: torch.Tensor, rows: torch.Tensor, state: dict, seed: int = 0) -> None:
+    """Add rows `rows` of ∂h_final[t]/∂h_l[t] (same position), summed over the batch's positions, to every layer's
+    running sum.
+
+    One backward pass per row serves every position at once: the probe at position t carries a random sign s_t,
+    and the gradient read at t is multiplied by s_t again, so the terms from later positions (which read h_l[t]
+    through attention) have random signs and average out, leaving the same-position Jacobian unbiased.
+    """
     hs = _residuals(lm, ids, grad=True)
     B, T, d = hs[-1].shape
+    g = torch.Generator().manual_seed(seed)
+    signs = (torch.randint(0, 2, (B, T), generator=g) * 2 - 1).to(hs[-1].dtype).to(hs[-1].device)
     probes = torch.zeros(len(rows), B, T, d, dtype=hs[-1].dtype, device=hs[-1].device)
-    probes[torch.arange(len(rows)), :, :, rows] = 1.0
+    probes[torch.arange(len(rows)), :, :, rows] = signs
     grads = torch.autograd.grad(hs[-1], hs[:-1], grad_outputs=probes, is_grads_batched=True)
-    for layer, g in enumerate(grads):
-        state["sums"][layer, rows] += g.double().sum((1, 2)).cpu()
+    for layer, gr in enumerate(grads):
+        state["sums"][layer, rows] += (gr * signs[None, :, :, None]).double().sum((1, 2)).cpu()
     state["sums"][len(hs) - 1, rows, rows] += B * T  # the last layer's lens is the identity
     state["counts"][rows] += B * T
