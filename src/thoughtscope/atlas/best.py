@@ -25,11 +25,10 @@ MARGIN = 0.3  # detection AUROC by which another kind must beat the input side o
 CROSS_FIT = "two-fold cross-fit: best kind chosen on one half of each feature's held-out windows, scored on the other"
 
 
-def _auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
-    y = np.asarray(labels, dtype=bool)
-    if len(y) == 0 or y.all() or (~y).all():
-        return None
-    return float(stats.auroc(np.asarray(scores, dtype=np.float64), y))
+def _mean(values) -> float | None:
+    """Mean of the values that are not None (a bootstrap only where a CI is reported: it is the slow part)."""
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
 
 
 def _order(kind: str) -> int:
@@ -82,34 +81,39 @@ def cross_fit(recs: dict[str, dict], feature: int, seed: int = 0, margin: float 
     first kind's (different labels) are left out. Another kind displaces the input side only when it beats it
     on the choosing half by more than `margin` (a prior for the kind that is usually best). Returns {"auroc":
     mean of the two out-of-half AUROCs, "shuffled": the chosen kinds' controls on the same halves, "chosen":
-    [kind on half A, kind on half B], "beats_control": auroc > shuffled} or None when no kind has scores on
-    both halves."""
+    [kind on half A, kind on half B], "beats_control": auroc > shuffled, "input": the input side's own mean
+    over the two halves} or None when no kind has scores with both classes on both halves."""
     dets = {k: d for k, r in recs.items() if (d := _detection(r)) is not None}
     if not dets:
         return None
     ref = dets[min(dets, key=_order)][0]
     dets = {k: d for k, d in dets.items() if d[0] == ref}
     a, b = halves(ref, feature, seed)
+    # every kind's and control's AUROC on each half, one batched call per half: rows are kinds, then controls
+    names = list(dets)
+    rows = [dets[k][1] for k in names] + [dets[k][2] or dets[k][1] for k in names]
+    on = {}
+    for h, idx in (("a", a), ("b", b)):
+        y = np.asarray([ref[i] for i in idx], dtype=bool)
+        if y.all() or not y.any():
+            return None
+        m = np.asarray(rows, dtype=np.float64)[:, idx]
+        v = stats.auroc(m, y).tolist()
+        on[h] = {k: v[i] for i, k in enumerate(names)}
+        on[h + "_shuffled"] = {k: v[len(names) + i] if dets[k][2] else None for i, k in enumerate(names)}
     got, shuf, chosen = [], [], []
-    for pick, score in ((a, b), (b, a)):
-        on = {k: _auroc([ref[i] for i in pick], [d[1][i] for i in pick]) for k, d in dets.items()}
-        on = {k: v for k, v in on.items() if v is not None}
-        if not on:
-            continue
-        k = max(on, key=lambda kk: (on[kk] - (margin if kk != "input" and "input" in on else 0.0), -_order(kk)))
-        v = _auroc([ref[i] for i in score], [dets[k][1][i] for i in score])
-        if v is None:
-            continue
-        s = dets[k][2]
-        c = _auroc([ref[i] for i in score], [s[i] for i in score]) if s else recs[k].get("shuffled_detection_auroc")
-        got.append(v), chosen.append(k)
-        if c is not None:
-            shuf.append(c)
-    if not got:
-        return None
+    for pick, score in (("a", "b"), ("b", "a")):
+        k = max(
+            names,
+            key=lambda kk: (on[pick][kk] - (margin if kk != "input" and "input" in on[pick] else 0.0), -_order(kk)),
+        )
+        c = on[score + "_shuffled"][k]
+        got.append(on[score][k]), chosen.append(k)
+        shuf.append(c if c is not None else recs[k].get("shuffled_detection_auroc"))
     out = {"auroc": float(np.mean(got)), "chosen": chosen}
-    out["shuffled"] = float(np.mean(shuf)) if len(shuf) == len(got) else None
+    out["shuffled"] = float(np.mean(shuf)) if None not in shuf else None
     out["beats_control"] = None if out["shuffled"] is None else bool(out["auroc"] > out["shuffled"])
+    out["input"] = float(np.mean([on["a"]["input"], on["b"]["input"]])) if "input" in names else None
     return out
 
 
@@ -131,7 +135,7 @@ def summarize_kinds(at, features: Sequence[int] | None = None, *, seed: int = 0,
             "features": len(ok),
             "detection_auroc_mean": ci["mean"],
             "detection_auroc_ci": ci["ci"],
-            "shuffled_auroc_mean": stats.mean_ci(ctl)["mean"],
+            "shuffled_auroc_mean": _mean(ctl),
             "beats_shuffled_share": (sum(x > c for x, c in pairs) / len(pairs)) if pairs else None,
         }
     feats = sorted(set().union(*[set(r) for r in by_kind.values()])) if by_kind else []
@@ -142,9 +146,7 @@ def summarize_kinds(at, features: Sequence[int] | None = None, *, seed: int = 0,
         if cf is None:
             continue
         fits.append(cf)
-        if "input" in recs:
-            only = cross_fit({"input": recs["input"]}, f, seed)
-            inputs.append(only["auroc"] if only else None)
+        inputs.append(cf["input"])
         best = best_kind([{**r, "kind": k} for k, r in recs.items()])
         biased.append(recs[best].get("detection_auroc") if best else None)
     ci = stats.mean_ci([c["auroc"] for c in fits])
@@ -154,10 +156,10 @@ def summarize_kinds(at, features: Sequence[int] | None = None, *, seed: int = 0,
         best_kind_features=len(fits),
         best_kind_auroc_mean=ci["mean"],
         best_kind_auroc_ci=ci["ci"],
-        best_kind_shuffled_mean=stats.mean_ci([c["shuffled"] for c in fits])["mean"],
+        best_kind_shuffled_mean=_mean([c["shuffled"] for c in fits]),
         best_beats_shuffled_share=(sum(beats) / len(beats)) if beats else None,
         best_kind_chosen_share={k: chosen.count(k) / len(chosen) for k in sorted(set(chosen))} if chosen else {},
-        input_only_same_halves_auroc_mean=stats.mean_ci(inputs)["mean"],
-        best_kind_same_contexts_auroc_mean_biased=stats.mean_ci(biased)["mean"],
+        input_only_same_halves_auroc_mean=_mean(inputs),
+        best_kind_same_contexts_auroc_mean_biased=_mean(biased),
     )
     return out
