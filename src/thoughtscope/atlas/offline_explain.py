@@ -257,9 +257,12 @@ class _Workers:
         for results in self.pool.imap(functools.partial(_in_worker, fn), chunks):
             yield from results
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.pool is not None:
-            self.pool.terminate()
+            if exc_type is None:  # a normal finish: let the workers exit (terminate can hang on the queue's lock)
+                self.pool.close()
+            else:
+                self.pool.terminate()
             self.pool.join()
             if self._env is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
