@@ -215,6 +215,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tune", action="store_true", help="grid-search the weights on the tuning half, print, exit")
     p.add_argument("--heldout-cache", type=Path, help="save the held-out pass here, reuse it when it matches")
     p.add_argument("--no-templates", action="store_true", help="leave out the template signal (no model pass)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own); 1 is steadier on a busy machine")
     p.add_argument("--json", type=Path)
     add_device_arg(p)
     return p.parse_args()
@@ -222,6 +223,8 @@ def parse() -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     words = read_words(args.words)
     t0 = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="search-bench-")
@@ -275,6 +278,7 @@ def main() -> None:
         words=str(args.words),
         weights=weights,
         templates=not args.no_templates,
+        torch_threads=torch.get_num_threads(),
         setup_s={"atlas": round(build_s, 1), "heldout_pass": round(heldout_s, 1), "token_index": round(index_s, 2)},
         first_search_s=round(first_s, 2),
         rule=f"top {TOP_HITS} hits; >= {MIN_CONTEXTS} of a feature's {TOP_CONTEXTS} held-out top contexts hold the "
