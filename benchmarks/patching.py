@@ -5,21 +5,27 @@ For each held-out pair (indirect object, factual recall, addition; `thoughtscope
 "heldout")`) and each stream (the residual stream after every block, every attention output, every MLP output):
   activation   `thoughtscope.causal.activation_patching`: every (layer, position) cell patched for real
   attribution  `thoughtscope.causal.attribution_patching`: one clean forward, one corrupted forward + backward
-  peer         TransformerLens 3.x: a `TransformerBridge` booted offline on a copy of the same HF model object
-               (SmolLM2 is not in TL's list of official names, and the bridge takes `hf_model=` without a
-               download), its clean logits checked against the HF model's, then `transformer_lens.patching.
-               generic_activation_patch` with `layer_pos_patch_setter` on hook_resid_post / hook_attn_out /
-               hook_mlp_out over the same cells ours computes (positions from the first one where the prompts
-               differ; before it the model is causal and every effect is exactly 0), clean cache restricted to
-               those hooks, no autograd, its per-cell maps checked against ours.
+  peer         TransformerLens, offline on the same weights (SmolLM2 is not among its official model names):
+               `bridge`, TL 3.x's TransformerBridge booted with `hf_model=` on a copy of the loaded HF model (its
+               documented way for any HF model), and `hooked_transformer`, the classic HookedTransformer with its
+               config read by TL from the model's own config.json and its weights converted by TL's Llama
+               converter, nothing folded or centred. Each has its logits checked against the HF model's, then runs
+               `transformer_lens.patching.generic_activation_patch` with `layer_pos_patch_setter` on hook_resid_post
+               / hook_attn_out / hook_mlp_out over the same cells ours computes (positions from the first one where
+               the prompts differ: before it the model is causal and every effect is exactly 0), its clean cache
+               restricted to those hooks, no autograd; its maps are checked against ours.
 
 Figures: `atp_spearman` (mean over pairs of the residual-stream Spearman of the two maps over all cells, as
-`PatchResult.spearman` defines it, with a 95 % bootstrap CI), `atp_spearman_attn`, `atp_spearman_mlp`, the same
-over only the cells from the first differing position (`*_differing_cells`: the cells before it are 0 in both maps
-and their ties raise the all-cell figure), per-family means, `atp_speedup` (activation ÷ attribution seconds summed
-over the same pairs) and `transformer_lens_ratio` (TL's seconds ÷ ours for activation patching, summed over the
-same pairs). Everything runs on one torch thread, warmed up on one pair first; the per-pair order is ours, then
-attribution, then TL, so a change in machine load hits all three alike.
+`PatchResult.spearman` defines it, with a 95 % bootstrap CI), `atp_spearman_attn`, `atp_spearman_mlp`; the same
+over only the cells from the first differing position (`*_differing_cells`: the cells before it are exactly 0 in
+both maps, a block of ties that moves the all-cell figure either way); per-family means; `atp_speedup` (activation
+÷ attribution seconds, summed over the same pairs); `transformer_lens_ratio` (TL's seconds ÷ ours for activation
+patching, summed over the same pairs; the faster TL model is the one reported, every one timed is in
+`transformer_lens_paths`). Everything runs on one torch thread (torch.set_num_threads(1)), each contender warmed up
+first on the shortest pair (its residual stream; two layers of it for TL, whose sweep costs the most); per pair the
+order is ours, attribution, TL, so a change in machine load hits all of them alike. Full size: all 30 held-out
+pairs, both TL models. --quick: the held-out pair of each family with the fewest positions to patch, the bridge
+only (the faster of the two in our runs).
 
     python benchmarks/patching.py --quick --json out.json      (--tiny for a random tiny model)
 """
@@ -161,8 +167,9 @@ class TransformerLensPeer:
                 scale = max(scale, float(ours.abs().max()))
         return {"max_abs_logit_diff": worst, "max_abs_logit": scale, "prompts": len(texts)}
 
-    def sweep(self, pair: PatchPair, first: int, streams=STREAMS) -> dict[str, torch.Tensor]:
-        """TL's raw patched metric per stream, [layers, positions from `first`], for the same cells as ours."""
+    def sweep(self, pair: PatchPair, first: int, streams=STREAMS, layers=None) -> dict[str, torch.Tensor]:
+        """TL's raw patched metric per stream, [layers, positions from `first`], for the same cells as ours (only
+        the given layers when `layers`: the warm-up)."""
         import pandas as pd
         from transformer_lens.utilities import get_act_name
 
@@ -175,8 +182,9 @@ class TransformerLensPeer:
             last = logits[:, -1].float()
             return (last[:, t] - (last[:, a] if a is not None else 0)).sum()
 
-        names = {get_act_name(TL_HOOKS[s], layer) for s in streams for layer in range(n)}
-        cells = pd.DataFrame([(layer, p) for layer in range(n) for p in range(first, T)], columns=["layer", "pos"])
+        layers = range(n) if layers is None else layers
+        names = {get_act_name(TL_HOOKS[s], layer) for s in streams for layer in layers}
+        cells = pd.DataFrame([(layer, p) for layer in layers for p in range(first, T)], columns=["layer", "pos"])
         out = {}
         with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):  # TL's per-call tqdm bars
             _, cache = self.model.run_with_cache(clean, names_filter=lambda name: name in names)
@@ -185,7 +193,7 @@ class TransformerLensPeer:
                     self.model, corrupt, cache, metric, self.patching.layer_pos_patch_setter, TL_HOOKS[s],
                     index_df=cells,
                 )  # fmt: skip
-                out[s] = flat.float().cpu().reshape(n, T - first)
+                out[s] = flat.float().cpu().reshape(len(layers), T - first)
         return out
 
 
@@ -333,7 +341,7 @@ def main(argv=None) -> dict:
     activation_patching(lm, warm, ["resid"])
     attribution_patching(lm, warm)
     for peer in peers.values():
-        peer.sweep(warm, first_differing(lm, warm)[0], ["resid"])
+        peer.sweep(warm, first_differing(lm, warm)[0], ["resid"], layers=[0, lm.n_layers - 1])
     rows = []
     for fam, pair in pairs:
         rows.append(measure_pair(lm, peers, fam, pair, args.device))
