@@ -27,7 +27,7 @@ def test_tiny_form_keeps_only_pairs_that_align_one_character_per_token():
 def test_quick_tiny_run_writes_every_figure_and_both_tl_models_agree_with_ours(tmp_path):
     out = tmp_path / "patching.json"
     argv = ["--tiny", "--quick", "--pairs", "2", "--families", "arithmetic", "--json", str(out)]
-    fig = main([*argv, "--tl-paths", "bridge,hooked_transformer"])
+    fig = main([*argv, "--tl-paths", "bridge,hooked_transformer", "--tl-streams", "resid,attn,mlp"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(fig))
     assert fig["threads"] == 1 and fig["split"] == "heldout" and fig["pairs"] == len(fig["per_pair"]) == 2
     for key in ("atp_spearman", "atp_spearman_attn", "atp_spearman_mlp", "atp_spearman_differing_cells"):
@@ -44,7 +44,17 @@ def test_quick_tiny_run_writes_every_figure_and_both_tl_models_agree_with_ours(t
         assert path["max_abs_diff_vs_ours"] < 1e-3 and path["seconds"] > 0
     best = fig["transformer_lens_path"]
     assert paths[best]["seconds"] == min(p["seconds"] for p in paths.values())
+    assert fig["transformer_lens_streams"] == ["resid", "attn", "mlp"]
+    assert fig["ours_peer_sweep_seconds"] == fig["activation_seconds"]  # the same sweep: ours is timed once
     assert fig["transformer_lens_ratio"] == pytest.approx(paths[best]["seconds"] / fig["activation_seconds"])
     for row in fig["per_pair"]:
         assert row["cells_patched_per_stream"] == 4 * (row["tokens"] - row["first_differing_position"]) > 0
         assert row["clean_metric"] != row["corrupt_metric"] and len(row["top_resid_cells"]) == 5
+
+
+def test_quick_default_times_the_peer_on_the_residual_stream_against_ours_on_the_same_sweep():
+    fig = main(["--tiny", "--quick", "--families", "arithmetic"])
+    assert fig["transformer_lens_streams"] == ["resid"] and set(fig["transformer_lens_paths"]) == {"bridge"}
+    (row,) = fig["per_pair"]
+    assert row["ours_peer_sweep_seconds"] > 0 and row["tl_bridge_max_abs_diff_vs_ours"] < 1e-3
+    assert fig["transformer_lens_ratio"] == pytest.approx(row["tl_bridge_seconds"] / row["ours_peer_sweep_seconds"])
