@@ -90,7 +90,14 @@ def _lines(raw: str | None, name: str, cfg) -> list[str]:
 def _by_text(wb, text: str, cfg) -> list[dict]:
     a = analyze_text(wb.lm, wb.sae, text, k=5, max_text_tokens=cfg.max_prompt_tokens)
     return [
-        {"feature": n, "peak": v, "at": a.tokens[p], "pos": p, "rel": v / float(wb.atlas_max[n]), "label": wb.label(n)}
+        {
+            "feature": n,
+            "peak": v,
+            "at": a.piece_at(p).text,  # the whole character, where the peak token holds part of one
+            "pos": p,
+            "rel": v / float(wb.atlas_max[n]),
+            "label": wb.label(n),
+        }
         for n, v, p in a.peaks[:30]
     ]
 

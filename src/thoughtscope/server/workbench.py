@@ -98,6 +98,9 @@ class Workbench:
                 f"{self.n_features}: pass the atlas built from this SAE"
             )
         st = at.stats()
+        from ..atlas.search import token_index
+
+        token_index(at)  # what a first search by meaning would build (~2 s), before any page sees the atlas
         with self.db_lock:
             self.atlas_max = np.where(st["max_act"] > 0, st["max_act"], 1.0)
             self.alive = st["n_active"] > 0
