@@ -32,7 +32,7 @@ def test_logit_lens_last_layer_is_the_model_and_tracks_a_token(lm):
 def test_jacobian_lens_estimates_the_same_position_jacobian(lm, tmp_path):
     """The random-sign estimator against the exact same-position Jacobian (one backward pass per position and row),
     averaged over the same contexts; the sum over later positions is a different matrix, which it must not be."""
-    cfg = LensFitConfig(n_contexts=16, ctx_len=8, contexts_per_batch=4, rows_per_batch=16)
+    cfg = LensFitConfig(n_contexts=16, ctx_len=8, contexts_per_batch=4, rows_per_batch=16, n_validation=0)
     lens = fit_jacobian_lens(lm, cfg, out=tmp_path / "lens", progress=False)
     assert lens.J.shape == (3, 16, 16)
     torch.testing.assert_close(lens.J[-1], torch.eye(16))
@@ -79,3 +79,19 @@ def test_lens_for_another_model_is_refused(lm, tmp_path):
         JacobianLens.load(tmp_path / "o", lm)
     with pytest.raises(CausalError, match="not a fitted lens"):
         JacobianLens.load(tmp_path, lm)
+
+
+def test_rank_and_shrinkage_are_chosen_on_validation_contexts_and_saved_small(lm, tmp_path):
+    cfg = LensFitConfig(
+        n_contexts=4, ctx_len=8, contexts_per_batch=4, rows_per_batch=16, ranks=(2, 4), shrinks=(0.5, 1.0)
+    )
+    lens = fit_jacobian_lens(lm, cfg, out=tmp_path / "lens", progress=False)
+    assert len(lens.validation) == 6  # ranks 2, 4 and full, x two shrinks
+    best = max(lens.validation, key=lambda g: g[2])
+    assert (lens.rank, lens.shrink) == (best[0], best[1])
+    back = JacobianLens.load(tmp_path / "lens", lm)
+    torch.testing.assert_close(back.J, lens.J, atol=2e-3, rtol=1e-2)
+    assert (back.rank, back.shrink) == (lens.rank, lens.shrink)
+    if lens.rank is not None:
+        eye = torch.eye(16)
+        assert int(torch.linalg.matrix_rank(lens.J[0] - eye, atol=1e-4)) <= lens.rank
