@@ -61,7 +61,7 @@ for item in os.environ.get("GPU_CHECK_ARGS", "").split(";"):
 # seconds each step may take at most (a step also never runs past the whole run's budget)
 CAPS = {"env": 30, "load_default": 150, "kernels": 60, "devices": 60, "slow_tests": 240}
 SLOW_FLOOR = 120.0  # seconds the earlier steps leave to the slow tests when they are part of the run
-BENCH_CAPS = {"sae_train": 90, "nla": 90, "second_model": 120, "soak": 75, "web": 75}
+BENCH_CAPS = {"sae_train": 90, "nla": 90, "second_model": 120, "soak": 75, "web": 75, "patching": 150, "search": 150, "lens": 120}
 NOT_BENCHMARKS = {"run_all", "atlas_explainers"}  # the runner itself; a study that needs an atlas, not --quick
 RESERVE = 15.0  # seconds kept back: a timed-out step gets 10 s to exit after SIGTERM, then the JSON is written
 STARTED = float(os.environ.get("GPU_CHECK_STARTED") or time.time())
