@@ -61,15 +61,19 @@ def main(argv=None) -> int:
     lm = (
         tiny_model("llama", d_model=32, n_layers=4, seed=1) if args.tiny else load_model(args.model, device=args.device)
     )
-    per_batch = 1 if (args.quick or args.tiny) else 4
-    rows = min(32, lm.d_model)
-    n_fit = -(-lm.d_model // rows) * per_batch
-    cfg = LensFitConfig(n_contexts=n_fit, ctx_len=32, contexts_per_batch=per_batch, rows_per_batch=rows)
+    if args.tiny:
+        cfg = LensFitConfig(n_contexts=1, ctx_len=32, contexts_per_batch=1, rows_per_batch=32, n_validation=2)
+    elif args.quick:  # every row measured on one context (32 positions) instead of eight
+        cfg = LensFitConfig(n_contexts=18, contexts_per_batch=1)
+    else:
+        cfg = LensFitConfig()  # what `thoughtscope lens fit` does
     t0 = time.perf_counter()
     lens = JacobianLens.load(args.lens, lm) if args.lens else fit_jacobian_lens(lm, cfg)
     fit_seconds = None if args.lens else time.perf_counter() - t0
+    used = LensFitConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in lens.config.items()})
+    read = used.skip_tokens + (used.n_contexts + used.n_validation) * used.ctx_len  # fitting + validation text
     n_held = 8 if args.tiny else (32 if args.quick else 128)
-    held_cfg = LensFitConfig(n_contexts=n_held, ctx_len=64, contexts_per_batch=n_held, skip_tokens=n_fit * 32 + 4096)
+    held_cfg = LensFitConfig(n_contexts=n_held, ctx_len=64, contexts_per_batch=n_held, skip_tokens=read + 4096)
     held = next(iter(_fit_batches(lm, held_cfg)))
     lo, ja = agreement(lm, lens, held)
     n = lm.n_layers
@@ -84,7 +88,10 @@ def main(argv=None) -> int:
         "band_layers": band,
         "logit_lens_top1": lo.mean(0).tolist(),
         "jacobian_lens_top1": ja.mean(0).tolist(),
-        "fit": vars(cfg),
+        "fit": lens.config,
+        "rank": lens.rank,
+        "shrink": lens.shrink,
+        "validation": lens.validation,
         "heldout_contexts": n_held,
         "model": lm.name,
         "quick": args.quick,

@@ -95,3 +95,11 @@ def test_rank_and_shrinkage_are_chosen_on_validation_contexts_and_saved_small(lm
     if lens.rank is not None:
         eye = torch.eye(16)
         assert int(torch.linalg.matrix_rank(lens.J[0] - eye, atol=1e-4)) <= lens.rank
+
+
+def test_the_shipped_lens_loads_for_the_default_model_and_refuses_another(lm):
+    lens = JacobianLens.load("default")
+    assert lens.J.shape == (30, 576, 576) and lens.model == "SmolLM2-135M-Instruct"
+    assert lens.rank is not None and 0 < lens.shrink <= 1 and lens.validation
+    with pytest.raises(CausalError, match="fitted for SmolLM2-135M-Instruct"):
+        lens.check_fits(lm)

@@ -185,6 +185,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp.chmod(0o755)  # an ordinary folder once in place (mkdtemp makes it private)
     except OSError as e:
         raise write_error(path, e) from e
     try:

@@ -95,7 +95,7 @@ class JacobianLens:
     def load(cls, folder: str | Path, lm: LoadedModel | None = None) -> JacobianLens:
         from safetensors.torch import load_file
 
-        folder = Path(folder)
+        folder = default_lens_path() if str(folder) == "default" else Path(folder)
         if not (folder / "lens.safetensors").is_file():
             raise CausalError(f"{folder} holds no lens.safetensors: not a fitted lens (thoughtscope lens fit)")
         meta = read_json(folder / "lens.json", CausalError)
@@ -108,6 +108,13 @@ class JacobianLens:
         if lm is not None:
             lens.check_fits(lm)
         return lens
+
+
+def default_lens_path() -> Path:
+    """The Jacobian lens shipped for the default model (`thoughtscope lens fit` with its defaults)."""
+    from importlib import resources
+
+    return Path(str(resources.files("thoughtscope") / "assets" / "default_lens"))
 
 
 def _residuals(lm: LoadedModel, ids: torch.Tensor, *, grad: bool) -> list[torch.Tensor]:

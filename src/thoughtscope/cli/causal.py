@@ -53,7 +53,9 @@ def patch_cmd(
 def lens_cmd(
     args: list[str] = typer.Argument(..., help="TEXT to read, or 'fit' to fit a Jacobian lens"),
     track: str | None = typer.Option(None, help="a token whose rank and probability are followed across layers"),
-    lens: Path | None = typer.Option(None, help="a fitted Jacobian lens folder (default: the logit lens)"),
+    lens: str | None = typer.Option(
+        None, help="a fitted Jacobian lens folder, or 'default' (shipped for the default model); none: the logit lens"
+    ),
     k: int = typer.Option(5, help="top tokens per layer and position"),
     model: str = typer.Option("default", help="model name, hub id, folder or GGUF"),
     device: str | None = typer.Option(None, help="cpu, cuda, ..."),
