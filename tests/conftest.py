@@ -7,7 +7,7 @@ import os
 
 import pytest
 from helpers import single_thread
-from helpers.browser import browser  # noqa: F401  (the headless Chromium fixture, for every browser test)
+from helpers.browser import browser, page  # noqa: F401  (headless Chromium and a checked page, for browser tests)
 from helpers.letters_atlas import planted  # noqa: F401  (the planted-letters atlas fixture)
 from hypothesis import HealthCheck, settings
 

@@ -25,17 +25,6 @@ def site():
         yield url
 
 
-@pytest.fixture()
-def page(browser):
-    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
-    pg = ctx.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    ctx.close()
-    assert not errors, f"JavaScript errors: {errors}"
-
-
 def visible_pieces(where, selector: str) -> list[dict]:
     return where.locator(selector).evaluate_all(
         "els => els.map(e => ({text: e.innerText, pos: e.dataset.pos, peak: e.classList.contains('peak'),"

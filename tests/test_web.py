@@ -24,17 +24,6 @@ def site():
         yield url, wb
 
 
-@pytest.fixture()
-def page(browser):
-    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
-    pg = ctx.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    ctx.close()
-    assert not errors, f"JavaScript errors: {errors}"
-
-
 def test_search_then_feature_page_with_contexts_and_heatmap(site, page):
     url, _ = site
     page.goto(f"{url}/search?mode=words")

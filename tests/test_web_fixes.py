@@ -36,17 +36,6 @@ def site(wb):
         yield url
 
 
-@pytest.fixture()
-def page(browser):
-    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
-    pg = ctx.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    ctx.close()
-    assert not errors, f"JavaScript errors: {errors}"
-
-
 def _query(page) -> dict:
     return {k: v[-1] for k, v in parse_qs(urlsplit(page.url).query).items()}
 

@@ -73,3 +73,15 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         yield b
         b.close()
+
+
+@pytest.fixture()
+def page(browser):
+    """A fresh page at a desktop size; the test fails if the page raised a JavaScript error."""
+    ctx = browser.new_context(viewport={"width": 1360, "height": 900})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    ctx.close()
+    assert not errors, f"JavaScript errors: {errors}"
