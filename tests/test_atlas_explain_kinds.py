@@ -193,3 +193,13 @@ def test_adding_the_feature_raises_its_words_more_than_same_norm_controls(letter
     assert got["own_method"] == "clamp-logprob-v1" and got["own_score"] == 1.0
     assert got["own_effect"] > got["own_control_effect"]
     assert PLANT in got["details"]["own"]["controls"] and len(got["details"]["own"]["controls"]) == 8
+
+
+def test_score_line_says_when_there_is_nothing_to_trust():
+    from thoughtscope.atlas.cards import score_line
+
+    assert score_line({}) == "no explanation yet (thoughtscope atlas explain)"
+    weak = {"explanation": 'fires on "a"', "detection_auroc": 0.49, "shuffled_detection_auroc": 0.59}
+    assert score_line(weak).endswith("at or below its shuffled control: do not trust it")
+    good = {"explanation": 'fires on "a"', "detection_auroc": 0.9, "shuffled_detection_auroc": 0.5}
+    assert "do not trust" not in score_line(good)

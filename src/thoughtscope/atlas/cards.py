@@ -60,9 +60,14 @@ def score_line(ex: dict) -> str:
     """How far to trust an explanation, in one line: its held-out scores, the shuffled control, who wrote and
     who scored it (the same words in cards, the report and search results)."""
 
+    if not ex.get("explanation"):
+        return "no explanation yet (thoughtscope atlas explain)"
+
     def f(k: str) -> str:
         return f"{ex[k]:.2f}" if ex.get(k) is not None else "–"
 
+    at_or_below = (ex.get("detection_auroc") is not None and ex.get("shuffled_detection_auroc") is not None
+                   and ex["detection_auroc"] <= ex["shuffled_detection_auroc"])  # fmt: skip
     parts = [
         f"detection AUROC {f('detection_auroc')} (shuffled control {f('shuffled_detection_auroc')})",
         f"bal. acc. {f('detection_bacc')}",
@@ -76,7 +81,8 @@ def score_line(ex: dict) -> str:
         else method
     )
     scored = ex.get("scorer_method") or ex.get("scorer") or "not scored"
-    return ", ".join(parts) + f"; written by {by}, scored by {scored}"
+    warn = "; at or below its shuffled control: do not trust it" if at_or_below else ""
+    return ", ".join(parts) + f"; written by {by}, scored by {scored}{warn}"
 
 
 def feature_card(atlas: Atlas, n: int, tokenizer=None, *, n_top: int = 8, n_quantile: int = 5):
