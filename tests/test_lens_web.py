@@ -48,3 +48,17 @@ def test_json_route_and_bad_input(site):
     assert r.status_code == 422 and "2 tokens" in r.text
     r = httpx.get(f"{url}/api/lens", params={"text": "hello", "kind": "tuned"})
     assert r.status_code == 422
+
+
+def test_why_this_token_credits_features_checked_by_ablation(site, page):
+    url, wb = site
+    page.goto(f"{url}/lens?text=hello+there")
+    page.click("#why-link")
+    page.wait_for_selector("#why tbody tr")
+    rows = page.locator("#why tbody tr")
+    assert 0 < rows.count() <= 12
+    assert "Spearman" in page.inner_text("#why")
+    import httpx
+
+    d = httpx.get(f"{url}/api/attribute", params={"text": "hello there", "target": "e"}).json()
+    assert d["site"] == str(wb.sae.cfg.site) and d["features"] and "ablated" in d["features"][0]

@@ -151,6 +151,7 @@ class LensView:
     tokens: list[str]
     top: list[list[list[tuple[str, float]]]]  # [layer][position] -> [(token, probability)]
     final_top1: list[str]
+    final_top1_ids: list[int]
     agreement: list[float]  # per layer: share of positions whose lens top-1 is the model's final top-1
     track: dict | None = None  # {"token", "rank": [layer][pos], "prob": [layer][pos]}
 
@@ -185,6 +186,7 @@ def lens_view(
         [dec([t]) for t in ids[0].tolist()],
         top,
         [dec([int(t)]) for t in final],
+        [int(t) for t in final],
         agree,
         {"token": track, "rank": ranks, "prob": probs} if tid is not None else None,
     )

@@ -48,8 +48,13 @@ def _with(output, new: torch.Tensor):
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
-def one_token(lm: LoadedModel, text: str, what: str = "target") -> int:
-    """The id of `text` as one token, or CausalError naming the tokens it splits into (and a fix when one exists)."""
+def one_token(lm: LoadedModel, text: str | int, what: str = "target") -> int:
+    """The id of `text` as one token, or CausalError naming the tokens it splits into (and a fix when one exists);
+    an int is taken as a token id (a byte token has no text of its own to name it by)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if not 0 <= text < lm.vocab_size:
+            raise CausalError(f"{what} id {text} is out of range: the vocabulary has {lm.vocab_size} tokens")
+        return text
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) == 1:
         return int(ids[0])

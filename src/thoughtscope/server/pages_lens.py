@@ -36,16 +36,51 @@ def _view(wb, text: str, kind: str, track: str | None, cfg):
         raise HTTPException(422, str(e)) from None
 
 
+def _why(wb, text: str, target: str | int, cfg) -> dict:
+    """Feature attribution for `target` as the next token, the top features checked by ablating them."""
+    from ..causal.attribution import attribute
+
+    ids, _ = wb.lm.tokenize(text)
+    if ids.shape[1] > min(cfg.max_prompt_tokens, 64):
+        raise HTTPException(422, f"text has {ids.shape[1]} tokens; the lens view shows at most 64")
+    try:
+        res = attribute(wb.lm, wb.sae, text, target, check=20)
+    except CausalError as e:
+        raise HTTPException(422, str(e)) from None
+    top = sorted(res.total.items(), key=lambda kv: -abs(kv[1]))[:12]
+    feats = [{"feature": f, "attribution": a, "ablated": res.ablation.get(f), "label": wb.label(f)} for f, a in top]
+    shown = wb.tokenizer.decode([target]) if isinstance(target, int) else target
+    return {"target": shown, "metric": res.metric, "site": res.site, "features": feats, "spearman": res.spearman,
+            "error_last": res.error[-1]}  # fmt: skip
+
+
 @router.get("/lens")
-async def lens_page(request: Request, text: str | None = None, kind: str = "logit", track: str | None = None):
+async def lens_page(
+    request: Request,
+    text: str | None = None,
+    kind: str = "logit",
+    track: str | None = None,
+    why: str | None = None,
+    why_id: int | None = None,
+):
+    """`why` (a token's text) or `why_id` (its id): the next token whose SAE features are credited."""
     wb, cfg = wb_of(request), cfg_of(request)
     if kind not in KINDS:
         raise HTTPException(422, f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    ctx = {"text": text or "", "kind": kind, "track": track or "", "view": None, "has_jacobian": False}
+    ctx = {"text": text or "", "kind": kind, "track": track or "", "view": None, "has_jacobian": False, "why": None}
     ctx["has_jacobian"] = _lens_for(wb) is not None
     if text is not None:
-        ctx["view"] = await run_model(request, _view, wb, text_param(text, "text", cfg), kind, track, cfg)
+        text = text_param(text, "text", cfg)
+        ctx["view"] = await run_model(request, _view, wb, text, kind, track, cfg)
+        if why or why_id is not None:
+            ctx["why"] = await run_model(request, _why, wb, text, why_id if why_id is not None else why, cfg)
     return page(request, "lens.html", nav="lens", **ctx)
+
+
+@router.get("/api/attribute")
+async def attribute_json(request: Request, text: str, target: str):
+    wb, cfg = wb_of(request), cfg_of(request)
+    return await run_model(request, _why, wb, text_param(text, "text", cfg), target, cfg)
 
 
 @router.get("/api/lens")
