@@ -22,7 +22,20 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("sae_train", "harvest", "atlas", "search", "steer", "probe", "web", "nla", "soak", "patching", "attribution", "lens")
+BENCHMARKS = (
+    "sae_train",
+    "harvest",
+    "atlas",
+    "search",
+    "steer",
+    "probe",
+    "web",
+    "nla",
+    "soak",
+    "patching",
+    "attribution",
+    "lens",
+)
 
 
 def _git_commit() -> str | None:
