@@ -62,3 +62,45 @@ def test_why_this_token_credits_features_checked_by_ablation(site, page):
 
     d = httpx.get(f"{url}/api/attribute", params={"text": "hello there", "target": "e"}).json()
     assert d["site"] == str(wb.sae.cfg.site) and d["features"] and "ablated" in d["features"][0]
+
+
+@pytest.fixture(scope="module")
+def mixing_site():
+    """A random tiny Llama, whose last position reads the earlier ones (the shared fixture's model is built for
+    planted features and does not), with a random SAE: enough for the patching page."""
+    from thoughtscope.models import tiny_model
+    from thoughtscope.sae import SAE, SAEConfig
+    from thoughtscope.server.workbench import Workbench
+
+    lm = tiny_model("llama", n_layers=3, seed=11)
+    sae = SAE.from_config(SAEConfig(d_model=lm.d_model, n_features=32, arch="topk", k=4, site="resid.1"), seed=0)
+    wb = Workbench(lm=lm, sae=sae.eval().requires_grad_(False))
+    with LiveServer(create_app(ServerConfig(), wb)) as url:
+        yield url, wb
+
+
+def test_patching_page_maps_a_pair_and_a_click_shows_the_patched_run(mixing_site, page):
+    url, wb = mixing_site
+    page.goto(f"{url}/patch")
+    page.fill("input[name=clean]", "ab cd ef")
+    page.fill("input[name=corrupt]", "ab cx ef")
+    page.fill("input[name=target]", "q")
+    page.fill("input[name=against]", "z")
+    page.click("#patch-form button")
+    page.wait_for_selector("#patch-grid")
+    assert page.locator("#patch-grid tbody tr").count() == wb.lm.n_layers
+    assert -1 <= float(page.inner_text("#spearman")) <= 1
+    top_last = page.locator("#patch-grid tbody tr").first.locator("td.cell").last
+    assert float(top_last.inner_text()) == pytest.approx(1.0, abs=0.01)  # last block, last position: the clean run
+    top_last.locator("a").click()
+    page.wait_for_selector("#patch-cell")
+    cols = page.locator("#patch-cell tbody tr").first.locator("td").all_inner_texts()
+    assert len(cols) == 3 and cols[0] == cols[2]  # patching the final residual gives the clean run's next tokens
+
+
+def test_patching_page_refuses_prompts_that_do_not_align(mixing_site):
+    import httpx
+
+    url, _ = mixing_site
+    r = httpx.get(f"{url}/patch", params={"clean": "ab cd", "corrupt": "ab cdd", "target": "q"})
+    assert r.status_code == 422 and "same number of tokens" in r.text

@@ -278,3 +278,23 @@ def patch(lm: LoadedModel, pair: PatchPair, streams: Sequence[str] = STREAMS) ->
     act.attributed = atp.attributed
     act.seconds.update(atp.seconds)
     return act
+
+
+def patched_next_tokens(
+    lm: LoadedModel, pair: PatchPair, stream: str, layer: int, pos: int, k: int = 5
+) -> dict[str, list[tuple[str, float]]]:
+    """The next-token top-k of the clean run, the corrupted run, and the corrupted run with one cell patched."""
+    clean, corrupt = _encode_pair(lm, pair)
+    if not 0 <= pos < corrupt.shape[1]:
+        raise CausalError(f"position {pos} is out of range: the prompts have {corrupt.shape[1]} tokens")
+    _, acts = _run_capturing(lm, clean, [stream], grad=False)
+    ident = lambda logits: logits  # noqa: E731
+    with torch.inference_mode():
+        runs = {"clean": _last_logits(lm, clean), "corrupted": _last_logits(lm, corrupt)}
+    runs["patched"] = _patched_metrics(lm, stream, layer, corrupt, acts[(stream, layer)][0], torch.tensor([pos]), ident)
+    out = {}
+    for name, logits in runs.items():
+        p = torch.softmax(logits[0].float(), -1)
+        v, i = p.topk(k)
+        out[name] = [(lm.tokenizer.decode([int(t)]), float(x)) for t, x in zip(i, v)]
+    return out

@@ -1,5 +1,5 @@
-"""Lens view: what each layer is about to say at every position (the logit lens, or the Jacobian lens where one
-was fitted for this model), with a tracked token's rank across layers; click a token to track it."""
+"""The causal pages: the lens view (what each layer is about to say, a tracked token's rank, which SAE features
+pushed the next token) and activation patching (which layers and positions carry an answer)."""
 
 from __future__ import annotations
 
@@ -90,3 +90,60 @@ async def lens_json(request: Request, text: str, kind: str = "logit", track: str
         raise HTTPException(422, f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     view = await run_model(request, _view, wb, text_param(text, "text", cfg), kind, track, cfg)
     return view.to_dict()
+
+
+PATCH_MAX_TOKENS = 32
+
+
+def _patch(wb, pair, stream: str) -> dict:
+    from ..causal.patching import activation_patching, attribution_patching
+
+    ids, _ = wb.lm.tokenize(pair.clean)
+    if ids.shape[1] > PATCH_MAX_TOKENS:
+        raise HTTPException(422, f"the prompts have {ids.shape[1]} tokens; the patching page takes at most 32")
+    try:
+        act = activation_patching(wb.lm, pair, [stream])
+        atp = attribution_patching(wb.lm, pair, [stream])
+    except CausalError as e:
+        raise HTTPException(422, str(e)) from None
+    act.attributed = atp.attributed
+    act.seconds.update(atp.seconds)
+    return {"res": act, "grid": act.patched[stream].tolist(), "spearman": act.spearman(stream)}
+
+
+def _cell(wb, pair, stream: str, layer: int, pos: int) -> dict:
+    from ..causal.patching import patched_next_tokens
+
+    try:
+        return patched_next_tokens(wb.lm, pair, stream, layer, pos)
+    except CausalError as e:
+        raise HTTPException(422, str(e)) from None
+
+
+@router.get("/patch")
+async def patch_page(
+    request: Request,
+    clean: str | None = None,
+    corrupt: str | None = None,
+    target: str | None = None,
+    against: str | None = None,
+    stream: str = "resid",
+    layer: int | None = None,
+    pos: int | None = None,
+):
+    """Two prompts of the same length -> the patching map of one stream; `layer` and `pos` show that cell's run."""
+    from ..causal import STREAMS, PatchPair
+
+    wb, cfg = wb_of(request), cfg_of(request)
+    if stream not in STREAMS:
+        raise HTTPException(422, f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
+    ctx = {"clean": clean or "", "corrupt": corrupt or "", "target": target or "", "against": against or ""}
+    ctx |= {"stream": stream, "streams": STREAMS, "out": None, "cell": None, "layer": layer, "pos": pos}
+    if clean is not None and corrupt is not None and target:
+        pair = PatchPair(text_param(clean, "clean", cfg), text_param(corrupt, "corrupt", cfg), target, against or None)
+        ctx["out"] = await run_model(request, _patch, wb, pair, stream)
+        if layer is not None and pos is not None:
+            if not 0 <= layer < wb.lm.n_layers:
+                raise HTTPException(422, f"layer {layer} is out of range: 0..{wb.lm.n_layers - 1}")
+            ctx["cell"] = await run_model(request, _cell, wb, pair, stream, layer, pos)
+    return page(request, "patch.html", nav="patch", **ctx)
