@@ -41,3 +41,14 @@ def test_attribution_is_the_derivative_of_removing_a_feature(lm_sae):
     assert len(res.ablation) == min(10, len(res.total)) and res.spearman is not None
     d = res.to_dict()
     assert set(d) >= {"tokens", "per_position", "error", "top", "ablation", "attribution_vs_ablation_spearman"}
+
+
+def test_analyze_report_reads_features_lens_and_why(lm_sae):
+    from thoughtscope.causal.report import analyze_report
+
+    lm, sae = lm_sae
+    out = analyze_report(lm, sae, "hello there", with_lens=True, target="e")
+    assert len(out["tokens"]) == len(out["features"]) == len(out["recon_error"])
+    assert out["lens"]["kind"] == "logit" and len(out["lens"]["top"]) == lm.n_layers
+    assert out["lens"]["track"]["token"] == "e" and out["why"]["top"]
+    assert "lens" not in analyze_report(lm, sae, "hello there")

@@ -55,3 +55,25 @@ def patch_to_files(
     if png_path is not None:
         write_patch_png(res, png_path)
     return res
+
+
+def analyze_report(lm: LoadedModel, sae, text: str, *, lens=None, with_lens: bool = False, target=None, k: int = 5):
+    """One token-by-token reading for `thoughtscope analyze`: the SAE features per token, and optionally the lens
+    at every layer and position and, for `target` as the next token, the features that pushed it (checked)."""
+    from ..analyzer import analyze_text
+    from .attribution import attribute
+    from .lens import lens_view
+
+    a = analyze_text(lm, sae, text, k=k)
+    out = {
+        "tokens": a.tokens,
+        "pieces": [{"text": pc.text, "positions": list(pc.positions)} for pc in a.pieces],
+        "features": a.top,
+        "recon_error": a.recon_error,
+        "peaks": a.peaks,
+    }
+    if with_lens or lens is not None:
+        out["lens"] = lens_view(lm, text, lens=lens, track=target, k=k).to_dict()
+    if target is not None:
+        out["why"] = attribute(lm, sae, text, target).to_dict()
+    return out

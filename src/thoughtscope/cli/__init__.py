@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from .atlas import atlas_app
-from .causal import attribute_cmd, lens_cmd, patch_cmd
+from .causal import analyze_cmd, attribute_cmd, lens_cmd, patch_cmd
 from .common import console, err
 from .corpus import corpus_app
 from .features import features_app
@@ -56,6 +56,7 @@ app.command("serve")(serve)
 app.command("patch")(patch_cmd)
 app.command("lens")(lens_cmd)
 app.command("attribute")(attribute_cmd)
+app.command("analyze")(analyze_cmd)
 
 app.add_typer(probe_app, name="probe")
 

@@ -118,3 +118,42 @@ def attribute_cmd(
 
         atomic_write_json(json_out, res.to_dict())
         console.print(f"wrote {json_out}")
+
+
+@one_line_errors
+def analyze_cmd(
+    text: str = typer.Argument(..., help="the text to read token by token"),
+    lens: bool = typer.Option(False, "--lens", help="add the logit lens (or --lens-dir's) at every layer and position"),
+    lens_dir: str | None = typer.Option(None, help="a fitted Jacobian lens folder, or 'default'"),
+    target: str | None = typer.Option(
+        None, help="a next token: track it in the lens and credit the features that pushed it"
+    ),
+    sae: str = typer.Option("default", help="the SAE whose features are read"),
+    model: str | None = typer.Option(None, help="model (default: the one the SAE records)"),
+    json_out: Path | None = typer.Option(None, "--json", help="write everything here"),
+) -> None:
+    """Features per token, and with --lens / --target what each layer is about to say and why the next token."""
+    from ..atlas.build import sae_model_source
+    from ..causal.lens import JacobianLens
+    from ..causal.report import analyze_report
+    from ..sae import load_sae
+
+    sae_obj = load_sae(sae)
+    lm = _load_recorded(model, None if model else sae_model_source(sae_obj))
+    jl = JacobianLens.load(lens_dir, lm) if lens_dir else None
+    out = analyze_report(lm, sae_obj.to(lm.device), text, lens=jl, with_lens=lens, target=target)
+    for pos, (tok, feats) in enumerate(zip(out["tokens"], out["features"])):
+        console.print(f"  {pos:>3} {tok!r:<16} " + ", ".join(f"{f}:{v:.2f}" for f, v in feats[:4]))
+    if "lens" in out:
+        v = out["lens"]
+        first = next((i for i, row in enumerate(v["top"]) if row[-1][0][0] == v["final_top1"][-1]), None)
+        console.print(f"{v['kind']} lens: the next token {v['final_top1'][-1]!r} is on top from layer {first}")
+    if "why" in out:
+        top = ", ".join(f"{f} {a:+.2f}" for f, a in out["why"]["top"][:5])
+        rho = out["why"]["attribution_vs_ablation_spearman"]
+        console.print(f"why {target!r}: {top} (attribution vs ablation: Spearman {rho:.2f})")
+    if json_out is not None:
+        from .._io import atomic_write_json
+
+        atomic_write_json(json_out, out)
+        console.print(f"wrote {json_out}")
