@@ -103,3 +103,28 @@ def test_the_shipped_lens_loads_for_the_default_model_and_refuses_another(lm):
     assert lens.rank is not None and 0 < lens.shrink <= 1 and lens.validation
     with pytest.raises(CausalError, match="fitted for SmolLM2-135M-Instruct"):
         lens.check_fits(lm)
+
+
+def test_a_lens_direction_steers_toward_its_token(lm, tmp_path):
+    """Adding the logit lens's direction for a token at the last block raises that token's logit, more with more
+    strength; projecting it out lowers it; the vector file works in a preset."""
+    from thoughtscope.steer import Preset
+    from thoughtscope.steer.interventions import VectorEdit, steering
+    from thoughtscope.steer.vectors import lens_vector
+
+    sv = lens_vector(lm, "q", lm.n_layers - 1)
+    assert sv.site == f"resid.{lm.n_layers - 1}" and abs(float(sv.vector.norm()) - 1) < 1e-5
+    ids, _ = lm.tokenize(["hello there"])
+    t = lm.tokenizer("q", add_special_tokens=False)["input_ids"][0]
+
+    def logit(ivs):
+        with torch.inference_mode(), steering(lm, ivs):
+            return float(lm.model(ids).logits[0, -1, t])
+
+    base = logit([])
+    up = [logit([VectorEdit(sv.vector, sv.site, "add", s)]) for s in (0.5, 1.0, 2.0)]
+    assert base < up[0] < up[1] < up[2]
+    path = sv.save(tmp_path / "q.safetensors")
+    p = Preset.from_dict({"name": "q", "interventions": [{"type": "vector", "op": "add", "site": sv.site,
+                                                          "vector": str(path), "strength": 1.0}]})  # fmt: skip
+    assert logit(p.build(lm)) == pytest.approx(up[1], abs=1e-4)

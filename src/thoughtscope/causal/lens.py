@@ -321,3 +321,19 @@ def regularise(lm: LoadedModel, lens: JacobianLens, cfg: LensFitConfig) -> None:
     rank, shrink, _ = max(grid, key=lambda g: g[2])
     lens.J = _shrunk(lens.J, rank, shrink)
     lens.rank, lens.shrink, lens.validation = rank, shrink, grid
+
+
+def token_direction(lm: LoadedModel, token: str | int, layer: int, lens: JacobianLens | None = None) -> torch.Tensor:
+    """The unit direction at the residual after block `layer` that the lens reads as `token`: J_l^T (g ⊙ W_U[t]),
+    g the final norm's weight (J = I for the logit lens). Added, it steers toward the token; projected out, it
+    removes what that layer says about it (a lens-space steering vector for presets and the equalizer)."""
+    if not 0 <= layer < lm.n_layers:
+        raise CausalError(f"layer {layer} is out of range: {lm.name} has blocks 0..{lm.n_layers - 1}")
+    t = one_token(lm, token, "token")
+    w = lm.unembed.weight[t].detach().float().cpu()
+    g = getattr(lm.final_norm, "weight", None)
+    if g is not None:
+        g = g.detach().float().cpu()
+        w = w * (1.0 + g if "Gemma" in type(lm.final_norm).__name__ else g)
+    d = lens.J[layer].T @ w if lens is not None else w
+    return d / d.norm()

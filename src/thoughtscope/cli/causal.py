@@ -60,13 +60,26 @@ def lens_cmd(
     model: str = typer.Option("default", help="model name, hub id, folder or GGUF"),
     device: str | None = typer.Option(None, help="cpu, cuda, ..."),
     json_out: Path | None = typer.Option(None, "--json", help="write every layer and position here"),
-    out: Path | None = typer.Option(None, help="fit: the lens folder to write (resumes a killed fit)"),
+    out: Path | None = typer.Option(
+        None, help="fit: the lens folder to write (resumes a killed fit); vector: the file"
+    ),
     contexts: int = typer.Option(144, help="fit: corpus contexts read"),
+    token: str | None = typer.Option(None, help="vector: the token whose lens direction is written"),
+    layer: int | None = typer.Option(None, help="vector: the block whose output (resid.L) it is read at"),
 ) -> None:
-    """What each layer is about to say: `lens TEXT [--track TOKEN] [--lens DIR]`, or `lens fit --out DIR`."""
+    """What each layer is about to say: `lens TEXT [--track TOKEN] [--lens DIR]`; `lens fit --out DIR`; and
+    `lens vector --token T --layer L --out v.safetensors`, a steering vector toward what the lens reads as T."""
     from ..causal.lens import JacobianLens, LensFitConfig, fit_jacobian_lens, lens_view
 
     lm = _load(model, device, None)
+    if args == ["vector"]:
+        from ..steer.vectors import lens_vector
+
+        if token is None or layer is None or out is None:
+            _fail("lens vector needs --token, --layer and --out FILE.safetensors")
+        sv = lens_vector(lm, token, layer, JacobianLens.load(lens, lm) if lens else None)
+        console.print(f"wrote {sv.save(out)}: {sv.summary()} (use it in a preset with op add or project_out)")
+        return
     if args == ["fit"]:
         if out is None:
             _fail("lens fit needs --out FOLDER")

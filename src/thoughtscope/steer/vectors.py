@@ -219,3 +219,14 @@ def site_norm(lm: LoadedModel, site: str | Site, texts: Sequence[str] | None = N
     keep = mask.bool().clone()
     keep[:, 0] = False
     return float(acts[keep].norm(dim=-1).median())
+
+
+def lens_vector(lm: LoadedModel, token: str, layer: int, lens=None) -> SteeringVector:
+    """The direction the logit lens (or a Jacobian lens) reads as `token` at resid.`layer`, as a unit steering
+    vector (`causal.lens.token_direction`): add it to steer toward the token, project it out to remove it."""
+    from ..causal.lens import token_direction
+
+    site = f"resid.{layer}"
+    kind = "jacobian" if lens is not None else "logit"
+    d = token_direction(lm, token, layer, lens)
+    return SteeringVector(d, site, f"lens:{kind}", lm.name, 0, site_norm(lm, site), {"token": token})
