@@ -219,3 +219,18 @@ def test_features_random_accepts_short_n(tmp_path):
     assert {"-n", "--n"} <= set(next(p for p in cmd.params if p.name == "n").opts)
     r = runner.invoke(app, ["features", "random", "--atlas", str(tmp_path / "none"), "-n", "5"])
     assert "No such option" not in r.output and str(tmp_path / "none") in r.output.replace("\n", "")
+
+
+def test_a_character_split_over_byte_tokens_is_named_whole(lm_sae):
+    """ł is two byte tokens for the byte tokenizer: asked by index or by substring, the answer names ł, not a
+    fragment; the per-token list gives the character on its last token."""
+    from thoughtscope.atlas.query import top_features_for_text
+    from thoughtscope.features import top_features_at
+
+    lm, sae = lm_sae
+    assert len(lm.tokenizer("ł", add_special_tokens=False)["input_ids"]) == 2
+    token, _ = top_features_at(lm, sae, "resid.1", "abł", token=-1)
+    assert token == "ł"
+    assert top_features_at(lm, sae, "resid.1", "abłcd", token="ł")[0] == "ł"
+    texts = [t.token for t in top_features_for_text(lm, sae, "abł")["tokens"]]
+    assert "".join(texts).endswith("abł") and "\ufffd" not in "".join(texts)

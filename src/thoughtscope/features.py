@@ -286,7 +286,10 @@ def top_features_at(
     A token at a position the SAE does not read (`excludes_position_0`) raises FeatureError."""
     t = features_on_text(lm, sae, text, site=site)
     shift = len(t.token_ids) - len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # 1: a BOS prepended
-    pieces = [lm.tokenizer.decode([i]) for i in t.token_ids[shift:]]
+    from .display import piece_of_position, token_texts
+
+    own = t.token_ids[shift:]
+    pieces = token_texts(lm.tokenizer, own)  # whole characters, on the last token of each (the others "")
     if isinstance(token, str):
         hits = [i for i, p in enumerate(pieces) if token.strip() and token.strip() in p]
         if not hits:
@@ -302,7 +305,7 @@ def top_features_at(
         )
     f = t.acts[idx + shift].cpu()
     vals, fi = f.topk(min(top, f.numel()))
-    return pieces[idx], [(int(i), float(v)) for i, v in zip(fi, vals) if v > 0]
+    return piece_of_position(lm.tokenizer, own, idx).text, [(int(i), float(v)) for i, v in zip(fi, vals) if v > 0]
 
 
 # ----------------------------------------------------------------------------- output side

@@ -33,11 +33,14 @@ class TokenFeatures:
 def top_features_for_text(lm: LoadedModel, sae, text: str, *, k: int = 5, site=None) -> dict:
     """Per token, the k most active features; overall, the features with the highest peak on the text."""
     ids, f = activations_on_texts(lm, sae, [text], site=site)[0]
+    from ..display import token_texts
+
+    texts = token_texts(lm.tokenizer, ids)  # whole characters (a character's earlier byte tokens read "")
     per_token = []
     for p, tid in enumerate(ids):
         v, i = f[p].topk(min(k, f.shape[1]))
         feats = [(int(a), float(b)) for a, b in zip(i, v) if b > 0]
-        per_token.append(TokenFeatures(p, tid, lm.tokenizer.decode([tid]), feats))
+        per_token.append(TokenFeatures(p, tid, texts[p], feats))
     peak, where = f.max(0)
     v, i = peak.topk(min(k * 4, f.shape[1]))
     overall = [(int(a), float(b), int(where[a])) for a, b in zip(i, v) if b > 0]

@@ -330,10 +330,11 @@ def token_direction(lm: LoadedModel, token: str | int, layer: int, lens: Jacobia
     if not 0 <= layer < lm.n_layers:
         raise CausalError(f"layer {layer} is out of range: {lm.name} has blocks 0..{lm.n_layers - 1}")
     t = one_token(lm, token, "token")
+    from ..features import norm_scale
+
     w = lm.unembed.weight[t].detach().float().cpu()
-    g = getattr(lm.final_norm, "weight", None)
+    g = norm_scale(lm.final_norm)  # the one rule for what the final norm multiplies by (Gemma: 1 + weight)
     if g is not None:
-        g = g.detach().float().cpu()
-        w = w * (1.0 + g if "Gemma" in type(lm.final_norm).__name__ else g)
+        w = w * g.detach().float().cpu()
     d = lens.J[layer].T @ w if lens is not None else w
     return d / d.norm()
