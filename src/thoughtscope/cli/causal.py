@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import _csv, _fail, _load, _load_recorded, console, one_line_errors
+from .common import _csv, _fail, _load, _model_and_sae, console, one_line_errors
 
 
 @one_line_errors
@@ -112,12 +112,9 @@ def attribute_cmd(
     json_out: Path | None = typer.Option(None, "--json", help="write per-position attributions and the check here"),
 ) -> None:
     """Which SAE features pushed the next token: activation x gradient per position, checked by ablation."""
-    from ..atlas.build import sae_model_source
     from ..causal.attribution import attribute
-    from ..sae import load_sae
 
-    sae_obj = load_sae(sae)
-    lm = _load_recorded(model, None if model else sae_model_source(sae_obj))
+    _, lm, sae_obj = _model_and_sae(model, sae, None)
     res = attribute(lm, sae_obj.to(lm.device), text, target, against, check=check)
     console.print(f"metric {res.metric:.3f} at {res.site}; SAE error term at the last position {res.error[-1]:+.3f}")
     for f, a in sorted(res.total.items(), key=lambda kv: -abs(kv[1]))[:10]:
@@ -146,13 +143,10 @@ def analyze_cmd(
     json_out: Path | None = typer.Option(None, "--json", help="write everything here"),
 ) -> None:
     """Features per token, and with --lens / --target what each layer is about to say and why the next token."""
-    from ..atlas.build import sae_model_source
     from ..causal.lens import JacobianLens
     from ..causal.report import analyze_report
-    from ..sae import load_sae
 
-    sae_obj = load_sae(sae)
-    lm = _load_recorded(model, None if model else sae_model_source(sae_obj))
+    _, lm, sae_obj = _model_and_sae(model, sae, None)
     jl = JacobianLens.load(lens_dir, lm) if lens_dir else None
     out = analyze_report(lm, sae_obj.to(lm.device), text, lens=jl, with_lens=lens, target=target)
     for pos, (tok, feats) in enumerate(zip(out["tokens"], out["features"])):

@@ -73,3 +73,17 @@ def renamed(new_value, old_value, *, new: str, old: str, default=None):
         if new_value is None or new_value == default:
             return old_value
     return default if new_value is None else new_value
+
+
+def _model_and_sae(model: str | None, sae: str, atlas: Path | None):
+    """(atlas or None, lm, sae): from the atlas's own records when one is given, else the named SAE and the model
+    --model names or the SAE recorded."""
+    if atlas is not None:
+        from ..atlas import open_with_model
+
+        return open_with_model(atlas, model=model)
+    from ..atlas.build import sae_model_source
+    from ..sae import load_sae
+
+    sae_obj = load_sae(sae)
+    return None, _load_recorded(model, sae_model_source(sae_obj)), sae_obj

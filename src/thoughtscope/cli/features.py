@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from .common import _fail, _load_recorded, _open_atlas, console, one_line_errors
+from .common import _fail, _model_and_sae, _open_atlas, console, one_line_errors
 
 _MODEL_HELP = "model (default: the one the SAE or atlas was made with; 'default' when none is recorded)"
 
@@ -16,20 +16,6 @@ features_app = typer.Typer(
     no_args_is_help=True,
     help="SAE features: what fires on a text, concept search, output effects, reference maxima, atlas cards.",
 )
-
-
-def _model_and_sae(model: str | None, sae: str, atlas: Path | None):
-    """(atlas or None, lm, sae): from the atlas's own records when one is given, else the named SAE and the model
-    --model names or the SAE recorded."""
-    if atlas is not None:
-        from ..atlas import open_with_model
-
-        return open_with_model(atlas, model=model)
-    from ..atlas.build import sae_model_source
-    from ..sae import load_sae
-
-    sae_obj = load_sae(sae)
-    return None, _load_recorded(model, sae_model_source(sae_obj)), sae_obj
 
 
 @features_app.command("contrast")
