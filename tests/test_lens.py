@@ -23,7 +23,11 @@ def test_logit_lens_last_layer_is_the_model_and_tracks_a_token(lm):
     ids, _ = lm.tokenize(["hello there"])
     with torch.inference_mode():
         final = lm.model(ids).logits[0].argmax(-1)
-    assert v.final_top1 == [lm.tokenizer.decode([int(t)]) for t in final]
+    from thoughtscope.display import lone_token_text
+
+    assert v.final_top1_ids == final.tolist()
+    assert v.final_top1 == [lone_token_text(lm.tokenizer, int(t)) for t in final]  # bytes written out, never �
+    assert "\ufffd" not in "".join(v.final_top1)
     assert len(v.track["rank"]) == lm.n_layers and all(r >= 1 for r in v.track["rank"][0])
     with pytest.raises(CausalError, match="tracked token 'ee' is 2 tokens"):
         lens_view(lm, "hello", track="ee")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..display import token_texts
 from ..models import LoadedModel
 from ..sites import Site
 from ..stats import spearman
@@ -96,7 +97,7 @@ def attribute(
     nz = total_t.nonzero().flatten()
     total = {int(i): float(total_t[i]) for i in nz}
     res = FeatureAttribution(
-        [lm.tokenizer.decode([x]) for x in ids[0].tolist()],
+        token_texts(lm.tokenizer, ids[0].tolist()),
         m,
         str(site),
         rows,

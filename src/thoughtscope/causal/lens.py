@@ -168,7 +168,11 @@ def lens_view(
     tid = one_token(lm, track, "tracked token") if track else None
     final = readout(lm, hs[-1][0]).argmax(-1)
     top, agree, ranks, probs = [], [], [], []
-    dec = lm.tokenizer.decode
+    from ..display import lone_token_text, token_texts
+
+    def dec(tid: int) -> str:
+        return lone_token_text(lm.tokenizer, int(tid))
+
     with torch.inference_mode():
         for layer, h in enumerate(hs):
             x = h[0].float()
@@ -176,16 +180,16 @@ def lens_view(
                 x = x @ lens.J[layer].T.to(x.device)
             p = torch.softmax(readout(lm, x.to(h.dtype)), -1)
             v, i = p.topk(k, -1)
-            top.append([[(dec([int(a)]), float(b)) for a, b in zip(ii, vv)] for ii, vv in zip(i, v)])
+            top.append([[(dec(a), float(b)) for a, b in zip(ii, vv)] for ii, vv in zip(i, v)])
             agree.append(float((p.argmax(-1) == final).float().mean()))
             if tid is not None:
                 ranks.append(((p > p[:, tid : tid + 1]).sum(-1) + 1).tolist())
                 probs.append(p[:, tid].tolist())
     return LensView(
         "jacobian" if lens is not None else "logit",
-        [dec([t]) for t in ids[0].tolist()],
+        token_texts(lm.tokenizer, ids[0].tolist()),
         top,
-        [dec([int(t)]) for t in final],
+        [dec(t) for t in final],
         [int(t) for t in final],
         agree,
         {"token": track, "rank": ranks, "prob": probs} if tid is not None else None,

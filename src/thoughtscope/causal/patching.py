@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..display import lone_token_text, token_texts
 from ..errors import CausalError
 from ..models import LoadedModel
 from ..stats import spearman
@@ -58,7 +59,7 @@ def one_token(lm: LoadedModel, text: str | int, what: str = "target") -> int:
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) == 1:
         return int(ids[0])
-    pieces = [lm.tokenizer.decode([i]) for i in ids]
+    pieces = [lone_token_text(lm.tokenizer, i) for i in ids]
     hint = ""
     if not text.startswith(" ") and len(lm.tokenizer(" " + text, add_special_tokens=False)["input_ids"]) == 1:
         hint = f"; {' ' + text!r} (with its leading space) is one token"
@@ -128,7 +129,7 @@ def _encode_pair(lm: LoadedModel, pair: PatchPair) -> tuple[torch.Tensor, torch.
     clean, _ = lm.tokenize([pair.clean])
     corrupt, _ = lm.tokenize([pair.corrupt])
     if clean.shape[1] != corrupt.shape[1]:
-        show = lambda ids: [lm.tokenizer.decode([i]) for i in ids[0].tolist()]  # noqa: E731
+        show = lambda ids: [lone_token_text(lm.tokenizer, i) for i in ids[0].tolist()]  # noqa: E731
         raise CausalError(
             f"the clean and corrupted prompts must have the same number of tokens to be patched position by "
             f"position: clean {clean.shape[1]} {show(clean)}, corrupted {corrupt.shape[1]} {show(corrupt)}"
@@ -219,7 +220,7 @@ def _denominator(clean: float, corrupt: float) -> float:
 
 
 def _pieces(lm: LoadedModel, ids: torch.Tensor) -> list[str]:
-    return [lm.tokenizer.decode([i]) for i in ids[0].tolist()]
+    return token_texts(lm.tokenizer, ids[0].tolist())  # whole characters, on the last token of each
 
 
 def activation_patching(
@@ -296,5 +297,5 @@ def patched_next_tokens(
     for name, logits in runs.items():
         p = torch.softmax(logits[0].float(), -1)
         v, i = p.topk(k)
-        out[name] = [(lm.tokenizer.decode([int(t)]), float(x)) for t, x in zip(i, v)]
+        out[name] = [(lone_token_text(lm.tokenizer, int(t)), float(x)) for t, x in zip(i, v)]
     return out

@@ -49,7 +49,9 @@ def _why(wb, text: str, target: str | int, cfg) -> dict:
         raise HTTPException(422, str(e)) from None
     top = sorted(res.total.items(), key=lambda kv: -abs(kv[1]))[:12]
     feats = [{"feature": f, "attribution": a, "ablated": res.ablation.get(f), "label": wb.label(f)} for f, a in top]
-    shown = wb.tokenizer.decode([target]) if isinstance(target, int) else target
+    from ..display import lone_token_text
+
+    shown = lone_token_text(wb.tokenizer, target) if isinstance(target, int) else target
     return {"target": shown, "metric": res.metric, "site": res.site, "features": feats, "spearman": res.spearman,
             "error_last": res.error[-1]}  # fmt: skip
 
