@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 from helpers.browser import LiveServer
-from helpers.first_start import Gate, first_start_inputs
+from helpers.first_start import Gate, first_start_inputs, wait_until
 
 from thoughtscope.server import ServerConfig, create_app
 from thoughtscope.server.workbench import default_atlas_dir, load_workbench
@@ -29,15 +29,6 @@ def made(tmp_path_factory):
 def inputs(made, tmp_path, monkeypatch):
     monkeypatch.setenv("THOUGHTSCOPE_HOME", str(tmp_path / "home"))  # a fresh home: no atlas yet
     return dict(made)
-
-
-def _wait(cond, timeout: float = 30.0) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _with_nla(wb) -> None:
@@ -138,7 +129,7 @@ def test_every_route_answers_during_the_build_then_the_atlas_attaches(inputs):
     assert f"{st['percent']:.0f}%" in body
     assert "event: status" in got[("GET", "/status/atlas/stream")][1]
     # released: the atlas is attached without a restart, explanations follow, the banner goes
-    assert _wait(lambda: wb.atlas_build.finished, 60), wb.atlas_build.to_dict()
+    assert wait_until(lambda: wb.atlas_build.finished, 60), wb.atlas_build.to_dict()
     assert wb.atlas_build.error is None and wb.atlas is not None and not wb.atlas_pending
     assert any(wb.label(i) for i in range(wb.n_features))
     assert (default_atlas_dir(wb.sae) / "atlas.sqlite").is_file()
@@ -157,7 +148,7 @@ def test_a_failed_build_shows_its_error_and_the_rest_works(inputs):
             raise OSError("disk on fire")
 
     wb = load_workbench(**inputs, atlas_in_background=True, on_atlas_progress=fail)
-    assert _wait(lambda: wb.atlas_build.finished), wb.atlas_build.to_dict()
+    assert wait_until(lambda: wb.atlas_build.finished), wb.atlas_build.to_dict()
     assert wb.atlas is None and "disk on fire" in wb.atlas_build.error
     _with_nla(wb)
     app = create_app(ServerConfig(), wb)

@@ -9,12 +9,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from helpers import env_with_tests_on_path
-from helpers.first_start import first_start_inputs
+from helpers.first_start import first_start_inputs, wait_until
 
 from thoughtscope.sae import load_sae
 from thoughtscope.server.workbench import default_atlas_dir, load_workbench
@@ -31,15 +30,6 @@ def made(tmp_path_factory):
 def inputs(made, tmp_path, monkeypatch):
     monkeypatch.setenv("THOUGHTSCOPE_HOME", str(tmp_path / "home"))  # a fresh home: no atlas yet
     return dict(made)
-
-
-def _wait(cond, timeout: float = 30.0) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 KILL_CHILD = """
@@ -68,7 +58,7 @@ def test_a_killed_build_leaves_no_atlas_and_the_next_start_resumes_it(inputs, tm
     seen = []
     wb = load_workbench(**inputs, atlas_in_background=True, on_atlas_progress=lambda j: seen.append(j.to_dict()))
     assert wb.atlas_pending  # the half-built folder is never opened as an atlas
-    assert _wait(lambda: wb.atlas_build.finished, 60) and wb.atlas_build.error is None, wb.atlas_build.to_dict()
+    assert wait_until(lambda: wb.atlas_build.finished, 60) and wb.atlas_build.error is None, wb.atlas_build.to_dict()
     assert not (out / "build.ckpt").exists() and wb.atlas is not None
     # the same atlas as an uninterrupted build
     os.environ["THOUGHTSCOPE_HOME"] = str(tmp_path / "home2")
@@ -84,10 +74,10 @@ def test_a_build_stopped_before_its_explanations_serves_the_atlas_at_once_on_the
             raise RuntimeError("server stopped")  # as a server stopped between the database and the explanations
 
     first = load_workbench(**inputs, atlas_in_background=True, on_atlas_progress=stop_in_step_2)
-    assert _wait(lambda: first.atlas_build.finished) and "server stopped" in first.atlas_build.error
+    assert wait_until(lambda: first.atlas_build.finished) and "server stopped" in first.atlas_build.error
     assert first.atlas is not None and not first.atlas.explained(None)  # attached, no explanation yet
     seen = []
     again = load_workbench(**inputs, atlas_in_background=True, on_atlas_progress=lambda j: seen.append(j.to_dict()))
     assert again.atlas is not None and not again.atlas_pending  # the atlas on disk is whole: served at once
-    assert _wait(lambda: again.atlas_build.finished) and again.atlas_build.error is None
+    assert wait_until(lambda: again.atlas_build.finished) and again.atlas_build.error is None
     assert {s["step"] for s in seen} == {2} and again.atlas.explained("ok")

@@ -4,6 +4,7 @@ file and a tiny atlas config, for `load_workbench` without --atlas (tests/test_f
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from helpers.atlas_fixtures import identity_model, planted_sae, single_thread, write_corpus
@@ -52,3 +53,13 @@ class Gate:
 
     def release(self) -> None:
         self.go.set()
+
+
+def wait_until(cond, timeout: float = 30.0) -> bool:
+    """Poll cond() every 50 ms until it holds (True) or the timeout passes (False)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
