@@ -9,6 +9,14 @@ import typer
 from .common import _csv, _fail, _load, _model_and_sae, console, one_line_errors
 
 
+def _write_json(path: Path | None, obj) -> None:
+    if path is not None:
+        from .._io import atomic_write_json
+
+        atomic_write_json(path, obj)
+        console.print(f"wrote {path}")
+
+
 @one_line_errors
 def patch_cmd(
     clean: str = typer.Option(..., help="the prompt whose answer is the target"),
@@ -94,11 +102,7 @@ def lens_cmd(
         if view.track:
             extra = f"  {view.track['token']!r}: rank {view.track['rank'][layer][-1]}"
         console.print(f"  layer {layer:>3}  agrees {view.agreement[layer]:.2f}  last: {best}{extra}")
-    if json_out is not None:
-        from .._io import atomic_write_json
-
-        atomic_write_json(json_out, view.to_dict())
-        console.print(f"wrote {json_out}")
+    _write_json(json_out, view.to_dict())
 
 
 @one_line_errors
@@ -123,11 +127,7 @@ def attribute_cmd(
         console.print(f"  feature {f:>6}  attribution {a:+.3f}{shown}")
     if res.spearman is not None:
         console.print(f"attribution vs ablation of the top {len(res.ablation)}: Spearman {res.spearman:.3f}")
-    if json_out is not None:
-        from .._io import atomic_write_json
-
-        atomic_write_json(json_out, res.to_dict())
-        console.print(f"wrote {json_out}")
+    _write_json(json_out, res.to_dict())
 
 
 @one_line_errors
@@ -159,8 +159,4 @@ def analyze_cmd(
         top = ", ".join(f"{f} {a:+.2f}" for f, a in out["why"]["top"][:5])
         rho = out["why"]["attribution_vs_ablation_spearman"]
         console.print(f"why {target!r}: {top} (attribution vs ablation: Spearman {rho:.2f})")
-    if json_out is not None:
-        from .._io import atomic_write_json
-
-        atomic_write_json(json_out, out)
-        console.print(f"wrote {json_out}")
+    _write_json(json_out, out)
