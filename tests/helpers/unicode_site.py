@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from helpers import single_thread
+from helpers.server_fixtures import ATLAS_CFG
 from thoughtscope.models import tiny_model
 from thoughtscope.sae import SAE, SAEConfig, save_sae
 
@@ -31,17 +32,7 @@ PLANTS = {
     7: (0xC5, set("łśźżń")),
 }
 SAMPLE = f"{CHINESE} {POLISH} {EMOJI} and plain ASCII"
-ATLAS = {
-    "n_tokens": 1536,
-    "ctx_len": 32,
-    "contexts_per_batch": 8,
-    "top_k": 8,
-    "n_bins": 5,
-    "per_bin": 4,
-    "window_left": 6,
-    "window_right": 3,
-    "n_random_contexts": 8,
-}
+ATLAS = {**ATLAS_CFG, "n_tokens": 1536}  # the shared small-atlas settings, on less text
 
 
 def byte_id(lm, b: int) -> int:
