@@ -199,7 +199,7 @@ def test_score_line_says_when_there_is_nothing_to_trust():
     from thoughtscope.atlas.cards import score_line
 
     assert score_line({}) == "no explanation yet (thoughtscope atlas explain)"
-    weak = {"explanation": 'fires on "a"', "detection_auroc": 0.49, "shuffled_detection_auroc": 0.59}
+    weak = {"explanation": 'fires on "a"', "status": "ok", "detection_auroc": 0.49, "shuffled_detection_auroc": 0.59}
     assert score_line(weak).endswith("at or below its shuffled control: do not trust it")
     good = {"explanation": 'fires on "a"', "detection_auroc": 0.9, "shuffled_detection_auroc": 0.5}
     assert "do not trust" not in score_line(good)

@@ -35,11 +35,17 @@ def _order(kind: str) -> int:
     return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
 
 
+def at_or_below_control(rec: dict) -> bool | None:
+    """Whether an explanation's detection AUROC is at or below its shuffled control's (None where either is
+    missing or the explanation did not succeed): the one rule behind every warning not to trust one."""
+    a, c = rec.get("detection_auroc"), rec.get("shuffled_detection_auroc")
+    return None if a is None or c is None or rec.get("status") != "ok" else bool(a <= c)
+
+
 def mark_controls(recs: list[dict]) -> None:
-    """Set each record's at_or_below_control: its detection AUROC is at or below its shuffled control's."""
+    """Set each record's at_or_below_control (`at_or_below_control`)."""
     for r in recs:
-        a, c = r.get("detection_auroc"), r.get("shuffled_detection_auroc")
-        r["at_or_below_control"] = None if a is None or c is None or r.get("status") != "ok" else bool(a <= c)
+        r["at_or_below_control"] = at_or_below_control(r)
 
 
 def best_kind(recs: list[dict]) -> str | None:

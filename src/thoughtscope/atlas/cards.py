@@ -11,6 +11,7 @@ from rich.text import Text
 
 from ..display import lone_token_text, window_pieces
 from ..values import is_finite
+from .best import at_or_below_control
 from .db import Atlas, Example
 
 BARS = " ▁▂▃▄▅▆▇█"
@@ -66,8 +67,6 @@ def score_line(ex: dict) -> str:
     def f(k: str) -> str:
         return f"{ex[k]:.2f}" if ex.get(k) is not None else "–"
 
-    at_or_below = (ex.get("detection_auroc") is not None and ex.get("shuffled_detection_auroc") is not None
-                   and ex["detection_auroc"] <= ex["shuffled_detection_auroc"])  # fmt: skip
     parts = [
         f"detection AUROC {f('detection_auroc')} (shuffled control {f('shuffled_detection_auroc')})",
         f"bal. acc. {f('detection_bacc')}",
@@ -81,7 +80,7 @@ def score_line(ex: dict) -> str:
         else method
     )
     scored = ex.get("scorer_method") or ex.get("scorer") or "not scored"
-    warn = "; at or below its shuffled control: do not trust it" if at_or_below else ""
+    warn = "; at or below its shuffled control: do not trust it" if at_or_below_control(ex) else ""
     return ", ".join(parts) + f"; written by {by}, scored by {scored}{warn}"
 
 
