@@ -181,3 +181,16 @@ def test_an_atlas_without_its_sae_is_searched_by_its_own_signals(tmp_path):
     d = json.loads(r.output)
     assert "records no SAE" in d["note"] and d["hits"][0]["feature"] == LETTER["x"]
     assert all(h["signals"]["templates"] == h["signals"]["output"] == 0 for h in d["hits"])
+
+
+def test_a_hit_whose_explanation_is_at_or_below_its_control_is_flagged(web):
+    wb = web.app.state.wb
+    n = (PLANT + 1) % wb.n_features
+    rec = {"explanation": 'fires on "zebra"', "status": "ok", "detection_auroc": 0.41, "shuffled_detection_auroc": 0.6}
+    with wb.db_lock:
+        wb.atlas.save_explanation(n, rec)
+    page = web.get("/search", params={"mode": "meaning", "q": "zebra"}, headers={"accept": "text/html"}).text
+    row = page.split(f'href="/features/{n}"', 1)[1].split("</tr>", 1)[0]
+    assert "at or below its shuffled control" in row
+    other = page.split(f'href="/features/{PLANT}"', 1)
+    assert len(other) == 1 or "at or below its shuffled control" not in other[1].split("</tr>", 1)[0]

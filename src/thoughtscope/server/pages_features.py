@@ -7,6 +7,7 @@ import random
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
+from ..atlas.best import at_or_below_control
 from ..display import lone_token_text
 from .context import feature_id, need_atlas, page, wb_of
 from .render import context_pieces
@@ -84,6 +85,7 @@ def explanation_view(ex: dict | None, kinds: dict | None = None) -> dict | None:
         "ok": ex.get("status", "ok") == "ok",
         "error": ex.get("error"),
         "scores": scores,
+        "below_control": bool(at_or_below_control(ex)),  # warned wherever the explanation is shown
         **{k: ex.get(k) for k in WHO_KEYS},
         "missing": missing,
         "kinds": [_kind_view(r, best) for r in rows],
