@@ -104,3 +104,10 @@ def test_patching_page_refuses_prompts_that_do_not_align(mixing_site):
     url, _ = mixing_site
     r = httpx.get(f"{url}/patch", params={"clean": "ab cd", "corrupt": "ab cdd", "target": "q"})
     assert r.status_code == 422 and "same number of tokens" in r.text
+
+
+def test_a_lone_whitespace_token_is_never_an_empty_cell():
+    from thoughtscope.server.render import show_lone_token
+
+    assert [show_lone_token(t) for t in (" ", "\xa0", "  ")] == ["␣", "⍽", "␣␣"]
+    assert show_lone_token(" Paris") == " Paris" and show_lone_token("\n") == "⏎"

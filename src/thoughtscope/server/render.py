@@ -46,6 +46,14 @@ def show_token(s: str) -> str:
     return s.translate(CONTROL) if s else "∅"
 
 
+def show_lone_token(s: str) -> str:
+    """A token shown alone in a cell (a lens's or a patched run's prediction): one made only of spaces shows each
+    as ␣ (a no-break space as ⍽), so a cell never looks empty; otherwise as `show_token`."""
+    if s and not s.strip():
+        s = s.replace(" ", "␣").replace("\xa0", "⍽")
+    return show_token(s)
+
+
 def piece_title(values: Sequence[float], lead: str = "") -> str:
     """A piece's tooltip: its value, or each token's value when one character spans several tokens."""
     head = f"{lead} " if lead else ""
@@ -144,6 +152,6 @@ def make_env() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(fmt=fmt, tok=show_token)
+    env.filters.update(fmt=fmt, tok=show_token, lone=show_lone_token)
     env.globals.update(heat=heat, err_heat=err_heat, histogram_svg=histogram_svg, curve_svg=curve_svg)
     return env
