@@ -40,7 +40,7 @@ def analysis_view(wb, a, feature: int | None) -> dict:
     """Tokens with their colouring value, the pieces of text they show (whole characters, coloured by their
     strongest token), plus per-token detail (features with labels, error, probes) as JSON."""
     ids = sorted({n for t in a.top for n, _ in t} | ({feature} if feature is not None else set()))
-    labels = wb.labels(ids)
+    labels, distrusted = wb.labels(ids), wb.distrusted(ids)
     maxes = {n: float(wb.atlas_max[n]) for n in ids}
     errs = [e for i, e in enumerate(a.recon_error) if i not in a.excluded]
     err_scale = sorted(errs)[int(0.95 * (len(errs) - 1))] if errs else 1.0
@@ -66,7 +66,7 @@ def analysis_view(wb, a, feature: int | None) -> dict:
     pieces = [_piece_view(pc, tokens) for pc in a.pieces]
     detail = [
         {
-            "top": [[n, v, v / maxes[n], labels.get(n, "")] for n, v in t],
+            "top": [[n, v, v / maxes[n], labels.get(n, ""), n in distrusted] for n, v in t],
             "err": a.recon_error[i],
             "excluded": i in a.excluded,
             "probes": [
@@ -76,10 +76,12 @@ def analysis_view(wb, a, feature: int | None) -> dict:
         }
         for i, t in enumerate(a.top)
     ]
-    peaks = [
-        {"feature": n, "peak": v, "rel": v / float(wb.atlas_max[n]), "at": a.piece_at(p).text, "label": wb.label(n)}
-        for n, v, p in a.peaks[:12]
-    ]
+    peaks = wb.with_labels(
+        [
+            {"feature": n, "peak": v, "rel": v / float(wb.atlas_max[n]), "at": a.piece_at(p).text}
+            for n, v, p in a.peaks[:12]
+        ]
+    )
     safe_json = json.dumps(detail).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return {
         "tokens": tokens,
@@ -135,6 +137,7 @@ async def _analyze_page(request: Request, text: str | None, feature: str | None,
         "chat": chat,
         "analyzed": text or "",
         "feature_label": wb.label(feat) if feat is not None else "",
+        "feature_below_control": feat is not None and feat in wb.distrusted([feat]),
         "error": "",
         "share": None,
         "share_note": "",
@@ -219,9 +222,7 @@ def _compare(wb, a: str, b: str, cfg):
         max_act=wb.atlas_max if wb.atlas is not None else None,
         max_text_tokens=cfg.max_prompt_tokens,
     )
-    for r in rows:
-        r["label"] = wb.label(r["feature"])
-    return rows
+    return wb.with_labels(rows)
 
 
 @router.get("/compare")

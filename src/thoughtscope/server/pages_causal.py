@@ -48,7 +48,7 @@ def _why(wb, text: str, target: str | int, cfg) -> dict:
     except CausalError as e:
         raise HTTPException(422, str(e)) from None
     top = sorted(res.total.items(), key=lambda kv: -abs(kv[1]))[:12]
-    feats = [{"feature": f, "attribution": a, "ablated": res.ablation.get(f), "label": wb.label(f)} for f, a in top]
+    feats = wb.with_labels([{"feature": f, "attribution": a, "ablated": res.ablation.get(f)} for f, a in top])
     from ..display import lone_token_text
 
     shown = lone_token_text(wb.tokenizer, target) if isinstance(target, int) else target

@@ -89,22 +89,21 @@ def _lines(raw: str | None, name: str, cfg) -> list[str]:
 
 def _by_text(wb, text: str, cfg) -> list[dict]:
     a = analyze_text(wb.lm, wb.sae, text, k=5, max_text_tokens=cfg.max_prompt_tokens)
-    return [
-        {
-            "feature": n,
-            "peak": v,
-            "at": a.piece_at(p).text,  # the whole character, where the peak token holds part of one
-            "pos": p,
-            "rel": v / float(wb.atlas_max[n]),
-            "label": wb.label(n),
-        }
-        for n, v, p in a.peaks[:30]
-    ]
+    return wb.with_labels(
+        [
+            {
+                "feature": n,
+                "peak": v,
+                "at": a.piece_at(p).text,  # the whole character, where the peak token holds part of one
+                "pos": p,
+                "rel": v / float(wb.atlas_max[n]),
+            }
+            for n, v, p in a.peaks[:30]
+        ]
+    )
 
 
 def _by_contrast(wb, prompts: list[str], controls: list[str]) -> list[dict]:
     with wb.db_lock:
         rows = contrast(wb.lm, wb.sae, prompts, controls, k=20, atlas=wb.atlas)
-    for r in rows:
-        r["label"] = wb.label(r["feature"])
-    return rows
+    return wb.with_labels(rows)

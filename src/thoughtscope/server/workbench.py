@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atlas.best import at_or_below_control
 from ..errors import ServerError
 from .atlas_job import AtlasBuild
 
@@ -79,7 +80,7 @@ class Workbench:
     atlas_build: AtlasBuild | None = None  # the first-start atlas while it is built in the background (then done)
 
     def __post_init__(self) -> None:
-        self._label_cache: dict[int, str] = {}
+        self._label_cache: dict[int, tuple[str, bool]] = {}
         self._label_stamp: tuple = ()
         self.n_features = int(self.sae.W_dec.shape[0])
         self.atlas_max = np.ones(self.n_features)  # information only: never scales a slider
@@ -174,9 +175,24 @@ class Workbench:
 
     def labels(self, ids) -> dict[int, str]:
         """Explanations of several features; cached until the atlas file changes (`atlas explain` may add some)."""
+        return {n: text for n, (text, _) in self._label_records(ids).items()}
+
+    def distrusted(self, ids) -> set[int]:
+        """The features among ids whose explanation scores at or below its shuffled control (atlas.best's one
+        rule): every page that shows such a label marks it, not only the feature page."""
+        return {n for n, (_, below) in self._label_records(ids).items() if below}
+
+    def with_labels(self, rows: list[dict]) -> list[dict]:
+        """Rows keyed by "feature" gain its "label" and "below_control" (whether to warn not to trust it)."""
+        recs = self._label_records([r["feature"] for r in rows])
+        for r in rows:
+            r["label"], r["below_control"] = recs[int(r["feature"])]
+        return rows
+
+    def _label_records(self, ids) -> dict[int, tuple[str, bool]]:
         ids = [int(i) for i in ids]
         if self.atlas is None:
-            return dict.fromkeys(ids, "")
+            return dict.fromkeys(ids, ("", False))
         stamp = self._atlas_stamp()
         with self.db_lock:
             if stamp != self._label_stamp:
@@ -184,7 +200,8 @@ class Workbench:
             for n in ids:
                 if n not in self._label_cache:
                     ex = self.atlas.explanation(n) or {}
-                    self._label_cache[n] = (ex.get("explanation") or "") if ex.get("status", "ok") == "ok" else ""
+                    ok = ex.get("status", "ok") == "ok"
+                    self._label_cache[n] = ((ex.get("explanation") or "") if ok else "", bool(at_or_below_control(ex)))
             return {n: self._label_cache[n] for n in ids}
 
     def baseline_for(self, n: int) -> str:

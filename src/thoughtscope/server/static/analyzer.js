@@ -9,6 +9,7 @@ if (detailNode) {
   const meta = JSON.parse(document.getElementById("analyzer-meta").textContent);
   const panel = document.getElementById("token-panel");
   const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+  const DISTRUST = ` <span class="pill warn below-control" title="its detection AUROC is at or below that of another feature's explanation on the same contexts">at or below its shuffled control: do not trust it</span>`;
   const fmt = (x) => (Math.abs(x) >= 100 ? x.toFixed(0) : x.toPrecision(3));
 
   function show(span, i = Number(span.dataset.i)) {
@@ -16,9 +17,9 @@ if (detailNode) {
     span.classList.add("sel");
     const d = detail[i];
     const positions = (span.dataset.positions || String(i)).split(",").map(Number);
-    const rows = d.top.map(([f, a, rel, label]) =>
+    const rows = d.top.map(([f, a, rel, label, below]) =>
       `<li><a href="/features/${f}">#${f}</a> <span class="bar small"><i style="width:${Math.min(100, 100 * rel).toFixed(1)}%"></i></span>` +
-      ` <b>${fmt(a)}</b> <span class="muted">${esc(label)}</span>` +
+      ` <b>${fmt(a)}</b> <span class="muted">${esc(label)}</span>` + (below ? DISTRUST : "") +
       ` <a class="small recolour" href="/analyze?feature=${f}&text=${encodeURIComponent(meta.text)}">colour by this</a></li>`).join("");
     let html = `<h3>Token <code>${esc(span.textContent)}</code> <span class="muted small">position ${i}</span></h3>`;
     if (positions.length > 1) {
