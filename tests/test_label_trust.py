@@ -45,20 +45,20 @@ def test_the_rule_is_the_atlas_rule_and_follows_a_rescore(app):
 
 
 def test_analyzer_marks_the_label_in_its_header_peaks_and_token_detail(client):
-    page = client.get("/analyze", params={"text": "a quiet queen", "feature": PLANT}, headers=HTML).text
-    assert WARN in page.split(f'Feature <a href="/features/{PLANT}">', 1)[1].split("</h", 1)[0]
-    assert WARN in page.split('id="peaks"', 1)[1].split("</section>", 1)[0]
-    detail = json.loads(page.split('id="detail">', 1)[1].split("</script>", 1)[0])
+    html = client.get("/analyze", params={"text": "a quiet queen", "feature": PLANT}, headers=HTML).text
+    assert WARN in html.split(f'Feature <a href="/features/{PLANT}">', 1)[1].split("</h", 1)[0]
+    assert WARN in html.split('id="peaks"', 1)[1].split("</section>", 1)[0]
+    detail = json.loads(html.split('id="detail">', 1)[1].split("</script>", 1)[0])
     flags = {row[0]: row[4] for d in detail for row in d["top"]}
     assert flags[PLANT] is True and not any(v for f, v in flags.items() if f != PLANT)
 
 
 def test_compare_and_search_by_text_mark_it(client):
-    page = client.get("/compare", params={"a": "a quiet queen", "b": "a calm lake"}, headers=HTML).text
-    row = page.split(f'href="/features/{PLANT}"', 1)[1].split("</tr>", 1)[0]
+    html = client.get("/compare", params={"a": "a quiet queen", "b": "a calm lake"}, headers=HTML).text
+    row = html.split(f'href="/features/{PLANT}"', 1)[1].split("</tr>", 1)[0]
     assert WARN in row
-    page = client.get("/search", params={"mode": "text", "text": "a quiet queen"}, headers=HTML).text
-    row = page.split(f'href="/features/{PLANT}"', 1)[1].split("</tr>", 1)[0]
+    html = client.get("/search", params={"mode": "text", "text": "a quiet queen"}, headers=HTML).text
+    row = html.split(f'href="/features/{PLANT}"', 1)[1].split("</tr>", 1)[0]
     assert WARN in row
 
 
