@@ -18,6 +18,7 @@ from .batchtopk import BatchTopKSAE
 from .config import SAEConfig, SAEError
 from .jumprelu import JumpReLUSAE
 from .kernels import RaggedDecode, RaggedEncode, SparseDecode, SparseEncode
+from .matryoshka import MatryoshkaSAE
 from .relu_l1 import ReluL1SAE
 from .topk import TopKSAE
 from .train import geometric_median
@@ -30,6 +31,7 @@ __all__ = [
     "SAE_CLASSES",
     "BatchTopKSAE",
     "JumpReLUSAE",
+    "MatryoshkaSAE",
     "PartialEncoder",
     "RaggedDecode",
     "RaggedEncode",

@@ -61,7 +61,7 @@ class SAEConfig:
     """Everything needed to rebuild an SAE and to know what it was trained on."""
 
     arch: str = "topk"
-    """Architecture name: relu-l1, topk, batchtopk or jumprelu (or a registered one)."""
+    """Architecture name: relu-l1, topk, batchtopk, jumprelu or matryoshka (or a registered one)."""
     d_model: int = 576
     """Width of the activations it reads (numbers per token)."""
     n_features: int = 9216
@@ -82,7 +82,11 @@ class SAEConfig:
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without firing; None = the rule in train.default_dead_tokens."""
     threshold_beta: float = 0.999
-    """Batchtopk: EMA factor of the inference threshold (per step, 0-1)."""
+    """Batchtopk / matryoshka: EMA factor of the inference threshold (per step, 0-1)."""
+    matryoshka_prefixes: tuple[int, ...] = ()
+    """Matryoshka: sizes of the nested dictionary prefixes that must each reconstruct the input (feature counts,
+    strictly increasing, each below n_features, which is always the last prefix); () = n_features / 16, / 8, / 4
+    and / 2."""
     # jumprelu: thresholds and bandwidth are in units of the *normalised* training data (mean ||x|| = sqrt(d)),
     # where a unit-norm feature's activation is O(1); the Gemma Scope values (0.001) assume mean ||x||^2 = 1 and
     # thresholds that far below the data scale barely move in a short run (log-threshold steps are ~lr per step).
@@ -148,6 +152,8 @@ class SAEConfig:
         if not isinstance(self.arch, str):
             raise _bad("SAEConfig", "arch", self.arch, "an architecture name")
         cls = sae_class(self.arch)
+        if isinstance(self.matryoshka_prefixes, list):  # read back from JSON
+            self.matryoshka_prefixes = tuple(self.matryoshka_prefixes)
         _check(
             "SAEConfig",
             self,
@@ -162,6 +168,15 @@ class SAEConfig:
                 "aux_coeff": (_nonneg, "a number >= 0"),
                 "dead_tokens": (lambda v: v is None or _pos_int(v), "None or a positive number of tokens"),
                 "threshold_beta": (_frac, "an EMA factor in [0, 1]"),
+                "matryoshka_prefixes": (
+                    lambda v: (
+                        isinstance(v, tuple)
+                        and all(_pos_int(p) and p < self.n_features for p in v)
+                        and all(a < b for a, b in zip(v, v[1:]))
+                    ),
+                    f"strictly increasing feature counts, each in 1..{self.n_features - 1} (below n_features, "
+                    "the last prefix); () = the default",
+                ),
                 "jumprelu_bandwidth": (_pos, "a number > 0"),
                 "jumprelu_init_threshold": (_pos, "a number > 0"),
                 "l0_coeff": (_nonneg, "a number >= 0"),

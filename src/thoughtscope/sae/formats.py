@@ -247,7 +247,8 @@ def _load_native(p: Path, raw: dict[str, Any]) -> SAE:
 def export_saelens(sae: SAE, path: str | Path, *, hook_name: str | None = None) -> Path:
     """Write a SAELens v6 inference folder (cfg.json + sae_weights.safetensors).
 
-    batchtopk is written as jumprelu with its global threshold repeated per feature (what SAELens does).
+    batchtopk and matryoshka are written as jumprelu with the global threshold repeated per feature (what SAELens
+    does).
     relu-l1 becomes "standard"; decoder norms are left unfolded, which is exact for inference.
     """
     cfg = sae.cfg
@@ -361,7 +362,7 @@ def _from_saelens(raw: dict[str, Any], t: dict[str, Any] | None, cf: Path, wf: P
             thr = _need(t, "log_threshold", (m,), wf).exp()
             if not bool(torch.isfinite(thr).all()):
                 raise SAEError(f"{wf}: tensor 'log_threshold' gives an infinite threshold")
-        extra["threshold"] = thr[0] if our_arch == "batchtopk" else thr
+        extra["threshold"] = thr[0] if our_arch in ("batchtopk", "matryoshka") else thr  # one global threshold
     return _sae_from_tensors(
         cfg,
         _need(t, "W_enc", (d, m), wf),

@@ -17,7 +17,13 @@ if TYPE_CHECKING:
     from .base import SAE
 
 SAE_CLASSES: dict[str, type[SAE]] = {}
-BUILTIN = {"relu-l1": "relu_l1", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}  # name: module
+BUILTIN = {  # name: module
+    "relu-l1": "relu_l1",
+    "topk": "topk",
+    "batchtopk": "batchtopk",
+    "jumprelu": "jumprelu",
+    "matryoshka": "matryoshka",
+}
 
 
 def register_sae_class(cls: type[SAE]) -> type[SAE]:
