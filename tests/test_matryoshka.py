@@ -11,7 +11,7 @@ from helpers.sae_data import D_MODEL, FAST, make_batches
 
 import thoughtscope.sae as S
 from thoughtscope.sae.formats import export_saelens, load_sae
-from thoughtscope.sae.matryoshka import MatryoshkaSAE, matryoshka_widths
+from thoughtscope.sae.matryoshka import MatryoshkaSAE, batch_topk, matryoshka_widths
 from thoughtscope.sae.metrics import evaluate_sae
 
 
@@ -70,6 +70,19 @@ def test_training_loss_and_gradients_match_a_dense_reference(with_aux):
     assert float(sae.threshold) > 0  # the first step sets the inference threshold
     if with_aux:
         assert float(out.aux) > 0
+
+
+@pytest.mark.parametrize("loud_rows", [0, 3, 40])
+def test_batch_topk_from_row_candidates_is_the_whole_batch_top_k(loud_rows):
+    g = torch.Generator().manual_seed(loud_rows)
+    pre = torch.randn(40, 300, generator=g)
+    pre[:loud_rows] *= 10  # rows holding far more than 2k of the batch's top cells
+    for k in (3, 8, 150, 300):
+        vals, flat = batch_topk(pre, k)
+        want_vals, want_flat = pre.reshape(-1).topk(k * 40)
+        assert torch.equal(flat.sort().values, want_flat.sort().values)
+        torch.testing.assert_close(vals.sort().values, want_vals.sort().values, rtol=0, atol=0)
+        torch.testing.assert_close(pre.reshape(-1)[flat], vals, rtol=0, atol=0)
 
 
 def test_default_prefixes_are_geometric_and_bad_ones_are_refused_naming_the_field():

@@ -35,6 +35,33 @@ def matryoshka_widths(cfg: SAEConfig) -> tuple[int, ...]:
     return (*given, m)
 
 
+def batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k * B largest cells of pre [B, m] as (values, flat indices row * m + latent), the same set as
+    ``pre.reshape(-1).topk(k * B)`` but found from each row's 2k largest (on CPU a whole-batch top-k costs more
+    than the encoder GEMM).
+
+    Exact: a row whose 2k-th largest value reaches the candidates' k*B-th largest may hold more of the batch's
+    top cells, so such rows join with all their cells; every other row's cells outside its own top 2k lie below
+    that value, which can only rise when more candidates join, so none of them can be among the k*B largest.
+    """
+    B, m = pre.shape
+    n, per_row = k * B, min(m, 2 * k)
+    if per_row == m:
+        return pre.reshape(-1).topk(n, sorted=False)
+    cv, ci = pre.topk(per_row, dim=-1, sorted=False)
+    rows = torch.arange(B, device=pre.device).unsqueeze(1)
+    cand_vals, cand_flat = cv.reshape(-1), (rows * m + ci).reshape(-1)
+    kth = cand_vals.topk(n, sorted=False).values.min()
+    full = cv.min(-1).values >= kth  # rows that may have more than 2k cells among the top
+    if bool(full.any()):
+        fr = full.nonzero().squeeze(1)
+        keep = ~full.unsqueeze(1).expand_as(cv).reshape(-1)
+        cand_vals = torch.cat([cand_vals[keep], pre[fr].reshape(-1)])
+        cand_flat = torch.cat([cand_flat[keep], (fr.unsqueeze(1) * m + torch.arange(m, device=pre.device)).reshape(-1)])
+    vals, j = cand_vals.topk(n, sorted=False)
+    return vals, cand_flat[j]
+
+
 @register_sae_class
 class MatryoshkaSAE(BatchTopKSAE):
     """Matryoshka BatchTopK: every nested prefix of the dictionary is trained to reconstruct x on its own.
@@ -100,7 +127,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         xc = x - self.b_dec
         with torch.no_grad():
             pre = F.linear(xc, self.enc, self.b_enc)
-            top, flat = pre.reshape(-1).topk(self.cfg.k * B, sorted=False)
+            top, flat = batch_topk(pre, self.cfg.k)
             flat = flat[top > 0].sort().values  # row-major pairs: rows ascend, latents ascend within a row
             rows, cols = torch.div(flat, m, rounding_mode="floor"), flat % m
             vals_raw = pre.reshape(-1)[flat]
