@@ -69,14 +69,17 @@ def lens_cmd(
     device: str | None = typer.Option(None, help="cpu, cuda, ..."),
     json_out: Path | None = typer.Option(None, "--json", help="write every layer and position here"),
     out: Path | None = typer.Option(
-        None, help="fit: the lens folder to write (resumes a killed fit); vector: the file"
+        None, help="fit: the lens folder to write (resumes a killed fit); vector / swap: the file"
     ),
     contexts: int = typer.Option(144, help="fit: corpus contexts read"),
-    token: str | None = typer.Option(None, help="vector: the token whose lens direction is written"),
+    token: str | None = typer.Option(None, help="vector / swap: the token whose lens direction is written"),
+    toward: str | None = typer.Option(None, help="swap: the token it is exchanged with"),
     layer: int | None = typer.Option(None, help="vector: the block whose output (resid.L) it is read at"),
 ) -> None:
     """What each layer is about to say: `lens TEXT [--track TOKEN] [--lens DIR]`; `lens fit --out DIR`; and
-    `lens vector --token T --layer L --out v.safetensors`, a steering vector toward what the lens reads as T."""
+    `lens vector --token T --layer L --out v.safetensors`, a steering vector toward what the lens reads as T;
+    `lens swap --token A --toward B --layer L --out swap.json`, a preset that exchanges what layer L says about
+    A and B."""
     from ..causal.lens import JacobianLens, LensFitConfig, fit_jacobian_lens, lens_view
 
     lm = _load(model, device, None)
@@ -87,6 +90,16 @@ def lens_cmd(
             _fail("lens vector needs --token, --layer and --out FILE.safetensors")
         sv = lens_vector(lm, token, layer, JacobianLens.load(lens, lm) if lens else None)
         console.print(f"wrote {sv.save(out)}: {sv.summary()} (use it in a preset with op add or project_out)")
+        return
+    if args == ["swap"]:
+        from ..steer import preset_from_interventions
+        from ..steer.vectors import lens_swap
+
+        if token is None or toward is None or layer is None or out is None:
+            _fail("lens swap needs --token, --toward, --layer and --out FILE.json")
+        edit = lens_swap(lm, token, toward, layer, JacobianLens.load(lens, lm) if lens else None)
+        saved = preset_from_interventions(out.stem, [edit]).save(out)
+        console.print(f"wrote {saved}: a preset that swaps {token!r} and {toward!r} at resid.{layer}")
         return
     if args == ["fit"]:
         if out is None:

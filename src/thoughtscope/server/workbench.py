@@ -291,7 +291,8 @@ def _vector_sliders(wb: Workbench, name: str, p) -> None:
             wb.notes.append(f"preset {name}, vector {it.label or i} skipped: {e}")
             continue
         s = it.strength
-        lo, hi = it.range or ([-2.0, 2.0] if it.op == "add" else [-abs(s) * 4 - 1, abs(s) * 4 + 1])
+        default = {"add": [-2.0, 2.0], "swap": [0.0, 1.0]}.get(it.op, [-abs(s) * 4 - 1, abs(s) * 4 + 1])
+        lo, hi = it.range or default
         key = f"{name}.{i}"
         wb.vectors[key] = VectorSlider(
             key, it.label or f"{name} #{i}", name, one, it.op, float(s), (float(lo), float(hi))

@@ -69,6 +69,7 @@ _WHERE = {
     "print_contrast": ".report",
     "project_out": ".interventions",
     "read_lines": ".run",
+    "swap": ".interventions",
     "read_pairs": ".run",
     "read_questions": ".calibrate",
     "repetition_rate": ".calibrate",

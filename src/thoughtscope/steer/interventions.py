@@ -32,7 +32,7 @@ from .renamed import alias, renamed_strength, strength_from, warn_renamed
 
 POSITIONS = ("all", "prompt", "generated")
 FEATURE_OPS = ("clamp", "add", "scale", "ablate")
-VECTOR_OPS = ("add", "project_out", "clamp_projection")
+VECTOR_OPS = ("add", "project_out", "clamp_projection", "swap")
 
 
 def _check_positions(p: str) -> str:
@@ -216,9 +216,12 @@ class VectorEdit:
 
     op="add": h + strength·vector (the vector as given; presets can express the strength in units of the
     site's typical residual norm). op="project_out": remove the component along the direction.
-    op="clamp_projection": set the component along the unit direction to `strength`. The default strength is
-    1 for "add" and 0 for "clamp_projection". `scale=` (add) and `value=` (clamp_projection) are the old names
-    of `strength` (still accepted, with a warning).
+    op="clamp_projection": set the component along the unit direction to `strength`. op="swap": exchange what
+    h says along the unit direction a (`vector`) and the unit direction b (`toward`), leaving the complement of
+    their plane as it was: with p_a = h·a, p_b = h·b and c = a·b, h + strength·(p_b − p_a)/(1 − c)·(a − b), so at
+    strength 1 h·a becomes p_b and h·b becomes p_a (a lens reads token A where it read B, and back). The
+    default strength is 1 for "add" and "swap", 0 for "clamp_projection". `scale=` (add) and `value=`
+    (clamp_projection) are the old names of `strength` (still accepted, with a warning).
     """
 
     vector: Tensor
@@ -227,7 +230,10 @@ class VectorEdit:
     strength: float | None = None
     positions: str = "all"
     label: str = ""
+    toward: Tensor | None = None
+    """op "swap" only: the second direction b [d_model] (any length; its unit direction is used)."""
     _unit: Tensor | None = field(default=None, repr=False)
+    _toward_unit: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.op not in VECTOR_OPS:
@@ -239,7 +245,7 @@ class VectorEdit:
             raise SteerError("steering vector contains non-finite values")
         self.vector = v.float()
         if self.strength is None:
-            self.strength = 1.0 if self.op == "add" else 0.0
+            self.strength = 1.0 if self.op in ("add", "swap") else 0.0
         self.strength = _check_finite("vector strength", self.strength)
         _check_positions(self.positions)
         self.site = str(Site.parse(self.site))
@@ -248,11 +254,16 @@ class VectorEdit:
             if n == 0:
                 raise SteerError(f"{self.op} needs a non-zero direction")
             self._unit = self.vector / n
+        if (self.toward is not None) != (self.op == "swap"):
+            raise SteerError("op 'swap' needs a second direction (toward=...), and only swap takes one")
+        if self.op == "swap":
+            self._toward_unit = _swap_partner(self._unit, self.toward)
 
     def to(self, device) -> VectorEdit:
         self.vector = self.vector.to(device)
-        if self._unit is not None:
-            self._unit = self._unit.to(device)
+        for name in ("_unit", "toward", "_toward_unit"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def apply(self, h: Tensor, ctx: StepContext) -> Tensor:
@@ -261,12 +272,29 @@ class VectorEdit:
             return h
         if self.op == "add":
             new = h + (self.strength * self.vector).to(h.dtype)
+        elif self.op == "swap":
+            a, b = self._unit, self._toward_unit
+            amount = self.strength * (h.float() @ b - h.float() @ a) / (1.0 - float(a @ b))  # [B, T]
+            new = h + (amount[..., None] * (a - b)).to(h.dtype)
         else:
             u = self._unit
             proj = h.float() @ u  # [B, T]
             target = 0.0 if self.op == "project_out" else self.strength
             new = h + ((target - proj)[..., None] * u).to(h.dtype)
         return _where(mask, new, h)
+
+
+def _swap_partner(a: Tensor, toward) -> Tensor:
+    """The unit direction b of a swap, refused where it cannot define a plane with a (zero, or parallel)."""
+    b = torch.as_tensor(toward).detach().float()
+    if b.shape != a.shape:
+        raise SteerError(f"swap: the second direction has shape {tuple(b.shape)}, expected {tuple(a.shape)}")
+    if not torch.isfinite(b).all() or float(b.norm()) == 0:
+        raise SteerError("swap: the second direction must be finite and non-zero")
+    b = b / b.norm()
+    if abs(float(a @ b)) > 0.999:
+        raise SteerError(f"swap: the two directions are parallel (cosine {float(a @ b):.4f}); nothing to exchange")
+    return b
 
 
 Intervention = "FeatureEdit | VectorEdit"
@@ -431,6 +459,11 @@ def add_vector(vector: Tensor, site: str, strength: float | None = None, **kw) -
 
 def project_out(direction: Tensor, site: str, **kw) -> VectorEdit:
     return VectorEdit(direction, site, "project_out", **kw)
+
+
+def swap(direction: Tensor, toward: Tensor, site: str, strength: float = 1.0, **kw) -> VectorEdit:
+    """Exchange h's components along two directions (strength 1: fully), the rest of h unchanged."""
+    return VectorEdit(direction, site, "swap", strength, toward=toward, **kw)
 
 
 def clamp_projection(direction: Tensor, site: str, strength: float | None = None, **kw) -> VectorEdit:

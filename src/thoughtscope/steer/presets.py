@@ -11,7 +11,8 @@
 `strength` is the slider of every item: clamp target / amount added / scale factor for features (unit
 "max": × `max_act`, or × the max stored with the SAE when the item has none); for vectors the strength of
 "add" (unit "norm": multiples of the site's typical residual norm along the unit direction; "raw": the
-vector as saved times strength) or the target of "clamp_projection". `range` and `suggested` hold a
+vector as saved times strength), the target of "clamp_projection", or how far "swap" exchanges the
+components along `vector` and `toward` (1: fully). `range` and `suggested` hold a
 calibrated slider range (from `steer sweep`). Paths are relative to the preset file; "sae": "default" names
 the SAE shipped with the package. Files written before strength had one name (format
 "thoughtscope-preset-1") call it "value"; they load unchanged.
@@ -84,6 +85,7 @@ class PresetItem:
     unit: str = "raw"  # feature: raw | max ; vector add: raw | norm
     max_act: float | None = None
     vector: str | list[float] | None = None  # type vector: .safetensors path or the numbers inline
+    toward: str | list[float] | None = None  # op swap: the second direction, as `vector`
     positions: str = "all"
     label: str = ""
     range: list[float] | None = None
@@ -122,16 +124,11 @@ class PresetItem:
             if not isinstance(self.unit, str) or self.unit not in ("raw", "max"):
                 raise SteerError(f"{where}: unit for a feature must be 'raw' or 'max', got {_show(self.unit)}")
         else:
-            if isinstance(self.vector, str) and self.vector.strip():
-                pass
-            elif isinstance(self.vector, list) and self.vector:
-                if not all(map(_finite_number, self.vector)):
-                    raise SteerError(f"{where}: inline vector must hold finite numbers")
-            else:
-                raise SteerError(
-                    f"{where}: a vector item needs 'vector' (a .safetensors path or a list of numbers), "
-                    f"got {_show(self.vector)}"
-                )
+            _check_direction(self.vector, "vector", where)
+            if (self.toward is not None) != (self.op == "swap"):
+                raise SteerError(f"{where}: 'toward' (the second direction) goes with op 'swap', and swap needs it")
+            if self.toward is not None:
+                _check_direction(self.toward, "toward", where)
             if not isinstance(self.unit, str) or self.unit not in ("raw", "norm"):
                 raise SteerError(f"{where}: unit for a vector must be 'raw' or 'norm', got {_show(self.unit)}")
 
@@ -326,20 +323,41 @@ def load_sae_cached(spec: str, base: Path, cache: dict, lm: LoadedModel | None =
     return cache[key]
 
 
-def _vector_item(it: PresetItem, base: Path, lm: LoadedModel) -> VectorEdit:
-    from .vectors import SteeringVector, site_norm
+def _check_direction(value, name: str, where: str) -> None:
+    if isinstance(value, str) and value.strip():
+        return
+    if isinstance(value, list) and value:
+        if not all(map(_finite_number, value)):
+            raise SteerError(f"{where}: inline {name} must hold finite numbers")
+        return
+    raise SteerError(
+        f"{where}: a vector item needs {name!r} (a .safetensors path or a list of numbers), got {_show(value)}"
+    )
+
+
+def _direction(value, it: PresetItem, base: Path, lm: LoadedModel) -> tuple[torch.Tensor, float | None]:
+    """A direction named by a preset item (inline numbers or a saved vector) and its typical norm if saved."""
+    from .vectors import SteeringVector
 
     typical = None
-    if isinstance(it.vector, list):
-        v = torch.tensor(it.vector, dtype=torch.float32)
+    if isinstance(value, list):
+        v = torch.tensor(value, dtype=torch.float32)
     else:
-        p = Path(it.vector)
+        p = Path(value)
         sv = SteeringVector.load(p if p.is_absolute() else base / p)
         if sv.site and sv.site != str(Site.parse(it.site)):
-            raise SteerError(f"vector {it.vector} was fitted at {sv.site} but the preset applies it at {it.site}")
+            raise SteerError(f"vector {value} was fitted at {sv.site} but the preset applies it at {it.site}")
         v, typical = sv.vector, sv.typical_norm
     if v.dim() != 1 or v.shape[0] != lm.d_model:
         raise SteerError(f"vector has shape {tuple(v.shape)} but {lm.name} has d_model={lm.d_model}")
+    return v, typical
+
+
+def _vector_item(it: PresetItem, base: Path, lm: LoadedModel) -> VectorEdit:
+    from .vectors import site_norm
+
+    v, typical = _direction(it.vector, it, base, lm)
+    toward = _direction(it.toward, it, base, lm)[0] if it.toward is not None else None
     strength = it.strength
     if it.op == "add" and it.unit == "norm":
         n = float(v.norm())
@@ -347,7 +365,7 @@ def _vector_item(it: PresetItem, base: Path, lm: LoadedModel) -> VectorEdit:
             raise SteerError("cannot use unit 'norm' with a zero vector")
         typical = typical if typical is not None else site_norm(lm, it.site)
         v, strength = v / n, it.strength * typical
-    return VectorEdit(v, it.site, it.op, strength, positions=it.positions, label=it.label)
+    return VectorEdit(v, it.site, it.op, strength, positions=it.positions, label=it.label, toward=toward)
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -400,6 +418,7 @@ def preset_from_interventions(name: str, interventions, *, sae_paths: dict | Non
                     iv.site,
                     iv.strength,
                     vector=[float(x) for x in iv.vector.cpu()],
+                    toward=[float(x) for x in iv.toward.cpu()] if iv.toward is not None else None,
                     positions=iv.positions,
                     label=iv.label,
                 )

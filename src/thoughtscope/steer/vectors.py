@@ -230,3 +230,13 @@ def lens_vector(lm: LoadedModel, token: str, layer: int, lens=None) -> SteeringV
     kind = "jacobian" if lens is not None else "logit"
     d = token_direction(lm, token, layer, lens)
     return SteeringVector(d, site, f"lens:{kind}", lm.name, 0, site_norm(lm, site), {"token": token})
+
+
+def lens_swap(lm: LoadedModel, token: str, toward: str, layer: int, lens=None, strength: float = 1.0):
+    """A swap edit at resid.`layer` between the directions the lens reads as `token` and as `toward`: what that
+    layer says about one token it now says about the other, the rest of the residual unchanged (VectorEdit "swap")."""
+    from ..causal.lens import token_direction
+    from .interventions import VectorEdit
+
+    a, b = token_direction(lm, token, layer, lens), token_direction(lm, toward, layer, lens)
+    return VectorEdit(a, f"resid.{layer}", "swap", strength, toward=b, label=f"{token} ⇄ {toward}")
