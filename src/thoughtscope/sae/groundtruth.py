@@ -1,0 +1,230 @@
+"""Ground-truth quality of an SAE: does it find the true features of synthetic activations?
+
+`ground_truth_metrics` scores any SAE (ours or a peer's: it needs only an `encode` callable and the decoder rows)
+against activations whose true features and firings are known (`thoughtscope.sae.synthetic`). The definitions
+match SAELens' SynthSAEBench evaluation (`sae_lens.synthetic.evals`) so the numbers are comparable with theirs:
+
+- ``mcc``: mean |cosine| of decoder rows and true directions over the one-to-one matching (Hungarian,
+  `scipy.optimize.linear_sum_assignment`) that maximises it; min(m, n_features) pairs.
+- ``uniqueness``: the number of distinct true features that are some latent's best match (largest |cosine|),
+  divided by the number of latents m.
+- ``precision`` / ``recall`` / ``f1``: each latent is a detector of its best-matching true feature (largest
+  |cosine|, not the Hungarian match): a latent fires when its activation is != 0, the feature when its true
+  activation is > 0; per-latent TP/(TP+FP), TP/(TP+FN) and their harmonic mean (0 where undefined), then the
+  mean over all m latents (dead latents count as 0).
+- ``explained_variance``: 1 - sum ||x - x_hat||^2 / (sum ||x||^2 - ||sum x||^2 / n) (float64 sums).
+- ``shrinkage``: mean over rows with ||x|| > 1e-6 of ||x_hat|| / ||x|| (1 = no shrinkage).
+- ``l0``: mean number of latents != 0 per row.
+- ``dead``: share of the m latents that never fire on these rows (SAELens reports the count; this is the count
+  divided by m).
+
+``absorption`` has no SAELens counterpart; it measures feature absorption on the true hierarchy. For each true
+parent feature P with children, let ell(P) be the latent whose decoder row has the largest |cosine| with P.
+Over the rows where P fires, r_child(P) = share of the rows where some direct child of P also fires on which
+ell(P) fires, and r_alone(P) = the same share over the rows where no child fires. A latent that has absorbed
+its children's share of P fires for P alone but is suppressed when a child fires (a child latent carries P's
+direction there). Over the parents with at least `min_support` rows of each kind,
+
+    absorption = sum_P max(0, r_alone(P) - r_child(P)) / sum_P r_alone(P)
+
+in [0, 1]: 0 when the parent latents fire as readily with a child as without (a perfect SAE), 1 when every
+parent latent that fires alone is silent whenever a child fires. Weighting by r_alone keeps parents the SAE
+never learned (r_alone near 0) from adding noise. NaN when `parent` is None or no parent has the support.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from ..errors import SAEError
+
+METRIC_KEYS = (
+    "f1",
+    "precision",
+    "recall",
+    "mcc",
+    "uniqueness",
+    "absorption",
+    "explained_variance",
+    "l0",
+    "dead",
+    "shrinkage",
+)
+MIN_INPUT_NORM = 1e-6  # rows with ||x|| at or below this are left out of the shrinkage mean (as SAELens does)
+
+
+def abs_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|cosine| of every row of a [m, d] with every row of b [n, d]: [m, n] float32 (zero rows give 0)."""
+    return (F.normalize(a.float(), dim=1, eps=1e-8) @ F.normalize(b.float(), dim=1, eps=1e-8).T).abs().clamp(max=1.0)
+
+
+def matched_mcc(cos: torch.Tensor) -> float:
+    """Mean of the |cosines| on the one-to-one matching of rows to columns that maximises their sum."""
+    sim = cos.double().cpu().numpy()
+    rows, cols = linear_sum_assignment(1.0 - sim)
+    return float(np.mean(sim[rows, cols]))
+
+
+def _check(W_dec: torch.Tensor, x: torch.Tensor, acts: torch.Tensor, features: torch.Tensor, parent) -> None:
+    if x.ndim != 2 or features.ndim != 2 or W_dec.ndim != 2 or acts.ndim != 2:
+        raise SAEError(
+            f"ground_truth_metrics: x {tuple(x.shape)}, acts {tuple(acts.shape)}, features {tuple(features.shape)}"
+            f" and W_dec {tuple(W_dec.shape)}: expected 2-d tensors [n, d], [n, n_features], [n_features, d], [m, d]"
+        )
+    n, d = x.shape
+    if features.shape[1] != d or W_dec.shape[1] != d:
+        raise SAEError(
+            f"ground_truth_metrics: x has d={d}, features d={features.shape[1]}, W_dec d={W_dec.shape[1]}: "
+            "expected one width"
+        )
+    if acts.shape != (n, features.shape[0]):
+        raise SAEError(
+            f"ground_truth_metrics: acts {tuple(acts.shape)}: expected [{n}, {features.shape[0]}] (rows of x, "
+            "true features)"
+        )
+    if n == 0:
+        raise SAEError("ground_truth_metrics: x has no rows; expected at least one")
+    if parent is not None and tuple(parent.shape) != (features.shape[0],):
+        raise SAEError(
+            f"ground_truth_metrics: parent {tuple(parent.shape)}: expected [{features.shape[0]}] (-1 for roots)"
+        )
+
+
+class _Absorption:
+    """Counts, per true parent, the rows where it fires with / without a child and its latent's firing there."""
+
+    def __init__(self, parent: torch.Tensor | None, latent_of_feature: torch.Tensor) -> None:
+        self.active = parent is not None and bool((parent >= 0).any())
+        if not self.active:
+            return
+        parent = parent.long().cpu()
+        self.kids = (parent >= 0).nonzero().squeeze(1)
+        self.parents, slot = torch.unique(parent[self.kids], return_inverse=True)
+        self.slot = slot
+        self.latent = latent_of_feature[self.parents]
+        p = self.parents.numel()
+        self.n_child = torch.zeros(p, dtype=torch.long)
+        self.on_child = torch.zeros(p, dtype=torch.long)
+        self.n_alone = torch.zeros(p, dtype=torch.long)
+        self.on_alone = torch.zeros(p, dtype=torch.long)
+
+    def add(self, gt_on: torch.Tensor, on: torch.Tensor) -> None:
+        if not self.active:
+            return
+        child = torch.zeros(gt_on.shape[0], self.parents.numel())
+        child.index_add_(1, self.slot, gt_on[:, self.kids].float())
+        fires = gt_on[:, self.parents]
+        lat = on[:, self.latent]
+        with_child = fires & (child > 0)
+        alone = fires & (child == 0)
+        self.n_child += with_child.sum(0)
+        self.on_child += (with_child & lat).sum(0)
+        self.n_alone += alone.sum(0)
+        self.on_alone += (alone & lat).sum(0)
+
+    def compute(self, min_support: int) -> float:
+        if not self.active:
+            return math.nan
+        ok = (self.n_child >= min_support) & (self.n_alone >= min_support)
+        if not bool(ok.any()):
+            return math.nan
+        r_child = self.on_child[ok].double() / self.n_child[ok]
+        r_alone = self.on_alone[ok].double() / self.n_alone[ok]
+        total = float(r_alone.sum())
+        return float((r_alone - r_child).clamp(min=0).sum() / total) if total > 0 else math.nan
+
+
+def _prf(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> tuple[float, float, float]:
+    """Mean over latents of precision, recall and F1 (each 0 where its denominator is 0)."""
+    tp, fp, fn = tp.double(), fp.double(), fn.double()
+    precision = torch.where(tp + fp > 0, tp / (tp + fp).clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(tp + fn > 0, tp / (tp + fn).clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-300), torch.zeros_like(tp))
+    return float(precision.mean()), float(recall.mean()), float(f1.mean())
+
+
+@torch.no_grad()
+def ground_truth_metrics(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    W_dec: torch.Tensor,
+    x: torch.Tensor,
+    acts: torch.Tensor,
+    features: torch.Tensor,
+    parent: torch.Tensor | None = None,
+    *,
+    b_dec: torch.Tensor | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk_rows: int = 4096,
+    min_support: int = 5,
+) -> dict[str, float]:
+    """Score an SAE against known true features (definitions in the module docstring).
+
+    encode(x_chunk) -> dense latent activations [rows, m] (a latent fires where != 0); W_dec [m, d] decoder rows;
+    x [n, d] the inputs; acts [n, n_features] their true feature activations (> 0 where firing); features
+    [n_features, d] the true directions; parent [n_features] (-1 for roots) for absorption. The reconstruction is
+    decode(z) when `decode` is given (an SAE whose decoder scales or shifts, e.g. with input normalisation),
+    else z @ W_dec + b_dec (b_dec 0 when None). Rows are processed `chunk_rows` at a time, so n x m latents
+    never sit in memory at once. Returns floats under exactly the keys of METRIC_KEYS.
+    """
+    _check(W_dec, x, acts, features, parent)
+    W = W_dec.detach().float().cpu()
+    cos = abs_cosines(W, features.detach().cpu())
+    best_feature = cos.argmax(1)
+    mcc = matched_mcc(cos)
+    uniqueness = best_feature.unique().numel() / W.shape[0]
+    absorption = _Absorption(parent, cos.argmax(0))
+    del cos
+    m = W.shape[0]
+    tp, fp, fn = (torch.zeros(m, dtype=torch.long) for _ in range(3))
+    fired = torch.zeros(m, dtype=torch.bool)
+    active = 0
+    sum_x = torch.zeros(x.shape[1], dtype=torch.float64)
+    sum_sq = sse = shrink = 0.0
+    shrink_rows = 0
+    for lo in range(0, x.shape[0], chunk_rows):
+        xc = x[lo : lo + chunk_rows].float()
+        z = encode(xc).detach().float().cpu()
+        if z.shape != (xc.shape[0], m):
+            raise SAEError(f"ground_truth_metrics: encode gave {tuple(z.shape)}; expected [{xc.shape[0]}, {m}]")
+        on = z != 0
+        gt_on = acts[lo : lo + chunk_rows].cpu() > 0
+        gt = gt_on[:, best_feature]
+        tp += (on & gt).sum(0)
+        fp += (on & ~gt).sum(0)
+        fn += (~on & gt).sum(0)
+        fired |= on.any(0)
+        active += int(on.sum())
+        absorption.add(gt_on, on)
+        x_hat = decode(z) if decode is not None else z @ W + (0 if b_dec is None else b_dec.detach().float().cpu())
+        x64, xh64 = xc.cpu().double(), x_hat.detach().cpu().double()
+        sum_x += x64.sum(0)
+        sum_sq += float(x64.pow(2).sum())
+        sse += float((x64 - xh64).pow(2).sum())
+        norms = x64.norm(dim=1)
+        keep = norms > MIN_INPUT_NORM
+        shrink += float((xh64.norm(dim=1)[keep] / norms[keep]).sum())
+        shrink_rows += int(keep.sum())
+    n = x.shape[0]
+    total_var = sum_sq / n - float((sum_x / n).pow(2).sum())
+    mse = sse / n
+    explained = (1.0 if mse < 1e-10 else 0.0) if total_var < 1e-10 else 1.0 - mse / total_var
+    precision, recall, f1 = _prf(tp, fp, fn)
+    return {
+        "f1": f1,
+        "precision": precision,
+        "recall": recall,
+        "mcc": mcc,
+        "uniqueness": uniqueness,
+        "absorption": absorption.compute(min_support),
+        "explained_variance": explained,
+        "l0": active / n,
+        "dead": float((~fired).float().mean()),
+        "shrinkage": shrink / shrink_rows if shrink_rows else 0.0,
+    }
