@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from thoughtscope.errors import SAEError
-from thoughtscope.sae.groundtruth import METRIC_KEYS, ground_truth_metrics
+from thoughtscope.sae.groundtruth import METRIC_KEYS, ground_truth_metrics, parent_from_tree
 from thoughtscope.sae.synthetic import SyntheticActivations, SyntheticConfig
 
 CFG = SyntheticConfig(
@@ -174,3 +174,22 @@ def test_the_definitions_match_saelens_synthetic_evals(data):
     assert 0.05 < theirs["f1"] < 0.95 and theirs["dead"] > 0  # an example where every number says something
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value, abs=1e-4), key
+
+
+@pytest.mark.slow  # importing sae_lens takes several seconds
+def test_parent_from_a_saelens_hierarchy_follows_its_gating():
+    """The parent tensor read from a SAELens hierarchy says exactly which features SAELens' own modifier silences
+    when their parent is off."""
+    hierarchy = pytest.importorskip("sae_lens.synthetic.hierarchy")
+    config = hierarchy.HierarchyConfig(total_root_nodes=3, branching_factor=(2, 4), max_depth=2)
+    tree = hierarchy.generate_hierarchy(80, config, seed=0)
+    parent = parent_from_tree(tree.roots, 80)
+    assert int((parent >= 0).sum()) > 0
+    acts = (torch.rand(2000, 80, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    gated = tree.modifier(acts)
+    on = gated > 0
+    kids = (parent >= 0).nonzero().squeeze(1)
+    assert not bool((on[:, kids] & ~on[:, parent[kids]]).any())  # a child never fires without its parent
+    free = (parent < 0).nonzero().squeeze(1)
+    assert torch.equal(gated[:, free], acts[:, free])  # features with no parent are never gated
+    assert bool((acts[:, kids] > gated[:, kids]).any())

@@ -76,7 +76,7 @@ def test_true_l0_is_the_target_within_the_stated_tolerance(small):
     l0 = float((acts > 0).sum(1).float().mean())
     assert abs(l0 - SMALL.target_l0) <= L0_TOLERANCE * SMALL.target_l0, l0
     default = SyntheticActivations(SyntheticConfig(orthogonalize_steps=0))
-    _, big = default.sample(12_000, seed=1)
+    _, big = default.sample(10_000, seed=1)
     l0 = float((big > 0).sum(1).float().mean())
     assert abs(l0 - 30.0) <= L0_TOLERANCE * 30.0, l0
 

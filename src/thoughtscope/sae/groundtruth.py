@@ -35,7 +35,8 @@ never learned (r_alone near 0) from adding noise. NaN when `parent` is None or n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,6 +72,23 @@ def matched_mcc(cos: torch.Tensor) -> float:
     return float(np.mean(sim[rows, cols]))
 
 
+def parent_from_tree(roots: Sequence[Any], n_features: int) -> torch.Tensor:
+    """The `parent` tensor [n_features] (-1 for roots and features outside every tree) of a forest of nodes with
+    `.feature_index` (int or None) and `.children`, as SAELens' `HierarchyNode` has: a node without a feature
+    (an organising node) passes its own parent on to its children, as SAELens' gating does."""
+    parent = torch.full((n_features,), -1, dtype=torch.long)
+    stack = [(node, -1) for node in roots]
+    while stack:
+        node, above = stack.pop()
+        index = node.feature_index
+        if index is not None:
+            if not 0 <= index < n_features:
+                raise SAEError(f"parent_from_tree: feature_index {index}: expected 0 <= index < {n_features}")
+            parent[index] = above
+        stack.extend((child, above if index is None else index) for child in node.children)
+    return parent
+
+
 def _check(W_dec: torch.Tensor, x: torch.Tensor, acts: torch.Tensor, features: torch.Tensor, parent) -> None:
     if x.ndim != 2 or features.ndim != 2 or W_dec.ndim != 2 or acts.ndim != 2:
         raise SAEError(
@@ -97,45 +115,49 @@ def _check(W_dec: torch.Tensor, x: torch.Tensor, acts: torch.Tensor, features: t
 
 
 class _Absorption:
-    """Counts, per true parent, the rows where it fires with / without a child and its latent's firing there."""
+    """Counts, per true parent, the rows where it fires with / without a child and its latent's firing there,
+    from the sparse lists of true firings and latent firings (never a dense [rows, parents] pass)."""
 
     def __init__(self, parent: torch.Tensor | None, latent_of_feature: torch.Tensor) -> None:
         self.active = parent is not None and bool((parent >= 0).any())
         if not self.active:
             return
         parent = parent.long().cpu()
-        self.kids = (parent >= 0).nonzero().squeeze(1)
-        self.parents, slot = torch.unique(parent[self.kids], return_inverse=True)
-        self.slot = slot
-        self.latent = latent_of_feature[self.parents]
+        n = parent.numel()
+        self.parents = torch.unique(parent[parent >= 0])
         p = self.parents.numel()
-        self.n_child = torch.zeros(p, dtype=torch.long)
-        self.on_child = torch.zeros(p, dtype=torch.long)
-        self.n_alone = torch.zeros(p, dtype=torch.long)
-        self.on_alone = torch.zeros(p, dtype=torch.long)
+        self.slot = torch.full((n,), -1, dtype=torch.long)  # a parent's own slot
+        self.slot[self.parents] = torch.arange(p)
+        self.parent_slot = torch.full((n,), -1, dtype=torch.long)  # a child's parent's slot
+        kids = (parent >= 0).nonzero().squeeze(1)
+        self.parent_slot[kids] = self.slot[parent[kids]]
+        self.latent = latent_of_feature[self.parents]
+        self.counts = torch.zeros(4, p, dtype=torch.long)  # rows with a child, its latent on; alone, latent on
 
-    def add(self, gt_on: torch.Tensor, on: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, feats: torch.Tensor, on: torch.Tensor) -> None:
+        """rows/feats: the true firings of one chunk; on: that chunk's latent firing mask [chunk_rows, m]."""
         if not self.active:
             return
-        child = torch.zeros(gt_on.shape[0], self.parents.numel())
-        child.index_add_(1, self.slot, gt_on[:, self.kids].float())
-        fires = gt_on[:, self.parents]
-        lat = on[:, self.latent]
-        with_child = fires & (child > 0)
-        alone = fires & (child == 0)
-        self.n_child += with_child.sum(0)
-        self.on_child += (with_child & lat).sum(0)
-        self.n_alone += alone.sum(0)
-        self.on_alone += (alone & lat).sum(0)
+        p = self.parents.numel()
+        child = self.parent_slot[feats]
+        has_child = torch.zeros(on.shape[0] * p, dtype=torch.bool)
+        has_child[rows[child >= 0] * p + child[child >= 0]] = True
+        own = self.slot[feats]
+        pr, ps = rows[own >= 0], own[own >= 0]
+        with_child = has_child[pr * p + ps]
+        lat = on[pr, self.latent[ps]]
+        for i, mask in enumerate((with_child, with_child & lat, ~with_child, ~with_child & lat)):
+            self.counts[i] += torch.bincount(ps[mask], minlength=p)
 
     def compute(self, min_support: int) -> float:
         if not self.active:
             return math.nan
-        ok = (self.n_child >= min_support) & (self.n_alone >= min_support)
+        n_child, on_child, n_alone, on_alone = self.counts
+        ok = (n_child >= min_support) & (n_alone >= min_support)
         if not bool(ok.any()):
             return math.nan
-        r_child = self.on_child[ok].double() / self.n_child[ok]
-        r_alone = self.on_alone[ok].double() / self.n_alone[ok]
+        r_child = on_child[ok].double() / n_child[ok]
+        r_alone = on_alone[ok].double() / n_alone[ok]
         total = float(r_alone.sum())
         return float((r_alone - r_child).clamp(min=0).sum() / total) if total > 0 else math.nan
 
@@ -148,6 +170,22 @@ def _prf(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> tuple[float, f
     denom = precision + recall
     f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-300), torch.zeros_like(tp))
     return float(precision.mean()), float(recall.mean()), float(f1.mean())
+
+
+def _add_reconstruction(sums: torch.Tensor, sum_x: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+    """Accumulate sum ||x||^2, sum ||x - x_hat||^2, the shrinkage ratios of rows with ||x|| > MIN_INPUT_NORM and
+    their count (float64), and sum x."""
+    sum_x += x.sum(0)
+    norms = x.norm(dim=1)
+    keep = norms > MIN_INPUT_NORM
+    sums += torch.stack(
+        [
+            x.pow(2).sum(),
+            (x - x_hat).pow(2).sum(),
+            (x_hat.norm(dim=1)[keep] / norms[keep]).sum(),
+            keep.sum().double(),
+        ]
+    )
 
 
 @torch.no_grad()
@@ -181,41 +219,37 @@ def ground_truth_metrics(
     uniqueness = best_feature.unique().numel() / W.shape[0]
     absorption = _Absorption(parent, cos.argmax(0))
     del cos
-    m = W.shape[0]
-    tp, fp, fn = (torch.zeros(m, dtype=torch.long) for _ in range(3))
-    fired = torch.zeros(m, dtype=torch.bool)
-    active = 0
+    m, n_true = W.shape[0], features.shape[0]
+    tp, n_on = torch.zeros(m, dtype=torch.long), torch.zeros(m, dtype=torch.long)
+    true_count = torch.zeros(n_true, dtype=torch.long)
+    bias = torch.zeros(W.shape[1]) if b_dec is None else b_dec.detach().float().cpu()
+    sums = torch.zeros(4, dtype=torch.float64)  # sum ||x||^2, sum ||x - x_hat||^2, sum of shrinkage ratios, rows
     sum_x = torch.zeros(x.shape[1], dtype=torch.float64)
-    sum_sq = sse = shrink = 0.0
-    shrink_rows = 0
     for lo in range(0, x.shape[0], chunk_rows):
         xc = x[lo : lo + chunk_rows].float()
         z = encode(xc).detach().float().cpu()
         if z.shape != (xc.shape[0], m):
             raise SAEError(f"ground_truth_metrics: encode gave {tuple(z.shape)}; expected [{xc.shape[0]}, {m}]")
-        on = z != 0
         gt_on = acts[lo : lo + chunk_rows].cpu() > 0
-        gt = gt_on[:, best_feature]
-        tp += (on & gt).sum(0)
-        fp += (on & ~gt).sum(0)
-        fn += (~on & gt).sum(0)
-        fired |= on.any(0)
-        active += int(on.sum())
-        absorption.add(gt_on, on)
-        x_hat = decode(z) if decode is not None else z @ W + (0 if b_dec is None else b_dec.detach().float().cpu())
-        x64, xh64 = xc.cpu().double(), x_hat.detach().cpu().double()
-        sum_x += x64.sum(0)
-        sum_sq += float(x64.pow(2).sum())
-        sse += float((x64 - xh64).pow(2).sum())
-        norms = x64.norm(dim=1)
-        keep = norms > MIN_INPUT_NORM
-        shrink += float((xh64.norm(dim=1)[keep] / norms[keep]).sum())
-        shrink_rows += int(keep.sum())
+        g_rows, g_feats = gt_on.nonzero(as_tuple=True)
+        true_count += torch.bincount(g_feats, minlength=n_true)
+        on = z != 0
+        z_rows, z_lat = on.nonzero(as_tuple=True)
+        n_on += torch.bincount(z_lat, minlength=m)
+        tp += torch.bincount(z_lat[gt_on[z_rows, best_feature[z_lat]]], minlength=m)
+        absorption.add(g_rows, g_feats, on)
+        if decode is not None:
+            x_hat = decode(z).detach().float().cpu()
+        else:  # z is sparse: sum the decoder rows of the firing latents only
+            offsets = torch.cumsum(torch.bincount(z_rows, minlength=z.shape[0]), 0)
+            offsets = torch.cat([offsets.new_zeros(1), offsets[:-1]])
+            x_hat = F.embedding_bag(z_lat, W, offsets, mode="sum", per_sample_weights=z[z_rows, z_lat]) + bias
+        _add_reconstruction(sums, sum_x, xc.cpu().double(), x_hat.double())
     n = x.shape[0]
-    total_var = sum_sq / n - float((sum_x / n).pow(2).sum())
-    mse = sse / n
+    total_var = float(sums[0]) / n - float((sum_x / n).pow(2).sum())
+    mse = float(sums[1]) / n
     explained = (1.0 if mse < 1e-10 else 0.0) if total_var < 1e-10 else 1.0 - mse / total_var
-    precision, recall, f1 = _prf(tp, fp, fn)
+    precision, recall, f1 = _prf(tp, n_on - tp, true_count[best_feature] - tp)
     return {
         "f1": f1,
         "precision": precision,
@@ -224,7 +258,7 @@ def ground_truth_metrics(
         "uniqueness": uniqueness,
         "absorption": absorption.compute(min_support),
         "explained_variance": explained,
-        "l0": active / n,
-        "dead": float((~fired).float().mean()),
-        "shrinkage": shrink / shrink_rows if shrink_rows else 0.0,
+        "l0": float(n_on.sum()) / n,
+        "dead": float((n_on == 0).float().mean()),
+        "shrinkage": float(sums[2] / sums[3]) if sums[3] > 0 else 0.0,
     }
