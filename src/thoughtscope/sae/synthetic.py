@@ -42,7 +42,7 @@ from ..errors import SAEError
 from ..values import is_finite
 
 CHUNK_ROWS = 8192  # rows drawn per chunk: fixes the random stream, so bytes never depend on n's split or memory
-CALIBRATION_ROWS = 16384  # rows sampled per calibration step of the Zipf scale
+CALIBRATION_ROWS = 8192  # rows sampled at each calibration step of the Zipf scale (one chunk)
 CALIBRATION_REL_TOL = 0.003  # calibration stops when its L0 is this close (relative) to target_l0
 CALIBRATION_STEPS = 16  # at most this many rescalings before giving up with an SAEError
 L0_TOLERANCE = 0.03  # documented promise: mean L0 of sample(n >= 10_000) within 3% of target_l0
@@ -151,12 +151,20 @@ def _mix(*parts: int) -> int:
 
 
 def _tight_frame_push(w: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
-    """Gradient descent on sum_{i != j} (w_i . w_j)^2 with rows kept unit, through the d x d Gram matrix."""
+    """Gradient descent on sum_{i != j} (w_i . w_j)^2 with rows kept unit, through the d x d Gram matrix.
+
+    Runs on one thread: w.T @ w sums over all n rows, and a multi-threaded sum splits them differently for
+    another thread count, which would change the directions' bytes."""
     n, d = w.shape
     step = lr * d / n
-    for _ in range(steps):
-        grad = w @ (w.T @ w) - w * w.pow(2).sum(1, keepdim=True)
-        w = F.normalize(w - step * grad, dim=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            grad = w @ (w.T @ w) - w * w.pow(2).sum(1, keepdim=True)
+            w = F.normalize(w - step * grad, dim=1)
+    finally:
+        torch.set_num_threads(threads)
     return w
 
 
@@ -377,6 +385,19 @@ class SyntheticActivations:
             xc = self._chunk(min(CHUNK_ROWS, n - lo), gen)[0]
             x[lo : lo + xc.shape[0]] = xc
         return x
+
+    def summary(self) -> dict[str, Any]:
+        """The model's shape and realised statistics, for a benchmark's record (plain numbers)."""
+        return {
+            "n_features": self.cfg.n_features,
+            "d_model": self.cfg.d_model,
+            "target_l0": self.cfg.target_l0,
+            "calibrated_l0": self.calibrated_l0,
+            "zipf_scale": self.zipf_scale,
+            "children": int((self.parent >= 0).sum()),
+            "exclusive_parents": int(self.exclusive.sum()),
+            "mean_max_overlap": self.mean_max_overlap(),
+        }
 
     def mean_max_overlap(self, chunk: int = 1024) -> float:
         """Mean over features of the largest |cosine| with any other feature (SynthSAEBench's superposition
