@@ -208,7 +208,8 @@ def ground_truth_metrics(
     x [n, d] the inputs; acts [n, n_features] their true feature activations (> 0 where firing); features
     [n_features, d] the true directions; parent [n_features] (-1 for roots) for absorption. The reconstruction is
     decode(z) when `decode` is given (an SAE whose decoder scales or shifts, e.g. with input normalisation),
-    else z @ W_dec + b_dec (b_dec 0 when None). Rows are processed `chunk_rows` at a time, so n x m latents
+    else z @ W_dec + b_dec (b_dec 0 when None). encode gets each chunk of x on x's device and decode gets
+    encode's output as it came; the counting runs on CPU. Rows are processed `chunk_rows` at a time, so n x m latents
     never sit in memory at once. Returns floats under exactly the keys of METRIC_KEYS.
     """
     _check(W_dec, x, acts, features, parent)
@@ -227,7 +228,8 @@ def ground_truth_metrics(
     sum_x = torch.zeros(x.shape[1], dtype=torch.float64)
     for lo in range(0, x.shape[0], chunk_rows):
         xc = x[lo : lo + chunk_rows].float()
-        z = encode(xc).detach().float().cpu()
+        z_raw = encode(xc).detach()
+        z = z_raw.float().cpu()
         if z.shape != (xc.shape[0], m):
             raise SAEError(f"ground_truth_metrics: encode gave {tuple(z.shape)}; expected [{xc.shape[0]}, {m}]")
         gt_on = acts[lo : lo + chunk_rows].cpu() > 0
@@ -239,7 +241,7 @@ def ground_truth_metrics(
         tp += torch.bincount(z_lat[gt_on[z_rows, best_feature[z_lat]]], minlength=m)
         absorption.add(g_rows, g_feats, on)
         if decode is not None:
-            x_hat = decode(z).detach().float().cpu()
+            x_hat = decode(z_raw).detach().float().cpu()
         else:  # z is sparse: sum the decoder rows of the firing latents only
             offsets = torch.cumsum(torch.bincount(z_rows, minlength=z.shape[0]), 0)
             offsets = torch.cat([offsets.new_zeros(1), offsets[:-1]])

@@ -7,9 +7,11 @@ copula), noisy firing magnitudes, an optional bias, and unit feature directions 
 frame (near-orthogonal, never orthogonal: 4,096 directions in 256 dimensions cannot be).
 
 One row is ``x = acts @ features + bias`` where ``acts`` [n_features] holds the magnitude of every firing feature
-and 0 elsewhere. Features are numbered by frequency rank: feature 0 is the most frequent, and the hierarchy
-takes the first indices in breadth-first order (roots, then their children, ...), so a parent always has a lower
-index (and a higher firing probability) than its children. The children of one parent are consecutive.
+and 0 elsewhere: |N(magnitude_mean_i, magnitude_std_i)| (folded, so a firing feature is never 0 and "fires" means
+acts > 0; SynthSAEBench clips at 0 instead, which at means 4-5 and spreads near 0.5 almost never matters).
+Features are numbered by frequency rank: feature 0 is the most frequent, and the hierarchy takes the first
+indices in breadth-first order (roots, then their children, ...), so a parent always has a lower index (and a
+higher firing probability) than its children. The children of one parent are consecutive.
 
 Determinism: the model (directions, probabilities, hierarchy, correlations, magnitudes) is drawn from
 ``cfg.seed`` by one ``torch.Generator``; ``sample(n, seed=s)`` draws rows from a generator seeded by
