@@ -62,8 +62,9 @@ class AbsorptionConfig:
     """Rise in test F1 that counts one more latent as a split of the letter (F1 units)."""
     l1: float = 0.01
     """L1 penalty of the latent probe that ranks latents, on the sum of |weights| per letter (loss units)."""
-    epochs: int = 50
-    """Full-batch Adam steps of the residual and latent probes (steps)."""
+    steps: int = 300
+    """Full-batch Adam steps of the residual and latent probes (steps; SAEBench runs 50 epochs of 4,096-word
+    batches over a vocabulary of tens of thousands of words, i.e. hundreds of steps)."""
     lr: float = 0.01
     """Starting learning rate of both probes, decayed exponentially to `end_lr` (per step)."""
     end_lr: float = 1e-5
@@ -86,7 +87,7 @@ class AbsorptionConfig:
     def validate(self) -> None:
         if not 0 < self.test_fraction < 1:
             raise ProbeError(f"AbsorptionConfig.test_fraction must be in (0, 1), got {self.test_fraction!r}")
-        for name in ("n_words", "max_k", "epochs", "max_absorbers", "texts_per_batch", "min_test_words"):
+        for name in ("n_words", "max_k", "steps", "max_absorbers", "texts_per_batch", "min_test_words"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ProbeError(f"AbsorptionConfig.{name} must be a positive int, got {v!r}")
@@ -169,7 +170,7 @@ def ovr_probe(
     labels: torch.Tensor,
     n_classes: int,
     *,
-    epochs: int,
+    steps: int,
     lr: float,
     end_lr: float,
     weight_decay: float = 0.0,
@@ -177,7 +178,7 @@ def ovr_probe(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One-vs-rest logistic probes [n_classes, d] and biases, trained together by full-batch Adam on BCE with each
     class's positives weighted by negatives / positives, plus `l1` × the mean over classes of Σ|w|; the learning
-    rate decays exponentially from `lr` to `end_lr` over `epochs` steps (SAEBench's multi-probe)."""
+    rate decays exponentially from `lr` to `end_lr` over `steps` steps (SAEBench's multi-probe)."""
     X = X.float()
     Y = torch.nn.functional.one_hot(labels.long(), n_classes).float()
     pos = Y.sum(0)
@@ -185,11 +186,11 @@ def ovr_probe(
     W = torch.zeros(n_classes, X.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.Adam([W, b], lr=lr, weight_decay=weight_decay)
-    gamma = math.exp(math.log(end_lr / lr) / max(1, epochs))
+    gamma = math.exp(math.log(end_lr / lr) / max(1, steps))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     with torch.enable_grad():
-        for _ in range(epochs):
+        for _ in range(steps):
             opt.zero_grad()
             loss = loss_fn(X @ W.T + b, Y)
             if l1:
@@ -263,7 +264,7 @@ def main_latents(
     if active.numel() == 0:
         return {c: {"main": [], "f1_by_k": [], "ranked": []} for c in letters}
     W, _ = ovr_probe(
-        F_train[:, active], y_train, len(LETTERS), epochs=cfg.epochs, lr=cfg.lr, end_lr=cfg.end_lr,
+        F_train[:, active], y_train, len(LETTERS), steps=cfg.steps, lr=cfg.lr, end_lr=cfg.end_lr,
         weight_decay=1e-6, l1=cfg.l1,
     )  # fmt: skip
     let = torch.tensor(list(letters))
@@ -338,7 +339,7 @@ def absorption_from_acts(
     cfg.validate()
     y_train, y_test = torch.as_tensor(y_train).long(), torch.as_tensor(y_test).long()
     W, b = ovr_probe(
-        x_train, y_train, len(LETTERS), epochs=cfg.epochs, lr=cfg.lr, end_lr=cfg.end_lr, weight_decay=cfg.weight_decay
+        x_train, y_train, len(LETTERS), steps=cfg.steps, lr=cfg.lr, end_lr=cfg.end_lr, weight_decay=cfg.weight_decay
     )
     letters = [
         c for c in range(len(LETTERS)) if int((y_test == c).sum()) >= cfg.min_test_words and (y_train == c).any()
