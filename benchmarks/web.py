@@ -7,6 +7,8 @@
 2. First token: time from sending GET /steer/stream (three lanes: steered with one feature clamp, unsteered,
    prompt-only baseline) over real loopback HTTP to the first `steered` event, versus plain `generate`'s
    first token (same prompt, seed, settings, the same clamp). `first_token_ratio` = plain / stream (target >= 0.8).
+2b. Token panel: the analyzer's causal views for one position (`measure_token_views`): the lens column, feature
+   attribution of the next token, and the same checked by ablation, each as a multiple of the analyzer request.
 3. Load (--load): N mixed requests (half analyzer pages, half streams), C concurrent, in rounds; errors, p50/p99
    latency and the server process's RSS after each round.
 4. First start (not with --tiny; --first-start-only runs just this): `thoughtscope serve` (default model, SAE and
@@ -161,6 +163,53 @@ def measure_analyzer(wb, app, timer, reps: int) -> dict:
         "analyzer_bare_s": b,
         "analyzer_server_s": s,
         "analyzer_overhead_ratio": b / s,
+    }
+
+
+def measure_token_views(wb, timer, reps: int) -> dict:
+    """The analyzer token panel's causal views at the last position of the analyzer's text, each request's server
+    time beside the analyzer request's on the same text, alternating, medians: `lens_column_vs_analyzer` (what
+    every layer says there: the first click on a text reads it through every block), `lens_column_next_vs_analyzer`
+    (a second click on the same text: the residuals are cached, only the readouts run), `why_vs_analyzer`
+    (feature attribution of the model's next token, first order) and
+    `why_checked_vs_analyzer` (the top 12 features also ablated in the model). Goal <= 1.5 for the views."""
+    from fastapi.testclient import TestClient
+
+    text = text_of(wb.lm, 256)
+    pos = len(wb.lm.tokenize(text)[0][0]) - 1
+    got: dict[str, list[float]] = {k: [] for k in ("analyzer", "lens", "lens_next", "why", "checked")}
+    with TestClient(timer, base_url="http://127.0.0.1") as c:
+        for i in range(reps + 1):
+            r = c.post("/analyze", data={"text": text}, headers={"accept": "text/html"})
+            assert r.status_code == 200, r.text[:300]
+            wb.residual_cache.clear()  # a first click on this text
+            lens = c.get("/api/analyze/lens", params={"text": text, "pos": pos})
+            assert lens.status_code == 200, lens.text[:300]
+            target = lens.json()["model_top1_id"]
+            if i:
+                got["lens"].append(timer.times["/api/analyze/lens"][-1])
+            again = c.get("/api/analyze/lens", params={"text": text, "pos": pos // 2})  # another click, same text
+            assert again.status_code == 200, again.text[:300]
+            for key, check in (("why", 0), ("checked", 12)):
+                w = c.get("/api/analyze/why", params={"text": text, "pos": pos, "target_id": target, "check": check})
+                assert w.status_code == 200, w.text[:300]
+                if i:
+                    got[key].append(timer.times["/api/analyze/why"][-1])
+            if i:  # the first round warms every path up
+                got["analyzer"].append(timer.times["/analyze"][-1])
+                got["lens_next"].append(timer.times["/api/analyze/lens"][-1])
+    med = {k: statistics.median(v) for k, v in got.items()}
+    return {
+        "token_views_tokens": pos + 1,
+        "token_views_analyzer_s": med["analyzer"],
+        "lens_column_s": med["lens"],
+        "why_s": med["why"],
+        "why_checked_s": med["checked"],
+        "lens_column_next_s": med["lens_next"],
+        "lens_column_vs_analyzer": med["lens"] / med["analyzer"],
+        "lens_column_next_vs_analyzer": med["lens_next"] / med["analyzer"],
+        "why_vs_analyzer": med["why"] / med["analyzer"],
+        "why_checked_vs_analyzer": med["checked"] / med["analyzer"],
     }
 
 
@@ -404,6 +453,12 @@ def main() -> None:
     print(
         f"analyzer, {res['analyzer_tokens']} tokens: bare {res['analyzer_bare_s'] * 1e3:.0f} ms, server "
         f"{res['analyzer_server_s'] * 1e3:.0f} ms, analyzer_overhead_ratio {res['analyzer_overhead_ratio']:.3f}"
+    )
+    res.update(measure_token_views(wb, timer, reps))
+    print(
+        f"token panel, {res['token_views_tokens']} tokens: lens column {res['lens_column_vs_analyzer']:.2f}x "
+        f"(next click {res['lens_column_next_vs_analyzer']:.2f}x), why "
+        f"{res['why_vs_analyzer']:.2f}x, why checked {res['why_checked_vs_analyzer']:.2f}x the analyzer request"
     )
     with Live(timer) as url:
         res.update(measure_first_token(wb, url, feature, reps, 8 if args.quick else 24))

@@ -13,6 +13,7 @@ checkpointed after every batch, so a killed fit resumes.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -159,6 +160,76 @@ class LensView:
         return asdict(self)
 
 
+def _lens_probs(lm: LoadedModel, h: torch.Tensor, layer: int, lens: JacobianLens | None) -> torch.Tensor:
+    """Next-token probabilities the lens reads from residuals h [..., d] after block `layer`."""
+    x = h.float()
+    if lens is not None:
+        x = x @ lens.J[layer].T.to(x.device)
+    return torch.softmax(readout(lm, x.to(h.dtype)), -1)
+
+
+class ResidualCache:
+    """The residual after every block for the last text read, so that clicking another position of the same text
+    costs only the readouts (a causal model's residual at a position does not depend on what follows it)."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._hs: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key, self._hs = None, []
+
+    def residuals(self, lm: LoadedModel, ids: torch.Tensor) -> list[torch.Tensor]:
+        key = (id(lm.model), tuple(ids[0].tolist()))
+        with self._lock:
+            if key != self._key:
+                self._hs, self._key = _residuals(lm, ids, grad=False), key
+            return self._hs
+
+
+def lens_column(
+    lm: LoadedModel,
+    text: str,
+    pos: int,
+    *,
+    lens: JacobianLens | None = None,
+    k: int = 3,
+    cache: ResidualCache | None = None,
+) -> dict[str, object]:
+    """What every layer says at one position of `text` (the analyzer's click): one row per layer goes through the
+    unembedding, not the [layers x positions x vocab] grid of `lens_view`. Without a cache the text is read only
+    up to `pos`; with one, the whole text is read once and every later position of it is a lookup. Keys: position,
+    token, kind, layers ([layer] -> [(token, probability)]), model_top1 (the model's own next token there)."""
+    from ..display import lone_token_text, token_texts
+
+    ids, _ = lm.tokenize([text])
+    if not 0 <= pos < ids.shape[1]:
+        raise CausalError(f"position {pos} is out of range: the text has positions 0..{ids.shape[1] - 1}")
+    if cache is not None:
+        hs = [h[:, : pos + 1] for h in cache.residuals(lm, ids)]
+    else:
+        hs = _residuals(lm, ids[:, : pos + 1], grad=False)
+    ids = ids[:, : pos + 1]
+    with torch.inference_mode():
+        rows = torch.stack([h[0, -1].float() for h in hs])  # [layers, d]: the unembedding is read once, not per layer
+        if lens is not None:
+            rows = torch.einsum("lij,lj->li", lens.J.to(rows), rows)
+        logits = readout(lm, rows.to(hs[0].dtype))
+        v, i = torch.softmax(logits, -1).topk(k, -1)
+        layers = [[(lone_token_text(lm.tokenizer, int(a)), float(b)) for a, b in zip(ii, vv)] for ii, vv in zip(i, v)]
+        top1 = int(readout(lm, hs[-1][0, -1]).argmax()) if lens is not None else int(logits[-1].argmax())
+    return {
+        "position": pos,
+        "token": token_texts(lm.tokenizer, ids[0].tolist())[-1],
+        "kind": "jacobian" if lens is not None else "logit",
+        "layers": layers,
+        "model_top1": lone_token_text(lm.tokenizer, top1),
+        "model_top1_id": top1,
+    }
+
+
 def lens_view(
     lm: LoadedModel, text: str, *, lens: JacobianLens | None = None, track: str | None = None, k: int = 5
 ) -> LensView:
@@ -175,10 +246,7 @@ def lens_view(
 
     with torch.inference_mode():
         for layer, h in enumerate(hs):
-            x = h[0].float()
-            if lens is not None:
-                x = x @ lens.J[layer].T.to(x.device)
-            p = torch.softmax(readout(lm, x.to(h.dtype)), -1)
+            p = _lens_probs(lm, h[0], layer, lens)
             v, i = p.topk(k, -1)
             top.append([[(dec(a), float(b)) for a, b in zip(ii, vv)] for ii, vv in zip(i, v)])
             agree.append(float((p.argmax(-1) == final).float().mean()))

@@ -141,6 +141,7 @@ async def _analyze_page(request: Request, text: str | None, feature: str | None,
         "error": "",
         "share": None,
         "share_note": "",
+        "has_jacobian": wb.jacobian_lens() is not None,
     }
     status, headers = 200, {}
     if text is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
 
-from ..causal.lens import JacobianLens, lens_view
+from ..causal.lens import lens_view
 from ..errors import CausalError
 from .context import cfg_of, page, run_model, text_param, wb_of
 
@@ -14,13 +14,7 @@ KINDS = ("logit", "jacobian")
 
 
 def _lens_for(wb):
-    """The shipped Jacobian lens when it was fitted for this model, else None (the page offers the logit lens)."""
-    if not hasattr(wb, "_jlens"):
-        try:
-            wb._jlens = JacobianLens.load("default", wb.lm)
-        except CausalError:
-            wb._jlens = None
-    return wb._jlens
+    return wb.jacobian_lens()
 
 
 def _view(wb, text: str, kind: str, track: str | None, cfg):
@@ -36,15 +30,16 @@ def _view(wb, text: str, kind: str, track: str | None, cfg):
         raise HTTPException(422, str(e)) from None
 
 
-def _why(wb, text: str, target: str | int, cfg) -> dict:
-    """Feature attribution for `target` as the next token, the top features checked by ablating them."""
+def _why(wb, text: str, target: str | int, cfg, *, pos: int | None = None, check: int = 20, limit: int = 64) -> dict:
+    """Feature attribution for `target` as the next token (after position `pos`), the top `check` features
+    checked by ablating them in the model (0: the first-order view only, the cheap request)."""
     from ..causal.attribution import attribute
 
     ids, _ = wb.lm.tokenize(text)
-    if ids.shape[1] > min(cfg.max_prompt_tokens, 64):
-        raise HTTPException(422, f"text has {ids.shape[1]} tokens; the lens view shows at most 64")
+    if ids.shape[1] > min(cfg.max_prompt_tokens, limit):
+        raise HTTPException(422, f"text has {ids.shape[1]} tokens; this view reads at most {limit}")
     try:
-        res = attribute(wb.lm, wb.sae, text, target, check=20)
+        res = attribute(wb.lm, wb.sae, text, target, check=check, pos=pos)
     except CausalError as e:
         raise HTTPException(422, str(e)) from None
     top = sorted(res.total.items(), key=lambda kv: -abs(kv[1]))[:12]
@@ -83,6 +78,38 @@ async def lens_page(
 async def attribute_json(request: Request, text: str, target: str):
     wb, cfg = wb_of(request), cfg_of(request)
     return await run_model(request, _why, wb, text_param(text, "text", cfg), target, cfg)
+
+
+def _column(wb, text: str, pos: int, kind: str, cfg) -> dict:
+    from ..causal.lens import lens_column
+
+    lens = _lens_for(wb) if kind == "jacobian" else None
+    if kind == "jacobian" and lens is None:
+        raise HTTPException(422, f"no Jacobian lens is fitted for {wb.lm.name}: fit one with 'thoughtscope lens fit'")
+    try:
+        return lens_column(wb.lm, text, pos, lens=lens, k=3, cache=wb.residual_cache)
+    except CausalError as e:
+        raise HTTPException(422, str(e)) from None
+
+
+@router.get("/api/analyze/lens")
+async def analyze_lens_json(request: Request, text: str, pos: int, kind: str = "logit"):
+    """The analyzer's token panel: what every layer says at one position (the text read up to there)."""
+    wb, cfg = wb_of(request), cfg_of(request)
+    if kind not in KINDS:
+        raise HTTPException(422, f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return await run_model(request, _column, wb, text_param(text, "text", cfg), pos, kind, cfg)
+
+
+@router.get("/api/analyze/why")
+async def analyze_why_json(request: Request, text: str, pos: int, target_id: int, check: int = 0):
+    """The analyzer's "why this token": which SAE features pushed the model's next token after `pos`, first
+    order (check=0, the view) or with the top `check` features (at most 20) ablated in the model."""
+    wb, cfg = wb_of(request), cfg_of(request)
+    if not 0 <= check <= 20:
+        raise HTTPException(422, f"check must be between 0 and 20 features, got {check}")
+    text = text_param(text, "text", cfg)
+    return await run_model(request, _why, wb, text, target_id, cfg, pos=pos, check=check, limit=cfg.max_prompt_tokens)
 
 
 @router.get("/api/lens")

@@ -182,6 +182,27 @@ class Workbench:
         rule): every page that shows such a label marks it, not only the feature page."""
         return {n for n, (_, below) in self._label_records(ids).items() if below}
 
+    @property
+    def residual_cache(self):
+        """The last analyzed text's residuals at every block (causal.lens.ResidualCache), for the token panel."""
+        if not hasattr(self, "_residual_cache"):
+            from ..causal.lens import ResidualCache
+
+            self._residual_cache = ResidualCache()
+        return self._residual_cache
+
+    def jacobian_lens(self):
+        """The shipped Jacobian lens when it was fitted for this model, else None (pages offer the logit lens)."""
+        if not hasattr(self, "_jlens"):
+            from ..causal.lens import JacobianLens
+            from ..errors import CausalError
+
+            try:
+                self._jlens = JacobianLens.load("default", self.lm)
+            except CausalError:
+                self._jlens = None
+        return self._jlens
+
     def with_labels(self, rows: list[dict]) -> list[dict]:
         """Rows keyed by "feature" gain its "label" and "below_control" (whether to warn not to trust it)."""
         recs = self._label_records([r["feature"] for r in rows])
