@@ -18,18 +18,25 @@ match SAELens' SynthSAEBench evaluation (`sae_lens.synthetic.evals`) so the numb
 - ``dead``: share of the m latents that never fire on these rows (SAELens reports the count; this is the count
   divided by m).
 
-``absorption`` has no SAELens counterpart; it measures feature absorption on the true hierarchy. For each true
-parent feature P with children, let ell(P) be the latent whose decoder row has the largest |cosine| with P.
-Over the rows where P fires, r_child(P) = share of the rows where some direct child of P also fires on which
-ell(P) fires, and r_alone(P) = the same share over the rows where no child fires. A latent that has absorbed
-its children's share of P fires for P alone but is suppressed when a child fires (a child latent carries P's
-direction there). Over the parents with at least `min_support` rows of each kind,
+``absorption`` has no SAELens counterpart; it measures feature absorption on the true hierarchy: a parent's latent
+that fires for the parent but goes silent when a child fires (the child's latent has taken over the parent's
+direction there). For each true parent feature P, let ell(P) be the latent whose decoder row has the largest
+|cosine| with P. Split the rows where P fires into contexts: "alone" (no direct child of P fires) and, for each
+child c, "with c" (c fires too). In each context k with at least `min_support` rows, r_k is the share of its rows on
+which ell(P) fires; r_ref(P) is the largest r_k (P's latent in its best context, "alone" included). A context's
+deficit is what r_k falls short of r_ref by more than sampling noise, d_k = max(0, r_ref - r_k - ABSORPTION_NOISE_Z
+* sqrt(r_ref * (1 - r_ref) / n_k)) over its n_k rows. Then, summing over the parents and over their "with c"
+contexts,
 
-    absorption = sum_P max(0, r_alone(P) - r_child(P)) / sum_P r_alone(P)
+    absorption = sum n_k * d_k / sum n_k * r_ref(P)
 
-in [0, 1]: 0 when the parent latents fire as readily with a child as without (a perfect SAE), 1 when every
-parent latent that fires alone is silent whenever a child fires. Weighting by r_alone keeps parents the SAE
-never learned (r_alone near 0) from adding noise. NaN when `parent` is None or no parent has the support.
+in [0, 1]: the share of the parents' with-child firings on which their latent is off beyond its miss rate in its
+best context (and beyond chance: a latent that fires at random, whatever the context, scores near 0). 0 when each
+parent latent fires as readily with any child as alone (a perfect SAE); 1 when every parent latent that fires alone
+is silent whenever a child fires; 0.75 for a latent that fires only with one of four equally frequent children.
+Taking the best context, not only "alone", as the reference keeps the parents that (as in SynthSAEBench's deep
+levels) nearly always fire with exactly one child; weighting by r_ref keeps parents the SAE never learned (r_ref
+near 0) from adding noise. NaN when `parent` is None or no parent has a supported with-child context.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ METRIC_KEYS = (
     "dead",
     "shrinkage",
 )
+ABSORPTION_NOISE_Z = 2.0  # a context's shortfall counts only beyond this many standard errors of its rate
 MIN_INPUT_NORM = 1e-6  # rows with ||x|| at or below this are left out of the shrinkage mean (as SAELens does)
 
 
@@ -115,51 +123,63 @@ def _check(W_dec: torch.Tensor, x: torch.Tensor, acts: torch.Tensor, features: t
 
 
 class _Absorption:
-    """Counts, per true parent, the rows where it fires with / without a child and its latent's firing there,
-    from the sparse lists of true firings and latent firings (never a dense [rows, parents] pass)."""
+    """Counts, per true parent, its latent's firing in each context (alone; with each child), from the sparse
+    lists of true firings and latent firings (never a dense [rows, parents] pass)."""
 
     def __init__(self, parent: torch.Tensor | None, latent_of_feature: torch.Tensor) -> None:
         self.active = parent is not None and bool((parent >= 0).any())
         if not self.active:
             return
-        parent = parent.long().cpu()
-        n = parent.numel()
-        self.parents = torch.unique(parent[parent >= 0])
-        p = self.parents.numel()
+        self.parent = parent.long().cpu()
+        n = self.parent.numel()
+        self.kids = (self.parent >= 0).nonzero().squeeze(1)
+        self.parents = torch.unique(self.parent[self.kids])
         self.slot = torch.full((n,), -1, dtype=torch.long)  # a parent's own slot
-        self.slot[self.parents] = torch.arange(p)
-        self.parent_slot = torch.full((n,), -1, dtype=torch.long)  # a child's parent's slot
-        kids = (parent >= 0).nonzero().squeeze(1)
-        self.parent_slot[kids] = self.slot[parent[kids]]
-        self.latent = latent_of_feature[self.parents]
-        self.counts = torch.zeros(4, p, dtype=torch.long)  # rows with a child, its latent on; alone, latent on
+        self.slot[self.parents] = torch.arange(self.parents.numel())
+        self.kid_slot = torch.full((n,), -1, dtype=torch.long)  # a child's index among the children
+        self.kid_slot[self.kids] = torch.arange(self.kids.numel())
+        self.latent_of_feature = latent_of_feature
+        self.alone = torch.zeros(2, self.parents.numel(), dtype=torch.long)  # rows alone; its latent on there
+        self.with_kid = torch.zeros(2, self.kids.numel(), dtype=torch.long)  # rows with that child; latent on
 
-    def add(self, rows: torch.Tensor, feats: torch.Tensor, on: torch.Tensor) -> None:
-        """rows/feats: the true firings of one chunk; on: that chunk's latent firing mask [chunk_rows, m]."""
+    def add(self, rows: torch.Tensor, feats: torch.Tensor, gt_on: torch.Tensor, on: torch.Tensor) -> None:
+        """rows/feats: the true firings of one chunk; gt_on/on: its true and latent firing masks."""
         if not self.active:
             return
         p = self.parents.numel()
-        child = self.parent_slot[feats]
-        has_child = torch.zeros(on.shape[0] * p, dtype=torch.bool)
-        has_child[rows[child >= 0] * p + child[child >= 0]] = True
-        own = self.slot[feats]
-        pr, ps = rows[own >= 0], own[own >= 0]
-        with_child = has_child[pr * p + ps]
-        lat = on[pr, self.latent[ps]]
-        for i, mask in enumerate((with_child, with_child & lat, ~with_child, ~with_child & lat)):
-            self.counts[i] += torch.bincount(ps[mask], minlength=p)
+        kid = self.kid_slot[feats] >= 0
+        k_rows, k_feats = rows[kid], feats[kid]
+        k_par = self.parent[k_feats]
+        fires = gt_on[k_rows, k_par]  # the parent fires too (always, in data that respects the hierarchy)
+        k_rows, k_feats, k_par = k_rows[fires], k_feats[fires], k_par[fires]
+        lat = on[k_rows, self.latent_of_feature[k_par]]
+        idx = self.kid_slot[k_feats]
+        self.with_kid[0] += torch.bincount(idx, minlength=self.kids.numel())
+        self.with_kid[1] += torch.bincount(idx[lat], minlength=self.kids.numel())
+        has_child = torch.zeros(gt_on.shape[0] * p, dtype=torch.bool)
+        has_child[k_rows * p + self.slot[k_par]] = True
+        own = self.slot[feats] >= 0
+        pr, ps = rows[own], self.slot[feats[own]]
+        alone = ~has_child[pr * p + ps]
+        lat = on[pr, self.latent_of_feature[self.parents[ps]]]
+        self.alone[0] += torch.bincount(ps[alone], minlength=p)
+        self.alone[1] += torch.bincount(ps[alone & lat], minlength=p)
 
     def compute(self, min_support: int) -> float:
         if not self.active:
             return math.nan
-        n_child, on_child, n_alone, on_alone = self.counts
-        ok = (n_child >= min_support) & (n_alone >= min_support)
-        if not bool(ok.any()):
-            return math.nan
-        r_child = on_child[ok].double() / n_child[ok]
-        r_alone = on_alone[ok].double() / n_alone[ok]
-        total = float(r_alone.sum())
-        return float((r_alone - r_child).clamp(min=0).sum() / total) if total > 0 else math.nan
+        kid_ok = self.with_kid[0] >= min_support
+        r_kid = self.with_kid[1].double() / self.with_kid[0].clamp(min=1)
+        r_alone = self.alone[1].double() / self.alone[0].clamp(min=1)
+        r_ref = torch.where(self.alone[0] >= min_support, r_alone, torch.zeros_like(r_alone))
+        kid_parent_slot = self.slot[self.parent[self.kids]]
+        r_ref = r_ref.scatter_reduce(0, kid_parent_slot[kid_ok], r_kid[kid_ok], reduce="amax")
+        ref = r_ref[kid_parent_slot][kid_ok]
+        n_kid = self.with_kid[0][kid_ok].double()
+        noise = ABSORPTION_NOISE_Z * (ref * (1 - ref) / n_kid).sqrt()
+        deficit = (ref - r_kid[kid_ok] - noise).clamp(min=0)
+        den = float((n_kid * ref).sum())
+        return float((n_kid * deficit).sum() / den) if den > 0 else math.nan
 
 
 def _prf(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> tuple[float, float, float]:
@@ -239,7 +259,7 @@ def ground_truth_metrics(
         z_rows, z_lat = on.nonzero(as_tuple=True)
         n_on += torch.bincount(z_lat, minlength=m)
         tp += torch.bincount(z_lat[gt_on[z_rows, best_feature[z_lat]]], minlength=m)
-        absorption.add(g_rows, g_feats, on)
+        absorption.add(g_rows, g_feats, gt_on, on)
         if decode is not None:
             x_hat = decode(z_raw).detach().float().cpu()
         else:  # z is sparse: sum the decoder rows of the firing latents only
