@@ -120,6 +120,25 @@ def test_a_child_never_fires_without_its_parent_and_exclusive_siblings_never_tog
     assert int(model.exclusive.sum()) == round(0.5 * 40)
 
 
+def test_children_are_scaled_by_their_parents_magnitude(small):
+    """With scale_children_by_parent (SynthSAEBench-16k's setting, the default) a child's magnitude over its own
+    mean tracks its parent's over the parent's mean; without it the two are independent."""
+    model, _, acts = small
+
+    def ratios(m, a):
+        kids = (m.parent >= 0).nonzero().squeeze(1)
+        both = a[:, kids] > 0
+        child = (a[:, kids] / m.magnitude_mean[kids])[both]
+        parent = (a[:, m.parent[kids]] / m.magnitude_mean[m.parent[kids]])[both]
+        return child, parent
+
+    child, parent = ratios(model, acts)
+    assert float(torch.corrcoef(torch.stack([child, parent]))[0, 1]) > 0.3
+    plain = SyntheticActivations(dataclasses.replace(SMALL, scale_children_by_parent=False))
+    child, parent = ratios(plain, plain.sample(8_000, seed=1)[1])
+    assert abs(float(torch.corrcoef(torch.stack([child, parent]))[0, 1])) < 0.1
+
+
 def test_firings_are_correlated_as_the_low_rank_factor_says(small):
     model, _, acts = small
     free = (model.parent < 0).nonzero().squeeze(1)[:64]  # the most frequent free features

@@ -8,7 +8,8 @@ frame (near-orthogonal, never orthogonal: 4,096 directions in 256 dimensions can
 
 One row is ``x = acts @ features + bias`` where ``acts`` [n_features] holds the magnitude of every firing feature
 and 0 elsewhere: |N(magnitude_mean_i, magnitude_std_i)| (folded, so a firing feature is never 0 and "fires" means
-acts > 0; SynthSAEBench clips at 0 instead, which at means 4-5 and spreads near 0.5 almost never matters).
+acts > 0; SynthSAEBench clips at 0 instead, which at means 4-5 and spreads near 0.5 almost never matters), for
+a child times its parent's magnitude over the parent's mean when ``scale_children_by_parent``.
 Features are numbered by frequency rank: feature 0 is the most frequent, and the hierarchy takes the first
 indices in breadth-first order (roots, then their children, ...), so a parent always has a lower index (and a
 higher firing probability) than its children. The children of one parent are consecutive.
@@ -90,8 +91,11 @@ class SyntheticConfig:
     magnitude_std_spread: float = 0.5
     """Spread of the per-feature standard deviations, each |N(magnitude_std, magnitude_std_spread)|; activation
     units."""
-    bias_norm: float = 0.0
+    bias_norm: float = 0.5
     """Norm of a random bias vector added to every row (0: none); activation units."""
+    scale_children_by_parent: bool = True
+    """Whether a child's magnitude is multiplied by its parent's magnitude over the parent's mean magnitude (as in
+    SynthSAEBench-16k), so a strong parent makes strong children; a flag (True/False)."""
     orthogonalize_steps: int = 50
     """Gradient steps pushing the directions towards a tight frame (lower pairwise overlaps); steps."""
     orthogonalize_lr: float = 0.05
@@ -112,6 +116,8 @@ class SyntheticConfig:
         for name in ("hierarchy_roots", "correlation_rank", "orthogonalize_steps", "seed"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "a non-negative integer")
+        if not isinstance(self.scale_children_by_parent, bool):
+            raise bad("scale_children_by_parent", "True or False")
         floats = ("correlation_scale", "magnitude_std", "magnitude_std_spread", "bias_norm", "orthogonalize_lr")
         for name in floats:
             if not is_finite(getattr(self, name)) or getattr(self, name) < 0:
@@ -209,11 +215,13 @@ class SyntheticActivations:
         self.exclusive = torch.zeros(n, dtype=torch.bool)
         self._first_child = torch.full((n,), -1, dtype=torch.long)
         self._depth = cfg.hierarchy_depth if cfg.hierarchy_roots else 0
+        self._level = torch.zeros(n, dtype=torch.long)  # 0 for roots and free features, L for level-L children
         start, size = 0, cfg.hierarchy_roots
-        for _ in range(self._depth):
+        for level in range(1, self._depth + 1):
             child_start = start + size
             kids = torch.arange(child_start, child_start + size * b)
             self.parent[kids] = start + (kids - child_start) // b
+            self._level[kids] = level
             self._first_child[start : start + size] = torch.arange(child_start, child_start + size * b, b)
             start, size = child_start, size * b
         parents = (self._first_child >= 0).nonzero().squeeze(1)
@@ -350,10 +358,26 @@ class SyntheticActivations:
         r, f = self._draw(rows, gen)
         noise = torch.randn(f.numel(), generator=gen)
         vals = (self.magnitude_mean[f] + self.magnitude_std[f] * noise).abs()
+        if self.cfg.scale_children_by_parent:
+            self._scale_children(r, f, vals)
         counts = torch.bincount(r, minlength=rows)
         offsets = torch.cumsum(counts, 0) - counts
         x = F.embedding_bag(f, self.features, offsets, mode="sum", per_sample_weights=vals) + self.bias
         return x, r, f, vals
+
+    def _scale_children(self, r: torch.Tensor, f: torch.Tensor, vals: torch.Tensor) -> None:
+        """Level by level (so a grandchild sees its parent's scaled magnitude), multiply each child's magnitude by
+        its parent's magnitude over the parent's mean; the parent's entry is found by its row-major key."""
+        n = self.cfg.n_features
+        keys = r * n + f  # sorted: the firings are row-major
+        level = self._level[f]
+        for depth in range(1, self._depth + 1):
+            kid = (level == depth).nonzero().squeeze(1)
+            if kid.numel() == 0:
+                continue
+            par = self.parent[f[kid]]
+            at = torch.searchsorted(keys, r[kid] * n + par)
+            vals[kid] *= vals[at] / self.magnitude_mean[par]
 
     def _check_n(self, n: Any, seed: Any) -> None:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
