@@ -17,6 +17,8 @@ from thoughtscope.probes.absorption import (
     absorption_from_acts,
     balanced_logistic,
     first_letter_absorption,
+    vocab_words,
+    word_prompts,
 )
 from thoughtscope.probes.sae_quality import RealQualityConfig, real_quality
 from thoughtscope.probes.sparse_probing import dataset_scores, top_k_mean_diff
@@ -145,6 +147,18 @@ def _tiny_letter_sae(lm) -> SAE:
         SAEConfig(arch="topk", d_model=lm.d_model, n_features=48, k=4, model=lm.name, site="resid.1"), seed=0
     )
     return sae
+
+
+def test_word_prompts_read_each_word_at_its_own_single_token():
+    lm = letter_model()
+    words = vocab_words(lm.tokenizer)
+    assert "has" in words and all(w.isalpha() and len(w) >= 2 for w in words)
+    prompts = word_prompts(lm, words, 40, 2, seed=1)
+    assert len(prompts) == 40 and len({w for w, _, _ in prompts}) == 40
+    for w, ids, pos in prompts:
+        assert ids[0] == lm.tokenizer.bos_token_id and pos == len(ids) - 1
+        assert ids[pos] == lm.tokenizer.convert_tokens_to_ids(w)
+        assert lm.tokenizer.decode(ids[1:]).count(" has the first letter: ") == 2
 
 
 def test_first_letter_absorption_runs_on_a_model_whose_words_know_their_letter():

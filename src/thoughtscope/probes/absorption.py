@@ -128,8 +128,10 @@ def _word_position(tok, text: str, word: str) -> tuple[list[int], int] | None:
 def word_prompts(lm, words: Sequence[str], n: int, n_icl: int, seed: int) -> list[tuple[str, list[int], int]]:
     """Up to `n` (word, token ids with BOS, word position) for words drawn at random (seeded) whose first letter is
     a-z and that are one token after `n_icl` in-context examples drawn from the same words."""
+    if not getattr(lm.tokenizer, "is_fast", False):
+        raise ProbeError(f"{lm.name}'s tokenizer is not a fast tokenizer; finding the word's token needs offsets")
     rng = random.Random(seed)
-    pool = [w for w in words if w[0].lower() in LETTERS]
+    pool = [w for w in words if w and w[0].lower() in LETTERS]
     if len(pool) < 2:
         raise ProbeError(f"{lm.name}'s vocabulary has {len(pool)} alphabetic word tokens; absorption needs many")
     order = pool[:]
