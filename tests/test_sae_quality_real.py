@@ -139,6 +139,21 @@ def test_an_sae_without_absorbing_latents_has_no_absorption():
     assert got["absorption"] == 0.0 and got["absorption_full"] == 0.0
 
 
+def test_centered_absorption_does_not_move_when_the_data_and_the_decoder_bias_move_together():
+    x, y, basis, _ = _letter_data()
+    perm = torch.randperm(N_WORDS, generator=torch.Generator().manual_seed(3))
+    te, tr = perm[: N_WORDS // 5], perm[N_WORDS // 5 :]
+    sae = _letter_sae(basis, absorbing=True)
+    base = absorption_from_acts(x[tr], y[tr], x[te], y[te], sae.encode, sae.W_dec, b_dec=sae.b_dec)
+    shift = -3.0 * basis[0] + 2.0 * basis[1]
+    with torch.no_grad():
+        sae.b_dec.copy_(shift)  # encodes x + shift as the unshifted SAE encodes x
+    xs = x + shift
+    moved = absorption_from_acts(xs[tr], y[tr], xs[te], y[te], sae.encode, sae.W_dec, b_dec=sae.b_dec)
+    assert moved["absorption_centered"] == pytest.approx(base["absorption_centered"])
+    assert base["absorption_centered"] == pytest.approx(base["absorption"])  # no decoder bias: the same figure
+
+
 # --------------------------------------------------------------------------- the whole function on a tiny model
 
 
@@ -186,6 +201,7 @@ def test_real_quality_returns_every_key_in_range(tmp_path):
         assert 0.0 <= q[key] <= 1.0, key
     assert set(q["sparse_probing_auc_by_k"]) == {"1", "2", "5", "20"}
     assert 0.0 <= q["absorption"] <= 1.0 and 0.0 <= q["absorption_full"] <= 1.0
+    assert 0.0 <= q["absorption_centered"] <= 1.0
     assert q["detection_features"] >= 1 and 0.0 <= q["detection_auroc"] <= 1.0
     assert math.isfinite(q["spliced_loss"]) and q["spliced_loss"] > 0
     assert math.isfinite(q["loss_recovered"])

@@ -21,6 +21,9 @@ Absorption"), sized for a CPU.
    absorbers' share (capped at what the main latents leave) over itself plus the main latents'. A word is fully
    absorbed when no main latent fires, the top-sharing latent has cosine ≥ `full_cos_threshold`, and carries at
    least `proportion_threshold` of a non-negative `probe_proj`.
+   Beside it, the same with x − b_dec in place of x ("centered"): SAEBench projects the raw x, so a decoder bias with
+   a component along p̂ (the default SAE's is about −5 against x · p̂ of about +5 on true positives) shifts what the
+   40 % threshold is measured against.
 5. Per letter: the summed fractions (and full absorptions) over its probe true positives; the figures are the means
    over letters that have any.
 
@@ -329,6 +332,8 @@ def absorption_from_acts(
     encode: Callable[[torch.Tensor], torch.Tensor],
     W_dec: torch.Tensor,
     cfg: AbsorptionConfig | None = None,
+    *,
+    b_dec: torch.Tensor | None = None,
 ) -> dict:
     """First-letter absorption from residuals at word tokens x_* [N, d] and their letters y_* [N] (indices into
     LETTERS), any SAE given as `encode` (x [n, d] -> dense activations [n, m]) and its decoder rows W_dec [m, d].
@@ -336,7 +341,10 @@ def absorption_from_acts(
     Returns absorption (the mean over letters of the mean absorption fraction over the letter's probe true
     positives, SAEBench's mean_absorption_fraction_score), absorption_full (the same for full absorption,
     its mean_full_absorption_score), split_features (main latents per letter, mean), probe_f1 (the residual letter
-    probe's test F1, mean over the letters used), letters (how many had probe true positives) and per_letter."""
+    probe's test F1, mean over the letters used), letters (how many had probe true positives) and per_letter.
+    With `b_dec` (the SAE's decoder bias), also absorption_centered / absorption_full_centered: the same with the
+    probe projection of x − b_dec, the part of x along p̂ that the latents are there to carry (SAEBench projects x
+    itself, so a decoder bias along p̂ moves its thresholds)."""
     cfg = cfg or AbsorptionConfig()
     cfg.validate()
     y_train, y_test = torch.as_tensor(y_train).long(), torch.as_tensor(y_test).long()
@@ -364,12 +372,25 @@ def absorption_from_acts(
             frac, full = word_absorption(x_test[tp], F_test[tp], W_dec.detach().cpu(), W[c], mains[c]["main"], cfg)
             row["absorption"] = float(frac.sum()) / int(tp.sum())
             row["absorption_full"] = float(full.sum()) / int(tp.sum())
+            if b_dec is not None:
+                xc = x_test[tp] - b_dec.detach().float().cpu()
+                frac, full = word_absorption(xc, F_test[tp], W_dec.detach().cpu(), W[c], mains[c]["main"], cfg)
+                row["absorption_centered"] = float(frac.sum()) / int(tp.sum())
+                row["absorption_full_centered"] = float(full.sum()) / int(tp.sum())
         per[LETTERS[c]] = row
     used = [r for r in per.values() if "absorption" in r]
     mean = lambda key: float(sum(r[key] for r in used) / len(used)) if used else float("nan")  # noqa: E731
     return {
         "absorption": mean("absorption"),
         "absorption_full": mean("absorption_full"),
+        **(
+            {
+                "absorption_centered": mean("absorption_centered"),
+                "absorption_full_centered": mean("absorption_full_centered"),
+            }
+            if b_dec is not None
+            else {}
+        ),
         "split_features": float(sum(len(r["main_latents"]) for r in used) / len(used)) if used else float("nan"),
         "probe_f1": mean("probe_f1"),
         "letters": len(used),
@@ -399,6 +420,6 @@ def first_letter_absorption(lm, sae, cfg: AbsorptionConfig | None = None, *, see
     def encode(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([sae.encode(c.to(dev, dt)).float().cpu() for c in x.split(512)])
 
-    out = absorption_from_acts(X[tr], y[tr], X[te], y[te], encode, sae.W_dec, cfg)
+    out = absorption_from_acts(X[tr], y[tr], X[te], y[te], encode, sae.W_dec, cfg, b_dec=sae.b_dec)
     out["n_words"] = len(prompts)
     return out

@@ -143,7 +143,8 @@ def real_quality(
       sparse_probing_auc_by_k / sparse_probing_auc_residual_by_k: {k: AUROC}; sparse_probing_accuracy: SAEBench's
       accuracy figure, mean over ks; sparse_probing: per dataset and k (chosen latents included);
     - absorption: SAEBench's mean absorption fraction of first-letter features, 0 (none) to 1; absorption_full:
-      its full-absorption rate; absorption_detail: per letter, main latents, probe F1 (probes/absorption.py);
+      its full-absorption rate; absorption_centered: the same fraction with the probe projection of x − b_dec
+      (what the latents carry; SAEBench projects x); absorption_detail: per letter, main latents, probe F1;
     - detection_auroc: mean offline detection AUROC of explained features of a small atlas (0.5 = chance);
       detection_auroc_shuffled: the shuffled-explanation control; detection_features: features scored;
     - spliced_loss: next-token loss with the SAE's reconstruction spliced in (nats/token), loss_clean beside it;
@@ -176,7 +177,8 @@ def real_quality(
 
     t, c = time.perf_counter(), time.process_time()
     ab = first_letter_absorption(lm, sae, cfg.absorption, seed=seed)
-    out.update(absorption=ab.pop("absorption"), absorption_full=ab.pop("absorption_full"), absorption_detail=ab)
+    out.update(absorption=ab.pop("absorption"), absorption_full=ab.pop("absorption_full"))
+    out.update(absorption_centered=ab.pop("absorption_centered"), absorption_detail=ab)
     sec["absorption"], sec["absorption_cpu"] = time.perf_counter() - t, time.process_time() - c
 
     t, c = time.perf_counter(), time.process_time()
