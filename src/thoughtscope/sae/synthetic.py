@@ -185,7 +185,8 @@ class SyntheticActivations:
     probabilities p_i (each feature's intended marginal firing rate); ``magnitude_mean``/``magnitude_std``
     [n_features]; ``correlation_factor`` [n_features, correlation_rank] float64 (None without correlations):
     the copula's Gaussian z = eps @ factor.T + eta * sqrt(1 - |factor_i|^2) has correlation factor @ factor.T off
-    the diagonal, and feature i's draw fires where z_i exceeds its threshold.
+    the diagonal, and feature i's draw fires where z_i exceeds its threshold; ``zipf_scale`` the calibrated c and
+    ``calibrated_l0`` the mean L0 the calibration rows showed.
     """
 
     def __init__(self, cfg: SyntheticConfig | None = None) -> None:
