@@ -149,6 +149,88 @@ def generic_rows(name: str, fig: dict, quick: bool) -> list[list[str]]:
     ]
 
 
+# -- ground-truth quality (benchmarks/sae_quality.py) ---------------------------------------------------------------
+
+QSTART, QEND = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
+QUALITY_GENERATORS = (
+    ("synthetic", "thoughtscope's generator"),
+    ("synthetic_saelens_gen", "SAELens' SyntheticModel"),
+)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def quality_rows(fig: dict, quick: bool) -> list[list[str]]:
+    """sae_quality's row in the benchmark table: the two acceptance figures and the best contender of each side."""
+    tag = " --quick" if quick else ""
+    sz = fig.get("sizes", {})
+    l0 = fig.get("headline_l0", 25)
+    best_o, best_s = fig.get("f1_ours_best") or {}, fig.get("f1_saelens_best") or {}
+    work = (
+        f"{sz.get('n_true', '?'):,} true features in {sz.get('d_model', '?')} dims (true L0 "
+        f"{_f(fig.get('data', {}).get('synthetic', {}).get('true_l0'), '.1f')}), {sz.get('n_latents', '?'):,} latents, "
+        f"batch {sz.get('batch_size', '?'):,} x {sz.get('steps', '?')} steps; lr from the grid "
+        f"{{{sz.get('grid', '')}}} x each tool's default on validation F1; test figures at L0 {l0:g}"
+    )
+    return [
+        [
+            f"`sae_quality.py{tag}`",
+            work,
+            f"best F1 {_f(best_o.get('f1'), '.3f')} ({best_o.get('contender')})",
+            f"SAELens best F1 {_f(best_s.get('f1'), '.3f')} ({best_s.get('contender')})",
+            f"F1 ratio **{_f(fig.get('f1_ours_best_vs_saelens_best'), '.2f')}** (target >= 1); Matryoshka minus "
+            f"BatchTopK F1 **{_f(fig.get('matryoshka_minus_batchtopk_f1'), '+.3f')}** (target > 0)",
+        ]
+    ]
+
+
+def quality_table(fig: dict, quick: bool = False) -> str:
+    """The ground-truth table: every contender of sae_quality.py's JSON at the headline L0, one row each."""
+    l0 = fig.get("headline_l0", 25)
+    lines = [
+        "| data | contender | F1 | MCC | uniqueness | absorption | EV | L0 | dead | lr | front (L0: F1) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, said in QUALITY_GENERATORS:
+        for name, r in (fig.get(key) or {}).items():
+            front = ", ".join(
+                f"{p['test']['l0']:.0f}: {p['test']['f1']:.3f}" for p in r.get("points", []) if "test" in p
+            )
+            l0_cell = f"{_f(r.get('l0'), '.1f')}" + ("" if r.get("bracketed") else " (nearest)")
+            lines.append(
+                f"| {said} | {name} | {_f(r.get('f1'), '.3f')} | {_f(r.get('mcc'), '.3f')} | "
+                f"{_f(r.get('uniqueness'), '.3f')} | {_f(r.get('absorption'), '.3f')} | "
+                f"{_f(r.get('explained_variance'), '.3f')} | {l0_cell} | {_pct(r.get('dead'))} | "
+                f"{_f(r.get('lr'), '.2g')} | {front} |"
+            )
+    sz = fig.get("sizes", {})
+    notes = [
+        f"`sae_quality.py{' --quick' if quick else ''}`: figures on the test sample at L0 {l0:g}, interpolated "
+        "linearly in log L0 between the two points of each contender's front that bracket it ((nearest): the "
+        f"closest point); {sz.get('n_latents', '?')} latents on {sz.get('n_true', '?')} true features; F1 ratio "
+        f"ours / SAELens {_f(fig.get('f1_ours_best_vs_saelens_best'), '.2f')}, Matryoshka minus BatchTopK F1 "
+        f"{_f(fig.get('matryoshka_minus_batchtopk_f1'), '+.3f')}."
+    ]
+    notes += [f"not run: {n}: {why}" for n, why in (fig.get("skipped") or {}).items()]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def quality_text(results: list[dict]) -> str:
+    """The ground-truth table of the first run holding sae_quality.py figures ("" when none does)."""
+    for result in results:
+        res = result.get("benchmarks", {}).get("sae_quality") or {}
+        if res.get("status") == "ok" and res.get("figures"):
+            return quality_table(res["figures"], bool(res.get("quick")))
+    return ""
+
+
+def _replace_between(doc: str, start: str, end: str, text: str) -> str:
+    before, rest = doc.split(start, 1)
+    return before + start + "\n" + text + end + rest.split(end, 1)[1]
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| benchmark | work | thoughtscope | peer / baseline | ratio (target) |",
@@ -163,7 +245,12 @@ def table(results: list[dict]) -> str:
                 lines.append(f"| `{name}.py` | | | | **{res.get('status')}** (exit {res.get('returncode')}) |")
                 continue
             fig, quick = res["figures"], bool(res.get("quick"))
-            rows = sae_rows(fig, quick) if name == "sae_train" else generic_rows(name, fig, quick)
+            if name == "sae_train":
+                rows = sae_rows(fig, quick)
+            elif name == "sae_quality":
+                rows = quality_rows(fig, quick)
+            else:
+                rows = generic_rows(name, fig, quick)
             if name == "sae_train":
                 notes += settings_notes(fig, quick)
             lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
@@ -217,17 +304,19 @@ def main(argv=None) -> int:
         else:
             runs.append(_as_run(json.loads(Path(spec).read_text()), Path(spec)))
     text = table(runs)
+    quality = quality_text(runs)
     if not args.readme:
-        print(text)
+        print(text + (f"\n{quality}" if quality else ""))
         return 0
     doc = args.readme.read_text()
     if START not in doc or END not in doc:
         print(f"{args.readme} has no {START} ... {END} markers", file=sys.stderr)
         return 2
-    before, rest = doc.split(START, 1)
-    after = rest.split(END, 1)[1]
+    doc = _replace_between(doc, START, END, text)
+    if quality and QSTART in doc and QEND in doc:  # the ground-truth table, where the README has its markers
+        doc = _replace_between(doc, QSTART, QEND, quality)
     tmp = args.readme.with_suffix(args.readme.suffix + ".tmp")
-    tmp.write_text(before + START + "\n" + text + END + after)
+    tmp.write_text(doc)
     os.replace(tmp, args.readme)
     return 0
 

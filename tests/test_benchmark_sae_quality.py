@@ -1,0 +1,162 @@
+"""benchmarks/sae_quality.py on tiny synthetic data: every figure the issue names is written, the fronts are
+interpolated at the headline L0, a contender that predicts the mean stops the run, and the table script renders the
+ground-truth table from the JSON."""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sae_quality
+import torch
+from _race import InsaneContender
+from _synthetic_contenders import Fitted, Ours
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("f1", "mcc", "uniqueness", "absorption", "explained_variance", "l0", "dead")
+TINY = [
+    "--quick",
+    "--n-true", "256",
+    "--d-model", "32",
+    "--n-latents", "64",
+    "--true-l0", "8",
+    "--headline-l0", "6",
+    "--targets", "4,6",
+    "--batch-size", "256",
+    "--steps", "40",
+    "--pool-rows", "4096",
+    "--eval-rows", "2048",
+    "--grid", "4",
+    "--search-runs", "3",
+]  # fmt: skip
+
+
+FAST = "thoughtscope-batchtopk,thoughtscope-matryoshka,saelens-topk,saelens-jumprelu"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality") / "quality.json"
+    sae_quality.main([*TINY, "--contenders", FAST, "--json", str(out)])
+    return json.loads(out.read_text()), out
+
+
+def check_figures(fig: dict, names: set[str]) -> None:
+    assert set(fig["synthetic"]) == names
+    for name, row in fig["synthetic"].items():
+        for key in (*METRICS, "shrinkage", "lr", "points", "lr_grid"):
+            assert key in row, (name, key)
+        assert row["points"] and all("test" in p and "val" in p for p in row["points"])
+        assert 0 <= row["f1"] <= 1 and 0 <= row["mcc"] <= 1 and row["explained_variance"] > 0
+        if row["bracketed"]:
+            assert row["l0"] == pytest.approx(6.0)
+        assert row["lr"] in [g["lr"] for g in row["lr_grid"]]
+    ours = max(r["f1"] for n, r in fig["synthetic"].items() if n.startswith("thoughtscope-"))
+    peer = max(r["f1"] for n, r in fig["synthetic"].items() if n.startswith("saelens-"))
+    assert fig["f1_ours_best_vs_saelens_best"] == pytest.approx(ours / peer)
+    mat, btk = fig["synthetic"]["thoughtscope-matryoshka"], fig["synthetic"]["thoughtscope-batchtopk"]
+    assert fig["matryoshka_minus_batchtopk_f1"] == pytest.approx(mat["f1"] - btk["f1"])
+    assert fig["data"]["synthetic"]["true_l0"] == pytest.approx(8, rel=0.1)
+    # SAELens' own generator, the same contenders
+    assert set(fig["synthetic_saelens_gen"]) == names
+    assert fig["data"]["synthetic_saelens_gen"]["children"] > 0
+
+
+def test_tiny_run_writes_the_issue_figures(tiny_run):
+    fig, _ = tiny_run
+    check_figures(fig, set(FAST.split(",")))
+    assert "real" not in fig  # --quick leaves the real model out unless --real
+
+
+@pytest.mark.slow
+def test_tiny_run_of_every_contender(tmp_path):
+    out = tmp_path / "quality.json"
+    sae_quality.main([*TINY, "--json", str(out)])
+    fig = json.loads(out.read_text())
+    names = {f"thoughtscope-{a}" for a in ("relu-l1", "topk", "batchtopk", "jumprelu", "matryoshka")}
+    names |= {f"saelens-{a}" for a in ("standard", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk")}
+    check_figures(fig, names | {"sparsify-topk"})
+
+
+@pytest.mark.slow
+def test_real_model_figures_for_the_default_and_a_named_sae(tmp_path):
+    from thoughtscope.sae.formats import default_sae_path
+
+    out = tmp_path / "quality.json"
+    args = [*TINY, "--contenders", "thoughtscope-topk", "--no-saelens-gen", "--real", "--real-tokens", "2048"]
+    sae_quality.main([*args, "--real-sae", f"again={default_sae_path()}", "--json", str(out)])
+    real = json.loads(out.read_text())["real"]
+    assert set(real) == {"default", "again"}
+    for row in real.values():
+        for key in ("sparse_probing_auc", "absorption", "detection_auroc", "spliced_loss"):
+            assert math.isfinite(row[key]), key
+    assert real["again"]["spliced_loss"] == pytest.approx(real["default"]["spliced_loss"], rel=1e-4)
+
+
+def test_front_is_interpolated_in_log_l0_between_the_bracketing_points():
+    pts = [
+        {"val": {"l0": 10.0, "f1": 0.2, "mcc": 0.5}},
+        {"val": {"l0": 40.0, "f1": 0.6, "mcc": 0.7}},
+        {"val": {"l0": 100.0, "f1": 0.9, "mcc": 0.9}},
+    ]
+    at = sae_quality.at_l0(pts, 20.0, "val")
+    assert at["bracketed"] and at["between_l0"] == [10.0, 40.0]
+    assert at["f1"] == pytest.approx(0.2 + 0.4 * math.log(2) / math.log(4))
+    assert at["l0"] == pytest.approx(20.0)
+    off = sae_quality.at_l0(pts, 200.0, "val")
+    assert not off["bracketed"] and off["f1"] == 0.9 and off["nearest_l0_rel_gap"] == pytest.approx(-0.5)
+
+
+class _MeanPredictor(Ours):
+    """Our TopK, trained normally, then forced to output the training mean for every row (a broken harness)."""
+
+    def fit(self, batches, lr, knob):
+        f = super().fit(batches, lr, knob)
+        mean = torch.cat(list(batches)).mean(0)
+        return Fitted(encode=f.encode, decode=lambda z: mean.expand(z.shape[0], -1), W_dec=f.W_dec)
+
+
+def test_sanity_rule_refuses_a_contender_that_predicts_the_mean():
+    sz = sae_quality.sizes(argparse.Namespace(quick=True))
+    sz.update(n_true=256, d_model=32, n_latents=64, true_l0=8.0, pool_rows=4096, eval_rows=2048, search_runs=1)
+    sz.update(headline_l0=6.0)
+    data = sae_quality.data_ours(sz, 0)
+    batches = [data.pool[i * 256 : (i + 1) * 256] for i in range(16)]
+    good = sae_quality.best_front(
+        Ours("topk", 32, 64, batch_size=256, n_steps=16), batches, data, sz, [6.0], [4.0], print
+    )
+    assert good["explained_variance"] > 0 and good["l0"] == pytest.approx(6.0)
+    with pytest.raises(InsaneContender, match="no better than predicting the mean"):
+        sae_quality.best_front(
+            _MeanPredictor("topk", 32, 64, batch_size=256, n_steps=16), batches, data, sz, [6.0], [4.0], print
+        )
+
+
+def test_table_script_renders_the_ground_truth_table_from_the_json(tiny_run, tmp_path):
+    fig, path = tiny_run
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n<!-- benchmark-table:start -->\nold\n<!-- benchmark-table:end -->\n"
+        "<!-- quality-table:start -->\nold quality\n<!-- quality-table:end -->\nafter\n"
+    )
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_table.py"), f"sae_quality={path}", "--readme", str(readme)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    text = readme.read_text()
+    assert "old quality" not in text and text.endswith("<!-- quality-table:end -->\nafter\n")
+    quality = text.split("<!-- quality-table:start -->")[1]
+    for name, row in fig["synthetic"].items():
+        line = next(ln for ln in quality.splitlines() if f"| thoughtscope's generator | {name} |" in ln)
+        assert f"| {row['f1']:.3f} | {row['mcc']:.3f} |" in line
+    assert "SAELens' SyntheticModel" in quality
+    speed = text.split("<!-- benchmark-table:start -->")[1].split("<!-- benchmark-table:end -->")[0]
+    assert "`sae_quality.py --quick`" in speed and f"**{fig['f1_ours_best_vs_saelens_best']:.2f}**" in speed
