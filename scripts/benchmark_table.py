@@ -213,6 +213,13 @@ def quality_table(fig: dict, quick: bool = False) -> str:
         f"ours / SAELens {_f(fig.get('f1_ours_best_vs_saelens_best'), '.2f')}, Matryoshka minus BatchTopK F1 "
         f"{_f(fig.get('matryoshka_minus_batchtopk_f1'), '+.3f')}."
     ]
+    gen = fig.get("data", {}).get("synthetic_saelens_gen")
+    if gen:
+        notes.append(
+            f"SAELens' SyntheticModel (SynthSAEBench-16k's settings at {sz.get('n_true', '?')} features): true L0 "
+            f"{_f(gen.get('true_l0'), '.1f')}, compared at L0 {_f(gen.get('headline_l0'), '.1f')} (the true L0 of its "
+            f"{sz.get('n_latents', '?')} most frequent features, as SynthSAEBench compares at 25 for 4,096 latents)."
+        )
     notes += [f"not run: {n}: {why}" for n, why in (fig.get("skipped") or {}).items()]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
