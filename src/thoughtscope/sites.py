@@ -1,8 +1,10 @@
 """Where in a model we read or write (`Site`), and the two hooks that do it: `capture` (read) and `edit` (write).
 
-A site is a layer plus a stream; `resid.L` is the residual stream output of block L (= hidden_states[L+1]). The
-hooks work on any model `thoughtscope.models.load_model` returns, through its generic `layers` handle, and leave
-the model exactly as they found it, even after an error.
+A site is a layer plus a stream; `resid.L` is the residual stream output of block L (= hidden_states[L+1]);
+`mlp_in.L` is what block L's MLP reads (after its pre-MLP norm) and `mlp_out.L` what it writes into the residual
+(after Gemma's post-MLP norm, where the block has one). The hooks work on any model `thoughtscope.models.load_model`
+returns, through its generic `layers` handle and the block's MLP module (found by name: ``mlp``, ``feed_forward``
+or ``ffn``), and leave the model exactly as they found it, even after an error.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from .errors import SiteError  # noqa: F401  (re-exported: their old home)
 if TYPE_CHECKING:
     from .models import LoadedModel
 
-STREAMS = ("resid",)
+STREAMS = ("resid", "mlp_in", "mlp_out")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")  # the block's MLP module, by the names the supported families use
+POST_MLP_NORMS = ("post_feedforward_layernorm",)  # Gemma 2/3: a norm on the MLP's output before it is added
 
 
 # --------------------------------------------------------------------------- sites
@@ -28,7 +32,8 @@ STREAMS = ("resid",)
 
 @dataclass(frozen=True, order=True)
 class Site:
-    """A place in the model: `resid.L` is the residual stream output of block L (= hidden_states[L+1])."""
+    """A place in the model: `resid.L` is the residual stream output of block L (= hidden_states[L+1]); `mlp_in.L`
+    the input block L's MLP reads, `mlp_out.L` what that MLP adds to the residual."""
 
     layer: int
     stream: str = "resid"
@@ -82,6 +87,44 @@ def _replace_hidden(output, new):
     return new
 
 
+def mlp_module(block: torch.nn.Module, layer: int | None = None) -> torch.nn.Module:
+    """The MLP of one transformer block (its child named by MLP_NAMES), else SiteError."""
+    for name in MLP_NAMES:
+        mod = getattr(block, name, None)
+        if isinstance(mod, torch.nn.Module):
+            return mod
+    where = "" if layer is None else f" of block {layer}"
+    raise SiteError(
+        f"cannot find the MLP{where} ({type(block).__name__}): expected a child module named "
+        f"{' or '.join(MLP_NAMES)}, so the mlp_in / mlp_out streams are not available for this model"
+    )
+
+
+def _mlp_out_module(block: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """The module whose output is what the MLP adds to the residual: Gemma's post-MLP norm, else the MLP."""
+    for name in POST_MLP_NORMS:
+        mod = getattr(block, name, None)
+        if isinstance(mod, torch.nn.Module):
+            return mod
+    return mlp_module(block, layer)
+
+
+def _register(lm: LoadedModel, site: Site, post_hook: Callable, pre_hook: Callable):
+    """Hook the module of the site: a forward hook for resid / mlp_out, a forward pre-hook for mlp_in."""
+    block = lm.layers[site.layer]
+    if site.stream == "resid":
+        return block.register_forward_hook(post_hook)
+    if site.stream == "mlp_out":
+        return _mlp_out_module(block, site.layer).register_forward_hook(post_hook)
+    return mlp_module(block, site.layer).register_forward_pre_hook(pre_hook)
+
+
+def _first_arg(site: Site, args: tuple) -> torch.Tensor:
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise SiteError(f"the MLP at {site} was called without a positional input tensor; cannot read {site}")
+    return args[0]
+
+
 def capture(
     lm: LoadedModel,
     sites: Site | str | Sequence[Site | str],
@@ -102,21 +145,23 @@ def capture(
     out: dict[Site, torch.Tensor] = {}
     handles = []
 
-    def make_hook(layer: int):
-        wanted = [s for s in site_list if s.layer == layer]
+    def make_hooks(site: Site):
+        def post(module, args, output):
+            out[site] = _hidden(output).detach()
 
-        def hook(module, args, output):
-            h = _hidden(output).detach()
-            for s in wanted:
-                out[s] = h
-            if early_exit and layer == deepest:
-                raise _StopForward
+        def pre(module, args):
+            out[site] = _first_arg(site, args).detach()
 
-        return hook
+        return post, pre
 
-    for layer in sorted({s.layer for s in site_list}):
-        handles.append(lm.layers[layer].register_forward_hook(make_hook(layer)))
+    def stop(module, args, output):
+        raise _StopForward
+
     try:
+        for s in site_list:
+            handles.append(_register(lm, s, *make_hooks(s)))
+        if early_exit:  # after the deepest layer's own hooks (registered first, so they run first)
+            handles.append(lm.layers[deepest].register_forward_hook(stop))
         with torch.inference_mode():
             lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:
@@ -132,20 +177,27 @@ def edit(lm: LoadedModel, site: Site | str, fn: Callable[[torch.Tensor], torch.T
     """Within the block, every forward pass sends the site's activation through fn.
 
     fn may return a new tensor (which replaces the activation) or modify it in place and return None.
-    The hook is removed on exit, even after an error, so the model is left exactly as it was.
+    For mlp_in the MLP then reads the new input (the residual is untouched); for mlp_out the new tensor is what
+    the MLP adds to the residual. The hook is removed on exit, even after an error, so the model is left exactly
+    as it was.
     """
     site = lm.check_site(site)
 
-    def hook(module, args, output):
-        h = _hidden(output)
+    def checked(h: torch.Tensor) -> torch.Tensor | None:
         new = fn(h)
-        if new is None:
-            return None
-        if new.shape != h.shape:
+        if new is not None and new.shape != h.shape:
             raise SiteError(f"edit at {site} returned shape {tuple(new.shape)}, expected {tuple(h.shape)}")
-        return _replace_hidden(output, new)
+        return new
 
-    handle = lm.layers[site.layer].register_forward_hook(hook)
+    def post(module, args, output):
+        new = checked(_hidden(output))
+        return None if new is None else _replace_hidden(output, new)
+
+    def pre(module, args):
+        new = checked(_first_arg(site, args))
+        return None if new is None else (new, *args[1:])
+
+    handle = _register(lm, site, post, pre)
     try:
         yield
     finally:
