@@ -282,6 +282,10 @@ def test_folders_written_by_earlier_code_load_exactly(name):
         "input_scaling": "none",
         "massive_dims": None,
         "dim_scale": None,
+        "matryoshka_prefixes": (),
+        "target_site": "",
+        "skip_connection": False,
+        "target_norm_scale": 1.0,
     }
     f, recon = sae(expected[f"{name}/x"])
     torch.testing.assert_close(f, expected[f"{name}/f"], rtol=1e-5, atol=1e-5)

@@ -283,6 +283,7 @@ def stream_activations(
     exclude_bos: bool = True,
     buffer_tokens: int = 65_536,
     seed: int = 0,
+    target_site=None,
 ):
     """A deterministic source of shuffled [batch_size, d] activation batches computed on the fly.
 
@@ -292,28 +293,36 @@ def stream_activations(
 
     Returns `f(start_batch)`, the callable form SAE training accepts: it regenerates the same stream
     and skips the first `start_batch` batches, which is how a resumed run stays identical.
+
+    With ``target_site`` (a transcoder's data, e.g. site mlp_in.5, target_site mlp_out.5) both sites come from the
+    same forward pass and each batch is [batch_size, 2, d]: row i's input and its target, shuffled together.
     """
     site = lm.check_site(Site.parse(site))
+    target = None if target_site is None else lm.check_site(Site.parse(target_site))
+    wanted = [site] if target is None else [site, target]
+    n_sides = len(wanted)
 
     def batches(start_batch: int = 0):
-        buf = ShuffleBuffer(buffer_tokens, batch_size, lm.d_model, torch.float32, torch.Generator().manual_seed(seed))
+        width = n_sides * lm.d_model  # a pair travels as one row [x | y] through the buffer
+        buf = ShuffleBuffer(buffer_tokens, batch_size, width, torch.float32, torch.Generator().manual_seed(seed))
         produced = 0
         emitted = 0
         for ctx in corpus.batches(lm.tokenizer, ctx_len, contexts_per_batch):
             if produced >= n_tokens:
                 break
-            h = capture(lm, [site], ctx.input_ids.to(lm.device), early_exit=True)[site]
+            got = capture(lm, wanted, ctx.input_ids.to(lm.device), early_exit=True)
+            h = torch.cat([got[s] for s in wanted], -1)
             if exclude_bos:
                 h = h[:, 1:]
-            h = h.reshape(-1, lm.d_model)[: n_tokens - produced].float().cpu()
+            h = h.reshape(-1, width)[: n_tokens - produced].float().cpu()
             produced += h.shape[0]
             for b, _ in buf.add(h):
                 emitted += 1
                 if emitted > start_batch:
-                    yield b
+                    yield b if n_sides == 1 else b.view(-1, 2, lm.d_model)
         for b, _ in buf.drain(drop_last=True):
             emitted += 1
             if emitted > start_batch:
-                yield b
+                yield b if n_sides == 1 else b.view(-1, 2, lm.d_model)
 
     return batches

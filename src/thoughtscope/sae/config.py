@@ -61,7 +61,7 @@ class SAEConfig:
     """Everything needed to rebuild an SAE and to know what it was trained on."""
 
     arch: str = "topk"
-    """Architecture name: relu-l1, topk, batchtopk, jumprelu or matryoshka (or a registered one)."""
+    """Architecture name: relu-l1, topk, batchtopk, jumprelu, matryoshka or transcoder (or a registered one)."""
     d_model: int = 576
     """Width of the activations it reads (numbers per token)."""
     n_features: int = 9216
@@ -104,6 +104,13 @@ class SAEConfig:
     """Jumprelu: "plain" (step function, STE) or "tanh" (tanh(c * f * ||W_dec||))."""
     tanh_c: float = 4.0
     """Jumprelu with l0_penalty="tanh": the sharpness c of tanh(c * f * ||W_dec||) (unitless)."""
+    # transcoders (arch "transcoder"): read `site`, reconstruct `target_site` (e.g. mlp_in.5 -> mlp_out.5)
+    target_site: str = ""
+    """Transcoder: the site it writes, e.g. mlp_out.5, while `site` is the one it reads ("" = its own input)."""
+    skip_connection: bool = False
+    """Transcoder: add a linear skip path (x - b_in) W_skip ([d_model, d_model], zero at init) to the output."""
+    target_norm_scale: float = 1.0
+    """Transcoder: training-time multiplier of the target (mean ||y|| = sqrt(d_model)); a record once folded."""
     # provenance / data rules
     model: str = ""
     """Name of the model whose activations it was trained on ("" = unknown)."""
@@ -200,6 +207,9 @@ class SAEConfig:
                     lambda v: v is None or len(v) == self.d_model and all(_is_number(x) for x in v),
                     f"None or {self.d_model} numbers (d_model)",
                 ),
+                "target_site": (lambda v: isinstance(v, str), "a site name (a string)"),
+                "skip_connection": (lambda v: isinstance(v, bool), "true or false"),
+                "target_norm_scale": (_pos, "a number > 0"),
                 "model": (lambda v: isinstance(v, str), "a model name (a string)"),
                 "model_source": (lambda v: v is None or isinstance(v, dict), "None or a dict (how to load the model)"),
                 "site": (lambda v: isinstance(v, str), "a site name (a string)"),

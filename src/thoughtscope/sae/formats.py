@@ -231,7 +231,8 @@ def _load_native(p: Path, raw: dict[str, Any]) -> SAE:
     t = _read_safetensors(p / WEIGHTS_FILE)
     d, m = cfg.d_model, cfg.n_features
     w = p / WEIGHTS_FILE
-    extra = {k: _tensor(v, k, w) for k, v in t.items() if k == "threshold"}
+    # every tensor beyond the four weights (a threshold, a transcoder's b_in and W_skip): the class keeps what it knows
+    extra = {k: _tensor(v, k, w) for k, v in t.items() if k not in ("W_enc", "W_dec", "b_enc", "b_dec")}
     return _sae_from_tensors(
         cfg,
         _need(t, "W_enc", (d, m), w),

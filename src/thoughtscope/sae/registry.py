@@ -23,6 +23,7 @@ BUILTIN = {  # name: module
     "batchtopk": "batchtopk",
     "jumprelu": "jumprelu",
     "matryoshka": "matryoshka",
+    "transcoder": "transcoder",
 }
 
 

@@ -41,6 +41,24 @@ def make_stream(source: Any, tc: TrainConfig, cfg0: SAEConfig, skip: int) -> Ite
     return ((b, None) for b in islice(iter(source), skip, None))
 
 
+def stack_pair(b: Any, d_model: int) -> torch.Tensor:
+    """A paired batch as one [B, 2, d] tensor (input rows, target rows): given so, or as an (x, y) pair of [B, d]
+    tensors of the same shape; else SAEError saying what differs."""
+    if isinstance(b, torch.Tensor):
+        return b
+    if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(t, torch.Tensor) for t in b)):
+        raise SAEError(
+            f"a transcoder's batch must be a [B, 2, {d_model}] tensor or an (x, y) pair, got {type(b).__name__}"
+        )
+    x, y = b
+    if x.shape != y.shape:
+        raise SAEError(
+            f"input rows {tuple(x.shape)} and target rows {tuple(y.shape)} differ in shape: a transcoder maps each "
+            f"token's {d_model}-wide input to its {d_model}-wide target"
+        )
+    return torch.stack([x, y], 1)
+
+
 def chain(first: list, rest: Iterator) -> Iterator:
     yield from first
     yield from rest

@@ -31,10 +31,10 @@ from ..dtypes import canonical
 from ..errors import TrainingDiverged  # noqa: F401  (re-exported: their old home)
 from ..progress import ProgressBar
 from ..store import massive_dims
-from .base import SAE, StepOutput, build_sae
+from .base import SAE, StepOutput, build_sae, sae_class
 from .config import AUTO_VARIANCE_SHARE, SAEConfig, SAEError, TrainConfig
 from .optim import adam, default_lr, lr_factor
-from .stream import chain, check_batch, make_stream
+from .stream import chain, check_batch, make_stream, stack_pair
 
 LOCK_NAME = ".train.lock"  # in the checkpoint folder, held while a run trains and saves
 DEAD_TOKENS = 10_000_000  # the published rule: a latent is dead after this many tokens without firing
@@ -101,6 +101,12 @@ class Trainer:
         if len(d) != 1:
             raise SAEError(f"all SAEs of a sweep must share d_model, got {sorted(d)}")
         self.cfgs = [copy.deepcopy(c) for c in cfgs]
+        # paired architectures (transcoders) read [B, 2, d] batches: input rows, target rows, normalised apart
+        paired = {bool(getattr(sae_class(c.arch), "paired", False)) for c in cfgs}
+        if len(paired) != 1:
+            raise SAEError("a sweep cannot mix transcoders (paired input -> target data) with SAEs")
+        self.paired = paired.pop()
+        self.target_scale = 1.0  # paired: training-time multiplier of the target rows
         self.tc = train_cfg
         self.device = torch.device(local_device(train_cfg.device))
         self.world, self.rank = join_process_group(self.device)  # started by torchrun: one rank of the group
@@ -126,6 +132,9 @@ class Trainer:
     def _init_from_sample(self, sample: torch.Tensor) -> None:
         torch.manual_seed(self.tc.seed)
         sample = sample.to(self.device, self.param_dtype)
+        target = None
+        if self.paired:  # the input side takes the normalisation below; the target gets its own scale
+            sample, target = sample[:, 0], sample[:, 1]
         c0 = self.cfgs[0]
         massive = self._scale_dims(sample, c0)
         centred = sample - self.norm_mean if self.norm_mean is not None else sample
@@ -133,11 +142,15 @@ class Trainer:
             centred = centred * self.dim_scale
         if c0.normalize:
             self.norm_scale = float(math.sqrt(c0.d_model) / centred.norm(dim=1).mean().clamp_min(1e-12))
-        xs = centred * self.norm_scale
-        if self.tc.b_dec_init == "geometric_median":
-            b = geometric_median(xs)
+        xs = ys = centred * self.norm_scale
+        if target is not None:
+            if c0.normalize:
+                self.target_scale = float(math.sqrt(c0.d_model) / target.norm(dim=1).mean().clamp_min(1e-12))
+            ys = target * self.target_scale
+        if self.tc.b_dec_init == "geometric_median":  # b_dec is the output's bias
+            b = geometric_median(ys)
         elif self.tc.b_dec_init == "mean":
-            b = xs.mean(0)
+            b = ys.mean(0)
         else:  # "zero" (TrainConfig checks the name)
             b = torch.zeros(c0.d_model, device=self.device)
         n_tokens = self.total_steps * self.tc.batch_size
@@ -147,12 +160,14 @@ class Trainer:
             cfg.dim_scale = None if self.dim_scale is None else self.dim_scale.cpu().tolist()
             cfg.massive_dims = massive
             cfg.norm_folded = False
+            if self.paired:
+                cfg.target_norm_scale = self.target_scale
             if cfg.dead_tokens is None:
                 cfg.dead_tokens = default_dead_tokens(n_tokens, self.tc.batch_size)
             sae = build_sae(cfg, seed=self.tc.seed + i).to(self.device, self.param_dtype)
             with torch.no_grad():
                 sae.b_dec.copy_(b)
-            sae.init_from_data(xs)
+            sae.init_from_data(xs if target is None else torch.stack([xs, ys], 1))
             lr = self.tc.lr if self.tc.lr is not None else default_lr(cfg)
             opt = adam(sae.parameters(), lr, self.tc.adam_betas, self.device)
             since = torch.zeros(cfg.n_features, dtype=torch.int64, device=self.device)
@@ -191,6 +206,15 @@ class Trainer:
         return massive if looked else None
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.paired:
+            return torch.stack([self._normalise_input(x[:, 0]), x[:, 1] * self.target_scale], 1)
+        return self._normalise_input(x)
+
+    def _target(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows a (normalised) batch is reconstructed into: the target side of a paired batch, else itself."""
+        return x[:, 1] if self.paired else x
+
+    def _normalise_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_mean is not None:
             x = x - self.norm_mean
         if self.dim_scale is not None:
@@ -212,6 +236,7 @@ class Trainer:
             "norm_scale": self.norm_scale,
             "norm_mean": self.norm_mean,
             "dim_scale": self.dim_scale,
+            "target_scale": self.target_scale,
             "cfgs": [asdict(s.sae.cfg) for s in self.slots],
             "train_cfg": asdict(self.tc),
             "saes": [s.sae.state_dict() for s in self.slots],
@@ -227,6 +252,7 @@ class Trainer:
         self.step, self.batches_consumed, self.total_steps = st["step"], st["batches_consumed"], st["total_steps"]
         self.norm_scale, self.norm_mean = st["norm_scale"], st["norm_mean"]
         self.dim_scale = st.get("dim_scale")  # checkpoints written before per-dimension scaling have none
+        self.target_scale = st.get("target_scale", 1.0)
         self.cfgs = [SAEConfig.from_dict(c) for c in st["cfgs"]]
         self.slots = []
         for i, cfg in enumerate(self.cfgs):
@@ -274,6 +300,8 @@ class Trainer:
         if not resumed:
             self.total_steps = self._total_steps(source)
         stream = make_stream(source, tc, self.cfgs[0], self.batches_consumed)
+        if self.paired:
+            stream = ((stack_pair(b, self.cfgs[0].d_model), m) for b, m in stream)
         if not resumed:
             first = []
             for _ in range(max(1, tc.init_batches)):
@@ -321,7 +349,17 @@ class Trainer:
         return out
 
     def _check_batch(self, x: torch.Tensor, meta: Any, batch_no: int) -> None:
-        check_batch(x, meta, batch_no, self.cfgs[0].d_model, getattr(self, "_source", None))
+        d, src = self.cfgs[0].d_model, getattr(self, "_source", None)
+        if not self.paired:
+            check_batch(x, meta, batch_no, d, src)
+            return
+        if x.dim() != 3 or x.shape[1] != 2:
+            raise SAEError(
+                f"batch {batch_no} has shape {tuple(x.shape)}; a transcoder trains on [B, 2, {d}] batches (input and "
+                "target rows, e.g. from harvest.stream_activations(..., target_site=...)) or (x, y) pairs"
+            )
+        check_batch(x[:, 0], meta, batch_no, d, src)
+        check_batch(x[:, 1], meta, batch_no, d, src)
 
     def _train_step(self, xb: torch.Tensor, meta: Any, autocast: bool) -> None:
         batch_no = self.batches_consumed
@@ -345,7 +383,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                 aux_scale = None
                 if dead is not None:
-                    aux_scale = self._aux_scale(sae, x)
+                    aux_scale = self._aux_scale(sae, self._target(x))
                 out = sae.training_step(x, progress=progress, dead_mask=dead, aux_scale=aux_scale)
             loss = out.loss
             loss_g = loss.detach().clone()
@@ -399,6 +437,7 @@ class Trainer:
         row: dict[str, Any] = {"step": self.step, "tokens": self.step * self.tc.batch_size}
         for i, slot in enumerate(self.slots):
             out, x = slot.pending
+            x = self._target(x)
             err = (x - out.recon.float()).pow(2).sum()
             var = (x - x.mean(0)).pow(2).sum()
             stats = torch.stack([err, var, out.l0 * x.shape[0], x.new_tensor(float(x.shape[0]))])
@@ -407,7 +446,7 @@ class Trainer:
             n = float(stats[3])
             dead = (slot.since_fired >= slot.sae.cfg.dead_tokens).float().mean()
             slot.last = {
-                "mse": float(stats[0]) / n / self.norm_scale**2,
+                "mse": float(stats[0]) / n / (self.target_scale if self.paired else self.norm_scale) ** 2,
                 "fvu": float(stats[0] / stats[1].clamp_min(1e-12)),
                 "l0": float(stats[2]) / n,
                 "dead_frac": float(dead),

@@ -1,0 +1,241 @@
+"""transcoder: a sparse dictionary that reads one site and writes another (a block's MLP input -> its MLP output).
+
+Where an SAE reconstructs its own input, a transcoder predicts the MLP's output from the MLP's input through a
+sparse code, so its features stand in for the MLP's computation (Dunefsky et al. 2024; the per-layer transcoders
+circuit-tracer builds attribution graphs from). Layout and names follow the SAE base class, with two additions:
+
+* ``b_in`` [d]: the input centring, ``pre = (x - b_in) W_enc + b_enc`` (an SAE uses b_dec there; a transcoder's
+  b_dec is the bias of the output, which lives in another space);
+* ``W_skip`` [d, d] (only with ``SAEConfig.skip_connection``): a linear path ``(x - b_in) W_skip`` added to the
+  output, zero at init, so the dictionary models what a linear map of the input cannot.
+
+Activation: TopK (k largest pre-activations, ReLU after), AuxK on dead latents against the output's residual,
+unit decoder rows; the sparse kernels of topk.py do the backward passes. Trained by the normal Trainer on paired
+batches [B, 2, d] (row 0 the input, row 1 the target; harvest.stream_activations(..., target_site=...)), each side
+normalised on its own and folded back at the end, so the finished transcoder reads and writes raw activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import SAEError
+from ..models import Site, SiteError
+from .base import PartialEncoder, SAEOutput, StepOutput, check_k, register_sae_class
+from .config import SAEConfig
+from .kernels import SparseDecode, SparseEncode, group_by_latent
+from .topk import TopKSAE
+
+
+def check_pairing(site: str, target_site: str) -> None:
+    """A transcoder's two sites: both parse, differ, and lie in the same block (else SAEError naming them)."""
+    if not site or not target_site:
+        return  # trained on data whose sites are not recorded (tests, synthetic pairs)
+    try:
+        a, b = Site.parse(site), Site.parse(target_site)
+    except SiteError as e:
+        raise SAEError(f"transcoder sites {site!r} -> {target_site!r}: {e}") from None
+    if a == b:
+        raise SAEError(f"transcoder reads and writes the same site {a}: that is an SAE (give arch topk)")
+    if a.layer != b.layer:
+        raise SAEError(
+            f"transcoder sites {a} -> {b} lie in different blocks ({a.layer} and {b.layer}); a per-layer transcoder "
+            f"reads and writes one block, e.g. mlp_in.{a.layer} -> mlp_out.{a.layer}"
+        )
+
+
+@register_sae_class
+class TopKTranscoder(TopKSAE):
+    """TopK transcoder: x (at cfg.site) -> y (at cfg.target_site) through k active latents, optional linear skip."""
+
+    arch = "transcoder"
+    #: the trainer feeds it [B, 2, d] batches (input rows, target rows) and normalises each side on its own
+    paired = True
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        d = cfg.d_model
+        self.b_in = nn.Parameter(torch.zeros(d))
+        self.W_skip = nn.Parameter(torch.zeros(d, d)) if cfg.skip_connection else None
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        check_k(cfg)
+        check_pairing(cfg.site, cfg.target_site)
+
+    @classmethod
+    def run_name(cls, cfg: SAEConfig) -> str:
+        return super().run_name(cfg) + ("-skip" if cfg.skip_connection else "")
+
+    @torch.no_grad()
+    def init_weights(self, gen: torch.Generator) -> None:
+        super().init_weights(gen)
+        self.b_in.zero_()
+        if self.W_skip is not None:
+            self.W_skip.zero_()
+
+    # -- inference
+    def pre_acts(self, x: Tensor, *, out: Tensor | None = None) -> Tensor:
+        if out is not None:
+            return torch.addmm(self.b_enc, x - self.b_in, self.enc.t(), out=out)
+        return F.linear(x - self.b_in, self.enc, self.b_enc)
+
+    def skip(self, x: Tensor) -> Tensor | None:
+        """The skip path's part of the output, (x - b_in) W_skip; None without a skip connection."""
+        return None if self.W_skip is None else (x - self.b_in) @ self.W_skip
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        """(latent activations, predicted target): decode(encode(x)) plus the skip path."""
+        f = self.encode(x)
+        y = self.decode(f)
+        s = self.skip(x)
+        return SAEOutput(f, y if s is None else y + s)
+
+    @torch.no_grad()
+    def partial_encoder(self, idx: Tensor) -> PartialEncoder:
+        idx = torch.as_tensor(idx, dtype=torch.long).to(self.W_dec.device)
+        return PartialEncoder(
+            self.enc[idx].detach().float(), self.b_enc[idx].detach().float(), self.b_in.detach().float(), None
+        )
+
+    # -- training
+    def training_step(self, x, *, progress, dead_mask=None, aux_scale=None):
+        """x: [B, 2, d] normalised (input rows, target rows); loss = ||y - y_hat||^2 per row (+ AuxK)."""
+        if x.dim() != 3 or x.shape[1] != 2:
+            raise SAEError(f"a transcoder trains on [B, 2, d] batches (input, target), got {tuple(x.shape)}")
+        xin, y = x[:, 0], x[:, 1]
+        xc = xin - self.b_in
+        with torch.no_grad():
+            pre = F.linear(xc, self.enc, self.b_enc)
+            vals_raw, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            grouping = group_by_latent(idx, self.cfg.n_features)
+        vals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, idx, vals_raw, grouping))
+        recon = SparseDecode.apply(vals, idx, self.W_dec, grouping) + self.b_dec
+        if self.W_skip is not None:
+            recon = recon + xc @ self.W_skip
+        err = y - recon
+        loss = err.pow(2).sum(-1).mean()
+        aux = torch.zeros((), device=x.device)
+        if dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any()):
+            with torch.no_grad():
+                dead_idx = dead_mask.nonzero().squeeze(1)
+                sub = pre.index_select(1, dead_idx)
+                if dead_idx.numel() > self.cfg.k_aux_eff:
+                    avals_raw, j = sub.topk(self.cfg.k_aux_eff, dim=-1, sorted=False)
+                    aidx = dead_idx[j]
+                else:
+                    avals_raw, aidx = sub, dead_idx.expand_as(sub).contiguous()
+            avals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, aidx, avals_raw))
+            aux = (err.detach() - SparseDecode.apply(avals, aidx, self.W_dec)).pow(2).sum(-1).mean() / aux_scale
+            loss = loss + self.cfg.aux_coeff * aux
+        fired = torch.zeros(self.cfg.n_features, dtype=torch.bool, device=x.device)
+        fired[idx[vals > 0]] = True
+        l0 = (vals > 0).sum(-1).float().mean().detach()
+        return StepOutput(loss, recon, fired, l0, aux.detach())
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """The trainer's normalised [N, 2, d] init sample: the input's mean centres the encoder."""
+        if x.dim() == 3:
+            self.b_in.copy_(x[:, 0].mean(0))
+
+    @torch.no_grad()
+    def fold_normalization(self, scale: float | Tensor, mean: Tensor | None) -> None:
+        """Trained on x' = (x - mu) s and y' = y t (t = cfg.target_norm_scale): act on raw x and y.
+
+        x' - b_in = (x - (mu + b_in / s)) s, so enc and W_skip's rows take s, b_in becomes mu + b_in / s; every output
+        term is divided by t.
+        """
+        mu = torch.zeros_like(self.b_in) if mean is None else mean.to(self.b_in)
+        s = scale.to(self.b_in) if isinstance(scale, Tensor) else scale
+        t = float(self.cfg.target_norm_scale)
+        self.enc.mul_(s)
+        self.b_in.copy_(mu + self.b_in / s)
+        self.W_dec.div_(t)
+        self.b_dec.div_(t)
+        if self.W_skip is not None:
+            self.W_skip.mul_(s.unsqueeze(1) if isinstance(s, Tensor) else s).div_(t)
+        self.cfg.norm_folded = True
+
+    # -- files
+    def extra_state_tensors(self) -> dict[str, Tensor]:
+        out = {"b_in": self.b_in.detach().clone()}
+        if self.W_skip is not None:
+            out["W_skip"] = self.W_skip.detach().clone()
+        return out
+
+    def load_extra_state_tensors(self, t: dict[str, Tensor]) -> None:
+        missing = [k for k in self.extra_state_tensors() if k not in t]
+        if missing:
+            raise SAEError(f"transcoder weights lack {', '.join(missing)} (skip_connection={self.cfg.skip_connection})")
+        with torch.no_grad():
+            self.b_in.copy_(t["b_in"])
+            if self.W_skip is not None:
+                self.W_skip.copy_(t["W_skip"])
+
+    def saelens_config(self) -> dict:
+        raise SAEError("a transcoder has no SAELens v6 SAE form; save it as a native folder (save_sae)")
+
+
+# ----------------------------------------------------------------------------- metrics
+@torch.no_grad()
+def evaluate_transcoder(tc: TopKTranscoder, pairs: Iterable[Any], *, max_batches: int | None = None) -> dict:
+    """FVU of the target, MSE, L0 and the share of dead latents over paired batches ([B, 2, d] or (x, y) tuples).
+
+    fvu = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over every row (the trainer's definition); dead_frac = share of
+    latents that fired on no row.
+    """
+    err = var = l0 = 0.0
+    n = 0
+    s1 = s2 = None
+    fired = torch.zeros(tc.cfg.n_features, dtype=torch.bool)
+    dev = tc.device
+    for i, b in enumerate(pairs):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = (b[:, 0], b[:, 1]) if isinstance(b, Tensor) else b
+        x, y = x.to(dev, torch.float32).reshape(-1, x.shape[-1]), y.to(dev, torch.float32).reshape(-1, y.shape[-1])
+        f, y_hat = tc(x)
+        err += float((y - y_hat).pow(2).sum())
+        s1 = y.sum(0) if s1 is None else s1 + y.sum(0)
+        s2 = y.pow(2).sum() if s2 is None else s2 + y.pow(2).sum()
+        active = f > 0
+        l0 += float(active.sum())
+        fired |= active.any(0).cpu()
+        n += x.shape[0]
+    if n == 0:
+        raise SAEError("evaluate_transcoder got no rows")
+    var = float(s2 - s1.pow(2).sum() / n)
+    return {
+        "fvu": err / max(var, 1e-30),
+        "mse": err / n,
+        "l0": l0 / n,
+        "dead_frac": float((~fired).float().mean()),
+        "n_tokens": n,
+    }
+
+
+def spliced_transcoder_loss(lm: Any, tc: TopKTranscoder, token_batches: Iterable, **kw: Any) -> dict[str, Any]:
+    """LM loss with the block's MLP output replaced by the transcoder's prediction from the MLP's input, beside the
+    clean model and the MLP output zero- and mean-ablated (sae.metrics.spliced_losses, same keys and options;
+    the transcoder's result is under ``replaced["transcoder"]``). The sites are the transcoder's own."""
+    from ..models import edit
+    from .metrics import spliced_losses
+
+    if not tc.cfg.site or not tc.cfg.target_site:
+        raise SAEError("the transcoder does not record its sites (cfg.site, cfg.target_site); cannot splice it")
+    seen: dict[str, Tensor] = {}
+
+    def read_input(x: Tensor) -> None:
+        seen["x"] = x
+
+    def predict(_: Tensor) -> Tensor:
+        return tc(seen["x"].to(tc.device, torch.float32))[1]
+
+    with edit(lm, tc.cfg.site, read_input):
+        return spliced_losses(lm, tc.cfg.target_site, token_batches, {"transcoder": predict}, **kw)

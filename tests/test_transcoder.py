@@ -1,0 +1,170 @@
+"""Transcoders (arch "transcoder"): read a block's MLP input, write its MLP output; trained, saved, spliced."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from thoughtscope.corpus import Corpus
+from thoughtscope.harvest import stream_activations
+from thoughtscope.models import capture, tiny_model
+from thoughtscope.sae import SAEConfig, TrainConfig, build_sae, load_sae, save_sae, train_sae
+from thoughtscope.sae.config import SAEError
+from thoughtscope.sae.transcoder import TopKTranscoder, evaluate_transcoder, spliced_transcoder_loss
+from thoughtscope.sites import Site, mlp_module
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D = 32
+TEXT = "\n\n\n".join(f"Note {i}: a red kite {i} flew past {i * 3} small hills and {i * 11} trees. " for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama", d_model=D, n_layers=2, vocab=256)
+
+
+@pytest.fixture(scope="module")
+def token_batches():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 256, (16, 32), generator=g) for _ in range(12)]
+
+
+@pytest.fixture(scope="module")
+def pairs(lm, token_batches):
+    """[B, 2, d] batches of (mlp_in.1, mlp_out.1), position 0 left out."""
+    out = []
+    for ids in token_batches:
+        got = capture(lm, ["mlp_in.1", "mlp_out.1"], ids)
+        x, y = got[Site(1, "mlp_in")][:, 1:], got[Site(1, "mlp_out")][:, 1:]
+        out.append(torch.stack([x.reshape(-1, D), y.reshape(-1, D)], 1))
+    return out
+
+
+def _cfg(**kw):
+    base = dict(arch="transcoder", d_model=D, n_features=256, k=12, site="mlp_in.1", target_site="mlp_out.1")
+    return SAEConfig(**{**base, **kw})
+
+
+def _tc(steps=150):
+    return TrainConfig(batch_size=248, steps=steps, lr=3e-3, progress=False, checkpoint_every=0, log_every=25)
+
+
+def test_bad_pairings_are_refused():
+    with pytest.raises(SAEError, match="different blocks"):
+        _cfg(site="mlp_in.1", target_site="mlp_out.2")
+    with pytest.raises(SAEError, match="same site"):
+        _cfg(site="mlp_out.1", target_site="mlp_out.1")
+    with pytest.raises(SAEError, match="unknown stream 'mlp'"):
+        _cfg(target_site="mlp.1")
+    with pytest.raises(SAEError, match="k=0"):
+        _cfg(k=0)
+    g = torch.Generator().manual_seed(0)
+    widths = [(torch.randn(64, D, generator=g), torch.randn(64, D - 4, generator=g))]
+    with pytest.raises(SAEError, match="differ in shape"):
+        train_sae(_cfg(), widths, TrainConfig(batch_size=64, steps=2, progress=False, checkpoint_every=0))
+    single = [torch.randn(64, D, generator=g)]  # an SAE's batch: no target rows
+    with pytest.raises(SAEError, match=r"trains on \[B, 2, 32\] batches"):
+        train_sae(_cfg(), single, TrainConfig(batch_size=64, steps=2, progress=False, checkpoint_every=0))
+    with pytest.raises(SAEError, match="cannot mix transcoders"):
+        from thoughtscope.sae.train import Trainer
+
+        Trainer([_cfg(), SAEConfig(arch="topk", d_model=D, n_features=64, k=4)], TrainConfig())
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_trained_on_a_tiny_mlp_it_predicts_the_mlp_output(pairs, skip):
+    held_out = pairs[-2:]
+    tc = train_sae(_cfg(skip_connection=skip), pairs[:-2] * 25, _tc(steps=250))
+    assert isinstance(tc, TopKTranscoder) and tc.cfg.norm_folded and tc.cfg.target_norm_scale != 1.0
+    m = evaluate_transcoder(tc, held_out)
+    # raw activations in, raw MLP output out (normalisation folded); the best linear map of the input leaves ~0.9
+    x, y = torch.cat(pairs)[:, 0], torch.cat(pairs)[:, 1]
+    X = torch.cat([x, torch.ones(len(x), 1)], 1)
+    linear_fvu = float((X @ torch.linalg.lstsq(X, y).solution - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert m["fvu"] < 0.3 and m["fvu"] < linear_fvu / 2, (m, linear_fvu)
+    assert m["l0"] <= 12 and 0 <= m["dead_frac"] < 0.5
+    assert abs(tc.train_metrics["fvu"] - evaluate_transcoder(tc, pairs[-4:-2])["fvu"]) < 0.15
+    if skip:
+        assert tc.W_skip.abs().sum() > 0  # the skip path learned something
+    # an untrained one explains nothing: FVU about 1 or worse
+    assert evaluate_transcoder(build_sae(_cfg()), held_out)["fvu"] > 0.9
+
+
+def test_fold_keeps_the_prediction_of_the_normalised_transcoder():
+    g = torch.Generator().manual_seed(3)
+    tc = build_sae(_cfg(skip_connection=True, target_norm_scale=2.5), seed=1)
+    with torch.no_grad():
+        for p in (tc.b_in, tc.b_dec, tc.W_skip):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    tc.cfg.norm_folded = False
+    x = torch.randn(40, D, generator=g) * 3 + 1
+    mu, s = torch.randn(D, generator=g), torch.rand(D, generator=g) + 0.5
+    f_norm, y_norm = tc((x - mu) * s)
+    tc.fold_normalization(s, mu)
+    f_raw, y_raw = tc(x)
+    torch.testing.assert_close(f_raw, f_norm, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y_raw, y_norm / 2.5, atol=1e-4, rtol=1e-4)
+
+
+def test_save_load_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    tc = build_sae(_cfg(skip_connection=True), seed=2)
+    with torch.no_grad():
+        tc.W_skip.copy_(torch.randn(D, D, generator=g))
+        tc.b_in.copy_(torch.randn(D, generator=g))
+    save_sae(tc, tmp_path / "tc")
+    back = load_sae(tmp_path / "tc")
+    assert isinstance(back, TopKTranscoder) and back.cfg.target_site == "mlp_out.1" and back.cfg.skip_connection
+    x = torch.randn(7, D, generator=g)
+    for a, b in zip(tc(x), back(x)):
+        torch.testing.assert_close(a, b)
+    plain = build_sae(_cfg(), seed=2)
+    save_sae(plain, tmp_path / "plain")
+    assert load_sae(tmp_path / "plain").W_skip is None
+    with pytest.raises(SAEError, match="no SAELens"):
+        from thoughtscope.sae.formats import export_saelens
+
+        export_saelens(tc, tmp_path / "sl")
+
+
+def test_paired_stream_from_one_forward_pass(lm, tmp_path):
+    (tmp_path / "docs.txt").write_text(TEXT)
+    src = stream_activations(
+        lm, Corpus(str(tmp_path / "docs.txt")), "mlp_in.0", target_site="mlp_out.0",
+        n_tokens=600, batch_size=100, ctx_len=16, contexts_per_batch=4, buffer_tokens=200,
+    )  # fmt: skip
+    batches = list(src(0))
+    assert len(batches) == 6 and all(b.shape == (100, 2, D) for b in batches)
+    again = list(src(2))
+    torch.testing.assert_close(again[0], batches[2])  # resumable: skipping gives the same stream
+    # each row's target is the MLP applied to its own input
+    with torch.no_grad():
+        torch.testing.assert_close(mlp_module(lm.layers[0])(batches[0][:, 0]), batches[0][:, 1], atol=1e-5, rtol=1e-5)
+    tc = train_sae(_cfg(site="mlp_in.0", target_site="mlp_out.0"), src, TrainConfig(batch_size=100, steps=5,
+                   progress=False, checkpoint_every=0))  # fmt: skip
+    assert math.isfinite(tc.train_metrics["fvu"])
+
+
+def test_spliced_loss_replaces_the_mlp(lm, token_batches):
+    ids = token_batches[:2]
+    r = spliced_transcoder_loss(lm, build_sae(_cfg()), ids)
+    for key in ("loss_clean", "loss_zero_ablated", "loss_mean_ablated"):
+        assert math.isfinite(r[key])
+    assert math.isfinite(r["replaced"]["transcoder"]["loss"])
+
+    mlp = copy.deepcopy(mlp_module(lm.layers[1]))  # a copy: the block's own MLP carries the splice's hooks
+
+    class Exact(TopKTranscoder):  # predicts with the block's own MLP: the splice must give back the clean model
+        def forward(self, x):
+            with torch.no_grad():
+                return x, mlp(x)
+
+    exact = Exact(_cfg())
+    e = spliced_transcoder_loss(lm, exact, ids)["replaced"]["transcoder"]
+    assert abs(e["loss_recovered"] - 1) < 1e-4 and e["kl"] < 1e-6
+    with pytest.raises(SAEError, match="does not record its sites"):
+        spliced_transcoder_loss(lm, build_sae(_cfg(site="", target_site="")), ids)
