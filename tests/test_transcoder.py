@@ -168,3 +168,30 @@ def test_spliced_loss_replaces_the_mlp(lm, token_batches):
     assert abs(e["loss_recovered"] - 1) < 1e-4 and e["kl"] < 1e-6
     with pytest.raises(SAEError, match="does not record its sites"):
         spliced_transcoder_loss(lm, build_sae(_cfg(site="", target_site="")), ids)
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_a_killed_and_resumed_transcoder_run_is_bit_identical(pairs, tmp_path):
+    from thoughtscope.sae import train_saes
+
+    data = [b[:240] for b in pairs[:10]] * 2
+    cfgs = [_cfg(skip_connection=True, dead_tokens=480), _cfg(n_features=128, k=6)]
+    kw = {"batch_size": 240, "steps": 20, "lr": 3e-3, "progress": False, "checkpoint_every": 5, "log_every": 5}
+
+    def killing(start):
+        for i, b in enumerate(data[start:], start):
+            if i == 12:
+                raise _Boom
+            yield b
+
+    ref = train_saes(cfgs, lambda start: iter(data[start:]), TrainConfig(checkpoint_dir=str(tmp_path / "a"), **kw))
+    with pytest.raises(_Boom):
+        train_saes(cfgs, killing, TrainConfig(checkpoint_dir=str(tmp_path / "b"), **kw))
+    got = train_saes(cfgs, lambda start: iter(data[start:]), TrainConfig(checkpoint_dir=str(tmp_path / "b"), **kw))
+    for a, b in zip(ref, got):
+        assert a.cfg.target_norm_scale == b.cfg.target_norm_scale != 1.0
+        for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), n
