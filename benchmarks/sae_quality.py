@@ -35,7 +35,9 @@ the firing of its best-matching true feature, MCC after Hungarian matching of de
 absorption, explained variance, L0, dead share, shrinkage; definitions in its docstring, matching
 ``sae_lens.synthetic.evals``). Figures: ``synthetic.<contender>.{f1, mcc, uniqueness, absorption,
 explained_variance, l0, dead, shrinkage, lr, points}``, ``f1_ours_best_vs_saelens_best`` (our best F1 over SAELens'
-best at L0 25; goal >= 1), ``matryoshka_minus_batchtopk_f1`` (ours; goal > 0), the same under
+best at L0 25; goal >= 1), ``f1_ratio_by_arch`` (ours over SAELens' for each architecture both have: F1 can favour
+an SAE that barely reconstructs, so read it beside explained variance), ``matryoshka_minus_batchtopk_f1`` (ours;
+goal > 0), the same under
 ``synthetic_saelens_gen``, and with ``--real`` (on by default at full size) ``real.<sae>.{sparse_probing_auc,
 absorption, detection_auroc, spliced_loss}`` on the real model for the default SAE and each ``--real-sae NAME=PATH``.
 
@@ -328,40 +330,73 @@ class Runner:
             points.append(mine[-1])
 
 
-def best_front(c, batches, data: Data, sz: dict, targets: list[float], grid: list[float], log) -> dict:
-    """One contender at its best: the lr of the grid with the best validation F1 at L0 25, then its whole front."""
+def _sane(m: dict) -> bool:
+    return m["fvu"] < 1 and m["dead_frac"] < 0.5  # the bounds of _race.check_sane
+
+
+def best_front(
+    c, batches, data: Data, sz: dict, targets: list[float], grid: list[float], log, *, lazy: bool = False
+) -> dict:
+    """One contender at its best: the lr of the grid with the best validation F1 at the headline L0, then its front.
+
+    Every lr of ``grid`` gets a look (one run, or two for a coefficient). A lr whose point nearest the headline
+    breaks the sanity bounds, on validation or after its front is trained on test, is passed over for the next
+    best; the benchmark stops only when every lr does. ``lazy``: the grid's lrs are looked at in order, the next
+    only when none so far passes (the run on SAELens' generator, starting from the lr won on ours).
+    """
     run = Runner(c, batches, data, log)
     head_l0 = sz["headline_l0"]
     points: list[dict] = []
     start = c.default_knob()  # every lr starts from the tool's default coefficient: its L0 moves with the lr
-    scores = []
-    for mult in grid:
+    scores: list[dict] = []
+    pending = list(grid)
+
+    def look(mult: float) -> None:
         lr = mult * c.default_lr()
-        # the grid's look at each lr: one run (top-k family) or two (a coefficient and one step of its search)
         run.reach(lr, points, head_l0, 1 if c.knob == "k" else min(2, sz["search_runs"]), start)
         mine = [p for p in points if p["lr"] == lr]
         head = at_l0(mine, head_l0, "val")
-        sane = head["fvu"] < 1 and head["dead"] < 0.5  # the sanity rule's bounds, on validation
+        near = min(mine, key=lambda p: _log_gap(p["val"]["l0"], head_l0))
         scores.append(
-            {"lr_multiplier": mult, "lr": lr, "val_f1_at_l0": head["f1"], "bracketed": head["bracketed"], "sane": sane}
+            {
+                "lr_multiplier": mult,
+                "lr": lr,
+                "val_f1_at_l0": head["f1"],
+                "bracketed": head["bracketed"],
+                "sane": _sane(near["val"]),
+            }
         )
-    win = max(scores, key=lambda s: (s["sane"], s["val_f1_at_l0"], -s["lr_multiplier"]))
-    lr = win["lr"]
-    for t in [head_l0] + [t for t in targets if t != head_l0]:  # the top-k family's k search, then the front
-        near = min((p for p in points if p["lr"] == lr), key=lambda p: _log_gap(p["val"]["l0"], t))
-        run.reach(lr, points, t, sz["search_runs"], near["knob"])
-    front = sorted((p for p in points if p["lr"] == lr), key=lambda p: p["val"]["l0"])
-    for p in front:
-        p["test"] = measure(p.pop("_fitted"), data.test, data)
-    head = at_l0(front, head_l0, "test")
-    nearest = min(front, key=lambda p: _log_gap(p["test"]["l0"], head_l0))
+
+    while pending and (not lazy or not any(sc["sane"] for sc in scores)):
+        look(pending.pop(0))
+    rejected: list[float] = []
+    while True:
+        cands = [sc for sc in scores if sc["lr_multiplier"] not in rejected]
+        win = max(cands, key=lambda sc: (sc["sane"], sc["val_f1_at_l0"], -sc["lr_multiplier"]))
+        lr = win["lr"]
+        for t in [head_l0] + [t for t in targets if t != head_l0]:  # the top-k family's k search, then the front
+            near = min((p for p in points if p["lr"] == lr), key=lambda p: _log_gap(p["val"]["l0"], t))
+            run.reach(lr, points, t, sz["search_runs"], near["knob"])
+        front = sorted((p for p in points if p["lr"] == lr), key=lambda p: p["val"]["l0"])
+        for p in front:
+            if "test" not in p:
+                p["test"] = measure(p.pop("_fitted"), data.test, data)
+        nearest = min(front, key=lambda p: _log_gap(p["test"]["l0"], head_l0))
+        if _sane(nearest["test"]) or (len(cands) == 1 and not pending):
+            break
+        rejected.append(win["lr_multiplier"])
+        log(f"  {c.name}: lr {lr:.3g} breaks the sanity bounds at L0 {nearest['test']['l0']:.1f}; next lr")
+        if pending and len(cands) == 1:
+            look(pending.pop(0))
     check_sane(c.name, nearest["test"])
+    head = at_l0(front, head_l0, "test")
     return {
         **head,
         "lr": lr,
         "lr_multiplier": win["lr_multiplier"],
         "knob": c.knob,
         "lr_grid": scores,
+        "lr_rejected_by_sanity": rejected,
         "points": [{k: v for k, v in p.items() if not k.startswith("_")} for p in front],
         "runs": len(points),
         "train_seconds": sum(p["seconds"] for p in points),
@@ -381,6 +416,15 @@ def summarise(rows: dict) -> dict:
         "f1_ours_best": {"contender": on, "f1": of},
         "f1_saelens_best": {"contender": sn, "f1": sf},
         "f1_ours_best_vs_saelens_best": (of / sf) if of is not None and sf else None,
+    }
+    pairs = {  # the same architecture in both tools
+        "relu-l1": ("thoughtscope-relu-l1", "saelens-standard"),
+        **{a: (f"thoughtscope-{a}", f"saelens-{a}") for a in ("topk", "batchtopk", "jumprelu")},
+        "matryoshka": ("thoughtscope-matryoshka", "saelens-matryoshka_batchtopk"),
+    }
+    out["f1_ratio_by_arch"] = {
+        a: rows[o]["f1"] / rows[p]["f1"] if o in rows and p in rows and rows[p]["f1"] else None
+        for a, (o, p) in pairs.items()
     }
     for tool, key in (
         ("thoughtscope", "matryoshka_minus_batchtopk_f1"),
@@ -405,10 +449,11 @@ def race(data: Data, sz: dict, args, log, *, lrs: dict | None = None) -> tuple[d
     for c in contenders:
         if only and c.name not in only:
             continue
-        g = [lrs[c.name]] if lrs and c.name in lrs else grid
+        won = lrs.get(c.name) if lrs else None  # the lr won on ours first, the rest of the grid if it fails
+        g = grid if won is None else [won] + [m for m in grid if m != won]
         t = targets if lrs is None or sz["gen_full"] else [sz["headline_l0"]]  # fixed lrs (quick): the headline only
         log(f"  {c.name}: lr grid {g} x {c.default_lr():.3g}, targets L0 {t}")
-        rows[c.name] = best_front(c, batches, data, sz, t, g, log)
+        rows[c.name] = best_front(c, batches, data, sz, t, g, log, lazy=won is not None)
         r = rows[c.name]
         log(
             f"  {c.name}: lr {r['lr']:.3g} -> test at L0 {sz['headline_l0']:g}"
@@ -431,11 +476,14 @@ def real_quality(args, log) -> dict:
         if not sep or not name or not path:
             raise SystemExit(f"--real-sae {item!r}: expected NAME=PATH")
         saes[name] = path
+    from thoughtscope.models import load_model
+
+    lm = load_model("default")  # once, for every SAE
     out = {}
     for name, sae in saes.items():
         log(f"real model: {name} ({sae})")
         t0 = time.perf_counter()
-        out[name] = quality(sae, "default", tokens=args.real_tokens, seed=args.seed)
+        out[name] = quality(sae, lm, tokens=args.real_tokens, seed=args.seed)
         r = out[name]
         log(
             f"  {name}: sparse probing AUC {r['sparse_probing_auc']:.3f}, absorption {r['absorption']:.3f}, "

@@ -180,8 +180,10 @@ def quality_rows(fig: dict, quick: bool) -> list[list[str]]:
             work,
             f"best F1 {_f(best_o.get('f1'), '.3f')} ({best_o.get('contender')})",
             f"SAELens best F1 {_f(best_s.get('f1'), '.3f')} ({best_s.get('contender')})",
-            f"F1 ratio **{_f(fig.get('f1_ours_best_vs_saelens_best'), '.2f')}** (target >= 1); Matryoshka minus "
-            f"BatchTopK F1 **{_f(fig.get('matryoshka_minus_batchtopk_f1'), '+.3f')}** (target > 0)",
+            f"F1 ratio **{_f(fig.get('f1_ours_best_vs_saelens_best'), '.2f')}** (target >= 1; by architecture "
+            + ", ".join(f"{a} {_f(v, '.2f')}" for a, v in (fig.get("f1_ratio_by_arch") or {}).items())
+            + f"); Matryoshka minus BatchTopK F1 **{_f(fig.get('matryoshka_minus_batchtopk_f1'), '+.3f')}** "
+            "(target > 0)",
         ]
     ]
 

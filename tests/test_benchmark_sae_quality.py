@@ -36,7 +36,7 @@ TINY = [
 ]  # fmt: skip
 
 
-FAST = "thoughtscope-batchtopk,thoughtscope-matryoshka,saelens-topk,saelens-jumprelu"
+FAST = "thoughtscope-batchtopk,thoughtscope-matryoshka,saelens-batchtopk,saelens-jumprelu"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,8 @@ def check_figures(fig: dict, names: set[str]) -> None:
     ours = max(r["f1"] for n, r in fig["synthetic"].items() if n.startswith("thoughtscope-"))
     peer = max(r["f1"] for n, r in fig["synthetic"].items() if n.startswith("saelens-"))
     assert fig["f1_ours_best_vs_saelens_best"] == pytest.approx(ours / peer)
+    btk_ratio = fig["synthetic"]["thoughtscope-batchtopk"]["f1"] / fig["synthetic"]["saelens-batchtopk"]["f1"]
+    assert fig["f1_ratio_by_arch"]["batchtopk"] == pytest.approx(btk_ratio)
     mat, btk = fig["synthetic"]["thoughtscope-matryoshka"], fig["synthetic"]["thoughtscope-batchtopk"]
     assert fig["matryoshka_minus_batchtopk_f1"] == pytest.approx(mat["f1"] - btk["f1"])
     assert fig["data"]["synthetic"]["true_l0"] == pytest.approx(8, rel=0.1)
