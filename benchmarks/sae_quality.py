@@ -42,7 +42,7 @@ goal > 0), the same under
 absorption, detection_auroc, spliced_loss}`` on the real model for the default SAE and each ``--real-sae NAME=PATH``.
 
 Sizes. ``--quick`` (under 5 minutes on 2 shared cores, one torch thread): 1,024 true features in 128 dimensions,
-256 latents, batch 512 x 250 steps from a 65,536-row pool, grid x1 / x16 (a run this short wants the high end, and
+256 latents, batch 512 x 200 steps from a 65,536-row pool, grid x1 / x16 (a run this short wants the high end, and
 thoughtscope's ReLU-L1 default, 5e-5, is tuned for ~30k steps; sparsify's rule, 5e-3 x sqrt(2^14 / m), already sits
 there), only the L0-25 point of each front, 8,192 validation and test rows; on SAELens' generator each contender
 keeps the lr it won on ours. Full (the lead's run, hours on 2 cores): 4,096 true features in 256 dimensions, 1,024
@@ -82,7 +82,7 @@ def sizes(args) -> dict:
         "true_l0": 30.0,
         "headline_l0": 25.0,
         "batch_size": 512,
-        "steps": 250,
+        "steps": 200,
         "pool_rows": 65_536,
         "eval_rows": 8192,
         "grid": "1,16",
