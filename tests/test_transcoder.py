@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -154,7 +155,8 @@ def test_spliced_loss_replaces_the_mlp(lm, token_batches):
     r = spliced_transcoder_loss(lm, build_sae(_cfg()), ids)
     for key in ("loss_clean", "loss_zero_ablated", "loss_mean_ablated"):
         assert math.isfinite(r[key])
-    assert math.isfinite(r["replaced"]["transcoder"]["loss"])
+    assert math.isfinite(r["loss_sae"]) and r["site"] == "mlp_out.1"
+    assert r["loss_zero_ablated"] != r["loss_clean"]
 
     mlp = copy.deepcopy(mlp_module(lm.layers[1]))  # a copy: the block's own MLP carries the splice's hooks
 
@@ -164,8 +166,8 @@ def test_spliced_loss_replaces_the_mlp(lm, token_batches):
                 return x, mlp(x)
 
     exact = Exact(_cfg())
-    e = spliced_transcoder_loss(lm, exact, ids)["replaced"]["transcoder"]
-    assert abs(e["loss_recovered"] - 1) < 1e-4 and e["kl"] < 1e-6
+    e = spliced_transcoder_loss(lm, exact, ids)
+    assert abs(e["loss_recovered"] - 1) < 1e-4 and e["kl_sae"] < 1e-6 and abs(e["loss_sae"] - e["loss_clean"]) < 1e-5
     with pytest.raises(SAEError, match="does not record its sites"):
         spliced_transcoder_loss(lm, build_sae(_cfg(site="", target_site="")), ids)
 
@@ -195,3 +197,27 @@ def test_a_killed_and_resumed_transcoder_run_is_bit_identical(pairs, tmp_path):
         assert a.cfg.target_norm_scale == b.cfg.target_norm_scale != 1.0
         for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(p, q), n
+
+
+def test_sae_train_cli_trains_a_transcoder_on_the_fly(lm, tmp_path):
+    from typer.testing import CliRunner
+
+    from thoughtscope.cli import app
+
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    (tmp_path / "docs.txt").write_text(TEXT)
+    common = ["sae", "train", "--model", str(tmp_path / "m"), "--corpus", str(tmp_path / "docs.txt"), "--quiet"]
+    common += ["--site", "mlp_in.1", "--target-site", "mlp_out.1", "--tokens", "2000", "--batch-size", "200"]
+    r = CliRunner().invoke(app, [*common, "--expansion", "4", "--k", "8", "--out", str(tmp_path / "tc")])
+    assert r.exit_code == 0, r.output
+    assert "transcoder-x4-k8" in r.output
+    tc = load_sae(tmp_path / "tc")
+    assert isinstance(tc, TopKTranscoder) and (tc.cfg.site, tc.cfg.target_site) == ("mlp_in.1", "mlp_out.1")
+    held = json.loads((tmp_path / "tc" / "metrics.json").read_text())["heldout"]["spliced"]
+    assert held["site"] == "mlp_out.1" and math.isfinite(held["loss_sae"])
+    r = CliRunner().invoke(app, [*common, "--arch", "relu-l1", "--out", str(tmp_path / "bad")])
+    assert r.exit_code != 0 and "has no transcoder form" in " ".join(r.output.split())
+    assert not (tmp_path / "bad").exists()
+    r = CliRunner().invoke(app, [*common, "--target-site", "mlp_out.0", "--out", str(tmp_path / "bad")])
+    assert r.exit_code != 0 and "lie in different blocks" in " ".join(r.output.split())

@@ -30,6 +30,9 @@ def sae_train(
     store: Path | None = typer.Option(None, help="train from this activation store"),
     model: str | None = typer.Option(None, help="or train on the fly from this model ('default', hub id, …)"),
     site: str = typer.Option("resid.15", help="site, when training on the fly"),
+    target_site: str | None = typer.Option(
+        None, help="train transcoders from --site to this site of the same block (mlp_in.L -> mlp_out.L; on the fly)"
+    ),
     corpus: str = typer.Option("default", help="corpus, when training on the fly"),
     tokens: int | None = typer.Option(TrainConfig.n_tokens, help=field_help(TrainConfig, "n_tokens")),
     arch: str = typer.Option(SAEConfig.arch, help=field_help(SAEConfig, "arch", SWEEP)),
@@ -91,7 +94,7 @@ def sae_train(
         what.update(max_norm_ratio=max_norm_ratio or None, loss_tokens=loss_tokens)
         if plan or int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun only an explicit --plan probes
             _plan_gate(sae_estimate(**what), plan=plan, force=force, quiet=quiet)
-        runs, seconds = train_grid(out, **what)
+        runs, seconds = train_grid(out, **what, target_site=target_site)
     except (SAEError, StoreError, ModelError, TrainingDiverged, ValueError) as e:
         _fail(str(e))
     _print_trained(runs, seconds)

@@ -46,6 +46,8 @@ class Source:
     """The corpus text the data comes from (`training_text`); None = unknown."""
     lm: Any = None
     """The loaded model, when the data is read on the fly."""
+    target_site: str = ""
+    """The site a transcoder reconstructs from `site` (the data then pairs both, [B, 2, d]); "" = an SAE's data."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,20 @@ class Trained:
     sae: Any
 
 
-def open_source(store=None, model: str | None = None, *, site: str, corpus: str, train_cfg: TrainConfig) -> Source:
+def open_source(
+    store=None,
+    model: str | None = None,
+    *,
+    site: str,
+    corpus: str,
+    train_cfg: TrainConfig,
+    target_site: str | None = None,
+) -> Source:
     """The store at `store`, or activations of `model` at `site` on `corpus`, computed as training reads them
-    (`train_cfg.n_tokens` tokens in batches of `train_cfg.batch_size` rows, shuffled with `train_cfg.seed`)."""
+    (`train_cfg.n_tokens` tokens in batches of `train_cfg.batch_size` rows, shuffled with `train_cfg.seed`); with
+    `target_site`, pairs of `site` and `target_site` rows from the same pass (a transcoder's data)."""
+    if store is not None and target_site:
+        raise SAEError("a transcoder (--target-site) trains on the fly from --model; stores hold one site each")
     if store is not None:
         from ..store import ActivationStore
 
@@ -74,8 +87,12 @@ def open_source(store=None, model: str | None = None, *, site: str, corpus: str,
     lm = load_model(model)
     tc = train_cfg
     c = Corpus(corpus)
-    data = stream_activations(lm, c, site, n_tokens=tc.n_tokens, batch_size=tc.batch_size, seed=tc.seed)
-    return Source(data, lm.d_model, lm.name, str(lm.check_site(site)), lm.source, streamed_text(c, tc.n_tokens), lm)
+    data = stream_activations(
+        lm, c, site, n_tokens=tc.n_tokens, batch_size=tc.batch_size, seed=tc.seed, target_site=target_site or None
+    )
+    target = str(lm.check_site(target_site)) if target_site else ""
+    site = str(lm.check_site(site))
+    return Source(data, lm.d_model, lm.name, site, lm.source, streamed_text(c, tc.n_tokens), lm, target)
 
 
 def store_text(st) -> dict:
@@ -120,6 +137,10 @@ def config_grid(
     cfgs: list[SAEConfig] = []
     names: list[str] = []
     for a, kk, e, l1, l0 in itertools.product(arch, k, expansion, l1_coeff, l0_coeff):
+        if source.target_site:  # a transcoder: the TopK one is the only form so far
+            if a not in ("topk", "transcoder"):
+                raise SAEError(f"a transcoder (--target-site) has a TopK activation; arch {a!r} has no transcoder form")
+            a = "transcoder"
         cfg = SAEConfig(
             arch=a,
             d_model=source.d_model,
@@ -130,6 +151,7 @@ def config_grid(
             model=source.model,
             model_source=source.model_source,
             site=source.site,
+            target_site=source.target_site,
             max_norm_ratio=max_norm_ratio,
         )
         name = sae_class(a).run_name(cfg)
@@ -150,20 +172,22 @@ def train_grid(
     max_norm_ratio: float | None = SAEConfig.max_norm_ratio,
     train_cfg: TrainConfig,
     loss_tokens: int = 0,
+    target_site: str | None = None,
 ) -> tuple[list[Trained], float]:
     """Train every config of `grid` (keys of `config_grid`) on one pass over the source and save each SAE: one
     SAE goes to `out`, a grid to one subfolder per run. Resumable from `out/.checkpoint` unless `train_cfg`
     names its own checkpoint folder. Each folder's metrics file records the training text (`data`); with
     `loss_tokens`, the spliced loss on that many held-out tokens is added (`heldout`) when the model can be loaded
-    (the one read on the fly, or the store's recorded one); a model that cannot leaves a note instead. Returns the
-    SAEs and the training time in seconds."""
+    (the one read on the fly, or the store's recorded one); a model that cannot leaves a note instead. With
+    `target_site` (on the fly only) it trains transcoders from `site` to `target_site`. Returns the SAEs and the
+    training time in seconds."""
     from ..distributed import rank_and_world
     from .train import train_saes
 
     out = Path(out)
     if train_cfg.checkpoint_dir is None:
         train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(out / ".checkpoint"))
-    source = open_source(store, model, site=site, corpus=corpus, train_cfg=train_cfg)
+    source = open_source(store, model, site=site, corpus=corpus, train_cfg=train_cfg, target_site=target_site)
     cfgs, names = config_grid(source, max_norm_ratio=max_norm_ratio, **grid)
     folders = [out] if len(cfgs) == 1 else [out / n for n in names]
     t0 = time.perf_counter()
@@ -330,7 +354,12 @@ def heldout_loss(
         skip, said = heldout_contexts(text, c)
     site = lm.check_site(sae.cfg.site or "resid.15")
     batches = loss_batches(lm, c, skip, max(1, math.ceil(loss_tokens / LOSS_CTX_LEN)))
-    spliced = spliced_lm_loss(lm, sae, site, batches, progress=progress)
+    if getattr(sae, "paired", False):  # a transcoder: its target site replaced by its prediction from its own input
+        from .transcoder import spliced_transcoder_loss
+
+        spliced = spliced_transcoder_loss(lm, sae, batches, progress=progress)
+    else:
+        spliced = spliced_lm_loss(lm, sae, site, batches, progress=progress)
     return spliced, {"corpus": c.spec, "skip_contexts": skip, "ctx_len": LOSS_CTX_LEN, "text": said}
 
 

@@ -222,8 +222,9 @@ def evaluate_transcoder(tc: TopKTranscoder, pairs: Iterable[Any], *, max_batches
 
 def spliced_transcoder_loss(lm: Any, tc: TopKTranscoder, token_batches: Iterable, **kw: Any) -> dict[str, Any]:
     """LM loss with the block's MLP output replaced by the transcoder's prediction from the MLP's input, beside the
-    clean model and the MLP output zero- and mean-ablated (sae.metrics.spliced_losses, same keys and options;
-    the transcoder's result is under ``replaced["transcoder"]``). The sites are the transcoder's own."""
+    clean model and the MLP output zero- and mean-ablated (options of sae.metrics.spliced_losses). The keys are
+    spliced_lm_loss's, so every reader of an SAE's figures reads these: loss_sae is the loss with the transcoder in
+    place of the MLP, loss_recovered = (L_zero - L_transcoder) / (L_zero - L_clean). The sites are its own."""
     from ..models import edit
     from .metrics import spliced_losses
 
@@ -238,4 +239,18 @@ def spliced_transcoder_loss(lm: Any, tc: TopKTranscoder, token_batches: Iterable
         return tc(seen["x"].to(tc.device, torch.float32))[1]
 
     with edit(lm, tc.cfg.site, read_input):
-        return spliced_losses(lm, tc.cfg.target_site, token_batches, {"transcoder": predict}, **kw)
+        r = spliced_losses(lm, tc.cfg.target_site, token_batches, {"transcoder": predict}, **kw)
+    s = r.pop("replaced")["transcoder"]
+    return {
+        "loss_recovered_vs_mean": s["loss_recovered_vs_mean"],
+        "loss_recovered": s["loss_recovered"],
+        "loss_clean": r["loss_clean"],
+        "loss_sae": s["loss"],
+        "loss_zero_ablated": r["loss_zero_ablated"],
+        "loss_mean_ablated": r["loss_mean_ablated"],
+        "kl_sae": s["kl"],
+        "kl_zero": r["kl_zero"],
+        "kl_mean": r["kl_mean"],
+        **{k: r[k] for k in ("n_tokens", "chunk_tokens", "first_position_excluded")},
+        "site": tc.cfg.target_site,
+    }
