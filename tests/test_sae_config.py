@@ -78,7 +78,7 @@ def test_unknown_keys_are_kept_in_extra():
 # ----------------------------------------------------------------------------- registry and hooks
 def test_registry_lists_builtins_in_order_and_takes_new_architectures():
     # the built-ins this file's parametrised tests run (self-reconstructing), then matryoshka and the transcoder
-    assert (*ARCHS, "matryoshka", "transcoder") == S.ARCHITECTURES
+    assert (*ARCHS, "matryoshka", "transcoder", "jumprelu-transcoder") == S.ARCHITECTURES
     assert [S.sae_class(a) for a in ARCHS] == [S.ReluL1SAE, S.TopKSAE, S.BatchTopKSAE, S.JumpReLUSAE]
 
     @S.register_sae_class

@@ -76,18 +76,18 @@ def test_bad_pairings_are_refused():
         Trainer([_cfg(), SAEConfig(arch="topk", d_model=D, n_features=64, k=4)], TrainConfig())
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_trained_on_a_tiny_mlp_it_predicts_the_mlp_output(pairs, skip):
+@pytest.mark.parametrize(("arch", "skip"), [("transcoder", False), ("transcoder", True), ("jumprelu-transcoder", True)])
+def test_trained_on_a_tiny_mlp_it_predicts_the_mlp_output(pairs, arch, skip):
     held_out = pairs[-2:]
-    tc = train_sae(_cfg(skip_connection=skip), pairs[:-2] * 25, _tc(steps=250))
-    assert isinstance(tc, TopKTranscoder) and tc.cfg.norm_folded and tc.cfg.target_norm_scale != 1.0
+    tc = train_sae(_cfg(arch=arch, skip_connection=skip), pairs[:-2] * 25, _tc(steps=250))
+    assert tc.arch == arch and tc.paired and tc.cfg.norm_folded and tc.cfg.target_norm_scale != 1.0
     m = evaluate_transcoder(tc, held_out)
     # raw activations in, raw MLP output out (normalisation folded); the best linear map of the input leaves ~0.9
     x, y = torch.cat(pairs)[:, 0], torch.cat(pairs)[:, 1]
     X = torch.cat([x, torch.ones(len(x), 1)], 1)
     linear_fvu = float((X @ torch.linalg.lstsq(X, y).solution - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
     assert m["fvu"] < 0.3 and m["fvu"] < linear_fvu / 2, (m, linear_fvu)
-    assert m["l0"] <= 12 and 0 <= m["dead_frac"] < 0.5
+    assert 1 <= m["l0"] <= 12 and 0 <= m["dead_frac"] < 0.5  # TopK: k = 12; JumpReLU: its L0 penalty
     assert abs(tc.train_metrics["fvu"] - evaluate_transcoder(tc, pairs[-4:-2])["fvu"]) < 0.15
     if skip:
         assert tc.W_skip.abs().sum() > 0  # the skip path learned something
@@ -95,9 +95,10 @@ def test_trained_on_a_tiny_mlp_it_predicts_the_mlp_output(pairs, skip):
     assert evaluate_transcoder(build_sae(_cfg()), held_out)["fvu"] > 0.9
 
 
-def test_fold_keeps_the_prediction_of_the_normalised_transcoder():
+@pytest.mark.parametrize("arch", ["transcoder", "jumprelu-transcoder"])
+def test_fold_keeps_the_prediction_of_the_normalised_transcoder(arch):
     g = torch.Generator().manual_seed(3)
-    tc = build_sae(_cfg(skip_connection=True, target_norm_scale=2.5), seed=1)
+    tc = build_sae(_cfg(arch=arch, skip_connection=True, target_norm_scale=2.5, jumprelu_init_threshold=0.05), seed=1)
     with torch.no_grad():
         for p in (tc.b_in, tc.b_dec, tc.W_skip):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
@@ -107,23 +108,31 @@ def test_fold_keeps_the_prediction_of_the_normalised_transcoder():
     f_norm, y_norm = tc((x - mu) * s)
     tc.fold_normalization(s, mu)
     f_raw, y_raw = tc(x)
+    assert (f_norm > 0).sum() > 0
     torch.testing.assert_close(f_raw, f_norm, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(y_raw, y_norm / 2.5, atol=1e-4, rtol=1e-4)
 
 
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("arch", ["transcoder", "jumprelu-transcoder"])
+def test_save_load_round_trip(tmp_path, arch):
     g = torch.Generator().manual_seed(5)
-    tc = build_sae(_cfg(skip_connection=True), seed=2)
+    tc = build_sae(_cfg(arch=arch, skip_connection=True), seed=2)
     with torch.no_grad():
         tc.W_skip.copy_(torch.randn(D, D, generator=g))
         tc.b_in.copy_(torch.randn(D, generator=g))
+        if arch == "jumprelu-transcoder":
+            tc.log_threshold.copy_(torch.randn(256, generator=g) - 2)
     save_sae(tc, tmp_path / "tc")
     back = load_sae(tmp_path / "tc")
-    assert isinstance(back, TopKTranscoder) and back.cfg.target_site == "mlp_out.1" and back.cfg.skip_connection
+    assert type(back) is type(tc) and back.cfg.target_site == "mlp_out.1" and back.cfg.skip_connection
     x = torch.randn(7, D, generator=g)
     for a, b in zip(tc(x), back(x)):
         torch.testing.assert_close(a, b)
-    plain = build_sae(_cfg(), seed=2)
+    # a few latents from their own rows: equal to encode() (top-k: wherever the latent is among the k largest)
+    part, full = back.partial_encoder([3, 7])(x), tc(x)[0][:, [3, 7]]
+    keep = full > 0 if arch == "transcoder" else torch.ones_like(full, dtype=torch.bool)
+    torch.testing.assert_close(part[keep], full[keep])
+    plain = build_sae(_cfg(arch=arch), seed=2)
     save_sae(plain, tmp_path / "plain")
     assert load_sae(tmp_path / "plain").W_skip is None
     with pytest.raises(SAEError, match="no SAELens"):
@@ -216,8 +225,27 @@ def test_sae_train_cli_trains_a_transcoder_on_the_fly(lm, tmp_path):
     assert isinstance(tc, TopKTranscoder) and (tc.cfg.site, tc.cfg.target_site) == ("mlp_in.1", "mlp_out.1")
     held = json.loads((tmp_path / "tc" / "metrics.json").read_text())["heldout"]["spliced"]
     assert held["site"] == "mlp_out.1" and math.isfinite(held["loss_sae"])
+    from thoughtscope.sae.run import evaluate_folder
+
+    with pytest.raises(SAEError, match="is a transcoder .mlp_in.1 -> mlp_out.1.; a store holds one site"):
+        evaluate_folder(tmp_path / "tc", store=tmp_path / "any-store")
     r = CliRunner().invoke(app, [*common, "--arch", "relu-l1", "--out", str(tmp_path / "bad")])
     assert r.exit_code != 0 and "has no transcoder form" in " ".join(r.output.split())
     assert not (tmp_path / "bad").exists()
     r = CliRunner().invoke(app, [*common, "--target-site", "mlp_out.0", "--out", str(tmp_path / "bad")])
     assert r.exit_code != 0 and "lie in different blocks" in " ".join(r.output.split())
+
+
+def test_config_grid_maps_sae_architectures_to_their_transcoders():
+    from thoughtscope.sae.run import Source, config_grid
+
+    src = Source(None, D, "m", "mlp_in.1", target_site="mlp_out.1")
+    grid = {"k": [8], "expansion": [4], "l1_coeff": [1.0], "l0_coeff": [1.0]}
+    cfgs, names = config_grid(src, arch=["topk", "jumprelu"], **grid)
+    assert [c.arch for c in cfgs] == ["transcoder", "jumprelu-transcoder"]
+    assert all((c.site, c.target_site) == ("mlp_in.1", "mlp_out.1") for c in cfgs)
+    assert names == ["transcoder-x4-k8", "jumprelu-transcoder-x4-l0_1"]
+    with pytest.raises(SAEError, match="batchtopk' has no transcoder form"):
+        config_grid(src, arch=["batchtopk"], **grid)
+    plain, _ = config_grid(Source(None, D, "m", "resid.1"), arch=["topk"], **grid)
+    assert plain[0].arch == "topk" and plain[0].target_site == ""

@@ -61,7 +61,8 @@ class SAEConfig:
     """Everything needed to rebuild an SAE and to know what it was trained on."""
 
     arch: str = "topk"
-    """Architecture name: relu-l1, topk, batchtopk, jumprelu, matryoshka or transcoder (or a registered one)."""
+    """Architecture name: relu-l1, topk, batchtopk, jumprelu, matryoshka, transcoder (TopK) or jumprelu-transcoder
+    (or a registered one)."""
     d_model: int = 576
     """Width of the activations it reads (numbers per token)."""
     n_features: int = 9216
@@ -104,7 +105,7 @@ class SAEConfig:
     """Jumprelu: "plain" (step function, STE) or "tanh" (tanh(c * f * ||W_dec||))."""
     tanh_c: float = 4.0
     """Jumprelu with l0_penalty="tanh": the sharpness c of tanh(c * f * ||W_dec||) (unitless)."""
-    # transcoders (arch "transcoder"): read `site`, reconstruct `target_site` (e.g. mlp_in.5 -> mlp_out.5)
+    # transcoders (arch "transcoder" or "jumprelu-transcoder"): read `site`, reconstruct `target_site`
     target_site: str = ""
     """Transcoder: the site it writes, e.g. mlp_out.5, while `site` is the one it reads ("" = its own input)."""
     skip_connection: bool = False

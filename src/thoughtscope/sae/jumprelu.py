@@ -85,6 +85,16 @@ class JumpReLUSAE(UnitDecoderMixin, SAE):
         f = JumpReLUFn.apply(pre, t, eps)
         recon = f @ self.W_dec + self.b_dec
         mse = (recon - x).pow(2).sum(-1).mean()
+        loss = self.sparsity_loss(mse, pre, f, t, progress)
+        active = f > 0
+        return StepOutput(
+            loss, recon, active.any(0), active.sum(-1).float().mean().detach(), torch.zeros((), device=x.device)
+        )
+
+    def sparsity_loss(self, mse: Tensor, pre: Tensor, f: Tensor, t: Tensor, progress: float) -> Tensor:
+        """mse plus the warmed-up L0 penalty and the optional pre-activation loss (what every JumpReLU step adds);
+        t is the step's threshold tensor (the one the activation used)."""
+        cfg, eps = self.cfg, self.cfg.jumprelu_bandwidth
         dec_norm = self.W_dec.norm(dim=1)
         if cfg.l0_penalty == "plain":
             l0_term = StepFn.apply(pre, t, eps).sum(-1).mean()
@@ -94,10 +104,7 @@ class JumpReLUSAE(UnitDecoderMixin, SAE):
         loss = mse + (cfg.l0_coeff * warm) * l0_term
         if cfg.pre_act_coeff > 0:
             loss = loss + cfg.pre_act_coeff * (F.relu(t.detach() - pre) * dec_norm).sum(-1).mean()
-        active = f > 0
-        return StepOutput(
-            loss, recon, active.any(0), active.sum(-1).float().mean().detach(), torch.zeros((), device=x.device)
-        )
+        return loss
 
     def extra_state_tensors(self):
         return {"threshold": self.threshold.detach().clone()}

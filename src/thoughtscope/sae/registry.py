@@ -24,6 +24,7 @@ BUILTIN = {  # name: module
     "jumprelu": "jumprelu",
     "matryoshka": "matryoshka",
     "transcoder": "transcoder",
+    "jumprelu-transcoder": "transcoder",
 }
 
 

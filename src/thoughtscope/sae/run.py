@@ -30,6 +30,7 @@ EVAL_ROWS = 4096
 LOSS_CTX_LEN, LOSS_CONTEXTS = 128, 8
 METRICS_FILE = "metrics.json"  # the SAE folder's metrics (formats.METRICS_FILE)
 TRAIN_LOSS_TOKENS = 2048  # held-out tokens of the spliced loss measured right after training, when a model is at hand
+TRANSCODER_OF = {"topk": "transcoder", "jumprelu": "jumprelu-transcoder"}  # --target-site: the SAE arch's transcoder
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,12 @@ def config_grid(
     cfgs: list[SAEConfig] = []
     names: list[str] = []
     for a, kk, e, l1, l0 in itertools.product(arch, k, expansion, l1_coeff, l0_coeff):
-        if source.target_site:  # a transcoder: the TopK one is the only form so far
-            if a not in ("topk", "transcoder"):
-                raise SAEError(f"a transcoder (--target-site) has a TopK activation; arch {a!r} has no transcoder form")
-            a = "transcoder"
+        if source.target_site:  # a transcoder: topk -> transcoder, jumprelu -> jumprelu-transcoder
+            a = TRANSCODER_OF.get(a, a)
+            if a not in TRANSCODER_OF.values():
+                raise SAEError(
+                    f"a transcoder (--target-site) has a TopK or JumpReLU activation; arch {a!r} has no transcoder form"
+                )
         cfg = SAEConfig(
             arch=a,
             d_model=source.d_model,
@@ -388,6 +391,11 @@ def evaluate_folder(
     sae = load_sae(path, device=device)
     folder = getattr(sae, "source_dir", Path(path))
     recon = spliced = where = skipped = None
+    if store is not None and getattr(sae, "paired", False):
+        raise SAEError(
+            f"{path} is a transcoder ({sae.cfg.site} -> {sae.cfg.target_site}); a store holds one site, so it cannot "
+            "measure its reconstruction: give --model for the loss with the transcoder in place of the MLP"
+        )
     if store is not None:
         from ..store import ActivationStore
 

@@ -9,10 +9,12 @@ circuit-tracer builds attribution graphs from). Layout and names follow the SAE 
 * ``W_skip`` [d, d] (only with ``SAEConfig.skip_connection``): a linear path ``(x - b_in) W_skip`` added to the
   output, zero at init, so the dictionary models what a linear map of the input cannot.
 
-Activation: TopK (k largest pre-activations, ReLU after), AuxK on dead latents against the output's residual,
-unit decoder rows; the sparse kernels of topk.py do the backward passes. Trained by the normal Trainer on paired
-batches [B, 2, d] (row 0 the input, row 1 the target; harvest.stream_activations(..., target_site=...)), each side
-normalised on its own and folded back at the end, so the finished transcoder reads and writes raw activations.
+Activations: "transcoder" is TopK (k largest pre-activations, ReLU after; AuxK on dead latents against the output's
+residual; the sparse kernels of topk.py do the backward passes), "jumprelu-transcoder" is JumpReLU (per-latent
+learned thresholds and jumprelu.py's L0 penalty, as Gemma Scope's transcoders); both keep unit decoder rows.
+Trained by the normal Trainer on paired batches [B, 2, d] (row 0 the input, row 1 the target;
+harvest.stream_activations(..., target_site=...)), each side normalised on its own and folded back at the end, so
+the finished transcoder reads and writes raw activations.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from torch import Tensor, nn
 
 from ..errors import SAEError
 from ..models import Site, SiteError
-from .base import PartialEncoder, SAEOutput, StepOutput, check_k, register_sae_class
+from .base import PartialEncoder, SAEOutput, StepOutput, register_sae_class
 from .config import SAEConfig
+from .jumprelu import JumpReLUFn, JumpReLUSAE
 from .kernels import SparseDecode, SparseEncode, group_by_latent
 from .topk import TopKSAE
 
@@ -49,11 +52,17 @@ def check_pairing(site: str, target_site: str) -> None:
         )
 
 
-@register_sae_class
-class TopKTranscoder(TopKSAE):
-    """TopK transcoder: x (at cfg.site) -> y (at cfg.target_site) through k active latents, optional linear skip."""
+def _split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """A normalised paired batch [B, 2, d] as (input rows, target rows)."""
+    if x.dim() != 3 or x.shape[1] != 2:
+        raise SAEError(f"a transcoder trains on [B, 2, d] batches (input, target), got {tuple(x.shape)}")
+    return x[:, 0], x[:, 1]
 
-    arch = "transcoder"
+
+class TranscoderMixin:
+    """What makes an SAE architecture a transcoder: b_in, the optional skip, paired training data, the fold of two
+    normalisations, the extra tensors on disk. The architecture's class (after this one) brings the activation."""
+
     #: the trainer feeds it [B, 2, d] batches (input rows, target rows) and normalises each side on its own
     paired = True
 
@@ -65,7 +74,7 @@ class TopKTranscoder(TopKSAE):
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
-        check_k(cfg)
+        super().check_config(cfg)
         check_pairing(cfg.site, cfg.target_site)
 
     @classmethod
@@ -99,16 +108,69 @@ class TopKTranscoder(TopKSAE):
     @torch.no_grad()
     def partial_encoder(self, idx: Tensor) -> PartialEncoder:
         idx = torch.as_tensor(idx, dtype=torch.long).to(self.W_dec.device)
+        thr = self.partial_thresholds(idx)
         return PartialEncoder(
-            self.enc[idx].detach().float(), self.b_enc[idx].detach().float(), self.b_in.detach().float(), None
+            self.enc[idx].detach().float(),
+            self.b_enc[idx].detach().float(),
+            self.b_in.detach().float(),
+            None if thr is None else thr.detach().float(),
         )
 
     # -- training
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """The trainer's normalised [N, 2, d] init sample: the input's mean centres the encoder."""
+        if x.dim() == 3:
+            self.b_in.copy_(x[:, 0].mean(0))
+
+    @torch.no_grad()
+    def fold_normalization(self, scale: float | Tensor, mean: Tensor | None) -> None:
+        """Trained on x' = (x - mu) s and y' = y t (t = cfg.target_norm_scale): act on raw x and y.
+
+        x' - b_in = (x - (mu + b_in / s)) s, so enc and W_skip's rows take s, b_in becomes mu + b_in / s; every output
+        term is divided by t. Thresholds compare latent activations, which do not change.
+        """
+        mu = torch.zeros_like(self.b_in) if mean is None else mean.to(self.b_in)
+        s = scale.to(self.b_in) if isinstance(scale, Tensor) else scale
+        t = float(self.cfg.target_norm_scale)
+        self.enc.mul_(s)
+        self.b_in.copy_(mu + self.b_in / s)
+        self.W_dec.div_(t)
+        self.b_dec.div_(t)
+        if self.W_skip is not None:
+            self.W_skip.mul_(s.unsqueeze(1) if isinstance(s, Tensor) else s).div_(t)
+        self.cfg.norm_folded = True
+
+    # -- files
+    def extra_state_tensors(self) -> dict[str, Tensor]:
+        out = {**super().extra_state_tensors(), "b_in": self.b_in.detach().clone()}
+        if self.W_skip is not None:
+            out["W_skip"] = self.W_skip.detach().clone()
+        return out
+
+    def load_extra_state_tensors(self, t: dict[str, Tensor]) -> None:
+        missing = [k for k in self.extra_state_tensors() if k not in t]
+        if missing:
+            raise SAEError(f"transcoder weights lack {', '.join(missing)} (skip_connection={self.cfg.skip_connection})")
+        super().load_extra_state_tensors(t)
+        with torch.no_grad():
+            self.b_in.copy_(t["b_in"])
+            if self.W_skip is not None:
+                self.W_skip.copy_(t["W_skip"])
+
+    def saelens_config(self) -> dict:
+        raise SAEError("a transcoder has no SAELens v6 SAE form; save it as a native folder (save_sae)")
+
+
+@register_sae_class
+class TopKTranscoder(TranscoderMixin, TopKSAE):
+    """TopK transcoder: x (at cfg.site) -> y (at cfg.target_site) through k active latents, optional linear skip."""
+
+    arch = "transcoder"
+
     def training_step(self, x, *, progress, dead_mask=None, aux_scale=None):
         """x: [B, 2, d] normalised (input rows, target rows); loss = ||y - y_hat||^2 per row (+ AuxK)."""
-        if x.dim() != 3 or x.shape[1] != 2:
-            raise SAEError(f"a transcoder trains on [B, 2, d] batches (input, target), got {tuple(x.shape)}")
-        xin, y = x[:, 0], x[:, 1]
+        xin, y = _split(x)
         xc = xin - self.b_in
         with torch.no_grad():
             pre = F.linear(xc, self.enc, self.b_enc)
@@ -138,53 +200,31 @@ class TopKTranscoder(TopKSAE):
         l0 = (vals > 0).sum(-1).float().mean().detach()
         return StepOutput(loss, recon, fired, l0, aux.detach())
 
-    @torch.no_grad()
-    def init_from_data(self, x: Tensor) -> None:
-        """The trainer's normalised [N, 2, d] init sample: the input's mean centres the encoder."""
-        if x.dim() == 3:
-            self.b_in.copy_(x[:, 0].mean(0))
 
-    @torch.no_grad()
-    def fold_normalization(self, scale: float | Tensor, mean: Tensor | None) -> None:
-        """Trained on x' = (x - mu) s and y' = y t (t = cfg.target_norm_scale): act on raw x and y.
+@register_sae_class
+class JumpReLUTranscoder(TranscoderMixin, JumpReLUSAE):
+    """JumpReLU transcoder (Gemma Scope's transcoders): learned per-latent thresholds, L0 penalty, optional skip."""
 
-        x' - b_in = (x - (mu + b_in / s)) s, so enc and W_skip's rows take s, b_in becomes mu + b_in / s; every output
-        term is divided by t.
-        """
-        mu = torch.zeros_like(self.b_in) if mean is None else mean.to(self.b_in)
-        s = scale.to(self.b_in) if isinstance(scale, Tensor) else scale
-        t = float(self.cfg.target_norm_scale)
-        self.enc.mul_(s)
-        self.b_in.copy_(mu + self.b_in / s)
-        self.W_dec.div_(t)
-        self.b_dec.div_(t)
-        if self.W_skip is not None:
-            self.W_skip.mul_(s.unsqueeze(1) if isinstance(s, Tensor) else s).div_(t)
-        self.cfg.norm_folded = True
+    arch = "jumprelu-transcoder"
 
-    # -- files
-    def extra_state_tensors(self) -> dict[str, Tensor]:
-        out = {"b_in": self.b_in.detach().clone()}
-        if self.W_skip is not None:
-            out["W_skip"] = self.W_skip.detach().clone()
-        return out
-
-    def load_extra_state_tensors(self, t: dict[str, Tensor]) -> None:
-        missing = [k for k in self.extra_state_tensors() if k not in t]
-        if missing:
-            raise SAEError(f"transcoder weights lack {', '.join(missing)} (skip_connection={self.cfg.skip_connection})")
-        with torch.no_grad():
-            self.b_in.copy_(t["b_in"])
-            if self.W_skip is not None:
-                self.W_skip.copy_(t["W_skip"])
-
-    def saelens_config(self) -> dict:
-        raise SAEError("a transcoder has no SAELens v6 SAE form; save it as a native folder (save_sae)")
+    def training_step(self, x, *, progress, dead_mask=None, aux_scale=None):
+        """x: [B, 2, d] normalised (input rows, target rows); loss = ||y - y_hat||^2 per row + JumpReLU's penalties."""
+        xin, y = _split(x)
+        pre = self.pre_acts(xin)
+        t = self.threshold
+        f = JumpReLUFn.apply(pre, t, self.cfg.jumprelu_bandwidth)
+        recon = f @ self.W_dec + self.b_dec
+        s = self.skip(xin)
+        if s is not None:
+            recon = recon + s
+        loss = self.sparsity_loss((recon - y).pow(2).sum(-1).mean(), pre, f, t, progress)
+        active = f > 0
+        return StepOutput(loss, recon, active.any(0), active.sum(-1).float().mean().detach(), torch.zeros_like(loss))
 
 
 # ----------------------------------------------------------------------------- metrics
 @torch.no_grad()
-def evaluate_transcoder(tc: TopKTranscoder, pairs: Iterable[Any], *, max_batches: int | None = None) -> dict:
+def evaluate_transcoder(tc: TranscoderMixin, pairs: Iterable[Any], *, max_batches: int | None = None) -> dict:
     """FVU of the target, MSE, L0 and the share of dead latents over paired batches ([B, 2, d] or (x, y) tuples).
 
     fvu = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over every row (the trainer's definition); dead_frac = share of
@@ -220,7 +260,7 @@ def evaluate_transcoder(tc: TopKTranscoder, pairs: Iterable[Any], *, max_batches
     }
 
 
-def spliced_transcoder_loss(lm: Any, tc: TopKTranscoder, token_batches: Iterable, **kw: Any) -> dict[str, Any]:
+def spliced_transcoder_loss(lm: Any, tc: TranscoderMixin, token_batches: Iterable, **kw: Any) -> dict[str, Any]:
     """LM loss with the block's MLP output replaced by the transcoder's prediction from the MLP's input, beside the
     clean model and the MLP output zero- and mean-ablated (options of sae.metrics.spliced_losses). The keys are
     spliced_lm_loss's, so every reader of an SAE's figures reads these: loss_sae is the loss with the transcoder in
