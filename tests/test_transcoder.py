@@ -249,3 +249,29 @@ def test_config_grid_maps_sae_architectures_to_their_transcoders():
         config_grid(src, arch=["batchtopk"], **grid)
     plain, _ = config_grid(Source(None, D, "m", "resid.1"), arch=["topk"], **grid)
     assert plain[0].arch == "topk" and plain[0].target_site == ""
+
+
+def test_two_stores_of_one_harvest_train_a_transcoder(lm, tmp_path):
+    from thoughtscope.harvest import HarvestConfig, harvest
+    from thoughtscope.sae.transcoder import PairedStores
+
+    (tmp_path / "docs.txt").write_text(TEXT)
+    cfg = HarvestConfig(n_tokens=2400, ctx_len=16, contexts_per_batch=4, shard_tokens=320)
+    sites = ["mlp_in.1", "mlp_out.1"]
+    stores = harvest(lm, Corpus(str(tmp_path / "docs.txt")), sites, tmp_path / "acts", cfg, progress=False)
+    paired = PairedStores(stores[Site(1, "mlp_in")], tmp_path / "acts" / "mlp_out.1")
+    assert (paired.site, paired.target_site, paired.d_model) == ("mlp_in.1", "mlp_out.1", D)
+    got = list(paired.batches(200, shuffle=True, seed=3, drop_last=True, with_meta=True))
+    assert len(got) >= 10 and all(b.shape == (200, 2, D) and (m["position"] > 0).all() for b, m in got)
+    with torch.no_grad():  # the rows are paired: each target is the MLP of its own input
+        torch.testing.assert_close(mlp_module(lm.layers[1])(got[0][0][:, 0]), got[0][0][:, 1], atol=1e-5, rtol=1e-5)
+    tc = train_sae(_cfg(), paired, TrainConfig(batch_size=200, epochs=20, progress=False, checkpoint_every=0, lr=3e-3))
+    assert tc.train_metrics["fvu"] < 0.5 and tc.cfg.target_norm_scale != 1.0
+    with pytest.raises(SAEError, match="not two sites of one harvest"):
+        other = harvest(lm, Corpus(str(tmp_path / "docs.txt")), ["mlp_out.1"], tmp_path / "b",
+                        HarvestConfig(n_tokens=1200, ctx_len=16, contexts_per_batch=4), progress=False)  # fmt: skip
+        PairedStores(stores[Site(1, "mlp_in")], other[Site(1, "mlp_out")])
+    with pytest.raises(SAEError, match="different blocks"):
+        two = harvest(lm, Corpus(str(tmp_path / "docs.txt")), ["mlp_in.0", "mlp_out.1"], tmp_path / "c", cfg,
+                      progress=False)  # fmt: skip
+        PairedStores(two[Site(0, "mlp_in")], two[Site(1, "mlp_out")])

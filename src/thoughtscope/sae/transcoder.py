@@ -222,6 +222,46 @@ class JumpReLUTranscoder(TranscoderMixin, JumpReLUSAE):
         return StepOutput(loss, recon, active.any(0), active.sum(-1).float().mean().detach(), torch.zeros_like(loss))
 
 
+# ----------------------------------------------------------------------------- paired data from stores
+class PairedStores:
+    """A transcoder's training source from two stores of one harvest: ``harvest(lm, corpus, [site, target_site],
+    out)`` writes one store per site, row for row from the same forward passes. Read with the same seed they shuffle
+    alike; each batch is [B, 2, d] (input rows, target rows), and its token ids, documents and positions are compared
+    so a misaligned pair stops with an SAEError. The stores' norm filter (max_norm_ratio) would drop different rows
+    on each side, so it is not applied; position 0 is (exclude_bos). The Trainer reads it like a store."""
+
+    def __init__(self, inp: Any, target: Any):
+        from ..store import ActivationStore
+
+        self.inp = inp if hasattr(inp, "batches") else ActivationStore.open(inp)
+        self.target = target if hasattr(target, "batches") else ActivationStore.open(target)
+        a, b = self.inp, self.target
+        shards = [[sh["n_tokens"] for sh in st.manifest["shards"]] for st in (a, b)]
+        if a.d_model != b.d_model or shards[0] != shards[1] or a.model != b.model:
+            raise SAEError(
+                f"stores {a.path} ({a.model}, {a.site}, d_model {a.d_model}, {a.n_tokens} rows) and {b.path} "
+                f"({b.model}, {b.site}, d_model {b.d_model}, {b.n_tokens} rows) are not two sites of one harvest"
+            )
+        check_pairing(str(a.site), str(b.site))
+        self.path, self.d_model, self.n_tokens, self.model = a.path, a.d_model, a.n_tokens, a.model
+        self.site, self.target_site = str(a.site), str(b.site)
+
+    @property
+    def stats(self) -> dict:
+        return self.inp.stats
+
+    def batches(self, batch_size: int, *, max_norm_ratio: float | None = None, with_meta: bool = False, **kw: Any):
+        """Batches [B, 2, d] (and the input store's meta with ``with_meta``); other options as the stores'."""
+        a = self.inp.batches(batch_size, max_norm_ratio=None, with_meta=True, **kw)
+        b = self.target.batches(batch_size, max_norm_ratio=None, with_meta=True, **kw)
+        for i, ((xa, ma), (xb, mb)) in enumerate(zip(a, b, strict=True)):
+            same = [torch.equal(ma[c], mb[c]) for c in ("doc_id", "position", "token_id") if c in ma and c in mb]
+            if xa.shape != xb.shape or not same or not all(same):
+                raise SAEError(f"batch {i} of {self.path} and {self.target.path} holds different tokens on each side")
+            pair = torch.stack([xa, xb], 1)
+            yield (pair, ma) if with_meta else pair
+
+
 # ----------------------------------------------------------------------------- metrics
 @torch.no_grad()
 def evaluate_transcoder(tc: TranscoderMixin, pairs: Iterable[Any], *, max_batches: int | None = None) -> dict:
