@@ -24,6 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = (
     "sae_train",
+    "sae_quality",
     "harvest",
     "atlas",
     "search",
