@@ -33,6 +33,7 @@ def sae_train(
     target_site: str | None = typer.Option(
         None, help="train transcoders from --site to this site of the same block (mlp_in.L -> mlp_out.L; on the fly)"
     ),
+    skip_connection: bool = typer.Option(False, help=field_help(SAEConfig, "skip_connection")),
     corpus: str = typer.Option("default", help="corpus, when training on the fly"),
     tokens: int | None = typer.Option(TrainConfig.n_tokens, help=field_help(TrainConfig, "n_tokens")),
     arch: str = typer.Option(SAEConfig.arch, help=field_help(SAEConfig, "arch", SWEEP)),
@@ -94,6 +95,7 @@ def sae_train(
         what.update(max_norm_ratio=max_norm_ratio or None, loss_tokens=loss_tokens)
         if plan or int(os.environ.get("WORLD_SIZE", "1")) == 1:  # under torchrun only an explicit --plan probes
             _plan_gate(sae_estimate(**what), plan=plan, force=force, quiet=quiet)
+        what["grid"] = {**grid, "skip_connection": [skip_connection]}  # a transcoder's (the plan leaves its d^2 out)
         runs, seconds = train_grid(out, **what, target_site=target_site)
     except (SAEError, StoreError, ModelError, TrainingDiverged, ValueError) as e:
         _fail(str(e))

@@ -132,12 +132,16 @@ def config_grid(
     l1_coeff: Sequence[float],
     l0_coeff: Sequence[float],
     max_norm_ratio: float | None = SAEConfig.max_norm_ratio,
+    skip_connection: Sequence[bool] = (False,),
 ) -> tuple[list[SAEConfig], list[str]]:
     """One SAEConfig per combination of the swept values (expansion = n_features / d_model), with its run name;
-    combinations that give the same run (a value its architecture ignores) are kept once."""
+    combinations that give the same run (a value its architecture ignores) are kept once. `skip_connection` (a
+    transcoder's linear skip path) needs a source with a target site."""
+    if any(skip_connection) and not source.target_site:
+        raise SAEError("a skip connection belongs to a transcoder: give a target site (--target-site) too")
     cfgs: list[SAEConfig] = []
     names: list[str] = []
-    for a, kk, e, l1, l0 in itertools.product(arch, k, expansion, l1_coeff, l0_coeff):
+    for a, kk, e, l1, l0, sk in itertools.product(arch, k, expansion, l1_coeff, l0_coeff, skip_connection):
         if source.target_site:  # a transcoder: topk -> transcoder, jumprelu -> jumprelu-transcoder
             a = TRANSCODER_OF.get(a, a)
             if a not in TRANSCODER_OF.values():
@@ -155,6 +159,7 @@ def config_grid(
             model_source=source.model_source,
             site=source.site,
             target_site=source.target_site,
+            skip_connection=sk,
             max_norm_ratio=max_norm_ratio,
         )
         name = sae_class(a).run_name(cfg)
