@@ -93,3 +93,26 @@ def test_early_exit_and_a_model_without_an_mlp():
         lm.layers[0].mlp = mlp
     with pytest.raises(SiteError, match="returned shape"), edit(lm, "mlp_out.0", lambda x: x[:, :1]):
         capture(lm, "resid.0", _ids())
+
+
+def test_gemma3_mlp_out_is_after_its_post_mlp_norm():
+    """Gemma 3 norms the MLP's output before adding it: mlp_out is what is added, mlp_in what the MLP reads."""
+    transformers = pytest.importorskip("transformers")
+    from thoughtscope.models import LoadedModel, byte_tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=8, max_position_embeddings=64, sliding_window=16,
+    )  # fmt: skip
+    lm = LoadedModel(transformers.Gemma3ForCausalLM(cfg).float(), byte_tokenizer(64), "tiny-gemma3")
+    ids = _ids()
+    got = capture(lm, ["resid.0", "resid.1", "mlp_in.1", "mlp_out.1"], ids)
+    block = lm.layers[1]
+    with torch.no_grad():
+        attn = block.post_attention_layernorm(_attn_out(lm, 1, ids))
+        mid = got[Site(0)] + attn
+        torch.testing.assert_close(block.pre_feedforward_layernorm(mid), got[Site(1, "mlp_in")], atol=1e-5, rtol=1e-5)
+        out = block.post_feedforward_layernorm(block.mlp(got[Site(1, "mlp_in")]))
+    torch.testing.assert_close(out, got[Site(1, "mlp_out")], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mid + out, got[Site(1)], atol=1e-5, rtol=1e-5)
