@@ -35,8 +35,9 @@ the firing of its best-matching true feature, MCC after Hungarian matching of de
 absorption, explained variance, L0, dead share, shrinkage; definitions in its docstring, matching
 ``sae_lens.synthetic.evals``). Figures: ``synthetic.<contender>.{f1, mcc, uniqueness, absorption,
 explained_variance, l0, dead, shrinkage, lr, points}``, ``f1_ours_best_vs_saelens_best`` (our best F1 over SAELens'
-best at L0 25; goal >= 1), ``f1_ratio_by_arch`` (ours over SAELens' for each architecture both have: F1 can favour
-an SAE that barely reconstructs, so read it beside explained variance), ``matryoshka_minus_batchtopk_f1`` (ours;
+best at L0 25, among contenders that explain at least half the test variance there; goal >= 1),
+``f1_ratio_by_arch`` (ours over SAELens' for each architecture both have: F1 can favour an SAE that barely
+reconstructs, so read it beside explained variance), ``matryoshka_minus_batchtopk_f1`` (ours;
 goal > 0), the same under
 ``synthetic_saelens_gen``, and with ``--real`` (on by default at full size) ``real.<sae>.{sparse_probing_auc,
 absorption, detection_auroc, spliced_loss}`` on the real model for the default SAE and each ``--real-sae NAME=PATH``.
@@ -404,11 +405,21 @@ def best_front(
     }
 
 
+#: a dictionary that explains less than half the variance at L0 25 is not one anyone would use, however selectively
+#: its latents fire (an L1 penalty strong enough to reach a low L0 early in training shrinks the code toward 0 and
+#: can score a high F1 that way); such contenders stay in the table but cannot be a tool's "best"
+MIN_EXPLAINED_VARIANCE = 0.5
+
+
 def summarise(rows: dict) -> dict:
     """The two acceptance figures of one generator's table (None where a side did not run)."""
 
     def best(tool):
-        cand = {n: r["f1"] for n, r in rows.items() if n.startswith(tool + "-")}
+        cand = {
+            n: r["f1"]
+            for n, r in rows.items()
+            if n.startswith(tool + "-") and (r.get("explained_variance") or 0) >= MIN_EXPLAINED_VARIANCE
+        }
         return (max(cand, key=cand.get), max(cand.values())) if cand else (None, None)
 
     (on, of), (sn, sf) = best("thoughtscope"), best("saelens")
@@ -416,6 +427,10 @@ def summarise(rows: dict) -> dict:
         "f1_ours_best": {"contender": on, "f1": of},
         "f1_saelens_best": {"contender": sn, "f1": sf},
         "f1_ours_best_vs_saelens_best": (of / sf) if of is not None and sf else None,
+        "best_needs_explained_variance": MIN_EXPLAINED_VARIANCE,
+        "not_eligible_for_best": sorted(
+            n for n, r in rows.items() if (r.get("explained_variance") or 0) < MIN_EXPLAINED_VARIANCE
+        ),
     }
     pairs = {  # the same architecture in both tools
         "relu-l1": ("thoughtscope-relu-l1", "saelens-standard"),

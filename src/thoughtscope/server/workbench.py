@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atlas.best import at_or_below_control
 from ..errors import ServerError
 from .atlas_job import AtlasBuild
 
@@ -220,6 +219,8 @@ class Workbench:
                 self._label_cache, self._label_stamp = {}, stamp
             for n in ids:
                 if n not in self._label_cache:
+                    from ..atlas.best import at_or_below_control
+
                     ex = self.atlas.explanation(n) or {}
                     ok = ex.get("status", "ok") == "ok"
                     self._label_cache[n] = ((ex.get("explanation") or "") if ok else "", bool(at_or_below_control(ex)))
