@@ -226,12 +226,36 @@ def quality_table(fig: dict, quick: bool = False) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def real_quality_table(real: dict) -> str:
+    """The real-model quality of each SAE of sae_quality.py's ``real`` figures, one row each."""
+    lines = [
+        "| SAE | sparse probing AUROC: SAE (k = 1 / 2 / 5 / 20) | residual top-k / whole residual | absorption "
+        "(centred) | detection AUROC (shuffled) | spliced loss (clean; recovered vs zero / mean ablation) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in real.items():
+        by_k = " / ".join(_f(v, ".3f") for v in (r.get("sparse_probing_auc_by_k") or {}).values())
+        resid = " / ".join(
+            _f(r.get(k), ".3f") for k in ("sparse_probing_auc_residual", "sparse_probing_auc_residual_full")
+        )
+        lines.append(
+            f"| {name} | {_f(r.get('sparse_probing_auc'), '.3f')} ({by_k}) | {resid}"
+            f" | {_f(r.get('absorption'), '.3f')} ({_f(r.get('absorption_centered'), '.3f')}) | "
+            f"{_f(r.get('detection_auroc'), '.3f')} ({_f(r.get('detection_auroc_shuffled'), '.3f')}) | "
+            f"{_f(r.get('spliced_loss'), '.3f')} ({_f(r.get('loss_clean'), '.3f')}; "
+            f"{_pct(r.get('loss_recovered'))} / {_pct(r.get('loss_recovered_vs_mean'))}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def quality_text(results: list[dict]) -> str:
     """The ground-truth table of the first run holding sae_quality.py figures ("" when none does)."""
     for result in results:
         res = result.get("benchmarks", {}).get("sae_quality") or {}
         if res.get("status") == "ok" and res.get("figures"):
-            return quality_table(res["figures"], bool(res.get("quick")))
+            fig = res["figures"]
+            real = f"\n{real_quality_table(fig['real'])}" if fig.get("real") else ""
+            return quality_table(fig, bool(res.get("quick"))) + real
     return ""
 
 

@@ -171,3 +171,33 @@ def test_table_script_renders_the_ground_truth_table_from_the_json(tiny_run, tmp
     speed = text.split("<!-- benchmark-table:start -->")[1].split("<!-- benchmark-table:end -->")[0]
     ratio = fig["f1_ours_best_vs_saelens_best"]
     assert "`sae_quality.py --quick`" in speed and f"**{'n/a' if ratio is None else format(ratio, '.2f')}**" in speed
+
+
+def test_table_script_renders_the_real_model_rows(tiny_run, tmp_path):
+    fig, _ = tiny_run
+    real = {
+        "sparse_probing_auc": 0.757,
+        "sparse_probing_auc_by_k": {"1": 0.651, "2": 0.716, "5": 0.819, "20": 0.844},
+        "sparse_probing_auc_residual": 0.725,
+        "sparse_probing_auc_residual_full": 0.874,
+        "absorption": 0.505,
+        "absorption_centered": 0.349,
+        "detection_auroc": 0.679,
+        "detection_auroc_shuffled": 0.489,
+        "spliced_loss": 4.379,
+        "loss_clean": 4.13,
+        "loss_recovered": 0.979,
+        "loss_recovered_vs_mean": 0.962,
+    }
+    path = tmp_path / "with_real.json"
+    path.write_text(json.dumps({**fig, "real": {"default": real, "other": {**real, "absorption": None}}}))
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_table.py"), f"sae_quality={path}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    row = next(ln for ln in r.stdout.splitlines() if ln.startswith("| default |"))
+    assert "0.757 (0.651 / 0.716 / 0.819 / 0.844) | 0.725 / 0.874 | 0.505 (0.349) | 0.679 (0.489)" in row
+    assert "4.379 (4.130; 98% / 96%)" in row
+    assert "| n/a (0.349) |" in next(ln for ln in r.stdout.splitlines() if ln.startswith("| other |"))
