@@ -249,14 +249,15 @@ def real_quality_table(real: dict) -> str:
 
 
 def quality_text(results: list[dict]) -> str:
-    """The ground-truth table of the first run holding sae_quality.py figures ("" when none does)."""
+    """The ground-truth tables of every run holding sae_quality.py figures, in order ("" when none does)."""
+    parts = []
     for result in results:
         res = result.get("benchmarks", {}).get("sae_quality") or {}
         if res.get("status") == "ok" and res.get("figures"):
             fig = res["figures"]
             real = f"\n{real_quality_table(fig['real'])}" if fig.get("real") else ""
-            return quality_table(fig, bool(res.get("quick"))) + real
-    return ""
+            parts.append(quality_table(fig, bool(res.get("quick"))) + real)
+    return "\n".join(parts)
 
 
 def _replace_between(doc: str, start: str, end: str, text: str) -> str:
@@ -322,6 +323,11 @@ def main(argv=None) -> int:
         "rows in this order",
     )
     p.add_argument("--readme", type=Path, help=f"replace the text between {START} and {END} in this file")
+    p.add_argument(
+        "--quality-only",
+        action="store_true",
+        help=f"with --readme: replace only the ground-truth tables (between {QSTART} and {QEND})",
+    )
     args = p.parse_args(argv)
     runs = []
     for spec in args.json:
@@ -342,15 +348,24 @@ def main(argv=None) -> int:
         print(text + (f"\n{quality}" if quality else ""))
         return 0
     doc = args.readme.read_text()
+    if args.quality_only:
+        if not quality or QSTART not in doc or QEND not in doc:
+            print(f"{args.readme}: no {QSTART} ... {QEND} markers, or no sae_quality figures given", file=sys.stderr)
+            return 2
+        return _write(args.readme, _replace_between(doc, QSTART, QEND, quality))
     if START not in doc or END not in doc:
         print(f"{args.readme} has no {START} ... {END} markers", file=sys.stderr)
         return 2
     doc = _replace_between(doc, START, END, text)
     if quality and QSTART in doc and QEND in doc:  # the ground-truth table, where the README has its markers
         doc = _replace_between(doc, QSTART, QEND, quality)
-    tmp = args.readme.with_suffix(args.readme.suffix + ".tmp")
+    return _write(args.readme, doc)
+
+
+def _write(path: Path, doc: str) -> int:
+    tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(doc)
-    os.replace(tmp, args.readme)
+    os.replace(tmp, path)
     return 0
 
 

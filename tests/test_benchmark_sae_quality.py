@@ -201,3 +201,21 @@ def test_table_script_renders_the_real_model_rows(tiny_run, tmp_path):
     assert "0.757 (0.651 / 0.716 / 0.819 / 0.844) | 0.725 / 0.874 | 0.505 (0.349) | 0.679 (0.489)" in row
     assert "4.379 (4.130; 98% / 96%)" in row
     assert "| n/a (0.349) |" in next(ln for ln in r.stdout.splitlines() if ln.startswith("| other |"))
+
+
+def test_quality_only_leaves_the_speed_table_alone_and_renders_every_run(tiny_run, tmp_path):
+    fig, path = tiny_run
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "<!-- benchmark-table:start -->\nspeed rows\n<!-- benchmark-table:end -->\n"
+        "<!-- quality-table:start -->\nold\n<!-- quality-table:end -->\n"
+    )
+    script = str(ROOT / "scripts" / "benchmark_table.py")
+    args = [sys.executable, script, f"sae_quality={path}", f"sae_quality={path}", "--readme", str(readme)]
+    subprocess.run([*args, "--quality-only"], check=True)
+    text = readme.read_text()
+    assert "speed rows" in text and "\nold\n" not in text
+    assert text.count("| data | contender | F1 |") == 2
+    (tmp_path / "bare.md").write_text("no markers\n")
+    r = subprocess.run([*args[:-1], str(tmp_path / "bare.md"), "--quality-only"], capture_output=True, text=True)
+    assert r.returncode == 2 and "markers" in r.stderr
