@@ -56,7 +56,6 @@ latents, batch 1,024 x 3,000 steps from a 1,048,576-row pool, grid x0.25 / x1 / 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -70,6 +69,8 @@ import torch
 from _data import ShuffledBatches
 from _race import check_sane
 from _synthetic_contenders import Fitted, all_contenders
+
+from thoughtscope._io import atomic_write_json
 
 METRIC_KEYS = ("f1", "precision", "recall", "mcc", "uniqueness", "absorption", "explained_variance", "l0", "dead")
 METRIC_KEYS += ("shrinkage", "fvu")
@@ -580,9 +581,7 @@ def main(argv=None) -> dict:
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(fig, indent=2, default=_jsonable))
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, fig, default=_jsonable)
     return fig
 
 

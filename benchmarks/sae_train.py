@@ -23,7 +23,6 @@ tokens for all; ``--loss-tokens``), the figure FVU can hide.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -39,6 +38,8 @@ from _contenders import CONTENDERS
 from _data import ShuffledBatches, ensure_store, split_rows
 from _matched_l0 import match_l0
 from _race import Curve, check_sane, eval_steps, evaluate, run_turns, spliced_recovery
+
+from thoughtscope._io import atomic_write_json
 
 
 class _Solo:
@@ -419,9 +420,7 @@ def main(argv=None) -> dict:
     figures["wall_seconds"] = time.perf_counter() - t_start
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(figures, indent=2, default=_jsonable))
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, figures, default=_jsonable)
     return figures
 
 

@@ -44,6 +44,7 @@ import torch
 
 from ..errors import ProbeError
 from ..models import capture, pad_batch
+from .fitters import newton_logistic
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE = "{word} has the first letter:"
@@ -208,41 +209,15 @@ def ovr_probe(
 
 def balanced_logistic(X: torch.Tensor, y: torch.Tensor, C: float = 1.0, max_iter: int = 50) -> torch.Tensor:
     """Class-balanced L2 logistic regression (scikit-learn's class_weight="balanced": C·Σ wᵢ·log-loss + ½‖w‖², bias
-    not penalised) for a batch of problems X [P, N, k], y [P, N] in {0, 1}, by damped Newton steps in float64.
+    not penalised) for a batch of problems X [P, N, k], y [P, N] in {0, 1}, in float64 (`fitters.newton_logistic`).
     Returns theta [P, k + 1] (weights, then bias)."""
     X, y = X.double(), y.double()
     P, N, k = X.shape
-    Za = torch.cat([X, torch.ones(P, N, 1, dtype=X.dtype)], -1)
     n_pos = y.sum(-1, keepdim=True).clamp_min(1)
     n_neg = (N - y.sum(-1, keepdim=True)).clamp_min(1)
     w = torch.where(y > 0, N / (2 * n_pos), N / (2 * n_neg))
-    reg = torch.full((k + 1,), 1.0 / C, dtype=X.dtype)
-    reg[-1] = 1e-12
-    theta = torch.zeros(P, k + 1, dtype=X.dtype)
-
-    def objective(th):
-        z = (Za @ th[..., None]).squeeze(-1)
-        return (w * (torch.nn.functional.softplus(z) - y * z)).sum(-1) + 0.5 * (reg * th * th).sum(-1)
-
-    f = objective(theta)
-    for _ in range(max_iter):
-        p = torch.sigmoid((Za @ theta[..., None]).squeeze(-1))
-        g = (Za.mT @ (w * (p - y))[..., None]).squeeze(-1) + reg * theta
-        if float(g.abs().max()) < 1e-9:
-            break
-        H = Za.mT @ (Za * (w * p * (1 - p))[..., None]) + torch.diag(reg)
-        step = torch.linalg.solve(H, g[..., None]).squeeze(-1)
-        t = torch.ones(P, dtype=X.dtype)
-        dec = (g * step).sum(-1)
-        for _ls in range(30):
-            cand = theta - t[:, None] * step
-            fc = objective(cand)
-            bad = fc > f - 1e-4 * t * dec
-            if not bad.any():
-                break
-            t = torch.where(bad, t / 2, t)
-        theta, f = cand, fc
-    return theta
+    reg = torch.full((1, k + 1), 1.0 / C, dtype=X.dtype)
+    return newton_logistic(X, y, w, reg, max_iter=max_iter, tol=1e-9)
 
 
 def f1(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

@@ -101,27 +101,46 @@ def _newton(
     Returns theta [L, r + 1] (weights then bias).
     """
     L, n, r = Z.shape
-    Za = torch.cat([Z, torch.ones(L, n, 1, dtype=Z.dtype)], -1)
     reg = lam[:, None].expand(L, r + 1).clone()
-    reg[:, -1] = 1e-12
     yf = y.to(Z.dtype).expand(L, n)
-    theta = torch.zeros(L, r + 1, dtype=Z.dtype) if theta0 is None else theta0.clone()
+    w = torch.full((L, n), 1.0 / n, dtype=Z.dtype)
+    return newton_logistic(Z, yf, w, reg, theta0, max_iter=max_iter, tol=tol)
+
+
+def newton_logistic(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    reg: torch.Tensor,
+    theta0: torch.Tensor | None = None,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-7,
+) -> torch.Tensor:
+    """Σᵢ wᵢ·log-loss + ½ Σ reg·θ² for a batch of problems X [P, n, k], y and w [P, n], reg [P or 1, k + 1] (the
+    bias's entry is replaced by 1e-12: not penalised), by damped Newton steps with per-problem Armijo backtracking.
+    Returns theta [P, k + 1] (weights, then bias)."""
+    P, n, k = X.shape
+    Za = torch.cat([X, torch.ones(P, n, 1, dtype=X.dtype)], -1)
+    reg = reg.expand(P, k + 1).clone()
+    reg[:, -1] = 1e-12
+    theta = torch.zeros(P, k + 1, dtype=X.dtype) if theta0 is None else theta0.clone()
 
     def objective(th):
         z = (Za @ th[..., None]).squeeze(-1)
-        return (torch.nn.functional.softplus(z) - yf * z).mean(-1) + 0.5 * (reg * th * th).sum(-1)
+        return (w * (torch.nn.functional.softplus(z) - y * z)).sum(-1) + 0.5 * (reg * th * th).sum(-1)
 
     f = objective(theta)
     for _ in range(max_iter):
         p = torch.sigmoid((Za @ theta[..., None]).squeeze(-1))
-        g = (Za.mT @ (p - yf)[..., None]).squeeze(-1) / n + reg * theta
+        g = (Za.mT @ (w * (p - y))[..., None]).squeeze(-1) + reg * theta
         if float(g.abs().max()) < tol:
             break
-        H = Za.mT @ (Za * (p * (1 - p) / n)[..., None]) + torch.diag_embed(reg)
+        H = Za.mT @ (Za * (w * p * (1 - p))[..., None]) + torch.diag_embed(reg)
         step = torch.cholesky_solve(g[..., None], torch.linalg.cholesky(H)).squeeze(-1)
-        t = torch.ones(L, dtype=Z.dtype)
+        t = torch.ones(P, dtype=X.dtype)
         dec = (g * step).sum(-1)
-        for _ls in range(30):  # backtracking per layer (Armijo)
+        for _ls in range(30):  # backtracking per problem (Armijo)
             cand = theta - t[:, None] * step
             fc = objective(cand)
             bad = fc > f - 1e-4 * t * dec

@@ -309,7 +309,13 @@ def spliced_lm_loss(
         chunk_tokens=chunk_tokens,
         progress=progress,
     )
-    s = r.pop("replaced")["sae"]
+    return spliced_record(r, "sae")
+
+
+def spliced_record(r: dict[str, Any], name: str) -> dict[str, Any]:
+    """One replacement's figures from `spliced_losses` in the keys every reader of an SAE's figures reads
+    (loss_sae is the loss with the replacement in place)."""
+    s = r["replaced"][name]
     return {
         "loss_recovered_vs_mean": s["loss_recovered_vs_mean"],
         "loss_recovered": s["loss_recovered"],

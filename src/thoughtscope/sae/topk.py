@@ -10,6 +10,19 @@ from .base import SAE, StepOutput, TopKMixin, UnitDecoderMixin, register_sae_cla
 from .kernels import SparseDecode, SparseEncode, group_by_latent
 
 
+@torch.no_grad()
+def dead_aux_pairs(pre: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor]:
+    """AuxK's (pre-activations, latent ids) [B, <= k_aux]: each row's largest among the dead latents. Only the dead
+    columns are looked at (usually a few % of them): no [B, m] masked copy, and no top-k at all when there are at
+    most k_aux dead latents (then every one of them is used)."""
+    dead_idx = dead_mask.nonzero().squeeze(1)
+    sub = pre.index_select(1, dead_idx)
+    if dead_idx.numel() > k_aux:
+        vals, j = sub.topk(k_aux, dim=-1, sorted=False)
+        return vals, dead_idx[j]
+    return sub, dead_idx.expand_as(sub).contiguous()
+
+
 @register_sae_class
 class TopKSAE(TopKMixin, UnitDecoderMixin, SAE):
     """OpenAI TopK: k largest pre-activations, ReLU after; AuxK on dead latents; unit decoder rows."""
@@ -40,16 +53,7 @@ class TopKSAE(TopKMixin, UnitDecoderMixin, SAE):
         loss = err.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
         if dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any()):
-            with torch.no_grad():
-                # only the dead columns are looked at (usually a few % of them): no [B, m] masked copy, and no
-                # top-k at all when there are at most k_aux dead latents (then every one of them is used)
-                dead_idx = dead_mask.nonzero().squeeze(1)
-                sub = pre.index_select(1, dead_idx)
-                if dead_idx.numel() > self.cfg.k_aux_eff:
-                    avals_raw, j = sub.topk(self.cfg.k_aux_eff, dim=-1, sorted=False)
-                    aidx = dead_idx[j]
-                else:
-                    avals_raw, aidx = sub, dead_idx.expand_as(sub).contiguous()
+            avals_raw, aidx = dead_aux_pairs(pre, dead_mask, self.cfg.k_aux_eff)
             avals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, aidx, avals_raw))
             aux_recon = SparseDecode.apply(avals, aidx, self.W_dec)
             # residual of the main reconstruction (detached), normalised by its total energy

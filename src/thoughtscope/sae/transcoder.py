@@ -32,7 +32,7 @@ from .base import PartialEncoder, SAEOutput, StepOutput, register_sae_class
 from .config import SAEConfig
 from .jumprelu import JumpReLUFn, JumpReLUSAE
 from .kernels import SparseDecode, SparseEncode, group_by_latent
-from .topk import TopKSAE
+from .topk import TopKSAE, dead_aux_pairs
 
 
 def check_pairing(site: str, target_site: str) -> None:
@@ -184,14 +184,7 @@ class TopKTranscoder(TranscoderMixin, TopKSAE):
         loss = err.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
         if dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any()):
-            with torch.no_grad():
-                dead_idx = dead_mask.nonzero().squeeze(1)
-                sub = pre.index_select(1, dead_idx)
-                if dead_idx.numel() > self.cfg.k_aux_eff:
-                    avals_raw, j = sub.topk(self.cfg.k_aux_eff, dim=-1, sorted=False)
-                    aidx = dead_idx[j]
-                else:
-                    avals_raw, aidx = sub, dead_idx.expand_as(sub).contiguous()
+            avals_raw, aidx = dead_aux_pairs(pre, dead_mask, self.cfg.k_aux_eff)
             avals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, aidx, avals_raw))
             aux = (err.detach() - SparseDecode.apply(avals, aidx, self.W_dec)).pow(2).sum(-1).mean() / aux_scale
             loss = loss + self.cfg.aux_coeff * aux
@@ -306,7 +299,7 @@ def spliced_transcoder_loss(lm: Any, tc: TranscoderMixin, token_batches: Iterabl
     spliced_lm_loss's, so every reader of an SAE's figures reads these: loss_sae is the loss with the transcoder in
     place of the MLP, loss_recovered = (L_zero - L_transcoder) / (L_zero - L_clean). The sites are its own."""
     from ..models import edit
-    from .metrics import spliced_losses
+    from .metrics import spliced_losses, spliced_record
 
     if not tc.cfg.site or not tc.cfg.target_site:
         raise SAEError("the transcoder does not record its sites (cfg.site, cfg.target_site); cannot splice it")
@@ -320,17 +313,4 @@ def spliced_transcoder_loss(lm: Any, tc: TranscoderMixin, token_batches: Iterabl
 
     with edit(lm, tc.cfg.site, read_input):
         r = spliced_losses(lm, tc.cfg.target_site, token_batches, {"transcoder": predict}, **kw)
-    s = r.pop("replaced")["transcoder"]
-    return {
-        "loss_recovered_vs_mean": s["loss_recovered_vs_mean"],
-        "loss_recovered": s["loss_recovered"],
-        "loss_clean": r["loss_clean"],
-        "loss_sae": s["loss"],
-        "loss_zero_ablated": r["loss_zero_ablated"],
-        "loss_mean_ablated": r["loss_mean_ablated"],
-        "kl_sae": s["kl"],
-        "kl_zero": r["kl_zero"],
-        "kl_mean": r["kl_mean"],
-        **{k: r[k] for k in ("n_tokens", "chunk_tokens", "first_position_excluded")},
-        "site": tc.cfg.target_site,
-    }
+    return {**spliced_record(r, "transcoder"), "site": tc.cfg.target_site}
