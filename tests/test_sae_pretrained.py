@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 
 import pytest
@@ -253,7 +254,15 @@ def test_the_registry_in_the_sae_lens_wheel_parses_and_names_gemma_scope_2_for_g
     assert registered_name(e.model) == "gemma3-270m"
     for release in ("gemma-scope-2-270m-pt-res", "gemma-scope-2b-pt-res-canonical", "gpt2-small-res-jb"):
         assert read_release(release) == whole[release]  # the one-release read agrees with the whole file
-    assert "sae_lens" not in sys.modules  # found and read without importing the package
+    # found and read without importing the package: checked in a fresh interpreter, since other tests of the same
+    # run may have imported sae_lens themselves
+    probe = (
+        "import sys; from thoughtscope.sae.pretrained import lookup, read_release; "
+        "lookup('gemma-scope-2-270m-pt-res', 'layer_12_width_16k_l0_small'); read_release('gpt2-small-res-jb'); "
+        "print('sae_lens' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 # ----------------------------------------------------------------------------- Gemma 3 270M (slow, optional)
