@@ -6,6 +6,8 @@ SAE, NLA and the first-start atlas. The documentation's screenshots come from th
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -88,3 +90,38 @@ def test_nla_view(site, page):
     assert page.locator("#nla-result .samples li.best", has_text="oracle").count() == 1
     assert "FVE" in page.text_content("#nla-result .nla-reading")
     shot(page, "nla")
+
+
+def test_analyzer_says_what_each_layer_reads_and_why_the_next_token(site, page):
+    """The token panel's causal views on the default model: the Jacobian lens column at the last token of a
+    factual prompt ends on the model's answer, and the features credited with it are checked by ablation."""
+    url, _ = site
+    page.goto(f"{url}/analyze")
+    page.fill("textarea[name=text]", "The Eiffel Tower is in the city of")
+    page.click("#analyze-form button")
+    page.wait_for_selector("#heatmap .t")
+    page.locator("#heatmap .t").last.click()
+    page.check("#lens-jacobian")
+    page.click("#lens-here")
+    page.wait_for_selector("table.lens-column")
+    assert page.locator("table.lens-column tr").count() == 30
+    assert "Paris" in page.inner_text("#causal-panel p")
+    page.click("#why-here")
+    page.wait_for_selector("ul.why-features li")
+    page.click("#why-check")
+    page.wait_for_selector(".ablated", timeout=120_000)
+    assert "Spearman" in page.inner_text("#why-panel")
+    out = os.environ.get("THOUGHTSCOPE_SCREENSHOTS")
+    if out:  # the two panels side by side: the lens column and the credited features
+        from PIL import Image
+
+        parts = []
+        for sel in ("#causal-panel table.lens-column", "#why-panel"):
+            path = Path(out) / f".{sel[1:6]}.png"
+            page.locator(sel).screenshot(path=str(path))
+            parts.append(Image.open(path).convert("RGB"))
+            path.unlink()
+        both = Image.new("RGB", (sum(p.width for p in parts) + 24, max(p.height for p in parts)), "white")
+        both.paste(parts[0], (0, 0))
+        both.paste(parts[1], (parts[0].width + 24, 0))
+        both.save(Path(out) / "analyzer-why.png")
