@@ -216,7 +216,7 @@ def circuit_tracer_links(
 ) -> tuple[list[dict], list[dict]]:
     """(used nodes, links): kept edges between kept nodes with their direct effect (zero weights left out), then the
     nodes with a link, and every token and logit (circuit-tracer's create_used_nodes_and_edges)."""
-    targets, sources = edge_mask.nonzero(as_tuple=True)
+    targets, sources = edge_mask.to(graph.adjacency.device).nonzero(as_tuple=True)
     weights = graph.adjacency[targets, sources].float().tolist()
     links = [
         {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": w}

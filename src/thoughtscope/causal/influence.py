@@ -142,6 +142,7 @@ def graph_scores(graph: AttributionGraph) -> tuple[float, float]:
     replacement: of the influence that tokens and errors (the graph's sources) have on the logits, the share
     tokens have, i.e. reaching the logits through features only. completeness: over every node, weighted by its
     influence plus its logit weight, the share of its direct input that does not come from error nodes.
+    replacement is NaN when neither tokens nor errors reach the logits (as in circuit-tracer).
     """
     weights = logit_weights(graph)
     normalized = normalize_matrix(graph.adjacency.float())
