@@ -277,6 +277,9 @@ def test_circuit_tracer_set_gives_their_outputs(tmp_path, skip, jumprelu, enc_la
         assert torch.equal(f > 0, (pre > t["threshold"]) if jumprelu else pre > 0)
         torch.testing.assert_close(y, their_forward(t, x), rtol=1e-5, atol=1e-5)
         assert 0 < float((f > 0).float().mean()) < 1
+    save_transcoder_set(ts, tmp_path / "ours", quantize="none")  # a ReLU's threshold 0 (log -inf) survives too
+    back = load_transcoder_set(tmp_path / "ours")
+    assert all(torch.equal(a(x)[1], b(x)[1]) for a, b in zip(ts, back, strict=True))
 
 
 def test_circuit_tracer_transcoders_list_reads_gemma_scope_files(tmp_path):
