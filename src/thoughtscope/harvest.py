@@ -25,6 +25,10 @@ from .progress import ProgressBar
 from .store import MANIFEST_NAME, ActivationStore, ShuffleBuffer, StoreError, StoreWriter
 from .store.format import read_manifest
 
+#: the most memory the shuffle buffer of activations streamed on the fly may take (bytes); wide rows (many sites
+#: from one pass) get fewer buffered rows
+STREAM_BUFFER_BYTES = 1 << 30
+
 __all__ = ["HarvestConfig", "HarvestError", "harvest", "store_paths", "stream_activations"]
 
 
@@ -284,33 +288,49 @@ def stream_activations(
     buffer_tokens: int = 65_536,
     seed: int = 0,
     target_site=None,
+    buffer_bytes: int = STREAM_BUFFER_BYTES,
 ):
     """A deterministic source of shuffled [batch_size, d] activation batches computed on the fly.
 
     ``batch_size`` counts rows (one optimiser step), ``contexts_per_batch`` contexts per forward pass.
-    Rows pass through the same shuffle buffer a store read uses (``buffer_tokens`` rows); a short last batch is
-    dropped, as SAE training drops it from a store.
+    Rows pass through the same shuffle buffer a store read uses (``buffer_tokens`` rows, fewer when a row is so
+    wide that the buffer would pass ``buffer_bytes``); a short last batch is dropped, as SAE training drops it from
+    a store.
 
     Returns `f(start_batch)`, the callable form SAE training accepts: it regenerates the same stream
     and skips the first `start_batch` batches, which is how a resumed run stays identical.
 
     With ``target_site`` (a transcoder's data, e.g. site mlp_in.5, target_site mlp_out.5) both sites come from the
     same forward pass and each batch is [batch_size, 2, d]: row i's input and its target, shuffled together.
+    With a list of sites (and of target sites, one per site) every site comes from the same forward pass: batches
+    are [batch_size, S, d] (or [batch_size, S, 2, d]), a token's rows at all sites kept together, so many
+    dictionaries train from one pass (sae.multisite).
     """
-    site = lm.check_site(Site.parse(site))
-    target = None if target_site is None else lm.check_site(Site.parse(target_site))
-    wanted = [site] if target is None else [site, target]
-    n_sides = len(wanted)
+    many = isinstance(site, (list, tuple))
+    sites = [lm.check_site(Site.parse(s)) for s in (site if many else [site])]
+    if target_site is None:
+        targets = None
+    else:
+        targets = [lm.check_site(Site.parse(t)) for t in (target_site if many else [target_site])]
+        if len(targets) != len(sites):
+            raise HarvestError(f"{len(sites)} sites but {len(targets)} target sites: give one target per site")
+    wanted = sites if targets is None else [s for pair in zip(sites, targets) for s in pair]
+    distinct = list(dict.fromkeys(wanted))
+    n_sides = 1 if targets is None else 2
+    shape = (-1, lm.d_model) if n_sides == 1 else (-1, 2, lm.d_model)
+    if many:
+        shape = (-1, len(sites)) + shape[1:]
+    width = len(wanted) * lm.d_model  # a token's rows travel as one row [x | y | ...] through the buffer
+    buffer_rows = max(batch_size, min(buffer_tokens, buffer_bytes // (4 * width)))
 
     def batches(start_batch: int = 0):
-        width = n_sides * lm.d_model  # a pair travels as one row [x | y] through the buffer
-        buf = ShuffleBuffer(buffer_tokens, batch_size, width, torch.float32, torch.Generator().manual_seed(seed))
+        buf = ShuffleBuffer(buffer_rows, batch_size, width, torch.float32, torch.Generator().manual_seed(seed))
         produced = 0
         emitted = 0
         for ctx in corpus.batches(lm.tokenizer, ctx_len, contexts_per_batch):
             if produced >= n_tokens:
                 break
-            got = capture(lm, wanted, ctx.input_ids.to(lm.device), early_exit=True)
+            got = capture(lm, distinct, ctx.input_ids.to(lm.device), early_exit=True)
             h = torch.cat([got[s] for s in wanted], -1)
             if exclude_bos:
                 h = h[:, 1:]
@@ -319,10 +339,10 @@ def stream_activations(
             for b, _ in buf.add(h):
                 emitted += 1
                 if emitted > start_batch:
-                    yield b if n_sides == 1 else b.view(-1, 2, lm.d_model)
+                    yield b.view(shape)
         for b, _ in buf.drain(drop_last=True):
             emitted += 1
             if emitted > start_batch:
-                yield b if n_sides == 1 else b.view(-1, 2, lm.d_model)
+                yield b.view(shape)
 
     return batches

@@ -100,7 +100,7 @@ def mlp_module(block: torch.nn.Module, layer: int | None = None) -> torch.nn.Mod
     )
 
 
-def _mlp_out_module(block: torch.nn.Module, layer: int) -> torch.nn.Module:
+def mlp_out_module(block: torch.nn.Module, layer: int) -> torch.nn.Module:
     """The module whose output is what the MLP adds to the residual: Gemma's post-MLP norm, else the MLP."""
     for name in POST_MLP_NORMS:
         mod = getattr(block, name, None)
@@ -115,7 +115,7 @@ def _register(lm: LoadedModel, site: Site, post_hook: Callable, pre_hook: Callab
     if site.stream == "resid":
         return block.register_forward_hook(post_hook)
     if site.stream == "mlp_out":
-        return _mlp_out_module(block, site.layer).register_forward_hook(post_hook)
+        return mlp_out_module(block, site.layer).register_forward_hook(post_hook)
     return mlp_module(block, site.layer).register_forward_pre_hook(pre_hook)
 
 

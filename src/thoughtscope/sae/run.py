@@ -466,3 +466,87 @@ def _eval_result(path, sae, recon, spliced, where, skipped) -> dict:
     else:
         out["spliced_skipped"] = skipped
     return out
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """ "all", "3", "0-5" or "0,4,8" as block numbers (SAEError naming the bad part and the model's range)."""
+    if spec.strip() == "all":
+        return list(range(n_layers))
+    out: list[int] = []
+    for part in spec.split(","):
+        a, _, b = part.strip().partition("-")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            raise SAEError(
+                f"layers {spec!r}: {part!r} is not a block number or range (expected e.g. all, 3, 0-5, 0,4)"
+            ) from None
+        if not 0 <= lo <= hi < n_layers:
+            raise SAEError(f"layers {spec!r}: {part!r} is outside the model's blocks 0-{n_layers - 1}")
+        out += [i for i in range(lo, hi + 1) if i not in out]
+    return out
+
+
+def layer_folder(out: str | Path, layer: int) -> Path:
+    """Where a transcoder set's block `layer` is saved (`out/layer_07`)."""
+    return Path(out) / f"layer_{layer:02d}"
+
+
+def train_transcoders(
+    out: str | Path,
+    *,
+    model: str,
+    layers: str = "all",
+    corpus: str = "default",
+    n_features: int,
+    k: int,
+    arch: str = "transcoder",
+    skip_connection: bool = True,
+    train_cfg: TrainConfig,
+) -> tuple[list[Trained], float]:
+    """A transcoder for each chosen block (mlp_in.L -> mlp_out.L), all trained from one pass over the corpus
+    (sae.multisite), each saved to `layer_folder(out, L)`; resumable from `out/.checkpoint`. Returns the runs
+    and the training time in seconds."""
+    from ..corpus import Corpus
+    from ..harvest import stream_activations
+    from ..models import load_model
+    from .multisite import train_multisite
+
+    out = Path(out)
+    if train_cfg.checkpoint_dir is None:
+        train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(out / ".checkpoint"))
+    if train_cfg.n_tokens is None and train_cfg.steps is None:
+        raise SAEError("give a token budget (--tokens) for the transcoders' pass over the corpus")
+    lm = load_model(model)
+    blocks = parse_layers(layers, len(lm.layers))
+    c = Corpus(corpus)
+    tc = train_cfg
+    n_tokens = tc.n_tokens if tc.n_tokens is not None else tc.steps * tc.batch_size
+    data = stream_activations(
+        lm, c, [f"mlp_in.{i}" for i in blocks], target_site=[f"mlp_out.{i}" for i in blocks],
+        n_tokens=n_tokens, batch_size=tc.batch_size, seed=tc.seed,
+    )  # fmt: skip
+    cfgs = [
+        SAEConfig(
+            arch=TRANSCODER_OF.get(arch, arch),
+            d_model=lm.d_model,
+            n_features=n_features,
+            k=k,
+            model=lm.name,
+            model_source=lm.source,
+            site=f"mlp_in.{i}",
+            target_site=f"mlp_out.{i}",
+            skip_connection=skip_connection,
+        )  # fmt: skip
+        for i in blocks
+    ]
+    folders = [layer_folder(out, i) for i in blocks]
+    t0 = time.perf_counter()
+    saes = train_multisite(cfgs, data, tc, out_dirs=folders)
+    seconds = time.perf_counter() - t0
+    text = streamed_text(c, n_tokens)
+    for f in folders:
+        m = _read_metrics(f)
+        m["data"] = text
+        atomic_write_json(f / METRICS_FILE, m, default=float)
+    return [Trained(f"layer_{i:02d}", f, s) for i, f, s in zip(blocks, folders, saes)], seconds

@@ -432,8 +432,16 @@ class Trainer:
             var = (s[0] - mu.pow(2).sum() / n) / n
             return var.clamp_min(1e-12)
 
-    @torch.no_grad()
     def _log(self, progress: ProgressBar) -> None:
+        self._record()
+        s0 = self.slots[0].last
+        progress.update(
+            self.step, info=f"mse {s0['mse']:.4g} fvu {s0['fvu']:.3f} L0 {s0['l0']:.1f} dead {s0['dead_frac']:.2%}"
+        )
+
+    @torch.no_grad()
+    def _record(self) -> None:
+        """Each SAE's metrics on its last batch (slot.last) and one row of the metrics log."""
         row: dict[str, Any] = {"step": self.step, "tokens": self.step * self.tc.batch_size}
         for i, slot in enumerate(self.slots):
             out, x = slot.pending
@@ -455,10 +463,6 @@ class Trainer:
             }
             row[f"sae{i}"] = dict(slot.last)
         self.metrics_log.append(row)
-        s0 = self.slots[0].last
-        progress.update(
-            self.step, info=f"mse {s0['mse']:.4g} fvu {s0['fvu']:.3f} L0 {s0['l0']:.1f} dead {s0['dead_frac']:.2%}"
-        )
 
 
 # ----------------------------------------------------------------------------- entry points
