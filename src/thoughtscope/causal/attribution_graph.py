@@ -50,6 +50,36 @@ class GraphConfig:
     """Targets per batched backward pass (memory grows with it: batch × positions × width floats per block)."""
 
 
+#: the memory a graph may take without --force: this share of what the machine has available
+MEMORY_SHARE = 0.8
+#: multiply-adds per second one batched backward pass reaches on 2 CPU cores (measured on the default model)
+CPU_MACS_PER_SECOND = 2.0e9
+
+
+def estimate(lm: LoadedModel, transcoders: Sequence, prompt: str, cfg: GraphConfig, *, force: bool = False) -> dict:
+    """The memory (MB) and time (s) a graph will take, from its sizes; CausalError when the memory is over
+    MEMORY_SHARE of what is available, unless `force`."""
+    from ..estimates import available_memory, human_bytes
+
+    n = int(lm.tokenize(prompt)[0].shape[1])
+    L, d = len(lm.layers), lm.d_model
+    k = max(int(getattr(tc.cfg, "k", 0) or 64) for tc in transcoders)
+    active = (n - 1) * L * k
+    rows = min(cfg.max_feature_nodes, active) + cfg.max_logits
+    cols = active + (L + 1) * n
+    attn = sum(p.numel() for b in lm.layers for p in getattr(b, "self_attn", b).parameters())
+    macs = rows * n * attn * 2  # value and output maps, forward of the backward pass and its product
+    memory = rows * cols * 4 * 3 + cfg.batch_size * n * d * L * 4 * 8 + n * d * L * 4 * 40
+    out = {"memory_mb": memory / 2**20, "seconds": macs / CPU_MACS_PER_SECOND, "rows": rows, "active": active}
+    budget = MEMORY_SHARE * available_memory()
+    if memory > budget and not force:
+        raise CausalError(
+            f"this graph needs about {human_bytes(memory)} ({rows} rows x {cols} sources) and {human_bytes(budget)} "
+            "may be used; lower max_feature_nodes or the prompt's length, or pass --force"
+        )
+    return out
+
+
 @dataclass
 class _Replacement:
     """The prompt's pieces of the replacement model: per block, its active features and error."""

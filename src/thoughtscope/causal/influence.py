@@ -156,3 +156,24 @@ def graph_scores(graph: AttributionGraph) -> tuple[float, float]:
     output_influence = influence + weights
     completeness = (non_error * output_influence).sum() / output_influence.sum()
     return float(replacement), float(completeness)
+
+
+def top_paths(graph: AttributionGraph, n: int = 5, target: int = 0) -> list[tuple[float, list[int]]]:
+    """The n strongest paths into logit `target` from a node without inputs (a token or an error): the product of
+    row-normalised |edge| weights along the path, found by a beam of width n backwards from the logit. Paths are
+    listed source first."""
+    A = normalize_matrix(graph.adjacency.float())
+    start = graph.logit_node(target)
+    beams: list[tuple[float, list[int]]] = [(1.0, [start])]
+    done: list[tuple[float, list[int]]] = []
+    for _ in range(graph.n_layers + 2):
+        grown = []
+        for score, path in beams:
+            row = A[path[-1]]
+            vals, idx = row.topk(min(n, int((row > 0).sum())))
+            for v, j in zip(vals.tolist(), idx.tolist()):
+                (done if j >= graph.error_start else grown).append((score * v, path + [j]))
+        beams = sorted(grown, key=lambda b: -b[0])[:n]
+        if not beams:
+            break
+    return [(s, p[::-1]) for s, p in sorted(done, key=lambda b: -b[0])[:n]]

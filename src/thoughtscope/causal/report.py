@@ -77,3 +77,39 @@ def analyze_report(lm: LoadedModel, sae, text: str, *, lens=None, with_lens: boo
     if target is not None:
         out["why"] = attribute(lm, sae, text, target).to_dict()
     return out
+
+
+def node_name(graph, node: int, lm=None, labels: dict | None = None) -> str:
+    """One graph node as a person reads it: a feature (block, index, position, token, label), an error, a token or
+    a logit."""
+    toks = graph.token_strs
+    if node < graph.error_start:
+        layer, pos, feat = (int(v) for v in graph.active_features[graph.selected_features[node]])
+        label = (labels or {}).get((layer, feat))
+        return f"L{layer} #{feat} @{pos} {toks[pos]!r}" + (f" ({label})" if label else "")
+    if node < graph.token_start:
+        layer, pos = divmod(node - graph.error_start, graph.n_pos)
+        return f"L{layer} error @{pos} {toks[pos]!r}"
+    if node < graph.logit_start:
+        return f"token {toks[node - graph.token_start]!r} @{node - graph.token_start}"
+    i = node - graph.logit_start
+    tid = int(graph.logit_tokens[i])
+    text = lm.tokenizer.decode([tid]) if lm is not None else str(tid)
+    return f"logit {text!r} (p={float(graph.logit_probabilities[i]):.2f})"
+
+
+def graph_text(graph, lm=None, labels: dict | None = None, n_paths: int = 5) -> list[str]:
+    """The graph as lines of text: targets, scores, and the strongest paths into the first target."""
+    from .influence import graph_scores, top_paths
+
+    rep, comp = graph_scores(graph)
+    lines = [
+        f"{graph.n_pos} tokens, {int(graph.config.get('n_active', len(graph.active_features)))} active features, "
+        f"{graph.n_selected} nodes; replacement {rep:.3f}, completeness {comp:.3f}; "
+        f"{graph.config.get('seconds', 0):.1f} s",
+        "targets: " + ", ".join(node_name(graph, graph.logit_node(i), lm) for i in range(graph.n_logits)),
+        f"strongest paths into {node_name(graph, graph.logit_node(0), lm)}:",
+    ]
+    for score, path in top_paths(graph, n_paths):
+        lines.append(f"  {score:.3g}: " + " -> ".join(node_name(graph, n, lm, labels) for n in path[:-1]))
+    return lines

@@ -12,6 +12,7 @@ from .causal import analyze_cmd, attribute_cmd, lens_cmd, patch_cmd
 from .common import console, err
 from .corpus import corpus_app
 from .features import features_app
+from .graph import graph_cmd, transcoders_app
 from .harvest import harvest_cmd, model_info, store_info
 from .nla import nla_app
 from .probe import probe_app
@@ -57,6 +58,8 @@ app.command("patch")(patch_cmd)
 app.command("lens")(lens_cmd)
 app.command("attribute")(attribute_cmd)
 app.command("analyze")(analyze_cmd)
+app.command("graph")(graph_cmd)
+app.add_typer(transcoders_app, name="transcoders")
 
 app.add_typer(probe_app, name="probe")
 

@@ -372,11 +372,22 @@ def quantization_report(
 
 
 # ----------------------------------------------------------------------------- other tools' sets
+def default_transcoders_path() -> Path:
+    """The transcoder set shipped for the default model (one per block), what "default" names."""
+    from ..paths import asset
+
+    return asset("default_transcoders")
+
+
 def load_transcoder_set(folder: str | Path, *, lm: LoadedModel | None = None) -> TranscoderSet:
-    """Our set, a circuit-tracer set or a Gemma Scope set from a local folder (the layout is detected); with lm,
-    checked to fit it (check_fits) and moved to its device."""
-    p = Path(folder)
+    """Our set, a circuit-tracer set or a Gemma Scope set from a local folder (the layout is detected), or
+    "default", the set shipped for the default model; with lm, checked to fit it (check_fits) and moved to its
+    device."""
+    p = default_transcoders_path() if str(folder) == "default" else Path(folder)
     if not p.is_dir():
+        if str(folder) == "default":
+            raise SAEError(f"the default transcoder set is not installed at {p}; train one with `thoughtscope "
+                           "transcoders train` and pass its folder")  # fmt: skip
         raise SAEError(f"transcoder set {p} is not a folder")
     if (p / MANIFEST_FILE).is_file():
         ts = _load_ours(p)
@@ -557,3 +568,105 @@ def _foreign(t: dict[str, Tensor], layer: int, model: str, f: Path, hooks: tuple
     if "W_skip" in t:
         ours["W_skip"] = t["W_skip"].t()
     return _build(cfg, ours, where=str(f))
+
+
+@torch.no_grad()
+def replacement_losses(lm: LoadedModel, ts: TranscoderSet, token_batches: Sequence[Tensor]) -> dict[str, float]:
+    """Next-token loss of the replacement model (every block's MLP output replaced by its transcoder's prediction,
+    position 0 kept as the model computes it: the transcoders never saw it, and graphs make it an error node)
+    beside the clean model and every MLP zero- or mean-ablated (means over the same tokens); with
+    `loss_recovered` = (zero - replaced) / (zero - clean) and `loss_recovered_vs_mean` likewise."""
+    from ..sites import mlp_module, mlp_out_module
+
+    L = len(lm.layers)
+    reads: dict[int, Tensor] = {}
+    sums = [torch.zeros(lm.d_model, dtype=torch.float64) for _ in range(L)]
+    count = [0]
+
+    def run(mode: str) -> float:
+        def write(i: int):
+            def hook(_m, _a, out):
+                if mode == "clean":
+                    if i == 0:
+                        count[0] += out[:, 1:].shape[0] * out[:, 1:].shape[1]
+                    sums[i] += out[:, 1:].double().sum((0, 1)).cpu()
+                    return out
+                if mode == "zero":
+                    new = torch.zeros_like(out)
+                elif mode == "mean":
+                    new = (sums[i] / max(count[0], 1)).to(out).expand_as(out).clone()
+                else:
+                    new = ts[i](reads[i].float())[1].to(out.dtype)
+                new[:, 0] = out[:, 0]
+                return new
+
+            return hook
+
+        handles = []
+        for i in range(L):
+            handles.append(
+                mlp_module(lm.layers[i], i).register_forward_pre_hook(lambda m, a, i=i: reads.__setitem__(i, a[0]))
+            )
+            handles.append(mlp_out_module(lm.layers[i], i).register_forward_hook(write(i)))
+        total, n = 0.0, 0
+        try:
+            for ids in token_batches:
+                ids = ids.to(lm.device)
+                logits = lm.model(ids).logits[:, :-1].float()
+                total += float(
+                    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+                )
+                n += ids[:, 1:].numel()
+        finally:
+            for h in handles:
+                h.remove()
+        return total / n
+
+    out = {m: run(m) for m in ("clean", "replaced", "zero", "mean")}  # clean first: it measures the means
+    gap_zero, gap_mean = out["zero"] - out["clean"], out["mean"] - out["clean"]
+    return {
+        "loss_clean": out["clean"],
+        "loss_replaced": out["replaced"],
+        "loss_zero_ablated": out["zero"],
+        "loss_mean_ablated": out["mean"],
+        "loss_recovered": (out["zero"] - out["replaced"]) / gap_zero if gap_zero else float("nan"),
+        "loss_recovered_vs_mean": (out["mean"] - out["replaced"]) / gap_mean if gap_mean else float("nan"),
+        "n_tokens": int(sum(ids[:, 1:].numel() for ids in token_batches)),
+    }
+
+
+@torch.no_grad()
+def evaluate_set(lm: LoadedModel, ts: TranscoderSet, *, corpus: str = "default", n_tokens: int = 16_384,
+                 skip_tokens: int = 2_000_000) -> dict:  # fmt: skip
+    """A set on held-out text (the corpus after `skip_tokens`): each block's FVU of the MLP output and L0 (position
+    0 left out, as in training), and `replacement_losses` on the same contexts."""
+    from ..corpus import Corpus
+    from ..sites import Site, capture
+    from .run import LOSS_CTX_LEN, loss_batches
+
+    batches = loss_batches(lm, Corpus(corpus), skip_tokens // LOSS_CTX_LEN, max(1, n_tokens // LOSS_CTX_LEN))
+    L = len(ts)
+    err = torch.zeros(L, dtype=torch.float64)
+    ss = torch.zeros(L, dtype=torch.float64)
+    s1 = torch.zeros(L, lm.d_model, dtype=torch.float64)
+    l0 = torch.zeros(L, dtype=torch.float64)
+    n = 0
+    for ids in batches:
+        got = capture(lm, [Site(i, s) for i in range(L) for s in ("mlp_in", "mlp_out")], ids.to(lm.device))
+        for i in range(L):
+            x = got[Site(i, "mlp_in")][:, 1:].flatten(0, 1).float()
+            y = got[Site(i, "mlp_out")][:, 1:].flatten(0, 1).float()
+            f, y_hat = ts[i](x)
+            err[i] += float((y - y_hat).pow(2).sum())
+            ss[i] += float(y.double().pow(2).sum())
+            s1[i] += y.double().sum(0).cpu()
+            l0[i] += float((f > 0).sum())
+        n += ids[:, 1:].numel()
+    var = ss - s1.pow(2).sum(1) / n
+    return {
+        "fvu": (err / var).tolist(),
+        "l0": (l0 / n).tolist(),
+        "n_tokens": n,
+        "loss": replacement_losses(lm, ts, batches),
+        "source": ts.source,
+    }

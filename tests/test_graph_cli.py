@@ -1,0 +1,76 @@
+"""`thoughtscope graph` and `thoughtscope transcoders train / eval` on a tiny model saved as a folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers.transcoder_sets import random_transcoder_set
+from typer.testing import CliRunner
+
+from thoughtscope.causal.graph_files import load_graph
+from thoughtscope.cli import app
+from thoughtscope.models import tiny_model
+from thoughtscope.sae.transcoder_set import load_transcoder_set, save_transcoder_set
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D, L = 32, 2
+TEXT = "\n\n\n".join(f"Log {i}: a small green frog {i} sat by {i * 3} ponds near {i * 7} reeds. " for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphcli")
+    tiny = tiny_model("llama", d_model=D, n_layers=L, vocab=256)
+    tiny.model.save_pretrained(root / "model")
+    tiny.tokenizer.save_pretrained(root / "model")
+    (root / "corpus.txt").write_text(TEXT)
+    return root
+
+
+def test_graph_command_prints_paths_and_writes_both_files(model_dir, tmp_path):
+    save_transcoder_set(random_transcoder_set(L, D, 48), tmp_path / "set", quantize="none")
+    args = ["graph", "a small green frog sat by the", "--model", str(model_dir / "model"),
+            "--transcoders", str(tmp_path / "set"), "--json", str(tmp_path / "g.json"),
+            "--save", str(tmp_path / "g.safetensors"), "--max-feature-nodes", "40"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "strongest paths into logit" in r.output and "replacement" in r.output and "estimate:" in r.output
+    g = load_graph(tmp_path / "g.safetensors")
+    assert g.n_selected == 40 and g.n_layers == L
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert data["metadata"]["prompt"].startswith("a small green frog") and data["nodes"] and data["links"]
+    # bad input: one error line each, nothing written
+    for extra, msg in ((["--target", "frogs and toads"], "not one"), (["--transcoders", str(tmp_path)], "")):
+        bad = CliRunner().invoke(app, args[:2] + ["--model", str(model_dir / "model")] + extra
+                                 + (["--transcoders", str(tmp_path / "set")] if "--transcoders" not in extra else [])
+                                 + ["--json", str(tmp_path / "bad.json")])  # fmt: skip
+        assert bad.exit_code == 2 and "error" in bad.output and msg in bad.output
+        assert not (tmp_path / "bad.json").exists()
+    other = random_transcoder_set(L, D + 8, 48)  # a set for another width
+    save_transcoder_set(other, tmp_path / "wide", quantize="none")
+    bad = CliRunner().invoke(
+        app, args[:2] + ["--model", str(model_dir / "model"), "--transcoders", str(tmp_path / "wide")]
+    )
+    assert bad.exit_code == 2 and "40" in bad.output and "32" in bad.output
+
+
+def test_transcoders_train_then_eval(model_dir, tmp_path):
+    args = ["transcoders", "train", "--out", str(tmp_path / "tc"), "--model", str(model_dir / "model"),
+            "--corpus", str(model_dir / "corpus.txt"), "--tokens", "2000", "--features", "64", "--k", "4",
+            "--batch-size", "200", "--quantize", "none"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    ts = load_transcoder_set(tmp_path / "tc" / "set")
+    assert len(ts) == L and all(tc.cfg.site == f"mlp_in.{i}" for i, tc in enumerate(ts))
+    assert (tmp_path / "tc" / "layers" / "layer_01").is_dir()
+    e = CliRunner().invoke(app, ["transcoders", "eval", "--transcoders", str(tmp_path / "tc" / "set"), "--model",
+                                 str(model_dir / "model"), "--corpus", str(model_dir / "corpus.txt"), "--tokens", "512",
+                                 "--skip-tokens", "1000", "--json", str(tmp_path / "e.json")])  # fmt: skip
+    assert e.exit_code == 0, e.output
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert len(res["fvu"]) == L and all(torch.isfinite(torch.tensor(res["fvu"])))
+    loss = res["loss"]
+    assert loss["loss_zero_ablated"] != loss["loss_clean"] and "loss_recovered" in loss
