@@ -202,9 +202,9 @@ def multi_site_speedup(
 
 # ----------------------------------------------------------------------------- the transcoder set
 def shipped_set() -> Path | None:
-    from thoughtscope.paths import asset
+    from thoughtscope.sae.transcoder_set import default_transcoders_path
 
-    p = asset("default_transcoders")
+    p = default_transcoders_path()
     return p if p.is_dir() else None
 
 
