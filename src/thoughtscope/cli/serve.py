@@ -17,6 +17,24 @@ def _help(name: str, extra: str = "") -> str:
     return field_help(ServerConfig, name, extra)
 
 
+def _check_folders(named) -> None:
+    """Fail here, not later on the building page, when a folder named on the command line is missing."""
+    from ..errors import ServerError
+
+    for flag, path in named:
+        if path is not None and not Path(path).exists():
+            raise ServerError(f"{flag} {path}: no such folder")
+
+
+def _load_transcoders(wb, status, folder: Path | None, atlases) -> None:
+    """The graph page's transcoder set and the atlases of its layers (no graph page without --transcoders)."""
+    if folder is not None:
+        from ..server.pages_graph import load_transcoders
+
+        status.set("loading the transcoder set", str(folder))
+        load_transcoders(wb, folder, atlases or ())
+
+
 def serve(
     model: str | None = typer.Option(
         None,
@@ -29,6 +47,12 @@ def serve(
     ),
     nla: str = typer.Option("default", help="NLA: 'default' (shipped, for the default model), a folder, or 'none'"),
     probe: list[Path] | None = typer.Option(None, help="probe folder (repeatable)"),
+    transcoders: Path | None = typer.Option(
+        None, help="transcoder set folder (one per block; ours, circuit-tracer's or Gemma Scope's): the graph page"
+    ),
+    transcoder_atlas: list[Path] | None = typer.Option(
+        None, help="atlas of one transcoder of the set (repeatable): the graph page's explanations of its block"
+    ),
     host: str = typer.Option("127.0.0.1", help=_help("host")),
     port: int = typer.Option(8765, help=_help("port")),
     token: str | None = typer.Option(None, help=_help("token", "--token auto makes a random one.")),
@@ -48,19 +72,18 @@ def serve(
     page shows its progress)."""
     import uvicorn
 
-    from ..errors import ServerError
     from ..server import ServerConfig, create_app, load_workbench
     from ..server.workbench import FIRST_START_TOKENS
 
     named = (
         [("--atlas", atlas)]
         + [("--probe", p) for p in probe or ()]
+        + [("--transcoders", transcoders)]
+        + [("--transcoder-atlas", p) for p in transcoder_atlas or ()]
         + ([("--sae", Path(sae))] if sae != "default" and not sae.startswith("saelens:") else [])
         + ([("--nla", Path(nla))] if nla not in ("default", "none") and "," not in nla else [])
     )
-    for flag, path in named:  # fail here, not later on the building page
-        if path is not None and not Path(path).exists():
-            raise ServerError(f"{flag} {path}: no such folder")
+    _check_folders(named)
     if token == "auto":
         token = secrets.token_urlsafe(18)
     cfg = ServerConfig(host=host, port=port, token=token, queue_size=queue, deadline_s=deadline)
@@ -83,6 +106,7 @@ def serve(
             build_tokens=build_tokens or FIRST_START_TOKENS,
             atlas_in_background=not wait_for_atlas,
         )
+        _load_transcoders(wb, status, transcoders, transcoder_atlas)
         where = wb.atlas.path if wb.atlas is not None else f"being built in {wb.atlas_build.out}"
         console.print(f"[green]ready[/green]: {wb.lm.name}, {wb.n_features} features, atlas {where}")
         for note in wb.notes:

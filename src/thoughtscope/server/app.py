@@ -64,10 +64,12 @@ def create_app(config: ServerConfig | None = None, workbench: Workbench | None =
     _error_pages(app)
     _home_and_status(app)
     from . import pages_analyze, pages_building, pages_causal, pages_features, pages_nla, pages_search, pages_steer
+    from .pages_graph import router as graph_router
 
     # pages_building first: its routes answer feature addresses only while the first-start atlas is built
     for mod in (pages_building, pages_features, pages_search, pages_analyze, pages_steer, pages_nla, pages_causal):
         app.include_router(mod.router)
+    app.include_router(graph_router)
     return _guarded(app, cfg)
 
 
