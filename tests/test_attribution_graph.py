@@ -44,7 +44,7 @@ def model(request):
 
 def test_direct_effects_add_up_to_every_target(model):
     lm, tcs = model
-    g = ag.build(lm, tcs, PROMPT, cfg=ag.GraphConfig(max_feature_nodes=10_000, batch_size=16))
+    g = ag.build(lm, tcs, PROMPT, cfg=ag.GraphConfig(max_feature_nodes=10_000, targets_per_batch=16))
     assert g.n_selected == len(g.active_features) > 0 and (g.active_features[:, 1] > 0).all()  # none at position 0
     ids = g.input_tokens[None]
     logits = lm.model(ids).logits[0, -1].detach()
@@ -82,8 +82,8 @@ def test_targets_default_named_and_refused(model):
 
 def test_a_capped_graph_keeps_the_most_influential_features_and_the_same_edges(model):
     lm, tcs = model
-    full = ag.build(lm, tcs, PROMPT, cfg=ag.GraphConfig(max_feature_nodes=10_000, batch_size=64))
-    capped = ag.build(lm, tcs, PROMPT, cfg=ag.GraphConfig(max_feature_nodes=12, batch_size=6))
+    full = ag.build(lm, tcs, PROMPT, cfg=ag.GraphConfig(max_feature_nodes=10_000, targets_per_batch=64))
+    capped = ag.build(lm, tcs, PROMPT, cfg=ag.GraphConfig(max_feature_nodes=12, targets_per_batch=6))
     assert capped.n_selected == 12
     # the first batch: the features with the largest direct effect on the logits (weighted by probability)
     w = full.logit_probabilities / full.logit_probabilities.sum()

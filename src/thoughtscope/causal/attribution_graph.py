@@ -46,7 +46,7 @@ class GraphConfig:
     """Default targets: the most likely next tokens until their probabilities sum to this (a probability)."""
     max_feature_nodes: int = 2048
     """Features whose input edges are computed (nodes of the graph), chosen by influence on the targets."""
-    batch_size: int = 128
+    targets_per_batch: int = 128
     """Targets per batched backward pass (memory grows with it: batch × positions × width floats per block)."""
 
 
@@ -56,11 +56,11 @@ MEMORY_SHARE = 0.8
 CPU_MACS_PER_SECOND = 2.0e9
 
 
-def estimate(lm: LoadedModel, transcoders: Sequence, prompt: str, cfg: GraphConfig, *, force: bool = False) -> dict:
+def estimate(
+    lm: LoadedModel, transcoders: Sequence, prompt: str, cfg: GraphConfig, *, budget: int | None = None
+) -> dict:
     """The memory (MB) and time (s) a graph will take, from its sizes; CausalError when the memory is over
-    MEMORY_SHARE of what is available, unless `force`."""
-    from ..estimates import available_memory, human_bytes
-
+    `budget` bytes (None: no limit; the CLI passes MEMORY_SHARE of what is available unless --force)."""
     n = int(lm.tokenize(prompt)[0].shape[1])
     L, d = len(lm.layers), lm.d_model
     k = max(int(getattr(tc.cfg, "k", 0) or 64) for tc in transcoders)
@@ -69,13 +69,12 @@ def estimate(lm: LoadedModel, transcoders: Sequence, prompt: str, cfg: GraphConf
     cols = active + (L + 1) * n
     attn = sum(p.numel() for b in lm.layers for p in getattr(b, "self_attn", b).parameters())
     macs = rows * n * attn * 2  # value and output maps, forward of the backward pass and its product
-    memory = rows * cols * 4 * 3 + cfg.batch_size * n * d * L * 4 * 8 + n * d * L * 4 * 40
+    memory = rows * cols * 4 * 3 + cfg.targets_per_batch * n * d * L * 4 * 8 + n * d * L * 4 * 40
     out = {"memory_mb": memory / 2**20, "seconds": macs / CPU_MACS_PER_SECOND, "rows": rows, "active": active}
-    budget = MEMORY_SHARE * available_memory()
-    if memory > budget and not force:
+    if budget is not None and memory > budget:
         raise CausalError(
-            f"this graph needs about {human_bytes(memory)} ({rows} rows x {cols} sources) and {human_bytes(budget)} "
-            "may be used; lower max_feature_nodes or the prompt's length, or pass --force"
+            f"this graph needs about {memory / 2**20:,.0f} MB ({rows} rows x {cols} sources) and {budget / 2**20:,.0f} "
+            "MB may be used; lower max_feature_nodes or the prompt's length, or pass --force"
         )
     return out
 
@@ -355,19 +354,19 @@ def _feature_targets(rep: _Replacement, transcoders: Sequence, idx: list[int]) -
     return out
 
 
-def _by_layer(targets: list[_Target], batch_size: int) -> Iterator[list[int]]:
+def _by_layer(targets: list[_Target], per_batch: int) -> Iterator[list[int]]:
     """Indices of targets in batches that share an injection layer."""
     layers: dict[int, list[int]] = {}
     for i, t in enumerate(targets):
         layers.setdefault(t.layer, []).append(i)
     for idx in layers.values():
-        for s in range(0, len(idx), batch_size):
-            yield idx[s : s + batch_size]
+        for s in range(0, len(idx), per_batch):
+            yield idx[s : s + per_batch]
 
 
-def _compute_rows(tr, rep, transcoders, targets: list[_Target], batch_size: int) -> Tensor:
+def _compute_rows(tr, rep, transcoders, targets: list[_Target], per_batch: int) -> Tensor:
     rows = torch.zeros(len(targets), len(rep.active) + (len(transcoders) + 1) * rep.ids.shape[1])
-    for idx in _by_layer(targets, batch_size):
+    for idx in _by_layer(targets, per_batch):
         rows[idx] = _rows(tr, rep, transcoders, [targets[i] for i in idx])
     return rows
 
@@ -396,7 +395,7 @@ def build(
     tr = _trace(lm, transcoders, rep)
     L, n_active = len(transcoders), len(rep.active)
     logit_rows = _compute_rows(
-        tr, rep, transcoders, [_Target(L, n - 1, v) for v in _logit_vectors(lm, logit_ids)], cfg.batch_size
+        tr, rep, transcoders, [_Target(L, n - 1, v) for v in _logit_vectors(lm, logit_ids)], cfg.targets_per_batch
     )
     chosen: list[int] = []
     feature_rows: list[Tensor] = []
@@ -410,7 +409,7 @@ def build(
             infl = _influence(rows, row_source, w)[:n_active]
             if chosen:
                 infl[torch.tensor(chosen)] = -1
-            take = min(cfg.batch_size, budget - len(chosen))
+            take = min(cfg.targets_per_batch, budget - len(chosen))
             nxt = infl.topk(take).indices.tolist()
             feature_rows.append(_compute_rows(tr, rep, transcoders, _feature_targets(rep, transcoders, nxt), take))
             chosen += nxt

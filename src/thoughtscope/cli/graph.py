@@ -24,22 +24,25 @@ def graph_cmd(
     max_feature_nodes: int = typer.Option(
         GraphConfig.max_feature_nodes, help=field_help(GraphConfig, "max_feature_nodes")
     ),
-    batch_size: int = typer.Option(GraphConfig.batch_size, help=field_help(GraphConfig, "batch_size")),
+    targets_per_batch: int = typer.Option(
+        GraphConfig.targets_per_batch, help=field_help(GraphConfig, "targets_per_batch")
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="write circuit-tracer's graph JSON (pruned) here"),
     graph_file: Path | None = typer.Option(None, "--save", help="write the whole graph (safetensors) here"),
     paths: int = typer.Option(5, help="strongest paths to print"),
     force: bool = typer.Option(False, "--force", help="run even when the estimate is over the memory budget"),
 ) -> None:
     """The attribution graph of a prompt: which features carried it to its next token."""
-    from ..causal.attribution_graph import build, estimate
+    from ..causal.attribution_graph import MEMORY_SHARE, build, estimate
     from ..causal.graph_files import save_graph, to_circuit_tracer_json
     from ..causal.report import graph_text
+    from ..estimates import available_memory
     from ..sae.transcoder_set import load_transcoder_set
 
     lm = _load(model, device, None)
     ts = load_transcoder_set(transcoders, lm=lm)
-    cfg = GraphConfig(max_feature_nodes=max_feature_nodes, batch_size=batch_size)
-    est = estimate(lm, ts, prompt, cfg, force=force)
+    cfg = GraphConfig(max_feature_nodes=max_feature_nodes, targets_per_batch=targets_per_batch)
+    est = estimate(lm, ts, prompt, cfg, budget=None if force else int(MEMORY_SHARE * available_memory()))
     console.print(f"estimate: {est['memory_mb']:.0f} MB, about {est['seconds']:.0f} s on this machine")
     graph = build(lm, ts, prompt, targets=target or None, cfg=cfg, progress=True, source=str(ts.source))
     for line in graph_text(graph, lm, n_paths=paths):
