@@ -260,3 +260,23 @@ def test_graph_page_hover_pin_group_reload_steer_and_errors_in_chromium(app, wor
         page.click("#graph-form button")
         page.wait_for_function("document.querySelector('#graph-error').textContent.includes('at most 64')")
         assert page.input_value("input[name=prompt]") == "a" * 80
+
+
+def test_serve_loads_a_saved_set_with_its_atlas_and_refuses_ones_that_do_not_fit(world, tmp_path):
+    from thoughtscope.errors import SAEError, ServerError
+    from thoughtscope.sae.transcoder_set import save_transcoder_set
+    from thoughtscope.server.pages_graph import load_transcoders
+
+    lm, ts = world["lm"], world["ts"]
+    folder = save_transcoder_set(ts, tmp_path / "set")  # int8: block 1 still matches the workbench's SAE
+    wb = Workbench(lm=lm, sae=ts[1])
+    src = load_transcoders(wb, folder, [world["root"] / "atlas"])
+    assert wb.graphs is src and sorted(src.atlases) == [1] and src.page_layer == 1 and src.spec == str(folder)
+    assert src.labels([(1, world["explained"]), (0, world["explained"])]) == {(1, world["explained"]): LABEL}
+    with pytest.raises(ServerError, match="two atlases for block 1"):
+        load_transcoders(wb, folder, [world["root"] / "atlas", world["root"] / "atlas"])
+    other = random_transcoder_set(2, 16, 8)
+    with pytest.raises(SAEError, match="does not fit"):
+        load_transcoders(wb, save_transcoder_set(other, tmp_path / "narrow"))
+    block0 = Workbench(lm=lm, sae=ts[0])  # the SAE is block 0's transcoder: block 0's features have the pages
+    assert load_transcoders(block0, folder).page_layer == 0
