@@ -203,8 +203,9 @@ def test_graph_page_hover_pin_group_reload_steer_and_errors_in_chromium(app, wor
     with LiveServer(app) as site:
         page.goto(f"{site}/graph?prompt={PROMPT.replace(' ', '+')}")
         page.wait_for_selector("body[data-graph=ready]")
-        n_nodes = len(prune(g).node_mask.nonzero())
-        assert page.locator("#graph .node").count() <= n_nodes and page.locator("#graph .edge").count() > 0
+        want = to_circuit_tracer_json(g, world["root"] / "drawn.json", index=False)
+        assert page.locator("#graph .node").count() == len(want["nodes"])
+        assert page.locator("#graph .edge").count() == len(want["links"])
         assert page.locator("#graph text.tok").count() == g.n_pos
         assert page.locator("#graph text.logit-tok").count() == g.n_logits
         # hover: the explanation where the block has one, else "no explanation"; the activation either way
