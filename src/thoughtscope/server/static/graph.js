@@ -4,7 +4,8 @@
 "use strict";
 const $ = (s) => document.querySelector(s);
 const SVGNS = "http://www.w3.org/2000/svg";
-const ROW_H = 78, MIN_COL_W = 44, NODE_GAP = 22, LEFT = 48, TOP = 26, BOTTOM = 40;
+const MIN_COL_W = 44, NODE_GAP = 22, LOGIT_GAP = 44, LEFT = 48, TOP = 30, BOTTOM = 40;
+let ROW_H = 78; // shrinks for deep models, so the whole graph fits about 600 px
 
 const state = readState();
 let graph = null; // the JSON of /api/graph
@@ -110,8 +111,12 @@ function layout() {
     cells.get(key).push(n);
   }
   const nRows = graph.n_layers + 2, nPos = graph.tokens.length;
+  ROW_H = Math.max(18, Math.min(78, Math.floor(600 / nRows)));
   const widths = new Array(nPos).fill(MIN_COL_W);
-  for (const list of cells.values()) widths[list[0].pos] = Math.max(widths[list[0].pos], list.length * NODE_GAP);
+  for (const list of cells.values()) {
+    const gap = list[0].kind === "logit" ? LOGIT_GAP : NODE_GAP;
+    widths[list[0].pos] = Math.max(widths[list[0].pos], list.length * gap);
+  }
   const left = [LEFT];
   for (let p = 0; p < nPos; p++) left.push(left[p] + widths[p]);
   const maxInf = Math.max(1e-12, ...graph.nodes.filter((n) => n.kind !== "logit").map((n) => n.influence));
@@ -120,7 +125,7 @@ function layout() {
     const step = widths[list[0].pos] / list.length;
     list.forEach((n, j) => {
       const share = n.kind === "logit" ? n.influence : n.influence / maxInf;
-      n.r = Math.min(3 + 9 * Math.sqrt(Math.max(0, share)), step / 2 - 1);
+      n.r = Math.min(3 + 9 * Math.sqrt(Math.max(0, share)), step / 2 - 1, ROW_H / 2 - 2);
       n.x = left[n.pos] + (j + 0.5) * step;
       n.y = TOP + (nRows - 1 - n.row) * ROW_H;
     });
@@ -178,7 +183,8 @@ function draw() {
     c.addEventListener("mouseleave", () => { $("#graph-tip").hidden = true; highlight(null); });
     c.addEventListener("click", (e) => clickNode(n, e));
     if (n.kind === "logit") {
-      el("text", { x: n.x, y: n.y - n.r - 4, class: "logit-tok", "text-anchor": "middle" }, nodes).textContent = shown(n.token);
+      const label = el("text", { x: n.x, y: n.y - n.r - 4, class: "logit-tok", "text-anchor": "middle" }, nodes);
+      label.textContent = shown(n.token).slice(0, 7);
     }
   }
 }
