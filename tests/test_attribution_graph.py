@@ -62,6 +62,8 @@ def test_direct_effects_add_up_to_every_target(model):
     feat_block = g.adjacency[: g.n_selected, : g.n_selected]
     assert not bool((feat_block != 0)[lay[:, None] <= lay[None, :]].any())
     assert not bool(g.adjacency[g.error_start : g.logit_start].any())
+    # position 0 depends on the first token alone: its MLP outputs are part of that token's node, not errors
+    assert not bool(g.adjacency[:, [g.error_node(i, 0) for i in range(L)]].any())
     rep, comp = graph_scores(g)
     assert 0 < rep <= 1 and 0 < comp <= 1
 

@@ -7,7 +7,8 @@ residual stream is then linear in the token embeddings, the feature writes and t
 a source on a target (a feature's pre-activation, or a logit minus the mean logit) is one backward pass from the
 target, dotted with the source's write. Rows are computed for the logits first, then for features in order of their
 influence on the logits so far, up to `GraphConfig.max_feature_nodes`; backward passes are batched over targets
-(one forward, `is_grads_batched`). Position 0 (the attention sink) has no feature nodes: its MLP output is its error.
+(one forward, `is_grads_batched`). Everything at position 0 depends on the first token alone (BOS, the attention
+sink), so its MLP outputs count as part of that token's node, and position 0 has no feature or error nodes.
 
 Frozen attention and norms are hooks around the model's own modules (the model's eager attention function with the
 pattern detached, each norm's output as its input times a detached scale), so any Llama-, Qwen- or Gemma-style
@@ -53,7 +54,7 @@ class GraphConfig:
 #: the memory a graph may take without --force: this share of what the machine has available
 MEMORY_SHARE = 0.8
 #: multiply-adds per second one batched backward pass reaches on 2 CPU cores (measured on the default model)
-CPU_MACS_PER_SECOND = 2.0e9
+CPU_MACS_PER_SECOND = 4.0e10
 
 
 def estimate(
@@ -90,6 +91,7 @@ class _Replacement:
     values: Tensor  # [n_active]
     logits: Tensor  # [V] at the last position
     layer_slices: list[slice] = field(default_factory=list)  # each layer's rows of `active`
+    slots: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, see _slots
 
 
 def _check_set(lm: LoadedModel, transcoders: Sequence) -> None:
@@ -123,7 +125,25 @@ def _replacement(lm: LoadedModel, transcoders: Sequence, ids: Tensor) -> _Replac
         vals.append(f[pos, feat])
         slices.append(slice(start, start + len(pos)))
     logits = lm.model(ids).logits[0, -1].float()
-    return _Replacement(ids, emb, errors, torch.cat(rows), torch.cat(vals), logits, slices)
+    active, values = torch.cat(rows), torch.cat(vals)
+    slots = [_slots(active[s], values[s], tc, ids.shape[1], s.start) for s, tc in zip(slices, transcoders)]
+    return _Replacement(ids, emb, errors, active, values, logits, slices, slots)
+
+
+def _slots(active: Tensor, values: Tensor, tc, n: int, start: int) -> tuple[Tensor, Tensor]:
+    """One block's active features by position: [n, k] their rows of `active` (-1 pads positions with fewer) and
+    [n, k, d] their writes (activation x decoder row, zero for pads), so a batch of gradients meets them in one bmm."""
+    pos = active[:, 1]
+    counts = torch.bincount(pos, minlength=n)
+    k = max(1, int(counts.max()) if len(pos) else 1)
+    slot = torch.full((n, k), -1, dtype=torch.long)
+    write = torch.zeros(n, k, tc.W_dec.shape[1])
+    order = torch.argsort(pos, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(pos)) - first[pos[order]]
+    slot[pos[order], rank] = start + order
+    write[pos[order], rank] = values[order, None] * tc.W_dec[active[order, 2]].detach().float()
+    return slot, write
 
 
 def _norm_modules(model: nn.Module) -> list[nn.Module]:
@@ -277,17 +297,20 @@ class _Target:
 
 def _rows(tr: _Traced, rep: _Replacement, transcoders: Sequence, targets: list[_Target]) -> Tensor:
     """Direct effects on each target (rows) of every source: [len(targets), n_active + L * n + n] with columns
-    (active features, error nodes layer-major, token embeddings). All targets share one injection layer."""
-    layer = targets[0].layer
-    n = tr.emb.shape[1]
-    out = tr.final if layer == len(tr.writes) else tr.reads[layer]
-    g = torch.zeros(len(targets), *out.shape, dtype=out.dtype)
+    (active features, error nodes layer-major, token embeddings), from one batched backward pass."""
+    L = len(tr.writes)
+    layers = sorted({t.layer for t in targets})
+    outs = [tr.final if layer == L else tr.reads[layer] for layer in layers]
+    g = {layer: torch.zeros(len(targets), *o.shape, dtype=o.dtype) for layer, o in zip(layers, outs)}
     for b, t in enumerate(targets):
-        g[b, 0, t.pos] = t.vector.to(out.dtype)
-    leaves = [tr.emb] + tr.writes[:layer]
-    grads = torch.autograd.grad(out, leaves, g, retain_graph=True, is_grads_batched=True, allow_unused=True)
+        g[t.layer][b, 0, t.pos] = t.vector.to(g[t.layer].dtype)
+    leaves = [tr.emb] + tr.writes[: max(layers)]
+    grads = torch.autograd.grad(
+        outs, leaves, [g[layer] for layer in layers], retain_graph=True, is_grads_batched=True, allow_unused=True
+    )
+    n = tr.emb.shape[1]
     B = len(targets)
-    n_active, L = len(rep.active), len(tr.writes)
+    n_active = len(rep.active)
     row = torch.zeros(B, n_active + L * n + n)
     ge = grads[0]
     if ge is not None:
@@ -296,12 +319,16 @@ def _rows(tr: _Traced, rep: _Replacement, transcoders: Sequence, targets: list[_
         if gw is None:
             continue
         gw = gw[:, 0].float()  # [B, n, d]
-        row[:, n_active + i * n : n_active + (i + 1) * n] = (gw * rep.errors[i]).sum(-1)
+        err = (gw * rep.errors[i]).sum(-1)  # [B, n]
+        row[:, n_active + L * n] += err[:, 0]  # position 0 depends on the first token alone: part of its node
+        err[:, 0] = 0
+        row[:, n_active + i * n : n_active + (i + 1) * n] = err
         s = rep.layer_slices[i]
-        if s.stop > s.start:
-            pos, feat = rep.active[s, 1], rep.active[s, 2]
-            proj = gw @ transcoders[i].W_dec.detach().float().T  # [B, n, m]
-            row[:, s] = proj[:, pos, feat] * rep.values[s]
+        if s.stop > s.start:  # each active feature's write (value x decoder row) against its position's gradient
+            slot, write = rep.slots[i]  # [n, k] rows of `active` (-1: none), [n, k, d]
+            eff = torch.bmm(write, gw.transpose(0, 1).transpose(1, 2))  # [n, k, B]
+            keep = slot >= 0
+            row[:, slot[keep]] = eff[keep].T
     return row
 
 
@@ -354,19 +381,12 @@ def _feature_targets(rep: _Replacement, transcoders: Sequence, idx: list[int]) -
     return out
 
 
-def _by_layer(targets: list[_Target], per_batch: int) -> Iterator[list[int]]:
-    """Indices of targets in batches that share an injection layer."""
-    layers: dict[int, list[int]] = {}
-    for i, t in enumerate(targets):
-        layers.setdefault(t.layer, []).append(i)
-    for idx in layers.values():
-        for s in range(0, len(idx), per_batch):
-            yield idx[s : s + per_batch]
-
-
 def _compute_rows(tr, rep, transcoders, targets: list[_Target], per_batch: int) -> Tensor:
+    """Rows for `targets`, `per_batch` at a time, in order of their layer (a batch then spans few layers)."""
+    order = sorted(range(len(targets)), key=lambda i: (targets[i].layer, targets[i].pos))
     rows = torch.zeros(len(targets), len(rep.active) + (len(transcoders) + 1) * rep.ids.shape[1])
-    for idx in _by_layer(targets, per_batch):
+    for s in range(0, len(order), per_batch):
+        idx = order[s : s + per_batch]
         rows[idx] = _rows(tr, rep, transcoders, [targets[i] for i in idx])
     return rows
 
