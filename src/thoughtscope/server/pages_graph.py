@@ -136,7 +136,7 @@ def load_transcoders(wb, folder, atlas_dirs=()) -> GraphSource:
 
 
 def source_of(wb) -> GraphSource:
-    src = getattr(wb, "graphs", None)
+    src = wb.graphs
     if src is None:
         raise HTTPException(404, NO_SET)
     return src
@@ -292,7 +292,7 @@ def graph_page(request: Request):
     """The page; the graph itself is fetched from /api/graph by the page's script, so a bad prompt or target is
     shown beside the kept form instead of replacing the page."""
     wb, cfg = wb_of(request), cfg_of(request)
-    src = getattr(wb, "graphs", None)
+    src = wb.graphs
     qp = request.query_params
     ctx = {
         "prompt": qp.get("prompt", ""),

@@ -77,6 +77,7 @@ class Workbench:
     notes: list = field(default_factory=list)  # things the user should know (skipped presets ...)
     db_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     atlas_build: AtlasBuild | None = None  # the first-start atlas while it is built in the background (then done)
+    graphs: object | None = None  # pages_graph.GraphSource: the graph page's transcoder set (serve --transcoders)
 
     def __post_init__(self) -> None:
         self._label_cache: dict[int, tuple[str, bool]] = {}
