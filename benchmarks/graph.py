@@ -286,7 +286,9 @@ def graph_figures(
         "replacement_score": sum(finite) / len(finite) if finite else None,
         "completeness_score": sum(s["completeness"] for s in scores) / len(scores) if scores else None,
         "graph_prompts": scores,
-        "intervention": {**graph_check.summarise(rows), "k": k, "prompts": rows} if rows else None,
+        "intervention": {**graph_check.summarise(rows), "k": k, "n_direct": n_direct, "prompts": rows}
+        if rows
+        else None,
     }
     return fig, g
 
@@ -348,8 +350,9 @@ def align(ours, theirs: dict) -> dict:
     """Compare two graphs of one prompt entry by entry over the nodes both have: the selected features in both
     (matched by layer, position, feature), every error and token node, and the logits.
 
-    circuit-tracer zeroes the error vectors at position 0 (the BOS's MLP output is a constant there), while ours keep
-    it as that position's error node; the main figure leaves those columns out, the other includes them."""
+    Position 0 (BOS) is defined differently: circuit-tracer zeroes its error vectors and leaves its MLP outputs out of
+    the graph (a constant), while ours credit them to the first token's node. The main figure leaves the columns of
+    position 0 (its error nodes and token node) out; ``adjacency_max_rel_diff_all`` includes them."""
     g = ours
     if not torch.equal(g.input_tokens.cpu(), theirs["input_tokens"].cpu()):
         raise CausalError("circuit-tracer's graph is of other tokens than ours")
@@ -369,17 +372,19 @@ def align(ours, theirs: dict) -> dict:
     b = theirs["adjacency"].float().cpu()[idx_t][:, idx_t]
     if a.shape != b.shape:
         raise CausalError(f"aligned adjacencies differ in shape: {tuple(a.shape)} and {tuple(b.shape)}")
-    with_bos, _ = _max_rel(a, b)
-    bos_errors = [len(common) + layer * g.n_pos for layer in range(g.n_layers)]
+    everything, _ = _max_rel(a, b)
+    first = len(common)  # where the error nodes start in the aligned order
+    bos = [first + layer * g.n_pos for layer in range(g.n_layers)] + [first + g.n_layers * g.n_pos]
     keep = torch.ones(a.shape[1], dtype=torch.bool)
-    keep[bos_errors] = False
+    keep[bos] = False
     rel, entry = _max_rel(a[:, keep], b[:, keep])
     return {
         "adjacency_max_rel_diff": rel,
         "adjacency_max_entry_rel_diff": entry,
-        "adjacency_max_rel_diff_with_bos_errors": with_bos,
-        "adjacency_compared": "max |ours - theirs| / max |ours| over the feature nodes both selected, every error "
-        "node but position 0's (circuit-tracer zeroes them), every token and logit node",
+        "adjacency_max_rel_diff_all": everything,
+        "adjacency_compared": "max |ours - theirs| / max |ours| over the feature nodes both selected, every error, "
+        "token and logit node; sources at position 0 left out (circuit-tracer leaves the BOS's MLP outputs out of "
+        "the graph, ours credit them to the first token)",
         "adjacency_compared_nodes": len(idx_o),
         "common_feature_nodes": len(common),
         "ours_feature_nodes": n_o,
@@ -424,7 +429,7 @@ def circuit_tracer(
             "--max-feature-nodes",
             str(graph.config["max_feature_nodes"]),
             "--batch-size",
-            str(graph.config["batch_size"]),
+            str(graph.config.get("targets_per_batch", graph.config.get("batch_size", 128))),
             "--out",
             str(out),
             *(["--threads", str(threads)] if threads else []),
@@ -464,13 +469,14 @@ def circuit_tracer(
 def sizes(args) -> dict:
     q = args.quick
     return {
-        "speed_tokens": args.speed_tokens or (4096 if q else 32768),
+        "speed_tokens": args.speed_tokens or (2048 if q else 32768),
         "speed_features": 2048,
         "speed_k": 32,
         "speed_batch": 1024 if q else 4096,
         "n_prompts": args.prompts or (3 if q else None),
         "max_feature_nodes": args.max_feature_nodes or (256 if q else 2048),
-        "set_tokens": 8192 if q else 65536,
+        "n_direct": 10 if q else 30,
+        "set_tokens": 4096 if q else 65536,
     }
 
 
@@ -561,7 +567,14 @@ def main(argv=None) -> int:
         timing = cut_to_tokens(lm, timing_text, 32)
         log(f"graphs: {len(prompts)} prompts, {cfg.max_feature_nodes} feature nodes")
         gfig, g = graph_figures(
-            lm, list(ts), timing, [] if "graph" in skip else prompts, cfg, device=args.device, log=log
+            lm,
+            list(ts),
+            timing,
+            [] if "graph" in skip else prompts,
+            cfg,
+            n_direct=sz["n_direct"],
+            device=args.device,
+            log=log,
         )
         fig |= gfig
         if "circuit_tracer" not in skip:
