@@ -5,14 +5,18 @@
   blocks are spread over the model, ending at the last; a single-site pass stops after its block (early exit), so
   ``multi_site_forward_bound`` (the summed depths of the single passes over the deepest) is the most sharing the
   forward alone can give.
-* ``graph_seconds`` and ``peak_rss_mb``: one 32-token prompt's graph (the resident memory sampled during the
-  build); ``replacement_score`` and ``completeness_score``: means over the held-out prompts
-  (benchmarks/data/graph_prompts.json, which no test or tuning uses); ``intervention``: causal.graph_check's
-  summary over the same prompts (top-5 features against 5 random ones of the same blocks; predicted vs measured
-  direct effects).
+* ``graph_seconds`` and ``peak_rss_mb``: one 32-token prompt's graph (the process's resident memory sampled
+  during the build, model and transcoders included; ``graph_rss_increase_mb`` what the build added);
+  ``replacement_score`` and ``completeness_score``: means over the held-out prompts (benchmarks/data/
+  graph_prompts.json, which no test or tuning uses); ``intervention``: causal.graph_check's summary over them
+  (top-5 features against 5 random ones of the same blocks; predicted vs measured direct effects).
 * ``circuit_tracer_time_ratio`` (theirs / ours) and ``adjacency_max_rel_diff``: circuit-tracer's nnsight backend,
   run from its own environment (``--ct-python``, default /work/venv-ct/bin/python or $THOUGHTSCOPE_CT_PYTHON) on
-  the same prompt, targets and transcoders; where it cannot run, ``circuit_tracer`` says why.
+  the same prompt, targets and transcoders; where it cannot run, ``circuit_tracer`` says why. Its environment:
+  circuit-tracer 0.5.0 with the versions it pins (transformers <= 4.57.3, huggingface-hub < 1, nnsight 0.7) in a
+  venv over this one's packages; _circuit_tracer_side.py bridges what differs (see there). The adjacencies are
+  compared without the sources at position 0: circuit-tracer leaves the BOS's MLP outputs out of the graph, ours
+  credit them to the first token (``adjacency_max_rel_diff_all`` includes them).
 
 The transcoder set: ``--transcoders DIR``, else the shipped ``default_transcoders`` asset, else (--quick only) a
 small set trained here for every block from one pass, named as such in ``transcoders``.
@@ -86,7 +90,7 @@ class PeakRSS:
             self.peak = max(self.peak, self.now())
 
     def __enter__(self) -> PeakRSS:
-        self.peak = self.now()
+        self.start = self.peak = self.now()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
         return self
@@ -282,6 +286,8 @@ def graph_figures(
         "graph_active_features": len(g.active_features),
         "graph_config": {kk: v for kk, v in g.config.items() if kk != "seconds"},
         "peak_rss_mb": mem.mb,
+        "graph_rss_increase_mb": (mem.peak - mem.start) / 2**20,
+        "graph_scores": dict(zip(("replacement", "completeness"), influence.graph_scores(g))),
         "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "replacement_score": sum(finite) / len(finite) if finite else None,
         "completeness_score": sum(s["completeness"] for s in scores) / len(scores) if scores else None,
@@ -524,6 +530,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed-tokens", type=int, default=None, help="tokens for the multi-site speedup")
     p.add_argument("--sites", type=int, default=4, help="N of the multi-site speedup")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: speedup, graph, circuit_tracer")
+    p.add_argument("--intervention-json", type=Path, help="also write the intervention check alone here (examples/)")
     p.add_argument("--ct-python", default=CT_PYTHON, help="the python of circuit-tracer's own environment")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     add_device_arg(p)
@@ -597,6 +604,12 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.json, fig, default=float)
+    if args.intervention_json and fig.get("intervention"):
+        args.intervention_json.parent.mkdir(parents=True, exist_ok=True)
+        keep = ("model", "transcoders", "graph_config", "graph_prompts", "quick")
+        atomic_write_json(
+            args.intervention_json, {**{k: fig.get(k) for k in keep}, **fig["intervention"]}, default=float
+        )
     return 0
 
 
