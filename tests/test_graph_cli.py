@@ -71,6 +71,12 @@ def test_transcoders_train_then_eval(model_dir, tmp_path):
                                  "--skip-tokens", "1000", "--json", str(tmp_path / "e.json")])  # fmt: skip
     assert e.exit_code == 0, e.output
     res = json.loads((tmp_path / "e.json").read_text())
+    # an atlas of one transcoder of the set (its features read the block's MLP input)
+    a = CliRunner().invoke(app, ["atlas", "build", "--sae", str(tmp_path / "tc" / "layers" / "layer_01"), "--model",
+                                 str(model_dir / "model"), "--corpus", str(model_dir / "corpus.txt"), "--tokens", "1024",
+                                 "--ctx-len", "32", "--quiet", "--out", str(tmp_path / "atlas")])  # fmt: skip
+    assert a.exit_code == 0, a.output
+    assert (tmp_path / "atlas" / "atlas.sqlite").is_file()
     assert len(res["fvu"]) == L and all(torch.isfinite(torch.tensor(res["fvu"])))
     loss = res["loss"]
     assert loss["loss_zero_ablated"] != loss["loss_clean"] and "loss_recovered" in loss
