@@ -124,8 +124,9 @@ def test_circuit_tracer_missing_environment_is_a_reason(lm, tcs, tmp_path):
 def test_multi_site_speedup_on_a_tiny_model(lm, tmp_path):
     (tmp_path / "docs.txt").write_text("\n\n".join(f"Line {i}: a grey heron waded past {i} reeds." for i in range(80)))
     got = bench.multi_site_speedup(lm, Corpus(str(tmp_path / "docs.txt")), [0, 2], n_tokens=600, n_features=64, k=4,
-                                   batch_size=100, ctx_len=16, log=lambda m: 0)  # fmt: skip
+                                   batch_size=100, ctx_len=16, repeats=2, log=lambda m: 0)  # fmt: skip
     assert got["multi_site_n"] == 2 and len(got["single_site_seconds_each"]) == 2 and len(got["trained"]) == 2
+    assert got["multi_site_repeats"] == 2
     assert got["multi_site_speedup"] == pytest.approx(got["single_site_seconds"] / got["multi_site_seconds"])
     assert got["multi_site_forward_bound"] == pytest.approx(4 / 3) and got["multi_site_goal"] == pytest.approx(1.4)
 
