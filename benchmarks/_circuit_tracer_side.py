@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-feature-nodes", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
     if args.threads:
@@ -115,11 +116,11 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
-    ts = load_set(args.transcoders, "cpu")
+    ts = load_set(args.transcoders, args.device)
     with tempfile.TemporaryDirectory(prefix="ct-model-") as tmp:
         view = model_view(Path(args.model_dir), Path(tmp) / "model")
         model = ReplacementModel.from_pretrained_and_transcoders(
-            str(view), ts, backend="nnsight", device=torch.device("cpu"), dtype=torch.float32
+            str(view), ts, backend="nnsight", device=torch.device(args.device), dtype=torch.float32
         )
     load_s = time.perf_counter() - t0
     ids = torch.tensor([int(s) for s in args.prompt_ids.split(",")])
@@ -128,14 +129,17 @@ def main(argv=None) -> int:
     graph = attribute(
         ids, model, attribution_targets=targets, batch_size=args.batch_size, max_feature_nodes=args.max_feature_nodes
     )
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t1
-    tensors = {
-        "adjacency": graph.adjacency_matrix.float().contiguous(),
-        "active_features": graph.active_features.long().contiguous(),
-        "selected_features": graph.selected_features.long().contiguous(),
-        "activation_values": graph.activation_values.float().contiguous(),
-        "input_tokens": graph.input_tokens.long().contiguous(),
-        "logit_tokens": graph.logit_token_ids.long().contiguous(),
+    tensors = {  # on the CPU for the file
+        "adjacency": graph.adjacency_matrix.float().contiguous().cpu(),
+        "active_features": graph.active_features.long().contiguous().cpu(),
+        "selected_features": graph.selected_features.long().contiguous().cpu(),
+        "activation_values": graph.activation_values.float().contiguous().cpu(),
+        "input_tokens": graph.input_tokens.long().contiguous().cpu(),
+        "logit_tokens": graph.logit_token_ids.long().contiguous().cpu(),
+        "logit_probabilities": graph.logit_probabilities.float().contiguous().cpu(),
     }
     meta = {
         "seconds": str(seconds),

@@ -41,6 +41,7 @@ import torch
 from _device import add_device_arg, device_info, sync
 
 from thoughtscope._io import atomic_save_tensors, atomic_write_json, read_json
+from thoughtscope.causal.influence import graph_scores
 from thoughtscope.errors import CausalError
 
 HERE = Path(__file__).resolve().parent
@@ -410,12 +411,35 @@ def align(ours, theirs: dict) -> dict:
     }
 
 
+def their_scores(ours, theirs: dict) -> dict:
+    """Replacement and completeness of circuit-tracer's graph (its adjacency and node lists, our influence code,
+    which follows its definitions): the same prompt scored with its position-0 rule."""
+    from thoughtscope.causal.graph import AttributionGraph
+
+    g = AttributionGraph(
+        prompt=ours.prompt,
+        input_tokens=theirs["input_tokens"],
+        token_strs=ours.token_strs,
+        logit_tokens=theirs["logit_tokens"],
+        logit_probabilities=theirs["logit_probabilities"],
+        active_features=theirs["active_features"],
+        activation_values=theirs["activation_values"],
+        selected_features=theirs["selected_features"],
+        adjacency=theirs["adjacency"].float(),
+        n_layers=ours.n_layers,
+        model=ours.model,
+    )
+    g.check()
+    return dict(zip(("replacement", "completeness"), graph_scores(g)))
+
+
 def circuit_tracer(
     lm,
     transcoders,
     graph,
     cfg,
     *,
+    device: str = "cpu",
     python: str = CT_PYTHON,
     threads: int | None = None,
     timeout: float = 1800,
@@ -450,6 +474,8 @@ def circuit_tracer(
             str(graph.config.get("targets_per_batch", graph.config.get("batch_size", 128))),
             "--out",
             str(out),
+            "--device",
+            device,
             *(["--threads", str(threads)] if threads else []),
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -475,6 +501,8 @@ def circuit_tracer(
         "ours_seconds": ours_s,
         "circuit_tracer_time_ratio": float(meta["seconds"]) / ours_s,
         **align(graph, theirs),
+        "circuit_tracer_graph_scores": their_scores(graph, theirs),
+        "ours_graph_scores": dict(zip(("replacement", "completeness"), graph_scores(graph))),
     }
     log(
         f"  circuit-tracer {res['circuit_tracer_seconds']:.1f} s (ours {ours_s:.1f} s), max rel diff "
@@ -603,7 +631,9 @@ def main(argv=None) -> int:
         fig |= gfig
         if "circuit_tracer" not in skip:
             log("circuit-tracer on the timing prompt")
-            fig |= circuit_tracer(lm, list(ts), g, cfg, python=args.ct_python, threads=args.threads, log=log)
+            fig |= circuit_tracer(
+                lm, list(ts), g, cfg, device=args.device, python=args.ct_python, threads=args.threads, log=log
+            )
     fig["seconds"] = time.perf_counter() - t_all
     for key in (
         "multi_site_speedup",

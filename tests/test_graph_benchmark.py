@@ -12,6 +12,7 @@ from helpers.transcoder_sets import random_transcoder_set, their_forward
 from safetensors.torch import load_file
 
 from thoughtscope.causal.attribution_graph import GraphConfig, build
+from thoughtscope.causal.influence import graph_scores
 from thoughtscope.corpus import Corpus
 from thoughtscope.errors import CausalError
 from thoughtscope.models import tiny_model
@@ -106,6 +107,9 @@ def test_align_matches_nodes_by_feature_and_leaves_out_position_0_sources(lm, tc
         "selected_features": g.selected_features[perm],
         "adjacency": adj,
     }
+    full = {**theirs, "adjacency": g.adjacency[order][:, order], "logit_probabilities": g.logit_probabilities,
+            "active_features": g.active_features, "activation_values": g.activation_values}  # fmt: skip
+    assert bench.their_scores(g, full) == pytest.approx(dict(zip(("replacement", "completeness"), graph_scores(g))))
     got = bench.align(g, theirs)
     assert got["common_feature_nodes"] == n_sel and got["adjacency_max_rel_diff"] < 1e-6
     assert got["adjacency_max_rel_diff_all"] > 0
