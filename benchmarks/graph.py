@@ -15,8 +15,8 @@
   the same prompt, targets and transcoders; where it cannot run, ``circuit_tracer`` says why. Its environment:
   circuit-tracer 0.5.0 with the versions it pins (transformers <= 4.57.3, huggingface-hub < 1, nnsight 0.7) in a
   venv over this one's packages; _circuit_tracer_side.py bridges what differs (see there). The adjacencies are
-  compared without the sources at position 0: circuit-tracer leaves the BOS's MLP outputs out of the graph, ours
-  credit them to the first token (``adjacency_max_rel_diff_all`` includes them).
+  compared without the sources at position 0 (``adjacency_max_rel_diff_all`` includes them): both leave the BOS's MLP
+  outputs out of the graph by default (GraphConfig.first_token_mlp counts them in the first token's node instead).
 
 The transcoder set: ``--transcoders DIR``, else the shipped ``default_transcoders`` asset, else (--quick only) a
 small set trained here for every block from one pass, named as such in ``transcoders``.

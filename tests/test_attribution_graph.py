@@ -44,7 +44,9 @@ def model(request):
 
 def test_direct_effects_add_up_to_every_target(model):
     lm, tcs = model
-    g = ag.build(lm, tcs, PROMPT, cfg=ag.GraphConfig(max_feature_nodes=10_000, targets_per_batch=16))
+    g = ag.build(
+        lm, tcs, PROMPT, cfg=ag.GraphConfig(max_feature_nodes=10_000, targets_per_batch=16, first_token_mlp=True)
+    )
     assert g.n_selected == len(g.active_features) > 0 and (g.active_features[:, 1] > 0).all()  # none at position 0
     ids = g.input_tokens[None]
     logits = lm.model(ids).logits[0, -1].detach()
@@ -64,6 +66,14 @@ def test_direct_effects_add_up_to_every_target(model):
     assert not bool(g.adjacency[g.error_start : g.logit_start].any())
     # position 0 depends on the first token alone: its MLP outputs are part of that token's node, not errors
     assert not bool(g.adjacency[:, [g.error_node(i, 0) for i in range(L)]].any())
+    # circuit-tracer's rule (the default) leaves them out: the first token's edges are its embedding's alone
+    ct = ag.build(lm, tcs, PROMPT, cfg=ag.GraphConfig(max_feature_nodes=10_000, targets_per_batch=16))
+    where = {int(a): i for i, a in enumerate(ct.selected_features)}  # the same features, selected in another order
+    perm = torch.tensor([where[int(a)] for a in g.selected_features] + list(range(ct.n_selected, ct.n_nodes)))
+    a, b = ct.adjacency[perm][:, perm], g.adjacency
+    torch.testing.assert_close(a[:, : g.token_start], b[:, : g.token_start], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(a[:, g.token_node(0)], b[:, g.token_node(0)])
+    torch.testing.assert_close(a[:, g.token_node(1) :], b[:, g.token_node(1) :], atol=1e-4, rtol=1e-4)
     rep, comp = graph_scores(g)
     assert 0 < rep <= 1 and 0 < comp <= 1
 

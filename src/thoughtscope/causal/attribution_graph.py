@@ -7,8 +7,9 @@ residual stream is then linear in the token embeddings, the feature writes and t
 a source on a target (a feature's pre-activation, or a logit minus the mean logit) is one backward pass from the
 target, dotted with the source's write. Rows are computed for the logits first, then for features in order of their
 influence on the logits so far, up to `GraphConfig.max_feature_nodes`; backward passes are batched over targets
-(one forward, `is_grads_batched`). Everything at position 0 depends on the first token alone (BOS, the attention
-sink), so its MLP outputs count as part of that token's node, and position 0 has no feature or error nodes.
+(one forward, `is_grads_batched`). Position 0 (BOS, the attention sink) has no feature or error nodes: its MLP outputs
+are left out of the graph as circuit-tracer leaves them (or, with `GraphConfig.first_token_mlp`, counted in the first
+token's node: everything there depends on that token alone).
 
 Frozen attention and norms are hooks around the model's own modules (the model's eager attention function with the
 pattern detached, each norm's output as its input times a detached scale), so any Llama-, Qwen- or Gemma-style
@@ -45,6 +46,9 @@ class GraphConfig:
     """At most this many target tokens when none are named."""
     logit_probability: float = 0.95
     """Default targets: the most likely next tokens until their probabilities sum to this (a probability)."""
+    first_token_mlp: bool = False
+    """Count position 0's MLP outputs in the first token's node (every row then adds up to its target's value);
+    False leaves them out of the graph, as circuit-tracer does, so the scores compare with its."""
     max_feature_nodes: int = 2048
     """Features whose input edges are computed (nodes of the graph), chosen by influence on the targets."""
     targets_per_batch: int = 128
@@ -295,7 +299,9 @@ class _Target:
     vector: Tensor  # [d]
 
 
-def _rows(tr: _Traced, rep: _Replacement, transcoders: Sequence, targets: list[_Target]) -> Tensor:
+def _rows(
+    tr: _Traced, rep: _Replacement, transcoders: Sequence, targets: list[_Target], first_token_mlp: bool
+) -> Tensor:
     """Direct effects on each target (rows) of every source: [len(targets), n_active + L * n + n] with columns
     (active features, error nodes layer-major, token embeddings), from one batched backward pass."""
     L = len(tr.writes)
@@ -320,7 +326,8 @@ def _rows(tr: _Traced, rep: _Replacement, transcoders: Sequence, targets: list[_
             continue
         gw = gw[:, 0].float()  # [B, n, d]
         err = (gw * rep.errors[i]).sum(-1)  # [B, n]
-        row[:, n_active + L * n] += err[:, 0]  # position 0 depends on the first token alone: part of its node
+        if first_token_mlp:  # position 0 depends on the first token alone: part of its node
+            row[:, n_active + L * n] += err[:, 0]
         err[:, 0] = 0
         row[:, n_active + i * n : n_active + (i + 1) * n] = err
         s = rep.layer_slices[i]
@@ -381,13 +388,16 @@ def _feature_targets(rep: _Replacement, transcoders: Sequence, idx: list[int]) -
     return out
 
 
-def _compute_rows(tr, rep, transcoders, targets: list[_Target], per_batch: int) -> Tensor:
+def _compute_rows(
+    tr, rep, transcoders, targets: list[_Target], cfg: GraphConfig, per_batch: int | None = None
+) -> Tensor:
     """Rows for `targets`, `per_batch` at a time, in order of their layer (a batch then spans few layers)."""
     order = sorted(range(len(targets)), key=lambda i: (targets[i].layer, targets[i].pos))
     rows = torch.zeros(len(targets), len(rep.active) + (len(transcoders) + 1) * rep.ids.shape[1])
+    per_batch = per_batch or cfg.targets_per_batch
     for s in range(0, len(order), per_batch):
         idx = order[s : s + per_batch]
-        rows[idx] = _rows(tr, rep, transcoders, [targets[i] for i in idx])
+        rows[idx] = _rows(tr, rep, transcoders, [targets[i] for i in idx], cfg.first_token_mlp)
     return rows
 
 
@@ -414,9 +424,7 @@ def build(
     logit_ids, logit_p = _targets(lm, rep, targets, cfg)
     tr = _trace(lm, transcoders, rep)
     L, n_active = len(transcoders), len(rep.active)
-    logit_rows = _compute_rows(
-        tr, rep, transcoders, [_Target(L, n - 1, v) for v in _logit_vectors(lm, logit_ids)], cfg.targets_per_batch
-    )
+    logit_rows = _compute_rows(tr, rep, transcoders, [_Target(L, n - 1, v) for v in _logit_vectors(lm, logit_ids)], cfg)
     chosen: list[int] = []
     feature_rows: list[Tensor] = []
     budget = min(cfg.max_feature_nodes, n_active)
@@ -431,7 +439,7 @@ def build(
                 infl[torch.tensor(chosen)] = -1
             take = min(cfg.targets_per_batch, budget - len(chosen))
             nxt = infl.topk(take).indices.tolist()
-            feature_rows.append(_compute_rows(tr, rep, transcoders, _feature_targets(rep, transcoders, nxt), take))
+            feature_rows.append(_compute_rows(tr, rep, transcoders, _feature_targets(rep, transcoders, nxt), cfg, take))
             chosen += nxt
             bar.update(len(chosen))
     return _assemble(lm, rep, prompt, chosen, feature_rows, logit_rows, logit_ids, logit_p, cfg, t0, source)
