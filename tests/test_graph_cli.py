@@ -37,7 +37,7 @@ def test_graph_command_prints_paths_and_writes_both_files(model_dir, tmp_path):
             "--save", str(tmp_path / "g.safetensors"), "--max-feature-nodes", "40"]  # fmt: skip
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "strongest paths into logit" in r.output and "replacement" in r.output and "estimate:" in r.output
+    assert "strongest paths from the prompt's tokens into logit" in r.output and "replacement" in r.output and "estimate:" in r.output
     g = load_graph(tmp_path / "g.safetensors")
     assert g.n_selected == 40 and g.n_layers == L
     data = json.loads((tmp_path / "g.json").read_text())

@@ -158,11 +158,14 @@ def graph_scores(graph: AttributionGraph) -> tuple[float, float]:
     return float(replacement), float(completeness)
 
 
-def top_paths(graph: AttributionGraph, n: int = 5, target: int = 0) -> list[tuple[float, list[int]]]:
-    """The n strongest paths into logit `target` from a node without inputs (a token or an error): the product of
-    row-normalised |edge| weights along the path, found by a beam of width n backwards from the logit. Paths are
-    listed source first."""
+def top_paths(
+    graph: AttributionGraph, n: int = 5, target: int = 0, *, through_errors: bool = False
+) -> list[tuple[float, list[int]]]:
+    """The n strongest paths into logit `target` from a token (or, with `through_errors`, also from an error node):
+    the product of row-normalised |edge| weights along the path, found by a beam of width n backwards from the
+    logit (a beam search: the strongest found, not always the strongest there are). Paths are listed source first."""
     A = normalize_matrix(graph.adjacency.float())
+    beam = max(4 * n, 20)  # wider than n: many partial paths end at errors, which are not listed
     start = graph.logit_node(target)
     beams: list[tuple[float, list[int]]] = [(1.0, [start])]
     done: list[tuple[float, list[int]]] = []
@@ -170,10 +173,13 @@ def top_paths(graph: AttributionGraph, n: int = 5, target: int = 0) -> list[tupl
         grown = []
         for score, path in beams:
             row = A[path[-1]]
-            vals, idx = row.topk(min(n, int((row > 0).sum())))
+            vals, idx = row.topk(min(beam, int((row > 0).sum())))
             for v, j in zip(vals.tolist(), idx.tolist()):
-                (done if j >= graph.error_start else grown).append((score * v, path + [j]))
-        beams = sorted(grown, key=lambda b: -b[0])[:n]
+                if j < graph.error_start:
+                    grown.append((score * v, path + [j]))
+                elif j >= graph.token_start or through_errors:
+                    done.append((score * v, path + [j]))
+        beams = sorted(grown, key=lambda b: -b[0])[:beam]
         if not beams:
             break
     return [(s, p[::-1]) for s, p in sorted(done, key=lambda b: -b[0])[:n]]

@@ -108,7 +108,7 @@ def graph_text(graph, lm=None, labels: dict | None = None, n_paths: int = 5) -> 
         f"{graph.n_selected} nodes; replacement {rep:.3f}, completeness {comp:.3f}; "
         f"{graph.config.get('seconds', 0):.1f} s",
         "targets: " + ", ".join(node_name(graph, graph.logit_node(i), lm) for i in range(graph.n_logits)),
-        f"strongest paths into {node_name(graph, graph.logit_node(0), lm)}:",
+        f"strongest paths from the prompt's tokens into {node_name(graph, graph.logit_node(0), lm)}:",
     ]
     for score, path in top_paths(graph, n_paths):
         lines.append(f"  {score:.3g}: " + " -> ".join(node_name(graph, n, lm, labels) for n in path[:-1]))
