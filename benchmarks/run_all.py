@@ -36,6 +36,7 @@ BENCHMARKS = (
     "patching",
     "attribution",
     "lens",
+    "graph",
 )
 
 
