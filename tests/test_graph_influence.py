@@ -211,3 +211,21 @@ def test_matches_circuit_tracers_own_functions_on_random_graphs():
             assert torch.equal(ours.edge_mask, ref.edge_mask)
             assert torch.allclose(ours.cumulative_scores, ref.cumulative_scores)
         assert graph_scores(g) == pytest.approx(ct.compute_graph_scores(theirs), abs=1e-6)
+
+
+def test_total_effects_follow_the_chain_through_activations():
+    from thoughtscope.causal.graph_check import top_features, total_effects
+
+    # token -> f0 (block 0) -> f1 (block 1) -> logit, and f0 -> logit directly; f2 pushes the logit down
+    g = hand_graph(
+        3, 2, [(0, 1, 5), (1, 1, 6), (2, 1, 7)],
+        {(("f", 1), ("f", 0)): 2.0, (("l", 0), ("f", 1)): 3.0, (("l", 0), ("f", 0)): 0.5,
+         (("l", 0), ("f", 2)): -4.0, (("f", 0), ("t", 1)): 1.0},
+    )  # fmt: skip
+    a = g.activation_values  # 1.0, 1.5, 2.0
+    t = total_effects(g)
+    # removing f0 removes its direct 0.5 and, through f1's pre-activation (2.0 of f1's 1.5), 2.0 / 1.5 of f1's 3.0
+    assert t[0].item() == pytest.approx(0.5 + 2.0 / float(a[1]) * 3.0)
+    assert t[1].item() == pytest.approx(3.0) and t[2].item() == pytest.approx(-4.0)
+    assert top_features(g, 2) == [0, 1]  # the inhibitory f2 is not among the features that push the target up
+    assert top_features(g, 1, direct=True) == [1]

@@ -2,7 +2,7 @@
 
 An edit sets one feature of one block to a value (0 ablates it) by adding (value - its activation) times its decoder
 row to what that block's MLP writes, so the rest of the MLP's output, error included, stays as the model computes it.
-Two modes, both reported by `check_graph`:
+Two modes, both reported by `prompt_check`:
 
 * free: every other block runs as usual (later features respond to the edit through the real MLPs);
 * frozen: every block's MLP output is held at its clean value except for the edits, so only the direct paths
@@ -10,10 +10,11 @@ Two modes, both reported by `check_graph`:
 * linear (a check of the graph itself): frozen, and attention patterns and norm scales frozen too, where an
   ablation moves a logit by exactly its edge.
 
-`check_graph` asks two questions on prompts no test or tuning saw: does ablating the graph's most influential features
-lower the target logit more than ablating as many random active features of the same blocks (paired, with a
-bootstrap interval), and do the graph's direct effects on the target logit predict the measured frozen-mode effects
-(Pearson and Spearman over features)?
+`prompt_check` and `summarise` ask two questions on prompts no test or tuning saw: does ablating the features the graph
+says push the target up the most (by total effect through the graph when the other MLPs are free, by direct effect
+when they are held) lower the target logit more than ablating as many random active features of the same blocks
+(paired, with a bootstrap interval), and do the graph's direct effects on the target logit predict the measured
+frozen-mode effects (Pearson and Spearman over features)?
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from ..models import LoadedModel
 from ..sites import Site, capture, mlp_module, mlp_out_module
 from ..stats import mean_ci, spearman
 from .graph import AttributionGraph
-from .influence import logit_weights, node_influence
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,27 @@ def _demeaned(logits: Tensor, token: int) -> float:
     return float(logits[0, token] - logits[0].mean())
 
 
-def top_features(graph: AttributionGraph, k: int) -> list[int]:
-    """The k selected features (rows of graph.active_features) with the most influence on the graph's logits."""
-    infl = node_influence(graph.adjacency, logit_weights(graph))[: graph.n_selected]
-    order = infl.argsort(descending=True)[:k]
+def total_effects(graph: AttributionGraph, target: int = 0) -> Tensor:
+    """Each selected feature's signed effect on logit `target` if it were removed, through the graph's edges
+    (linearised: a change to a feature's pre-activation passes to its activation): t = d + (t / a) E, with d the
+    direct effects on the logit, a the activations and E the feature-to-feature edges."""
+    n = graph.n_selected
+    direct = graph.adjacency[graph.logit_node(target), :n].double()
+    E = graph.adjacency[:n, :n].double()
+    a = graph.activation_values[graph.selected_features].double().clamp_min(1e-12)
+    total = direct.clone()
+    for _ in range(graph.n_layers + 1):  # edges only run up the blocks: exact after as many rounds
+        total = direct + (total / a) @ E
+    return total.float()
+
+
+def top_features(graph: AttributionGraph, k: int, *, direct: bool = False) -> list[int]:
+    """The k selected features (rows of graph.active_features) that push the first target up the most: by total
+    effect through the graph (`total_effects`), or by direct effect alone (`direct`: what an ablation with the other
+    MLPs held fixed can move)."""
+    n = graph.n_selected
+    eff = graph.adjacency[graph.logit_node(0), :n] if direct else total_effects(graph)
+    order = eff.argsort(descending=True)[:k]
     return [int(graph.selected_features[i]) for i in order]
 
 
@@ -167,10 +184,11 @@ def prompt_check(lm: LoadedModel, transcoders: Sequence, graph: AttributionGraph
     target = int(graph.logit_tokens[0])
     clean = _demeaned(last_logits(lm, ids), target)
     frozen = clean_mlp_outputs(lm, ids, transcoders)
-    top = top_features(graph, k)
-    rand = random_like(graph, top, random.Random(seed))
     out: dict = {"prompt": graph.prompt, "target": target, "clean_logit": clean}
     for mode, fr in (("free", None), ("frozen", frozen)):
+        top = top_features(graph, k, direct=mode == "frozen")
+        rand = random_like(graph, top, random.Random(seed))
+        out[f"top_{mode}"], out[f"random_{mode}"] = top, rand
         for name, rows in (("top", top), ("random", rand)):
             logit = _demeaned(last_logits(lm, ids, transcoders, _ablations(graph, rows), fr), target)
             out[f"drop_{name}_{mode}"] = clean - logit
