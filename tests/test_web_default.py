@@ -125,3 +125,18 @@ def test_analyzer_says_what_each_layer_reads_and_why_the_next_token(site, page):
         both.paste(parts[0], (0, 0))
         both.paste(parts[1], (parts[0].width + 24, 0))
         both.save(Path(out) / "analyzer-why.png")
+
+
+def test_graph_page_on_the_shipped_transcoders(site, page):
+    from thoughtscope.sae.transcoder_set import default_transcoders_path
+    from thoughtscope.server.pages_graph import load_transcoders
+
+    url, wb = site
+    if not default_transcoders_path().is_dir():
+        pytest.skip("the shipped transcoder set is not installed")
+    load_transcoders(wb, default_transcoders_path())
+    page.goto(f"{url}/graph?prompt={quote('The Eiffel Tower is in the city of')}")
+    page.wait_for_selector("body[data-graph=ready]", timeout=180_000)
+    assert page.locator("#graph .node").count() > 10 and page.locator("#graph text.tok").count() == 10
+    assert "Paris" in page.inner_text("#graph")
+    shot(page, "graph")
