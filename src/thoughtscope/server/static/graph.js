@@ -4,6 +4,7 @@
 "use strict";
 const $ = (s) => document.querySelector(s);
 const SVGNS = "http://www.w3.org/2000/svg";
+const MAX_COL_W = 150;
 const MIN_COL_W = 44, NODE_GAP = 22, LOGIT_GAP = 44, LEFT = 48, TOP = 30, BOTTOM = 40;
 let ROW_H = 78; // shrinks for deep models, so the whole graph fits about 600 px
 
@@ -102,7 +103,8 @@ function fmt(x, d = 3) {
   return x === null || x === undefined ? "–" : Number(x).toPrecision(d);
 }
 
-// columns as wide as their fullest cell needs (NODE_GAP px a node), so no two nodes overlap
+// columns as wide as their fullest cell needs (NODE_GAP px a node) up to MAX_COL_W, past which a crowded cell's
+// nodes shrink and overlap (the strongest first), so a graph of hundreds of nodes still fits the page
 function layout() {
   const cells = new Map(); // "row:pos" -> nodes
   for (const n of graph.nodes) {
@@ -115,7 +117,7 @@ function layout() {
   const widths = new Array(nPos).fill(MIN_COL_W);
   for (const list of cells.values()) {
     const gap = list[0].kind === "logit" ? LOGIT_GAP : NODE_GAP;
-    widths[list[0].pos] = Math.max(widths[list[0].pos], list.length * gap);
+    widths[list[0].pos] = Math.min(MAX_COL_W, Math.max(widths[list[0].pos], list.length * gap));
   }
   const left = [LEFT];
   for (let p = 0; p < nPos; p++) left.push(left[p] + widths[p]);
@@ -125,7 +127,7 @@ function layout() {
     const step = widths[list[0].pos] / list.length;
     list.forEach((n, j) => {
       const share = n.kind === "logit" ? n.influence : n.influence / maxInf;
-      n.r = Math.min(3 + 9 * Math.sqrt(Math.max(0, share)), step / 2 - 1, ROW_H / 2 - 2);
+      n.r = Math.max(1.5, Math.min(3 + 9 * Math.sqrt(Math.max(0, share)), step / 2 - 1, ROW_H / 2 - 2));
       n.x = left[n.pos] + (j + 0.5) * step;
       n.y = TOP + (nRows - 1 - n.row) * ROW_H;
     });
@@ -150,8 +152,9 @@ function draw() {
   svg.replaceChildren();
   const { w, h, nRows, centres } = layout();
   svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
-  svg.setAttribute("width", w);
-  svg.setAttribute("height", h);
+  svg.setAttribute("width", "100%");  // scaled to the box, never wider than its own size
+  svg.style.maxWidth = `${w}px`;
+  svg.removeAttribute("height");
   for (let r = 0; r < nRows; r++) {
     const y = TOP + (nRows - 1 - r) * ROW_H;
     el("line", { x1: LEFT, x2: w, y1: y, y2: y, class: "grid" }, svg);
