@@ -117,19 +117,9 @@ def spread_layers(n_layers: int, n: int) -> list[int]:
 
 
 def _tcfg(lm, layer: int, n_features: int, k: int):
-    from thoughtscope.sae import SAEConfig
+    from thoughtscope.sae.run import transcoder_config
 
-    return SAEConfig(
-        arch="transcoder",
-        d_model=lm.d_model,
-        n_features=n_features,
-        k=k,
-        model=lm.name,
-        model_source=lm.source,
-        site=f"mlp_in.{layer}",
-        target_site=f"mlp_out.{layer}",
-        skip_connection=True,
-    )
+    return transcoder_config(lm, layer, n_features, k)
 
 
 def multi_site_speedup(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ..causal.attribution_graph import GraphConfig
+from ..causal.config import GraphConfig
 from ..configdoc import field_help
 from .common import _load, console, one_line_errors
 

@@ -492,6 +492,17 @@ def layer_folder(out: str | Path, layer: int) -> Path:
     return Path(out) / f"layer_{layer:02d}"
 
 
+def transcoder_config(
+    lm, layer: int, n_features: int, k: int, *, arch: str = "transcoder", skip_connection: bool = True
+) -> SAEConfig:
+    """The config of block `layer`'s transcoder (mlp_in.L -> mlp_out.L) on `lm`; arch topk or jumprelu names its
+    transcoder form."""
+    return SAEConfig(
+        arch=TRANSCODER_OF.get(arch, arch), d_model=lm.d_model, n_features=n_features, k=k, model=lm.name,
+        model_source=lm.source, site=f"mlp_in.{layer}", target_site=f"mlp_out.{layer}", skip_connection=skip_connection,
+    )  # fmt: skip
+
+
 def train_transcoders(
     out: str | Path,
     *,
@@ -526,20 +537,7 @@ def train_transcoders(
         lm, c, [f"mlp_in.{i}" for i in blocks], target_site=[f"mlp_out.{i}" for i in blocks],
         n_tokens=n_tokens, batch_size=tc.batch_size, seed=tc.seed,
     )  # fmt: skip
-    cfgs = [
-        SAEConfig(
-            arch=TRANSCODER_OF.get(arch, arch),
-            d_model=lm.d_model,
-            n_features=n_features,
-            k=k,
-            model=lm.name,
-            model_source=lm.source,
-            site=f"mlp_in.{i}",
-            target_site=f"mlp_out.{i}",
-            skip_connection=skip_connection,
-        )  # fmt: skip
-        for i in blocks
-    ]
+    cfgs = [transcoder_config(lm, i, n_features, k, arch=arch, skip_connection=skip_connection) for i in blocks]
     folders = [layer_folder(out, i) for i in blocks]
     t0 = time.perf_counter()
     saes = train_multisite(cfgs, data, tc, out_dirs=folders)

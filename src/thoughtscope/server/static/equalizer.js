@@ -63,7 +63,7 @@ function addFeature() {
   sync();
 }
 
-// Server-sent events read with fetch, so that a 4xx answer (busy, bad slider) shows its message.
+// The three lanes from one seed (stream.js reads the events).
 async function generate() {
   const button = $("#generate"), status = $("#run-status");
   for (const lane of ["steered", "unsteered", "baseline"]) $(`#lane-${lane}`).textContent = "";
@@ -72,33 +72,7 @@ async function generate() {
   status.textContent = "generating…";
   document.body.dataset.run = "running";
   try {
-    const resp = await fetch(`/steer/stream?${state()}`, { headers: { accept: "text/event-stream" } });
-    if (!resp.ok) {
-      const body = await resp.json().catch(() => ({ error: resp.statusText }));
-      status.textContent = `${resp.status}: ${body.error}`;
-      return;
-    }
-    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += value;
-      let cut;
-      while ((cut = buf.indexOf("\n\n")) >= 0) {
-        const block = buf.slice(0, cut);
-        buf = buf.slice(cut + 2);
-        const event = (block.match(/^event: (.*)$/m) || [])[1];
-        const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "{}"])[1]);
-        if (event === "steered" || event === "unsteered" || event === "baseline") {
-          $(`#lane-${event}`).textContent += data.text;
-        } else if (event === "end") {
-          status.textContent = `done in ${data.seconds} s`;
-        } else if (event === "error") {
-          status.textContent = data.message;
-        }
-      }
-    }
+    await streamLanes(`/steer/stream?${state()}`, ["steered", "unsteered", "baseline"], status);
   } catch (e) {
     status.textContent = `stream failed: ${e}`;
   } finally {

@@ -455,7 +455,7 @@ function drawSteers() {
   });
 }
 
-// server-sent events read with fetch, so a 4xx answer (busy, bad value) shows its message, as on the equalizer
+// the steered and unsteered lanes from one seed (stream.js reads the events)
 async function generate() {
   const button = $("#generate"), status = $("#run-status");
   for (const lane of ["steered", "unsteered"]) $(`#lane-${lane}`).textContent = "";
@@ -466,29 +466,7 @@ async function generate() {
     const q = graphQuery();
     for (const s of state.steers) q.append("steer", `${s.id}:${s.mode}:${s.value}`);
     q.set("seed", state.seed); q.set("temp", state.temp); q.set("max_new_tokens", state.max_new_tokens);
-    const resp = await fetch(`/graph/steer/stream?${q}`, { headers: { accept: "text/event-stream" } });
-    if (!resp.ok) {
-      const body = await resp.json().catch(() => ({ error: resp.statusText }));
-      status.textContent = `${resp.status}: ${body.error}`;
-      return;
-    }
-    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += value;
-      let cut;
-      while ((cut = buf.indexOf("\n\n")) >= 0) {
-        const block = buf.slice(0, cut);
-        buf = buf.slice(cut + 2);
-        const event = (block.match(/^event: (.*)$/m) || [])[1];
-        const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "{}"])[1]);
-        if (event === "steered" || event === "unsteered") $(`#lane-${event}`).textContent += data.text;
-        else if (event === "end") status.textContent = `done in ${data.seconds} s`;
-        else if (event === "error") status.textContent = data.message;
-      }
-    }
+    await streamLanes(`/graph/steer/stream?${q}`, ["steered", "unsteered"], status);
   } catch (e) {
     status.textContent = `stream failed: ${e}`;
   } finally {
