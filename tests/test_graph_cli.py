@@ -37,7 +37,8 @@ def test_graph_command_prints_paths_and_writes_both_files(model_dir, tmp_path):
             "--save", str(tmp_path / "g.safetensors"), "--max-feature-nodes", "40"]  # fmt: skip
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert "strongest paths from the prompt's tokens into logit" in r.output and "replacement" in r.output and "estimate:" in r.output
+    assert "strongest paths from the prompt's tokens into logit" in r.output
+    assert "replacement" in r.output and "estimate:" in r.output
     g = load_graph(tmp_path / "g.safetensors")
     assert g.n_selected == 40 and g.n_layers == L
     data = json.loads((tmp_path / "g.json").read_text())
@@ -72,9 +73,10 @@ def test_transcoders_train_then_eval(model_dir, tmp_path):
     assert e.exit_code == 0, e.output
     res = json.loads((tmp_path / "e.json").read_text())
     # an atlas of one transcoder of the set (its features read the block's MLP input)
-    a = CliRunner().invoke(app, ["atlas", "build", "--sae", str(tmp_path / "tc" / "layers" / "layer_01"), "--model",
-                                 str(model_dir / "model"), "--corpus", str(model_dir / "corpus.txt"), "--tokens", "1024",
-                                 "--ctx-len", "32", "--quiet", "--out", str(tmp_path / "atlas")])  # fmt: skip
+    atlas_args = ["atlas", "build", "--sae", str(tmp_path / "tc" / "layers" / "layer_01"), "--model",
+                  str(model_dir / "model"), "--corpus", str(model_dir / "corpus.txt"), "--tokens", "1024",
+                  "--ctx-len", "32", "--quiet", "--out", str(tmp_path / "atlas")]  # fmt: skip
+    a = CliRunner().invoke(app, atlas_args)
     assert a.exit_code == 0, a.output
     assert (tmp_path / "atlas" / "atlas.sqlite").is_file()
     assert len(res["fvu"]) == L and all(torch.isfinite(torch.tensor(res["fvu"])))

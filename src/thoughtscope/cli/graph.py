@@ -71,13 +71,14 @@ def transcoders_train(
     batch_size: int = typer.Option(4096, help="rows per optimiser step"),
     quantize: str = typer.Option("int8", help="how the set is stored: int8, float16 or none"),
     seed: int = typer.Option(0, help="seed of initialisation and shuffle"),
+    device: str = typer.Option("cpu", help="torch device for the model and the transcoders, e.g. cuda"),
 ) -> None:
     """Train a transcoder for every chosen block from one pass over the corpus (resumable), then save the set."""
     from ..sae import TrainConfig
     from ..sae.run import train_transcoders
     from ..sae.transcoder_set import TranscoderSet, save_transcoder_set
 
-    tc = TrainConfig(n_tokens=tokens, batch_size=batch_size, seed=seed, checkpoint_every=20)
+    tc = TrainConfig(n_tokens=tokens, batch_size=batch_size, seed=seed, checkpoint_every=20, device=device)
     runs, seconds = train_transcoders(
         out / "layers", model=model, layers=layers, corpus=corpus, n_features=features, k=k, arch=arch,
         skip_connection=skip_connection, train_cfg=tc,

@@ -49,7 +49,7 @@ def run_demo(out: Path, site: str = "resid.15", tokens: int = 16_384, console: C
         console.print(f"(the shipped SAE reads resid.15; skipping the SAE stages for {site_obj})")
     console.print(f"\nartefacts in [bold]{out}[/bold]")
     console.print(
-        "next: why did the model say that? [bold]thoughtscope graph \"The Eiffel Tower is in the city of\"[/bold] "
+        'next: why did the model say that? [bold]thoughtscope graph "The Eiffel Tower is in the city of"[/bold] '
         "(an attribution graph over the shipped transcoders, about half a minute), or the Graph page of "
         "[bold]thoughtscope serve[/bold]"
     )

@@ -528,7 +528,7 @@ def train_transcoders(
         train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(out / ".checkpoint"))
     if train_cfg.n_tokens is None and train_cfg.steps is None:
         raise SAEError("give a token budget (--tokens) for the transcoders' pass over the corpus")
-    lm = load_model(model)
+    lm = load_model(model, device=train_cfg.device if train_cfg.device != "cpu" else None)
     blocks = parse_layers(layers, len(lm.layers))
     c = Corpus(corpus)
     tc = train_cfg
