@@ -79,6 +79,24 @@ def test_transcoders_train_then_eval(model_dir, tmp_path):
     a = CliRunner().invoke(app, atlas_args)
     assert a.exit_code == 0, a.output
     assert (tmp_path / "atlas" / "atlas.sqlite").is_file()
+    # its explanations label the graph's nodes of that block, in the printed paths and the JSON
+    from thoughtscope.atlas import Atlas
+    from thoughtscope.causal.graph_files import from_circuit_tracer_json
+
+    with Atlas.open(tmp_path / "atlas") as at:
+        at.save_explanations({f: {"explanation": f"block-1 feature {f}", "status": "ok"} for f in range(64)})
+    g = CliRunner().invoke(app, ["graph", "a small green frog sat by the", "--model", str(model_dir / "model"),
+                                 "--transcoders", str(tmp_path / "tc" / "set"), "--atlas", str(tmp_path / "atlas"),
+                                 "--json", str(tmp_path / "g.json"), "--node-threshold", "1",
+                                 "--edge-threshold", "1"])  # fmt: skip
+    assert g.exit_code == 0, g.output
+    nodes = from_circuit_tracer_json(tmp_path / "g.json")["nodes"]
+    block1 = [n for n in nodes if n.get("feature_type") == "cross layer transcoder" and str(n["layer"]) == "1"]
+    assert block1 and all(n["clerp"].startswith("block-1 feature ") for n in block1)  # feature: circuit-tracer's id
+    wrong = CliRunner().invoke(app, ["graph", "a frog", "--model", str(model_dir / "model"), "--transcoders",
+                                     str(tmp_path / "tc" / "set"), "--atlas", str(tmp_path / "atlas"),
+                                     "--atlas", str(tmp_path / "atlas")])  # fmt: skip
+    assert wrong.exit_code == 2 and "two atlases for block 1" in wrong.output
     assert len(res["fvu"]) == L and all(torch.isfinite(torch.tensor(res["fvu"])))
     loss = res["loss"]
     assert loss["loss_zero_ablated"] != loss["loss_clean"] and "loss_recovered" in loss

@@ -264,7 +264,7 @@ def test_graph_page_hover_pin_group_reload_steer_and_errors_in_chromium(app, wor
 
 
 def test_serve_loads_a_saved_set_with_its_atlas_and_refuses_ones_that_do_not_fit(world, tmp_path):
-    from thoughtscope.errors import SAEError, ServerError
+    from thoughtscope.errors import AtlasError, SAEError
     from thoughtscope.sae.transcoder_set import save_transcoder_set
     from thoughtscope.server.pages_graph import load_transcoders
 
@@ -274,7 +274,7 @@ def test_serve_loads_a_saved_set_with_its_atlas_and_refuses_ones_that_do_not_fit
     src = load_transcoders(wb, folder, [world["root"] / "atlas"])
     assert wb.graphs is src and sorted(src.atlases) == [1] and src.page_layer == 1 and src.spec == str(folder)
     assert src.labels([(1, world["explained"]), (0, world["explained"])]) == {(1, world["explained"]): LABEL}
-    with pytest.raises(ServerError, match="two atlases for block 1"):
+    with pytest.raises(AtlasError, match="two atlases for block 1"):
         load_transcoders(wb, folder, [world["root"] / "atlas", world["root"] / "atlas"])
     other = random_transcoder_set(2, 16, 8)
     with pytest.raises(SAEError, match="does not fit"):

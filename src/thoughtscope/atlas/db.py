@@ -596,3 +596,36 @@ class Atlas:
             if keep is None or d["feature"] in keep:
                 out.append(d)
         return out
+
+
+def atlases_by_block(atlases: Sequence[Atlas], transcoders: Sequence) -> dict[int, Atlas]:
+    """Each atlas under the block whose transcoder it was built on (its site mlp_in.L, that transcoder's width):
+    how a transcoder set's features find their explanations. AtlasError for an atlas of no block of the set, of
+    another width, or a second one for a block."""
+    n = len(transcoders)
+    out: dict[int, Atlas] = {}
+    for at in atlases:
+        site = str(at.meta.get("site", ""))
+        layer = int(site.split(".")[1]) if site.startswith("mlp_in.") and site[7:].isdigit() else -1
+        if not 0 <= layer < n:
+            raise AtlasError(f"the atlas {at.path} reads {site!r}, not the input of a block's MLP (mlp_in.L)")
+        if at.n_features != transcoders[layer].cfg.n_features:
+            raise AtlasError(
+                f"the atlas {at.path} has {at.n_features} features, the transcoder of block {layer} "
+                f"{transcoders[layer].cfg.n_features}: pass the atlas built on that transcoder"
+            )
+        if layer in out:
+            raise AtlasError(f"two atlases for block {layer}: {out[layer].path} and {at.path}")
+        out[layer] = at
+    return out
+
+
+def block_labels(atlases: dict[int, Atlas], pairs) -> dict[tuple[int, int], str]:
+    """(block, feature) -> its atlas explanation, for the blocks that have an atlas and the features it explains."""
+    out = {}
+    for layer, feat in pairs:
+        at = atlases.get(layer)
+        ex = (at.explanation(feat) or {}) if at is not None else {}
+        if ex.get("status", "ok") == "ok" and ex.get("explanation"):
+            out[(layer, feat)] = ex["explanation"]
+    return out

@@ -29,7 +29,12 @@ def graph_cmd(
     ),
     json_out: Path | None = typer.Option(None, "--json", help="write circuit-tracer's graph JSON (pruned) here"),
     graph_file: Path | None = typer.Option(None, "--save", help="write the whole graph (safetensors) here"),
+    node_threshold: float = typer.Option(0.8, help="the JSON keeps nodes up to this share of influence"),
+    edge_threshold: float = typer.Option(0.98, help="the JSON keeps edges up to this share of influence"),
     paths: int = typer.Option(5, help="strongest paths to print"),
+    atlas: list[Path] = typer.Option(
+        [], "--atlas", help="the atlas of a block's transcoder: its explanations label nodes"
+    ),
     force: bool = typer.Option(False, "--force", help="run even when the estimate is over the memory budget"),
 ) -> None:
     """The attribution graph of a prompt: which features carried it to its next token."""
@@ -45,15 +50,29 @@ def graph_cmd(
     est = estimate(lm, ts, prompt, cfg, budget=None if force else int(MEMORY_SHARE * available_memory()))
     console.print(f"estimate: {est['memory_mb']:.0f} MB, about {est['seconds']:.0f} s on this machine")
     graph = build(lm, ts, prompt, targets=target or None, cfg=cfg, progress=True, source=str(ts.source))
-    for line in graph_text(graph, lm, n_paths=paths):
+    labels = _labels(graph, ts, atlas)
+    for line in graph_text(graph, lm, labels, n_paths=paths):
         console.print(line, markup=False, highlight=False)
     if graph_file is not None:
         console.print(f"wrote {save_graph(graph, graph_file)}")
     if json_out is not None:
         names = [lm.tokenizer.decode([int(t)]) for t in graph.logit_tokens]
         slug = json_out.stem
-        to_circuit_tracer_json(graph, json_out, slug=slug, scan=lm.name, logit_strs=names)
+        to_circuit_tracer_json(graph, json_out, labels=labels, node_threshold=node_threshold,
+                               edge_threshold=edge_threshold, slug=slug, scan=lm.name, logit_strs=names)  # fmt: skip
         console.print(f"wrote {json_out}")
+
+
+def _labels(graph, ts, atlas_dirs) -> dict:
+    """(block, feature) -> explanation from the atlases given for blocks of the set, for the graph's feature nodes."""
+    if not atlas_dirs:
+        return {}
+    from ..atlas import Atlas
+    from ..atlas.db import atlases_by_block, block_labels
+
+    by_block = atlases_by_block([Atlas.open(a) for a in atlas_dirs], ts)
+    rows = graph.active_features[graph.selected_features]
+    return block_labels(by_block, [(int(r[0]), int(r[2])) for r in rows])
 
 
 @transcoders_app.command("train")

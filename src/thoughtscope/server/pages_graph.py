@@ -57,14 +57,10 @@ class GraphSource:
 
     def labels(self, pairs) -> dict[tuple[int, int], str]:
         """(layer, feature) -> its atlas explanation, for the layers that have an atlas and features it explains."""
-        out = {}
+        from ..atlas.db import block_labels
+
         with self.lock:
-            for layer, feat in pairs:
-                at = self.atlases.get(layer)
-                ex = (at.explanation(feat) or {}) if at is not None else {}
-                if ex.get("status", "ok") == "ok" and ex.get("explanation"):
-                    out[(layer, feat)] = ex["explanation"]
-        return out
+            return block_labels(self.atlases, pairs)
 
     def contexts(self, tokenizer, layer: int, feat: int, k: int = 2) -> list[dict]:
         """The feature's top k contexts in its layer's atlas: the text before the peak token, the token, its value."""
@@ -105,20 +101,9 @@ def attach_transcoders(wb, transcoders, atlases=(), spec: str = "") -> GraphSour
         raise ServerError(
             f"the transcoder set has {n} layers and {wb.lm.name} {wb.lm.n_layers} blocks: give one per block"
         )
-    by_layer = {}
-    for at in atlases:
-        site = str(at.meta.get("site", ""))
-        layer = int(site.split(".")[1]) if site.startswith("mlp_in.") and site[7:].isdigit() else -1
-        if not 0 <= layer < n:
-            raise ServerError(f"the atlas {at.path} reads {site!r}, not the input of a block's MLP (mlp_in.L)")
-        if at.n_features != transcoders[layer].cfg.n_features:
-            raise ServerError(
-                f"the atlas {at.path} has {at.n_features} features, the transcoder of block {layer} "
-                f"{transcoders[layer].cfg.n_features}: pass the atlas built on that transcoder"
-            )
-        if layer in by_layer:
-            raise ServerError(f"two atlases for block {layer}: {by_layer[layer].path} and {at.path}")
-        by_layer[layer] = at
+    from ..atlas.db import atlases_by_block
+
+    by_layer = atlases_by_block(atlases, transcoders)
     page_layer = next((i for i in range(n) if _same_transcoder(wb.sae, transcoders[i], i)), None)
     src = GraphSource(transcoders, by_layer, spec or getattr(transcoders, "source", ""), page_layer)
     wb.graphs = src
