@@ -229,3 +229,13 @@ def test_total_effects_follow_the_chain_through_activations():
     assert t[1].item() == pytest.approx(3.0) and t[2].item() == pytest.approx(-4.0)
     assert top_features(g, 2) == [0, 1]  # the inhibitory f2 is not among the features that push the target up
     assert top_features(g, 1, direct=True) == [1]
+
+
+def test_pearson_beside_spearman():
+    from thoughtscope.stats import pearson, spearman
+
+    a = [1.0, 2.0, 3.0, 4.0]
+    assert pearson(a, [2.0, 4.0, 6.0, 8.0]) == pytest.approx(1.0)
+    assert pearson(a, [4.0, 3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert pearson(a, [1.0, 8.0, 27.0, 64.0]) < spearman(a, [1.0, 8.0, 27.0, 64.0]) == pytest.approx(1.0)
+    assert math.isnan(pearson(a, [1.0, 1.0, 1.0, 1.0]))

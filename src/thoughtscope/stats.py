@@ -142,6 +142,16 @@ def ranks(values) -> torch.Tensor:
     return (sums / counts)[inv]
 
 
+def pearson(a, b) -> float:
+    """Pearson's correlation; nan when either side is constant."""
+    x, y = torch.as_tensor(a, dtype=torch.float64).flatten(), torch.as_tensor(b, dtype=torch.float64).flatten()
+    if len(x) != len(y):
+        raise ValueError(f"pearson: {len(x)} values against {len(y)}")
+    x, y = x - x.mean(), y - y.mean()
+    den = float(x.norm() * y.norm())
+    return max(-1.0, min(1.0, float(x @ y) / den)) if den > 0 else float("nan")
+
+
 def spearman(a, b) -> float:
     """Spearman's rank correlation (Pearson's on average ranks); nan when either side is constant."""
     ra, rb = ranks(a), ranks(b)

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..errors import CausalError
 from ..models import LoadedModel
 from ..sites import Site, capture, mlp_module, mlp_out_module
-from ..stats import mean_ci, spearman
+from ..stats import mean_ci, pearson, spearman
 from .graph import AttributionGraph
 
 
@@ -203,13 +203,6 @@ def prompt_check(lm: LoadedModel, transcoders: Sequence, graph: AttributionGraph
     return out
 
 
-def _pearson(a: Sequence[float], b: Sequence[float]) -> float:
-    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    x, y = x - x.mean(), y - y.mean()
-    den = float(x.norm() * y.norm())
-    return float(x @ y) / den if den > 0 else float("nan")
-
-
 def summarise(rows: Sequence[dict]) -> dict:
     """The check over prompts: mean paired differences (top minus random drop) with 95 % bootstrap intervals per
     mode, and the correlation of predicted with measured direct effects pooled over prompts."""
@@ -222,7 +215,7 @@ def summarise(rows: Sequence[dict]) -> dict:
     pred = [p for r in rows for p in r["direct_predicted"]]
     meas = [m for r in rows for m in r["direct_measured"]]
     out["direct_pearson"], out["direct_spearman"], out["direct_n"] = (
-        _pearson(pred, meas),
+        pearson(pred, meas),
         spearman(pred, meas),
         len(pred),
     )

@@ -28,7 +28,7 @@ from ..causal.graph_files import circuit_tracer_links, circuit_tracer_nodes, to_
 from ..causal.influence import graph_scores, logit_weights, node_influence, prune
 from ..display import lone_token_text, token_texts
 from ..errors import ServerError
-from ..steer import GenerationConfig, Lane, stream_lanes
+from ..steer import GenerationConfig, Lane
 from .context import cfg_of, float_param, int_param, page, run_model, text_param, wb_of
 
 router = APIRouter()
@@ -405,9 +405,7 @@ def _steer_edit(raw: str, g, ts) -> FeatureEdit:
 async def graph_steer_stream(request: Request, prompt: str | None = None, target: Targets = None):
     """Steered (the picked features set) beside unsteered, from one seed, continuing the prompt as written: the
     equalizer's event stream (`start`, `steered` / `unsteered` {text, done}, `end` or `error`)."""
-    import threading as _threading
-
-    from .pages_steer import GenerationStream, _events
+    from .pages_steer import lanes_stream
 
     wb, cfg = wb_of(request), cfg_of(request)
     src = source_of(wb)
@@ -425,16 +423,4 @@ async def graph_steer_stream(request: Request, prompt: str | None = None, target
     edits = [_steer_edit(raw, g, src.transcoders) for raw in raws]
     lanes = [Lane("steered", steerer=_EditSteerer(wb.lm, src.transcoders, edits)), Lane("unsteered")]
     gen = GenerationConfig(max_new_tokens=new, temperature=temp, top_p=0.9, seed=seed, chat=False)
-    stop = _threading.Event()
-    it = stream_lanes(wb.lm, prompt, lanes, gen, should_stop=stop.is_set)
-    ticket = request.app.state.gate.ticket()
-    outcome = {"state": "queued"}
-    run = _SteerRun(seed, new, str(request.url.query))
-    return GenerationStream(
-        _events(request, run, lanes, it, stop, ticket, outcome, cfg),
-        ticket,
-        outcome,
-        request.app.state.stream_outcomes,
-        media_type="text/event-stream",
-        headers={"cache-control": "no-store", "x-accel-buffering": "no"},
-    )
+    return lanes_stream(request, _SteerRun(seed, new, str(request.url.query)), lanes, prompt, gen)

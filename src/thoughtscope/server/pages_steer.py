@@ -281,13 +281,20 @@ async def steer_stream(request: Request):
     generation between two tokens."""
     wb, cfg = wb_of(request), cfg_of(request)
     m = parse_mixer(request)
-    lanes = _lanes(wb, m, cfg)
+    return lanes_stream(request, m, _lanes(wb, m, cfg), m.prompt, _gen_config(m))
+
+
+def lanes_stream(request: Request, run, lanes, prompt: str, gen) -> GenerationStream:
+    """The SSE answer that streams `lanes` of `prompt` (the equalizer's, and the graph page's steering): the
+    generation validated first, the gate's ticket taken before the 200 (Busy -> 429 here). `run` is what the
+    `start` event reports (seed, max_new_tokens, query)."""
+    wb, cfg = wb_of(request), cfg_of(request)
     stop = threading.Event()
-    it = stream_lanes(wb.lm, m.prompt, lanes, _gen_config(m), should_stop=stop.is_set)  # validates first
-    ticket = request.app.state.gate.ticket()  # Busy -> 429 here, before the 200
+    it = stream_lanes(wb.lm, prompt, lanes, gen, should_stop=stop.is_set)  # validates first
+    ticket = request.app.state.gate.ticket()
     outcome = {"state": "queued"}
     return GenerationStream(
-        _events(request, m, lanes, it, stop, ticket, outcome, cfg),
+        _events(request, run, lanes, it, stop, ticket, outcome, cfg),
         ticket,
         outcome,
         request.app.state.stream_outcomes,
