@@ -110,6 +110,7 @@ def graph_text(graph, lm=None, labels: dict | None = None, n_paths: int = 5) -> 
         "targets: " + ", ".join(node_name(graph, graph.logit_node(i), lm) for i in range(graph.n_logits)),
         f"strongest paths from the prompt's tokens into {node_name(graph, graph.logit_node(0), lm)}:",
     ]
+    target = "the target" if lm is None else repr(lm.tokenizer.decode([int(graph.logit_tokens[0])]))
     for score, path in top_paths(graph, n_paths):
-        lines.append(f"  {score:.3g}: " + " -> ".join(node_name(graph, n, lm, labels) for n in path[:-1]))
+        lines.append(f"  {score:.3g}: " + " -> ".join([*(node_name(graph, n, lm, labels) for n in path[:-1]), target]))
     return lines
