@@ -108,6 +108,15 @@ def test_steering_vector_changes_the_continuation(tmp_path):
     assert "unsteered" in out.lower()
 
 
+def test_transcoders_for_every_block_and_a_graph(tmp_path):
+    cli("transcoders", "train", "--model", MODEL, "--tokens", 8192, "--features", 512, "--k", 16,
+        "--batch-size", 1024, "--out", tmp_path / "tc")  # fmt: skip
+    out = cli("graph", "The Eiffel Tower is in the city of", "--model", MODEL, "--transcoders", tmp_path / "tc" / "set",
+              "--max-feature-nodes", 256, "--json", tmp_path / "g.json")  # fmt: skip
+    assert "logit ' Paris'" in out and "strongest paths" in out  # the frozen replacement reproduced Gemma's logits
+    assert json.loads((tmp_path / "g.json").read_text())["nodes"]
+
+
 def test_cities_probe(tmp_path):
     out = tmp_path / "cities.json"
     cli("probe", "sweep", "--data", "cities", "--model", MODEL, "--sites", SITE, "--fitters", "mean,logistic",
