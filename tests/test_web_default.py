@@ -134,9 +134,15 @@ def test_graph_page_on_the_shipped_transcoders(site, page):
     url, wb = site
     if not default_transcoders_path().is_dir():
         pytest.skip("the shipped transcoder set is not installed")
-    load_transcoders(wb, default_transcoders_path())
-    page.goto(f"{url}/graph?prompt={quote('The Eiffel Tower is in the city of')}")
+    load_transcoders(wb, "default")
+    prompt = quote("The Eiffel Tower is in the city of")
+    view = page.request.get(f"{url}/api/graph?prompt={prompt}").json()
+    top = max((n for n in view["nodes"] if n["kind"] == "feature"), key=lambda n: n["influence"])["id"]
+    page.goto(f"{url}/graph?prompt={prompt}&pin={top}&steer={top}:x:0")  # the strongest feature pinned and ablated
     page.wait_for_selector("body[data-graph=ready]", timeout=180_000)
     assert page.locator("#graph .node").count() > 10 and page.locator("#graph text.tok").count() == 10
-    assert "Paris" in (page.text_content("#graph") or "")
+    assert "Paris" in (page.text_content("#graph") or "") and "default" in page.inner_text("main")
+    page.click("#generate")
+    page.wait_for_selector("body[data-run=done]", timeout=120_000)
+    assert page.text_content("#lane-steered") and page.text_content("#lane-unsteered")
     shot(page, "graph")

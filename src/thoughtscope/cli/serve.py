@@ -26,14 +26,14 @@ def _check_folders(named) -> None:
             raise ServerError(f"{flag} {path}: no such folder")
 
 
-def _load_transcoders(wb, status, folder: Path | None, atlases) -> None:
+def _load_transcoders(wb, status, folder: Path | str | None, atlases) -> None:
     """The graph page's transcoder set and the atlases of its layers: --transcoders, else the shipped set when the
     model is the default one it was trained for (without either, the graph page says how to get one)."""
     from ..sae.transcoder_set import default_transcoders_path
     from ..server.pages_graph import load_transcoders
 
     if folder is None and (wb.lm.source or {}).get("registered") == "default" and default_transcoders_path().is_dir():
-        folder = default_transcoders_path()
+        folder = "default"  # shown as such on the graph page
     if folder is not None:
         status.set("loading the transcoder set", str(folder))
         load_transcoders(wb, folder, atlases or ())

@@ -5,7 +5,7 @@
 const $ = (s) => document.querySelector(s);
 const SVGNS = "http://www.w3.org/2000/svg";
 const MAX_COL_W = 150;
-const MIN_COL_W = 44, NODE_GAP = 22, LOGIT_GAP = 44, LEFT = 48, TOP = 30, BOTTOM = 40;
+const MIN_COL_W = 44, NODE_GAP = 22, LOGIT_GAP = 44, LEFT = 48, TOP = 64, BOTTOM = 40;
 let ROW_H = 78; // shrinks for deep models, so the whole graph fits about 600 px
 
 const state = readState();
@@ -133,7 +133,7 @@ function layout() {
     });
   }
   const centres = widths.map((w, p) => left[p] + w / 2);
-  return { w: left[nPos] + 10, h: TOP + nRows * ROW_H + BOTTOM, nRows, centres };
+  return { w: left[nPos] + 56, h: TOP + nRows * ROW_H + BOTTOM, nRows, centres };  // room for the last slanted label
 }
 
 // a token as text a person can see: spaces as ␣, a newline as ⏎, nothing as ∅
@@ -186,8 +186,10 @@ function draw() {
     c.addEventListener("mouseleave", () => { $("#graph-tip").hidden = true; highlight(null); });
     c.addEventListener("click", (e) => clickNode(n, e));
     if (n.kind === "logit") {
-      const label = el("text", { x: n.x, y: n.y - n.r - 4, class: "logit-tok", "text-anchor": "middle" }, nodes);
-      label.textContent = shown(n.token).slice(0, 7);
+      // slanted, so the labels of a crowded logit row do not run into each other
+      const y = n.y - n.r - 3;
+      const label = el("text", { x: n.x, y, class: "logit-tok", transform: `rotate(-50 ${n.x} ${y})` }, nodes);
+      label.textContent = shown(n.token).slice(0, 10);
     }
   }
 }
