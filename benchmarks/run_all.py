@@ -37,6 +37,7 @@ BENCHMARKS = (
     "attribution",
     "lens",
     "graph",
+    "generate",
 )
 
 

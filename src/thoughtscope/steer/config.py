@@ -7,8 +7,9 @@ importable from their old homes (`steer.generate`, `steer.find`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import SteerError
 
@@ -25,6 +26,16 @@ def _check_finite(name: str, value: float) -> float:
     if not math.isfinite(v):
         raise SteerError(f"{name} must be a finite number, got {value!r}")
     return v
+
+
+DECODERS = ("auto", "lean", "transformers")
+DECODE_WEIGHTS = ("exact", "int8")  # the lean decoder's `PRECISIONS` (thoughtscope.decoding), named torch-free
+DECODER_ENV = "THOUGHTSCOPE_DECODER"
+
+
+def _default_decoder() -> str:
+    """$THOUGHTSCOPE_DECODER sets the default of a whole process (the benchmark times both paths this way)."""
+    return os.environ.get(DECODER_ENV, "auto")
 
 
 @dataclass
@@ -45,8 +56,24 @@ class GenerationConfig:
     """System prompt put before the user's message by the chat template (text; None: none)."""
     stop_at_eos: bool = True
     """End an answer at the end-of-sequence token (False: always write max_new_tokens tokens)."""
+    decoder: str = field(default_factory=_default_decoder)
+    """How tokens are computed: "lean" (thoughtscope's decode loop over a preallocated cache; Llama-family
+    models, the same tokens as transformers), "transformers" (the model's own forward), or "auto" (lean where the
+    model and the active hooks allow it; the default unless $THOUGHTSCOPE_DECODER names another)."""
+    weights: str = "exact"
+    """Weights the lean decoder multiplies with: "exact" (the model's own) or "int8" (CPU; one scale per row,
+    about 1.6x faster at batch 1, not the same tokens: its perplexity cost is in the README)."""
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise SteerError(
+                f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r} (from ${DECODER_ENV} "
+                "when not given)"
+            )
+        if self.weights not in DECODE_WEIGHTS:
+            raise SteerError(f"weights must be one of {', '.join(DECODE_WEIGHTS)}, got {self.weights!r}")
+        if self.weights != "exact" and self.decoder == "transformers":
+            raise SteerError(f"weights={self.weights!r} needs the lean decoder (decoder='lean' or 'auto')")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise SteerError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         self.temperature = _check_finite("temperature", self.temperature)

@@ -141,6 +141,49 @@ def _cache_of(out):
     return out.past_key_values
 
 
+class _TransformersSteps:
+    """Called with step n, the next logits [B, V]; `next_ids` [B, 1] is what the previous step sampled. This one
+    runs the model's own forward with transformers' cache (any architecture, any hooks)."""
+
+    def __init__(self, lm: LoadedModel, ids, mask, pos):
+        self.lm, self.ids, self.mask, self.pos, self.past = lm, ids, mask, pos, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        if step:
+            B = self.ids.shape[0]
+            self.ids, self.pos = self.next_ids, self.pos[:, -1:] + 1
+            self.mask = torch.cat([self.mask, torch.ones((B, 1), dtype=self.mask.dtype, device=self.mask.device)], 1)
+        logits, self.past = _forward(self.lm, self.ids, self.mask, self.pos, self.past)
+        return logits
+
+
+class _LeanSteps:
+    """thoughtscope's decode loop (`decoding.LeanDecoder`): the same tokens, less work per step."""
+
+    def __init__(self, decoder, ids, mask, pos):
+        self.decoder, self.ids, self.mask, self.pos = decoder, ids, mask, pos
+
+    def __call__(self, step: int) -> torch.Tensor:
+        if step == 0:
+            return self.decoder.prefill(self.ids, self.mask, self.pos)
+        return self.decoder.step(self.next_ids)
+
+
+def _stepper(lm: LoadedModel, config: GenerationConfig, ids, mask, pos) -> _TransformersSteps | _LeanSteps:
+    """The lean loop where the model and the hooks now installed allow it (decoder "auto"), else transformers'."""
+    if config.decoder != "transformers":
+        from ..decoding import LeanDecoder, lean_reason
+
+        max_len = ids.shape[1] + config.max_new_tokens
+        reason = lean_reason(lm.model, max_len=max_len)
+        if reason is None:
+            dec = LeanDecoder(lm.model, ids.shape[0], max_len, precision=config.weights)
+            return _LeanSteps(dec, ids, mask, pos)
+        if config.decoder == "lean" or config.weights != "exact":
+            raise SteerError(f"the lean decoder cannot run {lm.name}: {reason} (use decoder='transformers')")
+    return _TransformersSteps(lm, ids, mask, pos)
+
+
 class _Run:
     """One generation run: iterate for TokenEvents; afterwards `out_ids` / `rows` hold the result."""
 
@@ -161,12 +204,11 @@ class _Run:
         done = torch.zeros(B, dtype=torch.bool, device=lm.device)
         texts = [""] * B
         pad = lm.pad_id
-        past = None
         with torch.inference_mode(), steerer.active(prompt_len=P, offset=0):
-            cur_ids, cur_pos = ids, pos
+            forward = _stepper(lm, config, ids, mask, pos)
             for step in range(config.max_new_tokens):
-                steerer.ctx.offset = 0 if past is None else P + step - 1
-                logits, past = _forward(lm, cur_ids, mask, cur_pos, past)
+                steerer.ctx.offset = 0 if step == 0 else P + step - 1
+                logits = forward(step)
                 nxt = sample(logits, config.temperature, config.top_p, gen)
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                 is_stop = torch.isin(nxt, stop_t) & ~done
@@ -186,9 +228,7 @@ class _Run:
                 done = done | is_stop
                 if bool(done.all()):
                     break
-                cur_ids = nxt[:, None]
-                cur_pos = cur_pos[:, -1:] + 1
-                mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], 1)
+                forward.next_ids = nxt[:, None]
 
     def results(self) -> list[Generation]:
         tok = self.lm.tokenizer

@@ -19,7 +19,7 @@ from ..models import LoadedModel
 from .generate import (
     GenerationConfig,
     TokenEvent,
-    _forward,
+    _stepper,
     eos_ids,
     format_prompt,
     has_chat_template,
@@ -82,19 +82,20 @@ class _LaneState:
         dev = lm.device
         self.lm, self.name, self.steerer = lm, name, steerer
         self.P = len(row)
-        self.cur = torch.tensor([row], dtype=torch.long, device=dev)
-        self.mask = torch.ones_like(self.cur)
-        self.pos = torch.arange(self.P, device=dev)[None]
+        self.ids = torch.tensor([row], dtype=torch.long, device=dev)
         self.gen = torch.Generator(device=dev).manual_seed(int(config.seed))
-        self.past = None
+        self.forward = None  # made on the first step, with this lane's hooks installed (they decide the path)
         self.out: list[int] = []
         self.text = ""
         self.done = False
 
     def step(self, i: int, config: GenerationConfig, stops: set[int]) -> TokenEvent:
         lm = self.lm
-        with self.steerer.active(prompt_len=self.P, offset=0 if self.past is None else self.P + i - 1):
-            logits, self.past = _forward(lm, self.cur, self.mask, self.pos, self.past)
+        with self.steerer.active(prompt_len=self.P, offset=0 if i == 0 else self.P + i - 1):
+            if self.forward is None:
+                pos = torch.arange(self.P, device=self.ids.device)[None]
+                self.forward = _stepper(lm, config, self.ids, torch.ones_like(self.ids), pos)
+            logits = self.forward(i)
         t = int(sample(logits, config.temperature, config.top_p, self.gen)[0])
         stop = t in stops
         last = i == config.max_new_tokens - 1
@@ -107,9 +108,7 @@ class _LaneState:
         else:
             delta, self.text = new_text[len(self.text) :], new_text
         self.done = finished
-        self.cur = torch.tensor([[t]], dtype=torch.long, device=self.cur.device)
-        self.pos = self.pos[:, -1:] + 1
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        self.forward.next_ids = torch.tensor([[t]], dtype=torch.long, device=self.ids.device)
         return TokenEvent(0, t, delta, finished)
 
 
