@@ -96,6 +96,10 @@ def test_vector_fit_then_steer_with_preset(root):
     rows = [line for line in r.output.splitlines() if line.startswith("│")]
     cells = [_printable(c) for c in rows[0].strip("│").split("│")]
     assert cells == [_printable(want.unsteered), _printable(want.steered)]
+    # transformers' own forward gives the same table as the default (lean) decoder
+    again = _ok([*("steer", "--preset", root / "preset.json", "-p", "hello", "--model", root / "model"),
+                 *("--max-new-tokens", 4, "--temperature", 0, "--decoder", "transformers")])  # fmt: skip
+    assert [line for line in again.output.splitlines() if line.startswith("│")] == rows
 
 
 def test_features_contrast_and_at(root):
@@ -157,6 +161,11 @@ def test_steer_errors(root):
     bad.write_text("{not json")
     r = runner.invoke(app, ["steer", "--preset", str(bad), "-p", "x", "--model", str(root / "model")])
     assert r.exit_code == 2 and "not valid JSON" in r.output
+    args = ["steer", "--preset", str(root / "preset.json"), "-p", "x", "--model", str(root / "model")]
+    r = runner.invoke(app, [*args, "--decoder", "fast"])
+    assert r.exit_code == 2 and "decoder must be one of auto, lean, transformers" in r.output
+    r = runner.invoke(app, [*args, "--weights", "int8", "--decoder", "transformers"])
+    assert r.exit_code == 2 and "needs the lean decoder" in r.output
 
 
 def test_features_max_prints_the_reference_and_its_source(root, tmp_path):

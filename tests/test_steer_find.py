@@ -375,3 +375,57 @@ def test_the_reported_figures_come_from_fresh_seeds_after_the_search(lm, sae):
         progress=False,
     )
     assert bare.best["confirmation"] is None and bare.best["concept_rate"] == bare.best["search"]["concept_rate"]
+
+
+def test_the_winner_keeps_a_margin_under_the_bound():
+    """The search seed's figure is the best of many draws: a point at 1.94x of a 2x bound is passed over for one
+    with room under bound x margin; with no such point the plain bound decides and the result says so."""
+    from thoughtscope.steer.find import _choose, _step_down
+
+    def pt(s, rate, ratio):
+        return {"handle": "a", "strength": s, "concept_rate": rate, "perplexity_ratio": ratio, "n_questions": 24}
+
+    pts = [pt(0.1, 0.3, 1.4), pt(0.12, 0.45, 1.7), pt(0.14, 0.6, 1.94)]
+    win = _choose({"a": pts}, 2.0, 0.92)
+    assert win["strength"] == 0.12 and win["margin_met"] is True
+    assert _choose({"a": pts}, 2.0)["strength"] == 0.14  # no margin: the old rule
+    tight = _choose({"a": [pt(0.14, 0.6, 1.94)]}, 2.0, 0.92)
+    assert tight["strength"] == 0.14 and tight["margin_met"] is False
+    assert _step_down(pts, {"strength": 0.14}, 2.0)["strength"] == 0.12
+    assert _step_down(pts, {"strength": 0.1}, 2.0) is None
+
+
+def test_a_winner_whose_fresh_seeds_cross_the_bound_steps_down(lm, sae, monkeypatch):
+    """When the confirmation on fresh seeds reads over the bound, the next weaker calibration point is confirmed
+    instead; what crossed is kept in the result, and the share of seeds within the bound is reported."""
+    from thoughtscope.steer import find as find_mod
+
+    concept = Concept("q", ["Q"], match="substring", prompts=["QQ QQ Q"], controls=["ab cd"])
+    u = sae.W_dec[WRITER].detach().clone()
+    writer = Handle("caa", "caa:writer", SITE, [0.5, 1.0], direction=u / u.norm(), typical_norm=5.0)
+    cfg = FindConfig(
+        n_features=0, n_screen=2, screen_tokens=4, max_new_tokens=6, n_calibrate=1, fine_steps=(0.8, 1.0),
+        ppl_bound=1e30, extend_steps=0, refine_steps=0, loop_repetition=1.0,
+    )  # fmt: skip
+    real = find_mod._Search.confirm
+    strengths = []
+
+    def confirm(self, h, strength):
+        out = real(self, h, strength)
+        strengths.append(strength)
+        if len(strengths) == 1:  # the first winner's fresh seeds read past the bound
+            out = {**out, "perplexity_ratio": 2e30, "within_bound_share": 0.0}
+        return out
+
+    def strongest(per_handle, bound, margin=1.0):  # the strongest point wins, so there is a weaker one to step to
+        pts = [p for ps in per_handle.values() for p in find_mod._smoothed(ps)]
+        return {**max(pts, key=lambda p: p["strength"]), "margin_met": True}
+
+    monkeypatch.setattr(find_mod._Search, "confirm", confirm)
+    monkeypatch.setattr(find_mod, "_choose", strongest)
+    res = find_handle(lm, None, concept, questions=QUESTIONS, config=cfg, handles=[writer], progress=False)
+    b = res.best
+    assert len(strengths) == 2 and strengths[1] < strengths[0] == b["stepped_down_from"]["strength"]
+    assert b["strength"] == strengths[1] and b["confirmation"]["within_bound_share"] == 1.0
+    assert b["stepped_down_from"]["confirmation"]["perplexity_ratio"] == 2e30
+    assert b["search"]["margin_met"] is True

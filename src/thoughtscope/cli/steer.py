@@ -20,10 +20,10 @@ steer_app = typer.Typer(
 vector_app = typer.Typer(no_args_is_help=True, help="Steering vectors from contrastive pairs.")
 
 
-def _gen_config(max_new_tokens: int, temperature: float, top_p: float, seed: int):
+def _gen_config(max_new_tokens: int, temperature: float, top_p: float, seed: int, **kw):
     from ..steer import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, **kw)
 
 
 def _gen_help(name: str, extra: str = "") -> str:
@@ -49,6 +49,8 @@ def steer(
     temperature: float = typer.Option(0.7, help=_gen_help("temperature")),
     top_p: float = typer.Option(0.9, help=_gen_help("top_p")),
     seed: int = typer.Option(0, help=_gen_help("seed", "Steered and unsteered answers share it.")),
+    decoder: str | None = typer.Option(None, help=_gen_help("decoder")),
+    weights: str = typer.Option("exact", help=_gen_help("weights")),
     export_control_vector: Path | None = typer.Option(
         None, help="write the preset as a llama.cpp control vector (GGUF; additive items only)"
     ),
@@ -78,7 +80,8 @@ def steer(
             console.print(line)
         if not prompt:
             return
-    comps = steer_with_preset(lm, preset, prompt, _gen_config(max_new_tokens, temperature, top_p, seed))
+    how = {"weights": weights, **({"decoder": decoder} if decoder else {})}
+    comps = steer_with_preset(lm, preset, prompt, _gen_config(max_new_tokens, temperature, top_p, seed, **how))
     print_comparisons(comps, console, title=f"preset {preset}")
 
 
@@ -178,6 +181,7 @@ def steer_find(
     sae: str = typer.Option("default", help="SAE whose features are candidates ('none': vectors only)"),
     model: str | None = typer.Option(None, help=_MODEL_HELP),
     ppl_bound: float = typer.Option(2.0, help=_find_help("ppl_bound")),
+    ppl_margin: float = typer.Option(0.92, help=_find_help("ppl_margin")),
     n_features: int = typer.Option(4, help=_find_help("n_features")),
     n_calibrate: int = typer.Option(2, help=_find_help("n_calibrate")),
     sites: str = typer.Option("", help=_find_help("caa_sites", "Comma-separated.")),
@@ -207,6 +211,7 @@ def steer_find(
         n_features=n_features if sae != "none" else 0,
         n_calibrate=n_calibrate,
         ppl_bound=ppl_bound,
+        ppl_margin=ppl_margin,
         caa_sites=_csv(sites, str) or None,
         logit_sites=[] if logit_sites == "none" else (_csv(logit_sites, str) or None),
         positions=positions,
@@ -280,6 +285,16 @@ def _print_find(res, path: Path | None) -> None:
         f"best: {b['id']} at {b['strength']:g} {b['unit']}: {b['concept_rate']:.0%} of answers at "
         f"{b['perplexity_ratio']:.2f}x perplexity ({where}); preset {path}"
     )
+    if conf:
+        console.print(f"fresh seeds within the {res.config['ppl_bound']:g}x bound: {conf['within_bound_share']:.0%}")
+    if b.get("stepped_down_from"):
+        down = b["stepped_down_from"]
+        console.print(
+            f"stepped down from {down['strength']:g}: its fresh seeds read "
+            f"{down['confirmation']['perplexity_ratio']:.2f}x perplexity"
+        )
+    if not b["search"].get("margin_met", True):
+        console.print(f"no point had room under {b['search']['margin']:g} x the bound; chosen on the bound itself")
 
 
 @one_line_errors

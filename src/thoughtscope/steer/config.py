@@ -108,6 +108,10 @@ class FindConfig:
     a mention costs perplexity once per answer."""
     ppl_bound: float = 2.0
     """Allowed perplexity of steered answers (× the unsteered perplexity)."""
+    ppl_margin: float = 0.92
+    """The winner's perplexity ratio on the search seed must be within ppl_bound × this (0-1]: the search's figure
+    is the best of many draws, so fresh seeds read higher (a winner at 1.94x on the search seed measured 2.10x on
+    two fresh seeds); when no point passes with the margin the plain bound is used, and the result says so."""
     feature_grid: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
     """Screening strengths of a feature candidate (× the feature's max stored with the SAE)."""
     vector_grid: Sequence[float] = (0.08, 0.12, 0.17, 0.24)
@@ -158,6 +162,8 @@ class FindConfig:
             self.extend_factor > 1
         ):
             raise SteerError(f"FindConfig.extend_factor must be a finite number > 1, got {self.extend_factor!r}")
+        if not 0 < self.ppl_margin <= 1:
+            raise SteerError(f"FindConfig.ppl_margin must be in (0, 1], got {self.ppl_margin}")
         if not self.ppl_bound > 1:
             raise SteerError(
                 f"FindConfig.ppl_bound must be > 1 (a multiple of the unsteered perplexity), got {self.ppl_bound}"

@@ -99,16 +99,23 @@ def _smoothed(points: Sequence[dict]) -> list[dict]:
     return [{**p, "fit_rate": r, "fit_ppl_ratio": math.exp(lr)} for p, r, lr in zip(pts, rate, logr)]
 
 
-def _choose(per_handle: dict[str, Sequence[dict]], bound: float) -> dict | None:
+def _choose(per_handle: dict[str, Sequence[dict]], bound: float, margin: float = 1.0) -> dict | None:
     """The winning calibration point: the highest fitted concept rate among points whose fitted and
-    measured perplexity ratios are both within the bound (ties: the lower fitted ratio)."""
-    ok = [
-        p
-        for pts in per_handle.values()
-        for p in _smoothed(pts)
-        if p["fit_ppl_ratio"] <= bound and p["perplexity_ratio"] <= bound
-    ]
-    return max(ok, key=lambda p: (p["fit_rate"], -p["fit_ppl_ratio"], p["concept_rate"])) if ok else None
+    measured perplexity ratios are both within bound × margin (ties: the lower fitted ratio); within the plain
+    bound when no point passes with the margin (the point then says `margin_met: False`)."""
+    fitted = [p for pts in per_handle.values() for p in _smoothed(pts)]
+    for limit, met in ((bound * margin, True), (bound, margin >= 1.0)):
+        ok = [p for p in fitted if p["fit_ppl_ratio"] <= limit and p["perplexity_ratio"] <= limit]
+        if ok:
+            best = max(ok, key=lambda p: (p["fit_rate"], -p["fit_ppl_ratio"], p["concept_rate"]))
+            return {**best, "margin_met": met}
+    return None
+
+
+def _step_down(points: Sequence[dict], best: dict, bound: float) -> dict | None:
+    """The handle's next weaker calibration point within the bound, for a winner whose fresh seeds crossed it."""
+    weaker = [p for p in _smoothed(points) if p["strength"] < best["strength"] and p["fit_ppl_ratio"] <= bound]
+    return max(weaker, key=lambda p: p["strength"]) if weaker else None
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -552,6 +559,7 @@ class _Search:
         hits = round(sum(p.concept_rate for p in pts) * len(questions))
         return {
             "seeds": seeds,
+            "within_bound_share": sum(r <= config.ppl_bound for r in ratios) / len(ratios),
             "n_answers": n,
             "concept_rate": hits / n,
             "concept_rate_ci": wilson(hits, n),
@@ -573,8 +581,15 @@ class _Search:
         if config.confirm_seeds and not affordable:
             self.budget.cut("confirmation on fresh seeds skipped at the deadline")
         conf = self.confirm(h, best["strength"]) if config.confirm_seeds and affordable else None
-        head = conf or {k: best[k] for k in ("concept_rate", "perplexity_ratio", "repetition", "looping")}
         calibration = self.report[h.id]["calibration"]
+        crossed = None
+        if conf is not None and conf["perplexity_ratio"] > config.ppl_bound:
+            lower = _step_down(calibration, best, config.ppl_bound)
+            if lower is not None and (self.budget is None or self.budget.affords(seeds_cost, 2 * config.confirm_seeds)):
+                crossed = {"strength": best["strength"], "confirmation": conf}
+                best = {**lower, "margin_met": best.get("margin_met", True)}
+                conf = self.confirm(h, best["strength"])
+        head = conf or {k: best[k] for k in ("concept_rate", "perplexity_ratio", "repetition", "looping")}
         return {
             "kind": h.kind,
             "id": h.id,
@@ -592,8 +607,11 @@ class _Search:
             "search": {
                 "seed": config.seed,
                 **{k: best[k] for k in ("concept_rate", "perplexity_ratio", "fit_rate", "fit_ppl_ratio", "looping")},
+                "margin": config.ppl_margin,
+                "margin_met": best.get("margin_met", True),
             },
             "confirmation": conf,
+            "stepped_down_from": crossed,
             "found_by": h.found_by,
         }
 
@@ -639,7 +657,9 @@ def find_handle(
         base, baseline, prompt_only = run.references()
         frontier = [p for _, _, h, s_star in chosen for p in run.calibrate(h, s_star, base)]
         run.skip((config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(questions) * config.max_new_tokens)
-        best = _choose({h.id: run.report[h.id]["calibration"] for _, _, h, _ in chosen}, config.ppl_bound)
+        best = _choose(
+            {h.id: run.report[h.id]["calibration"] for _, _, h, _ in chosen}, config.ppl_bound, config.ppl_margin
+        )
         best_out = None if best is None else run.winner(next(x for x in handles if x.id == best["handle"]), best)
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     cfg["caa_sites"] = [h.site for h in handles if h.kind == "caa"]
