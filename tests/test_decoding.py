@@ -199,3 +199,13 @@ def test_default_model_same_tokens_as_generate():
         ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, min_new_tokens=48,
                                 do_sample=False)[0, ids.shape[1]:].tolist()  # fmt: skip
     assert _tokens(lm, prompts[:1], max_new_tokens=48, chat=True)[0] == ref
+
+
+def test_an_adapter_on_the_projections_keeps_transformers_forward():
+    """A LoRA layer reads more than its base weight: the lean path must not run it as a plain product."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lm = _lm("llama")
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), lm.model)
+    assert "nn.Linear" in lean_reason(lm.model)
+    assert _tokens(lm, PROMPTS) == _tokens(lm, PROMPTS, decoder="transformers")

@@ -56,10 +56,20 @@ def lean_reason(model: nn.Module, *, max_len: int | None = None) -> str | None:
     layers = getattr(inner, "layers", None)
     if inner is None or layers is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
         return f"{type(model).__name__} does not have the Llama layout (model.layers, rotary_emb, lm_head)"
+    if type(inner.embed_tokens) is not nn.Embedding or type(model.lm_head) is not nn.Linear:
+        return "the embedding or the output head is not a plain nn.Embedding / nn.Linear"
     allowed = set()
-    for block in layers:
+    for i, block in enumerate(layers):
         allowed.add(block)
         allowed.add(mlp_module(block))
+        attn, mlp = block.self_attn, mlp_module(block)
+        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(m) is not nn.Linear for m in projections):  # LoRA, quantised or fused layers do more
+            return f"block {i} has projections other than plain nn.Linear (an adapter or quantised layer)"
+        norms = (block.input_layernorm, block.post_attention_layernorm)
+        if any(not hasattr(n, "variance_epsilon") for n in norms):
+            return f"block {i}'s norms are not RMSNorm"
     for name, mod in model.named_modules():
         if mod in allowed:
             if mod._forward_hooks_with_kwargs or mod._forward_pre_hooks_with_kwargs:
