@@ -209,3 +209,22 @@ def test_an_adapter_on_the_projections_keeps_transformers_forward():
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), lm.model)
     assert "nn.Linear" in lean_reason(lm.model)
     assert _tokens(lm, PROMPTS) == _tokens(lm, PROMPTS, decoder="transformers")
+
+
+@pytest.mark.slow
+def test_generate_benchmark_quick_names_its_keys_and_checks_the_tokens(tmp_path):
+    """benchmarks/generate.py --quick on the default model: every key the issue names, and the same tokens as
+    transformers' generate at batch 1 and 24 and in the equalizer's lanes."""
+    import json
+
+    import generate as bench  # benchmarks/ is on the test path (pyproject: pythonpath)
+
+    out = tmp_path / "g.json"
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("steered_vs_plain", "batch24_vs_generate", "int8_perplexity_ratio", "equalizer_speedup"):
+        assert res[key] > 0, key
+    assert res["exact_same_tokens"] and res["batch24_same_tokens"] and res["equalizer_same_answers"]
+    assert 0.95 < res["int8_perplexity_ratio"] < 1.1
+    if "llama.cpp not run" not in res["peer"]:
+        assert res["batch1_vs_llamacpp_f32"] > 0 and res["batch1_vs_llamacpp_q4"] > 0
