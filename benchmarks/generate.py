@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))  # helpers.llamacpp: the llama.cp
 from thoughtscope.models import REGISTERED, load_model, pad_batch  # noqa: E402
 from thoughtscope.steer import GenerationConfig, generate  # noqa: E402
 from thoughtscope.steer.config import DECODER_ENV  # noqa: E402
-from thoughtscope.steer.generate import format_prompt  # noqa: E402
+from thoughtscope.steer.generate import eos_ids, format_prompt  # noqa: E402
 
 PROMPTS = ["Tell me a short story about a lighthouse.", "Explain how a bicycle works."]
 BATCH_QUESTIONS = [
@@ -92,6 +92,13 @@ def llamacpp_decode(ll, ids: list[int], n: int) -> tuple[float, list[int]]:
     return (n - 1) / (time.perf_counter() - t), out
 
 
+def _same_until_eos(ours: list[int], ref: list[int], stops: set[int]) -> bool:
+    """The same tokens up to our first end-of-sequence token (`generate` with min_new_tokens masks it and goes on
+    with the next best, where our fixed-length run writes it)."""
+    cut = next((i for i, t in enumerate(ours) if t in stops), len(ours))
+    return ours[:cut] == ref[:cut]
+
+
 def _prefix(a: list[int], b: list[int]) -> float:
     k = 0
     while k < min(len(a), len(b)) and a[k] == b[k]:
@@ -130,7 +137,9 @@ def batch1(lm, args, log) -> dict:
         log(f"[batch 1] round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()))
     med = {k: statistics.median(v) for k, v in runs.items()}
     res = {f"{k}_tok_s": round(v, 2) for k, v in med.items()}
-    res["exact_same_tokens"] = all(tokens["ours"][i] == tokens["hf_generate"][i] for i in tokens["ours"])
+    stops = eos_ids(lm)
+    res["exact_same_tokens"] = all(_same_until_eos(tokens["ours"][i], tokens["hf_generate"][i], stops)
+                                   for i in tokens["ours"])  # fmt: skip
     res["batch1_vs_transformers_loop"] = round(med["ours"] / med["transformers_loop"], 3)
     res["batch1_vs_hf_generate"] = round(med["ours"] / med["hf_generate"], 3)
     res["int8_same_prefix"] = round(statistics.mean(_prefix(tokens["ours"][i], tokens["ours_int8"][i])
@@ -183,7 +192,9 @@ def batch24(lm, args, log) -> dict:
             ref = lm.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                     pad_token_id=lm.pad_id)  # fmt: skip
         hf_t.append(time.perf_counter() - t)
-        same = same and all(ref[i, ids.shape[1] :].tolist() == g.token_ids for i, g in enumerate(out))
+        stops = eos_ids(lm)
+        same = same and all(_same_until_eos(g.token_ids, ref[i, ids.shape[1] :].tolist(), stops)
+                            for i, g in enumerate(out))  # fmt: skip
     total = len(BATCH_QUESTIONS) * n
     res = {
         "batch24_ours_tok_s": round(total / statistics.median(ours_t), 1),

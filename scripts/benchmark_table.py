@@ -149,6 +149,28 @@ def generic_rows(name: str, fig: dict, quick: bool) -> list[list[str]]:
     ]
 
 
+def generate_rows(fig: dict, quick: bool) -> list[list[str]]:
+    """benchmarks/generate.py: batch-1 decode against llama.cpp, steering, batch 24, int8, the workbench."""
+    g = lambda k, fmt=".3g": _f(fig.get(k), fmt)  # noqa: E731
+    work = (
+        f"default model, greedy, {fig.get('tokens')} new tokens, {fig.get('threads')} thread per side, "
+        f"median of {fig.get('rounds')} alternating rounds; decode tok/s from the first token to the last"
+    )
+    same = "the same tokens as `generate`" if fig.get("exact_same_tokens") else "NOT the same tokens as `generate`"
+    ours = f"{g('ours_tok_s', '.1f')} tok/s exact ({same}); int8 {g('ours_int8_tok_s', '.1f')} tok/s"
+    peer = (
+        f"llama.cpp F32 {g('llamacpp_f32_tok_s', '.1f')}, Q4_1 {g('llamacpp_q4_tok_s', '.1f')} tok/s; "
+        f"transformers `generate` {g('hf_generate_tok_s', '.1f')} tok/s"
+    )
+    ratio = (
+        f"**{g('batch1_vs_llamacpp_f32')}** of llama.cpp F32 (>= 0.8), {g('batch1_vs_llamacpp_q4')} of Q4_1; int8 "
+        f"{g('batch1_int8_vs_llamacpp_f32')}x llama.cpp F32 at {g('int8_perplexity_ratio', '.4f')}x perplexity; "
+        f"steered / plain **{g('steered_vs_plain')}** (>= 0.95); batch 24 / `generate` **{g('batch24_vs_generate')}** "
+        f"(>= 1.5); equalizer lanes {g('equalizer_speedup')}x, steer find {g('find_speedup')}x faster than before"
+    )
+    return [[f"`generate.py{' --quick' if quick else ''}`", work, ours, peer, ratio]]
+
+
 # -- ground-truth quality (benchmarks/sae_quality.py) ---------------------------------------------------------------
 
 QSTART, QEND = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
@@ -283,6 +305,8 @@ def table(results: list[dict]) -> str:
                 rows = sae_rows(fig, quick)
             elif name == "sae_quality":
                 rows = quality_rows(fig, quick)
+            elif name == "generate" and "ours_tok_s" in fig:
+                rows = generate_rows(fig, quick)
             else:
                 rows = generic_rows(name, fig, quick)
             if name == "sae_train":

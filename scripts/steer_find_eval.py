@@ -45,6 +45,8 @@ def summarise(out: Path, names: list[str]) -> dict:
                 "looping": b.get("looping"),
                 "measured_on": b.get("measured_on"),
                 "n_answers": (b.get("confirmation") or {}).get("n_answers"),
+                "seeds_within_bound": _within_bound(b.get("confirmation"), r["config"].get("ppl_bound", 2.0)),
+                "stepped_down_from": (b.get("stepped_down_from") or {}).get("strength"),
                 "search_rate": search.get("concept_rate"),
                 "search_ppl_ratio": search.get("perplexity_ratio"),
                 "unsteered_rate": r["baseline"]["concept_rate"],
@@ -64,12 +66,29 @@ def summarise(out: Path, names: list[str]) -> dict:
     }
 
 
+def _within_bound(conf: dict | None, bound: float) -> float | None:
+    """Share of the fresh seeds whose perplexity ratio stays within the bound (runs before the field existed too)."""
+    if not conf:
+        return None
+    if "within_bound_share" in conf:
+        return conf["within_bound_share"]
+    seeds = conf.get("per_seed") or []
+    return sum(x["perplexity_ratio"] <= bound for x in seeds) / len(seeds) if seeds else None
+
+
+def _share(r: dict) -> str:
+    if r.get("seeds_within_bound") is None:
+        return ""
+    down = f" (stepped down from {r['stepped_down_from']:g})" if r.get("stepped_down_from") else ""
+    return f"{100 * r['seeds_within_bound']:.0f} %{down}"
+
+
 def markdown(summary: dict) -> str:
     """The per-concept table for docs/steering.md and the README."""
     lines = [
-        "| concept | best handle | strength | concept rate, fresh seeds (95 % CI) | x perplexity | looping | "
-        "search seed (x ppl) | unsteered | prompt-only (x ppl) | candidates (dropped at screening) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| concept | best handle | strength | concept rate, fresh seeds (95 % CI) | x perplexity | fresh seeds within "
+        "2x | looping | search seed (x ppl) | unsteered | prompt-only (x ppl) | candidates (dropped at screening) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         ok = r["concept_rate"] >= 0.5 and (r["perplexity_ratio"] or 9) <= 2.0
@@ -84,6 +103,7 @@ def markdown(summary: dict) -> str:
             f"{'' if r['strength'] is None else format(r['strength'], 'g')} {r['unit'] or ''} | "
             f"{'**' + rate + '**' if ok else rate}{ci} | "
             f"{'' if r['perplexity_ratio'] is None else format(r['perplexity_ratio'], '.2f')} | "
+            f"{_share(r)} | "
             f"{'' if r.get('looping') is None else format(100 * r['looping'], '.0f') + ' %'} | "
             f"{search} | {100 * r['unsteered_rate']:.0f} % | {100 * r['prompt_only_rate']:.0f} % "
             f"({r['prompt_only_ppl_ratio']:.2f}) | {r['n_handles']} ({r['dropped_at_screening']}) |"

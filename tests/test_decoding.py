@@ -198,7 +198,9 @@ def test_default_model_same_tokens_as_generate():
     with torch.inference_mode():
         ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, min_new_tokens=48,
                                 do_sample=False)[0, ids.shape[1]:].tolist()  # fmt: skip
-    assert _tokens(lm, prompts[:1], max_new_tokens=48, chat=True)[0] == ref
+    ours = _tokens(lm, prompts[:1], max_new_tokens=48, chat=True)[0]
+    cut = next((i for i, t in enumerate(ours) if t == lm.tokenizer.eos_token_id), len(ours))  # min_new_tokens
+    assert ours[:cut] == ref[:cut] and cut > 20  # masks the end token in generate, so compare up to it
 
 
 def test_an_adapter_on_the_projections_keeps_transformers_forward():
