@@ -117,6 +117,20 @@ def test_other_families_and_foreign_hooks_fall_back():
         lm.model.eval()
 
 
+def test_transformers_output_recorders_do_not_turn_the_lean_path_off():
+    """A call asking for hidden states and attentions leaves transformers' (inactive) recorder hooks on every block
+    and attention module for good; they must not send later generation back to transformers' forward."""
+    lm = _lm("llama")
+    before = _tokens(lm, PROMPTS, decoder="lean")
+    with torch.inference_mode():
+        lm.model.model.config._attn_implementation = "eager"
+        lm.model(torch.ones(1, 4, dtype=torch.long), output_hidden_states=True, output_attentions=True)
+        lm.model.model.config._attn_implementation = "sdpa"
+    assert lm.model.model.layers[0].self_attn._forward_hooks  # they are there
+    assert lean_reason(lm.model) is None
+    assert _tokens(lm, PROMPTS, decoder="lean") == before == _tokens(lm, PROMPTS, decoder="transformers")
+
+
 def test_mistral_sliding_window_reached_falls_back():
     lm = _lm("mistral", sliding_window=8)
     assert "sliding-window" in lean_reason(lm.model, max_len=64)
@@ -203,14 +217,25 @@ def test_default_model_same_tokens_as_generate():
     assert ours[:cut] == ref[:cut] and cut > 20  # masks the end token in generate, so compare up to it
 
 
-def test_an_adapter_on_the_projections_keeps_transformers_forward():
-    """A LoRA layer reads more than its base weight: the lean path must not run it as a plain product."""
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lora_adapters_give_peft_tokens(family):
+    """A plain LoRA adapter (the NLA's) is run with peft's own operations, so the tokens are peft's; a layer the
+    lean path cannot run (dropout in the adapter) keeps transformers' forward."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    lm = _lm("llama")
-    inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), lm.model)
-    assert "nn.Linear" in lean_reason(lm.model)
-    assert _tokens(lm, PROMPTS) == _tokens(lm, PROMPTS, decoder="transformers")
+    lm = _lm(family)
+    targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=targets, init_lora_weights=False), lm.model)
+    assert lean_reason(lm.model) is None
+    plain = _lm(family)
+    for kw in ({}, {"temperature": 0.9, "seed": 1}):
+        lean = _tokens(lm, PROMPTS, decoder="lean", **kw)
+        assert lean == _tokens(lm, PROMPTS, decoder="transformers", **kw)
+        assert lean != _tokens(plain, PROMPTS, decoder="lean", **kw)  # the adapter counts
+    dropped = _lm(family)
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1), dropped.model)
+    assert "dropout" in lean_reason(dropped.model)
+    assert _tokens(dropped, PROMPTS) == _tokens(dropped, PROMPTS, decoder="transformers")
 
 
 @pytest.mark.slow

@@ -929,3 +929,37 @@ def test_data_config_refuses_an_empty_position_range(lo, hi):
 
     with pytest.raises(NLAError, match="min_position"):
         DataConfig(min_position=lo, max_position=hi)
+
+
+def test_lean_sampler_gives_generates_ids(lm, cfg, monkeypatch):
+    """The verbalizer samples on the lean decoder with transformers' own rules (marker suppressed, temperature,
+    draws from the global generator, rows padded with the end id after they end): the ids `generate` gives."""
+    av = Verbalizer(lm, cfg)
+    with torch.no_grad():  # a trained adapter, so the LoRA path is not a zero update
+        for name, p in av.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    v = torch.randn(3, cfg.d_model, generator=torch.Generator().manual_seed(0))
+    from thoughtscope.decoding import lean_reason
+
+    av.model.train()  # as during RL: the sampler runs the same forward in eval mode and restores the mode
+    assert lean_reason(av.model.get_base_model()) == "the model is in training mode"
+    runs = {}
+    for path in ("lean", "generate"):
+        if path == "generate":
+            monkeypatch.setattr(Verbalizer, "_lean_sample", lambda *a, **k: None)
+        got = []
+        for kw in ({}, {"do_sample": True, "temperature": 1.0, "samples": 2}, {"do_sample": True, "temperature": 0.7}):
+            torch.manual_seed(5)
+            got.append(av.generate_ids(v, **kw).tolist())
+        runs[path] = got
+    assert runs["lean"] == runs["generate"]
+    assert len({str(r) for r in runs["lean"]}) == 3  # greedy and the two samplings differ
+    assert av.model.training
+    ids = torch.tensor([av.prompt] * 3)
+    assert av._lean_sample(v, ids, False, 1.0, 4) is None  # (patched above); the real one runs lean:
+    monkeypatch.undo()
+    av.model.eval()
+    assert lean_reason(av.model.get_base_model()) is None
+    av.model.train()
+    assert av._lean_sample(v, ids, False, 1.0, 4).tolist() == [r[:4] for r in runs["generate"][0]]

@@ -6,7 +6,9 @@ for SmolLM2-135M. `LeanDecoder` runs the same arithmetic (the model's own weight
 same operation order) straight through a preallocated KV cache, so greedy tokens equal `generate`'s.
 
 Steering needs nothing special: the forward hooks and pre-hooks that `sites.edit` registers on a block or its
-MLP are called at the same points with the same arguments, and a site without a hook costs nothing. A hook
+MLP are called at the same points with the same arguments (and the embedding is called as a module, so its
+hooks run: the NLA injects its vector there), and a site without a hook costs nothing. LoRA adapters (peft,
+one plain adapter per layer, as the NLA's) are run with peft's own operations. A hook
 anywhere else (on an attention module, a norm, a projection) cannot be honoured here, so `lean_reason` says so
 and the caller keeps transformers' forward. Families: Llama, Mistral, Qwen2 and Qwen3 (Llama-style blocks);
 the others (GPT-2, GPT-NeoX, Gemma) keep transformers' forward.
@@ -31,8 +33,17 @@ LEAN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 PRECISIONS = ("exact", "int8")  # steer.config.DECODE_WEIGHTS names them for the torch-free configs
 
 
+# transformers' own output recorders, installed for good on a model's first call that asks for hidden states or
+# attentions; they do nothing unless such a call is running, which the lean path never makes
+_RECORDERS = "transformers.utils.output_capturing"
+
+
+def _live(hooks: dict) -> list:
+    return [h for h in hooks.values() if getattr(h, "__module__", None) != _RECORDERS]
+
+
 def _hooks_of(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    return bool(_live(module._forward_hooks) or _live(module._forward_pre_hooks))
 
 
 def lean_reason(model: nn.Module, *, max_len: int | None = None) -> str | None:
@@ -58,15 +69,17 @@ def lean_reason(model: nn.Module, *, max_len: int | None = None) -> str | None:
         return f"{type(model).__name__} does not have the Llama layout (model.layers, rotary_emb, lm_head)"
     if type(inner.embed_tokens) is not nn.Embedding or type(model.lm_head) is not nn.Linear:
         return "the embedding or the output head is not a plain nn.Embedding / nn.Linear"
-    allowed = set()
+    allowed = {inner.embed_tokens}  # called as a module here too, so its hooks run (the NLA's injection)
     for i, block in enumerate(layers):
         allowed.add(block)
         allowed.add(mlp_module(block))
         attn, mlp = block.self_attn, mlp_module(block)
         projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if any(type(m) is not nn.Linear for m in projections):  # LoRA, quantised or fused layers do more
-            return f"block {i} has projections other than plain nn.Linear (an adapter or quantised layer)"
+        for m in projections:  # quantised, fused or unusual adapter layers compute more than a product
+            why = _projection(m)
+            if isinstance(why, str):
+                return f"block {i}: {why}"
         norms = (block.input_layernorm, block.post_attention_layernorm)
         if any(not hasattr(n, "variance_epsilon") for n in norms):
             return f"block {i}'s norms are not RMSNorm"
@@ -81,7 +94,7 @@ def lean_reason(model: nn.Module, *, max_len: int | None = None) -> str | None:
 
 
 def _call_pre_hooks(module: nn.Module, x: Tensor) -> Tensor:
-    for hook in list(module._forward_pre_hooks.values()):
+    for hook in _live(module._forward_pre_hooks):
         r = hook(module, (x,))
         if r is not None:
             x = r[0] if isinstance(r, tuple) else r
@@ -89,7 +102,7 @@ def _call_pre_hooks(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def _call_hooks(module: nn.Module, x: Tensor, out: Tensor) -> Tensor:
-    for hook in list(module._forward_hooks.values()):
+    for hook in _live(module._forward_hooks):
         r = hook(module, (x,), out)
         if r is not None:
             out = r[0] if isinstance(r, tuple) else r
@@ -106,6 +119,33 @@ def _rms(norm: nn.Module, h: Tensor) -> Tensor:
     return norm.weight * h.to(dt)
 
 
+def _projection(mod) -> tuple[nn.Linear, tuple | None] | str:
+    """(base nn.Linear, LoRA (A^T, B^T, scaling) or None) of one projection, or why it cannot be run by hand.
+
+    A peft LoRA layer with one active, unmerged, plain adapter and no dropout is y = base(x) + B(A(x)) * s, which
+    is computed with peft's own operations; anything else (several adapters, DoRA, dropout, quantised layers)
+    keeps transformers' forward."""
+    if type(mod) is nn.Linear:
+        return mod, None
+    base = getattr(mod, "base_layer", None)
+    if type(base) is not nn.Linear or not hasattr(mod, "lora_A"):
+        return f"a projection is {type(mod).__name__}, not a plain nn.Linear or a LoRA layer on one"
+    if getattr(mod, "disable_adapters", False):  # peft runs the base layer (and unmerges a merged one first)
+        return "a LoRA layer whose adapters are disabled while merged" if mod.merged else (base, None)
+    if mod.merged:  # the adapter is already in the base weight
+        return base, None
+    active = [a for a in mod.active_adapters if a in mod.lora_A]
+    if not active:
+        return base, None
+    if len(active) > 1 or active[0] in getattr(mod, "lora_variant", {}):
+        return "several active LoRA adapters, or a LoRA variant (DoRA)"
+    a = active[0]
+    A, B = mod.lora_A[a], mod.lora_B[a]
+    if type(mod.lora_dropout[a]) is not nn.Identity or A.bias is not None or B.bias is not None:
+        return "LoRA with dropout or biases"
+    return base, (A.weight.t(), B.weight.t(), mod.scaling[a])
+
+
 class _Block:
     """One block's weights (transposed views, so a product is one `mm` call) and constants, read once."""
 
@@ -119,12 +159,17 @@ class _Block:
         self.groups = attn.num_key_value_groups
         self.heads = attn.config.num_attention_heads
         self.kv_heads = attn.config.num_key_value_heads
-        mods = {"o": attn.o_proj, **{n: getattr(self.mlp, n + "_proj") for n in ("gate", "up", "down")}}
+        named = {"o": attn.o_proj, **{n: getattr(self.mlp, n + "_proj") for n in ("gate", "up", "down")}}
+        named.update(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj)
+        parts = {n: _projection(m) for n, m in named.items()}
+        self.lora = {n: lo for n, (_, lo) in parts.items() if lo is not None}
+        mods = {n: parts[n][0] for n in ("o", "gate", "up", "down")}
         self.w = {n: m.weight.t() for n, m in mods.items()}
-        self.w_any = attn.o_proj.weight
+        self.w_any = mods["o"].weight
         self.b = {n: m.bias for n, m in mods.items()}
         # q, k and v in one product: a copy of the three matrices side by side (one call instead of three)
-        qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+        qkv = (parts["q"][0], parts["k"][0], parts["v"][0])
+        self.qkv_sizes = [m.weight.shape[0] for m in qkv]
         self.w["qkv"] = torch.cat([m.weight.detach() for m in qkv]).t()
         biases = [m.bias for m in qkv]
         self.b["qkv"] = (
@@ -143,17 +188,34 @@ class _Block:
         self.w = {}
 
     def linear(self, name: str, x: Tensor) -> Tensor:
-        """x [N, d_in] -> [N, d_out]: the same kernel F.linear calls for a 2-D input."""
+        """x [N, d_in] -> [N, d_out]: the same kernel F.linear calls for a 2-D input, then a LoRA adapter's term
+        as peft adds it (for "qkv", each of q, k and v its own)."""
         if self.q8 is not None:
-            return self.q8[name](x)
-        b = self.b[name]
-        return torch.mm(x, self.w[name]) if b is None else torch.addmm(b, x, self.w[name])
+            y = self.q8[name](x)
+        else:
+            b = self.b[name]
+            y = torch.mm(x, self.w[name]) if b is None else torch.addmm(b, x, self.w[name])
+        if name == "qkv":
+            start = 0
+            for part, size in zip("qkv", self.qkv_sizes):
+                if part in self.lora:
+                    y[:, start : start + size] = y[:, start : start + size] + _lora_term(self.lora[part], x)
+                start += size
+        elif name in self.lora:
+            y = y + _lora_term(self.lora[name], x)
+        return y
 
     def residual(self, name: str, h: Tensor, x: Tensor) -> Tensor:
         """h + x @ W in one call where that is the same sum (no bias: MKL adds h after the product)."""
-        if self.q8 is None and self.b[name] is None:
+        if self.q8 is None and self.b[name] is None and name not in self.lora:
             return torch.addmm(h, x, self.w[name])
         return h + self.linear(name, x)
+
+
+def _lora_term(lora: tuple, x: Tensor) -> Tensor:
+    """B(A(x)) * scaling, the operations of peft's LoRA layer."""
+    At, Bt, scaling = lora
+    return torch.mm(torch.mm(x, At), Bt) * scaling
 
 
 class _Int8:
