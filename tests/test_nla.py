@@ -932,34 +932,36 @@ def test_data_config_refuses_an_empty_position_range(lo, hi):
 
 
 def test_lean_sampler_gives_generates_ids(lm, cfg, monkeypatch):
-    """The verbalizer samples on the lean decoder with transformers' own rules (marker suppressed, temperature,
-    draws from the global generator, rows padded with the end id after they end): the ids `generate` gives."""
+    """The verbalizer's sampler (`rollout.sample_group`, used by explain and the RL step) runs on the lean decoder
+    with transformers' rules (marker suppressed, temperature, draws from the global generator, rows padded with
+    the end id after they end): the ids `generate` gives, with a trained LoRA adapter; in training mode (where
+    the lean decoder does not run) transformers' cached forward gives them too."""
+    from thoughtscope.decoding import lean_reason
+    from thoughtscope.nla import rollout
+
     av = Verbalizer(lm, cfg)
     with torch.no_grad():  # a trained adapter, so the LoRA path is not a zero update
         for name, p in av.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.3)
     v = torch.randn(3, cfg.d_model, generator=torch.Generator().manual_seed(0))
-    from thoughtscope.decoding import lean_reason
-
-    av.model.train()  # as during RL: the sampler runs the same forward in eval mode and restores the mode
-    assert lean_reason(av.model.get_base_model()) == "the model is in training mode"
-    runs = {}
-    for path in ("lean", "generate"):
-        if path == "generate":
-            monkeypatch.setattr(Verbalizer, "_lean_sample", lambda *a, **k: None)
-        got = []
-        for kw in ({}, {"do_sample": True, "temperature": 1.0, "samples": 2}, {"do_sample": True, "temperature": 0.7}):
-            torch.manual_seed(5)
-            got.append(av.generate_ids(v, **kw).tolist())
-        runs[path] = got
-    assert runs["lean"] == runs["generate"]
-    assert len({str(r) for r in runs["lean"]}) == 3  # greedy and the two samplings differ
-    assert av.model.training
-    ids = torch.tensor([av.prompt] * 3)
-    assert av._lean_sample(v, ids, False, 1.0, 4) is None  # (patched above); the real one runs lean:
-    monkeypatch.undo()
     av.model.eval()
     assert lean_reason(av.model.get_base_model()) is None
-    av.model.train()
-    assert av._lean_sample(v, ids, False, 1.0, 4).tolist() == [r[:4] for r in runs["generate"][0]]
+    used = []
+    real = rollout._LeanSteps.__init__
+    monkeypatch.setattr(rollout._LeanSteps, "__init__", lambda self, *a: used.append(1) or real(self, *a))
+    for mode in ("eval", "train"):
+        av.model.train(mode == "train")
+        for kw in (
+            {"do_sample": False},
+            {"do_sample": True, "temperature": 1.0, "group": 2},
+            {"do_sample": True, "temperature": 0.7},
+        ):
+            group = kw.pop("group", 1)
+            torch.manual_seed(5)
+            ref = av.generate_ids(v, samples=group, **kw).tolist()
+            torch.manual_seed(5)
+            assert rollout.sample_group(av, v, group=group, **kw).tolist() == ref, (mode, kw)
+    assert len(used) == 3  # eval mode ran lean, training mode did not
+    av.model.eval()
+    assert av.explain(v) == [e for e, _ in av.decode(av.generate_ids(v))]  # explain samples through it too

@@ -316,6 +316,7 @@ class LeanDecoder:
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ public
+    @torch.no_grad()
     def prefill(self, ids: Tensor, mask: Tensor, pos: Tensor, *, every: bool = False) -> Tensor:
         """Logits of the last column [B, V] (every column [B, T, V] with `every`, for a perplexity)."""
         B, T = ids.shape
@@ -334,6 +335,7 @@ class LeanDecoder:
             attn_mask = None
         return self._forward(ids, pos, attn_mask, every)
 
+    @torch.no_grad()
     def step(self, ids: Tensor) -> Tensor:
         """ids [B, 1] or [B]: one new token per row -> the next logits [B, V]."""
         if self.length >= self.max_len:
@@ -342,6 +344,20 @@ class LeanDecoder:
         self.keys[:, self.length] = True
         attn_mask = self.keys[:, None, None, : self.length + 1] if self.padded else None
         return self._forward(ids.view(self.B, 1), self.pos, attn_mask)
+
+    def repeat_interleave(self, n: int) -> None:
+        """Each row's cache repeated n times (rows r0, r0, ..., r1, ...): one prompt read for n samples."""
+        self._take(torch.arange(self.B, device=self.device).repeat_interleave(n))
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these rows (finished ones need no more forward passes)."""
+        self._take(rows)
+
+    def _take(self, rows: Tensor) -> None:
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.keys, self.pos = self.keys[rows], self.pos[rows]
+        self.B = int(rows.shape[0])
 
     # ------------------------------------------------------------------ the forward pass
     def _forward(self, ids: Tensor, pos: Tensor, attn_mask: Tensor | None, every: bool = False) -> Tensor:

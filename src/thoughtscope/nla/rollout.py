@@ -8,7 +8,9 @@ twice (reference and policy). Here the prompt runs once per vector, its KV cache
 explanation tokens only. The numbers are the same as the plain path's (tests compare tokens, log-probs, loss
 and gradients on a tiny model); only rounding may differ.
 
-The sampler mirrors HF ``generate``'s sampling step for step (the marker suppressed, temperature, softmax,
+The sampler runs on thoughtscope's lean decoder where the AV's model allows it (`decoding.LeanDecoder`: the
+same logits as transformers' forward, LoRA adapter and injection hook included), else on transformers' forward
+with its cache. It mirrors HF ``generate``'s sampling step for step (the marker suppressed, temperature, softmax,
 one ``torch.multinomial`` over the whole batch, finished rows padded with the end id), so a seed gives the
 same tokens as ``generate`` does: ``multinomial`` draws one exponential per vocabulary entry and row whatever
 the probabilities, so the random stream stays aligned. Unlike ``generate`` it stops running a row through
@@ -95,15 +97,70 @@ def unreproduced_settings(av) -> list[str]:
     return [k for k, default in _PROCESSOR_SETTINGS.items() if getattr(gc, k, None) not in (None, default)]
 
 
+class _CachedSteps:
+    """transformers' forward over a DynamicCache: the prompt once per vector, its cache repeated over the group."""
+
+    def __init__(self, av, vectors, group):
+        self.av = av
+        self.logits, self.cache = prompt_pass(av, vectors, group)
+        B = self.logits.shape[0]
+        self.att = torch.ones(B, len(av.prompt), dtype=torch.long, device=self.logits.device)
+
+    def select(self, local: torch.Tensor) -> None:
+        self.cache.batch_select_indices(local)
+        self.att = self.att[local]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.att = torch.cat([self.att, self.att.new_ones(len(tokens), 1)], 1)
+        logits, self.cache = _run(self.av.model, tokens[:, None], self.att, self.cache, last_only=True)
+        return logits[:, -1]
+
+
+class _LeanSteps:
+    """The same on thoughtscope's lean decoder (`decoding.LeanDecoder`): the same logits, less work per token."""
+
+    def __init__(self, av, vectors, group, max_new_tokens: int):
+        from ..decoding import LeanDecoder
+
+        v = check_vectors(vectors, av.cfg.d_model)
+        ids = torch.tensor([av.prompt] * v.shape[0], device=av.device)
+        P = ids.shape[1]
+        self.dec = LeanDecoder(_hf_model(av.model), ids.shape[0], P + max_new_tokens)
+        with av.injecting(v):
+            logits = self.dec.prefill(
+                ids, torch.ones_like(ids), torch.arange(P, device=ids.device)[None].expand_as(ids)
+            )
+        if group > 1:
+            self.dec.repeat_interleave(group)
+            logits = logits.repeat_interleave(group, 0)
+        self.logits = logits
+
+    def select(self, local: torch.Tensor) -> None:
+        self.dec.select(local)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.dec.step(tokens[:, None])
+
+
+def _steps(av, vectors, group, max_new_tokens: int):
+    """The lean decoder where the AV's model allows it (its LoRA adapter and injection hook included; eval mode,
+    as a GRPO step samples), else transformers' forward."""
+    from ..decoding import lean_reason
+
+    if lean_reason(_hf_model(av.model), max_len=len(av.prompt) + max_new_tokens) is None:
+        return _LeanSteps(av, vectors, group, max_new_tokens)
+    return _CachedSteps(av, vectors, group)
+
+
 def _sample(av, vectors, group, do_sample, temperature, max_new_tokens):
-    logits, cache = prompt_pass(av, vectors, group)
     n_new = max_new_tokens or av.cfg.max_new_tokens
+    run = _steps(av, vectors, group, n_new)
+    logits = run.logits
     B, dev = logits.shape[0], logits.device
     pad = av.end_ids[0] if av.end_ids else 0
     ends = torch.tensor(av.end_ids, device=dev)
     unfinished = torch.ones(B, dtype=torch.long, device=dev)
     rows = torch.arange(B, device=dev)  # the rows still decoding, whose logits `logits` holds
-    att = torch.ones(B, len(av.prompt), dtype=torch.long, device=dev)
     out = []
     for t in range(n_new):
         live = logits.float().clone()
@@ -129,11 +186,9 @@ def _sample(av, vectors, group, do_sample, temperature, max_new_tokens):
         keep = unfinished[rows].bool()
         if not bool(keep.all()):  # drop finished rows from the forward passes (and their cache)
             local = keep.nonzero().squeeze(1)
-            cache.batch_select_indices(local)
-            rows, att = rows[local], att[local]
-        att = torch.cat([att, att.new_ones(len(rows), 1)], 1)
-        logits, cache = _run(av.model, nxt[rows][:, None], att, cache, last_only=True)
-        logits = logits[:, -1]
+            run.select(local)
+            rows = rows[local]
+        logits = run.step(nxt[rows])
     return torch.stack(out, 1)
 
 

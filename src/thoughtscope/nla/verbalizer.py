@@ -225,51 +225,9 @@ class Verbalizer(nn.Module):
         )
         if do_sample:
             kw.update(temperature=temperature, top_k=0, top_p=1.0)
-        lean = self._lean_sample(v, ids, do_sample, temperature, kw["max_new_tokens"])
-        if lean is not None:
-            return lean
         with self.injecting(v):
             out = self.model.generate(input_ids=ids, attention_mask=att, **kw)
         return out[:, ids.shape[1] :]
-
-    def _lean_sample(self, v, ids, do_sample: bool, temperature: float, max_new_tokens: int) -> torch.Tensor | None:
-        """`generate`'s sampling run on the lean decoder (thoughtscope.decoding), step for step as transformers
-        does it here (the marker suppressed, the temperature divided, multinomial draws from the global RNG, rows
-        padded with the end id once they end), so the ids are the same; None when the model cannot run lean."""
-        from ..decoding import LeanDecoder, lean_reason
-
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        was_training = base.training
-        base.eval()  # no dropout in these blocks or in the adapter (lean_reason checks), so the forward is the same
-        try:
-            if lean_reason(base, max_len=ids.shape[1] + max_new_tokens) is not None:
-                return None
-            B, P = ids.shape
-            dec = LeanDecoder(base, B, P + max_new_tokens)
-            pad = self.end_ids[0] if self.end_ids else 0
-            ends = torch.tensor(self.end_ids or [-1], device=ids.device)
-            running = torch.ones(B, dtype=torch.bool, device=ids.device)
-            out = []
-            with self.injecting(v):
-                logits = dec.prefill(ids, torch.ones_like(ids), torch.arange(P, device=ids.device)[None].expand(B, P))
-            for step in range(max_new_tokens):
-                scores = logits.float()
-                scores[:, self.cfg.marker_id] = float("-inf")
-                if do_sample:
-                    if temperature != 1.0:
-                        scores = scores / temperature
-                    nxt = torch.multinomial(torch.softmax(scores, -1), num_samples=1).squeeze(1)
-                else:
-                    nxt = scores.argmax(-1)
-                nxt = torch.where(running, nxt, torch.full_like(nxt, pad))
-                out.append(nxt)
-                running = running & ~torch.isin(nxt, ends)
-                if not bool(running.any()) or step == max_new_tokens - 1:
-                    break
-                logits = dec.step(nxt[:, None])
-            return torch.stack(out, 1)
-        finally:
-            base.train(was_training)
 
     def decode(self, completion: torch.Tensor) -> list[tuple[str, bool]]:
         """(explanation, well_formed) per row; truncated answers (no closing tag) are not well formed."""
@@ -287,7 +245,9 @@ class Verbalizer(nn.Module):
     def explain(
         self, vectors: torch.Tensor, *, samples: int = 1, do_sample: bool = False, temperature: float = 1.0
     ) -> list[str]:
-        comp = self.generate_ids(vectors, samples=samples, do_sample=do_sample, temperature=temperature)
+        from .rollout import sample_group  # the same ids as generate_ids, with the prompt run once per vector
+
+        comp = sample_group(self, vectors, group=samples, do_sample=do_sample, temperature=temperature)
         return [e for e, _ in self.decode(comp)]
 
     # ------------------------------------------------------------------ adapters
