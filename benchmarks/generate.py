@@ -23,6 +23,8 @@ transformers' `generate`, int8 weights' cost, and what the workbench's generatin
    `$THOUGHTSCOPE_DECODER=transformers` against the default, in one process; the same answers are checked.
 
     python benchmarks/generate.py --quick --json out.json
+    python benchmarks/generate.py --parts workbench --json find.json     (one part again: batch1, steering,
+                                                                          batch24, int8, workbench)
 """
 
 from __future__ import annotations
@@ -290,8 +292,12 @@ def workbench(lm, args, log) -> dict:
 
 
 def _summary(result) -> str:
-    d = result.to_dict() if hasattr(result, "to_dict") else result
-    return json.dumps(d, sort_keys=True, default=str)
+    """What a search found (its frontier and winner), without its wall time."""
+    d = result.to_dict()
+    return json.dumps({k: d[k] for k in ("frontier", "best", "baseline", "prompt_only")}, sort_keys=True, default=str)
+
+
+PARTS = {"batch1": batch1, "steering": steering, "batch24": batch24, "int8": int8_cost, "workbench": workbench}
 
 
 def main(argv=None) -> int:
@@ -300,7 +306,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (llama.cpp always runs one)")
     ap.add_argument("--find", action="store_true", help="time steer find in a --quick run too (small budget)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run (of {', '.join(PARTS)})")
     args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown parts {unknown}: expected some of {', '.join(PARTS)}")
     args.tokens = 48 if args.quick else 128
     args.batch_tokens = 16 if args.quick else 64
     args.rounds = 2 if args.quick else 5
@@ -311,11 +322,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     lm = load_model("default")
     res = {"threads": args.threads, "tokens": args.tokens, "rounds": args.rounds, "quick": args.quick}
-    res.update(batch1(lm, args, log))
-    res.update(steering(lm, args, log))
-    res.update(batch24(lm, args, log))
-    res.update(int8_cost(lm, args, log))
-    res.update(workbench(lm, args, log))
+    res["parts"] = parts
+    for name in parts:
+        res.update(PARTS[name](lm, args, log))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     keys = ("batch1_vs_llamacpp_f32", "batch1_vs_llamacpp_q4", "batch1_int8_vs_llamacpp_f32", "steered_vs_plain",
             "batch24_vs_generate", "int8_perplexity_ratio", "equalizer_speedup", "find_speedup")  # fmt: skip
