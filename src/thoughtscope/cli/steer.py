@@ -181,7 +181,7 @@ def steer_find(
     sae: str = typer.Option("default", help="SAE whose features are candidates ('none': vectors only)"),
     model: str | None = typer.Option(None, help=_MODEL_HELP),
     ppl_bound: float = typer.Option(2.0, help=_find_help("ppl_bound")),
-    ppl_margin: float = typer.Option(0.92, help=_find_help("ppl_margin")),
+    ppl_margin: float = typer.Option(0.95, help=_find_help("ppl_margin")),
     n_features: int = typer.Option(4, help=_find_help("n_features")),
     n_calibrate: int = typer.Option(2, help=_find_help("n_calibrate")),
     sites: str = typer.Option("", help=_find_help("caa_sites", "Comma-separated.")),

@@ -108,7 +108,7 @@ class FindConfig:
     a mention costs perplexity once per answer."""
     ppl_bound: float = 2.0
     """Allowed perplexity of steered answers (× the unsteered perplexity)."""
-    ppl_margin: float = 0.92
+    ppl_margin: float = 0.95
     """The winner's perplexity ratio on the search seed must be within ppl_bound × this (0-1]: the search's figure
     is the best of many draws, so fresh seeds read higher (a winner at 1.94x on the search seed measured 2.10x on
     two fresh seeds); when no point passes with the margin the plain bound is used, and the result says so."""
