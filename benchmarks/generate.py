@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from _device import add_device_arg, device_info, sync
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # helpers.llamacpp: the llama.cpp driver the slow tests use
@@ -72,11 +73,12 @@ def ours_decode(lm, prompt: str, n: int, ivs=(), **kw) -> tuple[float, list[int]
 
 
 def hf_generate(lm, prompt: str, n: int) -> tuple[float, list[int]]:
-    ids = torch.tensor([format_prompt(lm, prompt)])
+    ids = torch.tensor([format_prompt(lm, prompt)], device=lm.device)
     t = time.perf_counter()
     with torch.inference_mode():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                 do_sample=False, pad_token_id=lm.pad_id)  # fmt: skip
+    sync(lm.device)
     dt = time.perf_counter() - t
     return n / dt, out[0, ids.shape[1] :].tolist()
 
@@ -109,7 +111,10 @@ def _prefix(a: list[int], b: list[int]) -> float:
 
 
 def batch1(lm, args, log) -> dict:
+    cpu = lm.device.type == "cpu"
     try:
+        if not cpu:
+            raise RuntimeError(f"llama.cpp runs on the CPU here; the model is on {lm.device}")
         from helpers.llamacpp import LlamaCpp, to_f32
 
         src = REGISTERED["default"].locate()
@@ -131,7 +136,8 @@ def batch1(lm, args, log) -> dict:
     for r in range(args.rounds):
         for i, p in enumerate(PROMPTS):
             record("ours", i, *ours_decode(lm, p, n, decoder="lean"))
-            record("ours_int8", i, *ours_decode(lm, p, n, decoder="lean", weights="int8"))
+            if cpu:  # int8 weights are a CPU kernel
+                record("ours_int8", i, *ours_decode(lm, p, n, decoder="lean", weights="int8"))
             record("transformers_loop", i, *ours_decode(lm, p, n, decoder="transformers"))
             record("hf_generate", i, *hf_generate(lm, p, n))
             for name, ll in peers.items():
@@ -144,8 +150,9 @@ def batch1(lm, args, log) -> dict:
                                    for i in tokens["ours"])  # fmt: skip
     res["batch1_vs_transformers_loop"] = round(med["ours"] / med["transformers_loop"], 3)
     res["batch1_vs_hf_generate"] = round(med["ours"] / med["hf_generate"], 3)
-    res["int8_same_prefix"] = round(statistics.mean(_prefix(tokens["ours"][i], tokens["ours_int8"][i])
-                                                    for i in tokens["ours"]), 3)  # fmt: skip
+    if cpu:
+        res["int8_same_prefix"] = round(statistics.mean(_prefix(tokens["ours"][i], tokens["ours_int8"][i])
+                                                        for i in tokens["ours"]), 3)  # fmt: skip
     if peers:
         res["batch1_vs_llamacpp_f32"] = round(med["ours"] / med["llamacpp_f32"], 3)
         res["batch1_vs_llamacpp_q4"] = round(med["ours"] / med["llamacpp_q4"], 3)
@@ -184,6 +191,7 @@ def batch24(lm, args, log) -> dict:
     n = args.batch_tokens
     rows = [format_prompt(lm, q) for q in BATCH_QUESTIONS]
     ids, mask = pad_batch(rows, lm.pad_id, left=True)
+    ids, mask = ids.to(lm.device), mask.to(lm.device)
     ours_t, hf_t, same = [], [], True
     for _ in range(max(1, args.rounds - 1)):
         t = time.perf_counter()
@@ -193,6 +201,7 @@ def batch24(lm, args, log) -> dict:
         with torch.inference_mode():
             ref = lm.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                     pad_token_id=lm.pad_id)  # fmt: skip
+        sync(lm.device)
         hf_t.append(time.perf_counter() - t)
         stops = eos_ids(lm)
         same = same and all(_same_until_eos(g.token_ids, ref[i, ids.shape[1] :].tolist(), stops)
@@ -305,6 +314,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds (under ~3 minutes)")
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (llama.cpp always runs one)")
+    add_device_arg(ap)
     ap.add_argument("--find", action="store_true", help="time steer find in a --quick run too (small budget)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run (of {', '.join(PARTS)})")
     args = ap.parse_args(argv)
@@ -320,8 +330,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     log = lambda m: print(m, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    lm = load_model("default")
-    res = {"threads": args.threads, "tokens": args.tokens, "rounds": args.rounds, "quick": args.quick}
+    lm = load_model("default", device=args.device)
+    if lm.device.type != "cpu":  # llama.cpp runs on the CPU here, and int8 weights are a CPU kernel
+        parts = [p for p in parts if p not in ("int8",)]
+    res = {
+        **device_info(args.device),
+        "threads": args.threads,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "quick": args.quick,
+    }
     res["parts"] = parts
     for name in parts:
         res.update(PARTS[name](lm, args, log))

@@ -429,3 +429,9 @@ def test_a_winner_whose_fresh_seeds_cross_the_bound_steps_down(lm, sae, monkeypa
     assert b["strength"] == strengths[1] and b["confirmation"]["within_bound_share"] == 1.0
     assert b["stepped_down_from"]["confirmation"]["perplexity_ratio"] == 2e30
     assert b["search"]["margin_met"] is True
+    from thoughtscope.steer.report import find_notes
+
+    notes = find_notes(res)  # what the CLI prints under the winner
+    assert notes[0] == "fresh seeds within the 1e+30x bound: 100%" and notes[1].startswith(
+        f"stepped down from {strengths[0]:g}"
+    )

@@ -285,16 +285,10 @@ def _print_find(res, path: Path | None) -> None:
         f"best: {b['id']} at {b['strength']:g} {b['unit']}: {b['concept_rate']:.0%} of answers at "
         f"{b['perplexity_ratio']:.2f}x perplexity ({where}); preset {path}"
     )
-    if conf:
-        console.print(f"fresh seeds within the {res.config['ppl_bound']:g}x bound: {conf['within_bound_share']:.0%}")
-    if b.get("stepped_down_from"):
-        down = b["stepped_down_from"]
-        console.print(
-            f"stepped down from {down['strength']:g}: its fresh seeds read "
-            f"{down['confirmation']['perplexity_ratio']:.2f}x perplexity"
-        )
-    if not b["search"].get("margin_met", True):
-        console.print(f"no point had room under {b['search']['margin']:g} x the bound; chosen on the bound itself")
+    from ..steer.report import find_notes
+
+    for line in find_notes(res):
+        console.print(line, markup=False)
 
 
 @one_line_errors

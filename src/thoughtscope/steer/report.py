@@ -47,3 +47,21 @@ def print_contrast(scores: Sequence[FeatureScore], score: str = "z", console=Non
             row.append(str(labels.get(s.feature, "")))
         t.add_row(*row)
     console.print(t)
+
+
+def find_notes(result) -> list[str]:
+    """What a steer find winner's figures rest on: the fresh seeds within the bound, a step down, a margin unmet."""
+    b = result.best
+    if b is None:
+        return []
+    out = []
+    conf, bound = b.get("confirmation"), result.config["ppl_bound"]
+    if conf:
+        out.append(f"fresh seeds within the {bound:g}x bound: {conf['within_bound_share']:.0%}")
+    down = b.get("stepped_down_from")
+    if down:
+        ratio = down["confirmation"]["perplexity_ratio"]
+        out.append(f"stepped down from {down['strength']:g}: its fresh seeds read {ratio:.2f}x perplexity")
+    if not b["search"].get("margin_met", True):
+        out.append(f"no point had room under {b['search']['margin']:g} x the bound; chosen on the bound itself")
+    return out
