@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from _device import add_device_arg, device_info
 
-from thoughtscope.causal.lens import JacobianLens, LensFitConfig, _fit_batches, _residuals, fit_jacobian_lens, readout
+from thoughtscope.causal.lens import JacobianLens, LensFitConfig, _fit_batches, fit_jacobian_lens
+from thoughtscope.causal.residuals import read_residuals, readout
 from thoughtscope.stats import bootstrap, percentile_ci
 
 BAND = (0.38, 0.92)
@@ -28,7 +29,7 @@ def agreement(lm, lens: JacobianLens, contexts: torch.Tensor) -> tuple[torch.Ten
     """[contexts, layers] top-1 agreement with the final top-1, for the logit lens and the Jacobian lens."""
     logit, jac = [], []
     for ids in contexts.split(8):
-        hs = _residuals(lm, ids.to(lm.device), grad=False)
+        hs = read_residuals(lm, ids.to(lm.device), grad=False)
         with torch.inference_mode():
             final = readout(lm, hs[-1]).argmax(-1)
             lo = [(readout(lm, h).argmax(-1) == final).float().mean(-1) for h in hs]

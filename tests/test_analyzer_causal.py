@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 from helpers.browser import LiveServer, browser, page, shot  # noqa: F401  (fixtures)
 from helpers.server_fixtures import build_tiny
 
-from thoughtscope.causal.lens import JacobianLens, ResidualCache, lens_column, lens_view
+from thoughtscope.causal.lens import JacobianLens, lens_column, lens_view
+from thoughtscope.causal.residuals import ResidualCache
 from thoughtscope.server import ServerConfig, create_app
 
 TEXT = "a quiet queen sat"
@@ -114,3 +115,44 @@ def test_token_panel_reads_each_layer_then_why_then_checks_in_chromium(app, page
         page.wait_for_selector(".ablated")
         assert "Spearman" in page.inner_text("#why-panel") or page.locator(".ablated").count() < 3
         shot(page, "analyzer-why-this-token")
+
+
+def test_the_panel_starts_from_the_analyzers_pass(client, app):
+    """After /analyze the token panel's first click runs only the blocks above the SAE's site, and "why" is one
+    backward pass through that reading: the same answer as reading the text afresh."""
+    from thoughtscope.causal.attribution import attribute
+
+    wb = app.state.wb
+    lm = wb.lm
+    ids, _ = lm.tokenize([TEXT])
+    wb.residual_cache.clear()
+    r = client.post("/analyze", data={"text": TEXT}, headers={"accept": "text/html"})
+    assert r.status_code == 200
+    site = lm.check_site(wb.sae.cfg.site)
+    assert wb.residual_cache.held_blocks(lm, ids) == site.layer + 1
+    d = client.get("/api/analyze/lens", params={"text": TEXT, "pos": 4}).json()
+    w = client.get("/api/analyze/why", params={"text": TEXT, "pos": 4, "target_id": d["model_top1_id"]}).json()
+    fresh = attribute(lm, wb.sae, TEXT, d["model_top1_id"], check=0, pos=4)
+    top = sorted(fresh.total.items(), key=lambda kv: -abs(kv[1]))[:12]
+    assert [f["feature"] for f in w["features"]] == [f for f, _ in top]
+    assert [f["attribution"] for f in w["features"]] == pytest.approx([a for _, a in top], rel=1e-4, abs=1e-5)
+
+
+def test_the_token_panel_benchmark_runs_the_pages_order_on_tiny(tmp_path):
+    """benchmarks/web.py --token-panel-only: the analyzer, then the first lens click, another click, why and the
+    ablation check, then both views cold; every ratio is written."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import env_with_tests_on_path
+
+    root = Path(__file__).parent.parent
+    out = tmp_path / "tp.json"
+    cmd = [sys.executable, str(root / "benchmarks/web.py"), "--tiny", "--quick", "--token-panel-only", "--threads", "1"]
+    r = subprocess.run([*cmd, "--json", str(out)], env=env_with_tests_on_path(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    for key in ("lens_column", "lens_column_next", "why", "why_checked", "lens_column_cold", "why_cold"):
+        assert res[f"{key}_vs_analyzer"] > 0

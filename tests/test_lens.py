@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from thoughtscope.causal.lens import JacobianLens, LensFitConfig, _residuals, fit_jacobian_lens, lens_view
+from thoughtscope.causal.lens import JacobianLens, LensFitConfig, fit_jacobian_lens, lens_view
+from thoughtscope.causal.residuals import read_residuals
 from thoughtscope.errors import CausalError
 from thoughtscope.models import tiny_model
 
@@ -45,7 +46,7 @@ def test_jacobian_lens_estimates_the_same_position_jacobian(lm, tmp_path):
     same, later = torch.zeros(2, 16, 16), torch.zeros(2, 16, 16)
     n = 0
     for ids in _fit_batches(lm, cfg):
-        hs = _residuals(lm, ids, grad=True)
+        hs = read_residuals(lm, ids, grad=True)
         for t in range(ids.shape[1]):
             for i in range(16):
                 gs = torch.autograd.grad(hs[-1][:, t, i].sum(), hs[:-1], retain_graph=True)

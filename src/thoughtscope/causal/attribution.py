@@ -20,6 +20,7 @@ from ..models import LoadedModel
 from ..sites import Site
 from ..stats import spearman
 from .patching import PatchPair, _last_logits, _metric_fn
+from .residuals import ResidualCache, readout, splice_sae
 
 
 @dataclass
@@ -53,17 +54,13 @@ def _spliced(lm: LoadedModel, sae, site: Site, ids: torch.Tensor, metric, *, abl
 
     def hook(_m, _a, output):
         h = output[0] if isinstance(output, tuple) else output
-        f = sae.encode(h.float())
-        if skip_bos:
-            f[:, 0] = 0
         if ablate is not None:
+            f = sae.encode(h.float())
+            if skip_bos:
+                f[:, 0] = 0
             new = h - ((f * ablate[:, None, :]) @ sae.W_dec).to(h.dtype)
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-        f = f.detach().requires_grad_(True)
-        recon = sae.decode(f)
-        err = (h.float() - recon).detach().requires_grad_(True)
-        keep.update(f=f, err=err)
-        new = (recon + err).to(h.dtype)
+        else:
+            new, keep["f"], keep["err"] = splice_sae(sae, h)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handle = lm.layers[site.layer].register_forward_hook(hook)
@@ -79,6 +76,17 @@ def _spliced(lm: LoadedModel, sae, site: Site, ids: torch.Tensor, metric, *, abl
     return float(m.detach()), keep["f"].detach()[0], gf[0], keep["err"].detach()[0], ge[0]
 
 
+def _from_cache(lm: LoadedModel, cache: ResidualCache, ids: torch.Tensor, pos: int, metric):
+    """`_spliced`'s first-order answer from the cache's reading of the whole text: one backward pass from the
+    metric at `pos` (the features after `pos` get no gradient: the model is causal)."""
+    sp = cache.spliced(lm, ids)
+    with torch.enable_grad():
+        m = metric(readout(lm, sp.top[:, pos])).sum()
+        gf, ge = torch.autograd.grad(m, [sp.f, sp.err], retain_graph=True)
+    n = pos + 1
+    return float(m.detach()), sp.f.detach()[0, :n], gf[0, :n], sp.err.detach()[0, :n], ge[0, :n]
+
+
 def attribute(
     lm: LoadedModel,
     sae,
@@ -89,11 +97,14 @@ def attribute(
     per_position: int = 5,
     check: int = 50,
     pos: int | None = None,
+    cache: ResidualCache | None = None,
 ) -> FeatureAttribution:
     """Feature attribution for the next token after `text` (after its position `pos` when given: the text is
-    read up to there), the top `check` features checked by ablation (0: not checked, the cheap view)."""
+    read up to there), the top `check` features checked by ablation (0: not checked, the cheap view). With a
+    `cache` holding this SAE (the analyzer's), the first-order part is one backward pass through its reading."""
     site = lm.check_site(sae.cfg.site)
     ids, _ = lm.tokenize([text])
+    whole = ids
     if pos is not None:
         if not 0 <= pos < ids.shape[1]:
             raise CausalError(f"position {pos} is out of range: the text has positions 0..{ids.shape[1] - 1}")
@@ -101,7 +112,10 @@ def attribute(
     metric = _metric_fn(lm, PatchPair(text, text, target, against))
     for p in sae.parameters():
         p.requires_grad_(False)
-    m, f, gf, err, gerr = _spliced(lm, sae, site, ids, metric)
+    if cache is not None and cache.sae is sae and site.stream == "resid":
+        m, f, gf, err, gerr = _from_cache(lm, cache, whole, ids.shape[1] - 1, metric)
+    else:
+        m, f, gf, err, gerr = _spliced(lm, sae, site, ids, metric)
     attr = (f * gf).cpu()  # [T, n]
     rows = []
     for t in range(attr.shape[0]):

@@ -13,7 +13,6 @@ checkpointed after every batch, so a killed fit resumes.
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from .._io import atomic_dir, atomic_save_tensors, atomic_torch_save, read_json
 from ..errors import CausalError
 from ..models import LoadedModel
 from .patching import one_token
+from .residuals import ResidualCache, read_residuals, readout
 
 
 @dataclass
@@ -118,32 +118,6 @@ def default_lens_path() -> Path:
     return Path(str(resources.files("thoughtscope") / "assets" / "default_lens"))
 
 
-def _residuals(lm: LoadedModel, ids: torch.Tensor, *, grad: bool) -> list[torch.Tensor]:
-    """The residual after every block ([B, T, d] each), the graph kept when `grad`."""
-    hs: list[torch.Tensor] = []
-    hooks = [
-        blk.register_forward_hook(lambda _m, _a, o: hs.append(o[0] if isinstance(o, tuple) else o)) for blk in lm.layers
-    ]
-    try:
-        if grad:
-            emb = lm.model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            with torch.enable_grad():
-                lm.model(inputs_embeds=emb, use_cache=False, logits_to_keep=1)
-        else:
-            with torch.inference_mode():
-                lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    finally:
-        for h in hooks:
-            h.remove()
-    return hs
-
-
-def readout(lm: LoadedModel, h: torch.Tensor) -> torch.Tensor:
-    """Logits of residual vectors through the model's final norm and unembedding ([..., d] -> [..., vocab])."""
-    x = lm.final_norm(h) if lm.final_norm is not None else h
-    return lm.unembed(x).float()
-
-
 @dataclass
 class LensView:
     """Per layer and position, the lens's top tokens; and where a tracked token ranks at each layer."""
@@ -168,27 +142,6 @@ def _lens_probs(lm: LoadedModel, h: torch.Tensor, layer: int, lens: JacobianLens
     return torch.softmax(readout(lm, x.to(h.dtype)), -1)
 
 
-class ResidualCache:
-    """The residual after every block for the last text read, so that clicking another position of the same text
-    costs only the readouts (a causal model's residual at a position does not depend on what follows it)."""
-
-    def __init__(self):
-        self._key: tuple | None = None
-        self._hs: list[torch.Tensor] = []
-        self._lock = threading.Lock()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._key, self._hs = None, []
-
-    def residuals(self, lm: LoadedModel, ids: torch.Tensor) -> list[torch.Tensor]:
-        key = (id(lm.model), tuple(ids[0].tolist()))
-        with self._lock:
-            if key != self._key:
-                self._hs, self._key = _residuals(lm, ids, grad=False), key
-            return self._hs
-
-
 def lens_column(
     lm: LoadedModel,
     text: str,
@@ -210,7 +163,7 @@ def lens_column(
     if cache is not None:
         hs = [h[:, : pos + 1] for h in cache.residuals(lm, ids)]
     else:
-        hs = _residuals(lm, ids[:, : pos + 1], grad=False)
+        hs = read_residuals(lm, ids[:, : pos + 1], grad=False)
     ids = ids[:, : pos + 1]
     with torch.inference_mode():
         rows = torch.stack([h[0, -1].float() for h in hs])  # [layers, d]: the unembedding is read once, not per layer
@@ -235,7 +188,7 @@ def lens_view(
 ) -> LensView:
     """Read `text` through the logit lens (or `lens`, a Jacobian lens) at every layer and position."""
     ids, _ = lm.tokenize([text])
-    hs = _residuals(lm, ids, grad=False)
+    hs = read_residuals(lm, ids, grad=False)
     tid = one_token(lm, track, "tracked token") if track else None
     final = readout(lm, hs[-1][0]).argmax(-1)
     top, agree, ranks, probs = [], [], [], []
@@ -342,7 +295,7 @@ def _measure_rows(lm: LoadedModel, ids: torch.Tensor, rows: torch.Tensor, state:
     and the gradient read at t is multiplied by s_t again, so the terms from later positions (which read h_l[t]
     through attention) have random signs and average out, leaving the same-position Jacobian unbiased.
     """
-    hs = _residuals(lm, ids, grad=True)
+    hs = read_residuals(lm, ids, grad=True)
     B, T, d = hs[-1].shape
     g = torch.Generator().manual_seed(seed)
     signs = (torch.randint(0, 2, (B, T), generator=g) * 2 - 1).to(hs[-1].dtype).to(hs[-1].device)
@@ -376,7 +329,7 @@ def regularise(lm: LoadedModel, lens: JacobianLens, cfg: LensFitConfig) -> None:
     val_cfg = replace(cfg, n_contexts=cfg.n_validation, contexts_per_batch=cfg.n_validation)
     val_cfg.skip_tokens = cfg.skip_tokens + cfg.n_contexts * cfg.ctx_len
     ids = next(iter(_fit_batches(lm, val_cfg)))
-    hs = _residuals(lm, ids.to(lm.device), grad=False)
+    hs = read_residuals(lm, ids.to(lm.device), grad=False)
     layers = list(range(0, lm.n_layers - 1, 2))
     with torch.inference_mode():
         final = readout(lm, hs[-1]).argmax(-1)

@@ -96,15 +96,16 @@ def analysis_view(wb, a, feature: int | None) -> dict:
 def _analyze(wb, text: str, feature: int | None, cfg, chat: bool = False):
     if chat:
         text = chat_text(wb.lm, text)
-    a = analyze_text(
-        wb.lm,
-        wb.sae,
-        text,
-        k=8,
-        features=[feature] if feature is not None else [],
-        max_text_tokens=cfg.max_prompt_tokens,
-        probes=wb.probes,
-    )
+    with wb.residual_cache.record(wb.lm):  # the token panel's lens and "why" start from this pass's blocks
+        a = analyze_text(
+            wb.lm,
+            wb.sae,
+            text,
+            k=8,
+            features=[feature] if feature is not None else [],
+            max_text_tokens=cfg.max_prompt_tokens,
+            probes=wb.probes,
+        )
     return text, analysis_view(wb, a, feature)
 
 

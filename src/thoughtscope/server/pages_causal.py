@@ -39,7 +39,7 @@ def _why(wb, text: str, target: str | int, cfg, *, pos: int | None = None, check
     if ids.shape[1] > min(cfg.max_prompt_tokens, limit):
         raise HTTPException(422, f"text has {ids.shape[1]} tokens; this view reads at most {limit}")
     try:
-        res = attribute(wb.lm, wb.sae, text, target, check=check, pos=pos)
+        res = attribute(wb.lm, wb.sae, text, target, check=check, pos=pos, cache=wb.residual_cache)
     except CausalError as e:
         raise HTTPException(422, str(e)) from None
     top = sorted(res.total.items(), key=lambda kv: -abs(kv[1]))[:12]

@@ -184,11 +184,12 @@ class Workbench:
 
     @property
     def residual_cache(self):
-        """The last analyzed text's residuals at every block (causal.lens.ResidualCache), for the token panel."""
+        """The last analyzed text's residuals at every block and its attribution graph (causal.residuals), for the
+        token panel: the analyzer's pass fills the blocks up to the SAE's site, the first click the rest."""
         if not hasattr(self, "_residual_cache"):
-            from ..causal.lens import ResidualCache
+            from ..causal.residuals import ResidualCache
 
-            self._residual_cache = ResidualCache()
+            self._residual_cache = ResidualCache(self.sae)
         return self._residual_cache
 
     def jacobian_lens(self):
