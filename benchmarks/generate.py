@@ -15,16 +15,22 @@ transformers' `generate`, int8 weights' cost, and what the workbench's generatin
 2. **Steering** (`steered_vs_plain`, goal >= 0.95): the shipped default steering (the sky feature added at
    resid.15 on the answer's tokens) against no intervention, the same lean loop, alternating rounds.
 3. **Batch 24** (`batch24_vs_generate`, goal >= 1.5): 24 chat prompts, left-padded, ours against
-   `model.generate`, same tokens checked, same threads.
-4. **int8 cost**: perplexity of held-out corpus text through the lean decoder with exact and int8 weights
-   (`int8_perplexity_ratio`), and the share of greedy tokens int8 shares with exact before the first difference.
+   `model.generate`, same tokens checked, same threads; and ours with bfloat16 weights (`weights="bf16"`: a batch
+   of rows is compute-bound, and oneDNN multiplies bf16 on the CPU's bf16 / AMX units) against `generate` as
+   users run it (float32: `batch24_bf16_vs_generate`) and against `generate` on a bfloat16 copy of the model
+   (`batch24_bf16_vs_generate_bf16`); `batch24_bf16_same_prefix`: the share of each answer's greedy tokens bf16
+   shares with exact before the first difference.
+4. **Low-precision cost**: perplexity of held-out corpus text through the lean decoder with exact, int8 and bf16
+   weights (`int8_perplexity_ratio`, `bf16_perplexity_ratio`), and the share of greedy tokens int8 shares with
+   exact before the first difference.
 5. **The workbench** (`equalizer_speedup`, `find_speedup`): the equalizer's three lanes (unsteered, prompt-only
-   baseline, steered; 48 tokens) and `steer find` on one concept (full run only, or `--find`), each timed with
-   `$THOUGHTSCOPE_DECODER=transformers` against the default, in one process; the same answers are checked.
+   baseline, steered; 48 tokens) and `steer find` on one concept (full run only, or `--find`; exact weights, since
+   bf16 needs the lean decoder), each timed with `$THOUGHTSCOPE_DECODER=transformers` against the default, in one
+   process; the same answers are checked.
 
     python benchmarks/generate.py --quick --json out.json
     python benchmarks/generate.py --parts workbench --json find.json     (one part again: batch1, steering,
-                                                                          batch24, int8, workbench)
+                                                                          batch24, int8 (low precision), workbench)
 """
 
 from __future__ import annotations
@@ -188,37 +194,61 @@ def steering(lm, args, log) -> dict:
 
 
 def batch24(lm, args, log) -> dict:
+    import copy
+
     n = args.batch_tokens
     rows = [format_prompt(lm, q) for q in BATCH_QUESTIONS]
     ids, mask = pad_batch(rows, lm.pad_id, left=True)
     ids, mask = ids.to(lm.device), mask.to(lm.device)
-    ours_t, hf_t, same = [], [], True
-    for _ in range(max(1, args.rounds - 1)):
-        t = time.perf_counter()
-        out = generate(lm, BATCH_QUESTIONS, (), _cfg(n))
-        ours_t.append(time.perf_counter() - t)
+    half = copy.deepcopy(lm.model).to(torch.bfloat16)  # transformers' generate with bfloat16 weights, for bf16's pair
+
+    def hf(model):
         t = time.perf_counter()
         with torch.inference_mode():
-            ref = lm.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                    pad_token_id=lm.pad_id)  # fmt: skip
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=lm.pad_id)  # fmt: skip
         sync(lm.device)
-        hf_t.append(time.perf_counter() - t)
-        stops = eos_ids(lm)
+        return time.perf_counter() - t, out
+
+    def ours(weights):
+        t = time.perf_counter()
+        out = generate(lm, BATCH_QUESTIONS, (), _cfg(n, weights=weights))
+        return time.perf_counter() - t, out
+
+    times: dict[str, list[float]] = {k: [] for k in ("ours", "hf", "ours_bf16", "hf_bf16")}
+    same, prefix = True, []
+    stops = eos_ids(lm)
+    for _ in range(max(1, args.rounds - 1)):
+        dt, out = ours("exact")
+        times["ours"].append(dt)
+        dt, ref = hf(lm.model)
+        times["hf"].append(dt)
         same = same and all(_same_until_eos(g.token_ids, ref[i, ids.shape[1] :].tolist(), stops)
                             for i, g in enumerate(out))  # fmt: skip
+        dt, low = ours("bf16")
+        times["ours_bf16"].append(dt)
+        prefix += [_prefix(g.token_ids, e.token_ids) for g, e in zip(low, out)]
+        times["hf_bf16"].append(hf(half)[0])
     total = len(BATCH_QUESTIONS) * n
+    rate = {k: round(total / statistics.median(v), 1) for k, v in times.items()}
     res = {
-        "batch24_ours_tok_s": round(total / statistics.median(ours_t), 1),
-        "batch24_generate_tok_s": round(total / statistics.median(hf_t), 1),
+        "batch24_ours_tok_s": rate["ours"],
+        "batch24_generate_tok_s": rate["hf"],
         "batch24_same_tokens": same,
+        "batch24_bf16_tok_s": rate["ours_bf16"],
+        "batch24_generate_bf16_tok_s": rate["hf_bf16"],
+        "batch24_bf16_same_prefix": round(statistics.mean(prefix), 3),
     }
-    res["batch24_vs_generate"] = round(res["batch24_ours_tok_s"] / res["batch24_generate_tok_s"], 3)
+    res["batch24_vs_generate"] = round(rate["ours"] / rate["hf"], 3)
+    res["batch24_bf16_vs_generate"] = round(rate["ours_bf16"] / rate["hf"], 3)
+    res["batch24_bf16_vs_generate_bf16"] = round(rate["ours_bf16"] / rate["hf_bf16"], 3)
     log(f"[batch 24] {res}")
     return res
 
 
 def int8_cost(lm, args, log) -> dict:
-    """Perplexity of held-out corpus contexts (far from the start the shipped SAE trained on) with both weights."""
+    """Perplexity of held-out corpus contexts (far from the start the shipped SAE trained on) with exact, int8 and
+    bfloat16 weights."""
     from thoughtscope.corpus import Corpus
     from thoughtscope.decoding import LeanDecoder
 
@@ -229,7 +259,7 @@ def int8_cost(lm, args, log) -> dict:
             ctxs.append(c.input_ids)
         if len(ctxs) >= args.ppl_contexts:
             break
-    nll = {"exact": 0.0, "int8": 0.0}
+    nll = {"exact": 0.0, "int8": 0.0, "bf16": 0.0}
     count = 0
     with torch.inference_mode():
         for ids in ctxs:
@@ -242,6 +272,7 @@ def int8_cost(lm, args, log) -> dict:
             count += T - 1
     res = {f"{w}_perplexity": round(math.exp(v / count), 4) for w, v in nll.items()}
     res["int8_perplexity_ratio"] = round(res["int8_perplexity"] / res["exact_perplexity"], 4)
+    res["bf16_perplexity_ratio"] = round(res["bf16_perplexity"] / res["exact_perplexity"], 4)
     res["ppl_tokens"] = count
     log(f"[int8] {res}")
     return res
@@ -289,7 +320,8 @@ def workbench(lm, args, log) -> dict:
         from thoughtscope.steer.find import Concept, FindConfig, find_handle
 
         concept = Concept("sky", ["sky", "skies", "clouds", "sun", "moon", "stars"])
-        cfg = FindConfig() if not args.quick else FindConfig(n_features=1, n_screen=2, n_calibrate=1, max_new_tokens=24)
+        small = dict(n_features=1, n_screen=2, n_calibrate=1, max_new_tokens=24) if args.quick else {}
+        cfg = FindConfig(weights="exact", **small)  # the decoders compared on the same arithmetic (bf16 needs lean)
         found = {}
         for mode in ("transformers", "auto"):
             dt, found[mode] = _timed_env(mode, lambda: find_handle(lm, sae, concept, config=cfg, progress=False))
@@ -345,7 +377,8 @@ def main(argv=None) -> int:
         res.update(PARTS[name](lm, args, log))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     keys = ("batch1_vs_llamacpp_f32", "batch1_vs_llamacpp_q4", "batch1_int8_vs_llamacpp_f32", "steered_vs_plain",
-            "batch24_vs_generate", "int8_perplexity_ratio", "equalizer_speedup", "find_speedup")  # fmt: skip
+            "batch24_vs_generate", "batch24_bf16_vs_generate", "batch24_bf16_vs_generate_bf16", "int8_perplexity_ratio",
+            "bf16_perplexity_ratio", "equalizer_speedup", "find_speedup")  # fmt: skip
     for k in keys:
         if k in res:
             log(f"{k}: {res[k]}")

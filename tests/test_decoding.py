@@ -148,17 +148,19 @@ def test_weights_changed_in_place_are_read_again():
     assert after != before
 
 
-def test_int8_weights_stay_close():
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_low_precision_weights_stay_close(precision):
     lm = _lm("llama")
     ids = torch.tensor([[1, 40, 50, 60, 70, 80, 90]])
     args = (ids, torch.ones_like(ids), torch.arange(7)[None])
     with torch.inference_mode():
         exact = LeanDecoder(lm.model, 1, 8).prefill(*args, every=True)
-        int8 = LeanDecoder(lm.model, 1, 8, precision="int8").prefill(*args, every=True)
-    assert int8.shape == exact.shape
-    rel = (int8 - exact).norm() / exact.norm()
+        low = LeanDecoder(lm.model, 1, 8, precision=precision).prefill(*args, every=True)
+    assert low.shape == exact.shape and low.dtype == exact.dtype
+    rel = (low - exact).norm() / exact.norm()
     assert 0 < rel < 0.05, rel
-    assert len(_tokens(lm, PROMPTS, weights="int8")[0]) == 12
+    batch = _tokens(lm, PROMPTS, weights=precision)
+    assert [len(t) for t in batch] == [12] * len(PROMPTS)
 
 
 def test_bad_settings_are_refused():

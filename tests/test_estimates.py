@@ -164,9 +164,14 @@ def test_budget_cuts_least_harmful_first_until_the_search_fits():
     rate = 0.01  # seconds per answer token
     kept_cfg, q, kept, cuts, predicted = _fit_budget(hs, QUESTIONS, cfg, rate * full * 10, rate)
     assert cuts == [] and kept_cfg == cfg and len(kept) == len(hs) and q == QUESTIONS
-    no_pair = _worst_work(hs, QUESTIONS, FindConfig(pair_grid=()))
+    one = _worst_work(hs, QUESTIONS, FindConfig(answers_per_question=1))
+    assert full - one == _worst_work(hs, QUESTIONS, FindConfig(answers_per_question=3)) - full  # calibration's share
+    kept_cfg, q, kept, cuts, predicted = _fit_budget(hs, QUESTIONS, cfg, rate * one, rate)
+    assert cuts == ["1 answer per calibration question"] and kept_cfg.answers_per_question == 1
+    no_pair = _worst_work(hs, QUESTIONS, FindConfig(pair_grid=(), answers_per_question=1))
     kept_cfg, q, kept, cuts, predicted = _fit_budget(hs, QUESTIONS, cfg, rate * no_pair, rate)
-    assert cuts == ["no CAA + logit pair"] and kept_cfg.pair_grid == () and predicted <= rate * no_pair
+    assert cuts == ["1 answer per calibration question", "no CAA + logit pair"] and kept_cfg.pair_grid == ()
+    assert predicted <= rate * no_pair
     budget = rate * full / 8
     kept_cfg, q, kept, cuts, predicted = _fit_budget(hs, QUESTIONS, cfg, budget, rate)
     assert predicted <= budget and math.isclose(predicted, rate * _worst_work(kept, q, kept_cfg))

@@ -132,9 +132,14 @@ def test_found_preset_loads_and_reproduces_the_steered_text(lm, sae, tmp_path):
     preset = Preset.load(path)
     item = preset.items[0]
     assert item.feature == WRITER and item.suggested == res.best["strength"] and item.range == res.best["range"]
-    gens = generate(lm, QUESTIONS[:3], preset.build(lm), GenerationConfig(max_new_tokens=8, temperature=0.8, seed=3))
+    # the search's answers are what its stated settings give: each question twice, with the search's weights
+    assert res.config["answers_per_question"] == 2 and res.config["search_weights"] in ("bf16", "exact")
+    twice = [q for q in QUESTIONS[:3] for _ in range(2)]
+    how = GenerationConfig(max_new_tokens=8, temperature=0.8, seed=3, weights=res.config["search_weights"])
+    gens = generate(lm, twice, preset.build(lm), how)
     best_point = next(p for p in res.frontier if p["strength"] == res.best["strength"])
-    assert [g.text for g in gens] == best_point["answers"]
+    assert [g.text for g in gens] == best_point["answers"] and best_point["n_questions"] == 6
+    assert len(res.baseline["answers"]) == 6 and res.best["confirmation"]["n_answers"] == 2 * 3
 
 
 def _small(**kw) -> FindConfig:
@@ -159,9 +164,10 @@ def test_caa_handles_at_several_sites_and_vector_preset_round_trip(lm, sae, tmp_
     path = save_preset(res, None, tmp_path / "v.json")
     preset = Preset.load(path)
     assert preset.items[0].type == "vector" and preset.items[0].unit == "norm"
-    gens = generate(lm, QUESTIONS[:2], preset.build(lm), GenerationConfig(max_new_tokens=6, temperature=0.0))
+    how = GenerationConfig(max_new_tokens=6, temperature=0.0, weights=res.config["search_weights"])
+    gens = generate(lm, QUESTIONS[:2], preset.build(lm), how)
     best_point = next(p for p in res.frontier if p["strength"] == res.best["strength"])
-    assert [g.text for g in gens] == best_point["answers"]
+    assert [g.text for g in gens] == best_point["answers"]  # greedy: one answer per question
 
 
 def test_one_max_reference_stored_with_the_sae(lm, sae, tmp_path):
@@ -435,3 +441,21 @@ def test_a_winner_whose_fresh_seeds_cross_the_bound_steps_down(lm, sae, monkeypa
     assert notes[0] == "fresh seeds within the 1e+30x bound: 100%" and notes[1].startswith(
         f"stepped down from {strengths[0]:g}"
     )
+
+
+def test_the_search_weights_resolve_per_model_and_are_checked(lm, monkeypatch):
+    """The "auto" weights are bf16 only where the lean decoder runs the model and bf16 products were measured
+    faster; the search's settings are validated before any answer is written."""
+    from thoughtscope.decoding import bf16_is_faster
+    from thoughtscope.steer.find import _search_weights
+
+    fast = "bf16" if bf16_is_faster(lm.device) else "exact"
+    assert _search_weights(lm, FindConfig()) == fast
+    assert _search_weights(lm, FindConfig(weights="exact")) == "exact"
+    assert _search_weights(tiny_model("gpt2", d_model=32, n_layers=2), FindConfig()) == "exact"  # not a lean family
+    monkeypatch.setenv("THOUGHTSCOPE_DECODER", "transformers")
+    assert _search_weights(lm, FindConfig()) == "exact"
+    with pytest.raises(SteerError, match="FindConfig.weights must be one of auto, exact, int8, bf16"):
+        FindConfig(weights="fp8")
+    with pytest.raises(SteerError, match="FindConfig.answers_per_question must be a positive integer"):
+        FindConfig(answers_per_question=0)

@@ -14,12 +14,15 @@ and the caller keeps transformers' forward. Families: Llama, Mistral, Qwen2 and 
 the others (GPT-2, GPT-NeoX, Gemma) keep transformers' forward.
 
 `precision="int8"` (CPU) keeps an int8 copy of every matrix with one scale per row and multiplies in bfloat16
-(a quarter of the bytes read per token; the residual stream, norms, attention and cache stay in float32). Its
-cost is measured as perplexity on held-out text (benchmarks/generate.py); it is never the default.
+(a quarter of the bytes read per token: the batch-1 case, where reading weights is the cost); `"bf16"` keeps a
+bfloat16 copy and multiplies in bfloat16 (a batch of rows is compute-bound, and oneDNN runs bf16 products on the
+CPU's bf16 / AMX units). The residual stream, norms, attention and cache stay in float32 for both. Their cost is
+measured as perplexity on held-out text (benchmarks/generate.py); neither is ever the default.
 """
 
 from __future__ import annotations
 
+import time
 import weakref
 
 import torch
@@ -30,7 +33,7 @@ from .errors import ModelError
 from .sites import mlp_module
 
 LEAN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-PRECISIONS = ("exact", "int8")  # steer.config.DECODE_WEIGHTS names them for the torch-free configs
+PRECISIONS = ("exact", "int8", "bf16")  # steer.config.DECODE_WEIGHTS names them for the torch-free configs
 
 
 # transformers' own output recorders, installed for good on a model's first call that asks for hidden states or
@@ -183,8 +186,8 @@ class _Block:
 
         self.q8: dict[str, _Int8] | None = None
 
-    def quantise(self) -> None:
-        self.q8 = {n: _Int8(w.t(), self.b[n]) for n, w in self.w.items()}
+    def quantise(self, kind: type) -> None:
+        self.q8 = {n: kind(w.t(), self.b[n]) for n, w in self.w.items()}
         self.w = {}
 
     def linear(self, name: str, x: Tensor) -> Tensor:
@@ -222,6 +225,8 @@ class _Int8:
     """A weight stored as int8 rows with one float scale each; the product runs in bfloat16 (4x fewer bytes
     read than float32), the result comes back as float32."""
 
+    precision = "int8"
+
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         w = weight.detach().float()
         scale = w.abs().amax(1).clamp_min(1e-12) / 127
@@ -234,6 +239,51 @@ class _Int8:
         return y if self.bias is None else y + self.bias
 
 
+class _BF16:
+    """A weight stored in bfloat16; the product runs in bfloat16 (oneDNN uses the CPU's bf16 or AMX units, where a
+    batch of rows is compute-bound), the result comes back as float32."""
+
+    precision = "bf16"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        self.wt = weight.detach().to(torch.bfloat16).t()  # [in, out], a view of the [out, in] rows
+        self.bias = bias
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.mm(x.to(torch.bfloat16), self.wt).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+_LOW = {kind.precision: kind for kind in (_Int8, _BF16)}  # precision name -> how its weights are kept
+
+
+_BF16_FASTER: dict[str, bool] = {}
+
+
+def bf16_is_faster(device: torch.device | str) -> bool:
+    """Whether this device multiplies a batch of rows in bfloat16 clearly (1.3x) faster than in float32, measured
+    once per device type on a decode-sized product: CPUs with bf16 or AMX units do, others emulate bf16 and may be
+    slower, so a search asks before it picks bf16 weights."""
+    device = torch.device(device)
+    if device.type not in _BF16_FASTER:
+        x, w = torch.randn(24, 576, device=device), torch.randn(1536, 576, device=device)
+        seconds = {}
+        with torch.inference_mode():
+            for dt in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
+                a, b = x.to(dt), w.to(dt).t()
+                torch.mm(a, b)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t = time.perf_counter()
+                for _ in range(20):
+                    torch.mm(a, b)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[dt] = min(seconds.get(dt, float("inf")), time.perf_counter() - t)
+        _BF16_FASTER[device.type] = seconds[torch.float32] > 1.3 * seconds[torch.bfloat16]
+    return _BF16_FASTER[device.type]
+
+
 class _Weights:
     """What the lean path reads from a model, built once per model and weight version (the fused q/k/v copy
     costs a pass over those matrices)."""
@@ -244,10 +294,10 @@ class _Weights:
         self.blocks = [_Block(b) for b in inner.layers]
         self.head_w = model.lm_head.weight.t()
         self.head_q = None
-        if precision == "int8":
+        if precision in _LOW:
             for blk in self.blocks:
-                blk.quantise()
-            self.head_q = _Int8(model.lm_head.weight, model.lm_head.bias)
+                blk.quantise(_LOW[precision])
+            self.head_q = _LOW[precision](model.lm_head.weight, model.lm_head.bias)
         self.rotary_emb = inner.rotary_emb
         self.head_dim = inner.layers[0].self_attn.head_dim
         self._rotary: tuple[int, Tensor, Tensor] | None = None
@@ -427,4 +477,4 @@ def _attend(blk: _Block, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | No
     return F.scaled_dot_product_attention(q, k, v, attn_mask, scale=blk.scaling)
 
 
-__all__ = ["LEAN_FAMILIES", "PRECISIONS", "LeanDecoder", "lean_reason"]
+__all__ = ["LEAN_FAMILIES", "PRECISIONS", "LeanDecoder", "bf16_is_faster", "lean_reason"]

@@ -191,6 +191,8 @@ def steer_find(
     max_new_tokens: int = typer.Option(64, help=_find_help("max_new_tokens")),
     seed: int = typer.Option(0, help=_find_help("seed")),
     confirm_seeds: int = typer.Option(2, help=_find_help("confirm_seeds")),
+    answers_per_question: int = typer.Option(2, help=_find_help("answers_per_question")),
+    weights: str = typer.Option("auto", help=_find_help("weights")),
     preset: Path | None = typer.Option(None, help="save the winner as this preset (default: steer-find-NAME.json)"),
     json_out: Path | None = typer.Option(None, "--json", help="write the whole search here"),
     minutes: float | None = typer.Option(
@@ -219,6 +221,8 @@ def steer_find(
         max_new_tokens=max_new_tokens,
         seed=seed,
         confirm_seeds=confirm_seeds,
+        answers_per_question=answers_per_question,
+        weights=weights,
     )
     sae_obj = None if sae == "none" else load_sae(sae).eval().requires_grad_(False)
     lm = _load_recorded(model, None if model or sae_obj is None else recorded_model(sae=sae_obj))

@@ -196,14 +196,38 @@ def _planned_work(handles: Sequence[Handle], questions: Sequence[str], config: F
     """Answer tokens the search will generate if nothing is cut short (the progress bar's total)."""
     n_screen = min(len(questions), config.n_screen)
     screen = (sum(len(h.grid) for h in handles) + len(config.pair_grid)) * n_screen * config.screen_tokens
-    n_evals = 2 + 2 * config.confirm_seeds + config.n_calibrate * len(config.fine_steps)
-    return screen + n_evals * len(questions) * config.max_new_tokens
+    calibration = (2 + config.n_calibrate * len(config.fine_steps)) * _per_question(config)
+    return screen + (calibration + 2 * config.confirm_seeds) * len(questions) * config.max_new_tokens
 
 
 def _worst_work(handles: Sequence[Handle], questions: Sequence[str], config: FindConfig) -> int:
     """Answer tokens the search generates at most: the planned work plus every calibration point it may add."""
-    extra = config.n_calibrate * (config.extend_steps + config.refine_steps) * len(questions) * config.max_new_tokens
+    points = config.n_calibrate * (config.extend_steps + config.refine_steps)
+    extra = points * _per_question(config) * len(questions) * config.max_new_tokens
     return _planned_work(handles, questions, config) + extra
+
+
+def _per_question(config: FindConfig) -> int:
+    """Answers per question at a calibration point (one when greedy: the others would repeat it)."""
+    return config.answers_per_question if config.temperature > 0 else 1
+
+
+def _search_weights(lm: LoadedModel, config: FindConfig) -> str:
+    """The weights the search's answers are computed with: `config.weights`, "auto" resolved (bf16 where the lean
+    decoder runs this model and the device multiplies bf16 clearly faster, else the model's own)."""
+    if config.weights != "auto":
+        return config.weights
+    from ..decoding import bf16_is_faster, lean_reason
+    from .config import _default_decoder
+
+    if _default_decoder() == "transformers" or lean_reason(lm.model) is not None:
+        return "exact"
+    return "bf16" if bf16_is_faster(lm.device) else "exact"
+
+
+def _repeated(questions: Sequence[str], k: int) -> list[str]:
+    """Each question k times in a row: k sampled answers each from one batch (one sampler, different draws)."""
+    return [q for q in questions for _ in range(k)]
 
 
 def _worst_calls(handles: Sequence[Handle], config: FindConfig) -> int:
@@ -240,7 +264,8 @@ def _cuts(config: FindConfig, n_questions: int):
     """The ways to shrink a search, least harmful first: (what is cut, config, questions kept, candidates kept
     per kind, screening points kept per candidate)."""
     c, q, k, g = config, n_questions, None, None
-    steps = [
+    steps = [("1 answer per calibration question", dict(answers_per_question=1))] if _per_question(c) > 1 else []
+    steps += [
         ("no CAA + logit pair", dict(pair_grid=())),
         ("1 confirmation seed", dict(confirm_seeds=min(1, c.confirm_seeds))),
         ("no calibration points past the fine grid", dict(extend_steps=0, refine_steps=min(1, c.refine_steps))),
@@ -353,9 +378,8 @@ class _Search:
 
     def __init__(self, lm, sae, concept: Concept, questions: list[str], config: FindConfig, handles, bar) -> None:
         self.lm, self.sae, self.concept, self.config, self.bar = lm, sae, concept, config, bar
-        self.questions = questions
-        self.screen_q = questions[: config.n_screen]
-        self.scfg, self.fcfg = config.generation(config.screen_tokens), config.generation(config.max_new_tokens)
+        self.weights = _search_weights(lm, config)
+        self.set_questions(questions)
         self.judged = dict(judge=concept.mentioned, loop_limit=config.loop_repetition)  # how every answer is scored
         self.report: dict[str, dict] = {}
         for h in handles:
@@ -365,6 +389,16 @@ class _Search:
         self.screened: list[tuple] = []  # (concept rate, -perplexity ratio, handle, best screening strength)
         self.sbase: SweepPoint | None = None
         self.budget: _Budget | None = None
+
+    def set_questions(self, questions: list[str]) -> None:
+        """The questions (and the config) the search runs on from now: screening's first few, calibration's every
+        question `answers_per_question` times, both answered with the search's weights."""
+        config = self.config
+        self.questions = list(questions)
+        self.screen_q = self.questions[: config.n_screen]
+        self.calib_q = _repeated(self.questions, _per_question(config))
+        self.scfg = config.generation(config.screen_tokens, weights=self.weights)
+        self.fcfg = config.generation(config.max_new_tokens, weights=self.weights)
 
     def screening_baseline(self) -> None:
         """The unsteered answers to the screening questions: the first generations, timed for a budget."""
@@ -389,9 +423,8 @@ class _Search:
                 + f" (now ~{b.predicted / 60:.1f} min)"
             )
         measured_on = (len(self.screen_q), self.config.screen_tokens)
-        self.config, self.questions = config, questions
-        self.screen_q = questions[: config.n_screen]
-        self.scfg, self.fcfg = config.generation(config.screen_tokens), config.generation(config.max_new_tokens)
+        self.config = config
+        self.set_questions(questions)
         for h in [h for h in handles if all(h.id != x.id for x in kept)]:
             self.report[h.id]["status"] = "not screened: cut to keep the time budget"
         if (len(self.screen_q), config.screen_tokens) != measured_on:  # the unsteered reference of the cut screen
@@ -463,7 +496,7 @@ class _Search:
     # -- calibration
     def references(self) -> tuple[SweepPoint, dict, dict]:
         """The unsteered answers on every question and the prompt-only baseline: (base, baseline, prompt-only)."""
-        qs, n = self.questions, len(self.questions)
+        qs, n = self.calib_q, len(self.calib_q)
         base = evaluate(self.lm, [], prompts=qs, config=self.fcfg, keep_samples=n, **self.judged)
         baseline = _point(base, base, "baseline", "unsteered", n)
         self.tick(n, self.config.max_new_tokens, "unsteered")
@@ -478,19 +511,19 @@ class _Search:
         steps = list(config.fine_steps)
         while steps:
             s = round(s_star * steps.pop(0), 6)
-            p = self.steered(h, s, self.questions, self.fcfg, base, "calibration")
+            p = self.steered(h, s, self.calib_q, self.fcfg, base, "calibration")
             mine.append(p)
             extended = len(mine) - len(config.fine_steps)
             if not steps and extended < config.extend_steps and _room(p, config) and self._affords_point():
                 # the 6 screening answers put the grid too low: go on up to the bound
                 steps.append(s * config.extend_factor / s_star)
-                self.bar.grow(len(self.questions) * config.max_new_tokens)
+                self.bar.grow(len(self.calib_q) * config.max_new_tokens)
         for _ in range(config.refine_steps):
             s = _between(mine, config.ppl_bound)
             if s is None or not self._affords_point():
                 break
-            self.bar.grow(len(self.questions) * config.max_new_tokens)
-            mine.append(self.steered(h, s, self.questions, self.fcfg, base, "calibration"))
+            self.bar.grow(len(self.calib_q) * config.max_new_tokens)
+            mine.append(self.steered(h, s, self.calib_q, self.fcfg, base, "calibration"))
         self.report[h.id]["status"] = "calibrated"
         return list(mine)
 
@@ -498,7 +531,7 @@ class _Search:
         """Answer tokens the search needs after screening at the least: references and one fine grid per calibrated
         handle."""
         c = self.config
-        return (2 + c.n_calibrate * len(c.fine_steps)) * len(self.questions) * c.max_new_tokens
+        return (2 + c.n_calibrate * len(c.fine_steps)) * len(self.calib_q) * c.max_new_tokens
 
     def _affords_screening(self, h: Handle) -> bool:
         """Whether screening `h` leaves time for the rest (always, without a budget); a handle skipped is noted."""
@@ -519,7 +552,10 @@ class _Search:
         b = self.budget
         if b is None:
             return chosen
-        later = ("confirm_seeds", "extend_steps", "refine_steps", "n_calibrate", "fine_steps", "max_new_tokens")
+        later = (
+            "answers_per_question", "confirm_seeds", "extend_steps", "refine_steps", "n_calibrate", "fine_steps",
+            "max_new_tokens",
+        )  # fmt: skip
         config, questions = self.config, self.questions
         for what, c, q, _, _ in _cuts(self.config, len(self.questions)):
             c0 = replace(config, pair_grid=())
@@ -528,8 +564,8 @@ class _Search:
             if q < len(questions) or any(getattr(c, k) != getattr(config, k) for k in later):
                 config, questions = replace(config, **{k: getattr(c, k) for k in later}), questions[:q]
                 b.cut(f"{what} (after screening)")
-        self.config, self.questions = replace(config, pair_grid=self.config.pair_grid), list(questions)
-        self.fcfg = config.generation(config.max_new_tokens)
+        self.config = replace(config, pair_grid=self.config.pair_grid)
+        self.set_questions(list(questions))
         for _, _, h, _ in chosen[config.n_calibrate :]:
             self.report[h.id]["status"] = "screened; calibration cut to keep the time budget"
         return chosen[: config.n_calibrate]
@@ -537,7 +573,7 @@ class _Search:
     def _affords_point(self) -> bool:
         """Whether one more calibration point fits the budget (always, without one); a point skipped is noted."""
         b = self.budget
-        if b is None or b.affords(len(self.questions) * self.config.max_new_tokens):
+        if b is None or b.affords(len(self.calib_q) * self.config.max_new_tokens):
             return True
         b.cut("calibration points skipped at the deadline")
         return False
@@ -656,7 +692,7 @@ def find_handle(
         config, questions = run.config, run.questions
         base, baseline, prompt_only = run.references()
         frontier = [p for _, _, h, s_star in chosen for p in run.calibrate(h, s_star, base)]
-        run.skip((config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(questions) * config.max_new_tokens)
+        run.skip((config.n_calibrate - len(chosen)) * len(config.fine_steps) * len(run.calib_q) * config.max_new_tokens)
         best = _choose(
             {h.id: run.report[h.id]["calibration"] for _, _, h, _ in chosen}, config.ppl_bound, config.ppl_margin
         )
@@ -664,6 +700,7 @@ def find_handle(
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
     cfg["caa_sites"] = [h.site for h in handles if h.kind == "caa"]
     cfg["logit_sites"] = [h.site for h in handles if h.kind == "logit"]
+    cfg["search_weights"] = run.weights
     if run.budget is not None:
         cfg["budget"] = {**run.budget.describe(), "seconds": round(time.perf_counter() - t0, 1)}
     result = FindResult(
