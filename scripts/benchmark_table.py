@@ -166,7 +166,14 @@ def generate_rows(fig: dict, quick: bool) -> list[list[str]]:
         f"**{g('batch1_vs_llamacpp_f32')}** of llama.cpp F32 (>= 0.8), {g('batch1_vs_llamacpp_q4')} of Q4_1; int8 "
         f"{g('batch1_int8_vs_llamacpp_f32')}x llama.cpp F32 at {g('int8_perplexity_ratio', '.4f')}x perplexity; "
         f"steered / plain **{g('steered_vs_plain')}** (>= 0.95); batch 24 / `generate` **{g('batch24_vs_generate')}** "
-        f"(>= 1.5); equalizer lanes {g('equalizer_speedup')}x, steer find {g('find_speedup')}x faster than before"
+        f"(>= 1.5)"
+        + (
+            f", with bf16 weights {g('batch24_bf16_vs_generate')} ({g('batch24_bf16_vs_generate_bf16')} of `generate` "
+            f"on bf16 weights) at {g('bf16_perplexity_ratio', '.4f')}x perplexity"
+            if "batch24_bf16_vs_generate" in fig
+            else ""
+        )
+        + f"; equalizer lanes {g('equalizer_speedup')}x, steer find {g('find_speedup')}x faster than before"
     )
     return [[f"`generate.py{' --quick' if quick else ''}`", work, ours, peer, ratio]]
 

@@ -12,8 +12,8 @@ soon as it breaks the text); handles that never beat the unsteered concept rate 
 the best few get a full calibration on all neutral questions. The result is the frontier (concept rate
 against perplexity ratio, per handle and strength), the prompt-only baseline ("mention X" in the system
 prompt) on the same questions, and the best handle within the perplexity bound: chosen on a curve fitted
-over each handle's points (one point of 24 sampled answers is too noisy to pick by), re-measured on fresh
-seeds (the figures it reports) and ready to save as an equalizer preset.
+over each handle's points (one point of 48 sampled answers, two per question, is too noisy to pick by),
+re-measured on fresh seeds (the figures it reports) and ready to save as an equalizer preset.
 """
 
 from __future__ import annotations
@@ -580,7 +580,7 @@ class _Search:
 
     def confirm(self, h: Handle, strength: float) -> dict:
         """The winner on `confirm_seeds` fresh seeds, each beside the unsteered answers of its seed. The search's
-        own figure is the best of ~20 draws of 24 answers, so it runs high; these are the figures to expect."""
+        own figure is the best of ~20 draws of 48 answers, so it runs high; these are the figures to expect."""
         config, questions = self.config, self.questions
         ivs = h.interventions(self.sae, strength, config.positions)
         seeds = [config.seed + k for k in range(1, config.confirm_seeds + 1)]
