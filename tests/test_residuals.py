@@ -161,3 +161,25 @@ def test_readout_is_the_models_own_head_soft_cap_included():
         got = readout(lm, hs[-1][0])
     assert want.abs().max() <= 2.0 and got.abs().max() <= 2.0
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_long_reading_keeps_no_graph_until_attribution_asks():
+    lm = _model("llama")
+    sae = _sae(lm)
+    ids, _ = lm.tokenize([TEXT])
+    cache = ResidualCache(sae, max_graph_tokens=ids.shape[1] - 1)
+    calls = Calls(lm)
+    try:
+        with cache.record(lm):
+            analyze_text(lm, sae, TEXT, k=4)
+        calls.take()
+        hs = cache.residuals(lm, ids)  # the lens: the blocks above the site run once, without a graph
+        assert calls.take() == [0, 0, 1, 1] and cache._spliced is None
+        for g, w in zip(hs, read_residuals(lm, ids, grad=False), strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        calls.take()
+        why = attribute(lm, sae, TEXT, "q", check=0, cache=cache)  # asked for: the graph is built now
+        assert calls.take() == [0, 0, 1, 1] and cache._spliced is not None
+        _same_attribution(why, attribute(lm, sae, TEXT, "q", check=0))
+    finally:
+        calls.remove()
