@@ -52,3 +52,14 @@ def test_analyze_report_reads_features_lens_and_why(lm_sae):
     assert out["lens"]["kind"] == "logit" and len(out["lens"]["top"]) == lm.n_layers
     assert out["lens"]["track"]["token"] == "e" and out["why"]["top"]
     assert "lens" not in analyze_report(lm, sae, "hello there")
+    # one reading serves the three: the same answers as reading the text for each
+    from thoughtscope.causal.lens import lens_view
+
+    fresh = lens_view(lm, "hello there", track="e", k=5).to_dict()
+    assert [[[t for t, _ in c] for c in row] for row in out["lens"]["top"]] == [
+        [[t for t, _ in c] for c in row] for row in fresh["top"]
+    ]
+    alone = attribute(lm, sae, "hello there", "e").to_dict()
+    assert [f for f, _ in out["why"]["top"]] == [f for f, _ in alone["top"]]
+    assert [a for _, a in out["why"]["top"]] == pytest.approx([a for _, a in alone["top"]], rel=1e-4, abs=1e-5)
+    assert out["why"]["ablation"] == pytest.approx(alone["ablation"], rel=1e-4, abs=1e-5)

@@ -184,11 +184,18 @@ def lens_column(
 
 
 def lens_view(
-    lm: LoadedModel, text: str, *, lens: JacobianLens | None = None, track: str | None = None, k: int = 5
+    lm: LoadedModel,
+    text: str,
+    *,
+    lens: JacobianLens | None = None,
+    track: str | None = None,
+    k: int = 5,
+    cache: ResidualCache | None = None,
 ) -> LensView:
-    """Read `text` through the logit lens (or `lens`, a Jacobian lens) at every layer and position."""
+    """Read `text` through the logit lens (or `lens`, a Jacobian lens) at every layer and position (with `cache`,
+    through its reading of the text: the blocks it holds are not run again)."""
     ids, _ = lm.tokenize([text])
-    hs = read_residuals(lm, ids, grad=False)
+    hs = cache.residuals(lm, ids) if cache is not None else read_residuals(lm, ids, grad=False)
     tid = one_token(lm, track, "tracked token") if track else None
     final = readout(lm, hs[-1][0]).argmax(-1)
     top, agree, ranks, probs = [], [], [], []

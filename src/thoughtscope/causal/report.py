@@ -59,12 +59,17 @@ def patch_to_files(
 
 def analyze_report(lm: LoadedModel, sae, text: str, *, lens=None, with_lens: bool = False, target=None, k: int = 5):
     """One token-by-token reading for `thoughtscope analyze`: the SAE features per token, and optionally the lens
-    at every layer and position and, for `target` as the next token, the features that pushed it (checked)."""
+    at every layer and position and, for `target` as the next token, the features that pushed it (checked). The
+    three share one reading of the text (`residuals.ResidualCache`): the lens runs only the blocks above the SAE's
+    site, with the SAE spliced in, and the attribution is one backward pass through them."""
     from ..analyzer import analyze_text
     from .attribution import attribute
     from .lens import lens_view
+    from .residuals import ResidualCache
 
-    a = analyze_text(lm, sae, text, k=k)
+    cache = ResidualCache(sae)
+    with cache.record(lm):
+        a = analyze_text(lm, sae, text, k=k)
     out = {
         "tokens": a.tokens,
         "pieces": [{"text": pc.text, "positions": list(pc.positions)} for pc in a.pieces],
@@ -73,9 +78,9 @@ def analyze_report(lm: LoadedModel, sae, text: str, *, lens=None, with_lens: boo
         "peaks": a.peaks,
     }
     if with_lens or lens is not None:
-        out["lens"] = lens_view(lm, text, lens=lens, track=target, k=k).to_dict()
+        out["lens"] = lens_view(lm, text, lens=lens, track=target, k=k, cache=cache).to_dict()
     if target is not None:
-        out["why"] = attribute(lm, sae, text, target).to_dict()
+        out["why"] = attribute(lm, sae, text, target, cache=cache).to_dict()
     return out
 
 
