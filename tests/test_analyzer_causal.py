@@ -80,6 +80,10 @@ def test_token_views_answer_for_a_position_and_refuse_bad_input(client, app):
     with torch.inference_mode():
         want = int(lm.model(ids[:, :5]).logits[0, -1].argmax())
     assert d["position"] == 4 and d["model_top1_id"] == want and len(d["layers"]) == lm.n_layers
+    from thoughtscope.server.render import show_lone_token
+
+    assert d["shown"]["layers"] == [[show_lone_token(t) for t, _ in row] for row in d["layers"]]
+    assert d["shown"]["model_top1"] == show_lone_token(d["model_top1"])
     w = client.get("/api/analyze/why", params={"text": TEXT, "pos": 4, "target_id": want}).json()
     assert w["features"] and all(f["ablated"] is None for f in w["features"]) and w["spearman"] is None
     checked = client.get("/api/analyze/why", params={"text": TEXT, "pos": 4, "target_id": want, "check": 12}).json()

@@ -105,6 +105,8 @@ def test_analyzer_says_what_each_layer_reads_and_why_the_next_token(site, page):
     page.click("#lens-here")
     page.wait_for_selector("table.lens-column")
     assert page.locator("table.lens-column tr").count() == 30
+    cells = page.locator("table.lens-column code").all_inner_texts()
+    assert len(cells) == 90 and all(c.strip() for c in cells)  # a token of spaces shows as ␣, never a blank cell
     assert "Paris" in page.inner_text("#causal-panel p")
     page.click("#why-here")
     page.wait_for_selector("ul.why-features li")

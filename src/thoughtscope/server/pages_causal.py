@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException, Request
 from ..causal.lens import lens_view
 from ..errors import CausalError
 from .context import cfg_of, page, run_model, text_param, wb_of
+from .render import show_lone_token
 
 router = APIRouter()
 KINDS = ("logit", "jacobian")
@@ -87,9 +88,15 @@ def _column(wb, text: str, pos: int, kind: str, cfg) -> dict:
     if kind == "jacobian" and lens is None:
         raise HTTPException(422, f"no Jacobian lens is fitted for {wb.lm.name}: fit one with 'thoughtscope lens fit'")
     try:
-        return lens_column(wb.lm, text, pos, lens=lens, k=3, cache=wb.residual_cache)
+        col = lens_column(wb.lm, text, pos, lens=lens, k=3, cache=wb.residual_cache)
     except CausalError as e:
         raise HTTPException(422, str(e)) from None
+    # what the page writes in each cell (a token of only spaces would look empty): the display rule's one home
+    col["shown"] = {
+        "layers": [[show_lone_token(t) for t, _ in row] for row in col["layers"]],
+        "model_top1": show_lone_token(col["model_top1"]),
+    }
+    return col
 
 
 @router.get("/api/analyze/lens")

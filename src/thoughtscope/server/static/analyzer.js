@@ -64,12 +64,12 @@ if (detailNode) {
       try {
         const d = await getJSON(`/api/analyze/lens?${q({ text: meta.text, pos: i, kind })}`);
         const rows = d.layers.map((top, layer) => `<tr><td class="muted">${layer}</td><td>` +
-          top.map(([t, p]) => `<code>${esc(t)}</code> <span class="muted">${(100 * p).toFixed(0)}%</span>`).join(" ") + `</td></tr>`).join("");
+          top.map(([, p], j) => `<code>${esc(d.shown.layers[layer][j])}</code> <span class="muted">${(100 * p).toFixed(0)}%</span>`).join(" ") + `</td></tr>`).join("");
         box.innerHTML = `<h3>What each layer says here <span class="muted small">${esc(d.kind)} lens</span></h3>` +
           `<table class="hits lens-column"><tbody>${rows}</tbody></table>` +
-          `<p class="small">The model's next token: <code>${esc(d.model_top1)}</code> ` +
+          `<p class="small">The model's next token: <code>${esc(d.shown.model_top1)}</code> ` +
           `<button type="button" class="ghost small" id="why-here">Why this token?</button></p><div id="why-panel"></div>`;
-        document.getElementById("why-here").addEventListener("click", () => why(i, d.model_top1_id, d.model_top1, 0));
+        document.getElementById("why-here").addEventListener("click", () => why(i, d.model_top1_id, d.shown.model_top1, 0));
       } catch (e) {
         box.innerHTML = `<p class="bad small">${esc(e.message)}</p>`;
       }
