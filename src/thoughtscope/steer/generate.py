@@ -179,7 +179,12 @@ def _stepper(lm: LoadedModel, config: GenerationConfig, ids, mask, pos) -> _Tran
         if reason is None:
             dec = LeanDecoder(lm.model, ids.shape[0], max_len, precision=config.weights)
             return _LeanSteps(dec, ids, mask, pos)
-        if config.decoder == "lean" or config.weights != "exact":
+        if config.weights != "exact":
+            raise SteerError(
+                f"weights={config.weights!r} need the lean decoder, which cannot run {lm.name}: {reason} "
+                "(use weights='exact')"
+            )
+        if config.decoder == "lean":
             raise SteerError(f"the lean decoder cannot run {lm.name}: {reason} (use decoder='transformers')")
     return _TransformersSteps(lm, ids, mask, pos)
 
