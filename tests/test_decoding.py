@@ -101,7 +101,7 @@ def test_other_families_and_foreign_hooks_fall_back():
     assert _tokens(gpt2, PROMPTS) == _tokens(gpt2, PROMPTS, decoder="transformers")  # auto: transformers' forward
     with pytest.raises(SteerError, match="lean decoder cannot run"):
         _tokens(gpt2, PROMPTS, decoder="lean")
-    with pytest.raises(SteerError, match="weights='bf16' need the lean decoder, which cannot run .*use weights='exact'"):
+    with pytest.raises(SteerError, match="weights='bf16' need the lean decoder, which cannot run .*weights='exact'"):
         _tokens(gpt2, PROMPTS, weights="bf16")
     lm = _lm("llama")
     attn = lm.model.model.layers[1].self_attn
