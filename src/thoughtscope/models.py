@@ -59,6 +59,13 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final hidden states x [..., d] (after the final norm): the unembedding and the final
+        logit soft-cap where the config has one (Gemma 2), as the model's own head computes them."""
+        z = self.unembed(x).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(z / cap) * cap if cap else z
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype

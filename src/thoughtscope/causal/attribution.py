@@ -20,7 +20,7 @@ from ..models import LoadedModel
 from ..sites import Site
 from ..stats import spearman
 from .patching import PatchPair, _last_logits, _metric_fn
-from .residuals import ResidualCache, readout, splice_sae
+from .residuals import ResidualCache, readout, sae_codes, splice_sae
 
 
 @dataclass
@@ -50,15 +50,11 @@ class FeatureAttribution:
 def _spliced(lm: LoadedModel, sae, site: Site, ids: torch.Tensor, metric, *, ablate: torch.Tensor | None = None):
     """(metric, f, grad f, error, grad h) with the SAE spliced in; `ablate` [R, n] zeroes features per row instead."""
     keep: dict[str, torch.Tensor] = {}
-    skip_bos = bool(getattr(sae.cfg, "exclude_bos", False))
 
     def hook(_m, _a, output):
         h = output[0] if isinstance(output, tuple) else output
         if ablate is not None:
-            f = sae.encode(h.float())
-            if skip_bos:
-                f[:, 0] = 0
-            new = h - ((f * ablate[:, None, :]) @ sae.W_dec).to(h.dtype)
+            new = h - ((sae_codes(sae, h) * ablate[:, None, :]) @ sae.W_dec).to(h.dtype)
         else:
             new, keep["f"], keep["err"] = splice_sae(sae, h)
         return (new, *output[1:]) if isinstance(output, tuple) else new

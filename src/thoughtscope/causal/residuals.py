@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..features import excludes_position_0
 from ..models import LoadedModel, Site
 from ..sites import _hidden
 
@@ -42,20 +43,22 @@ def read_residuals(lm: LoadedModel, ids: torch.Tensor, *, grad: bool) -> list[to
 def readout(lm: LoadedModel, h: torch.Tensor) -> torch.Tensor:
     """Logits of residual vectors through the model's final norm, unembedding and any final logit soft-cap
     ([..., d] -> [..., vocab]): what the model's own head computes from them."""
-    x = lm.final_norm(h) if lm.final_norm is not None else h
-    z = lm.unembed(x).float()
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
-    return torch.tanh(z / cap) * cap if cap else z
+    return lm.head_logits(lm.final_norm(h) if lm.final_norm is not None else h)
+
+
+def sae_codes(sae, h: torch.Tensor) -> torch.Tensor:
+    """The SAE's features of activations h [B, T, d], none at position 0 where the SAE does not read it."""
+    f = sae.encode(h.float())
+    if excludes_position_0(sae):
+        f[:, 0] = 0
+    return f
 
 
 def splice_sae(sae, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h', f, err): the SAE spliced into activations h as decode(f) + err, f and err leaves that take gradients.
     h' equals h bit for bit (the spliced sum enters as a zero-valued difference), so the forward pass is the
     model's own while the backward pass reaches every feature and the error term."""
-    f = sae.encode(h.float())
-    if getattr(sae.cfg, "exclude_bos", False):
-        f[:, 0] = 0
-    f = f.detach().requires_grad_(True)
+    f = sae_codes(sae, h).detach().requires_grad_(True)
     recon = sae.decode(f)
     err = (h.float() - recon).detach().requires_grad_(True)
     x = recon + err

@@ -87,7 +87,6 @@ class _Head:
                 f"{lm.name}: the spliced loss needs a model with a separate body and output head "
                 f"(a transformers *ForCausalLM); {type(lm.model).__name__} has none"
             )
-        self.cap = getattr(lm.model.config, "final_logit_softcapping", None)
         self.checked = False
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -95,10 +94,7 @@ class _Head:
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.lm.unembed(h).float()
-        if self.cap:
-            z = torch.tanh(z / self.cap) * self.cap
-        return z
+        return self.lm.head_logits(h)
 
     def check(self, ids: torch.Tensor, mask: torch.Tensor | None, h: torch.Tensor, chunk: int) -> None:
         """Once: the model's own logits on the first few positions of one row equal this head's (a model whose
