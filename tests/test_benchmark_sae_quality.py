@@ -219,3 +219,71 @@ def test_quality_only_leaves_the_speed_table_alone_and_renders_every_run(tiny_ru
     (tmp_path / "bare.md").write_text("no markers\n")
     r = subprocess.run([*args[:-1], str(tmp_path / "bare.md"), "--quality-only"], capture_output=True, text=True)
     assert r.returncode == 2 and "markers" in r.stderr
+
+
+def _row(f1: float, grid: dict[float, float], chosen: float) -> dict:
+    """A contender's row as best_front writes it: test figures at the chosen lr and every lr's validation F1."""
+    return {
+        "f1": f1,
+        "explained_variance": 0.7,
+        "lr": chosen * 1e-3,
+        "lr_multiplier": chosen,
+        "lr_grid": [{"lr_multiplier": m, "lr": m * 1e-3, "val_f1_at_l0": v, "sane": True} for m, v in grid.items()],
+    }
+
+
+def _run(grid: str, rows: dict, **extra) -> dict:
+    sizes = {"n_true": 64, "d_model": 8, "grid": grid}
+    return {"sizes": sizes, "data": {"synthetic": {"seed": 0}}, "synthetic": rows, "wall_seconds": 1.0, **extra}
+
+
+def test_merge_keeps_each_contenders_best_lr_across_runs():
+    a = _run(
+        "1,4",
+        {
+            "thoughtscope-batchtopk": _row(0.5, {1: 0.40, 4: 0.50}, 4),
+            "saelens-batchtopk": _row(0.6, {1: 0.55, 4: 0.61}, 4),
+        },
+        real={"default": {"spliced_loss": 4.0}},
+    )
+    b = _run(
+        "16",
+        {
+            "thoughtscope-batchtopk": _row(0.7, {16: 0.66}, 16),  # the wider grid wins for ours
+            "saelens-batchtopk": _row(0.3, {16: 0.30}, 16),  # and loses for theirs
+            "thoughtscope-matryoshka": _row(0.8, {16: 0.79}, 16),
+        },
+    )
+    fig = sae_quality.merge([a, b], ["a.json", "b.json"])
+    rows = fig["synthetic"]
+    assert rows["thoughtscope-batchtopk"]["f1"] == 0.7 and rows["thoughtscope-batchtopk"]["lr_multiplier"] == 16
+    assert rows["saelens-batchtopk"]["f1"] == 0.6 and rows["saelens-batchtopk"]["lr_multiplier"] == 4
+    assert [g["lr_multiplier"] for g in rows["saelens-batchtopk"]["lr_grid"]] == [1, 4, 16]
+    assert fig["sizes"]["grid"] == "1,4,16" and fig["real"] == a["real"] and fig["wall_seconds"] == 2.0
+    assert fig["f1_ours_best_vs_saelens_best"] == pytest.approx(0.8 / 0.6)
+    assert fig["matryoshka_minus_batchtopk_f1"] == pytest.approx(0.1)
+
+
+def test_merge_refuses_runs_of_other_data_or_a_section_twice():
+    a = _run("1", {"thoughtscope-topk": _row(0.5, {1: 0.5}, 1)}, real={"x": {}})
+    other = {**_run("4", {}), "sizes": {"n_true": 128, "d_model": 8, "grid": "4"}}
+    with pytest.raises(sae_quality.MergeError, match="only the grid may differ"):
+        sae_quality.merge([a, other], ["a.json", "other.json"])
+    with pytest.raises(sae_quality.MergeError, match="real is in both"):
+        sae_quality.merge([a, a], ["a.json", "again.json"])
+
+
+def test_an_insane_contender_fails_the_run_but_keeps_the_others_figures(tmp_path, monkeypatch):
+    def two(d, m, *, batch_size, n_steps, seed=0):
+        kw = {"batch_size": batch_size, "n_steps": n_steps, "seed": seed}
+        mean = _MeanPredictor("topk", d, m, **kw)
+        mean.tool = "meanpredictor"
+        return [Ours("topk", d, m, **kw), mean], {}
+
+    monkeypatch.setattr(sae_quality, "all_contenders", two)
+    out = tmp_path / "q.json"
+    with pytest.raises(InsaneContender, match="meanpredictor-topk.*the other figures are written"):
+        sae_quality.main([*TINY, "--grid", "4", "--targets", "6", "--no-saelens-gen", "--json", str(out)])
+    fig = json.loads(out.read_text())
+    assert set(fig["synthetic"]) == {"thoughtscope-topk"} and fig["synthetic"]["thoughtscope-topk"]["f1"] > 0
+    assert "no better than predicting the mean" in fig["skipped"]["insane"]["meanpredictor-topk"]
