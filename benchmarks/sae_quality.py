@@ -47,8 +47,8 @@ Sizes. ``--quick`` (under 5 minutes on 2 shared cores, one torch thread): 1,024 
 thoughtscope's ReLU-L1 default, 5e-5, is tuned for ~30k steps; sparsify's rule, 5e-3 x sqrt(2^14 / m), already sits
 there), only the L0-25 point of each front, 8,192 validation and test rows; on SAELens' generator each contender
 keeps the lr it won on ours. Full (about an hour per tool on one core; fronts and the second generator add to it):
-2,048 true features in 512 dimensions, 512 latents, batch 1,024 x 3,000 steps from a 262,144-row pool, grid x1 / x4,
-fronts at L0 15 / 25 / 40, 16,384 validation and test rows, the whole procedure on both generators, and the
+2,048 true features in 512 dimensions, 512 latents, batch 1,024 x 3,000 steps from a 262,144-row pool, grid x1 / x4
+/ x16, fronts at L0 15 / 25 / 40, 16,384 validation and test rows, the whole procedure on both generators, and the
 real-model figures. The width matters more than the step count: in 128 dimensions the interference of 30 active
 features (random directions meet at |cosine| ~ 1/sqrt(d)) drowns them, and every contender scores F1 0.1-0.3 with
 no architecture's advantage visible; SynthSAEBench itself uses 768 dimensions.
@@ -110,7 +110,7 @@ def sizes(args) -> dict:
         "steps": 3000,
         "pool_rows": 262_144,
         "eval_rows": 16_384,
-        "grid": "1,4",
+        "grid": "1,4,16",
         "targets": "15,25,40",
         "search_runs": 3,
         "gen_full": True,
