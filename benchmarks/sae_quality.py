@@ -602,7 +602,12 @@ def main(argv=None) -> dict:
     p.add_argument("--merge", nargs="+", type=Path, metavar="RUN", help="merge these runs' JSON (see merge())")
     args = p.parse_args(argv)
     if args.merge:
-        fig = merge([json.loads(f.read_text()) for f in args.merge], [str(f) for f in args.merge])
+        try:
+            fig = merge([json.loads(f.read_text()) for f in args.merge], [str(f) for f in args.merge])
+        except (OSError, ValueError) as e:  # MergeError and JSONDecodeError are ValueErrors
+            p.error(f"--merge: {e}")
+        except (KeyError, TypeError, StopIteration) as e:
+            p.error(f"--merge: a file is not the --json output of sae_quality.py (no {e})")
         if args.json:
             atomic_write_json(args.json, fig, default=_jsonable)
         print(

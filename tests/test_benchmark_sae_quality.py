@@ -287,3 +287,17 @@ def test_an_insane_contender_fails_the_run_but_keeps_the_others_figures(tmp_path
     fig = json.loads(out.read_text())
     assert set(fig["synthetic"]) == {"thoughtscope-topk"} and fig["synthetic"]["thoughtscope-topk"]["f1"] > 0
     assert "no better than predicting the mean" in fig["skipped"]["insane"]["meanpredictor-topk"]
+
+
+def test_merge_on_the_command_line_names_a_bad_file(tmp_path, capsys):
+    good = tmp_path / "a.json"
+    good.write_text(json.dumps(_run("1", {"thoughtscope-topk": _row(0.5, {1: 0.5}, 1)})))
+    other = tmp_path / "b.json"
+    other.write_text(json.dumps({"generator": "something else"}))
+    for files, said in (
+        ([good, tmp_path / "missing.json"], "missing.json"),
+        ([good, other], "not the --json output of sae_quality.py"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            sae_quality.main(["--merge", *map(str, files)])
+        assert e.value.code == 2 and said in capsys.readouterr().err
