@@ -344,6 +344,11 @@ def _sane(m: dict) -> bool:
     return m["fvu"] < 1 and m["dead_frac"] < 0.5  # the bounds of _race.check_sane
 
 
+def lr_rank(score: dict) -> tuple:
+    """How one lr of the grid ranks: sane first, then validation F1 at the headline L0, then the smaller lr."""
+    return (score["sane"], score["val_f1_at_l0"], -score["lr_multiplier"])
+
+
 def best_front(
     c, batches, data: Data, sz: dict, targets: list[float], grid: list[float], log, *, lazy: bool = False
 ) -> dict:
@@ -382,7 +387,7 @@ def best_front(
     rejected: list[float] = []
     while True:
         cands = [sc for sc in scores if sc["lr_multiplier"] not in rejected]
-        win = max(cands, key=lambda sc: (sc["sane"], sc["val_f1_at_l0"], -sc["lr_multiplier"]))
+        win = max(cands, key=lr_rank)
         lr = win["lr"]
         for t in [head_l0] + [t for t in targets if t != head_l0]:  # the top-k family's k search, then the front
             near = min((p for p in points if p["lr"] == lr), key=lambda p: _log_gap(p["val"]["l0"], t))
@@ -529,9 +534,8 @@ class MergeError(ValueError):
 
 
 def _chosen_score(row: dict) -> tuple:
-    """What best_front ranks a contender's lr by: sane first, then validation F1 at the headline, then smaller lr."""
-    won = next(g for g in row["lr_grid"] if g["lr_multiplier"] == row["lr_multiplier"])
-    return (won["sane"], won["val_f1_at_l0"], -won["lr_multiplier"])
+    """A contender's row ranked by the lr it chose, as best_front ranks lrs (:func:`lr_rank`)."""
+    return lr_rank(next(g for g in row["lr_grid"] if g["lr_multiplier"] == row["lr_multiplier"]))
 
 
 def merge(figs: list[dict], names: list[str]) -> dict:
