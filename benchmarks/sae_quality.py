@@ -559,6 +559,12 @@ def merge(figs: list[dict], names: list[str]) -> dict:
     grids = sorted({float(g) for fig in figs for g in str(fig["sizes"]["grid"]).split(",")})
     out["sizes"] = {**figs[0]["sizes"], "grid": ",".join(f"{g:g}" for g in grids)}
     out["synthetic"] = rows
+    out["skipped"] = {}
+    for fig in figs:  # what each run left out (a contender not installed, one that broke the sanity bounds)
+        for key, why in (fig.get("skipped") or {}).items():
+            out["skipped"][key] = (
+                {**out["skipped"][key], **why} if isinstance(why, dict) and key in out["skipped"] else why
+            )
     out.update(summarise(rows))
     for key in ("real", "synthetic_saelens_gen"):
         held = [(fig[key], name) for fig, name in zip(figs, names) if fig.get(key)]

@@ -253,6 +253,7 @@ def test_merge_keeps_each_contenders_best_lr_across_runs():
             "saelens-batchtopk": _row(0.3, {16: 0.30}, 16),  # and loses for theirs
             "thoughtscope-matryoshka": _row(0.8, {16: 0.79}, 16),
         },
+        skipped={"insane": {"sparsify-topk": "diverged"}},
     )
     fig = sae_quality.merge([a, b], ["a.json", "b.json"])
     rows = fig["synthetic"]
@@ -260,6 +261,7 @@ def test_merge_keeps_each_contenders_best_lr_across_runs():
     assert rows["saelens-batchtopk"]["f1"] == 0.6 and rows["saelens-batchtopk"]["lr_multiplier"] == 4
     assert [g["lr_multiplier"] for g in rows["saelens-batchtopk"]["lr_grid"]] == [1, 4, 16]
     assert fig["sizes"]["grid"] == "1,4,16" and fig["real"] == a["real"] and fig["wall_seconds"] == 2.0
+    assert fig["skipped"] == {"insane": {"sparsify-topk": "diverged"}}  # what a later run left out is kept
     assert fig["f1_ours_best_vs_saelens_best"] == pytest.approx(0.8 / 0.6)
     assert fig["matryoshka_minus_batchtopk_f1"] == pytest.approx(0.1)
 
