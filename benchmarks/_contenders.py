@@ -21,6 +21,7 @@ time-to-quality curve) and after the run. Settings not listed in :meth:`settings
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from types import SimpleNamespace
@@ -78,7 +79,7 @@ class Ours:
             "inputs scaled to mean norm sqrt(d), b_dec at the geometric median of the first batch, "
         )
         arch = (
-            "AuxK on latents silent for 10% of the run, unit-norm decoder)"
+            f"AuxK on latents silent for 10% of the run, decoder norms {self.cfg.decoder_norm})"
             if self.cfg.arch == "topk"
             else "L1 weighted by decoder norms, lambda warm-up 5% of steps)"
         )
@@ -106,6 +107,9 @@ class Ours:
             return _dense_fn(self.final.encode, self.final.decode, device=self.device)
         tr = self.trainer
         sae = tr.slots[0].sae
+        if sae.cfg.decoder_norm == "free":  # mid-run: read it as it will be saved, norms folded into the encoder
+            sae = copy.deepcopy(sae)
+            sae.fold_decoder_norm()
         mean = tr.norm_mean
 
         def fn(x):

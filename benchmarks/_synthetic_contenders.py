@@ -108,6 +108,7 @@ class Ours(_Base):
             "config": "TrainConfig / SAEConfig defaults (Adam, warm-up 1% and linear decay over the last 20% of "
             "steps, inputs scaled to mean norm sqrt(d), b_dec at the geometric median of the first batch)",
         }
+        s["decoder_norm"] = self.config(self.default_knob()).decoder_norm
         if self.arch == "matryoshka":
             s["matryoshka_prefixes"] = list(self.config(25).matryoshka_prefixes)
         return s

@@ -538,20 +538,28 @@ def _chosen_score(row: dict) -> tuple:
     return lr_rank(next(g for g in row["lr_grid"] if g["lr_multiplier"] == row["lr_multiplier"]))
 
 
-def merge(figs: list[dict], names: list[str]) -> dict:
+def merge(figs: list[dict], names: list[str], *, replace: bool = False) -> dict:
     """One result from runs of the same data split by contender or by lr grid (two processes on two cores, or an
     lr grid widened afterwards): for a contender in several runs, the run whose chosen lr scores best on
-    validation, by the rule of :func:`best_front`, with every lr each run tried listed in its ``lr_grid``."""
+    validation, by the rule of :func:`best_front`, with every lr each run tried listed in its ``lr_grid``.
+
+    ``replace``: a contender in a later run replaces its rows of the earlier runs outright (it was re-run after a
+    change to its code, so the older figures measure something that no longer ships); ``replaced`` lists them.
+    """
     if not figs:
         raise MergeError("nothing to merge")
     base = {k: v for k, v in figs[0]["sizes"].items() if k != "grid"}
     rows: dict = {}
+    replaced: dict[str, str] = {}
     for fig, name in zip(figs, names):
         sz = {k: v for k, v in fig["sizes"].items() if k != "grid"}
         if sz != base or fig.get("data", {}).get("synthetic") != figs[0].get("data", {}).get("synthetic"):
             raise MergeError(f"{name}: sizes or data {sz} differ from {names[0]}'s {base}; only the grid may differ")
         for c, row in fig["synthetic"].items():
             old = rows.get(c)
+            if replace and old is not None:
+                replaced[c] = name
+                old = None
             best = row if old is None or _chosen_score(row) > _chosen_score(old) else old
             tried = {g["lr_multiplier"]: g for g in [*(old or {}).get("lr_grid", []), *row["lr_grid"]]}
             rows[c] = {**best, "lr_grid": [tried[m] for m in sorted(tried)]}
@@ -579,6 +587,10 @@ def merge(figs: list[dict], names: list[str]) -> dict:
         {"file": name, "command": fig.get("command"), "contenders": sorted(fig["synthetic"])}
         for fig, name in zip(figs, names)
     ]
+    if replace:
+        out["replaced"] = replaced  # contender -> the run whose rows replaced the earlier runs'
+        grids = sorted({float(g["lr_multiplier"]) for row in rows.values() for g in row["lr_grid"]})
+        out["sizes"]["grid"] = ",".join(f"{g:g}" for g in grids)
     return out
 
 
@@ -610,10 +622,18 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: 1 with --quick, whose matrices are small)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="RUN", help="merge these runs' JSON (see merge())")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="--merge: a contender in a later run replaces its earlier rows (re-run after a change to its code)",
+    )
     args = p.parse_args(argv)
+    if args.replace and not args.merge:
+        p.error("--replace only applies to --merge")
     if args.merge:
         try:
-            fig = merge([json.loads(f.read_text()) for f in args.merge], [str(f) for f in args.merge])
+            figs = [json.loads(f.read_text()) for f in args.merge]
+            fig = merge(figs, [str(f) for f in args.merge], replace=args.replace)
         except (OSError, ValueError) as e:  # MergeError and JSONDecodeError are ValueErrors
             p.error(f"--merge: {e}")
         except (KeyError, TypeError, StopIteration) as e:

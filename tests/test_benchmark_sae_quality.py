@@ -266,6 +266,29 @@ def test_merge_keeps_each_contenders_best_lr_across_runs():
     assert fig["matryoshka_minus_batchtopk_f1"] == pytest.approx(0.1)
 
 
+def test_merge_with_replace_takes_a_rerun_contender_from_the_later_run_only(tmp_path):
+    a = _run(
+        "1,4",
+        {
+            "thoughtscope-matryoshka": _row(0.7, {1: 0.60, 4: 0.70}, 4),  # before a change to its code
+            "saelens-matryoshka_batchtopk": _row(0.71, {1: 0.6, 4: 0.71}, 4),
+        },
+        real={"default": {"spliced_loss": 4.0}},
+    )
+    b = _run("1,16", {"thoughtscope-matryoshka": _row(0.65, {1: 0.62, 16: 0.64}, 16)})  # after it: lower
+    plain = sae_quality.merge([a, b], ["a.json", "b.json"])
+    assert plain["synthetic"]["thoughtscope-matryoshka"]["f1"] == 0.7  # the best of both: not what ships
+    fig = sae_quality.merge([a, b], ["a.json", "b.json"], replace=True)
+    rows = fig["synthetic"]
+    assert rows["thoughtscope-matryoshka"]["f1"] == 0.65
+    assert [g["lr_multiplier"] for g in rows["thoughtscope-matryoshka"]["lr_grid"]] == [1, 16]
+    assert rows["saelens-matryoshka_batchtopk"]["f1"] == 0.71 and fig["real"] == a["real"]
+    assert fig["replaced"] == {"thoughtscope-matryoshka": "b.json"} and fig["sizes"]["grid"] == "1,4,16"
+    assert fig["f1_ours_best_vs_saelens_best"] == pytest.approx(0.65 / 0.71)
+    with pytest.raises(SystemExit):  # --replace means nothing without --merge
+        sae_quality.main(["--replace", "--json", str(tmp_path / "x.json")])
+
+
 def test_merge_refuses_runs_of_other_data_or_a_section_twice():
     a = _run("1", {"thoughtscope-topk": _row(0.5, {1: 0.5}, 1)}, real={"x": {}})
     other = {**_run("4", {}), "sizes": {"n_true": 128, "d_model": 8, "grid": "4"}}

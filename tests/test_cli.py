@@ -126,6 +126,8 @@ def test_sweep_and_on_the_fly(setup):
             "topk",
             "--k",
             "2,4",
+            "--decoder-norm",
+            "free, unit",
             "--expansion",
             2,
             "--batch-size",
@@ -135,8 +137,9 @@ def test_sweep_and_on_the_fly(setup):
             "--quiet",
         ]
     )
-    ks = sorted(load_sae(p).cfg.k for p in (root / "sweep").iterdir() if (p / "cfg.json").is_file())
-    assert ks == [2, 4]
+    runs = {p.name: load_sae(p).cfg for p in (root / "sweep").iterdir() if (p / "cfg.json").is_file()}
+    assert sorted((c.k, c.decoder_norm) for c in runs.values()) == [(2, "free"), (2, "unit"), (4, "free"), (4, "unit")]
+    assert runs["topk-x2-k4-unitdec"].decoder_norm == "unit" and runs["topk-x2-k4"].decoder_norm == "free"
 
 
 def test_cli_errors(setup):
@@ -151,6 +154,22 @@ def test_cli_errors(setup):
         app, ["sae", "train", "--store", str(root / "acts"), "--k", "999", "--expansion", "1", "--out", str(root / "z")]
     )
     assert r.exit_code == 2 and "k=999" in r.output
+    r = runner.invoke(
+        app,
+        [
+            "sae",
+            "train",
+            "--store",
+            str(root / "acts"),
+            "--arch",
+            "jumprelu",
+            "--decoder-norm",
+            "free",
+            "--out",
+            str(root / "w"),
+        ],
+    )
+    assert r.exit_code == 2 and "decoder_norm='free'" in r.output and "'jumprelu'" in r.output
 
 
 def test_nla_subcommand_forwards_to_the_nla_entry_point():

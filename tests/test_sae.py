@@ -5,6 +5,7 @@ Training-quality tests live in test_sae_recovery.py, trainer mechanics (resume, 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -24,7 +25,8 @@ def test_normalisation_is_folded_on_save(tmp_path):
     cfg = SAEConfig(arch="topk", d_model=D_MODEL, n_features=128, k=4, mean_center=True, input_scaling="per-dim")
     tr = S.Trainer([cfg], TrainConfig(batch_size=256, steps=10, lr=3e-3, **FAST))
     saved = tr.fit(data)[0]
-    inner = tr.slots[0].sae
+    inner = copy.deepcopy(tr.slots[0].sae)
+    inner.fold_decoder_norm()  # training-space weights, free decoder norms moved into the encoder (a separate fold)
     assert tr.norm_scale != 1.0 and tr.norm_mean is not None
     x = data[0][:64]
     scale = tr.norm_scale * tr.dim_scale  # per-dimension standardisation (the default) times the overall scale
@@ -286,6 +288,7 @@ def test_folders_written_by_earlier_code_load_exactly(name):
         "target_site": "",
         "skip_connection": False,
         "target_norm_scale": 1.0,
+        "decoder_norm": "unit",
     }
     f, recon = sae(expected[f"{name}/x"])
     torch.testing.assert_close(f, expected[f"{name}/f"], rtol=1e-5, atol=1e-5)

@@ -34,6 +34,7 @@ def sae_train(
         None, help="train transcoders from --site to this site of the same block (mlp_in.L -> mlp_out.L; on the fly)"
     ),
     skip_connection: bool = typer.Option(False, help=field_help(SAEConfig, "skip_connection")),
+    decoder_norm: str | None = typer.Option(None, help=field_help(SAEConfig, "decoder_norm", SWEEP)),
     corpus: str = typer.Option("default", help="corpus, when training on the fly"),
     tokens: int | None = typer.Option(TrainConfig.n_tokens, help=field_help(TrainConfig, "n_tokens")),
     arch: str = typer.Option(SAEConfig.arch, help=field_help(SAEConfig, "arch", SWEEP)),
@@ -78,6 +79,7 @@ def sae_train(
         "expansion": _csv(expansion, int),
         "l1_coeff": _csv(l1_coeff, float),
         "l0_coeff": _csv(l0_coeff, float),
+        "decoder_norm": [None] if decoder_norm is None else _csv(decoder_norm, str.strip),
     }
     try:
         tc = TrainConfig(

@@ -72,6 +72,8 @@ class SAE(nn.Module):
     #: encode_sparse picks its pairs from the pre-activations without a dense code, so a caller streaming
     #: equal batches gains from reusing one pre-activation buffer (``pre_out``)
     sparse_native = False
+    #: the values cfg.decoder_norm may take for this architecture, its default first
+    decoder_norm_modes: tuple[str, ...] = ("unit",)
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -221,6 +223,31 @@ class SAE(nn.Module):
     def after_optimizer_step(self) -> None:
         """Hook after optimizer.step (unit-norm architectures renormalise here)."""
 
+    def free_row_norms(self) -> Tensor | None:
+        """Decoder row norms (detached) while they train free (cfg.decoder_norm "free"), else None.
+
+        A top-k architecture then ranks latents by pre-activation x row norm, the size of each latent's
+        contribution to the reconstruction, so a row that grows cannot win the competition by that alone.
+        """
+        if self.cfg.decoder_norm != "free":
+            return None
+        return torch.linalg.vector_norm(self.W_dec.detach(), dim=1).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def fold_decoder_norm(self) -> None:
+        """Move free decoder row norms into the encoder: enc_i, b_enc_i times n_i, W_dec_i over n_i.
+
+        Every reconstruction is unchanged and pre-activations become pre x n, the quantity training ranked
+        (and learned thresholds on), so encode() after folding selects as training did. Called on the
+        training-space SAE before fold_normalization (which scales the rows); a no-op for unit rows.
+        """
+        n = self.free_row_norms()
+        if n is None:
+            return
+        self.enc.mul_(n.unsqueeze(1))
+        self.b_enc.mul_(n)
+        self.W_dec.div_(n.unsqueeze(1))
+
     # -- normalisation folding
     @torch.no_grad()
     def fold_normalization(self, scale: float | Tensor, mean: Tensor | None) -> None:
@@ -258,7 +285,10 @@ class SAE(nn.Module):
 
 
 class TopKMixin:
-    """Architectures with a k (topk, batchtopk): k is checked against n_features and named in the run name."""
+    """Architectures with a k (topk, batchtopk): k is checked against n_features and named in the run name;
+    their decoder norms may train free (SAE.free_row_norms)."""
+
+    decoder_norm_modes = ("free", "unit")
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -266,16 +296,18 @@ class TopKMixin:
 
     @classmethod
     def run_name(cls, cfg: SAEConfig) -> str:
-        return super().run_name(cfg) + f"-k{cfg.k}"
+        name = super().run_name(cfg) + f"-k{cfg.k}"
+        return name if cfg.decoder_norm == cls.decoder_norm_modes[0] else f"{name}-{cfg.decoder_norm}dec"
 
 
 class UnitDecoderMixin:
-    """Unit-norm decoder rows: gradients projected off the rows before the step, rows renormalised after."""
+    """Unit-norm decoder rows: gradients projected off the rows before the step, rows renormalised after
+    (unless cfg.decoder_norm is "free")."""
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         g = self.W_dec.grad
-        if g is not None:
+        if g is not None and self.cfg.decoder_norm == "unit":
             w = self.W_dec
             # row-wise dot products without [m, d] temporaries (these passes are memory-bound)
             coef = torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(1e-12)
@@ -283,6 +315,8 @@ class UnitDecoderMixin:
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        if self.cfg.decoder_norm != "unit":
+            return
         self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min(1e-12))
 
 

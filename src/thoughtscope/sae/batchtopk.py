@@ -39,22 +39,28 @@ class BatchTopKSAE(TopKMixin, UnitDecoderMixin, SAE):
         pre = self.pre_acts(x)
         acts = F.relu(pre)
         flat = acts.reshape(-1)
-        vals, idx = flat.topk(self.cfg.k * x.shape[0], sorted=False)
-        f = torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts)
-        recon = f @ self.W_dec + self.b_dec
-        err = x - recon
-        loss = err.pow(2).sum(-1).mean()
+        norms = self.free_row_norms()
         with torch.no_grad():
-            pos = vals > 0
-            min_kept = torch.where(pos, vals, torch.full_like(vals, float("inf"))).min()
+            score = acts if norms is None else acts * norms  # what the latents compete on
+            kept, idx = score.reshape(-1).topk(self.cfg.k * x.shape[0], sorted=False)
+            pos = kept > 0
+            min_kept = torch.where(pos, kept, torch.full_like(kept, float("inf"))).min()
             if torch.isfinite(min_kept):
                 t, beta = self.threshold, self.cfg.threshold_beta
                 self.threshold.copy_(torch.where(t < 0, min_kept, beta * t + (1 - beta) * min_kept))
+        f = torch.zeros_like(flat).scatter(0, idx, flat[idx]).view_as(acts)
+        recon = f @ self.W_dec + self.b_dec
+        err = x - recon
+        loss = err.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
         if dead_mask is not None and self.cfg.aux_coeff > 0:
-            avals, aidx = pre.masked_fill(~dead_mask, float("-inf")).topk(self.cfg.k_aux_eff, dim=-1, sorted=False)
-            keep = torch.isfinite(avals)
-            avals = F.relu(torch.where(keep, avals, torch.zeros_like(avals)))
+            with torch.no_grad():
+                rank = pre if norms is None else pre * norms
+                ranked, aidx = rank.masked_fill(~dead_mask, float("-inf")).topk(
+                    self.cfg.k_aux_eff, dim=-1, sorted=False
+                )
+            keep = torch.isfinite(ranked)
+            avals = F.relu(torch.where(keep, pre.gather(-1, aidx), torch.zeros_like(ranked)))
             aux_recon = F.embedding_bag(aidx, self.W_dec, per_sample_weights=avals, mode="sum")
             aux = (err.detach() - aux_recon).pow(2).sum(-1).mean() / aux_scale
             loss = loss + self.cfg.aux_coeff * aux

@@ -86,6 +86,12 @@ class SAEConfig:
     """Batchtopk / matryoshka: EMA factor of the inference threshold (per step, 0-1). 0.99 (SAELens' threshold
     rate 0.01) follows the batch top-k cutoff within a few hundred steps; 0.999 still lagged it at the end of the
     default recipe's 1,016 steps (threshold 1.42 against a cutoff of 0.96: L0 12.9 at inference for k = 32)."""
+    decoder_norm: str | None = None
+    """Topk / batchtopk / matryoshka: "unit" holds every decoder row at norm 1 in training (gradient projected off
+    the row, row renormalised after each step); "free" lets the row norms train and picks the active latents by
+    pre-activation x row norm (SAELens' rescale_acts_by_decoder_norm). Training folds free norms into the encoder
+    when it ends, so a trained SAE has unit rows either way. None = the architecture's default (free for the top-k
+    family, unit elsewhere), saved as the choice made. Measured (benchmarks/sae_quality.py): see docs/sae.md."""
     matryoshka_prefixes: tuple[int, ...] = ()
     """Matryoshka: sizes of the nested dictionary prefixes that must each reconstruct the input (feature counts,
     strictly increasing, each below n_features, which is always the last prefix); () = n_features / 16, / 8, / 4
@@ -162,6 +168,8 @@ class SAEConfig:
         if not isinstance(self.arch, str):
             raise _bad("SAEConfig", "arch", self.arch, "an architecture name")
         cls = sae_class(self.arch)
+        if self.decoder_norm is None:
+            self.decoder_norm = cls.decoder_norm_modes[0]
         if isinstance(self.matryoshka_prefixes, list):  # read back from JSON
             self.matryoshka_prefixes = tuple(self.matryoshka_prefixes)
         _check(
@@ -178,6 +186,10 @@ class SAEConfig:
                 "aux_coeff": (_nonneg, "a number >= 0"),
                 "dead_tokens": (lambda v: v is None or _pos_int(v), "None or a positive number of tokens"),
                 "threshold_beta": (_frac, "an EMA factor in [0, 1]"),
+                "decoder_norm": (
+                    lambda v: v in cls.decoder_norm_modes,
+                    f"one of {', '.join(cls.decoder_norm_modes)} for arch {self.arch!r}, or None for its default",
+                ),
                 "matryoshka_prefixes": (
                     lambda v: (
                         isinstance(v, tuple)
@@ -241,6 +253,8 @@ class SAEConfig:
         kw = {k: v for k, v in d.items() if k in names}
         if "input_scaling" not in d:  # written before massive dimensions were looked for: none were
             kw.update(input_scaling="none", massive_ratio=None)
+        if "decoder_norm" not in d:  # written before decoder norms could train free: they were held at 1
+            kw["decoder_norm"] = "unit"
         if unknown:
             kw["extra"] = {**kw.get("extra", {}), **unknown}
         return cls(**kw)

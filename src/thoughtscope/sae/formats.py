@@ -107,8 +107,8 @@ def _str(raw: dict[str, Any], key: str, path: Path, default: str = "") -> str:
 
 def _config(path: Path, **kw: Any) -> SAEConfig:
     """SAEConfig(**kw) of a foreign folder, its errors naming the file the values came from. The massive-dimension
-    rule its trainer followed is unknown: recorded as none."""
-    kw = {"input_scaling": "none", "massive_ratio": None, **kw}
+    rule its trainer followed is unknown: recorded as none; its decoder rows are read as they are (unit)."""
+    kw = {"input_scaling": "none", "massive_ratio": None, "decoder_norm": "unit", **kw}
     try:
         return SAEConfig(**kw)
     except SAEError as e:

@@ -108,14 +108,18 @@ class MatryoshkaSAE(BatchTopKSAE):
             lo = hi
         return out
 
-    def _aux_loss(self, xc: Tensor, pre: Tensor, err: Tensor, dead_mask: Tensor, aux_scale: Tensor) -> Tensor:
-        """AuxK: the k_aux largest dead pre-activations of each row model the residual err (normalised)."""
+    def _aux_loss(
+        self, xc: Tensor, pre: Tensor, score: Tensor, err: Tensor, dead_mask: Tensor, aux_scale: Tensor
+    ) -> Tensor:
+        """AuxK: the k_aux dead latents of each row ranked highest by ``score`` (pre, or pre x free decoder norm)
+        model the residual err (normalised)."""
         with torch.no_grad():
             dead_idx = dead_mask.nonzero().squeeze(1)
-            sub = pre.index_select(1, dead_idx)
+            sub = score.index_select(1, dead_idx)
             k_aux = min(self.cfg.k_aux_eff, dead_idx.numel())
-            avals_raw, j = sub.topk(k_aux, dim=-1, sorted=False)
+            _, j = sub.topk(k_aux, dim=-1, sorted=False)
             aidx = dead_idx[j]
+            avals_raw = pre.gather(-1, aidx)
         avals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, aidx, avals_raw))
         aux_recon = SparseDecode.apply(avals, aidx, self.W_dec)
         return (err.detach() - aux_recon).pow(2).sum(-1).mean() / aux_scale
@@ -127,11 +131,13 @@ class MatryoshkaSAE(BatchTopKSAE):
         xc = x - self.b_dec
         with torch.no_grad():
             pre = F.linear(xc, self.enc, self.b_enc)
-            top, flat = batch_topk(pre, self.cfg.k)
+            norms = self.free_row_norms()
+            score = pre if norms is None else pre * norms  # what the latents compete on
+            top, flat = batch_topk(score, self.cfg.k)
             flat = flat[top > 0].sort().values  # row-major pairs: rows ascend, latents ascend within a row
             rows, cols = torch.div(flat, m, rounding_mode="floor"), flat % m
             vals_raw = pre.reshape(-1)[flat]
-            self._update_threshold(vals_raw)
+            self._update_threshold(score.reshape(-1)[flat])
             crow, order, rows_by_col, ccol = ragged_pairs(rows, cols, B, m)
         vals = RaggedEncode.apply(xc, self.enc, self.b_enc, rows, cols, crow, order, rows_by_col, ccol, vals_raw)
         recons = self.prefix_reconstructions(vals, rows, cols, B)
@@ -140,7 +146,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         recon = recons[-1]
         aux = torch.zeros((), device=x.device)
         if dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any()):
-            aux = self._aux_loss(xc, pre, x - recon, dead_mask, aux_scale)
+            aux = self._aux_loss(xc, pre, score, x - recon, dead_mask, aux_scale)
             loss = loss + self.cfg.aux_coeff * aux
         fired = torch.zeros(m, dtype=torch.bool, device=x.device)
         fired[cols] = True

@@ -133,6 +133,7 @@ def config_grid(
     l0_coeff: Sequence[float],
     max_norm_ratio: float | None = SAEConfig.max_norm_ratio,
     skip_connection: Sequence[bool] = (False,),
+    decoder_norm: Sequence[str | None] = (None,),
 ) -> tuple[list[SAEConfig], list[str]]:
     """One SAEConfig per combination of the swept values (expansion = n_features / d_model), with its run name;
     combinations that give the same run (a value its architecture ignores) are kept once. `skip_connection` (a
@@ -141,7 +142,9 @@ def config_grid(
         raise SAEError("a skip connection belongs to a transcoder: give a target site (--target-site) too")
     cfgs: list[SAEConfig] = []
     names: list[str] = []
-    for a, kk, e, l1, l0, sk in itertools.product(arch, k, expansion, l1_coeff, l0_coeff, skip_connection):
+    for a, kk, e, l1, l0, sk, dn in itertools.product(
+        arch, k, expansion, l1_coeff, l0_coeff, skip_connection, decoder_norm
+    ):
         if source.target_site:  # a transcoder: topk -> transcoder, jumprelu -> jumprelu-transcoder
             a = TRANSCODER_OF.get(a, a)
             if a not in TRANSCODER_OF.values():
@@ -160,6 +163,7 @@ def config_grid(
             site=source.site,
             target_site=source.target_site,
             skip_connection=sk,
+            decoder_norm=dn,
             max_norm_ratio=max_norm_ratio,
         )
         name = sae_class(a).run_name(cfg)

@@ -1,4 +1,8 @@
-"""topk: OpenAI's TopK SAE (k largest pre-activations, ReLU after; AuxK on dead latents; unit decoder rows)."""
+"""topk: OpenAI's TopK SAE (k largest pre-activations, ReLU after; AuxK on dead latents).
+
+With free decoder norms (the default) the k largest of pre-activation x decoder-row norm win in training, and
+the norms are folded into the encoder when training ends (SAE.fold_decoder_norm), so inference ranks raw
+pre-activations of an SAE with unit rows."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ def dead_aux_pairs(pre: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, 
 
 @register_sae_class
 class TopKSAE(TopKMixin, UnitDecoderMixin, SAE):
-    """OpenAI TopK: k largest pre-activations, ReLU after; AuxK on dead latents; unit decoder rows."""
+    """OpenAI TopK: k largest pre-activations, ReLU after; AuxK on dead latents; unit decoder rows once trained."""
 
     arch = "topk"
     uses_aux = True
@@ -45,7 +49,11 @@ class TopKSAE(TopKMixin, UnitDecoderMixin, SAE):
         xc = x - self.b_dec
         with torch.no_grad():
             pre = F.linear(xc, self.enc, self.b_enc)
-            vals_raw, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            norms = self.free_row_norms()
+            score = pre if norms is None else pre * norms  # what the latents compete on
+            vals_raw, idx = score.topk(self.cfg.k, dim=-1, sorted=False)
+            if norms is not None:
+                vals_raw = pre.gather(-1, idx)
             grouping = group_by_latent(idx, self.cfg.n_features)  # one sort serves both backward passes
         vals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, idx, vals_raw, grouping))
         recon = SparseDecode.apply(vals, idx, self.W_dec, grouping) + self.b_dec
@@ -53,7 +61,9 @@ class TopKSAE(TopKMixin, UnitDecoderMixin, SAE):
         loss = err.pow(2).sum(-1).mean()
         aux = torch.zeros((), device=x.device)
         if dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any()):
-            avals_raw, aidx = dead_aux_pairs(pre, dead_mask, self.cfg.k_aux_eff)
+            avals_raw, aidx = dead_aux_pairs(score, dead_mask, self.cfg.k_aux_eff)
+            if norms is not None:
+                avals_raw = pre.gather(-1, aidx)
             avals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, aidx, avals_raw))
             aux_recon = SparseDecode.apply(avals, aidx, self.W_dec)
             # residual of the main reconstruction (detached), normalised by its total energy

@@ -339,10 +339,11 @@ class Trainer:
         return self.finished_saes()
 
     def finished_saes(self) -> list[SAE]:
-        """Copies of the SAEs with normalisation folded in (they act on raw activations)."""
+        """Copies of the SAEs with free decoder norms and normalisation folded in (they act on raw activations)."""
         out = []
         for s in self.slots:
             sae = copy.deepcopy(s.sae).cpu()
+            sae.fold_decoder_norm()
             sae.fold_normalization(self._fold_scale(), None if self.norm_mean is None else self.norm_mean.cpu())
             sae.train_metrics = s.last  # type: ignore[attr-defined]
             out.append(sae)

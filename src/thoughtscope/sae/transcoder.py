@@ -65,6 +65,8 @@ class TranscoderMixin:
 
     #: the trainer feeds it [B, 2, d] batches (input rows, target rows) and normalises each side on its own
     paired = True
+    #: the top-k transcoder's decoder rows stay unit (its step does not rank by row norm)
+    decoder_norm_modes = ("unit",)
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
