@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = (
     "sae_train",
     "sae_quality",
+    "sae_decoder_norm",
     "harvest",
     "atlas",
     "search",

@@ -419,6 +419,47 @@ def best_front(
     }
 
 
+def reseed(c, batches, data: Data, sz: dict, row: dict, n_seeds: int, log) -> dict:
+    """A contender's headline figures again from other initial weights: the points of its front that its L0-25
+    figures are read from (the bracketing pair, or the nearest), re-trained at the chosen lr and settings on the same
+    batches with weight seeds ``seed + 1 .. seed + n_seeds - 1``, read at L0 25 the same way. One seed's F1 moves by
+    about 0.01 here, as much as some gaps between the tools, so the table says how much of a gap that is."""
+    head = sz["headline_l0"]
+    pts = row["points"]
+    if row["between_l0"]:
+        lo, hi = row["between_l0"]
+        used = [p for p in pts if p["test"]["l0"] in (lo, hi)]
+    else:
+        used = [min(pts, key=lambda p: _log_gap(p["test"]["l0"], head))]
+    base = c.seed
+    f1s, evs = [row["f1"]], [row["explained_variance"]]
+    try:
+        for extra in range(1, n_seeds):
+            c.seed = base + extra
+            again = []
+            for p in used:
+                t0 = time.perf_counter()
+                again.append({"test": measure(c.fit(batches, row["lr"], p["knob"]), data.test, data)})
+                log(
+                    f"    {c.name:32s} seed {c.seed} {c.knob} {p['knob']:.4g}: test L0 {again[-1]['test']['l0']:.1f} "
+                    f"F1 {again[-1]['test']['f1']:.3f} ({time.perf_counter() - t0:.1f} s)"
+                )
+            h = at_l0(again, head, "test")
+            f1s.append(h["f1"])
+            evs.append(h["explained_variance"])
+    finally:
+        c.seed = base
+    mean = sum(f1s) / len(f1s)
+    sd = math.sqrt(sum((f - mean) ** 2 for f in f1s) / (len(f1s) - 1)) if len(f1s) > 1 else 0.0
+    return {
+        "seeds": [base + i for i in range(n_seeds)],
+        "f1_by_seed": f1s,
+        "f1_seed_mean": mean,
+        "f1_seed_sd": sd,
+        "explained_variance_seed_mean": sum(evs) / len(evs),
+    }
+
+
 #: a dictionary that explains less than half the variance at L0 25 is not one anyone would use, however selectively
 #: its latents fire (an L1 penalty strong enough to reach a low L0 early in training shrinks the code toward 0 and
 #: can score a high F1 that way); such contenders stay in the table but cannot be a tool's "best"
@@ -437,10 +478,13 @@ def summarise(rows: dict) -> dict:
         return (max(cand, key=cand.get), max(cand.values())) if cand else (None, None)
 
     (on, of), (sn, sf) = best("thoughtscope"), best("saelens")
+    # each tool's best again as the mean over weight seeds, where both were re-trained with seeds (--seeds)
+    om, sm = (rows[n].get("f1_seed_mean") if n else None for n in (on, sn))
     out = {
-        "f1_ours_best": {"contender": on, "f1": of},
-        "f1_saelens_best": {"contender": sn, "f1": sf},
+        "f1_ours_best": {"contender": on, "f1": of, "f1_seed_mean": om},
+        "f1_saelens_best": {"contender": sn, "f1": sf, "f1_seed_mean": sm},
         "f1_ours_best_vs_saelens_best": (of / sf) if of is not None and sf else None,
+        "f1_ours_best_vs_saelens_best_seed_mean": (om / sm) if om is not None and sm else None,
         "best_needs_explained_variance": MIN_EXPLAINED_VARIANCE,
         "not_eligible_for_best": sorted(
             n for n, r in rows.items() if (r.get("explained_variance") or 0) < MIN_EXPLAINED_VARIANCE
@@ -489,6 +533,9 @@ def race(data: Data, sz: dict, args, log, *, lrs: dict | None = None) -> tuple[d
             log(f"  {e}")
             continue
         r = rows[c.name]
+        if getattr(args, "seeds", 1) > 1:
+            r.update(reseed(c, batches, data, sz, r, args.seeds, log))
+            log(f"  {c.name}: F1 by seed {', '.join(f'{f:.3f}' for f in r['f1_by_seed'])}")
         log(
             f"  {c.name}: lr {r['lr']:.3g} -> test at L0 {sz['headline_l0']:g}"
             f"{'' if r['bracketed'] else ' (nearest, not bracketed)'}: F1 {r['f1']:.3f} MCC {r['mcc']:.3f} "
@@ -538,6 +585,14 @@ def _chosen_score(row: dict) -> tuple:
     return lr_rank(next(g for g in row["lr_grid"] if g["lr_multiplier"] == row["lr_multiplier"]))
 
 
+SEED_KEYS = ("seeds", "f1_by_seed", "f1_seed_mean", "f1_seed_sd", "explained_variance_seed_mean")
+
+
+def _same_point(a: dict, b: dict) -> bool:
+    """Two runs' rows of one contender read at the same lr from the same first-seed figures (a seeds-only re-run)."""
+    return a["lr_multiplier"] == b["lr_multiplier"] and math.isclose(a["f1"], b["f1"], rel_tol=1e-9)
+
+
 def merge(figs: list[dict], names: list[str], *, replace: bool = False) -> dict:
     """One result from runs of the same data split by contender or by lr grid (two processes on two cores, or an
     lr grid widened afterwards): for a contender in several runs, the run whose chosen lr scores best on
@@ -563,6 +618,9 @@ def merge(figs: list[dict], names: list[str], *, replace: bool = False) -> dict:
             best = row if old is None or _chosen_score(row) > _chosen_score(old) else old
             tried = {g["lr_multiplier"]: g for g in [*(old or {}).get("lr_grid", []), *row["lr_grid"]]}
             rows[c] = {**best, "lr_grid": [tried[m] for m in sorted(tried)]}
+            other = old if best is row else row
+            if other and "f1_by_seed" in other and "f1_by_seed" not in best and _same_point(best, other):
+                rows[c].update({k: other[k] for k in SEED_KEYS})  # the seeds of the same figures, run apart
     out = {k: v for k, v in figs[0].items() if k not in ("synthetic", "real", "command", "wall_seconds")}
     grids = sorted({float(g) for fig in figs for g in str(fig["sizes"]["grid"]).split(",")})
     out["sizes"] = {**figs[0]["sizes"], "grid": ",".join(f"{g:g}" for g in grids)}
@@ -620,6 +678,13 @@ def main(argv=None) -> dict:
     p.add_argument("--real-sae", action="append", default=[], metavar="NAME=PATH", help="another SAE for --real")
     p.add_argument("--real-tokens", type=int, help="--real: tokens of the atlas and of the spliced loss each")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="re-train each contender's L0-25 points with this many weight seeds in all (same data) and report "
+        "their mean F1 beside the first seed's",
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: 1 with --quick, whose matrices are small)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="RUN", help="merge these runs' JSON (see merge())")
     p.add_argument(

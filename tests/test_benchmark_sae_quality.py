@@ -289,6 +289,32 @@ def test_merge_with_replace_takes_a_rerun_contender_from_the_later_run_only(tmp_
         sae_quality.main(["--replace", "--json", str(tmp_path / "x.json")])
 
 
+def test_seeds_retrain_the_headline_points_and_merge_beside_the_grid_search(tmp_path):
+    """--seeds re-trains the points the L0 figures are read from with other weight seeds (same data): the first seed's
+    figures stay the row's, the mean joins them; a seeds-only run at the chosen lr merges into the grid search's row,
+    and the best-against-best ratio is given on the seed means too."""
+    out = tmp_path / "seeds.json"
+    args = [*TINY, "--targets", "6", "--no-saelens-gen", "--contenders", "thoughtscope-batchtopk,saelens-batchtopk"]
+    fig = sae_quality.main([*args, "--seeds", "3", "--json", str(out)])
+    plain = sae_quality.main(args)
+    for name, row in fig["synthetic"].items():
+        assert row["seeds"] == [0, 1, 2] and len(row["f1_by_seed"]) == 3
+        assert row["f1_by_seed"][0] == row["f1"] == plain["synthetic"][name]["f1"]  # seed 0 is the plain run
+        assert len(set(row["f1_by_seed"])) > 1  # other initial weights, other dictionaries
+        assert row["f1_seed_mean"] == pytest.approx(sum(row["f1_by_seed"]) / 3)
+        assert row["f1_seed_sd"] > 0
+    ours, theirs = fig["synthetic"]["thoughtscope-batchtopk"], fig["synthetic"]["saelens-batchtopk"]
+    if fig["f1_ours_best_vs_saelens_best"] is not None:
+        want = ours["f1_seed_mean"] / theirs["f1_seed_mean"]
+        assert fig["f1_ours_best_vs_saelens_best_seed_mean"] == pytest.approx(want)
+    merged = sae_quality.merge([plain, fig], ["grid.json", "seeds.json"])
+    for name in fig["synthetic"]:
+        assert merged["synthetic"][name]["f1_by_seed"] == fig["synthetic"][name]["f1_by_seed"]
+    moved = {**fig, "synthetic": {n: {**r, "f1": r["f1"] + 0.01} for n, r in fig["synthetic"].items()}}
+    apart = sae_quality.merge([plain, moved], ["grid.json", "other.json"])  # not the same figures: no seeds lent
+    assert all("f1_by_seed" not in r or r["f1"] != plain["synthetic"][n]["f1"] for n, r in apart["synthetic"].items())
+
+
 def test_merge_refuses_runs_of_other_data_or_a_section_twice():
     a = _run("1", {"thoughtscope-topk": _row(0.5, {1: 0.5}, 1)}, real={"x": {}})
     other = {**_run("4", {}), "sizes": {"n_true": 128, "d_model": 8, "grid": "4"}}

@@ -136,3 +136,31 @@ def test_soak_quick_path_runs_on_a_fresh_tiny_workbench(tmp_path):
     assert res["streams_cancelled"] > 0 and res["streams_cancelled_cleanly"] == res["streams_cancelled"]
     assert res["generation_threads_left"] == 0 and res["model_jobs_left"] == 0
     assert 0 < res["p50_ms"] <= res["p99_ms"]
+
+
+@pytest.mark.slow
+def test_decoder_norm_benchmark_trains_both_ways_on_the_same_rows(tmp_path, monkeypatch):
+    """benchmarks/sae_decoder_norm.py end to end on a small store of the embedded model (harvested here)."""
+    import sae_decoder_norm
+
+    monkeypatch.setattr(_data, "bench_home", lambda: tmp_path / "bench")  # a store of its own, the shared corpus
+    out = tmp_path / "dn.json"
+    args = [
+        "--store-tokens",
+        "8192",
+        "--expansion",
+        "2",
+        "--batch-size",
+        "256",
+        "--steps",
+        "12",
+        "--loss-tokens",
+        "256",
+    ]
+    fig = sae_decoder_norm.main([*args, "--json", str(out)])
+    assert json.loads(out.read_text())["fvu_free_minus_unit"] == pytest.approx(fig["fvu_free_minus_unit"])
+    free, unit = fig["real"]["free"], fig["real"]["unit"]
+    for r in (free, unit):
+        assert 0 < r["fvu"] < 1 and r["l0"] == pytest.approx(32) and r["spliced_loss"] > r["loss_clean"]
+    assert free["fvu"] != unit["fvu"]  # two different trainings, not one reported twice
+    assert fig["fvu_free_minus_unit"] == pytest.approx(free["fvu"] - unit["fvu"])
