@@ -209,7 +209,13 @@ def quality_rows(fig: dict, quick: bool) -> list[list[str]]:
             work,
             f"best F1 {_f(best_o.get('f1'), '.3f')} ({best_o.get('contender')})",
             f"SAELens best F1 {_f(best_s.get('f1'), '.3f')} ({best_s.get('contender')})",
-            f"F1 ratio **{_f(fig.get('f1_ours_best_vs_saelens_best'), '.2f')}** (target >= 1; by architecture "
+            f"F1 ratio **{_f(fig.get('f1_ours_best_vs_saelens_best'), '.3f')}** (target >= 1"
+            + (
+                f"; {_f(fig['f1_ours_best_vs_saelens_best_seed_mean'], '.3f')} on the mean of the seeds run"
+                if fig.get("f1_ours_best_vs_saelens_best_seed_mean") is not None
+                else ""
+            )
+            + "; by architecture "
             + ", ".join(f"{a} {_f(v, '.2f')}" for a, v in (fig.get("f1_ratio_by_arch") or {}).items())
             + f"); Matryoshka minus BatchTopK F1 **{_f(fig.get('matryoshka_minus_batchtopk_f1'), '+.3f')}** "
             "(target > 0)",
@@ -230,8 +236,14 @@ def quality_table(fig: dict, quick: bool = False) -> str:
                 f"{p['test']['l0']:.0f}: {p['test']['f1']:.3f}" for p in r.get("points", []) if "test" in p
             )
             l0_cell = f"{_f(r.get('l0'), '.1f')}" + ("" if r.get("bracketed") else " (nearest)")
+            f1_cell = _f(r.get("f1"), ".3f")
+            if r.get("f1_by_seed"):
+                f1_cell += (
+                    f" (mean of {len(r['f1_by_seed'])} seeds {_f(r.get('f1_seed_mean'), '.3f')} "
+                    f"± {_f(r.get('f1_seed_sd'), '.3f')})"
+                )
             lines.append(
-                f"| {said} | {name} | {_f(r.get('f1'), '.3f')} | {_f(r.get('mcc'), '.3f')} | "
+                f"| {said} | {name} | {f1_cell} | {_f(r.get('mcc'), '.3f')} | "
                 f"{_f(r.get('uniqueness'), '.3f')} | {_f(r.get('absorption'), '.3f')} | "
                 f"{_f(r.get('explained_variance'), '.3f')} | {l0_cell} | {_pct(r.get('dead'))} | "
                 f"{_f(r.get('lr'), '.2g')} | {front} |"
@@ -241,8 +253,13 @@ def quality_table(fig: dict, quick: bool = False) -> str:
         f"`sae_quality.py{' --quick' if quick else ''}`: figures on the test sample at L0 {l0:g}, interpolated "
         "linearly in log L0 between the two points of each contender's front that bracket it ((nearest): the "
         f"closest point); {sz.get('n_latents', '?')} latents on {sz.get('n_true', '?')} true features; F1 ratio "
-        f"ours / SAELens {_f(fig.get('f1_ours_best_vs_saelens_best'), '.2f')}, Matryoshka minus BatchTopK F1 "
-        f"{_f(fig.get('matryoshka_minus_batchtopk_f1'), '+.3f')}."
+        f"ours / SAELens {_f(fig.get('f1_ours_best_vs_saelens_best'), '.3f')}"
+        + (
+            f" (on the seed means {_f(fig['f1_ours_best_vs_saelens_best_seed_mean'], '.3f')})"
+            if fig.get("f1_ours_best_vs_saelens_best_seed_mean") is not None
+            else ""
+        )
+        + f", Matryoshka minus BatchTopK F1 {_f(fig.get('matryoshka_minus_batchtopk_f1'), '+.3f')}."
     ]
     gen = fig.get("data", {}).get("synthetic_saelens_gen")
     if gen:

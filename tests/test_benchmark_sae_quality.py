@@ -310,6 +310,14 @@ def test_seeds_retrain_the_headline_points_and_merge_beside_the_grid_search(tmp_
     merged = sae_quality.merge([plain, fig], ["grid.json", "seeds.json"])
     for name in fig["synthetic"]:
         assert merged["synthetic"][name]["f1_by_seed"] == fig["synthetic"][name]["f1_by_seed"]
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_table.py"), f"sae_quality={out}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    mean = fig["synthetic"]["saelens-batchtopk"]["f1_seed_mean"]
+    assert f"(mean of 3 seeds {mean:.3f} ± " in table
     moved = {**fig, "synthetic": {n: {**r, "f1": r["f1"] + 0.01} for n, r in fig["synthetic"].items()}}
     apart = sae_quality.merge([plain, moved], ["grid.json", "other.json"])  # not the same figures: no seeds lent
     assert all("f1_by_seed" not in r or r["f1"] != plain["synthetic"][n]["f1"] for n, r in apart["synthetic"].items())
