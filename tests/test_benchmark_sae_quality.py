@@ -318,9 +318,13 @@ def test_seeds_retrain_the_headline_points_and_merge_beside_the_grid_search(tmp_
     ).stdout
     mean = fig["synthetic"]["saelens-batchtopk"]["f1_seed_mean"]
     assert f"(mean of 3 seeds {mean:.3f} ± " in table
-    moved = {**fig, "synthetic": {n: {**r, "f1": r["f1"] + 0.01} for n, r in fig["synthetic"].items()}}
-    apart = sae_quality.merge([plain, moved], ["grid.json", "other.json"])  # not the same figures: no seeds lent
-    assert all("f1_by_seed" not in r or r["f1"] != plain["synthetic"][n]["f1"] for n, r in apart["synthetic"].items())
+    at16 = {
+        n: {**r, "lr_multiplier": 16, "lr_grid": [{**g, "lr_multiplier": 16} for g in r["lr_grid"]]}
+        for n, r in fig["synthetic"].items()
+    }
+    moved = {**fig, "synthetic": at16}
+    apart = sae_quality.merge([plain, moved], ["grid.json", "other.json"])  # seeds of another lr are not lent
+    assert all(r["lr_multiplier"] == 16 or "f1_by_seed" not in r for r in apart["synthetic"].values())
 
 
 def test_merge_refuses_runs_of_other_data_or_a_section_twice():
