@@ -103,12 +103,14 @@ def test_folding_the_norms_keeps_what_training_selected_and_reconstructed(arch):
     torch.testing.assert_close(folded.W_dec.norm(dim=1), torch.ones(M))
     with torch.no_grad():
         pre = (x - sae.b_dec) @ sae.enc.T + sae.b_enc
+        pre_folded = folded.pre_acts(x)
         f, recon = folded(x)
-    torch.testing.assert_close(f, F.relu(pre) * n_before * (f > 0), rtol=1e-5, atol=1e-5)  # f = pre x n
+    torch.testing.assert_close(pre_folded, pre * n_before, rtol=1e-5, atol=1e-5)  # what training ranked: pre x n
+    torch.testing.assert_close(f, F.relu(pre_folded) * (f > 0))
     if arch == "topk":  # the same k latents per row, the same reconstruction as the step
         torch.testing.assert_close(recon, out.recon.detach(), rtol=1e-5, atol=1e-5)
     else:  # the threshold, learned on pre x n, reads the folded pre-activations
-        torch.testing.assert_close(f > 0, F.relu(pre) * n_before > sae.threshold)
+        torch.testing.assert_close(f > 0, pre_folded > sae.threshold)
     again = copy.deepcopy(folded)
     again.fold_decoder_norm()  # unit rows: nothing moves
     torch.testing.assert_close(again.enc, folded.enc)

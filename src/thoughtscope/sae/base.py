@@ -33,6 +33,15 @@ def check_k(cfg: SAEConfig) -> None:
         raise SAEError(f"SAEConfig.k={cfg.k!r} must be in 1..n_features={cfg.n_features} for arch {cfg.arch!r}")
 
 
+@torch.no_grad()
+def ranking_pre_acts(xc: Tensor, enc: Tensor, b_enc: Tensor, norms: Tensor | None) -> Tensor:
+    """Pre-activations [B, m] of centred rows, or with free decoder norms pre x norm, from one GEMM on encoder rows
+    scaled by their norms (an [m, d] product instead of a pass over the [B, m] result)."""
+    if norms is None:
+        return F.linear(xc, enc, b_enc)
+    return F.linear(xc, enc * norms.unsqueeze(1), b_enc * norms)
+
+
 class SAEOutput(NamedTuple):
     feature_acts: Tensor  # dense [..., n_features]
     recon: Tensor  # [..., d_model]

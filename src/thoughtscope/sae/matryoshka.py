@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import SAEError
-from .base import StepOutput, register_sae_class
+from .base import StepOutput, ranking_pre_acts, register_sae_class
 from .batchtopk import BatchTopKSAE
 from .config import SAEConfig
 from .kernels import RaggedDecode, RaggedEncode, SparseDecode, SparseEncode, ragged_pairs
@@ -109,17 +109,17 @@ class MatryoshkaSAE(BatchTopKSAE):
         return out
 
     def _aux_loss(
-        self, xc: Tensor, pre: Tensor, score: Tensor, err: Tensor, dead_mask: Tensor, aux_scale: Tensor
+        self, xc: Tensor, score: Tensor, norms: Tensor | None, err: Tensor, dead_mask: Tensor, aux_scale: Tensor
     ) -> Tensor:
-        """AuxK: the k_aux dead latents of each row ranked highest by ``score`` (pre, or pre x free decoder norm)
-        model the residual err (normalised)."""
+        """AuxK: the k_aux dead latents of each row ranked highest by ``score`` (pre, or pre x free decoder norm
+        ``norms``) model the residual err (normalised)."""
         with torch.no_grad():
             dead_idx = dead_mask.nonzero().squeeze(1)
             sub = score.index_select(1, dead_idx)
             k_aux = min(self.cfg.k_aux_eff, dead_idx.numel())
-            _, j = sub.topk(k_aux, dim=-1, sorted=False)
+            ranked, j = sub.topk(k_aux, dim=-1, sorted=False)
             aidx = dead_idx[j]
-            avals_raw = pre.gather(-1, aidx)
+            avals_raw = ranked if norms is None else ranked / norms[aidx]
         avals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, aidx, avals_raw))
         aux_recon = SparseDecode.apply(avals, aidx, self.W_dec)
         return (err.detach() - aux_recon).pow(2).sum(-1).mean() / aux_scale
@@ -130,14 +130,14 @@ class MatryoshkaSAE(BatchTopKSAE):
         B, m = x.shape[0], self.cfg.n_features
         xc = x - self.b_dec
         with torch.no_grad():
-            pre = F.linear(xc, self.enc, self.b_enc)
             norms = self.free_row_norms()
-            score = pre if norms is None else pre * norms  # what the latents compete on
+            score = ranking_pre_acts(xc, self.enc, self.b_enc, norms)  # what the latents compete on
             top, flat = batch_topk(score, self.cfg.k)
             flat = flat[top > 0].sort().values  # row-major pairs: rows ascend, latents ascend within a row
             rows, cols = torch.div(flat, m, rounding_mode="floor"), flat % m
-            vals_raw = pre.reshape(-1)[flat]
-            self._update_threshold(score.reshape(-1)[flat])
+            kept = score.reshape(-1)[flat]
+            self._update_threshold(kept)
+            vals_raw = kept if norms is None else kept / norms[cols]
             crow, order, rows_by_col, ccol = ragged_pairs(rows, cols, B, m)
         vals = RaggedEncode.apply(xc, self.enc, self.b_enc, rows, cols, crow, order, rows_by_col, ccol, vals_raw)
         recons = self.prefix_reconstructions(vals, rows, cols, B)
@@ -146,7 +146,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         recon = recons[-1]
         aux = torch.zeros((), device=x.device)
         if dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any()):
-            aux = self._aux_loss(xc, pre, score, x - recon, dead_mask, aux_scale)
+            aux = self._aux_loss(xc, score, norms, x - recon, dead_mask, aux_scale)
             loss = loss + self.cfg.aux_coeff * aux
         fired = torch.zeros(m, dtype=torch.bool, device=x.device)
         fired[cols] = True

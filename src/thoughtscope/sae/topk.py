@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import SAE, StepOutput, TopKMixin, UnitDecoderMixin, register_sae_class
+from .base import SAE, StepOutput, TopKMixin, UnitDecoderMixin, ranking_pre_acts, register_sae_class
 from .kernels import SparseDecode, SparseEncode, group_by_latent
 
 
@@ -48,12 +48,11 @@ class TopKSAE(TopKMixin, UnitDecoderMixin, SAE):
     def training_step(self, x, *, progress, dead_mask=None, aux_scale=None):
         xc = x - self.b_dec
         with torch.no_grad():
-            pre = F.linear(xc, self.enc, self.b_enc)
             norms = self.free_row_norms()
-            score = pre if norms is None else pre * norms  # what the latents compete on
+            score = ranking_pre_acts(xc, self.enc, self.b_enc, norms)  # what the latents compete on
             vals_raw, idx = score.topk(self.cfg.k, dim=-1, sorted=False)
             if norms is not None:
-                vals_raw = pre.gather(-1, idx)
+                vals_raw = vals_raw / norms[idx]
             grouping = group_by_latent(idx, self.cfg.n_features)  # one sort serves both backward passes
         vals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, idx, vals_raw, grouping))
         recon = SparseDecode.apply(vals, idx, self.W_dec, grouping) + self.b_dec
@@ -63,7 +62,7 @@ class TopKSAE(TopKMixin, UnitDecoderMixin, SAE):
         if dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any()):
             avals_raw, aidx = dead_aux_pairs(score, dead_mask, self.cfg.k_aux_eff)
             if norms is not None:
-                avals_raw = pre.gather(-1, aidx)
+                avals_raw = avals_raw / norms[aidx]
             avals = F.relu(SparseEncode.apply(xc, self.enc, self.b_enc, aidx, avals_raw))
             aux_recon = SparseDecode.apply(avals, aidx, self.W_dec)
             # residual of the main reconstruction (detached), normalised by its total energy
