@@ -30,6 +30,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch
 from _contenders import _dense_fn
 from _data import ShuffledBatches, ensure_store, split_rows
+from _device import add_device_arg, device_info
 from _race import check_sane, evaluate, spliced_recovery
 
 from thoughtscope._io import atomic_write_json
@@ -59,6 +60,7 @@ def main(argv=None) -> dict:
     p.add_argument("--loss-tokens", dest="loss_tokens", type=int, help="held-out tokens of the spliced loss")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    add_device_arg(p)  # where the SAEs train; they are scored and spliced on the CPU
     args = p.parse_args(argv)
     sz = sizes(args)
     if args.threads:
@@ -70,11 +72,17 @@ def main(argv=None) -> dict:
     batches = ShuffledBatches(rows.train, sz["batch_size"], sz["steps"], seed=args.seed)
     fig: dict = {"quick": args.quick, "sizes": sz, "arch": args.arch, "k": args.k, "data": rows.info}
     fig["threads"], fig["torch_version"] = torch.get_num_threads(), torch.__version__
+    fig.update(device_info(args.device))
     fns, real = {}, {}
     for mode in MODES:
         cfg = SAEConfig(arch=args.arch, d_model=d, n_features=d * sz["expansion"], k=args.k, decoder_norm=mode)
         tc = TrainConfig(
-            batch_size=sz["batch_size"], steps=sz["steps"], progress=False, checkpoint_every=0, seed=args.seed
+            batch_size=sz["batch_size"],
+            steps=sz["steps"],
+            progress=False,
+            checkpoint_every=0,
+            seed=args.seed,
+            device=args.device,
         )
         t0 = time.perf_counter()
         sae = Trainer([cfg], tc).fit(iter(batches[i] for i in range(len(batches))))[0].eval()

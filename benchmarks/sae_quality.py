@@ -57,7 +57,12 @@ no architecture's advantage visible; SynthSAEBench itself uses 768 dimensions.
 
 Runs of the same data split by contender (one process per core: ``--contenders``) or with the grid widened later
 (``--grid 16``) make one result with ``--merge a.json b.json --json out.json``: each contender keeps the lr whose
-validation F1 is best across the runs, the rule a single run applies.
+validation F1 is best across the runs, the rule a single run applies; ``--replace`` instead takes a contender re-run
+after a change to its code from the later run only. ``--seeds N`` re-trains each contender's L0-25 points from N - 1
+more weight seeds (same data, batches, lr and k) and adds the mean F1 and its spread (``f1_by_seed``,
+``f1_seed_mean``, ``f1_seed_sd``, and ``f1_ours_best_vs_saelens_best_seed_mean``): one seed's F1 moves by about 0.01
+at the full size, as much as the gap between the tools' best. A seeds-only run at the lr a grid run chose merges
+into that run's row.
 """
 
 from __future__ import annotations
