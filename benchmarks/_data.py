@@ -162,3 +162,13 @@ class ShuffledBatches:
 
     def __iter__(self):
         return (self[i] for i in range(self.n_steps))
+
+
+def race_data(
+    n_tokens: int, batch_size: int, n_steps: int, *, seed: int = 0
+) -> tuple[ActivationStore, Rows, ShuffledBatches]:
+    """The cached store of the default model (built on first use), its train / validation / test rows, and the one
+    batch sequence every run of a real-data benchmark trains on."""
+    store = ensure_store(n_tokens)
+    rows = split_rows(store)
+    return store, rows, ShuffledBatches(rows.train, batch_size, n_steps, seed=seed)

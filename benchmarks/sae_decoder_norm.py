@@ -29,7 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 from _contenders import _dense_fn
-from _data import ShuffledBatches, ensure_store, split_rows
+from _data import race_data
 from _device import add_device_arg, device_info
 from _race import check_sane, evaluate, spliced_recovery
 
@@ -66,10 +66,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    store = ensure_store(sz["store_tokens"])
-    rows = split_rows(store)
+    store, rows, batches = race_data(sz["store_tokens"], sz["batch_size"], sz["steps"], seed=args.seed)
     d = rows.train.shape[1]
-    batches = ShuffledBatches(rows.train, sz["batch_size"], sz["steps"], seed=args.seed)
     fig: dict = {"quick": args.quick, "sizes": sz, "arch": args.arch, "k": args.k, "data": rows.info}
     fig["threads"], fig["torch_version"] = torch.get_num_threads(), torch.__version__
     fig.update(device_info(args.device))

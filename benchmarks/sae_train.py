@@ -35,7 +35,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' progress bars would int
 import _ceiling
 import torch
 from _contenders import CONTENDERS
-from _data import ShuffledBatches, ensure_store, split_rows
+from _data import ShuffledBatches, race_data
 from _matched_l0 import match_l0
 from _race import Curve, check_sane, eval_steps, evaluate, run_turns, spliced_recovery
 
@@ -322,10 +322,8 @@ def main(argv=None) -> dict:
     sz = sizes(args)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
-    store = ensure_store(sz["store_tokens"])
-    rows = split_rows(store)
+    store, rows, batches = race_data(sz["store_tokens"], sz["batch_size"], sz["steps"], seed=args.seed)
     d = rows.train.shape[1]
-    batches = ShuffledBatches(rows.train, sz["batch_size"], sz["steps"], seed=args.seed)
     grids = {
         "topk": [float(x) for x in sz["grid"].split(",")],
         "relu-l1": [float(x) for x in sz["relu_grid"].split(",")],
