@@ -71,6 +71,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -454,14 +455,12 @@ def reseed(c, batches, data: Data, sz: dict, row: dict, n_seeds: int, log) -> di
             evs.append(h["explained_variance"])
     finally:
         c.seed = base
-    mean = sum(f1s) / len(f1s)
-    sd = math.sqrt(sum((f - mean) ** 2 for f in f1s) / (len(f1s) - 1)) if len(f1s) > 1 else 0.0
     return {
         "seeds": [base + i for i in range(n_seeds)],
         "f1_by_seed": f1s,
-        "f1_seed_mean": mean,
-        "f1_seed_sd": sd,
-        "explained_variance_seed_mean": sum(evs) / len(evs),
+        "f1_seed_mean": statistics.fmean(f1s),
+        "f1_seed_sd": statistics.stdev(f1s) if len(f1s) > 1 else 0.0,
+        "explained_variance_seed_mean": statistics.fmean(evs),
     }
 
 
@@ -538,7 +537,7 @@ def race(data: Data, sz: dict, args, log, *, lrs: dict | None = None) -> tuple[d
             log(f"  {e}")
             continue
         r = rows[c.name]
-        if getattr(args, "seeds", 1) > 1:
+        if args.seeds > 1:
             r.update(reseed(c, batches, data, sz, r, args.seeds, log))
             log(f"  {c.name}: F1 by seed {', '.join(f'{f:.3f}' for f in r['f1_by_seed'])}")
         log(

@@ -41,7 +41,8 @@ class BatchTopKSAE(TopKMixin, UnitDecoderMixin, SAE):
         flat = acts.reshape(-1)
         norms = self.free_row_norms()
         with torch.no_grad():
-            score = acts if norms is None else acts * norms  # what the latents compete on
+            scaled = None if norms is None else pre * norms  # free norms: latents compete on pre x norm
+            score = acts if scaled is None else F.relu(scaled)
             kept, idx = score.reshape(-1).topk(self.cfg.k * x.shape[0], sorted=False)
             pos = kept > 0
             min_kept = torch.where(pos, kept, torch.full_like(kept, float("inf"))).min()
@@ -55,7 +56,7 @@ class BatchTopKSAE(TopKMixin, UnitDecoderMixin, SAE):
         aux = torch.zeros((), device=x.device)
         if dead_mask is not None and self.cfg.aux_coeff > 0:
             with torch.no_grad():
-                rank = pre if norms is None else pre * norms
+                rank = pre if scaled is None else scaled
                 ranked, aidx = rank.masked_fill(~dead_mask, float("-inf")).topk(
                     self.cfg.k_aux_eff, dim=-1, sorted=False
                 )
