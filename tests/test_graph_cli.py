@@ -58,6 +58,21 @@ def test_graph_command_prints_paths_and_writes_both_files(model_dir, tmp_path):
     assert bad.exit_code == 2 and "40" in bad.output and "32" in bad.output
 
 
+def test_transcoders_train_of_one_block_keeps_its_folder_and_writes_no_set(model_dir, tmp_path):
+    """--layers 1 trains block 1 alone: a set is indexed from block 0, so the block's folder is the result."""
+    args = ["transcoders", "train", "--out", str(tmp_path / "tc"), "--model", str(model_dir / "model"),
+            "--corpus", str(model_dir / "corpus.txt"), "--tokens", "1000", "--features", "32", "--k", "4",
+            "--batch-size", "200", "--layers", "1"]  # fmt: skip
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "no set was written" in " ".join(r.output.split())
+    assert (tmp_path / "tc" / "layers" / "layer_01").is_dir() and not (tmp_path / "tc" / "layers" / "layer_00").exists()
+    assert not (tmp_path / "tc" / "set").exists()
+    from thoughtscope.sae import SAE
+
+    assert SAE.load(tmp_path / "tc" / "layers" / "layer_01").cfg.site == "mlp_in.1"
+
+
 def test_transcoders_train_then_eval(model_dir, tmp_path):
     args = ["transcoders", "train", "--out", str(tmp_path / "tc"), "--model", str(model_dir / "model"),
             "--corpus", str(model_dir / "corpus.txt"), "--tokens", "2000", "--features", "64", "--k", "4",

@@ -105,6 +105,14 @@ def transcoders_train(
     for r in runs:
         m = getattr(r.sae, "train_metrics", {})
         console.print(f"{r.name}: fvu {m.get('fvu', float('nan')):.3f}  L0 {m.get('l0', float('nan')):.1f}")
+    blocks = [int(r.sae.cfg.site.rsplit(".", 1)[1]) for r in runs]
+    if blocks != list(range(len(blocks))):  # a set is indexed by block from 0: a few blocks are SAE folders only
+        console.print(
+            f"trained in {seconds:.0f} s; blocks {', '.join(map(str, blocks))} are saved one per folder under "
+            f"{out / 'layers'} (each an SAE folder: sae eval, atlas build --sae); no set was written, since a set "
+            "(for graphs) holds blocks 0 to N-1"
+        )
+        return
     ts = TranscoderSet([r.sae for r in runs], model=runs[0].sae.cfg.model_source or {}, source=str(out / "set"))
     console.print(f"trained in {seconds:.0f} s; wrote {save_transcoder_set(ts, out / 'set', quantize=quantize)}")
 
