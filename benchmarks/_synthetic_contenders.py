@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from _contenders import Sparsify
+from _settings import split
 
 from thoughtscope.sae import SAEConfig, TrainConfig, Trainer
 from thoughtscope.sae.train import default_lr as ours_default_lr
@@ -79,10 +80,12 @@ class _Base:
 class Ours(_Base):
     tool = "thoughtscope"
 
-    def __init__(self, arch: str, d: int, m: int, **kw):
+    def __init__(self, arch: str, d: int, m: int, *, changed: dict | None = None, **kw):
         super().__init__(d, m, **kw)
         self.arch = arch
         self.knob = {"relu-l1": "l1", "jumprelu": "l0"}.get(arch, "k")
+        self.changed = dict(changed or {})  # settings away from the defaults (sae_quality --ours-setting)
+        self.sae_changed, self.train_changed = split(self.changed)
 
     def config(self, knob: float) -> SAEConfig:
         kw: dict = {"arch": self.arch, "d_model": self.d, "n_features": self.m}
@@ -94,7 +97,7 @@ class Ours(_Base):
             kw["k"] = int(round(knob))
         if self.arch == "matryoshka":
             kw["matryoshka_prefixes"] = tuple(w for w in matryoshka_widths(self.m) if w < self.m)
-        return SAEConfig(**kw)
+        return SAEConfig(**kw, **self.sae_changed)
 
     def default_knob(self) -> float:
         return {"l1": SAEConfig.l1_coeff, "l0": SAEConfig.l0_coeff}.get(self.knob, 25)
@@ -111,6 +114,8 @@ class Ours(_Base):
         s["decoder_norm"] = self.config(self.default_knob()).decoder_norm
         if self.arch == "matryoshka":
             s["matryoshka_prefixes"] = list(self.config(25).matryoshka_prefixes)
+        if self.changed:
+            s["changed_from_defaults"] = dict(self.changed)
         return s
 
     def fit(self, batches, lr, knob) -> Fitted:
@@ -121,6 +126,7 @@ class Ours(_Base):
             progress=False,
             checkpoint_every=0,
             seed=self.seed,
+            **self.train_changed,
         )
         sae = Trainer([self.config(knob)], tc).fit(iter(batches))[0]
         sae.eval()
@@ -258,8 +264,11 @@ OURS_ARCHS = ("relu-l1", "topk", "batchtopk", "jumprelu", "matryoshka")
 SAELENS_ARCHS = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk")
 
 
-def all_contenders(d: int, m: int, *, batch_size: int, n_steps: int, seed: int = 0) -> tuple[list[_Base], dict]:
-    """Every contender that can run here, and why the others cannot (missing package or architecture)."""
+def all_contenders(
+    d: int, m: int, *, batch_size: int, n_steps: int, seed: int = 0, ours_changed: dict | None = None
+) -> tuple[list[_Base], dict]:
+    """Every contender that can run here, and why the others cannot (missing package or architecture);
+    ``ours_changed``: settings our contenders train with instead of the defaults."""
     import importlib
 
     from thoughtscope.sae.registry import BUILTIN
@@ -272,7 +281,7 @@ def all_contenders(d: int, m: int, *, batch_size: int, n_steps: int, seed: int =
             skipped[f"thoughtscope-{arch}"] = "architecture not built into this checkout"
             continue
         importlib.import_module(f"thoughtscope.sae.{BUILTIN[arch]}")  # registers it (only this one)
-        out.append(Ours(arch, d, m, **kw))
+        out.append(Ours(arch, d, m, changed=ours_changed, **kw))
     for tool, mod, make in (
         ("saelens", "sae_lens", lambda: [SAELens(a, d, m, **kw) for a in SAELENS_ARCHS]),
         ("sparsify", "sparsify", lambda: [SparsifyTopK(d, m, **kw)]),

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = (
     "sae_train",
     "sae_quality",
-    "sae_decoder_norm",
+    "sae_choices",
     "harvest",
     "atlas",
     "search",

@@ -79,6 +79,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # the peers' progress bars would interleave
 
+import _settings
 import torch
 from _data import ShuffledBatches
 from _race import InsaneContender, check_sane
@@ -517,8 +518,9 @@ def race(data: Data, sz: dict, args, log, *, lrs: dict | None = None) -> tuple[d
     """Every contender on one generator's data; ``lrs``: a fixed lr multiplier per contender (no grid)."""
     batches = ShuffledBatches(data.pool, sz["batch_size"], sz["steps"], seed=args.seed)
     contenders, skipped = all_contenders(
-        sz["d_model"], sz["n_latents"], batch_size=sz["batch_size"], n_steps=sz["steps"], seed=args.seed
-    )
+        sz["d_model"], sz["n_latents"], batch_size=sz["batch_size"], n_steps=sz["steps"], seed=args.seed,
+        ours_changed=getattr(args, "ours_changed", None),
+    )  # fmt: skip
     only = {s.strip() for s in args.contenders.split(",")} if args.contenders else None
     grid = [float(g) for g in str(sz["grid"]).split(",")]
     targets = [float(t) for t in str(sz["targets"]).split(",")]
@@ -691,6 +693,14 @@ def main(argv=None) -> dict:
         help="re-train each contender's L0-25 points with this many weight seeds in all (same data) and report "
         "their mean F1 beside the first seed's",
     )
+    p.add_argument(
+        "--ours-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="train our contenders with this SAEConfig / TrainConfig setting changed (e.g. b_dec_init=zero); "
+        "repeatable; recorded in each contender's settings",
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: 1 with --quick, whose matrices are small)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="RUN", help="merge these runs' JSON (see merge())")
     p.add_argument(
@@ -717,6 +727,10 @@ def main(argv=None) -> dict:
         )
         return fig
     sz = sizes(args)
+    try:  # before any data is made: a bad setting is refused at once
+        args.ours_changed = dict(_settings.parse(t) for t in args.ours_setting)
+    except SystemExit as e:
+        p.error(f"--ours-setting: {e}")
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
     t_start = time.perf_counter()
@@ -726,6 +740,8 @@ def main(argv=None) -> dict:
 
     fig: dict = {"quick": args.quick, "sizes": sz, "headline_l0": sz["headline_l0"], "threads": torch.get_num_threads()}
     fig["torch_version"] = torch.__version__
+    if args.ours_changed:
+        fig["ours_changed_from_defaults"] = args.ours_changed
     data = data_ours(sz, args.seed)
     fig["data"] = {"synthetic": data.info}
     log(f"synthetic (thoughtscope's generator): true L0 {data.info['true_l0']:.1f}; sizes {sz}")

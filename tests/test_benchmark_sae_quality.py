@@ -364,3 +364,20 @@ def test_merge_on_the_command_line_names_a_bad_file(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             sae_quality.main(["--merge", *map(str, files)])
         assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_ours_setting_trains_our_contenders_with_a_changed_default_and_records_it(tmp_path):
+    changed = {"b_dec_init": "zero", "decay_frac": 0.0}
+    tiny = [*TINY, "--contenders", "thoughtscope-topk", "--no-saelens-gen"]
+    fig = sae_quality.main([*tiny, "--ours-setting", "b_dec_init=zero", "--ours-setting", "decay_frac=0"])
+    plain = sae_quality.main(tiny)
+    row, base = fig["synthetic"]["thoughtscope-topk"], plain["synthetic"]["thoughtscope-topk"]
+    assert row["settings"]["changed_from_defaults"] == changed and "changed_from_defaults" not in base["settings"]
+    assert row["explained_variance"] != base["explained_variance"]  # trained differently, not only labelled
+    ours = Ours("topk", 32, 64, changed={"k_aux": 8, "grad_clip": 0.5}, batch_size=64, n_steps=4)
+    assert ours.config(6).k_aux == 8 and ours.train_changed == {"grad_clip": 0.5}
+    assert fig["ours_changed_from_defaults"] == changed and "ours_changed_from_defaults" not in plain
+    for bad in ("colour=red", "n_features=12", "decay_frac=soon", "b_dec_init"):
+        with pytest.raises(SystemExit):
+            sae_quality.main([*tiny, "--json", str(tmp_path / "bad.json"), "--ours-setting", bad])
+        assert not (tmp_path / "bad.json").exists()

@@ -139,9 +139,10 @@ def test_soak_quick_path_runs_on_a_fresh_tiny_workbench(tmp_path):
 
 
 @pytest.mark.slow
-def test_decoder_norm_benchmark_trains_both_ways_on_the_same_rows(tmp_path, monkeypatch):
-    """benchmarks/sae_decoder_norm.py end to end on a small store of the embedded model (harvested here)."""
-    import sae_decoder_norm
+def test_choices_benchmark_trains_each_way_on_the_same_rows(tmp_path, monkeypatch):
+    """benchmarks/sae_choices.py end to end on a small store of the embedded model (harvested here): its default
+    choice (decoder norms) and a TrainConfig one."""
+    import sae_choices
 
     monkeypatch.setattr(_data, "bench_home", lambda: tmp_path / "bench")  # a store of its own, the shared corpus
     out = tmp_path / "dn.json"
@@ -157,10 +158,28 @@ def test_decoder_norm_benchmark_trains_both_ways_on_the_same_rows(tmp_path, monk
         "--loss-tokens",
         "256",
     ]
-    fig = sae_decoder_norm.main([*args, "--json", str(out)])
+    fig = sae_choices.main([*args, "--json", str(out)])
     assert json.loads(out.read_text())["fvu_free_minus_unit"] == pytest.approx(fig["fvu_free_minus_unit"])
     free, unit = fig["real"]["free"], fig["real"]["unit"]
     for r in (free, unit):
         assert 0 < r["fvu"] < 1 and r["l0"] == pytest.approx(32) and r["spliced_loss"] > r["loss_clean"]
     assert free["fvu"] != unit["fvu"]  # two different trainings, not one reported twice
     assert fig["fvu_free_minus_unit"] == pytest.approx(free["fvu"] - unit["fvu"])
+    # a TrainConfig choice, three ways (a bare "mean" is also a reference condition's name in the spliced loss);
+    # zero would fail the sanity rule here: 12 steps cannot move b_dec to the residual stream's offset
+    fig = sae_choices.main([*args, "--choice", "b_dec_init=mean,geometric_median", "--k", "16"])
+    assert fig["choice"] == "b_dec_init" and set(fig["real"]) == {"mean", "geometric_median"}
+    mean, median = fig["real"]["mean"], fig["real"]["geometric_median"]
+    assert mean["l0"] == pytest.approx(16) and mean["fvu"] != median["fvu"]
+    gap = mean["spliced_loss"] - median["spliced_loss"]
+    assert fig["spliced_loss_mean_minus_geometric_median"] == pytest.approx(gap)
+
+
+def test_choices_benchmark_refuses_a_choice_it_cannot_make():
+    import sae_choices
+
+    for bad in ("decoder_norm", "decoder_norm=free", "colour=red,blue", "n_features=8,16", "decay_frac=0.2,none"):
+        with pytest.raises(SystemExit, match="--choice"):
+            sae_choices.parse_choice(bad)
+    assert sae_choices.parse_choice("decay_frac=0.2,0") == ("decay_frac", "train", [0.2, 0.0])
+    assert sae_choices.parse_choice("k_aux=64,128") == ("k_aux", "sae", [64, 128])

@@ -94,7 +94,7 @@ class SAEConfig:
     family, unit elsewhere), saved as the choice made. Measured with free against unit: ground-truth F1 at L0 25
     0.599 / 0.613 / 0.710 against 0.597 / 0.608 / 0.696 for TopK / BatchTopK / Matryoshka (benchmarks/sae_quality.py,
     full size); on SmolLM2 resid.15 a TopK SAE's test FVU 0.243 against 0.248 and spliced loss 4.427 against 4.429
-    (benchmarks/sae_decoder_norm.py)."""
+    (benchmarks/sae_choices.py)."""
     matryoshka_prefixes: tuple[int, ...] = ()
     """Matryoshka: sizes of the nested dictionary prefixes that must each reconstruct the input (feature counts,
     strictly increasing, each below n_features, which is always the last prefix); () = n_features / 16, / 8, / 4
