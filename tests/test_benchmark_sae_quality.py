@@ -337,7 +337,7 @@ def test_merge_refuses_runs_of_other_data_or_a_section_twice():
 
 
 def test_an_insane_contender_fails_the_run_but_keeps_the_others_figures(tmp_path, monkeypatch):
-    def two(d, m, *, batch_size, n_steps, seed=0):
+    def two(d, m, *, batch_size, n_steps, seed=0, ours_changed=None):
         kw = {"batch_size": batch_size, "n_steps": n_steps, "seed": seed}
         mean = _MeanPredictor("topk", d, m, **kw)
         mean.tool = "meanpredictor"
