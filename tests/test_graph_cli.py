@@ -58,12 +58,16 @@ def test_graph_command_prints_paths_and_writes_both_files(model_dir, tmp_path):
     assert bad.exit_code == 2 and "40" in bad.output and "32" in bad.output
 
 
+def _train_args(model_dir, out, tokens: int, features: int, *extra: str) -> list[str]:
+    """`transcoders train` on the tiny model and its corpus, k 4, batches of 200."""
+    return ["transcoders", "train", "--out", str(out), "--model", str(model_dir / "model"),
+            "--corpus", str(model_dir / "corpus.txt"), "--tokens", str(tokens), "--features", str(features),
+            "--k", "4", "--batch-size", "200", *extra]  # fmt: skip
+
+
 def test_transcoders_train_of_one_block_keeps_its_folder_and_writes_no_set(model_dir, tmp_path):
     """--layers 1 trains block 1 alone: a set is indexed from block 0, so the block's folder is the result."""
-    args = ["transcoders", "train", "--out", str(tmp_path / "tc"), "--model", str(model_dir / "model"),
-            "--corpus", str(model_dir / "corpus.txt"), "--tokens", "1000", "--features", "32", "--k", "4",
-            "--batch-size", "200", "--layers", "1"]  # fmt: skip
-    r = CliRunner().invoke(app, args)
+    r = CliRunner().invoke(app, _train_args(model_dir, tmp_path / "tc", 1000, 32, "--layers", "1"))
     assert r.exit_code == 0, r.output
     assert "no set was written" in " ".join(r.output.split())
     assert (tmp_path / "tc" / "layers" / "layer_01").is_dir() and not (tmp_path / "tc" / "layers" / "layer_00").exists()
@@ -74,10 +78,7 @@ def test_transcoders_train_of_one_block_keeps_its_folder_and_writes_no_set(model
 
 
 def test_transcoders_train_then_eval(model_dir, tmp_path):
-    args = ["transcoders", "train", "--out", str(tmp_path / "tc"), "--model", str(model_dir / "model"),
-            "--corpus", str(model_dir / "corpus.txt"), "--tokens", "2000", "--features", "64", "--k", "4",
-            "--batch-size", "200", "--quantize", "none"]  # fmt: skip
-    r = CliRunner().invoke(app, args)
+    r = CliRunner().invoke(app, _train_args(model_dir, tmp_path / "tc", 2000, 64, "--quantize", "none"))
     assert r.exit_code == 0, r.output
     ts = load_transcoder_set(tmp_path / "tc" / "set")
     assert len(ts) == L and all(tc.cfg.site == f"mlp_in.{i}" for i, tc in enumerate(ts))
