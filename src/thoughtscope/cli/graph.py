@@ -108,9 +108,9 @@ def transcoders_train(
     blocks = [int(r.sae.cfg.site.rsplit(".", 1)[1]) for r in runs]
     if blocks != list(range(len(blocks))):  # a set is indexed by block from 0: a few blocks are SAE folders only
         console.print(
-            f"trained in {seconds:.0f} s; blocks {', '.join(map(str, blocks))} are saved one per folder under "
-            f"{out / 'layers'} (each an SAE folder: sae eval, atlas build --sae); no set was written, since a set "
-            "(for graphs) holds blocks 0 to N-1"
+            f"trained in {seconds:.0f} s; block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))} "
+            f"saved under {out / 'layers'}, one SAE folder each (sae eval, atlas build --sae); no set was written, "
+            "since a set (for graphs) holds blocks 0 to N-1"
         )
         return
     ts = TranscoderSet([r.sae for r in runs], model=runs[0].sae.cfg.model_source or {}, source=str(out / "set"))
